@@ -1,0 +1,260 @@
+//! POST `/v1/completions`: one or more prompts (text, tokenized with special tokens added, or
+//! token ids as given), each run as `n` sequences; answered whole or as SSE chunks.
+//!
+//! A batch of prompts is one request: choice `prompt_index * n + i` is the `i`th choice of the
+//! `prompt_index`th prompt (OpenAI's numbering); usage counts each prompt once. Every prompt is
+//! checked before any is submitted, so a bad one refuses the batch without starting the rest.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::sse::Event;
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+
+use super::error::{ApiError, ApiJson};
+use super::protocol::{CompletionChoice, CompletionRequest, CompletionResponse, Usage};
+use super::sequences::{collect_all, submit_all};
+use super::sse::{json_event, stream_response, ChunkWriter};
+use super::tokenize::{decode, encode};
+use super::validate::{check_model, check_params, check_token_ids, MaxTokens, PromptKind};
+use super::{new_id, unix_now, ApiState};
+use crate::engine::FinishReason;
+
+/// One prompt of a request as the client sent it.
+#[derive(Debug, Clone, PartialEq)]
+enum PromptInput {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+pub async fn completions(
+    State(state): State<Arc<ApiState>>,
+    ApiJson(request): ApiJson<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    let model = &state.model;
+    check_model(request.model.as_deref(), model)?;
+    refuse_unsupported(&request)?;
+    let max_tokens = MaxTokens {
+        value: request.sampling.max_tokens,
+        param: "max_tokens",
+    };
+    let params = check_params(&request.sampling, max_tokens)?;
+    let echo = request.echo.unwrap_or(false);
+
+    let inputs = parse_prompts(request.prompt.as_ref())?;
+    let mut requests = Vec::with_capacity(inputs.len() * params.n as usize);
+    let mut echoes = Vec::with_capacity(inputs.len());
+    let mut prompt_tokens = 0u64;
+    for (prompt_index, input) in inputs.into_iter().enumerate() {
+        let (ids, text) = match input {
+            PromptInput::Text(text) => (encode(model, text.clone(), true).await?, text),
+            PromptInput::Tokens(ids) => {
+                check_token_ids(&ids, &model.tokenizer, "prompt")?;
+                let text = if echo {
+                    decode(model, &ids, params.skip_special_tokens)?
+                } else {
+                    String::new()
+                };
+                (ids, text)
+            }
+        };
+        prompt_tokens += ids.len() as u64;
+        let base = params.request_for(ids, model.max_model_len, PromptKind::Prompt)?;
+        let first_choice = prompt_index as u32 * params.n;
+        requests.extend((first_choice..).zip(params.fan_out(&base)));
+        echoes.push(text);
+    }
+    let sequences = submit_all(&state.engine, requests).await?;
+
+    let id = new_id("cmpl");
+    let created = unix_now();
+    let name = model.name.clone();
+    if params.stream {
+        let writer = CompletionChunks {
+            id,
+            created,
+            model: name,
+            include_usage: params.include_usage,
+            echoes: echo.then_some(echoes),
+            n: params.n,
+        };
+        return Ok(stream_response(
+            writer,
+            sequences,
+            prompt_tokens,
+            params.include_usage,
+        ));
+    }
+
+    let collected = collect_all(sequences).await?;
+    let completion_tokens = collected.iter().map(|c| u64::from(c.completion_tokens)).sum();
+    let choices = collected
+        .into_iter()
+        .map(|c| {
+            let text = if echo {
+                echoes[(c.index / params.n) as usize].clone() + &c.text
+            } else {
+                c.text
+            };
+            CompletionChoice {
+                index: c.index,
+                text,
+                finish_reason: Some(c.finish_reason),
+                logprobs: None,
+            }
+        })
+        .collect();
+    Ok(axum::Json(CompletionResponse {
+        id,
+        object: "text_completion",
+        created,
+        model: name,
+        choices,
+        usage: Some(Some(Usage::new(prompt_tokens, completion_tokens))),
+    })
+    .into_response())
+}
+
+/// Fields we parse but cannot honour yet: refused, never silently ignored.
+fn refuse_unsupported(request: &CompletionRequest) -> Result<(), ApiError> {
+    if request.logprobs.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(ApiError::unsupported("logprobs", "`logprobs`"));
+    }
+    if request.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::unsupported("suffix", "`suffix`"));
+    }
+    let n = request.sampling.n.unwrap_or(1);
+    if request.best_of.is_some_and(|b| b > n) {
+        return Err(ApiError::unsupported("best_of", "`best_of` above `n`"));
+    }
+    Ok(())
+}
+
+/// `prompt`: a string, a list of strings, a list of token ids, or a list of such lists.
+fn parse_prompts(prompt: Option<&Value>) -> Result<Vec<PromptInput>, ApiError> {
+    let bad = || {
+        ApiError::invalid(
+            "prompt",
+            "`prompt` must be a string, a list of strings, a list of token ids, or a list of \
+             lists of token ids",
+        )
+    };
+    let token_ids = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
+        items
+            .iter()
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|id| u32::try_from(id).ok())
+                    .ok_or_else(bad)
+            })
+            .collect()
+    };
+    match prompt {
+        None | Some(Value::Null) => Err(ApiError::invalid("prompt", "`prompt` is required")),
+        Some(Value::String(s)) => Ok(vec![PromptInput::Text(s.clone())]),
+        Some(Value::Array(items)) => match items.first() {
+            // `[]` is one empty prompt, refused by the length check with its own message.
+            None => Ok(vec![PromptInput::Tokens(Vec::new())]),
+            Some(Value::String(_)) => items
+                .iter()
+                .map(|v| v.as_str().map(|s| PromptInput::Text(s.to_string())).ok_or_else(bad))
+                .collect(),
+            Some(Value::Number(_)) => Ok(vec![PromptInput::Tokens(token_ids(items)?)]),
+            Some(Value::Array(_)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::Array(ids) => Ok(PromptInput::Tokens(token_ids(ids)?)),
+                    _ => Err(bad()),
+                })
+                .collect(),
+            Some(_) => Err(bad()),
+        },
+        Some(_) => Err(bad()),
+    }
+}
+
+/// `text_completion` chunks: the echoed prompt opens a choice when asked, an empty text with
+/// the reason ends it.
+struct CompletionChunks {
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+    /// The prompt texts, by prompt index, when `echo` is on.
+    echoes: Option<Vec<String>>,
+    n: u32,
+}
+
+impl CompletionChunks {
+    fn chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> Event {
+        json_event(&CompletionResponse {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage: self.include_usage.then_some(usage),
+        })
+    }
+
+    fn choice(&self, index: u32, text: String, finish_reason: Option<FinishReason>) -> Event {
+        let choice = CompletionChoice {
+            index,
+            text,
+            finish_reason,
+            logprobs: None,
+        };
+        self.chunk(vec![choice], None)
+    }
+}
+
+impl ChunkWriter for CompletionChunks {
+    fn opening(&self, index: u32) -> Option<Event> {
+        let echoes = self.echoes.as_ref()?;
+        let text = echoes[(index / self.n) as usize].clone();
+        Some(self.choice(index, text, None))
+    }
+
+    fn text(&self, index: u32, text: String) -> Event {
+        self.choice(index, text, None)
+    }
+
+    fn finish(&self, index: u32, reason: FinishReason) -> Event {
+        self.choice(index, String::new(), Some(reason))
+    }
+
+    fn usage(&self, usage: Usage) -> Event {
+        self.chunk(Vec::new(), Some(usage))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_openai_prompt_shape_parses() {
+        let parse = |v: Value| parse_prompts(Some(&v));
+        assert_eq!(parse(json!("hi")).unwrap(), vec![PromptInput::Text("hi".into())]);
+        assert_eq!(
+            parse(json!(["a", "b"])).unwrap(),
+            vec![PromptInput::Text("a".into()), PromptInput::Text("b".into())]
+        );
+        assert_eq!(parse(json!([1, 2])).unwrap(), vec![PromptInput::Tokens(vec![1, 2])]);
+        assert_eq!(
+            parse(json!([[1], [2, 3]])).unwrap(),
+            vec![PromptInput::Tokens(vec![1]), PromptInput::Tokens(vec![2, 3])]
+        );
+    }
+
+    #[test]
+    fn mixed_or_negative_prompts_are_refused_naming_prompt() {
+        for bad in [json!(["a", 1]), json!([1, -2]), json!([[1], "a"]), json!(3), json!({})] {
+            let err = parse_prompts(Some(&bad)).unwrap_err();
+            assert_eq!(err.body().error.param.as_deref(), Some("prompt"), "{bad}");
+        }
+        assert!(parse_prompts(None).is_err());
+    }
+}

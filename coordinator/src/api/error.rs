@@ -1,0 +1,234 @@
+//! `ApiError`: every way an API request can fail, and the one place where failures become HTTP
+//! statuses and OpenAI's error JSON (`{"error": {"message", "type", "param", "code"}}`).
+//!
+//! Handlers return `Result<_, ApiError>`; engine errors convert with `?`. Request bodies are read
+//! through [`ApiJson`], so that axum's own JSON rejections (bad syntax, wrong content type, wrong
+//! field types) come out in the same shape instead of axum's plain-text bodies.
+//!
+//! Statuses: 400 bad input, 404 unknown model or route, 405 wrong method, 413 body too large,
+//! 429 queue full and 503 engine unavailable (both with `Retry-After`), 500 worker failure.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::error::EngineError;
+
+/// Seconds a client should wait before retrying after a 429 (the queue drains within steps).
+const RETRY_AFTER_QUEUE_FULL_S: u32 = 1;
+/// Seconds a client should wait before retrying after a 503 (workers restart in seconds).
+const RETRY_AFTER_UNAVAILABLE_S: u32 = 5;
+
+/// Why an API request failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed or asks for something invalid (400). `param` names the request
+    /// field at fault, when there is one.
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+    },
+    /// The prompt plus the completion do not fit the model's context (400, OpenAI's code
+    /// `context_length_exceeded`, which clients look for to trim their input).
+    #[error("{message}")]
+    ContextLengthExceeded { message: String, param: String },
+    /// The request asks for a feature this server does not have yet (400, not silently ignored).
+    #[error("{message}")]
+    Unsupported { message: String, param: String },
+    /// The request names a model this server does not serve (404).
+    #[error("The model `{model}` does not exist.")]
+    ModelNotFound { model: String },
+    /// No route matches the request's path (404).
+    #[error("Invalid URL ({method} {path})")]
+    RouteNotFound { method: String, path: String },
+    /// The route exists but not for this method (405).
+    #[error("Method {method} is not allowed for {path}")]
+    MethodNotAllowed { method: String, path: String },
+    /// The body is larger than the server accepts (413).
+    #[error("{message}")]
+    PayloadTooLarge { message: String },
+    /// The server is not ready to serve (503): `/health` while workers are down or starting.
+    #[error("{detail}")]
+    NotReady { detail: String },
+    /// The engine refused or failed the request.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// A bug or an unexpected failure inside the API layer (500).
+    #[error("{message}")]
+    Internal { message: String },
+}
+
+impl ApiError {
+    /// A 400 about the request field `param`.
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        Self::InvalidRequest {
+            message: message.into(),
+            param: Some(param.to_string()),
+        }
+    }
+
+    /// A 400 about the request as a whole.
+    pub fn invalid_body(message: impl Into<String>) -> Self {
+        Self::InvalidRequest {
+            message: message.into(),
+            param: None,
+        }
+    }
+
+    /// A 400 for a request field whose feature is not implemented.
+    pub fn unsupported(param: &str, what: &str) -> Self {
+        Self::Unsupported {
+            message: format!("{what} is not supported yet"),
+            param: param.to_string(),
+        }
+    }
+
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidRequest { .. }
+            | Self::ContextLengthExceeded { .. }
+            | Self::Unsupported { .. } => StatusCode::BAD_REQUEST,
+            Self::ModelNotFound { .. } | Self::RouteNotFound { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Engine(e) => match e {
+                EngineError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+                EngineError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+                EngineError::WorkerFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+                EngineError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            },
+        }
+    }
+
+    /// Seconds for the `Retry-After` header, for errors that go away by themselves.
+    fn retry_after_s(&self) -> Option<u32> {
+        match self {
+            Self::Engine(EngineError::QueueFull { .. }) => Some(RETRY_AFTER_QUEUE_FULL_S),
+            Self::Engine(EngineError::Unavailable { .. }) | Self::NotReady { .. } => {
+                Some(RETRY_AFTER_UNAVAILABLE_S)
+            }
+            _ => None,
+        }
+    }
+
+    /// OpenAI's error object for this error; also what a stream sends when it fails midway.
+    pub fn body(&self) -> ErrorBody {
+        let (kind, code) = match self {
+            Self::InvalidRequest { .. } => ("invalid_request_error", None),
+            Self::ContextLengthExceeded { .. } => {
+                ("invalid_request_error", Some("context_length_exceeded"))
+            }
+            Self::Unsupported { .. } => ("invalid_request_error", Some("unsupported_parameter")),
+            Self::ModelNotFound { .. } => ("invalid_request_error", Some("model_not_found")),
+            Self::RouteNotFound { .. } => ("invalid_request_error", Some("not_found")),
+            Self::MethodNotAllowed { .. } => ("invalid_request_error", Some("method_not_allowed")),
+            Self::PayloadTooLarge { .. } => ("invalid_request_error", Some("payload_too_large")),
+            Self::NotReady { .. } => ("service_unavailable_error", Some("service_unavailable")),
+            Self::Internal { .. } => ("server_error", Some("internal_error")),
+            Self::Engine(e) => match e {
+                EngineError::QueueFull { .. } => ("rate_limit_error", Some("queue_full")),
+                EngineError::InvalidRequest { .. } => ("invalid_request_error", None),
+                EngineError::WorkerFailed { .. } => ("server_error", Some("worker_failed")),
+                EngineError::Unavailable { .. } => {
+                    ("service_unavailable_error", Some("service_unavailable"))
+                }
+            },
+        };
+        let param = match self {
+            Self::InvalidRequest { param, .. } => param.clone(),
+            Self::Unsupported { param, .. } | Self::ContextLengthExceeded { param, .. } => {
+                Some(param.clone())
+            }
+            Self::ModelNotFound { .. } => Some("model".to_string()),
+            Self::Engine(EngineError::InvalidRequest { param, .. }) => param.clone(),
+            _ => None,
+        };
+        ErrorBody {
+            error: ErrorDetail {
+                message: self.to_string(),
+                kind: kind.to_string(),
+                param,
+                code: code.map(str::to_string),
+            },
+        }
+    }
+}
+
+/// OpenAI's error envelope.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// OpenAI's error object.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ErrorDetail {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), error = %self, "request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), error = %self, "request refused");
+        }
+        let mut response = (status, axum::Json(self.body())).into_response();
+        if let Some(seconds) = self.retry_after_s() {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return Self::PayloadTooLarge {
+                message: rejection.body_text(),
+            };
+        }
+        let message = match &rejection {
+            // axum's text already says what is wrong ("Failed to deserialize ...: temperature:
+            // invalid type: ..."), with the field path where serde knows it.
+            JsonRejection::JsonDataError(_) | JsonRejection::JsonSyntaxError(_) => {
+                rejection.body_text()
+            }
+            JsonRejection::MissingJsonContentType(_) => {
+                "Expected a JSON body with `Content-Type: application/json`".to_string()
+            }
+            _ => format!("Could not read the request body: {}", rejection.body_text()),
+        };
+        Self::invalid_body(message)
+    }
+}
+
+/// `axum::Json`, but its rejections are [`ApiError`]s (OpenAI's shape, status 400).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::Json(value) = axum::Json::<T>::from_request(req, state).await?;
+        Ok(Self(value))
+    }
+}

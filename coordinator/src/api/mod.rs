@@ -1,0 +1,101 @@
+//! The OpenAI-compatible HTTP API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
+//! and vLLM's `/tokenize`, `/detokenize` and `/health`.
+//!
+//! Handlers are thin: parse (`protocol`), check and build engine requests (`validate`), submit
+//! through the [`EngineHandle`] (`sequences`), answer whole or as SSE (`sse`). All error
+//! statuses and bodies come from `error`. Nothing here holds engine state: a request's
+//! `GenerationStream`s live in its handler future or its SSE body, so a client that goes away
+//! aborts its sequences.
+//!
+//! Costs per request: one tokenization on the blocking pool, one engine round trip per
+//! sequence to admit it, and one JSON chunk per text delta when streaming.
+
+mod chat;
+mod completions;
+mod error;
+mod health;
+mod models;
+mod protocol;
+mod sequences;
+mod sse;
+mod tokenize;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Method, Uri};
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::sync::watch;
+
+pub use error::{ApiError, ErrorBody, ErrorDetail};
+pub use health::Health;
+
+use crate::engine::EngineHandle;
+use crate::served_model::ServedModel;
+
+/// Largest request body accepted: a full 128k-token prompt as JSON token ids fits easily.
+const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+/// What the handlers share. Cheap to clone; built once at start.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The engine actor that runs the sequences.
+    pub engine: EngineHandle,
+    /// The served model: name, context length, tokenizer, chat template.
+    pub model: ServedModel,
+    /// Readiness for `/health`. The owner of the matching `watch::Sender<Health>` (startup,
+    /// worker membership) flips it with `send_replace(Health::Ready)` or
+    /// `send_replace(Health::NotReady { reason })`.
+    pub health: watch::Receiver<Health>,
+}
+
+/// The API's routes over `state`. Unknown routes answer 404 and wrong methods 405, both in
+/// OpenAI's error shape. Other routers (say `/metrics`) can be merged in as long as they set no
+/// fallback of their own.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/models", get(models::list_models))
+        // Model names often hold slashes (`meta-llama/Llama-3.1-8B`).
+        .route("/v1/models/{*model}", get(models::retrieve_model))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
+        .route("/health", get(health::health))
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(Arc::new(state))
+}
+
+async fn route_not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::RouteNotFound {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    }
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    }
+}
+
+/// `<prefix>-<uuid>`, OpenAI's id format.
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Seconds since the Unix epoch (OpenAI's `created`).
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,257 @@
+//! The JSON bodies of the API, with OpenAI's (and, for `/tokenize`, vLLM's) field names.
+//!
+//! Requests are lenient where OpenAI's are: every optional field may be absent or `null`, and
+//! unknown fields are ignored (clients send `user`, `metadata` and newer fields we do not know).
+//! Fields whose accepted shapes serde's untagged enums would report badly (`prompt`, `stop`,
+//! message `content`) arrive as raw JSON and are checked in `validate`, so the error names the
+//! field. Ranges are checked there too, never here.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::engine::FinishReason;
+
+/// Sampling and output fields shared by `/v1/completions` and `/v1/chat/completions`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SamplingFields {
+    /// Most tokens to generate; absent means "up to the context length".
+    pub max_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    /// vLLM's extension: -1 or 0 disable it.
+    pub top_k: Option<i64>,
+    /// vLLM's extension.
+    pub min_p: Option<f64>,
+    pub seed: Option<i64>,
+    /// Choices per prompt.
+    pub n: Option<i64>,
+    /// A string or a list of strings.
+    pub stop: Option<Value>,
+    /// vLLM's extension.
+    pub stop_token_ids: Option<Vec<u32>>,
+    /// vLLM's extension.
+    pub ignore_eos: Option<bool>,
+    /// vLLM's extension; default true.
+    pub skip_special_tokens: Option<bool>,
+    /// vLLM's extension; lower runs first.
+    pub priority: Option<i32>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    /// Only 0 is supported yet.
+    pub presence_penalty: Option<f64>,
+    /// Only 0 is supported yet.
+    pub frequency_penalty: Option<f64>,
+    /// vLLM's extension; only 1 is supported yet.
+    pub repetition_penalty: Option<f64>,
+    /// Only an empty map is supported yet.
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    /// Send a last chunk with the usage of the whole request (and `"usage": null` before it).
+    pub include_usage: Option<bool>,
+}
+
+/// POST `/v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: Option<String>,
+    pub messages: Vec<ChatMessageIn>,
+    /// OpenAI's newer name for `max_tokens`; wins when both are given (as in vLLM).
+    pub max_completion_tokens: Option<i64>,
+    /// Not supported yet when true.
+    pub logprobs: Option<bool>,
+    /// Not supported yet when above 0.
+    pub top_logprobs: Option<i64>,
+    /// Not supported yet when non-empty.
+    pub tools: Option<Vec<Value>>,
+    /// Only `{"type": "text"}` is supported yet.
+    pub response_format: Option<Value>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+/// One message of a chat request.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatMessageIn {
+    pub role: String,
+    /// A string, a list of `{"type": "text", "text": ...}` parts, or null (assistant turns that
+    /// only called tools).
+    #[serde(default)]
+    pub content: Option<Value>,
+}
+
+/// POST `/v1/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    /// A string, a list of strings, a list of token ids, or a list of lists of token ids.
+    pub prompt: Option<Value>,
+    /// Put the prompt's text before each choice's text.
+    pub echo: Option<bool>,
+    /// Not supported yet when set.
+    pub logprobs: Option<Value>,
+    /// Not supported yet when non-empty.
+    pub suffix: Option<String>,
+    /// Not supported yet above `n`.
+    pub best_of: Option<i64>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+/// Token counts of a whole request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Counted once per prompt, however many choices it has.
+    pub prompt_tokens: u64,
+    /// Summed over all choices.
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+/// The answer of a non-streaming chat request.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatCompletionResponse {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+/// One choice of a chat response.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: ChatMessageOut,
+    pub finish_reason: Option<FinishReason>,
+    /// Always null: logprobs are not supported yet.
+    pub logprobs: Option<()>,
+}
+
+/// The assistant's message in a chat response.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatMessageOut {
+    pub role: &'static str,
+    pub content: String,
+}
+
+/// One SSE chunk of a streaming chat request.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChunkChoice>,
+    /// Absent without `include_usage`; with it, null on every chunk but the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<Usage>>,
+}
+
+/// One choice's part of a chat chunk.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChunkChoice {
+    pub index: u32,
+    pub delta: ChatDelta,
+    pub finish_reason: Option<FinishReason>,
+    pub logprobs: Option<()>,
+}
+
+/// What a chat chunk adds to a choice's message; `{}` on the chunk that finishes it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChatDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// The answer of a non-streaming completion request, and (with `object` "text_completion" too,
+/// as OpenAI does) each SSE chunk of a streaming one.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionResponse {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    /// Always present on a full response; on chunks, as [`ChatCompletionChunk::usage`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<Usage>>,
+}
+
+/// One choice of a completion, or its part of a chunk.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionChoice {
+    pub index: u32,
+    pub text: String,
+    pub finish_reason: Option<FinishReason>,
+    pub logprobs: Option<()>,
+}
+
+/// GET `/v1/models`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelList {
+    pub object: &'static str,
+    pub data: Vec<ModelCard>,
+}
+
+/// One served model (vLLM's card: OpenAI's fields plus `root`, `parent`, `max_model_len`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+    pub root: String,
+    /// The base model of an adapter; null for a base model.
+    pub parent: Option<String>,
+    pub max_model_len: u32,
+}
+
+/// POST `/tokenize`: either `prompt` or `messages`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TokenizeRequest {
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<ChatMessageIn>>,
+    /// Default true for `prompt`, false for `messages` (the template adds them), as vLLM.
+    pub add_special_tokens: Option<bool>,
+    /// For `messages`; default true.
+    pub add_generation_prompt: Option<bool>,
+}
+
+/// The answer of `/tokenize`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenizeResponse {
+    pub count: usize,
+    pub max_model_len: u32,
+    pub tokens: Vec<u32>,
+}
+
+/// POST `/detokenize`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DetokenizeRequest {
+    pub model: Option<String>,
+    pub tokens: Vec<u32>,
+}
+
+/// The answer of `/detokenize`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DetokenizeResponse {
+    pub prompt: String,
+}

@@ -1,0 +1,84 @@
+//! Runs a request's sequences on the engine: submits them all (a refusal of any one refuses the
+//! request), then either collects each to its end or merges their events as they arrive.
+//!
+//! Invariant: a `GenerationStream` lives exactly as long as someone may still want its events.
+//! Every early exit here (a refusal, a failed sibling, a dropped handler future or SSE body)
+//! drops the remaining streams, which aborts their sequences and frees their KV blocks.
+
+use futures::stream::{self, Stream, StreamExt};
+
+use super::error::ApiError;
+use crate::engine::{EngineHandle, FinishReason, GenerateEvent, GenerateRequest, GenerationStream};
+
+/// One submitted sequence and the choice index it answers.
+#[derive(Debug)]
+pub struct Sequence {
+    pub index: u32,
+    pub stream: GenerationStream,
+}
+
+/// Submits `(choice index, request)` pairs in order. On a refusal, the sequences accepted so far
+/// are dropped (aborted) and the refusal is the request's error.
+pub async fn submit_all(
+    engine: &EngineHandle,
+    requests: Vec<(u32, GenerateRequest)>,
+) -> Result<Vec<Sequence>, ApiError> {
+    let mut sequences = Vec::with_capacity(requests.len());
+    for (index, request) in requests {
+        let stream = engine.generate(request).await?;
+        sequences.push(Sequence { index, stream });
+    }
+    Ok(sequences)
+}
+
+/// A sequence's whole output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Collected {
+    pub index: u32,
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub completion_tokens: u32,
+}
+
+/// Runs every sequence to its end, concurrently; sorted by choice index. The first error wins
+/// and drops (aborts) the others.
+pub async fn collect_all(sequences: Vec<Sequence>) -> Result<Vec<Collected>, ApiError> {
+    let mut collected = futures::future::try_join_all(sequences.into_iter().map(collect_one)).await?;
+    collected.sort_by_key(|c| c.index);
+    Ok(collected)
+}
+
+async fn collect_one(sequence: Sequence) -> Result<Collected, ApiError> {
+    let Sequence { index, mut stream } = sequence;
+    let mut text = String::new();
+    while let Some(event) = stream.next().await {
+        match event {
+            GenerateEvent::Delta { text: delta, .. } => text.push_str(&delta),
+            GenerateEvent::Finished {
+                reason,
+                completion_tokens,
+                ..
+            } => {
+                return Ok(Collected {
+                    index,
+                    text,
+                    finish_reason: reason,
+                    completion_tokens,
+                })
+            }
+            GenerateEvent::Error(e) => return Err(e.into()),
+        }
+    }
+    // `GenerationStream` reports a vanished engine as an `Error` event, so this is a bug.
+    Err(ApiError::Internal {
+        message: "a sequence ended without a result".into(),
+    })
+}
+
+/// The events of all sequences, each tagged with its choice index, interleaved as they arrive.
+/// Ends when every sequence has sent its last event.
+pub fn merged(sequences: Vec<Sequence>) -> impl Stream<Item = (u32, GenerateEvent)> + Send + Unpin {
+    stream::select_all(sequences.into_iter().map(|Sequence { index, stream }| {
+        stream.map(move |event| (index, event))
+    }))
+}

@@ -1,0 +1,97 @@
+//! Server-sent events for streaming completions, shared by chat and text completions: each
+//! chunk is `data: {json}\n\n`, the stream ends with `data: [DONE]\n\n`.
+//!
+//! Order: opening chunks of every choice (chat: the role; completions: the echoed prompt), then
+//! text and finish chunks as the sequences produce them (choices interleave), then the usage
+//! chunk when asked for, then `[DONE]`. An engine error midway sends `data: {"error": ...}` and
+//! `[DONE]` and ends the stream: the status line went out long ago.
+//!
+//! The body owns the generation streams, so a client that disconnects drops the body and with it
+//! the streams, which aborts the sequences.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde::Serialize;
+
+use super::error::ApiError;
+use super::protocol::Usage;
+use super::sequences::{merged, Sequence};
+use crate::engine::{FinishReason, GenerateEvent};
+
+/// Comment lines sent while nothing else is, so proxies keep idle streams (long prefills) open.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// How one endpoint shapes its chunks.
+pub trait ChunkWriter: Send + 'static {
+    /// The chunk that opens choice `index` before any output, if the endpoint sends one.
+    fn opening(&self, index: u32) -> Option<Event>;
+    /// New text of choice `index` (never empty).
+    fn text(&self, index: u32, text: String) -> Event;
+    /// The end of choice `index`.
+    fn finish(&self, index: u32, reason: FinishReason) -> Event;
+    /// The last chunk, with the usage of the whole request (only with `include_usage`).
+    fn usage(&self, usage: Usage) -> Event;
+}
+
+/// Streams `sequences` as SSE. `prompt_tokens` is the request's total (each prompt once).
+pub fn stream_response<W: ChunkWriter>(
+    writer: W,
+    sequences: Vec<Sequence>,
+    prompt_tokens: u64,
+    include_usage: bool,
+) -> Response {
+    let mut indexes: Vec<u32> = sequences.iter().map(|s| s.index).collect();
+    indexes.sort_unstable();
+    let events = async_stream::stream! {
+        for &index in &indexes {
+            if let Some(event) = writer.opening(index) {
+                yield Ok::<_, Infallible>(event);
+            }
+        }
+        let mut events = merged(sequences);
+        let mut completion_tokens = 0u64;
+        while let Some((index, event)) = events.next().await {
+            match event {
+                GenerateEvent::Delta { text, .. } => {
+                    if !text.is_empty() {
+                        yield Ok(writer.text(index, text));
+                    }
+                }
+                GenerateEvent::Finished { reason, completion_tokens: n, .. } => {
+                    completion_tokens += u64::from(n);
+                    yield Ok(writer.finish(index, reason));
+                }
+                GenerateEvent::Error(e) => {
+                    let error = ApiError::from(e);
+                    tracing::warn!(error = %error, "stream failed midway");
+                    yield Ok(json_event(&error.body()));
+                    yield Ok(done());
+                    // Dropping `events` here aborts the sibling sequences.
+                    return;
+                }
+            }
+        }
+        if include_usage {
+            yield Ok(writer.usage(Usage::new(prompt_tokens, completion_tokens)));
+        }
+        yield Ok(done());
+    };
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response()
+}
+
+/// `data: {json}`.
+pub fn json_event<T: Serialize>(value: &T) -> Event {
+    // Our chunk types are plain structs with string keys: serializing them cannot fail.
+    let json = serde_json::to_string(value).expect("chunks serialize to JSON");
+    Event::default().data(json)
+}
+
+fn done() -> Event {
+    Event::default().data("[DONE]")
+}

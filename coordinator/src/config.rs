@@ -1,0 +1,139 @@
+//! The engine's flags, shared by `tpserve serve` and `tpserve generate`. Names follow vLLM's
+//! where the meaning is the same; every flag can also be set through a `TPSERVE_*` variable.
+//! Cross-flag checks live in `validate`.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+use crate::error::StartError;
+use crate::scheduler::SchedulingPolicy;
+
+/// How the model's weights are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LoadFormat {
+    /// A directory is read as safetensors, a `.gguf` file as GGUF.
+    Auto,
+    /// A Hugging Face directory.
+    Safetensors,
+    /// A single GGUF file.
+    Gguf,
+    /// Random weights of the shape the model's config.json gives (benchmarks).
+    Dummy,
+}
+
+/// Waiting-queue order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Policy {
+    /// First come, first served.
+    Fcfs,
+    /// By the request's `priority` (lower first), then arrival.
+    Priority,
+}
+
+impl From<Policy> for SchedulingPolicy {
+    fn from(p: Policy) -> Self {
+        match p {
+            Policy::Fcfs => SchedulingPolicy::Fcfs,
+            Policy::Priority => SchedulingPolicy::Priority,
+        }
+    }
+}
+
+/// Everything needed to bring up the engine and its workers.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// The model: a Hugging Face directory or a GGUF file.
+    #[arg(long, env = "TPSERVE_MODEL")]
+    pub model: PathBuf,
+    /// How to read the model.
+    #[arg(long, env = "TPSERVE_LOAD_FORMAT", value_enum, default_value = "auto")]
+    pub load_format: LoadFormat,
+    /// Compute dtype: `auto` (float32 on CPU), `float32`.
+    #[arg(long, env = "TPSERVE_DTYPE", default_value = "auto")]
+    pub dtype: String,
+    /// Number of worker processes the model is split over (tensor parallelism).
+    #[arg(long, short = 't', env = "TPSERVE_TENSOR_PARALLEL_SIZE", default_value_t = 1)]
+    pub tensor_parallel_size: usize,
+    /// Longest sequence (prompt plus output); defaults to the model's context length.
+    #[arg(long, env = "TPSERVE_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+    /// Most sequences in one step.
+    #[arg(long, env = "TPSERVE_MAX_NUM_SEQS", default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Token budget of one step; longer prompts are prefilled in chunks.
+    #[arg(long, env = "TPSERVE_MAX_NUM_BATCHED_TOKENS", default_value_t = 512)]
+    pub max_num_batched_tokens: usize,
+    /// Tokens per KV-cache block.
+    #[arg(long, env = "TPSERVE_BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
+    /// KV-cache memory per worker, in GiB (CPU backend).
+    #[arg(long, env = "TPSERVE_KV_CACHE_SPACE", default_value_t = 2.0)]
+    pub kv_cache_space: f64,
+    /// Fraction of GPU memory a worker may use (GPU backend).
+    #[arg(long, env = "TPSERVE_GPU_MEMORY_UTILIZATION", default_value_t = 0.9)]
+    pub gpu_memory_utilization: f32,
+    /// Reuse the KV cache of repeated prompt prefixes (the default).
+    #[arg(long, overrides_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
+    /// Turn prefix caching off.
+    #[arg(long, overrides_with = "enable_prefix_caching")]
+    pub no_enable_prefix_caching: bool,
+    /// Order of the waiting queue.
+    #[arg(long, env = "TPSERVE_SCHEDULING_POLICY", value_enum, default_value = "fcfs")]
+    pub scheduling_policy: Policy,
+    /// Requests allowed to wait; more get 429.
+    #[arg(long, env = "TPSERVE_MAX_WAITING_REQUESTS", default_value_t = 4096)]
+    pub max_waiting_requests: usize,
+    /// Seed of dummy weights.
+    #[arg(long, env = "TPSERVE_SEED", default_value_t = 0)]
+    pub seed: u64,
+    /// The worker binary (default: `tpserve-worker` beside `tpserve`).
+    #[arg(long, env = "TPSERVE_WORKER_BINARY")]
+    pub worker_binary: Option<PathBuf>,
+    /// CPU threads per worker (default: the cores divided among the workers).
+    #[arg(long, env = "TPSERVE_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+}
+
+impl EngineArgs {
+    /// Checks the flags against each other.
+    pub fn validate(&self) -> Result<(), StartError> {
+        let bad = |detail: String| Err(StartError::Config { detail });
+        if self.tensor_parallel_size == 0 {
+            return bad("--tensor-parallel-size must be at least 1".into());
+        }
+        if self.block_size == 0 || !self.block_size.is_power_of_two() {
+            return bad(format!("--block-size must be a power of two, not {}", self.block_size));
+        }
+        if self.max_num_seqs == 0 || self.max_num_batched_tokens == 0 {
+            return bad("--max-num-seqs and --max-num-batched-tokens must be positive".into());
+        }
+        if !(self.kv_cache_space > 0.0) {
+            return bad(format!("--kv-cache-space must be positive, not {}", self.kv_cache_space));
+        }
+        if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
+            return bad("--gpu-memory-utilization must be in (0, 1]".into());
+        }
+        if !matches!(self.dtype.as_str(), "auto" | "float32" | "float" | "bfloat16" | "float16" | "half") {
+            return bad(format!("unknown --dtype {:?} (auto, float32, bfloat16, float16)", self.dtype));
+        }
+        if self.max_waiting_requests == 0 {
+            return bad("--max-waiting-requests must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Whether prefix caching is on after both flags.
+    pub fn prefix_caching(&self) -> bool {
+        !self.no_enable_prefix_caching
+    }
+
+    /// Threads each worker gets.
+    pub fn threads_per_worker(&self) -> usize {
+        self.worker_threads.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / self.tensor_parallel_size).max(1)
+        })
+    }
+}

@@ -1,0 +1,278 @@
+//! The engine actor: the one task that owns the scheduler, every sequence's output state and
+//! the worker group. Each turn it takes the commands that arrived (submits, aborts), asks the
+//! scheduler for a plan, runs it on the workers, applies the sampled tokens, and sends each
+//! sequence its events. Nothing else touches this state, so no locks are needed.
+//!
+//! A step that fails on a worker fails every sequence that was in it with a clear error, and the
+//! engine stops taking requests (`Unavailable`) until it is restarted: the workers' request state
+//! no longer matches the scheduler's.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokenizers::Tokenizer;
+use tokio::sync::{mpsc, watch};
+use tpserve_proto as pb;
+
+use super::handle::{EngineCommand, EngineHandle};
+use super::output::OutputState;
+use super::types::{GenerateEvent, Sampling};
+use crate::error::EngineError;
+use crate::scheduler::{Scheduler, SchedulerConfig, SequenceSpec, StepPlan};
+use crate::workers::WorkerGroup;
+
+/// How the engine runs.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The scheduler's limits.
+    pub scheduler: SchedulerConfig,
+    /// Waiting requests beyond which new ones are refused (429).
+    pub max_waiting_requests: usize,
+    /// Tokens that end a sequence unless it asks to ignore them.
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Live figures the engine publishes after every step.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineStatus {
+    /// False once the worker group has failed.
+    pub healthy: bool,
+    /// Why not, when not healthy.
+    pub detail: String,
+    /// Sequences running.
+    pub running: usize,
+    /// Sequences waiting.
+    pub waiting: usize,
+    /// Fraction of KV blocks in use.
+    pub kv_cache_usage: f64,
+}
+
+struct Sequence {
+    events: mpsc::UnboundedSender<GenerateEvent>,
+    output: OutputState,
+    prompt_tokens: u32,
+}
+
+struct Engine {
+    config: EngineConfig,
+    scheduler: Scheduler,
+    group: WorkerGroup,
+    tokenizer: Arc<Tokenizer>,
+    sequences: HashMap<u64, Sequence>,
+    commands: mpsc::UnboundedReceiver<EngineCommand>,
+    status: watch::Sender<EngineStatus>,
+    failure: Option<String>,
+}
+
+/// Starts the actor on the current tokio runtime.
+pub fn start_engine(
+    config: EngineConfig,
+    group: WorkerGroup,
+    tokenizer: Arc<Tokenizer>,
+) -> (EngineHandle, watch::Receiver<EngineStatus>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (status_tx, status_rx) = watch::channel(EngineStatus {
+        healthy: true,
+        ..EngineStatus::default()
+    });
+    let engine = Engine {
+        scheduler: Scheduler::new(config.scheduler.clone()),
+        config,
+        group,
+        tokenizer,
+        sequences: HashMap::new(),
+        commands: rx,
+        status: status_tx,
+        failure: None,
+    };
+    tokio::spawn(engine.run());
+    (EngineHandle::new(tx), status_rx)
+}
+
+fn to_proto(s: &Sampling) -> pb::SamplingParams {
+    pb::SamplingParams {
+        temperature: s.temperature,
+        top_p: s.top_p,
+        top_k: s.top_k,
+        min_p: s.min_p,
+        seed: s.seed,
+    }
+}
+
+fn plan_to_proto(plan: &StepPlan, sampling: impl Fn(&Sampling) -> pb::SamplingParams) -> pb::StepPlan {
+    pb::StepPlan {
+        step_id: plan.step_id,
+        new_requests: plan
+            .new
+            .iter()
+            .map(|n| pb::NewRequest {
+                request_id: n.id,
+                token_ids: n.token_ids.clone(),
+                sampling: Some(sampling(&n.sampling)),
+                block_ids: n.block_ids.clone(),
+                num_computed_tokens: n.num_computed_tokens as u32,
+                num_scheduled_tokens: n.num_scheduled_tokens as u32,
+            })
+            .collect(),
+        running: plan
+            .running
+            .iter()
+            .map(|r| pb::RunningRequest {
+                request_id: r.id,
+                num_scheduled_tokens: r.num_scheduled_tokens as u32,
+                new_block_ids: r.new_block_ids.clone(),
+            })
+            .collect(),
+        freed_request_ids: plan.freed.clone(),
+    }
+}
+
+impl Engine {
+    async fn run(mut self) {
+        loop {
+            let busy = self.scheduler.num_waiting() + self.scheduler.num_running() > 0;
+            if !busy {
+                match self.commands.recv().await {
+                    Some(c) => self.handle(c),
+                    None => return,
+                }
+            }
+            while let Ok(c) = self.commands.try_recv() {
+                self.handle(c);
+            }
+            let Some(plan) = self.scheduler.schedule() else {
+                // Nothing can run now; wait for something to change.
+                match self.commands.recv().await {
+                    Some(c) => self.handle(c),
+                    None => return,
+                }
+                continue;
+            };
+            self.execute(plan).await;
+            self.publish();
+        }
+    }
+
+    fn publish(&self) {
+        self.status.send_replace(EngineStatus {
+            healthy: self.failure.is_none(),
+            detail: self.failure.clone().unwrap_or_default(),
+            running: self.scheduler.num_running(),
+            waiting: self.scheduler.num_waiting(),
+            kv_cache_usage: self.scheduler.kv_cache_usage(),
+        });
+    }
+
+    fn handle(&mut self, command: EngineCommand) {
+        match command {
+            EngineCommand::Submit {
+                id,
+                request,
+                events,
+                accepted,
+            } => {
+                if let Some(detail) = &self.failure {
+                    let _ = accepted.send(Err(EngineError::Unavailable { detail: detail.clone() }));
+                    return;
+                }
+                let waiting = self.scheduler.num_waiting();
+                if waiting >= self.config.max_waiting_requests {
+                    let _ = accepted.send(Err(EngineError::QueueFull { waiting }));
+                    return;
+                }
+                let spec = SequenceSpec {
+                    id,
+                    token_ids: request.prompt_token_ids.clone(),
+                    max_tokens: request.max_tokens as usize,
+                    sampling: request.sampling,
+                    priority: request.priority,
+                    cache_salt: 0,
+                };
+                if let Err(e) = self.scheduler.add(spec) {
+                    let _ = accepted.send(Err(EngineError::InvalidRequest {
+                        message: e.to_string(),
+                        param: None,
+                    }));
+                    return;
+                }
+                self.sequences.insert(
+                    id,
+                    Sequence {
+                        events,
+                        output: OutputState::new(&request),
+                        prompt_tokens: request.prompt_token_ids.len() as u32,
+                    },
+                );
+                if accepted.send(Ok(())).is_err() {
+                    // The caller went away before it heard back.
+                    self.scheduler.abort(id);
+                    self.sequences.remove(&id);
+                }
+            }
+            EngineCommand::Abort { id } => {
+                if self.sequences.remove(&id).is_some() {
+                    self.scheduler.abort(id);
+                }
+            }
+        }
+    }
+
+    async fn execute(&mut self, plan: StepPlan) {
+        let started = Instant::now();
+        let request = plan_to_proto(&plan, to_proto);
+        match self.group.step(request).await {
+            Ok(tokens) => {
+                let sampled: Vec<(u64, u32)> = tokens.iter().map(|t| (t.request_id, t.token_id)).collect();
+                if let Err(e) = self.scheduler.apply(plan.step_id, &sampled) {
+                    self.fail_all(format!("scheduler: {e}"));
+                    return;
+                }
+                for (id, token) in sampled {
+                    self.deliver(id, token);
+                }
+                tracing::trace!(step = plan.step_id, elapsed = ?started.elapsed(), "step");
+            }
+            Err(e) => {
+                tracing::error!("step {} failed: {e}", plan.step_id);
+                self.fail_all(e.to_string());
+            }
+        }
+    }
+
+    fn deliver(&mut self, id: u64, token: u32) {
+        let Some(seq) = self.sequences.get_mut(&id) else {
+            return; // aborted while the step ran
+        };
+        let update = seq.output.push(token, &self.tokenizer, &self.config.eos_token_ids);
+        let mut gone = seq
+            .events
+            .send(GenerateEvent::Delta {
+                text: update.text,
+                token_ids: vec![token],
+            })
+            .is_err();
+        if let Some(reason) = update.finished {
+            let _ = seq.events.send(GenerateEvent::Finished {
+                reason,
+                prompt_tokens: seq.prompt_tokens,
+                completion_tokens: seq.output.num_tokens() as u32,
+            });
+            gone = true;
+        }
+        if gone {
+            self.sequences.remove(&id);
+            self.scheduler.finish(id);
+        }
+    }
+
+    /// The workers and the scheduler no longer agree: fail every sequence and stop serving.
+    fn fail_all(&mut self, detail: String) {
+        for (id, seq) in self.sequences.drain() {
+            let _ = seq.events.send(GenerateEvent::Error(EngineError::WorkerFailed { detail: detail.clone() }));
+            self.scheduler.abort(id);
+        }
+        self.failure = Some(detail);
+        self.publish();
+    }
+}

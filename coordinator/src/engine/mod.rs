@@ -1,0 +1,11 @@
+//! The engine: one actor task that owns the scheduler, the output state of every sequence and the
+//! worker group, and the handle through which the API and the offline runner talk to it.
+
+pub mod actor;
+pub mod handle;
+pub mod output;
+pub mod types;
+
+pub use actor::{start_engine, EngineConfig, EngineStatus};
+pub use handle::{EngineHandle, GenerationStream};
+pub use types::{FinishReason, GenerateEvent, GenerateRequest, Sampling};

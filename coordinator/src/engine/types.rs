@@ -1,0 +1,84 @@
+//! The types that cross the boundary between the HTTP API (or the offline runner) and the engine
+//! actor: what a caller submits and the events it gets back. No I/O here.
+
+use serde::{Deserialize, Serialize};
+
+/// How the next token is picked. Greedy when `temperature` is 0.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Nucleus sampling; 1.0 keeps everything.
+    pub top_p: f32,
+    /// Keep the k most likely tokens; 0 or negative keeps all.
+    pub top_k: i32,
+    /// Drop tokens below `min_p` times the most likely one; 0 keeps all.
+    pub min_p: f32,
+    /// Seed of the request's random stream; `None` picks one at random.
+    pub seed: Option<u64>,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            seed: None,
+        }
+    }
+}
+
+/// Everything the engine needs to run one sequence. The API layer has validated it already
+/// (lengths against max-model-len, sampling ranges); the engine re-checks only what it must.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    /// The prompt, tokenized (chat template already applied).
+    pub prompt_token_ids: Vec<u32>,
+    /// Most tokens to generate; the prompt plus this never exceeds max-model-len.
+    pub max_tokens: u32,
+    /// Sampling parameters.
+    pub sampling: Sampling,
+    /// Stop strings: generation ends when the text contains one; it is not included in the output.
+    pub stop: Vec<String>,
+    /// Token ids that end generation besides the model's end-of-sequence tokens.
+    pub stop_token_ids: Vec<u32>,
+    /// Keep going past end-of-sequence tokens (benchmarks).
+    pub ignore_eos: bool,
+    /// Leave special tokens out of the text.
+    pub skip_special_tokens: bool,
+    /// Scheduling priority under `--scheduling-policy priority`; lower runs first (vLLM's rule).
+    pub priority: i32,
+}
+
+/// Why a sequence ended, in OpenAI's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token, a stop token id or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// Aborted by the engine (shutdown) rather than by the client.
+    Abort,
+}
+
+/// What a caller receives for one sequence, in order: zero or more `Delta`s, then exactly one
+/// `Finished` or one `Error`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerateEvent {
+    /// New output: the text that became final since the last delta (may be empty while a
+    /// multi-byte character or a possible stop string is held back) and the new token ids.
+    Delta { text: String, token_ids: Vec<u32> },
+    /// The sequence ended normally.
+    Finished {
+        reason: FinishReason,
+        /// Tokens in the prompt.
+        prompt_tokens: u32,
+        /// Tokens generated (including a stop token that ended it).
+        completion_tokens: u32,
+    },
+    /// The sequence failed (a worker failed, the engine is shutting down).
+    Error(crate::error::EngineError),
+}

@@ -1,0 +1,45 @@
+//! Errors of the coordinator library, one enum per concern. Mapping to HTTP statuses and OpenAI's
+//! error JSON happens in exactly one place: `api::error`.
+
+use thiserror::Error;
+
+/// Why the engine could not take or finish a request.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum EngineError {
+    /// The waiting queue is at `--max-waiting-requests`.
+    #[error("the server is overloaded: {waiting} requests are waiting (the limit); retry later")]
+    QueueFull { waiting: usize },
+    /// The request can never run here (for example its prompt needs more KV blocks than exist).
+    #[error("{message}")]
+    InvalidRequest { message: String, param: Option<String> },
+    /// A worker failed while running the request's step.
+    #[error("worker failure: {detail}")]
+    WorkerFailed { detail: String },
+    /// The engine is not serving (workers down, starting, or shutting down).
+    #[error("the engine is unavailable: {detail}")]
+    Unavailable { detail: String },
+}
+
+/// Result alias of the engine.
+pub type EngineResult<T> = std::result::Result<T, EngineError>;
+
+/// Why the server could not start (bad flags, a model that does not split, a worker that failed
+/// to come up). The binary prints it and exits non-zero.
+#[derive(Debug, Error)]
+pub enum StartError {
+    /// Flags that contradict each other or the model.
+    #[error("invalid configuration: {detail}")]
+    Config { detail: String },
+    /// The model could not be read.
+    #[error("model: {0}")]
+    Model(#[from] tpserve_modelfile::Error),
+    /// A worker process could not be started.
+    #[error("starting worker {binary}: {detail}")]
+    Spawn { binary: String, detail: String },
+    /// A worker could not be reached over gRPC.
+    #[error("connecting to worker {addr}: {detail}")]
+    Connect { addr: String, detail: String },
+    /// A worker failed one phase of start-up.
+    #[error("worker {rank} failed during {phase}: {detail}")]
+    Worker { rank: usize, phase: &'static str, detail: String },
+}

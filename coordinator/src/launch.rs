@@ -1,0 +1,122 @@
+//! Brings the engine up from its flags: reads the model's config and tokenizer, starts (or
+//! reaches) the workers, runs their start-up sequence, checks that the KV cache can hold a
+//! sequence of max-model-len, and starts the engine actor. Shared by `serve` and `generate`.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use tpserve_modelfile::{Format, ModelSource};
+use tpserve_proto as pb;
+
+use crate::config::{EngineArgs, LoadFormat};
+use crate::engine::{start_engine, EngineConfig, EngineHandle, EngineStatus};
+use crate::error::StartError;
+use crate::scheduler::SchedulerConfig;
+use crate::served_model::ServedModel;
+use crate::workers::{spawn_local_workers, worker_binary, GroupInit, GroupReady, LocalWorker, WorkerGroup};
+
+/// A running engine and what keeps it alive.
+pub struct Launched {
+    /// Submit requests here.
+    pub engine: EngineHandle,
+    /// The model as the API presents it.
+    pub model: ServedModel,
+    /// Health and load, updated after every step.
+    pub status: watch::Receiver<EngineStatus>,
+    /// What start-up found (blocks, weight bytes, device).
+    pub ready: GroupReady,
+    /// The worker processes; dropping them kills them.
+    pub workers: Vec<LocalWorker>,
+}
+
+/// Starts everything; the first failure is returned with what failed.
+pub async fn launch(args: &EngineArgs, served_model_name: Option<String>) -> Result<Launched, StartError> {
+    args.validate()?;
+    let started = Instant::now();
+    let format = match args.load_format {
+        LoadFormat::Safetensors | LoadFormat::Dummy => Some(Format::Safetensors),
+        LoadFormat::Gguf => Some(Format::Gguf),
+        LoadFormat::Auto => None,
+    };
+    let source = ModelSource::open(&args.model, format)?;
+    let config = source.config().clone();
+    let tokenizer = Arc::new(source.tokenizer()?);
+    let chat_template = source.chat_template()?.map(Arc::new);
+    let model_len = config.max_position_embeddings;
+    let max_model_len = match args.max_model_len {
+        Some(n) if n > model_len => {
+            return Err(StartError::Config {
+                detail: format!("--max-model-len {n} is longer than the model's context of {model_len} tokens"),
+            })
+        }
+        Some(0) => return Err(StartError::Config { detail: "--max-model-len must be positive".into() }),
+        Some(n) => n,
+        None => model_len,
+    };
+    let binary = worker_binary(args.worker_binary.as_deref());
+    let workers = spawn_local_workers(&binary, args.tensor_parallel_size, args.threads_per_worker()).await?;
+    let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
+    let mut group = WorkerGroup::connect(&addrs).await?;
+    let init = GroupInit {
+        model_path: args.model.display().to_string(),
+        load_format: match args.load_format {
+            LoadFormat::Auto => pb::LoadFormat::Auto,
+            LoadFormat::Safetensors => pb::LoadFormat::Safetensors,
+            LoadFormat::Gguf => pb::LoadFormat::Gguf,
+            LoadFormat::Dummy => pb::LoadFormat::Dummy,
+        },
+        dtype: args.dtype.clone(),
+        block_size: args.block_size as u32,
+        kv_cache_bytes: (args.kv_cache_space * (1u64 << 30) as f64) as u64,
+        gpu_memory_utilization: args.gpu_memory_utilization,
+        max_num_batched_tokens: args.max_num_batched_tokens as u32,
+        max_num_seqs: args.max_num_seqs as u32,
+        seed: args.seed,
+    };
+    let ready = group.initialize(&init).await?;
+    let capacity = ready.num_blocks as usize * args.block_size;
+    if capacity < max_model_len {
+        return Err(StartError::Config {
+            detail: format!(
+                "the KV cache holds {capacity} tokens ({} blocks of {}), fewer than --max-model-len {max_model_len}; \
+                 raise --kv-cache-space or lower --max-model-len",
+                ready.num_blocks, args.block_size
+            ),
+        });
+    }
+    let engine_config = EngineConfig {
+        scheduler: SchedulerConfig {
+            block_size: args.block_size,
+            num_blocks: ready.num_blocks as usize,
+            max_num_seqs: args.max_num_seqs,
+            max_num_batched_tokens: args.max_num_batched_tokens,
+            max_model_len,
+            enable_prefix_caching: args.prefix_caching(),
+            policy: args.scheduling_policy.into(),
+        },
+        max_waiting_requests: args.max_waiting_requests,
+        eos_token_ids: config.eos_token_ids.clone(),
+    };
+    engine_config
+        .scheduler
+        .validate()
+        .map_err(|e| StartError::Config { detail: e.to_string() })?;
+    let (engine, status) = start_engine(engine_config, group, tokenizer.clone());
+    tracing::info!(
+        device = %ready.device,
+        tp = args.tensor_parallel_size,
+        kv_blocks = ready.num_blocks,
+        max_model_len,
+        seconds = started.elapsed().as_secs_f64(),
+        "engine ready"
+    );
+    let model = ServedModel {
+        name: served_model_name.unwrap_or_else(|| args.model.display().to_string()),
+        max_model_len: max_model_len as u32,
+        tokenizer,
+        chat_template,
+        created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+    };
+    Ok(Launched { engine, model, status, ready, workers })
+}

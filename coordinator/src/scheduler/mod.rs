@@ -1,0 +1,594 @@
+//! The continuous-batching scheduler: a pure, synchronous state machine (no I/O, clocks, locks
+//! or environment reads) that decides, step by step, which tokens of which sequences the workers
+//! compute, and which KV blocks hold them. vLLM v1's rules:
+//!
+//! - One token budget per step (`max_num_batched_tokens`), at most `max_num_seqs` sequences.
+//!   Running sequences go first, in order of admission, each taking min(its uncomputed known
+//!   tokens, the budget left): 1 when decoding, the next chunk when prefilling. Then waiting
+//!   sequences (FCFS or priority order) start with a prefill chunk while budget, sequence slots
+//!   and blocks allow; the first one that does not fit stops admission (no overtaking).
+//! - Out of blocks for a running sequence: preempt the newest running one (under priority: the
+//!   worst (priority, arrival)) by recompute, until it fits or it is itself the victim. After a
+//!   preemption, no waiting sequence starts in that step unless nothing else was scheduled.
+//! - Prefix caching: full computed blocks are registered under a hash chain; a starting sequence
+//!   reuses its longest cached prefix (capped so at least one token is computed).
+//!
+//! Step protocol: `schedule` -> (workers run the plan) -> `apply` -> `schedule` ...; exactly one
+//! plan is outstanding. `num_computed` advances at `apply`, not at `schedule`. Workers keep
+//! per-sequence state, so a plan carries diffs (see `plan`).
+//!
+//! Frees ride on plans: `abort`, `finish` and preemption queue the id of a sequence the workers
+//! know, and the next plan `schedule` returns carries it in `freed`. `schedule` returns `None`
+//! when there is nothing to compute, even if frees are pending: they wait for the next plan
+//! (workers only hold a little per-sequence metadata; the KV blocks themselves are reusable at
+//! once, since the coordinator owns the block table).
+//!
+//! Invariants (checked by `check_invariants` in tests): each block is free or held, with a
+//! refcount equal to the number of live block tables containing it; every live sequence is in
+//! exactly one of the waiting queue and the running list; no sequence is ever dropped except by
+//! `abort` or `finish`.
+//!
+//! Costs per step: O(running + admitted) hash-map lookups and block operations, plus one copy
+//! of the tokens of each newly sent sequence; no per-token allocation for decoding sequences
+//! except the plan's own vectors.
+
+pub mod block_pool;
+pub mod config;
+pub mod error;
+pub mod hash;
+pub mod plan;
+mod policy;
+pub mod sequence;
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+
+pub use block_pool::BlockPool;
+pub use config::{SchedulerConfig, SchedulingPolicy};
+pub use error::{SchedulerError, SchedulerResult};
+pub use plan::{NewSequence, RunningSequence, StepPlan};
+pub use sequence::SequenceSpec;
+
+use hash::U64HashState;
+use policy::WaitingQueue;
+use sequence::{SeqStatus, Sequence};
+
+/// Monotonic counters for metrics (`vllm:prefix_cache_queries`, `vllm:prefix_cache_hits`,
+/// `vllm:num_preemptions`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SchedulerStats {
+    /// Tokens of starting sequences looked up in the prefix cache.
+    pub prefix_cache_queries: u64,
+    /// Of those, tokens found (their KV was reused).
+    pub prefix_cache_hits: u64,
+    /// Sequences preempted (by recompute) since start.
+    pub num_preemptions: u64,
+}
+
+/// The plan the workers are running: what `apply` must match and advance.
+#[derive(Debug)]
+struct Outstanding {
+    step_id: u64,
+    /// Ids scheduled in the plan (their `in_flight` says how many tokens).
+    scheduled: Vec<u64>,
+    /// Sampled sequences still alive (abort/finish between schedule and apply decrement it).
+    sampled_alive: usize,
+    /// Sequences with `arrival >= this` were added after the plan: never in it.
+    arrival_watermark: u64,
+}
+
+/// The scheduler. See the module header for its rules.
+#[derive(Debug)]
+pub struct Scheduler {
+    config: SchedulerConfig,
+    pool: BlockPool,
+    seqs: HashMap<u64, Sequence, U64HashState>,
+    /// Running ids in order of admission.
+    running: Vec<u64>,
+    waiting: WaitingQueue,
+    /// Ids the workers must drop; taken by the next plan.
+    pending_frees: Vec<u64>,
+    next_step_id: u64,
+    next_arrival: u64,
+    outstanding: Option<Outstanding>,
+    stats: SchedulerStats,
+    /// Reused buffer for prefix-cache hits of a starting sequence.
+    scratch_hits: Vec<u32>,
+}
+
+impl Scheduler {
+    /// A scheduler with an empty pool of `config.num_blocks` blocks.
+    ///
+    /// Panics if a size in `config` is zero; run `config.validate()` first for a typed error
+    /// (it also checks that the pool holds one `max_model_len` sequence, which `new` does not
+    /// demand: `add` refuses any single request the pool cannot hold).
+    pub fn new(config: SchedulerConfig) -> Self {
+        if let Err(e) = config.check_nonzero() {
+            panic!("{e}");
+        }
+        Self {
+            pool: BlockPool::new(config.num_blocks),
+            waiting: WaitingQueue::new(config.policy),
+            seqs: HashMap::with_capacity_and_hasher(config.max_num_seqs * 2, U64HashState),
+            running: Vec::with_capacity(config.max_num_seqs),
+            pending_frees: Vec::new(),
+            next_step_id: 0,
+            next_arrival: 0,
+            outstanding: None,
+            stats: SchedulerStats::default(),
+            scratch_hits: Vec::new(),
+            config,
+        }
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// Queues a sequence. Refuses one that can never run: an empty prompt, `max_tokens` 0, a
+    /// prompt longer than `max_model_len`, more tokens than the whole pool holds (counting the
+    /// tokens it may generate, up to `max_model_len`), or an id already live.
+    pub fn add(&mut self, spec: SequenceSpec) -> SchedulerResult<()> {
+        let cfg = &self.config;
+        let prompt = spec.token_ids.len();
+        if self.seqs.contains_key(&spec.id) {
+            return Err(SchedulerError::DuplicateId { id: spec.id });
+        }
+        if prompt == 0 {
+            return Err(SchedulerError::EmptyPrompt { id: spec.id });
+        }
+        if spec.max_tokens == 0 {
+            return Err(SchedulerError::ZeroMaxTokens { id: spec.id });
+        }
+        if prompt > cfg.max_model_len {
+            return Err(SchedulerError::PromptTooLong {
+                prompt_tokens: prompt,
+                max_model_len: cfg.max_model_len,
+            });
+        }
+        // Most tokens it can ever have computed: the last sampled token is never computed.
+        let tokens = (prompt + spec.max_tokens.min(cfg.max_model_len) - 1).min(cfg.max_model_len);
+        let blocks_needed = cfg.blocks_for(tokens);
+        if blocks_needed > cfg.num_blocks {
+            return Err(SchedulerError::ExceedsKvCache {
+                tokens,
+                blocks_needed,
+                block_size: cfg.block_size,
+                num_blocks: cfg.num_blocks,
+            });
+        }
+        let arrival = self.next_arrival;
+        self.next_arrival += 1;
+        let seq = Sequence::new(spec, arrival);
+        self.waiting.push_arrival((seq.priority, arrival, seq.id));
+        self.seqs.insert(seq.id, seq);
+        Ok(())
+    }
+
+    /// Stops a waiting or running sequence and frees its blocks; if the workers hold it, its id
+    /// rides on the next plan's `freed`. False if no such live sequence. Safe between `schedule`
+    /// and `apply`: `apply` then ignores the sequence.
+    pub fn abort(&mut self, id: u64) -> bool {
+        self.remove(id)
+    }
+
+    /// The engine decided the sequence is done (end of sequence, stop string, `max_tokens`,
+    /// `max_model_len`). Frees exactly as `abort` does.
+    pub fn finish(&mut self, id: u64) -> bool {
+        self.remove(id)
+    }
+
+    /// Plans the next step, or `None` when nothing can be computed (pending frees then wait for
+    /// the next plan). Panics if the previous plan has not been applied.
+    pub fn schedule(&mut self) -> Option<StepPlan> {
+        if let Some(out) = &self.outstanding {
+            panic!(
+                "schedule() while step {} is outstanding: apply it first",
+                out.step_id
+            );
+        }
+        let mut plan = StepPlan {
+            step_id: self.next_step_id,
+            running: Vec::with_capacity(self.running.len()),
+            ..StepPlan::default()
+        };
+        let mut budget = self.config.max_num_batched_tokens;
+        let preempted = self.schedule_running(&mut plan, &mut budget);
+        if !preempted || plan.running.is_empty() {
+            self.schedule_waiting(&mut plan, &mut budget);
+        }
+        if plan.new.is_empty() && plan.running.is_empty() {
+            return None;
+        }
+        plan.freed = std::mem::take(&mut self.pending_frees);
+
+        let mut scheduled = Vec::with_capacity(plan.num_seqs());
+        let ids = plan.new.iter().map(|s| s.id);
+        for id in ids.chain(plan.running.iter().map(|s| s.id)) {
+            scheduled.push(id);
+            if self.seqs[&id].in_flight_sampled {
+                plan.sampled.push(id);
+            }
+        }
+        self.outstanding = Some(Outstanding {
+            step_id: plan.step_id,
+            scheduled,
+            sampled_alive: plan.sampled.len(),
+            arrival_watermark: self.next_arrival,
+        });
+        self.next_step_id += 1;
+        Some(plan)
+    }
+
+    /// Applies the outcome of step `step_id`: every scheduled sequence advances by what was
+    /// scheduled, newly full blocks enter the prefix cache, and each sampled token is appended
+    /// to its sequence. Tokens of sequences aborted or finished since `schedule` are ignored.
+    /// Errors (changing nothing) on a step mismatch, a token for a sequence the plan did not
+    /// sample (or two for one), or a missing token.
+    pub fn apply(&mut self, step_id: u64, sampled: &[(u64, u32)]) -> SchedulerResult<()> {
+        let out = match &self.outstanding {
+            None => return Err(SchedulerError::NoPlanOutstanding { got: step_id }),
+            Some(out) if out.step_id != step_id => {
+                return Err(SchedulerError::StepMismatch {
+                    expected: out.step_id,
+                    got: step_id,
+                })
+            }
+            Some(out) => out,
+        };
+        let mut received = 0;
+        let mut bad = None;
+        for &(id, _) in sampled {
+            let Some(seq) = self.seqs.get_mut(&id) else {
+                continue; // ended between schedule and apply
+            };
+            if seq.arrival >= out.arrival_watermark {
+                continue; // the id was reused after the plan: that sequence was not in it
+            }
+            if !seq.in_flight_sampled || seq.sample_received {
+                bad = Some(SchedulerError::UnexpectedSample { step_id, id });
+                break;
+            }
+            seq.sample_received = true;
+            received += 1;
+        }
+        if bad.is_none() && received != out.sampled_alive {
+            bad = Some(SchedulerError::MissingSamples {
+                step_id,
+                expected: out.sampled_alive,
+                got: received,
+            });
+        }
+        if let Some(err) = bad {
+            for &(id, _) in sampled {
+                if let Some(seq) = self.seqs.get_mut(&id) {
+                    seq.sample_received = false;
+                }
+            }
+            return Err(err);
+        }
+
+        let out = self.outstanding.take().expect("checked above");
+        let bs = self.config.block_size;
+        let caching = self.config.enable_prefix_caching;
+        for id in out.scheduled {
+            let Some(seq) = self.seqs.get_mut(&id) else {
+                continue;
+            };
+            if seq.arrival >= out.arrival_watermark {
+                continue;
+            }
+            seq.num_computed += seq.in_flight;
+            seq.in_flight = 0;
+            seq.in_flight_sampled = false;
+            if caching {
+                let full = seq.num_computed / bs;
+                if full > seq.num_registered_blocks {
+                    seq.ensure_block_hashes(full, bs);
+                    for j in seq.num_registered_blocks..full {
+                        self.pool.register(seq.block_table[j], seq.block_hashes[j]);
+                    }
+                    seq.num_registered_blocks = full;
+                }
+            }
+        }
+        for &(id, token) in sampled {
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                if seq.sample_received {
+                    seq.sample_received = false;
+                    seq.token_ids.push(token);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sequences waiting to start (including preempted ones).
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Sequences admitted and holding blocks.
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Fraction of KV blocks held by sequences, 0..=1 (free blocks that still cache a prefix
+    /// count as free, as in vLLM's `kv_cache_usage_perc`).
+    pub fn kv_cache_usage(&self) -> f64 {
+        self.pool.num_used() as f64 / self.pool.num_blocks() as f64
+    }
+
+    /// Monotonic counters.
+    pub fn stats(&self) -> SchedulerStats {
+        self.stats
+    }
+
+    /// Tokens generated so far by a live sequence (kept across preemption).
+    pub fn output_token_ids(&self, id: u64) -> Option<&[u32]> {
+        self.seqs.get(&id).map(Sequence::output)
+    }
+
+    /// The pool, read-only (for metrics and tests).
+    pub fn block_pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    /// Checks every cross-structure invariant: pool consistency, refcount = number of live
+    /// tables holding the block, each live sequence in exactly one queue, table sizes. For tests
+    /// and debugging; O(blocks + table entries).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.pool.check_invariants()?;
+        let mut holders = vec![0u32; self.pool.num_blocks()];
+        for seq in self.seqs.values() {
+            for &b in &seq.block_table {
+                holders[b as usize] += 1;
+            }
+            let needed = self
+                .config
+                .blocks_for(seq.num_computed + seq.in_flight);
+            match seq.status {
+                SeqStatus::Waiting if !seq.block_table.is_empty() || seq.num_computed != 0 => {
+                    return Err(format!("waiting sequence {} holds blocks", seq.id));
+                }
+                SeqStatus::Running if seq.block_table.len() < needed => {
+                    return Err(format!("sequence {} table too short", seq.id));
+                }
+                _ => {}
+            }
+            if seq.num_computed + seq.in_flight > seq.num_tokens() {
+                return Err(format!("sequence {} computes unknown tokens", seq.id));
+            }
+        }
+        for (b, &n) in holders.iter().enumerate() {
+            if self.pool.refcount(b as u32) != n {
+                return Err(format!(
+                    "block {b}: refcount {} but {n} tables hold it",
+                    self.pool.refcount(b as u32)
+                ));
+            }
+        }
+        let mut listed: Vec<u64> = self.running.clone();
+        if listed
+            .iter()
+            .any(|id| self.seqs.get(id).map(|s| s.status) != Some(SeqStatus::Running))
+        {
+            return Err("running list names a non-running sequence".into());
+        }
+        let waiting = self.waiting.ids();
+        if waiting
+            .iter()
+            .any(|id| self.seqs.get(id).map(|s| s.status) != Some(SeqStatus::Waiting))
+        {
+            return Err("waiting queue names a non-waiting sequence".into());
+        }
+        listed.extend(waiting);
+        listed.sort_unstable();
+        listed.dedup();
+        if listed.len() != self.seqs.len() || self.running.len() + self.waiting.len() != listed.len()
+        {
+            return Err("a live sequence is lost or listed twice".into());
+        }
+        if self.running.len() > self.config.max_num_seqs {
+            return Err("more running sequences than max_num_seqs".into());
+        }
+        Ok(())
+    }
+
+    /// Running sequences first. Returns whether any sequence was preempted.
+    fn schedule_running(&mut self, plan: &mut StepPlan, budget: &mut usize) -> bool {
+        let max_model_len = self.config.max_model_len;
+        let mut preempted = false;
+        let mut i = 0;
+        while i < self.running.len() && *budget > 0 {
+            let id = self.running[i];
+            let seq = &self.seqs[&id];
+            if seq.is_at_limit(max_model_len) || seq.num_uncomputed() == 0 {
+                i += 1;
+                continue;
+            }
+            let n = seq.num_uncomputed().min(*budget);
+            let needed = self
+                .config
+                .blocks_for(seq.num_computed + n)
+                .saturating_sub(seq.block_table.len());
+            let mut self_preempted = false;
+            while self.pool.num_free() < needed {
+                let victim = self.pick_victim(i);
+                self.preempt(victim, plan, budget);
+                preempted = true;
+                if victim == i {
+                    self_preempted = true;
+                    break;
+                }
+                if victim < i {
+                    i -= 1;
+                }
+            }
+            if self_preempted {
+                continue; // running[i] is now the next sequence
+            }
+            let seq = self.seqs.get_mut(&id).expect("running ids are live");
+            let mut new_block_ids = Vec::with_capacity(needed);
+            for _ in 0..needed {
+                let b = self.pool.allocate().expect("checked free count");
+                seq.block_table.push(b);
+                new_block_ids.push(b);
+            }
+            seq.in_flight = n;
+            seq.in_flight_sampled = seq.num_computed + n == seq.num_tokens();
+            plan.running.push(RunningSequence {
+                id,
+                num_scheduled_tokens: n,
+                new_block_ids,
+            });
+            *budget -= n;
+            i += 1;
+        }
+        preempted
+    }
+
+    /// The running sequence to preempt while scheduling `running[current]`: the newest (FCFS)
+    /// or the worst (priority, arrival) (priority policy), among those not idle at their limit.
+    /// `current` itself is always a candidate, so there is one.
+    fn pick_victim(&self, current: usize) -> usize {
+        let max_model_len = self.config.max_model_len;
+        let candidates = self
+            .running
+            .iter()
+            .enumerate()
+            .filter(|&(i, id)| i == current || !self.seqs[id].is_at_limit(max_model_len));
+        match self.config.policy {
+            SchedulingPolicy::Fcfs => candidates.last().map(|(i, _)| i),
+            SchedulingPolicy::Priority => candidates
+                .max_by_key(|&(_, id)| {
+                    let s = &self.seqs[id];
+                    (s.priority, s.arrival)
+                })
+                .map(|(i, _)| i),
+        }
+        .expect("the current sequence is a candidate")
+    }
+
+    /// Preempts `running[idx]` by recompute: its blocks go back to the pool, it forgets its
+    /// computed tokens (keeping its generated ones) and waits at the front. If it was already
+    /// scheduled in this plan, that is undone and its budget refunded.
+    fn preempt(&mut self, idx: usize, plan: &mut StepPlan, budget: &mut usize) {
+        let id = self.running.remove(idx);
+        let seq = self.seqs.get_mut(&id).expect("running ids are live");
+        if seq.in_flight > 0 {
+            *budget += seq.in_flight;
+            seq.in_flight = 0;
+            seq.in_flight_sampled = false;
+        }
+        for &b in seq.block_table.iter().rev() {
+            self.pool.release(b);
+        }
+        seq.block_table.clear();
+        seq.num_computed = 0;
+        seq.num_registered_blocks = 0;
+        seq.status = SeqStatus::Waiting;
+        if seq.known_to_workers {
+            seq.known_to_workers = false;
+            self.pending_frees.push(id);
+        }
+        self.waiting
+            .push_preempted((seq.priority, seq.arrival, seq.id));
+        self.stats.num_preemptions += 1;
+    }
+
+    /// Waiting sequences start while budget, sequence slots and blocks allow.
+    fn schedule_waiting(&mut self, plan: &mut StepPlan, budget: &mut usize) {
+        let bs = self.config.block_size;
+        while *budget > 0 && self.running.len() < self.config.max_num_seqs {
+            let Some(id) = self.waiting.peek() else {
+                break;
+            };
+            let seq = self.seqs.get_mut(&id).expect("waiting ids are live");
+            let num_tokens = seq.num_tokens();
+            let hits = &mut self.scratch_hits;
+            hits.clear();
+            if self.config.enable_prefix_caching {
+                // Never the whole sequence: at least one token is computed, so it can sample.
+                let max_hit_blocks = (num_tokens - 1) / bs;
+                seq.ensure_block_hashes(max_hit_blocks, bs);
+                for &h in &seq.block_hashes[..max_hit_blocks] {
+                    match self.pool.lookup(h) {
+                        Some(b) => hits.push(b),
+                        None => break,
+                    }
+                }
+            }
+            let hit_tokens = hits.len() * bs;
+            let n = (num_tokens - hit_tokens).min(*budget);
+            let needed = self.config.blocks_for(hit_tokens + n) - hits.len();
+            let free_hits = hits.iter().filter(|&&b| self.pool.refcount(b) == 0).count();
+            if self.pool.num_free() < needed + free_hits {
+                break; // it waits; nothing behind it overtakes
+            }
+            self.waiting.pop();
+            if self.config.enable_prefix_caching {
+                self.stats.prefix_cache_queries += num_tokens as u64;
+                self.stats.prefix_cache_hits += hit_tokens as u64;
+            }
+            for &b in hits.iter() {
+                self.pool.acquire(b);
+            }
+            seq.block_table.extend_from_slice(hits);
+            for _ in 0..needed {
+                let b = self.pool.allocate().expect("checked free count");
+                seq.block_table.push(b);
+            }
+            seq.num_computed = hit_tokens;
+            seq.num_registered_blocks = hits.len();
+            seq.status = SeqStatus::Running;
+            seq.known_to_workers = true;
+            seq.in_flight = n;
+            seq.in_flight_sampled = hit_tokens + n == num_tokens;
+            plan.new.push(NewSequence {
+                id,
+                token_ids: seq.token_ids.clone(),
+                sampling: seq.sampling,
+                block_ids: seq.block_table.clone(),
+                num_computed_tokens: hit_tokens,
+                num_scheduled_tokens: n,
+            });
+            self.running.push(id);
+            *budget -= n;
+        }
+    }
+
+    fn remove(&mut self, id: u64) -> bool {
+        let Some(seq) = self.seqs.remove(&id) else {
+            return false;
+        };
+        match seq.status {
+            SeqStatus::Waiting => {
+                let removed = self.waiting.remove((seq.priority, seq.arrival, id));
+                debug_assert!(removed);
+            }
+            SeqStatus::Running => {
+                let pos = self.running.iter().position(|&r| r == id);
+                self.running.remove(pos.expect("running sequence is listed"));
+            }
+        }
+        // Tail blocks first, so under LRU they are evicted before the shared prefix.
+        for &b in seq.block_table.iter().rev() {
+            self.pool.release(b);
+        }
+        if seq.known_to_workers {
+            self.pending_frees.push(id);
+        }
+        if seq.in_flight_sampled {
+            if let Some(out) = &mut self.outstanding {
+                out.sampled_alive -= 1;
+            }
+        }
+        true
+    }
+}

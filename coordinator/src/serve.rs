@@ -1,0 +1,80 @@
+//! `tpserve serve`: brings the engine up and serves the OpenAI-compatible API until SIGINT or
+//! SIGTERM. `/health` follows the engine's status.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::api::{router, ApiState, Health};
+use crate::config::EngineArgs;
+use crate::launch::launch;
+
+/// Flags of `tpserve serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Address to listen on.
+    #[arg(long, env = "TPSERVE_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one; the bound address is logged).
+    #[arg(long, env = "TPSERVE_PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// The name clients use in `model` (default: the model path).
+    #[arg(long, env = "TPSERVE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+}
+
+/// Runs the server until a shutdown signal.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
+        .parse()
+        .or_else(|_| {
+            std::net::ToSocketAddrs::to_socket_addrs(&(args.host.as_str(), args.port))
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or(())
+        })
+        .map_err(|_| anyhow::anyhow!("cannot resolve --host {}", args.host))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let launched = launch(&args.engine, args.served_model_name.clone()).await?;
+    let (health_tx, health_rx) = tokio::sync::watch::channel(Health::Ready);
+    let mut status = launched.status.clone();
+    tokio::spawn(async move {
+        while status.changed().await.is_ok() {
+            let s = status.borrow().clone();
+            health_tx.send_replace(if s.healthy {
+                Health::Ready
+            } else {
+                Health::NotReady { reason: s.detail }
+            });
+        }
+    });
+    let app = router(ApiState { engine: launched.engine.clone(), model: launched.model.clone(), health: health_rx });
+    let bound = listener.local_addr()?;
+    tracing::info!(model = %launched.model.name, "serving the OpenAI API on http://{bound}");
+    println!("TPSERVE_LISTENING http://{bound}");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+    drop(launched);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}

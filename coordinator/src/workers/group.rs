@@ -1,0 +1,219 @@
+//! The coordinator's side of a tensor-parallel group: one gRPC client per rank, the start-up
+//! sequence (communicator, load, memory profile, cache, warm-up) and the `Step` streams. Every
+//! plan goes to every rank; rank 0's reply carries the tokens, the others' only confirm.
+
+use std::time::Duration;
+
+use futures::future::try_join_all;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Streaming;
+use tpserve_proto as pb;
+use tpserve_proto::worker_client::WorkerClient;
+
+use crate::error::{EngineError, StartError};
+
+/// What the group needs to start serving.
+#[derive(Debug, Clone)]
+pub struct GroupInit {
+    /// The model path on the workers' file system.
+    pub model_path: String,
+    /// How to read it.
+    pub load_format: pb::LoadFormat,
+    /// Compute dtype.
+    pub dtype: String,
+    /// Tokens per KV block.
+    pub block_size: u32,
+    /// KV cache bytes per rank (CPU); 0 lets GPU workers size it from memory utilisation.
+    pub kv_cache_bytes: u64,
+    /// Fraction of GPU memory to use.
+    pub gpu_memory_utilization: f32,
+    /// Step limits, for the profile and the warm-up.
+    pub max_num_batched_tokens: u32,
+    /// Step limits, for the profile and the warm-up.
+    pub max_num_seqs: u32,
+    /// Seed of dummy weights.
+    pub seed: u64,
+}
+
+/// What start-up found.
+#[derive(Debug, Clone)]
+pub struct GroupReady {
+    /// KV blocks every rank holds (the minimum over ranks).
+    pub num_blocks: u64,
+    /// Weight bytes per rank.
+    pub weight_bytes: Vec<u64>,
+    /// Device of rank 0.
+    pub device: String,
+}
+
+/// A connected group.
+pub struct WorkerGroup {
+    clients: Vec<WorkerClient<Channel>>,
+    streams: Vec<(mpsc::Sender<pb::StepPlan>, Streaming<pb::StepResult>)>,
+}
+
+fn phase_err(rank: usize, phase: &'static str) -> impl Fn(tonic::Status) -> StartError {
+    move |s| StartError::Worker {
+        rank,
+        phase,
+        detail: s.message().to_string(),
+    }
+}
+
+impl WorkerGroup {
+    /// Connects to every rank (retrying for a while: workers may still be starting).
+    pub async fn connect(addrs: &[String]) -> Result<Self, StartError> {
+        let mut clients = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            let url = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
+            let endpoint = Endpoint::from_shared(url).map_err(|e| StartError::Connect {
+                addr: addr.clone(),
+                detail: e.to_string(),
+            })?;
+            let endpoint = endpoint.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true);
+            let mut last = String::new();
+            let mut channel = None;
+            for _ in 0..100 {
+                match endpoint.connect().await {
+                    Ok(c) => {
+                        channel = Some(c);
+                        break;
+                    }
+                    Err(e) => {
+                        last = e.to_string();
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+            let channel = channel.ok_or_else(|| StartError::Connect { addr: addr.clone(), detail: last })?;
+            clients.push(
+                WorkerClient::new(channel)
+                    .max_decoding_message_size(256 << 20)
+                    .max_encoding_message_size(256 << 20),
+            );
+        }
+        Ok(Self { clients, streams: Vec::new() })
+    }
+
+    /// Number of ranks.
+    pub fn world_size(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Runs the start-up sequence on every rank and opens the step streams.
+    pub async fn initialize(&mut self, init: &GroupInit) -> Result<GroupReady, StartError> {
+        let world = self.clients.len() as u32;
+        let info = self.clients[0]
+            .info(pb::InfoRequest {})
+            .await
+            .map_err(phase_err(0, "Info"))?
+            .into_inner();
+        let id = self.clients[0]
+            .communicator_id(pb::CommunicatorIdRequest { world_size: world })
+            .await
+            .map_err(phase_err(0, "CommunicatorId"))?
+            .into_inner()
+            .id;
+        try_join_all(self.clients.iter_mut().enumerate().map(|(rank, c)| {
+            let id = id.clone();
+            async move {
+                c.init_communicator(pb::InitCommunicatorRequest { id, rank: rank as u32, world_size: world })
+                    .await
+                    .map_err(phase_err(rank, "InitCommunicator"))
+            }
+        }))
+        .await?;
+        let loaded = try_join_all(self.clients.iter_mut().enumerate().map(|(rank, c)| {
+            let req = pb::LoadModelRequest {
+                model_path: init.model_path.clone(),
+                load_format: init.load_format as i32,
+                dtype: init.dtype.clone(),
+                dummy_seed: init.seed,
+            };
+            async move { c.load_model(req).await.map_err(phase_err(rank, "LoadModel")).map(|r| r.into_inner()) }
+        }))
+        .await?;
+        let profiles = try_join_all(self.clients.iter_mut().enumerate().map(|(rank, c)| {
+            let req = pb::ProfileMemoryRequest {
+                block_size: init.block_size,
+                kv_cache_bytes: init.kv_cache_bytes,
+                gpu_memory_utilization: init.gpu_memory_utilization,
+                max_num_batched_tokens: init.max_num_batched_tokens,
+                max_num_seqs: init.max_num_seqs,
+            };
+            async move { c.profile_memory(req).await.map_err(phase_err(rank, "ProfileMemory")).map(|r| r.into_inner()) }
+        }))
+        .await?;
+        let num_blocks = profiles.iter().map(|p| p.num_blocks).min().unwrap_or(0);
+        if num_blocks == 0 {
+            return Err(StartError::Config {
+                detail: "no KV cache block fits in the memory given; raise --kv-cache-space".into(),
+            });
+        }
+        try_join_all(self.clients.iter_mut().enumerate().map(|(rank, c)| {
+            let req = pb::InitCacheRequest { num_blocks, block_size: init.block_size };
+            async move { c.init_cache(req).await.map_err(phase_err(rank, "InitCache")) }
+        }))
+        .await?;
+        try_join_all(self.clients.iter_mut().enumerate().map(|(rank, c)| {
+            let req = pb::WarmupRequest {
+                max_num_batched_tokens: init.max_num_batched_tokens,
+                max_num_seqs: init.max_num_seqs,
+            };
+            async move { c.warmup(req).await.map_err(phase_err(rank, "Warmup")) }
+        }))
+        .await?;
+        self.streams.clear();
+        for (rank, c) in self.clients.iter_mut().enumerate() {
+            let (tx, rx) = mpsc::channel(4);
+            let results = c.step(ReceiverStream::new(rx)).await.map_err(phase_err(rank, "Step"))?.into_inner();
+            self.streams.push((tx, results));
+        }
+        Ok(GroupReady {
+            num_blocks,
+            weight_bytes: loaded.iter().map(|l| l.weight_bytes).collect(),
+            device: format!("{} ({})", info.device_kind, info.device_name),
+        })
+    }
+
+    /// Sends `plan` to every rank and returns rank 0's tokens once every rank has answered.
+    pub async fn step(&mut self, plan: pb::StepPlan) -> Result<Vec<pb::SampledToken>, EngineError> {
+        let step_id = plan.step_id;
+        let fail = |rank: usize, detail: String| EngineError::WorkerFailed { detail: format!("rank {rank}: {detail}") };
+        if self.streams.is_empty() {
+            return Err(EngineError::Unavailable { detail: "the worker group is not initialised".into() });
+        }
+        for (rank, (tx, _)) in self.streams.iter().enumerate() {
+            tx.send(plan.clone()).await.map_err(|_| fail(rank, "step stream closed".into()))?;
+        }
+        let mut tokens = Vec::new();
+        let mut first_error = None;
+        for (rank, (_, rx)) in self.streams.iter_mut().enumerate() {
+            match rx.message().await {
+                Ok(Some(r)) if r.step_id != step_id => {
+                    first_error.get_or_insert(fail(rank, format!("answered step {} to step {step_id}", r.step_id)));
+                }
+                Ok(Some(r)) if !r.error.is_empty() => {
+                    first_error.get_or_insert(fail(rank, r.error));
+                }
+                Ok(Some(r)) => {
+                    if rank == 0 {
+                        tokens = r.tokens;
+                    }
+                }
+                Ok(None) => {
+                    first_error.get_or_insert(fail(rank, "the worker closed its step stream".into()));
+                }
+                Err(s) => {
+                    first_error.get_or_insert(fail(rank, s.message().to_string()));
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(tokens),
+        }
+    }
+}

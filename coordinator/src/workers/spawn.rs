@@ -1,0 +1,96 @@
+//! Starts local `tpserve-worker` processes, one per rank, and learns the address each one serves
+//! on (the worker prints `TPSERVE_WORKER_LISTENING <addr>` once it is listening). Workers get a
+//! piped stdin and exit when it closes, so they never outlive the coordinator, and they are
+//! killed when their `LocalWorker` is dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+
+use crate::error::StartError;
+
+/// How long a worker may take to start listening.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A worker process this coordinator started.
+#[derive(Debug)]
+pub struct LocalWorker {
+    /// The gRPC address it serves on.
+    pub addr: String,
+    child: Child,
+    /// Held open: the worker exits when it closes.
+    _stdin: Option<ChildStdin>,
+}
+
+impl LocalWorker {
+    /// The process id, for tests and logs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+/// The worker binary: `--worker-binary`, else `tpserve-worker` beside this executable, else on PATH.
+pub fn worker_binary(explicit: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("tpserve-worker")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("tpserve-worker"))
+}
+
+/// Starts `count` workers with `threads` CPU threads each and waits until all listen.
+pub async fn spawn_local_workers(binary: &Path, count: usize, threads: usize) -> Result<Vec<LocalWorker>, StartError> {
+    let mut workers = Vec::with_capacity(count);
+    for rank in 0..count {
+        let mut child = Command::new(binary)
+            .args(["--listen", "127.0.0.1:0", "--exit-on-stdin-close", "--cpu-threads"])
+            .arg(threads.to_string())
+            .env("TPSERVE_RANK", rank.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| StartError::Spawn {
+                binary: binary.display().to_string(),
+                detail: e.to_string(),
+            })?;
+        let stdout = child.stdout.take().expect("piped");
+        let stdin = child.stdin.take();
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = tokio::time::timeout(LISTEN_TIMEOUT, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(addr) = line.strip_prefix("TPSERVE_WORKER_LISTENING ") {
+                    return Some(addr.trim().to_string());
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| StartError::Spawn {
+            binary: binary.display().to_string(),
+            detail: format!("worker {rank} exited or did not report its address within {LISTEN_TIMEOUT:?}"),
+        })?;
+        // Keep draining stdout so the worker never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        workers.push(LocalWorker {
+            addr,
+            child,
+            _stdin: stdin,
+        });
+    }
+    Ok(workers)
+}

@@ -1,0 +1,63 @@
+//! Weight access under Hugging Face tensor names, whatever the file format: [`WeightReader`],
+//! implemented by [`SafetensorsReader`] (one file, or shards listed by
+//! `model.safetensors.index.json`) and [`GgufReader`] (one GGUF file, dequantized by candle).
+//!
+//! Invariants: every name a reader lists can be read; shapes are in Hugging Face (PyTorch,
+//! row-major) order; every tensor comes back as f32 on `Device::Cpu`; files are mapped once when
+//! the reader is built and never re-parsed. GGUF q/k projections come back un-permuted (see
+//! [`crate::gguf`]), so the worker can use rotate-half RoPE for every format. Costs: safetensors
+//! reads copy and convert only the requested bytes from the mapping; GGUF reads dequantize the
+//! whole tensor (a slice narrows afterwards), about one f32 copy of the tensor.
+
+mod gguf_reader;
+mod safetensors_reader;
+
+pub use gguf_reader::GgufReader;
+pub use safetensors_reader::SafetensorsReader;
+
+use crate::error::Result;
+
+/// Read access to a model's weights under Hugging Face names.
+pub trait WeightReader: Send + Sync {
+    /// Names of all tensors, in Hugging Face naming ("model.embed_tokens.weight",
+    /// "model.layers.0.self_attn.q_proj.weight", "model.norm.weight", "lm_head.weight", ...),
+    /// sorted.
+    fn names(&self) -> Vec<String>;
+    fn contains(&self, name: &str) -> bool;
+    /// The tensor's shape in HF (row-major, PyTorch) order, e.g. q_proj [out_features, in_features].
+    fn shape(&self, name: &str) -> Result<Vec<usize>>;
+    /// The whole tensor as an f32 candle Tensor on Device::Cpu, HF shape.
+    fn read(&self, name: &str) -> Result<candle_core::Tensor>;
+    /// A slice `start..start+len` along dimension `dim`, as f32. Safetensors reads only those
+    /// bytes (mmap); GGUF dequantizes the whole tensor and narrows.
+    fn read_slice(
+        &self,
+        name: &str,
+        dim: usize,
+        start: usize,
+        len: usize,
+    ) -> Result<candle_core::Tensor>;
+}
+
+/// Checks a slice request against a shape; shared by both readers so they fail alike.
+pub(crate) fn check_slice(
+    name: &str,
+    shape: &[usize],
+    dim: usize,
+    start: usize,
+    len: usize,
+) -> Result<()> {
+    let Some(&size) = shape.get(dim) else {
+        return Err(crate::Error::tensor(
+            name,
+            format!("slice along dim {dim} of a tensor of shape {shape:?}"),
+        ));
+    };
+    match start.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(crate::Error::tensor(
+            name,
+            format!("slice {start}..{start}+{len} along dim {dim} of size {size} (shape {shape:?})"),
+        )),
+    }
+}

@@ -1,0 +1,43 @@
+//! One step's work in the shape a backend computes it: the tokens of every scheduled sequence laid
+//! end to end, with their positions and KV slots, and where each sequence's queries sit. Built by
+//! the runner from its per-request state; backends only read it.
+
+/// One sequence's part of the batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqSlice {
+    /// Rows of this sequence's tokens in the flattened batch.
+    pub rows: std::ops::Range<usize>,
+    /// Position of the first of those tokens (tokens already in the KV cache before it).
+    pub start_pos: usize,
+    /// The sequence's block table.
+    pub block_ids: Vec<u32>,
+}
+
+impl SeqSlice {
+    /// Tokens the sequence's queries can see after this step's keys are written.
+    pub fn context_len(&self) -> usize {
+        self.start_pos + self.rows.len()
+    }
+}
+
+/// The flattened batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// Token id of each row.
+    pub token_ids: Vec<u32>,
+    /// Position of each row within its sequence.
+    pub positions: Vec<usize>,
+    /// KV cache slot of each row: `block_id * block_size + offset`.
+    pub slots: Vec<usize>,
+    /// The sequences, in row order.
+    pub seqs: Vec<SeqSlice>,
+    /// Rows whose logits are wanted (the last row of each sequence that samples), in order.
+    pub sample_rows: Vec<usize>,
+}
+
+impl Batch {
+    /// Number of token rows.
+    pub fn num_tokens(&self) -> usize {
+        self.token_ids.len()
+    }
+}

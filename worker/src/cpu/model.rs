@@ -1,0 +1,294 @@
+//! The Llama-family transformer on the CPU, for one tensor-parallel shard: vocab-parallel
+//! embedding, per layer RMSNorm -> fused QKV (column-parallel) -> RoPE -> paged attention -> o_proj
+//! (row-parallel, all-reduce) -> residual -> RMSNorm -> fused gate/up (column-parallel) -> SiLU-mul
+//! -> down (row-parallel, all-reduce) -> residual, then the final norm and the vocab-parallel
+//! lm_head on the rows that sample only. Weights are f32 (GGUF tensors are dequantized at load).
+
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use tpserve_modelfile::{LlamaConfig, WeightReader};
+
+use super::attention::{paged_attention, AttentionInput, KvCache};
+use super::linear::Linear;
+use super::ops::{rms_norm, silu_mul, Rope};
+use crate::batch::Batch;
+use crate::comm::Communicator;
+use crate::error::{Result, WorkerError};
+use crate::shard::ShardPlan;
+
+/// One decoder layer's weights on this rank.
+#[derive(Debug)]
+struct Layer {
+    input_norm: Vec<f32>,
+    /// `[q | k | v]` rows of this rank's heads.
+    qkv: Linear,
+    /// Columns of this rank's heads.
+    o: Linear,
+    post_norm: Vec<f32>,
+    /// `[gate | up]` rows of this rank's intermediate slice.
+    gate_up: Linear,
+    /// Columns of this rank's intermediate slice.
+    down: Linear,
+}
+
+/// The model's weights on this rank and the tables it needs.
+#[derive(Debug)]
+pub struct CpuModel {
+    config: LlamaConfig,
+    shard: ShardPlan,
+    /// Rows `shard.vocab` of the embedding, `[vocab_local, hidden]`; also the lm_head when tied.
+    embed: Linear,
+    layers: Vec<Layer>,
+    final_norm: Vec<f32>,
+    /// `None` when tied to `embed`.
+    lm_head: Option<Linear>,
+    rope: Rope,
+    kv_head_of: Vec<usize>,
+}
+
+/// Where the weights come from.
+pub enum WeightSource<'a> {
+    /// A real checkpoint.
+    Reader(&'a dyn WeightReader),
+    /// Random weights of the config's shape, from this seed.
+    Dummy(u64),
+}
+
+fn tensor_err(name: &str, e: impl std::fmt::Display) -> WorkerError {
+    WorkerError::Unsupported {
+        detail: format!("tensor {name}: {e}"),
+    }
+}
+
+/// Reads `name` narrowed to `range` along `dim` (all of it when `range` is `None`) as f32.
+fn read(source: &WeightSource, name: &str, slice: Option<(usize, std::ops::Range<usize>)>, shape: &[usize]) -> Result<Vec<f32>> {
+    match source {
+        WeightSource::Reader(reader) => {
+            let t = match &slice {
+                Some((dim, r)) => reader.read_slice(name, *dim, r.start, r.len())?,
+                None => reader.read(name)?,
+            };
+            if t.dims() != shape {
+                return Err(tensor_err(name, format!("shape {:?}, expected {shape:?}", t.dims())));
+            }
+            t.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| tensor_err(name, e))
+        }
+        WeightSource::Dummy(seed) => {
+            let n: usize = shape.iter().product();
+            let salt = name.bytes().fold(*seed, |h, b| h.wrapping_mul(0x100000001b3).wrapping_add(b as u64));
+            let mut rng = rand::rngs::StdRng::seed_from_u64(salt);
+            if name.ends_with("norm.weight") {
+                Ok(vec![1.0; n])
+            } else {
+                Ok((0..n).map(|_| rng.gen_range(-0.02f32..0.02)).collect())
+            }
+        }
+    }
+}
+
+impl CpuModel {
+    /// Loads this rank's shard. Positions up to `max_pos` get rotary tables.
+    pub fn load(config: &LlamaConfig, shard: ShardPlan, source: &WeightSource, max_pos: usize) -> Result<Self> {
+        let c = config;
+        if !matches!(c.architecture.as_str(), "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM") {
+            return Err(WorkerError::Unsupported {
+                detail: format!("architecture {} (supported: Llama, Mistral, Qwen2)", c.architecture),
+            });
+        }
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let q = (shard.q_heads.start * hd)..(shard.q_heads.end * hd);
+        let kv = (shard.kv_heads.start * hd)..(shard.kv_heads.end * hd);
+        let inter = shard.intermediate.clone();
+        let vocab = shard.vocab.clone();
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let rows = |r: &std::ops::Range<usize>| Some((0usize, r.clone()));
+            let cols = |r: &std::ops::Range<usize>| Some((1usize, r.clone()));
+            let mut qkv_w = read(source, &format!("{p}.self_attn.q_proj.weight"), rows(&q), &[q.len(), h])?;
+            qkv_w.extend(read(source, &format!("{p}.self_attn.k_proj.weight"), rows(&kv), &[kv.len(), h])?);
+            qkv_w.extend(read(source, &format!("{p}.self_attn.v_proj.weight"), rows(&kv), &[kv.len(), h])?);
+            let qkv_b = if c.attention_bias {
+                let mut b = read(source, &format!("{p}.self_attn.q_proj.bias"), rows(&q), &[q.len()])?;
+                b.extend(read(source, &format!("{p}.self_attn.k_proj.bias"), rows(&kv), &[kv.len()])?);
+                b.extend(read(source, &format!("{p}.self_attn.v_proj.bias"), rows(&kv), &[kv.len()])?);
+                Some(b)
+            } else {
+                None
+            };
+            let mut gate_up = read(source, &format!("{p}.mlp.gate_proj.weight"), rows(&inter), &[inter.len(), h])?;
+            gate_up.extend(read(source, &format!("{p}.mlp.up_proj.weight"), rows(&inter), &[inter.len(), h])?);
+            layers.push(Layer {
+                input_norm: read(source, &format!("{p}.input_layernorm.weight"), None, &[h])?,
+                qkv: Linear { weight: qkv_w, bias: qkv_b, rows: q.len() + 2 * kv.len(), cols: h },
+                o: Linear {
+                    weight: read(source, &format!("{p}.self_attn.o_proj.weight"), cols(&q), &[h, q.len()])?,
+                    bias: None,
+                    rows: h,
+                    cols: q.len(),
+                },
+                post_norm: read(source, &format!("{p}.post_attention_layernorm.weight"), None, &[h])?,
+                gate_up: Linear { weight: gate_up, bias: None, rows: 2 * inter.len(), cols: h },
+                down: Linear {
+                    weight: read(source, &format!("{p}.mlp.down_proj.weight"), cols(&inter), &[h, inter.len()])?,
+                    bias: None,
+                    rows: h,
+                    cols: inter.len(),
+                },
+            });
+        }
+        let embed = Linear {
+            weight: read(source, "model.embed_tokens.weight", Some((0, vocab.clone())), &[vocab.len(), h])?,
+            bias: None,
+            rows: vocab.len(),
+            cols: h,
+        };
+        let has_lm_head = match source {
+            WeightSource::Reader(r) => r.contains("lm_head.weight"),
+            WeightSource::Dummy(_) => !c.tie_word_embeddings,
+        };
+        let lm_head = if has_lm_head {
+            Some(Linear {
+                weight: read(source, "lm_head.weight", Some((0, vocab.clone())), &[vocab.len(), h])?,
+                bias: None,
+                rows: vocab.len(),
+                cols: h,
+            })
+        } else {
+            None
+        };
+        let kv_head_of = (0..shard.q_heads.len()).map(|i| shard.kv_head_of(i)).collect();
+        Ok(Self {
+            config: c.clone(),
+            rope: Rope::new(c, max_pos),
+            embed,
+            layers,
+            final_norm: read(source, "model.norm.weight", None, &[h])?,
+            lm_head,
+            kv_head_of,
+            shard,
+        })
+    }
+
+    /// Bytes of weights held.
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| (l.input_norm.len() + l.post_norm.len()) * 4 + l.qkv.bytes() + l.o.bytes() + l.gate_up.bytes() + l.down.bytes())
+            .sum();
+        layers + self.embed.bytes() + self.final_norm.len() * 4 + self.lm_head.as_ref().map_or(0, Linear::bytes)
+    }
+
+    /// The shard this rank holds.
+    pub fn shard(&self) -> &ShardPlan {
+        &self.shard
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// Positions the rotary tables cover.
+    pub fn max_positions(&self) -> usize {
+        self.rope.max_pos()
+    }
+
+    /// An empty cache shaped for this shard.
+    pub fn new_cache(&self, num_blocks: usize, block_size: usize) -> KvCache {
+        KvCache::new(self.layers.len(), num_blocks, block_size, self.shard.kv_heads.len(), self.config.head_dim)
+    }
+
+    /// Bytes one cache block takes on this rank.
+    pub fn cache_bytes_per_block(&self, block_size: usize) -> usize {
+        KvCache::bytes_per_block(self.layers.len(), block_size, self.shard.kv_heads.len(), self.config.head_dim)
+    }
+
+    /// Runs the batch and returns this rank's logits for `batch.sample_rows`,
+    /// `[sample_rows, vocab_local]`.
+    pub fn forward(&self, batch: &Batch, cache: &mut KvCache, comm: &mut dyn Communicator) -> Result<Vec<f32>> {
+        let started = Instant::now();
+        let c = &self.config;
+        let (h, hd, n) = (c.hidden_size, c.head_dim, batch.num_tokens());
+        if let Some(p) = batch.positions.iter().find(|p| **p >= self.rope.max_pos()) {
+            return Err(WorkerError::Plan {
+                detail: format!("position {p} is beyond the model's {} positions", self.rope.max_pos()),
+            });
+        }
+        let mut x = self.embed(&batch.token_ids, comm)?;
+        let mut normed = vec![0.0f32; n * h];
+        let q_w = self.shard.q_heads.len() * hd;
+        let kv_w = self.shard.kv_heads.len() * hd;
+        for (li, layer) in self.layers.iter().enumerate() {
+            rms_norm(&x, &layer.input_norm, c.rms_norm_eps, &mut normed);
+            let qkv = layer.qkv.forward(&normed, n);
+            let (mut q, mut k, mut v) = (Vec::with_capacity(n * q_w), Vec::with_capacity(n * kv_w), Vec::with_capacity(n * kv_w));
+            for row in qkv.chunks_exact(q_w + 2 * kv_w) {
+                q.extend_from_slice(&row[..q_w]);
+                k.extend_from_slice(&row[q_w..q_w + kv_w]);
+                v.extend_from_slice(&row[q_w + kv_w..]);
+            }
+            self.rope.apply(&mut q, q_w, &batch.positions);
+            self.rope.apply(&mut k, kv_w, &batch.positions);
+            let attn = paged_attention(
+                cache,
+                li,
+                batch,
+                &AttentionInput { q: &q, k: &k, v: &v, q_heads: self.shard.q_heads.len(), kv_head_of: &self.kv_head_of },
+            );
+            let mut o = layer.o.forward(&attn, n);
+            comm.all_reduce_sum(&mut o)?;
+            add_into(&mut x, &o);
+            rms_norm(&x, &layer.post_norm, c.rms_norm_eps, &mut normed);
+            let gate_up = layer.gate_up.forward(&normed, n);
+            let inter = layer.down.cols;
+            let mut act = vec![0.0f32; n * inter];
+            silu_mul(&gate_up, inter, &mut act);
+            let mut down = layer.down.forward(&act, n);
+            comm.all_reduce_sum(&mut down)?;
+            add_into(&mut x, &down);
+        }
+        let s = batch.sample_rows.len();
+        let mut last = Vec::with_capacity(s * h);
+        for &r in &batch.sample_rows {
+            last.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        let mut last_normed = vec![0.0f32; s * h];
+        rms_norm(&last, &self.final_norm, c.rms_norm_eps, &mut last_normed);
+        let logits = self.lm_head.as_ref().unwrap_or(&self.embed).forward(&last_normed, s);
+        tracing::trace!(tokens = n, elapsed = ?started.elapsed(), "forward");
+        Ok(logits)
+    }
+
+    /// Vocab-parallel lookup: rows outside this rank's slice are zero, then summed over ranks.
+    fn embed(&self, tokens: &[u32], comm: &mut dyn Communicator) -> Result<Vec<f32>> {
+        let h = self.config.hidden_size;
+        let mut x = vec![0.0f32; tokens.len() * h];
+        for (dst, &t) in x.chunks_exact_mut(h).zip(tokens) {
+            let t = t as usize;
+            if t >= self.config.vocab_size {
+                return Err(WorkerError::Plan {
+                    detail: format!("token id {t} is outside the vocabulary of {}", self.config.vocab_size),
+                });
+            }
+            if self.shard.vocab.contains(&t) {
+                let r = t - self.shard.vocab.start;
+                dst.copy_from_slice(&self.embed.weight[r * h..(r + 1) * h]);
+            }
+        }
+        if self.shard.world_size > 1 {
+            comm.all_reduce_sum(&mut x)?;
+        }
+        Ok(x)
+    }
+}
+
+fn add_into(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += *b;
+    }
+}

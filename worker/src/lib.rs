@@ -1,0 +1,14 @@
+//! The tpserve worker: holds one tensor-parallel shard of a model and its paged KV cache, keeps
+//! the state of every request it has been sent, and turns step plans from the coordinator into
+//! sampled tokens. `main.rs` only parses flags and serves `service::WorkerService` over gRPC.
+
+pub mod batch;
+pub mod comm;
+pub mod cpu;
+pub mod error;
+pub mod runner;
+pub mod sampler;
+pub mod service;
+pub mod shard;
+
+pub use error::{Result, WorkerError};

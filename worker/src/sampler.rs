@@ -1,0 +1,124 @@
+//! Picks the next token from a row of logits: greedy (temperature 0, lowest id on ties), or
+//! temperature sampling filtered by top-k, min-p and top-p (in that order, as vLLM), drawn from
+//! the request's own seeded random stream so a seeded request repeats exactly. Cost: O(vocab)
+//! per sampled token, plus a sort of the survivors when top-k or top-p is active.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tpserve_proto::SamplingParams;
+
+/// Sampling parameters with the request's random stream.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    /// A sampler for one request; an absent seed draws one from the OS.
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_entropy(),
+        };
+        Self { params, rng }
+    }
+
+    /// Picks a token from `logits` (one row over the whole vocabulary).
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        if p.temperature <= 0.0 || p.top_k == 1 {
+            return argmax(logits);
+        }
+        let inv_t = 1.0 / p.temperature;
+        let mut cands: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, l)| (i as u32, l * inv_t)).collect();
+        let sorted = p.top_k > 0 || p.top_p < 1.0;
+        if sorted {
+            cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            if p.top_k > 0 {
+                cands.truncate(p.top_k as usize);
+            }
+        }
+        let max = cands.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+        let mut total = 0.0f64;
+        for c in cands.iter_mut() {
+            c.1 = (c.1 - max).exp();
+            total += c.1 as f64;
+        }
+        if p.min_p > 0.0 {
+            // The most likely token has weight exp(0) = 1 after the shift above.
+            let floor = p.min_p;
+            cands.retain(|c| c.1 >= floor);
+            total = cands.iter().map(|c| c.1 as f64).sum();
+        }
+        if sorted && p.top_p < 1.0 {
+            let mut acc = 0.0f64;
+            let keep = cands
+                .iter()
+                .position(|c| {
+                    acc += c.1 as f64 / total;
+                    acc >= p.top_p as f64
+                })
+                .map_or(cands.len(), |i| i + 1);
+            cands.truncate(keep.max(1));
+            total = cands.iter().map(|c| c.1 as f64).sum();
+        }
+        let mut target = self.rng.gen::<f64>() * total;
+        for c in &cands {
+            target -= c.1 as f64;
+            if target <= 0.0 {
+                return c.0;
+            }
+        }
+        cands.last().map_or(0, |c| c.0)
+    }
+}
+
+/// Index of the largest logit; the lowest index wins ties. NaN never wins.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, l) in logits.iter().enumerate() {
+        if *l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32) -> SamplingParams {
+        SamplingParams { temperature, top_p: 1.0, top_k: 0, min_p: 0.0, seed: Some(7) }
+    }
+
+    #[test]
+    fn greedy_picks_the_largest_and_the_lowest_id_on_ties() {
+        let mut s = Sampler::new(params(0.0));
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]), 1);
+    }
+
+    #[test]
+    fn a_seeded_request_repeats_its_samples() {
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let draw = || {
+            let mut s = Sampler::new(params(1.0));
+            (0..20).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(), draw());
+    }
+
+    #[test]
+    fn top_k_and_top_p_keep_only_the_head_of_the_distribution() {
+        let logits = [5.0, 4.9, 0.0, -3.0, -4.0];
+        let mut k = Sampler::new(SamplingParams { top_k: 2, ..params(1.0) });
+        let mut p = Sampler::new(SamplingParams { top_p: 0.5, ..params(1.0) });
+        let mut m = Sampler::new(SamplingParams { min_p: 0.5, ..params(1.0) });
+        for _ in 0..200 {
+            assert!(k.sample(&logits) < 2);
+            assert_eq!(p.sample(&logits), 0);
+            assert!(m.sample(&logits) < 2);
+        }
+    }
+}

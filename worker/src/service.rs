@@ -1,0 +1,183 @@
+//! The gRPC face of a worker: each RPC becomes a job for the runner thread, which owns all
+//! mutable state. `Step` is a bidirectional stream: plans are executed strictly in order and
+//! each produces one result. Errors become `tonic::Status` here and nowhere else.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::{Stream, StreamExt};
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status, Streaming};
+use tpserve_proto as pb;
+use tpserve_proto::worker_server::Worker;
+
+use crate::error::WorkerError;
+use crate::runner::Runner;
+
+type Job = Box<dyn FnOnce(&mut Runner) + Send>;
+
+/// The service; cheap to clone, all clones share one runner thread.
+#[derive(Clone)]
+pub struct WorkerService {
+    jobs: mpsc::UnboundedSender<Job>,
+    ready: Arc<AtomicBool>,
+    device_name: String,
+}
+
+fn status(e: WorkerError) -> Status {
+    match e {
+        WorkerError::Lifecycle { .. } => Status::failed_precondition(e.to_string()),
+        WorkerError::Sharding { .. } | WorkerError::Unsupported { .. } | WorkerError::Plan { .. } => {
+            Status::invalid_argument(e.to_string())
+        }
+        WorkerError::Load(_) => Status::invalid_argument(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+impl WorkerService {
+    /// Starts the runner thread.
+    pub fn start(host: String) -> Self {
+        let (jobs, mut rx) = mpsc::unbounded_channel::<Job>();
+        std::thread::Builder::new()
+            .name("tpserve-runner".into())
+            .spawn(move || {
+                let mut runner = Runner::new(host);
+                while let Some(job) = rx.blocking_recv() {
+                    job(&mut runner);
+                }
+            })
+            .expect("spawning the runner thread");
+        Self {
+            jobs,
+            ready: Arc::new(AtomicBool::new(false)),
+            device_name: format!("cpu ({} threads)", rayon::current_num_threads()),
+        }
+    }
+
+    /// Runs `f` on the runner thread and waits for its answer.
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce(&mut Runner) -> crate::error::Result<T> + Send + 'static) -> Result<T, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Box::new(move |r: &mut Runner| {
+                let _ = tx.send(f(r));
+            }))
+            .map_err(|_| Status::unavailable("the runner thread has stopped"))?;
+        rx.await.map_err(|_| Status::internal("the runner thread dropped a job (it panicked)"))?.map_err(status)
+    }
+}
+
+type StepStream = Pin<Box<dyn Stream<Item = Result<pb::StepResult, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+        Ok(Response::new(pb::InfoResponse {
+            device_kind: "cpu".into(),
+            device_name: self.device_name.clone(),
+            total_memory_bytes: total_memory_bytes(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+
+    async fn communicator_id(&self, _: Request<pb::CommunicatorIdRequest>) -> Result<Response<pb::CommunicatorIdResponse>, Status> {
+        let id = self.run(|r| r.communicator_id()).await?;
+        Ok(Response::new(pb::CommunicatorIdResponse { id }))
+    }
+
+    async fn init_communicator(&self, req: Request<pb::InitCommunicatorRequest>) -> Result<Response<pb::InitCommunicatorResponse>, Status> {
+        let req = req.into_inner();
+        if req.world_size == 0 || req.rank >= req.world_size {
+            return Err(Status::invalid_argument(format!("rank {} outside a group of {}", req.rank, req.world_size)));
+        }
+        self.run(move |r| r.init_communicator(&req.id, req.rank as usize, req.world_size as usize)).await?;
+        Ok(Response::new(pb::InitCommunicatorResponse {}))
+    }
+
+    async fn load_model(&self, req: Request<pb::LoadModelRequest>) -> Result<Response<pb::LoadModelResponse>, Status> {
+        let req = req.into_inner();
+        self.ready.store(false, Ordering::SeqCst);
+        let resp = self.run(move |r| r.load_model(&req)).await?;
+        tracing::info!(weight_bytes = resp.weight_bytes, seconds = resp.load_seconds, "model loaded");
+        Ok(Response::new(resp))
+    }
+
+    async fn profile_memory(&self, req: Request<pb::ProfileMemoryRequest>) -> Result<Response<pb::ProfileMemoryResponse>, Status> {
+        let req = req.into_inner();
+        Ok(Response::new(self.run(move |r| r.profile_memory(&req)).await?))
+    }
+
+    async fn init_cache(&self, req: Request<pb::InitCacheRequest>) -> Result<Response<pb::InitCacheResponse>, Status> {
+        let req = req.into_inner();
+        let cache_bytes = self.run(move |r| r.init_cache(req.num_blocks as usize, req.block_size as usize)).await?;
+        Ok(Response::new(pb::InitCacheResponse { cache_bytes }))
+    }
+
+    async fn warmup(&self, req: Request<pb::WarmupRequest>) -> Result<Response<pb::WarmupResponse>, Status> {
+        let req = req.into_inner();
+        let seconds = self.run(move |r| r.warmup(req.max_num_batched_tokens as usize, req.max_num_seqs as usize)).await?;
+        self.ready.store(true, Ordering::SeqCst);
+        tracing::info!(seconds, "warm-up done");
+        Ok(Response::new(pb::WarmupResponse { seconds }))
+    }
+
+    async fn health(&self, _: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
+        let ready = self.ready.load(Ordering::SeqCst);
+        let detail = if ready { String::new() } else { "not warmed up yet".into() };
+        Ok(Response::new(pb::HealthResponse { ready, detail }))
+    }
+
+    type StepStream = StepStream;
+
+    async fn step(&self, req: Request<Streaming<pb::StepPlan>>) -> Result<Response<Self::StepStream>, Status> {
+        let mut plans = req.into_inner();
+        let this = self.clone();
+        let (tx, rx) = mpsc::channel::<Result<pb::StepResult, Status>>(4);
+        tokio::spawn(async move {
+            while let Some(plan) = plans.next().await {
+                let plan = match plan {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!("step stream broke: {e}");
+                        return;
+                    }
+                };
+                let step_id = plan.step_id;
+                let started = Instant::now();
+                let result = match this.run(move |r| r.step(&plan)).await {
+                    Ok(tokens) => pb::StepResult {
+                        step_id,
+                        tokens,
+                        error: String::new(),
+                        compute_seconds: started.elapsed().as_secs_f64(),
+                    },
+                    Err(s) => pb::StepResult {
+                        step_id,
+                        tokens: Vec::new(),
+                        error: s.message().to_string(),
+                        compute_seconds: 0.0,
+                    },
+                };
+                if tx.send(Ok(result)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// Host memory in bytes, from /proc/meminfo (0 where unreadable).
+fn total_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
