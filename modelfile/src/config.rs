@@ -380,3 +380,140 @@ impl LlamaConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LLAMA: &str = r#"{
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+        "rms_norm_eps": 1e-05, "rope_theta": 100000, "max_position_embeddings": 8192,
+        "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 2, "rope_scaling": null
+    }"#;
+
+    #[test]
+    fn smollm2_style_config_json_is_read() {
+        let c = LlamaConfig::from_hf_json(LLAMA).unwrap();
+        assert_eq!(
+            c,
+            LlamaConfig {
+                architecture: "LlamaForCausalLM".into(),
+                hidden_size: 576,
+                intermediate_size: 1536,
+                num_hidden_layers: 30,
+                num_attention_heads: 9,
+                num_key_value_heads: 3,
+                head_dim: 64,
+                vocab_size: 49152,
+                rms_norm_eps: 1e-5,
+                rope_theta: 100000.0,
+                rope_scaling: None,
+                max_position_embeddings: 8192,
+                tie_word_embeddings: true,
+                attention_bias: false,
+                bos_token_id: Some(1),
+                eos_token_ids: vec![2],
+            }
+        );
+    }
+
+    #[test]
+    fn eos_given_as_a_list_keeps_every_id_once() {
+        let text = LLAMA.replace(r#""eos_token_id": 2"#, r#""eos_token_id": [128001, 128008, 128009, 128001]"#);
+        let c = LlamaConfig::from_hf_json(&text).unwrap();
+        assert_eq!(c.eos_token_ids, vec![128001, 128008, 128009]);
+    }
+
+    #[test]
+    fn qwen2_has_attention_bias_and_explicit_head_dim_wins() {
+        let text = LLAMA.replace("LlamaForCausalLM", "Qwen2ForCausalLM").replacen('{', r#"{"head_dim": 128,"#, 1);
+        let c = LlamaConfig::from_hf_json(&text).unwrap();
+        assert!(c.attention_bias);
+        assert_eq!(c.head_dim, 128);
+        let c = LlamaConfig::from_hf_json(&LLAMA.replace(r#""rope_scaling": null"#, r#""rope_scaling": null, "attention_bias": true"#)).unwrap();
+        assert!(c.attention_bias);
+    }
+
+    #[test]
+    fn llama3_rope_scaling_is_read_from_either_key_name() {
+        for key in ["rope_type", "type"] {
+            let text = LLAMA.replace(
+                r#""rope_scaling": null"#,
+                &format!(r#""rope_scaling": {{"{key}": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}"#),
+            );
+            let c = LlamaConfig::from_hf_json(&text).unwrap();
+            assert_eq!(
+                c.rope_scaling,
+                Some(RopeScaling { factor: 32.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 })
+            );
+        }
+    }
+
+    #[test]
+    fn unsupported_rope_scaling_type_is_named() {
+        let text = LLAMA.replace(r#""rope_scaling": null"#, r#""rope_scaling": {"rope_type": "yarn", "factor": 4.0}"#);
+        match LlamaConfig::from_hf_json(&text) {
+            Err(Error::UnsupportedRopeScaling { rope_type }) => assert_eq!(rope_type, "yarn"),
+            other => panic!("unexpected {other:?}"),
+        }
+        let text = LLAMA.replace(r#""rope_scaling": null"#, r#""rope_scaling": {"rope_type": "default"}"#);
+        assert_eq!(LlamaConfig::from_hf_json(&text).unwrap().rope_scaling, None);
+    }
+
+    #[test]
+    fn transformers_v5_rope_parameters_are_read() {
+        let text = LLAMA
+            .replace(r#""rope_theta": 100000,"#, "")
+            .replace(r#""rope_scaling": null"#, r#""rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}"#);
+        let c = LlamaConfig::from_hf_json(&text).unwrap();
+        assert_eq!(c.rope_theta, 1_000_000.0);
+        assert_eq!(c.rope_scaling, None);
+    }
+
+    #[test]
+    fn unsupported_architecture_is_named() {
+        match LlamaConfig::from_hf_json(&LLAMA.replace("LlamaForCausalLM", "MixtralForCausalLM")) {
+            Err(Error::UnsupportedArchitecture { name }) => assert_eq!(name, "MixtralForCausalLM"),
+            other => panic!("unexpected {other:?}"),
+        }
+        let no_arch = LLAMA.replace(r#""architectures": ["LlamaForCausalLM"],"#, "").replace("\"llama\"", "\"gemma\"");
+        match LlamaConfig::from_hf_json(&no_arch) {
+            Err(Error::UnsupportedArchitecture { name }) => assert_eq!(name, "gemma"),
+            other => panic!("unexpected {other:?}"),
+        }
+        let mistral = LLAMA.replace(r#""architectures": ["LlamaForCausalLM"],"#, "").replace("\"llama\"", "\"mistral\"");
+        assert_eq!(LlamaConfig::from_hf_json(&mistral).unwrap().architecture, "MistralForCausalLM");
+    }
+
+    #[test]
+    fn missing_or_inconsistent_fields_are_config_errors() {
+        let bad = [
+            LLAMA.replace(r#""hidden_size": 576,"#, ""),
+            LLAMA.replace(r#""num_key_value_heads": 3"#, r#""num_key_value_heads": 4"#),
+            LLAMA.replace(r#""num_attention_heads": 9"#, r#""num_attention_heads": 7"#),
+            LLAMA.replace(r#""vocab_size": 49152"#, r#""vocab_size": "many""#),
+            "[1, 2]".to_string(),
+            "not json".to_string(),
+        ];
+        for text in bad {
+            assert!(matches!(LlamaConfig::from_hf_json(&text), Err(Error::Config { .. })), "{text}");
+        }
+    }
+
+    #[test]
+    fn defaults_follow_transformers() {
+        let text = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100}"#;
+        let c = LlamaConfig::from_hf_json(text).unwrap();
+        assert_eq!(c.num_key_value_heads, 4);
+        assert_eq!(c.head_dim, 16);
+        assert_eq!(c.rope_theta, 10000.0);
+        assert_eq!(c.rms_norm_eps, 1e-6);
+        assert_eq!(c.max_position_embeddings, 2048);
+        assert!(!c.tie_word_embeddings);
+        assert_eq!(c.bos_token_id, None);
+        assert!(c.eos_token_ids.is_empty());
+    }
+}

@@ -283,3 +283,96 @@ pub(crate) fn unpermute_rows(w: &Tensor, n_head: usize) -> candle_core::Result<T
 pub(crate) fn permute_rows(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
     regroup_rows(w, n_head, false)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn rows_tensor(rows: usize, cols: usize) -> Tensor {
+        // Row r holds r*cols .. r*cols+cols, so a row's first value names it.
+        let data: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
+        Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    fn first_col(t: &Tensor, cols: usize) -> Vec<usize> {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        v.chunks(cols).map(|r| r[0] as usize / cols).collect()
+    }
+
+    #[test]
+    fn llama_cpp_permute_interleaves_the_two_halves_of_each_head() {
+        // Two heads of size 4: HF rows (h, t, j) = h*4 + t*2 + j go to GGUF rows h*4 + 2j + t.
+        let hf = rows_tensor(8, 3);
+        let gguf = permute_rows(&hf, 2).unwrap();
+        assert_eq!(first_col(&gguf, 3), vec![0, 2, 1, 3, 4, 6, 5, 7]);
+    }
+
+    #[test]
+    fn gguf_q_and_k_are_unpermuted_to_hf_layout() {
+        // A GGUF-permuted matrix built with llama.cpp's formula from a known HF matrix comes back
+        // as the HF matrix, for q (9 heads of 64 like SmolLM2) and k (3 heads), and for biases.
+        for heads in [9, 3, 1] {
+            let hf = rows_tensor(heads * 64, 5);
+            let gguf = permute_rows(&hf, heads).unwrap();
+            assert_ne!(first_col(&gguf, 5), first_col(&hf, 5));
+            let back = unpermute_rows(&gguf, heads).unwrap();
+            assert_eq!(first_col(&back, 5), (0..heads * 64).collect::<Vec<_>>());
+        }
+        let bias = Tensor::arange(0f32, 8.0, &Device::Cpu).unwrap();
+        let gguf_bias = permute_rows(&bias, 2).unwrap();
+        assert_eq!(gguf_bias.to_vec1::<f32>().unwrap(), vec![0., 2., 1., 3., 4., 6., 5., 7.]);
+        assert_eq!(unpermute_rows(&gguf_bias, 2).unwrap().to_vec1::<f32>().unwrap(), bias.to_vec1::<f32>().unwrap());
+    }
+
+    #[test]
+    fn unpermute_rejects_rows_that_do_not_split_into_heads() {
+        assert!(unpermute_rows(&rows_tensor(6, 2), 2).is_err());
+        assert!(unpermute_rows(&rows_tensor(8, 2), 0).is_err());
+    }
+
+    #[test]
+    fn gguf_names_map_to_hugging_face_names() {
+        let cases = [
+            ("token_embd.weight", "model.embed_tokens.weight", Permuted::No),
+            ("output_norm.weight", "model.norm.weight", Permuted::No),
+            ("output.weight", "lm_head.weight", Permuted::No),
+            ("blk.0.attn_norm.weight", "model.layers.0.input_layernorm.weight", Permuted::No),
+            ("blk.7.ffn_norm.weight", "model.layers.7.post_attention_layernorm.weight", Permuted::No),
+            ("blk.12.attn_q.weight", "model.layers.12.self_attn.q_proj.weight", Permuted::Query),
+            ("blk.12.attn_q.bias", "model.layers.12.self_attn.q_proj.bias", Permuted::Query),
+            ("blk.3.attn_k.weight", "model.layers.3.self_attn.k_proj.weight", Permuted::Key),
+            ("blk.3.attn_v.bias", "model.layers.3.self_attn.v_proj.bias", Permuted::No),
+            ("blk.3.attn_output.weight", "model.layers.3.self_attn.o_proj.weight", Permuted::No),
+            ("blk.29.ffn_gate.weight", "model.layers.29.mlp.gate_proj.weight", Permuted::No),
+            ("blk.29.ffn_up.weight", "model.layers.29.mlp.up_proj.weight", Permuted::No),
+            ("blk.29.ffn_down.weight", "model.layers.29.mlp.down_proj.weight", Permuted::No),
+        ];
+        for (gguf, hf, permuted) in cases {
+            assert_eq!(hf_name(gguf, true), Some((hf.to_string(), permuted)), "{gguf}");
+        }
+        // Qwen2 files are stored in NeoX order: nothing to undo.
+        assert_eq!(
+            hf_name("blk.1.attn_q.weight", false),
+            Some(("model.layers.1.self_attn.q_proj.weight".to_string(), Permuted::No))
+        );
+        for unknown in ["rope_freqs.weight", "blk.x.attn_q.weight", "blk.1.attn_q", "blk.1.ssm_a.weight", "blk.1.attn_q.scale"] {
+            assert_eq!(hf_name(unknown, true), None, "{unknown}");
+        }
+    }
+
+    #[test]
+    fn f32_metadata_widens_to_its_decimal_value() {
+        let md: HashMap<String, Value> = [
+            ("eps".to_string(), Value::F32(1e-5)),
+            ("theta".to_string(), Value::F32(100000.0)),
+            ("n".to_string(), Value::I32(-1)),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(meta_f64(&md, "eps").unwrap(), 1e-5);
+        assert_eq!(meta_f64(&md, "theta").unwrap(), 100000.0);
+        assert!(matches!(meta_usize(&md, "n"), Err(Error::GgufMetadata { key, .. }) if key == "n"));
+        assert!(matches!(meta_str(&md, "absent"), Err(Error::GgufMetadata { key, .. }) if key == "absent"));
+    }
+}

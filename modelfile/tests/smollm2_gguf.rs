@@ -138,7 +138,9 @@ fn gguf_weights_match_gguf_py_dequantization_with_q_and_k_unpermuted() {
             assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "{name} row {row}: {got} vs {want}");
         }
         for (i, want) in g["first_values"].as_array().unwrap().iter().enumerate() {
-            assert_eq!(flat[i] as f64, want.as_f64().unwrap(), "{name}[{i}]");
+            // Exact: the same f32 arithmetic on the same blocks (serde_json's float parse may be
+            // off by an ulp in f64, so compare in f32).
+            assert_eq!(flat[i], want.as_f64().unwrap() as f32, "{name}[{i}]");
         }
     }
 }
@@ -194,8 +196,9 @@ fn gguf_special_tokens_are_single_ids_and_no_bos_is_added() {
     let tok = source().tokenizer().unwrap();
     assert_eq!(tok.token_to_id("<|im_start|>"), Some(1));
     assert_eq!(tok.token_to_id("<|im_end|>"), Some(2));
+    // Byte-level 'a' and 'b' sit at 17 + (byte - '!') after the 17 control tokens.
     let ids = tok.encode("a<|im_start|>b<|im_end|>", true).unwrap();
-    assert_eq!(ids.get_ids(), &[78, 1, 79, 2]);
+    assert_eq!(ids.get_ids(), &[81, 1, 82, 2]);
     // add_bos_token is false for SmolLM2: nothing is prepended.
     assert_eq!(tok.encode("Hi", true).unwrap().get_ids(), tok.encode("Hi", false).unwrap().get_ids());
     // Control tokens are special: skipped on request.

@@ -216,21 +216,12 @@ impl Runner {
             return Ok(Vec::new());
         }
         let logits = model.forward(&batch, cache, self.comm.as_mut())?;
-        let gathered = self.comm.gather_to_root(&logits)?;
+        let gathered = gather_logits(self.comm.as_mut(), &logits, &self.vocab_per_rank)?;
         let mut tokens = vec![0u32; sample_ids.len()];
         if let Some(all) = gathered {
             let vocab: usize = self.vocab_per_rank.iter().sum();
-            let mut row = vec![0.0f32; vocab];
-            for (i, id) in sample_ids.iter().enumerate() {
-                let (mut offset, mut filled) = (0usize, 0usize);
-                for &v in &self.vocab_per_rank {
-                    let n = sample_ids.len();
-                    row[filled..filled + v].copy_from_slice(&all[offset + i * v..offset + (i + 1) * v]);
-                    offset += n * v;
-                    filled += v;
-                }
-                let state = self.requests.get_mut(id).expect("validated");
-                tokens[i] = state.sampler.sample(&row);
+            for ((id, token), row) in sample_ids.iter().zip(tokens.iter_mut()).zip(all.chunks_exact(vocab)) {
+                *token = self.requests.get_mut(id).expect("validated").sampler.sample(row);
             }
         }
         self.comm.broadcast_from_root(&mut tokens)?;
@@ -291,6 +282,26 @@ impl Runner {
         }
         Ok(scheduled)
     }
+}
+
+/// Gathers every rank's vocabulary slice of the logits (`[rows, vocab_of_rank]` each) to rank 0
+/// and reassembles whole rows, `[rows, vocab]`; other ranks get `None`.
+pub fn gather_logits(comm: &mut dyn Communicator, local: &[f32], vocab_per_rank: &[usize]) -> Result<Option<Vec<f32>>> {
+    let Some(all) = comm.gather_to_root(local)? else {
+        return Ok(None);
+    };
+    let vocab: usize = vocab_per_rank.iter().sum();
+    let rows = if vocab == 0 { 0 } else { all.len() / vocab };
+    let mut out = vec![0.0f32; rows * vocab];
+    let (mut offset, mut column) = (0usize, 0usize);
+    for &v in vocab_per_rank {
+        for r in 0..rows {
+            out[r * vocab + column..r * vocab + column + v].copy_from_slice(&all[offset + r * v..offset + (r + 1) * v]);
+        }
+        offset += rows * v;
+        column += v;
+    }
+    Ok(Some(out))
 }
 
 /// Lays the scheduled requests end to end. Fails on a request that schedules past its tokens or

@@ -483,6 +483,7 @@ impl Scheduler {
         let seq = self.seqs.get_mut(&id).expect("running ids are live");
         if seq.in_flight > 0 {
             *budget += seq.in_flight;
+            plan.running.retain(|r| r.id != id);
             seq.in_flight = 0;
             seq.in_flight_sampled = false;
         }

@@ -341,7 +341,6 @@ fn the_random_driver_reaches_preemption_prefix_hits_and_mid_step_aborts() {
         hits += d.s.stats().prefix_cache_hits;
         mid_step_aborts += d.mid_step_aborts;
     }
-    eprintln!("COUNTS {preemptions} {hits} {mid_step_aborts}");
     assert!(preemptions > 10, "{preemptions} preemptions");
     assert!(hits > 10, "{hits} prefix-cache hit tokens");
     assert!(mid_step_aborts > 3, "{mid_step_aborts} mid-step aborts");

@@ -141,6 +141,26 @@ impl TcpCommunicator {
     }
 }
 
+impl TcpCommunicator {
+    /// A whole group inside this process, over loopback: rank `r` is element `r`. For tests and
+    /// benchmarks that run every rank on its own thread.
+    pub fn local_group(world_size: usize) -> Result<Vec<Self>> {
+        let rv = Rendezvous::open("127.0.0.1")?;
+        let id = rv.id()?;
+        let joiners: Vec<_> = (1..world_size)
+            .map(|r| {
+                let id = id.clone();
+                std::thread::spawn(move || Self::connect(&id, r, world_size))
+            })
+            .collect();
+        let mut all = vec![Self::accept(rv, world_size)?];
+        for j in joiners {
+            all.push(j.join().map_err(|_| comm_err("a joining thread panicked"))??);
+        }
+        Ok(all)
+    }
+}
+
 fn send(stream: &mut TcpStream, bytes: &[u8]) -> Result<()> {
     stream
         .write_all(bytes)
@@ -218,17 +238,7 @@ mod tests {
     use super::*;
 
     fn group(world: usize) -> Vec<TcpCommunicator> {
-        let rv = Rendezvous::open("127.0.0.1").unwrap();
-        let id = rv.id().unwrap();
-        let others: Vec<_> = (1..world)
-            .map(|r| {
-                let id = id.clone();
-                std::thread::spawn(move || TcpCommunicator::connect(&id, r, world).unwrap())
-            })
-            .collect();
-        let mut all = vec![TcpCommunicator::accept(rv, world).unwrap()];
-        all.extend(others.into_iter().map(|h| h.join().unwrap()));
-        all
+        TcpCommunicator::local_group(world).unwrap()
     }
 
     #[test]
