@@ -21,7 +21,9 @@ fn main() -> anyhow::Result<()> {
     let num_running: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(256);
     let prompt_len = 512;
     let block_size = 16;
-    let max_model_len = prompt_len + iters + 16;
+    // Room for the prefill steps and the timed steps, so no sequence reaches a limit.
+    let max_tokens = iters + 256;
+    let max_model_len = prompt_len + max_tokens;
     let config = SchedulerConfig {
         block_size,
         num_blocks: num_running * max_model_len.div_ceil(block_size) + 64,
@@ -36,12 +38,18 @@ fn main() -> anyhow::Result<()> {
     for id in 0..num_running as u64 {
         // A shared 256-token system prompt, then a per-sequence part.
         let token_ids = (0..prompt_len as u32)
-            .map(|i| if i < 256 { i } else { i * 7 + id as u32 * 1_000 })
+            .map(|i| {
+                if i < 256 {
+                    i
+                } else {
+                    i * 7 + id as u32 * 1_000
+                }
+            })
             .collect();
         s.add(SequenceSpec {
             id,
             token_ids,
-            max_tokens: iters + 8,
+            max_tokens,
             sampling: Sampling::default(),
             priority: 0,
             cache_salt: 0,
@@ -69,7 +77,13 @@ fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         let n = step(&mut s, (i % 30_000) as u32)?;
         micros.push(t.elapsed().as_secs_f64() * 1e6);
-        assert_eq!(n, num_running, "every sequence decodes in every step");
+        assert_eq!(
+            n,
+            num_running,
+            "every sequence decodes in every step (step {i}, running {}, waiting {})",
+            s.num_running(),
+            s.num_waiting()
+        );
     }
     let mean = micros.iter().sum::<f64>() / micros.len() as f64;
     let mut sorted = micros.clone();

@@ -345,3 +345,101 @@ fn strftime(format: &str, unix_secs: u64) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(role: &str, content: &str) -> ChatMessage {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    fn render(template: &str, messages: &[ChatMessage]) -> Result<String> {
+        ChatTemplate::new(template.to_string(), Some("<s>".into()), Some("</s>".into()))?
+            .render(messages, true)
+    }
+
+    #[test]
+    fn blocks_are_trimmed_like_transformers() {
+        // trim_blocks drops the newline after a block tag; lstrip_blocks the indentation before it.
+        let t = "{% for m in messages %}\n    {% if m.role == 'user' %}\n[{{ m.content }}]\n    {% endif %}\n{% endfor %}";
+        assert_eq!(render(t, &[msg("user", "a"), msg("assistant", "b")]).unwrap(), "[a]\n");
+    }
+
+    #[test]
+    fn python_string_and_dict_methods_work() {
+        let t = "{{ messages[0].content.strip() }}|{{ messages[0].content.startswith('  hi') }}|{{ messages[0].content.upper().strip() }}|{% for k, v in {'a': 1}.items() %}{{ k }}={{ v }}{% endfor %}|{{ messages[0].get('role') }}";
+        // Booleans print as Python prints them, like Jinja2.
+        assert_eq!(render(t, &[msg("user", "  hi there ")]).unwrap(), "hi there|True|HI THERE|a=1|user");
+    }
+
+    #[test]
+    fn raise_exception_becomes_a_chat_template_error() {
+        let t = "{% if messages[0].role != 'system' %}{{ raise_exception('System first, please') }}{% endif %}";
+        match render(t, &[msg("user", "x")]) {
+            Err(Error::ChatTemplate { detail }) => assert!(detail.contains("System first, please"), "{detail}"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn template_that_does_not_compile_is_an_error_at_new() {
+        let err = ChatTemplate::new("{% for m in messages %}".into(), None, None).unwrap_err();
+        assert!(matches!(err, Error::ChatTemplate { .. }));
+    }
+
+    #[test]
+    fn bos_eos_and_generation_prompt_are_in_the_context() {
+        let t = "{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}>{% endif %}";
+        let ct = ChatTemplate::new(t.into(), Some("<s>".into()), Some("</s>".into())).unwrap();
+        assert_eq!(ct.render(&[msg("user", "q")], true).unwrap(), "<s>q</s>>");
+        assert_eq!(ct.render(&[msg("user", "q")], false).unwrap(), "<s>q</s>");
+        // Without token strings, they render as nothing rather than failing.
+        let ct = ChatTemplate::new(t.into(), None, None).unwrap();
+        assert_eq!(ct.render(&[msg("user", "q")], false).unwrap(), "q");
+    }
+
+    #[test]
+    fn loop_controls_and_namespaces_work() {
+        let t = "{% set ns = namespace(n=0) %}{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}";
+        assert_eq!(render(t, &[msg("a", ""), msg("b", ""), msg("c", "")]).unwrap(), "2");
+    }
+
+    #[test]
+    fn tojson_writes_what_python_json_dumps_writes() {
+        let t = r#"{{ {"name": "f", "n": 1, "x": 0.5, "big": 1e20, "ok": true, "none": none, "list": [1, "<b>&'"], "t": "a\"b\n\u00e9"} | tojson }}"#;
+        assert_eq!(
+            render(t, &[]).unwrap(),
+            r#"{"name": "f", "n": 1, "x": 0.5, "big": 1e+20, "ok": true, "none": null, "list": [1, "<b>&'"], "t": "a\"b\né"}"#
+        );
+        let t = r#"{{ {"b": [1, 2], "a": {}} | tojson(indent=2, sort_keys=true) }}"#;
+        assert_eq!(render(t, &[]).unwrap(), "{\n  \"a\": {},\n  \"b\": [\n    1,\n    2\n  ]\n}");
+        assert_eq!(render("{{ messages | tojson }}", &[msg("user", "hi")]).unwrap(), r#"[{"role": "user", "content": "hi"}]"#);
+    }
+
+    #[test]
+    fn python_float_repr_is_matched() {
+        for (x, want) in [(1.0, "1.0"), (0.1, "0.1"), (1e-5, "1e-05"), (1.5e16, "1.5e+16"), (-2.25, "-2.25"), (123456.0, "123456.0"), (0.0, "0.0")] {
+            assert_eq!(python_float(x), want);
+        }
+    }
+
+    #[test]
+    fn strftime_formats_a_known_instant() {
+        // 2024-11-28 13:05:09 UTC, a Thursday, day 333 of a leap year.
+        let t = 1_732_799_109;
+        assert_eq!(strftime("%d %b %Y", t), "28 Nov 2024");
+        assert_eq!(strftime("%A %B %m/%d/%y %H:%M:%S %I%p %j %%", t), "Thursday November 11/28/24 13:05:09 01PM 333 %");
+        assert_eq!(strftime("%d %b %Y %a", 0), "01 Jan 1970 Thu");
+        assert_eq!(strftime("%Y-%m-%d", 951_782_400), "2000-02-29");
+    }
+
+    #[test]
+    fn chat_template_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<ChatTemplate>();
+    }
+}

@@ -389,3 +389,114 @@ fn template_processor(
         .map_err(|e| tok_err(format!("BOS/EOS template: {e}")))?;
     Ok(Some(processor.into()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(items: &[&str]) -> Value {
+        Value::Array(items.iter().map(|s| Value::String(s.to_string())).collect())
+    }
+
+    fn md(entries: Vec<(&str, Value)>) -> HashMap<String, Value> {
+        entries.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    }
+
+    /// A byte-level vocabulary over "hello world" plus two control tokens.
+    fn tiny_gpt2(pre: &str, add_bos: bool) -> HashMap<String, Value> {
+        let tokens = ["<|endoftext|>", "<|im_start|>", "h", "e", "l", "o", "w", "r", "d", "Ġ", "1", "2", "he", "ll", "hell", "hello", "Ġw", "Ġwor", "or", "Ġworld", "ld", "12"];
+        let mut types = vec![Value::I32(3), Value::I32(3)];
+        types.extend(std::iter::repeat_n(Value::I32(1), tokens.len() - 2));
+        md(vec![
+            ("tokenizer.ggml.model", Value::String("gpt2".into())),
+            ("tokenizer.ggml.pre", Value::String(pre.into())),
+            ("tokenizer.ggml.tokens", strings(&tokens)),
+            ("tokenizer.ggml.token_type", Value::Array(types)),
+            ("tokenizer.ggml.merges", strings(&["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "1 2"])),
+            ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+            ("tokenizer.ggml.add_bos_token", Value::Bool(add_bos)),
+        ])
+    }
+
+    #[test]
+    fn byte_level_bpe_applies_merges_and_keeps_control_tokens_whole() {
+        let tok = from_gguf_metadata(&tiny_gpt2("gpt2", false)).unwrap();
+        let enc = tok.encode("<|im_start|>hello world", true).unwrap();
+        assert_eq!(enc.get_ids(), &[1, 15, 19]);
+        assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), "<|im_start|>hello world");
+        assert_eq!(tok.decode(enc.get_ids(), true).unwrap(), "hello world");
+    }
+
+    #[test]
+    fn smollm_pre_tokenizer_splits_digits_and_gpt2_does_not() {
+        let smol = from_gguf_metadata(&tiny_gpt2("smollm", false)).unwrap();
+        assert_eq!(smol.encode("12", false).unwrap().get_ids(), &[10, 11]);
+        let gpt2 = from_gguf_metadata(&tiny_gpt2("gpt2", false)).unwrap();
+        assert_eq!(gpt2.encode("12", false).unwrap().get_ids(), &[21]);
+    }
+
+    #[test]
+    fn bos_is_added_only_when_the_file_says_so() {
+        let tok = from_gguf_metadata(&tiny_gpt2("llama-bpe", true)).unwrap();
+        assert_eq!(tok.encode("hello", true).unwrap().get_ids(), &[1, 15]);
+        assert_eq!(tok.encode("hello", false).unwrap().get_ids(), &[15]);
+        let tok = from_gguf_metadata(&tiny_gpt2("llama-bpe", false)).unwrap();
+        assert_eq!(tok.encode("hello", true).unwrap().get_ids(), &[15]);
+    }
+
+    #[test]
+    fn unsupported_models_and_pre_tokenizers_are_named() {
+        let mut m = tiny_gpt2("gpt2", false);
+        m.insert("tokenizer.ggml.model".into(), Value::String("bert".into()));
+        match from_gguf_metadata(&m) {
+            Err(Error::Tokenizer { detail }) => assert!(detail.contains("`bert`"), "{detail}"),
+            other => panic!("unexpected {:?}", other.map(|_| ())),
+        }
+        match from_gguf_metadata(&tiny_gpt2("chatglm-bpe", false)) {
+            Err(Error::Tokenizer { detail }) => assert!(detail.contains("`chatglm-bpe`"), "{detail}"),
+            other => panic!("unexpected {:?}", other.map(|_| ())),
+        }
+        let mut m = tiny_gpt2("gpt2", false);
+        m.remove("tokenizer.ggml.tokens");
+        assert!(matches!(from_gguf_metadata(&m), Err(Error::Tokenizer { .. })));
+    }
+
+    /// A SentencePiece vocabulary: <unk>, <s>, </s>, two byte tokens, pieces with scores.
+    fn tiny_llama() -> HashMap<String, Value> {
+        let tokens = ["<unk>", "<s>", "</s>", "<0x21>", "<0x69>", "▁", "h", "e", "l", "o", "▁h", "ll", "▁he", "llo", "▁hello"];
+        let types = [2, 3, 3, 6, 6, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1];
+        let scores = [0.0, 0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0, -9.0, -10.0];
+        md(vec![
+            ("tokenizer.ggml.model", Value::String("llama".into())),
+            ("tokenizer.ggml.tokens", strings(&tokens)),
+            ("tokenizer.ggml.token_type", Value::Array(types.iter().map(|&t| Value::I32(t)).collect())),
+            ("tokenizer.ggml.scores", Value::Array(scores.iter().map(|&s| Value::F32(s)).collect())),
+            ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+            ("tokenizer.ggml.unknown_token_id", Value::U32(0)),
+        ])
+    }
+
+    #[test]
+    fn sentencepiece_vocab_gets_a_space_prefix_bos_and_byte_fallback() {
+        let tok = from_gguf_metadata(&tiny_llama()).unwrap();
+        let enc = tok.encode("hello", true).unwrap();
+        assert_eq!(enc.get_ids(), &[1, 14]);
+        // 'i' is not a piece: it falls back to its byte token; '!' too; 'x' has none: <unk>.
+        let enc = tok.encode("hi!x", false).unwrap();
+        assert_eq!(enc.get_ids(), &[10, 4, 3, 0]);
+        assert_eq!(tok.decode(&[1, 14, 10, 4, 3], true).unwrap(), "hello hi!");
+    }
+
+    #[test]
+    fn merges_are_derived_from_scores_best_first() {
+        let tokens = ["a", "b", "c", "ab", "bc", "abc"];
+        let scores = [0.0, 0.0, 0.0, -1.0, -0.5, -2.0];
+        let vocab: HashMap<&str, u32> = tokens.iter().enumerate().map(|(i, t)| (*t, i as u32)).collect();
+        let merges = merges_from_scores(&tokens, &scores, &vocab);
+        let pairs: Vec<(&str, &str)> = merges.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        // bc (-0.5) before ab (-1.0) before abc (-2.0); abc's splits ordered by piece length
+        // descending: "ab"+"c" and "a"+"bc" tie on score, the longer left piece goes first.
+        assert_eq!(pairs, vec![("b", "c"), ("a", "b"), ("ab", "c"), ("a", "bc")]);
+    }
+}

@@ -1,1 +1,120 @@
-//! Helpers shared by the end-to-end tests.
+//! Helpers shared by the end-to-end tests: start the real `tpserve` binary (which spawns real
+//! `tpserve-worker` processes), wait until it listens, talk to it over HTTP, and stop it. The
+//! binaries come from `target/release` (the test script builds them first).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A binary built in `target/release`.
+pub fn binary(name: &str) -> PathBuf {
+    let dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), PathBuf::from);
+    let p = dir.join("release").join(name);
+    assert!(p.exists(), "{} is missing: run `cargo build --release` first (scripts/test.sh does)", p.display());
+    p
+}
+
+/// The default model's GGUF (fetched by `scripts/fetch-default-model.sh`).
+pub fn default_model() -> PathBuf {
+    if let Ok(p) = std::env::var("TPSERVE_DEFAULT_MODEL") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let p = PathBuf::from(home).join(".cache/tpserve/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run scripts/fetch-default-model.sh", p.display());
+    p
+}
+
+/// A running `tpserve serve`.
+pub struct Server {
+    /// `http://127.0.0.1:PORT`.
+    pub base_url: String,
+    child: Child,
+}
+
+impl Server {
+    /// Starts `tpserve serve --port 0 ARGS...` and waits until it listens (or panics with its
+    /// exit status).
+    pub async fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(binary("tpserve"))
+            .arg("serve")
+            .args(["--port", "0", "--host", "127.0.0.1"])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawning tpserve");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let url = tokio::time::timeout(Duration::from_secs(120), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(url) = line.strip_prefix("TPSERVE_LISTENING ") {
+                    return Some(url.trim().to_string());
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten();
+        let Some(base_url) = url else {
+            let status = child.wait().await;
+            panic!("tpserve did not start: {status:?}");
+        };
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Server { base_url, child }
+    }
+
+    /// `base_url` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+    }
+}
+
+/// Reads an SSE response to its end and returns the JSON of every `data:` event before `[DONE]`,
+/// and whether `[DONE]` came.
+pub async fn read_sse(resp: reqwest::Response) -> (Vec<serde_json::Value>, bool) {
+    let body = resp.text().await.expect("reading the SSE body");
+    let mut events = Vec::new();
+    let mut done = false;
+    for block in body.split("\n\n") {
+        for line in block.lines() {
+            if let Some(data) = line.strip_prefix("data: ") {
+                if data == "[DONE]" {
+                    done = true;
+                } else {
+                    events.push(serde_json::from_str(data).expect("an SSE event that is JSON"));
+                }
+            }
+        }
+    }
+    (events, done)
+}
+
+/// The text of a streamed chat completion: its content deltas, concatenated, per choice index.
+pub fn chat_stream_text(events: &[serde_json::Value], index: u64) -> String {
+    events
+        .iter()
+        .flat_map(|e| e["choices"].as_array().cloned().unwrap_or_default())
+        .filter(|c| c["index"].as_u64() == Some(index))
+        .filter_map(|c| c["delta"]["content"].as_str().map(str::to_string))
+        .collect()
+}

@@ -1,9 +1,11 @@
 //! Our CPU forward pass against Hugging Face transformers (PyTorch, float32, eager attention), on
 //! the goldens that `scripts/reference/make_goldens.py` writes: random tiny Llama (GQA, llama3
 //! rope scaling, sharded safetensors) and Qwen2 (q/k/v bias, tied embeddings) checkpoints, and
-//! SmolLM2 from its GGUF. Tolerances: 1e-4 relative (`|ours - hf| / max(1, |hf|)`) for the tiny
-//! models, whose HF float32 noise is ~2e-6; 1e-3 for SmolLM2, where HF's own float32 result moves
-//! by 7e-5 between summation orders (f64 vs f32, sdpa vs eager) and 30 layers compound ours.
+//! SmolLM2 from its GGUF. Tolerance is relative, `|ours - hf| / max(1, |hf|)`: 1e-4 for the tiny
+//! models (measured: at most 2.7e-5); 1.5e-4 for SmolLM2 (measured: 4.6e-5 at TP=1, 8.1e-5 at
+//! TP=3), whose 30 layers amplify summation-order noise: HF's own float32 logits move by 7e-5
+//! between f32 and f64 or between its sdpa and eager attention, and the goldens are rounded to six
+//! significant digits.
 
 mod common;
 
@@ -84,13 +86,13 @@ fn check_smollm2(model: &std::path::Path, tp: usize) {
         let last = &got[(input.len() - 1) * vocab..];
         let err = max_rel_err(last, &floats(&c["last_logits"]));
         eprintln!("SmolLM2 {} tp={tp} {case}: last-position max relative error {err:e}", model.display());
-        assert!(err <= 1e-3, "SmolLM2 tp={tp} {case}: last-position max relative error {err:e}");
+        assert!(err <= 1.5e-4, "SmolLM2 tp={tp} {case}: last-position max relative error {err:e}");
         for (pos, top5) in c["top5"].as_array().unwrap().iter().enumerate() {
             let row = &got[pos * vocab..(pos + 1) * vocab];
             for pair in top5.as_array().unwrap() {
                 let (idx, value) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
                 // Goldens are rounded to 6 significant digits.
-                let tol = 1e-3 * value.abs().max(1.0) + 1e-5 * value.abs();
+                let tol = 1.5e-4 * value.abs().max(1.0) + 1e-5 * value.abs();
                 assert!((row[idx] - value).abs() <= tol, "SmolLM2 {case} position {pos} token {idx}: {} vs {value}", row[idx]);
             }
         }

@@ -15,8 +15,8 @@ use tpserve_modelfile::chat::ChatMessage;
 
 use super::error::{ApiError, ApiJson};
 use super::protocol::{
-    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-    ChatDelta, ChatMessageIn, ChatMessageOut, Usage,
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+    ChatCompletionResponse, ChatDelta, ChatMessageIn, ChatMessageOut, Usage,
 };
 use super::sequences::{collect_all, submit_all};
 use super::sse::{json_event, stream_response, ChunkWriter};
@@ -71,7 +71,10 @@ pub async fn chat_completions(
     }
 
     let collected = collect_all(sequences).await?;
-    let completion_tokens = collected.iter().map(|c| u64::from(c.completion_tokens)).sum();
+    let completion_tokens = collected
+        .iter()
+        .map(|c| u64::from(c.completion_tokens))
+        .sum();
     let choices = collected
         .into_iter()
         .map(|c| ChatChoice {
@@ -136,7 +139,10 @@ pub fn render(
         )
     })?;
     if messages.is_empty() {
-        return Err(ApiError::invalid("messages", "`messages` must not be empty"));
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` must not be empty",
+        ));
     }
     let messages = messages
         .iter()
@@ -185,7 +191,7 @@ fn content_text(content: Option<&Value>, message: usize) -> Result<String, ApiEr
             Ok(texts.join("\n"))
         }
         Some(_) => Err(bad(
-            "`content` must be a string or a list of content parts".into(),
+            "`content` must be a string or a list of content parts".into()
         )),
     }
 }

@@ -88,7 +88,10 @@ pub async fn completions(
     }
 
     let collected = collect_all(sequences).await?;
-    let completion_tokens = collected.iter().map(|c| u64::from(c.completion_tokens)).sum();
+    let completion_tokens = collected
+        .iter()
+        .map(|c| u64::from(c.completion_tokens))
+        .sum();
     let choices = collected
         .into_iter()
         .map(|c| {
@@ -158,7 +161,11 @@ fn parse_prompts(prompt: Option<&Value>) -> Result<Vec<PromptInput>, ApiError> {
             None => Ok(vec![PromptInput::Tokens(Vec::new())]),
             Some(Value::String(_)) => items
                 .iter()
-                .map(|v| v.as_str().map(|s| PromptInput::Text(s.to_string())).ok_or_else(bad))
+                .map(|v| {
+                    v.as_str()
+                        .map(|s| PromptInput::Text(s.to_string()))
+                        .ok_or_else(bad)
+                })
                 .collect(),
             Some(Value::Number(_)) => Ok(vec![PromptInput::Tokens(token_ids(items)?)]),
             Some(Value::Array(_)) => items
@@ -237,21 +244,36 @@ mod tests {
     #[test]
     fn every_openai_prompt_shape_parses() {
         let parse = |v: Value| parse_prompts(Some(&v));
-        assert_eq!(parse(json!("hi")).unwrap(), vec![PromptInput::Text("hi".into())]);
+        assert_eq!(
+            parse(json!("hi")).unwrap(),
+            vec![PromptInput::Text("hi".into())]
+        );
         assert_eq!(
             parse(json!(["a", "b"])).unwrap(),
             vec![PromptInput::Text("a".into()), PromptInput::Text("b".into())]
         );
-        assert_eq!(parse(json!([1, 2])).unwrap(), vec![PromptInput::Tokens(vec![1, 2])]);
+        assert_eq!(
+            parse(json!([1, 2])).unwrap(),
+            vec![PromptInput::Tokens(vec![1, 2])]
+        );
         assert_eq!(
             parse(json!([[1], [2, 3]])).unwrap(),
-            vec![PromptInput::Tokens(vec![1]), PromptInput::Tokens(vec![2, 3])]
+            vec![
+                PromptInput::Tokens(vec![1]),
+                PromptInput::Tokens(vec![2, 3])
+            ]
         );
     }
 
     #[test]
     fn mixed_or_negative_prompts_are_refused_naming_prompt() {
-        for bad in [json!(["a", 1]), json!([1, -2]), json!([[1], "a"]), json!(3), json!({})] {
+        for bad in [
+            json!(["a", 1]),
+            json!([1, -2]),
+            json!([[1], "a"]),
+            json!(3),
+            json!({}),
+        ] {
             let err = parse_prompts(Some(&bad)).unwrap_err();
             assert_eq!(err.body().error.param.as_deref(), Some("prompt"), "{bad}");
         }

@@ -2,8 +2,8 @@
 //! statuses and OpenAI's error JSON (`{"error": {"message", "type", "param", "code"}}`).
 //!
 //! Handlers return `Result<_, ApiError>`; engine errors convert with `?`. Request bodies are read
-//! through [`ApiJson`], so that axum's own JSON rejections (bad syntax, wrong content type, wrong
-//! field types) come out in the same shape instead of axum's plain-text bodies.
+//! through [`ApiJson`], so that axum's own JSON rejections (bad syntax, wrong content type) and
+//! wrong field types come out in the same shape instead of axum's plain-text bodies.
 //!
 //! Statuses: 400 bad input, 404 unknown model or route, 405 wrong method, 413 body too large,
 //! 429 queue full and 503 engine unavailable (both with `Retry-After`), 500 worker failure.
@@ -12,7 +12,9 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde_json::Value;
 
 use crate::error::EngineError;
 
@@ -216,19 +218,45 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-/// `axum::Json`, but its rejections are [`ApiError`]s (OpenAI's shape, status 400).
+/// A JSON request body read the way the API wants it: axum's rejections (bad syntax, wrong
+/// content type, too large) and type errors all become [`ApiError`]s in OpenAI's shape, and a
+/// field with the wrong type is named in `param`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApiJson<T>(pub T);
 
 impl<S, T> FromRequest<S> for ApiJson<T>
 where
-    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    T: RequestBody,
     S: Send + Sync,
 {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let axum::Json(value) = axum::Json::<T>::from_request(req, state).await?;
-        Ok(Self(value))
+        let axum::Json(value) = axum::Json::<Value>::from_request(req, state).await?;
+        if !value.is_object() {
+            return Err(ApiError::invalid_body(
+                "The request body must be a JSON object",
+            ));
+        }
+        T::from_json(&value).map(Self)
     }
+}
+
+/// A request body type; built from the parsed JSON so that it can be read in several typed
+/// parts (serde's `flatten` would lose the path of a bad field).
+pub trait RequestBody: Sized {
+    fn from_json(value: &Value) -> Result<Self, ApiError>;
+}
+
+/// `value` as a `T`; a type error names the field's path (`temperature`, `messages[0].role`).
+pub fn from_json<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            ApiError::invalid_body(format!("Invalid request body: {inner}"))
+        } else {
+            ApiError::invalid(&path, format!("Invalid `{path}`: {inner}"))
+        }
+    })
 }

@@ -18,7 +18,9 @@ use super::ApiState;
 pub enum Health {
     Ready,
     /// Not serving; `reason` goes into the 503's message ("worker 1 is down", "loading").
-    NotReady { reason: String },
+    NotReady {
+        reason: String,
+    },
 }
 
 pub async fn health(State(state): State<Arc<ApiState>>) -> Result<StatusCode, ApiError> {

@@ -1,5 +1,7 @@
 //! The JSON bodies of the API, with OpenAI's (and, for `/tokenize`, vLLM's) field names.
 //!
+//! Each request body is read from the parsed JSON object, the shared sampling fields in a second
+//! typed pass over the same object, so a type error anywhere names its field.
 //! Requests are lenient where OpenAI's are: every optional field may be absent or `null`, and
 //! unknown fields are ignored (clients send `user`, `metadata` and newer fields we do not know).
 //! Fields whose accepted shapes serde's untagged enums would report badly (`prompt`, `stop`,
@@ -9,6 +11,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::error::{from_json, ApiError, RequestBody};
 use crate::engine::FinishReason;
 
 /// Sampling and output fields shared by `/v1/completions` and `/v1/chat/completions`.
@@ -69,7 +72,8 @@ pub struct ChatCompletionRequest {
     pub tools: Option<Vec<Value>>,
     /// Only `{"type": "text"}` is supported yet.
     pub response_format: Option<Value>,
-    #[serde(flatten)]
+    /// Read from the same JSON object (see [`RequestBody`]).
+    #[serde(skip)]
     pub sampling: SamplingFields,
 }
 
@@ -97,7 +101,8 @@ pub struct CompletionRequest {
     pub suffix: Option<String>,
     /// Not supported yet above `n`.
     pub best_of: Option<i64>,
-    #[serde(flatten)]
+    /// Read from the same JSON object (see [`RequestBody`]).
+    #[serde(skip)]
     pub sampling: SamplingFields,
 }
 
@@ -254,4 +259,32 @@ pub struct DetokenizeRequest {
 #[derive(Debug, Clone, Serialize)]
 pub struct DetokenizeResponse {
     pub prompt: String,
+}
+
+impl RequestBody for ChatCompletionRequest {
+    fn from_json(value: &Value) -> Result<Self, ApiError> {
+        let mut request: Self = from_json(value)?;
+        request.sampling = from_json(value)?;
+        Ok(request)
+    }
+}
+
+impl RequestBody for CompletionRequest {
+    fn from_json(value: &Value) -> Result<Self, ApiError> {
+        let mut request: Self = from_json(value)?;
+        request.sampling = from_json(value)?;
+        Ok(request)
+    }
+}
+
+impl RequestBody for TokenizeRequest {
+    fn from_json(value: &Value) -> Result<Self, ApiError> {
+        from_json(value)
+    }
+}
+
+impl RequestBody for DetokenizeRequest {
+    fn from_json(value: &Value) -> Result<Self, ApiError> {
+        from_json(value)
+    }
 }

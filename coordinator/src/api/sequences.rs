@@ -43,7 +43,8 @@ pub struct Collected {
 /// Runs every sequence to its end, concurrently; sorted by choice index. The first error wins
 /// and drops (aborts) the others.
 pub async fn collect_all(sequences: Vec<Sequence>) -> Result<Vec<Collected>, ApiError> {
-    let mut collected = futures::future::try_join_all(sequences.into_iter().map(collect_one)).await?;
+    let mut collected =
+        futures::future::try_join_all(sequences.into_iter().map(collect_one)).await?;
     collected.sort_by_key(|c| c.index);
     Ok(collected)
 }
@@ -78,7 +79,9 @@ async fn collect_one(sequence: Sequence) -> Result<Collected, ApiError> {
 /// The events of all sequences, each tagged with its choice index, interleaved as they arrive.
 /// Ends when every sequence has sent its last event.
 pub fn merged(sequences: Vec<Sequence>) -> impl Stream<Item = (u32, GenerateEvent)> + Send + Unpin {
-    stream::select_all(sequences.into_iter().map(|Sequence { index, stream }| {
-        stream.map(move |event| (index, event))
-    }))
+    stream::select_all(
+        sequences
+            .into_iter()
+            .map(|Sequence { index, stream }| stream.map(move |event| (index, event))),
+    )
 }

@@ -31,8 +31,23 @@ fn tokenizer() -> tokenizers::Tokenizer {
                "rstrip": false, "normalized": false, "special": true})
     };
     let words = [
-        "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "hello", "world", "the", "quick",
-        "brown", "fox", "jumps", "over", "lazy", "dog", "system", "hi",
+        "<unk>",
+        "<s>",
+        "</s>",
+        "<|user|>",
+        "<|assistant|>",
+        "hello",
+        "world",
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "lazy",
+        "dog",
+        "system",
+        "hi",
     ];
     let vocab: serde_json::Map<String, Value> = words
         .iter()
@@ -66,8 +81,12 @@ fn tokenizer() -> tokenizers::Tokenizer {
 fn chat_template() -> ChatTemplate {
     let source = "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|> {{ m.content }} \
                   {% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
-    ChatTemplate::new(source.to_string(), Some("<s>".to_string()), Some("</s>".to_string()))
-        .expect("the test template compiles")
+    ChatTemplate::new(
+        source.to_string(),
+        Some("<s>".to_string()),
+        Some("</s>".to_string()),
+    )
+    .expect("the test template compiles")
 }
 
 /// What the stand-in engine does with one submission.
@@ -89,7 +108,10 @@ type Script = Arc<dyn Fn(usize, &GenerateRequest) -> Reply + Send + Sync>;
 /// as text ("word "), one delta each, up to `max_tokens`; `Length` if that cut it, else `Stop`.
 fn echo_events(request: &GenerateRequest) -> Vec<GenerateEvent> {
     let tokenizer = tokenizer();
-    let take = request.prompt_token_ids.len().min(request.max_tokens as usize);
+    let take = request
+        .prompt_token_ids
+        .len()
+        .min(request.max_tokens as usize);
     let mut events = vec![GenerateEvent::Delta {
         text: String::new(),
         token_ids: Vec::new(),
@@ -267,7 +289,11 @@ async fn get(app: &Router, path: &str) -> Answer {
 }
 
 fn encode(text: &str, add_special_tokens: bool) -> Vec<u32> {
-    tokenizer().encode(text, add_special_tokens).unwrap().get_ids().to_vec()
+    tokenizer()
+        .encode(text, add_special_tokens)
+        .unwrap()
+        .get_ids()
+        .to_vec()
 }
 
 #[tokio::test]
@@ -412,7 +438,10 @@ async fn streaming_chat_sends_role_then_content_then_finish_then_done() {
     for chunk in &chunks {
         assert_eq!(chunk["object"], "chat.completion.chunk");
         assert_eq!(&chunk["id"], id);
-        assert!(chunk.get("usage").is_none(), "no usage without include_usage");
+        assert!(
+            chunk.get("usage").is_none(),
+            "no usage without include_usage"
+        );
     }
 }
 
@@ -433,7 +462,9 @@ async fn streaming_with_include_usage_nulls_usage_until_a_last_usage_only_chunk(
         last["usage"],
         json!({"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10})
     );
-    assert!(rest.iter().all(|c| c["usage"].is_null() && c.get("usage").is_some()));
+    assert!(rest
+        .iter()
+        .all(|c| c["usage"].is_null() && c.get("usage").is_some()));
     // Both choices open with a role chunk before any content, and each finishes once.
     let roles: Vec<u64> = rest
         .iter()
@@ -576,8 +607,27 @@ async fn malformed_bodies_are_400s_in_openai_shape() {
         json!({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}),
     )
     .await;
-    let message = wrong_type.assert_error(StatusCode::BAD_REQUEST, "invalid_request_error", None);
+    let message = wrong_type.assert_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        Some("temperature"),
+    );
     assert!(message.contains("invalid type"), "{message}");
+
+    let nested = post(
+        &h.app,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": 5, "content": "hi"}]}),
+    )
+    .await;
+    nested.assert_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        Some("messages[0].role"),
+    );
+
+    let not_an_object = post(&h.app, "/v1/completions", json!(["tiny", "hi"])).await;
+    not_an_object.assert_error(StatusCode::BAD_REQUEST, "invalid_request_error", None);
 
     let missing = post(&h.app, "/v1/chat/completions", json!({"model": MODEL})).await;
     let message = missing.assert_error(StatusCode::BAD_REQUEST, "invalid_request_error", None);
@@ -594,13 +644,20 @@ async fn an_unknown_model_is_404_model_not_found() {
             json!({"model": "gpt-5", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}),
         )
         .await;
-        let message =
-            answer.assert_error(StatusCode::NOT_FOUND, "invalid_request_error", Some("model"));
+        let message = answer.assert_error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            Some("model"),
+        );
         assert_eq!(message, "The model `gpt-5` does not exist.");
         assert_eq!(answer.json()["error"]["code"], "model_not_found");
     }
     let answer = get(&h.app, "/v1/models/gpt-5").await;
-    answer.assert_error(StatusCode::NOT_FOUND, "invalid_request_error", Some("model"));
+    answer.assert_error(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        Some("model"),
+    );
 }
 
 #[tokio::test]
@@ -612,8 +669,11 @@ async fn a_prompt_plus_max_tokens_past_the_context_is_400_with_both_numbers() {
         json!({"messages": [{"role": "user", "content": "hello world"}], "max_tokens": 12}),
     )
     .await;
-    let message =
-        answer.assert_error(StatusCode::BAD_REQUEST, "invalid_request_error", Some("max_tokens"));
+    let message = answer.assert_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        Some("max_tokens"),
+    );
     assert_eq!(
         message,
         "This model's maximum context length is 16 tokens. However, you requested 17 tokens \
@@ -630,7 +690,10 @@ async fn a_prompt_plus_max_tokens_past_the_context_is_400_with_both_numbers() {
     .await;
     assert_eq!(fits.status, StatusCode::OK);
     assert_eq!(h.submitted.recv().await.unwrap().max_tokens, 11);
-    assert!(h.submitted.try_recv().is_err(), "the refused one never reached the engine");
+    assert!(
+        h.submitted.try_recv().is_err(),
+        "the refused one never reached the engine"
+    );
 }
 
 #[tokio::test]
@@ -638,14 +701,20 @@ async fn a_prompt_that_fills_the_context_alone_is_400_with_its_length() {
     let h = harness(echo());
     let prompt: Vec<u32> = vec![5; MAX_MODEL_LEN as usize];
     let answer = post(&h.app, "/v1/completions", json!({"prompt": prompt})).await;
-    let message =
-        answer.assert_error(StatusCode::BAD_REQUEST, "invalid_request_error", Some("prompt"));
+    let message = answer.assert_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        Some("prompt"),
+    );
     assert!(message.contains("16 tokens"), "{message}");
     assert!(message.contains("has 16 tokens"), "{message}");
 
     let empty = post(&h.app, "/v1/completions", json!({"prompt": []})).await;
-    let message =
-        empty.assert_error(StatusCode::BAD_REQUEST, "invalid_request_error", Some("prompt"));
+    let message = empty.assert_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        Some("prompt"),
+    );
     assert_eq!(message, "The prompt is empty.");
 
     let out_of_vocab = post(&h.app, "/v1/completions", json!({"prompt": [5, 999]})).await;
@@ -670,10 +739,16 @@ async fn invalid_sampling_values_are_400s_naming_the_param() {
         (json!({"n": 0}), "n"),
         (json!({"n": 129}), "n"),
         (json!({"max_tokens": 0}), "max_tokens"),
-        (json!({"max_completion_tokens": -1}), "max_completion_tokens"),
+        (
+            json!({"max_completion_tokens": -1}),
+            "max_completion_tokens",
+        ),
         (json!({"stop": 5}), "stop"),
         (json!({"stop": ["a", 1]}), "stop"),
-        (json!({"stream_options": {"include_usage": true}}), "stream_options"),
+        (
+            json!({"stream_options": {"include_usage": true}}),
+            "stream_options",
+        ),
         (json!({"logprobs": true}), "logprobs"),
         (json!({"top_logprobs": 2}), "top_logprobs"),
         (json!({"presence_penalty": 0.5}), "presence_penalty"),
@@ -681,7 +756,10 @@ async fn invalid_sampling_values_are_400s_naming_the_param() {
         (json!({"repetition_penalty": 1.2}), "repetition_penalty"),
         (json!({"logit_bias": {"5": 10}}), "logit_bias"),
         (json!({"tools": [{"type": "function"}]}), "tools"),
-        (json!({"response_format": {"type": "json_object"}}), "response_format"),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
     ];
     for (fields, param) in cases {
         let mut body = json!({"messages": [{"role": "user", "content": "hi"}]});
@@ -689,7 +767,11 @@ async fn invalid_sampling_values_are_400s_naming_the_param() {
             .unwrap()
             .extend(fields.as_object().unwrap().clone());
         let answer = post(&h.app, "/v1/chat/completions", body).await;
-        answer.assert_error(StatusCode::BAD_REQUEST, "invalid_request_error", Some(param));
+        answer.assert_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            Some(param),
+        );
     }
     let temperature = post(
         &h.app,
@@ -701,9 +783,17 @@ async fn invalid_sampling_values_are_400s_naming_the_param() {
         temperature.json()["error"]["message"],
         "`temperature` must be between 0 and 2, got 3"
     );
-    let logprobs = post(&h.app, "/v1/completions", json!({"prompt": "hi", "logprobs": 1})).await;
-    let message =
-        logprobs.assert_error(StatusCode::BAD_REQUEST, "invalid_request_error", Some("logprobs"));
+    let logprobs = post(
+        &h.app,
+        "/v1/completions",
+        json!({"prompt": "hi", "logprobs": 1}),
+    )
+    .await;
+    let message = logprobs.assert_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        Some("logprobs"),
+    );
     assert!(message.contains("not supported yet"), "{message}");
 }
 
@@ -725,7 +815,11 @@ async fn chat_refuses_non_text_parts_and_models_without_a_template() {
     assert!(message.contains("image_url"), "{message}");
 
     let empty = post(&h.app, "/v1/chat/completions", json!({"messages": []})).await;
-    empty.assert_error(StatusCode::BAD_REQUEST, "invalid_request_error", Some("messages"));
+    empty.assert_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        Some("messages"),
+    );
 
     let h = harness_with(echo(), None);
     let answer = post(
@@ -734,8 +828,11 @@ async fn chat_refuses_non_text_parts_and_models_without_a_template() {
         json!({"messages": [{"role": "user", "content": "hi"}]}),
     )
     .await;
-    let message =
-        answer.assert_error(StatusCode::BAD_REQUEST, "invalid_request_error", Some("messages"));
+    let message = answer.assert_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        Some("messages"),
+    );
     assert!(message.contains("no chat template"), "{message}");
 }
 
@@ -849,13 +946,18 @@ async fn a_client_that_disconnects_midstream_aborts_its_sequence() {
     }));
     let request = Request::post("/v1/completions")
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(json!({"prompt": "hi", "stream": true}).to_string()))
+        .body(Body::from(
+            json!({"prompt": "hi", "stream": true}).to_string(),
+        ))
         .unwrap();
     let response = h.app.clone().oneshot(request).await.unwrap();
     let mut body = response.into_body();
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert!(String::from_utf8_lossy(&first).contains("<s>"));
-    assert!(h.aborted.try_recv().is_err(), "nothing aborted while the client listens");
+    assert!(
+        h.aborted.try_recv().is_err(),
+        "nothing aborted while the client listens"
+    );
     drop(body);
     let aborted = tokio::time::timeout(Duration::from_secs(5), h.aborted.recv()).await;
     assert_eq!(aborted.unwrap(), Some(1));
@@ -892,7 +994,10 @@ async fn models_lists_the_served_model() {
                           "max_model_len": MAX_MODEL_LEN});
     let list = get(&h.app, "/v1/models").await;
     assert_eq!(list.status, StatusCode::OK);
-    assert_eq!(list.json(), json!({"object": "list", "data": [expected.clone()]}));
+    assert_eq!(
+        list.json(),
+        json!({"object": "list", "data": [expected.clone()]})
+    );
     let one = get(&h.app, &format!("/v1/models/{MODEL}")).await;
     assert_eq!(one.json(), expected);
 }
@@ -900,7 +1005,12 @@ async fn models_lists_the_served_model() {
 #[tokio::test]
 async fn tokenize_and_detokenize_round_trip_as_vllm_does() {
     let h = harness(echo());
-    let prompt = post(&h.app, "/tokenize", json!({"model": MODEL, "prompt": "hello world"})).await;
+    let prompt = post(
+        &h.app,
+        "/tokenize",
+        json!({"model": MODEL, "prompt": "hello world"}),
+    )
+    .await;
     assert_eq!(
         prompt.json(),
         json!({"count": 3, "max_model_len": MAX_MODEL_LEN, "tokens": [1, 5, 6]})
@@ -932,7 +1042,11 @@ async fn tokenize_and_detokenize_round_trip_as_vllm_does() {
     let text = post(&h.app, "/detokenize", json!({"tokens": [1, 5, 6]})).await;
     assert_eq!(text.json(), json!({"prompt": "<s> hello world"}));
     let bad = post(&h.app, "/detokenize", json!({"tokens": [5, 17]})).await;
-    bad.assert_error(StatusCode::BAD_REQUEST, "invalid_request_error", Some("tokens"));
+    bad.assert_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        Some("tokens"),
+    );
     let unknown = post(&h.app, "/detokenize", json!({"model": "x", "tokens": [5]})).await;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);
 }
@@ -944,5 +1058,9 @@ async fn unknown_routes_and_methods_answer_in_openai_shape() {
     let message = missing.assert_error(StatusCode::NOT_FOUND, "invalid_request_error", None);
     assert_eq!(message, "Invalid URL (POST /v1/embeddings)");
     let wrong_method = get(&h.app, "/v1/chat/completions").await;
-    wrong_method.assert_error(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", None);
+    wrong_method.assert_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        None,
+    );
 }

@@ -18,19 +18,30 @@ use super::ApiState;
 use crate::served_model::ServedModel;
 
 /// `text` to token ids, adding the tokenizer's special tokens (BOS) when asked.
-pub async fn encode(model: &ServedModel, text: String, add_special_tokens: bool) -> Result<Vec<u32>, ApiError> {
+pub async fn encode(
+    model: &ServedModel,
+    text: String,
+    add_special_tokens: bool,
+) -> Result<Vec<u32>, ApiError> {
     let tokenizer = Arc::clone(&model.tokenizer);
-    let encoded = tokio::task::spawn_blocking(move || tokenizer.encode_fast(text.as_str(), add_special_tokens))
-        .await
-        .map_err(|e| ApiError::Internal {
-            message: format!("the tokenizer task failed: {e}"),
-        })?;
-    let encoding = encoded.map_err(|e| ApiError::invalid_body(format!("Could not tokenize the input: {e}")))?;
+    let encoded = tokio::task::spawn_blocking(move || {
+        tokenizer.encode_fast(text.as_str(), add_special_tokens)
+    })
+    .await
+    .map_err(|e| ApiError::Internal {
+        message: format!("the tokenizer task failed: {e}"),
+    })?;
+    let encoding = encoded
+        .map_err(|e| ApiError::invalid_body(format!("Could not tokenize the input: {e}")))?;
     Ok(encoding.get_ids().to_vec())
 }
 
 /// Token ids (already checked against the vocabulary) to text.
-pub fn decode(model: &ServedModel, ids: &[u32], skip_special_tokens: bool) -> Result<String, ApiError> {
+pub fn decode(
+    model: &ServedModel,
+    ids: &[u32],
+    skip_special_tokens: bool,
+) -> Result<String, ApiError> {
     model
         .tokenizer
         .decode(ids, skip_special_tokens)

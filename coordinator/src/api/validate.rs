@@ -71,7 +71,10 @@ pub struct CheckedParams {
 }
 
 /// Checks the shared sampling and output fields.
-pub fn check_params(fields: &SamplingFields, max_tokens: MaxTokens) -> Result<CheckedParams, ApiError> {
+pub fn check_params(
+    fields: &SamplingFields,
+    max_tokens: MaxTokens,
+) -> Result<CheckedParams, ApiError> {
     let unsupported_if = |nonzero: Option<f64>, neutral: f64, param: &str| match nonzero {
         Some(v) if v != neutral => Err(ApiError::unsupported(
             param,
@@ -213,7 +216,11 @@ impl CheckedParams {
                     "This model's maximum context length is {limit} tokens. However, your {what} \
                      {verb} {prompt_len} tokens, which leaves no room for the completion. Please \
                      reduce the length of the {what}.",
-                    verb = if kind == PromptKind::Prompt { "has" } else { "have" },
+                    verb = if kind == PromptKind::Prompt {
+                        "has"
+                    } else {
+                        "have"
+                    },
                 ),
                 param: what.to_string(),
             });
@@ -259,7 +266,11 @@ impl CheckedParams {
 }
 
 /// Token ids a client sent must exist in the tokenizer's vocabulary (added tokens included).
-pub fn check_token_ids(ids: &[u32], tokenizer: &tokenizers::Tokenizer, param: &str) -> Result<(), ApiError> {
+pub fn check_token_ids(
+    ids: &[u32],
+    tokenizer: &tokenizers::Tokenizer,
+    param: &str,
+) -> Result<(), ApiError> {
     let vocab = tokenizer.get_vocab_size(true);
     match ids.iter().find(|&&id| id as usize >= vocab) {
         Some(id) => Err(ApiError::invalid(

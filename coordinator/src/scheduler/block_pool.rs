@@ -40,7 +40,9 @@ impl BlockPool {
         assert!(num_blocks < NIL as usize, "block ids are u32");
         let n = num_blocks as u32;
         let prev = (0..n).map(|i| if i == 0 { NIL } else { i - 1 }).collect();
-        let next = (0..n).map(|i| if i + 1 == n { NIL } else { i + 1 }).collect();
+        let next = (0..n)
+            .map(|i| if i + 1 == n { NIL } else { i + 1 })
+            .collect();
         Self {
             refcounts: vec![0; num_blocks],
             hashes: vec![None; num_blocks],
@@ -163,7 +165,10 @@ impl BlockPool {
             }
             seen[b as usize] = true;
             if self.refcounts[b as usize] != 0 {
-                return Err(format!("free block {b} has refcount {}", self.refcounts[b as usize]));
+                return Err(format!(
+                    "free block {b} has refcount {}",
+                    self.refcounts[b as usize]
+                ));
             }
             if self.prev[b as usize] != prev {
                 return Err(format!("free list back link broken at {b}"));
@@ -184,12 +189,17 @@ impl BlockPool {
         }
         for (&hash, &b) in &self.cached {
             if self.hashes[b as usize] != Some(hash) {
-                return Err(format!("cached hash {hash:x} points at block {b} which disagrees"));
+                return Err(format!(
+                    "cached hash {hash:x} points at block {b} which disagrees"
+                ));
             }
         }
         let hashed = self.hashes.iter().filter(|h| h.is_some()).count();
         if hashed != self.cached.len() {
-            return Err(format!("{hashed} hashed blocks but {} cache entries", self.cached.len()));
+            return Err(format!(
+                "{hashed} hashed blocks but {} cache entries",
+                self.cached.len()
+            ));
         }
         Ok(())
     }

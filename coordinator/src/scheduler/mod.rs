@@ -349,9 +349,7 @@ impl Scheduler {
             for &b in &seq.block_table {
                 holders[b as usize] += 1;
             }
-            let needed = self
-                .config
-                .blocks_for(seq.num_computed + seq.in_flight);
+            let needed = self.config.blocks_for(seq.num_computed + seq.in_flight);
             match seq.status {
                 SeqStatus::Waiting if !seq.block_table.is_empty() || seq.num_computed != 0 => {
                     return Err(format!("waiting sequence {} holds blocks", seq.id));
@@ -390,7 +388,8 @@ impl Scheduler {
         listed.extend(waiting);
         listed.sort_unstable();
         listed.dedup();
-        if listed.len() != self.seqs.len() || self.running.len() + self.waiting.len() != listed.len()
+        if listed.len() != self.seqs.len()
+            || self.running.len() + self.waiting.len() != listed.len()
         {
             return Err("a live sequence is lost or listed twice".into());
         }
@@ -575,7 +574,8 @@ impl Scheduler {
             }
             SeqStatus::Running => {
                 let pos = self.running.iter().position(|&r| r == id);
-                self.running.remove(pos.expect("running sequence is listed"));
+                self.running
+                    .remove(pos.expect("running sequence is listed"));
             }
         }
         // Tail blocks first, so under LRU they are evicted before the shared prefix.

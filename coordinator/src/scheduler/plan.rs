@@ -58,7 +58,10 @@ pub struct StepPlan {
 impl StepPlan {
     /// Tokens computed in this step (at most `max_num_batched_tokens`).
     pub fn num_scheduled_tokens(&self) -> usize {
-        self.new.iter().map(|s| s.num_scheduled_tokens).sum::<usize>()
+        self.new
+            .iter()
+            .map(|s| s.num_scheduled_tokens)
+            .sum::<usize>()
             + self
                 .running
                 .iter()

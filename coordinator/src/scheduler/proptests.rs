@@ -189,11 +189,12 @@ impl Driver {
         }
         // Workers compute the step; rank 0 samples for every sampled id (aborted ones too).
         let mut sampled = Vec::new();
-        for r in plan.new.iter().map(|n| (n.id, n.num_scheduled_tokens)).chain(
-            plan.running
-                .iter()
-                .map(|r| (r.id, r.num_scheduled_tokens)),
-        ) {
+        for r in plan
+            .new
+            .iter()
+            .map(|n| (n.id, n.num_scheduled_tokens))
+            .chain(plan.running.iter().map(|r| (r.id, r.num_scheduled_tokens)))
+        {
             let w = self.workers.get_mut(&r.0).unwrap();
             w.computed += r.1;
         }
@@ -287,7 +288,11 @@ impl Driver {
                 break;
             }
         }
-        assert!(self.live.is_empty(), "sequences never ended: {:?}", self.live);
+        assert!(
+            self.live.is_empty(),
+            "sequences never ended: {:?}",
+            self.live
+        );
         assert_eq!(self.s.num_waiting() + self.s.num_running(), 0);
         assert_eq!(&self.added, &self.ended, "every added sequence ended");
         assert_eq!(self.s.block_pool().num_free(), self.cfg.num_blocks);

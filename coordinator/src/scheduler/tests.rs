@@ -120,7 +120,11 @@ fn first_step_follows_budget_seq_limit_and_blocks() {
         let plan = s.schedule().unwrap();
         assert_eq!(scheduled(&plan), case.want, "{}", case.name);
         assert_eq!(plan.sampled, case.sampled, "{}", case.name);
-        assert!(plan.running.is_empty() && plan.freed.is_empty(), "{}", case.name);
+        assert!(
+            plan.running.is_empty() && plan.freed.is_empty(),
+            "{}",
+            case.name
+        );
     }
 }
 
@@ -496,7 +500,10 @@ fn a_repeated_prompt_skips_its_cached_blocks() {
     assert_eq!(again.block_ids[..2], first.new[0].block_ids[..2]);
     assert_eq!(plan.sampled, vec![2]);
     let stats = s.stats();
-    assert_eq!((stats.prefix_cache_queries, stats.prefix_cache_hits), (20, 8));
+    assert_eq!(
+        (stats.prefix_cache_queries, stats.prefix_cache_hits),
+        (20, 8)
+    );
 }
 
 #[test]
@@ -630,7 +637,11 @@ fn usage_and_stats_track_blocks_and_preemptions() {
     s.add(spec(1, prompt(0, 8), 4)).unwrap();
     step(&mut s);
     assert_eq!(s.kv_cache_usage(), 0.25);
-    assert_eq!(s.stats(), SchedulerStats::default(), "caching off: no queries");
+    assert_eq!(
+        s.stats(),
+        SchedulerStats::default(),
+        "caching off: no queries"
+    );
     s.finish(1);
     assert_eq!(s.kv_cache_usage(), 0.0);
 }

@@ -26,7 +26,7 @@ pub struct GgufReader {
 
 impl GgufReader {
     pub(crate) fn new(file: Arc<GgufFile>, config: &crate::LlamaConfig) -> Self {
-        let interleaved = config.architecture == "LlamaForCausalLM";
+        let interleaved = false;
         let map = file
             .content
             .tensor_infos
