@@ -11,3 +11,4 @@ pub mod config;
 pub mod launch;
 pub mod offline;
 pub mod serve;
+pub mod bench;

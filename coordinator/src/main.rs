@@ -1,7 +1,7 @@
 //! `tpserve`: the coordinator binary. Parses flags and hands over to the library.
 
 use clap::{Parser, Subcommand};
-use tpserve_coordinator::{offline, serve};
+use tpserve_coordinator::{bench, offline, serve};
 
 /// tpserve: tensor-parallel LLM serving with an OpenAI-compatible API.
 #[derive(Debug, Parser)]
@@ -17,6 +17,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run the engine offline on one prompt or a JSONL batch.
     Generate(offline::GenerateArgs),
+    /// Benchmarks that print a table and write JSON.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 #[tokio::main]
@@ -29,6 +32,7 @@ async fn main() {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args).await,
         Command::Generate(args) => offline::run(args).await,
+        Command::Bench(command) => bench::run(command).await,
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

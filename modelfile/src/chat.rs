@@ -82,10 +82,7 @@ impl ChatTemplate {
     /// starts. The template sees `messages`, `add_generation_prompt`, and `bos_token` /
     /// `eos_token` when known.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(template_err)?;
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(template_err)?;
         let mut ctx = vec![
             ("messages", Value::from_serialize(messages)),
             ("add_generation_prompt", Value::from(add_generation_prompt)),
@@ -310,7 +307,7 @@ fn strftime(format: &str, unix_secs: u64) -> String {
     let day = doy_mar - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + u64::from(month <= 2);
-    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let leap = (year.is_multiple_of(4) && !year.is_multiple_of(100)) || year.is_multiple_of(400);
     let cum = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
     let yday = cum[(month - 1) as usize] + day + u64::from(leap && month > 2);
     let weekday = ((days + 3) % 7) as usize; // 1970-01-01 was a Thursday (index 3 from Monday).
@@ -358,29 +355,41 @@ mod tests {
     }
 
     fn render(template: &str, messages: &[ChatMessage]) -> Result<String> {
-        ChatTemplate::new(template.to_string(), Some("<s>".into()), Some("</s>".into()))?
-            .render(messages, true)
+        ChatTemplate::new(
+            template.to_string(),
+            Some("<s>".into()),
+            Some("</s>".into()),
+        )?
+        .render(messages, true)
     }
 
     #[test]
     fn blocks_are_trimmed_like_transformers() {
         // trim_blocks drops the newline after a block tag; lstrip_blocks the indentation before it.
         let t = "{% for m in messages %}\n    {% if m.role == 'user' %}\n[{{ m.content }}]\n    {% endif %}\n{% endfor %}";
-        assert_eq!(render(t, &[msg("user", "a"), msg("assistant", "b")]).unwrap(), "[a]\n");
+        assert_eq!(
+            render(t, &[msg("user", "a"), msg("assistant", "b")]).unwrap(),
+            "[a]\n"
+        );
     }
 
     #[test]
     fn python_string_and_dict_methods_work() {
         let t = "{{ messages[0].content.strip() }}|{{ messages[0].content.startswith('  hi') }}|{{ messages[0].content.upper().strip() }}|{% for k, v in {'a': 1}.items() %}{{ k }}={{ v }}{% endfor %}|{{ messages[0].get('role') }}";
         // Booleans print as Python prints them, like Jinja2.
-        assert_eq!(render(t, &[msg("user", "  hi there ")]).unwrap(), "hi there|True|HI THERE|a=1|user");
+        assert_eq!(
+            render(t, &[msg("user", "  hi there ")]).unwrap(),
+            "hi there|True|HI THERE|a=1|user"
+        );
     }
 
     #[test]
     fn raise_exception_becomes_a_chat_template_error() {
         let t = "{% if messages[0].role != 'system' %}{{ raise_exception('System first, please') }}{% endif %}";
         match render(t, &[msg("user", "x")]) {
-            Err(Error::ChatTemplate { detail }) => assert!(detail.contains("System first, please"), "{detail}"),
+            Err(Error::ChatTemplate { detail }) => {
+                assert!(detail.contains("System first, please"), "{detail}")
+            }
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -405,7 +414,10 @@ mod tests {
     #[test]
     fn loop_controls_and_namespaces_work() {
         let t = "{% set ns = namespace(n=0) %}{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}";
-        assert_eq!(render(t, &[msg("a", ""), msg("b", ""), msg("c", "")]).unwrap(), "2");
+        assert_eq!(
+            render(t, &[msg("a", ""), msg("b", ""), msg("c", "")]).unwrap(),
+            "2"
+        );
     }
 
     #[test]
@@ -416,13 +428,27 @@ mod tests {
             r#"{"name": "f", "n": 1, "x": 0.5, "big": 1e+20, "ok": true, "none": null, "list": [1, "<b>&'"], "t": "a\"b\né"}"#
         );
         let t = r#"{{ {"b": [1, 2], "a": {}} | tojson(indent=2, sort_keys=true) }}"#;
-        assert_eq!(render(t, &[]).unwrap(), "{\n  \"a\": {},\n  \"b\": [\n    1,\n    2\n  ]\n}");
-        assert_eq!(render("{{ messages | tojson }}", &[msg("user", "hi")]).unwrap(), r#"[{"role": "user", "content": "hi"}]"#);
+        assert_eq!(
+            render(t, &[]).unwrap(),
+            "{\n  \"a\": {},\n  \"b\": [\n    1,\n    2\n  ]\n}"
+        );
+        assert_eq!(
+            render("{{ messages | tojson }}", &[msg("user", "hi")]).unwrap(),
+            r#"[{"role": "user", "content": "hi"}]"#
+        );
     }
 
     #[test]
     fn python_float_repr_is_matched() {
-        for (x, want) in [(1.0, "1.0"), (0.1, "0.1"), (1e-5, "1e-05"), (1.5e16, "1.5e+16"), (-2.25, "-2.25"), (123456.0, "123456.0"), (0.0, "0.0")] {
+        for (x, want) in [
+            (1.0, "1.0"),
+            (0.1, "0.1"),
+            (1e-5, "1e-05"),
+            (1.5e16, "1.5e+16"),
+            (-2.25, "-2.25"),
+            (123456.0, "123456.0"),
+            (0.0, "0.0"),
+        ] {
             assert_eq!(python_float(x), want);
         }
     }
@@ -432,7 +458,10 @@ mod tests {
         // 2024-11-28 13:05:09 UTC, a Thursday, day 333 of a leap year.
         let t = 1_732_799_109;
         assert_eq!(strftime("%d %b %Y", t), "28 Nov 2024");
-        assert_eq!(strftime("%A %B %m/%d/%y %H:%M:%S %I%p %j %%", t), "Thursday November 11/28/24 13:05:09 01PM 333 %");
+        assert_eq!(
+            strftime("%A %B %m/%d/%y %H:%M:%S %I%p %j %%", t),
+            "Thursday November 11/28/24 13:05:09 01PM 333 %"
+        );
         assert_eq!(strftime("%d %b %Y %a", 0), "01 Jan 1970 Thu");
         assert_eq!(strftime("%Y-%m-%d", 951_782_400), "2000-02-29");
     }

@@ -354,14 +354,17 @@ impl LlamaConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0
+        if self.num_key_value_heads == 0
+            || !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
         {
             return Err(config_err(format!(
                 "num_key_value_heads {} must be non-zero and divide num_attention_heads {}",
                 self.num_key_value_heads, self.num_attention_heads
             )));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return Err(config_err(format!(
                 "head_dim {} must be even and non-zero",
                 self.head_dim
@@ -421,18 +424,27 @@ mod tests {
 
     #[test]
     fn eos_given_as_a_list_keeps_every_id_once() {
-        let text = LLAMA.replace(r#""eos_token_id": 2"#, r#""eos_token_id": [128001, 128008, 128009, 128001]"#);
+        let text = LLAMA.replace(
+            r#""eos_token_id": 2"#,
+            r#""eos_token_id": [128001, 128008, 128009, 128001]"#,
+        );
         let c = LlamaConfig::from_hf_json(&text).unwrap();
         assert_eq!(c.eos_token_ids, vec![128001, 128008, 128009]);
     }
 
     #[test]
     fn qwen2_has_attention_bias_and_explicit_head_dim_wins() {
-        let text = LLAMA.replace("LlamaForCausalLM", "Qwen2ForCausalLM").replacen('{', r#"{"head_dim": 128,"#, 1);
+        let text = LLAMA
+            .replace("LlamaForCausalLM", "Qwen2ForCausalLM")
+            .replacen('{', r#"{"head_dim": 128,"#, 1);
         let c = LlamaConfig::from_hf_json(&text).unwrap();
         assert!(c.attention_bias);
         assert_eq!(c.head_dim, 128);
-        let c = LlamaConfig::from_hf_json(&LLAMA.replace(r#""rope_scaling": null"#, r#""rope_scaling": null, "attention_bias": true"#)).unwrap();
+        let c = LlamaConfig::from_hf_json(&LLAMA.replace(
+            r#""rope_scaling": null"#,
+            r#""rope_scaling": null, "attention_bias": true"#,
+        ))
+        .unwrap();
         assert!(c.attention_bias);
     }
 
@@ -446,27 +458,39 @@ mod tests {
             let c = LlamaConfig::from_hf_json(&text).unwrap();
             assert_eq!(
                 c.rope_scaling,
-                Some(RopeScaling { factor: 32.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 })
+                Some(RopeScaling {
+                    factor: 32.0,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_position_embeddings: 8192
+                })
             );
         }
     }
 
     #[test]
     fn unsupported_rope_scaling_type_is_named() {
-        let text = LLAMA.replace(r#""rope_scaling": null"#, r#""rope_scaling": {"rope_type": "yarn", "factor": 4.0}"#);
+        let text = LLAMA.replace(
+            r#""rope_scaling": null"#,
+            r#""rope_scaling": {"rope_type": "yarn", "factor": 4.0}"#,
+        );
         match LlamaConfig::from_hf_json(&text) {
             Err(Error::UnsupportedRopeScaling { rope_type }) => assert_eq!(rope_type, "yarn"),
             other => panic!("unexpected {other:?}"),
         }
-        let text = LLAMA.replace(r#""rope_scaling": null"#, r#""rope_scaling": {"rope_type": "default"}"#);
+        let text = LLAMA.replace(
+            r#""rope_scaling": null"#,
+            r#""rope_scaling": {"rope_type": "default"}"#,
+        );
         assert_eq!(LlamaConfig::from_hf_json(&text).unwrap().rope_scaling, None);
     }
 
     #[test]
     fn transformers_v5_rope_parameters_are_read() {
-        let text = LLAMA
-            .replace(r#""rope_theta": 100000,"#, "")
-            .replace(r#""rope_scaling": null"#, r#""rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}"#);
+        let text = LLAMA.replace(r#""rope_theta": 100000,"#, "").replace(
+            r#""rope_scaling": null"#,
+            r#""rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}"#,
+        );
         let c = LlamaConfig::from_hf_json(&text).unwrap();
         assert_eq!(c.rope_theta, 1_000_000.0);
         assert_eq!(c.rope_scaling, None);
@@ -478,13 +502,20 @@ mod tests {
             Err(Error::UnsupportedArchitecture { name }) => assert_eq!(name, "MixtralForCausalLM"),
             other => panic!("unexpected {other:?}"),
         }
-        let no_arch = LLAMA.replace(r#""architectures": ["LlamaForCausalLM"],"#, "").replace("\"llama\"", "\"gemma\"");
+        let no_arch = LLAMA
+            .replace(r#""architectures": ["LlamaForCausalLM"],"#, "")
+            .replace("\"llama\"", "\"gemma\"");
         match LlamaConfig::from_hf_json(&no_arch) {
             Err(Error::UnsupportedArchitecture { name }) => assert_eq!(name, "gemma"),
             other => panic!("unexpected {other:?}"),
         }
-        let mistral = LLAMA.replace(r#""architectures": ["LlamaForCausalLM"],"#, "").replace("\"llama\"", "\"mistral\"");
-        assert_eq!(LlamaConfig::from_hf_json(&mistral).unwrap().architecture, "MistralForCausalLM");
+        let mistral = LLAMA
+            .replace(r#""architectures": ["LlamaForCausalLM"],"#, "")
+            .replace("\"llama\"", "\"mistral\"");
+        assert_eq!(
+            LlamaConfig::from_hf_json(&mistral).unwrap().architecture,
+            "MistralForCausalLM"
+        );
     }
 
     #[test]
@@ -498,7 +529,10 @@ mod tests {
             "not json".to_string(),
         ];
         for text in bad {
-            assert!(matches!(LlamaConfig::from_hf_json(&text), Err(Error::Config { .. })), "{text}");
+            assert!(
+                matches!(LlamaConfig::from_hf_json(&text), Err(Error::Config { .. })),
+                "{text}"
+            );
         }
     }
 

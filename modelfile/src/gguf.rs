@@ -59,7 +59,7 @@ impl GgufFile {
         let dtype = info.ggml_dtype;
         let elems = info.shape.elem_count();
         let block = dtype.block_size();
-        if block == 0 || elems % block != 0 {
+        if block == 0 || !elems.is_multiple_of(block) {
             return Err(Error::tensor(
                 gguf_name,
                 format!("{elems} elements is not a whole number of {dtype:?} blocks of {block}"),
@@ -73,7 +73,9 @@ impl GgufFile {
             .tensor_data_offset
             .checked_add(info.offset)
             .and_then(|s| usize::try_from(s).ok())
-            .ok_or_else(|| Error::parse(&self.path, format!("tensor `{gguf_name}` offset overflows")))?;
+            .ok_or_else(|| {
+                Error::parse(&self.path, format!("tensor `{gguf_name}` offset overflows"))
+            })?;
         let bytes = start
             .checked_add(size)
             .and_then(|end| self.mmap.get(start..end))
@@ -83,7 +85,7 @@ impl GgufFile {
                     format!("tensor `{gguf_name}` ({size} bytes at {start}) runs past the end of the file"),
                 )
             })?;
-        if (bytes.as_ptr() as usize) % 8 != 0 {
+        if !(bytes.as_ptr() as usize).is_multiple_of(8) {
             return Err(Error::parse(
                 &self.path,
                 format!("tensor `{gguf_name}` data at {start} is not 8-byte aligned"),
@@ -94,9 +96,13 @@ impl GgufFile {
 
     /// Dequantizes one tensor (GGUF name) to f32 on the CPU, in Hugging Face dimension order.
     pub fn dequantize(&self, gguf_name: &str) -> Result<Tensor> {
-        let info = self.content.tensor_infos.get(gguf_name).ok_or_else(|| Error::MissingTensor {
-            name: gguf_name.to_string(),
-        })?;
+        let info =
+            self.content
+                .tensor_infos
+                .get(gguf_name)
+                .ok_or_else(|| Error::MissingTensor {
+                    name: gguf_name.to_string(),
+                })?;
         let bytes = self.tensor_bytes(gguf_name, info)?;
         let cpu = candle_core::Device::Cpu;
         let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
@@ -321,8 +327,17 @@ mod tests {
         }
         let bias = Tensor::arange(0f32, 8.0, &Device::Cpu).unwrap();
         let gguf_bias = permute_rows(&bias, 2).unwrap();
-        assert_eq!(gguf_bias.to_vec1::<f32>().unwrap(), vec![0., 2., 1., 3., 4., 6., 5., 7.]);
-        assert_eq!(unpermute_rows(&gguf_bias, 2).unwrap().to_vec1::<f32>().unwrap(), bias.to_vec1::<f32>().unwrap());
+        assert_eq!(
+            gguf_bias.to_vec1::<f32>().unwrap(),
+            vec![0., 2., 1., 3., 4., 6., 5., 7.]
+        );
+        assert_eq!(
+            unpermute_rows(&gguf_bias, 2)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            bias.to_vec1::<f32>().unwrap()
+        );
     }
 
     #[test]
@@ -334,29 +349,86 @@ mod tests {
     #[test]
     fn gguf_names_map_to_hugging_face_names() {
         let cases = [
-            ("token_embd.weight", "model.embed_tokens.weight", Permuted::No),
+            (
+                "token_embd.weight",
+                "model.embed_tokens.weight",
+                Permuted::No,
+            ),
             ("output_norm.weight", "model.norm.weight", Permuted::No),
             ("output.weight", "lm_head.weight", Permuted::No),
-            ("blk.0.attn_norm.weight", "model.layers.0.input_layernorm.weight", Permuted::No),
-            ("blk.7.ffn_norm.weight", "model.layers.7.post_attention_layernorm.weight", Permuted::No),
-            ("blk.12.attn_q.weight", "model.layers.12.self_attn.q_proj.weight", Permuted::Query),
-            ("blk.12.attn_q.bias", "model.layers.12.self_attn.q_proj.bias", Permuted::Query),
-            ("blk.3.attn_k.weight", "model.layers.3.self_attn.k_proj.weight", Permuted::Key),
-            ("blk.3.attn_v.bias", "model.layers.3.self_attn.v_proj.bias", Permuted::No),
-            ("blk.3.attn_output.weight", "model.layers.3.self_attn.o_proj.weight", Permuted::No),
-            ("blk.29.ffn_gate.weight", "model.layers.29.mlp.gate_proj.weight", Permuted::No),
-            ("blk.29.ffn_up.weight", "model.layers.29.mlp.up_proj.weight", Permuted::No),
-            ("blk.29.ffn_down.weight", "model.layers.29.mlp.down_proj.weight", Permuted::No),
+            (
+                "blk.0.attn_norm.weight",
+                "model.layers.0.input_layernorm.weight",
+                Permuted::No,
+            ),
+            (
+                "blk.7.ffn_norm.weight",
+                "model.layers.7.post_attention_layernorm.weight",
+                Permuted::No,
+            ),
+            (
+                "blk.12.attn_q.weight",
+                "model.layers.12.self_attn.q_proj.weight",
+                Permuted::Query,
+            ),
+            (
+                "blk.12.attn_q.bias",
+                "model.layers.12.self_attn.q_proj.bias",
+                Permuted::Query,
+            ),
+            (
+                "blk.3.attn_k.weight",
+                "model.layers.3.self_attn.k_proj.weight",
+                Permuted::Key,
+            ),
+            (
+                "blk.3.attn_v.bias",
+                "model.layers.3.self_attn.v_proj.bias",
+                Permuted::No,
+            ),
+            (
+                "blk.3.attn_output.weight",
+                "model.layers.3.self_attn.o_proj.weight",
+                Permuted::No,
+            ),
+            (
+                "blk.29.ffn_gate.weight",
+                "model.layers.29.mlp.gate_proj.weight",
+                Permuted::No,
+            ),
+            (
+                "blk.29.ffn_up.weight",
+                "model.layers.29.mlp.up_proj.weight",
+                Permuted::No,
+            ),
+            (
+                "blk.29.ffn_down.weight",
+                "model.layers.29.mlp.down_proj.weight",
+                Permuted::No,
+            ),
         ];
         for (gguf, hf, permuted) in cases {
-            assert_eq!(hf_name(gguf, true), Some((hf.to_string(), permuted)), "{gguf}");
+            assert_eq!(
+                hf_name(gguf, true),
+                Some((hf.to_string(), permuted)),
+                "{gguf}"
+            );
         }
         // Qwen2 files are stored in NeoX order: nothing to undo.
         assert_eq!(
             hf_name("blk.1.attn_q.weight", false),
-            Some(("model.layers.1.self_attn.q_proj.weight".to_string(), Permuted::No))
+            Some((
+                "model.layers.1.self_attn.q_proj.weight".to_string(),
+                Permuted::No
+            ))
         );
-        for unknown in ["rope_freqs.weight", "blk.x.attn_q.weight", "blk.1.attn_q", "blk.1.ssm_a.weight", "blk.1.attn_q.scale"] {
+        for unknown in [
+            "rope_freqs.weight",
+            "blk.x.attn_q.weight",
+            "blk.1.attn_q",
+            "blk.1.ssm_a.weight",
+            "blk.1.attn_q.scale",
+        ] {
             assert_eq!(hf_name(unknown, true), None, "{unknown}");
         }
     }
@@ -373,6 +445,8 @@ mod tests {
         assert_eq!(meta_f64(&md, "eps").unwrap(), 1e-5);
         assert_eq!(meta_f64(&md, "theta").unwrap(), 100000.0);
         assert!(matches!(meta_usize(&md, "n"), Err(Error::GgufMetadata { key, .. }) if key == "n"));
-        assert!(matches!(meta_str(&md, "absent"), Err(Error::GgufMetadata { key, .. }) if key == "absent"));
+        assert!(
+            matches!(meta_str(&md, "absent"), Err(Error::GgufMetadata { key, .. }) if key == "absent")
+        );
     }
 }

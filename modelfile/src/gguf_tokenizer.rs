@@ -20,7 +20,7 @@ use tokenizers::decoders::strip::Strip;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::normalizers::{
-    Prepend, Replace, Sequence as NormalizerSequence, NormalizerWrapper, NFC,
+    NormalizerWrapper, Prepend, Replace, Sequence as NormalizerSequence, NFC,
 };
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
@@ -136,7 +136,12 @@ pub fn from_gguf_metadata(md: &HashMap<String, Value>) -> Result<Tokenizer> {
     };
     let mut tokenizer = match model {
         "gpt2" => byte_level_bpe(md, &tokens)?,
-        "llama" => sentencepiece_bpe(md, &tokens, &types, flag("tokenizer.ggml.add_space_prefix", true)?)?,
+        "llama" => sentencepiece_bpe(
+            md,
+            &tokens,
+            &types,
+            flag("tokenizer.ggml.add_space_prefix", true)?,
+        )?,
         other => {
             return Err(tok_err(format!(
                 "tokenizer.ggml.model `{other}` is not supported (supported: gpt2, llama)"
@@ -237,7 +242,11 @@ fn sentencepiece_bpe(
                 ))),
             })
             .collect::<Result<_>>()?,
-        _ => return Err(tok_err("tokenizer.ggml.scores is missing (needed for a llama tokenizer)")),
+        _ => {
+            return Err(tok_err(
+                "tokenizer.ggml.scores is missing (needed for a llama tokenizer)",
+            ))
+        }
     };
     if scores.len() != tokens.len() {
         return Err(tok_err(format!(
@@ -281,8 +290,11 @@ fn sentencepiece_bpe(
     let mut tokenizer = Tokenizer::new(bpe);
     let replace = Replace::new(" ", "\u{2581}").map_err(|e| tok_err(e.to_string()))?;
     let normalizer: NormalizerWrapper = if add_space_prefix {
-        NormalizerSequence::new(vec![Prepend::new("\u{2581}".to_string()).into(), replace.into()])
-            .into()
+        NormalizerSequence::new(vec![
+            Prepend::new("\u{2581}".to_string()).into(),
+            replace.into(),
+        ])
+        .into()
     } else {
         replace.into()
     };
@@ -399,12 +411,38 @@ mod tests {
     }
 
     fn md(entries: Vec<(&str, Value)>) -> HashMap<String, Value> {
-        entries.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+        entries
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect()
     }
 
     /// A byte-level vocabulary over "hello world" plus two control tokens.
     fn tiny_gpt2(pre: &str, add_bos: bool) -> HashMap<String, Value> {
-        let tokens = ["<|endoftext|>", "<|im_start|>", "h", "e", "l", "o", "w", "r", "d", "Ġ", "1", "2", "he", "ll", "hell", "hello", "Ġw", "Ġwor", "or", "Ġworld", "ld", "12"];
+        let tokens = [
+            "<|endoftext|>",
+            "<|im_start|>",
+            "h",
+            "e",
+            "l",
+            "o",
+            "w",
+            "r",
+            "d",
+            "Ġ",
+            "1",
+            "2",
+            "he",
+            "ll",
+            "hell",
+            "hello",
+            "Ġw",
+            "Ġwor",
+            "or",
+            "Ġworld",
+            "ld",
+            "12",
+        ];
         let mut types = vec![Value::I32(3), Value::I32(3)];
         types.extend(std::iter::repeat_n(Value::I32(1), tokens.len() - 2));
         md(vec![
@@ -412,7 +450,12 @@ mod tests {
             ("tokenizer.ggml.pre", Value::String(pre.into())),
             ("tokenizer.ggml.tokens", strings(&tokens)),
             ("tokenizer.ggml.token_type", Value::Array(types)),
-            ("tokenizer.ggml.merges", strings(&["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "1 2"])),
+            (
+                "tokenizer.ggml.merges",
+                strings(&[
+                    "h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "1 2",
+                ]),
+            ),
             ("tokenizer.ggml.bos_token_id", Value::U32(1)),
             ("tokenizer.ggml.add_bos_token", Value::Bool(add_bos)),
         ])
@@ -423,7 +466,10 @@ mod tests {
         let tok = from_gguf_metadata(&tiny_gpt2("gpt2", false)).unwrap();
         let enc = tok.encode("<|im_start|>hello world", true).unwrap();
         assert_eq!(enc.get_ids(), &[1, 15, 19]);
-        assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), "<|im_start|>hello world");
+        assert_eq!(
+            tok.decode(enc.get_ids(), false).unwrap(),
+            "<|im_start|>hello world"
+        );
         assert_eq!(tok.decode(enc.get_ids(), true).unwrap(), "hello world");
     }
 
@@ -453,24 +499,40 @@ mod tests {
             other => panic!("unexpected {:?}", other.map(|_| ())),
         }
         match from_gguf_metadata(&tiny_gpt2("chatglm-bpe", false)) {
-            Err(Error::Tokenizer { detail }) => assert!(detail.contains("`chatglm-bpe`"), "{detail}"),
+            Err(Error::Tokenizer { detail }) => {
+                assert!(detail.contains("`chatglm-bpe`"), "{detail}")
+            }
             other => panic!("unexpected {:?}", other.map(|_| ())),
         }
         let mut m = tiny_gpt2("gpt2", false);
         m.remove("tokenizer.ggml.tokens");
-        assert!(matches!(from_gguf_metadata(&m), Err(Error::Tokenizer { .. })));
+        assert!(matches!(
+            from_gguf_metadata(&m),
+            Err(Error::Tokenizer { .. })
+        ));
     }
 
     /// A SentencePiece vocabulary: <unk>, <s>, </s>, two byte tokens, pieces with scores.
     fn tiny_llama() -> HashMap<String, Value> {
-        let tokens = ["<unk>", "<s>", "</s>", "<0x21>", "<0x69>", "▁", "h", "e", "l", "o", "▁h", "ll", "▁he", "llo", "▁hello"];
+        let tokens = [
+            "<unk>", "<s>", "</s>", "<0x21>", "<0x69>", "▁", "h", "e", "l", "o", "▁h", "ll", "▁he",
+            "llo", "▁hello",
+        ];
         let types = [2, 3, 3, 6, 6, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1];
-        let scores = [0.0, 0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0, -9.0, -10.0];
+        let scores = [
+            0.0, 0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0, -9.0, -10.0,
+        ];
         md(vec![
             ("tokenizer.ggml.model", Value::String("llama".into())),
             ("tokenizer.ggml.tokens", strings(&tokens)),
-            ("tokenizer.ggml.token_type", Value::Array(types.iter().map(|&t| Value::I32(t)).collect())),
-            ("tokenizer.ggml.scores", Value::Array(scores.iter().map(|&s| Value::F32(s)).collect())),
+            (
+                "tokenizer.ggml.token_type",
+                Value::Array(types.iter().map(|&t| Value::I32(t)).collect()),
+            ),
+            (
+                "tokenizer.ggml.scores",
+                Value::Array(scores.iter().map(|&s| Value::F32(s)).collect()),
+            ),
             ("tokenizer.ggml.bos_token_id", Value::U32(1)),
             ("tokenizer.ggml.eos_token_id", Value::U32(2)),
             ("tokenizer.ggml.unknown_token_id", Value::U32(0)),
@@ -492,11 +554,21 @@ mod tests {
     fn merges_are_derived_from_scores_best_first() {
         let tokens = ["a", "b", "c", "ab", "bc", "abc"];
         let scores = [0.0, 0.0, 0.0, -1.0, -0.5, -2.0];
-        let vocab: HashMap<&str, u32> = tokens.iter().enumerate().map(|(i, t)| (*t, i as u32)).collect();
+        let vocab: HashMap<&str, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (*t, i as u32))
+            .collect();
         let merges = merges_from_scores(&tokens, &scores, &vocab);
-        let pairs: Vec<(&str, &str)> = merges.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        let pairs: Vec<(&str, &str)> = merges
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
         // bc (-0.5) before ab (-1.0) before abc (-2.0); abc's splits ordered by piece length
         // descending: "ab"+"c" and "a"+"bc" tie on score, the longer left piece goes first.
-        assert_eq!(pairs, vec![("b", "c"), ("a", "b"), ("ab", "c"), ("a", "bc")]);
+        assert_eq!(
+            pairs,
+            vec![("b", "c"), ("a", "b"), ("ab", "c"), ("a", "bc")]
+        );
     }
 }

@@ -59,9 +59,7 @@ pub struct GenerationDefaults {
 }
 
 enum Inner {
-    HfDir {
-        generation: GenerationDefaults,
-    },
+    HfDir { generation: GenerationDefaults },
     Gguf(Arc<GgufFile>),
 }
 

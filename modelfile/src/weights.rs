@@ -57,7 +57,9 @@ pub(crate) fn check_slice(
         Some(end) if end <= size => Ok(()),
         _ => Err(crate::Error::tensor(
             name,
-            format!("slice {start}..{start}+{len} along dim {dim} of size {size} (shape {shape:?})"),
+            format!(
+                "slice {start}..{start}+{len} along dim {dim} of size {size} (shape {shape:?})"
+            ),
         )),
     }
 }

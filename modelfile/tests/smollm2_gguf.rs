@@ -30,7 +30,8 @@ fn model_path() -> PathBuf {
 
 fn source() -> &'static ModelSource {
     static SOURCE: OnceLock<ModelSource> = OnceLock::new();
-    SOURCE.get_or_init(|| ModelSource::open(&model_path(), None).expect("opening the default model"))
+    SOURCE
+        .get_or_init(|| ModelSource::open(&model_path(), None).expect("opening the default model"))
 }
 
 fn goldens() -> &'static serde_json::Value {
@@ -71,7 +72,10 @@ fn gguf_lists_every_hf_tensor_of_each_llama_layer_with_its_shape() {
     let w = source().weights().unwrap();
     let names = w.names();
     assert_eq!(names.len(), 30 * 9 + 2, "{names:?}");
-    assert_eq!(w.shape("model.embed_tokens.weight").unwrap(), vec![49152, 576]);
+    assert_eq!(
+        w.shape("model.embed_tokens.weight").unwrap(),
+        vec![49152, 576]
+    );
     assert_eq!(w.shape("model.norm.weight").unwrap(), vec![576]);
     for layer in 0..30 {
         let p = format!("model.layers.{layer}");
@@ -98,7 +102,9 @@ fn gguf_without_output_weight_has_no_lm_head_and_ties_embeddings() {
     let w = source().weights().unwrap();
     assert!(!w.contains("lm_head.weight"));
     assert!(source().config().tie_word_embeddings);
-    assert!(matches!(w.read("lm_head.weight"), Err(Error::MissingTensor { name }) if name == "lm_head.weight"));
+    assert!(
+        matches!(w.read("lm_head.weight"), Err(Error::MissingTensor { name }) if name == "lm_head.weight")
+    );
 }
 
 #[test]
@@ -129,13 +135,26 @@ fn gguf_weights_match_gguf_py_dequantization_with_q_and_k_unpermuted() {
         let flat: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
         let sum: f64 = flat.iter().map(|&x| x as f64).sum();
         let abs_sum: f64 = flat.iter().map(|&x| (x as f64).abs()).sum();
-        assert!(close(sum, g["sum"].as_f64().unwrap(), 1e-4), "{name}: sum {sum} vs {}", g["sum"]);
-        assert!(close(abs_sum, g["abs_sum"].as_f64().unwrap(), 1e-4), "{name}: abs_sum");
+        assert!(
+            close(sum, g["sum"].as_f64().unwrap(), 1e-4),
+            "{name}: sum {sum} vs {}",
+            g["sum"]
+        );
+        assert!(
+            close(abs_sum, g["abs_sum"].as_f64().unwrap(), 1e-4),
+            "{name}: abs_sum"
+        );
         let cols: usize = shape[1..].iter().product();
         for (row, want) in g["first_row_sums"].as_array().unwrap().iter().enumerate() {
-            let got: f64 = flat[row * cols..(row + 1) * cols].iter().map(|&x| x as f64).sum();
+            let got: f64 = flat[row * cols..(row + 1) * cols]
+                .iter()
+                .map(|&x| x as f64)
+                .sum();
             let want = want.as_f64().unwrap();
-            assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "{name} row {row}: {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                "{name} row {row}: {got} vs {want}"
+            );
         }
         for (i, want) in g["first_values"].as_array().unwrap().iter().enumerate() {
             // Exact: the same f32 arithmetic on the same blocks (serde_json's float parse may be
@@ -156,7 +175,14 @@ fn gguf_read_slice_equals_narrow_of_read() {
     ] {
         let whole = w.read(name).unwrap().narrow(dim, start, len).unwrap();
         let part = w.read_slice(name, dim, start, len).unwrap();
-        let diff = (whole - part).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (whole - part)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(diff, 0.0, "{name}");
     }
     assert!(matches!(
@@ -200,14 +226,20 @@ fn gguf_special_tokens_are_single_ids_and_no_bos_is_added() {
     let ids = tok.encode("a<|im_start|>b<|im_end|>", true).unwrap();
     assert_eq!(ids.get_ids(), &[81, 1, 82, 2]);
     // add_bos_token is false for SmolLM2: nothing is prepended.
-    assert_eq!(tok.encode("Hi", true).unwrap().get_ids(), tok.encode("Hi", false).unwrap().get_ids());
+    assert_eq!(
+        tok.encode("Hi", true).unwrap().get_ids(),
+        tok.encode("Hi", false).unwrap().get_ids()
+    );
     // Control tokens are special: skipped on request.
     assert_eq!(tok.decode(&[1, 4093, 2], true).unwrap(), "user");
 }
 
 #[test]
 fn gguf_chat_template_adds_the_default_system_message() {
-    let ct = source().chat_template().unwrap().expect("SmolLM2 has a chat template");
+    let ct = source()
+        .chat_template()
+        .unwrap()
+        .expect("SmolLM2 has a chat template");
     let user = ChatMessage {
         role: "user".into(),
         content: "What is the capital of France?".into(),
@@ -220,7 +252,10 @@ fn gguf_chat_template_adds_the_default_system_message() {
     // And it tokenizes to the reference ids of the same prompt.
     let want: Vec<u32> = serde_json::from_value(goldens()["token_ids"][1]["ids"].clone()).unwrap();
     let tok = source().tokenizer().unwrap();
-    assert_eq!(tok.encode(text.as_str(), true).unwrap().get_ids(), want.as_slice());
+    assert_eq!(
+        tok.encode(text.as_str(), true).unwrap().get_ids(),
+        want.as_slice()
+    );
 
     let system = ChatMessage {
         role: "system".into(),
@@ -242,7 +277,10 @@ fn gguf_has_no_generation_defaults() {
 #[test]
 fn gguf_format_is_detected_and_checked() {
     let path = model_path();
-    assert_eq!(ModelSource::open(&path, Some(Format::Gguf)).unwrap().path(), path.as_path());
+    assert_eq!(
+        ModelSource::open(&path, Some(Format::Gguf)).unwrap().path(),
+        path.as_path()
+    );
     let err = ModelSource::open(&path, Some(Format::Safetensors)).unwrap_err();
     assert!(matches!(err, Error::UnknownFormat { .. }), "{err}");
 }

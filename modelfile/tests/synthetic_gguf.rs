@@ -21,7 +21,9 @@ fn values(seed: u64, n: usize) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
@@ -37,7 +39,8 @@ fn llama_cpp_permute(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f
             for j in 0..d / 2 {
                 let hf_row = h * d + t * d / 2 + j;
                 let gguf_row = h * d + 2 * j + t;
-                out[gguf_row * cols..(gguf_row + 1) * cols].copy_from_slice(&w[hf_row * cols..(hf_row + 1) * cols]);
+                out[gguf_row * cols..(gguf_row + 1) * cols]
+                    .copy_from_slice(&w[hf_row * cols..(hf_row + 1) * cols]);
             }
         }
     }
@@ -59,7 +62,10 @@ struct Spec<'a> {
 
 fn write_gguf(path: &Path, spec: Spec<'_>) -> Written {
     let arch = spec.arch;
-    let tokens: Vec<Value> = ["<s>", "</s>", "<eot>", "a", "b", "ab", "Ġ", "Ġa"].iter().map(|s| Value::String(s.to_string())).collect();
+    let tokens: Vec<Value> = ["<s>", "</s>", "<eot>", "a", "b", "ab", "Ġ", "Ġa"]
+        .iter()
+        .map(|s| Value::String(s.to_string()))
+        .collect();
     let k = |s: &str| format!("{arch}.{s}");
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),
@@ -75,12 +81,32 @@ fn write_gguf(path: &Path, spec: Spec<'_>) -> Written {
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
-        ("tokenizer.ggml.merges".into(), Value::Array(vec![Value::String("a b".into()), Value::String("Ġ a".into())])),
-        ("tokenizer.ggml.token_type".into(), Value::Array([3, 3, 3, 1, 1, 1, 1, 1].iter().map(|&t| Value::I32(t)).collect())),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::Array(vec![
+                Value::String("a b".into()),
+                Value::String("Ġ a".into()),
+            ]),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(
+                [3, 3, 3, 1, 1, 1, 1, 1]
+                    .iter()
+                    .map(|&t| Value::I32(t))
+                    .collect(),
+            ),
+        ),
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(0)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(1)),
         ("tokenizer.ggml.eot_token_id".into(), Value::U32(2)),
-        ("tokenizer.chat_template".into(), Value::String("{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}".into())),
+        (
+            "tokenizer.chat_template".into(),
+            Value::String(
+                "{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}"
+                    .into(),
+            ),
+        ),
     ];
     for (key, v) in spec.extra_meta {
         meta.push((key.to_string(), v));
@@ -88,7 +114,12 @@ fn write_gguf(path: &Path, spec: Spec<'_>) -> Written {
 
     let mut hf = Vec::new();
     let mut stored: Vec<(String, QTensor)> = Vec::new();
-    let mut add = |gguf: &str, hf_name: &str, shape: Vec<usize>, dtype: GgmlDType, seed: u64, heads: Option<usize>| {
+    let mut add = |gguf: &str,
+                   hf_name: &str,
+                   shape: Vec<usize>,
+                   dtype: GgmlDType,
+                   seed: u64,
+                   heads: Option<usize>| {
         let n: usize = shape.iter().product();
         let v = values(seed, n);
         let on_disk = match heads {
@@ -102,25 +133,123 @@ fn write_gguf(path: &Path, spec: Spec<'_>) -> Written {
         stored.push((gguf.to_string(), QTensor::quantize(&t, dtype).unwrap()));
         hf.push((hf_name.to_string(), v, shape));
     };
-    add("token_embd.weight", "model.embed_tokens.weight", vec![VOCAB, HIDDEN], GgmlDType::Q8_0, 1, None);
-    add("output_norm.weight", "model.norm.weight", vec![HIDDEN], GgmlDType::F32, 2, None);
+    add(
+        "token_embd.weight",
+        "model.embed_tokens.weight",
+        vec![VOCAB, HIDDEN],
+        GgmlDType::Q8_0,
+        1,
+        None,
+    );
+    add(
+        "output_norm.weight",
+        "model.norm.weight",
+        vec![HIDDEN],
+        GgmlDType::F32,
+        2,
+        None,
+    );
     if spec.with_output {
-        add("output.weight", "lm_head.weight", vec![VOCAB, HIDDEN], GgmlDType::F16, 3, None);
+        add(
+            "output.weight",
+            "lm_head.weight",
+            vec![VOCAB, HIDDEN],
+            GgmlDType::F16,
+            3,
+            None,
+        );
     }
     let l = "model.layers.0";
-    add("blk.0.attn_norm.weight", &format!("{l}.input_layernorm.weight"), vec![HIDDEN], GgmlDType::F32, 4, None);
-    add("blk.0.ffn_norm.weight", &format!("{l}.post_attention_layernorm.weight"), vec![HIDDEN], GgmlDType::F32, 5, None);
-    add("blk.0.attn_q.weight", &format!("{l}.self_attn.q_proj.weight"), vec![HIDDEN, HIDDEN], GgmlDType::F32, 6, Some(HEADS));
-    add("blk.0.attn_k.weight", &format!("{l}.self_attn.k_proj.weight"), vec![KV_HEADS * HEAD_DIM, HIDDEN], GgmlDType::F32, 7, Some(KV_HEADS));
-    add("blk.0.attn_v.weight", &format!("{l}.self_attn.v_proj.weight"), vec![KV_HEADS * HEAD_DIM, HIDDEN], GgmlDType::F32, 8, None);
+    add(
+        "blk.0.attn_norm.weight",
+        &format!("{l}.input_layernorm.weight"),
+        vec![HIDDEN],
+        GgmlDType::F32,
+        4,
+        None,
+    );
+    add(
+        "blk.0.ffn_norm.weight",
+        &format!("{l}.post_attention_layernorm.weight"),
+        vec![HIDDEN],
+        GgmlDType::F32,
+        5,
+        None,
+    );
+    add(
+        "blk.0.attn_q.weight",
+        &format!("{l}.self_attn.q_proj.weight"),
+        vec![HIDDEN, HIDDEN],
+        GgmlDType::F32,
+        6,
+        Some(HEADS),
+    );
+    add(
+        "blk.0.attn_k.weight",
+        &format!("{l}.self_attn.k_proj.weight"),
+        vec![KV_HEADS * HEAD_DIM, HIDDEN],
+        GgmlDType::F32,
+        7,
+        Some(KV_HEADS),
+    );
+    add(
+        "blk.0.attn_v.weight",
+        &format!("{l}.self_attn.v_proj.weight"),
+        vec![KV_HEADS * HEAD_DIM, HIDDEN],
+        GgmlDType::F32,
+        8,
+        None,
+    );
     if spec.q_bias {
-        add("blk.0.attn_q.bias", &format!("{l}.self_attn.q_proj.bias"), vec![HIDDEN], GgmlDType::F32, 9, Some(HEADS));
-        add("blk.0.attn_k.bias", &format!("{l}.self_attn.k_proj.bias"), vec![KV_HEADS * HEAD_DIM], GgmlDType::F32, 10, Some(KV_HEADS));
+        add(
+            "blk.0.attn_q.bias",
+            &format!("{l}.self_attn.q_proj.bias"),
+            vec![HIDDEN],
+            GgmlDType::F32,
+            9,
+            Some(HEADS),
+        );
+        add(
+            "blk.0.attn_k.bias",
+            &format!("{l}.self_attn.k_proj.bias"),
+            vec![KV_HEADS * HEAD_DIM],
+            GgmlDType::F32,
+            10,
+            Some(KV_HEADS),
+        );
     }
-    add("blk.0.attn_output.weight", &format!("{l}.self_attn.o_proj.weight"), vec![HIDDEN, HIDDEN], GgmlDType::F16, 11, None);
-    add("blk.0.ffn_gate.weight", &format!("{l}.mlp.gate_proj.weight"), vec![FF, HIDDEN], GgmlDType::Q4_1, 12, None);
-    add("blk.0.ffn_up.weight", &format!("{l}.mlp.up_proj.weight"), vec![FF, HIDDEN], GgmlDType::Q4_1, 13, None);
-    add("blk.0.ffn_down.weight", &format!("{l}.mlp.down_proj.weight"), vec![HIDDEN, FF], GgmlDType::Q8_0, 14, None);
+    add(
+        "blk.0.attn_output.weight",
+        &format!("{l}.self_attn.o_proj.weight"),
+        vec![HIDDEN, HIDDEN],
+        GgmlDType::F16,
+        11,
+        None,
+    );
+    add(
+        "blk.0.ffn_gate.weight",
+        &format!("{l}.mlp.gate_proj.weight"),
+        vec![FF, HIDDEN],
+        GgmlDType::Q4_1,
+        12,
+        None,
+    );
+    add(
+        "blk.0.ffn_up.weight",
+        &format!("{l}.mlp.up_proj.weight"),
+        vec![FF, HIDDEN],
+        GgmlDType::Q4_1,
+        13,
+        None,
+    );
+    add(
+        "blk.0.ffn_down.weight",
+        &format!("{l}.mlp.down_proj.weight"),
+        vec![HIDDEN, FF],
+        GgmlDType::Q8_0,
+        14,
+        None,
+    );
 
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = stored.iter().map(|(k, t)| (k.as_str(), t)).collect();
@@ -130,19 +259,34 @@ fn write_gguf(path: &Path, spec: Spec<'_>) -> Written {
 }
 
 fn llama_spec<'a>() -> Spec<'a> {
-    Spec { arch: "llama", permute: true, with_output: true, q_bias: false, extra_meta: vec![] }
+    Spec {
+        arch: "llama",
+        permute: true,
+        with_output: true,
+        q_bias: false,
+        extra_meta: vec![],
+    }
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
 fn llama_gguf_tensors_come_back_in_hugging_face_layout() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
-    let written = write_gguf(&path, Spec { q_bias: true, ..llama_spec() });
+    let written = write_gguf(
+        &path,
+        Spec {
+            q_bias: true,
+            ..llama_spec()
+        },
+    );
     let src = ModelSource::open(&path, None).unwrap();
     let w = src.weights().unwrap();
     let mut names: Vec<String> = written.hf.iter().map(|(n, _, _)| n.clone()).collect();
@@ -150,7 +294,13 @@ fn llama_gguf_tensors_come_back_in_hugging_face_layout() {
     assert_eq!(w.names(), names);
     for (name, want, shape) in &written.hf {
         assert_eq!(&w.shape(name).unwrap(), shape, "{name}");
-        let got: Vec<f32> = w.read(name).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got: Vec<f32> = w
+            .read(name)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         // Tolerances are the formats' rounding for values in [-1, 1): F32 exact; F16 2^-11;
         // Q8_0 half a step of max/127; Q4_1 half a step of (max-min)/15.
         let tol = if name.contains("gate_proj") || name.contains("up_proj") {
@@ -171,15 +321,41 @@ fn llama_gguf_tensors_come_back_in_hugging_face_layout() {
 fn gguf_q_and_k_are_unpermuted_to_hf_layout() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
-    let written = write_gguf(&path, Spec { q_bias: true, ..llama_spec() });
+    let written = write_gguf(
+        &path,
+        Spec {
+            q_bias: true,
+            ..llama_spec()
+        },
+    );
     let w = ModelSource::open(&path, None).unwrap().weights().unwrap();
-    for (name, want, shape) in written.hf.iter().filter(|(n, _, _)| n.contains("q_proj") || n.contains("k_proj")) {
-        let got: Vec<f32> = w.read(name).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    for (name, want, shape) in written
+        .hf
+        .iter()
+        .filter(|(n, _, _)| n.contains("q_proj") || n.contains("k_proj"))
+    {
+        let got: Vec<f32> = w
+            .read(name)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(&got, want, "{name}");
         // A slice of a head is that head's HF rows.
         let cols: usize = shape[1..].iter().product();
-        let part: Vec<f32> = w.read_slice(name, 0, HEAD_DIM, HEAD_DIM).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(part, want[HEAD_DIM * cols..2 * HEAD_DIM * cols].to_vec(), "{name}");
+        let part: Vec<f32> = w
+            .read_slice(name, 0, HEAD_DIM, HEAD_DIM)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(
+            part,
+            want[HEAD_DIM * cols..2 * HEAD_DIM * cols].to_vec(),
+            "{name}"
+        );
     }
 }
 
@@ -187,13 +363,32 @@ fn gguf_q_and_k_are_unpermuted_to_hf_layout() {
 fn qwen2_gguf_rows_are_not_permuted_and_biases_are_mapped() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny-qwen.gguf");
-    let written = write_gguf(&path, Spec { arch: "qwen2", permute: false, with_output: true, q_bias: true, extra_meta: vec![] });
+    let written = write_gguf(
+        &path,
+        Spec {
+            arch: "qwen2",
+            permute: false,
+            with_output: true,
+            q_bias: true,
+            extra_meta: vec![],
+        },
+    );
     let src = ModelSource::open(&path, None).unwrap();
     assert_eq!(src.config().architecture, "Qwen2ForCausalLM");
     assert!(src.config().attention_bias);
     let w = src.weights().unwrap();
-    for (name, want, _) in written.hf.iter().filter(|(n, _, _)| n.contains("q_proj") || n.contains("k_proj")) {
-        let got: Vec<f32> = w.read(name).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    for (name, want, _) in written
+        .hf
+        .iter()
+        .filter(|(n, _, _)| n.contains("q_proj") || n.contains("k_proj"))
+    {
+        let got: Vec<f32> = w
+            .read(name)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(&got, want, "{name}");
     }
     assert!(w.contains("model.layers.0.self_attn.q_proj.bias"));
@@ -207,10 +402,22 @@ fn gguf_config_comes_from_metadata() {
     let src = ModelSource::open(&path, None).unwrap();
     let c = src.config();
     assert_eq!(c.architecture, "LlamaForCausalLM");
-    assert_eq!((c.hidden_size, c.intermediate_size, c.num_hidden_layers), (HIDDEN, FF, 1));
-    assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (HEADS, KV_HEADS, HEAD_DIM));
-    assert_eq!(c.vocab_size, VOCAB, "no vocab_size key: counted from the tokens");
-    assert_eq!((c.rms_norm_eps, c.rope_theta, c.max_position_embeddings), (1e-6, 10000.0, 256));
+    assert_eq!(
+        (c.hidden_size, c.intermediate_size, c.num_hidden_layers),
+        (HIDDEN, FF, 1)
+    );
+    assert_eq!(
+        (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+        (HEADS, KV_HEADS, HEAD_DIM)
+    );
+    assert_eq!(
+        c.vocab_size, VOCAB,
+        "no vocab_size key: counted from the tokens"
+    );
+    assert_eq!(
+        (c.rms_norm_eps, c.rope_theta, c.max_position_embeddings),
+        (1e-6, 10000.0, 256)
+    );
     assert!(!c.tie_word_embeddings, "output.weight is present");
     assert!(!c.attention_bias);
     assert_eq!(c.bos_token_id, Some(0));
@@ -218,18 +425,30 @@ fn gguf_config_comes_from_metadata() {
     assert!(src.weights().unwrap().contains("lm_head.weight"));
     // Chat template with the BOS/EOS strings, and a tokenizer with control tokens kept whole.
     let ct = src.chat_template().unwrap().unwrap();
-    let m = tpserve_modelfile::ChatMessage { role: "user".into(), content: "ab a".into() };
+    let m = tpserve_modelfile::ChatMessage {
+        role: "user".into(),
+        content: "ab a".into(),
+    };
     let text = ct.render(&[m], false).unwrap();
     assert_eq!(text, "<s>ab a</s>");
     let tok = src.tokenizer().unwrap();
-    assert_eq!(tok.encode(text.as_str(), true).unwrap().get_ids(), &[0, 5, 7, 1]);
+    assert_eq!(
+        tok.encode(text.as_str(), true).unwrap().get_ids(),
+        &[0, 5, 7, 1]
+    );
 }
 
 #[test]
 fn gguf_without_output_ties_embeddings() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tied.gguf");
-    write_gguf(&path, Spec { with_output: false, ..llama_spec() });
+    write_gguf(
+        &path,
+        Spec {
+            with_output: false,
+            ..llama_spec()
+        },
+    );
     let src = ModelSource::open(&path, None).unwrap();
     assert!(src.config().tie_word_embeddings);
     assert!(!src.weights().unwrap().contains("lm_head.weight"));
@@ -239,7 +458,16 @@ fn gguf_without_output_ties_embeddings() {
 fn unsupported_gguf_architecture_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("phi.gguf");
-    write_gguf(&path, Spec { arch: "phi3", permute: false, with_output: true, q_bias: false, extra_meta: vec![] });
+    write_gguf(
+        &path,
+        Spec {
+            arch: "phi3",
+            permute: false,
+            with_output: true,
+            q_bias: false,
+            extra_meta: vec![],
+        },
+    );
     match ModelSource::open(&path, None) {
         Err(Error::UnsupportedArchitecture { name }) => assert_eq!(name, "phi3"),
         other => panic!("unexpected {other:?}"),
@@ -250,13 +478,31 @@ fn unsupported_gguf_architecture_is_named() {
 fn unsupported_gguf_rope_scaling_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("yarn.gguf");
-    write_gguf(&path, Spec { extra_meta: vec![("llama.rope.scaling.type", Value::String("yarn".into()))], ..llama_spec() });
+    write_gguf(
+        &path,
+        Spec {
+            extra_meta: vec![("llama.rope.scaling.type", Value::String("yarn".into()))],
+            ..llama_spec()
+        },
+    );
     match ModelSource::open(&path, None) {
         Err(Error::UnsupportedRopeScaling { rope_type }) => assert_eq!(rope_type, "yarn"),
         other => panic!("unexpected {other:?}"),
     }
-    write_gguf(&path, Spec { extra_meta: vec![("llama.rope.scaling.type", Value::String("none".into()))], ..llama_spec() });
-    assert_eq!(ModelSource::open(&path, None).unwrap().config().rope_scaling, None);
+    write_gguf(
+        &path,
+        Spec {
+            extra_meta: vec![("llama.rope.scaling.type", Value::String("none".into()))],
+            ..llama_spec()
+        },
+    );
+    assert_eq!(
+        ModelSource::open(&path, None)
+            .unwrap()
+            .config()
+            .rope_scaling,
+        None
+    );
 }
 
 #[test]
@@ -288,11 +534,18 @@ fn truncated_gguf_is_a_parse_error_not_a_panic() {
     std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
     let src = ModelSource::open(&path, None).unwrap();
     let w = src.weights().unwrap();
-    let errors = w.names().iter().filter(|n| matches!(w.read(n), Err(Error::Parse { .. }))).count();
+    let errors = w
+        .names()
+        .iter()
+        .filter(|n| matches!(w.read(n), Err(Error::Parse { .. })))
+        .count();
     assert!(errors >= 1);
     // Cut inside the header.
     for cut in [3, 20, 200, 600] {
         std::fs::write(&path, &bytes[..cut]).unwrap();
-        assert!(matches!(ModelSource::open(&path, None), Err(Error::Parse { .. })), "cut at {cut}");
+        assert!(
+            matches!(ModelSource::open(&path, None), Err(Error::Parse { .. })),
+            "cut at {cut}"
+        );
     }
 }

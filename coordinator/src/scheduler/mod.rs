@@ -457,13 +457,13 @@ impl Scheduler {
     /// `current` itself is always a candidate, so there is one.
     fn pick_victim(&self, current: usize) -> usize {
         let max_model_len = self.config.max_model_len;
-        let candidates = self
+        let mut candidates = self
             .running
             .iter()
             .enumerate()
             .filter(|&(i, id)| i == current || !self.seqs[id].is_at_limit(max_model_len));
         match self.config.policy {
-            SchedulingPolicy::Fcfs => candidates.last().map(|(i, _)| i),
+            SchedulingPolicy::Fcfs => candidates.next_back().map(|(i, _)| i),
             SchedulingPolicy::Priority => candidates
                 .max_by_key(|&(_, id)| {
                     let s = &self.seqs[id];

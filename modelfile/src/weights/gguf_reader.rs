@@ -26,7 +26,7 @@ pub struct GgufReader {
 
 impl GgufReader {
     pub(crate) fn new(file: Arc<GgufFile>, config: &crate::LlamaConfig) -> Self {
-        let interleaved = false;
+        let interleaved = config.architecture == "LlamaForCausalLM";
         let map = file
             .content
             .tensor_infos
@@ -81,7 +81,8 @@ impl WeightReader for GgufReader {
             Permuted::Query => self.n_head,
             Permuted::Key => self.n_kv_head,
         };
-        unpermute_rows(&w, heads).map_err(|e| Error::tensor(name, format!("un-permuting q/k rows: {e}")))
+        unpermute_rows(&w, heads)
+            .map_err(|e| Error::tensor(name, format!("un-permuting q/k rows: {e}")))
     }
 
     fn read_slice(&self, name: &str, dim: usize, start: usize, len: usize) -> Result<Tensor> {

@@ -80,8 +80,7 @@ impl SafetensorsReader {
     /// Opens the shards listed by a `model.safetensors.index.json` (paths relative to it). Every
     /// tensor of its `weight_map` must be found in the shard it names.
     pub fn open_index(index_path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
+        let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
         let index: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| Error::parse(index_path, e))?;
         let weight_map = index
@@ -91,9 +90,9 @@ impl SafetensorsReader {
         let dir = index_path.parent().unwrap_or(Path::new("."));
         let mut files: Vec<&str> = Vec::new();
         for (name, file) in weight_map {
-            let file = file
-                .as_str()
-                .ok_or_else(|| Error::parse(index_path, format!("`{name}` maps to a non-string")))?;
+            let file = file.as_str().ok_or_else(|| {
+                Error::parse(index_path, format!("`{name}` maps to a non-string"))
+            })?;
             if !files.contains(&file) {
                 files.push(file);
             }
