@@ -53,7 +53,12 @@ pub struct EngineArgs {
     #[arg(long, env = "TPSERVE_DTYPE", default_value = "auto")]
     pub dtype: String,
     /// Number of worker processes the model is split over (tensor parallelism).
-    #[arg(long, short = 't', env = "TPSERVE_TENSOR_PARALLEL_SIZE", default_value_t = 1)]
+    #[arg(
+        long,
+        short = 't',
+        env = "TPSERVE_TENSOR_PARALLEL_SIZE",
+        default_value_t = 1
+    )]
     pub tensor_parallel_size: usize,
     /// Longest sequence (prompt plus output); defaults to the model's context length.
     #[arg(long, env = "TPSERVE_MAX_MODEL_LEN")]
@@ -80,7 +85,12 @@ pub struct EngineArgs {
     #[arg(long, overrides_with = "enable_prefix_caching")]
     pub no_enable_prefix_caching: bool,
     /// Order of the waiting queue.
-    #[arg(long, env = "TPSERVE_SCHEDULING_POLICY", value_enum, default_value = "fcfs")]
+    #[arg(
+        long,
+        env = "TPSERVE_SCHEDULING_POLICY",
+        value_enum,
+        default_value = "fcfs"
+    )]
     pub scheduling_policy: Policy,
     /// Requests allowed to wait; more get 429.
     #[arg(long, env = "TPSERVE_MAX_WAITING_REQUESTS", default_value_t = 4096)]
@@ -104,19 +114,31 @@ impl EngineArgs {
             return bad("--tensor-parallel-size must be at least 1".into());
         }
         if self.block_size == 0 || !self.block_size.is_power_of_two() {
-            return bad(format!("--block-size must be a power of two, not {}", self.block_size));
+            return bad(format!(
+                "--block-size must be a power of two, not {}",
+                self.block_size
+            ));
         }
         if self.max_num_seqs == 0 || self.max_num_batched_tokens == 0 {
             return bad("--max-num-seqs and --max-num-batched-tokens must be positive".into());
         }
-        if !(self.kv_cache_space > 0.0) {
-            return bad(format!("--kv-cache-space must be positive, not {}", self.kv_cache_space));
+        if self.kv_cache_space.is_nan() || self.kv_cache_space <= 0.0 {
+            return bad(format!(
+                "--kv-cache-space must be positive, not {}",
+                self.kv_cache_space
+            ));
         }
-        if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
+        if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) || self.gpu_memory_utilization.is_nan() {
             return bad("--gpu-memory-utilization must be in (0, 1]".into());
         }
-        if !matches!(self.dtype.as_str(), "auto" | "float32" | "float" | "bfloat16" | "float16" | "half") {
-            return bad(format!("unknown --dtype {:?} (auto, float32, bfloat16, float16)", self.dtype));
+        if !matches!(
+            self.dtype.as_str(),
+            "auto" | "float32" | "float" | "bfloat16" | "float16" | "half"
+        ) {
+            return bad(format!(
+                "unknown --dtype {:?} (auto, float32, bfloat16, float16)",
+                self.dtype
+            ));
         }
         if self.max_waiting_requests == 0 {
             return bad("--max-waiting-requests must be at least 1".into());

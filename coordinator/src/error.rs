@@ -11,7 +11,10 @@ pub enum EngineError {
     QueueFull { waiting: usize },
     /// The request can never run here (for example its prompt needs more KV blocks than exist).
     #[error("{message}")]
-    InvalidRequest { message: String, param: Option<String> },
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+    },
     /// A worker failed while running the request's step.
     #[error("worker failure: {detail}")]
     WorkerFailed { detail: String },
@@ -41,5 +44,9 @@ pub enum StartError {
     Connect { addr: String, detail: String },
     /// A worker failed one phase of start-up.
     #[error("worker {rank} failed during {phase}: {detail}")]
-    Worker { rank: usize, phase: &'static str, detail: String },
+    Worker {
+        rank: usize,
+        phase: &'static str,
+        detail: String,
+    },
 }

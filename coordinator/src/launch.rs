@@ -14,7 +14,9 @@ use crate::engine::{start_engine, EngineConfig, EngineHandle, EngineStatus};
 use crate::error::StartError;
 use crate::scheduler::SchedulerConfig;
 use crate::served_model::ServedModel;
-use crate::workers::{spawn_local_workers, worker_binary, GroupInit, GroupReady, LocalWorker, WorkerGroup};
+use crate::workers::{
+    spawn_local_workers, worker_binary, GroupInit, GroupReady, LocalWorker, WorkerGroup,
+};
 
 /// A running engine and what keeps it alive.
 pub struct Launched {
@@ -31,7 +33,10 @@ pub struct Launched {
 }
 
 /// Starts everything; the first failure is returned with what failed.
-pub async fn launch(args: &EngineArgs, served_model_name: Option<String>) -> Result<Launched, StartError> {
+pub async fn launch(
+    args: &EngineArgs,
+    served_model_name: Option<String>,
+) -> Result<Launched, StartError> {
     args.validate()?;
     let started = Instant::now();
     let format = match args.load_format {
@@ -44,18 +49,28 @@ pub async fn launch(args: &EngineArgs, served_model_name: Option<String>) -> Res
     let tokenizer = Arc::new(source.tokenizer()?);
     let chat_template = source.chat_template()?.map(Arc::new);
     let model_len = config.max_position_embeddings;
-    let max_model_len = match args.max_model_len {
-        Some(n) if n > model_len => {
-            return Err(StartError::Config {
-                detail: format!("--max-model-len {n} is longer than the model's context of {model_len} tokens"),
-            })
-        }
-        Some(0) => return Err(StartError::Config { detail: "--max-model-len must be positive".into() }),
-        Some(n) => n,
-        None => model_len,
-    };
+    let max_model_len =
+        match args.max_model_len {
+            Some(n) if n > model_len => return Err(StartError::Config {
+                detail: format!(
+                    "--max-model-len {n} is longer than the model's context of {model_len} tokens"
+                ),
+            }),
+            Some(0) => {
+                return Err(StartError::Config {
+                    detail: "--max-model-len must be positive".into(),
+                })
+            }
+            Some(n) => n,
+            None => model_len,
+        };
     let binary = worker_binary(args.worker_binary.as_deref());
-    let workers = spawn_local_workers(&binary, args.tensor_parallel_size, args.threads_per_worker()).await?;
+    let workers = spawn_local_workers(
+        &binary,
+        args.tensor_parallel_size,
+        args.threads_per_worker(),
+    )
+    .await?;
     let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
     let mut group = WorkerGroup::connect(&addrs).await?;
     let init = GroupInit {
@@ -101,7 +116,9 @@ pub async fn launch(args: &EngineArgs, served_model_name: Option<String>) -> Res
     engine_config
         .scheduler
         .validate()
-        .map_err(|e| StartError::Config { detail: e.to_string() })?;
+        .map_err(|e| StartError::Config {
+            detail: e.to_string(),
+        })?;
     let (engine, status) = start_engine(engine_config, group, tokenizer.clone());
     tracing::info!(
         device = %ready.device,
@@ -116,7 +133,15 @@ pub async fn launch(args: &EngineArgs, served_model_name: Option<String>) -> Res
         max_model_len: max_model_len as u32,
         tokenizer,
         chat_template,
-        created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
     };
-    Ok(Launched { engine, model, status, ready, workers })
+    Ok(Launched {
+        engine,
+        model,
+        status,
+        ready,
+        workers,
+    })
 }

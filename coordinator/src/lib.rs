@@ -2,13 +2,13 @@
 //! scheduler and paged KV block table, and the worker group it drives over gRPC.
 
 pub mod api;
+pub mod bench;
+pub mod config;
 pub mod engine;
 pub mod error;
-pub mod scheduler;
-pub mod served_model;
-pub mod workers;
-pub mod config;
 pub mod launch;
 pub mod offline;
+pub mod scheduler;
 pub mod serve;
-pub mod bench;
+pub mod served_model;
+pub mod workers;

@@ -91,30 +91,55 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
             let (prompt, messages) = if args.chat {
                 let mut m = Vec::new();
                 if let Some(s) = &args.system {
-                    m.push(ChatMessage { role: "system".into(), content: s.clone() });
+                    m.push(ChatMessage {
+                        role: "system".into(),
+                        content: s.clone(),
+                    });
                 }
-                m.push(ChatMessage { role: "user".into(), content: p.clone() });
+                m.push(ChatMessage {
+                    role: "user".into(),
+                    content: p.clone(),
+                });
                 (None, Some(m))
             } else {
                 (Some(p.clone()), None)
             };
-            vec![InputLine { prompt, messages, max_tokens: None, temperature: None, top_p: None, top_k: None, min_p: None, seed: None, stop: Vec::new() }]
+            vec![InputLine {
+                prompt,
+                messages,
+                max_tokens: None,
+                temperature: None,
+                top_p: None,
+                top_k: None,
+                min_p: None,
+                seed: None,
+                stop: Vec::new(),
+            }]
         }
         (None, Some(path)) => {
-            let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let file =
+                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
             let mut v = Vec::new();
             for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
                 let line = line?;
                 if line.trim().is_empty() {
                     continue;
                 }
-                v.push(serde_json::from_str(&line).with_context(|| format!("{} line {}", path.display(), i + 1))?);
+                v.push(
+                    serde_json::from_str(&line)
+                        .with_context(|| format!("{} line {}", path.display(), i + 1))?,
+                );
             }
             v
         }
         _ => bail!("give --prompt or --input"),
     };
-    let Launched { engine, model, workers: _workers, .. } = launch(&args.engine, None).await?;
+    let Launched {
+        engine,
+        model,
+        workers: _workers,
+        ..
+    } = launch(&args.engine, None).await?;
     let mut requests = Vec::with_capacity(lines.len());
     for (i, line) in lines.iter().enumerate() {
         let text = match (&line.prompt, &line.messages) {
@@ -136,7 +161,11 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
             .to_vec();
         let room = (model.max_model_len as usize).saturating_sub(ids.len());
         if ids.is_empty() || room == 0 {
-            bail!("request {i}: prompt has {} tokens; max-model-len is {}", ids.len(), model.max_model_len);
+            bail!(
+                "request {i}: prompt has {} tokens; max-model-len is {}",
+                ids.len(),
+                model.max_model_len
+            );
         }
         let max_tokens = line.max_tokens.unwrap_or(args.max_tokens).min(room as u32);
         requests.push(GenerateRequest {
@@ -161,21 +190,34 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
     for r in requests {
         streams.push(engine.generate(r).await?);
     }
-    let results = futures::future::join_all(streams.into_iter().enumerate().map(|(index, mut s)| async move {
-        let mut out = OutputLine { index, text: String::new(), finish_reason: None, prompt_tokens: 0, completion_tokens: 0, error: None };
-        while let Some(event) = s.next().await {
-            match event {
-                GenerateEvent::Delta { text, .. } => out.text.push_str(&text),
-                GenerateEvent::Finished { reason, prompt_tokens, completion_tokens } => {
-                    out.finish_reason = Some(reason);
-                    out.prompt_tokens = prompt_tokens;
-                    out.completion_tokens = completion_tokens;
+    let results = futures::future::join_all(streams.into_iter().enumerate().map(
+        |(index, mut s)| async move {
+            let mut out = OutputLine {
+                index,
+                text: String::new(),
+                finish_reason: None,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                error: None,
+            };
+            while let Some(event) = s.next().await {
+                match event {
+                    GenerateEvent::Delta { text, .. } => out.text.push_str(&text),
+                    GenerateEvent::Finished {
+                        reason,
+                        prompt_tokens,
+                        completion_tokens,
+                    } => {
+                        out.finish_reason = Some(reason);
+                        out.prompt_tokens = prompt_tokens;
+                        out.completion_tokens = completion_tokens;
+                    }
+                    GenerateEvent::Error(e) => out.error = Some(e.to_string()),
                 }
-                GenerateEvent::Error(e) => out.error = Some(e.to_string()),
             }
-        }
-        out
-    }))
+            out
+        },
+    ))
     .await;
     let elapsed = started.elapsed().as_secs_f64();
     let generated: u64 = results.iter().map(|r| r.completion_tokens as u64).sum();
@@ -189,7 +231,9 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
     } else {
         let mut sink: Box<dyn Write> = match &args.output {
-            Some(p) => Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),
+            Some(p) => Box::new(
+                std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+            ),
             None => Box::new(std::io::stdout().lock()),
         };
         for r in &results {

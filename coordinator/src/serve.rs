@@ -37,7 +37,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 .ok_or(())
         })
         .map_err(|_| anyhow::anyhow!("cannot resolve --host {}", args.host))?;
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
     let launched = launch(&args.engine, args.served_model_name.clone()).await?;
     let (health_tx, health_rx) = tokio::sync::watch::channel(Health::Ready);
     let mut status = launched.status.clone();
@@ -51,7 +53,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             });
         }
     });
-    let app = router(ApiState { engine: launched.engine.clone(), model: launched.model.clone(), health: health_rx });
+    let app = router(ApiState {
+        engine: launched.engine.clone(),
+        model: launched.model.clone(),
+        health: health_rx,
+    });
     let bound = listener.local_addr()?;
     tracing::info!(model = %launched.model.name, "serving the OpenAI API on http://{bound}");
     println!("TPSERVE_LISTENING http://{bound}");

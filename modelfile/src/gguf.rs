@@ -258,8 +258,10 @@ pub(crate) fn hf_name(gguf_name: &str, interleaved_rope: bool) -> Option<(String
 
 fn regroup_rows(w: &Tensor, n_head: usize, to_hf: bool) -> candle_core::Result<Tensor> {
     let shape = w.dims().to_vec();
-    let rows = shape.first().copied().unwrap_or(0);
-    if n_head == 0 || rows % (2 * n_head) != 0 {
+    let Some(&rows) = shape.first() else {
+        candle_core::bail!("a scalar has no rows to regroup into heads")
+    };
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
         candle_core::bail!("{rows} rows cannot be split into {n_head} heads of even size")
     }
     let cols: usize = shape[1..].iter().product();
@@ -344,6 +346,7 @@ mod tests {
     fn unpermute_rejects_rows_that_do_not_split_into_heads() {
         assert!(unpermute_rows(&rows_tensor(6, 2), 2).is_err());
         assert!(unpermute_rows(&rows_tensor(8, 2), 0).is_err());
+        assert!(unpermute_rows(&Tensor::new(1f32, &Device::Cpu).unwrap(), 1).is_err());
     }
 
     #[test]

@@ -304,3 +304,26 @@ impl ModelSource {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_and_readers_can_be_shared_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<ModelSource>();
+        assert_send_sync::<SafetensorsReader>();
+        assert_send_sync::<GgufReader>();
+        assert_send_sync::<Box<dyn WeightReader>>();
+    }
+
+    #[test]
+    fn tokenizer_config_special_tokens_may_be_strings_or_added_token_objects() {
+        let tc = serde_json::json!({"bos_token": "<s>", "eos_token": {"content": "</s>", "special": true}, "pad_token": null});
+        assert_eq!(token_content(&tc, "bos_token").as_deref(), Some("<s>"));
+        assert_eq!(token_content(&tc, "eos_token").as_deref(), Some("</s>"));
+        assert_eq!(token_content(&tc, "pad_token"), None);
+        assert_eq!(token_content(&tc, "unk_token"), None);
+    }
+}

@@ -11,14 +11,22 @@ use tokio::process::{Child, Command};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// A binary built in `target/release`.
 pub fn binary(name: &str) -> PathBuf {
-    let dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), PathBuf::from);
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| repo_root().join("target"), PathBuf::from);
     let p = dir.join("release").join(name);
-    assert!(p.exists(), "{} is missing: run `cargo build --release` first (scripts/test.sh does)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --release` first (scripts/test.sh does)",
+        p.display()
+    );
     p
 }
 
@@ -29,7 +37,11 @@ pub fn default_model() -> PathBuf {
     }
     let home = std::env::var("HOME").unwrap_or_default();
     let p = PathBuf::from(home).join(".cache/tpserve/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/fetch-default-model.sh", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-default-model.sh",
+        p.display()
+    );
     p
 }
 
@@ -83,7 +95,9 @@ impl Server {
     /// Sends SIGTERM and waits for the process to exit.
     pub async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
         }
         let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
     }

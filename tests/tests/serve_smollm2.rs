@@ -9,7 +9,16 @@ const PARIS: &str = "The capital of France is Paris.";
 
 async fn server(extra: &[&str]) -> Server {
     let model = default_model();
-    let mut args = vec!["--model", model.to_str().unwrap(), "--served-model-name", "smollm2", "--max-model-len", "2048", "--max-num-batched-tokens", "128"];
+    let mut args = vec![
+        "--model",
+        model.to_str().unwrap(),
+        "--served-model-name",
+        "smollm2",
+        "--max-model-len",
+        "2048",
+        "--max-num-batched-tokens",
+        "128",
+    ];
     args.extend_from_slice(extra);
     Server::start(&args).await
 }
@@ -26,20 +35,40 @@ async fn greedy_chat_answers_paris_streamed_and_not_with_and_without_a_system_me
         json!([{"role": "user", "content": FRANCE}]),
         json!([{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": FRANCE}]),
     ] {
-        let r: Value = http.post(s.url("/v1/chat/completions")).json(&chat(messages.clone(), false)).send().await.unwrap().json().await.unwrap();
+        let r: Value = http
+            .post(s.url("/v1/chat/completions"))
+            .json(&chat(messages.clone(), false))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(r["choices"][0]["message"]["content"], PARIS, "{r}");
         assert_eq!(r["choices"][0]["finish_reason"], "stop");
         let usage = &r["usage"];
-        assert_eq!(usage["total_tokens"].as_u64().unwrap(), usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap());
+        assert_eq!(
+            usage["total_tokens"].as_u64().unwrap(),
+            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+        );
 
         let mut body = chat(messages, true);
         body["stream_options"] = json!({"include_usage": true});
-        let resp = http.post(s.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+        let resp = http
+            .post(s.url("/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.headers()["content-type"], "text/event-stream");
         let (events, done) = read_sse(resp).await;
         assert!(done, "the stream ends with [DONE]");
         assert_eq!(chat_stream_text(&events, 0), PARIS);
-        assert_eq!(events.last().unwrap()["usage"], r["usage"], "the last chunk carries the same usage");
+        assert_eq!(
+            events.last().unwrap()["usage"],
+            r["usage"],
+            "the last chunk carries the same usage"
+        );
     }
     s.stop().await;
 }
@@ -49,17 +78,47 @@ async fn completions_stop_strings_n_and_seeds_behave_like_openai() {
     let s = server(&[]).await;
     let http = reqwest::Client::new();
     let body = json!({"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0.9, "seed": 11, "n": 2});
-    let a: Value = http.post(s.url("/v1/completions")).json(&body).send().await.unwrap().json().await.unwrap();
-    let b: Value = http.post(s.url("/v1/completions")).json(&body).send().await.unwrap().json().await.unwrap();
+    let a: Value = http
+        .post(s.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let b: Value = http
+        .post(s.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(a["choices"].as_array().unwrap().len(), 2);
-    assert_eq!(a["choices"], b["choices"], "the same seed gives the same samples");
+    assert_eq!(
+        a["choices"], b["choices"],
+        "the same seed gives the same samples"
+    );
     assert_eq!(a["usage"]["completion_tokens"], 24);
     assert_eq!(a["choices"][0]["finish_reason"], "length");
 
     // A stop string ends generation and is not part of the text.
     let greedy = json!({"model": "smollm2", "messages": [{"role": "user", "content": FRANCE}], "temperature": 0, "stop": [" Paris"]});
-    let r: Value = http.post(s.url("/v1/chat/completions")).json(&greedy).send().await.unwrap().json().await.unwrap();
-    assert_eq!(r["choices"][0]["message"]["content"], "The capital of France is");
+    let r: Value = http
+        .post(s.url("/v1/chat/completions"))
+        .json(&greedy)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        r["choices"][0]["message"]["content"],
+        "The capital of France is"
+    );
     assert_eq!(r["choices"][0]["finish_reason"], "stop");
     s.stop().await;
 }
@@ -68,33 +127,72 @@ async fn completions_stop_strings_n_and_seeds_behave_like_openai() {
 async fn bad_requests_get_openai_errors_with_the_right_status() {
     let s = server(&[]).await;
     let http = reqwest::Client::new();
-    let post = |path: &str, body: String| http.post(s.url(path)).header("content-type", "application/json").body(body).send();
+    let post = |path: &str, body: String| {
+        http.post(s.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
 
-    let r = post("/v1/chat/completions", "{not json".into()).await.unwrap();
+    let r = post("/v1/chat/completions", "{not json".into())
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["type"], "invalid_request_error", "{e}");
 
-    let r = post("/v1/completions", json!({"model": "gpt-9", "prompt": "hi"}).to_string()).await.unwrap();
+    let r = post(
+        "/v1/completions",
+        json!({"model": "gpt-9", "prompt": "hi"}).to_string(),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 404);
     let e: Value = r.json().await.unwrap();
     assert!(e["error"]["message"].as_str().unwrap().contains("gpt-9"));
 
     let long = "hello ".repeat(3000);
-    let r = post("/v1/completions", json!({"model": "smollm2", "prompt": long, "max_tokens": 10}).to_string()).await.unwrap();
+    let r = post(
+        "/v1/completions",
+        json!({"model": "smollm2", "prompt": long, "max_tokens": 10}).to_string(),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 400);
-    let msg = r.json::<Value>().await.unwrap()["error"]["message"].as_str().unwrap().to_string();
-    assert!(msg.contains("2048") && msg.contains("3001"), "both numbers are in the message: {msg}");
+    let msg = r.json::<Value>().await.unwrap()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("2048") && msg.contains("3001"),
+        "both numbers are in the message: {msg}"
+    );
 
-    let r = post("/v1/completions", json!({"model": "smollm2", "prompt": "hi", "temperature": 7}).to_string()).await.unwrap();
+    let r = post(
+        "/v1/completions",
+        json!({"model": "smollm2", "prompt": "hi", "temperature": 7}).to_string(),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 400);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"]["param"], "temperature");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["param"],
+        "temperature"
+    );
 
-    let r = post("/v1/completions", json!({"model": "smollm2", "prompt": "hi", "top_p": 0}).to_string()).await.unwrap();
+    let r = post(
+        "/v1/completions",
+        json!({"model": "smollm2", "prompt": "hi", "top_p": 0}).to_string(),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 400);
 
     // The server is still healthy and answering after all that.
-    assert_eq!(http.get(s.url("/health")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.get(s.url("/health")).send().await.unwrap().status(),
+        200
+    );
     s.stop().await;
 }
 
@@ -102,13 +200,40 @@ async fn bad_requests_get_openai_errors_with_the_right_status() {
 async fn models_tokenize_and_detokenize_routes_answer() {
     let s = server(&[]).await;
     let http = reqwest::Client::new();
-    let m: Value = http.get(s.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    let m: Value = http
+        .get(s.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(m["data"][0]["id"], "smollm2");
     assert_eq!(m["data"][0]["max_model_len"], 2048);
-    let t: Value = http.post(s.url("/tokenize")).json(&json!({"model": "smollm2", "prompt": FRANCE})).send().await.unwrap().json().await.unwrap();
-    assert_eq!(t["tokens"], json!([1780, 314, 260, 3575, 282, 4649, 47]), "the same ids as HF's tokenizer");
+    let t: Value = http
+        .post(s.url("/tokenize"))
+        .json(&json!({"model": "smollm2", "prompt": FRANCE}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        t["tokens"],
+        json!([1780, 314, 260, 3575, 282, 4649, 47]),
+        "the same ids as HF's tokenizer"
+    );
     assert_eq!(t["count"], 7);
-    let d: Value = http.post(s.url("/detokenize")).json(&json!({"model": "smollm2", "tokens": t["tokens"]})).send().await.unwrap().json().await.unwrap();
+    let d: Value = http
+        .post(s.url("/detokenize"))
+        .json(&json!({"model": "smollm2", "tokens": t["tokens"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(d["prompt"], FRANCE);
     s.stop().await;
 }
@@ -117,11 +242,20 @@ async fn models_tokenize_and_detokenize_routes_answer() {
 async fn thirty_two_concurrent_streams_each_return_what_they_return_alone() {
     let s = server(&[]).await;
     let http = reqwest::Client::new();
-    let prompts: Vec<String> = (0..32).map(|i| format!("Write one sentence about the number {i}.")).collect();
+    let prompts: Vec<String> = (0..32)
+        .map(|i| format!("Write one sentence about the number {i}."))
+        .collect();
     let request = |p: &str| json!({"model": "smollm2", "messages": [{"role": "user", "content": p}], "temperature": 0, "max_tokens": 12, "stream": true});
     let mut alone = Vec::new();
     for p in &prompts {
-        let (events, done) = read_sse(http.post(s.url("/v1/chat/completions")).json(&request(p)).send().await.unwrap()).await;
+        let (events, done) = read_sse(
+            http.post(s.url("/v1/chat/completions"))
+                .json(&request(p))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
         assert!(done);
         alone.push(chat_stream_text(&events, 0));
     }

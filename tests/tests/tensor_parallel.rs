@@ -7,15 +7,41 @@ use tpserve_e2e::{binary, default_model};
 
 fn generate(tp: usize, input: &std::path::Path) -> Vec<serde_json::Value> {
     let out = Command::new(binary("tpserve"))
-        .args(["generate", "--model", default_model().to_str().unwrap(), "--input", input.to_str().unwrap()])
-        .args(["-t", &tp.to_string(), "--max-model-len", "1024", "--max-tokens", "24", "--max-num-batched-tokens", "256"])
+        .args([
+            "generate",
+            "--model",
+            default_model().to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+        ])
+        .args([
+            "-t",
+            &tp.to_string(),
+            "--max-model-len",
+            "1024",
+            "--max-tokens",
+            "24",
+            "--max-num-batched-tokens",
+            "256",
+        ])
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
-    assert!(out.status.success(), "tp={tp}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "tp={tp}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("tokens/s"), "generate reports its throughput: {stderr}");
-    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    assert!(
+        stderr.contains("tokens/s"),
+        "generate reports its throughput: {stderr}"
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[test]
@@ -55,24 +81,49 @@ fn tensor_parallel_3_gives_the_same_greedy_text_as_1_for_twelve_prompts() {
 #[test]
 fn a_tensor_parallel_size_that_does_not_divide_the_heads_is_refused_at_start() {
     let out = Command::new(binary("tpserve"))
-        .args(["serve", "--model", default_model().to_str().unwrap(), "-t", "2", "--port", "0"])
+        .args([
+            "serve",
+            "--model",
+            default_model().to_str().unwrap(),
+            "-t",
+            "2",
+            "--port",
+            "0",
+        ])
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("9 attention heads") && stderr.contains("size 2"), "{stderr}");
+    assert!(
+        stderr.contains("9 attention heads") && stderr.contains("size 2"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[test]
 fn offline_generate_answers_paris_for_one_prompt() {
     let out = Command::new(binary("tpserve"))
-        .args(["generate", "--model", default_model().to_str().unwrap(), "--chat", "--prompt", "What is the capital of France?"])
+        .args([
+            "generate",
+            "--model",
+            default_model().to_str().unwrap(),
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+        ])
         .args(["--max-model-len", "1024"])
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "The capital of France is Paris.");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "The capital of France is Paris."
+    );
 }

@@ -20,7 +20,10 @@ pub enum WorkerError {
     Communicator { detail: String },
     /// An operation came in the wrong lifecycle order (e.g. a step before the cache exists).
     #[error("{operation} called before {needs}")]
-    Lifecycle { operation: &'static str, needs: &'static str },
+    Lifecycle {
+        operation: &'static str,
+        needs: &'static str,
+    },
     /// A step plan that contradicts the worker's state (unknown request, missing blocks).
     #[error("invalid step plan: {detail}")]
     Plan { detail: String },

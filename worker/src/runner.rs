@@ -14,8 +14,8 @@ use tpserve_modelfile::{Format, LlamaConfig, ModelSource};
 use tpserve_proto as pb;
 
 use crate::batch::{Batch, SeqSlice};
-use crate::comm::{Communicator, SingleRank, TcpCommunicator};
 use crate::comm::tcp::Rendezvous;
+use crate::comm::{Communicator, SingleRank, TcpCommunicator};
 use crate::cpu::{CpuModel, KvCache, WeightSource};
 use crate::error::{Result, WorkerError};
 use crate::sampler::Sampler;
@@ -94,10 +94,15 @@ impl Runner {
         let started = Instant::now();
         if !matches!(req.dtype.as_str(), "" | "auto" | "float32" | "float") {
             return Err(WorkerError::Device {
-                detail: format!("the CPU backend computes in float32; dtype {:?} is not available on it", req.dtype),
+                detail: format!(
+                    "the CPU backend computes in float32; dtype {:?} is not available on it",
+                    req.dtype
+                ),
             });
         }
-        let format = match pb::LoadFormat::try_from(req.load_format).unwrap_or(pb::LoadFormat::Unspecified) {
+        let format = match pb::LoadFormat::try_from(req.load_format)
+            .unwrap_or(pb::LoadFormat::Unspecified)
+        {
             pb::LoadFormat::Safetensors => Some(Format::Safetensors),
             pb::LoadFormat::Gguf => Some(Format::Gguf),
             _ => None,
@@ -108,13 +113,23 @@ impl Runner {
         let model = if dummy {
             let config = dummy_config(path)?;
             let shard = ShardPlan::new(&config, rank, world)?;
-            CpuModel::load(&config, shard, &WeightSource::Dummy(req.dummy_seed), config.max_position_embeddings)?
+            CpuModel::load(
+                &config,
+                shard,
+                &WeightSource::Dummy(req.dummy_seed),
+                config.max_position_embeddings,
+            )?
         } else {
             let source = ModelSource::open(path, format)?;
             let config = source.config().clone();
             let shard = ShardPlan::new(&config, rank, world)?;
             let weights = source.weights()?;
-            CpuModel::load(&config, shard, &WeightSource::Reader(weights.as_ref()), config.max_position_embeddings)?
+            CpuModel::load(
+                &config,
+                shard,
+                &WeightSource::Reader(weights.as_ref()),
+                config.max_position_embeddings,
+            )?
         };
         let config = model.config().clone();
         self.vocab_per_rank = (0..world)
@@ -135,14 +150,22 @@ impl Runner {
     }
 
     fn model(&self, operation: &'static str) -> Result<&CpuModel> {
-        self.model.as_ref().ok_or(WorkerError::Lifecycle { operation, needs: "LoadModel" })
+        self.model.as_ref().ok_or(WorkerError::Lifecycle {
+            operation,
+            needs: "LoadModel",
+        })
     }
 
     /// How many blocks fit in the given budget.
-    pub fn profile_memory(&self, req: &pb::ProfileMemoryRequest) -> Result<pb::ProfileMemoryResponse> {
+    pub fn profile_memory(
+        &self,
+        req: &pb::ProfileMemoryRequest,
+    ) -> Result<pb::ProfileMemoryResponse> {
         let model = self.model("ProfileMemory")?;
         if req.block_size == 0 {
-            return Err(WorkerError::Cache { detail: "block size must be positive".into() });
+            return Err(WorkerError::Cache {
+                detail: "block size must be positive".into(),
+            });
         }
         let per_block = model.cache_bytes_per_block(req.block_size as usize) as u64;
         if req.kv_cache_bytes == 0 {
@@ -150,7 +173,10 @@ impl Runner {
                 detail: "the CPU backend needs an explicit KV cache size (--kv-cache-space)".into(),
             });
         }
-        Ok(pb::ProfileMemoryResponse { num_blocks: req.kv_cache_bytes / per_block, bytes_per_block: per_block })
+        Ok(pb::ProfileMemoryResponse {
+            num_blocks: req.kv_cache_bytes / per_block,
+            bytes_per_block: per_block,
+        })
     }
 
     /// Allocates the cache.
@@ -158,7 +184,9 @@ impl Runner {
         let model = self.model("InitCache")?;
         if num_blocks == 0 || block_size == 0 {
             return Err(WorkerError::Cache {
-                detail: format!("cannot make a cache of {num_blocks} blocks of {block_size} tokens"),
+                detail: format!(
+                    "cannot make a cache of {num_blocks} blocks of {block_size} tokens"
+                ),
             });
         }
         let cache = model.new_cache(num_blocks, block_size);
@@ -176,7 +204,10 @@ impl Runner {
     /// Runs the largest step the limits allow on scratch blocks; the cache holds no request yet.
     pub fn warmup(&mut self, max_tokens: usize, max_seqs: usize) -> Result<f64> {
         let started = Instant::now();
-        let cache = self.cache.as_ref().ok_or(WorkerError::Lifecycle { operation: "Warmup", needs: "InitCache" })?;
+        let cache = self.cache.as_ref().ok_or(WorkerError::Lifecycle {
+            operation: "Warmup",
+            needs: "InitCache",
+        })?;
         let (block_size, num_blocks) = (cache.block_size, cache.num_blocks);
         let max_pos = self.model("Warmup")?.max_positions();
         let seqs = max_seqs.clamp(1, max_tokens.max(1));
@@ -188,16 +219,24 @@ impl Runner {
             if next_block + blocks > num_blocks {
                 break;
             }
-            let block_ids: Vec<u32> = (next_block..next_block + blocks).map(|b| b as u32).collect();
+            let block_ids: Vec<u32> = (next_block..next_block + blocks)
+                .map(|b| b as u32)
+                .collect();
             next_block += blocks;
             let first = batch.token_ids.len();
             for p in 0..per_seq {
                 batch.token_ids.push(0);
                 batch.positions.push(p);
-                batch.slots.push(block_ids[p / block_size] as usize * block_size + p % block_size);
+                batch
+                    .slots
+                    .push(block_ids[p / block_size] as usize * block_size + p % block_size);
             }
             batch.sample_rows.push(first + per_seq - 1);
-            batch.seqs.push(SeqSlice { rows: first..first + per_seq, start_pos: 0, block_ids });
+            batch.seqs.push(SeqSlice {
+                rows: first..first + per_seq,
+                start_pos: 0,
+                block_ids,
+            });
         }
         let model = self.model.as_ref().expect("checked above");
         let cache = self.cache.as_mut().expect("checked above");
@@ -209,9 +248,20 @@ impl Runner {
     /// Executes one plan; rank 0 returns the sampled tokens, other ranks an empty list.
     pub fn step(&mut self, plan: &pb::StepPlan) -> Result<Vec<pb::SampledToken>> {
         let scheduled = self.admit(plan)?;
-        let model = self.model.as_ref().ok_or(WorkerError::Lifecycle { operation: "Step", needs: "LoadModel" })?;
-        let cache = self.cache.as_mut().ok_or(WorkerError::Lifecycle { operation: "Step", needs: "InitCache" })?;
-        let (batch, sample_ids) = build_batch(&self.requests, &scheduled, cache.block_size, cache.num_blocks)?;
+        let model = self.model.as_ref().ok_or(WorkerError::Lifecycle {
+            operation: "Step",
+            needs: "LoadModel",
+        })?;
+        let cache = self.cache.as_mut().ok_or(WorkerError::Lifecycle {
+            operation: "Step",
+            needs: "InitCache",
+        })?;
+        let (batch, sample_ids) = build_batch(
+            &self.requests,
+            &scheduled,
+            cache.block_size,
+            cache.num_blocks,
+        )?;
         if batch.num_tokens() == 0 {
             return Ok(Vec::new());
         }
@@ -220,8 +270,17 @@ impl Runner {
         let mut tokens = vec![0u32; sample_ids.len()];
         if let Some(all) = gathered {
             let vocab: usize = self.vocab_per_rank.iter().sum();
-            for ((id, token), row) in sample_ids.iter().zip(tokens.iter_mut()).zip(all.chunks_exact(vocab)) {
-                *token = self.requests.get_mut(id).expect("validated").sampler.sample(row);
+            for ((id, token), row) in sample_ids
+                .iter()
+                .zip(tokens.iter_mut())
+                .zip(all.chunks_exact(vocab))
+            {
+                *token = self
+                    .requests
+                    .get_mut(id)
+                    .expect("validated")
+                    .sampler
+                    .sample(row);
             }
         }
         self.comm.broadcast_from_root(&mut tokens)?;
@@ -231,8 +290,15 @@ impl Runner {
         }
         let mut out = Vec::with_capacity(tokens.len());
         for (id, token) in sample_ids.into_iter().zip(tokens) {
-            self.requests.get_mut(&id).expect("validated").tokens.push(token);
-            out.push(pb::SampledToken { request_id: id, token_id: token });
+            self.requests
+                .get_mut(&id)
+                .expect("validated")
+                .tokens
+                .push(token);
+            out.push(pb::SampledToken {
+                request_id: id,
+                token_id: token,
+            });
         }
         if self.comm.rank() != 0 {
             out.clear();
@@ -245,17 +311,28 @@ impl Runner {
     fn admit(&mut self, plan: &pb::StepPlan) -> Result<Vec<Scheduled>> {
         let bad = |detail: String| Err(WorkerError::Plan { detail });
         for new in &plan.new_requests {
-            if self.requests.contains_key(&new.request_id) && !plan.freed_request_ids.contains(&new.request_id) {
+            if self.requests.contains_key(&new.request_id)
+                && !plan.freed_request_ids.contains(&new.request_id)
+            {
                 return bad(format!("request {} is already running", new.request_id));
             }
-            if new.num_computed_tokens as usize + new.num_scheduled_tokens as usize > new.token_ids.len() {
-                return bad(format!("request {} schedules past its known tokens", new.request_id));
+            if new.num_computed_tokens as usize + new.num_scheduled_tokens as usize
+                > new.token_ids.len()
+            {
+                return bad(format!(
+                    "request {} schedules past its known tokens",
+                    new.request_id
+                ));
             }
         }
         for run in &plan.running {
-            let known = self.requests.contains_key(&run.request_id) && !plan.freed_request_ids.contains(&run.request_id);
+            let known = self.requests.contains_key(&run.request_id)
+                && !plan.freed_request_ids.contains(&run.request_id);
             if !known {
-                return bad(format!("request {} is not running on this worker", run.request_id));
+                return bad(format!(
+                    "request {} is not running on this worker",
+                    run.request_id
+                ));
             }
         }
         for id in &plan.freed_request_ids {
@@ -273,12 +350,21 @@ impl Runner {
                     sampler: Sampler::new(sampling),
                 },
             );
-            scheduled.push(Scheduled { id: new.request_id, count: new.num_scheduled_tokens as usize });
+            scheduled.push(Scheduled {
+                id: new.request_id,
+                count: new.num_scheduled_tokens as usize,
+            });
         }
         for run in &plan.running {
-            let state = self.requests.get_mut(&run.request_id).expect("checked above");
+            let state = self
+                .requests
+                .get_mut(&run.request_id)
+                .expect("checked above");
             state.block_ids.extend_from_slice(&run.new_block_ids);
-            scheduled.push(Scheduled { id: run.request_id, count: run.num_scheduled_tokens as usize });
+            scheduled.push(Scheduled {
+                id: run.request_id,
+                count: run.num_scheduled_tokens as usize,
+            });
         }
         Ok(scheduled)
     }
@@ -286,17 +372,22 @@ impl Runner {
 
 /// Gathers every rank's vocabulary slice of the logits (`[rows, vocab_of_rank]` each) to rank 0
 /// and reassembles whole rows, `[rows, vocab]`; other ranks get `None`.
-pub fn gather_logits(comm: &mut dyn Communicator, local: &[f32], vocab_per_rank: &[usize]) -> Result<Option<Vec<f32>>> {
+pub fn gather_logits(
+    comm: &mut dyn Communicator,
+    local: &[f32],
+    vocab_per_rank: &[usize],
+) -> Result<Option<Vec<f32>>> {
     let Some(all) = comm.gather_to_root(local)? else {
         return Ok(None);
     };
     let vocab: usize = vocab_per_rank.iter().sum();
-    let rows = if vocab == 0 { 0 } else { all.len() / vocab };
+    let rows = all.len().checked_div(vocab).unwrap_or(0);
     let mut out = vec![0.0f32; rows * vocab];
     let (mut offset, mut column) = (0usize, 0usize);
     for &v in vocab_per_rank {
         for r in 0..rows {
-            out[r * vocab + column..r * vocab + column + v].copy_from_slice(&all[offset + r * v..offset + (r + 1) * v]);
+            out[r * vocab + column..r * vocab + column + v]
+                .copy_from_slice(&all[offset + r * v..offset + (r + 1) * v]);
         }
         offset += rows * v;
         column += v;
@@ -323,24 +414,42 @@ fn build_batch(
         let end = start + s.count;
         if end > state.tokens.len() {
             return Err(WorkerError::Plan {
-                detail: format!("request {} schedules {} tokens but knows only {}", s.id, end, state.tokens.len()),
+                detail: format!(
+                    "request {} schedules {} tokens but knows only {}",
+                    s.id,
+                    end,
+                    state.tokens.len()
+                ),
             });
         }
         if end > state.block_ids.len() * block_size {
             return Err(WorkerError::Plan {
-                detail: format!("request {} needs {} tokens of KV but has {} blocks", s.id, end, state.block_ids.len()),
+                detail: format!(
+                    "request {} needs {} tokens of KV but has {} blocks",
+                    s.id,
+                    end,
+                    state.block_ids.len()
+                ),
             });
         }
         if let Some(b) = state.block_ids.iter().find(|b| **b as usize >= num_blocks) {
-            return Err(WorkerError::Plan { detail: format!("block {b} is outside the cache of {num_blocks}") });
+            return Err(WorkerError::Plan {
+                detail: format!("block {b} is outside the cache of {num_blocks}"),
+            });
         }
         let first = batch.token_ids.len();
         for p in start..end {
             batch.token_ids.push(state.tokens[p]);
             batch.positions.push(p);
-            batch.slots.push(state.block_ids[p / block_size] as usize * block_size + p % block_size);
+            batch
+                .slots
+                .push(state.block_ids[p / block_size] as usize * block_size + p % block_size);
         }
-        batch.seqs.push(SeqSlice { rows: first..first + s.count, start_pos: start, block_ids: state.block_ids.clone() });
+        batch.seqs.push(SeqSlice {
+            rows: first..first + s.count,
+            start_pos: start,
+            block_ids: state.block_ids.clone(),
+        });
         if end == state.tokens.len() {
             batch.sample_rows.push(first + s.count - 1);
             sample_ids.push(s.id);
@@ -351,7 +460,11 @@ fn build_batch(
 
 /// The config of a `dummy` model: `path` is a config.json or a directory holding one.
 fn dummy_config(path: &Path) -> Result<LlamaConfig> {
-    let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
+    let file = if path.is_dir() {
+        path.join("config.json")
+    } else {
+        path.to_path_buf()
+    };
     let text = std::fs::read_to_string(&file).map_err(|e| WorkerError::Unsupported {
         detail: format!("dummy weights need a config.json: {}: {e}", file.display()),
     })?;

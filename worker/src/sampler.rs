@@ -31,7 +31,11 @@ impl Sampler {
             return argmax(logits);
         }
         let inv_t = 1.0 / p.temperature;
-        let mut cands: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, l)| (i as u32, l * inv_t)).collect();
+        let mut cands: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i as u32, l * inv_t))
+            .collect();
         let sorted = p.top_k > 0 || p.top_p < 1.0;
         if sorted {
             cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -90,7 +94,13 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32) -> SamplingParams {
-        SamplingParams { temperature, top_p: 1.0, top_k: 0, min_p: 0.0, seed: Some(7) }
+        SamplingParams {
+            temperature,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            seed: Some(7),
+        }
     }
 
     #[test]
@@ -112,9 +122,18 @@ mod tests {
     #[test]
     fn top_k_and_top_p_keep_only_the_head_of_the_distribution() {
         let logits = [5.0, 4.9, 0.0, -3.0, -4.0];
-        let mut k = Sampler::new(SamplingParams { top_k: 2, ..params(1.0) });
-        let mut p = Sampler::new(SamplingParams { top_p: 0.5, ..params(1.0) });
-        let mut m = Sampler::new(SamplingParams { min_p: 0.5, ..params(1.0) });
+        let mut k = Sampler::new(SamplingParams {
+            top_k: 2,
+            ..params(1.0)
+        });
+        let mut p = Sampler::new(SamplingParams {
+            top_p: 0.5,
+            ..params(1.0)
+        });
+        let mut m = Sampler::new(SamplingParams {
+            min_p: 0.5,
+            ..params(1.0)
+        });
         for _ in 0..200 {
             assert!(k.sample(&logits) < 2);
             assert_eq!(p.sample(&logits), 0);

@@ -29,9 +29,9 @@ pub struct WorkerService {
 fn status(e: WorkerError) -> Status {
     match e {
         WorkerError::Lifecycle { .. } => Status::failed_precondition(e.to_string()),
-        WorkerError::Sharding { .. } | WorkerError::Unsupported { .. } | WorkerError::Plan { .. } => {
-            Status::invalid_argument(e.to_string())
-        }
+        WorkerError::Sharding { .. }
+        | WorkerError::Unsupported { .. }
+        | WorkerError::Plan { .. } => Status::invalid_argument(e.to_string()),
         WorkerError::Load(_) => Status::invalid_argument(e.to_string()),
         _ => Status::internal(e.to_string()),
     }
@@ -53,19 +53,24 @@ impl WorkerService {
         Self {
             jobs,
             ready: Arc::new(AtomicBool::new(false)),
-            device_name: format!("cpu ({} threads)", rayon::current_num_threads()),
+            device_name: format!("{} threads", rayon::current_num_threads()),
         }
     }
 
     /// Runs `f` on the runner thread and waits for its answer.
-    async fn run<T: Send + 'static>(&self, f: impl FnOnce(&mut Runner) -> crate::error::Result<T> + Send + 'static) -> Result<T, Status> {
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Runner) -> crate::error::Result<T> + Send + 'static,
+    ) -> Result<T, Status> {
         let (tx, rx) = oneshot::channel();
         self.jobs
             .send(Box::new(move |r: &mut Runner| {
                 let _ = tx.send(f(r));
             }))
             .map_err(|_| Status::unavailable("the runner thread has stopped"))?;
-        rx.await.map_err(|_| Status::internal("the runner thread dropped a job (it panicked)"))?.map_err(status)
+        rx.await
+            .map_err(|_| Status::internal("the runner thread dropped a job (it panicked)"))?
+            .map_err(status)
     }
 }
 
@@ -73,7 +78,10 @@ type StepStream = Pin<Box<dyn Stream<Item = Result<pb::StepResult, Status>> + Se
 
 #[tonic::async_trait]
 impl Worker for WorkerService {
-    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+    async fn info(
+        &self,
+        _: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
         Ok(Response::new(pb::InfoResponse {
             device_kind: "cpu".into(),
             device_name: self.device_name.clone(),
@@ -82,56 +90,103 @@ impl Worker for WorkerService {
         }))
     }
 
-    async fn communicator_id(&self, _: Request<pb::CommunicatorIdRequest>) -> Result<Response<pb::CommunicatorIdResponse>, Status> {
+    async fn communicator_id(
+        &self,
+        _: Request<pb::CommunicatorIdRequest>,
+    ) -> Result<Response<pb::CommunicatorIdResponse>, Status> {
         let id = self.run(|r| r.communicator_id()).await?;
         Ok(Response::new(pb::CommunicatorIdResponse { id }))
     }
 
-    async fn init_communicator(&self, req: Request<pb::InitCommunicatorRequest>) -> Result<Response<pb::InitCommunicatorResponse>, Status> {
+    async fn init_communicator(
+        &self,
+        req: Request<pb::InitCommunicatorRequest>,
+    ) -> Result<Response<pb::InitCommunicatorResponse>, Status> {
         let req = req.into_inner();
         if req.world_size == 0 || req.rank >= req.world_size {
-            return Err(Status::invalid_argument(format!("rank {} outside a group of {}", req.rank, req.world_size)));
+            return Err(Status::invalid_argument(format!(
+                "rank {} outside a group of {}",
+                req.rank, req.world_size
+            )));
         }
-        self.run(move |r| r.init_communicator(&req.id, req.rank as usize, req.world_size as usize)).await?;
+        self.run(move |r| r.init_communicator(&req.id, req.rank as usize, req.world_size as usize))
+            .await?;
         Ok(Response::new(pb::InitCommunicatorResponse {}))
     }
 
-    async fn load_model(&self, req: Request<pb::LoadModelRequest>) -> Result<Response<pb::LoadModelResponse>, Status> {
+    async fn load_model(
+        &self,
+        req: Request<pb::LoadModelRequest>,
+    ) -> Result<Response<pb::LoadModelResponse>, Status> {
         let req = req.into_inner();
         self.ready.store(false, Ordering::SeqCst);
         let resp = self.run(move |r| r.load_model(&req)).await?;
-        tracing::info!(weight_bytes = resp.weight_bytes, seconds = resp.load_seconds, "model loaded");
+        tracing::info!(
+            weight_bytes = resp.weight_bytes,
+            seconds = resp.load_seconds,
+            "model loaded"
+        );
         Ok(Response::new(resp))
     }
 
-    async fn profile_memory(&self, req: Request<pb::ProfileMemoryRequest>) -> Result<Response<pb::ProfileMemoryResponse>, Status> {
+    async fn profile_memory(
+        &self,
+        req: Request<pb::ProfileMemoryRequest>,
+    ) -> Result<Response<pb::ProfileMemoryResponse>, Status> {
         let req = req.into_inner();
-        Ok(Response::new(self.run(move |r| r.profile_memory(&req)).await?))
+        Ok(Response::new(
+            self.run(move |r| r.profile_memory(&req)).await?,
+        ))
     }
 
-    async fn init_cache(&self, req: Request<pb::InitCacheRequest>) -> Result<Response<pb::InitCacheResponse>, Status> {
+    async fn init_cache(
+        &self,
+        req: Request<pb::InitCacheRequest>,
+    ) -> Result<Response<pb::InitCacheResponse>, Status> {
         let req = req.into_inner();
-        let cache_bytes = self.run(move |r| r.init_cache(req.num_blocks as usize, req.block_size as usize)).await?;
+        let cache_bytes = self
+            .run(move |r| r.init_cache(req.num_blocks as usize, req.block_size as usize))
+            .await?;
         Ok(Response::new(pb::InitCacheResponse { cache_bytes }))
     }
 
-    async fn warmup(&self, req: Request<pb::WarmupRequest>) -> Result<Response<pb::WarmupResponse>, Status> {
+    async fn warmup(
+        &self,
+        req: Request<pb::WarmupRequest>,
+    ) -> Result<Response<pb::WarmupResponse>, Status> {
         let req = req.into_inner();
-        let seconds = self.run(move |r| r.warmup(req.max_num_batched_tokens as usize, req.max_num_seqs as usize)).await?;
+        let seconds = self
+            .run(move |r| {
+                r.warmup(
+                    req.max_num_batched_tokens as usize,
+                    req.max_num_seqs as usize,
+                )
+            })
+            .await?;
         self.ready.store(true, Ordering::SeqCst);
         tracing::info!(seconds, "warm-up done");
         Ok(Response::new(pb::WarmupResponse { seconds }))
     }
 
-    async fn health(&self, _: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
+    async fn health(
+        &self,
+        _: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
         let ready = self.ready.load(Ordering::SeqCst);
-        let detail = if ready { String::new() } else { "not warmed up yet".into() };
+        let detail = if ready {
+            String::new()
+        } else {
+            "not warmed up yet".into()
+        };
         Ok(Response::new(pb::HealthResponse { ready, detail }))
     }
 
     type StepStream = StepStream;
 
-    async fn step(&self, req: Request<Streaming<pb::StepPlan>>) -> Result<Response<Self::StepStream>, Status> {
+    async fn step(
+        &self,
+        req: Request<Streaming<pb::StepPlan>>,
+    ) -> Result<Response<Self::StepStream>, Status> {
         let mut plans = req.into_inner();
         let this = self.clone();
         let (tx, rx) = mpsc::channel::<Result<pb::StepResult, Status>>(4);
@@ -165,7 +220,9 @@ impl Worker for WorkerService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 

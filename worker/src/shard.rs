@@ -37,20 +37,22 @@ impl ShardPlan {
         if world_size == 0 || rank >= world_size {
             return refuse(format!("rank {rank} is outside a group of {world_size}"));
         }
-        if kv == 0 || heads % kv != 0 {
-            return refuse(format!("{heads} attention heads do not group over {kv} KV heads"));
+        if kv == 0 || !heads.is_multiple_of(kv) {
+            return refuse(format!(
+                "{heads} attention heads do not group over {kv} KV heads"
+            ));
         }
-        if heads % world_size != 0 {
+        if !heads.is_multiple_of(world_size) {
             return refuse(format!(
                 "the model has {heads} attention heads, which tensor-parallel size {world_size} does not divide"
             ));
         }
-        if kv % world_size != 0 && world_size % kv != 0 {
+        if !kv.is_multiple_of(world_size) && !world_size.is_multiple_of(kv) {
             return refuse(format!(
                 "the model has {kv} KV heads: tensor-parallel size {world_size} must divide it or be a multiple of it"
             ));
         }
-        if config.intermediate_size % world_size != 0 {
+        if !config.intermediate_size.is_multiple_of(world_size) {
             return refuse(format!(
                 "the MLP's intermediate size {} is not divisible by tensor-parallel size {world_size}",
                 config.intermediate_size

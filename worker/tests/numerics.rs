@@ -18,11 +18,19 @@ fn golden(name: &str) -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn check_tiny(golden_name: &str, fixture: &str, tp: usize) {
@@ -34,7 +42,10 @@ fn check_tiny(golden_name: &str, fixture: &str, tp: usize) {
         let got = prefill_logits(&dir, tp, &input, 13);
         let err = max_rel_err(&got, &want);
         eprintln!("{fixture} tp={tp} sequence {i}: max relative error {err:e}");
-        assert!(err <= 1e-4, "{fixture} tp={tp} sequence {i}: max relative error {err:e}");
+        assert!(
+            err <= 1e-4,
+            "{fixture} tp={tp} sequence {i}: max relative error {err:e}"
+        );
     }
     // Greedy continuation, one token at a time through the whole prefill again (the KV cache
     // path is covered by the chunked prefill above and by the engine tests).
@@ -44,7 +55,12 @@ fn check_tiny(golden_name: &str, fixture: &str, tp: usize) {
     for want in ids(&greedy["new_ids"]) {
         let logits = prefill_logits(&dir, tp, &seq, 64);
         let next = *argmax_rows(&logits, vocab).last().unwrap();
-        assert_eq!(next, want, "{fixture} tp={tp}: greedy diverged after {} tokens", seq.len());
+        assert_eq!(
+            next,
+            want,
+            "{fixture} tp={tp}: greedy diverged after {} tokens",
+            seq.len()
+        );
         seq.push(next);
     }
 }
@@ -85,15 +101,28 @@ fn check_smollm2(model: &std::path::Path, tp: usize) {
         let vocab = 49152;
         let last = &got[(input.len() - 1) * vocab..];
         let err = max_rel_err(last, &floats(&c["last_logits"]));
-        eprintln!("SmolLM2 {} tp={tp} {case}: last-position max relative error {err:e}", model.display());
-        assert!(err <= 1.5e-4, "SmolLM2 tp={tp} {case}: last-position max relative error {err:e}");
+        eprintln!(
+            "SmolLM2 {} tp={tp} {case}: last-position max relative error {err:e}",
+            model.display()
+        );
+        assert!(
+            err <= 1.5e-4,
+            "SmolLM2 tp={tp} {case}: last-position max relative error {err:e}"
+        );
         for (pos, top5) in c["top5"].as_array().unwrap().iter().enumerate() {
             let row = &got[pos * vocab..(pos + 1) * vocab];
             for pair in top5.as_array().unwrap() {
-                let (idx, value) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
+                let (idx, value) = (
+                    pair[0].as_u64().unwrap() as usize,
+                    pair[1].as_f64().unwrap() as f32,
+                );
                 // Goldens are rounded to 6 significant digits.
                 let tol = 1.5e-4 * value.abs().max(1.0) + 1e-5 * value.abs();
-                assert!((row[idx] - value).abs() <= tol, "SmolLM2 {case} position {pos} token {idx}: {} vs {value}", row[idx]);
+                assert!(
+                    (row[idx] - value).abs() <= tol,
+                    "SmolLM2 {case} position {pos} token {idx}: {} vs {value}",
+                    row[idx]
+                );
             }
         }
     }

@@ -57,13 +57,18 @@ pub struct DecodeReport {
 pub async fn run(args: DecodeArgs) -> anyhow::Result<DecodeReport> {
     let tp = args.engine.tensor_parallel_size;
     let launched = launch(&args.engine, None).await?;
-    let prompt: Vec<u32> = (0..args.input_len).map(|i| 1000 + (i as u32 * 37) % 5000).collect();
+    let prompt: Vec<u32> = (0..args.input_len)
+        .map(|i| 1000 + (i as u32 * 37) % 5000)
+        .collect();
     let mut runs = Vec::new();
     for _ in 0..args.runs.max(1) {
         let request = GenerateRequest {
             prompt_token_ids: prompt.clone(),
             max_tokens: args.output_len,
-            sampling: Sampling { temperature: 0.0, ..Sampling::default() },
+            sampling: Sampling {
+                temperature: 0.0,
+                ..Sampling::default()
+            },
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: true,
@@ -86,7 +91,10 @@ pub async fn run(args: DecodeArgs) -> anyhow::Result<DecodeReport> {
         }
         let first = first.context("no token came back")?;
         let decode_s = (last - first).as_secs_f64();
-        runs.push(((first - started).as_secs_f64(), (tokens.saturating_sub(1)) as f64 / decode_s));
+        runs.push((
+            (first - started).as_secs_f64(),
+            (tokens.saturating_sub(1)) as f64 / decode_s,
+        ));
     }
     runs.sort_by(|a, b| a.1.total_cmp(&b.1));
     let (ttft, tps) = runs[runs.len() / 2];
@@ -123,7 +131,8 @@ pub async fn run(args: DecodeArgs) -> anyhow::Result<DecodeReport> {
         report.fraction_of_floor * 100.0
     );
     if let Some(path) = &args.result_json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(report)
 }

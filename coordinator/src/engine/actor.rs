@@ -100,7 +100,10 @@ fn to_proto(s: &Sampling) -> pb::SamplingParams {
     }
 }
 
-fn plan_to_proto(plan: &StepPlan, sampling: impl Fn(&Sampling) -> pb::SamplingParams) -> pb::StepPlan {
+fn plan_to_proto(
+    plan: &StepPlan,
+    sampling: impl Fn(&Sampling) -> pb::SamplingParams,
+) -> pb::StepPlan {
     pb::StepPlan {
         step_id: plan.step_id,
         new_requests: plan
@@ -173,7 +176,9 @@ impl Engine {
                 accepted,
             } => {
                 if let Some(detail) = &self.failure {
-                    let _ = accepted.send(Err(EngineError::Unavailable { detail: detail.clone() }));
+                    let _ = accepted.send(Err(EngineError::Unavailable {
+                        detail: detail.clone(),
+                    }));
                     return;
                 }
                 let waiting = self.scheduler.num_waiting();
@@ -223,7 +228,8 @@ impl Engine {
         let request = plan_to_proto(&plan, to_proto);
         match self.group.step(request).await {
             Ok(tokens) => {
-                let sampled: Vec<(u64, u32)> = tokens.iter().map(|t| (t.request_id, t.token_id)).collect();
+                let sampled: Vec<(u64, u32)> =
+                    tokens.iter().map(|t| (t.request_id, t.token_id)).collect();
                 if let Err(e) = self.scheduler.apply(plan.step_id, &sampled) {
                     self.fail_all(format!("scheduler: {e}"));
                     return;
@@ -244,7 +250,9 @@ impl Engine {
         let Some(seq) = self.sequences.get_mut(&id) else {
             return; // aborted while the step ran
         };
-        let update = seq.output.push(token, &self.tokenizer, &self.config.eos_token_ids);
+        let update = seq
+            .output
+            .push(token, &self.tokenizer, &self.config.eos_token_ids);
         let mut gone = seq
             .events
             .send(GenerateEvent::Delta {
@@ -269,7 +277,11 @@ impl Engine {
     /// The workers and the scheduler no longer agree: fail every sequence and stop serving.
     fn fail_all(&mut self, detail: String) {
         for (id, seq) in self.sequences.drain() {
-            let _ = seq.events.send(GenerateEvent::Error(EngineError::WorkerFailed { detail: detail.clone() }));
+            let _ = seq
+                .events
+                .send(GenerateEvent::Error(EngineError::WorkerFailed {
+                    detail: detail.clone(),
+                }));
             self.scheduler.abort(id);
         }
         self.failure = Some(detail);

@@ -95,7 +95,8 @@ impl Stream for GenerationStream {
         }
         let polled = self.events.poll_recv(cx);
         match &polled {
-            Poll::Ready(Some(GenerateEvent::Finished { .. } | GenerateEvent::Error(_))) | Poll::Ready(None) => {
+            Poll::Ready(Some(GenerateEvent::Finished { .. } | GenerateEvent::Error(_)))
+            | Poll::Ready(None) => {
                 self.ended = true;
             }
             _ => {}

@@ -64,7 +64,12 @@ impl OutputState {
     }
 
     /// Appends `token` and reports the text that became final and whether the sequence ended.
-    pub fn push(&mut self, token: u32, tokenizer: &Arc<Tokenizer>, eos_token_ids: &[u32]) -> Update {
+    pub fn push(
+        &mut self,
+        token: u32,
+        tokenizer: &Arc<Tokenizer>,
+        eos_token_ids: &[u32],
+    ) -> Update {
         self.tokens.push(token);
         let eos = !self.ignore_eos && eos_token_ids.contains(&token);
         let stop_token = self.stop_token_ids.contains(&token);
@@ -95,7 +100,12 @@ impl OutputState {
         let safe_end = if finished.is_some() {
             self.text.len()
         } else {
-            floor_char_boundary(&self.text, self.text.len().saturating_sub(self.hold_back.saturating_sub(1)))
+            floor_char_boundary(
+                &self.text,
+                self.text
+                    .len()
+                    .saturating_sub(self.hold_back.saturating_sub(1)),
+            )
         };
         let text = if safe_end > self.emitted {
             let t = self.text[self.emitted..safe_end].to_string();
@@ -112,7 +122,9 @@ impl OutputState {
         let prefix = tokenizer
             .decode(&self.tokens[self.prefix_offset..self.read_offset], skip)
             .unwrap_or_default();
-        let full = tokenizer.decode(&self.tokens[self.prefix_offset..], skip).unwrap_or_default();
+        let full = tokenizer
+            .decode(&self.tokens[self.prefix_offset..], skip)
+            .unwrap_or_default();
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
             let new = full.get(prefix.len()..).unwrap_or_default();
             self.text.push_str(new);

@@ -67,12 +67,18 @@ impl WorkerGroup {
     pub async fn connect(addrs: &[String]) -> Result<Self, StartError> {
         let mut clients = Vec::with_capacity(addrs.len());
         for addr in addrs {
-            let url = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
+            let url = if addr.contains("://") {
+                addr.clone()
+            } else {
+                format!("http://{addr}")
+            };
             let endpoint = Endpoint::from_shared(url).map_err(|e| StartError::Connect {
                 addr: addr.clone(),
                 detail: e.to_string(),
             })?;
-            let endpoint = endpoint.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true);
+            let endpoint = endpoint
+                .connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true);
             let mut last = String::new();
             let mut channel = None;
             for _ in 0..100 {
@@ -87,14 +93,20 @@ impl WorkerGroup {
                     }
                 }
             }
-            let channel = channel.ok_or_else(|| StartError::Connect { addr: addr.clone(), detail: last })?;
+            let channel = channel.ok_or_else(|| StartError::Connect {
+                addr: addr.clone(),
+                detail: last,
+            })?;
             clients.push(
                 WorkerClient::new(channel)
                     .max_decoding_message_size(256 << 20)
                     .max_encoding_message_size(256 << 20),
             );
         }
-        Ok(Self { clients, streams: Vec::new() })
+        Ok(Self {
+            clients,
+            streams: Vec::new(),
+        })
     }
 
     /// Number of ranks.
@@ -119,9 +131,13 @@ impl WorkerGroup {
         try_join_all(self.clients.iter_mut().enumerate().map(|(rank, c)| {
             let id = id.clone();
             async move {
-                c.init_communicator(pb::InitCommunicatorRequest { id, rank: rank as u32, world_size: world })
-                    .await
-                    .map_err(phase_err(rank, "InitCommunicator"))
+                c.init_communicator(pb::InitCommunicatorRequest {
+                    id,
+                    rank: rank as u32,
+                    world_size: world,
+                })
+                .await
+                .map_err(phase_err(rank, "InitCommunicator"))
             }
         }))
         .await?;
@@ -132,7 +148,12 @@ impl WorkerGroup {
                 dtype: init.dtype.clone(),
                 dummy_seed: init.seed,
             };
-            async move { c.load_model(req).await.map_err(phase_err(rank, "LoadModel")).map(|r| r.into_inner()) }
+            async move {
+                c.load_model(req)
+                    .await
+                    .map_err(phase_err(rank, "LoadModel"))
+                    .map(|r| r.into_inner())
+            }
         }))
         .await?;
         let profiles = try_join_all(self.clients.iter_mut().enumerate().map(|(rank, c)| {
@@ -143,7 +164,12 @@ impl WorkerGroup {
                 max_num_batched_tokens: init.max_num_batched_tokens,
                 max_num_seqs: init.max_num_seqs,
             };
-            async move { c.profile_memory(req).await.map_err(phase_err(rank, "ProfileMemory")).map(|r| r.into_inner()) }
+            async move {
+                c.profile_memory(req)
+                    .await
+                    .map_err(phase_err(rank, "ProfileMemory"))
+                    .map(|r| r.into_inner())
+            }
         }))
         .await?;
         let num_blocks = profiles.iter().map(|p| p.num_blocks).min().unwrap_or(0);
@@ -153,8 +179,15 @@ impl WorkerGroup {
             });
         }
         try_join_all(self.clients.iter_mut().enumerate().map(|(rank, c)| {
-            let req = pb::InitCacheRequest { num_blocks, block_size: init.block_size };
-            async move { c.init_cache(req).await.map_err(phase_err(rank, "InitCache")) }
+            let req = pb::InitCacheRequest {
+                num_blocks,
+                block_size: init.block_size,
+            };
+            async move {
+                c.init_cache(req)
+                    .await
+                    .map_err(phase_err(rank, "InitCache"))
+            }
         }))
         .await?;
         try_join_all(self.clients.iter_mut().enumerate().map(|(rank, c)| {
@@ -168,7 +201,11 @@ impl WorkerGroup {
         self.streams.clear();
         for (rank, c) in self.clients.iter_mut().enumerate() {
             let (tx, rx) = mpsc::channel(4);
-            let results = c.step(ReceiverStream::new(rx)).await.map_err(phase_err(rank, "Step"))?.into_inner();
+            let results = c
+                .step(ReceiverStream::new(rx))
+                .await
+                .map_err(phase_err(rank, "Step"))?
+                .into_inner();
             self.streams.push((tx, results));
         }
         Ok(GroupReady {
@@ -181,19 +218,28 @@ impl WorkerGroup {
     /// Sends `plan` to every rank and returns rank 0's tokens once every rank has answered.
     pub async fn step(&mut self, plan: pb::StepPlan) -> Result<Vec<pb::SampledToken>, EngineError> {
         let step_id = plan.step_id;
-        let fail = |rank: usize, detail: String| EngineError::WorkerFailed { detail: format!("rank {rank}: {detail}") };
+        let fail = |rank: usize, detail: String| EngineError::WorkerFailed {
+            detail: format!("rank {rank}: {detail}"),
+        };
         if self.streams.is_empty() {
-            return Err(EngineError::Unavailable { detail: "the worker group is not initialised".into() });
+            return Err(EngineError::Unavailable {
+                detail: "the worker group is not initialised".into(),
+            });
         }
         for (rank, (tx, _)) in self.streams.iter().enumerate() {
-            tx.send(plan.clone()).await.map_err(|_| fail(rank, "step stream closed".into()))?;
+            tx.send(plan.clone())
+                .await
+                .map_err(|_| fail(rank, "step stream closed".into()))?;
         }
         let mut tokens = Vec::new();
         let mut first_error = None;
         for (rank, (_, rx)) in self.streams.iter_mut().enumerate() {
             match rx.message().await {
                 Ok(Some(r)) if r.step_id != step_id => {
-                    first_error.get_or_insert(fail(rank, format!("answered step {} to step {step_id}", r.step_id)));
+                    first_error.get_or_insert(fail(
+                        rank,
+                        format!("answered step {} to step {step_id}", r.step_id),
+                    ));
                 }
                 Ok(Some(r)) if !r.error.is_empty() => {
                     first_error.get_or_insert(fail(rank, r.error));
@@ -204,7 +250,8 @@ impl WorkerGroup {
                     }
                 }
                 Ok(None) => {
-                    first_error.get_or_insert(fail(rank, "the worker closed its step stream".into()));
+                    first_error
+                        .get_or_insert(fail(rank, "the worker closed its step stream".into()));
                 }
                 Err(s) => {
                     first_error.get_or_insert(fail(rank, s.message().to_string()));

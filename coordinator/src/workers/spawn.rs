@@ -50,11 +50,20 @@ pub fn worker_binary(explicit: Option<&Path>) -> PathBuf {
 }
 
 /// Starts `count` workers with `threads` CPU threads each and waits until all listen.
-pub async fn spawn_local_workers(binary: &Path, count: usize, threads: usize) -> Result<Vec<LocalWorker>, StartError> {
+pub async fn spawn_local_workers(
+    binary: &Path,
+    count: usize,
+    threads: usize,
+) -> Result<Vec<LocalWorker>, StartError> {
     let mut workers = Vec::with_capacity(count);
     for rank in 0..count {
         let mut child = Command::new(binary)
-            .args(["--listen", "127.0.0.1:0", "--exit-on-stdin-close", "--cpu-threads"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--exit-on-stdin-close",
+                "--cpu-threads",
+            ])
             .arg(threads.to_string())
             .env("TPSERVE_RANK", rank.to_string())
             .stdin(Stdio::piped())
@@ -82,7 +91,9 @@ pub async fn spawn_local_workers(binary: &Path, count: usize, threads: usize) ->
         .flatten()
         .ok_or_else(|| StartError::Spawn {
             binary: binary.display().to_string(),
-            detail: format!("worker {rank} exited or did not report its address within {LISTEN_TIMEOUT:?}"),
+            detail: format!(
+                "worker {rank} exited or did not report its address within {LISTEN_TIMEOUT:?}"
+            ),
         })?;
         // Keep draining stdout so the worker never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });

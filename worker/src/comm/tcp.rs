@@ -155,7 +155,10 @@ impl TcpCommunicator {
             .collect();
         let mut all = vec![Self::accept(rv, world_size)?];
         for j in joiners {
-            all.push(j.join().map_err(|_| comm_err("a joining thread panicked"))??);
+            all.push(
+                j.join()
+                    .map_err(|_| comm_err("a joining thread panicked"))??,
+            );
         }
         Ok(all)
     }
@@ -252,7 +255,11 @@ mod tests {
                     let mut buf = vec![r, 10.0 * r, 1.0];
                     c.all_reduce_sum(&mut buf).unwrap();
                     let gathered = c.gather_to_root(&vec![r; c.rank() + 1]).unwrap();
-                    let mut tokens = if c.rank() == 0 { vec![7, 8] } else { vec![0, 0] };
+                    let mut tokens = if c.rank() == 0 {
+                        vec![7, 8]
+                    } else {
+                        vec![0, 0]
+                    };
                     c.broadcast_from_root(&mut tokens).unwrap();
                     (buf, gathered, tokens)
                 })

@@ -34,12 +34,23 @@ pub struct KvCache {
 
 impl KvCache {
     /// Bytes one block takes over all layers (keys and values).
-    pub fn bytes_per_block(layers: usize, block_size: usize, kv_heads: usize, head_dim: usize) -> usize {
+    pub fn bytes_per_block(
+        layers: usize,
+        block_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> usize {
         2 * layers * block_size * kv_heads * head_dim * std::mem::size_of::<f32>()
     }
 
     /// Allocates `num_blocks` blocks for every layer. The memory is zeroed lazily by the OS.
-    pub fn new(layers: usize, num_blocks: usize, block_size: usize, kv_heads: usize, head_dim: usize) -> Self {
+    pub fn new(
+        layers: usize,
+        num_blocks: usize,
+        block_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Self {
         let len = num_blocks * block_size * kv_heads * head_dim;
         Self {
             layers: (0..layers)
@@ -57,7 +68,12 @@ impl KvCache {
 
     /// Total bytes held.
     pub fn bytes(&self) -> usize {
-        Self::bytes_per_block(self.layers.len(), self.block_size, self.kv_heads, self.head_dim) * self.num_blocks
+        Self::bytes_per_block(
+            self.layers.len(),
+            self.block_size,
+            self.kv_heads,
+            self.head_dim,
+        ) * self.num_blocks
     }
 
     /// The slot range of `slot` for one token (all its KV heads).
@@ -83,7 +99,12 @@ pub struct AttentionInput<'a> {
 
 /// Writes this step's keys and values into the cache at `batch.slots`, then computes attention
 /// for every row. Returns `[tokens, q_heads * head_dim]`.
-pub fn paged_attention(cache: &mut KvCache, layer: usize, batch: &Batch, input: &AttentionInput) -> Vec<f32> {
+pub fn paged_attention(
+    cache: &mut KvCache,
+    layer: usize,
+    batch: &Batch,
+    input: &AttentionInput,
+) -> Vec<f32> {
     let hd = cache.head_dim;
     let kv_w = cache.kv_heads * hd;
     {

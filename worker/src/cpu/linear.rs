@@ -148,15 +148,27 @@ mod tests {
     #[test]
     fn both_paths_match_a_naive_product() {
         let (rows, cols) = (131, 77);
-        let weight: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+        let weight: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
         let bias = Some((0..rows).map(|i| i as f32 / 10.0).collect());
-        let l = Linear { weight, bias, rows, cols };
+        let l = Linear {
+            weight,
+            bias,
+            rows,
+            cols,
+        };
         for n in [1, 3, 4, 5, 19] {
-            let x: Vec<f32> = (0..n * cols).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
+            let x: Vec<f32> = (0..n * cols)
+                .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
+                .collect();
             let got = l.forward(&x, n);
             let want = naive(&l, &x, n);
             for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "n={n}: {g} vs {w}");
+                assert!(
+                    (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                    "n={n}: {g} vs {w}"
+                );
             }
         }
     }

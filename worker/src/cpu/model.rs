@@ -62,7 +62,12 @@ fn tensor_err(name: &str, e: impl std::fmt::Display) -> WorkerError {
 }
 
 /// Reads `name` narrowed to `range` along `dim` (all of it when `range` is `None`) as f32.
-fn read(source: &WeightSource, name: &str, slice: Option<(usize, std::ops::Range<usize>)>, shape: &[usize]) -> Result<Vec<f32>> {
+fn read(
+    source: &WeightSource,
+    name: &str,
+    slice: Option<(usize, std::ops::Range<usize>)>,
+    shape: &[usize],
+) -> Result<Vec<f32>> {
     match source {
         WeightSource::Reader(reader) => {
             let t = match &slice {
@@ -70,7 +75,10 @@ fn read(source: &WeightSource, name: &str, slice: Option<(usize, std::ops::Range
                 None => reader.read(name)?,
             };
             if t.dims() != shape {
-                return Err(tensor_err(name, format!("shape {:?}, expected {shape:?}", t.dims())));
+                return Err(tensor_err(
+                    name,
+                    format!("shape {:?}, expected {shape:?}", t.dims()),
+                ));
             }
             t.flatten_all()
                 .and_then(|t| t.to_vec1::<f32>())
@@ -78,7 +86,9 @@ fn read(source: &WeightSource, name: &str, slice: Option<(usize, std::ops::Range
         }
         WeightSource::Dummy(seed) => {
             let n: usize = shape.iter().product();
-            let salt = name.bytes().fold(*seed, |h, b| h.wrapping_mul(0x100000001b3).wrapping_add(b as u64));
+            let salt = name.bytes().fold(*seed, |h, b| {
+                h.wrapping_mul(0x100000001b3).wrapping_add(b as u64)
+            });
             let mut rng = rand::rngs::StdRng::seed_from_u64(salt);
             if name.ends_with("norm.weight") {
                 Ok(vec![1.0; n])
@@ -91,11 +101,22 @@ fn read(source: &WeightSource, name: &str, slice: Option<(usize, std::ops::Range
 
 impl CpuModel {
     /// Loads this rank's shard. Positions up to `max_pos` get rotary tables.
-    pub fn load(config: &LlamaConfig, shard: ShardPlan, source: &WeightSource, max_pos: usize) -> Result<Self> {
+    pub fn load(
+        config: &LlamaConfig,
+        shard: ShardPlan,
+        source: &WeightSource,
+        max_pos: usize,
+    ) -> Result<Self> {
         let c = config;
-        if !matches!(c.architecture.as_str(), "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM") {
+        if !matches!(
+            c.architecture.as_str(),
+            "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM"
+        ) {
             return Err(WorkerError::Unsupported {
-                detail: format!("architecture {} (supported: Llama, Mistral, Qwen2)", c.architecture),
+                detail: format!(
+                    "architecture {} (supported: Llama, Mistral, Qwen2)",
+                    c.architecture
+                ),
             });
         }
         let (h, hd) = (c.hidden_size, c.head_dim);
@@ -108,32 +129,97 @@ impl CpuModel {
             let p = format!("model.layers.{i}");
             let rows = |r: &std::ops::Range<usize>| Some((0usize, r.clone()));
             let cols = |r: &std::ops::Range<usize>| Some((1usize, r.clone()));
-            let mut qkv_w = read(source, &format!("{p}.self_attn.q_proj.weight"), rows(&q), &[q.len(), h])?;
-            qkv_w.extend(read(source, &format!("{p}.self_attn.k_proj.weight"), rows(&kv), &[kv.len(), h])?);
-            qkv_w.extend(read(source, &format!("{p}.self_attn.v_proj.weight"), rows(&kv), &[kv.len(), h])?);
+            let mut qkv_w = read(
+                source,
+                &format!("{p}.self_attn.q_proj.weight"),
+                rows(&q),
+                &[q.len(), h],
+            )?;
+            qkv_w.extend(read(
+                source,
+                &format!("{p}.self_attn.k_proj.weight"),
+                rows(&kv),
+                &[kv.len(), h],
+            )?);
+            qkv_w.extend(read(
+                source,
+                &format!("{p}.self_attn.v_proj.weight"),
+                rows(&kv),
+                &[kv.len(), h],
+            )?);
             let qkv_b = if c.attention_bias {
-                let mut b = read(source, &format!("{p}.self_attn.q_proj.bias"), rows(&q), &[q.len()])?;
-                b.extend(read(source, &format!("{p}.self_attn.k_proj.bias"), rows(&kv), &[kv.len()])?);
-                b.extend(read(source, &format!("{p}.self_attn.v_proj.bias"), rows(&kv), &[kv.len()])?);
+                let mut b = read(
+                    source,
+                    &format!("{p}.self_attn.q_proj.bias"),
+                    rows(&q),
+                    &[q.len()],
+                )?;
+                b.extend(read(
+                    source,
+                    &format!("{p}.self_attn.k_proj.bias"),
+                    rows(&kv),
+                    &[kv.len()],
+                )?);
+                b.extend(read(
+                    source,
+                    &format!("{p}.self_attn.v_proj.bias"),
+                    rows(&kv),
+                    &[kv.len()],
+                )?);
                 Some(b)
             } else {
                 None
             };
-            let mut gate_up = read(source, &format!("{p}.mlp.gate_proj.weight"), rows(&inter), &[inter.len(), h])?;
-            gate_up.extend(read(source, &format!("{p}.mlp.up_proj.weight"), rows(&inter), &[inter.len(), h])?);
+            let mut gate_up = read(
+                source,
+                &format!("{p}.mlp.gate_proj.weight"),
+                rows(&inter),
+                &[inter.len(), h],
+            )?;
+            gate_up.extend(read(
+                source,
+                &format!("{p}.mlp.up_proj.weight"),
+                rows(&inter),
+                &[inter.len(), h],
+            )?);
             layers.push(Layer {
                 input_norm: read(source, &format!("{p}.input_layernorm.weight"), None, &[h])?,
-                qkv: Linear { weight: qkv_w, bias: qkv_b, rows: q.len() + 2 * kv.len(), cols: h },
+                qkv: Linear {
+                    weight: qkv_w,
+                    bias: qkv_b,
+                    rows: q.len() + 2 * kv.len(),
+                    cols: h,
+                },
                 o: Linear {
-                    weight: read(source, &format!("{p}.self_attn.o_proj.weight"), cols(&q), &[h, q.len()])?,
+                    weight: read(
+                        source,
+                        &format!("{p}.self_attn.o_proj.weight"),
+                        cols(&q),
+                        &[h, q.len()],
+                    )?,
                     bias: None,
                     rows: h,
                     cols: q.len(),
                 },
-                post_norm: read(source, &format!("{p}.post_attention_layernorm.weight"), None, &[h])?,
-                gate_up: Linear { weight: gate_up, bias: None, rows: 2 * inter.len(), cols: h },
+                post_norm: read(
+                    source,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    None,
+                    &[h],
+                )?,
+                gate_up: Linear {
+                    weight: gate_up,
+                    bias: None,
+                    rows: 2 * inter.len(),
+                    cols: h,
+                },
                 down: Linear {
-                    weight: read(source, &format!("{p}.mlp.down_proj.weight"), cols(&inter), &[h, inter.len()])?,
+                    weight: read(
+                        source,
+                        &format!("{p}.mlp.down_proj.weight"),
+                        cols(&inter),
+                        &[h, inter.len()],
+                    )?,
                     bias: None,
                     rows: h,
                     cols: inter.len(),
@@ -141,7 +227,12 @@ impl CpuModel {
             });
         }
         let embed = Linear {
-            weight: read(source, "model.embed_tokens.weight", Some((0, vocab.clone())), &[vocab.len(), h])?,
+            weight: read(
+                source,
+                "model.embed_tokens.weight",
+                Some((0, vocab.clone())),
+                &[vocab.len(), h],
+            )?,
             bias: None,
             rows: vocab.len(),
             cols: h,
@@ -152,7 +243,12 @@ impl CpuModel {
         };
         let lm_head = if has_lm_head {
             Some(Linear {
-                weight: read(source, "lm_head.weight", Some((0, vocab.clone())), &[vocab.len(), h])?,
+                weight: read(
+                    source,
+                    "lm_head.weight",
+                    Some((0, vocab.clone())),
+                    &[vocab.len(), h],
+                )?,
                 bias: None,
                 rows: vocab.len(),
                 cols: h,
@@ -160,7 +256,9 @@ impl CpuModel {
         } else {
             None
         };
-        let kv_head_of = (0..shard.q_heads.len()).map(|i| shard.kv_head_of(i)).collect();
+        let kv_head_of = (0..shard.q_heads.len())
+            .map(|i| shard.kv_head_of(i))
+            .collect();
         Ok(Self {
             config: c.clone(),
             rope: Rope::new(c, max_pos),
@@ -178,9 +276,18 @@ impl CpuModel {
         let layers: usize = self
             .layers
             .iter()
-            .map(|l| (l.input_norm.len() + l.post_norm.len()) * 4 + l.qkv.bytes() + l.o.bytes() + l.gate_up.bytes() + l.down.bytes())
+            .map(|l| {
+                (l.input_norm.len() + l.post_norm.len()) * 4
+                    + l.qkv.bytes()
+                    + l.o.bytes()
+                    + l.gate_up.bytes()
+                    + l.down.bytes()
+            })
             .sum();
-        layers + self.embed.bytes() + self.final_norm.len() * 4 + self.lm_head.as_ref().map_or(0, Linear::bytes)
+        layers
+            + self.embed.bytes()
+            + self.final_norm.len() * 4
+            + self.lm_head.as_ref().map_or(0, Linear::bytes)
     }
 
     /// The shard this rank holds.
@@ -200,23 +307,42 @@ impl CpuModel {
 
     /// An empty cache shaped for this shard.
     pub fn new_cache(&self, num_blocks: usize, block_size: usize) -> KvCache {
-        KvCache::new(self.layers.len(), num_blocks, block_size, self.shard.kv_heads.len(), self.config.head_dim)
+        KvCache::new(
+            self.layers.len(),
+            num_blocks,
+            block_size,
+            self.shard.kv_heads.len(),
+            self.config.head_dim,
+        )
     }
 
     /// Bytes one cache block takes on this rank.
     pub fn cache_bytes_per_block(&self, block_size: usize) -> usize {
-        KvCache::bytes_per_block(self.layers.len(), block_size, self.shard.kv_heads.len(), self.config.head_dim)
+        KvCache::bytes_per_block(
+            self.layers.len(),
+            block_size,
+            self.shard.kv_heads.len(),
+            self.config.head_dim,
+        )
     }
 
     /// Runs the batch and returns this rank's logits for `batch.sample_rows`,
     /// `[sample_rows, vocab_local]`.
-    pub fn forward(&self, batch: &Batch, cache: &mut KvCache, comm: &mut dyn Communicator) -> Result<Vec<f32>> {
+    pub fn forward(
+        &self,
+        batch: &Batch,
+        cache: &mut KvCache,
+        comm: &mut dyn Communicator,
+    ) -> Result<Vec<f32>> {
         let started = Instant::now();
         let c = &self.config;
         let (h, hd, n) = (c.hidden_size, c.head_dim, batch.num_tokens());
         if let Some(p) = batch.positions.iter().find(|p| **p >= self.rope.max_pos()) {
             return Err(WorkerError::Plan {
-                detail: format!("position {p} is beyond the model's {} positions", self.rope.max_pos()),
+                detail: format!(
+                    "position {p} is beyond the model's {} positions",
+                    self.rope.max_pos()
+                ),
             });
         }
         let mut x = self.embed(&batch.token_ids, comm)?;
@@ -226,7 +352,11 @@ impl CpuModel {
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.input_norm, c.rms_norm_eps, &mut normed);
             let qkv = layer.qkv.forward(&normed, n);
-            let (mut q, mut k, mut v) = (Vec::with_capacity(n * q_w), Vec::with_capacity(n * kv_w), Vec::with_capacity(n * kv_w));
+            let (mut q, mut k, mut v) = (
+                Vec::with_capacity(n * q_w),
+                Vec::with_capacity(n * kv_w),
+                Vec::with_capacity(n * kv_w),
+            );
             for row in qkv.chunks_exact(q_w + 2 * kv_w) {
                 q.extend_from_slice(&row[..q_w]);
                 k.extend_from_slice(&row[q_w..q_w + kv_w]);
@@ -238,7 +368,13 @@ impl CpuModel {
                 cache,
                 li,
                 batch,
-                &AttentionInput { q: &q, k: &k, v: &v, q_heads: self.shard.q_heads.len(), kv_head_of: &self.kv_head_of },
+                &AttentionInput {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    q_heads: self.shard.q_heads.len(),
+                    kv_head_of: &self.kv_head_of,
+                },
             );
             let mut o = layer.o.forward(&attn, n);
             comm.all_reduce_sum(&mut o)?;
@@ -259,7 +395,11 @@ impl CpuModel {
         }
         let mut last_normed = vec![0.0f32; s * h];
         rms_norm(&last, &self.final_norm, c.rms_norm_eps, &mut last_normed);
-        let logits = self.lm_head.as_ref().unwrap_or(&self.embed).forward(&last_normed, s);
+        let logits = self
+            .lm_head
+            .as_ref()
+            .unwrap_or(&self.embed)
+            .forward(&last_normed, s);
         tracing::trace!(tokens = n, elapsed = ?started.elapsed(), "forward");
         Ok(logits)
     }
@@ -272,7 +412,10 @@ impl CpuModel {
             let t = t as usize;
             if t >= self.config.vocab_size {
                 return Err(WorkerError::Plan {
-                    detail: format!("token id {t} is outside the vocabulary of {}", self.config.vocab_size),
+                    detail: format!(
+                        "token id {t} is outside the vocabulary of {}",
+                        self.config.vocab_size
+                    ),
                 });
             }
             if self.shard.vocab.contains(&t) {

@@ -19,7 +19,10 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f64, out: &mut [f32]) {
 
 /// `out[i] = silu(gate[i]) * up[i]` where each row of `gate_up` is `[gate | up]`.
 pub fn silu_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
-    for (row, dst) in gate_up.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
+    for (row, dst) in gate_up
+        .chunks_exact(2 * inter)
+        .zip(out.chunks_exact_mut(inter))
+    {
         let (gate, up) = row.split_at(inter);
         for ((d, g), u) in dst.iter_mut().zip(gate).zip(up) {
             *d = g / (1.0 + (-g).exp()) * u;
@@ -94,11 +97,15 @@ fn apply_llama3_scaling(inv_freq: &mut [f32], s: &RopeScaling) {
     let factor = s.factor as f32;
     for f in inv_freq.iter_mut() {
         let wavelen = 2.0 * std::f32::consts::PI / *f;
-        let scaled = if wavelen > low_freq_wavelen { *f / factor } else { *f };
+        let scaled = if wavelen > low_freq_wavelen {
+            *f / factor
+        } else {
+            *f
+        };
         let smooth = (old_len / wavelen - s.low_freq_factor as f32)
             / (s.high_freq_factor as f32 - s.low_freq_factor as f32);
         let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
-        let is_medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+        let is_medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
         *f = if is_medium { smoothed } else { scaled };
     }
 }

@@ -13,7 +13,10 @@ use tpserve_worker::shard::ShardPlan;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The default model's GGUF, fetched by `scripts/fetch-default-model.sh`.
@@ -23,7 +26,11 @@ pub fn default_model() -> PathBuf {
     }
     let home = std::env::var("HOME").unwrap_or_default();
     let p = PathBuf::from(home).join(".cache/tpserve/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/fetch-default-model.sh", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-default-model.sh",
+        p.display()
+    );
     p
 }
 
@@ -33,7 +40,11 @@ pub fn prefill_logits(model: &Path, tp: usize, ids: &[u32], chunk: usize) -> Vec
     let comms: Vec<Box<dyn Communicator>> = if tp == 1 {
         vec![Box::new(SingleRank)]
     } else {
-        TcpCommunicator::local_group(tp).unwrap().into_iter().map(|c| Box::new(c) as Box<dyn Communicator>).collect()
+        TcpCommunicator::local_group(tp)
+            .unwrap()
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn Communicator>)
+            .collect()
     };
     let ids = ids.to_vec();
     let handles: Vec<_> = comms
@@ -46,8 +57,16 @@ pub fn prefill_logits(model: &Path, tp: usize, ids: &[u32], chunk: usize) -> Vec
                 let config = source.config().clone();
                 let weights = source.weights().unwrap();
                 let shard = ShardPlan::new(&config, rank, tp).unwrap();
-                let cpu = CpuModel::load(&config, shard, &WeightSource::Reader(weights.as_ref()), 1024).unwrap();
-                let vocab: Vec<usize> = (0..tp).map(|r| ShardPlan::new(&config, r, tp).unwrap().vocab.len()).collect();
+                let cpu = CpuModel::load(
+                    &config,
+                    shard,
+                    &WeightSource::Reader(weights.as_ref()),
+                    1024,
+                )
+                .unwrap();
+                let vocab: Vec<usize> = (0..tp)
+                    .map(|r| ShardPlan::new(&config, r, tp).unwrap().vocab.len())
+                    .collect();
                 let block_size = 16;
                 let blocks: Vec<u32> = (0..ids.len().div_ceil(block_size) as u32).rev().collect();
                 let mut cache = cpu.new_cache(blocks.len(), block_size);
@@ -57,8 +76,14 @@ pub fn prefill_logits(model: &Path, tp: usize, ids: &[u32], chunk: usize) -> Vec
                     let batch = Batch {
                         token_ids: ids[start..end].to_vec(),
                         positions: (start..end).collect(),
-                        slots: (start..end).map(|p| blocks[p / block_size] as usize * block_size + p % block_size).collect(),
-                        seqs: vec![SeqSlice { rows: 0..end - start, start_pos: start, block_ids: blocks.clone() }],
+                        slots: (start..end)
+                            .map(|p| blocks[p / block_size] as usize * block_size + p % block_size)
+                            .collect(),
+                        seqs: vec![SeqSlice {
+                            rows: 0..end - start,
+                            start_pos: start,
+                            block_ids: blocks.clone(),
+                        }],
                         sample_rows: (0..end - start).collect(),
                     };
                     let local = cpu.forward(&batch, &mut cache, comm.as_mut()).unwrap();
@@ -77,10 +102,16 @@ pub fn prefill_logits(model: &Path, tp: usize, ids: &[u32], chunk: usize) -> Vec
 /// Largest `|got - want| / max(1, |want|)`.
 pub fn max_rel_err(got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(got.len(), want.len(), "lengths differ");
-    got.iter().zip(want).map(|(g, w)| (g - w).abs() / w.abs().max(1.0)).fold(0.0, f32::max)
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| (g - w).abs() / w.abs().max(1.0))
+        .fold(0.0, f32::max)
 }
 
 /// Index of the largest value of each row of `width`.
 pub fn argmax_rows(logits: &[f32], width: usize) -> Vec<u32> {
-    logits.chunks_exact(width).map(tpserve_worker::sampler::argmax).collect()
+    logits
+        .chunks_exact(width)
+        .map(tpserve_worker::sampler::argmax)
+        .collect()
 }
