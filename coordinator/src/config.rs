@@ -128,7 +128,9 @@ impl EngineArgs {
                 self.kv_cache_space
             ));
         }
-        if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) || self.gpu_memory_utilization.is_nan() {
+        if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0)
+            || self.gpu_memory_utilization.is_nan()
+        {
             return bad("--gpu-memory-utilization must be in (0, 1]".into());
         }
         if !matches!(

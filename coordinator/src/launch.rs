@@ -49,21 +49,22 @@ pub async fn launch(
     let tokenizer = Arc::new(source.tokenizer()?);
     let chat_template = source.chat_template()?.map(Arc::new);
     let model_len = config.max_position_embeddings;
-    let max_model_len =
-        match args.max_model_len {
-            Some(n) if n > model_len => return Err(StartError::Config {
+    let max_model_len = match args.max_model_len {
+        Some(n) if n > model_len => {
+            return Err(StartError::Config {
                 detail: format!(
                     "--max-model-len {n} is longer than the model's context of {model_len} tokens"
                 ),
-            }),
-            Some(0) => {
-                return Err(StartError::Config {
-                    detail: "--max-model-len must be positive".into(),
-                })
-            }
-            Some(n) => n,
-            None => model_len,
-        };
+            })
+        }
+        Some(0) => {
+            return Err(StartError::Config {
+                detail: "--max-model-len must be positive".into(),
+            })
+        }
+        Some(n) => n,
+        None => model_len,
+    };
     let binary = worker_binary(args.worker_binary.as_deref());
     let workers = spawn_local_workers(
         &binary,

@@ -284,3 +284,42 @@ fn gguf_format_is_detected_and_checked() {
     let err = ModelSource::open(&path, Some(Format::Safetensors)).unwrap_err();
     assert!(matches!(err, Error::UnknownFormat { .. }), "{err}");
 }
+
+/// The reference that matters: ids and chat rendering from Hugging Face transformers' own GGUF
+/// conversion (`tests/fixtures/goldens/smollm2.json`, written by `scripts/reference/make_goldens.py`).
+#[test]
+fn gguf_tokenizer_and_chat_template_match_transformers_goldens() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/goldens/smollm2.json");
+    let hf: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let source = source();
+    let tok = source.tokenizer().unwrap();
+    let cases = hf["tokenizer"].as_array().unwrap();
+    assert!(cases.len() >= 8);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        assert_eq!(
+            tok.encode(text, true).unwrap().get_ids(),
+            want.as_slice(),
+            "{text:?}"
+        );
+    }
+    let ct = source
+        .chat_template()
+        .unwrap()
+        .expect("SmolLM2 has a chat template");
+    for case in ["user_only", "system_user"] {
+        let c = &hf["chat"][case];
+        let messages: Vec<ChatMessage> = serde_json::from_value(c["messages"].clone()).unwrap();
+        let text = ct.render(&messages, true).unwrap();
+        assert_eq!(text, c["text"].as_str().unwrap(), "{case}");
+        let want: Vec<u32> = serde_json::from_value(c["ids"].clone()).unwrap();
+        assert_eq!(
+            tok.encode(text.as_str(), false).unwrap().get_ids(),
+            want.as_slice(),
+            "{case}"
+        );
+    }
+}

@@ -137,3 +137,56 @@ fn smollm2_gguf_matches_transformers() {
 fn smollm2_gguf_at_tensor_parallel_3_matches_transformers() {
     check_smollm2(&default_model(), 3);
 }
+
+/// SmolLM2 through the safetensors path: the GGUF's tensors (dequantized, q/k unpermuted, under
+/// Hugging Face names) are written as a Hugging Face directory, which is then loaded like any
+/// other checkpoint and compared with the same goldens. The conversion is ours (CI has no
+/// PyTorch); `scripts/reference/make_goldens.py` also saves transformers' own conversion to
+/// `~/.cache/tpserve/models/SmolLM2-135M-Instruct-hf`, and when that exists it is checked too.
+#[test]
+fn smollm2_as_safetensors_matches_transformers() {
+    use tpserve_modelfile::ModelSource;
+    let gguf = ModelSource::open(&default_model(), None).unwrap();
+    let weights = gguf.weights().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = weights
+        .names()
+        .into_iter()
+        .map(|name| {
+            let t = weights.read(&name).unwrap();
+            let shape = t.dims().to_vec();
+            let data: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name, shape, bytes)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    let c = gguf.config();
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
+        "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
+        "max_position_embeddings": c.max_position_embeddings, "tie_word_embeddings": true,
+        "bos_token_id": 1, "eos_token_id": 2
+    });
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    drop(tensors);
+    check_smollm2(dir.path(), 1);
+    let home = std::env::var("HOME").unwrap_or_default();
+    let hf = std::path::Path::new(&home).join(".cache/tpserve/models/SmolLM2-135M-Instruct-hf");
+    if hf.join("model.safetensors").exists() {
+        check_smollm2(&hf, 1);
+    }
+}
