@@ -12,6 +12,7 @@ use tpserve_proto as pb;
 use crate::config::{EngineArgs, LoadFormat};
 use crate::engine::{start_engine, EngineConfig, EngineHandle, EngineStatus};
 use crate::error::StartError;
+use crate::metrics::Metrics;
 use crate::scheduler::SchedulerConfig;
 use crate::served_model::ServedModel;
 use crate::workers::{
@@ -30,6 +31,8 @@ pub struct Launched {
     pub ready: GroupReady,
     /// The worker processes; dropping them kills them.
     pub workers: Vec<LocalWorker>,
+    /// The Prometheus metrics the engine updates.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Starts everything; the first failure is returned with what failed.
@@ -120,7 +123,9 @@ pub async fn launch(
         .map_err(|e| StartError::Config {
             detail: e.to_string(),
         })?;
-    let (engine, status) = start_engine(engine_config, group, tokenizer.clone());
+    let name = served_model_name.unwrap_or_else(|| args.model.display().to_string());
+    let metrics = Arc::new(Metrics::new(&name));
+    let (engine, status) = start_engine(engine_config, group, tokenizer.clone(), metrics.clone());
     tracing::info!(
         device = %ready.device,
         tp = args.tensor_parallel_size,
@@ -130,7 +135,7 @@ pub async fn launch(
         "engine ready"
     );
     let model = ServedModel {
-        name: served_model_name.unwrap_or_else(|| args.model.display().to_string()),
+        name,
         max_model_len: max_model_len as u32,
         tokenizer,
         chat_template,
@@ -144,5 +149,6 @@ pub async fn launch(
         status,
         ready,
         workers,
+        metrics,
     })
 }

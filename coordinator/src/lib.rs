@@ -7,6 +7,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod launch;
+pub mod metrics;
 pub mod offline;
 pub mod scheduler;
 pub mod serve;

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use clap::Args;
 
-use crate::api::{router, ApiState, Health};
+use crate::api::{metrics_router, router, ApiState, Health};
 use crate::config::EngineArgs;
 use crate::launch::launch;
 
@@ -57,7 +57,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         engine: launched.engine.clone(),
         model: launched.model.clone(),
         health: health_rx,
-    });
+    })
+    .merge(metrics_router(launched.metrics.clone()));
     let bound = listener.local_addr()?;
     tracing::info!(model = %launched.model.name, "serving the OpenAI API on http://{bound}");
     println!("TPSERVE_LISTENING http://{bound}");

@@ -14,6 +14,7 @@ mod chat;
 mod completions;
 mod error;
 mod health;
+mod metrics;
 mod models;
 mod protocol;
 mod sequences;
@@ -35,6 +36,7 @@ use tokio::sync::watch;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use health::Health;
+pub use metrics::metrics_router;
 
 use crate::engine::EngineHandle;
 use crate::served_model::ServedModel;

@@ -8,6 +8,7 @@
 //! no longer matches the scheduler's.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,8 +18,9 @@ use tpserve_proto as pb;
 
 use super::handle::{EngineCommand, EngineHandle};
 use super::output::OutputState;
-use super::types::{GenerateEvent, Sampling};
+use super::types::{FinishReason, GenerateEvent, Sampling};
 use crate::error::EngineError;
+use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerConfig, SequenceSpec, StepPlan};
 use crate::workers::WorkerGroup;
 
@@ -52,6 +54,12 @@ struct Sequence {
     events: mpsc::UnboundedSender<GenerateEvent>,
     output: OutputState,
     prompt_tokens: u32,
+    /// When the engine accepted it.
+    arrived: Instant,
+    /// When it was first part of a step.
+    scheduled: Option<Instant>,
+    /// When its latest token came.
+    last_token: Option<Instant>,
 }
 
 struct Engine {
@@ -63,6 +71,7 @@ struct Engine {
     commands: mpsc::UnboundedReceiver<EngineCommand>,
     status: watch::Sender<EngineStatus>,
     failure: Option<String>,
+    metrics: Arc<Metrics>,
 }
 
 /// Starts the actor on the current tokio runtime.
@@ -70,6 +79,7 @@ pub fn start_engine(
     config: EngineConfig,
     group: WorkerGroup,
     tokenizer: Arc<Tokenizer>,
+    metrics: Arc<Metrics>,
 ) -> (EngineHandle, watch::Receiver<EngineStatus>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let (status_tx, status_rx) = watch::channel(EngineStatus {
@@ -85,6 +95,7 @@ pub fn start_engine(
         commands: rx,
         status: status_tx,
         failure: None,
+        metrics,
     };
     tokio::spawn(engine.run());
     (EngineHandle::new(tx), status_rx)
@@ -158,6 +169,19 @@ impl Engine {
     }
 
     fn publish(&self) {
+        let m = &self.metrics;
+        let stats = self.scheduler.stats();
+        m.num_requests_running
+            .store(self.scheduler.num_running() as u64, Ordering::Relaxed);
+        m.num_requests_waiting
+            .store(self.scheduler.num_waiting() as u64, Ordering::Relaxed);
+        m.set_kv_cache_usage(self.scheduler.kv_cache_usage());
+        m.prefix_cache_queries
+            .store(stats.prefix_cache_queries, Ordering::Relaxed);
+        m.prefix_cache_hits
+            .store(stats.prefix_cache_hits, Ordering::Relaxed);
+        m.num_preemptions
+            .store(stats.num_preemptions, Ordering::Relaxed);
         self.status.send_replace(EngineStatus {
             healthy: self.failure.is_none(),
             detail: self.failure.clone().unwrap_or_default(),
@@ -207,6 +231,9 @@ impl Engine {
                         events,
                         output: OutputState::new(&request),
                         prompt_tokens: request.prompt_token_ids.len() as u32,
+                        arrived: Instant::now(),
+                        scheduled: None,
+                        last_token: None,
                     },
                 );
                 if accepted.send(Ok(())).is_err() {
@@ -218,6 +245,8 @@ impl Engine {
             EngineCommand::Abort { id } => {
                 if self.sequences.remove(&id).is_some() {
                     self.scheduler.abort(id);
+                    self.metrics.count_success(FinishReason::Abort);
+                    self.publish();
                 }
             }
         }
@@ -225,6 +254,16 @@ impl Engine {
 
     async fn execute(&mut self, plan: StepPlan) {
         let started = Instant::now();
+        for id in plan.new.iter().map(|n| n.id) {
+            if let Some(seq) = self.sequences.get_mut(&id) {
+                if seq.scheduled.is_none() {
+                    seq.scheduled = Some(started);
+                    self.metrics
+                        .request_queue_time
+                        .observe((started - seq.arrived).as_secs_f64());
+                }
+            }
+        }
         let request = plan_to_proto(&plan, to_proto);
         match self.group.step(request).await {
             Ok(tokens) => {
@@ -250,6 +289,19 @@ impl Engine {
         let Some(seq) = self.sequences.get_mut(&id) else {
             return; // aborted while the step ran
         };
+        let now = Instant::now();
+        let m = &self.metrics;
+        match seq.last_token {
+            None => {
+                m.time_to_first_token
+                    .observe((now - seq.arrived).as_secs_f64());
+                m.prompt_tokens
+                    .fetch_add(seq.prompt_tokens as u64, Ordering::Relaxed);
+            }
+            Some(prev) => m.inter_token_latency.observe((now - prev).as_secs_f64()),
+        }
+        seq.last_token = Some(now);
+        m.generation_tokens.fetch_add(1, Ordering::Relaxed);
         let update = seq
             .output
             .push(token, &self.tokenizer, &self.config.eos_token_ids);
@@ -261,6 +313,9 @@ impl Engine {
             })
             .is_err();
         if let Some(reason) = update.finished {
+            m.count_success(reason);
+            m.e2e_request_latency
+                .observe((now - seq.arrived).as_secs_f64());
             let _ = seq.events.send(GenerateEvent::Finished {
                 reason,
                 prompt_tokens: seq.prompt_tokens,
