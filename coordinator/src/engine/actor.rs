@@ -71,6 +71,8 @@ struct Engine {
     commands: mpsc::UnboundedReceiver<EngineCommand>,
     status: watch::Sender<EngineStatus>,
     failure: Option<String>,
+    /// Set once the server is shutting down: new sequences are refused.
+    draining: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -95,6 +97,7 @@ pub fn start_engine(
         commands: rx,
         status: status_tx,
         failure: None,
+        draining: false,
         metrics,
     };
     tokio::spawn(engine.run());
@@ -199,6 +202,12 @@ impl Engine {
                 events,
                 accepted,
             } => {
+                if self.draining {
+                    let _ = accepted.send(Err(EngineError::Unavailable {
+                        detail: "the server is shutting down".into(),
+                    }));
+                    return;
+                }
                 if let Some(detail) = &self.failure {
                     let _ = accepted.send(Err(EngineError::Unavailable {
                         detail: detail.clone(),
@@ -241,6 +250,18 @@ impl Engine {
                     self.scheduler.abort(id);
                     self.sequences.remove(&id);
                 }
+            }
+            EngineCommand::Drain => self.draining = true,
+            EngineCommand::AbortAll { detail } => {
+                for (id, seq) in self.sequences.drain() {
+                    let _ = seq
+                        .events
+                        .send(GenerateEvent::Error(EngineError::Unavailable {
+                            detail: detail.clone(),
+                        }));
+                    self.scheduler.abort(id);
+                }
+                self.publish();
             }
             EngineCommand::Abort { id } => {
                 if self.sequences.remove(&id).is_some() {

@@ -25,6 +25,10 @@ pub enum EngineCommand {
     },
     /// Stop a sequence and free its blocks (client gone).
     Abort { id: u64 },
+    /// Refuse new sequences from now on (graceful shutdown); running ones continue.
+    Drain,
+    /// End every sequence now with an `Unavailable` error saying `detail`.
+    AbortAll { detail: String },
 }
 
 /// A cheap, cloneable handle to the engine actor.
@@ -67,6 +71,20 @@ impl EngineHandle {
             commands: self.commands.clone(),
             ended: false,
         })
+    }
+}
+
+impl EngineHandle {
+    /// Stops admitting sequences; those already admitted run to their end.
+    pub fn drain(&self) {
+        let _ = self.commands.send(EngineCommand::Drain);
+    }
+
+    /// Ends every sequence at once with an error that says `detail`.
+    pub fn abort_all(&self, detail: impl Into<String>) {
+        let _ = self.commands.send(EngineCommand::AbortAll {
+            detail: detail.into(),
+        });
     }
 }
 

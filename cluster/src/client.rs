@@ -1,0 +1,795 @@
+//! A small etcd v3 client over etcd's JSON gRPC gateway (`POST /v3/...` on the client port).
+//!
+//! Why not the `etcd-client` crate: its build script needs a system `protoc`; this needs nothing
+//! but reqwest. The gateway maps the protobuf messages to JSON: `bytes` fields (keys, values) are
+//! base64, int64 fields are JSON strings (we accept numbers too), and fields holding their default
+//! value are omitted (a PUT watch event has no `"type"`, an expired lease's keepalive answer has no
+//! `"TTL"`). Streaming RPCs (`/v3/watch`, `/v3/lease/keepalive`) answer with a stream of JSON
+//! objects, one per line, each `{"result": {...}}` or `{"error": {"grpc_code": .., "message": ..}}`;
+//! their request body is a single message, so a keepalive call is one refresh and a watch cannot
+//! be modified after it is created. Checked against etcd 3.4.23 and 3.5.1.
+//!
+//! Endpoints are tried in order starting from the last one that answered; a request moves to the
+//! next endpoint when one cannot be reached or answers gRPC `Unavailable`. Unary calls time out
+//! after [`REQUEST_TIMEOUT`]; a watch has no overall timeout (callers watch for silence).
+//! Costs: one HTTP/1.1 request per call over pooled connections; no background tasks.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use futures::{Stream, StreamExt};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+use serde_json::{json, Value};
+
+use crate::error::{Error, Op, Result};
+
+/// How long to wait for a TCP connection to an endpoint.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a unary call (and a watch's creation) may take on one endpoint.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// gRPC status codes that etcd's gateway reports and that we act on.
+const GRPC_NOT_FOUND: i32 = 5;
+const GRPC_UNAVAILABLE: i32 = 14;
+
+/// An etcd lease id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LeaseId(pub i64);
+
+impl std::fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:x}", self.0)
+    }
+}
+
+/// One key as etcd stores it (key and value must be UTF-8 for this crate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: String,
+    /// Revision of the write that created this key (changes after a delete and re-create).
+    pub create_revision: i64,
+    /// Revision of the last write to this key.
+    pub mod_revision: i64,
+    /// The lease the key is attached to, if any.
+    pub lease: Option<LeaseId>,
+}
+
+/// A change under a watched prefix. `revision` is the etcd revision of the change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    Put {
+        key: String,
+        value: String,
+        revision: i64,
+    },
+    Delete {
+        key: String,
+        revision: i64,
+    },
+}
+
+impl WatchEvent {
+    pub fn key(&self) -> &str {
+        match self {
+            WatchEvent::Put { key, .. } | WatchEvent::Delete { key, .. } => key,
+        }
+    }
+
+    pub fn revision(&self) -> i64 {
+        match self {
+            WatchEvent::Put { revision, .. } | WatchEvent::Delete { revision, .. } => *revision,
+        }
+    }
+}
+
+/// The events of one watch. It never ends by itself: it ends after yielding an error
+/// ([`Error::WatchBroken`] or [`Error::WatchCanceled`]); the caller then re-lists and watches again.
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent>> + Send>>;
+
+/// A cheap-to-clone handle to an etcd cluster.
+#[derive(Clone)]
+pub struct EtcdClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    endpoints: Vec<String>,
+    /// Index of the endpoint that answered last; calls start there.
+    preferred: AtomicUsize,
+}
+
+impl std::fmt::Debug for EtcdClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdClient")
+            .field("endpoints", &self.inner.endpoints)
+            .finish()
+    }
+}
+
+impl EtcdClient {
+    /// Endpoints like `http://10.0.0.5:2379` or `10.0.0.5:2379` (`http://` is added); an entry may
+    /// hold several, comma-separated. TLS (`https://`) is not supported. Connects lazily.
+    pub fn new(endpoints: &[String]) -> Result<Self> {
+        let mut normalized = Vec::new();
+        for endpoint in endpoints.iter().flat_map(|e| e.split(',')) {
+            let endpoint = endpoint.trim();
+            if endpoint.is_empty() {
+                continue;
+            }
+            normalized.push(normalize_endpoint(endpoint)?);
+        }
+        if normalized.is_empty() {
+            return Err(Error::NoEndpoints);
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .map_err(|e| Error::Config {
+                endpoint: normalized.join(","),
+                reason: error_chain(&e),
+            })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                endpoints: normalized,
+                preferred: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    /// The normalized endpoints, in the order given.
+    pub fn endpoints(&self) -> &[String] {
+        &self.inner.endpoints
+    }
+
+    /// Grants a lease of `ttl_secs` seconds. etcd may raise a short TTL to its minimum (about
+    /// 1.5 x the election timeout, i.e. 2 s with default settings).
+    pub async fn grant_lease(&self, ttl_secs: i64) -> Result<LeaseId> {
+        let op = Op::Grant;
+        let resp: GrantResponse = self
+            .unary(op, "/v3/lease/grant", &json!({ "TTL": ttl_secs.to_string() }))
+            .await?;
+        if !resp.error.is_empty() {
+            return Err(Error::Rpc {
+                op,
+                code: 0,
+                message: resp.error,
+            });
+        }
+        if resp.id == 0 {
+            return Err(decode_error(op, "grant answer has no lease ID"));
+        }
+        Ok(LeaseId(resp.id))
+    }
+
+    /// Refreshes the lease once; returns its TTL in seconds. [`Error::LeaseExpired`] when the lease
+    /// no longer exists (etcd answers such a keepalive without a TTL rather than with an error).
+    pub async fn keep_alive(&self, lease: LeaseId) -> Result<i64> {
+        let op = Op::KeepAlive;
+        let body = self
+            .request(op, "/v3/lease/keepalive", &json!({ "ID": lease.0.to_string() }))
+            .await
+            .map_err(|e| lease_not_found(e, lease))?;
+        let mut buf = body;
+        let resp: KeepAliveResponse = match next_message(&mut buf) {
+            Some(msg) => stream_result(op, msg)?,
+            None => return Err(decode_error(op, "empty keepalive answer")),
+        };
+        if resp.ttl <= 0 {
+            return Err(Error::LeaseExpired { lease });
+        }
+        Ok(resp.ttl)
+    }
+
+    /// Revokes the lease, deleting every key attached to it at once.
+    /// [`Error::LeaseExpired`] if it was already gone.
+    pub async fn revoke(&self, lease: LeaseId) -> Result<()> {
+        let _: Header = self
+            .unary(
+                Op::Revoke,
+                "/v3/lease/revoke",
+                &json!({ "ID": lease.0.to_string() }),
+            )
+            .await
+            .map_err(|e| lease_not_found(e, lease))?;
+        Ok(())
+    }
+
+    /// Writes `key = value`, attached to `lease` if given (the key is deleted when the lease
+    /// ends). Returns the revision of the write. [`Error::LeaseExpired`] if the lease is gone.
+    pub async fn put(&self, key: &str, value: &str, lease: Option<LeaseId>) -> Result<i64> {
+        let mut body = json!({ "key": B64.encode(key), "value": B64.encode(value) });
+        if let Some(lease) = lease {
+            body["lease"] = Value::String(lease.0.to_string());
+        }
+        let resp: HeaderOnly = self
+            .unary(Op::Put, "/v3/kv/put", &body)
+            .await
+            .map_err(|e| match lease {
+                Some(lease) => lease_not_found(e, lease),
+                None => e,
+            })?;
+        Ok(resp.header.revision)
+    }
+
+    /// All keys under `prefix` with their values, sorted by key, and the store revision they were
+    /// read at (watch from `revision + 1` to see every later change).
+    pub async fn get_prefix(&self, prefix: &str) -> Result<(Vec<(String, String)>, i64)> {
+        let (kvs, revision) = self.get_prefix_kvs(prefix).await?;
+        Ok((kvs.into_iter().map(|kv| (kv.key, kv.value)).collect(), revision))
+    }
+
+    /// Like [`EtcdClient::get_prefix`], with each key's revisions and lease.
+    pub async fn get_prefix_kvs(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64)> {
+        let op = Op::Range;
+        let body = json!({
+            "key": B64.encode(prefix),
+            "range_end": B64.encode(prefix_end(prefix.as_bytes())),
+        });
+        let resp: RangeResponse = self.unary(op, "/v3/kv/range", &body).await?;
+        let kvs = resp
+            .kvs
+            .into_iter()
+            .map(|kv| kv.decode(op))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((kvs, resp.header.revision))
+    }
+
+    /// Deletes `key`; returns how many keys were deleted (0 or 1).
+    pub async fn delete(&self, key: &str) -> Result<i64> {
+        let resp: DeleteResponse = self
+            .unary(
+                Op::Delete,
+                "/v3/kv/deleterange",
+                &json!({ "key": B64.encode(key) }),
+            )
+            .await?;
+        Ok(resp.deleted)
+    }
+
+    /// Watches every key under `prefix`, starting at `start_revision` (0: from now). Returns once
+    /// etcd has confirmed the watch, so events written after this returns are never missed.
+    pub async fn watch_prefix(&self, prefix: &str, start_revision: i64) -> Result<WatchStream> {
+        let op = Op::Watch;
+        let body = json!({ "create_request": {
+            "key": B64.encode(prefix),
+            "range_end": B64.encode(prefix_end(prefix.as_bytes())),
+            "start_revision": start_revision.to_string(),
+        }});
+        let n = self.inner.endpoints.len();
+        let first = self.inner.preferred.load(Ordering::Relaxed);
+        let mut last_error = String::new();
+        for attempt in 0..=n {
+            let idx = (first + attempt) % n;
+            let endpoint = &self.inner.endpoints[idx];
+            let opened = tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                open_watch(&self.inner.http, endpoint, &body, prefix),
+            )
+            .await;
+            match opened {
+                Ok(Ok(stream)) => {
+                    self.inner.preferred.store(idx, Ordering::Relaxed);
+                    return Ok(stream);
+                }
+                Ok(Err(WatchOpenError::Transport(e))) => last_error = format!("{endpoint}: {e}"),
+                Ok(Err(WatchOpenError::Fatal(e))) => return Err(e),
+                Err(_) => last_error = format!("{endpoint}: watch not created within {REQUEST_TIMEOUT:?}"),
+            }
+        }
+        Err(Error::Connect {
+            op,
+            endpoints: self.inner.endpoints.join(","),
+            last_error,
+        })
+    }
+
+    /// POSTs `body` and decodes a unary answer.
+    async fn unary<T: DeserializeOwned>(&self, op: Op, path: &str, body: &Value) -> Result<T> {
+        let bytes = self.request(op, path, body).await?;
+        serde_json::from_slice(&bytes).map_err(|e| decode_error(op, e))
+    }
+
+    /// POSTs `body` to the first endpoint that answers (each endpoint once, the first twice so a
+    /// single endpoint gets one retry over a fresh connection); maps an HTTP error to `Rpc`.
+    async fn request(&self, op: Op, path: &str, body: &Value) -> Result<Vec<u8>> {
+        let n = self.inner.endpoints.len();
+        let first = self.inner.preferred.load(Ordering::Relaxed);
+        let mut last_error = String::new();
+        for attempt in 0..=n {
+            let idx = (first + attempt) % n;
+            let endpoint = &self.inner.endpoints[idx];
+            let sent = self
+                .inner
+                .http
+                .post(format!("{endpoint}{path}"))
+                .json(body)
+                .timeout(REQUEST_TIMEOUT)
+                .send()
+                .await;
+            let resp = match sent {
+                Ok(resp) => resp,
+                Err(e) => {
+                    last_error = format!("{endpoint}: {}", error_chain(&e));
+                    continue;
+                }
+            };
+            let status = resp.status();
+            let bytes = match resp.bytes().await {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    last_error = format!("{endpoint}: {}", error_chain(&e));
+                    continue;
+                }
+            };
+            if status.is_success() {
+                self.inner.preferred.store(idx, Ordering::Relaxed);
+                return Ok(bytes.to_vec());
+            }
+            let (code, message) = match serde_json::from_slice::<UnaryError>(&bytes) {
+                Ok(e) => (e.code, if e.message.is_empty() { e.error } else { e.message }),
+                Err(_) => (-1, format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes))),
+            };
+            if code == GRPC_UNAVAILABLE {
+                // e.g. "etcdserver: no leader": another member may do better.
+                last_error = format!("{endpoint}: {message}");
+                continue;
+            }
+            self.inner.preferred.store(idx, Ordering::Relaxed);
+            return Err(Error::Rpc { op, code, message });
+        }
+        Err(Error::Connect {
+            op,
+            endpoints: self.inner.endpoints.join(","),
+            last_error,
+        })
+    }
+}
+
+enum WatchOpenError {
+    /// Try the next endpoint.
+    Transport(String),
+    /// etcd refused the watch itself.
+    Fatal(Error),
+}
+
+/// Sends the create request on one endpoint and waits for etcd's `created` answer.
+async fn open_watch(
+    http: &reqwest::Client,
+    endpoint: &str,
+    body: &Value,
+    prefix: &str,
+) -> Result<WatchStream, WatchOpenError> {
+    let op = Op::Watch;
+    let resp = http
+        .post(format!("{endpoint}/v3/watch"))
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| WatchOpenError::Transport(error_chain(&e)))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        return Err(WatchOpenError::Transport(format!("HTTP {status}: {text}")));
+    }
+    let mut body = resp.bytes_stream();
+    let mut buf = Vec::new();
+    // The first message confirms the watch (`created: true`).
+    loop {
+        if let Some(msg) = next_message(&mut buf) {
+            let resp: WatchResponse = match stream_result(op, msg) {
+                Ok(resp) => resp,
+                Err(Error::Rpc { code, message, .. }) if code == GRPC_UNAVAILABLE => {
+                    return Err(WatchOpenError::Transport(message))
+                }
+                Err(e) => return Err(WatchOpenError::Fatal(e)),
+            };
+            if resp.canceled {
+                return Err(WatchOpenError::Fatal(canceled(prefix, &resp)));
+            }
+            if resp.created {
+                break;
+            }
+            return Err(WatchOpenError::Fatal(decode_error(
+                op,
+                "first watch answer is not `created`",
+            )));
+        }
+        match body.next().await {
+            Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+            Some(Err(e)) => return Err(WatchOpenError::Transport(error_chain(&e))),
+            None => {
+                return Err(WatchOpenError::Transport(
+                    "stream ended before the watch was created".into(),
+                ))
+            }
+        }
+    }
+    let prefix = prefix.to_string();
+    Ok(Box::pin(async_stream::stream! {
+        loop {
+            while let Some(msg) = next_message(&mut buf) {
+                let resp: WatchResponse = match stream_result(op, msg) {
+                    Ok(resp) => resp,
+                    Err(Error::Rpc { code, message, .. }) => {
+                        yield Err(Error::WatchBroken {
+                            prefix: prefix.clone(),
+                            detail: format!("{message} (grpc code {code})"),
+                        });
+                        return;
+                    }
+                    Err(e) => {
+                        yield Err(e);
+                        return;
+                    }
+                };
+                for event in resp.events {
+                    yield event.decode(op);
+                }
+                if resp.canceled {
+                    yield Err(canceled(&prefix, &resp));
+                    return;
+                }
+            }
+            match body.next().await {
+                Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                Some(Err(e)) => {
+                    yield Err(Error::WatchBroken { prefix: prefix.clone(), detail: error_chain(&e) });
+                    return;
+                }
+                None => {
+                    yield Err(Error::WatchBroken {
+                        prefix: prefix.clone(),
+                        detail: "stream ended".into(),
+                    });
+                    return;
+                }
+            }
+        }
+    }))
+}
+
+fn canceled(prefix: &str, resp: &WatchResponse) -> Error {
+    Error::WatchCanceled {
+        prefix: prefix.to_string(),
+        compact_revision: resp.compact_revision,
+        reason: resp.cancel_reason.clone(),
+    }
+}
+
+/// `http://host:port` without a trailing slash.
+fn normalize_endpoint(endpoint: &str) -> Result<String> {
+    let url = if endpoint.contains("://") {
+        if !endpoint.starts_with("http://") {
+            return Err(Error::Config {
+                endpoint: endpoint.to_string(),
+                reason: "only http:// endpoints are supported (no TLS)".into(),
+            });
+        }
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    };
+    Ok(url.trim_end_matches('/').to_string())
+}
+
+/// The smallest key greater than every key starting with `prefix` (etcd's `range_end` for a
+/// prefix query); `"\0"` (all keys) if the prefix is empty or all 0xff.
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Takes the next complete JSON value off the front of `buf`; `None` if it holds no complete
+/// value yet. The gateway separates values with newlines; we do not rely on it.
+fn next_message(buf: &mut Vec<u8>) -> Option<Result<Value, serde_json::Error>> {
+    let mut values = serde_json::Deserializer::from_slice(buf).into_iter::<Value>();
+    match values.next() {
+        None => {
+            buf.clear(); // only whitespace
+            None
+        }
+        Some(Ok(value)) => {
+            let used = values.byte_offset();
+            buf.drain(..used);
+            Some(Ok(value))
+        }
+        Some(Err(e)) if e.is_eof() => None,
+        Some(Err(e)) => Some(Err(e)),
+    }
+}
+
+/// Unwraps one streamed message: `{"result": T}` or `{"error": {...}}`.
+fn stream_result<T: DeserializeOwned>(
+    op: Op,
+    msg: Result<Value, serde_json::Error>,
+) -> Result<T> {
+    let msg = msg.map_err(|e| decode_error(op, e))?;
+    let envelope: StreamEnvelope = serde_json::from_value(msg).map_err(|e| decode_error(op, e))?;
+    if let Some(err) = envelope.error {
+        return Err(Error::Rpc {
+            op,
+            code: err.grpc_code,
+            message: err.message,
+        });
+    }
+    let result = envelope
+        .result
+        .ok_or_else(|| decode_error(op, "stream message has neither result nor error"))?;
+    serde_json::from_value(result).map_err(|e| decode_error(op, e))
+}
+
+/// etcd reports a missing lease as gRPC NotFound ("requested lease not found").
+fn lease_not_found(e: Error, lease: LeaseId) -> Error {
+    match e {
+        Error::Rpc { code, ref message, .. }
+            if code == GRPC_NOT_FOUND && message.contains("lease not found") =>
+        {
+            Error::LeaseExpired { lease }
+        }
+        e => e,
+    }
+}
+
+fn decode_error(op: Op, detail: impl std::fmt::Display) -> Error {
+    Error::Decode {
+        op,
+        detail: detail.to_string(),
+    }
+}
+
+/// An error and its sources on one line (reqwest's own message omits the cause).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// int64 fields arrive as JSON strings; accept numbers too.
+fn de_i64<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<i64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Int {
+        Str(String),
+        Num(i64),
+    }
+    match Int::deserialize(d)? {
+        Int::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        Int::Num(n) => Ok(n),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct Header {
+    #[serde(default, deserialize_with = "de_i64")]
+    revision: i64,
+}
+
+#[derive(Deserialize)]
+struct HeaderOnly {
+    #[serde(default)]
+    header: Header,
+}
+
+#[derive(Deserialize)]
+struct UnaryError {
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    code: i32,
+}
+
+#[derive(Deserialize)]
+struct StreamEnvelope {
+    result: Option<Value>,
+    error: Option<StreamError>,
+}
+
+#[derive(Deserialize)]
+struct StreamError {
+    #[serde(default)]
+    grpc_code: i32,
+    #[serde(default)]
+    message: String,
+}
+
+#[derive(Deserialize)]
+struct GrantResponse {
+    #[serde(rename = "ID", default, deserialize_with = "de_i64")]
+    id: i64,
+    #[serde(default)]
+    error: String,
+}
+
+#[derive(Deserialize)]
+struct KeepAliveResponse {
+    #[serde(rename = "TTL", default, deserialize_with = "de_i64")]
+    ttl: i64,
+}
+
+#[derive(Deserialize)]
+struct DeleteResponse {
+    #[serde(default, deserialize_with = "de_i64")]
+    deleted: i64,
+}
+
+#[derive(Deserialize)]
+struct RangeResponse {
+    #[serde(default)]
+    header: Header,
+    #[serde(default)]
+    kvs: Vec<WireKeyValue>,
+}
+
+#[derive(Deserialize, Default)]
+struct WireKeyValue {
+    #[serde(default)]
+    key: String,
+    #[serde(default)]
+    value: String,
+    #[serde(default, deserialize_with = "de_i64")]
+    create_revision: i64,
+    #[serde(default, deserialize_with = "de_i64")]
+    mod_revision: i64,
+    #[serde(default, deserialize_with = "de_i64")]
+    lease: i64,
+}
+
+impl WireKeyValue {
+    fn decode(self, op: Op) -> Result<KeyValue> {
+        Ok(KeyValue {
+            key: decode_text(op, &self.key)?,
+            value: decode_text(op, &self.value)?,
+            create_revision: self.create_revision,
+            mod_revision: self.mod_revision,
+            lease: (self.lease != 0).then_some(LeaseId(self.lease)),
+        })
+    }
+}
+
+fn decode_text(op: Op, b64: &str) -> Result<String> {
+    let bytes = B64.decode(b64).map_err(|e| decode_error(op, e))?;
+    String::from_utf8(bytes).map_err(|e| decode_error(op, e))
+}
+
+#[derive(Deserialize)]
+struct WatchResponse {
+    #[serde(default)]
+    created: bool,
+    #[serde(default)]
+    canceled: bool,
+    #[serde(default, deserialize_with = "de_i64")]
+    compact_revision: i64,
+    #[serde(default)]
+    cancel_reason: String,
+    #[serde(default)]
+    events: Vec<WireEvent>,
+}
+
+#[derive(Deserialize)]
+struct WireEvent {
+    /// Omitted for PUT (the enum's zero value); "DELETE" otherwise.
+    #[serde(rename = "type", default)]
+    kind: String,
+    #[serde(default)]
+    kv: WireKeyValue,
+}
+
+impl WireEvent {
+    fn decode(self, op: Op) -> Result<WatchEvent> {
+        let revision = self.kv.mod_revision;
+        match self.kind.as_str() {
+            "" | "PUT" => {
+                let kv = self.kv.decode(op)?;
+                Ok(WatchEvent::Put {
+                    key: kv.key,
+                    value: kv.value,
+                    revision,
+                })
+            }
+            "DELETE" => Ok(WatchEvent::Delete {
+                key: decode_text(op, &self.kv.key)?,
+                revision,
+            }),
+            other => Err(decode_error(op, format!("unknown event type {other:?}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_increments_the_last_byte_below_0xff() {
+        assert_eq!(prefix_end(b"/a/"), b"/a0".to_vec());
+        assert_eq!(prefix_end(b"a\xff\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
+        assert_eq!(prefix_end(b""), vec![0]);
+    }
+
+    #[test]
+    fn endpoints_get_http_and_lose_trailing_slashes() {
+        let c = EtcdClient::new(&["127.0.0.1:2379, http://h:1/".into(), "".into()]).unwrap();
+        assert_eq!(c.endpoints(), ["http://127.0.0.1:2379", "http://h:1"]);
+        assert!(matches!(
+            EtcdClient::new(&["https://h:1".into()]),
+            Err(Error::Config { .. })
+        ));
+        assert!(matches!(EtcdClient::new(&[]), Err(Error::NoEndpoints)));
+    }
+
+    #[test]
+    fn stream_messages_are_split_with_or_without_newlines_and_across_chunks() {
+        let mut buf = br#"{"result":{"a":1}}
+{"result":{"a":2}}{"resu"#
+            .to_vec();
+        assert_eq!(next_message(&mut buf).unwrap().unwrap()["result"]["a"], 1);
+        assert_eq!(next_message(&mut buf).unwrap().unwrap()["result"]["a"], 2);
+        assert!(next_message(&mut buf).is_none());
+        buf.extend_from_slice(br#"lt":{"a":3}}"#);
+        assert_eq!(next_message(&mut buf).unwrap().unwrap()["result"]["a"], 3);
+        buf.extend_from_slice(b"\n");
+        assert!(next_message(&mut buf).is_none());
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn watch_events_decode_with_omitted_put_type_and_string_int64s() {
+        // As etcd 3.4/3.5 send them.
+        let msg = serde_json::from_str(
+            r#"{"result":{"header":{"revision":"7"},"events":[
+                {"kv":{"key":"Zm9v","create_revision":"6","mod_revision":"6","version":"1","value":"YmFy"}},
+                {"type":"DELETE","kv":{"key":"Zm9v","mod_revision":"7"}}]}}"#,
+        );
+        let resp: WatchResponse = stream_result(Op::Watch, msg).unwrap();
+        let events: Vec<_> = resp
+            .events
+            .into_iter()
+            .map(|e| e.decode(Op::Watch).unwrap())
+            .collect();
+        assert_eq!(
+            events,
+            [
+                WatchEvent::Put {
+                    key: "foo".into(),
+                    value: "bar".into(),
+                    revision: 6
+                },
+                WatchEvent::Delete {
+                    key: "foo".into(),
+                    revision: 7
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn stream_errors_become_rpc_errors() {
+        let msg = serde_json::from_str(
+            r#"{"error":{"grpc_code":14,"http_code":503,"message":"error reading from server: EOF","http_status":"Service Unavailable"}}"#,
+        );
+        let err = stream_result::<WatchResponse>(Op::Watch, msg).err().unwrap();
+        assert!(matches!(err, Error::Rpc { code: 14, .. }), "{err:?}");
+    }
+}
