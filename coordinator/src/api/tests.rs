@@ -187,6 +187,7 @@ fn harness_with(script: Script, chat_template: Option<ChatTemplate>) -> Harness 
                 EngineCommand::Abort { id } => {
                     let _ = aborted_tx.send(id);
                 }
+                EngineCommand::Drain | EngineCommand::AbortAll { .. } => {}
             }
         }
     });
