@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Checks the deployment files: lints the Helm chart (helm/tpserve), renders it for the default
 # values and every value set in helm/tpserve/ci/, validates each rendering against Kubernetes'
-# schemas (strict: unknown fields fail), lints the shell scripts (the deploy/ scripts and the
-# chart's rendered workers script) and deploy/Dockerfile, and checks that every --flag the chart and
+# schemas (strict: unknown fields fail), checks that bad values are refused, lints the shell
+# scripts (the deploy/ scripts and the chart's rendered workers script) and deploy/Dockerfile, runs
+# the rendered workers script against a stand-in tpserve-worker (ranks and their flags, stopping
+# when a rank exits, draining on SIGTERM), and checks that every --flag the chart and
 # deploy/docker-compose.yml pass to `tpserve serve` and `tpserve-worker` exists in the binaries'
 # --help. Every step runs; a summary comes last; the exit status is 1 if any step failed.
 #
@@ -206,7 +208,10 @@ fi
 # The chart's workers script, as rendered for each value set (bash -n, then shellcheck).
 for f in "${rendered[@]}"; do
   script="$OUT/$(basename "$f" .yaml).workers.sh"
-  extract_workers_script "$f" "$script"
+  if ! extract_workers_script "$f" "$script"; then
+    lint2_ok=FAIL
+    continue
+  fi
   # SC2329: the stop function is called from a trap, which shellcheck does not follow.
   if bash -n "$script" && "$VENV/bin/shellcheck" --exclude=SC2329 "$script"; then
     echo "ok   workers script of $(basename "$f")"

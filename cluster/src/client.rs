@@ -154,7 +154,11 @@ impl EtcdClient {
     pub async fn grant_lease(&self, ttl_secs: i64) -> Result<LeaseId> {
         let op = Op::Grant;
         let resp: GrantResponse = self
-            .unary(op, "/v3/lease/grant", &json!({ "TTL": ttl_secs.to_string() }))
+            .unary(
+                op,
+                "/v3/lease/grant",
+                &json!({ "TTL": ttl_secs.to_string() }),
+            )
             .await?;
         if !resp.error.is_empty() {
             return Err(Error::Rpc {
@@ -174,7 +178,11 @@ impl EtcdClient {
     pub async fn keep_alive(&self, lease: LeaseId) -> Result<i64> {
         let op = Op::KeepAlive;
         let body = self
-            .request(op, "/v3/lease/keepalive", &json!({ "ID": lease.0.to_string() }))
+            .request(
+                op,
+                "/v3/lease/keepalive",
+                &json!({ "ID": lease.0.to_string() }),
+            )
             .await
             .map_err(|e| lease_not_found(e, lease))?;
         let mut buf = body;
@@ -223,7 +231,10 @@ impl EtcdClient {
     /// read at (watch from `revision + 1` to see every later change).
     pub async fn get_prefix(&self, prefix: &str) -> Result<(Vec<(String, String)>, i64)> {
         let (kvs, revision) = self.get_prefix_kvs(prefix).await?;
-        Ok((kvs.into_iter().map(|kv| (kv.key, kv.value)).collect(), revision))
+        Ok((
+            kvs.into_iter().map(|kv| (kv.key, kv.value)).collect(),
+            revision,
+        ))
     }
 
     /// Like [`EtcdClient::get_prefix`], with each key's revisions and lease.
@@ -281,7 +292,9 @@ impl EtcdClient {
                 }
                 Ok(Err(WatchOpenError::Transport(e))) => last_error = format!("{endpoint}: {e}"),
                 Ok(Err(WatchOpenError::Fatal(e))) => return Err(e),
-                Err(_) => last_error = format!("{endpoint}: watch not created within {REQUEST_TIMEOUT:?}"),
+                Err(_) => {
+                    last_error = format!("{endpoint}: watch not created within {REQUEST_TIMEOUT:?}")
+                }
             }
         }
         Err(Error::Connect {
@@ -334,8 +347,18 @@ impl EtcdClient {
                 return Ok(bytes.to_vec());
             }
             let (code, message) = match serde_json::from_slice::<UnaryError>(&bytes) {
-                Ok(e) => (e.code, if e.message.is_empty() { e.error } else { e.message }),
-                Err(_) => (-1, format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes))),
+                Ok(e) => (
+                    e.code,
+                    if e.message.is_empty() {
+                        e.error
+                    } else {
+                        e.message
+                    },
+                ),
+                Err(_) => (
+                    -1,
+                    format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)),
+                ),
             };
             if code == GRPC_UNAVAILABLE {
                 // e.g. "etcdserver: no leader": another member may do better.
@@ -416,7 +439,7 @@ async fn open_watch(
     Ok(Box::pin(async_stream::stream! {
         loop {
             while let Some(msg) = next_message(&mut buf) {
-                let resp: WatchResponse = match stream_result(op, msg) {
+                let mut resp: WatchResponse = match stream_result(op, msg) {
                     Ok(resp) => resp,
                     Err(Error::Rpc { code, message, .. }) => {
                         yield Err(Error::WatchBroken {
@@ -430,7 +453,7 @@ async fn open_watch(
                         return;
                     }
                 };
-                for event in resp.events {
+                for event in std::mem::take(&mut resp.events) {
                     yield event.decode(op);
                 }
                 if resp.canceled {
@@ -513,10 +536,7 @@ fn next_message(buf: &mut Vec<u8>) -> Option<Result<Value, serde_json::Error>> {
 }
 
 /// Unwraps one streamed message: `{"result": T}` or `{"error": {...}}`.
-fn stream_result<T: DeserializeOwned>(
-    op: Op,
-    msg: Result<Value, serde_json::Error>,
-) -> Result<T> {
+fn stream_result<T: DeserializeOwned>(op: Op, msg: Result<Value, serde_json::Error>) -> Result<T> {
     let msg = msg.map_err(|e| decode_error(op, e))?;
     let envelope: StreamEnvelope = serde_json::from_value(msg).map_err(|e| decode_error(op, e))?;
     if let Some(err) = envelope.error {
@@ -535,9 +555,9 @@ fn stream_result<T: DeserializeOwned>(
 /// etcd reports a missing lease as gRPC NotFound ("requested lease not found").
 fn lease_not_found(e: Error, lease: LeaseId) -> Error {
     match e {
-        Error::Rpc { code, ref message, .. }
-            if code == GRPC_NOT_FOUND && message.contains("lease not found") =>
-        {
+        Error::Rpc {
+            code, ref message, ..
+        } if code == GRPC_NOT_FOUND && message.contains("lease not found") => {
             Error::LeaseExpired { lease }
         }
         e => e,
@@ -789,7 +809,9 @@ mod tests {
         let msg = serde_json::from_str(
             r#"{"error":{"grpc_code":14,"http_code":503,"message":"error reading from server: EOF","http_status":"Service Unavailable"}}"#,
         );
-        let err = stream_result::<WatchResponse>(Op::Watch, msg).err().unwrap();
+        let err = stream_result::<WatchResponse>(Op::Watch, msg)
+            .err()
+            .unwrap();
         assert!(matches!(err, Error::Rpc { code: 14, .. }), "{err:?}");
     }
 }

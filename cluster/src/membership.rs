@@ -135,10 +135,11 @@ impl Watch {
     /// The rank of a key under the prefix, if it is one this group uses.
     fn rank_of(&mut self, key: &str) -> Option<usize> {
         let suffix = key.strip_prefix(&self.prefix)?;
+        // Only the canonical spelling ("1", not "01" or "+1"), so one rank has one key.
         let rank = suffix
             .parse::<usize>()
             .ok()
-            .filter(|_| suffix.bytes().all(|b| b.is_ascii_digit()));
+            .filter(|rank| rank.to_string() == suffix);
         match rank {
             Some(rank) if rank < self.world_size => Some(rank),
             _ => {
@@ -160,7 +161,10 @@ impl Watch {
                 .iter()
                 .map(|(rank, (addr, _))| (*rank, addr.clone()))
                 .collect(),
-            revisions: members.iter().map(|(rank, (_, rev))| (*rank, *rev)).collect(),
+            revisions: members
+                .iter()
+                .map(|(rank, (_, rev))| (*rank, *rev))
+                .collect(),
             complete: (0..self.world_size).all(|rank| members.contains_key(&rank)),
         };
         self.tx.send_if_modified(|current| {
@@ -282,7 +286,10 @@ mod tests {
 
     #[test]
     fn key_follows_the_documented_layout() {
-        assert_eq!(GroupWatcher::key("prod", "g0", 3), "/tpserve/prod/g0/workers/3");
+        assert_eq!(
+            GroupWatcher::key("prod", "g0", 3),
+            "/tpserve/prod/g0/workers/3"
+        );
     }
 
     #[test]
@@ -292,7 +299,10 @@ mod tests {
         w.apply(&mut members, put("0", "a:1", 5));
         w.apply(&mut members, put("2", "c:1", 6)); // beyond world_size: ignored
         w.apply(&mut members, put("x", "d:1", 7)); // not a rank: ignored
-        w.apply(&mut members, put("01", "e:1", 8)); // rank 1 spelled oddly, still a rank
+        w.apply(&mut members, put("01", "e:1", 8)); // not the canonical spelling: ignored
+        w.publish(&members);
+        assert!(!rx.borrow().complete);
+        w.apply(&mut members, put("1", "e:1", 8));
         w.publish(&members);
         assert!(rx.borrow().complete);
         w.apply(

@@ -113,7 +113,7 @@ async fn keep_alive_loop(k: KeepAlive) {
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await; // the first tick is immediate; the key was just written
-    // Log the first failure of a run at warn level, the rest at debug: etcd outages repeat.
+                        // Log the first failure of a run at warn level, the rest at debug: etcd outages repeat.
     let mut failing = false;
     loop {
         ticks.tick().await;

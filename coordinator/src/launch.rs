@@ -10,14 +10,12 @@ use tpserve_modelfile::{Format, ModelSource};
 use tpserve_proto as pb;
 
 use crate::config::{EngineArgs, LoadFormat};
-use crate::engine::{start_engine, EngineConfig, EngineHandle, EngineStatus};
+use crate::engine::{start_engine, EngineConfig, EngineHandle, EngineStatus, GroupLink};
 use crate::error::StartError;
 use crate::metrics::Metrics;
 use crate::scheduler::SchedulerConfig;
 use crate::served_model::ServedModel;
-use crate::workers::{
-    spawn_local_workers, worker_binary, GroupInit, GroupReady, LocalWorker, WorkerGroup,
-};
+use crate::workers::{worker_binary, GroupInit, GroupReady, LocalSupervisor};
 
 /// A running engine and what keeps it alive.
 pub struct Launched {
@@ -29,8 +27,6 @@ pub struct Launched {
     pub status: watch::Receiver<EngineStatus>,
     /// What start-up found (blocks, weight bytes, device).
     pub ready: GroupReady,
-    /// The worker processes; dropping them kills them.
-    pub workers: Vec<LocalWorker>,
     /// The Prometheus metrics the engine updates.
     pub metrics: Arc<Metrics>,
 }
@@ -69,14 +65,6 @@ pub async fn launch(
         None => model_len,
     };
     let binary = worker_binary(args.worker_binary.as_deref());
-    let workers = spawn_local_workers(
-        &binary,
-        args.tensor_parallel_size,
-        args.threads_per_worker(),
-    )
-    .await?;
-    let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
-    let mut group = WorkerGroup::connect(&addrs).await?;
     let init = GroupInit {
         model_path: args.model.display().to_string(),
         load_format: match args.load_format {
@@ -93,7 +81,13 @@ pub async fn launch(
         max_num_seqs: args.max_num_seqs as u32,
         seed: args.seed,
     };
-    let ready = group.initialize(&init).await?;
+    let mut supervisor = LocalSupervisor::new(
+        binary,
+        args.tensor_parallel_size,
+        args.threads_per_worker(),
+        init,
+    );
+    let (group, ready) = supervisor.form().await?;
     let capacity = ready.num_blocks as usize * args.block_size;
     if capacity < max_model_len {
         return Err(StartError::Config {
@@ -125,7 +119,15 @@ pub async fn launch(
         })?;
     let name = served_model_name.unwrap_or_else(|| args.model.display().to_string());
     let metrics = Arc::new(Metrics::new(&name));
-    let (engine, status) = start_engine(engine_config, group, tokenizer.clone(), metrics.clone());
+    let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let (broken, broken_rx) = watch::channel(0u64);
+    let link = GroupLink {
+        group,
+        events,
+        broken,
+    };
+    let (engine, status) = start_engine(engine_config, link, tokenizer.clone(), metrics.clone());
+    tokio::spawn(supervisor.run(events_tx, broken_rx));
     tracing::info!(
         device = %ready.device,
         tp = args.tensor_parallel_size,
@@ -148,7 +150,6 @@ pub async fn launch(
         model,
         status,
         ready,
-        workers,
         metrics,
     })
 }

@@ -134,12 +134,7 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
         _ => bail!("give --prompt or --input"),
     };
-    let Launched {
-        engine,
-        model,
-        workers: _workers,
-        ..
-    } = launch(&args.engine, None).await?;
+    let Launched { engine, model, .. } = launch(&args.engine, None).await?;
     let mut requests = Vec::with_capacity(lines.len());
     for (i, line) in lines.iter().enumerate() {
         let text = match (&line.prompt, &line.messages) {

@@ -74,7 +74,11 @@ async fn past_the_shutdown_timeout_running_requests_end_with_an_error() {
     let started = Instant::now();
     s.terminate();
     let (events, done) = running.await.unwrap();
-    assert!(done, "{:?}", events.iter().rev().take(3).collect::<Vec<_>>());
+    assert!(
+        done,
+        "{:?}",
+        events.iter().rev().take(3).collect::<Vec<_>>()
+    );
     assert!(
         events.iter().any(|e| e["error"]["message"]
             .as_str()

@@ -73,7 +73,6 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<ThroughputReport> {
         engine,
         model,
         ready,
-        workers: _workers,
         ..
     } = launch(&args.engine, None).await?;
     let vocab = model.tokenizer.get_vocab_size(true) as u32;

@@ -3,9 +3,10 @@
 //! scheduler for a plan, runs it on the workers, applies the sampled tokens, and sends each
 //! sequence its events. Nothing else touches this state, so no locks are needed.
 //!
-//! A step that fails on a worker fails every sequence that was in it with a clear error, and the
-//! engine stops taking requests (`Unavailable`) until it is restarted: the workers' request state
-//! no longer matches the scheduler's.
+//! When the worker group is lost (a step fails, or the supervisor sees a worker die), every
+//! sequence ends with an `Unavailable` error, new ones are refused, and the engine reports itself
+//! unhealthy until the supervisor hands it a re-formed group; then it starts over with a fresh
+//! scheduler (the workers' request state is gone, so the old block table means nothing).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -22,7 +23,7 @@ use super::types::{FinishReason, GenerateEvent, Sampling};
 use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerConfig, SequenceSpec, StepPlan};
-use crate::workers::WorkerGroup;
+use crate::workers::{GroupEvent, WorkerGroup};
 
 /// How the engine runs.
 #[derive(Debug, Clone)]
@@ -65,7 +66,12 @@ struct Sequence {
 struct Engine {
     config: EngineConfig,
     scheduler: Scheduler,
-    group: WorkerGroup,
+    /// `None` while the group is lost.
+    group: Option<WorkerGroup>,
+    /// The supervisor's news about the group.
+    group_events: mpsc::UnboundedReceiver<GroupEvent>,
+    /// Ticks when a step fails, so the supervisor re-forms the group.
+    broken: watch::Sender<u64>,
     tokenizer: Arc<Tokenizer>,
     sequences: HashMap<u64, Sequence>,
     commands: mpsc::UnboundedReceiver<EngineCommand>,
@@ -76,10 +82,21 @@ struct Engine {
     metrics: Arc<Metrics>,
 }
 
+/// How the engine hears about its worker group: the group it starts with, the supervisor's
+/// later news, and where it reports failed steps.
+pub struct GroupLink {
+    /// The group formed at start.
+    pub group: WorkerGroup,
+    /// Losses and re-formed groups from the supervisor.
+    pub events: mpsc::UnboundedReceiver<GroupEvent>,
+    /// Ticked by the engine when a step fails.
+    pub broken: watch::Sender<u64>,
+}
+
 /// Starts the actor on the current tokio runtime.
 pub fn start_engine(
     config: EngineConfig,
-    group: WorkerGroup,
+    link: GroupLink,
     tokenizer: Arc<Tokenizer>,
     metrics: Arc<Metrics>,
 ) -> (EngineHandle, watch::Receiver<EngineStatus>) {
@@ -91,7 +108,9 @@ pub fn start_engine(
     let engine = Engine {
         scheduler: Scheduler::new(config.scheduler.clone()),
         config,
-        group,
+        group: Some(link.group),
+        group_events: link.events,
+        broken: link.broken,
         tokenizer,
         sequences: HashMap::new(),
         commands: rx,
@@ -147,27 +166,51 @@ fn plan_to_proto(
 
 impl Engine {
     async fn run(mut self) {
+        let mut supervised = true;
         loop {
-            let busy = self.scheduler.num_waiting() + self.scheduler.num_running() > 0;
-            if !busy {
-                match self.commands.recv().await {
-                    Some(c) => self.handle(c),
-                    None => return,
-                }
-            }
             while let Ok(c) = self.commands.try_recv() {
                 self.handle(c);
             }
-            let Some(plan) = self.scheduler.schedule() else {
-                // Nothing can run now; wait for something to change.
-                match self.commands.recv().await {
+            while let Ok(e) = self.group_events.try_recv() {
+                self.on_group_event(e);
+            }
+            let plan = if self.group.is_some() {
+                self.scheduler.schedule()
+            } else {
+                None
+            };
+            if let Some(plan) = plan {
+                self.execute(plan).await;
+                self.publish();
+                continue;
+            }
+            // Nothing can run now: wait for a command or news about the group.
+            tokio::select! {
+                command = self.commands.recv() => match command {
                     Some(c) => self.handle(c),
                     None => return,
-                }
-                continue;
-            };
-            self.execute(plan).await;
-            self.publish();
+                },
+                event = self.group_events.recv(), if supervised => match event {
+                    Some(e) => self.on_group_event(e),
+                    None => supervised = false,
+                },
+            }
+        }
+    }
+
+    fn on_group_event(&mut self, event: GroupEvent) {
+        match event {
+            GroupEvent::Lost { detail } => {
+                self.group = None;
+                self.fail_all(detail);
+            }
+            GroupEvent::Ready(group, ready) => {
+                self.group = Some(group);
+                self.config.scheduler.num_blocks = ready.num_blocks as usize;
+                self.scheduler = Scheduler::new(self.config.scheduler.clone());
+                self.failure = None;
+                self.publish();
+            }
         }
     }
 
@@ -286,7 +329,10 @@ impl Engine {
             }
         }
         let request = plan_to_proto(&plan, to_proto);
-        match self.group.step(request).await {
+        let Some(group) = self.group.as_mut() else {
+            return;
+        };
+        match group.step(request).await {
             Ok(tokens) => {
                 let sampled: Vec<(u64, u32)> =
                     tokens.iter().map(|t| (t.request_id, t.token_id)).collect();
@@ -301,7 +347,9 @@ impl Engine {
             }
             Err(e) => {
                 tracing::error!("step {} failed: {e}", plan.step_id);
-                self.fail_all(e.to_string());
+                self.group = None;
+                self.broken.send_modify(|n| *n += 1);
+                self.fail_all(format!("{e}; the worker group is re-forming"));
             }
         }
     }
@@ -350,12 +398,13 @@ impl Engine {
         }
     }
 
-    /// The workers and the scheduler no longer agree: fail every sequence and stop serving.
+    /// The workers and the scheduler no longer agree: end every sequence, refuse new ones until
+    /// a new group arrives.
     fn fail_all(&mut self, detail: String) {
         for (id, seq) in self.sequences.drain() {
             let _ = seq
                 .events
-                .send(GenerateEvent::Error(EngineError::WorkerFailed {
+                .send(GenerateEvent::Error(EngineError::Unavailable {
                     detail: detail.clone(),
                 }));
             self.scheduler.abort(id);

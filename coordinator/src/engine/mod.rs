@@ -6,6 +6,6 @@ pub mod handle;
 pub mod output;
 pub mod types;
 
-pub use actor::{start_engine, EngineConfig, EngineStatus};
+pub use actor::{start_engine, EngineConfig, EngineStatus, GroupLink};
 pub use handle::{EngineHandle, GenerationStream};
 pub use types::{FinishReason, GenerateEvent, GenerateRequest, Sampling};

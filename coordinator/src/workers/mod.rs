@@ -3,6 +3,8 @@
 
 pub mod group;
 pub mod spawn;
+pub mod supervisor;
 
 pub use group::{GroupInit, GroupReady, WorkerGroup};
 pub use spawn::{spawn_local_workers, worker_binary, LocalWorker};
+pub use supervisor::{GroupEvent, LocalSupervisor};

@@ -20,20 +20,17 @@ const LISTEN_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct LocalWorker {
     /// The gRPC address it serves on.
     pub addr: String,
+    /// The process id (kept: the child forgets it once it has exited).
+    pub pid: u32,
     child: Child,
     /// Held open: the worker exits when it closes.
     _stdin: Option<ChildStdin>,
 }
 
 impl LocalWorker {
-    /// The process id, for tests and logs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
-
-    /// True while the process runs.
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+    /// How the process ended, once it has.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 }
 
@@ -99,6 +96,7 @@ pub async fn spawn_local_workers(
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         workers.push(LocalWorker {
             addr,
+            pid: child.id().unwrap_or(0),
             child,
             _stdin: stdin,
         });
