@@ -429,8 +429,8 @@ async fn watcher_and_registrations_survive_an_etcd_restart_and_resync() -> anyho
 
     // Down for longer than a keepalive period (TTL/3), shorter than the TTL.
     etcd.restart(Duration::from_secs(1)).await?;
-    // Written before the watcher has reconnected: only a re-list or a watch from the right
-    // revision can show it.
+    // Written right after the restart, around when the watcher reconnects: the re-list or the
+    // watch from the listed revision must show it, whichever comes first.
     let r1 =
         Registration::start(client.clone(), GroupWatcher::key("c", "g", 1), "w1:1", TTL).await?;
     let m = wait_membership(&mut watcher, "complete after the restart", |m| m.complete).await?;

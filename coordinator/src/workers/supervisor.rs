@@ -62,9 +62,9 @@ impl LocalSupervisor {
     /// The first worker that is no longer running, described.
     fn dead_worker(&mut self) -> Option<String> {
         self.workers.iter_mut().enumerate().find_map(|(rank, w)| {
-            let pid = w.pid();
+            let pid = w.pid;
             w.exit_status()
-                .map(|status| format!("worker rank {rank} (pid {pid:?}) exited: {status}"))
+                .map(|status| format!("worker rank {rank} (pid {pid}) exited: {status}"))
         })
     }
 
