@@ -23,10 +23,13 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use futures::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Op, Result};
+use crate::wire::{
+    decode_error, next_message, stream_result, DeleteResponse, GrantResponse, HeaderOnly,
+    KeepAliveResponse, RangeResponse, UnaryError, WatchResponse,
+};
 
 /// How long to wait for a TCP connection to an endpoint.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -199,7 +202,7 @@ impl EtcdClient {
     /// Revokes the lease, deleting every key attached to it at once.
     /// [`Error::LeaseExpired`] if it was already gone.
     pub async fn revoke(&self, lease: LeaseId) -> Result<()> {
-        let _: Header = self
+        let _: HeaderOnly = self
             .unary(
                 Op::Revoke,
                 "/v3/lease/revoke",
@@ -516,42 +519,6 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
-/// Takes the next complete JSON value off the front of `buf`; `None` if it holds no complete
-/// value yet. The gateway separates values with newlines; we do not rely on it.
-fn next_message(buf: &mut Vec<u8>) -> Option<Result<Value, serde_json::Error>> {
-    let mut values = serde_json::Deserializer::from_slice(buf).into_iter::<Value>();
-    match values.next() {
-        None => {
-            buf.clear(); // only whitespace
-            None
-        }
-        Some(Ok(value)) => {
-            let used = values.byte_offset();
-            buf.drain(..used);
-            Some(Ok(value))
-        }
-        Some(Err(e)) if e.is_eof() => None,
-        Some(Err(e)) => Some(Err(e)),
-    }
-}
-
-/// Unwraps one streamed message: `{"result": T}` or `{"error": {...}}`.
-fn stream_result<T: DeserializeOwned>(op: Op, msg: Result<Value, serde_json::Error>) -> Result<T> {
-    let msg = msg.map_err(|e| decode_error(op, e))?;
-    let envelope: StreamEnvelope = serde_json::from_value(msg).map_err(|e| decode_error(op, e))?;
-    if let Some(err) = envelope.error {
-        return Err(Error::Rpc {
-            op,
-            code: err.grpc_code,
-            message: err.message,
-        });
-    }
-    let result = envelope
-        .result
-        .ok_or_else(|| decode_error(op, "stream message has neither result nor error"))?;
-    serde_json::from_value(result).map_err(|e| decode_error(op, e))
-}
-
 /// etcd reports a missing lease as gRPC NotFound ("requested lease not found").
 fn lease_not_found(e: Error, lease: LeaseId) -> Error {
     match e {
@@ -561,13 +528,6 @@ fn lease_not_found(e: Error, lease: LeaseId) -> Error {
             Error::LeaseExpired { lease }
         }
         e => e,
-    }
-}
-
-fn decode_error(op: Op, detail: impl std::fmt::Display) -> Error {
-    Error::Decode {
-        op,
-        detail: detail.to_string(),
     }
 }
 
@@ -581,159 +541,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
-}
-
-/// int64 fields arrive as JSON strings; accept numbers too.
-fn de_i64<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<i64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Int {
-        Str(String),
-        Num(i64),
-    }
-    match Int::deserialize(d)? {
-        Int::Str(s) => s.parse().map_err(serde::de::Error::custom),
-        Int::Num(n) => Ok(n),
-    }
-}
-
-#[derive(Deserialize, Default)]
-struct Header {
-    #[serde(default, deserialize_with = "de_i64")]
-    revision: i64,
-}
-
-#[derive(Deserialize)]
-struct HeaderOnly {
-    #[serde(default)]
-    header: Header,
-}
-
-#[derive(Deserialize)]
-struct UnaryError {
-    #[serde(default)]
-    error: String,
-    #[serde(default)]
-    message: String,
-    #[serde(default)]
-    code: i32,
-}
-
-#[derive(Deserialize)]
-struct StreamEnvelope {
-    result: Option<Value>,
-    error: Option<StreamError>,
-}
-
-#[derive(Deserialize)]
-struct StreamError {
-    #[serde(default)]
-    grpc_code: i32,
-    #[serde(default)]
-    message: String,
-}
-
-#[derive(Deserialize)]
-struct GrantResponse {
-    #[serde(rename = "ID", default, deserialize_with = "de_i64")]
-    id: i64,
-    #[serde(default)]
-    error: String,
-}
-
-#[derive(Deserialize)]
-struct KeepAliveResponse {
-    #[serde(rename = "TTL", default, deserialize_with = "de_i64")]
-    ttl: i64,
-}
-
-#[derive(Deserialize)]
-struct DeleteResponse {
-    #[serde(default, deserialize_with = "de_i64")]
-    deleted: i64,
-}
-
-#[derive(Deserialize)]
-struct RangeResponse {
-    #[serde(default)]
-    header: Header,
-    #[serde(default)]
-    kvs: Vec<WireKeyValue>,
-}
-
-#[derive(Deserialize, Default)]
-struct WireKeyValue {
-    #[serde(default)]
-    key: String,
-    #[serde(default)]
-    value: String,
-    #[serde(default, deserialize_with = "de_i64")]
-    create_revision: i64,
-    #[serde(default, deserialize_with = "de_i64")]
-    mod_revision: i64,
-    #[serde(default, deserialize_with = "de_i64")]
-    lease: i64,
-}
-
-impl WireKeyValue {
-    fn decode(self, op: Op) -> Result<KeyValue> {
-        Ok(KeyValue {
-            key: decode_text(op, &self.key)?,
-            value: decode_text(op, &self.value)?,
-            create_revision: self.create_revision,
-            mod_revision: self.mod_revision,
-            lease: (self.lease != 0).then_some(LeaseId(self.lease)),
-        })
-    }
-}
-
-fn decode_text(op: Op, b64: &str) -> Result<String> {
-    let bytes = B64.decode(b64).map_err(|e| decode_error(op, e))?;
-    String::from_utf8(bytes).map_err(|e| decode_error(op, e))
-}
-
-#[derive(Deserialize)]
-struct WatchResponse {
-    #[serde(default)]
-    created: bool,
-    #[serde(default)]
-    canceled: bool,
-    #[serde(default, deserialize_with = "de_i64")]
-    compact_revision: i64,
-    #[serde(default)]
-    cancel_reason: String,
-    #[serde(default)]
-    events: Vec<WireEvent>,
-}
-
-#[derive(Deserialize)]
-struct WireEvent {
-    /// Omitted for PUT (the enum's zero value); "DELETE" otherwise.
-    #[serde(rename = "type", default)]
-    kind: String,
-    #[serde(default)]
-    kv: WireKeyValue,
-}
-
-impl WireEvent {
-    fn decode(self, op: Op) -> Result<WatchEvent> {
-        let revision = self.kv.mod_revision;
-        match self.kind.as_str() {
-            "" | "PUT" => {
-                let kv = self.kv.decode(op)?;
-                Ok(WatchEvent::Put {
-                    key: kv.key,
-                    value: kv.value,
-                    revision,
-                })
-            }
-            "DELETE" => Ok(WatchEvent::Delete {
-                key: decode_text(op, &self.kv.key)?,
-                revision,
-            }),
-            other => Err(decode_error(op, format!("unknown event type {other:?}"))),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -757,61 +564,5 @@ mod tests {
             Err(Error::Config { .. })
         ));
         assert!(matches!(EtcdClient::new(&[]), Err(Error::NoEndpoints)));
-    }
-
-    #[test]
-    fn stream_messages_are_split_with_or_without_newlines_and_across_chunks() {
-        let mut buf = br#"{"result":{"a":1}}
-{"result":{"a":2}}{"resu"#
-            .to_vec();
-        assert_eq!(next_message(&mut buf).unwrap().unwrap()["result"]["a"], 1);
-        assert_eq!(next_message(&mut buf).unwrap().unwrap()["result"]["a"], 2);
-        assert!(next_message(&mut buf).is_none());
-        buf.extend_from_slice(br#"lt":{"a":3}}"#);
-        assert_eq!(next_message(&mut buf).unwrap().unwrap()["result"]["a"], 3);
-        buf.extend_from_slice(b"\n");
-        assert!(next_message(&mut buf).is_none());
-        assert!(buf.is_empty());
-    }
-
-    #[test]
-    fn watch_events_decode_with_omitted_put_type_and_string_int64s() {
-        // As etcd 3.4/3.5 send them.
-        let msg = serde_json::from_str(
-            r#"{"result":{"header":{"revision":"7"},"events":[
-                {"kv":{"key":"Zm9v","create_revision":"6","mod_revision":"6","version":"1","value":"YmFy"}},
-                {"type":"DELETE","kv":{"key":"Zm9v","mod_revision":"7"}}]}}"#,
-        );
-        let resp: WatchResponse = stream_result(Op::Watch, msg).unwrap();
-        let events: Vec<_> = resp
-            .events
-            .into_iter()
-            .map(|e| e.decode(Op::Watch).unwrap())
-            .collect();
-        assert_eq!(
-            events,
-            [
-                WatchEvent::Put {
-                    key: "foo".into(),
-                    value: "bar".into(),
-                    revision: 6
-                },
-                WatchEvent::Delete {
-                    key: "foo".into(),
-                    revision: 7
-                }
-            ]
-        );
-    }
-
-    #[test]
-    fn stream_errors_become_rpc_errors() {
-        let msg = serde_json::from_str(
-            r#"{"error":{"grpc_code":14,"http_code":503,"message":"error reading from server: EOF","http_status":"Service Unavailable"}}"#,
-        );
-        let err = stream_result::<WatchResponse>(Op::Watch, msg)
-            .err()
-            .unwrap();
-        assert!(matches!(err, Error::Rpc { code: 14, .. }), "{err:?}");
     }
 }

@@ -12,6 +12,7 @@ pub mod client;
 pub mod error;
 pub mod membership;
 pub mod registration;
+mod wire;
 
 pub use client::{EtcdClient, KeyValue, LeaseId, WatchEvent, WatchStream};
 pub use error::{Error, Op, Result};

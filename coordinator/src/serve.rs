@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use clap::Args;
 
-use crate::api::{metrics_router, router, ApiState, Health};
+use crate::api::{metrics_router, require_api_key, router, ApiState, Health};
 use crate::config::EngineArgs;
 use crate::launch::launch;
 
@@ -26,6 +26,9 @@ pub struct ServeArgs {
     /// The name clients use in `model` (default: the model path).
     #[arg(long, env = "TPSERVE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
+    /// Require `Authorization: Bearer <key>` on `/v1/*` (as vLLM's `--api-key`).
+    #[arg(long, env = "TPSERVE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Seconds running requests may take to finish after SIGTERM or Ctrl-C before they are ended.
     #[arg(long, env = "TPSERVE_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
     pub shutdown_timeout: f64,
@@ -78,6 +81,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         health: health_rx,
     })
     .merge(metrics_router(launched.metrics.clone()));
+    let app = match args.api_key.clone().filter(|k| !k.is_empty()) {
+        Some(key) => require_api_key(app, key),
+        None => app,
+    };
     let bound = listener.local_addr()?;
     tracing::info!(model = %launched.model.name, "serving the OpenAI API on http://{bound}");
     println!("TPSERVE_LISTENING http://{bound}");

@@ -40,6 +40,9 @@ pub enum ApiError {
     /// The request asks for a feature this server does not have yet (400, not silently ignored).
     #[error("{message}")]
     Unsupported { message: String, param: String },
+    /// No API key, or the wrong one, on a route that needs one (401).
+    #[error("Invalid or missing API key: send `Authorization: Bearer <key>`.")]
+    Unauthorized,
     /// The request names a model this server does not serve (404).
     #[error("The model `{model}` does not exist.")]
     ModelNotFound { model: String },
@@ -96,6 +99,7 @@ impl ApiError {
             | Self::Unsupported { .. } => StatusCode::BAD_REQUEST,
             Self::ModelNotFound { .. } | Self::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -128,6 +132,7 @@ impl ApiError {
             }
             Self::Unsupported { .. } => ("invalid_request_error", Some("unsupported_parameter")),
             Self::ModelNotFound { .. } => ("invalid_request_error", Some("model_not_found")),
+            Self::Unauthorized => ("invalid_request_error", Some("invalid_api_key")),
             Self::RouteNotFound { .. } => ("invalid_request_error", Some("not_found")),
             Self::MethodNotAllowed { .. } => ("invalid_request_error", Some("method_not_allowed")),
             Self::PayloadTooLarge { .. } => ("invalid_request_error", Some("payload_too_large")),

@@ -10,6 +10,7 @@
 //! Costs per request: one tokenization on the blocking pool, one engine round trip per
 //! sequence to admit it, and one JSON chunk per text delta when streaming.
 
+mod auth;
 mod chat;
 mod completions;
 mod error;
@@ -34,6 +35,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use tokio::sync::watch;
 
+pub use auth::require_api_key;
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use health::Health;
 pub use metrics::metrics_router;
