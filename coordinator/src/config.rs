@@ -104,6 +104,16 @@ pub struct EngineArgs {
     /// CPU threads per worker (default: the cores divided among the workers).
     #[arg(long, env = "TPSERVE_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+    /// etcd endpoints (comma-separated). When set, no workers are spawned: the group forms from
+    /// the workers registered under `--cluster` and `--group`.
+    #[arg(long, env = "TPSERVE_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// The cluster name workers register under in etcd.
+    #[arg(long, env = "TPSERVE_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    /// The worker group (tensor-parallel group) within the cluster.
+    #[arg(long, env = "TPSERVE_GROUP", default_value = "default")]
+    pub group: String,
 }
 
 impl EngineArgs {

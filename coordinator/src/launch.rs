@@ -15,7 +15,10 @@ use crate::error::StartError;
 use crate::metrics::Metrics;
 use crate::scheduler::SchedulerConfig;
 use crate::served_model::ServedModel;
-use crate::workers::{worker_binary, GroupInit, GroupReady, LocalSupervisor};
+use crate::workers::{
+    supervise, worker_binary, EtcdWorkers, GroupInit, GroupReady, LocalWorkers, WorkerGroup,
+    WorkerSource,
+};
 
 /// A running engine and what keeps it alive.
 pub struct Launched {
@@ -81,13 +84,26 @@ pub async fn launch(
         max_num_seqs: args.max_num_seqs as u32,
         seed: args.seed,
     };
-    let mut supervisor = LocalSupervisor::new(
-        binary,
-        args.tensor_parallel_size,
-        args.threads_per_worker(),
-        init,
-    );
-    let (group, ready) = supervisor.form().await?;
+    let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let (broken, broken_rx) = watch::channel(0u64);
+    let (group, ready) = if args.etcd_endpoints.is_empty() {
+        let source = LocalWorkers::new(
+            binary,
+            args.tensor_parallel_size,
+            args.threads_per_worker(),
+            init,
+        );
+        start_supervised(source, tx, broken_rx).await?
+    } else {
+        let source = EtcdWorkers::new(
+            &args.etcd_endpoints,
+            &args.cluster,
+            &args.group,
+            args.tensor_parallel_size,
+            init,
+        )?;
+        start_supervised(source, tx, broken_rx).await?
+    };
     let capacity = ready.num_blocks as usize * args.block_size;
     if capacity < max_model_len {
         return Err(StartError::Config {
@@ -119,15 +135,12 @@ pub async fn launch(
         })?;
     let name = served_model_name.unwrap_or_else(|| args.model.display().to_string());
     let metrics = Arc::new(Metrics::new(&name));
-    let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
-    let (broken, broken_rx) = watch::channel(0u64);
     let link = GroupLink {
         group,
         events,
         broken,
     };
     let (engine, status) = start_engine(engine_config, link, tokenizer.clone(), metrics.clone());
-    tokio::spawn(supervisor.run(events_tx, broken_rx));
     tracing::info!(
         device = %ready.device,
         tp = args.tensor_parallel_size,
@@ -152,4 +165,16 @@ pub async fn launch(
         ready,
         metrics,
     })
+}
+
+/// Forms the first group from `source`, then hands the source to a supervisor task that
+/// re-forms the group whenever it is lost.
+async fn start_supervised<S: WorkerSource>(
+    mut source: S,
+    events: tokio::sync::mpsc::UnboundedSender<crate::workers::GroupEvent>,
+    broken: watch::Receiver<u64>,
+) -> Result<(WorkerGroup, GroupReady), StartError> {
+    let formed = source.form().await?;
+    tokio::spawn(supervise(source, events, broken));
+    Ok(formed)
 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use clap::Parser;
 use tokio_stream::wrappers::TcpListenerStream;
+use tpserve_cluster::{EtcdClient, GroupWatcher, Registration};
 use tpserve_proto::worker_server::WorkerServer;
 use tpserve_worker::service::WorkerService;
 
@@ -22,6 +23,28 @@ struct Args {
     /// Threads for the CPU backend (0: all cores).
     #[arg(long, env = "TPSERVE_CPU_THREADS", default_value_t = 0)]
     cpu_threads: usize,
+    /// etcd endpoints (comma-separated): register this worker's address there under a lease so
+    /// a coordinator started with the same `--cluster` finds it.
+    #[arg(long, env = "TPSERVE_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// The cluster to register in.
+    #[arg(long, env = "TPSERVE_CLUSTER", default_value = "default")]
+    cluster: String,
+    /// The worker group (tensor-parallel group) within the cluster.
+    #[arg(long, env = "TPSERVE_GROUP", default_value = "default")]
+    group: String,
+    /// This worker's rank in its group (with --etcd-endpoints).
+    #[arg(long, env = "TPSERVE_RANK")]
+    rank: Option<usize>,
+    /// Ranks in the group (with --etcd-endpoints); the rank must be below it.
+    #[arg(long, env = "TPSERVE_TENSOR_PARALLEL_SIZE")]
+    tensor_parallel_size: Option<usize>,
+    /// The address registered in etcd (default: the bound --listen address).
+    #[arg(long, env = "TPSERVE_ADVERTISE_ADDR")]
+    advertise_addr: Option<String>,
+    /// Seconds the etcd registration lives without a refresh; a crashed worker disappears after it.
+    #[arg(long, env = "TPSERVE_ETCD_LEASE_TTL", default_value_t = 10)]
+    etcd_lease_ttl: u64,
     /// Exit when standard input closes (set by a coordinator that spawns its workers, so they
     /// never outlive it).
     #[arg(long)]
@@ -57,13 +80,56 @@ async fn main() -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     println!("TPSERVE_WORKER_LISTENING {addr}");
     tracing::info!(%addr, device = %args.device, threads = rayon::current_num_threads(), "worker serving");
+    let registration = if args.etcd_endpoints.is_empty() {
+        None
+    } else {
+        let (Some(rank), Some(tp)) = (args.rank, args.tensor_parallel_size) else {
+            anyhow::bail!("--etcd-endpoints needs --rank and --tensor-parallel-size");
+        };
+        anyhow::ensure!(
+            rank < tp,
+            "--rank {rank} is not below --tensor-parallel-size {tp}"
+        );
+        let client = EtcdClient::new(&args.etcd_endpoints).context("--etcd-endpoints")?;
+        let key = GroupWatcher::key(&args.cluster, &args.group, rank);
+        let value = args
+            .advertise_addr
+            .clone()
+            .unwrap_or_else(|| addr.to_string());
+        let ttl = std::time::Duration::from_secs(args.etcd_lease_ttl.max(1));
+        let reg = Registration::start(client, key.clone(), value.clone(), ttl)
+            .await
+            .with_context(|| format!("registering {key} in etcd"))?;
+        tracing::info!(%key, %value, "registered in etcd");
+        Some(reg)
+    };
     let service = WorkerService::start(addr.ip().to_string());
     tonic::transport::Server::builder()
         .add_service(WorkerServer::new(service).max_decoding_message_size(256 << 20))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
         .await
         .context("serving gRPC")?;
+    if let Some(reg) = registration {
+        // Leave the group at once rather than when the lease runs out.
+        if let Err(e) = reg.stop().await {
+            tracing::warn!("leaving etcd: {e}");
+        }
+    }
     Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
 }
