@@ -97,9 +97,18 @@ async fn main() -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| addr.to_string());
         let ttl = std::time::Duration::from_secs(args.etcd_lease_ttl.max(1));
-        let reg = Registration::start(client, key.clone(), value.clone(), ttl)
-            .await
-            .with_context(|| format!("registering {key} in etcd"))?;
+        // etcd may still be starting (a pod's neighbours come up in any order): keep trying.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let reg = loop {
+            match Registration::start(client.clone(), key.clone(), value.clone(), ttl).await {
+                Ok(reg) => break reg,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::warn!("registering {key} in etcd: {e}; retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e).with_context(|| format!("registering {key} in etcd")),
+            }
+        };
         tracing::info!(%key, %value, "registered in etcd");
         Some(reg)
     };

@@ -31,9 +31,11 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use report::{print_table, report};
+use report::{print_table, report, Run};
 pub use report::{summarize, ServeReport, Summary};
-use wire::{count_prompt_tokens, error_text, parse_sse_line, request_body, server_after};
+use wire::{
+    count_prompt_tokens, error_text, parse_sse_line, request_body, server_after, server_metrics,
+};
 
 /// Flags of `tpserve bench serve`.
 #[derive(Debug, Args)]
@@ -350,6 +352,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ServeReport> {
         plans.iter().map(|p| p.output_len).sum::<usize>() / total,
     );
 
+    let server_before = server_metrics(&client, &base).await;
     let progress = Arc::new(Progress::default());
     let started = Instant::now();
     let reporter = {
@@ -428,8 +431,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ServeReport> {
         progress.line(total, duration)
     );
 
-    let server = server_after(&client, &base).await;
-    let report = report(&args, counted, &prompt_lens, &outcomes, duration, server);
+    let server_after = server_after(&client, &base).await;
+    let report = report(
+        &args,
+        &Run {
+            counted,
+            prompt_lens: &prompt_lens,
+            outcomes: &outcomes,
+            duration,
+            server_before,
+            server_after,
+        },
+    );
     print_table(&report);
     if let Some(path) = &args.result_json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use futures::future::try_join_all;
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -13,6 +14,13 @@ use tpserve_proto as pb;
 use tpserve_proto::worker_client::WorkerClient;
 
 use crate::error::{EngineError, StartError};
+
+/// Once a rank has failed a step, how long the others may take to report before the step is
+/// declared failed without them.
+const FAIL_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a rank may take to answer the probe that starts the start-up sequence.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the group needs to start serving.
 #[derive(Debug, Clone)]
@@ -117,6 +125,25 @@ impl WorkerGroup {
     /// Runs the start-up sequence on every rank and opens the step streams.
     pub async fn initialize(&mut self, init: &GroupInit) -> Result<GroupReady, StartError> {
         let world = self.clients.len() as u32;
+        // Every rank must answer before any of them is asked to join: a rank 0 waiting for a
+        // peer that is gone would block its runner until the join times out.
+        try_join_all(
+            self.clients
+                .iter_mut()
+                .enumerate()
+                .map(|(rank, c)| async move {
+                    match tokio::time::timeout(PROBE_TIMEOUT, c.health(pb::HealthRequest {})).await
+                    {
+                        Ok(r) => r.map(|_| ()).map_err(phase_err(rank, "Health")),
+                        Err(_) => Err(StartError::Worker {
+                            rank,
+                            phase: "Health",
+                            detail: "no answer".into(),
+                        }),
+                    }
+                }),
+        )
+        .await?;
         let info = self.clients[0]
             .info(pb::InfoRequest {})
             .await
@@ -231,31 +258,45 @@ impl WorkerGroup {
                 .await
                 .map_err(|_| fail(rank, "step stream closed".into()))?;
         }
+        // Replies are awaited together: once one rank has failed, the others get
+        // `FAIL_GRACE` to report, so a rank stuck on a dead peer cannot hold the engine.
+        let mut replies: FuturesUnordered<_> = self
+            .streams
+            .iter_mut()
+            .enumerate()
+            .map(|(rank, (_, rx))| async move { (rank, rx.message().await) })
+            .collect();
         let mut tokens = Vec::new();
         let mut first_error = None;
-        for (rank, (_, rx)) in self.streams.iter_mut().enumerate() {
-            match rx.message().await {
+        let mut deadline = None;
+        loop {
+            let next = match deadline {
+                None => replies.next().await,
+                Some(d) => match tokio::time::timeout_at(d, replies.next()).await {
+                    Ok(n) => n,
+                    Err(_) => break,
+                },
+            };
+            let Some((rank, reply)) = next else {
+                break;
+            };
+            let error = match reply {
                 Ok(Some(r)) if r.step_id != step_id => {
-                    first_error.get_or_insert(fail(
-                        rank,
-                        format!("answered step {} to step {step_id}", r.step_id),
-                    ));
+                    Some(format!("answered step {} to step {step_id}", r.step_id))
                 }
-                Ok(Some(r)) if !r.error.is_empty() => {
-                    first_error.get_or_insert(fail(rank, r.error));
-                }
+                Ok(Some(r)) if !r.error.is_empty() => Some(r.error),
                 Ok(Some(r)) => {
                     if rank == 0 {
                         tokens = r.tokens;
                     }
+                    None
                 }
-                Ok(None) => {
-                    first_error
-                        .get_or_insert(fail(rank, "the worker closed its step stream".into()));
-                }
-                Err(s) => {
-                    first_error.get_or_insert(fail(rank, s.message().to_string()));
-                }
+                Ok(None) => Some("the worker closed its step stream".into()),
+                Err(s) => Some(s.message().to_string()),
+            };
+            if let Some(e) = error {
+                first_error.get_or_insert(fail(rank, e));
+                deadline.get_or_insert(tokio::time::Instant::now() + FAIL_GRACE);
             }
         }
         match first_error {

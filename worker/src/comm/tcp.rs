@@ -13,8 +13,10 @@ use crate::error::{Result, WorkerError};
 /// How long a rank waits for a peer's message before the group is declared broken. Steps are
 /// short; a peer silent for this long is gone.
 const PEER_TIMEOUT: Duration = Duration::from_secs(300);
-/// How long joining the group may take (other workers may still be starting).
-const JOIN_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long joining the group may take. The coordinator only asks once every worker answers,
+/// so joins take milliseconds; a rank that has not joined by then is gone, and rank 0 must not
+/// sit in `accept` (blocking its runner) much longer than that.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn comm_err(detail: impl Into<String>) -> WorkerError {
     WorkerError::Communicator {
@@ -176,16 +178,19 @@ fn recv(stream: &mut TcpStream, bytes: &mut [u8]) -> Result<()> {
         .map_err(|e| comm_err(format!("receive from peer (is it still running?): {e}")))
 }
 
-impl Communicator for TcpCommunicator {
-    fn rank(&self) -> usize {
-        self.rank
+impl TcpCommunicator {
+    /// After a failed collective the group is broken: closing every socket makes the peers'
+    /// pending reads fail at once instead of waiting out `PEER_TIMEOUT`.
+    fn poison<T>(&mut self, result: Result<T>) -> Result<T> {
+        if result.is_err() {
+            for peer in &self.peers {
+                let _ = peer.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        result
     }
 
-    fn world_size(&self) -> usize {
-        self.world_size
-    }
-
-    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+    fn all_reduce_inner(&mut self, buf: &mut [f32]) -> Result<()> {
         if self.rank == 0 {
             self.scratch.resize(buf.len(), 0.0);
             for peer in &mut self.peers {
@@ -205,7 +210,7 @@ impl Communicator for TcpCommunicator {
         Ok(())
     }
 
-    fn gather_to_root(&mut self, buf: &[f32]) -> Result<Option<Vec<f32>>> {
+    fn gather_inner(&mut self, buf: &[f32]) -> Result<Option<Vec<f32>>> {
         if self.rank == 0 {
             let mut out = buf.to_vec();
             for peer in &mut self.peers {
@@ -224,7 +229,7 @@ impl Communicator for TcpCommunicator {
         }
     }
 
-    fn broadcast_from_root(&mut self, buf: &mut [u32]) -> Result<()> {
+    fn broadcast_inner(&mut self, buf: &mut [u32]) -> Result<()> {
         if self.rank == 0 {
             for peer in &mut self.peers {
                 send(peer, bytemuck::cast_slice(buf))?;
@@ -233,6 +238,31 @@ impl Communicator for TcpCommunicator {
             recv(&mut self.peers[0], bytemuck::cast_slice_mut(buf))?;
         }
         Ok(())
+    }
+}
+
+impl Communicator for TcpCommunicator {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+        let r = self.all_reduce_inner(buf);
+        self.poison(r)
+    }
+
+    fn gather_to_root(&mut self, buf: &[f32]) -> Result<Option<Vec<f32>>> {
+        let r = self.gather_inner(buf);
+        self.poison(r)
+    }
+
+    fn broadcast_from_root(&mut self, buf: &mut [u32]) -> Result<()> {
+        let r = self.broadcast_inner(buf);
+        self.poison(r)
     }
 }
 
@@ -275,6 +305,27 @@ mod tests {
                 assert!(gathered.is_none());
             }
         }
+    }
+
+    #[test]
+    fn a_failure_at_the_hub_reaches_every_other_rank_at_once() {
+        let mut comms = group(3);
+        let third = comms.pop().unwrap();
+        drop(comms.pop().unwrap()); // rank 1 dies
+        let waiting = std::thread::spawn(move || {
+            let mut third = third;
+            let mut buf = vec![1.0f32; 4];
+            let started = std::time::Instant::now();
+            (third.all_reduce_sum(&mut buf).is_err(), started.elapsed())
+        });
+        let mut buf = vec![1.0f32; 4];
+        assert!(comms[0].all_reduce_sum(&mut buf).is_err());
+        let (failed, waited) = waiting.join().unwrap();
+        assert!(failed, "rank 2 sees the failure");
+        assert!(
+            waited < Duration::from_secs(10),
+            "rank 2 did not wait for its timeout: {waited:?}"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::wire::ServerAfter;
+use super::wire::ServerMetrics;
 use super::{Outcome, ServeArgs};
 
 /// Mean, median, standard deviation and 99th percentile of a sample, as vLLM reports them.
@@ -78,19 +78,40 @@ pub struct ServeReport {
     pub server_num_requests_running_after: Option<f64>,
     pub server_num_requests_waiting_after: Option<f64>,
     pub server_drain_wait_s: Option<f64>,
+    /// Prefix-cache hits over queries during the run (from the server's counters). High values
+    /// mean the prompts were seen before (same `--seed` against the same server).
+    pub server_prefix_cache_hit_rate: Option<f64>,
 }
 
 /// Distinct error messages kept in the report; the rest are counted under "(other errors)".
 pub(super) const MAX_ERRORS: usize = 20;
+
+/// What a run produced, before it is added up.
+pub(super) struct Run<'a> {
+    /// Whether `prompt_lens` came from the server's `/tokenize`.
+    pub(super) counted: bool,
+    /// Prompt tokens of each request.
+    pub(super) prompt_lens: &'a [usize],
+    /// How each request ended; `None` for one unaccounted for.
+    pub(super) outcomes: &'a [Option<Outcome>],
+    /// Seconds from the first request sent to the last one ended.
+    pub(super) duration: f64,
+    /// `/metrics` before the run.
+    pub(super) server_before: Option<ServerMetrics>,
+    /// `/metrics` after the run, and the seconds waited for the server to drain.
+    pub(super) server_after: Option<(ServerMetrics, f64)>,
+}
+
 /// Adds up the outcomes.
-pub(super) fn report(
-    args: &ServeArgs,
-    counted: bool,
-    prompt_lens: &[usize],
-    outcomes: &[Option<Outcome>],
-    duration: f64,
-    server: Option<ServerAfter>,
-) -> ServeReport {
+pub(super) fn report(args: &ServeArgs, run: &Run<'_>) -> ServeReport {
+    let Run {
+        counted,
+        prompt_lens,
+        outcomes,
+        duration,
+        ..
+    } = *run;
+    let server = run.server_after.map(|s| s.0);
     let (mut completed, mut cancelled, mut failed) = (0, 0, 0);
     let (mut input_tokens, mut output_tokens) = (0u64, 0u64);
     let (mut ttfts, mut tpots, mut itls, mut e2els) = (vec![], vec![], vec![], vec![]);
@@ -173,7 +194,10 @@ pub(super) fn report(
         server_kv_cache_usage_after: server.and_then(|s| s.kv_cache_usage),
         server_num_requests_running_after: server.and_then(|s| s.num_requests_running),
         server_num_requests_waiting_after: server.and_then(|s| s.num_requests_waiting),
-        server_drain_wait_s: server.map(|s| s.drain_wait_s),
+        server_drain_wait_s: run.server_after.map(|s| s.1),
+        server_prefix_cache_hit_rate: server
+            .zip(run.server_before)
+            .and_then(|(after, before)| after.prefix_cache_hit_rate_since(&before)),
     }
 }
 
@@ -247,6 +271,10 @@ pub(super) fn print_table(r: &ServeReport) {
         row(
             "Requests waiting:",
             show(r.server_num_requests_waiting_after, 1.0),
+        );
+        row(
+            "Prefix cache hit rate in the run (%):",
+            show(r.server_prefix_cache_hit_rate, 100.0),
         );
     }
     if !r.errors.is_empty() {

@@ -120,47 +120,65 @@ pub(super) fn metric_sum(text: &str, name: &str) -> Option<f64> {
     found
 }
 
-/// The server's load figures after the run.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub(super) struct ServerAfter {
+/// What the server's `/metrics` says, under vLLM's names; `None` where it lacks a metric.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub(super) struct ServerMetrics {
     pub(super) kv_cache_usage: Option<f64>,
     pub(super) num_requests_running: Option<f64>,
     pub(super) num_requests_waiting: Option<f64>,
-    /// Seconds waited for running + waiting to reach 0.
-    pub(super) drain_wait_s: f64,
+    /// Counters since the server started, in tokens.
+    pub(super) prefix_cache_queries: Option<f64>,
+    pub(super) prefix_cache_hits: Option<f64>,
 }
 
-/// Reads `/metrics` until no request is running or waiting, for at most 10 s. `None` when the
-/// server has no `/metrics` (or none of the three gauges).
-pub(super) async fn server_after(client: &reqwest::Client, base: &str) -> Option<ServerAfter> {
+impl ServerMetrics {
+    /// Reads a Prometheus text page; `None` when it has none of the metrics.
+    pub(super) fn parse(text: &str) -> Option<Self> {
+        let metrics = Self {
+            kv_cache_usage: metric_sum(text, "vllm:kv_cache_usage_perc"),
+            num_requests_running: metric_sum(text, "vllm:num_requests_running"),
+            num_requests_waiting: metric_sum(text, "vllm:num_requests_waiting"),
+            prefix_cache_queries: metric_sum(text, "vllm:prefix_cache_queries_total"),
+            prefix_cache_hits: metric_sum(text, "vllm:prefix_cache_hits_total"),
+        };
+        (metrics != Self::default()).then_some(metrics)
+    }
+
+    /// Prefix-cache hits over queries between `before` and `self`, when both have the counters.
+    pub(super) fn prefix_cache_hit_rate_since(&self, before: &Self) -> Option<f64> {
+        let queries = self.prefix_cache_queries? - before.prefix_cache_queries?;
+        let hits = self.prefix_cache_hits? - before.prefix_cache_hits?;
+        (queries > 0.0).then_some(hits / queries)
+    }
+}
+
+/// Reads `/metrics` once; `None` when the server has none (or none of vLLM's metrics).
+pub(super) async fn server_metrics(client: &reqwest::Client, base: &str) -> Option<ServerMetrics> {
+    let response = client
+        .get(format!("{base}/metrics"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    ServerMetrics::parse(&response.text().await.ok()?)
+}
+
+/// Reads `/metrics` until no request is running or waiting, for at most 10 s; returns the last
+/// reading and the seconds waited.
+pub(super) async fn server_after(
+    client: &reqwest::Client,
+    base: &str,
+) -> Option<(ServerMetrics, f64)> {
     let started = Instant::now();
     loop {
-        let response = client
-            .get(format!("{base}/metrics"))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .ok()?;
-        if !response.status().is_success() {
-            return None;
-        }
-        let text = response.text().await.ok()?;
-        let after = ServerAfter {
-            kv_cache_usage: metric_sum(&text, "vllm:kv_cache_usage_perc"),
-            num_requests_running: metric_sum(&text, "vllm:num_requests_running"),
-            num_requests_waiting: metric_sum(&text, "vllm:num_requests_waiting"),
-            drain_wait_s: started.elapsed().as_secs_f64(),
-        };
-        if after.kv_cache_usage.is_none()
-            && after.num_requests_running.is_none()
-            && after.num_requests_waiting.is_none()
-        {
-            return None;
-        }
+        let after = server_metrics(client, base).await?;
         let busy =
             after.num_requests_running.unwrap_or(0.0) + after.num_requests_waiting.unwrap_or(0.0);
         if busy == 0.0 || started.elapsed() >= Duration::from_secs(10) {
-            return Some(after);
+            return Some((after, started.elapsed().as_secs_f64()));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -246,5 +264,20 @@ mod tests {
         assert_eq!(metric_sum(text, "vllm:num_requests_running"), Some(5.0));
         assert_eq!(metric_sum(text, "vllm:kv_cache_usage_perc"), Some(0.25));
         assert_eq!(metric_sum(text, "vllm:num_requests_waiting"), None);
+    }
+
+    #[test]
+    fn the_prefix_cache_hit_rate_is_taken_between_two_readings() {
+        let page = |q: u32, h: u32| {
+            format!(
+                "vllm:prefix_cache_queries_total{{model_name=\"m\"}} {q}\n\
+                 vllm:prefix_cache_hits_total{{model_name=\"m\"}} {h}\n"
+            )
+        };
+        let before = ServerMetrics::parse(&page(100, 40)).unwrap();
+        let after = ServerMetrics::parse(&page(300, 90)).unwrap();
+        assert_eq!(after.prefix_cache_hit_rate_since(&before), Some(0.25));
+        assert_eq!(before.prefix_cache_hit_rate_since(&before), None);
+        assert_eq!(ServerMetrics::parse("# nothing here\nup 1\n"), None);
     }
 }
