@@ -17,8 +17,9 @@ struct Args {
     /// stdout as `TPSERVE_WORKER_LISTENING <addr>`.
     #[arg(long, env = "TPSERVE_WORKER_LISTEN", default_value = "127.0.0.1:0")]
     listen: SocketAddr,
-    /// Compute device. Only `cpu` exists in this build.
-    #[arg(long, env = "TPSERVE_DEVICE", default_value = "cpu", value_parser = ["cpu"])]
+    /// Compute device: `auto`, `cpu`, `cuda` or `cuda:N`. This build has the CPU backend only:
+    /// `auto` picks it, and `cuda` is refused with a clear error.
+    #[arg(long, env = "TPSERVE_DEVICE", default_value = "auto")]
     device: String,
     /// Threads for the CPU backend (0: all cores).
     #[arg(long, env = "TPSERVE_CPU_THREADS", default_value_t = 0)]
@@ -60,6 +61,13 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    match args.device.as_str() {
+        "auto" | "cpu" => {}
+        d if d == "cuda" || d.starts_with("cuda:") => {
+            anyhow::bail!("--device {d}: this build has no CUDA backend yet; use --device cpu")
+        }
+        d => anyhow::bail!("--device {d}: expected auto, cpu, cuda or cuda:N"),
+    }
     if args.cpu_threads > 0 {
         rayon::ThreadPoolBuilder::new()
             .num_threads(args.cpu_threads)
