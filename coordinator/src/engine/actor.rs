@@ -296,14 +296,7 @@ impl Engine {
             }
             EngineCommand::Drain => self.draining = true,
             EngineCommand::AbortAll { detail } => {
-                for (id, seq) in self.sequences.drain() {
-                    let _ = seq
-                        .events
-                        .send(GenerateEvent::Error(EngineError::Unavailable {
-                            detail: detail.clone(),
-                        }));
-                    self.scheduler.abort(id);
-                }
+                self.end_all(&detail);
                 self.publish();
             }
             EngineCommand::Abort { id } => {
@@ -401,15 +394,19 @@ impl Engine {
     /// The workers and the scheduler no longer agree: end every sequence, refuse new ones until
     /// a new group arrives.
     fn fail_all(&mut self, detail: String) {
-        for (id, seq) in self.sequences.drain() {
-            let _ = seq
-                .events
-                .send(GenerateEvent::Error(EngineError::Unavailable {
-                    detail: detail.clone(),
-                }));
-            self.scheduler.abort(id);
-        }
+        self.end_all(&detail);
         self.failure = Some(detail);
         self.publish();
+    }
+
+    /// Ends every sequence with an `Unavailable` error saying `detail`.
+    fn end_all(&mut self, detail: &str) {
+        for (id, seq) in self.sequences.drain() {
+            let error = EngineError::Unavailable {
+                detail: detail.to_string(),
+            };
+            let _ = seq.events.send(GenerateEvent::Error(error));
+            self.scheduler.abort(id);
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! size (each rank on its own thread, joined by real loopback TCP communicators) and return the
 //! logits of every position, reassembled on rank 0 exactly as a serving step does.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tpserve_modelfile::ModelSource;
 use tpserve_worker::batch::{Batch, SeqSlice};
@@ -11,28 +11,7 @@ use tpserve_worker::cpu::{CpuModel, WeightSource};
 use tpserve_worker::runner::gather_logits;
 use tpserve_worker::shard::ShardPlan;
 
-/// The repository root.
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// The default model's GGUF, fetched by `scripts/fetch-default-model.sh`.
-pub fn default_model() -> PathBuf {
-    if let Ok(p) = std::env::var("TPSERVE_DEFAULT_MODEL") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var("HOME").unwrap_or_default();
-    let p = PathBuf::from(home).join(".cache/tpserve/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch-default-model.sh",
-        p.display()
-    );
-    p
-}
+pub use tpserve_e2e::{default_model, repo_root};
 
 /// Logits `[ids.len(), vocab]` of a prefill of `ids` at tensor-parallel size `tp`, computed in
 /// chunks of `chunk` tokens (so chunked prefill through the paged cache is exercised too).
