@@ -1,0 +1,76 @@
+// Shared device helpers of tpserve's kernels: dtype conversion, warp and block reductions, and the
+// macro that instantiates each templated kernel once per activation dtype under an extern "C" name.
+//
+// Every kernel file includes this header as `#include "common.cuh"`. NVRTC gets one source string
+// per file, so the Rust side (tpserve-kernels' `KernelSource::expanded`) replaces that line with
+// this file's text before compiling; nvcc (scripts/check-kernels.sh) finds it through `-I`. Keep
+// it to NVRTC-safe headers only: no libc or C++ standard library headers.
+//
+// Conventions shared by every kernel:
+// - Activations and weights are bf16 (`__nv_bfloat16`) or f16 (`__half`); each kernel exists as
+//   `<name>_bf16` and `<name>_f16` with the same arguments.
+// - Arithmetic is done in f32; results are rounded to the storage dtype once, where the
+//   Hugging Face reference rounds.
+// - Tensors are row-major and contiguous unless a `*_stride` argument says otherwise (strides
+//   count elements, not bytes).
+// - Token ids are u32, positions i32, slot indices i64; counts and sizes are i32 (`int`).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace tpserve {
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) {
+    return __float2half_rn(x);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+
+// Rounds an f32 value through the storage dtype T and back, to reproduce a reference that
+// materialises an intermediate tensor in T.
+template <typename T> __device__ __forceinline__ float round_to(float x) {
+    return to_float(from_float<T>(x));
+}
+
+__device__ __forceinline__ float warp_reduce_sum(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, offset);
+    }
+    return v;
+}
+
+// Sum of `v` over the whole block, returned to every thread. Requires blockDim.x to be a multiple
+// of 32 and at most 1024, and every thread of the block to call it (it synchronises).
+__device__ __forceinline__ float block_reduce_sum(float v) {
+    __shared__ float warp_sums[32];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int num_warps = blockDim.x >> 5;
+    v = warp_reduce_sum(v);
+    if (lane == 0) {
+        warp_sums[warp] = v;
+    }
+    __syncthreads();
+    float total = lane < num_warps ? warp_sums[lane] : 0.0f;
+    total = warp_reduce_sum(total);
+    // Lets a second call in the same kernel reuse warp_sums safely.
+    __syncthreads();
+    return total;
+}
+
+}  // namespace tpserve
+
+// Calls M(suffix, type) once per activation dtype: the single list of dtypes every kernel
+// file instantiates. The Rust side's entry-point table must list the same suffixes.
+#define TPSERVE_FOR_EACH_DTYPE(M) \
+    M(bf16, __nv_bfloat16)        \
+    M(f16, __half)

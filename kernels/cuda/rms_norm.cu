@@ -1,0 +1,68 @@
+// RMSNorm, plain and fused with the residual add that precedes it in every decoder layer.
+#include "common.cuh"
+
+// Shared body. With a residual: x += residual (rounded to T and stored back into x, which is
+// then the next residual stream), then out = rmsnorm(x) * weight. Without: only the latter.
+// Rounding follows Hugging Face's LlamaRMSNorm: mean of squares in f32, the normalised value
+// rounded to T, then multiplied by the weight and rounded again.
+template <typename T, bool HAS_RESIDUAL>
+__device__ void rms_norm_impl(T* __restrict__ out, T* __restrict__ x,
+                              const T* __restrict__ residual, const T* __restrict__ weight,
+                              int hidden, float eps) {
+    const long long row = blockIdx.x;
+    T* xr = x + row * hidden;
+    T* outr = out + row * hidden;
+    float sum_sq = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = tpserve::to_float(xr[i]);
+        if (HAS_RESIDUAL) {
+            v = tpserve::round_to<T>(v + tpserve::to_float(residual[row * hidden + i]));
+            xr[i] = tpserve::from_float<T>(v);
+        }
+        sum_sq += v * v;
+    }
+    const float total = tpserve::block_reduce_sum(sum_sq);
+    const float scale = rsqrtf(total / (float)hidden + eps);
+    // Each thread re-reads only the elements it wrote above, so no barrier is needed here.
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        const float normed = tpserve::round_to<T>(tpserve::to_float(xr[i]) * scale);
+        outr[i] = tpserve::from_float<T>(normed * tpserve::to_float(weight[i]));
+    }
+}
+
+// rms_norm_{bf16,f16}: out = rmsnorm(x) * weight, row by row.
+//
+// Arguments:
+//   out     T   [num_tokens, hidden]   written; must not alias x
+//   x       T   [num_tokens, hidden]   read only
+//   weight  T   [hidden]
+//   hidden  i32
+//   eps     f32                        e.g. config.json's rms_norm_eps
+// Launch: grid (num_tokens, 1, 1); block (B, 1, 1) with B a multiple of 32, at most 1024
+// (e.g. min(1024, round_up(hidden / 4, 32))); one block per row.
+//
+// rms_norm_residual_{bf16,f16}: x += residual; out = rmsnorm(x) * weight.
+//
+// Arguments:
+//   out       T   [num_tokens, hidden]   written; must not alias x or residual
+//   x         T   [num_tokens, hidden]   the residual stream; read and written: holds
+//                                        x + residual afterwards
+//   residual  T   [num_tokens, hidden]   the sublayer output to add (attention or MLP); read only
+//   weight    T   [hidden]
+//   hidden    i32
+//   eps       f32
+// Launch: as rms_norm.
+#define TPSERVE_RMS_NORM(SUFFIX, T)                                                           \
+    extern "C" __global__ void rms_norm_##SUFFIX(T* __restrict__ out,                        \
+                                                 const T* __restrict__ x,                    \
+                                                 const T* __restrict__ weight, int hidden,   \
+                                                 float eps) {                                 \
+        /* x is only written when HAS_RESIDUAL is true. */                                    \
+        rms_norm_impl<T, false>(out, const_cast<T*>(x), nullptr, weight, hidden, eps);        \
+    }                                                                                         \
+    extern "C" __global__ void rms_norm_residual_##SUFFIX(                                    \
+        T* __restrict__ out, T* __restrict__ x, const T* __restrict__ residual,               \
+        const T* __restrict__ weight, int hidden, float eps) {                                \
+        rms_norm_impl<T, true>(out, x, residual, weight, hidden, eps);                        \
+    }
+TPSERVE_FOR_EACH_DTYPE(TPSERVE_RMS_NORM)

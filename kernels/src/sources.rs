@@ -1,0 +1,251 @@
+//! The embedded CUDA C sources and the table of their entry points.
+//!
+//! Each `.cu` file under `kernels/cuda/` is embedded with `include_str!`, so the binary carries
+//! its kernels and needs no files at run time. NVRTC compiles one source string at a time and is
+//! given no header files, so [`KernelSource::expanded`] inlines `common.cuh` in place of its
+//! `#include` line (with `#line` directives, so NVRTC's messages name the right file and line).
+//!
+//! Invariant (checked by the tests): [`SOURCES`] holds every `.cu` file of `kernels/cuda/`, and
+//! [`KERNELS`] lists exactly the `extern "C"` entry points each of them defines.
+
+use crate::error::{Error, Result};
+
+/// `common.cuh`: dtype helpers, reductions and the per-dtype instantiation macro.
+pub const COMMON_HEADER: &str = include_str!("../cuda/common.cuh");
+
+/// The line through which a kernel file includes [`COMMON_HEADER`].
+const COMMON_INCLUDE: &str = "#include \"common.cuh\"";
+
+/// One embedded CUDA C source file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelSource {
+    /// The file name under `kernels/cuda/`, e.g. `rms_norm.cu`.
+    pub name: &'static str,
+    /// The file's text as written (with its `#include "common.cuh"` line).
+    pub code: &'static str,
+}
+
+impl KernelSource {
+    /// The self-contained text NVRTC compiles: `code` with the `#include "common.cuh"` line
+    /// replaced by the header's text (its `#pragma once` dropped, which would only draw a
+    /// warning in a main file). This text is what the PTX cache key hashes, so a change to the
+    /// header invalidates every kernel compiled from it.
+    pub fn expanded(&self) -> String {
+        let mut out = String::with_capacity(self.code.len() + COMMON_HEADER.len() + 128);
+        for (index, line) in self.code.lines().enumerate() {
+            if line.trim() == COMMON_INCLUDE {
+                out.push_str("#line 1 \"common.cuh\"\n");
+                for header_line in COMMON_HEADER.lines() {
+                    if header_line.trim() != "#pragma once" {
+                        out.push_str(header_line);
+                    }
+                    // An empty line keeps the header's line numbers right.
+                    out.push('\n');
+                }
+                out.push_str(&format!("#line {} \"{}\"\n", index + 2, self.name));
+            } else {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+/// Every embedded kernel source file, in the order of [`KERNELS`].
+pub const SOURCES: &[KernelSource] = &[
+    KernelSource {
+        name: "embedding.cu",
+        code: include_str!("../cuda/embedding.cu"),
+    },
+    KernelSource {
+        name: "rms_norm.cu",
+        code: include_str!("../cuda/rms_norm.cu"),
+    },
+    KernelSource {
+        name: "rope.cu",
+        code: include_str!("../cuda/rope.cu"),
+    },
+    KernelSource {
+        name: "silu_mul.cu",
+        code: include_str!("../cuda/silu_mul.cu"),
+    },
+    KernelSource {
+        name: "kv_cache.cu",
+        code: include_str!("../cuda/kv_cache.cu"),
+    },
+];
+
+/// The `extern "C"` entry points of each source file: `(file name, entry points)`. The launch
+/// wrappers load functions from each file's module by these names; the arguments of each are
+/// documented above its definition in the `.cu` file.
+pub const KERNELS: &[(&str, &[&str])] = &[
+    ("embedding.cu", &["embedding_bf16", "embedding_f16"]),
+    (
+        "rms_norm.cu",
+        &[
+            "rms_norm_bf16",
+            "rms_norm_f16",
+            "rms_norm_residual_bf16",
+            "rms_norm_residual_f16",
+        ],
+    ),
+    ("rope.cu", &["rope_bf16", "rope_f16"]),
+    ("silu_mul.cu", &["silu_mul_bf16", "silu_mul_f16"]),
+    (
+        "kv_cache.cu",
+        &["kv_cache_write_bf16", "kv_cache_write_f16"],
+    ),
+];
+
+/// The activation dtypes every kernel is instantiated for (`TPSERVE_FOR_EACH_DTYPE` in
+/// `common.cuh`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelDtype {
+    /// `__nv_bfloat16`, suffix `_bf16`.
+    Bf16,
+    /// `__half`, suffix `_f16`.
+    F16,
+}
+
+impl KernelDtype {
+    /// Every dtype, in the order `common.cuh` instantiates them.
+    pub const ALL: [KernelDtype; 2] = [KernelDtype::Bf16, KernelDtype::F16];
+
+    /// The entry-point suffix without its underscore: `bf16` or `f16`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            KernelDtype::Bf16 => "bf16",
+            KernelDtype::F16 => "f16",
+        }
+    }
+}
+
+/// The entry-point name of kernel `base` for `dtype`: `entry_point("rope", KernelDtype::Bf16)`
+/// is `"rope_bf16"`. Meant for module load time, not the launch path (it allocates).
+pub fn entry_point(base: &str, dtype: KernelDtype) -> String {
+    format!("{base}_{}", dtype.suffix())
+}
+
+/// The embedded source file called `name` (e.g. `"rope.cu"`).
+pub fn source(name: &str) -> Result<&'static KernelSource> {
+    SOURCES
+        .iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| Error::UnknownSource {
+            name: name.to_string(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names `NAME` of every `extern "C" __global__ void NAME_##SUFFIX(` in `code`.
+    fn macro_entry_bases(code: &str) -> Vec<String> {
+        let marker = "extern \"C\" __global__ void ";
+        let mut bases = Vec::new();
+        let mut rest = code;
+        while let Some(at) = rest.find(marker) {
+            rest = &rest[at + marker.len()..];
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '#')
+                .collect();
+            let base = name
+                .strip_suffix("_##SUFFIX")
+                .unwrap_or_else(|| panic!("entry point {name} is not instantiated per dtype"));
+            bases.push(base.to_string());
+        }
+        bases
+    }
+
+    #[test]
+    fn every_embedded_source_is_non_empty_and_includes_the_common_header() {
+        assert!(!COMMON_HEADER.trim().is_empty());
+        for src in SOURCES {
+            assert!(!src.code.trim().is_empty(), "{} is empty", src.name);
+            assert!(
+                src.code.lines().any(|l| l.trim() == COMMON_INCLUDE),
+                "{} does not include common.cuh",
+                src.name
+            );
+        }
+    }
+
+    #[test]
+    fn kernel_table_lists_exactly_the_entry_points_each_source_declares() {
+        let table_files: Vec<&str> = KERNELS.iter().map(|(file, _)| *file).collect();
+        let source_files: Vec<&str> = SOURCES.iter().map(|s| s.name).collect();
+        assert_eq!(table_files, source_files);
+        for (file, entries) in KERNELS {
+            let code = source(file).unwrap().code;
+            let mut declared: Vec<String> = macro_entry_bases(code)
+                .iter()
+                .flat_map(|base| KernelDtype::ALL.map(|d| entry_point(base, d)))
+                .collect();
+            declared.sort();
+            let mut listed: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
+            listed.sort();
+            assert_eq!(declared, listed, "entry points of {file}");
+        }
+    }
+
+    #[test]
+    fn common_header_instantiates_exactly_the_rust_side_dtypes() {
+        let start = COMMON_HEADER
+            .find("#define TPSERVE_FOR_EACH_DTYPE(M)")
+            .expect("the dtype macro is defined");
+        let body: String = COMMON_HEADER[start..]
+            .lines()
+            .take_while(|l| l.trim_end().ends_with('\\') || l.contains("M("))
+            .collect();
+        let instantiated = body.matches("M(").count();
+        assert_eq!(instantiated, KernelDtype::ALL.len(), "{body}");
+        for dtype in KernelDtype::ALL {
+            assert!(body.contains(&format!("M({},", dtype.suffix())), "{body}");
+        }
+    }
+
+    #[test]
+    fn every_cu_file_in_the_source_directory_is_embedded() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".cu"))
+            .collect();
+        on_disk.sort();
+        let mut embedded: Vec<String> = SOURCES.iter().map(|s| s.name.to_string()).collect();
+        embedded.sort();
+        assert_eq!(on_disk, embedded);
+    }
+
+    #[test]
+    fn expanded_source_inlines_the_header_and_keeps_line_numbers() {
+        let src = source("rms_norm.cu").unwrap();
+        let text = src.expanded();
+        assert!(!text.lines().any(|l| l.trim() == COMMON_INCLUDE));
+        assert!(!text.lines().any(|l| l.trim() == "#pragma once"));
+        assert!(text.contains("block_reduce_sum"));
+        assert!(!text.contains('\0'), "NVRTC takes a C string");
+        // The line after the `#line` directive that closes the header is the source's next line.
+        let include_line = src
+            .code
+            .lines()
+            .position(|l| l.trim() == COMMON_INCLUDE)
+            .unwrap();
+        let marker = format!("#line {} \"rms_norm.cu\"\n", include_line + 2);
+        let after = &text[text.find(&marker).unwrap() + marker.len()..];
+        assert_eq!(after.lines().next(), src.code.lines().nth(include_line + 1));
+    }
+
+    #[test]
+    fn unknown_source_name_is_a_typed_error() {
+        assert!(matches!(
+            source("nope.cu"),
+            Err(Error::UnknownSource { name }) if name == "nope.cu"
+        ));
+        assert_eq!(entry_point("rope", KernelDtype::F16), "rope_f16");
+    }
+}
