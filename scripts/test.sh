@@ -10,4 +10,13 @@ export TPSERVE_DEFAULT_MODEL
 TPSERVE_ETCD_BIN="$(scripts/install-etcd.sh)"
 export TPSERVE_ETCD_BIN
 cargo build --release --workspace --bins
-cargo test --release --workspace
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --release --workspace 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite (cargo prints one line per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
