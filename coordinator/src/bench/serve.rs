@@ -67,7 +67,8 @@ pub struct ServeArgs {
     /// Most requests in flight at once (default: no cap).
     #[arg(long)]
     pub max_concurrency: Option<usize>,
-    /// Seed of the prompts, lengths, arrivals and cancellations.
+    /// Seed of the prompts, lengths, arrivals and cancellations. Give each run against the same
+    /// server its own seed: repeated prompts are served from its prefix cache.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Fraction of requests abandoned on purpose at a random point of their stream, to check

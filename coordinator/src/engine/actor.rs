@@ -367,13 +367,18 @@ impl Engine {
         let update = seq
             .output
             .push(token, &self.tokenizer, &self.config.eos_token_ids);
-        let mut gone = seq
+        let client_gone = seq
             .events
             .send(GenerateEvent::Delta {
                 text: update.text,
                 token_ids: vec![token],
             })
             .is_err();
+        let mut gone = client_gone;
+        if client_gone && update.finished.is_none() {
+            // The caller dropped its stream; its abort command may still be on its way.
+            m.count_success(FinishReason::Abort);
+        }
         if let Some(reason) = update.finished {
             m.count_success(reason);
             m.e2e_request_latency
