@@ -75,12 +75,6 @@ async fn run() -> anyhow::Result<()> {
         }
         d => anyhow::bail!("--device {d}: expected auto, cpu, cuda or cuda:N"),
     }
-    if args.cpu_threads > 0 {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(args.cpu_threads)
-            .build_global()
-            .context("configuring the CPU thread pool")?;
-    }
     if args.exit_on_stdin_close {
         std::thread::spawn(|| {
             let mut sink = Vec::new();
@@ -94,7 +88,7 @@ async fn run() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     println!("TPSERVE_WORKER_LISTENING {addr}");
-    tracing::info!(%addr, device = %args.device, threads = rayon::current_num_threads(), "worker serving");
+    tracing::info!(%addr, device = %args.device, "worker serving");
     let registration = if args.etcd_endpoints.is_empty() {
         None
     } else {
@@ -127,7 +121,8 @@ async fn run() -> anyhow::Result<()> {
         tracing::info!(%key, %value, "registered in etcd");
         Some(reg)
     };
-    let service = WorkerService::start(addr.ip().to_string());
+    let service = WorkerService::start(addr.ip().to_string(), args.cpu_threads)
+        .map_err(anyhow::Error::msg)?;
     tonic::transport::Server::builder()
         .add_service(WorkerServer::new(service).max_decoding_message_size(256 << 20))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())

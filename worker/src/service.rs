@@ -39,22 +39,47 @@ fn status(e: WorkerError) -> Status {
 
 impl WorkerService {
     /// Starts the runner thread.
-    pub fn start(host: String) -> Self {
+    ///
+    /// The runner thread is itself the first thread of the global rayon pool of `threads`
+    /// threads (0: all cores), so parallel work runs on it directly rather than being handed to
+    /// another thread and waited for; with one thread, everything runs inline. That handoff
+    /// matters at tensor-parallel sizes beyond the core count, where every extra wake-up costs a
+    /// scheduler time slice at each all-reduce.
+    pub fn start(host: String, threads: usize) -> Result<Self, String> {
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            threads
+        };
         let (jobs, mut rx) = mpsc::unbounded_channel::<Job>();
+        let (built_tx, built_rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("tpserve-runner".into())
             .spawn(move || {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .use_current_thread()
+                    .build_global()
+                    .map_err(|e| format!("configuring the CPU thread pool: {e}"));
+                let ok = pool.is_ok();
+                let _ = built_tx.send(pool);
+                if !ok {
+                    return;
+                }
                 let mut runner = Runner::new(host);
                 while let Some(job) = rx.blocking_recv() {
                     job(&mut runner);
                 }
             })
-            .expect("spawning the runner thread");
-        Self {
+            .map_err(|e| format!("spawning the runner thread: {e}"))?;
+        built_rx
+            .recv()
+            .map_err(|_| "the runner thread died at start".to_string())??;
+        Ok(Self {
             jobs,
             ready: Arc::new(AtomicBool::new(false)),
-            device_name: format!("{} threads", rayon::current_num_threads()),
-        }
+            device_name: format!("{threads} threads"),
+        })
     }
 
     /// Runs `f` on the runner thread and waits for its answer.

@@ -103,7 +103,10 @@ impl Linear {
                 false,
                 false,
                 false,
-                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                match rayon::current_num_threads() {
+                    1 => gemm::Parallelism::None,
+                    n => gemm::Parallelism::Rayon(n),
+                },
             );
         }
     }
