@@ -121,6 +121,22 @@ impl Server {
     }
 }
 
+/// POSTs `body` as JSON to `url` and returns the JSON answer, whatever its status.
+pub async fn post_json(
+    http: &reqwest::Client,
+    url: String,
+    body: &serde_json::Value,
+) -> serde_json::Value {
+    http.post(url)
+        .json(body)
+        .send()
+        .await
+        .expect("sending the request")
+        .json()
+        .await
+        .expect("a JSON answer")
+}
+
 /// Reads an SSE response to its end and returns the JSON of every `data:` event before `[DONE]`,
 /// and whether `[DONE]` came.
 pub async fn read_sse(resp: reqwest::Response) -> (Vec<serde_json::Value>, bool) {

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tpserve_e2e::{binary, default_model, read_sse, Server};
+use tpserve_e2e::{binary, default_model, post_json, read_sse, Server};
 
 fn etcd_binary() -> PathBuf {
     if let Ok(p) = std::env::var("TPSERVE_ETCD_BIN") {
@@ -136,15 +136,7 @@ async fn three_workers_from_etcd_serve_and_a_killed_one_rejoins() {
     assert!(out.stdout.is_empty(), "the coordinator spawned no workers");
 
     let greedy = json!({"model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0});
-    let before: Value = http
-        .post(s.url("/v1/chat/completions"))
-        .json(&greedy)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let before: Value = post_json(&http, s.url("/v1/chat/completions"), &greedy).await;
     assert_eq!(
         before["choices"][0]["message"]["content"], "The capital of France is Paris.",
         "{before}"
@@ -199,15 +191,7 @@ async fn three_workers_from_etcd_serve_and_a_killed_one_rejoins() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     eprintln!("ready again {:?} after the restart", restarted_at.elapsed());
-    let after: Value = http
-        .post(s.url("/v1/chat/completions"))
-        .json(&greedy)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let after: Value = post_json(&http, s.url("/v1/chat/completions"), &greedy).await;
     assert_eq!(
         after["choices"][0]["message"],
         before["choices"][0]["message"]

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tpserve_e2e::{default_model, read_sse, Server};
+use tpserve_e2e::{default_model, post_json, read_sse, Server};
 
 fn workers_of(server_pid: u32) -> Vec<u32> {
     let out = std::process::Command::new("pgrep")
@@ -35,15 +35,7 @@ async fn a_killed_worker_fails_its_requests_fast_and_the_group_re_forms() {
     .await;
     let http = reqwest::Client::new();
     let greedy = json!({"model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0});
-    let before: Value = http
-        .post(s.url("/v1/chat/completions"))
-        .json(&greedy)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let before: Value = post_json(&http, s.url("/v1/chat/completions"), &greedy).await;
     assert_eq!(
         before["choices"][0]["message"]["content"],
         "The capital of France is Paris."
@@ -108,15 +100,7 @@ async fn a_killed_worker_fails_its_requests_fast_and_the_group_re_forms() {
     let new_workers = workers_of(s.pid());
     assert_eq!(new_workers.len(), 3);
     assert!(!new_workers.contains(&workers[1]));
-    let after: Value = http
-        .post(s.url("/v1/chat/completions"))
-        .json(&greedy)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let after: Value = post_json(&http, s.url("/v1/chat/completions"), &greedy).await;
     assert_eq!(
         after["choices"][0]["message"],
         before["choices"][0]["message"]

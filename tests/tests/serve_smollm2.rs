@@ -2,7 +2,7 @@
 //! talked to over HTTP with a real client. Greedy answers, streaming, errors, the small routes.
 
 use serde_json::{json, Value};
-use tpserve_e2e::{chat_stream_text, default_model, read_sse, Server};
+use tpserve_e2e::{chat_stream_text, default_model, post_json, read_sse, Server};
 
 const FRANCE: &str = "What is the capital of France?";
 const PARIS: &str = "The capital of France is Paris.";
@@ -78,24 +78,8 @@ async fn completions_stop_strings_n_and_seeds_behave_like_openai() {
     let s = server(&[]).await;
     let http = reqwest::Client::new();
     let body = json!({"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0.9, "seed": 11, "n": 2});
-    let a: Value = http
-        .post(s.url("/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let b: Value = http
-        .post(s.url("/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let a: Value = post_json(&http, s.url("/v1/completions"), &body).await;
+    let b: Value = post_json(&http, s.url("/v1/completions"), &body).await;
     assert_eq!(a["choices"].as_array().unwrap().len(), 2);
     assert_eq!(
         a["choices"], b["choices"],
@@ -106,15 +90,7 @@ async fn completions_stop_strings_n_and_seeds_behave_like_openai() {
 
     // A stop string ends generation and is not part of the text.
     let greedy = json!({"model": "smollm2", "messages": [{"role": "user", "content": FRANCE}], "temperature": 0, "stop": [" Paris"]});
-    let r: Value = http
-        .post(s.url("/v1/chat/completions"))
-        .json(&greedy)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r: Value = post_json(&http, s.url("/v1/chat/completions"), &greedy).await;
     assert_eq!(
         r["choices"][0]["message"]["content"],
         "The capital of France is"
@@ -210,30 +186,24 @@ async fn models_tokenize_and_detokenize_routes_answer() {
         .unwrap();
     assert_eq!(m["data"][0]["id"], "smollm2");
     assert_eq!(m["data"][0]["max_model_len"], 2048);
-    let t: Value = http
-        .post(s.url("/tokenize"))
-        .json(&json!({"model": "smollm2", "prompt": FRANCE}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let t: Value = post_json(
+        &http,
+        s.url("/tokenize"),
+        &json!({"model": "smollm2", "prompt": FRANCE}),
+    )
+    .await;
     assert_eq!(
         t["tokens"],
         json!([1780, 314, 260, 3575, 282, 4649, 47]),
         "the same ids as HF's tokenizer"
     );
     assert_eq!(t["count"], 7);
-    let d: Value = http
-        .post(s.url("/detokenize"))
-        .json(&json!({"model": "smollm2", "tokens": t["tokens"]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let d: Value = post_json(
+        &http,
+        s.url("/detokenize"),
+        &json!({"model": "smollm2", "tokens": t["tokens"]}),
+    )
+    .await;
     assert_eq!(d["prompt"], FRANCE);
     s.stop().await;
 }

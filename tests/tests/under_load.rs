@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tpserve_e2e::{chat_stream_text, default_model, read_sse, Server};
+use tpserve_e2e::{chat_stream_text, default_model, post_json, read_sse, Server};
 
 async fn server(extra: &[&str]) -> Server {
     let model = default_model();
@@ -73,15 +73,7 @@ async fn preempted_requests_finish_with_the_text_they_give_uninterrupted() {
         .collect();
     let mut alone = Vec::new();
     for p in &prompts {
-        let r: Value = http
-            .post(s.url("/v1/chat/completions"))
-            .json(&chat(p, 40, false))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let r: Value = post_json(&http, s.url("/v1/chat/completions"), &chat(p, 40, false)).await;
         alone.push(
             r["choices"][0]["message"]["content"]
                 .as_str()
@@ -97,15 +89,7 @@ async fn preempted_requests_finish_with_the_text_they_give_uninterrupted() {
             chat(p, 40, false),
         );
         async move {
-            let r: Value = http
-                .post(url)
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let r: Value = post_json(&http, url, &body).await;
             r["choices"][0]["message"]["content"]
                 .as_str()
                 .unwrap_or_else(|| panic!("{r}"))
