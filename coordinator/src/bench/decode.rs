@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::membw::read_bandwidth;
 use crate::config::EngineArgs;
-use crate::engine::{GenerateEvent, GenerateRequest, Sampling};
+use crate::engine::{GenerateEvent, GenerateRequest};
 use crate::launch::launch;
 
 /// Flags of `tpserve bench decode`.
@@ -62,19 +62,7 @@ pub async fn run(args: DecodeArgs) -> anyhow::Result<DecodeReport> {
         .collect();
     let mut runs = Vec::new();
     for _ in 0..args.runs.max(1) {
-        let request = GenerateRequest {
-            prompt_token_ids: prompt.clone(),
-            max_tokens: args.output_len,
-            sampling: Sampling {
-                temperature: 0.0,
-                ..Sampling::default()
-            },
-            stop: Vec::new(),
-            stop_token_ids: Vec::new(),
-            ignore_eos: true,
-            skip_special_tokens: true,
-            priority: 0,
-        };
+        let request = GenerateRequest::fixed_length_greedy(prompt.clone(), args.output_len);
         let started = Instant::now();
         let mut stream = launched.engine.generate(request).await?;
         let (mut first, mut last, mut tokens) = (None, started, 0u32);

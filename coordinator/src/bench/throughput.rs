@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::config::EngineArgs;
-use crate::engine::{GenerateEvent, GenerateRequest, Sampling};
+use crate::engine::{GenerateEvent, GenerateRequest};
 use crate::launch::{launch, Launched};
 
 /// Prompt token ids are drawn from `[FIRST_ID, LAST_ID)`: past the special and byte tokens at
@@ -89,20 +89,11 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<ThroughputReport> {
     }
     let mut rng = StdRng::seed_from_u64(args.prompt_seed);
     let requests: Vec<GenerateRequest> = (0..args.num_prompts)
-        .map(|_| GenerateRequest {
-            prompt_token_ids: (0..args.input_len)
+        .map(|_| {
+            let prompt = (0..args.input_len)
                 .map(|_| rng.gen_range(FIRST_ID..last))
-                .collect(),
-            max_tokens: args.output_len,
-            sampling: Sampling {
-                temperature: 0.0,
-                ..Sampling::default()
-            },
-            stop: Vec::new(),
-            stop_token_ids: Vec::new(),
-            ignore_eos: true,
-            skip_special_tokens: true,
-            priority: 0,
+                .collect();
+            GenerateRequest::fixed_length_greedy(prompt, args.output_len)
         })
         .collect();
 

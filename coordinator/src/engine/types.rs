@@ -52,6 +52,26 @@ pub struct GenerateRequest {
     pub priority: i32,
 }
 
+impl GenerateRequest {
+    /// A greedy request that generates exactly `max_tokens` tokens (end-of-sequence ignored):
+    /// the fixed workload of the benchmarks.
+    pub fn fixed_length_greedy(prompt_token_ids: Vec<u32>, max_tokens: u32) -> Self {
+        Self {
+            prompt_token_ids,
+            max_tokens,
+            sampling: Sampling {
+                temperature: 0.0,
+                ..Sampling::default()
+            },
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: true,
+            skip_special_tokens: true,
+            priority: 0,
+        }
+    }
+}
+
 /// Why a sequence ended, in OpenAI's words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
