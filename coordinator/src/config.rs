@@ -49,9 +49,14 @@ pub struct EngineArgs {
     /// How to read the model.
     #[arg(long, env = "TPSERVE_LOAD_FORMAT", value_enum, default_value = "auto")]
     pub load_format: LoadFormat,
-    /// Compute dtype: `auto` (float32 on CPU), `float32`.
+    /// Compute dtype: `auto` (float32 on CPU, bfloat16 on GPU), `float32` (CPU), `bfloat16` or
+    /// `float16` (GPU).
     #[arg(long, env = "TPSERVE_DTYPE", default_value = "auto")]
     pub dtype: String,
+    /// Device of the workers this coordinator spawns: `auto` (a GPU when a CUDA driver and GPUs
+    /// are present, else the CPU), `cpu` or `cuda` (rank r on GPU r).
+    #[arg(long, env = "TPSERVE_DEVICE", default_value = "auto")]
+    pub device: String,
     /// Number of worker processes the model is split over (tensor parallelism).
     #[arg(
         long,
@@ -72,9 +77,10 @@ pub struct EngineArgs {
     /// Tokens per KV-cache block.
     #[arg(long, env = "TPSERVE_BLOCK_SIZE", default_value_t = 16)]
     pub block_size: usize,
-    /// KV-cache memory per worker, in GiB (CPU backend).
-    #[arg(long, env = "TPSERVE_KV_CACHE_SPACE", default_value_t = 2.0)]
-    pub kv_cache_space: f64,
+    /// KV-cache memory per worker, in GiB. Default: 2 on the CPU; on a GPU, what
+    /// --gpu-memory-utilization leaves after the weights and activations.
+    #[arg(long, env = "TPSERVE_KV_CACHE_SPACE")]
+    pub kv_cache_space: Option<f64>,
     /// Fraction of GPU memory a worker may use (GPU backend).
     #[arg(long, env = "TPSERVE_GPU_MEMORY_UTILIZATION", default_value_t = 0.9)]
     pub gpu_memory_utilization: f32,
@@ -132,10 +138,13 @@ impl EngineArgs {
         if self.max_num_seqs == 0 || self.max_num_batched_tokens == 0 {
             return bad("--max-num-seqs and --max-num-batched-tokens must be positive".into());
         }
-        if self.kv_cache_space.is_nan() || self.kv_cache_space <= 0.0 {
+        if let Some(space) = self.kv_cache_space.filter(|s| s.is_nan() || *s <= 0.0) {
+            return bad(format!("--kv-cache-space must be positive, not {space}"));
+        }
+        if !matches!(self.device.as_str(), "auto" | "cpu" | "cuda") {
             return bad(format!(
-                "--kv-cache-space must be positive, not {}",
-                self.kv_cache_space
+                "unknown --device {:?} (auto, cpu, cuda)",
+                self.device
             ));
         }
         if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0)

@@ -78,7 +78,10 @@ pub async fn launch(
         },
         dtype: args.dtype.clone(),
         block_size: args.block_size as u32,
-        kv_cache_bytes: (args.kv_cache_space * (1u64 << 30) as f64) as u64,
+        // 0 lets each worker decide (2 GiB on the CPU, the memory profile on a GPU).
+        kv_cache_bytes: args
+            .kv_cache_space
+            .map_or(0, |gib| (gib * (1u64 << 30) as f64) as u64),
         gpu_memory_utilization: args.gpu_memory_utilization,
         max_num_batched_tokens: args.max_num_batched_tokens as u32,
         max_num_seqs: args.max_num_seqs as u32,
@@ -91,6 +94,7 @@ pub async fn launch(
             binary,
             args.tensor_parallel_size,
             args.threads_per_worker(),
+            args.device.clone(),
             init,
         );
         start_supervised(source, tx, broken_rx).await?

@@ -40,6 +40,10 @@ template <typename T> __device__ __forceinline__ float round_to(float x) {
     return to_float(from_float<T>(x));
 }
 
+// Infinities without <math.h> (NVRTC has no INFINITY).
+__device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
 __device__ __forceinline__ float warp_reduce_sum(float v) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {

@@ -74,6 +74,18 @@ pub const SOURCES: &[KernelSource] = &[
         name: "kv_cache.cu",
         code: include_str!("../cuda/kv_cache.cu"),
     },
+    KernelSource {
+        name: "attention.cu",
+        code: include_str!("../cuda/attention.cu"),
+    },
+    KernelSource {
+        name: "sampling.cu",
+        code: include_str!("../cuda/sampling.cu"),
+    },
+    KernelSource {
+        name: "elementwise.cu",
+        code: include_str!("../cuda/elementwise.cu"),
+    },
 ];
 
 /// The `extern "C"` entry points of each source file: `(file name, entry points)`. The launch
@@ -95,6 +107,31 @@ pub const KERNELS: &[(&str, &[&str])] = &[
     (
         "kv_cache.cu",
         &["kv_cache_write_bf16", "kv_cache_write_f16"],
+    ),
+    (
+        "attention.cu",
+        &[
+            "paged_attention_hd64_bf16",
+            "paged_attention_hd64_f16",
+            "paged_attention_hd128_bf16",
+            "paged_attention_hd128_f16",
+            "paged_attention_hd256_bf16",
+            "paged_attention_hd256_f16",
+            "attention_combine_bf16",
+            "attention_combine_f16",
+        ],
+    ),
+    ("sampling.cu", &["sample_bf16", "sample_f16"]),
+    (
+        "elementwise.cu",
+        &[
+            "add_bias_bf16",
+            "add_bias_f16",
+            "gather_rows_bf16",
+            "gather_rows_f16",
+            "fill_uniform_bf16",
+            "fill_uniform_f16",
+        ],
     ),
 ];
 

@@ -2,13 +2,17 @@
 //! the state of every request it has been sent, and turns step plans from the coordinator into
 //! sampled tokens. `main.rs` only parses flags and serves `service::WorkerService` over gRPC.
 
+pub mod backend;
 pub mod batch;
 pub mod comm;
 pub mod cpu;
+pub mod cuda;
 pub mod error;
 pub mod runner;
 pub mod sampler;
 pub mod service;
 pub mod shard;
+pub mod thread_group;
+pub mod weights;
 
 pub use error::{Result, WorkerError};

@@ -7,6 +7,7 @@ use clap::Parser;
 use tokio_stream::wrappers::TcpListenerStream;
 use tpserve_cluster::{EtcdClient, GroupWatcher, Registration};
 use tpserve_proto::worker_server::WorkerServer;
+use tpserve_worker::backend::DeviceChoice;
 use tpserve_worker::service::WorkerService;
 
 /// One tpserve worker: a shard of the model and its KV cache, driven by a coordinator.
@@ -17,8 +18,8 @@ struct Args {
     /// stdout as `TPSERVE_WORKER_LISTENING <addr>`.
     #[arg(long, env = "TPSERVE_WORKER_LISTEN", default_value = "127.0.0.1:0")]
     listen: SocketAddr,
-    /// Compute device: `auto`, `cpu`, `cuda` or `cuda:N`. This build has the CPU backend only:
-    /// `auto` picks it, and `cuda` is refused with a clear error.
+    /// Compute device: `auto` (a GPU when a CUDA driver and a GPU are present, else the CPU),
+    /// `cpu`, `cuda` (the GPU of this worker's rank, modulo the visible GPUs) or `cuda:N`.
     #[arg(long, env = "TPSERVE_DEVICE", default_value = "auto")]
     device: String,
     /// Threads for the CPU backend (0: all cores).
@@ -68,13 +69,7 @@ async fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    match args.device.as_str() {
-        "auto" | "cpu" => {}
-        d if d == "cuda" || d.starts_with("cuda:") => {
-            anyhow::bail!("--device {d}: this build has no CUDA backend yet; use --device cpu")
-        }
-        d => anyhow::bail!("--device {d}: expected auto, cpu, cuda or cuda:N"),
-    }
+    let device = DeviceChoice::parse(&args.device)?;
     if args.exit_on_stdin_close {
         std::thread::spawn(|| {
             let mut sink = Vec::new();
@@ -83,6 +78,14 @@ async fn run() -> anyhow::Result<()> {
             std::process::exit(0);
         });
     }
+    let service = WorkerService::start(
+        args.listen.ip().to_string(),
+        args.cpu_threads,
+        device,
+        args.rank.unwrap_or(0),
+    )
+    .map_err(anyhow::Error::msg)?;
+    tracing::info!(device = %service.device().name, kind = service.device().kind, "device ready");
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -121,8 +124,6 @@ async fn run() -> anyhow::Result<()> {
         tracing::info!(%key, %value, "registered in etcd");
         Some(reg)
     };
-    let service = WorkerService::start(addr.ip().to_string(), args.cpu_threads)
-        .map_err(anyhow::Error::msg)?;
     tonic::transport::Server::builder()
         .add_service(WorkerServer::new(service).max_decoding_message_size(256 << 20))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())

@@ -1,81 +1,110 @@
 //! Picks the next token from a row of logits: greedy (temperature 0, lowest id on ties), or
-//! temperature sampling filtered by top-k, min-p and top-p (in that order, as vLLM), drawn from
-//! the request's own seeded random stream so a seeded request repeats exactly. Cost: O(vocab)
-//! per sampled token, plus a sort of the survivors when top-k or top-p is active.
+//! temperature sampling filtered by top-k, min-p and top-p (in that order, as vLLM). Randomness:
+//! each request has its own stream ([`RequestRng`], seeded by the request's seed when it has
+//! one), which yields one 64-bit seed per sampled token; the draw itself is a pure function of
+//! that seed and the logits ([`sample_row`] on the CPU, the `sample` kernel on a GPU), so a seeded
+//! request repeats exactly on a given backend. Cost on the CPU: O(vocab) per sampled token, plus
+//! a sort of the survivors when top-k or top-p is active.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tpserve_proto::SamplingParams;
 
-/// Sampling parameters with the request's random stream.
+/// A request's random stream: one seed per sampled token.
 #[derive(Debug, Clone)]
-pub struct Sampler {
-    params: SamplingParams,
-    rng: StdRng,
-}
+pub struct RequestRng(StdRng);
 
-impl Sampler {
-    /// A sampler for one request; an absent seed draws one from the OS.
-    pub fn new(params: SamplingParams) -> Self {
-        let rng = match params.seed {
+impl RequestRng {
+    /// The stream of a request; an absent seed draws one from the OS.
+    pub fn new(seed: Option<u64>) -> Self {
+        Self(match seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_entropy(),
-        };
-        Self { params, rng }
+        })
     }
 
-    /// Picks a token from `logits` (one row over the whole vocabulary).
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let p = &self.params;
-        if p.temperature <= 0.0 || p.top_k == 1 {
-            return argmax(logits);
-        }
-        let inv_t = 1.0 / p.temperature;
-        let mut cands: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, l)| (i as u32, l * inv_t))
-            .collect();
-        let sorted = p.top_k > 0 || p.top_p < 1.0;
-        if sorted {
-            cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            if p.top_k > 0 {
-                cands.truncate(p.top_k as usize);
-            }
-        }
-        let max = cands.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0.0f64;
-        for c in cands.iter_mut() {
-            c.1 = (c.1 - max).exp();
-            total += c.1 as f64;
-        }
-        if p.min_p > 0.0 {
-            // The most likely token has weight exp(0) = 1 after the shift above.
-            let floor = p.min_p;
-            cands.retain(|c| c.1 >= floor);
-            total = cands.iter().map(|c| c.1 as f64).sum();
-        }
-        if sorted && p.top_p < 1.0 {
-            let mut acc = 0.0f64;
-            let keep = cands
-                .iter()
-                .position(|c| {
-                    acc += c.1 as f64 / total;
-                    acc >= p.top_p as f64
-                })
-                .map_or(cands.len(), |i| i + 1);
-            cands.truncate(keep.max(1));
-            total = cands.iter().map(|c| c.1 as f64).sum();
-        }
-        let mut target = self.rng.gen::<f64>() * total;
-        for c in &cands {
-            target -= c.1 as f64;
-            if target <= 0.0 {
-                return c.0;
-            }
-        }
-        cands.last().map_or(0, |c| c.0)
+    /// The seed of the next token's draw.
+    pub fn next_seed(&mut self) -> u64 {
+        self.0.gen()
     }
+}
+
+/// How to pick one token: the request's parameters and this draw's seed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleSpec {
+    /// The request's sampling parameters.
+    pub params: SamplingParams,
+    /// Seed of this draw.
+    pub seed: u64,
+}
+
+impl SampleSpec {
+    /// Greedy decoding (warm-up, scoring).
+    pub fn greedy() -> Self {
+        Self {
+            params: SamplingParams {
+                temperature: 0.0,
+                top_p: 1.0,
+                top_k: 0,
+                min_p: 0.0,
+                seed: None,
+            },
+            seed: 0,
+        }
+    }
+}
+
+/// Picks a token from `logits` (one row over the whole vocabulary).
+pub fn sample_row(spec: &SampleSpec, logits: &[f32]) -> u32 {
+    let p = &spec.params;
+    if p.temperature <= 0.0 || p.top_k == 1 {
+        return argmax(logits);
+    }
+    let inv_t = 1.0 / p.temperature;
+    let mut cands: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i as u32, l * inv_t))
+        .collect();
+    let sorted = p.top_k > 0 || p.top_p < 1.0;
+    if sorted {
+        cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if p.top_k > 0 {
+            cands.truncate(p.top_k as usize);
+        }
+    }
+    let max = cands.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0.0f64;
+    for c in cands.iter_mut() {
+        c.1 = (c.1 - max).exp();
+        total += c.1 as f64;
+    }
+    if p.min_p > 0.0 {
+        // The most likely token has weight exp(0) = 1 after the shift above.
+        let floor = p.min_p;
+        cands.retain(|c| c.1 >= floor);
+        total = cands.iter().map(|c| c.1 as f64).sum();
+    }
+    if sorted && p.top_p < 1.0 {
+        let mut acc = 0.0f64;
+        let keep = cands
+            .iter()
+            .position(|c| {
+                acc += c.1 as f64 / total;
+                acc >= p.top_p as f64
+            })
+            .map_or(cands.len(), |i| i + 1);
+        cands.truncate(keep.max(1));
+        total = cands.iter().map(|c| c.1 as f64).sum();
+    }
+    let mut target = StdRng::seed_from_u64(spec.seed).gen::<f64>() * total;
+    for c in &cands {
+        target -= c.1 as f64;
+        if target <= 0.0 {
+            return c.0;
+        }
+    }
+    cands.last().map_or(0, |c| c.0)
 }
 
 /// Index of the largest logit; the lowest index wins ties. NaN never wins.
@@ -103,41 +132,50 @@ mod tests {
         }
     }
 
+    /// Draws `n` tokens as a request would: one seed per draw from its stream.
+    fn draws(params: SamplingParams, logits: &[f32], n: usize) -> Vec<u32> {
+        let mut rng = RequestRng::new(params.seed);
+        (0..n)
+            .map(|_| {
+                let spec = SampleSpec {
+                    params,
+                    seed: rng.next_seed(),
+                };
+                sample_row(&spec, logits)
+            })
+            .collect()
+    }
+
     #[test]
     fn greedy_picks_the_largest_and_the_lowest_id_on_ties() {
-        let mut s = Sampler::new(params(0.0));
-        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]), 1);
+        assert_eq!(draws(params(0.0), &[0.1, 3.0, 3.0, -1.0], 1), [1]);
     }
 
     #[test]
     fn a_seeded_request_repeats_its_samples() {
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
-        let draw = || {
-            let mut s = Sampler::new(params(1.0));
-            (0..20).map(|_| s.sample(&logits)).collect::<Vec<_>>()
-        };
-        assert_eq!(draw(), draw());
+        let first = draws(params(1.0), &logits, 20);
+        assert_eq!(first, draws(params(1.0), &logits, 20));
+        assert!(first.iter().any(|t| *t != first[0]), "{first:?}");
     }
 
     #[test]
     fn top_k_and_top_p_keep_only_the_head_of_the_distribution() {
         let logits = [5.0, 4.9, 0.0, -3.0, -4.0];
-        let mut k = Sampler::new(SamplingParams {
+        let k = SamplingParams {
             top_k: 2,
             ..params(1.0)
-        });
-        let mut p = Sampler::new(SamplingParams {
+        };
+        let p = SamplingParams {
             top_p: 0.5,
             ..params(1.0)
-        });
-        let mut m = Sampler::new(SamplingParams {
+        };
+        let m = SamplingParams {
             min_p: 0.5,
             ..params(1.0)
-        });
-        for _ in 0..200 {
-            assert!(k.sample(&logits) < 2);
-            assert_eq!(p.sample(&logits), 0);
-            assert!(m.sample(&logits) < 2);
-        }
+        };
+        assert!(draws(k, &logits, 200).iter().all(|t| *t < 2));
+        assert!(draws(p, &logits, 200).iter().all(|t| *t == 0));
+        assert!(draws(m, &logits, 200).iter().all(|t| *t < 2));
     }
 }

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tpserve_proto as pb;
 use tpserve_proto::worker_server::Worker;
 
+use crate::backend::{create_backend, DeviceChoice, DeviceInfo};
 use crate::error::WorkerError;
 use crate::runner::Runner;
 
@@ -23,7 +24,7 @@ type Job = Box<dyn FnOnce(&mut Runner) + Send>;
 pub struct WorkerService {
     jobs: mpsc::UnboundedSender<Job>,
     ready: Arc<AtomicBool>,
-    device_name: String,
+    device: DeviceInfo,
 }
 
 fn status(e: WorkerError) -> Status {
@@ -38,14 +39,21 @@ fn status(e: WorkerError) -> Status {
 }
 
 impl WorkerService {
-    /// Starts the runner thread.
+    /// Starts the runner thread and, on it, the backend `device` names (a CUDA context is bound
+    /// to the thread that creates it). Fails when the device cannot be used, with what is
+    /// missing. `rank_hint` picks the GPU when `device` does not name one.
     ///
     /// The runner thread is itself the first thread of the global rayon pool of `threads`
     /// threads (0: all cores), so parallel work runs on it directly rather than being handed to
     /// another thread and waited for; with one thread, everything runs inline. That handoff
     /// matters at tensor-parallel sizes beyond the core count, where every extra wake-up costs a
     /// scheduler time slice at each all-reduce.
-    pub fn start(host: String, threads: usize) -> Result<Self, String> {
+    pub fn start(
+        host: String,
+        threads: usize,
+        device: DeviceChoice,
+        rank_hint: usize,
+    ) -> Result<Self, String> {
         let threads = if threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -61,25 +69,38 @@ impl WorkerService {
                     .use_current_thread()
                     .build_global()
                     .map_err(|e| format!("configuring the CPU thread pool: {e}"));
-                let ok = pool.is_ok();
-                let _ = built_tx.send(pool);
-                if !ok {
-                    return;
-                }
-                let mut runner = Runner::new(host);
+                let backend = pool.and_then(|()| {
+                    create_backend(device, host, threads, rank_hint).map_err(|e| e.to_string())
+                });
+                let backend = match backend {
+                    Ok(b) => {
+                        let _ = built_tx.send(Ok(b.info()));
+                        b
+                    }
+                    Err(e) => {
+                        let _ = built_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let mut runner = Runner::new(backend);
                 while let Some(job) = rx.blocking_recv() {
                     job(&mut runner);
                 }
             })
             .map_err(|e| format!("spawning the runner thread: {e}"))?;
-        built_rx
+        let device = built_rx
             .recv()
             .map_err(|_| "the runner thread died at start".to_string())??;
         Ok(Self {
             jobs,
             ready: Arc::new(AtomicBool::new(false)),
-            device_name: format!("{threads} threads"),
+            device,
         })
+    }
+
+    /// The device this worker computes on.
+    pub fn device(&self) -> &DeviceInfo {
+        &self.device
     }
 
     /// Runs `f` on the runner thread and waits for its answer.
@@ -108,18 +129,19 @@ impl Worker for WorkerService {
         _: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
         Ok(Response::new(pb::InfoResponse {
-            device_kind: "cpu".into(),
-            device_name: self.device_name.clone(),
-            total_memory_bytes: total_memory_bytes(),
+            device_kind: self.device.kind.into(),
+            device_name: self.device.name.clone(),
+            total_memory_bytes: self.device.total_memory_bytes,
             version: env!("CARGO_PKG_VERSION").into(),
         }))
     }
 
     async fn communicator_id(
         &self,
-        _: Request<pb::CommunicatorIdRequest>,
+        req: Request<pb::CommunicatorIdRequest>,
     ) -> Result<Response<pb::CommunicatorIdResponse>, Status> {
-        let id = self.run(|r| r.communicator_id()).await?;
+        let world = req.into_inner().world_size as usize;
+        let id = self.run(move |r| r.communicator_id(world)).await?;
         Ok(Response::new(pb::CommunicatorIdResponse { id }))
     }
 
@@ -249,17 +271,4 @@ impl Worker for WorkerService {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
-}
-
-/// Host memory in bytes, from /proc/meminfo (0 where unreadable).
-fn total_memory_bytes() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
 }

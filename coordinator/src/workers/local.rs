@@ -18,17 +18,26 @@ pub struct LocalWorkers {
     binary: PathBuf,
     count: usize,
     threads: usize,
+    device: String,
     init: GroupInit,
     workers: Vec<LocalWorker>,
 }
 
 impl LocalWorkers {
-    /// `count` workers of `binary` with `threads` threads each.
-    pub fn new(binary: PathBuf, count: usize, threads: usize, init: GroupInit) -> Self {
+    /// `count` workers of `binary` on `device` (`auto`, `cpu` or `cuda`; rank r takes GPU r),
+    /// with `threads` CPU threads each.
+    pub fn new(
+        binary: PathBuf,
+        count: usize,
+        threads: usize,
+        device: String,
+        init: GroupInit,
+    ) -> Self {
         Self {
             binary,
             count,
             threads,
+            device,
             init,
             workers: Vec::new(),
         }
@@ -47,7 +56,8 @@ impl LocalWorkers {
 impl WorkerSource for LocalWorkers {
     async fn form(&mut self) -> Result<(WorkerGroup, GroupReady), StartError> {
         self.workers.clear(); // kills the old processes
-        self.workers = spawn_local_workers(&self.binary, self.count, self.threads).await?;
+        self.workers =
+            spawn_local_workers(&self.binary, self.count, self.threads, &self.device).await?;
         let addrs: Vec<String> = self.workers.iter().map(|w| w.addr.clone()).collect();
         let mut group = WorkerGroup::connect(&addrs).await?;
         let ready = group.initialize(&self.init).await?;

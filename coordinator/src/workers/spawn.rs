@@ -46,11 +46,13 @@ pub fn worker_binary(explicit: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("tpserve-worker"))
 }
 
-/// Starts `count` workers with `threads` CPU threads each and waits until all listen.
+/// Starts `count` workers on `device` with `threads` CPU threads each and waits until all
+/// listen. Each gets its rank in `TPSERVE_RANK`, which picks its GPU for `auto` and `cuda`.
 pub async fn spawn_local_workers(
     binary: &Path,
     count: usize,
     threads: usize,
+    device: &str,
 ) -> Result<Vec<LocalWorker>, StartError> {
     let mut workers = Vec::with_capacity(count);
     for rank in 0..count {
@@ -59,6 +61,8 @@ pub async fn spawn_local_workers(
                 "--listen",
                 "127.0.0.1:0",
                 "--exit-on-stdin-close",
+                "--device",
+                device,
                 "--cpu-threads",
             ])
             .arg(threads.to_string())

@@ -1,9 +1,12 @@
 //! The CPU backend: always compiled, the numerical reference, what CI runs. f32 throughout.
 
 pub mod attention;
+mod backend;
 pub mod linear;
 pub mod model;
 pub mod ops;
 
+pub use crate::weights::WeightSource;
 pub use attention::KvCache;
-pub use model::{CpuModel, WeightSource};
+pub use backend::{gather_logits, CpuBackend};
+pub use model::CpuModel;

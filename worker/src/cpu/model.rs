@@ -6,8 +6,7 @@
 
 use std::time::Instant;
 
-use rand::{Rng, SeedableRng};
-use tpserve_modelfile::{LlamaConfig, WeightReader};
+use tpserve_modelfile::LlamaConfig;
 
 use super::attention::{paged_attention, AttentionInput, KvCache};
 use super::linear::Linear;
@@ -16,6 +15,7 @@ use crate::batch::Batch;
 use crate::comm::Communicator;
 use crate::error::{Result, WorkerError};
 use crate::shard::ShardPlan;
+use crate::weights::{read, WeightSource};
 
 /// One decoder layer's weights on this rank.
 #[derive(Debug)]
@@ -45,58 +45,6 @@ pub struct CpuModel {
     lm_head: Option<Linear>,
     rope: Rope,
     kv_head_of: Vec<usize>,
-}
-
-/// Where the weights come from.
-pub enum WeightSource<'a> {
-    /// A real checkpoint.
-    Reader(&'a dyn WeightReader),
-    /// Random weights of the config's shape, from this seed.
-    Dummy(u64),
-}
-
-fn tensor_err(name: &str, e: impl std::fmt::Display) -> WorkerError {
-    WorkerError::Unsupported {
-        detail: format!("tensor {name}: {e}"),
-    }
-}
-
-/// Reads `name` narrowed to `range` along `dim` (all of it when `range` is `None`) as f32.
-fn read(
-    source: &WeightSource,
-    name: &str,
-    slice: Option<(usize, std::ops::Range<usize>)>,
-    shape: &[usize],
-) -> Result<Vec<f32>> {
-    match source {
-        WeightSource::Reader(reader) => {
-            let t = match &slice {
-                Some((dim, r)) => reader.read_slice(name, *dim, r.start, r.len())?,
-                None => reader.read(name)?,
-            };
-            if t.dims() != shape {
-                return Err(tensor_err(
-                    name,
-                    format!("shape {:?}, expected {shape:?}", t.dims()),
-                ));
-            }
-            t.flatten_all()
-                .and_then(|t| t.to_vec1::<f32>())
-                .map_err(|e| tensor_err(name, e))
-        }
-        WeightSource::Dummy(seed) => {
-            let n: usize = shape.iter().product();
-            let salt = name.bytes().fold(*seed, |h, b| {
-                h.wrapping_mul(0x100000001b3).wrapping_add(b as u64)
-            });
-            let mut rng = rand::rngs::StdRng::seed_from_u64(salt);
-            if name.ends_with("norm.weight") {
-                Ok(vec![1.0; n])
-            } else {
-                Ok((0..n).map(|_| rng.gen_range(-0.02f32..0.02)).collect())
-            }
-        }
-    }
 }
 
 impl CpuModel {

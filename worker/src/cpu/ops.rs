@@ -63,6 +63,11 @@ impl Rope {
         Self { half, cos, sin }
     }
 
+    /// The cos and sin tables, `[max_pos, head_dim / 2]` each.
+    pub fn tables(&self) -> (&[f32], &[f32]) {
+        (&self.cos, &self.sin)
+    }
+
     /// Positions the tables cover.
     pub fn max_pos(&self) -> usize {
         self.cos.len() / self.half.max(1)

@@ -7,8 +7,8 @@ use std::path::Path;
 use tpserve_modelfile::ModelSource;
 use tpserve_worker::batch::{Batch, SeqSlice};
 use tpserve_worker::comm::{Communicator, SingleRank, TcpCommunicator};
+use tpserve_worker::cpu::gather_logits;
 use tpserve_worker::cpu::{CpuModel, WeightSource};
-use tpserve_worker::runner::gather_logits;
 use tpserve_worker::shard::ShardPlan;
 
 pub use tpserve_e2e::{default_model, repo_root};

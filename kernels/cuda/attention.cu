@@ -1,0 +1,283 @@
+// Paged attention for prefill and decode: causal, grouped-query, reading keys and values from
+// the paged KV cache, FlashAttention-style (keys in tiles through shared memory, online softmax,
+// nothing of size context x context ever materialised), optionally split over the key length
+// with a second kernel combining the splits (for long decode contexts, where one block per
+// sequence and head would leave most of the GPU idle).
+#include "common.cuh"
+
+namespace {
+
+constexpr int kWarps = 4;            // warps per block
+constexpr int kMaxItemsPerWarp = 8;  // (query row, head) pairs one warp carries
+constexpr int kKeysPerTile = 32;     // keys per shared-memory tile: one per lane
+
+__device__ __forceinline__ float warp_reduce_max(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    }
+    return v;
+}
+
+}  // namespace
+
+// paged_attention_hd{64,128,256}_{bf16,f16}: for each query row r of a tile and each query
+// head h of KV head g (h in [g * group, (g + 1) * group), group = num_q_heads / num_kv_heads),
+//   out[r, h] = softmax_j(scale * q[r, h] . K[j, g]) V[j, g]  over keys j <= position(r)
+// where K[j] and V[j] live at slot block_tables[seq, j / block_size] * block_size +
+// j % block_size of the caches.
+//
+// A tile is up to a few consecutive query rows of ONE sequence (the host builds the tiles: a
+// decode row is a tile of one; a prefill chunk is cut into tiles of at most
+// 32 / group rows, fewer for head_dim 256), so a block loads each key tile once for every
+// row and head of the tile. Rows of one tile have consecutive positions.
+//
+// With num_splits == 1 the block owns all keys of the tile and writes `out`. With num_splits > 1
+// block z owns keys [z * split_len, (z + 1) * split_len) and writes its unnormalised partial
+// result and its (max, sum) to the partial buffers; attention_combine then merges the splits.
+//
+// Arguments:
+//   out           T   [num_tokens, num_q_heads * HD]                written when num_splits == 1
+//   partial_out   f32 [num_tokens, num_q_heads, num_splits, HD]      written when num_splits > 1
+//   partial_ml    f32 [num_tokens, num_q_heads, num_splits, 2]       (running max, sum of exp)
+//   q             T   [num_tokens, q_stride]: token t's heads at q + t * q_stride, [num_q_heads, HD]
+//   key_cache     T   [num_blocks, block_size, num_kv_heads, HD]   (this layer)
+//   value_cache   T   [num_blocks, block_size, num_kv_heads, HD]
+//   block_tables  i32 [num_seqs, max_blocks_per_seq]
+//   tiles         i32 [num_tiles, 4]: sequence index, first row (token index), number of rows,
+//                     position of the first row
+//   num_q_heads, num_kv_heads, block_size, max_blocks_per_seq, q_stride: i32
+//   num_splits    i32  >= 1
+//   split_len     i32  keys per split, a multiple of 32 (ignored when num_splits == 1)
+//   scale         f32  usually 1 / sqrt(HD)
+// Launch: grid (num_tiles, num_kv_heads, num_splits); block (128, 1, 1);
+// dynamic shared memory: attention_smem_bytes(HD, rows * group) =
+//   rows * group * HD * 4 + 32 * (HD + 2) * sizeof(T) + 32 * HD * sizeof(T).
+// Requires rows * group <= 32.
+template <typename T, int HD>
+__device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ partial_out,
+                                     float* __restrict__ partial_ml, const T* __restrict__ q,
+                                     const T* __restrict__ key_cache,
+                                     const T* __restrict__ value_cache,
+                                     const int* __restrict__ block_tables,
+                                     const int* __restrict__ tiles, int num_q_heads,
+                                     int num_kv_heads, int block_size, int max_blocks_per_seq,
+                                     int q_stride, int num_splits, int split_len, float scale) {
+    constexpr int kPerLane = HD / 32;
+    constexpr int kKStride = HD + 2;  // odd number of 32-bit words per row: no bank conflicts
+    extern __shared__ float smem[];
+    const int* tile = tiles + blockIdx.x * 4;
+    const int seq = tile[0];
+    const int row0 = tile[1];
+    const int rows = tile[2];
+    const int pos0 = tile[3];
+    const int kv_head = blockIdx.y;
+    const int split = blockIdx.z;
+    const int group = num_q_heads / num_kv_heads;
+    const int items = rows * group;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+
+    float* q_s = smem;                                          // [items][HD], pre-scaled
+    T* k_s = reinterpret_cast<T*>(q_s + items * HD);            // [32][HD + 2]
+    T* v_s = k_s + kKeysPerTile * kKStride;                     // [32][HD]
+
+    const int ctx_end = pos0 + rows;  // keys the last row sees
+    int key_begin = 0;
+    int key_end = ctx_end;
+    if (num_splits > 1) {
+        key_begin = split * split_len;
+        key_end = min(ctx_end, key_begin + split_len);
+    }
+
+    for (int idx = threadIdx.x; idx < items * HD; idx += blockDim.x) {
+        const int item = idx / HD;
+        const int d = idx - item * HD;
+        const int row = row0 + item / group;
+        const int head = kv_head * group + item % group;
+        q_s[idx] = tpserve::to_float(q[(long long)row * q_stride + head * HD + d]) * scale;
+    }
+
+    float m[kMaxItemsPerWarp];
+    float l[kMaxItemsPerWarp];
+    float acc[kMaxItemsPerWarp][kPerLane];
+#pragma unroll
+    for (int i = 0; i < kMaxItemsPerWarp; ++i) {
+        m[i] = tpserve::neg_inf();
+        l[i] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < kPerLane; ++c) {
+            acc[i][c] = 0.0f;
+        }
+    }
+
+    const int* table = block_tables + (long long)seq * max_blocks_per_seq;
+    for (int chunk = key_begin; chunk < key_end; chunk += kKeysPerTile) {
+        __syncthreads();  // the previous tile is no longer read (and q_s is written, first time)
+        for (int idx = threadIdx.x; idx < kKeysPerTile * HD; idx += blockDim.x) {
+            const int j = idx / HD;
+            const int d = idx - j * HD;
+            const int key = chunk + j;
+            T kv = tpserve::from_float<T>(0.0f);
+            T vv = kv;
+            if (key < key_end) {
+                const long long slot =
+                    (long long)table[key / block_size] * block_size + key % block_size;
+                const long long at = (slot * num_kv_heads + kv_head) * HD + d;
+                kv = key_cache[at];
+                vv = value_cache[at];
+            }
+            k_s[j * kKStride + d] = kv;
+            v_s[j * HD + d] = vv;
+        }
+        __syncthreads();
+        const int key = chunk + lane;
+#pragma unroll
+        for (int i = 0; i < kMaxItemsPerWarp; ++i) {
+            const int item = warp + i * kWarps;
+            if (item >= items) {
+                break;
+            }
+            const int pos = pos0 + item / group;
+            float s = tpserve::neg_inf();
+            if (key < key_end && key <= pos) {
+                const float* qi = q_s + item * HD;
+                const T* kj = k_s + lane * kKStride;
+                float dot = 0.0f;
+#pragma unroll 16
+                for (int d = 0; d < HD; ++d) {
+                    dot += qi[d] * tpserve::to_float(kj[d]);
+                }
+                s = dot;
+            }
+            const float tile_max = warp_reduce_max(s);
+            if (tile_max == tpserve::neg_inf()) {
+                continue;  // every key of this tile is masked for this row
+            }
+            const float m_new = fmaxf(m[i], tile_max);
+            const float correction = __expf(m[i] - m_new);  // 0 while m[i] is -inf
+            const float p = s == tpserve::neg_inf() ? 0.0f : __expf(s - m_new);
+            l[i] = l[i] * correction + tpserve::warp_reduce_sum(p);
+#pragma unroll
+            for (int c = 0; c < kPerLane; ++c) {
+                acc[i][c] *= correction;
+            }
+            for (int j = 0; j < kKeysPerTile; ++j) {
+                const float pj = __shfl_sync(0xffffffffu, p, j);
+                if (pj != 0.0f) {  // the same for every lane: no divergence
+                    const T* vj = v_s + j * HD;
+#pragma unroll
+                    for (int c = 0; c < kPerLane; ++c) {
+                        acc[i][c] += pj * tpserve::to_float(vj[lane + 32 * c]);
+                    }
+                }
+            }
+            m[i] = m_new;
+        }
+    }
+
+#pragma unroll
+    for (int i = 0; i < kMaxItemsPerWarp; ++i) {
+        const int item = warp + i * kWarps;
+        if (item >= items) {
+            break;
+        }
+        const long long row = row0 + item / group;
+        const int head = kv_head * group + item % group;
+        if (num_splits == 1) {
+            const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+            T* o = out + (row * num_q_heads + head) * HD;
+#pragma unroll
+            for (int c = 0; c < kPerLane; ++c) {
+                o[lane + 32 * c] = tpserve::from_float<T>(acc[i][c] * inv);
+            }
+        } else {
+            const long long at = (row * num_q_heads + head) * num_splits + split;
+            float* po = partial_out + at * HD;
+#pragma unroll
+            for (int c = 0; c < kPerLane; ++c) {
+                po[lane + 32 * c] = acc[i][c];
+            }
+            if (lane == 0) {
+                partial_ml[at * 2] = m[i];
+                partial_ml[at * 2 + 1] = l[i];
+            }
+        }
+    }
+}
+
+// attention_combine_{bf16,f16}: merges the splits of paged_attention:
+//   out[t, h] = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s,  M = max_s m_s
+// Splits that saw no key have m = -inf and l = 0 and weigh nothing.
+//
+// Arguments:
+//   out          T   [num_tokens, num_q_heads * head_dim]   written
+//   partial_out  f32 [num_tokens, num_q_heads, num_splits, head_dim]
+//   partial_ml   f32 [num_tokens, num_q_heads, num_splits, 2]
+//   num_q_heads, head_dim, num_splits: i32
+// Launch: grid (num_tokens, num_q_heads, 1); block (head_dim, 1, 1) (head_dim <= 1024).
+template <typename T>
+__device__ void attention_combine_impl(T* __restrict__ out, const float* __restrict__ partial_out,
+                                       const float* __restrict__ partial_ml, int num_q_heads,
+                                       int head_dim, int num_splits) {
+    const long long base = (long long)blockIdx.x * num_q_heads + blockIdx.y;
+    const float* ml = partial_ml + base * num_splits * 2;
+    float max_m = tpserve::neg_inf();
+    for (int s = 0; s < num_splits; ++s) {
+        max_m = fmaxf(max_m, ml[s * 2]);
+    }
+    const int d = threadIdx.x;
+    float num = 0.0f;
+    float den = 0.0f;
+    if (max_m != tpserve::neg_inf()) {
+        for (int s = 0; s < num_splits; ++s) {
+            const float w = __expf(ml[s * 2] - max_m);
+            den += w * ml[s * 2 + 1];
+            num += w * partial_out[(base * num_splits + s) * head_dim + d];
+        }
+    }
+    out[base * head_dim + d] = tpserve::from_float<T>(den > 0.0f ? num / den : 0.0f);
+}
+
+#define TPSERVE_PAGED_ATTENTION(SUFFIX, T)                                                    \
+    extern "C" __global__ void paged_attention_hd64_##SUFFIX(                                \
+        T* __restrict__ out, float* __restrict__ partial_out, float* __restrict__ partial_ml,  \
+        const T* __restrict__ q, const T* __restrict__ key_cache,                              \
+        const T* __restrict__ value_cache, const int* __restrict__ block_tables,               \
+        const int* __restrict__ tiles, int num_q_heads, int num_kv_heads, int block_size,      \
+        int max_blocks_per_seq, int q_stride, int num_splits, int split_len, float scale) {    \
+        paged_attention_impl<T, 64>(out, partial_out, partial_ml, q, key_cache, value_cache, \
+                                    block_tables, tiles, num_q_heads, num_kv_heads,            \
+                                    block_size, max_blocks_per_seq, q_stride, num_splits,      \
+                                    split_len, scale);                                         \
+    }                                                                                         \
+    extern "C" __global__ void paged_attention_hd128_##SUFFIX(                                \
+        T* __restrict__ out, float* __restrict__ partial_out, float* __restrict__ partial_ml,  \
+        const T* __restrict__ q, const T* __restrict__ key_cache,                              \
+        const T* __restrict__ value_cache, const int* __restrict__ block_tables,               \
+        const int* __restrict__ tiles, int num_q_heads, int num_kv_heads, int block_size,      \
+        int max_blocks_per_seq, int q_stride, int num_splits, int split_len, float scale) {    \
+        paged_attention_impl<T, 128>(out, partial_out, partial_ml, q, key_cache, value_cache, \
+                                    block_tables, tiles, num_q_heads, num_kv_heads,            \
+                                    block_size, max_blocks_per_seq, q_stride, num_splits,      \
+                                    split_len, scale);                                         \
+    }                                                                                         \
+    extern "C" __global__ void paged_attention_hd256_##SUFFIX(                                \
+        T* __restrict__ out, float* __restrict__ partial_out, float* __restrict__ partial_ml,  \
+        const T* __restrict__ q, const T* __restrict__ key_cache,                              \
+        const T* __restrict__ value_cache, const int* __restrict__ block_tables,               \
+        const int* __restrict__ tiles, int num_q_heads, int num_kv_heads, int block_size,      \
+        int max_blocks_per_seq, int q_stride, int num_splits, int split_len, float scale) {    \
+        paged_attention_impl<T, 256>(out, partial_out, partial_ml, q, key_cache, value_cache, \
+                                    block_tables, tiles, num_q_heads, num_kv_heads,            \
+                                    block_size, max_blocks_per_seq, q_stride, num_splits,      \
+                                    split_len, scale);                                         \
+    }                                                                                         \
+    extern "C" __global__ void attention_combine_##SUFFIX(                                    \
+        T* __restrict__ out, const float* __restrict__ partial_out,                           \
+        const float* __restrict__ partial_ml, int num_q_heads, int head_dim,                  \
+        int num_splits) {                                                                     \
+        attention_combine_impl<T>(out, partial_out, partial_ml, num_q_heads, head_dim,        \
+                                  num_splits);                                                \
+    }
+TPSERVE_FOR_EACH_DTYPE(TPSERVE_PAGED_ATTENTION)

@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Runs Hugging Face transformers on the test checkpoint: the reference logits and greedy ids.
+
+What: for each dtype in bfloat16, float16 and float32, loads CKPT_DIR (written by
+make_checkpoint.py) with attn_implementation="eager" and writes
+  OUTDIR/hf_<dtype>.f32          the logits of EVERY position of every prompt of
+                                 CKPT_DIR/prompts.json, prompts concatenated in order, as raw
+                                 little-endian float32 rows [total_tokens, vocab] (the layout of
+                                 tpserve's `logits` example);
+  OUTDIR/hf_greedy_<dtype>.json  {"new_ids": [32 ids], "top": [[[id, logit] x5] per step], ...}:
+                                 greedy decoding of 32 new tokens after prompts[0] (no EOS
+                                 stop), through prefill + one-token decode steps with a KV cache.
+float32 is the truth (the bfloat16 weights upcast exactly; TF32 off); bfloat16 and float16 show
+how far the reference implementation itself is from the truth at those dtypes, which is the
+yardstick compare.py holds tpserve to.
+
+Why: the GPU numerical checks (tests/gpu/run.sh) need an independent implementation on the same
+weights; the GPU machine has torch and transformers but no network.
+
+How: python3 hf_reference.py CKPT_DIR OUTDIR [--device cuda|cpu] [--new-tokens 32]
+          [--dtypes bfloat16,float16,float32]
+Each prompt runs as one sequence in one forward pass (positions from 0, no BOS added: the ids are
+used exactly as given).
+"""
+
+import argparse
+import inspect
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from transformers import LlamaForCausalLM
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TOP_K = 5
+
+
+def load(ckpt: str, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
+    model = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation="eager")
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def write_logits(model, prompts, device: str, path: str) -> dict:
+    """Writes all positions' logits; returns a few figures for the log."""
+    stds, maxabs = [], []
+    with open(path, "wb") as f:
+        for ids in prompts:
+            x = torch.tensor([ids], dtype=torch.long, device=device)
+            logits = model(input_ids=x, use_cache=False).logits[0].float()
+            stds.append(logits.std(dim=-1).mean().item())
+            maxabs.append(logits.abs().max().item())
+            arr = logits.cpu().numpy().astype("<f4", copy=False)
+            f.write(np.ascontiguousarray(arr).tobytes())
+    return {"mean_row_std": float(np.mean(stds)), "max_abs": float(np.max(maxabs))}
+
+
+def cache_of(out):
+    """The KV cache of a forward's output (`cache` in recent transformers 5, else
+    `past_key_values`)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+@torch.no_grad()
+def greedy(model, prompt, device: str, n_new: int) -> dict:
+    """Greedy decoding with a KV cache: one prefill, then one token per step. No EOS stop."""
+    # transformers 5.x renamed forward's `past_key_values` to `cache` at some minor version.
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    x = torch.tensor([prompt], dtype=torch.long, device=device)
+    out = model(input_ids=x, use_cache=True)
+    past = cache_of(out)
+    logits = out.logits[0, -1].float()
+    new_ids, top = [], []
+    for step in range(n_new):
+        vals, idx = torch.topk(logits, TOP_K)
+        top.append([[int(i), round(float(v), 5)] for i, v in zip(idx.tolist(), vals.tolist())])
+        nxt = int(idx[0])
+        new_ids.append(nxt)
+        if step + 1 == n_new:
+            break
+        out = model(
+            input_ids=torch.tensor([[nxt]], dtype=torch.long, device=device),
+            use_cache=True,
+            **{cache_kw: past},
+        )
+        past = cache_of(out)
+        logits = out.logits[0, -1].float()
+    return {"new_ids": new_ids, "top": top}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("ckpt")
+    ap.add_argument("outdir")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--dtypes", default="bfloat16,float16,float32")
+    args = ap.parse_args()
+
+    # The truth is plain float32 (no TF32); the other dtypes run at torch's defaults.
+    torch.set_float32_matmul_precision("highest")
+    with open(os.path.join(args.ckpt, "prompts.json")) as f:
+        prompts = json.load(f)["prompts"]
+    os.makedirs(args.outdir, exist_ok=True)
+    total = sum(len(p) for p in prompts)
+    print(
+        f"hf_reference: {len(prompts)} prompts, {total} positions, device {args.device}, "
+        f"torch {torch.__version__}",
+        file=sys.stderr,
+    )
+    for name in args.dtypes.split(","):
+        dtype = DTYPES[name]
+        t0 = time.time()
+        model = load(args.ckpt, dtype, args.device)
+        out = os.path.join(args.outdir, f"hf_{name}.f32")
+        figs = write_logits(model, prompts, args.device, out)
+        g = greedy(model, prompts[0], args.device, args.new_tokens)
+        g.update({"dtype": name, "prompt_index": 0, "implementation": "transformers-eager"})
+        with open(os.path.join(args.outdir, f"hf_greedy_{name}.json"), "w") as f:
+            json.dump(g, f)
+            f.write("\n")
+        print(
+            f"hf_reference: {name}: logits row std {figs['mean_row_std']:.3f}, max |logit| "
+            f"{figs['max_abs']:.2f}; greedy {g['new_ids'][:8]}...; {time.time() - t0:.1f}s",
+            file=sys.stderr,
+        )
+        del model
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+#!/usr/bin/env bash
+# The GPU evidence for tpserve's CUDA backend, in one run on the GPU test machine; prints a short
+# table last.
+#
+# What: on a random Llama checkpoint written here (make_checkpoint.py: 4 layers, hidden 1024, GQA
+# 8/2 heads, llama3 rope scaling, vocab 32000; prompts of 5, 64, 333 and 1500 tokens), compares
+# tpserve's logits of every prompt position with Hugging Face transformers' (hf_reference.py)
+# at TP=1 bfloat16, TP=1 float16 and TP=2 bfloat16 (TP=2 only with two GPUs), and its greedy
+# decoding (32 tokens through the serving step path) with transformers' (compare.py holds
+# tpserve to "no worse than transformers in the same dtype", both measured against float32);
+# asks SmolLM2 (GGUF) the capital of France; runs the Llama-3-8B-shaped benchmark
+# (bench_device, dummy weights, tests/gpu/llama3-8b-config.json).
+#
+# Why: the GPU machine has no network and no Rust toolchain (docs: /work/shared/GPU.md), so the
+# binaries are built elsewhere and all checks run in one batch. Every step records a row even
+# when it fails; nothing stops at the first failure.
+#
+# How (from anywhere; it runs in the repository root):
+#   tests/gpu/run.sh
+# Environment:
+#   BIN_DIR        pre-built binaries (default target/release): tpserve, examples/logits,
+#                  examples/bench_device
+#   WORK           work directory (default /tmp/tpserve-gpu; ~1.5 GB of logits go there)
+#   SMOLLM2_GGUF   the SmolLM2 GGUF file for the Paris check (skipped when unset or missing)
+#   OUT            when set, the small results (log, table, JSON) are copied there
+#   PYTHON         interpreter with torch + transformers (default python3)
+#   STEP_TIMEOUT   seconds per step (default 300); BENCH_TIMEOUT for the benchmark (default 600)
+#   REF_DEVICE     torch device of the checkpoint and the reference (default cuda; cpu only to
+#                  test this script on a machine without a GPU, with stub binaries)
+# Exit status: 0 when no row is FAIL, 1 otherwise.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+HERE=tests/gpu
+BIN_DIR="${BIN_DIR:-target/release}"
+WORK="${WORK:-/tmp/tpserve-gpu}"
+PYTHON="${PYTHON:-python3}"
+STEP_TIMEOUT="${STEP_TIMEOUT:-300}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-600}"
+SMOLLM2_GGUF="${SMOLLM2_GGUF:-}"
+OUT="${OUT:-}"
+REF_DEVICE="${REF_DEVICE:-cuda}"
+case "$BIN_DIR" in
+  /*) ;;
+  *) BIN_DIR="$ROOT/$BIN_DIR" ;;
+esac
+# The examples live in $BIN_DIR/examples, not beside tpserve-worker: name the worker for them
+# (tpserve's EngineArgs read TPSERVE_WORKER_BINARY) unless the caller already did.
+if [ -z "${TPSERVE_WORKER_BINARY:-}" ] && [ -x "$BIN_DIR/tpserve-worker" ]; then
+  export TPSERVE_WORKER_BINARY="$BIN_DIR/tpserve-worker"
+fi
+
+CKPT="$WORK/ckpt"          # the random checkpoint and prompts.json
+REF="$WORK/ref"            # transformers' logits and greedy ids
+OURS="$WORK/ours"          # tpserve's logits and greedy ids
+TSV="$WORK/results.tsv"    # the table: step<TAB>result<TAB>figures
+JSONL="$WORK/compare.jsonl" # compare.py's detailed records
+LOG="$WORK/run.log"
+VOCAB=32000
+NEW_TOKENS=32
+NGPU=0
+
+# record STEP RESULT FIGURES: one row of the final table.
+record() {
+  printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$TSV"
+  echo "== $1: $2 ($3)"
+}
+
+# timed TIMEOUT CMD...: runs CMD under `timeout`, echoing it; sets SECS and RC (never fails).
+SECS=0
+RC=0
+timed() {
+  local limit=$1 start
+  shift
+  echo "+ $*" >&2
+  start=$(date +%s.%N)
+  RC=0
+  timeout -k 10 "$limit" "$@" || RC=$?
+  SECS=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+}
+
+# why_failed: the figures of a failed command, from RC.
+why_failed() {
+  if [ "$RC" -eq 124 ] || [ "$RC" -eq 137 ]; then
+    echo "timed out after ${SECS}s"
+  else
+    echo "exit status $RC after ${SECS}s (see run.log)"
+  fi
+}
+
+step_env() {
+  local list
+  # shellcheck source=SCRIPTDIR/../../deploy/gpu-env.sh
+  source deploy/gpu-env.sh || true
+  export NCCL_NVLS_ENABLE=0
+  {
+    echo "date: $(date -u +%FT%TZ)"
+    echo "host: $(hostname)"
+    nvidia-smi 2>&1 || true
+    "$PYTHON" -c 'import torch, transformers as t; print("torch", torch.__version__,
+      "cuda", torch.version.cuda, "transformers", t.__version__)' 2>&1 || true
+    echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+    echo "CUDA_INCLUDE_DIR=${CUDA_INCLUDE_DIR:-}"
+    echo "NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE"
+    echo "TPSERVE_WORKER_BINARY=${TPSERVE_WORKER_BINARY:-}"
+    ls -l "$BIN_DIR/tpserve" "$BIN_DIR/tpserve-worker" "$BIN_DIR/examples/logits" \
+      "$BIN_DIR/examples/bench_device" 2>&1 || true
+  } >"$WORK/env.txt"
+  cat "$WORK/env.txt"
+  list=$(nvidia-smi -L 2>/dev/null || true)
+  echo "$list"
+  NGPU=$(grep -c '^GPU ' <<<"$list" || true)
+  if [ "$NGPU" -ge 1 ] && [ -n "${CUDA_INCLUDE_DIR:-}" ]; then
+    record "gpus" "PASS" "$NGPU x $(sed -n 's/^GPU 0: \(.*\) (UUID.*/\1/p' <<<"$list")"
+  elif [ "$NGPU" -ge 1 ]; then
+    record "gpus" "FAIL" "$NGPU GPU(s) but deploy/gpu-env.sh found no CUDA pip packages"
+  else
+    record "gpus" "FAIL" "nvidia-smi -L lists no GPU"
+  fi
+}
+
+step_checkpoint() {
+  rm -rf "$CKPT"
+  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/make_checkpoint.py" "$CKPT" --device "$REF_DEVICE"
+  if [ "$RC" -eq 0 ] && [ -f "$CKPT/model.safetensors" ] && [ -f "$CKPT/prompts.json" ]; then
+    record "checkpoint" "PASS" \
+      "random Llama 4L/1024/GQA 8:2, llama3 rope; prompts 5/64/333/1500 (${SECS}s)"
+  else
+    record "checkpoint" "FAIL" "make_checkpoint.py: $(why_failed)"
+  fi
+}
+
+step_reference() {
+  if [ ! -f "$CKPT/prompts.json" ]; then
+    record "hf reference" "SKIP" "needs the checkpoint"
+    return
+  fi
+  rm -rf "$REF"
+  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/hf_reference.py" "$CKPT" "$REF" \
+    --new-tokens "$NEW_TOKENS" --device "$REF_DEVICE"
+  if [ "$RC" -eq 0 ] && [ -f "$REF/hf_float32.f32" ]; then
+    record "hf reference" "PASS" "transformers eager, bf16/f16/f32 logits + greedy (${SECS}s)"
+  else
+    record "hf reference" "FAIL" "hf_reference.py: $(why_failed)"
+  fi
+}
+
+# ours_logits TAG TP DTYPE: tpserve's logits (and greedy ids) into $OURS/TAG.{f32,json}.
+ours_logits() {
+  local tag=$1 tp=$2 dtype=$3 bin="$BIN_DIR/examples/logits"
+  rm -f "$OURS/$tag.f32" "$OURS/$tag.json"
+  if [ "$tp" -gt "$NGPU" ]; then
+    record "logits $tag" "SKIP" "skipped: needs $tp GPUs, this machine has $NGPU"
+    return
+  fi
+  if [ ! -f "$CKPT/prompts.json" ]; then
+    record "logits $tag" "SKIP" "needs the checkpoint"
+    return
+  fi
+  if [ ! -x "$bin" ]; then
+    record "logits $tag" "FAIL" "no binary $bin"
+    return
+  fi
+  timed "$STEP_TIMEOUT" "$bin" --model "$CKPT" --device cuda --dtype "$dtype" \
+    --tensor-parallel-size "$tp" --prompts "$CKPT/prompts.json" --out "$OURS/$tag.f32" \
+    --greedy "$NEW_TOKENS" --greedy-out "$OURS/$tag.json" --sampling-check
+  if [ "$RC" -eq 0 ] && [ -s "$OURS/$tag.f32" ]; then
+    record "logits $tag" "PASS" "ran in ${SECS}s (prefill of 4 prompts + $NEW_TOKENS greedy steps; device sampling check passed)"
+  else
+    record "logits $tag" "FAIL" "$(why_failed)"
+  fi
+}
+
+# run_compare LABEL ARGS...: compare.py records its own row (exit 0 or 1); any other exit is a
+# FAIL row here.
+run_compare() {
+  local label=$1
+  shift
+  RC=0
+  "$PYTHON" "$HERE/compare.py" --label "$label" --tsv "$TSV" --jsonl "$JSONL" "$@" || RC=$?
+  if [ "$RC" -ne 0 ] && [ "$RC" -ne 1 ]; then
+    record "$label" "FAIL" "compare.py exit status $RC (see run.log)"
+  fi
+}
+
+# check_logits TAG DTYPE [VS_TAG]: tpserve's logits of TAG against transformers' in DTYPE.
+check_logits() {
+  local tag=$1 dtype=$2 vs=${3:-} extra=()
+  if [ ! -s "$OURS/$tag.f32" ] || [ ! -f "$REF/hf_$dtype.f32" ]; then
+    record "$tag vs hf" "SKIP" "no logits (see the rows above)"
+    return
+  fi
+  if [ -n "$vs" ] && [ -s "$OURS/$vs.f32" ]; then
+    extra=(--vs "$OURS/$vs.f32" --vs-label "$vs")
+  fi
+  run_compare "$tag vs hf" --truth "$REF/hf_float32.f32" --peer "$REF/hf_$dtype.f32" \
+    --ours "$OURS/$tag.f32" --vocab "$VOCAB" --prompts "$CKPT/prompts.json" "${extra[@]}"
+}
+
+# check_greedy TAG DTYPE NEAR_TIE: tpserve's greedy ids against transformers' in DTYPE and f32.
+check_greedy() {
+  local tag=$1 dtype=$2 near=$3
+  if [ ! -s "$OURS/$tag.json" ] || [ ! -f "$REF/hf_greedy_$dtype.json" ]; then
+    record "greedy $tag" "SKIP" "no greedy ids (see the rows above)"
+    return
+  fi
+  run_compare "greedy $tag" --greedy "$OURS/$tag.json" --greedy-ref "$REF/hf_greedy_$dtype.json" \
+    --greedy-truth "$REF/hf_greedy_float32.json" --ref-label "$dtype" --near-tie "$near"
+}
+
+step_paris() {
+  local bin="$BIN_DIR/tpserve" answer
+  rm -f "$WORK/paris.txt"
+  if [ -z "$SMOLLM2_GGUF" ] || [ ! -f "$SMOLLM2_GGUF" ]; then
+    record "paris (smollm2)" "SKIP" "skipped: SMOLLM2_GGUF not set/missing"
+    return
+  fi
+  if [ ! -x "$bin" ]; then
+    record "paris (smollm2)" "FAIL" "no binary $bin"
+    return
+  fi
+  echo "+ $bin generate ... > $WORK/paris.txt"
+  timed "$STEP_TIMEOUT" "$bin" generate --model "$SMOLLM2_GGUF" --device cuda --chat \
+    --system "You are a helpful assistant." --prompt "What is the capital of France?" \
+    --max-tokens 32 >"$WORK/paris.txt"
+  cat "$WORK/paris.txt"
+  answer=$(tr '\n\t' '  ' <"$WORK/paris.txt" | cut -c1-80)
+  if [ "$RC" -eq 0 ] && grep -q "Paris" "$WORK/paris.txt"; then
+    record "paris (smollm2)" "PASS" "\"$answer\" (${SECS}s)"
+  elif [ "$RC" -eq 0 ]; then
+    record "paris (smollm2)" "FAIL" "no \"Paris\" in \"$answer\""
+  else
+    record "paris (smollm2)" "FAIL" "$(why_failed)"
+  fi
+}
+
+step_bench() {
+  local bin="$BIN_DIR/examples/bench_device"
+  rm -f "$WORK/bench_8b.json" "$WORK/bench_8b.txt"
+  if [ ! -x "$bin" ]; then
+    record "bench 8B" "FAIL" "no binary $bin"
+    return
+  fi
+  echo "+ $bin --config $HERE/llama3-8b-config.json --dtype bfloat16 --json $WORK/bench_8b.json"
+  local start
+  start=$(date +%s)
+  RC=0
+  timeout -k 10 "$BENCH_TIMEOUT" "$bin" --config "$HERE/llama3-8b-config.json" \
+    --dtype bfloat16 --json "$WORK/bench_8b.json" 2>&1 | tee "$WORK/bench_8b.txt" ||
+    RC=${PIPESTATUS[0]}
+  SECS=$(($(date +%s) - start))
+  if [ "$RC" -eq 0 ] && "$PYTHON" -c 'import json, sys; json.load(open(sys.argv[1]))' \
+    "$WORK/bench_8b.json" 2>/dev/null; then
+    record "bench 8B" "PASS" "Llama-3-8B shape, bf16, dummy weights: its table above (${SECS}s)"
+  else
+    record "bench 8B" "FAIL" "$(why_failed)"
+  fi
+}
+
+print_table() {
+  echo
+  echo "== tpserve GPU evidence ($(date -u +%FT%TZ), $NGPU GPU(s), work dir $WORK)"
+  awk -F'\t' '{ printf "%-24s %-9s %s\n", $1, $2, $3 }' "$TSV"
+  awk -F'\t' '{ n[$2]++ } END { printf "== %d PASS, %d EXPLAINED, %d SKIP, %d FAIL\n",
+    n["PASS"], n["EXPLAINED"], n["SKIP"], n["FAIL"] }' "$TSV"
+}
+
+main() {
+  mkdir -p "$WORK" "$OURS"
+  rm -f "$TSV" "$JSONL"
+  : >"$TSV"
+  step_env
+  step_checkpoint
+  step_reference
+  ours_logits tp1-bf16 1 bfloat16
+  check_logits tp1-bf16 bfloat16
+  check_greedy tp1-bf16 bfloat16 0.1
+  ours_logits tp1-f16 1 float16
+  check_logits tp1-f16 float16
+  check_greedy tp1-f16 float16 0.03
+  ours_logits tp2-bf16 2 bfloat16
+  if [ "$NGPU" -ge 2 ]; then
+    check_logits tp2-bf16 bfloat16 tp1-bf16
+    check_greedy tp2-bf16 bfloat16 0.1
+  fi
+  step_paris
+  step_bench
+  print_table
+  ! grep -q $'\tFAIL\t' "$TSV"
+}
+
+# Everything goes to the terminal and to run.log; the small results are copied to $OUT last.
+mkdir -p "$WORK"
+status=0
+main 2>&1 | tee "$LOG" || status=$?
+if [ -n "$OUT" ]; then
+  mkdir -p "$OUT"
+  for f in run.log results.tsv compare.jsonl env.txt paris.txt bench_8b.json bench_8b.txt; do
+    if [ -f "$WORK/$f" ]; then
+      cp "$WORK/$f" "$OUT/"
+    fi
+  done
+fi
+exit "$status"

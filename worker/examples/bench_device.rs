@@ -1,0 +1,251 @@
+//! First figures for a model on one GPU, against the machine's floors measured in the same run:
+//! single-sequence decode tokens/s against the memory floor (weight bytes read per token over the
+//! measured device copy bandwidth), and prefill tokens/s of one long prompt against the matrix
+//! floor (2 x linear-layer parameters FLOPs per token over the measured cuBLAS GEMM rate).
+//! Random weights of a real model's shape (`--load-format dummy`): give a config.json.
+//!
+//! Steps go through `Runner::step` (the worker's serving path: plan validation, batch building,
+//! the forward pass, sampling on the device, tokens back to the host) without gRPC.
+//!
+//!   cargo run --release -p tpserve-worker --example bench_device -- \
+//!       --config tests/gpu/llama3-8b-config.json --dtype bfloat16 --json bench.json
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Parser;
+use tpserve_modelfile::LlamaConfig;
+use tpserve_proto as pb;
+use tpserve_worker::backend::DeviceChoice;
+use tpserve_worker::cuda::{measure_floors, Dtype};
+use tpserve_worker::thread_group::ThreadGroup;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// The model's config.json.
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long, default_value = "bfloat16")]
+    dtype: String,
+    /// GPU to run on.
+    #[arg(long, default_value_t = 0)]
+    gpu: usize,
+    /// Prompt length of the prefill measurement.
+    #[arg(long, default_value_t = 2048)]
+    prefill_tokens: usize,
+    /// Context before the decode measurement starts.
+    #[arg(long, default_value_t = 512)]
+    decode_context: usize,
+    /// Decode steps timed.
+    #[arg(long, default_value_t = 128)]
+    decode_steps: usize,
+    /// Where to write the JSON result.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+const BLOCK_SIZE: usize = 16;
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let dtype = Dtype::parse(&args.dtype)?;
+    let config = LlamaConfig::from_hf_json(&std::fs::read_to_string(&args.config)?)?;
+    let floors = measure_floors(args.gpu, dtype)?;
+    eprintln!(
+        "floors: copy {:.0} GB/s, GEMM {:.0} TFLOP/s",
+        floors.copy_gb_per_s, floors.gemm_tflops
+    );
+    let group = ThreadGroup::start(DeviceChoice::Cuda(Some(args.gpu)), 1, 1)?;
+    let load = pb::LoadModelRequest {
+        model_path: args.config.display().to_string(),
+        load_format: pb::LoadFormat::Dummy as i32,
+        dtype: args.dtype.clone(),
+        dummy_seed: 1,
+    };
+    let started = Instant::now();
+    let loaded = group.on_rank(0, move |r| r.load_model(&load))?;
+    let load_seconds = started.elapsed().as_secs_f64();
+    let max_tokens = args.prefill_tokens.max(256);
+    let profile = pb::ProfileMemoryRequest {
+        block_size: BLOCK_SIZE as u32,
+        kv_cache_bytes: 0,
+        gpu_memory_utilization: 0.9,
+        max_num_batched_tokens: max_tokens as u32,
+        max_num_seqs: 256,
+    };
+    let blocks = group.on_rank(0, move |r| r.profile_memory(&profile))?;
+    let num_blocks = blocks.num_blocks as usize;
+    group.on_rank(0, move |r| r.init_cache(num_blocks, BLOCK_SIZE))?;
+    let warmup = group.on_rank(0, move |r| r.warmup(max_tokens, 256))?;
+
+    let greedy = pb::SamplingParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+        min_p: 0.0,
+        seed: None,
+    };
+    let mut step_id = 0u64;
+    let run = |plan: pb::StepPlan| -> anyhow::Result<f64> {
+        let t = Instant::now();
+        group.on_rank(0, move |r| r.step(&plan))?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let prompt =
+        |len: usize| -> Vec<u32> { (0..len).map(|i| (i * 7919 % 1000) as u32 + 10).collect() };
+    let new_request = |id: u64, tokens: Vec<u32>, blocks: std::ops::Range<usize>| pb::NewRequest {
+        request_id: id,
+        num_scheduled_tokens: tokens.len() as u32,
+        token_ids: tokens,
+        sampling: Some(greedy),
+        block_ids: blocks.map(|b| b as u32).collect(),
+        num_computed_tokens: 0,
+    };
+
+    // Prefill: one prompt of prefill_tokens, five times (the first is a warm-up), each a fresh
+    // request on the same blocks.
+    let p = args.prefill_tokens;
+    let mut prefill = Vec::new();
+    for i in 0..5u64 {
+        step_id += 1;
+        let t = run(pb::StepPlan {
+            step_id,
+            new_requests: vec![new_request(100 + i, prompt(p), 0..p.div_ceil(BLOCK_SIZE))],
+            running: vec![],
+            freed_request_ids: if i > 0 { vec![100 + i - 1] } else { vec![] },
+        })?;
+        if i > 0 {
+            prefill.push(t);
+        }
+    }
+    let prefill_s = median(prefill);
+
+    // Decode: one sequence, context decode_context, then decode_steps single-token steps.
+    let ctx = args.decode_context;
+    let total = ctx + args.decode_steps + 1;
+    let blocks = total.div_ceil(BLOCK_SIZE);
+    step_id += 1;
+    run(pb::StepPlan {
+        step_id,
+        new_requests: vec![new_request(1, prompt(ctx), 0..blocks)],
+        running: vec![],
+        freed_request_ids: vec![104],
+    })?;
+    let mut decode = Vec::new();
+    for _ in 0..args.decode_steps {
+        step_id += 1;
+        decode.push(run(pb::StepPlan {
+            step_id,
+            new_requests: vec![],
+            running: vec![pb::RunningRequest {
+                request_id: 1,
+                num_scheduled_tokens: 1,
+                new_block_ids: vec![],
+            }],
+            freed_request_ids: vec![],
+        })?);
+    }
+    let decode_s = median(decode.clone());
+    let decode_mean = decode.iter().sum::<f64>() / decode.len() as f64;
+
+    // Floors. Weight bytes a decode step reads: all weights but the embedding table (one row of
+    // it is read); the lm_head is read in full. The KV cache it reads is left out (at context
+    // 512 of an 8B-shaped model, 0.4% of the weights). The rate is the copy's total traffic
+    // (read + write), HBM's whole bandwidth, as shared/GPU.md computes the floor.
+    let (h, v) = (config.hidden_size, config.vocab_size);
+    let elem = 2usize;
+    let embed_bytes = v * h * elem;
+    let weight_bytes = loaded.weight_bytes as usize;
+    let head_bytes = if config.tie_word_embeddings {
+        embed_bytes
+    } else {
+        0
+    };
+    let decode_bytes = weight_bytes - embed_bytes + head_bytes;
+    let memory_floor_s = decode_bytes as f64 / (floors.copy_gb_per_s * 1e9);
+    // Matrix floor: the layers' linear weights once per token, plus the lm_head for the one row
+    // that samples; attention's own FLOPs are left out (a floor, not an estimate).
+    let lm_head_params = v * h;
+    let layer_params = (weight_bytes
+        - embed_bytes
+        - if config.tie_word_embeddings {
+            0
+        } else {
+            lm_head_params * elem
+        })
+        / elem;
+    let flops = 2.0 * layer_params as f64 * p as f64 + 2.0 * lm_head_params as f64;
+    let matrix_floor_s = flops / (floors.gemm_tflops * 1e12);
+
+    let decode_tps = 1.0 / decode_s;
+    let prefill_tps = p as f64 / prefill_s;
+    println!();
+    println!("| measurement | figure | floor | ratio to floor |");
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| device copy bandwidth (read + write) | {:.0} GB/s | | |",
+        floors.copy_gb_per_s
+    );
+    println!(
+        "| cuBLAS {} GEMM {n}x{n}x{n} | {:.0} TFLOP/s | | |",
+        dtype.name(),
+        floors.gemm_tflops,
+        n = floors.gemm_size
+    );
+    println!(
+        "| decode, 1 sequence, context {ctx} | {decode_tps:.1} tok/s ({:.2} ms/step median, {:.2} mean) | {:.1} tok/s ({:.2} ms: {:.2} GB read per token) | {:.0}% |",
+        decode_s * 1e3,
+        decode_mean * 1e3,
+        1.0 / memory_floor_s,
+        memory_floor_s * 1e3,
+        decode_bytes as f64 / 1e9,
+        100.0 * memory_floor_s / decode_s
+    );
+    println!(
+        "| prefill, 1 prompt of {p} tokens | {prefill_tps:.0} tok/s ({:.1} ms) | {:.0} tok/s ({:.1} ms: {:.2} TFLOP) | {:.0}% |",
+        prefill_s * 1e3,
+        p as f64 / matrix_floor_s,
+        matrix_floor_s * 1e3,
+        flops / 1e12,
+        100.0 * matrix_floor_s / prefill_s
+    );
+    println!(
+        "(load {load_seconds:.1} s, warm-up {warmup:.2} s, {num_blocks} KV blocks of {BLOCK_SIZE}, {:.2} GB weights)",
+        weight_bytes as f64 / 1e9
+    );
+    let result = serde_json::json!({
+        "config": args.config.display().to_string(),
+        "dtype": dtype.name(),
+        "copy_gb_per_s": floors.copy_gb_per_s,
+        "gemm_tflops": floors.gemm_tflops,
+        "weight_bytes": weight_bytes,
+        "decode_context": ctx,
+        "decode_ms_median": decode_s * 1e3,
+        "decode_ms_mean": decode_mean * 1e3,
+        "decode_tokens_per_s": decode_tps,
+        "decode_floor_ms": memory_floor_s * 1e3,
+        "decode_ratio_to_floor": memory_floor_s / decode_s,
+        "prefill_tokens": p,
+        "prefill_ms": prefill_s * 1e3,
+        "prefill_tokens_per_s": prefill_tps,
+        "prefill_floor_ms": matrix_floor_s * 1e3,
+        "prefill_ratio_to_floor": matrix_floor_s / prefill_s,
+        "kv_blocks": num_blocks,
+        "load_seconds": load_seconds,
+    });
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&result)?)?;
+    }
+    Ok(())
+}

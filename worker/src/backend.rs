@@ -1,0 +1,121 @@
+//! What a compute device must do for the runner: join a tensor-parallel group, hold a shard of the
+//! model and its paged KV cache, and turn a batch into sampled tokens. The CPU backend
+//! (`cpu::CpuBackend`) and the CUDA backend (`cuda::CudaBackend`) implement it; the runner keeps
+//! the per-request state and plan validation, which do not depend on the device.
+//!
+//! Every rank of a group calls the same methods in the same order with the same batches; the
+//! collectives inside `step` and `logits` rely on that.
+
+use tpserve_proto as pb;
+
+use crate::batch::Batch;
+use crate::error::{Result, WorkerError};
+use crate::sampler::SampleSpec;
+
+/// What a worker runs on, for `Info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// `cpu` or `cuda`.
+    pub kind: &'static str,
+    /// Human-readable name: `cpu (16 threads)`, `NVIDIA H100 80GB HBM3`.
+    pub name: String,
+    /// Device memory in bytes (host memory for the CPU).
+    pub total_memory_bytes: u64,
+}
+
+/// One device's side of a worker.
+pub trait Backend {
+    /// The device, for `Info`.
+    fn info(&self) -> DeviceInfo;
+
+    /// Rank 0: creates the id every rank passes to `init_communicator`.
+    fn communicator_id(&mut self, world_size: usize) -> Result<Vec<u8>>;
+
+    /// This rank in its group (0 before `init_communicator`).
+    fn rank(&self) -> usize;
+
+    /// Joins the group; blocks until every rank has joined.
+    fn init_communicator(&mut self, id: &[u8], rank: usize, world_size: usize) -> Result<()>;
+
+    /// Loads this rank's shard, dropping any model and cache held before.
+    fn load_model(&mut self, req: &pb::LoadModelRequest) -> Result<pb::LoadModelResponse>;
+
+    /// How many KV blocks fit on this rank.
+    fn profile_memory(
+        &mut self,
+        req: &pb::ProfileMemoryRequest,
+    ) -> Result<pb::ProfileMemoryResponse>;
+
+    /// Allocates the paged KV cache; returns its size in bytes.
+    fn init_cache(&mut self, num_blocks: usize, block_size: usize) -> Result<u64>;
+
+    /// `(num_blocks, block_size)` of the cache, once it exists.
+    fn cache_shape(&self) -> Option<(usize, usize)>;
+
+    /// Positions the model can take (the rotary tables' length).
+    fn max_positions(&self) -> Result<usize>;
+
+    /// Runs `batch` and samples one token per `batch.sample_rows` entry with the matching
+    /// `sampling` spec; every rank returns the same tokens.
+    fn step(&mut self, batch: &Batch, sampling: &[SampleSpec]) -> Result<Vec<u32>>;
+
+    /// Runs `batch` and returns the whole-vocabulary logits of `batch.sample_rows`,
+    /// `[rows, vocab]` as f32, on rank 0 (`None` on the other ranks). For numerical checks and
+    /// scoring; serving uses `step`.
+    fn logits(&mut self, batch: &Batch) -> Result<Option<Vec<f32>>>;
+}
+
+/// The `--device` choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// CUDA when a driver and a GPU are present, else the CPU.
+    Auto,
+    /// The CPU backend.
+    Cpu,
+    /// A GPU; `None` picks by rank (`TPSERVE_RANK` modulo the GPUs this process sees).
+    Cuda(Option<usize>),
+}
+
+impl DeviceChoice {
+    /// Parses `auto`, `cpu`, `cuda` or `cuda:N`.
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(None)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(|n| Self::Cuda(Some(n)))
+                .ok_or_else(|| WorkerError::Device {
+                    detail: format!("--device {other}: expected auto, cpu, cuda or cuda:N"),
+                }),
+        }
+    }
+}
+
+/// Creates the backend `choice` names. `host` is where a CPU rank 0 opens its rendezvous socket;
+/// `rank_hint` picks the GPU for a plain `cuda`/`auto`.
+pub fn create_backend(
+    choice: DeviceChoice,
+    host: String,
+    threads: usize,
+    rank_hint: usize,
+) -> Result<Box<dyn Backend>> {
+    let cuda = |ordinal: Option<usize>| -> Result<Box<dyn Backend>> {
+        let count = crate::cuda::device_count()?;
+        let ordinal = ordinal.unwrap_or(rank_hint % count);
+        Ok(Box::new(crate::cuda::CudaBackend::new(ordinal)?))
+    };
+    match choice {
+        DeviceChoice::Cpu => Ok(Box::new(crate::cpu::CpuBackend::new(host, threads))),
+        DeviceChoice::Cuda(ordinal) => cuda(ordinal),
+        DeviceChoice::Auto => {
+            if crate::cuda::gpu_present() {
+                cuda(None)
+            } else {
+                Ok(Box::new(crate::cpu::CpuBackend::new(host, threads)))
+            }
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! The CPU backend: f32 model shard, KV cache in host memory, TCP communicator. Logits are
+//! gathered to rank 0, which samples and broadcasts the tokens.
+
+use std::path::Path;
+use std::time::Instant;
+
+use tpserve_modelfile::ModelSource;
+use tpserve_proto as pb;
+
+use super::{CpuModel, KvCache};
+use crate::backend::{Backend, DeviceInfo};
+use crate::batch::Batch;
+use crate::comm::tcp::Rendezvous;
+use crate::comm::{Communicator, SingleRank, TcpCommunicator};
+use crate::error::{Result, WorkerError};
+use crate::sampler::{sample_row, SampleSpec};
+use crate::shard::ShardPlan;
+use crate::weights::{checkpoint_format, dummy_config, WeightSource};
+
+/// KV cache size when the coordinator leaves it to the worker (`--kv-cache-space`'s default).
+const DEFAULT_KV_CACHE_BYTES: u64 = 2 << 30;
+
+/// The CPU side of a worker.
+pub struct CpuBackend {
+    comm: Box<dyn Communicator>,
+    rendezvous: Option<Rendezvous>,
+    model: Option<CpuModel>,
+    cache: Option<KvCache>,
+    /// Vocabulary rows of every rank, to reassemble gathered logits.
+    vocab_per_rank: Vec<usize>,
+    /// Host name other ranks reach this worker's rendezvous socket at.
+    host: String,
+    threads: usize,
+}
+
+impl CpuBackend {
+    /// A backend whose rendezvous socket (if it becomes rank 0) binds to `host`.
+    pub fn new(host: String, threads: usize) -> Self {
+        Self {
+            comm: Box::new(SingleRank),
+            rendezvous: None,
+            model: None,
+            cache: None,
+            vocab_per_rank: Vec::new(),
+            host,
+            threads,
+        }
+    }
+
+    fn model(&self, operation: &'static str) -> Result<&CpuModel> {
+        self.model.as_ref().ok_or(WorkerError::Lifecycle {
+            operation,
+            needs: "LoadModel",
+        })
+    }
+
+    /// This rank's logits of the sample rows, `[rows, vocab_local]`.
+    fn forward(&mut self, batch: &Batch) -> Result<Vec<f32>> {
+        let model = self.model.as_ref().ok_or(WorkerError::Lifecycle {
+            operation: "Step",
+            needs: "LoadModel",
+        })?;
+        let cache = self.cache.as_mut().ok_or(WorkerError::Lifecycle {
+            operation: "Step",
+            needs: "InitCache",
+        })?;
+        model.forward(batch, cache, self.comm.as_mut())
+    }
+}
+
+impl Backend for CpuBackend {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            kind: "cpu",
+            name: format!("{} threads", self.threads),
+            total_memory_bytes: total_memory_bytes(),
+        }
+    }
+
+    fn communicator_id(&mut self, _world_size: usize) -> Result<Vec<u8>> {
+        let rv = Rendezvous::open(&self.host)?;
+        let id = rv.id()?;
+        self.rendezvous = Some(rv);
+        Ok(id)
+    }
+
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    fn init_communicator(&mut self, id: &[u8], rank: usize, world_size: usize) -> Result<()> {
+        self.comm = if world_size == 1 {
+            Box::new(SingleRank)
+        } else if rank == 0 {
+            let rv = self.rendezvous.take().ok_or(WorkerError::Lifecycle {
+                operation: "InitCommunicator on rank 0",
+                needs: "CommunicatorId",
+            })?;
+            Box::new(TcpCommunicator::accept(rv, world_size)?)
+        } else {
+            Box::new(TcpCommunicator::connect(id, rank, world_size)?)
+        };
+        Ok(())
+    }
+
+    fn load_model(&mut self, req: &pb::LoadModelRequest) -> Result<pb::LoadModelResponse> {
+        let started = Instant::now();
+        if !matches!(req.dtype.as_str(), "" | "auto" | "float32" | "float") {
+            return Err(WorkerError::Device {
+                detail: format!(
+                    "the CPU backend computes in float32; dtype {:?} is not available on it",
+                    req.dtype
+                ),
+            });
+        }
+        self.model = None;
+        self.cache = None;
+        let (rank, world) = (self.comm.rank(), self.comm.world_size());
+        let path = Path::new(&req.model_path);
+        let model = if req.load_format == pb::LoadFormat::Dummy as i32 {
+            let config = dummy_config(path)?;
+            let shard = ShardPlan::new(&config, rank, world)?;
+            CpuModel::load(
+                &config,
+                shard,
+                &WeightSource::Dummy(req.dummy_seed),
+                config.max_position_embeddings,
+            )?
+        } else {
+            let source = ModelSource::open(path, checkpoint_format(req.load_format))?;
+            let config = source.config().clone();
+            let shard = ShardPlan::new(&config, rank, world)?;
+            let weights = source.weights()?;
+            CpuModel::load(
+                &config,
+                shard,
+                &WeightSource::Reader(weights.as_ref()),
+                config.max_position_embeddings,
+            )?
+        };
+        let config = model.config().clone();
+        self.vocab_per_rank = (0..world)
+            .map(|r| ShardPlan::new(&config, r, world).map(|p| p.vocab.len()))
+            .collect::<Result<_>>()?;
+        let response = pb::LoadModelResponse {
+            weight_bytes: model.weight_bytes() as u64,
+            num_layers: config.num_hidden_layers as u32,
+            num_kv_heads_per_rank: model.shard().kv_heads.len() as u32,
+            head_dim: config.head_dim as u32,
+            vocab_size: config.vocab_size as u32,
+            load_seconds: started.elapsed().as_secs_f64(),
+        };
+        self.model = Some(model);
+        Ok(response)
+    }
+
+    fn profile_memory(
+        &mut self,
+        req: &pb::ProfileMemoryRequest,
+    ) -> Result<pb::ProfileMemoryResponse> {
+        let model = self.model("ProfileMemory")?;
+        if req.block_size == 0 {
+            return Err(WorkerError::Cache {
+                detail: "block size must be positive".into(),
+            });
+        }
+        let per_block = model.cache_bytes_per_block(req.block_size as usize) as u64;
+        let budget = if req.kv_cache_bytes == 0 {
+            DEFAULT_KV_CACHE_BYTES
+        } else {
+            req.kv_cache_bytes
+        };
+        Ok(pb::ProfileMemoryResponse {
+            num_blocks: budget / per_block,
+            bytes_per_block: per_block,
+        })
+    }
+
+    fn init_cache(&mut self, num_blocks: usize, block_size: usize) -> Result<u64> {
+        let cache = self.model("InitCache")?.new_cache(num_blocks, block_size);
+        let bytes = cache.bytes() as u64;
+        self.cache = Some(cache);
+        Ok(bytes)
+    }
+
+    fn cache_shape(&self) -> Option<(usize, usize)> {
+        self.cache.as_ref().map(|c| (c.num_blocks, c.block_size))
+    }
+
+    fn max_positions(&self) -> Result<usize> {
+        Ok(self.model("Step")?.max_positions())
+    }
+
+    fn step(&mut self, batch: &Batch, sampling: &[SampleSpec]) -> Result<Vec<u32>> {
+        let mut tokens = vec![0u32; sampling.len()];
+        if let Some(all) = self.logits(batch)? {
+            let vocab: usize = self.vocab_per_rank.iter().sum();
+            for ((spec, token), row) in sampling
+                .iter()
+                .zip(tokens.iter_mut())
+                .zip(all.chunks_exact(vocab))
+            {
+                *token = sample_row(spec, row);
+            }
+        }
+        self.comm.broadcast_from_root(&mut tokens)?;
+        Ok(tokens)
+    }
+
+    fn logits(&mut self, batch: &Batch) -> Result<Option<Vec<f32>>> {
+        let local = self.forward(batch)?;
+        gather_logits(self.comm.as_mut(), &local, &self.vocab_per_rank)
+    }
+}
+
+/// Gathers every rank's vocabulary slice of the logits (`[rows, vocab_of_rank]` each) to rank 0
+/// and reassembles whole rows, `[rows, vocab]`; other ranks get `None`.
+pub fn gather_logits(
+    comm: &mut dyn Communicator,
+    local: &[f32],
+    vocab_per_rank: &[usize],
+) -> Result<Option<Vec<f32>>> {
+    let Some(all) = comm.gather_to_root(local)? else {
+        return Ok(None);
+    };
+    let vocab: usize = vocab_per_rank.iter().sum();
+    let rows = all.len().checked_div(vocab).unwrap_or(0);
+    let mut out = vec![0.0f32; rows * vocab];
+    let (mut offset, mut column) = (0usize, 0usize);
+    for &v in vocab_per_rank {
+        for r in 0..rows {
+            out[r * vocab + column..r * vocab + column + v]
+                .copy_from_slice(&all[offset + r * v..offset + (r + 1) * v]);
+        }
+        offset += rows * v;
+        column += v;
+    }
+    Ok(Some(out))
+}
+
+/// Host memory in bytes, from /proc/meminfo (0 where unreadable).
+fn total_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}

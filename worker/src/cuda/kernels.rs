@@ -1,0 +1,551 @@
+//! The CUDA C kernels of `tpserve-kernels`, compiled for this GPU (through the on-disk PTX
+//! cache), loaded for one activation dtype, with one typed launch method per kernel. Each
+//! method's arguments follow the kernel's comment block in `kernels/cuda/*.cu`; pointers are raw
+//! device addresses.
+
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use tpserve_kernels::{entry_point, CompileConfig, Compiler, KernelDtype, PtxCache, SOURCES};
+
+use super::device::{device_err, Gpu};
+use crate::error::{Result, WorkerError};
+
+/// The activation dtype on the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    /// Parses a `--dtype` value; `auto` is bfloat16.
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "" | "auto" | "bfloat16" | "bf16" => Ok(Self::Bf16),
+            "float16" | "half" | "fp16" => Ok(Self::F16),
+            other => Err(WorkerError::Device {
+                detail: format!("the CUDA backend computes in bfloat16 or float16, not {other:?}"),
+            }),
+        }
+    }
+
+    /// The dtype's name as `--dtype` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bf16 => "bfloat16",
+            Self::F16 => "float16",
+        }
+    }
+
+    /// Rounds an f32 to this dtype's bits.
+    pub fn from_f32(self, x: f32) -> u16 {
+        match self {
+            Self::Bf16 => half::bf16::from_f32(x).to_bits(),
+            Self::F16 => half::f16::from_f32(x).to_bits(),
+        }
+    }
+
+    /// The f32 value of this dtype's bits.
+    pub fn to_f32(self, bits: u16) -> f32 {
+        match self {
+            Self::Bf16 => half::bf16::from_bits(bits).to_f32(),
+            Self::F16 => half::f16::from_bits(bits).to_f32(),
+        }
+    }
+
+    fn kernel_dtype(self) -> KernelDtype {
+        match self {
+            Self::Bf16 => KernelDtype::Bf16,
+            Self::F16 => KernelDtype::F16,
+        }
+    }
+
+    /// cuBLAS's name for it.
+    pub fn cublas(self) -> cudarc::cublas::sys::cudaDataType_t {
+        match self {
+            Self::Bf16 => cudarc::cublas::sys::cudaDataType_t::CUDA_R_16BF,
+            Self::F16 => cudarc::cublas::sys::cudaDataType_t::CUDA_R_16F,
+        }
+    }
+
+    /// NCCL's name for it.
+    pub fn nccl(self) -> cudarc::nccl::sys::ncclDataType_t {
+        match self {
+            Self::Bf16 => cudarc::nccl::sys::ncclDataType_t::ncclBfloat16,
+            Self::F16 => cudarc::nccl::sys::ncclDataType_t::ncclFloat16,
+        }
+    }
+}
+
+/// Bytes per element of the activation dtypes.
+pub const ELEM: usize = 2;
+
+/// Threads of the attention kernel's blocks (4 warps), and the (row, head) pairs one block holds.
+pub const ATTENTION_THREADS: u32 = 128;
+pub const ATTENTION_MAX_ITEMS: usize = 32;
+
+/// Shared memory of one attention block for `items` (row, head) pairs.
+pub fn attention_smem_bytes(head_dim: usize, items: usize) -> usize {
+    items * head_dim * 4 + 32 * (head_dim + 2) * ELEM + 32 * head_dim * ELEM
+}
+
+/// Every kernel, loaded for one dtype.
+pub struct Kernels {
+    stream: std::sync::Arc<CudaStream>,
+    embedding: CudaFunction,
+    rms_norm: CudaFunction,
+    rms_norm_residual: CudaFunction,
+    rope: CudaFunction,
+    silu_mul: CudaFunction,
+    kv_cache_write: CudaFunction,
+    attention_hd64: CudaFunction,
+    attention_hd128: CudaFunction,
+    attention_hd256: CudaFunction,
+    attention_combine: CudaFunction,
+    sample: CudaFunction,
+    add_bias: CudaFunction,
+    gather_rows: CudaFunction,
+    fill_uniform: CudaFunction,
+}
+
+fn rows(n: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn launch_err(name: &str) -> impl Fn(cudarc::driver::DriverError) -> WorkerError + '_ {
+    move |e| device_err(&format!("launching {name}"), e)
+}
+
+impl Kernels {
+    /// Compiles (or takes from the cache) every source for `gpu` and loads `dtype`'s entry points.
+    pub fn load(gpu: &Gpu, dtype: Dtype) -> Result<Self> {
+        let cache = match PtxCache::from_env() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!("no PTX cache directory ({e}); compiling every start");
+                None
+            }
+        };
+        let compiler =
+            Compiler::new(CompileConfig::from_env(gpu.arch.clone()), cache).map_err(|e| {
+                WorkerError::Device {
+                    detail: format!("NVRTC: {e}"),
+                }
+            })?;
+        let started = std::time::Instant::now();
+        let mut functions = std::collections::HashMap::new();
+        let mut compiled_now = 0;
+        for source in SOURCES {
+            let kernel = compiler.compile(source).map_err(|e| WorkerError::Device {
+                detail: format!("compiling {}: {e}", source.name),
+            })?;
+            if let Some(e) = &kernel.cache_error {
+                tracing::warn!("PTX cache: {e}");
+            }
+            compiled_now += usize::from(!kernel.from_cache);
+            let module = gpu
+                .ctx
+                .load_module(kernel.to_ptx())
+                .map_err(|e| device_err(&format!("loading {}", source.name), e))?;
+            let entries = tpserve_kernels::KERNELS
+                .iter()
+                .find(|(file, _)| *file == source.name)
+                .map(|(_, e)| *e)
+                .unwrap_or(&[]);
+            let suffix = format!("_{}", dtype.kernel_dtype().suffix());
+            for entry in entries.iter().filter(|e| e.ends_with(&suffix)) {
+                let f = module
+                    .load_function(entry)
+                    .map_err(|e| device_err(&format!("loading kernel {entry}"), e))?;
+                functions.insert(entry.to_string(), f);
+            }
+        }
+        tracing::info!(
+            compiled = compiled_now,
+            cached = SOURCES.len() - compiled_now,
+            seconds = started.elapsed().as_secs_f64(),
+            arch = %gpu.arch,
+            "CUDA kernels ready"
+        );
+        let mut take = |base: &str| -> Result<CudaFunction> {
+            let name = entry_point(base, dtype.kernel_dtype());
+            functions.remove(&name).ok_or_else(|| WorkerError::Device {
+                detail: format!("kernel {name} is missing from the compiled modules"),
+            })
+        };
+        Ok(Self {
+            stream: gpu.stream.clone(),
+            embedding: take("embedding")?,
+            rms_norm: take("rms_norm")?,
+            rms_norm_residual: take("rms_norm_residual")?,
+            rope: take("rope")?,
+            silu_mul: take("silu_mul")?,
+            kv_cache_write: take("kv_cache_write")?,
+            attention_hd64: take("paged_attention_hd64")?,
+            attention_hd128: take("paged_attention_hd128")?,
+            attention_hd256: take("paged_attention_hd256")?,
+            attention_combine: take("attention_combine")?,
+            sample: take("sample")?,
+            add_bias: take("add_bias")?,
+            gather_rows: take("gather_rows")?,
+            fill_uniform: take("fill_uniform")?,
+        })
+    }
+
+    /// Head sizes the attention kernel is built for.
+    pub fn supports_head_dim(head_dim: usize) -> bool {
+        matches!(head_dim, 64 | 128 | 256)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn embedding(
+        &self,
+        out: u64,
+        table: u64,
+        ids: u64,
+        n: usize,
+        hidden: usize,
+        vocab_start: usize,
+        vocab_len: usize,
+    ) -> Result<()> {
+        let (h, vs, vl) = (hidden as i32, vocab_start as i32, vocab_len as i32);
+        let mut b = self.stream.launch_builder(&self.embedding);
+        b.arg(&out).arg(&table).arg(&ids).arg(&h).arg(&vs).arg(&vl);
+        // SAFETY: arguments match embedding.cu's signature; the caller sizes the buffers.
+        unsafe { b.launch(rows(n, 256)) }
+            .map(drop)
+            .map_err(launch_err("embedding"))
+    }
+
+    fn norm_threads(hidden: usize) -> u32 {
+        ((hidden / 4).div_ceil(32) * 32).clamp(32, 1024) as u32
+    }
+
+    pub fn rms_norm(
+        &self,
+        out: u64,
+        x: u64,
+        weight: u64,
+        n: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let h = hidden as i32;
+        let mut b = self.stream.launch_builder(&self.rms_norm);
+        b.arg(&out).arg(&x).arg(&weight).arg(&h).arg(&eps);
+        // SAFETY: as rms_norm.cu documents.
+        unsafe { b.launch(rows(n, Self::norm_threads(hidden))) }
+            .map(drop)
+            .map_err(launch_err("rms_norm"))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm_residual(
+        &self,
+        out: u64,
+        x: u64,
+        residual: u64,
+        weight: u64,
+        n: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let h = hidden as i32;
+        let mut b = self.stream.launch_builder(&self.rms_norm_residual);
+        b.arg(&out)
+            .arg(&x)
+            .arg(&residual)
+            .arg(&weight)
+            .arg(&h)
+            .arg(&eps);
+        // SAFETY: as rms_norm.cu documents.
+        unsafe { b.launch(rows(n, Self::norm_threads(hidden))) }
+            .map(drop)
+            .map_err(launch_err("rms_norm_residual"))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope(
+        &self,
+        q: u64,
+        k: u64,
+        positions: u64,
+        cos: u64,
+        sin: u64,
+        n: usize,
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        stride: usize,
+    ) -> Result<()> {
+        let (qh, kh, hd, st) = (
+            q_heads as i32,
+            kv_heads as i32,
+            head_dim as i32,
+            stride as i32,
+        );
+        let mut b = self.stream.launch_builder(&self.rope);
+        b.arg(&q)
+            .arg(&k)
+            .arg(&positions)
+            .arg(&cos)
+            .arg(&sin)
+            .arg(&qh)
+            .arg(&kh)
+            .arg(&hd)
+            .arg(&st)
+            .arg(&st);
+        // SAFETY: as rope.cu documents.
+        unsafe { b.launch(rows(n, 128)) }
+            .map(drop)
+            .map_err(launch_err("rope"))
+    }
+
+    pub fn silu_mul(&self, out: u64, gate_up: u64, n: usize, d: usize) -> Result<()> {
+        let d = d as i32;
+        let mut b = self.stream.launch_builder(&self.silu_mul);
+        b.arg(&out).arg(&gate_up).arg(&d);
+        // SAFETY: as silu_mul.cu documents.
+        unsafe { b.launch(rows(n, 256)) }
+            .map(drop)
+            .map_err(launch_err("silu_mul"))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_cache_write(
+        &self,
+        key: u64,
+        value: u64,
+        key_cache: u64,
+        value_cache: u64,
+        slots: u64,
+        n: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        stride: usize,
+    ) -> Result<()> {
+        let (kh, hd, st) = (kv_heads as i32, head_dim as i32, stride as i32);
+        let mut b = self.stream.launch_builder(&self.kv_cache_write);
+        b.arg(&key)
+            .arg(&value)
+            .arg(&key_cache)
+            .arg(&value_cache)
+            .arg(&slots)
+            .arg(&kh)
+            .arg(&hd)
+            .arg(&st)
+            .arg(&st);
+        // SAFETY: as kv_cache.cu documents.
+        unsafe { b.launch(rows(n, 128)) }
+            .map(drop)
+            .map_err(launch_err("kv_cache_write"))
+    }
+
+    /// Paged attention over `num_tiles` tiles; `items` is the largest rows x group of a tile.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention(
+        &self,
+        out: u64,
+        partial_out: u64,
+        partial_ml: u64,
+        q: u64,
+        key_cache: u64,
+        value_cache: u64,
+        block_tables: u64,
+        tiles: u64,
+        num_tiles: usize,
+        items: usize,
+        shape: &AttentionShape,
+        num_splits: usize,
+        split_len: usize,
+    ) -> Result<()> {
+        let f = match shape.head_dim {
+            64 => &self.attention_hd64,
+            128 => &self.attention_hd128,
+            256 => &self.attention_hd256,
+            hd => {
+                return Err(WorkerError::Unsupported {
+                    detail: format!("head size {hd} (the CUDA backend has 64, 128 and 256)"),
+                })
+            }
+        };
+        let (nq, nkv, bs, mbps, qs, ns, sl) = (
+            shape.q_heads as i32,
+            shape.kv_heads as i32,
+            shape.block_size as i32,
+            shape.max_blocks_per_seq as i32,
+            shape.q_stride as i32,
+            num_splits as i32,
+            split_len as i32,
+        );
+        let scale = shape.scale;
+        let cfg = LaunchConfig {
+            grid_dim: (num_tiles as u32, shape.kv_heads as u32, num_splits as u32),
+            block_dim: (ATTENTION_THREADS, 1, 1),
+            shared_mem_bytes: attention_smem_bytes(shape.head_dim, items) as u32,
+        };
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&out)
+            .arg(&partial_out)
+            .arg(&partial_ml)
+            .arg(&q)
+            .arg(&key_cache)
+            .arg(&value_cache)
+            .arg(&block_tables)
+            .arg(&tiles)
+            .arg(&nq)
+            .arg(&nkv)
+            .arg(&bs)
+            .arg(&mbps)
+            .arg(&qs)
+            .arg(&ns)
+            .arg(&sl)
+            .arg(&scale);
+        // SAFETY: as attention.cu documents; the caller keeps items <= 32 and the shared memory
+        // under the default limit.
+        unsafe { b.launch(cfg) }
+            .map(drop)
+            .map_err(launch_err("paged_attention"))
+    }
+
+    pub fn attention_combine(
+        &self,
+        out: u64,
+        partial_out: u64,
+        partial_ml: u64,
+        n: usize,
+        shape: &AttentionShape,
+        num_splits: usize,
+    ) -> Result<()> {
+        let (nq, hd, ns) = (
+            shape.q_heads as i32,
+            shape.head_dim as i32,
+            num_splits as i32,
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, shape.q_heads as u32, 1),
+            block_dim: (shape.head_dim as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&self.attention_combine);
+        b.arg(&out)
+            .arg(&partial_out)
+            .arg(&partial_ml)
+            .arg(&nq)
+            .arg(&hd)
+            .arg(&ns);
+        // SAFETY: as attention.cu documents.
+        unsafe { b.launch(cfg) }
+            .map(drop)
+            .map_err(launch_err("attention_combine"))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample(
+        &self,
+        out: u64,
+        logits: u64,
+        num_rows: usize,
+        vocab_per_rank: usize,
+        vocab: usize,
+        params: &SamplingPointers,
+    ) -> Result<()> {
+        let (nr, vpr, v) = (num_rows as i32, vocab_per_rank as i32, vocab as i32);
+        let mut b = self.stream.launch_builder(&self.sample);
+        b.arg(&out)
+            .arg(&logits)
+            .arg(&nr)
+            .arg(&vpr)
+            .arg(&v)
+            .arg(&params.temperature)
+            .arg(&params.top_k)
+            .arg(&params.top_p)
+            .arg(&params.min_p)
+            .arg(&params.seeds);
+        // SAFETY: as sampling.cu documents.
+        unsafe { b.launch(rows(num_rows, 1024)) }
+            .map(drop)
+            .map_err(launch_err("sample"))
+    }
+
+    pub fn add_bias(&self, x: u64, bias: u64, n: usize, d: usize) -> Result<()> {
+        let d = d as i32;
+        let mut b = self.stream.launch_builder(&self.add_bias);
+        b.arg(&x).arg(&bias).arg(&d);
+        // SAFETY: as elementwise.cu documents.
+        unsafe { b.launch(rows(n, 256)) }
+            .map(drop)
+            .map_err(launch_err("add_bias"))
+    }
+
+    pub fn gather_rows(&self, out: u64, x: u64, row_ids: u64, n: usize, d: usize) -> Result<()> {
+        let d = d as i32;
+        let mut b = self.stream.launch_builder(&self.gather_rows);
+        b.arg(&out).arg(&x).arg(&row_ids).arg(&d);
+        // SAFETY: as elementwise.cu documents.
+        unsafe { b.launch(rows(n, 256)) }
+            .map(drop)
+            .map_err(launch_err("gather_rows"))
+    }
+
+    pub fn fill_uniform(&self, out: u64, n: usize, seed: u64, low: f32, high: f32) -> Result<()> {
+        let count = n as i64;
+        let blocks = n.div_ceil(256).clamp(1, 65_536);
+        let mut b = self.stream.launch_builder(&self.fill_uniform);
+        b.arg(&out).arg(&count).arg(&seed).arg(&low).arg(&high);
+        // SAFETY: as elementwise.cu documents.
+        unsafe { b.launch(rows(blocks, 256)) }
+            .map(drop)
+            .map_err(launch_err("fill_uniform"))
+    }
+}
+
+/// The attention geometry of this rank.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    pub max_blocks_per_seq: usize,
+    pub q_stride: usize,
+    pub scale: f32,
+}
+
+/// Device addresses of the per-row sampling parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct SamplingPointers {
+    pub temperature: u64,
+    pub top_k: u64,
+    pub top_p: u64,
+    pub min_p: u64,
+    pub seeds: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Dynamic shared memory available without opting in.
+    const DEFAULT_SMEM_LIMIT: usize = 48 * 1024;
+
+    #[test]
+    fn attention_tiles_fit_the_default_shared_memory() {
+        assert!(attention_smem_bytes(64, ATTENTION_MAX_ITEMS) <= DEFAULT_SMEM_LIMIT);
+        assert!(attention_smem_bytes(128, ATTENTION_MAX_ITEMS) <= DEFAULT_SMEM_LIMIT);
+        assert!(attention_smem_bytes(256, 15) <= DEFAULT_SMEM_LIMIT);
+    }
+
+    #[test]
+    fn dtypes_round_trip_and_parse() {
+        assert_eq!(Dtype::parse("auto").unwrap(), Dtype::Bf16);
+        assert_eq!(Dtype::parse("float16").unwrap(), Dtype::F16);
+        assert!(Dtype::parse("float32").is_err());
+        for d in [Dtype::Bf16, Dtype::F16] {
+            assert_eq!(d.to_f32(d.from_f32(1.5)), 1.5);
+        }
+    }
+}
