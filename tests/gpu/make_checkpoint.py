@@ -2,7 +2,8 @@
 """Writes the small random Llama checkpoint and the prompts of the GPU numerical checks.
 
 What: OUTDIR/{config.json, model.safetensors} (a LlamaForCausalLM in bfloat16, saved by
-transformers' save_pretrained) and OUTDIR/prompts.json ({"prompts": [[ids], ...]}: 4 prompts of
+transformers' save_pretrained), OUTDIR/tokenizer.json (a byte-level tokenizer of 256 byte tokens,
+no merges, so `tpserve serve` can take text for this model) and OUTDIR/prompts.json ({"prompts": [[ids], ...]}: 4 prompts of
 random token ids, lengths 5, 64, 333 and 1500).
 
 Why: the GPU machine has no network, so the numerical checks of the CUDA backend (tests/gpu/run.sh)
@@ -117,6 +118,20 @@ def init_weights(model: torch.nn.Module, seed: int, device: str) -> None:
         p.copy_(w)
 
 
+def write_byte_tokenizer(path: str) -> None:
+    """A byte-level BPE tokenizer with the 256 byte tokens as ids 0..255 and no merges: text in,
+    one token per byte, for serving the random model over HTTP (the numerical checks use ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_chars = sorted(alphabet, key=lambda c: ord(c))
+    vocab = {c: i for i, c in enumerate(byte_chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(path)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("outdir")
@@ -147,6 +162,8 @@ def main() -> int:
     with open(cfg_path, "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
         f.write("\n")
+
+    write_byte_tokenizer(os.path.join(args.outdir, "tokenizer.json"))
 
     rng = np.random.default_rng(args.seed)
     prompts = [

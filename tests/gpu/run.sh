@@ -91,7 +91,7 @@ why_failed() {
 
 step_env() {
   local list
-  # shellcheck source=SCRIPTDIR/../../deploy/gpu-env.sh
+  # shellcheck disable=SC1091 # sourced from the repository root
   source deploy/gpu-env.sh || true
   export NCCL_NVLS_ENABLE=0
   {
@@ -209,6 +209,36 @@ check_greedy() {
     --greedy-truth "$REF/hf_greedy_float32.json" --ref-label "$dtype" --near-tie "$near"
 }
 
+# step_serve TP: `tpserve serve` with TP worker processes on the random checkpoint, 8 concurrent
+# HTTP completions (serve_check.py); with TP > 1, the texts are also compared with TP=1's.
+step_serve() {
+  local tp=$1 out="$WORK/serve_tp$1.json" same
+  rm -f "$out"
+  if [ "$tp" -gt "$NGPU" ]; then
+    record "serve tp$tp" "SKIP" "skipped: needs $tp GPUs, this machine has $NGPU"
+    return
+  fi
+  if [ ! -f "$CKPT/tokenizer.json" ]; then
+    record "serve tp$tp" "SKIP" "needs the checkpoint"
+    return
+  fi
+  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/serve_check.py" --bin "$BIN_DIR" --model "$CKPT" \
+    --tp "$tp" --out "$out"
+  if [ "$RC" -ne 0 ] || [ ! -f "$out" ]; then
+    record "serve tp$tp" "FAIL" "$(why_failed)"
+    return
+  fi
+  same=""
+  if [ "$tp" -gt 1 ] && [ -f "$WORK/serve_tp1.json" ]; then
+    same=$("$PYTHON" -c 'import json, sys
+a, b = (json.load(open(p))["texts"] for p in sys.argv[1:])
+print(f"; greedy texts equal to tp1: {sum(x == y for x, y in zip(a, b))}/{len(a)}")' \
+      "$WORK/serve_tp1.json" "$out")
+  fi
+  record "serve tp$tp" "PASS" \
+    "tpserve serve, $tp worker process(es): 8/8 concurrent completions of 32 tokens$same (${SECS}s)"
+}
+
 step_paris() {
   local bin="$BIN_DIR/tpserve" answer
   rm -f "$WORK/paris.txt"
@@ -284,6 +314,8 @@ main() {
     check_logits tp2-bf16 bfloat16 tp1-bf16
     check_greedy tp2-bf16 bfloat16 0.1
   fi
+  step_serve 1
+  step_serve 2
   step_paris
   step_bench
   print_table

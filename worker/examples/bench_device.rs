@@ -17,7 +17,7 @@ use clap::Parser;
 use tpserve_modelfile::LlamaConfig;
 use tpserve_proto as pb;
 use tpserve_worker::backend::DeviceChoice;
-use tpserve_worker::cuda::{measure_floors, Dtype};
+use tpserve_worker::cuda::{measure_floors, take_phase_totals, Dtype};
 use tpserve_worker::thread_group::ThreadGroup;
 
 #[derive(Debug, Parser)]
@@ -133,7 +133,7 @@ fn main() -> anyhow::Result<()> {
 
     // Decode: one sequence, context decode_context, then decode_steps single-token steps.
     let ctx = args.decode_context;
-    let total = ctx + args.decode_steps + 1;
+    let total = ctx + args.decode_steps + 32 + 1;
     let blocks = total.div_ceil(BLOCK_SIZE);
     step_id += 1;
     run(pb::StepPlan {
@@ -156,6 +156,34 @@ fn main() -> anyhow::Result<()> {
             freed_request_ids: vec![],
         })?);
     }
+    // Phase profile (CUDA events between phases; they cost a little, so separately): 3 more
+    // prefills, then 32 more decode steps.
+    std::env::set_var("TPSERVE_CUDA_PHASES", "1");
+    for i in 0..3u64 {
+        step_id += 1;
+        run(pb::StepPlan {
+            step_id,
+            new_requests: vec![new_request(200 + i, prompt(p), blocks..blocks + p.div_ceil(BLOCK_SIZE))],
+            running: vec![],
+            freed_request_ids: if i > 0 { vec![200 + i - 1] } else { vec![] },
+        })?;
+    }
+    let prefill_phases = group.on_rank(0, |_| Ok(take_phase_totals()))?;
+    for _ in 0..32 {
+        step_id += 1;
+        run(pb::StepPlan {
+            step_id,
+            new_requests: vec![],
+            running: vec![pb::RunningRequest {
+                request_id: 1,
+                num_scheduled_tokens: 1,
+                new_block_ids: vec![],
+            }],
+            freed_request_ids: vec![],
+        })?;
+    }
+    let decode_phases = group.on_rank(0, |_| Ok(take_phase_totals()))?;
+    std::env::remove_var("TPSERVE_CUDA_PHASES");
     let decode_s = median(decode.clone());
     let decode_mean = decode.iter().sum::<f64>() / decode.len() as f64;
 
@@ -224,7 +252,34 @@ fn main() -> anyhow::Result<()> {
         "(load {load_seconds:.1} s, warm-up {warmup:.2} s, {num_blocks} KV blocks of {BLOCK_SIZE}, {:.2} GB weights)",
         weight_bytes as f64 / 1e9
     );
+    println!();
+    println!("| phase (GPU time, CUDA events) | prefill {p} tokens, ms/step | decode, ms/step |");
+    println!("| --- | --- | --- |");
+    let per_step = |phases: &[(&str, f64, u64)], name: &str, steps: f64| {
+        phases
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .map_or(0.0, |(_, ms, _)| ms / steps)
+    };
+    for (name, _, _) in &prefill_phases {
+        println!(
+            "| {name} | {:.2} | {:.3} |",
+            per_step(&prefill_phases, name, 3.0),
+            per_step(&decode_phases, name, 32.0)
+        );
+    }
+    let phases_json: Vec<_> = prefill_phases
+        .iter()
+        .map(|(name, _, _)| {
+            serde_json::json!({
+                "phase": name,
+                "prefill_ms": per_step(&prefill_phases, name, 3.0),
+                "decode_ms": per_step(&decode_phases, name, 32.0),
+            })
+        })
+        .collect();
     let result = serde_json::json!({
+        "phases": phases_json,
         "config": args.config.display().to_string(),
         "dtype": dtype.name(),
         "copy_gb_per_s": floors.copy_gb_per_s,

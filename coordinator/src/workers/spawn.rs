@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -69,7 +70,7 @@ pub async fn spawn_local_workers(
             .env("TPSERVE_RANK", rank.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| StartError::Spawn {
@@ -78,6 +79,7 @@ pub async fn spawn_local_workers(
             })?;
         let stdout = child.stdout.take().expect("piped");
         let stdin = child.stdin.take();
+        let last_error = forward_stderr(child.stderr.take().expect("piped"));
         let mut lines = BufReader::new(stdout).lines();
         let addr = tokio::time::timeout(LISTEN_TIMEOUT, async {
             while let Ok(Some(line)) = lines.next_line().await {
@@ -89,13 +91,23 @@ pub async fn spawn_local_workers(
         })
         .await
         .ok()
-        .flatten()
-        .ok_or_else(|| StartError::Spawn {
-            binary: binary.display().to_string(),
-            detail: format!(
-                "worker {rank} exited or did not report its address within {LISTEN_TIMEOUT:?}"
-            ),
-        })?;
+        .flatten();
+        let Some(addr) = addr else {
+            // The worker's own last words say why (no GPU, a bad flag): wait for its stderr to
+            // drain before reporting.
+            let _ = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let why = last_error.lock().map(|e| e.clone()).unwrap_or(None);
+            return Err(StartError::Spawn {
+                binary: binary.display().to_string(),
+                detail: match why {
+                    Some(why) => format!("worker {rank} exited: {why}"),
+                    None => format!(
+                        "worker {rank} exited or did not report its address within {LISTEN_TIMEOUT:?}"
+                    ),
+                },
+            });
+        };
         // Keep draining stdout so the worker never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         workers.push(LocalWorker {
@@ -106,4 +118,22 @@ pub async fn spawn_local_workers(
         });
     }
     Ok(workers)
+}
+
+/// Copies a worker's stderr to ours line by line (its logs), remembering its last `error:` line.
+fn forward_stderr(stderr: tokio::process::ChildStderr) -> Arc<Mutex<Option<String>>> {
+    let last = Arc::new(Mutex::new(None));
+    let keep = last.clone();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("{line}");
+            if let Some(why) = line.strip_prefix("error: ") {
+                if let Ok(mut slot) = keep.lock() {
+                    *slot = Some(why.to_string());
+                }
+            }
+        }
+    });
+    last
 }

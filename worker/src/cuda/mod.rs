@@ -12,6 +12,7 @@ mod floors;
 mod kernels;
 mod model;
 mod nccl;
+mod phases;
 
 use std::path::Path;
 use std::time::Instant;
@@ -21,6 +22,7 @@ use tpserve_proto as pb;
 
 pub use device::{device_count, gpu_present};
 pub use floors::{measure_floors, Floors};
+pub use phases::take_phase_totals;
 pub use kernels::Dtype;
 
 use self::blas::Blas;

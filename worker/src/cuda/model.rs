@@ -18,6 +18,7 @@ use super::blas::Blas;
 use super::device::{DeviceBuffer, Gpu};
 use super::kernels::{AttentionShape, Dtype, Kernels, SamplingPointers, ATTENTION_MAX_ITEMS, ELEM};
 use super::nccl::Nccl;
+use super::phases::PhaseTimer;
 use crate::batch::Batch;
 use crate::cpu::ops::Rope;
 use crate::error::{Result, WorkerError};
@@ -562,6 +563,7 @@ impl CudaModel {
         let ws = self.workspace.as_ref().expect("reserved");
         let inputs = pack_inputs(gpu, ws, &d, batch, sampling)?;
         let stream = &gpu.stream;
+        let mut timer = PhaseTimer::start(gpu);
         let all_reduce = |buf: u64, count: usize| -> Result<()> {
             match nccl {
                 Some(comm) if comm.world_size() > 1 => {
@@ -580,6 +582,7 @@ impl CudaModel {
             d.vocab_local,
         )?;
         all_reduce(ws.x.ptr, n * d.hidden)?;
+        timer.mark(gpu, "embedding");
         let q_w = d.q_heads * d.head_dim;
         let kv_w = d.kv_heads * d.head_dim;
         let shape = AttentionShape {
@@ -613,10 +616,12 @@ impl CudaModel {
                     eps,
                 )?;
             }
+            timer.mark(gpu, "rms_norm");
             blas.linear(ws.qkv.ptr, ws.normed.ptr, layer.qkv.ptr, n, d.qkv, d.hidden)?;
             if let Some(bias) = &layer.qkv_bias {
                 kernels.add_bias(ws.qkv.ptr, bias.ptr, n, d.qkv)?;
             }
+            timer.mark(gpu, "gemm qkv");
             let k = ws.qkv.at(q_w * ELEM);
             let v = ws.qkv.at((q_w + kv_w) * ELEM);
             kernels.rope(
@@ -643,6 +648,7 @@ impl CudaModel {
                 d.head_dim,
                 d.qkv,
             )?;
+            timer.mark(gpu, "rope + kv write");
             kernels.paged_attention(
                 ws.attn.ptr,
                 ws.partial_out.ptr,
@@ -668,8 +674,11 @@ impl CudaModel {
                     splits.0,
                 )?;
             }
+            timer.mark(gpu, "attention");
             blas.linear(ws.sub.ptr, ws.attn.ptr, layer.o.ptr, n, d.hidden, q_w)?;
+            timer.mark(gpu, "gemm o");
             all_reduce(ws.sub.ptr, n * d.hidden)?;
+            timer.mark(gpu, "all-reduce");
             kernels.rms_norm_residual(
                 ws.normed.ptr,
                 ws.x.ptr,
@@ -679,6 +688,7 @@ impl CudaModel {
                 d.hidden,
                 eps,
             )?;
+            timer.mark(gpu, "rms_norm");
             blas.linear(
                 ws.gate_up.ptr,
                 ws.normed.ptr,
@@ -687,9 +697,13 @@ impl CudaModel {
                 2 * d.inter,
                 d.hidden,
             )?;
+            timer.mark(gpu, "gemm gate_up");
             kernels.silu_mul(ws.act.ptr, ws.gate_up.ptr, n, d.inter)?;
+            timer.mark(gpu, "silu_mul");
             blas.linear(ws.sub.ptr, ws.act.ptr, layer.down.ptr, n, d.hidden, d.inter)?;
+            timer.mark(gpu, "gemm down");
             all_reduce(ws.sub.ptr, n * d.hidden)?;
+            timer.mark(gpu, "all-reduce");
         }
         kernels.rms_norm_residual(
             ws.normed.ptr,
@@ -723,6 +737,8 @@ impl CudaModel {
             }
             _ => ws.logits.ptr,
         };
+        timer.mark(gpu, "final norm + lm_head");
+        timer.finish();
         Ok(ForwardOutput {
             logits,
             samples: s,

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Serves a model with `tpserve serve` (real worker processes, one per GPU, NCCL between them)
+and sends it concurrent completions over HTTP.
+
+What: starts BIN_DIR/tpserve serve --model MODEL --device cuda --tensor-parallel-size TP on a free
+port, waits for /health, sends --requests greedy /v1/completions at once (max_tokens 32,
+ignore_eos), checks every answer is a 200 with 32 completion tokens, stops the server with SIGTERM
+(it must exit 0) and writes {"texts": [...], "seconds": ...} to --out. Exit status 0 when all of
+that holds.
+
+Why: tests/gpu/run.sh's numerical checks drive the worker in-process; this is the path a user
+takes (`tpserve serve --tensor-parallel-size 2` on a 2-GPU machine).
+
+How: serve_check.py --bin BIN_DIR --model DIR --tp 2 --out tp2.json [--requests 8]
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--device", default="cuda", help="cpu only to test this script without a GPU")
+    args = ap.parse_args()
+    port = free_port()
+    env = dict(os.environ, TPSERVE_WORKER_BINARY=os.path.join(args.bin, "tpserve-worker"))
+    cmd = [
+        os.path.join(args.bin, "tpserve"), "serve", "--model", args.model, "--device", args.device,
+        "--tensor-parallel-size", str(args.tp), "--port", str(port), "--max-model-len", "2048",
+        "--served-model-name", "random",
+    ]
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    started = time.time()
+    server = subprocess.Popen(cmd, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if server.poll() is not None:
+                print(f"serve_check: the server exited with {server.returncode}", file=sys.stderr)
+                return 1
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() - started > 180:
+                print("serve_check: not healthy after 180 s", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        ready = time.time() - started
+        prompts = [f"Request {i}: the quick brown fox jumps over the lazy dog" for i in range(args.requests)]
+        body = lambda p: {  # noqa: E731
+            "model": "random", "prompt": p, "max_tokens": 32, "temperature": 0,
+            "ignore_eos": True,
+        }
+        t = time.time()
+        with concurrent.futures.ThreadPoolExecutor(args.requests) as pool:
+            answers = list(pool.map(lambda p: post(base + "/v1/completions", body(p)), prompts))
+        seconds = time.time() - t
+        bad = [(s, a) for s, a in answers if s != 200 or a["usage"]["completion_tokens"] != 32]
+        texts = [a["choices"][0]["text"] if s == 200 else None for s, a in answers]
+        with open(args.out, "w") as f:
+            json.dump({"texts": texts, "seconds": seconds, "ready_seconds": ready}, f)
+        print(
+            f"serve_check: tp {args.tp}: ready in {ready:.1f} s; {len(answers) - len(bad)}/"
+            f"{len(answers)} answers of 32 tokens in {seconds:.2f} s",
+            file=sys.stderr,
+        )
+        if bad:
+            print(f"serve_check: bad answers: {bad[:2]}", file=sys.stderr)
+            return 1
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    if server.returncode != 0:
+        print(f"serve_check: the server exited with {server.returncode} after SIGTERM", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
