@@ -53,7 +53,7 @@ __device__ __forceinline__ float warp_reduce_max(float v) {
 // Launch: grid (num_tiles, num_kv_heads, num_splits); block (128, 1, 1);
 // dynamic shared memory: attention_smem_bytes(HD, rows * group) =
 //   rows * group * HD * 4 + 32 * (HD + 2) * sizeof(T) + 32 * HD * sizeof(T).
-// Requires rows * group <= 32.
+// Requires rows * group <= 32, and the caches 16-byte aligned (HD is a multiple of 8).
 template <typename T, int HD>
 __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ partial_out,
                                      float* __restrict__ partial_ml, const T* __restrict__ q,
@@ -112,23 +112,37 @@ __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ pa
     }
 
     const int* table = block_tables + (long long)seq * max_blocks_per_seq;
+    __shared__ long long slot_s[kKeysPerTile];  // cache slot of each key of the tile, or -1
+    constexpr int kVecs = HD / 8;  // 16-byte vectors per key row
     for (int chunk = key_begin; chunk < key_end; chunk += kKeysPerTile) {
         __syncthreads();  // the previous tile is no longer read (and q_s is written, first time)
-        for (int idx = threadIdx.x; idx < kKeysPerTile * HD; idx += blockDim.x) {
-            const int j = idx / HD;
-            const int d = idx - j * HD;
-            const int key = chunk + j;
-            T kv = tpserve::from_float<T>(0.0f);
-            T vv = kv;
-            if (key < key_end) {
-                const long long slot =
-                    (long long)table[key / block_size] * block_size + key % block_size;
-                const long long at = (slot * num_kv_heads + kv_head) * HD + d;
-                kv = key_cache[at];
-                vv = value_cache[at];
+        if (threadIdx.x < kKeysPerTile) {
+            const int key = chunk + threadIdx.x;
+            slot_s[threadIdx.x] =
+                key < key_end ? (long long)table[key / block_size] * block_size + key % block_size
+                              : -1;
+        }
+        __syncthreads();
+        // 16-byte loads: a tile is 32 x HD / 8 vectors of keys and as many of values, so each
+        // thread has a few independent loads in flight rather than many dependent ones.
+        for (int idx = threadIdx.x; idx < kKeysPerTile * kVecs; idx += blockDim.x) {
+            const int j = idx / kVecs;
+            const int c = idx - j * kVecs;
+            const long long slot = slot_s[j];
+            uint4 kv = make_uint4(0u, 0u, 0u, 0u);
+            uint4 vv = kv;
+            if (slot >= 0) {
+                const long long at = (slot * num_kv_heads + kv_head) * HD + c * 8;
+                kv = *reinterpret_cast<const uint4*>(key_cache + at);
+                vv = *reinterpret_cast<const uint4*>(value_cache + at);
             }
-            k_s[j * kKStride + d] = kv;
-            v_s[j * HD + d] = vv;
+            // k_s rows are HD + 2 elements (4-byte aligned, not 16): four 32-bit stores.
+            unsigned int* kd = reinterpret_cast<unsigned int*>(k_s + j * kKStride + c * 8);
+            kd[0] = kv.x;
+            kd[1] = kv.y;
+            kd[2] = kv.z;
+            kd[3] = kv.w;
+            *reinterpret_cast<uint4*>(v_s + j * HD + c * 8) = vv;
         }
         __syncthreads();
         const int key = chunk + lane;

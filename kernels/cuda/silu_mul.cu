@@ -13,14 +13,16 @@
 //   out      T   [num_tokens, d]       written
 //   gate_up  T   [num_tokens, 2 * d]   read only
 //   d        i32
-// Launch: grid (num_tokens, 1, 1); block (any, 1, 1), e.g. 256; threads stride over the row.
+// Launch: grid (num_tokens, Y, 1); block (B, 1, 1): the Y blocks of a row stride over it
+// together (Y around d / (8 B) keeps each thread a few elements, so one decode token still
+// spreads over several SMs).
 template <typename T>
 __device__ void silu_mul_impl(T* __restrict__ out, const T* __restrict__ gate_up, int d) {
     const long long token = blockIdx.x;
     const T* gate = gate_up + token * 2 * d;
     const T* up = gate + d;
     T* dst = out + token * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+    for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < d; i += blockDim.x * gridDim.y) {
         const float g = tpserve::to_float(gate[i]);
         const float activated = tpserve::round_to<T>(g / (1.0f + __expf(-g)));
         dst[i] = tpserve::from_float<T>(activated * tpserve::to_float(up[i]));

@@ -299,17 +299,22 @@ impl Kernels {
             .arg(&st)
             .arg(&st);
         // SAFETY: as rope.cu documents.
-        unsafe { b.launch(rows(n, 128)) }
+        unsafe { b.launch(rows(n, 512)) }
             .map(drop)
             .map_err(launch_err("rope"))
     }
 
     pub fn silu_mul(&self, out: u64, gate_up: u64, n: usize, d: usize) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, d.div_ceil(256 * 8).max(1) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let d = d as i32;
         let mut b = self.stream.launch_builder(&self.silu_mul);
         b.arg(&out).arg(&gate_up).arg(&d);
         // SAFETY: as silu_mul.cu documents.
-        unsafe { b.launch(rows(n, 256)) }
+        unsafe { b.launch(cfg) }
             .map(drop)
             .map_err(launch_err("silu_mul"))
     }
@@ -339,7 +344,7 @@ impl Kernels {
             .arg(&st)
             .arg(&st);
         // SAFETY: as kv_cache.cu documents.
-        unsafe { b.launch(rows(n, 128)) }
+        unsafe { b.launch(rows(n, 256)) }
             .map(drop)
             .map_err(launch_err("kv_cache_write"))
     }
