@@ -61,13 +61,7 @@ fn coordinator_reports_the_workers_reason_when_cuda_is_missing() {
     let (code, stderr) = run(
         "tpserve",
         &[
-            "generate",
-            "--model",
-            model,
-            "--device",
-            "cuda",
-            "--prompt",
-            "hi",
+            "generate", "--model", model, "--device", "cuda", "--prompt", "hi",
         ],
     );
     assert_ne!(code, 0, "{stderr}");
@@ -77,7 +71,9 @@ fn coordinator_reports_the_workers_reason_when_cuda_is_missing() {
     );
     let (code, stderr) = run(
         "tpserve",
-        &["generate", "--model", model, "--device", "gpu", "--prompt", "hi"],
+        &[
+            "generate", "--model", model, "--device", "gpu", "--prompt", "hi",
+        ],
     );
     assert_ne!(code, 0, "{stderr}");
     assert!(stderr.contains("unknown --device \"gpu\""), "{stderr}");

@@ -163,7 +163,11 @@ fn main() -> anyhow::Result<()> {
         step_id += 1;
         run(pb::StepPlan {
             step_id,
-            new_requests: vec![new_request(200 + i, prompt(p), blocks..blocks + p.div_ceil(BLOCK_SIZE))],
+            new_requests: vec![new_request(
+                200 + i,
+                prompt(p),
+                blocks..blocks + p.div_ceil(BLOCK_SIZE),
+            )],
             running: vec![],
             freed_request_ids: if i > 0 { vec![200 + i - 1] } else { vec![] },
         })?;

@@ -22,8 +22,8 @@ use tpserve_proto as pb;
 
 pub use device::{device_count, gpu_present};
 pub use floors::{measure_floors, Floors};
-pub use phases::take_phase_totals;
 pub use kernels::Dtype;
+pub use phases::take_phase_totals;
 
 use self::blas::Blas;
 use self::device::Gpu;
