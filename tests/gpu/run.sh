@@ -239,6 +239,34 @@ print(f"; greedy texts equal to tp1: {sum(x == y for x, y in zip(a, b))}/{len(a)
     "tpserve serve, $tp worker process(es): 8/8 concurrent completions of 32 tokens$same (${SECS}s)"
 }
 
+# step_memory: the 8B shape with dummy weights through `tpserve generate` (real worker process):
+# at --gpu-memory-utilization 0.9 it answers; at a share smaller than the weights it must fail at
+# start with the memory profile's message, not later.
+step_memory() {
+  local dir="$WORK/llama8b-dummy" bin="$BIN_DIR/tpserve"
+  if [ ! -f "$CKPT/tokenizer.json" ]; then
+    record "memory (8B dummy)" "SKIP" "needs the checkpoint's tokenizer"
+    return
+  fi
+  mkdir -p "$dir"
+  cp "$HERE/llama3-8b-config.json" "$dir/config.json"
+  cp "$CKPT/tokenizer.json" "$dir/tokenizer.json"
+  timed "$STEP_TIMEOUT" "$bin" generate --model "$dir" --load-format dummy --device cuda \
+    --prompt "hello" --max-tokens 16 --ignore-eos
+  local ok_rc=$RC ok_secs=$SECS
+  timed "$STEP_TIMEOUT" "$bin" generate --model "$dir" --load-format dummy --device cuda \
+    --gpu-memory-utilization 0.05 --prompt "hello" --max-tokens 16 2>"$WORK/memory.err"
+  local why
+  why=$(grep -o 'no KV cache block fits[^;]*' "$WORK/memory.err" | head -1 || true)
+  if [ "$ok_rc" -eq 0 ] && [ "$RC" -ne 0 ] && [ -n "$why" ]; then
+    record "memory (8B dummy)" "PASS" \
+      "0.9: generated (${ok_secs}s); 0.05: refused at start: \"$why\""
+  else
+    record "memory (8B dummy)" "FAIL" \
+      "0.9: exit $ok_rc; 0.05: exit $RC, $(tail -1 "$WORK/memory.err" | cut -c1-160)"
+  fi
+}
+
 step_paris() {
   local bin="$BIN_DIR/tpserve" answer
   rm -f "$WORK/paris.txt"
@@ -316,6 +344,7 @@ main() {
   fi
   step_serve 1
   step_serve 2
+  step_memory
   step_paris
   step_bench
   print_table

@@ -52,12 +52,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    tpserve_worker::logging::init_logging("warn");
     let args = Args::parse();
     let dtype = Dtype::parse(&args.dtype)?;
     let config = LlamaConfig::from_hf_json(&std::fs::read_to_string(&args.config)?)?;
@@ -104,6 +99,17 @@ fn main() -> anyhow::Result<()> {
     };
     let prompt =
         |len: usize| -> Vec<u32> { (0..len).map(|i| (i * 7919 % 1000) as u32 + 10).collect() };
+    // One more token of request 1 (its blocks were all given at its start).
+    let decode_step = |step_id: u64| pb::StepPlan {
+        step_id,
+        new_requests: vec![],
+        running: vec![pb::RunningRequest {
+            request_id: 1,
+            num_scheduled_tokens: 1,
+            new_block_ids: vec![],
+        }],
+        freed_request_ids: vec![],
+    };
     let new_request = |id: u64, tokens: Vec<u32>, blocks: std::ops::Range<usize>| pb::NewRequest {
         request_id: id,
         num_scheduled_tokens: tokens.len() as u32,
@@ -145,16 +151,7 @@ fn main() -> anyhow::Result<()> {
     let mut decode = Vec::new();
     for _ in 0..args.decode_steps {
         step_id += 1;
-        decode.push(run(pb::StepPlan {
-            step_id,
-            new_requests: vec![],
-            running: vec![pb::RunningRequest {
-                request_id: 1,
-                num_scheduled_tokens: 1,
-                new_block_ids: vec![],
-            }],
-            freed_request_ids: vec![],
-        })?);
+        decode.push(run(decode_step(step_id))?);
     }
     // Phase profile (CUDA events between phases; they cost a little, so separately): 3 more
     // prefills, then 32 more decode steps.
@@ -175,16 +172,7 @@ fn main() -> anyhow::Result<()> {
     let prefill_phases = group.on_rank(0, |_| Ok(take_phase_totals()))?;
     for _ in 0..32 {
         step_id += 1;
-        run(pb::StepPlan {
-            step_id,
-            new_requests: vec![],
-            running: vec![pb::RunningRequest {
-                request_id: 1,
-                num_scheduled_tokens: 1,
-                new_block_ids: vec![],
-            }],
-            freed_request_ids: vec![],
-        })?;
+        run(decode_step(step_id))?;
     }
     let decode_phases = group.on_rank(0, |_| Ok(take_phase_totals()))?;
     std::env::remove_var("TPSERVE_CUDA_PHASES");

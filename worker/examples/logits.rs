@@ -53,12 +53,7 @@ struct Args {
 const BLOCK_SIZE: usize = 16;
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    tpserve_worker::logging::init_logging("info");
     let args = Args::parse();
     let prompts: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&args.prompts)?)?;

@@ -8,6 +8,7 @@ pub mod comm;
 pub mod cpu;
 pub mod cuda;
 pub mod error;
+pub mod logging;
 pub mod runner;
 pub mod sampler;
 pub mod service;

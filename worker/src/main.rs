@@ -62,12 +62,7 @@ async fn main() {
 }
 
 async fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    tpserve_worker::logging::init_logging("info");
     let args = Args::parse();
     let device = DeviceChoice::parse(&args.device)?;
     if args.exit_on_stdin_close {

@@ -89,3 +89,37 @@ pub fn checkpoint_format(load_format: i32) -> Option<Format> {
         _ => None,
     }
 }
+
+/// Refuses architectures the backends do not implement.
+pub fn ensure_supported(config: &LlamaConfig) -> Result<()> {
+    if matches!(
+        config.architecture.as_str(),
+        "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM"
+    ) {
+        Ok(())
+    } else {
+        Err(WorkerError::Unsupported {
+            detail: format!(
+                "architecture {} (supported: Llama, Mistral, Qwen2)",
+                config.architecture
+            ),
+        })
+    }
+}
+
+/// What `LoadModel` answers for a loaded shard.
+pub fn load_response(
+    config: &LlamaConfig,
+    kv_heads_per_rank: usize,
+    weight_bytes: usize,
+    started: std::time::Instant,
+) -> pb::LoadModelResponse {
+    pb::LoadModelResponse {
+        weight_bytes: weight_bytes as u64,
+        num_layers: config.num_hidden_layers as u32,
+        num_kv_heads_per_rank: kv_heads_per_rank as u32,
+        head_dim: config.head_dim as u32,
+        vocab_size: config.vocab_size as u32,
+        load_seconds: started.elapsed().as_secs_f64(),
+    }
+}

@@ -15,7 +15,7 @@ use crate::comm::{Communicator, SingleRank, TcpCommunicator};
 use crate::error::{Result, WorkerError};
 use crate::sampler::{sample_row, SampleSpec};
 use crate::shard::ShardPlan;
-use crate::weights::{checkpoint_format, dummy_config, WeightSource};
+use crate::weights::{checkpoint_format, dummy_config, load_response, WeightSource};
 
 /// KV cache size when the coordinator leaves it to the worker (`--kv-cache-space`'s default).
 const DEFAULT_KV_CACHE_BYTES: u64 = 2 << 30;
@@ -142,14 +142,12 @@ impl Backend for CpuBackend {
         self.vocab_per_rank = (0..world)
             .map(|r| ShardPlan::new(&config, r, world).map(|p| p.vocab.len()))
             .collect::<Result<_>>()?;
-        let response = pb::LoadModelResponse {
-            weight_bytes: model.weight_bytes() as u64,
-            num_layers: config.num_hidden_layers as u32,
-            num_kv_heads_per_rank: model.shard().kv_heads.len() as u32,
-            head_dim: config.head_dim as u32,
-            vocab_size: config.vocab_size as u32,
-            load_seconds: started.elapsed().as_secs_f64(),
-        };
+        let response = load_response(
+            &config,
+            model.shard().kv_heads.len(),
+            model.weight_bytes(),
+            started,
+        );
         self.model = Some(model);
         Ok(response)
     }
@@ -215,7 +213,7 @@ impl Backend for CpuBackend {
 
 /// Gathers every rank's vocabulary slice of the logits (`[rows, vocab_of_rank]` each) to rank 0
 /// and reassembles whole rows, `[rows, vocab]`; other ranks get `None`.
-pub fn gather_logits(
+fn gather_logits(
     comm: &mut dyn Communicator,
     local: &[f32],
     vocab_per_rank: &[usize],

@@ -6,7 +6,6 @@ pub mod linear;
 pub mod model;
 pub mod ops;
 
-pub use crate::weights::WeightSource;
 pub use attention::KvCache;
-pub use backend::{gather_logits, CpuBackend};
+pub use backend::CpuBackend;
 pub use model::CpuModel;

@@ -15,7 +15,7 @@ use crate::batch::Batch;
 use crate::comm::Communicator;
 use crate::error::{Result, WorkerError};
 use crate::shard::ShardPlan;
-use crate::weights::{read, WeightSource};
+use crate::weights::{ensure_supported, read, WeightSource};
 
 /// One decoder layer's weights on this rank.
 #[derive(Debug)]
@@ -56,17 +56,7 @@ impl CpuModel {
         max_pos: usize,
     ) -> Result<Self> {
         let c = config;
-        if !matches!(
-            c.architecture.as_str(),
-            "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM"
-        ) {
-            return Err(WorkerError::Unsupported {
-                detail: format!(
-                    "architecture {} (supported: Llama, Mistral, Qwen2)",
-                    c.architecture
-                ),
-            });
-        }
+        ensure_supported(c)?;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let q = (shard.q_heads.start * hd)..(shard.q_heads.end * hd);
         let kv = (shard.kv_heads.start * hd)..(shard.kv_heads.end * hd);

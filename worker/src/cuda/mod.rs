@@ -35,7 +35,7 @@ use crate::batch::Batch;
 use crate::error::{Result, WorkerError};
 use crate::sampler::SampleSpec;
 use crate::shard::ShardPlan;
-use crate::weights::{checkpoint_format, dummy_config, WeightSource};
+use crate::weights::{checkpoint_format, dummy_config, load_response, WeightSource};
 
 /// Memory kept free beyond the weights, activations and KV cache: cuBLAS's and NCCL's own
 /// buffers, the CUDA context's growth and allocator slack.
@@ -186,15 +186,12 @@ impl Backend for CudaBackend {
             )?
         };
         self.gpu.sync()?;
-        let config = model.config().clone();
-        let response = pb::LoadModelResponse {
-            weight_bytes: model.weight_bytes() as u64,
-            num_layers: config.num_hidden_layers as u32,
-            num_kv_heads_per_rank: model.shard().kv_heads.len() as u32,
-            head_dim: config.head_dim as u32,
-            vocab_size: config.vocab_size as u32,
-            load_seconds: started.elapsed().as_secs_f64(),
-        };
+        let response = load_response(
+            model.config(),
+            model.shard().kv_heads.len(),
+            model.weight_bytes(),
+            started,
+        );
         tracing::info!(
             dtype = dtype.name(),
             weight_gib = model.weight_bytes() as f64 / (1u64 << 30) as f64,

@@ -24,7 +24,7 @@ use crate::cpu::ops::Rope;
 use crate::error::{Result, WorkerError};
 use crate::sampler::SampleSpec;
 use crate::shard::ShardPlan;
-use crate::weights::{read, tensor_seed, WeightSource};
+use crate::weights::{ensure_supported, read, tensor_seed, WeightSource};
 
 /// Sizes of this rank's shard.
 #[derive(Debug, Clone, Copy)]
@@ -290,17 +290,7 @@ impl CudaModel {
         dtype: Dtype,
     ) -> Result<Self> {
         let c = config;
-        if !matches!(
-            c.architecture.as_str(),
-            "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM"
-        ) {
-            return Err(WorkerError::Unsupported {
-                detail: format!(
-                    "architecture {} (supported: Llama, Mistral, Qwen2)",
-                    c.architecture
-                ),
-            });
-        }
+        ensure_supported(c)?;
         if !Kernels::supports_head_dim(c.head_dim) {
             return Err(WorkerError::Unsupported {
                 detail: format!(
