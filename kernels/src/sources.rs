@@ -79,6 +79,10 @@ pub const SOURCES: &[KernelSource] = &[
         code: include_str!("../cuda/attention.cu"),
     },
     KernelSource {
+        name: "attention_mma.cu",
+        code: include_str!("../cuda/attention_mma.cu"),
+    },
+    KernelSource {
         name: "sampling.cu",
         code: include_str!("../cuda/sampling.cu"),
     },
@@ -119,6 +123,15 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "paged_attention_hd256_f16",
             "attention_combine_bf16",
             "attention_combine_f16",
+        ],
+    ),
+    (
+        "attention_mma.cu",
+        &[
+            "paged_attention_mma_hd64_bf16",
+            "paged_attention_mma_hd64_f16",
+            "paged_attention_mma_hd128_bf16",
+            "paged_attention_mma_hd128_f16",
         ],
     ),
     ("sampling.cu", &["sample_bf16", "sample_f16"]),

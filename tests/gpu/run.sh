@@ -334,6 +334,12 @@ main() {
   ours_logits tp1-bf16 1 bfloat16
   check_logits tp1-bf16 bfloat16
   check_greedy tp1-bf16 bfloat16 0.1
+  # The same with the CUDA-core attention kernel for prefill too (the default takes tensor cores
+  # for prefill chunks and CUDA cores for decode).
+  export TPSERVE_CUDA_ATTENTION=simt
+  ours_logits tp1-bf16-simt 1 bfloat16
+  unset TPSERVE_CUDA_ATTENTION
+  check_logits tp1-bf16-simt bfloat16 tp1-bf16
   ours_logits tp1-f16 1 float16
   check_logits tp1-f16 float16
   check_greedy tp1-f16 float16 0.03

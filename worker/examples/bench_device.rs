@@ -136,6 +136,20 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let prefill_s = median(prefill);
+    // The same prefill with the CUDA-core attention kernel, for comparison.
+    std::env::set_var("TPSERVE_CUDA_ATTENTION", "simt");
+    let mut prefill_simt = Vec::new();
+    for i in 0..3u64 {
+        step_id += 1;
+        prefill_simt.push(run(pb::StepPlan {
+            step_id,
+            new_requests: vec![new_request(150 + i, prompt(p), 0..p.div_ceil(BLOCK_SIZE))],
+            running: vec![],
+            freed_request_ids: vec![if i == 0 { 104 } else { 150 + i - 1 }],
+        })?);
+    }
+    std::env::remove_var("TPSERVE_CUDA_ATTENTION");
+    let prefill_simt_s = median(prefill_simt);
 
     // Decode: one sequence, context decode_context, then decode_steps single-token steps.
     let ctx = args.decode_context;
@@ -146,7 +160,7 @@ fn main() -> anyhow::Result<()> {
         step_id,
         new_requests: vec![new_request(1, prompt(ctx), 0..blocks)],
         running: vec![],
-        freed_request_ids: vec![104],
+        freed_request_ids: vec![152],
     })?;
     let mut decode = Vec::new();
     for _ in 0..args.decode_steps {
@@ -241,6 +255,12 @@ fn main() -> anyhow::Result<()> {
         100.0 * matrix_floor_s / prefill_s
     );
     println!(
+        "| prefill, same, CUDA-core attention | {:.0} tok/s ({:.1} ms) | | {:.0}% |",
+        p as f64 / prefill_simt_s,
+        prefill_simt_s * 1e3,
+        100.0 * matrix_floor_s / prefill_simt_s
+    );
+    println!(
         "(load {load_seconds:.1} s, warm-up {warmup:.2} s, {num_blocks} KV blocks of {BLOCK_SIZE}, {:.2} GB weights)",
         weight_bytes as f64 / 1e9
     );
@@ -288,6 +308,7 @@ fn main() -> anyhow::Result<()> {
         "prefill_tokens_per_s": prefill_tps,
         "prefill_floor_ms": matrix_floor_s * 1e3,
         "prefill_ratio_to_floor": matrix_floor_s / prefill_s,
+        "prefill_cuda_core_attention_ms": prefill_simt_s * 1e3,
         "kv_blocks": num_blocks,
         "load_seconds": load_seconds,
     });

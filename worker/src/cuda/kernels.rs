@@ -82,6 +82,8 @@ pub const ELEM: usize = 2;
 /// Threads of the attention kernel's blocks (4 warps), and the (row, head) pairs one block holds.
 pub const ATTENTION_THREADS: u32 = 128;
 pub const ATTENTION_MAX_ITEMS: usize = 32;
+/// (row, head) items of one tensor-core attention block.
+pub const ATTENTION_MMA_ITEMS: usize = 64;
 
 /// Shared memory of one attention block for `items` (row, head) pairs.
 pub fn attention_smem_bytes(head_dim: usize, items: usize) -> usize {
@@ -100,6 +102,8 @@ pub struct Kernels {
     attention_hd64: CudaFunction,
     attention_hd128: CudaFunction,
     attention_hd256: CudaFunction,
+    attention_mma_hd64: CudaFunction,
+    attention_mma_hd128: CudaFunction,
     attention_combine: CudaFunction,
     sample: CudaFunction,
     add_bias: CudaFunction,
@@ -187,6 +191,8 @@ impl Kernels {
             attention_hd64: take("paged_attention_hd64")?,
             attention_hd128: take("paged_attention_hd128")?,
             attention_hd256: take("paged_attention_hd256")?,
+            attention_mma_hd64: take("paged_attention_mma_hd64")?,
+            attention_mma_hd128: take("paged_attention_mma_hd128")?,
             attention_combine: take("attention_combine")?,
             sample: take("sample")?,
             add_bias: take("add_bias")?,
@@ -347,6 +353,71 @@ impl Kernels {
         unsafe { b.launch(rows(n, 256)) }
             .map(drop)
             .map_err(launch_err("kv_cache_write"))
+    }
+
+    /// Whether the tensor-core attention kernel exists for this head size.
+    pub fn has_mma_attention(head_dim: usize) -> bool {
+        matches!(head_dim, 64 | 128)
+    }
+
+    /// Tensor-core paged attention (prefill): tiles of at most 64 (row, head) items, no key
+    /// splits. Shared memory is static.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention_mma(
+        &self,
+        out: u64,
+        q: u64,
+        key_cache: u64,
+        value_cache: u64,
+        block_tables: u64,
+        tiles: u64,
+        num_tiles: usize,
+        shape: &AttentionShape,
+    ) -> Result<()> {
+        let f = match shape.head_dim {
+            64 => &self.attention_mma_hd64,
+            128 => &self.attention_mma_hd128,
+            hd => {
+                return Err(WorkerError::Unsupported {
+                    detail: format!("head size {hd} on tensor-core attention (64 and 128)"),
+                })
+            }
+        };
+        let (nq, nkv, bs, mbps, qs) = (
+            shape.q_heads as i32,
+            shape.kv_heads as i32,
+            shape.block_size as i32,
+            shape.max_blocks_per_seq as i32,
+            shape.q_stride as i32,
+        );
+        let (unused, splits, split_len) = (0u64, 1i32, 0i32);
+        let scale = shape.scale;
+        let cfg = LaunchConfig {
+            grid_dim: (num_tiles as u32, shape.kv_heads as u32, 1),
+            block_dim: (ATTENTION_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&out)
+            .arg(&unused)
+            .arg(&unused)
+            .arg(&q)
+            .arg(&key_cache)
+            .arg(&value_cache)
+            .arg(&block_tables)
+            .arg(&tiles)
+            .arg(&nq)
+            .arg(&nkv)
+            .arg(&bs)
+            .arg(&mbps)
+            .arg(&qs)
+            .arg(&splits)
+            .arg(&split_len)
+            .arg(&scale);
+        // SAFETY: as attention_mma.cu documents; the caller builds tiles of at most 64 items.
+        unsafe { b.launch(cfg) }
+            .map(drop)
+            .map_err(launch_err("paged_attention_mma"))
     }
 
     /// Paged attention over `num_tiles` tiles; `items` is the largest rows x group of a tile.

@@ -16,7 +16,10 @@ use tpserve_modelfile::LlamaConfig;
 
 use super::blas::Blas;
 use super::device::{DeviceBuffer, Gpu};
-use super::kernels::{AttentionShape, Dtype, Kernels, SamplingPointers, ATTENTION_MAX_ITEMS, ELEM};
+use super::kernels::{
+    AttentionShape, Dtype, Kernels, SamplingPointers, ATTENTION_MAX_ITEMS, ATTENTION_MMA_ITEMS,
+    ELEM,
+};
 use super::nccl::Nccl;
 use super::phases::PhaseTimer;
 use crate::batch::Batch;
@@ -551,7 +554,13 @@ impl CudaModel {
         let c = &self.config;
         let eps = c.rms_norm_eps as f32;
         let ws = self.workspace.as_ref().expect("reserved");
-        let inputs = pack_inputs(gpu, ws, &d, batch, sampling)?;
+        let mma = use_mma_attention(&d, batch);
+        let tile_items = if mma {
+            ATTENTION_MMA_ITEMS
+        } else {
+            max_items(d.head_dim)
+        };
+        let inputs = pack_inputs(gpu, ws, &d, batch, sampling, tile_items)?;
         let stream = &gpu.stream;
         let mut timer = PhaseTimer::start(gpu);
         let all_reduce = |buf: u64, count: usize| -> Result<()> {
@@ -584,7 +593,11 @@ impl CudaModel {
             q_stride: d.qkv,
             scale: 1.0 / (d.head_dim as f32).sqrt(),
         };
-        let splits = self.splits(gpu, ws, &inputs, n);
+        let splits = if mma {
+            (1, 0)
+        } else {
+            self.splits(gpu, ws, &inputs, n)
+        };
         for (li, layer) in self.layers.iter().enumerate() {
             if li == 0 {
                 kernels.rms_norm(
@@ -639,21 +652,34 @@ impl CudaModel {
                 d.qkv,
             )?;
             timer.mark(gpu, "rope + kv write");
-            kernels.paged_attention(
-                ws.attn.ptr,
-                ws.partial_out.ptr,
-                ws.partial_ml.ptr,
-                ws.qkv.ptr,
-                kc.ptr,
-                vc.ptr,
-                inputs.tables,
-                inputs.tiles,
-                inputs.num_tiles,
-                inputs.items,
-                &shape,
-                splits.0,
-                splits.1,
-            )?;
+            if mma {
+                kernels.paged_attention_mma(
+                    ws.attn.ptr,
+                    ws.qkv.ptr,
+                    kc.ptr,
+                    vc.ptr,
+                    inputs.tables,
+                    inputs.tiles,
+                    inputs.num_tiles,
+                    &shape,
+                )?;
+            } else {
+                kernels.paged_attention(
+                    ws.attn.ptr,
+                    ws.partial_out.ptr,
+                    ws.partial_ml.ptr,
+                    ws.qkv.ptr,
+                    kc.ptr,
+                    vc.ptr,
+                    inputs.tables,
+                    inputs.tiles,
+                    inputs.num_tiles,
+                    inputs.items,
+                    &shape,
+                    splits.0,
+                    splits.1,
+                )?;
+            }
             if splits.0 > 1 {
                 kernels.attention_combine(
                     ws.attn.ptr,
@@ -805,7 +831,19 @@ pub struct ForwardOutput {
     pub sampling: Option<SamplingPointers>,
 }
 
-/// (row, head) pairs one attention block may hold for a head size.
+/// Rows of one sequence in a step from which the tensor-core attention kernel takes the step:
+/// prefill chunks. Decode-only steps keep the CUDA-core kernel, which splits long contexts over
+/// the key length. `TPSERVE_CUDA_ATTENTION=simt` keeps the CUDA-core kernel always (for
+/// comparisons).
+const MMA_MIN_ROWS: usize = 16;
+
+fn use_mma_attention(d: &Dims, batch: &Batch) -> bool {
+    Kernels::has_mma_attention(d.head_dim)
+        && batch.seqs.iter().any(|s| s.rows.len() >= MMA_MIN_ROWS)
+        && std::env::var("TPSERVE_CUDA_ATTENTION").map_or(true, |v| v != "simt")
+}
+
+/// (row, head) pairs one CUDA-core attention block may hold for a head size.
 pub fn max_items(head_dim: usize) -> usize {
     if head_dim > 128 {
         15
@@ -821,6 +859,7 @@ fn pack_inputs(
     d: &Dims,
     batch: &Batch,
     sampling: Option<&[SampleSpec]>,
+    tile_items: usize,
 ) -> Result<StepInputs> {
     let n = batch.num_tokens();
     let mut p = Inputs {
@@ -832,7 +871,7 @@ fn pack_inputs(
     let slots: Vec<i64> = batch.slots.iter().map(|x| *x as i64).collect();
     let slots = p.push(&slots);
     let group = d.q_heads / d.kv_heads.max(1);
-    let tile_rows = (max_items(d.head_dim) / group).max(1);
+    let tile_rows = (tile_items / group).max(1);
     let mut tiles: Vec<i32> = Vec::new();
     let mut max_rows = 0usize;
     let mut max_context = 0usize;
