@@ -255,7 +255,7 @@ impl Backend for CudaBackend {
         if num_blocks == 0 {
             return Err(WorkerError::Cache {
                 detail: format!(
-                    "no KV cache block fits: of {:.2} GiB x --gpu-memory-utilization {util} the \
+                    "no KV cache block fits: of {:.2} GiB x --gpu-memory-utilization {util:.2} the \
                      weights take {:.2} GiB, activations for --max-num-batched-tokens {tokens} \
                      take {:.2} GiB, and {:.2} GiB is in use in all; raise \
                      --gpu-memory-utilization, lower --max-num-batched-tokens, or use more GPUs \
