@@ -149,6 +149,8 @@ step_reference() {
 # ours_logits TAG TP DTYPE: tpserve's logits (and greedy ids) into $OURS/TAG.{f32,json}.
 ours_logits() {
   local tag=$1 tp=$2 dtype=$3 bin="$BIN_DIR/examples/logits"
+  shift 3
+  local extra=("$@")
   rm -f "$OURS/$tag.f32" "$OURS/$tag.json"
   if [ "$tp" -gt "$NGPU" ]; then
     record "logits $tag" "SKIP" "skipped: needs $tp GPUs, this machine has $NGPU"
@@ -164,7 +166,7 @@ ours_logits() {
   fi
   timed "$STEP_TIMEOUT" "$bin" --model "$CKPT" --device cuda --dtype "$dtype" \
     --tensor-parallel-size "$tp" --prompts "$CKPT/prompts.json" --out "$OURS/$tag.f32" \
-    --greedy "$NEW_TOKENS" --greedy-out "$OURS/$tag.json" --sampling-check
+    --greedy "$NEW_TOKENS" --greedy-out "$OURS/$tag.json" --sampling-check "${extra[@]}"
   if [ "$RC" -eq 0 ] && [ -s "$OURS/$tag.f32" ]; then
     record "logits $tag" "PASS" "ran in ${SECS}s (prefill of 4 prompts + $NEW_TOKENS greedy steps; device sampling check passed)"
   else
@@ -222,8 +224,11 @@ step_serve() {
     record "serve tp$tp" "SKIP" "needs the checkpoint"
     return
   fi
+  # TP=1 leaves --device at auto, which must find the GPU by itself.
+  local device=cuda
+  [ "$tp" -eq 1 ] && device=auto
   timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/serve_check.py" --bin "$BIN_DIR" --model "$CKPT" \
-    --tp "$tp" --out "$out"
+    --tp "$tp" --out "$out" --device "$device"
   if [ "$RC" -ne 0 ] || [ ! -f "$out" ]; then
     record "serve tp$tp" "FAIL" "$(why_failed)"
     return
@@ -236,7 +241,7 @@ print(f"; greedy texts equal to tp1: {sum(x == y for x, y in zip(a, b))}/{len(a)
       "$WORK/serve_tp1.json" "$out")
   fi
   record "serve tp$tp" "PASS" \
-    "tpserve serve, $tp worker process(es): 8/8 concurrent completions of 32 tokens$same (${SECS}s)"
+    "tpserve serve --device $device, $tp worker process(es): 8/8 concurrent completions of 32 tokens$same (${SECS}s)"
 }
 
 # step_memory: the 8B shape with dummy weights through `tpserve generate` (real worker process):
@@ -340,6 +345,10 @@ main() {
   ours_logits tp1-bf16-simt 1 bfloat16
   unset TPSERVE_CUDA_ATTENTION
   check_logits tp1-bf16-simt bfloat16 tp1-bf16
+  # Every position as a one-token decode step (chunks of 1): the decode kernel with its key
+  # splits and their combine, at contexts up to 1,500.
+  ours_logits tp1-bf16-decode 1 bfloat16 --chunk 1
+  check_logits tp1-bf16-decode bfloat16 tp1-bf16
   ours_logits tp1-f16 1 float16
   check_logits tp1-f16 float16
   check_greedy tp1-f16 float16 0.03

@@ -11,13 +11,16 @@ that holds.
 Why: tests/gpu/run.sh's numerical checks drive the worker in-process; this is the path a user
 takes (`tpserve serve --tensor-parallel-size 2` on a 2-GPU machine).
 
-How: serve_check.py --bin BIN_DIR --model DIR --tp 2 --out tp2.json [--requests 8]
+How: serve_check.py --bin BIN_DIR --model DIR --tp 2 --out tp2.json [--requests 8] [--device auto]
+The server's log goes to OUT.log (its tail is printed at the end); with --device auto or cuda the
+engine must report a CUDA device in its "engine ready" line.
 """
 
 import argparse
 import concurrent.futures
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -50,7 +53,11 @@ def main() -> int:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--out", required=True)
     ap.add_argument("--requests", type=int, default=8)
-    ap.add_argument("--device", default="cuda", help="cpu only to test this script without a GPU")
+    ap.add_argument(
+        "--device", default="cuda",
+        help="auto or cuda (checked: the engine must report a CUDA device); cpu only to test "
+        "this script without a GPU",
+    )
     args = ap.parse_args()
     port = free_port()
     env = dict(os.environ, TPSERVE_WORKER_BINARY=os.path.join(args.bin, "tpserve-worker"))
@@ -61,7 +68,9 @@ def main() -> int:
     ]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
     started = time.time()
-    server = subprocess.Popen(cmd, env=env)
+    log_path = args.out + ".log"
+    log = open(log_path, "w")
+    server = subprocess.Popen(cmd, env=env, stderr=log)
     base = f"http://127.0.0.1:{port}"
     try:
         while True:
@@ -79,6 +88,13 @@ def main() -> int:
                 return 1
             time.sleep(0.5)
         ready = time.time() - started
+        with open(log_path) as f:
+            # The log may be coloured: drop ANSI escapes before matching.
+            plain = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in f]
+        engine = [line.strip() for line in plain if "engine ready" in line]
+        if args.device in ("auto", "cuda") and not any("device=cuda" in line for line in engine):
+            print(f"serve_check: the engine did not come up on CUDA: {engine}", file=sys.stderr)
+            return 1
         prompts = [f"Request {i}: the quick brown fox jumps over the lazy dog" for i in range(args.requests)]
         body = lambda p: {  # noqa: E731
             "model": "random", "prompt": p, "max_tokens": 32, "temperature": 0,
@@ -107,6 +123,9 @@ def main() -> int:
                 server.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 server.kill()
+        log.close()
+        with open(log_path) as f:
+            sys.stderr.write(f.read()[-4000:])
     if server.returncode != 0:
         print(f"serve_check: the server exited with {server.returncode} after SIGTERM", file=sys.stderr)
         return 1

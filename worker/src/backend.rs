@@ -119,3 +119,23 @@ pub fn create_backend(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_choices_parse_and_bad_ones_say_what_is_expected() {
+        assert_eq!(DeviceChoice::parse("auto").unwrap(), DeviceChoice::Auto);
+        assert_eq!(DeviceChoice::parse("cpu").unwrap(), DeviceChoice::Cpu);
+        assert_eq!(DeviceChoice::parse("cuda").unwrap(), DeviceChoice::Cuda(None));
+        assert_eq!(
+            DeviceChoice::parse("cuda:3").unwrap(),
+            DeviceChoice::Cuda(Some(3))
+        );
+        for bad in ["gpu", "cuda:", "cuda:x", "CUDA"] {
+            let e = DeviceChoice::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("expected auto, cpu, cuda or cuda:N"), "{e}");
+        }
+    }
+}

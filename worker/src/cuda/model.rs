@@ -774,7 +774,7 @@ impl CudaModel {
         let room = ws.partial_capacity / (n * d.q_heads * d.head_dim).max(1);
         let splits = target
             .div_ceil(blocks)
-            .min(inputs.max_context.div_ceil(128))
+            .min(inputs.max_context.div_ceil(64))
             .min(64)
             .min(room);
         if splits <= 1 {
