@@ -128,7 +128,10 @@ mod tests {
     fn device_choices_parse_and_bad_ones_say_what_is_expected() {
         assert_eq!(DeviceChoice::parse("auto").unwrap(), DeviceChoice::Auto);
         assert_eq!(DeviceChoice::parse("cpu").unwrap(), DeviceChoice::Cpu);
-        assert_eq!(DeviceChoice::parse("cuda").unwrap(), DeviceChoice::Cuda(None));
+        assert_eq!(
+            DeviceChoice::parse("cuda").unwrap(),
+            DeviceChoice::Cuda(None)
+        );
         assert_eq!(
             DeviceChoice::parse("cuda:3").unwrap(),
             DeviceChoice::Cuda(Some(3))
