@@ -3,13 +3,18 @@
 # table last.
 #
 # What: on a random Llama checkpoint written here (make_checkpoint.py: 4 layers, hidden 1024, GQA
-# 8/2 heads, llama3 rope scaling, vocab 32000; prompts of 5, 64, 333 and 1500 tokens), compares
-# tpserve's logits of every prompt position with Hugging Face transformers' (hf_reference.py)
-# at TP=1 bfloat16, TP=1 float16 and TP=2 bfloat16 (TP=2 only with two GPUs), and its greedy
-# decoding (32 tokens through the serving step path) with transformers' (compare.py holds
-# tpserve to "no worse than transformers in the same dtype", both measured against float32);
-# asks SmolLM2 (GGUF) the capital of France; runs the Llama-3-8B-shaped benchmark
-# (bench_device, dummy weights, tests/gpu/llama3-8b-config.json).
+# 8/2 heads, llama3 rope scaling, vocab 32000, a byte tokenizer; prompts of 5, 64, 333 and 1500
+# tokens), compares tpserve's logits of every prompt position with Hugging Face transformers'
+# (hf_reference.py) at TP=1 bfloat16 (prefill on the tensor-core attention kernel, again on the
+# CUDA-core one, and every position as a one-token decode step), TP=1 float16 and TP=2 bfloat16
+# (TP=2 only with two GPUs); checks device sampling (seeded repeats, top-k/top-p/min-p sets) and
+# greedy decoding (32 tokens through the serving step path) against transformers (compare.py
+# holds tpserve to "no worse than transformers in the same dtype", both measured against
+# float32); serves the checkpoint over HTTP with `tpserve serve` at TP=1 (--device auto) and TP=2
+# (serve_check.py); checks that the 8B shape with dummy weights serves at
+# --gpu-memory-utilization 0.9 and is refused at start at 0.05; asks SmolLM2 (GGUF) the capital
+# of France; runs the Llama-3-8B-shaped benchmark (bench_device, dummy weights,
+# tests/gpu/llama3-8b-config.json).
 #
 # Why: the GPU machine has no network and no Rust toolchain (docs: /work/shared/GPU.md), so the
 # binaries are built elsewhere and all checks run in one batch. Every step records a row even
