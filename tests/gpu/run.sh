@@ -21,7 +21,8 @@
 # when it fails; nothing stops at the first failure.
 #
 # How (from anywhere; it runs in the repository root):
-#   tests/gpu/run.sh
+#   cargo build --release --bins --examples -p tpserve-coordinator -p tpserve-worker  # where Rust is
+#   tests/gpu/run.sh                                                                  # on the GPU machine
 # Environment:
 #   BIN_DIR        pre-built binaries (default target/release): tpserve, examples/logits,
 #                  examples/bench_device
