@@ -57,6 +57,14 @@ pub struct DecodeReport {
 pub async fn run(args: DecodeArgs) -> anyhow::Result<DecodeReport> {
     let tp = args.engine.tensor_parallel_size;
     let launched = launch(&args.engine, None).await?;
+    // Its floor is host memory bandwidth: meaningless for GPU workers, whose floor is the GPU's
+    // (`bench_device`, worker/examples, measures that in the same run).
+    anyhow::ensure!(
+        !launched.ready.device.starts_with("cuda"),
+        "bench decode measures against the host's memory bandwidth, which is not the floor of GPU \
+         workers ({}); use --device cpu, or worker/examples/bench_device.rs for GPUs",
+        launched.ready.device
+    );
     let prompt: Vec<u32> = (0..args.input_len)
         .map(|i| 1000 + (i as u32 * 37) % 5000)
         .collect();
