@@ -212,28 +212,10 @@ impl Compiler {
         })
     }
 
-    /// Every source of `sources` (usually [`crate::SOURCES`]), in order, compiled on one thread
-    /// per source (NVRTC programs are independent, and the attention sources take seconds each
-    /// on a cold cache); the first error in source order is returned.
+    /// Every source of `sources` (usually [`crate::SOURCES`]), in order; stops at the first
+    /// compile error.
     pub fn compile_all(&self, sources: &[KernelSource]) -> Result<Vec<CompiledKernel>> {
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = sources
-                .iter()
-                .map(|source| scope.spawn(move || self.compile(source)))
-                .collect();
-            handles
-                .into_iter()
-                .zip(sources)
-                .map(|(handle, source)| {
-                    handle.join().unwrap_or_else(|_| {
-                        Err(Error::Nvrtc {
-                            call: "nvrtcCompileProgram",
-                            message: format!("compiling {} panicked", source.name),
-                        })
-                    })
-                })
-                .collect()
-        })
+        sources.iter().map(|s| self.compile(s)).collect()
     }
 }
 

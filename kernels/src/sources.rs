@@ -83,10 +83,6 @@ pub const SOURCES: &[KernelSource] = &[
         code: include_str!("../cuda/attention_mma.cu"),
     },
     KernelSource {
-        name: "gemv.cu",
-        code: include_str!("../cuda/gemv.cu"),
-    },
-    KernelSource {
         name: "sampling.cu",
         code: include_str!("../cuda/sampling.cu"),
     },
@@ -138,7 +134,6 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "paged_attention_mma_hd128_f16",
         ],
     ),
-    ("gemv.cu", &["gemv_bf16", "gemv_f16"]),
     ("sampling.cu", &["sample_bf16", "sample_f16"]),
     (
         "elementwise.cu",

@@ -153,8 +153,7 @@ fn main() -> anyhow::Result<()> {
 
     // Decode: one sequence, context decode_context, then decode_steps single-token steps.
     let ctx = args.decode_context;
-    // Room for the timed steps, the cuBLAS comparison (32) and the phase profile (32).
-    let total = ctx + args.decode_steps + 64 + 1;
+    let total = ctx + args.decode_steps + 32 + 1;
     let blocks = total.div_ceil(BLOCK_SIZE);
     step_id += 1;
     run(pb::StepPlan {
@@ -168,15 +167,6 @@ fn main() -> anyhow::Result<()> {
         step_id += 1;
         decode.push(run(decode_step(step_id))?);
     }
-    // The same decode with cuBLAS for the projections instead of the GEMV kernel, for comparison.
-    std::env::set_var("TPSERVE_CUDA_GEMV", "0");
-    let mut decode_cublas = Vec::new();
-    for _ in 0..32 {
-        step_id += 1;
-        decode_cublas.push(run(decode_step(step_id))?);
-    }
-    std::env::remove_var("TPSERVE_CUDA_GEMV");
-    let decode_cublas_s = median(decode_cublas);
     // Phase profile (CUDA events between phases; they cost a little, so separately): 3 more
     // prefills, then 32 more decode steps.
     std::env::set_var("TPSERVE_CUDA_PHASES", "1");
@@ -257,12 +247,6 @@ fn main() -> anyhow::Result<()> {
         100.0 * memory_floor_s / decode_s
     );
     println!(
-        "| decode, same, cuBLAS for the projections | {:.1} tok/s ({:.2} ms/step median) | | {:.0}% |",
-        1.0 / decode_cublas_s,
-        decode_cublas_s * 1e3,
-        100.0 * memory_floor_s / decode_cublas_s
-    );
-    println!(
         "| prefill, 1 prompt of {p} tokens | {prefill_tps:.0} tok/s ({:.1} ms) | {:.0} tok/s ({:.1} ms: {:.2} TFLOP) | {:.0}% |",
         prefill_s * 1e3,
         p as f64 / matrix_floor_s,
@@ -319,7 +303,6 @@ fn main() -> anyhow::Result<()> {
         "decode_tokens_per_s": decode_tps,
         "decode_floor_ms": memory_floor_s * 1e3,
         "decode_ratio_to_floor": memory_floor_s / decode_s,
-        "decode_cublas_ms_median": decode_cublas_s * 1e3,
         "prefill_tokens": p,
         "prefill_ms": prefill_s * 1e3,
         "prefill_tokens_per_s": prefill_tps,

@@ -82,8 +82,6 @@ pub const ELEM: usize = 2;
 /// Threads of the attention kernel's blocks (4 warps), and the (row, head) pairs one block holds.
 pub const ATTENTION_THREADS: u32 = 128;
 pub const ATTENTION_MAX_ITEMS: usize = 32;
-/// Tokens up to which a Linear layer runs as our GEMV kernel rather than a cuBLAS GEMM.
-pub const GEMV_MAX_ROWS: usize = 8;
 /// (row, head) items of one tensor-core attention block.
 pub const ATTENTION_MMA_ITEMS: usize = 64;
 
@@ -108,7 +106,6 @@ pub struct Kernels {
     attention_mma_hd128: CudaFunction,
     attention_combine: CudaFunction,
     sample: CudaFunction,
-    gemv: CudaFunction,
     add_bias: CudaFunction,
     gather_rows: CudaFunction,
     fill_uniform: CudaFunction,
@@ -144,13 +141,11 @@ impl Kernels {
             })?;
         let started = std::time::Instant::now();
         let mut functions = std::collections::HashMap::new();
-        let compiled = compiler
-            .compile_all(SOURCES)
-            .map_err(|e| WorkerError::Device {
-                detail: format!("compiling the CUDA kernels: {e}"),
-            })?;
         let mut compiled_now = 0;
-        for (source, kernel) in SOURCES.iter().zip(compiled) {
+        for source in SOURCES {
+            let kernel = compiler.compile(source).map_err(|e| WorkerError::Device {
+                detail: format!("compiling {}: {e}", source.name),
+            })?;
             if let Some(e) = &kernel.cache_error {
                 tracing::warn!("PTX cache: {e}");
             }
@@ -200,7 +195,6 @@ impl Kernels {
             attention_mma_hd128: take("paged_attention_mma_hd128")?,
             attention_combine: take("attention_combine")?,
             sample: take("sample")?,
-            gemv: take("gemv")?,
             add_bias: take("add_bias")?,
             gather_rows: take("gather_rows")?,
             fill_uniform: take("fill_uniform")?,
@@ -551,18 +545,6 @@ impl Kernels {
         unsafe { b.launch(rows(num_rows, 1024)) }
             .map(drop)
             .map_err(launch_err("sample"))
-    }
-
-    /// `y[n, m] = x[n, k] W[m, k]^T` for `n <= GEMV_MAX_ROWS` tokens (`k` a multiple of 8).
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemv(&self, y: u64, x: u64, w: u64, n: usize, m: usize, k: usize) -> Result<()> {
-        let (nn, mm, kk) = (n as i32, m as i32, k as i32);
-        let mut b = self.stream.launch_builder(&self.gemv);
-        b.arg(&y).arg(&x).arg(&w).arg(&nn).arg(&mm).arg(&kk);
-        // SAFETY: as gemv.cu documents; the caller checks n and k.
-        unsafe { b.launch(rows(m.div_ceil(8), 256)) }
-            .map(drop)
-            .map_err(launch_err("gemv"))
     }
 
     pub fn add_bias(&self, x: u64, bias: u64, n: usize, d: usize) -> Result<()> {

@@ -18,7 +18,7 @@ use super::blas::Blas;
 use super::device::{DeviceBuffer, Gpu};
 use super::kernels::{
     AttentionShape, Dtype, Kernels, SamplingPointers, ATTENTION_MAX_ITEMS, ATTENTION_MMA_ITEMS,
-    ELEM, GEMV_MAX_ROWS,
+    ELEM,
 };
 use super::nccl::Nccl;
 use super::phases::PhaseTimer;
@@ -620,16 +620,7 @@ impl CudaModel {
                 )?;
             }
             timer.mark(gpu, "rms_norm");
-            linear(
-                kernels,
-                blas,
-                ws.qkv.ptr,
-                ws.normed.ptr,
-                layer.qkv.ptr,
-                n,
-                d.qkv,
-                d.hidden,
-            )?;
+            blas.linear(ws.qkv.ptr, ws.normed.ptr, layer.qkv.ptr, n, d.qkv, d.hidden)?;
             if let Some(bias) = &layer.qkv_bias {
                 kernels.add_bias(ws.qkv.ptr, bias.ptr, n, d.qkv)?;
             }
@@ -700,16 +691,7 @@ impl CudaModel {
                 )?;
             }
             timer.mark(gpu, "attention");
-            linear(
-                kernels,
-                blas,
-                ws.sub.ptr,
-                ws.attn.ptr,
-                layer.o.ptr,
-                n,
-                d.hidden,
-                q_w,
-            )?;
+            blas.linear(ws.sub.ptr, ws.attn.ptr, layer.o.ptr, n, d.hidden, q_w)?;
             timer.mark(gpu, "gemm o");
             all_reduce(ws.sub.ptr, n * d.hidden)?;
             timer.mark(gpu, "all-reduce");
@@ -723,9 +705,7 @@ impl CudaModel {
                 eps,
             )?;
             timer.mark(gpu, "rms_norm");
-            linear(
-                kernels,
-                blas,
+            blas.linear(
                 ws.gate_up.ptr,
                 ws.normed.ptr,
                 layer.gate_up.ptr,
@@ -736,16 +716,7 @@ impl CudaModel {
             timer.mark(gpu, "gemm gate_up");
             kernels.silu_mul(ws.act.ptr, ws.gate_up.ptr, n, d.inter)?;
             timer.mark(gpu, "silu_mul");
-            linear(
-                kernels,
-                blas,
-                ws.sub.ptr,
-                ws.act.ptr,
-                layer.down.ptr,
-                n,
-                d.hidden,
-                d.inter,
-            )?;
+            blas.linear(ws.sub.ptr, ws.act.ptr, layer.down.ptr, n, d.hidden, d.inter)?;
             timer.mark(gpu, "gemm down");
             all_reduce(ws.sub.ptr, n * d.hidden)?;
             timer.mark(gpu, "all-reduce");
@@ -761,9 +732,7 @@ impl CudaModel {
         )?;
         kernels.gather_rows(ws.last.ptr, ws.normed.ptr, inputs.sample_rows, s, d.hidden)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        linear(
-            kernels,
-            blas,
+        blas.linear(
             ws.logits.ptr,
             ws.last.ptr,
             head.ptr,
@@ -860,30 +829,6 @@ pub struct ForwardOutput {
     pub sampled: u64,
     /// The uploaded sampling parameters, when the step samples.
     pub sampling: Option<SamplingPointers>,
-}
-
-/// `y[n, m] = x[n, k] W[m, k]^T`: our GEMV kernel for a few tokens (decode reads each weight
-/// once, and cuBLAS reaches 60-65% of the bandwidth on the smaller projections there), cuBLAS
-/// otherwise. `TPSERVE_CUDA_GEMV=0` keeps cuBLAS always (for comparisons).
-#[allow(clippy::too_many_arguments)]
-fn linear(
-    kernels: &Kernels,
-    blas: &Blas,
-    y: u64,
-    x: u64,
-    w: u64,
-    n: usize,
-    m: usize,
-    k: usize,
-) -> Result<()> {
-    if n <= GEMV_MAX_ROWS
-        && k.is_multiple_of(8)
-        && std::env::var("TPSERVE_CUDA_GEMV").map_or(true, |v| v != "0")
-    {
-        kernels.gemv(y, x, w, n, m, k)
-    } else {
-        blas.linear(y, x, w, n, m, k)
-    }
 }
 
 /// Rows of one sequence in a step from which the tensor-core attention kernel takes the step:
