@@ -6,6 +6,7 @@
 //! Sampling happens on the device: rank 0 samples from the gathered logits, and NCCL broadcasts
 //! the tokens so every rank appends the same ones.
 
+mod attention_plan;
 mod blas;
 mod device;
 mod floors;

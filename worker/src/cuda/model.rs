@@ -14,6 +14,7 @@
 
 use tpserve_modelfile::LlamaConfig;
 
+use super::attention_plan::{block_tables, key_splits, AttentionTiles};
 use super::blas::Blas;
 use super::device::{DeviceBuffer, Gpu};
 use super::kernels::{
@@ -766,22 +767,12 @@ impl CudaModel {
     /// How many splits attention takes over the key length, and keys per split.
     fn splits(&self, gpu: &Gpu, ws: &Workspace, inputs: &StepInputs, n: usize) -> (usize, usize) {
         let d = &self.dims;
-        let blocks = inputs.num_tiles * d.kv_heads;
-        let target = 2 * gpu.sm_count;
-        if blocks >= target || inputs.max_context <= 256 {
-            return (1, 0);
-        }
-        let room = ws.partial_capacity / (n * d.q_heads * d.head_dim).max(1);
-        let splits = target
-            .div_ceil(blocks)
-            .min(inputs.max_context.div_ceil(64))
-            .min(64)
-            .min(room);
-        if splits <= 1 {
-            return (1, 0);
-        }
-        let split_len = inputs.max_context.div_ceil(splits).next_multiple_of(32);
-        (inputs.max_context.div_ceil(split_len), split_len)
+        key_splits(
+            inputs.num_tiles * d.kv_heads,
+            gpu.sm_count,
+            inputs.max_context,
+            ws.partial_capacity / (n * d.q_heads * d.head_dim).max(1),
+        )
     }
 
     fn validate(&self, batch: &Batch, cache: &GpuKvCache) -> Result<()> {
@@ -871,29 +862,8 @@ fn pack_inputs(
     let slots: Vec<i64> = batch.slots.iter().map(|x| *x as i64).collect();
     let slots = p.push(&slots);
     let group = d.q_heads / d.kv_heads.max(1);
-    let tile_rows = (tile_items / group).max(1);
-    let mut tiles: Vec<i32> = Vec::new();
-    let mut max_rows = 0usize;
-    let mut max_context = 0usize;
-    let max_blocks_per_seq = batch
-        .seqs
-        .iter()
-        .map(|s| s.block_ids.len())
-        .max()
-        .unwrap_or(0)
-        .max(1);
-    for (si, seq) in batch.seqs.iter().enumerate() {
-        let mut r = seq.rows.start;
-        while r < seq.rows.end {
-            let rows = tile_rows.min(seq.rows.end - r);
-            let pos0 = seq.start_pos + (r - seq.rows.start);
-            tiles.extend_from_slice(&[si as i32, r as i32, rows as i32, pos0 as i32]);
-            max_rows = max_rows.max(rows);
-            r += rows;
-        }
-        max_context = max_context.max(seq.context_len());
-    }
-    let tiles_at = p.push(&tiles);
+    let plan = AttentionTiles::new(batch, (tile_items / group).max(1));
+    let tiles_at = p.push(&plan.tiles);
     let sample_rows: Vec<i32> = batch.sample_rows.iter().map(|x| *x as i32).collect();
     let sample_rows = p.push(&sample_rows);
     let sampling_at = sampling.map(|specs| {
@@ -911,12 +881,7 @@ fn pack_inputs(
         )
     });
     // Block tables last: their size depends on the sequences' lengths, not on the token count.
-    let mut tables = vec![0i32; batch.seqs.len() * max_blocks_per_seq];
-    for (si, seq) in batch.seqs.iter().enumerate() {
-        for (j, b) in seq.block_ids.iter().enumerate() {
-            tables[si * max_blocks_per_seq + j] = *b as i32;
-        }
-    }
+    let (tables, max_blocks_per_seq) = block_tables(batch);
     let tables_at = p.push(&tables);
     let (base, spill) = if p.bytes.len() <= ws.inputs.bytes {
         gpu.upload(&ws.inputs, &p.bytes)?;
@@ -941,10 +906,10 @@ fn pack_inputs(
             min_p: at(mp),
             seeds: at(s),
         }),
-        num_tiles: tiles.len() / 4,
-        items: max_rows * group,
+        num_tiles: plan.len(),
+        items: plan.max_rows * group,
         max_blocks_per_seq,
-        max_context,
+        max_context: plan.max_context,
         _spill: spill,
     })
 }

@@ -1,0 +1,179 @@
+//! How a step's attention is cut into GPU blocks, decided on the host: tiles of consecutive query
+//! rows of one sequence (a block loads each key tile once for every row and query head of its
+//! tile), the padded block-table matrix, and how many splits the key length gets (a decode step of
+//! few sequences would otherwise leave most SMs idle). Pure functions of the batch, tested here.
+
+use crate::batch::Batch;
+
+/// The tiles of a step: `(sequence, first row, rows, position of the first row)` each, flattened
+/// as the attention kernels read them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttentionTiles {
+    pub tiles: Vec<i32>,
+    /// Rows of the largest tile.
+    pub max_rows: usize,
+    /// Keys the longest sequence's last row sees.
+    pub max_context: usize,
+}
+
+impl AttentionTiles {
+    /// Cuts every sequence's rows into tiles of at most `tile_rows` rows.
+    pub fn new(batch: &Batch, tile_rows: usize) -> Self {
+        let tile_rows = tile_rows.max(1);
+        let mut tiles = Vec::new();
+        let (mut max_rows, mut max_context) = (0usize, 0usize);
+        for (si, seq) in batch.seqs.iter().enumerate() {
+            let mut r = seq.rows.start;
+            while r < seq.rows.end {
+                let rows = tile_rows.min(seq.rows.end - r);
+                let pos0 = seq.start_pos + (r - seq.rows.start);
+                tiles.extend_from_slice(&[si as i32, r as i32, rows as i32, pos0 as i32]);
+                max_rows = max_rows.max(rows);
+                r += rows;
+            }
+            max_context = max_context.max(seq.context_len());
+        }
+        Self {
+            tiles,
+            max_rows,
+            max_context,
+        }
+    }
+
+    /// Number of tiles.
+    pub fn len(&self) -> usize {
+        self.tiles.len() / 4
+    }
+}
+
+/// The block tables of the batch's sequences as one `[seqs, max_blocks_per_seq]` matrix (rows
+/// padded with block 0, never read past a sequence's length), and its row length.
+pub fn block_tables(batch: &Batch) -> (Vec<i32>, usize) {
+    let width = batch
+        .seqs
+        .iter()
+        .map(|s| s.block_ids.len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let mut tables = vec![0i32; batch.seqs.len() * width];
+    for (si, seq) in batch.seqs.iter().enumerate() {
+        for (j, b) in seq.block_ids.iter().enumerate() {
+            tables[si * width + j] = *b as i32;
+        }
+    }
+    (tables, width)
+}
+
+/// Splits of the key length for the CUDA-core kernel, `(splits, keys per split)`: `(1, 0)` when
+/// the step already has a block per SM twice over or its contexts are short; otherwise enough
+/// splits to fill the GPU, each at least 64 keys, at most 64 splits and at most `room` (what the
+/// split buffer holds for this step). Keys per split are a multiple of 32, and no split is empty.
+pub fn key_splits(
+    blocks: usize,
+    sm_count: usize,
+    max_context: usize,
+    room: usize,
+) -> (usize, usize) {
+    let target = 2 * sm_count;
+    if blocks >= target || max_context <= 256 {
+        return (1, 0);
+    }
+    let splits = target
+        .div_ceil(blocks.max(1))
+        .min(max_context.div_ceil(64))
+        .min(64)
+        .min(room);
+    if splits <= 1 {
+        return (1, 0);
+    }
+    let split_len = max_context.div_ceil(splits).next_multiple_of(32);
+    (max_context.div_ceil(split_len), split_len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::SeqSlice;
+
+    /// A batch of sequences given as (rows this step, tokens already cached).
+    fn batch(seqs: &[(usize, usize)]) -> Batch {
+        let mut b = Batch::default();
+        for (i, &(rows, start)) in seqs.iter().enumerate() {
+            let first = b.token_ids.len();
+            for p in start..start + rows {
+                b.token_ids.push(1);
+                b.positions.push(p);
+                b.slots.push(p);
+            }
+            b.seqs.push(SeqSlice {
+                rows: first..first + rows,
+                start_pos: start,
+                block_ids: (0..(start + rows).div_ceil(16) as u32)
+                    .map(|x| x + 100 * i as u32)
+                    .collect(),
+            });
+            b.sample_rows.push(first + rows - 1);
+        }
+        b
+    }
+
+    #[test]
+    fn tiles_cover_every_row_once_with_its_sequence_and_position() {
+        let b = batch(&[(37, 0), (1, 500), (16, 64), (5, 3)]);
+        for tile_rows in [1, 4, 8, 16, 64] {
+            let t = AttentionTiles::new(&b, tile_rows);
+            let mut seen = vec![0; b.num_tokens()];
+            for tile in t.tiles.chunks_exact(4) {
+                let (seq, row0, rows, pos0) = (
+                    tile[0] as usize,
+                    tile[1] as usize,
+                    tile[2] as usize,
+                    tile[3] as usize,
+                );
+                assert!(rows >= 1 && rows <= tile_rows);
+                for r in row0..row0 + rows {
+                    seen[r] += 1;
+                    assert!(
+                        b.seqs[seq].rows.contains(&r),
+                        "row {r} outside sequence {seq}"
+                    );
+                    assert_eq!(b.positions[r], pos0 + (r - row0));
+                }
+            }
+            assert!(seen.iter().all(|&s| s == 1), "{seen:?}");
+            assert_eq!(t.max_context, 501);
+            assert_eq!(t.max_rows, tile_rows.min(37));
+        }
+    }
+
+    #[test]
+    fn block_tables_are_padded_rows_of_each_sequence() {
+        let b = batch(&[(20, 0), (1, 40)]);
+        let (tables, width) = block_tables(&b);
+        assert_eq!(width, 3);
+        assert_eq!(tables, vec![0, 1, 0, 100, 101, 102]);
+    }
+
+    #[test]
+    fn key_splits_fill_the_gpu_only_for_long_contexts_and_never_leave_a_split_empty() {
+        assert_eq!(key_splits(8, 132, 200, 1000), (1, 0), "short context");
+        assert_eq!(key_splits(300, 132, 4096, 1000), (1, 0), "enough blocks");
+        for ctx in [257, 512, 1000, 4096, 100_000] {
+            for blocks in [1, 8, 64, 263] {
+                for room in [1, 2, 7, 1000] {
+                    let (splits, len) = key_splits(blocks, 132, ctx, room);
+                    if splits == 1 {
+                        continue;
+                    }
+                    assert!(splits <= 64 && splits <= room, "{splits}");
+                    assert_eq!(len % 32, 0);
+                    assert!(len >= 64 || len * splits >= ctx);
+                    assert!(splits * len >= ctx, "keys left over");
+                    assert!((splits - 1) * len < ctx, "an empty split");
+                }
+            }
+        }
+        assert_eq!(key_splits(8, 132, 512, 1000), (8, 64));
+    }
+}
