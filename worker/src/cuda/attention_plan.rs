@@ -132,8 +132,8 @@ mod tests {
                     tile[3] as usize,
                 );
                 assert!(rows >= 1 && rows <= tile_rows);
-                for r in row0..row0 + rows {
-                    seen[r] += 1;
+                for (r, count) in seen.iter_mut().enumerate().skip(row0).take(rows) {
+                    *count += 1;
                     assert!(
                         b.seqs[seq].rows.contains(&r),
                         "row {r} outside sequence {seq}"
