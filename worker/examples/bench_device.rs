@@ -18,6 +18,7 @@ use tpserve_modelfile::LlamaConfig;
 use tpserve_proto as pb;
 use tpserve_worker::backend::DeviceChoice;
 use tpserve_worker::cuda::{measure_floors, take_phase_totals, Dtype};
+use tpserve_worker::sampler::SampleSpec;
 use tpserve_worker::thread_group::ThreadGroup;
 
 #[derive(Debug, Parser)]
@@ -84,13 +85,7 @@ fn main() -> anyhow::Result<()> {
     group.on_rank(0, move |r| r.init_cache(num_blocks, BLOCK_SIZE))?;
     let warmup = group.on_rank(0, move |r| r.warmup(max_tokens, 256))?;
 
-    let greedy = pb::SamplingParams {
-        temperature: 0.0,
-        top_p: 1.0,
-        top_k: 0,
-        min_p: 0.0,
-        seed: None,
-    };
+    let greedy = SampleSpec::greedy().params;
     let mut step_id = 0u64;
     let run = |plan: pb::StepPlan| -> anyhow::Result<f64> {
         let t = Instant::now();

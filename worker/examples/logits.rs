@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use tpserve_proto as pb;
 use tpserve_worker::backend::DeviceChoice;
+use tpserve_worker::sampler::SampleSpec;
 use tpserve_worker::thread_group::ThreadGroup;
 
 #[derive(Debug, Parser)]
@@ -134,13 +135,7 @@ fn greedy(
     count: usize,
     num_blocks: usize,
 ) -> anyhow::Result<Vec<u32>> {
-    let greedy = pb::SamplingParams {
-        temperature: 0.0,
-        top_p: 1.0,
-        top_k: 0,
-        min_p: 0.0,
-        seed: None,
-    };
+    let greedy = SampleSpec::greedy().params;
     let blocks_for = |tokens: usize| tokens.div_ceil(BLOCK_SIZE);
     // Blocks from the middle of the cache, away from prompt_logits' blocks at the end.
     let first_block = num_blocks / 4;

@@ -383,41 +383,69 @@ impl Kernels {
                 })
             }
         };
-        let (nq, nkv, bs, mbps, qs) = (
-            shape.q_heads as i32,
-            shape.kv_heads as i32,
-            shape.block_size as i32,
-            shape.max_blocks_per_seq as i32,
-            shape.q_stride as i32,
-        );
-        let (unused, splits, split_len) = (0u64, 1i32, 0i32);
-        let scale = shape.scale;
         let cfg = LaunchConfig {
             grid_dim: (num_tiles as u32, shape.kv_heads as u32, 1),
             block_dim: (ATTENTION_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
+        // The split buffers are not read with one split.
+        let unused = 0u64;
+        self.launch_attention(
+            f,
+            cfg,
+            [
+                out,
+                unused,
+                unused,
+                q,
+                key_cache,
+                value_cache,
+                block_tables,
+                tiles,
+            ],
+            shape,
+            (1, 0),
+        )
+        .map_err(launch_err("paged_attention_mma"))
+    }
+
+    /// Launches either attention kernel: their arguments are the same.
+    fn launch_attention(
+        &self,
+        f: &CudaFunction,
+        cfg: LaunchConfig,
+        pointers: [u64; 8],
+        shape: &AttentionShape,
+        (num_splits, split_len): (usize, usize),
+    ) -> std::result::Result<(), cudarc::driver::DriverError> {
+        let (nq, nkv, bs, mbps, qs, ns, sl) = (
+            shape.q_heads as i32,
+            shape.kv_heads as i32,
+            shape.block_size as i32,
+            shape.max_blocks_per_seq as i32,
+            shape.q_stride as i32,
+            num_splits as i32,
+            split_len as i32,
+        );
+        let scale = shape.scale;
         let mut b = self.stream.launch_builder(f);
-        b.arg(&out)
-            .arg(&unused)
-            .arg(&unused)
-            .arg(&q)
-            .arg(&key_cache)
-            .arg(&value_cache)
-            .arg(&block_tables)
-            .arg(&tiles)
-            .arg(&nq)
+        for p in &pointers {
+            b.arg(p);
+        }
+        b.arg(&nq)
             .arg(&nkv)
             .arg(&bs)
             .arg(&mbps)
             .arg(&qs)
-            .arg(&splits)
-            .arg(&split_len)
+            .arg(&ns)
+            .arg(&sl)
             .arg(&scale);
-        // SAFETY: as attention_mma.cu documents; the caller builds tiles of at most 64 items.
-        unsafe { b.launch(cfg) }
-            .map(drop)
-            .map_err(launch_err("paged_attention_mma"))
+        // SAFETY: both attention kernels take (out, partial_out, partial_ml, q, key_cache,
+        // value_cache, block_tables, tiles, num_q_heads, num_kv_heads, block_size,
+        // max_blocks_per_seq, q_stride, num_splits, split_len, scale) as attention.cu documents;
+        // the callers size the buffers, keep the tiles within the kernel's item limit and the
+        // shared memory under the default limit.
+        unsafe { b.launch(cfg) }.map(drop)
     }
 
     /// Paged attention over `num_tiles` tiles; `items` is the largest rows x group of a tile.
@@ -448,43 +476,28 @@ impl Kernels {
                 })
             }
         };
-        let (nq, nkv, bs, mbps, qs, ns, sl) = (
-            shape.q_heads as i32,
-            shape.kv_heads as i32,
-            shape.block_size as i32,
-            shape.max_blocks_per_seq as i32,
-            shape.q_stride as i32,
-            num_splits as i32,
-            split_len as i32,
-        );
-        let scale = shape.scale;
         let cfg = LaunchConfig {
             grid_dim: (num_tiles as u32, shape.kv_heads as u32, num_splits as u32),
             block_dim: (ATTENTION_THREADS, 1, 1),
             shared_mem_bytes: attention_smem_bytes(shape.head_dim, items) as u32,
         };
-        let mut b = self.stream.launch_builder(f);
-        b.arg(&out)
-            .arg(&partial_out)
-            .arg(&partial_ml)
-            .arg(&q)
-            .arg(&key_cache)
-            .arg(&value_cache)
-            .arg(&block_tables)
-            .arg(&tiles)
-            .arg(&nq)
-            .arg(&nkv)
-            .arg(&bs)
-            .arg(&mbps)
-            .arg(&qs)
-            .arg(&ns)
-            .arg(&sl)
-            .arg(&scale);
-        // SAFETY: as attention.cu documents; the caller keeps items <= 32 and the shared memory
-        // under the default limit.
-        unsafe { b.launch(cfg) }
-            .map(drop)
-            .map_err(launch_err("paged_attention"))
+        self.launch_attention(
+            f,
+            cfg,
+            [
+                out,
+                partial_out,
+                partial_ml,
+                q,
+                key_cache,
+                value_cache,
+                block_tables,
+                tiles,
+            ],
+            shape,
+            (num_splits, split_len),
+        )
+        .map_err(launch_err("paged_attention"))
     }
 
     pub fn attention_combine(
