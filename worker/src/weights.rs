@@ -1,15 +1,17 @@
-//! Where a rank's weights come from, and reading one tensor of it, narrowed to this rank's shard,
-//! as f32: from a checkpoint (safetensors or GGUF, dequantized) or random of the config's shape
-//! (`--load-format dummy`). Shared by the backends; the CUDA backend rounds what it reads to its
-//! dtype and initialises dummy weights on the device instead.
+//! A rank's weights, shared by the backends: which checkpoint tensors it holds and how they are
+//! narrowed to its shard and fused (`model_parts`), where they come from (a checkpoint, or random
+//! of the config's shape for `--load-format dummy`), and reading them as f32. The CUDA backend
+//! rounds what it reads to its dtype and initialises dummy weights on the device instead.
 
+use std::ops::Range;
 use std::path::Path;
 
 use rand::{Rng, SeedableRng};
-use tpserve_modelfile::{Format, LlamaConfig, WeightReader};
+use tpserve_modelfile::{Format, LlamaConfig, ModelSource, WeightReader};
 use tpserve_proto as pb;
 
 use crate::error::{Result, WorkerError};
+use crate::shard::ShardPlan;
 
 /// Where the weights come from.
 pub enum WeightSource<'a> {
@@ -25,23 +27,136 @@ pub(crate) fn tensor_err(name: &str, e: impl std::fmt::Display) -> WorkerError {
     }
 }
 
-/// Reads `name` narrowed to `range` along `dim` (all of it when `range` is `None`) as f32.
-pub fn read(
-    source: &WeightSource,
-    name: &str,
-    slice: Option<(usize, std::ops::Range<usize>)>,
-    shape: &[usize],
-) -> Result<Vec<f32>> {
+/// One checkpoint tensor narrowed to this rank's share: the slice `(dimension, range)` it holds
+/// (all of it when `None`), and that slice's shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    pub name: String,
+    pub slice: Option<(usize, Range<usize>)>,
+    pub shape: Vec<usize>,
+}
+
+impl Part {
+    fn new(name: String, slice: Option<(usize, Range<usize>)>, shape: Vec<usize>) -> Self {
+        Self { name, slice, shape }
+    }
+
+    /// Elements of the slice.
+    pub fn elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Elements of fused parts together.
+pub fn total_len(parts: &[Part]) -> usize {
+    parts.iter().map(Part::elements).sum()
+}
+
+/// One decoder layer's tensors on this rank, grouped as the backends fuse them.
+pub struct LayerParts {
+    pub input_norm: Part,
+    /// `[q | k | v]` rows of this rank's heads: one matrix `[q + 2 kv, hidden]`.
+    pub qkv: Vec<Part>,
+    /// Their biases (Qwen2), in the same order.
+    pub qkv_bias: Option<Vec<Part>>,
+    /// Columns of this rank's heads.
+    pub o: Part,
+    pub post_norm: Part,
+    /// `[gate | up]` rows of this rank's intermediate slice.
+    pub gate_up: Vec<Part>,
+    /// Columns of this rank's intermediate slice.
+    pub down: Part,
+}
+
+/// Every tensor this rank holds.
+pub struct ModelParts {
+    pub layers: Vec<LayerParts>,
+    /// Rows `shard.vocab` of the embedding (also the lm_head when tied).
+    pub embed: Part,
+    /// Rows `shard.vocab` of the lm_head; `None` when tied to the embedding.
+    pub lm_head: Option<Part>,
+    pub final_norm: Part,
+}
+
+/// The tensors of `config`'s model that `shard` holds (Megatron split: q/k/v and gate/up by rows,
+/// o and down by columns, embedding and lm_head by vocabulary rows).
+pub fn model_parts(config: &LlamaConfig, shard: &ShardPlan, source: &WeightSource) -> ModelParts {
+    let (h, hd) = (config.hidden_size, config.head_dim);
+    let q = (shard.q_heads.start * hd)..(shard.q_heads.end * hd);
+    let kv = (shard.kv_heads.start * hd)..(shard.kv_heads.end * hd);
+    let inter = shard.intermediate.clone();
+    let rows = |name: String, r: &Range<usize>, cols: Option<usize>| {
+        let shape = cols.map_or(vec![r.len()], |c| vec![r.len(), c]);
+        Part::new(name, Some((0, r.clone())), shape)
+    };
+    let cols =
+        |name: String, r: &Range<usize>| Part::new(name, Some((1, r.clone())), vec![h, r.len()]);
+    let whole = |name: String| Part::new(name, None, vec![h]);
+    let layers = (0..config.num_hidden_layers)
+        .map(|i| {
+            let p = format!("model.layers.{i}");
+            let attn = |m: &str, kind: &str, r: &Range<usize>, c: Option<usize>| {
+                rows(format!("{p}.self_attn.{m}_proj.{kind}"), r, c)
+            };
+            LayerParts {
+                input_norm: whole(format!("{p}.input_layernorm.weight")),
+                qkv: vec![
+                    attn("q", "weight", &q, Some(h)),
+                    attn("k", "weight", &kv, Some(h)),
+                    attn("v", "weight", &kv, Some(h)),
+                ],
+                qkv_bias: config.attention_bias.then(|| {
+                    vec![
+                        attn("q", "bias", &q, None),
+                        attn("k", "bias", &kv, None),
+                        attn("v", "bias", &kv, None),
+                    ]
+                }),
+                o: cols(format!("{p}.self_attn.o_proj.weight"), &q),
+                post_norm: whole(format!("{p}.post_attention_layernorm.weight")),
+                gate_up: vec![
+                    rows(format!("{p}.mlp.gate_proj.weight"), &inter, Some(h)),
+                    rows(format!("{p}.mlp.up_proj.weight"), &inter, Some(h)),
+                ],
+                down: cols(format!("{p}.mlp.down_proj.weight"), &inter),
+            }
+        })
+        .collect();
+    let has_lm_head = match source {
+        WeightSource::Reader(r) => r.contains("lm_head.weight"),
+        WeightSource::Dummy(_) => !config.tie_word_embeddings,
+    };
+    ModelParts {
+        layers,
+        embed: rows("model.embed_tokens.weight".into(), &shard.vocab, Some(h)),
+        lm_head: has_lm_head.then(|| rows("lm_head.weight".into(), &shard.vocab, Some(h))),
+        final_norm: whole("model.norm.weight".into()),
+    }
+}
+
+/// The range dummy values of a tensor are drawn from: norm weights are all 1, everything else
+/// uniform in [-0.02, 0.02).
+pub fn dummy_range(name: &str) -> (f32, f32) {
+    if name.ends_with("norm.weight") {
+        (1.0, 1.0)
+    } else {
+        (-0.02, 0.02)
+    }
+}
+
+/// Reads `part` as f32.
+pub fn read(source: &WeightSource, part: &Part) -> Result<Vec<f32>> {
+    let name = part.name.as_str();
     match source {
         WeightSource::Reader(reader) => {
-            let t = match &slice {
+            let t = match &part.slice {
                 Some((dim, r)) => reader.read_slice(name, *dim, r.start, r.len())?,
                 None => reader.read(name)?,
             };
-            if t.dims() != shape {
+            if t.dims() != part.shape.as_slice() {
                 return Err(tensor_err(
                     name,
-                    format!("shape {:?}, expected {shape:?}", t.dims()),
+                    format!("shape {:?}, expected {:?}", t.dims(), part.shape),
                 ));
             }
             t.flatten_all()
@@ -49,20 +164,50 @@ pub fn read(
                 .map_err(|e| tensor_err(name, e))
         }
         WeightSource::Dummy(seed) => {
-            let n: usize = shape.iter().product();
-            let salt = tensor_seed(*seed, name);
-            let mut rng = rand::rngs::StdRng::seed_from_u64(salt);
-            if name.ends_with("norm.weight") {
-                Ok(vec![1.0; n])
-            } else {
-                Ok((0..n).map(|_| rng.gen_range(-0.02f32..0.02)).collect())
+            let n = part.elements();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(tensor_seed(*seed, name));
+            match dummy_range(name) {
+                (low, high) if low == high => Ok(vec![low; n]),
+                (low, high) => Ok((0..n).map(|_| rng.gen_range(low..high)).collect()),
             }
         }
     }
 }
 
+/// Reads fused parts one after another.
+pub fn read_fused(source: &WeightSource, parts: &[Part]) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(total_len(parts));
+    for part in parts {
+        out.extend(read(source, part)?);
+    }
+    Ok(out)
+}
+
+/// Resolves a load request to the model's config and weights as rank `rank` of `world` sees
+/// them, and calls `load` with them: a checkpoint read in the requested format, or random weights
+/// of a config.json's shape (`LOAD_FORMAT_DUMMY`).
+pub fn load_shard<T>(
+    req: &pb::LoadModelRequest,
+    rank: usize,
+    world: usize,
+    load: impl FnOnce(&LlamaConfig, ShardPlan, &WeightSource) -> Result<T>,
+) -> Result<T> {
+    let path = Path::new(&req.model_path);
+    if req.load_format == pb::LoadFormat::Dummy as i32 {
+        let config = dummy_config(path)?;
+        let shard = ShardPlan::new(&config, rank, world)?;
+        load(&config, shard, &WeightSource::Dummy(req.dummy_seed))
+    } else {
+        let source = ModelSource::open(path, checkpoint_format(req.load_format))?;
+        let config = source.config().clone();
+        let shard = ShardPlan::new(&config, rank, world)?;
+        let weights = source.weights()?;
+        load(&config, shard, &WeightSource::Reader(weights.as_ref()))
+    }
+}
+
 /// The config of a `dummy` model: `path` is a config.json or a directory holding one.
-pub fn dummy_config(path: &Path) -> Result<LlamaConfig> {
+fn dummy_config(path: &Path) -> Result<LlamaConfig> {
     let file = if path.is_dir() {
         path.join("config.json")
     } else {
@@ -82,7 +227,7 @@ pub fn tensor_seed(seed: u64, name: &str) -> u64 {
 }
 
 /// The checkpoint format a load request names (`None`: decide from the path).
-pub fn checkpoint_format(load_format: i32) -> Option<Format> {
+fn checkpoint_format(load_format: i32) -> Option<Format> {
     match pb::LoadFormat::try_from(load_format).unwrap_or(pb::LoadFormat::Unspecified) {
         pb::LoadFormat::Safetensors => Some(Format::Safetensors),
         pb::LoadFormat::Gguf => Some(Format::Gguf),

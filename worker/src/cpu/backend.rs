@@ -1,10 +1,8 @@
 //! The CPU backend: f32 model shard, KV cache in host memory, TCP communicator. Logits are
 //! gathered to rank 0, which samples and broadcasts the tokens.
 
-use std::path::Path;
 use std::time::Instant;
 
-use tpserve_modelfile::ModelSource;
 use tpserve_proto as pb;
 
 use super::{CpuModel, KvCache};
@@ -15,7 +13,7 @@ use crate::comm::{Communicator, SingleRank, TcpCommunicator};
 use crate::error::{Result, WorkerError};
 use crate::sampler::{sample_row, SampleSpec};
 use crate::shard::ShardPlan;
-use crate::weights::{checkpoint_format, dummy_config, load_response, WeightSource};
+use crate::weights::{load_response, load_shard};
 
 /// KV cache size when the coordinator leaves it to the worker (`--kv-cache-space`'s default).
 const DEFAULT_KV_CACHE_BYTES: u64 = 2 << 30;
@@ -116,28 +114,9 @@ impl Backend for CpuBackend {
         self.model = None;
         self.cache = None;
         let (rank, world) = (self.comm.rank(), self.comm.world_size());
-        let path = Path::new(&req.model_path);
-        let model = if req.load_format == pb::LoadFormat::Dummy as i32 {
-            let config = dummy_config(path)?;
-            let shard = ShardPlan::new(&config, rank, world)?;
-            CpuModel::load(
-                &config,
-                shard,
-                &WeightSource::Dummy(req.dummy_seed),
-                config.max_position_embeddings,
-            )?
-        } else {
-            let source = ModelSource::open(path, checkpoint_format(req.load_format))?;
-            let config = source.config().clone();
-            let shard = ShardPlan::new(&config, rank, world)?;
-            let weights = source.weights()?;
-            CpuModel::load(
-                &config,
-                shard,
-                &WeightSource::Reader(weights.as_ref()),
-                config.max_position_embeddings,
-            )?
-        };
+        let model = load_shard(req, rank, world, |config, shard, source| {
+            CpuModel::load(config, shard, source, config.max_position_embeddings)
+        })?;
         let config = model.config().clone();
         self.vocab_per_rank = (0..world)
             .map(|r| ShardPlan::new(&config, r, world).map(|p| p.vocab.len()))

@@ -15,7 +15,7 @@ use crate::batch::Batch;
 use crate::comm::Communicator;
 use crate::error::{Result, WorkerError};
 use crate::shard::ShardPlan;
-use crate::weights::{ensure_supported, read, WeightSource};
+use crate::weights::{ensure_supported, model_parts, read, read_fused, Part, WeightSource};
 
 /// One decoder layer's weights on this rank.
 #[derive(Debug)]
@@ -57,143 +57,32 @@ impl CpuModel {
     ) -> Result<Self> {
         let c = config;
         ensure_supported(c)?;
-        let (h, hd) = (c.hidden_size, c.head_dim);
-        let q = (shard.q_heads.start * hd)..(shard.q_heads.end * hd);
-        let kv = (shard.kv_heads.start * hd)..(shard.kv_heads.end * hd);
-        let inter = shard.intermediate.clone();
-        let vocab = shard.vocab.clone();
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for i in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let rows = |r: &std::ops::Range<usize>| Some((0usize, r.clone()));
-            let cols = |r: &std::ops::Range<usize>| Some((1usize, r.clone()));
-            let mut qkv_w = read(
-                source,
-                &format!("{p}.self_attn.q_proj.weight"),
-                rows(&q),
-                &[q.len(), h],
-            )?;
-            qkv_w.extend(read(
-                source,
-                &format!("{p}.self_attn.k_proj.weight"),
-                rows(&kv),
-                &[kv.len(), h],
-            )?);
-            qkv_w.extend(read(
-                source,
-                &format!("{p}.self_attn.v_proj.weight"),
-                rows(&kv),
-                &[kv.len(), h],
-            )?);
-            let qkv_b = if c.attention_bias {
-                let mut b = read(
-                    source,
-                    &format!("{p}.self_attn.q_proj.bias"),
-                    rows(&q),
-                    &[q.len()],
-                )?;
-                b.extend(read(
-                    source,
-                    &format!("{p}.self_attn.k_proj.bias"),
-                    rows(&kv),
-                    &[kv.len()],
-                )?);
-                b.extend(read(
-                    source,
-                    &format!("{p}.self_attn.v_proj.bias"),
-                    rows(&kv),
-                    &[kv.len()],
-                )?);
-                Some(b)
-            } else {
-                None
-            };
-            let mut gate_up = read(
-                source,
-                &format!("{p}.mlp.gate_proj.weight"),
-                rows(&inter),
-                &[inter.len(), h],
-            )?;
-            gate_up.extend(read(
-                source,
-                &format!("{p}.mlp.up_proj.weight"),
-                rows(&inter),
-                &[inter.len(), h],
-            )?);
+        let parts = model_parts(c, &shard, source);
+        let linear = |parts: &[Part], bias: Option<&[Part]>| -> Result<Linear> {
+            Ok(Linear {
+                weight: read_fused(source, parts)?,
+                bias: bias.map(|b| read_fused(source, b)).transpose()?,
+                rows: parts.iter().map(|p| p.shape[0]).sum(),
+                cols: parts[0].shape[1],
+            })
+        };
+        let mut layers = Vec::with_capacity(parts.layers.len());
+        for lp in &parts.layers {
             layers.push(Layer {
-                input_norm: read(source, &format!("{p}.input_layernorm.weight"), None, &[h])?,
-                qkv: Linear {
-                    weight: qkv_w,
-                    bias: qkv_b,
-                    rows: q.len() + 2 * kv.len(),
-                    cols: h,
-                },
-                o: Linear {
-                    weight: read(
-                        source,
-                        &format!("{p}.self_attn.o_proj.weight"),
-                        cols(&q),
-                        &[h, q.len()],
-                    )?,
-                    bias: None,
-                    rows: h,
-                    cols: q.len(),
-                },
-                post_norm: read(
-                    source,
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    None,
-                    &[h],
-                )?,
-                gate_up: Linear {
-                    weight: gate_up,
-                    bias: None,
-                    rows: 2 * inter.len(),
-                    cols: h,
-                },
-                down: Linear {
-                    weight: read(
-                        source,
-                        &format!("{p}.mlp.down_proj.weight"),
-                        cols(&inter),
-                        &[h, inter.len()],
-                    )?,
-                    bias: None,
-                    rows: h,
-                    cols: inter.len(),
-                },
+                input_norm: read(source, &lp.input_norm)?,
+                qkv: linear(&lp.qkv, lp.qkv_bias.as_deref())?,
+                o: linear(std::slice::from_ref(&lp.o), None)?,
+                post_norm: read(source, &lp.post_norm)?,
+                gate_up: linear(&lp.gate_up, None)?,
+                down: linear(std::slice::from_ref(&lp.down), None)?,
             });
         }
-        let embed = Linear {
-            weight: read(
-                source,
-                "model.embed_tokens.weight",
-                Some((0, vocab.clone())),
-                &[vocab.len(), h],
-            )?,
-            bias: None,
-            rows: vocab.len(),
-            cols: h,
-        };
-        let has_lm_head = match source {
-            WeightSource::Reader(r) => r.contains("lm_head.weight"),
-            WeightSource::Dummy(_) => !c.tie_word_embeddings,
-        };
-        let lm_head = if has_lm_head {
-            Some(Linear {
-                weight: read(
-                    source,
-                    "lm_head.weight",
-                    Some((0, vocab.clone())),
-                    &[vocab.len(), h],
-                )?,
-                bias: None,
-                rows: vocab.len(),
-                cols: h,
-            })
-        } else {
-            None
-        };
+        let embed = linear(std::slice::from_ref(&parts.embed), None)?;
+        let lm_head = parts
+            .lm_head
+            .as_ref()
+            .map(|p| linear(std::slice::from_ref(p), None))
+            .transpose()?;
         let kv_head_of = (0..shard.q_heads.len())
             .map(|i| shard.kv_head_of(i))
             .collect();
@@ -202,7 +91,7 @@ impl CpuModel {
             rope: Rope::new(c, max_pos),
             embed,
             layers,
-            final_norm: read(source, "model.norm.weight", None, &[h])?,
+            final_norm: read(source, &parts.final_norm)?,
             lm_head,
             kv_head_of,
             shard,

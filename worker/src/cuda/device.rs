@@ -175,20 +175,28 @@ impl Gpu {
     /// Copies `data` into `dst` at byte offset 0 (async on the stream; `data` is pageable host
     /// memory, which the driver stages before returning).
     pub fn upload<T: Copy>(&self, dst: &DeviceBuffer, data: &[T]) -> Result<()> {
+        self.upload_at(dst, 0, data)
+    }
+
+    /// Copies `data` into `dst` from byte `offset` on, as `upload`.
+    pub fn upload_at<T: Copy>(&self, dst: &DeviceBuffer, offset: usize, data: &[T]) -> Result<()> {
         let bytes = std::mem::size_of_val(data);
-        if bytes > dst.bytes {
+        if offset + bytes > dst.bytes {
             return Err(WorkerError::Device {
-                detail: format!("upload of {bytes} bytes into a buffer of {}", dst.bytes),
+                detail: format!(
+                    "upload of {bytes} bytes at {offset} into a buffer of {}",
+                    dst.bytes
+                ),
             });
         }
         if bytes == 0 {
             return Ok(());
         }
-        // SAFETY: dst holds at least `bytes` bytes; data is valid for reads of `bytes` bytes;
-        // the context is current on this thread.
+        // SAFETY: dst holds at least `offset + bytes` bytes; data is valid for reads of `bytes`
+        // bytes; the context is current on this thread.
         unsafe {
             cudarc::driver::result::memcpy_htod_async(
-                dst.ptr,
+                dst.at(offset),
                 std::slice::from_raw_parts(data.as_ptr() as *const u8, bytes),
                 self.stream.cu_stream(),
             )

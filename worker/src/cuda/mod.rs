@@ -15,10 +15,8 @@ mod model;
 mod nccl;
 mod phases;
 
-use std::path::Path;
 use std::time::Instant;
 
-use tpserve_modelfile::ModelSource;
 use tpserve_proto as pb;
 
 pub use device::{device_count, gpu_present};
@@ -35,8 +33,7 @@ use crate::backend::{Backend, DeviceInfo};
 use crate::batch::Batch;
 use crate::error::{Result, WorkerError};
 use crate::sampler::SampleSpec;
-use crate::shard::ShardPlan;
-use crate::weights::{checkpoint_format, dummy_config, load_response, WeightSource};
+use crate::weights::{load_response, load_shard};
 
 /// Memory kept free beyond the weights, activations and KV cache: cuBLAS's and NCCL's own
 /// buffers, the CUDA context's growth and allocator slack.
@@ -160,32 +157,9 @@ impl Backend for CudaBackend {
         let (rank, world) = (self.rank, self.world_size);
         let kernels = Kernels::load(&self.gpu, dtype)?;
         let blas = Blas::new(self.gpu.stream.clone(), dtype)?;
-        let path = Path::new(&req.model_path);
-        let model = if req.load_format == pb::LoadFormat::Dummy as i32 {
-            let config = dummy_config(path)?;
-            let shard = ShardPlan::new(&config, rank, world)?;
-            CudaModel::load(
-                &self.gpu,
-                &kernels,
-                &config,
-                shard,
-                &WeightSource::Dummy(req.dummy_seed),
-                dtype,
-            )?
-        } else {
-            let source = ModelSource::open(path, checkpoint_format(req.load_format))?;
-            let config = source.config().clone();
-            let shard = ShardPlan::new(&config, rank, world)?;
-            let weights = source.weights()?;
-            CudaModel::load(
-                &self.gpu,
-                &kernels,
-                &config,
-                shard,
-                &WeightSource::Reader(weights.as_ref()),
-                dtype,
-            )?
-        };
+        let model = load_shard(req, rank, world, |config, shard, source| {
+            CudaModel::load(&self.gpu, &kernels, config, shard, source, dtype)
+        })?;
         self.gpu.sync()?;
         let response = load_response(
             model.config(),

@@ -28,7 +28,9 @@ use crate::cpu::ops::Rope;
 use crate::error::{Result, WorkerError};
 use crate::sampler::SampleSpec;
 use crate::shard::ShardPlan;
-use crate::weights::{ensure_supported, read, tensor_seed, WeightSource};
+use crate::weights::{
+    dummy_range, ensure_supported, model_parts, read, tensor_seed, total_len, Part, WeightSource,
+};
 
 /// Sizes of this rank's shard.
 #[derive(Debug, Clone, Copy)]
@@ -200,11 +202,7 @@ pub struct CudaModel {
     workspace: Option<Workspace>,
 }
 
-/// One checkpoint tensor of a (possibly fused) weight: name, the slice of it this rank holds
-/// (dimension, range), and that slice's shape.
-type Part = (String, Option<(usize, std::ops::Range<usize>)>, Vec<usize>);
-
-/// Weights of one tensor, read as f32 and rounded to the dtype, or filled on the device.
+/// Stores weights on the GPU: read as f32 and rounded to the dtype, or filled on the device.
 struct Loader<'a> {
     gpu: &'a Gpu,
     kernels: &'a Kernels,
@@ -214,72 +212,45 @@ struct Loader<'a> {
 }
 
 impl Loader<'_> {
-    /// Reads the named tensors (each narrowed as given) and stores them one after another in a
-    /// buffer of `rows * cols` elements (zero beyond what they fill).
-    fn fused(&mut self, parts: &[Part], total: usize) -> Result<DeviceBuffer> {
+    /// Stores `parts` one after another in a buffer of `total` elements (zero beyond what they
+    /// fill: the padded vocabulary rows).
+    fn padded(&mut self, parts: &[Part], total: usize) -> Result<DeviceBuffer> {
         let buf = self.gpu.alloc(total * ELEM, "weights")?;
         let mut offset = 0usize;
-        for (name, slice, shape) in parts {
-            let n: usize = shape.iter().product();
+        for part in parts {
             match self.source {
                 WeightSource::Dummy(seed) => {
-                    let (low, high) = if name.ends_with("norm.weight") {
-                        (1.0, 1.0)
-                    } else {
-                        (-0.02, 0.02)
-                    };
+                    let (low, high) = dummy_range(&part.name);
                     self.kernels.fill_uniform(
-                        buf.at(offset * ELEM),
-                        n,
-                        tensor_seed(*seed, name),
+                        buf.at(offset),
+                        part.elements(),
+                        tensor_seed(*seed, &part.name),
                         low,
                         high,
                     )?;
                 }
                 WeightSource::Reader(_) => {
-                    let values = read(self.source, name, slice.clone(), shape)?;
+                    let values = read(self.source, part)?;
                     let bits: Vec<u16> = values.iter().map(|v| self.dtype.from_f32(*v)).collect();
-                    let part = PartView {
-                        ptr: buf.at(offset * ELEM),
-                    };
-                    part.upload(self.gpu, &bits)?;
+                    self.gpu.upload_at(&buf, offset, &bits)?;
+                    // `bits` is freed on return: wait for the copy rather than rely on the
+                    // driver staging pageable memory before it returns.
+                    self.gpu.sync()?;
                 }
             }
-            offset += n;
+            offset += part.elements() * ELEM;
         }
         self.bytes += total * ELEM;
         Ok(buf)
     }
 
-    fn one(
-        &mut self,
-        name: String,
-        slice: Option<(usize, std::ops::Range<usize>)>,
-        shape: Vec<usize>,
-    ) -> Result<DeviceBuffer> {
-        let n = shape.iter().product();
-        self.fused(&[(name, slice, shape)], n)
+    /// Stores `parts` one after another.
+    fn fused(&mut self, parts: &[Part]) -> Result<DeviceBuffer> {
+        self.padded(parts, total_len(parts))
     }
-}
 
-/// A destination inside a larger buffer.
-struct PartView {
-    ptr: u64,
-}
-
-impl PartView {
-    fn upload(&self, gpu: &Gpu, bits: &[u16]) -> Result<()> {
-        if bits.is_empty() {
-            return Ok(());
-        }
-        // SAFETY: the caller sized the enclosing buffer for this part; the context is current.
-        unsafe {
-            cudarc::driver::result::memcpy_htod_async(self.ptr, bits, gpu.stream.cu_stream())
-        }
-        .map_err(|e| super::device::device_err("copying weights", e))?;
-        // The host vector is freed on return: wait for the copy (pageable copies are staged,
-        // but do not rely on it).
-        gpu.sync()
+    fn one(&mut self, part: &Part) -> Result<DeviceBuffer> {
+        self.fused(std::slice::from_ref(part))
     }
 }
 
@@ -304,21 +275,17 @@ impl CudaModel {
             });
         }
         let (h, hd) = (c.hidden_size, c.head_dim);
-        let q = (shard.q_heads.start * hd)..(shard.q_heads.end * hd);
-        let kv = (shard.kv_heads.start * hd)..(shard.kv_heads.end * hd);
-        let inter = shard.intermediate.clone();
-        let vocab = shard.vocab.clone();
         let vocab_per_rank = c.vocab_size.div_ceil(shard.world_size);
         let dims = Dims {
             hidden: h,
             head_dim: hd,
             q_heads: shard.q_heads.len(),
             kv_heads: shard.kv_heads.len(),
-            inter: inter.len(),
-            qkv: q.len() + 2 * kv.len(),
+            inter: shard.intermediate.len(),
+            qkv: (shard.q_heads.len() + 2 * shard.kv_heads.len()) * hd,
             vocab_per_rank,
-            vocab_start: vocab.start,
-            vocab_local: vocab.len(),
+            vocab_start: shard.vocab.start,
+            vocab_local: shard.vocab.len(),
             vocab: c.vocab_size,
             world_size: shard.world_size,
         };
@@ -338,113 +305,27 @@ impl CudaModel {
             source,
             bytes: 0,
         };
-        let rows = |r: &std::ops::Range<usize>| Some((0usize, r.clone()));
-        let cols = |r: &std::ops::Range<usize>| Some((1usize, r.clone()));
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for i in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let qkv = ld.fused(
-                &[
-                    (
-                        format!("{p}.self_attn.q_proj.weight"),
-                        rows(&q),
-                        vec![q.len(), h],
-                    ),
-                    (
-                        format!("{p}.self_attn.k_proj.weight"),
-                        rows(&kv),
-                        vec![kv.len(), h],
-                    ),
-                    (
-                        format!("{p}.self_attn.v_proj.weight"),
-                        rows(&kv),
-                        vec![kv.len(), h],
-                    ),
-                ],
-                dims.qkv * h,
-            )?;
-            let qkv_bias = if c.attention_bias {
-                Some(ld.fused(
-                    &[
-                        (
-                            format!("{p}.self_attn.q_proj.bias"),
-                            rows(&q),
-                            vec![q.len()],
-                        ),
-                        (
-                            format!("{p}.self_attn.k_proj.bias"),
-                            rows(&kv),
-                            vec![kv.len()],
-                        ),
-                        (
-                            format!("{p}.self_attn.v_proj.bias"),
-                            rows(&kv),
-                            vec![kv.len()],
-                        ),
-                    ],
-                    dims.qkv,
-                )?)
-            } else {
-                None
-            };
-            let gate_up = ld.fused(
-                &[
-                    (
-                        format!("{p}.mlp.gate_proj.weight"),
-                        rows(&inter),
-                        vec![inter.len(), h],
-                    ),
-                    (
-                        format!("{p}.mlp.up_proj.weight"),
-                        rows(&inter),
-                        vec![inter.len(), h],
-                    ),
-                ],
-                2 * inter.len() * h,
-            )?;
+        let parts = model_parts(c, &shard, source);
+        let mut layers = Vec::with_capacity(parts.layers.len());
+        for lp in &parts.layers {
             layers.push(Layer {
-                input_norm: ld.one(format!("{p}.input_layernorm.weight"), None, vec![h])?,
-                o: ld.one(
-                    format!("{p}.self_attn.o_proj.weight"),
-                    cols(&q),
-                    vec![h, q.len()],
-                )?,
-                post_norm: ld.one(
-                    format!("{p}.post_attention_layernorm.weight"),
-                    None,
-                    vec![h],
-                )?,
-                down: ld.one(
-                    format!("{p}.mlp.down_proj.weight"),
-                    cols(&inter),
-                    vec![h, inter.len()],
-                )?,
-                qkv,
-                qkv_bias,
-                gate_up,
+                input_norm: ld.one(&lp.input_norm)?,
+                qkv: ld.fused(&lp.qkv)?,
+                qkv_bias: lp.qkv_bias.as_deref().map(|b| ld.fused(b)).transpose()?,
+                o: ld.one(&lp.o)?,
+                post_norm: ld.one(&lp.post_norm)?,
+                gate_up: ld.fused(&lp.gate_up)?,
+                down: ld.one(&lp.down)?,
             });
         }
-        let vocab_part = |name: &str| {
-            (
-                name.to_string(),
-                Some((0usize, vocab.clone())),
-                vec![vocab.len(), h],
-            )
-        };
-        let embed = ld.fused(
-            &[vocab_part("model.embed_tokens.weight")],
-            vocab_per_rank * h,
-        )?;
-        let has_lm_head = match source {
-            WeightSource::Reader(r) => r.contains("lm_head.weight"),
-            WeightSource::Dummy(_) => !c.tie_word_embeddings,
-        };
-        let lm_head = if has_lm_head {
-            Some(ld.fused(&[vocab_part("lm_head.weight")], vocab_per_rank * h)?)
-        } else {
-            None
-        };
-        let final_norm = ld.one("model.norm.weight".into(), None, vec![h])?;
+        // Both padded to the same row count on every rank, so gathered logits line up.
+        let embed = ld.padded(std::slice::from_ref(&parts.embed), vocab_per_rank * h)?;
+        let lm_head = parts
+            .lm_head
+            .as_ref()
+            .map(|p| ld.padded(std::slice::from_ref(p), vocab_per_rank * h))
+            .transpose()?;
+        let final_norm = ld.one(&parts.final_norm)?;
         let max_pos = c.max_position_embeddings;
         let rope = Rope::new(c, max_pos);
         let (cos, sin) = rope.tables();
