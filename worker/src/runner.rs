@@ -39,6 +39,8 @@ struct Scheduled {
 pub struct Runner {
     backend: Box<dyn Backend>,
     requests: HashMap<u64, RequestState>,
+    /// Vocabulary of the loaded model (0 before LoadModel).
+    vocab_size: usize,
 }
 
 impl Runner {
@@ -47,6 +49,7 @@ impl Runner {
         Self {
             backend,
             requests: HashMap::new(),
+            vocab_size: 0,
         }
     }
 
@@ -69,7 +72,34 @@ impl Runner {
     /// Loads this rank's shard.
     pub fn load_model(&mut self, req: &pb::LoadModelRequest) -> Result<pb::LoadModelResponse> {
         self.requests.clear();
-        self.backend.load_model(req)
+        self.vocab_size = 0;
+        let response = self.backend.load_model(req)?;
+        self.vocab_size = response.vocab_size as usize;
+        Ok(response)
+    }
+
+    /// Checks what the plan checks cannot: every position has rotary tables and every token id
+    /// is in the vocabulary. Runs on every rank before any collective.
+    fn check_batch(&self, batch: &Batch) -> Result<()> {
+        let max_pos = self.backend.max_positions()?;
+        if let Some(p) = batch.positions.iter().find(|p| **p >= max_pos) {
+            return Err(WorkerError::Plan {
+                detail: format!("position {p} is beyond the model's {max_pos} positions"),
+            });
+        }
+        if let Some(t) = batch
+            .token_ids
+            .iter()
+            .find(|t| **t as usize >= self.vocab_size)
+        {
+            return Err(WorkerError::Plan {
+                detail: format!(
+                    "token id {t} is outside the vocabulary of {}",
+                    self.vocab_size
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// How many blocks fit.
@@ -175,6 +205,7 @@ impl Runner {
                 }],
                 sample_rows: (0..end - start).collect(),
             };
+            self.check_batch(&batch)?;
             if let Some(rows) = self.backend.logits(&batch)? {
                 out.get_or_insert_with(Vec::new).extend(rows);
             }
@@ -190,6 +221,7 @@ impl Runner {
         if batch.num_tokens() == 0 {
             return Ok(Vec::new());
         }
+        self.check_batch(&batch)?;
         let sampling: Vec<SampleSpec> = sample_ids
             .iter()
             .map(|id| {

@@ -414,7 +414,8 @@ impl CudaModel {
             .sum())
     }
 
-    /// Runs the batch; the logits of the sample rows are left in the workspace,
+    /// Runs the batch (positions, token ids and slots checked by the runner); the logits of the
+    /// sample rows are left in the workspace,
     /// `[samples, vocab_per_rank]`. Returns the address of the logits to sample from (gathered
     /// over ranks when there are several).
     #[allow(clippy::too_many_arguments)]
@@ -430,7 +431,6 @@ impl CudaModel {
     ) -> Result<ForwardOutput> {
         let n = batch.num_tokens();
         let s = batch.sample_rows.len();
-        self.validate(batch, cache)?;
         self.reserve(gpu, n, s)?;
         let d = self.dims;
         let c = &self.config;
@@ -654,36 +654,6 @@ impl CudaModel {
             inputs.max_context,
             ws.partial_capacity / (n * d.q_heads * d.head_dim).max(1),
         )
-    }
-
-    fn validate(&self, batch: &Batch, cache: &GpuKvCache) -> Result<()> {
-        if let Some(p) = batch.positions.iter().find(|p| **p >= self.max_pos) {
-            return Err(WorkerError::Plan {
-                detail: format!(
-                    "position {p} is beyond the model's {} positions",
-                    self.max_pos
-                ),
-            });
-        }
-        if let Some(t) = batch
-            .token_ids
-            .iter()
-            .find(|t| **t as usize >= self.dims.vocab)
-        {
-            return Err(WorkerError::Plan {
-                detail: format!(
-                    "token id {t} is outside the vocabulary of {}",
-                    self.dims.vocab
-                ),
-            });
-        }
-        let capacity = cache.num_blocks * cache.block_size;
-        if let Some(s) = batch.slots.iter().find(|s| **s >= capacity) {
-            return Err(WorkerError::Plan {
-                detail: format!("slot {s} is outside the cache of {capacity} slots"),
-            });
-        }
-        Ok(())
     }
 
     /// The activation dtype.
