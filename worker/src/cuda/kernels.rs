@@ -81,7 +81,20 @@ pub const ELEM: usize = 2;
 
 /// Threads of the attention kernel's blocks (4 warps), and the (row, head) pairs one block holds.
 pub const ATTENTION_THREADS: u32 = 128;
-pub const ATTENTION_MAX_ITEMS: usize = 32;
+const ATTENTION_MAX_ITEMS: usize = 32;
+
+/// Dynamic shared memory a block gets without opting in.
+const DEFAULT_SMEM_LIMIT: usize = 48 * 1024;
+
+/// (row, head) items one CUDA-core attention block may hold for a head size: the kernel's limit
+/// of 32, fewer where their queries would not fit the default shared memory (15 at head size
+/// 256).
+pub fn attention_max_items(head_dim: usize) -> usize {
+    (1..=ATTENTION_MAX_ITEMS)
+        .rev()
+        .find(|&items| attention_smem_bytes(head_dim, items) <= DEFAULT_SMEM_LIMIT)
+        .unwrap_or(1)
+}
 /// (row, head) items of one tensor-core attention block.
 pub const ATTENTION_MMA_ITEMS: usize = 64;
 
@@ -618,14 +631,15 @@ pub struct SamplingPointers {
 mod tests {
     use super::*;
 
-    /// Dynamic shared memory available without opting in.
-    const DEFAULT_SMEM_LIMIT: usize = 48 * 1024;
-
     #[test]
     fn attention_tiles_fit_the_default_shared_memory() {
         assert!(attention_smem_bytes(64, ATTENTION_MAX_ITEMS) <= DEFAULT_SMEM_LIMIT);
         assert!(attention_smem_bytes(128, ATTENTION_MAX_ITEMS) <= DEFAULT_SMEM_LIMIT);
         assert!(attention_smem_bytes(256, 15) <= DEFAULT_SMEM_LIMIT);
+        // The limits the model tiles by: the kernel's 32 up to head size 128, 15 at 256.
+        assert_eq!(attention_max_items(64), 32);
+        assert_eq!(attention_max_items(128), 32);
+        assert_eq!(attention_max_items(256), 15);
     }
 
     #[test]

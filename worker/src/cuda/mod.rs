@@ -47,6 +47,18 @@ struct Loaded {
     cache: Option<GpuKvCache>,
 }
 
+/// The loaded model, or the lifecycle error of calling `operation` before LoadModel. A free
+/// function over the field, so callers can hold the GPU alongside it.
+fn loaded_model<'a>(
+    slot: &'a mut Option<Loaded>,
+    operation: &'static str,
+) -> Result<&'a mut Loaded> {
+    slot.as_mut().ok_or(WorkerError::Lifecycle {
+        operation,
+        needs: "LoadModel",
+    })
+}
+
 /// One GPU's side of a worker.
 pub struct CudaBackend {
     gpu: Gpu,
@@ -70,23 +82,13 @@ impl CudaBackend {
         })
     }
 
-    fn loaded(&mut self, operation: &'static str) -> Result<&mut Loaded> {
-        self.loaded.as_mut().ok_or(WorkerError::Lifecycle {
-            operation,
-            needs: "LoadModel",
-        })
-    }
-
     /// Runs the forward pass; returns where the logits are.
     fn forward(
         &mut self,
         batch: &Batch,
         sampling: Option<&[SampleSpec]>,
     ) -> Result<model::ForwardOutput> {
-        let loaded = self.loaded.as_mut().ok_or(WorkerError::Lifecycle {
-            operation: "Step",
-            needs: "LoadModel",
-        })?;
+        let loaded = loaded_model(&mut self.loaded, "Step")?;
         let cache = loaded.cache.as_ref().ok_or(WorkerError::Lifecycle {
             operation: "Step",
             needs: "InitCache",
@@ -192,10 +194,7 @@ impl Backend for CudaBackend {
             });
         }
         let gpu = &self.gpu;
-        let loaded = self.loaded.as_mut().ok_or(WorkerError::Lifecycle {
-            operation: "ProfileMemory",
-            needs: "LoadModel",
-        })?;
+        let loaded = loaded_model(&mut self.loaded, "ProfileMemory")?;
         loaded.cache = None;
         let tokens = req.max_num_batched_tokens.max(1) as usize;
         let seqs = (req.max_num_seqs.max(1) as usize).min(tokens);
@@ -257,10 +256,7 @@ impl Backend for CudaBackend {
 
     fn init_cache(&mut self, num_blocks: usize, block_size: usize) -> Result<u64> {
         let gpu = &self.gpu;
-        let loaded = self.loaded.as_mut().ok_or(WorkerError::Lifecycle {
-            operation: "InitCache",
-            needs: "LoadModel",
-        })?;
+        let loaded = loaded_model(&mut self.loaded, "InitCache")?;
         loaded.cache = None;
         let cache = loaded.model.new_cache(gpu, num_blocks, block_size)?;
         gpu.sync()?;
@@ -293,7 +289,7 @@ impl Backend for CudaBackend {
         }
         let out = self.forward(batch, Some(sampling))?;
         let rank = self.rank;
-        let loaded = self.loaded("Step")?;
+        let loaded = loaded_model(&mut self.loaded, "Step")?;
         let dims = *loaded.model.dims();
         if out.samples > 0 && rank == 0 {
             let params = out.sampling.expect("uploaded with the inputs");
@@ -320,16 +316,17 @@ impl Backend for CudaBackend {
     }
 
     fn logits(&mut self, batch: &Batch) -> Result<Option<Vec<f32>>> {
+        // Every rank runs the forward pass (it has collectives); only rank 0 reads the result.
         let out = self.forward(batch, None)?;
-        let loaded = self.loaded("Step")?;
+        if self.rank != 0 {
+            return Ok(None);
+        }
+        let loaded = loaded_model(&mut self.loaded, "Step")?;
         let dims = *loaded.model.dims();
         let dtype = loaded.model.dtype();
         let per = dims.vocab_per_rank;
         let mut bits = vec![0u16; dims.world_size * out.samples * per];
         self.gpu.download(out.logits, &mut bits)?;
-        if self.rank != 0 {
-            return Ok(None);
-        }
         let mut rows = vec![0.0f32; out.samples * dims.vocab];
         for (r, row) in rows.chunks_exact_mut(dims.vocab).enumerate() {
             for (v, x) in row.iter_mut().enumerate() {

@@ -18,7 +18,7 @@ use super::attention_plan::{block_tables, key_splits, AttentionTiles};
 use super::blas::Blas;
 use super::device::{DeviceBuffer, Gpu};
 use super::kernels::{
-    AttentionShape, Dtype, Kernels, SamplingPointers, ATTENTION_MAX_ITEMS, ATTENTION_MMA_ITEMS,
+    attention_max_items, AttentionShape, Dtype, Kernels, SamplingPointers, ATTENTION_MMA_ITEMS,
     ELEM,
 };
 use super::nccl::Nccl;
@@ -80,8 +80,6 @@ struct Workspace {
     act: DeviceBuffer,
     partial_out: DeviceBuffer,
     partial_ml: DeviceBuffer,
-    /// f32 elements `partial_out` holds.
-    partial_capacity: usize,
     last: DeviceBuffer,
     logits: DeviceBuffer,
     gathered: DeviceBuffer,
@@ -111,7 +109,7 @@ impl Workspace {
     }
 
     /// f32 elements of the split-attention buffer: room for 4 splits of every row, and at
-    /// least 64 splits of 64 rows (long-context decode).
+    /// least 256 (row, split) pairs (e.g. 64 splits of 4 decode rows).
     fn partial_capacity(d: &Dims, tokens: usize) -> usize {
         tokens.max(64) * 4 * d.q_heads * d.head_dim
     }
@@ -131,7 +129,6 @@ impl Workspace {
             act: a(6, "activations")?,
             partial_out: a(7, "attention splits")?,
             partial_ml: a(8, "attention splits")?,
-            partial_capacity: Self::partial_capacity(d, tokens),
             last: a(9, "activations")?,
             logits: a(10, "logits")?,
             gathered: a(11, "logits")?,
@@ -290,11 +287,11 @@ impl CudaModel {
             world_size: shard.world_size,
         };
         let group = dims.q_heads / dims.kv_heads.max(1);
-        if group > max_items(hd) {
+        if group > attention_max_items(hd) {
             return Err(WorkerError::Unsupported {
                 detail: format!(
                     "{group} query heads per KV head with head size {hd} on CUDA (at most {})",
-                    max_items(hd)
+                    attention_max_items(hd)
                 ),
             });
         }
@@ -440,7 +437,7 @@ impl CudaModel {
         let tile_items = if mma {
             ATTENTION_MMA_ITEMS
         } else {
-            max_items(d.head_dim)
+            attention_max_items(d.head_dim)
         };
         let inputs = pack_inputs(gpu, ws, &d, batch, sampling, tile_items)?;
         let stream = &gpu.stream;
@@ -652,7 +649,7 @@ impl CudaModel {
             inputs.num_tiles * d.kv_heads,
             gpu.sm_count,
             inputs.max_context,
-            ws.partial_capacity / (n * d.q_heads * d.head_dim).max(1),
+            Workspace::partial_capacity(d, ws.tokens) / (n * d.q_heads * d.head_dim).max(1),
         )
     }
 
@@ -683,15 +680,6 @@ fn use_mma_attention(d: &Dims, batch: &Batch) -> bool {
     Kernels::has_mma_attention(d.head_dim)
         && batch.seqs.iter().any(|s| s.rows.len() >= MMA_MIN_ROWS)
         && std::env::var("TPSERVE_CUDA_ATTENTION").map_or(true, |v| v != "simt")
-}
-
-/// (row, head) pairs one CUDA-core attention block may hold for a head size.
-pub fn max_items(head_dim: usize) -> usize {
-    if head_dim > 128 {
-        15
-    } else {
-        ATTENTION_MAX_ITEMS
-    }
 }
 
 /// Packs the step's host inputs and copies them to the device in one transfer.
