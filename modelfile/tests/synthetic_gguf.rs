@@ -268,6 +268,11 @@ fn llama_spec<'a>() -> Spec<'a> {
     }
 }
 
+/// A tensor a test read, flattened to f32.
+fn values_of(read: Result<Tensor, Error>) -> Vec<f32> {
+    read.unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -294,13 +299,7 @@ fn llama_gguf_tensors_come_back_in_hugging_face_layout() {
     assert_eq!(w.names(), names);
     for (name, want, shape) in &written.hf {
         assert_eq!(&w.shape(name).unwrap(), shape, "{name}");
-        let got: Vec<f32> = w
-            .read(name)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let got: Vec<f32> = values_of(w.read(name));
         // Tolerances are the formats' rounding for values in [-1, 1): F32 exact; F16 2^-11;
         // Q8_0 half a step of max/127; Q4_1 half a step of (max-min)/15.
         let tol = if name.contains("gate_proj") || name.contains("up_proj") {
@@ -334,23 +333,11 @@ fn gguf_q_and_k_are_unpermuted_to_hf_layout() {
         .iter()
         .filter(|(n, _, _)| n.contains("q_proj") || n.contains("k_proj"))
     {
-        let got: Vec<f32> = w
-            .read(name)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let got: Vec<f32> = values_of(w.read(name));
         assert_eq!(&got, want, "{name}");
         // A slice of a head is that head's HF rows.
         let cols: usize = shape[1..].iter().product();
-        let part: Vec<f32> = w
-            .read_slice(name, 0, HEAD_DIM, HEAD_DIM)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let part: Vec<f32> = values_of(w.read_slice(name, 0, HEAD_DIM, HEAD_DIM));
         assert_eq!(
             part,
             want[HEAD_DIM * cols..2 * HEAD_DIM * cols].to_vec(),
@@ -382,13 +369,7 @@ fn qwen2_gguf_rows_are_not_permuted_and_biases_are_mapped() {
         .iter()
         .filter(|(n, _, _)| n.contains("q_proj") || n.contains("k_proj"))
     {
-        let got: Vec<f32> = w
-            .read(name)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let got: Vec<f32> = values_of(w.read(name));
         assert_eq!(&got, want, "{name}");
     }
     assert!(w.contains("model.layers.0.self_attn.q_proj.bias"));
