@@ -166,3 +166,21 @@ pub fn chat_stream_text(events: &[serde_json::Value], index: u64) -> String {
         .filter_map(|c| c["delta"]["content"].as_str().map(str::to_string))
         .collect()
 }
+
+/// The value of a series of `name` in the server's `/metrics` text (the first one, whatever its
+/// labels).
+pub async fn metric(http: &reqwest::Client, s: &Server, name: &str) -> f64 {
+    let text = http
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} is not in /metrics:\n{text}"))
+}

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tpserve_e2e::{chat_stream_text, default_model, post_json, read_sse, Server};
+use tpserve_e2e::{chat_stream_text, default_model, metric, post_json, read_sse, Server};
 
 async fn server(extra: &[&str]) -> Server {
     let model = default_model();
@@ -18,23 +18,6 @@ async fn server(extra: &[&str]) -> Server {
     ];
     args.extend_from_slice(extra);
     Server::start(&args).await
-}
-
-/// The value of an unlabelled-by-reason series in the `/metrics` text.
-async fn metric(http: &reqwest::Client, s: &Server, name: &str) -> f64 {
-    let text = http
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(&format!("{name}{{")))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} is not in /metrics:\n{text}"))
 }
 
 /// Waits until nothing runs or waits and the KV cache is empty again.

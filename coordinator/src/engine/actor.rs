@@ -1,14 +1,24 @@
 //! The engine actor: the one task that owns the scheduler, every sequence's output state and
 //! the worker group. Each turn it takes the commands that arrived (submits, aborts), asks the
-//! scheduler for a plan, runs it on the workers, applies the sampled tokens, and sends each
-//! sequence its events. Nothing else touches this state, so no locks are needed.
+//! scheduler for a plan and sends it to the workers, then awaits the oldest plan's result,
+//! applies the sampled tokens, and sends each sequence its events. Nothing else touches this
+//! state, so no locks are needed.
 //!
-//! When the worker group is lost (a step fails, or the supervisor sees a worker die), every
-//! sequence ends with an `Unavailable` error, new ones are refused, and the engine reports itself
-//! unhealthy until the supervisor hands it a re-formed group; then it starts over with a fresh
-//! scheduler (the workers' request state is gone, so the old block table means nothing).
+//! Async scheduling (vLLM v1's, on by default): up to two plans are in flight. The actor sends
+//! step N, schedules and sends N+1 (the scheduler computes N's tokens as placeholders), and only
+//! then awaits N's result, applies it, detokenizes and streams, and sends N+2 before awaiting
+//! N+1, so scheduling, gRPC, detokenization and HTTP overlap the workers' compute instead of
+//! leaving the GPU idle between steps. The cost: a sequence that ends on an end-of-sequence
+//! token or a stop string computes one more token, which is dropped. With
+//! `EngineConfig::async_scheduling` off, one plan is in flight (send, await, apply, deliver).
+//!
+//! When the worker group is lost (a step fails, a result contradicts the scheduler, or the
+//! supervisor sees a worker die), the plans in flight are forgotten, every sequence ends with an
+//! `Unavailable` error, new ones are refused, and the engine reports itself unhealthy until the
+//! supervisor hands it a re-formed group; then it starts over with a fresh scheduler (the
+//! workers' request state is gone, so the old block table means nothing).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,6 +44,9 @@ pub struct EngineConfig {
     pub max_waiting_requests: usize,
     /// Tokens that end a sequence unless it asks to ignore them.
     pub eos_token_ids: Vec<u32>,
+    /// Send the next plan while the workers run the current one (two in flight); false: one
+    /// plan at a time (`--no-async-scheduling`).
+    pub async_scheduling: bool,
 }
 
 /// Live figures the engine publishes after every step.
@@ -63,11 +76,19 @@ struct Sequence {
     last_token: Option<Instant>,
 }
 
+/// A plan sent to the workers whose result is not applied yet.
+struct InFlight {
+    step_id: u64,
+    sent: Instant,
+}
+
 struct Engine {
     config: EngineConfig,
     scheduler: Scheduler,
     /// `None` while the group is lost.
     group: Option<WorkerGroup>,
+    /// Plans sent on `group`, oldest first; empty while the group is lost.
+    in_flight: VecDeque<InFlight>,
     /// The supervisor's news about the group.
     group_events: mpsc::UnboundedReceiver<GroupEvent>,
     /// Ticks when a step fails, so the supervisor re-forms the group.
@@ -109,6 +130,7 @@ pub fn start_engine(
         scheduler: Scheduler::new(config.scheduler.clone()),
         config,
         group: Some(link.group),
+        in_flight: VecDeque::with_capacity(2),
         group_events: link.events,
         broken: link.broken,
         tokenizer,
@@ -167,6 +189,7 @@ fn plan_to_proto(
 impl Engine {
     async fn run(mut self) {
         let mut supervised = true;
+        let depth = if self.config.async_scheduling { 2 } else { 1 };
         loop {
             while let Ok(c) = self.commands.try_recv() {
                 self.handle(c);
@@ -174,13 +197,9 @@ impl Engine {
             while let Ok(e) = self.group_events.try_recv() {
                 self.on_group_event(e);
             }
-            let plan = if self.group.is_some() {
-                self.scheduler.schedule()
-            } else {
-                None
-            };
-            if let Some(plan) = plan {
-                self.execute(plan).await;
+            while self.in_flight.len() < depth && self.send_next().await {}
+            if !self.in_flight.is_empty() {
+                self.receive_oldest().await;
                 self.publish();
                 continue;
             }
@@ -200,10 +219,7 @@ impl Engine {
 
     fn on_group_event(&mut self, event: GroupEvent) {
         match event {
-            GroupEvent::Lost { detail } => {
-                self.group = None;
-                self.fail_all(detail);
-            }
+            GroupEvent::Lost { detail } => self.lose_group(detail),
             GroupEvent::Ready(group, ready) => {
                 self.group = Some(group);
                 self.config.scheduler.num_blocks = ready.num_blocks as usize;
@@ -309,42 +325,76 @@ impl Engine {
         }
     }
 
-    async fn execute(&mut self, plan: StepPlan) {
-        let started = Instant::now();
+    /// Schedules the next plan and sends it to the workers. False when nothing went out: no
+    /// group, nothing to compute, or the send failed (then the group is lost).
+    async fn send_next(&mut self) -> bool {
+        if self.group.is_none() {
+            return false;
+        }
+        let Some(plan) = self.scheduler.schedule() else {
+            return false;
+        };
+        let sent = Instant::now();
         for id in plan.new.iter().map(|n| n.id) {
             if let Some(seq) = self.sequences.get_mut(&id) {
                 if seq.scheduled.is_none() {
-                    seq.scheduled = Some(started);
+                    seq.scheduled = Some(sent);
                     self.metrics
                         .request_queue_time
-                        .observe((started - seq.arrived).as_secs_f64());
+                        .observe((sent - seq.arrived).as_secs_f64());
                 }
             }
         }
         let request = plan_to_proto(&plan, to_proto);
-        let Some(group) = self.group.as_mut() else {
-            return;
-        };
-        match group.step(request).await {
-            Ok(tokens) => {
-                let sampled: Vec<(u64, u32)> =
-                    tokens.iter().map(|t| (t.request_id, t.token_id)).collect();
-                if let Err(e) = self.scheduler.apply(plan.step_id, &sampled) {
-                    self.fail_all(format!("scheduler: {e}"));
-                    return;
-                }
-                for (id, token) in sampled {
-                    self.deliver(id, token);
-                }
-                tracing::trace!(step = plan.step_id, elapsed = ?started.elapsed(), "step");
+        let group = self.group.as_mut().expect("checked above");
+        match group.send(request).await {
+            Ok(()) => {
+                self.in_flight.push_back(InFlight {
+                    step_id: plan.step_id,
+                    sent,
+                });
+                true
             }
             Err(e) => {
-                tracing::error!("step {} failed: {e}", plan.step_id);
-                self.group = None;
-                self.broken.send_modify(|n| *n += 1);
-                self.fail_all(format!("{e}; the worker group is re-forming"));
+                self.step_failed(plan.step_id, e.to_string());
+                false
             }
         }
+    }
+
+    /// Awaits the oldest plan's result, applies it to the scheduler and delivers its tokens.
+    async fn receive_oldest(&mut self) {
+        let (Some(step), Some(group)) = (self.in_flight.pop_front(), self.group.as_mut()) else {
+            return; // `in_flight` is emptied whenever the group goes
+        };
+        let tokens = match group.receive(step.step_id).await {
+            Ok(tokens) => tokens,
+            Err(e) => return self.step_failed(step.step_id, e.to_string()),
+        };
+        let sampled: Vec<(u64, u32)> = tokens.iter().map(|t| (t.request_id, t.token_id)).collect();
+        if let Err(e) = self.scheduler.apply(step.step_id, &sampled) {
+            return self.step_failed(step.step_id, format!("scheduler: {e}"));
+        }
+        for (id, token) in sampled {
+            self.deliver(id, token);
+        }
+        tracing::trace!(step = step.step_id, elapsed = ?step.sent.elapsed(), "step");
+    }
+
+    /// A step failed, or its result contradicts the scheduler: the workers' state is no use
+    /// any more. The supervisor re-forms the group; until then every sequence ends.
+    fn step_failed(&mut self, step_id: u64, detail: String) {
+        tracing::error!("step {step_id} failed: {detail}");
+        self.broken.send_modify(|n| *n += 1);
+        self.lose_group(format!("{detail}; the worker group is re-forming"));
+    }
+
+    /// The group is gone: forget the plans in flight on it (their results never come) and end
+    /// every sequence with `detail`.
+    fn lose_group(&mut self, detail: String) {
+        self.group = None;
+        self.in_flight.clear();
+        self.fail_all(detail);
     }
 
     fn deliver(&mut self, id: u64, token: u32) {

@@ -37,8 +37,8 @@ pub enum SchedulerError {
     /// `apply` was called with no plan outstanding.
     #[error("apply for step {got} but no plan is outstanding")]
     NoPlanOutstanding { got: u64 },
-    /// `apply` was called for another step than the outstanding one.
-    #[error("apply for step {got} but the outstanding plan is step {expected}")]
+    /// `apply` was called for another step than the oldest outstanding one.
+    #[error("apply for step {got} but the oldest outstanding plan is step {expected}")]
     StepMismatch { expected: u64, got: u64 },
     /// A sampled token for a sequence the plan did not sample (or a second one for it).
     #[error("step {step_id}: unexpected sampled token for sequence {id}")]

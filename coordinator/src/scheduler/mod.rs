@@ -3,7 +3,7 @@
 //! compute, and which KV blocks hold them. vLLM v1's rules:
 //!
 //! - One token budget per step (`max_num_batched_tokens`), at most `max_num_seqs` sequences.
-//!   Running sequences go first, in order of admission, each taking min(its uncomputed known
+//!   Running sequences go first, in order of admission, each taking min(its unscheduled known
 //!   tokens, the budget left): 1 when decoding, the next chunk when prefilling. Then waiting
 //!   sequences (FCFS or priority order) start with a prefill chunk while budget, sequence slots
 //!   and blocks allow; the first one that does not fit stops admission (no overtaking).
@@ -13,24 +13,49 @@
 //! - Prefix caching: full computed blocks are registered under a hash chain; a starting sequence
 //!   reuses its longest cached prefix (capped so at least one token is computed).
 //!
-//! Step protocol: `schedule` -> (workers run the plan) -> `apply` -> `schedule` ...; exactly one
-//! plan is outstanding. `num_computed` advances at `apply`, not at `schedule`. Workers keep
-//! per-sequence state, so a plan carries diffs (see `plan`).
+//! Step protocol (vLLM v1's async scheduling): `schedule` may be called while one plan is
+//! outstanding, so at most two are: the engine sends step N+1 while the workers run step N.
+//! `apply` must follow the order of `schedule`. Calling `schedule` with nothing outstanding
+//! after every `apply` gives the synchronous protocol (one plan outstanding).
+//! - `num_computed` advances at `schedule`. A sequence that a plan samples gets a placeholder
+//!   for the token it does not know yet; placeholders count as known tokens, so the next plan
+//!   computes that token (a decode of 1): the workers append each token they sample to their
+//!   own copy of the sequence, so the plan needs no token id. `apply` turns the oldest
+//!   placeholder into the real token.
+//! - Limits count placeholders: no plan samples beyond `max_tokens` or `max_model_len`. What
+//!   cannot be predicted (an end-of-sequence token, a stop string) is found by the engine after
+//!   `apply`; a sequence it finishes may already be in the next outstanding plan, whose token
+//!   for it `apply` then ignores, as it ignores every token of a sequence ended since
+//!   `schedule`.
+//! - Prefix-cache registration happens at `apply`, only for full blocks the applied step (or an
+//!   earlier one) computed; a block holding a placeholder is never registered, since a step's
+//!   tokens are all real once the plans before it are applied.
+//! - Preemption with a plan in flight: the victim's blocks go back to the pool at once (the
+//!   workers run plans in order, so the in-flight writes land before any later plan reuses
+//!   the blocks) and nothing the in-flight plan computed for it is registered. A token that
+//!   plan samples for it is still accepted at `apply` (it is a valid token), and a waiting
+//!   sequence with a pending placeholder is not admitted (it blocks admission, FCFS-like,
+//!   until that `apply`), so a `NewSequence` carries only real tokens.
+//!
+//! Workers keep per-sequence state, so a plan carries diffs (see `plan`).
 //!
 //! Frees ride on plans: `abort`, `finish` and preemption queue the id of a sequence the workers
 //! know, and the next plan `schedule` returns carries it in `freed`. `schedule` returns `None`
 //! when there is nothing to compute, even if frees are pending: they wait for the next plan
 //! (workers only hold a little per-sequence metadata; the KV blocks themselves are reusable at
-//! once, since the coordinator owns the block table).
+//! once, since the coordinator owns the block table). An id may be reused once its sequence
+//! ended; each outstanding plan remembers the arrivals it saw, so it never mistakes the new
+//! sequence for the old one.
 //!
 //! Invariants (checked by `check_invariants` in tests): each block is free or held, with a
 //! refcount equal to the number of live block tables containing it; every live sequence is in
 //! exactly one of the waiting queue and the running list; no sequence is ever dropped except by
-//! `abort` or `finish`.
+//! `abort` or `finish`; each placeholder belongs to an outstanding plan that samples the
+//! sequence; registered blocks hold only real tokens computed by applied steps.
 //!
 //! Costs per step: O(running + admitted) hash-map lookups and block operations, plus one copy
 //! of the tokens of each newly sent sequence; no per-token allocation for decoding sequences
-//! except the plan's own vectors.
+//! except the plan's own vectors (and the outstanding plan's list of scheduled ids).
 
 pub mod block_pool;
 pub mod config;
@@ -41,11 +66,13 @@ mod policy;
 pub mod sequence;
 
 #[cfg(test)]
+mod pipelined_tests;
+#[cfg(test)]
 mod proptests;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 pub use block_pool::BlockPool;
 pub use config::{SchedulerConfig, SchedulingPolicy};
@@ -69,16 +96,28 @@ pub struct SchedulerStats {
     pub num_preemptions: u64,
 }
 
-/// The plan the workers are running: what `apply` must match and advance.
+/// Most plans outstanding at once: the one the workers run and the one queued behind it.
+const MAX_OUTSTANDING: usize = 2;
+
+/// A plan the workers are running or will run next: what `apply` must match and advance.
 #[derive(Debug)]
 struct Outstanding {
     step_id: u64,
-    /// Ids scheduled in the plan (their `in_flight` says how many tokens).
-    scheduled: Vec<u64>,
+    /// The sequences the plan computes and which token positions (preemption removes the
+    /// victim's entry: its blocks are gone).
+    scheduled: Vec<ScheduledSeq>,
     /// Sampled sequences still alive (abort/finish between schedule and apply decrement it).
     sampled_alive: usize,
     /// Sequences with `arrival >= this` were added after the plan: never in it.
     arrival_watermark: u64,
+}
+
+/// One sequence's part of an outstanding plan: it writes the KV of positions `start..end`.
+#[derive(Debug, Clone, Copy)]
+struct ScheduledSeq {
+    id: u64,
+    start: usize,
+    end: usize,
 }
 
 /// The scheduler. See the module header for its rules.
@@ -94,7 +133,8 @@ pub struct Scheduler {
     pending_frees: Vec<u64>,
     next_step_id: u64,
     next_arrival: u64,
-    outstanding: Option<Outstanding>,
+    /// Plans scheduled and not yet applied, oldest first (at most `MAX_OUTSTANDING`).
+    outstanding: VecDeque<Outstanding>,
     stats: SchedulerStats,
     /// Reused buffer for prefix-cache hits of a starting sequence.
     scratch_hits: Vec<u32>,
@@ -118,7 +158,7 @@ impl Scheduler {
             pending_frees: Vec::new(),
             next_step_id: 0,
             next_arrival: 0,
-            outstanding: None,
+            outstanding: VecDeque::with_capacity(MAX_OUTSTANDING),
             stats: SchedulerStats::default(),
             scratch_hits: Vec::new(),
             config,
@@ -171,8 +211,8 @@ impl Scheduler {
     }
 
     /// Stops a waiting or running sequence and frees its blocks; if the workers hold it, its id
-    /// rides on the next plan's `freed`. False if no such live sequence. Safe between `schedule`
-    /// and `apply`: `apply` then ignores the sequence.
+    /// rides on the next plan's `freed`. False if no such live sequence. Safe with plans
+    /// outstanding: `apply` then ignores the sequence's tokens.
     pub fn abort(&mut self, id: u64) -> bool {
         self.remove(id)
     }
@@ -184,12 +224,13 @@ impl Scheduler {
     }
 
     /// Plans the next step, or `None` when nothing can be computed (pending frees then wait for
-    /// the next plan). Panics if the previous plan has not been applied.
+    /// the next plan). May be called with one plan outstanding (see the module header); panics
+    /// with two, a misuse of the step protocol.
     pub fn schedule(&mut self) -> Option<StepPlan> {
-        if let Some(out) = &self.outstanding {
+        if self.outstanding.len() >= MAX_OUTSTANDING {
             panic!(
-                "schedule() while step {} is outstanding: apply it first",
-                out.step_id
+                "schedule() while steps {} and {} are outstanding: apply the older first",
+                self.outstanding[0].step_id, self.outstanding[1].step_id
             );
         }
         let mut plan = StepPlan {
@@ -208,14 +249,27 @@ impl Scheduler {
         plan.freed = std::mem::take(&mut self.pending_frees);
 
         let mut scheduled = Vec::with_capacity(plan.num_seqs());
-        let ids = plan.new.iter().map(|s| s.id);
-        for id in ids.chain(plan.running.iter().map(|s| s.id)) {
-            scheduled.push(id);
-            if self.seqs[&id].in_flight_sampled {
-                plan.sampled.push(id);
+        for n in &plan.new {
+            scheduled.push(ScheduledSeq {
+                id: n.id,
+                start: n.num_computed_tokens,
+                end: n.num_computed_tokens + n.num_scheduled_tokens,
+            });
+        }
+        for r in &plan.running {
+            let end = self.seqs[&r.id].num_computed;
+            scheduled.push(ScheduledSeq {
+                id: r.id,
+                start: end - r.num_scheduled_tokens,
+                end,
+            });
+        }
+        for s in &scheduled {
+            if self.seqs[&s.id].pending_samples.back() == Some(&plan.step_id) {
+                plan.sampled.push(s.id);
             }
         }
-        self.outstanding = Some(Outstanding {
+        self.outstanding.push_back(Outstanding {
             step_id: plan.step_id,
             scheduled,
             sampled_alive: plan.sampled.len(),
@@ -225,13 +279,13 @@ impl Scheduler {
         Some(plan)
     }
 
-    /// Applies the outcome of step `step_id`: every scheduled sequence advances by what was
-    /// scheduled, newly full blocks enter the prefix cache, and each sampled token is appended
-    /// to its sequence. Tokens of sequences aborted or finished since `schedule` are ignored.
-    /// Errors (changing nothing) on a step mismatch, a token for a sequence the plan did not
+    /// Applies the outcome of step `step_id`, the oldest outstanding plan: newly full blocks it
+    /// computed enter the prefix cache, and each sampled token replaces its sequence's oldest
+    /// placeholder. Tokens of sequences aborted or finished since `schedule` are ignored.
+    /// Errors (changing nothing) on a step out of order, a token for a sequence the plan did not
     /// sample (or two for one), or a missing token.
     pub fn apply(&mut self, step_id: u64, sampled: &[(u64, u32)]) -> SchedulerResult<()> {
-        let out = match &self.outstanding {
+        let out = match self.outstanding.front() {
             None => return Err(SchedulerError::NoPlanOutstanding { got: step_id }),
             Some(out) if out.step_id != step_id => {
                 return Err(SchedulerError::StepMismatch {
@@ -250,7 +304,7 @@ impl Scheduler {
             if seq.arrival >= out.arrival_watermark {
                 continue; // the id was reused after the plan: that sequence was not in it
             }
-            if !seq.in_flight_sampled || seq.sample_received {
+            if seq.pending_samples.front() != Some(&step_id) || seq.sample_received {
                 bad = Some(SchedulerError::UnexpectedSample { step_id, id });
                 break;
             }
@@ -273,21 +327,18 @@ impl Scheduler {
             return Err(err);
         }
 
-        let out = self.outstanding.take().expect("checked above");
-        let bs = self.config.block_size;
-        let caching = self.config.enable_prefix_caching;
-        for id in out.scheduled {
-            let Some(seq) = self.seqs.get_mut(&id) else {
-                continue;
-            };
-            if seq.arrival >= out.arrival_watermark {
-                continue;
-            }
-            seq.num_computed += seq.in_flight;
-            seq.in_flight = 0;
-            seq.in_flight_sampled = false;
-            if caching {
-                let full = seq.num_computed / bs;
+        let out = self.outstanding.pop_front().expect("checked above");
+        if self.config.enable_prefix_caching {
+            let bs = self.config.block_size;
+            for s in &out.scheduled {
+                let Some(seq) = self.seqs.get_mut(&s.id) else {
+                    continue;
+                };
+                if seq.arrival >= out.arrival_watermark {
+                    continue;
+                }
+                // The plans before this one are applied, so every token up to `end` is real.
+                let full = s.end / bs;
                 if full > seq.num_registered_blocks {
                     seq.ensure_block_hashes(full, bs);
                     for j in seq.num_registered_blocks..full {
@@ -301,6 +352,7 @@ impl Scheduler {
             if let Some(seq) = self.seqs.get_mut(&id) {
                 if seq.sample_received {
                     seq.sample_received = false;
+                    seq.pending_samples.pop_front();
                     seq.token_ids.push(token);
                 }
             }
@@ -340,8 +392,9 @@ impl Scheduler {
     }
 
     /// Checks every cross-structure invariant: pool consistency, refcount = number of live
-    /// tables holding the block, each live sequence in exactly one queue, table sizes. For tests
-    /// and debugging; O(blocks + table entries).
+    /// tables holding the block, each live sequence in exactly one queue, table sizes, the
+    /// outstanding plans against the placeholders, and prefix-cache registration of computed
+    /// real tokens only. For tests and debugging; O(blocks + table entries + plan entries).
     pub fn check_invariants(&self) -> Result<(), String> {
         self.pool.check_invariants()?;
         let mut holders = vec![0u32; self.pool.num_blocks()];
@@ -349,9 +402,13 @@ impl Scheduler {
             for &b in &seq.block_table {
                 holders[b as usize] += 1;
             }
-            let needed = self.config.blocks_for(seq.num_computed + seq.in_flight);
+            let needed = self.config.blocks_for(seq.num_computed);
             match seq.status {
-                SeqStatus::Waiting if !seq.block_table.is_empty() || seq.num_computed != 0 => {
+                SeqStatus::Waiting
+                    if !seq.block_table.is_empty()
+                        || seq.num_computed != 0
+                        || seq.known_to_workers =>
+                {
                     return Err(format!("waiting sequence {} holds blocks", seq.id));
                 }
                 SeqStatus::Running if seq.block_table.len() < needed => {
@@ -359,8 +416,19 @@ impl Scheduler {
                 }
                 _ => {}
             }
-            if seq.num_computed + seq.in_flight > seq.num_tokens() {
+            if seq.num_computed > seq.num_tokens() {
                 return Err(format!("sequence {} computes unknown tokens", seq.id));
+            }
+            if seq.num_registered_blocks * self.config.block_size > seq.token_ids.len() {
+                return Err(format!("sequence {} registered a placeholder", seq.id));
+            }
+            if seq.pending_samples.len() > self.outstanding.len()
+                || !seq.pending_samples.iter().is_sorted_by(|a, b| a < b)
+            {
+                return Err(format!(
+                    "sequence {} has placeholders {:?}",
+                    seq.id, seq.pending_samples
+                ));
             }
         }
         for (b, &n) in holders.iter().enumerate() {
@@ -371,6 +439,7 @@ impl Scheduler {
                 ));
             }
         }
+        self.check_outstanding()?;
         let mut listed: Vec<u64> = self.running.clone();
         if listed
             .iter()
@@ -395,6 +464,67 @@ impl Scheduler {
         }
         if self.running.len() > self.config.max_num_seqs {
             return Err("more running sequences than max_num_seqs".into());
+        }
+        Ok(())
+    }
+
+    /// The outstanding plans against the sequences: consecutive step ids; each live sequence a
+    /// plan samples holds that plan's placeholder and is counted in `sampled_alive`; a running
+    /// sequence's plan entries end at its `num_computed`, and its registered blocks lie before
+    /// the first position an outstanding plan writes (computed by applied steps).
+    fn check_outstanding(&self) -> Result<(), String> {
+        if self.outstanding.len() > MAX_OUTSTANDING {
+            return Err(format!("{} plans outstanding", self.outstanding.len()));
+        }
+        for (k, out) in self.outstanding.iter().enumerate() {
+            let want = self.next_step_id - (self.outstanding.len() - k) as u64;
+            if out.step_id != want {
+                return Err(format!("outstanding step {} should be {want}", out.step_id));
+            }
+            let in_plan = |seq: &Sequence| seq.arrival < out.arrival_watermark;
+            let sampled = self
+                .seqs
+                .values()
+                .filter(|seq| in_plan(seq) && seq.pending_samples.contains(&out.step_id))
+                .count();
+            if sampled != out.sampled_alive {
+                return Err(format!(
+                    "step {}: {sampled} live placeholders but sampled_alive {}",
+                    out.step_id, out.sampled_alive
+                ));
+            }
+            for s in &out.scheduled {
+                let Some(seq) = self.seqs.get(&s.id).filter(|seq| in_plan(seq)) else {
+                    continue;
+                };
+                if seq.status != SeqStatus::Running || s.end > seq.num_computed {
+                    return Err(format!(
+                        "step {}: sequence {} ({:?}, {} computed) scheduled up to {}",
+                        out.step_id, s.id, seq.status, seq.num_computed, s.end
+                    ));
+                }
+                if seq.num_registered_blocks * self.config.block_size > s.start {
+                    return Err(format!(
+                        "step {}: sequence {} registered blocks that step writes",
+                        out.step_id, s.id
+                    ));
+                }
+            }
+        }
+        if let Some(last) = self.outstanding.back() {
+            for s in &last.scheduled {
+                match self.seqs.get(&s.id) {
+                    Some(seq)
+                        if seq.arrival < last.arrival_watermark && seq.num_computed != s.end =>
+                    {
+                        return Err(format!(
+                            "sequence {} computed {}, the newest plan ends at {}",
+                            s.id, seq.num_computed, s.end
+                        ));
+                    }
+                    _ => {}
+                }
+            }
         }
         Ok(())
     }
@@ -439,8 +569,10 @@ impl Scheduler {
                 seq.block_table.push(b);
                 new_block_ids.push(b);
             }
-            seq.in_flight = n;
-            seq.in_flight_sampled = seq.num_computed + n == seq.num_tokens();
+            seq.num_computed += n;
+            if seq.num_computed == seq.num_tokens() {
+                seq.pending_samples.push_back(plan.step_id);
+            }
             plan.running.push(RunningSequence {
                 id,
                 num_scheduled_tokens: n,
@@ -475,16 +607,20 @@ impl Scheduler {
     }
 
     /// Preempts `running[idx]` by recompute: its blocks go back to the pool, it forgets its
-    /// computed tokens (keeping its generated ones) and waits at the front. If it was already
-    /// scheduled in this plan, that is undone and its budget refunded.
+    /// computed tokens (keeping its generated ones and its placeholders) and waits at the front.
+    /// If it was already scheduled in this plan, that is undone and its budget refunded; what
+    /// outstanding plans compute for it is never registered (see the module header).
     fn preempt(&mut self, idx: usize, plan: &mut StepPlan, budget: &mut usize) {
         let id = self.running.remove(idx);
         let seq = self.seqs.get_mut(&id).expect("running ids are live");
-        if seq.in_flight > 0 {
-            *budget += seq.in_flight;
-            plan.running.retain(|r| r.id != id);
-            seq.in_flight = 0;
-            seq.in_flight_sampled = false;
+        if let Some(pos) = plan.running.iter().position(|r| r.id == id) {
+            *budget += plan.running.remove(pos).num_scheduled_tokens;
+            if seq.pending_samples.back() == Some(&plan.step_id) {
+                seq.pending_samples.pop_back();
+            }
+        }
+        for out in &mut self.outstanding {
+            out.scheduled.retain(|s| s.id != id);
         }
         for &b in seq.block_table.iter().rev() {
             self.pool.release(b);
@@ -510,6 +646,11 @@ impl Scheduler {
                 break;
             };
             let seq = self.seqs.get_mut(&id).expect("waiting ids are live");
+            if !seq.pending_samples.is_empty() {
+                // Preempted with a token still being sampled: it starts again once that token
+                // is known, so `NewSequence` carries only real tokens. Nothing overtakes it.
+                break;
+            }
             let num_tokens = seq.num_tokens();
             let hits = &mut self.scratch_hits;
             hits.clear();
@@ -544,12 +685,13 @@ impl Scheduler {
                 let b = self.pool.allocate().expect("checked free count");
                 seq.block_table.push(b);
             }
-            seq.num_computed = hit_tokens;
+            seq.num_computed = hit_tokens + n;
             seq.num_registered_blocks = hits.len();
             seq.status = SeqStatus::Running;
             seq.known_to_workers = true;
-            seq.in_flight = n;
-            seq.in_flight_sampled = hit_tokens + n == num_tokens;
+            if seq.num_computed == num_tokens {
+                seq.pending_samples.push_back(plan.step_id);
+            }
             plan.new.push(NewSequence {
                 id,
                 token_ids: seq.token_ids.clone(),
@@ -585,10 +727,10 @@ impl Scheduler {
         if seq.known_to_workers {
             self.pending_frees.push(id);
         }
-        if seq.in_flight_sampled {
-            if let Some(out) = &mut self.outstanding {
-                out.sampled_alive -= 1;
-            }
+        for step_id in &seq.pending_samples {
+            let out = self.outstanding.iter_mut().find(|o| o.step_id == *step_id);
+            out.expect("a placeholder belongs to an outstanding plan")
+                .sampled_alive -= 1;
         }
         true
     }

@@ -14,7 +14,8 @@ use crate::engine::Sampling;
 pub struct NewSequence {
     /// Sequence id, unique among live sequences.
     pub id: u64,
-    /// All known tokens: the prompt plus, after a preemption, the tokens generated so far.
+    /// All known tokens: the prompt plus, after a preemption, the tokens generated so far
+    /// (real ones: a sequence is never sent while a token of it is still being sampled).
     pub token_ids: Vec<u32>,
     /// Sampling parameters, passed through from `SequenceSpec`.
     pub sampling: Sampling,

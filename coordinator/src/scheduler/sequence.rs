@@ -1,11 +1,19 @@
 //! Per-sequence state the scheduler keeps: the request as added (`SequenceSpec`) and what it
-//! has become (tokens known and computed, block table, prefix-hash chain, step bookkeeping).
+//! has become (tokens known, placeholders for tokens being sampled, tokens scheduled, block
+//! table, prefix-hash chain).
 //!
-//! Invariants: `num_computed <= token_ids.len()`; a waiting sequence has an empty block table
-//! and `num_computed == 0`; a running one's table covers `num_computed` tokens (and this step's
-//! scheduled tokens while a plan is outstanding); `block_hashes[j]` is the chain hash of full
-//! block `j` of `token_ids` and never changes (tokens are only appended), so it survives
-//! preemption. Memory: the tokens, one `u32` per block and one `u64` per full block.
+//! A placeholder stands for the token an outstanding plan samples: its value is unknown until
+//! `apply`, but the sequence counts it, so the next plan can already compute it (the workers
+//! append each token they sample to their own copy of the sequence).
+//!
+//! Invariants: `num_computed <= num_tokens()` (real tokens plus placeholders); a waiting
+//! sequence has an empty block table and `num_computed == 0`; a running one's table covers
+//! `num_computed` tokens; `pending_samples` names outstanding plans, oldest first, at most two;
+//! `block_hashes[j]` is the chain hash of full block `j` of the real `token_ids` and never
+//! changes (tokens are only appended), so it survives preemption. Memory: the tokens, one `u32`
+//! per block, one `u64` per full block and two `u64` slots for pending samples.
+
+use std::collections::VecDeque;
 
 use super::hash::{block_hash, ROOT_HASH};
 use crate::engine::Sampling;
@@ -41,7 +49,7 @@ pub(crate) enum SeqStatus {
 #[derive(Debug, Clone)]
 pub(crate) struct Sequence {
     pub id: u64,
-    /// Prompt followed by generated tokens.
+    /// Prompt followed by generated tokens (real ones: placeholders are not in it).
     pub token_ids: Vec<u32>,
     pub prompt_len: usize,
     pub max_tokens: usize,
@@ -51,7 +59,8 @@ pub(crate) struct Sequence {
     /// Order of `add` calls; the tie-break of the priority policy.
     pub arrival: u64,
     pub status: SeqStatus,
-    /// Tokens whose KV is in the blocks (advances at `apply`, or at admission by a cache hit).
+    /// Tokens whose KV is in the blocks or written by an outstanding plan (advances at
+    /// `schedule`, and at admission by a prefix-cache hit).
     pub num_computed: usize,
     pub block_table: Vec<u32>,
     /// Chain hashes of the leading full blocks of `token_ids`, filled lazily.
@@ -60,10 +69,9 @@ pub(crate) struct Sequence {
     pub num_registered_blocks: usize,
     /// Workers hold state for it (sent as new, not freed since).
     pub known_to_workers: bool,
-    /// Tokens scheduled in the outstanding plan (0 when not in it).
-    pub in_flight: usize,
-    /// The outstanding plan samples it.
-    pub in_flight_sampled: bool,
+    /// Step ids of the outstanding plans that sample it, oldest first: one placeholder token
+    /// each. Kept across preemption (the workers still sample the token; `apply` accepts it).
+    pub pending_samples: VecDeque<u64>,
     /// Scratch flag of `apply`'s validation pass.
     pub sample_received: bool,
 }
@@ -85,37 +93,39 @@ impl Sequence {
             block_hashes: Vec::new(),
             num_registered_blocks: 0,
             known_to_workers: false,
-            in_flight: 0,
-            in_flight_sampled: false,
+            pending_samples: VecDeque::with_capacity(2),
             sample_received: false,
         }
     }
 
-    /// Known tokens: prompt plus output.
+    /// Tokens as far as scheduling knows: prompt plus output plus placeholders.
     pub fn num_tokens(&self) -> usize {
-        self.token_ids.len()
+        self.token_ids.len() + self.pending_samples.len()
     }
 
+    /// The real generated tokens.
     pub fn output(&self) -> &[u32] {
         &self.token_ids[self.prompt_len..]
     }
 
-    /// Known tokens whose KV is not computed yet.
+    /// Tokens (placeholders included) whose KV is not computed or scheduled yet.
     pub fn num_uncomputed(&self) -> usize {
         self.num_tokens() - self.num_computed
     }
 
-    /// The sequence has produced all it may (`max_tokens`, or a context of `max_model_len`
-    /// after at least one output token, as vLLM's length check); computing on would sample past
-    /// the limit. The engine is expected to `finish` it; until then it is left idle.
+    /// The sequence has produced, or is producing in an outstanding plan, all it may
+    /// (`max_tokens`, or a context of `max_model_len` after at least one output token, as
+    /// vLLM's length check); placeholders count, so computing on would sample past the limit.
+    /// The engine is expected to `finish` it; until then it is left idle.
     pub fn is_at_limit(&self, max_model_len: usize) -> bool {
         let output = self.num_tokens() - self.prompt_len;
         output >= self.max_tokens || (output > 0 && self.num_tokens() >= max_model_len)
     }
 
-    /// Fills `block_hashes` for the first `num_blocks` full blocks of the known tokens.
+    /// Fills `block_hashes` for the first `num_blocks` full blocks of the real tokens (never a
+    /// block that holds a placeholder).
     pub fn ensure_block_hashes(&mut self, num_blocks: usize, block_size: usize) {
-        debug_assert!(num_blocks * block_size <= self.num_tokens());
+        debug_assert!(num_blocks * block_size <= self.token_ids.len());
         while self.block_hashes.len() < num_blocks {
             let j = self.block_hashes.len();
             let parent = if j == 0 {

@@ -4,7 +4,7 @@
 use super::*;
 use crate::engine::Sampling;
 
-fn config(block_size: usize, num_blocks: usize) -> SchedulerConfig {
+pub(super) fn config(block_size: usize, num_blocks: usize) -> SchedulerConfig {
     SchedulerConfig {
         block_size,
         num_blocks,
@@ -16,7 +16,7 @@ fn config(block_size: usize, num_blocks: usize) -> SchedulerConfig {
     }
 }
 
-fn spec(id: u64, token_ids: Vec<u32>, max_tokens: usize) -> SequenceSpec {
+pub(super) fn spec(id: u64, token_ids: Vec<u32>, max_tokens: usize) -> SequenceSpec {
     SequenceSpec {
         id,
         token_ids,
@@ -28,12 +28,12 @@ fn spec(id: u64, token_ids: Vec<u32>, max_tokens: usize) -> SequenceSpec {
 }
 
 /// Prompt of `len` distinct tokens starting at `start`.
-fn prompt(start: u32, len: usize) -> Vec<u32> {
+pub(super) fn prompt(start: u32, len: usize) -> Vec<u32> {
     (start..start + len as u32).collect()
 }
 
 /// Schedules one step and applies it with token `1000 + step_id` for every sampled sequence.
-fn step(s: &mut Scheduler) -> StepPlan {
+pub(super) fn step(s: &mut Scheduler) -> StepPlan {
     let plan = s.schedule().expect("a plan");
     let token = 1000 + plan.step_id as u32;
     let sampled: Vec<(u64, u32)> = plan.sampled.iter().map(|&id| (id, token)).collect();
@@ -43,7 +43,7 @@ fn step(s: &mut Scheduler) -> StepPlan {
 }
 
 /// (id, scheduled tokens) of every sequence in the plan, `new` then `running`.
-fn scheduled(plan: &StepPlan) -> Vec<(u64, usize)> {
+pub(super) fn scheduled(plan: &StepPlan) -> Vec<(u64, usize)> {
     plan.new
         .iter()
         .map(|s| (s.id, s.num_scheduled_tokens))
@@ -400,10 +400,11 @@ fn apply_rejects_protocol_misuse_and_changes_nothing() {
 
 #[test]
 #[should_panic(expected = "outstanding")]
-fn schedule_twice_without_apply_panics() {
+fn schedule_with_two_plans_outstanding_panics() {
     let mut s = Scheduler::new(config(4, 8));
     s.add(spec(1, prompt(0, 3), 4)).unwrap();
-    let _ = s.schedule();
+    assert!(s.schedule().is_some());
+    assert!(s.schedule().is_some(), "the placeholder can be computed");
     let _ = s.schedule();
 }
 
@@ -479,7 +480,7 @@ fn a_sequence_stops_at_max_model_len() {
     assert!(s.finish(1));
 }
 
-fn caching_config() -> SchedulerConfig {
+pub(super) fn caching_config() -> SchedulerConfig {
     SchedulerConfig {
         enable_prefix_caching: true,
         ..config(4, 16)
