@@ -90,6 +90,22 @@ pub struct EngineArgs {
     /// Turn prefix caching off.
     #[arg(long, overrides_with = "enable_prefix_caching")]
     pub no_enable_prefix_caching: bool,
+    /// Run every step eagerly: no CUDA graphs for decode steps (GPU workers).
+    #[arg(long, env = "TPSERVE_ENFORCE_EAGER")]
+    pub enforce_eager: bool,
+    /// Batch-invariant results: a request's output is bit-identical alone, in any batch and
+    /// after a prefix-cache hit (fixed reduction orders, one kernel per operation for every
+    /// batch size). Costs speed; for evaluation and RL rollouts. Off by default.
+    #[arg(long, env = "TPSERVE_BATCH_INVARIANT")]
+    pub batch_invariant: bool,
+    /// Largest decode batch captured as a CUDA graph (GPU workers): sizes 1, 2, 4, 8, then
+    /// multiples of 8 up to this and --max-num-seqs; larger batches run eagerly.
+    #[arg(
+        long,
+        env = "TPSERVE_MAX_CUDAGRAPH_CAPTURE_SIZE",
+        default_value_t = 512
+    )]
+    pub max_cudagraph_capture_size: usize,
     /// Order of the waiting queue.
     #[arg(
         long,
@@ -98,6 +114,11 @@ pub struct EngineArgs {
         default_value = "fcfs"
     )]
     pub scheduling_policy: Policy,
+    /// Schedule one step at a time: the next plan is made only after the current one's tokens
+    /// are back. By default the next plan is sent while the workers run the current one
+    /// (vLLM's async scheduling); this flag is for debugging and comparison.
+    #[arg(long, env = "TPSERVE_NO_ASYNC_SCHEDULING")]
+    pub no_async_scheduling: bool,
     /// Requests allowed to wait; more get 429.
     #[arg(long, env = "TPSERVE_MAX_WAITING_REQUESTS", default_value_t = 4096)]
     pub max_waiting_requests: usize,
@@ -167,9 +188,33 @@ impl EngineArgs {
         Ok(())
     }
 
+    /// Decode batch sizes to capture as CUDA graphs: vLLM's 1, 2, 4, 8, then multiples of 8,
+    /// up to `--max-cudagraph-capture-size` and `--max-num-seqs` (which is itself captured when
+    /// it is not a multiple of 8); none with `--enforce-eager`.
+    pub fn cuda_graph_sizes(&self) -> Vec<u32> {
+        if self.enforce_eager {
+            return Vec::new();
+        }
+        let cap = self.max_cudagraph_capture_size.min(self.max_num_seqs);
+        let mut sizes: Vec<usize> = [1, 2, 4]
+            .into_iter()
+            .chain((8..=cap).step_by(8))
+            .filter(|&s| s <= cap)
+            .collect();
+        if cap > 0 && sizes.last() != Some(&cap) {
+            sizes.push(cap);
+        }
+        sizes.into_iter().map(|s| s as u32).collect()
+    }
+
     /// Whether prefix caching is on after both flags.
     pub fn prefix_caching(&self) -> bool {
         !self.no_enable_prefix_caching
+    }
+
+    /// Whether the engine sends the next plan while the workers run the current one.
+    pub fn async_scheduling(&self) -> bool {
+        !self.no_async_scheduling
     }
 
     /// Threads each worker gets.
@@ -178,5 +223,51 @@ impl EngineArgs {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             (cores / self.tensor_parallel_size).max(1)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        engine: EngineArgs,
+    }
+
+    fn args(extra: &[&str]) -> EngineArgs {
+        let mut argv = vec!["tpserve", "--model", "m"];
+        argv.extend_from_slice(extra);
+        Cli::parse_from(argv).engine
+    }
+
+    #[test]
+    fn graph_sizes_follow_vllm_up_to_the_cap_and_max_num_seqs() {
+        let sizes = args(&[]).cuda_graph_sizes();
+        assert_eq!(&sizes[..5], &[1, 2, 4, 8, 16]);
+        assert_eq!(
+            sizes.last(),
+            Some(&256),
+            "capped by the default --max-num-seqs"
+        );
+        assert!(sizes[3..].iter().all(|s| s % 8 == 0));
+        assert_eq!(
+            args(&["--max-num-seqs", "20"]).cuda_graph_sizes(),
+            vec![1, 2, 4, 8, 16, 20]
+        );
+        assert_eq!(
+            args(&["--max-cudagraph-capture-size", "3"]).cuda_graph_sizes(),
+            vec![1, 2, 3]
+        );
+        assert!(args(&["--enforce-eager"]).cuda_graph_sizes().is_empty());
+    }
+
+    #[test]
+    fn async_scheduling_is_on_unless_turned_off() {
+        assert!(args(&[]).async_scheduling());
+        assert!(!args(&["--no-async-scheduling"]).async_scheduling());
     }
 }

@@ -86,6 +86,8 @@ pub async fn launch(
         max_num_batched_tokens: args.max_num_batched_tokens as u32,
         max_num_seqs: args.max_num_seqs as u32,
         seed: args.seed,
+        cuda_graph_sizes: args.cuda_graph_sizes(),
+        batch_invariant: args.batch_invariant,
     };
     let (tx, events) = tokio::sync::mpsc::unbounded_channel();
     let (broken, broken_rx) = watch::channel(0u64);
@@ -130,6 +132,7 @@ pub async fn launch(
         },
         max_waiting_requests: args.max_waiting_requests,
         eos_token_ids: config.eos_token_ids.clone(),
+        async_scheduling: args.async_scheduling(),
     };
     engine_config
         .scheduler
@@ -150,6 +153,8 @@ pub async fn launch(
         tp = args.tensor_parallel_size,
         kv_blocks = ready.num_blocks,
         max_model_len,
+        cuda_graphs = ready.cuda_graphs,
+        graph_capture_seconds = ready.graph_capture_seconds,
         seconds = started.elapsed().as_secs_f64(),
         "engine ready"
     );

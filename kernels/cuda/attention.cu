@@ -25,7 +25,7 @@ __device__ __forceinline__ float warp_reduce_max(float v) {
 // head h of KV head g (h in [g * group, (g + 1) * group), group = num_q_heads / num_kv_heads),
 //   out[r, h] = softmax_j(scale * q[r, h] . K[j, g]) V[j, g]  over keys j <= position(r)
 // where K[j] and V[j] live at slot block_tables[seq, j / block_size] * block_size +
-// j % block_size of the caches.
+// j % block_size of the caches (seq: the tile's row of the block tables).
 //
 // A tile is up to a few consecutive query rows of ONE sequence (the host builds the tiles: a
 // decode row is a tile of one; a prefill chunk is cut into tiles of at most
@@ -43,9 +43,10 @@ __device__ __forceinline__ float warp_reduce_max(float v) {
 //   q             T   [num_tokens, q_stride]: token t's heads at q + t * q_stride, [num_q_heads, HD]
 //   key_cache     T   [num_blocks, block_size, num_kv_heads, HD]   (this layer)
 //   value_cache   T   [num_blocks, block_size, num_kv_heads, HD]
-//   block_tables  i32 [num_seqs, max_blocks_per_seq]
-//   tiles         i32 [num_tiles, 4]: sequence index, first row (token index), number of rows,
-//                     position of the first row
+//   block_tables  i32 [table_rows, max_blocks_per_seq]: one row per request (the worker's
+//                     persistent block tables, updated in place each step)
+//   tiles         i32 [num_tiles, 4]: the sequence's row of block_tables, first row (token
+//                     index), number of rows, position of the first row
 //   num_q_heads, num_kv_heads, block_size, max_blocks_per_seq, q_stride: i32
 //   num_splits    i32  >= 1
 //   split_len     i32  keys per split, a multiple of 32 (ignored when num_splits == 1)
@@ -63,6 +64,7 @@ __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ pa
                                      const int* __restrict__ tiles, int num_q_heads,
                                      int num_kv_heads, int block_size, int max_blocks_per_seq,
                                      int q_stride, int num_splits, int split_len, float scale) {
+    tpserve::wait_for_inputs();
     constexpr int kPerLane = HD / 32;
     constexpr int kKStride = HD + 2;  // odd number of 32-bit words per row: no bank conflicts
     extern __shared__ float smem[];
@@ -220,6 +222,223 @@ __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ pa
     }
 }
 
+// paged_attention_decode_hd{64,128,256}_g{4,8}_{bf16,f16}: the same attention as
+// paged_attention, for tiles of ONE query row each (decode), with at most G query heads per KV
+// head, built to read the KV cache at bandwidth: no shared-memory staging and no barrier per
+// key tile. Lanes split a key's head vector into 16-byte pieces (HD / 8 lanes per key, so a
+// warp reads 32 / (HD / 8) keys per load), each piece of K and V read straight from the cache;
+// every lane group keeps its own online softmax (running max, sum and output piece) over the
+// keys it saw, merged across the warp by shuffles and across the block's warps in shared
+// memory. Tiles with zero rows are padding (CUDA-graph batches): they write nothing.
+//
+// Key splits as paged_attention, except that split_len 0 means: each row splits its own keys
+// evenly, ceil(context / num_splits) rounded up to 16 (a CUDA graph is captured without knowing
+// the contexts); splits past a row's context write max -inf and sum 0, which the combine
+// ignores.
+//
+// Arguments: exactly paged_attention's (tiles must have rows 0 or 1; G >= num_q_heads /
+// num_kv_heads; no dynamic shared memory).
+// Launch: grid (num_tiles, num_kv_heads, num_splits); block (128, 1, 1).
+template <typename T, int HD, int G>
+__device__ void paged_attention_decode_impl(
+    T* __restrict__ out, float* __restrict__ partial_out, float* __restrict__ partial_ml,
+    const T* __restrict__ q, const T* __restrict__ key_cache, const T* __restrict__ value_cache,
+    const int* __restrict__ block_tables, const int* __restrict__ tiles, int num_q_heads,
+    int num_kv_heads, int block_size, int max_blocks_per_seq, int q_stride, int num_splits,
+    int split_len, float scale) {
+    tpserve::wait_for_inputs();
+    constexpr int kLanesPerKey = HD / 8;
+    constexpr int kKeysPerStep = 32 / kLanesPerKey;  // keys one warp reads per 16-byte load
+    constexpr int kUnroll = 2;
+    __shared__ float m_s[kWarps][G];
+    __shared__ float l_s[kWarps][G];
+    __shared__ float acc_s[kWarps][G][HD];
+
+    const int* tile = tiles + blockIdx.x * 4;
+    if (tile[2] == 0) {
+        return;
+    }
+    const int seq = tile[0];
+    const long long row = tile[1];
+    const int ctx = tile[3] + 1;
+    const int kv_head = blockIdx.y;
+    const int split = blockIdx.z;
+    const int group = num_q_heads / num_kv_heads;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int sub = lane / kLanesPerKey;    // which key of a step this lane reads
+    const int piece = lane % kLanesPerKey;  // which 8 elements of the head vector
+
+    int key_begin = 0;
+    int key_end = ctx;
+    if (num_splits > 1) {
+        int len = split_len;
+        if (len <= 0) {
+            len = (ctx + num_splits - 1) / num_splits;
+            len = (len + 15) / 16 * 16;
+        }
+        key_begin = split * len;
+        key_end = min(ctx, key_begin + len);
+    }
+
+    float qf[G][8];
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+        if (h < group) {
+            const T* qh = q + row * q_stride + (kv_head * group + h) * HD + piece * 8;
+            const uint4 raw = *reinterpret_cast<const uint4*>(qh);
+            const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+            for (int c = 0; c < 8; ++c) {
+                qf[h][c] = tpserve::to_float(e[c]) * scale;
+            }
+        } else {
+#pragma unroll
+            for (int c = 0; c < 8; ++c) {
+                qf[h][c] = 0.0f;
+            }
+        }
+    }
+    float m[G];
+    float l[G];
+    float acc[G][8];
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+        m[h] = tpserve::neg_inf();
+        l[h] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+            acc[h][c] = 0.0f;
+        }
+    }
+
+    const int* table = block_tables + (long long)seq * max_blocks_per_seq;
+    constexpr int kStride = kWarps * kKeysPerStep;  // keys between a warp's consecutive steps
+    // The loop bound is the same for every lane of a warp (the shuffles below need all of
+    // them); a lane's own key may lie past the end.
+    for (int base = key_begin + warp * kKeysPerStep; base < key_end;
+         base += kStride * kUnroll) {
+        uint4 kv[kUnroll];
+        uint4 vv[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int key = base + u * kStride + sub;
+            kv[u] = make_uint4(0u, 0u, 0u, 0u);
+            vv[u] = kv[u];
+            if (key < key_end) {
+                const long long slot =
+                    (long long)table[key / block_size] * block_size + key % block_size;
+                const long long at = (slot * num_kv_heads + kv_head) * HD + piece * 8;
+                kv[u] = *reinterpret_cast<const uint4*>(key_cache + at);
+                vv[u] = *reinterpret_cast<const uint4*>(value_cache + at);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const bool valid = base + u * kStride + sub < key_end;
+            const T* ke = reinterpret_cast<const T*>(&kv[u]);
+            const T* ve = reinterpret_cast<const T*>(&vv[u]);
+            float kf[8];
+            float vf[8];
+#pragma unroll
+            for (int c = 0; c < 8; ++c) {
+                kf[c] = tpserve::to_float(ke[c]);
+                vf[c] = tpserve::to_float(ve[c]);
+            }
+#pragma unroll
+            for (int h = 0; h < G; ++h) {
+                float s = 0.0f;
+#pragma unroll
+                for (int c = 0; c < 8; ++c) {
+                    s = fmaf(qf[h][c], kf[c], s);
+                }
+                // Sum over the lanes of this key (a power-of-two group of consecutive lanes).
+#pragma unroll
+                for (int offset = kLanesPerKey / 2; offset > 0; offset >>= 1) {
+                    s += __shfl_xor_sync(0xffffffffu, s, offset);
+                }
+                if (valid && h < group) {
+                    const float m_new = fmaxf(m[h], s);
+                    const float correction = __expf(m[h] - m_new);  // 0 while m[h] is -inf
+                    const float p = __expf(s - m_new);
+                    l[h] = l[h] * correction + p;
+#pragma unroll
+                    for (int c = 0; c < 8; ++c) {
+                        acc[h][c] = fmaf(p, vf[c], acc[h][c] * correction);
+                    }
+                    m[h] = m_new;
+                }
+            }
+        }
+    }
+
+    // Merge the lane groups of the warp (they saw different keys, the same head pieces).
+#pragma unroll
+    for (int offset = kLanesPerKey; offset < 32; offset <<= 1) {
+#pragma unroll
+        for (int h = 0; h < G; ++h) {
+            const float m_o = __shfl_xor_sync(0xffffffffu, m[h], offset);
+            const float l_o = __shfl_xor_sync(0xffffffffu, l[h], offset);
+            const float m_new = fmaxf(m[h], m_o);
+            const float a = m[h] == tpserve::neg_inf() ? 0.0f : __expf(m[h] - m_new);
+            const float b = m_o == tpserve::neg_inf() ? 0.0f : __expf(m_o - m_new);
+            l[h] = l[h] * a + l_o * b;
+#pragma unroll
+            for (int c = 0; c < 8; ++c) {
+                const float acc_o = __shfl_xor_sync(0xffffffffu, acc[h][c], offset);
+                acc[h][c] = acc[h][c] * a + acc_o * b;
+            }
+            m[h] = m_new;
+        }
+    }
+    if (sub == 0) {
+#pragma unroll
+        for (int h = 0; h < G; ++h) {
+            if (piece == 0) {
+                m_s[warp][h] = m[h];
+                l_s[warp][h] = l[h];
+            }
+#pragma unroll
+            for (int c = 0; c < 8; ++c) {
+                acc_s[warp][h][piece * 8 + c] = acc[h][c];
+            }
+        }
+    }
+    __syncthreads();
+    // Merge the warps: one thread per (head, element).
+    for (int idx = threadIdx.x; idx < group * HD; idx += blockDim.x) {
+        const int h = idx / HD;
+        const int d = idx - h * HD;
+        float m_max = tpserve::neg_inf();
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+            m_max = fmaxf(m_max, m_s[w][h]);
+        }
+        float num = 0.0f;
+        float den = 0.0f;
+        if (m_max != tpserve::neg_inf()) {
+#pragma unroll
+            for (int w = 0; w < kWarps; ++w) {
+                const float weight = __expf(m_s[w][h] - m_max);
+                num += weight * acc_s[w][h][d];
+                den += weight * l_s[w][h];
+            }
+        }
+        const long long head = kv_head * group + h;
+        if (num_splits == 1) {
+            out[(row * num_q_heads + head) * HD + d] =
+                tpserve::from_float<T>(den > 0.0f ? num / den : 0.0f);
+        } else {
+            const long long at = (row * num_q_heads + head) * num_splits + split;
+            partial_out[at * HD + d] = num;
+            if (d == 0) {
+                partial_ml[at * 2] = m_max;
+                partial_ml[at * 2 + 1] = den;
+            }
+        }
+    }
+}
+
 // attention_combine_{bf16,f16}: merges the splits of paged_attention:
 //   out[t, h] = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s,  M = max_s m_s
 // Splits that saw no key have m = -inf and l = 0 and weigh nothing.
@@ -234,6 +453,7 @@ template <typename T>
 __device__ void attention_combine_impl(T* __restrict__ out, const float* __restrict__ partial_out,
                                        const float* __restrict__ partial_ml, int num_q_heads,
                                        int head_dim, int num_splits) {
+    tpserve::wait_for_inputs();
     const long long base = (long long)blockIdx.x * num_q_heads + blockIdx.y;
     const float* ml = partial_ml + base * num_splits * 2;
     float max_m = tpserve::neg_inf();
@@ -295,3 +515,24 @@ __device__ void attention_combine_impl(T* __restrict__ out, const float* __restr
                                   num_splits);                                                \
     }
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_PAGED_ATTENTION)
+
+#define TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, HD, G)                                        \
+    extern "C" __global__ void __launch_bounds__(128) paged_attention_decode_hd##HD##_g##G##_##SUFFIX( \
+        T* __restrict__ out, float* __restrict__ partial_out, float* __restrict__ partial_ml,  \
+        const T* __restrict__ q, const T* __restrict__ key_cache,                              \
+        const T* __restrict__ value_cache, const int* __restrict__ block_tables,               \
+        const int* __restrict__ tiles, int num_q_heads, int num_kv_heads, int block_size,      \
+        int max_blocks_per_seq, int q_stride, int num_splits, int split_len, float scale) {    \
+        paged_attention_decode_impl<T, HD, G>(out, partial_out, partial_ml, q, key_cache,      \
+                                              value_cache, block_tables, tiles, num_q_heads,   \
+                                              num_kv_heads, block_size, max_blocks_per_seq,    \
+                                              q_stride, num_splits, split_len, scale);         \
+    }
+#define TPSERVE_DECODE_ATTENTION(SUFFIX, T)                 \
+    TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, 64, 4)          \
+    TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, 64, 8)          \
+    TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, 128, 4)         \
+    TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, 128, 8)         \
+    TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, 256, 4)         \
+    TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, 256, 8)
+TPSERVE_FOR_EACH_DTYPE(TPSERVE_DECODE_ATTENTION)

@@ -127,9 +127,9 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 //   q             T   [num_tokens, q_stride]: token t's heads at q + t * q_stride, [num_q_heads, HD]
 //   key_cache     T   [num_blocks, block_size, num_kv_heads, HD]   (this layer, 16-byte aligned)
 //   value_cache   T   [num_blocks, block_size, num_kv_heads, HD]   (16-byte aligned)
-//   block_tables  i32 [num_seqs, max_blocks_per_seq]
-//   tiles         i32 [num_tiles, 4]: sequence index, first row (token index), number of rows,
-//                     position of the first row; rows * group <= 64
+//   block_tables  i32 [table_rows, max_blocks_per_seq]: one row per request
+//   tiles         i32 [num_tiles, 4]: the sequence's row of block_tables, first row (token
+//                     index), number of rows, position of the first row; rows * group <= 64
 //   num_q_heads, num_kv_heads, block_size, max_blocks_per_seq, q_stride: i32
 //   num_splits    i32  must be 1
 //   split_len     i32  ignored
@@ -145,6 +145,7 @@ __device__ __forceinline__ void paged_attention_mma_impl(
     const T* __restrict__ value_cache, const int* __restrict__ block_tables,
     const int* __restrict__ tiles, int num_q_heads, int num_kv_heads, int block_size,
     int max_blocks_per_seq, int q_stride, float scale) {
+    tpserve::wait_for_inputs();
     static_assert(HD % 16 == 0, "HD must be a multiple of 16");
     constexpr int kStride = HD + 8;                   // elements per shared-memory row
     constexpr int kTileElems = kMmaKeys * kStride;    // one K (or V, or Q) tile

@@ -71,6 +71,21 @@ __device__ __forceinline__ float block_reduce_sum(float v) {
     return total;
 }
 
+// Programmatic dependent launch (Hopper and later). The host launches our kernels with the
+// "programmatic stream serialization" attribute, so a kernel's blocks may start while the kernel
+// before it on the stream is still running. A kernel must therefore neither read what earlier
+// kernels write nor write what they read before wait_for_inputs() returns, which happens once
+// every earlier kernel has finished and its writes are visible: every kernel calls it first
+// (the GEMV only warms its weights into L2 before). It then lets the next kernel launch at
+// once, so that kernel's blocks are resident and waiting when this one ends, instead of paying
+// a launch after it. Without the attribute, or before sm_90, both instructions are no-ops.
+__device__ __forceinline__ void wait_for_inputs() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 }  // namespace tpserve
 
 // Calls M(suffix, type) once per activation dtype: the single list of dtypes every kernel

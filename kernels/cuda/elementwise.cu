@@ -1,5 +1,5 @@
-// Small element-wise kernels around the model: bias add, row gather, and the random fill that
-// initialises dummy weights on the device.
+// Small element-wise kernels around the model: bias add, row gather, the random fill that
+// initialises dummy weights on the device, and the block-table updates of a step.
 #include "common.cuh"
 
 // add_bias_{bf16,f16}: x[t, i] += bias[i] for every row t (rounded to T once).
@@ -11,6 +11,7 @@
 // Launch: grid (num_tokens, 1, 1); block (any, 1, 1), e.g. 256.
 template <typename T>
 __device__ void add_bias_impl(T* __restrict__ x, const T* __restrict__ bias, int d) {
+    tpserve::wait_for_inputs();
     T* row = x + (long long)blockIdx.x * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         row[i] = tpserve::from_float<T>(tpserve::to_float(row[i]) + tpserve::to_float(bias[i]));
@@ -28,6 +29,7 @@ __device__ void add_bias_impl(T* __restrict__ x, const T* __restrict__ bias, int
 template <typename T>
 __device__ void gather_rows_impl(T* __restrict__ out, const T* __restrict__ x,
                                  const int* __restrict__ rows, int d) {
+    tpserve::wait_for_inputs();
     const T* src = x + (long long)rows[blockIdx.x] * d;
     T* dst = out + (long long)blockIdx.x * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
@@ -55,11 +57,31 @@ __device__ __forceinline__ unsigned long long fill_mix64(unsigned long long x) {
 template <typename T>
 __device__ void fill_uniform_impl(T* __restrict__ out, long long n, unsigned long long seed,
                                   float low, float high) {
+    tpserve::wait_for_inputs();
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const unsigned long long h = fill_mix64(seed ^ fill_mix64((unsigned long long)i));
         const float u = (float)(h >> 40) * (1.0f / 16777216.0f);
         out[i] = tpserve::from_float<T>(low + (high - low) * u);
+    }
+}
+
+// set_entries_{bf16,f16}: table[updates[2 u]] = updates[2 u + 1] for u < count: the changes
+// to the persistent block tables of a step (blocks appended to requests since their last step),
+// applied on the device so the tables never travel whole. (Independent of the activation dtype;
+// instantiated per dtype like every kernel, so each dtype's module is complete.)
+//
+// Arguments:
+//   table    i32 [*]            written at the given indices (distinct within one launch)
+//   updates  i32 [count, 2]     (index, value) pairs
+//   count    i32
+// Launch: grid (ceil(count / 256), 1, 1); block (256, 1, 1).
+__device__ void set_entries_impl(int* __restrict__ table, const int* __restrict__ updates,
+                                 int count) {
+    tpserve::wait_for_inputs();
+    const int u = blockIdx.x * blockDim.x + threadIdx.x;
+    if (u < count) {
+        table[updates[2 * u]] = updates[2 * u + 1];
     }
 }
 
@@ -77,5 +99,10 @@ __device__ void fill_uniform_impl(T* __restrict__ out, long long n, unsigned lon
                                                      unsigned long long seed, float low,      \
                                                      float high) {                            \
         fill_uniform_impl<T>(out, n, seed, low, high);                                        \
+    }                                                                                         \
+    extern "C" __global__ void set_entries_##SUFFIX(int* __restrict__ table,                  \
+                                                    const int* __restrict__ updates,          \
+                                                    int count) {                              \
+        set_entries_impl(table, updates, count);                                              \
     }
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_ELEMENTWISE)

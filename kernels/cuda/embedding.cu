@@ -20,6 +20,7 @@ template <typename T>
 __device__ void embedding_impl(T* __restrict__ out, const T* __restrict__ table,
                                const unsigned int* __restrict__ ids, int hidden, int vocab_start,
                                int vocab_len) {
+    tpserve::wait_for_inputs();
     const long long token = blockIdx.x;
     const long long local = (long long)ids[token] - vocab_start;
     T* dst = out + token * hidden;

@@ -124,6 +124,7 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
                             const float* __restrict__ temperature, const int* __restrict__ top_k,
                             const float* __restrict__ top_p, const float* __restrict__ min_p,
                             const unsigned long long* __restrict__ seeds) {
+    tpserve::wait_for_inputs();
     const int row = blockIdx.x;
     const long long rank_stride = (long long)num_rows * vocab_per_rank;
     auto logit = [&](int v) -> float {

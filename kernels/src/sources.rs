@@ -63,16 +63,12 @@ pub const SOURCES: &[KernelSource] = &[
         code: include_str!("../cuda/rms_norm.cu"),
     },
     KernelSource {
-        name: "rope.cu",
-        code: include_str!("../cuda/rope.cu"),
+        name: "rope_kv_write.cu",
+        code: include_str!("../cuda/rope_kv_write.cu"),
     },
     KernelSource {
         name: "silu_mul.cu",
         code: include_str!("../cuda/silu_mul.cu"),
-    },
-    KernelSource {
-        name: "kv_cache.cu",
-        code: include_str!("../cuda/kv_cache.cu"),
     },
     KernelSource {
         name: "attention.cu",
@@ -90,6 +86,14 @@ pub const SOURCES: &[KernelSource] = &[
         name: "elementwise.cu",
         code: include_str!("../cuda/elementwise.cu"),
     },
+    KernelSource {
+        name: "gemv.cu",
+        code: include_str!("../cuda/gemv.cu"),
+    },
+    KernelSource {
+        name: "gemm_bi.cu",
+        code: include_str!("../cuda/gemm_bi.cu"),
+    },
 ];
 
 /// The `extern "C"` entry points of each source file: `(file name, entry points)`. The launch
@@ -106,12 +110,11 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "rms_norm_residual_f16",
         ],
     ),
-    ("rope.cu", &["rope_bf16", "rope_f16"]),
-    ("silu_mul.cu", &["silu_mul_bf16", "silu_mul_f16"]),
     (
-        "kv_cache.cu",
-        &["kv_cache_write_bf16", "kv_cache_write_f16"],
+        "rope_kv_write.cu",
+        &["rope_kv_write_bf16", "rope_kv_write_f16"],
     ),
+    ("silu_mul.cu", &["silu_mul_bf16", "silu_mul_f16"]),
     (
         "attention.cu",
         &[
@@ -123,6 +126,18 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "paged_attention_hd256_f16",
             "attention_combine_bf16",
             "attention_combine_f16",
+            "paged_attention_decode_hd64_g4_bf16",
+            "paged_attention_decode_hd64_g4_f16",
+            "paged_attention_decode_hd64_g8_bf16",
+            "paged_attention_decode_hd64_g8_f16",
+            "paged_attention_decode_hd128_g4_bf16",
+            "paged_attention_decode_hd128_g4_f16",
+            "paged_attention_decode_hd128_g8_bf16",
+            "paged_attention_decode_hd128_g8_f16",
+            "paged_attention_decode_hd256_g4_bf16",
+            "paged_attention_decode_hd256_g4_f16",
+            "paged_attention_decode_hd256_g8_bf16",
+            "paged_attention_decode_hd256_g8_f16",
         ],
     ),
     (
@@ -144,8 +159,40 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "gather_rows_f16",
             "fill_uniform_bf16",
             "fill_uniform_f16",
+            "set_entries_bf16",
+            "set_entries_f16",
         ],
     ),
+    (
+        "gemv.cu",
+        &[
+            "gemv_m1_r1_bf16",
+            "gemv_m1_r1_f16",
+            "gemv_m1_r2_bf16",
+            "gemv_m1_r2_f16",
+            "gemv_m1_r4_bf16",
+            "gemv_m1_r4_f16",
+            "gemv_m2_r1_bf16",
+            "gemv_m2_r1_f16",
+            "gemv_m2_r2_bf16",
+            "gemv_m2_r2_f16",
+            "gemv_m2_r4_bf16",
+            "gemv_m2_r4_f16",
+            "gemv_m4_r1_bf16",
+            "gemv_m4_r1_f16",
+            "gemv_m4_r2_bf16",
+            "gemv_m4_r2_f16",
+            "gemv_m4_r4_bf16",
+            "gemv_m4_r4_f16",
+            "gemv_m8_r1_bf16",
+            "gemv_m8_r1_f16",
+            "gemv_m8_r2_bf16",
+            "gemv_m8_r2_f16",
+            "gemv_m8_r4_bf16",
+            "gemv_m8_r4_f16",
+        ],
+    ),
+    ("gemm_bi.cu", &["gemm_bi_bf16", "gemm_bi_f16"]),
 ];
 
 /// The activation dtypes every kernel is instantiated for (`TPSERVE_FOR_EACH_DTYPE` in
@@ -177,7 +224,7 @@ pub fn entry_point(base: &str, dtype: KernelDtype) -> String {
     format!("{base}_{}", dtype.suffix())
 }
 
-/// The embedded source file called `name` (e.g. `"rope.cu"`).
+/// The embedded source file called `name` (e.g. `"rms_norm.cu"`).
 pub fn source(name: &str) -> Result<&'static KernelSource> {
     SOURCES
         .iter()
@@ -191,21 +238,84 @@ pub fn source(name: &str) -> Result<&'static KernelSource> {
 mod tests {
     use super::*;
 
-    /// The names `NAME` of every `extern "C" __global__ void NAME_##SUFFIX(` in `code`.
+    /// The base names of every entry point `code` defines, from its instantiation macros: a
+    /// macro `M(SUFFIX, T)` whose body declares `extern "C" __global__ void
+    /// [__launch_bounds__(..)] NAME_##SUFFIX(` gives `NAME`; a macro with more parameters,
+    /// `M(SUFFIX, T, A, B)` declaring e.g. `gemv_m##A##_r##B##_##SUFFIX(`, gives one name per
+    /// invocation `M(SUFFIX, T, 1, 2)` in the file (`gemv_m1_r2`).
     fn macro_entry_bases(code: &str) -> Vec<String> {
         let marker = "extern \"C\" __global__ void ";
         let mut bases = Vec::new();
         let mut rest = code;
-        while let Some(at) = rest.find(marker) {
-            rest = &rest[at + marker.len()..];
-            let name: String = rest
+        while let Some(at) = rest.find("#define ") {
+            rest = &rest[at + "#define ".len()..];
+            let macro_name: String = rest
                 .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '#')
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect();
-            let base = name
-                .strip_suffix("_##SUFFIX")
-                .unwrap_or_else(|| panic!("entry point {name} is not instantiated per dtype"));
-            bases.push(base.to_string());
+            let Some(params) = rest[macro_name.len()..]
+                .strip_prefix('(')
+                .and_then(|p| p.split_once(')'))
+                .map(|(p, _)| p.split(',').map(str::trim).collect::<Vec<_>>())
+            else {
+                continue;
+            };
+            // The macro's body: up to the first line that does not continue with a backslash.
+            let body_end = rest
+                .lines()
+                .scan(0usize, |len, line| {
+                    *len += line.len() + 1;
+                    Some((*len, line.trim_end().ends_with('\\')))
+                })
+                .find(|(_, continues)| !continues)
+                .map_or(rest.len(), |(len, _)| len.min(rest.len()));
+            let body = &rest[..body_end];
+            let mut patterns = Vec::new();
+            let mut decls = body;
+            while let Some(decl) = decls.find(marker) {
+                decls = &decls[decl + marker.len()..];
+                let mut after = decls.trim_start();
+                if let Some(bounds) = after.strip_prefix("__launch_bounds__(") {
+                    after = bounds.split_once(')').expect("closed").1.trim_start();
+                }
+                patterns.push(
+                    after
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '#')
+                        .collect::<String>(),
+                );
+            }
+            let expand = |pattern: &str, values: &[&str]| -> String {
+                let name: String = pattern
+                    .split("##")
+                    .map(|token| {
+                        params
+                            .iter()
+                            .position(|p| *p == token && *p != "SUFFIX")
+                            .map_or(token, |i| values[i])
+                    })
+                    .collect();
+                name.strip_suffix("_SUFFIX")
+                    .unwrap_or_else(|| {
+                        panic!("entry point {pattern} is not instantiated per dtype")
+                    })
+                    .to_string()
+            };
+            if params.len() == 2 {
+                bases.extend(patterns.iter().map(|p| expand(p, &params)));
+                continue;
+            }
+            let call = format!("{macro_name}(");
+            for line in code.lines().filter(|l| !l.contains("#define")) {
+                if let Some(args) = line
+                    .split_once(&call)
+                    .and_then(|(_, a)| a.split_once(')'))
+                    .map(|(a, _)| a.split(',').map(str::trim).collect::<Vec<_>>())
+                {
+                    assert_eq!(args.len(), params.len(), "{line}");
+                    bases.extend(patterns.iter().map(|p| expand(p, &args)));
+                }
+            }
         }
         bases
     }

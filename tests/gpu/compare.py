@@ -4,7 +4,8 @@
 What, logits mode: three (or four) files of float32 LE rows [total_tokens, vocab], all positions of
 all prompts concatenated (the layout of tpserve's `logits` example and hf_reference.py):
   --truth  HF float32 (the truth),   --peer  HF at the dtype tpserve ran in,   --ours  tpserve,
-  --vs     optionally another tpserve file (e.g. TP=1 when --ours is TP=2), reported only.
+  --vs     optionally another tpserve file (e.g. TP=1 when --ours is TP=2), reported only;
+           with --vs-exact the two must be bit-identical (batch-invariant runs).
 Per position, err(x, ref) = max|x - ref| / max(1, max|ref|); a file's figure is the max over
 positions. Also reported: top-1 (argmax) agreement of ours with the peer, and the mean over
 positions of KL(softmax(truth) || softmax(ours)) next to the same for the peer.
@@ -134,6 +135,8 @@ def compare_logits(args) -> int:
     err_ot, err_pt, err_op = float(e_ot.max()), float(e_pt.max()), float(e_op.max())
     limit = args.factor * err_pt + args.slack
     ok = finite and err_ot <= limit
+    if args.vs_exact and e_ov is not None and float(e_ov.max()) != 0.0:
+        ok = False  # the two runs had to agree bit for bit
     result = "PASS" if ok else "FAIL"
     worst = int(e_ot.argmax())
     wp = max(i for i, (st, _) in enumerate(bounds) if st <= worst)
@@ -143,6 +146,8 @@ def compare_logits(args) -> int:
     )
     if e_ov is not None:
         figs += f" | ours~{args.vs_label} {float(e_ov.max()):.4f}"
+        if args.vs_exact:
+            figs += " (must be 0: bit-identical)"
     if not finite:
         figs += " | NON-FINITE logits"
     print(f"| {args.label} | {figs} | {result} |")
@@ -310,6 +315,8 @@ def main() -> int:
     g.add_argument("--prompts", help="prompts.json, for a per-prompt breakdown (stderr, jsonl)")
     g.add_argument("--vs", help="another tpserve logits file, reported against (no rule)")
     g.add_argument("--vs-label", default="vs")
+    g.add_argument("--vs-exact", action="store_true",
+                   help="FAIL unless --ours equals --vs bit for bit (batch invariance)")
     h = ap.add_argument_group("greedy mode")
     h.add_argument("--greedy", help="tpserve's {\"new_ids\": [...]}")
     h.add_argument("--greedy-ref", help="HF greedy ids in ours' dtype")

@@ -6,12 +6,15 @@
 # 8/2 heads, llama3 rope scaling, vocab 32000, a byte tokenizer; prompts of 5, 64, 333 and 1500
 # tokens), compares tpserve's logits of every prompt position with Hugging Face transformers'
 # (hf_reference.py) at TP=1 bfloat16 (prefill on the tensor-core attention kernel, again on the
-# CUDA-core one, and every position as a one-token decode step), TP=1 float16 and TP=2 bfloat16
-# (TP=2 only with two GPUs); checks device sampling (seeded repeats, top-k/top-p/min-p sets) and
+# CUDA-core one, and every position as a one-token decode step: replayed by a CUDA graph, by a
+# padded graph with the GEMV kernel pinned, and eagerly), TP=1 float16 and TP=2 bfloat16 (TP=2
+# only with two GPUs); checks device sampling (seeded repeats, top-k/top-p/min-p sets) and
 # greedy decoding (32 tokens through the serving step path) against transformers (compare.py
 # holds tpserve to "no worse than transformers in the same dtype", both measured against
 # float32); serves the checkpoint over HTTP with `tpserve serve` at TP=1 (--device auto) and TP=2
-# (serve_check.py); checks that the 8B shape with dummy weights serves at
+# (serve_check.py), each with CUDA graphs and with --enforce-eager; sends the same 32 greedy
+# requests together and alone with --batch-invariant (all must match) and without
+# (invariance_check.py); checks that the 8B shape with dummy weights serves at
 # --gpu-memory-utilization 0.9 and is refused at start at 0.05; asks SmolLM2 (GGUF) the capital
 # of France; runs the Llama-3-8B-shaped benchmark (bench_device, dummy weights,
 # tests/gpu/llama3-8b-config.json).
@@ -31,6 +34,7 @@
 #   OUT            when set, the small results (log, table, JSON) are copied there
 #   PYTHON         interpreter with torch + transformers (default python3)
 #   STEP_TIMEOUT   seconds per step (default 300); BENCH_TIMEOUT for the benchmark (default 600)
+#   SKIP_BENCH=1   leaves the 8B benchmark out (when tests/gpu/bench.sh runs in the same session)
 #   REF_DEVICE     torch device of the checkpoint and the reference (default cuda; cpu only to
 #                  test this script on a machine without a GPU, with stub binaries)
 # Exit status: 0 when no row is FAIL, 1 otherwise.
@@ -192,15 +196,17 @@ run_compare() {
   fi
 }
 
-# check_logits TAG DTYPE [VS_TAG]: tpserve's logits of TAG against transformers' in DTYPE.
+# check_logits TAG DTYPE [VS_TAG [exact]]: tpserve's logits of TAG against transformers' in
+# DTYPE (and against VS_TAG's, bit for bit with "exact").
 check_logits() {
-  local tag=$1 dtype=$2 vs=${3:-} extra=()
+  local tag=$1 dtype=$2 vs=${3:-} exact=${4:-} extra=()
   if [ ! -s "$OURS/$tag.f32" ] || [ ! -f "$REF/hf_$dtype.f32" ]; then
     record "$tag vs hf" "SKIP" "no logits (see the rows above)"
     return
   fi
   if [ -n "$vs" ] && [ -s "$OURS/$vs.f32" ]; then
     extra=(--vs "$OURS/$vs.f32" --vs-label "$vs")
+    [ "$exact" = exact ] && extra+=(--vs-exact)
   fi
   run_compare "$tag vs hf" --truth "$REF/hf_float32.f32" --peer "$REF/hf_$dtype.f32" \
     --ours "$OURS/$tag.f32" --vocab "$VOCAB" --prompts "$CKPT/prompts.json" "${extra[@]}"
@@ -217,37 +223,80 @@ check_greedy() {
     --greedy-truth "$REF/hf_greedy_float32.json" --ref-label "$dtype" --near-tie "$near"
 }
 
-# step_serve TP: `tpserve serve` with TP worker processes on the random checkpoint, 8 concurrent
-# HTTP completions (serve_check.py); with TP > 1, the texts are also compared with TP=1's.
+# step_serve TP [eager]: `tpserve serve` with TP worker processes on the random checkpoint, 8
+# concurrent HTTP completions (serve_check.py), decode through CUDA graphs (the default) or, with
+# "eager", --enforce-eager; the texts are compared with TP=1's graph run.
 step_serve() {
-  local tp=$1 out="$WORK/serve_tp$1.json" same
+  local tp=$1 mode=${2:-graphs} name out same extra=()
+  name="serve tp$tp"
+  out="$WORK/serve_tp$tp.json"
+  if [ "$mode" = eager ]; then
+    name="serve tp$tp eager"
+    out="$WORK/serve_tp${tp}_eager.json"
+    extra=(--serve-arg=--enforce-eager)
+  fi
   rm -f "$out"
   if [ "$tp" -gt "$NGPU" ]; then
-    record "serve tp$tp" "SKIP" "skipped: needs $tp GPUs, this machine has $NGPU"
+    record "$name" "SKIP" "skipped: needs $tp GPUs, this machine has $NGPU"
     return
   fi
   if [ ! -f "$CKPT/tokenizer.json" ]; then
-    record "serve tp$tp" "SKIP" "needs the checkpoint"
+    record "$name" "SKIP" "needs the checkpoint"
     return
   fi
   # TP=1 leaves --device at auto, which must find the GPU by itself.
   local device=cuda
   [ "$tp" -eq 1 ] && device=auto
   timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/serve_check.py" --bin "$BIN_DIR" --model "$CKPT" \
-    --tp "$tp" --out "$out" --device "$device"
+    --tp "$tp" --out "$out" --device "$device" "${extra[@]}"
   if [ "$RC" -ne 0 ] || [ ! -f "$out" ]; then
-    record "serve tp$tp" "FAIL" "$(why_failed)"
+    record "$name" "FAIL" "$(why_failed)"
     return
   fi
   same=""
-  if [ "$tp" -gt 1 ] && [ -f "$WORK/serve_tp1.json" ]; then
+  if [ "$out" != "$WORK/serve_tp1.json" ] && [ -f "$WORK/serve_tp1.json" ]; then
     same=$("$PYTHON" -c 'import json, sys
 a, b = (json.load(open(p))["texts"] for p in sys.argv[1:])
-print(f"; greedy texts equal to tp1: {sum(x == y for x, y in zip(a, b))}/{len(a)}")' \
+print(f"; greedy texts equal to tp1 with graphs: {sum(x == y for x, y in zip(a, b))}/{len(a)}")' \
       "$WORK/serve_tp1.json" "$out")
   fi
-  record "serve tp$tp" "PASS" \
-    "tpserve serve --device $device, $tp worker process(es): 8/8 concurrent completions of 32 tokens$same (${SECS}s)"
+  record "$name" "PASS" \
+    "tpserve serve --device $device ($mode), $tp worker process(es): 8/8 concurrent completions of 32 tokens$same (${SECS}s)"
+}
+
+# step_invariance: the same 32 greedy requests together and one at a time (half of them hitting
+# the prefix cache the second time), with --batch-invariant (every text must match) and without
+# (how many differ is reported, not judged: bf16 kernels that depend on the batch may differ).
+step_invariance() {
+  local on="$WORK/invariance_on.json" off="$WORK/invariance_off.json" figures
+  rm -f "$on" "$off"
+  if [ "$NGPU" -lt 1 ] || [ ! -f "$CKPT/tokenizer.json" ]; then
+    record "batch invariance" "SKIP" "needs a GPU and the checkpoint"
+    return
+  fi
+  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/invariance_check.py" --bin "$BIN_DIR" --model "$CKPT" \
+    --out "$on" --serve-arg=--batch-invariant
+  local on_secs=$SECS
+  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/invariance_check.py" --bin "$BIN_DIR" --model "$CKPT" \
+    --out "$off"
+  if [ ! -f "$on" ]; then
+    record "batch invariance" "FAIL" "--batch-invariant run: $(why_failed)"
+    return
+  fi
+  figures=$("$PYTHON" -c 'import json, os, sys
+on = json.load(open(sys.argv[1]))
+text = "--batch-invariant: %d/%d identical alone and together, %.2f s together" % (
+    on["identical"], on["total"], on["concurrent_seconds"])
+if os.path.exists(sys.argv[2]):
+    off = json.load(open(sys.argv[2]))
+    text += "; default: %d/%d, %.2f s" % (off["identical"], off["total"], off["concurrent_seconds"])
+print(text)
+sys.exit(0 if on["identical"] == on["total"] else 1)' "$on" "$off") && RC=0 || RC=$?
+  if [ "$RC" -eq 0 ]; then
+    record "batch invariance" "PASS" "$figures (${on_secs}s)"
+  else
+    record "batch invariance" "FAIL" "$figures"
+  fi
 }
 
 # step_memory: the 8B shape with dummy weights through `tpserve generate` (real worker process):
@@ -307,6 +356,10 @@ step_paris() {
 step_bench() {
   local bin="$BIN_DIR/examples/bench_device"
   rm -f "$WORK/bench_8b.json" "$WORK/bench_8b.txt"
+  if [ "${SKIP_BENCH:-0}" = 1 ]; then
+    record "bench 8B" "SKIP" "SKIP_BENCH=1 (tests/gpu/bench.sh runs bench_device too)"
+    return
+  fi
   if [ ! -x "$bin" ]; then
     record "bench 8B" "FAIL" "no binary $bin"
     return
@@ -351,10 +404,25 @@ main() {
   ours_logits tp1-bf16-simt 1 bfloat16
   unset TPSERVE_CUDA_ATTENTION
   check_logits tp1-bf16-simt bfloat16 tp1-bf16
-  # Every position as a one-token decode step (chunks of 1): the decode kernel with its key
-  # splits and their combine, at contexts up to 1,500.
+  # Every position as a one-token decode step (chunks of 1), replayed by the CUDA graph of
+  # batch size 1: the decode kernel with its key splits sized on the device and their
+  # combine, at contexts up to 1,500.
   ours_logits tp1-bf16-decode 1 bfloat16 --chunk 1
   check_logits tp1-bf16-decode bfloat16 tp1-bf16
+  # The same through a graph of 8 rows (7 of them padding), with the GEMV kernel pinned for
+  # every few-row product; and eagerly (no graphs).
+  export TPSERVE_CUDA_LINEAR=gemv
+  ours_logits tp1-bf16-decode-pad 1 bfloat16 --chunk 1 --graph-sizes 8
+  unset TPSERVE_CUDA_LINEAR
+  check_logits tp1-bf16-decode-pad bfloat16 tp1-bf16-decode
+  ours_logits tp1-bf16-decode-eager 1 bfloat16 --chunk 1 --enforce-eager
+  check_logits tp1-bf16-decode-eager bfloat16 tp1-bf16-decode
+  # Batch-invariant kernels (one tensor-core GEMM for every row count, unsplit CUDA-core
+  # attention): prefill chunks and every position as a decode step.
+  ours_logits tp1-bf16-invariant 1 bfloat16 --batch-invariant
+  check_logits tp1-bf16-invariant bfloat16 tp1-bf16
+  ours_logits tp1-bf16-invariant-decode 1 bfloat16 --batch-invariant --chunk 1
+  check_logits tp1-bf16-invariant-decode bfloat16 tp1-bf16-invariant exact
   ours_logits tp1-f16 1 float16
   check_logits tp1-f16 float16
   check_greedy tp1-f16 float16 0.03
@@ -364,7 +432,10 @@ main() {
     check_greedy tp2-bf16 bfloat16 0.1
   fi
   step_serve 1
+  step_serve 1 eager
   step_serve 2
+  step_serve 2 eager
+  step_invariance
   step_memory
   step_paris
   step_bench
@@ -378,7 +449,8 @@ status=0
 main 2>&1 | tee "$LOG" || status=$?
 if [ -n "$OUT" ]; then
   mkdir -p "$OUT"
-  for f in run.log results.tsv compare.jsonl env.txt paris.txt bench_8b.json bench_8b.txt; do
+  for f in run.log results.tsv compare.jsonl env.txt paris.txt bench_8b.json bench_8b.txt \
+    invariance_on.json invariance_off.json; do
     if [ -f "$WORK/$f" ]; then
       cp "$WORK/$f" "$OUT/"
     fi

@@ -12,6 +12,7 @@ Why: tests/gpu/run.sh's numerical checks drive the worker in-process; this is th
 takes (`tpserve serve --tensor-parallel-size 2` on a 2-GPU machine).
 
 How: serve_check.py --bin BIN_DIR --model DIR --tp 2 --out tp2.json [--requests 8] [--device auto]
+     [--serve-arg=--enforce-eager ...]
 The server's log goes to OUT.log (its tail is printed at the end); with --device auto or cuda the
 engine must report a CUDA device in its "engine ready" line.
 """
@@ -58,13 +59,17 @@ def main() -> int:
         help="auto or cuda (checked: the engine must report a CUDA device); cpu only to test "
         "this script without a GPU",
     )
+    ap.add_argument(
+        "--serve-arg", action="append", default=[],
+        help="an extra argument for `tpserve serve` (repeatable), e.g. --serve-arg=--enforce-eager",
+    )
     args = ap.parse_args()
     port = free_port()
     env = dict(os.environ, TPSERVE_WORKER_BINARY=os.path.join(args.bin, "tpserve-worker"))
     cmd = [
         os.path.join(args.bin, "tpserve"), "serve", "--model", args.model, "--device", args.device,
         "--tensor-parallel-size", str(args.tp), "--port", str(port), "--max-model-len", "2048",
-        "--served-model-name", "random",
+        "--served-model-name", "random", *args.serve_arg,
     ]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
     started = time.time()

@@ -5,7 +5,9 @@
 //! Random weights of a real model's shape (`--load-format dummy`): give a config.json.
 //!
 //! Steps go through `Runner::step` (the worker's serving path: plan validation, batch building,
-//! the forward pass, sampling on the device, tokens back to the host) without gRPC.
+//! the forward pass, sampling on the device, tokens back to the host) without gRPC. Decode is
+//! measured twice in the same run: eagerly (with the per-phase table), then replaying CUDA
+//! graphs as serving does by default. The linear-kernel choices measured at warm-up are logged.
 //!
 //!   cargo run --release -p tpserve-worker --example bench_device -- \
 //!       --config tests/gpu/llama3-8b-config.json --dtype bfloat16 --json bench.json
@@ -53,7 +55,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    tpserve_worker::logging::init_logging("warn");
+    tpserve_worker::logging::init_logging("warn,tpserve_worker::cuda=info");
     let args = Args::parse();
     let dtype = Dtype::parse(&args.dtype)?;
     let config = LlamaConfig::from_hf_json(&std::fs::read_to_string(&args.config)?)?;
@@ -68,6 +70,7 @@ fn main() -> anyhow::Result<()> {
         load_format: pb::LoadFormat::Dummy as i32,
         dtype: args.dtype.clone(),
         dummy_seed: 1,
+        batch_invariant: false,
     };
     let started = Instant::now();
     let loaded = group.on_rank(0, move |r| r.load_model(&load))?;
@@ -83,7 +86,10 @@ fn main() -> anyhow::Result<()> {
     let blocks = group.on_rank(0, move |r| r.profile_memory(&profile))?;
     let num_blocks = blocks.num_blocks as usize;
     group.on_rank(0, move |r| r.init_cache(num_blocks, BLOCK_SIZE))?;
-    let warmup = group.on_rank(0, move |r| r.warmup(max_tokens, 256))?;
+    // Eager first: the phase table needs kernels issued one by one.
+    let warmup = group
+        .on_rank(0, move |r| r.warmup(max_tokens, 256, &[]))?
+        .seconds;
 
     let greedy = SampleSpec::greedy().params;
     let mut step_id = 0u64;
@@ -188,6 +194,28 @@ fn main() -> anyhow::Result<()> {
     let decode_s = median(decode.clone());
     let decode_mean = decode.iter().sum::<f64>() / decode.len() as f64;
 
+    // The same decode replaying CUDA graphs (vLLM's sizes up to 256), on a fresh request.
+    let sizes: Vec<usize> = [1, 2, 4].into_iter().chain((8..=256).step_by(8)).collect();
+    let graphs = group.on_rank(0, move |r| r.warmup(max_tokens, 256, &sizes))?;
+    step_id += 1;
+    run(pb::StepPlan {
+        step_id,
+        new_requests: vec![new_request(2, prompt(ctx), 0..blocks)],
+        running: vec![],
+        freed_request_ids: vec![1, 202],
+    })?;
+    let graph_step = |step_id: u64| {
+        let mut plan = decode_step(step_id);
+        plan.running[0].request_id = 2;
+        plan
+    };
+    let mut decode_graph = Vec::new();
+    for _ in 0..args.decode_steps {
+        step_id += 1;
+        decode_graph.push(run(graph_step(step_id))?);
+    }
+    let decode_graph_s = median(decode_graph);
+
     // Floors. Weight bytes a decode step reads: all weights but the embedding table (one row of
     // it is read); the lm_head is read in full. The KV cache it reads is left out (at context
     // 512 of an 8B-shaped model, 0.4% of the weights). The rate is the copy's total traffic
@@ -240,6 +268,14 @@ fn main() -> anyhow::Result<()> {
         memory_floor_s * 1e3,
         decode_bytes as f64 / 1e9,
         100.0 * memory_floor_s / decode_s
+    );
+    println!(
+        "| decode, same, CUDA graphs ({} captured in {:.2} s) | {:.1} tok/s ({:.2} ms/step median) | | {:.0}% |",
+        graphs.decode.graphs,
+        graphs.decode.seconds,
+        1.0 / decode_graph_s,
+        decode_graph_s * 1e3,
+        100.0 * memory_floor_s / decode_graph_s
     );
     println!(
         "| prefill, 1 prompt of {p} tokens | {prefill_tps:.0} tok/s ({:.1} ms) | {:.0} tok/s ({:.1} ms: {:.2} TFLOP) | {:.0}% |",
@@ -298,6 +334,10 @@ fn main() -> anyhow::Result<()> {
         "decode_tokens_per_s": decode_tps,
         "decode_floor_ms": memory_floor_s * 1e3,
         "decode_ratio_to_floor": memory_floor_s / decode_s,
+        "decode_graph_ms_median": decode_graph_s * 1e3,
+        "decode_graph_ratio_to_floor": memory_floor_s / decode_graph_s,
+        "cuda_graphs": graphs.decode.graphs,
+        "graph_capture_seconds": graphs.decode.seconds,
         "prefill_tokens": p,
         "prefill_ms": prefill_s * 1e3,
         "prefill_tokens_per_s": prefill_tps,
@@ -306,6 +346,15 @@ fn main() -> anyhow::Result<()> {
         "prefill_cuda_core_attention_ms": prefill_simt_s * 1e3,
         "kv_blocks": num_blocks,
         "load_seconds": load_seconds,
+        "gpu": floors.gpu_name,
+        "decode_bytes": decode_bytes,
+        "model": {
+            "layer_params": layer_params,
+            "lm_head_params": lm_head_params,
+            "num_layers": config.num_hidden_layers,
+            "q_heads": config.num_attention_heads,
+            "head_dim": config.head_dim,
+        },
     });
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&result)?)?;

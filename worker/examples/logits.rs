@@ -49,6 +49,16 @@ struct Args {
     /// greedy. Exits non-zero on a violation.
     #[arg(long)]
     sampling_check: bool,
+    /// Decode batch sizes captured as CUDA graphs at warm-up (a one-token step pads to the
+    /// smallest that holds it, so `--graph-sizes 8` checks padding).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    graph_sizes: Vec<usize>,
+    /// No CUDA graphs: every step eager.
+    #[arg(long)]
+    enforce_eager: bool,
+    /// Batch-invariant kernels (as `tpserve serve --batch-invariant`).
+    #[arg(long)]
+    batch_invariant: bool,
 }
 
 const BLOCK_SIZE: usize = 16;
@@ -68,6 +78,7 @@ fn main() -> anyhow::Result<()> {
         load_format: pb::LoadFormat::Auto as i32,
         dtype: args.dtype.clone(),
         dummy_seed: 0,
+        batch_invariant: args.batch_invariant,
     };
     group.on_all(move |_, r| r.load_model(&load))?;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(1);
@@ -75,8 +86,10 @@ fn main() -> anyhow::Result<()> {
         block_size: BLOCK_SIZE as u32,
         kv_cache_bytes: 1 << 30,
         gpu_memory_utilization: 0.9,
-        max_num_batched_tokens: args.chunk.max(1) as u32,
-        max_num_seqs: 1,
+        // Room for a whole chunk of sampled rows and the sampling check's 288 requests, so the
+        // workspace never grows after warm-up (that would drop the CUDA graphs).
+        max_num_batched_tokens: args.chunk.max(512) as u32,
+        max_num_seqs: 512,
     };
     let blocks = group.on_all(move |_, r| r.profile_memory(&profile))?;
     let num_blocks = blocks.iter().map(|b| b.num_blocks).min().unwrap_or(0) as usize;
@@ -85,6 +98,17 @@ fn main() -> anyhow::Result<()> {
         "a 1 GiB cache of {num_blocks} blocks is too small for these prompts"
     );
     group.on_all(move |_, r| r.init_cache(num_blocks, BLOCK_SIZE))?;
+    let sizes = if args.enforce_eager {
+        Vec::new()
+    } else {
+        args.graph_sizes.clone()
+    };
+    let tokens = args.chunk.max(512);
+    let warm = group.on_all(move |_, r| r.warmup(tokens, 512, &sizes))?;
+    eprintln!(
+        "warm-up: {} CUDA graphs captured in {:.2} s",
+        warm[0].decode.graphs, warm[0].decode.seconds
+    );
     let mut file = std::io::BufWriter::new(std::fs::File::create(&args.out)?);
     let mut rows = 0usize;
     let mut first_last_row: Vec<f32> = Vec::new();

@@ -23,6 +23,25 @@ pub struct DeviceInfo {
     pub total_memory_bytes: u64,
 }
 
+/// The paged KV cache `Backend::init_cache` allocates, and the requests it serves at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheShape {
+    pub num_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Requests held at once (rows of the per-request state, `SeqSlice::slot` below this).
+    pub max_requests: usize,
+}
+
+/// What `Backend::prepare_decode` did.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DecodePrep {
+    /// CUDA graphs captured (0 on the CPU or with `--enforce-eager`).
+    pub graphs: usize,
+    /// Seconds spent choosing kernels and capturing graphs.
+    pub seconds: f64,
+}
+
 /// One device's side of a worker.
 pub trait Backend {
     /// The device, for `Info`.
@@ -46,8 +65,14 @@ pub trait Backend {
         req: &pb::ProfileMemoryRequest,
     ) -> Result<pb::ProfileMemoryResponse>;
 
-    /// Allocates the paged KV cache; returns its size in bytes.
-    fn init_cache(&mut self, num_blocks: usize, block_size: usize) -> Result<u64>;
+    /// Allocates the paged KV cache and the per-request state; returns the cache's size in
+    /// bytes.
+    fn init_cache(&mut self, shape: CacheShape) -> Result<u64>;
+
+    /// After the cache exists: prepares decode steps for the batch sizes in `graph_sizes`
+    /// (choosing kernels by measurement and capturing CUDA graphs on a GPU; nothing on the CPU).
+    /// Every rank of a group calls it with the same sizes.
+    fn prepare_decode(&mut self, graph_sizes: &[usize]) -> Result<DecodePrep>;
 
     /// `(num_blocks, block_size)` of the cache, once it exists.
     fn cache_shape(&self) -> Option<(usize, usize)>;

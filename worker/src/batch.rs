@@ -1,6 +1,11 @@
 //! One step's work in the shape a backend computes it: the tokens of every scheduled sequence laid
 //! end to end, with their positions and KV slots, and where each sequence's queries sit. Built by
 //! the runner from its per-request state; backends only read it.
+//!
+//! Each sequence also names its row in the backend's persistent per-request state (`slot`) and
+//! which of its blocks the backend has not seen in that row yet (`new_blocks_from`), so a device
+//! backend keeps block tables on the device and updates them in place instead of uploading
+//! every table every step.
 
 /// One sequence's part of the batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -11,6 +16,12 @@ pub struct SeqSlice {
     pub start_pos: usize,
     /// The sequence's block table.
     pub block_ids: Vec<u32>,
+    /// The request's row in the backend's persistent per-request state, below the runner's
+    /// request capacity; one request holds one row from its first step until it is freed.
+    pub slot: usize,
+    /// `block_ids[new_blocks_from..]` are new to the backend in this row (0 on a request's
+    /// first step, when the row may hold an earlier request's table).
+    pub new_blocks_from: usize,
 }
 
 impl SeqSlice {

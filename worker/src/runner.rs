@@ -6,13 +6,18 @@
 //! A plan is validated completely before the first collective, and validation depends only on
 //! the plan and on state that every rank shares, so either all ranks fail a bad plan or none
 //! does, and a failure never leaves a peer waiting inside an all-reduce.
+//!
+//! Each request holds a row (`slot`) of the backend's persistent per-request state from its
+//! first step until it is freed; rows are handed out lowest first from a pool as large as the
+//! most sequences a step may carry (`ProfileMemory`'s `max_num_seqs`), so the CUDA backend keeps
+//! block tables on the device and sends only the blocks each step appends.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
 use tpserve_proto as pb;
 
-use crate::backend::{Backend, DeviceInfo};
+use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo};
 use crate::batch::{Batch, SeqSlice};
 use crate::error::{Result, WorkerError};
 use crate::sampler::{RequestRng, SampleSpec};
@@ -27,6 +32,49 @@ struct RequestState {
     block_ids: Vec<u32>,
     sampling: pb::SamplingParams,
     rng: RequestRng,
+    /// The request's row of the backend's persistent state.
+    slot: usize,
+    /// Leading blocks of `block_ids` the backend has in that row.
+    blocks_seen: usize,
+}
+
+/// Rows of the backend's persistent per-request state not held by a request, lowest first.
+#[derive(Debug)]
+struct SlotPool {
+    capacity: usize,
+    /// Free rows, highest first (popped from the end).
+    free: Vec<usize>,
+}
+
+impl SlotPool {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            free: (0..capacity).rev().collect(),
+        }
+    }
+
+    fn take(&mut self) -> Option<usize> {
+        self.free.pop()
+    }
+
+    fn give_back(&mut self, slot: usize) {
+        self.free.push(slot);
+        // Keep handing out the lowest rows first (a few dozen entries at most per step).
+        self.free.sort_unstable_by(|a, b| b.cmp(a));
+    }
+}
+
+/// Requests a runner holds before `ProfileMemory` names the step limit.
+const DEFAULT_MAX_REQUESTS: usize = 256;
+
+/// What `Runner::warmup` did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WarmupReport {
+    /// Seconds of the whole warm-up, graph capture included.
+    pub seconds: f64,
+    /// What preparing the decode steps did (tuning, CUDA graphs).
+    pub decode: DecodePrep,
 }
 
 /// A validated slice of a plan: which request, and how many tokens.
@@ -39,6 +87,7 @@ struct Scheduled {
 pub struct Runner {
     backend: Box<dyn Backend>,
     requests: HashMap<u64, RequestState>,
+    slots: SlotPool,
     /// Vocabulary of the loaded model (0 before LoadModel).
     vocab_size: usize,
 }
@@ -49,6 +98,7 @@ impl Runner {
         Self {
             backend,
             requests: HashMap::new(),
+            slots: SlotPool::new(DEFAULT_MAX_REQUESTS),
             vocab_size: 0,
         }
     }
@@ -65,13 +115,13 @@ impl Runner {
 
     /// Joins the group. Rank 0 must have created the id first.
     pub fn init_communicator(&mut self, id: &[u8], rank: usize, world_size: usize) -> Result<()> {
-        self.requests.clear();
+        self.clear_requests();
         self.backend.init_communicator(id, rank, world_size)
     }
 
     /// Loads this rank's shard.
     pub fn load_model(&mut self, req: &pb::LoadModelRequest) -> Result<pb::LoadModelResponse> {
-        self.requests.clear();
+        self.clear_requests();
         self.vocab_size = 0;
         let response = self.backend.load_model(req)?;
         self.vocab_size = response.vocab_size as usize;
@@ -102,11 +152,19 @@ impl Runner {
         Ok(())
     }
 
-    /// How many blocks fit.
+    /// Forgets every request and frees every row of the persistent state.
+    fn clear_requests(&mut self) {
+        self.requests.clear();
+        self.slots = SlotPool::new(self.slots.capacity);
+    }
+
+    /// How many blocks fit. The step limits it is given also size the per-request state.
     pub fn profile_memory(
         &mut self,
         req: &pb::ProfileMemoryRequest,
     ) -> Result<pb::ProfileMemoryResponse> {
+        self.requests.clear();
+        self.slots = SlotPool::new(req.max_num_seqs.max(1) as usize);
         self.backend.profile_memory(req)
     }
 
@@ -119,8 +177,12 @@ impl Runner {
                 ),
             });
         }
-        self.requests.clear();
-        self.backend.init_cache(num_blocks, block_size)
+        self.clear_requests();
+        self.backend.init_cache(CacheShape {
+            num_blocks,
+            block_size,
+            max_requests: self.slots.capacity,
+        })
     }
 
     /// True once steps can run.
@@ -135,12 +197,23 @@ impl Runner {
         })
     }
 
-    /// Runs the largest step the limits allow on scratch blocks; the cache holds no request yet.
-    pub fn warmup(&mut self, max_tokens: usize, max_seqs: usize) -> Result<f64> {
+    /// Runs the largest step the limits allow on scratch blocks (forgetting every request),
+    /// then prepares decode steps: kernel choices measured per shape and, on a GPU, CUDA
+    /// graphs captured for the batch sizes in `graph_sizes` (none: every step runs eagerly).
+    pub fn warmup(
+        &mut self,
+        max_tokens: usize,
+        max_seqs: usize,
+        graph_sizes: &[usize],
+    ) -> Result<WarmupReport> {
         let started = Instant::now();
         let (num_blocks, block_size) = self.cache_shape("Warmup")?;
+        // It overwrites cache blocks and per-request rows: no request survives it.
+        self.clear_requests();
         let max_pos = self.backend.max_positions()?;
-        let seqs = max_seqs.clamp(1, max_tokens.max(1));
+        let seqs = max_seqs
+            .clamp(1, max_tokens.max(1))
+            .min(self.slots.capacity);
         let per_seq = (max_tokens / seqs).clamp(1, max_pos);
         let mut batch = Batch::default();
         let mut next_block = 0usize;
@@ -166,17 +239,23 @@ impl Runner {
                 rows: first..first + per_seq,
                 start_pos: 0,
                 block_ids,
+                slot: batch.seqs.len(),
+                new_blocks_from: 0,
             });
         }
         let sampling = vec![SampleSpec::greedy(); batch.sample_rows.len()];
         self.backend.step(&batch, &sampling)?;
-        Ok(started.elapsed().as_secs_f64())
+        let decode = self.backend.prepare_decode(graph_sizes)?;
+        Ok(WarmupReport {
+            seconds: started.elapsed().as_secs_f64(),
+            decode,
+        })
     }
 
     /// Logits of every position of `tokens`, `[tokens.len(), vocab]` on rank 0 (`None` on
     /// the others), prefilled in chunks of `chunk` tokens through the paged cache (blocks from
     /// the end of the cache, in reverse order, so paging is exercised). For numerical checks;
-    /// the cache must hold no running request.
+    /// the cache must hold no running request (it uses the first row of the per-request state).
     pub fn prompt_logits(&mut self, tokens: &[u32], chunk: usize) -> Result<Option<Vec<f32>>> {
         let (num_blocks, block_size) = self.cache_shape("prompt_logits")?;
         let needed = tokens.len().div_ceil(block_size);
@@ -202,6 +281,8 @@ impl Runner {
                     rows: 0..end - start,
                     start_pos: start,
                     block_ids: blocks.clone(),
+                    slot: 0,
+                    new_blocks_from: 0,
                 }],
                 sample_rows: (0..end - start).collect(),
             };
@@ -236,6 +317,9 @@ impl Runner {
         for s in &scheduled {
             let state = self.requests.get_mut(&s.id).expect("validated");
             state.num_computed += s.count;
+            if s.count > 0 {
+                state.blocks_seen = state.block_ids.len();
+            }
         }
         let mut out = Vec::with_capacity(tokens.len());
         for (id, token) in sample_ids.into_iter().zip(tokens) {
@@ -284,8 +368,25 @@ impl Runner {
                 ));
             }
         }
+        let mut freed: Vec<u64> = plan.freed_request_ids.clone();
+        freed.sort_unstable();
+        freed.dedup();
+        let rows_freed = freed
+            .iter()
+            .filter(|id| self.requests.contains_key(id))
+            .count();
+        if plan.new_requests.len() > self.slots.free.len() + rows_freed {
+            return bad(format!(
+                "the plan would hold {} requests on this worker, more than the {} a step may \
+                 carry",
+                self.requests.len() - rows_freed + plan.new_requests.len(),
+                self.slots.capacity
+            ));
+        }
         for id in &plan.freed_request_ids {
-            self.requests.remove(id);
+            if let Some(state) = self.requests.remove(id) {
+                self.slots.give_back(state.slot);
+            }
         }
         let mut scheduled = Vec::with_capacity(plan.new_requests.len() + plan.running.len());
         for new in &plan.new_requests {
@@ -298,6 +399,8 @@ impl Runner {
                     block_ids: new.block_ids.clone(),
                     rng: RequestRng::new(sampling.seed),
                     sampling,
+                    slot: self.slots.take().expect("counted above"),
+                    blocks_seen: 0,
                 },
             );
             scheduled.push(Scheduled {
@@ -374,6 +477,8 @@ fn build_batch(
             rows: first..first + s.count,
             start_pos: start,
             block_ids: state.block_ids.clone(),
+            slot: state.slot,
+            new_blocks_from: state.blocks_seen,
         });
         if end == state.tokens.len() {
             batch.sample_rows.push(first + s.count - 1);

@@ -103,22 +103,37 @@ impl WorkerService {
         &self.device
     }
 
-    /// Runs `f` on the runner thread and waits for its answer.
-    async fn run<T: Send + 'static>(
+    /// Queues `f` on the runner thread (jobs run in queue order); the receiver gets its answer.
+    fn submit<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Runner) -> crate::error::Result<T> + Send + 'static,
-    ) -> Result<T, Status> {
+    ) -> Result<oneshot::Receiver<crate::error::Result<T>>, Status> {
         let (tx, rx) = oneshot::channel();
         self.jobs
             .send(Box::new(move |r: &mut Runner| {
                 let _ = tx.send(f(r));
             }))
             .map_err(|_| Status::unavailable("the runner thread has stopped"))?;
-        rx.await
-            .map_err(|_| Status::internal("the runner thread dropped a job (it panicked)"))?
-            .map_err(status)
+        Ok(rx)
+    }
+
+    /// Runs `f` on the runner thread and waits for its answer.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Runner) -> crate::error::Result<T> + Send + 'static,
+    ) -> Result<T, Status> {
+        answer(self.submit(f)?).await
     }
 }
+
+/// The answer of a submitted job.
+async fn answer<T>(rx: oneshot::Receiver<crate::error::Result<T>>) -> Result<T, Status> {
+    rx.await
+        .map_err(|_| Status::internal("the runner thread dropped a job (it panicked)"))?
+        .map_err(status)
+}
+
+impl WorkerService {}
 
 type StepStream = Pin<Box<dyn Stream<Item = Result<pb::StepResult, Status>> + Send>>;
 
@@ -202,17 +217,28 @@ impl Worker for WorkerService {
         req: Request<pb::WarmupRequest>,
     ) -> Result<Response<pb::WarmupResponse>, Status> {
         let req = req.into_inner();
-        let seconds = self
+        let sizes: Vec<usize> = req.cuda_graph_sizes.iter().map(|s| *s as usize).collect();
+        let report = self
             .run(move |r| {
                 r.warmup(
                     req.max_num_batched_tokens as usize,
                     req.max_num_seqs as usize,
+                    &sizes,
                 )
             })
             .await?;
         self.ready.store(true, Ordering::SeqCst);
-        tracing::info!(seconds, "warm-up done");
-        Ok(Response::new(pb::WarmupResponse { seconds }))
+        tracing::info!(
+            seconds = report.seconds,
+            cuda_graphs = report.decode.graphs,
+            graph_capture_seconds = report.decode.seconds,
+            "warm-up done"
+        );
+        Ok(Response::new(pb::WarmupResponse {
+            seconds: report.seconds,
+            cuda_graphs: report.decode.graphs as u32,
+            graph_capture_seconds: report.decode.seconds,
+        }))
     }
 
     async fn health(
@@ -237,6 +263,10 @@ impl Worker for WorkerService {
         let mut plans = req.into_inner();
         let this = self.clone();
         let (tx, rx) = mpsc::channel::<Result<pb::StepResult, Status>>(4);
+        // Plans go to the runner thread as they arrive, so a plan the coordinator sends ahead
+        // (async scheduling) starts the moment the step before it ends, with no hop through
+        // this task; results go back in plan order.
+        let (queued_tx, mut queued) = mpsc::channel(4);
         tokio::spawn(async move {
             while let Some(plan) = plans.next().await {
                 let plan = match plan {
@@ -247,13 +277,27 @@ impl Worker for WorkerService {
                     }
                 };
                 let step_id = plan.step_id;
-                let started = Instant::now();
-                let result = match this.run(move |r| r.step(&plan)).await {
-                    Ok(tokens) => pb::StepResult {
+                let job = this.submit(move |r| {
+                    let started = Instant::now();
+                    r.step(&plan).map(|tokens| (tokens, started.elapsed()))
+                });
+                if queued_tx.send((step_id, job)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Some((step_id, job)) = queued.recv().await {
+                let outcome = match job {
+                    Ok(rx) => answer(rx).await,
+                    Err(s) => Err(s),
+                };
+                let result = match outcome {
+                    Ok((tokens, compute)) => pb::StepResult {
                         step_id,
                         tokens,
                         error: String::new(),
-                        compute_seconds: started.elapsed().as_secs_f64(),
+                        compute_seconds: compute.as_secs_f64(),
                     },
                     Err(s) => pb::StepResult {
                         step_id,

@@ -14,6 +14,7 @@ fn tiny_llama_group(tp: usize) -> ThreadGroup {
         load_format: pb::LoadFormat::Auto as i32,
         dtype: "auto".into(),
         dummy_seed: 0,
+        batch_invariant: false,
     };
     group.on_all(move |_, r| r.load_model(&load)).unwrap();
     group.on_all(|_, r| r.init_cache(64, 16)).unwrap();
@@ -46,4 +47,62 @@ fn token_ids_outside_the_vocabulary_and_positions_past_the_tables_are_refused() 
         .on_all(|_, r| r.prompt_logits(&[1, 2, 255], 8))
         .unwrap();
     assert_eq!(fine[0].as_ref().map(Vec::len), Some(3 * 256));
+}
+
+/// A new request of `tokens` prompt tokens on the blocks from `first_block` on.
+fn new_request(id: u64, tokens: usize, first_block: u32) -> pb::NewRequest {
+    pb::NewRequest {
+        request_id: id,
+        token_ids: (1..=tokens as u32).collect(),
+        sampling: Some(tpserve_worker::sampler::SampleSpec::greedy().params),
+        block_ids: (first_block..first_block + tokens.div_ceil(16) as u32).collect(),
+        num_computed_tokens: 0,
+        num_scheduled_tokens: tokens as u32,
+    }
+}
+
+#[test]
+fn a_plan_holding_more_requests_than_a_step_may_carry_is_refused_and_freed_rows_are_reused() {
+    let group = tiny_llama_group(1);
+    let profile = pb::ProfileMemoryRequest {
+        block_size: 16,
+        kv_cache_bytes: 1 << 20,
+        gpu_memory_utilization: 0.9,
+        max_num_batched_tokens: 64,
+        max_num_seqs: 2,
+    };
+    group
+        .on_all(move |_, r| r.profile_memory(&profile))
+        .unwrap();
+    group.on_all(|_, r| r.init_cache(64, 16)).unwrap();
+    let plan = |step_id, new: Vec<pb::NewRequest>, freed: Vec<u64>| pb::StepPlan {
+        step_id,
+        new_requests: new,
+        running: vec![],
+        freed_request_ids: freed,
+    };
+    let three = plan(
+        1,
+        vec![
+            new_request(1, 5, 0),
+            new_request(2, 5, 1),
+            new_request(3, 5, 2),
+        ],
+        vec![],
+    );
+    let err = group
+        .on_all(move |_, r| Ok(r.step(&three).unwrap_err().to_string()))
+        .unwrap();
+    assert!(
+        err[0].contains("3 requests on this worker, more than the 2 a step may carry"),
+        "{}",
+        err[0]
+    );
+    // Two fit; freeing one makes room for a third in the same plan, and its answer is the
+    // same as the same prompt's answer before.
+    let two = plan(2, vec![new_request(1, 5, 0), new_request(2, 7, 1)], vec![]);
+    let first = group.on_all(move |_, r| r.step(&two)).unwrap();
+    let swap = plan(3, vec![new_request(3, 5, 2)], vec![1]);
+    let second = group.on_all(move |_, r| r.step(&swap)).unwrap();
+    assert_eq!(first[0][0].token_id, second[0][0].token_id);
 }

@@ -1,6 +1,8 @@
 //! The coordinator's side of a tensor-parallel group: one gRPC client per rank, the start-up
 //! sequence (communicator, load, memory profile, cache, warm-up) and the `Step` streams. Every
-//! plan goes to every rank; rank 0's reply carries the tokens, the others' only confirm.
+//! plan goes to every rank; rank 0's reply carries the tokens, the others' only confirm. A plan
+//! is sent (`send`) and its result received (`receive`) separately, so the engine can keep a
+//! second plan queued on the streams while the first runs; each stream answers in order.
 
 use std::time::Duration;
 
@@ -43,6 +45,10 @@ pub struct GroupInit {
     pub max_num_seqs: u32,
     /// Seed of dummy weights.
     pub seed: u64,
+    /// Decode batch sizes GPU workers capture as CUDA graphs (empty: none).
+    pub cuda_graph_sizes: Vec<u32>,
+    /// Batch-invariant kernels (`--batch-invariant`).
+    pub batch_invariant: bool,
 }
 
 /// What start-up found.
@@ -54,12 +60,22 @@ pub struct GroupReady {
     pub weight_bytes: Vec<u64>,
     /// Device of rank 0.
     pub device: String,
+    /// CUDA graphs rank 0 captured, and the seconds capture (with kernel tuning) took.
+    pub cuda_graphs: u32,
+    pub graph_capture_seconds: f64,
 }
 
 /// A connected group.
 pub struct WorkerGroup {
     clients: Vec<WorkerClient<Channel>>,
     streams: Vec<(mpsc::Sender<pb::StepPlan>, Streaming<pb::StepResult>)>,
+}
+
+/// A step failed on `rank`.
+fn rank_failed(rank: usize, detail: String) -> EngineError {
+    EngineError::WorkerFailed {
+        detail: format!("rank {rank}: {detail}"),
+    }
 }
 
 fn phase_err(rank: usize, phase: &'static str) -> impl Fn(tonic::Status) -> StartError {
@@ -174,6 +190,7 @@ impl WorkerGroup {
                 load_format: init.load_format as i32,
                 dtype: init.dtype.clone(),
                 dummy_seed: init.seed,
+                batch_invariant: init.batch_invariant,
             };
             async move {
                 c.load_model(req)
@@ -217,12 +234,18 @@ impl WorkerGroup {
             }
         }))
         .await?;
-        try_join_all(self.clients.iter_mut().enumerate().map(|(rank, c)| {
+        let warmups = try_join_all(self.clients.iter_mut().enumerate().map(|(rank, c)| {
             let req = pb::WarmupRequest {
                 max_num_batched_tokens: init.max_num_batched_tokens,
                 max_num_seqs: init.max_num_seqs,
+                cuda_graph_sizes: init.cuda_graph_sizes.clone(),
             };
-            async move { c.warmup(req).await.map_err(phase_err(rank, "Warmup")) }
+            async move {
+                c.warmup(req)
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(phase_err(rank, "Warmup"))
+            }
         }))
         .await?;
         self.streams.clear();
@@ -239,25 +262,28 @@ impl WorkerGroup {
             num_blocks,
             weight_bytes: loaded.iter().map(|l| l.weight_bytes).collect(),
             device: format!("{} ({})", info.device_kind, info.device_name),
+            cuda_graphs: warmups.first().map_or(0, |w| w.cuda_graphs),
+            graph_capture_seconds: warmups.first().map_or(0.0, |w| w.graph_capture_seconds),
         })
     }
 
-    /// Sends `plan` to every rank and returns rank 0's tokens once every rank has answered.
-    pub async fn step(&mut self, plan: pb::StepPlan) -> Result<Vec<pb::SampledToken>, EngineError> {
-        let step_id = plan.step_id;
-        let fail = |rank: usize, detail: String| EngineError::WorkerFailed {
-            detail: format!("rank {rank}: {detail}"),
-        };
-        if self.streams.is_empty() {
-            return Err(EngineError::Unavailable {
-                detail: "the worker group is not initialised".into(),
-            });
-        }
+    /// Sends `plan` to every rank without waiting for its result, so the next plan can follow
+    /// while the workers run this one. Each rank runs its plans in order and answers them in
+    /// order: one `receive` per `send` collects the results, oldest first.
+    pub async fn send(&mut self, plan: pb::StepPlan) -> Result<(), EngineError> {
+        self.check_initialised()?;
         for (rank, (tx, _)) in self.streams.iter().enumerate() {
             tx.send(plan.clone())
                 .await
-                .map_err(|_| fail(rank, "step stream closed".into()))?;
+                .map_err(|_| rank_failed(rank, "step stream closed".into()))?;
         }
+        Ok(())
+    }
+
+    /// Waits for the result of step `step_id`, the oldest plan sent and not yet received, and
+    /// returns rank 0's tokens once every rank has answered it.
+    pub async fn receive(&mut self, step_id: u64) -> Result<Vec<pb::SampledToken>, EngineError> {
+        self.check_initialised()?;
         // Replies are awaited together: once one rank has failed, the others get
         // `FAIL_GRACE` to report, so a rank stuck on a dead peer cannot hold the engine.
         let mut replies: FuturesUnordered<_> = self
@@ -295,7 +321,7 @@ impl WorkerGroup {
                 Err(s) => Some(s.message().to_string()),
             };
             if let Some(e) = error {
-                first_error.get_or_insert(fail(rank, e));
+                first_error.get_or_insert(rank_failed(rank, e));
                 deadline.get_or_insert(tokio::time::Instant::now() + FAIL_GRACE);
             }
         }
@@ -303,5 +329,14 @@ impl WorkerGroup {
             Some(e) => Err(e),
             None => Ok(tokens),
         }
+    }
+
+    fn check_initialised(&self) -> Result<(), EngineError> {
+        if self.streams.is_empty() {
+            return Err(EngineError::Unavailable {
+                detail: "the worker group is not initialised".into(),
+            });
+        }
+        Ok(())
     }
 }

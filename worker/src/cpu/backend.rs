@@ -6,7 +6,7 @@ use std::time::Instant;
 use tpserve_proto as pb;
 
 use super::{CpuModel, KvCache};
-use crate::backend::{Backend, DeviceInfo};
+use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo};
 use crate::batch::Batch;
 use crate::comm::tcp::Rendezvous;
 use crate::comm::{Communicator, SingleRank, TcpCommunicator};
@@ -114,9 +114,10 @@ impl Backend for CpuBackend {
         self.model = None;
         self.cache = None;
         let (rank, world) = (self.comm.rank(), self.comm.world_size());
-        let model = load_shard(req, rank, world, |config, shard, source| {
+        let mut model = load_shard(req, rank, world, |config, shard, source| {
             CpuModel::load(config, shard, source, config.max_position_embeddings)
         })?;
+        model.set_batch_invariant(req.batch_invariant);
         let config = model.config().clone();
         self.vocab_per_rank = (0..world)
             .map(|r| ShardPlan::new(&config, r, world).map(|p| p.vocab.len()))
@@ -153,11 +154,18 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn init_cache(&mut self, num_blocks: usize, block_size: usize) -> Result<u64> {
-        let cache = self.model("InitCache")?.new_cache(num_blocks, block_size);
+    fn init_cache(&mut self, shape: CacheShape) -> Result<u64> {
+        let cache = self
+            .model("InitCache")?
+            .new_cache(shape.num_blocks, shape.block_size);
         let bytes = cache.bytes() as u64;
         self.cache = Some(cache);
         Ok(bytes)
+    }
+
+    fn prepare_decode(&mut self, _graph_sizes: &[usize]) -> Result<DecodePrep> {
+        // Nothing to capture or choose: the CPU runs every step as it comes.
+        Ok(DecodePrep::default())
     }
 
     fn cache_shape(&self) -> Option<(usize, usize)> {

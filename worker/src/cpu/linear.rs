@@ -40,6 +40,11 @@ impl Linear {
         } else {
             self.forward_gemm(x, n, &mut out);
         }
+        self.add_bias(&mut out);
+        out
+    }
+
+    fn add_bias(&self, out: &mut [f32]) {
         if let Some(bias) = &self.bias {
             for row in out.chunks_exact_mut(self.rows) {
                 for (y, b) in row.iter_mut().zip(bias) {
@@ -47,6 +52,17 @@ impl Linear {
                 }
             }
         }
+    }
+
+    /// As `forward`, every output by the same dot product whatever `n`: row r's result does not
+    /// depend on the other rows (the blocked GEMM's summation order does).
+    pub fn forward_row_by_row(&self, x: &[f32], n: usize) -> Vec<f32> {
+        debug_assert_eq!(x.len(), n * self.cols);
+        let mut out = vec![0.0f32; n * self.rows];
+        if n > 0 {
+            self.forward_dots(x, n, &mut out);
+        }
+        self.add_bias(&mut out);
         out
     }
 
@@ -173,6 +189,27 @@ mod tests {
                     "n={n}: {g} vs {w}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn row_by_row_gives_each_row_the_same_bits_in_any_batch() {
+        let (rows, cols) = (67, 515);
+        let l = Linear {
+            weight: (0..rows * cols)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 37.0)
+                .collect(),
+            bias: None,
+            rows,
+            cols,
+        };
+        let x: Vec<f32> = (0..9 * cols)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 3.0)
+            .collect();
+        let batch = l.forward_row_by_row(&x, 9);
+        for r in 0..9 {
+            let alone = l.forward_row_by_row(&x[r * cols..(r + 1) * cols], 1);
+            assert_eq!(alone, &batch[r * rows..(r + 1) * rows], "row {r}");
         }
     }
 }

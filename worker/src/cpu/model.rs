@@ -45,6 +45,8 @@ pub struct CpuModel {
     lm_head: Option<Linear>,
     rope: Rope,
     kv_head_of: Vec<usize>,
+    /// Every product by the one-row-at-a-time path, whatever the batch (`--batch-invariant`).
+    batch_invariant: bool,
 }
 
 impl CpuModel {
@@ -95,7 +97,23 @@ impl CpuModel {
             lm_head,
             kv_head_of,
             shard,
+            batch_invariant: false,
         })
+    }
+
+    /// Computes every row the same way whatever the batch: products row by row (the blocked
+    /// GEMM's summation order depends on the number of rows).
+    pub fn set_batch_invariant(&mut self, on: bool) {
+        self.batch_invariant = on;
+    }
+
+    /// `x [n, cols] W^T` through the path the mode asks for.
+    fn project(&self, linear: &Linear, x: &[f32], n: usize) -> Vec<f32> {
+        if self.batch_invariant {
+            linear.forward_row_by_row(x, n)
+        } else {
+            linear.forward(x, n)
+        }
     }
 
     /// Bytes of weights held.
@@ -171,7 +189,7 @@ impl CpuModel {
         let kv_w = self.shard.kv_heads.len() * hd;
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.input_norm, c.rms_norm_eps, &mut normed);
-            let qkv = layer.qkv.forward(&normed, n);
+            let qkv = self.project(&layer.qkv, &normed, n);
             let (mut q, mut k, mut v) = (
                 Vec::with_capacity(n * q_w),
                 Vec::with_capacity(n * kv_w),
@@ -196,15 +214,15 @@ impl CpuModel {
                     kv_head_of: &self.kv_head_of,
                 },
             );
-            let mut o = layer.o.forward(&attn, n);
+            let mut o = self.project(&layer.o, &attn, n);
             comm.all_reduce_sum(&mut o)?;
             add_into(&mut x, &o);
             rms_norm(&x, &layer.post_norm, c.rms_norm_eps, &mut normed);
-            let gate_up = layer.gate_up.forward(&normed, n);
+            let gate_up = self.project(&layer.gate_up, &normed, n);
             let inter = layer.down.cols;
             let mut act = vec![0.0f32; n * inter];
             silu_mul(&gate_up, inter, &mut act);
-            let mut down = layer.down.forward(&act, n);
+            let mut down = self.project(&layer.down, &act, n);
             comm.all_reduce_sum(&mut down)?;
             add_into(&mut x, &down);
         }
@@ -215,11 +233,11 @@ impl CpuModel {
         }
         let mut last_normed = vec![0.0f32; s * h];
         rms_norm(&last, &self.final_norm, c.rms_norm_eps, &mut last_normed);
-        let logits = self
-            .lm_head
-            .as_ref()
-            .unwrap_or(&self.embed)
-            .forward(&last_normed, s);
+        let logits = self.project(
+            self.lm_head.as_ref().unwrap_or(&self.embed),
+            &last_normed,
+            s,
+        );
         tracing::trace!(tokens = n, elapsed = ?started.elapsed(), "forward");
         Ok(logits)
     }

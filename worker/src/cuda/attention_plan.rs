@@ -1,12 +1,13 @@
 //! How a step's attention is cut into GPU blocks, decided on the host: tiles of consecutive query
 //! rows of one sequence (a block loads each key tile once for every row and query head of its
-//! tile), the padded block-table matrix, and how many splits the key length gets (a decode step of
-//! few sequences would otherwise leave most SMs idle). Pure functions of the batch, tested here.
+//! tile), the updates that bring the persistent block tables up to date, and how many splits the
+//! key length gets (a decode step of few sequences would otherwise leave most SMs idle). Pure
+//! functions of the batch, tested here.
 
 use crate::batch::Batch;
 
-/// The tiles of a step: `(sequence, first row, rows, position of the first row)` each, flattened
-/// as the attention kernels read them.
+/// The tiles of a step: `(sequence's table row, first row, rows, position of the first row)`
+/// each, flattened as the attention kernels read them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttentionTiles {
     pub tiles: Vec<i32>,
@@ -22,12 +23,12 @@ impl AttentionTiles {
         let tile_rows = tile_rows.max(1);
         let mut tiles = Vec::new();
         let (mut max_rows, mut max_context) = (0usize, 0usize);
-        for (si, seq) in batch.seqs.iter().enumerate() {
+        for seq in &batch.seqs {
             let mut r = seq.rows.start;
             while r < seq.rows.end {
                 let rows = tile_rows.min(seq.rows.end - r);
                 let pos0 = seq.start_pos + (r - seq.rows.start);
-                tiles.extend_from_slice(&[si as i32, r as i32, rows as i32, pos0 as i32]);
+                tiles.extend_from_slice(&[seq.slot as i32, r as i32, rows as i32, pos0 as i32]);
                 max_rows = max_rows.max(rows);
                 r += rows;
             }
@@ -39,30 +40,33 @@ impl AttentionTiles {
             max_context,
         }
     }
-
-    /// Number of tiles.
-    pub fn len(&self) -> usize {
-        self.tiles.len() / 4
-    }
 }
 
-/// The block tables of the batch's sequences as one `[seqs, max_blocks_per_seq]` matrix (rows
-/// padded with block 0, never read past a sequence's length), and its row length.
-pub fn block_tables(batch: &Batch) -> (Vec<i32>, usize) {
-    let width = batch
-        .seqs
-        .iter()
-        .map(|s| s.block_ids.len())
-        .max()
-        .unwrap_or(0)
-        .max(1);
-    let mut tables = vec![0i32; batch.seqs.len() * width];
-    for (si, seq) in batch.seqs.iter().enumerate() {
-        for (j, b) in seq.block_ids.iter().enumerate() {
-            tables[si * width + j] = *b as i32;
+/// The `(index, block)` pairs that bring the persistent block tables (`[rows, width]`, i32)
+/// up to date for this batch: each sequence's blocks from `new_blocks_from` on, at its slot's
+/// row. Fails, naming the request's row, when a table is wider than `width` or a slot is
+/// outside `rows`.
+pub fn table_updates(batch: &Batch, rows: usize, width: usize) -> Result<Vec<i32>, String> {
+    let mut updates = Vec::new();
+    for seq in &batch.seqs {
+        if seq.slot >= rows {
+            return Err(format!(
+                "request row {} is outside the {rows} rows of the block tables",
+                seq.slot
+            ));
+        }
+        if seq.block_ids.len() > width {
+            return Err(format!(
+                "a block table of {} blocks is longer than the {width} a sequence can use",
+                seq.block_ids.len()
+            ));
+        }
+        for (j, block) in seq.block_ids.iter().enumerate().skip(seq.new_blocks_from) {
+            updates.push((seq.slot * width + j) as i32);
+            updates.push(*block as i32);
         }
     }
-    (tables, width)
+    Ok(updates)
 }
 
 /// Splits of the key length for the CUDA-core kernel, `(splits, keys per split)`: `(1, 0)` when
@@ -112,6 +116,8 @@ mod tests {
                 block_ids: (0..(start + rows).div_ceil(16) as u32)
                     .map(|x| x + 100 * i as u32)
                     .collect(),
+                slot: 10 + i,
+                new_blocks_from: i,
             });
             b.sample_rows.push(first + rows - 1);
         }
@@ -132,6 +138,11 @@ mod tests {
                     tile[3] as usize,
                 );
                 assert!(rows >= 1 && rows <= tile_rows);
+                let seq = b
+                    .seqs
+                    .iter()
+                    .position(|s| s.slot == seq)
+                    .expect("tiles name the sequence's slot");
                 for (r, count) in seen.iter_mut().enumerate().skip(row0).take(rows) {
                     *count += 1;
                     assert!(
@@ -148,11 +159,15 @@ mod tests {
     }
 
     #[test]
-    fn block_tables_are_padded_rows_of_each_sequence() {
+    fn table_updates_carry_only_new_blocks_at_the_slot_row_and_refuse_what_does_not_fit() {
+        // Sequence 0 (slot 10) is new: all 2 blocks; sequence 1 (slot 11) has seen its first.
         let b = batch(&[(20, 0), (1, 40)]);
-        let (tables, width) = block_tables(&b);
-        assert_eq!(width, 3);
-        assert_eq!(tables, vec![0, 1, 0, 100, 101, 102]);
+        let updates = table_updates(&b, 16, 4).unwrap();
+        assert_eq!(updates, vec![40, 0, 41, 1, 45, 101, 46, 102]);
+        let err = table_updates(&b, 11, 4).unwrap_err();
+        assert!(err.contains("row 11 is outside the 11 rows"), "{err}");
+        let err = table_updates(&b, 16, 2).unwrap_err();
+        assert!(err.contains("3 blocks is longer than the 2"), "{err}");
     }
 
     #[test]

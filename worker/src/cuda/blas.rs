@@ -1,28 +1,48 @@
 //! Dense matrix products through cuBLAS: `y = x W^T` for row-major activations `x` `[n, k]` and
 //! a row-major weight `W` `[m, k]` (PyTorch's Linear layout), accumulating in f32.
-
-use std::sync::Arc;
+//!
+//! The handle gets a workspace of its own, allocated once: cuBLAS then never allocates while a
+//! CUDA graph is being captured (which would fail the capture).
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::CudaStream;
 
-use super::device::device_err;
+use super::device::{device_err, DeviceBuffer, Gpu};
 use super::kernels::Dtype;
 use crate::error::Result;
+
+/// cuBLAS's workspace: what NVIDIA recommends for Hopper.
+const WORKSPACE_BYTES: usize = 32 << 20;
 
 /// A cuBLAS handle bound to the worker's stream.
 pub struct Blas {
     blas: CudaBlas,
     dtype: Dtype,
+    _workspace: DeviceBuffer,
 }
 
 impl Blas {
-    /// A handle on `stream` for `dtype` operands.
-    pub fn new(stream: Arc<CudaStream>, dtype: Dtype) -> Result<Self> {
-        let blas =
-            CudaBlas::new(stream).map_err(|e| device_err("creating the cuBLAS handle", e))?;
-        Ok(Self { blas, dtype })
+    /// A handle on the GPU's stream for `dtype` operands.
+    pub fn new(gpu: &Gpu, dtype: Dtype) -> Result<Self> {
+        let blas = CudaBlas::new(gpu.stream.clone())
+            .map_err(|e| device_err("creating the cuBLAS handle", e))?;
+        let workspace = gpu.alloc(WORKSPACE_BYTES, "the cuBLAS workspace")?;
+        // SAFETY: the handle is live; the workspace holds WORKSPACE_BYTES bytes and lives as long
+        // as the handle (both in this struct; the workspace field is dropped after `blas`).
+        unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                workspace.ptr as *mut _,
+                WORKSPACE_BYTES,
+            )
+        }
+        .result()
+        .map_err(|e| device_err("setting the cuBLAS workspace", e))?;
+        Ok(Self {
+            blas,
+            dtype,
+            _workspace: workspace,
+        })
     }
 
     /// `y[n, m] = x[n, k] W[m, k]^T`, all three in the activation dtype.

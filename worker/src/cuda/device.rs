@@ -47,8 +47,11 @@ pub fn gpu_present() -> bool {
     driver_present() && CudaContext::device_count().is_ok_and(|n| n > 0)
 }
 
-/// Checks the libraries the CUDA backend loads at run time, other than the driver and NCCL.
-pub fn check_libraries() -> Result<()> {
+/// Checks the libraries the CUDA backend loads at run time on a GPU of architecture `arch`
+/// (e.g. `sm_90`), other than the driver and NCCL. NVRTC is needed only when the kernels
+/// embedded in this build do not cover `arch` (see `tpserve_kernels::prebuilt`); checking that
+/// hashes the kernel sources, well under a millisecond.
+pub fn check_libraries(arch: &str) -> Result<()> {
     let missing = |name: &str, lib: &str| WorkerError::Device {
         detail: format!(
             "{name} not found (lib{lib}.so.13 could not be loaded); put the CUDA 13 libraries \
@@ -62,7 +65,12 @@ pub fn check_libraries() -> Result<()> {
     if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
         return Err(missing("cuBLASLt", "cublasLt"));
     }
-    if !tpserve_kernels::nvrtc_available() {
+    if !tpserve_kernels::nvrtc_available()
+        && !tpserve_kernels::Prebuilt::embedded().covers(
+            tpserve_kernels::SOURCES,
+            &tpserve_kernels::CompileConfig::from_env(arch),
+        )
+    {
         return Err(missing("NVRTC", "nvrtc"));
     }
     Ok(())
@@ -93,6 +101,8 @@ pub struct Gpu {
     pub sm_count: usize,
     /// NVRTC architecture, e.g. `sm_90`.
     pub arch: String,
+    /// Compute capability `(major, minor)`.
+    pub compute_capability: (i32, i32),
 }
 
 impl Gpu {
@@ -104,7 +114,6 @@ impl Gpu {
                 detail: format!("cuda:{ordinal} does not exist: this process sees {count} GPU(s)"),
             });
         }
-        check_libraries()?;
         let ctx = CudaContext::new(ordinal).map_err(|e| device_err("creating the context", e))?;
         ctx.bind_to_thread()
             .map_err(|e| device_err("binding the context", e))?;
@@ -120,6 +129,8 @@ impl Gpu {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| device_err("compute capability", e))?;
+        let arch = tpserve_kernels::arch_for_compute_capability(major, minor);
+        check_libraries(&arch)?;
         let sm_count = ctx
             .attribute(
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
@@ -132,7 +143,8 @@ impl Gpu {
             name,
             total_memory,
             sm_count,
-            arch: tpserve_kernels::arch_for_compute_capability(major, minor),
+            arch,
+            compute_capability: (major, minor),
         })
     }
 

@@ -3,10 +3,11 @@
 //! method's arguments follow the kernel's comment block in `kernels/cuda/*.cu`; pointers are raw
 //! device addresses.
 
-use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 use tpserve_kernels::{entry_point, CompileConfig, Compiler, KernelDtype, PtxCache, SOURCES};
 
 use super::device::{device_err, Gpu};
+use super::launch::{programmatic_launches, KernelLaunch};
 use crate::error::{Result, WorkerError};
 
 /// The activation dtype on the GPU.
@@ -106,25 +107,33 @@ pub fn attention_smem_bytes(head_dim: usize, items: usize) -> usize {
 /// Every kernel, loaded for one dtype.
 pub struct Kernels {
     stream: std::sync::Arc<CudaStream>,
+    /// Launches carry the programmatic-dependent-launch attribute (`launch.rs`).
+    programmatic: bool,
     embedding: CudaFunction,
     rms_norm: CudaFunction,
     rms_norm_residual: CudaFunction,
-    rope: CudaFunction,
+    rope_kv_write: CudaFunction,
     silu_mul: CudaFunction,
-    kv_cache_write: CudaFunction,
     attention_hd64: CudaFunction,
     attention_hd128: CudaFunction,
     attention_hd256: CudaFunction,
     attention_mma_hd64: CudaFunction,
     attention_mma_hd128: CudaFunction,
     attention_combine: CudaFunction,
+    /// `[head size 64, 128, 256][group <= 4, <= 8]`.
+    attention_decode: [[CudaFunction; 2]; 3],
     sample: CudaFunction,
     add_bias: CudaFunction,
     gather_rows: CudaFunction,
     fill_uniform: CudaFunction,
+    set_entries: CudaFunction,
+    /// `[M 1, 2, 4, 8][R 1, 2, 4]`: see [`Kernels::gemv`].
+    gemv: [[CudaFunction; 3]; 4],
+    gemm_bi: CudaFunction,
 }
 
-fn rows(n: usize, threads: u32) -> LaunchConfig {
+/// One block of `threads` threads per row, `n` rows.
+fn grid_rows(n: usize, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n as u32, 1, 1),
         block_dim: (threads, 1, 1),
@@ -146,15 +155,15 @@ impl Kernels {
                 None
             }
         };
-        let compiler =
-            Compiler::new(CompileConfig::from_env(gpu.arch.clone()), cache).map_err(|e| {
-                WorkerError::Device {
-                    detail: format!("NVRTC: {e}"),
-                }
-            })?;
+        let compiler = Compiler::new(
+            CompileConfig::from_env(gpu.arch.clone()),
+            cache,
+            tpserve_kernels::Prebuilt::embedded(),
+        );
         let started = std::time::Instant::now();
         let mut functions = std::collections::HashMap::new();
-        let mut compiled_now = 0;
+        // Sources served from the embedded bundle, the PTX cache and NVRTC.
+        let (mut embedded, mut cached, mut compiled) = (0, 0, 0);
         for source in SOURCES {
             let kernel = compiler.compile(source).map_err(|e| WorkerError::Device {
                 detail: format!("compiling {}: {e}", source.name),
@@ -162,7 +171,11 @@ impl Kernels {
             if let Some(e) = &kernel.cache_error {
                 tracing::warn!("PTX cache: {e}");
             }
-            compiled_now += usize::from(!kernel.from_cache);
+            match kernel.code {
+                tpserve_kernels::KernelCode::EmbeddedCubin(_) => embedded += 1,
+                tpserve_kernels::KernelCode::CachedPtx(_) => cached += 1,
+                tpserve_kernels::KernelCode::CompiledPtx(_) => compiled += 1,
+            }
             let module = gpu
                 .ctx
                 .load_module(kernel.to_ptx())
@@ -181,8 +194,9 @@ impl Kernels {
             }
         }
         tracing::info!(
-            compiled = compiled_now,
-            cached = SOURCES.len() - compiled_now,
+            embedded,
+            cached,
+            compiled,
             seconds = started.elapsed().as_secs_f64(),
             arch = %gpu.arch,
             "CUDA kernels ready"
@@ -195,23 +209,66 @@ impl Kernels {
         };
         Ok(Self {
             stream: gpu.stream.clone(),
+            programmatic: programmatic_launches(gpu.compute_capability.0),
             embedding: take("embedding")?,
             rms_norm: take("rms_norm")?,
             rms_norm_residual: take("rms_norm_residual")?,
-            rope: take("rope")?,
+            rope_kv_write: take("rope_kv_write")?,
             silu_mul: take("silu_mul")?,
-            kv_cache_write: take("kv_cache_write")?,
             attention_hd64: take("paged_attention_hd64")?,
             attention_hd128: take("paged_attention_hd128")?,
             attention_hd256: take("paged_attention_hd256")?,
             attention_mma_hd64: take("paged_attention_mma_hd64")?,
             attention_mma_hd128: take("paged_attention_mma_hd128")?,
             attention_combine: take("attention_combine")?,
+            attention_decode: [
+                [
+                    take("paged_attention_decode_hd64_g4")?,
+                    take("paged_attention_decode_hd64_g8")?,
+                ],
+                [
+                    take("paged_attention_decode_hd128_g4")?,
+                    take("paged_attention_decode_hd128_g8")?,
+                ],
+                [
+                    take("paged_attention_decode_hd256_g4")?,
+                    take("paged_attention_decode_hd256_g8")?,
+                ],
+            ],
             sample: take("sample")?,
             add_bias: take("add_bias")?,
             gather_rows: take("gather_rows")?,
             fill_uniform: take("fill_uniform")?,
+            set_entries: take("set_entries")?,
+            gemv: [
+                [
+                    take("gemv_m1_r1")?,
+                    take("gemv_m1_r2")?,
+                    take("gemv_m1_r4")?,
+                ],
+                [
+                    take("gemv_m2_r1")?,
+                    take("gemv_m2_r2")?,
+                    take("gemv_m2_r4")?,
+                ],
+                [
+                    take("gemv_m4_r1")?,
+                    take("gemv_m4_r2")?,
+                    take("gemv_m4_r4")?,
+                ],
+                [
+                    take("gemv_m8_r1")?,
+                    take("gemv_m8_r2")?,
+                    take("gemv_m8_r4")?,
+                ],
+            ],
+            gemm_bi: take("gemm_bi")?,
         })
+    }
+
+    /// A launch of `function` on the worker's stream.
+    fn launch<'a>(&'a self, function: &'a CudaFunction) -> KernelLaunch<'a> {
+        KernelLaunch::new(&self.stream, function, self.programmatic)
     }
 
     /// Head sizes the attention kernel is built for.
@@ -231,16 +288,16 @@ impl Kernels {
         vocab_len: usize,
     ) -> Result<()> {
         let (h, vs, vl) = (hidden as i32, vocab_start as i32, vocab_len as i32);
-        let mut b = self.stream.launch_builder(&self.embedding);
+        let mut b = self.launch(&self.embedding);
         b.arg(&out).arg(&table).arg(&ids).arg(&h).arg(&vs).arg(&vl);
         // SAFETY: arguments match embedding.cu's signature; the caller sizes the buffers.
-        unsafe { b.launch(rows(n, 256)) }
+        unsafe { b.launch(grid_rows(n, 256)) }
             .map(drop)
             .map_err(launch_err("embedding"))
     }
 
     fn norm_threads(hidden: usize) -> u32 {
-        ((hidden / 4).div_ceil(32) * 32).clamp(32, 1024) as u32
+        ((hidden / 8).div_ceil(32) * 32).clamp(32, 1024) as u32
     }
 
     pub fn rms_norm(
@@ -253,10 +310,10 @@ impl Kernels {
         eps: f32,
     ) -> Result<()> {
         let h = hidden as i32;
-        let mut b = self.stream.launch_builder(&self.rms_norm);
+        let mut b = self.launch(&self.rms_norm);
         b.arg(&out).arg(&x).arg(&weight).arg(&h).arg(&eps);
         // SAFETY: as rms_norm.cu documents.
-        unsafe { b.launch(rows(n, Self::norm_threads(hidden))) }
+        unsafe { b.launch(grid_rows(n, Self::norm_threads(hidden))) }
             .map(drop)
             .map_err(launch_err("rms_norm"))
     }
@@ -273,7 +330,7 @@ impl Kernels {
         eps: f32,
     ) -> Result<()> {
         let h = hidden as i32;
-        let mut b = self.stream.launch_builder(&self.rms_norm_residual);
+        let mut b = self.launch(&self.rms_norm_residual);
         b.arg(&out)
             .arg(&x)
             .arg(&residual)
@@ -281,46 +338,42 @@ impl Kernels {
             .arg(&h)
             .arg(&eps);
         // SAFETY: as rms_norm.cu documents.
-        unsafe { b.launch(rows(n, Self::norm_threads(hidden))) }
+        unsafe { b.launch(grid_rows(n, Self::norm_threads(hidden))) }
             .map(drop)
             .map_err(launch_err("rms_norm_residual"))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn rope(
-        &self,
-        q: u64,
-        k: u64,
-        positions: u64,
-        cos: u64,
-        sin: u64,
-        n: usize,
-        q_heads: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        stride: usize,
-    ) -> Result<()> {
+    /// Rotates the queries in place and writes the rotated keys and the values to the cache at
+    /// the slots (rope_kv_write.cu). `qkv` is `[n, stride]`: queries, keys, values per token.
+    pub fn rope_kv_write(&self, a: &RopeKvWrite) -> Result<()> {
+        let pairs = (a.q_heads + a.kv_heads) * a.head_dim / 2 + a.kv_heads * a.head_dim;
+        let cfg = LaunchConfig {
+            grid_dim: (a.n as u32, pairs.div_ceil(256 * 4).max(1) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let (qh, kh, hd, st) = (
-            q_heads as i32,
-            kv_heads as i32,
-            head_dim as i32,
-            stride as i32,
+            a.q_heads as i32,
+            a.kv_heads as i32,
+            a.head_dim as i32,
+            a.stride as i32,
         );
-        let mut b = self.stream.launch_builder(&self.rope);
-        b.arg(&q)
-            .arg(&k)
-            .arg(&positions)
-            .arg(&cos)
-            .arg(&sin)
+        let mut b = self.launch(&self.rope_kv_write);
+        b.arg(&a.qkv)
+            .arg(&a.key_cache)
+            .arg(&a.value_cache)
+            .arg(&a.slots)
+            .arg(&a.positions)
+            .arg(&a.cos)
+            .arg(&a.sin)
             .arg(&qh)
             .arg(&kh)
             .arg(&hd)
-            .arg(&st)
             .arg(&st);
-        // SAFETY: as rope.cu documents.
-        unsafe { b.launch(rows(n, 512)) }
+        // SAFETY: as rope_kv_write.cu documents; the caller sizes the buffers.
+        unsafe { b.launch(cfg) }
             .map(drop)
-            .map_err(launch_err("rope"))
+            .map_err(launch_err("rope_kv_write"))
     }
 
     pub fn silu_mul(&self, out: u64, gate_up: u64, n: usize, d: usize) -> Result<()> {
@@ -330,42 +383,12 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         let d = d as i32;
-        let mut b = self.stream.launch_builder(&self.silu_mul);
+        let mut b = self.launch(&self.silu_mul);
         b.arg(&out).arg(&gate_up).arg(&d);
         // SAFETY: as silu_mul.cu documents.
         unsafe { b.launch(cfg) }
             .map(drop)
             .map_err(launch_err("silu_mul"))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub fn kv_cache_write(
-        &self,
-        key: u64,
-        value: u64,
-        key_cache: u64,
-        value_cache: u64,
-        slots: u64,
-        n: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        stride: usize,
-    ) -> Result<()> {
-        let (kh, hd, st) = (kv_heads as i32, head_dim as i32, stride as i32);
-        let mut b = self.stream.launch_builder(&self.kv_cache_write);
-        b.arg(&key)
-            .arg(&value)
-            .arg(&key_cache)
-            .arg(&value_cache)
-            .arg(&slots)
-            .arg(&kh)
-            .arg(&hd)
-            .arg(&st)
-            .arg(&st);
-        // SAFETY: as kv_cache.cu documents.
-        unsafe { b.launch(rows(n, 256)) }
-            .map(drop)
-            .map_err(launch_err("kv_cache_write"))
     }
 
     /// Whether the tensor-core attention kernel exists for this head size.
@@ -441,7 +464,7 @@ impl Kernels {
             split_len as i32,
         );
         let scale = shape.scale;
-        let mut b = self.stream.launch_builder(f);
+        let mut b = self.launch(f);
         for p in &pointers {
             b.arg(p);
         }
@@ -513,6 +536,166 @@ impl Kernels {
         .map_err(launch_err("paged_attention"))
     }
 
+    /// Whether the decode attention kernel exists for this head size and query heads per KV
+    /// head.
+    pub fn has_decode_attention(head_dim: usize, group: usize) -> bool {
+        matches!(head_dim, 64 | 128 | 256) && (1..=8).contains(&group)
+    }
+
+    /// Decode attention (attention.cu's paged_attention_decode): tiles of one row each (zero
+    /// rows: padding), `splits` key splits sized per row on the device.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention_decode(
+        &self,
+        out: u64,
+        partial_out: u64,
+        partial_ml: u64,
+        q: u64,
+        key_cache: u64,
+        value_cache: u64,
+        block_tables: u64,
+        tiles: u64,
+        num_tiles: usize,
+        shape: &AttentionShape,
+        num_splits: usize,
+    ) -> Result<()> {
+        let group = shape.q_heads / shape.kv_heads.max(1);
+        let hd = match shape.head_dim {
+            64 => 0,
+            128 => 1,
+            256 => 2,
+            hd => {
+                return Err(WorkerError::Unsupported {
+                    detail: format!("head size {hd} on the decode attention kernel"),
+                })
+            }
+        };
+        let g = match group {
+            1..=4 => 0,
+            5..=8 => 1,
+            _ => {
+                return Err(WorkerError::Unsupported {
+                    detail: format!("{group} query heads per KV head on the decode attention"),
+                })
+            }
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (num_tiles as u32, shape.kv_heads as u32, num_splits as u32),
+            block_dim: (ATTENTION_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch_attention(
+            &self.attention_decode[hd][g],
+            cfg,
+            [
+                out,
+                partial_out,
+                partial_ml,
+                q,
+                key_cache,
+                value_cache,
+                block_tables,
+                tiles,
+            ],
+            shape,
+            // Split lengths come from each row's context, on the device.
+            (num_splits, 0),
+        )
+        .map_err(launch_err("paged_attention_decode"))
+    }
+
+    /// `table[index] = value` for each `(index, value)` pair of `updates` (`count` pairs of
+    /// i32, elementwise.cu's set_entries).
+    pub fn set_entries(&self, table: u64, updates: u64, count: usize) -> Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        let n = count as i32;
+        let mut b = self.launch(&self.set_entries);
+        b.arg(&table).arg(&updates).arg(&n);
+        // SAFETY: as elementwise.cu documents; every index is inside the table (the caller's
+        // contract) and the updates hold `count` pairs.
+        unsafe { b.launch(grid_rows(count.div_ceil(256), 256)) }
+            .map(drop)
+            .map_err(launch_err("set_entries"))
+    }
+
+    /// `y[rows, n_out] = x[rows, k] w[n_out, k]^T` for 1 to 8 rows by the GEMV kernel with `r`
+    /// output columns per warp (1, 2 or 4): gemv.cu. `k` must be a multiple of 8.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv(
+        &self,
+        y: u64,
+        x: u64,
+        w: u64,
+        rows: usize,
+        n_out: usize,
+        k: usize,
+        r: usize,
+    ) -> Result<()> {
+        let m = match rows {
+            1 => 0,
+            2 => 1,
+            3..=4 => 2,
+            5..=8 => 3,
+            _ => {
+                return Err(WorkerError::Unsupported {
+                    detail: format!("{rows} rows on the GEMV kernel (1 to 8)"),
+                })
+            }
+        };
+        let ri = match r {
+            1 => 0,
+            2 => 1,
+            4 => 2,
+            _ => {
+                return Err(WorkerError::Unsupported {
+                    detail: format!("{r} columns per warp on the GEMV kernel (1, 2 or 4)"),
+                })
+            }
+        };
+        debug_assert!(k.is_multiple_of(8));
+        let (rw, nw, kw) = (rows as i32, n_out as i32, k as i32);
+        let mut b = self.launch(&self.gemv[m][ri]);
+        b.arg(&y).arg(&x).arg(&w).arg(&rw).arg(&nw).arg(&kw);
+        // SAFETY: as gemv.cu documents: y holds rows x n_out, x rows x k and w n_out x k
+        // elements (the caller's buffers), 16-byte aligned with k a multiple of 8.
+        unsafe { b.launch(grid_rows(n_out.div_ceil(4 * r), 128)) }
+            .map(drop)
+            .map_err(launch_err("gemv"))
+    }
+
+    /// `y[rows, n_out] = x[rows, k] w[n_out, k]^T` by the batch-invariant tensor-core kernel
+    /// (gemm_bi.cu): the same tiling and summation order for every row count. `k` must be a
+    /// multiple of 8.
+    pub fn gemm_bi(
+        &self,
+        y: u64,
+        x: u64,
+        w: u64,
+        rows: usize,
+        n_out: usize,
+        k: usize,
+    ) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        debug_assert!(k.is_multiple_of(8));
+        let cfg = LaunchConfig {
+            grid_dim: (n_out.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rw, nw, kw) = (rows as i32, n_out as i32, k as i32);
+        let mut b = self.launch(&self.gemm_bi);
+        b.arg(&y).arg(&x).arg(&w).arg(&rw).arg(&nw).arg(&kw);
+        // SAFETY: as gemm_bi.cu documents: y holds rows x n_out, x rows x k and w n_out x k
+        // elements (the caller's buffers), 16-byte aligned with k a multiple of 8.
+        unsafe { b.launch(cfg) }
+            .map(drop)
+            .map_err(launch_err("gemm_bi"))
+    }
+
     pub fn attention_combine(
         &self,
         out: u64,
@@ -532,7 +715,7 @@ impl Kernels {
             block_dim: (shape.head_dim as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream.launch_builder(&self.attention_combine);
+        let mut b = self.launch(&self.attention_combine);
         b.arg(&out)
             .arg(&partial_out)
             .arg(&partial_ml)
@@ -556,7 +739,7 @@ impl Kernels {
         params: &SamplingPointers,
     ) -> Result<()> {
         let (nr, vpr, v) = (num_rows as i32, vocab_per_rank as i32, vocab as i32);
-        let mut b = self.stream.launch_builder(&self.sample);
+        let mut b = self.launch(&self.sample);
         b.arg(&out)
             .arg(&logits)
             .arg(&nr)
@@ -568,27 +751,27 @@ impl Kernels {
             .arg(&params.min_p)
             .arg(&params.seeds);
         // SAFETY: as sampling.cu documents.
-        unsafe { b.launch(rows(num_rows, 1024)) }
+        unsafe { b.launch(grid_rows(num_rows, 1024)) }
             .map(drop)
             .map_err(launch_err("sample"))
     }
 
     pub fn add_bias(&self, x: u64, bias: u64, n: usize, d: usize) -> Result<()> {
         let d = d as i32;
-        let mut b = self.stream.launch_builder(&self.add_bias);
+        let mut b = self.launch(&self.add_bias);
         b.arg(&x).arg(&bias).arg(&d);
         // SAFETY: as elementwise.cu documents.
-        unsafe { b.launch(rows(n, 256)) }
+        unsafe { b.launch(grid_rows(n, 256)) }
             .map(drop)
             .map_err(launch_err("add_bias"))
     }
 
     pub fn gather_rows(&self, out: u64, x: u64, row_ids: u64, n: usize, d: usize) -> Result<()> {
         let d = d as i32;
-        let mut b = self.stream.launch_builder(&self.gather_rows);
+        let mut b = self.launch(&self.gather_rows);
         b.arg(&out).arg(&x).arg(&row_ids).arg(&d);
         // SAFETY: as elementwise.cu documents.
-        unsafe { b.launch(rows(n, 256)) }
+        unsafe { b.launch(grid_rows(n, 256)) }
             .map(drop)
             .map_err(launch_err("gather_rows"))
     }
@@ -596,10 +779,10 @@ impl Kernels {
     pub fn fill_uniform(&self, out: u64, n: usize, seed: u64, low: f32, high: f32) -> Result<()> {
         let count = n as i64;
         let blocks = n.div_ceil(256).clamp(1, 65_536);
-        let mut b = self.stream.launch_builder(&self.fill_uniform);
+        let mut b = self.launch(&self.fill_uniform);
         b.arg(&out).arg(&count).arg(&seed).arg(&low).arg(&high);
         // SAFETY: as elementwise.cu documents.
-        unsafe { b.launch(rows(blocks, 256)) }
+        unsafe { b.launch(grid_rows(blocks, 256)) }
             .map(drop)
             .map_err(launch_err("fill_uniform"))
     }
@@ -615,6 +798,27 @@ pub struct AttentionShape {
     pub max_blocks_per_seq: usize,
     pub q_stride: usize,
     pub scale: f32,
+}
+
+/// The arguments of [`Kernels::rope_kv_write`]: device addresses and sizes.
+#[derive(Debug, Clone, Copy)]
+pub struct RopeKvWrite {
+    /// `[n, stride]`: queries, then keys, then values of each token.
+    pub qkv: u64,
+    pub key_cache: u64,
+    pub value_cache: u64,
+    /// i64 `[n]`, negative to skip.
+    pub slots: u64,
+    /// i32 `[n]`.
+    pub positions: u64,
+    /// f32 `[max_pos, head_dim / 2]` each.
+    pub cos: u64,
+    pub sin: u64,
+    pub n: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub stride: usize,
 }
 
 /// Device addresses of the per-row sampling parameters.

@@ -5,15 +5,26 @@
 //!
 //! Sampling happens on the device: rank 0 samples from the gathered logits, and NCCL broadcasts
 //! the tokens so every rank appends the same ones.
+//!
+//! A step runs one of two ways: decode-only steps of a captured size replay a CUDA graph
+//! (`graphs`), every other step (prefill chunks, mixed steps, `--enforce-eager`) issues its
+//! kernels one by one (`forward`); both read the step's inputs from one upload and keep the
+//! requests' block tables on the device (`step_inputs`).
 
 mod attention_plan;
 mod blas;
 mod device;
 mod floors;
+mod forward;
+mod graphs;
 mod kernels;
+mod launch;
+mod linear;
 mod model;
 mod nccl;
 mod phases;
+mod step_inputs;
+mod workspace;
 
 use std::time::Instant;
 
@@ -24,12 +35,17 @@ pub use floors::{measure_floors, Floors};
 pub use kernels::Dtype;
 pub use phases::take_phase_totals;
 
+use self::attention_plan::key_splits;
 use self::blas::Blas;
-use self::device::Gpu;
+use self::device::{DeviceBuffer, Gpu};
+use self::forward::{forward, AttentionKind, AttentionPlan, Device, ForwardOutput, StepView};
+use self::graphs::{table_shape, DecodeGraphs};
 use self::kernels::Kernels;
-use self::model::{CudaModel, GpuKvCache};
+use self::linear::{Linear, Shape};
+use self::model::{CudaModel, Dims, GpuKvCache};
 use self::nccl::Nccl;
-use crate::backend::{Backend, DeviceInfo};
+use self::step_inputs::{is_decode_only, pack};
+use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo};
 use crate::batch::Batch;
 use crate::error::{Result, WorkerError};
 use crate::sampler::SampleSpec;
@@ -43,8 +59,10 @@ const RESERVED_BYTES: usize = 512 << 20;
 struct Loaded {
     model: CudaModel,
     kernels: Kernels,
-    blas: Blas,
+    linear: Linear,
     cache: Option<GpuKvCache>,
+    /// Captured at warm-up; dropped with the cache or the workspace they were captured on.
+    graphs: Option<DecodeGraphs>,
 }
 
 /// The loaded model, or the lifecycle error of calling `operation` before LoadModel. A free
@@ -82,27 +100,230 @@ impl CudaBackend {
         })
     }
 
-    /// Runs the forward pass; returns where the logits are.
-    fn forward(
-        &mut self,
-        batch: &Batch,
-        sampling: Option<&[SampleSpec]>,
-    ) -> Result<model::ForwardOutput> {
+    /// Runs the forward pass and samples one token per sample row (`sampling`, one spec each);
+    /// returns where the logits and tokens are. Decode-only steps of a captured size replay a
+    /// graph; the rest run eagerly.
+    fn forward(&mut self, batch: &Batch, sampling: &[SampleSpec]) -> Result<ForwardOutput> {
+        let gpu = &self.gpu;
         let loaded = loaded_model(&mut self.loaded, "Step")?;
-        let cache = loaded.cache.as_ref().ok_or(WorkerError::Lifecycle {
-            operation: "Step",
-            needs: "InitCache",
-        })?;
-        loaded.model.forward(
-            &self.gpu,
-            &loaded.kernels,
-            &loaded.blas,
-            self.nccl.as_ref(),
-            cache,
-            batch,
-            sampling,
-        )
+        let Some(cache) = loaded.cache.as_ref() else {
+            return Err(WorkerError::Lifecycle {
+                operation: "Step",
+                needs: "InitCache",
+            });
+        };
+        let plan_err = |detail: String| WorkerError::Plan { detail };
+        let n = batch.num_tokens();
+        let d = *loaded.model.dims();
+        let tables = table_shape(cache);
+        let graph_size = loaded
+            .graphs
+            .as_ref()
+            .filter(|_| is_decode_only(batch))
+            .and_then(|g| g.size_for(n));
+        if let (Some(size), Some(graphs), Some(ws)) =
+            (graph_size, &loaded.graphs, loaded.model.workspace())
+        {
+            let step = pack(batch, sampling, 1, Some(size), tables).map_err(plan_err)?;
+            let dev = Device {
+                gpu,
+                kernels: &loaded.kernels,
+                linear: &loaded.linear,
+                nccl: self.nccl.as_ref(),
+                rank: self.rank,
+            };
+            graphs.replay(&dev, cache, size, &step)?;
+            let logits = if d.world_size > 1 {
+                ws.gathered.ptr
+            } else {
+                ws.logits.ptr
+            };
+            return Ok(ForwardOutput {
+                logits,
+                samples: size,
+                sampled: ws.sampled.ptr,
+            });
+        }
+        let (_, replaced) = loaded.model.reserve(gpu, n, batch.sample_rows.len())?;
+        if replaced && loaded.graphs.take().is_some() {
+            tracing::warn!(
+                tokens = n,
+                "the activation workspace grew past its warm-up size; CUDA graphs dropped, \
+                 decode steps run eagerly"
+            );
+        }
+        let group = d.q_heads / d.kv_heads.max(1);
+        let kind = attention_kind(&d, batch, loaded.linear.batch_invariant());
+        let tile_rows = AttentionPlan::tile_rows(kind, d.head_dim, group);
+        let step = pack(batch, sampling, tile_rows, None, tables).map_err(plan_err)?;
+        let ws = loaded.model.workspace().expect("reserved above");
+        let (base, _spill) = upload_inputs(gpu, &ws.inputs, &step.packed.bytes)?;
+        loaded.kernels.set_entries(
+            cache.tables.ptr,
+            base + step.offsets.updates as u64,
+            step.num_updates,
+        )?;
+        // Batch-invariant mode never splits the keys: a split's partial sums depend on how
+        // many splits the step's shape gives.
+        let (splits, split_len) = if loaded.linear.batch_invariant() {
+            (1, 0)
+        } else {
+            key_splits(
+                step.num_tiles * d.kv_heads,
+                gpu.sm_count,
+                step.max_context,
+                ws.split_room(&d, n),
+            )
+        };
+        let attention = match kind {
+            AttentionKind::Mma => AttentionPlan::Mma,
+            AttentionKind::Simt => AttentionPlan::Simt {
+                items: step.max_tile_rows * group,
+                splits,
+                split_len,
+            },
+            AttentionKind::Decode => AttentionPlan::Decode { splits },
+        };
+        let view = StepView {
+            rows: n,
+            samples: batch.sample_rows.len(),
+            inputs: step.offsets.at(base),
+            num_tiles: step.num_tiles,
+            attention,
+        };
+        let dev = Device {
+            gpu,
+            kernels: &loaded.kernels,
+            linear: &loaded.linear,
+            nccl: self.nccl.as_ref(),
+            rank: self.rank,
+        };
+        // `_spill`, if any, is freed in stream order after the pass that reads it.
+        forward(&dev, &loaded.model, cache, ws, &view, true)
     }
+}
+
+/// Which attention kernel an eager step runs: the decode kernel when every sequence has one
+/// row, the tensor-core kernel when a sequence has a prefill chunk of 16 rows or more, the
+/// CUDA-core kernel otherwise, and always in batch-invariant mode (each row's result then does
+/// not depend on its tile) or with `TPSERVE_CUDA_ATTENTION=simt` (comparisons).
+fn attention_kind(d: &Dims, batch: &Batch, batch_invariant: bool) -> AttentionKind {
+    const MMA_MIN_ROWS: usize = 16;
+    let simt_only =
+        batch_invariant || std::env::var("TPSERVE_CUDA_ATTENTION").is_ok_and(|v| v == "simt");
+    let group = d.q_heads / d.kv_heads.max(1);
+    if simt_only {
+        AttentionKind::Simt
+    } else if batch.seqs.iter().all(|s| s.rows.len() == 1)
+        && Kernels::has_decode_attention(d.head_dim, group)
+    {
+        AttentionKind::Decode
+    } else if Kernels::has_mma_attention(d.head_dim)
+        && batch.seqs.iter().any(|s| s.rows.len() >= MMA_MIN_ROWS)
+    {
+        AttentionKind::Mma
+    } else {
+        AttentionKind::Simt
+    }
+}
+
+/// Copies a packed step to `buf`, or to a buffer of its own when it does not fit; returns the
+/// device address and that buffer.
+fn upload_inputs(
+    gpu: &Gpu,
+    buf: &DeviceBuffer,
+    bytes: &[u8],
+) -> Result<(u64, Option<DeviceBuffer>)> {
+    if bytes.len() <= buf.bytes {
+        gpu.upload(buf, bytes)?;
+        Ok((buf.ptr, None))
+    } else {
+        let spill = gpu.alloc(bytes.len(), "step inputs")?;
+        gpu.upload(&spill, bytes)?;
+        Ok((spill.ptr, Some(spill)))
+    }
+}
+
+/// Chooses each linear layer's kernel by timing the candidates on the model's weights (one row
+/// bucket at a time, up to 8 rows); skipped when the workspace holds fewer than 8 rows.
+fn tune_linears(gpu: &Gpu, loaded: &mut Loaded) -> Result<()> {
+    let model = &loaded.model;
+    let d = *model.dims();
+    let Some(ws) = model.workspace() else {
+        return Ok(());
+    };
+    let q_w = d.q_heads * d.head_dim;
+    let max_k = d.hidden.max(d.inter).max(q_w);
+    let max_n = d.qkv.max(2 * d.inter).max(d.vocab_per_rank).max(d.hidden);
+    let rows = 8;
+    if ws.act.bytes < rows * max_k * kernels::ELEM
+        || ws.gate_up.bytes < rows * max_n * kernels::ELEM
+    {
+        tracing::debug!("workspace under 8 rows: linear kernels not tuned (cuBLAS)");
+        return Ok(());
+    }
+    // Random inputs (never time on zeros), from a fixed seed.
+    loaded
+        .kernels
+        .fill_uniform(ws.act.ptr, rows * max_k, 0x5eed, -1.0, 1.0)?;
+    let layers = || model.layers.iter().take(4);
+    let head = model.lm_head.as_ref().unwrap_or(&model.embed).ptr;
+    let shapes = vec![
+        (
+            Shape {
+                n_out: d.qkv,
+                k: d.hidden,
+            },
+            layers().map(|l| l.qkv.ptr).collect(),
+        ),
+        (
+            Shape {
+                n_out: d.hidden,
+                k: q_w,
+            },
+            layers().map(|l| l.o.ptr).collect(),
+        ),
+        (
+            Shape {
+                n_out: 2 * d.inter,
+                k: d.hidden,
+            },
+            layers().map(|l| l.gate_up.ptr).collect(),
+        ),
+        (
+            Shape {
+                n_out: d.hidden,
+                k: d.inter,
+            },
+            layers().map(|l| l.down.ptr).collect(),
+        ),
+        (
+            Shape {
+                n_out: d.vocab_per_rank,
+                k: d.hidden,
+            },
+            vec![head],
+        ),
+    ];
+    let timings = loaded
+        .linear
+        .tune(gpu, &loaded.kernels, &shapes, ws.act.ptr, ws.gate_up.ptr)?;
+    for t in &timings {
+        let list: Vec<String> = t
+            .candidates
+            .iter()
+            .map(|(k, us)| format!("{k} {us:.1}"))
+            .collect();
+        tracing::info!(
+            n_out = t.shape.n_out,
+            k = t.shape.k,
+            rows = t.rows,
+            chosen = %t.chosen,
+            "linear kernel (us: {})",
+            list.join(", ")
+        );
+    }
+    Ok(())
 }
 
 impl Backend for CudaBackend {
@@ -158,11 +379,21 @@ impl Backend for CudaBackend {
         self.loaded = None;
         let (rank, world) = (self.rank, self.world_size);
         let kernels = Kernels::load(&self.gpu, dtype)?;
-        let blas = Blas::new(self.gpu.stream.clone(), dtype)?;
+        let linear = Linear::new(Blas::new(&self.gpu, dtype)?, req.batch_invariant);
         let model = load_shard(req, rank, world, |config, shard, source| {
             CudaModel::load(&self.gpu, &kernels, config, shard, source, dtype)
         })?;
         self.gpu.sync()?;
+        let d = *model.dims();
+        let inner = [d.hidden, d.inter, d.q_heads * d.head_dim];
+        if req.batch_invariant && inner.iter().any(|k| !k.is_multiple_of(8)) {
+            return Err(WorkerError::Unsupported {
+                detail: format!(
+                    "--batch-invariant on CUDA needs the hidden size, intermediate size and \
+                     attention width per rank to be multiples of 8 (they are {inner:?})"
+                ),
+            });
+        }
         let response = load_response(
             model.config(),
             model.shard().kv_heads.len(),
@@ -178,8 +409,9 @@ impl Backend for CudaBackend {
         self.loaded = Some(Loaded {
             model,
             kernels,
-            blas,
+            linear,
             cache: None,
+            graphs: None,
         });
         Ok(response)
     }
@@ -195,10 +427,11 @@ impl Backend for CudaBackend {
         }
         let gpu = &self.gpu;
         let loaded = loaded_model(&mut self.loaded, "ProfileMemory")?;
+        loaded.graphs = None;
         loaded.cache = None;
         let tokens = req.max_num_batched_tokens.max(1) as usize;
         let seqs = (req.max_num_seqs.max(1) as usize).min(tokens);
-        let activations = loaded.model.reserve(gpu, tokens, seqs)?;
+        let (activations, _) = loaded.model.reserve(gpu, tokens, seqs)?;
         gpu.sync()?;
         let (free, total) = gpu.mem_info()?;
         let per_block = loaded.model.cache_bytes_per_block(req.block_size as usize);
@@ -254,14 +487,80 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn init_cache(&mut self, num_blocks: usize, block_size: usize) -> Result<u64> {
+    fn init_cache(&mut self, shape: CacheShape) -> Result<u64> {
         let gpu = &self.gpu;
         let loaded = loaded_model(&mut self.loaded, "InitCache")?;
+        loaded.graphs = None;
         loaded.cache = None;
-        let cache = loaded.model.new_cache(gpu, num_blocks, block_size)?;
+        let cache =
+            loaded
+                .model
+                .new_cache(gpu, shape.num_blocks, shape.block_size, shape.max_requests)?;
         gpu.sync()?;
         loaded.cache = Some(cache);
-        Ok((loaded.model.cache_bytes_per_block(block_size) * num_blocks) as u64)
+        Ok((loaded.model.cache_bytes_per_block(shape.block_size) * shape.num_blocks) as u64)
+    }
+
+    fn prepare_decode(&mut self, graph_sizes: &[usize]) -> Result<DecodePrep> {
+        let started = Instant::now();
+        let gpu = &self.gpu;
+        let loaded = loaded_model(&mut self.loaded, "Warmup")?;
+        loaded.graphs = None;
+        tune_linears(gpu, loaded)?;
+        let (Some(cache), Some(ws)) = (loaded.cache.as_ref(), loaded.model.workspace()) else {
+            return Err(WorkerError::Lifecycle {
+                operation: "Warmup",
+                needs: "InitCache",
+            });
+        };
+        let d = *loaded.model.dims();
+        let group = d.q_heads / d.kv_heads.max(1);
+        let mut sizes: Vec<usize> = graph_sizes
+            .iter()
+            .copied()
+            .filter(|&s| s >= 1 && s <= ws.tokens && s <= ws.samples && s <= cache.table_rows)
+            .collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        if sizes.len() < graph_sizes.len() {
+            tracing::info!(
+                asked = graph_sizes.len(),
+                kept = sizes.len(),
+                "CUDA graph sizes beyond the step limits are not captured"
+            );
+        }
+        let invariant = loaded.linear.batch_invariant();
+        if !sizes.is_empty() && !invariant && !Kernels::has_decode_attention(d.head_dim, group) {
+            tracing::warn!(
+                head_dim = d.head_dim,
+                group,
+                "no decode attention kernel for this head shape: no CUDA graphs, decode runs \
+                 eagerly"
+            );
+            sizes.clear();
+        }
+        if !sizes.is_empty() {
+            let dev = Device {
+                gpu,
+                kernels: &loaded.kernels,
+                linear: &loaded.linear,
+                nccl: self.nccl.as_ref(),
+                rank: self.rank,
+            };
+            let graphs = DecodeGraphs::capture(&dev, &loaded.model, cache, ws, &sizes, invariant)?;
+            tracing::info!(
+                graphs = graphs.len(),
+                largest = sizes.last().copied().unwrap_or(0),
+                seconds = started.elapsed().as_secs_f64(),
+                "CUDA graphs captured"
+            );
+            loaded.graphs = Some(graphs);
+        }
+        gpu.sync()?;
+        Ok(DecodePrep {
+            graphs: loaded.graphs.as_ref().map_or(0, DecodeGraphs::len),
+            seconds: started.elapsed().as_secs_f64(),
+        })
     }
 
     fn cache_shape(&self) -> Option<(usize, usize)> {
@@ -287,37 +586,17 @@ impl Backend for CudaBackend {
                 detail: "one sampling spec per sampled row".into(),
             });
         }
-        let out = self.forward(batch, Some(sampling))?;
-        let rank = self.rank;
-        let loaded = loaded_model(&mut self.loaded, "Step")?;
-        let dims = *loaded.model.dims();
-        if out.samples > 0 && rank == 0 {
-            let params = out.sampling.expect("uploaded with the inputs");
-            loaded.kernels.sample(
-                out.sampled,
-                out.logits,
-                out.samples,
-                dims.vocab_per_rank,
-                dims.vocab,
-                &params,
-            )?;
-        }
-        if let Some(comm) = &self.nccl {
-            comm.broadcast_from_root(
-                out.sampled,
-                out.samples,
-                cudarc::nccl::sys::ncclDataType_t::ncclUint32,
-                &self.gpu.stream,
-            )?;
-        }
-        let mut tokens = vec![0u32; out.samples];
+        let out = self.forward(batch, sampling)?;
+        // The step's one synchronisation: its tokens (padding rows, if any, come after them).
+        let mut tokens = vec![0u32; sampling.len()];
         self.gpu.download(out.sampled, &mut tokens)?;
         Ok(tokens)
     }
 
     fn logits(&mut self, batch: &Batch) -> Result<Option<Vec<f32>>> {
         // Every rank runs the forward pass (it has collectives); only rank 0 reads the result.
-        let out = self.forward(batch, None)?;
+        let greedy = vec![SampleSpec::greedy(); batch.sample_rows.len()];
+        let out = self.forward(batch, &greedy)?;
         if self.rank != 0 {
             return Ok(None);
         }
@@ -327,13 +606,14 @@ impl Backend for CudaBackend {
         let per = dims.vocab_per_rank;
         let mut bits = vec![0u16; dims.world_size * out.samples * per];
         self.gpu.download(out.logits, &mut bits)?;
-        let mut rows = vec![0.0f32; out.samples * dims.vocab];
-        for (r, row) in rows.chunks_exact_mut(dims.vocab).enumerate() {
+        let rows = batch.sample_rows.len();
+        let mut logits = vec![0.0f32; rows * dims.vocab];
+        for (r, row) in logits.chunks_exact_mut(dims.vocab).enumerate() {
             for (v, x) in row.iter_mut().enumerate() {
                 let (rank, local) = (v / per, v % per);
                 *x = dtype.to_f32(bits[(rank * out.samples + r) * per + local]);
             }
         }
-        Ok(Some(rows))
+        Ok(Some(logits))
     }
 }

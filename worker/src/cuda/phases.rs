@@ -35,6 +35,11 @@ impl PhaseTimer {
         timer
     }
 
+    /// A timer that records nothing (CUDA-graph capture, replays).
+    pub fn off() -> Self {
+        Self { marks: None }
+    }
+
     /// Ends the phase `name` (the GPU work issued since the previous mark).
     pub fn mark(&mut self, gpu: &Gpu, name: &'static str) {
         let Some(marks) = &mut self.marks else {

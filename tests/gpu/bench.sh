@@ -1,0 +1,215 @@
+#!/usr/bin/env bash
+# tpserve's GPU performance figures, in one run on the GPU test machine, each as a ratio to the
+# machine's floors measured in the same run; prints a table last and writes docs/perf/NAME.json.
+#
+# What (Llama-3.1-8B shape, bf16, random weights: --load-format dummy; make_bench_model.py writes
+# the config and a word-level tokenizer so a prompt of N bench words is N tokens):
+#   1. floors and in-process figures: worker/examples/bench_device (device copy bandwidth, cuBLAS
+#      bf16 GEMM rate on random data, decode eager and through CUDA graphs, prefill, per-phase
+#      GPU time, and the linear-kernel choices measured at warm-up);
+#   2. cold start: `tpserve serve` from process start to /health 200, first with empty kernel
+#      and driver caches, then again warm;
+#   3. as a client over HTTP (`tpserve bench serve`, streaming, random prompts that miss the
+#      prefix cache, a fresh seed per run) against one `tpserve serve` at TP=1: single-stream
+#      decode (128 in / 256 out), time to first token of 2,048- and 8,192-token prompts, the
+#      1,000-prompt 1,024 in / 128 out workload at concurrency 256, and decode-heavy 128 in /
+#      512 out at concurrency 1, 16, 64 and 256;
+#   4. with two or more GPUs, the same at TP=2 (NAME-x2.json, with tp2_decode_speedup);
+#   5. bench_report.py: the ratios, the table, the JSON (keys listed in bench_report.py).
+#
+# Why: the issue's targets are client-side figures against same-run floors; one script keeps
+# them comparable from run to run. The GPU machine has no Rust toolchain and no network.
+#
+# How (binaries built elsewhere, as for tests/gpu/run.sh):
+#   cargo build --release --bins --examples -p tpserve-coordinator -p tpserve-worker
+#   tests/gpu/bench.sh
+# Environment:
+#   BIN_DIR   pre-built binaries (default target/release): tpserve, tpserve-worker,
+#             examples/bench_device
+#   WORK      work directory (default /tmp/tpserve-bench)
+#   OUT       when set, the JSON results and logs are copied there
+#   NAME      base name of the JSON (default: h200 on an H200, else the GPU name's last word)
+#   PYTHON    interpreter with `tokenizers` (default python3)
+#   QUICK=1   fewer prompts per run (a smoke test of the script, not figures to report)
+# Exit status: 0 when every step produced its figures.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+HERE=tests/gpu
+BIN_DIR="${BIN_DIR:-target/release}"
+WORK="${WORK:-/tmp/tpserve-bench}"
+PYTHON="${PYTHON:-python3}"
+OUT="${OUT:-}"
+QUICK="${QUICK:-0}"
+case "$BIN_DIR" in
+  /*) ;;
+  *) BIN_DIR="$ROOT/$BIN_DIR" ;;
+esac
+export TPSERVE_WORKER_BINARY="$BIN_DIR/tpserve-worker"
+MODEL="$WORK/model"
+FAILED=0
+
+# shellcheck disable=SC1091 # sourced from the repository root
+source deploy/gpu-env.sh
+export NCCL_NVLS_ENABLE=0
+GPU_LIST=$(nvidia-smi -L)
+NGPU=$(grep -c '^GPU ' <<<"$GPU_LIST" || true)
+GPU_NAME=$(sed -n 's/^GPU 0: \(.*\) (UUID.*/\1/p' <<<"$GPU_LIST")
+if [ -z "${NAME:-}" ]; then
+  case "$GPU_NAME" in
+    *H200*) NAME=h200 ;;
+    *H100*) NAME=h100 ;;
+    *) NAME=$(awk '{ print tolower($NF) }' <<<"$GPU_NAME") ;;
+  esac
+fi
+export BENCH_DATE
+BENCH_DATE=$(date -u +%FT%TZ)
+export BENCH_COMMIT="${BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+
+# prompts N: N, or fewer with QUICK=1.
+prompts() {
+  if [ "$QUICK" = 1 ]; then
+    echo $(((${1} + 7) / 8))
+  else
+    echo "$1"
+  fi
+}
+
+# start_server TP DIR [ENV=VALUE...]: starts `tpserve serve` on a free port, logs to
+# DIR/server.log; sets PORT, SERVER_PID and READY_S (seconds to /health 200), or returns 1.
+start_server() {
+  local tp=$1 dir=$2 start
+  shift 2
+  PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  mkdir -p "$dir"
+  start=$(date +%s.%N)
+  env "$@" "$BIN_DIR/tpserve" serve --model "$MODEL" --load-format dummy --device cuda \
+    --tensor-parallel-size "$tp" --port "$PORT" --served-model-name llama8b \
+    --max-model-len 10240 --max-num-batched-tokens 8192 --max-num-seqs 256 \
+    >"$dir/server.out" 2>"$dir/server.log" &
+  SERVER_PID=$!
+  while ! curl -sf "http://127.0.0.1:$PORT/health" >/dev/null 2>&1; do
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+      echo "bench: the server exited; its log:" >&2
+      tail -20 "$dir/server.log" >&2
+      return 1
+    fi
+    if awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { exit !(b - a > 300) }'; then
+      echo "bench: not healthy after 300 s" >&2
+      return 1
+    fi
+    sleep 0.05
+  done
+  READY_S=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')
+}
+
+stop_server() {
+  kill -TERM "$SERVER_PID" 2>/dev/null || true
+  wait "$SERVER_PID" 2>/dev/null || true
+}
+
+# client DIR NAME ARGS...: one `tpserve bench serve` run against the server; its JSON goes to
+# DIR/serve_NAME.json.
+client() {
+  local dir=$1 name=$2
+  shift 2
+  echo "== $name: bench serve $*"
+  if ! timeout -k 10 900 "$BIN_DIR/tpserve" bench serve --base-url "http://127.0.0.1:$PORT" \
+    --model llama8b --result-json "$dir/serve_$name.json" "$@" >"$dir/client_$name.txt" 2>&1; then
+    echo "bench: $name failed:" >&2
+    tail -20 "$dir/client_$name.txt" >&2
+    FAILED=1
+    return 0
+  fi
+  grep -E "Output token throughput|Median (TTFT|ITL)|P99 ITL|Failed" "$dir/client_$name.txt" || true
+}
+
+# workloads DIR FULL: the client runs against the running server (FULL=0: single stream only).
+workloads() {
+  local dir=$1 full=$2 seed=100 c
+  client "$dir" decode_c1_128_256 --num-prompts "$(prompts 8)" --random-input-len 128 \
+    --random-output-len 256 --max-concurrency 1 --seed $((seed + 1))
+  [ "$full" = 1 ] || return 0
+  client "$dir" prefill_2048 --num-prompts "$(prompts 6)" --random-input-len 2048 \
+    --random-output-len 1 --max-concurrency 1 --seed $((seed + 2))
+  client "$dir" prefill_8192 --num-prompts "$(prompts 4)" --random-input-len 8192 \
+    --random-output-len 1 --max-concurrency 1 --seed $((seed + 3))
+  client "$dir" throughput_1024_128 --num-prompts "$(prompts 1000)" --random-input-len 1024 \
+    --random-output-len 128 --max-concurrency 256 --seed $((seed + 4))
+  for c in 1 16 64 256; do
+    client "$dir" "decode_c${c}_128_512" --num-prompts "$(prompts $((c < 2 ? 4 : 2 * c)))" \
+      --random-input-len 128 --random-output-len 512 --max-concurrency "$c" \
+      --seed $((seed + 10 + c))
+  done
+}
+
+main() {
+  rm -rf "$WORK"
+  mkdir -p "$WORK/tp1"
+  echo "== $GPU_NAME x $NGPU, commit $BENCH_COMMIT, $BENCH_DATE"
+  "$PYTHON" "$HERE/make_bench_model.py" "$MODEL"
+
+  echo "== in-process: bench_device (floors, decode eager and with graphs, prefill, phases)"
+  if ! timeout -k 10 600 "$BIN_DIR/examples/bench_device" --config "$MODEL/config.json" \
+    --dtype bfloat16 --json "$WORK/tp1/bench_device.json" 2>&1 | tee "$WORK/bench_device.txt"; then
+    echo "bench: bench_device failed" >&2
+    return 1
+  fi
+
+  echo "== cold start (dummy 8B, TP=1): first with empty kernel and driver caches, then warm"
+  local caches="$WORK/caches"
+  mkdir -p "$caches/tpserve" "$caches/nv"
+  start_server 1 "$WORK/cold-first" TPSERVE_CACHE_DIR="$caches/tpserve" \
+    CUDA_CACHE_PATH="$caches/nv"
+  local first=$READY_S
+  stop_server
+  start_server 1 "$WORK/cold-warm" TPSERVE_CACHE_DIR="$caches/tpserve" \
+    CUDA_CACHE_PATH="$caches/nv"
+  local warm=$READY_S
+  stop_server
+  echo "{\"first\": $first, \"warm\": $warm}" >"$WORK/tp1/cold_start.json"
+  echo "cold start: first $first s, warm $warm s"
+  grep -h "CUDA kernels ready\|CUDA graphs captured\|engine ready" \
+    "$WORK/cold-first/server.log" "$WORK/cold-warm/server.log" | sed 's/\x1b\[[0-9;]*m//g' || true
+
+  echo "== TP=1 over HTTP"
+  start_server 1 "$WORK/tp1"
+  workloads "$WORK/tp1" 1
+  stop_server
+  local tp2_args=()
+  if [ "$NGPU" -ge 2 ]; then
+    echo "== TP=2 over HTTP"
+    mkdir -p "$WORK/tp2"
+    cp "$WORK/tp1/bench_device.json" "$WORK/tp2/"
+    start_server 2 "$WORK/tp2"
+    workloads "$WORK/tp2" 1
+    stop_server
+    "$PYTHON" "$HERE/bench_report.py" "$WORK/tp2" "$WORK/$NAME-x2.json"
+    "$PYTHON" - "$WORK/$NAME-x2.json" <<'EOF'
+import json, sys
+path = sys.argv[1]
+d = json.load(open(path))
+d["tensor_parallel_size"] = 2
+json.dump(d, open(path, "w"), indent=2)
+EOF
+    tp2_args=(--tp2-work "$WORK/tp2")
+  fi
+  "$PYTHON" "$HERE/bench_report.py" "$WORK/tp1" "$WORK/$NAME.json" "${tp2_args[@]}"
+  mkdir -p docs/perf
+  cp "$WORK/$NAME.json" docs/perf/
+  [ -f "$WORK/$NAME-x2.json" ] && cp "$WORK/$NAME-x2.json" docs/perf/
+  return "$FAILED"
+}
+
+status=0
+main 2>&1 | tee "$WORK.log" || status=$?
+if [ -n "$OUT" ]; then
+  mkdir -p "$OUT"
+  cp "$WORK.log" "$OUT/bench.log" 2>/dev/null || true
+  for f in "$WORK/$NAME.json" "$WORK/$NAME-x2.json" "$WORK/tp1/bench_device.json"; do
+    [ -f "$f" ] && cp "$f" "$OUT/"
+  done
+  tail -c 200000 "$WORK/tp1/server.log" >"$OUT/server_tp1.log" 2>/dev/null || true
+fi
+exit "$status"

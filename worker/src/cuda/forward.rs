@@ -1,0 +1,402 @@
+//! One forward pass of the Llama-family model on the GPU, issued on the worker's stream:
+//!
+//! embedding (vocab-parallel, all-reduce) -> per layer the attention block (RMSNorm fused with
+//! the previous sublayer's residual add, QKV projection (+bias), RoPE with the KV-cache write,
+//! paged attention, o projection, all-reduce) and the MLP block (residual + RMSNorm, gate/up
+//! projection, SiLU-mul, down projection, all-reduce) -> residual + final RMSNorm, the rows that
+//! sample, the lm_head over this rank's (padded) vocabulary slice, the gather over ranks, and the
+//! sampled tokens (rank 0 samples, NCCL broadcasts).
+//!
+//! The same code runs eagerly and under CUDA-graph capture: every step-dependent value (tokens,
+//! positions, slots, tiles, sampling parameters, block tables, contexts) is read from device
+//! memory, and the only host-side choices (which attention kernel, how many key splits, grid
+//! sizes) come from the `StepView`, which a graph fixes at capture.
+
+use super::device::Gpu;
+use super::kernels::{
+    attention_max_items, AttentionShape, Kernels, RopeKvWrite, ATTENTION_MMA_ITEMS,
+};
+use super::linear::Linear;
+use super::model::{CudaModel, GpuKvCache, Layer};
+use super::nccl::Nccl;
+use super::phases::PhaseTimer;
+use super::step_inputs::InputPointers;
+use super::workspace::Workspace;
+use crate::error::Result;
+
+/// Which attention kernel a step runs, with its launch shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionPlan {
+    /// Tensor-core kernel (prefill chunks): tiles of up to 64 (row, head) items, no key splits.
+    Mma,
+    /// CUDA-core kernel: tiles of up to `items` (row, head) items, `splits` key splits of
+    /// `split_len` keys.
+    Simt {
+        items: usize,
+        splits: usize,
+        split_len: usize,
+    },
+    /// Decode kernel: one row per tile, `splits` key splits sized per row on the device.
+    Decode { splits: usize },
+}
+
+impl AttentionPlan {
+    /// Query rows of one sequence per tile, for a model with `group` query heads per KV head.
+    pub fn tile_rows(kind: AttentionKind, head_dim: usize, group: usize) -> usize {
+        let items = match kind {
+            AttentionKind::Mma => ATTENTION_MMA_ITEMS,
+            AttentionKind::Simt => attention_max_items(head_dim),
+            AttentionKind::Decode => return 1,
+        };
+        (items / group.max(1)).max(1)
+    }
+
+    fn splits(&self) -> usize {
+        match *self {
+            Self::Mma => 1,
+            Self::Simt { splits, .. } | Self::Decode { splits } => splits,
+        }
+    }
+}
+
+/// The kernel family of a step, decided before its inputs are packed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionKind {
+    Mma,
+    Simt,
+    Decode,
+}
+
+/// A step's inputs on the device and the launch shapes they imply.
+#[derive(Debug, Clone, Copy)]
+pub struct StepView {
+    /// Token rows (padded for a graph).
+    pub rows: usize,
+    /// Sampled rows (padded for a graph).
+    pub samples: usize,
+    pub inputs: InputPointers,
+    pub num_tiles: usize,
+    pub attention: AttentionPlan,
+}
+
+/// The device objects one pass uses.
+pub struct Device<'a> {
+    pub gpu: &'a Gpu,
+    pub kernels: &'a Kernels,
+    pub linear: &'a Linear,
+    pub nccl: Option<&'a Nccl>,
+    pub rank: usize,
+}
+
+impl Device<'_> {
+    /// In-place sum over ranks (nothing with one rank).
+    fn all_reduce(&self, model: &CudaModel, buf: u64, count: usize) -> Result<()> {
+        match self.nccl {
+            Some(comm) if comm.world_size() > 1 => {
+                comm.all_reduce_sum(buf, count, model.dtype().nccl(), &self.gpu.stream)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn linear(&self, y: u64, x: u64, w: u64, rows: usize, n_out: usize, k: usize) -> Result<()> {
+        self.linear.run(self.kernels, y, x, w, rows, n_out, k)
+    }
+}
+
+/// Where a pass left its results.
+pub struct ForwardOutput {
+    /// Logits of the sample rows, `[world][samples][vocab_per_rank]`.
+    pub logits: u64,
+    pub samples: usize,
+    /// The sampled tokens, u32 `[samples]`, the same on every rank.
+    pub sampled: u64,
+}
+
+/// Issues one forward pass and the sampling of its sample rows. `timed` records the per-phase
+/// GPU time when `TPSERVE_CUDA_PHASES=1` (never under capture).
+pub fn forward(
+    dev: &Device,
+    model: &CudaModel,
+    cache: &GpuKvCache,
+    ws: &Workspace,
+    v: &StepView,
+    timed: bool,
+) -> Result<ForwardOutput> {
+    let d = *model.dims();
+    let n = v.rows;
+    let mut timer = if timed {
+        PhaseTimer::start(dev.gpu)
+    } else {
+        PhaseTimer::off()
+    };
+    dev.kernels.embedding(
+        ws.x.ptr,
+        model.embed.ptr,
+        v.inputs.ids,
+        n,
+        d.hidden,
+        d.vocab_start,
+        d.vocab_local,
+    )?;
+    dev.all_reduce(model, ws.x.ptr, n * d.hidden)?;
+    timer.mark(dev.gpu, "embedding");
+    for (li, layer) in model.layers.iter().enumerate() {
+        attention_block(dev, model, cache, ws, v, li, &mut timer)?;
+        mlp_block(dev, model, ws, n, layer, &mut timer)?;
+    }
+    let out = head(dev, model, ws, v)?;
+    timer.mark(dev.gpu, "final norm + lm_head + sampling");
+    timer.finish();
+    Ok(out)
+}
+
+/// Residual + RMSNorm, QKV, RoPE with the cache write, attention, o projection, all-reduce.
+fn attention_block(
+    dev: &Device,
+    model: &CudaModel,
+    cache: &GpuKvCache,
+    ws: &Workspace,
+    v: &StepView,
+    li: usize,
+    timer: &mut PhaseTimer,
+) -> Result<()> {
+    let d = *model.dims();
+    let n = v.rows;
+    let layer = &model.layers[li];
+    let k = dev.kernels;
+    let eps = model.rms_norm_eps();
+    if li == 0 {
+        k.rms_norm(
+            ws.normed.ptr,
+            ws.x.ptr,
+            layer.input_norm.ptr,
+            n,
+            d.hidden,
+            eps,
+        )?;
+    } else {
+        k.rms_norm_residual(
+            ws.normed.ptr,
+            ws.x.ptr,
+            ws.sub.ptr,
+            layer.input_norm.ptr,
+            n,
+            d.hidden,
+            eps,
+        )?;
+    }
+    timer.mark(dev.gpu, "rms_norm");
+    dev.linear(ws.qkv.ptr, ws.normed.ptr, layer.qkv.ptr, n, d.qkv, d.hidden)?;
+    if let Some(bias) = &layer.qkv_bias {
+        k.add_bias(ws.qkv.ptr, bias.ptr, n, d.qkv)?;
+    }
+    timer.mark(dev.gpu, "gemm qkv");
+    let (kc, vc) = &cache.layers[li];
+    k.rope_kv_write(&RopeKvWrite {
+        qkv: ws.qkv.ptr,
+        key_cache: kc.ptr,
+        value_cache: vc.ptr,
+        slots: v.inputs.slots,
+        positions: v.inputs.positions,
+        cos: model.rope_cos.ptr,
+        sin: model.rope_sin.ptr,
+        n,
+        q_heads: d.q_heads,
+        kv_heads: d.kv_heads,
+        head_dim: d.head_dim,
+        stride: d.qkv,
+    })?;
+    timer.mark(dev.gpu, "rope + kv write");
+    attention(dev, model, cache, ws, v, li)?;
+    timer.mark(dev.gpu, "attention");
+    let q_w = d.q_heads * d.head_dim;
+    dev.linear(ws.sub.ptr, ws.attn.ptr, layer.o.ptr, n, d.hidden, q_w)?;
+    timer.mark(dev.gpu, "gemm o");
+    dev.all_reduce(model, ws.sub.ptr, n * d.hidden)?;
+    timer.mark(dev.gpu, "all-reduce");
+    Ok(())
+}
+
+/// Paged attention of every row over its sequence's cached keys, by the view's plan.
+fn attention(
+    dev: &Device,
+    model: &CudaModel,
+    cache: &GpuKvCache,
+    ws: &Workspace,
+    v: &StepView,
+    li: usize,
+) -> Result<()> {
+    let d = *model.dims();
+    let k = dev.kernels;
+    let (kc, vc) = &cache.layers[li];
+    let shape = AttentionShape {
+        q_heads: d.q_heads,
+        kv_heads: d.kv_heads,
+        head_dim: d.head_dim,
+        block_size: cache.block_size,
+        max_blocks_per_seq: cache.table_width,
+        q_stride: d.qkv,
+        scale: 1.0 / (d.head_dim as f32).sqrt(),
+    };
+    let tables = cache.tables.ptr;
+    match v.attention {
+        AttentionPlan::Mma => k.paged_attention_mma(
+            ws.attn.ptr,
+            ws.qkv.ptr,
+            kc.ptr,
+            vc.ptr,
+            tables,
+            v.inputs.tiles,
+            v.num_tiles,
+            &shape,
+        )?,
+        AttentionPlan::Simt {
+            items,
+            splits,
+            split_len,
+        } => k.paged_attention(
+            ws.attn.ptr,
+            ws.partial_out.ptr,
+            ws.partial_ml.ptr,
+            ws.qkv.ptr,
+            kc.ptr,
+            vc.ptr,
+            tables,
+            v.inputs.tiles,
+            v.num_tiles,
+            items,
+            &shape,
+            splits,
+            split_len,
+        )?,
+        AttentionPlan::Decode { splits } => k.paged_attention_decode(
+            ws.attn.ptr,
+            ws.partial_out.ptr,
+            ws.partial_ml.ptr,
+            ws.qkv.ptr,
+            kc.ptr,
+            vc.ptr,
+            tables,
+            v.inputs.tiles,
+            v.num_tiles,
+            &shape,
+            splits,
+        )?,
+    }
+    let splits = v.attention.splits();
+    if splits > 1 {
+        k.attention_combine(
+            ws.attn.ptr,
+            ws.partial_out.ptr,
+            ws.partial_ml.ptr,
+            v.rows,
+            &shape,
+            splits,
+        )?;
+    }
+    Ok(())
+}
+
+/// Residual + RMSNorm, gate/up projection, SiLU-mul, down projection, all-reduce.
+fn mlp_block(
+    dev: &Device,
+    model: &CudaModel,
+    ws: &Workspace,
+    n: usize,
+    layer: &Layer,
+    timer: &mut PhaseTimer,
+) -> Result<()> {
+    let d = *model.dims();
+    let k = dev.kernels;
+    k.rms_norm_residual(
+        ws.normed.ptr,
+        ws.x.ptr,
+        ws.sub.ptr,
+        layer.post_norm.ptr,
+        n,
+        d.hidden,
+        model.rms_norm_eps(),
+    )?;
+    timer.mark(dev.gpu, "rms_norm");
+    dev.linear(
+        ws.gate_up.ptr,
+        ws.normed.ptr,
+        layer.gate_up.ptr,
+        n,
+        2 * d.inter,
+        d.hidden,
+    )?;
+    timer.mark(dev.gpu, "gemm gate_up");
+    k.silu_mul(ws.act.ptr, ws.gate_up.ptr, n, d.inter)?;
+    timer.mark(dev.gpu, "silu_mul");
+    dev.linear(ws.sub.ptr, ws.act.ptr, layer.down.ptr, n, d.hidden, d.inter)?;
+    timer.mark(dev.gpu, "gemm down");
+    dev.all_reduce(model, ws.sub.ptr, n * d.hidden)?;
+    timer.mark(dev.gpu, "all-reduce");
+    Ok(())
+}
+
+/// Residual + final RMSNorm, the sample rows' logits (gathered over ranks), sampling.
+fn head(dev: &Device, model: &CudaModel, ws: &Workspace, v: &StepView) -> Result<ForwardOutput> {
+    let d = *model.dims();
+    let k = dev.kernels;
+    let s = v.samples;
+    k.rms_norm_residual(
+        ws.normed.ptr,
+        ws.x.ptr,
+        ws.sub.ptr,
+        model.final_norm.ptr,
+        v.rows,
+        d.hidden,
+        model.rms_norm_eps(),
+    )?;
+    let rows = match v.inputs.sample_rows {
+        Some(ids) => {
+            k.gather_rows(ws.last.ptr, ws.normed.ptr, ids, s, d.hidden)?;
+            ws.last.ptr
+        }
+        // Decode steps sample every row, in order: no gather.
+        None => ws.normed.ptr,
+    };
+    let head = model.lm_head.as_ref().unwrap_or(&model.embed);
+    dev.linear(ws.logits.ptr, rows, head.ptr, s, d.vocab_per_rank, d.hidden)?;
+    let logits = match dev.nccl {
+        Some(comm) if comm.world_size() > 1 => {
+            comm.all_gather(
+                ws.logits.ptr,
+                ws.gathered.ptr,
+                s * d.vocab_per_rank,
+                model.dtype().nccl(),
+                &dev.gpu.stream,
+            )?;
+            ws.gathered.ptr
+        }
+        _ => ws.logits.ptr,
+    };
+    if s > 0 {
+        if dev.rank == 0 {
+            k.sample(
+                ws.sampled.ptr,
+                logits,
+                s,
+                d.vocab_per_rank,
+                d.vocab,
+                &v.inputs.sampling,
+            )?;
+        }
+        if let Some(comm) = dev.nccl.filter(|c| c.world_size() > 1) {
+            comm.broadcast_from_root(
+                ws.sampled.ptr,
+                s,
+                cudarc::nccl::sys::ncclDataType_t::ncclUint32,
+                &dev.gpu.stream,
+            )?;
+        }
+    }
+    Ok(ForwardOutput {
+        logits,
+        samples: s,
+        sampled: ws.sampled.ptr,
+    })
+}

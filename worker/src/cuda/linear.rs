@@ -1,0 +1,240 @@
+//! The linear layers' products, `y = x W^T`, routed per weight shape and row count to the kernel
+//! measured fastest on this GPU: cuBLAS, or for steps of 1 to 8 rows (decoding) our GEMV kernel
+//! with 1, 2 or 4 output columns per warp. `tune` times every candidate once at start on the
+//! model's own weights (rotating over layers, so the weights do not sit in L2); until then, and
+//! for shapes it did not see, cuBLAS runs. `TPSERVE_CUDA_LINEAR=cublas|gemv` pins one family
+//! (comparisons and numerical checks); `gemv` still takes cuBLAS beyond 8 rows. In
+//! batch-invariant mode every product, whatever its rows, runs the one batch-invariant kernel
+//! (gemm_bi.cu), and nothing is tuned.
+//!
+//! Costs: `tune` launches each candidate ~13 times per shape and row bucket (a few hundred
+//! milliseconds for an 8B model); `run` is one map lookup and one launch.
+
+use std::collections::HashMap;
+
+use cudarc::driver::sys::CUevent_flags;
+
+use super::blas::Blas;
+use super::device::{device_err, Gpu};
+use super::kernels::Kernels;
+use crate::error::Result;
+
+/// Row counts with a measured choice; a step's rows round up to the next (padded GEMV rows are
+/// not computed, so 3 rows run the 4-row kernel on 3 rows).
+pub const ROW_BUCKETS: [usize; 4] = [1, 2, 4, 8];
+
+/// Output columns per warp the GEMV kernel is built for.
+const GEMV_COLUMNS: [usize; 3] = [1, 2, 4];
+
+/// How one product runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinearKernel {
+    Cublas,
+    /// GEMV with this many output columns per warp.
+    Gemv(usize),
+    /// The batch-invariant kernel.
+    BatchInvariant,
+}
+
+impl std::fmt::Display for LinearKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cublas => write!(f, "cuBLAS"),
+            Self::Gemv(r) => write!(f, "GEMV r{r}"),
+            Self::BatchInvariant => write!(f, "batch-invariant GEMM"),
+        }
+    }
+}
+
+/// Which family `TPSERVE_CUDA_LINEAR` pins, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pin {
+    Measured,
+    Cublas,
+    Gemv,
+    BatchInvariant,
+}
+
+/// A weight shape: `n_out` rows of `k`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Shape {
+    pub n_out: usize,
+    pub k: usize,
+}
+
+/// One shape's measurement: microseconds per product for each candidate and row bucket.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub shape: Shape,
+    pub rows: usize,
+    pub candidates: Vec<(LinearKernel, f64)>,
+    pub chosen: LinearKernel,
+}
+
+/// The products of one worker, on its stream.
+pub struct Linear {
+    blas: Blas,
+    choices: HashMap<(Shape, usize), LinearKernel>,
+    pin: Pin,
+}
+
+/// The bucket of `rows`, if the GEMV kernel can take it.
+fn bucket(rows: usize) -> Option<usize> {
+    ROW_BUCKETS.iter().copied().find(|&b| rows <= b)
+}
+
+impl Linear {
+    /// Products on `blas`'s stream; `batch_invariant` pins every one to the batch-invariant
+    /// kernel.
+    pub fn new(blas: Blas, batch_invariant: bool) -> Self {
+        let pin = match std::env::var("TPSERVE_CUDA_LINEAR").as_deref() {
+            _ if batch_invariant => Pin::BatchInvariant,
+            Ok("cublas") => Pin::Cublas,
+            Ok("gemv") => Pin::Gemv,
+            _ => Pin::Measured,
+        };
+        Self {
+            blas,
+            choices: HashMap::new(),
+            pin,
+        }
+    }
+
+    /// The kernel a product of `rows` rows of `shape` runs on.
+    pub fn kernel_for(&self, shape: Shape, rows: usize) -> LinearKernel {
+        if self.pin == Pin::BatchInvariant {
+            return LinearKernel::BatchInvariant;
+        }
+        let Some(b) = bucket(rows).filter(|_| shape.k.is_multiple_of(8) && rows > 0) else {
+            return LinearKernel::Cublas;
+        };
+        match self.pin {
+            Pin::BatchInvariant => LinearKernel::BatchInvariant,
+            Pin::Cublas => LinearKernel::Cublas,
+            Pin::Gemv => LinearKernel::Gemv(2),
+            Pin::Measured => self
+                .choices
+                .get(&(shape, b))
+                .copied()
+                .unwrap_or(LinearKernel::Cublas),
+        }
+    }
+
+    /// `y[rows, n_out] = x[rows, k] w[n_out, k]^T` in the activation dtype.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        kernels: &Kernels,
+        y: u64,
+        x: u64,
+        w: u64,
+        rows: usize,
+        n_out: usize,
+        k: usize,
+    ) -> Result<()> {
+        match self.kernel_for(Shape { n_out, k }, rows) {
+            LinearKernel::Cublas => self.blas.linear(y, x, w, rows, n_out, k),
+            LinearKernel::Gemv(r) => kernels.gemv(y, x, w, rows, n_out, k, r),
+            LinearKernel::BatchInvariant => kernels.gemm_bi(y, x, w, rows, n_out, k),
+        }
+    }
+
+    /// Whether every product runs the batch-invariant kernel.
+    pub fn batch_invariant(&self) -> bool {
+        self.pin == Pin::BatchInvariant
+    }
+
+    /// Measures every candidate for each shape (given with the weights of several layers, at
+    /// least one) and row bucket, and keeps the fastest. `x` and `y` must hold 8 rows of the
+    /// largest `k` and `n_out`. Returns the measurements.
+    pub fn tune(
+        &mut self,
+        gpu: &Gpu,
+        kernels: &Kernels,
+        shapes: &[(Shape, Vec<u64>)],
+        x: u64,
+        y: u64,
+    ) -> Result<Vec<Timing>> {
+        if self.batch_invariant() {
+            return Ok(Vec::new());
+        }
+        let start = gpu
+            .ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| device_err("creating an event", e))?;
+        let end = gpu
+            .ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| device_err("creating an event", e))?;
+        let mut timings = Vec::new();
+        for (shape, weights) in shapes {
+            if !shape.k.is_multiple_of(8) || weights.is_empty() {
+                continue;
+            }
+            for rows in ROW_BUCKETS {
+                let mut candidates = vec![(LinearKernel::Cublas, 0.0)];
+                candidates.extend(GEMV_COLUMNS.map(|r| (LinearKernel::Gemv(r), 0.0)));
+                for (kernel, micros) in &mut candidates {
+                    let launch = |i: usize| -> Result<()> {
+                        let w = weights[i % weights.len()];
+                        match *kernel {
+                            LinearKernel::Cublas => {
+                                self.blas.linear(y, x, w, rows, shape.n_out, shape.k)
+                            }
+                            LinearKernel::Gemv(r) => {
+                                kernels.gemv(y, x, w, rows, shape.n_out, shape.k, r)
+                            }
+                            LinearKernel::BatchInvariant => {
+                                kernels.gemm_bi(y, x, w, rows, shape.n_out, shape.k)
+                            }
+                        }
+                    };
+                    for i in 0..3 {
+                        launch(i)?;
+                    }
+                    const REPS: usize = 10;
+                    start
+                        .record(&gpu.stream)
+                        .map_err(|e| device_err("recording an event", e))?;
+                    for i in 0..REPS {
+                        launch(i)?;
+                    }
+                    end.record(&gpu.stream)
+                        .map_err(|e| device_err("recording an event", e))?;
+                    let ms = start
+                        .elapsed_ms(&end)
+                        .map_err(|e| device_err("timing a product", e))?;
+                    *micros = ms as f64 * 1e3 / REPS as f64;
+                }
+                let chosen = candidates
+                    .iter()
+                    .min_by(|a, b| a.1.total_cmp(&b.1))
+                    .map(|c| c.0)
+                    .expect("candidates");
+                self.choices.insert((*shape, rows), chosen);
+                timings.push(Timing {
+                    shape: *shape,
+                    rows,
+                    candidates,
+                    chosen,
+                });
+            }
+        }
+        Ok(timings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_round_up_to_the_measured_buckets_and_large_steps_have_none() {
+        assert_eq!(bucket(1), Some(1));
+        assert_eq!(bucket(3), Some(4));
+        assert_eq!(bucket(5), Some(8));
+        assert_eq!(bucket(8), Some(8));
+        assert_eq!(bucket(9), None);
+        assert_eq!(LinearKernel::Gemv(4).to_string(), "GEMV r4");
+    }
+}

@@ -1,0 +1,105 @@
+//! The activation buffers of a forward pass, sized for the largest step (`tokens` rows, `samples`
+//! sampled rows) before the memory profile, so the KV cache gets what is left. CUDA graphs bake
+//! these addresses in: the workspace is only ever replaced by a larger one, and replacing it
+//! drops the graphs (`CudaModel::reserve` says so).
+
+use super::device::{DeviceBuffer, Gpu};
+use super::kernels::ELEM;
+use super::model::Dims;
+use super::step_inputs::Packed;
+use crate::error::Result;
+
+/// Activation buffers for up to `tokens` rows and `samples` sampled rows.
+pub struct Workspace {
+    pub tokens: usize,
+    pub samples: usize,
+    /// The residual stream `[tokens, hidden]`.
+    pub x: DeviceBuffer,
+    /// Normalised activations `[tokens, hidden]`.
+    pub normed: DeviceBuffer,
+    /// Fused projection output `[tokens, qkv]`.
+    pub qkv: DeviceBuffer,
+    /// Attention output `[tokens, q_heads * head_dim]`.
+    pub attn: DeviceBuffer,
+    /// A sublayer's output before the residual add `[tokens, hidden]`.
+    pub sub: DeviceBuffer,
+    /// Fused gate and up projections `[tokens, 2 * inter]`.
+    pub gate_up: DeviceBuffer,
+    /// The MLP activation `[tokens, inter]`.
+    pub act: DeviceBuffer,
+    /// Split-attention partial outputs and (max, sum) pairs, f32.
+    pub partial_out: DeviceBuffer,
+    pub partial_ml: DeviceBuffer,
+    /// Gathered sample rows `[samples, hidden]`.
+    pub last: DeviceBuffer,
+    /// This rank's logits `[samples, vocab_per_rank]` and all ranks' `[world, samples,
+    /// vocab_per_rank]`.
+    pub logits: DeviceBuffer,
+    pub gathered: DeviceBuffer,
+    /// Sampled token ids, u32 `[samples]`.
+    pub sampled: DeviceBuffer,
+    /// An eager step's packed inputs (a larger step gets a buffer of its own).
+    pub inputs: DeviceBuffer,
+}
+
+impl Workspace {
+    /// Bytes of each buffer, in field order.
+    pub fn bytes_for(d: &Dims, tokens: usize, samples: usize) -> [usize; 14] {
+        let partial = Self::partial_capacity(d, tokens);
+        [
+            tokens * d.hidden * ELEM,
+            tokens * d.hidden * ELEM,
+            tokens * d.qkv * ELEM,
+            tokens * d.q_heads * d.head_dim * ELEM,
+            tokens * d.hidden * ELEM,
+            tokens * 2 * d.inter * ELEM,
+            tokens * d.inter * ELEM,
+            partial * 4,
+            partial / d.head_dim.max(1) * 2 * 4,
+            samples * d.hidden * ELEM,
+            samples * d.vocab_per_rank * ELEM,
+            samples * d.vocab_per_rank * d.world_size * ELEM,
+            samples * 4,
+            Packed::capacity(tokens, samples),
+        ]
+    }
+
+    /// f32 elements of the split-attention buffer: room for 4 splits of every row, and at
+    /// least 256 (row, split) pairs (e.g. 64 splits of 4 decode rows).
+    pub fn partial_capacity(d: &Dims, tokens: usize) -> usize {
+        tokens.max(64) * 4 * d.q_heads * d.head_dim
+    }
+
+    /// Key splits the partial buffers hold for `rows` rows.
+    pub fn split_room(&self, d: &Dims, rows: usize) -> usize {
+        Self::partial_capacity(d, self.tokens) / (rows * d.q_heads * d.head_dim).max(1)
+    }
+
+    pub fn new(gpu: &Gpu, d: &Dims, tokens: usize, samples: usize) -> Result<Self> {
+        let b = Self::bytes_for(d, tokens, samples);
+        let a = |i: usize, what: &str| gpu.alloc(b[i], what);
+        Ok(Self {
+            tokens,
+            samples,
+            x: a(0, "activations")?,
+            normed: a(1, "activations")?,
+            qkv: a(2, "activations")?,
+            attn: a(3, "activations")?,
+            sub: a(4, "activations")?,
+            gate_up: a(5, "activations")?,
+            act: a(6, "activations")?,
+            partial_out: a(7, "attention splits")?,
+            partial_ml: a(8, "attention splits")?,
+            last: a(9, "activations")?,
+            logits: a(10, "logits")?,
+            gathered: a(11, "logits")?,
+            sampled: a(12, "sampled tokens")?,
+            inputs: a(13, "step inputs")?,
+        })
+    }
+
+    /// Total bytes.
+    pub fn bytes(&self, d: &Dims) -> usize {
+        Self::bytes_for(d, self.tokens, self.samples).iter().sum()
+    }
+}
