@@ -117,7 +117,8 @@ __device__ __forceinline__ float gumbel(unsigned long long seed, int v) {
 //   top_p           f32 [num_rows]   >= 1: off
 //   min_p           f32 [num_rows]   <= 0: off
 //   seeds           u64 [num_rows]
-// Launch: grid (num_rows, 1, 1); block (1024, 1, 1).
+// Launch: grid (num_rows, 1, 1); block (1024, 1, 1). With vocab_per_rank a multiple of 8 the
+// logits must be 16-byte aligned (greedy rows read them 16 bytes at a time).
 template <typename T>
 __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict__ logits,
                             int num_rows, int vocab_per_rank, int vocab,
@@ -136,8 +137,27 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
     const int k = top_k[row];
     if (t <= 0.0f || k == 1) {
         ArgMax best{tpserve::neg_inf(), 0x7fffffff};
-        for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
-            best = better(best, ArgMax{logit(v), v});
+        if (vocab_per_rank % 8 == 0) {
+            // 16 bytes (8 logits) per thread and step, rank slice by rank slice.
+            const int pieces = vocab_per_rank / 8;
+            for (int r = 0; r * vocab_per_rank < vocab; ++r) {
+                const T* slice = logits + r * rank_stride + (long long)row * vocab_per_rank;
+                for (int p = threadIdx.x; p < pieces; p += blockDim.x) {
+                    const uint4 raw = *reinterpret_cast<const uint4*>(slice + p * 8);
+                    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) {
+                        const int v = r * vocab_per_rank + p * 8 + i;
+                        if (v < vocab) {
+                            best = better(best, ArgMax{tpserve::to_float(e[i]), v});
+                        }
+                    }
+                }
+            }
+        } else {
+            for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
+                best = better(best, ArgMax{logit(v), v});
+            }
         }
         best = block_argmax(best);
         if (threadIdx.x == 0) {

@@ -14,7 +14,7 @@
 
 use super::device::Gpu;
 use super::kernels::{
-    attention_max_items, AttentionShape, Kernels, RopeKvWrite, ATTENTION_MMA_ITEMS,
+    attention_max_items, AttentionShape, DecodeAttention, Kernels, RopeKvWrite, ATTENTION_MMA_ITEMS,
 };
 use super::linear::Linear;
 use super::model::{CudaModel, GpuKvCache, Layer};
@@ -270,19 +270,25 @@ fn attention(
             splits,
             split_len,
         )?,
-        AttentionPlan::Decode { splits } => k.paged_attention_decode(
-            ws.attn.ptr,
-            ws.partial_out.ptr,
-            ws.partial_ml.ptr,
-            ws.qkv.ptr,
-            kc.ptr,
-            vc.ptr,
-            tables,
-            v.inputs.tiles,
-            v.num_tiles,
-            &shape,
-            splits,
-        )?,
+        AttentionPlan::Decode { splits } => {
+            // Merges its own splits: no combine below.
+            return k.paged_attention_decode(
+                &DecodeAttention {
+                    out: ws.attn.ptr,
+                    partial_out: ws.partial_out.ptr,
+                    partial_ml: ws.partial_ml.ptr,
+                    counters: ws.split_counters.ptr,
+                    q: ws.qkv.ptr,
+                    key_cache: kc.ptr,
+                    value_cache: vc.ptr,
+                    block_tables: tables,
+                    tiles: v.inputs.tiles,
+                    num_tiles: v.num_tiles,
+                    num_splits: splits,
+                },
+                &shape,
+            );
+        }
     }
     let splits = v.attention.splits();
     if splits > 1 {

@@ -543,21 +543,12 @@ impl Kernels {
     }
 
     /// Decode attention (attention.cu's paged_attention_decode): tiles of one row each (zero
-    /// rows: padding), `splits` key splits sized per row on the device.
-    #[allow(clippy::too_many_arguments)]
+    /// rows: padding), `num_splits` key splits sized per row on the device and merged by the
+    /// kernel itself.
     pub fn paged_attention_decode(
         &self,
-        out: u64,
-        partial_out: u64,
-        partial_ml: u64,
-        q: u64,
-        key_cache: u64,
-        value_cache: u64,
-        block_tables: u64,
-        tiles: u64,
-        num_tiles: usize,
+        a: &DecodeAttention,
         shape: &AttentionShape,
-        num_splits: usize,
     ) -> Result<()> {
         let group = shape.q_heads / shape.kv_heads.max(1);
         let hd = match shape.head_dim {
@@ -580,28 +571,48 @@ impl Kernels {
             }
         };
         let cfg = LaunchConfig {
-            grid_dim: (num_tiles as u32, shape.kv_heads as u32, num_splits as u32),
+            grid_dim: (
+                a.num_tiles as u32,
+                shape.kv_heads as u32,
+                a.num_splits as u32,
+            ),
             block_dim: (ATTENTION_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        self.launch_attention(
-            &self.attention_decode[hd][g],
-            cfg,
-            [
-                out,
-                partial_out,
-                partial_ml,
-                q,
-                key_cache,
-                value_cache,
-                block_tables,
-                tiles,
-            ],
-            shape,
-            // Split lengths come from each row's context, on the device.
-            (num_splits, 0),
-        )
-        .map_err(launch_err("paged_attention_decode"))
+        let (nq, nkv, bs, mbps, qs, ns) = (
+            shape.q_heads as i32,
+            shape.kv_heads as i32,
+            shape.block_size as i32,
+            shape.max_blocks_per_seq as i32,
+            shape.q_stride as i32,
+            a.num_splits as i32,
+        );
+        // Split lengths come from each row's context, on the device.
+        let split_len = 0i32;
+        let mut b = self.launch(&self.attention_decode[hd][g]);
+        b.arg(&a.out)
+            .arg(&a.partial_out)
+            .arg(&a.partial_ml)
+            .arg(&a.counters)
+            .arg(&a.q)
+            .arg(&a.key_cache)
+            .arg(&a.value_cache)
+            .arg(&a.block_tables)
+            .arg(&a.tiles)
+            .arg(&nq)
+            .arg(&nkv)
+            .arg(&bs)
+            .arg(&mbps)
+            .arg(&qs)
+            .arg(&ns)
+            .arg(&split_len)
+            .arg(&shape.scale);
+        // SAFETY: as attention.cu documents for paged_attention_decode; the caller sizes the
+        // buffers (partials for num_tiles x q_heads x splits, counters for num_tiles x kv_heads,
+        // zero between launches).
+        unsafe { b.launch(cfg) }
+            .map(drop)
+            .map_err(launch_err("paged_attention_decode"))
     }
 
     /// `table[index] = value` for each `(index, value)` pair of `updates` (`count` pairs of
@@ -798,6 +809,25 @@ pub struct AttentionShape {
     pub max_blocks_per_seq: usize,
     pub q_stride: usize,
     pub scale: f32,
+}
+
+/// The arguments of [`Kernels::paged_attention_decode`]: device addresses and sizes.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeAttention {
+    /// `[rows, q_heads * head_dim]`.
+    pub out: u64,
+    /// f32 partial outputs and (max, sum) pairs of the splits.
+    pub partial_out: u64,
+    pub partial_ml: u64,
+    /// i32 `[rows, kv_heads]`, zero between launches.
+    pub counters: u64,
+    pub q: u64,
+    pub key_cache: u64,
+    pub value_cache: u64,
+    pub block_tables: u64,
+    pub tiles: u64,
+    pub num_tiles: usize,
+    pub num_splits: usize,
 }
 
 /// The arguments of [`Kernels::rope_kv_write`]: device addresses and sizes.
