@@ -16,86 +16,12 @@ constexpr int kMmaSTiles = kMmaKeys / 8;  // n-tiles of 8 keys in one row of S
 // log2(e): the softmax runs in base 2 (exp2f), with scale * log2(e) applied to S in f32.
 constexpr float kLog2e = 1.4426950408889634f;
 
-// The mma instruction and the f32-pair packing for each storage dtype.
-template <typename T> struct Mma;
-
-template <> struct Mma<__nv_bfloat16> {
-    // d += a * b: a 16x16 row-major fragment (4 regs), b 16x8 column-major fragment (2 regs).
-    static __device__ __forceinline__ void run(float (&d)[4], const unsigned (&a)[4],
-                                               unsigned b0, unsigned b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-            "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    // Two f32 values rounded to bf16 in one 32-bit register, `lo` in the low half (the
-    // lower-indexed element of an mma fragment pair).
-    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
-        const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-        return static_cast<unsigned>(__bfloat16_as_ushort(v.x)) |
-               (static_cast<unsigned>(__bfloat16_as_ushort(v.y)) << 16);
-    }
-};
-
-template <> struct Mma<__half> {
-    static __device__ __forceinline__ void run(float (&d)[4], const unsigned (&a)[4],
-                                               unsigned b0, unsigned b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-            "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
-        const __half2 v = __floats2half2_rn(lo, hi);
-        return static_cast<unsigned>(__half_as_ushort(v.x)) |
-               (static_cast<unsigned>(__half_as_ushort(v.y)) << 16);
-    }
-};
-
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-    return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
-// Four 8x8 b16 matrices from shared memory: lane l gives the address of row l % 8 of matrix
-// l / 8 (16 contiguous, 16-byte aligned bytes); r_i gets matrix i's elements
-// (row lane / 4, columns 2 (lane % 4) and +1).
-__device__ __forceinline__ void ldmatrix_x4(unsigned& r0, unsigned& r1, unsigned& r2,
-                                            unsigned& r3, const void* row) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-                 : "r"(smem_addr(row))
-                 : "memory");
-}
-
-// The same, transposed: r_i gets matrix i's elements (rows 2 (lane % 4) and +1, column lane / 4).
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned& r0, unsigned& r1, unsigned& r2,
-                                                  unsigned& r3, const void* row) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-                 : "r"(smem_addr(row))
-                 : "memory");
-}
-
-// 16 bytes global -> shared without a register round trip; zero-filled when !valid (then
-// `src` is only a valid dummy address and nothing is read).
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
-    const int src_bytes = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                 :
-                 : "r"(smem_addr(dst)), "l"(src), "r"(src_bytes)
-                 : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-// Waits until at most N of this thread's committed cp.async groups are still in flight.
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
+using tpserve::cp_async_16;
+using tpserve::cp_async_commit;
+using tpserve::cp_async_wait;
+using tpserve::ldmatrix_x4;
+using tpserve::ldmatrix_x4_trans;
+using tpserve::Mma;
 
 }  // namespace
 

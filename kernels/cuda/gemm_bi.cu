@@ -14,57 +14,11 @@ constexpr int kTileK = 32;     // K per shared-memory stage
 constexpr int kPad = 8;        // elements of padding per shared row (ldmatrix without conflicts)
 constexpr int kRow = kTileK + kPad;
 
-template <typename T> struct MmaOp;
-
-template <> struct MmaOp<__nv_bfloat16> {
-    static __device__ __forceinline__ void run(float (&d)[4], const unsigned (&a)[4],
-                                               unsigned b0, unsigned b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-            "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
-
-template <> struct MmaOp<__half> {
-    static __device__ __forceinline__ void run(float (&d)[4], const unsigned (&a)[4],
-                                               unsigned b0, unsigned b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-            "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
-
-__device__ __forceinline__ unsigned shared_addr(const void* p) {
-    return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void load_matrix_x4(unsigned& r0, unsigned& r1, unsigned& r2,
-                                               unsigned& r3, const void* row) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-                 : "r"(shared_addr(row))
-                 : "memory");
-}
-
-// 16 bytes global -> shared, zero-filled when !valid (then nothing is read from `src`).
-__device__ __forceinline__ void copy_async_16(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                 :
-                 : "r"(shared_addr(dst)), "l"(src), "r"(valid ? 16 : 0)
-                 : "memory");
-}
-
-__device__ __forceinline__ void copy_async_commit() {
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-template <int N> __device__ __forceinline__ void copy_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
+using tpserve::cp_async_16;
+using tpserve::cp_async_commit;
+using tpserve::cp_async_wait;
+using tpserve::ldmatrix_x4;
+using tpserve::Mma;
 
 }  // namespace
 
@@ -104,8 +58,8 @@ __device__ void gemm_bi_impl(T* __restrict__ y, const T* __restrict__ x,
             const int kk = k0 + c;
             const bool x_ok = m0 + r < rows && kk < k;
             const bool w_ok = n0 + r < n_out && kk < k;
-            copy_async_16(&xs[stage][r][c], x_ok ? x + (long long)(m0 + r) * k + kk : x, x_ok);
-            copy_async_16(&ws[stage][r][c], w_ok ? w + (long long)(n0 + r) * k + kk : w, w_ok);
+            cp_async_16(&xs[stage][r][c], x_ok ? x + (long long)(m0 + r) * k + kk : x, x_ok);
+            cp_async_16(&ws[stage][r][c], w_ok ? w + (long long)(n0 + r) * k + kk : w, w_ok);
         }
     };
 
@@ -123,14 +77,14 @@ __device__ void gemm_bi_impl(T* __restrict__ y, const T* __restrict__ x,
 
     const int tiles = (k + kTileK - 1) / kTileK;
     load_stage(0, 0);
-    copy_async_commit();
+    cp_async_commit();
     for (int t = 0; t < tiles; ++t) {
         const int stage = t & 1;
         if (t + 1 < tiles) {
             load_stage(stage ^ 1, (t + 1) * kTileK);
         }
-        copy_async_commit();
-        copy_async_wait<1>();  // this stage's copies are done (the next may be in flight)
+        cp_async_commit();
+        cp_async_wait<1>();  // this stage's copies are done (the next may be in flight)
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < kTileK; kk += 16) {
@@ -139,7 +93,7 @@ __device__ void gemm_bi_impl(T* __restrict__ y, const T* __restrict__ x,
             for (int i = 0; i < 2; ++i) {
                 const int r = warp_m * 32 + i * 16 + (lane & 15);
                 const int c = kk + (lane >> 4) * 8;
-                load_matrix_x4(a[i][0], a[i][1], a[i][2], a[i][3], &xs[stage][r][c]);
+                ldmatrix_x4(a[i][0], a[i][1], a[i][2], a[i][3], &xs[stage][r][c]);
             }
             unsigned b[4][2];
 #pragma unroll
@@ -147,13 +101,13 @@ __device__ void gemm_bi_impl(T* __restrict__ y, const T* __restrict__ x,
                 // Matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
                 const int r = warp_n * 32 + j * 8 + (lane & 7) + (lane >> 4) * 8;
                 const int c = kk + ((lane >> 3) & 1) * 8;
-                load_matrix_x4(b[j][0], b[j][1], b[j + 1][0], b[j + 1][1], &ws[stage][r][c]);
+                ldmatrix_x4(b[j][0], b[j][1], b[j + 1][0], b[j + 1][1], &ws[stage][r][c]);
             }
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
-                    MmaOp<T>::run(acc[i][j], a[i], b[j][0], b[j][1]);
+                    Mma<T>::run(acc[i][j], a[i], b[j][0], b[j][1]);
                 }
             }
         }

@@ -19,27 +19,17 @@ How: invariance_check.py --bin BIN_DIR --model DIR --out OUT.json [--serve-arg=-
 import argparse
 import concurrent.futures
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
+
+import server as srv
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=300) as r:
-        return json.load(r)
+def complete(base: str, body: dict) -> dict:
+    status, answer = srv.post(base + "/v1/completions", body)
+    if status != 200:
+        raise RuntimeError(f"completion failed with {status}: {answer}")
+    return answer
 
 
 def main() -> int:
@@ -51,17 +41,11 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--serve-arg", action="append", default=[])
     args = ap.parse_args()
-    port = free_port()
-    env = dict(os.environ, TPSERVE_WORKER_BINARY=os.path.join(args.bin, "tpserve-worker"))
-    cmd = [
-        os.path.join(args.bin, "tpserve"), "serve", "--model", args.model, "--device", "cuda",
-        "--port", str(port), "--max-model-len", "2048", "--served-model-name", "m",
-        *args.serve_arg,
+    args_serve = [
+        "--model", args.model, "--device", "cuda", "--max-model-len", "2048",
+        "--served-model-name", "m", *args.serve_arg,
     ]
-    print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    log = open(args.out + ".log", "w")
-    server = subprocess.Popen(cmd, env=env, stderr=log)
-    base = f"http://127.0.0.1:{port}"
+    server, base, log = srv.start(args.bin, args_serve, args.out + ".log")
     shared = "Shared context for every second request: " + "the river runs to the sea " * 24
     prompts = [
         (shared if i % 2 else "") + f"Request {i}: " + "tell me more " * (1 + 3 * i % 17)
@@ -72,27 +56,13 @@ def main() -> int:
         "ignore_eos": True,
     }
     try:
-        started = time.time()
-        while True:
-            if server.poll() is not None:
-                print(f"invariance_check: the server exited with {server.returncode}",
-                      file=sys.stderr)
-                return 1
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() - started > 180:
-                print("invariance_check: not healthy after 180 s", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
+        if srv.wait_healthy(server, base) is None:
+            return 1
         t = time.time()
         with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-            together = list(pool.map(lambda p: post(base + "/v1/completions", body(p)), prompts))
+            together = list(pool.map(lambda p: complete(base, body(p)), prompts))
         concurrent_seconds = time.time() - t
-        alone = [post(base + "/v1/completions", body(p)) for p in prompts]
+        alone = [complete(base, body(p)) for p in prompts]
         texts = [(a["choices"][0]["text"], b["choices"][0]["text"]) for a, b in zip(together, alone)]
         differing = [i for i, (a, b) in enumerate(texts) if a != b]
         result = {
@@ -108,13 +78,7 @@ def main() -> int:
               f"identical alone and together; {concurrent_seconds:.2f} s together",
               file=sys.stderr)
     finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
-        log.close()
+        srv.stop(server, log)
     return 0
 
 

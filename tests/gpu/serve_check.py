@@ -20,31 +20,11 @@ engine must report a CUDA device in its "engine ready" line.
 import argparse
 import concurrent.futures
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+import server as srv
 
 
 def main() -> int:
@@ -64,35 +44,16 @@ def main() -> int:
         help="an extra argument for `tpserve serve` (repeatable), e.g. --serve-arg=--enforce-eager",
     )
     args = ap.parse_args()
-    port = free_port()
-    env = dict(os.environ, TPSERVE_WORKER_BINARY=os.path.join(args.bin, "tpserve-worker"))
-    cmd = [
-        os.path.join(args.bin, "tpserve"), "serve", "--model", args.model, "--device", args.device,
-        "--tensor-parallel-size", str(args.tp), "--port", str(port), "--max-model-len", "2048",
-        "--served-model-name", "random", *args.serve_arg,
+    serve_args = [
+        "--model", args.model, "--device", args.device, "--tensor-parallel-size", str(args.tp),
+        "--max-model-len", "2048", "--served-model-name", "random", *args.serve_arg,
     ]
-    print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    started = time.time()
     log_path = args.out + ".log"
-    log = open(log_path, "w")
-    server = subprocess.Popen(cmd, env=env, stderr=log)
-    base = f"http://127.0.0.1:{port}"
+    server, base, log = srv.start(args.bin, serve_args, log_path)
     try:
-        while True:
-            if server.poll() is not None:
-                print(f"serve_check: the server exited with {server.returncode}", file=sys.stderr)
-                return 1
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() - started > 180:
-                print("serve_check: not healthy after 180 s", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
-        ready = time.time() - started
+        ready = srv.wait_healthy(server, base)
+        if ready is None:
+            return 1
         with open(log_path) as f:
             # The log may be coloured: drop ANSI escapes before matching.
             plain = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in f]
@@ -107,7 +68,7 @@ def main() -> int:
         }
         t = time.time()
         with concurrent.futures.ThreadPoolExecutor(args.requests) as pool:
-            answers = list(pool.map(lambda p: post(base + "/v1/completions", body(p)), prompts))
+            answers = list(pool.map(lambda p: srv.post(base + "/v1/completions", body(p)), prompts))
         seconds = time.time() - t
         bad = [(s, a) for s, a in answers if s != 200 or a["usage"]["completion_tokens"] != 32]
         texts = [a["choices"][0]["text"] if s == 200 else None for s, a in answers]
@@ -122,13 +83,7 @@ def main() -> int:
             print(f"serve_check: bad answers: {bad[:2]}", file=sys.stderr)
             return 1
     finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
-        log.close()
+        srv.stop(server, log)
         with open(log_path) as f:
             sys.stderr.write(f.read()[-4000:])
     if server.returncode != 0:

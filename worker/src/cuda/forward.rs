@@ -14,10 +14,11 @@
 
 use super::device::Gpu;
 use super::kernels::{
-    attention_max_items, AttentionShape, DecodeAttention, Kernels, RopeKvWrite, ATTENTION_MMA_ITEMS,
+    attention_max_items, AttentionShape, DecodeAttention, Kernels, Product, RopeKvWrite,
+    ATTENTION_MMA_ITEMS,
 };
 use super::linear::Linear;
-use super::model::{CudaModel, GpuKvCache, Layer};
+use super::model::{CudaModel, Dims, GpuKvCache, Layer};
 use super::nccl::Nccl;
 use super::phases::PhaseTimer;
 use super::step_inputs::InputPointers;
@@ -98,10 +99,6 @@ impl Device<'_> {
             _ => Ok(()),
         }
     }
-
-    fn linear(&self, y: u64, x: u64, w: u64, rows: usize, n_out: usize, k: usize) -> Result<()> {
-        self.linear.run(self.kernels, y, x, w, rows, n_out, k)
-    }
 }
 
 /// Where a pass left its results.
@@ -123,286 +120,317 @@ pub fn forward(
     v: &StepView,
     timed: bool,
 ) -> Result<ForwardOutput> {
-    let d = *model.dims();
-    let n = v.rows;
+    let pass = Pass {
+        dev,
+        model,
+        cache,
+        ws,
+        v,
+        d: *model.dims(),
+    };
     let mut timer = if timed {
         PhaseTimer::start(dev.gpu)
     } else {
         PhaseTimer::off()
     };
-    dev.kernels.embedding(
-        ws.x.ptr,
-        model.embed.ptr,
-        v.inputs.ids,
-        n,
-        d.hidden,
-        d.vocab_start,
-        d.vocab_local,
-    )?;
-    dev.all_reduce(model, ws.x.ptr, n * d.hidden)?;
+    pass.embed()?;
     timer.mark(dev.gpu, "embedding");
     for (li, layer) in model.layers.iter().enumerate() {
-        attention_block(dev, model, cache, ws, v, li, &mut timer)?;
-        mlp_block(dev, model, ws, n, layer, &mut timer)?;
+        pass.attention_block(li, layer, &mut timer)?;
+        pass.mlp_block(layer, &mut timer)?;
     }
-    let out = head(dev, model, ws, v)?;
+    let out = pass.head()?;
     timer.mark(dev.gpu, "final norm + lm_head + sampling");
     timer.finish();
     Ok(out)
 }
 
-/// Residual + RMSNorm, QKV, RoPE with the cache write, attention, o projection, all-reduce.
-fn attention_block(
-    dev: &Device,
-    model: &CudaModel,
-    cache: &GpuKvCache,
-    ws: &Workspace,
-    v: &StepView,
-    li: usize,
-    timer: &mut PhaseTimer,
-) -> Result<()> {
-    let d = *model.dims();
-    let n = v.rows;
-    let layer = &model.layers[li];
-    let k = dev.kernels;
-    let eps = model.rms_norm_eps();
-    if li == 0 {
-        k.rms_norm(
-            ws.normed.ptr,
+/// What one pass reads: the device, the weights, the cache, the activations and the step.
+struct Pass<'a> {
+    dev: &'a Device<'a>,
+    model: &'a CudaModel,
+    cache: &'a GpuKvCache,
+    ws: &'a Workspace,
+    v: &'a StepView,
+    d: Dims,
+}
+
+impl Pass<'_> {
+    /// `y[rows, n_out] = x[rows, k] w^T` on the kernel chosen for the shape.
+    fn linear(&self, p: Product) -> Result<()> {
+        self.dev.linear.run(self.dev.kernels, &p)
+    }
+
+    /// The token embeddings into the residual stream (vocab-parallel, summed over ranks).
+    fn embed(&self) -> Result<()> {
+        let (d, ws, n) = (&self.d, self.ws, self.v.rows);
+        self.dev.kernels.embedding(
             ws.x.ptr,
-            layer.input_norm.ptr,
+            self.model.embed.ptr,
+            self.v.inputs.ids,
             n,
             d.hidden,
-            eps,
+            d.vocab_start,
+            d.vocab_local,
         )?;
-    } else {
+        self.dev.all_reduce(self.model, ws.x.ptr, n * d.hidden)
+    }
+
+    /// Residual + RMSNorm, QKV, RoPE with the cache write, attention, o projection, all-reduce.
+    fn attention_block(&self, li: usize, layer: &Layer, timer: &mut PhaseTimer) -> Result<()> {
+        let (d, ws, n, k) = (&self.d, self.ws, self.v.rows, self.dev.kernels);
+        let gpu = self.dev.gpu;
+        let eps = self.model.rms_norm_eps();
+        if li == 0 {
+            k.rms_norm(
+                ws.normed.ptr,
+                ws.x.ptr,
+                layer.input_norm.ptr,
+                n,
+                d.hidden,
+                eps,
+            )?;
+        } else {
+            k.rms_norm_residual(
+                ws.normed.ptr,
+                ws.x.ptr,
+                ws.sub.ptr,
+                layer.input_norm.ptr,
+                n,
+                d.hidden,
+                eps,
+            )?;
+        }
+        timer.mark(gpu, "rms_norm");
+        self.linear(Product {
+            y: ws.qkv.ptr,
+            x: ws.normed.ptr,
+            w: layer.qkv.ptr,
+            rows: n,
+            n_out: d.qkv,
+            k: d.hidden,
+        })?;
+        if let Some(bias) = &layer.qkv_bias {
+            k.add_bias(ws.qkv.ptr, bias.ptr, n, d.qkv)?;
+        }
+        timer.mark(gpu, "gemm qkv");
+        let (kc, vc) = &self.cache.layers[li];
+        k.rope_kv_write(&RopeKvWrite {
+            qkv: ws.qkv.ptr,
+            key_cache: kc.ptr,
+            value_cache: vc.ptr,
+            slots: self.v.inputs.slots,
+            positions: self.v.inputs.positions,
+            cos: self.model.rope_cos.ptr,
+            sin: self.model.rope_sin.ptr,
+            n,
+            q_heads: d.q_heads,
+            kv_heads: d.kv_heads,
+            head_dim: d.head_dim,
+            stride: d.qkv,
+        })?;
+        timer.mark(gpu, "rope + kv write");
+        self.attention(li)?;
+        timer.mark(gpu, "attention");
+        self.linear(Product {
+            y: ws.sub.ptr,
+            x: ws.attn.ptr,
+            w: layer.o.ptr,
+            rows: n,
+            n_out: d.hidden,
+            k: d.q_heads * d.head_dim,
+        })?;
+        timer.mark(gpu, "gemm o");
+        self.dev.all_reduce(self.model, ws.sub.ptr, n * d.hidden)?;
+        timer.mark(gpu, "all-reduce");
+        Ok(())
+    }
+
+    /// Paged attention of every row over its sequence's cached keys, by the view's plan.
+    fn attention(&self, li: usize) -> Result<()> {
+        let (d, ws, v, k) = (&self.d, self.ws, self.v, self.dev.kernels);
+        let (kc, vc) = &self.cache.layers[li];
+        let shape = AttentionShape {
+            q_heads: d.q_heads,
+            kv_heads: d.kv_heads,
+            head_dim: d.head_dim,
+            block_size: self.cache.block_size,
+            max_blocks_per_seq: self.cache.table_width,
+            q_stride: d.qkv,
+            scale: 1.0 / (d.head_dim as f32).sqrt(),
+        };
+        let tables = self.cache.tables.ptr;
+        match v.attention {
+            AttentionPlan::Mma => k.paged_attention_mma(
+                ws.attn.ptr,
+                ws.qkv.ptr,
+                kc.ptr,
+                vc.ptr,
+                tables,
+                v.inputs.tiles,
+                v.num_tiles,
+                &shape,
+            )?,
+            AttentionPlan::Simt {
+                items,
+                splits,
+                split_len,
+            } => k.paged_attention(
+                ws.attn.ptr,
+                ws.partial_out.ptr,
+                ws.partial_ml.ptr,
+                ws.qkv.ptr,
+                kc.ptr,
+                vc.ptr,
+                tables,
+                v.inputs.tiles,
+                v.num_tiles,
+                items,
+                &shape,
+                splits,
+                split_len,
+            )?,
+            AttentionPlan::Decode { splits } => {
+                // Merges its own splits: no combine below.
+                return k.paged_attention_decode(
+                    &DecodeAttention {
+                        out: ws.attn.ptr,
+                        partial_out: ws.partial_out.ptr,
+                        partial_ml: ws.partial_ml.ptr,
+                        counters: ws.split_counters.ptr,
+                        q: ws.qkv.ptr,
+                        key_cache: kc.ptr,
+                        value_cache: vc.ptr,
+                        block_tables: tables,
+                        tiles: v.inputs.tiles,
+                        num_tiles: v.num_tiles,
+                        num_splits: splits,
+                    },
+                    &shape,
+                );
+            }
+        }
+        let splits = v.attention.splits();
+        if splits > 1 {
+            k.attention_combine(
+                ws.attn.ptr,
+                ws.partial_out.ptr,
+                ws.partial_ml.ptr,
+                v.rows,
+                &shape,
+                splits,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Residual + RMSNorm, gate/up projection, SiLU-mul, down projection, all-reduce.
+    fn mlp_block(&self, layer: &Layer, timer: &mut PhaseTimer) -> Result<()> {
+        let (d, ws, n, k) = (&self.d, self.ws, self.v.rows, self.dev.kernels);
+        let gpu = self.dev.gpu;
         k.rms_norm_residual(
             ws.normed.ptr,
             ws.x.ptr,
             ws.sub.ptr,
-            layer.input_norm.ptr,
+            layer.post_norm.ptr,
             n,
             d.hidden,
-            eps,
+            self.model.rms_norm_eps(),
         )?;
+        timer.mark(gpu, "rms_norm");
+        self.linear(Product {
+            y: ws.gate_up.ptr,
+            x: ws.normed.ptr,
+            w: layer.gate_up.ptr,
+            rows: n,
+            n_out: 2 * d.inter,
+            k: d.hidden,
+        })?;
+        timer.mark(gpu, "gemm gate_up");
+        k.silu_mul(ws.act.ptr, ws.gate_up.ptr, n, d.inter)?;
+        timer.mark(gpu, "silu_mul");
+        self.linear(Product {
+            y: ws.sub.ptr,
+            x: ws.act.ptr,
+            w: layer.down.ptr,
+            rows: n,
+            n_out: d.hidden,
+            k: d.inter,
+        })?;
+        timer.mark(gpu, "gemm down");
+        self.dev.all_reduce(self.model, ws.sub.ptr, n * d.hidden)?;
+        timer.mark(gpu, "all-reduce");
+        Ok(())
     }
-    timer.mark(dev.gpu, "rms_norm");
-    dev.linear(ws.qkv.ptr, ws.normed.ptr, layer.qkv.ptr, n, d.qkv, d.hidden)?;
-    if let Some(bias) = &layer.qkv_bias {
-        k.add_bias(ws.qkv.ptr, bias.ptr, n, d.qkv)?;
-    }
-    timer.mark(dev.gpu, "gemm qkv");
-    let (kc, vc) = &cache.layers[li];
-    k.rope_kv_write(&RopeKvWrite {
-        qkv: ws.qkv.ptr,
-        key_cache: kc.ptr,
-        value_cache: vc.ptr,
-        slots: v.inputs.slots,
-        positions: v.inputs.positions,
-        cos: model.rope_cos.ptr,
-        sin: model.rope_sin.ptr,
-        n,
-        q_heads: d.q_heads,
-        kv_heads: d.kv_heads,
-        head_dim: d.head_dim,
-        stride: d.qkv,
-    })?;
-    timer.mark(dev.gpu, "rope + kv write");
-    attention(dev, model, cache, ws, v, li)?;
-    timer.mark(dev.gpu, "attention");
-    let q_w = d.q_heads * d.head_dim;
-    dev.linear(ws.sub.ptr, ws.attn.ptr, layer.o.ptr, n, d.hidden, q_w)?;
-    timer.mark(dev.gpu, "gemm o");
-    dev.all_reduce(model, ws.sub.ptr, n * d.hidden)?;
-    timer.mark(dev.gpu, "all-reduce");
-    Ok(())
-}
 
-/// Paged attention of every row over its sequence's cached keys, by the view's plan.
-fn attention(
-    dev: &Device,
-    model: &CudaModel,
-    cache: &GpuKvCache,
-    ws: &Workspace,
-    v: &StepView,
-    li: usize,
-) -> Result<()> {
-    let d = *model.dims();
-    let k = dev.kernels;
-    let (kc, vc) = &cache.layers[li];
-    let shape = AttentionShape {
-        q_heads: d.q_heads,
-        kv_heads: d.kv_heads,
-        head_dim: d.head_dim,
-        block_size: cache.block_size,
-        max_blocks_per_seq: cache.table_width,
-        q_stride: d.qkv,
-        scale: 1.0 / (d.head_dim as f32).sqrt(),
-    };
-    let tables = cache.tables.ptr;
-    match v.attention {
-        AttentionPlan::Mma => k.paged_attention_mma(
-            ws.attn.ptr,
-            ws.qkv.ptr,
-            kc.ptr,
-            vc.ptr,
-            tables,
-            v.inputs.tiles,
-            v.num_tiles,
-            &shape,
-        )?,
-        AttentionPlan::Simt {
-            items,
-            splits,
-            split_len,
-        } => k.paged_attention(
-            ws.attn.ptr,
-            ws.partial_out.ptr,
-            ws.partial_ml.ptr,
-            ws.qkv.ptr,
-            kc.ptr,
-            vc.ptr,
-            tables,
-            v.inputs.tiles,
-            v.num_tiles,
-            items,
-            &shape,
-            splits,
-            split_len,
-        )?,
-        AttentionPlan::Decode { splits } => {
-            // Merges its own splits: no combine below.
-            return k.paged_attention_decode(
-                &DecodeAttention {
-                    out: ws.attn.ptr,
-                    partial_out: ws.partial_out.ptr,
-                    partial_ml: ws.partial_ml.ptr,
-                    counters: ws.split_counters.ptr,
-                    q: ws.qkv.ptr,
-                    key_cache: kc.ptr,
-                    value_cache: vc.ptr,
-                    block_tables: tables,
-                    tiles: v.inputs.tiles,
-                    num_tiles: v.num_tiles,
-                    num_splits: splits,
-                },
-                &shape,
-            );
-        }
-    }
-    let splits = v.attention.splits();
-    if splits > 1 {
-        k.attention_combine(
-            ws.attn.ptr,
-            ws.partial_out.ptr,
-            ws.partial_ml.ptr,
+    /// Residual + final RMSNorm, the sample rows' logits (gathered over ranks), sampling.
+    fn head(&self) -> Result<ForwardOutput> {
+        let (d, ws, v, k) = (&self.d, self.ws, self.v, self.dev.kernels);
+        let (dev, model) = (self.dev, self.model);
+        let s = v.samples;
+        k.rms_norm_residual(
+            ws.normed.ptr,
+            ws.x.ptr,
+            ws.sub.ptr,
+            model.final_norm.ptr,
             v.rows,
-            &shape,
-            splits,
+            d.hidden,
+            model.rms_norm_eps(),
         )?;
+        let rows = match v.inputs.sample_rows {
+            Some(ids) => {
+                k.gather_rows(ws.last.ptr, ws.normed.ptr, ids, s, d.hidden)?;
+                ws.last.ptr
+            }
+            // Decode steps sample every row, in order: no gather.
+            None => ws.normed.ptr,
+        };
+        let head = model.lm_head.as_ref().unwrap_or(&model.embed);
+        self.linear(Product {
+            y: ws.logits.ptr,
+            x: rows,
+            w: head.ptr,
+            rows: s,
+            n_out: d.vocab_per_rank,
+            k: d.hidden,
+        })?;
+        let logits = match dev.nccl {
+            Some(comm) if comm.world_size() > 1 => {
+                comm.all_gather(
+                    ws.logits.ptr,
+                    ws.gathered.ptr,
+                    s * d.vocab_per_rank,
+                    model.dtype().nccl(),
+                    &dev.gpu.stream,
+                )?;
+                ws.gathered.ptr
+            }
+            _ => ws.logits.ptr,
+        };
+        if s > 0 {
+            if dev.rank == 0 {
+                k.sample(
+                    ws.sampled.ptr,
+                    logits,
+                    s,
+                    d.vocab_per_rank,
+                    d.vocab,
+                    &v.inputs.sampling,
+                )?;
+            }
+            if let Some(comm) = dev.nccl.filter(|c| c.world_size() > 1) {
+                comm.broadcast_from_root(
+                    ws.sampled.ptr,
+                    s,
+                    cudarc::nccl::sys::ncclDataType_t::ncclUint32,
+                    &dev.gpu.stream,
+                )?;
+            }
+        }
+        Ok(ForwardOutput {
+            logits,
+            samples: s,
+            sampled: ws.sampled.ptr,
+        })
     }
-    Ok(())
-}
-
-/// Residual + RMSNorm, gate/up projection, SiLU-mul, down projection, all-reduce.
-fn mlp_block(
-    dev: &Device,
-    model: &CudaModel,
-    ws: &Workspace,
-    n: usize,
-    layer: &Layer,
-    timer: &mut PhaseTimer,
-) -> Result<()> {
-    let d = *model.dims();
-    let k = dev.kernels;
-    k.rms_norm_residual(
-        ws.normed.ptr,
-        ws.x.ptr,
-        ws.sub.ptr,
-        layer.post_norm.ptr,
-        n,
-        d.hidden,
-        model.rms_norm_eps(),
-    )?;
-    timer.mark(dev.gpu, "rms_norm");
-    dev.linear(
-        ws.gate_up.ptr,
-        ws.normed.ptr,
-        layer.gate_up.ptr,
-        n,
-        2 * d.inter,
-        d.hidden,
-    )?;
-    timer.mark(dev.gpu, "gemm gate_up");
-    k.silu_mul(ws.act.ptr, ws.gate_up.ptr, n, d.inter)?;
-    timer.mark(dev.gpu, "silu_mul");
-    dev.linear(ws.sub.ptr, ws.act.ptr, layer.down.ptr, n, d.hidden, d.inter)?;
-    timer.mark(dev.gpu, "gemm down");
-    dev.all_reduce(model, ws.sub.ptr, n * d.hidden)?;
-    timer.mark(dev.gpu, "all-reduce");
-    Ok(())
-}
-
-/// Residual + final RMSNorm, the sample rows' logits (gathered over ranks), sampling.
-fn head(dev: &Device, model: &CudaModel, ws: &Workspace, v: &StepView) -> Result<ForwardOutput> {
-    let d = *model.dims();
-    let k = dev.kernels;
-    let s = v.samples;
-    k.rms_norm_residual(
-        ws.normed.ptr,
-        ws.x.ptr,
-        ws.sub.ptr,
-        model.final_norm.ptr,
-        v.rows,
-        d.hidden,
-        model.rms_norm_eps(),
-    )?;
-    let rows = match v.inputs.sample_rows {
-        Some(ids) => {
-            k.gather_rows(ws.last.ptr, ws.normed.ptr, ids, s, d.hidden)?;
-            ws.last.ptr
-        }
-        // Decode steps sample every row, in order: no gather.
-        None => ws.normed.ptr,
-    };
-    let head = model.lm_head.as_ref().unwrap_or(&model.embed);
-    dev.linear(ws.logits.ptr, rows, head.ptr, s, d.vocab_per_rank, d.hidden)?;
-    let logits = match dev.nccl {
-        Some(comm) if comm.world_size() > 1 => {
-            comm.all_gather(
-                ws.logits.ptr,
-                ws.gathered.ptr,
-                s * d.vocab_per_rank,
-                model.dtype().nccl(),
-                &dev.gpu.stream,
-            )?;
-            ws.gathered.ptr
-        }
-        _ => ws.logits.ptr,
-    };
-    if s > 0 {
-        if dev.rank == 0 {
-            k.sample(
-                ws.sampled.ptr,
-                logits,
-                s,
-                d.vocab_per_rank,
-                d.vocab,
-                &v.inputs.sampling,
-            )?;
-        }
-        if let Some(comm) = dev.nccl.filter(|c| c.world_size() > 1) {
-            comm.broadcast_from_root(
-                ws.sampled.ptr,
-                s,
-                cudarc::nccl::sys::ncclDataType_t::ncclUint32,
-                &dev.gpu.stream,
-            )?;
-        }
-    }
-    Ok(ForwardOutput {
-        logits,
-        samples: s,
-        sampled: ws.sampled.ptr,
-    })
 }

@@ -631,19 +631,17 @@ impl Kernels {
             .map_err(launch_err("set_entries"))
     }
 
-    /// `y[rows, n_out] = x[rows, k] w[n_out, k]^T` for 1 to 8 rows by the GEMV kernel with `r`
-    /// output columns per warp (1, 2 or 4): gemv.cu. `k` must be a multiple of 8.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemv(
-        &self,
-        y: u64,
-        x: u64,
-        w: u64,
-        rows: usize,
-        n_out: usize,
-        k: usize,
-        r: usize,
-    ) -> Result<()> {
+    /// `p.y = p.x p.w^T` for 1 to 8 rows by the GEMV kernel with `r` output columns per warp
+    /// (1, 2 or 4): gemv.cu. `p.k` must be a multiple of 8.
+    pub fn gemv(&self, p: &Product, r: usize) -> Result<()> {
+        let Product {
+            y,
+            x,
+            w,
+            rows,
+            n_out,
+            k,
+        } = *p;
         let m = match rows {
             1 => 0,
             2 => 1,
@@ -676,18 +674,17 @@ impl Kernels {
             .map_err(launch_err("gemv"))
     }
 
-    /// `y[rows, n_out] = x[rows, k] w[n_out, k]^T` by the batch-invariant tensor-core kernel
-    /// (gemm_bi.cu): the same tiling and summation order for every row count. `k` must be a
-    /// multiple of 8.
-    pub fn gemm_bi(
-        &self,
-        y: u64,
-        x: u64,
-        w: u64,
-        rows: usize,
-        n_out: usize,
-        k: usize,
-    ) -> Result<()> {
+    /// `p.y = p.x p.w^T` by the batch-invariant tensor-core kernel (gemm_bi.cu): the same
+    /// tiling and summation order for every row count. `p.k` must be a multiple of 8.
+    pub fn gemm_bi(&self, p: &Product) -> Result<()> {
+        let Product {
+            y,
+            x,
+            w,
+            rows,
+            n_out,
+            k,
+        } = *p;
         if rows == 0 {
             return Ok(());
         }
@@ -809,6 +806,18 @@ pub struct AttentionShape {
     pub max_blocks_per_seq: usize,
     pub q_stride: usize,
     pub scale: f32,
+}
+
+/// One linear layer's product `y[rows, n_out] = x[rows, k] w[n_out, k]^T`, in the activation
+/// dtype, row-major, `w` in PyTorch's Linear layout (device addresses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Product {
+    pub y: u64,
+    pub x: u64,
+    pub w: u64,
+    pub rows: usize,
+    pub n_out: usize,
+    pub k: usize,
 }
 
 /// The arguments of [`Kernels::paged_attention_decode`]: device addresses and sizes.

@@ -16,7 +16,7 @@ use cudarc::driver::sys::CUevent_flags;
 
 use super::blas::Blas;
 use super::device::{device_err, Gpu};
-use super::kernels::Kernels;
+use super::kernels::{Kernels, Product};
 use crate::error::Result;
 
 /// Row counts with a measured choice; a step's rows round up to the next (padded GEMV rows are
@@ -120,22 +120,16 @@ impl Linear {
         }
     }
 
-    /// `y[rows, n_out] = x[rows, k] w[n_out, k]^T` in the activation dtype.
-    #[allow(clippy::too_many_arguments)]
-    pub fn run(
-        &self,
-        kernels: &Kernels,
-        y: u64,
-        x: u64,
-        w: u64,
-        rows: usize,
-        n_out: usize,
-        k: usize,
-    ) -> Result<()> {
-        match self.kernel_for(Shape { n_out, k }, rows) {
-            LinearKernel::Cublas => self.blas.linear(y, x, w, rows, n_out, k),
-            LinearKernel::Gemv(r) => kernels.gemv(y, x, w, rows, n_out, k, r),
-            LinearKernel::BatchInvariant => kernels.gemm_bi(y, x, w, rows, n_out, k),
+    /// The product `p`, on the kernel chosen for its shape and rows.
+    pub fn run(&self, kernels: &Kernels, p: &Product) -> Result<()> {
+        let shape = Shape {
+            n_out: p.n_out,
+            k: p.k,
+        };
+        match self.kernel_for(shape, p.rows) {
+            LinearKernel::Cublas => self.blas.linear(p.y, p.x, p.w, p.rows, p.n_out, p.k),
+            LinearKernel::Gemv(r) => kernels.gemv(p, r),
+            LinearKernel::BatchInvariant => kernels.gemm_bi(p),
         }
     }
 
@@ -176,17 +170,20 @@ impl Linear {
                 candidates.extend(GEMV_COLUMNS.map(|r| (LinearKernel::Gemv(r), 0.0)));
                 for (kernel, micros) in &mut candidates {
                     let launch = |i: usize| -> Result<()> {
-                        let w = weights[i % weights.len()];
+                        let p = Product {
+                            y,
+                            x,
+                            w: weights[i % weights.len()],
+                            rows,
+                            n_out: shape.n_out,
+                            k: shape.k,
+                        };
                         match *kernel {
                             LinearKernel::Cublas => {
-                                self.blas.linear(y, x, w, rows, shape.n_out, shape.k)
+                                self.blas.linear(p.y, p.x, p.w, p.rows, p.n_out, p.k)
                             }
-                            LinearKernel::Gemv(r) => {
-                                kernels.gemv(y, x, w, rows, shape.n_out, shape.k, r)
-                            }
-                            LinearKernel::BatchInvariant => {
-                                kernels.gemm_bi(y, x, w, rows, shape.n_out, shape.k)
-                            }
+                            LinearKernel::Gemv(r) => kernels.gemv(&p, r),
+                            LinearKernel::BatchInvariant => kernels.gemm_bi(&p),
                         }
                     };
                     for i in 0..3 {

@@ -65,6 +65,19 @@ struct Loaded {
     graphs: Option<DecodeGraphs>,
 }
 
+impl Loaded {
+    /// The device objects a forward pass of this model uses.
+    fn device<'a>(&'a self, gpu: &'a Gpu, nccl: Option<&'a Nccl>, rank: usize) -> Device<'a> {
+        Device {
+            gpu,
+            kernels: &self.kernels,
+            linear: &self.linear,
+            nccl,
+            rank,
+        }
+    }
+}
+
 /// The loaded model, or the lifecycle error of calling `operation` before LoadModel. A free
 /// function over the field, so callers can hold the GPU alongside it.
 fn loaded_model<'a>(
@@ -125,13 +138,7 @@ impl CudaBackend {
             (graph_size, &loaded.graphs, loaded.model.workspace())
         {
             let step = pack(batch, sampling, 1, Some(size), tables).map_err(plan_err)?;
-            let dev = Device {
-                gpu,
-                kernels: &loaded.kernels,
-                linear: &loaded.linear,
-                nccl: self.nccl.as_ref(),
-                rank: self.rank,
-            };
+            let dev = loaded.device(gpu, self.nccl.as_ref(), self.rank);
             graphs.replay(&dev, cache, size, &step)?;
             let logits = if d.world_size > 1 {
                 ws.gathered.ptr
@@ -191,13 +198,7 @@ impl CudaBackend {
             num_tiles: step.num_tiles,
             attention,
         };
-        let dev = Device {
-            gpu,
-            kernels: &loaded.kernels,
-            linear: &loaded.linear,
-            nccl: self.nccl.as_ref(),
-            rank: self.rank,
-        };
+        let dev = loaded.device(gpu, self.nccl.as_ref(), self.rank);
         // `_spill`, if any, is freed in stream order after the pass that reads it.
         forward(&dev, &loaded.model, cache, ws, &view, true)
     }
@@ -540,13 +541,7 @@ impl Backend for CudaBackend {
             sizes.clear();
         }
         if !sizes.is_empty() {
-            let dev = Device {
-                gpu,
-                kernels: &loaded.kernels,
-                linear: &loaded.linear,
-                nccl: self.nccl.as_ref(),
-                rank: self.rank,
-            };
+            let dev = loaded.device(gpu, self.nccl.as_ref(), self.rank);
             let graphs = DecodeGraphs::capture(&dev, &loaded.model, cache, ws, &sizes, invariant)?;
             tracing::info!(
                 graphs = graphs.len(),
