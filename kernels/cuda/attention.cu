@@ -233,18 +233,16 @@ __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ pa
 //
 // Key splits as paged_attention, except that split_len 0 means: each row splits its own keys
 // evenly, ceil(context / num_splits) rounded up to 16 (a CUDA graph is captured without knowing
-// the contexts); splits past a row's context write max -inf and sum 0, which the merge ignores.
-// With splits, the last block of a (row, KV head) to finish merges them into `out` itself
-// (attention_combine's formula), counted in `counters`.
+// the contexts); splits past a row's context write max -inf and sum 0, which attention_combine
+// ignores.
 //
-// Arguments: paged_attention's, with after partial_ml:
-//   counters  i32 [num_tiles, num_kv_heads]   zero before the launch; zero again after it
-// (tiles must have rows 0 or 1; G >= num_q_heads / num_kv_heads; no dynamic shared memory).
+// Arguments: exactly paged_attention's (tiles must have rows 0 or 1; G >= num_q_heads /
+// num_kv_heads; no dynamic shared memory).
 // Launch: grid (num_tiles, num_kv_heads, num_splits); block (128, 1, 1).
 template <typename T, int HD, int G>
 __device__ void paged_attention_decode_impl(
     T* __restrict__ out, float* __restrict__ partial_out, float* __restrict__ partial_ml,
-    int* __restrict__ counters, const T* __restrict__ q, const T* __restrict__ key_cache, const T* __restrict__ value_cache,
+    const T* __restrict__ q, const T* __restrict__ key_cache, const T* __restrict__ value_cache,
     const int* __restrict__ block_tables, const int* __restrict__ tiles, int num_q_heads,
     int num_kv_heads, int block_size, int max_blocks_per_seq, int q_stride, int num_splits,
     int split_len, float scale) {
@@ -439,47 +437,6 @@ __device__ void paged_attention_decode_impl(
             }
         }
     }
-    if (num_splits == 1) {
-        return;
-    }
-    // The last split of this (row, KV head) to finish merges all of them (attention_combine's
-    // formula, splits in order), so no second kernel is needed; it resets the counter for the
-    // next step (or graph replay).
-    __shared__ int last;
-    __threadfence();  // this block's partials are visible before it is counted
-    __syncthreads();
-    int* counter = counters + row * num_kv_heads + kv_head;
-    if (threadIdx.x == 0) {
-        last = atomicAdd(counter, 1) == num_splits - 1;
-    }
-    __syncthreads();
-    if (!last) {
-        return;
-    }
-    __threadfence();
-    for (int idx = threadIdx.x; idx < group * HD; idx += blockDim.x) {
-        const int h = idx / HD;
-        const int d = idx - h * HD;
-        const long long base = (row * num_q_heads + kv_head * group + h) * num_splits;
-        float m_max = tpserve::neg_inf();
-        for (int s = 0; s < num_splits; ++s) {
-            m_max = fmaxf(m_max, __ldcg(partial_ml + (base + s) * 2));
-        }
-        float num = 0.0f;
-        float den = 0.0f;
-        if (m_max != tpserve::neg_inf()) {
-            for (int s = 0; s < num_splits; ++s) {
-                const float w = __expf(__ldcg(partial_ml + (base + s) * 2) - m_max);
-                den += w * __ldcg(partial_ml + (base + s) * 2 + 1);
-                num += w * __ldcg(partial_out + (base + s) * HD + d);
-            }
-        }
-        out[(row * num_q_heads + kv_head * group + h) * HD + d] =
-            tpserve::from_float<T>(den > 0.0f ? num / den : 0.0f);
-    }
-    if (threadIdx.x == 0) {
-        *counter = 0;
-    }
 }
 
 // attention_combine_{bf16,f16}: merges the splits of paged_attention:
@@ -562,12 +519,11 @@ TPSERVE_FOR_EACH_DTYPE(TPSERVE_PAGED_ATTENTION)
 #define TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, HD, G)                                        \
     extern "C" __global__ void __launch_bounds__(128) paged_attention_decode_hd##HD##_g##G##_##SUFFIX( \
         T* __restrict__ out, float* __restrict__ partial_out, float* __restrict__ partial_ml,  \
-        int* __restrict__ counters, const T* __restrict__ q, const T* __restrict__ key_cache,  \
+        const T* __restrict__ q, const T* __restrict__ key_cache,                              \
         const T* __restrict__ value_cache, const int* __restrict__ block_tables,               \
         const int* __restrict__ tiles, int num_q_heads, int num_kv_heads, int block_size,      \
         int max_blocks_per_seq, int q_stride, int num_splits, int split_len, float scale) {    \
-        paged_attention_decode_impl<T, HD, G>(out, partial_out, partial_ml, counters, q,       \
-                                              key_cache,                                       \
+        paged_attention_decode_impl<T, HD, G>(out, partial_out, partial_ml, q, key_cache,      \
                                               value_cache, block_tables, tiles, num_q_heads,   \
                                               num_kv_heads, block_size, max_blocks_per_seq,    \
                                               q_stride, num_splits, split_len, scale);         \

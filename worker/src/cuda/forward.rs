@@ -290,25 +290,21 @@ impl Pass<'_> {
                 splits,
                 split_len,
             )?,
-            AttentionPlan::Decode { splits } => {
-                // Merges its own splits: no combine below.
-                return k.paged_attention_decode(
-                    &DecodeAttention {
-                        out: ws.attn.ptr,
-                        partial_out: ws.partial_out.ptr,
-                        partial_ml: ws.partial_ml.ptr,
-                        counters: ws.split_counters.ptr,
-                        q: ws.qkv.ptr,
-                        key_cache: kc.ptr,
-                        value_cache: vc.ptr,
-                        block_tables: tables,
-                        tiles: v.inputs.tiles,
-                        num_tiles: v.num_tiles,
-                        num_splits: splits,
-                    },
-                    &shape,
-                );
-            }
+            AttentionPlan::Decode { splits } => k.paged_attention_decode(
+                &DecodeAttention {
+                    out: ws.attn.ptr,
+                    partial_out: ws.partial_out.ptr,
+                    partial_ml: ws.partial_ml.ptr,
+                    q: ws.qkv.ptr,
+                    key_cache: kc.ptr,
+                    value_cache: vc.ptr,
+                    block_tables: tables,
+                    tiles: v.inputs.tiles,
+                    num_tiles: v.num_tiles,
+                    num_splits: splits,
+                },
+                &shape,
+            )?,
         }
         let splits = v.attention.splits();
         if splits > 1 {

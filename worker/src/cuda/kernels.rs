@@ -543,8 +543,8 @@ impl Kernels {
     }
 
     /// Decode attention (attention.cu's paged_attention_decode): tiles of one row each (zero
-    /// rows: padding), `num_splits` key splits sized per row on the device and merged by the
-    /// kernel itself.
+    /// rows: padding), `num_splits` key splits sized per row on the device (merged afterwards
+    /// by `attention_combine`).
     pub fn paged_attention_decode(
         &self,
         a: &DecodeAttention,
@@ -593,7 +593,6 @@ impl Kernels {
         b.arg(&a.out)
             .arg(&a.partial_out)
             .arg(&a.partial_ml)
-            .arg(&a.counters)
             .arg(&a.q)
             .arg(&a.key_cache)
             .arg(&a.value_cache)
@@ -608,8 +607,7 @@ impl Kernels {
             .arg(&split_len)
             .arg(&shape.scale);
         // SAFETY: as attention.cu documents for paged_attention_decode; the caller sizes the
-        // buffers (partials for num_tiles x q_heads x splits, counters for num_tiles x kv_heads,
-        // zero between launches).
+        // buffers (partials for num_tiles x q_heads x splits).
         unsafe { b.launch(cfg) }
             .map(drop)
             .map_err(launch_err("paged_attention_decode"))
@@ -825,11 +823,9 @@ pub struct Product {
 pub struct DecodeAttention {
     /// `[rows, q_heads * head_dim]`.
     pub out: u64,
-    /// f32 partial outputs and (max, sum) pairs of the splits.
+    /// f32 partial outputs and (max, sum) pairs of the splits, merged by `attention_combine`.
     pub partial_out: u64,
     pub partial_ml: u64,
-    /// i32 `[rows, kv_heads]`, zero between launches.
-    pub counters: u64,
     pub q: u64,
     pub key_cache: u64,
     pub value_cache: u64,

@@ -40,14 +40,11 @@ pub struct Workspace {
     pub sampled: DeviceBuffer,
     /// An eager step's packed inputs (a larger step gets a buffer of its own).
     pub inputs: DeviceBuffer,
-    /// i32 `[tokens, kv_heads]`: finished key splits per (row, KV head) of decode attention,
-    /// zero between steps.
-    pub split_counters: DeviceBuffer,
 }
 
 impl Workspace {
     /// Bytes of each buffer, in field order.
-    pub fn bytes_for(d: &Dims, tokens: usize, samples: usize) -> [usize; 15] {
+    pub fn bytes_for(d: &Dims, tokens: usize, samples: usize) -> [usize; 14] {
         let partial = Self::partial_capacity(d, tokens);
         [
             tokens * d.hidden * ELEM,
@@ -64,7 +61,6 @@ impl Workspace {
             samples * d.vocab_per_rank * d.world_size * ELEM,
             samples * 4,
             Packed::capacity(tokens, samples),
-            tokens * d.kv_heads * 4,
         ]
     }
 
@@ -99,7 +95,6 @@ impl Workspace {
             gathered: a(11, "logits")?,
             sampled: a(12, "sampled tokens")?,
             inputs: a(13, "step inputs")?,
-            split_counters: a(14, "attention split counters")?,
         })
     }
 
