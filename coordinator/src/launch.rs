@@ -1,13 +1,15 @@
 //! Brings the engine up from its flags: reads the model's config and tokenizer, starts (or
 //! reaches) the workers, runs their start-up sequence, checks that the KV cache can hold a
-//! sequence of max-model-len, and starts the engine actor. Shared by `serve` and `generate`.
+//! sequence of max-model-len, and starts the engine actor. Shared by `serve`, `generate` and the
+//! benchmarks; each ends with [`Launched::stop`], which stops the workers (local ones are reaped).
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 use tpserve_modelfile::{Format, ModelSource};
 use tpserve_proto as pb;
+use tpserve_term::human;
 
 use crate::config::{EngineArgs, LoadFormat};
 use crate::engine::{start_engine, EngineConfig, EngineHandle, EngineStatus, GroupLink};
@@ -16,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::scheduler::SchedulerConfig;
 use crate::served_model::ServedModel;
 use crate::workers::{
-    supervise, worker_binary, EtcdWorkers, GroupInit, GroupReady, LocalWorkers, WorkerGroup,
+    worker_binary, EtcdWorkers, GroupInit, GroupReady, LocalWorkers, Supervisor, WorkerGroup,
     WorkerSource,
 };
 
@@ -32,6 +34,35 @@ pub struct Launched {
     pub ready: GroupReady,
     /// The Prometheus metrics the engine updates.
     pub metrics: Arc<Metrics>,
+    /// Keeps the worker group formed; dropping it stops the workers without waiting.
+    pub supervisor: Supervisor,
+}
+
+/// How long the engine may take to finish its last step once its last handle is dropped.
+const ENGINE_STOP: Duration = Duration::from_secs(5);
+
+impl Launched {
+    /// Stops the engine, then the workers, and waits until they are gone (local ones exit and
+    /// are reaped). Every other handle to the engine must be dropped first: the engine ends once
+    /// none is left and the steps it has in flight are back, so stopping the workers cuts no
+    /// step off (which would be logged as a failure).
+    pub async fn stop(self) {
+        let Launched {
+            engine,
+            mut status,
+            supervisor,
+            ..
+        } = self;
+        drop(engine);
+        let ended = async { while status.changed().await.is_ok() {} };
+        if tokio::time::timeout(ENGINE_STOP, ended).await.is_err() {
+            tracing::warn!(
+                "the engine did not stop within {}; stopping the workers anyway",
+                human::duration(ENGINE_STOP)
+            );
+        }
+        supervisor.stop().await;
+    }
 }
 
 /// Starts everything; the first failure is returned with what failed.
@@ -85,13 +116,13 @@ pub async fn launch(
         gpu_memory_utilization: args.gpu_memory_utilization,
         max_num_batched_tokens: args.max_num_batched_tokens as u32,
         max_num_seqs: args.max_num_seqs as u32,
-        seed: args.seed,
+        seed: args.dummy_weights_seed,
         cuda_graph_sizes: args.cuda_graph_sizes(),
         batch_invariant: args.batch_invariant,
     };
     let (tx, events) = tokio::sync::mpsc::unbounded_channel();
     let (broken, broken_rx) = watch::channel(0u64);
-    let (group, ready) = if args.etcd_endpoints.is_empty() {
+    let (group, ready, supervisor) = if args.etcd_endpoints.is_empty() {
         let source = LocalWorkers::new(
             binary,
             args.tensor_parallel_size,
@@ -112,6 +143,7 @@ pub async fn launch(
     };
     let capacity = ready.num_blocks as usize * args.block_size;
     if capacity < max_model_len {
+        supervisor.stop().await;
         return Err(StartError::Config {
             detail: format!(
                 "the KV cache holds {capacity} tokens ({} blocks of {}), fewer than --max-model-len {max_model_len}; \
@@ -133,13 +165,14 @@ pub async fn launch(
         max_waiting_requests: args.max_waiting_requests,
         eos_token_ids: config.eos_token_ids.clone(),
         async_scheduling: args.async_scheduling(),
+        stall_timeout: std::time::Duration::from_secs_f64(args.engine_stall_timeout),
     };
-    engine_config
-        .scheduler
-        .validate()
-        .map_err(|e| StartError::Config {
+    if let Err(e) = engine_config.scheduler.validate() {
+        supervisor.stop().await;
+        return Err(StartError::Config {
             detail: e.to_string(),
-        })?;
+        });
+    }
     let name = served_model_name.unwrap_or_else(|| args.model.display().to_string());
     let metrics = Arc::new(Metrics::new(&name));
     let link = GroupLink {
@@ -148,15 +181,22 @@ pub async fn launch(
         broken,
     };
     let (engine, status) = start_engine(engine_config, link, tokenizer.clone(), metrics.clone());
+    let graphs = if ready.cuda_graphs > 0 {
+        format!(
+            ", {} captured in {}",
+            human::count(ready.cuda_graphs, "CUDA graph"),
+            human::seconds(ready.graph_capture_seconds)
+        )
+    } else {
+        String::new()
+    };
     tracing::info!(
-        device = %ready.device,
-        tp = args.tensor_parallel_size,
-        kv_blocks = ready.num_blocks,
-        max_model_len,
-        cuda_graphs = ready.cuda_graphs,
-        graph_capture_seconds = ready.graph_capture_seconds,
-        seconds = started.elapsed().as_secs_f64(),
-        "engine ready"
+        "engine ready in {}: {}, tensor-parallel size {}, {} of {} tokens, max-model-len {max_model_len}{graphs}",
+        human::duration(started.elapsed()),
+        ready.device,
+        args.tensor_parallel_size,
+        human::count(ready.num_blocks, "KV block"),
+        args.block_size,
     );
     let model = ServedModel {
         name,
@@ -173,17 +213,22 @@ pub async fn launch(
         status,
         ready,
         metrics,
+        supervisor,
     })
 }
 
 /// Forms the first group from `source`, then hands the source to a supervisor task that
-/// re-forms the group whenever it is lost.
+/// re-forms the group whenever it is lost. A group that fails to form has its workers stopped.
 async fn start_supervised<S: WorkerSource>(
     mut source: S,
     events: tokio::sync::mpsc::UnboundedSender<crate::workers::GroupEvent>,
     broken: watch::Receiver<u64>,
-) -> Result<(WorkerGroup, GroupReady), StartError> {
-    let formed = source.form().await?;
-    tokio::spawn(supervise(source, events, broken));
-    Ok(formed)
+) -> Result<(WorkerGroup, GroupReady, Supervisor), StartError> {
+    match source.form().await {
+        Ok((group, ready)) => Ok((group, ready, Supervisor::start(source, events, broken))),
+        Err(e) => {
+            source.stop().await;
+            Err(e)
+        }
+    }
 }

@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use tpserve_coordinator::{bench, offline, serve};
+use tpserve_term::progress;
 
 /// tpserve: tensor-parallel LLM serving with an OpenAI-compatible API.
 #[derive(Debug, Parser)]
@@ -9,6 +10,17 @@ use tpserve_coordinator::{bench, offline, serve};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How progress (loading weights, compiling kernels, capturing CUDA graphs, benchmark runs)
+    /// is shown: `auto` (bars on a terminal, a plain line every few seconds otherwise), `bars`,
+    /// `lines` or `off`.
+    #[arg(
+        long,
+        global = true,
+        env = "TPSERVE_PROGRESS",
+        default_value = "auto",
+        value_parser = parse_progress
+    )]
+    progress: progress::Mode,
 }
 
 #[derive(Debug, Subcommand)]
@@ -22,23 +34,28 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
+fn parse_progress(s: &str) -> Result<progress::Mode, String> {
+    match s.parse()? {
+        progress::Mode::Events => {
+            Err("`events` is for workers; use auto, bars, lines or off".into())
+        }
+        mode => Ok(mode),
+    }
+}
+
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,h2=warn,tower=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    progress::init(cli.progress);
+    tpserve_term::logging::init("info,h2=warn,tower=warn");
     let result = match cli.command {
         Command::Serve(args) => serve::run(args).await,
         Command::Generate(args) => offline::run(args).await,
         Command::Bench(command) => bench::run(command).await,
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        let message = tpserve_term::errors::one_line(e.chain().map(ToString::to_string));
+        eprintln!("error: {message}");
         std::process::exit(1);
     }
 }

@@ -1,6 +1,8 @@
 //! `tpserve generate`: the engine without HTTP, the counterpart of vLLM's `LLM.generate` and
 //! `LLM.chat`. Takes one prompt or a JSONL batch, submits everything at once (so continuous
-//! batching applies), writes results in input order, and reports throughput when done.
+//! batching applies), writes results in input order, and reports throughput when done. An
+//! answer that is empty because the model ended at once says so (and, on a model with a chat
+//! template, suggests `--chat` or `messages`) rather than printing an empty line.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -11,10 +13,11 @@ use clap::Args;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tpserve_modelfile::chat::ChatMessage;
+use tpserve_term::human;
 
 use crate::config::EngineArgs;
 use crate::engine::{FinishReason, GenerateEvent, GenerateRequest, Sampling};
-use crate::launch::{launch, Launched};
+use crate::launch::launch;
 
 /// Flags of `tpserve generate`.
 #[derive(Debug, Args)]
@@ -49,9 +52,9 @@ pub struct GenerateArgs {
     /// Default top-k (0: off).
     #[arg(long, default_value_t = 0)]
     pub top_k: i32,
-    /// Default seed.
+    /// Default sampling seed (a JSONL line's own `seed` wins); unseeded sampling differs run to run.
     #[arg(long)]
-    pub sampling_seed: Option<u64>,
+    pub seed: Option<u64>,
     /// Keep generating past end-of-sequence tokens (fixed-length benchmarks).
     #[arg(long)]
     pub ignore_eos: bool,
@@ -134,7 +137,8 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
         _ => bail!("give --prompt or --input"),
     };
-    let Launched { engine, model, .. } = launch(&args.engine, None).await?;
+    let launched = launch(&args.engine, None).await?;
+    let (engine, model) = (&launched.engine, &launched.model);
     let mut requests = Vec::with_capacity(lines.len());
     for (i, line) in lines.iter().enumerate() {
         let text = match (&line.prompt, &line.messages) {
@@ -171,7 +175,7 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 top_p: line.top_p.unwrap_or(args.top_p),
                 top_k: line.top_k.unwrap_or(args.top_k),
                 min_p: line.min_p.unwrap_or(0.0),
-                seed: line.seed.or(args.sampling_seed),
+                seed: line.seed.or(args.seed),
             },
             stop: line.stop.clone(),
             stop_token_ids: Vec::new(),
@@ -218,13 +222,33 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let generated: u64 = results.iter().map(|r| r.completion_tokens as u64).sum();
     let prompt: u64 = results.iter().map(|r| r.prompt_tokens as u64).sum();
     let failed = results.iter().filter(|r| r.error.is_some()).count();
+    let has_template = model.chat_template.is_some();
     if args.prompt.is_some() && args.output.is_none() {
         let r = &results[0];
         match &r.error {
             Some(e) => bail!("generation failed: {e}"),
+            None if r.ended_at_once() => {
+                tracing::warn!(
+                    "{}",
+                    ended_at_once_hint(has_template && !args.chat, "--chat")
+                )
+            }
             None => println!("{}", r.text),
         }
     } else {
+        let empty = results.iter().filter(|r| r.ended_at_once()).count();
+        let raw_prompts = lines.iter().any(|l| l.prompt.is_some());
+        if empty > 0 {
+            tracing::warn!(
+                "{} of {} empty: {}",
+                human::count(empty as u64, "answer"),
+                results.len(),
+                ended_at_once_hint(
+                    has_template && raw_prompts,
+                    "{\"messages\": [...]} lines (or --chat with --prompt)"
+                )
+            );
+        }
         let mut sink: Box<dyn Write> = match &args.output {
             Some(p) => Box::new(
                 std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
@@ -236,14 +260,45 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
         sink.flush()?;
     }
+    let failures = if failed > 0 {
+        format!(" ({failed} failed)")
+    } else {
+        String::new()
+    };
     eprintln!(
-        "{} requests ({failed} failed), {prompt} prompt + {generated} generated tokens in {elapsed:.2} s: {:.1} generated tokens/s, {:.1} total tokens/s",
-        results.len(),
+        "{}{failures}, {prompt} prompt + {generated} generated tokens in {}: {:.1} generated tokens/s, {:.1} total tokens/s",
+        human::count(results.len() as u64, "request"),
+        human::seconds(elapsed),
         generated as f64 / elapsed,
         (generated + prompt) as f64 / elapsed
     );
+    launched.stop().await;
     if failed > 0 {
-        bail!("{failed} requests failed");
+        bail!("{} failed", human::count(failed as u64, "request"));
     }
     Ok(())
+}
+
+impl OutputLine {
+    /// The model stopped before writing anything: its first token ended the sequence.
+    fn ended_at_once(&self) -> bool {
+        self.error.is_none()
+            && self.finish_reason == Some(FinishReason::Stop)
+            && self.completion_tokens <= 1
+            && self.text.trim().is_empty()
+    }
+}
+
+/// What to tell the user when an answer is empty because the model ended at once; `suggest`
+/// names what would apply the chat template, when the model has one and it was not applied.
+fn ended_at_once_hint(chat_model: bool, suggest: &str) -> String {
+    let what = "the model ended at once (its first token was end-of-sequence)";
+    if chat_model {
+        format!(
+            "{what}: it has a chat template, so it is probably an instruct model that expects \
+             chat turns; try {suggest}"
+        )
+    } else {
+        what.to_string()
+    }
 }

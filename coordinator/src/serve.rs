@@ -1,16 +1,25 @@
 //! `tpserve serve`: brings the engine up and serves the OpenAI-compatible API until SIGINT or
-//! SIGTERM. `/health` follows the engine's status. Shutdown is graceful: `/health` turns
-//! unready, new requests are refused, running ones finish (up to `--shutdown-timeout`, then they
-//! end with an error), and the workers exit with the server.
+//! SIGTERM. `/health` follows the engine's status. Shutdown drains: on the signal `/health`
+//! answers 503 (load balancers and readiness probes stop sending) and new requests are refused
+//! with 503, while the listener stays open and the running requests finish; once none runs (or
+//! `--shutdown-timeout` has passed and they were ended with an error), the listener closes, open
+//! responses complete, and the workers are stopped and reaped before the process exits.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use tokio::sync::watch;
+use tpserve_term::human;
 
 use crate::api::{metrics_router, require_api_key, router, ApiState, Health};
 use crate::config::EngineArgs;
+use crate::engine::{EngineHandle, EngineStatus};
 use crate::launch::launch;
+
+/// How long responses still open when the listener closes may take to complete.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Flags of `tpserve serve`.
 #[derive(Debug, Args)]
@@ -32,6 +41,10 @@ pub struct ServeArgs {
     /// Seconds running requests may take to finish after SIGTERM or Ctrl-C before they are ended.
     #[arg(long, env = "TPSERVE_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
     pub shutdown_timeout: f64,
+    /// Print `TPSERVE_LISTENING <url>` on stdout once the server listens (for scripts and tests
+    /// that pass `--port 0`).
+    #[arg(long, env = "TPSERVE_PRINT_LISTENING_URL")]
+    pub print_listening_url: bool,
 }
 
 /// Runs the server until a shutdown signal.
@@ -45,12 +58,33 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 .ok_or(())
         })
         .map_err(|_| anyhow::anyhow!("cannot resolve --host {}", args.host))?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
-    let launched = launch(&args.engine, args.served_model_name.clone()).await?;
-    let (health_tx, health_rx) = tokio::sync::watch::channel(Health::Ready);
-    let (signalled_tx, signalled) = tokio::sync::watch::channel(false);
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => anyhow::bail!(
+            "port {port} is already in use on {host} (another server, perhaps another tpserve, \
+             listens there: `ss -ltnp 'sport = :{port}'` names it); stop it, or pick a free port \
+             with --port",
+            port = addr.port(),
+            host = addr.ip(),
+        ),
+        Err(e) => return Err(e).with_context(|| format!("binding {addr}")),
+    };
+    // The name of the signal that started shutdown, once one has.
+    let (signalled_tx, signalled) = watch::channel(None::<&'static str>);
+    tokio::spawn(async move {
+        let signal = shutdown_signal().await;
+        let _ = signalled_tx.send(Some(signal));
+    });
+    let mut interrupted = signalled.clone();
+    let launched = tokio::select! {
+        launched = launch(&args.engine, args.served_model_name.clone()) => launched?,
+        _ = interrupted.wait_for(Option::is_some) => {
+            // Dropping the start-up kills the workers it has spawned.
+            tracing::info!("interrupted while starting; stopped");
+            return Ok(());
+        }
+    };
+    let (health_tx, health_rx) = watch::channel(Health::Ready);
     // /health follows the engine's status, and turns unready for good once shutdown starts.
     let mut status = launched.status.clone();
     let mut stopping = signalled.clone();
@@ -64,16 +98,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     let s = status.borrow().clone();
                     health_tx.send_replace(if s.healthy { Health::Ready } else { Health::NotReady { reason: s.detail } });
                 }
-                _ = stopping.wait_for(|s| *s) => {
+                _ = stopping.wait_for(Option::is_some) => {
                     health_tx.send_replace(Health::NotReady { reason: "the server is shutting down".into() });
                     return;
                 }
             }
         }
-    });
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = signalled_tx.send(true);
     });
     let app = router(ApiState {
         engine: launched.engine.clone(),
@@ -86,36 +116,87 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         None => app,
     };
     let bound = listener.local_addr()?;
-    tracing::info!(model = %launched.model.name, "serving the OpenAI API on http://{bound}");
-    println!("TPSERVE_LISTENING http://{bound}");
-    let engine = launched.engine.clone();
-    let mut graceful = signalled.clone();
+    tracing::info!(
+        "serving {} on http://{bound} (OpenAI API under /v1; Ctrl-C stops)",
+        launched.model.name
+    );
+    if args.print_listening_url {
+        println!("TPSERVE_LISTENING http://{bound}");
+    }
+    let drained = drain(
+        signalled,
+        launched.engine.clone(),
+        launched.status.clone(),
+        Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
+    );
+    let (closing_tx, closing) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = graceful.wait_for(|s| *s).await;
-        tracing::info!("shutting down: refusing new requests, finishing the running ones");
-        engine.drain();
+        drained.await;
+        let _ = closing_tx.send(());
     });
-    let server = std::future::IntoFuture::into_future(server);
-    tokio::pin!(server);
-    let timeout = std::time::Duration::from_secs_f64(args.shutdown_timeout);
-    let mut deadline = signalled.clone();
+    let mut server = Box::pin(std::future::IntoFuture::into_future(server));
     tokio::select! {
         result = &mut server => result.context("serving HTTP")?,
         _ = async move {
-            let _ = deadline.wait_for(|s| *s).await;
-            tokio::time::sleep(timeout).await;
+            match closing.await {
+                Ok(()) => tokio::time::sleep(CLOSE_GRACE).await,
+                Err(_) => std::future::pending().await,
+            }
         } => {
-            tracing::warn!("requests still running after --shutdown-timeout {timeout:?}: ending them");
-            launched.engine.abort_all("the server is shutting down");
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), &mut server).await;
+            tracing::warn!("responses still open {} after the listener closed: dropping them", human::duration(CLOSE_GRACE));
         }
     }
-    drop(launched);
+    // The server holds handles to the engine; they must go before the engine can stop.
+    drop(server);
+    launched.stop().await;
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves when the listener may close: after the shutdown signal, once no request is running
+/// or waiting, or once `timeout` has passed and the engine has ended those that were.
+async fn drain(
+    mut signalled: watch::Receiver<Option<&'static str>>,
+    engine: EngineHandle,
+    mut status: watch::Receiver<EngineStatus>,
+    timeout: Duration,
+) {
+    let signal = signalled
+        .wait_for(Option::is_some)
+        .await
+        .map(|name| name.unwrap_or("a signal"));
+    let Ok(signal) = signal else {
+        // The signal task is gone: no shutdown will come through here.
+        return std::future::pending().await;
+    };
+    engine.drain();
+    let busy = |s: &EngineStatus| s.running + s.waiting;
+    let left = busy(&status.borrow());
+    if left == 0 {
+        tracing::info!("{signal}: shutting down (no request is running)");
+        return;
+    }
+    tracing::info!(
+        "{signal}: shutting down: /health answers 503 and new requests are refused while {} finish (up to {}, --shutdown-timeout)",
+        human::count(left as u64, "running request"),
+        human::duration(timeout)
+    );
+    let finished = tokio::time::timeout(timeout, status.wait_for(|s| busy(s) == 0))
+        .await
+        .is_ok();
+    if !finished {
+        let left = busy(&status.borrow());
+        tracing::warn!(
+            "{} still running after --shutdown-timeout {}: ending them",
+            human::count(left as u64, "request"),
+            human::duration(timeout)
+        );
+        engine.abort_all("the server is shutting down");
+    }
+}
+
+/// Waits for SIGINT (Ctrl-C) or SIGTERM and returns its name.
+async fn shutdown_signal() -> &'static str {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -127,6 +208,8 @@ async fn shutdown_signal() {
             Err(_) => std::future::pending::<()>().await,
         }
     };
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!("shutting down");
+    tokio::select! {
+        _ = ctrl_c => "SIGINT",
+        _ = term => "SIGTERM",
+    }
 }

@@ -45,6 +45,36 @@ pub fn default_model() -> PathBuf {
     p
 }
 
+/// An etcd server binary: `TPSERVE_ETCD_BIN`, else `etcd` on `PATH`, else the copy
+/// `scripts/install-etcd.sh` caches.
+pub fn etcd_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("TPSERVE_ETCD_BIN") {
+        return PathBuf::from(p);
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = PathBuf::from(dir).join("etcd");
+        if p.exists() {
+            return p;
+        }
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let p = PathBuf::from(home).join(".cache/tpserve/tools/etcd/etcd");
+    assert!(
+        p.exists(),
+        "no etcd binary: run scripts/install-etcd.sh (or set TPSERVE_ETCD_BIN)"
+    );
+    p
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A running `tpserve serve`.
 pub struct Server {
     /// `http://127.0.0.1:PORT`.
@@ -58,7 +88,13 @@ impl Server {
     pub async fn start(args: &[&str]) -> Server {
         let mut child = Command::new(binary("tpserve"))
             .arg("serve")
-            .args(["--port", "0", "--host", "127.0.0.1"])
+            .args([
+                "--port",
+                "0",
+                "--host",
+                "127.0.0.1",
+                "--print-listening-url",
+            ])
             .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())

@@ -4,39 +4,11 @@
 //! 20 s, `/health` turns unready, the worker is restarted, the group re-forms within a minute,
 //! and the same greedy request gives the same answer as before.
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tpserve_e2e::{binary, default_model, post_json, read_sse, Server};
-
-fn etcd_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("TPSERVE_ETCD_BIN") {
-        return PathBuf::from(p);
-    }
-    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-        let p = PathBuf::from(dir).join("etcd");
-        if p.exists() {
-            return p;
-        }
-    }
-    let home = std::env::var("HOME").unwrap_or_default();
-    let p = PathBuf::from(home).join(".cache/tpserve/tools/etcd/etcd");
-    assert!(
-        p.exists(),
-        "no etcd binary: run scripts/install-etcd.sh (or set TPSERVE_ETCD_BIN)"
-    );
-    p
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use tpserve_e2e::{binary, default_model, etcd_binary, free_port, post_json, read_sse, Server};
 
 /// Kills its process when dropped.
 struct Proc(Child);

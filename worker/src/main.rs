@@ -14,10 +14,13 @@ use tpserve_worker::service::WorkerService;
 #[derive(Debug, Parser)]
 #[command(name = "tpserve-worker", version)]
 struct Args {
-    /// Address to serve gRPC on; port 0 picks a free port. The bound address is printed on
-    /// stdout as `TPSERVE_WORKER_LISTENING <addr>`.
+    /// Address to serve gRPC on; port 0 picks a free port (the bound address is logged).
     #[arg(long, env = "TPSERVE_WORKER_LISTEN", default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// Print `TPSERVE_WORKER_LISTENING <addr>` on stdout once listening (for the coordinator
+    /// that spawned this worker).
+    #[arg(long)]
+    print_listening_address: bool,
     /// Compute device: `auto` (a GPU when a CUDA driver and a GPU are present, else the CPU),
     /// `cpu`, `cuda` (the GPU of this worker's rank, modulo the visible GPUs) or `cuda:N`.
     #[arg(long, env = "TPSERVE_DEVICE", default_value = "auto")]
@@ -51,25 +54,33 @@ struct Args {
     /// never outlive it).
     #[arg(long)]
     exit_on_stdin_close: bool,
+    /// How progress (loading weights, compiling kernels, capturing CUDA graphs) is shown: `auto`
+    /// (bars on a terminal, a plain line every few seconds otherwise), `bars`, `lines`, `events`
+    /// (lines on stdout for the coordinator that spawned this worker to draw) or `off`.
+    #[arg(long, env = "TPSERVE_PROGRESS", default_value = "auto")]
+    progress: tpserve_term::progress::Mode,
 }
 
 #[tokio::main]
 async fn main() {
-    if let Err(e) = run().await {
-        eprintln!("error: {e:#}");
+    let args = Args::parse();
+    tpserve_term::progress::init(args.progress);
+    tpserve_worker::logging::init_logging("info");
+    if let Err(e) = run(args).await {
+        let message = tpserve_term::errors::one_line(e.chain().map(ToString::to_string));
+        eprintln!("error: {message}");
         std::process::exit(1);
     }
 }
 
-async fn run() -> anyhow::Result<()> {
-    tpserve_worker::logging::init_logging("info");
-    let args = Args::parse();
+async fn run(args: Args) -> anyhow::Result<()> {
     let device = DeviceChoice::parse(&args.device)?;
     if args.exit_on_stdin_close {
         std::thread::spawn(|| {
             let mut sink = Vec::new();
             let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
-            tracing::info!("standard input closed: the coordinator is gone; exiting");
+            // The coordinator stopped this worker (or is gone): its own log says which.
+            tracing::debug!("standard input closed; exiting");
             std::process::exit(0);
         });
     }
@@ -80,13 +91,18 @@ async fn run() -> anyhow::Result<()> {
         args.rank.unwrap_or(0),
     )
     .map_err(anyhow::Error::msg)?;
-    tracing::info!(device = %service.device().name, kind = service.device().kind, "device ready");
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
-    println!("TPSERVE_WORKER_LISTENING {addr}");
-    tracing::info!(%addr, device = %args.device, "worker serving");
+    if args.print_listening_address {
+        println!("TPSERVE_WORKER_LISTENING {addr}");
+    }
+    tracing::info!(
+        "worker serving gRPC on {addr}: {} ({})",
+        service.device().kind,
+        service.device().name
+    );
     let registration = if args.etcd_endpoints.is_empty() {
         None
     } else {

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status, Streaming};
 use tpserve_proto as pb;
 use tpserve_proto::worker_server::Worker;
+use tpserve_term::human;
 
 use crate::backend::{create_backend, DeviceChoice, DeviceInfo};
 use crate::error::WorkerError;
@@ -184,9 +185,9 @@ impl Worker for WorkerService {
         self.ready.store(false, Ordering::SeqCst);
         let resp = self.run(move |r| r.load_model(&req)).await?;
         tracing::info!(
-            weight_bytes = resp.weight_bytes,
-            seconds = resp.load_seconds,
-            "model loaded"
+            "weights loaded: {} in {}",
+            human::bytes(resp.weight_bytes),
+            human::seconds(resp.load_seconds)
         );
         Ok(Response::new(resp))
     }
@@ -228,12 +229,16 @@ impl Worker for WorkerService {
             })
             .await?;
         self.ready.store(true, Ordering::SeqCst);
-        tracing::info!(
-            seconds = report.seconds,
-            cuda_graphs = report.decode.graphs,
-            graph_capture_seconds = report.decode.seconds,
-            "warm-up done"
-        );
+        let graphs = if report.decode.graphs > 0 {
+            format!(
+                "; {} captured in {}",
+                human::count(report.decode.graphs as u64, "CUDA graph"),
+                human::seconds(report.decode.seconds)
+            )
+        } else {
+            String::new()
+        };
+        tracing::info!("warm-up done in {}{graphs}", human::seconds(report.seconds));
         Ok(Response::new(pb::WarmupResponse {
             seconds: report.seconds,
             cuda_graphs: report.decode.graphs as u32,

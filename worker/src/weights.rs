@@ -2,6 +2,8 @@
 //! narrowed to its shard and fused (`model_parts`), where they come from (a checkpoint, or random
 //! of the config's shape for `--load-format dummy`), and reading them as f32. The CUDA backend
 //! rounds what it reads to its dtype and initialises dummy weights on the device instead.
+//! Loading a checkpoint reports its progress in tensors read (`tpserve_term::progress`), whatever
+//! the backend, because every read goes through `load_shard`'s counting reader.
 
 use std::ops::Range;
 use std::path::Path;
@@ -9,6 +11,7 @@ use std::path::Path;
 use rand::{Rng, SeedableRng};
 use tpserve_modelfile::{Format, LlamaConfig, ModelSource, WeightReader};
 use tpserve_proto as pb;
+use tpserve_term::progress::{Task, Unit};
 
 use crate::error::{Result, WorkerError};
 use crate::shard::ShardPlan;
@@ -134,6 +137,16 @@ pub fn model_parts(config: &LlamaConfig, shard: &ShardPlan, source: &WeightSourc
     }
 }
 
+impl ModelParts {
+    /// How many checkpoint tensors (or slices of them) the rank reads.
+    pub fn count(&self) -> usize {
+        let per_layer = |l: &LayerParts| {
+            4 + l.qkv.len() + l.qkv_bias.as_ref().map_or(0, Vec::len) + l.gate_up.len()
+        };
+        self.layers.iter().map(per_layer).sum::<usize>() + 2 + usize::from(self.lm_head.is_some())
+    }
+}
+
 /// The range dummy values of a tensor are drawn from: norm weights are all 1, everything else
 /// uniform in [-0.02, 0.02).
 pub fn dummy_range(name: &str) -> (f32, f32) {
@@ -202,7 +215,52 @@ pub fn load_shard<T>(
         let config = source.config().clone();
         let shard = ShardPlan::new(&config, rank, world)?;
         let weights = source.weights()?;
-        load(&config, shard, &WeightSource::Reader(weights.as_ref()))
+        let tensors = model_parts(&config, &shard, &WeightSource::Reader(weights.as_ref())).count();
+        let counted = Counted {
+            inner: weights.as_ref(),
+            task: Task::new("loading weights", tensors as u64, Unit::items("tensors")),
+        };
+        let loaded = load(&config, shard, &WeightSource::Reader(&counted));
+        counted.task.finish();
+        loaded
+    }
+}
+
+/// A reader that counts the tensors read, for the progress of a load.
+struct Counted<'a> {
+    inner: &'a dyn WeightReader,
+    task: Task,
+}
+
+impl WeightReader for Counted<'_> {
+    fn names(&self) -> Vec<String> {
+        self.inner.names()
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(name)
+    }
+
+    fn shape(&self, name: &str) -> tpserve_modelfile::Result<Vec<usize>> {
+        self.inner.shape(name)
+    }
+
+    fn read(&self, name: &str) -> tpserve_modelfile::Result<candle_core::Tensor> {
+        let t = self.inner.read(name);
+        self.task.inc(1);
+        t
+    }
+
+    fn read_slice(
+        &self,
+        name: &str,
+        dim: usize,
+        start: usize,
+        len: usize,
+    ) -> tpserve_modelfile::Result<candle_core::Tensor> {
+        let t = self.inner.read_slice(name, dim, start, len);
+        self.task.inc(1);
+        t
     }
 }
 

@@ -6,7 +6,8 @@
 //! wrong field types come out in the same shape instead of axum's plain-text bodies.
 //!
 //! Statuses: 400 bad input, 404 unknown model or route, 405 wrong method, 413 body too large,
-//! 429 queue full and 503 engine unavailable (both with `Retry-After`), 500 worker failure.
+//! 429 queue full and 503 engine unavailable (both with `Retry-After`), 503 engine stalled
+//! (`/live`), 500 worker failure.
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
@@ -58,6 +59,10 @@ pub enum ApiError {
     /// The server is not ready to serve (503): `/health` while workers are down or starting.
     #[error("{detail}")]
     NotReady { detail: String },
+    /// The engine loop has stalled (503 from `/live`): on a step the workers do not answer
+    /// (`on_workers`), or in the engine itself.
+    #[error("{detail}")]
+    Stalled { detail: String, on_workers: bool },
     /// The engine refused or failed the request.
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -101,7 +106,7 @@ impl ApiError {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotReady { .. } | Self::Stalled { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Engine(e) => match e {
                 EngineError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -137,6 +142,14 @@ impl ApiError {
             Self::MethodNotAllowed { .. } => ("invalid_request_error", Some("method_not_allowed")),
             Self::PayloadTooLarge { .. } => ("invalid_request_error", Some("payload_too_large")),
             Self::NotReady { .. } => ("service_unavailable_error", Some("service_unavailable")),
+            Self::Stalled { on_workers, .. } => (
+                "service_unavailable_error",
+                Some(if *on_workers {
+                    "workers_stalled"
+                } else {
+                    "engine_stalled"
+                }),
+            ),
             Self::Internal { .. } => ("server_error", Some("internal_error")),
             Self::Engine(e) => match e {
                 EngineError::QueueFull { .. } => ("rate_limit_error", Some("queue_full")),

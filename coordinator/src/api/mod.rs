@@ -1,5 +1,5 @@
 //! The OpenAI-compatible HTTP API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
-//! and vLLM's `/tokenize`, `/detokenize` and `/health`.
+//! vLLM's `/tokenize`, `/detokenize` and `/health` (readiness), and `/live` (liveness).
 //!
 //! Handlers are thin: parse (`protocol`), check and build engine requests (`validate`), submit
 //! through the [`EngineHandle`] (`sequences`), answer whole or as SSE (`sse`). All error
@@ -15,6 +15,7 @@ mod chat;
 mod completions;
 mod error;
 mod health;
+mod live;
 mod metrics;
 mod models;
 mod protocol;
@@ -72,6 +73,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .route("/health", get(health::health))
+        .route("/live", get(live::live))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

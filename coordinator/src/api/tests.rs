@@ -4,7 +4,7 @@
 //! `tests/`.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, Request, StatusCode};
@@ -17,7 +17,7 @@ use tpserve_modelfile::chat::ChatTemplate;
 
 use super::{router, ApiState, Health};
 use crate::engine::handle::EngineCommand;
-use crate::engine::{EngineHandle, FinishReason, GenerateEvent, GenerateRequest};
+use crate::engine::{EngineHandle, FinishReason, GenerateEvent, GenerateRequest, Liveness};
 use crate::error::EngineError;
 use crate::served_model::ServedModel;
 
@@ -149,7 +149,15 @@ struct Harness {
     /// Ids of aborted sequences.
     aborted: mpsc::UnboundedReceiver<u64>,
     health: watch::Sender<Health>,
+    /// The engine loop's heartbeat, made `HEARTBEAT_AGE` ago with a stall timeout of
+    /// `STALL_TIMEOUT`, and beaten when the harness was built.
+    liveness: Liveness,
+    /// When `liveness` was made: a beat then is a stalled loop now.
+    liveness_origin: Instant,
 }
+
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+const HEARTBEAT_AGE: Duration = Duration::from_secs(60);
 
 fn harness_with(script: Script, chat_template: Option<ChatTemplate>) -> Harness {
     let (commands_tx, mut commands_rx) = mpsc::unbounded_channel();
@@ -199,8 +207,12 @@ fn harness_with(script: Script, chat_template: Option<ChatTemplate>) -> Harness 
         chat_template: chat_template.map(Arc::new),
         created: 1_700_000_000,
     };
+    let now = Instant::now();
+    let liveness_origin = now.checked_sub(HEARTBEAT_AGE).unwrap_or(now);
+    let liveness = Liveness::new(liveness_origin, STALL_TIMEOUT);
+    liveness.beat(now);
     let app = router(ApiState {
-        engine: EngineHandle::new(commands_tx),
+        engine: EngineHandle::new(commands_tx, liveness.clone()),
         model,
         health: health_rx,
     });
@@ -209,6 +221,8 @@ fn harness_with(script: Script, chat_template: Option<ChatTemplate>) -> Harness 
         submitted,
         aborted,
         health,
+        liveness,
+        liveness_origin,
     }
 }
 
@@ -985,6 +999,52 @@ async fn health_follows_the_watch_channel() {
 
     h.health.send_replace(Health::Ready);
     assert_eq!(get(&h.app, "/health").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn live_follows_the_engine_heartbeat_and_not_the_workers_readiness() {
+    let h = harness(echo());
+    assert!(
+        h.liveness_origin + STALL_TIMEOUT < Instant::now(),
+        "the harness's heartbeat must be old enough to look stalled"
+    );
+    let alive = get(&h.app, "/live").await;
+    assert_eq!(alive.status, StatusCode::OK);
+    assert!(alive.body.is_empty());
+
+    // Workers down (a group re-forming): unready, but alive.
+    h.health.send_replace(Health::NotReady {
+        reason: "worker 1 is down".into(),
+    });
+    assert_eq!(
+        get(&h.app, "/health").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(get(&h.app, "/live").await.status, StatusCode::OK);
+    h.health.send_replace(Health::Ready);
+
+    // Waiting on the workers for step 7 since long before the timeout: stalled on them.
+    let waiting = h.liveness.wait_on_workers(h.liveness_origin, 7);
+    let stalled = get(&h.app, "/live").await;
+    let message = stalled.assert_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "service_unavailable_error",
+        None,
+    );
+    assert_eq!(stalled.json()["error"]["code"], "workers_stalled");
+    assert!(message.contains("step 7"), "{message}");
+    assert!(message.contains("--engine-stall-timeout 30"), "{message}");
+    assert_eq!(get(&h.app, "/health").await.status, StatusCode::OK);
+
+    // The step came back: alive again.
+    drop(waiting);
+    assert_eq!(get(&h.app, "/live").await.status, StatusCode::OK);
+
+    // No beat for as long, with no step outstanding: the engine itself is stuck.
+    h.liveness.beat(h.liveness_origin);
+    let stuck = get(&h.app, "/live").await;
+    assert_eq!(stuck.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(stuck.json()["error"]["code"], "engine_stalled");
 }
 
 #[tokio::test]

@@ -11,6 +11,7 @@ use anyhow::Context;
 use clap::Args;
 use futures::StreamExt;
 use serde::Serialize;
+use tpserve_term::progress::{Task, Unit};
 
 use super::membw::read_bandwidth;
 use crate::config::EngineArgs;
@@ -69,6 +70,11 @@ pub async fn run(args: DecodeArgs) -> anyhow::Result<DecodeReport> {
         .map(|i| 1000 + (i as u32 * 37) % 5000)
         .collect();
     let mut runs = Vec::new();
+    let progress = Task::new(
+        "bench decode",
+        args.runs.max(1) as u64 * u64::from(args.output_len),
+        Unit::items("tokens"),
+    );
     for _ in 0..args.runs.max(1) {
         let request = GenerateRequest::fixed_length_greedy(prompt.clone(), args.output_len);
         let started = Instant::now();
@@ -78,6 +84,7 @@ pub async fn run(args: DecodeArgs) -> anyhow::Result<DecodeReport> {
             match event {
                 GenerateEvent::Delta { token_ids, .. } => {
                     tokens += token_ids.len() as u32;
+                    progress.inc(token_ids.len() as u64);
                     last = Instant::now();
                     first.get_or_insert(last);
                 }
@@ -92,6 +99,7 @@ pub async fn run(args: DecodeArgs) -> anyhow::Result<DecodeReport> {
             (tokens.saturating_sub(1)) as f64 / decode_s,
         ));
     }
+    progress.finish();
     runs.sort_by(|a, b| a.1.total_cmp(&b.1));
     let (ttft, tps) = runs[runs.len() / 2];
     let threads = args.engine.threads_per_worker() * tp;
@@ -130,5 +138,6 @@ pub async fn run(args: DecodeArgs) -> anyhow::Result<DecodeReport> {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    launched.stop().await;
     Ok(report)
 }

@@ -15,7 +15,6 @@
 mod report;
 mod wire;
 
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -30,6 +29,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tpserve_term::human;
+use tpserve_term::progress::{Task, Unit};
 
 use report::{print_table, report, Run};
 pub use report::{summarize, ServeReport, Summary};
@@ -307,16 +308,43 @@ async fn send(
     Outcome::Failed("the stream ended without [DONE]".into())
 }
 
-/// Counters the progress line reads while the run goes on.
-#[derive(Default)]
+/// The run's counters, shown as its progress (a bar on a terminal, a line every few seconds in a
+/// log) while it goes on.
 struct Progress {
     completed: AtomicUsize,
     cancelled: AtomicUsize,
     failed: AtomicUsize,
     in_flight: AtomicUsize,
+    task: Task,
 }
 
 impl Progress {
+    fn new(total: usize) -> Self {
+        Self {
+            completed: AtomicUsize::new(0),
+            cancelled: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            task: Task::new("bench serve", total as u64, Unit::items("requests")),
+        }
+    }
+
+    /// Shows the counters as they are now.
+    fn show(&self) {
+        let load = |a: &AtomicUsize| a.load(Ordering::Relaxed);
+        let (c, x, f) = (
+            load(&self.completed),
+            load(&self.cancelled),
+            load(&self.failed),
+        );
+        self.task.set_position((c + x + f) as u64);
+        self.task.set_message(format!(
+            "{c} completed, {x} cancelled, {f} failed; {} in flight",
+            load(&self.in_flight)
+        ));
+    }
+
+    /// The closing line.
     fn line(&self, total: usize, elapsed: f64) -> String {
         let load = |a: &AtomicUsize| a.load(Ordering::Relaxed);
         let (c, x, f) = (
@@ -325,9 +353,9 @@ impl Progress {
             load(&self.failed),
         );
         format!(
-            "{}/{total} done: {c} completed, {x} cancelled, {f} failed; {} in flight; {elapsed:.0} s",
+            "{}/{total} done in {}: {c} completed, {x} cancelled, {f} failed",
             c + x + f,
-            load(&self.in_flight)
+            human::seconds(elapsed)
         )
     }
 }
@@ -354,27 +382,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ServeReport> {
     );
 
     let server_before = server_metrics(&client, &base).await;
-    let progress = Arc::new(Progress::default());
+    let progress = Arc::new(Progress::new(total));
     let started = Instant::now();
-    let reporter = {
-        let progress = Arc::clone(&progress);
-        let terminal = std::io::stderr().is_terminal();
-        tokio::spawn(async move {
-            // In place on a terminal; one line every 5 s into a log.
-            let period = if terminal { 500 } else { 5000 };
-            let mut tick = tokio::time::interval(Duration::from_millis(period));
-            loop {
-                tick.tick().await;
-                let line = progress.line(total, started.elapsed().as_secs_f64());
-                if terminal {
-                    eprint!("\r{line}\x1b[K");
-                    let _ = std::io::stderr().flush();
-                } else {
-                    eprintln!("{line}");
-                }
-            }
-        })
-    };
 
     let semaphore = args.max_concurrency.map(|c| Arc::new(Semaphore::new(c)));
     let timeout = Duration::from_secs_f64(args.request_timeout);
@@ -396,6 +405,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ServeReport> {
         let body = request_body(endpoint, &args.model, &planned);
         let (client, url, progress) = (client.clone(), url.clone(), Arc::clone(&progress));
         progress.in_flight.fetch_add(1, Ordering::Relaxed);
+        progress.show();
         tasks.spawn(async move {
             let outcome =
                 tokio::time::timeout(timeout, send(&client, &url, &body, planned.cancel_after))
@@ -408,6 +418,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ServeReport> {
             };
             counter.fetch_add(1, Ordering::Relaxed);
             progress.in_flight.fetch_sub(1, Ordering::Relaxed);
+            progress.show();
             drop(permit);
             (index, outcome)
         });
@@ -421,16 +432,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ServeReport> {
         }
     }
     let duration = started.elapsed().as_secs_f64();
-    reporter.abort();
-    eprintln!(
-        "{}{}",
-        if std::io::stderr().is_terminal() {
-            "\r"
-        } else {
-            ""
-        },
-        progress.line(total, duration)
-    );
+    progress.task.finish();
+    eprintln!("{}", progress.line(total, duration));
 
     let server_after = server_after(&client, &base).await;
     let report = report(

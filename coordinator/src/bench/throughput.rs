@@ -14,10 +14,11 @@ use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
+use tpserve_term::progress::{Task, Unit};
 
 use crate::config::EngineArgs;
 use crate::engine::{GenerateEvent, GenerateRequest};
-use crate::launch::{launch, Launched};
+use crate::launch::launch;
 
 /// Prompt token ids are drawn from `[FIRST_ID, LAST_ID)`: past the special and byte tokens at
 /// the start of most vocabularies, inside every vocabulary this project serves.
@@ -69,12 +70,8 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<ThroughputReport> {
     if args.num_prompts == 0 || args.input_len == 0 || args.output_len == 0 {
         bail!("--num-prompts, --input-len and --output-len must be positive");
     }
-    let Launched {
-        engine,
-        model,
-        ready,
-        ..
-    } = launch(&args.engine, None).await?;
+    let launched = launch(&args.engine, None).await?;
+    let (engine, model, ready) = (&launched.engine, &launched.model, &launched.ready);
     let vocab = model.tokenizer.get_vocab_size(true) as u32;
     let last = LAST_ID.min(vocab);
     if last <= FIRST_ID {
@@ -107,21 +104,32 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<ThroughputReport> {
                 .with_context(|| format!("submitting request {i}"))?,
         );
     }
-    let finished = futures::future::join_all(streams.into_iter().map(|mut s| async move {
-        while let Some(event) = s.next().await {
-            match event {
-                GenerateEvent::Delta { .. } => {}
-                GenerateEvent::Finished {
-                    prompt_tokens,
-                    completion_tokens,
-                    ..
-                } => return Ok((u64::from(prompt_tokens), u64::from(completion_tokens))),
-                GenerateEvent::Error(e) => return Err(e.to_string()),
-            }
+    let progress = Task::new(
+        "bench throughput",
+        args.num_prompts as u64,
+        Unit::items("requests"),
+    );
+    let finished = futures::future::join_all(streams.into_iter().map(|mut s| {
+        let progress = progress.clone();
+        async move {
+            let result = loop {
+                match s.next().await {
+                    Some(GenerateEvent::Delta { .. }) => {}
+                    Some(GenerateEvent::Finished {
+                        prompt_tokens,
+                        completion_tokens,
+                        ..
+                    }) => break Ok((u64::from(prompt_tokens), u64::from(completion_tokens))),
+                    Some(GenerateEvent::Error(e)) => break Err(e.to_string()),
+                    None => break Err("the stream ended without a result".to_owned()),
+                }
+            };
+            progress.inc(1);
+            result
         }
-        Err("the stream ended without a result".to_owned())
     }))
     .await;
+    progress.finish();
     let elapsed = started.elapsed().as_secs_f64();
     let (mut prompt, mut output, mut errors) = (0u64, 0u64, Vec::new());
     for result in finished {
@@ -173,5 +181,6 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<ThroughputReport> {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    launched.stop().await;
     Ok(report)
 }

@@ -12,6 +12,10 @@
 //! token or a stop string computes one more token, which is dropped. With
 //! `EngineConfig::async_scheduling` off, one plan is in flight (send, await, apply, deliver).
 //!
+//! Liveness: the loop beats its [`Liveness`] heartbeat at every turn, and at least every
+//! [`BEAT_INTERVAL`] while idle; a step the workers do not answer stops the beats, which `/live`
+//! reports once they have stopped for `EngineConfig::stall_timeout`.
+//!
 //! When the worker group is lost (a step fails, a result contradicts the scheduler, or the
 //! supervisor sees a worker die), the plans in flight are forgotten, every sequence ends with an
 //! `Unavailable` error, new ones are refused, and the engine reports itself unhealthy until the
@@ -21,13 +25,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokenizers::Tokenizer;
 use tokio::sync::{mpsc, watch};
 use tpserve_proto as pb;
 
 use super::handle::{EngineCommand, EngineHandle};
+use super::liveness::{Liveness, BEAT_INTERVAL};
 use super::output::OutputState;
 use super::types::{FinishReason, GenerateEvent, Sampling};
 use crate::error::EngineError;
@@ -47,6 +52,9 @@ pub struct EngineConfig {
     /// Send the next plan while the workers run the current one (two in flight); false: one
     /// plan at a time (`--no-async-scheduling`).
     pub async_scheduling: bool,
+    /// How long the loop may go without turning before `/live` reports it stalled
+    /// (`--engine-stall-timeout`).
+    pub stall_timeout: Duration,
 }
 
 /// Live figures the engine publishes after every step.
@@ -101,6 +109,8 @@ struct Engine {
     /// Set once the server is shutting down: new sequences are refused.
     draining: bool,
     metrics: Arc<Metrics>,
+    /// The loop's heartbeat, read by `/live`.
+    liveness: Liveness,
 }
 
 /// How the engine hears about its worker group: the group it starts with, the supervisor's
@@ -122,6 +132,7 @@ pub fn start_engine(
     metrics: Arc<Metrics>,
 ) -> (EngineHandle, watch::Receiver<EngineStatus>) {
     let (tx, rx) = mpsc::unbounded_channel();
+    let liveness = Liveness::new(Instant::now(), config.stall_timeout);
     let (status_tx, status_rx) = watch::channel(EngineStatus {
         healthy: true,
         ..EngineStatus::default()
@@ -140,9 +151,10 @@ pub fn start_engine(
         failure: None,
         draining: false,
         metrics,
+        liveness: liveness.clone(),
     };
     tokio::spawn(engine.run());
-    (EngineHandle::new(tx), status_rx)
+    (EngineHandle::new(tx, liveness), status_rx)
 }
 
 fn to_proto(s: &Sampling) -> pb::SamplingParams {
@@ -191,6 +203,7 @@ impl Engine {
         let mut supervised = true;
         let depth = if self.config.async_scheduling { 2 } else { 1 };
         loop {
+            self.liveness.beat(Instant::now());
             while let Ok(c) = self.commands.try_recv() {
                 self.handle(c);
             }
@@ -213,6 +226,8 @@ impl Engine {
                     Some(e) => self.on_group_event(e),
                     None => supervised = false,
                 },
+                // Idle is alive: beat at the top of the loop.
+                _ = tokio::time::sleep(BEAT_INTERVAL) => {}
             }
         }
     }
@@ -347,7 +362,10 @@ impl Engine {
         }
         let request = plan_to_proto(&plan, to_proto);
         let group = self.group.as_mut().expect("checked above");
-        match group.send(request).await {
+        let waiting = self.liveness.wait_on_workers(sent, plan.step_id);
+        let sent_ok = group.send(request).await;
+        drop(waiting);
+        match sent_ok {
             Ok(()) => {
                 self.in_flight.push_back(InFlight {
                     step_id: plan.step_id,
@@ -367,7 +385,10 @@ impl Engine {
         let (Some(step), Some(group)) = (self.in_flight.pop_front(), self.group.as_mut()) else {
             return; // `in_flight` is emptied whenever the group goes
         };
-        let tokens = match group.receive(step.step_id).await {
+        let waiting = self.liveness.wait_on_workers(Instant::now(), step.step_id);
+        let received = group.receive(step.step_id).await;
+        drop(waiting);
+        let tokens = match received {
             Ok(tokens) => tokens,
             Err(e) => return self.step_failed(step.step_id, e.to_string()),
         };

@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use futures::Stream;
 use tokio::sync::{mpsc, oneshot};
 
+use super::liveness::Liveness;
 use super::types::{GenerateEvent, GenerateRequest};
 use crate::error::{EngineError, EngineResult};
 
@@ -36,15 +37,22 @@ pub enum EngineCommand {
 pub struct EngineHandle {
     commands: mpsc::UnboundedSender<EngineCommand>,
     next_id: Arc<AtomicU64>,
+    liveness: Liveness,
 }
 
 impl EngineHandle {
-    /// Wraps the command channel of a running engine actor.
-    pub fn new(commands: mpsc::UnboundedSender<EngineCommand>) -> Self {
+    /// Wraps the command channel and the heartbeat of a running engine actor.
+    pub fn new(commands: mpsc::UnboundedSender<EngineCommand>, liveness: Liveness) -> Self {
         Self {
             commands,
             next_id: Arc::new(AtomicU64::new(1)),
+            liveness,
         }
+    }
+
+    /// The engine loop's heartbeat (`/live`).
+    pub fn liveness(&self) -> &Liveness {
+        &self.liveness
     }
 
     /// Submits one sequence. Errors when the engine refuses it (queue full, unavailable, a

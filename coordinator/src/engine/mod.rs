@@ -3,9 +3,11 @@
 
 pub mod actor;
 pub mod handle;
+pub mod liveness;
 pub mod output;
 pub mod types;
 
 pub use actor::{start_engine, EngineConfig, EngineStatus, GroupLink};
 pub use handle::{EngineHandle, GenerationStream};
+pub use liveness::{LiveStatus, Liveness};
 pub use types::{FinishReason, GenerateEvent, GenerateRequest, Sampling};

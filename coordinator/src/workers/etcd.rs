@@ -87,4 +87,7 @@ impl WorkerSource for EtcdWorkers {
             }
         }
     }
+
+    /// The workers were started elsewhere and outlive this coordinator: nothing to stop.
+    async fn stop(&mut self) {}
 }

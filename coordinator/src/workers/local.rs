@@ -1,12 +1,12 @@
 //! Workers as local child processes (`tpserve serve` without etcd): spawns one `tpserve-worker`
-//! per rank, and notices within `POLL` when one of them exits. Re-forming kills the survivors
-//! and starts a fresh set.
+//! per rank, and notices within `POLL` when one of them exits. Re-forming stops the survivors
+//! (and reaps them) and starts a fresh set; `stop` does the same at shutdown.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use super::group::{GroupInit, GroupReady, WorkerGroup};
-use super::spawn::{spawn_local_workers, LocalWorker};
+use super::spawn::{spawn_local_workers, stop_all, LocalWorker};
 use super::supervisor::WorkerSource;
 use crate::error::StartError;
 
@@ -55,7 +55,7 @@ impl LocalWorkers {
 
 impl WorkerSource for LocalWorkers {
     async fn form(&mut self) -> Result<(WorkerGroup, GroupReady), StartError> {
-        self.workers.clear(); // kills the old processes
+        stop_all(std::mem::take(&mut self.workers)).await;
         self.workers =
             spawn_local_workers(&self.binary, self.count, self.threads, &self.device).await?;
         let addrs: Vec<String> = self.workers.iter().map(|w| w.addr.clone()).collect();
@@ -71,5 +71,9 @@ impl WorkerSource for LocalWorkers {
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    async fn stop(&mut self) {
+        stop_all(std::mem::take(&mut self.workers)).await;
     }
 }

@@ -10,5 +10,5 @@ pub mod supervisor;
 pub use etcd::EtcdWorkers;
 pub use group::{GroupInit, GroupReady, WorkerGroup};
 pub use local::LocalWorkers;
-pub use spawn::{spawn_local_workers, worker_binary, LocalWorker};
-pub use supervisor::{supervise, GroupEvent, WorkerSource};
+pub use spawn::{spawn_local_workers, stop_all, worker_binary, LocalWorker};
+pub use supervisor::{GroupEvent, Supervisor, WorkerSource};

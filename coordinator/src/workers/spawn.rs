@@ -1,7 +1,11 @@
 //! Starts local `tpserve-worker` processes, one per rank, and learns the address each one serves
-//! on (the worker prints `TPSERVE_WORKER_LISTENING <addr>` once it is listening). Workers get a
-//! piped stdin and exit when it closes, so they never outlive the coordinator, and they are
-//! killed when their `LocalWorker` is dropped.
+//! on (asked to, the worker prints `TPSERVE_WORKER_LISTENING <addr>` once it is listening). Workers get a
+//! piped stdin and exit when it closes, so they never outlive the coordinator; `LocalWorker::stop`
+//! closes it and reaps the process (killing it if it lingers), and a dropped `LocalWorker` is
+//! killed. Each worker runs in its own process group, so a Ctrl-C on the terminal reaches only
+//! the coordinator, which drains its requests before it stops the workers. Their progress events
+//! (weights, kernels, CUDA graphs) come on their stdout and are drawn here under their rank; their
+//! logs come on their stderr, coloured when ours are, and are copied to ours.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -10,11 +14,15 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
+use tpserve_term::progress::{self, Mode, Remote};
 
 use crate::error::StartError;
 
 /// How long a worker may take to start listening.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a stopped worker may take to exit before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(3);
 
 /// A worker process this coordinator started.
 #[derive(Debug)]
@@ -25,7 +33,7 @@ pub struct LocalWorker {
     pub pid: u32,
     child: Child,
     /// Held open: the worker exits when it closes.
-    _stdin: Option<ChildStdin>,
+    stdin: Option<ChildStdin>,
 }
 
 impl LocalWorker {
@@ -33,6 +41,28 @@ impl LocalWorker {
     pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
+
+    /// Closes the worker's stdin (it exits), waits for it, kills it if it is still there after
+    /// `STOP_GRACE`, and reaps it, so no defunct process is left behind.
+    pub async fn stop(mut self) {
+        drop(self.stdin.take());
+        if tokio::time::timeout(STOP_GRACE, self.child.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                pid = self.pid,
+                "a worker did not exit within {STOP_GRACE:?} of being stopped; killing it"
+            );
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+        }
+    }
+}
+
+/// Stops every worker at once and waits until all are reaped.
+pub async fn stop_all(workers: Vec<LocalWorker>) {
+    futures::future::join_all(workers.into_iter().map(LocalWorker::stop)).await;
 }
 
 /// The worker binary: `--worker-binary`, else `tpserve-worker` beside this executable, else on PATH.
@@ -56,18 +86,29 @@ pub async fn spawn_local_workers(
     device: &str,
 ) -> Result<Vec<LocalWorker>, StartError> {
     let mut workers = Vec::with_capacity(count);
+    // Workers report progress as events for us to draw, unless we show none.
+    let worker_progress = match progress::mode() {
+        Mode::Off => "off",
+        _ => "events",
+    };
+    let (color_var, color_value) = tpserve_term::color::child_env();
     for rank in 0..count {
         let mut child = Command::new(binary)
             .args([
                 "--listen",
                 "127.0.0.1:0",
                 "--exit-on-stdin-close",
+                "--print-listening-address",
+                "--progress",
+                worker_progress,
                 "--device",
                 device,
                 "--cpu-threads",
             ])
             .arg(threads.to_string())
             .env("TPSERVE_RANK", rank.to_string())
+            .env(color_var, color_value)
+            .process_group(0)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -81,11 +122,13 @@ pub async fn spawn_local_workers(
         let stdin = child.stdin.take();
         let last_error = forward_stderr(child.stderr.take().expect("piped"));
         let mut lines = BufReader::new(stdout).lines();
+        let mut remote = Remote::new(format!("rank {rank}: "));
         let addr = tokio::time::timeout(LISTEN_TIMEOUT, async {
             while let Ok(Some(line)) = lines.next_line().await {
                 if let Some(addr) = line.strip_prefix("TPSERVE_WORKER_LISTENING ") {
                     return Some(addr.trim().to_string());
                 }
+                remote.take_line(&line);
             }
             None
         })
@@ -108,13 +151,18 @@ pub async fn spawn_local_workers(
                 },
             });
         };
-        // Keep draining stdout so the worker never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // Keep draining stdout, drawing its progress events, so the worker never blocks on a
+        // full pipe.
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                remote.take_line(&line);
+            }
+        });
         workers.push(LocalWorker {
             addr,
             pid: child.id().unwrap_or(0),
             child,
-            _stdin: stdin,
+            stdin,
         });
     }
     Ok(workers)
@@ -127,7 +175,7 @@ fn forward_stderr(stderr: tokio::process::ChildStderr) -> Arc<Mutex<Option<Strin
     tokio::spawn(async move {
         let mut lines = BufReader::new(stderr).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            eprintln!("{line}");
+            progress::write_stderr(format!("{line}\n").as_bytes());
             if let Some(why) = line.strip_prefix("error: ") {
                 if let Ok(mut slot) = keep.lock() {
                     *slot = Some(why.to_string());

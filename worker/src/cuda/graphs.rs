@@ -17,6 +17,7 @@
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::CudaGraph;
+use tpserve_term::progress::{Task, Unit};
 
 use super::device::{device_err, DeviceBuffer, Gpu};
 use super::forward::{forward, AttentionPlan, Device, StepView};
@@ -76,6 +77,11 @@ impl DecodeGraphs {
         let inputs = gpu.alloc(Packed::capacity(largest, largest), "graph inputs")?;
         let mut captured = Vec::with_capacity(sizes.len());
         let d = *model.dims();
+        let progress = Task::new(
+            "capturing CUDA graphs",
+            sizes.len() as u64,
+            Unit::items("graphs"),
+        );
         for &size in sizes {
             let layout = padding_step(size, tables)?;
             let attention = if batch_invariant {
@@ -110,7 +116,9 @@ impl DecodeGraphs {
                 .launch()
                 .map_err(|e| device_err("replaying a decode graph", e))?;
             captured.push(Captured { size, graph });
+            progress.inc(1);
         }
+        progress.finish();
         gpu.sync()?;
         Ok(Self { captured, inputs })
     }

@@ -5,6 +5,7 @@
 
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 use tpserve_kernels::{entry_point, CompileConfig, Compiler, KernelDtype, PtxCache, SOURCES};
+use tpserve_term::progress::{Task, Unit};
 
 use super::device::{device_err, Gpu};
 use super::launch::{programmatic_launches, KernelLaunch};
@@ -164,6 +165,12 @@ impl Kernels {
         let mut functions = std::collections::HashMap::new();
         // Sources served from the embedded bundle, the PTX cache and NVRTC.
         let (mut embedded, mut cached, mut compiled) = (0, 0, 0);
+        // Shown only when it takes a while: NVRTC compiling what the embedded bundle lacks.
+        let progress = Task::new(
+            "loading CUDA kernels",
+            SOURCES.len() as u64,
+            Unit::items("sources"),
+        );
         for source in SOURCES {
             let kernel = compiler.compile(source).map_err(|e| WorkerError::Device {
                 detail: format!("compiling {}: {e}", source.name),
@@ -192,7 +199,9 @@ impl Kernels {
                     .map_err(|e| device_err(&format!("loading kernel {entry}"), e))?;
                 functions.insert(entry.to_string(), f);
             }
+            progress.inc(1);
         }
+        progress.finish();
         tracing::info!(
             embedded,
             cached,
