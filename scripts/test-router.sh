@@ -10,7 +10,7 @@
 # Environment: TPSERVE_BIN_DIR (default target/release), VLLM_ROUTER (default vllm-router on PATH).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
-BIN_DIR="${TPSERVE_BIN_DIR:-target/release}"
+BIN_DIR="${TPSERVE_BIN_DIR:-${CARGO_TARGET_DIR:-target}/release}"
 ROUTER="${VLLM_ROUTER:-vllm-router}"
 work="$(mktemp -d)"
 pids=()

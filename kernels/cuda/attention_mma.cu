@@ -3,13 +3,12 @@
 // bf16/f16 inputs, f32 accumulation) instead of CUDA-core dot products. FlashAttention-2 style:
 // keys and values stream through shared memory in tiles of 64, the softmax is online, and the
 // probabilities P go from the S accumulators straight into the A operand of the P V product
-// without a trip through shared memory.
+// without a trip through shared memory. As in FlashAttention-2, V of a tile loads while Q K^T
+// runs and K of the next tile while P V runs.
 #include "common.cuh"
 
 namespace {
 
-constexpr int kMmaThreads = 128;  // 4 warps
-constexpr int kMmaItems = 64;     // (query row, head) items per block: 16 per warp (mma M)
 constexpr int kMmaKeys = 64;      // keys per shared-memory tile
 constexpr int kMmaSTiles = kMmaKeys / 8;  // n-tiles of 8 keys in one row of S
 
@@ -34,9 +33,11 @@ using tpserve::Mma;
 //
 // A block computes one tile (consecutive query rows of ONE sequence, with consecutive
 // positions) for one KV head: its M dimension is the tile's rows * group (row, head) "items",
-// item i = (row row0 + i / group, head kv_head * group + i % group), warp w owning items
-// [16 w, 16 w + 16). The host cuts prefill chunks into tiles of at most 64 / group rows, so
-// REQUIRES rows * group <= 64 (and group <= 64). Keys stream through shared memory 64 at a time
+// item i = (row row0 + i / group, head kv_head * group + i % group), warp w of the block's WARPS
+// owning items [16 w, 16 w + 16): ITEMS = 16 * WARPS items, 128 at HD 128 (8 warps) and 64 at
+// HD 64 (4 warps). The host cuts prefill chunks into tiles of at most ITEMS / group rows, so
+// REQUIRES rows * group <= ITEMS (and group <= ITEMS). Blocks take the tiles last first (a
+// prompt's last tiles see the most keys; the grid's tail is then short blocks). Keys stream through shared memory 64 at a time
 // from key 0 to the tile's last position; S = Q K^T and O += P V are m16n8k16 mma.sync with f32
 // accumulators; Q stays in registers as mma A fragments for the whole kernel; P is rounded to T
 // for the P V product (as FlashAttention does); O is divided by the softmax sum and rounded to
@@ -55,17 +56,18 @@ using tpserve::Mma;
 //   value_cache   T   [num_blocks, block_size, num_kv_heads, HD]   (16-byte aligned)
 //   block_tables  i32 [table_rows, max_blocks_per_seq]: one row per request
 //   tiles         i32 [num_tiles, 4]: the sequence's row of block_tables, first row (token
-//                     index), number of rows, position of the first row; rows * group <= 64
+//                     index), number of rows, position of the first row; rows * group <= ITEMS
 //   num_q_heads, num_kv_heads, block_size, max_blocks_per_seq, q_stride: i32
 //   num_splits    i32  must be 1
 //   split_len     i32  ignored
 //   scale         f32  usually 1 / sqrt(HD)
-// Launch: grid (num_tiles, num_kv_heads, 1); block (128, 1, 1); no dynamic shared memory (0
-// bytes). Static shared memory: 2 * 64 * (HD + 8) * sizeof(T) + 64 * 8 bytes = 18944 bytes for
-// HD 64, 35328 for HD 128 (K and V tiles with rows padded by 8 elements so that ldmatrix is
-// free of bank conflicts, plus the tile's 64 slot indices; Q is staged through the K tile's
-// space before the key loop). Needs sm_80 or newer (mma bf16, ldmatrix, cp.async).
-template <typename T, int HD>
+// Launch: grid (num_tiles, num_kv_heads, 1); block (32 * WARPS, 1, 1): 256 at HD 128, 128 at
+// HD 64; no dynamic shared memory (0 bytes). Static shared memory: 2 * 64 * (HD + 8) * sizeof(T) + 2 * 64 * 8 bytes = 19456 bytes
+// for HD 64, 35840 for HD 128 (K and V tiles with rows padded by 8 elements so that ldmatrix is
+// free of bank conflicts, plus the slot indices of this tile's and the next tile's 64 keys; Q is
+// staged through the K and V tiles' space before the key loop). Needs sm_80 or newer (mma bf16,
+// ldmatrix, cp.async).
+template <typename T, int HD, int WARPS>
 __device__ __forceinline__ void paged_attention_mma_impl(
     T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ key_cache,
     const T* __restrict__ value_cache, const int* __restrict__ block_tables,
@@ -73,6 +75,10 @@ __device__ __forceinline__ void paged_attention_mma_impl(
     int max_blocks_per_seq, int q_stride, float scale) {
     tpserve::wait_for_inputs();
     static_assert(HD % 16 == 0, "HD must be a multiple of 16");
+    constexpr int kMmaThreads = 32 * WARPS;
+    constexpr int kMmaItems = 16 * WARPS;  // (query row, head) items per block: 16 per warp
+    // Q is staged through the K and V tiles' space.
+    static_assert(kMmaItems <= 2 * kMmaKeys, "at most 8 warps");
     constexpr int kStride = HD + 8;                   // elements per shared-memory row
     constexpr int kTileElems = kMmaKeys * kStride;    // one K (or V, or Q) tile
     constexpr int kVecs = HD / 8;                     // 16-byte vectors per key row
@@ -81,11 +87,13 @@ __device__ __forceinline__ void paged_attention_mma_impl(
 
     // K tile then V tile, [key][kStride] each; uint4 for 16-byte alignment.
     __shared__ uint4 kv_s4[2 * kTileElems * sizeof(T) / sizeof(uint4)];
-    __shared__ long long slot_s[kMmaKeys];  // cache slot of each key of the tile, or -1
+    __shared__ long long slot_s[2][kMmaKeys];  // cache slot of each key of a tile, or -1
     T* const k_s = reinterpret_cast<T*>(kv_s4);
     T* const v_s = k_s + kTileElems;
 
-    const int* tile = tiles + blockIdx.x * 4;
+    // The last tiles of a prompt see the most keys: run them first, so that the grid's tail is
+    // made of short blocks.
+    const int* tile = tiles + (gridDim.x - 1 - blockIdx.x) * 4;
     const int seq = tile[0];
     const int row0 = tile[1];
     const int rows = tile[2];
@@ -156,38 +164,43 @@ __device__ __forceinline__ void paged_attention_mma_impl(
 
     const int* table = block_tables + (long long)seq * max_blocks_per_seq;
     const int ctx_end = pos0 + rows;  // keys the last row sees
-    for (int chunk = 0; chunk < ctx_end; chunk += kMmaKeys) {
-        __syncthreads();  // the previous tile (or Q, the first time) is no longer read
+    // Cache slots of the 64 keys from `first` into slot_s[buf] (-1 past the context).
+    auto find_slots = [&](int first, int buf) {
         if (tid < kMmaKeys) {
-            const int key = chunk + tid;
-            slot_s[tid] =
+            const int key = first + tid;
+            slot_s[buf][tid] =
                 key < ctx_end ? (long long)table[key / block_size] * block_size + key % block_size
                               : -1;
         }
-        __syncthreads();
-        // K in one cp.async group, V in a second, so that S can be computed while V arrives.
+    };
+    // 16-byte copies of one K or V tile (keys of slot_s[buf]) into `dst`, as one cp.async group.
+    auto load_tile = [&](T* dst, const T* cache, int buf) {
 #pragma unroll
         for (int it = 0; it < kMmaKeys * kVecs / kMmaThreads; ++it) {
             const int idx = tid + it * kMmaThreads;
             const int j = idx / kVecs;
             const int c = idx - j * kVecs;
-            const long long slot = slot_s[j];
+            const long long slot = slot_s[buf][j];
             const long long at = slot >= 0 ? (slot * num_kv_heads + kv_head) * HD + c * 8 : 0;
-            cp_async_16(k_s + j * kStride + c * 8, key_cache + at, slot >= 0);
+            cp_async_16(dst + j * kStride + c * 8, cache + at, slot >= 0);
         }
         cp_async_commit();
-#pragma unroll
-        for (int it = 0; it < kMmaKeys * kVecs / kMmaThreads; ++it) {
-            const int idx = tid + it * kMmaThreads;
-            const int j = idx / kVecs;
-            const int c = idx - j * kVecs;
-            const long long slot = slot_s[j];
-            const long long at = slot >= 0 ? (slot * num_kv_heads + kv_head) * HD + c * 8 : 0;
-            cp_async_16(v_s + j * kStride + c * 8, value_cache + at, slot >= 0);
+    };
+    // FlashAttention-2's pipeline with one K and one V buffer: V of a tile loads while S = Q K^T
+    // and the softmax run, and K of the next tile loads while O += P V runs, so each load
+    // overlaps compute and a tile costs two barriers.
+    find_slots(0, 0);
+    __syncthreads();  // every warp has its Q fragments (k_s is free) and slot_s[0] is written
+    load_tile(k_s, key_cache, 0);
+    int buf = 0;
+    for (int chunk = 0; chunk < ctx_end; chunk += kMmaKeys, buf ^= 1) {
+        cp_async_wait<0>();  // this thread's K copies of this tile have landed
+        __syncthreads();     // everyone's, and the previous tile's P V is done (v_s is free)
+        load_tile(v_s, value_cache, buf);
+        const int next = chunk + kMmaKeys;
+        if (next < ctx_end) {
+            find_slots(next, buf ^ 1);
         }
-        cp_async_commit();
-        cp_async_wait<1>();  // this thread's K copies have landed
-        __syncthreads();     // and everyone's
 
         const bool active = chunk <= warp_last_pos;  // warp-uniform
         // S (16 x 64 per warp) as 8 C fragments, n-tile j = keys chunk + [8 j, 8 j + 8);
@@ -267,7 +280,10 @@ __device__ __forceinline__ void paged_attention_mma_impl(
             }
         }
         cp_async_wait<0>();  // this thread's V copies have landed
-        __syncthreads();     // and everyone's
+        __syncthreads();     // everyone's; S is done (k_s is free); slot_s[buf ^ 1] is written
+        if (next < ctx_end) {
+            load_tile(k_s, key_cache, buf ^ 1);
+        }
         if (active) {
             // P (16 x 64) as A fragments of 4 k-steps of 16 keys: the C fragments of S n-tiles
             // 2 kk and 2 kk + 1 are exactly the A fragment of k-step kk (a0 = row a keys
@@ -335,11 +351,11 @@ __device__ __forceinline__ void paged_attention_mma_impl(
         (void)partial_ml;                                                                     \
         (void)num_splits;                                                                     \
         (void)split_len;                                                                      \
-        paged_attention_mma_impl<T, 64>(out, q, key_cache, value_cache, block_tables, tiles,  \
+        paged_attention_mma_impl<T, 64, 4>(out, q, key_cache, value_cache, block_tables, tiles,  \
                                         num_q_heads, num_kv_heads, block_size,                \
                                         max_blocks_per_seq, q_stride, scale);                 \
     }                                                                                         \
-    extern "C" __global__ void paged_attention_mma_hd128_##SUFFIX(                           \
+    extern "C" __global__ void __launch_bounds__(256) paged_attention_mma_hd128_##SUFFIX(     \
         T* __restrict__ out, float* __restrict__ partial_out, float* __restrict__ partial_ml,  \
         const T* __restrict__ q, const T* __restrict__ key_cache,                              \
         const T* __restrict__ value_cache, const int* __restrict__ block_tables,               \
@@ -349,7 +365,7 @@ __device__ __forceinline__ void paged_attention_mma_impl(
         (void)partial_ml;                                                                     \
         (void)num_splits;                                                                     \
         (void)split_len;                                                                      \
-        paged_attention_mma_impl<T, 128>(out, q, key_cache, value_cache, block_tables, tiles, \
+        paged_attention_mma_impl<T, 128, 8>(out, q, key_cache, value_cache, block_tables, tiles, \
                                          num_q_heads, num_kv_heads, block_size,               \
                                          max_blocks_per_seq, q_stride, scale);                \
     }

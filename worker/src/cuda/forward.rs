@@ -14,8 +14,8 @@
 
 use super::device::Gpu;
 use super::kernels::{
-    attention_max_items, AttentionShape, DecodeAttention, Kernels, Product, RopeKvWrite,
-    ATTENTION_MMA_ITEMS,
+    attention_max_items, attention_mma_items, AttentionShape, DecodeAttention, Kernels, Product,
+    RopeKvWrite,
 };
 use super::linear::Linear;
 use super::model::{CudaModel, Dims, GpuKvCache, Layer};
@@ -28,7 +28,8 @@ use crate::error::Result;
 /// Which attention kernel a step runs, with its launch shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionPlan {
-    /// Tensor-core kernel (prefill chunks): tiles of up to 64 (row, head) items, no key splits.
+    /// Tensor-core kernel (prefill chunks): tiles of up to `attention_mma_items` (row, head)
+    /// items, no key splits.
     Mma,
     /// CUDA-core kernel: tiles of up to `items` (row, head) items, `splits` key splits of
     /// `split_len` keys.
@@ -45,7 +46,7 @@ impl AttentionPlan {
     /// Query rows of one sequence per tile, for a model with `group` query heads per KV head.
     pub fn tile_rows(kind: AttentionKind, head_dim: usize, group: usize) -> usize {
         let items = match kind {
-            AttentionKind::Mma => ATTENTION_MMA_ITEMS,
+            AttentionKind::Mma => attention_mma_items(head_dim),
             AttentionKind::Simt => attention_max_items(head_dim),
             AttentionKind::Decode => return 1,
         };

@@ -97,8 +97,23 @@ pub fn attention_max_items(head_dim: usize) -> usize {
         .find(|&items| attention_smem_bytes(head_dim, items) <= DEFAULT_SMEM_LIMIT)
         .unwrap_or(1)
 }
-/// (row, head) items of one tensor-core attention block.
-pub const ATTENTION_MMA_ITEMS: usize = 64;
+/// Warps of one tensor-core attention block at a head size: 4, or 8 at head size 128 with
+/// `TPSERVE_ATTENTION_WARPS=8` (an experiment of issue 9: a K/V tile shared by twice the rows).
+pub fn attention_mma_warps(head_dim: usize) -> usize {
+    static EIGHT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let eight = *EIGHT
+        .get_or_init(|| std::env::var_os("TPSERVE_ATTENTION_WARPS").is_some_and(|v| v == "8"));
+    if eight && head_dim == 128 {
+        8
+    } else {
+        4
+    }
+}
+
+/// (row, head) items of one tensor-core attention block: 16 per warp.
+pub fn attention_mma_items(head_dim: usize) -> usize {
+    16 * attention_mma_warps(head_dim)
+}
 
 /// Shared memory of one attention block for `items` (row, head) pairs.
 pub fn attention_smem_bytes(head_dim: usize, items: usize) -> usize {
@@ -405,7 +420,8 @@ impl Kernels {
         matches!(head_dim, 64 | 128)
     }
 
-    /// Tensor-core paged attention (prefill): tiles of at most 64 (row, head) items, no key
+    /// Tensor-core paged attention (prefill): tiles of at most `attention_mma_items` (row, head)
+    /// items, no key
     /// splits. Shared memory is static.
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention_mma(
@@ -430,7 +446,7 @@ impl Kernels {
         };
         let cfg = LaunchConfig {
             grid_dim: (num_tiles as u32, shape.kv_heads as u32, 1),
-            block_dim: (ATTENTION_THREADS, 1, 1),
+            block_dim: (32 * attention_mma_warps(shape.head_dim) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         // The split buffers are not read with one split.
