@@ -81,7 +81,10 @@ struct Cancel {
 }
 
 /// The next event, or `None` at the end of the batch or once it is aborted.
-async fn next_event(sequences: &Mutex<Sequences>, cancel: &Cancel) -> Option<(usize, GenerateEvent)> {
+async fn next_event(
+    sequences: &Mutex<Sequences>,
+    cancel: &Cancel,
+) -> Option<(usize, GenerateEvent)> {
     let mut sequences = sequences.lock().await;
     if cancel.cancelled.load(Ordering::Acquire) {
         sequences.clear();
@@ -98,14 +101,24 @@ async fn next_event(sequences: &Mutex<Sequences>, cancel: &Cancel) -> Option<(us
 
 /// One event for Python: `(sequence, new text, new token ids, finish reason, error)`; a finish
 /// reason or an error ends the sequence.
-type EventTuple = (usize, String, Vec<u32>, Option<&'static str>, Option<String>);
+type EventTuple = (
+    usize,
+    String,
+    Vec<u32>,
+    Option<&'static str>,
+    Option<String>,
+);
 
 fn event_tuple((seq, event): (usize, GenerateEvent)) -> EventTuple {
     match event {
         GenerateEvent::Delta { text, token_ids } => (seq, text, token_ids, None, None),
-        GenerateEvent::Finished { reason, .. } => {
-            (seq, String::new(), Vec::new(), Some(reason_name(reason)), None)
-        }
+        GenerateEvent::Finished { reason, .. } => (
+            seq,
+            String::new(),
+            Vec::new(),
+            Some(reason_name(reason)),
+            None,
+        ),
         GenerateEvent::Error(e) => (seq, String::new(), Vec::new(), None, Some(e.to_string())),
     }
 }

@@ -117,7 +117,12 @@ impl Engine {
 
     /// Token ids of `text`.
     #[pyo3(signature = (text, add_special_tokens = true))]
-    fn tokenize(&self, py: Python<'_>, text: String, add_special_tokens: bool) -> PyResult<Vec<u32>> {
+    fn tokenize(
+        &self,
+        py: Python<'_>,
+        text: String,
+        add_special_tokens: bool,
+    ) -> PyResult<Vec<u32>> {
         let (_, model) = self.running()?;
         py.allow_threads(|| model.tokenizer.encode_fast(text, add_special_tokens))
             .map(|e| e.get_ids().to_vec())

@@ -7,11 +7,17 @@ use std::error::Error;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::PyErr;
 use tpserve_coordinator::api::ApiError;
-use tpserve_coordinator::error::{EngineError, StartError};
+use tpserve_coordinator::error::StartError;
 
 /// The error chain on one line, as the CLI prints it after `error: `.
-fn one_line(e: &dyn Error) -> String {
-    tpserve_term::errors::one_line(std::iter::successors(Some(e), |e| e.source()).map(|e| e.to_string()))
+fn one_line(e: &(dyn Error + 'static)) -> String {
+    let mut chain = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(e) = source {
+        chain.push(e.to_string());
+        source = e.source();
+    }
+    tpserve_term::errors::one_line(chain)
 }
 
 /// Start-up failures: what the caller asked for is wrong (`ValueError`: flags, the model) or the
@@ -29,14 +35,6 @@ pub fn start(e: StartError) -> PyErr {
 /// A request the API would answer with a 4xx.
 pub fn request(e: ApiError) -> PyErr {
     PyValueError::new_err(e.to_string())
-}
-
-/// A request the engine refused or failed.
-pub fn engine(e: &EngineError) -> PyErr {
-    match e {
-        EngineError::InvalidRequest { message, .. } => PyValueError::new_err(message.clone()),
-        _ => PyRuntimeError::new_err(e.to_string()),
-    }
 }
 
 /// The engine was shut down (`shutdown()`, a context manager's exit) and then used again.

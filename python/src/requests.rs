@@ -41,14 +41,26 @@ fn refuse_unsupported(params: &Value) -> Result<(), ApiError> {
         return Err(ApiError::unsupported("logprobs", "`logprobs`"));
     }
     if field("prompt_logprobs").is_some() {
-        return Err(ApiError::unsupported("prompt_logprobs", "`prompt_logprobs`"));
+        return Err(ApiError::unsupported(
+            "prompt_logprobs",
+            "`prompt_logprobs`",
+        ));
     }
     let n = field("n").and_then(Value::as_i64).unwrap_or(1);
-    if field("best_of").and_then(Value::as_i64).is_some_and(|b| b > n) {
+    if field("best_of")
+        .and_then(Value::as_i64)
+        .is_some_and(|b| b > n)
+    {
         return Err(ApiError::unsupported("best_of", "`best_of` above `n`"));
     }
-    if field("min_tokens").and_then(Value::as_i64).is_some_and(|m| m != 0) {
-        return Err(ApiError::unsupported("min_tokens", "`min_tokens` other than 0"));
+    if field("min_tokens")
+        .and_then(Value::as_i64)
+        .is_some_and(|m| m != 0)
+    {
+        return Err(ApiError::unsupported(
+            "min_tokens",
+            "`min_tokens` other than 0",
+        ));
     }
     if field("include_stop_str_in_output") == Some(&Value::Bool(true)) {
         return Err(ApiError::unsupported(

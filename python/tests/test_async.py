@@ -9,7 +9,7 @@ def test_async_llm_serves_16_concurrent_generators(model):
     async def consume(engine, i):
         outputs = []
         async for out in engine.generate(f"Tell me about the number {i}.",
-                                         SamplingParams(temperature=0, max_tokens=16),
+                                         SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
                                          request_id=f"r{i}"):
             outputs.append(out)
         return outputs

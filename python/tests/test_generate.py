@@ -114,7 +114,7 @@ from tpserve import LLM, SamplingParams
 llm = LLM(sys.argv[1], max_model_len=1024)
 prompts = [f"Write one sentence about the number {i}." for i in range(64)]
 outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16))
-assert len(outs) == 64 and all(o.finished and o.outputs[0].text for o in outs)
+assert len(outs) == 64 and all(o.finished and o.outputs[0].token_ids for o in outs)
 print("GENERATED", len(outs), flush=True)
 llm.generate(prompts[:4], SamplingParams(max_tokens=4), use_tqdm=False)
 print("QUIET DONE", flush=True)

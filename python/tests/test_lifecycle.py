@@ -16,8 +16,9 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8)
 
 
 def test_del_stops_and_reaps_the_workers(model):
+    before = worker_children()
     llm = LLM(model, max_model_len=1024)
-    workers = worker_children()
+    workers = worker_children() - before
     assert workers
     del llm
     gc.collect()
@@ -25,8 +26,9 @@ def test_del_stops_and_reaps_the_workers(model):
 
 
 def test_leaving_a_with_block_stops_the_workers_and_later_use_is_refused(model):
+    before = worker_children()
     with LLM(model, max_model_len=1024) as llm:
-        workers = worker_children()
+        workers = worker_children() - before
         assert "Paris" in llm.generate("The capital of France is", GREEDY)[0].outputs[0].text
     assert workers and not any(alive(p) for p in workers)
     try:
