@@ -40,6 +40,11 @@ pub use auth::require_api_key;
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use health::Health;
 pub use metrics::metrics_router;
+// The request checks and chat rendering the Python bindings (`python/`) reuse, so their
+// `ValueError`s carry the HTTP 400s' messages.
+pub use chat::render as render_chat;
+pub use protocol::{ChatMessageIn, SamplingFields};
+pub use validate::{check_params, check_token_ids, CheckedParams, MaxTokens, PromptKind};
 
 use crate::engine::EngineHandle;
 use crate::served_model::ServedModel;

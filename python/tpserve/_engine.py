@@ -1,0 +1,265 @@
+"""What ``LLM`` and ``AsyncLLM`` share: keyword arguments into the engine's flags (the CLI's
+names, ``tensor_parallel_size`` for ``--tensor-parallel-size``), prompts into a batch of engine
+requests, engine events into ``RequestOutput`` objects, and shutdown at interpreter exit."""
+
+import atexit
+import itertools
+import json
+import os
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+from . import _tpserve
+from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .sampling_params import SamplingParams
+
+#: The engine's flags: long name -> whether it takes a value.
+_FLAGS: Dict[str, bool] = dict(_tpserve.engine_flags())
+
+#: Engines not yet shut down, stopped (workers reaped) when the interpreter exits.
+_LIVE: "weakref.WeakSet[EngineCore]" = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for core in list(_LIVE):
+        core.shutdown()
+
+
+def _bundled_worker() -> Optional[str]:
+    """The ``tpserve-worker`` binary shipped in the wheel, if this is an installed wheel."""
+    path = Path(__file__).parent / "bin" / "tpserve-worker"
+    return str(path) if path.is_file() else None
+
+
+def engine_argv(model: Union[str, os.PathLike], kwargs: Dict[str, Any], caller: str) -> List[str]:
+    """The flags of ``tpserve generate``'s engine for ``caller(model, **kwargs)``."""
+    kwargs = dict(kwargs)
+    quantization = kwargs.pop("quantization", None)
+    if quantization not in (None, "gguf"):
+        raise ValueError(
+            f"quantization={quantization!r} is not supported: tpserve reads GGUF files "
+            "(dequantized at load) and safetensors checkpoints as stored"
+        )
+    if kwargs.pop("enable_lora", False):
+        raise ValueError("LoRA adapters (enable_lora=True) are not supported yet")
+    # tpserve never runs code shipped with a model, so there is nothing to trust.
+    kwargs.pop("trust_remote_code", None)
+    if kwargs.get("worker_binary") is None and "TPSERVE_WORKER_BINARY" not in os.environ:
+        kwargs["worker_binary"] = _bundled_worker()
+    argv = ["--model", os.fspath(model)]
+    for name, value in kwargs.items():
+        flag = name.replace("_", "-")
+        if flag not in _FLAGS or flag == "model":
+            raise TypeError(f"{caller}() got an unexpected keyword argument '{name}'")
+        if value is None:
+            continue
+        if _FLAGS[flag]:
+            if isinstance(value, (list, tuple)):
+                value = ",".join(str(v) for v in value)
+            argv += [f"--{flag}", os.fspath(value) if isinstance(value, os.PathLike) else str(value)]
+        elif value is True:
+            argv.append(f"--{flag}")
+        elif value is False:
+            if f"no-{flag}" in _FLAGS:
+                argv.append(f"--no-{flag}")
+        else:
+            raise TypeError(f"{name} must be True or False, not {value!r}")
+    return argv
+
+
+PromptType = Union[str, List[int], Dict[str, Any]]
+
+
+def _one_prompt(prompt: Any) -> Tuple[Optional[str], Union[str, List[int]]]:
+    """(the prompt text for ``RequestOutput.prompt``, what the engine tokenizes or takes)."""
+    if isinstance(prompt, str):
+        return prompt, prompt
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            return prompt["prompt"], prompt["prompt"]
+        raise ValueError("a prompt dict needs `prompt` or `prompt_token_ids`")
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        return None, list(prompt)
+    raise TypeError(
+        f"a prompt must be a string, a list of token ids or a dict, not {type(prompt).__name__}"
+    )
+
+
+def normalize_prompts(prompts: Any) -> List[Tuple[Optional[str], Union[str, List[int]]]]:
+    """vLLM's rules: a string, a token-id list or a dict is one prompt; a list of them is a batch."""
+    if isinstance(prompts, (str, dict)):
+        return [_one_prompt(prompts)]
+    if isinstance(prompts, (list, tuple)):
+        if prompts and all(isinstance(t, int) for t in prompts):
+            return [_one_prompt(prompts)]
+        return [_one_prompt(p) for p in prompts]
+    raise TypeError(
+        f"prompts must be a string, a list of token ids, a dict or a list of these, not {type(prompts).__name__}"
+    )
+
+
+def per_prompt(value: Any, count: int, what: str, default: Any) -> List[Any]:
+    """One ``value`` for every prompt, or a list with one per prompt."""
+    if value is None:
+        return [default] * count
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"{len(value)} {what} for {count} prompts")
+        return list(value)
+    return [value] * count
+
+
+class Submission:
+    """The prompts of one call, submitted as one batch, and how to turn its events into outputs."""
+
+    def __init__(self, core: "EngineCore", prompts: Any, sampling_params: Any, priority: Any,
+                 kind: str = "prompt", request_ids: Optional[List[str]] = None):
+        items = normalize_prompts(prompts) if kind == "prompt" else prompts
+        count = len(items)
+        if count == 0:
+            raise ValueError("no prompts given")
+        params = per_prompt(sampling_params, count, "sampling parameters", SamplingParams())
+        for p in params:
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"sampling_params must be SamplingParams, not {type(p).__name__}")
+        priorities = per_prompt(priority, count, "priorities", 0)
+        self.texts = [text for text, _ in items]
+        self.params = params
+        self.request_ids = request_ids or [core.next_request_id() for _ in range(count)]
+        self.arrival = time.time()
+        self.batch, self.prompt_token_ids = core.engine.submit(
+            [engine_prompt for _, engine_prompt in items],
+            [p._to_json(priority=pr) for p, pr in zip(params, priorities)],
+            kind,
+        )
+        # Sequence s belongs to prompt owner[s], as its choice choice[s].
+        self.owner = [i for i, p in enumerate(params) for _ in range(p.n)]
+        self.choice = [c for p in params for c in range(p.n)]
+        self.first_seq = list(itertools.accumulate([0] + [p.n for p in params]))
+
+    def _request_output(self, i: int, outputs: List[CompletionOutput], finished: bool,
+                        metrics: RequestMetrics) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_ids[i],
+            prompt=self.texts[i],
+            prompt_token_ids=self.prompt_token_ids[i],
+            prompt_logprobs=None,
+            outputs=outputs,
+            finished=finished,
+            metrics=metrics,
+        )
+
+    def collect(self, use_tqdm: bool) -> List[RequestOutput]:
+        """Runs the batch to its end; raises if any sequence failed."""
+        done = self.batch.collect(use_tqdm)
+        results = []
+        for i, params in enumerate(self.params):
+            outputs = []
+            times = []
+            for choice in range(params.n):
+                text, ids, reason, error, first, last, finished = done[self.first_seq[i] + choice]
+                if error is not None:
+                    raise RuntimeError(f"request {self.request_ids[i]} failed: {error}")
+                outputs.append(CompletionOutput(index=choice, text=text, token_ids=ids,
+                                                finish_reason=reason))
+                times.append((first, last, finished))
+            firsts = [t[0] for t in times if t[0] is not None]
+            lasts = [t[1] for t in times if t[1] is not None]
+            metrics = RequestMetrics(
+                arrival_time=self.arrival,
+                first_token_time=min(firsts) if firsts else None,
+                last_token_time=max(lasts) if lasts else None,
+                finished_time=max(t[2] for t in times),
+            )
+            results.append(self._request_output(i, outputs, True, metrics))
+        return results
+
+    def stream_state(self) -> "StreamState":
+        return StreamState(self)
+
+
+class StreamState:
+    """Cumulative outputs of a submission, updated one engine event at a time."""
+
+    def __init__(self, submission: Submission):
+        self.sub = submission
+        self.texts = [[] for _ in submission.owner]
+        self.ids = [[] for _ in submission.owner]
+        self.reasons: List[Optional[str]] = [None for _ in submission.owner]
+        self.metrics = [RequestMetrics(arrival_time=submission.arrival) for _ in submission.params]
+
+    def apply(self, event: Tuple) -> RequestOutput:
+        """The output of the event's prompt after ``event`` (see ``Batch.next``)."""
+        seq, text, ids, reason, error = event
+        sub = self.sub
+        i = sub.owner[seq]
+        if error is not None:
+            raise RuntimeError(f"request {sub.request_ids[i]} failed: {error}")
+        now = time.time()
+        metrics = self.metrics[i]
+        if ids:
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
+        self.texts[seq].append(text)
+        self.ids[seq].extend(ids)
+        self.reasons[seq] = reason
+        first = sub.first_seq[i]
+        seqs = range(first, first + sub.params[i].n)
+        finished = all(self.reasons[s] is not None for s in seqs)
+        if finished:
+            metrics.finished_time = now
+        outputs = [
+            CompletionOutput(index=s - first, text="".join(self.texts[s]), token_ids=list(self.ids[s]),
+                             finish_reason=self.reasons[s])
+            for s in seqs
+        ]
+        return sub._request_output(i, outputs, finished, RequestMetrics(**vars(metrics)))
+
+
+class EngineCore:
+    """One native engine and the request counter of its ``LLM`` or ``AsyncLLM``."""
+
+    def __init__(self, model: Union[str, os.PathLike], kwargs: Dict[str, Any], caller: str):
+        self.engine = _tpserve.Engine(engine_argv(model, kwargs, caller))
+        self._ids = itertools.count()
+        _LIVE.add(self)
+
+    def next_request_id(self) -> str:
+        return str(next(self._ids))
+
+    def render_conversations(self, messages: Any, add_generation_prompt: bool) -> List[Tuple[str, str]]:
+        """One conversation (a list of message dicts) or a list of them, as (prompt text, prompt text)."""
+        if not isinstance(messages, (list, tuple)):
+            raise TypeError(f"messages must be a list, not {type(messages).__name__}")
+        conversations = messages if messages and isinstance(messages[0], (list, tuple)) else [messages]
+        rendered = []
+        for conversation in conversations:
+            try:
+                as_json = json.dumps(list(conversation))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"messages: {e}") from None
+            text = self.engine.render_chat(as_json, add_generation_prompt)
+            rendered.append((text, text))
+        return rendered
+
+    def stream(self, submission: Submission) -> Iterator[RequestOutput]:
+        """Yields each prompt's cumulative output as it grows; ``finished`` on its last."""
+        state = submission.stream_state()
+        try:
+            while True:
+                event = submission.batch.next()
+                if event is None:
+                    return
+                yield state.apply(event)
+        finally:
+            submission.batch.abort()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+        _LIVE.discard(self)
