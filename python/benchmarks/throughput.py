@@ -56,11 +56,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     rng = random.Random(0)
-    prompts = [[rng.randrange(1000, 20000) for _ in range(args.input_len)]
-               for _ in range(args.num_prompts)]
     cli, py = [], []
     with LLM(args.model, max_model_len=args.max_model_len) as llm:
         for i in range(args.repeats):
+            # Fresh prompts each run: the engine lives across runs, and repeated prompts would hit
+            # its prefix cache (the CLI starts a new engine each run).
+            prompts = [[rng.randrange(1000, 20000) for _ in range(args.input_len)]
+                       for _ in range(args.num_prompts)]
             cli.append(cli_run(args))
             py.append(python_run(llm, args, prompts))
             print(f"run {i + 1}: tpserve bench throughput {cli[-1]:.1f} output tok/s, "
