@@ -131,6 +131,7 @@ fn echo_events(request: &GenerateRequest) -> Vec<GenerateEvent> {
         reason,
         prompt_tokens: request.prompt_token_ids.len() as u32,
         completion_tokens: take as u32,
+        cached_tokens: 0,
     });
     events
 }
@@ -202,6 +203,7 @@ fn harness_with(script: Script, chat_template: Option<ChatTemplate>) -> Harness 
     let (health, health_rx) = watch::channel(Health::Ready);
     let model = ServedModel {
         name: MODEL.to_string(),
+        aliases: Vec::new(),
         max_model_len: MAX_MODEL_LEN,
         tokenizer: Arc::new(tokenizer()),
         chat_template: chat_template.map(Arc::new),
@@ -215,6 +217,7 @@ fn harness_with(script: Script, chat_template: Option<ChatTemplate>) -> Harness 
         engine: EngineHandle::new(commands_tx, liveness.clone()),
         model,
         health: health_rx,
+        gateway: None,
     });
     Harness {
         app,
