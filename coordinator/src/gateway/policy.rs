@@ -432,9 +432,11 @@ mod tests {
             (format!("tenants:\n  a:\n    key_hashes: [\"{H1}\"]\n    models: [x]\n    default_route: y\n"), "tenants.a.default_route"),
             (format!("tenants:\n  a:\n    key_hashes: [\"{H1}\"]\n  b:\n    key_hashes: [\"{H1}\"]\n"), "tenants.b.key_hashes[0]"),
             (format!("tenants:\n  a:\n    key_hashes: [\"{H1}\"]\n    experiment: {{name: e, variants: [{{name: a, route: x, weight: 0}}]}}\n"), "tenants.a.experiment.variants[0].weight"),
-            (format!("tenants:\n  a:\n    key_hashes: [\"{H1}\"]\n    colour: red\n"), "tenants.a"),
+            (format!("tenants:\n  a:\n    key_hashes: [\"{H1}\"]\n    colour: red\n"), "tenants.a.colour"),
             ("tenants: {}\n".into(), "tenants"),
-            ("tiers: [\n".into(), "(document)"),
+            ("tiers: [\n".into(), "tiers"),
+            ("tenants: {a: \"\n".into(), "tenants.a"),
+            ("- just a list\n".into(), "(document)"),
         ];
         for (yaml, field) in cases {
             let err = policy(&yaml).unwrap_err();
