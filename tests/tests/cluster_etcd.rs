@@ -4,7 +4,7 @@
 //! 20 s, `/health` turns unready, the worker is restarted, the group re-forms within a minute,
 //! and the same greedy request gives the same answer as before.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};

@@ -259,6 +259,7 @@ async fn tenants_get_their_routes_limits_errors_and_exact_usage() {
     while let Some((user, variant)) = assigned.next().await {
         first.insert(user, variant);
     }
+    drop(assigned);
     let treatment = first.values().filter(|v| *v == "treatment").count();
     assert!(
         (470..=530).contains(&treatment),
@@ -468,7 +469,7 @@ async fn two_coordinators_apply_a_policy_changed_in_etcd() {
     let _ = std::fs::remove_dir_all(&dir);
     let (_etcd, etcd) = start_etcd(&dir);
     let key = "/tpserve/gw-test/gateway/policy";
-    let client = tpserve_cluster::EtcdClient::new(&[etcd.clone()]).unwrap();
+    let client = tpserve_cluster::EtcdClient::new(std::slice::from_ref(&etcd)).unwrap();
     let v1 = format!(
         "tenants:\n  t:\n    key_hashes: [\"{}\"]\n",
         hash("key-one")

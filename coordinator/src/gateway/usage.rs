@@ -185,7 +185,7 @@ impl UsageLedger {
     /// The totals as Prometheus text.
     pub fn render(&self, out: &mut String) {
         let inner = self.lock();
-        let families: [(&str, &str, fn(&Counts) -> u64); 4] = [
+        let families: [Family; 4] = [
             (
                 "tpserve:tenant_requests_total",
                 "Requests by tenant, target, feature and variant.",
@@ -222,6 +222,9 @@ impl UsageLedger {
         }
     }
 }
+
+/// A counter family: its name, its help, and how to read it from a row.
+type Family = (&'static str, &'static str, fn(&Counts) -> u64);
 
 fn labels(key: &UsageKey) -> String {
     format!(
