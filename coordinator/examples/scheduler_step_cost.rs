@@ -53,6 +53,7 @@ fn main() -> anyhow::Result<()> {
             sampling: Sampling::default(),
             priority: 0,
             cache_salt: 0,
+            share: Default::default(),
         })?;
     }
     let mut sampled = Vec::with_capacity(num_running);

@@ -29,6 +29,9 @@ pub enum Policy {
     Fcfs,
     /// By the request's `priority` (lower first), then arrival.
     Priority,
+    /// Weighted fair share between the gateway's tenants (weights from their tiers): a tenant
+    /// that floods the queue cannot starve the others.
+    Fair,
 }
 
 impl From<Policy> for SchedulingPolicy {
@@ -36,6 +39,7 @@ impl From<Policy> for SchedulingPolicy {
         match p {
             Policy::Fcfs => SchedulingPolicy::Fcfs,
             Policy::Priority => SchedulingPolicy::Priority,
+            Policy::Fair => SchedulingPolicy::Fair,
         }
     }
 }

@@ -68,7 +68,7 @@ impl Launched {
 /// Starts everything; the first failure is returned with what failed.
 pub async fn launch(
     args: &EngineArgs,
-    served_model_name: Option<String>,
+    served_model_names: &[String],
 ) -> Result<Launched, StartError> {
     args.validate()?;
     let started = Instant::now();
@@ -173,7 +173,10 @@ pub async fn launch(
             detail: e.to_string(),
         });
     }
-    let name = served_model_name.unwrap_or_else(|| args.model.display().to_string());
+    let (name, aliases) = match served_model_names.split_first() {
+        Some((first, rest)) => (first.clone(), rest.to_vec()),
+        None => (args.model.display().to_string(), Vec::new()),
+    };
     let metrics = Arc::new(Metrics::new(&name));
     let link = GroupLink {
         group,
@@ -200,6 +203,7 @@ pub async fn launch(
     );
     let model = ServedModel {
         name,
+        aliases,
         max_model_len: max_model_len as u32,
         tokenizer,
         chat_template,

@@ -1,7 +1,7 @@
 //! `tpserve`: the coordinator binary. Parses flags and hands over to the library.
 
 use clap::{Parser, Subcommand};
-use tpserve_coordinator::{bench, offline, serve};
+use tpserve_coordinator::{bench, gateway, offline, serve};
 use tpserve_term::progress;
 
 /// tpserve: tensor-parallel LLM serving with an OpenAI-compatible API.
@@ -32,6 +32,9 @@ enum Command {
     /// Benchmarks that print a table and write JSON.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Tenant gateway tools: make API keys, check a policy file.
+    #[command(subcommand)]
+    Gateway(gateway::cli::GatewayCommand),
 }
 
 fn parse_progress(s: &str) -> Result<progress::Mode, String> {
@@ -52,6 +55,7 @@ async fn main() {
         Command::Serve(args) => serve::run(args).await,
         Command::Generate(args) => offline::run(args).await,
         Command::Bench(command) => bench::run(command).await,
+        Command::Gateway(command) => gateway::cli::run(command),
     };
     if let Err(e) = result {
         let message = tpserve_term::errors::one_line(e.chain().map(ToString::to_string));

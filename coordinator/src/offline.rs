@@ -137,7 +137,7 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
         _ => bail!("give --prompt or --input"),
     };
-    let launched = launch(&args.engine, None).await?;
+    let launched = launch(&args.engine, &[]).await?;
     let (engine, model) = (&launched.engine, &launched.model);
     let mut requests = Vec::with_capacity(lines.len());
     for (i, line) in lines.iter().enumerate() {
@@ -182,6 +182,8 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
             ignore_eos: args.ignore_eos,
             skip_special_tokens: true,
             priority: 0,
+            share: Default::default(),
+            cache_salt: 0,
         });
     }
     let started = Instant::now();
@@ -206,6 +208,7 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
                         reason,
                         prompt_tokens,
                         completion_tokens,
+                        ..
                     } => {
                         out.finish_reason = Some(reason);
                         out.prompt_tokens = prompt_tokens;

@@ -13,9 +13,10 @@ use clap::Args;
 use tokio::sync::watch;
 use tpserve_term::human;
 
-use crate::api::{metrics_router, require_api_key, router, ApiState, Health};
+use crate::api::{metrics_router, require_api_key, router, with_gateway, ApiState, Health};
 use crate::config::EngineArgs;
 use crate::engine::{EngineHandle, EngineStatus};
+use crate::gateway::{reload, Gateway, GatewayArgs};
 use crate::launch::launch;
 
 /// How long responses still open when the listener closes may take to complete.
@@ -26,16 +27,21 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 pub struct ServeArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
     /// Address to listen on.
     #[arg(long, env = "TPSERVE_HOST", default_value = "127.0.0.1")]
     pub host: String,
     /// Port to listen on (0 picks a free one; the bound address is logged).
     #[arg(long, env = "TPSERVE_PORT", default_value_t = 8000)]
     pub port: u16,
-    /// The name clients use in `model` (default: the model path).
-    #[arg(long, env = "TPSERVE_SERVED_MODEL_NAME")]
-    pub served_model_name: Option<String>,
-    /// Require `Authorization: Bearer <key>` on `/v1/*` (as vLLM's `--api-key`).
+    /// The names clients use in `model` (default: the model path). Several names (space- or
+    /// comma-separated, as vLLM's) serve the same model under each; the first is the one the
+    /// metrics report. The gateway's routes may name any of them.
+    #[arg(long, env = "TPSERVE_SERVED_MODEL_NAME", num_args = 1.., value_delimiter = ',')]
+    pub served_model_name: Vec<String>,
+    /// Require `Authorization: Bearer <key>` on `/v1/*` (as vLLM's `--api-key`). Not allowed
+    /// with a gateway policy, whose tenants have their own keys.
     #[arg(long, env = "TPSERVE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Seconds running requests may take to finish after SIGTERM or Ctrl-C before they are ended.
@@ -49,6 +55,7 @@ pub struct ServeArgs {
 
 /// Runs the server until a shutdown signal.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let gateway = start_gateway(&args).await?;
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .or_else(|_| {
@@ -77,7 +84,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     let mut interrupted = signalled.clone();
     let launched = tokio::select! {
-        launched = launch(&args.engine, args.served_model_name.clone()) => launched?,
+        launched = launch(&args.engine, &args.served_model_name) => launched?,
         _ = interrupted.wait_for(Option::is_some) => {
             // Dropping the start-up kills the workers it has spawned.
             tracing::info!("interrupted while starting; stopped");
@@ -109,11 +116,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         engine: launched.engine.clone(),
         model: launched.model.clone(),
         health: health_rx,
+        gateway: gateway.clone(),
     })
-    .merge(metrics_router(launched.metrics.clone()));
-    let app = match args.api_key.clone().filter(|k| !k.is_empty()) {
-        Some(key) => require_api_key(app, key),
-        None => app,
+    .merge(metrics_router(launched.metrics.clone(), gateway.clone()));
+    let app = match (gateway, args.api_key.clone().filter(|k| !k.is_empty())) {
+        (Some(gateway), _) => with_gateway(app, gateway),
+        (None, Some(key)) => require_api_key(app, key),
+        (None, None) => app,
     };
     let bound = listener.local_addr()?;
     tracing::info!(
@@ -151,6 +160,73 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     launched.stop().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Loads the gateway policy (the file, then the etcd key, which wins when present) and starts
+/// watching both; `None` without a policy. A policy that is missing or invalid at start stops
+/// the server with the field named.
+async fn start_gateway(args: &ServeArgs) -> anyhow::Result<Option<std::sync::Arc<Gateway>>> {
+    let g = &args.gateway;
+    let endpoints = if g.gateway_etcd_endpoints.is_empty() {
+        &args.engine.etcd_endpoints
+    } else {
+        &g.gateway_etcd_endpoints
+    };
+    let etcd_source = g.gateway_etcd_key.is_some() || !g.gateway_etcd_endpoints.is_empty();
+    if g.gateway_config.is_none() && !etcd_source {
+        return Ok(None);
+    }
+    if args.api_key.as_deref().is_some_and(|k| !k.is_empty()) {
+        anyhow::bail!(
+            "--api-key and a gateway policy do not go together: give each tenant its keys in the policy"
+        );
+    }
+    let from_file = match &g.gateway_config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --gateway-config {}", path.display()))?;
+            crate::gateway::Policy::parse(&text)
+                .with_context(|| format!("--gateway-config {}", path.display()))?;
+            Some(text)
+        }
+        None => None,
+    };
+    let etcd = if endpoints.is_empty() {
+        None
+    } else {
+        let client = tpserve_cluster::EtcdClient::new(endpoints)
+            .context("connecting to etcd for the gateway policy")?;
+        let key = g.etcd_key(&args.engine.cluster);
+        let (value, revision) = reload::read_key(&client, &key)
+            .await
+            .with_context(|| format!("reading the gateway policy at etcd key {key}"))?;
+        Some((client, key, value, revision))
+    };
+    let from_etcd = etcd.as_ref().and_then(|(_, _, value, _)| value.clone());
+    let Some(text) = from_etcd.as_ref().or(from_file.as_ref()) else {
+        anyhow::bail!(
+            "no gateway policy: the etcd key {} is empty and no --gateway-config was given",
+            g.etcd_key(&args.engine.cluster)
+        );
+    };
+    let policy = crate::gateway::Policy::parse(text).context("the etcd gateway policy")?;
+    let gateway = Gateway::new(policy, g.gateway_usage_log.as_deref()).with_context(|| {
+        format!(
+            "opening --gateway-usage-log {}",
+            g.gateway_usage_log
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""))
+                .display()
+        )
+    })?;
+    if let Some(path) = &g.gateway_config {
+        reload::watch_file(&gateway, path.clone(), g.reload_interval());
+    }
+    if let Some((client, key, _, revision)) = etcd {
+        tracing::info!("gateway policy: watching etcd key {key}");
+        reload::watch_etcd(&gateway, client, key, revision);
+    }
+    Ok(Some(gateway))
 }
 
 /// Resolves when the listener may close: after the shutdown signal, once no request is running

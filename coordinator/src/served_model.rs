@@ -8,8 +8,12 @@ use tpserve_modelfile::chat::ChatTemplate;
 /// The model behind the API.
 #[derive(Clone)]
 pub struct ServedModel {
-    /// The name clients put in `model` (`--served-model-name`, else the model path).
+    /// The name clients put in `model` (the first `--served-model-name`, else the model path);
+    /// the `model_name` of the metrics.
     pub name: String,
+    /// Further names the same model answers to (the other `--served-model-name`s, as vLLM's):
+    /// what the gateway's routes name until adapters exist.
+    pub aliases: Vec<String>,
     /// The longest sequence (prompt plus output) a request may have.
     pub max_model_len: u32,
     /// The tokenizer (also used for `/tokenize` and `/detokenize`).
@@ -18,4 +22,16 @@ pub struct ServedModel {
     pub chat_template: Option<Arc<ChatTemplate>>,
     /// Unix seconds when the server started (OpenAI's `created`).
     pub created: u64,
+}
+
+impl ServedModel {
+    /// Whether `model` is one of the names this server answers to.
+    pub fn serves(&self, model: &str) -> bool {
+        self.name == model || self.aliases.iter().any(|a| a == model)
+    }
+
+    /// Every name, the primary one first.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.name.as_str()).chain(self.aliases.iter().map(String::as_str))
+    }
 }

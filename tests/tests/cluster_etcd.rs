@@ -4,53 +4,11 @@
 //! 20 s, `/health` turns unready, the worker is restarted, the group re-forms within a minute,
 //! and the same greedy request gives the same answer as before.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tpserve_e2e::{binary, default_model, etcd_binary, free_port, post_json, read_sse, Server};
-
-/// Kills its process when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_etcd(dir: &std::path::Path) -> (Proc, String) {
-    let (client, peer) = (free_port(), free_port());
-    let url = format!("http://127.0.0.1:{client}");
-    let child = Command::new(etcd_binary())
-        .args(["--name", "test", "--data-dir", dir.to_str().unwrap()])
-        .args([
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-        ])
-        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-        .args([
-            "--initial-advertise-peer-urls",
-            &format!("http://127.0.0.1:{peer}"),
-        ])
-        .args([
-            "--initial-cluster",
-            &format!("test=http://127.0.0.1:{peer}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting etcd");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
-        assert!(Instant::now() < deadline, "etcd did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    (Proc(child), url)
-}
+use tpserve_e2e::{binary, default_model, post_json, read_sse, start_etcd, Proc, Server};
 
 fn start_worker(etcd: &str, cluster: &str, rank: usize) -> Proc {
     let child = Command::new(binary("tpserve-worker"))

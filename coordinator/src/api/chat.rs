@@ -8,29 +8,39 @@
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use serde_json::Value;
 use tpserve_modelfile::chat::ChatMessage;
 
 use super::error::{ApiError, ApiJson};
+use super::gateway::{place, Ask, Caller, Tokens};
 use super::protocol::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, ChatMessageIn, ChatMessageOut, Usage,
 };
 use super::sequences::{collect_all, submit_all};
-use super::sse::{json_event, stream_response, ChunkWriter};
+use super::sse::{json_event, stream_response, ChunkWriter, StreamUsage};
 use super::tokenize::encode;
-use super::validate::{check_model, check_params, MaxTokens, PromptKind};
+use super::validate::{check_params, MaxTokens, PromptKind};
 use super::{new_id, unix_now, ApiState};
 use crate::engine::FinishReason;
 use crate::served_model::ServedModel;
 
 pub async fn chat_completions(
     State(state): State<Arc<ApiState>>,
+    caller: Option<Extension<Caller>>,
+    headers: HeaderMap,
     ApiJson(request): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
-    check_model(request.model.as_deref(), &state.model)?;
+    let ask = Ask {
+        model: request.model.as_deref(),
+        user: request.user.as_deref(),
+        headers: &headers,
+    };
+    let placement = place(&state.model, caller.as_deref(), ask)?;
     refuse_unsupported(&request)?;
     let max_tokens = match request.max_completion_tokens {
         Some(m) => MaxTokens {
@@ -42,19 +52,22 @@ pub async fn chat_completions(
             param: "max_tokens",
         },
     };
-    let params = check_params(&request.sampling, max_tokens)?;
+    let mut params = check_params(&request.sampling, max_tokens)?;
+    params.cap_max_tokens(placement.max_tokens)?;
 
     let text = render(&state.model, &request.messages, true)?;
     let prompt = encode(&state.model, text, false).await?;
     let prompt_tokens = prompt.len() as u64;
-    let base = params.request_for(prompt, state.model.max_model_len, PromptKind::Messages)?;
+    let mut base = params.request_for(prompt, placement.max_model_len, PromptKind::Messages)?;
+    base.share = placement.share;
+    base.cache_salt = placement.cache_salt;
     let requests = params.fan_out(&base).into_iter().enumerate();
     let requests = requests.map(|(i, r)| (i as u32, r)).collect();
     let sequences = submit_all(&state.engine, requests).await?;
 
     let id = new_id("chatcmpl");
     let created = unix_now();
-    let model = state.model.name.clone();
+    let model = placement.model;
     if params.stream {
         let writer = ChatChunks {
             id,
@@ -62,12 +75,13 @@ pub async fn chat_completions(
             model,
             include_usage: params.include_usage,
         };
-        return Ok(stream_response(
-            writer,
-            sequences,
+        let usage = StreamUsage {
             prompt_tokens,
-            params.include_usage,
-        ));
+            n: params.n,
+            include_usage: params.include_usage,
+            ticket: placement.ticket,
+        };
+        return Ok(stream_response(writer, sequences, usage));
     }
 
     let collected = collect_all(sequences).await?;
@@ -75,6 +89,17 @@ pub async fn chat_completions(
         .iter()
         .map(|c| u64::from(c.completion_tokens))
         .sum();
+    let cached_tokens = collected
+        .iter()
+        .find(|c| c.index == 0)
+        .map_or(0, |c| u64::from(c.cached_tokens));
+    if let Some(ticket) = &placement.ticket {
+        ticket.complete(Tokens {
+            prompt: prompt_tokens,
+            cached: cached_tokens,
+            completion: completion_tokens,
+        });
+    }
     let choices = collected
         .into_iter()
         .map(|c| ChatChoice {
@@ -93,7 +118,7 @@ pub async fn chat_completions(
         created,
         model,
         choices,
-        usage: Usage::new(prompt_tokens, completion_tokens),
+        usage: Usage::new(prompt_tokens, completion_tokens, cached_tokens),
     })
     .into_response())
 }

@@ -8,16 +8,19 @@
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use serde_json::Value;
 
 use super::error::{ApiError, ApiJson};
+use super::gateway::{place, Ask, Caller, Tokens};
 use super::protocol::{CompletionChoice, CompletionRequest, CompletionResponse, Usage};
 use super::sequences::{collect_all, submit_all};
-use super::sse::{json_event, stream_response, ChunkWriter};
+use super::sse::{json_event, stream_response, ChunkWriter, StreamUsage};
 use super::tokenize::{decode, encode};
-use super::validate::{check_model, check_params, check_token_ids, MaxTokens, PromptKind};
+use super::validate::{check_params, check_token_ids, MaxTokens, PromptKind};
 use super::{new_id, unix_now, ApiState};
 use crate::engine::FinishReason;
 
@@ -30,16 +33,24 @@ enum PromptInput {
 
 pub async fn completions(
     State(state): State<Arc<ApiState>>,
+    caller: Option<Extension<Caller>>,
+    headers: HeaderMap,
     ApiJson(request): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let model = &state.model;
-    check_model(request.model.as_deref(), model)?;
+    let ask = Ask {
+        model: request.model.as_deref(),
+        user: request.user.as_deref(),
+        headers: &headers,
+    };
+    let placement = place(model, caller.as_deref(), ask)?;
     refuse_unsupported(&request)?;
     let max_tokens = MaxTokens {
         value: request.sampling.max_tokens,
         param: "max_tokens",
     };
-    let params = check_params(&request.sampling, max_tokens)?;
+    let mut params = check_params(&request.sampling, max_tokens)?;
+    params.cap_max_tokens(placement.max_tokens)?;
     let echo = request.echo.unwrap_or(false);
 
     let inputs = parse_prompts(request.prompt.as_ref())?;
@@ -60,7 +71,9 @@ pub async fn completions(
             }
         };
         prompt_tokens += ids.len() as u64;
-        let base = params.request_for(ids, model.max_model_len, PromptKind::Prompt)?;
+        let mut base = params.request_for(ids, placement.max_model_len, PromptKind::Prompt)?;
+        base.share = placement.share;
+        base.cache_salt = placement.cache_salt;
         let first_choice = prompt_index as u32 * params.n;
         requests.extend((first_choice..).zip(params.fan_out(&base)));
         echoes.push(text);
@@ -69,7 +82,7 @@ pub async fn completions(
 
     let id = new_id("cmpl");
     let created = unix_now();
-    let name = model.name.clone();
+    let name = placement.model;
     if params.stream {
         let writer = CompletionChunks {
             id,
@@ -79,12 +92,13 @@ pub async fn completions(
             echoes: echo.then_some(echoes),
             n: params.n,
         };
-        return Ok(stream_response(
-            writer,
-            sequences,
+        let usage = StreamUsage {
             prompt_tokens,
-            params.include_usage,
-        ));
+            n: params.n,
+            include_usage: params.include_usage,
+            ticket: placement.ticket,
+        };
+        return Ok(stream_response(writer, sequences, usage));
     }
 
     let collected = collect_all(sequences).await?;
@@ -92,6 +106,19 @@ pub async fn completions(
         .iter()
         .map(|c| u64::from(c.completion_tokens))
         .sum();
+    // Each prompt's first choice says how much of that prompt the prefix cache held.
+    let cached_tokens = collected
+        .iter()
+        .filter(|c| c.index % params.n == 0)
+        .map(|c| u64::from(c.cached_tokens))
+        .sum();
+    if let Some(ticket) = &placement.ticket {
+        ticket.complete(Tokens {
+            prompt: prompt_tokens,
+            cached: cached_tokens,
+            completion: completion_tokens,
+        });
+    }
     let choices = collected
         .into_iter()
         .map(|c| {
@@ -114,7 +141,11 @@ pub async fn completions(
         created,
         model: name,
         choices,
-        usage: Some(Some(Usage::new(prompt_tokens, completion_tokens))),
+        usage: Some(Some(Usage::new(
+            prompt_tokens,
+            completion_tokens,
+            cached_tokens,
+        ))),
     })
     .into_response())
 }

@@ -5,8 +5,9 @@
 //! through [`ApiJson`], so that axum's own JSON rejections (bad syntax, wrong content type) and
 //! wrong field types come out in the same shape instead of axum's plain-text bodies.
 //!
-//! Statuses: 400 bad input, 404 unknown model or route, 405 wrong method, 413 body too large,
-//! 429 queue full and 503 engine unavailable (both with `Retry-After`), 503 engine stalled
+//! Statuses: 400 bad input, 401 no or unknown key, 403 a model or route the key may not use,
+//! 404 unknown model or route, 405 wrong method, 413 body too large, 429 queue full or a tenant's
+//! limit and 503 engine or routed target unavailable (all with `Retry-After`), 503 engine stalled
 //! (`/live`), 500 worker failure.
 
 use axum::extract::rejection::JsonRejection;
@@ -44,6 +45,28 @@ pub enum ApiError {
     /// No API key, or the wrong one, on a route that needs one (401).
     #[error("Invalid or missing API key: send `Authorization: Bearer <key>`.")]
     Unauthorized,
+    /// The key is valid but may not use this model or adapter (403).
+    #[error("Your API key may not use the model `{model}`.")]
+    ModelNotAllowed { model: String },
+    /// The key is valid but this route needs an admin key (403).
+    #[error("{path} needs an admin key.")]
+    AdminRequired { path: String },
+    /// A tenant's limit refused the request (429, OpenAI's `rate_limit_exceeded`). `kind` is
+    /// OpenAI's error type for it: `requests` or `tokens`.
+    #[error("Rate limit reached for your API key on {limit} (limit {value}). Please try again in {retry_after_s}s.")]
+    RateLimited {
+        limit: &'static str,
+        kind: &'static str,
+        value: f64,
+        retry_after_s: u32,
+    },
+    /// The gateway routed the request to a target that is not available, and the tenant's policy
+    /// has no available fallback (503).
+    #[error("The model `{target}` that your request was routed to is unavailable{}.", fallback.as_ref().map(|f| format!(" and so is its fallback `{f}`")).unwrap_or_else(|| " and the policy names no fallback".into()))]
+    RouteUnavailable {
+        target: String,
+        fallback: Option<String>,
+    },
     /// The request names a model this server does not serve (404).
     #[error("The model `{model}` does not exist.")]
     ModelNotFound { model: String },
@@ -105,6 +128,9 @@ impl ApiError {
             Self::ModelNotFound { .. } | Self::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::ModelNotAllowed { .. } | Self::AdminRequired { .. } => StatusCode::FORBIDDEN,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RouteUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotReady { .. } | Self::Stalled { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -121,9 +147,10 @@ impl ApiError {
     fn retry_after_s(&self) -> Option<u32> {
         match self {
             Self::Engine(EngineError::QueueFull { .. }) => Some(RETRY_AFTER_QUEUE_FULL_S),
-            Self::Engine(EngineError::Unavailable { .. }) | Self::NotReady { .. } => {
-                Some(RETRY_AFTER_UNAVAILABLE_S)
-            }
+            Self::Engine(EngineError::Unavailable { .. })
+            | Self::NotReady { .. }
+            | Self::RouteUnavailable { .. } => Some(RETRY_AFTER_UNAVAILABLE_S),
+            Self::RateLimited { retry_after_s, .. } => Some(*retry_after_s),
             _ => None,
         }
     }
@@ -138,6 +165,12 @@ impl ApiError {
             Self::Unsupported { .. } => ("invalid_request_error", Some("unsupported_parameter")),
             Self::ModelNotFound { .. } => ("invalid_request_error", Some("model_not_found")),
             Self::Unauthorized => ("invalid_request_error", Some("invalid_api_key")),
+            Self::ModelNotAllowed { .. } => ("permission_error", Some("model_not_allowed")),
+            Self::AdminRequired { .. } => ("permission_error", Some("admin_key_required")),
+            Self::RateLimited { kind, .. } => (*kind, Some("rate_limit_exceeded")),
+            Self::RouteUnavailable { .. } => {
+                ("service_unavailable_error", Some("model_unavailable"))
+            }
             Self::RouteNotFound { .. } => ("invalid_request_error", Some("not_found")),
             Self::MethodNotAllowed { .. } => ("invalid_request_error", Some("method_not_allowed")),
             Self::PayloadTooLarge { .. } => ("invalid_request_error", Some("payload_too_large")),
@@ -165,7 +198,9 @@ impl ApiError {
             Self::Unsupported { param, .. } | Self::ContextLengthExceeded { param, .. } => {
                 Some(param.clone())
             }
-            Self::ModelNotFound { .. } => Some("model".to_string()),
+            Self::ModelNotFound { .. }
+            | Self::ModelNotAllowed { .. }
+            | Self::RouteUnavailable { .. } => Some("model".to_string()),
             Self::Engine(EngineError::InvalidRequest { param, .. }) => param.clone(),
             _ => None,
         };

@@ -1,5 +1,6 @@
 //! The OpenAI-compatible HTTP API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
-//! vLLM's `/tokenize`, `/detokenize` and `/health` (readiness), and `/live` (liveness).
+//! vLLM's `/tokenize`, `/detokenize` and `/health` (readiness), `/live` (liveness), and the
+//! tenant gateway's middleware and `/v1/usage` (`gateway`).
 //!
 //! Handlers are thin: parse (`protocol`), check and build engine requests (`validate`), submit
 //! through the [`EngineHandle`] (`sequences`), answer whole or as SSE (`sse`). All error
@@ -14,6 +15,7 @@ mod auth;
 mod chat;
 mod completions;
 mod error;
+mod gateway;
 mod health;
 mod live;
 mod metrics;
@@ -38,6 +40,7 @@ use tokio::sync::watch;
 
 pub use auth::require_api_key;
 pub use error::{ApiError, ErrorBody, ErrorDetail};
+pub use gateway::{with_gateway, FEATURE_HEADER, ROUTE_HEADER, TARGET_HEADER, VARIANT_HEADER};
 pub use health::Health;
 pub use metrics::metrics_router;
 // The request checks and chat rendering the Python bindings (`python/`) reuse, so their
@@ -47,6 +50,7 @@ pub use protocol::{ChatMessageIn, SamplingFields};
 pub use validate::{check_params, check_token_ids, CheckedParams, MaxTokens, PromptKind};
 
 use crate::engine::EngineHandle;
+use crate::gateway::Gateway;
 use crate::served_model::ServedModel;
 
 /// Largest request body accepted: a full 128k-token prompt as JSON token ids fits easily.
@@ -63,6 +67,8 @@ pub struct ApiState {
     /// worker membership) flips it with `send_replace(Health::Ready)` or
     /// `send_replace(Health::NotReady { reason })`.
     pub health: watch::Receiver<Health>,
+    /// The tenant gateway, when a policy is configured (`/v1/usage` needs it).
+    pub gateway: Option<Arc<Gateway>>,
 }
 
 /// The API's routes over `state`. Unknown routes answer 404 and wrong methods 405, both in
@@ -73,6 +79,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(models::list_models))
+        .route("/v1/usage", get(gateway::usage))
         // Model names often hold slashes (`meta-llama/Llama-3.1-8B`).
         .route("/v1/models/{*model}", get(models::retrieve_model))
         .route("/tokenize", post(tokenize::tokenize))

@@ -1,5 +1,6 @@
-//! GET `/v1/models` and `/v1/models/{model}`: the served model's card (vLLM's fields). Adapters
-//! will be listed here too once they exist, with `parent` naming the base model.
+//! GET `/v1/models` and `/v1/models/{model}`: a card (vLLM's fields) per name the model is
+//! served under, `root` naming the primary one. Adapters will be listed here too once they
+//! exist, with `parent` naming the base model.
 
 use std::sync::Arc;
 
@@ -11,9 +12,9 @@ use super::protocol::{ModelCard, ModelList};
 use super::ApiState;
 use crate::served_model::ServedModel;
 
-fn card(model: &ServedModel) -> ModelCard {
+fn card(model: &ServedModel, name: &str) -> ModelCard {
     ModelCard {
-        id: model.name.clone(),
+        id: name.to_string(),
         object: "model",
         created: model.created,
         owned_by: "tpserve",
@@ -26,7 +27,11 @@ fn card(model: &ServedModel) -> ModelCard {
 pub async fn list_models(State(state): State<Arc<ApiState>>) -> Json<ModelList> {
     Json(ModelList {
         object: "list",
-        data: vec![card(&state.model)],
+        data: state
+            .model
+            .names()
+            .map(|name| card(&state.model, name))
+            .collect(),
     })
 }
 
@@ -34,8 +39,8 @@ pub async fn retrieve_model(
     State(state): State<Arc<ApiState>>,
     Path(model): Path<String>,
 ) -> Result<Json<ModelCard>, ApiError> {
-    if model != state.model.name {
+    if !state.model.serves(&model) {
         return Err(ApiError::ModelNotFound { model });
     }
-    Ok(Json(card(&state.model)))
+    Ok(Json(card(&state.model, &model)))
 }

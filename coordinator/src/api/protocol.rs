@@ -3,7 +3,7 @@
 //! Each request body is read from the parsed JSON object, the shared sampling fields in a second
 //! typed pass over the same object, so a type error anywhere names its field.
 //! Requests are lenient where OpenAI's are: every optional field may be absent or `null`, and
-//! unknown fields are ignored (clients send `user`, `metadata` and newer fields we do not know).
+//! unknown fields are ignored (clients send `metadata` and newer fields we do not know).
 //! Fields whose accepted shapes serde's untagged enums would report badly (`prompt`, `stop`,
 //! message `content`) arrive as raw JSON and are checked in `validate`, so the error names the
 //! field. Ranges are checked there too, never here.
@@ -61,6 +61,8 @@ pub struct StreamOptions {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatCompletionRequest {
     pub model: Option<String>,
+    /// OpenAI's end-user id: what the gateway's A/B split keeps each user sticky by.
+    pub user: Option<String>,
     pub messages: Vec<ChatMessageIn>,
     /// OpenAI's newer name for `max_tokens`; wins when both are given (as in vLLM).
     pub max_completion_tokens: Option<i64>,
@@ -91,6 +93,8 @@ pub struct ChatMessageIn {
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
     pub model: Option<String>,
+    /// OpenAI's end-user id: what the gateway's A/B split keeps each user sticky by.
+    pub user: Option<String>,
     /// A string, a list of strings, a list of token ids, or a list of lists of token ids.
     pub prompt: Option<Value>,
     /// Put the prompt's text before each choice's text.
@@ -114,14 +118,25 @@ pub struct Usage {
     /// Summed over all choices.
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    /// OpenAI's breakdown of the prompt: how much of it came from the prefix cache.
+    #[serde(default)]
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose KV was reused from the prefix cache.
+    pub cached_tokens: u64,
 }
 
 impl Usage {
-    pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
+    pub fn new(prompt_tokens: u64, completion_tokens: u64, cached_tokens: u64) -> Self {
         Self {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens },
         }
     }
 }

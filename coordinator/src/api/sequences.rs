@@ -38,6 +38,7 @@ pub struct Collected {
     pub text: String,
     pub finish_reason: FinishReason,
     pub completion_tokens: u32,
+    pub cached_tokens: u32,
 }
 
 /// Runs every sequence to its end, concurrently; sorted by choice index. The first error wins
@@ -58,6 +59,7 @@ async fn collect_one(sequence: Sequence) -> Result<Collected, ApiError> {
             GenerateEvent::Finished {
                 reason,
                 completion_tokens,
+                cached_tokens,
                 ..
             } => {
                 return Ok(Collected {
@@ -65,6 +67,7 @@ async fn collect_one(sequence: Sequence) -> Result<Collected, ApiError> {
                     text,
                     finish_reason: reason,
                     completion_tokens,
+                    cached_tokens,
                 })
             }
             GenerateEvent::Error(e) => return Err(e.into()),

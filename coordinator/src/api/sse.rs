@@ -17,7 +17,10 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::Serialize;
 
+use std::sync::Arc;
+
 use super::error::ApiError;
+use super::gateway::{Ticket, Tokens};
 use super::protocol::Usage;
 use super::sequences::{merged, Sequence};
 use crate::engine::{FinishReason, GenerateEvent};
@@ -37,13 +40,30 @@ pub trait ChunkWriter: Send + 'static {
     fn usage(&self, usage: Usage) -> Event;
 }
 
-/// Streams `sequences` as SSE. `prompt_tokens` is the request's total (each prompt once).
+/// What a stream counts and where it reports it.
+pub struct StreamUsage {
+    /// The request's prompt tokens (each prompt once).
+    pub prompt_tokens: u64,
+    /// Choices per prompt: the cache hits of each prompt's first choice are its cached tokens.
+    pub n: u32,
+    /// Send the last chunk with the usage.
+    pub include_usage: bool,
+    /// The gateway's ticket: told the usage at the end, or the status of a failure midway.
+    pub ticket: Option<Arc<Ticket>>,
+}
+
+/// Streams `sequences` as SSE.
 pub fn stream_response<W: ChunkWriter>(
     writer: W,
     sequences: Vec<Sequence>,
-    prompt_tokens: u64,
-    include_usage: bool,
+    usage: StreamUsage,
 ) -> Response {
+    let StreamUsage {
+        prompt_tokens,
+        n,
+        include_usage,
+        ticket,
+    } = usage;
     let mut indexes: Vec<u32> = sequences.iter().map(|s| s.index).collect();
     indexes.sort_unstable();
     let events = async_stream::stream! {
@@ -54,6 +74,7 @@ pub fn stream_response<W: ChunkWriter>(
         }
         let mut events = merged(sequences);
         let mut completion_tokens = 0u64;
+        let mut cached_tokens = 0u64;
         while let Some((index, event)) = events.next().await {
             match event {
                 GenerateEvent::Delta { text, .. } => {
@@ -61,13 +82,19 @@ pub fn stream_response<W: ChunkWriter>(
                         yield Ok(writer.text(index, text));
                     }
                 }
-                GenerateEvent::Finished { reason, completion_tokens: n, .. } => {
-                    completion_tokens += u64::from(n);
+                GenerateEvent::Finished { reason, completion_tokens: generated, cached_tokens: cached, .. } => {
+                    completion_tokens += u64::from(generated);
+                    if index % n == 0 {
+                        cached_tokens += u64::from(cached);
+                    }
                     yield Ok(writer.finish(index, reason));
                 }
                 GenerateEvent::Error(e) => {
                     let error = ApiError::from(e);
                     tracing::warn!(error = %error, "stream failed midway");
+                    if let Some(ticket) = &ticket {
+                        ticket.fail(error.status().as_u16());
+                    }
                     yield Ok(json_event(&error.body()));
                     yield Ok(done());
                     // Dropping `events` here aborts the sibling sequences.
@@ -76,7 +103,10 @@ pub fn stream_response<W: ChunkWriter>(
             }
         }
         if include_usage {
-            yield Ok(writer.usage(Usage::new(prompt_tokens, completion_tokens)));
+            yield Ok(writer.usage(Usage::new(prompt_tokens, completion_tokens, cached_tokens)));
+        }
+        if let Some(ticket) = &ticket {
+            ticket.complete(Tokens { prompt: prompt_tokens, cached: cached_tokens, completion: completion_tokens });
         }
         yield Ok(done());
     };

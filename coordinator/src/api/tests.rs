@@ -131,6 +131,7 @@ fn echo_events(request: &GenerateRequest) -> Vec<GenerateEvent> {
         reason,
         prompt_tokens: request.prompt_token_ids.len() as u32,
         completion_tokens: take as u32,
+        cached_tokens: 0,
     });
     events
 }
@@ -202,6 +203,7 @@ fn harness_with(script: Script, chat_template: Option<ChatTemplate>) -> Harness 
     let (health, health_rx) = watch::channel(Health::Ready);
     let model = ServedModel {
         name: MODEL.to_string(),
+        aliases: Vec::new(),
         max_model_len: MAX_MODEL_LEN,
         tokenizer: Arc::new(tokenizer()),
         chat_template: chat_template.map(Arc::new),
@@ -215,6 +217,7 @@ fn harness_with(script: Script, chat_template: Option<ChatTemplate>) -> Harness 
         engine: EngineHandle::new(commands_tx, liveness.clone()),
         model,
         health: health_rx,
+        gateway: None,
     });
     Harness {
         app,
@@ -348,7 +351,7 @@ async fn chat_completion_renders_the_template_once_and_answers_openai_style() {
     );
     assert_eq!(
         body["usage"],
-        json!({"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10})
+        json!({"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10, "prompt_tokens_details": {"cached_tokens": 0}})
     );
 }
 
@@ -408,7 +411,7 @@ async fn chat_with_n_two_answers_both_indexes_with_consecutive_seeds_and_summed_
     // Prompt tokens once, completion tokens of both choices.
     assert_eq!(
         body["usage"],
-        json!({"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8})
+        json!({"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8, "prompt_tokens_details": {"cached_tokens": 0}})
     );
     let seeds = [
         h.submitted.recv().await.unwrap().sampling.seed,
@@ -475,7 +478,7 @@ async fn streaming_with_include_usage_nulls_usage_until_a_last_usage_only_chunk(
     assert_eq!(last["choices"], json!([]));
     assert_eq!(
         last["usage"],
-        json!({"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10})
+        json!({"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10, "prompt_tokens_details": {"cached_tokens": 0}})
     );
     assert!(rest
         .iter()
@@ -529,7 +532,7 @@ async fn completion_batches_number_choices_prompt_major_and_count_each_prompt_on
     assert_eq!(body["choices"][0]["logprobs"], Value::Null);
     assert_eq!(
         body["usage"],
-        json!({"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9})
+        json!({"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9, "prompt_tokens_details": {"cached_tokens": 0}})
     );
     // Token prompts go to the engine as given, with no BOS added.
     let prompts: Vec<Vec<u32>> = [(); 4]

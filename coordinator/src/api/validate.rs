@@ -9,19 +9,21 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use super::protocol::SamplingFields;
-use crate::engine::{GenerateRequest, Sampling};
+use crate::engine::{GenerateRequest, Sampling, Share};
 use crate::served_model::ServedModel;
 
 /// Most choices one prompt may ask for.
 pub const MAX_N: u32 = 128;
 
-/// The request's `model` must name the served model; absent is accepted for convenience.
-pub fn check_model(requested: Option<&str>, model: &ServedModel) -> Result<(), ApiError> {
+/// The request's `model` must name the served model (any of its names); absent is accepted for
+/// convenience and means the primary name. Returns the name the answer reports.
+pub fn check_model(requested: Option<&str>, model: &ServedModel) -> Result<String, ApiError> {
     match requested {
-        Some(name) if name != model.name => Err(ApiError::ModelNotFound {
+        Some(name) if !model.serves(name) => Err(ApiError::ModelNotFound {
             model: name.to_string(),
         }),
-        _ => Ok(()),
+        Some(name) => Ok(name.to_string()),
+        None => Ok(model.name.clone()),
     }
 }
 
@@ -249,7 +251,31 @@ impl CheckedParams {
             ignore_eos: self.ignore_eos,
             skip_special_tokens: self.skip_special_tokens,
             priority: self.priority,
+            share: Share::default(),
+            cache_salt: 0,
         })
+    }
+
+    /// Applies a tenant's `max_tokens` cap: asking for more is a 400 naming the field; asking
+    /// for nothing asks for the cap.
+    pub fn cap_max_tokens(&mut self, cap: Option<u32>) -> Result<(), ApiError> {
+        let Some(cap) = cap else {
+            return Ok(());
+        };
+        match self.max_tokens {
+            Some(m) if m > cap => Err(ApiError::invalid(
+                self.max_tokens_param,
+                format!(
+                    "`{}` is {m}, above your API key's limit of {cap}",
+                    self.max_tokens_param
+                ),
+            )),
+            Some(_) => Ok(()),
+            None => {
+                self.max_tokens = Some(cap);
+                Ok(())
+            }
+        }
     }
 
     /// The `n` sequences of one prompt. With a seed, choice `i` gets `seed + i`, so choices

@@ -57,7 +57,7 @@ pub struct DecodeReport {
 /// Runs the benchmark, prints a table and optionally writes JSON.
 pub async fn run(args: DecodeArgs) -> anyhow::Result<DecodeReport> {
     let tp = args.engine.tensor_parallel_size;
-    let launched = launch(&args.engine, None).await?;
+    let launched = launch(&args.engine, &[]).await?;
     // Its floor is host memory bandwidth: meaningless for GPU workers, whose floor is the GPU's
     // (`bench_device`, worker/examples, measures that in the same run).
     anyhow::ensure!(

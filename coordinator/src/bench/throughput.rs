@@ -70,7 +70,7 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<ThroughputReport> {
     if args.num_prompts == 0 || args.input_len == 0 || args.output_len == 0 {
         bail!("--num-prompts, --input-len and --output-len must be positive");
     }
-    let launched = launch(&args.engine, None).await?;
+    let launched = launch(&args.engine, &[]).await?;
     let (engine, model, ready) = (&launched.engine, &launched.model, &launched.ready);
     let vocab = model.tokenizer.get_vocab_size(true) as u32;
     let last = LAST_ID.min(vocab);

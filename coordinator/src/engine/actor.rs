@@ -82,6 +82,8 @@ struct Sequence {
     scheduled: Option<Instant>,
     /// When its latest token came.
     last_token: Option<Instant>,
+    /// Prompt tokens found in the prefix cache when it first started.
+    cached_tokens: u32,
 }
 
 /// A plan sent to the workers whose result is not applied yet.
@@ -299,7 +301,8 @@ impl Engine {
                     max_tokens: request.max_tokens as usize,
                     sampling: request.sampling,
                     priority: request.priority,
-                    cache_salt: 0,
+                    cache_salt: request.cache_salt,
+                    share: request.share,
                 };
                 if let Err(e) = self.scheduler.add(spec) {
                     let _ = accepted.send(Err(EngineError::InvalidRequest {
@@ -317,6 +320,7 @@ impl Engine {
                         arrived: Instant::now(),
                         scheduled: None,
                         last_token: None,
+                        cached_tokens: 0,
                     },
                 );
                 if accepted.send(Ok(())).is_err() {
@@ -350,10 +354,11 @@ impl Engine {
             return false;
         };
         let sent = Instant::now();
-        for id in plan.new.iter().map(|n| n.id) {
-            if let Some(seq) = self.sequences.get_mut(&id) {
+        for new in &plan.new {
+            if let Some(seq) = self.sequences.get_mut(&new.id) {
                 if seq.scheduled.is_none() {
                     seq.scheduled = Some(sent);
+                    seq.cached_tokens = new.num_computed_tokens as u32;
                     self.metrics
                         .request_queue_time
                         .observe((sent - seq.arrived).as_secs_f64());
@@ -458,6 +463,7 @@ impl Engine {
                 reason,
                 prompt_tokens: seq.prompt_tokens,
                 completion_tokens: seq.output.num_tokens() as u32,
+                cached_tokens: seq.cached_tokens,
             });
             gone = true;
         }

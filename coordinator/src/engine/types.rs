@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::scheduler::Share;
+
 /// How the next token is picked. Greedy when `temperature` is 0.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Sampling {
@@ -50,6 +52,11 @@ pub struct GenerateRequest {
     pub skip_special_tokens: bool,
     /// Scheduling priority under `--scheduling-policy priority`; lower runs first (vLLM's rule).
     pub priority: i32,
+    /// The tenant it runs for (fair scheduling) and its weight; default: no tenant.
+    pub share: Share,
+    /// Mixed into its prefix-cache hashes, so tenants never share cached blocks (the tenant's
+    /// id under the gateway; 0 without one).
+    pub cache_salt: u64,
 }
 
 impl GenerateRequest {
@@ -68,6 +75,8 @@ impl GenerateRequest {
             ignore_eos: true,
             skip_special_tokens: true,
             priority: 0,
+            share: Share::default(),
+            cache_salt: 0,
         }
     }
 }
@@ -98,6 +107,8 @@ pub enum GenerateEvent {
         prompt_tokens: u32,
         /// Tokens generated (including a stop token that ended it).
         completion_tokens: u32,
+        /// Prompt tokens whose KV came from the prefix cache when it first started.
+        cached_tokens: u32,
     },
     /// The sequence failed (a worker failed, the engine is shutting down).
     Error(crate::error::EngineError),

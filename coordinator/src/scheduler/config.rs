@@ -15,6 +15,10 @@ pub enum SchedulingPolicy {
     /// Lower `priority` value first, ties by arrival (vLLM's rule). Under memory pressure the
     /// running sequence with the highest (priority, arrival) is preempted first.
     Priority,
+    /// Weighted fair share between tenants (virtual token counters, see `policy`); within a
+    /// tenant, first come first served. Under memory pressure the tenant furthest ahead of its
+    /// share gives back first.
+    Fair,
 }
 
 /// The scheduler's knobs. Names follow vLLM's flags (`--block-size`, `--max-num-seqs`,

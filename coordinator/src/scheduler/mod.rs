@@ -5,7 +5,7 @@
 //! - One token budget per step (`max_num_batched_tokens`), at most `max_num_seqs` sequences.
 //!   Running sequences go first, in order of admission, each taking min(its unscheduled known
 //!   tokens, the budget left): 1 when decoding, the next chunk when prefilling. Then waiting
-//!   sequences (FCFS or priority order) start with a prefill chunk while budget, sequence slots
+//!   sequences (FCFS, priority or fair-share order) start with a prefill chunk while budget, sequence slots
 //!   and blocks allow; the first one that does not fit stops admission (no overtaking).
 //! - Out of blocks for a running sequence: preempt the newest running one (under priority: the
 //!   worst (priority, arrival)) by recompute, until it fits or it is itself the victim. After a
@@ -78,7 +78,7 @@ pub use block_pool::BlockPool;
 pub use config::{SchedulerConfig, SchedulingPolicy};
 pub use error::{SchedulerError, SchedulerResult};
 pub use plan::{NewSequence, RunningSequence, StepPlan};
-pub use sequence::SequenceSpec;
+pub use sequence::{SequenceSpec, Share};
 
 use hash::U64HashState;
 use policy::WaitingQueue;
@@ -205,7 +205,7 @@ impl Scheduler {
         let arrival = self.next_arrival;
         self.next_arrival += 1;
         let seq = Sequence::new(spec, arrival);
-        self.waiting.push_arrival((seq.priority, arrival, seq.id));
+        self.waiting.push_arrival(seq.wait_key());
         self.seqs.insert(seq.id, seq);
         Ok(())
     }
@@ -573,11 +573,13 @@ impl Scheduler {
             if seq.num_computed == seq.num_tokens() {
                 seq.pending_samples.push_back(plan.step_id);
             }
+            let share = seq.share;
             plan.running.push(RunningSequence {
                 id,
                 num_scheduled_tokens: n,
                 new_block_ids,
             });
+            self.waiting.charge(share, n);
             *budget -= n;
             i += 1;
         }
@@ -600,6 +602,16 @@ impl Scheduler {
                 .max_by_key(|&(_, id)| {
                     let s = &self.seqs[id];
                     (s.priority, s.arrival)
+                })
+                .map(|(i, _)| i),
+            // The tenant furthest ahead gives back first; within it, the newest.
+            SchedulingPolicy::Fair => candidates
+                .max_by(|&(_, a), &(_, b)| {
+                    let (a, b) = (&self.seqs[a], &self.seqs[b]);
+                    let counter = |s: &Sequence| self.waiting.counter(s.share.tenant);
+                    counter(a)
+                        .total_cmp(&counter(b))
+                        .then(a.arrival.cmp(&b.arrival))
                 })
                 .map(|(i, _)| i),
         }
@@ -633,8 +645,7 @@ impl Scheduler {
             seq.known_to_workers = false;
             self.pending_frees.push(id);
         }
-        self.waiting
-            .push_preempted((seq.priority, seq.arrival, seq.id));
+        self.waiting.push_preempted(seq.wait_key());
         self.stats.num_preemptions += 1;
     }
 
@@ -700,6 +711,7 @@ impl Scheduler {
                 num_computed_tokens: hit_tokens,
                 num_scheduled_tokens: n,
             });
+            self.waiting.charge(seq.share, n);
             self.running.push(id);
             *budget -= n;
         }
@@ -711,7 +723,7 @@ impl Scheduler {
         };
         match seq.status {
             SeqStatus::Waiting => {
-                let removed = self.waiting.remove((seq.priority, seq.arrival, id));
+                let removed = self.waiting.remove(seq.wait_key());
                 debug_assert!(removed);
             }
             SeqStatus::Running => {

@@ -1,21 +1,96 @@
 //! The waiting queue under each `SchedulingPolicy`. FCFS is a deque (new arrivals at the back,
 //! preempted sequences at the front); priority is an ordered set keyed by
-//! (priority, arrival), so a preempted sequence simply regains its place.
+//! (priority, arrival), so a preempted sequence simply regains its place; fair is a deque per
+//! tenant plus each tenant's virtual token counter.
+//!
+//! Fair share (the Virtual Token Counter of "Fairness in Serving Large Language Models", Sheng
+//! et al., OSDI 2024, as S-LoRA uses it): every token the scheduler schedules for a tenant (a
+//! prefill chunk's tokens, a decode's one) adds `1 / weight` to the tenant's counter, and the
+//! next sequence to start is the front of the backlogged tenant with the smallest counter. A
+//! tenant that floods the queue raises only its own counter, so the others keep starting. A
+//! tenant whose queue was empty is lifted, when a request of its arrives, to the smallest
+//! counter among the backlogged tenants: idle time banks no credit, so a tenant returning from
+//! idleness cannot then starve the others. Preempted sequences go back to the front of their
+//! tenant's queue without a lift. Unlike the paper, prompt and output tokens cost the same (one
+//! unit of engine work each on our step budget).
 //!
 //! Costs: FCFS push/peek/pop O(1), `remove` (abort of a waiting sequence) O(n); priority
-//! O(log n) for everything.
+//! O(log n) for everything; fair O(tenants) per peek/pop and O(1) per charge; a tenant's entry
+//! (a few words) stays after its queue empties, so its counter survives until the process ends.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use super::config::SchedulingPolicy;
+use super::hash::U64HashState;
+use super::sequence::Share;
 
-/// What orders a waiting sequence: (priority, arrival, id).
-pub(crate) type WaitKey = (i32, u64, u64);
+/// What orders a waiting sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct WaitKey {
+    pub priority: i32,
+    pub arrival: u64,
+    pub id: u64,
+    pub share: ShareKey,
+}
+
+/// `Share` with an order, so `WaitKey` can live in the priority set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct ShareKey {
+    pub tenant: u64,
+    pub weight: u32,
+}
+
+impl From<Share> for ShareKey {
+    fn from(s: Share) -> Self {
+        Self {
+            tenant: s.tenant,
+            weight: s.weight.max(1),
+        }
+    }
+}
+
+/// One tenant under the fair policy.
+#[derive(Debug, Clone)]
+pub(crate) struct TenantQueue {
+    ids: VecDeque<u64>,
+    /// Tokens scheduled for it, each divided by its weight.
+    counter: f64,
+    weight: u32,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct FairQueue {
+    tenants: HashMap<u64, TenantQueue, U64HashState>,
+    len: usize,
+}
+
+impl FairQueue {
+    /// The backlogged tenant with the smallest counter (ties: the smaller tenant id, so the
+    /// choice is deterministic).
+    fn next_tenant(&self) -> Option<u64> {
+        self.tenants
+            .iter()
+            .filter(|(_, q)| !q.ids.is_empty())
+            .min_by(|a, b| a.1.counter.total_cmp(&b.1.counter).then(a.0.cmp(b.0)))
+            .map(|(t, _)| *t)
+    }
+
+    fn entry(&mut self, share: ShareKey) -> &mut TenantQueue {
+        let q = self.tenants.entry(share.tenant).or_insert(TenantQueue {
+            ids: VecDeque::new(),
+            counter: 0.0,
+            weight: share.weight,
+        });
+        q.weight = share.weight;
+        q
+    }
+}
 
 #[derive(Debug, Clone)]
 pub(crate) enum WaitingQueue {
     Fcfs(VecDeque<u64>),
     Priority(BTreeSet<WaitKey>),
+    Fair(FairQueue),
 }
 
 impl WaitingQueue {
@@ -23,6 +98,10 @@ impl WaitingQueue {
         match policy {
             SchedulingPolicy::Fcfs => Self::Fcfs(VecDeque::new()),
             SchedulingPolicy::Priority => Self::Priority(BTreeSet::new()),
+            SchedulingPolicy::Fair => Self::Fair(FairQueue {
+                tenants: HashMap::with_hasher(U64HashState),
+                len: 0,
+            }),
         }
     }
 
@@ -30,25 +109,47 @@ impl WaitingQueue {
         match self {
             Self::Fcfs(q) => q.len(),
             Self::Priority(s) => s.len(),
+            Self::Fair(f) => f.len,
         }
     }
 
     /// A newly added sequence.
     pub fn push_arrival(&mut self, key: WaitKey) {
         match self {
-            Self::Fcfs(q) => q.push_back(key.2),
+            Self::Fcfs(q) => q.push_back(key.id),
             Self::Priority(s) => {
                 s.insert(key);
+            }
+            Self::Fair(f) => {
+                let floor = f
+                    .tenants
+                    .iter()
+                    .filter(|(t, q)| **t != key.share.tenant && !q.ids.is_empty())
+                    .map(|(_, q)| q.counter)
+                    .min_by(f64::total_cmp);
+                let q = f.entry(key.share);
+                if q.ids.is_empty() {
+                    if let Some(floor) = floor {
+                        q.counter = q.counter.max(floor);
+                    }
+                }
+                q.ids.push_back(key.id);
+                f.len += 1;
             }
         }
     }
 
-    /// A preempted sequence: first in line again under FCFS, back at its key under priority.
+    /// A preempted sequence: first in line again under FCFS (and within its tenant under fair),
+    /// back at its key under priority.
     pub fn push_preempted(&mut self, key: WaitKey) {
         match self {
-            Self::Fcfs(q) => q.push_front(key.2),
+            Self::Fcfs(q) => q.push_front(key.id),
             Self::Priority(s) => {
                 s.insert(key);
+            }
+            Self::Fair(f) => {
+                f.entry(key.share).ids.push_front(key.id);
+                f.len += 1;
             }
         }
     }
@@ -57,36 +158,75 @@ impl WaitingQueue {
     pub fn peek(&self) -> Option<u64> {
         match self {
             Self::Fcfs(q) => q.front().copied(),
-            Self::Priority(s) => s.first().map(|k| k.2),
+            Self::Priority(s) => s.first().map(|k| k.id),
+            Self::Fair(f) => f
+                .next_tenant()
+                .and_then(|t| f.tenants[&t].ids.front().copied()),
         }
     }
 
     pub fn pop(&mut self) -> Option<u64> {
         match self {
             Self::Fcfs(q) => q.pop_front(),
-            Self::Priority(s) => s.pop_first().map(|k| k.2),
+            Self::Priority(s) => s.pop_first().map(|k| k.id),
+            Self::Fair(f) => {
+                let t = f.next_tenant()?;
+                let id = f.tenants.get_mut(&t)?.ids.pop_front();
+                f.len -= usize::from(id.is_some());
+                id
+            }
         }
     }
 
     /// Takes a sequence out (abort or finish while waiting).
     pub fn remove(&mut self, key: WaitKey) -> bool {
+        let take = |q: &mut VecDeque<u64>| match q.iter().position(|&id| id == key.id) {
+            Some(pos) => {
+                q.remove(pos);
+                true
+            }
+            None => false,
+        };
         match self {
-            Self::Fcfs(q) => match q.iter().position(|&id| id == key.2) {
-                Some(pos) => {
-                    q.remove(pos);
-                    true
-                }
-                None => false,
-            },
+            Self::Fcfs(q) => take(q),
             Self::Priority(s) => s.remove(&key),
+            Self::Fair(f) => {
+                let removed = f
+                    .tenants
+                    .get_mut(&key.share.tenant)
+                    .is_some_and(|q| take(&mut q.ids));
+                f.len -= usize::from(removed);
+                removed
+            }
         }
     }
 
-    /// Ids in the order they would start.
+    /// Ids in the order they would start (under fair: tenant by tenant, as an approximation).
     pub fn ids(&self) -> Vec<u64> {
         match self {
             Self::Fcfs(q) => q.iter().copied().collect(),
-            Self::Priority(s) => s.iter().map(|k| k.2).collect(),
+            Self::Priority(s) => s.iter().map(|k| k.id).collect(),
+            Self::Fair(f) => f
+                .tenants
+                .values()
+                .flat_map(|q| q.ids.iter().copied())
+                .collect(),
+        }
+    }
+
+    /// `tokens` were scheduled for `share`'s tenant (fair policy; a no-op otherwise).
+    pub fn charge(&mut self, share: Share, tokens: usize) {
+        if let Self::Fair(f) = self {
+            let q = f.entry(share.into());
+            q.counter += tokens as f64 / f64::from(q.weight);
+        }
+    }
+
+    /// The tenant's virtual token counter (0 outside the fair policy).
+    pub fn counter(&self, tenant: u64) -> f64 {
+        match self {
+            Self::Fair(f) => f.tenants.get(&tenant).map_or(0.0, |q| q.counter),
+            _ => 0.0,
         }
     }
 }
@@ -95,15 +235,28 @@ impl WaitingQueue {
 mod tests {
     use super::*;
 
+    fn key(priority: i32, arrival: u64, id: u64) -> WaitKey {
+        tenant_key(priority, arrival, id, 0, 1)
+    }
+
+    fn tenant_key(priority: i32, arrival: u64, id: u64, tenant: u64, weight: u32) -> WaitKey {
+        WaitKey {
+            priority,
+            arrival,
+            id,
+            share: ShareKey { tenant, weight },
+        }
+    }
+
     #[test]
     fn fcfs_puts_preempted_sequences_in_front_of_arrivals() {
         let mut q = WaitingQueue::new(SchedulingPolicy::Fcfs);
-        q.push_arrival((0, 0, 10));
-        q.push_arrival((0, 1, 11));
-        q.push_preempted((0, 5, 12));
+        q.push_arrival(key(0, 0, 10));
+        q.push_arrival(key(0, 1, 11));
+        q.push_preempted(key(0, 5, 12));
         assert_eq!(q.ids(), vec![12, 10, 11]);
-        assert!(q.remove((0, 0, 10)));
-        assert!(!q.remove((0, 0, 10)));
+        assert!(q.remove(key(0, 0, 10)));
+        assert!(!q.remove(key(0, 0, 10)));
         assert_eq!(q.pop(), Some(12));
         assert_eq!(q.peek(), Some(11));
     }
@@ -111,11 +264,57 @@ mod tests {
     #[test]
     fn priority_orders_by_value_then_arrival() {
         let mut q = WaitingQueue::new(SchedulingPolicy::Priority);
-        q.push_arrival((5, 0, 1));
-        q.push_arrival((-1, 1, 2));
-        q.push_arrival((5, 2, 3));
-        q.push_preempted((0, 3, 4));
+        q.push_arrival(key(5, 0, 1));
+        q.push_arrival(key(-1, 1, 2));
+        q.push_arrival(key(5, 2, 3));
+        q.push_preempted(key(0, 3, 4));
         assert_eq!(q.ids(), vec![2, 4, 1, 3]);
         assert_eq!(q.len(), 4);
+    }
+
+    #[test]
+    fn fair_starts_the_tenant_with_the_smallest_counter_by_weight() {
+        let mut q = WaitingQueue::new(SchedulingPolicy::Fair);
+        let a = Share {
+            tenant: 1,
+            weight: 1,
+        };
+        let b = Share {
+            tenant: 2,
+            weight: 3,
+        };
+        for i in 0..10 {
+            q.push_arrival(tenant_key(0, i, 100 + i, 1, 1));
+        }
+        q.push_arrival(tenant_key(0, 10, 200, 2, 3));
+        q.push_arrival(tenant_key(0, 11, 201, 2, 3));
+        // A has been served 30 tokens, B 60: B's counter (60 / 3 = 20) is smaller.
+        q.charge(a, 30);
+        q.charge(b, 60);
+        assert_eq!(q.pop(), Some(200));
+        q.charge(b, 60);
+        // B at 40 now, A at 30: A's turn, oldest first.
+        assert_eq!(q.pop(), Some(100));
+        assert_eq!(q.len(), 10);
+        assert!(q.remove(tenant_key(0, 11, 201, 2, 3)));
+        assert_eq!(q.len(), 9);
+    }
+
+    #[test]
+    fn fair_lifts_a_returning_idle_tenant_to_the_backlogged_minimum() {
+        let mut q = WaitingQueue::new(SchedulingPolicy::Fair);
+        q.push_arrival(tenant_key(0, 0, 1, 1, 1));
+        q.charge(
+            Share {
+                tenant: 1,
+                weight: 1,
+            },
+            1000,
+        );
+        // Tenant 2 was idle all along: it starts level with tenant 1, not 1000 tokens ahead.
+        q.push_arrival(tenant_key(0, 1, 2, 2, 1));
+        assert_eq!(q.counter(2), 1000.0);
+        // Ties go to the smaller tenant id.
+        assert_eq!(q.peek(), Some(1));
     }
 }

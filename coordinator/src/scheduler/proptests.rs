@@ -226,6 +226,7 @@ impl Driver {
             sampling: Sampling::default(),
             priority,
             cache_salt: salt,
+            share: Default::default(),
         });
         if too_long {
             assert!(matches!(r, Err(SchedulerError::PromptTooLong { .. })));

@@ -16,7 +16,26 @@
 use std::collections::VecDeque;
 
 use super::hash::{block_hash, ROOT_HASH};
+use super::policy::WaitKey;
 use crate::engine::Sampling;
+
+/// A tenant's share of the engine under `SchedulingPolicy::Fair`: which tenant a sequence
+/// belongs to and the tenant's weight. Tenant 0 is everyone without a tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Share {
+    pub tenant: u64,
+    /// At least 1; a tenant of weight 3 gets three times the tokens of one of weight 1.
+    pub weight: u32,
+}
+
+impl Default for Share {
+    fn default() -> Self {
+        Self {
+            tenant: 0,
+            weight: 1,
+        }
+    }
+}
 
 /// A request as `Scheduler::add` takes it.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +54,8 @@ pub struct SequenceSpec {
     /// Mixed into every prefix hash (tenant salt or adapter id): sequences with different salts
     /// never share cached blocks. 0 by default.
     pub cache_salt: u64,
+    /// Its tenant and weight (used by the fair policy only).
+    pub share: Share,
 }
 
 /// Where a live sequence is.
@@ -56,6 +77,7 @@ pub(crate) struct Sequence {
     pub sampling: Sampling,
     pub priority: i32,
     pub cache_salt: u64,
+    pub share: Share,
     /// Order of `add` calls; the tie-break of the priority policy.
     pub arrival: u64,
     pub status: SeqStatus,
@@ -86,6 +108,7 @@ impl Sequence {
             sampling: spec.sampling,
             priority: spec.priority,
             cache_salt: spec.cache_salt,
+            share: spec.share,
             arrival,
             status: SeqStatus::Waiting,
             num_computed: 0,
@@ -95,6 +118,16 @@ impl Sequence {
             known_to_workers: false,
             pending_samples: VecDeque::with_capacity(2),
             sample_received: false,
+        }
+    }
+
+    /// Its place in the waiting queue.
+    pub(crate) fn wait_key(&self) -> WaitKey {
+        WaitKey {
+            priority: self.priority,
+            arrival: self.arrival,
+            id: self.id,
+            share: self.share.into(),
         }
     }
 

@@ -24,6 +24,7 @@ pub(super) fn spec(id: u64, token_ids: Vec<u32>, max_tokens: usize) -> SequenceS
         sampling: Sampling::default(),
         priority: 0,
         cache_salt: 0,
+        share: Share::default(),
     }
 }
 
