@@ -182,6 +182,7 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
             ignore_eos: args.ignore_eos,
             skip_special_tokens: true,
             priority: 0,
+            extras: Default::default(),
         });
     }
     let started = Instant::now();

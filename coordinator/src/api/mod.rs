@@ -16,6 +16,7 @@ mod completions;
 mod error;
 mod health;
 mod live;
+mod logprobs;
 mod metrics;
 mod models;
 mod protocol;
