@@ -769,8 +769,14 @@ async fn invalid_sampling_values_are_400s_naming_the_param() {
             "stream_options",
         ),
         (json!({"top_logprobs": 2}), "top_logprobs"),
-        (json!({"logprobs": true, "top_logprobs": 21}), "top_logprobs"),
-        (json!({"logprobs": true, "top_logprobs": -1}), "top_logprobs"),
+        (
+            json!({"logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        ),
+        (
+            json!({"logprobs": true, "top_logprobs": -1}),
+            "top_logprobs",
+        ),
         (json!({"presence_penalty": 2.5}), "presence_penalty"),
         (json!({"frequency_penalty": -3}), "frequency_penalty"),
         (json!({"repetition_penalty": 0}), "repetition_penalty"),
