@@ -51,6 +51,7 @@ fn main() -> anyhow::Result<()> {
             token_ids,
             max_tokens,
             sampling: Sampling::default(),
+            extras: Default::default(),
             priority: 0,
             cache_salt: 0,
             share: Default::default(),

@@ -184,6 +184,7 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
             priority: 0,
             share: Default::default(),
             cache_salt: 0,
+            extras: Default::default(),
         });
     }
     let started = Instant::now();

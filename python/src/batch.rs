@@ -111,7 +111,9 @@ type EventTuple = (
 
 fn event_tuple((seq, event): (usize, GenerateEvent)) -> EventTuple {
     match event {
-        GenerateEvent::Delta { text, token_ids } => (seq, text, token_ids, None, None),
+        GenerateEvent::Delta {
+            text, token_ids, ..
+        } => (seq, text, token_ids, None, None),
         GenerateEvent::Finished { reason, .. } => (
             seq,
             String::new(),
@@ -276,7 +278,9 @@ impl Batch {
             while let Some((seq, event)) = next_event(sequences, cancel).await {
                 let c = &mut out[seq];
                 match event {
-                    GenerateEvent::Delta { text, token_ids } => {
+                    GenerateEvent::Delta {
+                        text, token_ids, ..
+                    } => {
                         let t = now();
                         c.first_token_time.get_or_insert(t);
                         c.last_token_time = Some(t);

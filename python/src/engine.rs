@@ -101,7 +101,7 @@ impl Engine {
             .thread_name("tpserve-engine")
             .build()
             .map_err(|e| PyRuntimeError::new_err(format!("starting the engine's runtime: {e}")))?;
-        let launched = wait(py, &runtime, || launch(&args, None))?.map_err(errors::start)?;
+        let launched = wait(py, &runtime, || launch(&args, &[]))?.map_err(errors::start)?;
         Ok(Self {
             runtime: Arc::new(runtime),
             launched: Mutex::new(Some(launched)),

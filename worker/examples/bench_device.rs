@@ -118,6 +118,7 @@ fn main() -> anyhow::Result<()> {
         sampling: Some(greedy),
         block_ids: blocks.map(|b| b as u32).collect(),
         num_computed_tokens: 0,
+        ..Default::default()
     };
 
     // Prefill: one prompt of prefill_tokens, five times (the first is a warm-up), each a fresh

@@ -175,13 +175,14 @@ fn greedy(
                 .collect(),
             num_computed_tokens: 0,
             num_scheduled_tokens: prompt.len() as u32,
+            ..Default::default()
         }],
         running: vec![],
         freed_request_ids: vec![],
     };
     let mut out = Vec::with_capacity(count);
     let step = |plan: pb::StepPlan| -> anyhow::Result<u32> {
-        let answers = group.on_all(move |_, r| r.step(&plan))?;
+        let answers = group.on_all(move |_, r| r.step(&plan).map(|o| o.tokens))?;
         Ok(answers[0]
             .first()
             .ok_or_else(|| anyhow::anyhow!("no token sampled"))?
@@ -257,6 +258,7 @@ fn sampling_check(
                     block_ids: (first..first + blocks).map(|b| b as u32).collect(),
                     num_computed_tokens: 0,
                     num_scheduled_tokens: prompt.len() as u32,
+                    ..Default::default()
                 });
             }
         }
@@ -267,7 +269,7 @@ fn sampling_check(
             running: vec![],
             freed_request_ids: vec![],
         };
-        let answers = group.on_all(move |_, r| r.step(&plan))?;
+        let answers = group.on_all(move |_, r| r.step(&plan).map(|o| o.tokens))?;
         let free = pb::StepPlan {
             step_id: 2,
             new_requests: vec![],

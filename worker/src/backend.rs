@@ -10,7 +10,7 @@ use tpserve_proto as pb;
 
 use crate::batch::Batch;
 use crate::error::{Result, WorkerError};
-use crate::sampler::SampleSpec;
+use crate::sampler::{RowExtras, SampleSpec, Sampled};
 
 /// What a worker runs on, for `Info`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,8 +81,16 @@ pub trait Backend {
     fn max_positions(&self) -> Result<usize>;
 
     /// Runs `batch` and samples one token per `batch.sample_rows` entry with the matching
-    /// `sampling` spec; every rank returns the same tokens.
-    fn step(&mut self, batch: &Batch, sampling: &[SampleSpec]) -> Result<Vec<u32>>;
+    /// `sampling` spec; every rank returns the same tokens. `extras` is empty (no row uses
+    /// logit processing or log probabilities: the fast path) or has one entry per sample row:
+    /// its edits are applied before the draw, and rank 0 returns the asked-for log
+    /// probabilities of the raw logits.
+    fn step(
+        &mut self,
+        batch: &Batch,
+        sampling: &[SampleSpec],
+        extras: &[RowExtras],
+    ) -> Result<Sampled>;
 
     /// Runs `batch` and returns the whole-vocabulary logits of `batch.sample_rows`,
     /// `[rows, vocab]` as f32, on rank 0 (`None` on the other ranks). For numerical checks and

@@ -20,7 +20,9 @@ use tpserve_proto as pb;
 use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo};
 use crate::batch::{Batch, SeqSlice};
 use crate::error::{Result, WorkerError};
-use crate::sampler::{RequestRng, SampleSpec};
+use crate::sampler::logprobs::MAX_TOP_LOGPROBS;
+use crate::sampler::processors::History;
+use crate::sampler::{RequestRng, RowExtras, SampleSpec};
 
 /// What the worker keeps about one request between steps.
 #[derive(Debug)]
@@ -36,6 +38,39 @@ struct RequestState {
     slot: usize,
     /// Leading blocks of `block_ids` the backend has in that row.
     blocks_seen: usize,
+    /// Leading tokens of `tokens` that are the prompt.
+    num_prompt: usize,
+    /// Logit processors and the token history they need; `None` for plain requests.
+    history: Option<History>,
+    /// Top tokens wanted with each sampled token's log probability.
+    sample_logprobs: Option<usize>,
+    /// Top tokens wanted with each prompt token's log probability.
+    prompt_logprobs: Option<usize>,
+}
+
+impl RequestState {
+    /// True when a step that samples or scores this request needs [`RowExtras`].
+    fn needs_extras(&self) -> bool {
+        self.history.is_some() || self.sample_logprobs.is_some() || self.prompt_logprobs.is_some()
+    }
+}
+
+/// What a sample row of a step is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RowRole {
+    id: u64,
+    /// `Some(p)`: the row scores prompt token `p` (it is the row of position `p - 1`) and its
+    /// sampled token is dropped; `None`: the row samples the request's next token.
+    prompt_position: Option<usize>,
+}
+
+/// What one step produced on this worker (rank 0; other ranks return it empty).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepOutcome {
+    /// One token per request whose computed tokens reached its known tokens.
+    pub tokens: Vec<pb::SampledToken>,
+    /// Prompt log probabilities of the requests that asked for them.
+    pub prompt_logprobs: Vec<pb::PromptLogprobs>,
 }
 
 /// Rows of the backend's persistent per-request state not held by a request, lowest first.
@@ -244,7 +279,7 @@ impl Runner {
             });
         }
         let sampling = vec![SampleSpec::greedy(); batch.sample_rows.len()];
-        self.backend.step(&batch, &sampling)?;
+        self.backend.step(&batch, &sampling, &[])?;
         let decode = self.backend.prepare_decode(graph_sizes)?;
         Ok(WarmupReport {
             seconds: started.elapsed().as_secs_f64(),
@@ -294,26 +329,39 @@ impl Runner {
         Ok(out)
     }
 
-    /// Executes one plan; rank 0 returns the sampled tokens, other ranks an empty list.
-    pub fn step(&mut self, plan: &pb::StepPlan) -> Result<Vec<pb::SampledToken>> {
+    /// Executes one plan; rank 0 returns the sampled tokens (and the log probabilities asked
+    /// for), other ranks an empty outcome.
+    pub fn step(&mut self, plan: &pb::StepPlan) -> Result<StepOutcome> {
         let scheduled = self.admit(plan)?;
         let (num_blocks, block_size) = self.cache_shape("Step")?;
-        let (batch, sample_ids) = build_batch(&self.requests, &scheduled, block_size, num_blocks)?;
+        let (batch, roles) = build_batch(&self.requests, &scheduled, block_size, num_blocks)?;
         if batch.num_tokens() == 0 {
-            return Ok(Vec::new());
+            return Ok(StepOutcome::default());
         }
         self.check_batch(&batch)?;
-        let sampling: Vec<SampleSpec> = sample_ids
+        let sampling: Vec<SampleSpec> = roles
             .iter()
-            .map(|id| {
-                let state = self.requests.get_mut(id).expect("validated");
-                SampleSpec {
-                    params: state.sampling,
-                    seed: state.rng.next_seed(),
+            .map(|role| {
+                let state = self.requests.get_mut(&role.id).expect("validated");
+                match role.prompt_position {
+                    // Scoring rows draw nothing: the request's random stream is untouched.
+                    Some(_) => SampleSpec::greedy(),
+                    None => SampleSpec {
+                        params: state.sampling,
+                        seed: state.rng.next_seed(),
+                    },
                 }
             })
             .collect();
-        let tokens = self.backend.step(&batch, &sampling)?;
+        let extras = if roles.iter().any(|r| self.requests[&r.id].needs_extras()) {
+            roles
+                .iter()
+                .map(|r| row_extras(&self.requests[&r.id], r))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let sampled = self.backend.step(&batch, &sampling, &extras)?;
         for s in &scheduled {
             let state = self.requests.get_mut(&s.id).expect("validated");
             state.num_computed += s.count;
@@ -321,20 +369,35 @@ impl Runner {
                 state.blocks_seen = state.block_ids.len();
             }
         }
-        let mut out = Vec::with_capacity(tokens.len());
-        for (id, token) in sample_ids.into_iter().zip(tokens) {
-            self.requests
-                .get_mut(&id)
-                .expect("validated")
-                .tokens
-                .push(token);
-            out.push(pb::SampledToken {
-                request_id: id,
+        let mut out = StepOutcome::default();
+        let mut logprobs = sampled.logprobs.into_iter();
+        for (role, token) in roles.into_iter().zip(sampled.tokens) {
+            let lp = logprobs.next().flatten();
+            if let Some(position) = role.prompt_position {
+                let entry = lp.unwrap_or_default();
+                match out.prompt_logprobs.last_mut() {
+                    Some(p) if p.request_id == role.id => p.entries.push(entry),
+                    _ => out.prompt_logprobs.push(pb::PromptLogprobs {
+                        request_id: role.id,
+                        first_position: position as u32,
+                        entries: vec![entry],
+                    }),
+                }
+                continue;
+            }
+            let state = self.requests.get_mut(&role.id).expect("validated");
+            state.tokens.push(token);
+            if let Some(history) = state.history.as_mut() {
+                history.push(token);
+            }
+            out.tokens.push(pb::SampledToken {
+                request_id: role.id,
                 token_id: token,
+                logprobs: lp,
             });
         }
         if self.backend.rank() != 0 {
-            out.clear();
+            out = StepOutcome::default();
         }
         Ok(out)
     }
@@ -391,6 +454,13 @@ impl Runner {
         let mut scheduled = Vec::with_capacity(plan.new_requests.len() + plan.running.len());
         for new in &plan.new_requests {
             let sampling = new.sampling.unwrap_or_default();
+            // An older coordinator that does not send it: all known tokens.
+            let num_prompt = match new.num_prompt_tokens as usize {
+                0 => new.token_ids.len(),
+                n => n,
+            };
+            let logprobs = new.logprobs.unwrap_or_default();
+            let top = |k: Option<u32>| k.map(|k| (k as usize).min(MAX_TOP_LOGPROBS));
             self.requests.insert(
                 new.request_id,
                 RequestState {
@@ -401,6 +471,13 @@ impl Runner {
                     sampling,
                     slot: self.slots.take().expect("counted above"),
                     blocks_seen: 0,
+                    num_prompt,
+                    history: new
+                        .controls
+                        .clone()
+                        .and_then(|c| History::new(c, &new.token_ids, num_prompt)),
+                    sample_logprobs: top(logprobs.sample),
+                    prompt_logprobs: top(logprobs.prompt),
                 },
             );
             scheduled.push(Scheduled {
@@ -423,6 +500,24 @@ impl Runner {
     }
 }
 
+/// The extras of one sample row of `state`'s request.
+fn row_extras(state: &RequestState, role: &RowRole) -> RowExtras {
+    match role.prompt_position {
+        Some(p) => RowExtras {
+            edits: Vec::new(),
+            logprobs: state.prompt_logprobs,
+            target: Some(state.tokens[p]),
+        },
+        None => RowExtras {
+            edits: state.history.as_ref().map_or_else(Vec::new, |h| {
+                h.edits(&state.tokens[state.num_prompt.min(state.tokens.len())..])
+            }),
+            logprobs: state.sample_logprobs,
+            target: None,
+        },
+    }
+}
+
 /// Lays the scheduled requests end to end. Fails on a request that schedules past its tokens or
 /// its blocks.
 fn build_batch(
@@ -430,9 +525,9 @@ fn build_batch(
     scheduled: &[Scheduled],
     block_size: usize,
     num_blocks: usize,
-) -> Result<(Batch, Vec<u64>)> {
+) -> Result<(Batch, Vec<RowRole>)> {
     let mut batch = Batch::default();
-    let mut sample_ids = Vec::new();
+    let mut roles = Vec::new();
     for s in scheduled {
         if s.count == 0 {
             continue;
@@ -480,10 +575,23 @@ fn build_batch(
             slot: state.slot,
             new_blocks_from: state.blocks_seen,
         });
+        if state.prompt_logprobs.is_some() {
+            // Rows whose next token is a prompt token score it (before the sample row).
+            for p in start..end.min(state.num_prompt.saturating_sub(1)) {
+                batch.sample_rows.push(first + p - start);
+                roles.push(RowRole {
+                    id: s.id,
+                    prompt_position: Some(p + 1),
+                });
+            }
+        }
         if end == state.tokens.len() {
             batch.sample_rows.push(first + s.count - 1);
-            sample_ids.push(s.id);
+            roles.push(RowRole {
+                id: s.id,
+                prompt_position: None,
+            });
         }
     }
-    Ok((batch, sample_ids))
+    Ok((batch, roles))
 }

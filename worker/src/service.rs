@@ -284,7 +284,7 @@ impl Worker for WorkerService {
                 let step_id = plan.step_id;
                 let job = this.submit(move |r| {
                     let started = Instant::now();
-                    r.step(&plan).map(|tokens| (tokens, started.elapsed()))
+                    r.step(&plan).map(|outcome| (outcome, started.elapsed()))
                 });
                 if queued_tx.send((step_id, job)).await.is_err() {
                     return;
@@ -298,17 +298,19 @@ impl Worker for WorkerService {
                     Err(s) => Err(s),
                 };
                 let result = match outcome {
-                    Ok((tokens, compute)) => pb::StepResult {
+                    Ok((outcome, compute)) => pb::StepResult {
                         step_id,
-                        tokens,
+                        tokens: outcome.tokens,
                         error: String::new(),
                         compute_seconds: compute.as_secs_f64(),
+                        prompt_logprobs: outcome.prompt_logprobs,
                     },
                     Err(s) => pb::StepResult {
                         step_id,
                         tokens: Vec::new(),
                         error: s.message().to_string(),
                         compute_seconds: 0.0,
+                        prompt_logprobs: Vec::new(),
                     },
                 };
                 if tx.send(Ok(result)).await.is_err() {

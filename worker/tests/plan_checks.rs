@@ -58,6 +58,7 @@ fn new_request(id: u64, tokens: usize, first_block: u32) -> pb::NewRequest {
         block_ids: (first_block..first_block + tokens.div_ceil(16) as u32).collect(),
         num_computed_tokens: 0,
         num_scheduled_tokens: tokens as u32,
+        ..Default::default()
     }
 }
 
@@ -101,8 +102,12 @@ fn a_plan_holding_more_requests_than_a_step_may_carry_is_refused_and_freed_rows_
     // Two fit; freeing one makes room for a third in the same plan, and its answer is the
     // same as the same prompt's answer before.
     let two = plan(2, vec![new_request(1, 5, 0), new_request(2, 7, 1)], vec![]);
-    let first = group.on_all(move |_, r| r.step(&two)).unwrap();
+    let first = group
+        .on_all(move |_, r| r.step(&two).map(|o| o.tokens))
+        .unwrap();
     let swap = plan(3, vec![new_request(3, 5, 2)], vec![1]);
-    let second = group.on_all(move |_, r| r.step(&swap)).unwrap();
+    let second = group
+        .on_all(move |_, r| r.step(&swap).map(|o| o.tokens))
+        .unwrap();
     assert_eq!(first[0][0].token_id, second[0][0].token_id);
 }

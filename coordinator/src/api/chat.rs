@@ -17,14 +17,15 @@ use tpserve_modelfile::chat::ChatMessage;
 
 use super::error::{ApiError, ApiJson};
 use super::gateway::{place, Ask, Caller, Tokens};
+use super::logprobs::TokenTexts;
 use super::protocol::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, ChatMessageIn, ChatMessageOut, Usage,
 };
 use super::sequences::{collect_all, submit_all};
-use super::sse::{json_event, stream_response, ChunkWriter, StreamUsage};
+use super::sse::{json_event, stream_response, ChunkWriter, Delta, StreamUsage};
 use super::tokenize::encode;
-use super::validate::{check_params, MaxTokens, PromptKind};
+use super::validate::{check_extras, check_params, top_count, MaxTokens, PromptKind};
 use super::{new_id, unix_now, ApiState};
 use crate::engine::FinishReason;
 use crate::served_model::ServedModel;
@@ -42,6 +43,7 @@ pub async fn chat_completions(
     };
     let placement = place(&state.model, caller.as_deref(), ask)?;
     refuse_unsupported(&request)?;
+    let logprobs = check_logprobs(&request)?;
     let max_tokens = match request.max_completion_tokens {
         Some(m) => MaxTokens {
             value: Some(m),
@@ -54,6 +56,8 @@ pub async fn chat_completions(
     };
     let mut params = check_params(&request.sampling, max_tokens)?;
     params.cap_max_tokens(placement.max_tokens)?;
+    let tokenizer = state.model.tokenizer.clone();
+    check_extras(&mut params, &request.sampling, &tokenizer, logprobs, None)?;
 
     let text = render(&state.model, &request.messages, true)?;
     let prompt = encode(&state.model, text, false).await?;
@@ -74,6 +78,8 @@ pub async fn chat_completions(
             created,
             model,
             include_usage: params.include_usage,
+            logprobs: logprobs.is_some(),
+            tokenizer,
         };
         let usage = StreamUsage {
             prompt_tokens,
@@ -100,16 +106,22 @@ pub async fn chat_completions(
             completion: completion_tokens,
         });
     }
+    let texts = TokenTexts::new(&tokenizer);
+    // Every choice has the same prompt: the first one's prompt log probabilities serve.
+    let prompt_logprobs = collected
+        .first()
+        .and_then(|c| c.prompt_logprobs.as_deref())
+        .map(|p| texts.prompt(p));
     let choices = collected
         .into_iter()
         .map(|c| ChatChoice {
             index: c.index,
+            logprobs: logprobs.map(|_| texts.chat(&c.logprobs)),
             message: ChatMessageOut {
                 role: "assistant",
                 content: c.text,
             },
             finish_reason: Some(c.finish_reason),
-            logprobs: None,
         })
         .collect();
     Ok(axum::Json(ChatCompletionResponse {
@@ -119,18 +131,30 @@ pub async fn chat_completions(
         model,
         choices,
         usage: Usage::new(prompt_tokens, completion_tokens, cached_tokens),
+        prompt_logprobs,
     })
     .into_response())
 }
 
+/// `logprobs` and `top_logprobs`: the number of top tokens per output token when log
+/// probabilities are asked for. `top_logprobs` above 0 needs `logprobs` (OpenAI's and vLLM's
+/// rule).
+fn check_logprobs(request: &ChatCompletionRequest) -> Result<Option<u32>, ApiError> {
+    let top = top_count(request.top_logprobs, "top_logprobs")?;
+    if request.logprobs == Some(true) {
+        return Ok(Some(top.unwrap_or(0)));
+    }
+    if top.is_some_and(|k| k > 0) {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            "`top_logprobs` needs `logprobs` set to true",
+        ));
+    }
+    Ok(None)
+}
+
 /// Fields we parse but cannot honour yet: refused, never silently ignored.
 fn refuse_unsupported(request: &ChatCompletionRequest) -> Result<(), ApiError> {
-    if request.logprobs == Some(true) {
-        return Err(ApiError::unsupported("logprobs", "`logprobs`"));
-    }
-    if request.top_logprobs.is_some_and(|n| n > 0) {
-        return Err(ApiError::unsupported("top_logprobs", "`top_logprobs`"));
-    }
     if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::unsupported("tools", "Tool calling"));
     }
@@ -227,6 +251,9 @@ struct ChatChunks {
     created: u64,
     model: String,
     include_usage: bool,
+    /// Chunks carry their token's log probabilities.
+    logprobs: bool,
+    tokenizer: Arc<tokenizers::Tokenizer>,
 }
 
 impl ChatChunks {
@@ -253,7 +280,7 @@ impl ChatChunks {
 }
 
 impl ChunkWriter for ChatChunks {
-    fn opening(&self, index: u32) -> Option<Event> {
+    fn opening(&mut self, index: u32) -> Option<Event> {
         let delta = ChatDelta {
             role: Some("assistant"),
             content: Some(String::new()),
@@ -261,12 +288,24 @@ impl ChunkWriter for ChatChunks {
         Some(self.choice(index, delta, None))
     }
 
-    fn text(&self, index: u32, text: String) -> Event {
-        let delta = ChatDelta {
-            role: None,
-            content: Some(text),
+    fn delta(&mut self, index: u32, delta: Delta) -> Vec<Event> {
+        let logprobs = delta
+            .logprobs
+            .filter(|_| self.logprobs)
+            .map(|lp| TokenTexts::new(&self.tokenizer).chat(std::slice::from_ref(&lp)));
+        if delta.text.is_empty() && logprobs.is_none() {
+            return Vec::new();
+        }
+        let choice = ChatChunkChoice {
+            index,
+            delta: ChatDelta {
+                role: None,
+                content: Some(delta.text),
+            },
+            finish_reason: None,
+            logprobs,
         };
-        self.choice(index, delta, None)
+        vec![self.chunk(vec![choice], None)]
     }
 
     fn finish(&self, index: u32, reason: FinishReason) -> Event {

@@ -5,6 +5,7 @@
 //! `prompt_index`th prompt (OpenAI's numbering); usage counts each prompt once. Every prompt is
 //! checked before any is submitted, so a bad one refuses the batch without starting the rest.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -16,13 +17,36 @@ use serde_json::Value;
 
 use super::error::{ApiError, ApiJson};
 use super::gateway::{place, Ask, Caller, Tokens};
+use super::logprobs::{CompletionLogprobs, TokenTexts};
 use super::protocol::{CompletionChoice, CompletionRequest, CompletionResponse, Usage};
 use super::sequences::{collect_all, submit_all};
-use super::sse::{json_event, stream_response, ChunkWriter, StreamUsage};
+use super::sse::{json_event, stream_response, ChunkWriter, Delta, StreamUsage};
 use super::tokenize::{decode, encode};
-use super::validate::{check_params, check_token_ids, MaxTokens, PromptKind};
+use super::validate::{
+    check_extras, check_params, check_token_ids, top_count, MaxTokens, PromptKind,
+};
 use super::{new_id, unix_now, ApiState};
-use crate::engine::FinishReason;
+use crate::engine::{FinishReason, TokenLogprobs};
+
+/// A prompt as echoed: its text and its token ids.
+#[derive(Debug, Clone)]
+struct Echo {
+    text: String,
+    ids: Vec<u32>,
+}
+
+/// The `logprobs` of an echoed prompt: its tokens, the first without a log probability.
+fn echo_logprobs(
+    texts: &TokenTexts,
+    echo: &Echo,
+    prompt: &[Option<TokenLogprobs>],
+    out: &mut CompletionLogprobs,
+    offset: &mut usize,
+) {
+    for (i, &id) in echo.ids.iter().enumerate() {
+        out.push(texts, id, prompt.get(i).and_then(Option::as_ref), offset);
+    }
+}
 
 /// One prompt of a request as the client sent it.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +76,16 @@ pub async fn completions(
     let mut params = check_params(&request.sampling, max_tokens)?;
     params.cap_max_tokens(placement.max_tokens)?;
     let echo = request.echo.unwrap_or(false);
+    let logprobs = top_count(request.logprobs, "logprobs")?;
+    let echo_lp = logprobs.filter(|_| echo);
+    check_extras(
+        &mut params,
+        &request.sampling,
+        &model.tokenizer,
+        logprobs,
+        echo_lp,
+    )?;
+    let prompt_field = request.sampling.prompt_logprobs.is_some();
 
     let inputs = parse_prompts(request.prompt.as_ref())?;
     let mut requests = Vec::with_capacity(inputs.len() * params.n as usize);
@@ -71,12 +105,16 @@ pub async fn completions(
             }
         };
         prompt_tokens += ids.len() as u64;
+        let echoed = Echo {
+            text,
+            ids: if echo { ids.clone() } else { Vec::new() },
+        };
         let mut base = params.request_for(ids, placement.max_model_len, PromptKind::Prompt)?;
         base.share = placement.share;
         base.cache_salt = placement.cache_salt;
         let first_choice = prompt_index as u32 * params.n;
         requests.extend((first_choice..).zip(params.fan_out(&base)));
-        echoes.push(text);
+        echoes.push(echoed);
     }
     let sequences = submit_all(&state.engine, requests).await?;
 
@@ -91,6 +129,9 @@ pub async fn completions(
             include_usage: params.include_usage,
             echoes: echo.then_some(echoes),
             n: params.n,
+            logprobs: logprobs.is_some(),
+            offsets: HashMap::new(),
+            tokenizer: model.tokenizer.clone(),
         };
         let usage = StreamUsage {
             prompt_tokens,
@@ -119,11 +160,25 @@ pub async fn completions(
             completion: completion_tokens,
         });
     }
+    let texts = TokenTexts::new(&model.tokenizer);
     let choices = collected
         .into_iter()
         .map(|c| {
+            let echoed = &echoes[(c.index / params.n) as usize];
+            let prompt_lps = c.prompt_logprobs.as_deref().unwrap_or_default();
+            let choice_logprobs = logprobs.map(|_| {
+                let mut out = CompletionLogprobs::default();
+                let mut offset = 0;
+                if echo {
+                    echo_logprobs(&texts, echoed, prompt_lps, &mut out, &mut offset);
+                }
+                for lp in &c.logprobs {
+                    out.push(&texts, lp.token_id, Some(lp), &mut offset);
+                }
+                out
+            });
             let text = if echo {
-                echoes[(c.index / params.n) as usize].clone() + &c.text
+                echoed.text.clone() + &c.text
             } else {
                 c.text
             };
@@ -131,7 +186,8 @@ pub async fn completions(
                 index: c.index,
                 text,
                 finish_reason: Some(c.finish_reason),
-                logprobs: None,
+                logprobs: choice_logprobs,
+                prompt_logprobs: prompt_field.then(|| texts.prompt(prompt_lps)),
             }
         })
         .collect();
@@ -152,9 +208,6 @@ pub async fn completions(
 
 /// Fields we parse but cannot honour yet: refused, never silently ignored.
 fn refuse_unsupported(request: &CompletionRequest) -> Result<(), ApiError> {
-    if request.logprobs.as_ref().is_some_and(|v| !v.is_null()) {
-        return Err(ApiError::unsupported("logprobs", "`logprobs`"));
-    }
     if request.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::unsupported("suffix", "`suffix`"));
     }
@@ -219,9 +272,14 @@ struct CompletionChunks {
     created: u64,
     model: String,
     include_usage: bool,
-    /// The prompt texts, by prompt index, when `echo` is on.
-    echoes: Option<Vec<String>>,
+    /// The prompts, by prompt index, when `echo` is on.
+    echoes: Option<Vec<Echo>>,
     n: u32,
+    /// Chunks carry their tokens' log probabilities.
+    logprobs: bool,
+    /// Characters of each choice's text streamed so far (for `text_offset`).
+    offsets: HashMap<u32, usize>,
+    tokenizer: Arc<tokenizers::Tokenizer>,
 }
 
 impl CompletionChunks {
@@ -237,25 +295,64 @@ impl CompletionChunks {
     }
 
     fn choice(&self, index: u32, text: String, finish_reason: Option<FinishReason>) -> Event {
+        self.choice_with(index, text, finish_reason, None)
+    }
+
+    fn choice_with(
+        &self,
+        index: u32,
+        text: String,
+        finish_reason: Option<FinishReason>,
+        logprobs: Option<CompletionLogprobs>,
+    ) -> Event {
         let choice = CompletionChoice {
             index,
             text,
             finish_reason,
-            logprobs: None,
+            logprobs,
+            prompt_logprobs: None,
         };
         self.chunk(vec![choice], None)
     }
 }
 
 impl ChunkWriter for CompletionChunks {
-    fn opening(&self, index: u32) -> Option<Event> {
+    fn opening(&mut self, index: u32) -> Option<Event> {
+        // With log probabilities the echo waits for the prompt's, which come with the first
+        // token.
+        if self.logprobs {
+            return None;
+        }
         let echoes = self.echoes.as_ref()?;
-        let text = echoes[(index / self.n) as usize].clone();
+        let text = echoes[(index / self.n) as usize].text.clone();
         Some(self.choice(index, text, None))
     }
 
-    fn text(&self, index: u32, text: String) -> Event {
-        self.choice(index, text, None)
+    fn delta(&mut self, index: u32, delta: Delta) -> Vec<Event> {
+        if !self.logprobs {
+            return if delta.text.is_empty() {
+                Vec::new()
+            } else {
+                vec![self.choice(index, delta.text, None)]
+            };
+        }
+        let texts = TokenTexts::new(&self.tokenizer);
+        let mut offset = self.offsets.get(&index).copied().unwrap_or(0);
+        let mut events = Vec::new();
+        if let (Some(echoes), Some(prompt)) = (&self.echoes, &delta.prompt_logprobs) {
+            let echoed = &echoes[(index / self.n) as usize];
+            let mut lps = CompletionLogprobs::default();
+            echo_logprobs(&texts, echoed, prompt, &mut lps, &mut offset);
+            events.push(self.choice_with(index, echoed.text.clone(), None, Some(lps)));
+        }
+        let mut lps = CompletionLogprobs::default();
+        for (i, &token) in delta.token_ids.iter().enumerate() {
+            let lp = delta.logprobs.as_ref().filter(|_| i == 0);
+            lps.push(&texts, token, lp, &mut offset);
+        }
+        self.offsets.insert(index, offset);
+        events.push(self.choice_with(index, delta.text, None, Some(lps)));
+        events
     }
 
     fn finish(&self, index: u32, reason: FinishReason) -> Event {

@@ -18,6 +18,7 @@ mod error;
 mod gateway;
 mod health;
 mod live;
+mod logprobs;
 mod metrics;
 mod models;
 mod protocol;

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::error::{from_json, ApiError, RequestBody};
+use super::logprobs::{ChatLogprobs, CompletionLogprobs, PromptLogprobs};
 use crate::engine::FinishReason;
 
 /// Sampling and output fields shared by `/v1/completions` and `/v1/chat/completions`.
@@ -40,14 +41,20 @@ pub struct SamplingFields {
     pub priority: Option<i32>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
-    /// Only 0 is supported yet.
+    /// -2..=2.
     pub presence_penalty: Option<f64>,
-    /// Only 0 is supported yet.
+    /// -2..=2.
     pub frequency_penalty: Option<f64>,
-    /// vLLM's extension; only 1 is supported yet.
+    /// vLLM's extension; above 0, 1 is off.
     pub repetition_penalty: Option<f64>,
-    /// Only an empty map is supported yet.
+    /// Token id (as a string) to a bias in -100..=100.
     pub logit_bias: Option<serde_json::Map<String, Value>>,
+    /// vLLM's extension: end tokens and stop strings do not end the output before this many.
+    pub min_tokens: Option<i64>,
+    /// vLLM's extension: words never generated.
+    pub bad_words: Option<Vec<String>>,
+    /// vLLM's extension: log probabilities of the prompt tokens, with this many top tokens.
+    pub prompt_logprobs: Option<i64>,
 }
 
 /// `stream_options`.
@@ -66,9 +73,9 @@ pub struct ChatCompletionRequest {
     pub messages: Vec<ChatMessageIn>,
     /// OpenAI's newer name for `max_tokens`; wins when both are given (as in vLLM).
     pub max_completion_tokens: Option<i64>,
-    /// Not supported yet when true.
+    /// Return the log probability of each output token.
     pub logprobs: Option<bool>,
-    /// Not supported yet when above 0.
+    /// With `logprobs`: this many most likely tokens per position (0-20).
     pub top_logprobs: Option<i64>,
     /// Not supported yet when non-empty.
     pub tools: Option<Vec<Value>>,
@@ -99,8 +106,9 @@ pub struct CompletionRequest {
     pub prompt: Option<Value>,
     /// Put the prompt's text before each choice's text.
     pub echo: Option<bool>,
-    /// Not supported yet when set.
-    pub logprobs: Option<Value>,
+    /// Log probabilities of the output tokens (and the prompt's with `echo`), with this many
+    /// most likely tokens per position (0-20).
+    pub logprobs: Option<i64>,
     /// Not supported yet when non-empty.
     pub suffix: Option<String>,
     /// Not supported yet above `n`.
@@ -150,6 +158,9 @@ pub struct ChatCompletionResponse {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    /// vLLM's: the prompt's log probabilities, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobs>,
 }
 
 /// One choice of a chat response.
@@ -158,8 +169,8 @@ pub struct ChatChoice {
     pub index: u32,
     pub message: ChatMessageOut,
     pub finish_reason: Option<FinishReason>,
-    /// Always null: logprobs are not supported yet.
-    pub logprobs: Option<()>,
+    /// With `logprobs`: each output token's; else null.
+    pub logprobs: Option<ChatLogprobs>,
 }
 
 /// The assistant's message in a chat response.
@@ -188,7 +199,8 @@ pub struct ChatChunkChoice {
     pub index: u32,
     pub delta: ChatDelta,
     pub finish_reason: Option<FinishReason>,
-    pub logprobs: Option<()>,
+    /// With `logprobs`: the chunk's token's; else null.
+    pub logprobs: Option<ChatLogprobs>,
 }
 
 /// What a chat chunk adds to a choice's message; `{}` on the chunk that finishes it.
@@ -220,7 +232,11 @@ pub struct CompletionChoice {
     pub index: u32,
     pub text: String,
     pub finish_reason: Option<FinishReason>,
-    pub logprobs: Option<()>,
+    /// With `logprobs`: the tokens' (the prompt's first with `echo`); else null.
+    pub logprobs: Option<CompletionLogprobs>,
+    /// vLLM's: the prompt's log probabilities, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobs>,
 }
 
 /// GET `/v1/models`.

@@ -8,7 +8,9 @@
 use futures::stream::{self, Stream, StreamExt};
 
 use super::error::ApiError;
-use crate::engine::{EngineHandle, FinishReason, GenerateEvent, GenerateRequest, GenerationStream};
+use crate::engine::{
+    EngineHandle, FinishReason, GenerateEvent, GenerateRequest, GenerationStream, TokenLogprobs,
+};
 
 /// One submitted sequence and the choice index it answers.
 #[derive(Debug)]
@@ -39,6 +41,10 @@ pub struct Collected {
     pub finish_reason: FinishReason,
     pub completion_tokens: u32,
     pub cached_tokens: u32,
+    /// Each generated token's log probabilities, when the request asked for them.
+    pub logprobs: Vec<TokenLogprobs>,
+    /// The prompt's, when asked for (one per prompt token, `None` for the first).
+    pub prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
 }
 
 /// Runs every sequence to its end, concurrently; sorted by choice index. The first error wins
@@ -53,9 +59,22 @@ pub async fn collect_all(sequences: Vec<Sequence>) -> Result<Vec<Collected>, Api
 async fn collect_one(sequence: Sequence) -> Result<Collected, ApiError> {
     let Sequence { index, mut stream } = sequence;
     let mut text = String::new();
+    let mut logprobs = Vec::new();
+    let mut prompt_logprobs = None;
     while let Some(event) = stream.next().await {
         match event {
-            GenerateEvent::Delta { text: delta, .. } => text.push_str(&delta),
+            GenerateEvent::Delta {
+                text: delta,
+                logprobs: lp,
+                prompt_logprobs: prompt,
+                ..
+            } => {
+                text.push_str(&delta);
+                logprobs.extend(lp);
+                if prompt.is_some() {
+                    prompt_logprobs = prompt;
+                }
+            }
             GenerateEvent::Finished {
                 reason,
                 completion_tokens,
@@ -68,6 +87,8 @@ async fn collect_one(sequence: Sequence) -> Result<Collected, ApiError> {
                     finish_reason: reason,
                     completion_tokens,
                     cached_tokens,
+                    logprobs,
+                    prompt_logprobs,
                 })
             }
             GenerateEvent::Error(e) => return Err(e.into()),

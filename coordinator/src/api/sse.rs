@@ -23,7 +23,7 @@ use super::error::ApiError;
 use super::gateway::{Ticket, Tokens};
 use super::protocol::Usage;
 use super::sequences::{merged, Sequence};
-use crate::engine::{FinishReason, GenerateEvent};
+use crate::engine::{FinishReason, GenerateEvent, TokenLogprobs};
 
 /// Comment lines sent while nothing else is, so proxies keep idle streams (long prefills) open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -31,9 +31,11 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// How one endpoint shapes its chunks.
 pub trait ChunkWriter: Send + 'static {
     /// The chunk that opens choice `index` before any output, if the endpoint sends one.
-    fn opening(&self, index: u32) -> Option<Event>;
-    /// New text of choice `index` (never empty).
-    fn text(&self, index: u32, text: String) -> Event;
+    fn opening(&mut self, index: u32) -> Option<Event>;
+    /// New output of choice `index`: its text (may be empty while held back), the new token's
+    /// log probabilities and, on the first delta, the prompt's, when the request asked for
+    /// them. Nothing when there is nothing to send.
+    fn delta(&mut self, index: u32, delta: Delta) -> Vec<Event>;
     /// The end of choice `index`.
     fn finish(&self, index: u32, reason: FinishReason) -> Event;
     /// The last chunk, with the usage of the whole request (only with `include_usage`).
@@ -52,9 +54,18 @@ pub struct StreamUsage {
     pub ticket: Option<Arc<Ticket>>,
 }
 
+/// What a delta event brings to a chunk writer.
+#[derive(Debug)]
+pub struct Delta {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub logprobs: Option<TokenLogprobs>,
+    pub prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
+}
+
 /// Streams `sequences` as SSE.
 pub fn stream_response<W: ChunkWriter>(
-    writer: W,
+    mut writer: W,
     sequences: Vec<Sequence>,
     usage: StreamUsage,
 ) -> Response {
@@ -77,9 +88,10 @@ pub fn stream_response<W: ChunkWriter>(
         let mut cached_tokens = 0u64;
         while let Some((index, event)) = events.next().await {
             match event {
-                GenerateEvent::Delta { text, .. } => {
-                    if !text.is_empty() {
-                        yield Ok(writer.text(index, text));
+                GenerateEvent::Delta { text, token_ids, logprobs, prompt_logprobs } => {
+                    let delta = Delta { text, token_ids, logprobs, prompt_logprobs };
+                    for event in writer.delta(index, delta) {
+                        yield Ok(event);
                     }
                 }
                 GenerateEvent::Finished { reason, completion_tokens: generated, cached_tokens: cached, .. } => {

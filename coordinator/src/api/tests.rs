@@ -115,11 +115,15 @@ fn echo_events(request: &GenerateRequest) -> Vec<GenerateEvent> {
     let mut events = vec![GenerateEvent::Delta {
         text: String::new(),
         token_ids: Vec::new(),
+        logprobs: None,
+        prompt_logprobs: None,
     }];
     for &id in &request.prompt_token_ids[..take] {
         events.push(GenerateEvent::Delta {
             text: format!("{} ", tokenizer.id_to_token(id).unwrap()),
             token_ids: vec![id],
+            logprobs: None,
+            prompt_logprobs: None,
         });
     }
     let reason = if take == request.max_tokens as usize {
@@ -767,12 +771,28 @@ async fn invalid_sampling_values_are_400s_naming_the_param() {
             json!({"stream_options": {"include_usage": true}}),
             "stream_options",
         ),
-        (json!({"logprobs": true}), "logprobs"),
         (json!({"top_logprobs": 2}), "top_logprobs"),
-        (json!({"presence_penalty": 0.5}), "presence_penalty"),
-        (json!({"frequency_penalty": -1}), "frequency_penalty"),
-        (json!({"repetition_penalty": 1.2}), "repetition_penalty"),
-        (json!({"logit_bias": {"5": 10}}), "logit_bias"),
+        (
+            json!({"logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        ),
+        (
+            json!({"logprobs": true, "top_logprobs": -1}),
+            "top_logprobs",
+        ),
+        (json!({"presence_penalty": 2.5}), "presence_penalty"),
+        (json!({"frequency_penalty": -3}), "frequency_penalty"),
+        (json!({"repetition_penalty": 0}), "repetition_penalty"),
+        (json!({"logit_bias": {"5": 101}}), "logit_bias"),
+        (json!({"logit_bias": {"99999999": 1}}), "logit_bias"),
+        (json!({"logit_bias": {"x": 1}}), "logit_bias"),
+        (json!({"min_tokens": -1}), "min_tokens"),
+        (json!({"min_tokens": 5, "max_tokens": 2}), "min_tokens"),
+        (json!({"prompt_logprobs": 21}), "prompt_logprobs"),
+        (
+            json!({"prompt_logprobs": 1, "stream": true}),
+            "prompt_logprobs",
+        ),
         (json!({"tools": [{"type": "function"}]}), "tools"),
         (
             json!({"response_format": {"type": "json_object"}}),
@@ -804,7 +824,7 @@ async fn invalid_sampling_values_are_400s_naming_the_param() {
     let logprobs = post(
         &h.app,
         "/v1/completions",
-        json!({"prompt": "hi", "logprobs": 1}),
+        json!({"prompt": "hi", "logprobs": 21}),
     )
     .await;
     let message = logprobs.assert_error(
@@ -812,7 +832,7 @@ async fn invalid_sampling_values_are_400s_naming_the_param() {
         "invalid_request_error",
         Some("logprobs"),
     );
-    assert!(message.contains("not supported yet"), "{message}");
+    assert!(message.contains("between 0 and 20, got 21"), "{message}");
 }
 
 #[tokio::test]
@@ -934,6 +954,8 @@ async fn an_engine_error_midstream_sends_an_error_event_then_done() {
             GenerateEvent::Delta {
                 text: "hello".into(),
                 token_ids: vec![5],
+                logprobs: None,
+                prompt_logprobs: None,
             },
             GenerateEvent::Error(EngineError::WorkerFailed {
                 detail: "rank 0 lost".into(),

@@ -5,11 +5,13 @@
 //! Pure functions over already-parsed JSON; no I/O. Ranges follow OpenAI (temperature 0..=2,
 //! top_p in (0, 1]) and vLLM for its extensions (top_k -1 or 0 = off, min_p 0..=1).
 
+use std::sync::Arc;
+
 use serde_json::Value;
 
 use super::error::ApiError;
 use super::protocol::SamplingFields;
-use crate::engine::{GenerateRequest, Sampling, Share};
+use crate::engine::{GenerateRequest, Sampling, SamplingExtras, Share};
 use crate::served_model::ServedModel;
 
 /// Most choices one prompt may ask for.
@@ -70,6 +72,9 @@ pub struct CheckedParams {
     pub stream: bool,
     /// Streaming only: send `usage: null` on chunks and a last chunk with the usage.
     pub include_usage: bool,
+    /// Penalties, biases and log probabilities ([`check_extras`] fills the parts that need
+    /// the tokenizer or the endpoint's own fields).
+    pub extras: SamplingExtras,
 }
 
 /// Checks the shared sampling and output fields.
@@ -77,18 +82,51 @@ pub fn check_params(
     fields: &SamplingFields,
     max_tokens: MaxTokens,
 ) -> Result<CheckedParams, ApiError> {
-    let unsupported_if = |nonzero: Option<f64>, neutral: f64, param: &str| match nonzero {
-        Some(v) if v != neutral => Err(ApiError::unsupported(
+    let penalty = |value: Option<f64>, param: &str| match value {
+        None => Ok(0.0),
+        Some(v) if (-2.0..=2.0).contains(&v) => Ok(v as f32),
+        Some(v) => Err(ApiError::invalid(
             param,
-            &format!("`{param}` other than {neutral}"),
+            format!("`{param}` must be between -2 and 2, got {v}"),
         )),
-        _ => Ok(()),
     };
-    unsupported_if(fields.presence_penalty, 0.0, "presence_penalty")?;
-    unsupported_if(fields.frequency_penalty, 0.0, "frequency_penalty")?;
-    unsupported_if(fields.repetition_penalty, 1.0, "repetition_penalty")?;
-    if fields.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
-        return Err(ApiError::unsupported("logit_bias", "`logit_bias`"));
+    let presence_penalty = penalty(fields.presence_penalty, "presence_penalty")?;
+    let frequency_penalty = penalty(fields.frequency_penalty, "frequency_penalty")?;
+    let repetition_penalty = match fields.repetition_penalty {
+        None => 1.0,
+        Some(r) if r > 0.0 && r.is_finite() => r as f32,
+        Some(r) => {
+            return Err(ApiError::invalid(
+                "repetition_penalty",
+                format!("`repetition_penalty` must be above 0, got {r}"),
+            ))
+        }
+    };
+    let min_tokens = match fields.min_tokens.unwrap_or(0) {
+        m if m < 0 => {
+            return Err(ApiError::invalid(
+                "min_tokens",
+                format!("`min_tokens` must be at least 0, got {m}"),
+            ))
+        }
+        m => u32::try_from(m).unwrap_or(u32::MAX),
+    };
+    if let Some(max) = max_tokens.value.filter(|&m| i64::from(min_tokens) > m) {
+        return Err(ApiError::invalid(
+            "min_tokens",
+            format!(
+                "`min_tokens` ({min_tokens}) must not exceed `{}` ({max})",
+                max_tokens.param
+            ),
+        ));
+    }
+    let prompt_logprobs = top_count(fields.prompt_logprobs, "prompt_logprobs")?;
+    let stream_requested = fields.stream.unwrap_or(false);
+    if prompt_logprobs.is_some() && stream_requested {
+        return Err(ApiError::invalid(
+            "prompt_logprobs",
+            "`prompt_logprobs` is not available when `stream` is true",
+        ));
     }
 
     let max_tokens_value = match max_tokens.value {
@@ -174,7 +212,114 @@ pub fn check_params(
         priority: fields.priority.unwrap_or(0),
         stream,
         include_usage,
+        extras: SamplingExtras {
+            presence_penalty,
+            frequency_penalty,
+            repetition_penalty,
+            min_tokens,
+            prompt_logprobs,
+            ..SamplingExtras::default()
+        },
     })
+}
+
+/// Most top tokens a position's log probabilities may list (OpenAI's `top_logprobs` limit;
+/// vLLM's default `--max-logprobs`).
+pub const MAX_LOGPROBS: i64 = 20;
+
+/// A count of top log probabilities, 0..=[`MAX_LOGPROBS`]; null is `None`.
+pub fn top_count(value: Option<i64>, param: &str) -> Result<Option<u32>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(k) if (0..=MAX_LOGPROBS).contains(&k) => Ok(Some(k as u32)),
+        Some(k) => Err(ApiError::invalid(
+            param,
+            format!("`{param}` must be between 0 and {MAX_LOGPROBS}, got {k}"),
+        )),
+    }
+}
+
+/// Fills the parts of `params.extras` that need the tokenizer (`logit_bias` ids checked against
+/// the vocabulary, `bad_words` tokenized) and the endpoint's log probabilities: `logprobs` for
+/// the output, and `echo_logprobs` for the prompt (completions' `echo` with `logprobs`; it
+/// wins over `prompt_logprobs` when larger).
+pub fn check_extras(
+    params: &mut CheckedParams,
+    fields: &SamplingFields,
+    tokenizer: &tokenizers::Tokenizer,
+    logprobs: Option<u32>,
+    echo_logprobs: Option<u32>,
+) -> Result<(), ApiError> {
+    let extras = &mut params.extras;
+    extras.logprobs = logprobs;
+    extras.prompt_logprobs = match (extras.prompt_logprobs, echo_logprobs) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    let vocab = tokenizer.get_vocab_size(true);
+    for (key, value) in fields.logit_bias.iter().flatten() {
+        let token = key.parse::<u32>().map_err(|_| {
+            ApiError::invalid(
+                "logit_bias",
+                format!("`logit_bias` keys must be token ids, got {key:?}"),
+            )
+        })?;
+        if token as usize >= vocab {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                format!(
+                    "`logit_bias` names token id {token}, which is out of vocabulary (the \
+                     vocabulary has {vocab} tokens)"
+                ),
+            ));
+        }
+        let bias = value
+            .as_f64()
+            .filter(|b| (-100.0..=100.0).contains(b))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "logit_bias",
+                    format!("`logit_bias` values must be numbers between -100 and 100, got {value} for token {token}"),
+                )
+            })?;
+        extras.logit_bias.push((token, bias as f32));
+    }
+    for word in fields.bad_words.iter().flatten() {
+        extras
+            .bad_words
+            .extend(bad_word_token_ids(word, tokenizer)?);
+    }
+    Ok(())
+}
+
+/// vLLM's tokenization of a bad word: the word (leading spaces stripped) as is, and with one
+/// leading space when that tokenizes differently in its first token but not in length.
+fn bad_word_token_ids(
+    word: &str,
+    tokenizer: &tokenizers::Tokenizer,
+) -> Result<Vec<Vec<u32>>, ApiError> {
+    let encode = |text: String| -> Result<Vec<u32>, ApiError> {
+        tokenizer
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| ApiError::invalid("bad_words", format!("cannot tokenize {word:?}: {e}")))
+    };
+    let bare = word.trim_start();
+    let mut out: Vec<Vec<u32>> = Vec::new();
+    let plain = encode(bare.to_string())?;
+    if plain.is_empty() {
+        return Err(ApiError::invalid(
+            "bad_words",
+            format!("the bad word {word:?} has no tokens"),
+        ));
+    }
+    let spaced = encode(format!(" {bare}"))?;
+    let differs = spaced.first() != plain.first() && spaced.len() == plain.len();
+    out.push(plain);
+    if differs {
+        out.push(spaced);
+    }
+    Ok(out)
 }
 
 /// `stop`: null, a string, or a list of strings. Empty strings are dropped: they would stop
@@ -253,6 +398,7 @@ impl CheckedParams {
             priority: self.priority,
             share: Share::default(),
             cache_salt: 0,
+            extras: Arc::new(self.extras.clone()),
         })
     }
 

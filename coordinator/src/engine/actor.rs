@@ -34,7 +34,7 @@ use tpserve_proto as pb;
 use super::handle::{EngineCommand, EngineHandle};
 use super::liveness::{Liveness, BEAT_INTERVAL};
 use super::output::OutputState;
-use super::types::{FinishReason, GenerateEvent, Sampling};
+use super::types::{FinishReason, GenerateEvent, Sampling, SamplingExtras, TokenLogprobs};
 use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerConfig, SequenceSpec, StepPlan};
@@ -84,6 +84,10 @@ struct Sequence {
     last_token: Option<Instant>,
     /// Prompt tokens found in the prefix cache when it first started.
     cached_tokens: u32,
+    /// With prompt log probabilities asked for: one entry per prompt token, filled as the
+    /// prefill steps report them (a recomputation after preemption changes nothing), sent with
+    /// the first token.
+    prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
 }
 
 /// A plan sent to the workers whose result is not applied yet.
@@ -169,6 +173,53 @@ fn to_proto(s: &Sampling) -> pb::SamplingParams {
     }
 }
 
+/// The worker's view of a request's extras; `None` for each part it does not use, so plain
+/// requests add nothing to the plan.
+fn extras_to_proto(
+    e: &SamplingExtras,
+) -> (Option<pb::LogitsControls>, Option<pb::LogprobsRequest>) {
+    let controls = pb::LogitsControls {
+        presence_penalty: e.presence_penalty,
+        frequency_penalty: e.frequency_penalty,
+        repetition_penalty: e.repetition_penalty,
+        logit_bias: e
+            .logit_bias
+            .iter()
+            .map(|&(token_id, bias)| pb::TokenBias { token_id, bias })
+            .collect(),
+        min_tokens: e.min_tokens,
+        min_tokens_stop_ids: e.min_tokens_stop_ids.clone(),
+        bad_words: e
+            .bad_words
+            .iter()
+            .map(|w| pb::TokenSequence {
+                token_ids: w.clone(),
+            })
+            .collect(),
+    };
+    let plain = SamplingExtras {
+        logprobs: e.logprobs,
+        prompt_logprobs: e.prompt_logprobs,
+        ..SamplingExtras::default()
+    };
+    let controls = (*e != plain).then_some(controls);
+    let logprobs =
+        (e.logprobs.is_some() || e.prompt_logprobs.is_some()).then_some(pb::LogprobsRequest {
+            sample: e.logprobs,
+            prompt: e.prompt_logprobs,
+        });
+    (controls, logprobs)
+}
+
+fn logprobs_from_proto(p: pb::TokenLogprobs) -> TokenLogprobs {
+    TokenLogprobs {
+        token_id: p.token_id,
+        logprob: p.logprob,
+        rank: p.rank,
+        top: p.top_token_ids.into_iter().zip(p.top_logprobs).collect(),
+    }
+}
+
 fn plan_to_proto(
     plan: &StepPlan,
     sampling: impl Fn(&Sampling) -> pb::SamplingParams,
@@ -178,13 +229,19 @@ fn plan_to_proto(
         new_requests: plan
             .new
             .iter()
-            .map(|n| pb::NewRequest {
-                request_id: n.id,
-                token_ids: n.token_ids.clone(),
-                sampling: Some(sampling(&n.sampling)),
-                block_ids: n.block_ids.clone(),
-                num_computed_tokens: n.num_computed_tokens as u32,
-                num_scheduled_tokens: n.num_scheduled_tokens as u32,
+            .map(|n| {
+                let (controls, logprobs) = extras_to_proto(&n.extras);
+                pb::NewRequest {
+                    request_id: n.id,
+                    token_ids: n.token_ids.clone(),
+                    sampling: Some(sampling(&n.sampling)),
+                    block_ids: n.block_ids.clone(),
+                    num_computed_tokens: n.num_computed_tokens as u32,
+                    num_scheduled_tokens: n.num_scheduled_tokens as u32,
+                    num_prompt_tokens: n.num_prompt_tokens as u32,
+                    controls,
+                    logprobs,
+                }
             })
             .collect(),
         running: plan
@@ -295,11 +352,21 @@ impl Engine {
                     let _ = accepted.send(Err(EngineError::QueueFull { waiting }));
                     return;
                 }
+                let mut extras = request.extras.clone();
+                if extras.min_tokens > 0 {
+                    let e = Arc::make_mut(&mut extras);
+                    e.min_tokens_stop_ids = request.stop_token_ids.clone();
+                    if !request.ignore_eos {
+                        e.min_tokens_stop_ids
+                            .extend_from_slice(&self.config.eos_token_ids);
+                    }
+                }
                 let spec = SequenceSpec {
                     id,
                     token_ids: request.prompt_token_ids.clone(),
                     max_tokens: request.max_tokens as usize,
                     sampling: request.sampling,
+                    extras: extras.clone(),
                     priority: request.priority,
                     cache_salt: request.cache_salt,
                     share: request.share,
@@ -321,6 +388,9 @@ impl Engine {
                         scheduled: None,
                         last_token: None,
                         cached_tokens: 0,
+                        prompt_logprobs: extras
+                            .prompt_logprobs
+                            .map(|_| vec![None; request.prompt_token_ids.len()]),
                     },
                 );
                 if accepted.send(Ok(())).is_err() {
@@ -393,16 +463,24 @@ impl Engine {
         let waiting = self.liveness.wait_on_workers(Instant::now(), step.step_id);
         let received = group.receive(step.step_id).await;
         drop(waiting);
-        let tokens = match received {
-            Ok(tokens) => tokens,
+        let result = match received {
+            Ok(result) => result,
             Err(e) => return self.step_failed(step.step_id, e.to_string()),
         };
-        let sampled: Vec<(u64, u32)> = tokens.iter().map(|t| (t.request_id, t.token_id)).collect();
+        let sampled: Vec<(u64, u32)> = result
+            .tokens
+            .iter()
+            .map(|t| (t.request_id, t.token_id))
+            .collect();
         if let Err(e) = self.scheduler.apply(step.step_id, &sampled) {
             return self.step_failed(step.step_id, format!("scheduler: {e}"));
         }
-        for (id, token) in sampled {
-            self.deliver(id, token);
+        for chunk in result.prompt_logprobs {
+            self.record_prompt_logprobs(chunk);
+        }
+        for t in result.tokens {
+            let logprobs = t.logprobs.map(logprobs_from_proto);
+            self.deliver(t.request_id, t.token_id, logprobs);
         }
         tracing::trace!(step = step.step_id, elapsed = ?step.sent.elapsed(), "step");
     }
@@ -423,7 +501,22 @@ impl Engine {
         self.fail_all(detail);
     }
 
-    fn deliver(&mut self, id: u64, token: u32) {
+    /// Keeps the prompt log probabilities a step reported, where none are known yet.
+    fn record_prompt_logprobs(&mut self, chunk: pb::PromptLogprobs) {
+        let Some(all) = self
+            .sequences
+            .get_mut(&chunk.request_id)
+            .and_then(|s| s.prompt_logprobs.as_mut())
+        else {
+            return; // aborted, or not asked for
+        };
+        let first = chunk.first_position as usize;
+        for (slot, entry) in all.iter_mut().skip(first).zip(chunk.entries) {
+            slot.get_or_insert_with(|| logprobs_from_proto(entry));
+        }
+    }
+
+    fn deliver(&mut self, id: u64, token: u32, logprobs: Option<TokenLogprobs>) {
         let Some(seq) = self.sequences.get_mut(&id) else {
             return; // aborted while the step ran
         };
@@ -448,6 +541,8 @@ impl Engine {
             .send(GenerateEvent::Delta {
                 text: update.text,
                 token_ids: vec![token],
+                logprobs,
+                prompt_logprobs: seq.prompt_logprobs.take(),
             })
             .is_err();
         let mut gone = client_gone;

@@ -10,4 +10,6 @@ pub mod types;
 pub use actor::{start_engine, EngineConfig, EngineStatus, GroupLink};
 pub use handle::{EngineHandle, GenerationStream};
 pub use liveness::{LiveStatus, Liveness};
-pub use types::{FinishReason, GenerateEvent, GenerateRequest, Sampling, Share};
+pub use types::{
+    FinishReason, GenerateEvent, GenerateRequest, Sampling, SamplingExtras, Share, TokenLogprobs,
+};

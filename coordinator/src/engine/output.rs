@@ -14,6 +14,9 @@ use super::types::{FinishReason, GenerateRequest};
 #[derive(Debug)]
 pub struct OutputState {
     max_tokens: usize,
+    /// Stop strings do not end the sequence before this many tokens (vLLM's `min_tokens`; the
+    /// workers ban end tokens until then).
+    min_tokens: usize,
     stop: Vec<String>,
     stop_token_ids: Vec<u32>,
     ignore_eos: bool,
@@ -45,6 +48,7 @@ impl OutputState {
     pub fn new(req: &GenerateRequest) -> Self {
         Self {
             max_tokens: req.max_tokens as usize,
+            min_tokens: req.extras.min_tokens as usize,
             stop: req.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
             stop_token_ids: req.stop_token_ids.clone(),
             ignore_eos: req.ignore_eos,
@@ -81,7 +85,7 @@ impl OutputState {
         } else {
             None
         };
-        if finished.is_none() && !self.stop.is_empty() {
+        if finished.is_none() && !self.stop.is_empty() && self.tokens.len() >= self.min_tokens {
             let from = self.emitted.saturating_sub(self.hold_back);
             let from = floor_char_boundary(&self.text, from);
             let hit = self

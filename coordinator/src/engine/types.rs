@@ -1,6 +1,8 @@
 //! The types that cross the boundary between the HTTP API (or the offline runner) and the engine
 //! actor: what a caller submits and the events it gets back. No I/O here.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 pub use crate::scheduler::Share;
@@ -32,6 +34,62 @@ impl Default for Sampling {
     }
 }
 
+/// Logit processing and log probabilities beyond [`Sampling`], with vLLM's semantics (the
+/// worker applies them: `sampler::processors` and `sampler::logprobs` there). Shared by the
+/// sequences of a request; `SamplingExtras::default()` asks for nothing and costs nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingExtras {
+    /// Subtracted once from the logit of every token generated so far.
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated.
+    pub frequency_penalty: f32,
+    /// vLLM's: logits of prompt and output tokens are divided by it when positive, multiplied
+    /// when negative; 1 is off.
+    pub repetition_penalty: f32,
+    /// `(token, bias)`: added to the token's logit.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// End-of-sequence and stop tokens are banned until this many tokens are generated.
+    pub min_tokens: u32,
+    /// The tokens `min_tokens` bans: filled by the engine from its end-of-sequence tokens
+    /// (unless `ignore_eos`) and the request's `stop_token_ids`.
+    pub min_tokens_stop_ids: Vec<u32>,
+    /// Token sequences never generated (each bad word, tokenized with and without a leading
+    /// space).
+    pub bad_words: Vec<Vec<u32>>,
+    /// Log probability of each sampled token with this many top tokens (0-20); `None`: none.
+    pub logprobs: Option<u32>,
+    /// The same for every prompt token after the first; `None`: none.
+    pub prompt_logprobs: Option<u32>,
+}
+
+impl Default for SamplingExtras {
+    fn default() -> Self {
+        Self {
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
+            min_tokens: 0,
+            min_tokens_stop_ids: Vec::new(),
+            bad_words: Vec::new(),
+            logprobs: None,
+            prompt_logprobs: None,
+        }
+    }
+}
+
+/// The log probabilities of one position (raw logits: before penalties and temperature).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The token at this position (sampled, or the prompt's).
+    pub token_id: u32,
+    pub logprob: f32,
+    /// 1 + the number of tokens more likely than it.
+    pub rank: u32,
+    /// The most likely tokens and their log probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
 /// Everything the engine needs to run one sequence. The API layer has validated it already
 /// (lengths against max-model-len, sampling ranges); the engine re-checks only what it must.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +115,8 @@ pub struct GenerateRequest {
     /// Mixed into its prefix-cache hashes, so tenants never share cached blocks (the tenant's
     /// id under the gateway; 0 without one).
     pub cache_salt: u64,
+    /// Penalties, biases and log probabilities.
+    pub extras: Arc<SamplingExtras>,
 }
 
 impl GenerateRequest {
@@ -77,6 +137,7 @@ impl GenerateRequest {
             priority: 0,
             share: Share::default(),
             cache_salt: 0,
+            extras: Arc::default(),
         }
     }
 }
@@ -99,7 +160,15 @@ pub enum FinishReason {
 pub enum GenerateEvent {
     /// New output: the text that became final since the last delta (may be empty while a
     /// multi-byte character or a possible stop string is held back) and the new token ids.
-    Delta { text: String, token_ids: Vec<u32> },
+    Delta {
+        text: String,
+        token_ids: Vec<u32>,
+        /// The token's log probabilities, when the request asked for them.
+        logprobs: Option<TokenLogprobs>,
+        /// On the first delta of a request that asked for prompt log probabilities: one entry
+        /// per prompt token (`None` for the first, which has no context).
+        prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
+    },
     /// The sequence ended normally.
     Finished {
         reason: FinishReason,

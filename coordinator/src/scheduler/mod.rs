@@ -665,7 +665,7 @@ impl Scheduler {
             let num_tokens = seq.num_tokens();
             let hits = &mut self.scratch_hits;
             hits.clear();
-            if self.config.enable_prefix_caching {
+            if self.config.enable_prefix_caching && seq.extras.prompt_logprobs.is_none() {
                 // Never the whole sequence: at least one token is computed, so it can sample.
                 let max_hit_blocks = (num_tokens - 1) / bs;
                 seq.ensure_block_hashes(max_hit_blocks, bs);
@@ -706,7 +706,9 @@ impl Scheduler {
             plan.new.push(NewSequence {
                 id,
                 token_ids: seq.token_ids.clone(),
+                num_prompt_tokens: seq.prompt_len,
                 sampling: seq.sampling,
+                extras: seq.extras.clone(),
                 block_ids: seq.block_table.clone(),
                 num_computed_tokens: hit_tokens,
                 num_scheduled_tokens: n,

@@ -7,7 +7,9 @@
 //! preempted and re-admitted in the same step, or an id reused after its sequence ended); the
 //! order above makes that well defined.
 
-use crate::engine::Sampling;
+use std::sync::Arc;
+
+use crate::engine::{Sampling, SamplingExtras};
 
 /// A sequence the workers have no state for: everything they need to compute it.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,8 +19,12 @@ pub struct NewSequence {
     /// All known tokens: the prompt plus, after a preemption, the tokens generated so far
     /// (real ones: a sequence is never sent while a token of it is still being sampled).
     pub token_ids: Vec<u32>,
+    /// Leading tokens of `token_ids` that are the prompt.
+    pub num_prompt_tokens: usize,
     /// Sampling parameters, passed through from `SequenceSpec`.
     pub sampling: Sampling,
+    /// Penalties, biases and log probabilities, passed through from `SequenceSpec`.
+    pub extras: Arc<SamplingExtras>,
     /// The block table: KV block ids covering `num_computed_tokens + num_scheduled_tokens`.
     pub block_ids: Vec<u32>,
     /// Leading tokens whose KV is already in `block_ids` (a prefix-cache hit); a multiple of

@@ -224,6 +224,7 @@ impl Driver {
             token_ids: prompt,
             max_tokens,
             sampling: Sampling::default(),
+            extras: Default::default(),
             priority,
             cache_salt: salt,
             share: Default::default(),

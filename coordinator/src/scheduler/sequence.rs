@@ -15,9 +15,11 @@
 
 use std::collections::VecDeque;
 
+use std::sync::Arc;
+
 use super::hash::{block_hash, ROOT_HASH};
 use super::policy::WaitKey;
-use crate::engine::Sampling;
+use crate::engine::{Sampling, SamplingExtras};
 
 /// A tenant's share of the engine under `SchedulingPolicy::Fair`: which tenant a sequence
 /// belongs to and the tenant's weight. Tenant 0 is everyone without a tenant.
@@ -49,6 +51,9 @@ pub struct SequenceSpec {
     pub max_tokens: usize,
     /// Opaque here; passed through into `NewSequence`.
     pub sampling: Sampling,
+    /// Passed through into `NewSequence`; prompt log probabilities also keep the sequence out of
+    /// the prefix cache's hits (every prompt position must be computed to be scored).
+    pub extras: Arc<SamplingExtras>,
     /// Under `SchedulingPolicy::Priority`, lower runs first.
     pub priority: i32,
     /// Mixed into every prefix hash (tenant salt or adapter id): sequences with different salts
@@ -75,6 +80,7 @@ pub(crate) struct Sequence {
     pub prompt_len: usize,
     pub max_tokens: usize,
     pub sampling: Sampling,
+    pub extras: Arc<SamplingExtras>,
     pub priority: i32,
     pub cache_salt: u64,
     pub share: Share,
@@ -106,6 +112,7 @@ impl Sequence {
             token_ids: spec.token_ids,
             max_tokens: spec.max_tokens,
             sampling: spec.sampling,
+            extras: spec.extras,
             priority: spec.priority,
             cache_salt: spec.cache_salt,
             share: spec.share,

@@ -22,6 +22,7 @@ pub(super) fn spec(id: u64, token_ids: Vec<u32>, max_tokens: usize) -> SequenceS
         token_ids,
         max_tokens,
         sampling: Sampling::default(),
+        extras: Default::default(),
         priority: 0,
         cache_salt: 0,
         share: Share::default(),

@@ -281,8 +281,8 @@ impl WorkerGroup {
     }
 
     /// Waits for the result of step `step_id`, the oldest plan sent and not yet received, and
-    /// returns rank 0's tokens once every rank has answered it.
-    pub async fn receive(&mut self, step_id: u64) -> Result<Vec<pb::SampledToken>, EngineError> {
+    /// returns rank 0's result once every rank has answered it.
+    pub async fn receive(&mut self, step_id: u64) -> Result<pb::StepResult, EngineError> {
         self.check_initialised()?;
         // Replies are awaited together: once one rank has failed, the others get
         // `FAIL_GRACE` to report, so a rank stuck on a dead peer cannot hold the engine.
@@ -292,7 +292,7 @@ impl WorkerGroup {
             .enumerate()
             .map(|(rank, (_, rx))| async move { (rank, rx.message().await) })
             .collect();
-        let mut tokens = Vec::new();
+        let mut result = pb::StepResult::default();
         let mut first_error = None;
         let mut deadline = None;
         loop {
@@ -313,7 +313,7 @@ impl WorkerGroup {
                 Ok(Some(r)) if !r.error.is_empty() => Some(r.error),
                 Ok(Some(r)) => {
                     if rank == 0 {
-                        tokens = r.tokens;
+                        result = r;
                     }
                     None
                 }
@@ -327,7 +327,7 @@ impl WorkerGroup {
         }
         match first_error {
             Some(e) => Err(e),
-            None => Ok(tokens),
+            None => Ok(result),
         }
     }
 

@@ -11,7 +11,9 @@ use crate::batch::Batch;
 use crate::comm::tcp::Rendezvous;
 use crate::comm::{Communicator, SingleRank, TcpCommunicator};
 use crate::error::{Result, WorkerError};
-use crate::sampler::{sample_row, SampleSpec};
+use crate::sampler::logprobs::row_logprobs;
+use crate::sampler::processors::apply_edits;
+use crate::sampler::{sample_row, RowExtras, SampleSpec, Sampled};
 use crate::shard::ShardPlan;
 use crate::weights::{load_response, load_shard};
 
@@ -176,20 +178,39 @@ impl Backend for CpuBackend {
         Ok(self.model("Step")?.max_positions())
     }
 
-    fn step(&mut self, batch: &Batch, sampling: &[SampleSpec]) -> Result<Vec<u32>> {
+    fn step(
+        &mut self,
+        batch: &Batch,
+        sampling: &[SampleSpec],
+        extras: &[RowExtras],
+    ) -> Result<Sampled> {
         let mut tokens = vec![0u32; sampling.len()];
-        if let Some(all) = self.logits(batch)? {
+        let mut logprobs = Vec::new();
+        if let Some(mut all) = self.logits(batch)? {
             let vocab: usize = self.vocab_per_rank.iter().sum();
-            for ((spec, token), row) in sampling
+            for (i, ((spec, token), row)) in sampling
                 .iter()
                 .zip(tokens.iter_mut())
-                .zip(all.chunks_exact(vocab))
+                .zip(all.chunks_exact_mut(vocab))
+                .enumerate()
             {
+                let Some(extra) = extras.get(i) else {
+                    *token = sample_row(spec, row);
+                    continue;
+                };
+                // Log probabilities are of the raw logits: keep them when the edits change them.
+                let raw =
+                    (extra.logprobs.is_some() && !extra.edits.is_empty()).then(|| row.to_vec());
+                apply_edits(&extra.edits, row);
                 *token = sample_row(spec, row);
+                logprobs.push(extra.logprobs.map(|k| {
+                    let target = extra.target.unwrap_or(*token);
+                    row_logprobs(raw.as_deref().unwrap_or(row), target, k)
+                }));
             }
         }
         self.comm.broadcast_from_root(&mut tokens)?;
-        Ok(tokens)
+        Ok(Sampled { tokens, logprobs })
     }
 
     fn logits(&mut self, batch: &Batch) -> Result<Option<Vec<f32>>> {

@@ -48,7 +48,7 @@ use self::step_inputs::{is_decode_only, pack};
 use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo};
 use crate::batch::Batch;
 use crate::error::{Result, WorkerError};
-use crate::sampler::SampleSpec;
+use crate::sampler::{RowExtras, SampleSpec, Sampled};
 use crate::weights::{load_response, load_shard};
 
 /// Memory kept free beyond the weights, activations and KV cache: cuBLAS's and NCCL's own
@@ -201,6 +201,58 @@ impl CudaBackend {
         let dev = loaded.device(gpu, self.nccl.as_ref(), self.rank);
         // `_spill`, if any, is freed in stream order after the pass that reads it.
         forward(&dev, &loaded.model, cache, ws, &view, true)
+    }
+}
+
+impl CudaBackend {
+    /// A step with logit processors or log probabilities (issue 13): rank 0 copies the sample
+    /// rows' logits to the host, where the processors, the draw and the log probabilities run
+    /// as on the CPU backend (`sampler`), and broadcasts the tokens into the step's token
+    /// buffer. Steps without extras never come here, so their speed (graphs included) is
+    /// unchanged; with extras, the rows' logits cross PCIe once (vocab x 2 bytes per row).
+    fn step_with_extras(
+        &mut self,
+        batch: &Batch,
+        sampling: &[SampleSpec],
+        extras: &[RowExtras],
+    ) -> Result<Sampled> {
+        let rows = self.logits(batch)?;
+        let mut tokens = vec![0u32; sampling.len()];
+        let mut logprobs = Vec::new();
+        if let Some(mut all) = rows {
+            let vocab = all.len() / sampling.len().max(1);
+            for (i, (spec, row)) in sampling.iter().zip(all.chunks_exact_mut(vocab)).enumerate() {
+                let extra = &extras[i];
+                let raw =
+                    (extra.logprobs.is_some() && !extra.edits.is_empty()).then(|| row.to_vec());
+                crate::sampler::processors::apply_edits(&extra.edits, row);
+                tokens[i] = crate::sampler::sample_row(spec, row);
+                logprobs.push(extra.logprobs.map(|k| {
+                    let target = extra.target.unwrap_or(tokens[i]);
+                    crate::sampler::logprobs::row_logprobs(raw.as_deref().unwrap_or(row), target, k)
+                }));
+            }
+        }
+        if self.world_size > 1 {
+            let loaded = loaded_model(&mut self.loaded, "Step")?;
+            let ws = loaded.model.workspace().ok_or(WorkerError::Lifecycle {
+                operation: "Step",
+                needs: "Warmup",
+            })?;
+            if self.rank == 0 {
+                self.gpu.upload(&ws.sampled, &tokens)?;
+            }
+            if let Some(comm) = self.nccl.as_ref() {
+                comm.broadcast_from_root(
+                    ws.sampled.ptr,
+                    tokens.len(),
+                    cudarc::nccl::sys::ncclDataType_t::ncclUint32,
+                    &self.gpu.stream,
+                )?;
+            }
+            self.gpu.download(ws.sampled.ptr, &mut tokens)?;
+        }
+        Ok(Sampled { tokens, logprobs })
     }
 }
 
@@ -575,17 +627,28 @@ impl Backend for CudaBackend {
             })
     }
 
-    fn step(&mut self, batch: &Batch, sampling: &[SampleSpec]) -> Result<Vec<u32>> {
+    fn step(
+        &mut self,
+        batch: &Batch,
+        sampling: &[SampleSpec],
+        extras: &[RowExtras],
+    ) -> Result<Sampled> {
         if sampling.len() != batch.sample_rows.len() {
             return Err(WorkerError::Plan {
                 detail: "one sampling spec per sampled row".into(),
             });
         }
+        if !extras.is_empty() {
+            return self.step_with_extras(batch, sampling, extras);
+        }
         let out = self.forward(batch, sampling)?;
         // The step's one synchronisation: its tokens (padding rows, if any, come after them).
         let mut tokens = vec![0u32; sampling.len()];
         self.gpu.download(out.sampled, &mut tokens)?;
-        Ok(tokens)
+        Ok(Sampled {
+            tokens,
+            logprobs: Vec::new(),
+        })
     }
 
     fn logits(&mut self, batch: &Batch) -> Result<Option<Vec<f32>>> {

@@ -5,10 +5,43 @@
 //! that seed and the logits ([`sample_row`] on the CPU, the `sample` kernel on a GPU), so a seeded
 //! request repeats exactly on a given backend. Cost on the CPU: O(vocab) per sampled token, plus
 //! a sort of the survivors when top-k or top-p is active.
+//!
+//! Requests may also ask for logit processing before the draw ([`processors`]: penalties,
+//! `logit_bias`, `min_tokens`, `bad_words`) and for log probabilities ([`logprobs`]); a step
+//! passes them per row as [`RowExtras`], and passes none at all when no row of the step uses
+//! them, so plain steps do no extra work.
+
+pub mod logprobs;
+pub mod processors;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tpserve_proto::SamplingParams;
+use tpserve_proto::{SamplingParams, TokenLogprobs};
+
+use self::processors::LogitEdit;
+
+/// What one sample row needs beyond its [`SampleSpec`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RowExtras {
+    /// Edits of the row's logits before the draw, sorted by token.
+    pub edits: Vec<LogitEdit>,
+    /// Top tokens to return with the row's log probabilities (at most
+    /// [`logprobs::MAX_TOP_LOGPROBS`]); `None`: no log probabilities.
+    pub logprobs: Option<usize>,
+    /// The token whose log probability is wanted, when it is not the sampled one (a row that
+    /// scores the prompt's next token).
+    pub target: Option<u32>,
+}
+
+/// What a step's sampling produced.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sampled {
+    /// One token per sample row, the same on every rank.
+    pub tokens: Vec<u32>,
+    /// On rank 0, when the step had extras: one entry per sample row (`None` for rows that asked
+    /// for none); empty otherwise.
+    pub logprobs: Vec<Option<TokenLogprobs>>,
+}
 
 /// A request's random stream: one seed per sampled token.
 #[derive(Debug, Clone)]
