@@ -14,7 +14,8 @@
 # float32); serves the checkpoint over HTTP with `tpserve serve` at TP=1 (--device auto) and TP=2
 # (serve_check.py), each with CUDA graphs and with --enforce-eager; sends the same 32 greedy
 # requests together and alone with --batch-invariant (all must match) and without
-# (invariance_check.py); checks that the 8B shape with dummy weights serves at
+# (invariance_check.py); compares log probabilities and sampling controls with the CPU backend
+# (extras_check.py); checks that the 8B shape with dummy weights serves at
 # --gpu-memory-utilization 0.9 and is refused at start at 0.05; asks SmolLM2 (GGUF) the capital
 # of France; runs the Llama-3-8B-shaped benchmark (bench_device, dummy weights,
 # tests/gpu/llama3-8b-config.json).
@@ -299,6 +300,27 @@ sys.exit(0 if on["identical"] == on["total"] else 1)' "$on" "$off") && RC=0 || R
   fi
 }
 
+# step_extras: log probabilities and sampling controls (issue 13) on the GPU against the CPU
+# backend's f32 on the same checkpoint: prompt and first-token log probabilities within 0.15.
+step_extras() {
+  local out="$WORK/extras.json" txt="$WORK/extras.txt"
+  rm -f "$out" "$txt"
+  if [ "$NGPU" -lt 1 ] || [ ! -f "$CKPT/tokenizer.json" ]; then
+    record "logprobs + penalties" "SKIP" "needs a GPU and the checkpoint"
+    return
+  fi
+  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/extras_check.py" --bin "$BIN_DIR" --model "$CKPT" \
+    --out "$out" > "$txt"
+  cat "$txt"
+  local figures
+  figures=$(sed -n 's/^extras_check //p' "$txt" | tr '\n' ' ')
+  if [ "$RC" -eq 0 ]; then
+    record "logprobs + penalties" "PASS" "$figures(${SECS}s)"
+  else
+    record "logprobs + penalties" "FAIL" "${figures:-$(why_failed)}"
+  fi
+}
+
 # step_memory: the 8B shape with dummy weights through `tpserve generate` (real worker process):
 # at --gpu-memory-utilization 0.9 it answers; at a share smaller than the weights it must fail at
 # start with the memory profile's message, not later.
@@ -436,6 +458,7 @@ main() {
   step_serve 2
   step_serve 2 eager
   step_invariance
+  step_extras
   step_memory
   step_paris
   step_bench
@@ -450,7 +473,7 @@ main 2>&1 | tee "$LOG" || status=$?
 if [ -n "$OUT" ]; then
   mkdir -p "$OUT"
   for f in run.log results.tsv compare.jsonl env.txt paris.txt bench_8b.json bench_8b.txt \
-    invariance_on.json invariance_off.json; do
+    invariance_on.json invariance_off.json extras.json; do
     if [ -f "$WORK/$f" ]; then
       cp "$WORK/$f" "$OUT/"
     fi
