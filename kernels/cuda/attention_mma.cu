@@ -34,10 +34,8 @@ using tpserve::Mma;
 // A block computes one tile (consecutive query rows of ONE sequence, with consecutive
 // positions) for one KV head: its M dimension is the tile's rows * group (row, head) "items",
 // item i = (row row0 + i / group, head kv_head * group + i % group), warp w of the block's WARPS
-// owning items [16 w, 16 w + 16): ITEMS = 16 * WARPS items, 128 at HD 128 (8 warps) and 64 at
-// HD 64 (4 warps). The host cuts prefill chunks into tiles of at most ITEMS / group rows, so
-// REQUIRES rows * group <= ITEMS (and group <= ITEMS). Blocks take the tiles last first (a
-// prompt's last tiles see the most keys; the grid's tail is then short blocks). Keys stream through shared memory 64 at a time
+// owning items [16 w, 16 w + 16): ITEMS = 16 * WARPS items (4 warps: 64). The host cuts prefill chunks into tiles of at most ITEMS / group rows, so
+// REQUIRES rows * group <= ITEMS (and group <= ITEMS). Keys stream through shared memory 64 at a time
 // from key 0 to the tile's last position; S = Q K^T and O += P V are m16n8k16 mma.sync with f32
 // accumulators; Q stays in registers as mma A fragments for the whole kernel; P is rounded to T
 // for the P V product (as FlashAttention does); O is divided by the softmax sum and rounded to
@@ -61,8 +59,8 @@ using tpserve::Mma;
 //   num_splits    i32  must be 1
 //   split_len     i32  ignored
 //   scale         f32  usually 1 / sqrt(HD)
-// Launch: grid (num_tiles, num_kv_heads, 1); block (32 * WARPS, 1, 1): 256 at HD 128, 128 at
-// HD 64; no dynamic shared memory (0 bytes). Static shared memory: 2 * 64 * (HD + 8) * sizeof(T) + 2 * 64 * 8 bytes = 19456 bytes
+// Launch: grid (num_tiles, num_kv_heads, 1); block (32 * WARPS, 1, 1) = (128, 1, 1); no dynamic
+// shared memory (0 bytes). Static shared memory: 2 * 64 * (HD + 8) * sizeof(T) + 2 * 64 * 8 bytes = 19456 bytes
 // for HD 64, 35840 for HD 128 (K and V tiles with rows padded by 8 elements so that ldmatrix is
 // free of bank conflicts, plus the slot indices of this tile's and the next tile's 64 keys; Q is
 // staged through the K and V tiles' space before the key loop). Needs sm_80 or newer (mma bf16,
@@ -91,9 +89,7 @@ __device__ __forceinline__ void paged_attention_mma_impl(
     T* const k_s = reinterpret_cast<T*>(kv_s4);
     T* const v_s = k_s + kTileElems;
 
-    // The last tiles of a prompt see the most keys: run them first, so that the grid's tail is
-    // made of short blocks.
-    const int* tile = tiles + (gridDim.x - 1 - blockIdx.x) * 4;
+    const int* tile = tiles + blockIdx.x * 4;
     const int seq = tile[0];
     const int row0 = tile[1];
     const int rows = tile[2];
@@ -355,7 +351,7 @@ __device__ __forceinline__ void paged_attention_mma_impl(
                                         num_q_heads, num_kv_heads, block_size,                \
                                         max_blocks_per_seq, q_stride, scale);                 \
     }                                                                                         \
-    extern "C" __global__ void __launch_bounds__(256) paged_attention_mma_hd128_##SUFFIX(     \
+    extern "C" __global__ void paged_attention_mma_hd128_##SUFFIX(                           \
         T* __restrict__ out, float* __restrict__ partial_out, float* __restrict__ partial_ml,  \
         const T* __restrict__ q, const T* __restrict__ key_cache,                              \
         const T* __restrict__ value_cache, const int* __restrict__ block_tables,               \
@@ -365,7 +361,7 @@ __device__ __forceinline__ void paged_attention_mma_impl(
         (void)partial_ml;                                                                     \
         (void)num_splits;                                                                     \
         (void)split_len;                                                                      \
-        paged_attention_mma_impl<T, 128, 8>(out, q, key_cache, value_cache, block_tables, tiles, \
+        paged_attention_mma_impl<T, 128, 4>(out, q, key_cache, value_cache, block_tables, tiles, \
                                          num_q_heads, num_kv_heads, block_size,               \
                                          max_blocks_per_seq, q_stride, scale);                \
     }

@@ -91,7 +91,12 @@ def main() -> int:
         worst, count = max_difference(g, c)
         gt, ct = g["logprobs"]["tokens"], c["logprobs"]["tokens"]
         agree = next((i for i, (a, b) in enumerate(zip(gt, ct)) if a != b), min(len(gt), len(ct)))
-        shaped = len(gt) == 12 and all(len(t or {}) >= 5 for t in g["logprobs"]["top_logprobs"])
+        # OpenAI's legacy shape keys each position's top tokens by text, so ids with the same
+        # text merge: a position may list fewer than 5; the CPU's answer has the same shape.
+        gsizes = [len(t or {}) for t in g["logprobs"]["top_logprobs"]]
+        csizes = [len(t or {}) for t in c["logprobs"]["top_logprobs"]]
+        shaped = len(gt) == 12 and all(n >= 1 for n in gsizes) and (
+            agree < len(gt) or gsizes == csizes)
         report[name] = {"max_abs_logprob_difference": worst, "compared": count,
                         "leading_tokens_equal": agree, "generated": len(gt),
                         "shape_ok": shaped, "finish_reason": g["finish_reason"]}

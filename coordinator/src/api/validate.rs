@@ -111,7 +111,11 @@ pub fn check_params(
         }
         m => u32::try_from(m).unwrap_or(u32::MAX),
     };
-    if let Some(max) = max_tokens.value.filter(|&m| i64::from(min_tokens) > m) {
+    // A negative max_tokens is its own error, reported below.
+    if let Some(max) = max_tokens
+        .value
+        .filter(|&m| m >= 0 && i64::from(min_tokens) > m)
+    {
         return Err(ApiError::invalid(
             "min_tokens",
             format!(

@@ -97,17 +97,11 @@ pub fn attention_max_items(head_dim: usize) -> usize {
         .find(|&items| attention_smem_bytes(head_dim, items) <= DEFAULT_SMEM_LIMIT)
         .unwrap_or(1)
 }
-/// Warps of one tensor-core attention block at a head size: 4, or 8 at head size 128 with
-/// `TPSERVE_ATTENTION_WARPS=8` (an experiment of issue 9: a K/V tile shared by twice the rows).
-pub fn attention_mma_warps(head_dim: usize) -> usize {
-    static EIGHT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let eight = *EIGHT
-        .get_or_init(|| std::env::var_os("TPSERVE_ATTENTION_WARPS").is_some_and(|v| v == "8"));
-    if eight && head_dim == 128 {
-        8
-    } else {
-        4
-    }
+/// Warps of one tensor-core attention block (attention_mma.cu). Eight warps at head size 128
+/// measured 2-5% faster on an H200 but gave non-finite prefill logits in the final check of
+/// issue 9's fifth run, so four until that is understood.
+pub fn attention_mma_warps(_head_dim: usize) -> usize {
+    4
 }
 
 /// (row, head) items of one tensor-core attention block: 16 per warp.
