@@ -40,6 +40,13 @@ fn refuse_unsupported(params: &Value) -> Result<(), ApiError> {
     if field("logprobs").is_some() {
         return Err(ApiError::unsupported("logprobs", "`logprobs`"));
     }
+    // The HTTP API tokenizes these against the model (`check_extras`); the SDK does not yet.
+    if field("logit_bias").is_some() {
+        return Err(ApiError::unsupported("logit_bias", "`logit_bias`"));
+    }
+    if field("bad_words").is_some() {
+        return Err(ApiError::unsupported("bad_words", "`bad_words`"));
+    }
     if field("prompt_logprobs").is_some() {
         return Err(ApiError::unsupported(
             "prompt_logprobs",

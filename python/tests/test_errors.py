@@ -70,7 +70,8 @@ def test_bad_engine_options_are_refused(model):
     ({"min_p": 1.5}, "`min_p` must be between 0 and 1, got 1.5"),
     ({"n": 0}, "`n` must be between 1 and 128, got 0"),
     ({"max_tokens": 0}, "`max_tokens` must be at least 1, got 0"),
-    ({"presence_penalty": 0.5}, "`presence_penalty` other than 0 is not supported yet"),
+    ({"presence_penalty": 2.5}, "`presence_penalty` must be between -2 and 2, got 2.5"),
+    ({"logit_bias": {"100": 5}}, "`logit_bias` is not supported yet"),
     ({"logprobs": 1}, "`logprobs` is not supported yet"),
 ])
 def test_sampling_params_raise_the_http_400_messages(kwargs, message):

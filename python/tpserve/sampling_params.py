@@ -11,8 +11,8 @@ from . import _tpserve
 @dataclass
 class SamplingParams:
     """How to sample, as vLLM's ``SamplingParams``. Fields the engine cannot honour yet
-    (``logprobs``, ``prompt_logprobs``, penalties other than neutral, ``min_tokens``) are refused
-    with a ``ValueError`` rather than ignored."""
+    (``logprobs``, ``prompt_logprobs``, ``logit_bias``) are refused with a
+    ``ValueError`` rather than ignored; penalties and ``min_tokens`` apply as in vLLM."""
 
     n: int = 1
     best_of: Optional[int] = None
