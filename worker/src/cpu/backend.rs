@@ -11,9 +11,7 @@ use crate::batch::Batch;
 use crate::comm::tcp::Rendezvous;
 use crate::comm::{Communicator, SingleRank, TcpCommunicator};
 use crate::error::{Result, WorkerError};
-use crate::sampler::logprobs::row_logprobs;
-use crate::sampler::processors::apply_edits;
-use crate::sampler::{sample_row, RowExtras, SampleSpec, Sampled};
+use crate::sampler::{sample_host_rows, RowExtras, SampleSpec, Sampled};
 use crate::shard::ShardPlan;
 use crate::weights::{load_response, load_shard};
 
@@ -184,31 +182,19 @@ impl Backend for CpuBackend {
         sampling: &[SampleSpec],
         extras: &[RowExtras],
     ) -> Result<Sampled> {
-        let mut tokens = vec![0u32; sampling.len()];
-        let mut logprobs = Vec::new();
-        if let Some(mut all) = self.logits(batch)? {
-            let vocab: usize = self.vocab_per_rank.iter().sum();
-            for (i, ((spec, token), row)) in sampling
-                .iter()
-                .zip(tokens.iter_mut())
-                .zip(all.chunks_exact_mut(vocab))
-                .enumerate()
-            {
-                let Some(extra) = extras.get(i) else {
-                    *token = sample_row(spec, row);
-                    continue;
-                };
-                // Log probabilities are of the raw logits: keep them when the edits change them.
-                let raw =
-                    (extra.logprobs.is_some() && !extra.edits.is_empty()).then(|| row.to_vec());
-                apply_edits(&extra.edits, row);
-                *token = sample_row(spec, row);
-                logprobs.push(extra.logprobs.map(|k| {
-                    let target = extra.target.unwrap_or(*token);
-                    row_logprobs(raw.as_deref().unwrap_or(row), target, k)
-                }));
+        let Sampled {
+            mut tokens,
+            logprobs,
+        } = match self.logits(batch)? {
+            Some(mut all) => {
+                let vocab: usize = self.vocab_per_rank.iter().sum();
+                sample_host_rows(&mut all, vocab, sampling, extras)
             }
-        }
+            None => Sampled {
+                tokens: vec![0u32; sampling.len()],
+                logprobs: Vec::new(),
+            },
+        };
         self.comm.broadcast_from_root(&mut tokens)?;
         Ok(Sampled { tokens, logprobs })
     }

@@ -216,23 +216,19 @@ impl CudaBackend {
         sampling: &[SampleSpec],
         extras: &[RowExtras],
     ) -> Result<Sampled> {
-        let rows = self.logits(batch)?;
-        let mut tokens = vec![0u32; sampling.len()];
-        let mut logprobs = Vec::new();
-        if let Some(mut all) = rows {
-            let vocab = all.len() / sampling.len().max(1);
-            for (i, (spec, row)) in sampling.iter().zip(all.chunks_exact_mut(vocab)).enumerate() {
-                let extra = &extras[i];
-                let raw =
-                    (extra.logprobs.is_some() && !extra.edits.is_empty()).then(|| row.to_vec());
-                crate::sampler::processors::apply_edits(&extra.edits, row);
-                tokens[i] = crate::sampler::sample_row(spec, row);
-                logprobs.push(extra.logprobs.map(|k| {
-                    let target = extra.target.unwrap_or(tokens[i]);
-                    crate::sampler::logprobs::row_logprobs(raw.as_deref().unwrap_or(row), target, k)
-                }));
+        let Sampled {
+            mut tokens,
+            logprobs,
+        } = match self.logits(batch)? {
+            Some(mut all) => {
+                let vocab = all.len() / sampling.len().max(1);
+                crate::sampler::sample_host_rows(&mut all, vocab, sampling, extras)
             }
-        }
+            None => Sampled {
+                tokens: vec![0u32; sampling.len()],
+                logprobs: Vec::new(),
+            },
+        };
         if self.world_size > 1 {
             let loaded = loaded_model(&mut self.loaded, "Step")?;
             let ws = loaded.model.workspace().ok_or(WorkerError::Lifecycle {

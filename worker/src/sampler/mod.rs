@@ -43,6 +43,40 @@ pub struct Sampled {
     pub logprobs: Vec<Option<TokenLogprobs>>,
 }
 
+/// Samples every row of `logits` (`[rows, vocab]`, row i for `sampling[i]`) on the host: a row
+/// with extras gets its edits applied before the draw and, when asked, the log probabilities of
+/// its raw logits (before the edits); a row without extras is only drawn. Both backends' host
+/// path (the CPU backend's every step, the CUDA backend's steps with extras).
+pub fn sample_host_rows(
+    logits: &mut [f32],
+    vocab: usize,
+    sampling: &[SampleSpec],
+    extras: &[RowExtras],
+) -> Sampled {
+    let mut tokens = vec![0u32; sampling.len()];
+    let mut logprobs = Vec::new();
+    for (i, ((spec, token), row)) in sampling
+        .iter()
+        .zip(tokens.iter_mut())
+        .zip(logits.chunks_exact_mut(vocab))
+        .enumerate()
+    {
+        let Some(extra) = extras.get(i) else {
+            *token = sample_row(spec, row);
+            continue;
+        };
+        // Log probabilities are of the raw logits: keep them when the edits change them.
+        let raw = (extra.logprobs.is_some() && !extra.edits.is_empty()).then(|| row.to_vec());
+        processors::apply_edits(&extra.edits, row);
+        *token = sample_row(spec, row);
+        logprobs.push(extra.logprobs.map(|k| {
+            let target = extra.target.unwrap_or(*token);
+            logprobs::row_logprobs(raw.as_deref().unwrap_or(row), target, k)
+        }));
+    }
+    Sampled { tokens, logprobs }
+}
+
 /// A request's random stream: one seed per sampled token.
 #[derive(Debug, Clone)]
 pub struct RequestRng(StdRng);
