@@ -102,6 +102,11 @@ pub struct EngineArgs {
     /// batch size). Costs speed; for evaluation and RL rollouts. Off by default.
     #[arg(long, env = "TPSERVE_BATCH_INVARIANT")]
     pub batch_invariant: bool,
+    /// Keep every all-reduce on NCCL (GPU tensor parallelism). By default a group of 2-8 GPUs
+    /// with peer access sums small messages (decode steps) with its own one-shot all-reduce
+    /// over peer memory, faster than NCCL for them.
+    #[arg(long, env = "TPSERVE_DISABLE_CUSTOM_ALL_REDUCE")]
+    pub disable_custom_all_reduce: bool,
     /// Largest decode batch captured as a CUDA graph (GPU workers): sizes 1, 2, 4, 8, then
     /// multiples of 8 up to this and --max-num-seqs; larger batches run eagerly.
     #[arg(

@@ -119,6 +119,7 @@ pub async fn launch(
         seed: args.dummy_weights_seed,
         cuda_graph_sizes: args.cuda_graph_sizes(),
         batch_invariant: args.batch_invariant,
+        disable_custom_all_reduce: args.disable_custom_all_reduce,
     };
     let (tx, events) = tokio::sync::mpsc::unbounded_channel();
     let (broken, broken_rx) = watch::channel(0u64);

@@ -8,7 +8,7 @@ namespace {
 // of x that every warp re-reads stay instead).
 __device__ __forceinline__ uint4 load_streaming(const void* p) {
     uint4 v;
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
         : "l"(p));
     return v;
@@ -45,20 +45,23 @@ __device__ __forceinline__ float dot8(uint4 w, uint4 x, float acc) {
 }
 
 constexpr int kWarps = 4;       // warps per block
-constexpr int kUnroll = 2;      // 256-element chunks of K each lane has in flight per row
 constexpr int kChunk = 32 * 8;  // elements of K one warp covers with one 16-byte load per lane
 
 }  // namespace
 
 // gemv_m{1,2,4,8}_r{1,2,4}_{bf16,f16}: y[m, n] = sum_k x[m, k] * w[n, k] for m < rows (at most
 // M, the kernel's row capacity) and n < n_out, accumulated in f32 and rounded to T once.
+// gemv_m{1,2}_r{1,2}_u{4,8}_{bf16,f16}: the same with U (4 or 8) chunks in flight per lane
+// instead of 2, for the smaller matrices (a few thousand rows), whose warps otherwise spend
+// the kernel waiting on a short chain of loads rather than streaming.
 //
 // Each warp owns R consecutive output columns n (rows of w) and walks K with one 16-byte load
-// of each weight row per lane per 256-element chunk, two chunks in flight; x (a few rows, read
+// of each weight row per lane per 256-element chunk, U chunks in flight; x (a few rows, read
 // by every warp) comes through L1. Before waiting for the previous kernel (common.cuh's
-// wait_for_inputs) each warp prefetches its first four chunks of weights into L2. The reduction order of y[m, n] is fixed by K alone (lane
-// partial sums in chunk order, then a butterfly over the warp): it does not depend on M, R,
-// the number of rows or the launch, so a row's result is the same in any batch of up to M rows.
+// wait_for_inputs) each warp prefetches its first 2 U chunks of weights into L2. The reduction
+// order of y[m, n] is fixed by K alone (lane partial sums in chunk order, then a butterfly over
+// the warp): it does not depend on M, R, U, the number of rows or the launch, so a row's result
+// is the same in any batch of up to M rows and on every variant.
 //
 // Arguments:
 //   y      T  [rows, n_out]   written
@@ -68,7 +71,7 @@ constexpr int kChunk = 32 * 8;  // elements of K one warp covers with one 16-byt
 //   n_out  i32
 //   k      i32                a multiple of 8; x, w 16-byte aligned
 // Launch: grid (ceil(n_out / (4 * R)), 1, 1); block (128, 1, 1).
-template <typename T, int M, int R>
+template <typename T, int M, int R, int kUnroll>
 __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w,
                           int rows, int n_out, int k) {
     const int lane = threadIdx.x & 31;
@@ -144,7 +147,13 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const T* _
     extern "C" __global__ void __launch_bounds__(128) gemv_m##M##_r##R##_##SUFFIX(            \
         T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int rows,        \
         int n_out, int k) {                                                                   \
-        gemv_impl<T, M, R>(y, x, w, rows, n_out, k);                                          \
+        gemv_impl<T, M, R, 2>(y, x, w, rows, n_out, k);                                       \
+    }
+#define TPSERVE_GEMV_DEEP(SUFFIX, T, M, R, U)                                                 \
+    extern "C" __global__ void __launch_bounds__(128) gemv_m##M##_r##R##_u##U##_##SUFFIX(     \
+        T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int rows,        \
+        int n_out, int k) {                                                                   \
+        gemv_impl<T, M, R, U>(y, x, w, rows, n_out, k);                                       \
     }
 #define TPSERVE_GEMV(SUFFIX, T)          \
     TPSERVE_GEMV_ONE(SUFFIX, T, 1, 1)    \
@@ -158,5 +167,13 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const T* _
     TPSERVE_GEMV_ONE(SUFFIX, T, 4, 4)    \
     TPSERVE_GEMV_ONE(SUFFIX, T, 8, 1)    \
     TPSERVE_GEMV_ONE(SUFFIX, T, 8, 2)    \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 8, 4)
+    TPSERVE_GEMV_ONE(SUFFIX, T, 8, 4)    \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 1, 1, 4) \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 1, 1, 8) \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 1, 2, 4) \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 1, 2, 8) \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 1, 4) \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 1, 8) \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 2, 4) \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 2, 8)
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_GEMV)

@@ -94,6 +94,10 @@ pub const SOURCES: &[KernelSource] = &[
         name: "gemm_bi.cu",
         code: include_str!("../cuda/gemm_bi.cu"),
     },
+    KernelSource {
+        name: "all_reduce.cu",
+        code: include_str!("../cuda/all_reduce.cu"),
+    },
 ];
 
 /// The `extern "C"` entry points of each source file: `(file name, entry points)`. The launch
@@ -190,9 +194,34 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "gemv_m8_r2_f16",
             "gemv_m8_r4_bf16",
             "gemv_m8_r4_f16",
+            "gemv_m1_r1_u4_bf16",
+            "gemv_m1_r1_u4_f16",
+            "gemv_m1_r1_u8_bf16",
+            "gemv_m1_r1_u8_f16",
+            "gemv_m1_r2_u4_bf16",
+            "gemv_m1_r2_u4_f16",
+            "gemv_m1_r2_u8_bf16",
+            "gemv_m1_r2_u8_f16",
+            "gemv_m2_r1_u4_bf16",
+            "gemv_m2_r1_u4_f16",
+            "gemv_m2_r1_u8_bf16",
+            "gemv_m2_r1_u8_f16",
+            "gemv_m2_r2_u4_bf16",
+            "gemv_m2_r2_u4_f16",
+            "gemv_m2_r2_u8_bf16",
+            "gemv_m2_r2_u8_f16",
         ],
     ),
     ("gemm_bi.cu", &["gemm_bi_bf16", "gemm_bi_f16"]),
+    (
+        "all_reduce.cu",
+        &[
+            "all_reduce_one_shot_bf16",
+            "all_reduce_one_shot_f16",
+            "all_reduce_residual_norm_bf16",
+            "all_reduce_residual_norm_f16",
+        ],
+    ),
 ];
 
 /// The activation dtypes every kernel is instantiated for (`TPSERVE_FOR_EACH_DTYPE` in

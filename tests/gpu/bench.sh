@@ -14,7 +14,9 @@
 #      decode (128 in / 256 out), time to first token of 2,048- and 8,192-token prompts, the
 #      1,000-prompt 1,024 in / 128 out workload at concurrency 256, and decode-heavy 128 in /
 #      512 out at concurrency 1, 16, 64 and 256;
-#   4. with two or more GPUs, the same at TP=2 (NAME-x2.json, with tp2_decode_speedup);
+#   4. with two or more GPUs, the same at TP=2 (NAME-x2.json, with tp2_decode_speedup), and the
+#      single stream again with every all-reduce on NCCL (--disable-custom-all-reduce), for
+#      comparison;
 #   5. bench_report.py: the ratios, the table, the JSON (keys listed in bench_report.py).
 #
 # Why: the issue's targets are client-side figures against same-run floors; one script keeps
@@ -185,6 +187,11 @@ main() {
     start_server 2 "$WORK/tp2"
     workloads "$WORK/tp2" 1
     stop_server
+    grep -h "all-reduce" "$WORK/tp2/server.log" | sed 's/\x1b\[[0-9;]*m//g' | head -4 || true
+    echo "== TP=2 single stream with every all-reduce on NCCL (--disable-custom-all-reduce)"
+    start_server 2 "$WORK/tp2-nccl" TPSERVE_DISABLE_CUSTOM_ALL_REDUCE=true
+    workloads "$WORK/tp2-nccl" 0
+    stop_server
     "$PYTHON" "$HERE/bench_report.py" "$WORK/tp2" "$WORK/$NAME-x2.json"
     "$PYTHON" - "$WORK/$NAME-x2.json" <<'EOF'
 import json, sys
@@ -211,5 +218,6 @@ if [ -n "$OUT" ]; then
     [ -f "$f" ] && cp "$f" "$OUT/"
   done
   tail -c 200000 "$WORK/tp1/server.log" >"$OUT/server_tp1.log" 2>/dev/null || true
+  tail -c 200000 "$WORK/tp2/server.log" >"$OUT/server_tp2.log" 2>/dev/null || true
 fi
 exit "$status"

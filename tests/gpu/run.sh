@@ -439,6 +439,14 @@ main() {
   check_logits tp1-bf16-decode-pad bfloat16 tp1-bf16-decode
   ours_logits tp1-bf16-decode-eager 1 bfloat16 --chunk 1 --enforce-eager
   check_logits tp1-bf16-decode-eager bfloat16 tp1-bf16-decode
+  # Every one-row product on the GEMV pinned to 2 chunks in flight per lane, then to its deep
+  # variant (8 chunks): the same reduction order, so bit-identical.
+  export TPSERVE_CUDA_LINEAR=gemv
+  ours_logits tp1-bf16-decode-gemv 1 bfloat16 --chunk 1
+  export TPSERVE_CUDA_LINEAR=gemv-deep
+  ours_logits tp1-bf16-decode-deep 1 bfloat16 --chunk 1
+  unset TPSERVE_CUDA_LINEAR
+  check_logits tp1-bf16-decode-deep bfloat16 tp1-bf16-decode-gemv exact
   # Batch-invariant kernels (one tensor-core GEMM for every row count, unsplit CUDA-core
   # attention): prefill chunks and every position as a decode step.
   ours_logits tp1-bf16-invariant 1 bfloat16 --batch-invariant
@@ -448,10 +456,18 @@ main() {
   ours_logits tp1-f16 1 float16
   check_logits tp1-f16 float16
   check_greedy tp1-f16 float16 0.03
+  # TP=2 sums its partial products with the one-shot all-reduce over peer memory (the two
+  # ranks are threads of one process here, so by peer access; `tpserve serve` below maps them
+  # by CUDA IPC): prefill chunks, and every position as a graph-replayed decode step. With two
+  # ranks a sum is one rounding, so NCCL (--disable-custom-all-reduce) must agree bit for bit.
   ours_logits tp2-bf16 2 bfloat16
+  ours_logits tp2-bf16-decode 2 bfloat16 --chunk 1
+  ours_logits tp2-bf16-nccl 2 bfloat16 --disable-custom-all-reduce
   if [ "$NGPU" -ge 2 ]; then
     check_logits tp2-bf16 bfloat16 tp1-bf16
     check_greedy tp2-bf16 bfloat16 0.1
+    check_logits tp2-bf16-decode bfloat16 tp1-bf16-decode
+    check_logits tp2-bf16-nccl bfloat16 tp2-bf16 exact
   fi
   step_serve 1
   step_serve 1 eager

@@ -88,7 +88,7 @@ fn main() -> anyhow::Result<()> {
     group.on_rank(0, move |r| r.init_cache(num_blocks, BLOCK_SIZE))?;
     // Eager first: the phase table needs kernels issued one by one.
     let warmup = group
-        .on_rank(0, move |r| r.warmup(max_tokens, 256, &[]))?
+        .on_rank(0, move |r| r.warmup(max_tokens, 256, &[], false))?
         .seconds;
 
     let greedy = SampleSpec::greedy().params;
@@ -197,7 +197,7 @@ fn main() -> anyhow::Result<()> {
 
     // The same decode replaying CUDA graphs (vLLM's sizes up to 256), on a fresh request.
     let sizes: Vec<usize> = [1, 2, 4].into_iter().chain((8..=256).step_by(8)).collect();
-    let graphs = group.on_rank(0, move |r| r.warmup(max_tokens, 256, &sizes))?;
+    let graphs = group.on_rank(0, move |r| r.warmup(max_tokens, 256, &sizes, false))?;
     step_id += 1;
     run(pb::StepPlan {
         step_id,

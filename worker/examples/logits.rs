@@ -59,6 +59,9 @@ struct Args {
     /// Batch-invariant kernels (as `tpserve serve --batch-invariant`).
     #[arg(long)]
     batch_invariant: bool,
+    /// Every all-reduce on NCCL (as `tpserve serve --disable-custom-all-reduce`).
+    #[arg(long)]
+    disable_custom_all_reduce: bool,
 }
 
 const BLOCK_SIZE: usize = 16;
@@ -104,7 +107,8 @@ fn main() -> anyhow::Result<()> {
         args.graph_sizes.clone()
     };
     let tokens = args.chunk.max(512);
-    let warm = group.on_all(move |_, r| r.warmup(tokens, 512, &sizes))?;
+    let custom_all_reduce = !args.disable_custom_all_reduce;
+    let warm = group.on_all(move |_, r| r.warmup(tokens, 512, &sizes, custom_all_reduce))?;
     eprintln!(
         "warm-up: {} CUDA graphs captured in {:.2} s",
         warm[0].decode.graphs, warm[0].decode.seconds

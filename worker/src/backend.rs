@@ -71,8 +71,13 @@ pub trait Backend {
 
     /// After the cache exists: prepares decode steps for the batch sizes in `graph_sizes`
     /// (choosing kernels by measurement and capturing CUDA graphs on a GPU; nothing on the CPU).
-    /// Every rank of a group calls it with the same sizes.
-    fn prepare_decode(&mut self, graph_sizes: &[usize]) -> Result<DecodePrep>;
+    /// Every rank of a group calls it with the same arguments. `custom_all_reduce` lets a GPU
+    /// group set up its all-reduce over peer memory for small messages (NCCL otherwise).
+    fn prepare_decode(
+        &mut self,
+        graph_sizes: &[usize],
+        custom_all_reduce: bool,
+    ) -> Result<DecodePrep>;
 
     /// `(num_blocks, block_size)` of the cache, once it exists.
     fn cache_shape(&self) -> Option<(usize, usize)>;

@@ -240,6 +240,7 @@ impl Runner {
         max_tokens: usize,
         max_seqs: usize,
         graph_sizes: &[usize],
+        custom_all_reduce: bool,
     ) -> Result<WarmupReport> {
         let started = Instant::now();
         let (num_blocks, block_size) = self.cache_shape("Warmup")?;
@@ -280,7 +281,9 @@ impl Runner {
         }
         let sampling = vec![SampleSpec::greedy(); batch.sample_rows.len()];
         self.backend.step(&batch, &sampling, &[])?;
-        let decode = self.backend.prepare_decode(graph_sizes)?;
+        let decode = self
+            .backend
+            .prepare_decode(graph_sizes, custom_all_reduce)?;
         Ok(WarmupReport {
             seconds: started.elapsed().as_secs_f64(),
             decode,

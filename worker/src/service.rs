@@ -225,6 +225,7 @@ impl Worker for WorkerService {
                     req.max_num_batched_tokens as usize,
                     req.max_num_seqs as usize,
                     &sizes,
+                    !req.disable_custom_all_reduce,
                 )
             })
             .await?;

@@ -49,6 +49,8 @@ pub struct GroupInit {
     pub cuda_graph_sizes: Vec<u32>,
     /// Batch-invariant kernels (`--batch-invariant`).
     pub batch_invariant: bool,
+    /// Every all-reduce on NCCL (`--disable-custom-all-reduce`).
+    pub disable_custom_all_reduce: bool,
 }
 
 /// What start-up found.
@@ -239,6 +241,7 @@ impl WorkerGroup {
                 max_num_batched_tokens: init.max_num_batched_tokens,
                 max_num_seqs: init.max_num_seqs,
                 cuda_graph_sizes: init.cuda_graph_sizes.clone(),
+                disable_custom_all_reduce: init.disable_custom_all_reduce,
             };
             async move {
                 c.warmup(req)

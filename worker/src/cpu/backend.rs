@@ -163,7 +163,11 @@ impl Backend for CpuBackend {
         Ok(bytes)
     }
 
-    fn prepare_decode(&mut self, _graph_sizes: &[usize]) -> Result<DecodePrep> {
+    fn prepare_decode(
+        &mut self,
+        _graph_sizes: &[usize],
+        _custom_all_reduce: bool,
+    ) -> Result<DecodePrep> {
         // Nothing to capture or choose: the CPU runs every step as it comes.
         Ok(DecodePrep::default())
     }

@@ -15,11 +15,12 @@
 use super::device::Gpu;
 use super::kernels::{
     attention_max_items, attention_mma_items, AttentionShape, DecodeAttention, Kernels, Product,
-    RopeKvWrite,
+    ResidualNorm, RopeKvWrite,
 };
 use super::linear::Linear;
 use super::model::{CudaModel, Dims, GpuKvCache, Layer};
 use super::nccl::Nccl;
+use super::peer_all_reduce::PeerAllReduce;
 use super::phases::PhaseTimer;
 use super::step_inputs::InputPointers;
 use super::workspace::Workspace;
@@ -87,12 +88,18 @@ pub struct Device<'a> {
     pub kernels: &'a Kernels,
     pub linear: &'a Linear,
     pub nccl: Option<&'a Nccl>,
+    /// The one-shot all-reduce over peer memory, for the messages it takes.
+    pub peer: Option<&'a PeerAllReduce>,
     pub rank: usize,
 }
 
 impl Device<'_> {
     /// In-place sum over ranks (nothing with one rank).
     fn all_reduce(&self, model: &CudaModel, buf: u64, count: usize) -> Result<()> {
+        let bytes = count * model.dtype().bytes();
+        if let Some(peer) = self.peer.filter(|p| p.handles(buf, bytes)) {
+            return peer.all_reduce(self.kernels, buf, bytes);
+        }
         match self.nccl {
             Some(comm) if comm.world_size() > 1 => {
                 comm.all_reduce_sum(buf, count, model.dtype().nccl(), &self.gpu.stream)
@@ -140,8 +147,8 @@ pub fn forward(
         pass.attention_block(li, layer, &mut timer)?;
         pass.mlp_block(layer, &mut timer)?;
     }
-    let out = pass.head()?;
-    timer.mark(dev.gpu, "final norm + lm_head + sampling");
+    let out = pass.head(&mut timer)?;
+    timer.mark(dev.gpu, "lm_head + sampling");
     timer.finish();
     Ok(out)
 }
@@ -160,6 +167,33 @@ impl Pass<'_> {
     /// `y[rows, n_out] = x[rows, k] w^T` on the kernel chosen for the shape.
     fn linear(&self, p: Product) -> Result<()> {
         self.dev.linear.run(self.dev.kernels, &p)
+    }
+
+    /// The sublayer output `sub` summed over ranks, added to the residual stream `x`, and
+    /// `x`'s RMSNorm with `weight` into `normed`: one fused kernel where the peer all-reduce
+    /// takes the message, else the all-reduce (NCCL; nothing with one rank) and the norm.
+    fn reduce_residual_norm(&self, weight: u64, n: usize, timer: &mut PhaseTimer) -> Result<()> {
+        let (d, ws, k) = (&self.d, self.ws, self.dev.kernels);
+        let norm = ResidualNorm {
+            out: ws.normed.ptr,
+            x: ws.x.ptr,
+            sub: ws.sub.ptr,
+            weight,
+            n,
+            hidden: d.hidden,
+            eps: self.model.rms_norm_eps(),
+        };
+        if let Some(peer) = self.dev.peer {
+            if peer.residual_norm(k, &norm)? {
+                timer.mark(self.dev.gpu, "all-reduce + rms_norm");
+                return Ok(());
+            }
+        }
+        self.dev.all_reduce(self.model, ws.sub.ptr, n * d.hidden)?;
+        timer.mark(self.dev.gpu, "all-reduce");
+        k.rms_norm_residual(norm.out, norm.x, norm.sub, weight, n, d.hidden, norm.eps)?;
+        timer.mark(self.dev.gpu, "rms_norm");
+        Ok(())
     }
 
     /// The token embeddings into the residual stream (vocab-parallel, summed over ranks).
@@ -191,18 +225,10 @@ impl Pass<'_> {
                 d.hidden,
                 eps,
             )?;
+            timer.mark(gpu, "rms_norm");
         } else {
-            k.rms_norm_residual(
-                ws.normed.ptr,
-                ws.x.ptr,
-                ws.sub.ptr,
-                layer.input_norm.ptr,
-                n,
-                d.hidden,
-                eps,
-            )?;
+            self.reduce_residual_norm(layer.input_norm.ptr, n, timer)?;
         }
-        timer.mark(gpu, "rms_norm");
         self.linear(Product {
             y: ws.qkv.ptr,
             x: ws.normed.ptr,
@@ -242,8 +268,6 @@ impl Pass<'_> {
             k: d.q_heads * d.head_dim,
         })?;
         timer.mark(gpu, "gemm o");
-        self.dev.all_reduce(self.model, ws.sub.ptr, n * d.hidden)?;
-        timer.mark(gpu, "all-reduce");
         Ok(())
     }
 
@@ -325,16 +349,7 @@ impl Pass<'_> {
     fn mlp_block(&self, layer: &Layer, timer: &mut PhaseTimer) -> Result<()> {
         let (d, ws, n, k) = (&self.d, self.ws, self.v.rows, self.dev.kernels);
         let gpu = self.dev.gpu;
-        k.rms_norm_residual(
-            ws.normed.ptr,
-            ws.x.ptr,
-            ws.sub.ptr,
-            layer.post_norm.ptr,
-            n,
-            d.hidden,
-            self.model.rms_norm_eps(),
-        )?;
-        timer.mark(gpu, "rms_norm");
+        self.reduce_residual_norm(layer.post_norm.ptr, n, timer)?;
         self.linear(Product {
             y: ws.gate_up.ptr,
             x: ws.normed.ptr,
@@ -355,25 +370,15 @@ impl Pass<'_> {
             k: d.inter,
         })?;
         timer.mark(gpu, "gemm down");
-        self.dev.all_reduce(self.model, ws.sub.ptr, n * d.hidden)?;
-        timer.mark(gpu, "all-reduce");
         Ok(())
     }
 
     /// Residual + final RMSNorm, the sample rows' logits (gathered over ranks), sampling.
-    fn head(&self) -> Result<ForwardOutput> {
+    fn head(&self, timer: &mut PhaseTimer) -> Result<ForwardOutput> {
         let (d, ws, v, k) = (&self.d, self.ws, self.v, self.dev.kernels);
         let (dev, model) = (self.dev, self.model);
         let s = v.samples;
-        k.rms_norm_residual(
-            ws.normed.ptr,
-            ws.x.ptr,
-            ws.sub.ptr,
-            model.final_norm.ptr,
-            v.rows,
-            d.hidden,
-            model.rms_norm_eps(),
-        )?;
+        self.reduce_residual_norm(model.final_norm.ptr, v.rows, timer)?;
         let rows = match v.inputs.sample_rows {
             Some(ids) => {
                 k.gather_rows(ws.last.ptr, ws.normed.ptr, ids, s, d.hidden)?;

@@ -61,6 +61,11 @@ impl Dtype {
         }
     }
 
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        ELEM
+    }
+
     /// cuBLAS's name for it.
     pub fn cublas(self) -> cudarc::cublas::sys::cudaDataType_t {
         match self {
@@ -77,6 +82,24 @@ impl Dtype {
         }
     }
 }
+
+/// A residual add and RMSNorm of `n` rows: `x += sub; out = rmsnorm(x) * weight`.
+#[derive(Debug, Clone, Copy)]
+pub struct ResidualNorm {
+    pub out: u64,
+    pub x: u64,
+    pub sub: u64,
+    pub weight: u64,
+    pub n: usize,
+    pub hidden: usize,
+    pub eps: f32,
+}
+
+/// all_reduce.cu's limits: threads per block, blocks, ranks, and the bytes of its signal area.
+pub const ALL_REDUCE_THREADS: u32 = 512;
+pub const ALL_REDUCE_MAX_BLOCKS: usize = 64;
+pub const ALL_REDUCE_MAX_RANKS: usize = 8;
+pub const ALL_REDUCE_SIGNAL_BYTES: usize = 8192;
 
 /// Bytes per element of the activation dtypes.
 pub const ELEM: usize = 2;
@@ -139,7 +162,11 @@ pub struct Kernels {
     set_entries: CudaFunction,
     /// `[M 1, 2, 4, 8][R 1, 2, 4]`: see [`Kernels::gemv`].
     gemv: [[CudaFunction; 3]; 4],
+    /// `[M 1, 2][R 1, 2][U 4, 8]`: the deeper variants.
+    gemv_deep: [[[CudaFunction; 2]; 2]; 2],
     gemm_bi: CudaFunction,
+    all_reduce_one_shot: CudaFunction,
+    all_reduce_residual_norm: CudaFunction,
 }
 
 /// One block of `threads` threads per row, `n` rows.
@@ -280,7 +307,19 @@ impl Kernels {
                     take("gemv_m8_r4")?,
                 ],
             ],
+            gemv_deep: [
+                [
+                    [take("gemv_m1_r1_u4")?, take("gemv_m1_r1_u8")?],
+                    [take("gemv_m1_r2_u4")?, take("gemv_m1_r2_u8")?],
+                ],
+                [
+                    [take("gemv_m2_r1_u4")?, take("gemv_m2_r1_u8")?],
+                    [take("gemv_m2_r2_u4")?, take("gemv_m2_r2_u8")?],
+                ],
+            ],
             gemm_bi: take("gemm_bi")?,
+            all_reduce_one_shot: take("all_reduce_one_shot")?,
+            all_reduce_residual_norm: take("all_reduce_residual_norm")?,
         })
     }
 
@@ -407,6 +446,77 @@ impl Kernels {
         unsafe { b.launch(cfg) }
             .map(drop)
             .map_err(launch_err("silu_mul"))
+    }
+
+    /// The one-shot all-reduce over peer memory (all_reduce.cu): `buf`'s `bytes` bytes summed over
+    /// the `world` ranks whose exchange buffers `peers` (a device array of `world` addresses)
+    /// holds, in place, in `blocks` blocks (the same on every rank).
+    #[allow(clippy::too_many_arguments)]
+    pub fn all_reduce_one_shot(
+        &self,
+        buf: u64,
+        bytes: usize,
+        peers: u64,
+        slot_bytes: usize,
+        rank: usize,
+        world: usize,
+        blocks: usize,
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (ALL_REDUCE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n_vec, cap) = ((bytes / 16) as i32, slot_bytes as i64);
+        let (rank, world) = (rank as i32, world as i32);
+        let mut b = self.launch(&self.all_reduce_one_shot);
+        b.arg(&buf)
+            .arg(&peers)
+            .arg(&n_vec)
+            .arg(&cap)
+            .arg(&rank)
+            .arg(&world);
+        // SAFETY: as all_reduce.cu documents; the caller checked size, alignment and capacity.
+        unsafe { b.launch(cfg) }
+            .map(drop)
+            .map_err(launch_err("all_reduce_one_shot"))
+    }
+
+    /// The one-shot all-reduce of `sub` fused with `rms_norm_residual` (all_reduce.cu):
+    /// `x += sum over ranks of sub; out = rmsnorm(x) * weight` for `n` rows, bit-identical to
+    /// the two in sequence.
+    #[allow(clippy::too_many_arguments)]
+    pub fn all_reduce_residual_norm(
+        &self,
+        norm: &ResidualNorm,
+        peers: u64,
+        slot_bytes: usize,
+        rank: usize,
+        world: usize,
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (norm.n.min(ALL_REDUCE_MAX_BLOCKS) as u32, 1, 1),
+            block_dim: (Self::norm_threads(norm.hidden), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (h, rows, cap) = (norm.hidden as i32, norm.n as i32, slot_bytes as i64);
+        let (rank, world) = (rank as i32, world as i32);
+        let mut b = self.launch(&self.all_reduce_residual_norm);
+        b.arg(&norm.out)
+            .arg(&norm.x)
+            .arg(&norm.sub)
+            .arg(&norm.weight)
+            .arg(&h)
+            .arg(&norm.eps)
+            .arg(&rows)
+            .arg(&peers)
+            .arg(&cap)
+            .arg(&rank)
+            .arg(&world);
+        // SAFETY: as all_reduce.cu documents; the caller checked size, alignment and capacity.
+        unsafe { b.launch(cfg) }
+            .map(drop)
+            .map_err(launch_err("all_reduce_residual_norm"))
     }
 
     /// Whether the tensor-core attention kernel exists for this head size.
@@ -649,8 +759,9 @@ impl Kernels {
     }
 
     /// `p.y = p.x p.w^T` for 1 to 8 rows by the GEMV kernel with `r` output columns per warp
-    /// (1, 2 or 4): gemv.cu. `p.k` must be a multiple of 8.
-    pub fn gemv(&self, p: &Product, r: usize) -> Result<()> {
+    /// (1, 2 or 4) and `u` chunks in flight per lane (2; or 4 or 8 for up to 2 rows and 1 or 2
+    /// columns): gemv.cu. `p.k` must be a multiple of 8.
+    pub fn gemv(&self, p: &Product, r: usize, u: usize) -> Result<()> {
         let Product {
             y,
             x,
@@ -670,19 +781,23 @@ impl Kernels {
                 })
             }
         };
-        let ri = match r {
-            1 => 0,
-            2 => 1,
-            4 => 2,
+        let function = match (r, u) {
+            (1, 2) => &self.gemv[m][0],
+            (2, 2) => &self.gemv[m][1],
+            (4, 2) => &self.gemv[m][2],
+            (1 | 2, 4 | 8) if m < 2 => &self.gemv_deep[m][r / 2][u / 8],
             _ => {
                 return Err(WorkerError::Unsupported {
-                    detail: format!("{r} columns per warp on the GEMV kernel (1, 2 or 4)"),
+                    detail: format!(
+                        "the GEMV kernel with {r} columns per warp and {u} chunks in flight \
+                         for {rows} rows"
+                    ),
                 })
             }
         };
         debug_assert!(k.is_multiple_of(8));
         let (rw, nw, kw) = (rows as i32, n_out as i32, k as i32);
-        let mut b = self.launch(&self.gemv[m][ri]);
+        let mut b = self.launch(function);
         b.arg(&y).arg(&x).arg(&w).arg(&rw).arg(&nw).arg(&kw);
         // SAFETY: as gemv.cu documents: y holds rows x n_out, x rows x k and w n_out x k
         // elements (the caller's buffers), 16-byte aligned with k a multiple of 8.

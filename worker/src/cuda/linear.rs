@@ -1,9 +1,11 @@
 //! The linear layers' products, `y = x W^T`, routed per weight shape and row count to the kernel
 //! measured fastest on this GPU: cuBLAS, or for steps of 1 to 8 rows (decoding) our GEMV kernel
-//! with 1, 2 or 4 output columns per warp. `tune` times every candidate once at start on the
+//! with 1, 2 or 4 output columns per warp (and, for 1 or 2 rows, deeper variants with more
+//! loads in flight per lane, for the smaller matrices). `tune` times every candidate once at start on the
 //! model's own weights (rotating over layers, so the weights do not sit in L2); until then, and
-//! for shapes it did not see, cuBLAS runs. `TPSERVE_CUDA_LINEAR=cublas|gemv` pins one family
-//! (comparisons and numerical checks); `gemv` still takes cuBLAS beyond 8 rows. In
+//! for shapes it did not see, cuBLAS runs. `TPSERVE_CUDA_LINEAR=cublas|gemv|gemv-deep` pins one
+//! family (comparisons and numerical checks; `gemv-deep` takes the 8-chunk variant for 1 or 2
+//! rows); the GEMV pins still take cuBLAS beyond 8 rows. In
 //! batch-invariant mode every product, whatever its rows, runs the one batch-invariant kernel
 //! (gemm_bi.cu), and nothing is tuned.
 //!
@@ -23,15 +25,33 @@ use crate::error::Result;
 /// not computed, so 3 rows run the 4-row kernel on 3 rows).
 pub const ROW_BUCKETS: [usize; 4] = [1, 2, 4, 8];
 
-/// Output columns per warp the GEMV kernel is built for.
-const GEMV_COLUMNS: [usize; 3] = [1, 2, 4];
+/// The GEMV variants (output columns per warp, chunks in flight per lane) measured for a row
+/// bucket: 1, 2 or 4 columns with 2 chunks for every bucket, and the deeper variants (4 or 8
+/// chunks, 1 or 2 columns) for buckets of 1 and 2 rows, which the kernel is built for.
+fn gemv_variants(rows: usize) -> Vec<LinearKernel> {
+    let mut out: Vec<LinearKernel> = [1, 2, 4]
+        .map(|columns| LinearKernel::Gemv { columns, unroll: 2 })
+        .to_vec();
+    if rows <= 2 {
+        for unroll in [4, 8] {
+            for columns in [1, 2] {
+                out.push(LinearKernel::Gemv { columns, unroll });
+            }
+        }
+    }
+    out
+}
 
 /// How one product runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinearKernel {
     Cublas,
-    /// GEMV with this many output columns per warp.
-    Gemv(usize),
+    /// GEMV with `columns` output columns per warp and `unroll` 256-element chunks of K in
+    /// flight per lane.
+    Gemv {
+        columns: usize,
+        unroll: usize,
+    },
     /// The batch-invariant kernel.
     BatchInvariant,
 }
@@ -40,7 +60,8 @@ impl std::fmt::Display for LinearKernel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Cublas => write!(f, "cuBLAS"),
-            Self::Gemv(r) => write!(f, "GEMV r{r}"),
+            Self::Gemv { columns, unroll: 2 } => write!(f, "GEMV r{columns}"),
+            Self::Gemv { columns, unroll } => write!(f, "GEMV r{columns} u{unroll}"),
             Self::BatchInvariant => write!(f, "batch-invariant GEMM"),
         }
     }
@@ -52,6 +73,8 @@ enum Pin {
     Measured,
     Cublas,
     Gemv,
+    /// The deepest GEMV variant (1 column, 8 chunks in flight) where it exists.
+    GemvDeep,
     BatchInvariant,
 }
 
@@ -91,6 +114,7 @@ impl Linear {
             _ if batch_invariant => Pin::BatchInvariant,
             Ok("cublas") => Pin::Cublas,
             Ok("gemv") => Pin::Gemv,
+            Ok("gemv-deep") => Pin::GemvDeep,
             _ => Pin::Measured,
         };
         Self {
@@ -111,7 +135,18 @@ impl Linear {
         match self.pin {
             Pin::BatchInvariant => LinearKernel::BatchInvariant,
             Pin::Cublas => LinearKernel::Cublas,
-            Pin::Gemv => LinearKernel::Gemv(2),
+            Pin::Gemv => LinearKernel::Gemv {
+                columns: 2,
+                unroll: 2,
+            },
+            Pin::GemvDeep if b <= 2 => LinearKernel::Gemv {
+                columns: 1,
+                unroll: 8,
+            },
+            Pin::GemvDeep => LinearKernel::Gemv {
+                columns: 2,
+                unroll: 2,
+            },
             Pin::Measured => self
                 .choices
                 .get(&(shape, b))
@@ -128,7 +163,7 @@ impl Linear {
         };
         match self.kernel_for(shape, p.rows) {
             LinearKernel::Cublas => self.blas.linear(p.y, p.x, p.w, p.rows, p.n_out, p.k),
-            LinearKernel::Gemv(r) => kernels.gemv(p, r),
+            LinearKernel::Gemv { columns, unroll } => kernels.gemv(p, columns, unroll),
             LinearKernel::BatchInvariant => kernels.gemm_bi(p),
         }
     }
@@ -167,7 +202,7 @@ impl Linear {
             }
             for rows in ROW_BUCKETS {
                 let mut candidates = vec![(LinearKernel::Cublas, 0.0)];
-                candidates.extend(GEMV_COLUMNS.map(|r| (LinearKernel::Gemv(r), 0.0)));
+                candidates.extend(gemv_variants(rows).into_iter().map(|k| (k, 0.0)));
                 for (kernel, micros) in &mut candidates {
                     let launch = |i: usize| -> Result<()> {
                         let p = Product {
@@ -182,7 +217,9 @@ impl Linear {
                             LinearKernel::Cublas => {
                                 self.blas.linear(p.y, p.x, p.w, p.rows, p.n_out, p.k)
                             }
-                            LinearKernel::Gemv(r) => kernels.gemv(&p, r),
+                            LinearKernel::Gemv { columns, unroll } => {
+                                kernels.gemv(&p, columns, unroll)
+                            }
                             LinearKernel::BatchInvariant => kernels.gemm_bi(&p),
                         }
                     };
@@ -232,6 +269,10 @@ mod tests {
         assert_eq!(bucket(5), Some(8));
         assert_eq!(bucket(8), Some(8));
         assert_eq!(bucket(9), None);
-        assert_eq!(LinearKernel::Gemv(4).to_string(), "GEMV r4");
+        let gemv = |columns, unroll| LinearKernel::Gemv { columns, unroll };
+        assert_eq!(gemv(4, 2).to_string(), "GEMV r4");
+        assert_eq!(gemv(1, 8).to_string(), "GEMV r1 u8");
+        assert_eq!(gemv_variants(2).len(), 7);
+        assert_eq!(gemv_variants(4), vec![gemv(1, 2), gemv(2, 2), gemv(4, 2)]);
     }
 }

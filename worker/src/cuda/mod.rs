@@ -22,6 +22,7 @@ mod launch;
 mod linear;
 mod model;
 mod nccl;
+mod peer_all_reduce;
 mod phases;
 mod step_inputs;
 mod workspace;
@@ -44,6 +45,7 @@ use self::kernels::Kernels;
 use self::linear::{Linear, Shape};
 use self::model::{CudaModel, Dims, GpuKvCache};
 use self::nccl::Nccl;
+use self::peer_all_reduce::PeerAllReduce;
 use self::step_inputs::{is_decode_only, pack};
 use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo};
 use crate::batch::Batch;
@@ -67,12 +69,19 @@ struct Loaded {
 
 impl Loaded {
     /// The device objects a forward pass of this model uses.
-    fn device<'a>(&'a self, gpu: &'a Gpu, nccl: Option<&'a Nccl>, rank: usize) -> Device<'a> {
+    fn device<'a>(
+        &'a self,
+        gpu: &'a Gpu,
+        nccl: Option<&'a Nccl>,
+        peer: Option<&'a PeerAllReduce>,
+        rank: usize,
+    ) -> Device<'a> {
         Device {
             gpu,
             kernels: &self.kernels,
             linear: &self.linear,
             nccl,
+            peer,
             rank,
         }
     }
@@ -94,6 +103,9 @@ fn loaded_model<'a>(
 pub struct CudaBackend {
     gpu: Gpu,
     nccl: Option<Nccl>,
+    /// Small all-reduces over peer memory, set up at warm-up (`--disable-custom-all-reduce`
+    /// leaves it off).
+    peer: Option<PeerAllReduce>,
     rank: usize,
     world_size: usize,
     loaded: Option<Loaded>,
@@ -107,6 +119,7 @@ impl CudaBackend {
         Ok(Self {
             gpu,
             nccl: None,
+            peer: None,
             rank: 0,
             world_size: 1,
             loaded: None,
@@ -138,7 +151,7 @@ impl CudaBackend {
             (graph_size, &loaded.graphs, loaded.model.workspace())
         {
             let step = pack(batch, sampling, 1, Some(size), tables).map_err(plan_err)?;
-            let dev = loaded.device(gpu, self.nccl.as_ref(), self.rank);
+            let dev = loaded.device(gpu, self.nccl.as_ref(), self.peer.as_ref(), self.rank);
             graphs.replay(&dev, cache, size, &step)?;
             let logits = if d.world_size > 1 {
                 ws.gathered.ptr
@@ -198,7 +211,7 @@ impl CudaBackend {
             num_tiles: step.num_tiles,
             attention,
         };
-        let dev = loaded.device(gpu, self.nccl.as_ref(), self.rank);
+        let dev = loaded.device(gpu, self.nccl.as_ref(), self.peer.as_ref(), self.rank);
         // `_spill`, if any, is freed in stream order after the pass that reads it.
         forward(&dev, &loaded.model, cache, ws, &view, true)
     }
@@ -402,6 +415,7 @@ impl Backend for CudaBackend {
             });
         }
         self.loaded = None;
+        self.peer = None;
         self.nccl = None;
         self.gpu
             .ctx
@@ -550,8 +564,17 @@ impl Backend for CudaBackend {
         Ok((loaded.model.cache_bytes_per_block(shape.block_size) * shape.num_blocks) as u64)
     }
 
-    fn prepare_decode(&mut self, graph_sizes: &[usize]) -> Result<DecodePrep> {
+    fn prepare_decode(
+        &mut self,
+        graph_sizes: &[usize],
+        custom_all_reduce: bool,
+    ) -> Result<DecodePrep> {
         let started = Instant::now();
+        // Before any capture: the graphs record which all-reduce each message takes.
+        self.peer = None;
+        if let Some(nccl) = self.nccl.as_ref().filter(|_| custom_all_reduce) {
+            self.peer = PeerAllReduce::new(&self.gpu, nccl, self.rank)?;
+        }
         let gpu = &self.gpu;
         let loaded = loaded_model(&mut self.loaded, "Warmup")?;
         loaded.graphs = None;
@@ -589,7 +612,7 @@ impl Backend for CudaBackend {
             sizes.clear();
         }
         if !sizes.is_empty() {
-            let dev = loaded.device(gpu, self.nccl.as_ref(), self.rank);
+            let dev = loaded.device(gpu, self.nccl.as_ref(), self.peer.as_ref(), self.rank);
             let graphs = DecodeGraphs::capture(&dev, &loaded.model, cache, ws, &sizes, invariant)?;
             tracing::info!(
                 graphs = graphs.len(),
