@@ -66,10 +66,10 @@ fn config() -> impl Strategy<Value = SchedulerConfig> {
         1usize..6,
         1usize..40,
         any::<bool>(),
-        any::<bool>(),
+        (any::<bool>(), 0usize..3),
     )
         .prop_map(
-            |(block_size, num_blocks, max_num_seqs, budget, caching, priority)| SchedulerConfig {
+            |(block_size, num_blocks, max_num_seqs, budget, caching, (priority, max_loras))| SchedulerConfig {
                 block_size,
                 num_blocks,
                 max_num_seqs,
@@ -81,6 +81,7 @@ fn config() -> impl Strategy<Value = SchedulerConfig> {
                 } else {
                     SchedulingPolicy::Fcfs
                 },
+                max_loras,
             },
         )
 }
@@ -228,6 +229,8 @@ impl Driver {
             priority,
             cache_salt: salt,
             share: Default::default(),
+            // Three adapters and the base, so `max_loras` (0..3) binds.
+            adapter: (max_tokens % 4) as u32,
         });
         if too_long {
             assert!(matches!(r, Err(SchedulerError::PromptTooLong { .. })));
