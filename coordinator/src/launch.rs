@@ -210,11 +210,7 @@ pub async fn launch(
     }
     let metrics = Arc::new(Metrics::new(&name));
     if let Some(registry) = &adapters {
-        metrics.lora.enable(lora.max_loras);
-        metrics.lora.registered.store(
-            registry.list().len() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        metrics.lora.enable(lora.max_loras, registry.clone());
     }
     let link = GroupLink {
         group,

@@ -191,7 +191,10 @@ fn parse_config(
     let field = |name: &str| config.get(name).filter(|v| !v.is_null());
     if let Some(t) = field("peft_type").and_then(Value::as_str) {
         if t != "LORA" {
-            return Err(refuse("peft_type", format!("is {t:?}; only LORA is served")));
+            return Err(refuse(
+                "peft_type",
+                format!("is {t:?}; only LORA is served"),
+            ));
         }
     }
     let truthy = |name: &str| field(name).is_some_and(|v| v.as_bool() == Some(true));
@@ -487,8 +490,9 @@ mod tests {
 
     #[test]
     fn scale_is_alpha_over_r_or_over_its_root_with_rslora() {
-        let h = header(serde_json::json!({"r": 16, "lora_alpha": 32, "target_modules": ["q_proj"]}))
-            .unwrap();
+        let h =
+            header(serde_json::json!({"r": 16, "lora_alpha": 32, "target_modules": ["q_proj"]}))
+                .unwrap();
         assert_eq!(h.scale, 2.0);
         let h = header(serde_json::json!({"r": 16, "lora_alpha": 32, "use_rslora": true, "target_modules": "all-linear"}))
             .unwrap();
@@ -506,18 +510,37 @@ mod tests {
         };
         for (key, value, words) in [
             ("use_dora", serde_json::json!(true), "DoRA"),
-            ("modules_to_save", serde_json::json!(["lm_head"]), "modules_to_save"),
+            (
+                "modules_to_save",
+                serde_json::json!(["lm_head"]),
+                "modules_to_save",
+            ),
             ("bias", serde_json::json!("all"), "\"none\""),
             ("r", serde_json::json!(128), "--max-lora-rank 64"),
             ("r", serde_json::json!(0), "positive integer"),
-            ("target_modules", serde_json::json!(["embed_tokens"]), "embedding"),
-            ("target_modules", serde_json::json!(["c_attn"]), "does not have"),
+            (
+                "target_modules",
+                serde_json::json!(["embed_tokens"]),
+                "embedding",
+            ),
+            (
+                "target_modules",
+                serde_json::json!(["c_attn"]),
+                "does not have",
+            ),
             ("target_modules", serde_json::json!(".*proj"), "pattern"),
             ("fan_in_fan_out", serde_json::json!(true), "fan_in_fan_out"),
-            ("rank_pattern", serde_json::json!({"q_proj": 4}), "rank_pattern"),
+            (
+                "rank_pattern",
+                serde_json::json!({"q_proj": 4}),
+                "rank_pattern",
+            ),
         ] {
             let e = with(key, value);
-            assert!(e.contains(&format!("`{key}`")) && e.contains(words), "{key}: {e}");
+            assert!(
+                e.contains(&format!("`{key}`")) && e.contains(words),
+                "{key}: {e}"
+            );
         }
         // Empty or null versions of the optional fields are fine.
         let mut c = base.clone();
@@ -534,19 +557,25 @@ mod tests {
             Ok((3, Projection::Q, true))
         );
         assert_eq!(
-            parse_tensor_name("base_model.model.model.layers.0.mlp.down_proj.lora_B.default.weight"),
+            parse_tensor_name(
+                "base_model.model.model.layers.0.mlp.down_proj.lora_B.default.weight"
+            ),
             Ok((0, Projection::Down, false))
         );
-        assert!(parse_tensor_name("base_model.model.model.embed_tokens.lora_embedding_A")
-            .unwrap_err()
-            .contains("embedding"));
         assert!(
-            parse_tensor_name("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector.weight")
+            parse_tensor_name("base_model.model.model.embed_tokens.lora_embedding_A")
                 .unwrap_err()
-                .contains("DoRA")
+                .contains("embedding")
         );
-        assert!(parse_tensor_name("base_model.model.model.layers.0.mlp.fc1.lora_A.weight")
-            .unwrap_err()
-            .contains("does not have"));
+        assert!(parse_tensor_name(
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector.weight"
+        )
+        .unwrap_err()
+        .contains("DoRA"));
+        assert!(
+            parse_tensor_name("base_model.model.model.layers.0.mlp.fc1.lora_A.weight")
+                .unwrap_err()
+                .contains("does not have")
+        );
     }
 }

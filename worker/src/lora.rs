@@ -109,7 +109,11 @@ impl Adapters {
         let mut counts = PlaceCounts::default();
         let mut placed = Vec::with_capacity(ids.len());
         for &id in ids {
-            if let Some(i) = self.slots.iter().position(|s| s.is_some_and(|s| s.id == id)) {
+            if let Some(i) = self
+                .slots
+                .iter()
+                .position(|s| s.is_some_and(|s| s.id == id))
+            {
                 self.slots[i] = Some(Slot { id, last_used: now });
                 placed.push(i);
                 continue;

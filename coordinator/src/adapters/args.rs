@@ -159,14 +159,23 @@ mod tests {
     fn bad_combinations_are_refused_with_the_flag_named() {
         for (argv, words) in [
             (&["--lora-modules", "a=/x"][..], "needs --enable-lora"),
-            (&["--enable-runtime-lora-updates"][..], "needs --enable-lora"),
+            (
+                &["--enable-runtime-lora-updates"][..],
+                "needs --enable-lora",
+            ),
             (&["--enable-lora", "--max-loras", "0"][..], "--max-loras"),
-            (&["--enable-lora", "--max-lora-rank", "1024"][..], "--max-lora-rank"),
+            (
+                &["--enable-lora", "--max-lora-rank", "1024"][..],
+                "--max-lora-rank",
+            ),
             (
                 &["--enable-lora", "--max-loras", "4", "--max-cpu-loras", "2"][..],
                 "--max-cpu-loras",
             ),
-            (&["--enable-lora", "--lora-modules", "nopath"][..], "name=path"),
+            (
+                &["--enable-lora", "--lora-modules", "nopath"][..],
+                "name=path",
+            ),
             (
                 &["--enable-lora", "--lora-modules", r#"{"name": "a"}"#][..],
                 "missing field `path`",

@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::AdapterRegistry;
 
 /// Per adapter: requests started, prompt tokens, generated tokens.
 #[derive(Debug, Default, Clone, Copy)]
@@ -34,9 +36,8 @@ pub struct LoraMetrics {
     slot_loads: AtomicU64,
     slot_evictions: AtomicU64,
     disk_loads: AtomicU64,
-    /// Adapters loaded and unloaded by name (start-up and the runtime endpoints).
-    pub registered: AtomicU64,
-    pub unregistered: AtomicU64,
+    /// The adapters served (their load and unload counts).
+    registry: OnceLock<Arc<AdapterRegistry>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -52,9 +53,10 @@ fn label(v: &str) -> String {
 }
 
 impl LoraMetrics {
-    /// Turns the series on, with `--max-loras`.
-    pub fn enable(&self, max_loras: usize) {
+    /// Turns the series on, with `--max-loras` and the registry of served adapters.
+    pub fn enable(&self, max_loras: usize, registry: Arc<AdapterRegistry>) {
         self.max_loras.store(max_loras as u64, Ordering::Relaxed);
+        let _ = self.registry.set(registry);
     }
 
     /// A request of `adapter` produced its first token.
@@ -146,16 +148,17 @@ impl LoraMetrics {
             }
         }
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (loads, unloads) = self.registry.get().map_or((0, 0), |r| r.load_counts());
         for (name, help, v) in [
             (
                 "tpserve:lora_adapter_loads",
                 "Adapters loaded by name (--lora-modules and /v1/load_lora_adapter).",
-                load(&self.registered),
+                loads,
             ),
             (
                 "tpserve:lora_adapter_unloads",
                 "Adapters unloaded by name (/v1/unload_lora_adapter).",
-                load(&self.unregistered),
+                unloads,
             ),
             (
                 "tpserve:lora_slot_loads",

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tpserve_modelfile::{LlamaConfig, LoraAdapter};
@@ -36,6 +36,9 @@ pub enum LoraError {
     /// The adapter cannot be served; the message names the field, file or tensor.
     #[error("{message}")]
     Invalid { message: String },
+    /// The server was not started with runtime adapter updates.
+    #[error("Runtime LoRA updates are off: start the server with --enable-lora and --enable-runtime-lora-updates.")]
+    RuntimeUpdatesOff,
 }
 
 /// The adapters served, by name.
@@ -48,6 +51,9 @@ pub struct AdapterRegistry {
     pub runtime_updates: bool,
     adapters: RwLock<BTreeMap<String, Arc<AdapterInfo>>>,
     next_id: AtomicU32,
+    /// Adapters loaded and unloaded so far.
+    loads: AtomicU64,
+    unloads: AtomicU64,
 }
 
 impl AdapterRegistry {
@@ -65,6 +71,8 @@ impl AdapterRegistry {
             runtime_updates,
             adapters: RwLock::new(BTreeMap::new()),
             next_id: AtomicU32::new(1),
+            loads: AtomicU64::new(0),
+            unloads: AtomicU64::new(0),
         }
     }
 
@@ -114,14 +122,28 @@ impl AdapterRegistry {
             });
         }
         map.insert(name.to_string(), info.clone());
+        self.loads.fetch_add(1, Ordering::Relaxed);
         Ok(info)
     }
 
     /// Stops serving `name`: new requests for it get 404; requests already accepted finish.
     pub fn unload(&self, name: &str) -> Result<Arc<AdapterInfo>, LoraError> {
-        self.write().remove(name).ok_or_else(|| LoraError::NotFound {
-            name: name.to_string(),
-        })
+        let removed = self
+            .write()
+            .remove(name)
+            .ok_or_else(|| LoraError::NotFound {
+                name: name.to_string(),
+            })?;
+        self.unloads.fetch_add(1, Ordering::Relaxed);
+        Ok(removed)
+    }
+
+    /// Adapters loaded (checked and served) and unloaded since start.
+    pub fn load_counts(&self) -> (u64, u64) {
+        (
+            self.loads.load(Ordering::Relaxed),
+            self.unloads.load(Ordering::Relaxed),
+        )
     }
 
     fn check_name(&self, name: &str) -> Result<(), LoraError> {

@@ -69,19 +69,21 @@ fn config() -> impl Strategy<Value = SchedulerConfig> {
         (any::<bool>(), 0usize..3),
     )
         .prop_map(
-            |(block_size, num_blocks, max_num_seqs, budget, caching, (priority, max_loras))| SchedulerConfig {
-                block_size,
-                num_blocks,
-                max_num_seqs,
-                max_num_batched_tokens: budget,
-                max_model_len: (block_size * num_blocks).min(48),
-                enable_prefix_caching: caching,
-                policy: if priority {
-                    SchedulingPolicy::Priority
-                } else {
-                    SchedulingPolicy::Fcfs
-                },
-                max_loras,
+            |(block_size, num_blocks, max_num_seqs, budget, caching, (priority, max_loras))| {
+                SchedulerConfig {
+                    block_size,
+                    num_blocks,
+                    max_num_seqs,
+                    max_num_batched_tokens: budget,
+                    max_model_len: (block_size * num_blocks).min(48),
+                    enable_prefix_caching: caching,
+                    policy: if priority {
+                        SchedulingPolicy::Priority
+                    } else {
+                        SchedulingPolicy::Fcfs
+                    },
+                    max_loras,
+                }
             },
         )
 }

@@ -100,15 +100,13 @@ impl CpuAdapter {
                     out_offset,
                 }
             };
-            let slot = layers
-                .get_mut(m.layer)
-                .ok_or_else(|| WorkerError::Plan {
-                    detail: format!(
-                        "adapter {}: layer {} is beyond the model's layers",
-                        adapter.path.display(),
-                        m.layer
-                    ),
-                })?;
+            let slot = layers.get_mut(m.layer).ok_or_else(|| WorkerError::Plan {
+                detail: format!(
+                    "adapter {}: layer {} is beyond the model's layers",
+                    adapter.path.display(),
+                    m.layer
+                ),
+            })?;
             slot[m.projection as usize] = Some(pair);
         }
         Ok(Self {

@@ -200,7 +200,12 @@ impl CpuModel {
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.input_norm, c.rms_norm_eps, &mut normed);
             let mut qkv = self.project(&layer.qkv, &normed, n);
-            lora.apply(li, &[P::Q, P::K, P::V], (&normed, h), (&mut qkv, q_w + 2 * kv_w));
+            lora.apply(
+                li,
+                &[P::Q, P::K, P::V],
+                (&normed, h),
+                (&mut qkv, q_w + 2 * kv_w),
+            );
             let (mut q, mut k, mut v) = (
                 Vec::with_capacity(n * q_w),
                 Vec::with_capacity(n * kv_w),
@@ -232,7 +237,12 @@ impl CpuModel {
             rms_norm(&x, &layer.post_norm, c.rms_norm_eps, &mut normed);
             let inter = layer.down.cols;
             let mut gate_up = self.project(&layer.gate_up, &normed, n);
-            lora.apply(li, &[P::Gate, P::Up], (&normed, h), (&mut gate_up, 2 * inter));
+            lora.apply(
+                li,
+                &[P::Gate, P::Up],
+                (&normed, h),
+                (&mut gate_up, 2 * inter),
+            );
             let mut act = vec![0.0f32; n * inter];
             silu_mul(&gate_up, inter, &mut act);
             let mut down = self.project(&layer.down, &act, n);
