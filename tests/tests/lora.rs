@@ -56,7 +56,7 @@ fn write_safetensors(path: &Path, tensors: &Tensors) {
         offset += data.len() * 4;
     }
     let mut text = serde_json::to_string(&Value::Object(header)).unwrap();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
     let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
