@@ -32,6 +32,7 @@ fn main() -> anyhow::Result<()> {
         max_model_len,
         enable_prefix_caching: true,
         policy: SchedulingPolicy::Fcfs,
+        max_loras: 0,
     };
     config.validate()?;
     let mut s = Scheduler::new(config);
@@ -55,6 +56,7 @@ fn main() -> anyhow::Result<()> {
             priority: 0,
             cache_salt: 0,
             share: Default::default(),
+            adapter: 0,
         })?;
     }
     let mut sampled = Vec::with_capacity(num_running);

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 
+use crate::adapters::LoraArgs;
 use crate::error::StartError;
 use crate::scheduler::SchedulingPolicy;
 
@@ -155,6 +156,8 @@ pub struct EngineArgs {
     /// above the longest step (a full --max-num-batched-tokens prefill on the slowest device).
     #[arg(long, env = "TPSERVE_ENGINE_STALL_TIMEOUT", default_value_t = 300.0)]
     pub engine_stall_timeout: f64,
+    #[command(flatten)]
+    pub lora: LoraArgs,
 }
 
 impl EngineArgs {
@@ -205,7 +208,7 @@ impl EngineArgs {
         if self.max_waiting_requests == 0 {
             return bad("--max-waiting-requests must be at least 1".into());
         }
-        Ok(())
+        self.lora.validate()
     }
 
     /// Decode batch sizes to capture as CUDA graphs: vLLM's 1, 2, 4, 8, then multiples of 8,

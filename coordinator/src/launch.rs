@@ -11,6 +11,7 @@ use tpserve_modelfile::{Format, ModelSource};
 use tpserve_proto as pb;
 use tpserve_term::human;
 
+use crate::adapters::{AdapterRegistry, LoraError};
 use crate::config::{EngineArgs, LoadFormat};
 use crate::engine::{start_engine, EngineConfig, EngineHandle, EngineStatus, GroupLink};
 use crate::error::StartError;
@@ -98,6 +99,32 @@ pub async fn launch(
         Some(n) => n,
         None => model_len,
     };
+    let (name, aliases) = match served_model_names.split_first() {
+        Some((first, rest)) => (first.clone(), rest.to_vec()),
+        None => (args.model.display().to_string(), Vec::new()),
+    };
+    let lora = &args.lora;
+    // Adapters are read and checked before any worker starts: a bad one stops start-up at once.
+    let adapters = if lora.enable_lora {
+        let registry = AdapterRegistry::new(
+            config.clone(),
+            std::iter::once(name.clone())
+                .chain(aliases.iter().cloned())
+                .collect(),
+            lora.max_lora_rank,
+            lora.enable_runtime_lora_updates,
+        );
+        for m in lora.modules()? {
+            registry
+                .load(&m.name, &m.path)
+                .map_err(|e: LoraError| StartError::Config {
+                    detail: format!("--lora-modules {}: {e}", m.name),
+                })?;
+        }
+        Some(Arc::new(registry))
+    } else {
+        None
+    };
     let binary = worker_binary(args.worker_binary.as_deref());
     let init = GroupInit {
         model_path: args.model.display().to_string(),
@@ -120,6 +147,13 @@ pub async fn launch(
         cuda_graph_sizes: args.cuda_graph_sizes(),
         batch_invariant: args.batch_invariant,
         disable_custom_all_reduce: args.disable_custom_all_reduce,
+        max_loras: if lora.enable_lora {
+            lora.max_loras as u32
+        } else {
+            0
+        },
+        max_lora_rank: lora.max_lora_rank as u32,
+        max_cpu_loras: lora.cpu_loras() as u32,
     };
     let (tx, events) = tokio::sync::mpsc::unbounded_channel();
     let (broken, broken_rx) = watch::channel(0u64);
@@ -162,6 +196,7 @@ pub async fn launch(
             max_model_len,
             enable_prefix_caching: args.prefix_caching(),
             policy: args.scheduling_policy.into(),
+            max_loras: if lora.enable_lora { lora.max_loras } else { 0 },
         },
         max_waiting_requests: args.max_waiting_requests,
         eos_token_ids: config.eos_token_ids.clone(),
@@ -174,11 +209,10 @@ pub async fn launch(
             detail: e.to_string(),
         });
     }
-    let (name, aliases) = match served_model_names.split_first() {
-        Some((first, rest)) => (first.clone(), rest.to_vec()),
-        None => (args.model.display().to_string(), Vec::new()),
-    };
     let metrics = Arc::new(Metrics::new(&name));
+    if let Some(registry) = &adapters {
+        metrics.lora.enable(lora.max_loras, registry.clone());
+    }
     let link = GroupLink {
         group,
         events,
@@ -211,6 +245,7 @@ pub async fn launch(
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        adapters,
     };
     Ok(Launched {
         engine,

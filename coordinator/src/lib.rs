@@ -1,6 +1,7 @@
 //! The tpserve coordinator: OpenAI-compatible HTTP API, tokenization, the continuous-batching
 //! scheduler and paged KV block table, and the worker group it drives over gRPC.
 
+pub mod adapters;
 pub mod api;
 pub mod bench;
 pub mod config;

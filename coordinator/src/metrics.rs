@@ -6,6 +6,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::adapters::LoraMetrics;
 use crate::engine::FinishReason;
 
 /// A float stored in an atomic, for gauges and sums.
@@ -112,6 +113,8 @@ pub struct Metrics {
     pub e2e_request_latency: Histogram,
     /// Arrival to first scheduled.
     pub request_queue_time: Histogram,
+    /// LoRA series (rendered with `--enable-lora` only).
+    pub lora: LoraMetrics,
 }
 
 impl Metrics {
@@ -134,6 +137,7 @@ impl Metrics {
             inter_token_latency: Histogram::new(ITL),
             e2e_request_latency: Histogram::new(REQUEST),
             request_queue_time: Histogram::new(REQUEST),
+            lora: LoraMetrics::default(),
         }
     }
 
@@ -265,6 +269,7 @@ impl Metrics {
             let _ = writeln!(out, "{name}_sum{{model_name=\"{m}\"}} {}", h.sum.get());
             let _ = writeln!(out, "{name}_count{{model_name=\"{m}\"}} {}", h.count());
         }
+        self.lora.render(&mut out, m);
         out
     }
 }

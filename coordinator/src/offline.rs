@@ -137,6 +137,9 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
         _ => bail!("give --prompt or --input"),
     };
+    if args.engine.lora.enable_lora {
+        bail!("tpserve generate runs the base model only; serve LoRA adapters with tpserve serve --enable-lora");
+    }
     let launched = launch(&args.engine, &[]).await?;
     let (engine, model) = (&launched.engine, &launched.model);
     let mut requests = Vec::with_capacity(lines.len());
@@ -185,6 +188,7 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
             share: Default::default(),
             cache_salt: 0,
             extras: Default::default(),
+            adapter: None,
         });
     }
     let started = Instant::now();

@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use tpserve_modelfile::chat::ChatTemplate;
 
+use crate::adapters::{AdapterInfo, AdapterRegistry};
+
 /// The model behind the API.
 #[derive(Clone)]
 pub struct ServedModel {
@@ -22,12 +24,24 @@ pub struct ServedModel {
     pub chat_template: Option<Arc<ChatTemplate>>,
     /// Unix seconds when the server started (OpenAI's `created`).
     pub created: u64,
+    /// The LoRA adapters served on top of it (`None` without `--enable-lora`).
+    pub adapters: Option<Arc<AdapterRegistry>>,
 }
 
 impl ServedModel {
     /// Whether `model` is one of the names this server answers to.
     pub fn serves(&self, model: &str) -> bool {
         self.name == model || self.aliases.iter().any(|a| a == model)
+    }
+
+    /// The adapter served as `name`, if any.
+    pub fn adapter(&self, name: &str) -> Option<Arc<AdapterInfo>> {
+        self.adapters.as_ref().and_then(|a| a.get(name))
+    }
+
+    /// Whether `name` is the base model or a loaded adapter.
+    pub fn serves_model_or_adapter(&self, name: &str) -> bool {
+        self.serves(name) || self.adapter(name).is_some()
     }
 
     /// Every name, the primary one first.

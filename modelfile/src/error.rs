@@ -54,6 +54,13 @@ pub enum Error {
     /// The chat template did not compile or did not render.
     #[error("chat template: {detail}")]
     ChatTemplate { detail: String },
+    /// A LoRA adapter cannot be served: `field` names the config field, file or tensor at fault.
+    #[error("LoRA adapter {}: `{field}` {detail}", path.display())]
+    Lora {
+        path: PathBuf,
+        field: String,
+        detail: String,
+    },
 }
 
 impl Error {

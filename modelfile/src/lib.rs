@@ -10,11 +10,13 @@ pub mod config;
 pub mod error;
 mod gguf;
 pub mod gguf_tokenizer;
+pub mod lora;
 pub mod source;
 pub mod weights;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::{Error, Result};
+pub use lora::{LoraAdapter, LoraModule, Projection};
 pub use source::{Format, GenerationDefaults, ModelSource};
 pub use weights::WeightReader;

@@ -71,6 +71,7 @@ fn main() -> anyhow::Result<()> {
         dtype: args.dtype.clone(),
         dummy_seed: 1,
         batch_invariant: false,
+        ..Default::default()
     };
     let started = Instant::now();
     let loaded = group.on_rank(0, move |r| r.load_model(&load))?;
@@ -110,6 +111,7 @@ fn main() -> anyhow::Result<()> {
             new_block_ids: vec![],
         }],
         freed_request_ids: vec![],
+        ..Default::default()
     };
     let new_request = |id: u64, tokens: Vec<u32>, blocks: std::ops::Range<usize>| pb::NewRequest {
         request_id: id,
@@ -132,6 +134,7 @@ fn main() -> anyhow::Result<()> {
             new_requests: vec![new_request(100 + i, prompt(p), 0..p.div_ceil(BLOCK_SIZE))],
             running: vec![],
             freed_request_ids: if i > 0 { vec![100 + i - 1] } else { vec![] },
+            ..Default::default()
         })?;
         if i > 0 {
             prefill.push(t);
@@ -148,6 +151,7 @@ fn main() -> anyhow::Result<()> {
             new_requests: vec![new_request(150 + i, prompt(p), 0..p.div_ceil(BLOCK_SIZE))],
             running: vec![],
             freed_request_ids: vec![if i == 0 { 104 } else { 150 + i - 1 }],
+            ..Default::default()
         })?);
     }
     std::env::remove_var("TPSERVE_CUDA_ATTENTION");
@@ -163,6 +167,7 @@ fn main() -> anyhow::Result<()> {
         new_requests: vec![new_request(1, prompt(ctx), 0..blocks)],
         running: vec![],
         freed_request_ids: vec![152],
+        ..Default::default()
     })?;
     let mut decode = Vec::new();
     for _ in 0..args.decode_steps {
@@ -183,6 +188,7 @@ fn main() -> anyhow::Result<()> {
             )],
             running: vec![],
             freed_request_ids: if i > 0 { vec![200 + i - 1] } else { vec![] },
+            ..Default::default()
         })?;
     }
     let prefill_phases = group.on_rank(0, |_| Ok(take_phase_totals()))?;
@@ -204,6 +210,7 @@ fn main() -> anyhow::Result<()> {
         new_requests: vec![new_request(2, prompt(ctx), 0..blocks)],
         running: vec![],
         freed_request_ids: vec![1, 202],
+        ..Default::default()
     })?;
     let graph_step = |step_id: u64| {
         let mut plan = decode_step(step_id);

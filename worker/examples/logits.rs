@@ -82,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         dtype: args.dtype.clone(),
         dummy_seed: 0,
         batch_invariant: args.batch_invariant,
+        ..Default::default()
     };
     group.on_all(move |_, r| r.load_model(&load))?;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(1);
@@ -183,6 +184,7 @@ fn greedy(
         }],
         running: vec![],
         freed_request_ids: vec![],
+        ..Default::default()
     };
     let mut out = Vec::with_capacity(count);
     let step = |plan: pb::StepPlan| -> anyhow::Result<u32> {
@@ -209,6 +211,7 @@ fn greedy(
                 new_block_ids,
             }],
             freed_request_ids: vec![],
+            ..Default::default()
         })?);
     }
     Ok(out)
@@ -272,6 +275,7 @@ fn sampling_check(
             new_requests,
             running: vec![],
             freed_request_ids: vec![],
+            ..Default::default()
         };
         let answers = group.on_all(move |_, r| r.step(&plan).map(|o| o.tokens))?;
         let free = pb::StepPlan {
@@ -279,6 +283,7 @@ fn sampling_check(
             new_requests: vec![],
             running: vec![],
             freed_request_ids: freed,
+            ..Default::default()
         };
         group.on_all(move |_, r| r.step(&free))?;
         Ok(answers[0].iter().map(|t| t.token_id).collect())

@@ -6,6 +6,7 @@
 //! Every rank of a group calls the same methods in the same order with the same batches; the
 //! collectives inside `step` and `logits` rely on that.
 
+use tpserve_modelfile::{LlamaConfig, LoraAdapter};
 use tpserve_proto as pb;
 
 use crate::batch::Batch;
@@ -96,6 +97,14 @@ pub trait Backend {
         sampling: &[SampleSpec],
         extras: &[RowExtras],
     ) -> Result<Sampled>;
+
+    /// The loaded model's config (`None` before `load_model`).
+    fn model_config(&self) -> Option<&LlamaConfig>;
+
+    /// Puts `adapter` (whole, as read and checked against the base) into LoRA slot `slot`
+    /// (below `LoadModel`'s `max_loras`) for the following steps: cuts this rank's shard of it
+    /// and copies it to the device. Sequences name slots in `SeqSlice::lora_slot`.
+    fn load_lora(&mut self, slot: usize, adapter: &LoraAdapter) -> Result<()>;
 
     /// Runs `batch` and returns the whole-vocabulary logits of `batch.sample_rows`,
     /// `[rows, vocab]` as f32, on rank 0 (`None` on the other ranks). For numerical checks and

@@ -22,6 +22,8 @@ pub struct SeqSlice {
     /// `block_ids[new_blocks_from..]` are new to the backend in this row (0 on a request's
     /// first step, when the row may hold an earlier request's table).
     pub new_blocks_from: usize,
+    /// The backend's LoRA slot of the sequence's adapter; `None`: the base model.
+    pub lora_slot: Option<usize>,
 }
 
 impl SeqSlice {

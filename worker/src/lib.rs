@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod error;
 pub mod logging;
+pub mod lora;
 pub mod runner;
 pub mod sampler;
 pub mod service;

@@ -15,11 +15,13 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use tpserve_modelfile::LlamaConfig;
 use tpserve_proto as pb;
 
 use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo};
 use crate::batch::{Batch, SeqSlice};
 use crate::error::{Result, WorkerError};
+use crate::lora::{Adapters, LoraLimits, PlaceCounts};
 use crate::sampler::logprobs::MAX_TOP_LOGPROBS;
 use crate::sampler::processors::History;
 use crate::sampler::{RequestRng, RowExtras, SampleSpec};
@@ -46,6 +48,10 @@ struct RequestState {
     sample_logprobs: Option<usize>,
     /// Top tokens wanted with each prompt token's log probability.
     prompt_logprobs: Option<usize>,
+    /// Its LoRA adapter's id; 0: the base model.
+    adapter: u32,
+    /// The slot the adapter has in the current step.
+    lora_slot: Option<usize>,
 }
 
 impl RequestState {
@@ -71,6 +77,8 @@ pub struct StepOutcome {
     pub tokens: Vec<pb::SampledToken>,
     /// Prompt log probabilities of the requests that asked for them.
     pub prompt_logprobs: Vec<pb::PromptLogprobs>,
+    /// What placing the step's LoRA adapters did.
+    pub lora: PlaceCounts,
 }
 
 /// Rows of the backend's persistent per-request state not held by a request, lowest first.
@@ -125,6 +133,10 @@ pub struct Runner {
     slots: SlotPool,
     /// Vocabulary of the loaded model (0 before LoadModel).
     vocab_size: usize,
+    /// The loaded model's config (LoRA adapters are checked against it).
+    config: Option<LlamaConfig>,
+    /// LoRA adapters: host cache and slots.
+    adapters: Adapters,
 }
 
 impl Runner {
@@ -135,6 +147,8 @@ impl Runner {
             requests: HashMap::new(),
             slots: SlotPool::new(DEFAULT_MAX_REQUESTS),
             vocab_size: 0,
+            config: None,
+            adapters: Adapters::default(),
         }
     }
 
@@ -158,8 +172,17 @@ impl Runner {
     pub fn load_model(&mut self, req: &pb::LoadModelRequest) -> Result<pb::LoadModelResponse> {
         self.clear_requests();
         self.vocab_size = 0;
+        self.config = None;
+        let limits = LoraLimits {
+            max_loras: req.max_loras as usize,
+            max_rank: req.max_lora_rank as usize,
+            max_cpu_loras: (req.max_cpu_loras.max(req.max_loras)) as usize,
+        };
+        self.adapters.reset(LoraLimits::default());
         let response = self.backend.load_model(req)?;
         self.vocab_size = response.vocab_size as usize;
+        self.config = self.backend.model_config().cloned();
+        self.adapters.reset(limits);
         Ok(response)
     }
 
@@ -277,6 +300,7 @@ impl Runner {
                 block_ids,
                 slot: batch.seqs.len(),
                 new_blocks_from: 0,
+                lora_slot: None,
             });
         }
         let sampling = vec![SampleSpec::greedy(); batch.sample_rows.len()];
@@ -321,6 +345,7 @@ impl Runner {
                     block_ids: blocks.clone(),
                     slot: 0,
                     new_blocks_from: 0,
+                    lora_slot: None,
                 }],
                 sample_rows: (0..end - start).collect(),
             };
@@ -336,6 +361,7 @@ impl Runner {
     /// for), other ranks an empty outcome.
     pub fn step(&mut self, plan: &pb::StepPlan) -> Result<StepOutcome> {
         let scheduled = self.admit(plan)?;
+        let lora = self.place_adapters(&scheduled)?;
         let (num_blocks, block_size) = self.cache_shape("Step")?;
         let (batch, roles) = build_batch(&self.requests, &scheduled, block_size, num_blocks)?;
         if batch.num_tokens() == 0 {
@@ -372,7 +398,10 @@ impl Runner {
                 state.blocks_seen = state.block_ids.len();
             }
         }
-        let mut out = StepOutcome::default();
+        let mut out = StepOutcome {
+            lora,
+            ..StepOutcome::default()
+        };
         let mut logprobs = sampled.logprobs.into_iter();
         for (role, token) in roles.into_iter().zip(sampled.tokens) {
             let lp = logprobs.next().flatten();
@@ -405,9 +434,81 @@ impl Runner {
         Ok(out)
     }
 
+    /// Gives the adapters of the scheduled requests a LoRA slot each (they are at most
+    /// `max_loras`: the coordinator's scheduler keeps to it, and `admit` checked it) and records
+    /// each request's slot for the batch.
+    fn place_adapters(&mut self, scheduled: &[Scheduled]) -> Result<PlaceCounts> {
+        let mut ids: Vec<u32> = Vec::new();
+        for s in scheduled.iter().filter(|s| s.count > 0) {
+            let id = self.requests[&s.id].adapter;
+            if id != 0 && !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        if ids.is_empty() {
+            return Ok(PlaceCounts::default());
+        }
+        let config = self.config.as_ref().ok_or(WorkerError::Lifecycle {
+            operation: "Step",
+            needs: "LoadModel",
+        })?;
+        let (slots, counts) = self.adapters.place(&ids, config, self.backend.as_mut())?;
+        for s in scheduled {
+            let state = self.requests.get_mut(&s.id).expect("validated");
+            state.lora_slot = ids
+                .iter()
+                .position(|&id| id == state.adapter)
+                .map(|i| slots[i]);
+        }
+        Ok(counts)
+    }
+
+    /// Checks the plan's LoRA adapters: LoRA on, every new request's adapter named by this
+    /// plan or an earlier one, and at most `max_loras` adapters among the requests the plan
+    /// computes.
+    fn check_adapters(&mut self, plan: &pb::StepPlan) -> Result<()> {
+        let bad = |detail: String| Err(WorkerError::Plan { detail });
+        if !plan.adapters.is_empty() && !self.adapters.enabled() {
+            return bad("the plan names LoRA adapters but LoRA is off (max_loras 0)".into());
+        }
+        for a in &plan.adapters {
+            if a.adapter_id == 0 {
+                return bad(format!("adapter {:?} has id 0", a.name));
+            }
+            self.adapters.register(a.adapter_id, &a.path);
+        }
+        let mut ids: Vec<u32> = Vec::new();
+        for new in plan.new_requests.iter().filter(|n| n.adapter_id != 0) {
+            if !self.adapters.knows(new.adapter_id) {
+                return bad(format!(
+                    "request {} names adapter {}, which no plan has sent",
+                    new.request_id, new.adapter_id
+                ));
+            }
+            if new.num_scheduled_tokens > 0 && !ids.contains(&new.adapter_id) {
+                ids.push(new.adapter_id);
+            }
+        }
+        for run in plan.running.iter().filter(|r| r.num_scheduled_tokens > 0) {
+            let id = self.requests.get(&run.request_id).map_or(0, |s| s.adapter);
+            if id != 0 && !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        if ids.len() > self.adapters.max_loras() && !ids.is_empty() {
+            return bad(format!(
+                "the step uses {} LoRA adapters, more than max_loras {}",
+                ids.len(),
+                self.adapters.max_loras()
+            ));
+        }
+        Ok(())
+    }
+
     /// Applies the plan's frees and additions and checks every scheduled request, changing no
     /// state when the plan is invalid.
     fn admit(&mut self, plan: &pb::StepPlan) -> Result<Vec<Scheduled>> {
+        self.check_adapters(plan)?;
         let bad = |detail: String| Err(WorkerError::Plan { detail });
         for new in &plan.new_requests {
             if self.requests.contains_key(&new.request_id)
@@ -481,6 +582,8 @@ impl Runner {
                         .and_then(|c| History::new(c, &new.token_ids, num_prompt)),
                     sample_logprobs: top(logprobs.sample),
                     prompt_logprobs: top(logprobs.prompt),
+                    adapter: new.adapter_id,
+                    lora_slot: None,
                 },
             );
             scheduled.push(Scheduled {
@@ -577,6 +680,7 @@ fn build_batch(
             block_ids: state.block_ids.clone(),
             slot: state.slot,
             new_blocks_from: state.blocks_seen,
+            lora_slot: state.lora_slot,
         });
         if state.prompt_logprobs.is_some() {
             // Rows whose next token is a prompt token score it (before the sample row).

@@ -305,6 +305,9 @@ impl Worker for WorkerService {
                         error: String::new(),
                         compute_seconds: compute.as_secs_f64(),
                         prompt_logprobs: outcome.prompt_logprobs,
+                        lora_slot_loads: outcome.lora.slot_loads,
+                        lora_slot_evictions: outcome.lora.slot_evictions,
+                        lora_disk_loads: outcome.lora.disk_loads,
                     },
                     Err(s) => pb::StepResult {
                         step_id,
@@ -312,6 +315,7 @@ impl Worker for WorkerService {
                         error: s.message().to_string(),
                         compute_seconds: 0.0,
                         prompt_logprobs: Vec::new(),
+                        ..Default::default()
                     },
                 };
                 if tx.send(Ok(result)).await.is_err() {

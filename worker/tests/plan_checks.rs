@@ -15,6 +15,7 @@ fn tiny_llama_group(tp: usize) -> ThreadGroup {
         dtype: "auto".into(),
         dummy_seed: 0,
         batch_invariant: false,
+        ..Default::default()
     };
     group.on_all(move |_, r| r.load_model(&load)).unwrap();
     group.on_all(|_, r| r.init_cache(64, 16)).unwrap();
@@ -81,6 +82,7 @@ fn a_plan_holding_more_requests_than_a_step_may_carry_is_refused_and_freed_rows_
         new_requests: new,
         running: vec![],
         freed_request_ids: freed,
+        ..Default::default()
     };
     let three = plan(
         1,

@@ -65,6 +65,7 @@ pub async fn chat_completions(
     let mut base = params.request_for(prompt, placement.max_model_len, PromptKind::Messages)?;
     base.share = placement.share;
     base.cache_salt = placement.cache_salt;
+    base.adapter = placement.adapter.clone();
     let requests = params.fan_out(&base).into_iter().enumerate();
     let requests = requests.map(|(i, r)| (i as u32, r)).collect();
     let sequences = submit_all(&state.engine, requests).await?;

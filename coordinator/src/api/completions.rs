@@ -112,6 +112,7 @@ pub async fn completions(
         let mut base = params.request_for(ids, placement.max_model_len, PromptKind::Prompt)?;
         base.share = placement.share;
         base.cache_salt = placement.cache_salt;
+        base.adapter = placement.adapter.clone();
         let first_choice = prompt_index as u32 * params.n;
         requests.extend((first_choice..).zip(params.fan_out(&base)));
         echoes.push(echoed);

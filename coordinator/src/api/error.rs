@@ -18,6 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::adapters::LoraError;
 use crate::error::EngineError;
 
 /// Seconds a client should wait before retrying after a 429 (the queue drains within steps).
@@ -89,6 +90,10 @@ pub enum ApiError {
     /// The engine refused or failed the request.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// Loading or unloading a LoRA adapter failed: 400 for an adapter that cannot be served or
+    /// a name in use, 404 for an unknown adapter or with runtime updates off.
+    #[error(transparent)]
+    Lora(#[from] LoraError),
     /// A bug or an unexpected failure inside the API layer (500).
     #[error("{message}")]
     Internal { message: String },
@@ -139,6 +144,10 @@ impl ApiError {
                 EngineError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
                 EngineError::WorkerFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
                 EngineError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            },
+            Self::Lora(e) => match e {
+                LoraError::NameTaken { .. } | LoraError::Invalid { .. } => StatusCode::BAD_REQUEST,
+                LoraError::NotFound { .. } | LoraError::RuntimeUpdatesOff => StatusCode::NOT_FOUND,
             },
         }
     }
@@ -192,6 +201,14 @@ impl ApiError {
                     ("service_unavailable_error", Some("service_unavailable"))
                 }
             },
+            Self::Lora(e) => match e {
+                LoraError::NameTaken { .. } => ("invalid_request_error", Some("name_in_use")),
+                LoraError::Invalid { .. } => {
+                    ("invalid_request_error", Some("invalid_lora_adapter"))
+                }
+                LoraError::NotFound { .. } => ("invalid_request_error", Some("model_not_found")),
+                LoraError::RuntimeUpdatesOff => ("invalid_request_error", Some("not_found")),
+            },
         };
         let param = match self {
             Self::InvalidRequest { param, .. } => param.clone(),
@@ -202,6 +219,10 @@ impl ApiError {
             | Self::ModelNotAllowed { .. }
             | Self::RouteUnavailable { .. } => Some("model".to_string()),
             Self::Engine(EngineError::InvalidRequest { param, .. }) => param.clone(),
+            Self::Lora(LoraError::NameTaken { .. } | LoraError::NotFound { .. }) => {
+                Some("lora_name".to_string())
+            }
+            Self::Lora(LoraError::Invalid { .. }) => Some("lora_path".to_string()),
             _ => None,
         };
         ErrorBody {

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::ApiState;
+use crate::adapters::AdapterInfo;
 use crate::engine::Share;
 use crate::gateway::keys::hash_key;
 use crate::gateway::policy::{KeyOwner, Policy};
@@ -275,6 +276,8 @@ pub struct Placement {
     pub max_model_len: u32,
     /// Where the handler reports the usage (gateway requests only).
     pub ticket: Option<Arc<Ticket>>,
+    /// The LoRA adapter the target names; `None`: the base model.
+    pub adapter: Option<Arc<AdapterInfo>>,
 }
 
 /// Routes a request: without a gateway, checks that `model` is served; with one, applies the
@@ -285,13 +288,18 @@ pub fn place(
     ask: Ask<'_>,
 ) -> Result<Placement, ApiError> {
     let Some(caller) = caller else {
+        let adapter = ask.model.and_then(|m| served.adapter(m));
         return Ok(Placement {
-            model: super::validate::check_model(ask.model, served)?,
+            model: match &adapter {
+                Some(a) => a.name.clone(),
+                None => super::validate::check_model(ask.model, served)?,
+            },
             share: Share::default(),
             cache_salt: 0,
             max_tokens: None,
             max_model_len: served.max_model_len,
             ticket: None,
+            adapter,
         });
     };
     let tenant = caller
@@ -308,15 +316,16 @@ pub fn place(
             .as_ref()
             .and_then(|e| header(&e.user_header)),
     };
-    let route = routing::route(tenant, &request, &served.name, |t| served.serves(t)).map_err(
-        |e| match e {
-            RouteError::NotAllowed { target } => ApiError::ModelNotAllowed { model: target },
-            RouteError::NotFound { target } => ApiError::ModelNotFound { model: target },
-            RouteError::Unavailable { target, fallback } => {
-                ApiError::RouteUnavailable { target, fallback }
-            }
-        },
-    )?;
+    let route = routing::route(tenant, &request, &served.name, |t| {
+        served.serves_model_or_adapter(t)
+    })
+    .map_err(|e| match e {
+        RouteError::NotAllowed { target } => ApiError::ModelNotAllowed { model: target },
+        RouteError::NotFound { target } => ApiError::ModelNotFound { model: target },
+        RouteError::Unavailable { target, fallback } => {
+            ApiError::RouteUnavailable { target, fallback }
+        }
+    })?;
     let id = tenant_id(&tenant.name);
     let placement = Placement {
         model: route.target.clone(),
@@ -331,6 +340,7 @@ pub fn place(
             .max_context_tokens
             .map_or(served.max_model_len, |cap| cap.min(served.max_model_len)),
         ticket: Some(caller.ticket.clone()),
+        adapter: served.adapter(&route.target),
     };
     caller.ticket.lock().route = Some(route);
     Ok(placement)

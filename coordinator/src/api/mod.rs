@@ -19,6 +19,7 @@ mod gateway;
 mod health;
 mod live;
 mod logprobs;
+mod lora;
 mod metrics;
 mod models;
 mod protocol;
@@ -81,6 +82,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(models::list_models))
         .route("/v1/usage", get(gateway::usage))
+        .route("/v1/load_lora_adapter", post(lora::load_lora_adapter))
+        .route("/v1/unload_lora_adapter", post(lora::unload_lora_adapter))
         // Model names often hold slashes (`meta-llama/Llama-3.1-8B`).
         .route("/v1/models/{*model}", get(models::retrieve_model))
         .route("/tokenize", post(tokenize::tokenize))

@@ -1,6 +1,6 @@
 //! GET `/v1/models` and `/v1/models/{model}`: a card (vLLM's fields) per name the model is
-//! served under, `root` naming the primary one. Adapters will be listed here too once they
-//! exist, with `parent` naming the base model.
+//! served under, `root` naming the primary one, then one per LoRA adapter, with `root` its
+//! path and `parent` the base model's name (as vLLM lists them).
 
 use std::sync::Arc;
 
@@ -10,6 +10,7 @@ use axum::Json;
 use super::error::ApiError;
 use super::protocol::{ModelCard, ModelList};
 use super::ApiState;
+use crate::adapters::AdapterInfo;
 use crate::served_model::ServedModel;
 
 fn card(model: &ServedModel, name: &str) -> ModelCard {
@@ -24,13 +25,31 @@ fn card(model: &ServedModel, name: &str) -> ModelCard {
     }
 }
 
+fn adapter_card(model: &ServedModel, adapter: &AdapterInfo) -> ModelCard {
+    ModelCard {
+        id: adapter.name.clone(),
+        object: "model",
+        created: adapter.created,
+        owned_by: "tpserve",
+        root: adapter.path.display().to_string(),
+        parent: Some(model.name.clone()),
+        max_model_len: model.max_model_len,
+    }
+}
+
 pub async fn list_models(State(state): State<Arc<ApiState>>) -> Json<ModelList> {
+    let model = &state.model;
+    let adapters = model
+        .adapters
+        .as_ref()
+        .map(|a| a.list())
+        .unwrap_or_default();
     Json(ModelList {
         object: "list",
-        data: state
-            .model
+        data: model
             .names()
-            .map(|name| card(&state.model, name))
+            .map(|name| card(model, name))
+            .chain(adapters.iter().map(|a| adapter_card(model, a)))
             .collect(),
     })
 }
@@ -39,6 +58,9 @@ pub async fn retrieve_model(
     State(state): State<Arc<ApiState>>,
     Path(model): Path<String>,
 ) -> Result<Json<ModelCard>, ApiError> {
+    if let Some(adapter) = state.model.adapter(&model) {
+        return Ok(Json(adapter_card(&state.model, &adapter)));
+    }
     if !state.model.serves(&model) {
         return Err(ApiError::ModelNotFound { model });
     }

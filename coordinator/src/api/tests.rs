@@ -212,6 +212,7 @@ fn harness_with(script: Script, chat_template: Option<ChatTemplate>) -> Harness 
         tokenizer: Arc::new(tokenizer()),
         chat_template: chat_template.map(Arc::new),
         created: 1_700_000_000,
+        adapters: None,
     };
     let now = Instant::now();
     let liveness_origin = now.checked_sub(HEARTBEAT_AGE).unwrap_or(now);

@@ -403,6 +403,7 @@ impl CheckedParams {
             share: Share::default(),
             cache_salt: 0,
             extras: Arc::new(self.extras.clone()),
+            adapter: None,
         })
     }
 

@@ -35,6 +35,7 @@ use super::handle::{EngineCommand, EngineHandle};
 use super::liveness::{Liveness, BEAT_INTERVAL};
 use super::output::OutputState;
 use super::types::{FinishReason, GenerateEvent, Sampling, SamplingExtras, TokenLogprobs};
+use crate::adapters::AdapterInfo;
 use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerConfig, SequenceSpec, StepPlan};
@@ -88,6 +89,8 @@ struct Sequence {
     /// prefill steps report them (a recomputation after preemption changes nothing), sent with
     /// the first token.
     prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
+    /// Its LoRA adapter (kept until it ends, even if the adapter is unloaded meanwhile).
+    adapter: Option<Arc<AdapterInfo>>,
 }
 
 /// A plan sent to the workers whose result is not applied yet.
@@ -220,11 +223,38 @@ fn logprobs_from_proto(p: pb::TokenLogprobs) -> TokenLogprobs {
     }
 }
 
-fn plan_to_proto(
+/// Mixes a LoRA adapter's id into a prefix-cache salt, so sequences of different adapters (and
+/// of an adapter and the base) never share KV blocks.
+fn salt_with_adapter(salt: u64, adapter: u32) -> u64 {
+    if adapter == 0 {
+        salt
+    } else {
+        salt ^ (u64::from(adapter) | 1 << 32).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+}
+
+/// The plan as the workers take it; `adapter_of` gives the adapter of a new sequence that has
+/// one, listed once in the plan's `adapters`.
+fn plan_to_proto<'a>(
     plan: &StepPlan,
     sampling: impl Fn(&Sampling) -> pb::SamplingParams,
+    adapter_of: impl Fn(u64) -> Option<&'a AdapterInfo>,
 ) -> pb::StepPlan {
+    let mut adapters: Vec<pb::LoraAdapter> = Vec::new();
+    for n in plan.new.iter().filter(|n| n.adapter != 0) {
+        if adapters.iter().any(|a| a.adapter_id == n.adapter) {
+            continue;
+        }
+        if let Some(a) = adapter_of(n.id) {
+            adapters.push(pb::LoraAdapter {
+                adapter_id: a.id,
+                path: a.path.display().to_string(),
+                name: a.name.clone(),
+            });
+        }
+    }
     pb::StepPlan {
+        adapters,
         step_id: plan.step_id,
         new_requests: plan
             .new
@@ -241,6 +271,7 @@ fn plan_to_proto(
                     num_prompt_tokens: n.num_prompt_tokens as u32,
                     controls,
                     logprobs,
+                    adapter_id: n.adapter,
                 }
             })
             .collect(),
@@ -318,6 +349,24 @@ impl Engine {
             .store(stats.prefix_cache_hits, Ordering::Relaxed);
         m.num_preemptions
             .store(stats.num_preemptions, Ordering::Relaxed);
+        if self.config.scheduler.max_loras > 0 {
+            let names = |ids: Vec<u32>| -> Vec<String> {
+                ids.into_iter()
+                    .filter_map(|id| {
+                        self.sequences.values().find_map(|s| {
+                            s.adapter
+                                .as_ref()
+                                .filter(|a| a.id == id)
+                                .map(|a| a.name.clone())
+                        })
+                    })
+                    .collect()
+            };
+            m.lora.set_info(
+                names(self.scheduler.running_adapters()),
+                names(self.scheduler.waiting_adapters()),
+            );
+        }
         self.status.send_replace(EngineStatus {
             healthy: self.failure.is_none(),
             detail: self.failure.clone().unwrap_or_default(),
@@ -361,6 +410,7 @@ impl Engine {
                             .extend_from_slice(&self.config.eos_token_ids);
                     }
                 }
+                let adapter = request.adapter.as_ref().map_or(0, |a| a.id);
                 let spec = SequenceSpec {
                     id,
                     token_ids: request.prompt_token_ids.clone(),
@@ -368,8 +418,9 @@ impl Engine {
                     sampling: request.sampling,
                     extras: extras.clone(),
                     priority: request.priority,
-                    cache_salt: request.cache_salt,
+                    cache_salt: salt_with_adapter(request.cache_salt, adapter),
                     share: request.share,
+                    adapter,
                 };
                 if let Err(e) = self.scheduler.add(spec) {
                     let _ = accepted.send(Err(EngineError::InvalidRequest {
@@ -391,6 +442,7 @@ impl Engine {
                         prompt_logprobs: extras
                             .prompt_logprobs
                             .map(|_| vec![None; request.prompt_token_ids.len()]),
+                        adapter: request.adapter.clone(),
                     },
                 );
                 if accepted.send(Ok(())).is_err() {
@@ -435,7 +487,10 @@ impl Engine {
                 }
             }
         }
-        let request = plan_to_proto(&plan, to_proto);
+        let sequences = &self.sequences;
+        let request = plan_to_proto(&plan, to_proto, |id| {
+            sequences.get(&id).and_then(|s| s.adapter.as_deref())
+        });
         let group = self.group.as_mut().expect("checked above");
         let waiting = self.liveness.wait_on_workers(sent, plan.step_id);
         let sent_ok = group.send(request).await;
@@ -475,6 +530,11 @@ impl Engine {
         if let Err(e) = self.scheduler.apply(step.step_id, &sampled) {
             return self.step_failed(step.step_id, format!("scheduler: {e}"));
         }
+        self.metrics.lora.count_slots(
+            result.lora_slot_loads,
+            result.lora_slot_evictions,
+            result.lora_disk_loads,
+        );
         for chunk in result.prompt_logprobs {
             self.record_prompt_logprobs(chunk);
         }
@@ -528,8 +588,14 @@ impl Engine {
                     .observe((now - seq.arrived).as_secs_f64());
                 m.prompt_tokens
                     .fetch_add(seq.prompt_tokens as u64, Ordering::Relaxed);
+                if let Some(a) = &seq.adapter {
+                    m.lora.count_request(&a.name, seq.prompt_tokens as u64);
+                }
             }
             Some(prev) => m.inter_token_latency.observe((now - prev).as_secs_f64()),
+        }
+        if let Some(a) = &seq.adapter {
+            m.lora.count_generation_token(&a.name);
         }
         seq.last_token = Some(now);
         m.generation_tokens.fetch_add(1, Ordering::Relaxed);

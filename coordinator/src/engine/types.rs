@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::adapters::AdapterInfo;
+
 pub use crate::scheduler::Share;
 
 /// How the next token is picked. Greedy when `temperature` is 0.
@@ -117,6 +119,8 @@ pub struct GenerateRequest {
     pub cache_salt: u64,
     /// Penalties, biases and log probabilities.
     pub extras: Arc<SamplingExtras>,
+    /// The LoRA adapter it runs with; `None`: the base model.
+    pub adapter: Option<Arc<AdapterInfo>>,
 }
 
 impl GenerateRequest {
@@ -138,6 +142,7 @@ impl GenerateRequest {
             share: Share::default(),
             cache_salt: 0,
             extras: Arc::default(),
+            adapter: None,
         }
     }
 }

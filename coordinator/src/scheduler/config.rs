@@ -40,6 +40,9 @@ pub struct SchedulerConfig {
     pub enable_prefix_caching: bool,
     /// Order of the waiting queue and choice of preemption victim.
     pub policy: SchedulingPolicy,
+    /// Most distinct LoRA adapters among the running sequences (`--max-loras`); 0: no limit
+    /// (LoRA off, every sequence runs on the base model).
+    pub max_loras: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -54,6 +57,7 @@ impl Default for SchedulerConfig {
             max_model_len: 8192,
             enable_prefix_caching: true,
             policy: SchedulingPolicy::Fcfs,
+            max_loras: 0,
         }
     }
 }

@@ -12,6 +12,10 @@
 //!   preemption, no waiting sequence starts in that step unless nothing else was scheduled.
 //! - Prefix caching: full computed blocks are registered under a hash chain; a starting sequence
 //!   reuses its longest cached prefix (capped so at least one token is computed).
+//! - LoRA: at most `max_loras` distinct adapters among the running sequences (so among any
+//!   step's). A waiting sequence whose adapter would be one too many stops admission like one
+//!   that does not fit (no overtaking): the running adapters drain, and it is next, so no
+//!   adapter's requests starve; a sequence of an adapter already running is admitted as usual.
 //!
 //! Step protocol (vLLM v1's async scheduling): `schedule` may be called while one plan is
 //! outstanding, so at most two are: the engine sends step N+1 while the workers run step N.
@@ -465,6 +469,13 @@ impl Scheduler {
         if self.running.len() > self.config.max_num_seqs {
             return Err("more running sequences than max_num_seqs".into());
         }
+        let adapters = self.running_adapters().len();
+        if self.config.max_loras > 0 && adapters > self.config.max_loras {
+            return Err(format!(
+                "{adapters} adapters running, more than max_loras {}",
+                self.config.max_loras
+            ));
+        }
         Ok(())
     }
 
@@ -656,6 +667,9 @@ impl Scheduler {
             let Some(id) = self.waiting.peek() else {
                 break;
             };
+            if !self.adapter_fits(self.seqs[&id].adapter) {
+                break; // it waits for a running adapter to drain; nothing overtakes it
+            }
             let seq = self.seqs.get_mut(&id).expect("waiting ids are live");
             if !seq.pending_samples.is_empty() {
                 // Preempted with a token still being sampled: it starts again once that token
@@ -712,11 +726,56 @@ impl Scheduler {
                 block_ids: seq.block_table.clone(),
                 num_computed_tokens: hit_tokens,
                 num_scheduled_tokens: n,
+                adapter: seq.adapter,
             });
             self.waiting.charge(seq.share, n);
             self.running.push(id);
             *budget -= n;
         }
+    }
+
+    /// Whether a sequence of `adapter` may start now without more than `max_loras` distinct
+    /// adapters running.
+    fn adapter_fits(&self, adapter: u32) -> bool {
+        let limit = self.config.max_loras;
+        if adapter == 0 || limit == 0 {
+            return true;
+        }
+        let mut running: Vec<u32> = Vec::with_capacity(limit + 1);
+        for id in &self.running {
+            let a = self.seqs[id].adapter;
+            if a == adapter {
+                return true;
+            }
+            if a != 0 && !running.contains(&a) {
+                running.push(a);
+            }
+        }
+        running.len() < limit
+    }
+
+    /// Distinct adapters among the running sequences (0, the base model, left out).
+    pub fn running_adapters(&self) -> Vec<u32> {
+        let mut out: Vec<u32> = Vec::new();
+        for id in &self.running {
+            let a = self.seqs[id].adapter;
+            if a != 0 && !out.contains(&a) {
+                out.push(a);
+            }
+        }
+        out
+    }
+
+    /// Distinct adapters among the waiting sequences (0 left out).
+    pub fn waiting_adapters(&self) -> Vec<u32> {
+        let mut out: Vec<u32> = Vec::new();
+        for id in self.waiting.ids() {
+            let a = self.seqs[&id].adapter;
+            if a != 0 && !out.contains(&a) {
+                out.push(a);
+            }
+        }
+        out
     }
 
     fn remove(&mut self, id: u64) -> bool {

@@ -32,6 +32,8 @@ pub struct NewSequence {
     pub num_computed_tokens: usize,
     /// Tokens to compute this step, starting at `num_computed_tokens`.
     pub num_scheduled_tokens: usize,
+    /// Its LoRA adapter's id (0: the base model), passed through from `SequenceSpec`.
+    pub adapter: u32,
 }
 
 /// A sequence the workers already hold: only this step's diff.

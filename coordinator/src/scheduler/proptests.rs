@@ -66,21 +66,24 @@ fn config() -> impl Strategy<Value = SchedulerConfig> {
         1usize..6,
         1usize..40,
         any::<bool>(),
-        any::<bool>(),
+        (any::<bool>(), 0usize..3),
     )
         .prop_map(
-            |(block_size, num_blocks, max_num_seqs, budget, caching, priority)| SchedulerConfig {
-                block_size,
-                num_blocks,
-                max_num_seqs,
-                max_num_batched_tokens: budget,
-                max_model_len: (block_size * num_blocks).min(48),
-                enable_prefix_caching: caching,
-                policy: if priority {
-                    SchedulingPolicy::Priority
-                } else {
-                    SchedulingPolicy::Fcfs
-                },
+            |(block_size, num_blocks, max_num_seqs, budget, caching, (priority, max_loras))| {
+                SchedulerConfig {
+                    block_size,
+                    num_blocks,
+                    max_num_seqs,
+                    max_num_batched_tokens: budget,
+                    max_model_len: (block_size * num_blocks).min(48),
+                    enable_prefix_caching: caching,
+                    policy: if priority {
+                        SchedulingPolicy::Priority
+                    } else {
+                        SchedulingPolicy::Fcfs
+                    },
+                    max_loras,
+                }
             },
         )
 }
@@ -228,6 +231,8 @@ impl Driver {
             priority,
             cache_salt: salt,
             share: Default::default(),
+            // Three adapters and the base, so `max_loras` (0..3) binds.
+            adapter: (max_tokens % 4) as u32,
         });
         if too_long {
             assert!(matches!(r, Err(SchedulerError::PromptTooLong { .. })));

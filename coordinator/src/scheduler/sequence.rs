@@ -61,6 +61,9 @@ pub struct SequenceSpec {
     pub cache_salt: u64,
     /// Its tenant and weight (used by the fair policy only).
     pub share: Share,
+    /// Its LoRA adapter's id; 0: the base model. At most `max_loras` distinct adapters run at
+    /// once.
+    pub adapter: u32,
 }
 
 /// Where a live sequence is.
@@ -84,6 +87,7 @@ pub(crate) struct Sequence {
     pub priority: i32,
     pub cache_salt: u64,
     pub share: Share,
+    pub adapter: u32,
     /// Order of `add` calls; the tie-break of the priority policy.
     pub arrival: u64,
     pub status: SeqStatus,
@@ -116,6 +120,7 @@ impl Sequence {
             priority: spec.priority,
             cache_salt: spec.cache_salt,
             share: spec.share,
+            adapter: spec.adapter,
             arrival,
             status: SeqStatus::Waiting,
             num_computed: 0,

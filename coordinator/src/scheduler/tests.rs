@@ -13,6 +13,7 @@ pub(super) fn config(block_size: usize, num_blocks: usize) -> SchedulerConfig {
         max_model_len: block_size * num_blocks,
         enable_prefix_caching: false,
         policy: SchedulingPolicy::Fcfs,
+        max_loras: 0,
     }
 }
 
@@ -26,6 +27,7 @@ pub(super) fn spec(id: u64, token_ids: Vec<u32>, max_tokens: usize) -> SequenceS
         priority: 0,
         cache_salt: 0,
         share: Share::default(),
+        adapter: 0,
     }
 }
 
@@ -647,4 +649,34 @@ fn usage_and_stats_track_blocks_and_preemptions() {
     );
     s.finish(1);
     assert_eq!(s.kv_cache_usage(), 0.0);
+}
+
+#[test]
+fn a_third_adapter_waits_for_a_running_one_to_drain_and_nothing_overtakes_it() {
+    let mut s = Scheduler::new(SchedulerConfig {
+        max_loras: 2,
+        ..config(4, 64)
+    });
+    let with = |id, adapter| SequenceSpec {
+        adapter,
+        ..spec(id, prompt(id as u32 * 10, 4), 3)
+    };
+    s.add(with(1, 1)).unwrap();
+    s.add(with(2, 2)).unwrap();
+    s.add(with(3, 0)).unwrap(); // the base model never counts
+    s.add(with(4, 3)).unwrap(); // a third adapter: waits
+    s.add(with(5, 1)).unwrap(); // adapter 1 runs, but 4 came first: no overtaking
+    let plan = step(&mut s);
+    let started: Vec<u64> = plan.new.iter().map(|n| n.id).collect();
+    assert_eq!(started, vec![1, 2, 3]);
+    assert_eq!(s.running_adapters(), vec![1, 2]);
+    assert_eq!(s.waiting_adapters(), vec![3, 1]);
+    s.check_invariants().unwrap();
+    // Adapter 2's only request ends: the third adapter starts, then adapter 1's second one.
+    assert!(s.finish(2));
+    let plan = step(&mut s);
+    let started: Vec<u64> = plan.new.iter().map(|n| n.id).collect();
+    assert_eq!(started, vec![4, 5]);
+    assert_eq!(plan.new[0].adapter, 3);
+    s.check_invariants().unwrap();
 }

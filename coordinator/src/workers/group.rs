@@ -51,6 +51,12 @@ pub struct GroupInit {
     pub batch_invariant: bool,
     /// Every all-reduce on NCCL (`--disable-custom-all-reduce`).
     pub disable_custom_all_reduce: bool,
+    /// LoRA adapter slots per worker (`--max-loras`); 0: LoRA off.
+    pub max_loras: u32,
+    /// `--max-lora-rank`.
+    pub max_lora_rank: u32,
+    /// Adapters each worker keeps in host memory (`--max-cpu-loras`).
+    pub max_cpu_loras: u32,
 }
 
 /// What start-up found.
@@ -193,6 +199,9 @@ impl WorkerGroup {
                 dtype: init.dtype.clone(),
                 dummy_seed: init.seed,
                 batch_invariant: init.batch_invariant,
+                max_loras: init.max_loras,
+                max_lora_rank: init.max_lora_rank,
+                max_cpu_loras: init.max_cpu_loras,
             };
             async move {
                 c.load_model(req)

@@ -3,8 +3,10 @@
 
 use std::time::Instant;
 
+use tpserve_modelfile::{LlamaConfig, LoraAdapter};
 use tpserve_proto as pb;
 
+use super::lora::CpuAdapter;
 use super::{CpuModel, KvCache};
 use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo};
 use crate::batch::Batch;
@@ -201,6 +203,20 @@ impl Backend for CpuBackend {
         };
         self.comm.broadcast_from_root(&mut tokens)?;
         Ok(Sampled { tokens, logprobs })
+    }
+
+    fn model_config(&self) -> Option<&LlamaConfig> {
+        self.model.as_ref().map(CpuModel::config)
+    }
+
+    fn load_lora(&mut self, slot: usize, adapter: &LoraAdapter) -> Result<()> {
+        let model = self.model.as_mut().ok_or(WorkerError::Lifecycle {
+            operation: "loading a LoRA adapter",
+            needs: "LoadModel",
+        })?;
+        let cut = CpuAdapter::cut(adapter, model.config(), model.shard())?;
+        model.lora_slots_mut().set(slot, cut);
+        Ok(())
     }
 
     fn logits(&mut self, batch: &Batch) -> Result<Option<Vec<f32>>> {

@@ -3,6 +3,7 @@
 pub mod attention;
 mod backend;
 pub mod linear;
+pub mod lora;
 pub mod model;
 pub mod ops;
 

@@ -6,10 +6,11 @@
 
 use std::time::Instant;
 
-use tpserve_modelfile::LlamaConfig;
+use tpserve_modelfile::{LlamaConfig, Projection as P};
 
 use super::attention::{paged_attention, AttentionInput, KvCache};
 use super::linear::Linear;
+use super::lora::LoraSlots;
 use super::ops::{rms_norm, silu_mul, Rope};
 use crate::batch::Batch;
 use crate::comm::Communicator;
@@ -47,6 +48,8 @@ pub struct CpuModel {
     kv_head_of: Vec<usize>,
     /// Every product by the one-row-at-a-time path, whatever the batch (`--batch-invariant`).
     batch_invariant: bool,
+    /// LoRA adapters in their slots (`SeqSlice::lora_slot`).
+    lora: LoraSlots,
 }
 
 impl CpuModel {
@@ -98,6 +101,7 @@ impl CpuModel {
             kv_head_of,
             shard,
             batch_invariant: false,
+            lora: LoraSlots::default(),
         })
     }
 
@@ -105,6 +109,11 @@ impl CpuModel {
     /// GEMM's summation order depends on the number of rows).
     pub fn set_batch_invariant(&mut self, on: bool) {
         self.batch_invariant = on;
+    }
+
+    /// The LoRA slots, to put adapters into.
+    pub fn lora_slots_mut(&mut self) -> &mut LoraSlots {
+        &mut self.lora
     }
 
     /// `x [n, cols] W^T` through the path the mode asks for.
@@ -183,13 +192,20 @@ impl CpuModel {
         let started = Instant::now();
         let c = &self.config;
         let (h, hd, n) = (c.hidden_size, c.head_dim, batch.num_tokens());
+        let lora = self.lora.segments(batch)?;
         let mut x = self.embed(&batch.token_ids, comm)?;
         let mut normed = vec![0.0f32; n * h];
         let q_w = self.shard.q_heads.len() * hd;
         let kv_w = self.shard.kv_heads.len() * hd;
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.input_norm, c.rms_norm_eps, &mut normed);
-            let qkv = self.project(&layer.qkv, &normed, n);
+            let mut qkv = self.project(&layer.qkv, &normed, n);
+            lora.apply(
+                li,
+                &[P::Q, P::K, P::V],
+                (&normed, h),
+                (&mut qkv, q_w + 2 * kv_w),
+            );
             let (mut q, mut k, mut v) = (
                 Vec::with_capacity(n * q_w),
                 Vec::with_capacity(n * kv_w),
@@ -215,14 +231,22 @@ impl CpuModel {
                 },
             );
             let mut o = self.project(&layer.o, &attn, n);
+            lora.apply(li, &[P::O], (&attn, q_w), (&mut o, h));
             comm.all_reduce_sum(&mut o)?;
             add_into(&mut x, &o);
             rms_norm(&x, &layer.post_norm, c.rms_norm_eps, &mut normed);
-            let gate_up = self.project(&layer.gate_up, &normed, n);
             let inter = layer.down.cols;
+            let mut gate_up = self.project(&layer.gate_up, &normed, n);
+            lora.apply(
+                li,
+                &[P::Gate, P::Up],
+                (&normed, h),
+                (&mut gate_up, 2 * inter),
+            );
             let mut act = vec![0.0f32; n * inter];
             silu_mul(&gate_up, inter, &mut act);
             let mut down = self.project(&layer.down, &act, n);
+            lora.apply(li, &[P::Down], (&act, inter), (&mut down, h));
             comm.all_reduce_sum(&mut down)?;
             add_into(&mut x, &down);
         }

@@ -118,6 +118,7 @@ mod tests {
                     .collect(),
                 slot: 10 + i,
                 new_blocks_from: i,
+                lora_slot: None,
             });
             b.sample_rows.push(first + rows - 1);
         }

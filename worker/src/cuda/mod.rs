@@ -29,6 +29,7 @@ mod workspace;
 
 use std::time::Instant;
 
+use tpserve_modelfile::{LlamaConfig, LoraAdapter};
 use tpserve_proto as pb;
 
 pub use device::{device_count, gpu_present};
@@ -58,6 +59,16 @@ use crate::weights::{load_response, load_shard};
 const RESERVED_BYTES: usize = 512 << 20;
 
 /// What exists once the model is loaded.
+/// LoRA on this backend: the batched kernels (SGMV/BGMV over stacked slots) are not written
+/// yet, so `--enable-lora` is refused at start rather than served without its adapters.
+fn lora_unsupported() -> WorkerError {
+    WorkerError::Unsupported {
+        detail: "LoRA adapters are not implemented on the CUDA backend yet (issue 10): serve \
+                 them with --device cpu, or merge the adapter into the model's weights"
+            .into(),
+    }
+}
+
 struct Loaded {
     model: CudaModel,
     kernels: Kernels,
@@ -439,6 +450,9 @@ impl Backend for CudaBackend {
     fn load_model(&mut self, req: &pb::LoadModelRequest) -> Result<pb::LoadModelResponse> {
         let started = Instant::now();
         let dtype = Dtype::parse(&req.dtype)?;
+        if req.max_loras > 0 {
+            return Err(lora_unsupported());
+        }
         self.loaded = None;
         let (rank, world) = (self.rank, self.world_size);
         let kernels = Kernels::load(&self.gpu, dtype)?;
@@ -668,6 +682,14 @@ impl Backend for CudaBackend {
             tokens,
             logprobs: Vec::new(),
         })
+    }
+
+    fn model_config(&self) -> Option<&LlamaConfig> {
+        self.loaded.as_ref().map(|l| l.model.config())
+    }
+
+    fn load_lora(&mut self, _slot: usize, _adapter: &LoraAdapter) -> Result<()> {
+        Err(lora_unsupported())
     }
 
     fn logits(&mut self, batch: &Batch) -> Result<Option<Vec<f32>>> {

@@ -220,6 +220,7 @@ mod tests {
                 block_ids: (0..ctx.div_ceil(16) as u32).collect(),
                 slot: 3 + i,
                 new_blocks_from: ctx.div_ceil(16) - 1,
+                lora_slot: None,
             });
             b.sample_rows.push(i);
         }

@@ -22,6 +22,7 @@ pub fn prefill_logits(model: &Path, tp: usize, ids: &[u32], chunk: usize) -> Vec
         dtype: "auto".into(),
         dummy_seed: 0,
         batch_invariant: false,
+        ..Default::default()
     };
     group.on_all(move |_, r| r.load_model(&load)).unwrap();
     let block_size = 16;
