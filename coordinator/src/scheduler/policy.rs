@@ -9,8 +9,9 @@
 //! next sequence to start is the front of the backlogged tenant with the smallest counter. A
 //! tenant that floods the queue raises only its own counter, so the others keep starting. A
 //! tenant whose queue was empty is lifted, when a request of its arrives, to the smallest
-//! counter among the backlogged tenants: idle time banks no credit, so a tenant returning from
-//! idleness cannot then starve the others. Preempted sequences go back to the front of their
+//! counter among the backlogged tenants, or, when no tenant is backlogged, to the counter of the
+//! tenant whose queue emptied last (the paper's rule): idle time banks no credit, so a tenant
+//! returning from idleness, or arriving for the first time, cannot then starve the others. Preempted sequences go back to the front of their
 //! tenant's queue without a lift. Unlike the paper, prompt and output tokens cost the same (one
 //! unit of engine work each on our step budget).
 //!
@@ -62,6 +63,8 @@ pub(crate) struct TenantQueue {
 pub(crate) struct FairQueue {
     tenants: HashMap<u64, TenantQueue, U64HashState>,
     len: usize,
+    /// The counter of the tenant whose queue emptied last, when it emptied.
+    last_left: f64,
 }
 
 impl FairQueue {
@@ -101,6 +104,7 @@ impl WaitingQueue {
             SchedulingPolicy::Fair => Self::Fair(FairQueue {
                 tenants: HashMap::with_hasher(U64HashState),
                 len: 0,
+                last_left: 0.0,
             }),
         }
     }
@@ -126,12 +130,11 @@ impl WaitingQueue {
                     .iter()
                     .filter(|(t, q)| **t != key.share.tenant && !q.ids.is_empty())
                     .map(|(_, q)| q.counter)
-                    .min_by(f64::total_cmp);
+                    .min_by(f64::total_cmp)
+                    .unwrap_or(f.last_left);
                 let q = f.entry(key.share);
                 if q.ids.is_empty() {
-                    if let Some(floor) = floor {
-                        q.counter = q.counter.max(floor);
-                    }
+                    q.counter = q.counter.max(floor);
                 }
                 q.ids.push_back(key.id);
                 f.len += 1;
@@ -171,7 +174,11 @@ impl WaitingQueue {
             Self::Priority(s) => s.pop_first().map(|k| k.id),
             Self::Fair(f) => {
                 let t = f.next_tenant()?;
-                let id = f.tenants.get_mut(&t)?.ids.pop_front();
+                let q = f.tenants.get_mut(&t)?;
+                let id = q.ids.pop_front();
+                if q.ids.is_empty() {
+                    f.last_left = q.counter;
+                }
                 f.len -= usize::from(id.is_some());
                 id
             }
@@ -316,5 +323,26 @@ mod tests {
         assert_eq!(q.counter(2), 1000.0);
         // Ties go to the smaller tenant id.
         assert_eq!(q.peek(), Some(1));
+    }
+
+    #[test]
+    fn fair_lifts_a_tenant_arriving_to_an_empty_queue_to_the_last_one_to_leave() {
+        let mut q = WaitingQueue::new(SchedulingPolicy::Fair);
+        let one = Share {
+            tenant: 1,
+            weight: 1,
+        };
+        q.push_arrival(tenant_key(0, 0, 1, 1, 1));
+        q.charge(one, 500);
+        assert_eq!(q.pop(), Some(1));
+        // Tenant 1's request keeps running (decodes charged after its queue emptied).
+        q.charge(one, 100);
+        // Tenant 2, new, arrives while no one waits: level with tenant 1 when it left, not 500
+        // tokens ahead.
+        q.push_arrival(tenant_key(0, 1, 2, 2, 1));
+        assert_eq!(q.counter(2), 500.0);
+        // Tenant 1 comes back behind it by what it used since.
+        q.push_arrival(tenant_key(0, 2, 3, 1, 1));
+        assert_eq!(q.pop(), Some(2));
     }
 }
