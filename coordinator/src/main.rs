@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use tpserve_coordinator::{bench, gateway, offline, serve};
+use tpserve_term::logging::LogFormat;
 use tpserve_term::progress;
 
 /// tpserve: tensor-parallel LLM serving with an OpenAI-compatible API.
@@ -21,6 +22,15 @@ struct Cli {
         value_parser = parse_progress
     )]
     progress: progress::Mode,
+    /// Log lines as `text` or `json` (one JSON object per line, with the request's span and its
+    /// `request_id`). Workers this process spawns log the same way.
+    #[arg(
+        long,
+        global = true,
+        env = "TPSERVE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -50,7 +60,7 @@ fn parse_progress(s: &str) -> Result<progress::Mode, String> {
 async fn main() {
     let cli = Cli::parse();
     progress::init(cli.progress);
-    tpserve_term::logging::init("info,h2=warn,tower=warn");
+    tpserve_term::logging::init_with("info,h2=warn,tower=warn", cli.log_format, Vec::new());
     let result = match cli.command {
         Command::Serve(args) => serve::run(args).await,
         Command::Generate(args) => offline::run(args).await,

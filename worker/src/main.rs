@@ -59,13 +59,16 @@ struct Args {
     /// (lines on stdout for the coordinator that spawned this worker to draw) or `off`.
     #[arg(long, env = "TPSERVE_PROGRESS", default_value = "auto")]
     progress: tpserve_term::progress::Mode,
+    /// Log lines as `text` or `json` (one JSON object per line).
+    #[arg(long, env = "TPSERVE_LOG_FORMAT", default_value = "text")]
+    log_format: tpserve_term::logging::LogFormat,
 }
 
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
     tpserve_term::progress::init(args.progress);
-    tpserve_worker::logging::init_logging("info");
+    tpserve_worker::logging::init_logging("info", args.log_format);
     if let Err(e) = run(args).await {
         let message = tpserve_term::errors::one_line(e.chain().map(ToString::to_string));
         eprintln!("error: {message}");

@@ -25,7 +25,7 @@ use super::tokenize::{decode, encode};
 use super::validate::{
     check_extras, check_params, check_token_ids, top_count, MaxTokens, PromptKind,
 };
-use super::{new_id, unix_now, ApiState};
+use super::{new_id, unix_now, ApiState, RequestId};
 use crate::engine::{FinishReason, TokenLogprobs};
 
 /// A prompt as echoed: its text and its token ids.
@@ -58,10 +58,12 @@ enum PromptInput {
 pub async fn completions(
     State(state): State<Arc<ApiState>>,
     caller: Option<Extension<Caller>>,
+    request_id: Option<Extension<RequestId>>,
     headers: HeaderMap,
     ApiJson(request): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let model = &state.model;
+    state.limits.check_sampling(&request.sampling)?;
     let ask = Ask {
         model: request.model.as_deref(),
         user: request.user.as_deref(),
@@ -93,7 +95,13 @@ pub async fn completions(
     let mut prompt_tokens = 0u64;
     for (prompt_index, input) in inputs.into_iter().enumerate() {
         let (ids, text) = match input {
-            PromptInput::Text(text) => (encode(model, text.clone(), true).await?, text),
+            PromptInput::Text(text) => {
+                state.limits.check_prompt_bytes(&text, "prompt")?;
+                if state.log_prompts {
+                    tracing::info!(prompt = %text, prompt_index, "prompt (--log-prompts)");
+                }
+                (encode(model, text.clone(), true).await?, text)
+            }
             PromptInput::Tokens(ids) => {
                 check_token_ids(&ids, &model.tokenizer, "prompt")?;
                 let text = if echo {
@@ -118,7 +126,7 @@ pub async fn completions(
     }
     let sequences = submit_all(&state.engine, requests).await?;
 
-    let id = new_id("cmpl");
+    let id = new_id("cmpl", request_id.as_deref());
     let created = unix_now();
     let name = placement.model;
     if params.stream {

@@ -92,6 +92,7 @@ pub async fn spawn_local_workers(
         _ => "events",
     };
     let (color_var, color_value) = tpserve_term::color::child_env();
+    let (log_var, log_value) = tpserve_term::logging::child_env();
     for rank in 0..count {
         let mut child = Command::new(binary)
             .args([
@@ -108,6 +109,7 @@ pub async fn spawn_local_workers(
             .arg(threads.to_string())
             .env("TPSERVE_RANK", rank.to_string())
             .env(color_var, color_value)
+            .env(log_var, log_value)
             .process_group(0)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
