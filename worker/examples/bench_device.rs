@@ -110,6 +110,7 @@ fn main() -> anyhow::Result<()> {
             new_block_ids: vec![],
         }],
         freed_request_ids: vec![],
+        traceparents: Default::default(),
     };
     let new_request = |id: u64, tokens: Vec<u32>, blocks: std::ops::Range<usize>| pb::NewRequest {
         request_id: id,
@@ -132,6 +133,7 @@ fn main() -> anyhow::Result<()> {
             new_requests: vec![new_request(100 + i, prompt(p), 0..p.div_ceil(BLOCK_SIZE))],
             running: vec![],
             freed_request_ids: if i > 0 { vec![100 + i - 1] } else { vec![] },
+            traceparents: Default::default(),
         })?;
         if i > 0 {
             prefill.push(t);
@@ -148,6 +150,7 @@ fn main() -> anyhow::Result<()> {
             new_requests: vec![new_request(150 + i, prompt(p), 0..p.div_ceil(BLOCK_SIZE))],
             running: vec![],
             freed_request_ids: vec![if i == 0 { 104 } else { 150 + i - 1 }],
+            traceparents: Default::default(),
         })?);
     }
     std::env::remove_var("TPSERVE_CUDA_ATTENTION");
@@ -163,6 +166,7 @@ fn main() -> anyhow::Result<()> {
         new_requests: vec![new_request(1, prompt(ctx), 0..blocks)],
         running: vec![],
         freed_request_ids: vec![152],
+        traceparents: Default::default(),
     })?;
     let mut decode = Vec::new();
     for _ in 0..args.decode_steps {
@@ -183,6 +187,7 @@ fn main() -> anyhow::Result<()> {
             )],
             running: vec![],
             freed_request_ids: if i > 0 { vec![200 + i - 1] } else { vec![] },
+            traceparents: Default::default(),
         })?;
     }
     let prefill_phases = group.on_rank(0, |_| Ok(take_phase_totals()))?;
@@ -204,6 +209,7 @@ fn main() -> anyhow::Result<()> {
         new_requests: vec![new_request(2, prompt(ctx), 0..blocks)],
         running: vec![],
         freed_request_ids: vec![1, 202],
+        traceparents: Default::default(),
     })?;
     let graph_step = |step_id: u64| {
         let mut plan = decode_step(step_id);

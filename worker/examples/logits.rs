@@ -179,6 +179,7 @@ fn greedy(
         }],
         running: vec![],
         freed_request_ids: vec![],
+        traceparents: Default::default(),
     };
     let mut out = Vec::with_capacity(count);
     let step = |plan: pb::StepPlan| -> anyhow::Result<u32> {
@@ -205,6 +206,7 @@ fn greedy(
                 new_block_ids,
             }],
             freed_request_ids: vec![],
+            traceparents: Default::default(),
         })?);
     }
     Ok(out)
@@ -268,6 +270,7 @@ fn sampling_check(
             new_requests,
             running: vec![],
             freed_request_ids: vec![],
+            traceparents: Default::default(),
         };
         let answers = group.on_all(move |_, r| r.step(&plan).map(|o| o.tokens))?;
         let free = pb::StepPlan {
@@ -275,6 +278,7 @@ fn sampling_check(
             new_requests: vec![],
             running: vec![],
             freed_request_ids: freed,
+            traceparents: Default::default(),
         };
         group.on_all(move |_, r| r.step(&free))?;
         Ok(answers[0].iter().map(|t| t.token_id).collect())

@@ -13,6 +13,7 @@ pub mod runner;
 pub mod sampler;
 pub mod service;
 pub mod shard;
+pub mod step_trace;
 pub mod thread_group;
 pub mod weights;
 

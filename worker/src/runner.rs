@@ -23,6 +23,7 @@ use crate::error::{Result, WorkerError};
 use crate::sampler::logprobs::MAX_TOP_LOGPROBS;
 use crate::sampler::processors::History;
 use crate::sampler::{RequestRng, RowExtras, SampleSpec};
+use crate::step_trace::StepTrace;
 
 /// What the worker keeps about one request between steps.
 #[derive(Debug)]
@@ -332,6 +333,7 @@ impl Runner {
     /// Executes one plan; rank 0 returns the sampled tokens (and the log probabilities asked
     /// for), other ranks an empty outcome.
     pub fn step(&mut self, plan: &pb::StepPlan) -> Result<StepOutcome> {
+        let trace = StepTrace::begin(plan);
         let scheduled = self.admit(plan)?;
         let (num_blocks, block_size) = self.cache_shape("Step")?;
         let (batch, roles) = build_batch(&self.requests, &scheduled, block_size, num_blocks)?;
@@ -362,6 +364,9 @@ impl Runner {
             Vec::new()
         };
         let sampled = self.backend.step(&batch, &sampling, &extras)?;
+        if let Some(trace) = trace {
+            trace.end(self.backend.rank(), batch.num_tokens());
+        }
         for s in &scheduled {
             let state = self.requests.get_mut(&s.id).expect("validated");
             state.num_computed += s.count;

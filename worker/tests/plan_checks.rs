@@ -81,6 +81,7 @@ fn a_plan_holding_more_requests_than_a_step_may_carry_is_refused_and_freed_rows_
         new_requests: new,
         running: vec![],
         freed_request_ids: freed,
+        traceparents: Default::default(),
     };
     let three = plan(
         1,

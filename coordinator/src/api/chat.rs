@@ -22,6 +22,7 @@ use super::protocol::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, ChatMessageIn, ChatMessageOut, Usage,
 };
+use super::request_id::annotate;
 use super::sequences::{collect_all, submit_all};
 use super::sse::{json_event, stream_response, ChunkWriter, Delta, StreamUsage};
 use super::tokenize::encode;
@@ -45,6 +46,11 @@ pub async fn chat_completions(
         headers: &headers,
     };
     let placement = place(&state.model, caller.as_deref(), ask)?;
+    annotate(
+        &placement.model,
+        None,
+        caller.as_deref().map(Caller::tenant),
+    );
     refuse_unsupported(&request)?;
     let logprobs = check_logprobs(&request)?;
     let max_tokens = match request.max_completion_tokens {

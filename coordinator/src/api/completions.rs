@@ -19,6 +19,7 @@ use super::error::{ApiError, ApiJson};
 use super::gateway::{place, Ask, Caller, Tokens};
 use super::logprobs::{CompletionLogprobs, TokenTexts};
 use super::protocol::{CompletionChoice, CompletionRequest, CompletionResponse, Usage};
+use super::request_id::annotate;
 use super::sequences::{collect_all, submit_all};
 use super::sse::{json_event, stream_response, ChunkWriter, Delta, StreamUsage};
 use super::tokenize::{decode, encode};
@@ -70,6 +71,11 @@ pub async fn completions(
         headers: &headers,
     };
     let placement = place(model, caller.as_deref(), ask)?;
+    annotate(
+        &placement.model,
+        None,
+        caller.as_deref().map(Caller::tenant),
+    );
     refuse_unsupported(&request)?;
     let max_tokens = MaxTokens {
         value: request.sampling.max_tokens,

@@ -4,6 +4,11 @@
 //! response's `id` (`chatcmpl-<id>`, as vLLM does), and it comes back in the `X-Request-Id`
 //! header of every response, errors and streams included.
 //!
+//! The span is also the request's trace span when traces are exported: a W3C `traceparent`
+//! (and `tracestate`) header from the client makes it a child of the client's span, so the
+//! client's trace continues through us; handlers add the model, adapter and tenant, and the
+//! engine the usage and finish reason (`engine::trace`).
+//!
 //! A client's id is taken as it is when it is 1 to 128 visible ASCII characters; anything else
 //! is refused with 400 rather than silently replaced, so a client never correlates by an id
 //! that the server does not use.
@@ -56,6 +61,9 @@ pub async fn request_ids(mut req: Request, next: Next) -> Response {
         method = %req.method(),
         path = %req.uri().path(),
     );
+    if tpserve_term::telemetry::enabled() {
+        continue_client_trace(&span, req.headers(), &id);
+    }
     let mut response = match refused {
         Some(e) => span.in_scope(|| e.into_response()),
         None => {
@@ -71,6 +79,36 @@ pub async fn request_ids(mut req: Request, next: Next) -> Response {
             .insert(REQUEST_ID_HEADER.clone(), value);
     }
     response
+}
+
+/// Makes `span` a child of the client's span named by its `traceparent` header (when valid) and
+/// gives it the request id as an attribute.
+fn continue_client_trace(span: &tracing::Span, headers: &axum::http::HeaderMap, id: &str) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(parent) = header("traceparent") {
+        let cx = tpserve_term::telemetry::context_from(parent, header("tracestate"));
+        // An invalid header gives an empty context: the span stays a root.
+        let _ = span.set_parent(cx);
+    }
+    span.set_attribute("gen_ai.request.id", id.to_string());
+}
+
+/// What a request's span records once the handler knows it: the model it ran on, the adapter
+/// (none until adapters exist) and the gateway's tenant.
+pub fn annotate(model: &str, adapter: Option<&str>, tenant: Option<&str>) {
+    if !tpserve_term::telemetry::enabled() {
+        return;
+    }
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::Span::current();
+    span.set_attribute("gen_ai.request.model", model.to_string());
+    if let Some(adapter) = adapter {
+        span.set_attribute("tpserve.adapter", adapter.to_string());
+    }
+    if let Some(tenant) = tenant {
+        span.set_attribute("tpserve.tenant", tenant.to_string());
+    }
 }
 
 /// The request's span, for work that outlives the handler (a stream's body) to run under.

@@ -110,6 +110,7 @@ pub async fn spawn_local_workers(
             .env("TPSERVE_RANK", rank.to_string())
             .env(color_var, color_value)
             .env(log_var, log_value)
+            .envs(tpserve_term::telemetry::child_env())
             .process_group(0)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
