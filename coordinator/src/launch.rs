@@ -18,8 +18,8 @@ use crate::metrics::Metrics;
 use crate::scheduler::SchedulerConfig;
 use crate::served_model::ServedModel;
 use crate::workers::{
-    worker_binary, EtcdWorkers, GroupInit, GroupReady, LocalWorkers, Supervisor, WorkerGroup,
-    WorkerSource,
+    worker_binary, EtcdWorkers, GroupInit, GroupReady, GroupToken, LocalWorkers, Supervisor,
+    WorkerGroup, WorkerSource,
 };
 
 /// A running engine and what keeps it alive.
@@ -119,6 +119,19 @@ pub async fn launch(
         seed: args.dummy_weights_seed,
         cuda_graph_sizes: args.cuda_graph_sizes(),
         batch_invariant: args.batch_invariant,
+        token: match &args.worker_token {
+            Some(text) => GroupToken::new(text).map_err(|e| StartError::Config {
+                detail: e.to_string(),
+            })?,
+            // Workers it spawns itself get a fresh token each start.
+            None if args.etcd_endpoints.is_empty() => GroupToken::random(),
+            None => {
+                tracing::warn!(
+                    "no --worker-token: the cluster's workers accept any caller that reaches them"
+                );
+                GroupToken::default()
+            }
+        },
     };
     let (tx, events) = tokio::sync::mpsc::unbounded_channel();
     let (broken, broken_rx) = watch::channel(0u64);

@@ -2,6 +2,7 @@
 //! the state of every request it has been sent, and turns step plans from the coordinator into
 //! sampled tokens. `main.rs` only parses flags and serves `service::WorkerService` over gRPC.
 
+pub mod auth;
 pub mod backend;
 pub mod batch;
 pub mod comm;

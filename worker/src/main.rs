@@ -5,9 +5,11 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use clap::Parser;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 use tpserve_cluster::{EtcdClient, GroupWatcher, Registration};
 use tpserve_proto::worker_server::WorkerServer;
 use tpserve_term::telemetry::{self, TraceConfig, TraceDetail, TraceProtocol};
+use tpserve_worker::auth::TokenCheck;
 use tpserve_worker::backend::DeviceChoice;
 use tpserve_worker::service::WorkerService;
 
@@ -82,6 +84,11 @@ struct Args {
         default_value = "requests"
     )]
     collect_detailed_traces: TraceDetail,
+    /// The group's shared token: calls that do not carry it are refused (UNAUTHENTICATED). Give
+    /// it through the environment (a Secret), not the command line; a coordinator that spawns
+    /// its workers sets a fresh one itself.
+    #[arg(long, env = "TPSERVE_WORKER_TOKEN", hide_env_values = true)]
+    worker_token: Option<String>,
 }
 
 #[tokio::main]
@@ -175,7 +182,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(reg)
     };
     tonic::transport::Server::builder()
-        .add_service(WorkerServer::new(service).max_decoding_message_size(256 << 20))
+        .add_service(InterceptedService::new(
+            WorkerServer::new(service).max_decoding_message_size(256 << 20),
+            TokenCheck::new(args.worker_token.as_deref()),
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
         .await
         .context("serving gRPC")?;

@@ -16,6 +16,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tpserve_term::progress::{self, Mode, Remote};
 
+use super::token::GroupToken;
 use crate::error::StartError;
 
 /// How long a worker may take to start listening.
@@ -84,6 +85,7 @@ pub async fn spawn_local_workers(
     count: usize,
     threads: usize,
     device: &str,
+    token: &GroupToken,
 ) -> Result<Vec<LocalWorker>, StartError> {
     let mut workers = Vec::with_capacity(count);
     // Workers report progress as events for us to draw, unless we show none.
@@ -111,6 +113,7 @@ pub async fn spawn_local_workers(
             .env(color_var, color_value)
             .env(log_var, log_value)
             .envs(tpserve_term::telemetry::child_env())
+            .envs(token.text().map(|t| (tpserve_proto::WORKER_TOKEN_ENV, t)))
             .process_group(0)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
