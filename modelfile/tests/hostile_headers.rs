@@ -42,7 +42,7 @@ fn seed_gguf() -> Vec<u8> {
     out.extend_from_slice(&4u64.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes()); // f32
     out.extend_from_slice(&0u64.to_le_bytes()); // offset
-    while out.len() % 32 != 0 {
+    while !out.len().is_multiple_of(32) {
         out.push(0);
     }
     for x in [1.0f32, 2.0, 3.0, 4.0] {

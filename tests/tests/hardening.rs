@@ -256,6 +256,17 @@ async fn request_ids_come_back_everywhere_and_json_logs_name_them_without_prompt
         .unwrap();
     expect_error(resp, 400, None, None).await;
 
+    // A prompt of the wrong type: serde's message quotes it back to the client, never to the logs.
+    let resp = http
+        .post(&url)
+        .bearer_auth(API_KEY)
+        .json(&json!({"model": "smollm2", "messages": SECRET_PROMPT}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert!(resp.text().await.unwrap().contains("swordfish"));
+
     // The logs: JSON lines; the refusal is logged under its request id; no prompt, no key.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let lines = logs.lines();

@@ -242,7 +242,14 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), error = %self, "request failed");
         } else {
-            tracing::debug!(status = status.as_u16(), error = %self, "request refused");
+            // Not the message: serde's quote the offending value, which may be prompt text.
+            let body = self.body();
+            tracing::debug!(
+                status = status.as_u16(),
+                code = body.error.code.as_deref().unwrap_or(""),
+                param = body.error.param.as_deref().unwrap_or(""),
+                "request refused"
+            );
         }
         let mut response = (status, axum::Json(self.body())).into_response();
         if let Some(seconds) = self.retry_after_s() {
