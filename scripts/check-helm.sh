@@ -3,7 +3,9 @@
 # values and every value set in helm/tpserve/ci/, validates each rendering against Kubernetes'
 # schemas (strict: unknown fields fail), checks that bad values are refused (the values schema is
 # closed, so a misspelt key is one), asserts the properties the chart promises in the renderings
-# (surge updates, probes, GPU isolation and environment on each container, etcd TLS flags,
+# (surge updates, probes, GPU isolation and environment on each container, the locked-down pod:
+# non-root, no privilege escalation, keys only from Secrets, ranks on loopback, a NetworkPolicy
+# admitting only the HTTP port; etcd TLS flags,
 # initial-cluster-state on upgrade, the router, KEDA, checksum annotations, the metrics the
 # alerts and the dashboard use), lints the shell scripts (the deploy/ scripts and the chart's
 # rendered workers script) and deploy/Dockerfile, runs the rendered workers script against a
@@ -221,7 +223,7 @@ for case in "ci/tp4-2replicas-values.yaml|--is-upgrade|existing" "ci/tp4-2replic
     props_ok=FAIL
   fi
 done
-record "chart properties (surge, probes, GPU isolation, etcd TLS, router, KEDA, alerts' metrics)" "$props_ok" || true
+record "chart properties (surge, probes, GPU isolation, locked-down pod, etcd TLS, router, KEDA, alerts' metrics)" "$props_ok" || true
 
 # extract_workers_script RENDERING OUT: writes the workers container's bash script to OUT; exits 3
 # when the rendering has no workers container (worker.discovery local).

@@ -145,6 +145,12 @@ pub struct EngineArgs {
     /// the workers registered under `--cluster` and `--group`.
     #[arg(long, env = "TPSERVE_ETCD_ENDPOINTS", value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
+    /// The worker group's shared token (16-256 visible ASCII characters), sent with every call
+    /// to the workers, which refuse calls without it (their `--worker-token`). Give it through
+    /// the environment (a Secret), not the command line. Default: a fresh random token for
+    /// workers this process spawns; none for etcd-registered workers.
+    #[arg(long, env = "TPSERVE_WORKER_TOKEN", hide_env_values = true)]
+    pub worker_token: Option<String>,
     /// The cluster name workers register under in etcd.
     #[arg(long, env = "TPSERVE_CLUSTER", default_value = "default")]
     pub cluster: String,

@@ -19,8 +19,8 @@ use crate::metrics::Metrics;
 use crate::scheduler::SchedulerConfig;
 use crate::served_model::ServedModel;
 use crate::workers::{
-    worker_binary, EtcdWorkers, GroupInit, GroupReady, LocalWorkers, Supervisor, WorkerGroup,
-    WorkerSource,
+    worker_binary, EtcdWorkers, GroupInit, GroupReady, GroupToken, LocalWorkers, Supervisor,
+    WorkerGroup, WorkerSource,
 };
 
 /// A running engine and what keeps it alive.
@@ -154,6 +154,19 @@ pub async fn launch(
         },
         max_lora_rank: lora.max_lora_rank as u32,
         max_cpu_loras: lora.cpu_loras() as u32,
+        token: match &args.worker_token {
+            Some(text) => GroupToken::new(text).map_err(|e| StartError::Config {
+                detail: e.to_string(),
+            })?,
+            // Workers it spawns itself get a fresh token each start.
+            None if args.etcd_endpoints.is_empty() => GroupToken::random(),
+            None => {
+                tracing::warn!(
+                    "no --worker-token: the cluster's workers accept any caller that reaches them"
+                );
+                GroupToken::default()
+            }
+        },
     };
     let (tx, events) = tokio::sync::mpsc::unbounded_channel();
     let (broken, broken_rx) = watch::channel(0u64);

@@ -13,7 +13,10 @@ use clap::Args;
 use tokio::sync::watch;
 use tpserve_term::human;
 
-use crate::api::{metrics_router, require_api_key, router, with_gateway, ApiState, Health};
+use crate::api::{
+    listener, metrics_router, require_api_key, router, with_gateway, with_request_ids, ApiState,
+    Health, LimitArgs,
+};
 use crate::config::EngineArgs;
 use crate::engine::{EngineHandle, EngineStatus};
 use crate::gateway::{reload, Gateway, GatewayArgs};
@@ -29,6 +32,12 @@ pub struct ServeArgs {
     pub engine: EngineArgs,
     #[command(flatten)]
     pub gateway: GatewayArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// Log each request's prompt text at info level (a debugging aid: prompts are private). Off,
+    /// no prompt or output text and no API key is logged at any level.
+    #[arg(long, env = "TPSERVE_LOG_PROMPTS")]
+    pub log_prompts: bool,
     /// Address to listen on.
     #[arg(long, env = "TPSERVE_HOST", default_value = "127.0.0.1")]
     pub host: String,
@@ -55,6 +64,7 @@ pub struct ServeArgs {
 
 /// Runs the server until a shutdown signal.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    args.limits.validate()?;
     let gateway = start_gateway(&args).await?;
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
@@ -112,11 +122,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             }
         }
     });
+    let limits = args.limits.resolve(&launched.model)?;
+    let header_timeout = limits.header_timeout;
     let app = router(ApiState {
         engine: launched.engine.clone(),
         model: launched.model.clone(),
         health: health_rx,
         gateway: gateway.clone(),
+        limits,
+        log_prompts: args.log_prompts,
     })
     .merge(metrics_router(launched.metrics.clone(), gateway.clone()));
     let app = match (gateway, args.api_key.clone().filter(|k| !k.is_empty())) {
@@ -124,6 +138,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         (None, Some(key)) => require_api_key(app, key),
         (None, None) => app,
     };
+    let app = with_request_ids(app);
     let bound = listener.local_addr()?;
     tracing::info!(
         "serving {} on http://{bound} (OpenAI API under /v1; Ctrl-C stops)",
@@ -139,13 +154,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
     );
     let (closing_tx, closing) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let server = listener::serve(listener, app, header_timeout, async move {
         drained.await;
         let _ = closing_tx.send(());
     });
-    let mut server = Box::pin(std::future::IntoFuture::into_future(server));
+    let mut server = Box::pin(server);
     tokio::select! {
-        result = &mut server => result.context("serving HTTP")?,
+        () = &mut server => {}
         _ = async move {
             match closing.await {
                 Ok(()) => tokio::time::sleep(CLOSE_GRACE).await,

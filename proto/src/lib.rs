@@ -9,3 +9,11 @@ pub mod v1 {
 }
 
 pub use v1::*;
+
+/// The gRPC metadata key that carries a worker group's shared token: every RPC from the
+/// coordinator sends it, and a worker started with a token refuses calls without it.
+pub const WORKER_TOKEN_METADATA: &str = "x-tpserve-worker-token";
+
+/// The environment variable that hands the token to a worker (never a command-line argument,
+/// which other users of the host can read).
+pub const WORKER_TOKEN_ENV: &str = "TPSERVE_WORKER_TOKEN";

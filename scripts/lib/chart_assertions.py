@@ -108,7 +108,34 @@ def common(name, docs):
                       f"{name}: {c['name']} has the etcd client's TLS files")
     else:
         check(not any(k.startswith("TPSERVE_ETCD") for k in env_of(server)), f"{name}: local ranks, no etcd settings")
+    locked_down(name, docs, w, pod, server, workers)
     return w, containers, inits
+
+
+def locked_down(name, docs, w, pod, server, workers):
+    """Issue 14's locked-down pod: non-root without privilege escalation, keys only from Secrets,
+    ranks on loopback, and (where the policy is on) only the HTTP port reachable."""
+    check(pod.get("securityContext", {}).get("runAsNonRoot") is True, f"{name}: the serving pod runs as non-root")
+    for c in pod["containers"] + pod.get("initContainers", []):
+        check(c.get("securityContext", {}).get("allowPrivilegeEscalation") is False,
+              f"{name}: {c['name']} may not escalate privileges")
+        for e in c.get("env", []):
+            if e["name"] in ("TPSERVE_API_KEY", "TPSERVE_WORKER_TOKEN", "TPSERVE_ETCD_PASSWORD"):
+                check("secretKeyRef" in e.get("valueFrom", {}) and "value" not in e,
+                      f"{name}: {c['name']}'s {e['name']} comes from a Secret")
+    if workers is not None:
+        script = " ".join((workers.get("command") or []) + (workers.get("args") or []))
+        listens = re.findall(r"--listen (\S+)", script)
+        check(listens and all(l.startswith("127.0.0.1:") for l in listens),
+              f"{name}: every rank listens on the pod's loopback {listens}")
+    labels = w["spec"]["template"]["metadata"]["labels"]
+    for policy in by_kind(docs, "NetworkPolicy"):
+        selector = policy["spec"]["podSelector"].get("matchLabels", {})
+        if not selector or any(labels.get(k) != v for k, v in selector.items()):
+            continue
+        ports = [p.get("port") for rule in policy["spec"].get("ingress", []) for p in rule.get("ports", [])]
+        check("Ingress" in policy["spec"]["policyTypes"] and ports == ["http"],
+              f"{name}: the serving pods' NetworkPolicy admits only the HTTP port {ports}")
 
 
 def etcd_statefulset(docs):
@@ -159,6 +186,8 @@ def main():
     strategy = w["spec"]["strategy"]
     check(w["kind"] == "Deployment" and strategy["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0},
           "default: a Deployment with maxSurge 1, maxUnavailable 0")
+    check(any(p["metadata"]["name"] == w["metadata"]["name"] for p in by_kind(d["default"], "NetworkPolicy")),
+          "default: a NetworkPolicy guards the serving pods")
     startup = w["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
     check(w["spec"]["progressDeadlineSeconds"] > window(startup),
           f"default: progressDeadlineSeconds {w['spec']['progressDeadlineSeconds']} > the startup budget {window(startup)}")

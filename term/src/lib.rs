@@ -8,3 +8,4 @@ pub mod errors;
 pub mod human;
 pub mod logging;
 pub mod progress;
+pub mod telemetry;

@@ -87,6 +87,18 @@ impl Server {
     /// Starts `tpserve serve --port 0 ARGS...` and waits until it listens (or panics with its
     /// exit status).
     pub async fn start(args: &[&str]) -> Server {
+        Self::start_with(args, "warn", None).await
+    }
+
+    /// Like [`Server::start`], with `RUST_LOG=rust_log` and the server's standard error (its
+    /// logs and its workers') collected line by line into the returned [`Logs`].
+    pub async fn start_logged(args: &[&str], rust_log: &str) -> (Server, Logs) {
+        let logs = Logs::default();
+        let server = Self::start_with(args, rust_log, Some(logs.clone())).await;
+        (server, logs)
+    }
+
+    async fn start_with(args: &[&str], rust_log: &str, logs: Option<Logs>) -> Server {
         let mut child = Command::new(binary("tpserve"))
             .arg("serve")
             .args([
@@ -97,12 +109,24 @@ impl Server {
                 "--print-listening-url",
             ])
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if logs.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .kill_on_drop(true)
             .spawn()
             .expect("spawning tpserve");
+        if let (Some(logs), Some(stderr)) = (logs, child.stderr.take()) {
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    logs.0.lock().unwrap().push(line);
+                }
+            });
+        }
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let url = tokio::time::timeout(Duration::from_secs(120), async {
@@ -155,6 +179,17 @@ impl Server {
             .await
             .ok()
             .and_then(Result::ok)
+    }
+}
+
+/// A server's log lines, as they come.
+#[derive(Debug, Clone, Default)]
+pub struct Logs(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Logs {
+    /// The lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
     }
 }
 

@@ -55,7 +55,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    tpserve_worker::logging::init_logging("warn,tpserve_worker::cuda=info");
+    tpserve_worker::logging::init_logging("warn,tpserve_worker::cuda=info", Default::default());
     let args = Args::parse();
     let dtype = Dtype::parse(&args.dtype)?;
     let config = LlamaConfig::from_hf_json(&std::fs::read_to_string(&args.config)?)?;

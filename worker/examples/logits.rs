@@ -67,7 +67,7 @@ struct Args {
 const BLOCK_SIZE: usize = 16;
 
 fn main() -> anyhow::Result<()> {
-    tpserve_worker::logging::init_logging("info");
+    tpserve_worker::logging::init_logging("info", Default::default());
     let args = Args::parse();
     let prompts: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&args.prompts)?)?;

@@ -2,6 +2,7 @@
 //! the state of every request it has been sent, and turns step plans from the coordinator into
 //! sampled tokens. `main.rs` only parses flags and serves `service::WorkerService` over gRPC.
 
+pub mod auth;
 pub mod backend;
 pub mod batch;
 pub mod comm;
@@ -14,6 +15,7 @@ pub mod runner;
 pub mod sampler;
 pub mod service;
 pub mod shard;
+pub mod step_trace;
 pub mod thread_group;
 pub mod weights;
 

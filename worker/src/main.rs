@@ -5,8 +5,11 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use clap::Parser;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 use tpserve_cluster::{EtcdClient, GroupWatcher, Registration};
 use tpserve_proto::worker_server::WorkerServer;
+use tpserve_term::telemetry::{self, TraceConfig, TraceDetail, TraceProtocol};
+use tpserve_worker::auth::TokenCheck;
 use tpserve_worker::backend::DeviceChoice;
 use tpserve_worker::service::WorkerService;
 
@@ -59,14 +62,56 @@ struct Args {
     /// (lines on stdout for the coordinator that spawned this worker to draw) or `off`.
     #[arg(long, env = "TPSERVE_PROGRESS", default_value = "auto")]
     progress: tpserve_term::progress::Mode,
+    /// Log lines as `text` or `json` (one JSON object per line).
+    #[arg(long, env = "TPSERVE_LOG_FORMAT", default_value = "text")]
+    log_format: tpserve_term::logging::LogFormat,
+    /// Export traces over OTLP to this endpoint (set by a coordinator that spawns its workers
+    /// to its own `--otlp-traces-endpoint`). Off when absent.
+    #[arg(long, env = "TPSERVE_OTLP_TRACES_ENDPOINT")]
+    otlp_traces_endpoint: Option<String>,
+    /// The OTLP transport: `grpc` or `http/protobuf`.
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        default_value = "grpc"
+    )]
+    otlp_traces_protocol: TraceProtocol,
+    /// `worker` (step spans under each traced request, as the coordinator asks per step),
+    /// `model` or `all` (also each all-reduce); `requests`: none from the worker.
+    #[arg(
+        long,
+        env = "TPSERVE_COLLECT_DETAILED_TRACES",
+        default_value = "requests"
+    )]
+    collect_detailed_traces: TraceDetail,
+    /// The group's shared token: calls that do not carry it are refused (UNAUTHENTICATED). Give
+    /// it through the environment (a Secret), not the command line; a coordinator that spawns
+    /// its workers sets a fresh one itself.
+    #[arg(long, env = "TPSERVE_WORKER_TOKEN", hide_env_values = true)]
+    worker_token: Option<String>,
 }
 
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
     tpserve_term::progress::init(args.progress);
-    tpserve_worker::logging::init_logging("info");
-    if let Err(e) = run(args).await {
+    let traces = TraceConfig {
+        endpoint: args.otlp_traces_endpoint.clone(),
+        protocol: args.otlp_traces_protocol,
+        detail: args.collect_detailed_traces,
+        service_name: "tpserve-worker",
+    };
+    let layers = match telemetry::layer(&traces) {
+        Ok(layer) => layer.into_iter().collect(),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    tpserve_term::logging::init_with("info", args.log_format, layers);
+    let result = run(args).await;
+    let _ = tokio::task::spawn_blocking(telemetry::shutdown).await;
+    if let Err(e) = result {
         let message = tpserve_term::errors::one_line(e.chain().map(ToString::to_string));
         eprintln!("error: {message}");
         std::process::exit(1);
@@ -81,6 +126,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
             // The coordinator stopped this worker (or is gone): its own log says which.
             tracing::debug!("standard input closed; exiting");
+            telemetry::shutdown();
             std::process::exit(0);
         });
     }
@@ -136,7 +182,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(reg)
     };
     tonic::transport::Server::builder()
-        .add_service(WorkerServer::new(service).max_decoding_message_size(256 << 20))
+        .add_service(InterceptedService::new(
+            WorkerServer::new(service).max_decoding_message_size(256 << 20),
+            TokenCheck::new(args.worker_token.as_deref()),
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
         .await
         .context("serving gRPC")?;

@@ -25,6 +25,7 @@ use crate::lora::{Adapters, LoraLimits, PlaceCounts};
 use crate::sampler::logprobs::MAX_TOP_LOGPROBS;
 use crate::sampler::processors::History;
 use crate::sampler::{RequestRng, RowExtras, SampleSpec};
+use crate::step_trace::StepTrace;
 
 /// What the worker keeps about one request between steps.
 #[derive(Debug)]
@@ -360,6 +361,7 @@ impl Runner {
     /// Executes one plan; rank 0 returns the sampled tokens (and the log probabilities asked
     /// for), other ranks an empty outcome.
     pub fn step(&mut self, plan: &pb::StepPlan) -> Result<StepOutcome> {
+        let trace = StepTrace::begin(plan);
         let scheduled = self.admit(plan)?;
         let lora = self.place_adapters(&scheduled)?;
         let (num_blocks, block_size) = self.cache_shape("Step")?;
@@ -391,6 +393,9 @@ impl Runner {
             Vec::new()
         };
         let sampled = self.backend.step(&batch, &sampling, &extras)?;
+        if let Some(trace) = trace {
+            trace.end(self.backend.rank(), batch.num_tokens());
+        }
         for s in &scheduled {
             let state = self.requests.get_mut(&s.id).expect("validated");
             state.num_computed += s.count;

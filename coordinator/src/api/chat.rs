@@ -22,26 +22,35 @@ use super::protocol::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, ChatMessageIn, ChatMessageOut, Usage,
 };
+use super::request_id::annotate;
 use super::sequences::{collect_all, submit_all};
 use super::sse::{json_event, stream_response, ChunkWriter, Delta, StreamUsage};
 use super::tokenize::encode;
 use super::validate::{check_extras, check_params, top_count, MaxTokens, PromptKind};
-use super::{new_id, unix_now, ApiState};
+use super::{new_id, unix_now, ApiState, RequestId};
 use crate::engine::FinishReason;
 use crate::served_model::ServedModel;
 
 pub async fn chat_completions(
     State(state): State<Arc<ApiState>>,
     caller: Option<Extension<Caller>>,
+    request_id: Option<Extension<RequestId>>,
     headers: HeaderMap,
     ApiJson(request): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
+    state.limits.check_messages(request.messages.len())?;
+    state.limits.check_sampling(&request.sampling)?;
     let ask = Ask {
         model: request.model.as_deref(),
         user: request.user.as_deref(),
         headers: &headers,
     };
     let placement = place(&state.model, caller.as_deref(), ask)?;
+    annotate(
+        &placement.model,
+        None,
+        caller.as_deref().map(Caller::tenant),
+    );
     refuse_unsupported(&request)?;
     let logprobs = check_logprobs(&request)?;
     let max_tokens = match request.max_completion_tokens {
@@ -60,6 +69,10 @@ pub async fn chat_completions(
     check_extras(&mut params, &request.sampling, &tokenizer, logprobs, None)?;
 
     let text = render(&state.model, &request.messages, true)?;
+    state.limits.check_prompt_bytes(&text, "messages")?;
+    if state.log_prompts {
+        tracing::info!(prompt = %text, "chat prompt (--log-prompts)");
+    }
     let prompt = encode(&state.model, text, false).await?;
     let prompt_tokens = prompt.len() as u64;
     let mut base = params.request_for(prompt, placement.max_model_len, PromptKind::Messages)?;
@@ -70,7 +83,7 @@ pub async fn chat_completions(
     let requests = requests.map(|(i, r)| (i as u32, r)).collect();
     let sequences = submit_all(&state.engine, requests).await?;
 
-    let id = new_id("chatcmpl");
+    let id = new_id("chatcmpl", request_id.as_deref());
     let created = unix_now();
     let model = placement.model;
     if params.stream {

@@ -19,13 +19,14 @@ use super::error::{ApiError, ApiJson};
 use super::gateway::{place, Ask, Caller, Tokens};
 use super::logprobs::{CompletionLogprobs, TokenTexts};
 use super::protocol::{CompletionChoice, CompletionRequest, CompletionResponse, Usage};
+use super::request_id::annotate;
 use super::sequences::{collect_all, submit_all};
 use super::sse::{json_event, stream_response, ChunkWriter, Delta, StreamUsage};
 use super::tokenize::{decode, encode};
 use super::validate::{
     check_extras, check_params, check_token_ids, top_count, MaxTokens, PromptKind,
 };
-use super::{new_id, unix_now, ApiState};
+use super::{new_id, unix_now, ApiState, RequestId};
 use crate::engine::{FinishReason, TokenLogprobs};
 
 /// A prompt as echoed: its text and its token ids.
@@ -58,16 +59,23 @@ enum PromptInput {
 pub async fn completions(
     State(state): State<Arc<ApiState>>,
     caller: Option<Extension<Caller>>,
+    request_id: Option<Extension<RequestId>>,
     headers: HeaderMap,
     ApiJson(request): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let model = &state.model;
+    state.limits.check_sampling(&request.sampling)?;
     let ask = Ask {
         model: request.model.as_deref(),
         user: request.user.as_deref(),
         headers: &headers,
     };
     let placement = place(model, caller.as_deref(), ask)?;
+    annotate(
+        &placement.model,
+        None,
+        caller.as_deref().map(Caller::tenant),
+    );
     refuse_unsupported(&request)?;
     let max_tokens = MaxTokens {
         value: request.sampling.max_tokens,
@@ -93,7 +101,13 @@ pub async fn completions(
     let mut prompt_tokens = 0u64;
     for (prompt_index, input) in inputs.into_iter().enumerate() {
         let (ids, text) = match input {
-            PromptInput::Text(text) => (encode(model, text.clone(), true).await?, text),
+            PromptInput::Text(text) => {
+                state.limits.check_prompt_bytes(&text, "prompt")?;
+                if state.log_prompts {
+                    tracing::info!(prompt = %text, prompt_index, "prompt (--log-prompts)");
+                }
+                (encode(model, text.clone(), true).await?, text)
+            }
             PromptInput::Tokens(ids) => {
                 check_token_ids(&ids, &model.tokenizer, "prompt")?;
                 let text = if echo {
@@ -119,7 +133,7 @@ pub async fn completions(
     }
     let sequences = submit_all(&state.engine, requests).await?;
 
-    let id = new_id("cmpl");
+    let id = new_id("cmpl", request_id.as_deref());
     let created = unix_now();
     let name = placement.model;
     if params.stream {

@@ -80,6 +80,9 @@ pub enum ApiError {
     /// The body is larger than the server accepts (413).
     #[error("{message}")]
     PayloadTooLarge { message: String },
+    /// The client did not send the whole body within `--http-body-timeout` (408).
+    #[error("The request body did not arrive within {seconds} s (--http-body-timeout)")]
+    RequestTimeout { seconds: f64 },
     /// The server is not ready to serve (503): `/health` while workers are down or starting.
     #[error("{detail}")]
     NotReady { detail: String },
@@ -137,6 +140,7 @@ impl ApiError {
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::RouteUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::NotReady { .. } | Self::Stalled { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Engine(e) => match e {
@@ -183,6 +187,7 @@ impl ApiError {
             Self::RouteNotFound { .. } => ("invalid_request_error", Some("not_found")),
             Self::MethodNotAllowed { .. } => ("invalid_request_error", Some("method_not_allowed")),
             Self::PayloadTooLarge { .. } => ("invalid_request_error", Some("payload_too_large")),
+            Self::RequestTimeout { .. } => ("invalid_request_error", Some("request_timeout")),
             Self::NotReady { .. } => ("service_unavailable_error", Some("service_unavailable")),
             Self::Stalled { on_workers, .. } => (
                 "service_unavailable_error",
@@ -258,7 +263,14 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), error = %self, "request failed");
         } else {
-            tracing::debug!(status = status.as_u16(), error = %self, "request refused");
+            // Not the message: serde's quote the offending value, which may be prompt text.
+            let body = self.body();
+            tracing::debug!(
+                status = status.as_u16(),
+                code = body.error.code.as_deref().unwrap_or(""),
+                param = body.error.param.as_deref().unwrap_or(""),
+                "request refused"
+            );
         }
         let mut response = (status, axum::Json(self.body())).into_response();
         if let Some(seconds) = self.retry_after_s() {
@@ -306,6 +318,10 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let req = match req.extensions().get::<BodyTimeout>().copied() {
+            Some(timeout) => read_body_within(req, timeout).await?,
+            None => req,
+        };
         let axum::Json(value) = axum::Json::<Value>::from_request(req, state).await?;
         if !value.is_object() {
             return Err(ApiError::invalid_body(
@@ -314,6 +330,36 @@ where
         }
         T::from_json(&value).map(Self)
     }
+}
+
+/// How long a request's body may take to arrive; the router puts it in every request's
+/// extensions (`--http-body-timeout`).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyTimeout(pub std::time::Duration);
+
+/// `req` with its body read into memory within `timeout` (408 after it), under the body limit
+/// the router set (413 above it).
+async fn read_body_within(req: Request, timeout: BodyTimeout) -> Result<Request, ApiError> {
+    let (parts, body) = req.into_parts();
+    let limited = Request::from_parts(parts.clone(), body);
+    let bytes = tokio::time::timeout(timeout.0, axum::body::Bytes::from_request(limited, &()))
+        .await
+        .map_err(|_| ApiError::RequestTimeout {
+            seconds: timeout.0.as_secs_f64(),
+        })?
+        .map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge {
+                    message: rejection.body_text(),
+                }
+            } else {
+                ApiError::invalid_body(format!(
+                    "Could not read the request body: {}",
+                    rejection.body_text()
+                ))
+            }
+        })?;
+    Ok(Request::from_parts(parts, axum::body::Body::from(bytes)))
 }
 
 /// A request body type; built from the parsed JSON so that it can be read in several typed

@@ -55,6 +55,13 @@ pub struct Caller {
     ticket: Arc<Ticket>,
 }
 
+impl Caller {
+    /// The tenant the key belongs to.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+}
+
 /// The tokens a request's client was told of.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tokens {

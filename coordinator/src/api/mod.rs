@@ -17,17 +17,22 @@ mod completions;
 mod error;
 mod gateway;
 mod health;
+mod limits;
+pub mod listener;
 mod live;
 mod logprobs;
 mod lora;
 mod metrics;
 mod models;
 mod protocol;
+mod request_id;
 mod sequences;
 mod sse;
 mod tokenize;
 mod validate;
 
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;
 
@@ -44,7 +49,9 @@ pub use auth::require_api_key;
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use gateway::{with_gateway, FEATURE_HEADER, ROUTE_HEADER, TARGET_HEADER, VARIANT_HEADER};
 pub use health::Health;
+pub use limits::{ApiLimits, LimitArgs, LimitsError};
 pub use metrics::metrics_router;
+pub use request_id::{request_ids, RequestId, RequestSpan, REQUEST_ID_HEADER};
 // The request checks and chat rendering the Python bindings (`python/`) reuse, so their
 // `ValueError`s carry the HTTP 400s' messages.
 pub use chat::render as render_chat;
@@ -54,9 +61,6 @@ pub use validate::{check_params, check_token_ids, CheckedParams, MaxTokens, Prom
 use crate::engine::EngineHandle;
 use crate::gateway::Gateway;
 use crate::served_model::ServedModel;
-
-/// Largest request body accepted: a full 128k-token prompt as JSON token ids fits easily.
-const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 
 /// What the handlers share. Cheap to clone; built once at start.
 #[derive(Clone)]
@@ -71,12 +75,19 @@ pub struct ApiState {
     pub health: watch::Receiver<Health>,
     /// The tenant gateway, when a policy is configured (`/v1/usage` needs it).
     pub gateway: Option<Arc<Gateway>>,
+    /// Bounds on requests (`--max-request-body-bytes`, `--max-n`, ...).
+    pub limits: ApiLimits,
+    /// Log each request's prompt text (`--log-prompts`); off, no prompt or output text is
+    /// logged at any level.
+    pub log_prompts: bool,
 }
 
 /// The API's routes over `state`. Unknown routes answer 404 and wrong methods 405, both in
 /// OpenAI's error shape. Other routers (say `/metrics`) can be merged in as long as they set no
 /// fallback of their own.
 pub fn router(state: ApiState) -> Router {
+    let body_timeout = error::BodyTimeout(state.limits.body_timeout);
+    let max_body_bytes = state.limits.max_body_bytes;
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
@@ -92,7 +103,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/live", get(live::live))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::Extension(body_timeout))
         .with_state(Arc::new(state))
 }
 
@@ -110,9 +122,20 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     }
 }
 
-/// `<prefix>-<uuid>`, OpenAI's id format.
-fn new_id(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+/// Gives every request an id and a span and every response its `X-Request-Id` (see
+/// `request_id`). Put it around the whole app, gateway and key checks included, so that their
+/// refusals carry the id too.
+pub fn with_request_ids(app: Router) -> Router {
+    app.layer(axum::middleware::from_fn(request_ids))
+}
+
+/// `<prefix>-<request id>`, OpenAI's id format (vLLM's use of `X-Request-Id`); a fresh uuid
+/// when the request has no id (the router used without `with_request_ids`).
+fn new_id(prefix: &str, request: Option<&RequestId>) -> String {
+    match request {
+        Some(RequestId(id)) => format!("{prefix}-{id}"),
+        None => format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
+    }
 }
 
 /// Seconds since the Unix epoch (OpenAI's `created`).

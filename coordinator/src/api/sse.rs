@@ -77,7 +77,11 @@ pub fn stream_response<W: ChunkWriter>(
     } = usage;
     let mut indexes: Vec<u32> = sequences.iter().map(|s| s.index).collect();
     indexes.sort_unstable();
+    // The body outlives the handler: its span (a child of the request's) times the stream and
+    // keeps its log lines under the request id.
+    let span = tracing::info_span!("stream");
     let events = async_stream::stream! {
+        let span = span;
         for &index in &indexes {
             if let Some(event) = writer.opening(index) {
                 yield Ok::<_, Infallible>(event);
@@ -103,7 +107,7 @@ pub fn stream_response<W: ChunkWriter>(
                 }
                 GenerateEvent::Error(e) => {
                     let error = ApiError::from(e);
-                    tracing::warn!(error = %error, "stream failed midway");
+                    span.in_scope(|| tracing::warn!(error = %error, "stream failed midway"));
                     if let Some(ticket) = &ticket {
                         ticket.fail(error.status().as_u16());
                     }

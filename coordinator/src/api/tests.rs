@@ -223,6 +223,8 @@ fn harness_with(script: Script, chat_template: Option<ChatTemplate>) -> Harness 
         model,
         health: health_rx,
         gateway: None,
+        limits: crate::api::ApiLimits::default(),
+        log_prompts: false,
     });
     Harness {
         app,

@@ -58,11 +58,14 @@ pub async fn tokenize(
     check_model(request.model.as_deref(), model)?;
     let tokens = match (request.prompt, request.messages) {
         (Some(prompt), None) => {
+            state.limits.check_prompt_bytes(&prompt, "prompt")?;
             encode(model, prompt, request.add_special_tokens.unwrap_or(true)).await?
         }
         (None, Some(messages)) => {
             let add_generation_prompt = request.add_generation_prompt.unwrap_or(true);
+            state.limits.check_messages(messages.len())?;
             let text = render(model, &messages, add_generation_prompt)?;
+            state.limits.check_prompt_bytes(&text, "messages")?;
             encode(model, text, request.add_special_tokens.unwrap_or(false)).await?
         }
         _ => {

@@ -34,6 +34,7 @@ use tpserve_proto as pb;
 use super::handle::{EngineCommand, EngineHandle};
 use super::liveness::{Liveness, BEAT_INTERVAL};
 use super::output::OutputState;
+use super::trace::{engine_step, SequenceTrace};
 use super::types::{FinishReason, GenerateEvent, Sampling, SamplingExtras, TokenLogprobs};
 use crate::adapters::AdapterInfo;
 use crate::error::EngineError;
@@ -91,12 +92,16 @@ struct Sequence {
     prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
     /// Its LoRA adapter (kept until it ends, even if the adapter is unloaded meanwhile).
     adapter: Option<Arc<AdapterInfo>>,
+    /// Its spans, when its request is traced.
+    trace: Option<SequenceTrace>,
 }
 
 /// A plan sent to the workers whose result is not applied yet.
 struct InFlight {
     step_id: u64,
     sent: Instant,
+    /// The step's span, with detailed traces; it ends when the result is applied.
+    _span: Option<tracing::Span>,
 }
 
 struct Engine {
@@ -285,6 +290,7 @@ fn plan_to_proto<'a>(
             })
             .collect(),
         freed_request_ids: plan.freed.clone(),
+        traceparents: HashMap::new(),
     }
 }
 
@@ -383,6 +389,7 @@ impl Engine {
                 request,
                 events,
                 accepted,
+                span,
             } => {
                 if self.draining {
                     let _ = accepted.send(Err(EngineError::Unavailable {
@@ -443,6 +450,7 @@ impl Engine {
                             .prompt_logprobs
                             .map(|_| vec![None; request.prompt_token_ids.len()]),
                         adapter: request.adapter.clone(),
+                        trace: SequenceTrace::start(span, request.prompt_token_ids.len()),
                     },
                 );
                 if accepted.send(Ok(())).is_err() {
@@ -488,9 +496,10 @@ impl Engine {
             }
         }
         let sequences = &self.sequences;
-        let request = plan_to_proto(&plan, to_proto, |id| {
+        let mut request = plan_to_proto(&plan, to_proto, |id| {
             sequences.get(&id).and_then(|s| s.adapter.as_deref())
         });
+        let span = self.trace_step(&plan, &mut request.traceparents);
         let group = self.group.as_mut().expect("checked above");
         let waiting = self.liveness.wait_on_workers(sent, plan.step_id);
         let sent_ok = group.send(request).await;
@@ -500,6 +509,7 @@ impl Engine {
                 self.in_flight.push_back(InFlight {
                     step_id: plan.step_id,
                     sent,
+                    _span: span,
                 });
                 true
             }
@@ -508,6 +518,42 @@ impl Engine {
                 false
             }
         }
+    }
+
+    /// With traces: each traced sequence's spans for this step, the workers' `traceparents`,
+    /// and the step's own span (detailed traces only).
+    fn trace_step(
+        &mut self,
+        plan: &StepPlan,
+        traceparents: &mut HashMap<u64, String>,
+    ) -> Option<tracing::Span> {
+        if !tpserve_term::telemetry::enabled() {
+            return None;
+        }
+        let entries = plan
+            .new
+            .iter()
+            .map(|n| (n.id, n.num_scheduled_tokens, Some(n.num_computed_tokens)))
+            .chain(
+                plan.running
+                    .iter()
+                    .map(|r| (r.id, r.num_scheduled_tokens, None)),
+            );
+        for (id, tokens, restart_at) in entries {
+            let Some(trace) = self.sequences.get_mut(&id).and_then(|s| s.trace.as_mut()) else {
+                continue;
+            };
+            if let Some(tp) = trace.step(plan.step_id, tokens, restart_at) {
+                traceparents.insert(id, tp);
+            }
+        }
+        let ids = plan
+            .new
+            .iter()
+            .map(|n| n.id)
+            .chain(plan.running.iter().map(|r| r.id));
+        let traced = ids.filter_map(|id| self.sequences.get(&id).and_then(|s| s.trace.as_ref()));
+        engine_step(plan.step_id, traced)
     }
 
     /// Awaits the oldest plan's result, applies it to the scheduler and delivers its tokens.
@@ -535,6 +581,11 @@ impl Engine {
             result.lora_slot_evictions,
             result.lora_disk_loads,
         );
+        if tpserve_term::telemetry::enabled() {
+            for trace in self.sequences.values_mut().filter_map(|s| s.trace.as_mut()) {
+                trace.step_done(step.step_id);
+            }
+        }
         for chunk in result.prompt_logprobs {
             self.record_prompt_logprobs(chunk);
         }
@@ -599,9 +650,11 @@ impl Engine {
         }
         seq.last_token = Some(now);
         m.generation_tokens.fetch_add(1, Ordering::Relaxed);
+        let detokenize = seq.trace.as_ref().map(|t| t.detokenize().entered());
         let update = seq
             .output
             .push(token, &self.tokenizer, &self.config.eos_token_ids);
+        drop(detokenize);
         let client_gone = seq
             .events
             .send(GenerateEvent::Delta {
@@ -620,10 +673,14 @@ impl Engine {
             m.count_success(reason);
             m.e2e_request_latency
                 .observe((now - seq.arrived).as_secs_f64());
+            let completion_tokens = seq.output.num_tokens() as u32;
+            if let Some(trace) = seq.trace.take() {
+                trace.finish(Some(reason), completion_tokens, seq.cached_tokens);
+            }
             let _ = seq.events.send(GenerateEvent::Finished {
                 reason,
                 prompt_tokens: seq.prompt_tokens,
-                completion_tokens: seq.output.num_tokens() as u32,
+                completion_tokens,
                 cached_tokens: seq.cached_tokens,
             });
             gone = true;

@@ -23,6 +23,8 @@ pub enum EngineCommand {
         request: GenerateRequest,
         events: mpsc::UnboundedSender<GenerateEvent>,
         accepted: oneshot::Sender<EngineResult<()>>,
+        /// The caller's span (the API's request span): the sequence's spans go under it.
+        span: tracing::Span,
     },
     /// Stop a sequence and free its blocks (client gone).
     Abort { id: u64 },
@@ -70,6 +72,7 @@ impl EngineHandle {
                 request,
                 events: events_tx,
                 accepted: accepted_tx,
+                span: tracing::Span::current(),
             })
             .map_err(|_| gone())?;
         accepted_rx.await.map_err(|_| gone())??;

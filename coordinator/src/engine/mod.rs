@@ -5,6 +5,7 @@ pub mod actor;
 pub mod handle;
 pub mod liveness;
 pub mod output;
+pub mod trace;
 pub mod types;
 
 pub use actor::{start_engine, EngineConfig, EngineStatus, GroupLink};

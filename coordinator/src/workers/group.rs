@@ -10,11 +10,13 @@ use futures::future::try_join_all;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Streaming;
 use tpserve_proto as pb;
 use tpserve_proto::worker_client::WorkerClient;
 
+use super::token::GroupToken;
 use crate::error::{EngineError, StartError};
 
 /// Once a rank has failed a step, how long the others may take to report before the step is
@@ -57,6 +59,8 @@ pub struct GroupInit {
     pub max_lora_rank: u32,
     /// Adapters each worker keeps in host memory (`--max-cpu-loras`).
     pub max_cpu_loras: u32,
+    /// Sent with every RPC; workers started with it refuse calls without it.
+    pub token: GroupToken,
 }
 
 /// What start-up found.
@@ -75,7 +79,7 @@ pub struct GroupReady {
 
 /// A connected group.
 pub struct WorkerGroup {
-    clients: Vec<WorkerClient<Channel>>,
+    clients: Vec<WorkerClient<InterceptedService<Channel, GroupToken>>>,
     streams: Vec<(mpsc::Sender<pb::StepPlan>, Streaming<pb::StepResult>)>,
 }
 
@@ -96,7 +100,7 @@ fn phase_err(rank: usize, phase: &'static str) -> impl Fn(tonic::Status) -> Star
 
 impl WorkerGroup {
     /// Connects to every rank (retrying for a while: workers may still be starting).
-    pub async fn connect(addrs: &[String]) -> Result<Self, StartError> {
+    pub async fn connect(addrs: &[String], token: &GroupToken) -> Result<Self, StartError> {
         let mut clients = Vec::with_capacity(addrs.len());
         for addr in addrs {
             let url = if addr.contains("://") {
@@ -130,7 +134,7 @@ impl WorkerGroup {
                 detail: last,
             })?;
             clients.push(
-                WorkerClient::new(channel)
+                WorkerClient::with_interceptor(channel, token.clone())
                     .max_decoding_message_size(256 << 20)
                     .max_encoding_message_size(256 << 20),
             );

@@ -56,10 +56,16 @@ impl LocalWorkers {
 impl WorkerSource for LocalWorkers {
     async fn form(&mut self) -> Result<(WorkerGroup, GroupReady), StartError> {
         stop_all(std::mem::take(&mut self.workers)).await;
-        self.workers =
-            spawn_local_workers(&self.binary, self.count, self.threads, &self.device).await?;
+        self.workers = spawn_local_workers(
+            &self.binary,
+            self.count,
+            self.threads,
+            &self.device,
+            &self.init.token,
+        )
+        .await?;
         let addrs: Vec<String> = self.workers.iter().map(|w| w.addr.clone()).collect();
-        let mut group = WorkerGroup::connect(&addrs).await?;
+        let mut group = WorkerGroup::connect(&addrs, &self.init.token).await?;
         let ready = group.initialize(&self.init).await?;
         Ok((group, ready))
     }

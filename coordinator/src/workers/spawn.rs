@@ -16,6 +16,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tpserve_term::progress::{self, Mode, Remote};
 
+use super::token::GroupToken;
 use crate::error::StartError;
 
 /// How long a worker may take to start listening.
@@ -84,6 +85,7 @@ pub async fn spawn_local_workers(
     count: usize,
     threads: usize,
     device: &str,
+    token: &GroupToken,
 ) -> Result<Vec<LocalWorker>, StartError> {
     let mut workers = Vec::with_capacity(count);
     // Workers report progress as events for us to draw, unless we show none.
@@ -92,6 +94,7 @@ pub async fn spawn_local_workers(
         _ => "events",
     };
     let (color_var, color_value) = tpserve_term::color::child_env();
+    let (log_var, log_value) = tpserve_term::logging::child_env();
     for rank in 0..count {
         let mut child = Command::new(binary)
             .args([
@@ -108,6 +111,9 @@ pub async fn spawn_local_workers(
             .arg(threads.to_string())
             .env("TPSERVE_RANK", rank.to_string())
             .env(color_var, color_value)
+            .env(log_var, log_value)
+            .envs(tpserve_term::telemetry::child_env())
+            .envs(token.text().map(|t| (tpserve_proto::WORKER_TOKEN_ENV, t)))
             .process_group(0)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -222,6 +222,11 @@ credentials and the cluster name. The cluster name is "<namespace>.<pod name>": 
   value: {{ .Values.otel.endpoint | quote }}
 - name: OTEL_EXPORTER_OTLP_PROTOCOL
   value: {{ .Values.otel.protocol | quote }}
+{{- /* tpserve's own flags (--otlp-traces-endpoint, --otlp-traces-protocol); an HTTP endpoint without a path gets /v1/traces. */}}
+- name: TPSERVE_OTLP_TRACES_ENDPOINT
+  value: {{ .Values.otel.endpoint | quote }}
+- name: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL
+  value: {{ .Values.otel.protocol | quote }}
 - name: OTEL_RESOURCE_ATTRIBUTES
   value: "k8s.namespace.name=$(POD_NAMESPACE),k8s.pod.name=$(POD_NAME),service.instance.id=$(POD_NAME)"
 {{- end }}

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::Communicator;
 use crate::error::{Result, WorkerError};
+use crate::step_trace::{phase, Phase};
 
 /// How long a rank waits for a peer's message before the group is declared broken. Steps are
 /// short; a peer silent for this long is gone.
@@ -251,7 +252,7 @@ impl Communicator for TcpCommunicator {
     }
 
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
-        let r = self.all_reduce_inner(buf);
+        let r = phase(Phase::AllReduce, || self.all_reduce_inner(buf));
         self.poison(r)
     }
 

@@ -15,6 +15,7 @@ use crate::comm::{Communicator, SingleRank, TcpCommunicator};
 use crate::error::{Result, WorkerError};
 use crate::sampler::{sample_host_rows, RowExtras, SampleSpec, Sampled};
 use crate::shard::ShardPlan;
+use crate::step_trace::{phase, Phase};
 use crate::weights::{load_response, load_shard};
 
 /// KV cache size when the coordinator leaves it to the worker (`--kv-cache-space`'s default).
@@ -191,10 +192,12 @@ impl Backend for CpuBackend {
         let Sampled {
             mut tokens,
             logprobs,
-        } = match self.logits(batch)? {
+        } = match phase(Phase::ModelStep, || self.logits(batch))? {
             Some(mut all) => {
                 let vocab: usize = self.vocab_per_rank.iter().sum();
-                sample_host_rows(&mut all, vocab, sampling, extras)
+                phase(Phase::Sampling, || {
+                    sample_host_rows(&mut all, vocab, sampling, extras)
+                })
             }
             None => Sampled {
                 tokens: vec![0u32; sampling.len()],

@@ -52,6 +52,7 @@ use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo};
 use crate::batch::Batch;
 use crate::error::{Result, WorkerError};
 use crate::sampler::{RowExtras, SampleSpec, Sampled};
+use crate::step_trace::{phase, Phase};
 use crate::weights::{load_response, load_shard};
 
 /// Memory kept free beyond the weights, activations and KV cache: cuBLAS's and NCCL's own
@@ -243,10 +244,12 @@ impl CudaBackend {
         let Sampled {
             mut tokens,
             logprobs,
-        } = match self.logits(batch)? {
+        } = match phase(Phase::ModelStep, || self.logits(batch))? {
             Some(mut all) => {
                 let vocab = all.len() / sampling.len().max(1);
-                crate::sampler::sample_host_rows(&mut all, vocab, sampling, extras)
+                phase(Phase::Sampling, || {
+                    crate::sampler::sample_host_rows(&mut all, vocab, sampling, extras)
+                })
             }
             None => Sampled {
                 tokens: vec![0u32; sampling.len()],
@@ -674,7 +677,7 @@ impl Backend for CudaBackend {
         if !extras.is_empty() {
             return self.step_with_extras(batch, sampling, extras);
         }
-        let out = self.forward(batch, sampling)?;
+        let out = phase(Phase::ModelStep, || self.forward(batch, sampling))?;
         // The step's one synchronisation: its tokens (padding rows, if any, come after them).
         let mut tokens = vec![0u32; sampling.len()];
         self.gpu.download(out.sampled, &mut tokens)?;

@@ -1,0 +1,121 @@
+//! Bounded property runs (the stable-toolchain form of fuzzing, run by `cargo test`): any JSON
+//! object whose keys are the request fields, with values of any JSON shape, becomes checked
+//! parameters or a 400 in OpenAI's shape, and never a panic. `PROPTEST_CASES` raises the count
+//! for longer runs (docs/RELIABILITY.md).
+
+use proptest::prelude::*;
+use serde_json::{Map, Value};
+
+use super::error::RequestBody;
+use super::limits::ApiLimits;
+use super::protocol::{ChatCompletionRequest, CompletionRequest};
+use super::validate::{check_params, MaxTokens};
+
+/// The fields a request may hold (and a stray one).
+const KEYS: &[&str] = &[
+    "model",
+    "messages",
+    "prompt",
+    "n",
+    "stop",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "seed",
+    "logprobs",
+    "top_logprobs",
+    "stream",
+    "stream_options",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "min_tokens",
+    "bad_words",
+    "prompt_logprobs",
+    "echo",
+    "priority",
+    "stop_token_ids",
+    "ignore_eos",
+    "skip_special_tokens",
+    "user",
+    "tools",
+    "unknown_field",
+];
+
+fn leaf() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        prop_oneof![
+            Just(0i64),
+            Just(1),
+            Just(-1),
+            Just(128),
+            Just(129),
+            Just(i64::MAX)
+        ]
+        .prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("JSON numbers are finite", |f| f.is_finite())
+            .prop_map(Value::from),
+        ".{0,12}".prop_map(Value::from),
+    ]
+}
+
+fn json() -> impl Strategy<Value = Value> {
+    leaf().prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::vec(("[a-z_]{1,8}", inner), 0..4)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect::<Map<_, _>>())),
+        ]
+    })
+}
+
+fn body() -> impl Strategy<Value = Value> {
+    prop::collection::vec((prop::sample::select(KEYS), json()), 0..10).prop_map(|kv| {
+        Value::Object(
+            kv.into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect::<Map<_, _>>(),
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn any_request_json_becomes_checked_params_or_a_400(body in body()) {
+        let limits = ApiLimits::default();
+        let max_tokens = |value| MaxTokens { value, param: "max_tokens" };
+        match ChatCompletionRequest::from_json(&body) {
+            Ok(r) => {
+                let checked = limits
+                    .check_messages(r.messages.len())
+                    .and_then(|()| limits.check_sampling(&r.sampling))
+                    .and_then(|()| check_params(&r.sampling, max_tokens(r.sampling.max_tokens)));
+                if let Err(e) = checked {
+                    prop_assert_eq!(e.status().as_u16(), 400, "{:?}", e);
+                }
+            }
+            Err(e) => prop_assert_eq!(e.status().as_u16(), 400, "{:?}", e),
+        }
+        match CompletionRequest::from_json(&body) {
+            Ok(r) => {
+                let checked = limits
+                    .check_sampling(&r.sampling)
+                    .and_then(|()| check_params(&r.sampling, max_tokens(r.sampling.max_tokens)));
+                if let Err(e) = checked {
+                    prop_assert_eq!(e.status().as_u16(), 400, "{:?}", e);
+                }
+            }
+            Err(e) => prop_assert_eq!(e.status().as_u16(), 400, "{:?}", e),
+        }
+    }
+}

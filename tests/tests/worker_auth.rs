@@ -1,0 +1,59 @@
+//! A worker started with a group token refuses a coordinator (any gRPC caller) that does not
+//! present it, and answers one that does: the real `tpserve-worker` binary, called over gRPC.
+//! (Every other end-to-end test runs spawned workers, which get a random token from the
+//! coordinator: they show the coordinator presents it.)
+
+use std::process::Stdio;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use tpserve_e2e::binary;
+use tpserve_proto::worker_client::WorkerClient;
+use tpserve_proto::{InfoRequest, WORKER_TOKEN_ENV, WORKER_TOKEN_METADATA};
+
+const TOKEN: &str = "group-token-0123456789abcdef";
+
+async fn info(addr: &str, token: Option<&str>) -> Result<(), tonic::Status> {
+    let mut client = WorkerClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(InfoRequest::default());
+    if let Some(t) = token {
+        request
+            .metadata_mut()
+            .insert(WORKER_TOKEN_METADATA, t.parse().unwrap());
+    }
+    client.info(request).await.map(|_| ())
+}
+
+#[tokio::test]
+async fn a_worker_with_a_token_refuses_callers_without_it() {
+    let mut child = Command::new(binary("tpserve-worker"))
+        .args(["--listen", "127.0.0.1:0", "--print-listening-address"])
+        .args(["--device", "cpu", "--progress", "off"])
+        .env(WORKER_TOKEN_ENV, TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawning tpserve-worker");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut addr = None;
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(a) = line.strip_prefix("TPSERVE_WORKER_LISTENING ") {
+            addr = Some(a.trim().to_string());
+            break;
+        }
+    }
+    let addr = addr.expect("the worker printed its address");
+
+    for wrong in [None, Some("group-token-0123456789abcdeX"), Some("x")] {
+        let refused = info(&addr, wrong).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{wrong:?}");
+        assert!(refused.message().contains("token"), "{}", refused.message());
+    }
+    info(&addr, Some(TOKEN))
+        .await
+        .expect("the right token is answered");
+    child.kill().await.unwrap();
+}

@@ -1,0 +1,134 @@
+//! Bounded property runs (the stable-toolchain form of fuzzing, run by `cargo test`): the
+//! worker's step-plan decoder (`Runner::step`: admission of new and running requests, frees,
+//! block tables, token ids, trace contexts) takes sequences of arbitrary plans on the tiny Llama
+//! fixture and answers each with a result or an error, never a panic, and still runs a valid
+//! plan afterwards. `PROPTEST_CASES` raises the count (docs/RELIABILITY.md).
+
+use proptest::prelude::*;
+use tpserve_proto as pb;
+use tpserve_worker::backend::DeviceChoice;
+use tpserve_worker::thread_group::ThreadGroup;
+
+fn tiny_llama() -> ThreadGroup {
+    let group = ThreadGroup::start(DeviceChoice::Cpu, 1, 1).unwrap();
+    let model = tpserve_e2e::repo_root().join("tests/fixtures/tiny-llama");
+    let load = pb::LoadModelRequest {
+        model_path: model.display().to_string(),
+        load_format: pb::LoadFormat::Auto as i32,
+        dtype: "auto".into(),
+        dummy_seed: 0,
+        batch_invariant: false,
+    };
+    group.on_all(move |_, r| r.load_model(&load)).unwrap();
+    let profile = pb::ProfileMemoryRequest {
+        block_size: 16,
+        kv_cache_bytes: 1 << 20,
+        gpu_memory_utilization: 0.9,
+        max_num_batched_tokens: 64,
+        max_num_seqs: 4,
+    };
+    group
+        .on_all(move |_, r| r.profile_memory(&profile))
+        .unwrap();
+    group.on_all(|_, r| r.init_cache(16, 16)).unwrap();
+    group
+}
+
+/// Small numbers mostly (so plans are often almost valid), sometimes anything.
+fn small() -> impl Strategy<Value = u32> {
+    prop_oneof![4 => 0u32..20, 1 => any::<u32>()]
+}
+
+fn new_request() -> impl Strategy<Value = pb::NewRequest> {
+    (
+        0u64..6,
+        prop::collection::vec(prop_oneof![4 => 0u32..256, 1 => any::<u32>()], 0..40),
+        prop::collection::vec(small(), 0..5),
+        small(),
+        small(),
+        small(),
+        (any::<bool>(), -2.0f32..3.0, any::<i32>()),
+    )
+        .prop_map(
+            |(id, token_ids, block_ids, computed, scheduled, prompt, sampling)| pb::NewRequest {
+                request_id: id,
+                token_ids,
+                sampling: sampling.0.then_some(pb::SamplingParams {
+                    temperature: sampling.1,
+                    top_p: sampling.1,
+                    top_k: sampling.2,
+                    min_p: sampling.1,
+                    seed: Some(7),
+                }),
+                block_ids,
+                num_computed_tokens: computed,
+                num_scheduled_tokens: scheduled,
+                num_prompt_tokens: prompt,
+                ..Default::default()
+            },
+        )
+}
+
+fn plan() -> impl Strategy<Value = pb::StepPlan> {
+    (
+        prop::collection::vec(new_request(), 0..3),
+        prop::collection::vec(
+            (0u64..6, small(), prop::collection::vec(small(), 0..3)).prop_map(
+                |(request_id, num_scheduled_tokens, new_block_ids)| pb::RunningRequest {
+                    request_id,
+                    num_scheduled_tokens,
+                    new_block_ids,
+                },
+            ),
+            0..3,
+        ),
+        prop::collection::vec(0u64..6, 0..3),
+        prop::collection::hash_map(0u64..6, ".{0,60}", 0..2),
+    )
+        .prop_map(
+            |(new_requests, running, freed_request_ids, traceparents)| pb::StepPlan {
+                step_id: 0,
+                new_requests,
+                running,
+                freed_request_ids,
+                traceparents,
+            },
+        )
+}
+
+/// A plan that must run: one fresh request of 5 tokens on block 0, freeing every id used above.
+fn valid_plan(step_id: u64) -> pb::StepPlan {
+    pb::StepPlan {
+        step_id,
+        new_requests: vec![pb::NewRequest {
+            request_id: 100 + step_id,
+            token_ids: vec![1, 2, 3, 4, 5],
+            sampling: Some(tpserve_worker::sampler::SampleSpec::greedy().params),
+            block_ids: vec![0],
+            num_computed_tokens: 0,
+            num_scheduled_tokens: 5,
+            num_prompt_tokens: 5,
+            ..Default::default()
+        }],
+        running: Vec::new(),
+        freed_request_ids: (0..6).chain([99 + step_id]).collect(),
+        traceparents: Default::default(),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn arbitrary_plans_are_results_or_errors_and_a_valid_plan_runs_after(
+        plans in prop::collection::vec(plan(), 1..5)
+    ) {
+        let group = tiny_llama();
+        for (i, mut plan) in plans.into_iter().enumerate() {
+            plan.step_id = i as u64 + 1;
+            let _ = group.on_all(move |_, r| r.step(&plan));
+        }
+        let ok = group.on_all(|_, r| r.step(&valid_plan(1000)));
+        prop_assert!(ok.is_ok(), "{:?}", ok.err());
+    }
+}
