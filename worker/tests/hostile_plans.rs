@@ -18,6 +18,7 @@ fn tiny_llama() -> ThreadGroup {
         dtype: "auto".into(),
         dummy_seed: 0,
         batch_invariant: false,
+        ..Default::default()
     };
     group.on_all(move |_, r| r.load_model(&load)).unwrap();
     let profile = pb::ProfileMemoryRequest {
@@ -92,6 +93,7 @@ fn plan() -> impl Strategy<Value = pb::StepPlan> {
                 running,
                 freed_request_ids,
                 traceparents,
+                ..Default::default()
             },
         )
 }
@@ -112,7 +114,7 @@ fn valid_plan(step_id: u64) -> pb::StepPlan {
         }],
         running: Vec::new(),
         freed_request_ids: (0..6).chain([99 + step_id]).collect(),
-        traceparents: Default::default(),
+        ..Default::default()
     }
 }
 
