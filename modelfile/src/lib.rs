@@ -17,4 +17,4 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use source::{Format, GenerationDefaults, ModelSource};
-pub use weights::WeightReader;
+pub use weights::{QuantizedTensor, WeightReader};

@@ -71,6 +71,7 @@ fn main() -> anyhow::Result<()> {
         dtype: args.dtype.clone(),
         dummy_seed: 1,
         batch_invariant: false,
+        quantization: String::new(),
     };
     let started = Instant::now();
     let loaded = group.on_rank(0, move |r| r.load_model(&load))?;

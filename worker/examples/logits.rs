@@ -79,6 +79,7 @@ fn main() -> anyhow::Result<()> {
         dtype: args.dtype.clone(),
         dummy_seed: 0,
         batch_invariant: args.batch_invariant,
+        quantization: String::new(),
     };
     group.on_all(move |_, r| r.load_model(&load))?;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(1);

@@ -15,6 +15,7 @@ fn tiny_llama_group(tp: usize) -> ThreadGroup {
         dtype: "auto".into(),
         dummy_seed: 0,
         batch_invariant: false,
+        quantization: String::new(),
     };
     group.on_all(move |_, r| r.load_model(&load)).unwrap();
     group.on_all(|_, r| r.init_cache(64, 16)).unwrap();

@@ -21,6 +21,7 @@ fn card(model: &ServedModel, name: &str) -> ModelCard {
         root: model.name.clone(),
         parent: None,
         max_model_len: model.max_model_len,
+        quantization: model.quantization.clone(),
     }
 }
 

@@ -209,6 +209,7 @@ fn harness_with(script: Script, chat_template: Option<ChatTemplate>) -> Harness 
         name: MODEL.to_string(),
         aliases: Vec::new(),
         max_model_len: MAX_MODEL_LEN,
+        quantization: "none".into(),
         tokenizer: Arc::new(tokenizer()),
         chat_template: chat_template.map(Arc::new),
         created: 1_700_000_000,

@@ -49,7 +49,7 @@ use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo};
 use crate::batch::Batch;
 use crate::error::{Result, WorkerError};
 use crate::sampler::{RowExtras, SampleSpec, Sampled};
-use crate::weights::{load_response, load_shard};
+use crate::weights::{load_response, load_shard, QuantizationRequest};
 
 /// Memory kept free beyond the weights, activations and KV cache: cuBLAS's and NCCL's own
 /// buffers, the CUDA context's growth and allocator slack.
@@ -425,6 +425,13 @@ impl Backend for CudaBackend {
     fn load_model(&mut self, req: &pb::LoadModelRequest) -> Result<pb::LoadModelResponse> {
         let started = Instant::now();
         let dtype = Dtype::parse(&req.dtype)?;
+        if QuantizationRequest::parse(&req.quantization)? == QuantizationRequest::Gguf {
+            return Err(WorkerError::Unsupported {
+                detail: "quantization gguf runs on the CPU backend only; on a GPU a GGUF is \
+                         dequantized to the dtype at load (leave --quantization unset, or none)"
+                    .into(),
+            });
+        }
         self.loaded = None;
         let (rank, world) = (self.rank, self.world_size);
         let kernels = Kernels::load(&self.gpu, dtype)?;
@@ -443,12 +450,13 @@ impl Backend for CudaBackend {
                 ),
             });
         }
-        let response = load_response(
+        let mut response = load_response(
             model.config(),
             model.shard().kv_heads.len(),
             model.weight_bytes(),
             started,
         );
+        response.quantization = "none".into();
         tracing::info!(
             dtype = dtype.name(),
             weight_gib = model.weight_bytes() as f64 / (1u64 << 30) as f64,
