@@ -3,6 +3,9 @@
 //! communicators) and return the logits of every position, reassembled on rank 0 exactly as a
 //! serving step does.
 
+// Each test crate uses only some of these helpers.
+#![allow(dead_code)]
+
 use std::path::Path;
 
 use tpserve_proto as pb;

@@ -1,7 +1,9 @@
 //! Weights kept in their GGUF blocks on the CPU (`--quantization gguf`, the default for a GGUF on
-//! the CPU) and multiplied without dequantizing them: activations are quantized per block of 32
-//! (to Q8_0/Q8_1 style, [`act`]) or 256 (candle's Q8_K, for the K-quants) as llama.cpp does, and
-//! each output is an integer dot product per block scaled by the two blocks' scales.
+//! the CPU) and multiplied without dequantizing them: activations are quantized per block, as
+//! llama.cpp does, and each output is an integer dot product per block scaled by the two blocks'
+//! scales. For Q4_0/Q4_1/Q8_0 the activation blocks are 32 values of 16 bits ([`act`]: Q8_1's
+//! layout with i16 values; 8 bits changed SmolLM2's answers, see there); for the other types
+//! they are candle's Q8_K (256 values of 8 bits), as llama.cpp's K-quant kernels.
 //!
 //! Kernels: [`own`] for Q4_0, Q4_1 and Q8_0 (AVX2; SmolLM2's GGUF is Q4_1 with a Q8_0 embedding),
 //! [`candle_blocks`] (candle-core's dot products) for every other type. `examples/bench_qmatmul`

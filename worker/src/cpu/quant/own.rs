@@ -1,8 +1,8 @@
 //! Our kernels for llama.cpp's 32-value block types Q4_0, Q4_1 and Q8_0, against activations
-//! quantized per block ([`super::act`]). candle-core's Q4_1 dot product is scalar (no SIMD), the
-//! type of SmolLM2's GGUF; these use AVX2 (`maddubs`: u8 x i8 pairs into i16, as llama.cpp's
-//! `ggml_vec_dot_q4_1_q8_1`) and decode each weight block once for up to four activation rows.
-//! Without AVX2 (other CPUs) a portable loop computes the same sums.
+//! quantized per block to 16 bits ([`super::act`]). candle-core's Q4_1 dot product is scalar (no
+//! SIMD), the type of SmolLM2's GGUF; these use AVX2 (weights widened to i16, `madd_epi16` with
+//! the activations into i32 per pair) and decode each weight block once for up to four
+//! activation rows. Without AVX2 (other CPUs) a portable loop computes the same sums.
 //!
 //! Block layouts (GGUF, little-endian, f16 scales):
 //! - Q4_0, 18 bytes: `d`, 16 bytes of nibbles; value `i` is `d * (q_i - 8)`;
@@ -197,7 +197,6 @@ mod avx2 {
         let (bb, off) = if HAS_MIN { (20, 4) } else { (18, 2) };
         let nb = w.len() / bb;
         let low = _mm_set1_epi8(0x0f);
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); NR];
         let mut acc_m = [0.0f32; NR];
         let wp = w.as_ptr();
@@ -213,14 +212,17 @@ mod avx2 {
                 -8.0 * d
             };
             let raw = _mm_loadu_si128(p.add(off) as *const __m128i);
-            let q = _mm256_set_m128i(
-                _mm_and_si128(_mm_srli_epi16(raw, 4), low),
-                _mm_and_si128(raw, low),
-            );
+            // Values 0..16 (low nibbles) and 16..32 (high nibbles), widened to i16.
+            let lo = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low));
+            let hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low));
             for j in 0..NR {
                 let a = acts[j].get_unchecked(b);
-                let y = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-                let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones);
+                let y = a.qs.as_ptr() as *const __m256i;
+                // |q| <= 15 and |y| <= 32767: each pair sum and their total fit in i32.
+                let prod = _mm256_add_epi32(
+                    _mm256_madd_epi16(lo, _mm256_loadu_si256(y)),
+                    _mm256_madd_epi16(hi, _mm256_loadu_si256(y.add(1))),
+                );
                 acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(prod), acc[j]);
                 acc_m[j] += m * a.s;
             }
@@ -235,7 +237,6 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_q8<const NR: usize>(w: &[u8], acts: [&[ActBlock]; NR]) -> [f32; NR] {
         let nb = w.len() / 34;
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); NR];
         let wp = w.as_ptr();
         for b in 0..nb {
@@ -243,14 +244,17 @@ mod avx2 {
             let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
                 p as *const u16,
             ) as i32)));
-            let q = _mm256_loadu_si256(p.add(2) as *const __m256i);
-            // maddubs multiplies unsigned by signed: |q| times y carrying q's sign.
-            let aq = _mm256_sign_epi8(q, q);
+            let q = p.add(2) as *const __m128i;
+            let lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(q));
+            let hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(1)));
             for j in 0..NR {
                 let a = acts[j].get_unchecked(b);
-                let y = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-                let prod =
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(aq, _mm256_sign_epi8(y, q)), ones);
+                let y = a.qs.as_ptr() as *const __m256i;
+                // |q| <= 128 and |y| <= 32767: 32 products sum to under 2^28.
+                let prod = _mm256_add_epi32(
+                    _mm256_madd_epi16(lo, _mm256_loadu_si256(y)),
+                    _mm256_madd_epi16(hi, _mm256_loadu_si256(y.add(1))),
+                );
                 acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(prod), acc[j]);
             }
         }
