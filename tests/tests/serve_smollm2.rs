@@ -189,6 +189,8 @@ async fn models_tokenize_and_detokenize_routes_answer() {
         .unwrap();
     assert_eq!(m["data"][0]["id"], "smollm2");
     assert_eq!(m["data"][0]["max_model_len"], 2048);
+    // The GGUF's blocks stay quantized on the CPU: Q4_1 layers, the Q8_0 embedding.
+    assert_eq!(m["data"][0]["quantization"], "gguf (Q4_1,Q8_0)");
     let t: Value = post_json(
         &http,
         s.url("/tokenize"),

@@ -119,31 +119,69 @@ impl Kernel for OwnBlocks {
         let mut act: Vec<ActBlock> = Vec::new();
         quantize_rows(x, self.cols, &mut act);
         let simd = Simd::detect();
-        let ty = self.ty;
-        let act_row = |j: usize| &act[j * nb..(j + 1) * nb];
+        let (ty, data) = (self.ty, &self.data);
+        let w = |r: usize| &data[r * rb..(r + 1) * rb];
+        let a = |j: usize| &act[j * nb..(j + 1) * nb];
         for_row_chunks(self.rows, |range| {
             for tile in (0..n).step_by(ACT_TILE) {
                 let tile_end = n.min(tile + ACT_TILE);
-                for r in range.clone() {
-                    let w = &self.data[r * rb..(r + 1) * rb];
+                // Two weight rows a pass (independent accumulators), up to four activation rows.
+                let mut r = range.start;
+                while r < range.end {
+                    let pair = r + 1 < range.end;
                     let mut j = tile;
-                    while j + 4 <= tile_end {
-                        let a = act_row;
-                        let v = own::dot_rows(simd, ty, w, [a(j), a(j + 1), a(j + 2), a(j + 3)]);
-                        for (k, v) in v.into_iter().enumerate() {
-                            out.set(j + k, r, v);
+                    while j < tile_end {
+                        let left = tile_end - j;
+                        let take = if left >= 4 {
+                            4
+                        } else if left >= 2 {
+                            2
+                        } else {
+                            1
+                        };
+                        let put = |i: usize, vals: &[f32]| {
+                            for (k, v) in vals.iter().enumerate() {
+                                out.set(j + k, r + i, *v);
+                            }
+                        };
+                        match (pair, take) {
+                            (true, 4) => {
+                                let v = own::dot_tile(
+                                    simd,
+                                    ty,
+                                    [w(r), w(r + 1)],
+                                    [a(j), a(j + 1), a(j + 2), a(j + 3)],
+                                );
+                                put(0, &v[0]);
+                                put(1, &v[1]);
+                            }
+                            (true, 2) => {
+                                let v = own::dot_tile(simd, ty, [w(r), w(r + 1)], [a(j), a(j + 1)]);
+                                put(0, &v[0]);
+                                put(1, &v[1]);
+                            }
+                            (true, _) => {
+                                let v = own::dot_tile(simd, ty, [w(r), w(r + 1)], [a(j)]);
+                                put(0, &v[0]);
+                                put(1, &v[1]);
+                            }
+                            (false, 4) => put(
+                                0,
+                                &own::dot_tile(
+                                    simd,
+                                    ty,
+                                    [w(r)],
+                                    [a(j), a(j + 1), a(j + 2), a(j + 3)],
+                                )[0],
+                            ),
+                            (false, 2) => {
+                                put(0, &own::dot_tile(simd, ty, [w(r)], [a(j), a(j + 1)])[0])
+                            }
+                            (false, _) => put(0, &own::dot_tile(simd, ty, [w(r)], [a(j)])[0]),
                         }
-                        j += 4;
+                        j += take;
                     }
-                    while j + 2 <= tile_end {
-                        let v = own::dot_rows(simd, ty, w, [act_row(j), act_row(j + 1)]);
-                        out.set(j, r, v[0]);
-                        out.set(j + 1, r, v[1]);
-                        j += 2;
-                    }
-                    if j < tile_end {
-                        out.set(j, r, own::dot_rows(simd, ty, w, [act_row(j)])[0]);
-                    }
+                    r += if pair { 2 } else { 1 };
                 }
             }
         });

@@ -78,22 +78,26 @@ impl Simd {
     }
 }
 
-/// Dot products of one weight row (`w`: its blocks' bytes) with `NR` activation rows (each the
-/// same number of blocks).
+/// Dot products of `R` weight rows (`ws[i]`: that row's blocks' bytes) with `NR` activation
+/// rows (each as many blocks): `out[i][j] = ws[i] · acts[j]`. Several weight rows a pass give
+/// the AVX2 loop independent accumulators (the FMA latency, not the multiplies, bounds a single
+/// row); several activation rows decode each weight block once for all of them.
 #[inline]
-pub fn dot_rows<const NR: usize>(
+pub fn dot_tile<const R: usize, const NR: usize>(
     simd: Simd,
     ty: OwnType,
-    w: &[u8],
+    ws: [&[u8]; R],
     acts: [&[ActBlock]; NR],
-) -> [f32; NR] {
-    debug_assert!(acts.iter().all(|a| a.len() * ty.block_bytes() == w.len()));
+) -> [[f32; NR]; R] {
+    assert!(ws
+        .iter()
+        .all(|w| acts.iter().all(|a| a.len() * ty.block_bytes() == w.len())));
     match simd {
-        Simd::Portable => portable::dot_rows(ty, w, acts),
+        Simd::Portable => ws.map(|w| portable::dot_rows(ty, w, acts)),
         // SAFETY: `Simd::Avx2` is only made by `detect` after checking AVX2, FMA and F16C, and
-        // every activation row has as many blocks as `w` (checked by the callers' shapes).
+        // every activation row has as many blocks as each weight row (asserted above).
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => unsafe { avx2::dot_rows(ty, w, acts) },
+        Simd::Avx2 => unsafe { avx2::dot_tile(ty, ws, acts) },
     }
 }
 
@@ -175,92 +179,88 @@ mod avx2 {
     use super::*;
 
     /// # Safety
-    /// The CPU has AVX2, FMA and F16C; every `acts[j]` has `w.len() / ty.block_bytes()` blocks.
+    /// The CPU has AVX2, FMA and F16C; every `acts[j]` has `ws[i].len() / ty.block_bytes()`
+    /// blocks for every `i`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_rows<const NR: usize>(
+    pub unsafe fn dot_tile<const R: usize, const NR: usize>(
         ty: OwnType,
-        w: &[u8],
+        ws: [&[u8]; R],
         acts: [&[ActBlock]; NR],
-    ) -> [f32; NR] {
+    ) -> [[f32; NR]; R] {
         match ty {
-            OwnType::Q4_0 => dot_q4::<NR, false>(w, acts),
-            OwnType::Q4_1 => dot_q4::<NR, true>(w, acts),
-            OwnType::Q8_0 => dot_q8::<NR>(w, acts),
+            OwnType::Q4_0 => dot::<R, NR, 0>(ws, acts),
+            OwnType::Q4_1 => dot::<R, NR, 1>(ws, acts),
+            OwnType::Q8_0 => dot::<R, NR, 2>(ws, acts),
         }
     }
 
+    /// One weight block as two halves of 16 i16 values (0..16 and 16..32), its scale `d` and
+    /// the factor of the activations' `s` (Q4_1: `m`; Q4_0: `-8 d`; Q8_0: 0).
+    /// `KIND`: 0 Q4_0, 1 Q4_1, 2 Q8_0.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q4<const NR: usize, const HAS_MIN: bool>(
-        w: &[u8],
-        acts: [&[ActBlock]; NR],
-    ) -> [f32; NR] {
-        let (bb, off) = if HAS_MIN { (20, 4) } else { (18, 2) };
-        let nb = w.len() / bb;
-        let low = _mm_set1_epi8(0x0f);
-        let mut acc = [_mm256_setzero_ps(); NR];
-        let mut acc_m = [0.0f32; NR];
-        let wp = w.as_ptr();
-        for b in 0..nb {
-            let p = wp.add(b * bb);
-            // d (and m for Q4_1) from the block's first four bytes; for Q4_0 the second lane is
-            // two nibble bytes and is not used.
-            let scales = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
-            let d = _mm_cvtss_f32(scales);
-            let m = if HAS_MIN {
-                _mm_cvtss_f32(_mm_movehdup_ps(scales))
-            } else {
-                -8.0 * d
-            };
-            let raw = _mm_loadu_si128(p.add(off) as *const __m128i);
-            // Values 0..16 (low nibbles) and 16..32 (high nibbles), widened to i16.
-            let lo = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low));
-            let hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low));
-            for j in 0..NR {
-                let a = acts[j].get_unchecked(b);
-                let y = a.qs.as_ptr() as *const __m256i;
-                // |q| <= 15 and |y| <= 32767: each pair sum and their total fit in i32.
-                let prod = _mm256_add_epi32(
-                    _mm256_madd_epi16(lo, _mm256_loadu_si256(y)),
-                    _mm256_madd_epi16(hi, _mm256_loadu_si256(y.add(1))),
-                );
-                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(prod), acc[j]);
-                acc_m[j] += m * a.s;
-            }
-        }
-        let mut out = [0.0f32; NR];
-        for j in 0..NR {
-            out[j] = hsum(acc[j]) + acc_m[j];
-        }
-        out
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q8<const NR: usize>(w: &[u8], acts: [&[ActBlock]; NR]) -> [f32; NR] {
-        let nb = w.len() / 34;
-        let mut acc = [_mm256_setzero_ps(); NR];
-        let wp = w.as_ptr();
-        for b in 0..nb {
-            let p = wp.add(b * 34);
+    #[inline]
+    unsafe fn block<const KIND: u8>(p: *const u8) -> (__m256i, __m256i, f32, f32) {
+        if KIND == 2 {
             let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
                 p as *const u16,
             ) as i32)));
             let q = p.add(2) as *const __m128i;
             let lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(q));
             let hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(1)));
-            for j in 0..NR {
-                let a = acts[j].get_unchecked(b);
-                let y = a.qs.as_ptr() as *const __m256i;
-                // |q| <= 128 and |y| <= 32767: 32 products sum to under 2^28.
-                let prod = _mm256_add_epi32(
-                    _mm256_madd_epi16(lo, _mm256_loadu_si256(y)),
-                    _mm256_madd_epi16(hi, _mm256_loadu_si256(y.add(1))),
-                );
-                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(prod), acc[j]);
+            return (lo, hi, d, 0.0);
+        }
+        // d (and m for Q4_1) from the block's first four bytes; for Q4_0 the second lane is two
+        // nibble bytes and is not used.
+        let scales = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
+        let d = _mm_cvtss_f32(scales);
+        let (m, off) = if KIND == 1 {
+            (_mm_cvtss_f32(_mm_movehdup_ps(scales)), 4)
+        } else {
+            (-8.0 * d, 2)
+        };
+        let low = _mm_set1_epi8(0x0f);
+        let raw = _mm_loadu_si128(p.add(off) as *const __m128i);
+        let lo = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low));
+        let hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low));
+        (lo, hi, d, m)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot<const R: usize, const NR: usize, const KIND: u8>(
+        ws: [&[u8]; R],
+        acts: [&[ActBlock]; NR],
+    ) -> [[f32; NR]; R] {
+        let bb = [18, 20, 34][KIND as usize];
+        let nb = ws[0].len() / bb;
+        let mut acc = [[_mm256_setzero_ps(); NR]; R];
+        let mut acc_m = [[0.0f32; NR]; R];
+        for b in 0..nb {
+            for i in 0..R {
+                let (lo, hi, d, m) = block::<KIND>(ws[i].as_ptr().add(b * bb));
+                for j in 0..NR {
+                    let a = acts[j].get_unchecked(b);
+                    let y = a.qs.as_ptr() as *const __m256i;
+                    // |q| <= 128 and |y| <= 32767: 32 products sum to under 2^28, no overflow.
+                    let prod = _mm256_add_epi32(
+                        _mm256_madd_epi16(lo, _mm256_loadu_si256(y)),
+                        _mm256_madd_epi16(hi, _mm256_loadu_si256(y.add(1))),
+                    );
+                    acc[i][j] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(d * a.d),
+                        _mm256_cvtepi32_ps(prod),
+                        acc[i][j],
+                    );
+                    if KIND != 2 {
+                        acc_m[i][j] += m * a.s;
+                    }
+                }
             }
         }
-        let mut out = [0.0f32; NR];
-        for j in 0..NR {
-            out[j] = hsum(acc[j]);
+        let mut out = [[0.0f32; NR]; R];
+        for i in 0..R {
+            for j in 0..NR {
+                out[i][j] = hsum(acc[i][j]) + acc_m[i][j];
+            }
         }
         out
     }
@@ -332,10 +332,12 @@ mod tests {
                 .collect();
             let scale: f64 = wf.iter().map(|v| v.abs() as f64).sum::<f64>() * 3.2;
             for simd in [Simd::Portable, Simd::detect()] {
-                let four = dot_rows(simd, ty, &w, [rows[0], rows[1], rows[2], rows[3]]);
+                let all = [rows[0], rows[1], rows[2], rows[3]];
+                let four = dot_tile(simd, ty, [&w], all)[0];
+                let two_rows = dot_tile(simd, ty, [&w, &w], all);
                 for j in 0..4 {
-                    let one = dot_rows(simd, ty, &w, [rows[j]])[0];
-                    for got in [four[j], one] {
+                    let one = dot_tile(simd, ty, [&w], [rows[j]])[0][0];
+                    for got in [four[j], one, two_rows[0][j], two_rows[1][j]] {
                         assert!(
                             (got as f64 - want[j]).abs() <= 1e-5 * scale,
                             "{ty:?} {simd:?} row {j}: {got} vs {}",
