@@ -79,12 +79,12 @@ def stop(proc):
         proc.wait()
 
 
-def bench_serve(tpserve, base, args, out):
+def bench_serve(tpserve, base, args, out, extra=()):
     cmd = [tpserve, "bench", "serve", "--base-url", base, "--model", "smollm2",
            "--num-prompts", str(args.num_prompts), "--max-concurrency", str(args.concurrency),
            "--random-input-len", str(args.serve_input_len),
            "--random-output-len", str(args.serve_output_len), "--seed", str(args.seed),
-           "--result-json", out]
+           "--result-json", out, *extra]
     subprocess.run(cmd, check=True, stdout=sys.stderr)
     with open(out) as f:
         return json.load(f)
@@ -151,12 +151,21 @@ def main():
                               stdout=sys.stderr, stderr=sys.stderr)
     try:
         wait_healthy(f"{base}/v1/models", server)
+        # llama.cpp's server ignores `ignore_eos`: ban SmolLM2's end tokens (<|endoftext|>,
+        # <|im_start|>, <|im_end|>) so that it, too, generates every requested token.
+        no_eos = ["--extra-body", json.dumps({"logit_bias": {"0": -100, "1": -100, "2": -100}})]
         result["llama_cpp_serve"] = bench_serve(tpserve, base, args,
-                                                f"{tmp}/.llama-cpp-serve.json")
+                                                f"{tmp}/.llama-cpp-serve.json", no_eos)
     finally:
         stop(server)
     result["loadavg"]["end"] = load()
 
+    for k in ("tpserve_serve", "llama_cpp_serve"):
+        r = result[k]
+        want = args.num_prompts * args.serve_output_len
+        if r["failed"] or r["total_output_tokens"] != want:
+            print(f"warning: {k}: {r['failed']} failed, {r['total_output_tokens']} output tokens "
+                  f"(asked for {want})", file=sys.stderr)
     d_ours = result["tpserve_decode"]["decode_tokens_per_s"]
     d_ref = result["llama_cpp_decode"]["decode_tokens_per_s"]
     s_ours = result["tpserve_serve"]["output_throughput"]
