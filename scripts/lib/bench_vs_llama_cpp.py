@@ -147,7 +147,9 @@ def main():
     server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", model,
                                "--model_alias", "smollm2", "--host", "127.0.0.1", "--port",
                                str(args.port), "--n_threads", str(args.threads),
-                               "--n_threads_batch", str(args.threads), "--n_ctx", "2048"],
+                               "--n_threads_batch", str(args.threads), "--n_ctx", "2048",
+                               # By default a new request cuts off the one being streamed.
+                               "--interrupt_requests", "False"],
                               stdout=sys.stderr, stderr=sys.stderr)
     try:
         wait_healthy(f"{base}/v1/models", server)

@@ -9,7 +9,8 @@
 //! 0.73% to 0.82%). Q4_0/Q4_1/Q8_0 (our kernels) round to 16 bits per block of 32, 256 times
 //! finer: allowed 0.02% (measured 0.002%). SmolLM2 (Q4_1, 16-bit) compounds it over 30 layers:
 //! allowed 0.1% (measured 0.03%). Every position whose f32 top-two margin exceeds twice the
-//! tolerance must pick the same token.
+//! tolerance must pick the same token. Prefill chunks of 8 rows keep these products on the block
+//! dot products; from 16 rows they multiply dequantized tiles (checked separately).
 
 mod common;
 
@@ -202,9 +203,9 @@ fn tensor_parallel_quantized_matches_the_f32_path() {
     let path = dir.path().join("q4_1.gguf");
     write_gguf(&path, GgmlDType::Q4_1);
     let ids: Vec<u32> = (0..24).map(|i| (i * 11 % VOCAB) as u32).collect();
-    let want = prefill_logits(&path, 1, &ids, 24);
+    let want = prefill_logits(&path, 1, &ids, 8);
     for tp in [1, 2] {
-        let got = prefill_logits_as(&path, tp, &ids, 24, "auto");
+        let got = prefill_logits_as(&path, tp, &ids, 8, "auto");
         let err = err_of_scale(&got, &want);
         eprintln!(
             "Q4_1 TP={tp}: max |quantized - f32| = {:.4}% of max |logit|",
@@ -212,6 +213,21 @@ fn tensor_parallel_quantized_matches_the_f32_path() {
         );
         assert!(err > 0.0 && err <= Q16_TOL, "TP={tp}: {err}");
     }
+}
+
+#[test]
+fn prefill_chunks_of_many_rows_multiply_dequantized_tiles() {
+    // From 16 rows a product dequantizes weight tiles for the f32 GEMM: the f32 path's numbers up
+    // to the GEMM's summation order over differently sized tiles.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q4_1.gguf");
+    write_gguf(&path, GgmlDType::Q4_1);
+    let ids: Vec<u32> = (0..48).map(|i| (i * 5 % VOCAB) as u32).collect();
+    let want = prefill_logits(&path, 1, &ids, 48);
+    let got = prefill_logits_as(&path, 1, &ids, 48, "auto");
+    let err = err_of_scale(&got, &want);
+    eprintln!("Q4_1 prefill of 48 rows: {err:e} of max |logit|");
+    assert!(err <= 1e-5, "{err}");
 }
 
 #[test]
@@ -240,8 +256,8 @@ fn smollm2_quantized_keeps_the_f32_greedy_choices() {
                 .iter()
                 .map(|x| x.as_u64().unwrap() as u32),
         );
-        let want = prefill_logits(&default_model(), 1, &ids, 16);
-        let got = prefill_logits_as(&default_model(), 1, &ids, 16, "auto");
+        let want = prefill_logits(&default_model(), 1, &ids, 8);
+        let got = prefill_logits_as(&default_model(), 1, &ids, 8, "auto");
         let err = err_of_scale(&got, &want);
         let (d, n) = greedy_disagreements(&got, &want, vocab, SMOLLM2_TOL);
         eprintln!(

@@ -3,8 +3,9 @@
 //! ([`super::quant`]). Large dense products go through the `gemm` crate (the kernel candle-core
 //! itself uses), called on our own buffers so that activations never need to be wrapped in
 //! tensors; one-row dense products (single-sequence decode) use a row-parallel dot loop, which
-//! streams the weights once and is bound by memory bandwidth. Quantized products compute each
-//! output by the same block dot products whatever the batch.
+//! streams the weights once and is bound by memory bandwidth. Quantized products use block dot
+//! products for few rows and dequantized tiles through the same GEMM for many
+//! ([`QuantLinear::matmul`]); row by row, always the block dot products.
 
 use rayon::prelude::*;
 
@@ -107,8 +108,8 @@ impl Linear {
         if n > 0 {
             match &self.weights {
                 Weights::Dense(w) => self.forward_dots(w, x, n, &mut out),
-                // Already row by row: each output is the same block dot products in any batch.
-                Weights::Quantized(q) => q.matmul(x, n, &mut out),
+                // Block dot products: each output the same in any batch.
+                Weights::Quantized(q) => q.matmul_rows(x, n, &mut out),
             }
         }
         self.add_bias(&mut out);

@@ -57,6 +57,13 @@ impl OutRows {
         }
     }
 
+    /// Where column `r` of row 0 is (row `j` is `ld * j` further).
+    fn column(&self, r: usize) -> *mut f32 {
+        assert!(r < self.rows);
+        // SAFETY: in bounds by the assertion and `new`'s.
+        unsafe { self.ptr.add(r) }
+    }
+
     #[inline]
     fn set(&self, j: usize, r: usize, v: f32) {
         assert!(j < self.n && r < self.rows);
@@ -193,6 +200,14 @@ impl Kernel for OwnBlocks {
     }
 }
 
+/// Rows from which a product dequantizes weight tiles for the f32 GEMM instead of quantizing the
+/// activations (prefill chunks; decode batches of up to 15 sequences stay on the block dots).
+pub const DENSE_MIN_ROWS: usize = 16;
+
+/// Weight rows dequantized at a time by one task: 128 rows of SmolLM2's 576 or 1536 columns are
+/// 0.3-0.8 MB of f32, within a core's L2.
+const DENSE_TILE_ROWS: usize = 128;
+
 /// Which kernels to use for the types both implement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelChoice {
@@ -274,13 +289,70 @@ impl QuantLinear {
         self.segments.iter().map(|(_, _, k)| k.dtype()).collect()
     }
 
-    /// `out [n, rows] = x [n, cols] · Wᵀ`.
+    /// `out [n, rows] = x [n, cols] · Wᵀ`: block dot products with quantized activations for
+    /// few rows (decode), and from [`DENSE_MIN_ROWS`] rows on (prefill) tiles of the weights
+    /// dequantized to f32 and multiplied by the f32 GEMM, as llama.cpp hands large batches to
+    /// its dequantize-and-GEMM path: the weights are read once for many rows, so the integer
+    /// dot products' saving on bytes no longer pays for their per-block overhead.
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        if n >= DENSE_MIN_ROWS {
+            self.matmul_dense_tiles(x, n, out);
+        } else {
+            self.matmul_rows(x, n, out);
+        }
+    }
+
+    /// As [`Self::matmul`], always by block dot products: each output row is computed the same
+    /// way whatever `n` (batch invariance).
+    pub fn matmul_rows(&self, x: &[f32], n: usize, out: &mut [f32]) {
         assert_eq!(x.len(), n * self.cols);
         assert_eq!(out.len(), n * self.rows);
         for (first, rows, k) in &self.segments {
             k.matmul(x, n, &OutRows::new(out, self.rows, *first, *rows, n));
         }
+    }
+
+    fn matmul_dense_tiles(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        assert_eq!(x.len(), n * self.cols);
+        assert_eq!(out.len(), n * self.rows);
+        let (cols, ld) = (self.cols, self.rows);
+        let tiles = self.rows.div_ceil(DENSE_TILE_ROWS);
+        let dst = OutRows::new(out, ld, 0, ld, n);
+        (0..tiles).into_par_iter().for_each_init(Vec::new, |w, t| {
+            let first = t * DENSE_TILE_ROWS;
+            let rows = DENSE_TILE_ROWS.min(self.rows - first);
+            w.resize(rows * cols, 0.0);
+            for (r, dst_row) in w.chunks_exact_mut(cols).enumerate() {
+                self.dequantize_row(first + r, dst_row);
+            }
+            // SAFETY: `dst` spans `out`, [n, ld] row-major; this task writes columns
+            // first..first+rows of every row, which no other task writes. `x` is [n, cols] and
+            // `w` is [rows, cols], row-major, both live for the call; the strides below describe
+            // exactly those layouts (rhs element (k, j) = w[j * cols + k]).
+            unsafe {
+                gemm::gemm(
+                    n,
+                    rows,
+                    cols,
+                    dst.column(first),
+                    1,
+                    ld as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    cols as isize,
+                    w.as_ptr(),
+                    cols as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
     }
 
     /// Row `r` as f32 into `dst` (`cols` values): an embedding lookup.
