@@ -10,10 +10,14 @@
 //! measures both on the same weights; ours won on the types we run ourselves (see
 //! docs/PERFORMANCE.md).
 //!
+//! Products of 16 rows or more (prefill chunks) instead dequantize 128-row weight tiles and use
+//! the f32 GEMM ([`QuantLinear::matmul`]): the weights are then read once for many rows.
+//!
 //! Invariants: a [`QuantLinear`] is one or more row segments (the fused q|k|v or gate|up parts,
-//! merged when they share a block type), each `[rows_i, cols]`; each output row is computed by
-//! the same sequence of block dot products whatever the batch, so results are batch invariant.
-//! Costs: the weights' file size in memory; per product, one quantized copy of the activations.
+//! merged when they share a block type), each `[rows_i, cols]`; through
+//! [`QuantLinear::matmul_rows`] each output row is computed by the same sequence of block dot
+//! products whatever the batch (batch invariance). Costs: the weights' file size in memory; per
+//! product, one quantized copy of the activations, or one f32 weight tile per task.
 
 mod act;
 pub mod candle_blocks;
