@@ -58,6 +58,12 @@ pub struct EngineArgs {
     /// `float16` (GPU).
     #[arg(long, env = "TPSERVE_DTYPE", default_value = "auto")]
     pub dtype: String,
+    /// Quantized weights (vLLM's `--quantization`): `gguf` keeps a GGUF file's blocks quantized
+    /// and multiplies them directly (CPU backend; the default for a GGUF on the CPU unless
+    /// `--dtype float32`), `none` dequantizes at load. Default: what the checkpoint holds. Other
+    /// methods (fp8, awq, gptq, ...) are refused at start, by name.
+    #[arg(long, short = 'q', env = "TPSERVE_QUANTIZATION")]
+    pub quantization: Option<String>,
     /// Device of the workers this coordinator spawns: `auto` (a GPU when a CUDA driver and GPUs
     /// are present, else the CPU), `cpu` or `cuda` (rank r on GPU r).
     #[arg(long, env = "TPSERVE_DEVICE", default_value = "auto")]
@@ -205,6 +211,7 @@ impl EngineArgs {
                 self.dtype
             ));
         }
+        crate::quantization::validate_flag(self.quantization.as_deref(), &self.dtype)?;
         if !(self.engine_stall_timeout.is_finite() && self.engine_stall_timeout > 0.0) {
             return bad(format!(
                 "--engine-stall-timeout must be a positive number of seconds, not {}",

@@ -80,6 +80,11 @@ pub async fn launch(
     };
     let source = ModelSource::open(&args.model, format)?;
     let config = source.config().clone();
+    let quantization = match args.load_format {
+        // Random weights are plain floats whatever the flag asks.
+        LoadFormat::Dummy => crate::quantization::resolve(args.quantization.as_deref(), None)?,
+        _ => crate::quantization::resolve(args.quantization.as_deref(), source.quantization())?,
+    };
     let tokenizer = Arc::new(source.tokenizer()?);
     let chat_template = source.chat_template()?.map(Arc::new);
     let model_len = config.max_position_embeddings;
@@ -135,6 +140,7 @@ pub async fn launch(
             LoadFormat::Dummy => pb::LoadFormat::Dummy,
         },
         dtype: args.dtype.clone(),
+        quantization,
         block_size: args.block_size as u32,
         // 0 lets each worker decide (2 GiB on the CPU, the memory profile on a GPU).
         kv_cache_bytes: args
@@ -242,10 +248,11 @@ pub async fn launch(
         String::new()
     };
     tracing::info!(
-        "engine ready in {}: {}, tensor-parallel size {}, {} of {} tokens, max-model-len {max_model_len}{graphs}",
+        "engine ready in {}: {}, tensor-parallel size {}, quantization {}, {} of {} tokens, max-model-len {max_model_len}{graphs}",
         human::duration(started.elapsed()),
         ready.device,
         args.tensor_parallel_size,
+        ready.quantization,
         human::count(ready.num_blocks, "KV block"),
         args.block_size,
     );
@@ -253,6 +260,7 @@ pub async fn launch(
         name,
         aliases,
         max_model_len: max_model_len as u32,
+        quantization: ready.quantization.clone(),
         tokenizer,
         chat_template,
         created: SystemTime::now()

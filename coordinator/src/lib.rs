@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod launch;
 pub mod metrics;
 pub mod offline;
+pub mod quantization;
 pub mod scheduler;
 pub mod serve;
 pub mod served_model;

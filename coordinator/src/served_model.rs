@@ -18,6 +18,9 @@ pub struct ServedModel {
     pub aliases: Vec<String>,
     /// The longest sequence (prompt plus output) a request may have.
     pub max_model_len: u32,
+    /// The quantization the workers run (`/v1/models`' `quantization`): `gguf (Q4_1, Q8_0)`
+    /// with the block types, or `none`.
+    pub quantization: String,
     /// The tokenizer (also used for `/tokenize` and `/detokenize`).
     pub tokenizer: Arc<tokenizers::Tokenizer>,
     /// The chat template, when the model has one.

@@ -19,4 +19,4 @@ pub use config::{LlamaConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use lora::{LoraAdapter, LoraModule, Projection};
 pub use source::{Format, GenerationDefaults, ModelSource};
-pub use weights::WeightReader;
+pub use weights::{QuantizedTensor, WeightReader};

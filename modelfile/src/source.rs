@@ -59,7 +59,11 @@ pub struct GenerationDefaults {
 }
 
 enum Inner {
-    HfDir { generation: GenerationDefaults },
+    HfDir {
+        generation: GenerationDefaults,
+        /// `quantization_config.quant_method` of config.json, when the checkpoint has one.
+        quant_method: Option<String>,
+    },
     Gguf(Arc<GgufFile>),
 }
 
@@ -95,6 +99,18 @@ fn read_json_if_exists(path: &Path) -> Result<Option<Json>> {
 }
 
 /// A special token in `tokenizer_config.json`: a string, or an `AddedToken` object.
+/// `quantization_config.quant_method` of a config.json's text (already parsed once as valid).
+fn quant_method(config_json: &str) -> Option<String> {
+    let j: Json = serde_json::from_str(config_json).ok()?;
+    let q = j.get("quantization_config")?;
+    Some(
+        q.get("quant_method")
+            .and_then(Json::as_str)
+            .unwrap_or("unknown (quantization_config without quant_method)")
+            .to_string(),
+    )
+}
+
 fn token_content(j: &Json, key: &str) -> Option<String> {
     match j.get(key)? {
         Json::String(s) => Some(s.clone()),
@@ -153,6 +169,7 @@ impl ModelSource {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let mut config = LlamaConfig::from_hf_json(&text)?;
+        let quant_method = quant_method(&text);
         let mut generation = GenerationDefaults::default();
         if let Some(g) = read_json_if_exists(&dir.join("generation_config.json"))? {
             merge_ids(&mut config.eos_token_ids, token_ids(&g, "eos_token_id")?);
@@ -165,7 +182,10 @@ impl ModelSource {
             path: dir.to_path_buf(),
             format: Format::Safetensors,
             config,
-            inner: Inner::HfDir { generation },
+            inner: Inner::HfDir {
+                generation,
+                quant_method,
+            },
         })
     }
 
@@ -289,7 +309,7 @@ impl ModelSource {
     /// Sampling defaults from `generation_config.json`; all `None` for GGUF or when absent.
     pub fn generation_defaults(&self) -> GenerationDefaults {
         match &self.inner {
-            Inner::HfDir { generation } => *generation,
+            Inner::HfDir { generation, .. } => *generation,
             Inner::Gguf(_) => GenerationDefaults::default(),
         }
     }
@@ -297,6 +317,16 @@ impl ModelSource {
     /// The weights under Hugging Face names. For a directory this maps the safetensors files
     /// (`model.safetensors.index.json` shards, or `model.safetensors`); for GGUF it shares the
     /// already-mapped file.
+    /// How the checkpoint's weights are quantized: `gguf` for a GGUF file (whatever its block
+    /// types), a Hugging Face checkpoint's `quantization_config.quant_method` (`fp8`, `awq`,
+    /// `gptq`, `compressed-tensors`, ...), or `None` for plain floating-point weights.
+    pub fn quantization(&self) -> Option<&str> {
+        match &self.inner {
+            Inner::HfDir { quant_method, .. } => quant_method.as_deref(),
+            Inner::Gguf(_) => Some("gguf"),
+        }
+    }
+
     pub fn weights(&self) -> Result<Box<dyn WeightReader>> {
         match &self.inner {
             Inner::HfDir { .. } => Ok(Box::new(SafetensorsReader::open_dir(&self.path)?)),

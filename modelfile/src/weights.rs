@@ -7,12 +7,15 @@
 //! the reader is built and never re-parsed. GGUF q/k projections come back un-permuted (see
 //! [`crate::gguf`]), so the worker can use rotate-half RoPE for every format. Costs: safetensors
 //! reads copy and convert only the requested bytes from the mapping; GGUF reads dequantize the
-//! whole tensor (a slice narrows afterwards), about one f32 copy of the tensor.
+//! whole tensor (a slice narrows afterwards), about one f32 copy of the tensor, and GGUF's
+//! quantized tensors can also be read as their blocks ([`WeightReader::read_quantized`]).
 
 mod gguf_reader;
+mod quantized;
 mod safetensors_reader;
 
 pub use gguf_reader::GgufReader;
+pub use quantized::QuantizedTensor;
 pub use safetensors_reader::SafetensorsReader;
 
 use crate::error::Result;
@@ -37,6 +40,12 @@ pub trait WeightReader: Send + Sync {
         start: usize,
         len: usize,
     ) -> Result<candle_core::Tensor>;
+    /// The whole 2-D tensor in its stored quantized blocks (un-permuted like `read`), or `None`
+    /// when it is not stored quantized (safetensors, or GGUF F32/F16/BF16).
+    fn read_quantized(&self, name: &str) -> Result<Option<QuantizedTensor>> {
+        let _ = name;
+        Ok(None)
+    }
 }
 
 /// Checks a slice request against a shape; shared by both readers so they fail alike.

@@ -37,11 +37,12 @@ def _bundled_worker() -> Optional[str]:
 def engine_argv(model: Union[str, os.PathLike], kwargs: Dict[str, Any], caller: str) -> List[str]:
     """The flags of ``tpserve generate``'s engine for ``caller(model, **kwargs)``."""
     kwargs = dict(kwargs)
-    quantization = kwargs.pop("quantization", None)
-    if quantization not in (None, "gguf"):
+    quantization = kwargs.get("quantization")
+    if quantization not in (None, "gguf", "none"):
         raise ValueError(
-            f"quantization={quantization!r} is not supported: tpserve reads GGUF files "
-            "(dequantized at load) and safetensors checkpoints as stored"
+            f"quantization={quantization!r} is not supported: tpserve runs GGUF files (kept "
+            "quantized on the CPU, quantization='gguf'; or dequantized, 'none') and unquantized "
+            "safetensors checkpoints"
         )
     if kwargs.pop("enable_lora", False):
         raise ValueError("LoRA adapters (enable_lora=True) are not supported yet")

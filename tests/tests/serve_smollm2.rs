@@ -189,6 +189,8 @@ async fn models_tokenize_and_detokenize_routes_answer() {
         .unwrap();
     assert_eq!(m["data"][0]["id"], "smollm2");
     assert_eq!(m["data"][0]["max_model_len"], 2048);
+    // The GGUF's blocks stay quantized on the CPU: Q4_1 layers, the Q8_0 embedding.
+    assert_eq!(m["data"][0]["quantization"], "gguf (Q4_1,Q8_0)");
     let t: Value = post_json(
         &http,
         s.url("/tokenize"),
@@ -248,4 +250,46 @@ async fn thirty_two_concurrent_streams_each_return_what_they_return_alone() {
         assert_eq!(a, t, "prompt {i} differs when batched");
     }
     s.stop().await;
+}
+
+/// Runs `tpserve serve` with `args` and returns its exit status and stderr; for start refusals.
+fn serve_refused(args: &[&str]) -> String {
+    let out = std::process::Command::new(tpserve_e2e::binary("tpserve"))
+        .arg("serve")
+        .args(args)
+        .args(["--port", "0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} started: {stderr}");
+    stderr
+}
+
+#[test]
+fn quantization_methods_we_do_not_run_are_refused_at_start_by_name() {
+    let model = default_model().display().to_string();
+    let err = serve_refused(&["--model", &model, "--quantization", "awq"]);
+    assert!(err.contains("--quantization awq is not supported"), "{err}");
+    let err = serve_refused(&["--model", &model, "-q", "gguf", "--dtype", "float32"]);
+    assert!(
+        err.contains("--quantization gguf") && err.contains("--dtype float32"),
+        "{err}"
+    );
+    // A Hugging Face checkpoint whose config.json says it is GPTQ-quantized.
+    let fixture = tpserve_e2e::repo_root().join("tests/fixtures/tiny-llama");
+    let dir = std::env::temp_dir().join(format!("tpserve-gptq-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    config["quantization_config"] = json!({"quant_method": "gptq", "bits": 4, "group_size": 128});
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let err = serve_refused(&["--model", &dir.display().to_string()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(err.contains("quantized with \"gptq\""), "{err}");
+    let err = serve_refused(&["--model", &fixture.display().to_string(), "-q", "gguf"]);
+    assert!(err.contains("--quantization gguf needs"), "{err}");
 }

@@ -9,7 +9,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use rand::{Rng, SeedableRng};
-use tpserve_modelfile::{Format, LlamaConfig, ModelSource, WeightReader};
+use tpserve_modelfile::{Format, LlamaConfig, ModelSource, QuantizedTensor, WeightReader};
 use tpserve_proto as pb;
 use tpserve_term::progress::{Task, Unit};
 
@@ -196,6 +196,40 @@ pub fn read_fused(source: &WeightSource, parts: &[Part]) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// Reads fused parts in their stored quantized blocks, stacked by rows: `None` when the source
+/// does not hold every part quantized (safetensors, dummy weights, F32/F16 GGUF tensors) or a
+/// part's column slice would cut blocks (tensor parallelism over a dimension that is not a
+/// multiple of the block size); the caller then reads f32.
+pub fn read_quantized_fused(
+    source: &WeightSource,
+    parts: &[Part],
+) -> Result<Option<Vec<QuantizedTensor>>> {
+    let WeightSource::Reader(reader) = source else {
+        return Ok(None);
+    };
+    let mut out = Vec::with_capacity(parts.len());
+    for part in parts {
+        let Some(t) = reader.read_quantized(&part.name)? else {
+            return Ok(None);
+        };
+        let t = match &part.slice {
+            Some((dim, r)) => match t.narrow(*dim, r.start, r.len()) {
+                Some(t) => t,
+                None => return Ok(None),
+            },
+            None => t,
+        };
+        if [t.rows, t.cols] != part.shape[..] {
+            return Err(tensor_err(
+                &part.name,
+                format!("shape [{}, {}], expected {:?}", t.rows, t.cols, part.shape),
+            ));
+        }
+        out.push(t);
+    }
+    Ok(Some(out))
+}
+
 /// Resolves a load request to the model's config and weights as rank `rank` of `world` sees
 /// them, and calls `load` with them: a checkpoint read in the requested format, or random weights
 /// of a config.json's shape (`LOAD_FORMAT_DUMMY`).
@@ -262,6 +296,14 @@ impl WeightReader for Counted<'_> {
         self.task.inc(1);
         t
     }
+
+    fn read_quantized(&self, name: &str) -> tpserve_modelfile::Result<Option<QuantizedTensor>> {
+        let t = self.inner.read_quantized(name);
+        if matches!(t, Ok(Some(_))) {
+            self.task.inc(1);
+        }
+        t
+    }
 }
 
 /// The config of a `dummy` model: `path` is a config.json or a directory holding one.
@@ -290,6 +332,33 @@ fn checkpoint_format(load_format: i32) -> Option<Format> {
         pb::LoadFormat::Safetensors => Some(Format::Safetensors),
         pb::LoadFormat::Gguf => Some(Format::Gguf),
         _ => None,
+    }
+}
+
+/// What a load request asks of the weights' quantization (`LoadModelRequest.quantization`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantizationRequest {
+    /// Keep GGUF blocks where the backend runs them, else dequantize.
+    Auto,
+    /// Keep GGUF blocks; refused where the backend cannot.
+    Gguf,
+    /// Dequantize everything.
+    None,
+}
+
+impl QuantizationRequest {
+    /// Parses the request's field; other methods are refused by name.
+    pub fn parse(quantization: &str) -> Result<Self> {
+        match quantization {
+            "" | "auto" => Ok(Self::Auto),
+            "gguf" => Ok(Self::Gguf),
+            "none" => Ok(Self::None),
+            other => Err(WorkerError::Unsupported {
+                detail: format!(
+                    "quantization method {other:?} (this worker runs: gguf on the CPU, none)"
+                ),
+            }),
+        }
     }
 }
 
@@ -324,5 +393,8 @@ pub fn load_response(
         head_dim: config.head_dim as u32,
         vocab_size: config.vocab_size as u32,
         load_seconds: started.elapsed().as_secs_f64(),
+        // Set by the backend, which knows how it holds the weights.
+        quantization: String::new(),
+        weight_types: String::new(),
     }
 }

@@ -22,6 +22,7 @@ fn card(model: &ServedModel, name: &str) -> ModelCard {
         root: model.name.clone(),
         parent: None,
         max_model_len: model.max_model_len,
+        quantization: model.quantization.clone(),
     }
 }
 
@@ -34,6 +35,7 @@ fn adapter_card(model: &ServedModel, adapter: &AdapterInfo) -> ModelCard {
         root: adapter.path.display().to_string(),
         parent: Some(model.name.clone()),
         max_model_len: model.max_model_len,
+        quantization: model.quantization.clone(),
     }
 }
 

@@ -257,6 +257,8 @@ pub struct ModelCard {
     /// The base model of an adapter; null for a base model.
     pub parent: Option<String>,
     pub max_model_len: u32,
+    /// How the weights run: `gguf (Q4_1, Q8_0)` (blocks kept quantized, their types) or `none`.
+    pub quantization: String,
 }
 
 /// POST `/tokenize`: either `prompt` or `messages`.

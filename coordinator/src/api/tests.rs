@@ -209,6 +209,7 @@ fn harness_with(script: Script, chat_template: Option<ChatTemplate>) -> Harness 
         name: MODEL.to_string(),
         aliases: Vec::new(),
         max_model_len: MAX_MODEL_LEN,
+        quantization: "none".into(),
         tokenizer: Arc::new(tokenizer()),
         chat_template: chat_template.map(Arc::new),
         created: 1_700_000_000,
@@ -1080,7 +1081,7 @@ async fn models_lists_the_served_model() {
     let h = harness(echo());
     let expected = json!({"id": MODEL, "object": "model", "created": 1_700_000_000u64,
                           "owned_by": "tpserve", "root": MODEL, "parent": null,
-                          "max_model_len": MAX_MODEL_LEN});
+                          "max_model_len": MAX_MODEL_LEN, "quantization": "none"});
     let list = get(&h.app, "/v1/models").await;
     assert_eq!(list.status, StatusCode::OK);
     assert_eq!(

@@ -82,6 +82,10 @@ pub struct ServeArgs {
     /// Write the results here as JSON, with vLLM's key names.
     #[arg(long)]
     pub result_json: Option<PathBuf>,
+    /// A JSON object merged into every request's body (vLLM's `--extra-body`): for servers that
+    /// ignore `ignore_eos`, e.g. `{"logit_bias": {"2": -100}}` keeps llama.cpp's from ending early.
+    #[arg(long)]
+    pub extra_body: Option<String>,
 }
 
 /// Which OpenAI endpoint the requests go to.
@@ -369,6 +373,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ServeReport> {
         .tcp_nodelay(true)
         .build()
         .context("building the HTTP client")?;
+    let extra: serde_json::Map<String, serde_json::Value> = match &args.extra_body {
+        Some(text) => serde_json::from_str(text).context("--extra-body must be a JSON object")?,
+        None => serde_json::Map::new(),
+    };
     let mut plans = plan(&args);
     let counted = count_prompt_tokens(&client, &base, &args.model, endpoint, &mut plans).await;
     let url = format!("{base}{}", args.endpoint);
@@ -402,7 +410,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ServeReport> {
             Some(s) => Some(Arc::clone(s).acquire_owned().await?),
             None => None,
         };
-        let body = request_body(endpoint, &args.model, &planned);
+        let mut body = request_body(endpoint, &args.model, &planned);
+        for (key, value) in &extra {
+            body[key] = value.clone();
+        }
         let (client, url, progress) = (client.clone(), url.clone(), Arc::clone(&progress));
         progress.in_flight.fetch_add(1, Ordering::Relaxed);
         progress.show();

@@ -35,6 +35,8 @@ pub struct GroupInit {
     pub load_format: pb::LoadFormat,
     /// Compute dtype.
     pub dtype: String,
+    /// How the workers hold quantized weights.
+    pub quantization: crate::quantization::Quantization,
     /// Tokens per KV block.
     pub block_size: u32,
     /// KV cache bytes per rank (CPU); 0 lets GPU workers size it from memory utilisation.
@@ -72,6 +74,8 @@ pub struct GroupReady {
     pub weight_bytes: Vec<u64>,
     /// Device of rank 0.
     pub device: String,
+    /// The quantization rank 0 runs: `gguf (Q4_1, Q8_0)` with the block types, or `none`.
+    pub quantization: String,
     /// CUDA graphs rank 0 captured, and the seconds capture (with kernel tuning) took.
     pub cuda_graphs: u32,
     pub graph_capture_seconds: f64,
@@ -206,6 +210,7 @@ impl WorkerGroup {
                 max_loras: init.max_loras,
                 max_lora_rank: init.max_lora_rank,
                 max_cpu_loras: init.max_cpu_loras,
+                quantization: init.quantization.as_str().into(),
             };
             async move {
                 c.load_model(req)
@@ -278,6 +283,13 @@ impl WorkerGroup {
             num_blocks,
             weight_bytes: loaded.iter().map(|l| l.weight_bytes).collect(),
             device: format!("{} ({})", info.device_kind, info.device_name),
+            quantization: loaded.first().map_or_else(String::new, |l| {
+                if l.weight_types.is_empty() {
+                    l.quantization.clone()
+                } else {
+                    format!("{} ({})", l.quantization, l.weight_types)
+                }
+            }),
             cuda_graphs: warmups.first().map_or(0, |w| w.cuda_graphs),
             graph_capture_seconds: warmups.first().map_or(0.0, |w| w.graph_capture_seconds),
         })

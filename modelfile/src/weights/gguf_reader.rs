@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use super::{check_slice, WeightReader};
+use super::{check_slice, QuantizedTensor, WeightReader};
 use crate::error::{Error, Result};
 use crate::gguf::{hf_name, unpermute_rows, GgufFile, Permuted};
 
@@ -85,6 +85,32 @@ impl WeightReader for GgufReader {
             .map_err(|e| Error::tensor(name, format!("un-permuting q/k rows: {e}")))
     }
 
+    fn read_quantized(&self, name: &str) -> Result<Option<QuantizedTensor>> {
+        let (gguf_name, permuted) = self.lookup(name)?;
+        let Some(info) = self.file.content.tensor_infos.get(gguf_name) else {
+            return Err(Error::MissingTensor {
+                name: name.to_string(),
+            });
+        };
+        let &[rows, cols] = info.shape.dims() else {
+            return Ok(None);
+        };
+        if !QuantizedTensor::is_quantized_type(info.ggml_dtype) {
+            return Ok(None);
+        }
+        let bytes = self.file.tensor_bytes(gguf_name, info)?;
+        let heads = match permuted {
+            Permuted::No => 1,
+            Permuted::Query => self.n_head,
+            Permuted::Key => self.n_kv_head,
+        };
+        let data = unpermute_row_bytes(bytes, rows, heads)
+            .map_err(|detail| Error::tensor(name, format!("un-permuting q/k rows: {detail}")))?;
+        QuantizedTensor::new(info.ggml_dtype, rows, cols, data)
+            .map(Some)
+            .map_err(|e| Error::tensor(name, e))
+    }
+
     fn read_slice(&self, name: &str, dim: usize, start: usize, len: usize) -> Result<Tensor> {
         let shape = self.shape(name)?;
         check_slice(name, &shape, dim, start, len)?;
@@ -92,5 +118,62 @@ impl WeightReader for GgufReader {
         w.narrow(dim, start, len)
             .and_then(|t| t.contiguous())
             .map_err(|e| Error::tensor(name, e))
+    }
+}
+
+/// [`unpermute_rows`] on raw rows of blocks: HF row `h*D + t*D/2 + j` is GGUF row `h*D + 2j + t`
+/// (`D` rows a head, `t` in {0, 1}). One head is the identity.
+fn unpermute_row_bytes(
+    bytes: &[u8],
+    rows: usize,
+    n_head: usize,
+) -> std::result::Result<Vec<u8>, String> {
+    if n_head == 1 {
+        return Ok(bytes.to_vec());
+    }
+    if n_head == 0 || rows == 0 || !rows.is_multiple_of(2 * n_head) {
+        return Err(format!(
+            "{rows} rows cannot be split into {n_head} heads of even size"
+        ));
+    }
+    let rb = bytes.len() / rows;
+    let d = rows / n_head;
+    let mut out = Vec::with_capacity(bytes.len());
+    for h in 0..n_head {
+        for t in 0..2 {
+            for j in 0..d / 2 {
+                let g = h * d + 2 * j + t;
+                out.extend_from_slice(&bytes[g * rb..(g + 1) * rb]);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    #[test]
+    fn row_bytes_unpermute_like_the_tensor_unpermute() {
+        let (rows, cols, heads) = (12, 3, 2);
+        let values: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let gguf = Tensor::from_vec(values.clone(), (rows, cols), &Device::Cpu).unwrap();
+        let want = unpermute_rows(&gguf, heads)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let got: Vec<f32> = unpermute_row_bytes(&bytes, rows, heads)
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        assert_eq!(got, want);
+        assert!(unpermute_row_bytes(&bytes, rows, 5).is_err());
     }
 }

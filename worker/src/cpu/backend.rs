@@ -1,5 +1,6 @@
-//! The CPU backend: f32 model shard, KV cache in host memory, TCP communicator. Logits are
-//! gathered to rank 0, which samples and broadcasts the tokens.
+//! The CPU backend: model shard with f32 activations (weights f32, or a GGUF's quantized blocks
+//! unless `--dtype float32` or `--quantization none`), KV cache in host memory, TCP
+//! communicator. Logits are gathered to rank 0, which samples and broadcasts the tokens.
 
 use std::time::Instant;
 
@@ -7,7 +8,8 @@ use tpserve_modelfile::{LlamaConfig, LoraAdapter};
 use tpserve_proto as pb;
 
 use super::lora::CpuAdapter;
-use super::{CpuModel, KvCache};
+use super::quant::KernelChoice;
+use super::{CpuModel, KvCache, WeightMode};
 use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo};
 use crate::batch::Batch;
 use crate::comm::tcp::Rendezvous;
@@ -16,7 +18,7 @@ use crate::error::{Result, WorkerError};
 use crate::sampler::{sample_host_rows, RowExtras, SampleSpec, Sampled};
 use crate::shard::ShardPlan;
 use crate::step_trace::{phase, Phase};
-use crate::weights::{load_response, load_shard};
+use crate::weights::{load_response, load_shard, QuantizationRequest};
 
 /// KV cache size when the coordinator leaves it to the worker (`--kv-cache-space`'s default).
 const DEFAULT_KV_CACHE_BYTES: u64 = 2 << 30;
@@ -114,22 +116,51 @@ impl Backend for CpuBackend {
                 ),
             });
         }
+        let mode = weight_mode(req)?;
         self.model = None;
         self.cache = None;
         let (rank, world) = (self.comm.rank(), self.comm.world_size());
         let mut model = load_shard(req, rank, world, |config, shard, source| {
-            CpuModel::load(config, shard, source, config.max_position_embeddings)
+            CpuModel::load(config, shard, source, config.max_position_embeddings, mode)
         })?;
+        let weight_types = model.quantized_types();
+        if weight_types.is_empty()
+            && QuantizationRequest::parse(&req.quantization)? == QuantizationRequest::Gguf
+        {
+            return Err(WorkerError::Unsupported {
+                detail: format!(
+                    "quantization gguf needs a GGUF file with quantized tensors; {} has none",
+                    req.model_path
+                ),
+            });
+        }
         model.set_batch_invariant(req.batch_invariant);
         let config = model.config().clone();
         self.vocab_per_rank = (0..world)
             .map(|r| ShardPlan::new(&config, r, world).map(|p| p.vocab.len()))
             .collect::<Result<_>>()?;
-        let response = load_response(
+        let mut response = load_response(
             &config,
             model.shard().kv_heads.len(),
             model.weight_bytes(),
             started,
+        );
+        response.quantization = if weight_types.is_empty() {
+            "none"
+        } else {
+            "gguf"
+        }
+        .into();
+        response.weight_types = weight_types
+            .iter()
+            .map(|t| format!("{t:?}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        tracing::info!(
+            quantization = %response.quantization,
+            weight_types = %response.weight_types,
+            weight_mib = response.weight_bytes / (1 << 20),
+            "model loaded"
         );
         self.model = Some(model);
         Ok(response)
@@ -225,6 +256,24 @@ impl Backend for CpuBackend {
     fn logits(&mut self, batch: &Batch) -> Result<Option<Vec<f32>>> {
         let local = self.forward(batch)?;
         gather_logits(self.comm.as_mut(), &local, &self.vocab_per_rank)
+    }
+}
+
+/// How the request asks the weights to be held: a GGUF's blocks are kept unless the request
+/// says `quantization: none` or `dtype: float32` (the exact f32 reference path); asking for
+/// both `gguf` and `float32` is a contradiction and refused.
+fn weight_mode(req: &pb::LoadModelRequest) -> Result<WeightMode> {
+    let float32 = matches!(req.dtype.as_str(), "float32" | "float");
+    match (QuantizationRequest::parse(&req.quantization)?, float32) {
+        (QuantizationRequest::None, _) | (QuantizationRequest::Auto, true) => {
+            Ok(WeightMode::Float32)
+        }
+        (QuantizationRequest::Gguf, true) => Err(WorkerError::Unsupported {
+            detail: "quantization gguf keeps weights in GGUF blocks, dtype float32 asks for \
+                     them dequantized: choose one"
+                .into(),
+        }),
+        _ => Ok(WeightMode::Quantized(KernelChoice::Fastest)),
     }
 }
 

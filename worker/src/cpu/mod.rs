@@ -1,4 +1,5 @@
-//! The CPU backend: always compiled, the numerical reference, what CI runs. f32 throughout.
+//! The CPU backend: always compiled, the numerical reference, what CI runs. f32 activations;
+//! weights f32 or, for GGUF, kept in their quantized blocks ([`quant`]).
 
 pub mod attention;
 mod backend;
@@ -6,7 +7,8 @@ pub mod linear;
 pub mod lora;
 pub mod model;
 pub mod ops;
+pub mod quant;
 
 pub use attention::KvCache;
 pub use backend::CpuBackend;
-pub use model::CpuModel;
+pub use model::{CpuModel, WeightMode};

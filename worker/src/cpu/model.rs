@@ -2,21 +2,34 @@
 //! embedding, per layer RMSNorm -> fused QKV (column-parallel) -> RoPE -> paged attention -> o_proj
 //! (row-parallel, all-reduce) -> residual -> RMSNorm -> fused gate/up (column-parallel) -> SiLU-mul
 //! -> down (row-parallel, all-reduce) -> residual, then the final norm and the vocab-parallel
-//! lm_head on the rows that sample only. Weights are f32 (GGUF tensors are dequantized at load).
+//! lm_head on the rows that sample only. Activations are f32; matrix weights are f32 or, for a
+//! GGUF with [`WeightMode::Quantized`], kept in their quantized blocks (norms stay f32).
 
 use std::time::Instant;
 
 use tpserve_modelfile::{LlamaConfig, Projection as P};
 
 use super::attention::{paged_attention, AttentionInput, KvCache};
-use super::linear::Linear;
+use super::linear::{Linear, Weights};
 use super::lora::LoraSlots;
 use super::ops::{rms_norm, silu_mul, Rope};
+use super::quant::{KernelChoice, QuantLinear};
 use crate::batch::Batch;
 use crate::comm::Communicator;
 use crate::error::Result;
 use crate::shard::ShardPlan;
-use crate::weights::{ensure_supported, model_parts, read, read_fused, Part, WeightSource};
+use crate::weights::{
+    ensure_supported, model_parts, read, read_fused, read_quantized_fused, Part, WeightSource,
+};
+
+/// How matrix weights are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightMode {
+    /// Everything dequantized to f32 (`--dtype float32`: the exact reference path).
+    Float32,
+    /// GGUF matrices kept in their blocks, through these kernels; others f32.
+    Quantized(KernelChoice),
+}
 
 /// One decoder layer's weights on this rank.
 #[derive(Debug)]
@@ -59,17 +72,26 @@ impl CpuModel {
         shard: ShardPlan,
         source: &WeightSource,
         max_pos: usize,
+        mode: WeightMode,
     ) -> Result<Self> {
         let c = config;
         ensure_supported(c)?;
         let parts = model_parts(c, &shard, source);
         let linear = |parts: &[Part], bias: Option<&[Part]>| -> Result<Linear> {
-            Ok(Linear {
-                weight: read_fused(source, parts)?,
-                bias: bias.map(|b| read_fused(source, b)).transpose()?,
-                rows: parts.iter().map(|p| p.shape[0]).sum(),
-                cols: parts[0].shape[1],
-            })
+            let bias = bias.map(|b| read_fused(source, b)).transpose()?;
+            if let WeightMode::Quantized(choice) = mode {
+                if let Some(q) = read_quantized_fused(source, parts)?
+                    .and_then(|blocks| QuantLinear::new(blocks, choice))
+                {
+                    return Ok(Linear::quantized(q, bias));
+                }
+            }
+            Ok(Linear::dense(
+                read_fused(source, parts)?,
+                bias,
+                parts.iter().map(|p| p.shape[0]).sum(),
+                parts[0].shape[1],
+            ))
         };
         let mut layers = Vec::with_capacity(parts.layers.len());
         for lp in &parts.layers {
@@ -142,6 +164,27 @@ impl CpuModel {
             + self.embed.bytes()
             + self.final_norm.len() * 4
             + self.lm_head.as_ref().map_or(0, Linear::bytes)
+    }
+
+    /// Block types of the matrices held quantized, in first-seen order (empty: all f32).
+    pub fn quantized_types(&self) -> Vec<candle_core::quantized::GgmlDType> {
+        let mut types = Vec::new();
+        let linears = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
+            .chain(std::iter::once(&self.embed))
+            .chain(self.lm_head.as_ref());
+        for linear in linears {
+            if let Weights::Quantized(q) = &linear.weights {
+                for t in q.dtypes() {
+                    if !types.contains(&t) {
+                        types.push(t);
+                    }
+                }
+            }
+        }
+        types
     }
 
     /// The shard this rank holds.
@@ -273,8 +316,7 @@ impl CpuModel {
         for (dst, &t) in x.chunks_exact_mut(h).zip(tokens) {
             let t = t as usize;
             if self.shard.vocab.contains(&t) {
-                let r = t - self.shard.vocab.start;
-                dst.copy_from_slice(&self.embed.weight[r * h..(r + 1) * h]);
+                self.embed.row_into(t - self.shard.vocab.start, dst);
             }
         }
         if self.shard.world_size > 1 {

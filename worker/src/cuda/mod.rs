@@ -53,7 +53,7 @@ use crate::batch::Batch;
 use crate::error::{Result, WorkerError};
 use crate::sampler::{RowExtras, SampleSpec, Sampled};
 use crate::step_trace::{phase, Phase};
-use crate::weights::{load_response, load_shard};
+use crate::weights::{load_response, load_shard, QuantizationRequest};
 
 /// Memory kept free beyond the weights, activations and KV cache: cuBLAS's and NCCL's own
 /// buffers, the CUDA context's growth and allocator slack.
@@ -456,6 +456,13 @@ impl Backend for CudaBackend {
         if req.max_loras > 0 {
             return Err(lora_unsupported());
         }
+        if QuantizationRequest::parse(&req.quantization)? == QuantizationRequest::Gguf {
+            return Err(WorkerError::Unsupported {
+                detail: "quantization gguf runs on the CPU backend only; on a GPU a GGUF is \
+                         dequantized to the dtype at load (leave --quantization unset, or none)"
+                    .into(),
+            });
+        }
         self.loaded = None;
         let (rank, world) = (self.rank, self.world_size);
         let kernels = Kernels::load(&self.gpu, dtype)?;
@@ -474,12 +481,13 @@ impl Backend for CudaBackend {
                 ),
             });
         }
-        let response = load_response(
+        let mut response = load_response(
             model.config(),
             model.shard().kv_heads.len(),
             model.weight_bytes(),
             started,
         );
+        response.quantization = "none".into();
         tracing::info!(
             dtype = dtype.name(),
             weight_gib = model.weight_bytes() as f64 / (1u64 << 30) as f64,

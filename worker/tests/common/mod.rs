@@ -3,6 +3,9 @@
 //! communicators) and return the logits of every position, reassembled on rank 0 exactly as a
 //! serving step does.
 
+// Each test crate uses only some of these helpers.
+#![allow(dead_code)]
+
 use std::path::Path;
 
 use tpserve_proto as pb;
@@ -11,15 +14,27 @@ use tpserve_worker::thread_group::ThreadGroup;
 
 pub use tpserve_e2e::{default_model, repo_root};
 
-/// Logits `[ids.len(), vocab]` of a prefill of `ids` at tensor-parallel size `tp` on the CPU,
-/// computed in chunks of `chunk` tokens (so chunked prefill through the paged cache is exercised
-/// too; the blocks are taken from the end of the cache in reverse order).
+/// Logits `[ids.len(), vocab]` of a prefill of `ids` at tensor-parallel size `tp` on the CPU in
+/// f32 (`--dtype float32`: a GGUF is dequantized at load, the reference path), computed in chunks
+/// of `chunk` tokens (so chunked prefill through the paged cache is exercised too; the blocks are
+/// taken from the end of the cache in reverse order).
 pub fn prefill_logits(model: &Path, tp: usize, ids: &[u32], chunk: usize) -> Vec<f32> {
+    prefill_logits_as(model, tp, ids, chunk, "float32")
+}
+
+/// As [`prefill_logits`], with the load's `dtype` (`"auto"`: a GGUF stays quantized).
+pub fn prefill_logits_as(
+    model: &Path,
+    tp: usize,
+    ids: &[u32],
+    chunk: usize,
+    dtype: &str,
+) -> Vec<f32> {
     let group = ThreadGroup::start(DeviceChoice::Cpu, tp, 1).unwrap();
     let load = pb::LoadModelRequest {
         model_path: model.display().to_string(),
         load_format: pb::LoadFormat::Auto as i32,
-        dtype: "auto".into(),
+        dtype: dtype.into(),
         dummy_seed: 0,
         batch_invariant: false,
         ..Default::default()
