@@ -15,7 +15,7 @@ use crate::batch::Batch;
 use crate::comm::tcp::Rendezvous;
 use crate::comm::{Communicator, SingleRank, TcpCommunicator};
 use crate::error::{Result, WorkerError};
-use crate::sampler::{sample_host_rows, RowExtras, SampleSpec, Sampled};
+use crate::sampler::{sample_gathered, RowExtras, SampleSpec, Sampled};
 use crate::shard::ShardPlan;
 use crate::step_trace::{phase, Phase};
 use crate::weights::{load_response, load_shard, QuantizationRequest};
@@ -220,21 +220,11 @@ impl Backend for CpuBackend {
         sampling: &[SampleSpec],
         extras: &[RowExtras],
     ) -> Result<Sampled> {
+        let logits = phase(Phase::ModelStep, || self.logits(batch))?;
         let Sampled {
             mut tokens,
             logprobs,
-        } = match phase(Phase::ModelStep, || self.logits(batch))? {
-            Some(mut all) => {
-                let vocab: usize = self.vocab_per_rank.iter().sum();
-                phase(Phase::Sampling, || {
-                    sample_host_rows(&mut all, vocab, sampling, extras)
-                })
-            }
-            None => Sampled {
-                tokens: vec![0u32; sampling.len()],
-                logprobs: Vec::new(),
-            },
-        };
+        } = sample_gathered(logits, sampling, extras);
         self.comm.broadcast_from_root(&mut tokens)?;
         Ok(Sampled { tokens, logprobs })
     }

@@ -241,21 +241,11 @@ impl CudaBackend {
         sampling: &[SampleSpec],
         extras: &[RowExtras],
     ) -> Result<Sampled> {
+        let logits = phase(Phase::ModelStep, || self.logits(batch))?;
         let Sampled {
             mut tokens,
             logprobs,
-        } = match phase(Phase::ModelStep, || self.logits(batch))? {
-            Some(mut all) => {
-                let vocab = all.len() / sampling.len().max(1);
-                phase(Phase::Sampling, || {
-                    crate::sampler::sample_host_rows(&mut all, vocab, sampling, extras)
-                })
-            }
-            None => Sampled {
-                tokens: vec![0u32; sampling.len()],
-                logprobs: Vec::new(),
-            },
-        };
+        } = crate::sampler::sample_gathered(logits, sampling, extras);
         if self.world_size > 1 {
             let loaded = loaded_model(&mut self.loaded, "Step")?;
             let ws = loaded.model.workspace().ok_or(WorkerError::Lifecycle {

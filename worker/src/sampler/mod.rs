@@ -19,6 +19,7 @@ use rand::{Rng, SeedableRng};
 use tpserve_proto::{SamplingParams, TokenLogprobs};
 
 use self::processors::LogitEdit;
+use crate::step_trace::{phase, Phase};
 
 /// What one sample row needs beyond its [`SampleSpec`].
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -41,6 +42,29 @@ pub struct Sampled {
     /// On rank 0, when the step had extras: one entry per sample row (`None` for rows that asked
     /// for none); empty otherwise.
     pub logprobs: Vec<Option<TokenLogprobs>>,
+}
+
+/// Rank 0's host sampling of a step's gathered logits (`[rows, vocab]`, `None` on the other
+/// ranks, which get placeholder tokens until the backend broadcasts rank 0's), timed as the
+/// sampling phase. Both backends' host path.
+pub fn sample_gathered(
+    logits: Option<Vec<f32>>,
+    sampling: &[SampleSpec],
+    extras: &[RowExtras],
+) -> Sampled {
+    match logits {
+        // A step with no sample rows (a prefill chunk mid-prompt) draws nothing.
+        Some(mut all) if !sampling.is_empty() => {
+            let vocab = all.len() / sampling.len();
+            phase(Phase::Sampling, || {
+                sample_host_rows(&mut all, vocab, sampling, extras)
+            })
+        }
+        _ => Sampled {
+            tokens: vec![0u32; sampling.len()],
+            logprobs: Vec::new(),
+        },
+    }
 }
 
 /// Samples every row of `logits` (`[rows, vocab]`, row i for `sampling[i]`) on the host: a row
