@@ -98,6 +98,10 @@ pub const SOURCES: &[KernelSource] = &[
         name: "all_reduce.cu",
         code: include_str!("../cuda/all_reduce.cu"),
     },
+    KernelSource {
+        name: "lora.cu",
+        code: include_str!("../cuda/lora.cu"),
+    },
 ];
 
 /// The `extern "C"` entry points of each source file: `(file name, entry points)`. The launch
@@ -220,6 +224,15 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "all_reduce_one_shot_f16",
             "all_reduce_residual_norm_bf16",
             "all_reduce_residual_norm_f16",
+        ],
+    ),
+    (
+        "lora.cu",
+        &[
+            "lora_shrink_bf16",
+            "lora_shrink_f16",
+            "lora_expand_bf16",
+            "lora_expand_f16",
         ],
     ),
 ];

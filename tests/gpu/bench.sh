@@ -14,10 +14,14 @@
 #      decode (128 in / 256 out), time to first token of 2,048- and 8,192-token prompts, the
 #      1,000-prompt 1,024 in / 128 out workload at concurrency 256, and decode-heavy 128 in /
 #      512 out at concurrency 1, 16, 64 and 256;
-#   4. with two or more GPUs, the same at TP=2 (NAME-x2.json, with tp2_decode_speedup), and the
+#   4. LoRA (issue 10): 8 random rank-16 adapters on all seven projections
+#      (make_lora_adapters.py --bench 8); decode-heavy 128 in / 256 out at concurrency 64 against
+#      one `tpserve serve --enable-lora`, once for the base model and once spread over the 8
+#      adapters (`bench serve --lora-modules`), same server, same run (lora_over_base);
+#   5. with two or more GPUs, the same at TP=2 (NAME-x2.json, with tp2_decode_speedup), and the
 #      single stream again with every all-reduce on NCCL (--disable-custom-all-reduce), for
 #      comparison;
-#   5. bench_report.py: the ratios, the table, the JSON (keys listed in bench_report.py).
+#   6. bench_report.py: the ratios, the table, the JSON (keys listed in bench_report.py).
 #
 # Why: the issue's targets are client-side figures against same-run floors; one script keeps
 # them comparable from run to run. The GPU machine has no Rust toolchain and no network.
@@ -51,6 +55,8 @@ esac
 export TPSERVE_WORKER_BINARY="$BIN_DIR/tpserve-worker"
 MODEL="$WORK/model"
 FAILED=0
+# Extra `tpserve serve` flags of the next start_server (the LoRA run's).
+LORA_ARGS=()
 
 # shellcheck disable=SC1091 # sourced from the repository root
 source deploy/gpu-env.sh
@@ -88,7 +94,7 @@ start_server() {
   start=$(date +%s.%N)
   env "$@" "$BIN_DIR/tpserve" serve --model "$MODEL" --load-format dummy --device cuda \
     --tensor-parallel-size "$tp" --port "$PORT" --served-model-name llama8b \
-    --max-model-len 10240 --max-num-batched-tokens 8192 --max-num-seqs 256 \
+    --max-model-len 10240 --max-num-batched-tokens 8192 --max-num-seqs 256 "${LORA_ARGS[@]}" \
     >"$dir/server.out" 2>"$dir/server.log" &
   SERVER_PID=$!
   while ! curl -sf "http://127.0.0.1:$PORT/health" >/dev/null 2>&1; do
@@ -179,6 +185,23 @@ main() {
   start_server 1 "$WORK/tp1"
   workloads "$WORK/tp1" 1
   stop_server
+
+  echo "== LoRA: 64 streams, base model, then over 8 rank-16 adapters (all seven projections)"
+  "$PYTHON" "$HERE/make_lora_adapters.py" "$MODEL" "$WORK/lora" --bench 8 --rank 16 >/dev/null
+  local modules=() i
+  for i in 0 1 2 3 4 5 6 7; do modules+=("l$i=$WORK/lora/l$i"); done
+  LORA_ARGS=(--enable-lora --max-loras 8 --max-lora-rank 16 --lora-modules "${modules[@]}")
+  start_server 1 "$WORK/tp1-lora"
+  LORA_ARGS=()
+  client "$WORK/tp1-lora" base_c64_128_256 --num-prompts "$(prompts 128)" --random-input-len 128 \
+    --random-output-len 256 --max-concurrency 64 --seed 300
+  client "$WORK/tp1-lora" lora8_c64_128_256 --num-prompts "$(prompts 128)" --random-input-len 128 \
+    --random-output-len 256 --max-concurrency 64 --seed 301 \
+    --lora-modules l0 l1 l2 l3 l4 l5 l6 l7
+  stop_server
+  grep -h "LoRA slots\|CUDA graphs captured" "$WORK/tp1-lora/server.log" | sed 's/\x1b\[[0-9;]*m//g' || true
+  cp "$WORK/tp1-lora/serve_base_c64_128_256.json" "$WORK/tp1-lora/serve_lora8_c64_128_256.json" \
+    "$WORK/tp1/" 2>/dev/null || true
   local tp2_args=()
   if [ "$NGPU" -ge 2 ]; then
     echo "== TP=2 over HTTP"

@@ -13,6 +13,8 @@ serve --result-json`, vLLM's keys) and WORK/cold_start.json, and writes OUT_JSON
   serve_1024_128_floor_ratio  compute floor of the whole workload (2 x params x all tokens +
                             attention) / its wall time, 1,000 prompts, concurrency 256
   cold_start_s              {"first": .., "warm": ..}: process start to /health 200
+  lora_over_base            output tok/s over 8 LoRA adapters (rank 16, all seven projections)
+                            over the base model's, 128 in / 256 out at concurrency 64, same server
 plus the raw figures (tok/s, TTFT, TPOT, ITL, floors, GPU, date, commit) and the decode-heavy
 runs (128 in / 512 out at concurrency 1, 16, 64, 256).
 
@@ -160,6 +162,17 @@ def main() -> int:
             rows.append((f"decode 128/512 c={c}", f"{r['output_throughput']:.0f} tok/s",
                          f"ITL p50 {r['median_itl_ms']:.2f} / p99 {r['p99_itl_ms']:.2f} ms"))
     result["decode_128_512"] = heavy
+    base, lora = serve("base_c64_128_256"), serve("lora8_c64_128_256")
+    if base and lora:
+        keys = ("output_throughput", "median_tpot_ms", "median_itl_ms", "p99_itl_ms",
+                "median_ttft_ms", "completed", "failed")
+        result["lora_over_base"] = lora["output_throughput"] / base["output_throughput"]
+        result["lora_c64_128_256"] = {"base": {k: base[k] for k in keys},
+                                      "lora8": {k: lora[k] for k in keys}}
+        rows.append(("lora_over_base", f"{result['lora_over_base']:.3f}",
+                     f"{lora['output_throughput']:.0f} vs {base['output_throughput']:.0f} out tok/s "
+                     f"(8 adapters r16 vs base, c=64); TPOT p50 {lora['median_tpot_ms']:.2f} vs "
+                     f"{base['median_tpot_ms']:.2f} ms"))
     cold_path = os.path.join(w, "cold_start.json")
     if os.path.exists(cold_path):
         cold = load(cold_path)

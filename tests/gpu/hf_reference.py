@@ -17,8 +17,12 @@ yardstick compare.py holds tpserve to.
 Why: the GPU numerical checks (tests/gpu/run.sh) need an independent implementation on the same
 weights; the GPU machine has torch and transformers but no network.
 
+With --lora ADAPTER_DIR, the model runs with that PEFT LoRA adapter: through peft's own
+PeftModel (unmerged, as PEFT users run it) when peft is installed, else with the adapter merged
+into the weights here (W + scale B A in float32), which the output records say.
+
 How: python3 hf_reference.py CKPT_DIR OUTDIR [--device cuda|cpu] [--new-tokens 32]
-          [--dtypes bfloat16,float16,float32]
+          [--dtypes bfloat16,float16,float32] [--lora ADAPTER_DIR]
 Each prompt runs as one sequence in one forward pass (positions from 0, no BOS added: the ids are
 used exactly as given).
 """
@@ -41,6 +45,37 @@ TOP_K = 5
 def load(ckpt: str, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
     model = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation="eager")
     return model.to(device).eval()
+
+
+def with_lora(model, adapter: str) -> tuple:
+    """`model` with the PEFT adapter in `adapter`; returns (model, implementation name)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return merge_lora(model, adapter), "transformers-eager+merged-lora"
+    return PeftModel.from_pretrained(model, adapter).eval(), "transformers-eager+peft"
+
+
+@torch.no_grad()
+def merge_lora(model, adapter: str):
+    """Adds scale * B A of every adapter module to its base weight (float32 math)."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(adapter, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+    tensors = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    modules = dict(model.named_modules())
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        b = tensors[key.replace(".lora_A.", ".lora_B.")]
+        name = key[: -len(".lora_A.weight")].removeprefix("base_model.model.")
+        w = modules[name].weight
+        delta = scale * (b.float().to(w.device) @ a.float().to(w.device))
+        w.copy_((w.float() + delta).to(w.dtype))
+    return model
 
 
 @torch.no_grad()
@@ -69,7 +104,8 @@ def cache_of(out):
 def greedy(model, prompt, device: str, n_new: int) -> dict:
     """Greedy decoding with a KV cache: one prefill, then one token per step. No EOS stop."""
     # transformers 5.x renamed forward's `past_key_values` to `cache` at some minor version.
-    params = inspect.signature(model.forward).parameters
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"
     x = torch.tensor([prompt], dtype=torch.long, device=device)
     out = model(input_ids=x, use_cache=True)
@@ -100,6 +136,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--dtypes", default="bfloat16,float16,float32")
+    ap.add_argument("--lora", help="a PEFT LoRA adapter directory to run with")
     args = ap.parse_args()
 
     # The truth is plain float32 (no TF32); the other dtypes run at torch's defaults.
@@ -117,10 +154,13 @@ def main() -> int:
         dtype = DTYPES[name]
         t0 = time.time()
         model = load(args.ckpt, dtype, args.device)
+        implementation = "transformers-eager"
+        if args.lora:
+            model, implementation = with_lora(model, args.lora)
         out = os.path.join(args.outdir, f"hf_{name}.f32")
         figs = write_logits(model, prompts, args.device, out)
         g = greedy(model, prompts[0], args.device, args.new_tokens)
-        g.update({"dtype": name, "prompt_index": 0, "implementation": "transformers-eager"})
+        g.update({"dtype": name, "prompt_index": 0, "implementation": implementation})
         with open(os.path.join(args.outdir, f"hf_greedy_{name}.json"), "w") as f:
             json.dump(g, f)
             f.write("\n")

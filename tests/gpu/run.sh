@@ -15,7 +15,8 @@
 # (serve_check.py), each with CUDA graphs and with --enforce-eager; sends the same 32 greedy
 # requests together and alone with --batch-invariant (all must match) and without
 # (invariance_check.py); compares log probabilities and sampling controls with the CPU backend
-# (extras_check.py); checks that the 8B shape with dummy weights serves at
+# (extras_check.py); runs three random PEFT LoRA adapters against transformers + PEFT, prefill and
+# decode, and mixed with the base in one batch against each alone (step_lora); checks that the 8B shape with dummy weights serves at
 # --gpu-memory-utilization 0.9 and is refused at start at 0.05; asks SmolLM2 (GGUF) the capital
 # of France; runs the Llama-3-8B-shaped benchmark (bench_device, dummy weights,
 # tests/gpu/llama3-8b-config.json).
@@ -321,6 +322,74 @@ step_extras() {
   fi
 }
 
+# step_lora: issue 10 on CUDA. Three random PEFT adapters on the checkpoint
+# (make_lora_adapters.py); per adapter, transformers + PEFT's logits and greedy ids
+# (hf_reference.py --lora, bfloat16 and float32) against tpserve's from the logits example with
+# --lora-adapter: prompts prefilled in chunks (the LoRA tiles of a prefill) and every position as
+# a one-token decode step (the LoRA CUDA graphs), with compare.py's rule; then the base and the
+# three adapters mixed in one batch over HTTP against each alone (lora_mixed_check.py), TP=1 and
+# TP=2.
+step_lora() {
+  local dir="$WORK/lora" a tp out
+  if [ "$NGPU" -lt 1 ] || [ ! -f "$CKPT/prompts.json" ]; then
+    record "lora" "SKIP" "needs a GPU and the checkpoint"
+    return
+  fi
+  rm -rf "$dir"
+  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/make_lora_adapters.py" "$CKPT" "$dir"
+  if [ "$RC" -ne 0 ]; then
+    record "lora adapters" "FAIL" "make_lora_adapters.py: $(why_failed)"
+    return
+  fi
+  record "lora adapters" "PASS" "a1 r8 q,v; a2 r16 all-linear rslora; a3 r4 k,o,gate,down (${SECS}s)"
+  for a in a1 a2 a3; do
+    rm -rf "$REF/lora_$a"
+    timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/hf_reference.py" "$CKPT" "$REF/lora_$a" \
+      --new-tokens "$NEW_TOKENS" --device "$REF_DEVICE" --dtypes bfloat16,float32 --lora "$dir/$a"
+    if [ "$RC" -ne 0 ]; then
+      record "hf reference lora $a" "FAIL" "hf_reference.py --lora: $(why_failed)"
+      continue
+    fi
+    record "hf reference lora $a" "PASS" \
+      "$(sed -n 's/.*"implementation": "\([^"]*\)".*/\1/p' "$REF/lora_$a/hf_greedy_float32.json") (${SECS}s)"
+    ours_logits "lora-$a" 1 bfloat16 --lora-adapter "$dir/$a" --max-lora-rank 16
+    ours_logits "lora-$a-decode" 1 bfloat16 --lora-adapter "$dir/$a" --max-lora-rank 16 --chunk 1
+    for tag in "lora-$a" "lora-$a-decode"; do
+      if [ -s "$OURS/$tag.f32" ]; then
+        run_compare "$tag vs hf+peft" --truth "$REF/lora_$a/hf_float32.f32" \
+          --peer "$REF/lora_$a/hf_bfloat16.f32" --ours "$OURS/$tag.f32" --vocab "$VOCAB" \
+          --prompts "$CKPT/prompts.json"
+      fi
+    done
+    if [ -s "$OURS/lora-$a.json" ]; then
+      run_compare "greedy lora-$a" --greedy "$OURS/lora-$a.json" \
+        --greedy-ref "$REF/lora_$a/hf_greedy_bfloat16.json" \
+        --greedy-truth "$REF/lora_$a/hf_greedy_float32.json" --ref-label bfloat16 --near-tie 0.1
+    fi
+  done
+  for tp in 1 2; do
+    out="$WORK/lora_mixed_tp$tp.json"
+    rm -f "$out"
+    if [ "$tp" -gt "$NGPU" ]; then
+      record "lora mixed tp$tp" "SKIP" "skipped: needs $tp GPUs, this machine has $NGPU"
+      continue
+    fi
+    timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/lora_mixed_check.py" --bin "$BIN_DIR" --model "$CKPT" \
+      --adapters "$dir" --out "$out" --serve-arg=--tensor-parallel-size="$tp"
+    if [ "$RC" -eq 0 ] && [ -f "$out" ]; then
+      record "lora mixed tp$tp" "PASS" "$("$PYTHON" -c 'import json, sys
+r = json.load(open(sys.argv[1]))
+print("%d/%d identical mixed and alone (--batch-invariant), adapters change the output: %s, %.2f s together" % (
+    r["identical"], r["total"], r["adapters_change_output"], r["concurrent_seconds"]))' "$out") (${SECS}s)"
+    elif [ -f "$out" ]; then
+      record "lora mixed tp$tp" "FAIL" "$("$PYTHON" -c 'import json, sys
+print("; ".join(json.load(open(sys.argv[1]))["problems"]))' "$out")"
+    else
+      record "lora mixed tp$tp" "FAIL" "$(why_failed)"
+    fi
+  done
+}
+
 # step_memory: the 8B shape with dummy weights through `tpserve generate` (real worker process):
 # at --gpu-memory-utilization 0.9 it answers; at a share smaller than the weights it must fail at
 # start with the memory profile's message, not later.
@@ -475,6 +544,7 @@ main() {
   step_serve 2 eager
   step_invariance
   step_extras
+  step_lora
   step_memory
   step_paris
   step_bench

@@ -4,7 +4,8 @@
 //!
 //! Each rank is a thread with its own runner (`ThreadGroup`); the logits come from
 //! `Runner::prompt_logits` (chunked prefill through the paged cache), the greedy tokens from
-//! `Runner::step` plans shaped like the coordinator's (prefill, then one token per step).
+//! `Runner::step` plans shaped like the coordinator's (prefill, then one token per step); with
+//! `--lora-adapter DIR`, both run with that PEFT adapter.
 //!
 //!   cargo run --release -p tpserve-worker --example logits -- --model DIR --device cuda \
 //!       --dtype bfloat16 --tensor-parallel-size 2 --prompts prompts.json --out logits.f32 \
@@ -62,6 +63,12 @@ struct Args {
     /// Every all-reduce on NCCL (as `tpserve serve --disable-custom-all-reduce`).
     #[arg(long)]
     disable_custom_all_reduce: bool,
+    /// A PEFT LoRA adapter directory: every prompt and the greedy run use it.
+    #[arg(long)]
+    lora_adapter: Option<PathBuf>,
+    /// The largest adapter rank the LoRA slots hold (as `tpserve serve --max-lora-rank`).
+    #[arg(long, default_value_t = 64)]
+    max_lora_rank: u32,
 }
 
 const BLOCK_SIZE: usize = 16;
@@ -82,9 +89,13 @@ fn main() -> anyhow::Result<()> {
         dtype: args.dtype.clone(),
         dummy_seed: 0,
         batch_invariant: args.batch_invariant,
+        max_loras: u32::from(args.lora_adapter.is_some()),
+        max_lora_rank: args.max_lora_rank,
+        max_cpu_loras: 1,
         ..Default::default()
     };
     group.on_all(move |_, r| r.load_model(&load))?;
+    let adapter = args.lora_adapter.as_ref().map(|p| p.display().to_string());
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(1);
     let profile = pb::ProfileMemoryRequest {
         block_size: BLOCK_SIZE as u32,
@@ -118,8 +129,9 @@ fn main() -> anyhow::Result<()> {
     let mut rows = 0usize;
     let mut first_last_row: Vec<f32> = Vec::new();
     for (i, prompt) in prompts.iter().enumerate() {
-        let (p, chunk) = (prompt.clone(), args.chunk);
-        let logits = group.on_all(move |_, r| r.prompt_logits(&p, chunk))?;
+        let (p, chunk, a) = (prompt.clone(), args.chunk, adapter.clone());
+        let logits =
+            group.on_all(move |_, r| r.prompt_logits_with_adapter(&p, chunk, a.as_deref()))?;
         let logits = logits
             .into_iter()
             .next()
@@ -141,11 +153,18 @@ fn main() -> anyhow::Result<()> {
     }
     file.flush()?;
     eprintln!("wrote {rows} rows of logits to {}", args.out.display());
-    if args.sampling_check {
+    // The check's plans run the base model, so its reference row must be the base model's.
+    if args.sampling_check && adapter.is_none() {
         sampling_check(&group, &prompts[0], &first_last_row, num_blocks)?;
     }
     if args.greedy > 0 {
-        let ids = greedy(&group, &prompts[0], args.greedy, num_blocks)?;
+        let ids = greedy(
+            &group,
+            &prompts[0],
+            args.greedy,
+            num_blocks,
+            adapter.as_deref(),
+        )?;
         let json = serde_json::json!({ "new_ids": ids });
         match &args.greedy_out {
             Some(path) => std::fs::write(path, json.to_string())?,
@@ -157,13 +176,23 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// `count` greedy tokens after `prompt`, through step plans as the coordinator sends them:
-/// the whole prompt in the first step, then one token per step, blocks added as needed.
+/// the whole prompt in the first step, then one token per step, blocks added as needed; with
+/// the LoRA adapter in the directory `adapter`, if any.
 fn greedy(
     group: &ThreadGroup,
     prompt: &[u32],
     count: usize,
     num_blocks: usize,
+    adapter: Option<&str>,
 ) -> anyhow::Result<Vec<u32>> {
+    let adapters: Vec<pb::LoraAdapter> = adapter
+        .map(|path| pb::LoraAdapter {
+            adapter_id: 1,
+            path: path.to_string(),
+            name: "adapter".into(),
+        })
+        .into_iter()
+        .collect();
     let greedy = SampleSpec::greedy().params;
     let blocks_for = |tokens: usize| tokens.div_ceil(BLOCK_SIZE);
     // Blocks from the middle of the cache, away from prompt_logits' blocks at the end.
@@ -180,10 +209,12 @@ fn greedy(
                 .collect(),
             num_computed_tokens: 0,
             num_scheduled_tokens: prompt.len() as u32,
+            adapter_id: u32::from(adapter.is_some()),
             ..Default::default()
         }],
         running: vec![],
         freed_request_ids: vec![],
+        adapters,
         ..Default::default()
     };
     let mut out = Vec::with_capacity(count);

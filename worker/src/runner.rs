@@ -320,7 +320,32 @@ impl Runner {
     /// the end of the cache, in reverse order, so paging is exercised). For numerical checks;
     /// the cache must hold no running request (it uses the first row of the per-request state).
     pub fn prompt_logits(&mut self, tokens: &[u32], chunk: usize) -> Result<Option<Vec<f32>>> {
+        self.prompt_logits_with_adapter(tokens, chunk, None)
+    }
+
+    /// As [`Runner::prompt_logits`], with the PEFT adapter in the directory `adapter` (LoRA must
+    /// be on: `LoadModel`'s `max_loras`), under the adapter id `u32::MAX`.
+    pub fn prompt_logits_with_adapter(
+        &mut self,
+        tokens: &[u32],
+        chunk: usize,
+        adapter: Option<&str>,
+    ) -> Result<Option<Vec<f32>>> {
         let (num_blocks, block_size) = self.cache_shape("prompt_logits")?;
+        let lora_slot = match adapter {
+            Some(path) => {
+                let config = self.config.as_ref().ok_or(WorkerError::Lifecycle {
+                    operation: "prompt_logits",
+                    needs: "LoadModel",
+                })?;
+                self.adapters.register(u32::MAX, path);
+                let (slots, _) = self
+                    .adapters
+                    .place(&[u32::MAX], config, self.backend.as_mut())?;
+                Some(slots[0])
+            }
+            None => None,
+        };
         let needed = tokens.len().div_ceil(block_size);
         if needed > num_blocks || chunk == 0 {
             return Err(WorkerError::Cache {
@@ -346,7 +371,7 @@ impl Runner {
                     block_ids: blocks.clone(),
                     slot: 0,
                     new_blocks_from: 0,
-                    lora_slot: None,
+                    lora_slot,
                 }],
                 sample_rows: (0..end - start).collect(),
             };

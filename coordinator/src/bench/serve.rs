@@ -86,6 +86,10 @@ pub struct ServeArgs {
     /// ignore `ignore_eos`, e.g. `{"logit_bias": {"2": -100}}` keeps llama.cpp's from ending early.
     #[arg(long)]
     pub extra_body: Option<String>,
+    /// LoRA adapters served by the server (vLLM's flag): request i names adapter i modulo their
+    /// number as its `model` instead of `--model`, so a run spreads evenly over them.
+    #[arg(long, num_args = 1..)]
+    pub lora_modules: Vec<String>,
 }
 
 /// Which OpenAI endpoint the requests go to.
@@ -410,7 +414,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ServeReport> {
             Some(s) => Some(Arc::clone(s).acquire_owned().await?),
             None => None,
         };
-        let mut body = request_body(endpoint, &args.model, &planned);
+        let model = match args.lora_modules.len() {
+            0 => &args.model,
+            n => &args.lora_modules[index % n],
+        };
+        let mut body = request_body(endpoint, model, &planned);
         for (key, value) in &extra {
             body[key] = value.clone();
         }

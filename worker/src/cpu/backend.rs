@@ -7,7 +7,6 @@ use std::time::Instant;
 use tpserve_modelfile::{LlamaConfig, LoraAdapter};
 use tpserve_proto as pb;
 
-use super::lora::CpuAdapter;
 use super::quant::KernelChoice;
 use super::{CpuModel, KvCache, WeightMode};
 use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo};
@@ -15,6 +14,7 @@ use crate::batch::Batch;
 use crate::comm::tcp::Rendezvous;
 use crate::comm::{Communicator, SingleRank, TcpCommunicator};
 use crate::error::{Result, WorkerError};
+use crate::lora::shard::AdapterShard;
 use crate::sampler::{sample_gathered, RowExtras, SampleSpec, Sampled};
 use crate::shard::ShardPlan;
 use crate::step_trace::{phase, Phase};
@@ -238,7 +238,7 @@ impl Backend for CpuBackend {
             operation: "loading a LoRA adapter",
             needs: "LoadModel",
         })?;
-        let cut = CpuAdapter::cut(adapter, model.config(), model.shard())?;
+        let cut = AdapterShard::cut(adapter, model.config(), model.shard())?;
         model.lora_slots_mut().set(slot, cut);
         Ok(())
     }

@@ -3,7 +3,8 @@
 //! embedding (vocab-parallel, all-reduce) -> per layer the attention block (RMSNorm fused with
 //! the previous sublayer's residual add, QKV projection (+bias), RoPE with the KV-cache write,
 //! paged attention, o projection, all-reduce) and the MLP block (residual + RMSNorm, gate/up
-//! projection, SiLU-mul, down projection, all-reduce) -> residual + final RMSNorm, the rows that
+//! projection, SiLU-mul, down projection, all-reduce), each projection followed by its LoRA
+//! delta when the step has rows with adapters -> residual + final RMSNorm, the rows that
 //! sample, the lm_head over this rank's (padded) vocabulary slice, the gather over ranks, and the
 //! sampled tokens (rank 0 samples, NCCL broadcasts).
 //!
@@ -18,6 +19,7 @@ use super::kernels::{
     ResidualNorm, RopeKvWrite,
 };
 use super::linear::Linear;
+use super::lora::FusedProduct;
 use super::model::{CudaModel, Dims, GpuKvCache, Layer};
 use super::nccl::Nccl;
 use super::peer_all_reduce::PeerAllReduce;
@@ -80,6 +82,8 @@ pub struct StepView {
     pub inputs: InputPointers,
     pub num_tiles: usize,
     pub attention: AttentionPlan,
+    /// LoRA tiles at `inputs.lora_tiles` (0: no row has an adapter, no LoRA kernel runs).
+    pub lora_tiles: usize,
 }
 
 /// The device objects one pass uses.
@@ -145,7 +149,7 @@ pub fn forward(
     timer.mark(dev.gpu, "embedding");
     for (li, layer) in model.layers.iter().enumerate() {
         pass.attention_block(li, layer, &mut timer)?;
-        pass.mlp_block(layer, &mut timer)?;
+        pass.mlp_block(li, layer, &mut timer)?;
     }
     let out = pass.head(&mut timer)?;
     timer.mark(dev.gpu, "lm_head + sampling");
@@ -167,6 +171,19 @@ impl Pass<'_> {
     /// `y[rows, n_out] = x[rows, k] w^T` on the kernel chosen for the shape.
     fn linear(&self, p: Product) -> Result<()> {
         self.dev.linear.run(self.dev.kernels, &p)
+    }
+
+    /// Adds the LoRA delta of `fused` of layer `li` to its output `y` (input `x`) for the rows
+    /// with adapters; nothing when the step has none.
+    fn lora(&self, li: usize, fused: FusedProduct, y: u64, x: u64) -> Result<()> {
+        let Some(slots) = self.model.lora().filter(|_| self.v.lora_tiles > 0) else {
+            return Ok(());
+        };
+        let t = self.ws.lora_scratch.ptr;
+        let (tiles, n) = (self.v.inputs.lora_tiles, self.v.lora_tiles);
+        self.dev
+            .kernels
+            .lora_delta(&slots.product(li, fused, y, x, t, tiles, n))
     }
 
     /// The sublayer output `sub` summed over ranks, added to the residual stream `x`, and
@@ -240,6 +257,7 @@ impl Pass<'_> {
         if let Some(bias) = &layer.qkv_bias {
             k.add_bias(ws.qkv.ptr, bias.ptr, n, d.qkv)?;
         }
+        self.lora(li, FusedProduct::Qkv, ws.qkv.ptr, ws.normed.ptr)?;
         timer.mark(gpu, "gemm qkv");
         let (kc, vc) = &self.cache.layers[li];
         k.rope_kv_write(&RopeKvWrite {
@@ -267,6 +285,7 @@ impl Pass<'_> {
             n_out: d.hidden,
             k: d.q_heads * d.head_dim,
         })?;
+        self.lora(li, FusedProduct::O, ws.sub.ptr, ws.attn.ptr)?;
         timer.mark(gpu, "gemm o");
         Ok(())
     }
@@ -346,7 +365,7 @@ impl Pass<'_> {
     }
 
     /// Residual + RMSNorm, gate/up projection, SiLU-mul, down projection, all-reduce.
-    fn mlp_block(&self, layer: &Layer, timer: &mut PhaseTimer) -> Result<()> {
+    fn mlp_block(&self, li: usize, layer: &Layer, timer: &mut PhaseTimer) -> Result<()> {
         let (d, ws, n, k) = (&self.d, self.ws, self.v.rows, self.dev.kernels);
         let gpu = self.dev.gpu;
         self.reduce_residual_norm(layer.post_norm.ptr, n, timer)?;
@@ -358,6 +377,7 @@ impl Pass<'_> {
             n_out: 2 * d.inter,
             k: d.hidden,
         })?;
+        self.lora(li, FusedProduct::GateUp, ws.gate_up.ptr, ws.normed.ptr)?;
         timer.mark(gpu, "gemm gate_up");
         k.silu_mul(ws.act.ptr, ws.gate_up.ptr, n, d.inter)?;
         timer.mark(gpu, "silu_mul");
@@ -369,6 +389,7 @@ impl Pass<'_> {
             n_out: d.hidden,
             k: d.inter,
         })?;
+        self.lora(li, FusedProduct::Down, ws.sub.ptr, ws.act.ptr)?;
         timer.mark(gpu, "gemm down");
         Ok(())
     }

@@ -4,7 +4,10 @@
 //! buffer. A decode-only step of n rows pads to the smallest captured size >= n, copies its
 //! inputs there (one transfer), applies its block-table updates, and replays the graph: one
 //! launch instead of ~350, and no launch gaps between the kernels. In batch-invariant mode the
-//! graphs run the same attention kernel (unsplit) and products as every eager step.
+//! graphs run the same attention kernel (unsplit) and products as every eager step. With LoRA
+//! on, each size has a second graph with the LoRA kernels (one LoRA tile per row, empty tiles
+//! doing nothing), replayed when a row of the step has an adapter, so steps of the base model
+//! alone pay nothing for LoRA.
 //!
 //! Invariants: a graph bakes in the addresses of the weights, the KV cache, the block tables,
 //! the workspace and the input buffer, so the graphs are dropped whenever any of them is
@@ -31,6 +34,8 @@ use crate::error::{Result, WorkerError};
 struct Captured {
     size: usize,
     graph: CudaGraph,
+    /// The same step with the LoRA kernels, when LoRA is on.
+    lora_graph: Option<CudaGraph>,
 }
 
 /// The decode graphs of one worker.
@@ -61,8 +66,9 @@ fn padding_step(rows: usize, tables: TableShape) -> Result<PackedStep> {
 
 impl DecodeGraphs {
     /// Captures a graph for each of `sizes` (ascending, each at most the workspace's rows and
-    /// sampled rows and the block tables' rows), each after one eager pass of the same step and
-    /// replayed once, all on padding; returns them. Nothing else may use the stream meanwhile.
+    /// sampled rows and the block tables' rows), and a LoRA one for each when the model has
+    /// adapter slots, each after one eager pass of the same step and replayed once, all on
+    /// padding; returns them. Nothing else may use the stream meanwhile.
     pub fn capture(
         dev: &Device,
         model: &CudaModel,
@@ -77,9 +83,10 @@ impl DecodeGraphs {
         let inputs = gpu.alloc(Packed::capacity(largest, largest), "graph inputs")?;
         let mut captured = Vec::with_capacity(sizes.len());
         let d = *model.dims();
+        let lora = model.lora().is_some();
         let progress = Task::new(
             "capturing CUDA graphs",
-            sizes.len() as u64,
+            (sizes.len() * if lora { 2 } else { 1 }) as u64,
             Unit::items("graphs"),
         );
         for &size in sizes {
@@ -103,20 +110,37 @@ impl DecodeGraphs {
                 inputs: layout.offsets.at(inputs.ptr),
                 num_tiles: size,
                 attention,
+                lora_tiles: 0,
             };
-            // One eager pass first, on padding: every kernel, cuBLAS path and NCCL connection
-            // the step uses is initialised before the capture records it.
-            gpu.upload(&inputs, &layout.packed.bytes)?;
-            forward(dev, model, cache, ws, &view, false)?;
-            let graph = capture_one(gpu, || {
-                forward(dev, model, cache, ws, &view, false).map(drop)
-            })?;
-            // A first replay on padding: proves the graph runs, and uploads it.
-            graph
-                .launch()
-                .map_err(|e| device_err("replaying a decode graph", e))?;
-            captured.push(Captured { size, graph });
-            progress.inc(1);
+            let one = |view: &StepView| -> Result<CudaGraph> {
+                // One eager pass first, on padding: every kernel, cuBLAS path and NCCL
+                // connection the step uses is initialised before the capture records it.
+                gpu.upload(&inputs, &layout.packed.bytes)?;
+                forward(dev, model, cache, ws, view, false)?;
+                let graph = capture_one(gpu, || {
+                    forward(dev, model, cache, ws, view, false).map(drop)
+                })?;
+                // A first replay on padding: proves the graph runs, and uploads it.
+                graph
+                    .launch()
+                    .map_err(|e| device_err("replaying a decode graph", e))?;
+                progress.inc(1);
+                Ok(graph)
+            };
+            let graph = one(&view)?;
+            let lora_graph = lora
+                .then(|| {
+                    one(&StepView {
+                        lora_tiles: size,
+                        ..view
+                    })
+                })
+                .transpose()?;
+            captured.push(Captured {
+                size,
+                graph,
+                lora_graph,
+            });
         }
         progress.finish();
         gpu.sync()?;
@@ -137,8 +161,8 @@ impl DecodeGraphs {
     }
 
     /// Runs a step packed for `size` (a captured size): copies its inputs, applies its
-    /// block-table updates and replays the graph. The outputs land where the graph's view
-    /// points: the workspace's logits and sampled buffers.
+    /// block-table updates and replays the graph (the LoRA one when a row has an adapter). The
+    /// outputs land where the graph's view points: the workspace's logits and sampled buffers.
     pub fn replay(
         &self,
         dev: &Device,
@@ -147,14 +171,23 @@ impl DecodeGraphs {
         step: &PackedStep,
     ) -> Result<()> {
         let gpu = dev.gpu;
-        let graph = &self
+        let captured = self
             .captured
             .iter()
             .find(|c| c.size == size)
             .ok_or_else(|| WorkerError::Device {
                 detail: format!("no decode graph of size {size}"),
-            })?
-            .graph;
+            })?;
+        let graph = if step.num_lora_tiles > 0 {
+            captured
+                .lora_graph
+                .as_ref()
+                .ok_or_else(|| WorkerError::Device {
+                    detail: "a step with LoRA rows, but no LoRA graph (LoRA is off)".into(),
+                })?
+        } else {
+            &captured.graph
+        };
         let bytes = &step.packed.bytes;
         // The updates ride behind the fixed part; a step with more than the buffer holds
         // sends them separately.

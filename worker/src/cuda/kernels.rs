@@ -95,6 +95,31 @@ pub struct ResidualNorm {
     pub eps: f32,
 }
 
+/// One fused product's LoRA delta (lora.cu): `y[rows, n_out] += (x[rows, k] A^T) B^T`, A and B
+/// of each row's slot, over the LoRA tiles at `tiles`.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraProduct {
+    pub y: u64,
+    pub x: u64,
+    /// f32 scratch `[rows, groups * stride]`.
+    pub t: u64,
+    /// `[slots, groups * stride, k]` and `[slots, n_out, stride]`.
+    pub a: u64,
+    pub b: u64,
+    /// i32 `[slots]`.
+    pub ranks: u64,
+    pub tiles: u64,
+    pub num_tiles: usize,
+    pub k: usize,
+    pub n_out: usize,
+    /// Projections stacked in the product (3 for q|k|v, 2 for gate|up, else 1).
+    pub groups: usize,
+    /// The rank stride (a multiple of 8).
+    pub stride: usize,
+    /// Output columns where the second and third projections start (`n_out` when absent).
+    pub bounds: (usize, usize),
+}
+
 /// all_reduce.cu's limits: threads per block, blocks, ranks, and the bytes of its signal area.
 pub const ALL_REDUCE_THREADS: u32 = 512;
 pub const ALL_REDUCE_MAX_BLOCKS: usize = 64;
@@ -167,6 +192,8 @@ pub struct Kernels {
     gemm_bi: CudaFunction,
     all_reduce_one_shot: CudaFunction,
     all_reduce_residual_norm: CudaFunction,
+    lora_shrink: CudaFunction,
+    lora_expand: CudaFunction,
 }
 
 /// One block of `threads` threads per row, `n` rows.
@@ -320,6 +347,8 @@ impl Kernels {
             gemm_bi: take("gemm_bi")?,
             all_reduce_one_shot: take("all_reduce_one_shot")?,
             all_reduce_residual_norm: take("all_reduce_residual_norm")?,
+            lora_shrink: take("lora_shrink")?,
+            lora_expand: take("lora_expand")?,
         })
     }
 
@@ -517,6 +546,65 @@ impl Kernels {
         unsafe { b.launch(cfg) }
             .map(drop)
             .map_err(launch_err("all_reduce_residual_norm"))
+    }
+
+    /// The batched LoRA delta of one fused product (lora.cu): `lora_shrink` into `t`, then
+    /// `lora_expand` into `y`, over `num_tiles` LoRA tiles.
+    pub fn lora_delta(&self, p: &LoraProduct) -> Result<()> {
+        const SHRINK_OUTS: usize = 4;
+        const SHRINK_WARPS: u32 = 4;
+        const EXPAND_THREADS: u32 = 128;
+        if p.num_tiles == 0 {
+            return Ok(());
+        }
+        let tiles = p.num_tiles as u32;
+        let width = p.groups * p.stride;
+        let (k, r, g) = (p.k as i32, p.stride as i32, p.groups as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                tiles,
+                width.div_ceil(SHRINK_OUTS * SHRINK_WARPS as usize) as u32,
+                1,
+            ),
+            block_dim: (32 * SHRINK_WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.launch(&self.lora_shrink);
+        b.arg(&p.t)
+            .arg(&p.x)
+            .arg(&p.a)
+            .arg(&p.tiles)
+            .arg(&p.ranks)
+            .arg(&k)
+            .arg(&r)
+            .arg(&g);
+        // SAFETY: as lora.cu documents: `t` holds the tiles' rows of `groups * stride` f32, `x`
+        // their rows of `k` elements, `a` and `ranks` every slot.
+        unsafe { b.launch(cfg) }
+            .map(drop)
+            .map_err(launch_err("lora_shrink"))?;
+        let cfg = LaunchConfig {
+            grid_dim: (tiles, p.n_out.div_ceil(EXPAND_THREADS as usize) as u32, 1),
+            block_dim: (EXPAND_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (out, b1, b2) = (p.n_out as i32, p.bounds.0 as i32, p.bounds.1 as i32);
+        let mut b = self.launch(&self.lora_expand);
+        b.arg(&p.y)
+            .arg(&p.t)
+            .arg(&p.b)
+            .arg(&p.tiles)
+            .arg(&p.ranks)
+            .arg(&out)
+            .arg(&r)
+            .arg(&g)
+            .arg(&b1)
+            .arg(&b2);
+        // SAFETY: as lora.cu documents: `y` holds the tiles' rows of `n_out` elements, `b`
+        // every slot's `[n_out, stride]`.
+        unsafe { b.launch(cfg) }
+            .map(drop)
+            .map_err(launch_err("lora_expand"))
     }
 
     /// Whether the tensor-core attention kernel exists for this head size.

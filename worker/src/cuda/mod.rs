@@ -20,6 +20,7 @@ mod graphs;
 mod kernels;
 mod launch;
 mod linear;
+mod lora;
 mod model;
 mod nccl;
 mod peer_all_reduce;
@@ -51,6 +52,7 @@ use self::step_inputs::{is_decode_only, pack};
 use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo};
 use crate::batch::Batch;
 use crate::error::{Result, WorkerError};
+use crate::lora::shard::AdapterShard;
 use crate::sampler::{RowExtras, SampleSpec, Sampled};
 use crate::step_trace::{phase, Phase};
 use crate::weights::{load_response, load_shard, QuantizationRequest};
@@ -60,16 +62,6 @@ use crate::weights::{load_response, load_shard, QuantizationRequest};
 const RESERVED_BYTES: usize = 512 << 20;
 
 /// What exists once the model is loaded.
-/// LoRA on this backend: the batched kernels (SGMV/BGMV over stacked slots) are not written
-/// yet, so `--enable-lora` is refused at start rather than served without its adapters.
-fn lora_unsupported() -> WorkerError {
-    WorkerError::Unsupported {
-        detail: "LoRA adapters are not implemented on the CUDA backend yet (issue 10): serve \
-                 them with --device cpu, or merge the adapter into the model's weights"
-            .into(),
-    }
-}
-
 struct Loaded {
     model: CudaModel,
     kernels: Kernels,
@@ -222,6 +214,7 @@ impl CudaBackend {
             inputs: step.offsets.at(base),
             num_tiles: step.num_tiles,
             attention,
+            lora_tiles: step.num_lora_tiles,
         };
         let dev = loaded.device(gpu, self.nccl.as_ref(), self.peer.as_ref(), self.rank);
         // `_spill`, if any, is freed in stream order after the pass that reads it.
@@ -443,9 +436,6 @@ impl Backend for CudaBackend {
     fn load_model(&mut self, req: &pb::LoadModelRequest) -> Result<pb::LoadModelResponse> {
         let started = Instant::now();
         let dtype = Dtype::parse(&req.dtype)?;
-        if req.max_loras > 0 {
-            return Err(lora_unsupported());
-        }
         if QuantizationRequest::parse(&req.quantization)? == QuantizationRequest::Gguf {
             return Err(WorkerError::Unsupported {
                 detail: "quantization gguf runs on the CPU backend only; on a GPU a GGUF is \
@@ -457,9 +447,19 @@ impl Backend for CudaBackend {
         let (rank, world) = (self.rank, self.world_size);
         let kernels = Kernels::load(&self.gpu, dtype)?;
         let linear = Linear::new(Blas::new(&self.gpu, dtype)?, req.batch_invariant);
-        let model = load_shard(req, rank, world, |config, shard, source| {
+        let mut model = load_shard(req, rank, world, |config, shard, source| {
             CudaModel::load(&self.gpu, &kernels, config, shard, source, dtype)
         })?;
+        if req.max_loras > 0 {
+            let (slots, rank) = (req.max_loras as usize, req.max_lora_rank as usize);
+            let bytes = model.enable_lora(&self.gpu, slots, rank)?;
+            tracing::info!(
+                slots,
+                max_rank = rank,
+                gib = bytes as f64 / (1u64 << 30) as f64,
+                "LoRA slots allocated"
+            );
+        }
         self.gpu.sync()?;
         let d = *model.dims();
         let inner = [d.hidden, d.inter, d.q_heads * d.head_dim];
@@ -689,8 +689,14 @@ impl Backend for CudaBackend {
         self.loaded.as_ref().map(|l| l.model.config())
     }
 
-    fn load_lora(&mut self, _slot: usize, _adapter: &LoraAdapter) -> Result<()> {
-        Err(lora_unsupported())
+    fn load_lora(&mut self, slot: usize, adapter: &LoraAdapter) -> Result<()> {
+        let gpu = &self.gpu;
+        let model = &mut loaded_model(&mut self.loaded, "loading a LoRA adapter")?.model;
+        let shard = AdapterShard::cut(adapter, model.config(), model.shard())?;
+        let slots = model.lora_mut().ok_or_else(|| WorkerError::Plan {
+            detail: "a LoRA adapter for a model loaded without LoRA slots (max_loras 0)".into(),
+        })?;
+        slots.load(gpu, slot, &shard)
     }
 
     fn logits(&mut self, batch: &Batch) -> Result<Option<Vec<f32>>> {

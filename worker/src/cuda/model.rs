@@ -15,6 +15,7 @@ use tpserve_modelfile::LlamaConfig;
 
 use super::device::{DeviceBuffer, Gpu};
 use super::kernels::{attention_max_items, Dtype, Kernels, ELEM};
+use super::lora::LoraSlots;
 use super::workspace::Workspace;
 use crate::cpu::ops::Rope;
 use crate::error::{Result, WorkerError};
@@ -84,6 +85,8 @@ pub struct CudaModel {
     max_pos: usize,
     weight_bytes: usize,
     workspace: Option<Workspace>,
+    /// The adapter slots, with `--enable-lora`.
+    lora: Option<LoraSlots>,
 }
 
 /// Stores weights on the GPU: read as f32 and rounded to the dtype, or filled on the device.
@@ -232,6 +235,7 @@ impl CudaModel {
             max_pos,
             weight_bytes: ld.bytes,
             workspace: None,
+            lora: None,
         })
     }
 
@@ -249,6 +253,36 @@ impl CudaModel {
 
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
+    }
+
+    /// Allocates `slots` adapter slots of rank up to `max_rank` (before the workspace, whose
+    /// LoRA scratch they size, and the memory profile, which then counts them).
+    pub fn enable_lora(&mut self, gpu: &Gpu, slots: usize, max_rank: usize) -> Result<usize> {
+        self.workspace = None;
+        let lora = LoraSlots::new(
+            gpu,
+            &self.dims,
+            self.layers.len(),
+            slots,
+            max_rank,
+            self.dtype,
+        )?;
+        self.lora = Some(lora);
+        Ok(LoraSlots::bytes_for(
+            &self.dims,
+            self.layers.len(),
+            slots,
+            max_rank,
+        ))
+    }
+
+    /// The adapter slots, when LoRA is on.
+    pub fn lora(&self) -> Option<&LoraSlots> {
+        self.lora.as_ref()
+    }
+
+    pub fn lora_mut(&mut self) -> Option<&mut LoraSlots> {
+        self.lora.as_mut()
     }
 
     pub fn max_positions(&self) -> usize {
@@ -304,7 +338,14 @@ impl CudaModel {
                 None => (tokens, samples),
             };
             self.workspace = None;
-            self.workspace = Some(Workspace::new(gpu, &self.dims, t.max(1), s.max(1))?);
+            let lora_width = self.lora.as_ref().map_or(0, LoraSlots::scratch_width);
+            self.workspace = Some(Workspace::new(
+                gpu,
+                &self.dims,
+                t.max(1),
+                s.max(1),
+                lora_width,
+            )?);
         }
         let w = self.workspace.as_ref().expect("just made");
         Ok((w.bytes(&self.dims), !fits))

@@ -1,15 +1,17 @@
 //! A step's host inputs on their way to the device: token ids, positions, KV slots, attention
-//! tiles, sample rows, sampling parameters and the block-table updates, packed into one buffer
-//! and copied in one transfer.
+//! tiles, sample rows, sampling parameters, LoRA tiles and the block-table updates, packed into
+//! one buffer and copied in one transfer.
 //!
 //! An eager step packs exactly its rows. A step replayed by a CUDA graph packs its rows padded
 //! to the graph's batch size, so every array sits at the offset the graph was captured with
 //! (the offsets depend only on the padded size); padding rows are token 0 at position 0 with no
 //! KV slot (nothing is written to the cache), an empty attention tile (nothing is computed) and
-//! greedy sampling. The block-table updates come last, outside the fixed part.
+//! greedy sampling; the LoRA tiles are padded with empty ones. The block-table updates come last,
+//! outside the fixed part.
 
 use super::attention_plan::{table_updates, AttentionTiles};
 use super::kernels::SamplingPointers;
+use super::lora::lora_tiles;
 use crate::batch::Batch;
 use crate::sampler::SampleSpec;
 
@@ -24,8 +26,9 @@ impl Packed {
     /// Bytes for `tokens` rows and `samples` sampled rows, plus 1 MiB of block-table updates
     /// (131,072 blocks); a step that needs more gets a buffer of its own.
     pub fn capacity(tokens: usize, samples: usize) -> usize {
-        // ids + positions + slots + tiles + sample rows + sampling parameters, plus alignment.
-        tokens * (4 + 4 + 8 + 16) + samples * (4 + 4 + 4 + 4 + 4 + 8) + 16 * 16 + (1 << 20)
+        // ids + positions + slots + tiles + LoRA tiles + sample rows + sampling parameters, plus
+        // alignment.
+        tokens * (4 + 4 + 8 + 16 + 16) + samples * (4 + 4 + 4 + 4 + 4 + 8) + 16 * 16 + (1 << 20)
     }
 
     fn with_capacity(bytes: usize) -> Self {
@@ -61,6 +64,8 @@ pub struct Offsets {
     pub top_p: usize,
     pub min_p: usize,
     pub seeds: usize,
+    /// LoRA tiles (`lora.cu`), room for one per row.
+    pub lora_tiles: usize,
     /// The `(index, block)` pairs of the block-table updates.
     pub updates: usize,
 }
@@ -74,6 +79,7 @@ pub struct InputPointers {
     pub tiles: u64,
     pub sample_rows: Option<u64>,
     pub sampling: SamplingPointers,
+    pub lora_tiles: u64,
 }
 
 impl Offsets {
@@ -93,6 +99,7 @@ impl Offsets {
                 min_p: at(self.min_p),
                 seeds: at(self.seeds),
             },
+            lora_tiles: at(self.lora_tiles),
         }
     }
 }
@@ -108,6 +115,9 @@ pub struct PackedStep {
     pub max_context: usize,
     /// Block-table updates (pairs at `offsets.updates`).
     pub num_updates: usize,
+    /// LoRA tiles in use (the rest of the row-sized array is padding); 0: no row uses an
+    /// adapter.
+    pub num_lora_tiles: usize,
 }
 
 /// The persistent block tables a step's updates go into: `rows` requests of `width` blocks.
@@ -162,6 +172,9 @@ pub fn pack(
     let min_p = p.push(&column(&|x| x.params.min_p, 0.0));
     let seeds: Vec<u64> = sampling.iter().map(|x| x.seed).collect();
     let seeds = p.push(&padded(seeds, 0, samples));
+    let lora = lora_tiles(batch);
+    let num_lora_tiles = lora.len();
+    let lora_tiles = p.push(&padded(lora, [0; 4], rows));
     let updates_at = p.push(&updates);
     Ok(PackedStep {
         packed: p,
@@ -176,12 +189,14 @@ pub fn pack(
             top_p,
             min_p,
             seeds,
+            lora_tiles,
             updates: updates_at,
         },
         num_tiles,
         max_tile_rows: plan.max_rows,
         max_context: plan.max_context,
         num_updates: updates.len() / 2,
+        num_lora_tiles,
     })
 }
 

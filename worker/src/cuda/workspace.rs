@@ -13,6 +13,8 @@ use crate::error::Result;
 pub struct Workspace {
     pub tokens: usize,
     pub samples: usize,
+    /// f32 columns of `lora_scratch` per row (0 without LoRA).
+    pub lora_width: usize,
     /// The residual stream `[tokens, hidden]`.
     pub x: DeviceBuffer,
     /// Normalised activations `[tokens, hidden]`.
@@ -40,11 +42,13 @@ pub struct Workspace {
     pub sampled: DeviceBuffer,
     /// An eager step's packed inputs (a larger step gets a buffer of its own).
     pub inputs: DeviceBuffer,
+    /// The LoRA shrink's output, f32 `[tokens, lora_width]`.
+    pub lora_scratch: DeviceBuffer,
 }
 
 impl Workspace {
     /// Bytes of each buffer, in field order.
-    pub fn bytes_for(d: &Dims, tokens: usize, samples: usize) -> [usize; 14] {
+    pub fn bytes_for(d: &Dims, tokens: usize, samples: usize, lora_width: usize) -> [usize; 15] {
         let partial = Self::partial_capacity(d, tokens);
         [
             tokens * d.hidden * ELEM,
@@ -61,6 +65,7 @@ impl Workspace {
             samples * d.vocab_per_rank * d.world_size * ELEM,
             samples * 4,
             Packed::capacity(tokens, samples),
+            tokens * lora_width * 4,
         ]
     }
 
@@ -75,12 +80,19 @@ impl Workspace {
         Self::partial_capacity(d, self.tokens) / (rows * d.q_heads * d.head_dim).max(1)
     }
 
-    pub fn new(gpu: &Gpu, d: &Dims, tokens: usize, samples: usize) -> Result<Self> {
-        let b = Self::bytes_for(d, tokens, samples);
+    pub fn new(
+        gpu: &Gpu,
+        d: &Dims,
+        tokens: usize,
+        samples: usize,
+        lora_width: usize,
+    ) -> Result<Self> {
+        let b = Self::bytes_for(d, tokens, samples, lora_width);
         let a = |i: usize, what: &str| gpu.alloc(b[i], what);
         Ok(Self {
             tokens,
             samples,
+            lora_width,
             x: a(0, "activations")?,
             normed: a(1, "activations")?,
             qkv: a(2, "activations")?,
@@ -95,11 +107,14 @@ impl Workspace {
             gathered: a(11, "logits")?,
             sampled: a(12, "sampled tokens")?,
             inputs: a(13, "step inputs")?,
+            lora_scratch: a(14, "LoRA scratch")?,
         })
     }
 
     /// Total bytes.
     pub fn bytes(&self, d: &Dims) -> usize {
-        Self::bytes_for(d, self.tokens, self.samples).iter().sum()
+        Self::bytes_for(d, self.tokens, self.samples, self.lora_width)
+            .iter()
+            .sum()
     }
 }

@@ -12,6 +12,8 @@
 //! Costs: a disk load reads and checks the whole adapter (`LoraAdapter::open`) on the runner
 //! thread, at the first step that uses it; a slot load copies one adapter's shard.
 
+pub mod shard;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
