@@ -17,7 +17,8 @@
 #   4. LoRA (issue 10): 8 random rank-16 adapters on all seven projections
 #      (make_lora_adapters.py --bench 8); decode-heavy 128 in / 256 out at concurrency 64 against
 #      one `tpserve serve --enable-lora`, once for the base model and once spread over the 8
-#      adapters (`bench serve --lora-modules`), same server, same run (lora_over_base);
+#      adapters (`bench serve --lora-modules`), same server, same run (lora_over_base), after one
+#      request per adapter, timed (lora_first_load_s: disk -> host -> GPU slot, plus a prefill);
 #   5. with two or more GPUs, the same at TP=2 (NAME-x2.json, with tp2_decode_speedup), and the
 #      single stream again with every all-reduce on NCCL (--disable-custom-all-reduce), for
 #      comparison;
@@ -193,6 +194,22 @@ main() {
   LORA_ARGS=(--enable-lora --max-loras 8 --max-lora-rank 16 --lora-modules "${modules[@]}")
   start_server 1 "$WORK/tp1-lora"
   LORA_ARGS=()
+  # Each adapter's first request reads it from disk (f32 safetensors), cuts it and copies it
+  # into a GPU slot on the worker's step thread: timed here, apart from the throughput runs.
+  "$PYTHON" - "$PORT" "$WORK/tp1/lora_first_load.json" <<'PY'
+import json, sys, time, urllib.request
+port, out = sys.argv[1], sys.argv[2]
+seconds = {}
+for i in range(8):
+    body = json.dumps({"model": f"l{i}", "prompt": "warm up", "max_tokens": 1}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                 {"Content-Type": "application/json"})
+    t = time.time()
+    urllib.request.urlopen(req, timeout=300).read()
+    seconds[f"l{i}"] = time.time() - t
+json.dump(seconds, open(out, "w"))
+print("LoRA first request per adapter (s): " + ", ".join(f"{v:.2f}" for v in seconds.values()))
+PY
   client "$WORK/tp1-lora" base_c64_128_256 --num-prompts "$(prompts 128)" --random-input-len 128 \
     --random-output-len 256 --max-concurrency 64 --seed 300
   client "$WORK/tp1-lora" lora8_c64_128_256 --num-prompts "$(prompts 128)" --random-input-len 128 \

@@ -15,6 +15,7 @@ serve --result-json`, vLLM's keys) and WORK/cold_start.json, and writes OUT_JSON
   cold_start_s              {"first": .., "warm": ..}: process start to /health 200
   lora_over_base            output tok/s over 8 LoRA adapters (rank 16, all seven projections)
                             over the base model's, 128 in / 256 out at concurrency 64, same server
+  lora_first_load_s         seconds of each adapter's first request (read, cut, copied to a slot)
 plus the raw figures (tok/s, TTFT, TPOT, ITL, floors, GPU, date, commit) and the decode-heavy
 runs (128 in / 512 out at concurrency 1, 16, 64, 256).
 
@@ -169,6 +170,12 @@ def main() -> int:
         result["lora_over_base"] = lora["output_throughput"] / base["output_throughput"]
         result["lora_c64_128_256"] = {"base": {k: base[k] for k in keys},
                                       "lora8": {k: lora[k] for k in keys}}
+        first = os.path.join(w, "lora_first_load.json")
+        if os.path.exists(first):
+            loads = load(first)
+            result["lora_first_load_s"] = loads
+            rows.append(("lora_first_load_s", f"{max(loads.values()):.2f}",
+                         "slowest first request of an adapter (disk -> host -> GPU slot)"))
         rows.append(("lora_over_base", f"{result['lora_over_base']:.3f}",
                      f"{lora['output_throughput']:.0f} vs {base['output_throughput']:.0f} out tok/s "
                      f"(8 adapters r16 vs base, c=64); TPOT p50 {lora['median_tpot_ms']:.2f} vs "

@@ -181,9 +181,10 @@ impl Pass<'_> {
         };
         let t = self.ws.lora_scratch.ptr;
         let (tiles, n) = (self.v.inputs.lora_tiles, self.v.lora_tiles);
+        let rows = self.v.rows;
         self.dev
             .kernels
-            .lora_delta(&slots.product(li, fused, y, x, t, tiles, n))
+            .lora_delta(&slots.product(li, fused, (y, x, rows), t, tiles, n))
     }
 
     /// The sublayer output `sub` summed over ranks, added to the residual stream `x`, and

@@ -5,8 +5,9 @@
 //! inputs there (one transfer), applies its block-table updates, and replays the graph: one
 //! launch instead of ~350, and no launch gaps between the kernels. In batch-invariant mode the
 //! graphs run the same attention kernel (unsplit) and products as every eager step. With LoRA
-//! on, each size has a second graph with the LoRA kernels (one LoRA tile per row, empty tiles
-//! doing nothing), replayed when a row of the step has an adapter, so steps of the base model
+//! on, each size has a second graph with the LoRA kernels (launched for the most LoRA tiles a
+//! step of that size can have; empty tiles do nothing), replayed when a row of the step has an
+//! adapter, so steps of the base model
 //! alone pay nothing for LoRA.
 //!
 //! Invariants: a graph bakes in the addresses of the weights, the KV cache, the block tables,
@@ -83,10 +84,10 @@ impl DecodeGraphs {
         let inputs = gpu.alloc(Packed::capacity(largest, largest), "graph inputs")?;
         let mut captured = Vec::with_capacity(sizes.len());
         let d = *model.dims();
-        let lora = model.lora().is_some();
+        let lora = model.lora();
         let progress = Task::new(
             "capturing CUDA graphs",
-            (sizes.len() * if lora { 2 } else { 1 }) as u64,
+            (sizes.len() * if lora.is_some() { 2 } else { 1 }) as u64,
             Unit::items("graphs"),
         );
         for &size in sizes {
@@ -129,9 +130,9 @@ impl DecodeGraphs {
             };
             let graph = one(&view)?;
             let lora_graph = lora
-                .then(|| {
+                .map(|slots| {
                     one(&StepView {
-                        lora_tiles: size,
+                        lora_tiles: slots.max_tiles(size),
                         ..view
                     })
                 })

@@ -1,10 +1,11 @@
 //! LoRA on CUDA: `--max-loras` adapter slots stacked per layer and fused product (q|k|v, o,
 //! gate|up, down) in GPU memory, and the batched delta `y += (x A^T) (scale B)^T` of a step's
 //! rows, each with its own slot, as one shrink and one expand kernel per product (lora.cu) over
-//! LoRA tiles: runs of at most [`TILE_ROWS`] consecutive rows with the same adapter (a prefill
-//! chunk's rows, or decode rows of one adapter next to each other), so prefill reads each
-//! adapter's weights once per tile and decode once per row at worst (S-LoRA's SGMV and Punica's
-//! BGMV in one form).
+//! LoRA tiles: up to [`TILE_ROWS`] rows of one adapter wherever they are in the batch (a prefill
+//! chunk's rows, or the decode rows of the requests that use it), so each tile reads its
+//! adapter's weights once (S-LoRA's SGMV and Punica's BGMV in one form). The shrink splits the
+//! input dimension into `LORA_SPLIT_LEN` ranges computed side by side (decode steps have few
+//! tiles), the expand sums the ranges in order.
 //!
 //! Layout per layer and product, for G stacked projections and the rank stride R (the largest
 //! rank served, rounded up to 8): A `[slots, G * R, in]` (rank r of projection g in row
@@ -18,15 +19,18 @@
 //! nodes).
 
 use super::device::{DeviceBuffer, Gpu};
-use super::kernels::{Dtype, LoraProduct, ELEM};
+use super::kernels::{Dtype, LoraProduct, ELEM, LORA_MAX_RANK, LORA_SPLIT_LEN, LORA_TILE_ROWS};
 use super::model::Dims;
 use crate::batch::Batch;
 use crate::error::{Result, WorkerError};
 use crate::lora::shard::AdapterShard;
 use tpserve_modelfile::Projection;
 
-/// Rows of one LoRA tile (lora.cu's `TPSERVE_LORA_TILE_ROWS`).
-pub const TILE_ROWS: usize = 8;
+/// Rows of one LoRA tile.
+pub const TILE_ROWS: usize = LORA_TILE_ROWS;
+
+/// One LoRA tile as lora.cu reads it: `{slot, rows, row_0, .., row_7, 0 ..}`.
+pub type LoraTile = [i32; 16];
 
 /// A fused product of a layer that adapters may target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +121,14 @@ impl LoraSlots {
         max_rank: usize,
         dtype: Dtype,
     ) -> Result<Self> {
+        if max_rank > LORA_MAX_RANK {
+            return Err(WorkerError::Unsupported {
+                detail: format!(
+                    "--max-lora-rank {max_rank} on CUDA: the LoRA kernels take ranks up to \
+                     {LORA_MAX_RANK}"
+                ),
+            });
+        }
         let stride = Self::stride_for(max_rank);
         let mut all = Vec::with_capacity(layers);
         for _ in 0..layers {
@@ -145,9 +157,18 @@ impl LoraSlots {
         })
     }
 
-    /// f32 columns of the shrink's scratch per row (the widest product's `G * R`).
+    /// The most LoRA tiles a step of `rows` rows can have: each adapter's rows cut into tiles
+    /// of [`TILE_ROWS`], at most one partial tile per slot.
+    pub fn max_tiles(&self, rows: usize) -> usize {
+        rows.min(rows.div_ceil(TILE_ROWS) + self.slots)
+    }
+
+    /// f32 columns of the shrink's scratch per row: the widest product's `G * R`, once per
+    /// split of the longest input.
     pub fn scratch_width(&self) -> usize {
-        3 * self.stride
+        let d = &self.dims;
+        let longest = d.hidden.max(d.inter).max(d.q_heads * d.head_dim);
+        longest.div_ceil(LORA_SPLIT_LEN) * 3 * self.stride
     }
 
     /// Copies `adapter` (cut for this rank) into `slot`, replacing what was there.
@@ -209,14 +230,13 @@ impl LoraSlots {
     }
 
     /// The delta of `fused` of `layer` for the rows of `num_tiles` tiles at `tiles`: `y += ...`
-    /// from `x`, through the f32 scratch `t`.
+    /// from `x` (both of `rows` rows), through the f32 scratch `t`.
     #[allow(clippy::too_many_arguments)]
     pub fn product(
         &self,
         layer: usize,
         fused: FusedProduct,
-        y: u64,
-        x: u64,
+        (y, x, rows): (u64, u64, usize),
         t: u64,
         tiles: u64,
         num_tiles: usize,
@@ -226,6 +246,7 @@ impl LoraSlots {
         LoraProduct {
             y,
             x,
+            rows,
             t,
             a: buffers.a.ptr,
             b: buffers.b.ptr,
@@ -241,25 +262,36 @@ impl LoraSlots {
     }
 }
 
-/// The LoRA tiles of `batch`, as lora.cu reads them (`{first_row, rows, slot, 0}` each): runs of
-/// consecutive rows with the same slot, cut at [`TILE_ROWS`]; rows of the base model have none.
-pub fn lora_tiles(batch: &Batch) -> Vec<[i32; 4]> {
-    let mut tiles: Vec<[i32; 4]> = Vec::new();
+/// The LoRA tiles of `batch`: each adapter's rows (in batch order, adapters in order of first
+/// use) cut into tiles of at most [`TILE_ROWS`]; rows of the base model are in none.
+pub fn lora_tiles(batch: &Batch) -> Vec<LoraTile> {
+    let mut tiles: Vec<LoraTile> = Vec::new();
+    // Per adapter slot: the index of its tile being filled.
+    let mut open: Vec<(usize, usize)> = Vec::new();
     for seq in &batch.seqs {
         let Some(slot) = seq.lora_slot else {
             continue;
         };
         for row in seq.rows.clone() {
-            match tiles.last_mut() {
-                Some(t)
-                    if t[2] == slot as i32
-                        && (t[0] + t[1]) as usize == row
-                        && (t[1] as usize) < TILE_ROWS =>
-                {
-                    t[1] += 1;
+            let filling = open
+                .iter_mut()
+                .find(|(s, _)| *s == slot)
+                .filter(|(_, t)| (tiles[*t][1] as usize) < TILE_ROWS);
+            let index = match filling {
+                Some((_, t)) => *t,
+                None => {
+                    let mut tile = [0i32; 16];
+                    tile[0] = slot as i32;
+                    tiles.push(tile);
+                    let t = tiles.len() - 1;
+                    open.retain(|(s, _)| *s != slot);
+                    open.push((slot, t));
+                    t
                 }
-                _ => tiles.push([row as i32, 1, slot as i32, 0]),
-            }
+            };
+            let tile = &mut tiles[index];
+            tile[2 + tile[1] as usize] = row as i32;
+            tile[1] += 1;
         }
     }
     tiles
@@ -281,22 +313,36 @@ mod tests {
         }
     }
 
+    /// A tile of `slot` holding `rows`.
+    fn tile(slot: i32, rows: &[i32]) -> LoraTile {
+        let mut t = [0; 16];
+        t[0] = slot;
+        t[1] = rows.len() as i32;
+        t[2..2 + rows.len()].copy_from_slice(rows);
+        t
+    }
+
     #[test]
-    fn tiles_merge_runs_of_one_slot_and_cut_at_the_tile_size() {
+    fn tiles_gather_each_adapters_rows_and_cut_at_the_tile_size() {
         let batch = Batch {
             seqs: vec![
                 seq(0..11, Some(2)),
-                seq(11..12, Some(2)),
+                seq(11..12, Some(1)),
                 seq(12..13, None),
-                seq(13..14, Some(0)),
+                seq(13..14, Some(2)),
                 seq(14..15, Some(1)),
-                seq(15..16, Some(1)),
+                seq(15..16, Some(0)),
             ],
             ..Batch::default()
         };
         assert_eq!(
             lora_tiles(&batch),
-            vec![[0, 8, 2, 0], [8, 4, 2, 0], [13, 1, 0, 0], [14, 2, 1, 0],]
+            vec![
+                tile(2, &[0, 1, 2, 3, 4, 5, 6, 7]),
+                tile(2, &[8, 9, 10, 13]),
+                tile(1, &[11, 14]),
+                tile(0, &[15]),
+            ]
         );
         assert!(lora_tiles(&Batch::default()).is_empty());
     }

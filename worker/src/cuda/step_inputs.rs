@@ -28,7 +28,7 @@ impl Packed {
     pub fn capacity(tokens: usize, samples: usize) -> usize {
         // ids + positions + slots + tiles + LoRA tiles + sample rows + sampling parameters, plus
         // alignment.
-        tokens * (4 + 4 + 8 + 16 + 16) + samples * (4 + 4 + 4 + 4 + 4 + 8) + 16 * 16 + (1 << 20)
+        tokens * (4 + 4 + 8 + 16 + 64) + samples * (4 + 4 + 4 + 4 + 4 + 8) + 16 * 16 + (1 << 20)
     }
 
     fn with_capacity(bytes: usize) -> Self {
@@ -174,7 +174,7 @@ pub fn pack(
     let seeds = p.push(&padded(seeds, 0, samples));
     let lora = lora_tiles(batch);
     let num_lora_tiles = lora.len();
-    let lora_tiles = p.push(&padded(lora, [0; 4], rows));
+    let lora_tiles = p.push(&padded(lora, [0; 16], rows));
     let updates_at = p.push(&updates);
     Ok(PackedStep {
         packed: p,
