@@ -136,6 +136,7 @@ fn echo_events(request: &GenerateRequest) -> Vec<GenerateEvent> {
         prompt_tokens: request.prompt_token_ids.len() as u32,
         completion_tokens: take as u32,
         cached_tokens: 0,
+        embedding: None,
     });
     events
 }
@@ -214,6 +215,8 @@ fn harness_with(script: Script, chat_template: Option<ChatTemplate>) -> Harness 
         chat_template: chat_template.map(Arc::new),
         created: 1_700_000_000,
         adapters: None,
+        task: crate::task::Task::Generate,
+        hidden_size: 64,
     };
     let now = Instant::now();
     let liveness_origin = now.checked_sub(HEARTBEAT_AGE).unwrap_or(now);
