@@ -180,6 +180,10 @@ pub struct EngineArgs {
     /// `'{"pooling_type": "MEAN", "normalize": true}'`.
     #[arg(long, env = "TPSERVE_OVERRIDE_POOLER_CONFIG")]
     pub override_pooler_config: Option<String>,
+    /// vLLM's config overrides, as JSON; tpserve takes `is_matryoshka` and
+    /// `matryoshka_dimensions` only (which `dimensions` an embedding request may ask for).
+    #[arg(long, env = "TPSERVE_HF_OVERRIDES")]
+    pub hf_overrides: Option<String>,
     #[command(flatten)]
     pub lora: LoraArgs,
 }

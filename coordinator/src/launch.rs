@@ -88,6 +88,7 @@ pub async fn launch(
     let task = crate::task::resolve(
         args.task,
         args.override_pooler_config.as_deref(),
+        args.hf_overrides.as_deref(),
         &args.model,
         config.is_headless(),
     )?;

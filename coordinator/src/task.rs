@@ -16,7 +16,9 @@
 //! `--override-pooler-config '{"pooling_type": "MEAN", "normalize": false}'` (vLLM's flag and
 //! keys) overrides the pooling. Matryoshka truncation (`dimensions`) is allowed only for a
 //! model whose `config.json` declares it (`is_matryoshka: true` or `matryoshka_dimensions`), as
-//! vLLM does: truncating other models' vectors gives poor results.
+//! vLLM does: truncating other models' vectors gives poor results. vLLM's
+//! `--hf-overrides '{"is_matryoshka": true}'` declares it for a checkpoint that does not (only
+//! those two keys are taken; others are refused rather than ignored).
 
 use std::path::Path;
 
@@ -127,6 +129,7 @@ struct Detected {
 pub fn resolve(
     arg: TaskArg,
     override_json: Option<&str>,
+    hf_overrides: Option<&str>,
     model: &Path,
     headless: bool,
 ) -> Result<Task, StartError> {
@@ -142,7 +145,26 @@ pub fn resolve(
         })?,
         None => PoolerOverride::default(),
     };
-    let found = detect(model, headless)?;
+    let mut found = detect(model, headless)?;
+    if let Some(text) = hf_overrides {
+        let over: Value = serde_json::from_str(text)
+            .or_else(|e| bad(format!("--hf-overrides {text:?} is not JSON: {e}")))?;
+        let Some(map) = over.as_object() else {
+            return bad(format!("--hf-overrides {text:?} must be a JSON object"));
+        };
+        if let Some(key) = map
+            .keys()
+            .find(|k| !matches!(k.as_str(), "is_matryoshka" | "matryoshka_dimensions"))
+        {
+            return bad(format!(
+                "--hf-overrides: tpserve takes only is_matryoshka and matryoshka_dimensions, \
+                 not {key:?}"
+            ));
+        }
+        if let Some(m) = matryoshka(&over) {
+            found.matryoshka = m;
+        }
+    }
     let embed = match arg {
         TaskArg::Embed => true,
         TaskArg::Generate if headless => {
@@ -173,6 +195,25 @@ pub fn resolve(
         normalize: over.normalize.or(found.normalize).unwrap_or(true),
         matryoshka: found.matryoshka,
     }))
+}
+
+/// What a config (or `--hf-overrides`) declares about Matryoshka truncation; `None`: nothing.
+fn matryoshka(config: &Value) -> Option<Matryoshka> {
+    match config
+        .get("matryoshka_dimensions")
+        .and_then(Value::as_array)
+    {
+        Some(dims) => Some(Matryoshka::Only(
+            dims.iter()
+                .filter_map(Value::as_u64)
+                .map(|d| d as usize)
+                .collect(),
+        )),
+        None => config
+            .get("is_matryoshka")
+            .and_then(Value::as_bool)
+            .map(|on| if on { Matryoshka::Any } else { Matryoshka::No }),
+    }
 }
 
 fn read_json(path: &Path) -> Result<Option<Value>, StartError> {
@@ -289,7 +330,7 @@ mod tests {
                 r#"{"pooling_mode_mean_tokens": true, "pooling_mode_lasttoken": false}"#,
             ),
         ]);
-        let task = resolve(TaskArg::Auto, None, dir.path(), false).unwrap();
+        let task = resolve(TaskArg::Auto, None, None, dir.path(), false).unwrap();
         assert_eq!(
             task,
             Task::Embed(PoolerConfig {
@@ -304,10 +345,10 @@ mod tests {
     fn a_generate_checkpoint_generates_unless_told_to_embed_last_token_normalized() {
         let dir = dir_with(&[("config.json", r#"{"is_matryoshka": true}"#)]);
         assert_eq!(
-            resolve(TaskArg::Auto, None, dir.path(), false).unwrap(),
+            resolve(TaskArg::Auto, None, None, dir.path(), false).unwrap(),
             Task::Generate
         );
-        let embed = resolve(TaskArg::Embed, None, dir.path(), false).unwrap();
+        let embed = resolve(TaskArg::Embed, None, None, dir.path(), false).unwrap();
         assert_eq!(
             embed,
             Task::Embed(PoolerConfig {
@@ -322,10 +363,10 @@ mod tests {
     fn a_headless_architecture_embeds_and_refuses_to_generate() {
         let dir = dir_with(&[("config.json", "{}")]);
         assert!(matches!(
-            resolve(TaskArg::Auto, None, dir.path(), true).unwrap(),
+            resolve(TaskArg::Auto, None, None, dir.path(), true).unwrap(),
             Task::Embed(_)
         ));
-        let e = resolve(TaskArg::Generate, None, dir.path(), true).unwrap_err();
+        let e = resolve(TaskArg::Generate, None, None, dir.path(), true).unwrap_err();
         assert!(e.to_string().contains("can only embed"), "{e}");
     }
 
@@ -333,14 +374,34 @@ mod tests {
     fn the_pooler_override_wins_and_bad_overrides_are_named() {
         let dir = dir_with(&[("config.json", "{}")]);
         let over = r#"{"pooling_type": "CLS", "normalize": false}"#;
-        let task = resolve(TaskArg::Embed, Some(over), dir.path(), false).unwrap();
+        let task = resolve(TaskArg::Embed, Some(over), None, dir.path(), false).unwrap();
         let p = task.pooler().unwrap();
         assert_eq!((p.pooling_type, p.normalize), (PoolingType::Cls, false));
         for bad in [r#"{"pooling_type": "MAX"}"#, r#"{"pool": "LAST"}"#, "nope"] {
-            let e = resolve(TaskArg::Embed, Some(bad), dir.path(), false).unwrap_err();
+            let e = resolve(TaskArg::Embed, Some(bad), None, dir.path(), false).unwrap_err();
             assert!(e.to_string().contains("--override-pooler-config"), "{e}");
         }
-        let e = resolve(TaskArg::Generate, Some(over), dir.path(), false).unwrap_err();
+        let e = resolve(TaskArg::Generate, Some(over), None, dir.path(), false).unwrap_err();
         assert!(e.to_string().contains("--task embed"), "{e}");
+    }
+
+    #[test]
+    fn hf_overrides_declare_matryoshka_and_refuse_other_keys() {
+        let dir = dir_with(&[("config.json", "{}")]);
+        let dims = Some(r#"{"matryoshka_dimensions": [32, 64]}"#);
+        let task = resolve(TaskArg::Embed, None, dims, dir.path(), false).unwrap();
+        assert_eq!(
+            task.pooler().unwrap().matryoshka,
+            Matryoshka::Only(vec![32, 64])
+        );
+        let e = resolve(
+            TaskArg::Embed,
+            None,
+            Some(r#"{"rope_theta": 1}"#),
+            dir.path(),
+            false,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("rope_theta"), "{e}");
     }
 }

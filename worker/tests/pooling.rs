@@ -69,7 +69,9 @@ fn pooled(model: &Path, tp: usize, ids: &[u32], chunk: usize, kind: pb::PoolingT
                     block_ids: (0..blocks as u32).collect(),
                     num_scheduled_tokens: n as u32,
                     num_prompt_tokens: ids.len() as u32,
-                    pooling: Some(pb::Pooling { r#type: kind as i32 }),
+                    pooling: Some(pb::Pooling {
+                        r#type: kind as i32,
+                    }),
                     ..Default::default()
                 }],
                 ..Default::default()
@@ -89,7 +91,10 @@ fn pooled(model: &Path, tp: usize, ids: &[u32], chunk: usize, kind: pb::PoolingT
             .on_all(move |_, r| r.step(&plan))
             .unwrap()
             .swap_remove(0);
-        assert!(outcome.tokens.is_empty(), "an embedding step samples nothing");
+        assert!(
+            outcome.tokens.is_empty(),
+            "an embedding step samples nothing"
+        );
         start += n;
         step_id += 1;
         if start < ids.len() {
@@ -122,7 +127,9 @@ fn check(model: &Path, tp: usize, chunk: usize) {
         assert_eq!(last.len(), hidden);
         let want_last = &logits[(ids.len() - 1) * vocab..];
         let err = max_rel_err(&project(&e, &last, hidden), want_last);
-        eprintln!("tp={tp} chunk={chunk} sequence {i}: last-token pooling, max relative error {err:e}");
+        eprintln!(
+            "tp={tp} chunk={chunk} sequence {i}: last-token pooling, max relative error {err:e}"
+        );
         assert!(err <= 1e-4, "last-token pooling: {err:e}");
         let mean = pooled(model, tp, &ids, chunk, pb::PoolingType::Mean);
         let mut want_mean = vec![0.0f32; vocab];

@@ -93,13 +93,13 @@ pub async fn embeddings(
             ))
         }
     };
-    let inputs = parse_prompts(request.input.as_ref(), "input")?;
-    if inputs.is_empty() {
+    if matches!(&request.input, Some(serde_json::Value::Array(items)) if items.is_empty()) {
         return Err(ApiError::invalid(
             "input",
             "`input` must not be an empty list",
         ));
     }
+    let inputs = parse_prompts(request.input.as_ref(), "input")?;
     let add_special = request.add_special_tokens.unwrap_or(true);
     let mut requests = Vec::with_capacity(inputs.len());
     let mut prompt_tokens = 0u64;
