@@ -1147,9 +1147,13 @@ async fn tokenize_and_detokenize_round_trip_as_vllm_does() {
 #[tokio::test]
 async fn unknown_routes_and_methods_answer_in_openai_shape() {
     let h = harness(echo());
-    let missing = post(&h.app, "/v1/embeddings", json!({})).await;
+    let missing = post(&h.app, "/v1/audio/speech", json!({})).await;
     let message = missing.assert_error(StatusCode::NOT_FOUND, "invalid_request_error", None);
-    assert_eq!(message, "Invalid URL (POST /v1/embeddings)");
+    assert_eq!(message, "Invalid URL (POST /v1/audio/speech)");
+    // `/v1/embeddings` exists; a generate server answers it with vLLM's 400.
+    let embed = post(&h.app, "/v1/embeddings", json!({"input": "hi"})).await;
+    let message = embed.assert_error(StatusCode::BAD_REQUEST, "invalid_request_error", None);
+    assert_eq!(message, "The model does not support Embeddings API");
     let wrong_method = get(&h.app, "/v1/chat/completions").await;
     wrong_method.assert_error(
         StatusCode::METHOD_NOT_ALLOWED,
