@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 use crate::adapters::LoraArgs;
 use crate::error::StartError;
 use crate::scheduler::SchedulingPolicy;
+use crate::task::TaskArg;
 
 /// How the model's weights are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -168,6 +169,21 @@ pub struct EngineArgs {
     /// above the longest step (a full --max-num-batched-tokens prefill on the slowest device).
     #[arg(long, env = "TPSERVE_ENGINE_STALL_TIMEOUT", default_value_t = 300.0)]
     pub engine_stall_timeout: f64,
+    /// What to serve the model for: `generate` (completions and chat), `embed` (`/v1/embeddings`;
+    /// alias `embedding`), or `auto`: embed when the checkpoint is an embedding model (a
+    /// sentence-transformers pooling module, or an architecture without a language-model head
+    /// such as `MistralModel`), else generate.
+    #[arg(long, env = "TPSERVE_TASK", value_enum, default_value = "auto")]
+    pub task: TaskArg,
+    /// vLLM's pooler override for embedding models, as JSON: `pooling_type` (`LAST`, `MEAN` or
+    /// `CLS`) and `normalize` (L2-normalize each vector), e.g.
+    /// `'{"pooling_type": "MEAN", "normalize": true}'`.
+    #[arg(long, env = "TPSERVE_OVERRIDE_POOLER_CONFIG")]
+    pub override_pooler_config: Option<String>,
+    /// vLLM's config overrides, as JSON; tpserve takes `is_matryoshka` and
+    /// `matryoshka_dimensions` only (which `dimensions` an embedding request may ask for).
+    #[arg(long, env = "TPSERVE_HF_OVERRIDES")]
+    pub hf_overrides: Option<String>,
     #[command(flatten)]
     pub lora: LoraArgs,
 }

@@ -85,6 +85,13 @@ pub async fn launch(
         LoadFormat::Dummy => crate::quantization::resolve(args.quantization.as_deref(), None)?,
         _ => crate::quantization::resolve(args.quantization.as_deref(), source.quantization())?,
     };
+    let task = crate::task::resolve(
+        args.task,
+        args.override_pooler_config.as_deref(),
+        args.hf_overrides.as_deref(),
+        &args.model,
+        config.is_headless(),
+    )?;
     let tokenizer = Arc::new(source.tokenizer()?);
     let chat_template = source.chat_template()?.map(Arc::new);
     let model_len = config.max_position_embeddings;
@@ -221,6 +228,7 @@ pub async fn launch(
         eos_token_ids: config.eos_token_ids.clone(),
         async_scheduling: args.async_scheduling(),
         stall_timeout: std::time::Duration::from_secs_f64(args.engine_stall_timeout),
+        embed: task.pooler().is_some(),
     };
     if let Err(e) = engine_config.scheduler.validate() {
         supervisor.stop().await;
@@ -247,8 +255,16 @@ pub async fn launch(
     } else {
         String::new()
     };
+    let task_line = match task.pooler() {
+        Some(p) => format!(
+            "task embed ({:?} pooling{})",
+            p.pooling_type,
+            if p.normalize { ", normalized" } else { "" }
+        ),
+        None => "task generate".into(),
+    };
     tracing::info!(
-        "engine ready in {}: {}, tensor-parallel size {}, quantization {}, {} of {} tokens, max-model-len {max_model_len}{graphs}",
+        "engine ready in {}: {task_line}, {}, tensor-parallel size {}, quantization {}, {} of {} tokens, max-model-len {max_model_len}{graphs}",
         human::duration(started.elapsed()),
         ready.device,
         args.tensor_parallel_size,
@@ -267,6 +283,8 @@ pub async fn launch(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         adapters,
+        task,
+        hidden_size: config.hidden_size,
     };
     Ok(Launched {
         engine,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tpserve_modelfile::chat::ChatTemplate;
 
 use crate::adapters::{AdapterInfo, AdapterRegistry};
+use crate::task::Task;
 
 /// The model behind the API.
 #[derive(Clone)]
@@ -29,6 +30,10 @@ pub struct ServedModel {
     pub created: u64,
     /// The LoRA adapters served on top of it (`None` without `--enable-lora`).
     pub adapters: Option<Arc<AdapterRegistry>>,
+    /// What it is served for (`--task`): generation, or embeddings and their pooling.
+    pub task: Task,
+    /// Width of its hidden states (an embedding's full dimension).
+    pub hidden_size: usize,
 }
 
 impl ServedModel {

@@ -14,10 +14,18 @@ use serde_json::Value as Json;
 use crate::error::{Error, Result};
 use crate::gguf::{meta_f64, meta_str, meta_u32, meta_usize};
 
-/// The Hugging Face architecture names this crate maps. All three are the Llama block (RMSNorm,
-/// rotate-half RoPE, SwiGLU MLP, grouped-query attention); Qwen2 adds q/k/v biases.
-pub const SUPPORTED_ARCHITECTURES: [&str; 3] =
-    ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+/// The Hugging Face architecture names this crate maps. All are the Llama block (RMSNorm,
+/// rotate-half RoPE, SwiGLU MLP, grouped-query attention); Qwen2 adds q/k/v biases. The
+/// `*Model` names are the same decoders without a language-model head (embedding checkpoints
+/// such as e5-mistral: tensors without the `model.` prefix, no `lm_head`).
+pub const SUPPORTED_ARCHITECTURES: [&str; 6] = [
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "LlamaModel",
+    "MistralModel",
+    "Qwen2Model",
+];
 
 /// Llama 3 style RoPE frequency scaling (`rope_scaling.rope_type == "llama3"`), the only scaling
 /// type supported: any other type is [`Error::UnsupportedRopeScaling`].
@@ -32,8 +40,8 @@ pub struct RopeScaling {
 /// The decoder's configuration, whatever the source format.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LlamaConfig {
-    /// Hugging Face architecture name: "LlamaForCausalLM", "MistralForCausalLM" or
-    /// "Qwen2ForCausalLM" (GGUF "llama" -> LlamaForCausalLM, "qwen2" -> Qwen2ForCausalLM).
+    /// Hugging Face architecture name, one of [`SUPPORTED_ARCHITECTURES`] (GGUF "llama" ->
+    /// LlamaForCausalLM, "qwen2" -> Qwen2ForCausalLM).
     pub architecture: String,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -152,6 +160,12 @@ fn rope_scaling_from_json(v: &Json) -> Result<Option<RopeScaling>> {
 }
 
 impl LlamaConfig {
+    /// True for a decoder without a language-model head (`LlamaModel`, `MistralModel`,
+    /// `Qwen2Model`): it can only embed.
+    pub fn is_headless(&self) -> bool {
+        !self.architecture.ends_with("ForCausalLM")
+    }
+
     /// Parses a Hugging Face `config.json`. The architecture comes from `architectures[0]` (or,
     /// when absent, from `model_type`); one not in [`SUPPORTED_ARCHITECTURES`] is
     /// [`Error::UnsupportedArchitecture`] naming it. Defaults follow transformers' `LlamaConfig`.
@@ -207,7 +221,7 @@ impl LlamaConfig {
             Some(v) if !v.is_null() => rope_scaling_from_json(v)?,
             _ => rope_scaling_from_json(rope_params)?,
         };
-        let is_qwen2 = architecture == "Qwen2ForCausalLM";
+        let is_qwen2 = architecture.starts_with("Qwen2");
         let config = LlamaConfig {
             hidden_size,
             intermediate_size: req_usize(&j, "intermediate_size")?,

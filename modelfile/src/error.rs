@@ -30,7 +30,7 @@ pub enum Error {
     #[error("model config: {detail}")]
     Config { detail: String },
     /// The model's architecture is not one this crate maps (see [`crate::config`]).
-    #[error("unsupported architecture `{name}` (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM; GGUF: llama, qwen2)")]
+    #[error("unsupported architecture `{name}` (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and their headless LlamaModel, MistralModel, Qwen2Model; GGUF: llama, qwen2)")]
     UnsupportedArchitecture { name: String },
     /// A RoPE scaling type other than the ones [`crate::RopeScaling`] describes.
     #[error("unsupported rope scaling type `{rope_type}` (supported: llama3)")]

@@ -16,7 +16,9 @@
 # requests together and alone with --batch-invariant (all must match) and without
 # (invariance_check.py); compares log probabilities and sampling controls with the CPU backend
 # (extras_check.py); runs three random PEFT LoRA adapters against transformers + PEFT, prefill and
-# decode, and mixed with the base in one batch against each alone (step_lora); checks that the 8B shape with dummy weights serves at
+# decode, and mixed with the base in one batch against each alone (step_lora); compares
+# /v1/embeddings (--task embed, last-token pooling) with transformers' AutoModel hidden states at
+# TP=1 and TP=2 (embed_check.py); checks that the 8B shape with dummy weights serves at
 # --gpu-memory-utilization 0.9 and is refused at start at 0.05; asks SmolLM2 (GGUF) the capital
 # of France; runs the Llama-3-8B-shaped benchmark (bench_device, dummy weights,
 # tests/gpu/llama3-8b-config.json).
@@ -390,6 +392,28 @@ print("; ".join(json.load(open(sys.argv[1]))["problems"]))' "$out")"
   done
 }
 
+# step_embed TP: /v1/embeddings (issue 13, item 5) with `--task embed` on the checkpoint against
+# transformers' AutoModel (last-token pooling of the final normed hidden state, normalized):
+# cosine >= 0.999 in bf16, batched equal to one at a time.
+step_embed() {
+  local tp=$1 out="$WORK/embed_tp$1.json" txt="$WORK/embed_tp$1.txt"
+  rm -f "$out" "$txt"
+  if [ "$NGPU" -lt "$tp" ] || [ ! -f "$CKPT/tokenizer.json" ]; then
+    record "embeddings tp$tp" "SKIP" "needs $tp GPU(s) and the checkpoint"
+    return
+  fi
+  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/embed_check.py" --bin "$BIN_DIR" --model "$CKPT" \
+    --tp "$tp" --out "$out" --ref-device "$REF_DEVICE" > "$txt"
+  cat "$txt"
+  local figures
+  figures=$(sed -n 's/^embed_check //p' "$txt" | tr '\n' ' ')
+  if [ "$RC" -eq 0 ]; then
+    record "embeddings tp$tp" "PASS" "$figures(${SECS}s)"
+  else
+    record "embeddings tp$tp" "FAIL" "${figures:-$(why_failed)}"
+  fi
+}
+
 # step_memory: the 8B shape with dummy weights through `tpserve generate` (real worker process):
 # at --gpu-memory-utilization 0.9 it answers; at a share smaller than the weights it must fail at
 # start with the memory profile's message, not later.
@@ -545,6 +569,8 @@ main() {
   step_invariance
   step_extras
   step_lora
+  step_embed 1
+  step_embed 2
   step_memory
   step_paris
   step_bench
@@ -559,7 +585,7 @@ main 2>&1 | tee "$LOG" || status=$?
 if [ -n "$OUT" ]; then
   mkdir -p "$OUT"
   for f in run.log results.tsv compare.jsonl env.txt paris.txt bench_8b.json bench_8b.txt \
-    invariance_on.json invariance_off.json extras.json; do
+    invariance_on.json invariance_off.json extras.json embed_tp1.json embed_tp2.json; do
     if [ -f "$WORK/$f" ]; then
       cp "$WORK/$f" "$OUT/"
     fi

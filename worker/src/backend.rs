@@ -6,6 +6,8 @@
 //! Every rank of a group calls the same methods in the same order with the same batches; the
 //! collectives inside `step` and `logits` rely on that.
 
+use std::ops::Range;
+
 use tpserve_modelfile::{LlamaConfig, LoraAdapter};
 use tpserve_proto as pb;
 
@@ -110,6 +112,12 @@ pub trait Backend {
     /// `[rows, vocab]` as f32, on rank 0 (`None` on the other ranks). For numerical checks and
     /// scoring; serving uses `step`.
     fn logits(&mut self, batch: &Batch) -> Result<Option<Vec<f32>>>;
+
+    /// Runs `batch` (embedding requests: no sample rows) and returns, for each of `spans` (row
+    /// ranges of the batch), the sum over its rows of the hidden states after the final RMSNorm,
+    /// `[spans, hidden]` as f32, on rank 0 (`None` on the other ranks: the states are the same
+    /// on every rank after the last all-reduce). The lm_head and sampling do not run.
+    fn pool(&mut self, batch: &Batch, spans: &[Range<usize>]) -> Result<Option<Vec<f32>>>;
 }
 
 /// The `--device` choice.

@@ -11,6 +11,7 @@ pub mod cuda;
 pub mod error;
 pub mod logging;
 pub mod lora;
+pub mod pooling;
 pub mod runner;
 pub mod sampler;
 pub mod service;

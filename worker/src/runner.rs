@@ -22,6 +22,7 @@ use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo};
 use crate::batch::{Batch, SeqSlice};
 use crate::error::{Result, WorkerError};
 use crate::lora::{Adapters, LoraLimits, PlaceCounts};
+use crate::pooling::{check_start, PoolKind, PoolState};
 use crate::sampler::logprobs::MAX_TOP_LOGPROBS;
 use crate::sampler::processors::History;
 use crate::sampler::{RequestRng, RowExtras, SampleSpec};
@@ -53,6 +54,8 @@ struct RequestState {
     adapter: u32,
     /// The slot the adapter has in the current step.
     lora_slot: Option<usize>,
+    /// Set for an embedding request: it pools instead of sampling.
+    pooling: Option<PoolState>,
 }
 
 impl RequestState {
@@ -80,6 +83,8 @@ pub struct StepOutcome {
     pub prompt_logprobs: Vec<pb::PromptLogprobs>,
     /// What placing the step's LoRA adapters did.
     pub lora: PlaceCounts,
+    /// The pooled vectors of the embedding requests whose prompt this step finished.
+    pub pooled: Vec<pb::PooledOutput>,
 }
 
 /// Rows of the backend's persistent per-request state not held by a request, lowest first.
@@ -395,6 +400,17 @@ impl Runner {
             return Ok(StepOutcome::default());
         }
         self.check_batch(&batch)?;
+        if self.pools(&scheduled) {
+            let pooled = self.pool_step(&batch, &scheduled)?;
+            if let Some(trace) = trace {
+                trace.end(self.backend.rank(), batch.num_tokens());
+            }
+            return Ok(StepOutcome {
+                lora,
+                pooled,
+                ..StepOutcome::default()
+            });
+        }
         let sampling: Vec<SampleSpec> = roles
             .iter()
             .map(|role| {
@@ -462,6 +478,61 @@ impl Runner {
             out = StepOutcome::default();
         }
         Ok(out)
+    }
+
+    /// Whether the step's requests are embedding requests (`admit` checked that they all are
+    /// or none is).
+    fn pools(&self, scheduled: &[Scheduled]) -> bool {
+        scheduled
+            .iter()
+            .any(|s| s.count > 0 && self.requests[&s.id].pooling.is_some())
+    }
+
+    /// Runs a step of embedding requests: the backend sums the final hidden states of each
+    /// request's pooled rows, and the requests whose prompt is complete get their vector
+    /// (rank 0; the others return none).
+    fn pool_step(
+        &mut self,
+        batch: &Batch,
+        scheduled: &[Scheduled],
+    ) -> Result<Vec<pb::PooledOutput>> {
+        let computed: Vec<&Scheduled> = scheduled.iter().filter(|s| s.count > 0).collect();
+        let mut spans = Vec::new();
+        let mut owners = Vec::new();
+        for (s, seq) in computed.iter().zip(&batch.seqs) {
+            let state = &self.requests[&s.id];
+            let pool = state.pooling.as_ref().expect("admit keeps steps uniform");
+            let start = state.num_computed;
+            if let Some(span) = pool.span(start, start + s.count, state.tokens.len(), &seq.rows) {
+                spans.push(span);
+                owners.push(s.id);
+            }
+        }
+        let sums = self.backend.pool(batch, &spans)?;
+        let hidden = sums
+            .as_ref()
+            .map_or(0, |v| v.len().checked_div(spans.len()).unwrap_or(0));
+        if let Some(sums) = &sums {
+            for (id, values) in owners.iter().zip(sums.chunks_exact(hidden.max(1))) {
+                let state = self.requests.get_mut(id).expect("validated");
+                state.pooling.as_mut().expect("checked").add(values);
+            }
+        }
+        let mut pooled = Vec::new();
+        for s in computed {
+            let state = self.requests.get_mut(&s.id).expect("validated");
+            state.num_computed += s.count;
+            state.blocks_seen = state.block_ids.len();
+            if state.num_computed == state.tokens.len() && sums.is_some() {
+                let len = state.tokens.len();
+                let values = state.pooling.as_mut().expect("checked").finish(len);
+                pooled.push(pb::PooledOutput {
+                    request_id: s.id,
+                    values,
+                });
+            }
+        }
+        Ok(pooled)
     }
 
     /// Gives the adapters of the scheduled requests a LoRA slot each (they are at most
@@ -555,6 +626,20 @@ impl Runner {
                 ));
             }
         }
+        let mut kinds = (false, false); // (a step pools, a step samples)
+        for new in &plan.new_requests {
+            if let Some(p) = &new.pooling {
+                check_start(
+                    new.request_id,
+                    PoolKind::from_proto(p),
+                    new.num_computed_tokens as usize,
+                )?;
+            }
+            if new.num_scheduled_tokens > 0 {
+                let pools = new.pooling.is_some();
+                kinds = (kinds.0 || pools, kinds.1 || !pools);
+            }
+        }
         for run in &plan.running {
             let known = self.requests.contains_key(&run.request_id)
                 && !plan.freed_request_ids.contains(&run.request_id);
@@ -564,6 +649,13 @@ impl Runner {
                     run.request_id
                 ));
             }
+            if run.num_scheduled_tokens > 0 {
+                let pools = self.requests[&run.request_id].pooling.is_some();
+                kinds = (kinds.0 || pools, kinds.1 || !pools);
+            }
+        }
+        if kinds.0 && kinds.1 {
+            return bad("the plan mixes embedding and generate requests in one step".into());
         }
         let mut freed: Vec<u64> = plan.freed_request_ids.clone();
         freed.sort_unstable();
@@ -614,6 +706,10 @@ impl Runner {
                     prompt_logprobs: top(logprobs.prompt),
                     adapter: new.adapter_id,
                     lora_slot: None,
+                    pooling: new
+                        .pooling
+                        .as_ref()
+                        .map(|p| PoolState::new(PoolKind::from_proto(p))),
                 },
             );
             scheduled.push(Scheduled {
@@ -722,7 +818,8 @@ fn build_batch(
                 });
             }
         }
-        if end == state.tokens.len() {
+        // Embedding requests pool instead of sampling (`Runner::pool_step`).
+        if end == state.tokens.len() && state.pooling.is_none() {
             batch.sample_rows.push(first + s.count - 1);
             roles.push(RowRole {
                 id: s.id,

@@ -308,6 +308,7 @@ impl Worker for WorkerService {
                         lora_slot_loads: outcome.lora.slot_loads,
                         lora_slot_evictions: outcome.lora.slot_evictions,
                         lora_disk_loads: outcome.lora.disk_loads,
+                        pooled: outcome.pooled,
                     },
                     Err(s) => pb::StepResult {
                         step_id,

@@ -95,9 +95,19 @@ pub fn model_parts(config: &LlamaConfig, shard: &ShardPlan, source: &WeightSourc
     let cols =
         |name: String, r: &Range<usize>| Part::new(name, Some((1, r.clone())), vec![h, r.len()]);
     let whole = |name: String| Part::new(name, None, vec![h]);
+    // A headless checkpoint (`LlamaModel`, as e5-mistral's) names its tensors without the
+    // `model.` prefix that the `*ForCausalLM` ones use.
+    let prefix = match source {
+        WeightSource::Reader(r)
+            if !r.contains("model.embed_tokens.weight") && r.contains("embed_tokens.weight") =>
+        {
+            ""
+        }
+        _ => "model.",
+    };
     let layers = (0..config.num_hidden_layers)
         .map(|i| {
-            let p = format!("model.layers.{i}");
+            let p = format!("{prefix}layers.{i}");
             let attn = |m: &str, kind: &str, r: &Range<usize>, c: Option<usize>| {
                 rows(format!("{p}.self_attn.{m}_proj.{kind}"), r, c)
             };
@@ -127,13 +137,17 @@ pub fn model_parts(config: &LlamaConfig, shard: &ShardPlan, source: &WeightSourc
         .collect();
     let has_lm_head = match source {
         WeightSource::Reader(r) => r.contains("lm_head.weight"),
-        WeightSource::Dummy(_) => !config.tie_word_embeddings,
+        WeightSource::Dummy(_) => !config.tie_word_embeddings && !config.is_headless(),
     };
     ModelParts {
         layers,
-        embed: rows("model.embed_tokens.weight".into(), &shard.vocab, Some(h)),
+        embed: rows(
+            format!("{prefix}embed_tokens.weight"),
+            &shard.vocab,
+            Some(h),
+        ),
         lm_head: has_lm_head.then(|| rows("lm_head.weight".into(), &shard.vocab, Some(h))),
-        final_norm: whole("model.norm.weight".into()),
+        final_norm: whole(format!("{prefix}norm.weight")),
     }
 }
 
@@ -366,13 +380,18 @@ impl QuantizationRequest {
 pub fn ensure_supported(config: &LlamaConfig) -> Result<()> {
     if matches!(
         config.architecture.as_str(),
-        "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM"
+        "LlamaForCausalLM"
+            | "MistralForCausalLM"
+            | "Qwen2ForCausalLM"
+            | "LlamaModel"
+            | "MistralModel"
+            | "Qwen2Model"
     ) {
         Ok(())
     } else {
         Err(WorkerError::Unsupported {
             detail: format!(
-                "architecture {} (supported: Llama, Mistral, Qwen2)",
+                "architecture {} (supported: Llama, Mistral, Qwen2, with or without an LM head)",
                 config.architecture
             ),
         })

@@ -38,6 +38,9 @@ pub async fn chat_completions(
     headers: HeaderMap,
     ApiJson(request): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
+    if state.model.task.pooler().is_some() {
+        return Err(super::embeddings::not_supported("Chat Completions"));
+    }
     state.limits.check_messages(request.messages.len())?;
     state.limits.check_sampling(&request.sampling)?;
     let ask = Ask {

@@ -51,7 +51,7 @@ fn echo_logprobs(
 
 /// One prompt of a request as the client sent it.
 #[derive(Debug, Clone, PartialEq)]
-enum PromptInput {
+pub(super) enum PromptInput {
     Text(String),
     Tokens(Vec<u32>),
 }
@@ -63,6 +63,9 @@ pub async fn completions(
     headers: HeaderMap,
     ApiJson(request): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
+    if state.model.task.pooler().is_some() {
+        return Err(super::embeddings::not_supported("Completions"));
+    }
     let model = &state.model;
     state.limits.check_sampling(&request.sampling)?;
     let ask = Ask {
@@ -95,7 +98,7 @@ pub async fn completions(
     )?;
     let prompt_field = request.sampling.prompt_logprobs.is_some();
 
-    let inputs = parse_prompts(request.prompt.as_ref())?;
+    let inputs = parse_prompts(request.prompt.as_ref(), "prompt")?;
     let mut requests = Vec::with_capacity(inputs.len() * params.n as usize);
     let mut echoes = Vec::with_capacity(inputs.len());
     let mut prompt_tokens = 0u64;
@@ -234,12 +237,18 @@ fn refuse_unsupported(request: &CompletionRequest) -> Result<(), ApiError> {
 }
 
 /// `prompt`: a string, a list of strings, a list of token ids, or a list of such lists.
-fn parse_prompts(prompt: Option<&Value>) -> Result<Vec<PromptInput>, ApiError> {
+/// The prompts of field `param` (`prompt`, or `/v1/embeddings`' `input`).
+pub(super) fn parse_prompts(
+    prompt: Option<&Value>,
+    param: &str,
+) -> Result<Vec<PromptInput>, ApiError> {
     let bad = || {
         ApiError::invalid(
-            "prompt",
-            "`prompt` must be a string, a list of strings, a list of token ids, or a list of \
-             lists of token ids",
+            param,
+            format!(
+                "`{param}` must be a string, a list of strings, a list of token ids, or a list \
+                 of lists of token ids"
+            ),
         )
     };
     let token_ids = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
@@ -253,7 +262,7 @@ fn parse_prompts(prompt: Option<&Value>) -> Result<Vec<PromptInput>, ApiError> {
             .collect()
     };
     match prompt {
-        None | Some(Value::Null) => Err(ApiError::invalid("prompt", "`prompt` is required")),
+        None | Some(Value::Null) => Err(ApiError::invalid(param, format!("`{param}` is required"))),
         Some(Value::String(s)) => Ok(vec![PromptInput::Text(s.clone())]),
         Some(Value::Array(items)) => match items.first() {
             // `[]` is one empty prompt, refused by the length check with its own message.
@@ -386,7 +395,7 @@ mod tests {
 
     #[test]
     fn every_openai_prompt_shape_parses() {
-        let parse = |v: Value| parse_prompts(Some(&v));
+        let parse = |v: Value| parse_prompts(Some(&v), "prompt");
         assert_eq!(
             parse(json!("hi")).unwrap(),
             vec![PromptInput::Text("hi".into())]
@@ -417,9 +426,9 @@ mod tests {
             json!(3),
             json!({}),
         ] {
-            let err = parse_prompts(Some(&bad)).unwrap_err();
+            let err = parse_prompts(Some(&bad), "prompt").unwrap_err();
             assert_eq!(err.body().error.param.as_deref(), Some("prompt"), "{bad}");
         }
-        assert!(parse_prompts(None).is_err());
+        assert!(parse_prompts(None, "prompt").is_err());
     }
 }

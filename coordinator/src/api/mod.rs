@@ -1,4 +1,5 @@
-//! The OpenAI-compatible HTTP API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
+//! The OpenAI-compatible HTTP API: `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`
+//! (on a server run with `--task embed`; the others there answer vLLM's 400), `/v1/models`,
 //! vLLM's `/tokenize`, `/detokenize` and `/health` (readiness), `/live` (liveness), and the
 //! tenant gateway's middleware and `/v1/usage` (`gateway`).
 //!
@@ -14,6 +15,7 @@
 mod auth;
 mod chat;
 mod completions;
+mod embeddings;
 mod error;
 mod gateway;
 mod health;
@@ -91,6 +93,7 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(models::list_models))
         .route("/v1/usage", get(gateway::usage))
         .route("/v1/load_lora_adapter", post(lora::load_lora_adapter))

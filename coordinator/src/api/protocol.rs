@@ -310,6 +310,67 @@ impl RequestBody for CompletionRequest {
     }
 }
 
+/// POST `/v1/embeddings`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmbeddingRequest {
+    pub model: Option<String>,
+    /// OpenAI's end-user id (the gateway's A/B split keeps each user sticky by it).
+    pub user: Option<String>,
+    /// A string, a list of strings, a list of token ids, or a list of lists of token ids.
+    pub input: Option<Value>,
+    /// Keep this many leading dimensions (Matryoshka models only), then normalize again.
+    pub dimensions: Option<i64>,
+    /// `float` (default) or `base64` (little-endian f32 bytes).
+    pub encoding_format: Option<String>,
+    /// vLLM's extension: keep only the last this many tokens of each input (-1: max-model-len).
+    pub truncate_prompt_tokens: Option<i64>,
+    /// vLLM's extension: add the tokenizer's special tokens to text inputs; default true.
+    pub add_special_tokens: Option<bool>,
+}
+
+/// One vector of an embeddings response: floats, or base64 of little-endian f32 bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EmbeddingVector {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+/// One entry of `data`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmbeddingData {
+    /// The input it embeds, in request order.
+    pub index: u32,
+    /// Always `embedding`.
+    pub object: String,
+    pub embedding: EmbeddingVector,
+}
+
+/// The token counts of an embeddings request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmbeddingUsage {
+    pub prompt_tokens: u64,
+    pub total_tokens: u64,
+}
+
+/// The answer to `/v1/embeddings` (OpenAI's shape, with vLLM's `id` and `created`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmbeddingResponse {
+    pub id: String,
+    /// Always `list`.
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub data: Vec<EmbeddingData>,
+    pub usage: EmbeddingUsage,
+}
+
+impl RequestBody for EmbeddingRequest {
+    fn from_json(value: &Value) -> Result<Self, ApiError> {
+        from_json(value)
+    }
+}
+
 impl RequestBody for TokenizeRequest {
     fn from_json(value: &Value) -> Result<Self, ApiError> {
         from_json(value)

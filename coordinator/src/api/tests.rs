@@ -136,6 +136,7 @@ fn echo_events(request: &GenerateRequest) -> Vec<GenerateEvent> {
         prompt_tokens: request.prompt_token_ids.len() as u32,
         completion_tokens: take as u32,
         cached_tokens: 0,
+        embedding: None,
     });
     events
 }
@@ -214,6 +215,8 @@ fn harness_with(script: Script, chat_template: Option<ChatTemplate>) -> Harness 
         chat_template: chat_template.map(Arc::new),
         created: 1_700_000_000,
         adapters: None,
+        task: crate::task::Task::Generate,
+        hidden_size: 64,
     };
     let now = Instant::now();
     let liveness_origin = now.checked_sub(HEARTBEAT_AGE).unwrap_or(now);
@@ -1144,9 +1147,13 @@ async fn tokenize_and_detokenize_round_trip_as_vllm_does() {
 #[tokio::test]
 async fn unknown_routes_and_methods_answer_in_openai_shape() {
     let h = harness(echo());
-    let missing = post(&h.app, "/v1/embeddings", json!({})).await;
+    let missing = post(&h.app, "/v1/audio/speech", json!({})).await;
     let message = missing.assert_error(StatusCode::NOT_FOUND, "invalid_request_error", None);
-    assert_eq!(message, "Invalid URL (POST /v1/embeddings)");
+    assert_eq!(message, "Invalid URL (POST /v1/audio/speech)");
+    // `/v1/embeddings` exists; a generate server answers it with vLLM's 400.
+    let embed = post(&h.app, "/v1/embeddings", json!({"input": "hi"})).await;
+    let message = embed.assert_error(StatusCode::BAD_REQUEST, "invalid_request_error", None);
+    assert_eq!(message, "The model does not support Embeddings API");
     let wrong_method = get(&h.app, "/v1/chat/completions").await;
     wrong_method.assert_error(
         StatusCode::METHOD_NOT_ALLOWED,

@@ -40,6 +40,7 @@ use crate::adapters::AdapterInfo;
 use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerConfig, SequenceSpec, StepPlan};
+use crate::task::PoolingType;
 use crate::workers::{GroupEvent, WorkerGroup};
 
 /// How the engine runs.
@@ -57,6 +58,9 @@ pub struct EngineConfig {
     /// How long the loop may go without turning before `/live` reports it stalled
     /// (`--engine-stall-timeout`).
     pub stall_timeout: Duration,
+    /// The server embeds (`--task embed`): every request must pool, and none may on a
+    /// generate server (the workers run a step's requests all one way).
+    pub embed: bool,
 }
 
 /// Live figures the engine publishes after every step.
@@ -208,6 +212,7 @@ fn extras_to_proto(
     let plain = SamplingExtras {
         logprobs: e.logprobs,
         prompt_logprobs: e.prompt_logprobs,
+        pooling: e.pooling,
         ..SamplingExtras::default()
     };
     let controls = (*e != plain).then_some(controls);
@@ -217,6 +222,17 @@ fn extras_to_proto(
             prompt: e.prompt_logprobs,
         });
     (controls, logprobs)
+}
+
+fn pooling_to_proto(p: PoolingType) -> pb::Pooling {
+    let kind = match p {
+        PoolingType::Last => pb::PoolingType::Last,
+        PoolingType::Mean => pb::PoolingType::Mean,
+        PoolingType::Cls => pb::PoolingType::Cls,
+    };
+    pb::Pooling {
+        r#type: kind as i32,
+    }
 }
 
 fn logprobs_from_proto(p: pb::TokenLogprobs) -> TokenLogprobs {
@@ -277,6 +293,7 @@ fn plan_to_proto<'a>(
                     controls,
                     logprobs,
                     adapter_id: n.adapter,
+                    pooling: n.extras.pooling.map(pooling_to_proto),
                 }
             })
             .collect(),
@@ -406,6 +423,18 @@ impl Engine {
                 let waiting = self.scheduler.num_waiting();
                 if waiting >= self.config.max_waiting_requests {
                     let _ = accepted.send(Err(EngineError::QueueFull { waiting }));
+                    return;
+                }
+                if request.extras.pooling.is_some() != self.config.embed {
+                    let message = if self.config.embed {
+                        "this server embeds (--task embed): it runs embedding requests only"
+                    } else {
+                        "this server generates: it runs no embedding requests (--task embed)"
+                    };
+                    let _ = accepted.send(Err(EngineError::InvalidRequest {
+                        message: message.into(),
+                        param: None,
+                    }));
                     return;
                 }
                 let mut extras = request.extras.clone();
@@ -568,10 +597,13 @@ impl Engine {
             Ok(result) => result,
             Err(e) => return self.step_failed(step.step_id, e.to_string()),
         };
+        // An embedding request's vector stands for the one token the scheduler expects of
+        // its last prefill step (the workers sample none for it).
         let sampled: Vec<(u64, u32)> = result
             .tokens
             .iter()
             .map(|t| (t.request_id, t.token_id))
+            .chain(result.pooled.iter().map(|p| (p.request_id, 0)))
             .collect();
         if let Err(e) = self.scheduler.apply(step.step_id, &sampled) {
             return self.step_failed(step.step_id, format!("scheduler: {e}"));
@@ -592,6 +624,9 @@ impl Engine {
         for t in result.tokens {
             let logprobs = t.logprobs.map(logprobs_from_proto);
             self.deliver(t.request_id, t.token_id, logprobs);
+        }
+        for p in result.pooled {
+            self.deliver_embedding(p.request_id, p.values);
         }
         tracing::trace!(step = step.step_id, elapsed = ?step.sent.elapsed(), "step");
     }
@@ -682,6 +717,7 @@ impl Engine {
                 prompt_tokens: seq.prompt_tokens,
                 completion_tokens,
                 cached_tokens: seq.cached_tokens,
+                embedding: None,
             });
             gone = true;
         }
@@ -689,6 +725,32 @@ impl Engine {
             self.sequences.remove(&id);
             self.scheduler.finish(id);
         }
+    }
+
+    /// Ends an embedding request with its pooled vector. Counted in the request metrics as a
+    /// request that finished (`stop`) with its prompt tokens and no generated ones.
+    fn deliver_embedding(&mut self, id: u64, values: Vec<f32>) {
+        let Some(seq) = self.sequences.remove(&id) else {
+            return; // aborted while the step ran
+        };
+        self.scheduler.finish(id);
+        let now = Instant::now();
+        let m = &self.metrics;
+        m.prompt_tokens
+            .fetch_add(seq.prompt_tokens as u64, Ordering::Relaxed);
+        m.count_success(FinishReason::Stop);
+        m.e2e_request_latency
+            .observe((now - seq.arrived).as_secs_f64());
+        if let Some(trace) = seq.trace {
+            trace.finish(Some(FinishReason::Stop), 0, seq.cached_tokens);
+        }
+        let _ = seq.events.send(GenerateEvent::Finished {
+            reason: FinishReason::Stop,
+            prompt_tokens: seq.prompt_tokens,
+            completion_tokens: 0,
+            cached_tokens: seq.cached_tokens,
+            embedding: Some(values),
+        });
     }
 
     /// The workers and the scheduler no longer agree: end every sequence, refuse new ones until

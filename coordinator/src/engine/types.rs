@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::adapters::AdapterInfo;
+use crate::task::PoolingType;
 
 pub use crate::scheduler::Share;
 
@@ -62,6 +63,9 @@ pub struct SamplingExtras {
     pub logprobs: Option<u32>,
     /// The same for every prompt token after the first; `None`: none.
     pub prompt_logprobs: Option<u32>,
+    /// Set for an embedding request (`--task embed`): nothing is sampled; the sequence ends
+    /// when its prompt is computed, with its pooled vector in `GenerateEvent::Finished`.
+    pub pooling: Option<PoolingType>,
 }
 
 impl Default for SamplingExtras {
@@ -76,6 +80,7 @@ impl Default for SamplingExtras {
             bad_words: Vec::new(),
             logprobs: None,
             prompt_logprobs: None,
+            pooling: None,
         }
     }
 }
@@ -183,6 +188,9 @@ pub enum GenerateEvent {
         completion_tokens: u32,
         /// Prompt tokens whose KV came from the prefix cache when it first started.
         cached_tokens: u32,
+        /// An embedding request's pooled vector (`hidden_size` values, not normalized);
+        /// `None` for a generate request.
+        embedding: Option<Vec<f32>>,
     },
     /// The sequence failed (a worker failed, the engine is shutting down).
     Error(crate::error::EngineError),

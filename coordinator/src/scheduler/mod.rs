@@ -679,7 +679,9 @@ impl Scheduler {
             let num_tokens = seq.num_tokens();
             let hits = &mut self.scratch_hits;
             hits.clear();
-            if self.config.enable_prefix_caching && seq.extras.prompt_logprobs.is_none() {
+            let every_position = seq.extras.prompt_logprobs.is_some()
+                || seq.extras.pooling.is_some_and(|p| p.needs_every_position());
+            if self.config.enable_prefix_caching && !every_position {
                 // Never the whole sequence: at least one token is computed, so it can sample.
                 let max_hit_blocks = (num_tokens - 1) / bs;
                 seq.ensure_block_hashes(max_hit_blocks, bs);

@@ -51,8 +51,9 @@ pub struct SequenceSpec {
     pub max_tokens: usize,
     /// Opaque here; passed through into `NewSequence`.
     pub sampling: Sampling,
-    /// Passed through into `NewSequence`; prompt log probabilities also keep the sequence out of
-    /// the prefix cache's hits (every prompt position must be computed to be scored).
+    /// Passed through into `NewSequence`; prompt log probabilities, and mean or CLS pooling of
+    /// an embedding request, also keep the sequence out of the prefix cache's hits (every prompt
+    /// position must be computed to be scored or pooled).
     pub extras: Arc<SamplingExtras>,
     /// Under `SchedulingPolicy::Priority`, lower runs first.
     pub priority: i32,

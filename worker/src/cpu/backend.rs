@@ -247,6 +247,25 @@ impl Backend for CpuBackend {
         let local = self.forward(batch)?;
         gather_logits(self.comm.as_mut(), &local, &self.vocab_per_rank)
     }
+
+    fn pool(
+        &mut self,
+        batch: &Batch,
+        spans: &[std::ops::Range<usize>],
+    ) -> Result<Option<Vec<f32>>> {
+        let model = self.model.as_ref().ok_or(WorkerError::Lifecycle {
+            operation: "Step",
+            needs: "LoadModel",
+        })?;
+        let cache = self.cache.as_mut().ok_or(WorkerError::Lifecycle {
+            operation: "Step",
+            needs: "InitCache",
+        })?;
+        let sums = phase(Phase::ModelStep, || {
+            model.pool(batch, cache, self.comm.as_mut(), spans)
+        })?;
+        Ok((self.comm.rank() == 0).then_some(sums))
+    }
 }
 
 /// How the request asks the weights to be held: a GGUF's blocks are kept unless the request

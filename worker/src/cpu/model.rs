@@ -2,7 +2,8 @@
 //! embedding, per layer RMSNorm -> fused QKV (column-parallel) -> RoPE -> paged attention -> o_proj
 //! (row-parallel, all-reduce) -> residual -> RMSNorm -> fused gate/up (column-parallel) -> SiLU-mul
 //! -> down (row-parallel, all-reduce) -> residual, then the final norm and the vocab-parallel
-//! lm_head on the rows that sample only. Activations are f32; matrix weights are f32 or, for a
+//! lm_head on the rows that sample only (or, for embedding requests, the final norm of the
+//! pooled rows, summed per request, and no lm_head). Activations are f32; matrix weights are f32 or, for a
 //! GGUF with [`WeightMode::Quantized`], kept in their quantized blocks (norms stay f32).
 
 use std::time::Instant;
@@ -233,6 +234,64 @@ impl CpuModel {
         comm: &mut dyn Communicator,
     ) -> Result<Vec<f32>> {
         let started = Instant::now();
+        let h = self.config.hidden_size;
+        let x = self.residual_stream(batch, cache, comm)?;
+        let s = batch.sample_rows.len();
+        let mut last = Vec::with_capacity(s * h);
+        for &r in &batch.sample_rows {
+            last.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        let mut last_normed = vec![0.0f32; s * h];
+        rms_norm(
+            &last,
+            &self.final_norm,
+            self.config.rms_norm_eps,
+            &mut last_normed,
+        );
+        let logits = self.project(
+            self.lm_head.as_ref().unwrap_or(&self.embed),
+            &last_normed,
+            s,
+        );
+        tracing::trace!(tokens = batch.num_tokens(), elapsed = ?started.elapsed(), "forward");
+        Ok(logits)
+    }
+
+    /// Runs the batch and returns, for each of `spans` (row ranges), the sum over its rows of the
+    /// hidden states after the final norm, `[spans, hidden]` (the same on every rank). For
+    /// embedding requests: no lm_head.
+    pub fn pool(
+        &self,
+        batch: &Batch,
+        cache: &mut KvCache,
+        comm: &mut dyn Communicator,
+        spans: &[std::ops::Range<usize>],
+    ) -> Result<Vec<f32>> {
+        let h = self.config.hidden_size;
+        let x = self.residual_stream(batch, cache, comm)?;
+        let mut out = vec![0.0f32; spans.len() * h];
+        let mut normed = vec![0.0f32; h];
+        for (span, acc) in spans.iter().zip(out.chunks_exact_mut(h)) {
+            for r in span.clone() {
+                rms_norm(
+                    &x[r * h..(r + 1) * h],
+                    &self.final_norm,
+                    self.config.rms_norm_eps,
+                    &mut normed,
+                );
+                add_into(acc, &normed);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The residual stream after the last layer, `[tokens, hidden]` (before the final norm).
+    fn residual_stream(
+        &self,
+        batch: &Batch,
+        cache: &mut KvCache,
+        comm: &mut dyn Communicator,
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         let (h, hd, n) = (c.hidden_size, c.head_dim, batch.num_tokens());
         let lora = self.lora.segments(batch)?;
@@ -293,20 +352,7 @@ impl CpuModel {
             comm.all_reduce_sum(&mut down)?;
             add_into(&mut x, &down);
         }
-        let s = batch.sample_rows.len();
-        let mut last = Vec::with_capacity(s * h);
-        for &r in &batch.sample_rows {
-            last.extend_from_slice(&x[r * h..(r + 1) * h]);
-        }
-        let mut last_normed = vec![0.0f32; s * h];
-        rms_norm(&last, &self.final_norm, c.rms_norm_eps, &mut last_normed);
-        let logits = self.project(
-            self.lm_head.as_ref().unwrap_or(&self.embed),
-            &last_normed,
-            s,
-        );
-        tracing::trace!(tokens = n, elapsed = ?started.elapsed(), "forward");
-        Ok(logits)
+        Ok(x)
     }
 
     /// Vocab-parallel lookup: rows outside this rank's slice are zero, then summed over ranks.

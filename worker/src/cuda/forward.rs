@@ -6,7 +6,8 @@
 //! projection, SiLU-mul, down projection, all-reduce), each projection followed by its LoRA
 //! delta when the step has rows with adapters -> residual + final RMSNorm, the rows that
 //! sample, the lm_head over this rank's (padded) vocabulary slice, the gather over ranks, and the
-//! sampled tokens (rank 0 samples, NCCL broadcasts).
+//! sampled tokens (rank 0 samples, NCCL broadcasts). Embedding steps stop after the final
+//! RMSNorm (`hidden_states`).
 //!
 //! The same code runs eagerly and under CUDA-graph capture: every step-dependent value (tokens,
 //! positions, slots, tiles, sampling parameters, block tables, contexts) is read from device
@@ -155,6 +156,33 @@ pub fn forward(
     timer.mark(dev.gpu, "lm_head + sampling");
     timer.finish();
     Ok(out)
+}
+
+/// Issues a pass without the lm_head and sampling, for embedding steps: leaves the hidden
+/// states after the final RMSNorm, `[v.rows, hidden]` in the model's dtype, in `ws.normed`
+/// (the same on every rank after the last all-reduce).
+pub fn hidden_states(
+    dev: &Device,
+    model: &CudaModel,
+    cache: &GpuKvCache,
+    ws: &Workspace,
+    v: &StepView,
+) -> Result<()> {
+    let pass = Pass {
+        dev,
+        model,
+        cache,
+        ws,
+        v,
+        d: *model.dims(),
+    };
+    let mut timer = PhaseTimer::off();
+    pass.embed()?;
+    for (li, layer) in model.layers.iter().enumerate() {
+        pass.attention_block(li, layer, &mut timer)?;
+        pass.mlp_block(layer, &mut timer)?;
+    }
+    pass.reduce_residual_norm(model.final_norm.ptr, v.rows, &mut timer)
 }
 
 /// What one pass reads: the device, the weights, the cache, the activations and the step.

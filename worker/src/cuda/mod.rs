@@ -28,6 +28,7 @@ mod phases;
 mod step_inputs;
 mod workspace;
 
+use std::ops::Range;
 use std::time::Instant;
 
 use tpserve_modelfile::{LlamaConfig, LoraAdapter};
@@ -41,7 +42,9 @@ pub use phases::take_phase_totals;
 use self::attention_plan::key_splits;
 use self::blas::Blas;
 use self::device::{DeviceBuffer, Gpu};
-use self::forward::{forward, AttentionKind, AttentionPlan, Device, ForwardOutput, StepView};
+use self::forward::{
+    forward, hidden_states, AttentionKind, AttentionPlan, Device, ForwardOutput, StepView,
+};
 use self::graphs::{table_shape, DecodeGraphs};
 use self::kernels::Kernels;
 use self::linear::{Linear, Shape};
@@ -49,6 +52,7 @@ use self::model::{CudaModel, Dims, GpuKvCache};
 use self::nccl::Nccl;
 use self::peer_all_reduce::PeerAllReduce;
 use self::step_inputs::{is_decode_only, pack};
+use self::workspace::Workspace;
 use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo};
 use crate::batch::Batch;
 use crate::error::{Result, WorkerError};
@@ -168,6 +172,31 @@ impl CudaBackend {
                 sampled: ws.sampled.ptr,
             });
         }
+        self.eager(batch, sampling, |dev, model, cache, ws, view| {
+            forward(dev, model, cache, ws, view, true)
+        })
+    }
+
+    /// Runs `batch` eagerly (no graph): reserves the workspace, packs and uploads the step's
+    /// inputs, chooses the attention plan, and hands the pass to `run`.
+    fn eager<T>(
+        &mut self,
+        batch: &Batch,
+        sampling: &[SampleSpec],
+        run: impl FnOnce(&Device, &CudaModel, &GpuKvCache, &Workspace, &StepView) -> Result<T>,
+    ) -> Result<T> {
+        let gpu = &self.gpu;
+        let loaded = loaded_model(&mut self.loaded, "Step")?;
+        let Some(cache) = loaded.cache.as_ref() else {
+            return Err(WorkerError::Lifecycle {
+                operation: "Step",
+                needs: "InitCache",
+            });
+        };
+        let plan_err = |detail: String| WorkerError::Plan { detail };
+        let n = batch.num_tokens();
+        let d = *loaded.model.dims();
+        let tables = table_shape(cache);
         let (_, replaced) = loaded.model.reserve(gpu, n, batch.sample_rows.len())?;
         if replaced && loaded.graphs.take().is_some() {
             tracing::warn!(
@@ -218,7 +247,7 @@ impl CudaBackend {
         };
         let dev = loaded.device(gpu, self.nccl.as_ref(), self.peer.as_ref(), self.rank);
         // `_spill`, if any, is freed in stream order after the pass that reads it.
-        forward(&dev, &loaded.model, cache, ws, &view, true)
+        run(&dev, &loaded.model, cache, ws, &view)
     }
 }
 
@@ -697,6 +726,41 @@ impl Backend for CudaBackend {
             detail: "a LoRA adapter for a model loaded without LoRA slots (max_loras 0)".into(),
         })?;
         slots.load(gpu, slot, &shard)
+    }
+
+    fn pool(&mut self, batch: &Batch, spans: &[Range<usize>]) -> Result<Option<Vec<f32>>> {
+        if !batch.sample_rows.is_empty() {
+            return Err(WorkerError::Plan {
+                detail: "an embedding step samples no rows".into(),
+            });
+        }
+        let rank = self.rank;
+        // Every rank runs the pass (it has collectives); rank 0 reads the final normed hidden
+        // states of the whole batch back (`[tokens, hidden]` in the model's dtype: embedding
+        // steps only, so generate steps never pay for the copy) and sums each span on the host.
+        let states = phase(Phase::ModelStep, || {
+            self.eager(batch, &[], |dev, model, cache, ws, view| {
+                hidden_states(dev, model, cache, ws, view)?;
+                if rank != 0 {
+                    return Ok(None);
+                }
+                let mut bits = vec![0u16; view.rows * model.dims().hidden];
+                dev.gpu.download(ws.normed.ptr, &mut bits)?;
+                Ok(Some((bits, model.dtype(), model.dims().hidden)))
+            })
+        })?;
+        let Some((bits, dtype, hidden)) = states else {
+            return Ok(None);
+        };
+        let mut out = vec![0.0f32; spans.len() * hidden];
+        for (span, acc) in spans.iter().zip(out.chunks_exact_mut(hidden.max(1))) {
+            for r in span.clone() {
+                for (a, b) in acc.iter_mut().zip(&bits[r * hidden..(r + 1) * hidden]) {
+                    *a += dtype.to_f32(*b);
+                }
+            }
+        }
+        Ok(Some(out))
     }
 
     fn logits(&mut self, batch: &Batch) -> Result<Option<Vec<f32>>> {

@@ -4,7 +4,7 @@
 //! serving step does.
 
 // Each test crate uses only some of these helpers.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::path::Path;
 
