@@ -180,7 +180,7 @@ pub fn hidden_states(
     pass.embed()?;
     for (li, layer) in model.layers.iter().enumerate() {
         pass.attention_block(li, layer, &mut timer)?;
-        pass.mlp_block(layer, &mut timer)?;
+        pass.mlp_block(li, layer, &mut timer)?;
     }
     pass.reduce_residual_norm(model.final_norm.ptr, v.rows, &mut timer)
 }
