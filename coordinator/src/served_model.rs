@@ -1,11 +1,12 @@
 //! What the API needs to know about the model it serves: its names, its context length, its
-//! tokenizer and its chat template. Built once at start; shared read-only.
+//! tokenizer, its chat template and its structured-output compiler. Built once at start; shared read-only.
 
 use std::sync::Arc;
 
 use tpserve_modelfile::chat::ChatTemplate;
 
 use crate::adapters::{AdapterInfo, AdapterRegistry};
+use crate::structured::GrammarCompiler;
 
 /// The model behind the API.
 #[derive(Clone)]
@@ -29,6 +30,8 @@ pub struct ServedModel {
     pub created: u64,
     /// The LoRA adapters served on top of it (`None` without `--enable-lora`).
     pub adapters: Option<Arc<AdapterRegistry>>,
+    /// Compiles structured-output constraints against `tokenizer` (cached by their text).
+    pub structured: Arc<GrammarCompiler>,
 }
 
 impl ServedModel {

@@ -20,6 +20,7 @@ use crate::engine::handle::EngineCommand;
 use crate::engine::{EngineHandle, FinishReason, GenerateEvent, GenerateRequest, Liveness};
 use crate::error::EngineError;
 use crate::served_model::ServedModel;
+use crate::structured::GrammarCompiler;
 
 const MAX_MODEL_LEN: u32 = 16;
 const MODEL: &str = "tiny";
@@ -210,6 +211,7 @@ fn harness_with(script: Script, chat_template: Option<ChatTemplate>) -> Harness 
         aliases: Vec::new(),
         max_model_len: MAX_MODEL_LEN,
         quantization: "none".into(),
+        structured: Arc::new(GrammarCompiler::new(Arc::new(tokenizer()), vec![0])),
         tokenizer: Arc::new(tokenizer()),
         chat_template: chat_template.map(Arc::new),
         created: 1_700_000_000,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::adapters::AdapterInfo;
+use crate::structured::Grammar;
 
 pub use crate::scheduler::Share;
 
@@ -121,6 +122,8 @@ pub struct GenerateRequest {
     pub extras: Arc<SamplingExtras>,
     /// The LoRA adapter it runs with; `None`: the base model.
     pub adapter: Option<Arc<AdapterInfo>>,
+    /// Structured outputs: the compiled grammar its output must follow; `None`: free text.
+    pub grammar: Option<Arc<Grammar>>,
 }
 
 impl GenerateRequest {
@@ -143,6 +146,7 @@ impl GenerateRequest {
             cache_salt: 0,
             extras: Arc::default(),
             adapter: None,
+            grammar: None,
         }
     }
 }
