@@ -1,8 +1,9 @@
 //! Structured outputs over real HTTP against the real model (SmolLM2-135M) on the CPU (issue 13,
 //! item 3): `response_format` (json_object, json_schema), vLLM's `structured_outputs` and
-//! `guided_*` fields, streaming, `n > 1`, refusals, 100 random JSON schemas run at once, guided
-//! and plain requests in one batch, preemption, and tensor parallelism. Every output is checked
-//! with a validator of its own (below) for the JSON-schema subset the generator uses.
+//! `guided_*` fields, streaming, `n > 1`, cancellation, refusals, 100 random JSON schemas run at
+//! once, guided and plain requests in one batch, preemption, and tensor parallelism. Every
+//! output is checked with a validator of its own (below) for the JSON-schema subset the
+//! generator uses.
 
 use serde_json::{json, Map, Value};
 use tpserve_e2e::{chat_stream_text, default_model, metric, post_json, read_sse, Server};
@@ -58,6 +59,20 @@ fn assert_valid(schema: &Value, text: &str) {
     if let Err(e) = validate(schema, &value) {
         panic!("{text} does not follow {schema}: {e}");
     }
+}
+
+/// Waits until nothing runs or waits and the KV cache is empty again (polling `/metrics`).
+async fn wait_until_idle(http: &reqwest::Client, s: &Server) {
+    for _ in 0..100 {
+        let running = metric(http, s, "vllm:num_requests_running").await;
+        let waiting = metric(http, s, "vllm:num_requests_waiting").await;
+        let usage = metric(http, s, "vllm:kv_cache_usage_perc").await;
+        if running == 0.0 && waiting == 0.0 && usage == 0.0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the server did not return to idle with an empty KV cache");
 }
 
 /// A 400 in OpenAI's error shape naming `param`; returns the message.
@@ -188,7 +203,25 @@ async fn each_kind_of_constraint_shapes_the_output_and_bad_ones_are_refused() {
     let (_, finish) = chat(&http, &s, &body).await;
     assert_eq!(finish, "length");
 
-    // 7. Refusals name the problem and the field.
+    // 7. A client that hangs up mid-stream frees its guided sequence; the next one runs.
+    let mut body = chat_body(
+        "Write a very long list of words.",
+        json!({"guided_regex": "[a-z]+( [a-z]+)*", "max_tokens": 400, "stream": true}),
+    );
+    body["ignore_eos"] = json!(true);
+    let mut resp = http
+        .post(s.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.chunk().await.unwrap().is_some(), "a first chunk");
+    drop(resp);
+    wait_until_idle(&http, &s).await;
+    let (text, _) = chat(&http, &s, &chat_body(ask, json!({"guided_json": person}))).await;
+    assert_valid(&person, &text);
+
+    // 8. Refusals name the problem and the field.
     let chat_path = "/v1/chat/completions";
     let bad_schema = json!({"type": "object", "properties": {"a": {"type": "nonsense"}}});
     let m = refused(

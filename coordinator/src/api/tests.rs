@@ -182,7 +182,7 @@ fn harness_with(script: Script, chat_template: Option<ChatTemplate>) -> Harness 
                 } => {
                     let reply = script(count, &request);
                     count += 1;
-                    let _ = submitted_tx.send(request);
+                    let _ = submitted_tx.send(*request);
                     match reply {
                         Reply::Refuse(e) => {
                             let _ = accepted.send(Err(e));
