@@ -801,8 +801,12 @@ async fn invalid_sampling_values_are_400s_naming_the_param() {
         ),
         (json!({"tools": [{"type": "function"}]}), "tools"),
         (
-            json!({"response_format": {"type": "json_object"}}),
+            json!({"response_format": {"type": "yaml"}}),
             "response_format",
+        ),
+        (
+            json!({"guided_regex": "a", "guided_choice": ["a"]}),
+            "guided_choice",
         ),
     ];
     for (fields, param) in cases {
