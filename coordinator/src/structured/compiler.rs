@@ -144,3 +144,98 @@ impl GrammarCompiler {
             .map_err(Clone::clone)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Map, Value};
+
+    use super::*;
+    use crate::structured::Advance;
+
+    /// A byte-level BPE tokenizer whose tokens are the 256 single bytes (GPT-2's byte-to-char
+    /// map) and `</s>` (id 256), with no merges.
+    fn byte_tokenizer() -> Arc<Tokenizer> {
+        let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+        let mut vocab = Map::new();
+        let mut shifted = 256;
+        for b in 0u32..256 {
+            let c = if printable(b) {
+                char::from_u32(b).unwrap()
+            } else {
+                shifted += 1;
+                char::from_u32(shifted - 1).unwrap()
+            };
+            vocab.insert(c.to_string(), Value::from(b));
+        }
+        let json = json!({
+            "version": "1.0",
+            "added_tokens": [{"id": 256, "content": "</s>", "single_word": false, "lstrip": false,
+                              "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                              "use_regex": true},
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                        "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": []}
+        });
+        Arc::new(Tokenizer::from_bytes(json.to_string()).unwrap())
+    }
+
+    fn allowed(mask: &[u32]) -> Vec<u32> {
+        (0..mask.len() as u32 * 32)
+            .filter(|&t| mask[t as usize / 32] & (1 << (t % 32)) != 0)
+            .collect()
+    }
+
+    #[test]
+    fn a_choice_allows_only_its_next_bytes_and_completes_after_the_last() {
+        let compiler = GrammarCompiler::new(byte_tokenizer(), vec![256]);
+        let choice = Constraint::Choice(vec!["yes".into(), "no".into()]);
+        let grammar = compiler.compile_blocking(&choice).unwrap();
+        let mut guide = grammar.start();
+        assert_eq!(
+            allowed(&guide.mask().unwrap()),
+            vec![u32::from(b'n'), u32::from(b'y')]
+        );
+        assert_eq!(guide.advance(u32::from(b'y')).unwrap(), Advance::Continue);
+        assert_eq!(allowed(&guide.mask().unwrap()), vec![u32::from(b'e')]);
+        assert_eq!(guide.advance(u32::from(b'e')).unwrap(), Advance::Continue);
+        assert_eq!(guide.advance(u32::from(b's')).unwrap(), Advance::Complete);
+        // A second sequence of the same grammar starts afresh, from the cache.
+        let again = compiler.compile_blocking(&choice).unwrap();
+        assert!(Arc::ptr_eq(&grammar, &again));
+        assert_eq!(allowed(&again.start().mask().unwrap()).len(), 2);
+    }
+
+    #[test]
+    fn a_finished_json_value_allows_end_of_sequence_where_it_may_go_on() {
+        let compiler = GrammarCompiler::new(byte_tokenizer(), vec![256]);
+        let schema = Constraint::JsonSchema(json!({"type": "integer"}));
+        let mut guide = compiler.compile_blocking(&schema).unwrap().start();
+        assert_eq!(guide.advance(u32::from(b'4')).unwrap(), Advance::Continue);
+        let next = allowed(&guide.mask().unwrap());
+        assert!(
+            next.contains(&256) && next.contains(&u32::from(b'2')),
+            "{next:?}"
+        );
+        assert!(!next.contains(&u32::from(b'a')));
+    }
+
+    #[test]
+    fn what_does_not_compile_is_a_compile_error_with_llguidances_words() {
+        let compiler = GrammarCompiler::new(byte_tokenizer(), vec![256]);
+        for bad in [
+            Constraint::Regex("(unclosed".into()),
+            Constraint::JsonSchema(json!({"type": "nonsense"})),
+            Constraint::Grammar("start: undefined_rule".into()),
+        ] {
+            match compiler.compile_blocking(&bad) {
+                Err(StructuredError::Compile { detail }) => assert!(!detail.is_empty()),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+    }
+}
