@@ -57,6 +57,7 @@ fn main() -> anyhow::Result<()> {
             cache_salt: 0,
             share: Default::default(),
             adapter: 0,
+            guided: false,
         })?;
     }
     let mut sampled = Vec::with_capacity(num_running);

@@ -50,3 +50,23 @@ pub enum StartError {
         detail: String,
     },
 }
+
+/// Why a structured-output constraint could not be compiled or followed (`structured`).
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum StructuredError {
+    /// The tokenizer cannot be described to the grammar engine (llguidance needs each token's
+    /// bytes: byte-level or byte-fallback tokenizers).
+    #[error("structured outputs are not available for this model's tokenizer: {detail}")]
+    Tokenizer { detail: String },
+    /// The schema, regex, choice list or grammar does not compile; `detail` is llguidance's
+    /// own message.
+    #[error("{detail}")]
+    Compile { detail: String },
+    /// The grammar engine failed while following a sequence (a limit it enforces, or a token
+    /// the mask did not allow).
+    #[error("structured output failed: {detail}")]
+    Match { detail: String },
+}
+
+/// Result alias of `structured`.
+pub type StructuredResult<T> = std::result::Result<T, StructuredError>;

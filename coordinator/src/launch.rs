@@ -18,6 +18,7 @@ use crate::error::StartError;
 use crate::metrics::Metrics;
 use crate::scheduler::SchedulerConfig;
 use crate::served_model::ServedModel;
+use crate::structured::GrammarCompiler;
 use crate::workers::{
     worker_binary, EtcdWorkers, GroupInit, GroupReady, GroupToken, LocalWorkers, Supervisor,
     WorkerGroup, WorkerSource,
@@ -277,6 +278,10 @@ pub async fn launch(
         aliases,
         max_model_len: max_model_len as u32,
         quantization: ready.quantization.clone(),
+        structured: Arc::new(GrammarCompiler::new(
+            tokenizer.clone(),
+            config.eos_token_ids.clone(),
+        )),
         tokenizer,
         chat_template,
         created: SystemTime::now()

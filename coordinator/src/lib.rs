@@ -16,4 +16,5 @@ pub mod scheduler;
 pub mod serve;
 pub mod served_model;
 pub mod task;
+pub mod structured;
 pub mod workers;

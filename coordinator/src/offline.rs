@@ -189,6 +189,7 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
             cache_salt: 0,
             extras: Default::default(),
             adapter: None,
+            grammar: None,
         });
     }
     let started = Instant::now();

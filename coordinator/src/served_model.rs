@@ -1,5 +1,5 @@
 //! What the API needs to know about the model it serves: its names, its context length, its
-//! tokenizer and its chat template. Built once at start; shared read-only.
+//! tokenizer, its chat template and its structured-output compiler. Built once at start; shared read-only.
 
 use std::sync::Arc;
 
@@ -7,6 +7,7 @@ use tpserve_modelfile::chat::ChatTemplate;
 
 use crate::adapters::{AdapterInfo, AdapterRegistry};
 use crate::task::Task;
+use crate::structured::GrammarCompiler;
 
 /// The model behind the API.
 #[derive(Clone)]
@@ -34,6 +35,8 @@ pub struct ServedModel {
     pub task: Task,
     /// Width of its hidden states (an embedding's full dimension).
     pub hidden_size: usize,
+    /// Compiles structured-output constraints against `tokenizer` (cached by their text).
+    pub structured: Arc<GrammarCompiler>,
 }
 
 impl ServedModel {

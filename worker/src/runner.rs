@@ -425,10 +425,27 @@ impl Runner {
                 }
             })
             .collect();
-        let extras = if roles.iter().any(|r| self.requests[&r.id].needs_extras()) {
+        // Every rank takes the same decision from the same plan (the CUDA backend's host path
+        // has collectives); only rank 0's sampling reads the masks.
+        let masks: HashMap<u64, &[u32]> = plan
+            .token_masks
+            .iter()
+            .map(|m| (m.request_id, m.allowed.as_slice()))
+            .collect();
+        let needs_extras = |r: &RowRole| {
+            self.requests[&r.id].needs_extras()
+                || (r.prompt_position.is_none() && masks.contains_key(&r.id))
+        };
+        let extras = if roles.iter().any(needs_extras) {
             roles
                 .iter()
-                .map(|r| row_extras(&self.requests[&r.id], r))
+                .map(|r| {
+                    let mut extras = row_extras(&self.requests[&r.id], r);
+                    if r.prompt_position.is_none() {
+                        extras.allowed = masks.get(&r.id).map(|m| m.to_vec());
+                    }
+                    extras
+                })
                 .collect()
         } else {
             Vec::new()
@@ -739,6 +756,7 @@ fn row_extras(state: &RequestState, role: &RowRole) -> RowExtras {
             edits: Vec::new(),
             logprobs: state.prompt_logprobs,
             target: Some(state.tokens[p]),
+            allowed: None,
         },
         None => RowExtras {
             edits: state.history.as_ref().map_or_else(Vec::new, |h| {
@@ -746,6 +764,7 @@ fn row_extras(state: &RequestState, role: &RowRole) -> RowExtras {
             }),
             logprobs: state.sample_logprobs,
             target: None,
+            allowed: None,
         },
     }
 }

@@ -25,6 +25,7 @@ use super::protocol::{
 use super::request_id::annotate;
 use super::sequences::{collect_all, submit_all};
 use super::sse::{json_event, stream_response, ChunkWriter, Delta, StreamUsage};
+use super::structured::compile_constraint;
 use super::tokenize::encode;
 use super::validate::{check_extras, check_params, top_count, MaxTokens, PromptKind};
 use super::{new_id, unix_now, ApiState, RequestId};
@@ -70,6 +71,7 @@ pub async fn chat_completions(
     params.cap_max_tokens(placement.max_tokens)?;
     let tokenizer = state.model.tokenizer.clone();
     check_extras(&mut params, &request.sampling, &tokenizer, logprobs, None)?;
+    params.grammar = compile_constraint(&state.model, &request.sampling).await?;
 
     let text = render(&state.model, &request.messages, true)?;
     state.limits.check_prompt_bytes(&text, "messages")?;
@@ -174,16 +176,6 @@ fn check_logprobs(request: &ChatCompletionRequest) -> Result<Option<u32>, ApiErr
 fn refuse_unsupported(request: &ChatCompletionRequest) -> Result<(), ApiError> {
     if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::unsupported("tools", "Tool calling"));
-    }
-    match &request.response_format {
-        None | Some(Value::Null) => {}
-        Some(format) if format.get("type").and_then(Value::as_str) == Some("text") => {}
-        Some(_) => {
-            return Err(ApiError::unsupported(
-                "response_format",
-                "A `response_format` other than text",
-            ))
-        }
     }
     Ok(())
 }

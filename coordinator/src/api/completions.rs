@@ -22,6 +22,7 @@ use super::protocol::{CompletionChoice, CompletionRequest, CompletionResponse, U
 use super::request_id::annotate;
 use super::sequences::{collect_all, submit_all};
 use super::sse::{json_event, stream_response, ChunkWriter, Delta, StreamUsage};
+use super::structured::compile_constraint;
 use super::tokenize::{decode, encode};
 use super::validate::{
     check_extras, check_params, check_token_ids, top_count, MaxTokens, PromptKind,
@@ -96,6 +97,7 @@ pub async fn completions(
         logprobs,
         echo_lp,
     )?;
+    params.grammar = compile_constraint(model, &request.sampling).await?;
     let prompt_field = request.sampling.prompt_logprobs.is_some();
 
     let inputs = parse_prompts(request.prompt.as_ref(), "prompt")?;

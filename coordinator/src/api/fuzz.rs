@@ -1,6 +1,6 @@
 //! Bounded property runs (the stable-toolchain form of fuzzing, run by `cargo test`): any JSON
 //! object whose keys are the request fields, with values of any JSON shape, becomes checked
-//! parameters or a 400 in OpenAI's shape, and never a panic. `PROPTEST_CASES` raises the count
+//! parameters (and a structured-output constraint or none) or a 400 in OpenAI's shape, and never a panic. `PROPTEST_CASES` raises the count
 //! for longer runs (docs/RELIABILITY.md).
 
 use proptest::prelude::*;
@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use super::error::RequestBody;
 use super::limits::ApiLimits;
 use super::protocol::{ChatCompletionRequest, CompletionRequest};
+use super::structured::requested_constraint;
 use super::validate::{check_params, MaxTokens};
 
 /// The fields a request may hold (and a stray one).
@@ -43,6 +44,12 @@ const KEYS: &[&str] = &[
     "skip_special_tokens",
     "user",
     "tools",
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
     "unknown_field",
 ];
 
@@ -99,7 +106,8 @@ proptest! {
                 let checked = limits
                     .check_messages(r.messages.len())
                     .and_then(|()| limits.check_sampling(&r.sampling))
-                    .and_then(|()| check_params(&r.sampling, max_tokens(r.sampling.max_tokens)));
+                    .and_then(|()| check_params(&r.sampling, max_tokens(r.sampling.max_tokens)))
+                    .and_then(|_| requested_constraint(&r.sampling).map(drop));
                 if let Err(e) = checked {
                     prop_assert_eq!(e.status().as_u16(), 400, "{:?}", e);
                 }

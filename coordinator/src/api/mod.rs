@@ -30,6 +30,7 @@ mod protocol;
 mod request_id;
 mod sequences;
 mod sse;
+mod structured;
 mod tokenize;
 mod validate;
 

@@ -55,6 +55,16 @@ pub struct SamplingFields {
     pub bad_words: Option<Vec<String>>,
     /// vLLM's extension: log probabilities of the prompt tokens, with this many top tokens.
     pub prompt_logprobs: Option<i64>,
+    /// OpenAI's: `{"type": "text" | "json_object" | "json_schema", ...}` (read in `structured`).
+    pub response_format: Option<Value>,
+    /// vLLM's `structured_outputs` object (read in `structured`).
+    pub structured_outputs: Option<Value>,
+    /// vLLM's older names: a JSON schema (object or JSON text), a regex, a list of choices, a
+    /// Lark grammar.
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
 }
 
 /// `stream_options`.
@@ -79,8 +89,6 @@ pub struct ChatCompletionRequest {
     pub top_logprobs: Option<i64>,
     /// Not supported yet when non-empty.
     pub tools: Option<Vec<Value>>,
-    /// Only `{"type": "text"}` is supported yet.
-    pub response_format: Option<Value>,
     /// Read from the same JSON object (see [`RequestBody`]).
     #[serde(skip)]
     pub sampling: SamplingFields,

@@ -20,6 +20,7 @@ use crate::engine::handle::EngineCommand;
 use crate::engine::{EngineHandle, FinishReason, GenerateEvent, GenerateRequest, Liveness};
 use crate::error::EngineError;
 use crate::served_model::ServedModel;
+use crate::structured::GrammarCompiler;
 
 const MAX_MODEL_LEN: u32 = 16;
 const MODEL: &str = "tiny";
@@ -182,7 +183,7 @@ fn harness_with(script: Script, chat_template: Option<ChatTemplate>) -> Harness 
                 } => {
                     let reply = script(count, &request);
                     count += 1;
-                    let _ = submitted_tx.send(request);
+                    let _ = submitted_tx.send(*request);
                     match reply {
                         Reply::Refuse(e) => {
                             let _ = accepted.send(Err(e));
@@ -211,6 +212,7 @@ fn harness_with(script: Script, chat_template: Option<ChatTemplate>) -> Harness 
         aliases: Vec::new(),
         max_model_len: MAX_MODEL_LEN,
         quantization: "none".into(),
+        structured: Arc::new(GrammarCompiler::new(Arc::new(tokenizer()), vec![0])),
         tokenizer: Arc::new(tokenizer()),
         chat_template: chat_template.map(Arc::new),
         created: 1_700_000_000,
@@ -802,8 +804,12 @@ async fn invalid_sampling_values_are_400s_naming_the_param() {
         ),
         (json!({"tools": [{"type": "function"}]}), "tools"),
         (
-            json!({"response_format": {"type": "json_object"}}),
+            json!({"response_format": {"type": "yaml"}}),
             "response_format",
+        ),
+        (
+            json!({"guided_regex": "a", "guided_choice": ["a"]}),
+            "guided_choice",
         ),
     ];
     for (fields, param) in cases {

@@ -13,6 +13,7 @@ use super::error::ApiError;
 use super::protocol::SamplingFields;
 use crate::engine::{GenerateRequest, Sampling, SamplingExtras, Share};
 use crate::served_model::ServedModel;
+use crate::structured::Grammar;
 
 /// Most choices one prompt may ask for.
 pub const MAX_N: u32 = 128;
@@ -75,6 +76,9 @@ pub struct CheckedParams {
     /// Penalties, biases and log probabilities ([`check_extras`] fills the parts that need
     /// the tokenizer or the endpoint's own fields).
     pub extras: SamplingExtras,
+    /// The compiled structured-output constraint, when the request has one (the handlers fill
+    /// it: compiling needs the server's grammar compiler).
+    pub grammar: Option<Arc<Grammar>>,
 }
 
 /// Checks the shared sampling and output fields.
@@ -224,6 +228,7 @@ pub fn check_params(
             prompt_logprobs,
             ..SamplingExtras::default()
         },
+        grammar: None,
     })
 }
 
@@ -404,6 +409,7 @@ impl CheckedParams {
             cache_salt: 0,
             extras: Arc::new(self.extras.clone()),
             adapter: None,
+            grammar: self.grammar.clone(),
         })
     }
 

@@ -37,10 +37,11 @@ use super::output::OutputState;
 use super::trace::{engine_step, SequenceTrace};
 use super::types::{FinishReason, GenerateEvent, Sampling, SamplingExtras, TokenLogprobs};
 use crate::adapters::AdapterInfo;
-use crate::error::EngineError;
+use crate::error::{EngineError, StructuredError};
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerConfig, SequenceSpec, StepPlan};
 use crate::task::PoolingType;
+use crate::structured::{Advance, Guide};
 use crate::workers::{GroupEvent, WorkerGroup};
 
 /// How the engine runs.
@@ -98,6 +99,8 @@ struct Sequence {
     adapter: Option<Arc<AdapterInfo>>,
     /// Its spans, when its request is traced.
     trace: Option<SequenceTrace>,
+    /// Structured outputs: where its output stands in its grammar (advanced with each token).
+    guide: Option<Guide>,
 }
 
 /// A plan sent to the workers whose result is not applied yet.
@@ -308,6 +311,7 @@ fn plan_to_proto<'a>(
             .collect(),
         freed_request_ids: plan.freed.clone(),
         traceparents: HashMap::new(),
+        token_masks: Vec::new(),
     }
 }
 
@@ -457,6 +461,7 @@ impl Engine {
                     cache_salt: salt_with_adapter(request.cache_salt, adapter),
                     share: request.share,
                     adapter,
+                    guided: request.grammar.is_some(),
                 };
                 if let Err(e) = self.scheduler.add(spec) {
                     let _ = accepted.send(Err(EngineError::InvalidRequest {
@@ -480,6 +485,7 @@ impl Engine {
                             .map(|_| vec![None; request.prompt_token_ids.len()]),
                         adapter: request.adapter.clone(),
                         trace: SequenceTrace::start(span, request.prompt_token_ids.len()),
+                        guide: request.grammar.as_ref().map(|g| g.start()),
                     },
                 );
                 if accepted.send(Ok(())).is_err() {
@@ -524,10 +530,12 @@ impl Engine {
                 }
             }
         }
+        let token_masks = self.token_masks(&plan);
         let sequences = &self.sequences;
         let mut request = plan_to_proto(&plan, to_proto, |id| {
             sequences.get(&id).and_then(|s| s.adapter.as_deref())
         });
+        request.token_masks = token_masks;
         let span = self.trace_step(&plan, &mut request.traceparents);
         let group = self.group.as_mut().expect("checked above");
         let waiting = self.liveness.wait_on_workers(sent, plan.step_id);
@@ -546,6 +554,48 @@ impl Engine {
                 self.step_failed(plan.step_id, e.to_string());
                 false
             }
+        }
+    }
+
+    /// The allowed-token masks of the guided sequences `plan` samples. The scheduler plans a
+    /// guided sequence only once its previous token is applied, so each guide is up to date. A
+    /// guide that fails ends its sequence with an error (the plan's token for it is then
+    /// ignored).
+    fn token_masks(&mut self, plan: &StepPlan) -> Vec<pb::TokenMask> {
+        let mut masks = Vec::new();
+        let mut failed = Vec::new();
+        for &id in &plan.sampled {
+            let Some(guide) = self.sequences.get_mut(&id).and_then(|s| s.guide.as_mut()) else {
+                continue;
+            };
+            let started = Instant::now();
+            match guide.mask() {
+                Ok(allowed) => masks.push(pb::TokenMask {
+                    request_id: id,
+                    allowed,
+                }),
+                Err(e) => failed.push((id, e)),
+            }
+            self.metrics
+                .structured_output_mask_time
+                .observe(started.elapsed().as_secs_f64());
+        }
+        for (id, e) in failed {
+            self.fail_guided(id, e);
+        }
+        masks
+    }
+
+    /// Ends a guided sequence whose grammar engine failed.
+    fn fail_guided(&mut self, id: u64, e: StructuredError) {
+        if let Some(seq) = self.sequences.remove(&id) {
+            tracing::warn!("sequence {id}: {e}");
+            let _ = seq
+                .events
+                .send(GenerateEvent::Error(EngineError::WorkerFailed {
+                    detail: e.to_string(),
+                }));
+            self.scheduler.abort(id);
         }
     }
 
@@ -686,10 +736,21 @@ impl Engine {
         seq.last_token = Some(now);
         m.generation_tokens.fetch_add(1, Ordering::Relaxed);
         let detokenize = seq.trace.as_ref().map(|t| t.detokenize().entered());
-        let update = seq
+        let mut update = seq
             .output
             .push(token, &self.tokenizer, &self.config.eos_token_ids);
         drop(detokenize);
+        if let (Some(guide), None) = (seq.guide.as_mut(), update.finished) {
+            match guide.advance(token) {
+                Ok(Advance::Continue) => {}
+                Ok(Advance::Complete) => {
+                    // The grammar allows nothing more: the output is complete.
+                    update.text.push_str(&seq.output.flush());
+                    update.finished = Some(FinishReason::Stop);
+                }
+                Err(e) => return self.fail_guided(id, e),
+            }
+        }
         let client_gone = seq
             .events
             .send(GenerateEvent::Delta {

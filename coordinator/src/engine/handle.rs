@@ -20,7 +20,8 @@ pub enum EngineCommand {
     /// Start a sequence. `accepted` answers once the engine admits or refuses it.
     Submit {
         id: u64,
-        request: GenerateRequest,
+        /// Boxed: the other commands are a few words.
+        request: Box<GenerateRequest>,
         events: mpsc::UnboundedSender<GenerateEvent>,
         accepted: oneshot::Sender<EngineResult<()>>,
         /// The caller's span (the API's request span): the sequence's spans go under it.
@@ -69,7 +70,7 @@ impl EngineHandle {
         self.commands
             .send(EngineCommand::Submit {
                 id,
-                request,
+                request: Box::new(request),
                 events: events_tx,
                 accepted: accepted_tx,
                 span: tracing::Span::current(),

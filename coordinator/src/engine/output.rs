@@ -121,6 +121,14 @@ impl OutputState {
         Update { text, finished }
     }
 
+    /// Ends the output where it is (structured outputs: the grammar is complete): returns the
+    /// text held back so far (a possible stop string's start), which is final now.
+    pub fn flush(&mut self) -> String {
+        let rest = self.text[self.emitted..].to_string();
+        self.emitted = self.text.len();
+        rest
+    }
+
     fn decode_tail(&mut self, tokenizer: &Tokenizer) {
         let skip = self.skip_special_tokens;
         let prefix = tokenizer

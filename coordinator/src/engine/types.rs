@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::adapters::AdapterInfo;
 use crate::task::PoolingType;
+use crate::structured::Grammar;
 
 pub use crate::scheduler::Share;
 
@@ -126,6 +127,8 @@ pub struct GenerateRequest {
     pub extras: Arc<SamplingExtras>,
     /// The LoRA adapter it runs with; `None`: the base model.
     pub adapter: Option<Arc<AdapterInfo>>,
+    /// Structured outputs: the compiled grammar its output must follow; `None`: free text.
+    pub grammar: Option<Arc<Grammar>>,
 }
 
 impl GenerateRequest {
@@ -148,6 +151,7 @@ impl GenerateRequest {
             cache_salt: 0,
             extras: Arc::default(),
             adapter: None,
+            grammar: None,
         }
     }
 }

@@ -41,6 +41,11 @@
 //!   sequence with a pending placeholder is not admitted (it blocks admission, FCFS-like,
 //!   until that `apply`), so a `NewSequence` carries only real tokens.
 //!
+//! - A guided sequence (structured outputs: the engine computes its next token's allowed set
+//!   from its last token) is skipped while it holds a placeholder, so every plan that samples it
+//!   comes after its previous token was applied; it decodes every other step while two plans
+//!   are in flight, and the others are unaffected.
+//!
 //! Workers keep per-sequence state, so a plan carries diffs (see `plan`).
 //!
 //! Frees ride on plans: `abort`, `finish` and preemption queue the id of a sequence the workers
@@ -427,6 +432,7 @@ impl Scheduler {
                 return Err(format!("sequence {} registered a placeholder", seq.id));
             }
             if seq.pending_samples.len() > self.outstanding.len()
+                || (seq.guided && seq.pending_samples.len() > 1)
                 || !seq.pending_samples.iter().is_sorted_by(|a, b| a < b)
             {
                 return Err(format!(
@@ -548,7 +554,8 @@ impl Scheduler {
         while i < self.running.len() && *budget > 0 {
             let id = self.running[i];
             let seq = &self.seqs[&id];
-            if seq.is_at_limit(max_model_len) || seq.num_uncomputed() == 0 {
+            let awaits_token = seq.guided && !seq.pending_samples.is_empty();
+            if seq.is_at_limit(max_model_len) || seq.num_uncomputed() == 0 || awaits_token {
                 i += 1;
                 continue;
             }

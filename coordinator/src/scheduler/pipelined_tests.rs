@@ -304,3 +304,34 @@ fn a_block_completed_by_a_placeholder_is_cached_only_after_the_step_that_compute
     assert_eq!(p2.new[0].block_ids[..2], table[..2]);
     s.check_invariants().unwrap();
 }
+
+#[test]
+fn a_guided_sequence_waits_for_its_token_while_a_plain_one_runs_every_step() {
+    let mut s = Scheduler::new(config(4, 32));
+    s.add(SequenceSpec {
+        guided: true,
+        ..spec(1, prompt(0, 5), 10)
+    })
+    .unwrap();
+    s.add(spec(2, prompt(50, 5), 10)).unwrap();
+    let p0 = s.schedule().unwrap();
+    assert_eq!(p0.sampled, vec![1, 2]);
+    // Step 0 is in flight: the guided sequence's next mask needs its token, so it sits out.
+    let p1 = s.schedule().unwrap();
+    assert_eq!(scheduled(&p1), vec![(2, 1)]);
+    assert_eq!(p1.sampled, vec![2]);
+    s.check_invariants().unwrap();
+    s.apply(p0.step_id, &tokens_for(&p0, 7)).unwrap();
+    // Its token is known now: the next plan samples it again, next to the plain one.
+    let p2 = s.schedule().unwrap();
+    assert_eq!(scheduled(&p2), vec![(1, 1), (2, 1)]);
+    s.check_invariants().unwrap();
+    s.apply(p1.step_id, &tokens_for(&p1, 8)).unwrap();
+    let p3 = s.schedule().unwrap();
+    assert_eq!(scheduled(&p3), vec![(2, 1)]);
+    s.apply(p2.step_id, &tokens_for(&p2, 9)).unwrap();
+    s.apply(p3.step_id, &tokens_for(&p3, 10)).unwrap();
+    assert_eq!(s.output_token_ids(1).unwrap(), &[7, 9]);
+    assert_eq!(s.output_token_ids(2).unwrap(), &[7, 8, 9, 10]);
+    s.check_invariants().unwrap();
+}

@@ -233,6 +233,8 @@ impl Driver {
             share: Default::default(),
             // Three adapters and the base, so `max_loras` (0..3) binds.
             adapter: (max_tokens % 4) as u32,
+            // Some sequences guided, so their one-placeholder rule meets preemption and reuse.
+            guided: id % 3 == 0,
         });
         if too_long {
             assert!(matches!(r, Err(SchedulerError::PromptTooLong { .. })));

@@ -65,6 +65,9 @@ pub struct SequenceSpec {
     /// Its LoRA adapter's id; 0: the base model. At most `max_loras` distinct adapters run at
     /// once.
     pub adapter: u32,
+    /// Its next token's allowed set depends on its last one (structured outputs): it is never
+    /// planned while a token of it is in flight, so it holds at most one placeholder.
+    pub guided: bool,
 }
 
 /// Where a live sequence is.
@@ -89,6 +92,8 @@ pub(crate) struct Sequence {
     pub cache_salt: u64,
     pub share: Share,
     pub adapter: u32,
+    /// See `SequenceSpec::guided`.
+    pub guided: bool,
     /// Order of `add` calls; the tie-break of the priority policy.
     pub arrival: u64,
     pub status: SeqStatus,
@@ -122,6 +127,7 @@ impl Sequence {
             cache_salt: spec.cache_salt,
             share: spec.share,
             adapter: spec.adapter,
+            guided: spec.guided,
             arrival,
             status: SeqStatus::Waiting,
             num_computed: 0,

@@ -28,6 +28,7 @@ pub(super) fn spec(id: u64, token_ids: Vec<u32>, max_tokens: usize) -> SequenceS
         cache_salt: 0,
         share: Share::default(),
         adapter: 0,
+        guided: false,
     }
 }
 

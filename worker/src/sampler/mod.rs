@@ -7,7 +7,8 @@
 //! a sort of the survivors when top-k or top-p is active.
 //!
 //! Requests may also ask for logit processing before the draw ([`processors`]: penalties,
-//! `logit_bias`, `min_tokens`, `bad_words`) and for log probabilities ([`logprobs`]); a step
+//! `logit_bias`, `min_tokens`, `bad_words`, and structured outputs' allowed-token masks) and for
+//! log probabilities ([`logprobs`]); a step
 //! passes them per row as [`RowExtras`], and passes none at all when no row of the step uses
 //! them, so plain steps do no extra work.
 
@@ -32,6 +33,10 @@ pub struct RowExtras {
     /// The token whose log probability is wanted, when it is not the sampled one (a row that
     /// scores the prompt's next token).
     pub target: Option<u32>,
+    /// Structured outputs: the tokens the row may sample, as `TokenMask.allowed`'s bitmask
+    /// (bit `t % 32` of word `t / 32`); every other logit becomes -inf after the edits and
+    /// before the draw. `None`: unconstrained.
+    pub allowed: Option<Vec<u32>>,
 }
 
 /// What a step's sampling produced.
@@ -89,9 +94,14 @@ pub fn sample_host_rows(
             *token = sample_row(spec, row);
             continue;
         };
-        // Log probabilities are of the raw logits: keep them when the edits change them.
-        let raw = (extra.logprobs.is_some() && !extra.edits.is_empty()).then(|| row.to_vec());
+        // Log probabilities are of the raw logits: keep them when the edits or the mask change
+        // them.
+        let edited = !extra.edits.is_empty() || extra.allowed.is_some();
+        let raw = (extra.logprobs.is_some() && edited).then(|| row.to_vec());
         processors::apply_edits(&extra.edits, row);
+        if let Some(allowed) = &extra.allowed {
+            processors::apply_mask(allowed, row);
+        }
         *token = sample_row(spec, row);
         logprobs.push(extra.logprobs.map(|k| {
             let target = extra.target.unwrap_or(*token);

@@ -15,6 +15,9 @@
 //! as tokens are sampled), applied by the CPU here and by the `apply_logit_edits` kernel on a
 //! GPU. Cost per sampled row: O(distinct prompt and output tokens) to build, the same to apply;
 //! nothing for requests without controls.
+//!
+//! Structured outputs add a dense edit: the coordinator's allowed-token bitmask for the row
+//! ([`apply_mask`], O(vocab)), applied after the sparse edits.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -166,6 +169,23 @@ fn repetition(c: &pb::LogitsControls) -> f32 {
     }
 }
 
+/// Structured outputs: sets the logit of every token `allowed` does not allow to -inf. `allowed`
+/// is a bitmask (bit `t % 32` of word `t / 32`); tokens past its last word are not allowed.
+/// Cost: O(vocab), one bit test per entry.
+pub fn apply_mask(allowed: &[u32], row: &mut [f32]) {
+    for (i, chunk) in row.chunks_mut(32).enumerate() {
+        let word = allowed.get(i).copied().unwrap_or(0);
+        if word == u32::MAX {
+            continue;
+        }
+        for (bit, x) in chunk.iter_mut().enumerate() {
+            if word & (1 << bit) == 0 {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
 /// Applies `edits` to one row of logits over the whole vocabulary (entries past it are
 /// ignored).
 pub fn apply_edits(edits: &[LogitEdit], row: &mut [f32]) {
@@ -182,6 +202,17 @@ mod tests {
 
     fn controls() -> pb::LogitsControls {
         pb::LogitsControls::default()
+    }
+
+    #[test]
+    fn a_mask_keeps_only_the_allowed_tokens_and_nothing_past_its_words() {
+        // 70 entries: words 0 and 1 cover tokens 0..64; 64..70 have no word.
+        let mut row: Vec<f32> = (0..70).map(|i| i as f32).collect();
+        let allowed = [1u32 << 3 | 1 << 31, 1 << 1];
+        apply_mask(&allowed, &mut row);
+        let kept: Vec<usize> = (0..70).filter(|&i| row[i].is_finite()).collect();
+        assert_eq!(kept, vec![3, 31, 33]);
+        assert_eq!(row[33], 33.0);
     }
 
     #[test]
