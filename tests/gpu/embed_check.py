@@ -2,8 +2,8 @@
 """Checks /v1/embeddings on the GPU against Hugging Face transformers' hidden states.
 
 What: starts `tpserve serve --task embed --device cuda --dtype bfloat16` on the random checkpoint
-(make_checkpoint.py) at --tp ranks, sends the checkpoint's prompts (token ids; the 1500-token one
-is prefilled in chunks) as one batched request and again one at a time, and compares each vector
+(make_checkpoint.py) at --tp ranks, sends the checkpoint's prompts (token ids taken modulo 256:
+the API accepts only ids its byte-level tokenizer has; the 1500-token one is prefilled in chunks) as one batched request and again one at a time, and compares each vector
 with transformers' `AutoModel` (the decoder without its LM head) in float32: the last token's
 `last_hidden_state` (after the final RMSNorm), L2-normalized. Writes the cosines to --out as
 JSON. Exit status 0 when every vector's cosine with the reference is >= --min-cosine (bf16
@@ -81,7 +81,7 @@ def main() -> int:
     ap.add_argument("--ref-device", default="cuda")
     args = ap.parse_args()
     with open(f"{args.model}/prompts.json") as f:
-        prompts = json.load(f)["prompts"]
+        prompts = [[t % 256 for t in p] for p in json.load(f)["prompts"]]
     try:
         batched, alone = ours(args.bin, args.model, args.tp, args.device,
                               args.out + ".server.log", prompts)

@@ -15,7 +15,8 @@
 # (serve_check.py), each with CUDA graphs and with --enforce-eager; sends the same 32 greedy
 # requests together and alone with --batch-invariant (all must match) and without
 # (invariance_check.py); compares log probabilities and sampling controls with the CPU backend
-# (extras_check.py); runs three random PEFT LoRA adapters against transformers + PEFT, prefill and
+# (extras_check.py); checks structured outputs beside plain requests (structured_check.py); runs
+# three random PEFT LoRA adapters against transformers + PEFT, prefill and
 # decode, and mixed with the base in one batch against each alone (step_lora); compares
 # /v1/embeddings (--task embed, last-token pooling) with transformers' AutoModel hidden states at
 # TP=1 and TP=2 (embed_check.py); checks that the 8B shape with dummy weights serves at
@@ -324,6 +325,27 @@ step_extras() {
   fi
 }
 
+# step_structured: structured outputs (issue 13, item 3) on the GPU: constrained requests beside
+# plain ones; finished outputs must parse and validate (structured_check.py).
+step_structured() {
+  local out="$WORK/structured.json" txt="$WORK/structured.txt"
+  rm -f "$out" "$txt"
+  if [ "$NGPU" -lt 1 ] || [ ! -f "$CKPT/tokenizer.json" ]; then
+    record "structured outputs" "SKIP" "needs a GPU and the checkpoint"
+    return
+  fi
+  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/structured_check.py" --bin "$BIN_DIR" --model "$CKPT" \
+    --out "$out" > "$txt"
+  cat "$txt"
+  local figures
+  figures=$(sed -n 's/^structured_check //p' "$txt" | tr '\n' ' ')
+  if [ "$RC" -eq 0 ]; then
+    record "structured outputs" "PASS" "$figures(${SECS}s)"
+  else
+    record "structured outputs" "FAIL" "${figures:-$(why_failed)}"
+  fi
+}
+
 # step_lora: issue 10 on CUDA. Three random PEFT adapters on the checkpoint
 # (make_lora_adapters.py); per adapter, transformers + PEFT's logits and greedy ids
 # (hf_reference.py --lora, bfloat16 and float32) against tpserve's from the logits example with
@@ -568,6 +590,7 @@ main() {
   step_serve 2 eager
   step_invariance
   step_extras
+  step_structured
   step_lora
   step_embed 1
   step_embed 2
