@@ -15,4 +15,5 @@ pub mod quantization;
 pub mod scheduler;
 pub mod serve;
 pub mod served_model;
+pub mod tools;
 pub mod workers;
