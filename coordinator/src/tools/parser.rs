@@ -4,10 +4,11 @@
 //!
 //! What comes out, in order: content (the text outside call markup) and calls. Content is
 //! released as soon as it cannot be the start of a call marker; whitespace at the end of a run
-//! of content (before a call, or at the end) is dropped. A call is released whole once its JSON
-//! closes, with its arguments as compact JSON; a call whose JSON does not parse as
-//! `{name, arguments}` is released as content instead, markup and all. So no markup of a valid
-//! call ever reaches content, and nothing of a call is sent before it is known to parse.
+//! of content (before a call, or at the end) is dropped, and so is whitespace right after a
+//! call. A call is released whole once its JSON closes, with its arguments as compact JSON; a
+//! call whose JSON does not parse as `{name, arguments}` is released as content instead, markup
+//! and all. So no markup of a valid call ever reaches content, and nothing of a call is sent
+//! before it is known to parse: arguments arrive in one delta per call, not token by token.
 //! Without `parallel_tool_calls`, calls after the first are dropped.
 //!
 //! A forced call (`tool_choice` `required` or a named function) is read from the whole output
@@ -99,6 +100,9 @@ pub struct ToolCallParser {
     opened: String,
     /// Whitespace at the end of the content released so far, held until text follows it.
     held: String,
+    /// A call was released and no content since: the next content's leading whitespace (the
+    /// newlines after a closing tag) is dropped.
+    after_call: bool,
     calls: usize,
 }
 
@@ -117,6 +121,7 @@ impl ToolCallParser {
             buf: String::new(),
             opened: String::new(),
             held: String::new(),
+            after_call: false,
             calls: 0,
         }
     }
@@ -333,6 +338,7 @@ impl ToolCallParser {
         if self.calls > 0 && !self.parallel {
             return;
         }
+        self.after_call = true;
         out.push(Piece::Call {
             index: self.calls,
             call: ToolCall {
@@ -354,7 +360,11 @@ impl ToolCallParser {
             self.held = all[end..].to_string();
         }
         all.truncate(end);
+        if self.after_call {
+            all = all.trim_start().to_string();
+        }
         if !all.is_empty() {
+            self.after_call = false;
             out.push(Piece::Content(all));
         }
     }
@@ -483,6 +493,12 @@ mod tests {
             )
         );
         assert_split_invariant(auto(ParserKind::Hermes), HERMES_TWO);
+        let after = format!("{HERMES_TWO}\n\nBoth asked.\n");
+        assert_eq!(
+            whole(auto(ParserKind::Hermes), &after).0.as_deref(),
+            Some("I'll check both.Both asked.")
+        );
+        assert_split_invariant(auto(ParserKind::Hermes), &after);
     }
 
     #[test]
