@@ -9,6 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TPSERVE_DEFAULT_MODEL="$(scripts/fetch-default-model.sh)"
 export TPSERVE_DEFAULT_MODEL
+# Real tool-capable chat templates (Qwen2.5, Llama 3.1, Mistral Nemo) for the tool-calling tests.
+TPSERVE_CHAT_TEMPLATES="$(scripts/fetch-chat-templates.sh)"
+export TPSERVE_CHAT_TEMPLATES
 TPSERVE_ETCD_BIN="$(scripts/install-etcd.sh)"
 export TPSERVE_ETCD_BIN
 cargo build --release --workspace --bins

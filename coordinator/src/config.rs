@@ -10,6 +10,7 @@ use crate::adapters::LoraArgs;
 use crate::error::StartError;
 use crate::scheduler::SchedulingPolicy;
 use crate::task::TaskArg;
+use crate::tools::ToolArgs;
 
 /// How the model's weights are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -186,6 +187,12 @@ pub struct EngineArgs {
     pub hf_overrides: Option<String>,
     #[command(flatten)]
     pub lora: LoraArgs,
+    /// A chat template to use instead of the model's (vLLM's `--chat-template`): a file, or the
+    /// template text itself. It gets the BOS and EOS strings of the model's own template, if any.
+    #[arg(long, env = "TPSERVE_CHAT_TEMPLATE")]
+    pub chat_template: Option<String>,
+    #[command(flatten)]
+    pub tools: ToolArgs,
 }
 
 impl EngineArgs {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
-use tpserve_modelfile::{Format, ModelSource};
+use tpserve_modelfile::{ChatTemplate, Format, ModelSource};
 use tpserve_proto as pb;
 use tpserve_term::human;
 
@@ -94,7 +94,12 @@ pub async fn launch(
         config.is_headless(),
     )?;
     let tokenizer = Arc::new(source.tokenizer()?);
-    let chat_template = source.chat_template()?.map(Arc::new);
+    let chat_template = match &args.chat_template {
+        Some(flag) => Some(chat_template_from_flag(flag, source.chat_template()?)?),
+        None => source.chat_template()?,
+    };
+    let tools = args.tools.resolve(chat_template.as_ref())?;
+    let chat_template = chat_template.map(Arc::new);
     let model_len = config.max_position_embeddings;
     let max_model_len = match args.max_model_len {
         Some(n) if n > model_len => {
@@ -284,6 +289,7 @@ pub async fn launch(
         )),
         tokenizer,
         chat_template,
+        tools,
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
@@ -315,4 +321,27 @@ async fn start_supervised<S: WorkerSource>(
             Err(e)
         }
     }
+}
+
+/// `--chat-template`: a file's text, or the flag's text itself when no such file exists (as
+/// vLLM reads it), compiled with the model's BOS/EOS strings.
+fn chat_template_from_flag(
+    flag: &str,
+    model_template: Option<ChatTemplate>,
+) -> Result<ChatTemplate, StartError> {
+    let path = std::path::Path::new(flag);
+    let text = if path.is_file() {
+        std::fs::read_to_string(path).map_err(|e| StartError::Config {
+            detail: format!("--chat-template {}: {e}", path.display()),
+        })?
+    } else {
+        flag.to_string()
+    };
+    let compiled = match model_template {
+        Some(t) => t.with_template(text),
+        None => ChatTemplate::new(text, None, None),
+    };
+    compiled.map_err(|e| StartError::Config {
+        detail: format!("--chat-template: {e}"),
+    })
 }

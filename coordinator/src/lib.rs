@@ -17,4 +17,5 @@ pub mod serve;
 pub mod served_model;
 pub mod task;
 pub mod structured;
+pub mod tools;
 pub mod workers;

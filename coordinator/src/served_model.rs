@@ -8,6 +8,7 @@ use tpserve_modelfile::chat::ChatTemplate;
 use crate::adapters::{AdapterInfo, AdapterRegistry};
 use crate::task::Task;
 use crate::structured::GrammarCompiler;
+use crate::tools::ToolConfig;
 
 /// The model behind the API.
 #[derive(Clone)]
@@ -27,6 +28,8 @@ pub struct ServedModel {
     pub tokenizer: Arc<tokenizers::Tokenizer>,
     /// The chat template, when the model has one.
     pub chat_template: Option<Arc<ChatTemplate>>,
+    /// Tool calling: whether `tool_choice: auto` is served and the call format.
+    pub tools: ToolConfig,
     /// Unix seconds when the server started (OpenAI's `created`).
     pub created: u64,
     /// The LoRA adapters served on top of it (`None` without `--enable-lora`).

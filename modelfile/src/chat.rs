@@ -73,18 +73,50 @@ impl ChatTemplate {
         })
     }
 
+    /// Another template with the same BOS/EOS token strings (a `--chat-template` override).
+    pub fn with_template(&self, template: String) -> Result<Self> {
+        Self::new(template, self.bos_token.clone(), self.eos_token.clone())
+    }
+
     /// The template's source text.
     pub fn source(&self) -> &str {
         &self.source
     }
 
     /// Renders `messages`; with `add_generation_prompt` the text ends where the assistant's reply
-    /// starts. The template sees `messages`, `add_generation_prompt`, and `bos_token` /
-    /// `eos_token` when known.
+    /// starts. The template sees `messages`, `add_generation_prompt`, `tools` (none), and
+    /// `bos_token` / `eos_token` when known.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_value(Value::from_serialize(messages), None, add_generation_prompt)
+    }
+
+    /// Renders messages given as JSON objects, so fields beyond role and content reach the
+    /// template in the shape Hugging Face templates index (an assistant's `tool_calls`, a tool
+    /// result's `tool_call_id`), with `tools` as transformers' `apply_chat_template(tools=...)`
+    /// passes them: the list, or none when absent. Object keys keep their order.
+    pub fn render_json(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        self.render_value(
+            Value::from_serialize(messages),
+            tools.map(Value::from_serialize),
+            add_generation_prompt,
+        )
+    }
+
+    fn render_value(
+        &self,
+        messages: Value,
+        tools: Option<Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self.env.get_template(TEMPLATE_NAME).map_err(template_err)?;
         let mut ctx = vec![
-            ("messages", Value::from_serialize(messages)),
+            ("messages", messages),
+            ("tools", tools.unwrap_or(Value::from(()))),
             ("add_generation_prompt", Value::from(add_generation_prompt)),
         ];
         if let Some(bos) = &self.bos_token {

@@ -145,7 +145,7 @@ impl Engine {
         let (_, model) = self.running()?;
         let messages: Vec<ChatMessageIn> = serde_json::from_str(messages)
             .map_err(|e| PyValueError::new_err(format!("messages: {e}")))?;
-        render_chat(&model, &messages, add_generation_prompt).map_err(errors::request)
+        render_chat(&model, &messages, None, add_generation_prompt).map_err(errors::request)
     }
 
     /// Submits one sequence per prompt and choice (`n`); `params[i]` is prompt `i`'s sampling

@@ -4,6 +4,11 @@
 //!
 //! Message content is a string or a list of text parts (joined); other part types (images,
 //! audio) are refused with 400, since the models we serve are text-only.
+//!
+//! Tools (see `crate::tools`): the template gets them as `tools` whatever `tool_choice` says
+//! (vLLM's default, without `--exclude-tools-when-tool-choice-none`); unless it is `none`, each
+//! choice's text goes through a tool-call parser, whole or as it streams, with
+//! `skip_special_tokens` off so call markers that are special tokens survive (as vLLM does).
 
 use std::sync::Arc;
 
@@ -12,25 +17,29 @@ use axum::http::HeaderMap;
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
-use serde_json::Value;
-use tpserve_modelfile::chat::ChatMessage;
+use serde_json::{json, Map, Value};
 
 use super::error::{ApiError, ApiJson};
 use super::gateway::{place, Ask, Caller, Tokens};
 use super::logprobs::TokenTexts;
 use super::protocol::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, ChatDelta, ChatMessageIn, ChatMessageOut, Usage,
+    ChatCompletionResponse, ChatDelta, ChatFinishReason, ChatMessageIn, ChatMessageOut,
+    FunctionCallDelta, FunctionCallOut, ToolCallDelta, ToolCallOut, Usage,
 };
 use super::request_id::annotate;
 use super::sequences::{collect_all, submit_all};
 use super::sse::{json_event, stream_response, ChunkWriter, Delta, StreamUsage};
-use super::structured::compile_constraint;
+use super::structured::{compile_constraint, compile_tool_call_schema};
 use super::tokenize::encode;
 use super::validate::{check_extras, check_params, top_count, MaxTokens, PromptKind};
 use super::{new_id, unix_now, ApiState, RequestId};
 use crate::engine::FinishReason;
 use crate::served_model::ServedModel;
+use crate::tools::messages::template_tool_calls;
+use crate::tools::{
+    Mode, Parsed, Piece, ToolCall, ToolCallParser, ToolChoice, ToolFields, ToolRequest,
+};
 
 pub async fn chat_completions(
     State(state): State<Arc<ApiState>>,
@@ -55,7 +64,12 @@ pub async fn chat_completions(
         None,
         caller.as_deref().map(Caller::tenant),
     );
-    refuse_unsupported(&request)?;
+    let tools = ToolRequest::parse(ToolFields {
+        tools: request.tools.as_ref(),
+        tool_choice: request.tool_choice.as_ref(),
+        parallel_tool_calls: request.parallel_tool_calls.as_ref(),
+    })?;
+    let calls = call_parsing(&state.model, tools.as_ref())?;
     let logprobs = check_logprobs(&request)?;
     let max_tokens = match request.max_completion_tokens {
         Some(m) => MaxTokens {
@@ -72,8 +86,28 @@ pub async fn chat_completions(
     let tokenizer = state.model.tokenizer.clone();
     check_extras(&mut params, &request.sampling, &tokenizer, logprobs, None)?;
     params.grammar = compile_constraint(&state.model, &request.sampling).await?;
+    let forced = tools.as_ref().map(ToolRequest::required_call_schema).transpose()?;
+    if let Some(schema) = forced.flatten() {
+        if params.grammar.is_some() {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "`tool_choice` \"required\" or a named function constrains the whole output, so it \
+                 cannot be combined with `response_format` or another structured-output field",
+            ));
+        }
+        params.grammar = Some(compile_tool_call_schema(&state.model, schema).await?);
+    }
+    if calls.is_some() {
+        params.skip_special_tokens = false;
+    }
 
-    let text = render(&state.model, &request.messages, true)?;
+    let template_tools = tools.as_ref().map(ToolRequest::template_tools);
+    let text = render(
+        &state.model,
+        &request.messages,
+        template_tools.as_deref(),
+        true,
+    )?;
     state.limits.check_prompt_bytes(&text, "messages")?;
     if state.log_prompts {
         tracing::info!(prompt = %text, "chat prompt (--log-prompts)");
@@ -99,6 +133,8 @@ pub async fn chat_completions(
             include_usage: params.include_usage,
             logprobs: logprobs.is_some(),
             tokenizer,
+            calls: calls.clone(),
+            parsers: Vec::new(),
         };
         let usage = StreamUsage {
             prompt_tokens,
@@ -133,14 +169,28 @@ pub async fn chat_completions(
         .map(|p| texts.prompt(p));
     let choices = collected
         .into_iter()
-        .map(|c| ChatChoice {
-            index: c.index,
-            logprobs: logprobs.map(|_| texts.chat(&c.logprobs)),
-            message: ChatMessageOut {
-                role: "assistant",
-                content: c.text,
-            },
-            finish_reason: Some(c.finish_reason),
+        .map(|c| {
+            let (message, finish_reason) = match &calls {
+                None => (
+                    ChatMessageOut {
+                        role: "assistant",
+                        content: Some(c.text),
+                        tool_calls: Vec::new(),
+                    },
+                    c.finish_reason.into(),
+                ),
+                Some(calls) => {
+                    let parsed = ToolCallParser::parse(calls.mode.clone(), calls.parallel, &c.text);
+                    let reason = calls.finish_reason(c.finish_reason, !parsed.calls.is_empty());
+                    (answer(parsed), reason)
+                }
+            };
+            ChatChoice {
+                index: c.index,
+                logprobs: logprobs.map(|_| texts.chat(&c.logprobs)),
+                message,
+                finish_reason: Some(finish_reason),
+            }
         })
         .collect();
     Ok(axum::Json(ChatCompletionResponse {
@@ -172,18 +222,94 @@ fn check_logprobs(request: &ChatCompletionRequest) -> Result<Option<u32>, ApiErr
     Ok(None)
 }
 
-/// Fields we parse but cannot honour yet: refused, never silently ignored.
-fn refuse_unsupported(request: &ChatCompletionRequest) -> Result<(), ApiError> {
-    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::unsupported("tools", "Tool calling"));
-    }
-    Ok(())
+/// How a request's output is read for tool calls.
+#[derive(Clone)]
+struct CallParsing {
+    mode: Mode,
+    parallel: bool,
 }
 
-/// The prompt text of `messages` under the model's chat template.
+impl CallParsing {
+    /// OpenAI's reasons: `tool_calls` when the model stopped after calling, except for a
+    /// named function, where the call was asked for and the reason stays `stop`.
+    fn finish_reason(&self, reason: FinishReason, called: bool) -> ChatFinishReason {
+        let named = matches!(
+            self.mode,
+            Mode::Forced {
+                function: Some(_),
+                ..
+            }
+        );
+        if called && reason == FinishReason::Stop && !named {
+            ChatFinishReason::ToolCalls
+        } else {
+            reason.into()
+        }
+    }
+}
+
+/// Whether and how the output is parsed for calls: never for `tool_choice: none`; `auto` needs
+/// the server's `--enable-auto-tool-choice` (vLLM's rule and message).
+fn call_parsing(
+    model: &ServedModel,
+    tools: Option<&ToolRequest>,
+) -> Result<Option<CallParsing>, ApiError> {
+    let Some(tools) = tools else {
+        return Ok(None);
+    };
+    let mode = match &tools.choice {
+        ToolChoice::None => return Ok(None),
+        ToolChoice::Auto => match (model.tools.auto, model.tools.parser) {
+            (true, Some(kind)) => Mode::Auto(kind),
+            _ => {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    "\"auto\" tool choice requires --enable-auto-tool-choice and \
+                     --tool-call-parser to be set",
+                ))
+            }
+        },
+        ToolChoice::Required => Mode::Forced {
+            function: None,
+            fallback: model.tools.parser,
+        },
+        ToolChoice::Function(name) => Mode::Forced {
+            function: Some(name.clone()),
+            fallback: model.tools.parser,
+        },
+    };
+    Ok(Some(CallParsing {
+        mode,
+        parallel: tools.parallel,
+    }))
+}
+
+/// The assistant message of a parsed output.
+fn answer(parsed: Parsed) -> ChatMessageOut {
+    ChatMessageOut {
+        role: "assistant",
+        content: parsed.content,
+        tool_calls: parsed.calls.into_iter().map(call_out).collect(),
+    }
+}
+
+fn call_out(call: ToolCall) -> ToolCallOut {
+    ToolCallOut {
+        id: call.id,
+        kind: "function",
+        function: FunctionCallOut {
+            name: call.name,
+            arguments: call.arguments,
+        },
+    }
+}
+
+/// The prompt text of `messages` (and `tools`, in the template's `tools`) under the model's
+/// chat template.
 pub fn render(
     model: &ServedModel,
     messages: &[ChatMessageIn],
+    tools: Option<&[Value]>,
     add_generation_prompt: bool,
 ) -> Result<String, ApiError> {
     let template = model.chat_template.as_ref().ok_or_else(|| {
@@ -205,17 +331,53 @@ pub fn render(
     let messages = messages
         .iter()
         .enumerate()
-        .map(|(i, m)| {
-            Ok(ChatMessage {
-                role: m.role.clone(),
-                content: content_text(m.content.as_ref(), i)?,
-            })
-        })
+        .map(|(i, m)| template_message(m, i))
         .collect::<Result<Vec<_>, ApiError>>()?;
     // A template that raises (say, "roles must alternate") is the request's fault.
     template
-        .render(&messages, add_generation_prompt)
+        .render_json(&messages, tools, add_generation_prompt)
         .map_err(|e| ApiError::invalid("messages", format!("The chat template failed: {e}")))
+}
+
+/// A message as the template sees it: `role` and `content` (a string), and only when given,
+/// `name`, `tool_calls` (arguments as objects) and `tool_call_id`: templates test for the keys
+/// (Llama 3.1's `'tool_calls' in message`), so absent ones stay absent. A `tool` message needs
+/// its `tool_call_id`, as OpenAI's API says.
+pub(super) fn template_message(m: &ChatMessageIn, i: usize) -> Result<Value, ApiError> {
+    let mut out = Map::new();
+    out.insert("role".into(), json!(m.role));
+    out.insert(
+        "content".into(),
+        json!(content_text(m.content.as_ref(), i)?),
+    );
+    if let Some(name) = &m.name {
+        out.insert("name".into(), json!(name));
+    }
+    match (&m.tool_calls, m.role.as_str()) {
+        (None | Some(Value::Null), _) => {}
+        (Some(calls), "assistant") => {
+            out.insert("tool_calls".into(), template_tool_calls(calls, i)?);
+        }
+        (Some(_), role) => {
+            return Err(ApiError::invalid(
+                &format!("messages[{i}].tool_calls"),
+                format!("Only assistant messages carry `tool_calls`, not `{role}` ones"),
+            ))
+        }
+    }
+    match (&m.tool_call_id, m.role.as_str()) {
+        (Some(id), _) => {
+            out.insert("tool_call_id".into(), json!(id));
+        }
+        (None, "tool") => {
+            return Err(ApiError::invalid(
+                &format!("messages[{i}].tool_call_id"),
+                "A `tool` message needs the `tool_call_id` of the call it answers",
+            ))
+        }
+        (None, _) => {}
+    }
+    Ok(Value::Object(out))
 }
 
 /// A message's content as one string: a string as is, text parts joined with newlines (as
@@ -255,6 +417,9 @@ fn content_text(content: Option<&Value>, message: usize) -> Result<String, ApiEr
 }
 
 /// `chat.completion.chunk`s: a role chunk opens each choice, a `{}` delta with the reason ends it.
+/// With tool calls parsed, each choice's text goes through its parser: content deltas carry the
+/// text outside calls, and each call is two deltas (OpenAI's shape): index, id, type and name
+/// with empty arguments, then the arguments.
 struct ChatChunks {
     id: String,
     created: u64,
@@ -263,6 +428,9 @@ struct ChatChunks {
     /// Chunks carry their token's log probabilities.
     logprobs: bool,
     tokenizer: Arc<tokenizers::Tokenizer>,
+    calls: Option<CallParsing>,
+    /// Each choice's parser, by index, made at its opening.
+    parsers: Vec<Option<ToolCallParser>>,
 }
 
 impl ChatChunks {
@@ -277,7 +445,12 @@ impl ChatChunks {
         })
     }
 
-    fn choice(&self, index: u32, delta: ChatDelta, finish_reason: Option<FinishReason>) -> Event {
+    fn choice(
+        &self,
+        index: u32,
+        delta: ChatDelta,
+        finish_reason: Option<ChatFinishReason>,
+    ) -> Event {
         let choice = ChatChunkChoice {
             index,
             delta,
@@ -286,39 +459,122 @@ impl ChatChunks {
         };
         self.chunk(vec![choice], None)
     }
+
+    fn parser(&mut self, index: u32) -> Option<&mut ToolCallParser> {
+        self.parsers.get_mut(index as usize)?.as_mut()
+    }
+
+    /// The deltas of parsed pieces.
+    fn piece_deltas(pieces: Vec<Piece>) -> Vec<ChatDelta> {
+        let mut deltas = Vec::new();
+        for piece in pieces {
+            match piece {
+                Piece::Content(text) => deltas.push(ChatDelta {
+                    content: Some(text),
+                    ..ChatDelta::default()
+                }),
+                Piece::Call { index, call } => {
+                    deltas.push(ChatDelta {
+                        tool_calls: Some(vec![ToolCallDelta {
+                            index,
+                            id: Some(call.id),
+                            kind: Some("function"),
+                            function: FunctionCallDelta {
+                                name: Some(call.name),
+                                arguments: String::new(),
+                            },
+                        }]),
+                        ..ChatDelta::default()
+                    });
+                    deltas.push(ChatDelta {
+                        tool_calls: Some(vec![ToolCallDelta {
+                            index,
+                            id: None,
+                            kind: None,
+                            function: FunctionCallDelta {
+                                name: None,
+                                arguments: call.arguments,
+                            },
+                        }]),
+                        ..ChatDelta::default()
+                    });
+                }
+            }
+        }
+        deltas
+    }
 }
 
 impl ChunkWriter for ChatChunks {
     fn opening(&mut self, index: u32) -> Option<Event> {
+        if let Some(calls) = &self.calls {
+            let slot = index as usize;
+            if self.parsers.len() <= slot {
+                self.parsers.resize_with(slot + 1, || None);
+            }
+            self.parsers[slot] = Some(ToolCallParser::new(calls.mode.clone(), calls.parallel));
+        }
         let delta = ChatDelta {
             role: Some("assistant"),
             content: Some(String::new()),
+            tool_calls: None,
         };
         Some(self.choice(index, delta, None))
     }
 
     fn delta(&mut self, index: u32, delta: Delta) -> Vec<Event> {
-        let logprobs = delta
+        let mut logprobs = delta
             .logprobs
             .filter(|_| self.logprobs)
             .map(|lp| TokenTexts::new(&self.tokenizer).chat(std::slice::from_ref(&lp)));
-        if delta.text.is_empty() && logprobs.is_none() {
-            return Vec::new();
-        }
-        let choice = ChatChunkChoice {
-            index,
-            delta: ChatDelta {
-                role: None,
+        let deltas = match self.parser(index) {
+            Some(parser) => {
+                let deltas = Self::piece_deltas(parser.push(&delta.text));
+                // A token whose text the parser holds still reports its log probabilities.
+                if deltas.is_empty() && logprobs.is_some() {
+                    vec![ChatDelta {
+                        content: Some(String::new()),
+                        ..ChatDelta::default()
+                    }]
+                } else {
+                    deltas
+                }
+            }
+            None if delta.text.is_empty() && logprobs.is_none() => Vec::new(),
+            None => vec![ChatDelta {
                 content: Some(delta.text),
-            },
-            finish_reason: None,
-            logprobs,
+                ..ChatDelta::default()
+            }],
         };
-        vec![self.chunk(vec![choice], None)]
+        deltas
+            .into_iter()
+            .map(|delta| {
+                let choice = ChatChunkChoice {
+                    index,
+                    delta,
+                    finish_reason: None,
+                    logprobs: logprobs.take(),
+                };
+                self.chunk(vec![choice], None)
+            })
+            .collect()
     }
 
-    fn finish(&self, index: u32, reason: FinishReason) -> Event {
-        self.choice(index, ChatDelta::default(), Some(reason))
+    fn finish(&mut self, index: u32, reason: FinishReason) -> Vec<Event> {
+        let calls = self.calls.clone();
+        let (deltas, reason) = match (self.parser(index), calls) {
+            (Some(parser), Some(calls)) => {
+                let deltas = Self::piece_deltas(parser.finish());
+                (deltas, calls.finish_reason(reason, parser.called()))
+            }
+            _ => (Vec::new(), reason.into()),
+        };
+        let mut events: Vec<Event> = deltas
+            .into_iter()
+            .map(|delta| self.choice(index, delta, None))
+            .collect();
+        events.push(self.choice(index, ChatDelta::default(), Some(reason)));
+        events
     }
 
     fn usage(&self, usage: Usage) -> Event {

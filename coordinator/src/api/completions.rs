@@ -381,8 +381,8 @@ impl ChunkWriter for CompletionChunks {
         events
     }
 
-    fn finish(&self, index: u32, reason: FinishReason) -> Event {
-        self.choice(index, String::new(), Some(reason))
+    fn finish(&mut self, index: u32, reason: FinishReason) -> Vec<Event> {
+        vec![self.choice(index, String::new(), Some(reason))]
     }
 
     fn usage(&self, usage: Usage) -> Event {

@@ -38,6 +38,8 @@ mod validate;
 mod fuzz;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tool_templates_tests;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};

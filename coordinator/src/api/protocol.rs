@@ -87,8 +87,12 @@ pub struct ChatCompletionRequest {
     pub logprobs: Option<bool>,
     /// With `logprobs`: this many most likely tokens per position (0-20).
     pub top_logprobs: Option<i64>,
-    /// Not supported yet when non-empty.
-    pub tools: Option<Vec<Value>>,
+    /// Function tools the model may call (checked in `tools::request`).
+    pub tools: Option<Value>,
+    /// `none`, `auto`, `required` or `{"type": "function", "function": {"name": ...}}`.
+    pub tool_choice: Option<Value>,
+    /// Default true; false keeps at most one call.
+    pub parallel_tool_calls: Option<Value>,
     /// Read from the same JSON object (see [`RequestBody`]).
     #[serde(skip)]
     pub sampling: SamplingFields,
@@ -102,6 +106,15 @@ pub struct ChatMessageIn {
     /// only called tools).
     #[serde(default)]
     pub content: Option<Value>,
+    /// An assistant turn's calls: `[{"id", "type", "function": {"name", "arguments"}}]`.
+    #[serde(default)]
+    pub tool_calls: Option<Value>,
+    /// A `tool` message: the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    /// The author's name (some templates show it).
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// POST `/v1/completions`.
@@ -176,16 +189,77 @@ pub struct ChatCompletionResponse {
 pub struct ChatChoice {
     pub index: u32,
     pub message: ChatMessageOut,
-    pub finish_reason: Option<FinishReason>,
+    pub finish_reason: Option<ChatFinishReason>,
     /// With `logprobs`: each output token's; else null.
     pub logprobs: Option<ChatLogprobs>,
+}
+
+/// Why a chat choice ended: the engine's reasons, plus OpenAI's `tool_calls` when the model
+/// stopped after calling tools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChatFinishReason {
+    Stop,
+    Length,
+    Abort,
+    ToolCalls,
+}
+
+impl From<FinishReason> for ChatFinishReason {
+    fn from(reason: FinishReason) -> Self {
+        match reason {
+            FinishReason::Stop => Self::Stop,
+            FinishReason::Length => Self::Length,
+            FinishReason::Abort => Self::Abort,
+        }
+    }
 }
 
 /// The assistant's message in a chat response.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatMessageOut {
     pub role: &'static str,
-    pub content: String,
+    /// The text; null when the model only called tools.
+    pub content: Option<String>,
+    /// The calls the model made; absent when none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallOut>,
+}
+
+/// One call in a chat response.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallOut {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCallOut,
+}
+
+/// A call's function: its name and its arguments as a JSON string.
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionCallOut {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// A streamed piece of a call: the first carries `id`, `type` and the name with empty
+/// arguments; the next the arguments.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionCallDelta,
+}
+
+/// The function part of a [`ToolCallDelta`].
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionCallDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 /// One SSE chunk of a streaming chat request.
@@ -206,7 +280,7 @@ pub struct ChatCompletionChunk {
 pub struct ChatChunkChoice {
     pub index: u32,
     pub delta: ChatDelta,
-    pub finish_reason: Option<FinishReason>,
+    pub finish_reason: Option<ChatFinishReason>,
     /// With `logprobs`: the chunk's token's; else null.
     pub logprobs: Option<ChatLogprobs>,
 }
@@ -218,6 +292,8 @@ pub struct ChatDelta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 /// The answer of a non-streaming completion request, and (with `object` "text_completion" too,

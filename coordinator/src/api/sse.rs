@@ -36,8 +36,8 @@ pub trait ChunkWriter: Send + 'static {
     /// log probabilities and, on the first delta, the prompt's, when the request asked for
     /// them. Nothing when there is nothing to send.
     fn delta(&mut self, index: u32, delta: Delta) -> Vec<Event>;
-    /// The end of choice `index`.
-    fn finish(&self, index: u32, reason: FinishReason) -> Event;
+    /// The end of choice `index`: what the writer still held, then the finishing chunk.
+    fn finish(&mut self, index: u32, reason: FinishReason) -> Vec<Event>;
     /// The last chunk, with the usage of the whole request (only with `include_usage`).
     fn usage(&self, usage: Usage) -> Event;
 }
@@ -103,7 +103,9 @@ pub fn stream_response<W: ChunkWriter>(
                     if index % n == 0 {
                         cached_tokens += u64::from(cached);
                     }
-                    yield Ok(writer.finish(index, reason));
+                    for event in writer.finish(index, reason) {
+                        yield Ok(event);
+                    }
                 }
                 GenerateEvent::Error(e) => {
                     let error = ApiError::from(e);

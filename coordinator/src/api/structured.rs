@@ -152,6 +152,26 @@ pub async fn compile_constraint(
         })
 }
 
+/// The constraint that enforces `tool_choice` `"required"` or a named function: `schema`, the
+/// JSON the call must be (`ToolRequest::required_call_schema`), compiled as any JSON schema; a
+/// schema that does not compile is a 400 naming `tools` (it is built from their parameters).
+pub async fn compile_tool_call_schema(
+    model: &ServedModel,
+    schema: Value,
+) -> Result<Arc<Grammar>, ApiError> {
+    model
+        .structured
+        .compile(Constraint::JsonSchema(schema))
+        .await
+        .map_err(|e| match e {
+            StructuredError::Compile { detail } => ApiError::invalid(
+                "tools",
+                format!("The tools' parameters do not compile as a JSON schema: {detail}"),
+            ),
+            other => ApiError::invalid("tools", other.to_string()),
+        })
+}
+
 /// A member of a structured-output field read as `T`; a type error names the member.
 fn nested<T: serde::de::DeserializeOwned>(value: &Value, param: &str) -> Result<T, ApiError> {
     from_json(value).map_err(|e| match e {

@@ -215,6 +215,7 @@ fn harness_with(script: Script, chat_template: Option<ChatTemplate>) -> Harness 
         structured: Arc::new(GrammarCompiler::new(Arc::new(tokenizer()), vec![0])),
         tokenizer: Arc::new(tokenizer()),
         chat_template: chat_template.map(Arc::new),
+        tools: crate::tools::ToolConfig::default(),
         created: 1_700_000_000,
         adapters: None,
         task: crate::task::Task::Generate,
@@ -802,7 +803,10 @@ async fn invalid_sampling_values_are_400s_naming_the_param() {
             json!({"prompt_logprobs": 1, "stream": true}),
             "prompt_logprobs",
         ),
-        (json!({"tools": [{"type": "function"}]}), "tools"),
+        (
+            json!({"tools": [{"type": "function"}]}),
+            "tools[0].function",
+        ),
         (
             json!({"response_format": {"type": "yaml"}}),
             "response_format",

@@ -64,7 +64,7 @@ pub async fn tokenize(
         (None, Some(messages)) => {
             let add_generation_prompt = request.add_generation_prompt.unwrap_or(true);
             state.limits.check_messages(messages.len())?;
-            let text = render(model, &messages, add_generation_prompt)?;
+            let text = render(model, &messages, None, add_generation_prompt)?;
             state.limits.check_prompt_bytes(&text, "messages")?;
             encode(model, text, request.add_special_tokens.unwrap_or(false)).await?
         }
