@@ -15,7 +15,7 @@ pub mod quantization;
 pub mod scheduler;
 pub mod serve;
 pub mod served_model;
-pub mod task;
 pub mod structured;
+pub mod task;
 pub mod tools;
 pub mod workers;

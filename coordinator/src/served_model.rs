@@ -6,8 +6,8 @@ use std::sync::Arc;
 use tpserve_modelfile::chat::ChatTemplate;
 
 use crate::adapters::{AdapterInfo, AdapterRegistry};
-use crate::task::Task;
 use crate::structured::GrammarCompiler;
+use crate::task::Task;
 use crate::tools::ToolConfig;
 
 /// The model behind the API.

@@ -303,3 +303,54 @@ async fn bad_tool_requests_are_400s_in_openai_shape() {
     );
     s.stop().await;
 }
+
+/// `tool_choice: "required"` and a named function constrain decoding to the call schema: the
+/// 135M model, asked about the weather with no hint of a call format, still answers with calls
+/// that parse, name a given tool and carry arguments valid under its parameters, streamed or not.
+#[tokio::test]
+async fn required_and_named_tool_choices_always_produce_calls_that_parse() {
+    let s = server(&[]).await;
+    let http = reqwest::Client::new();
+    let time_tool = json!({"type": "function", "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}},
+                       "required": ["zone"], "additionalProperties": false}}});
+    let tools = json!([weather_tool(), time_tool]);
+    let named = json!({"type": "function", "function": {"name": "get_time"}});
+    for (choice, parallel) in [
+        (json!("required"), true),
+        (json!("required"), false),
+        (named, true),
+    ] {
+        let body = json!({"model": "smollm2", "temperature": 0, "max_tokens": 64,
+            "messages": [{"role": "user", "content": "What is the weather like in Oslo today?"}],
+            "tools": tools, "tool_choice": choice, "parallel_tool_calls": parallel});
+        let answer = post_json(&http, s.url("/v1/chat/completions"), &body).await;
+        let message = &answer["choices"][0]["message"];
+        let calls = message["tool_calls"].as_array().unwrap_or_else(|| {
+            panic!("{choice}: no tool_calls in {answer}");
+        });
+        assert!(!calls.is_empty(), "{choice}: {answer}");
+        if !parallel {
+            assert_eq!(calls.len(), 1, "parallel_tool_calls false: {answer}");
+        }
+        for call in calls {
+            let name = call["function"]["name"].as_str().unwrap();
+            let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap())
+                .unwrap_or_else(|e| panic!("{choice}: arguments do not parse ({e}): {answer}"));
+            match name {
+                "get_weather" => assert!(args["city"].is_string(), "{answer}"),
+                "get_time" => assert!(["utc", "cet"].contains(&args["zone"].as_str().unwrap())),
+                other => panic!("{choice}: called {other}, not a given tool: {answer}"),
+            }
+            if choice.is_object() {
+                assert_eq!(name, "get_time", "the named function: {answer}");
+            }
+        }
+    }
+    // A forced call and a response_format both constrain the whole output: refused.
+    let body = json!({"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}],
+        "tools": tools, "tool_choice": "required", "response_format": {"type": "json_object"}});
+    let answer = post_json(&http, s.url("/v1/chat/completions"), &body).await;
+    assert_eq!(answer["error"]["param"], "tool_choice", "{answer}");
+}

@@ -86,7 +86,10 @@ pub async fn chat_completions(
     let tokenizer = state.model.tokenizer.clone();
     check_extras(&mut params, &request.sampling, &tokenizer, logprobs, None)?;
     params.grammar = compile_constraint(&state.model, &request.sampling).await?;
-    let forced = tools.as_ref().map(ToolRequest::required_call_schema).transpose()?;
+    let forced = tools
+        .as_ref()
+        .map(ToolRequest::required_call_schema)
+        .transpose()?;
     if let Some(schema) = forced.flatten() {
         if params.grammar.is_some() {
             return Err(ApiError::invalid(

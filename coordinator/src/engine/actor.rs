@@ -40,8 +40,8 @@ use crate::adapters::AdapterInfo;
 use crate::error::{EngineError, StructuredError};
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerConfig, SequenceSpec, StepPlan};
-use crate::task::PoolingType;
 use crate::structured::{Advance, Guide};
+use crate::task::PoolingType;
 use crate::workers::{GroupEvent, WorkerGroup};
 
 /// How the engine runs.

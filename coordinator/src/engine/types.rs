@@ -6,8 +6,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::adapters::AdapterInfo;
-use crate::task::PoolingType;
 use crate::structured::Grammar;
+use crate::task::PoolingType;
 
 pub use crate::scheduler::Share;
 
