@@ -20,14 +20,13 @@ use axum::Extension;
 use serde_json::{json, Map, Value};
 
 use super::error::{ApiError, ApiJson};
-use super::gateway::{place, Ask, Caller, Tokens};
+use super::gateway::{place_request, Ask, Caller, Tokens};
 use super::logprobs::TokenTexts;
 use super::protocol::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, ChatFinishReason, ChatMessageIn, ChatMessageOut,
     FunctionCallDelta, FunctionCallOut, ToolCallDelta, ToolCallOut, Usage,
 };
-use super::request_id::annotate;
 use super::sequences::{collect_all, submit_all};
 use super::sse::{json_event, stream_response, ChunkWriter, Delta, StreamUsage};
 use super::structured::{compile_constraint, compile_tool_call_schema};
@@ -58,12 +57,7 @@ pub async fn chat_completions(
         user: request.user.as_deref(),
         headers: &headers,
     };
-    let placement = place(&state.model, caller.as_deref(), ask)?;
-    annotate(
-        &placement.model,
-        None,
-        caller.as_deref().map(Caller::tenant),
-    );
+    let placement = place_request(&state.model, caller.as_deref(), ask)?;
     let tools = ToolRequest::parse(ToolFields {
         tools: request.tools.as_ref(),
         tool_choice: request.tool_choice.as_ref(),

@@ -16,10 +16,9 @@ use axum::Extension;
 use serde_json::Value;
 
 use super::error::{ApiError, ApiJson};
-use super::gateway::{place, Ask, Caller, Tokens};
+use super::gateway::{place_request, Ask, Caller, Tokens};
 use super::logprobs::{CompletionLogprobs, TokenTexts};
 use super::protocol::{CompletionChoice, CompletionRequest, CompletionResponse, Usage};
-use super::request_id::annotate;
 use super::sequences::{collect_all, submit_all};
 use super::sse::{json_event, stream_response, ChunkWriter, Delta, StreamUsage};
 use super::structured::compile_constraint;
@@ -74,12 +73,7 @@ pub async fn completions(
         user: request.user.as_deref(),
         headers: &headers,
     };
-    let placement = place(model, caller.as_deref(), ask)?;
-    annotate(
-        &placement.model,
-        None,
-        caller.as_deref().map(Caller::tenant),
-    );
+    let placement = place_request(model, caller.as_deref(), ask)?;
     refuse_unsupported(&request)?;
     let max_tokens = MaxTokens {
         value: request.sampling.max_tokens,

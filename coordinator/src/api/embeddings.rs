@@ -20,11 +20,10 @@ use futures::StreamExt;
 
 use super::completions::{parse_prompts, PromptInput};
 use super::error::{ApiError, ApiJson};
-use super::gateway::{place, Ask, Caller, Tokens};
+use super::gateway::{place_request, Ask, Caller, Tokens};
 use super::protocol::{
     EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, EmbeddingVector,
 };
-use super::request_id::annotate;
 use super::sequences::{submit_all, Sequence};
 use super::tokenize::encode;
 use super::validate::check_token_ids;
@@ -56,12 +55,7 @@ pub async fn embeddings(
         user: request.user.as_deref(),
         headers: &headers,
     };
-    let placement = place(model, caller.as_deref(), ask)?;
-    annotate(
-        &placement.model,
-        None,
-        caller.as_deref().map(Caller::tenant),
-    );
+    let placement = place_request(model, caller.as_deref(), ask)?;
     let dimensions = check_dimensions(
         request.dimensions,
         pooler,

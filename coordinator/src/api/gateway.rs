@@ -287,9 +287,25 @@ pub struct Placement {
     pub adapter: Option<Arc<AdapterInfo>>,
 }
 
+/// [`place`], then records the placement on the request's span (model, adapter, tenant): what
+/// every handler does first.
+pub fn place_request(
+    served: &ServedModel,
+    caller: Option<&Caller>,
+    ask: Ask<'_>,
+) -> Result<Placement, ApiError> {
+    let placement = place(served, caller, ask)?;
+    super::request_id::annotate(
+        &placement.model,
+        placement.adapter.as_deref().map(|a| a.name.as_str()),
+        caller.map(Caller::tenant),
+    );
+    Ok(placement)
+}
+
 /// Routes a request: without a gateway, checks that `model` is served; with one, applies the
 /// tenant's routing rules and caps (see `gateway::routing`).
-pub fn place(
+fn place(
     served: &ServedModel,
     caller: Option<&Caller>,
     ask: Ask<'_>,

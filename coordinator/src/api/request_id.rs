@@ -95,7 +95,7 @@ fn continue_client_trace(span: &tracing::Span, headers: &axum::http::HeaderMap, 
 }
 
 /// What a request's span records once the handler knows it: the model it ran on, the adapter
-/// (none until adapters exist) and the gateway's tenant.
+/// and the gateway's tenant.
 pub fn annotate(model: &str, adapter: Option<&str>, tenant: Option<&str>) {
     if !tpserve_term::telemetry::enabled() {
         return;

@@ -107,6 +107,15 @@ fn loaded_model<'a>(
     })
 }
 
+/// The KV cache a step runs on, or the lifecycle error of stepping before InitCache. A free
+/// function over the field, so callers can borrow the model beside it.
+fn step_cache(cache: Option<&GpuKvCache>) -> Result<&GpuKvCache> {
+    cache.ok_or(WorkerError::Lifecycle {
+        operation: "Step",
+        needs: "InitCache",
+    })
+}
+
 /// One GPU's side of a worker.
 pub struct CudaBackend {
     gpu: Gpu,
@@ -140,12 +149,7 @@ impl CudaBackend {
     fn forward(&mut self, batch: &Batch, sampling: &[SampleSpec]) -> Result<ForwardOutput> {
         let gpu = &self.gpu;
         let loaded = loaded_model(&mut self.loaded, "Step")?;
-        let Some(cache) = loaded.cache.as_ref() else {
-            return Err(WorkerError::Lifecycle {
-                operation: "Step",
-                needs: "InitCache",
-            });
-        };
+        let cache = step_cache(loaded.cache.as_ref())?;
         let plan_err = |detail: String| WorkerError::Plan { detail };
         let n = batch.num_tokens();
         let d = *loaded.model.dims();
@@ -187,12 +191,7 @@ impl CudaBackend {
     ) -> Result<T> {
         let gpu = &self.gpu;
         let loaded = loaded_model(&mut self.loaded, "Step")?;
-        let Some(cache) = loaded.cache.as_ref() else {
-            return Err(WorkerError::Lifecycle {
-                operation: "Step",
-                needs: "InitCache",
-            });
-        };
+        let cache = step_cache(loaded.cache.as_ref())?;
         let plan_err = |detail: String| WorkerError::Plan { detail };
         let n = batch.num_tokens();
         let d = *loaded.model.dims();
