@@ -1,8 +1,8 @@
 //! LoRA on CUDA: `--max-loras` adapter slots stacked per layer and fused product (q|k|v, o,
 //! gate|up, down) in GPU memory, and the batched delta `y += (x A^T) (scale B)^T` of a step's
 //! rows, each with its own slot, as one shrink and one expand kernel per product (lora.cu) over
-//! LoRA tiles: up to [`TILE_ROWS`] rows of one adapter wherever they are in the batch (a prefill
-//! chunk's rows, or the decode rows of the requests that use it), so each tile reads its
+//! LoRA tiles: up to [`LORA_TILE_ROWS`] rows of one adapter wherever they are in the batch (a
+//! prefill chunk's rows, or the decode rows of the requests that use it), so each tile reads its
 //! adapter's weights once (S-LoRA's SGMV and Punica's BGMV in one form). The shrink splits the
 //! input dimension into `LORA_SPLIT_LEN` ranges computed side by side (decode steps have few
 //! tiles), the expand sums the ranges in order.
@@ -25,9 +25,6 @@ use crate::batch::Batch;
 use crate::error::{Result, WorkerError};
 use crate::lora::shard::AdapterShard;
 use tpserve_modelfile::Projection;
-
-/// Rows of one LoRA tile.
-pub const TILE_ROWS: usize = LORA_TILE_ROWS;
 
 /// One LoRA tile as lora.cu reads it: `{slot, rows, row_0, .., row_7, 0 ..}`.
 pub type LoraTile = [i32; 16];
@@ -158,9 +155,9 @@ impl LoraSlots {
     }
 
     /// The most LoRA tiles a step of `rows` rows can have: each adapter's rows cut into tiles
-    /// of [`TILE_ROWS`], at most one partial tile per slot.
+    /// of [`LORA_TILE_ROWS`], at most one partial tile per slot.
     pub fn max_tiles(&self, rows: usize) -> usize {
-        rows.min(rows.div_ceil(TILE_ROWS) + self.slots)
+        rows.min(rows.div_ceil(LORA_TILE_ROWS) + self.slots)
     }
 
     /// f32 columns of the shrink's scratch per row: the widest product's `G * R`, once per
@@ -263,30 +260,23 @@ impl LoraSlots {
 }
 
 /// The LoRA tiles of `batch`: each adapter's rows (in batch order, adapters in order of first
-/// use) cut into tiles of at most [`TILE_ROWS`]; rows of the base model are in none.
+/// use) cut into tiles of at most [`LORA_TILE_ROWS`]; rows of the base model are in none.
 pub fn lora_tiles(batch: &Batch) -> Vec<LoraTile> {
     let mut tiles: Vec<LoraTile> = Vec::new();
-    // Per adapter slot: the index of its tile being filled.
-    let mut open: Vec<(usize, usize)> = Vec::new();
     for seq in &batch.seqs {
         let Some(slot) = seq.lora_slot else {
             continue;
         };
+        let slot = slot as i32;
         for row in seq.rows.clone() {
-            let filling = open
-                .iter_mut()
-                .find(|(s, _)| *s == slot)
-                .filter(|(_, t)| (tiles[*t][1] as usize) < TILE_ROWS);
-            let index = match filling {
-                Some((_, t)) => *t,
-                None => {
+            // The adapter's latest tile, while it has room; else a new one.
+            let index = match tiles.iter().rposition(|t| t[0] == slot) {
+                Some(i) if (tiles[i][1] as usize) < LORA_TILE_ROWS => i,
+                _ => {
                     let mut tile = [0i32; 16];
-                    tile[0] = slot as i32;
+                    tile[0] = slot;
                     tiles.push(tile);
-                    let t = tiles.len() - 1;
-                    open.retain(|(s, _)| *s != slot);
-                    open.push((slot, t));
-                    t
+                    tiles.len() - 1
                 }
             };
             let tile = &mut tiles[index];

@@ -254,8 +254,9 @@ impl CudaBackend {
     /// A step with logit processors, log probabilities or structured outputs' token masks
     /// (issue 13): rank 0 copies the sample rows' logits to the host, where the processors, the
     /// masks, the draw and the log probabilities run as on the CPU backend (`sampler`), and
-    /// broadcasts the tokens into the step's token buffer. Steps without extras never come here, so their speed (graphs included) is
-    /// unchanged; with extras, the rows' logits cross PCIe once (vocab x 2 bytes per row).
+    /// broadcasts the tokens into the step's token buffer. Steps without extras never come here,
+    /// so their speed (graphs included) is unchanged; with extras, the rows' logits cross PCIe
+    /// once (vocab x 2 bytes per row).
     fn step_with_extras(
         &mut self,
         batch: &Batch,
