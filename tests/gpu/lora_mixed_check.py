@@ -67,7 +67,8 @@ def main() -> int:
     problems = []
 
     def body(i: int) -> dict:
-        b = {"model": MODELS[i % len(MODELS)], "prompt": f"Request {i // 4}: " + "go on " * (1 + 5 * i % 23),
+        prompt = f"Request {i // 4}: " + "go on " * (1 + 5 * i % 23)
+        b = {"model": MODELS[i % len(MODELS)], "prompt": prompt,
              "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True, "logprobs": 1}
         if i % 2:
             b["prompt_logprobs"] = 1
