@@ -235,6 +235,7 @@ pub async fn launch(
         async_scheduling: args.async_scheduling(),
         stall_timeout: std::time::Duration::from_secs_f64(args.engine_stall_timeout),
         embed: task.pooler().is_some(),
+        max_cpu_loras: lora.cpu_loras(),
     };
     if let Err(e) = engine_config.scheduler.validate() {
         supervisor.stop().await;

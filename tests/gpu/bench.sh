@@ -38,6 +38,7 @@
 #   NAME      base name of the JSON (default: h200 on an H200, else the GPU name's last word)
 #   PYTHON    interpreter with `tokenizers` (default python3)
 #   QUICK=1   fewer prompts per run (a smoke test of the script, not figures to report)
+#   LORA_ONLY=1  only the LoRA sections (their JSON under OUT/tp1; no report)
 # Exit status: 0 when every step produced its figures.
 set -euo pipefail
 
@@ -153,12 +154,66 @@ workloads() {
   done
 }
 
+# The LoRA sections: throughput over 8 adapters against the base in one server, then 1,000
+# registered adapters cycling through 16 slots (lora_cycle.py).
+lora_sections() {
+  echo "== LoRA: 64 streams, base model, then over 8 rank-16 adapters (all seven projections)"
+  "$PYTHON" "$HERE/make_lora_adapters.py" "$MODEL" "$WORK/lora" --bench 8 --rank 16 >/dev/null
+  local modules=() i
+  for i in 0 1 2 3 4 5 6 7; do modules+=("l$i=$WORK/lora/l$i"); done
+  LORA_ARGS=(--enable-lora --max-loras 8 --max-lora-rank 16 --lora-modules "${modules[@]}")
+  start_server 1 "$WORK/tp1-lora"
+  LORA_ARGS=()
+  # Each adapter's first request waits for its preload (disk to host memory, beside the steps)
+  # and its copy into a GPU slot (on the step thread): timed here, apart from the throughput
+  # runs.
+  "$PYTHON" - "$PORT" "$WORK/tp1/lora_first_load.json" <<'PY'
+import json, sys, time, urllib.request
+port, out = sys.argv[1], sys.argv[2]
+seconds = {}
+for i in range(8):
+    body = json.dumps({"model": f"l{i}", "prompt": "warm up", "max_tokens": 1}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                 {"Content-Type": "application/json"})
+    t = time.time()
+    urllib.request.urlopen(req, timeout=300).read()
+    seconds[f"l{i}"] = time.time() - t
+json.dump(seconds, open(out, "w"))
+print("LoRA first request per adapter (s): " + ", ".join(f"{v:.2f}" for v in seconds.values()))
+PY
+  client "$WORK/tp1-lora" base_c64_128_256 --num-prompts "$(prompts 128)" --random-input-len 128 \
+    --random-output-len 256 --max-concurrency 64 --seed 300
+  client "$WORK/tp1-lora" lora8_c64_128_256 --num-prompts "$(prompts 128)" --random-input-len 128 \
+    --random-output-len 256 --max-concurrency 64 --seed 301 \
+    --lora-modules l0 l1 l2 l3 l4 l5 l6 l7
+  stop_server
+  grep -h "LoRA slots\|CUDA graphs captured" "$WORK/tp1-lora/server.log" | sed 's/\x1b\[[0-9;]*m//g' || true
+  cp "$WORK/tp1-lora/serve_base_c64_128_256.json" "$WORK/tp1-lora/serve_lora8_c64_128_256.json" \
+    "$WORK/tp1/" 2>/dev/null || true
+  echo "== LoRA: 1,000 registered adapters (16 distinct rank-8 q/v files) through 16 GPU slots"
+  "$PYTHON" "$HERE/make_lora_adapters.py" "$MODEL" "$WORK/lora-cycle" --bench 16 --rank 8 \
+    --targets q_proj,v_proj --seed 20 >/dev/null
+  modules=()
+  for i in $(seq 0 999); do modules+=("c$i=$WORK/lora-cycle/l$((i % 16))"); done
+  LORA_ARGS=(--enable-lora --max-loras 16 --max-lora-rank 8 --max-cpu-loras 64
+    --lora-modules "${modules[@]}")
+  start_server 1 "$WORK/tp1-lora-cycle"
+  LORA_ARGS=()
+  "$PYTHON" "$HERE/lora_cycle.py" "$PORT" "$WORK/tp1/lora_cycle.json" --count 1000 \
+    --requests "$(prompts 2000)" --concurrency 64 || echo "bench: lora_cycle had failures" >&2
+  stop_server
+}
+
 main() {
   rm -rf "$WORK"
   mkdir -p "$WORK/tp1"
   echo "== $GPU_NAME x $NGPU, commit $BENCH_COMMIT, $BENCH_DATE"
   "$PYTHON" "$HERE/make_bench_model.py" "$MODEL"
 
+  if [ "${LORA_ONLY:-0}" = 1 ]; then
+    lora_sections
+    return
+  fi
   echo "== in-process: bench_device (floors, decode eager and with graphs, prefill, phases)"
   if ! timeout -k 10 600 "$BIN_DIR/examples/bench_device" --config "$MODEL/config.json" \
     --dtype bfloat16 --json "$WORK/tp1/bench_device.json" 2>&1 | tee "$WORK/bench_device.txt"; then
@@ -187,38 +242,7 @@ main() {
   workloads "$WORK/tp1" 1
   stop_server
 
-  echo "== LoRA: 64 streams, base model, then over 8 rank-16 adapters (all seven projections)"
-  "$PYTHON" "$HERE/make_lora_adapters.py" "$MODEL" "$WORK/lora" --bench 8 --rank 16 >/dev/null
-  local modules=() i
-  for i in 0 1 2 3 4 5 6 7; do modules+=("l$i=$WORK/lora/l$i"); done
-  LORA_ARGS=(--enable-lora --max-loras 8 --max-lora-rank 16 --lora-modules "${modules[@]}")
-  start_server 1 "$WORK/tp1-lora"
-  LORA_ARGS=()
-  # Each adapter's first request reads it from disk (f32 safetensors), cuts it and copies it
-  # into a GPU slot on the worker's step thread: timed here, apart from the throughput runs.
-  "$PYTHON" - "$PORT" "$WORK/tp1/lora_first_load.json" <<'PY'
-import json, sys, time, urllib.request
-port, out = sys.argv[1], sys.argv[2]
-seconds = {}
-for i in range(8):
-    body = json.dumps({"model": f"l{i}", "prompt": "warm up", "max_tokens": 1}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
-                                 {"Content-Type": "application/json"})
-    t = time.time()
-    urllib.request.urlopen(req, timeout=300).read()
-    seconds[f"l{i}"] = time.time() - t
-json.dump(seconds, open(out, "w"))
-print("LoRA first request per adapter (s): " + ", ".join(f"{v:.2f}" for v in seconds.values()))
-PY
-  client "$WORK/tp1-lora" base_c64_128_256 --num-prompts "$(prompts 128)" --random-input-len 128 \
-    --random-output-len 256 --max-concurrency 64 --seed 300
-  client "$WORK/tp1-lora" lora8_c64_128_256 --num-prompts "$(prompts 128)" --random-input-len 128 \
-    --random-output-len 256 --max-concurrency 64 --seed 301 \
-    --lora-modules l0 l1 l2 l3 l4 l5 l6 l7
-  stop_server
-  grep -h "LoRA slots\|CUDA graphs captured" "$WORK/tp1-lora/server.log" | sed 's/\x1b\[[0-9;]*m//g' || true
-  cp "$WORK/tp1-lora/serve_base_c64_128_256.json" "$WORK/tp1-lora/serve_lora8_c64_128_256.json" \
-    "$WORK/tp1/" 2>/dev/null || true
+  lora_sections
   local tp2_args=()
   if [ "$NGPU" -ge 2 ]; then
     echo "== TP=2 over HTTP"
@@ -259,5 +283,10 @@ if [ -n "$OUT" ]; then
   done
   tail -c 200000 "$WORK/tp1/server.log" >"$OUT/server_tp1.log" 2>/dev/null || true
   tail -c 200000 "$WORK/tp2/server.log" >"$OUT/server_tp2.log" 2>/dev/null || true
+  mkdir -p "$OUT/tp1"
+  cp "$WORK"/tp1/*.json "$OUT/tp1/" 2>/dev/null || true
+  for d in tp1-lora tp1-lora-cycle; do
+    tail -c 200000 "$WORK/$d/server.log" >"$OUT/server_$d.log" 2>/dev/null || true
+  done
 fi
 exit "$status"

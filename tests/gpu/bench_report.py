@@ -15,7 +15,11 @@ serve --result-json`, vLLM's keys) and WORK/cold_start.json, and writes OUT_JSON
   cold_start_s              {"first": .., "warm": ..}: process start to /health 200
   lora_over_base            output tok/s over 8 LoRA adapters (rank 16, all seven projections)
                             over the base model's, 128 in / 256 out at concurrency 64, same server
-  lora_first_load_s         seconds of each adapter's first request (read, cut, copied to a slot)
+  lora_first_load_s         seconds of each adapter's first request (preloaded from disk beside the
+                            steps, then copied to a slot)
+  lora_cycle                1,000 registered adapters through 16 slots (lora_cycle.py): requests
+                            completed and failed, preloads, step-thread disk reads, slot loads and
+                            their mean seconds
 plus the raw figures (tok/s, TTFT, TPOT, ITL, floors, GPU, date, commit) and the decode-heavy
 runs (128 in / 512 out at concurrency 1, 16, 64, 256).
 
@@ -180,6 +184,16 @@ def main() -> int:
                      f"{lora['output_throughput']:.0f} vs {base['output_throughput']:.0f} out tok/s "
                      f"(8 adapters r16 vs base, c=64); TPOT p50 {lora['median_tpot_ms']:.2f} vs "
                      f"{base['median_tpot_ms']:.2f} ms"))
+    cycle_path = os.path.join(w, "lora_cycle.json")
+    if os.path.exists(cycle_path):
+        cycle = load(cycle_path)
+        result["lora_cycle"] = cycle
+        rows.append(("lora_cycle", f"{cycle['completed']}/{cycle['requests']} completed",
+                     f"{cycle['adapters']} adapters, 16 slots: {cycle['preloads']:.0f} preloads "
+                     f"({cycle['preload_s_mean'] * 1e3:.0f} ms mean), "
+                     f"{cycle['disk_loads']:.0f} step-thread reads, {cycle['slot_loads']:.0f} "
+                     f"slot loads ({cycle['slot_load_s_mean'] * 1e3:.1f} ms mean), "
+                     f"{cycle['failed']} failed"))
     cold_path = os.path.join(w, "cold_start.json")
     if os.path.exists(cold_path):
         cold = load(cold_path)

@@ -14,9 +14,11 @@ Why: issue 10's GPU evidence: tpserve's LoRA kernels against Hugging Face PEFT o
 adapters (hf_reference.py --lora), each adapter alone and mixed in one batch.
 
 With --bench N, writes N adapters l0..l{N-1} instead, each of rank --rank (default 16) on all
-seven projections ("all-linear"): the LoRA benchmark's (tests/gpu/bench.sh) on the 8B shape.
+seven projections ("all-linear", or the comma-separated --targets): the LoRA benchmark's
+(tests/gpu/bench.sh) on the 8B shape.
 
-How: python3 make_lora_adapters.py CKPT_DIR OUTDIR [--seed 10] [--bench N [--rank R]]
+How: python3 make_lora_adapters.py CKPT_DIR OUTDIR [--seed 10] [--bench N [--rank R]
+     [--targets q_proj,v_proj]]
 """
 
 import argparse
@@ -53,11 +55,14 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=10)
     ap.add_argument("--bench", type=int, default=0, help="write this many l<i> adapters instead")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--targets", default="all-linear",
+                    help="with --bench: comma-separated projections, or all-linear")
     args = ap.parse_args()
     adapters = ADAPTERS
     if args.bench:
+        targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
         adapters = {f"l{i}": {"r": args.rank, "lora_alpha": 2 * args.rank, "use_rslora": False,
-                              "target_modules": "all-linear"} for i in range(args.bench)}
+                              "target_modules": targets} for i in range(args.bench)}
     with open(os.path.join(args.ckpt, "config.json")) as f:
         cfg = json.load(f)
     dims = shapes(cfg)

@@ -40,6 +40,8 @@
 #   PYTHON         interpreter with torch + transformers (default python3)
 #   STEP_TIMEOUT   seconds per step (default 300); BENCH_TIMEOUT for the benchmark (default 600)
 #   SKIP_BENCH=1   leaves the 8B benchmark out (when tests/gpu/bench.sh runs in the same session)
+#   ONLY="lora serve:1"  only these steps (step_NAME, arguments after colons; after the
+#                  environment and the checkpoint)
 #   REF_DEVICE     torch device of the checkpoint and the reference (default cuda; cpu only to
 #                  test this script on a machine without a GPU, with stub binaries)
 # Exit status: 0 when no row is FAIL, 1 otherwise.
@@ -535,6 +537,17 @@ main() {
   : >"$TSV"
   step_env
   step_checkpoint
+  if [ -n "${ONLY:-}" ]; then
+    local only args
+    for only in $ONLY; do
+      args=()
+      [[ $only == *:* ]] && IFS=: read -r -a args <<<"${only#*:}"
+      "step_${only%%:*}" "${args[@]}"
+    done
+    print_table
+    ! grep -q $'\tFAIL\t' "$TSV"
+    return
+  fi
   step_reference
   ours_logits tp1-bf16 1 bfloat16
   check_logits tp1-bf16 bfloat16

@@ -58,8 +58,10 @@ def main() -> int:
             # The log may be coloured: drop ANSI escapes before matching.
             plain = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in f]
         engine = [line.strip() for line in plain if "engine ready" in line]
-        # "engine ready in 1.8 s: cuda (NVIDIA H200 (cuda:0)), tensor-parallel size 1, ..."
-        on_cuda = any(re.search(r"engine ready in [^:]*: cuda \(", line) for line in engine)
+        # "engine ready in 1.8 s: task generate, cuda (NVIDIA H200 (cuda:0)), tensor-parallel
+        # size 1, ..." (the task is there since --task; older builds start with the device)
+        on_cuda = any(re.search(r"engine ready in [^:]*: (task \w+, )?cuda \(", line)
+                      for line in engine)
         if args.device in ("auto", "cuda") and not on_cuda:
             print(f"serve_check: the engine did not come up on CUDA: {engine}", file=sys.stderr)
             return 1

@@ -466,6 +466,12 @@ async fn adapters_match_their_merged_checkpoints_alone_mixed_and_over_three_rank
     }
     let requests = metric(&http, &server, "tpserve:lora_requests_total").await;
     assert!(requests >= 6.0, "per-adapter requests counted: {requests}");
+    // Every adapter was read beside the steps before its first request ran (the host cache
+    // holds all three): no step read one from disk.
+    let preloads = metric(&http, &server, "tpserve:lora_preloads_total").await;
+    assert_eq!(preloads, 3.0, "one preload per adapter");
+    let stalls = metric(&http, &server, "tpserve:lora_disk_loads_total").await;
+    assert_eq!(stalls, 0.0, "adapters read on the step thread");
     server.stop().await;
 
     // Each adapter against its merged checkpoint, served as a plain model.

@@ -13,6 +13,7 @@
 //! block tables on the device and sends only the blocks each step appends.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tpserve_modelfile::LlamaConfig;
@@ -21,7 +22,7 @@ use tpserve_proto as pb;
 use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo};
 use crate::batch::{Batch, SeqSlice};
 use crate::error::{Result, WorkerError};
-use crate::lora::{Adapters, LoraLimits, PlaceCounts};
+use crate::lora::{Adapters, HostCache, LoraLimits, PlaceCounts};
 use crate::pooling::{check_start, PoolKind, PoolState};
 use crate::sampler::logprobs::MAX_TOP_LOGPROBS;
 use crate::sampler::processors::History;
@@ -184,11 +185,11 @@ impl Runner {
             max_rank: req.max_lora_rank as usize,
             max_cpu_loras: (req.max_cpu_loras.max(req.max_loras)) as usize,
         };
-        self.adapters.reset(LoraLimits::default());
+        self.adapters.reset(LoraLimits::default(), None);
         let response = self.backend.load_model(req)?;
         self.vocab_size = response.vocab_size as usize;
         self.config = self.backend.model_config().cloned();
-        self.adapters.reset(limits);
+        self.adapters.reset(limits, self.config.as_ref());
         Ok(response)
     }
 
@@ -386,6 +387,16 @@ impl Runner {
             }
         }
         Ok(out)
+    }
+
+    /// The LoRA host cache, which the service's `PreloadLora` fills beside the steps.
+    pub fn lora_host_cache(&self) -> Arc<Mutex<HostCache>> {
+        self.adapters.host_cache()
+    }
+
+    /// Adapters dropped from the host cache since the last call (every rank reports them).
+    pub fn take_lora_dropped(&mut self) -> Vec<u32> {
+        self.adapters.take_dropped()
     }
 
     /// Executes one plan; rank 0 returns the sampled tokens (and the log probabilities asked

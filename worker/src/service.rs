@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
@@ -16,6 +16,7 @@ use tpserve_term::human;
 
 use crate::backend::{create_backend, DeviceChoice, DeviceInfo};
 use crate::error::WorkerError;
+use crate::lora::HostCache;
 use crate::runner::Runner;
 
 type Job = Box<dyn FnOnce(&mut Runner) + Send>;
@@ -26,6 +27,8 @@ pub struct WorkerService {
     jobs: mpsc::UnboundedSender<Job>,
     ready: Arc<AtomicBool>,
     device: DeviceInfo,
+    /// The runner's LoRA host cache, which `PreloadLora` fills off the runner thread.
+    lora_host: Arc<Mutex<HostCache>>,
 }
 
 fn status(e: WorkerError) -> Status {
@@ -74,28 +77,28 @@ impl WorkerService {
                     create_backend(device, host, threads, rank_hint).map_err(|e| e.to_string())
                 });
                 let backend = match backend {
-                    Ok(b) => {
-                        let _ = built_tx.send(Ok(b.info()));
-                        b
-                    }
+                    Ok(b) => b,
                     Err(e) => {
                         let _ = built_tx.send(Err(e));
                         return;
                     }
                 };
+                let info = backend.info();
                 let mut runner = Runner::new(backend);
+                let _ = built_tx.send(Ok((info, runner.lora_host_cache())));
                 while let Some(job) = rx.blocking_recv() {
                     job(&mut runner);
                 }
             })
             .map_err(|e| format!("spawning the runner thread: {e}"))?;
-        let device = built_rx
+        let (device, lora_host) = built_rx
             .recv()
             .map_err(|_| "the runner thread died at start".to_string())??;
         Ok(Self {
             jobs,
             ready: Arc::new(AtomicBool::new(false)),
             device,
+            lora_host,
         })
     }
 
@@ -260,6 +263,27 @@ impl Worker for WorkerService {
         Ok(Response::new(pb::HealthResponse { ready, detail }))
     }
 
+    async fn preload_lora(
+        &self,
+        req: Request<pb::LoraAdapter>,
+    ) -> Result<Response<pb::PreloadLoraResponse>, Status> {
+        let a = req.into_inner();
+        if a.adapter_id == 0 {
+            return Err(Status::invalid_argument(format!(
+                "adapter {:?} has id 0",
+                a.name
+            )));
+        }
+        let cache = self.lora_host.clone();
+        let path = std::path::PathBuf::from(&a.path);
+        let seconds =
+            tokio::task::spawn_blocking(move || crate::lora::preload(&cache, a.adapter_id, &path))
+                .await
+                .map_err(|e| Status::internal(format!("the LoRA preload panicked: {e}")))?
+                .map_err(status)?;
+        Ok(Response::new(pb::PreloadLoraResponse { seconds }))
+    }
+
     type StepStream = StepStream;
 
     async fn step(
@@ -285,7 +309,9 @@ impl Worker for WorkerService {
                 let step_id = plan.step_id;
                 let job = this.submit(move |r| {
                     let started = Instant::now();
-                    r.step(&plan).map(|outcome| (outcome, started.elapsed()))
+                    let outcome = r.step(&plan);
+                    let dropped = r.take_lora_dropped();
+                    outcome.map(|o| (o, dropped, started.elapsed()))
                 });
                 if queued_tx.send((step_id, job)).await.is_err() {
                     return;
@@ -299,7 +325,7 @@ impl Worker for WorkerService {
                     Err(s) => Err(s),
                 };
                 let result = match outcome {
-                    Ok((outcome, compute)) => pb::StepResult {
+                    Ok((outcome, dropped, compute)) => pb::StepResult {
                         step_id,
                         tokens: outcome.tokens,
                         error: String::new(),
@@ -308,6 +334,8 @@ impl Worker for WorkerService {
                         lora_slot_loads: outcome.lora.slot_loads,
                         lora_slot_evictions: outcome.lora.slot_evictions,
                         lora_disk_loads: outcome.lora.disk_loads,
+                        lora_host_dropped: dropped,
+                        lora_slot_load_seconds: outcome.lora.slot_load_seconds,
                         pooled: outcome.pooled,
                     },
                     Err(s) => pb::StepResult {

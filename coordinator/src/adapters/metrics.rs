@@ -36,6 +36,10 @@ pub struct LoraMetrics {
     slot_loads: AtomicU64,
     slot_evictions: AtomicU64,
     disk_loads: AtomicU64,
+    preloads: AtomicU64,
+    /// Microseconds, summed.
+    preload_micros: AtomicU64,
+    slot_load_micros: AtomicU64,
     /// The adapters served (their load and unload counts).
     registry: OnceLock<Arc<AdapterRegistry>>,
 }
@@ -75,8 +79,19 @@ impl LoraMetrics {
             .generation_tokens += 1;
     }
 
-    /// What a step's adapter placement did on the workers.
-    pub fn count_slots(&self, loads: u32, evictions: u32, disk_loads: u32) {
+    /// An adapter was read into every worker's host cache beside the steps, the slowest rank
+    /// taking `seconds`.
+    pub fn count_preload(&self, seconds: f64) {
+        self.preloads.fetch_add(1, Ordering::Relaxed);
+        self.preload_micros
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// What a step's adapter placement did on the workers (rank 0's counts, and the seconds
+    /// its slot copies took).
+    pub fn count_slots(&self, loads: u32, evictions: u32, disk_loads: u32, seconds: f64) {
+        self.slot_load_micros
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
         self.slot_loads
             .fetch_add(u64::from(loads), Ordering::Relaxed);
         self.slot_evictions
@@ -172,13 +187,39 @@ impl LoraMetrics {
             ),
             (
                 "tpserve:lora_disk_loads",
-                "Adapters read from disk into a worker's host cache (rank 0's count).",
+                "Adapters read from disk on a worker's step thread, stalling its steps (not \
+                 preloaded, or dropped from its host cache since; rank 0's count).",
                 load(&self.disk_loads),
+            ),
+            (
+                "tpserve:lora_preloads",
+                "Adapters read into every worker's host cache beside the steps, before their \
+                 first request ran.",
+                load(&self.preloads),
             ),
         ] {
             let _ = writeln!(
                 out,
                 "# HELP {name}_total {help}\n# TYPE {name}_total counter\n{name}_total{{model_name=\"{model}\"}} {v}"
+            );
+        }
+        for (name, help, micros) in [
+            (
+                "tpserve:lora_preload_seconds",
+                "Seconds the preloads took (disk to host memory; the slowest rank of each).",
+                load(&self.preload_micros),
+            ),
+            (
+                "tpserve:lora_slot_load_seconds",
+                "Seconds rank 0 spent copying adapters into slots (host memory to the device), \
+                 on its step thread.",
+                load(&self.slot_load_micros),
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name}_total {help}\n# TYPE {name}_total counter\n{name}_total{{model_name=\"{model}\"}} {:.6}",
+                micros as f64 / 1e6
             );
         }
     }

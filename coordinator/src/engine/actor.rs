@@ -33,6 +33,7 @@ use tpserve_proto as pb;
 
 use super::handle::{EngineCommand, EngineHandle};
 use super::liveness::{Liveness, BEAT_INTERVAL};
+use super::lora_preload::{LoraPreloads, Preloaded};
 use super::output::OutputState;
 use super::trace::{engine_step, SequenceTrace};
 use super::types::{FinishReason, GenerateEvent, Sampling, SamplingExtras, TokenLogprobs};
@@ -62,6 +63,11 @@ pub struct EngineConfig {
     /// The server embeds (`--task embed`): every request must pool, and none may on a
     /// generate server (the workers run a step's requests all one way).
     pub embed: bool,
+    /// Adapters each worker keeps in host memory (`--max-cpu-loras`): the preloads in flight
+    /// plus the preloaded adapters whose requests wait in the queue stay below it, less
+    /// `max_loras` (the running adapters' share), so a preload never drops an adapter whose
+    /// requests are about to run.
+    pub max_cpu_loras: usize,
 }
 
 /// Live figures the engine publishes after every step.
@@ -132,6 +138,8 @@ struct Engine {
     metrics: Arc<Metrics>,
     /// The loop's heartbeat, read by `/live`.
     liveness: Liveness,
+    /// Requests parked until their LoRA adapter is in the workers' host caches.
+    lora: LoraPreloads,
 }
 
 /// How the engine hears about its worker group: the group it starts with, the supervisor's
@@ -160,7 +168,6 @@ pub fn start_engine(
     });
     let engine = Engine {
         scheduler: Scheduler::new(config.scheduler.clone()),
-        config,
         group: Some(link.group),
         in_flight: VecDeque::with_capacity(2),
         group_events: link.events,
@@ -173,6 +180,13 @@ pub fn start_engine(
         draining: false,
         metrics,
         liveness: liveness.clone(),
+        lora: LoraPreloads::new(
+            config
+                .max_cpu_loras
+                .saturating_sub(config.scheduler.max_loras)
+                .max(1),
+        ),
+        config,
     };
     tokio::spawn(engine.run());
     (EngineHandle::new(tx, liveness), status_rx)
@@ -327,6 +341,10 @@ impl Engine {
             while let Ok(e) = self.group_events.try_recv() {
                 self.on_group_event(e);
             }
+            while let Some(done) = self.lora.try_next() {
+                self.on_preloaded(done);
+            }
+            self.start_preloads();
             while self.in_flight.len() < depth && self.send_next().await {}
             if !self.in_flight.is_empty() {
                 self.receive_oldest().await;
@@ -343,6 +361,7 @@ impl Engine {
                     Some(e) => self.on_group_event(e),
                     None => supervised = false,
                 },
+                done = self.lora.next() => self.on_preloaded(done),
                 // Idle is alive: beat at the top of the loop.
                 _ = tokio::time::sleep(BEAT_INTERVAL) => {}
             }
@@ -353,6 +372,7 @@ impl Engine {
         match event {
             GroupEvent::Lost { detail } => self.lose_group(detail),
             GroupEvent::Ready(group, ready) => {
+                self.lora.forget_group();
                 self.group = Some(group);
                 self.config.scheduler.num_blocks = ready.num_blocks as usize;
                 self.scheduler = Scheduler::new(self.config.scheduler.clone());
@@ -367,8 +387,9 @@ impl Engine {
         let stats = self.scheduler.stats();
         m.num_requests_running
             .store(self.scheduler.num_running() as u64, Ordering::Relaxed);
+        let waiting = self.scheduler.num_waiting() + self.lora.num_parked();
         m.num_requests_waiting
-            .store(self.scheduler.num_waiting() as u64, Ordering::Relaxed);
+            .store(waiting as u64, Ordering::Relaxed);
         m.set_kv_cache_usage(self.scheduler.kv_cache_usage());
         m.prefix_cache_queries
             .store(stats.prefix_cache_queries, Ordering::Relaxed);
@@ -398,7 +419,7 @@ impl Engine {
             healthy: self.failure.is_none(),
             detail: self.failure.clone().unwrap_or_default(),
             running: self.scheduler.num_running(),
-            waiting: self.scheduler.num_waiting(),
+            waiting,
             kv_cache_usage: self.scheduler.kv_cache_usage(),
         });
     }
@@ -424,7 +445,7 @@ impl Engine {
                     }));
                     return;
                 }
-                let waiting = self.scheduler.num_waiting();
+                let waiting = self.scheduler.num_waiting() + self.lora.num_parked();
                 if waiting >= self.config.max_waiting_requests {
                     let _ = accepted.send(Err(EngineError::QueueFull { waiting }));
                     return;
@@ -463,7 +484,16 @@ impl Engine {
                     adapter,
                     guided: request.grammar.is_some(),
                 };
-                if let Err(e) = self.scheduler.add(spec) {
+                // A request of an adapter not yet in the workers' host caches waits for its
+                // preload outside the scheduler (checked now, added once the adapter is there).
+                let taken = match request.adapter.as_deref() {
+                    Some(a) if !self.lora.is_ready(a.id) => self
+                        .scheduler
+                        .check(&spec)
+                        .map(|()| self.lora.park(spec, a)),
+                    _ => self.scheduler.add(spec),
+                };
+                if let Err(e) = taken {
                     let _ = accepted.send(Err(EngineError::InvalidRequest {
                         message: e.to_string(),
                         param: None,
@@ -490,7 +520,7 @@ impl Engine {
                 );
                 if accepted.send(Ok(())).is_err() {
                     // The caller went away before it heard back.
-                    self.scheduler.abort(id);
+                    self.forget(id);
                     self.sequences.remove(&id);
                 }
             }
@@ -501,11 +531,79 @@ impl Engine {
             }
             EngineCommand::Abort { id } => {
                 if self.sequences.remove(&id).is_some() {
-                    self.scheduler.abort(id);
+                    self.forget(id);
                     self.metrics.count_success(FinishReason::Abort);
                     self.publish();
                 }
             }
+        }
+    }
+
+    /// Starts the preloads of parked adapters the workers' host caches have room for.
+    fn start_preloads(&mut self) {
+        if !self.lora.has_pending() {
+            return;
+        }
+        if let Some(group) = self.group.as_ref().map(WorkerGroup::lora_preloader) {
+            let queued = self.scheduler.waiting_adapters().len();
+            self.lora.start_pending(&group, queued);
+        }
+    }
+
+    /// Takes sequence `id` out of the scheduler, or out of the parked requests.
+    fn forget(&mut self, id: u64) {
+        if !self.lora.abort(id) {
+            self.scheduler.abort(id);
+        }
+    }
+
+    /// A preload ended: its parked requests join the scheduler's queue, or fail with what the
+    /// workers said.
+    fn on_preloaded(&mut self, done: Preloaded) {
+        let Some((adapter, parked)) = self.lora.finish(&done) else {
+            return;
+        };
+        match &done.outcome {
+            Ok(seconds) => {
+                self.metrics.lora.count_preload(*seconds);
+                for spec in parked {
+                    let id = spec.id;
+                    if !self.sequences.contains_key(&id) {
+                        continue;
+                    }
+                    if let Err(e) = self.scheduler.add(spec) {
+                        self.fail_sequence(
+                            id,
+                            EngineError::InvalidRequest {
+                                message: e.to_string(),
+                                param: None,
+                            },
+                        );
+                    }
+                }
+            }
+            Err(detail) => {
+                tracing::warn!(adapter = %adapter.name, "LoRA preload failed: {detail}");
+                for spec in parked {
+                    self.fail_sequence(
+                        spec.id,
+                        EngineError::WorkerFailed {
+                            detail: format!(
+                                "LoRA adapter {:?} could not be read on the workers: {detail}",
+                                adapter.name
+                            ),
+                        },
+                    );
+                }
+            }
+        }
+        self.publish();
+    }
+
+    /// Ends a sequence (not in the scheduler) with `error`.
+    fn fail_sequence(&mut self, id: u64, error: EngineError) {
+        if let Some(seq) = self.sequences.remove(&id) {
+            let _ = seq.events.send(GenerateEvent::Error(error));
         }
     }
 
@@ -662,7 +760,9 @@ impl Engine {
             result.lora_slot_loads,
             result.lora_slot_evictions,
             result.lora_disk_loads,
+            result.lora_slot_load_seconds,
         );
+        self.lora.dropped(&result.lora_host_dropped);
         if tpserve_term::telemetry::enabled() {
             for trace in self.sequences.values_mut().filter_map(|s| s.trace.as_mut()) {
                 trace.step_done(step.step_id);
@@ -692,6 +792,7 @@ impl Engine {
     /// The group is gone: forget the plans in flight on it (their results never come) and end
     /// every sequence with `detail`.
     fn lose_group(&mut self, detail: String) {
+        self.lora.forget_group();
         self.group = None;
         self.in_flight.clear();
         self.fail_all(detail);
@@ -824,6 +925,7 @@ impl Engine {
 
     /// Ends every sequence with an `Unavailable` error saying `detail`.
     fn end_all(&mut self, detail: &str) {
+        self.lora.take_all();
         for (id, seq) in self.sequences.drain() {
             let error = EngineError::Unavailable {
                 detail: detail.to_string(),

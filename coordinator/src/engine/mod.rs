@@ -4,6 +4,7 @@
 pub mod actor;
 pub mod handle;
 pub mod liveness;
+pub mod lora_preload;
 pub mod output;
 pub mod trace;
 pub mod types;

@@ -183,6 +183,17 @@ impl Scheduler {
     /// prompt longer than `max_model_len`, more tokens than the whole pool holds (counting the
     /// tokens it may generate, up to `max_model_len`), or an id already live.
     pub fn add(&mut self, spec: SequenceSpec) -> SchedulerResult<()> {
+        self.check(&spec)?;
+        let arrival = self.next_arrival;
+        self.next_arrival += 1;
+        let seq = Sequence::new(spec, arrival);
+        self.waiting.push_arrival(seq.wait_key());
+        self.seqs.insert(seq.id, seq);
+        Ok(())
+    }
+
+    /// The checks of [`Scheduler::add`], without adding: whether `spec` would be taken now.
+    pub fn check(&self, spec: &SequenceSpec) -> SchedulerResult<()> {
         let cfg = &self.config;
         let prompt = spec.token_ids.len();
         if self.seqs.contains_key(&spec.id) {
@@ -211,11 +222,6 @@ impl Scheduler {
                 num_blocks: cfg.num_blocks,
             });
         }
-        let arrival = self.next_arrival;
-        self.next_arrival += 1;
-        let seq = Sequence::new(spec, arrival);
-        self.waiting.push_arrival(seq.wait_key());
-        self.seqs.insert(seq.id, seq);
         Ok(())
     }
 

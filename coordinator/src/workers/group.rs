@@ -81,6 +81,39 @@ pub struct GroupReady {
     pub graph_capture_seconds: f64,
 }
 
+/// Reads LoRA adapters into every rank's host cache, beside the steps (`PreloadLora`); cheap to
+/// clone, so a preload can run in its own task.
+#[derive(Clone)]
+pub struct LoraPreloader {
+    clients: Vec<WorkerClient<InterceptedService<Channel, GroupToken>>>,
+}
+
+impl LoraPreloader {
+    /// A preloader of a group without ranks (its preloads succeed at once), for tests.
+    #[cfg(test)]
+    pub(crate) fn without_ranks() -> Self {
+        Self {
+            clients: Vec::new(),
+        }
+    }
+
+    /// Reads `adapter` on every rank at once; the slowest rank's seconds once all have it.
+    pub async fn preload(&self, adapter: pb::LoraAdapter) -> Result<f64, EngineError> {
+        let answers = try_join_all(self.clients.iter().enumerate().map(|(rank, c)| {
+            let mut c = c.clone();
+            let adapter = adapter.clone();
+            async move {
+                c.preload_lora(adapter)
+                    .await
+                    .map(|r| r.into_inner().seconds)
+                    .map_err(|s| rank_failed(rank, s.message().to_string()))
+            }
+        }))
+        .await?;
+        Ok(answers.into_iter().fold(0.0, f64::max))
+    }
+}
+
 /// A connected group.
 pub struct WorkerGroup {
     clients: Vec<WorkerClient<InterceptedService<Channel, GroupToken>>>,
@@ -295,6 +328,13 @@ impl WorkerGroup {
         })
     }
 
+    /// A handle that preloads LoRA adapters on this group's ranks.
+    pub fn lora_preloader(&self) -> LoraPreloader {
+        LoraPreloader {
+            clients: self.clients.clone(),
+        }
+    }
+
     /// Sends `plan` to every rank without waiting for its result, so the next plan can follow
     /// while the workers run this one. Each rank runs its plans in order and answers them in
     /// order: one `receive` per `send` collects the results, oldest first.
@@ -309,7 +349,8 @@ impl WorkerGroup {
     }
 
     /// Waits for the result of step `step_id`, the oldest plan sent and not yet received, and
-    /// returns rank 0's result once every rank has answered it.
+    /// returns rank 0's result once every rank has answered it, with the adapters any rank
+    /// dropped from its host cache.
     pub async fn receive(&mut self, step_id: u64) -> Result<pb::StepResult, EngineError> {
         self.check_initialised()?;
         // Replies are awaited together: once one rank has failed, the others get
@@ -321,6 +362,7 @@ impl WorkerGroup {
             .map(|(rank, (_, rx))| async move { (rank, rx.message().await) })
             .collect();
         let mut result = pb::StepResult::default();
+        let mut dropped: Vec<u32> = Vec::new();
         let mut first_error = None;
         let mut deadline = None;
         loop {
@@ -339,7 +381,8 @@ impl WorkerGroup {
                     Some(format!("answered step {} to step {step_id}", r.step_id))
                 }
                 Ok(Some(r)) if !r.error.is_empty() => Some(r.error),
-                Ok(Some(r)) => {
+                Ok(Some(mut r)) => {
+                    dropped.append(&mut r.lora_host_dropped);
                     if rank == 0 {
                         result = r;
                     }
@@ -353,6 +396,9 @@ impl WorkerGroup {
                 deadline.get_or_insert(tokio::time::Instant::now() + FAIL_GRACE);
             }
         }
+        dropped.sort_unstable();
+        dropped.dedup();
+        result.lora_host_dropped = dropped;
         match first_error {
             Some(e) => Err(e),
             None => Ok(result),

@@ -61,7 +61,7 @@ pub fn decode_splits(rows: usize, kv_heads: usize, sm_count: usize, room: usize)
 /// Packs an empty batch padded to `rows`: the layout every step of that size uses, all of it
 /// padding (no cache write, no attention, greedy).
 fn padding_step(rows: usize, tables: TableShape) -> Result<PackedStep> {
-    pack(&Batch::default(), &[], 1, Some(rows), tables)
+    pack(&Batch::default(), &[], 1, Some(rows), tables, &[])
         .map_err(|detail| WorkerError::Plan { detail })
 }
 

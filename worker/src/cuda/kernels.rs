@@ -95,12 +95,15 @@ pub struct ResidualNorm {
     pub eps: f32,
 }
 
-/// Input elements per split of lora.cu's shrink (a multiple of its 256-element chunk): a
-/// product with `k` inputs runs `ceil(k / LORA_SPLIT_LEN)` splits side by side.
-pub const LORA_SPLIT_LEN: usize = 1024;
+/// Input elements per split of lora.cu's shrink (`TPSERVE_LORA_SPLIT_LEN`: 256 per warp of its
+/// block): a product with `k` inputs runs `ceil(k / LORA_SPLIT_LEN)` splits side by side.
+pub const LORA_SPLIT_LEN: usize = 2048;
 
 /// Rows of one LoRA tile (lora.cu's `TPSERVE_LORA_TILE_ROWS`).
 pub const LORA_TILE_ROWS: usize = 8;
+
+/// Where a LoRA tile holds its adapter's rank (lora.cu's `TPSERVE_LORA_TILE_RANK`).
+pub const LORA_TILE_RANK: usize = 10;
 
 /// The largest LoRA rank the CUDA kernels take: the expand keeps a tile's shrunk rows of the
 /// widest product (3 x rank f32 each) in the default 48 KiB of shared memory.
@@ -119,8 +122,6 @@ pub struct LoraProduct {
     /// `[slots, groups * stride, k]` and `[slots, n_out, stride]`.
     pub a: u64,
     pub b: u64,
-    /// i32 `[slots]`.
-    pub ranks: u64,
     pub tiles: u64,
     pub num_tiles: usize,
     pub k: usize,
@@ -564,8 +565,12 @@ impl Kernels {
     /// The batched LoRA delta of one fused product (lora.cu): `lora_shrink` into `t`, then
     /// `lora_expand` into `y`, over `num_tiles` LoRA tiles.
     pub fn lora_delta(&self, p: &LoraProduct) -> Result<()> {
+        // lora.cu's TPSERVE_LORA_SHRINK_OUTS and _WARPS, and threads and columns per thread of
+        // the expand (TPSERVE_LORA_EXPAND_COLS).
         const SHRINK_OUTS: usize = 8;
-        const EXPAND_THREADS: u32 = 128;
+        const SHRINK_THREADS: u32 = 32 * 8;
+        const EXPAND_THREADS: u32 = 256;
+        const EXPAND_COLS: usize = 2;
         if p.num_tiles == 0 {
             return Ok(());
         }
@@ -573,10 +578,10 @@ impl Kernels {
         let width = p.groups * p.stride;
         let splits = p.k.div_ceil(LORA_SPLIT_LEN);
         let (k, r, g) = (p.k as i32, p.stride as i32, p.groups as i32);
-        let (split_len, tokens) = (LORA_SPLIT_LEN as i32, p.rows as i32);
+        let tokens = p.rows as i32;
         let cfg = LaunchConfig {
             grid_dim: (tiles, width.div_ceil(SHRINK_OUTS) as u32, splits as u32),
-            block_dim: (32, 1, 1),
+            block_dim: (SHRINK_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut b = self.launch(&self.lora_shrink);
@@ -584,19 +589,21 @@ impl Kernels {
             .arg(&p.x)
             .arg(&p.a)
             .arg(&p.tiles)
-            .arg(&p.ranks)
             .arg(&k)
             .arg(&r)
             .arg(&g)
-            .arg(&split_len)
             .arg(&tokens);
         // SAFETY: as lora.cu documents: `t` holds `splits` x `rows` rows of `groups * stride`
-        // f32, `x` `rows` rows of `k` elements, `a` and `ranks` every slot.
+        // f32, `x` `rows` rows of `k` elements, `a` every slot.
         unsafe { b.launch(cfg) }
             .map(drop)
             .map_err(launch_err("lora_shrink"))?;
         let cfg = LaunchConfig {
-            grid_dim: (tiles, p.n_out.div_ceil(EXPAND_THREADS as usize) as u32, 1),
+            grid_dim: (
+                tiles,
+                p.n_out.div_ceil(EXPAND_THREADS as usize * EXPAND_COLS) as u32,
+                1,
+            ),
             block_dim: (EXPAND_THREADS, 1, 1),
             shared_mem_bytes: (LORA_TILE_ROWS * width * 4) as u32,
         };
@@ -607,7 +614,6 @@ impl Kernels {
             .arg(&p.t)
             .arg(&p.b)
             .arg(&p.tiles)
-            .arg(&p.ranks)
             .arg(&out)
             .arg(&r)
             .arg(&g)

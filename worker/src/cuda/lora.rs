@@ -19,14 +19,16 @@
 //! nodes).
 
 use super::device::{DeviceBuffer, Gpu};
-use super::kernels::{Dtype, LoraProduct, ELEM, LORA_MAX_RANK, LORA_SPLIT_LEN, LORA_TILE_ROWS};
+use super::kernels::{
+    Dtype, LoraProduct, ELEM, LORA_MAX_RANK, LORA_SPLIT_LEN, LORA_TILE_RANK, LORA_TILE_ROWS,
+};
 use super::model::Dims;
 use crate::batch::Batch;
 use crate::error::{Result, WorkerError};
 use crate::lora::shard::AdapterShard;
 use tpserve_modelfile::Projection;
 
-/// One LoRA tile as lora.cu reads it: `{slot, rows, row_0, .., row_7, 0 ..}`.
+/// One LoRA tile as lora.cu reads it: `{slot, rows, row_0, .., row_7, rank, 0 ..}`.
 pub type LoraTile = [i32; 16];
 
 /// A fused product of a layer that adapters may target.
@@ -85,9 +87,8 @@ pub struct LoraSlots {
     dtype: Dtype,
     /// `[layer][FusedProduct as usize]`.
     layers: Vec<[ProductSlots; 4]>,
-    /// i32 `[slots]`: each slot's rank (0 while empty).
-    ranks: DeviceBuffer,
-    host_ranks: Vec<i32>,
+    /// Each slot's rank (0 while empty), which the step's LoRA tiles carry.
+    ranks: Vec<i32>,
 }
 
 impl LoraSlots {
@@ -126,6 +127,19 @@ impl LoraSlots {
                 ),
             });
         }
+        // The expand writes output columns in pairs that never straddle a projection.
+        if let Some(p) = FusedProduct::ALL.iter().find(|p| {
+            let (_, out, (b1, b2)) = p.shape(dims);
+            out % 2 != 0 || b1 % 2 != 0 || b2 % 2 != 0
+        }) {
+            return Err(WorkerError::Unsupported {
+                detail: format!(
+                    "LoRA on CUDA needs even output widths on each rank; {:?} has {:?}",
+                    p,
+                    p.shape(dims)
+                ),
+            });
+        }
         let stride = Self::stride_for(max_rank);
         let mut all = Vec::with_capacity(layers);
         for _ in 0..layers {
@@ -149,8 +163,7 @@ impl LoraSlots {
             dims: *dims,
             dtype,
             layers: all,
-            ranks: gpu.alloc(slots * 4, "LoRA ranks")?,
-            host_ranks: vec![0; slots],
+            ranks: vec![0; slots],
         })
     }
 
@@ -221,9 +234,13 @@ impl LoraSlots {
                 gpu.sync()?;
             }
         }
-        self.host_ranks[slot] = adapter.rank as i32;
-        gpu.upload(&self.ranks, &self.host_ranks)?;
-        gpu.sync()
+        self.ranks[slot] = adapter.rank as i32;
+        Ok(())
+    }
+
+    /// Each slot's rank (0 while empty), for [`lora_tiles`].
+    pub fn ranks(&self) -> &[i32] {
+        &self.ranks
     }
 
     /// The delta of `fused` of `layer` for the rows of `num_tiles` tiles at `tiles`: `y += ...`
@@ -247,7 +264,6 @@ impl LoraSlots {
             t,
             a: buffers.a.ptr,
             b: buffers.b.ptr,
-            ranks: self.ranks.ptr,
             tiles,
             num_tiles,
             k,
@@ -260,8 +276,9 @@ impl LoraSlots {
 }
 
 /// The LoRA tiles of `batch`: each adapter's rows (in batch order, adapters in order of first
-/// use) cut into tiles of at most [`LORA_TILE_ROWS`]; rows of the base model are in none.
-pub fn lora_tiles(batch: &Batch) -> Vec<LoraTile> {
+/// use) cut into tiles of at most [`LORA_TILE_ROWS`], with the slot's rank from `ranks`; rows of
+/// the base model are in none.
+pub fn lora_tiles(batch: &Batch, ranks: &[i32]) -> Vec<LoraTile> {
     let mut tiles: Vec<LoraTile> = Vec::new();
     for seq in &batch.seqs {
         let Some(slot) = seq.lora_slot else {
@@ -275,6 +292,7 @@ pub fn lora_tiles(batch: &Batch) -> Vec<LoraTile> {
                 _ => {
                     let mut tile = [0i32; 16];
                     tile[0] = slot;
+                    tile[LORA_TILE_RANK] = ranks.get(slot as usize).copied().unwrap_or(0);
                     tiles.push(tile);
                     tiles.len() - 1
                 }
@@ -303,12 +321,13 @@ mod tests {
         }
     }
 
-    /// A tile of `slot` holding `rows`.
+    /// A tile of `slot` (of rank `10 * slot + 4`) holding `rows`.
     fn tile(slot: i32, rows: &[i32]) -> LoraTile {
         let mut t = [0; 16];
         t[0] = slot;
         t[1] = rows.len() as i32;
         t[2..2 + rows.len()].copy_from_slice(rows);
+        t[LORA_TILE_RANK] = 10 * slot + 4;
         t
     }
 
@@ -325,8 +344,9 @@ mod tests {
             ],
             ..Batch::default()
         };
+        let ranks = [4, 14, 24];
         assert_eq!(
-            lora_tiles(&batch),
+            lora_tiles(&batch, &ranks),
             vec![
                 tile(2, &[0, 1, 2, 3, 4, 5, 6, 7]),
                 tile(2, &[8, 9, 10, 13]),
@@ -334,7 +354,7 @@ mod tests {
                 tile(0, &[15]),
             ]
         );
-        assert!(lora_tiles(&Batch::default()).is_empty());
+        assert!(lora_tiles(&Batch::default(), &ranks).is_empty());
     }
 
     #[test]

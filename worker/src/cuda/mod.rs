@@ -48,6 +48,7 @@ use self::forward::{
 use self::graphs::{table_shape, DecodeGraphs};
 use self::kernels::Kernels;
 use self::linear::{Linear, Shape};
+use self::lora::LoraSlots;
 use self::model::{CudaModel, Dims, GpuKvCache};
 use self::nccl::Nccl;
 use self::peer_all_reduce::PeerAllReduce;
@@ -162,7 +163,8 @@ impl CudaBackend {
         if let (Some(size), Some(graphs), Some(ws)) =
             (graph_size, &loaded.graphs, loaded.model.workspace())
         {
-            let step = pack(batch, sampling, 1, Some(size), tables).map_err(plan_err)?;
+            let ranks = loaded.model.lora().map_or(&[][..], LoraSlots::ranks);
+            let step = pack(batch, sampling, 1, Some(size), tables, ranks).map_err(plan_err)?;
             let dev = loaded.device(gpu, self.nccl.as_ref(), self.peer.as_ref(), self.rank);
             graphs.replay(&dev, cache, size, &step)?;
             let logits = if d.world_size > 1 {
@@ -207,7 +209,8 @@ impl CudaBackend {
         let group = d.q_heads / d.kv_heads.max(1);
         let kind = attention_kind(&d, batch, loaded.linear.batch_invariant());
         let tile_rows = AttentionPlan::tile_rows(kind, d.head_dim, group);
-        let step = pack(batch, sampling, tile_rows, None, tables).map_err(plan_err)?;
+        let ranks = loaded.model.lora().map_or(&[][..], LoraSlots::ranks);
+        let step = pack(batch, sampling, tile_rows, None, tables, ranks).map_err(plan_err)?;
         let ws = loaded.model.workspace().expect("reserved above");
         let (base, _spill) = upload_inputs(gpu, &ws.inputs, &step.packed.bytes)?;
         loaded.kernels.set_entries(

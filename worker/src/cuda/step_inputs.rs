@@ -127,15 +127,17 @@ pub struct TableShape {
     pub width: usize,
 }
 
-/// Packs `batch` with one sampling spec per sample row; tiles of at most `tile_rows` rows.
-/// With `pad_to`, the batch must be decode rows only (one row per sequence, every row sampled)
-/// and is padded to `pad_to` rows. Fails when a block table does not fit `tables`.
+/// Packs `batch` with one sampling spec per sample row; tiles of at most `tile_rows` rows;
+/// LoRA tiles with the ranks of the adapter slots (`lora_ranks`). With `pad_to`, the batch must
+/// be decode rows only (one row per sequence, every row sampled) and is padded to `pad_to` rows.
+/// Fails when a block table does not fit `tables`.
 pub fn pack(
     batch: &Batch,
     sampling: &[SampleSpec],
     tile_rows: usize,
     pad_to: Option<usize>,
     tables: TableShape,
+    lora_ranks: &[i32],
 ) -> Result<PackedStep, String> {
     let n = batch.num_tokens();
     let s = batch.sample_rows.len();
@@ -172,7 +174,7 @@ pub fn pack(
     let min_p = p.push(&column(&|x| x.params.min_p, 0.0));
     let seeds: Vec<u64> = sampling.iter().map(|x| x.seed).collect();
     let seeds = p.push(&padded(seeds, 0, samples));
-    let lora = lora_tiles(batch);
+    let lora = lora_tiles(batch, lora_ranks);
     let num_lora_tiles = lora.len();
     let lora_tiles = p.push(&padded(lora, [0; 16], rows));
     let updates_at = p.push(&updates);
@@ -263,9 +265,9 @@ mod tests {
     #[test]
     fn padded_offsets_depend_only_on_the_padded_size() {
         let greedy = SampleSpec::greedy();
-        let one = pack(&decode_batch(&[5]), &[greedy], 1, Some(8), TABLES).unwrap();
+        let one = pack(&decode_batch(&[5]), &[greedy], 1, Some(8), TABLES, &[]).unwrap();
         let three = decode_batch(&[5, 40, 300]);
-        let three = pack(&three, &[greedy; 3], 1, Some(8), TABLES).unwrap();
+        let three = pack(&three, &[greedy; 3], 1, Some(8), TABLES, &[]).unwrap();
         let mut a = one.offsets;
         let mut b = three.offsets;
         // Only the updates (after the fixed part) may move... and here they do not either.
@@ -279,7 +281,7 @@ mod tests {
     #[test]
     fn padding_rows_write_no_cache_slot_and_compute_no_attention() {
         let b = decode_batch(&[5, 40]);
-        let step = pack(&b, &[SampleSpec::greedy(); 2], 1, Some(4), TABLES).unwrap();
+        let step = pack(&b, &[SampleSpec::greedy(); 2], 1, Some(4), TABLES, &[]).unwrap();
         let p = &step.packed;
         assert_eq!(read::<u32>(p, step.offsets.ids, 4), vec![7, 8, 0, 0]);
         assert_eq!(

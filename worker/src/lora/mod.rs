@@ -6,17 +6,21 @@
 //! it into the device's slot (host memory on the CPU; a GPU backend copies into its stacked slot
 //! buffers there).
 //!
-//! Every rank sees the same plans and makes the same choices (no clocks: recency is the step
-//! count), so slots agree across a tensor-parallel group.
+//! The host cache is shared with the gRPC service ([`HostCache`]): the coordinator preloads an
+//! adapter (`PreloadLora`, read on a blocking thread beside the steps) before it schedules the
+//! adapter's first request, so steps only copy. Recency is the runner's step count, so slot
+//! choices agree across a tensor-parallel group; the host caches of the ranks may differ (a rank
+//! that lacks an adapter reads it on the runner thread, which is correct, only slower).
 //!
-//! Costs: a disk load reads and checks the whole adapter (`LoraAdapter::open`) on the runner
-//! thread, at the first step that uses it; a slot load copies one adapter's shard.
+//! Costs: a preload reads and checks the whole adapter (`LoraAdapter::open`) off the runner
+//! thread; without one (or after the adapter was dropped), the first step that uses it does;
+//! a slot load copies one adapter's shard.
 
 pub mod shard;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tpserve_modelfile::{LlamaConfig, LoraAdapter};
 
@@ -34,20 +38,24 @@ pub struct LoraLimits {
 }
 
 /// What placing one step's adapters did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct PlaceCounts {
     /// Adapters copied into a slot.
     pub slot_loads: u32,
     /// Of those, copies that replaced another adapter.
     pub slot_evictions: u32,
-    /// Adapters read from disk.
+    /// Adapters read from disk (on the runner thread: not preloaded).
     pub disk_loads: u32,
+    /// Seconds spent copying adapters into slots.
+    pub slot_load_seconds: f64,
 }
 
 #[derive(Debug)]
 struct Cached {
     adapter: Arc<LoraAdapter>,
     last_used: u64,
+    /// Whether a step has used it (a preloaded adapter waits for its first step).
+    used: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -56,26 +64,117 @@ struct Slot {
     last_used: u64,
 }
 
+/// The adapters read into host memory, shared by the runner and the service's preloads.
+#[derive(Debug, Default)]
+pub struct HostCache {
+    /// The loaded model's config and the limits (None before `LoadModel`, or with LoRA off).
+    model: Option<(Arc<LlamaConfig>, LoraLimits)>,
+    entries: HashMap<u32, Cached>,
+    /// Ids dropped since the runner last took them (for the step result).
+    dropped: Vec<u32>,
+    /// The runner's step count, the recency of entries.
+    clock: u64,
+}
+
+impl HostCache {
+    /// Locks `cache` (a panic elsewhere while holding it leaves plain data behind: go on).
+    fn lock(cache: &Mutex<HostCache>) -> MutexGuard<'_, HostCache> {
+        cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `adapter` under `id` (`used`: by the step reading it, else preloaded), dropping entries
+    /// past `max_cpu_loras`: the least recently used of those a step has used, and only when
+    /// there are none, the oldest preloaded one (its requests are about to run).
+    fn insert(&mut self, id: u32, adapter: Arc<LoraAdapter>, used: bool) {
+        let max = self
+            .model
+            .as_ref()
+            .map_or(1, |(_, l)| l.max_cpu_loras.max(1));
+        while self.entries.len() >= max {
+            let oldest = self
+                .entries
+                .iter()
+                .min_by_key(|(_, c)| (!c.used, c.last_used))
+                .map(|(id, _)| *id)
+                .expect("the cache is not empty");
+            self.entries.remove(&oldest);
+            self.dropped.push(oldest);
+        }
+        let last_used = self.clock;
+        self.entries.insert(
+            id,
+            Cached {
+                adapter,
+                last_used,
+                used,
+            },
+        );
+    }
+}
+
+/// Reads the adapter in `path` into `cache` under `id` unless it is there; returns the seconds
+/// spent reading (0 when it was there). Blocks on disk: call it off the runner thread.
+pub fn preload(cache: &Mutex<HostCache>, id: u32, path: &Path) -> Result<f64> {
+    let (config, limits) = {
+        let c = HostCache::lock(cache);
+        if c.entries.contains_key(&id) {
+            return Ok(0.0);
+        }
+        c.model.clone().ok_or_else(|| WorkerError::Plan {
+            detail: "a LoRA preload before LoadModel, or with LoRA off (max_loras 0)".into(),
+        })?
+    };
+    let started = std::time::Instant::now();
+    let adapter = Arc::new(LoraAdapter::open(path, &config, limits.max_rank)?);
+    let mut c = HostCache::lock(cache);
+    if !c.entries.contains_key(&id) {
+        c.insert(id, adapter, false);
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
 /// The adapters a worker knows, holds and has in slots.
 #[derive(Debug, Default)]
 pub struct Adapters {
     limits: LoraLimits,
     /// Every adapter a plan has named: id -> directory (ids are never reused for other weights).
     paths: HashMap<u32, PathBuf>,
-    host: HashMap<u32, Cached>,
+    host: Arc<Mutex<HostCache>>,
     slots: Vec<Option<Slot>>,
     /// Steps placed so far: the clock of the LRU choices.
     clock: u64,
 }
 
 impl Adapters {
-    /// Forgets everything and takes new limits (at `LoadModel`).
-    pub fn reset(&mut self, limits: LoraLimits) {
+    /// Forgets everything and takes new limits and the model's config (at `LoadModel`). The
+    /// host cache stays the same object (the service holds it) but is emptied.
+    pub fn reset(&mut self, limits: LoraLimits, config: Option<&LlamaConfig>) {
+        let host = self.host.clone();
+        {
+            let mut c = HostCache::lock(&host);
+            *c = HostCache {
+                model: config
+                    .filter(|_| limits.max_loras > 0)
+                    .map(|c| (Arc::new(c.clone()), limits)),
+                ..HostCache::default()
+            };
+        }
         *self = Self {
             limits,
             slots: vec![None; limits.max_loras],
+            host,
             ..Self::default()
         };
+    }
+
+    /// The host cache, for the service's preloads.
+    pub fn host_cache(&self) -> Arc<Mutex<HostCache>> {
+        self.host.clone()
+    }
+
+    /// Ids dropped from the host cache since the last call.
+    pub fn take_dropped(&mut self) -> Vec<u32> {
+        std::mem::take(&mut HostCache::lock(&self.host).dropped)
     }
 
     /// Whether LoRA is on.
@@ -108,6 +207,7 @@ impl Adapters {
     ) -> Result<(Vec<usize>, PlaceCounts)> {
         self.clock += 1;
         let now = self.clock;
+        HostCache::lock(&self.host).clock = now;
         let mut counts = PlaceCounts::default();
         let mut placed = Vec::with_capacity(ids.len());
         for &id in ids {
@@ -141,7 +241,9 @@ impl Adapters {
                         self.limits.max_loras
                     ),
                 })?;
+            let started = std::time::Instant::now();
             backend.load_lora(target, &adapter)?;
+            counts.slot_load_seconds += started.elapsed().as_secs_f64();
             if self.slots[target].is_some() {
                 counts.slot_evictions += 1;
             }
@@ -161,8 +263,9 @@ impl Adapters {
         counts: &mut PlaceCounts,
     ) -> Result<Arc<LoraAdapter>> {
         let now = self.clock;
-        if let Some(c) = self.host.get_mut(&id) {
+        if let Some(c) = HostCache::lock(&self.host).entries.get_mut(&id) {
             c.last_used = now;
+            c.used = true;
             return Ok(c.adapter.clone());
         }
         let path = self.paths.get(&id).ok_or_else(|| WorkerError::Plan {
@@ -170,22 +273,7 @@ impl Adapters {
         })?;
         let adapter = Arc::new(LoraAdapter::open(path, config, self.limits.max_rank)?);
         counts.disk_loads += 1;
-        while self.host.len() >= self.limits.max_cpu_loras.max(1) {
-            let oldest = self
-                .host
-                .iter()
-                .min_by_key(|(_, c)| c.last_used)
-                .map(|(id, _)| *id)
-                .expect("the cache is not empty");
-            self.host.remove(&oldest);
-        }
-        self.host.insert(
-            id,
-            Cached {
-                adapter: adapter.clone(),
-                last_used: now,
-            },
-        );
+        HostCache::lock(&self.host).insert(id, adapter.clone(), true);
         Ok(adapter)
     }
 }
