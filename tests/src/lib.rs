@@ -46,6 +46,23 @@ pub fn default_model() -> PathBuf {
     p
 }
 
+/// A real chat template fetched by `scripts/fetch-chat-templates.sh` (`TPSERVE_CHAT_TEMPLATES`,
+/// else its cache folder), e.g. `Qwen-Qwen2.5-7B-Instruct.jinja`.
+pub fn chat_template(file: &str) -> PathBuf {
+    let dir = match std::env::var_os("TPSERVE_CHAT_TEMPLATES") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var("HOME").unwrap_or_default())
+            .join(".cache/tpserve/chat-templates"),
+    };
+    let path = dir.join(file);
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-chat-templates.sh",
+        path.display()
+    );
+    path
+}
+
 /// An etcd server binary: `TPSERVE_ETCD_BIN`, else `etcd` on `PATH`, else the copy
 /// `scripts/install-etcd.sh` caches.
 pub fn etcd_binary() -> PathBuf {
