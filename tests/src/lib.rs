@@ -274,6 +274,21 @@ pub async fn metric(http: &reqwest::Client, s: &Server, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} is not in /metrics:\n{text}"))
 }
 
+/// Waits until nothing runs or waits and the KV cache is empty again (polling `/metrics` for
+/// up to 20 s), or panics.
+pub async fn wait_until_idle(http: &reqwest::Client, s: &Server) {
+    for _ in 0..200 {
+        let running = metric(http, s, "vllm:num_requests_running").await;
+        let waiting = metric(http, s, "vllm:num_requests_waiting").await;
+        let usage = metric(http, s, "vllm:kv_cache_usage_perc").await;
+        if running == 0.0 && waiting == 0.0 && usage == 0.0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the server did not return to idle with an empty KV cache");
+}
+
 /// A child process killed when dropped.
 pub struct Proc(pub std::process::Child);
 

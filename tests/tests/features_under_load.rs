@@ -6,10 +6,10 @@
 //! is valid for what it asked (sorted top lists, JSON that follows its schema, calls that parse),
 //! and afterwards nothing runs or waits and the KV cache is empty.
 
-use std::time::Duration;
-
 use serde_json::{json, Value};
-use tpserve_e2e::{chat_template, default_model, metric, post_json, read_sse, Server};
+use tpserve_e2e::{
+    chat_template, default_model, metric, post_json, read_sse, wait_until_idle, Server,
+};
 
 /// Shared by every chat request: ~150 tokens, so each prompt's first blocks are cache hits.
 const SYSTEM: &str = "You are a careful assistant for a small bookshop. You answer questions \
@@ -197,20 +197,6 @@ fn check(kind: Kind, answer: &Value, events: &[Value]) {
             );
         }
     }
-}
-
-/// Waits until nothing runs or waits and the KV cache is empty again (polling `/metrics`).
-async fn wait_until_idle(http: &reqwest::Client, s: &Server) {
-    for _ in 0..200 {
-        let running = metric(http, s, "vllm:num_requests_running").await;
-        let waiting = metric(http, s, "vllm:num_requests_waiting").await;
-        let usage = metric(http, s, "vllm:kv_cache_usage_perc").await;
-        if running == 0.0 && waiting == 0.0 && usage == 0.0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the server did not return to idle with an empty KV cache");
 }
 
 #[tokio::test]
