@@ -146,3 +146,22 @@ def test_prompt_logprobs_agree_with_the_sampled_tokens_logprob(client):
     at = len(echoed.tokens) - 2
     assert echoed.tokens[at] == nxt
     assert abs(echoed.token_logprobs[at] - sampled) < TOL
+
+
+def test_streamed_completion_logprobs_equal_the_whole_answer(client):
+    kwargs = dict(model=GEN_MODEL, prompt="Once upon a time", max_tokens=8, temperature=0,
+                  logprobs=2)
+    whole = client.completions.create(**kwargs).choices[0]
+    tokens, logprobs, text = [], [], ""
+    for chunk in client.completions.create(stream=True, **kwargs):
+        for c in chunk.choices:
+            text += c.text
+            if c.logprobs is not None:
+                tokens += c.logprobs.tokens
+                logprobs += c.logprobs.token_logprobs
+                for top in c.logprobs.top_logprobs:
+                    assert 2 <= len(top) <= 3
+    assert tokens == whole.logprobs.tokens
+    assert "".join(tokens) == text == whole.text
+    for a, b in zip(logprobs, whole.logprobs.token_logprobs):
+        assert abs(a - b) < TOL
