@@ -46,6 +46,23 @@ pub fn default_model() -> PathBuf {
     p
 }
 
+/// A real chat template fetched by `scripts/fetch-chat-templates.sh` (`TPSERVE_CHAT_TEMPLATES`,
+/// else its cache folder), e.g. `Qwen-Qwen2.5-7B-Instruct.jinja`.
+pub fn chat_template(file: &str) -> PathBuf {
+    let dir = match std::env::var_os("TPSERVE_CHAT_TEMPLATES") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var("HOME").unwrap_or_default())
+            .join(".cache/tpserve/chat-templates"),
+    };
+    let path = dir.join(file);
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-chat-templates.sh",
+        path.display()
+    );
+    path
+}
+
 /// An etcd server binary: `TPSERVE_ETCD_BIN`, else `etcd` on `PATH`, else the copy
 /// `scripts/install-etcd.sh` caches.
 pub fn etcd_binary() -> PathBuf {
@@ -255,6 +272,21 @@ pub async fn metric(http: &reqwest::Client, s: &Server, name: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("{name} is not in /metrics:\n{text}"))
+}
+
+/// Waits until nothing runs or waits and the KV cache is empty again (polling `/metrics` for
+/// up to 20 s), or panics.
+pub async fn wait_until_idle(http: &reqwest::Client, s: &Server) {
+    for _ in 0..200 {
+        let running = metric(http, s, "vllm:num_requests_running").await;
+        let waiting = metric(http, s, "vllm:num_requests_waiting").await;
+        let usage = metric(http, s, "vllm:kv_cache_usage_perc").await;
+        if running == 0.0 && waiting == 0.0 && usage == 0.0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the server did not return to idle with an empty KV cache");
 }
 
 /// A child process killed when dropped.

@@ -6,7 +6,9 @@
 //! generator uses.
 
 use serde_json::{json, Map, Value};
-use tpserve_e2e::{chat_stream_text, default_model, metric, post_json, read_sse, Server};
+use tpserve_e2e::{
+    chat_stream_text, default_model, metric, post_json, read_sse, wait_until_idle, Server,
+};
 
 /// A server of the default model; `extra` flags come after `--model` (with a
 /// `--max-model-len` of 512 unless they set one).
@@ -59,20 +61,6 @@ fn assert_valid(schema: &Value, text: &str) {
     if let Err(e) = validate(schema, &value) {
         panic!("{text} does not follow {schema}: {e}");
     }
-}
-
-/// Waits until nothing runs or waits and the KV cache is empty again (polling `/metrics`).
-async fn wait_until_idle(http: &reqwest::Client, s: &Server) {
-    for _ in 0..100 {
-        let running = metric(http, s, "vllm:num_requests_running").await;
-        let waiting = metric(http, s, "vllm:num_requests_waiting").await;
-        let usage = metric(http, s, "vllm:kv_cache_usage_perc").await;
-        if running == 0.0 && waiting == 0.0 && usage == 0.0 {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    panic!("the server did not return to idle with an empty KV cache");
 }
 
 /// A 400 in OpenAI's error shape naming `param`; returns the message.

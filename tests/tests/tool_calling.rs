@@ -7,21 +7,10 @@
 use std::path::PathBuf;
 
 use serde_json::{json, Value};
-use tpserve_e2e::{default_model, post_json, read_sse, repo_root, Server};
+use tpserve_e2e::{chat_template, default_model, post_json, read_sse, repo_root, Server};
 
 fn qwen_template() -> PathBuf {
-    let dir = match std::env::var_os("TPSERVE_CHAT_TEMPLATES") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var("HOME").unwrap_or_default())
-            .join(".cache/tpserve/chat-templates"),
-    };
-    let path = dir.join("Qwen-Qwen2.5-7B-Instruct.jinja");
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-chat-templates.sh",
-        path.display()
-    );
-    path
+    chat_template("Qwen-Qwen2.5-7B-Instruct.jinja")
 }
 
 async fn server(extra: &[&str]) -> Server {

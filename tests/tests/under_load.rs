@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tpserve_e2e::{chat_stream_text, default_model, metric, post_json, read_sse, Server};
+use tpserve_e2e::{
+    chat_stream_text, default_model, metric, post_json, read_sse, wait_until_idle, Server,
+};
 
 async fn server(extra: &[&str]) -> Server {
     let model = default_model();
@@ -18,20 +20,6 @@ async fn server(extra: &[&str]) -> Server {
     ];
     args.extend_from_slice(extra);
     Server::start(&args).await
-}
-
-/// Waits until nothing runs or waits and the KV cache is empty again.
-async fn wait_until_idle(http: &reqwest::Client, s: &Server) {
-    for _ in 0..100 {
-        let running = metric(http, s, "vllm:num_requests_running").await;
-        let waiting = metric(http, s, "vllm:num_requests_waiting").await;
-        let usage = metric(http, s, "vllm:kv_cache_usage_perc").await;
-        if running == 0.0 && waiting == 0.0 && usage == 0.0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the server did not return to idle with an empty KV cache");
 }
 
 fn chat(prompt: &str, max_tokens: u32, stream: bool) -> Value {
