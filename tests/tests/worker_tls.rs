@@ -164,7 +164,7 @@ async fn a_worker_with_tls_answers_only_callers_its_ca_signed_and_serves_through
         "--max-model-len",
         "256",
         "-t",
-        "2",
+        "3",
         "--worker-tls-cert",
         cert.to_str().unwrap(),
         "--worker-tls-key",
