@@ -159,6 +159,19 @@ pub struct EngineArgs {
     /// workers this process spawns; none for etcd-registered workers.
     #[arg(long, env = "TPSERVE_WORKER_TOKEN", hide_env_values = true)]
     pub worker_token: Option<String>,
+    /// PEM client certificate presented to the workers over mutual TLS (with --worker-tls-key
+    /// and --worker-tls-ca; the workers take the same three flags). Workers this process spawns
+    /// serve with the same files, so the certificate must then be good for both ends and name
+    /// 127.0.0.1.
+    #[arg(long, env = tpserve_proto::tls::WORKER_TLS_CERT_ENV)]
+    pub worker_tls_cert: Option<PathBuf>,
+    /// PEM private key of --worker-tls-cert.
+    #[arg(long, env = tpserve_proto::tls::WORKER_TLS_KEY_ENV)]
+    pub worker_tls_key: Option<PathBuf>,
+    /// PEM CA certificate: only workers whose certificate it signed, for the address dialled,
+    /// are used.
+    #[arg(long, env = tpserve_proto::tls::WORKER_TLS_CA_ENV)]
+    pub worker_tls_ca: Option<PathBuf>,
     /// The cluster name workers register under in etcd.
     #[arg(long, env = "TPSERVE_CLUSTER", default_value = "default")]
     pub cluster: String,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tpserve_modelfile::{ChatTemplate, Format, ModelSource};
 use tpserve_proto as pb;
+use tpserve_proto::tls::WorkerTls;
 use tpserve_term::human;
 
 use crate::adapters::{AdapterRegistry, LoraError};
@@ -186,6 +187,14 @@ pub async fn launch(
                 GroupToken::default()
             }
         },
+        tls: WorkerTls::from_flags(
+            args.worker_tls_cert.as_deref(),
+            args.worker_tls_key.as_deref(),
+            args.worker_tls_ca.as_deref(),
+        )
+        .map_err(|e| StartError::Config {
+            detail: e.to_string(),
+        })?,
     };
     let (tx, events) = tokio::sync::mpsc::unbounded_channel();
     let (broken, broken_rx) = watch::channel(0u64);

@@ -10,6 +10,8 @@ pub mod v1 {
 
 pub use v1::*;
 
+pub mod tls;
+
 /// The gRPC metadata key that carries a worker group's shared token: every RPC from the
 /// coordinator sends it, and a worker started with a token refuses calls without it.
 pub const WORKER_TOKEN_METADATA: &str = "x-tpserve-worker-token";

@@ -8,7 +8,8 @@ container that runs the ranks asks for GPUs and sees them, the others get
 NVIDIA_VISIBLE_DEVICES=void; CUDA_CACHE_PATH is on a writable volume; the workers container has its
 liveness probe, with a shorter window than the server's; root file systems are read-only; an https
 etcd comes with the client's TLS files in both containers, and the bundled etcd with client and
-peer certificate checks. Then what each value set of helm/tpserve/ci/ is there for, and that every
+peer certificate checks; with worker.tls, every container that runs or dials ranks has the three
+--worker-tls-* files from the Secret, mounted read-only. Then what each value set of helm/tpserve/ci/ is there for, and that every
 metric the PrometheusRule and the dashboard use is one the coordinator exports.
 Prints one line per check; exits 1 if any failed.
 """
@@ -108,8 +109,38 @@ def common(name, docs):
                       f"{name}: {c['name']} has the etcd client's TLS files")
     else:
         check(not any(k.startswith("TPSERVE_ETCD") for k in env_of(server)), f"{name}: local ranks, no etcd settings")
+    worker_tls(name, pod, server, workers)
     locked_down(name, docs, w, pod, server, workers)
     return w, containers, inits
+
+
+WORKER_TLS = {"TPSERVE_WORKER_TLS_CERT": "tls.crt", "TPSERVE_WORKER_TLS_KEY": "tls.key",
+              "TPSERVE_WORKER_TLS_CA": "ca.crt"}
+
+
+def worker_tls_secret(pod):
+    """The Secret of the worker-tls volume, or None."""
+    for v in pod.get("volumes", []):
+        if v["name"] == "worker-tls":
+            return v["secret"]["secretName"]
+    return None
+
+
+def worker_tls(name, pod, server, workers):
+    """With worker.tls, the server and the workers container (when there is one) both get the
+    --worker-tls-* files (as their environment variables) from the Secret, mounted read-only;
+    without it, neither does."""
+    secret = worker_tls_secret(pod)
+    for c in [server] + ([workers] if workers is not None else []):
+        env = env_of(c)
+        if secret is None:
+            check(not any(k in env for k in WORKER_TLS), f"{name}: {c['name']} has no worker TLS files")
+            continue
+        mount = [m for m in c.get("volumeMounts", []) if m["name"] == "worker-tls"]
+        base = mount[0]["mountPath"] if mount else None
+        check(bool(mount) and mount[0].get("readOnly") is True
+              and all(env.get(k) == f"{base}/{f}" for k, f in WORKER_TLS.items()),
+              f"{name}: {c['name']} has --worker-tls-cert/key/ca from Secret {secret}, read-only")
 
 
 def locked_down(name, docs, w, pod, server, workers):
@@ -194,6 +225,11 @@ def main():
     check("--initial-cluster-state=new" in etcd_args(d["default"]), "default: a new etcd cluster at install")
     check("checksum/etcd-client-tls" in w["spec"]["template"]["metadata"]["annotations"],
           "default: the etcd client certificate's checksum on the pods")
+    # Mutual TLS to the ranks where the value sets ask for it, not by default.
+    for name, want in (("default", None), ("tp4-2replicas", "tpserve-worker-tls"),
+                       ("local-keda", "tpserve-worker-tls")):
+        got = worker_tls_secret(serving(d[name])["spec"]["template"]["spec"])
+        check(got == want, f"{name}: worker TLS Secret {got}")
     # tp4-2replicas: the API key's checksum rolls the pods.
     check("checksum/api-key" in serving(d["tp4-2replicas"])["spec"]["template"]["metadata"]["annotations"],
           "tp4-2replicas: checksum/api-key annotation")

@@ -1,6 +1,7 @@
 //! Request ids, structured logs and the limits on input, over real HTTP against the real server
-//! (SmolLM2 on the CPU): every limit answers in OpenAI's error shape with the right status, slow
-//! and idle connections are closed, every response carries `X-Request-Id`, and the logs are JSON
+//! (SmolLM2 on the CPU): every limit answers in OpenAI's error shape with the right status, a
+//! request whose headers or body stop coming gets a 408 and idle connections are closed silently,
+//! every response carries `X-Request-Id`, and the logs are JSON
 //! lines that name the request id and hold no prompt text or key unless `--log-prompts` is on.
 
 use std::time::Duration;
@@ -61,8 +62,65 @@ async fn read_to_close(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Reads one response with a `content-length` from `stream`, leaving the connection open.
+async fn read_response(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0; 4096];
+    loop {
+        let n = tokio::time::timeout(HANG, stream.read(&mut buf))
+            .await
+            .expect("a response")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed mid-response: {}",
+            String::from_utf8_lossy(&out)
+        );
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_string)
+                })
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .expect("a content-length");
+            if body.len() >= length {
+                return text;
+            }
+        }
+    }
+}
+
+/// Asserts that `answer` (raw HTTP) is a 408 with OpenAI's error body naming `flag`, sent with
+/// `Connection: close` and an `X-Request-Id`.
+fn expect_raw_408(answer: &str, flag: &str) {
+    assert!(
+        answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+        "{answer}"
+    );
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("\r\nconnection: close"), "{answer}");
+    assert!(head.contains("\r\nx-request-id: "), "{answer}");
+    assert!(
+        head.contains("\r\ncontent-type: application/json"),
+        "{answer}"
+    );
+    let body: Value = serde_json::from_str(body).expect("a JSON error body");
+    assert_eq!(body["error"]["code"], "request_timeout", "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains(flag),
+        "{body}"
+    );
+}
+
 #[tokio::test]
-async fn every_limit_answers_in_openais_shape_and_slow_or_idle_connections_close() {
+async fn every_limit_answers_in_openais_shape_slow_requests_get_408_and_idle_connections_close() {
     let s = server(&[
         "--max-request-body-bytes",
         "200000",
@@ -141,15 +199,32 @@ async fn every_limit_answers_in_openais_shape_and_slow_or_idle_connections_close
         "{answer}"
     );
 
-    // Headers that stop coming (slow-loris): the connection is closed.
+    // Headers that stop coming (slow-loris): 408 in OpenAI's shape, and the connection closes.
     let mut stream = TcpStream::connect(address(&s)).await.unwrap();
     stream
         .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\n")
         .await
         .unwrap();
-    assert_eq!(read_to_close(&mut stream).await, "");
+    let answer = read_to_close(&mut stream).await;
+    expect_raw_408(&answer, "--http-header-timeout");
 
-    // An idle kept-alive connection is closed after its response.
+    // The same on a kept-alive connection whose second request's headers stop coming.
+    let mut stream = TcpStream::connect(address(&s)).await.unwrap();
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_response(&mut stream).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    stream.write_all(b"GET /health HTTP/1.1\r\n").await.unwrap();
+    expect_raw_408(&read_to_close(&mut stream).await, "--http-header-timeout");
+
+    // A first byte that could still start HTTP/2's preface, and then nothing: 408 too.
+    let mut stream = TcpStream::connect(address(&s)).await.unwrap();
+    stream.write_all(b"P").await.unwrap();
+    expect_raw_408(&read_to_close(&mut stream).await, "--http-header-timeout");
+
+    // An idle kept-alive connection is closed after its response, with nothing more.
     let mut stream = TcpStream::connect(address(&s)).await.unwrap();
     stream
         .write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -157,6 +232,11 @@ async fn every_limit_answers_in_openais_shape_and_slow_or_idle_connections_close
         .unwrap();
     let answer = read_to_close(&mut stream).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1").count(), 1, "{answer}");
+
+    // A connection that never sends a byte is closed silently.
+    let mut stream = TcpStream::connect(address(&s)).await.unwrap();
+    assert_eq!(read_to_close(&mut stream).await, "");
 
     // The server still serves.
     let body = json!({"model": "smollm2", "prompt": "Hi", "max_tokens": 2});

@@ -1,12 +1,14 @@
 //! `tpserve-worker`: serves one rank of a tensor-parallel group over gRPC.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tpserve_cluster::{EtcdClient, GroupWatcher, Registration};
+use tpserve_proto::tls::{WorkerTls, WORKER_TLS_CA_ENV, WORKER_TLS_CERT_ENV, WORKER_TLS_KEY_ENV};
 use tpserve_proto::worker_server::WorkerServer;
 use tpserve_term::telemetry::{self, TraceConfig, TraceDetail, TraceProtocol};
 use tpserve_worker::auth::TokenCheck;
@@ -89,6 +91,17 @@ struct Args {
     /// its workers sets a fresh one itself.
     #[arg(long, env = "TPSERVE_WORKER_TOKEN", hide_env_values = true)]
     worker_token: Option<String>,
+    /// PEM certificate this worker serves gRPC with, over TLS (with --worker-tls-key and
+    /// --worker-tls-ca). Its names must include the address coordinators dial (an IP SAN such as
+    /// 127.0.0.1, or a DNS name).
+    #[arg(long, env = WORKER_TLS_CERT_ENV)]
+    worker_tls_cert: Option<PathBuf>,
+    /// PEM private key of --worker-tls-cert.
+    #[arg(long, env = WORKER_TLS_KEY_ENV)]
+    worker_tls_key: Option<PathBuf>,
+    /// PEM CA certificate: only callers presenting a client certificate it signed are served.
+    #[arg(long, env = WORKER_TLS_CA_ENV)]
+    worker_tls_ca: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -120,6 +133,17 @@ async fn main() {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let device = DeviceChoice::parse(&args.device)?;
+    let tls = WorkerTls::from_flags(
+        args.worker_tls_cert.as_deref(),
+        args.worker_tls_key.as_deref(),
+        args.worker_tls_ca.as_deref(),
+    )?;
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        server = server
+            .tls_config(tls.server())
+            .context("--worker-tls-cert / --worker-tls-key")?;
+    }
     if args.exit_on_stdin_close {
         std::thread::spawn(|| {
             let mut sink = Vec::new();
@@ -145,7 +169,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("TPSERVE_WORKER_LISTENING {addr}");
     }
     tracing::info!(
-        "worker serving gRPC on {addr}: {} ({})",
+        "worker serving gRPC{} on {addr}: {} ({})",
+        if tls.is_some() {
+            " over mutual TLS"
+        } else {
+            ""
+        },
         service.device().kind,
         service.device().name
     );
@@ -181,7 +210,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!(%key, %value, "registered in etcd");
         Some(reg)
     };
-    tonic::transport::Server::builder()
+    server
         .add_service(InterceptedService::new(
             WorkerServer::new(service).max_decoding_message_size(256 << 20),
             TokenCheck::new(args.worker_token.as_deref()),

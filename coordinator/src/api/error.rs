@@ -83,6 +83,10 @@ pub enum ApiError {
     /// The client did not send the whole body within `--http-body-timeout` (408).
     #[error("The request body did not arrive within {seconds} s (--http-body-timeout)")]
     RequestTimeout { seconds: f64 },
+    /// A connection began a request but did not finish its headers within
+    /// `--http-header-timeout` (408; the listener writes it, as no request was read to route).
+    #[error("The request headers did not arrive within {seconds} s (--http-header-timeout)")]
+    HeaderTimeout { seconds: f64 },
     /// The server is not ready to serve (503): `/health` while workers are down or starting.
     #[error("{detail}")]
     NotReady { detail: String },
@@ -140,7 +144,7 @@ impl ApiError {
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::RouteUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            Self::RequestTimeout { .. } | Self::HeaderTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::NotReady { .. } | Self::Stalled { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Engine(e) => match e {
@@ -187,7 +191,9 @@ impl ApiError {
             Self::RouteNotFound { .. } => ("invalid_request_error", Some("not_found")),
             Self::MethodNotAllowed { .. } => ("invalid_request_error", Some("method_not_allowed")),
             Self::PayloadTooLarge { .. } => ("invalid_request_error", Some("payload_too_large")),
-            Self::RequestTimeout { .. } => ("invalid_request_error", Some("request_timeout")),
+            Self::RequestTimeout { .. } | Self::HeaderTimeout { .. } => {
+                ("invalid_request_error", Some("request_timeout"))
+            }
             Self::NotReady { .. } => ("service_unavailable_error", Some("service_unavailable")),
             Self::Stalled { on_workers, .. } => (
                 "service_unavailable_error",

@@ -40,8 +40,9 @@ pub struct LimitArgs {
     #[arg(long, env = "TPSERVE_MAX_PROMPT_BYTES")]
     pub max_prompt_bytes: Option<usize>,
     /// Seconds a client may take to send a request's headers, counted from the connection's
-    /// opening or from the end of the previous response on a kept-alive connection: slow
-    /// senders (slow-loris) and idle keep-alive connections are closed after it.
+    /// opening or from the end of the previous response on a kept-alive connection: a request
+    /// whose headers stop coming (slow-loris) gets 408 and is closed; a connection that sent
+    /// nothing (idle keep-alive) is closed silently, as nginx does.
     #[arg(long, env = "TPSERVE_HTTP_HEADER_TIMEOUT", default_value_t = 15.0)]
     pub http_header_timeout: f64,
     /// Seconds a client may take to send a request's body once its headers have come; slower

@@ -15,6 +15,7 @@
 mod auth;
 mod chat;
 mod completions;
+mod connection;
 mod embeddings;
 mod error;
 mod gateway;

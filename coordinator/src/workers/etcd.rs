@@ -60,7 +60,7 @@ impl WorkerSource for EtcdWorkers {
                 })?;
         let addrs: Vec<String> = members.members.values().cloned().collect();
         tracing::info!(?addrs, "all ranks registered; forming the group");
-        let mut group = WorkerGroup::connect(&addrs, &self.init.token).await?;
+        let mut group = WorkerGroup::connect(&addrs, &self.init).await?;
         let ready = group.initialize(&self.init).await?;
         self.formed = Some(members);
         Ok((group, ready))

@@ -14,6 +14,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Streaming;
 use tpserve_proto as pb;
+use tpserve_proto::tls::WorkerTls;
 use tpserve_proto::worker_client::WorkerClient;
 
 use super::token::GroupToken;
@@ -63,6 +64,8 @@ pub struct GroupInit {
     pub max_cpu_loras: u32,
     /// Sent with every RPC; workers started with it refuse calls without it.
     pub token: GroupToken,
+    /// Mutual TLS to the workers (`--worker-tls-*`); none: plain text.
+    pub tls: Option<WorkerTls>,
 }
 
 /// What start-up found.
@@ -136,22 +139,30 @@ fn phase_err(rank: usize, phase: &'static str) -> impl Fn(tonic::Status) -> Star
 }
 
 impl WorkerGroup {
-    /// Connects to every rank (retrying for a while: workers may still be starting).
-    pub async fn connect(addrs: &[String], token: &GroupToken) -> Result<Self, StartError> {
+    /// Connects to every rank (retrying for a while: workers may still be starting), with
+    /// `init`'s token and, when it has them, its TLS files.
+    pub async fn connect(addrs: &[String], init: &GroupInit) -> Result<Self, StartError> {
         let mut clients = Vec::with_capacity(addrs.len());
         for addr in addrs {
+            let scheme = if init.tls.is_some() { "https" } else { "http" };
             let url = if addr.contains("://") {
                 addr.clone()
             } else {
-                format!("http://{addr}")
+                format!("{scheme}://{addr}")
             };
-            let endpoint = Endpoint::from_shared(url).map_err(|e| StartError::Connect {
+            let connect_err = |detail: String| StartError::Connect {
                 addr: addr.clone(),
-                detail: e.to_string(),
-            })?;
-            let endpoint = endpoint
+                detail,
+            };
+            let mut endpoint = Endpoint::from_shared(url)
+                .map_err(|e| connect_err(e.to_string()))?
                 .connect_timeout(Duration::from_secs(5))
                 .tcp_nodelay(true);
+            if let Some(tls) = &init.tls {
+                endpoint = endpoint
+                    .tls_config(tls.client())
+                    .map_err(|e| connect_err(format!("--worker-tls-*: {e:?}")))?;
+            }
             let mut last = String::new();
             let mut channel = None;
             for _ in 0..100 {
@@ -166,12 +177,9 @@ impl WorkerGroup {
                     }
                 }
             }
-            let channel = channel.ok_or_else(|| StartError::Connect {
-                addr: addr.clone(),
-                detail: last,
-            })?;
+            let channel = channel.ok_or_else(|| connect_err(last))?;
             clients.push(
-                WorkerClient::with_interceptor(channel, token.clone())
+                WorkerClient::with_interceptor(channel, init.token.clone())
                     .max_decoding_message_size(256 << 20)
                     .max_encoding_message_size(256 << 20),
             );

@@ -61,11 +61,11 @@ impl WorkerSource for LocalWorkers {
             self.count,
             self.threads,
             &self.device,
-            &self.init.token,
+            &self.init,
         )
         .await?;
         let addrs: Vec<String> = self.workers.iter().map(|w| w.addr.clone()).collect();
-        let mut group = WorkerGroup::connect(&addrs, &self.init.token).await?;
+        let mut group = WorkerGroup::connect(&addrs, &self.init).await?;
         let ready = group.initialize(&self.init).await?;
         Ok((group, ready))
     }

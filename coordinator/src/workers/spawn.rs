@@ -14,9 +14,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
+use tpserve_proto::tls::WorkerTls;
 use tpserve_term::progress::{self, Mode, Remote};
 
-use super::token::GroupToken;
+use super::group::GroupInit;
 use crate::error::StartError;
 
 /// How long a worker may take to start listening.
@@ -79,13 +80,14 @@ pub fn worker_binary(explicit: Option<&Path>) -> PathBuf {
 }
 
 /// Starts `count` workers on `device` with `threads` CPU threads each and waits until all
-/// listen. Each gets its rank in `TPSERVE_RANK`, which picks its GPU for `auto` and `cuda`.
+/// listen. Each gets its rank in `TPSERVE_RANK`, which picks its GPU for `auto` and `cuda`, and
+/// `init`'s group token and TLS files through its environment.
 pub async fn spawn_local_workers(
     binary: &Path,
     count: usize,
     threads: usize,
     device: &str,
-    token: &GroupToken,
+    init: &GroupInit,
 ) -> Result<Vec<LocalWorker>, StartError> {
     let mut workers = Vec::with_capacity(count);
     // Workers report progress as events for us to draw, unless we show none.
@@ -113,7 +115,12 @@ pub async fn spawn_local_workers(
             .env(color_var, color_value)
             .env(log_var, log_value)
             .envs(tpserve_term::telemetry::child_env())
-            .envs(token.text().map(|t| (tpserve_proto::WORKER_TOKEN_ENV, t)))
+            .envs(
+                init.token
+                    .text()
+                    .map(|t| (tpserve_proto::WORKER_TOKEN_ENV, t)),
+            )
+            .envs(init.tls.iter().flat_map(WorkerTls::env))
             .process_group(0)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -204,6 +204,14 @@ credentials and the cluster name. The cluster name is "<namespace>.<pod name>": 
       key: {{ $.Values.etcd.client.passwordKey }}
 {{- end }}
 {{- end }}
+{{- if .Values.worker.tls.secret }}
+- name: TPSERVE_WORKER_TLS_CERT
+  value: /etc/tpserve/worker-tls/tls.crt
+- name: TPSERVE_WORKER_TLS_KEY
+  value: /etc/tpserve/worker-tls/tls.key
+- name: TPSERVE_WORKER_TLS_CA
+  value: /etc/tpserve/worker-tls/ca.crt
+{{- end }}
 - name: RUST_LOG
   value: {{ .Values.logLevel | quote }}
 - name: TPSERVE_CACHE_DIR
@@ -265,6 +273,11 @@ all of the node's GPUs, whatever it asks for; `void` gives it none (and no drive
 {{- if and (include "tpserve.usesEtcd" .) (include "tpserve.etcd.clientTlsSecret" .) }}
 - name: etcd-tls
   mountPath: /etc/tpserve/etcd-tls
+  readOnly: true
+{{- end }}
+{{- if .Values.worker.tls.secret }}
+- name: worker-tls
+  mountPath: /etc/tpserve/worker-tls
   readOnly: true
 {{- end }}
 {{- end }}

@@ -288,6 +288,12 @@ spec:
         secretName: {{ $clientTls }}
         defaultMode: 0440
     {{- end }}
+    {{- with .Values.worker.tls.secret }}
+    - name: worker-tls
+      secret:
+        secretName: {{ . }}
+        defaultMode: 0440
+    {{- end }}
   {{- with .Values.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
