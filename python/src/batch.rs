@@ -142,24 +142,34 @@ type EventTuple = (
     Option<String>,
 );
 
-fn event_tuple(texts: &TokenTexts, (seq, event): (usize, GenerateEvent)) -> EventTuple {
+fn event_tuple(tokenizer: &Tokenizer, (seq, event): (usize, GenerateEvent)) -> EventTuple {
     match event {
         GenerateEvent::Delta {
             text,
             token_ids,
             logprobs,
             prompt_logprobs,
-        } => (
-            seq,
-            text,
-            token_ids,
-            logprobs.as_ref().map(|lp| position_tuple(texts, lp)),
-            prompt_logprobs
-                .as_deref()
-                .map(|lps| prompt_tuples(texts, lps)),
-            None,
-            None,
-        ),
+        } => {
+            // Only requests that asked for log probabilities pay for their tokens' texts.
+            let texts = (logprobs.is_some() || prompt_logprobs.is_some())
+                .then(|| TokenTexts::new(tokenizer));
+            let texts = texts.as_ref();
+            (
+                seq,
+                text,
+                token_ids,
+                logprobs
+                    .as_ref()
+                    .zip(texts)
+                    .map(|(lp, t)| position_tuple(t, lp)),
+                prompt_logprobs
+                    .as_deref()
+                    .zip(texts)
+                    .map(|(lps, t)| prompt_tuples(t, lps)),
+                None,
+                None,
+            )
+        }
         GenerateEvent::Finished { reason, .. } => (
             seq,
             String::new(),
@@ -416,10 +426,7 @@ impl Batch {
     fn next(&self, py: Python<'_>) -> PyResult<Option<EventTuple>> {
         let (sequences, cancel) = (&self.sequences, &self.cancel);
         match wait(py, &self.runtime, || next_event(sequences, cancel)) {
-            Ok(event) => {
-                let texts = TokenTexts::new(&self.tokenizer);
-                Ok(event.map(|e| event_tuple(&texts, e)))
-            }
+            Ok(event) => Ok(event.map(|e| event_tuple(&self.tokenizer, e))),
             Err(e) => {
                 self.abort();
                 Err(e)
@@ -434,7 +441,7 @@ impl Batch {
         let tokenizer = self.tokenizer.clone();
         self.runtime.spawn(async move {
             let event = next_event(&sequences, &cancel).await;
-            let event = event.map(|e| event_tuple(&TokenTexts::new(&tokenizer), e));
+            let event = event.map(|e| event_tuple(&tokenizer, e));
             Python::with_gil(move |py| {
                 if let Err(e) = callback.call1(py, (event,)) {
                     e.print(py);

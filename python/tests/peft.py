@@ -49,8 +49,10 @@ def write_adapter(directory, *, rank=4, alpha=8.0, seed=1, shapes=SMOLLM2, ampli
             out, inp = shapes[module]
             prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
             a = inp ** -0.5
-            tensors[f"{prefix}.lora_A.weight"] = ((rank, inp), [rng.uniform(-a, a) for _ in range(rank * inp)])
-            tensors[f"{prefix}.lora_B.weight"] = ((out, rank), [rng.uniform(-amplitude, amplitude) for _ in range(out * rank)])
+            lora_a = [rng.uniform(-a, a) for _ in range(rank * inp)]
+            lora_b = [rng.uniform(-amplitude, amplitude) for _ in range(out * rank)]
+            tensors[f"{prefix}.lora_A.weight"] = ((rank, inp), lora_a)
+            tensors[f"{prefix}.lora_B.weight"] = ((out, rank), lora_b)
     (directory / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": targets,
         "bias": "none", "use_rslora": False, "use_dora": False, "modules_to_save": None,

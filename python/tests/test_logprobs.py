@@ -1,6 +1,6 @@
 """Log probabilities from `LLM.generate` against the HTTP API's for the same greedy request:
-`tpserve serve` runs the same model in the test (the `http` fixture), and `/v1/completions` answers with `logprobs`
-and `prompt_logprobs`.
+`tpserve serve` runs the same model in the test (the `http` fixture), and `/v1/completions`
+answers with `logprobs` and `prompt_logprobs`.
 
 Tolerance: both run the same f32 CPU kernels on the same single-sequence batches, so the values
 agree to 1e-4 (absolute) in every position."""
