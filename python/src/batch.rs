@@ -16,9 +16,13 @@ use futures::stream::{BoxStream, SelectAll};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pyo3::prelude::*;
+use tokenizers::Tokenizer;
 use tokio::runtime::Runtime;
 use tokio::sync::{Mutex, Notify};
-use tpserve_coordinator::engine::{EngineHandle, FinishReason, GenerateEvent, GenerateRequest};
+use tpserve_coordinator::api::{finish_vector, TokenTexts};
+use tpserve_coordinator::engine::{
+    EngineHandle, FinishReason, GenerateEvent, GenerateRequest, TokenLogprobs,
+};
 
 use crate::blocking::wait;
 
@@ -99,29 +103,91 @@ async fn next_event(
     }
 }
 
-/// One event for Python: `(sequence, new text, new token ids, finish reason, error)`; a finish
-/// reason or an error ends the sequence.
+/// The log probabilities of one position for Python: the chosen token first, then the most
+/// likely tokens other than it, each as `(token id, logprob, rank, decoded text)` (vLLM's
+/// `Logprob`; the text as the HTTP API reports it). Raw values: a banned token is `-inf`.
+pub type PositionTuple = Vec<(u32, f32, u32, String)>;
+
+fn position_tuple(texts: &TokenTexts, lp: &TokenLogprobs) -> PositionTuple {
+    let mut out = Vec::with_capacity(lp.top.len() + 1);
+    out.push((lp.token_id, lp.logprob, lp.rank, texts.text(lp.token_id)));
+    out.extend(
+        lp.top
+            .iter()
+            .enumerate()
+            .filter(|(_, (id, _))| *id != lp.token_id)
+            .map(|(i, &(id, logprob))| (id, logprob, i as u32 + 1, texts.text(id))),
+    );
+    out
+}
+
+/// A prompt's log probabilities: `None` for the first token (it has no context).
+fn prompt_tuples(texts: &TokenTexts, lps: &[Option<TokenLogprobs>]) -> Vec<Option<PositionTuple>> {
+    lps.iter()
+        .map(|lp| lp.as_ref().map(|lp| position_tuple(texts, lp)))
+        .collect()
+}
+
+/// One event for Python: `(sequence, new text, new token ids, the token's log probabilities,
+/// the prompt's log probabilities, finish reason, error)`; a finish reason or an error ends the
+/// sequence. Log probabilities come only when the request asked for them, the prompt's with the
+/// first token.
 type EventTuple = (
     usize,
     String,
     Vec<u32>,
+    Option<PositionTuple>,
+    Option<Vec<Option<PositionTuple>>>,
     Option<&'static str>,
     Option<String>,
 );
 
-fn event_tuple((seq, event): (usize, GenerateEvent)) -> EventTuple {
+fn event_tuple(tokenizer: &Tokenizer, (seq, event): (usize, GenerateEvent)) -> EventTuple {
     match event {
         GenerateEvent::Delta {
-            text, token_ids, ..
-        } => (seq, text, token_ids, None, None),
+            text,
+            token_ids,
+            logprobs,
+            prompt_logprobs,
+        } => {
+            // Only requests that asked for log probabilities pay for their tokens' texts.
+            let texts = (logprobs.is_some() || prompt_logprobs.is_some())
+                .then(|| TokenTexts::new(tokenizer));
+            let texts = texts.as_ref();
+            (
+                seq,
+                text,
+                token_ids,
+                logprobs
+                    .as_ref()
+                    .zip(texts)
+                    .map(|(lp, t)| position_tuple(t, lp)),
+                prompt_logprobs
+                    .as_deref()
+                    .zip(texts)
+                    .map(|(lps, t)| prompt_tuples(t, lps)),
+                None,
+                None,
+            )
+        }
         GenerateEvent::Finished { reason, .. } => (
             seq,
             String::new(),
             Vec::new(),
+            None,
+            None,
             Some(reason_name(reason)),
             None,
         ),
-        GenerateEvent::Error(e) => (seq, String::new(), Vec::new(), None, Some(e.to_string())),
+        GenerateEvent::Error(e) => (
+            seq,
+            String::new(),
+            Vec::new(),
+            None,
+            None,
+            None,
+            Some(e.to_string()),
+        ),
     }
 }
 
@@ -146,6 +212,11 @@ fn now() -> f64 {
 struct Completion {
     text: String,
     token_ids: Vec<u32>,
+    /// Each generated token's, when asked for.
+    logprobs: Option<Vec<PositionTuple>>,
+    prompt_logprobs: Option<Vec<Option<PositionTuple>>>,
+    /// An embedding request's pooled vector (normalized when the pooler says so).
+    embedding: Option<Vec<f32>>,
     finish_reason: Option<&'static str>,
     error: Option<String>,
     first_token_time: Option<f64>,
@@ -153,15 +224,18 @@ struct Completion {
     finished_time: Option<f64>,
 }
 
-/// `(text, token ids, finish reason, error, first token time, last token time, finished time)`.
+/// A finished sequence for Python: `(text, token ids, log probabilities, prompt log
+/// probabilities, embedding, finish reason, error, (first token time, last token time,
+/// finished time))`.
 type CompletionTuple = (
     String,
     Vec<u32>,
+    Option<Vec<PositionTuple>>,
+    Option<Vec<Option<PositionTuple>>>,
+    Option<Vec<f32>>,
     Option<&'static str>,
     Option<String>,
-    Option<f64>,
-    Option<f64>,
-    Option<f64>,
+    (Option<f64>, Option<f64>, Option<f64>),
 );
 
 impl Completion {
@@ -169,11 +243,16 @@ impl Completion {
         (
             self.text,
             self.token_ids,
+            self.logprobs,
+            self.prompt_logprobs,
+            self.embedding,
             self.finish_reason,
             self.error,
-            self.first_token_time,
-            self.last_token_time,
-            self.finished_time,
+            (
+                self.first_token_time,
+                self.last_token_time,
+                self.finished_time,
+            ),
         )
     }
 }
@@ -236,32 +315,46 @@ impl Progress {
     }
 }
 
+/// Which prompt each sequence of a batch belongs to, and each prompt's length in tokens.
+pub struct Layout {
+    /// The prompt of each sequence.
+    pub prompt_of: Vec<usize>,
+    pub prompt_lens: Vec<usize>,
+    /// Embedding requests: L2-normalize the pooled vectors (the pooler's setting).
+    pub normalize_embeddings: bool,
+}
+
 /// The sequences of one submission (see the module header).
 #[pyclass(module = "tpserve._tpserve")]
 pub struct Batch {
     runtime: Arc<Runtime>,
+    /// The served tokenizer, for the texts of log probabilities' tokens.
+    tokenizer: Arc<Tokenizer>,
     sequences: Arc<Mutex<Sequences>>,
     cancel: Arc<Cancel>,
     /// The prompt of each sequence.
     prompt_of: Vec<usize>,
     /// Each prompt's length in tokens.
     prompt_lens: Vec<usize>,
+    normalize_embeddings: bool,
 }
 
 impl Batch {
-    /// A batch of `sequences`, the `i`th belonging to prompt `prompt_of[i]`.
+    /// A batch of `sequences`, laid out over their prompts as `layout` says.
     pub fn new(
         runtime: Arc<Runtime>,
+        tokenizer: Arc<Tokenizer>,
         sequences: Sequences,
-        prompt_of: Vec<usize>,
-        prompt_lens: Vec<usize>,
+        layout: Layout,
     ) -> Self {
         Self {
             runtime,
+            tokenizer,
             sequences: Arc::new(Mutex::new(sequences)),
             cancel: Arc::default(),
-            prompt_of,
-            prompt_lens,
+            prompt_of: layout.prompt_of,
+            prompt_lens: layout.prompt_lens,
+            normalize_embeddings: layout.normalize_embeddings,
         }
     }
 }
@@ -273,13 +366,19 @@ impl Batch {
     fn collect(&self, py: Python<'_>, use_tqdm: bool) -> PyResult<Vec<CompletionTuple>> {
         let mut progress = Progress::new(use_tqdm, &self.prompt_of, &self.prompt_lens);
         let (sequences, cancel, prompt_of) = (&self.sequences, &self.cancel, &self.prompt_of);
+        let texts = TokenTexts::new(&self.tokenizer);
+        let normalize = self.normalize_embeddings;
+        let texts = &texts;
         let run = || async move {
             let mut out = vec![Completion::default(); prompt_of.len()];
             while let Some((seq, event)) = next_event(sequences, cancel).await {
                 let c = &mut out[seq];
                 match event {
                     GenerateEvent::Delta {
-                        text, token_ids, ..
+                        text,
+                        token_ids,
+                        logprobs,
+                        prompt_logprobs,
                     } => {
                         let t = now();
                         c.first_token_time.get_or_insert(t);
@@ -287,8 +386,18 @@ impl Batch {
                         c.text.push_str(&text);
                         progress.tokens(token_ids.len());
                         c.token_ids.extend(token_ids);
+                        if let Some(lp) = &logprobs {
+                            let position = position_tuple(texts, lp);
+                            c.logprobs.get_or_insert_with(Vec::new).push(position);
+                        }
+                        if let Some(lps) = &prompt_logprobs {
+                            c.prompt_logprobs = Some(prompt_tuples(texts, lps));
+                        }
                     }
-                    GenerateEvent::Finished { reason, .. } => {
+                    GenerateEvent::Finished {
+                        reason, embedding, ..
+                    } => {
+                        c.embedding = embedding.map(|v| finish_vector(v, None, normalize));
                         c.finish_reason = Some(reason_name(reason));
                         c.finished_time = Some(now());
                         progress.sequence_ended(prompt_of[seq]);
@@ -317,7 +426,7 @@ impl Batch {
     fn next(&self, py: Python<'_>) -> PyResult<Option<EventTuple>> {
         let (sequences, cancel) = (&self.sequences, &self.cancel);
         match wait(py, &self.runtime, || next_event(sequences, cancel)) {
-            Ok(event) => Ok(event.map(event_tuple)),
+            Ok(event) => Ok(event.map(|e| event_tuple(&self.tokenizer, e))),
             Err(e) => {
                 self.abort();
                 Err(e)
@@ -329,8 +438,10 @@ impl Batch {
     /// the building block of `AsyncLLM`, whose callback hands the event to its asyncio loop.
     fn next_async(&self, callback: Py<PyAny>) {
         let (sequences, cancel) = (self.sequences.clone(), self.cancel.clone());
+        let tokenizer = self.tokenizer.clone();
         self.runtime.spawn(async move {
-            let event = next_event(&sequences, &cancel).await.map(event_tuple);
+            let event = next_event(&sequences, &cancel).await;
+            let event = event.map(|e| event_tuple(&tokenizer, e));
             Python::with_gil(move |py| {
                 if let Err(e) = callback.call1(py, (event,)) {
                     e.print(py);

@@ -12,6 +12,7 @@ use clap::{CommandFactory, Parser};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use tokio::runtime::Runtime;
+use tpserve_coordinator::adapters::AdapterInfo;
 use tpserve_coordinator::api::{render_chat, ChatMessageIn, PromptKind};
 use tpserve_coordinator::config::EngineArgs;
 use tpserve_coordinator::engine::EngineHandle;
@@ -19,10 +20,26 @@ use tpserve_coordinator::launch::{launch, Launched};
 use tpserve_coordinator::served_model::ServedModel;
 use tpserve_term::progress;
 
-use crate::batch::{Batch, Sequences};
+use crate::batch::{Batch, Layout, Sequences};
 use crate::blocking::wait;
 use crate::errors;
-use crate::requests::{prepare, Prompt};
+use crate::requests::{prepare, prepare_embeddings, EmbedSpec, Prepared, Prompt, PromptSpec};
+
+/// The adapter loaded as `name`.
+fn adapter(model: &ServedModel, name: &str) -> PyResult<Arc<AdapterInfo>> {
+    model
+        .adapter(name)
+        .ok_or_else(|| PyValueError::new_err(format!("The LoRA adapter `{name}` is not loaded.")))
+}
+
+/// A batch's error, naming the prompt at fault when there are several.
+fn numbered(py: Python<'_>, batch_size: usize, index: usize, err: PyErr) -> PyErr {
+    if batch_size > 1 {
+        PyValueError::new_err(format!("prompt {index}: {}", err.value(py)))
+    } else {
+        err
+    }
+}
 
 /// The engine's flags, parsed as `tpserve generate` parses them.
 #[derive(Debug, Parser)]
@@ -76,6 +93,30 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// A batch of `prepared` sequences on `engine`.
+    fn batch(
+        &self,
+        engine: EngineHandle,
+        model: &ServedModel,
+        prepared: Prepared,
+        normalize_embeddings: bool,
+    ) -> (Batch, Vec<Vec<u32>>) {
+        let layout = Layout {
+            prompt_of: prepared.sequences.iter().map(|(p, _)| *p).collect(),
+            prompt_lens: prepared.prompt_token_ids.iter().map(Vec::len).collect(),
+            normalize_embeddings,
+        };
+        let requests = prepared.sequences.into_iter().map(|(_, r)| r).collect();
+        let sequences = Sequences::new(engine, requests, self.max_in_flight);
+        let batch = Batch::new(
+            self.runtime.clone(),
+            model.tokenizer.clone(),
+            sequences,
+            layout,
+        );
+        (batch, prepared.prompt_token_ids)
+    }
+
     fn running(&self) -> PyResult<(EngineHandle, ServedModel)> {
         let launched = self.launched.lock().map_err(|_| errors::shut_down())?;
         launched
@@ -115,6 +156,18 @@ impl Engine {
         Ok(self.running()?.1.max_model_len)
     }
 
+    /// What the model is served for: `"generate"` or `"embed"` (`task=`).
+    #[getter]
+    fn task(&self) -> PyResult<&'static str> {
+        Ok(self.running()?.1.task.name())
+    }
+
+    /// Tokens in the vocabulary, added tokens included.
+    #[getter]
+    fn vocab_size(&self) -> PyResult<usize> {
+        Ok(self.running()?.1.tokenizer.get_vocab_size(true))
+    }
+
     /// Token ids of `text`.
     #[pyo3(signature = (text, add_special_tokens = true))]
     fn tokenize(
@@ -149,7 +202,8 @@ impl Engine {
     }
 
     /// Submits one sequence per prompt and choice (`n`); `params[i]` is prompt `i`'s sampling
-    /// parameters as a JSON object, `kind` is `"prompt"` (raw prompts get the tokenizer's
+    /// parameters as a JSON object and `adapters[i]` the name of its LoRA adapter (loaded by
+    /// [`Engine::load_lora`]) or `None`; `kind` is `"prompt"` (raw prompts get the tokenizer's
     /// special tokens) or `"messages"` (rendered conversations already have them). Returns the
     /// batch and each prompt's token ids.
     fn submit(
@@ -157,6 +211,7 @@ impl Engine {
         py: Python<'_>,
         prompts: Vec<Prompt>,
         params: Vec<String>,
+        adapters: Vec<Option<String>>,
         kind: &str,
     ) -> PyResult<(Batch, Vec<Vec<u32>>)> {
         let kind = match kind {
@@ -168,31 +223,101 @@ impl Engine {
                 )))
             }
         };
-        if prompts.len() != params.len() {
+        if prompts.len() != params.len() || prompts.len() != adapters.len() {
             return Err(PyValueError::new_err(format!(
-                "{} prompts but {} sampling parameters",
+                "{} prompts but {} sampling parameters and {} adapters",
                 prompts.len(),
-                params.len()
+                params.len(),
+                adapters.len()
             )));
         }
         let (engine, model) = self.running()?;
         let batch_size = prompts.len();
+        let adapters = adapters
+            .iter()
+            .map(|name| name.as_deref().map(|n| adapter(&model, n)).transpose())
+            .collect::<PyResult<Vec<_>>>()?;
+        let specs = prompts
+            .into_iter()
+            .zip(params)
+            .zip(adapters)
+            .map(|((prompt, params), adapter)| PromptSpec {
+                prompt,
+                params,
+                adapter,
+            })
+            .collect();
         let prepared = py
-            .allow_threads(|| prepare(&model, prompts, &params, kind))
-            .map_err(|(i, e)| {
-                let err = errors::request(e);
-                if batch_size > 1 {
-                    PyValueError::new_err(format!("prompt {i}: {}", err.value(py)))
-                } else {
-                    err
-                }
-            })?;
-        let prompt_of = prepared.sequences.iter().map(|(p, _)| *p).collect();
-        let requests = prepared.sequences.into_iter().map(|(_, r)| r).collect();
-        let prompt_lens = prepared.prompt_token_ids.iter().map(Vec::len).collect();
-        let sequences = Sequences::new(engine, requests, self.max_in_flight);
-        let batch = Batch::new(self.runtime.clone(), sequences, prompt_of, prompt_lens);
-        Ok((batch, prepared.prompt_token_ids))
+            .allow_threads(|| prepare(&model, specs, kind))
+            .map_err(|(i, e)| numbered(py, batch_size, i, errors::request(e)))?;
+        Ok(self.batch(engine, &model, prepared, false))
+    }
+
+    /// Submits one embedding sequence per prompt (a server started with `task="embed"`): each
+    /// prompt's pooled hidden state, normalized as the model's pooler says, comes back as the
+    /// batch's `embedding`. `truncate_prompt_tokens` keeps each prompt's last that many tokens
+    /// (-1: max-model-len), as vLLM's.
+    #[pyo3(signature = (prompts, adapters, truncate_prompt_tokens = None))]
+    fn submit_embeddings(
+        &self,
+        py: Python<'_>,
+        prompts: Vec<Prompt>,
+        adapters: Vec<Option<String>>,
+        truncate_prompt_tokens: Option<i64>,
+    ) -> PyResult<(Batch, Vec<Vec<u32>>)> {
+        let (engine, model) = self.running()?;
+        let Some(pooler) = model.task.pooler().cloned() else {
+            return Err(PyValueError::new_err(
+                "embed() needs an embedding model: start the LLM with task=\"embed\"",
+            ));
+        };
+        if prompts.len() != adapters.len() {
+            return Err(PyValueError::new_err(format!(
+                "{} prompts but {} adapters",
+                prompts.len(),
+                adapters.len()
+            )));
+        }
+        let adapters = adapters
+            .iter()
+            .map(|name| name.as_deref().map(|n| adapter(&model, n)).transpose())
+            .collect::<PyResult<Vec<_>>>()?;
+        let batch_size = prompts.len();
+        let embed = EmbedSpec {
+            pooler: &pooler,
+            truncate_prompt_tokens,
+        };
+        let prepared = py
+            .allow_threads(|| prepare_embeddings(&model, prompts, adapters, &embed))
+            .map_err(|(i, e)| numbered(py, batch_size, i, errors::request(e)))?;
+        Ok(self.batch(engine, &model, prepared, pooler.normalize))
+    }
+
+    /// Serves the PEFT adapter in `path` as `name` (vLLM's `LoRARequest`), reading and checking
+    /// it in full the first time; a name already loaded from the same path is reused. Raises
+    /// `ValueError` when LoRA is off, the adapter cannot be served (the message names the file,
+    /// field or tensor), or the name is taken by another path.
+    fn load_lora(&self, py: Python<'_>, name: String, path: std::path::PathBuf) -> PyResult<u32> {
+        let (_, model) = self.running()?;
+        let Some(registry) = model.adapters.clone() else {
+            return Err(PyValueError::new_err(format!(
+                "Got lora_request {name:?} but LoRA is not enabled! Start the LLM with \
+                 enable_lora=True."
+            )));
+        };
+        if let Some(info) = registry.get(&name) {
+            if info.path == path {
+                return Ok(info.id);
+            }
+            return Err(PyValueError::new_err(format!(
+                "The LoRA adapter name {name:?} is in use by {}; give {} another name",
+                info.path.display(),
+                path.display()
+            )));
+        }
+        py.allow_threads(|| registry.load(&name, &path))
+            .map(|info| info.id)
+            .map_err(|e| PyValueError::new_err(format!("LoRA adapter {name:?}: {e}")))
     }
 
     /// Stops the engine and its workers and waits until they are gone; later calls do nothing.

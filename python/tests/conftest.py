@@ -1,11 +1,17 @@
 """Shared fixtures: the default model (SmolLM2-135M-Instruct GGUF, `scripts/fetch-default-model.sh`),
-one engine shared by the tests that only generate, and a check after every test that no worker
-process it started is left (running or unreaped)."""
+one engine shared by the tests that only generate, a check after every test that no worker
+process it started is left (running or unreaped), and `serve`: a real `tpserve serve` to compare
+the SDK's answers with the HTTP API's."""
 
+import contextlib
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -69,6 +75,13 @@ def llm(model):
     SHARED_WORKERS.clear()
 
 
+@pytest.fixture(scope="session")
+def http(model, tpserve_bin):
+    """`tpserve serve` on the default model, configured as the `llm` fixture's engine."""
+    with serve(tpserve_bin, "--model", model, "--max-model-len", "1024") as server:
+        yield server
+
+
 @pytest.fixture(autouse=True)
 def no_worker_left():
     before = worker_children()
@@ -86,3 +99,49 @@ def run_python(code, *, env=None, timeout=600):
         env={**os.environ, **(env or {})},
         timeout=timeout,
     )
+
+
+class Server:
+    """A running `tpserve serve` and a JSON client for it (the standard library's)."""
+
+    def __init__(self, url):
+        self.url = url
+
+    def post(self, path, body):
+        """The JSON answer of POST `path`; raises `HTTPError` (with the body read) on an error."""
+        request = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=600) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"{path}: {e.code} {e.read().decode()}") from None
+
+
+@contextlib.contextmanager
+def serve(tpserve_bin, *args):
+    """`tpserve serve --port 0 ARGS...` until the block ends; then SIGTERM, and waits for it (its
+    workers are its children: it reaps them before it exits)."""
+    child = subprocess.Popen(
+        [tpserve_bin, "serve", "--port", "0", "--host", "127.0.0.1", "--print-listening-url",
+         *args],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "RUST_LOG": "warn"},
+    )
+    try:
+        url = None
+        for line in child.stdout:
+            if line.startswith("TPSERVE_LISTENING "):
+                url = line.split(" ", 1)[1].strip()
+                break
+        assert url, f"tpserve serve did not start (status {child.wait()})"
+        yield Server(url)
+    finally:
+        child.send_signal(signal.SIGINT)
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        child.stdout.close()

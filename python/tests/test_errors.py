@@ -71,8 +71,8 @@ def test_bad_engine_options_are_refused(model):
     ({"n": 0}, "`n` must be between 1 and 128, got 0"),
     ({"max_tokens": 0}, "`max_tokens` must be at least 1, got 0"),
     ({"presence_penalty": 2.5}, "`presence_penalty` must be between -2 and 2, got 2.5"),
-    ({"logit_bias": {"100": 5}}, "`logit_bias` is not supported yet"),
-    ({"logprobs": 1}, "`logprobs` is not supported yet"),
+    ({"logprobs": 21}, "`logprobs` must be between 0 and 20, got 21"),
+    ({"min_tokens": -1}, "`min_tokens` must be at least 0, got -1"),
 ])
 def test_sampling_params_raise_the_http_400_messages(kwargs, message):
     with pytest.raises(ValueError) as e:

@@ -49,7 +49,7 @@ def test_chat_takes_a_list_of_conversations(llm):
 
 def test_strings_token_ids_and_dicts_mix_in_one_batch(llm):
     text = "The capital of France is"
-    ids = llm.encode(text)
+    ids = llm.get_tokenizer().encode(text)
     outs = llm.generate([text, ids, {"prompt_token_ids": ids}, {"prompt": text}], GREEDY)
     assert len({o.outputs[0].text for o in outs}) == 1
     assert all(o.prompt_token_ids == ids for o in outs)

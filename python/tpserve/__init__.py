@@ -12,8 +12,11 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .async_llm import AsyncLLM
 from .llm import LLM
-from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .sampling_params import SamplingParams
+from .logprobs import Logprob
+from .lora.request import LoRARequest
+from .outputs import (CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, PoolingOutput,
+                      PoolingRequestOutput, RequestMetrics, RequestOutput)
+from .sampling_params import GuidedDecodingParams, SamplingParams, StructuredOutputsParams
 
 #: vLLM's older name of the async engine.
 AsyncLLMEngine = AsyncLLM
@@ -28,7 +31,15 @@ __all__ = [
     "AsyncLLM",
     "AsyncLLMEngine",
     "SamplingParams",
+    "StructuredOutputsParams",
+    "GuidedDecodingParams",
+    "LoRARequest",
     "RequestOutput",
     "CompletionOutput",
     "RequestMetrics",
+    "Logprob",
+    "EmbeddingOutput",
+    "EmbeddingRequestOutput",
+    "PoolingOutput",
+    "PoolingRequestOutput",
 ]

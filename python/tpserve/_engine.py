@@ -6,12 +6,15 @@ import atexit
 import itertools
 import json
 import os
+import random
 import time
 import weakref
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from . import _tpserve
+from .logprobs import position, prompt_positions
+from .lora.request import LoRARequest
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampling_params import SamplingParams
 
@@ -44,8 +47,6 @@ def engine_argv(model: Union[str, os.PathLike], kwargs: Dict[str, Any], caller: 
             "quantized on the CPU, quantization='gguf'; or dequantized, 'none') and unquantized "
             "safetensors checkpoints"
         )
-    if kwargs.pop("enable_lora", False):
-        raise ValueError("LoRA adapters (enable_lora=True) are not supported yet")
     # tpserve never runs code shipped with a model, so there is nothing to trust.
     kwargs.pop("trust_remote_code", None)
     if kwargs.get("worker_binary") is None and "TPSERVE_WORKER_BINARY" not in os.environ:
@@ -115,11 +116,26 @@ def per_prompt(value: Any, count: int, what: str, default: Any) -> List[Any]:
     return [value] * count
 
 
+def sequence_logprobs(entries: Optional[list]) -> Tuple[Optional[list], Optional[float]]:
+    """(``CompletionOutput.logprobs``, ``cumulative_logprob``) from the engine's positions."""
+    if entries is None:
+        return None, None
+    positions = [position(e) for e in entries]
+    # Each position's first entry is the chosen token.
+    return positions, sum(e[0][1] for e in entries)
+
+
 class Submission:
     """The prompts of one call, submitted as one batch, and how to turn its events into outputs."""
 
     def __init__(self, core: "EngineCore", prompts: Any, sampling_params: Any, priority: Any,
-                 kind: str = "prompt", request_ids: Optional[List[str]] = None):
+                 kind: str = "prompt", request_ids: Optional[List[str]] = None,
+                 lora_request: Any = None):
+        if core.engine.task != "generate":
+            raise ValueError(
+                "generate() and chat() need a generative model: this one was started with "
+                f'task="{core.engine.task}" (use embed() or encode())'
+            )
         items = normalize_prompts(prompts) if kind == "prompt" else prompts
         count = len(items)
         if count == 0:
@@ -129,13 +145,16 @@ class Submission:
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"sampling_params must be SamplingParams, not {type(p).__name__}")
         priorities = per_prompt(priority, count, "priorities", 0)
+        self.loras = per_prompt(lora_request, count, "LoRA requests", None)
+        adapters = [core.load_lora(lora) for lora in self.loras]
         self.texts = [text for text, _ in items]
         self.params = params
         self.request_ids = request_ids or [core.next_request_id() for _ in range(count)]
         self.arrival = time.time()
         self.batch, self.prompt_token_ids = core.engine.submit(
             [engine_prompt for _, engine_prompt in items],
-            [p._to_json(priority=pr) for p, pr in zip(params, priorities)],
+            [p._to_json(priority=pr, seed=core.next_seed()) for p, pr in zip(params, priorities)],
+            adapters,
             kind,
         )
         # Sequence s belongs to prompt owner[s], as its choice choice[s].
@@ -144,15 +163,16 @@ class Submission:
         self.first_seq = list(itertools.accumulate([0] + [p.n for p in params]))
 
     def _request_output(self, i: int, outputs: List[CompletionOutput], finished: bool,
-                        metrics: RequestMetrics) -> RequestOutput:
+                        metrics: RequestMetrics, prompt_logprobs: Optional[list]) -> RequestOutput:
         return RequestOutput(
             request_id=self.request_ids[i],
             prompt=self.texts[i],
             prompt_token_ids=self.prompt_token_ids[i],
-            prompt_logprobs=None,
+            prompt_logprobs=prompt_logprobs,
             outputs=outputs,
             finished=finished,
             metrics=metrics,
+            lora_request=self.loras[i],
         )
 
     def collect(self, use_tqdm: bool) -> List[RequestOutput]:
@@ -162,13 +182,19 @@ class Submission:
         for i, params in enumerate(self.params):
             outputs = []
             times = []
+            prompt_logprobs = None
             for choice in range(params.n):
-                text, ids, reason, error, first, last, finished = done[self.first_seq[i] + choice]
+                text, ids, lps, prompt_lps, _, reason, error, when = done[self.first_seq[i] + choice]
                 if error is not None:
                     raise RuntimeError(f"request {self.request_ids[i]} failed: {error}")
+                logprobs, cumulative = sequence_logprobs(lps)
+                if params.logprobs is not None and logprobs is None:
+                    logprobs, cumulative = [], 0.0
                 outputs.append(CompletionOutput(index=choice, text=text, token_ids=ids,
-                                                finish_reason=reason))
-                times.append((first, last, finished))
+                                                cumulative_logprob=cumulative, logprobs=logprobs,
+                                                finish_reason=reason, lora_request=self.loras[i]))
+                prompt_logprobs = prompt_logprobs or prompt_positions(prompt_lps)
+                times.append(when)
             firsts = [t[0] for t in times if t[0] is not None]
             lasts = [t[1] for t in times if t[1] is not None]
             metrics = RequestMetrics(
@@ -177,7 +203,7 @@ class Submission:
                 last_token_time=max(lasts) if lasts else None,
                 finished_time=max(t[2] for t in times),
             )
-            results.append(self._request_output(i, outputs, True, metrics))
+            results.append(self._request_output(i, outputs, True, metrics, prompt_logprobs))
         return results
 
     def stream_state(self) -> "StreamState":
@@ -191,12 +217,17 @@ class StreamState:
         self.sub = submission
         self.texts = [[] for _ in submission.owner]
         self.ids = [[] for _ in submission.owner]
+        self.logprobs: List[Optional[list]] = [
+            [] if submission.params[i].logprobs is not None else None for i in submission.owner
+        ]
+        self.cumulative: List[float] = [0.0 for _ in submission.owner]
+        self.prompt_logprobs: List[Optional[list]] = [None for _ in submission.params]
         self.reasons: List[Optional[str]] = [None for _ in submission.owner]
         self.metrics = [RequestMetrics(arrival_time=submission.arrival) for _ in submission.params]
 
     def apply(self, event: Tuple) -> RequestOutput:
         """The output of the event's prompt after ``event`` (see ``Batch.next``)."""
-        seq, text, ids, reason, error = event
+        seq, text, ids, lps, prompt_lps, reason, error = event
         sub = self.sub
         i = sub.owner[seq]
         if error is not None:
@@ -209,6 +240,11 @@ class StreamState:
             metrics.last_token_time = now
         self.texts[seq].append(text)
         self.ids[seq].extend(ids)
+        if lps is not None and self.logprobs[seq] is not None:
+            self.logprobs[seq].append(position(lps))
+            self.cumulative[seq] += lps[0][1]
+        if prompt_lps is not None and self.prompt_logprobs[i] is None:
+            self.prompt_logprobs[i] = prompt_positions(prompt_lps)
         self.reasons[seq] = reason
         first = sub.first_seq[i]
         seqs = range(first, first + sub.params[i].n)
@@ -216,23 +252,48 @@ class StreamState:
         if finished:
             metrics.finished_time = now
         outputs = [
-            CompletionOutput(index=s - first, text="".join(self.texts[s]), token_ids=list(self.ids[s]),
-                             finish_reason=self.reasons[s])
+            CompletionOutput(
+                index=s - first, text="".join(self.texts[s]), token_ids=list(self.ids[s]),
+                cumulative_logprob=None if self.logprobs[s] is None else self.cumulative[s],
+                logprobs=None if self.logprobs[s] is None else list(self.logprobs[s]),
+                finish_reason=self.reasons[s], lora_request=sub.loras[i],
+            )
             for s in seqs
         ]
-        return sub._request_output(i, outputs, finished, RequestMetrics(**vars(metrics)))
+        return sub._request_output(i, outputs, finished, RequestMetrics(**vars(metrics)),
+                                   self.prompt_logprobs[i])
 
 
 class EngineCore:
     """One native engine and the request counter of its ``LLM`` or ``AsyncLLM``."""
 
     def __init__(self, model: Union[str, os.PathLike], kwargs: Dict[str, Any], caller: str):
+        kwargs = dict(kwargs)
+        seed = kwargs.pop("seed", None)
+        if seed is not None and not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, not {type(seed).__name__}")
         self.engine = _tpserve.Engine(engine_argv(model, kwargs, caller))
         self._ids = itertools.count()
+        # vLLM's engine seed: requests without a seed of their own draw one from this stream,
+        # so a program that makes the same calls samples the same tokens.
+        self._seeds = None if seed is None else random.Random(seed)
         _LIVE.add(self)
 
     def next_request_id(self) -> str:
         return str(next(self._ids))
+
+    def next_seed(self) -> Optional[int]:
+        """The seed for a request that gives none (``None``: the engine picks at random)."""
+        return None if self._seeds is None else self._seeds.getrandbits(63)
+
+    def load_lora(self, lora: Optional[LoRARequest]) -> Optional[str]:
+        """The engine's name for the adapter of ``lora`` (loaded on first use), or ``None``."""
+        if lora is None:
+            return None
+        if not isinstance(lora, LoRARequest):
+            raise TypeError(f"lora_request must be a LoRARequest, not {type(lora).__name__}")
+        self.engine.load_lora(lora.lora_name, lora.lora_path)
+        return lora.lora_name
 
     def render_conversations(self, messages: Any, add_generation_prompt: bool) -> List[Tuple[str, str]]:
         """One conversation (a list of message dicts) or a list of them, as (prompt text, prompt text)."""

@@ -10,6 +10,7 @@ import os
 from typing import Any, AsyncIterator, Optional, Union
 
 from ._engine import EngineCore, Submission, normalize_prompts
+from .lora.request import LoRARequest
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -39,17 +40,16 @@ class AsyncLLM:
         prompt: Any,
         sampling_params: Optional[SamplingParams] = None,
         request_id: Optional[str] = None,
-        lora_request: Any = None,
+        lora_request: Optional[LoRARequest] = None,
         priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Yields the prompt's cumulative output each time it grows; the last has
-        ``finished=True``."""
-        if lora_request is not None:
-            raise ValueError("LoRA adapters (lora_request) are not supported yet")
+        ``finished=True``. ``lora_request`` runs it with a LoRA adapter (``enable_lora=True``)."""
         if len(normalize_prompts(prompt)) != 1:
             raise ValueError("AsyncLLM.generate takes one prompt; call it once per prompt")
         ids = None if request_id is None else [str(request_id)]
-        submission = Submission(self._core, prompt, sampling_params, [priority], request_ids=ids)
+        submission = Submission(self._core, prompt, sampling_params, [priority], request_ids=ids,
+                                lora_request=lora_request)
         state = submission.stream_state()
         loop = asyncio.get_running_loop()
         try:

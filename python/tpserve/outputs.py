@@ -3,6 +3,8 @@
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from .logprobs import PromptLogprobs, SampleLogprobs
+
 
 @dataclass
 class CompletionOutput:
@@ -11,8 +13,11 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: List[int]
+    #: The sum of the generated tokens' log probabilities, when ``logprobs`` was asked for.
     cumulative_logprob: Optional[float] = None
-    logprobs: Optional[list] = None
+    #: Per generated token, when ``SamplingParams.logprobs`` is set: token id -> ``Logprob``
+    #: for the chosen token and the most likely ones.
+    logprobs: Optional[SampleLogprobs] = None
     #: ``"stop"`` (end of sequence, a stop string or stop token), ``"length"`` (``max_tokens``),
     #: ``"abort"``; ``None`` while the choice is still running.
     finish_reason: Optional[str] = None
@@ -42,7 +47,8 @@ class RequestOutput:
     request_id: str
     prompt: Optional[str]
     prompt_token_ids: List[int]
-    prompt_logprobs: Optional[list]
+    #: Per prompt token, when ``SamplingParams.prompt_logprobs`` is set (``None`` for the first).
+    prompt_logprobs: Optional[PromptLogprobs]
     outputs: List[CompletionOutput]
     finished: bool
     metrics: Optional[RequestMetrics] = None
@@ -50,3 +56,41 @@ class RequestOutput:
     num_cached_tokens: Optional[int] = None
     encoder_prompt: Optional[str] = field(default=None, repr=False)
     encoder_prompt_token_ids: Optional[List[int]] = field(default=None, repr=False)
+
+
+@dataclass
+class PoolingOutput:
+    """A prompt's pooled hidden state (vLLM's ``PoolingOutput``; a list, not a tensor)."""
+
+    data: List[float]
+
+
+@dataclass
+class PoolingRequestOutput:
+    """``LLM.encode``'s result for one prompt."""
+
+    request_id: str
+    outputs: PoolingOutput
+    prompt_token_ids: List[int]
+    finished: bool
+
+
+@dataclass
+class EmbeddingOutput:
+    """A prompt's embedding, normalized as the model's pooler says."""
+
+    embedding: List[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """``LLM.embed``'s result for one prompt."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: List[int]
+    finished: bool

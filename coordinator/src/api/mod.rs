@@ -61,8 +61,13 @@ pub use request_id::{request_ids, RequestId, RequestSpan, REQUEST_ID_HEADER};
 // The request checks and chat rendering the Python bindings (`python/`) reuse, so their
 // `ValueError`s carry the HTTP 400s' messages.
 pub use chat::render as render_chat;
+pub use embeddings::finish_vector;
+pub use logprobs::TokenTexts;
 pub use protocol::{ChatMessageIn, SamplingFields};
-pub use validate::{check_params, check_token_ids, CheckedParams, MaxTokens, PromptKind};
+pub use structured::{compile_constraint_blocking, requested_constraint};
+pub use validate::{
+    check_extras, check_params, check_token_ids, top_count, CheckedParams, MaxTokens, PromptKind,
+};
 
 use crate::engine::EngineHandle;
 use crate::gateway::Gateway;

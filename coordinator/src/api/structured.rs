@@ -144,12 +144,34 @@ pub async fn compile_constraint(
         .compile(constraint)
         .await
         .map(Some)
-        .map_err(|e| match e {
-            StructuredError::Compile { detail } => {
-                ApiError::invalid(param, format!("Invalid {what}: {detail}"))
-            }
-            other => ApiError::invalid(param, other.to_string()),
-        })
+        .map_err(|e| compile_error(e, param, what))
+}
+
+/// [`compile_constraint`] on the calling thread, for callers outside the async runtime (the
+/// Python bindings, which prepare a batch with the GIL released).
+pub fn compile_constraint_blocking(
+    model: &ServedModel,
+    fields: &SamplingFields,
+) -> Result<Option<Arc<Grammar>>, ApiError> {
+    let Some((constraint, param)) = requested_constraint(fields)? else {
+        return Ok(None);
+    };
+    let what = describe(&constraint);
+    model
+        .structured
+        .compile_blocking(&constraint)
+        .map(Some)
+        .map_err(|e| compile_error(e, param, what))
+}
+
+/// A compile failure as the 400 naming the field that carried the constraint.
+fn compile_error(e: StructuredError, param: &str, what: &str) -> ApiError {
+    match e {
+        StructuredError::Compile { detail } => {
+            ApiError::invalid(param, format!("Invalid {what}: {detail}"))
+        }
+        other => ApiError::invalid(param, other.to_string()),
+    }
 }
 
 /// The constraint that enforces `tool_choice` `"required"` or a named function: `schema`, the
