@@ -84,6 +84,17 @@ pub fn etcd_binary() -> PathBuf {
     p
 }
 
+/// The address a `tpserve-worker --print-listening-address` (spawned with stdout piped) prints.
+pub async fn listening_address(child: &mut Child) -> String {
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(a) = line.strip_prefix("TPSERVE_WORKER_LISTENING ") {
+            return a.trim().to_string();
+        }
+    }
+    panic!("the worker exited without printing its address");
+}
+
 /// A TCP port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -5,9 +5,8 @@
 
 use std::process::Stdio;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
-use tpserve_e2e::binary;
+use tpserve_e2e::{binary, listening_address};
 use tpserve_proto::worker_client::WorkerClient;
 use tpserve_proto::{InfoRequest, WORKER_TOKEN_ENV, WORKER_TOKEN_METADATA};
 
@@ -37,15 +36,7 @@ async fn a_worker_with_a_token_refuses_callers_without_it() {
         .kill_on_drop(true)
         .spawn()
         .expect("spawning tpserve-worker");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut addr = None;
-    while let Ok(Some(line)) = lines.next_line().await {
-        if let Some(a) = line.strip_prefix("TPSERVE_WORKER_LISTENING ") {
-            addr = Some(a.trim().to_string());
-            break;
-        }
-    }
-    let addr = addr.expect("the worker printed its address");
+    let addr = listening_address(&mut child).await;
 
     for wrong in [None, Some("group-token-0123456789abcdeX"), Some("x")] {
         let refused = info(&addr, wrong).await.unwrap_err();

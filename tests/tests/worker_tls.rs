@@ -14,10 +14,9 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-use tpserve_e2e::{binary, default_model, post_json, Server};
+use tpserve_e2e::{binary, default_model, listening_address, post_json, Server};
 use tpserve_proto::worker_client::WorkerClient;
 use tpserve_proto::InfoRequest;
 
@@ -114,15 +113,7 @@ async fn a_worker_with_tls_answers_only_callers_its_ca_signed_and_serves_through
         .kill_on_drop(true)
         .spawn()
         .expect("spawning tpserve-worker");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut addr = None;
-    while let Ok(Some(line)) = lines.next_line().await {
-        if let Some(a) = line.strip_prefix("TPSERVE_WORKER_LISTENING ") {
-            addr = Some(a.trim().to_string());
-            break;
-        }
-    }
-    let addr = addr.expect("the worker printed its address");
+    let addr = listening_address(&mut child).await;
     let trusts_group =
         || ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&group_ca.pem));
 
