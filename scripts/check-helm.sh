@@ -517,7 +517,7 @@ def command_tokens(cmd):
     return cmd
 
 def scan(tokens, where):
-    found = {"serve": 0, "worker": 0}
+    found = {"serve": 0, "worker": 0, "worker commands": 0}
     current = None
     for i, tok in enumerate(tokens):
         base = os.path.basename(tok)
@@ -525,6 +525,7 @@ def scan(tokens, where):
             current = None
         elif base == "tpserve-worker":
             current = "worker"
+            found["worker commands"] += 1
         elif base == "tpserve" and i + 1 < len(tokens) and tokens[i + 1] == "serve":
             current = "serve"
         elif current and FLAG.fullmatch(tok.split("=", 1)[0]):
@@ -544,7 +545,7 @@ def pod_specs(doc):
 
 problems = []
 for path in manifests:
-    totals = {"serve": 0, "worker": 0}
+    totals = {"serve": 0, "worker": 0, "worker commands": 0}
     for doc in yaml.safe_load_all(open(path)):
         if not doc:
             continue
@@ -554,9 +555,10 @@ for path in manifests:
                 got = scan(command_tokens(cmd), f"{os.path.basename(path)}:{doc['kind']}/{doc['metadata']['name']}/{c['name']}")
                 for k in totals:
                     totals[k] += got[k]
-    for k, n in totals.items():
-        # With worker.discovery local the server starts the ranks: no tpserve-worker command line.
-        if n == 0 and (k == "serve" or "tpserve-worker" in open(path).read()):
+    for k in ("serve", "worker"):
+        # With worker.discovery local the server starts the ranks: no tpserve-worker command line
+        # (the name may still appear elsewhere, in a Secret's name for instance).
+        if totals[k] == 0 and (k == "serve" or totals["worker commands"] > 0):
             problems.append(f"{path}: found no flags for {k}: the chart or this parser changed")
 
 totals = {"serve": 0, "worker": 0}
