@@ -310,46 +310,39 @@ sys.exit(0 if on["identical"] == on["total"] else 1)' "$on" "$off") && RC=0 || R
   fi
 }
 
+# script_check LABEL TAG GPUS SCRIPT [ARG...]: runs tests/gpu/SCRIPT.py on the checkpoint
+# (--bin, --model, --out $WORK/TAG.json, then the ARGs), shows its output, and records LABEL with
+# the lines it printed after "SCRIPT " as the figures; SKIP with fewer than GPUS GPUs.
+script_check() {
+  local label=$1 tag=$2 gpus=$3 script=$4
+  shift 4
+  local out="$WORK/$tag.json" txt="$WORK/$tag.txt" figures
+  rm -f "$out" "$txt"
+  if [ "$NGPU" -lt "$gpus" ] || [ ! -f "$CKPT/tokenizer.json" ]; then
+    record "$label" "SKIP" "needs $gpus GPU(s) and the checkpoint"
+    return
+  fi
+  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/$script.py" --bin "$BIN_DIR" --model "$CKPT" \
+    --out "$out" "$@" > "$txt"
+  cat "$txt"
+  figures=$(sed -n "s/^$script //p" "$txt" | tr '\n' ' ')
+  if [ "$RC" -eq 0 ]; then
+    record "$label" "PASS" "$figures(${SECS}s)"
+  else
+    record "$label" "FAIL" "${figures:-$(why_failed)}"
+  fi
+}
+
 # step_extras: log probabilities and sampling controls (issue 13) on the GPU against the CPU
 # backend's f32 on the same checkpoint: prompt and first-token log probabilities within 0.15.
 step_extras() {
-  local out="$WORK/extras.json" txt="$WORK/extras.txt"
-  rm -f "$out" "$txt"
-  if [ "$NGPU" -lt 1 ] || [ ! -f "$CKPT/tokenizer.json" ]; then
-    record "logprobs + penalties" "SKIP" "needs a GPU and the checkpoint"
-    return
-  fi
-  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/extras_check.py" --bin "$BIN_DIR" --model "$CKPT" \
-    --out "$out" > "$txt"
-  cat "$txt"
-  local figures
-  figures=$(sed -n 's/^extras_check //p' "$txt" | tr '\n' ' ')
-  if [ "$RC" -eq 0 ]; then
-    record "logprobs + penalties" "PASS" "$figures(${SECS}s)"
-  else
-    record "logprobs + penalties" "FAIL" "${figures:-$(why_failed)}"
-  fi
+  script_check "logprobs + penalties" extras 1 extras_check
 }
 
 # step_structured: structured outputs (issue 13, item 3) on the GPU: constrained requests beside
 # plain ones; finished outputs must parse and validate (structured_check.py).
 step_structured() {
-  local out="$WORK/structured.json" txt="$WORK/structured.txt"
-  rm -f "$out" "$txt"
-  if [ "$NGPU" -lt 1 ] || [ ! -f "$CKPT/tokenizer.json" ]; then
-    record "structured outputs" "SKIP" "needs a GPU and the checkpoint"
-    return
-  fi
-  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/structured_check.py" --bin "$BIN_DIR" --model "$CKPT" \
-    --out "$out" > "$txt"
-  cat "$txt"
-  local figures
-  figures=$(sed -n 's/^structured_check //p' "$txt" | tr '\n' ' ')
-  if [ "$RC" -eq 0 ]; then
-    record "structured outputs" "PASS" "$figures(${SECS}s)"
-  else
-    record "structured outputs" "FAIL" "${figures:-$(why_failed)}"
-  fi
+  script_check "structured outputs" structured 1 structured_check
 }
 
 # step_lora: issue 10 on CUDA. Three random PEFT adapters on the checkpoint
@@ -424,22 +417,7 @@ print("; ".join(json.load(open(sys.argv[1]))["problems"]))' "$out")"
 # transformers' AutoModel (last-token pooling of the final normed hidden state, normalized):
 # cosine >= 0.999 in bf16, batched equal to one at a time.
 step_embed() {
-  local tp=$1 out="$WORK/embed_tp$1.json" txt="$WORK/embed_tp$1.txt"
-  rm -f "$out" "$txt"
-  if [ "$NGPU" -lt "$tp" ] || [ ! -f "$CKPT/tokenizer.json" ]; then
-    record "embeddings tp$tp" "SKIP" "needs $tp GPU(s) and the checkpoint"
-    return
-  fi
-  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/embed_check.py" --bin "$BIN_DIR" --model "$CKPT" \
-    --tp "$tp" --out "$out" --ref-device "$REF_DEVICE" > "$txt"
-  cat "$txt"
-  local figures
-  figures=$(sed -n 's/^embed_check //p' "$txt" | tr '\n' ' ')
-  if [ "$RC" -eq 0 ]; then
-    record "embeddings tp$tp" "PASS" "$figures(${SECS}s)"
-  else
-    record "embeddings tp$tp" "FAIL" "${figures:-$(why_failed)}"
-  fi
+  script_check "embeddings tp$1" "embed_tp$1" "$1" embed_check --tp "$1" --ref-device "$REF_DEVICE"
 }
 
 # step_memory: the 8B shape with dummy weights through `tpserve generate` (real worker process):
