@@ -1,0 +1,394 @@
+// Where a single-stream decode step's time goes, outside tpserve (issue 9): the kernels of one
+// Llama-3-8B decode step at batch 1 (per layer: RMSNorm, qkv GEMV, RoPE + KV write, decode
+// attention and its split merge, o GEMV, residual + RMSNorm, gate|up GEMV, SiLU-mul, down GEMV;
+// then the final norm and the lm_head GEMV), launched as worker/src/cuda/forward.rs launches
+// them, in one CUDA graph with programmatic dependent launches, weights in HBM (one copy per
+// layer). The step is timed whole and with one kind of kernel left out at a time, so the
+// difference is what that kind costs inside the graph (the GPU machine has no profiler).
+//
+// How (on the GPU machine, from the repository root):
+//   nvcc -O3 -arch=sm_90 -std=c++17 -I kernels/cuda tests/gpu/decode_step_bench.cu -o /tmp/db
+//   /tmp/db [CONTEXT=256]
+// Launch shapes as worker/src/cuda/kernels.rs; GEMV variants chosen per shape by timing them
+// (as the worker's warm-up does); attention splits as worker/src/cuda/graphs.rs's decode_splits
+// (33 at batch 1 on 132 SMs), and the other split counts for comparison.
+// Each kernel file has its own anonymous-namespace helpers: one namespace per file keeps them
+// apart in this one translation unit (common.cuh, included first, is guarded).
+#include "common.cuh"
+namespace k_attention {
+#include "attention.cu"
+}
+namespace k_gemv {
+#include "gemv.cu"
+}
+namespace k_norm {
+#include "rms_norm.cu"
+}
+namespace k_rope {
+#include "rope_kv_write.cu"
+}
+namespace k_silu {
+#include "silu_mul.cu"
+}
+using namespace k_attention;
+using namespace k_gemv;
+using namespace k_norm;
+using namespace k_rope;
+using namespace k_silu;
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#define CK(x)                                                                               \
+    do {                                                                                    \
+        cudaError_t e = (x);                                                                \
+        if (e != cudaSuccess) {                                                             \
+            printf("CUDA error %s at line %d: %s\n", #x, __LINE__, cudaGetErrorString(e)); \
+            exit(1);                                                                        \
+        }                                                                                   \
+    } while (0)
+
+typedef __nv_bfloat16 bf;
+
+// Llama-3-8B.
+static const int HIDDEN = 4096, Q_HEADS = 32, KV_HEADS = 8, HD = 128, INTER = 14336,
+                 VOCAB = 128256, LAYERS = 32, BLOCK = 16;
+static const int QKV = (Q_HEADS + 2 * KV_HEADS) * HD;
+
+extern "C" __global__ void fill_random(bf* p, long long n, unsigned seed, float scale) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        unsigned s = (unsigned)i * 2654435761u ^ seed;
+        s ^= s >> 13;
+        s *= 0x5bd1e995u;
+        s ^= s >> 15;
+        p[i] = __float2bfloat16(((s & 0xffff) / 65536.0f - 0.5f) * scale);
+    }
+}
+
+static bf* alloc_random(long long n, unsigned seed, float scale) {
+    bf* p;
+    CK(cudaMalloc(&p, n * sizeof(bf)));
+    fill_random<<<1024, 256>>>(p, n, seed, scale);
+    CK(cudaGetLastError());
+    return p;
+}
+
+static cudaStream_t g_stream;
+static cudaLaunchAttribute g_pdl;
+
+template <typename... KArgs, typename... Args>
+static void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, Args... args) {
+    cudaLaunchConfig_t c = {};
+    g_pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    g_pdl.val.programmaticStreamSerializationAllowed = 1;
+    c.attrs = &g_pdl;
+    c.numAttrs = 1;
+    c.stream = g_stream;
+    c.gridDim = grid;
+    c.blockDim = block;
+    c.dynamicSmemBytes = 0;
+    CK(cudaLaunchKernelEx(&c, kernel, static_cast<KArgs>(args)...));
+}
+
+typedef void (*GemvFn)(bf*, const bf*, const bf*, int, int, int);
+struct GemvVariant {
+    const char* name;
+    GemvFn fn;
+    int r;
+};
+static const GemvVariant VARIANTS[] = {
+    {"r1u2", gemv_m1_r1_bf16, 1},    {"r2u2", gemv_m1_r2_bf16, 2},
+    {"r4u2", gemv_m1_r4_bf16, 4},    {"r1u4", gemv_m1_r1_u4_bf16, 1},
+    {"r1u8", gemv_m1_r1_u8_bf16, 1}, {"r2u4", gemv_m1_r2_u4_bf16, 2},
+    {"r2u8", gemv_m1_r2_u8_bf16, 2},
+};
+
+static void gemv(const GemvVariant& v, bf* y, const bf* x, const bf* w, int n_out, int k) {
+    launch(v.fn, dim3((n_out + 4 * v.r - 1) / (4 * v.r)), dim3(128), y, x, w, 1, n_out, k);
+}
+
+struct Layer {
+    bf *input_norm, *post_norm, *qkv, *o, *gate_up, *down, *kc, *vc;
+};
+
+// What the step leaves out (an ablation) and how it runs.
+struct Options {
+    bool norms = true, rope = true, attention = true, silu = true, gemvs = true;
+    int splits = 33;
+};
+
+struct Model {
+    std::vector<Layer> layers;
+    bf *final_norm, *lm_head;
+    // Activations.
+    bf *x, *normed, *qkv, *attn, *sub, *gate_up, *act, *logits;
+    float *partial_out, *partial_ml, *cos_t, *sin_t;
+    int *block_tables, *tiles, *positions;
+    long long* slots;
+    int context, max_blocks;
+    const GemvVariant *v_qkv, *v_o, *v_gate_up, *v_down, *v_head;
+};
+
+static void step(const Model& m, const Options& o) {
+    const float eps = 1e-5f;
+    const float scale = 1.0f / sqrtf((float)HD);
+    for (int li = 0; li < LAYERS; ++li) {
+        const Layer& l = m.layers[li];
+        if (o.norms) {
+            if (li == 0) {
+                launch(rms_norm_bf16, dim3(1), dim3(512), m.normed, m.x, l.input_norm, HIDDEN,
+                       eps);
+            } else {
+                launch(rms_norm_residual_bf16, dim3(1), dim3(512), m.normed, m.x, m.sub,
+                       l.input_norm, HIDDEN, eps);
+            }
+        }
+        if (o.gemvs) gemv(*m.v_qkv, m.qkv, m.normed, l.qkv, QKV, HIDDEN);
+        if (o.rope) {
+            const int pairs = (Q_HEADS + KV_HEADS) * HD / 2 + KV_HEADS * HD;
+            launch(rope_kv_write_bf16, dim3(1, std::max(1, (pairs + 1023) / 1024)), dim3(256),
+                   m.qkv, l.kc, l.vc, m.slots, m.positions, m.cos_t, m.sin_t, Q_HEADS, KV_HEADS,
+                   HD, QKV);
+        }
+        if (o.attention) {
+            launch(paged_attention_decode_hd128_g4_bf16, dim3(1, KV_HEADS, o.splits), dim3(128),
+                   m.attn, m.partial_out, m.partial_ml, m.qkv, l.kc, l.vc, m.block_tables,
+                   m.tiles, Q_HEADS, KV_HEADS, BLOCK, m.max_blocks, QKV, o.splits, 0, scale);
+            if (o.splits > 1) {
+                launch(attention_combine_bf16, dim3(1, Q_HEADS), dim3(HD), m.attn,
+                       m.partial_out, m.partial_ml, Q_HEADS, HD, o.splits);
+            }
+        }
+        if (o.gemvs) gemv(*m.v_o, m.sub, m.attn, l.o, HIDDEN, Q_HEADS * HD);
+        if (o.norms) {
+            launch(rms_norm_residual_bf16, dim3(1), dim3(512), m.normed, m.x, m.sub,
+                   l.post_norm, HIDDEN, eps);
+        }
+        if (o.gemvs) gemv(*m.v_gate_up, m.gate_up, m.normed, l.gate_up, 2 * INTER, HIDDEN);
+        if (o.silu) {
+            launch(silu_mul_bf16, dim3(1, (INTER + 2047) / 2048), dim3(256), m.act, m.gate_up,
+                   INTER);
+        }
+        if (o.gemvs) gemv(*m.v_down, m.sub, m.act, l.down, HIDDEN, INTER);
+    }
+    if (o.norms) {
+        launch(rms_norm_residual_bf16, dim3(1), dim3(512), m.normed, m.x, m.sub, m.final_norm,
+               HIDDEN, eps);
+    }
+    if (o.gemvs) gemv(*m.v_head, m.logits, m.normed, m.lm_head, VOCAB, HIDDEN);
+}
+
+// Median ms per replay of a graph holding `reps` copies of `body`.
+template <typename F> static double time_graph(F body, int reps, int replays) {
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CK(cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeGlobal));
+    for (int i = 0; i < reps; ++i) body();
+    CK(cudaStreamEndCapture(g_stream, &graph));
+    CK(cudaGraphInstantiate(&exec, graph, 0));
+    cudaEvent_t a, b;
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+    for (int i = 0; i < 3; ++i) CK(cudaGraphLaunch(exec, g_stream));
+    std::vector<double> ms;
+    for (int i = 0; i < replays; ++i) {
+        CK(cudaEventRecord(a, g_stream));
+        CK(cudaGraphLaunch(exec, g_stream));
+        CK(cudaEventRecord(b, g_stream));
+        CK(cudaEventSynchronize(b));
+        float t;
+        CK(cudaEventElapsedTime(&t, a, b));
+        ms.push_back(t / reps);
+    }
+    CK(cudaGraphExecDestroy(exec));
+    CK(cudaGraphDestroy(graph));
+    std::sort(ms.begin(), ms.end());
+    return ms[ms.size() / 2];
+}
+
+// The fastest GEMV variant for one shape, over LAYERS weight copies (from HBM).
+static const GemvVariant* pick(const char* name, bf* y, const bf* x, bf* const* w, int n_out,
+                               int k) {
+    const GemvVariant* best = nullptr;
+    double best_us = 1e30;
+    printf("  %-8s", name);
+    for (const GemvVariant& v : VARIANTS) {
+        const double ms = time_graph(
+            [&] {
+                for (int li = 0; li < LAYERS; ++li) gemv(v, y, x, w[li], n_out, k);
+            },
+            1, 20);
+        const double us = ms * 1000.0 / LAYERS;
+        const double gbs = (double)n_out * k * 2 / (us * 1e3);
+        printf(" %s %.1f us (%.0f GB/s)", v.name, us, gbs);
+        if (us < best_us) {
+            best_us = us;
+            best = &v;
+        }
+    }
+    printf(" -> %s\n", best->name);
+    return best;
+}
+
+int main(int argc, char** argv) {
+    const int context = argc > 1 ? atoi(argv[1]) : 256;
+    CK(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
+    cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+
+    Model m;
+    m.context = context;
+    m.max_blocks = (context + 1 + BLOCK - 1) / BLOCK + 1;
+    const long long cache_elems = (long long)m.max_blocks * BLOCK * KV_HEADS * HD;
+    double weight_bytes = 0;
+    for (int li = 0; li < LAYERS; ++li) {
+        Layer l;
+        const unsigned s = 1000u * li;
+        l.input_norm = alloc_random(HIDDEN, s + 1, 2.0f);
+        l.post_norm = alloc_random(HIDDEN, s + 2, 2.0f);
+        l.qkv = alloc_random((long long)QKV * HIDDEN, s + 3, 0.04f);
+        l.o = alloc_random((long long)HIDDEN * Q_HEADS * HD, s + 4, 0.04f);
+        l.gate_up = alloc_random((long long)2 * INTER * HIDDEN, s + 5, 0.04f);
+        l.down = alloc_random((long long)HIDDEN * INTER, s + 6, 0.02f);
+        l.kc = alloc_random(cache_elems, s + 7, 1.0f);
+        l.vc = alloc_random(cache_elems, s + 8, 1.0f);
+        m.layers.push_back(l);
+        weight_bytes += 2.0 * ((double)QKV * HIDDEN + (double)HIDDEN * Q_HEADS * HD +
+                               2.0 * INTER * HIDDEN + (double)HIDDEN * INTER);
+    }
+    m.final_norm = alloc_random(HIDDEN, 7, 2.0f);
+    m.lm_head = alloc_random((long long)VOCAB * HIDDEN, 9, 0.04f);
+    weight_bytes += 2.0 * VOCAB * HIDDEN;
+    m.x = alloc_random(HIDDEN, 11, 1.0f);
+    m.normed = alloc_random(HIDDEN, 12, 1.0f);
+    m.qkv = alloc_random(QKV, 13, 1.0f);
+    m.attn = alloc_random(Q_HEADS * HD, 14, 1.0f);
+    m.sub = alloc_random(HIDDEN, 15, 0.1f);
+    m.gate_up = alloc_random(2 * INTER, 16, 1.0f);
+    m.act = alloc_random(INTER, 17, 1.0f);
+    m.logits = alloc_random(VOCAB, 18, 1.0f);
+    CK(cudaMalloc(&m.partial_out, (size_t)Q_HEADS * 64 * HD * sizeof(float)));
+    CK(cudaMalloc(&m.partial_ml, (size_t)Q_HEADS * 64 * 2 * sizeof(float)));
+    {
+        const int max_pos = context + 2;
+        std::vector<float> c((size_t)max_pos * HD / 2), s(c.size());
+        for (int p = 0; p < max_pos; ++p) {
+            for (int i = 0; i < HD / 2; ++i) {
+                const double f = p * pow(500000.0, -2.0 * i / HD);
+                c[(size_t)p * HD / 2 + i] = (float)cos(f);
+                s[(size_t)p * HD / 2 + i] = (float)sin(f);
+            }
+        }
+        CK(cudaMalloc(&m.cos_t, c.size() * 4));
+        CK(cudaMalloc(&m.sin_t, s.size() * 4));
+        CK(cudaMemcpy(m.cos_t, c.data(), c.size() * 4, cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(m.sin_t, s.data(), s.size() * 4, cudaMemcpyHostToDevice));
+        // One sequence whose blocks are stored in reverse order (a block table is a gather).
+        std::vector<int> table(m.max_blocks);
+        for (int b = 0; b < m.max_blocks; ++b) table[b] = m.max_blocks - 1 - b;
+        CK(cudaMalloc(&m.block_tables, table.size() * 4));
+        CK(cudaMemcpy(m.block_tables, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
+        // The new token at position `context` (context keys before it, itself included after
+        // the write: context + 1 keys attended).
+        const int pos = context;
+        const int tile[4] = {0, 0, 1, pos};
+        const long long slot = (long long)table[pos / BLOCK] * BLOCK + pos % BLOCK;
+        CK(cudaMalloc(&m.tiles, 16));
+        CK(cudaMemcpy(m.tiles, tile, 16, cudaMemcpyHostToDevice));
+        CK(cudaMalloc(&m.positions, 4));
+        CK(cudaMemcpy(m.positions, &pos, 4, cudaMemcpyHostToDevice));
+        CK(cudaMalloc(&m.slots, 8));
+        CK(cudaMemcpy(m.slots, &slot, 8, cudaMemcpyHostToDevice));
+    }
+    CK(cudaDeviceSynchronize());
+
+    // Copy bandwidth, the floor's denominator (as worker/src/cuda/floors.rs: device to device).
+    double copy_gbs;
+    {
+        const size_t bytes = 2ull << 30;
+        void *a, *b;
+        CK(cudaMalloc(&a, bytes));
+        CK(cudaMalloc(&b, bytes));
+        const double ms = time_graph(
+            [&] { CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, g_stream)); }, 4,
+            10);
+        copy_gbs = 2.0 * bytes / (ms * 1e6);
+        CK(cudaFree(a));
+        CK(cudaFree(b));
+    }
+    printf("%s, %d SMs; copy %.0f GB/s; weights %.2f GB; floor %.3f ms; context %d\n",
+           prop.name, prop.multiProcessorCount, copy_gbs, weight_bytes / 1e9,
+           weight_bytes / (copy_gbs * 1e6), context);
+
+    printf("GEMV per shape (us per call, over %d weight copies):\n", LAYERS);
+    std::vector<bf*> w(LAYERS);
+    for (int li = 0; li < LAYERS; ++li) w[li] = m.layers[li].qkv;
+    m.v_qkv = pick("qkv", m.qkv, m.normed, w.data(), QKV, HIDDEN);
+    for (int li = 0; li < LAYERS; ++li) w[li] = m.layers[li].o;
+    m.v_o = pick("o", m.sub, m.attn, w.data(), HIDDEN, Q_HEADS * HD);
+    for (int li = 0; li < LAYERS; ++li) w[li] = m.layers[li].gate_up;
+    m.v_gate_up = pick("gate_up", m.gate_up, m.normed, w.data(), 2 * INTER, HIDDEN);
+    for (int li = 0; li < LAYERS; ++li) w[li] = m.layers[li].down;
+    m.v_down = pick("down", m.sub, m.act, w.data(), HIDDEN, INTER);
+    std::vector<bf*> head(LAYERS, m.lm_head);
+    m.v_head = pick("lm_head", m.logits, m.normed, head.data(), VOCAB, HIDDEN);
+
+    struct Row {
+        std::string name;
+        Options o;
+    };
+    std::vector<Row> rows;
+    rows.push_back({"whole step", Options{}});
+    {
+        Options o;
+        o.norms = false;
+        rows.push_back({"without RMSNorms", o});
+    }
+    {
+        Options o;
+        o.rope = false;
+        rows.push_back({"without RoPE + KV write", o});
+    }
+    {
+        Options o;
+        o.attention = false;
+        rows.push_back({"without attention (+ merge)", o});
+    }
+    {
+        Options o;
+        o.silu = false;
+        rows.push_back({"without SiLU-mul", o});
+    }
+    {
+        Options o;
+        o.norms = o.rope = o.attention = o.silu = false;
+        rows.push_back({"GEMVs only", o});
+    }
+    {
+        Options o;
+        o.gemvs = false;
+        rows.push_back({"everything but the GEMVs", o});
+    }
+    for (int s : {1, 2, 4, 8, 16, 64}) {
+        Options o;
+        o.splits = s;
+        rows.push_back({"attention with " + std::to_string(s) + " splits", o});
+    }
+    const double floor_ms = weight_bytes / (copy_gbs * 1e6);
+    printf("\n| step (batch 1, %d keys) | ms | floor ratio | difference to whole |\n", context);
+    printf("| --- | --- | --- | --- |\n");
+    double whole = 0;
+    for (const Row& r : rows) {
+        const double ms = time_graph([&] { step(m, r.o); }, 4, 30);
+        if (whole == 0) whole = ms;
+        printf("| %s | %.3f | %.3f | %+.3f |\n", r.name.c_str(), ms, floor_ms / ms, ms - whole);
+    }
+    return 0;
+}
