@@ -10,6 +10,8 @@ namespace {
 constexpr int kWarps = 4;            // warps per block
 constexpr int kMaxItemsPerWarp = 8;  // (query row, head) pairs one warp carries
 constexpr int kKeysPerTile = 32;     // keys per shared-memory tile: one per lane
+constexpr int kMaxSplits = 64;       // key splits attention_combine merges (kernels.rs:
+                                     // ATTENTION_MAX_SPLITS, which the host's plans respect)
 
 __device__ __forceinline__ float warp_reduce_max(float v) {
 #pragma unroll
@@ -231,36 +233,58 @@ __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ pa
 // keys it saw, merged across the warp by shuffles and across the block's warps in shared
 // memory. Tiles with zero rows are padding (CUDA-graph batches): they write nothing.
 //
-// Key splits as paged_attention, except that split_len 0 means: each row splits its own keys
-// evenly, ceil(context / num_splits) rounded up to 16 (a CUDA graph is captured without knowing
-// the contexts); splits past a row's context write max -inf and sum 0, which attention_combine
-// ignores.
+// It also does rope_kv_write's work for its rows (decode steps launch no rope_kv_write): it
+// reads the qkv projection's output as it is, rotates the query heads and the row's own key
+// with the same arithmetic as rope_kv_write.cu, and the split that attends to the row's own
+// key writes it (rotated) and its value to the cache at the row's slot (a negative slot writes
+// nothing). The keys and values of each warp's first loop step, which earlier steps wrote, are
+// loaded before waiting for the kernel before: at decode's short splits that takes most of
+// the kernel's chain of dependent loads off its critical path.
 //
-// Arguments: exactly paged_attention's (tiles must have rows 0 or 1; G >= num_q_heads /
+// Key splits as paged_attention, except that split_len 0 means: each row splits its own keys
+// evenly, ceil(context / num_splits) rounded up to 32 (a CUDA graph is captured without knowing
+// the contexts); splits past a row's context write only max -inf and sum 0, which
+// attention_combine skips, and leave without waiting for the kernel before.
+//
+// Arguments: paged_attention's, with q replaced by
+//   qkv           T   [num_tokens, qkv_stride]: per token, [num_q_heads, HD] queries, then
+//                     [num_kv_heads, HD] keys, then as many values, before RoPE; read only
+// and key_cache and value_cache written at the rows' slots, plus
+//   slot_mapping  i64 [num_tokens]   the rows' cache slots (negative: padding, not written)
+//   cos_table     f32 [max_pos, HD / 2]   as rope_kv_write's
+//   sin_table     f32 [max_pos, HD / 2]
+// (tiles must have rows 0 or 1, the row's position in tile[3]; G >= num_q_heads /
 // num_kv_heads; no dynamic shared memory).
 // Launch: grid (num_tiles, num_kv_heads, num_splits); block (128, 1, 1).
 template <typename T, int HD, int G>
 __device__ void paged_attention_decode_impl(
     T* __restrict__ out, float* __restrict__ partial_out, float* __restrict__ partial_ml,
-    const T* __restrict__ q, const T* __restrict__ key_cache, const T* __restrict__ value_cache,
-    const int* __restrict__ block_tables, const int* __restrict__ tiles, int num_q_heads,
-    int num_kv_heads, int block_size, int max_blocks_per_seq, int q_stride, int num_splits,
-    int split_len, float scale) {
-    tpserve::wait_for_inputs();
+    const T* __restrict__ qkv, T* __restrict__ key_cache, T* __restrict__ value_cache,
+    const int* __restrict__ block_tables, const int* __restrict__ tiles,
+    const long long* __restrict__ slot_mapping, const float* __restrict__ cos_table,
+    const float* __restrict__ sin_table, int num_q_heads, int num_kv_heads, int block_size,
+    int max_blocks_per_seq, int qkv_stride, int num_splits, int split_len, float scale) {
     constexpr int kLanesPerKey = HD / 8;
+    constexpr int kHalfPieces = kLanesPerKey / 2;  // pieces in the first half of a head vector
     constexpr int kKeysPerStep = 32 / kLanesPerKey;  // keys one warp reads per 16-byte load
     constexpr int kUnroll = 2;
     __shared__ float m_s[kWarps][G];
     __shared__ float l_s[kWarps][G];
     __shared__ float acc_s[kWarps][G][HD];
 
+    // The tiles and slots (copied in before the step), the block tables (updated at its
+    // start), the RoPE tables and the keys and values of the first loop step (earlier steps
+    // wrote them; the row's own key is this kernel's to write) are read before waiting for the
+    // kernel before (the qkv projection): the block tables' updates finished before that kernel
+    // started (common.cuh, wait_for_inputs).
     const int* tile = tiles + blockIdx.x * 4;
     if (tile[2] == 0) {
         return;
     }
     const int seq = tile[0];
     const long long row = tile[1];
-    const int ctx = tile[3] + 1;
+    const int own_key = tile[3];
+    const int ctx = own_key + 1;
     const int kv_head = blockIdx.y;
     const int split = blockIdx.z;
     const int group = num_q_heads / num_kv_heads;
@@ -275,18 +299,102 @@ __device__ void paged_attention_decode_impl(
         int len = split_len;
         if (len <= 0) {
             len = (ctx + num_splits - 1) / num_splits;
-            len = (len + 15) / 16 * 16;
+            len = (len + 31) / 32 * 32;
         }
         key_begin = split * len;
         key_end = min(ctx, key_begin + len);
+    }
+
+    if (key_begin >= key_end) {
+        // A split past the row's context (graphs are captured for the longest): it says so to
+        // attention_combine and leaves at once, before waiting, out of the other blocks' way.
+        // The partials' last reader, the previous layer's merge, finished before the kernel
+        // before this one started.
+        if (threadIdx.x < group) {
+            const long long at =
+                (row * num_q_heads + kv_head * group + threadIdx.x) * num_splits + split;
+            partial_ml[at * 2] = tpserve::neg_inf();
+            partial_ml[at * 2 + 1] = 0.0f;
+        }
+        return;
+    }
+    const int* table = block_tables + (long long)seq * max_blocks_per_seq;
+    constexpr int kStride = kWarps * kKeysPerStep;  // keys between a warp's consecutive steps
+    const int first = key_begin + warp * kKeysPerStep;
+    // The key and value pieces of this lane's key at `key`, or zeros past the split's end.
+    auto load_key = [&](int key, uint4& k_piece, uint4& v_piece) {
+        k_piece = make_uint4(0u, 0u, 0u, 0u);
+        v_piece = k_piece;
+        if (key < key_end) {
+            const long long slot =
+                (long long)table[key / block_size] * block_size + key % block_size;
+            const long long at = (slot * num_kv_heads + kv_head) * HD + piece * 8;
+            k_piece = *reinterpret_cast<const uint4*>(key_cache + at);
+            v_piece = *reinterpret_cast<const uint4*>(value_cache + at);
+        }
+    };
+    uint4 k_first[kUnroll];
+    uint4 v_first[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+        const int key = first + u * kStride + sub;
+        load_key(key == own_key ? key_end : key, k_first[u], v_first[u]);
+    }
+    // RoPE at the row's position for this lane's 8 elements: rotation index i of element c is
+    // (piece mod half) * 8 + c; the lane with the other half of each pair is `piece ^ half`.
+    const bool low_half = piece < kHalfPieces;
+    float cos_c[8];
+    float sin_c[8];
+    {
+        const long long at = (long long)own_key * (HD / 2) + (piece % kHalfPieces) * 8;
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+            cos_c[c] = cos_table[at + c];
+            sin_c[c] = sin_table[at + c];
+        }
+    }
+    // A head vector's piece rotated as rope_kv_write.cu rotates it (the same f32 expressions,
+    // rounded to T once); every lane of the warp must call it (a shuffle).
+    auto rotate = [&](uint4 raw) {
+        const T* e = reinterpret_cast<const T*>(&raw);
+        uint4 rotated;
+        T* r = reinterpret_cast<T*>(&rotated);
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+            const float mine = tpserve::to_float(e[c]);
+            const float other = __shfl_xor_sync(0xffffffffu, mine, kHalfPieces);
+            r[c] = low_half ? tpserve::from_float<T>(mine * cos_c[c] - other * sin_c[c])
+                            : tpserve::from_float<T>(mine * cos_c[c] + other * sin_c[c]);
+        }
+        return rotated;
+    };
+    const long long own_slot = slot_mapping[row];
+    tpserve::wait_for_inputs();
+
+    // The row's own key (rotated) and value, from the qkv projection, into the cache, by the
+    // one split that attends to it.
+    const bool has_own_key = own_key >= key_begin && own_key < key_end;
+    uint4 own_k = make_uint4(0u, 0u, 0u, 0u);
+    uint4 own_v = own_k;
+    if (has_own_key) {
+        const T* k_row = qkv + row * qkv_stride + (num_q_heads + kv_head) * HD + piece * 8;
+        const T* v_row =
+            qkv + row * qkv_stride + (num_q_heads + num_kv_heads + kv_head) * HD + piece * 8;
+        own_k = rotate(*reinterpret_cast<const uint4*>(k_row));
+        own_v = *reinterpret_cast<const uint4*>(v_row);
+        if (warp == 0 && sub == 0 && own_slot >= 0) {
+            const long long at = (own_slot * num_kv_heads + kv_head) * HD + piece * 8;
+            *reinterpret_cast<uint4*>(key_cache + at) = own_k;
+            *reinterpret_cast<uint4*>(value_cache + at) = own_v;
+        }
     }
 
     float qf[G][8];
 #pragma unroll
     for (int h = 0; h < G; ++h) {
         if (h < group) {
-            const T* qh = q + row * q_stride + (kv_head * group + h) * HD + piece * 8;
-            const uint4 raw = *reinterpret_cast<const uint4*>(qh);
+            const T* qh = qkv + row * qkv_stride + (kv_head * group + h) * HD + piece * 8;
+            const uint4 raw = rotate(*reinterpret_cast<const uint4*>(qh));
             const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
             for (int c = 0; c < 8; ++c) {
@@ -312,26 +420,25 @@ __device__ void paged_attention_decode_impl(
         }
     }
 
-    const int* table = block_tables + (long long)seq * max_blocks_per_seq;
-    constexpr int kStride = kWarps * kKeysPerStep;  // keys between a warp's consecutive steps
     // The loop bound is the same for every lane of a warp (the shuffles below need all of
     // them); a lane's own key may lie past the end.
-    for (int base = key_begin + warp * kKeysPerStep; base < key_end;
-         base += kStride * kUnroll) {
+    for (int base = first; base < key_end; base += kStride * kUnroll) {
         uint4 kv[kUnroll];
         uint4 vv[kUnroll];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
             const int key = base + u * kStride + sub;
-            kv[u] = make_uint4(0u, 0u, 0u, 0u);
-            vv[u] = kv[u];
-            if (key < key_end) {
-                const long long slot =
-                    (long long)table[key / block_size] * block_size + key % block_size;
-                const long long at = (slot * num_kv_heads + kv_head) * HD + piece * 8;
-                kv[u] = *reinterpret_cast<const uint4*>(key_cache + at);
-                vv[u] = *reinterpret_cast<const uint4*>(value_cache + at);
+            if (key == own_key) {
+                kv[u] = own_k;
+                vv[u] = own_v;
+                continue;
             }
+            if (base == first) {
+                kv[u] = k_first[u];
+                vv[u] = v_first[u];
+                continue;
+            }
+            load_key(key, kv[u], vv[u]);
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -441,32 +548,43 @@ __device__ void paged_attention_decode_impl(
 
 // attention_combine_{bf16,f16}: merges the splits of paged_attention:
 //   out[t, h] = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s,  M = max_s m_s
-// Splits that saw no key have m = -inf and l = 0 and weigh nothing.
+// Splits that saw no key have m = -inf and weigh nothing: their partial output is not read.
 //
 // Arguments:
 //   out          T   [num_tokens, num_q_heads * head_dim]   written
 //   partial_out  f32 [num_tokens, num_q_heads, num_splits, head_dim]
 //   partial_ml   f32 [num_tokens, num_q_heads, num_splits, 2]
-//   num_q_heads, head_dim, num_splits: i32
+//   num_q_heads, head_dim: i32
+//   num_splits   i32  2..=kMaxSplits (64)
 // Launch: grid (num_tokens, num_q_heads, 1); block (head_dim, 1, 1) (head_dim <= 1024).
 template <typename T>
 __device__ void attention_combine_impl(T* __restrict__ out, const float* __restrict__ partial_out,
                                        const float* __restrict__ partial_ml, int num_q_heads,
                                        int head_dim, int num_splits) {
     tpserve::wait_for_inputs();
+    __shared__ float m_s[kMaxSplits];
+    __shared__ float l_s[kMaxSplits];
     const long long base = (long long)blockIdx.x * num_q_heads + blockIdx.y;
     const float* ml = partial_ml + base * num_splits * 2;
+    for (int s = threadIdx.x; s < num_splits; s += blockDim.x) {
+        m_s[s] = ml[s * 2];
+        l_s[s] = ml[s * 2 + 1];
+    }
+    __syncthreads();
     float max_m = tpserve::neg_inf();
     for (int s = 0; s < num_splits; ++s) {
-        max_m = fmaxf(max_m, ml[s * 2]);
+        max_m = fmaxf(max_m, m_s[s]);
     }
     const int d = threadIdx.x;
     float num = 0.0f;
     float den = 0.0f;
     if (max_m != tpserve::neg_inf()) {
         for (int s = 0; s < num_splits; ++s) {
-            const float w = __expf(ml[s * 2] - max_m);
-            den += w * ml[s * 2 + 1];
+            if (m_s[s] == tpserve::neg_inf()) {
+                continue;  // an empty split; its partial output is not even written
+            }
+            const float w = __expf(m_s[s] - max_m);
+            den += w * l_s[s];
             num += w * partial_out[(base * num_splits + s) * head_dim + d];
         }
     }
@@ -519,14 +637,16 @@ TPSERVE_FOR_EACH_DTYPE(TPSERVE_PAGED_ATTENTION)
 #define TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, HD, G)                                        \
     extern "C" __global__ void __launch_bounds__(128) paged_attention_decode_hd##HD##_g##G##_##SUFFIX( \
         T* __restrict__ out, float* __restrict__ partial_out, float* __restrict__ partial_ml,  \
-        const T* __restrict__ q, const T* __restrict__ key_cache,                              \
-        const T* __restrict__ value_cache, const int* __restrict__ block_tables,               \
-        const int* __restrict__ tiles, int num_q_heads, int num_kv_heads, int block_size,      \
-        int max_blocks_per_seq, int q_stride, int num_splits, int split_len, float scale) {    \
-        paged_attention_decode_impl<T, HD, G>(out, partial_out, partial_ml, q, key_cache,      \
-                                              value_cache, block_tables, tiles, num_q_heads,   \
-                                              num_kv_heads, block_size, max_blocks_per_seq,    \
-                                              q_stride, num_splits, split_len, scale);         \
+        const T* __restrict__ qkv, T* __restrict__ key_cache, T* __restrict__ value_cache,     \
+        const int* __restrict__ block_tables, const int* __restrict__ tiles,                   \
+        const long long* __restrict__ slot_mapping, const float* __restrict__ cos_table,       \
+        const float* __restrict__ sin_table, int num_q_heads, int num_kv_heads,                \
+        int block_size, int max_blocks_per_seq, int qkv_stride, int num_splits, int split_len, \
+        float scale) {                                                                        \
+        paged_attention_decode_impl<T, HD, G>(                                                \
+            out, partial_out, partial_ml, qkv, key_cache, value_cache, block_tables, tiles,   \
+            slot_mapping, cos_table, sin_table, num_q_heads, num_kv_heads, block_size,        \
+            max_blocks_per_seq, qkv_stride, num_splits, split_len, scale);                    \
     }
 #define TPSERVE_DECODE_ATTENTION(SUFFIX, T)                 \
     TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, 64, 4)          \

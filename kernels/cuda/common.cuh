@@ -160,10 +160,14 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 // "programmatic stream serialization" attribute, so a kernel's blocks may start while the kernel
 // before it on the stream is still running. A kernel must therefore neither read what earlier
 // kernels write nor write what they read before wait_for_inputs() returns, which happens once
-// every earlier kernel has finished and its writes are visible: every kernel calls it first
-// (the GEMV only warms its weights into L2 before). It then lets the next kernel launch at
-// once, so that kernel's blocks are resident and waiting when this one ends, instead of paying
-// a launch after it. Without the attribute, or before sm_90, both instructions are no-ops.
+// every earlier kernel has finished and its writes are visible: every kernel calls it first,
+// except for reads of what no kernel of the step writes or what finished before the kernel
+// before it started (the GEMV warms its weights into L2, the LoRA kernels load their adapter
+// slots, the decode attention loads earlier steps' keys and values). It then lets the next
+// kernel launch at once, so that kernel's blocks are resident and waiting when this one ends,
+// instead of paying a launch after it. (Letting it launch before waiting, so that a GEMV after
+// a norm warms its weights during the previous GEMV's tail, was measured: 0.17 ms slower per
+// 8B decode step; docs/PERFORMANCE.md, issue 9, session 6.) Without the attribute, or before sm_90, both instructions are no-ops.
 __device__ __forceinline__ void wait_for_inputs() {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
     asm volatile("griddepcontrol.wait;\n" ::: "memory");

@@ -1,6 +1,6 @@
 // Where a single-stream decode step's time goes, outside tpserve (issue 9): the kernels of one
-// Llama-3-8B decode step at batch 1 (per layer: RMSNorm, qkv GEMV, RoPE + KV write, decode
-// attention and its split merge, o GEMV, residual + RMSNorm, gate|up GEMV, SiLU-mul, down GEMV;
+// Llama-3-8B decode step at batch 1 (per layer: RMSNorm, qkv GEMV, decode attention with RoPE
+// and the KV write, its split merge, o GEMV, residual + RMSNorm, gate|up GEMV, SiLU-mul, down GEMV;
 // then the final norm and the lm_head GEMV), launched as worker/src/cuda/forward.rs launches
 // them, in one CUDA graph with programmatic dependent launches, weights in HBM (one copy per
 // layer). The step is timed whole and with one kind of kernel left out at a time, so the
@@ -9,6 +9,7 @@
 // How (on the GPU machine, from the repository root):
 //   nvcc -O3 -arch=sm_90 -std=c++17 -I kernels/cuda tests/gpu/decode_step_bench.cu -o /tmp/db
 //   /tmp/db [CONTEXT=256]
+// Environment: SHORT=1 times only the whole step (33, 16 and 64 attention splits).
 // Launch shapes as worker/src/cuda/kernels.rs; GEMV variants chosen per shape by timing them
 // (as the worker's warm-up does); attention splits as worker/src/cuda/graphs.rs's decode_splits
 // (33 at batch 1 on 132 SMs), and the other split counts for comparison.
@@ -151,7 +152,9 @@ static void step(const Model& m, const Options& o) {
             }
         }
         if (o.gemvs) gemv(*m.v_qkv, m.qkv, m.normed, l.qkv, QKV, HIDDEN);
-        if (o.rope) {
+        if (!o.attention && o.rope) {
+            // The decode attention rotates and writes the new key itself; without it, the
+            // rotation it does is left out with it, unless asked for alone.
             const int pairs = (Q_HEADS + KV_HEADS) * HD / 2 + KV_HEADS * HD;
             launch(rope_kv_write_bf16, dim3(1, std::max(1, (pairs + 1023) / 1024)), dim3(256),
                    m.qkv, l.kc, l.vc, m.slots, m.positions, m.cos_t, m.sin_t, Q_HEADS, KV_HEADS,
@@ -160,7 +163,8 @@ static void step(const Model& m, const Options& o) {
         if (o.attention) {
             launch(paged_attention_decode_hd128_g4_bf16, dim3(1, KV_HEADS, o.splits), dim3(128),
                    m.attn, m.partial_out, m.partial_ml, m.qkv, l.kc, l.vc, m.block_tables,
-                   m.tiles, Q_HEADS, KV_HEADS, BLOCK, m.max_blocks, QKV, o.splits, 0, scale);
+                   m.tiles, m.slots, m.cos_t, m.sin_t, Q_HEADS, KV_HEADS, BLOCK, m.max_blocks,
+                   QKV, o.splits, 0, scale);
             if (o.splits > 1) {
                 launch(attention_combine_bf16, dim3(1, Q_HEADS), dim3(HD), m.attn,
                        m.partial_out, m.partial_ml, Q_HEADS, HD, o.splits);
@@ -183,6 +187,88 @@ static void step(const Model& m, const Options& o) {
                HIDDEN, eps);
     }
     if (o.gemvs) gemv(*m.v_head, m.logits, m.normed, m.lm_head, VOCAB, HIDDEN);
+}
+
+static float bf_to_f(unsigned short b) {
+    unsigned int u = (unsigned int)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static float round_bf(float x) { return __bfloat162float(__float2bfloat16(x)); }
+
+// The last layer's decode attention (RoPE, the new key's cache write, the attention itself)
+// against a double-precision CPU reference from the same qkv and cache; exits on a mismatch.
+static void check_last_attention(const Model& m) {
+    const Layer& l = m.layers[LAYERS - 1];
+    const int ctx = m.context + 1;
+    std::vector<unsigned short> qkv(QKV), attn(Q_HEADS * HD);
+    std::vector<unsigned short> kc((size_t)m.max_blocks * BLOCK * KV_HEADS * HD), vc(kc.size());
+    std::vector<float> cos_t((size_t)ctx * HD / 2), sin_t(cos_t.size());
+    std::vector<int> table(m.max_blocks);
+    CK(cudaMemcpy(qkv.data(), m.qkv, QKV * 2, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(attn.data(), m.attn, attn.size() * 2, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(kc.data(), l.kc, kc.size() * 2, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(vc.data(), l.vc, vc.size() * 2, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(cos_t.data(), m.cos_t, cos_t.size() * 4, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(sin_t.data(), m.sin_t, sin_t.size() * 4, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(table.data(), m.block_tables, table.size() * 4, cudaMemcpyDeviceToHost));
+    const int pos = m.context;
+    auto rotate = [&](const unsigned short* h, float* out) {
+        for (int i = 0; i < HD / 2; ++i) {
+            const float c = cos_t[(size_t)pos * HD / 2 + i], s = sin_t[(size_t)pos * HD / 2 + i];
+            const float x1 = bf_to_f(h[i]), x2 = bf_to_f(h[i + HD / 2]);
+            out[i] = round_bf(x1 * c - x2 * s);
+            out[i + HD / 2] = round_bf(x2 * c + x1 * s);
+        }
+    };
+    auto slot_of = [&](int key) { return (size_t)table[key / BLOCK] * BLOCK + key % BLOCK; };
+    double worst = 0, worst_cache = 0;
+    for (int g = 0; g < KV_HEADS; ++g) {
+        float own_k[HD];
+        rotate(&qkv[(Q_HEADS + g) * HD], own_k);
+        const unsigned short* own_v = &qkv[(Q_HEADS + KV_HEADS + g) * HD];
+        for (int d = 0; d < HD; ++d) {
+            const size_t at = (slot_of(pos) * KV_HEADS + g) * HD + d;
+            worst_cache = std::max(worst_cache, (double)fabsf(bf_to_f(kc[at]) - own_k[d]));
+            worst_cache = std::max(worst_cache, (double)fabsf(bf_to_f(vc[at]) - bf_to_f(own_v[d])));
+        }
+        for (int hh = 0; hh < Q_HEADS / KV_HEADS; ++hh) {
+            const int h = g * (Q_HEADS / KV_HEADS) + hh;
+            float q[HD];
+            rotate(&qkv[h * HD], q);
+            std::vector<double> score(ctx);
+            double mx = -1e300;
+            for (int j = 0; j < ctx; ++j) {
+                double dot = 0;
+                for (int d = 0; d < HD; ++d) {
+                    const double k = j == pos ? own_k[d]
+                                              : bf_to_f(kc[(slot_of(j) * KV_HEADS + g) * HD + d]);
+                    dot += (double)q[d] * k;
+                }
+                score[j] = dot / sqrt((double)HD);
+                mx = std::max(mx, score[j]);
+            }
+            double den = 0;
+            for (int j = 0; j < ctx; ++j) den += exp(score[j] - mx);
+            for (int d = 0; d < HD; ++d) {
+                double num = 0;
+                for (int j = 0; j < ctx; ++j) {
+                    const double v = j == pos ? bf_to_f(own_v[d])
+                                              : bf_to_f(vc[(slot_of(j) * KV_HEADS + g) * HD + d]);
+                    num += exp(score[j] - mx) * v;
+                }
+                worst = std::max(worst, fabs(num / den - bf_to_f(attn[h * HD + d])));
+            }
+        }
+    }
+    // The output is rounded to bf16 once (|values| < 1 here: 2^-8 relative) after f32 sums.
+    const bool ok = worst < 1e-2 && worst_cache == 0;
+    printf("last layer's attention vs CPU: max |diff| %.2e (limit 1e-2), new key and value in "
+           "the cache: max |diff| %.1e (must be 0): %s\n",
+           worst, worst_cache, ok ? "ok" : "MISMATCH");
+    if (!ok) exit(1);
 }
 
 // Median ms per replay of a graph holding `reps` copies of `body`.
@@ -316,10 +402,22 @@ int main(int argc, char** argv) {
         void *a, *b;
         CK(cudaMalloc(&a, bytes));
         CK(cudaMalloc(&b, bytes));
-        const double ms = time_graph(
-            [&] { CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, g_stream)); }, 4,
-            10);
-        copy_gbs = 2.0 * bytes / (ms * 1e6);
+        // Outside a graph: a captured copy runs as a slower copy node.
+        cudaEvent_t e0, e1;
+        CK(cudaEventCreate(&e0));
+        CK(cudaEventCreate(&e1));
+        std::vector<double> ms;
+        for (int i = 0; i < 10; ++i) {
+            CK(cudaEventRecord(e0, g_stream));
+            CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, g_stream));
+            CK(cudaEventRecord(e1, g_stream));
+            CK(cudaEventSynchronize(e1));
+            float t;
+            CK(cudaEventElapsedTime(&t, e0, e1));
+            ms.push_back(t);
+        }
+        std::sort(ms.begin(), ms.end());
+        copy_gbs = 2.0 * bytes / (ms[ms.size() / 2] * 1e6);
         CK(cudaFree(a));
         CK(cudaFree(b));
     }
@@ -340,12 +438,40 @@ int main(int argc, char** argv) {
     std::vector<bf*> head(LAYERS, m.lm_head);
     m.v_head = pick("lm_head", m.logits, m.normed, head.data(), VOCAB, HIDDEN);
 
+    // A checksum of one step's logits and attention output from a fixed state: a kernel change
+    // that should not move any number (a load moved, a launch reordered) must leave it as it was.
+    {
+        bf* x0 = alloc_random(HIDDEN, 11, 1.0f);
+        CK(cudaMemcpy(m.x, x0, HIDDEN * sizeof(bf), cudaMemcpyDeviceToDevice));
+        CK(cudaMemset(m.sub, 0, HIDDEN * sizeof(bf)));
+        Options o;
+        o.splits = 33;
+        step(m, o);
+        CK(cudaStreamSynchronize(g_stream));
+        std::vector<unsigned short> logits(VOCAB), attn(Q_HEADS * HD);
+        CK(cudaMemcpy(logits.data(), m.logits, VOCAB * 2, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(attn.data(), m.attn, Q_HEADS * HD * 2, cudaMemcpyDeviceToHost));
+        unsigned long long h = 1469598103934665603ull;
+        for (unsigned short v : logits) h = (h ^ v) * 1099511628211ull;
+        unsigned long long ha = 1469598103934665603ull;
+        for (unsigned short v : attn) ha = (ha ^ v) * 1099511628211ull;
+        printf("checksum: logits %016llx, last layer's attention %016llx\n", h, ha);
+        check_last_attention(m);
+    }
+    const bool short_rows = getenv("SHORT") != nullptr;
+
     struct Row {
         std::string name;
         Options o;
     };
     std::vector<Row> rows;
     rows.push_back({"whole step", Options{}});
+    for (int s : {16, 64}) {
+        Options o;
+        o.splits = s;
+        if (short_rows) rows.push_back({"attention with " + std::to_string(s) + " splits", o});
+    }
+    if (!short_rows) {
     {
         Options o;
         o.norms = false;
@@ -353,13 +479,14 @@ int main(int argc, char** argv) {
     }
     {
         Options o;
-        o.rope = false;
-        rows.push_back({"without RoPE + KV write", o});
+        o.attention = false;
+        rows.push_back({"without attention (+ merge), with RoPE + KV write", o});
     }
     {
         Options o;
         o.attention = false;
-        rows.push_back({"without attention (+ merge)", o});
+        o.rope = false;
+        rows.push_back({"without attention (+ merge, RoPE, KV write)", o});
     }
     {
         Options o;
@@ -380,6 +507,7 @@ int main(int argc, char** argv) {
         Options o;
         o.splits = s;
         rows.push_back({"attention with " + std::to_string(s) + " splits", o});
+    }
     }
     const double floor_ms = weight_bytes / (copy_gbs * 1e6);
     printf("\n| step (batch 1, %d keys) | ms | floor ratio | difference to whole |\n", context);

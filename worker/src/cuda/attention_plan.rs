@@ -4,6 +4,7 @@
 //! key length gets (a decode step of few sequences would otherwise leave most SMs idle). Pure
 //! functions of the batch, tested here.
 
+use super::kernels::ATTENTION_MAX_SPLITS;
 use crate::batch::Batch;
 
 /// The tiles of a step: `(sequence's table row, first row, rows, position of the first row)`
@@ -71,8 +72,9 @@ pub fn table_updates(batch: &Batch, rows: usize, width: usize) -> Result<Vec<i32
 
 /// Splits of the key length for the CUDA-core kernel, `(splits, keys per split)`: `(1, 0)` when
 /// the step already has a block per SM twice over or its contexts are short; otherwise enough
-/// splits to fill the GPU, each at least 64 keys, at most 64 splits and at most `room` (what the
-/// split buffer holds for this step). Keys per split are a multiple of 32, and no split is empty.
+/// splits to fill the GPU, each at least 64 keys, at most [`ATTENTION_MAX_SPLITS`] splits and at
+/// most `room` (what the split buffer holds for this step). Keys per split are a multiple of 32,
+/// and no split is empty.
 pub fn key_splits(
     blocks: usize,
     sm_count: usize,
@@ -86,7 +88,7 @@ pub fn key_splits(
     let splits = target
         .div_ceil(blocks.max(1))
         .min(max_context.div_ceil(64))
-        .min(64)
+        .min(ATTENTION_MAX_SPLITS)
         .min(room);
     if splits <= 1 {
         return (1, 0);

@@ -2,7 +2,8 @@
 //!
 //! embedding (vocab-parallel, all-reduce) -> per layer the attention block (RMSNorm fused with
 //! the previous sublayer's residual add, QKV projection (+bias), RoPE with the KV-cache write,
-//! paged attention, o projection, all-reduce) and the MLP block (residual + RMSNorm, gate/up
+//! paged attention (decode steps: one kernel for RoPE, the cache write and attention), o
+//! projection, all-reduce) and the MLP block (residual + RMSNorm, gate/up
 //! projection, SiLU-mul, down projection, all-reduce), each projection followed by its LoRA
 //! delta when the step has rows with adapters -> residual + final RMSNorm, the rows that
 //! sample, the lm_head over this rank's (padded) vocabulary slice, the gather over ranks, and the
@@ -257,7 +258,8 @@ impl Pass<'_> {
         self.dev.all_reduce(self.model, ws.x.ptr, n * d.hidden)
     }
 
-    /// Residual + RMSNorm, QKV, RoPE with the cache write, attention, o projection, all-reduce.
+    /// Residual + RMSNorm, QKV, RoPE with the cache write, attention, o projection, all-reduce
+    /// (the decode attention does the RoPE and the cache write itself).
     fn attention_block(&self, li: usize, layer: &Layer, timer: &mut PhaseTimer) -> Result<()> {
         let (d, ws, n, k) = (&self.d, self.ws, self.v.rows, self.dev.kernels);
         let gpu = self.dev.gpu;
@@ -289,21 +291,24 @@ impl Pass<'_> {
         self.lora(li, FusedProduct::Qkv, ws.qkv.ptr, ws.normed.ptr)?;
         timer.mark(gpu, "gemm qkv");
         let (kc, vc) = &self.cache.layers[li];
-        k.rope_kv_write(&RopeKvWrite {
-            qkv: ws.qkv.ptr,
-            key_cache: kc.ptr,
-            value_cache: vc.ptr,
-            slots: self.v.inputs.slots,
-            positions: self.v.inputs.positions,
-            cos: self.model.rope_cos.ptr,
-            sin: self.model.rope_sin.ptr,
-            n,
-            q_heads: d.q_heads,
-            kv_heads: d.kv_heads,
-            head_dim: d.head_dim,
-            stride: d.qkv,
-        })?;
-        timer.mark(gpu, "rope + kv write");
+        // The decode attention rotates the queries and writes the new keys and values itself.
+        if !matches!(self.v.attention, AttentionPlan::Decode { .. }) {
+            k.rope_kv_write(&RopeKvWrite {
+                qkv: ws.qkv.ptr,
+                key_cache: kc.ptr,
+                value_cache: vc.ptr,
+                slots: self.v.inputs.slots,
+                positions: self.v.inputs.positions,
+                cos: self.model.rope_cos.ptr,
+                sin: self.model.rope_sin.ptr,
+                n,
+                q_heads: d.q_heads,
+                kv_heads: d.kv_heads,
+                head_dim: d.head_dim,
+                stride: d.qkv,
+            })?;
+            timer.mark(gpu, "rope + kv write");
+        }
         self.attention(li)?;
         timer.mark(gpu, "attention");
         self.linear(Product {
@@ -368,11 +373,14 @@ impl Pass<'_> {
                     out: ws.attn.ptr,
                     partial_out: ws.partial_out.ptr,
                     partial_ml: ws.partial_ml.ptr,
-                    q: ws.qkv.ptr,
+                    qkv: ws.qkv.ptr,
                     key_cache: kc.ptr,
                     value_cache: vc.ptr,
                     block_tables: tables,
                     tiles: v.inputs.tiles,
+                    slots: v.inputs.slots,
+                    cos: self.model.rope_cos.ptr,
+                    sin: self.model.rope_sin.ptr,
                     num_tiles: v.num_tiles,
                     num_splits: splits,
                 },

@@ -25,6 +25,7 @@ use tpserve_term::progress::{Task, Unit};
 
 use super::device::{device_err, DeviceBuffer, Gpu};
 use super::forward::{forward, AttentionPlan, Device, StepView};
+use super::kernels::ATTENTION_MAX_SPLITS;
 use super::model::{CudaModel, GpuKvCache};
 use super::step_inputs::{pack, Packed, PackedStep, TableShape};
 use super::workspace::Workspace;
@@ -49,12 +50,12 @@ pub struct DecodeGraphs {
 }
 
 /// Key splits of a decode graph of `rows` rows: enough blocks to fill the GPU twice over, at
-/// most 64 and at most what the split buffers hold (contexts are unknown at capture; splits
-/// past a row's context cost an empty block each).
+/// most [`ATTENTION_MAX_SPLITS`] and at most what the split buffers hold (contexts are unknown at
+/// capture; splits past a row's context cost a block that leaves at once).
 pub fn decode_splits(rows: usize, kv_heads: usize, sm_count: usize, room: usize) -> usize {
     (2 * sm_count)
         .div_ceil((rows * kv_heads).max(1))
-        .clamp(1, 64)
+        .clamp(1, ATTENTION_MAX_SPLITS)
         .min(room.max(1))
 }
 

@@ -145,6 +145,8 @@ pub const ELEM: usize = 2;
 
 /// Threads of the attention kernel's blocks (4 warps), and the (row, head) pairs one block holds.
 pub const ATTENTION_THREADS: u32 = 128;
+/// Key splits `attention_combine` merges at most (attention.cu's kMaxSplits).
+pub const ATTENTION_MAX_SPLITS: usize = 64;
 const ATTENTION_MAX_ITEMS: usize = 32;
 
 /// Dynamic shared memory a block gets without opting in.
@@ -782,7 +784,8 @@ impl Kernels {
 
     /// Decode attention (attention.cu's paged_attention_decode): tiles of one row each (zero
     /// rows: padding), `num_splits` key splits sized per row on the device (merged afterwards
-    /// by `attention_combine`).
+    /// by `attention_combine`), with RoPE and the new keys' and values' cache write folded in
+    /// (no `rope_kv_write` before it).
     pub fn paged_attention_decode(
         &self,
         a: &DecodeAttention,
@@ -831,11 +834,14 @@ impl Kernels {
         b.arg(&a.out)
             .arg(&a.partial_out)
             .arg(&a.partial_ml)
-            .arg(&a.q)
+            .arg(&a.qkv)
             .arg(&a.key_cache)
             .arg(&a.value_cache)
             .arg(&a.block_tables)
             .arg(&a.tiles)
+            .arg(&a.slots)
+            .arg(&a.cos)
+            .arg(&a.sin)
             .arg(&nq)
             .arg(&nkv)
             .arg(&bs)
@@ -845,7 +851,7 @@ impl Kernels {
             .arg(&split_len)
             .arg(&shape.scale);
         // SAFETY: as attention.cu documents for paged_attention_decode; the caller sizes the
-        // buffers (partials for num_tiles x q_heads x splits).
+        // buffers (partials for num_tiles x q_heads x splits, at most ATTENTION_MAX_SPLITS).
         unsafe { b.launch(cfg) }
             .map(drop)
             .map_err(launch_err("paged_attention_decode"))
@@ -954,6 +960,14 @@ impl Kernels {
         shape: &AttentionShape,
         num_splits: usize,
     ) -> Result<()> {
+        if num_splits > ATTENTION_MAX_SPLITS {
+            return Err(WorkerError::Unsupported {
+                detail: format!(
+                    "{num_splits} key splits (attention_combine merges at most \
+                     {ATTENTION_MAX_SPLITS})"
+                ),
+            });
+        }
         let (nq, hd, ns) = (
             shape.q_heads as i32,
             shape.head_dim as i32,
@@ -1069,11 +1083,18 @@ pub struct DecodeAttention {
     /// f32 partial outputs and (max, sum) pairs of the splits, merged by `attention_combine`.
     pub partial_out: u64,
     pub partial_ml: u64,
-    pub q: u64,
+    /// `[rows, stride]`: the qkv projection's output before RoPE (the kernel rotates).
+    pub qkv: u64,
+    /// Written at the rows' slots (the rotated new keys and the values).
     pub key_cache: u64,
     pub value_cache: u64,
     pub block_tables: u64,
     pub tiles: u64,
+    /// i64 `[rows]`: the rows' cache slots, negative for padding rows.
+    pub slots: u64,
+    /// f32 `[max_pos, head_dim / 2]` RoPE tables, as [`RopeKvWrite`]'s.
+    pub cos: u64,
+    pub sin: u64,
     pub num_tiles: usize,
     pub num_splits: usize,
 }
