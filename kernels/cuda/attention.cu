@@ -387,6 +387,9 @@ __device__ void paged_attention_decode_impl(
             *reinterpret_cast<uint4*>(key_cache + at) = own_k;
             *reinterpret_cast<uint4*>(value_cache + at) = own_v;
         }
+        // Past the first loop step, the lanes read the own key from the cache (registers held
+        // through the loop would cost the kernel a block per SM).
+        __syncthreads();
     }
 
     float qf[G][8];
@@ -420,26 +423,8 @@ __device__ void paged_attention_decode_impl(
         }
     }
 
-    // The loop bound is the same for every lane of a warp (the shuffles below need all of
-    // them); a lane's own key may lie past the end.
-    for (int base = first; base < key_end; base += kStride * kUnroll) {
-        uint4 kv[kUnroll];
-        uint4 vv[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const int key = base + u * kStride + sub;
-            if (key == own_key) {
-                kv[u] = own_k;
-                vv[u] = own_v;
-                continue;
-            }
-            if (base == first) {
-                kv[u] = k_first[u];
-                vv[u] = v_first[u];
-                continue;
-            }
-            load_key(key, kv[u], vv[u]);
-        }
+    // One loop step: the online softmax over the kUnroll keys (one per lane group) of each lane.
+    auto attend = [&](int base, const uint4* kv, const uint4* vv) {
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
             const bool valid = base + u * kStride + sub < key_end;
@@ -477,6 +462,29 @@ __device__ void paged_attention_decode_impl(
                 }
             }
         }
+    };
+    // The loop bound is the same for every lane of a warp (the shuffles need all of them); a
+    // lane's own key may lie past the end. The first step's keys were loaded before the wait
+    // (the row's own key comes from registers); the rest, the own key included, from the cache.
+    if (first < key_end) {
+        uint4 kv[kUnroll];
+        uint4 vv[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const bool own = first + u * kStride + sub == own_key;
+            kv[u] = own ? own_k : k_first[u];
+            vv[u] = own ? own_v : v_first[u];
+        }
+        attend(first, kv, vv);
+    }
+    for (int base = first + kStride * kUnroll; base < key_end; base += kStride * kUnroll) {
+        uint4 kv[kUnroll];
+        uint4 vv[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            load_key(base + u * kStride + sub, kv[u], vv[u]);
+        }
+        attend(base, kv, vv);
     }
 
     // Merge the lane groups of the warp (they saw different keys, the same head pieces).
