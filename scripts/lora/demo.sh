@@ -10,8 +10,8 @@
 #   scripts/lora/demo.sh --adapter DIR   # serve an adapter trained before (with peft_greedy.json)
 #
 # Training needs the packages of scripts/lora/requirements.txt (torch is ~4 GB with its CUDA
-# packages): the Python in $TPSERVE_LORA_PYTHON (default /work/venv-lora/bin/python if present,
-# else python3). Serving needs only the release binaries (cargo build --release --bins) and the
+# packages): the Python in $TPSERVE_LORA_PYTHON (default python3), e.g. a virtual environment's.
+# Serving needs only the release binaries (cargo build --release --bins) and the
 # standard library's python3. The server runs `--dtype float32` (the GGUF dequantized at load,
 # the weights PEFT trained on); TPSERVE_LORA_DEMO_QUANTIZED=1 serves the GGUF's quantized
 # blocks instead and checks only the behaviour, not equality with PEFT.
@@ -21,8 +21,10 @@ cd "$(dirname "$0")/../.."
 adapter=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --adapter) adapter="$2"; shift 2 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    --adapter)
+      [ $# -ge 2 ] || { echo "--adapter needs a directory" >&2; exit 2; }
+      adapter="$2"; shift 2 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -36,10 +38,7 @@ bin="${TPSERVE_BIN:-$target/release/tpserve}"
 if [ -z "$adapter" ]; then
   adapter="${TPSERVE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tpserve}/lora/smollm2-json-answer"
   if [ ! -s "$adapter/adapter_model.safetensors" ] || [ ! -s "$adapter/peft_greedy.json" ]; then
-    py="${TPSERVE_LORA_PYTHON:-}"
-    if [ -z "$py" ]; then
-      if [ -x /work/venv-lora/bin/python ]; then py=/work/venv-lora/bin/python; else py=python3; fi
-    fi
+    py="${TPSERVE_LORA_PYTHON:-python3}"
     "$py" -c 'import peft, torch, transformers' 2>/dev/null || {
       echo "$py lacks peft/torch/transformers: install scripts/lora/requirements.txt into a" \
         "virtual environment and set TPSERVE_LORA_PYTHON to its python" >&2
@@ -71,7 +70,7 @@ compare=()
 if [ "${TPSERVE_LORA_DEMO_QUANTIZED:-0}" = 1 ]; then weights=(); compare=(--no-compare); fi
 echo "== serving $model with the adapter as \"demo\""
 "$bin" serve --host 127.0.0.1 --port 0 --print-listening-url --model "$model" --device cpu \
-  "${weights[@]}" --served-model-name smollm2 --enable-lora --lora-modules "demo=$adapter" --max-lora-rank 64 \
+  "${weights[@]}" --served-model-name smollm2 --enable-lora --lora-modules "demo=$adapter" \
   >"$work/server.out" 2>"$work/server.log" &
 pid=$!
 

@@ -296,7 +296,7 @@ def check(model, tok, out_dir, gguf, max_new_tokens, training):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=120, help="optimizer steps (default 120)")
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
     ap.add_argument("--alpha", type=float, default=16.0, help="lora_alpha (default 16)")
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
@@ -306,8 +306,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 8),
                     help="torch CPU threads (results depend on it; default min(cores, 8))")
-    ap.add_argument("--max-new-tokens", type=int, default=48,
-                    help="greedy answer length for the held-out check (default 48)")
+    ap.add_argument("--max-new-tokens", type=int, default=32,
+                    help="greedy answer length for the held-out check (default 32)")
     ap.add_argument("--gguf", help="base model GGUF (default: scripts/fetch-default-model.sh)")
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"adapter directory (default {DEFAULT_OUT})")
     ap.add_argument("--check", action="store_true",
