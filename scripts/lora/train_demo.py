@@ -228,7 +228,7 @@ def train(args, tok, model):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     warmup = max(1, args.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (args.steps - s) / (args.steps - warmup))))
+        opt, lambda s: min((s + 1) / warmup, (args.steps - s) / max(1, args.steps - warmup)))
 
     model.train()
     rng = random.Random(args.seed)
@@ -337,6 +337,8 @@ def main():
     ap.add_argument("--check", action="store_true",
                     help="skip training: load the adapter in --out and only write peft_greedy.json")
     args = ap.parse_args()
+    if args.steps < 1 or args.rank < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        ap.error("--steps, --rank, --batch-size and --max-new-tokens must be at least 1")
 
     random.seed(args.seed)
     torch.manual_seed(args.seed)
