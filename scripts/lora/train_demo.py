@@ -18,8 +18,9 @@ Deterministic for a given machine and thread count: fixed seeds, deterministic a
 dropout, a fixed data order. The defaults (10 steps of 8 chats, rank 8 on all seven projections)
 already teach the format; more steps make the answers' content better, not the format. On the
 shared 2-core development machine (load average ~8 from other builds) loading the GGUF took
-3 minutes, the 10 steps 20 minutes and the greedy check 8.5 minutes of wall time (11 minutes of
-CPU time in all); an idle machine or a GPU is many times faster.
+1.5-3 minutes, the 10 steps 9-20 minutes and the greedy check 7-8.5 minutes of wall time (two
+runs, bit-identical adapters; 11 minutes of CPU time in all); an idle machine or a GPU is many
+times faster.
 
     python3 -m venv /work/venv-lora && /work/venv-lora/bin/pip install -r scripts/lora/requirements.txt
     /work/venv-lora/bin/python scripts/lora/train_demo.py            # train, save, check
