@@ -6,8 +6,11 @@
 //! served: the config's fields, every tensor's name, shape and readability. What we cannot
 //! honour is refused with the field or tensor named, never ignored: DoRA (`use_dora`),
 //! `modules_to_save`, embedding or `lm_head` adapters, biases other than `"none"`,
-//! `fan_in_fan_out`, per-module `rank_pattern` / `alpha_pattern`, a rank above the server's
-//! `--max-lora-rank`, target modules the Llama base lacks, pickled `.bin` weights.
+//! `fan_in_fan_out`, per-module `rank_pattern` / `alpha_pattern`, PEFT's other LoRA variants
+//! (aLoRA, Arrow, BD-LoRA, VeLoRA, MonteCLoRA, KaSA, QA-LoRA), layer replication, retrained
+//! token embeddings, initialisations that changed the base (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA,
+//! unless converted when saved), a rank above the server's `--max-lora-rank`, target modules the
+//! Llama base lacks, pickled `.bin` weights.
 //!
 //! The math it describes, per targeted projection `W [out, in]` of a layer:
 //! `y = x W^T + scale * (x A^T) B^T` with `A [r, in]`, `B [out, r]` and
@@ -254,6 +257,62 @@ fn parse_config(
             "target_parameters",
             "is set: adapters on raw parameters are not supported".into(),
         ));
+    }
+    // PEFT's LoRA variants and extras that change the forward pass or the model around it:
+    // each must be left at its default (null, false or empty).
+    for (name, what) in [
+        (
+            "alora_invocation_tokens",
+            "activated LoRA applies the adapter only after its invocation tokens",
+        ),
+        (
+            "arrow_config",
+            "Arrow routes each token among several adapters",
+        ),
+        ("use_bdlora", "block-diagonal LoRA"),
+        ("velora_config", "VeLoRA's layers"),
+        (
+            "monteclora_config",
+            "MonteCLoRA samples the adapter's weights",
+        ),
+        (
+            "kasa_config",
+            "KaSA rescales the base weights' singular values",
+        ),
+        ("use_qalora", "QA-LoRA pools the layer input before A"),
+        ("layer_replication", "the adapted model repeats base layers"),
+        (
+            "trainable_token_indices",
+            "the adapter retrains token embeddings",
+        ),
+    ] {
+        let set = field(name).is_some_and(|v| match v {
+            Value::Bool(b) => *b,
+            Value::Array(a) => !a.is_empty(),
+            Value::Object(o) => !o.is_empty(),
+            _ => true,
+        });
+        if set {
+            return Err(refuse(
+                name,
+                format!("is set: {what}, which is not supported"),
+            ));
+        }
+    }
+    // Initialisations that change the base weights too (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA):
+    // the adapter only works on that changed base unless PEFT converted it when saving
+    // (`path_initial_model_for_weight_conversion`, which writes `init_lora_weights: true`).
+    if let Some(init) = field("init_lora_weights").and_then(Value::as_str) {
+        if !matches!(init, "gaussian" | "eva" | "orthogonal") {
+            return Err(refuse(
+                "init_lora_weights",
+                format!(
+                    "is {init:?}: this initialisation changes the base model's weights; save \
+                     the adapter with PEFT's path_initial_model_for_weight_conversion to serve \
+                     it on the original base"
+                ),
+            ));
+        }
     }
     let rank = match field("r").and_then(Value::as_u64) {
         Some(r) if r > 0 => r as usize,
@@ -531,6 +590,28 @@ mod tests {
             ("target_modules", serde_json::json!(".*proj"), "pattern"),
             ("fan_in_fan_out", serde_json::json!(true), "fan_in_fan_out"),
             (
+                "alora_invocation_tokens",
+                serde_json::json!([1, 2]),
+                "activated LoRA",
+            ),
+            ("use_qalora", serde_json::json!(true), "QA-LoRA"),
+            ("kasa_config", serde_json::json!({"rank": 4}), "KaSA"),
+            (
+                "layer_replication",
+                serde_json::json!([[0, 2]]),
+                "repeats base layers",
+            ),
+            (
+                "trainable_token_indices",
+                serde_json::json!([5]),
+                "token embeddings",
+            ),
+            (
+                "init_lora_weights",
+                serde_json::json!("pissa"),
+                "path_initial_model_for_weight_conversion",
+            ),
+            (
                 "rank_pattern",
                 serde_json::json!({"q_proj": 4}),
                 "rank_pattern",
@@ -547,7 +628,15 @@ mod tests {
         c["modules_to_save"] = serde_json::Value::Null;
         c["rank_pattern"] = serde_json::json!({});
         c["bias"] = serde_json::json!("none");
+        c["init_lora_weights"] = serde_json::json!("gaussian");
+        c["use_qalora"] = serde_json::json!(false);
         header(c).unwrap();
+        // Every field PEFT 0.21.2 writes, at its default, from a real save_pretrained.
+        let peft: serde_json::Value = serde_json::from_str(include_str!(
+            "../../tests/fixtures/lora-json-answer/adapter_config.json"
+        ))
+        .unwrap();
+        assert_eq!(header(peft).unwrap().rank, 8);
     }
 
     #[test]
