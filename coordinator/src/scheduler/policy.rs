@@ -11,12 +11,23 @@
 //! tenant whose queue was empty is lifted, when a request of its arrives, to the smallest
 //! counter among the backlogged tenants, or, when no tenant is backlogged, to the counter of the
 //! tenant whose queue emptied last (the paper's rule): idle time banks no credit, so a tenant
-//! returning from idleness, or arriving for the first time, cannot then starve the others. Preempted sequences go back to the front of their
-//! tenant's queue without a lift. Unlike the paper, prompt and output tokens cost the same (one
-//! unit of engine work each on our step budget).
+//! returning from idleness, or arriving for the first time, cannot then starve the others.
+//! Preempted sequences go back to the front of their tenant's queue without a lift. Unlike the
+//! paper, prompt and output tokens cost the same (one unit of engine work each on our step
+//! budget).
+//!
+//! Counters order only *starts*: when every slot is held (a small `max_num_seqs`, long
+//! requests), a tenant next in line would wait for a slot to free whatever its counter. So the
+//! fair policy also preempts (`preemption_victim`): a tenant that is next to start and holds
+//! fewer slots than its weighted share of `max_num_seqs` takes one from the tenant furthest
+//! ahead in counter that holds more than its share. Whole slots give the hysteresis: neither
+//! side crosses its share, so the swap never invites the swap back, and no tenant is preempted
+//! below its share. The victim recomputes (its full blocks are prefix-cache hits) and pays again
+//! for what it recomputes.
 //!
 //! Costs: FCFS push/peek/pop O(1), `remove` (abort of a waiting sequence) O(n); priority
-//! O(log n) for everything; fair O(tenants) per peek/pop and O(1) per charge; a tenant's entry
+//! O(log n) for everything; fair O(tenants) per peek/pop and per `preemption_victim` (asked
+//! only when a waiting sequence finds the batch or pool full) and O(1) per charge; a tenant's entry
 //! (a few words) stays after its queue empties, so its counter survives until the process ends.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -57,6 +68,8 @@ pub(crate) struct TenantQueue {
     /// Tokens scheduled for it, each divided by its weight.
     counter: f64,
     weight: u32,
+    /// Its sequences in the running list.
+    running: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -83,6 +96,7 @@ impl FairQueue {
             ids: VecDeque::new(),
             counter: 0.0,
             weight: share.weight,
+            running: 0,
         });
         q.weight = share.weight;
         q
@@ -227,6 +241,57 @@ impl WaitingQueue {
             let q = f.entry(share.into());
             q.counter += tokens as f64 / f64::from(q.weight);
         }
+    }
+
+    /// A sequence of `share`'s tenant entered the running list (fair policy; a no-op otherwise).
+    pub fn started(&mut self, share: Share) {
+        if let Self::Fair(f) = self {
+            f.entry(share.into()).running += 1;
+        }
+    }
+
+    /// A sequence of `share`'s tenant left the running list (preempted, finished or aborted).
+    pub fn stopped(&mut self, share: Share) {
+        if let Self::Fair(f) = self {
+            let q = f.entry(share.into());
+            q.running = q.running.saturating_sub(1);
+        }
+    }
+
+    /// Fair policy: whose running sequence to preempt so that `tenant`, next to start and held
+    /// back by a full batch (or pool), gets its share of the `slots`. A tenant's share is
+    /// `slots * weight / total weight` of the tenants with work (running or waiting). It is
+    /// `Some` only when `tenant` stays within its share after starting one more and the victim
+    /// tenant stays at or above its own after giving one back, and the victim's counter is not
+    /// below `tenant`'s: so a swap never invites the swap back (no thrashing), and a tenant is
+    /// never preempted below its share (no starvation). The victim is the tenant furthest ahead
+    /// (largest counter; ties: the larger id). `None` under FCFS and priority.
+    pub fn preemption_victim(&self, tenant: u64, slots: usize) -> Option<u64> {
+        let Self::Fair(f) = self else {
+            return None;
+        };
+        let t = f.tenants.get(&tenant)?;
+        let total: u64 = f
+            .tenants
+            .values()
+            .filter(|q| q.running > 0 || !q.ids.is_empty())
+            .map(|q| u64::from(q.weight))
+            .sum();
+        // Shares compared as running * total against slots * weight: whole numbers, no rounding.
+        let slots = slots as u64;
+        if (t.running as u64 + 1) * total > slots * u64::from(t.weight) {
+            return None;
+        }
+        f.tenants
+            .iter()
+            .filter(|(id, q)| {
+                **id != tenant
+                    && q.running > 0
+                    && (q.running as u64 - 1) * total >= slots * u64::from(q.weight)
+                    && q.counter >= t.counter
+            })
+            .max_by(|a, b| a.1.counter.total_cmp(&b.1.counter).then(a.0.cmp(b.0)))
+            .map(|(id, _)| *id)
     }
 
     /// The tenant's virtual token counter (0 outside the fair policy).
