@@ -410,4 +410,87 @@ mod tests {
         q.push_arrival(tenant_key(0, 2, 3, 1, 1));
         assert_eq!(q.pop(), Some(2));
     }
+
+    #[test]
+    fn a_preemption_victim_keeps_both_tenants_within_their_shares_of_the_slots() {
+        // 8 slots; A (tenant 1) runs `ra`, B (tenant 2) runs `rb` and has one waiting; A has
+        // been charged `ca` tokens, B 100.
+        struct Case {
+            weights: (u32, u32),
+            ra: usize,
+            rb: usize,
+            ca: usize,
+            victim: Option<u64>,
+        }
+        let cases = [
+            Case {
+                weights: (1, 1),
+                ra: 8,
+                rb: 0,
+                ca: 200,
+                victim: Some(1),
+            },
+            Case {
+                weights: (1, 1),
+                ra: 5,
+                rb: 3,
+                ca: 200,
+                victim: Some(1),
+            },
+            Case {
+                weights: (1, 1),
+                ra: 4,
+                rb: 4,
+                ca: 200,
+                victim: None,
+            },
+            Case {
+                weights: (1, 3),
+                ra: 3,
+                rb: 5,
+                ca: 200,
+                victim: Some(1),
+            },
+            Case {
+                weights: (1, 3),
+                ra: 2,
+                rb: 6,
+                ca: 200,
+                victim: None,
+            },
+            // A behind in counter: it keeps its slots although B is below its share.
+            Case {
+                weights: (1, 1),
+                ra: 8,
+                rb: 0,
+                ca: 50,
+                victim: None,
+            },
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            let a = Share {
+                tenant: 1,
+                weight: c.weights.0,
+            };
+            let b = Share {
+                tenant: 2,
+                weight: c.weights.1,
+            };
+            let mut q = WaitingQueue::new(SchedulingPolicy::Fair);
+            for _ in 0..c.ra {
+                q.started(a);
+            }
+            for _ in 0..c.rb {
+                q.started(b);
+            }
+            q.charge(a, c.ca * c.weights.0 as usize);
+            q.charge(b, 100 * c.weights.1 as usize);
+            q.push_arrival(tenant_key(0, 0, 7, 2, c.weights.1));
+            assert_eq!(q.preemption_victim(2, 8), c.victim, "case {i}");
+            assert_eq!(
+                WaitingQueue::new(SchedulingPolicy::Fcfs).preemption_victim(2, 8),
+                None
+            );
+        }
+    }
 }
