@@ -8,8 +8,12 @@
 //!   sequences (FCFS, priority or fair-share order) start with a prefill chunk while budget, sequence slots
 //!   and blocks allow; the first one that does not fit stops admission (no overtaking).
 //! - Out of blocks for a running sequence: preempt the newest running one (under priority: the
-//!   worst (priority, arrival)) by recompute, until it fits or it is itself the victim. After a
-//!   preemption, no waiting sequence starts in that step unless nothing else was scheduled.
+//!   worst (priority, arrival); under fair: of the tenant furthest ahead) by recompute, until it
+//!   fits or it is itself the victim. After a preemption, no waiting sequence starts in that
+//!   step unless nothing else was scheduled.
+//! - Fair share: a waiting sequence held back by a full batch or pool whose tenant is below its
+//!   weighted share of the slots preempts the newest running sequence of a tenant above its
+//!   share (see `policy`); FCFS and priority never preempt for admission.
 //! - Prefix caching: full computed blocks are registered under a hash chain; a starting sequence
 //!   reuses its longest cached prefix (capped so at least one token is computed).
 //! - LoRA: at most `max_loras` distinct adapters among the running sequences (so among any
@@ -74,6 +78,8 @@ pub mod plan;
 mod policy;
 pub mod sequence;
 
+#[cfg(test)]
+mod fair_tests;
 #[cfg(test)]
 mod pipelined_tests;
 #[cfg(test)]
@@ -669,26 +675,35 @@ impl Scheduler {
             seq.known_to_workers = false;
             self.pending_frees.push(id);
         }
+        self.waiting.stopped(seq.share);
         self.waiting.push_preempted(seq.wait_key());
         self.stats.num_preemptions += 1;
     }
 
-    /// Waiting sequences start while budget, sequence slots and blocks allow.
+    /// Waiting sequences start while budget, sequence slots and blocks allow. Under the fair
+    /// policy, a sequence held back by a full batch or pool may preempt a running sequence of
+    /// a tenant above its share (see `preempt_for_share`).
     fn schedule_waiting(&mut self, plan: &mut StepPlan, budget: &mut usize) {
         let bs = self.config.block_size;
-        while *budget > 0 && self.running.len() < self.config.max_num_seqs {
+        while *budget > 0 {
             let Some(id) = self.waiting.peek() else {
                 break;
             };
             if !self.adapter_fits(self.seqs[&id].adapter) {
                 break; // it waits for a running adapter to drain; nothing overtakes it
             }
-            let seq = self.seqs.get_mut(&id).expect("waiting ids are live");
-            if !seq.pending_samples.is_empty() {
+            if !self.seqs[&id].pending_samples.is_empty() {
                 // Preempted with a token still being sampled: it starts again once that token
                 // is known, so `NewSequence` carries only real tokens. Nothing overtakes it.
                 break;
             }
+            if self.running.len() >= self.config.max_num_seqs {
+                if self.preempt_for_share(id, plan, budget) {
+                    continue;
+                }
+                break;
+            }
+            let seq = self.seqs.get_mut(&id).expect("waiting ids are live");
             let num_tokens = seq.num_tokens();
             let hits = &mut self.scratch_hits;
             hits.clear();
@@ -710,8 +725,13 @@ impl Scheduler {
             let needed = self.config.blocks_for(hit_tokens + n) - hits.len();
             let free_hits = hits.iter().filter(|&&b| self.pool.refcount(b) == 0).count();
             if self.pool.num_free() < needed + free_hits {
+                if self.preempt_for_share(id, plan, budget) {
+                    continue;
+                }
                 break; // it waits; nothing behind it overtakes
             }
+            let seq = self.seqs.get_mut(&id).expect("waiting ids are live");
+            let hits = &self.scratch_hits;
             self.waiting.pop();
             if self.config.enable_prefix_caching {
                 self.stats.prefix_cache_queries += num_tokens as u64;
@@ -744,8 +764,39 @@ impl Scheduler {
                 adapter: seq.adapter,
             });
             self.waiting.charge(seq.share, n);
+            self.waiting.started(seq.share);
             self.running.push(id);
             *budget -= n;
+        }
+    }
+
+    /// Fair policy: waiting sequence `id` cannot start for want of a slot or blocks; if its
+    /// tenant is below its share and another is above (`WaitingQueue::preemption_victim`),
+    /// preempts that tenant's newest running sequence (the least work lost), neither one that
+    /// has produced all it may (it is about to free its slot) nor one this plan starts. Returns
+    /// whether it preempted; the caller then tries `id` again. Each call lowers the victim
+    /// tenant's running count toward its share, so a step preempts at most `max_num_seqs`.
+    fn preempt_for_share(&mut self, id: u64, plan: &mut StepPlan, budget: &mut usize) -> bool {
+        let tenant = self.seqs[&id].share.tenant;
+        let Some(victim) = self
+            .waiting
+            .preemption_victim(tenant, self.config.max_num_seqs)
+        else {
+            return false;
+        };
+        let max_model_len = self.config.max_model_len;
+        let idx = self.running.iter().rposition(|r| {
+            let s = &self.seqs[r];
+            s.share.tenant == victim
+                && !s.is_at_limit(max_model_len)
+                && !plan.new.iter().any(|n| n.id == *r)
+        });
+        match idx {
+            Some(idx) => {
+                self.preempt(idx, plan, budget);
+                true
+            }
+            None => false,
         }
     }
 
@@ -806,6 +857,7 @@ impl Scheduler {
                 let pos = self.running.iter().position(|&r| r == id);
                 self.running
                     .remove(pos.expect("running sequence is listed"));
+                self.waiting.stopped(seq.share);
             }
         }
         // Tail blocks first, so under LRU they are evicted before the shared prefix.

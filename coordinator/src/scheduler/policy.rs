@@ -11,12 +11,23 @@
 //! tenant whose queue was empty is lifted, when a request of its arrives, to the smallest
 //! counter among the backlogged tenants, or, when no tenant is backlogged, to the counter of the
 //! tenant whose queue emptied last (the paper's rule): idle time banks no credit, so a tenant
-//! returning from idleness, or arriving for the first time, cannot then starve the others. Preempted sequences go back to the front of their
-//! tenant's queue without a lift. Unlike the paper, prompt and output tokens cost the same (one
-//! unit of engine work each on our step budget).
+//! returning from idleness, or arriving for the first time, cannot then starve the others.
+//! Preempted sequences go back to the front of their tenant's queue without a lift. Unlike the
+//! paper, prompt and output tokens cost the same (one unit of engine work each on our step
+//! budget).
+//!
+//! Counters order only *starts*: when every slot is held (a small `max_num_seqs`, long
+//! requests), a tenant next in line would wait for a slot to free whatever its counter. So the
+//! fair policy also preempts (`preemption_victim`): a tenant that is next to start and holds
+//! fewer slots than its weighted share of `max_num_seqs` takes one from the tenant furthest
+//! ahead in counter that holds more than its share. Whole slots give the hysteresis: neither
+//! side crosses its share, so the swap never invites the swap back, and no tenant is preempted
+//! below its share. The victim recomputes (its full blocks are prefix-cache hits) and pays again
+//! for what it recomputes.
 //!
 //! Costs: FCFS push/peek/pop O(1), `remove` (abort of a waiting sequence) O(n); priority
-//! O(log n) for everything; fair O(tenants) per peek/pop and O(1) per charge; a tenant's entry
+//! O(log n) for everything; fair O(tenants) per peek/pop and per `preemption_victim` (asked
+//! only when a waiting sequence finds the batch or pool full) and O(1) per charge; a tenant's entry
 //! (a few words) stays after its queue empties, so its counter survives until the process ends.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -57,6 +68,8 @@ pub(crate) struct TenantQueue {
     /// Tokens scheduled for it, each divided by its weight.
     counter: f64,
     weight: u32,
+    /// Its sequences in the running list.
+    running: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -83,6 +96,7 @@ impl FairQueue {
             ids: VecDeque::new(),
             counter: 0.0,
             weight: share.weight,
+            running: 0,
         });
         q.weight = share.weight;
         q
@@ -229,6 +243,57 @@ impl WaitingQueue {
         }
     }
 
+    /// A sequence of `share`'s tenant entered the running list (fair policy; a no-op otherwise).
+    pub fn started(&mut self, share: Share) {
+        if let Self::Fair(f) = self {
+            f.entry(share.into()).running += 1;
+        }
+    }
+
+    /// A sequence of `share`'s tenant left the running list (preempted, finished or aborted).
+    pub fn stopped(&mut self, share: Share) {
+        if let Self::Fair(f) = self {
+            let q = f.entry(share.into());
+            q.running = q.running.saturating_sub(1);
+        }
+    }
+
+    /// Fair policy: whose running sequence to preempt so that `tenant`, next to start and held
+    /// back by a full batch (or pool), gets its share of the `slots`. A tenant's share is
+    /// `slots * weight / total weight` of the tenants with work (running or waiting). It is
+    /// `Some` only when `tenant` stays within its share after starting one more and the victim
+    /// tenant stays at or above its own after giving one back, and the victim's counter is not
+    /// below `tenant`'s: so a swap never invites the swap back (no thrashing), and a tenant is
+    /// never preempted below its share (no starvation). The victim is the tenant furthest ahead
+    /// (largest counter; ties: the larger id). `None` under FCFS and priority.
+    pub fn preemption_victim(&self, tenant: u64, slots: usize) -> Option<u64> {
+        let Self::Fair(f) = self else {
+            return None;
+        };
+        let t = f.tenants.get(&tenant)?;
+        let total: u64 = f
+            .tenants
+            .values()
+            .filter(|q| q.running > 0 || !q.ids.is_empty())
+            .map(|q| u64::from(q.weight))
+            .sum();
+        // Shares compared as running * total against slots * weight: whole numbers, no rounding.
+        let slots = slots as u64;
+        if (t.running as u64 + 1) * total > slots * u64::from(t.weight) {
+            return None;
+        }
+        f.tenants
+            .iter()
+            .filter(|(id, q)| {
+                **id != tenant
+                    && q.running > 0
+                    && (q.running as u64 - 1) * total >= slots * u64::from(q.weight)
+                    && q.counter >= t.counter
+            })
+            .max_by(|a, b| a.1.counter.total_cmp(&b.1.counter).then(a.0.cmp(b.0)))
+            .map(|(id, _)| *id)
+    }
+
     /// The tenant's virtual token counter (0 outside the fair policy).
     pub fn counter(&self, tenant: u64) -> f64 {
         match self {
@@ -344,5 +409,88 @@ mod tests {
         // Tenant 1 comes back behind it by what it used since.
         q.push_arrival(tenant_key(0, 2, 3, 1, 1));
         assert_eq!(q.pop(), Some(2));
+    }
+
+    #[test]
+    fn a_preemption_victim_keeps_both_tenants_within_their_shares_of_the_slots() {
+        // 8 slots; A (tenant 1) runs `ra`, B (tenant 2) runs `rb` and has one waiting; A has
+        // been charged `ca` tokens, B 100.
+        struct Case {
+            weights: (u32, u32),
+            ra: usize,
+            rb: usize,
+            ca: usize,
+            victim: Option<u64>,
+        }
+        let cases = [
+            Case {
+                weights: (1, 1),
+                ra: 8,
+                rb: 0,
+                ca: 200,
+                victim: Some(1),
+            },
+            Case {
+                weights: (1, 1),
+                ra: 5,
+                rb: 3,
+                ca: 200,
+                victim: Some(1),
+            },
+            Case {
+                weights: (1, 1),
+                ra: 4,
+                rb: 4,
+                ca: 200,
+                victim: None,
+            },
+            Case {
+                weights: (1, 3),
+                ra: 3,
+                rb: 5,
+                ca: 200,
+                victim: Some(1),
+            },
+            Case {
+                weights: (1, 3),
+                ra: 2,
+                rb: 6,
+                ca: 200,
+                victim: None,
+            },
+            // A behind in counter: it keeps its slots although B is below its share.
+            Case {
+                weights: (1, 1),
+                ra: 8,
+                rb: 0,
+                ca: 50,
+                victim: None,
+            },
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            let a = Share {
+                tenant: 1,
+                weight: c.weights.0,
+            };
+            let b = Share {
+                tenant: 2,
+                weight: c.weights.1,
+            };
+            let mut q = WaitingQueue::new(SchedulingPolicy::Fair);
+            for _ in 0..c.ra {
+                q.started(a);
+            }
+            for _ in 0..c.rb {
+                q.started(b);
+            }
+            q.charge(a, c.ca * c.weights.0 as usize);
+            q.charge(b, 100 * c.weights.1 as usize);
+            q.push_arrival(tenant_key(0, 0, 7, 2, c.weights.1));
+            assert_eq!(q.preemption_victim(2, 8), c.victim, "case {i}");
+            assert_eq!(
+                WaitingQueue::new(SchedulingPolicy::Fcfs).preemption_victim(2, 8),
+                None
+            );
+        }
     }
 }
