@@ -95,6 +95,8 @@ mkdir -p "$run/bin"
 mount -t proc proc "$rootfs/proc"
 mount --bind /dev "$rootfs/dev"
 cp /etc/resolv.conf "$rootfs/etc/resolv.conf"
+# This machine's certificate authorities (a proxy's, where one is used), for pip in the chroot.
+cp "${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}" "$run/ca.crt"
 cp "$wheel" "$run/"
 cli_env=()
 if $with_cli; then
@@ -111,7 +113,7 @@ started=$(date +%s)
 status=0
 chroot "$rootfs" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root LANG=C.UTF-8 \
   TPSERVE_DEFAULT_MODEL=/run-tpserve/model.gguf "${cli_env[@]}" \
-  RUST_LOG="${RUST_LOG:-warn}" /bin/sh -euc "
+  PIP_CERT=/run-tpserve/ca.crt RUST_LOG="${RUST_LOG:-warn}" /bin/sh -euc "
     uname -m
     python3 --version
     python3 -m venv /run-tpserve/venv
