@@ -2,13 +2,17 @@
 and machine: N requests of I random prompt token ids (seeded, drawn from [1000, 20000) as the CLI
 draws them), greedy, end-of-sequence ignored, so each generates exactly O tokens; all submitted at
 once. Both time from the first submission to the last finished sequence (start-up excluded). The
-two runs alternate `--repeats` times; prints every figure and the ratio of the medians. A
-benchmark, not a test: it asserts nothing.
+two runs alternate `--repeats` times (CLI first); prints every figure with the 1-minute load
+average before it, and the ratio of the medians. The CLI starts a new engine for each run; the
+binding reuses one engine across runs, as a program calling `generate` repeatedly does, unless
+`--fresh-engine` (then a new `LLM` per run, its start-up not timed either). A benchmark, not a
+test: it asserts nothing.
 
-    python python/benchmarks/throughput.py --model M --tpserve target/release/tpserve
+    python python/benchmarks/throughput.py --model M --tpserve target/release/tpserve [--fresh-engine]
 """
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -53,20 +57,34 @@ def main():
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=2048)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--fresh-engine", action="store_true",
+                        help="a new LLM for each run (as the CLI starts one), not one for all runs")
     args = parser.parse_args()
     rng = random.Random(0)
     cli, py = [], []
-    with LLM(args.model, max_model_len=args.max_model_len) as llm:
+
+    def engine():
+        return LLM(args.model, max_model_len=args.max_model_len)
+
+    with (contextlib.nullcontext() if args.fresh_engine else engine()) as shared:
         for i in range(args.repeats):
-            # Fresh prompts each run: the engine lives across runs, and repeated prompts would hit
-            # its prefix cache (the CLI starts a new engine each run).
+            # Fresh prompts each run: a shared engine lives across runs, and repeated prompts
+            # would hit its prefix cache (the CLI starts a new engine each run).
             prompts = [[rng.randrange(1000, 20000) for _ in range(args.input_len)]
                        for _ in range(args.num_prompts)]
+            load_cli = os.getloadavg()[0]
             cli.append(cli_run(args))
-            py.append(python_run(llm, args, prompts))
-            print(f"run {i + 1}: tpserve bench throughput {cli[-1]:.1f} output tok/s, "
-                  f"LLM.generate {py[-1]:.1f} output tok/s", flush=True)
+            if shared is None:
+                with engine() as llm:
+                    load_py = os.getloadavg()[0]
+                    py.append(python_run(llm, args, prompts))
+            else:
+                load_py = os.getloadavg()[0]
+                py.append(python_run(shared, args, prompts))
+            print(f"run {i + 1}: tpserve bench throughput {cli[-1]:.1f} output tok/s "
+                  f"(load {load_cli:.2f}), LLM.generate {py[-1]:.1f} output tok/s "
+                  f"(load {load_py:.2f})", flush=True)
     c, p = statistics.median(cli), statistics.median(py)
     print(f"median: tpserve bench throughput {c:.1f}, LLM.generate {p:.1f} output tok/s; "
           f"LLM.generate / CLI = {p / c:.3f}")
