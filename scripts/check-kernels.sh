@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compiles every CUDA kernel of kernels/cuda/ to PTX, without a GPU, so a broken kernel fails CI:
 #   1. `nvcc -ptx` (warnings are errors) for every kernels/cuda/*.cu, for each architecture in
-#      KERNEL_ARCHS;
+#      KERNEL_ARCHS, and `nvcc -c` of the standalone kernel harnesses tests/gpu/*.cu (sm_90);
 #   2. unless CHECK_KERNELS_NVRTC=0: tpserve-kernels' tests with the real NVRTC 13.0 library on
 #      LD_LIBRARY_PATH, which compile the embedded sources exactly as a worker does at start-up
 #      (common.cuh inlined, the include paths of CUDA_INCLUDE_DIR) and check every entry point
@@ -63,6 +63,16 @@ for arch in $KERNEL_ARCHS; do
     fi
     record "nvcc $arch $src" "$status"
   done
+done
+
+# The standalone kernel harnesses (run by hand on the GPU machine) must keep compiling against
+# the kernels they include.
+for src in tests/gpu/*.cu; do
+  status=0
+  "$NVCC" -c -O3 -arch=sm_90 -std=c++17 -I kernels/cuda -I "$CUDA_ROOT/include" \
+    -I "$CUDA_ROOT/include/cccl" "$src" -o "$OUT_DIR/$(basename "$src" .cu).o" || status=$?
+  if [[ $status -eq 0 ]]; then echo "ok    nvcc harness $src"; else echo "FAIL  nvcc harness $src"; fi
+  record "nvcc harness $src" "$status"
 done
 
 if [[ "$CHECK_KERNELS_NVRTC" != 0 ]]; then

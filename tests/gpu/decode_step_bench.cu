@@ -37,7 +37,7 @@ using namespace k_norm;
 using namespace k_rope;
 using namespace k_silu;
 
-#include <cuda_runtime.h>
+#include "harness.cuh"
 
 #include <algorithm>
 #include <cstdio>
@@ -46,16 +46,6 @@ using namespace k_silu;
 #include <string>
 #include <vector>
 
-#define CK(x)                                                                               \
-    do {                                                                                    \
-        cudaError_t e = (x);                                                                \
-        if (e != cudaSuccess) {                                                             \
-            printf("CUDA error %s at line %d: %s\n", #x, __LINE__, cudaGetErrorString(e)); \
-            exit(1);                                                                        \
-        }                                                                                   \
-    } while (0)
-
-typedef __nv_bfloat16 bf;
 
 // Llama-3-8B.
 static const int HIDDEN = 4096, Q_HEADS = 32, KV_HEADS = 8, HD = 128, INTER = 14336,
@@ -476,43 +466,25 @@ int main(int argc, char** argv) {
         o.splits = s;
         if (short_rows) rows.push_back({"attention with " + std::to_string(s) + " splits", o});
     }
+    auto row = [&](std::string name, void (*edit)(Options&)) {
+        Options o;
+        edit(o);
+        rows.push_back({name, o});
+    };
     if (!short_rows) {
-    {
-        Options o;
-        o.norms = false;
-        rows.push_back({"without RMSNorms", o});
-    }
-    {
-        Options o;
-        o.attention = false;
-        rows.push_back({"without attention (+ merge), with RoPE + KV write", o});
-    }
-    {
-        Options o;
-        o.attention = false;
-        o.rope = false;
-        rows.push_back({"without attention (+ merge, RoPE, KV write)", o});
-    }
-    {
-        Options o;
-        o.silu = false;
-        rows.push_back({"without SiLU-mul", o});
-    }
-    {
-        Options o;
-        o.norms = o.rope = o.attention = o.silu = false;
-        rows.push_back({"GEMVs only", o});
-    }
-    {
-        Options o;
-        o.gemvs = false;
-        rows.push_back({"everything but the GEMVs", o});
-    }
-    for (int s : {1, 2, 4, 8, 16, 64}) {
-        Options o;
-        o.splits = s;
-        rows.push_back({"attention with " + std::to_string(s) + " splits", o});
-    }
+        row("without RMSNorms", [](Options& o) { o.norms = false; });
+        row("without attention (+ merge), with RoPE + KV write",
+            [](Options& o) { o.attention = false; });
+        row("without attention (+ merge, RoPE, KV write)",
+            [](Options& o) { o.attention = o.rope = false; });
+        row("without SiLU-mul", [](Options& o) { o.silu = false; });
+        row("GEMVs only", [](Options& o) { o.norms = o.rope = o.attention = o.silu = false; });
+        row("everything but the GEMVs", [](Options& o) { o.gemvs = false; });
+        for (int s : {1, 2, 4, 8, 16, 64}) {
+            Options o;
+            o.splits = s;
+            rows.push_back({"attention with " + std::to_string(s) + " splits", o});
+        }
     }
     const double floor_ms = weight_bytes / (copy_gbs * 1e6);
     printf("\n| step (batch 1, %d keys) | ms | floor ratio | difference to whole |\n", context);

@@ -16,23 +16,13 @@
 // Environment: LAYERS (default 32). Launch shapes as worker/src/cuda/kernels.rs's lora_delta.
 #include "lora.cu"
 
-#include <cuda_runtime.h>
+#include "harness.cuh"
 
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
 
-#define CK(x)                                                                               \
-    do {                                                                                    \
-        cudaError_t e = (x);                                                                \
-        if (e != cudaSuccess) {                                                             \
-            printf("CUDA error %s at line %d: %s\n", #x, __LINE__, cudaGetErrorString(e)); \
-            exit(1);                                                                        \
-        }                                                                                   \
-    } while (0)
-
-typedef __nv_bfloat16 bf;
 
 // kernels.rs: threads of the expand.
 static const int EXPAND_THREADS = 256;
