@@ -148,6 +148,23 @@ pub struct PromptSpec {
     pub adapter: Option<Arc<AdapterInfo>>,
 }
 
+/// A prompt's token ids: text tokenized (with BOS when `add_bos`: a raw prompt gets it, the
+/// chat template writes its own special tokens), ids checked against the vocabulary.
+fn prompt_ids(model: &ServedModel, prompt: Prompt, add_bos: bool) -> Result<Vec<u32>, ApiError> {
+    match prompt {
+        Prompt::Text(text) => Ok(model
+            .tokenizer
+            .encode_fast(text, add_bos)
+            .map_err(|e| ApiError::invalid_body(format!("Could not tokenize the input: {e}")))?
+            .get_ids()
+            .to_vec()),
+        Prompt::Ids(ids) => {
+            check_token_ids(&ids, &model.tokenizer, "prompt")?;
+            Ok(ids)
+        }
+    }
+}
+
 /// Engine requests for a batch of prompts, each with its own parameters.
 pub struct Prepared {
     /// Every sequence with the index of its prompt (`n` sequences per prompt, in order).
@@ -170,22 +187,8 @@ pub fn prepare(
     for (i, spec) in prompts.into_iter().enumerate() {
         let mut checked = checked(&spec.params).map_err(|e| (i, e))?;
         checked.for_model(model).map_err(|e| (i, e))?;
-        let mut ids = match spec.prompt {
-            Prompt::Text(text) => model
-                .tokenizer
-                // The chat template writes its own special tokens; a raw prompt gets BOS.
-                .encode_fast(text, kind == PromptKind::Prompt)
-                .map_err(|e| {
-                    let message = format!("Could not tokenize the input: {e}");
-                    (i, ApiError::invalid_body(message))
-                })?
-                .get_ids()
-                .to_vec(),
-            Prompt::Ids(ids) => {
-                check_token_ids(&ids, &model.tokenizer, "prompt").map_err(|e| (i, e))?;
-                ids
-            }
-        };
+        let mut ids =
+            prompt_ids(model, spec.prompt, kind == PromptKind::Prompt).map_err(|e| (i, e))?;
         checked.truncate(&mut ids, model.max_model_len);
         let mut request = checked
             .params
@@ -235,21 +238,7 @@ pub fn prepare_embeddings(
         prompt_token_ids: Vec::with_capacity(prompts.len()),
     };
     for (i, (prompt, adapter)) in prompts.into_iter().zip(adapters).enumerate() {
-        let mut ids = match prompt {
-            Prompt::Text(text) => model
-                .tokenizer
-                .encode_fast(text, true)
-                .map_err(|e| {
-                    let message = format!("Could not tokenize the input: {e}");
-                    (i, ApiError::invalid_body(message))
-                })?
-                .get_ids()
-                .to_vec(),
-            Prompt::Ids(ids) => {
-                check_token_ids(&ids, &model.tokenizer, "prompt").map_err(|e| (i, e))?;
-                ids
-            }
-        };
+        let mut ids = prompt_ids(model, prompt, true).map_err(|e| (i, e))?;
         if let Some(k) = keep {
             ids.drain(..ids.len().saturating_sub(k));
         }
