@@ -65,8 +65,9 @@ CTRL_C_SCRIPT = """
 import sys
 from tpserve import LLM, SamplingParams
 llm = LLM(sys.argv[1], max_model_len=4096)
-print("GENERATING", flush=True)
 try:
+    # Printed inside the `try`: a signal that arrives before `generate` starts must not escape.
+    print("GENERATING", flush=True)
     llm.generate(["Count to a million:"] * 8, SamplingParams(max_tokens=3000, ignore_eos=True))
     print("FINISHED", flush=True)
 except KeyboardInterrupt:
@@ -83,6 +84,8 @@ def test_ctrl_c_cancels_generate_and_the_engine_stays_usable(model):
         env={**os.environ, "RUST_LOG": "warn"},
     )
     assert child.stdout.readline().strip() == "GENERATING"
+    # 8 x 3,000 tokens take minutes on the CPU: a second later the child is inside `generate`.
+    time.sleep(1)
     child.send_signal(signal.SIGINT)
     out, err = child.communicate(timeout=600)
     assert child.returncode == 0, err
