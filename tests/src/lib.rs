@@ -95,6 +95,33 @@ pub async fn listening_address(child: &mut Child) -> String {
     panic!("the worker exited without printing its address");
 }
 
+/// Starts a standalone `tpserve-worker` on the CPU (`--listen 127.0.0.1:0
+/// --print-listening-address --device cpu --progress off`, then `extra`, with `env` set and
+/// `RUST_LOG=warn`), killed when dropped, and returns it with the address it listens on.
+pub async fn spawn_worker(extra: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> (Child, String) {
+    let mut child = Command::new(binary("tpserve-worker"))
+        .args(["--listen", "127.0.0.1:0", "--print-listening-address"])
+        .args(["--device", "cpu", "--progress", "off"])
+        .args(extra)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawning tpserve-worker");
+    let addr = listening_address(&mut child).await;
+    (child, addr)
+}
+
+/// Sends `sig` (as `kill` spells it: `-TERM`, `-KILL`, `-STOP`, ...) to `pid`; whether `kill`
+/// succeeded.
+pub fn signal(pid: u32, sig: &str) -> bool {
+    std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// A TCP port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -192,12 +219,22 @@ impl Server {
         let _ = self.wait_exit(Duration::from_secs(30)).await;
     }
 
+    /// The process ids of the `tpserve-worker` processes the server spawned.
+    pub fn workers(&self) -> Vec<u32> {
+        let out = std::process::Command::new("pgrep")
+            .args(["-P", &self.pid().to_string(), "tpserve-worker"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
     /// Sends SIGTERM (graceful shutdown) without waiting.
     pub fn terminate(&self) {
         if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
+            signal(pid, "-TERM");
         }
     }
 

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tpserve_e2e::{binary, default_model, post_json, read_sse, start_etcd, Proc, Server};
+use tpserve_e2e::{binary, default_model, post_json, read_sse, signal, start_etcd, Proc, Server};
 
 fn start_worker(etcd: &str, cluster: &str, rank: usize) -> Proc {
     let child = Command::new(binary("tpserve-worker"))
@@ -80,10 +80,7 @@ async fn three_workers_from_etcd_serve_and_a_killed_one_rejoins() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let killed_at = Instant::now();
     let victim = workers[1].0.id();
-    Command::new("kill")
-        .args(["-KILL", &victim.to_string()])
-        .status()
-        .unwrap();
+    assert!(signal(victim, "-KILL"));
     let (events, done) = tokio::time::timeout(Duration::from_secs(20), stream)
         .await
         .expect("the stream ends within 20 s")

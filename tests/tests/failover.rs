@@ -6,18 +6,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tpserve_e2e::{default_model, post_json, read_sse, Server};
-
-fn workers_of(server_pid: u32) -> Vec<u32> {
-    let out = std::process::Command::new("pgrep")
-        .args(["-P", &server_pid.to_string(), "tpserve-worker"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
-}
+use tpserve_e2e::{default_model, post_json, read_sse, signal, Server};
 
 #[tokio::test]
 async fn a_killed_worker_fails_its_requests_fast_and_the_group_re_forms() {
@@ -47,13 +36,10 @@ async fn a_killed_worker_fails_its_requests_fast_and_the_group_re_forms() {
         async move { read_sse(http.post(url).json(&long).send().await.unwrap()).await }
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let workers = workers_of(s.pid());
+    let workers = s.workers();
     assert_eq!(workers.len(), 3, "three workers run: {workers:?}");
     let killed_at = Instant::now();
-    std::process::Command::new("kill")
-        .args(["-KILL", &workers[1].to_string()])
-        .status()
-        .unwrap();
+    assert!(signal(workers[1], "-KILL"));
 
     let (events, done) = tokio::time::timeout(Duration::from_secs(20), stream)
         .await
@@ -97,7 +83,7 @@ async fn a_killed_worker_fails_its_requests_fast_and_the_group_re_forms() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!("ready again {:?} after the kill", killed_at.elapsed());
-    let new_workers = workers_of(s.pid());
+    let new_workers = s.workers();
     assert_eq!(new_workers.len(), 3);
     assert!(!new_workers.contains(&workers[1]));
     let after: Value = post_json(&http, s.url("/v1/chat/completions"), &greedy).await;

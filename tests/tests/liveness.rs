@@ -9,45 +9,24 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tpserve_e2e::{chat_stream_text, default_model, read_sse, Server};
+use tpserve_e2e::{chat_stream_text, default_model, read_sse, signal, Server};
 
 /// The engine loop may stand still this long before `/live` says so.
 const STALL_TIMEOUT_S: &str = "3";
-
-fn workers_of(server_pid: u32) -> Vec<u32> {
-    let out = std::process::Command::new("pgrep")
-        .args(["-P", &server_pid.to_string(), "tpserve-worker"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
-}
-
-fn signal(pid: u32, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill {sig} {pid}");
-}
 
 /// A worker stopped with SIGSTOP; continued when dropped, so a failing test leaves nothing frozen.
 struct Stopped(u32);
 
 impl Stopped {
     fn new(pid: u32) -> Self {
-        signal(pid, "-STOP");
+        assert!(signal(pid, "-STOP"), "kill -STOP {pid}");
         Stopped(pid)
     }
 }
 
 impl Drop for Stopped {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-CONT", &self.0.to_string()])
-            .status();
+        let _ = signal(self.0, "-CONT");
     }
 }
 
@@ -108,7 +87,7 @@ async fn live_turns_unhealthy_when_a_step_hangs_and_stays_healthy_while_workers_
         async move { read_sse(http.post(url).json(&long).send().await.unwrap()).await }
     });
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let workers = workers_of(s.pid());
+    let workers = s.workers();
     assert_eq!(workers.len(), 3, "three workers run: {workers:?}");
 
     // Stall the engine loop: a stopped worker never answers its step.
@@ -138,7 +117,7 @@ async fn live_turns_unhealthy_when_a_step_hangs_and_stays_healthy_while_workers_
     assert!(!chat_stream_text(&events, 0).is_empty());
 
     // A worker dies: unready while the group re-forms, alive all along.
-    signal(workers[0], "-KILL");
+    assert!(signal(workers[0], "-KILL"));
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut saw_unready = false;
     loop {

@@ -3,10 +3,7 @@
 //! (Every other end-to-end test runs spawned workers, which get a random token from the
 //! coordinator: they show the coordinator presents it.)
 
-use std::process::Stdio;
-
-use tokio::process::Command;
-use tpserve_e2e::{binary, listening_address};
+use tpserve_e2e::spawn_worker;
 use tpserve_proto::worker_client::WorkerClient;
 use tpserve_proto::{InfoRequest, WORKER_TOKEN_ENV, WORKER_TOKEN_METADATA};
 
@@ -27,16 +24,7 @@ async fn info(addr: &str, token: Option<&str>) -> Result<(), tonic::Status> {
 
 #[tokio::test]
 async fn a_worker_with_a_token_refuses_callers_without_it() {
-    let mut child = Command::new(binary("tpserve-worker"))
-        .args(["--listen", "127.0.0.1:0", "--print-listening-address"])
-        .args(["--device", "cpu", "--progress", "off"])
-        .env(WORKER_TOKEN_ENV, TOKEN)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawning tpserve-worker");
-    let addr = listening_address(&mut child).await;
+    let (mut child, addr) = spawn_worker(&[], &[(WORKER_TOKEN_ENV, TOKEN)]).await;
 
     for wrong in [None, Some("group-token-0123456789abcdeX"), Some("x")] {
         let refused = info(&addr, wrong).await.unwrap_err();

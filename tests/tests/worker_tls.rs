@@ -5,9 +5,9 @@
 //! certificate is answered; and a real `tpserve serve` whose spawned workers use the same files
 //! gives a real completion, so the coordinator's side works too.
 
+use std::ffi::OsStr;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -16,7 +16,7 @@ use rcgen::{
 use serde_json::json;
 use tokio::process::Command;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-use tpserve_e2e::{binary, default_model, listening_address, post_json, Server};
+use tpserve_e2e::{binary, default_model, post_json, spawn_worker, Server};
 use tpserve_proto::worker_client::WorkerClient;
 use tpserve_proto::InfoRequest;
 
@@ -99,21 +99,15 @@ async fn a_worker_with_tls_answers_only_callers_its_ca_signed_and_serves_through
     let (client_cert, client_key) = leaf(&group_ca, "coordinator");
     let (stranger_cert, stranger_key) = leaf(&other_ca, "stranger");
 
-    let mut child = Command::new(binary("tpserve-worker"))
-        .args(["--listen", "127.0.0.1:0", "--print-listening-address"])
-        .args(["--device", "cpu", "--progress", "off"])
-        .arg("--worker-tls-cert")
-        .arg(&cert)
-        .arg("--worker-tls-key")
-        .arg(&key)
-        .arg("--worker-tls-ca")
-        .arg(&ca_file)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawning tpserve-worker");
-    let addr = listening_address(&mut child).await;
+    let tls_flags: [&OsStr; 6] = [
+        "--worker-tls-cert".as_ref(),
+        cert.as_os_str(),
+        "--worker-tls-key".as_ref(),
+        key.as_os_str(),
+        "--worker-tls-ca".as_ref(),
+        ca_file.as_os_str(),
+    ];
+    let (mut child, addr) = spawn_worker(&tls_flags, &[]).await;
     let trusts_group =
         || ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&group_ca.pem));
 
