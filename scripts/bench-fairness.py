@@ -69,6 +69,7 @@ class Server:
         cmd = [args.tpserve, "serve", "--model", args.model, "--port", str(self.port),
                "--served-model-name", "m", "--gateway-config", path,
                "--scheduling-policy", args.policy, "--max-num-seqs", str(args.max_num_seqs)]
+        cmd += args.server_arg
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -211,6 +212,8 @@ def main():
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--warmup", type=float, default=10.0)
     p.add_argument("--seconds", type=float, default=45.0)
+    p.add_argument("--server-arg", action="append", default=[],
+                   help="one more argument for `tpserve serve` (repeatable)")
     p.add_argument("--out", default="fairness.json")
     args = p.parse_args()
     if args.model is None:
@@ -239,7 +242,7 @@ def main():
         share = b["tokens"] / max(a["tokens"], 1)
         expected = wb / wa
         results.append({
-            "weights": f"{wa}:{wb}", "policy": args.policy,
+            "weights": f"{wa}:{wb}", "policy": args.policy, "server_args": args.server_arg,
             "b_alone": alone["B"], "a_together": a, "b_together": b,
             "b_under_flood": flood["B"], "a_flooding": flood["A"],
             "b_to_a_tokens": share, "expected_b_to_a": expected,

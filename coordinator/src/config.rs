@@ -132,9 +132,18 @@ pub struct EngineArgs {
         default_value = "fcfs"
     )]
     pub scheduling_policy: Policy,
-    /// Schedule one step at a time: the next plan is made only after the current one's tokens
-    /// are back. By default the next plan is sent while the workers run the current one
-    /// (vLLM's async scheduling); this flag is for debugging and comparison.
+    /// Send the next plan while the workers run the current one (vLLM's async scheduling) on
+    /// any device. By default that is so where the workers run on GPUs, and off on the CPU:
+    /// there the coordinator's work between steps would take the cores the worker computes on,
+    /// and a new request would wait a step longer to join (see `docs/PERFORMANCE.md`).
+    #[arg(
+        long,
+        env = "TPSERVE_ASYNC_SCHEDULING",
+        conflicts_with = "no_async_scheduling"
+    )]
+    pub async_scheduling: bool,
+    /// Schedule one step at a time on any device: the next plan is made only after the current
+    /// one's tokens are back.
     #[arg(long, env = "TPSERVE_NO_ASYNC_SCHEDULING")]
     pub no_async_scheduling: bool,
     /// Requests allowed to wait; more get 429.
@@ -284,9 +293,14 @@ impl EngineArgs {
         !self.no_enable_prefix_caching
     }
 
-    /// Whether the engine sends the next plan while the workers run the current one.
-    pub fn async_scheduling(&self) -> bool {
-        !self.no_async_scheduling
+    /// Whether the engine sends the next plan while the workers run the current one, for
+    /// workers of `device_kind` (`cpu` or `cuda`, as they report it): the flags, else on for a
+    /// GPU and off for the CPU.
+    pub fn async_scheduling_on(&self, device_kind: &str) -> bool {
+        if self.async_scheduling || self.no_async_scheduling {
+            return self.async_scheduling;
+        }
+        device_kind != "cpu"
     }
 
     /// Threads each worker gets.
@@ -338,8 +352,18 @@ mod tests {
     }
 
     #[test]
-    fn async_scheduling_is_on_unless_turned_off() {
-        assert!(args(&[]).async_scheduling());
-        assert!(!args(&["--no-async-scheduling"]).async_scheduling());
+    fn async_scheduling_is_on_for_gpus_and_off_for_the_cpu_unless_a_flag_says() {
+        assert!(args(&[]).async_scheduling_on("cuda"));
+        assert!(!args(&[]).async_scheduling_on("cpu"));
+        assert!(args(&["--async-scheduling"]).async_scheduling_on("cpu"));
+        assert!(!args(&["--no-async-scheduling"]).async_scheduling_on("cuda"));
+        let both = [
+            "tpserve",
+            "--model",
+            "m",
+            "--async-scheduling",
+            "--no-async-scheduling",
+        ];
+        assert!(Cli::try_parse_from(both).is_err());
     }
 }

@@ -241,7 +241,7 @@ pub async fn launch(
         },
         max_waiting_requests: args.max_waiting_requests,
         eos_token_ids: config.eos_token_ids.clone(),
-        async_scheduling: args.async_scheduling(),
+        async_scheduling: args.async_scheduling_on(&ready.device_kind),
         stall_timeout: std::time::Duration::from_secs_f64(args.engine_stall_timeout),
         embed: task.pooler().is_some(),
         max_cpu_loras: lora.cpu_loras(),
@@ -260,6 +260,11 @@ pub async fn launch(
         group,
         events,
         broken,
+    };
+    let scheduling = if engine_config.async_scheduling {
+        "async scheduling"
+    } else {
+        "one step at a time"
     };
     let (engine, status) = start_engine(engine_config, link, tokenizer.clone(), metrics.clone());
     let graphs = if ready.cuda_graphs > 0 {
@@ -280,7 +285,7 @@ pub async fn launch(
         None => "task generate".into(),
     };
     tracing::info!(
-        "engine ready in {}: {task_line}, {}, tensor-parallel size {}, quantization {}, {} of {} tokens, max-model-len {max_model_len}{graphs}",
+        "engine ready in {}: {task_line}, {}, tensor-parallel size {}, quantization {}, {} of {} tokens, max-model-len {max_model_len}, {scheduling}{graphs}",
         human::duration(started.elapsed()),
         ready.device,
         args.tensor_parallel_size,

@@ -1,5 +1,6 @@
 //! Async scheduling end to end on the default model: the same concurrent greedy workload gives
-//! the same answers with async scheduling (the default) and with `--no-async-scheduling`. A
+//! the same answers with `--async-scheduling` (on the CPU it is off unless asked for) and with
+//! `--no-async-scheduling`. A
 //! request that its length limit ends reports exactly `max_tokens` completion tokens, although
 //! the next plan is made before its last token is known; one that a stop string or an
 //! end-of-sequence token ends is not charged the token async scheduling computes after it.
@@ -176,7 +177,7 @@ async fn workload(extra: &[&str]) -> (Vec<Outcome>, f64) {
 
 #[tokio::test]
 async fn greedy_outputs_are_the_same_with_and_without_async_scheduling() {
-    let (pipelined, pipelined_tokens) = workload(&[]).await;
+    let (pipelined, pipelined_tokens) = workload(&["--async-scheduling"]).await;
     let (one_at_a_time, one_at_a_time_tokens) = workload(&["--no-async-scheduling"]).await;
     assert_eq!(pipelined, one_at_a_time);
     let charged: u64 = pipelined.iter().map(|o| o.completion_tokens).sum();

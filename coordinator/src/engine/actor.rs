@@ -55,7 +55,7 @@ pub struct EngineConfig {
     /// Tokens that end a sequence unless it asks to ignore them.
     pub eos_token_ids: Vec<u32>,
     /// Send the next plan while the workers run the current one (two in flight); false: one
-    /// plan at a time (`--no-async-scheduling`).
+    /// plan at a time (`EngineArgs::async_scheduling_on`).
     pub async_scheduling: bool,
     /// How long the loop may go without turning before `/live` reports it stalled
     /// (`--engine-stall-timeout`).

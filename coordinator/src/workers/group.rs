@@ -75,8 +75,10 @@ pub struct GroupReady {
     pub num_blocks: u64,
     /// Weight bytes per rank.
     pub weight_bytes: Vec<u64>,
-    /// Device of rank 0.
+    /// Device of rank 0, for people: kind and name.
     pub device: String,
+    /// Device kind of rank 0, as it reports it: `cpu` or `cuda`.
+    pub device_kind: String,
     /// The quantization rank 0 runs: `gguf (Q4_1, Q8_0)` with the block types, or `none`.
     pub quantization: String,
     /// CUDA graphs rank 0 captured, and the seconds capture (with kernel tuning) took.
@@ -324,6 +326,7 @@ impl WorkerGroup {
             num_blocks,
             weight_bytes: loaded.iter().map(|l| l.weight_bytes).collect(),
             device: format!("{} ({})", info.device_kind, info.device_name),
+            device_kind: info.device_kind.clone(),
             quantization: loaded.first().map_or_else(String::new, |l| {
                 if l.weight_types.is_empty() {
                     l.quantization.clone()
