@@ -75,13 +75,9 @@ def main():
                        for _ in range(args.num_prompts)]
             load_cli = os.getloadavg()[0]
             cli.append(cli_run(args))
-            if shared is None:
-                with engine() as llm:
-                    load_py = os.getloadavg()[0]
-                    py.append(python_run(llm, args, prompts))
-            else:
+            with (engine() if shared is None else contextlib.nullcontext(shared)) as llm:
                 load_py = os.getloadavg()[0]
-                py.append(python_run(shared, args, prompts))
+                py.append(python_run(llm, args, prompts))
             print(f"run {i + 1}: tpserve bench throughput {cli[-1]:.1f} output tok/s "
                   f"(load {load_cli:.2f}), LLM.generate {py[-1]:.1f} output tok/s "
                   f"(load {load_py:.2f})", flush=True)
