@@ -19,7 +19,8 @@ pub struct AttentionTiles {
 }
 
 impl AttentionTiles {
-    /// Cuts every sequence's rows into tiles of at most `tile_rows` rows.
+    /// Cuts every sequence's rows into tiles of at most `tile_rows` rows, ordered by the keys
+    /// their last row sees, most first (stable).
     pub fn new(batch: &Batch, tile_rows: usize) -> Self {
         let tile_rows = tile_rows.max(1);
         let mut tiles = Vec::new();
@@ -35,6 +36,14 @@ impl AttentionTiles {
             }
             max_context = max_context.max(seq.context_len());
         }
+        // The tiles that see the most keys first: the attention kernels start blocks in this
+        // order, so the grid's tail is short tiles instead of a causal prompt's last, longest one.
+        let mut order: Vec<[i32; 4]> = tiles
+            .chunks_exact(4)
+            .map(|t| [t[0], t[1], t[2], t[3]])
+            .collect();
+        order.sort_by_key(|t| std::cmp::Reverse(t[2] + t[3]));
+        let tiles = order.concat();
         Self {
             tiles,
             max_rows,
@@ -156,6 +165,11 @@ mod tests {
                 }
             }
             assert!(seen.iter().all(|&s| s == 1), "{seen:?}");
+            let keys: Vec<i32> = t.tiles.chunks_exact(4).map(|t| t[2] + t[3]).collect();
+            assert!(
+                keys.windows(2).all(|w| w[0] >= w[1]),
+                "most keys first: {keys:?}"
+            );
             assert_eq!(t.max_context, 501);
             assert_eq!(t.max_rows, tile_rows.min(37));
         }

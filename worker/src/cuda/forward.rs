@@ -51,7 +51,7 @@ impl AttentionPlan {
     /// Query rows of one sequence per tile, for a model with `group` query heads per KV head.
     pub fn tile_rows(kind: AttentionKind, head_dim: usize, group: usize) -> usize {
         let items = match kind {
-            AttentionKind::Mma => attention_mma_items(head_dim),
+            AttentionKind::Mma => attention_mma_items(),
             AttentionKind::Simt => attention_max_items(head_dim),
             AttentionKind::Decode => return 1,
         };

@@ -3,6 +3,7 @@
 //! method's arguments follow the kernel's comment block in `kernels/cuda/*.cu`; pointers are raw
 //! device addresses.
 
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 use tpserve_kernels::{entry_point, CompileConfig, Compiler, KernelDtype, PtxCache, SOURCES};
 use tpserve_term::progress::{Task, Unit};
@@ -161,16 +162,24 @@ pub fn attention_max_items(head_dim: usize) -> usize {
         .find(|&items| attention_smem_bytes(head_dim, items) <= DEFAULT_SMEM_LIMIT)
         .unwrap_or(1)
 }
-/// Warps of one tensor-core attention block (attention_mma.cu). Eight warps at head size 128
-/// measured 2-5% faster on an H200 but gave non-finite prefill logits in the final check of
-/// issue 9's fifth run, so four until that is understood.
-pub fn attention_mma_warps(_head_dim: usize) -> usize {
-    4
+/// Launch shape of the tensor-core attention kernel (attention_mma.cu's kMmaWarps, kMmaMTiles,
+/// kMmaKeys): warps per block, m-tiles of 16 (row, head) items per warp, keys per shared-memory
+/// tile.
+const ATTENTION_MMA_WARPS: usize = 4;
+const ATTENTION_MMA_M_TILES: usize = 2;
+const ATTENTION_MMA_KEYS: usize = 64;
+
+/// (row, head) items of one tensor-core attention block: 16 per m-tile.
+pub fn attention_mma_items() -> usize {
+    16 * ATTENTION_MMA_M_TILES * ATTENTION_MMA_WARPS
 }
 
-/// (row, head) items of one tensor-core attention block: 16 per warp.
-pub fn attention_mma_items(head_dim: usize) -> usize {
-    16 * attention_mma_warps(head_dim)
+/// Dynamic shared memory of one tensor-core attention block (attention_mma.cu's
+/// paged_attention_mma_smem_bytes): Q of its items and one K and one V tile, rows padded by 8
+/// elements, and the cache slots of two key tiles.
+pub fn attention_mma_smem_bytes(head_dim: usize) -> usize {
+    (attention_mma_items() + 2 * ATTENTION_MMA_KEYS) * (head_dim + 8) * ELEM
+        + 2 * ATTENTION_MMA_KEYS * 8
 }
 
 /// Shared memory of one attention block for `items` (row, head) pairs.
@@ -219,6 +228,21 @@ fn grid_rows(n: usize, threads: u32) -> LaunchConfig {
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// Takes the tensor-core attention entry point for `head_dim` and raises its dynamic shared
+/// memory limit to what one block uses (above the 48 KiB a kernel gets without opting in).
+fn take_mma(
+    take: &mut impl FnMut(&str) -> Result<CudaFunction>,
+    head_dim: usize,
+) -> Result<CudaFunction> {
+    let f = take(&format!("paged_attention_mma_hd{head_dim}"))?;
+    f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        attention_mma_smem_bytes(head_dim) as i32,
+    )
+    .map_err(|e| device_err("raising paged_attention_mma's shared memory limit", e))?;
+    Ok(f)
 }
 
 fn launch_err(name: &str) -> impl Fn(cudarc::driver::DriverError) -> WorkerError + '_ {
@@ -306,8 +330,8 @@ impl Kernels {
             attention_hd64: take("paged_attention_hd64")?,
             attention_hd128: take("paged_attention_hd128")?,
             attention_hd256: take("paged_attention_hd256")?,
-            attention_mma_hd64: take("paged_attention_mma_hd64")?,
-            attention_mma_hd128: take("paged_attention_mma_hd128")?,
+            attention_mma_hd64: take_mma(&mut take, 64)?,
+            attention_mma_hd128: take_mma(&mut take, 128)?,
             attention_combine: take("attention_combine")?,
             attention_decode: [
                 [
@@ -636,8 +660,7 @@ impl Kernels {
     }
 
     /// Tensor-core paged attention (prefill): tiles of at most `attention_mma_items` (row, head)
-    /// items, no key
-    /// splits. Shared memory is static.
+    /// items, no key splits; `attention_mma_smem_bytes` of dynamic shared memory per block.
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention_mma(
         &self,
@@ -660,9 +683,10 @@ impl Kernels {
             }
         };
         let cfg = LaunchConfig {
-            grid_dim: (num_tiles as u32, shape.kv_heads as u32, 1),
-            block_dim: (32 * attention_mma_warps(shape.head_dim) as u32, 1, 1),
-            shared_mem_bytes: 0,
+            // Heads fastest: blocks start in the tiles' order (most keys first).
+            grid_dim: (shape.kv_heads as u32, num_tiles as u32, 1),
+            block_dim: (32 * ATTENTION_MMA_WARPS as u32, 1, 1),
+            shared_mem_bytes: attention_mma_smem_bytes(shape.head_dim) as u32,
         };
         // The split buffers are not read with one split.
         let unused = 0u64;
@@ -1143,6 +1167,16 @@ mod tests {
         assert_eq!(attention_max_items(64), 32);
         assert_eq!(attention_max_items(128), 32);
         assert_eq!(attention_max_items(256), 15);
+    }
+
+    #[test]
+    fn tensor_core_attention_blocks_fit_every_architecture_it_runs_on() {
+        // attention_mma.cu's figures for its launch shape (128 items, 64-key tiles).
+        assert_eq!(attention_mma_items(), 128);
+        assert_eq!(attention_mma_smem_bytes(128), 70_656);
+        assert_eq!(attention_mma_smem_bytes(64), 37_888);
+        // sm_86 and sm_89 give a block at most 99 KiB, sm_80 and sm_90 more.
+        assert!(attention_mma_smem_bytes(128) <= 99 * 1024);
     }
 
     #[test]

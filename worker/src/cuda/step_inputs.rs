@@ -289,7 +289,8 @@ mod tests {
             vec![100, 101, -1, -1]
         );
         let tiles = read::<i32>(p, step.offsets.tiles, 16);
-        assert_eq!(&tiles[..8], &[3, 0, 1, 4, 4, 1, 1, 39]);
+        // The longer context's tile first; the padding rows' empty tiles after them.
+        assert_eq!(&tiles[..8], &[4, 1, 1, 39, 3, 0, 1, 4]);
         assert_eq!(&tiles[8..], &[0, 2, 0, 0, 0, 3, 0, 0]);
         assert_eq!(read::<f32>(p, step.offsets.top_p, 4), vec![1.0; 4]);
         // Each sequence sends only its last (new) block: slot row * width + index.
