@@ -155,6 +155,8 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "paged_attention_mma_hd64_f16",
             "paged_attention_mma_hd128_bf16",
             "paged_attention_mma_hd128_f16",
+            "paged_attention_mma_wide_hd128_bf16",
+            "paged_attention_mma_wide_hd128_f16",
         ],
     ),
     ("sampling.cu", &["sample_bf16", "sample_f16"]),

@@ -368,7 +368,7 @@ int main() {
     const std::vector<Shape> bf128 = {shape<bf, 128, 4, 2, 64>(), shape<bf, 128, 4, 2, 32>(),
                                       shape<bf, 128, 4, 1, 64>(), shape<bf, 128, 8, 2, 64>()};
     const std::vector<Shape> bf64 = {shape<bf, 64, 4, 2, 64>(), shape<bf, 64, 4, 1, 64>()};
-    const std::vector<Shape> hf128 = {shape<hf, 128, 4, 2, 64>()};
+    const std::vector<Shape> hf128 = {shape<hf, 128, 4, 2, 64>(), shape<hf, 128, 8, 2, 64>()};
     const std::vector<Shape> hf64 = {shape<hf, 64, 4, 2, 64>()};
     checks<bf, 128>("bf16", bf128);
     checks<bf, 64>("bf16", bf64);

@@ -99,6 +99,8 @@ pub struct Gpu {
     pub name: String,
     pub total_memory: usize,
     pub sm_count: usize,
+    /// Shared memory one block may opt in to (bytes).
+    pub smem_per_block_optin: usize,
     /// NVRTC architecture, e.g. `sm_90`.
     pub arch: String,
     /// Compute capability `(major, minor)`.
@@ -136,6 +138,11 @@ impl Gpu {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(|e| device_err("SM count", e))? as usize;
+        let smem_per_block_optin = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(|e| device_err("shared memory per block", e))? as usize;
         Ok(Self {
             ctx,
             stream,
@@ -143,6 +150,7 @@ impl Gpu {
             name,
             total_memory,
             sm_count,
+            smem_per_block_optin,
             arch,
             compute_capability: (major, minor),
         })

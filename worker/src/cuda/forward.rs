@@ -17,8 +17,8 @@
 
 use super::device::Gpu;
 use super::kernels::{
-    attention_max_items, attention_mma_items, AttentionShape, DecodeAttention, Kernels, Product,
-    ResidualNorm, RopeKvWrite,
+    attention_max_items, AttentionShape, DecodeAttention, Kernels, Product, ResidualNorm,
+    RopeKvWrite,
 };
 use super::linear::Linear;
 use super::lora::FusedProduct;
@@ -33,7 +33,7 @@ use crate::error::Result;
 /// Which attention kernel a step runs, with its launch shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionPlan {
-    /// Tensor-core kernel (prefill chunks): tiles of up to `attention_mma_items` (row, head)
+    /// Tensor-core kernel (prefill chunks): tiles of up to `Kernels::attention_mma_items` (row, head)
     /// items, no key splits.
     Mma,
     /// CUDA-core kernel: tiles of up to `items` (row, head) items, `splits` key splits of
@@ -48,10 +48,16 @@ pub enum AttentionPlan {
 }
 
 impl AttentionPlan {
-    /// Query rows of one sequence per tile, for a model with `group` query heads per KV head.
-    pub fn tile_rows(kind: AttentionKind, head_dim: usize, group: usize) -> usize {
+    /// Query rows of one sequence per tile, for a model with `group` query heads per KV head,
+    /// where a tensor-core attention block holds `mma_items` (row, head) items.
+    pub fn tile_rows(
+        kind: AttentionKind,
+        head_dim: usize,
+        group: usize,
+        mma_items: usize,
+    ) -> usize {
         let items = match kind {
-            AttentionKind::Mma => attention_mma_items(),
+            AttentionKind::Mma => mma_items,
             AttentionKind::Simt => attention_max_items(head_dim),
             AttentionKind::Decode => return 1,
         };

@@ -162,24 +162,52 @@ pub fn attention_max_items(head_dim: usize) -> usize {
         .find(|&items| attention_smem_bytes(head_dim, items) <= DEFAULT_SMEM_LIMIT)
         .unwrap_or(1)
 }
-/// Launch shape of the tensor-core attention kernel (attention_mma.cu's kMmaWarps, kMmaMTiles,
-/// kMmaKeys): warps per block, m-tiles of 16 (row, head) items per warp, keys per shared-memory
-/// tile.
-const ATTENTION_MMA_WARPS: usize = 4;
+/// m-tiles of 16 (row, head) items per warp and keys per shared-memory tile of the tensor-core
+/// attention kernel (attention_mma.cu's kMmaMTiles, kMmaKeys).
 const ATTENTION_MMA_M_TILES: usize = 2;
 const ATTENTION_MMA_KEYS: usize = 64;
 
-/// (row, head) items of one tensor-core attention block: 16 per m-tile.
-pub fn attention_mma_items() -> usize {
-    16 * ATTENTION_MMA_M_TILES * ATTENTION_MMA_WARPS
+/// Launch shape of a tensor-core attention entry point (attention_mma.cu): its warps per block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmaShape {
+    pub warps: usize,
 }
 
-/// Dynamic shared memory of one tensor-core attention block (attention_mma.cu's
-/// paged_attention_mma_smem_bytes): Q of its items and one K and one V tile, rows padded by 8
-/// elements, and the cache slots of two key tiles.
-pub fn attention_mma_smem_bytes(head_dim: usize) -> usize {
-    (attention_mma_items() + 2 * ATTENTION_MMA_KEYS) * (head_dim + 8) * ELEM
-        + 2 * ATTENTION_MMA_KEYS * 8
+impl MmaShape {
+    /// 4 warps: every head size, every GPU.
+    pub const NARROW: Self = Self { warps: 4 };
+    /// 8 warps (`paged_attention_mma_wide_hd128`): head size 128 where a block may take its
+    /// shared memory.
+    pub const WIDE: Self = Self { warps: 8 };
+
+    /// (row, head) items of one block: 16 per m-tile.
+    pub fn items(self) -> usize {
+        16 * ATTENTION_MMA_M_TILES * self.warps
+    }
+
+    /// Dynamic shared memory of one block (attention_mma.cu's paged_attention_mma_smem_bytes):
+    /// Q of its items and one K and one V tile, rows padded by 8 elements, and the cache slots
+    /// of two key tiles.
+    pub fn smem_bytes(self, head_dim: usize) -> usize {
+        (self.items() + 2 * ATTENTION_MMA_KEYS) * (head_dim + 8) * ELEM + 2 * ATTENTION_MMA_KEYS * 8
+    }
+
+    /// The shape for head size 128 on a GPU that gives a block at most `smem_optin` bytes of
+    /// shared memory (sm_80 and sm_90 take the wide one; sm_86, sm_89 and sm_120 do not).
+    pub fn for_hd128(smem_optin: usize) -> Self {
+        if Self::WIDE.smem_bytes(128) <= smem_optin {
+            Self::WIDE
+        } else {
+            Self::NARROW
+        }
+    }
+}
+
+/// A tensor-core attention entry point and its launch shape.
+#[derive(Debug)]
+struct MmaKernel {
+    f: CudaFunction,
+    shape: MmaShape,
 }
 
 /// Shared memory of one attention block for `items` (row, head) pairs.
@@ -200,8 +228,8 @@ pub struct Kernels {
     attention_hd64: CudaFunction,
     attention_hd128: CudaFunction,
     attention_hd256: CudaFunction,
-    attention_mma_hd64: CudaFunction,
-    attention_mma_hd128: CudaFunction,
+    attention_mma_hd64: MmaKernel,
+    attention_mma_hd128: MmaKernel,
     attention_combine: CudaFunction,
     /// `[head size 64, 128, 256][group <= 4, <= 8]`.
     attention_decode: [[CudaFunction; 2]; 3],
@@ -230,19 +258,22 @@ fn grid_rows(n: usize, threads: u32) -> LaunchConfig {
     }
 }
 
-/// Takes the tensor-core attention entry point for `head_dim` and raises its dynamic shared
-/// memory limit to what one block uses (above the 48 KiB a kernel gets without opting in).
+/// Takes the tensor-core attention entry point `base` (head size `head_dim`, launch shape
+/// `shape`) and raises its dynamic shared memory limit to what one block uses (above the 48 KiB
+/// a kernel gets without opting in).
 fn take_mma(
     take: &mut impl FnMut(&str) -> Result<CudaFunction>,
+    base: &str,
     head_dim: usize,
-) -> Result<CudaFunction> {
-    let f = take(&format!("paged_attention_mma_hd{head_dim}"))?;
+    shape: MmaShape,
+) -> Result<MmaKernel> {
+    let f = take(base)?;
     f.set_attribute(
         CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        attention_mma_smem_bytes(head_dim) as i32,
+        shape.smem_bytes(head_dim) as i32,
     )
-    .map_err(|e| device_err("raising paged_attention_mma's shared memory limit", e))?;
-    Ok(f)
+    .map_err(|e| device_err(&format!("raising {base}'s shared memory limit"), e))?;
+    Ok(MmaKernel { f, shape })
 }
 
 fn launch_err(name: &str) -> impl Fn(cudarc::driver::DriverError) -> WorkerError + '_ {
@@ -330,8 +361,21 @@ impl Kernels {
             attention_hd64: take("paged_attention_hd64")?,
             attention_hd128: take("paged_attention_hd128")?,
             attention_hd256: take("paged_attention_hd256")?,
-            attention_mma_hd64: take_mma(&mut take, 64)?,
-            attention_mma_hd128: take_mma(&mut take, 128)?,
+            attention_mma_hd64: take_mma(
+                &mut take,
+                "paged_attention_mma_hd64",
+                64,
+                MmaShape::NARROW,
+            )?,
+            attention_mma_hd128: match MmaShape::for_hd128(gpu.smem_per_block_optin) {
+                MmaShape::WIDE => take_mma(
+                    &mut take,
+                    "paged_attention_mma_wide_hd128",
+                    128,
+                    MmaShape::WIDE,
+                )?,
+                narrow => take_mma(&mut take, "paged_attention_mma_hd128", 128, narrow)?,
+            },
             attention_combine: take("attention_combine")?,
             attention_decode: [
                 [
@@ -659,8 +703,25 @@ impl Kernels {
         matches!(head_dim, 64 | 128)
     }
 
+    /// The tensor-core attention entry point for a head size.
+    fn mma_attention(&self, head_dim: usize) -> Result<&MmaKernel> {
+        match head_dim {
+            64 => Ok(&self.attention_mma_hd64),
+            128 => Ok(&self.attention_mma_hd128),
+            hd => Err(WorkerError::Unsupported {
+                detail: format!("head size {hd} on tensor-core attention (64 and 128)"),
+            }),
+        }
+    }
+
+    /// (row, head) items of one tensor-core attention block at this head size (0 where the
+    /// kernel does not exist).
+    pub fn attention_mma_items(&self, head_dim: usize) -> usize {
+        self.mma_attention(head_dim).map_or(0, |k| k.shape.items())
+    }
+
     /// Tensor-core paged attention (prefill): tiles of at most `attention_mma_items` (row, head)
-    /// items, no key splits; `attention_mma_smem_bytes` of dynamic shared memory per block.
+    /// items, no key splits; the entry point's shared memory per block, dynamic.
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention_mma(
         &self,
@@ -673,25 +734,17 @@ impl Kernels {
         num_tiles: usize,
         shape: &AttentionShape,
     ) -> Result<()> {
-        let f = match shape.head_dim {
-            64 => &self.attention_mma_hd64,
-            128 => &self.attention_mma_hd128,
-            hd => {
-                return Err(WorkerError::Unsupported {
-                    detail: format!("head size {hd} on tensor-core attention (64 and 128)"),
-                })
-            }
-        };
+        let k = self.mma_attention(shape.head_dim)?;
         let cfg = LaunchConfig {
             // Heads fastest: blocks start in the tiles' order (most keys first).
             grid_dim: (shape.kv_heads as u32, num_tiles as u32, 1),
-            block_dim: (32 * ATTENTION_MMA_WARPS as u32, 1, 1),
-            shared_mem_bytes: attention_mma_smem_bytes(shape.head_dim) as u32,
+            block_dim: (32 * k.shape.warps as u32, 1, 1),
+            shared_mem_bytes: k.shape.smem_bytes(shape.head_dim) as u32,
         };
         // The split buffers are not read with one split.
         let unused = 0u64;
         self.launch_attention(
-            f,
+            &k.f,
             cfg,
             [
                 out,
@@ -1170,13 +1223,18 @@ mod tests {
     }
 
     #[test]
-    fn tensor_core_attention_blocks_fit_every_architecture_it_runs_on() {
-        // attention_mma.cu's figures for its launch shape (128 items, 64-key tiles).
-        assert_eq!(attention_mma_items(), 128);
-        assert_eq!(attention_mma_smem_bytes(128), 70_656);
-        assert_eq!(attention_mma_smem_bytes(64), 37_888);
-        // sm_86 and sm_89 give a block at most 99 KiB, sm_80 and sm_90 more.
-        assert!(attention_mma_smem_bytes(128) <= 99 * 1024);
+    fn tensor_core_attention_shapes_match_the_kernel_and_fit_the_gpu_they_are_chosen_for() {
+        // attention_mma.cu's figures for its entry points.
+        assert_eq!(MmaShape::NARROW.items(), 128);
+        assert_eq!(MmaShape::WIDE.items(), 256);
+        assert_eq!(MmaShape::NARROW.smem_bytes(64), 37_888);
+        assert_eq!(MmaShape::NARROW.smem_bytes(128), 70_656);
+        assert_eq!(MmaShape::WIDE.smem_bytes(128), 105_472);
+        // Opt-in shared memory per block: sm_90 227 KiB, sm_80 163 KiB, sm_86/sm_89 99 KiB.
+        assert_eq!(MmaShape::for_hd128(232_448), MmaShape::WIDE);
+        assert_eq!(MmaShape::for_hd128(166_912), MmaShape::WIDE);
+        assert_eq!(MmaShape::for_hd128(101_376), MmaShape::NARROW);
+        assert!(MmaShape::NARROW.smem_bytes(128) <= 101_376);
     }
 
     #[test]

@@ -208,7 +208,8 @@ impl CudaBackend {
         }
         let group = d.q_heads / d.kv_heads.max(1);
         let kind = attention_kind(&d, batch, loaded.linear.batch_invariant());
-        let tile_rows = AttentionPlan::tile_rows(kind, d.head_dim, group);
+        let mma_items = loaded.kernels.attention_mma_items(d.head_dim);
+        let tile_rows = AttentionPlan::tile_rows(kind, d.head_dim, group, mma_items);
         let ranks = loaded.model.lora().map_or(&[][..], LoraSlots::ranks);
         let step = pack(batch, sampling, tile_rows, None, tables, ranks).map_err(plan_err)?;
         let ws = loaded.model.workspace().expect("reserved above");
