@@ -225,6 +225,13 @@ mod avx2 {
         (lo, hi, d, m)
     }
 
+    /// How far ahead of the block being multiplied its row's bytes are prefetched. The loop
+    /// issues many instructions per weight byte, so the out-of-order window alone keeps few
+    /// cache misses in flight: without the prefetch, a Q8_0 product that does not fit the cache
+    /// (SmolLM2's 49,152 x 576 lm_head, 30 MB) ran at 3 GB/s on one thread, 2-3x slower than with
+    /// it (docs/PERFORMANCE.md, issue 12).
+    const PREFETCH: usize = 1024;
+
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot<const R: usize, const NR: usize, const KIND: u8>(
         ws: [&[u8]; R],
@@ -236,7 +243,9 @@ mod avx2 {
         let mut acc_m = [[0.0f32; NR]; R];
         for b in 0..nb {
             for i in 0..R {
-                let (lo, hi, d, m) = block::<KIND>(ws[i].as_ptr().add(b * bb));
+                let p = ws[i].as_ptr().add(b * bb);
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+                let (lo, hi, d, m) = block::<KIND>(p);
                 for j in 0..NR {
                     let a = acts[j].get_unchecked(b);
                     let y = a.qs.as_ptr() as *const __m256i;
