@@ -386,14 +386,17 @@ __device__ __forceinline__ void paged_attention_mma_impl(
 constexpr int kMmaMTiles = 2;
 constexpr int kMmaKeys = 64;
 
-// One entry point per shape, head size and dtype, with paged_attention's argument list.
-#define TPSERVE_PAGED_ATTENTION_MMA_ENTRY(NAME, HD, WARPS, T)                                 \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS) NAME(                           \
-        T* __restrict__ out, float* __restrict__ partial_out, float* __restrict__ partial_ml, \
-        const T* __restrict__ q, const T* __restrict__ key_cache,                             \
-        const T* __restrict__ value_cache, const int* __restrict__ block_tables,              \
-        const int* __restrict__ tiles, int num_q_heads, int num_kv_heads, int block_size,     \
-        int max_blocks_per_seq, int q_stride, int num_splits, int split_len, float scale) {   \
+// One entry point per shape, head size and dtype, with paged_attention's argument list: WIDTH
+// is `_` for 4 warps and `_wide_` for 8 (paged_attention_mma_hd128_bf16,
+// paged_attention_mma_wide_hd128_bf16, ...).
+#define TPSERVE_PAGED_ATTENTION_MMA_ENTRY(WIDTH, HD, WARPS, SUFFIX, T)                        \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS) paged_attention_mma##WIDTH##hd##HD##_##SUFFIX( \
+            T* __restrict__ out, float* __restrict__ partial_out,                            \
+            float* __restrict__ partial_ml, const T* __restrict__ q,                         \
+            const T* __restrict__ key_cache, const T* __restrict__ value_cache,              \
+            const int* __restrict__ block_tables, const int* __restrict__ tiles,             \
+            int num_q_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,       \
+            int q_stride, int num_splits, int split_len, float scale) {                      \
         (void)partial_out;                                                                   \
         (void)partial_ml;                                                                    \
         (void)num_splits;                                                                    \
@@ -402,8 +405,8 @@ constexpr int kMmaKeys = 64;
             out, q, key_cache, value_cache, block_tables, tiles, num_q_heads, num_kv_heads,   \
             block_size, max_blocks_per_seq, q_stride, scale);                                \
     }
-#define TPSERVE_PAGED_ATTENTION_MMA(SUFFIX, T)                                                 \
-    TPSERVE_PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_hd64_##SUFFIX, 64, 4, T)             \
-    TPSERVE_PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_hd128_##SUFFIX, 128, 4, T)           \
-    TPSERVE_PAGED_ATTENTION_MMA_ENTRY(paged_attention_mma_wide_hd128_##SUFFIX, 128, 8, T)
+#define TPSERVE_PAGED_ATTENTION_MMA(SUFFIX, T)                      \
+    TPSERVE_PAGED_ATTENTION_MMA_ENTRY(_, 64, 4, SUFFIX, T)          \
+    TPSERVE_PAGED_ATTENTION_MMA_ENTRY(_, 128, 4, SUFFIX, T)         \
+    TPSERVE_PAGED_ATTENTION_MMA_ENTRY(_wide_, 128, 8, SUFFIX, T)
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_PAGED_ATTENTION_MMA)
