@@ -228,6 +228,21 @@ static void launch_old(const Shape& sh, Batch<T>& b, const int* d_tiles, int num
 }
 #endif
 
+// Launches `sh` on `b`: the earlier file's entry point when `old`, else a launch shape of this
+// one.
+template <typename T>
+static void launch_shape(const Shape& sh, Batch<T>& b, const int* d_tiles, int num_tiles,
+                         bool old) {
+#ifdef OLD_MMA
+    if (old) {
+        launch_old(sh, b, d_tiles, num_tiles);
+        return;
+    }
+#endif
+    (void)old;
+    launch(sh, b, d_tiles, num_tiles);
+}
+
 static int failures = 0;
 
 // Runs `sh` on `b` and returns the output rows.
@@ -238,12 +253,7 @@ static std::vector<T> run(const Shape& sh, Batch<T>& b, bool reverse, bool old =
     CK(cudaMalloc(&d_tiles, tiles.size() * sizeof(int)));
     CK(cudaMemcpy(d_tiles, tiles.data(), tiles.size() * sizeof(int), cudaMemcpyHostToDevice));
     CK(cudaMemset(b.d_out, 0xff, (size_t)b.tokens * b.qh * b.hd * sizeof(T)));  // NaN
-#ifdef OLD_MMA
-    if (old) launch_old(sh, b, d_tiles, (int)tiles.size() / 4);
-    else
-#endif
-        launch(sh, b, d_tiles, (int)tiles.size() / 4);
-    (void)old;
+    launch_shape(sh, b, d_tiles, (int)tiles.size() / 4, old);
     CK(cudaDeviceSynchronize());
     CK(cudaFree(d_tiles));
     std::vector<T> out((size_t)b.tokens * b.qh * b.hd);
@@ -318,12 +328,7 @@ template <typename T> static double time_ms(const Shape& sh, Batch<T>& b, bool r
     std::vector<float> ms;
     for (int i = 0; i < 18; ++i) {
         CK(cudaEventRecord(e0));
-#ifdef OLD_MMA
-        if (old) launch_old(sh, b, d_tiles, (int)tiles.size() / 4);
-        else
-#endif
-            launch(sh, b, d_tiles, (int)tiles.size() / 4);
-        (void)old;
+        launch_shape(sh, b, d_tiles, (int)tiles.size() / 4, old);
         CK(cudaEventRecord(e1));
         CK(cudaEventSynchronize(e1));
         float m;
