@@ -77,11 +77,19 @@ print("AFTER", out[0].outputs[0].text, flush=True)
 """
 
 
+def _default_sigint():
+    # A shell without job control starts background commands with SIGINT ignored, the children
+    # inherit that, and Python then installs no KeyboardInterrupt handler: give the child the
+    # default disposition whatever launched the tests.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_cancels_generate_and_the_engine_stays_usable(model):
     child = subprocess.Popen(
         [sys.executable, "-c", CTRL_C_SCRIPT, model],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "RUST_LOG": "warn"},
+        preexec_fn=_default_sigint,
     )
     assert child.stdout.readline().strip() == "GENERATING"
     # 8 x 3,000 tokens take minutes on the CPU: a second later the child is inside `generate`.
