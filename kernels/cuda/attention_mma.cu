@@ -343,37 +343,26 @@ __device__ __forceinline__ void paged_attention_mma_impl(
     }
 
     // Each lane summed only its own columns: totals over the row's 4 lanes. C element c of O
-    // n-tile n: row (c < 2 ? a : b), dim 8 n + 2 tig + (c & 1).
+    // n-tile n: row (c < 2 ? a : b), dim 8 n + 2 tig + (c & 1); half h of the fragment (h = 0:
+    // row a, 1: row b) is elements 2 h and 2 h + 1.
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-        float la = l_a[mt];
-        float lb = l_b[mt];
-        la += __shfl_xor_sync(0xffffffffu, la, 1);
-        la += __shfl_xor_sync(0xffffffffu, la, 2);
-        lb += __shfl_xor_sync(0xffffffffu, lb, 1);
-        lb += __shfl_xor_sync(0xffffffffu, lb, 2);
-        const int item_a = warp_item0 + mt * 16 + (lane >> 2);
-        const int item_b = item_a + 8;
-        if (item_a < items) {
-            const float inv = la > 0.0f ? 1.0f / la : 0.0f;
-            const long long row = row0 + item_a / group;
-            const int head = kv_head * group + item_a % group;
-            T* dst = out + (row * num_q_heads + head) * HD + 2 * tig;
 #pragma unroll
-            for (int n = 0; n < kOTiles; ++n) {
-                *reinterpret_cast<unsigned*>(dst + 8 * n) =
-                    Mma<T>::pack(o[mt][n][0] * inv, o[mt][n][1] * inv);
-            }
-        }
-        if (item_b < items) {
-            const float inv = lb > 0.0f ? 1.0f / lb : 0.0f;
-            const long long row = row0 + item_b / group;
-            const int head = kv_head * group + item_b % group;
-            T* dst = out + (row * num_q_heads + head) * HD + 2 * tig;
+        for (int h = 0; h < 2; ++h) {
+            float l = h == 0 ? l_a[mt] : l_b[mt];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const int item = warp_item0 + mt * 16 + (lane >> 2) + 8 * h;
+            if (item < items) {
+                const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+                const long long row = row0 + item / group;
+                const int head = kv_head * group + item % group;
+                T* dst = out + (row * num_q_heads + head) * HD + 2 * tig;
 #pragma unroll
-            for (int n = 0; n < kOTiles; ++n) {
-                *reinterpret_cast<unsigned*>(dst + 8 * n) =
-                    Mma<T>::pack(o[mt][n][2] * inv, o[mt][n][3] * inv);
+                for (int n = 0; n < kOTiles; ++n) {
+                    *reinterpret_cast<unsigned*>(dst + 8 * n) =
+                        Mma<T>::pack(o[mt][n][2 * h] * inv, o[mt][n][2 * h + 1] * inv);
+                }
             }
         }
     }
