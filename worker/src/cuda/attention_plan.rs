@@ -23,14 +23,14 @@ impl AttentionTiles {
     /// their last row sees, most first (stable).
     pub fn new(batch: &Batch, tile_rows: usize) -> Self {
         let tile_rows = tile_rows.max(1);
-        let mut tiles = Vec::new();
+        let mut tiles: Vec<[i32; 4]> = Vec::new();
         let (mut max_rows, mut max_context) = (0usize, 0usize);
         for seq in &batch.seqs {
             let mut r = seq.rows.start;
             while r < seq.rows.end {
                 let rows = tile_rows.min(seq.rows.end - r);
                 let pos0 = seq.start_pos + (r - seq.rows.start);
-                tiles.extend_from_slice(&[seq.slot as i32, r as i32, rows as i32, pos0 as i32]);
+                tiles.push([seq.slot as i32, r as i32, rows as i32, pos0 as i32]);
                 max_rows = max_rows.max(rows);
                 r += rows;
             }
@@ -38,14 +38,9 @@ impl AttentionTiles {
         }
         // The tiles that see the most keys first: the attention kernels start blocks in this
         // order, so the grid's tail is short tiles instead of a causal prompt's last, longest one.
-        let mut order: Vec<[i32; 4]> = tiles
-            .chunks_exact(4)
-            .map(|t| [t[0], t[1], t[2], t[3]])
-            .collect();
-        order.sort_by_key(|t| std::cmp::Reverse(t[2] + t[3]));
-        let tiles = order.concat();
+        tiles.sort_by_key(|t| std::cmp::Reverse(t[2] + t[3]));
         Self {
-            tiles,
+            tiles: tiles.concat(),
             max_rows,
             max_context,
         }

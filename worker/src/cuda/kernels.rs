@@ -192,6 +192,12 @@ impl MmaShape {
         (self.items() + 2 * ATTENTION_MMA_KEYS) * (head_dim + 8) * ELEM + 2 * ATTENTION_MMA_KEYS * 8
     }
 
+    /// The entry point's base name at `head_dim` (attention_mma.cu's WIDTH: `_` or `_wide_`).
+    fn entry(self, head_dim: usize) -> String {
+        let width = if self == Self::WIDE { "_wide_" } else { "_" };
+        format!("paged_attention_mma{width}hd{head_dim}")
+    }
+
     /// The shape for head size 128 on a GPU that gives a block at most `smem_optin` bytes of
     /// shared memory (sm_80 and sm_90 take the wide one; sm_86, sm_89 and sm_120 do not).
     pub fn for_hd128(smem_optin: usize) -> Self {
@@ -258,16 +264,15 @@ fn grid_rows(n: usize, threads: u32) -> LaunchConfig {
     }
 }
 
-/// Takes the tensor-core attention entry point `base` (head size `head_dim`, launch shape
-/// `shape`) and raises its dynamic shared memory limit to what one block uses (above the 48 KiB
-/// a kernel gets without opting in).
+/// Takes the tensor-core attention entry point of `shape` at `head_dim` and raises its dynamic
+/// shared memory limit to what one block uses (above the 48 KiB a kernel gets without opting in).
 fn take_mma(
     take: &mut impl FnMut(&str) -> Result<CudaFunction>,
-    base: &str,
     head_dim: usize,
     shape: MmaShape,
 ) -> Result<MmaKernel> {
-    let f = take(base)?;
+    let base = shape.entry(head_dim);
+    let f = take(&base)?;
     f.set_attribute(
         CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
         shape.smem_bytes(head_dim) as i32,
@@ -361,21 +366,12 @@ impl Kernels {
             attention_hd64: take("paged_attention_hd64")?,
             attention_hd128: take("paged_attention_hd128")?,
             attention_hd256: take("paged_attention_hd256")?,
-            attention_mma_hd64: take_mma(
+            attention_mma_hd64: take_mma(&mut take, 64, MmaShape::NARROW)?,
+            attention_mma_hd128: take_mma(
                 &mut take,
-                "paged_attention_mma_hd64",
-                64,
-                MmaShape::NARROW,
+                128,
+                MmaShape::for_hd128(gpu.smem_per_block_optin),
             )?,
-            attention_mma_hd128: match MmaShape::for_hd128(gpu.smem_per_block_optin) {
-                MmaShape::WIDE => take_mma(
-                    &mut take,
-                    "paged_attention_mma_wide_hd128",
-                    128,
-                    MmaShape::WIDE,
-                )?,
-                narrow => take_mma(&mut take, "paged_attention_mma_hd128", 128, narrow)?,
-            },
             attention_combine: take("attention_combine")?,
             attention_decode: [
                 [
@@ -1235,6 +1231,10 @@ mod tests {
         assert_eq!(MmaShape::for_hd128(166_912), MmaShape::WIDE);
         assert_eq!(MmaShape::for_hd128(101_376), MmaShape::NARROW);
         assert!(MmaShape::NARROW.smem_bytes(128) <= 101_376);
+        // The names kernels/src/sources.rs lists for attention_mma.cu.
+        assert_eq!(MmaShape::NARROW.entry(64), "paged_attention_mma_hd64");
+        assert_eq!(MmaShape::NARROW.entry(128), "paged_attention_mma_hd128");
+        assert_eq!(MmaShape::WIDE.entry(128), "paged_attention_mma_wide_hd128");
     }
 
     #[test]
