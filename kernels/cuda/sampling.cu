@@ -117,8 +117,8 @@ __device__ __forceinline__ float gumbel(unsigned long long seed, int v) {
 //   top_p           f32 [num_rows]   >= 1: off
 //   min_p           f32 [num_rows]   <= 0: off
 //   seeds           u64 [num_rows]
-// Launch: grid (num_rows, 1, 1); block (1024, 1, 1). With vocab_per_rank a multiple of 8 the
-// logits must be 16-byte aligned (greedy rows read them 16 bytes at a time).
+// Launch: grid (num_rows, 1, 1); block (1024, 1, 1). With 2-byte T and vocab_per_rank a multiple
+// of 8 the logits must be 16-byte aligned (greedy rows read them 16 bytes at a time).
 template <typename T>
 __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict__ logits,
                             int num_rows, int vocab_per_rank, int vocab,
@@ -137,7 +137,7 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
     const int k = top_k[row];
     if (t <= 0.0f || k == 1) {
         ArgMax best{tpserve::neg_inf(), 0x7fffffff};
-        if (vocab_per_rank % 8 == 0) {
+        if (sizeof(T) == 2 && vocab_per_rank % 8 == 0) {
             // 16 bytes (8 logits) per thread and step, rank slice by rank slice.
             const int pieces = vocab_per_rank / 8;
             for (int r = 0; r * vocab_per_rank < vocab; ++r) {
@@ -171,7 +171,10 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
     for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
         const float x = logit(v) * inv_t;
         local_max = fmaxf(local_max, x);
-        local_min = fminf(local_min, x);
+        // Banned and masked entries (-inf, sample_processed_*) do not bound the bisections.
+        if (x > tpserve::neg_inf()) {
+            local_min = fminf(local_min, x);
+        }
     }
     const float x_max = block_reduce_max(local_max);
     const float x_min = -block_reduce_max(-local_min);
@@ -248,3 +251,199 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
                        top_p, min_p, seeds);                                                  \
     }
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_SAMPLE)
+
+// The logit processing of a step whose rows ask for more than a draw (issue 13): penalties,
+// `logit_bias`, `min_tokens`, `bad_words` and structured outputs' allowed-token masks change a
+// row's logits before the draw, and log probabilities are read from its raw logits. The host
+// builds each row's sparse edits from the request's history (worker/src/sampler/processors.rs)
+// and uploads them with the masks; these kernels apply them, draw, and gather the log
+// probabilities, so the vocabulary never leaves the GPU.
+//
+// One edit: a vocabulary entry and what happens to its logit, in vLLM's order (ban, bias,
+// repetition penalty, then `sub`), as LogitEdit::apply on the host.
+struct LogitEdit {
+    unsigned int token;
+    unsigned int ban;  // nonzero: the logit becomes -inf
+    float bias;        // added first
+    float repetition;  // 1: none; else x > 0 ? x / r : x * r
+    float sub;         // subtracted last
+};
+
+namespace {
+
+__device__ __forceinline__ float apply_edit(const LogitEdit& e, float x) {
+    if (e.ban != 0u) {
+        return tpserve::neg_inf();
+    }
+    x += e.bias;
+    if (e.repetition != 1.0f) {
+        x = x > 0.0f ? x / e.repetition : x * e.repetition;
+    }
+    return x - e.sub;
+}
+
+// The logit of vocabulary entry v of a row spread over tensor-parallel ranks (see sample_*).
+template <typename T>
+__device__ __forceinline__ float spread_logit(const T* __restrict__ logits, int row,
+                                              int row_stride, int vocab_per_rank, int v) {
+    const int rank = v / vocab_per_rank;
+    return tpserve::to_float(logits[(long long)rank * row_stride * vocab_per_rank +
+                                    (long long)row * vocab_per_rank + (v - rank * vocab_per_rank)]);
+}
+
+}  // namespace
+
+// process_logits_{bf16,f16}: the edited f32 logits of each row, ready for sample_processed_*.
+//
+// edited[row, v] = -inf where the row has a mask (mask_index[row] >= 0) whose bit v (bit v % 32
+// of word v / 32 of mask mask_index[row]) is clear; else apply(edit) for the row's edit of v, if
+// any; else the raw logit. (Edits first and the mask over them, as the host path.)
+//
+// Arguments:
+//   edited        f32 [num_rows, vocab]      written
+//   logits        T   laid out as sample_*'s, with row_stride rows per rank slice
+//   row_stride    i32                        rows of each rank slice (>= num_rows: a graph's
+//                                            padded batch)
+//   vocab_per_rank, vocab   i32
+//   edit_offsets  i32 [num_rows + 1]         row r's edits are edits[edit_offsets[r] ..
+//                                            edit_offsets[r + 1]], at most one per token
+//   edits         LogitEdit [edit_offsets[num_rows]]
+//   mask_index    i32 [num_rows]             -1: no mask
+//   masks         u32 [masks, words]
+//   words         i32                        ceil(vocab / 32)
+// Launch: grid (num_rows, 1, 1); block (1024, 1, 1).
+template <typename T>
+__device__ void process_logits_impl(float* __restrict__ edited, const T* __restrict__ logits,
+                                    int row_stride, int vocab_per_rank, int vocab,
+                                    const int* __restrict__ edit_offsets,
+                                    const LogitEdit* __restrict__ edits,
+                                    const int* __restrict__ mask_index,
+                                    const unsigned int* __restrict__ masks, int words) {
+    tpserve::wait_for_inputs();
+    const int row = blockIdx.x;
+    float* out = edited + (long long)row * vocab;
+    const int m = mask_index[row];
+    const unsigned int* mask = m >= 0 ? masks + (long long)m * words : nullptr;
+    auto allowed = [&](int v) { return mask == nullptr || ((mask[v >> 5] >> (v & 31)) & 1u); };
+    for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
+        out[v] = allowed(v) ? spread_logit(logits, row, row_stride, vocab_per_rank, v)
+                            : tpserve::neg_inf();
+    }
+    __syncthreads();
+    for (int i = edit_offsets[row] + threadIdx.x; i < edit_offsets[row + 1]; i += blockDim.x) {
+        const LogitEdit e = edits[i];
+        const int v = (int)e.token;
+        if (v < vocab && allowed(v)) {
+            out[v] = apply_edit(e, spread_logit(logits, row, row_stride, vocab_per_rank, v));
+        }
+    }
+}
+
+// sample_processed_{bf16,f16}: sample_* over process_logits_*'s f32 rows ([num_rows, vocab],
+// one rank slice); the arguments and launch are sample_*'s with vocab_per_rank = vocab. The
+// dtype suffix only names the model's dtype: every instance reads f32.
+//
+// token_logprobs_{bf16,f16}: per row, the log probabilities (log_softmax of the raw logits, as
+// worker/src/sampler/logprobs.rs computes on the host) of one token and of the row's `top_n`
+// most likely tokens (most likely first, lowest id on ties), written as one record of
+// kLogprobRecord u32 words:
+//   [0] the sampled token (sampled[row]), [1] the scored token (targets[row] >= 0 ? targets[row]
+//   : sampled[row]), [2] its log probability (f32 bits), [3] its rank (1 + tokens with a larger
+//   logit), [4 + i] the i-th top token, [4 + kMaxTopLogprobs + i] its log probability (f32
+//   bits), for i < top_n; a row with top_n < 0 gets [0] only.
+//
+// Arguments:
+//   records    u32 [num_rows, kLogprobRecord]   written
+//   logits     T   laid out as process_logits_*'s (row_stride rows per rank slice)
+//   row_stride, vocab_per_rank, vocab   i32
+//   targets    i32 [num_rows]   -1: the sampled token
+//   sampled    u32 [num_rows]   sample_processed_*'s output
+//   top_n      i32 [num_rows]   -1: no log probabilities; else 0..=kMaxTopLogprobs
+// Launch: grid (num_rows, 1, 1); block (1024, 1, 1).
+constexpr int kMaxTopLogprobs = 20;
+constexpr int kLogprobRecord = 4 + 2 * kMaxTopLogprobs;
+
+template <typename T>
+__device__ void token_logprobs_impl(unsigned int* __restrict__ records,
+                                    const T* __restrict__ logits, int row_stride,
+                                    int vocab_per_rank, int vocab, const int* __restrict__ targets,
+                                    const unsigned int* __restrict__ sampled,
+                                    const int* __restrict__ top_n) {
+    tpserve::wait_for_inputs();
+    const int row = blockIdx.x;
+    unsigned int* rec = records + (long long)row * kLogprobRecord;
+    const int n = min(top_n[row], kMaxTopLogprobs);
+    if (threadIdx.x == 0) {
+        rec[0] = sampled[row];
+    }
+    if (n < 0) {
+        return;
+    }
+    auto logit = [&](int v) { return spread_logit(logits, row, row_stride, vocab_per_rank, v); };
+    float local_max = tpserve::neg_inf();
+    for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
+        local_max = fmaxf(local_max, logit(v));
+    }
+    const float x_max = block_reduce_max(local_max);
+    float local_sum = 0.0f;
+    for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
+        local_sum += expf(logit(v) - x_max);
+    }
+    const float lse = x_max + logf(tpserve::block_reduce_sum(local_sum));
+    const int target = targets[row] >= 0 ? targets[row] : (int)sampled[row];
+    const float x_target =
+        target >= 0 && target < vocab ? logit(target) : tpserve::neg_inf();
+    float above = 0.0f;
+    for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
+        above += logit(v) > x_target ? 1.0f : 0.0f;
+    }
+    const float rank = tpserve::block_reduce_sum(above);
+    if (threadIdx.x == 0) {
+        rec[1] = (unsigned int)target;
+        rec[2] = __float_as_uint(x_target - lse);
+        rec[3] = 1u + (unsigned int)rank;
+    }
+    // The top tokens one at a time: each pick is the best entry strictly after the previous one
+    // in the order (logit descending, id ascending).
+    ArgMax prev{tpserve::pos_inf(), -1};
+    for (int i = 0; i < n && i < vocab; ++i) {
+        ArgMax best{tpserve::neg_inf(), 0x7fffffff};
+        for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
+            const float x = logit(v);
+            if (x < prev.value || (x == prev.value && v > prev.index)) {
+                best = better(best, ArgMax{x, v});
+            }
+        }
+        prev = block_argmax(best);
+        if (threadIdx.x == 0) {
+            rec[4 + i] = (unsigned int)prev.index;
+            rec[4 + kMaxTopLogprobs + i] = __float_as_uint(prev.value - lse);
+        }
+    }
+}
+
+#define TPSERVE_LOGIT_EXTRAS(SUFFIX, T)                                                       \
+    extern "C" __global__ void process_logits_##SUFFIX(                                       \
+        float* __restrict__ edited, const T* __restrict__ logits, int row_stride,             \
+        int vocab_per_rank, int vocab, const int* __restrict__ edit_offsets,                  \
+        const LogitEdit* __restrict__ edits, const int* __restrict__ mask_index,              \
+        const unsigned int* __restrict__ masks, int words) {                                  \
+        process_logits_impl<T>(edited, logits, row_stride, vocab_per_rank, vocab,             \
+                               edit_offsets, edits, mask_index, masks, words);                \
+    }                                                                                         \
+    extern "C" __global__ void sample_processed_##SUFFIX(                                     \
+        unsigned int* __restrict__ out, const float* __restrict__ logits, int num_rows,       \
+        int vocab_per_rank, int vocab, const float* __restrict__ temperature,                 \
+        const int* __restrict__ top_k, const float* __restrict__ top_p,                       \
+        const float* __restrict__ min_p, const unsigned long long* __restrict__ seeds) {      \
+        sample_impl<float>(out, logits, num_rows, vocab_per_rank, vocab, temperature, top_k,  \
+                           top_p, min_p, seeds);                                              \
+    }                                                                                         \
+    extern "C" __global__ void token_logprobs_##SUFFIX(                                       \
+        unsigned int* __restrict__ records, const T* __restrict__ logits, int row_stride,     \
+        int vocab_per_rank, int vocab, const int* __restrict__ targets,                       \
+        const unsigned int* __restrict__ sampled, const int* __restrict__ top_n) {            \
+        token_logprobs_impl<T>(records, logits, row_stride, vocab_per_rank, vocab, targets,   \
+                               sampled, top_n);                                               \
+    }
+TPSERVE_FOR_EACH_DTYPE(TPSERVE_LOGIT_EXTRAS)

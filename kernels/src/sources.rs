@@ -159,7 +159,19 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "paged_attention_mma_wide_hd128_f16",
         ],
     ),
-    ("sampling.cu", &["sample_bf16", "sample_f16"]),
+    (
+        "sampling.cu",
+        &[
+            "sample_bf16",
+            "sample_f16",
+            "process_logits_bf16",
+            "process_logits_f16",
+            "sample_processed_bf16",
+            "sample_processed_f16",
+            "token_logprobs_bf16",
+            "token_logprobs_f16",
+        ],
+    ),
     (
         "elementwise.cu",
         &[

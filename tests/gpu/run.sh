@@ -8,8 +8,10 @@
 # (hf_reference.py) at TP=1 bfloat16 (prefill on the tensor-core attention kernel, again on the
 # CUDA-core one, and every position as a one-token decode step: replayed by a CUDA graph, by a
 # padded graph with the GEMV kernel pinned, and eagerly), TP=1 float16 and TP=2 bfloat16 (TP=2
-# only with two GPUs); checks device sampling (seeded repeats, top-k/top-p/min-p sets) and
-# greedy decoding (32 tokens through the serving step path) against transformers (compare.py
+# only with two GPUs); checks device sampling (seeded repeats, top-k/top-p/min-p sets), the
+# device's logit processing and log probabilities against the reference row (the logits
+# example's --extras-check: logprobs, logit_bias, bad_words, min_tokens, repetition_penalty,
+# masks under every filter) and greedy decoding (32 tokens through the serving step path) against transformers (compare.py
 # holds tpserve to "no worse than transformers in the same dtype", both measured against
 # float32); serves the checkpoint over HTTP with `tpserve serve` at TP=1 (--device auto) and TP=2
 # (serve_check.py), each with CUDA graphs and with --enforce-eager; sends the same 32 greedy
@@ -183,10 +185,11 @@ ours_logits() {
   fi
   timed "$STEP_TIMEOUT" "$bin" --model "$CKPT" --device cuda --dtype "$dtype" \
     --tensor-parallel-size "$tp" --prompts "$CKPT/prompts.json" --out "$OURS/$tag.f32" \
-    --greedy "$NEW_TOKENS" --greedy-out "$OURS/$tag.json" --sampling-check "${extra[@]}"
-  local sampled="device sampling check passed"
+    --greedy "$NEW_TOKENS" --greedy-out "$OURS/$tag.json" --sampling-check --extras-check \
+    "${extra[@]}"
+  local sampled="device sampling and logit processing checks passed"
   case " ${extra[*]} " in
-    *" --lora-adapter "*) sampled="the base model's sampling check is not run with an adapter" ;;
+    *" --lora-adapter "*) sampled="the base model's sampling checks are not run with an adapter" ;;
   esac
   if [ "$RC" -eq 0 ] && [ -s "$OURS/$tag.f32" ]; then
     record "logits $tag" "PASS" "ran in ${SECS}s (prefill of 4 prompts + $NEW_TOKENS greedy steps; $sampled)"

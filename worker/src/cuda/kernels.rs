@@ -11,6 +11,7 @@ use tpserve_term::progress::{Task, Unit};
 use super::device::{device_err, Gpu};
 use super::launch::{programmatic_launches, KernelLaunch};
 use crate::error::{Result, WorkerError};
+use crate::sampler::logprobs::MAX_TOP_LOGPROBS;
 
 /// The activation dtype on the GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,6 +241,9 @@ pub struct Kernels {
     /// `[head size 64, 128, 256][group <= 4, <= 8]`.
     attention_decode: [[CudaFunction; 2]; 3],
     sample: CudaFunction,
+    process_logits: CudaFunction,
+    sample_processed: CudaFunction,
+    token_logprobs: CudaFunction,
     add_bias: CudaFunction,
     gather_rows: CudaFunction,
     fill_uniform: CudaFunction,
@@ -388,6 +392,9 @@ impl Kernels {
                 ],
             ],
             sample: take("sample")?,
+            process_logits: take("process_logits")?,
+            sample_processed: take("sample_processed")?,
+            token_logprobs: take("token_logprobs")?,
             add_bias: take("add_bias")?,
             gather_rows: take("gather_rows")?,
             fill_uniform: take("fill_uniform")?,
@@ -1092,6 +1099,81 @@ impl Kernels {
             .map_err(launch_err("sample"))
     }
 
+    /// The edited f32 logits of a step with logit processing (sampling.cu's process_logits).
+    pub fn process_logits(&self, a: &ProcessLogits) -> Result<()> {
+        let (stride, vpr, v, words) = (
+            a.logits.row_stride as i32,
+            a.logits.vocab_per_rank as i32,
+            a.logits.vocab as i32,
+            a.words as i32,
+        );
+        let mut b = self.launch(&self.process_logits);
+        b.arg(&a.edited)
+            .arg(&a.logits.ptr)
+            .arg(&stride)
+            .arg(&vpr)
+            .arg(&v)
+            .arg(&a.edit_offsets)
+            .arg(&a.edits)
+            .arg(&a.mask_index)
+            .arg(&a.masks)
+            .arg(&words);
+        // SAFETY: as sampling.cu documents.
+        unsafe { b.launch(grid_rows(a.rows, 1024)) }
+            .map(drop)
+            .map_err(launch_err("process_logits"))
+    }
+
+    /// `sample` over process_logits' f32 rows `[num_rows, vocab]`.
+    pub fn sample_processed(
+        &self,
+        out: u64,
+        edited: u64,
+        num_rows: usize,
+        vocab: usize,
+        params: &SamplingPointers,
+    ) -> Result<()> {
+        let (nr, v) = (num_rows as i32, vocab as i32);
+        let mut b = self.launch(&self.sample_processed);
+        b.arg(&out)
+            .arg(&edited)
+            .arg(&nr)
+            .arg(&v)
+            .arg(&v)
+            .arg(&params.temperature)
+            .arg(&params.top_k)
+            .arg(&params.top_p)
+            .arg(&params.min_p)
+            .arg(&params.seeds);
+        // SAFETY: as sampling.cu documents.
+        unsafe { b.launch(grid_rows(num_rows, 1024)) }
+            .map(drop)
+            .map_err(launch_err("sample_processed"))
+    }
+
+    /// Each row's [`LOGPROB_RECORD`] words: its sampled token and the asked-for log
+    /// probabilities of its raw logits (sampling.cu's token_logprobs).
+    pub fn token_logprobs(&self, a: &TokenLogprobs) -> Result<()> {
+        let (stride, vpr, v) = (
+            a.logits.row_stride as i32,
+            a.logits.vocab_per_rank as i32,
+            a.logits.vocab as i32,
+        );
+        let mut b = self.launch(&self.token_logprobs);
+        b.arg(&a.records)
+            .arg(&a.logits.ptr)
+            .arg(&stride)
+            .arg(&vpr)
+            .arg(&v)
+            .arg(&a.targets)
+            .arg(&a.sampled)
+            .arg(&a.top_n);
+        // SAFETY: as sampling.cu documents.
+        unsafe { b.launch(grid_rows(a.rows, 1024)) }
+            .map(drop)
+            .map_err(launch_err("token_logprobs"))
+    }
+
     pub fn add_bias(&self, x: u64, bias: u64, n: usize, d: usize) -> Result<()> {
         let d = d as i32;
         let mut b = self.launch(&self.add_bias);
@@ -1191,6 +1273,45 @@ pub struct RopeKvWrite {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub stride: usize,
+}
+
+/// u32 words of one row's record from `token_logprobs` (sampling.cu's kLogprobRecord): sampled
+/// token, scored token, its log probability and rank, then [`MAX_TOP_LOGPROBS`] top tokens and
+/// their log probabilities.
+pub const LOGPROB_RECORD: usize = 4 + 2 * MAX_TOP_LOGPROBS;
+
+/// Where a step's raw logits lie: `[world][row_stride][vocab_per_rank]`, as `sample` reads them.
+#[derive(Debug, Clone, Copy)]
+pub struct SpreadLogits {
+    pub ptr: u64,
+    /// Rows of each rank's slice (a graph's padded batch).
+    pub row_stride: usize,
+    pub vocab_per_rank: usize,
+    pub vocab: usize,
+}
+
+/// process_logits' arguments (sampling.cu): `rows` rows of `logits` into `edited`.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessLogits {
+    pub edited: u64,
+    pub logits: SpreadLogits,
+    pub rows: usize,
+    pub edit_offsets: u64,
+    pub edits: u64,
+    pub mask_index: u64,
+    pub masks: u64,
+    pub words: usize,
+}
+
+/// token_logprobs' arguments (sampling.cu).
+#[derive(Debug, Clone, Copy)]
+pub struct TokenLogprobs {
+    pub records: u64,
+    pub logits: SpreadLogits,
+    pub rows: usize,
+    pub targets: u64,
+    pub sampled: u64,
+    pub top_n: u64,
 }
 
 /// Device addresses of the per-row sampling parameters.

@@ -20,6 +20,7 @@ mod graphs;
 mod kernels;
 mod launch;
 mod linear;
+mod logit_extras;
 mod lora;
 mod model;
 mod nccl;
@@ -256,42 +257,22 @@ impl CudaBackend {
 
 impl CudaBackend {
     /// A step with logit processors, log probabilities or structured outputs' token masks
-    /// (issue 13): rank 0 copies the sample rows' logits to the host, where the processors, the
-    /// masks, the draw and the log probabilities run as on the CPU backend (`sampler`), and
-    /// broadcasts the tokens into the step's token buffer. Steps without extras never come here,
-    /// so their speed (graphs included) is unchanged; with extras, the rows' logits cross PCIe
-    /// once (vocab x 2 bytes per row).
+    /// (issue 13): the forward pass as any step's (a graph replay for decode steps), then the
+    /// processing, the draw and the log probabilities on the device (`logit_extras`). Steps
+    /// without extras never come here, so their speed is unchanged.
     fn step_with_extras(
         &mut self,
         batch: &Batch,
         sampling: &[SampleSpec],
         extras: &[RowExtras],
     ) -> Result<Sampled> {
-        let logits = phase(Phase::ModelStep, || self.logits(batch))?;
-        let Sampled {
-            mut tokens,
-            logprobs,
-        } = crate::sampler::sample_gathered(logits, sampling, extras);
-        if self.world_size > 1 {
-            let loaded = loaded_model(&mut self.loaded, "Step")?;
-            let ws = loaded.model.workspace().ok_or(WorkerError::Lifecycle {
-                operation: "Step",
-                needs: "Warmup",
-            })?;
-            if self.rank == 0 {
-                self.gpu.upload(&ws.sampled, &tokens)?;
-            }
-            if let Some(comm) = self.nccl.as_ref() {
-                comm.broadcast_from_root(
-                    ws.sampled.ptr,
-                    tokens.len(),
-                    cudarc::nccl::sys::ncclDataType_t::ncclUint32,
-                    &self.gpu.stream,
-                )?;
-            }
-            self.gpu.download(ws.sampled.ptr, &mut tokens)?;
-        }
-        Ok(Sampled { tokens, logprobs })
+        let out = phase(Phase::ModelStep, || self.forward(batch, sampling))?;
+        let loaded = loaded_model(&mut self.loaded, "Step")?;
+        let dims = *loaded.model.dims();
+        let dev = loaded.device(&self.gpu, self.nccl.as_ref(), self.peer.as_ref(), self.rank);
+        phase(Phase::Sampling, || {
+            logit_extras::sample_with_extras(&dev, &dims, &out, sampling, extras)
+        })
     }
 }
 

@@ -31,14 +31,14 @@ impl Packed {
         tokens * (4 + 4 + 8 + 16 + 64) + samples * (4 + 4 + 4 + 4 + 4 + 8) + 16 * 16 + (1 << 20)
     }
 
-    fn with_capacity(bytes: usize) -> Self {
+    pub(super) fn with_capacity(bytes: usize) -> Self {
         Self {
             bytes: Vec::with_capacity(bytes),
         }
     }
 
     /// Appends `data` at the next aligned offset; returns the offset.
-    fn push<T: Copy>(&mut self, data: &[T]) -> usize {
+    pub(super) fn push<T: Copy>(&mut self, data: &[T]) -> usize {
         let at = self.bytes.len().next_multiple_of(Self::ALIGN);
         self.bytes.resize(at, 0);
         // SAFETY: T is plain data (u32, i32, i64, f32, u64 here); reading its bytes is sound.

@@ -2,7 +2,8 @@
 //! before any processor, penalty or temperature: vLLM's default `raw_logprobs`), for one chosen
 //! token (sampled, or the prompt's next token) with its rank, and the `k` most likely tokens.
 //! Only these `k + 1` values leave the worker, never the row. The GPU computes the same in the
-//! `logprobs` kernel. Cost: two passes over the vocabulary plus a partial selection of `k`.
+//! `token_logprobs` kernel (in f32, this in f64). Cost: two passes over the vocabulary plus a
+//! partial selection of `k`.
 
 use tpserve_proto as pb;
 

@@ -12,8 +12,8 @@
 //! Each touches single vocabulary entries, so a request's processing is a sparse list of
 //! per-token edits ([`LogitEdit`]) built from its persistent history ([`History`]: output
 //! token counts and the prompt's distinct tokens, kept in the worker across steps and updated
-//! as tokens are sampled), applied by the CPU here and by the `apply_logit_edits` kernel on a
-//! GPU. Cost per sampled row: O(distinct prompt and output tokens) to build, the same to apply;
+//! as tokens are sampled), applied by the CPU here and by the `process_logits` kernel on a
+//! GPU (`worker/src/cuda/logit_extras.rs`). Cost per sampled row: O(distinct prompt and output tokens) to build, the same to apply;
 //! nothing for requests without controls.
 //!
 //! Structured outputs add a dense edit: the coordinator's allowed-token bitmask for the row

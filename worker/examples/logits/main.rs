@@ -14,6 +14,8 @@
 //! prompts.json is `{"prompts": [[token ids], ...]}`; the output is raw little-endian f32 rows
 //! `[total prompt tokens, vocab]`, prompts concatenated in order.
 
+mod extras_check;
+
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -50,6 +52,10 @@ struct Args {
     /// greedy. Exits non-zero on a violation.
     #[arg(long)]
     sampling_check: bool,
+    /// Also check logit processing and log probabilities (`extras_check.rs`) on the first
+    /// prompt's first token. Exits non-zero on a violation.
+    #[arg(long)]
+    extras_check: bool,
     /// Decode batch sizes captured as CUDA graphs at warm-up (a one-token step pads to the
     /// smallest that holds it, so `--graph-sizes 8` checks padding).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
@@ -156,6 +162,9 @@ fn main() -> anyhow::Result<()> {
     // The check's plans run the base model, so its reference row must be the base model's.
     if args.sampling_check && adapter.is_none() {
         sampling_check(&group, &prompts[0], &first_last_row, num_blocks)?;
+    }
+    if args.extras_check && adapter.is_none() {
+        extras_check::extras_check(&group, prompts[0][0], num_blocks)?;
     }
     if args.greedy > 0 {
         let ids = greedy(
