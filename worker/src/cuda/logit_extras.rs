@@ -4,9 +4,10 @@
 //! probabilities of the raw logits with their top tokens. After the forward pass (a graph
 //! replay for decode steps, as without extras), rank 0 uploads the rows' edits, masks and
 //! sampling parameters in one copy, runs `process_logits` (f32 logits with the edits and masks
-//! applied), `sample_processed` (the draw, `sample`'s algorithm) and `token_logprobs`, and
-//! downloads one small record per row: the vocabulary never crosses PCIe. NCCL then broadcasts
-//! the tokens, as after a plain step.
+//! applied) and `sample_processed` (the draw, `sample`'s algorithm) when a row has edits or a
+//! mask (else the forward pass's own draw stands), then `token_logprobs`, and downloads one small
+//! record per row: the vocabulary never crosses PCIe. NCCL then broadcasts processed tokens, as
+//! after a plain step.
 
 use tpserve_proto as pb;
 
@@ -148,38 +149,50 @@ pub(super) fn sample_with_extras(
     if rows == 0 {
         return Ok(Sampled { tokens, logprobs });
     }
+    // Rows that only ask for log probabilities change nothing before the draw: the forward
+    // pass's own sampling (with these specs) stands, and no f32 copy of the logits is made (a
+    // prompt's log probabilities can be thousands of rows).
+    let processed = extras
+        .iter()
+        .any(|e| !e.edits.is_empty() || e.allowed.is_some());
     if dev.rank == 0 {
         let vocab = dims.vocab;
         let step = pack_extras(sampling, extras, vocab);
         let inputs = gpu.alloc(step.packed.bytes.len(), "logit processing inputs")?;
         gpu.upload(&inputs, &step.packed.bytes)?;
         let at = |offset: usize| inputs.at(offset);
-        let edited = gpu.alloc(rows * vocab * 4, "processed logits")?;
-        let records = gpu.alloc(rows * LOGPROB_RECORD * 4, "log probability records")?;
         let logits = SpreadLogits {
             ptr: out.logits,
             row_stride: out.samples,
             vocab_per_rank: dims.vocab_per_rank,
             vocab,
         };
-        kernels.process_logits(&ProcessLogits {
-            edited: edited.ptr,
-            logits,
-            rows,
-            edit_offsets: at(step.edit_offsets),
-            edits: at(step.edits),
-            mask_index: at(step.mask_index),
-            masks: at(step.masks),
-            words: vocab.div_ceil(32),
-        })?;
-        let params = SamplingPointers {
-            temperature: at(step.temperature),
-            top_k: at(step.top_k),
-            top_p: at(step.top_p),
-            min_p: at(step.min_p),
-            seeds: at(step.seeds),
+        // Freed (stream-ordered) after the download below waits for the kernels.
+        let _edited = if processed {
+            let edited = gpu.alloc(rows * vocab * 4, "processed logits")?;
+            kernels.process_logits(&ProcessLogits {
+                edited: edited.ptr,
+                logits,
+                rows,
+                edit_offsets: at(step.edit_offsets),
+                edits: at(step.edits),
+                mask_index: at(step.mask_index),
+                masks: at(step.masks),
+                words: vocab.div_ceil(32),
+            })?;
+            let params = SamplingPointers {
+                temperature: at(step.temperature),
+                top_k: at(step.top_k),
+                top_p: at(step.top_p),
+                min_p: at(step.min_p),
+                seeds: at(step.seeds),
+            };
+            kernels.sample_processed(out.sampled, edited.ptr, rows, vocab, &params)?;
+            Some(edited)
+        } else {
+            None
         };
-        kernels.sample_processed(out.sampled, edited.ptr, rows, vocab, &params)?;
+        let records = gpu.alloc(rows * LOGPROB_RECORD * 4, "log probability records")?;
         kernels.token_logprobs(&TokenLogprobs {
             records: records.ptr,
             logits,
@@ -189,7 +202,6 @@ pub(super) fn sample_with_extras(
             top_n: at(step.top_n),
         })?;
         let mut words = vec![0u32; rows * LOGPROB_RECORD];
-        // Waits for the kernels: the buffers above live until after it.
         gpu.download(records.ptr, &mut words)?;
         for ((rec, e), token) in words
             .chunks_exact(LOGPROB_RECORD)
@@ -201,13 +213,16 @@ pub(super) fn sample_with_extras(
             logprobs.push(lp);
         }
     }
-    if let Some(comm) = dev.nccl.filter(|c| c.world_size() > 1) {
-        comm.broadcast_from_root(
-            out.sampled,
-            rows,
-            cudarc::nccl::sys::ncclDataType_t::ncclUint32,
-            &gpu.stream,
-        )?;
+    if dev.rank != 0 || processed {
+        // The forward pass broadcast its own tokens; processed ones go out again.
+        if let Some(comm) = dev.nccl.filter(|c| c.world_size() > 1 && processed) {
+            comm.broadcast_from_root(
+                out.sampled,
+                rows,
+                cudarc::nccl::sys::ncclDataType_t::ncclUint32,
+                &gpu.stream,
+            )?;
+        }
         if dev.rank != 0 {
             gpu.download(out.sampled, &mut tokens)?;
         }
