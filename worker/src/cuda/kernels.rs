@@ -1081,22 +1081,8 @@ impl Kernels {
         vocab: usize,
         params: &SamplingPointers,
     ) -> Result<()> {
-        let (nr, vpr, v) = (num_rows as i32, vocab_per_rank as i32, vocab as i32);
-        let mut b = self.launch(&self.sample);
-        b.arg(&out)
-            .arg(&logits)
-            .arg(&nr)
-            .arg(&vpr)
-            .arg(&v)
-            .arg(&params.temperature)
-            .arg(&params.top_k)
-            .arg(&params.top_p)
-            .arg(&params.min_p)
-            .arg(&params.seeds);
-        // SAFETY: as sampling.cu documents.
-        unsafe { b.launch(grid_rows(num_rows, 1024)) }
-            .map(drop)
-            .map_err(launch_err("sample"))
+        let f = (&self.sample, "sample");
+        self.launch_sample(f, out, logits, num_rows, vocab_per_rank, vocab, params)
     }
 
     /// The edited f32 logits of a step with logit processing (sampling.cu's process_logits).
@@ -1133,12 +1119,28 @@ impl Kernels {
         vocab: usize,
         params: &SamplingPointers,
     ) -> Result<()> {
-        let (nr, v) = (num_rows as i32, vocab as i32);
-        let mut b = self.launch(&self.sample_processed);
+        let f = (&self.sample_processed, "sample_processed");
+        self.launch_sample(f, out, edited, num_rows, vocab, vocab, params)
+    }
+
+    /// `sample` or `sample_processed` (the same arguments; sampling.cu).
+    #[allow(clippy::too_many_arguments)]
+    fn launch_sample(
+        &self,
+        (function, name): (&CudaFunction, &str),
+        out: u64,
+        logits: u64,
+        num_rows: usize,
+        vocab_per_rank: usize,
+        vocab: usize,
+        params: &SamplingPointers,
+    ) -> Result<()> {
+        let (nr, vpr, v) = (num_rows as i32, vocab_per_rank as i32, vocab as i32);
+        let mut b = self.launch(function);
         b.arg(&out)
-            .arg(&edited)
+            .arg(&logits)
             .arg(&nr)
-            .arg(&v)
+            .arg(&vpr)
             .arg(&v)
             .arg(&params.temperature)
             .arg(&params.top_k)
@@ -1148,7 +1150,7 @@ impl Kernels {
         // SAFETY: as sampling.cu documents.
         unsafe { b.launch(grid_rows(num_rows, 1024)) }
             .map(drop)
-            .map_err(launch_err("sample_processed"))
+            .map_err(launch_err(name))
     }
 
     /// Each row's [`LOGPROB_RECORD`] words: its sampled token and the asked-for log
