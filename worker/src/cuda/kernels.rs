@@ -1087,19 +1087,11 @@ impl Kernels {
 
     /// The edited f32 logits of a step with logit processing (sampling.cu's process_logits).
     pub fn process_logits(&self, a: &ProcessLogits) -> Result<()> {
-        let (stride, vpr, v, words) = (
-            a.logits.row_stride as i32,
-            a.logits.vocab_per_rank as i32,
-            a.logits.vocab as i32,
-            a.words as i32,
-        );
+        let ([stride, vpr, v], words) = (a.logits.shape(), a.words as i32);
         let mut b = self.launch(&self.process_logits);
-        b.arg(&a.edited)
-            .arg(&a.logits.ptr)
-            .arg(&stride)
-            .arg(&vpr)
-            .arg(&v)
-            .arg(&a.edit_offsets)
+        b.arg(&a.edited).arg(&a.logits.ptr);
+        b.arg(&stride).arg(&vpr).arg(&v);
+        b.arg(&a.edit_offsets)
             .arg(&a.edits)
             .arg(&a.mask_index)
             .arg(&a.masks)
@@ -1156,20 +1148,11 @@ impl Kernels {
     /// Each row's [`LOGPROB_RECORD`] words: its sampled token and the asked-for log
     /// probabilities of its raw logits (sampling.cu's token_logprobs).
     pub fn token_logprobs(&self, a: &TokenLogprobs) -> Result<()> {
-        let (stride, vpr, v) = (
-            a.logits.row_stride as i32,
-            a.logits.vocab_per_rank as i32,
-            a.logits.vocab as i32,
-        );
+        let [stride, vpr, v] = a.logits.shape();
         let mut b = self.launch(&self.token_logprobs);
-        b.arg(&a.records)
-            .arg(&a.logits.ptr)
-            .arg(&stride)
-            .arg(&vpr)
-            .arg(&v)
-            .arg(&a.targets)
-            .arg(&a.sampled)
-            .arg(&a.top_n);
+        b.arg(&a.records).arg(&a.logits.ptr);
+        b.arg(&stride).arg(&vpr).arg(&v);
+        b.arg(&a.targets).arg(&a.sampled).arg(&a.top_n);
         // SAFETY: as sampling.cu documents.
         unsafe { b.launch(grid_rows(a.rows, 1024)) }
             .map(drop)
@@ -1290,6 +1273,17 @@ pub struct SpreadLogits {
     pub row_stride: usize,
     pub vocab_per_rank: usize,
     pub vocab: usize,
+}
+
+impl SpreadLogits {
+    /// `row_stride`, `vocab_per_rank` and `vocab` as the kernels take them.
+    fn shape(&self) -> [i32; 3] {
+        [
+            self.row_stride as i32,
+            self.vocab_per_rank as i32,
+            self.vocab as i32,
+        ]
+    }
 }
 
 /// process_logits' arguments (sampling.cu): `rows` rows of `logits` into `edited`.
