@@ -5,8 +5,9 @@
 //! (anything else). Each `sh` block runs in bash (`set -euo pipefail`), in README order, in one
 //! scratch directory laid out like the repository. A comment on the line before a block can say
 //! `<!-- readme-test: skip: REASON -->` (not run here: it needs a GPU) or
-//! `<!-- readme-test: interrupt: REASON -->` (it serves in the foreground until Ctrl-C). A block
-//! passes when:
+//! `<!-- readme-test: interrupt: REASON -->` (it serves in the foreground until Ctrl-C) or
+//! `<!-- readme-test: timeout: SECONDS: REASON -->` (it may run longer than the usual 420 s). A
+//! block passes when:
 //! - it exits 0 by itself, or, if marked `interrupt`, it exits 0 after a Ctrl-C (SIGINT to its
 //!   process group) sent once it has printed what it must;
 //! - when it mentions the capital of France, "Paris" is on its stdout;
@@ -45,6 +46,9 @@ struct Block {
     skip: Option<String>,
     /// Whether it serves in the foreground until Ctrl-C (`<!-- readme-test: interrupt: ... -->`).
     interrupt: bool,
+    /// How long it may run (`<!-- readme-test: timeout: SECONDS: ... -->`; else
+    /// [`BLOCK_TIMEOUT`]).
+    timeout: Duration,
 }
 
 /// The `(key, text)` of a `<!-- readme-test: KEY: TEXT -->` line.
@@ -76,7 +80,7 @@ fn blocks(markdown: &str) -> Vec<Block> {
                 let said = directive(previous);
                 if let Some((key, _)) = &said {
                     assert!(
-                        ["skip", "interrupt"].contains(&key.as_str()),
+                        ["skip", "interrupt", "timeout"].contains(&key.as_str()),
                         "README.md line {i}: unknown readme-test directive {key:?}"
                     );
                 }
@@ -87,6 +91,12 @@ fn blocks(markdown: &str) -> Vec<Block> {
                     body: String::new(),
                     skip: said("skip").map(|(_, text)| text.clone()),
                     interrupt: said("interrupt").is_some(),
+                    timeout: said("timeout").map_or(BLOCK_TIMEOUT, |(_, text)| {
+                        let seconds = text.split(':').next().unwrap_or_default().trim();
+                        Duration::from_secs(seconds.parse().unwrap_or_else(|_| {
+                            panic!("README.md line {i}: timeout {seconds:?} is not seconds")
+                        }))
+                    }),
                 });
             }
             None => {}
@@ -194,7 +204,8 @@ fn signal_group(child: &Child, signal: &str) {
 
 /// Runs one block in `dir` and waits for it as the module header says: with `interrupt`, a Ctrl-C
 /// once its stdout has `expect`.
-fn run(dir: &Path, body: &str, expect: Option<&str>, interrupt: bool) -> Outcome {
+fn run(dir: &Path, block: &Block, expect: Option<&str>) -> Outcome {
+    let (body, interrupt) = (&with_free_ports(&block.body), block.interrupt);
     // Background jobs the block leaves are stopped newest first; each must exit 0.
     // etcd ends a SIGTERM by re-raising it (status 143): only ours must exit 0.
     let epilogue = "\n# readme test: stop what the block left running, newest first\n\
@@ -243,9 +254,9 @@ fn run(dir: &Path, body: &str, expect: Option<&str>, interrupt: bool) -> Outcome
             interrupted = true;
         }
         let limit = if interrupted {
-            BLOCK_TIMEOUT + INTERRUPT_TIMEOUT
+            block.timeout + INTERRUPT_TIMEOUT
         } else {
-            BLOCK_TIMEOUT
+            block.timeout
         };
         if started.elapsed() > limit {
             signal_group(&child, "-KILL");
@@ -291,7 +302,7 @@ fn every_command_block_of_the_readme_runs_as_pasted() {
              the test knows when to stop it",
             b.line
         );
-        let outcome = run(&dir, &with_free_ports(&b.body), expect, b.interrupt);
+        let outcome = run(&dir, b, expect);
         ran += 1;
         let ok = outcome.status.is_some_and(|s| s.success())
             && expect.is_none_or(|e| outcome.stdout.contains(e));
@@ -322,9 +333,9 @@ fn every_command_block_of_the_readme_runs_as_pasted() {
 
 #[test]
 fn fenced_blocks_are_found_with_their_language_and_skip_reason() {
-    let md = "intro\n\n```sh\necho hi\n```\n\n<!-- readme-test: skip: needs a GPU -->\n```sh\nnvidia-smi\n```\n```text\na -> b\n```\n<!-- readme-test: interrupt: serves -->\n```sh\nserve\n```\n";
+    let md = "intro\n\n```sh\necho hi\n```\n\n<!-- readme-test: skip: needs a GPU -->\n```sh\nnvidia-smi\n```\n```text\na -> b\n```\n<!-- readme-test: interrupt: serves -->\n```sh\nserve\n```\n<!-- readme-test: timeout: 900: installs torch -->\n```sh\npip install\n```\n";
     let found = blocks(md);
-    assert_eq!(found.len(), 4);
+    assert_eq!(found.len(), 5);
     assert_eq!(
         (
             found[0].line,
@@ -337,4 +348,6 @@ fn fenced_blocks_are_found_with_their_language_and_skip_reason() {
     assert_eq!(found[1].skip.as_deref(), Some("needs a GPU"));
     assert_eq!(found[2].info, "text");
     assert!(found[3].interrupt && !found[0].interrupt);
+    assert_eq!(found[0].timeout, BLOCK_TIMEOUT);
+    assert_eq!(found[4].timeout, Duration::from_secs(900));
 }
