@@ -7,24 +7,23 @@
 # tokens), compares tpserve's logits of every prompt position with Hugging Face transformers'
 # (hf_reference.py) at TP=1 bfloat16 (prefill on the tensor-core attention kernel, again on the
 # CUDA-core one, and every position as a one-token decode step: replayed by a CUDA graph, by a
-# padded graph with the GEMV kernel pinned, and eagerly), TP=1 float16 and TP=2 bfloat16 (TP=2
-# only with two GPUs); checks device sampling (seeded repeats, top-k/top-p/min-p sets), the
-# device's logit processing and log probabilities against the reference row (the logits
-# example's --extras-check: logprobs, logit_bias, bad_words, min_tokens, repetition_penalty,
-# masks under every filter) and greedy decoding (32 tokens through the serving step path) against transformers (compare.py
-# holds tpserve to "no worse than transformers in the same dtype", both measured against
+# padded graph with the GEMV kernel pinned, and eagerly), TP=1 float16 and TP=2 bfloat16 (TP=2 only
+# with two GPUs); checks device sampling (seeded repeats, top-k/top-p/min-p sets), the device's
+# logit processing and log probabilities against the reference row (the logits example's
+# --extras-check: logprobs, logit_bias, bad_words, min_tokens, repetition_penalty, masks under every
+# filter) and greedy decoding (32 tokens through the serving step path) against transformers
+# (compare.py holds tpserve to "no worse than transformers in the same dtype", both measured against
 # float32); serves the checkpoint over HTTP with `tpserve serve` at TP=1 (--device auto) and TP=2
 # (serve_check.py), each with CUDA graphs and with --enforce-eager; sends the same 32 greedy
 # requests together and alone with --batch-invariant (all must match) and without
 # (invariance_check.py); compares log probabilities and sampling controls with the CPU backend
 # (extras_check.py); checks structured outputs beside plain requests (structured_check.py); runs
-# three random PEFT LoRA adapters against transformers + PEFT, prefill and
-# decode, and mixed with the base in one batch against each alone (step_lora); compares
-# /v1/embeddings (--task embed, last-token pooling) with transformers' AutoModel hidden states at
-# TP=1 and TP=2 (embed_check.py); checks that the 8B shape with dummy weights serves at
-# --gpu-memory-utilization 0.9 and is refused at start at 0.05; asks SmolLM2 (GGUF) the capital
-# of France; runs the Llama-3-8B-shaped benchmark (bench_device, dummy weights,
-# tests/gpu/llama3-8b-config.json).
+# three random PEFT LoRA adapters against transformers + PEFT, prefill and decode, and mixed with
+# the base in one batch against each alone (step_lora); compares /v1/embeddings (--task embed,
+# last-token pooling) with transformers' AutoModel hidden states at TP=1 and TP=2 (embed_check.py);
+# checks that the 8B shape with dummy weights serves at --gpu-memory-utilization 0.9 and is refused
+# at start at 0.05; asks SmolLM2 (GGUF) the capital of France; runs the Llama-3-8B-shaped benchmark
+# (bench_device, dummy weights, tests/gpu/llama3-8b-config.json).
 #
 # Why: the GPU machine has no network and no Rust toolchain (docs: /work/shared/GPU.md), so the
 # binaries are built elsewhere and all checks run in one batch. Every step records a row even

@@ -175,7 +175,6 @@ pub fn extras_check(group: &ThreadGroup, token: u32, num_blocks: usize) -> anyho
     let reference = Reference::new(row);
     let o = &reference.order;
     let top = tpserve_worker::sampler::logprobs::MAX_TOP_LOGPROBS;
-    let controls = |c: pb::LogitsControls| Some(c);
     let mut failures = Vec::new();
     let mut report = |name: &str, result: Result<(), String>| match result {
         Ok(()) => eprintln!("extras {name}: ok"),
@@ -206,7 +205,7 @@ pub fn extras_check(group: &ThreadGroup, token: u32, num_blocks: usize) -> anyho
     let lifted = o[99];
     let got = alone(Ask {
         sampling: greedy(),
-        controls: controls(pb::LogitsControls {
+        controls: Some(pb::LogitsControls {
             logit_bias: vec![pb::TokenBias {
                 token_id: lifted,
                 bias: 1000.0,
@@ -223,7 +222,7 @@ pub fn extras_check(group: &ThreadGroup, token: u32, num_blocks: usize) -> anyho
     // A one-token bad word bans the greedy token; min_tokens bans its stop tokens.
     let got = alone(Ask {
         sampling: greedy(),
-        controls: controls(pb::LogitsControls {
+        controls: Some(pb::LogitsControls {
             bad_words: vec![pb::TokenSequence {
                 token_ids: vec![o[0]],
             }],
@@ -234,7 +233,7 @@ pub fn extras_check(group: &ThreadGroup, token: u32, num_blocks: usize) -> anyho
     report("bad_words", expect(&got, o[1]));
     let got = alone(Ask {
         sampling: greedy(),
-        controls: controls(pb::LogitsControls {
+        controls: Some(pb::LogitsControls {
             min_tokens: 4,
             min_tokens_stop_ids: vec![o[0], o[1]],
             ..Default::default()
@@ -251,7 +250,7 @@ pub fn extras_check(group: &ThreadGroup, token: u32, num_blocks: usize) -> anyho
     let winner = Reference::new(penalised).order[0];
     let got = alone(Ask {
         sampling: greedy(),
-        controls: controls(pb::LogitsControls {
+        controls: Some(pb::LogitsControls {
             repetition_penalty: penalty,
             ..Default::default()
         }),

@@ -12,11 +12,9 @@
 use tpserve_proto as pb;
 
 use super::forward::{Device, ForwardOutput};
-use super::kernels::{
-    ProcessLogits, SamplingPointers, SpreadLogits, TokenLogprobs, LOGPROB_RECORD,
-};
+use super::kernels::{ProcessLogits, SpreadLogits, TokenLogprobs, LOGPROB_RECORD};
 use super::model::Dims;
-use super::step_inputs::Packed;
+use super::step_inputs::{Packed, SamplingOffsets};
 use crate::error::Result;
 use crate::sampler::logprobs::MAX_TOP_LOGPROBS;
 use crate::sampler::{RowExtras, SampleSpec, Sampled};
@@ -24,11 +22,7 @@ use crate::sampler::{RowExtras, SampleSpec, Sampled};
 /// A step's extras packed for the device: byte offsets of each array in `packed`.
 struct PackedExtras {
     packed: Packed,
-    seeds: usize,
-    temperature: usize,
-    top_k: usize,
-    top_p: usize,
-    min_p: usize,
+    sampling: SamplingOffsets,
     edit_offsets: usize,
     edits: usize,
     mask_index: usize,
@@ -45,17 +39,7 @@ fn pack_extras(sampling: &[SampleSpec], extras: &[RowExtras], vocab: usize) -> P
     let num_edits: usize = extras.iter().map(|e| e.edits.len()).sum();
     let num_masks = extras.iter().filter(|e| e.allowed.is_some()).count();
     let mut p = Packed::with_capacity(rows * 64 + num_edits * 20 + num_masks * words * 4 + 256);
-    let seeds = p.push(&sampling.iter().map(|s| s.seed).collect::<Vec<u64>>());
-    let column = |f: fn(&SampleSpec) -> f32| sampling.iter().map(f).collect::<Vec<f32>>();
-    let temperature = p.push(&column(|s| s.params.temperature));
-    let top_k = p.push(
-        &sampling
-            .iter()
-            .map(|s| s.params.top_k)
-            .collect::<Vec<i32>>(),
-    );
-    let top_p = p.push(&column(|s| s.params.top_p));
-    let min_p = p.push(&column(|s| s.params.min_p));
+    let sampling = p.push_sampling(sampling, rows);
     let mut offsets = Vec::with_capacity(rows + 1);
     let mut edits: Vec<[u32; 5]> = Vec::with_capacity(num_edits);
     offsets.push(0i32);
@@ -98,11 +82,7 @@ fn pack_extras(sampling: &[SampleSpec], extras: &[RowExtras], vocab: usize) -> P
     let top_n = p.push(&top_n);
     PackedExtras {
         packed: p,
-        seeds,
-        temperature,
-        top_k,
-        top_p,
-        min_p,
+        sampling,
         edit_offsets,
         edits,
         mask_index,
@@ -180,13 +160,7 @@ pub(super) fn sample_with_extras(
                 masks: at(step.masks),
                 words: vocab.div_ceil(32),
             })?;
-            let params = SamplingPointers {
-                temperature: at(step.temperature),
-                top_k: at(step.top_k),
-                top_p: at(step.top_p),
-                min_p: at(step.min_p),
-                seeds: at(step.seeds),
-            };
+            let params = step.sampling.at(inputs.ptr);
             kernels.sample_processed(out.sampled, edited.ptr, rows, vocab, &params)?;
             Some(edited)
         } else {
@@ -213,19 +187,17 @@ pub(super) fn sample_with_extras(
             logprobs.push(lp);
         }
     }
-    if dev.rank != 0 || processed {
-        // The forward pass broadcast its own tokens; processed ones go out again.
-        if let Some(comm) = dev.nccl.filter(|c| c.world_size() > 1 && processed) {
-            comm.broadcast_from_root(
-                out.sampled,
-                rows,
-                cudarc::nccl::sys::ncclDataType_t::ncclUint32,
-                &gpu.stream,
-            )?;
-        }
-        if dev.rank != 0 {
-            gpu.download(out.sampled, &mut tokens)?;
-        }
+    // The forward pass broadcast its own tokens; processed ones go out again.
+    if let Some(comm) = dev.nccl.filter(|c| c.world_size() > 1 && processed) {
+        comm.broadcast_from_root(
+            out.sampled,
+            rows,
+            cudarc::nccl::sys::ncclDataType_t::ncclUint32,
+            &gpu.stream,
+        )?;
+    }
+    if dev.rank != 0 {
+        gpu.download(out.sampled, &mut tokens)?;
     }
     Ok(Sampled { tokens, logprobs })
 }
@@ -279,9 +251,9 @@ mod tests {
         let sampling = [spec(0.0, 1), spec(0.7, 2), spec(1.0, 3)];
         // 70 tokens: 3 mask words, the row's one word padded with two disallowed ones.
         let p = pack_extras(&sampling, &extras, 70);
-        assert_eq!(read::<u64>(&p.packed, p.seeds, 3), vec![1, 2, 3]);
+        assert_eq!(read::<u64>(&p.packed, p.sampling.seeds, 3), vec![1, 2, 3]);
         assert_eq!(
-            read::<f32>(&p.packed, p.temperature, 3),
+            read::<f32>(&p.packed, p.sampling.temperature, 3),
             vec![0.0, 0.7, 1.0]
         );
         assert_eq!(read::<i32>(&p.packed, p.edit_offsets, 4), vec![0, 2, 2, 2]);

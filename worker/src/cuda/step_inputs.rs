@@ -48,6 +48,56 @@ impl Packed {
         self.bytes.extend_from_slice(raw);
         at
     }
+
+    /// Appends the sample kernel's per-row parameters of `sampling`, padded to `rows` rows with
+    /// greedy ones; returns their offsets.
+    pub(super) fn push_sampling(
+        &mut self,
+        sampling: &[SampleSpec],
+        rows: usize,
+    ) -> SamplingOffsets {
+        let column = |f: &dyn Fn(&SampleSpec) -> f32, fill: f32| -> Vec<f32> {
+            padded(sampling.iter().map(f).collect(), fill, rows)
+        };
+        let temperature = self.push(&column(&|x| x.params.temperature, 0.0));
+        let top_k: Vec<i32> = sampling.iter().map(|x| x.params.top_k).collect();
+        let top_k = self.push(&padded(top_k, 0, rows));
+        let top_p = self.push(&column(&|x| x.params.top_p, 1.0));
+        let min_p = self.push(&column(&|x| x.params.min_p, 0.0));
+        let seeds: Vec<u64> = sampling.iter().map(|x| x.seed).collect();
+        let seeds = self.push(&padded(seeds, 0, rows));
+        SamplingOffsets {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            seeds,
+        }
+    }
+}
+
+/// Byte offsets of the sample kernel's per-row parameters in a packed buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SamplingOffsets {
+    pub temperature: usize,
+    pub top_k: usize,
+    pub top_p: usize,
+    pub min_p: usize,
+    pub seeds: usize,
+}
+
+impl SamplingOffsets {
+    /// Their addresses once the buffer is copied to `base`.
+    pub fn at(&self, base: u64) -> SamplingPointers {
+        let at = |offset: usize| base + offset as u64;
+        SamplingPointers {
+            temperature: at(self.temperature),
+            top_k: at(self.top_k),
+            top_p: at(self.top_p),
+            min_p: at(self.min_p),
+            seeds: at(self.seeds),
+        }
+    }
 }
 
 /// Byte offsets of a step's arrays in its packed buffer.
@@ -59,11 +109,7 @@ pub struct Offsets {
     pub tiles: usize,
     /// `None` when the sampled rows are rows `0..samples` (every decode step).
     pub sample_rows: Option<usize>,
-    pub temperature: usize,
-    pub top_k: usize,
-    pub top_p: usize,
-    pub min_p: usize,
-    pub seeds: usize,
+    pub sampling: SamplingOffsets,
     /// LoRA tiles (`lora.cu`), room for one per row.
     pub lora_tiles: usize,
     /// The `(index, block)` pairs of the block-table updates.
@@ -92,13 +138,7 @@ impl Offsets {
             slots: at(self.slots),
             tiles: at(self.tiles),
             sample_rows: self.sample_rows.map(at),
-            sampling: SamplingPointers {
-                temperature: at(self.temperature),
-                top_k: at(self.top_k),
-                top_p: at(self.top_p),
-                min_p: at(self.min_p),
-                seeds: at(self.seeds),
-            },
+            sampling: self.sampling.at(base),
             lora_tiles: at(self.lora_tiles),
         }
     }
@@ -164,16 +204,7 @@ pub fn pack(
         let rows: Vec<i32> = batch.sample_rows.iter().map(|x| *x as i32).collect();
         p.push(&rows)
     });
-    let column = |f: &dyn Fn(&SampleSpec) -> f32, fill: f32| -> Vec<f32> {
-        padded(sampling.iter().map(f).collect(), fill, samples)
-    };
-    let temperature = p.push(&column(&|x| x.params.temperature, 0.0));
-    let top_k: Vec<i32> = sampling.iter().map(|x| x.params.top_k).collect();
-    let top_k = p.push(&padded(top_k, 0, samples));
-    let top_p = p.push(&column(&|x| x.params.top_p, 1.0));
-    let min_p = p.push(&column(&|x| x.params.min_p, 0.0));
-    let seeds: Vec<u64> = sampling.iter().map(|x| x.seed).collect();
-    let seeds = p.push(&padded(seeds, 0, samples));
+    let sampling = p.push_sampling(sampling, samples);
     let lora = lora_tiles(batch, lora_ranks);
     let num_lora_tiles = lora.len();
     let lora_tiles = p.push(&padded(lora, [0; 16], rows));
@@ -186,11 +217,7 @@ pub fn pack(
             slots,
             tiles,
             sample_rows,
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            seeds,
+            sampling,
             lora_tiles,
             updates: updates_at,
         },
@@ -292,7 +319,7 @@ mod tests {
         // The longer context's tile first; the padding rows' empty tiles after them.
         assert_eq!(&tiles[..8], &[4, 1, 1, 39, 3, 0, 1, 4]);
         assert_eq!(&tiles[8..], &[0, 2, 0, 0, 0, 3, 0, 0]);
-        assert_eq!(read::<f32>(p, step.offsets.top_p, 4), vec![1.0; 4]);
+        assert_eq!(read::<f32>(p, step.offsets.sampling.top_p, 4), vec![1.0; 4]);
         // Each sequence sends only its last (new) block: slot row * width + index.
         assert_eq!(step.num_updates, 2);
         let updates = read::<i32>(p, step.offsets.updates, 4);
