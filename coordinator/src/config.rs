@@ -62,8 +62,10 @@ pub struct EngineArgs {
     pub dtype: String,
     /// Quantized weights (vLLM's `--quantization`): `gguf` keeps a GGUF file's blocks quantized
     /// and multiplies them directly (CPU backend; the default for a GGUF on the CPU unless
-    /// `--dtype float32`), `none` dequantizes at load. Default: what the checkpoint holds. Other
-    /// methods (fp8, awq, gptq, ...) are refused at start, by name.
+    /// `--dtype float32`), `fp8` quantizes a bf16/f16 checkpoint's linear layers to FP8 E4M3 at
+    /// load (per-tensor scales; CUDA GPUs of compute capability 8.9 or newer), `none`
+    /// dequantizes at load. Default: what the checkpoint holds. Other methods (awq, gptq, ...)
+    /// are refused at start, by name.
     #[arg(long, short = 'q', env = "TPSERVE_QUANTIZATION")]
     pub quantization: Option<String>,
     /// Device of the workers this coordinator spawns: `auto` (a GPU when a CUDA driver and GPUs
@@ -256,7 +258,11 @@ impl EngineArgs {
                 self.dtype
             ));
         }
-        crate::quantization::validate_flag(self.quantization.as_deref(), &self.dtype)?;
+        crate::quantization::validate_flag(
+            self.quantization.as_deref(),
+            &self.dtype,
+            &self.device,
+        )?;
         if !(self.engine_stall_timeout.is_finite() && self.engine_stall_timeout > 0.0) {
             return bad(format!(
                 "--engine-stall-timeout must be a positive number of seconds, not {}",

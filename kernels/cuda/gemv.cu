@@ -44,8 +44,66 @@ __device__ __forceinline__ float dot8(uint4 w, uint4 x, float acc) {
     return acc;
 }
 
-constexpr int kWarps = 4;       // warps per block
-constexpr int kChunk = 32 * 8;  // elements of K one warp covers with one 16-byte load per lane
+// Two FP8 E4M3 values (the low byte is the lower-indexed element) as f32.
+__device__ __forceinline__ float2 e4m3x2_to_float2(unsigned int bits) {
+#if __CUDA_ARCH__ >= 890
+    unsigned int h;
+    const unsigned short pair = static_cast<unsigned short>(bits);
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"(pair));
+    return __half22float2(*reinterpret_cast<__half2*>(&h));
+#else
+    // E4M3's sign, exponent and mantissa placed in f16's fields: the same value times 2^-8 (the
+    // exponent biases differ by 8, and E4M3's subnormals land on f16's), hence the 256. Exact;
+    // the FP8 kernels run only where the instruction above exists, this keeps them compiling.
+    unsigned int h = ((bits & 0x80u) << 8) | ((bits & 0x7fu) << 7) | ((bits & 0x8000u) << 16) |
+                     ((bits & 0x7f00u) << 15);
+    const float2 f = __half22float2(*reinterpret_cast<__half2*>(&h));
+    return make_float2(f.x * 256.0f, f.y * 256.0f);
+#endif
+}
+
+// The dot product of 16 FP8 E4M3 weights (one 16-byte load) and 16 elements of x (two 16-byte
+// loads), added to acc in element order.
+template <typename T>
+__device__ __forceinline__ float dot16_e4m3(uint4 w, uint4 x0, uint4 x1, float acc) {
+    const T* tag = nullptr;
+    const unsigned int wb[4] = {w.x, w.y, w.z, w.w};
+    const unsigned int xb[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 lo = e4m3x2_to_float2(wb[i] & 0xffffu);
+        const float2 hi = e4m3x2_to_float2(wb[i] >> 16);
+        const float2 a = pair_to_float2(xb[2 * i], tag);
+        const float2 b = pair_to_float2(xb[2 * i + 1], tag);
+        acc = fmaf(lo.x, a.x, acc);
+        acc = fmaf(lo.y, a.y, acc);
+        acc = fmaf(hi.x, b.x, acc);
+        acc = fmaf(hi.y, b.y, acc);
+    }
+    return acc;
+}
+
+// An FP8 E4M3 weight element (one byte); its matrix carries one f32 scale.
+struct E4M3 {
+    unsigned char bits;
+};
+
+// What one 16-byte load of weights of type W holds, and its dot product with x: W is the
+// activation dtype T (8 elements) or E4M3 (16 elements, two loads of x).
+template <typename T, typename W> struct WeightLoad {
+    static constexpr int kElements = 8;
+    static __device__ __forceinline__ float dot(uint4 w, const uint4 (&x)[1], float acc) {
+        return dot8<T>(w, x[0], acc);
+    }
+};
+template <typename T> struct WeightLoad<T, E4M3> {
+    static constexpr int kElements = 16;
+    static __device__ __forceinline__ float dot(uint4 w, const uint4 (&x)[2], float acc) {
+        return dot16_e4m3<T>(w, x[0], x[1], acc);
+    }
+};
+
+constexpr int kWarps = 4;  // warps per block
 
 }  // namespace
 
@@ -54,26 +112,35 @@ constexpr int kChunk = 32 * 8;  // elements of K one warp covers with one 16-byt
 // gemv_m{1,2}_r{1,2}_u{4,8}_{bf16,f16}: the same with U (4 or 8) chunks in flight per lane
 // instead of 2, for the smaller matrices (a few thousand rows), whose warps otherwise spend
 // the kernel waiting on a short chain of loads rather than streaming.
+// gemv_fp8_*: the same variants for FP8 E4M3 weights (issue 12's `--quantization fp8`):
+// y[m, n] = w_scale * sum_k x[m, k] * w[n, k], x in T (weight-only FP8: the activations are not
+// quantized for these few-row products).
 //
 // Each warp owns R consecutive output columns n (rows of w) and walks K with one 16-byte load
-// of each weight row per lane per 256-element chunk, U chunks in flight; x (a few rows, read
-// by every warp) comes through L1. Before waiting for the previous kernel (common.cuh's
-// wait_for_inputs) each warp prefetches its first 2 U chunks of weights into L2. The reduction
-// order of y[m, n] is fixed by K alone (lane partial sums in chunk order, then a butterfly over
-// the warp): it does not depend on M, R, U, the number of rows or the launch, so a row's result
-// is the same in any batch of up to M rows and on every variant.
+// of each weight row per lane per chunk (256 elements of T, or 512 of FP8 weights, a warp), U
+// chunks in flight; x (a few rows, read by every warp) comes through L1. Before waiting for the
+// previous kernel (common.cuh's wait_for_inputs) each warp prefetches its first 2 U chunks of
+// weights into L2. The reduction order of y[m, n] is fixed by K alone (lane partial sums in
+// chunk order, then a butterfly over the warp): it does not depend on M, R, U, the number of
+// rows or the launch, so a row's result is the same in any batch of up to M rows and on every
+// variant.
 //
 // Arguments:
-//   y      T  [rows, n_out]   written
-//   x      T  [rows, k]       read only
-//   w      T  [n_out, k]      read only (PyTorch's Linear weight layout)
-//   rows   i32                1..=M
-//   n_out  i32
-//   k      i32                a multiple of 8; x, w 16-byte aligned
+//   y        T  [rows, n_out]   written
+//   x        T  [rows, k]       read only
+//   w        T or E4M3 [n_out, k]  read only (PyTorch's Linear weight layout)
+//   w_scale  f32 [1]            read only (FP8 kernels only: the weight's per-tensor scale)
+//   rows     i32                1..=M
+//   n_out    i32
+//   k        i32                a multiple of 8 (of 16 for FP8 weights); x, w 16-byte aligned
 // Launch: grid (ceil(n_out / (4 * R)), 1, 1); block (128, 1, 1).
-template <typename T, int M, int R, int kUnroll>
-__device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w,
-                          int rows, int n_out, int k) {
+template <typename T, typename W, int M, int R, int kUnroll>
+__device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const W* __restrict__ w,
+                          const float* __restrict__ w_scale, int rows, int n_out, int k) {
+    using Load = WeightLoad<T, W>;
+    constexpr int kPerLane = Load::kElements;   // elements of K per 16-byte weight load
+    constexpr int kXLoads = kPerLane / 8;       // 16-byte loads of x per weight load
+    constexpr int kChunk = 32 * kPerLane;       // elements of K one warp covers per load
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int n0 = (blockIdx.x * kWarps + warp) * R;
@@ -81,7 +148,7 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const T* _
     // L2 while the kernel before (which writes x) may still be running.
 #pragma unroll
     for (int u = 0; u < 2 * kUnroll; ++u) {
-        const int kk = lane * 8 + u * kChunk;
+        const int kk = lane * kPerLane + u * kChunk;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             if (kk < k && n0 + r < n_out) {
@@ -101,9 +168,9 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const T* _
             acc[r][m] = 0.0f;
         }
     }
-    for (int base = lane * 8; base < k; base += kChunk * kUnroll) {
+    for (int base = lane * kPerLane; base < k; base += kChunk * kUnroll) {
         uint4 wv[kUnroll][R];
-        uint4 xv[kUnroll][M];
+        uint4 xv[kUnroll][M][kXLoads];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
             const int kk = base + u * kChunk;
@@ -116,8 +183,12 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const T* _
             }
 #pragma unroll
             for (int m = 0; m < M; ++m) {
-                xv[u][m] = in_k && m < rows ? load_cached(x + (long long)m * k + kk)
-                                            : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+                for (int j = 0; j < kXLoads; ++j) {
+                    xv[u][m][j] = in_k && m < rows
+                                      ? load_cached(x + (long long)m * k + kk + 8 * j)
+                                      : make_uint4(0u, 0u, 0u, 0u);
+                }
             }
         }
 #pragma unroll
@@ -126,18 +197,19 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const T* _
             for (int r = 0; r < R; ++r) {
 #pragma unroll
                 for (int m = 0; m < M; ++m) {
-                    acc[r][m] = dot8<T>(wv[u][r], xv[u][m], acc[r][m]);
+                    acc[r][m] = Load::dot(wv[u][r], xv[u][m], acc[r][m]);
                 }
             }
         }
     }
+    const float scale = w_scale != nullptr ? *w_scale : 1.0f;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
 #pragma unroll
         for (int m = 0; m < M; ++m) {
             const float total = tpserve::warp_reduce_sum(acc[r][m]);
             if (lane == ((r * M + m) & 31) && m < rows && n0 + r < n_out) {
-                y[(long long)m * n_out + n0 + r] = tpserve::from_float<T>(total);
+                y[(long long)m * n_out + n0 + r] = tpserve::from_float<T>(total * scale);
             }
         }
     }
@@ -147,33 +219,67 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const T* _
     extern "C" __global__ void __launch_bounds__(128) gemv_m##M##_r##R##_##SUFFIX(            \
         T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int rows,        \
         int n_out, int k) {                                                                   \
-        gemv_impl<T, M, R, 2>(y, x, w, rows, n_out, k);                                       \
+        gemv_impl<T, T, M, R, 2>(y, x, w, nullptr, rows, n_out, k);                           \
     }
 #define TPSERVE_GEMV_DEEP(SUFFIX, T, M, R, U)                                                 \
     extern "C" __global__ void __launch_bounds__(128) gemv_m##M##_r##R##_u##U##_##SUFFIX(     \
         T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int rows,        \
         int n_out, int k) {                                                                   \
-        gemv_impl<T, M, R, U>(y, x, w, rows, n_out, k);                                       \
+        gemv_impl<T, T, M, R, U>(y, x, w, nullptr, rows, n_out, k);                           \
     }
-#define TPSERVE_GEMV(SUFFIX, T)          \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 1, 1)    \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 1, 2)    \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 1, 4)    \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 2, 1)    \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 2, 2)    \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 2, 4)    \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 4, 1)    \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 4, 2)    \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 4, 4)    \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 8, 1)    \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 8, 2)    \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 8, 4)    \
-    TPSERVE_GEMV_DEEP(SUFFIX, T, 1, 1, 4) \
-    TPSERVE_GEMV_DEEP(SUFFIX, T, 1, 1, 8) \
-    TPSERVE_GEMV_DEEP(SUFFIX, T, 1, 2, 4) \
-    TPSERVE_GEMV_DEEP(SUFFIX, T, 1, 2, 8) \
-    TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 1, 4) \
-    TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 1, 8) \
-    TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 2, 4) \
-    TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 2, 8)
+#define TPSERVE_GEMV_FP8_ONE(SUFFIX, T, M, R)                                                 \
+    extern "C" __global__ void __launch_bounds__(128) gemv_fp8_m##M##_r##R##_##SUFFIX(        \
+        T* __restrict__ y, const T* __restrict__ x, const E4M3* __restrict__ w,               \
+        const float* __restrict__ w_scale, int rows, int n_out, int k) {                      \
+        gemv_impl<T, E4M3, M, R, 2>(y, x, w, w_scale, rows, n_out, k);                        \
+    }
+#define TPSERVE_GEMV_FP8_DEEP(SUFFIX, T, M, R, U)                                             \
+    extern "C" __global__ void __launch_bounds__(128) gemv_fp8_m##M##_r##R##_u##U##_##SUFFIX( \
+        T* __restrict__ y, const T* __restrict__ x, const E4M3* __restrict__ w,               \
+        const float* __restrict__ w_scale, int rows, int n_out, int k) {                      \
+        gemv_impl<T, E4M3, M, R, U>(y, x, w, w_scale, rows, n_out, k);                        \
+    }
+// Every variant, for activations T: M rows, R columns a warp, 2 chunks in flight (ONE) or U
+// (DEEP), with weights in T and in FP8 E4M3.
+#define TPSERVE_GEMV(SUFFIX, T)               \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 1, 1)         \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 1, 2)         \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 1, 4)         \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 2, 1)         \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 2, 2)         \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 2, 4)         \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 4, 1)         \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 4, 2)         \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 4, 4)         \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 8, 1)         \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 8, 2)         \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 8, 4)         \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 1, 1, 4)     \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 1, 1, 8)     \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 1, 2, 4)     \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 1, 2, 8)     \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 1, 4)     \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 1, 8)     \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 2, 4)     \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 2, 8)     \
+    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 1, 1)     \
+    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 1, 2)     \
+    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 1, 4)     \
+    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 2, 1)     \
+    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 2, 2)     \
+    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 2, 4)     \
+    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 4, 1)     \
+    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 4, 2)     \
+    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 4, 4)     \
+    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 8, 1)     \
+    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 8, 2)     \
+    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 8, 4)     \
+    TPSERVE_GEMV_FP8_DEEP(SUFFIX, T, 1, 1, 4) \
+    TPSERVE_GEMV_FP8_DEEP(SUFFIX, T, 1, 1, 8) \
+    TPSERVE_GEMV_FP8_DEEP(SUFFIX, T, 1, 2, 4) \
+    TPSERVE_GEMV_FP8_DEEP(SUFFIX, T, 1, 2, 8) \
+    TPSERVE_GEMV_FP8_DEEP(SUFFIX, T, 2, 1, 4) \
+    TPSERVE_GEMV_FP8_DEEP(SUFFIX, T, 2, 1, 8) \
+    TPSERVE_GEMV_FP8_DEEP(SUFFIX, T, 2, 2, 4) \
+    TPSERVE_GEMV_FP8_DEEP(SUFFIX, T, 2, 2, 8)
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_GEMV)

@@ -39,6 +39,9 @@
 #   PYTHON    interpreter with `tokenizers` (default python3)
 #   QUICK=1   fewer prompts per run (a smoke test of the script, not figures to report)
 #   LORA_ONLY=1  only the LoRA sections (their JSON under OUT/tp1; no report)
+#   QUANTIZATION=fp8  every server and bench_device with `--quantization fp8` (issue 12), NAME
+#             suffixed with -fp8, no LoRA sections; the floors' weight bytes are the FP8 model's
+#             (its memory floor), the GEMM rate stays bf16's
 # Exit status: 0 when every step produced its figures.
 set -euo pipefail
 
@@ -72,7 +75,10 @@ if [ -z "${NAME:-}" ]; then
     *H100*) NAME=h100 ;;
     *) NAME=$(awk '{ print tolower($NF) }' <<<"$GPU_NAME") ;;
   esac
+  [ -z "${QUANTIZATION:-}" ] || NAME="$NAME-$QUANTIZATION"
 fi
+# Servers read --quantization from the environment.
+[ -z "${QUANTIZATION:-}" ] || export TPSERVE_QUANTIZATION="$QUANTIZATION"
 export BENCH_DATE
 BENCH_DATE=$(date -u +%FT%TZ)
 export BENCH_COMMIT="${BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
@@ -216,7 +222,8 @@ main() {
   fi
   echo "== in-process: bench_device (floors, decode eager and with graphs, prefill, phases)"
   if ! timeout -k 10 600 "$BIN_DIR/examples/bench_device" --config "$MODEL/config.json" \
-    --dtype bfloat16 --json "$WORK/tp1/bench_device.json" 2>&1 | tee "$WORK/bench_device.txt"; then
+    --dtype bfloat16 ${QUANTIZATION:+--quantization "$QUANTIZATION"} \
+    --json "$WORK/tp1/bench_device.json" 2>&1 | tee "$WORK/bench_device.txt"; then
     echo "bench: bench_device failed" >&2
     return 1
   fi
@@ -242,7 +249,7 @@ main() {
   workloads "$WORK/tp1" 1
   stop_server
 
-  lora_sections
+  [ -n "${QUANTIZATION:-}" ] || lora_sections
   local tp2_args=()
   if [ "$NGPU" -ge 2 ]; then
     echo "== TP=2 over HTTP"

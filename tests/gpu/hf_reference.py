@@ -21,8 +21,16 @@ With --lora ADAPTER_DIR, the model runs with that PEFT LoRA adapter: through pef
 PeftModel (unmerged, as PEFT users run it) when peft is installed, else with the adapter merged
 into the weights here (W + scale B A in float32), which the output records say.
 
+With --fp8, the model emulates tpserve's `--quantization fp8` (the reference "computed from the
+same dequantized weights" of issue 12): every linear layer's weight rounded to FP8 E4M3 with one
+scale per fused tensor as tpserve fuses them (q, k and v together; gate and up together; o; down;
+scale = amax / 448, round to nearest even, saturating), dequantized (x scale) to the dtype; and
+the input of every linear layer but the lm_head rounded the same way with one dynamic scale over
+all its rows when it has more than 8 rows (tpserve multiplies up to 8 rows in the GEMV with the
+activations unquantized, more through cuBLASLt's FP8 GEMM on quantized activations).
+
 How: python3 hf_reference.py CKPT_DIR OUTDIR [--device cuda|cpu] [--new-tokens 32]
-          [--dtypes bfloat16,float16,float32] [--lora ADAPTER_DIR]
+          [--dtypes bfloat16,float16,float32] [--lora ADAPTER_DIR] [--fp8]
 Each prompt runs as one sequence in one forward pass (positions from 0, no BOS added: the ids are
 used exactly as given).
 """
@@ -76,6 +84,44 @@ def merge_lora(model, adapter: str):
         delta = scale * (b.float().to(w.device) @ a.float().to(w.device))
         w.copy_((w.float() + delta).to(w.dtype))
     return model
+
+
+E4M3_MAX = 448.0
+# The inputs of tpserve's GEMV, which multiplies FP8 weights into unquantized activations.
+FP8_GEMV_ROWS = 8
+
+
+def fp8_round(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to E4M3 with one scale (amax / 448) and dequantized, in float32."""
+    t = t.float()
+    amax = t.abs().max()
+    scale = amax / E4M3_MAX if amax > 0 else torch.ones((), device=t.device)
+    q = (t / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.float() * scale
+
+
+@torch.no_grad()
+def emulate_fp8(model) -> None:
+    """tpserve's `--quantization fp8` on `model` (see the module's docstring)."""
+    for layer in model.model.layers:
+        groups = [
+            [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+            [layer.self_attn.o_proj],
+            [layer.mlp.gate_proj, layer.mlp.up_proj],
+            [layer.mlp.down_proj],
+        ]
+        for group in groups:
+            fused = fp8_round(torch.cat([m.weight.float() for m in group]))
+            for m, w in zip(group, fused.split([m.weight.shape[0] for m in group])):
+                m.weight.copy_(w.to(m.weight.dtype))
+                m.register_forward_pre_hook(quantize_input)
+
+
+def quantize_input(_module, args):
+    (x,) = args
+    if x.numel() // x.shape[-1] <= FP8_GEMV_ROWS:
+        return None
+    return (fp8_round(x).to(x.dtype),)
 
 
 @torch.no_grad()
@@ -137,6 +183,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--dtypes", default="bfloat16,float16,float32")
     ap.add_argument("--lora", help="a PEFT LoRA adapter directory to run with")
+    ap.add_argument("--fp8", action="store_true", help="emulate tpserve's --quantization fp8")
     args = ap.parse_args()
 
     # The truth is plain float32 (no TF32); the other dtypes run at torch's defaults.
@@ -157,6 +204,9 @@ def main() -> int:
         implementation = "transformers-eager"
         if args.lora:
             model, implementation = with_lora(model, args.lora)
+        if args.fp8:
+            emulate_fp8(model)
+            implementation += "+fp8-emulated"
         out = os.path.join(args.outdir, f"hf_{name}.f32")
         figs = write_logits(model, prompts, args.device, out)
         g = greedy(model, prompts[0], args.device, args.new_tokens)

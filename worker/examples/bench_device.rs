@@ -30,6 +30,9 @@ struct Args {
     config: PathBuf,
     #[arg(long, default_value = "bfloat16")]
     dtype: String,
+    /// As `tpserve serve --quantization` (`fp8`); empty: none.
+    #[arg(long, default_value = "")]
+    quantization: String,
     /// GPU to run on.
     #[arg(long, default_value_t = 0)]
     gpu: usize,
@@ -69,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         model_path: args.config.display().to_string(),
         load_format: pb::LoadFormat::Dummy as i32,
         dtype: args.dtype.clone(),
+        quantization: args.quantization.clone(),
         dummy_seed: 1,
         batch_invariant: false,
         ..Default::default()
@@ -240,8 +244,11 @@ fn main() -> anyhow::Result<()> {
     let decode_bytes = weight_bytes - embed_bytes + head_bytes;
     let memory_floor_s = decode_bytes as f64 / (floors.copy_gb_per_s * 1e9);
     // Matrix floor: the layers' linear weights once per token, plus the lm_head for the one row
-    // that samples; attention's own FLOPs are left out (a floor, not an estimate).
+    // that samples; attention's own FLOPs are left out (a floor, not an estimate). FP8 linear
+    // weights are one byte each (the norms' few bf16 bytes counted as parameters too), and the
+    // floor's rate stays the dtype's GEMM rate.
     let lm_head_params = v * h;
+    let layer_elem = if args.quantization == "fp8" { 1 } else { elem };
     let layer_params = (weight_bytes
         - embed_bytes
         - if config.tie_word_embeddings {
@@ -249,7 +256,7 @@ fn main() -> anyhow::Result<()> {
         } else {
             lm_head_params * elem
         })
-        / elem;
+        / layer_elem;
     let flops = 2.0 * layer_params as f64 * p as f64 + 2.0 * lm_head_params as f64;
     let matrix_floor_s = flops / (floors.gemm_tflops * 1e12);
 

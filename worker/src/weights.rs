@@ -358,6 +358,8 @@ pub enum QuantizationRequest {
     Gguf,
     /// Dequantize everything.
     None,
+    /// Linear weights to FP8 E4M3 at load, per-tensor scales (CUDA, compute capability 8.9+).
+    Fp8,
 }
 
 impl QuantizationRequest {
@@ -367,9 +369,11 @@ impl QuantizationRequest {
             "" | "auto" => Ok(Self::Auto),
             "gguf" => Ok(Self::Gguf),
             "none" => Ok(Self::None),
+            "fp8" => Ok(Self::Fp8),
             other => Err(WorkerError::Unsupported {
                 detail: format!(
-                    "quantization method {other:?} (this worker runs: gguf on the CPU, none)"
+                    "quantization method {other:?} (this worker runs: gguf on the CPU, fp8 on \
+                     CUDA GPUs of compute capability 8.9 or newer, none)"
                 ),
             }),
         }

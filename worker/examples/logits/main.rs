@@ -33,6 +33,9 @@ struct Args {
     device: String,
     #[arg(long, default_value = "auto")]
     dtype: String,
+    /// As `tpserve serve --quantization` (e.g. `fp8`); empty: what the checkpoint holds.
+    #[arg(long, default_value = "")]
+    quantization: String,
     #[arg(long, short = 't', default_value_t = 1)]
     tensor_parallel_size: usize,
     #[arg(long)]
@@ -93,6 +96,7 @@ fn main() -> anyhow::Result<()> {
         model_path: args.model.display().to_string(),
         load_format: pb::LoadFormat::Auto as i32,
         dtype: args.dtype.clone(),
+        quantization: args.quantization.clone(),
         dummy_seed: 0,
         batch_invariant: args.batch_invariant,
         max_loras: u32::from(args.lora_adapter.is_some()),

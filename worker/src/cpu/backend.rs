@@ -277,6 +277,11 @@ fn weight_mode(req: &pb::LoadModelRequest) -> Result<WeightMode> {
         (QuantizationRequest::None, _) | (QuantizationRequest::Auto, true) => {
             Ok(WeightMode::Float32)
         }
+        (QuantizationRequest::Fp8, _) => Err(WorkerError::Unsupported {
+            detail: "quantization fp8 runs on CUDA GPUs of compute capability 8.9 or newer \
+                     (Ada, Hopper, Blackwell), not on the CPU backend"
+                .into(),
+        }),
         (QuantizationRequest::Gguf, true) => Err(WorkerError::Unsupported {
             detail: "quantization gguf keeps weights in GGUF blocks, dtype float32 asks for \
                      them dequantized: choose one"

@@ -286,7 +286,8 @@ impl Pass<'_> {
         self.linear(Product {
             y: ws.qkv.ptr,
             x: ws.normed.ptr,
-            w: layer.qkv.ptr,
+            w: layer.qkv.data.ptr,
+            fp8: layer.qkv.fp8(ws),
             rows: n,
             n_out: d.qkv,
             k: d.hidden,
@@ -320,7 +321,8 @@ impl Pass<'_> {
         self.linear(Product {
             y: ws.sub.ptr,
             x: ws.attn.ptr,
-            w: layer.o.ptr,
+            w: layer.o.data.ptr,
+            fp8: layer.o.fp8(ws),
             rows: n,
             n_out: d.hidden,
             k: d.q_heads * d.head_dim,
@@ -415,7 +417,8 @@ impl Pass<'_> {
         self.linear(Product {
             y: ws.gate_up.ptr,
             x: ws.normed.ptr,
-            w: layer.gate_up.ptr,
+            w: layer.gate_up.data.ptr,
+            fp8: layer.gate_up.fp8(ws),
             rows: n,
             n_out: 2 * d.inter,
             k: d.hidden,
@@ -427,7 +430,8 @@ impl Pass<'_> {
         self.linear(Product {
             y: ws.sub.ptr,
             x: ws.act.ptr,
-            w: layer.down.ptr,
+            w: layer.down.data.ptr,
+            fp8: layer.down.fp8(ws),
             rows: n,
             n_out: d.hidden,
             k: d.inter,
@@ -459,6 +463,7 @@ impl Pass<'_> {
             rows: s,
             n_out: d.vocab_per_rank,
             k: d.hidden,
+            fp8: None,
         })?;
         let logits = match dev.nccl {
             Some(comm) if comm.world_size() > 1 => {

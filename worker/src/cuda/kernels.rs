@@ -9,6 +9,8 @@ use tpserve_kernels::{entry_point, CompileConfig, Compiler, KernelDtype, PtxCach
 use tpserve_term::progress::{Task, Unit};
 
 use super::device::{device_err, Gpu};
+use super::fp8::Fp8Operands;
+use super::gemv::GemvFamily;
 use super::launch::{programmatic_launches, KernelLaunch};
 use crate::error::{Result, WorkerError};
 use crate::sampler::logprobs::MAX_TOP_LOGPROBS;
@@ -248,10 +250,12 @@ pub struct Kernels {
     gather_rows: CudaFunction,
     fill_uniform: CudaFunction,
     set_entries: CudaFunction,
-    /// `[M 1, 2, 4, 8][R 1, 2, 4]`: see [`Kernels::gemv`].
-    gemv: [[CudaFunction; 3]; 4],
-    /// `[M 1, 2][R 1, 2][U 4, 8]`: the deeper variants.
-    gemv_deep: [[[CudaFunction; 2]; 2]; 2],
+    /// The GEMV variants for weights in the dtype and in FP8 E4M3 (`gemv.rs`).
+    pub(super) gemv: GemvFamily,
+    pub(super) gemv_fp8: GemvFamily,
+    /// FP8 quantization (`fp8.rs`).
+    pub(super) fp8_amax_partial: CudaFunction,
+    pub(super) fp8_quantize: CudaFunction,
     gemm_bi: CudaFunction,
     all_reduce_one_shot: CudaFunction,
     all_reduce_residual_norm: CudaFunction,
@@ -260,7 +264,7 @@ pub struct Kernels {
 }
 
 /// One block of `threads` threads per row, `n` rows.
-fn grid_rows(n: usize, threads: u32) -> LaunchConfig {
+pub(super) fn grid_rows(n: usize, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n as u32, 1, 1),
         block_dim: (threads, 1, 1),
@@ -399,38 +403,10 @@ impl Kernels {
             gather_rows: take("gather_rows")?,
             fill_uniform: take("fill_uniform")?,
             set_entries: take("set_entries")?,
-            gemv: [
-                [
-                    take("gemv_m1_r1")?,
-                    take("gemv_m1_r2")?,
-                    take("gemv_m1_r4")?,
-                ],
-                [
-                    take("gemv_m2_r1")?,
-                    take("gemv_m2_r2")?,
-                    take("gemv_m2_r4")?,
-                ],
-                [
-                    take("gemv_m4_r1")?,
-                    take("gemv_m4_r2")?,
-                    take("gemv_m4_r4")?,
-                ],
-                [
-                    take("gemv_m8_r1")?,
-                    take("gemv_m8_r2")?,
-                    take("gemv_m8_r4")?,
-                ],
-            ],
-            gemv_deep: [
-                [
-                    [take("gemv_m1_r1_u4")?, take("gemv_m1_r1_u8")?],
-                    [take("gemv_m1_r2_u4")?, take("gemv_m1_r2_u8")?],
-                ],
-                [
-                    [take("gemv_m2_r1_u4")?, take("gemv_m2_r1_u8")?],
-                    [take("gemv_m2_r2_u4")?, take("gemv_m2_r2_u8")?],
-                ],
-            ],
+            gemv: GemvFamily::load(&mut take, "gemv")?,
+            gemv_fp8: GemvFamily::load(&mut take, "gemv_fp8")?,
+            fp8_amax_partial: take("fp8_amax_partial")?,
+            fp8_quantize: take("fp8_quantize")?,
             gemm_bi: take("gemm_bi")?,
             all_reduce_one_shot: take("all_reduce_one_shot")?,
             all_reduce_residual_norm: take("all_reduce_residual_norm")?,
@@ -440,7 +416,7 @@ impl Kernels {
     }
 
     /// A launch of `function` on the worker's stream.
-    fn launch<'a>(&'a self, function: &'a CudaFunction) -> KernelLaunch<'a> {
+    pub(super) fn launch<'a>(&'a self, function: &'a CudaFunction) -> KernelLaunch<'a> {
         KernelLaunch::new(&self.stream, function, self.programmatic)
     }
 
@@ -953,54 +929,6 @@ impl Kernels {
             .map_err(launch_err("set_entries"))
     }
 
-    /// `p.y = p.x p.w^T` for 1 to 8 rows by the GEMV kernel with `r` output columns per warp
-    /// (1, 2 or 4) and `u` chunks in flight per lane (2; or 4 or 8 for up to 2 rows and 1 or 2
-    /// columns): gemv.cu. `p.k` must be a multiple of 8.
-    pub fn gemv(&self, p: &Product, r: usize, u: usize) -> Result<()> {
-        let Product {
-            y,
-            x,
-            w,
-            rows,
-            n_out,
-            k,
-        } = *p;
-        let m = match rows {
-            1 => 0,
-            2 => 1,
-            3..=4 => 2,
-            5..=8 => 3,
-            _ => {
-                return Err(WorkerError::Unsupported {
-                    detail: format!("{rows} rows on the GEMV kernel (1 to 8)"),
-                })
-            }
-        };
-        let function = match (r, u) {
-            (1, 2) => &self.gemv[m][0],
-            (2, 2) => &self.gemv[m][1],
-            (4, 2) => &self.gemv[m][2],
-            (1 | 2, 4 | 8) if m < 2 => &self.gemv_deep[m][r / 2][u / 8],
-            _ => {
-                return Err(WorkerError::Unsupported {
-                    detail: format!(
-                        "the GEMV kernel with {r} columns per warp and {u} chunks in flight \
-                         for {rows} rows"
-                    ),
-                })
-            }
-        };
-        debug_assert!(k.is_multiple_of(8));
-        let (rw, nw, kw) = (rows as i32, n_out as i32, k as i32);
-        let mut b = self.launch(function);
-        b.arg(&y).arg(&x).arg(&w).arg(&rw).arg(&nw).arg(&kw);
-        // SAFETY: as gemv.cu documents: y holds rows x n_out, x rows x k and w n_out x k
-        // elements (the caller's buffers), 16-byte aligned with k a multiple of 8.
-        unsafe { b.launch(grid_rows(n_out.div_ceil(4 * r), 128)) }
-            .map(drop)
-            .map_err(launch_err("gemv"))
-    }
-
     /// `p.y = p.x p.w^T` by the batch-invariant tensor-core kernel (gemm_bi.cu): the same
     /// tiling and summation order for every row count. `p.k` must be a multiple of 8.
     pub fn gemm_bi(&self, p: &Product) -> Result<()> {
@@ -1011,6 +939,7 @@ impl Kernels {
             rows,
             n_out,
             k,
+            ..
         } = *p;
         if rows == 0 {
             return Ok(());
@@ -1213,6 +1142,8 @@ pub struct Product {
     pub rows: usize,
     pub n_out: usize,
     pub k: usize,
+    /// `w` is FP8 E4M3 (`--quantization fp8`): its scale and the activations' scratch.
+    pub fp8: Option<Fp8Operands>,
 }
 
 /// The arguments of [`Kernels::paged_attention_decode`]: device addresses and sizes.

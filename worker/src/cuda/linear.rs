@@ -7,7 +7,9 @@
 //! family (comparisons and numerical checks; `gemv-deep` takes the 8-chunk variant for 1 or 2
 //! rows); the GEMV pins still take cuBLAS beyond 8 rows. In
 //! batch-invariant mode every product, whatever its rows, runs the one batch-invariant kernel
-//! (gemm_bi.cu), and nothing is tuned.
+//! (gemm_bi.cu), and nothing is tuned. Products with FP8 weights (`--quantization fp8`) choose
+//! among the FP8 GEMV variants up to 8 rows (always a GEMV: weight-only FP8, whatever the timing),
+//! and run cuBLASLt's FP8 GEMM above, on activations quantized for the product (`fp8.rs`).
 //!
 //! Costs: `tune` launches each candidate ~13 times per shape and row bucket (a few hundred
 //! milliseconds for an 8B model); `run` is one map lookup and one launch.
@@ -17,9 +19,11 @@ use std::collections::HashMap;
 use cudarc::driver::sys::CUevent_flags;
 
 use super::blas::Blas;
+use super::blas_lt::BlasLt;
 use super::device::{device_err, Gpu};
+use super::fp8::Fp8Operands;
 use super::kernels::{Kernels, Product};
-use crate::error::Result;
+use crate::error::{Result, WorkerError};
 
 /// Row counts with a measured choice; a step's rows round up to the next (padded GEMV rows are
 /// not computed, so 3 rows run the 4-row kernel on 3 rows).
@@ -45,13 +49,11 @@ fn gemv_variants(rows: usize) -> Vec<LinearKernel> {
 /// How one product runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinearKernel {
+    /// cuBLAS, or for FP8 weights cuBLASLt's FP8 GEMM.
     Cublas,
     /// GEMV with `columns` output columns per warp and `unroll` 256-element chunks of K in
     /// flight per lane.
-    Gemv {
-        columns: usize,
-        unroll: usize,
-    },
+    Gemv { columns: usize, unroll: usize },
     /// The batch-invariant kernel.
     BatchInvariant,
 }
@@ -78,11 +80,32 @@ enum Pin {
     BatchInvariant,
 }
 
-/// A weight shape: `n_out` rows of `k`.
+/// A weight shape: `n_out` rows of `k`, in the dtype or in FP8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Shape {
     pub n_out: usize,
     pub k: usize,
+    pub fp8: bool,
+}
+
+impl Shape {
+    /// The shape of `p`'s weight.
+    pub fn of(p: &Product) -> Self {
+        Self {
+            n_out: p.n_out,
+            k: p.k,
+            fp8: p.fp8.is_some(),
+        }
+    }
+
+    /// The multiple of K the GEMV kernel needs: one 16-byte weight load per lane.
+    fn gemv_k_multiple(&self) -> usize {
+        if self.fp8 {
+            16
+        } else {
+            8
+        }
+    }
 }
 
 /// One shape's measurement: microseconds per product for each candidate and row bucket.
@@ -97,6 +120,8 @@ pub struct Timing {
 /// The products of one worker, on its stream.
 pub struct Linear {
     blas: Blas,
+    /// cuBLASLt for FP8 products, when the weights are FP8.
+    blas_lt: Option<BlasLt>,
     choices: HashMap<(Shape, usize), LinearKernel>,
     pin: Pin,
 }
@@ -107,9 +132,9 @@ fn bucket(rows: usize) -> Option<usize> {
 }
 
 impl Linear {
-    /// Products on `blas`'s stream; `batch_invariant` pins every one to the batch-invariant
-    /// kernel.
-    pub fn new(blas: Blas, batch_invariant: bool) -> Self {
+    /// Products on `blas`'s stream (and `blas_lt`'s, for FP8 weights); `batch_invariant` pins
+    /// every one to the batch-invariant kernel.
+    pub fn new(blas: Blas, blas_lt: Option<BlasLt>, batch_invariant: bool) -> Self {
         let pin = match std::env::var("TPSERVE_CUDA_LINEAR").as_deref() {
             _ if batch_invariant => Pin::BatchInvariant,
             Ok("cublas") => Pin::Cublas,
@@ -119,6 +144,7 @@ impl Linear {
         };
         Self {
             blas,
+            blas_lt,
             choices: HashMap::new(),
             pin,
         }
@@ -129,13 +155,16 @@ impl Linear {
         if self.pin == Pin::BatchInvariant {
             return LinearKernel::BatchInvariant;
         }
-        let Some(b) = bucket(rows).filter(|_| shape.k.is_multiple_of(8) && rows > 0) else {
+        let gemv_fits = shape.k.is_multiple_of(shape.gemv_k_multiple()) && rows > 0;
+        let Some(b) = bucket(rows).filter(|_| gemv_fits) else {
             return LinearKernel::Cublas;
         };
         match self.pin {
             Pin::BatchInvariant => LinearKernel::BatchInvariant,
-            Pin::Cublas => LinearKernel::Cublas,
-            Pin::Gemv => LinearKernel::Gemv {
+            // FP8 products of up to 8 rows are always the GEMV's (weight-only FP8), so their
+            // numerics do not depend on what the timing chose.
+            Pin::Cublas if !shape.fp8 => LinearKernel::Cublas,
+            Pin::Cublas | Pin::Gemv => LinearKernel::Gemv {
                 columns: 2,
                 unroll: 2,
             },
@@ -151,20 +180,44 @@ impl Linear {
                 .choices
                 .get(&(shape, b))
                 .copied()
-                .unwrap_or(LinearKernel::Cublas),
+                .unwrap_or(if shape.fp8 {
+                    LinearKernel::Gemv {
+                        columns: 2,
+                        unroll: 2,
+                    }
+                } else {
+                    LinearKernel::Cublas
+                }),
         }
     }
 
     /// The product `p`, on the kernel chosen for its shape and rows.
     pub fn run(&self, kernels: &Kernels, p: &Product) -> Result<()> {
-        let shape = Shape {
-            n_out: p.n_out,
-            k: p.k,
-        };
-        match self.kernel_for(shape, p.rows) {
-            LinearKernel::Cublas => self.blas.linear(p.y, p.x, p.w, p.rows, p.n_out, p.k),
-            LinearKernel::Gemv { columns, unroll } => kernels.gemv(p, columns, unroll),
-            LinearKernel::BatchInvariant => kernels.gemm_bi(p),
+        self.launch(kernels, self.kernel_for(Shape::of(p), p.rows), p)
+    }
+
+    /// The product `p` on `kernel`.
+    fn launch(&self, kernels: &Kernels, kernel: LinearKernel, p: &Product) -> Result<()> {
+        match (kernel, &p.fp8) {
+            (LinearKernel::Cublas, None) => self.blas.linear(p.y, p.x, p.w, p.rows, p.n_out, p.k),
+            (LinearKernel::Cublas, Some(fp8)) => {
+                let lt = self.blas_lt.as_ref().ok_or_else(|| WorkerError::Device {
+                    detail: "an FP8 product without a cuBLASLt handle".into(),
+                })?;
+                kernels.fp8_quantize(fp8.x_q, fp8.x_stats, p.x, p.rows * p.k)?;
+                lt.fp8_linear(
+                    p.y,
+                    fp8.x_q,
+                    fp8.x_scale(),
+                    p.w,
+                    fp8.w_scale,
+                    p.rows,
+                    p.n_out,
+                    p.k,
+                )
+            }
+            (LinearKernel::Gemv { columns, unroll }, _) => kernels.gemv(p, columns, unroll),
+            (LinearKernel::BatchInvariant, _) => kernels.gemm_bi(p),
         }
     }
 
@@ -174,13 +227,13 @@ impl Linear {
     }
 
     /// Measures every candidate for each shape (given with the weights of several layers, at
-    /// least one) and row bucket, and keeps the fastest. `x` and `y` must hold 8 rows of the
-    /// largest `k` and `n_out`. Returns the measurements.
+    /// least one, and for FP8 weights their operands) and row bucket, and keeps the fastest.
+    /// `x` and `y` must hold 8 rows of the largest `k` and `n_out`. Returns the measurements.
     pub fn tune(
         &mut self,
         gpu: &Gpu,
         kernels: &Kernels,
-        shapes: &[(Shape, Vec<u64>)],
+        shapes: &[(Shape, Vec<(u64, Option<Fp8Operands>)>)],
         x: u64,
         y: u64,
     ) -> Result<Vec<Timing>> {
@@ -197,31 +250,29 @@ impl Linear {
             .map_err(|e| device_err("creating an event", e))?;
         let mut timings = Vec::new();
         for (shape, weights) in shapes {
-            if !shape.k.is_multiple_of(8) || weights.is_empty() {
+            if !shape.k.is_multiple_of(shape.gemv_k_multiple()) || weights.is_empty() {
                 continue;
             }
             for rows in ROW_BUCKETS {
-                let mut candidates = vec![(LinearKernel::Cublas, 0.0)];
+                let mut candidates = if shape.fp8 {
+                    Vec::new()
+                } else {
+                    vec![(LinearKernel::Cublas, 0.0)]
+                };
                 candidates.extend(gemv_variants(rows).into_iter().map(|k| (k, 0.0)));
                 for (kernel, micros) in &mut candidates {
                     let launch = |i: usize| -> Result<()> {
+                        let (w, fp8) = weights[i % weights.len()];
                         let p = Product {
                             y,
                             x,
-                            w: weights[i % weights.len()],
+                            w,
                             rows,
                             n_out: shape.n_out,
                             k: shape.k,
+                            fp8,
                         };
-                        match *kernel {
-                            LinearKernel::Cublas => {
-                                self.blas.linear(p.y, p.x, p.w, p.rows, p.n_out, p.k)
-                            }
-                            LinearKernel::Gemv { columns, unroll } => {
-                                kernels.gemv(&p, columns, unroll)
-                            }
-                            LinearKernel::BatchInvariant => kernels.gemm_bi(&p),
-                        }
+                        self.launch(kernels, *kernel, &p)
                     };
                     for i in 0..3 {
                         launch(i)?;

@@ -13,9 +13,12 @@
 
 mod attention_plan;
 mod blas;
+mod blas_lt;
 mod device;
 mod floors;
 mod forward;
+mod fp8;
+mod gemv;
 mod graphs;
 mod kernels;
 mod launch;
@@ -42,15 +45,17 @@ pub use phases::take_phase_totals;
 
 use self::attention_plan::key_splits;
 use self::blas::Blas;
+use self::blas_lt::BlasLt;
 use self::device::{DeviceBuffer, Gpu};
 use self::forward::{
     forward, hidden_states, AttentionKind, AttentionPlan, Device, ForwardOutput, StepView,
 };
+use self::fp8::Fp8Operands;
 use self::graphs::{table_shape, DecodeGraphs};
 use self::kernels::Kernels;
 use self::linear::{Linear, Shape};
 use self::lora::LoraSlots;
-use self::model::{CudaModel, Dims, GpuKvCache};
+use self::model::{CudaModel, Dims, GpuKvCache, Layer, LinearWeight};
 use self::nccl::Nccl;
 use self::peer_all_reduce::PeerAllReduce;
 use self::step_inputs::{is_decode_only, pack};
@@ -116,6 +121,34 @@ fn step_cache(cache: Option<&GpuKvCache>) -> Result<&GpuKvCache> {
         operation: "Step",
         needs: "InitCache",
     })
+}
+
+/// How FP8 weights are held and multiplied (`/v1/models`' `quantization` shows it after `fp8`).
+const FP8_WEIGHT_TYPES: &str = "E4M3 linear weights with per-tensor scales; above 8 rows \
+                                activations dynamic per-tensor E4M3 (cuBLASLt), up to 8 in the \
+                                dtype; embedding and lm_head in the dtype";
+
+/// Refuses `--quantization fp8` where it cannot run: GPUs without FP8 (before compute
+/// capability 8.9) and the batch-invariant mode (whose one kernel is for the dtype).
+fn check_fp8(gpu: &Gpu, batch_invariant: bool) -> Result<()> {
+    let (major, minor) = gpu.compute_capability;
+    if (major, minor) < fp8::MIN_COMPUTE_CAPABILITY {
+        return Err(WorkerError::Unsupported {
+            detail: format!(
+                "quantization fp8 needs a GPU of compute capability 8.9 or newer (Ada, \
+                 Hopper, Blackwell); {} is {major}.{minor}",
+                gpu.name
+            ),
+        });
+    }
+    if batch_invariant {
+        return Err(WorkerError::Unsupported {
+            detail: "quantization fp8 with --batch-invariant (the batch-invariant GEMM \
+                     multiplies weights in the dtype)"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 /// One GPU's side of a worker.
@@ -340,43 +373,18 @@ fn tune_linears(gpu: &Gpu, loaded: &mut Loaded) -> Result<()> {
         .kernels
         .fill_uniform(ws.act.ptr, rows * max_k, 0x5eed, -1.0, 1.0)?;
     let layers = || model.layers.iter().take(4);
+    let fp8 = model.fp8();
+    let weights = |w: &dyn Fn(&Layer) -> &LinearWeight| -> Vec<(u64, Option<Fp8Operands>)> {
+        layers().map(|l| (w(l).data.ptr, w(l).fp8(ws))).collect()
+    };
     let head = model.lm_head.as_ref().unwrap_or(&model.embed).ptr;
+    let shape = |n_out, k, fp8| Shape { n_out, k, fp8 };
     let shapes = vec![
-        (
-            Shape {
-                n_out: d.qkv,
-                k: d.hidden,
-            },
-            layers().map(|l| l.qkv.ptr).collect(),
-        ),
-        (
-            Shape {
-                n_out: d.hidden,
-                k: q_w,
-            },
-            layers().map(|l| l.o.ptr).collect(),
-        ),
-        (
-            Shape {
-                n_out: 2 * d.inter,
-                k: d.hidden,
-            },
-            layers().map(|l| l.gate_up.ptr).collect(),
-        ),
-        (
-            Shape {
-                n_out: d.hidden,
-                k: d.inter,
-            },
-            layers().map(|l| l.down.ptr).collect(),
-        ),
-        (
-            Shape {
-                n_out: d.vocab_per_rank,
-                k: d.hidden,
-            },
-            vec![head],
-        ),
+        (shape(d.qkv, d.hidden, fp8), weights(&|l| &l.qkv)),
+        (shape(d.hidden, q_w, fp8), weights(&|l| &l.o)),
+        (shape(2 * d.inter, d.hidden, fp8), weights(&|l| &l.gate_up)),
+        (shape(d.hidden, d.inter, fp8), weights(&|l| &l.down)),
+        (shape(d.vocab_per_rank, d.hidden, false), vec![(head, None)]),
     ];
     let timings = loaded
         .linear
@@ -450,7 +458,8 @@ impl Backend for CudaBackend {
     fn load_model(&mut self, req: &pb::LoadModelRequest) -> Result<pb::LoadModelResponse> {
         let started = Instant::now();
         let dtype = Dtype::parse(&req.dtype)?;
-        if QuantizationRequest::parse(&req.quantization)? == QuantizationRequest::Gguf {
+        let quantization = QuantizationRequest::parse(&req.quantization)?;
+        if quantization == QuantizationRequest::Gguf {
             return Err(WorkerError::Unsupported {
                 detail: "quantization gguf runs on the CPU backend only; on a GPU a GGUF is \
                          dequantized to the dtype at load (leave --quantization unset, or none)"
@@ -458,11 +467,16 @@ impl Backend for CudaBackend {
             });
         }
         self.loaded = None;
+        let fp8 = quantization == QuantizationRequest::Fp8;
+        if fp8 {
+            check_fp8(&self.gpu, req.batch_invariant)?;
+        }
         let (rank, world) = (self.rank, self.world_size);
         let kernels = Kernels::load(&self.gpu, dtype)?;
-        let linear = Linear::new(Blas::new(&self.gpu, dtype)?, req.batch_invariant);
+        let blas_lt = fp8.then(|| BlasLt::new(&self.gpu, dtype)).transpose()?;
+        let linear = Linear::new(Blas::new(&self.gpu, dtype)?, blas_lt, req.batch_invariant);
         let mut model = load_shard(req, rank, world, |config, shard, source| {
-            CudaModel::load(&self.gpu, &kernels, config, shard, source, dtype)
+            CudaModel::load(&self.gpu, &kernels, config, shard, source, dtype, fp8)
         })?;
         if req.max_loras > 0 {
             let (slots, rank) = (req.max_loras as usize, req.max_lora_rank as usize);
@@ -491,7 +505,12 @@ impl Backend for CudaBackend {
             model.weight_bytes(),
             started,
         );
-        response.quantization = "none".into();
+        if fp8 {
+            response.quantization = "fp8".into();
+            response.weight_types = FP8_WEIGHT_TYPES.into();
+        } else {
+            response.quantization = "none".into();
+        }
         tracing::info!(
             dtype = dtype.name(),
             weight_gib = model.weight_bytes() as f64 / (1u64 << 30) as f64,

@@ -14,6 +14,7 @@
 use tpserve_modelfile::LlamaConfig;
 
 use super::device::{DeviceBuffer, Gpu};
+use super::fp8::{Fp8Operands, AMAX_BLOCKS, STATS_BYTES};
 use super::kernels::{attention_max_items, Dtype, Kernels, ELEM};
 use super::lora::LoraSlots;
 use super::workspace::Workspace;
@@ -42,17 +43,36 @@ pub struct Dims {
     pub world_size: usize,
 }
 
-/// One decoder layer's weights, each in PyTorch's Linear layout `[out, in]`.
+/// A linear layer's weight in PyTorch's Linear layout `[out, in]`: in the activation dtype, or
+/// in FP8 E4M3 with its quantization statistics (`fp8.rs`; the scale last).
+pub struct LinearWeight {
+    pub data: DeviceBuffer,
+    pub fp8_stats: Option<DeviceBuffer>,
+}
+
+impl LinearWeight {
+    /// What a product with this weight needs beyond its address, with `ws`'s room for the
+    /// quantized activations: `None` for a weight in the dtype.
+    pub fn fp8(&self, ws: &Workspace) -> Option<Fp8Operands> {
+        self.fp8_stats.as_ref().map(|stats| Fp8Operands {
+            w_scale: stats.at(AMAX_BLOCKS * 4),
+            x_q: ws.fp8_x.ptr,
+            x_stats: ws.fp8_stats.ptr,
+        })
+    }
+}
+
+/// One decoder layer's weights.
 pub struct Layer {
     pub input_norm: DeviceBuffer,
     /// q, k and v projections stacked: `[qkv, hidden]`.
-    pub qkv: DeviceBuffer,
+    pub qkv: LinearWeight,
     pub qkv_bias: Option<DeviceBuffer>,
-    pub o: DeviceBuffer,
+    pub o: LinearWeight,
     pub post_norm: DeviceBuffer,
     /// gate and up projections stacked: `[2 inter, hidden]`.
-    pub gate_up: DeviceBuffer,
-    pub down: DeviceBuffer,
+    pub gate_up: LinearWeight,
+    pub down: LinearWeight,
 }
 
 /// The paged KV cache: per layer, keys and values `[num_blocks, block_size, kv_heads, head_dim]`;
@@ -84,6 +104,8 @@ pub struct CudaModel {
     pub rope_sin: DeviceBuffer,
     max_pos: usize,
     weight_bytes: usize,
+    /// The linear layers' weights are FP8 (`--quantization fp8`).
+    fp8: bool,
     workspace: Option<Workspace>,
     /// The adapter slots, with `--enable-lora`.
     lora: Option<LoraSlots>,
@@ -96,6 +118,8 @@ struct Loader<'a> {
     dtype: Dtype,
     source: &'a WeightSource<'a>,
     bytes: usize,
+    /// Quantize the linear layers' weights to FP8.
+    fp8: bool,
 }
 
 impl Loader<'_> {
@@ -139,10 +163,32 @@ impl Loader<'_> {
     fn one(&mut self, part: &Part) -> Result<DeviceBuffer> {
         self.fused(std::slice::from_ref(part))
     }
+
+    /// Stores a linear layer's `parts` one after another, quantized to FP8 when the loader
+    /// quantizes (the dtype copy is freed, stream-ordered, after the quantization).
+    fn linear(&mut self, parts: &[Part]) -> Result<LinearWeight> {
+        let data = self.fused(parts)?;
+        if !self.fp8 {
+            return Ok(LinearWeight {
+                data,
+                fp8_stats: None,
+            });
+        }
+        let n = total_len(parts);
+        let q = self.gpu.alloc(n, "FP8 weights")?;
+        let stats = self.gpu.alloc(STATS_BYTES, "FP8 weight scales")?;
+        self.kernels.fp8_quantize(q.ptr, stats.ptr, data.ptr, n)?;
+        self.bytes = self.bytes - n * ELEM + n + STATS_BYTES;
+        Ok(LinearWeight {
+            data: q,
+            fp8_stats: Some(stats),
+        })
+    }
 }
 
 impl CudaModel {
-    /// Loads this rank's shard onto `gpu`.
+    /// Loads this rank's shard onto `gpu`, the linear layers' weights quantized to FP8 with
+    /// `fp8` (the caller checks the GPU runs FP8).
     pub fn load(
         gpu: &Gpu,
         kernels: &Kernels,
@@ -150,6 +196,7 @@ impl CudaModel {
         shard: ShardPlan,
         source: &WeightSource,
         dtype: Dtype,
+        fp8: bool,
     ) -> Result<Self> {
         let c = config;
         ensure_supported(c)?;
@@ -185,24 +232,35 @@ impl CudaModel {
                 ),
             });
         }
+        let widths = [dims.hidden, dims.inter, dims.qkv, dims.q_heads * hd];
+        if fp8 && widths.iter().any(|w| !w.is_multiple_of(16)) {
+            return Err(WorkerError::Unsupported {
+                detail: format!(
+                    "quantization fp8 needs the hidden size, intermediate size, QKV and attention \
+                     widths per rank to be multiples of 16 (cuBLASLt's FP8 alignment); they are \
+                     {widths:?}"
+                ),
+            });
+        }
         let mut ld = Loader {
             gpu,
             kernels,
             dtype,
             source,
             bytes: 0,
+            fp8,
         };
         let parts = model_parts(c, &shard, source);
         let mut layers = Vec::with_capacity(parts.layers.len());
         for lp in &parts.layers {
             layers.push(Layer {
                 input_norm: ld.one(&lp.input_norm)?,
-                qkv: ld.fused(&lp.qkv)?,
+                qkv: ld.linear(&lp.qkv)?,
                 qkv_bias: lp.qkv_bias.as_deref().map(|b| ld.fused(b)).transpose()?,
-                o: ld.one(&lp.o)?,
+                o: ld.linear(std::slice::from_ref(&lp.o))?,
                 post_norm: ld.one(&lp.post_norm)?,
-                gate_up: ld.fused(&lp.gate_up)?,
-                down: ld.one(&lp.down)?,
+                gate_up: ld.linear(&lp.gate_up)?,
+                down: ld.linear(std::slice::from_ref(&lp.down))?,
             });
         }
         // Both padded to the same row count on every rank, so gathered logits line up.
@@ -234,6 +292,7 @@ impl CudaModel {
             rope_sin,
             max_pos,
             weight_bytes: ld.bytes,
+            fp8,
             workspace: None,
             lora: None,
         })
@@ -253,6 +312,11 @@ impl CudaModel {
 
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
+    }
+
+    /// Whether the linear layers' weights are FP8.
+    pub fn fp8(&self) -> bool {
+        self.fp8
     }
 
     /// Allocates `slots` adapter slots of rank up to `max_rank` (before the workspace, whose
@@ -345,6 +409,7 @@ impl CudaModel {
                 t.max(1),
                 s.max(1),
                 lora_width,
+                self.fp8,
             )?);
         }
         let w = self.workspace.as_ref().expect("just made");

@@ -4,6 +4,7 @@
 //! drops the graphs (`CudaModel::reserve` says so).
 
 use super::device::{DeviceBuffer, Gpu};
+use super::fp8::STATS_BYTES;
 use super::kernels::ELEM;
 use super::model::Dims;
 use super::step_inputs::Packed;
@@ -15,6 +16,8 @@ pub struct Workspace {
     pub samples: usize,
     /// f32 columns of `lora_scratch` per row (0 without LoRA).
     pub lora_width: usize,
+    /// Room for FP8 products' quantized activations.
+    pub fp8: bool,
     /// The residual stream `[tokens, hidden]`.
     pub x: DeviceBuffer,
     /// Normalised activations `[tokens, hidden]`.
@@ -44,12 +47,23 @@ pub struct Workspace {
     pub inputs: DeviceBuffer,
     /// The LoRA shrink's output, f32 `[tokens, lora_width]`.
     pub lora_scratch: DeviceBuffer,
+    /// With FP8 weights: a product's activations quantized, E4M3 `[tokens, widest k]`, and
+    /// their statistics (`fp8.rs`); a byte each otherwise.
+    pub fp8_x: DeviceBuffer,
+    pub fp8_stats: DeviceBuffer,
 }
 
 impl Workspace {
     /// Bytes of each buffer, in field order.
-    pub fn bytes_for(d: &Dims, tokens: usize, samples: usize, lora_width: usize) -> [usize; 15] {
+    pub fn bytes_for(
+        d: &Dims,
+        tokens: usize,
+        samples: usize,
+        lora_width: usize,
+        fp8: bool,
+    ) -> [usize; 17] {
         let partial = Self::partial_capacity(d, tokens);
+        let widest_k = d.hidden.max(d.inter).max(d.q_heads * d.head_dim);
         [
             tokens * d.hidden * ELEM,
             tokens * d.hidden * ELEM,
@@ -66,6 +80,8 @@ impl Workspace {
             samples * 4,
             Packed::capacity(tokens, samples),
             tokens * lora_width * 4,
+            if fp8 { tokens * widest_k } else { 0 },
+            if fp8 { STATS_BYTES } else { 0 },
         ]
     }
 
@@ -86,8 +102,9 @@ impl Workspace {
         tokens: usize,
         samples: usize,
         lora_width: usize,
+        fp8: bool,
     ) -> Result<Self> {
-        let b = Self::bytes_for(d, tokens, samples, lora_width);
+        let b = Self::bytes_for(d, tokens, samples, lora_width, fp8);
         let a = |i: usize, what: &str| gpu.alloc(b[i], what);
         Ok(Self {
             tokens,
@@ -108,12 +125,15 @@ impl Workspace {
             sampled: a(12, "sampled tokens")?,
             inputs: a(13, "step inputs")?,
             lora_scratch: a(14, "LoRA scratch")?,
+            fp8_x: a(15, "FP8 activations")?,
+            fp8_stats: a(16, "FP8 activation scales")?,
+            fp8,
         })
     }
 
     /// Total bytes.
     pub fn bytes(&self, d: &Dims) -> usize {
-        Self::bytes_for(d, self.tokens, self.samples, self.lora_width)
+        Self::bytes_for(d, self.tokens, self.samples, self.lora_width, self.fp8)
             .iter()
             .sum()
     }

@@ -1,0 +1,130 @@
+// FP8 E4M3 quantization with one f32 scale per tensor (issue 12's `--quantization fp8`): each
+// linear weight once at load, and for products of more rows than the GEMV kernel takes, the
+// activations of each product (a dynamic per-tensor scale) before cuBLASLt's FP8 GEMM.
+//
+// A tensor's scale is amax / 448 (448 is E4M3's largest finite value), its elements x / scale
+// rounded to the nearest E4M3 value (ties to even) and saturated at +-448: vLLM's
+// `scaled_fp8_quant` without a given scale. Two kernels, so that the maximum needs no atomics
+// and no zeroed accumulator (both are graph-safe): partial maxima per block, then every block of
+// the quantizing kernel reduces the partials before it converts its share.
+#include "common.cuh"
+
+namespace {
+
+constexpr float kE4M3Max = 448.0f;
+
+__device__ __forceinline__ float warp_reduce_max(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    }
+    return v;
+}
+
+// The maximum of `v` over the block, returned to every thread (blockDim.x a multiple of 32).
+__device__ __forceinline__ float block_reduce_max(float v) {
+    __shared__ float warp_max[32];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    v = warp_reduce_max(v);
+    if (lane == 0) {
+        warp_max[warp] = v;
+    }
+    __syncthreads();
+    float total = lane < (int)(blockDim.x >> 5) ? warp_max[lane] : 0.0f;
+    return warp_reduce_max(total);
+}
+
+// Two f32 values as E4M3 (rounded to nearest even, saturated), `lo` in the low byte.
+__device__ __forceinline__ unsigned short float2_to_e4m3x2(float lo, float hi) {
+#if __CUDA_ARCH__ >= 890
+    unsigned short r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    // FP8 runs only where the conversion instruction exists (sm_89 and newer); the worker refuses
+    // `--quantization fp8` elsewhere, so this is never reached.
+    __trap();
+#endif
+}
+
+}  // namespace
+
+// fp8_amax_partial_{bf16,f16}: partial[b] = max |x[i]| over block b's grid-stride share of x.
+//
+// Arguments:
+//   partial  f32 [gridDim.x]  written
+//   x        T   [n]          read only, 16-byte aligned
+//   n        i64              a multiple of 8
+// Launch: grid (P, 1, 1) with P <= 1024; block (256, 1, 1).
+template <typename T>
+__device__ void fp8_amax_partial_impl(float* __restrict__ partial, const T* __restrict__ x,
+                                      long long n) {
+    tpserve::wait_for_inputs();
+    float m = 0.0f;
+    const long long stride = (long long)gridDim.x * blockDim.x * 8;
+    for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8; i < n; i += stride) {
+        const uint4 v = *reinterpret_cast<const uint4*>(x + i);
+        const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            m = fmaxf(m, fabsf(tpserve::to_float(e[j])));
+        }
+    }
+    m = block_reduce_max(m);
+    if (threadIdx.x == 0) {
+        partial[blockIdx.x] = m;
+    }
+}
+
+// fp8_quantize_{bf16,f16}: with amax the maximum of partial[0..p) and scale = amax / 448 (1 when
+// amax is 0), out[i] = E4M3(x[i] / scale); block 0 writes scale to *scale_out.
+//
+// Arguments:
+//   out        u8  [n]   written (E4M3 bits), 8-byte aligned
+//   scale_out  f32 [1]   written
+//   partial    f32 [p]   read only (fp8_amax_partial's output)
+//   p          i32       1..=1024
+//   x          T   [n]   read only, 16-byte aligned
+//   n          i64       a multiple of 8
+// Launch: grid (any, 1, 1); block (256, 1, 1).
+template <typename T>
+__device__ void fp8_quantize_impl(unsigned char* __restrict__ out, float* __restrict__ scale_out,
+                                  const float* __restrict__ partial, int p,
+                                  const T* __restrict__ x, long long n) {
+    tpserve::wait_for_inputs();
+    float m = 0.0f;
+    for (int i = threadIdx.x; i < p; i += blockDim.x) {
+        m = fmaxf(m, partial[i]);
+    }
+    const float amax = block_reduce_max(m);
+    const float scale = amax > 0.0f ? amax / kE4M3Max : 1.0f;
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        *scale_out = scale;
+    }
+    const long long stride = (long long)gridDim.x * blockDim.x * 8;
+    for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8; i < n; i += stride) {
+        const uint4 v = *reinterpret_cast<const uint4*>(x + i);
+        const T* e = reinterpret_cast<const T*>(&v);
+        unsigned short q[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            q[j] = float2_to_e4m3x2(tpserve::to_float(e[2 * j]) / scale,
+                                    tpserve::to_float(e[2 * j + 1]) / scale);
+        }
+        *reinterpret_cast<uint2*>(out + i) =
+            make_uint2(q[0] | ((unsigned int)q[1] << 16), q[2] | ((unsigned int)q[3] << 16));
+    }
+}
+
+#define TPSERVE_FP8(SUFFIX, T)                                                                \
+    extern "C" __global__ void __launch_bounds__(256) fp8_amax_partial_##SUFFIX(              \
+        float* __restrict__ partial, const T* __restrict__ x, long long n) {                  \
+        fp8_amax_partial_impl<T>(partial, x, n);                                              \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256) fp8_quantize_##SUFFIX(                  \
+        unsigned char* __restrict__ out, float* __restrict__ scale_out,                       \
+        const float* __restrict__ partial, int p, const T* __restrict__ x, long long n) {     \
+        fp8_quantize_impl<T>(out, scale_out, partial, p, x, n);                               \
+    }
+TPSERVE_FOR_EACH_DTYPE(TPSERVE_FP8)

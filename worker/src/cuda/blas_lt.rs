@@ -1,0 +1,227 @@
+//! FP8 matrix products through cuBLASLt (`--quantization fp8`, products above the GEMV's 8
+//! rows): `y[n, m] = (sx x_q[n, k]) (sw W_q[m, k])^T` with E4M3 operands, per-tensor scales read
+//! from device memory at run time, f32 accumulation, `y` in the activation dtype.
+//!
+//! cuBLASLt is column-major and its FP8 kernels take only the "TN" layout, which is ours: the
+//! row-major weight `[m, k]` is the column-major `k x m` matrix A, used transposed; the row-major
+//! activations `[n, k]` are the column-major `k x n` matrix B; `y` is the column-major `m x n`
+//! D. The descriptors, layouts and the heuristic's algorithm are made once per `(n, m, k)` and
+//! kept (the heuristic costs tens of microseconds of host time, a prefill step has four products
+//! a layer); the scale pointers are set on the descriptor before each call, so a CUDA graph
+//! captures each call's own. The handle has a workspace of its own, allocated once: nothing is
+//! allocated during a capture.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use cudarc::cublas::sys::cublasOperation_t as Op;
+use cudarc::cublaslt::result as lt;
+use cudarc::cublaslt::sys;
+
+use super::device::{device_err, DeviceBuffer, Gpu};
+use super::kernels::Dtype;
+use crate::error::Result;
+
+/// cuBLASLt's workspace: what NVIDIA recommends for Hopper.
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+/// One shape's descriptors and algorithm.
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    a: sys::cublasLtMatrixLayout_t,
+    b: sys::cublasLtMatrixLayout_t,
+    d: sys::cublasLtMatrixLayout_t,
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: each object was created by cuBLASLt for this plan and is destroyed once.
+        unsafe {
+            let _ = lt::destroy_matrix_layout(self.a);
+            let _ = lt::destroy_matrix_layout(self.b);
+            let _ = lt::destroy_matrix_layout(self.d);
+            let _ = lt::destroy_matmul_desc(self.desc);
+        }
+    }
+}
+
+/// A cuBLASLt handle on the worker's stream, for FP8 products.
+pub struct BlasLt {
+    handle: sys::cublasLtHandle_t,
+    stream: sys::cudaStream_t,
+    out_type: sys::cudaDataType,
+    plans: Mutex<HashMap<(usize, usize, usize), Plan>>,
+    workspace: DeviceBuffer,
+}
+
+// SAFETY: the handle, the stream and the plans' descriptors are used only from the worker's
+// runner thread, one call at a time (the plans behind a mutex); cuBLASLt handles may move
+// between threads.
+unsafe impl Send for BlasLt {}
+
+impl Drop for BlasLt {
+    fn drop(&mut self) {
+        self.plans.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        // SAFETY: the handle was created in `new` and is destroyed once, after its plans.
+        let _ = unsafe { lt::destroy_handle(self.handle) };
+    }
+}
+
+fn lt_err(what: &'static str) -> impl Fn(lt::CublasError) -> crate::error::WorkerError {
+    move |e| device_err(what, e)
+}
+
+impl BlasLt {
+    /// A handle on the GPU's stream writing `dtype` outputs.
+    pub fn new(gpu: &Gpu, dtype: Dtype) -> Result<Self> {
+        let handle = lt::create_handle().map_err(lt_err("creating the cuBLASLt handle"))?;
+        let workspace = gpu.alloc(WORKSPACE_BYTES, "the cuBLASLt workspace")?;
+        let out_type = match dtype {
+            Dtype::Bf16 => sys::cudaDataType::CUDA_R_16BF,
+            Dtype::F16 => sys::cudaDataType::CUDA_R_16F,
+        };
+        Ok(Self {
+            handle,
+            stream: gpu.stream.cu_stream() as sys::cudaStream_t,
+            out_type,
+            plans: Mutex::new(HashMap::new()),
+            workspace,
+        })
+    }
+
+    fn plan(&self, n: usize, m: usize, k: usize) -> Result<Plan> {
+        use sys::cublasLtMatmulDescAttributes_t as Attr;
+        let desc = lt::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType::CUDA_R_32F,
+        )
+        .map_err(lt_err("creating a cuBLASLt matmul descriptor"))?;
+        let set = |attr: Attr, value: &Op| {
+            // SAFETY: the descriptor is live; the value is the attribute's type.
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    desc,
+                    attr,
+                    value as *const _ as *const _,
+                    std::mem::size_of::<Op>(),
+                )
+            }
+            .map_err(lt_err("setting a cuBLASLt matmul attribute"))
+        };
+        set(Attr::CUBLASLT_MATMUL_DESC_TRANSA, &Op::CUBLAS_OP_T)?;
+        set(Attr::CUBLASLT_MATMUL_DESC_TRANSB, &Op::CUBLAS_OP_N)?;
+        let layout = |t: sys::cudaDataType, rows: usize, cols: usize| {
+            lt::create_matrix_layout(t, rows as u64, cols as u64, rows as i64)
+                .map_err(lt_err("creating a cuBLASLt matrix layout"))
+        };
+        let e4m3 = sys::cudaDataType::CUDA_R_8F_E4M3;
+        let mut plan = Plan {
+            desc,
+            a: layout(e4m3, k, m)?,
+            b: layout(e4m3, k, n)?,
+            d: layout(self.out_type, m, n)?,
+            // SAFETY: plain data; overwritten by the heuristic's choice below.
+            algo: unsafe { std::mem::zeroed() },
+        };
+        let pref = lt::create_matmul_pref().map_err(lt_err("creating a cuBLASLt preference"))?;
+        let bytes = WORKSPACE_BYTES as u64;
+        // SAFETY: the preference and every descriptor are live; the attribute is a u64.
+        let heuristic = unsafe {
+            lt::set_matmul_pref_attribute(
+                pref,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &bytes as *const u64 as *const _,
+                std::mem::size_of::<u64>(),
+            )
+            .and_then(|()| {
+                lt::get_matmul_algo_heuristic(
+                    self.handle,
+                    plan.desc,
+                    plan.a,
+                    plan.b,
+                    plan.d,
+                    plan.d,
+                    pref,
+                )
+            })
+        };
+        // SAFETY: created above, destroyed once.
+        let _ = unsafe { lt::destroy_matmul_pref(pref) };
+        plan.algo = heuristic
+            .map_err(|e| {
+                device_err(
+                    &format!("finding a cuBLASLt FP8 algorithm for {n} x {m} x {k}"),
+                    e,
+                )
+            })?
+            .algo;
+        Ok(plan)
+    }
+
+    /// `y[n, m] = (x_scale x[n, k]) (w_scale w[m, k])^T`: `x` and `w` E4M3, `y` the dtype,
+    /// `x_scale` and `w_scale` device addresses of one f32 each. `k` and `m` must be multiples of
+    /// 16 (cuBLASLt's FP8 alignment).
+    #[allow(clippy::too_many_arguments)]
+    pub fn fp8_linear(
+        &self,
+        y: u64,
+        x: u64,
+        x_scale: u64,
+        w: u64,
+        w_scale: u64,
+        n: usize,
+        m: usize,
+        k: usize,
+    ) -> Result<()> {
+        use sys::cublasLtMatmulDescAttributes_t as Attr;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        let plan = match plans.entry((n, m, k)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(n, m, k)?),
+        };
+        for (attr, ptr) in [
+            (Attr::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, w_scale),
+            (Attr::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, x_scale),
+        ] {
+            // SAFETY: the descriptor is live; the attribute's value is a device pointer.
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    plan.desc,
+                    attr,
+                    &ptr as *const u64 as *const _,
+                    std::mem::size_of::<u64>(),
+                )
+            }
+            .map_err(lt_err("setting a cuBLASLt scale pointer"))?;
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: w holds m x k and x n x k E4M3 bytes, y n x m elements of the dtype (the
+        // caller's buffers); the scales are f32 in device memory; alpha and beta are f32 as the
+        // descriptor's scale type says; the workspace is the handle's own, of WORKSPACE_BYTES.
+        unsafe {
+            lt::matmul(
+                self.handle,
+                plan.desc,
+                &alpha as *const f32 as *const _,
+                &beta as *const f32 as *const _,
+                w as *const _,
+                plan.a,
+                x as *const _,
+                plan.b,
+                y as *const _,
+                plan.d,
+                y as *mut _,
+                plan.d,
+                &plan.algo,
+                self.workspace.ptr as *mut _,
+                WORKSPACE_BYTES,
+                self.stream,
+            )
+        }
+        .map_err(lt_err("cuBLASLt FP8 GEMM"))
+    }
+}

@@ -1,0 +1,76 @@
+//! FP8 E4M3 linear weights (issue 12's `--quantization fp8`, vLLM's online FP8 quantization):
+//! each linear layer's weight (this rank's shard of qkv, o, gate_up and down) is quantized once
+//! at load with one f32 scale per tensor; the embedding, the norms and the lm_head stay in the
+//! activation dtype. Products of up to 8 rows (decoding) run the FP8 GEMV (gemv.cu: the weights
+//! converted in registers, the activations left in the dtype: weight-only FP8); larger ones
+//! quantize their activations with a dynamic per-tensor scale (fp8.cu) and run cuBLASLt's FP8
+//! GEMM (`blas_lt.rs`), which accumulates in f32 and writes the dtype. Needs compute capability
+//! 8.9 or newer (the E4M3 conversion instructions and cuBLASLt's FP8 kernels).
+//!
+//! Quantizing a tensor is two launches (fp8.cu): partial maxima over `AMAX_BLOCKS` blocks, then
+//! the conversion, whose every block reduces the partials itself (no atomics, no zeroed
+//! accumulator: graph-safe and deterministic).
+
+use super::device::device_err;
+use super::kernels::Kernels;
+use crate::error::Result;
+
+/// Blocks of the partial-maximum launch (two per SM of an H100/H200), so the f32 statistics of a
+/// quantized tensor are `AMAX_BLOCKS` partial maxima followed by its scale.
+pub const AMAX_BLOCKS: usize = 264;
+
+/// Bytes of one tensor's quantization statistics: the partial maxima, then the f32 scale.
+pub const STATS_BYTES: usize = (AMAX_BLOCKS + 1) * 4;
+
+/// The lowest compute capability that runs FP8.
+pub const MIN_COMPUTE_CAPABILITY: (i32, i32) = (8, 9);
+
+/// What a product with FP8 weights needs beyond [`super::kernels::Product`] (device addresses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fp8Operands {
+    /// The weight's f32 scale.
+    pub w_scale: u64,
+    /// Room for the activations quantized, `rows x k` bytes (products above 8 rows).
+    pub x_q: u64,
+    /// Room for the activations' statistics, [`STATS_BYTES`].
+    pub x_stats: u64,
+}
+
+impl Fp8Operands {
+    /// Where the quantized activations' scale lands in `x_stats`.
+    pub fn x_scale(&self) -> u64 {
+        self.x_stats + (AMAX_BLOCKS * 4) as u64
+    }
+}
+
+impl Kernels {
+    /// Quantizes `n` elements of `x` (the dtype, 16-byte aligned, `n` a multiple of 8) to E4M3
+    /// bytes at `out` with one scale (amax / 448), using `stats` ([`STATS_BYTES`]): the partial
+    /// maxima, then the scale at `stats + AMAX_BLOCKS * 4`.
+    pub fn fp8_quantize(&self, out: u64, stats: u64, x: u64, n: usize) -> Result<()> {
+        debug_assert!(n.is_multiple_of(8));
+        let n64 = n as i64;
+        // Blocks with work (each thread takes 8 elements a round), at most AMAX_BLOCKS.
+        let blocks = n.div_ceil(256 * 8).clamp(1, AMAX_BLOCKS);
+        let mut b = self.launch(&self.fp8_amax_partial);
+        b.arg(&stats).arg(&x).arg(&n64);
+        // SAFETY: as fp8.cu documents: stats holds `blocks` f32 partials (AMAX_BLOCKS + 1 in
+        // all), x holds n elements, 16-byte aligned, n a multiple of 8.
+        unsafe { b.launch(super::kernels::grid_rows(blocks, 256)) }
+            .map_err(|e| device_err("launching fp8_amax_partial", e))?;
+        let scale = stats + (AMAX_BLOCKS * 4) as u64;
+        let p = blocks as i32;
+        let mut b = self.launch(&self.fp8_quantize);
+        b.arg(&out)
+            .arg(&scale)
+            .arg(&stats)
+            .arg(&p)
+            .arg(&x)
+            .arg(&n64);
+        // SAFETY: as fp8.cu documents: out holds n bytes (8-byte aligned), the scale slot one
+        // f32 after the `p` partials, x n elements of the dtype.
+        unsafe { b.launch(super::kernels::grid_rows(blocks, 256)) }
+            .map(drop)
+            .map_err(|e| device_err("launching fp8_quantize", e))
+    }
+}
