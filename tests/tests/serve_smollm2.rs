@@ -292,4 +292,13 @@ fn quantization_methods_we_do_not_run_are_refused_at_start_by_name() {
     assert!(err.contains("quantized with \"gptq\""), "{err}");
     let err = serve_refused(&["--model", &fixture.display().to_string(), "-q", "gguf"]);
     assert!(err.contains("--quantization gguf needs"), "{err}");
+    // FP8 runs on CUDA GPUs of compute capability 8.9 or newer, in bf16/f16 activations, on an
+    // unquantized checkpoint (the CPU worker's own refusal is a unit test of its backend).
+    let tiny = fixture.display().to_string();
+    let err = serve_refused(&["--model", &tiny, "-q", "fp8", "--device", "cpu"]);
+    assert!(err.contains("--device cpu"), "{err}");
+    let err = serve_refused(&["--model", &tiny, "-q", "fp8", "--dtype", "float32"]);
+    assert!(err.contains("--dtype float32"), "{err}");
+    let err = serve_refused(&["--model", &model, "-q", "fp8", "--device", "cuda"]);
+    assert!(err.contains("GGUF file"), "{err}");
 }

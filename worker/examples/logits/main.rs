@@ -102,7 +102,6 @@ fn main() -> anyhow::Result<()> {
         max_loras: u32::from(args.lora_adapter.is_some()),
         max_lora_rank: args.max_lora_rank,
         max_cpu_loras: 1,
-        ..Default::default()
     };
     group.on_all(move |_, r| r.load_model(&load))?;
     let adapter = args.lora_adapter.as_ref().map(|p| p.display().to_string());

@@ -328,3 +328,31 @@ fn total_memory_bytes() -> u64 {
         })
         .map_or(0, |kb| kb * 1024)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(quantization: &str, dtype: &str) -> Result<WeightMode> {
+        weight_mode(&pb::LoadModelRequest {
+            quantization: quantization.into(),
+            dtype: dtype.into(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn fp8_and_contradictions_are_refused_by_name() {
+        for dtype in ["auto", "float32"] {
+            let err = mode("fp8", dtype).expect_err("fp8 on the CPU").to_string();
+            assert!(err.contains("fp8") && err.contains("CPU backend"), "{err}");
+        }
+        let err = mode("gguf", "float32")
+            .expect_err("a contradiction")
+            .to_string();
+        assert!(err.contains("choose one"), "{err}");
+        assert!(matches!(mode("", "float32"), Ok(WeightMode::Float32)));
+        assert!(matches!(mode("none", "auto"), Ok(WeightMode::Float32)));
+        assert!(matches!(mode("gguf", "auto"), Ok(WeightMode::Quantized(_))));
+    }
+}

@@ -108,6 +108,9 @@ impl Shape {
     }
 }
 
+/// A weight `tune` times a shape on: its address and, for FP8 weights, the product's operands.
+pub type TuneWeight = (u64, Option<Fp8Operands>);
+
 /// One shape's measurement: microseconds per product for each candidate and row bucket.
 #[derive(Debug, Clone)]
 pub struct Timing {
@@ -233,7 +236,7 @@ impl Linear {
         &mut self,
         gpu: &Gpu,
         kernels: &Kernels,
-        shapes: &[(Shape, Vec<(u64, Option<Fp8Operands>)>)],
+        shapes: &[(Shape, Vec<TuneWeight>)],
         x: u64,
         y: u64,
     ) -> Result<Vec<Timing>> {

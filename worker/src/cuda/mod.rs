@@ -50,10 +50,9 @@ use self::device::{DeviceBuffer, Gpu};
 use self::forward::{
     forward, hidden_states, AttentionKind, AttentionPlan, Device, ForwardOutput, StepView,
 };
-use self::fp8::Fp8Operands;
 use self::graphs::{table_shape, DecodeGraphs};
 use self::kernels::Kernels;
-use self::linear::{Linear, Shape};
+use self::linear::{Linear, Shape, TuneWeight};
 use self::lora::LoraSlots;
 use self::model::{CudaModel, Dims, GpuKvCache, Layer, LinearWeight};
 use self::nccl::Nccl;
@@ -374,7 +373,7 @@ fn tune_linears(gpu: &Gpu, loaded: &mut Loaded) -> Result<()> {
         .fill_uniform(ws.act.ptr, rows * max_k, 0x5eed, -1.0, 1.0)?;
     let layers = || model.layers.iter().take(4);
     let fp8 = model.fp8();
-    let weights = |w: &dyn Fn(&Layer) -> &LinearWeight| -> Vec<(u64, Option<Fp8Operands>)> {
+    let weights = |w: &dyn Fn(&Layer) -> &LinearWeight| -> Vec<TuneWeight> {
         layers().map(|l| (w(l).data.ptr, w(l).fp8(ws))).collect()
     };
     let head = model.lm_head.as_ref().unwrap_or(&model.embed).ptr;
