@@ -8,6 +8,8 @@
 pub mod chat;
 pub mod config;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod gguf;
 pub mod gguf_tokenizer;
 pub mod lora;

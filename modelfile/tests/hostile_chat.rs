@@ -1,12 +1,13 @@
 //! Bounded property runs (the stable-toolchain form of fuzzing, run by `cargo test`): chat
 //! messages from a hostile client (template syntax, control characters, odd roles, long text)
 //! render through a ChatML template (SmolLM2's, which raises on nothing) as plain text, never as
-//! template code, and never panic. `PROPTEST_CASES` raises the count (docs/RELIABILITY.md).
+//! template code, and never panic. `PROPTEST_CASES` raises the count (docs/RELIABILITY.md). The
+//! property itself is `tpserve_modelfile::fuzzing::check_chatml_render`, shared with the
+//! libFuzzer target `fuzz/fuzz_targets/chat_template.rs`.
 
 use proptest::prelude::*;
-use tpserve_modelfile::{ChatMessage, ChatTemplate};
-
-const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+use tpserve_modelfile::fuzzing::check_chatml_render;
+use tpserve_modelfile::ChatMessage;
 
 /// Text a client might send to break out of its message.
 fn hostile_text() -> impl Strategy<Value = String> {
@@ -44,12 +45,6 @@ proptest! {
 
     #[test]
     fn hostile_messages_render_as_their_own_text(messages in messages(), generation: bool) {
-        let template = ChatTemplate::new(CHATML.to_string(), None, None).unwrap();
-        let text = template.render(&messages, generation).expect("ChatML renders any strings");
-        for m in &messages {
-            prop_assert!(text.contains(&m.content), "content rendered verbatim");
-            prop_assert!(text.contains(&m.role), "role rendered verbatim");
-        }
-        prop_assert_eq!(text.ends_with("<|im_start|>assistant\n"), generation);
+        check_chatml_render(&messages, generation);
     }
 }

@@ -9,6 +9,8 @@ pub mod comm;
 pub mod cpu;
 pub mod cuda;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod logging;
 pub mod lora;
 pub mod pooling;

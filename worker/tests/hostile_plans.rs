@@ -2,38 +2,13 @@
 //! worker's step-plan decoder (`Runner::step`: admission of new and running requests, frees,
 //! block tables, token ids, trace contexts) takes sequences of arbitrary plans on the tiny Llama
 //! fixture and answers each with a result or an error, never a panic, and still runs a valid
-//! plan afterwards. `PROPTEST_CASES` raises the count (docs/RELIABILITY.md).
+//! plan afterwards. `PROPTEST_CASES` raises the count (docs/RELIABILITY.md). The fixture and the
+//! property are in `tpserve_worker::fuzzing`, shared with the libFuzzer target
+//! `fuzz/fuzz_targets/step_plans.rs`.
 
 use proptest::prelude::*;
 use tpserve_proto as pb;
-use tpserve_worker::backend::DeviceChoice;
-use tpserve_worker::thread_group::ThreadGroup;
-
-fn tiny_llama() -> ThreadGroup {
-    let group = ThreadGroup::start(DeviceChoice::Cpu, 1, 1).unwrap();
-    let model = tpserve_e2e::repo_root().join("tests/fixtures/tiny-llama");
-    let load = pb::LoadModelRequest {
-        model_path: model.display().to_string(),
-        load_format: pb::LoadFormat::Auto as i32,
-        dtype: "auto".into(),
-        dummy_seed: 0,
-        batch_invariant: false,
-        ..Default::default()
-    };
-    group.on_all(move |_, r| r.load_model(&load)).unwrap();
-    let profile = pb::ProfileMemoryRequest {
-        block_size: 16,
-        kv_cache_bytes: 1 << 20,
-        gpu_memory_utilization: 0.9,
-        max_num_batched_tokens: 64,
-        max_num_seqs: 4,
-    };
-    group
-        .on_all(move |_, r| r.profile_memory(&profile))
-        .unwrap();
-    group.on_all(|_, r| r.init_cache(16, 16)).unwrap();
-    group
-}
+use tpserve_worker::fuzzing::{check_step_plans, tiny_llama};
 
 /// Small numbers mostly (so plans are often almost valid), sometimes anything.
 fn small() -> impl Strategy<Value = u32> {
@@ -98,26 +73,6 @@ fn plan() -> impl Strategy<Value = pb::StepPlan> {
         )
 }
 
-/// A plan that must run: one fresh request of 5 tokens on block 0, freeing every id used above.
-fn valid_plan(step_id: u64) -> pb::StepPlan {
-    pb::StepPlan {
-        step_id,
-        new_requests: vec![pb::NewRequest {
-            request_id: 100 + step_id,
-            token_ids: vec![1, 2, 3, 4, 5],
-            sampling: Some(tpserve_worker::sampler::SampleSpec::greedy().params),
-            block_ids: vec![0],
-            num_computed_tokens: 0,
-            num_scheduled_tokens: 5,
-            num_prompt_tokens: 5,
-            ..Default::default()
-        }],
-        running: Vec::new(),
-        freed_request_ids: (0..6).chain([99 + step_id]).collect(),
-        ..Default::default()
-    }
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
@@ -125,12 +80,12 @@ proptest! {
     fn arbitrary_plans_are_results_or_errors_and_a_valid_plan_runs_after(
         plans in prop::collection::vec(plan(), 1..5)
     ) {
-        let group = tiny_llama();
-        for (i, mut plan) in plans.into_iter().enumerate() {
-            plan.step_id = i as u64 + 1;
-            let _ = group.on_all(move |_, r| r.step(&plan));
-        }
-        let ok = group.on_all(|_, r| r.step(&valid_plan(1000)));
-        prop_assert!(ok.is_ok(), "{:?}", ok.err());
+        let group = tiny_llama(&tpserve_e2e::repo_root().join("tests/fixtures/tiny-llama"));
+        let plans = plans
+            .into_iter()
+            .enumerate()
+            .map(|(i, plan)| pb::StepPlan { step_id: i as u64 + 1, ..plan })
+            .collect();
+        check_step_plans(&group, plans);
     }
 }

@@ -35,8 +35,8 @@ mod structured;
 mod tokenize;
 mod validate;
 
-#[cfg(test)]
-mod fuzz;
+#[doc(hidden)]
+pub mod fuzz;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
