@@ -215,71 +215,50 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const W* _
     }
 }
 
+// ONE(M, R): the variant of M rows and R columns a warp with 2 chunks in flight, for weights in T
+// and in FP8 E4M3; DEEP(M, R, U): the same with U chunks in flight.
 #define TPSERVE_GEMV_ONE(SUFFIX, T, M, R)                                                     \
     extern "C" __global__ void __launch_bounds__(128) gemv_m##M##_r##R##_##SUFFIX(            \
         T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int rows,        \
         int n_out, int k) {                                                                   \
         gemv_impl<T, T, M, R, 2>(y, x, w, nullptr, rows, n_out, k);                           \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(128) gemv_fp8_m##M##_r##R##_##SUFFIX(        \
+        T* __restrict__ y, const T* __restrict__ x, const E4M3* __restrict__ w,               \
+        const float* __restrict__ w_scale, int rows, int n_out, int k) {                      \
+        gemv_impl<T, E4M3, M, R, 2>(y, x, w, w_scale, rows, n_out, k);                        \
     }
 #define TPSERVE_GEMV_DEEP(SUFFIX, T, M, R, U)                                                 \
     extern "C" __global__ void __launch_bounds__(128) gemv_m##M##_r##R##_u##U##_##SUFFIX(     \
         T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int rows,        \
         int n_out, int k) {                                                                   \
         gemv_impl<T, T, M, R, U>(y, x, w, nullptr, rows, n_out, k);                           \
-    }
-#define TPSERVE_GEMV_FP8_ONE(SUFFIX, T, M, R)                                                 \
-    extern "C" __global__ void __launch_bounds__(128) gemv_fp8_m##M##_r##R##_##SUFFIX(        \
-        T* __restrict__ y, const T* __restrict__ x, const E4M3* __restrict__ w,               \
-        const float* __restrict__ w_scale, int rows, int n_out, int k) {                      \
-        gemv_impl<T, E4M3, M, R, 2>(y, x, w, w_scale, rows, n_out, k);                        \
-    }
-#define TPSERVE_GEMV_FP8_DEEP(SUFFIX, T, M, R, U)                                             \
+    }                                                                                         \
     extern "C" __global__ void __launch_bounds__(128) gemv_fp8_m##M##_r##R##_u##U##_##SUFFIX( \
         T* __restrict__ y, const T* __restrict__ x, const E4M3* __restrict__ w,               \
         const float* __restrict__ w_scale, int rows, int n_out, int k) {                      \
         gemv_impl<T, E4M3, M, R, U>(y, x, w, w_scale, rows, n_out, k);                        \
     }
-// Every variant, for activations T: M rows, R columns a warp, 2 chunks in flight (ONE) or U
-// (DEEP), with weights in T and in FP8 E4M3.
-#define TPSERVE_GEMV(SUFFIX, T)               \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 1, 1)         \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 1, 2)         \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 1, 4)         \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 2, 1)         \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 2, 2)         \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 2, 4)         \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 4, 1)         \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 4, 2)         \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 4, 4)         \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 8, 1)         \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 8, 2)         \
-    TPSERVE_GEMV_ONE(SUFFIX, T, 8, 4)         \
-    TPSERVE_GEMV_DEEP(SUFFIX, T, 1, 1, 4)     \
-    TPSERVE_GEMV_DEEP(SUFFIX, T, 1, 1, 8)     \
-    TPSERVE_GEMV_DEEP(SUFFIX, T, 1, 2, 4)     \
-    TPSERVE_GEMV_DEEP(SUFFIX, T, 1, 2, 8)     \
-    TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 1, 4)     \
-    TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 1, 8)     \
-    TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 2, 4)     \
-    TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 2, 8)     \
-    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 1, 1)     \
-    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 1, 2)     \
-    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 1, 4)     \
-    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 2, 1)     \
-    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 2, 2)     \
-    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 2, 4)     \
-    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 4, 1)     \
-    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 4, 2)     \
-    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 4, 4)     \
-    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 8, 1)     \
-    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 8, 2)     \
-    TPSERVE_GEMV_FP8_ONE(SUFFIX, T, 8, 4)     \
-    TPSERVE_GEMV_FP8_DEEP(SUFFIX, T, 1, 1, 4) \
-    TPSERVE_GEMV_FP8_DEEP(SUFFIX, T, 1, 1, 8) \
-    TPSERVE_GEMV_FP8_DEEP(SUFFIX, T, 1, 2, 4) \
-    TPSERVE_GEMV_FP8_DEEP(SUFFIX, T, 1, 2, 8) \
-    TPSERVE_GEMV_FP8_DEEP(SUFFIX, T, 2, 1, 4) \
-    TPSERVE_GEMV_FP8_DEEP(SUFFIX, T, 2, 1, 8) \
-    TPSERVE_GEMV_FP8_DEEP(SUFFIX, T, 2, 2, 4) \
-    TPSERVE_GEMV_FP8_DEEP(SUFFIX, T, 2, 2, 8)
+// Every variant, for activations T.
+#define TPSERVE_GEMV(SUFFIX, T)           \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 1, 1)     \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 1, 2)     \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 1, 4)     \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 2, 1)     \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 2, 2)     \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 2, 4)     \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 4, 1)     \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 4, 2)     \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 4, 4)     \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 8, 1)     \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 8, 2)     \
+    TPSERVE_GEMV_ONE(SUFFIX, T, 8, 4)     \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 1, 1, 4) \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 1, 1, 8) \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 1, 2, 4) \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 1, 2, 8) \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 1, 4) \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 1, 8) \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 2, 4) \
+    TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 2, 8)
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_GEMV)
