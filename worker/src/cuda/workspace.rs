@@ -138,3 +138,31 @@ impl Workspace {
             .sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fp8_adds_room_for_the_widest_product_quantized_and_its_statistics() {
+        let d = Dims {
+            hidden: 64,
+            head_dim: 16,
+            q_heads: 4,
+            kv_heads: 2,
+            inter: 176,
+            qkv: 128,
+            vocab_per_rank: 256,
+            vocab_start: 0,
+            vocab_local: 256,
+            vocab: 256,
+            world_size: 1,
+        };
+        let plain = Workspace::bytes_for(&d, 10, 2, 0, false);
+        let fp8 = Workspace::bytes_for(&d, 10, 2, 0, true);
+        assert_eq!(plain[..15], fp8[..15]);
+        assert_eq!(plain[15..], [0, 0]);
+        // The widest K is the intermediate size (the down projection's input), one byte each.
+        assert_eq!(fp8[15..], [10 * 176, STATS_BYTES]);
+    }
+}
