@@ -12,11 +12,18 @@
 #   FUZZ_NICE         nice level of the runs (default 19: they take only idle CPU, so the
 #                     budget is CPU time, not wall time)
 #   FUZZ_LOG_DIR      where each batch's output goes (default target/fuzz-logs)
+#   FUZZ_BATCH        cases per batch for every target given (default: each target's own)
+#   TMPDIR            where the header targets write each case's scratch file (the readers map
+#                     files); default /dev/shm where it exists: on a disk, half of their CPU time
+#                     was the kernel's
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 budget=${FUZZ_CPU_SECONDS:-3600}
 nice_level=${FUZZ_NICE:-19}
+if [ -z "${TMPDIR:-}" ] && [ -d /dev/shm ] && [ -w /dev/shm ]; then
+    export TMPDIR=/dev/shm
+fi
 log_dir=${FUZZ_LOG_DIR:-target/fuzz-logs}
 mkdir -p "$log_dir"
 
@@ -50,6 +57,7 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
         print(m["executable"])' | tail -1)
     [ -x "$bin" ] || { echo "no test binary for $t" >&2; exit 1; }
+    [ -z "${FUZZ_BATCH:-}" ] || batch[$t]=$FUZZ_BATCH
     spent=0 cases=0 batches=0 failures=0
     while python3 -c "import sys; sys.exit(0 if $spent < $budget else 1)"; do
         log="$log_dir/$t-$batches.log"
