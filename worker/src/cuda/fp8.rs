@@ -19,8 +19,11 @@ use crate::error::Result;
 /// quantized tensor are `AMAX_BLOCKS` partial maxima followed by its scale.
 pub const AMAX_BLOCKS: usize = 264;
 
+/// Where a tensor's f32 scale lies in its statistics: after the partial maxima.
+pub const SCALE_OFFSET: usize = AMAX_BLOCKS * 4;
+
 /// Bytes of one tensor's quantization statistics: the partial maxima, then the f32 scale.
-pub const STATS_BYTES: usize = (AMAX_BLOCKS + 1) * 4;
+pub const STATS_BYTES: usize = SCALE_OFFSET + 4;
 
 /// The lowest compute capability that runs FP8.
 pub const MIN_COMPUTE_CAPABILITY: (i32, i32) = (8, 9);
@@ -39,14 +42,14 @@ pub struct Fp8Operands {
 impl Fp8Operands {
     /// Where the quantized activations' scale lands in `x_stats`.
     pub fn x_scale(&self) -> u64 {
-        self.x_stats + (AMAX_BLOCKS * 4) as u64
+        self.x_stats + SCALE_OFFSET as u64
     }
 }
 
 impl Kernels {
     /// Quantizes `n` elements of `x` (the dtype, 16-byte aligned, `n` a multiple of 8) to E4M3
     /// bytes at `out` with one scale (amax / 448), using `stats` ([`STATS_BYTES`]): the partial
-    /// maxima, then the scale at `stats + AMAX_BLOCKS * 4`.
+    /// maxima, then the scale at `stats + SCALE_OFFSET`.
     pub fn fp8_quantize(&self, out: u64, stats: u64, x: u64, n: usize) -> Result<()> {
         debug_assert!(n.is_multiple_of(8));
         let n64 = n as i64;
@@ -58,7 +61,7 @@ impl Kernels {
         // all), x holds n elements, 16-byte aligned, n a multiple of 8.
         unsafe { b.launch(super::kernels::grid_rows(blocks, 256)) }
             .map_err(|e| device_err("launching fp8_amax_partial", e))?;
-        let scale = stats + (AMAX_BLOCKS * 4) as u64;
+        let scale = stats + SCALE_OFFSET as u64;
         let p = blocks as i32;
         let mut b = self.launch(&self.fp8_quantize);
         b.arg(&out)

@@ -46,6 +46,12 @@ fn gemv_variants(rows: usize) -> Vec<LinearKernel> {
     out
 }
 
+/// The GEMV variant used where no timing chose one: 2 columns a warp, 2 chunks in flight.
+const PLAIN_GEMV: LinearKernel = LinearKernel::Gemv {
+    columns: 2,
+    unroll: 2,
+};
+
 /// How one product runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinearKernel {
@@ -167,27 +173,18 @@ impl Linear {
             // FP8 products of up to 8 rows are always the GEMV's (weight-only FP8), so their
             // numerics do not depend on what the timing chose.
             Pin::Cublas if !shape.fp8 => LinearKernel::Cublas,
-            Pin::Cublas | Pin::Gemv => LinearKernel::Gemv {
-                columns: 2,
-                unroll: 2,
-            },
+            Pin::Cublas | Pin::Gemv => PLAIN_GEMV,
             Pin::GemvDeep if b <= 2 => LinearKernel::Gemv {
                 columns: 1,
                 unroll: 8,
             },
-            Pin::GemvDeep => LinearKernel::Gemv {
-                columns: 2,
-                unroll: 2,
-            },
+            Pin::GemvDeep => PLAIN_GEMV,
             Pin::Measured => self
                 .choices
                 .get(&(shape, b))
                 .copied()
                 .unwrap_or(if shape.fp8 {
-                    LinearKernel::Gemv {
-                        columns: 2,
-                        unroll: 2,
-                    }
+                    PLAIN_GEMV
                 } else {
                     LinearKernel::Cublas
                 }),

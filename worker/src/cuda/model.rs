@@ -14,7 +14,7 @@
 use tpserve_modelfile::LlamaConfig;
 
 use super::device::{DeviceBuffer, Gpu};
-use super::fp8::{Fp8Operands, AMAX_BLOCKS, STATS_BYTES};
+use super::fp8::{Fp8Operands, SCALE_OFFSET, STATS_BYTES};
 use super::kernels::{attention_max_items, Dtype, Kernels, ELEM};
 use super::lora::LoraSlots;
 use super::workspace::Workspace;
@@ -55,7 +55,7 @@ impl LinearWeight {
     /// quantized activations: `None` for a weight in the dtype.
     pub fn fp8(&self, ws: &Workspace) -> Option<Fp8Operands> {
         self.fp8_stats.as_ref().map(|stats| Fp8Operands {
-            w_scale: stats.at(AMAX_BLOCKS * 4),
+            w_scale: stats.at(SCALE_OFFSET),
             x_q: ws.fp8_x.ptr,
             x_stats: ws.fp8_stats.ptr,
         })
