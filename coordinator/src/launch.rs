@@ -17,6 +17,7 @@ use crate::config::{EngineArgs, LoadFormat};
 use crate::engine::{start_engine, EngineConfig, EngineHandle, EngineStatus, GroupLink};
 use crate::error::StartError;
 use crate::metrics::Metrics;
+use crate::quantization::Checkpoint;
 use crate::scheduler::SchedulerConfig;
 use crate::served_model::ServedModel;
 use crate::structured::GrammarCompiler;
@@ -82,11 +83,15 @@ pub async fn launch(
     };
     let source = ModelSource::open(&args.model, format)?;
     let config = source.config().clone();
-    let quantization = match args.load_format {
-        // Random weights are plain floats whatever the flag asks.
-        LoadFormat::Dummy => crate::quantization::resolve(args.quantization.as_deref(), None)?,
-        _ => crate::quantization::resolve(args.quantization.as_deref(), source.quantization())?,
+    let checkpoint = match args.load_format {
+        // Random weights are plain floats whatever the checkpoint's config says.
+        LoadFormat::Dummy => Checkpoint::Plain,
+        _ => Checkpoint::of(&source),
     };
+    let quantization = crate::quantization::resolve(args.quantization.as_deref(), checkpoint)?;
+    if let Checkpoint::Fp8(Ok(scheme)) = checkpoint {
+        tracing::info!(scheme = %scheme.describe(), "FP8 checkpoint");
+    }
     let task = crate::task::resolve(
         args.task,
         args.override_pooler_config.as_deref(),
@@ -276,6 +281,16 @@ pub async fn launch(
     } else {
         String::new()
     };
+    if let (Checkpoint::Fp8(Ok(scheme)), "none") = (checkpoint, ready.quantization.as_str()) {
+        tracing::warn!(
+            "the FP8 checkpoint runs dequantized to {} on {} ({}): FP8 weights are multiplied as \
+             stored on CUDA GPUs of compute capability 8.9 or newer, with per-tensor or \
+             per-channel scales",
+            args.dtype,
+            ready.device,
+            scheme.describe()
+        );
+    }
     let task_line = match task.pooler() {
         Some(p) => format!(
             "task embed ({:?} pooling{})",

@@ -6,7 +6,12 @@
 //! GGUF is dequantized to the dtype at load, and an explicit `--quantization gguf` is refused by
 //! the CUDA worker); `fp8`, a bf16/f16 checkpoint's linear layers quantized to FP8 E4M3 at load
 //! (per-tensor scales, vLLM's online FP8) on CUDA GPUs of compute capability 8.9 or newer (the
-//! worker refuses older GPUs); `none`, everything dequantized to `--dtype`.
+//! worker refuses older GPUs); FP8 checkpoints (`quant_method` `fp8` or `compressed-tensors`,
+//! `tpserve_modelfile::quantization`), whose weights run as stored where the workers multiply
+//! FP8 and are dequantized to `--dtype` elsewhere (and when block-scaled); `none`, everything
+//! dequantized to `--dtype`.
+
+use tpserve_modelfile::{Fp8Checkpoint, ModelSource};
 
 use crate::error::StartError;
 
@@ -18,7 +23,6 @@ const NOT_YET: &[&str] = &[
     "gptq",
     "gptq_marlin",
     "marlin",
-    "compressed-tensors",
     "bitsandbytes",
     "fbgemm_fp8",
     "modelopt",
@@ -44,7 +48,7 @@ pub enum Quantization {
     Gguf,
     /// Dequantize everything to the dtype.
     None,
-    /// Linear weights quantized to FP8 E4M3 at load (CUDA).
+    /// Linear weights in FP8 E4M3 (CUDA): an FP8 checkpoint's as stored, else quantized at load.
     Fp8,
 }
 
@@ -65,14 +69,14 @@ fn refuse(detail: String) -> StartError {
 }
 
 /// What `--quantization` takes, for the refusals.
-const SUPPORTED: &str = "gguf on the CPU backend, fp8 on CUDA GPUs of compute capability 8.9 or \
-                         newer, none";
+const SUPPORTED: &str = "gguf on the CPU backend; fp8 (and compressed-tensors, for such FP8 \
+                         checkpoints) on CUDA GPUs of compute capability 8.9 or newer; none";
 
 /// Checks `--quantization` on its own and against `--dtype` and `--device` (no checkpoint
 /// needed).
 pub fn validate_flag(flag: Option<&str>, dtype: &str, device: &str) -> Result<(), StartError> {
     match flag {
-        None | Some("gguf" | "none" | "fp8") => {}
+        None | Some("gguf" | "none" | "fp8" | "compressed-tensors") => {}
         Some(m) if NOT_YET.contains(&m) => {
             return Err(refuse(format!(
                 "--quantization {m} is not supported by tpserve yet (supported: {SUPPORTED})"
@@ -84,19 +88,19 @@ pub fn validate_flag(flag: Option<&str>, dtype: &str, device: &str) -> Result<()
             )))
         }
     }
-    if flag == Some("fp8") && device == "cpu" {
-        return Err(refuse(
-            "--quantization fp8 runs on CUDA GPUs of compute capability 8.9 or newer, not on \
-             --device cpu (the CPU backend keeps GGUF files quantized: --quantization gguf)"
-                .into(),
-        ));
+    let fp8 = flag.filter(|m| matches!(*m, "fp8" | "compressed-tensors"));
+    if let (Some(m), "cpu") = (fp8, device) {
+        return Err(refuse(format!(
+            "--quantization {m} runs on CUDA GPUs of compute capability 8.9 or newer, not on \
+             --device cpu (the CPU backend keeps GGUF files quantized, --quantization gguf, and \
+             runs FP8 checkpoints dequantized: leave --quantization unset)"
+        )));
     }
-    if flag == Some("fp8") && matches!(dtype, "float32" | "float") {
-        return Err(refuse(
-            "--quantization fp8 multiplies FP8 weights into bfloat16 or float16 activations; \
+    if let (Some(m), "float32" | "float") = (fp8, dtype) {
+        return Err(refuse(format!(
+            "--quantization {m} multiplies FP8 weights into bfloat16 or float16 activations; \
              --dtype float32 is not one of them"
-                .into(),
-        ));
+        )));
     }
     if flag == Some("gguf") && matches!(dtype, "float32" | "float") {
         return Err(refuse(
@@ -108,43 +112,106 @@ pub fn validate_flag(flag: Option<&str>, dtype: &str, device: &str) -> Result<()
     Ok(())
 }
 
-/// The method to ask the workers for, given the flag and the checkpoint's own quantization
-/// (`ModelSource::quantization`: `gguf`, a `quant_method`, or `None`).
-pub fn resolve(flag: Option<&str>, checkpoint: Option<&str>) -> Result<Quantization, StartError> {
+/// What the checkpoint holds, as far as quantization goes.
+#[derive(Debug, Clone, Copy)]
+pub enum Checkpoint<'a> {
+    /// Plain floating-point weights (or `--load-format dummy`).
+    Plain,
+    /// A GGUF file, whatever its block types.
+    Gguf,
+    /// An FP8 checkpoint (`quant_method` fp8 or compressed-tensors): its scheme, or why we do not
+    /// read it.
+    Fp8(Result<&'a Fp8Checkpoint, &'a str>),
+    /// Another `quant_method`.
+    Other(&'a str),
+}
+
+impl<'a> Checkpoint<'a> {
+    /// The checkpoint of `source`.
+    pub fn of(source: &'a ModelSource) -> Self {
+        match (source.quantization(), source.fp8_scheme()) {
+            (None, _) => Self::Plain,
+            (Some("gguf"), _) => Self::Gguf,
+            (_, Some(scheme)) => Self::Fp8(scheme),
+            (Some(method), None) => Self::Other(method),
+        }
+    }
+}
+
+/// The method to ask the workers for, given the flag and the checkpoint.
+pub fn resolve(flag: Option<&str>, checkpoint: Checkpoint) -> Result<Quantization, StartError> {
+    use Checkpoint as C;
     match (checkpoint, flag) {
-        (Some("gguf"), None) => Ok(Quantization::Auto),
-        (Some("gguf"), Some("gguf")) => Ok(Quantization::Gguf),
-        (_, Some("none")) if checkpoint.is_none_or(|c| c == "gguf") => Ok(Quantization::None),
-        (None, Some("fp8")) => Ok(Quantization::Fp8),
-        (Some("gguf"), Some("fp8")) => Err(refuse(
+        (C::Gguf, None) => Ok(Quantization::Auto),
+        (C::Gguf, Some("gguf")) => Ok(Quantization::Gguf),
+        (C::Plain | C::Gguf, Some("none")) => Ok(Quantization::None),
+        (C::Plain, Some("fp8")) => Ok(Quantization::Fp8),
+        (C::Gguf, Some("fp8")) => Err(refuse(
             "--quantization fp8 quantizes a bfloat16/float16 checkpoint at load; this one is a \
              GGUF file, already quantized (on a GPU it is dequantized to --dtype: leave \
              --quantization unset)"
                 .into(),
         )),
-        (Some(method), _) => Err(refuse(format!(
-            "the checkpoint is quantized with {method:?} (config.json quantization_config), which \
-             tpserve does not run yet (supported: GGUF files, on the CPU kept quantized)"
+        (C::Gguf, Some(m)) => Err(refuse(format!(
+            "--quantization {m} does not fit a GGUF file (leave --quantization unset, or pass \
+             gguf or none)"
         ))),
-        (None, Some(m)) => Err(refuse(format!(
+        (C::Fp8(Err(why)), _) => Err(refuse(format!(
+            "the checkpoint's quantization_config is an FP8 form tpserve does not read: {why}"
+        ))),
+        // Where the workers multiply FP8 (CUDA, compute capability 8.9+) the checkpoint's FP8
+        // weights run as stored; elsewhere they are dequantized to --dtype.
+        (C::Fp8(Ok(_)), None) => Ok(Quantization::Auto),
+        (C::Fp8(Ok(_)), Some("none")) => Ok(Quantization::None),
+        (C::Fp8(Ok(s)), Some(m)) if m == "fp8" || m == s.method => match s.block() {
+            Some((r, c)) => Err(refuse(format!(
+                "--quantization {m}: this checkpoint's FP8 weights have {r} x {c} block scales, \
+                 which tpserve dequantizes to --dtype at load rather than multiplying in FP8 \
+                 (leave --quantization unset, or none)"
+            ))),
+            None => Ok(Quantization::Fp8),
+        },
+        (C::Fp8(Ok(s)), Some(m)) => Err(refuse(format!(
+            "--quantization {m} does not fit this checkpoint, which is quantized with {:?} \
+             ({}): leave --quantization unset, or pass {:?} or none",
+            s.method,
+            s.describe(),
+            s.method
+        ))),
+        (C::Other(method), _) => Err(refuse(format!(
+            "the checkpoint is quantized with {method:?} (config.json quantization_config), which \
+             tpserve does not run yet (supported: GGUF files, on the CPU kept quantized; FP8 \
+             checkpoints, quant_method fp8 or compressed-tensors)"
+        ))),
+        (C::Plain, Some(m)) => Err(refuse(format!(
             "--quantization {m} needs a checkpoint quantized that way; this one has no quantized \
              weights (use a .gguf file)"
         ))),
-        (None, None) => Ok(Quantization::None),
+        (C::Plain, None) => Ok(Quantization::None),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tpserve_modelfile::quantization::{Fp8ActivationScales, Fp8WeightScales};
 
     fn message(r: Result<impl std::fmt::Debug, StartError>) -> String {
         r.expect_err("refused").to_string()
     }
 
+    fn fp8(weights: Fp8WeightScales) -> Fp8Checkpoint {
+        Fp8Checkpoint {
+            method: "compressed-tensors".into(),
+            weights,
+            activations: Fp8ActivationScales::DynamicToken,
+            kv_cache_scales: false,
+        }
+    }
+
     #[test]
     fn methods_we_do_not_run_are_refused_by_name() {
-        for m in ["awq", "gptq", "compressed-tensors"] {
+        for m in ["awq", "gptq", "bitsandbytes"] {
             let msg = message(validate_flag(Some(m), "auto", "auto"));
             assert!(msg.contains(m) && msg.contains("not supported"), "{msg}");
         }
@@ -163,42 +230,65 @@ mod tests {
 
     #[test]
     fn fp8_is_for_cuda_with_half_precision_activations() {
-        for dtype in ["auto", "bfloat16", "float16"] {
-            assert!(validate_flag(Some("fp8"), dtype, "cuda").is_ok(), "{dtype}");
-            assert!(validate_flag(Some("fp8"), dtype, "auto").is_ok(), "{dtype}");
+        for m in ["fp8", "compressed-tensors"] {
+            for dtype in ["auto", "bfloat16", "float16"] {
+                assert!(validate_flag(Some(m), dtype, "cuda").is_ok(), "{m} {dtype}");
+                assert!(validate_flag(Some(m), dtype, "auto").is_ok(), "{m} {dtype}");
+            }
+            let msg = message(validate_flag(Some(m), "auto", "cpu"));
+            assert!(msg.contains("--device cpu") && msg.contains(m), "{msg}");
+            let msg = message(validate_flag(Some(m), "float32", "cuda"));
+            assert!(msg.contains("--dtype float32"), "{msg}");
         }
-        let msg = message(validate_flag(Some("fp8"), "auto", "cpu"));
-        assert!(msg.contains("--device cpu"), "{msg}");
-        let msg = message(validate_flag(Some("fp8"), "float32", "cuda"));
-        assert!(msg.contains("--dtype float32"), "{msg}");
-        assert_eq!(resolve(Some("fp8"), None).unwrap(), Quantization::Fp8);
-        let msg = message(resolve(Some("fp8"), Some("gguf")));
+        assert_eq!(
+            resolve(Some("fp8"), Checkpoint::Plain).unwrap(),
+            Quantization::Fp8
+        );
+        let msg = message(resolve(Some("fp8"), Checkpoint::Gguf));
         assert!(msg.contains("GGUF file"), "{msg}");
     }
 
     #[test]
     fn the_checkpoint_decides_what_the_flag_leaves_open() {
-        assert_eq!(resolve(None, Some("gguf")).unwrap(), Quantization::Auto);
+        use Checkpoint as C;
+        assert_eq!(resolve(None, C::Gguf).unwrap(), Quantization::Auto);
+        assert_eq!(resolve(Some("gguf"), C::Gguf).unwrap(), Quantization::Gguf);
+        assert_eq!(resolve(Some("none"), C::Gguf).unwrap(), Quantization::None);
+        assert_eq!(resolve(None, C::Plain).unwrap(), Quantization::None);
+        assert_eq!(resolve(Some("none"), C::Plain).unwrap(), Quantization::None);
+    }
+
+    #[test]
+    fn fp8_checkpoints_run_as_stored_or_dequantized() {
+        use Checkpoint as C;
+        let channel = fp8(Fp8WeightScales::Channel);
+        let ok = || C::Fp8(Ok(&channel));
+        assert_eq!(resolve(None, ok()).unwrap(), Quantization::Auto);
+        assert_eq!(resolve(Some("none"), ok()).unwrap(), Quantization::None);
+        for m in ["fp8", "compressed-tensors"] {
+            assert_eq!(resolve(Some(m), ok()).unwrap(), Quantization::Fp8, "{m}");
+        }
+        let msg = message(resolve(Some("gguf"), ok()));
+        assert!(msg.contains("\"compressed-tensors\""), "{msg}");
+        let blocks = fp8(Fp8WeightScales::Block(128, 128));
         assert_eq!(
-            resolve(Some("gguf"), Some("gguf")).unwrap(),
-            Quantization::Gguf
+            resolve(None, C::Fp8(Ok(&blocks))).unwrap(),
+            Quantization::Auto
         );
-        assert_eq!(
-            resolve(Some("none"), Some("gguf")).unwrap(),
-            Quantization::None
-        );
-        assert_eq!(resolve(None, None).unwrap(), Quantization::None);
-        assert_eq!(resolve(Some("none"), None).unwrap(), Quantization::None);
+        let msg = message(resolve(Some("fp8"), C::Fp8(Ok(&blocks))));
+        assert!(msg.contains("128 x 128 block scales"), "{msg}");
+        let msg = message(resolve(None, C::Fp8(Err("format \"pack-quantized\""))));
+        assert!(msg.contains("pack-quantized"), "{msg}");
     }
 
     #[test]
     fn quantized_hf_checkpoints_and_mismatched_flags_are_refused_by_name() {
+        use Checkpoint as C;
         for (flag, checkpoint, needle) in [
-            (None, Some("awq"), "\"awq\""),
-            (Some("none"), Some("gptq"), "\"gptq\""),
-            (Some("gguf"), Some("fp8"), "\"fp8\""),
-            (Some("fp8"), Some("fp8"), "\"fp8\""),
-            (Some("gguf"), None, "--quantization gguf needs"),
+            (None, C::Other("awq"), "\"awq\""),
+            (Some("none"), C::Other("gptq"), "\"gptq\""),
+            (Some("compressed-tensors"), C::Gguf, "GGUF file"),
+            (Some("gguf"), C::Plain, "--quantization gguf needs"),
         ] {
             let msg = message(resolve(flag, checkpoint));
             assert!(msg.contains(needle), "{flag:?} {checkpoint:?}: {msg}");

@@ -1,6 +1,8 @@
 // FP8 E4M3 quantization with one f32 scale per tensor (issue 12's `--quantization fp8`): each
 // linear weight once at load, and for products of more rows than the GEMV kernel takes, the
-// activations of each product (a dynamic per-tensor scale) before cuBLASLt's FP8 GEMM.
+// activations of each product (a dynamic per-tensor scale, or an FP8 checkpoint's static one:
+// the quantizing kernel alone, given one "partial maximum" of 448 times that scale) before
+// cuBLASLt's FP8 GEMM.
 //
 // A tensor's scale is amax / 448 (448 is E4M3's largest finite value), its elements x / scale
 // rounded to the nearest E4M3 value (ties to even) and saturated at +-448: vLLM's
@@ -117,6 +119,33 @@ __device__ void fp8_quantize_impl(unsigned char* __restrict__ out, float* __rest
     }
 }
 
+// fp8_scale_columns_{bf16,f16}: y[i, j] = y[i, j] * scales[j], for cuBLASLt builds whose FP8 GEMM
+// takes no per-row weight scales (the GEMM then runs with a scale of 1 and this applies the
+// weight's per-output-row scales to its result's columns).
+//
+// Arguments:
+//   y       T   [rows, cols]  read and written, 16-byte aligned
+//   scales  f32 [cols]        read only
+//   n       i64               rows * cols
+//   cols    i32               a multiple of 8
+// Launch: grid (any, 1, 1); block (256, 1, 1).
+template <typename T>
+__device__ void fp8_scale_columns_impl(T* __restrict__ y, const float* __restrict__ scales,
+                                       long long n, int cols) {
+    tpserve::wait_for_inputs();
+    const long long stride = (long long)gridDim.x * blockDim.x * 8;
+    for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8; i < n; i += stride) {
+        uint4 v = *reinterpret_cast<const uint4*>(y + i);
+        T* e = reinterpret_cast<T*>(&v);
+        const int col = (int)(i % cols);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            e[j] = tpserve::from_float<T>(tpserve::to_float(e[j]) * scales[col + j]);
+        }
+        *reinterpret_cast<uint4*>(y + i) = v;
+    }
+}
+
 #define TPSERVE_FP8(SUFFIX, T)                                                                \
     extern "C" __global__ void __launch_bounds__(256) fp8_amax_partial_##SUFFIX(              \
         float* __restrict__ partial, const T* __restrict__ x, long long n) {                  \
@@ -126,5 +155,9 @@ __device__ void fp8_quantize_impl(unsigned char* __restrict__ out, float* __rest
         unsigned char* __restrict__ out, float* __restrict__ scale_out,                       \
         const float* __restrict__ partial, int p, const T* __restrict__ x, long long n) {     \
         fp8_quantize_impl<T>(out, scale_out, partial, p, x, n);                               \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256) fp8_scale_columns_##SUFFIX(             \
+        T* __restrict__ y, const float* __restrict__ scales, long long n, int cols) {         \
+        fp8_scale_columns_impl<T>(y, scales, n, cols);                                        \
     }
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_FP8)

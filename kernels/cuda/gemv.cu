@@ -113,8 +113,9 @@ constexpr int kWarps = 4;  // warps per block
 // instead of 2, for the smaller matrices (a few thousand rows), whose warps otherwise spend
 // the kernel waiting on a short chain of loads rather than streaming.
 // gemv_fp8_*: the same variants for FP8 E4M3 weights (issue 12's `--quantization fp8`):
-// y[m, n] = w_scale * sum_k x[m, k] * w[n, k], x in T (weight-only FP8: the activations are not
-// quantized for these few-row products).
+// y[m, n] = w_scale[n or 0] * sum_k x[m, k] * w[n, k], x in T (weight-only FP8: the activations
+// are not quantized for these few-row products); one scale per tensor, or per output row (an FP8
+// checkpoint's per-channel scales, or per-tensor scales of fused q/k/v or gate/up).
 //
 // Each warp owns R consecutive output columns n (rows of w) and walks K with one 16-byte load
 // of each weight row per lane per chunk (256 elements of T, or 512 of FP8 weights, a warp), U
@@ -129,14 +130,16 @@ constexpr int kWarps = 4;  // warps per block
 //   y        T  [rows, n_out]   written
 //   x        T  [rows, k]       read only
 //   w        T or E4M3 [n_out, k]  read only (PyTorch's Linear weight layout)
-//   w_scale  f32 [1]            read only (FP8 kernels only: the weight's per-tensor scale)
+//   w_scale  f32 [1] or [n_out]  read only (FP8 kernels only: the weight's scale, or its rows')
+//   w_scale_per_row  i32        0: one scale; 1: one per output row (FP8 kernels only)
 //   rows     i32                1..=M
 //   n_out    i32
 //   k        i32                a multiple of 8 (of 16 for FP8 weights); x, w 16-byte aligned
 // Launch: grid (ceil(n_out / (4 * R)), 1, 1); block (128, 1, 1).
 template <typename T, typename W, int M, int R, int kUnroll>
 __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const W* __restrict__ w,
-                          const float* __restrict__ w_scale, int rows, int n_out, int k) {
+                          const float* __restrict__ w_scale, int w_scale_per_row, int rows,
+                          int n_out, int k) {
     using Load = WeightLoad<T, W>;
     constexpr int kPerLane = Load::kElements;   // elements of K per 16-byte weight load
     constexpr int kXLoads = kPerLane / 8;       // 16-byte loads of x per weight load
@@ -202,13 +205,14 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const W* _
             }
         }
     }
-    const float scale = w_scale != nullptr ? *w_scale : 1.0f;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
 #pragma unroll
         for (int m = 0; m < M; ++m) {
             const float total = tpserve::warp_reduce_sum(acc[r][m]);
             if (lane == ((r * M + m) & 31) && m < rows && n0 + r < n_out) {
+                const float scale =
+                    w_scale != nullptr ? w_scale[w_scale_per_row ? n0 + r : 0] : 1.0f;
                 y[(long long)m * n_out + n0 + r] = tpserve::from_float<T>(total * scale);
             }
         }
@@ -221,23 +225,23 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const W* _
     extern "C" __global__ void __launch_bounds__(128) gemv_m##M##_r##R##_##SUFFIX(            \
         T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int rows,        \
         int n_out, int k) {                                                                   \
-        gemv_impl<T, T, M, R, 2>(y, x, w, nullptr, rows, n_out, k);                           \
+        gemv_impl<T, T, M, R, 2>(y, x, w, nullptr, 0, rows, n_out, k);                           \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(128) gemv_fp8_m##M##_r##R##_##SUFFIX(        \
         T* __restrict__ y, const T* __restrict__ x, const E4M3* __restrict__ w,               \
-        const float* __restrict__ w_scale, int rows, int n_out, int k) {                      \
-        gemv_impl<T, E4M3, M, R, 2>(y, x, w, w_scale, rows, n_out, k);                        \
+        const float* __restrict__ w_scale, int w_scale_per_row, int rows, int n_out, int k) { \
+        gemv_impl<T, E4M3, M, R, 2>(y, x, w, w_scale, w_scale_per_row, rows, n_out, k);       \
     }
 #define TPSERVE_GEMV_DEEP(SUFFIX, T, M, R, U)                                                 \
     extern "C" __global__ void __launch_bounds__(128) gemv_m##M##_r##R##_u##U##_##SUFFIX(     \
         T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int rows,        \
         int n_out, int k) {                                                                   \
-        gemv_impl<T, T, M, R, U>(y, x, w, nullptr, rows, n_out, k);                           \
+        gemv_impl<T, T, M, R, U>(y, x, w, nullptr, 0, rows, n_out, k);                           \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(128) gemv_fp8_m##M##_r##R##_u##U##_##SUFFIX( \
         T* __restrict__ y, const T* __restrict__ x, const E4M3* __restrict__ w,               \
-        const float* __restrict__ w_scale, int rows, int n_out, int k) {                      \
-        gemv_impl<T, E4M3, M, R, U>(y, x, w, w_scale, rows, n_out, k);                        \
+        const float* __restrict__ w_scale, int w_scale_per_row, int rows, int n_out, int k) { \
+        gemv_impl<T, E4M3, M, R, U>(y, x, w, w_scale, w_scale_per_row, rows, n_out, k);       \
     }
 // Every variant, for activations T.
 #define TPSERVE_GEMV(SUFFIX, T)           \

@@ -281,6 +281,8 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "fp8_amax_partial_f16",
             "fp8_quantize_bf16",
             "fp8_quantize_f16",
+            "fp8_scale_columns_bf16",
+            "fp8_scale_columns_f16",
         ],
     ),
     ("gemm_bi.cu", &["gemm_bi_bf16", "gemm_bi_f16"]),

@@ -13,6 +13,7 @@ pub mod fuzzing;
 mod gguf;
 pub mod gguf_tokenizer;
 pub mod lora;
+pub mod quantization;
 pub mod source;
 pub mod weights;
 
@@ -20,5 +21,6 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use lora::{LoraAdapter, LoraModule, Projection};
+pub use quantization::Fp8Checkpoint;
 pub use source::{Format, GenerationDefaults, ModelSource};
-pub use weights::{QuantizedTensor, WeightReader};
+pub use weights::{Fp8Scale, Fp8Tensor, QuantizedTensor, WeightReader};

@@ -16,6 +16,7 @@ use crate::chat::ChatTemplate;
 use crate::config::{merge_ids, token_ids, LlamaConfig};
 use crate::error::{Error, Result};
 use crate::gguf::{meta_str, GgufFile};
+use crate::quantization::Fp8Checkpoint;
 use crate::weights::{GgufReader, SafetensorsReader, WeightReader};
 
 /// How a model is stored.
@@ -61,8 +62,8 @@ pub struct GenerationDefaults {
 enum Inner {
     HfDir {
         generation: GenerationDefaults,
-        /// `quantization_config.quant_method` of config.json, when the checkpoint has one.
-        quant_method: Option<String>,
+        /// config.json's `quantization_config`, when the checkpoint has one.
+        quant: Option<CheckpointQuantization>,
     },
     Gguf(Arc<GgufFile>),
 }
@@ -99,16 +100,25 @@ fn read_json_if_exists(path: &Path) -> Result<Option<Json>> {
 }
 
 /// A special token in `tokenizer_config.json`: a string, or an `AddedToken` object.
-/// `quantization_config.quant_method` of a config.json's text (already parsed once as valid).
-fn quant_method(config_json: &str) -> Option<String> {
+/// A checkpoint's `quantization_config`: its `quant_method`, and for the FP8 methods the scheme
+/// (or why we do not read it).
+struct CheckpointQuantization {
+    method: String,
+    fp8: Option<std::result::Result<Fp8Checkpoint, String>>,
+}
+
+/// The `quantization_config` of a config.json's text (already parsed once as valid).
+fn checkpoint_quantization(config_json: &str) -> Option<CheckpointQuantization> {
     let j: Json = serde_json::from_str(config_json).ok()?;
     let q = j.get("quantization_config")?;
-    Some(
-        q.get("quant_method")
+    Some(CheckpointQuantization {
+        method: q
+            .get("quant_method")
             .and_then(Json::as_str)
             .unwrap_or("unknown (quantization_config without quant_method)")
             .to_string(),
-    )
+        fp8: crate::quantization::fp8_scheme(q),
+    })
 }
 
 fn token_content(j: &Json, key: &str) -> Option<String> {
@@ -169,7 +179,7 @@ impl ModelSource {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let mut config = LlamaConfig::from_hf_json(&text)?;
-        let quant_method = quant_method(&text);
+        let quant = checkpoint_quantization(&text);
         let mut generation = GenerationDefaults::default();
         if let Some(g) = read_json_if_exists(&dir.join("generation_config.json"))? {
             merge_ids(&mut config.eos_token_ids, token_ids(&g, "eos_token_id")?);
@@ -182,10 +192,7 @@ impl ModelSource {
             path: dir.to_path_buf(),
             format: Format::Safetensors,
             config,
-            inner: Inner::HfDir {
-                generation,
-                quant_method,
-            },
+            inner: Inner::HfDir { generation, quant },
         })
     }
 
@@ -322,14 +329,35 @@ impl ModelSource {
     /// `gptq`, `compressed-tensors`, ...), or `None` for plain floating-point weights.
     pub fn quantization(&self) -> Option<&str> {
         match &self.inner {
-            Inner::HfDir { quant_method, .. } => quant_method.as_deref(),
+            Inner::HfDir { quant, .. } => quant.as_ref().map(|q| q.method.as_str()),
             Inner::Gguf(_) => Some("gguf"),
+        }
+    }
+
+    /// The FP8 scheme of a checkpoint quantized with `fp8` or `compressed-tensors`
+    /// ([`crate::quantization`]): `None` for any other checkpoint, `Some(Err(why))` for a form
+    /// of those methods that tpserve does not read.
+    pub fn fp8_scheme(&self) -> Option<std::result::Result<&Fp8Checkpoint, &str>> {
+        match &self.inner {
+            Inner::HfDir {
+                quant: Some(CheckpointQuantization { fp8: Some(s), .. }),
+                ..
+            } => Some(s.as_ref().map_err(String::as_str)),
+            _ => None,
         }
     }
 
     pub fn weights(&self) -> Result<Box<dyn WeightReader>> {
         match &self.inner {
-            Inner::HfDir { .. } => Ok(Box::new(SafetensorsReader::open_dir(&self.path)?)),
+            Inner::HfDir { .. } => {
+                let block = self
+                    .fp8_scheme()
+                    .and_then(|s| s.ok())
+                    .and_then(Fp8Checkpoint::block);
+                Ok(Box::new(
+                    SafetensorsReader::open_dir(&self.path)?.with_fp8_block(block),
+                ))
+            }
             Inner::Gguf(file) => Ok(Box::new(GgufReader::new(file.clone(), &self.config))),
         }
     }

@@ -3,17 +3,20 @@
 //! `model.safetensors.index.json`) and [`GgufReader`] (one GGUF file, dequantized by candle).
 //!
 //! Invariants: every name a reader lists can be read; shapes are in Hugging Face (PyTorch,
-//! row-major) order; every tensor comes back as f32 on `Device::Cpu`; files are mapped once when
+//! row-major) order; every tensor comes back as f32 on `Device::Cpu` (FP8 weights multiplied by
+//! their scales, [`fp8`]); files are mapped once when
 //! the reader is built and never re-parsed. GGUF q/k projections come back un-permuted (see
 //! [`crate::gguf`]), so the worker can use rotate-half RoPE for every format. Costs: safetensors
 //! reads copy and convert only the requested bytes from the mapping; GGUF reads dequantize the
 //! whole tensor (a slice narrows afterwards), about one f32 copy of the tensor, and GGUF's
 //! quantized tensors can also be read as their blocks ([`WeightReader::read_quantized`]).
 
+pub mod fp8;
 mod gguf_reader;
 mod quantized;
 mod safetensors_reader;
 
+pub use fp8::{Fp8Scale, Fp8Tensor};
 pub use gguf_reader::GgufReader;
 pub use quantized::QuantizedTensor;
 pub use safetensors_reader::SafetensorsReader;
@@ -44,6 +47,17 @@ pub trait WeightReader: Send + Sync {
     /// when it is not stored quantized (safetensors, or GGUF F32/F16/BF16).
     fn read_quantized(&self, name: &str) -> Result<Option<QuantizedTensor>> {
         let _ = name;
+        Ok(None)
+    }
+    /// The 2-D weight `name` (or its slice `(dim, start, len)`) as stored in FP8 E4M3 with
+    /// per-tensor or per-row scales ([`fp8`]), or `None` when it is not stored so (any other
+    /// dtype, or block scales, which only `read` dequantizes).
+    fn read_fp8(
+        &self,
+        name: &str,
+        slice: Option<(usize, usize, usize)>,
+    ) -> Result<Option<Fp8Tensor>> {
+        let _ = (name, slice);
         Ok(None)
     }
 }

@@ -9,7 +9,9 @@ use std::ops::Range;
 use std::path::Path;
 
 use rand::{Rng, SeedableRng};
-use tpserve_modelfile::{Format, LlamaConfig, ModelSource, QuantizedTensor, WeightReader};
+use tpserve_modelfile::{
+    Format, Fp8Tensor, LlamaConfig, ModelSource, QuantizedTensor, WeightReader,
+};
 use tpserve_proto as pb;
 use tpserve_term::progress::{Task, Unit};
 
@@ -318,6 +320,18 @@ impl WeightReader for Counted<'_> {
         }
         t
     }
+
+    fn read_fp8(
+        &self,
+        name: &str,
+        slice: Option<(usize, usize, usize)>,
+    ) -> tpserve_modelfile::Result<Option<Fp8Tensor>> {
+        let t = self.inner.read_fp8(name, slice);
+        if matches!(t, Ok(Some(_))) {
+            self.task.inc(1);
+        }
+        t
+    }
 }
 
 /// The config of a `dummy` model: `path` is a config.json or a directory holding one.
@@ -352,13 +366,15 @@ fn checkpoint_format(load_format: i32) -> Option<Format> {
 /// What a load request asks of the weights' quantization (`LoadModelRequest.quantization`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantizationRequest {
-    /// Keep GGUF blocks where the backend runs them, else dequantize.
+    /// Keep GGUF blocks, or an FP8 checkpoint's FP8 weights, where the backend runs them, else
+    /// dequantize.
     Auto,
     /// Keep GGUF blocks; refused where the backend cannot.
     Gguf,
     /// Dequantize everything.
     None,
-    /// Linear weights to FP8 E4M3 at load, per-tensor scales (CUDA, compute capability 8.9+).
+    /// Linear weights in FP8 E4M3: an FP8 checkpoint's as stored, others quantized at load
+    /// with per-tensor scales (CUDA, compute capability 8.9+).
     Fp8,
 }
 

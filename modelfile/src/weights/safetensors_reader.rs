@@ -1,5 +1,5 @@
 //! Safetensors weights: one file or a sharded set, memory-mapped; F32, F16 and BF16 converted to
-//! f32 on read.
+//! f32 on read, FP8 E4M3 weights dequantized with their scales (`fp8.rs`) or read as stored.
 //!
 //! Invariants: every listed tensor's byte range was checked against its shard's mapping when the
 //! reader was built, so reads cannot run past a file; a name appears in exactly one shard.
@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use safetensors::{Dtype, SafeTensors};
 
+use super::fp8::{e4m3_to_f32, scale_names, Fp8Scale, Fp8Tensor, StoredScales};
 use super::{check_slice, WeightReader};
 use crate::error::{Error, Result};
 
@@ -33,12 +34,15 @@ struct Entry {
 pub struct SafetensorsReader {
     shards: Vec<Shard>,
     tensors: HashMap<String, Entry>,
+    /// The block size of `weight_scale_inv` scales (`weight_block_size`), when not 128 x 128.
+    fp8_block: Option<(usize, usize)>,
 }
 
 fn elem_size(dtype: Dtype) -> Option<usize> {
     match dtype {
         Dtype::F32 => Some(4),
         Dtype::F16 | Dtype::BF16 => Some(2),
+        Dtype::F8_E4M3 => Some(1),
         _ => None,
     }
 }
@@ -61,6 +65,7 @@ fn extend_f32(out: &mut Vec<f32>, dtype: Dtype, bytes: &[u8]) {
                 .chunks_exact(2)
                 .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
         ),
+        Dtype::F8_E4M3 => out.extend(bytes.iter().map(|&b| e4m3_to_f32(b))),
         // `open_*` rejects every other dtype before a read can happen.
         _ => {}
     }
@@ -72,6 +77,7 @@ impl SafetensorsReader {
         let mut reader = SafetensorsReader {
             shards: Vec::new(),
             tensors: HashMap::new(),
+            fp8_block: None,
         };
         reader.add_shard(path)?;
         Ok(reader)
@@ -100,6 +106,7 @@ impl SafetensorsReader {
         let mut reader = SafetensorsReader {
             shards: Vec::new(),
             tensors: HashMap::new(),
+            fp8_block: None,
         };
         for file in &files {
             reader.add_shard(&dir.join(file))?;
@@ -219,6 +226,75 @@ impl SafetensorsReader {
             name: name.to_string(),
         })
     }
+
+    /// Sets the block size of block-scaled FP8 weights (`weight_scale_inv`; the checkpoint's
+    /// `weight_block_size`, 128 x 128 when unset).
+    pub fn with_fp8_block(mut self, block: Option<(usize, usize)>) -> Self {
+        self.fp8_block = block;
+        self
+    }
+
+    /// The bytes of the slice `start..start + len` along `dim`, in row-major order, and its shape.
+    fn slice_bytes(
+        &self,
+        name: &str,
+        dim: usize,
+        start: usize,
+        len: usize,
+    ) -> Result<(&Entry, Vec<u8>, Vec<usize>)> {
+        let e = self.entry(name)?;
+        let mmap = &self.shards[e.shard].mmap;
+        let size = elem_size(e.dtype).unwrap_or(4);
+        if e.shape.is_empty() {
+            // A scalar: one element, no dimension to slice along.
+            return Ok((e, mmap[e.start..e.start + size].to_vec(), Vec::new()));
+        }
+        check_slice(name, &e.shape, dim, start, len)?;
+        // Offsets were checked against the mapping at open, and the slice against the shape.
+        let outer: usize = e.shape[..dim].iter().product();
+        let inner: usize = e.shape[dim + 1..].iter().product();
+        let dim_size = e.shape[dim];
+        let row_bytes = inner * size;
+        let mut out = Vec::with_capacity(outer * len * row_bytes);
+        for o in 0..outer {
+            let from = e.start + (o * dim_size + start) * row_bytes;
+            out.extend_from_slice(&mmap[from..from + len * row_bytes]);
+        }
+        let mut shape = e.shape.clone();
+        shape[dim] = len;
+        Ok((e, out, shape))
+    }
+
+    /// The whole tensor `name` as f32 values (no FP8 scaling), if it exists.
+    fn values(&self, name: &str) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
+        let Some(e) = self.tensors.get(name) else {
+            return Ok(None);
+        };
+        let rows = e.shape.first().copied().unwrap_or(1);
+        let (e, bytes, shape) = self.slice_bytes(name, 0, 0, rows)?;
+        let mut out = Vec::new();
+        extend_f32(&mut out, e.dtype, &bytes);
+        Ok(Some((out, shape)))
+    }
+
+    /// The scales of the FP8 weight `name` of shape `shape`: `weight_scale`, or `weight_scale_inv`.
+    fn fp8_scales(&self, name: &str, shape: &[usize]) -> Result<StoredScales> {
+        let Some([scale, scale_inv, _]) = scale_names(name) else {
+            return Err(Error::tensor(
+                name,
+                "an FP8 tensor that is not a layer's weight",
+            ));
+        };
+        for scale_name in [scale, scale_inv] {
+            if let Some((values, scale_shape)) = self.values(&scale_name)? {
+                return StoredScales::new(&scale_name, values, &scale_shape, shape, self.fp8_block);
+            }
+        }
+        Err(Error::tensor(
+            name,
+            "FP8 E4M3 without a `weight_scale` or `weight_scale_inv` tensor beside it",
+        ))
+    }
 }
 
 impl WeightReader for SafetensorsReader {
@@ -237,37 +313,57 @@ impl WeightReader for SafetensorsReader {
     }
 
     fn read(&self, name: &str) -> Result<Tensor> {
-        let e = self.entry(name)?;
-        match e.shape.first() {
-            Some(&rows) => self.read_slice(name, 0, 0, rows),
-            None => {
-                // A scalar: one element, no dimension to slice along.
-                let size = elem_size(e.dtype).unwrap_or(4);
-                let bytes = &self.shards[e.shard].mmap[e.start..e.start + size];
-                let mut out = Vec::with_capacity(1);
-                extend_f32(&mut out, e.dtype, bytes);
-                Tensor::from_vec(out, (), &Device::Cpu).map_err(|err| Error::tensor(name, err))
-            }
-        }
+        let rows = self.entry(name)?.shape.first().copied().unwrap_or(1);
+        self.read_slice(name, 0, 0, rows)
     }
 
     fn read_slice(&self, name: &str, dim: usize, start: usize, len: usize) -> Result<Tensor> {
-        let e = self.entry(name)?;
-        check_slice(name, &e.shape, dim, start, len)?;
-        let size = elem_size(e.dtype).unwrap_or(4);
-        // Offsets were checked against the mapping at open, and the slice against the shape.
-        let outer: usize = e.shape[..dim].iter().product();
-        let inner: usize = e.shape[dim + 1..].iter().product();
-        let dim_size = e.shape[dim];
-        let row_bytes = inner * size;
-        let mmap = &self.shards[e.shard].mmap;
-        let mut out = Vec::with_capacity(outer * len * inner);
-        for o in 0..outer {
-            let from = e.start + (o * dim_size + start) * row_bytes;
-            extend_f32(&mut out, e.dtype, &mmap[from..from + len * row_bytes]);
+        let (e, bytes, shape) = self.slice_bytes(name, dim, start, len)?;
+        let mut out = Vec::with_capacity(bytes.len());
+        extend_f32(&mut out, e.dtype, &bytes);
+        if e.dtype == Dtype::F8_E4M3 {
+            self.fp8_scales(name, &e.shape)?
+                .apply(&mut out, &e.shape, dim, start);
         }
-        let mut shape = e.shape.clone();
-        shape[dim] = len;
         Tensor::from_vec(out, shape, &Device::Cpu).map_err(|err| Error::tensor(name, err))
+    }
+
+    fn read_fp8(
+        &self,
+        name: &str,
+        slice: Option<(usize, usize, usize)>,
+    ) -> Result<Option<Fp8Tensor>> {
+        let e = self.entry(name)?;
+        if e.dtype != Dtype::F8_E4M3 || e.shape.len() != 2 {
+            return Ok(None);
+        }
+        let scales = self.fp8_scales(name, &e.shape)?;
+        let (dim, start, len) = slice.unwrap_or((0, 0, e.shape[0]));
+        let (_, data, shape) = self.slice_bytes(name, dim, start, len)?;
+        let scale = match scales {
+            StoredScales::Tensor(s) => Fp8Scale::Tensor(s),
+            StoredScales::Rows(v) if dim == 0 => Fp8Scale::Rows(v[start..start + len].to_vec()),
+            StoredScales::Rows(v) => Fp8Scale::Rows(v),
+            // Block scales are dequantized (`read`) by backends that multiply per-row scales.
+            StoredScales::Blocks { .. } => return Ok(None),
+        };
+        let [_, _, input] = scale_names(name).expect("an FP8 weight's name ends in .weight");
+        let input_scale = match self.values(&input)? {
+            Some((v, _)) if v.len() == 1 && v[0].is_finite() && v[0] > 0.0 => Some(v[0]),
+            Some((v, shape)) => {
+                return Err(Error::tensor(
+                    &input,
+                    format!("an activation scale of shape {shape:?} ({} values): expected one positive value", v.len()),
+                ))
+            }
+            None => None,
+        };
+        Ok(Some(Fp8Tensor {
+            rows: shape[0],
+            cols: shape[1],
+            data,
+            scale,
+            input_scale,
+        }))
     }
 }

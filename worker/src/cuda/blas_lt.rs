@@ -1,6 +1,10 @@
 //! FP8 matrix products through cuBLASLt (`--quantization fp8`, products above the GEMV's 8
-//! rows): `y[n, m] = (sx x_q[n, k]) (sw W_q[m, k])^T` with E4M3 operands, per-tensor scales read
-//! from device memory at run time, f32 accumulation, `y` in the activation dtype.
+//! rows): `y[n, m] = (sx x_q[n, k]) (sw W_q[m, k])^T` with E4M3 operands, scales read from
+//! device memory at run time (the activations' per tensor; the weight's per tensor, or per
+//! output row through cuBLASLt's outer-vector scaling, CUDA 12.9+ on Hopper), f32 accumulation,
+//! `y` in the activation dtype. Where cuBLASLt has no outer-vector algorithm for a shape the
+//! product runs with a weight scale of 1 and the caller applies the rows' scales
+//! ([`RowScales::Pending`]).
 //!
 //! cuBLASLt is column-major and its FP8 kernels take only the "TN" layout, which is ours: the
 //! row-major weight `[m, k]` is the column-major `k x m` matrix A, used transposed; the row-major
@@ -25,8 +29,27 @@ use crate::error::Result;
 /// cuBLASLt's workspace: what NVIDIA recommends for Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
 
+/// An FP8 weight's scales (device addresses of f32).
+#[derive(Debug, Clone, Copy)]
+pub enum WeightScale {
+    /// One for the tensor.
+    Tensor(u64),
+    /// One per output row (`m` of them).
+    Rows(u64),
+}
+
+/// Whether a product's per-row weight scales were applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowScales {
+    Applied,
+    /// Not by cuBLASLt: `y`'s columns must still be multiplied by them.
+    Pending,
+}
+
 /// One shape's descriptors and algorithm.
 struct Plan {
+    /// The weight's scales are an outer vector (one per row of `W`).
+    outer_vec: bool,
     desc: sys::cublasLtMatmulDesc_t,
     a: sys::cublasLtMatrixLayout_t,
     b: sys::cublasLtMatrixLayout_t,
@@ -51,8 +74,11 @@ pub struct BlasLt {
     handle: sys::cublasLtHandle_t,
     stream: sys::cudaStream_t,
     out_type: sys::cudaDataType,
-    plans: Mutex<HashMap<(usize, usize, usize), Plan>>,
+    /// Per `(n, m, k, per-row weight scales)`.
+    plans: Mutex<HashMap<(usize, usize, usize, bool), Plan>>,
     workspace: DeviceBuffer,
+    /// An f32 1, the weight scale of per-row products cuBLASLt cannot scale.
+    one: DeviceBuffer,
 }
 
 // SAFETY: the handle, the stream and the plans' descriptors are used only from the worker's
@@ -77,6 +103,9 @@ impl BlasLt {
     pub fn new(gpu: &Gpu, dtype: Dtype) -> Result<Self> {
         let handle = lt::create_handle().map_err(lt_err("creating the cuBLASLt handle"))?;
         let workspace = gpu.alloc(WORKSPACE_BYTES, "the cuBLASLt workspace")?;
+        let one = gpu.alloc(4, "the cuBLASLt workspace")?;
+        gpu.upload(&one, &[1.0f32])?;
+        gpu.sync()?;
         let out_type = match dtype {
             Dtype::Bf16 => sys::cudaDataType::CUDA_R_16BF,
             Dtype::F16 => sys::cudaDataType::CUDA_R_16F,
@@ -87,10 +116,12 @@ impl BlasLt {
             out_type,
             plans: Mutex::new(HashMap::new()),
             workspace,
+            one,
         })
     }
 
-    fn plan(&self, n: usize, m: usize, k: usize) -> Result<Plan> {
+    /// The plan of a shape, with the weight's scales per row (`outer_vec`) or per tensor.
+    fn plan(&self, n: usize, m: usize, k: usize, outer_vec: bool) -> Result<Plan> {
         use sys::cublasLtMatmulDescAttributes_t as Attr;
         let desc = lt::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -125,12 +156,26 @@ impl BlasLt {
             )
         }
         .map_err(lt_err("setting cuBLASLt's FP8 accumulation"))?;
+        if outer_vec {
+            let mode = sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+            // SAFETY: the descriptor is live; the attribute is the 32-bit scale-mode enum.
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    desc,
+                    Attr::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
+                    &mode as *const _ as *const _,
+                    std::mem::size_of_val(&mode),
+                )
+            }
+            .map_err(lt_err("setting cuBLASLt's per-row weight scales"))?;
+        }
         let layout = |t: sys::cudaDataType, rows: usize, cols: usize| {
             lt::create_matrix_layout(t, rows as u64, cols as u64, rows as i64)
                 .map_err(lt_err("creating a cuBLASLt matrix layout"))
         };
         let e4m3 = sys::cudaDataType::CUDA_R_8F_E4M3;
         let mut plan = Plan {
+            outer_vec,
             desc,
             a: layout(e4m3, k, m)?,
             b: layout(e4m3, k, n)?,
@@ -174,8 +219,9 @@ impl BlasLt {
     }
 
     /// `y[n, m] = (x_scale x[n, k]) (w_scale w[m, k])^T`: `x` and `w` E4M3, `y` the dtype,
-    /// `x_scale` and `w_scale` device addresses of one f32 each. `k` and `m` must be multiples of
-    /// 16 (cuBLASLt's FP8 alignment).
+    /// `x_scale` the device address of one f32, `w_scale` of one or of `m` ([`WeightScale`]).
+    /// `k` and `m` must be multiples of 16 (cuBLASLt's FP8 alignment). Says whether per-row
+    /// scales still need applying.
     #[allow(clippy::too_many_arguments)]
     pub fn fp8_linear(
         &self,
@@ -183,19 +229,39 @@ impl BlasLt {
         x: u64,
         x_scale: u64,
         w: u64,
-        w_scale: u64,
+        w_scale: WeightScale,
         n: usize,
         m: usize,
         k: usize,
-    ) -> Result<()> {
+    ) -> Result<RowScales> {
         use sys::cublasLtMatmulDescAttributes_t as Attr;
         if n == 0 {
-            return Ok(());
+            return Ok(RowScales::Applied);
         }
+        let rows = matches!(w_scale, WeightScale::Rows(_));
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
-        let plan = match plans.entry((n, m, k)) {
+        let plan = match plans.entry((n, m, k, rows)) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(n, m, k)?),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let plan = match self.plan(n, m, k, rows) {
+                    Ok(plan) => plan,
+                    Err(err) if rows => {
+                        tracing::warn!(
+                            n, m, k, %err,
+                            "no cuBLASLt FP8 algorithm with per-row weight scales: scaling after \
+                             the product"
+                        );
+                        self.plan(n, m, k, false)?
+                    }
+                    Err(err) => return Err(err),
+                };
+                e.insert(plan)
+            }
+        };
+        let (w_scale, done) = match (w_scale, plan.outer_vec) {
+            (WeightScale::Tensor(s), _) => (s, RowScales::Applied),
+            (WeightScale::Rows(s), true) => (s, RowScales::Applied),
+            (WeightScale::Rows(_), false) => (self.one.ptr, RowScales::Pending),
         };
         for (attr, ptr) in [
             (Attr::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, w_scale),
@@ -237,5 +303,6 @@ impl BlasLt {
             )
         }
         .map_err(lt_err("cuBLASLt FP8 GEMM"))
+        .map(|()| done)
     }
 }

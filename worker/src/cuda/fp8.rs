@@ -10,6 +10,13 @@
 //! Quantizing a tensor is two launches (fp8.cu): partial maxima over `AMAX_BLOCKS` blocks, then
 //! the conversion, whose every block reduces the partials itself (no atomics, no zeroed
 //! accumulator: graph-safe and deterministic).
+//!
+//! Pre-quantized FP8 checkpoints (`quant_method` fp8 or compressed-tensors, with per-tensor or
+//! per-channel weight scales) are stored as they come, their scales one per tensor or one per
+//! output row ([`Fp8Weight`]; fused q/k/v or gate/up parts of different per-tensor scales
+//! become per-row, exactly). A checkpoint's static activation scale replaces the dynamic one:
+//! the activations are quantized by the conversion launch alone, given one "partial maximum" of
+//! 448 times that scale. Block-scaled checkpoints are dequantized to the dtype at load.
 
 use super::device::device_err;
 use super::kernels::Kernels;
@@ -28,11 +35,32 @@ pub const STATS_BYTES: usize = SCALE_OFFSET + 4;
 /// The lowest compute capability that runs FP8.
 pub const MIN_COMPUTE_CAPABILITY: (i32, i32) = (8, 9);
 
+/// E4M3's largest finite value.
+pub const E4M3_MAX: f32 = 448.0;
+
+/// How an FP8 weight's scales are held, beside its E4M3 bytes.
+pub struct Fp8Weight {
+    /// Quantized at load: the statistics ([`STATS_BYTES`], the scale at [`SCALE_OFFSET`]). From a
+    /// checkpoint: the f32 scales (one, or one per output row), then with a static activation
+    /// scale `E4M3_MAX` times it.
+    pub scales: super::device::DeviceBuffer,
+    /// Byte offset of the weight's scale (or first row's) in `scales`.
+    pub scale_offset: usize,
+    /// One scale per output row rather than one for the tensor.
+    pub per_row: bool,
+    /// Byte offset of `E4M3_MAX` times the static activation scale, when the checkpoint has one.
+    pub static_input: Option<usize>,
+}
+
 /// What a product with FP8 weights needs beyond [`super::kernels::Product`] (device addresses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fp8Operands {
-    /// The weight's f32 scale.
+    /// The weight's f32 scale, or its rows' scales with `w_scale_per_row`.
     pub w_scale: u64,
+    pub w_scale_per_row: bool,
+    /// `E4M3_MAX` times the activations' static scale: quantized with it rather than their
+    /// maximum.
+    pub x_static: Option<u64>,
     /// Room for the activations quantized, `rows x k` bytes (products above 8 rows).
     pub x_q: u64,
     /// Room for the activations' statistics, [`STATS_BYTES`].
@@ -61,19 +89,63 @@ impl Kernels {
         // all), x holds n elements, 16-byte aligned, n a multiple of 8.
         unsafe { b.launch(super::kernels::grid_rows(blocks, 256)) }
             .map_err(|e| device_err("launching fp8_amax_partial", e))?;
-        let scale = stats + SCALE_OFFSET as u64;
-        let p = blocks as i32;
+        self.fp8_convert(out, stats + SCALE_OFFSET as u64, stats, blocks, x, n)
+    }
+
+    /// Quantizes `n` elements of `x` like [`Self::fp8_quantize`] with the static scale whose
+    /// `E4M3_MAX` multiple lies at `x_static`, writing the scale used to `stats + SCALE_OFFSET`.
+    pub fn fp8_quantize_static(
+        &self,
+        out: u64,
+        stats: u64,
+        x_static: u64,
+        x: u64,
+        n: usize,
+    ) -> Result<()> {
+        self.fp8_convert(out, stats + SCALE_OFFSET as u64, x_static, 1, x, n)
+    }
+
+    /// The conversion launch: the scale from the maximum of `partials` partial maxima.
+    fn fp8_convert(
+        &self,
+        out: u64,
+        scale: u64,
+        partial: u64,
+        partials: usize,
+        x: u64,
+        n: usize,
+    ) -> Result<()> {
+        debug_assert!(n.is_multiple_of(8));
+        let blocks = n.div_ceil(256 * 8).clamp(1, AMAX_BLOCKS);
+        let p = partials as i32;
+        let n64 = n as i64;
         let mut b = self.launch(&self.fp8_quantize);
         b.arg(&out)
             .arg(&scale)
-            .arg(&stats)
+            .arg(&partial)
             .arg(&p)
             .arg(&x)
             .arg(&n64);
-        // SAFETY: as fp8.cu documents: out holds n bytes (8-byte aligned), the scale slot one
-        // f32 after the `p` partials, x n elements of the dtype.
+        // SAFETY: as fp8.cu documents: out holds n bytes (8-byte aligned), partial `p` f32
+        // partial maxima, scale one f32 slot, x n elements of the dtype.
         unsafe { b.launch(super::kernels::grid_rows(blocks, 256)) }
             .map(drop)
             .map_err(|e| device_err("launching fp8_quantize", e))
+    }
+
+    /// `y[i, j] *= scales[j]` for `rows x cols` elements of the dtype (`cols` a multiple of 8):
+    /// per-row weight scales applied after a GEMM that could not take them.
+    pub fn fp8_scale_columns(&self, y: u64, scales: u64, rows: usize, cols: usize) -> Result<()> {
+        debug_assert!(cols.is_multiple_of(8));
+        let n = (rows * cols) as i64;
+        let c = cols as i32;
+        let blocks = (rows * cols).div_ceil(256 * 8).clamp(1, AMAX_BLOCKS);
+        let mut b = self.launch(&self.fp8_scale_columns);
+        b.arg(&y).arg(&scales).arg(&n).arg(&c);
+        // SAFETY: as fp8.cu documents: y holds rows x cols elements of the dtype, 16-byte
+        // aligned, scales cols f32, cols a multiple of 8.
+        unsafe { b.launch(super::kernels::grid_rows(blocks, 256)) }
+            .map(drop)
+            .map_err(|e| device_err("launching fp8_scale_columns", e))
     }
 }

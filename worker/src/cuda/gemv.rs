@@ -80,7 +80,7 @@ impl GemvFamily {
 impl Kernels {
     /// `p.y = p.x p.w^T` for 1 to 8 rows by the GEMV kernel with `r` output columns per warp and
     /// `u` chunks in flight per lane ([`GemvFamily::pick`]): gemv.cu. With `p.fp8`, `p.w` is FP8
-    /// E4M3 and the product is scaled by the weight's scale. `p.k` must be a multiple of 8 (16
+    /// E4M3 and the product is scaled by the weight's scale (or its rows'). `p.k` must be a multiple of 8 (16
     /// with FP8 weights).
     pub fn gemv(&self, p: &Product, r: usize, u: usize) -> Result<()> {
         let family = match p.fp8 {
@@ -92,12 +92,14 @@ impl Kernels {
         let (rw, nw, kw) = (p.rows as i32, p.n_out as i32, p.k as i32);
         let mut b = self.launch(function);
         b.arg(&p.y).arg(&p.x).arg(&p.w);
+        let per_row = p.fp8.map_or(0i32, |f| i32::from(f.w_scale_per_row));
         if let Some(fp8) = &p.fp8 {
-            b.arg(&fp8.w_scale);
+            b.arg(&fp8.w_scale).arg(&per_row);
         }
         b.arg(&rw).arg(&nw).arg(&kw);
         // SAFETY: as gemv.cu documents: y holds rows x n_out, x rows x k elements of the dtype,
-        // w n_out x k of the dtype (or bytes, with its f32 scale at fp8.w_scale), all the
+        // w n_out x k of the dtype (or bytes, with its f32 scale at fp8.w_scale, or n_out of
+        // them with w_scale_per_row), all the
         // caller's buffers, 16-byte aligned with k a multiple of 8 (16 for FP8).
         unsafe { b.launch(super::kernels::grid_rows(p.n_out.div_ceil(4 * r), 128)) }
             .map(drop)

@@ -256,6 +256,7 @@ pub struct Kernels {
     /// FP8 quantization (`fp8.rs`).
     pub(super) fp8_amax_partial: CudaFunction,
     pub(super) fp8_quantize: CudaFunction,
+    pub(super) fp8_scale_columns: CudaFunction,
     gemm_bi: CudaFunction,
     all_reduce_one_shot: CudaFunction,
     all_reduce_residual_norm: CudaFunction,
@@ -407,6 +408,7 @@ impl Kernels {
             gemv_fp8: GemvFamily::load(&mut take, "gemv_fp8")?,
             fp8_amax_partial: take("fp8_amax_partial")?,
             fp8_quantize: take("fp8_quantize")?,
+            fp8_scale_columns: take("fp8_scale_columns")?,
             gemm_bi: take("gemm_bi")?,
             all_reduce_one_shot: take("all_reduce_one_shot")?,
             all_reduce_residual_norm: take("all_reduce_residual_norm")?,

@@ -9,7 +9,9 @@
 //! batch-invariant mode every product, whatever its rows, runs the one batch-invariant kernel
 //! (gemm_bi.cu), and nothing is tuned. Products with FP8 weights (`--quantization fp8`) choose
 //! among the FP8 GEMV variants up to 8 rows (always a GEMV: weight-only FP8, whatever the timing),
-//! and run cuBLASLt's FP8 GEMM above, on activations quantized for the product (`fp8.rs`).
+//! and run cuBLASLt's FP8 GEMM above, on activations quantized for the product (`fp8.rs`), the
+//! weight's per-row scales (an FP8 checkpoint's) applied by cuBLASLt's outer-vector scaling, or
+//! after the GEMM where this cuBLASLt has none for the shape.
 //!
 //! Costs: `tune` launches each candidate ~13 times per shape and row bucket (a few hundred
 //! milliseconds for an 8B model); `run` is one map lookup and one launch.
@@ -19,7 +21,7 @@ use std::collections::HashMap;
 use cudarc::driver::sys::CUevent_flags;
 
 use super::blas::Blas;
-use super::blas_lt::BlasLt;
+use super::blas_lt::{BlasLt, RowScales, WeightScale};
 use super::device::{device_err, Gpu};
 use super::fp8::Fp8Operands;
 use super::kernels::{Kernels, Product};
@@ -204,17 +206,30 @@ impl Linear {
                 let lt = self.blas_lt.as_ref().ok_or_else(|| WorkerError::Device {
                     detail: "an FP8 product without a cuBLASLt handle".into(),
                 })?;
-                kernels.fp8_quantize(fp8.x_q, fp8.x_stats, p.x, p.rows * p.k)?;
-                lt.fp8_linear(
+                let n = p.rows * p.k;
+                match fp8.x_static {
+                    Some(s) => kernels.fp8_quantize_static(fp8.x_q, fp8.x_stats, s, p.x, n)?,
+                    None => kernels.fp8_quantize(fp8.x_q, fp8.x_stats, p.x, n)?,
+                }
+                let w_scale = if fp8.w_scale_per_row {
+                    WeightScale::Rows(fp8.w_scale)
+                } else {
+                    WeightScale::Tensor(fp8.w_scale)
+                };
+                let done = lt.fp8_linear(
                     p.y,
                     fp8.x_q,
                     fp8.x_scale(),
                     p.w,
-                    fp8.w_scale,
+                    w_scale,
                     p.rows,
                     p.n_out,
                     p.k,
-                )
+                )?;
+                if done == RowScales::Pending {
+                    kernels.fp8_scale_columns(p.y, fp8.w_scale, p.rows, p.n_out)?;
+                }
+                Ok(())
             }
             (LinearKernel::Gemv { columns, unroll }, _) => kernels.gemv(p, columns, unroll),
             (LinearKernel::BatchInvariant, _) => kernels.gemm_bi(p),

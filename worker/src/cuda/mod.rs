@@ -54,7 +54,7 @@ use self::graphs::{table_shape, DecodeGraphs};
 use self::kernels::Kernels;
 use self::linear::{Linear, Shape, TuneWeight};
 use self::lora::LoraSlots;
-use self::model::{CudaModel, Dims, GpuKvCache, Layer, LinearWeight};
+use self::model::{CudaModel, Dims, Fp8Load, GpuKvCache, Layer, LinearWeight};
 use self::nccl::Nccl;
 use self::peer_all_reduce::PeerAllReduce;
 use self::step_inputs::{is_decode_only, pack};
@@ -121,11 +121,6 @@ fn step_cache(cache: Option<&GpuKvCache>) -> Result<&GpuKvCache> {
         needs: "InitCache",
     })
 }
-
-/// How FP8 weights are held and multiplied (`/v1/models`' `quantization` shows it after `fp8`).
-const FP8_WEIGHT_TYPES: &str = "E4M3 linear weights with per-tensor scales; above 8 rows \
-                                activations dynamic per-tensor E4M3 (cuBLASLt), up to 8 in the \
-                                dtype; embedding and lm_head in the dtype";
 
 /// Refuses `--quantization fp8` where it cannot run: GPUs without FP8 (before compute
 /// capability 8.9) and the batch-invariant mode (whose one kernel is for the dtype).
@@ -372,18 +367,30 @@ fn tune_linears(gpu: &Gpu, loaded: &mut Loaded) -> Result<()> {
         .kernels
         .fill_uniform(ws.act.ptr, rows * max_k, 0x5eed, -1.0, 1.0)?;
     let layers = || model.layers.iter().take(4);
-    let fp8 = model.fp8();
-    let weights = |w: &dyn Fn(&Layer) -> &LinearWeight| -> Vec<TuneWeight> {
-        layers().map(|l| (w(l).data.ptr, w(l).fp8(ws))).collect()
+    // Each linear layer's shape, in FP8 or not as the first layer holds it (a checkpoint may
+    // leave some layers unquantized: theirs keep the defaults).
+    let entry = |n_out, k, w: &dyn Fn(&Layer) -> &LinearWeight| {
+        let fp8 = model.layers.first().is_some_and(|l| w(l).fp8.is_some());
+        let weights: Vec<TuneWeight> = layers()
+            .filter(|l| w(l).fp8.is_some() == fp8)
+            .map(|l| (w(l).data.ptr, w(l).fp8(ws)))
+            .collect();
+        (Shape { n_out, k, fp8 }, weights)
     };
     let head = model.lm_head.as_ref().unwrap_or(&model.embed).ptr;
-    let shape = |n_out, k, fp8| Shape { n_out, k, fp8 };
     let shapes = vec![
-        (shape(d.qkv, d.hidden, fp8), weights(&|l| &l.qkv)),
-        (shape(d.hidden, q_w, fp8), weights(&|l| &l.o)),
-        (shape(2 * d.inter, d.hidden, fp8), weights(&|l| &l.gate_up)),
-        (shape(d.hidden, d.inter, fp8), weights(&|l| &l.down)),
-        (shape(d.vocab_per_rank, d.hidden, false), vec![(head, None)]),
+        entry(d.qkv, d.hidden, &|l| &l.qkv),
+        entry(d.hidden, q_w, &|l| &l.o),
+        entry(2 * d.inter, d.hidden, &|l| &l.gate_up),
+        entry(d.hidden, d.inter, &|l| &l.down),
+        (
+            Shape {
+                n_out: d.vocab_per_rank,
+                k: d.hidden,
+                fp8: false,
+            },
+            vec![(head, None)],
+        ),
     ];
     let timings = loaded
         .linear
@@ -466,17 +473,29 @@ impl Backend for CudaBackend {
             });
         }
         self.loaded = None;
-        let fp8 = quantization == QuantizationRequest::Fp8;
-        if fp8 {
-            check_fp8(&self.gpu, req.batch_invariant)?;
-        }
+        // `Fp8` must run FP8 (an FP8 checkpoint as stored, any other quantized here); `Auto`
+        // keeps an FP8 checkpoint's weights as stored where this GPU multiplies FP8 and
+        // dequantizes them elsewhere.
+        let fp8 = match quantization {
+            QuantizationRequest::Fp8 => {
+                check_fp8(&self.gpu, req.batch_invariant)?;
+                Fp8Load::Always
+            }
+            QuantizationRequest::Auto if check_fp8(&self.gpu, req.batch_invariant).is_ok() => {
+                Fp8Load::Checkpoint
+            }
+            _ => Fp8Load::Off,
+        };
         let (rank, world) = (self.rank, self.world_size);
         let kernels = Kernels::load(&self.gpu, dtype)?;
-        let blas_lt = fp8.then(|| BlasLt::new(&self.gpu, dtype)).transpose()?;
-        let linear = Linear::new(Blas::new(&self.gpu, dtype)?, blas_lt, req.batch_invariant);
         let mut model = load_shard(req, rank, world, |config, shard, source| {
             CudaModel::load(&self.gpu, &kernels, config, shard, source, dtype, fp8)
         })?;
+        let blas_lt = model
+            .fp8()
+            .then(|| BlasLt::new(&self.gpu, dtype))
+            .transpose()?;
+        let linear = Linear::new(Blas::new(&self.gpu, dtype)?, blas_lt, req.batch_invariant);
         if req.max_loras > 0 {
             let (slots, rank) = (req.max_loras as usize, req.max_lora_rank as usize);
             let bytes = model.enable_lora(&self.gpu, slots, rank)?;
@@ -504,9 +523,9 @@ impl Backend for CudaBackend {
             model.weight_bytes(),
             started,
         );
-        if fp8 {
+        if model.fp8() {
             response.quantization = "fp8".into();
-            response.weight_types = FP8_WEIGHT_TYPES.into();
+            response.weight_types = model.fp8_weight_types();
         } else {
             response.quantization = "none".into();
         }

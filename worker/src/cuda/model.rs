@@ -14,7 +14,7 @@
 use tpserve_modelfile::LlamaConfig;
 
 use super::device::{DeviceBuffer, Gpu};
-use super::fp8::{Fp8Operands, SCALE_OFFSET, STATS_BYTES};
+use super::fp8::{Fp8Operands, Fp8Weight, E4M3_MAX, SCALE_OFFSET, STATS_BYTES};
 use super::kernels::{attention_max_items, Dtype, Kernels, ELEM};
 use super::lora::LoraSlots;
 use super::workspace::Workspace;
@@ -44,22 +44,36 @@ pub struct Dims {
 }
 
 /// A linear layer's weight in PyTorch's Linear layout `[out, in]`: in the activation dtype, or
-/// in FP8 E4M3 with its quantization statistics (`fp8.rs`; the scale last).
+/// in FP8 E4M3 with its scales (`fp8.rs`).
 pub struct LinearWeight {
     pub data: DeviceBuffer,
-    pub fp8_stats: Option<DeviceBuffer>,
+    pub fp8: Option<Fp8Weight>,
 }
 
 impl LinearWeight {
     /// What a product with this weight needs beyond its address, with `ws`'s room for the
     /// quantized activations: `None` for a weight in the dtype.
     pub fn fp8(&self, ws: &Workspace) -> Option<Fp8Operands> {
-        self.fp8_stats.as_ref().map(|stats| Fp8Operands {
-            w_scale: stats.at(SCALE_OFFSET),
+        self.fp8.as_ref().map(|w| Fp8Operands {
+            w_scale: w.scales.at(w.scale_offset),
+            w_scale_per_row: w.per_row,
+            x_static: w.static_input.map(|o| w.scales.at(o)),
             x_q: ws.fp8_x.ptr,
             x_stats: ws.fp8_stats.ptr,
         })
     }
+}
+
+/// Where linear weights are held in FP8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fp8Load {
+    /// Nowhere: every weight in the dtype (an FP8 checkpoint's dequantized).
+    Off,
+    /// Where the checkpoint stores them in FP8 with per-tensor or per-row scales, as stored.
+    Checkpoint,
+    /// Everywhere: the checkpoint's FP8 weights as stored, the others quantized at load
+    /// (`--quantization fp8`).
+    Always,
 }
 
 /// One decoder layer's weights.
@@ -104,7 +118,7 @@ pub struct CudaModel {
     pub rope_sin: DeviceBuffer,
     max_pos: usize,
     weight_bytes: usize,
-    /// The linear layers' weights are FP8 (`--quantization fp8`).
+    /// Some linear layers' weights are FP8.
     fp8: bool,
     workspace: Option<Workspace>,
     /// The adapter slots, with `--enable-lora`.
@@ -118,8 +132,10 @@ struct Loader<'a> {
     dtype: Dtype,
     source: &'a WeightSource<'a>,
     bytes: usize,
-    /// Quantize the linear layers' weights to FP8.
-    fp8: bool,
+    /// Which linear weights to hold in FP8.
+    fp8: Fp8Load,
+    /// Whether any is.
+    any_fp8: bool,
 }
 
 impl Loader<'_> {
@@ -164,31 +180,112 @@ impl Loader<'_> {
         self.fused(std::slice::from_ref(part))
     }
 
-    /// Stores a linear layer's `parts` one after another, quantized to FP8 when the loader
-    /// quantizes (the dtype copy is freed, stream-ordered, after the quantization).
+    /// Stores a linear layer's `parts` one after another: as the checkpoint stores them in FP8
+    /// (when every part is, and the loader keeps FP8), quantized to FP8 here (`Fp8Load::Always`;
+    /// the dtype copy is freed, stream-ordered, after the quantization), or in the dtype.
     fn linear(&mut self, parts: &[Part]) -> Result<LinearWeight> {
+        if self.fp8 != Fp8Load::Off {
+            if let Some(w) = self.stored_fp8(parts)? {
+                self.any_fp8 = true;
+                return Ok(w);
+            }
+        }
         let data = self.fused(parts)?;
-        if !self.fp8 {
-            return Ok(LinearWeight {
-                data,
-                fp8_stats: None,
-            });
+        if self.fp8 != Fp8Load::Always {
+            return Ok(LinearWeight { data, fp8: None });
         }
         let n = total_len(parts);
         let q = self.gpu.alloc(n, "FP8 weights")?;
         let stats = self.gpu.alloc(STATS_BYTES, "FP8 weight scales")?;
         self.kernels.fp8_quantize(q.ptr, stats.ptr, data.ptr, n)?;
         self.bytes = self.bytes - n * ELEM + n + STATS_BYTES;
+        self.any_fp8 = true;
         Ok(LinearWeight {
             data: q,
-            fp8_stats: Some(stats),
+            fp8: Some(Fp8Weight {
+                scales: stats,
+                scale_offset: SCALE_OFFSET,
+                per_row: false,
+                static_input: None,
+            }),
         })
+    }
+
+    /// `parts` as the checkpoint stores them in FP8, or `None` when one of them is not
+    /// (another dtype, block scales, or random weights). Parts of one per-tensor scale keep it;
+    /// otherwise every row gets its part's scale. A static activation scale is the largest of
+    /// the parts' (vLLM's rule for fused layers); without one on every part, activations are
+    /// quantized dynamically.
+    fn stored_fp8(&mut self, parts: &[Part]) -> Result<Option<LinearWeight>> {
+        let WeightSource::Reader(reader) = self.source else {
+            return Ok(None);
+        };
+        let mut tensors = Vec::with_capacity(parts.len());
+        for part in parts {
+            let slice = part.slice.as_ref().map(|(dim, r)| (*dim, r.start, r.len()));
+            let Some(t) = reader.read_fp8(&part.name, slice)? else {
+                return Ok(None);
+            };
+            if [t.rows, t.cols] != part.shape[..] {
+                return Err(crate::weights::tensor_err(
+                    &part.name,
+                    format!(
+                        "FP8 shape [{}, {}], expected {:?}",
+                        t.rows, t.cols, part.shape
+                    ),
+                ));
+            }
+            tensors.push(t);
+        }
+        let one_scale = match tensors.first().map(|t| &t.scale) {
+            Some(tpserve_modelfile::Fp8Scale::Tensor(s))
+                if tensors
+                    .iter()
+                    .all(|t| t.scale == tpserve_modelfile::Fp8Scale::Tensor(*s)) =>
+            {
+                Some(*s)
+            }
+            _ => None,
+        };
+        let mut scales: Vec<f32> = match one_scale {
+            Some(s) => vec![s],
+            None => tensors.iter().flat_map(|t| t.row_scales()).collect(),
+        };
+        let scale_count = scales.len();
+        let input = tensors
+            .iter()
+            .map(|t| t.input_scale)
+            .try_fold(0f32, |m, s| s.map(|s| m.max(s)));
+        if let Some(s) = input {
+            scales.push(s * E4M3_MAX);
+        }
+        let n = total_len(parts);
+        let data = self.gpu.alloc(n, "FP8 weights")?;
+        let mut offset = 0;
+        for t in &tensors {
+            self.gpu.upload_at(&data, offset, &t.data)?;
+            offset += t.data.len();
+        }
+        let buf = self.gpu.alloc(scales.len() * 4, "FP8 weight scales")?;
+        self.gpu.upload(&buf, &scales)?;
+        // The host copies are freed on return: wait for the uploads.
+        self.gpu.sync()?;
+        self.bytes += n + scales.len() * 4;
+        Ok(Some(LinearWeight {
+            data,
+            fp8: Some(Fp8Weight {
+                scales: buf,
+                scale_offset: 0,
+                per_row: one_scale.is_none(),
+                static_input: input.map(|_| scale_count * 4),
+            }),
+        }))
     }
 }
 
 impl CudaModel {
-    /// Loads this rank's shard onto `gpu`, the linear layers' weights quantized to FP8 with
-    /// `fp8` (the caller checks the GPU runs FP8).
+    /// Loads this rank's shard onto `gpu`, the linear layers' weights in FP8 where `fp8` says
+    /// (the caller checks the GPU runs FP8).
     pub fn load(
         gpu: &Gpu,
         kernels: &Kernels,
@@ -196,7 +293,7 @@ impl CudaModel {
         shard: ShardPlan,
         source: &WeightSource,
         dtype: Dtype,
-        fp8: bool,
+        fp8: Fp8Load,
     ) -> Result<Self> {
         let c = config;
         ensure_supported(c)?;
@@ -233,15 +330,26 @@ impl CudaModel {
             });
         }
         let widths = [dims.hidden, dims.inter, dims.qkv, dims.q_heads * hd];
-        if fp8 && widths.iter().any(|w| !w.is_multiple_of(16)) {
-            return Err(WorkerError::Unsupported {
-                detail: format!(
-                    "quantization fp8 needs the hidden size, intermediate size, QKV and attention \
-                     widths per rank to be multiples of 16 (cuBLASLt's FP8 alignment); they are \
-                     {widths:?}"
-                ),
-            });
-        }
+        let fp8 = match (fp8, widths.iter().all(|w| w.is_multiple_of(16))) {
+            (Fp8Load::Always, false) => {
+                return Err(WorkerError::Unsupported {
+                    detail: format!(
+                        "quantization fp8 needs the hidden size, intermediate size, QKV and \
+                         attention widths per rank to be multiples of 16 (cuBLASLt's FP8 \
+                         alignment); they are {widths:?}"
+                    ),
+                })
+            }
+            (Fp8Load::Checkpoint, false) => {
+                tracing::warn!(
+                    ?widths,
+                    "widths per rank are not multiples of 16 (cuBLASLt's FP8 alignment): FP8 \
+                     weights are dequantized to the dtype"
+                );
+                Fp8Load::Off
+            }
+            (f, _) => f,
+        };
         let mut ld = Loader {
             gpu,
             kernels,
@@ -249,6 +357,7 @@ impl CudaModel {
             source,
             bytes: 0,
             fp8,
+            any_fp8: false,
         };
         let parts = model_parts(c, &shard, source);
         let mut layers = Vec::with_capacity(parts.layers.len());
@@ -292,7 +401,7 @@ impl CudaModel {
             rope_sin,
             max_pos,
             weight_bytes: ld.bytes,
-            fp8,
+            fp8: ld.any_fp8,
             workspace: None,
             lora: None,
         })
@@ -314,9 +423,51 @@ impl CudaModel {
         self.weight_bytes
     }
 
-    /// Whether the linear layers' weights are FP8.
+    /// Whether some linear layers' weights are FP8.
     pub fn fp8(&self) -> bool {
         self.fp8
+    }
+
+    /// How the FP8 weights are held and multiplied (`/v1/models`' `quantization` shows it
+    /// after `fp8`).
+    pub fn fp8_weight_types(&self) -> String {
+        let (mut per_tensor, mut per_row, mut static_input, mut in_dtype) = (0, 0, 0, 0);
+        for w in self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
+        {
+            match &w.fp8 {
+                None => in_dtype += 1,
+                Some(f) => {
+                    *(if f.per_row {
+                        &mut per_row
+                    } else {
+                        &mut per_tensor
+                    }) += 1;
+                    static_input += usize::from(f.static_input.is_some());
+                }
+            }
+        }
+        let scales = match (per_tensor, per_row) {
+            (_, 0) => "per-tensor scales",
+            (0, _) => "per-row scales",
+            _ => "per-tensor and per-row scales",
+        };
+        let activations = match static_input {
+            0 => "dynamic",
+            n if n == per_tensor + per_row => "static",
+            _ => "static or dynamic",
+        };
+        let unquantized = match in_dtype {
+            0 => String::new(),
+            n => format!(" ({n} linear layers in the dtype)"),
+        };
+        format!(
+            "E4M3 linear weights with {scales}{unquantized}; above 8 rows activations \
+             {activations} per-tensor E4M3 (cuBLASLt), up to 8 in the dtype; embedding and \
+             lm_head in the dtype"
+        )
     }
 
     /// Allocates `slots` adapter slots of rank up to `max_rank` (before the workspace, whose
