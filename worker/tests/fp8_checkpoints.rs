@@ -41,6 +41,9 @@ enum Layout {
 
 const BLOCK: (usize, usize) = (32, 48);
 
+/// Which scale group an element `(row, col)` of a weight belongs to.
+type Group = Box<dyn Fn(usize, usize) -> usize>;
+
 impl Layout {
     fn quantization_config(self) -> Value {
         let float8 = |strategy: &str, dynamic: bool| {
@@ -63,7 +66,7 @@ impl Layout {
     }
 
     /// The scale groups of a weight: `(scale shape, group of element (r, c), group count)`.
-    fn groups(self, rows: usize, cols: usize) -> (Vec<usize>, Box<dyn Fn(usize, usize) -> usize>) {
+    fn groups(self, rows: usize, cols: usize) -> (Vec<usize>, Group) {
         match self {
             Self::AutoFp8 => (vec![], Box::new(|_, _| 0)),
             Self::Tensor => (vec![1], Box::new(|_, _| 0)),
@@ -107,7 +110,8 @@ fn write(dir: &Path, tensors: &[Stored], quantization: Option<Value>) {
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
     let fixture = repo_root().join("tests/fixtures/tiny-llama/config.json");
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
     if let Some(q) = quantization {
         config["quantization_config"] = q;
     }
@@ -123,7 +127,9 @@ fn write_pair(layout: Layout, fp8_dir: &Path, f32_dir: &Path) {
         let t = weights.read(&name).unwrap();
         let shape = t.dims().to_vec();
         let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-        let linear = LINEARS.iter().any(|l| name.ends_with(&format!("{l}.weight")));
+        let linear = LINEARS
+            .iter()
+            .any(|l| name.ends_with(&format!("{l}.weight")));
         if !linear {
             fp8.push(f32_tensor(name.clone(), shape.clone(), &values));
             plain.push(f32_tensor(name, shape, &values));
@@ -170,7 +176,12 @@ fn write_pair(layout: Layout, fp8_dir: &Path, f32_dir: &Path) {
 #[test]
 fn fp8_checkpoints_dequantize_on_the_cpu_exactly_as_their_f32_twins() {
     let ids: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 256).collect();
-    for layout in [Layout::AutoFp8, Layout::Tensor, Layout::Channel, Layout::Block] {
+    for layout in [
+        Layout::AutoFp8,
+        Layout::Tensor,
+        Layout::Channel,
+        Layout::Block,
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let (fp8_dir, f32_dir) = (dir.path().join("fp8"), dir.path().join("f32"));
         write_pair(layout, &fp8_dir, &f32_dir);
@@ -190,12 +201,23 @@ fn fp8_checkpoints_dequantize_on_the_cpu_exactly_as_their_f32_twins() {
 
 #[test]
 fn read_fp8_hands_over_bytes_and_scales_whose_products_are_the_weights() {
-    for layout in [Layout::AutoFp8, Layout::Tensor, Layout::Channel, Layout::Block] {
+    for layout in [
+        Layout::AutoFp8,
+        Layout::Tensor,
+        Layout::Channel,
+        Layout::Block,
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let (fp8_dir, f32_dir) = (dir.path().join("fp8"), dir.path().join("f32"));
         write_pair(layout, &fp8_dir, &f32_dir);
-        let fp8 = ModelSource::open(&fp8_dir, None).unwrap().weights().unwrap();
-        let plain = ModelSource::open(&f32_dir, None).unwrap().weights().unwrap();
+        let fp8 = ModelSource::open(&fp8_dir, None)
+            .unwrap()
+            .weights()
+            .unwrap();
+        let plain = ModelSource::open(&f32_dir, None)
+            .unwrap()
+            .weights()
+            .unwrap();
         for (name, dim, start, len) in [
             ("model.layers.0.self_attn.k_proj.weight", 0, 16, 16),
             ("model.layers.1.self_attn.o_proj.weight", 1, 32, 32),
@@ -204,10 +226,16 @@ fn read_fp8_hands_over_bytes_and_scales_whose_products_are_the_weights() {
         ] {
             let got = fp8.read_fp8(name, Some((dim, start, len))).unwrap();
             let Some(t) = got else {
-                assert!(matches!(layout, Layout::Block), "{layout:?} {name}: not read as FP8");
+                assert!(
+                    matches!(layout, Layout::Block),
+                    "{layout:?} {name}: not read as FP8"
+                );
                 continue;
             };
-            assert!(!matches!(layout, Layout::Block), "block scales are not handed over");
+            assert!(
+                !matches!(layout, Layout::Block),
+                "block scales are not handed over"
+            );
             let want: Vec<f32> = plain
                 .read_slice(name, dim, start, len)
                 .unwrap()
@@ -232,6 +260,9 @@ fn read_fp8_hands_over_bytes_and_scales_whose_products_are_the_weights() {
             assert_eq!(t.input_scale, static_scale, "{layout:?}");
         }
         // Norms and embeddings are not FP8.
-        assert!(fp8.read_fp8("model.embed_tokens.weight", None).unwrap().is_none());
+        assert!(fp8
+            .read_fp8("model.embed_tokens.weight", None)
+            .unwrap()
+            .is_none());
     }
 }
