@@ -62,10 +62,12 @@ pub struct EngineArgs {
     pub dtype: String,
     /// Quantized weights (vLLM's `--quantization`): `gguf` keeps a GGUF file's blocks quantized
     /// and multiplies them directly (CPU backend; the default for a GGUF on the CPU unless
-    /// `--dtype float32`), `fp8` quantizes a bf16/f16 checkpoint's linear layers to FP8 E4M3 at
-    /// load (per-tensor scales; CUDA GPUs of compute capability 8.9 or newer), `none`
-    /// dequantizes at load. Default: what the checkpoint holds. Other methods (awq, gptq, ...)
-    /// are refused at start, by name.
+    /// `--dtype float32`), `fp8` runs linear layers in FP8 E4M3 on CUDA GPUs of compute
+    /// capability 8.9 or newer: an FP8 checkpoint's as stored, a bf16/f16 checkpoint's quantized
+    /// at load with per-tensor scales (`compressed-tensors` says the same for such a
+    /// checkpoint), `none` dequantizes at load. Default: what the checkpoint holds (an FP8
+    /// checkpoint runs in FP8 where the GPU can, else dequantized). Other methods (awq, gptq,
+    /// ...) are refused at start, by name.
     #[arg(long, short = 'q', env = "TPSERVE_QUANTIZATION")]
     pub quantization: Option<String>,
     /// Device of the workers this coordinator spawns: `auto` (a GPU when a CUDA driver and GPUs

@@ -29,8 +29,13 @@ the input of every linear layer but the lm_head rounded the same way with one dy
 all its rows when it has more than 8 rows (tpserve multiplies up to 8 rows in the GEMV with the
 activations unquantized, more through cuBLASLt's FP8 GEMM on quantized activations).
 
+With --fp8-inputs (for pre-quantized FP8 checkpoints, run on their dequantized twin from
+make_fp8_checkpoint.py), the weights stay as loaded and only the inputs of products above 8 rows
+are rounded to FP8: with one dynamic scale over all their rows, or with the static scale
+CKPT_DIR/input_scales.json gives the layer (x / scale rounded to E4M3, saturating at 448).
+
 How: python3 hf_reference.py CKPT_DIR OUTDIR [--device cuda|cpu] [--new-tokens 32]
-          [--dtypes bfloat16,float16,float32] [--lora ADAPTER_DIR] [--fp8]
+          [--dtypes bfloat16,float16,float32] [--lora ADAPTER_DIR] [--fp8 | --fp8-inputs]
 Each prompt runs as one sequence in one forward pass (positions from 0, no BOS added: the ids are
 used exactly as given).
 """
@@ -124,6 +129,31 @@ def quantize_input(_module, args):
     return (fp8_round(x).to(x.dtype),)
 
 
+def quantize_input_static(scale: float):
+    """A pre-hook rounding inputs above 8 rows to E4M3 with a fixed scale."""
+
+    def hook(_module, args):
+        (x,) = args
+        if x.numel() // x.shape[-1] <= FP8_GEMV_ROWS:
+            return None
+        q = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        return ((q.float() * scale).to(x.dtype),)
+
+    return hook
+
+
+def emulate_fp8_inputs(model, ckpt: str) -> str:
+    """Rounds the inputs of every linear layer but the lm_head as tpserve's FP8 products do
+    (weights as loaded); returns which scales."""
+    path = os.path.join(ckpt, "input_scales.json")
+    static = json.load(open(path)) if os.path.exists(path) else None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            hook = quantize_input if static is None else quantize_input_static(static[name])
+            module.register_forward_pre_hook(hook)
+    return "dynamic" if static is None else "static"
+
+
 @torch.no_grad()
 def write_logits(model, prompts, device: str, path: str) -> dict:
     """Writes all positions' logits; returns a few figures for the log."""
@@ -184,6 +214,11 @@ def main() -> int:
     ap.add_argument("--dtypes", default="bfloat16,float16,float32")
     ap.add_argument("--lora", help="a PEFT LoRA adapter directory to run with")
     ap.add_argument("--fp8", action="store_true", help="emulate tpserve's --quantization fp8")
+    ap.add_argument(
+        "--fp8-inputs",
+        action="store_true",
+        help="round the linear layers' inputs as tpserve's FP8 products do (weights as loaded)",
+    )
     args = ap.parse_args()
 
     # The truth is plain float32 (no TF32); the other dtypes run at torch's defaults.
@@ -207,6 +242,8 @@ def main() -> int:
         if args.fp8:
             emulate_fp8(model)
             implementation += "+fp8-emulated"
+        if args.fp8_inputs:
+            implementation += f"+fp8-{emulate_fp8_inputs(model, args.ckpt)}-inputs"
         out = os.path.join(args.outdir, f"hf_{name}.f32")
         figs = write_logits(model, prompts, args.device, out)
         g = greedy(model, prompts[0], args.device, args.new_tokens)

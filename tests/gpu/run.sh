@@ -18,7 +18,9 @@
 # requests together and alone with --batch-invariant (all must match) and without
 # (invariance_check.py); compares log probabilities and sampling controls with the CPU backend
 # (extras_check.py); checks structured outputs beside plain requests (structured_check.py);
-# checks --quantization fp8 against transformers emulating it (step_fp8); runs
+# checks --quantization fp8 against transformers emulating it (step_fp8), and pre-quantized FP8
+# checkpoints (compressed-tensors per-channel, AutoFP8 static; make_fp8_checkpoint.py) against
+# transformers on their dequantized weights (step_fp8_checkpoint); runs
 # three random PEFT LoRA adapters against transformers + PEFT, prefill and decode, and mixed with
 # the base in one batch against each alone (step_lora); compares /v1/embeddings (--task embed,
 # last-token pooling) with transformers' AutoModel hidden states at TP=1 and TP=2 (embed_check.py);
@@ -168,9 +170,15 @@ step_reference() {
 
 # ours_logits TAG TP DTYPE: tpserve's logits (and greedy ids) into $OURS/TAG.{f32,json}.
 ours_logits() {
-  local tag=$1 tp=$2 dtype=$3 bin="$BIN_DIR/examples/logits"
+  local tag=$1 tp=$2 dtype=$3 bin="$BIN_DIR/examples/logits" model="${OURS_MODEL:-$CKPT}"
   shift 3
   local extra=("$@")
+  # A pre-quantized FP8 checkpoint runs in FP8 (as stored, no flag needed): the checks of
+  # --quantization fp8 below.
+  local fp8=""
+  if grep -q quantization_config "$model/config.json" 2>/dev/null; then
+    fp8=" --quantization fp8 "
+  fi
   rm -f "$OURS/$tag.f32" "$OURS/$tag.json"
   if [ "$tp" -gt "$NGPU" ]; then
     record "logits $tag" "SKIP" "skipped: needs $tp GPUs, this machine has $NGPU"
@@ -186,7 +194,7 @@ ours_logits() {
   fi
   local checks=(--sampling-check --extras-check)
   local sampled="device sampling and logit processing checks passed"
-  case " ${extra[*]} " in
+  case " ${extra[*]} $fp8" in
     *" --lora-adapter "*) sampled="the base model's sampling checks are not run with an adapter" ;;
     # The sampling check draws from 288 rows in one step and checks the draws against the sets
     # of the prompt's own logits; with FP8 the activations of a step above 8 rows share one
@@ -196,7 +204,7 @@ ours_logits() {
       sampled="logit processing checks passed; no sampling check (FP8 logits depend on the step's batch)"
       ;;
   esac
-  timed "$STEP_TIMEOUT" "$bin" --model "$CKPT" --device cuda --dtype "$dtype" \
+  timed "$STEP_TIMEOUT" "$bin" --model "$model" --device cuda --dtype "$dtype" \
     --tensor-parallel-size "$tp" --prompts "$CKPT/prompts.json" --out "$OURS/$tag.f32" \
     --greedy "$NEW_TOKENS" --greedy-out "$OURS/$tag.json" "${checks[@]}" "${extra[@]}"
   if [ "$RC" -eq 0 ] && [ -s "$OURS/$tag.f32" ]; then
@@ -213,10 +221,8 @@ ours_logits() {
 # the FP8 GEMV). Against the unquantized float32 truth with the float32 emulation as the peer:
 # no further from it than FP8 rounding explains. Skipped before compute capability 8.9.
 step_fp8() {
-  local cc
-  cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
-  if [ -z "$cc" ] || awk -v c="$cc" 'BEGIN { exit !(c < 8.9) }'; then
-    record "fp8" "SKIP" "needs compute capability 8.9 or newer (this GPU: ${cc:-unknown})"
+  if ! fp8_capable; then
+    record "fp8" "SKIP" "needs compute capability 8.9 or newer"
     return
   fi
   rm -rf "$REF_FP8"
@@ -243,6 +249,52 @@ step_fp8() {
   run_compare "greedy tp1-fp8" --greedy "$OURS/tp1-fp8.json" \
     --greedy-ref "$REF_FP8/hf_greedy_bfloat16.json" \
     --greedy-truth "$REF_FP8/hf_greedy_float32.json" --ref-label "fp8 bfloat16" --near-tie 0.1
+}
+
+# step_fp8_checkpoint LAYOUT: a pre-quantized FP8 checkpoint (issue 12) made from the random
+# checkpoint by make_fp8_checkpoint.py (channel: compressed-tensors FP8_DYNAMIC, per-channel
+# weight scales; static: AutoFP8's per-tensor weight and static activation scales), its FP8 weights
+# run as stored. Against transformers on its dequantized twin (the same weights in float32) with
+# the inputs of products above 8 rows rounded as tpserve rounds them (hf_reference.py
+# --fp8-inputs; its bfloat16 run is the peer): prefill logits (one chunk per prompt) and greedy
+# decoding (through the FP8 GEMV with per-row scales). Skipped before compute capability 8.9.
+step_fp8_checkpoint() {
+  local layout=$1 dir="$WORK/fp8-$1" ref="$WORK/ref_fp8_$1" tag="tp1-fp8-$1"
+  if ! fp8_capable; then
+    record "fp8 checkpoint $layout" "SKIP" "needs compute capability 8.9 or newer"
+    return
+  fi
+  rm -rf "$dir" "$ref"
+  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/make_fp8_checkpoint.py" "$CKPT" "$dir" \
+    --layout "$layout" --device "$REF_DEVICE"
+  if [ "$RC" -ne 0 ] || [ ! -f "$dir/dequantized/model.safetensors" ]; then
+    record "fp8 checkpoint $layout" "FAIL" "make_fp8_checkpoint.py: $(why_failed)"
+    return
+  fi
+  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/hf_reference.py" "$dir/dequantized" "$ref" \
+    --new-tokens "$NEW_TOKENS" --device "$REF_DEVICE" --dtypes bfloat16,float32 --fp8-inputs
+  if [ "$RC" -ne 0 ] || [ ! -f "$ref/hf_float32.f32" ]; then
+    record "hf fp8 $layout reference" "FAIL" "hf_reference.py --fp8-inputs: $(why_failed)"
+    return
+  fi
+  record "fp8 checkpoint $layout" "PASS" "made, and transformers on its dequantized twin (${SECS}s)"
+  OURS_MODEL="$dir" ours_logits "$tag" 1 bfloat16 --chunk 2048
+  if [ ! -s "$OURS/$tag.f32" ]; then
+    return
+  fi
+  run_compare "$tag vs hf (dequantized, FP8 inputs)" --truth "$ref/hf_float32.f32" \
+    --peer "$ref/hf_bfloat16.f32" --ours "$OURS/$tag.f32" --vocab "$VOCAB" \
+    --prompts "$CKPT/prompts.json"
+  run_compare "greedy $tag" --greedy "$OURS/$tag.json" \
+    --greedy-ref "$ref/hf_greedy_bfloat16.json" \
+    --greedy-truth "$ref/hf_greedy_float32.json" --ref-label "fp8 $layout bfloat16" --near-tie 0.1
+}
+
+# fp8_capable: whether this GPU runs FP8 (compute capability 8.9 or newer).
+fp8_capable() {
+  local cc
+  cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
+  [ -n "$cc" ] && awk -v c="$cc" 'BEGIN { exit !(c >= 8.9) }'
 }
 
 # run_compare LABEL ARGS...: compare.py records its own row (exit 0 or 1); any other exit is a
@@ -617,6 +669,8 @@ main() {
   check_logits tp1-f16 float16
   check_greedy tp1-f16 float16 0.03
   step_fp8
+  step_fp8_checkpoint channel
+  step_fp8_checkpoint static
   # TP=2 sums its partial products with the one-shot all-reduce over peer memory (the two
   # ranks are threads of one process here, so by peer access; `tpserve serve` below maps them
   # by CUDA IPC): prefill chunks, and every position as a graph-replayed decode step. With two
