@@ -1,8 +1,8 @@
 // FP8 E4M3 quantization with one f32 scale per tensor (issue 12's `--quantization fp8`): each
 // linear weight once at load, and for products of more rows than the GEMV kernel takes, the
 // activations of each product (a dynamic per-tensor scale, or an FP8 checkpoint's static one:
-// the quantizing kernel alone, given one "partial maximum" of 448 times that scale) before
-// cuBLASLt's FP8 GEMM.
+// the quantizing kernel alone, given one "partial maximum" of 448 times that scale; or, beside
+// an FP8 checkpoint's per-channel weights, one dynamic scale per row) before cuBLASLt's FP8 GEMM.
 //
 // A tensor's scale is amax / 448 (448 is E4M3's largest finite value), its elements x / scale
 // rounded to the nearest E4M3 value (ties to even) and saturated at +-448: vLLM's
@@ -119,28 +119,77 @@ __device__ void fp8_quantize_impl(unsigned char* __restrict__ out, float* __rest
     }
 }
 
-// fp8_scale_columns_{bf16,f16}: y[i, j] = y[i, j] * scales[j], for cuBLASLt builds whose FP8 GEMM
-// takes no per-row weight scales (the GEMM then runs with a scale of 1 and this applies the
-// weight's per-output-row scales to its result's columns).
+// fp8_quantize_rows_{bf16,f16}: per-token quantization (an FP8 checkpoint's per-channel weights
+// multiply activations quantized per row, as llm-compressor's FP8_DYNAMIC scheme says): with
+// amax_r the maximum |x[r, :]| and scale_r = amax_r / 448 (1 when amax_r is 0),
+// out[r, i] = E4M3(x[r, i] / scale_r) and scales[r] = scale_r. One block per row.
 //
 // Arguments:
-//   y       T   [rows, cols]  read and written, 16-byte aligned
-//   scales  f32 [cols]        read only
-//   n       i64               rows * cols
-//   cols    i32               a multiple of 8
+//   out     u8  [rows, k]  written (E4M3 bits), 8-byte aligned
+//   scales  f32 [rows]     written
+//   x       T   [rows, k]  read only, 16-byte aligned
+//   k       i32            a multiple of 8
+// Launch: grid (rows, 1, 1); block (256, 1, 1).
+template <typename T>
+__device__ void fp8_quantize_rows_impl(unsigned char* __restrict__ out, float* __restrict__ scales,
+                                       const T* __restrict__ x, int k) {
+    tpserve::wait_for_inputs();
+    const long long row = (long long)blockIdx.x * k;
+    float m = 0.0f;
+    for (int i = threadIdx.x * 8; i < k; i += blockDim.x * 8) {
+        const uint4 v = *reinterpret_cast<const uint4*>(x + row + i);
+        const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            m = fmaxf(m, fabsf(tpserve::to_float(e[j])));
+        }
+    }
+    const float amax = block_reduce_max(m);
+    const float scale = amax > 0.0f ? amax / kE4M3Max : 1.0f;
+    if (threadIdx.x == 0) {
+        scales[blockIdx.x] = scale;
+    }
+    for (int i = threadIdx.x * 8; i < k; i += blockDim.x * 8) {
+        const uint4 v = *reinterpret_cast<const uint4*>(x + row + i);
+        const T* e = reinterpret_cast<const T*>(&v);
+        unsigned short q[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            q[j] = float2_to_e4m3x2(tpserve::to_float(e[2 * j]) / scale,
+                                    tpserve::to_float(e[2 * j + 1]) / scale);
+        }
+        *reinterpret_cast<uint2*>(out + row + i) =
+            make_uint2(q[0] | ((unsigned int)q[1] << 16), q[2] | ((unsigned int)q[3] << 16));
+    }
+}
+
+// fp8_scale_outer_{bf16,f16}: y[i, j] = y[i, j] * row_scales[i] * col_scales[j] (a null pointer
+// scales by 1), for cuBLASLt builds whose FP8 GEMM takes no vector scales for a shape: the GEMM
+// then runs with scales of 1 and this applies the activations' per-row and the weight's
+// per-output-row scales (y's columns) to its result.
+//
+// Arguments:
+//   y           T   [rows, cols]  read and written, 16-byte aligned
+//   row_scales  f32 [rows]        read only, or null
+//   col_scales  f32 [cols]        read only, or null
+//   n           i64               rows * cols
+//   cols        i32               a multiple of 8
 // Launch: grid (any, 1, 1); block (256, 1, 1).
 template <typename T>
-__device__ void fp8_scale_columns_impl(T* __restrict__ y, const float* __restrict__ scales,
-                                       long long n, int cols) {
+__device__ void fp8_scale_outer_impl(T* __restrict__ y, const float* __restrict__ row_scales,
+                                     const float* __restrict__ col_scales, long long n, int cols) {
     tpserve::wait_for_inputs();
     const long long stride = (long long)gridDim.x * blockDim.x * 8;
     for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8; i < n; i += stride) {
         uint4 v = *reinterpret_cast<const uint4*>(y + i);
         T* e = reinterpret_cast<T*>(&v);
-        const int col = (int)(i % cols);
+        const long long r = i / cols;
+        const int col = (int)(i - r * cols);
+        const float rs = row_scales != nullptr ? row_scales[r] : 1.0f;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-            e[j] = tpserve::from_float<T>(tpserve::to_float(e[j]) * scales[col + j]);
+            const float cs = col_scales != nullptr ? col_scales[col + j] : 1.0f;
+            e[j] = tpserve::from_float<T>(tpserve::to_float(e[j]) * rs * cs);
         }
         *reinterpret_cast<uint4*>(y + i) = v;
     }
@@ -156,8 +205,14 @@ __device__ void fp8_scale_columns_impl(T* __restrict__ y, const float* __restric
         const float* __restrict__ partial, int p, const T* __restrict__ x, long long n) {     \
         fp8_quantize_impl<T>(out, scale_out, partial, p, x, n);                               \
     }                                                                                         \
-    extern "C" __global__ void __launch_bounds__(256) fp8_scale_columns_##SUFFIX(             \
-        T* __restrict__ y, const float* __restrict__ scales, long long n, int cols) {         \
-        fp8_scale_columns_impl<T>(y, scales, n, cols);                                        \
+    extern "C" __global__ void __launch_bounds__(256) fp8_quantize_rows_##SUFFIX(             \
+        unsigned char* __restrict__ out, float* __restrict__ scales, const T* __restrict__ x, \
+        int k) {                                                                              \
+        fp8_quantize_rows_impl<T>(out, scales, x, k);                                         \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256) fp8_scale_outer_##SUFFIX(               \
+        T* __restrict__ y, const float* __restrict__ row_scales,                              \
+        const float* __restrict__ col_scales, long long n, int cols) {                        \
+        fp8_scale_outer_impl<T>(y, row_scales, col_scales, n, cols);                          \
     }
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_FP8)

@@ -31,8 +31,10 @@ activations unquantized, more through cuBLASLt's FP8 GEMM on quantized activatio
 
 With --fp8-inputs (for pre-quantized FP8 checkpoints, run on their dequantized twin from
 make_fp8_checkpoint.py), the weights stay as loaded and only the inputs of products above 8 rows
-are rounded to FP8: with one dynamic scale over all their rows, or with the static scale
-CKPT_DIR/input_scales.json gives the layer (x / scale rounded to E4M3, saturating at 448).
+are rounded to FP8 as tpserve rounds them for that checkpoint: with the static scale
+CKPT_DIR/input_scales.json gives the layer (x / scale rounded to E4M3, saturating at 448); with
+one dynamic scale per row (per token) when CKPT_DIR/fp8_inputs.json says {"dynamic": "token"}
+(per-channel weights); else with one dynamic scale over all their rows.
 
 How: python3 hf_reference.py CKPT_DIR OUTDIR [--device cuda|cpu] [--new-tokens 32]
           [--dtypes bfloat16,float16,float32] [--lora ADAPTER_DIR] [--fp8 | --fp8-inputs]
@@ -142,16 +144,35 @@ def quantize_input_static(scale: float):
     return hook
 
 
+def quantize_input_per_token(_module, args):
+    """A pre-hook rounding inputs above 8 rows to E4M3 with one dynamic scale per row."""
+    (x,) = args
+    if x.numel() // x.shape[-1] <= FP8_GEMV_ROWS:
+        return None
+    t = x.float()
+    amax = t.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    q = (t / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return ((q.float() * scale).to(x.dtype),)
+
+
 def emulate_fp8_inputs(model, ckpt: str) -> str:
     """Rounds the inputs of every linear layer but the lm_head as tpserve's FP8 products do
     (weights as loaded); returns which scales."""
     path = os.path.join(ckpt, "input_scales.json")
     static = json.load(open(path)) if os.path.exists(path) else None
+    path = os.path.join(ckpt, "fp8_inputs.json")
+    per_token = os.path.exists(path) and json.load(open(path)).get("dynamic") == "token"
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name != "lm_head":
-            hook = quantize_input if static is None else quantize_input_static(static[name])
+            if static is not None:
+                hook = quantize_input_static(static[name])
+            elif per_token:
+                hook = quantize_input_per_token
+            else:
+                hook = quantize_input
             module.register_forward_pre_hook(hook)
-    return "dynamic" if static is None else "static"
+    return "static" if static is not None else "per-token" if per_token else "dynamic"
 
 
 @torch.no_grad()

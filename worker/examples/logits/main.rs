@@ -103,7 +103,8 @@ fn main() -> anyhow::Result<()> {
         max_lora_rank: args.max_lora_rank,
         max_cpu_loras: 1,
     };
-    group.on_all(move |_, r| r.load_model(&load))?;
+    let loaded = group.on_all(move |_, r| r.load_model(&load))?;
+    let fp8 = loaded.first().is_some_and(|l| l.quantization == "fp8");
     let adapter = args.lora_adapter.as_ref().map(|p| p.display().to_string());
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(1);
     let profile = pb::ProfileMemoryRequest {
@@ -167,7 +168,7 @@ fn main() -> anyhow::Result<()> {
         sampling_check(&group, &prompts[0], &first_last_row, num_blocks)?;
     }
     if args.extras_check && adapter.is_none() {
-        extras_check::extras_check(&group, prompts[0][0], num_blocks)?;
+        extras_check::extras_check(&group, prompts[0][0], num_blocks, fp8)?;
     }
     if args.greedy > 0 {
         let ids = greedy(

@@ -1,10 +1,10 @@
 //! FP8 matrix products through cuBLASLt (`--quantization fp8`, products above the GEMV's 8
 //! rows): `y[n, m] = (sx x_q[n, k]) (sw W_q[m, k])^T` with E4M3 operands, scales read from
-//! device memory at run time (the activations' per tensor; the weight's per tensor, or per
-//! output row through cuBLASLt's outer-vector scaling, CUDA 12.9+ on Hopper), f32 accumulation,
-//! `y` in the activation dtype. Where cuBLASLt has no outer-vector algorithm for a shape the
-//! product runs with a weight scale of 1 and the caller applies the rows' scales
-//! ([`RowScales::Pending`]).
+//! device memory at run time, one per tensor or one per row of each operand ([`Scale`]: the
+//! per-row ones through cuBLASLt's outer-vector scaling, CUDA 12.9+ on Hopper), f32
+//! accumulation, `y` in the activation dtype. Where cuBLASLt has no outer-vector algorithm
+//! (it answers the heuristic with an invalid value, then is not asked again) the product runs
+//! with scales of 1 in place of the vectors and the caller applies them ([`Unapplied`]).
 //!
 //! cuBLASLt is column-major and its FP8 kernels take only the "TN" layout, which is ours: the
 //! row-major weight `[m, k]` is the column-major `k x m` matrix A, used transposed; the row-major
@@ -29,26 +29,35 @@ use crate::error::Result;
 /// cuBLASLt's workspace: what NVIDIA recommends for Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
 
-/// An FP8 weight's scales (device addresses of f32).
-#[derive(Debug, Clone, Copy)]
-pub enum WeightScale {
+/// An FP8 operand's scales (device addresses of f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
     /// One for the tensor.
     Tensor(u64),
-    /// One per output row (`m` of them).
+    /// One per row (of `x`: `n`; of `w`: `m`, the output's columns).
     Rows(u64),
 }
 
-/// Whether a product's per-row weight scales were applied.
+impl Scale {
+    fn rows(self) -> Option<u64> {
+        match self {
+            Self::Rows(p) => Some(p),
+            Self::Tensor(_) => None,
+        }
+    }
+}
+
+/// Vector scales a product could not apply: `y[i, j]` must still be multiplied by `x_rows[i]`
+/// and `w_rows[j]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RowScales {
-    Applied,
-    /// Not by cuBLASLt: `y`'s columns must still be multiplied by them.
-    Pending,
+pub struct Unapplied {
+    pub x_rows: Option<u64>,
+    pub w_rows: Option<u64>,
 }
 
 /// One shape's descriptors and algorithm.
 struct Plan {
-    /// The weight's scales are an outer vector (one per row of `W`).
+    /// Both operands' scales are outer vectors (one per row of `W` and of `x`).
     outer_vec: bool,
     desc: sys::cublasLtMatmulDesc_t,
     a: sys::cublasLtMatrixLayout_t,
@@ -74,11 +83,13 @@ pub struct BlasLt {
     handle: sys::cublasLtHandle_t,
     stream: sys::cudaStream_t,
     out_type: sys::cudaDataType,
-    /// Per `(n, m, k, per-row weight scales)`.
+    /// Per `(n, m, k, vector scales)`.
     plans: Mutex<HashMap<(usize, usize, usize, bool), Plan>>,
     workspace: DeviceBuffer,
-    /// An f32 1, the weight scale of per-row products cuBLASLt cannot scale.
+    /// An f32 1, the scale of operands whose vector scales cuBLASLt cannot apply.
     one: DeviceBuffer,
+    /// Whether cuBLASLt still may have outer-vector algorithms (false after its first refusal).
+    outer_vec: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: the handle, the stream and the plans' descriptors are used only from the worker's
@@ -117,10 +128,11 @@ impl BlasLt {
             plans: Mutex::new(HashMap::new()),
             workspace,
             one,
+            outer_vec: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
-    /// The plan of a shape, with the weight's scales per row (`outer_vec`) or per tensor.
+    /// The plan of a shape, with both operands' scales per row (`outer_vec`) or per tensor.
     fn plan(&self, n: usize, m: usize, k: usize, outer_vec: bool) -> Result<Plan> {
         use sys::cublasLtMatmulDescAttributes_t as Attr;
         let desc = lt::create_matmul_desc(
@@ -158,16 +170,21 @@ impl BlasLt {
         .map_err(lt_err("setting cuBLASLt's FP8 accumulation"))?;
         if outer_vec {
             let mode = sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
-            // SAFETY: the descriptor is live; the attribute is the 32-bit scale-mode enum.
-            unsafe {
-                lt::set_matmul_desc_attribute(
-                    desc,
-                    Attr::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
-                    &mode as *const _ as *const _,
-                    std::mem::size_of_val(&mode),
-                )
+            for attr in [
+                Attr::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
+                Attr::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
+            ] {
+                // SAFETY: the descriptor is live; the attribute is the 32-bit scale-mode enum.
+                unsafe {
+                    lt::set_matmul_desc_attribute(
+                        desc,
+                        attr,
+                        &mode as *const _ as *const _,
+                        std::mem::size_of_val(&mode),
+                    )
+                }
+                .map_err(lt_err("setting cuBLASLt's per-row scales"))?;
             }
-            .map_err(lt_err("setting cuBLASLt's per-row weight scales"))?;
         }
         let layout = |t: sys::cudaDataType, rows: usize, cols: usize| {
             lt::create_matrix_layout(t, rows as u64, cols as u64, rows as i64)
@@ -218,38 +235,42 @@ impl BlasLt {
         Ok(plan)
     }
 
-    /// `y[n, m] = (x_scale x[n, k]) (w_scale w[m, k])^T`: `x` and `w` E4M3, `y` the dtype,
-    /// `x_scale` the device address of one f32, `w_scale` of one or of `m` ([`WeightScale`]).
-    /// `k` and `m` must be multiples of 16 (cuBLASLt's FP8 alignment). Says whether per-row
-    /// scales still need applying.
+    /// `y[n, m] = (x_scale x[n, k]) (w_scale w[m, k])^T`: `x` and `w` E4M3, `y` the dtype, the
+    /// scales f32 in device memory ([`Scale`]). `k` and `m` must be multiples of 16 (cuBLASLt's
+    /// FP8 alignment). Vector scales come both or neither: a per-row weight with per-row
+    /// activations, or per-tensor ones. Says which vector scales still need applying.
     #[allow(clippy::too_many_arguments)]
     pub fn fp8_linear(
         &self,
         y: u64,
         x: u64,
-        x_scale: u64,
+        x_scale: Scale,
         w: u64,
-        w_scale: WeightScale,
+        w_scale: Scale,
         n: usize,
         m: usize,
         k: usize,
-    ) -> Result<RowScales> {
+    ) -> Result<Option<Unapplied>> {
+        use std::sync::atomic::Ordering;
         use sys::cublasLtMatmulDescAttributes_t as Attr;
         if n == 0 {
-            return Ok(RowScales::Applied);
+            return Ok(None);
         }
-        let rows = matches!(w_scale, WeightScale::Rows(_));
+        let vectors = x_scale.rows().is_some() && w_scale.rows().is_some();
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
-        let plan = match plans.entry((n, m, k, rows)) {
+        let plan = match plans.entry((n, m, k, vectors)) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let plan = match self.plan(n, m, k, rows) {
+                let try_vectors = vectors && self.outer_vec.load(Ordering::Relaxed);
+                let plan = match self.plan(n, m, k, try_vectors) {
                     Ok(plan) => plan,
-                    Err(err) if rows => {
+                    Err(err) if try_vectors => {
+                        self.outer_vec.store(false, Ordering::Relaxed);
                         tracing::warn!(
                             n, m, k, %err,
-                            "no cuBLASLt FP8 algorithm with per-row weight scales: scaling after \
-                             the product"
+                            "cuBLASLt has no FP8 algorithm with per-row scales here: products \
+                             with them run with scales of 1 and are scaled after (one more \
+                             kernel)"
                         );
                         self.plan(n, m, k, false)?
                     }
@@ -258,14 +279,20 @@ impl BlasLt {
                 e.insert(plan)
             }
         };
-        let (w_scale, done) = match (w_scale, plan.outer_vec) {
-            (WeightScale::Tensor(s), _) => (s, RowScales::Applied),
-            (WeightScale::Rows(s), true) => (s, RowScales::Applied),
-            (WeightScale::Rows(_), false) => (self.one.ptr, RowScales::Pending),
+        let scalar = |s: Scale| match s {
+            Scale::Tensor(p) => p,
+            Scale::Rows(p) if plan.outer_vec => p,
+            Scale::Rows(_) => self.one.ptr,
         };
+        let (w_ptr, x_ptr) = (scalar(w_scale), scalar(x_scale));
+        let unapplied = (!plan.outer_vec && (x_scale.rows().is_some() || w_scale.rows().is_some()))
+            .then_some(Unapplied {
+                x_rows: x_scale.rows(),
+                w_rows: w_scale.rows(),
+            });
         for (attr, ptr) in [
-            (Attr::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, w_scale),
-            (Attr::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, x_scale),
+            (Attr::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, w_ptr),
+            (Attr::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, x_ptr),
         ] {
             // SAFETY: the descriptor is live; the attribute's value is a device pointer.
             unsafe {
@@ -303,6 +330,6 @@ impl BlasLt {
             )
         }
         .map_err(lt_err("cuBLASLt FP8 GEMM"))
-        .map(|()| done)
+        .map(|()| unapplied)
     }
 }

@@ -16,7 +16,10 @@
 //! output row ([`Fp8Weight`]; fused q/k/v or gate/up parts of different per-tensor scales
 //! become per-row, exactly). A checkpoint's static activation scale replaces the dynamic one:
 //! the activations are quantized by the conversion launch alone, given one "partial maximum" of
-//! 448 times that scale. Block-scaled checkpoints are dequantized to the dtype at load.
+//! 448 times that scale. Beside per-row weight scales, dynamic activations are quantized per row
+//! (per token, llm-compressor's FP8_DYNAMIC), and cuBLASLt scales the product by both vectors
+//! (outer-vector scaling) or, where it has no algorithm for that, a kernel does after a product
+//! with scales of 1. Block-scaled checkpoints are dequantized to the dtype at load.
 
 use super::device::device_err;
 use super::kernels::Kernels;
@@ -63,7 +66,8 @@ pub struct Fp8Operands {
     pub x_static: Option<u64>,
     /// Room for the activations quantized, `rows x k` bytes (products above 8 rows).
     pub x_q: u64,
-    /// Room for the activations' statistics, [`STATS_BYTES`].
+    /// Room for the activations' statistics, [`STATS_BYTES`], or their per-row scales (f32 per
+    /// row).
     pub x_stats: u64,
 }
 
@@ -133,19 +137,50 @@ impl Kernels {
             .map_err(|e| device_err("launching fp8_quantize", e))
     }
 
-    /// `y[i, j] *= scales[j]` for `rows x cols` elements of the dtype (`cols` a multiple of 8):
-    /// per-row weight scales applied after a GEMM that could not take them.
-    pub fn fp8_scale_columns(&self, y: u64, scales: u64, rows: usize, cols: usize) -> Result<()> {
+    /// Quantizes `rows x k` elements of `x` (the dtype, 16-byte aligned, `k` a multiple of 8)
+    /// to E4M3 bytes at `out` with one scale per row (its amax / 448), written to `scales`
+    /// (`rows` f32).
+    pub fn fp8_quantize_rows(
+        &self,
+        out: u64,
+        scales: u64,
+        x: u64,
+        rows: usize,
+        k: usize,
+    ) -> Result<()> {
+        debug_assert!(k.is_multiple_of(8));
+        let kw = k as i32;
+        let mut b = self.launch(&self.fp8_quantize_rows);
+        b.arg(&out).arg(&scales).arg(&x).arg(&kw);
+        // SAFETY: as fp8.cu documents: out holds rows x k bytes, scales rows f32, x rows x k
+        // elements of the dtype, 16-byte aligned, k a multiple of 8; one block per row.
+        unsafe { b.launch(super::kernels::grid_rows(rows, 256)) }
+            .map(drop)
+            .map_err(|e| device_err("launching fp8_quantize_rows", e))
+    }
+
+    /// `y[i, j] *= row_scales[i] * col_scales[j]` for `rows x cols` elements of the dtype
+    /// (`cols` a multiple of 8; a `None` scales by 1): vector scales applied after a cuBLASLt
+    /// product that could not take them.
+    pub fn fp8_scale_outer(
+        &self,
+        y: u64,
+        row_scales: Option<u64>,
+        col_scales: Option<u64>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
         debug_assert!(cols.is_multiple_of(8));
+        let (r, c) = (row_scales.unwrap_or(0), col_scales.unwrap_or(0));
         let n = (rows * cols) as i64;
-        let c = cols as i32;
+        let cw = cols as i32;
         let blocks = (rows * cols).div_ceil(256 * 8).clamp(1, AMAX_BLOCKS);
-        let mut b = self.launch(&self.fp8_scale_columns);
-        b.arg(&y).arg(&scales).arg(&n).arg(&c);
+        let mut b = self.launch(&self.fp8_scale_outer);
+        b.arg(&y).arg(&r).arg(&c).arg(&n).arg(&cw);
         // SAFETY: as fp8.cu documents: y holds rows x cols elements of the dtype, 16-byte
-        // aligned, scales cols f32, cols a multiple of 8.
+        // aligned, the scales rows and cols f32 (or null), cols a multiple of 8.
         unsafe { b.launch(super::kernels::grid_rows(blocks, 256)) }
             .map(drop)
-            .map_err(|e| device_err("launching fp8_scale_columns", e))
+            .map_err(|e| device_err("launching fp8_scale_outer", e))
     }
 }

@@ -9,9 +9,9 @@
 //! batch-invariant mode every product, whatever its rows, runs the one batch-invariant kernel
 //! (gemm_bi.cu), and nothing is tuned. Products with FP8 weights (`--quantization fp8`) choose
 //! among the FP8 GEMV variants up to 8 rows (always a GEMV: weight-only FP8, whatever the timing),
-//! and run cuBLASLt's FP8 GEMM above, on activations quantized for the product (`fp8.rs`), the
-//! weight's per-row scales (an FP8 checkpoint's) applied by cuBLASLt's outer-vector scaling, or
-//! after the GEMM where this cuBLASLt has none for the shape.
+//! and run cuBLASLt's FP8 GEMM above, on activations quantized for the product (`fp8.rs`: per
+//! tensor, or per row beside an FP8 checkpoint's per-row weight scales, the vectors applied by
+//! cuBLASLt's outer-vector scaling or after the GEMM where this cuBLASLt has none).
 //!
 //! Costs: `tune` launches each candidate ~13 times per shape and row bucket (a few hundred
 //! milliseconds for an 8B model); `run` is one map lookup and one launch.
@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use cudarc::driver::sys::CUevent_flags;
 
 use super::blas::Blas;
-use super::blas_lt::{BlasLt, RowScales, WeightScale};
+use super::blas_lt::{BlasLt, Scale};
 use super::device::{device_err, Gpu};
 use super::fp8::Fp8Operands;
 use super::kernels::{Kernels, Product};
@@ -206,30 +206,33 @@ impl Linear {
                 let lt = self.blas_lt.as_ref().ok_or_else(|| WorkerError::Device {
                     detail: "an FP8 product without a cuBLASLt handle".into(),
                 })?;
-                let n = p.rows * p.k;
-                match fp8.x_static {
-                    Some(s) => kernels.fp8_quantize_static(fp8.x_q, fp8.x_stats, s, p.x, n)?,
-                    None => kernels.fp8_quantize(fp8.x_q, fp8.x_stats, p.x, n)?,
-                }
-                let w_scale = if fp8.w_scale_per_row {
-                    WeightScale::Rows(fp8.w_scale)
-                } else {
-                    WeightScale::Tensor(fp8.w_scale)
+                // Activations: the checkpoint's static scale; per row beside per-row weight
+                // scales (FP8_DYNAMIC); else one dynamic scale for the product.
+                let x_scale = match (fp8.x_static, fp8.w_scale_per_row) {
+                    (Some(s), _) => {
+                        kernels.fp8_quantize_static(fp8.x_q, fp8.x_stats, s, p.x, p.rows * p.k)?;
+                        Scale::Tensor(fp8.x_scale())
+                    }
+                    (None, true) => {
+                        kernels.fp8_quantize_rows(fp8.x_q, fp8.x_stats, p.x, p.rows, p.k)?;
+                        Scale::Rows(fp8.x_stats)
+                    }
+                    (None, false) => {
+                        kernels.fp8_quantize(fp8.x_q, fp8.x_stats, p.x, p.rows * p.k)?;
+                        Scale::Tensor(fp8.x_scale())
+                    }
                 };
-                let done = lt.fp8_linear(
-                    p.y,
-                    fp8.x_q,
-                    fp8.x_scale(),
-                    p.w,
-                    w_scale,
-                    p.rows,
-                    p.n_out,
-                    p.k,
-                )?;
-                if done == RowScales::Pending {
-                    kernels.fp8_scale_columns(p.y, fp8.w_scale, p.rows, p.n_out)?;
+                let w_scale = if fp8.w_scale_per_row {
+                    Scale::Rows(fp8.w_scale)
+                } else {
+                    Scale::Tensor(fp8.w_scale)
+                };
+                let unapplied =
+                    lt.fp8_linear(p.y, fp8.x_q, x_scale, p.w, w_scale, p.rows, p.n_out, p.k)?;
+                match unapplied {
+                    Some(u) => kernels.fp8_scale_outer(p.y, u.x_rows, u.w_rows, p.rows, p.n_out),
+                    None => Ok(()),
                 }
-                Ok(())
             }
             (LinearKernel::Gemv { columns, unroll }, _) => kernels.gemv(p, columns, unroll),
             (LinearKernel::BatchInvariant, _) => kernels.gemm_bi(p),

@@ -431,42 +431,36 @@ impl CudaModel {
     /// How the FP8 weights are held and multiplied (`/v1/models`' `quantization` shows it
     /// after `fp8`).
     pub fn fp8_weight_types(&self) -> String {
-        let (mut per_tensor, mut per_row, mut static_input, mut in_dtype) = (0, 0, 0, 0);
+        let mut scales = std::collections::BTreeSet::new();
+        let mut activations = std::collections::BTreeSet::new();
+        let mut in_dtype = 0;
         for w in self
             .layers
             .iter()
             .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
         {
-            match &w.fp8 {
-                None => in_dtype += 1,
-                Some(f) => {
-                    *(if f.per_row {
-                        &mut per_row
-                    } else {
-                        &mut per_tensor
-                    }) += 1;
-                    static_input += usize::from(f.static_input.is_some());
-                }
-            }
+            let Some(f) = &w.fp8 else {
+                in_dtype += 1;
+                continue;
+            };
+            scales.insert(if f.per_row { "per-row" } else { "per-tensor" });
+            activations.insert(match (f.static_input, f.per_row) {
+                (Some(_), _) => "static per-tensor",
+                (None, true) => "dynamic per-token",
+                (None, false) => "dynamic per-tensor",
+            });
         }
-        let scales = match (per_tensor, per_row) {
-            (_, 0) => "per-tensor scales",
-            (0, _) => "per-row scales",
-            _ => "per-tensor and per-row scales",
-        };
-        let activations = match static_input {
-            0 => "dynamic",
-            n if n == per_tensor + per_row => "static",
-            _ => "static or dynamic",
-        };
+        let join =
+            |s: std::collections::BTreeSet<&str>| s.into_iter().collect::<Vec<_>>().join(" and ");
         let unquantized = match in_dtype {
             0 => String::new(),
             n => format!(" ({n} linear layers in the dtype)"),
         };
         format!(
-            "E4M3 linear weights with {scales}{unquantized}; above 8 rows activations \
-             {activations} per-tensor E4M3 (cuBLASLt), up to 8 in the dtype; embedding and \
-             lm_head in the dtype"
+            "E4M3 linear weights with {} scales{unquantized}; above 8 rows activations {} E4M3 \
+             (cuBLASLt), up to 8 in the dtype; embedding and lm_head in the dtype",
+            join(scales),
+            join(activations)
         )
     }
 

@@ -48,7 +48,7 @@ pub struct Workspace {
     /// The LoRA shrink's output, f32 `[tokens, lora_width]`.
     pub lora_scratch: DeviceBuffer,
     /// With FP8 weights: a product's activations quantized, E4M3 `[tokens, widest k]`, and
-    /// their statistics (`fp8.rs`); a byte each otherwise.
+    /// their statistics or per-row scales (`fp8.rs`); a byte each otherwise.
     pub fp8_x: DeviceBuffer,
     pub fp8_stats: DeviceBuffer,
 }
@@ -81,7 +81,8 @@ impl Workspace {
             Packed::capacity(tokens, samples),
             tokens * lora_width * 4,
             if fp8 { tokens * widest_k } else { 0 },
-            if fp8 { STATS_BYTES } else { 0 },
+            // One tensor's statistics, or one scale per row (activations quantized per row).
+            if fp8 { STATS_BYTES.max(tokens * 4) } else { 0 },
         ]
     }
 
@@ -164,5 +165,8 @@ mod tests {
         assert_eq!(plain[15..], [0, 0]);
         // The widest K is the intermediate size (the down projection's input), one byte each.
         assert_eq!(fp8[15..], [10 * 176, STATS_BYTES]);
+        // Per-row activation scales take 4 bytes a row once they outgrow the statistics.
+        let many = Workspace::bytes_for(&d, 4096, 2, 0, true);
+        assert_eq!(many[16], 4096 * 4);
     }
 }
