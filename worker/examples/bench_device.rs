@@ -2,7 +2,9 @@
 //! single-sequence decode tokens/s against the memory floor (weight bytes read per token over the
 //! measured device copy bandwidth), and prefill tokens/s of one long prompt against the matrix
 //! floor (2 x linear-layer parameters FLOPs per token over the measured cuBLAS GEMM rate).
-//! Random weights of a real model's shape (`--load-format dummy`): give a config.json.
+//! Random weights of a real model's shape (`--load-format dummy`): give a config.json; or a
+//! checkpoint directory (`--checkpoint`, e.g. a pre-quantized FP8 one that
+//! tests/gpu/make_fp8_bench_checkpoint.py writes), loaded as `tpserve serve` loads it.
 //!
 //! Steps go through `Runner::step` (the worker's serving path: plan validation, batch building,
 //! the forward pass, sampling on the device, tokens back to the host) without gRPC. Decode is
@@ -25,9 +27,13 @@ use tpserve_worker::thread_group::ThreadGroup;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// The model's config.json.
-    #[arg(long)]
-    config: PathBuf,
+    /// The model's config.json (random weights of its shape).
+    #[arg(long, required_unless_present = "checkpoint")]
+    config: Option<PathBuf>,
+    /// A checkpoint directory to load instead (its weights as stored; quantization as its
+    /// config.json says, or `--quantization`).
+    #[arg(long, conflicts_with = "config")]
+    checkpoint: Option<PathBuf>,
     #[arg(long, default_value = "bfloat16")]
     dtype: String,
     /// As `tpserve serve --quantization` (`fp8`); empty: none.
@@ -61,7 +67,12 @@ fn main() -> anyhow::Result<()> {
     tpserve_worker::logging::init_logging("warn,tpserve_worker::cuda=info", Default::default());
     let args = Args::parse();
     let dtype = Dtype::parse(&args.dtype)?;
-    let config = LlamaConfig::from_hf_json(&std::fs::read_to_string(&args.config)?)?;
+    let (model_path, load_format, config_path) = match (&args.checkpoint, &args.config) {
+        (Some(dir), _) => (dir.clone(), pb::LoadFormat::Auto, dir.join("config.json")),
+        (None, Some(config)) => (config.clone(), pb::LoadFormat::Dummy, config.clone()),
+        (None, None) => anyhow::bail!("--config or --checkpoint"),
+    };
+    let config = LlamaConfig::from_hf_json(&std::fs::read_to_string(&config_path)?)?;
     let floors = measure_floors(args.gpu, dtype)?;
     eprintln!(
         "floors: copy {:.0} GB/s, GEMM {:.0} TFLOP/s",
@@ -69,8 +80,8 @@ fn main() -> anyhow::Result<()> {
     );
     let group = ThreadGroup::start(DeviceChoice::Cuda(Some(args.gpu)), 1, 1)?;
     let load = pb::LoadModelRequest {
-        model_path: args.config.display().to_string(),
-        load_format: pb::LoadFormat::Dummy as i32,
+        model_path: model_path.display().to_string(),
+        load_format: load_format as i32,
         dtype: args.dtype.clone(),
         quantization: args.quantization.clone(),
         dummy_seed: 1,
@@ -338,7 +349,9 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let result = serde_json::json!({
         "phases": phases_json,
-        "config": args.config.display().to_string(),
+        "config": config_path.display().to_string(),
+        "checkpoint": args.checkpoint.as_ref().map(|d| d.display().to_string()),
+        "quantization": loaded.quantization,
         "dtype": dtype.name(),
         "copy_gb_per_s": floors.copy_gb_per_s,
         "gemm_tflops": floors.gemm_tflops,
