@@ -259,7 +259,11 @@ fn main() -> anyhow::Result<()> {
     // weights are one byte each (the norms' few bf16 bytes counted as parameters too), and the
     // floor's rate stays the dtype's GEMM rate.
     let lm_head_params = v * h;
-    let layer_elem = if args.quantization == "fp8" { 1 } else { elem };
+    let layer_elem = if loaded.quantization == "fp8" {
+        1
+    } else {
+        elem
+    };
     let layer_params = (weight_bytes
         - embed_bytes
         - if config.tie_word_embeddings {
