@@ -2,8 +2,9 @@
 //! flat buffers laid out `[num_blocks, block_size, kv_heads, head_dim]`; a token's slot is
 //! `block_id * block_size + offset`, so a sequence's keys are found through its block table and
 //! never need to be contiguous. Attention is causal within a sequence: the query at position `p`
-//! sees keys `0..=p`. Work is split over (token, head) pairs; cost is O(tokens x context x heads
-//! x head_dim), small beside the projections on these models.
+//! sees keys `0..=p`. Work is split over (token, KV head) pairs, each reading its keys and values
+//! once for the query heads of its group; cost is O(tokens x context x heads x head_dim) in
+//! arithmetic and O(tokens x context x kv_heads x head_dim) in cache reads.
 
 use rayon::prelude::*;
 
@@ -97,8 +98,33 @@ pub struct AttentionInput<'a> {
     pub kv_head_of: &'a [usize],
 }
 
+/// Consecutive query heads attending with one KV head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HeadRun {
+    kv_head: usize,
+    heads: std::ops::Range<usize>,
+}
+
+/// The runs of `kv_head_of` (local query head -> local KV head), in head order.
+fn head_runs(kv_head_of: &[usize]) -> Vec<HeadRun> {
+    let mut runs: Vec<HeadRun> = Vec::new();
+    for (head, &kv_head) in kv_head_of.iter().enumerate() {
+        match runs.last_mut() {
+            Some(run) if run.kv_head == kv_head => run.heads.end = head + 1,
+            _ => runs.push(HeadRun {
+                kv_head,
+                heads: head..head + 1,
+            }),
+        }
+    }
+    runs
+}
+
 /// Writes this step's keys and values into the cache at `batch.slots`, then computes attention
-/// for every row. Returns `[tokens, q_heads * head_dim]`.
+/// for every row. Returns `[tokens, q_heads * head_dim]`. Each (row, KV head) pair is one work
+/// item computing the query heads of its group in one pass over the keys and values (one item per
+/// query head when rows are too few to share out otherwise); per query head the arithmetic and
+/// its order are the same either way.
 pub fn paged_attention(
     cache: &mut KvCache,
     layer: usize,
@@ -127,36 +153,106 @@ pub fn paged_attention(
     for (i, s) in batch.seqs.iter().enumerate() {
         row_seq[s.rows.clone()].fill(i);
     }
-    out.par_chunks_mut(hd).enumerate().for_each(|(idx, dst)| {
-        let (row, head) = (idx / qh, idx % qh);
-        let seq = &batch.seqs[row_seq[row]];
-        let visible = batch.positions[row] + 1;
-        let kvh = input.kv_head_of[head];
-        let q = &input.q[(row * qh + head) * hd..(row * qh + head + 1) * hd];
-        let key_at = |j: usize| {
-            let slot = seq.block_ids[j / block_size] as usize * block_size + j % block_size;
-            (slot * kv_w) + kvh * hd
-        };
-        let mut scores: Vec<f32> = (0..visible)
-            .map(|j| {
-                let o = key_at(j);
-                dot(q, &lc.keys[o..o + hd]) * scale
+    // Work items: a row and a run of consecutive query heads sharing one KV head (a GQA group,
+    // or its part on this rank), so each key and value is read once for the whole run; with too
+    // few rows to keep every thread busy that way (a single stream's decode step), one head each.
+    let mut runs = head_runs(input.kv_head_of);
+    if batch.num_tokens() * runs.len() < 4 * rayon::current_num_threads() {
+        runs = runs
+            .iter()
+            .flat_map(|r| {
+                r.heads.clone().map(|h| HeadRun {
+                    kv_head: r.kv_head,
+                    heads: h..h + 1,
+                })
             })
             .collect();
-        let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+    }
+    let mut items: Vec<(usize, &HeadRun, &mut [f32])> =
+        Vec::with_capacity(batch.num_tokens() * runs.len());
+    for (row, row_out) in out.chunks_mut(qh * hd).enumerate() {
+        let mut rest = row_out;
+        for run in &runs {
+            let (dst, tail) = rest.split_at_mut(run.heads.len() * hd);
+            items.push((row, run, dst));
+            rest = tail;
         }
-        let inv = 1.0 / sum;
-        for (j, p) in scores.iter().enumerate() {
+    }
+    items.into_par_iter().for_each(|(row, run, dst)| {
+        let seq = &batch.seqs[row_seq[row]];
+        let visible = batch.positions[row] + 1;
+        let kv_offset = run.kv_head * hd;
+        let key_at = |j: usize| {
+            let slot = seq.block_ids[j / block_size] as usize * block_size + j % block_size;
+            slot * kv_w + kv_offset
+        };
+        let queries: Vec<&[f32]> = run
+            .heads
+            .clone()
+            .map(|head| &input.q[(row * qh + head) * hd..(row * qh + head + 1) * hd])
+            .collect();
+        // scores[g * visible + j]: query head g of the run against key j.
+        let mut scores = vec![0.0f32; queries.len() * visible];
+        for j in 0..visible {
             let o = key_at(j);
-            let w = p * inv;
-            for (d, v) in dst.iter_mut().zip(&lc.values[o..o + hd]) {
-                *d += w * v;
+            let key = &lc.keys[o..o + hd];
+            for (g, q) in queries.iter().enumerate() {
+                scores[g * visible + j] = dot(q, key) * scale;
+            }
+        }
+        let mut weights = Vec::with_capacity(queries.len());
+        for row_scores in scores.chunks_mut(visible.max(1)) {
+            let max = row_scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for s in row_scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            weights.push(1.0 / sum);
+        }
+        for j in 0..visible {
+            let o = key_at(j);
+            let value = &lc.values[o..o + hd];
+            for (g, dst) in dst.chunks_mut(hd).enumerate() {
+                let w = scores[g * visible + j] * weights[g];
+                for (d, v) in dst.iter_mut().zip(value) {
+                    *d += w * v;
+                }
             }
         }
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_heads_group_into_runs_by_kv_head() {
+        let runs = head_runs(&[0, 0, 0, 1, 1, 1, 2, 2, 2]);
+        assert_eq!(runs.len(), 3);
+        assert_eq!(
+            runs[1],
+            HeadRun {
+                kv_head: 1,
+                heads: 3..6
+            }
+        );
+        // A tensor-parallel rank whose query heads straddle two replicated KV heads.
+        let runs = head_runs(&[0, 0, 1]);
+        assert_eq!(
+            runs,
+            [
+                HeadRun {
+                    kv_head: 0,
+                    heads: 0..2
+                },
+                HeadRun {
+                    kv_head: 1,
+                    heads: 2..3
+                }
+            ]
+        );
+    }
 }
