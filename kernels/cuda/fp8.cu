@@ -50,6 +50,35 @@ __device__ __forceinline__ unsigned short float2_to_e4m3x2(float lo, float hi) {
 #endif
 }
 
+// The largest |x[j]| of 8 elements (one 16-byte load, 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ float abs_max8(const T* __restrict__ x) {
+    const uint4 v = *reinterpret_cast<const uint4*>(x);
+    const T* e = reinterpret_cast<const T*>(&v);
+    float m = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        m = fmaxf(m, fabsf(tpserve::to_float(e[j])));
+    }
+    return m;
+}
+
+// out[j] = E4M3(x[j] / scale) for 8 elements (x 16-byte, out 8-byte aligned).
+template <typename T>
+__device__ __forceinline__ void quantize8(unsigned char* __restrict__ out,
+                                          const T* __restrict__ x, float scale) {
+    const uint4 v = *reinterpret_cast<const uint4*>(x);
+    const T* e = reinterpret_cast<const T*>(&v);
+    unsigned short q[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        q[j] = float2_to_e4m3x2(tpserve::to_float(e[2 * j]) / scale,
+                                tpserve::to_float(e[2 * j + 1]) / scale);
+    }
+    *reinterpret_cast<uint2*>(out) =
+        make_uint2(q[0] | ((unsigned int)q[1] << 16), q[2] | ((unsigned int)q[3] << 16));
+}
+
 }  // namespace
 
 // fp8_amax_partial_{bf16,f16}: partial[b] = max |x[i]| over block b's grid-stride share of x.
@@ -66,12 +95,7 @@ __device__ void fp8_amax_partial_impl(float* __restrict__ partial, const T* __re
     float m = 0.0f;
     const long long stride = (long long)gridDim.x * blockDim.x * 8;
     for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8; i < n; i += stride) {
-        const uint4 v = *reinterpret_cast<const uint4*>(x + i);
-        const T* e = reinterpret_cast<const T*>(&v);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            m = fmaxf(m, fabsf(tpserve::to_float(e[j])));
-        }
+        m = fmaxf(m, abs_max8(x + i));
     }
     m = block_reduce_max(m);
     if (threadIdx.x == 0) {
@@ -106,16 +130,7 @@ __device__ void fp8_quantize_impl(unsigned char* __restrict__ out, float* __rest
     }
     const long long stride = (long long)gridDim.x * blockDim.x * 8;
     for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8; i < n; i += stride) {
-        const uint4 v = *reinterpret_cast<const uint4*>(x + i);
-        const T* e = reinterpret_cast<const T*>(&v);
-        unsigned short q[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            q[j] = float2_to_e4m3x2(tpserve::to_float(e[2 * j]) / scale,
-                                    tpserve::to_float(e[2 * j + 1]) / scale);
-        }
-        *reinterpret_cast<uint2*>(out + i) =
-            make_uint2(q[0] | ((unsigned int)q[1] << 16), q[2] | ((unsigned int)q[3] << 16));
+        quantize8(out + i, x + i, scale);
     }
 }
 
@@ -137,12 +152,7 @@ __device__ void fp8_quantize_rows_impl(unsigned char* __restrict__ out, float* _
     const long long row = (long long)blockIdx.x * k;
     float m = 0.0f;
     for (int i = threadIdx.x * 8; i < k; i += blockDim.x * 8) {
-        const uint4 v = *reinterpret_cast<const uint4*>(x + row + i);
-        const T* e = reinterpret_cast<const T*>(&v);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            m = fmaxf(m, fabsf(tpserve::to_float(e[j])));
-        }
+        m = fmaxf(m, abs_max8(x + row + i));
     }
     const float amax = block_reduce_max(m);
     const float scale = amax > 0.0f ? amax / kE4M3Max : 1.0f;
@@ -150,16 +160,7 @@ __device__ void fp8_quantize_rows_impl(unsigned char* __restrict__ out, float* _
         scales[blockIdx.x] = scale;
     }
     for (int i = threadIdx.x * 8; i < k; i += blockDim.x * 8) {
-        const uint4 v = *reinterpret_cast<const uint4*>(x + row + i);
-        const T* e = reinterpret_cast<const T*>(&v);
-        unsigned short q[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            q[j] = float2_to_e4m3x2(tpserve::to_float(e[2 * j]) / scale,
-                                    tpserve::to_float(e[2 * j + 1]) / scale);
-        }
-        *reinterpret_cast<uint2*>(out + row + i) =
-            make_uint2(q[0] | ((unsigned int)q[1] << 16), q[2] | ((unsigned int)q[3] << 16));
+        quantize8(out + row + i, x + row + i, scale);
     }
 }
 

@@ -173,18 +173,28 @@ fn write_pair(layout: Layout, fp8_dir: &Path, f32_dir: &Path) {
     write(f32_dir, &plain, None);
 }
 
-#[test]
-fn fp8_checkpoints_dequantize_on_the_cpu_exactly_as_their_f32_twins() {
-    let ids: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 256).collect();
-    for layout in [
+/// Every layout's checkpoint pair, in a temporary directory each (`fp8/` and `f32/`).
+fn pairs() -> Vec<(Layout, tempfile::TempDir)> {
+    [
         Layout::AutoFp8,
         Layout::Tensor,
         Layout::Channel,
         Layout::Block,
-    ] {
+    ]
+    .into_iter()
+    .map(|layout| {
         let dir = tempfile::tempdir().unwrap();
-        let (fp8_dir, f32_dir) = (dir.path().join("fp8"), dir.path().join("f32"));
-        write_pair(layout, &fp8_dir, &f32_dir);
+        write_pair(layout, &dir.path().join("fp8"), &dir.path().join("f32"));
+        (layout, dir)
+    })
+    .collect()
+}
+
+#[test]
+fn fp8_checkpoints_dequantize_on_the_cpu_exactly_as_their_f32_twins() {
+    let ids: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 256).collect();
+    for (layout, pair) in pairs() {
+        let (fp8_dir, f32_dir) = (pair.path().join("fp8"), pair.path().join("f32"));
         let source = ModelSource::open(&fp8_dir, None).unwrap();
         let scheme = source.fp8_scheme().expect("an FP8 checkpoint").unwrap();
         eprintln!("{layout:?}: {}", scheme.describe());
@@ -201,15 +211,8 @@ fn fp8_checkpoints_dequantize_on_the_cpu_exactly_as_their_f32_twins() {
 
 #[test]
 fn read_fp8_hands_over_bytes_and_scales_whose_products_are_the_weights() {
-    for layout in [
-        Layout::AutoFp8,
-        Layout::Tensor,
-        Layout::Channel,
-        Layout::Block,
-    ] {
-        let dir = tempfile::tempdir().unwrap();
-        let (fp8_dir, f32_dir) = (dir.path().join("fp8"), dir.path().join("f32"));
-        write_pair(layout, &fp8_dir, &f32_dir);
+    for (layout, pair) in pairs() {
+        let (fp8_dir, f32_dir) = (pair.path().join("fp8"), pair.path().join("f32"));
         let fp8 = ModelSource::open(&fp8_dir, None)
             .unwrap()
             .weights()
