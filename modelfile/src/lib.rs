@@ -23,4 +23,4 @@ pub use error::{Error, Result};
 pub use lora::{LoraAdapter, LoraModule, Projection};
 pub use quantization::Fp8Checkpoint;
 pub use source::{Format, GenerationDefaults, ModelSource};
-pub use weights::{Fp8Scale, Fp8Tensor, QuantizedTensor, WeightReader};
+pub use weights::{Fp8Scale, Fp8Tensor, QuantizedTensor, StoredDtype, StoredTensor, WeightReader};

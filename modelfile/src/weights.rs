@@ -23,6 +23,23 @@ pub use safetensors_reader::SafetensorsReader;
 
 use crate::error::Result;
 
+/// The element types a safetensors checkpoint stores that the readers take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredDtype {
+    F32,
+    F16,
+    Bf16,
+    F8E4M3,
+}
+
+/// A tensor or slice as stored: row-major little-endian elements of `dtype`, shape `shape`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredTensor<'a> {
+    pub dtype: StoredDtype,
+    pub shape: Vec<usize>,
+    pub bytes: std::borrow::Cow<'a, [u8]>,
+}
+
 /// Read access to a model's weights under Hugging Face names.
 pub trait WeightReader: Send + Sync {
     /// Names of all tensors, in Hugging Face naming ("model.embed_tokens.weight",
@@ -47,6 +64,17 @@ pub trait WeightReader: Send + Sync {
     /// when it is not stored quantized (safetensors, or GGUF F32/F16/BF16).
     fn read_quantized(&self, name: &str) -> Result<Option<QuantizedTensor>> {
         let _ = name;
+        Ok(None)
+    }
+    /// The tensor `name` (or its slice `(dim, start, len)`) as stored: its bytes (borrowed from
+    /// the file's mapping where the slice is contiguous) and dtype, for backends that keep the
+    /// stored dtype; `None` where the reader has no stored bytes to give (GGUF).
+    fn read_stored(
+        &self,
+        name: &str,
+        slice: Option<(usize, usize, usize)>,
+    ) -> Result<Option<StoredTensor<'_>>> {
+        let _ = (name, slice);
         Ok(None)
     }
     /// The 2-D weight `name` (or its slice `(dim, start, len)`) as stored in FP8 E4M3 with

@@ -4,7 +4,7 @@
 //! floor (2 x linear-layer parameters FLOPs per token over the measured cuBLAS GEMM rate).
 //! Random weights of a real model's shape (`--load-format dummy`): give a config.json; or a
 //! checkpoint directory (`--checkpoint`, e.g. a pre-quantized FP8 one that
-//! tests/gpu/make_fp8_bench_checkpoint.py writes), loaded as `tpserve serve` loads it.
+//! tests/gpu/make_bench_checkpoint.py writes), loaded as `tpserve serve` loads it.
 //!
 //! Steps go through `Runner::step` (the worker's serving path: plan validation, batch building,
 //! the forward pass, sampling on the device, tokens back to the host) without gRPC. Decode is

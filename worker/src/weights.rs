@@ -10,7 +10,7 @@ use std::path::Path;
 
 use rand::{Rng, SeedableRng};
 use tpserve_modelfile::{
-    Format, Fp8Tensor, LlamaConfig, ModelSource, QuantizedTensor, WeightReader,
+    Format, Fp8Tensor, LlamaConfig, ModelSource, QuantizedTensor, StoredTensor, WeightReader,
 };
 use tpserve_proto as pb;
 use tpserve_term::progress::{Task, Unit};
@@ -315,6 +315,18 @@ impl WeightReader for Counted<'_> {
 
     fn read_quantized(&self, name: &str) -> tpserve_modelfile::Result<Option<QuantizedTensor>> {
         let t = self.inner.read_quantized(name);
+        if matches!(t, Ok(Some(_))) {
+            self.task.inc(1);
+        }
+        t
+    }
+
+    fn read_stored(
+        &self,
+        name: &str,
+        slice: Option<(usize, usize, usize)>,
+    ) -> tpserve_modelfile::Result<Option<StoredTensor<'_>>> {
+        let t = self.inner.read_stored(name, slice);
         if matches!(t, Ok(Some(_))) {
             self.task.inc(1);
         }

@@ -269,3 +269,44 @@ fn read_fp8_hands_over_bytes_and_scales_whose_products_are_the_weights() {
             .is_none());
     }
 }
+
+#[test]
+fn read_stored_gives_any_slice_as_stored_borrowing_contiguous_ones() {
+    use std::borrow::Cow;
+    use tpserve_modelfile::StoredDtype;
+    let (_, pair) = pairs().swap_remove(2);
+    let plain = ModelSource::open(&pair.path().join("f32"), None)
+        .unwrap()
+        .weights()
+        .unwrap();
+    let name = "model.layers.1.self_attn.o_proj.weight";
+    for (dim, start, len, borrowed) in [(0, 16, 16, true), (1, 32, 32, false)] {
+        let t = plain
+            .read_stored(name, Some((dim, start, len)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.dtype, StoredDtype::F32);
+        assert_eq!(matches!(t.bytes, Cow::Borrowed(_)), borrowed, "dim {dim}");
+        let want: Vec<u8> = plain
+            .read_slice(name, dim, start, len)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(t.bytes.as_ref(), want.as_slice(), "dim {dim}");
+        assert_eq!(t.shape[dim], len);
+    }
+    let fp8 = ModelSource::open(&pair.path().join("fp8"), None)
+        .unwrap()
+        .weights()
+        .unwrap();
+    let t = fp8.read_stored(name, None).unwrap().unwrap();
+    assert_eq!(
+        (t.dtype, t.shape.as_slice()),
+        (StoredDtype::F8E4M3, &[64usize, 64][..])
+    );
+}

@@ -7,6 +7,7 @@
 //! returns (a slice along dim 0 is one contiguous range; along another dim, one range per outer
 //! index).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -14,7 +15,7 @@ use candle_core::{Device, Tensor};
 use safetensors::{Dtype, SafeTensors};
 
 use super::fp8::{e4m3_to_f32, scale_names, Fp8Scale, Fp8Tensor, StoredScales};
-use super::{check_slice, WeightReader};
+use super::{check_slice, StoredDtype, StoredTensor, WeightReader};
 use crate::error::{Error, Result};
 
 struct Shard {
@@ -234,20 +235,22 @@ impl SafetensorsReader {
         self
     }
 
-    /// The bytes of the slice `start..start + len` along `dim`, in row-major order, and its shape.
+    /// The bytes of the slice `start..start + len` along `dim`, in row-major order (borrowed from
+    /// the mapping when contiguous: a slice along the first dimension), and its shape.
     fn slice_bytes(
         &self,
         name: &str,
         dim: usize,
         start: usize,
         len: usize,
-    ) -> Result<(&Entry, Vec<u8>, Vec<usize>)> {
+    ) -> Result<(&Entry, Cow<'_, [u8]>, Vec<usize>)> {
         let e = self.entry(name)?;
         let mmap = &self.shards[e.shard].mmap;
         let size = elem_size(e.dtype).unwrap_or(4);
         if e.shape.is_empty() {
             // A scalar: one element, no dimension to slice along.
-            return Ok((e, mmap[e.start..e.start + size].to_vec(), Vec::new()));
+            let bytes = &mmap[e.start..e.start + size];
+            return Ok((e, Cow::Borrowed(bytes), Vec::new()));
         }
         check_slice(name, &e.shape, dim, start, len)?;
         // Offsets were checked against the mapping at open, and the slice against the shape.
@@ -255,14 +258,18 @@ impl SafetensorsReader {
         let inner: usize = e.shape[dim + 1..].iter().product();
         let dim_size = e.shape[dim];
         let row_bytes = inner * size;
+        let mut shape = e.shape.clone();
+        shape[dim] = len;
+        if outer == 1 {
+            let from = e.start + start * row_bytes;
+            return Ok((e, Cow::Borrowed(&mmap[from..from + len * row_bytes]), shape));
+        }
         let mut out = Vec::with_capacity(outer * len * row_bytes);
         for o in 0..outer {
             let from = e.start + (o * dim_size + start) * row_bytes;
             out.extend_from_slice(&mmap[from..from + len * row_bytes]);
         }
-        let mut shape = e.shape.clone();
-        shape[dim] = len;
-        Ok((e, out, shape))
+        Ok((e, Cow::Owned(out), shape))
     }
 
     /// The whole tensor `name` as f32 values (no FP8 scaling), if it exists.
@@ -328,6 +335,28 @@ impl WeightReader for SafetensorsReader {
         Tensor::from_vec(out, shape, &Device::Cpu).map_err(|err| Error::tensor(name, err))
     }
 
+    fn read_stored(
+        &self,
+        name: &str,
+        slice: Option<(usize, usize, usize)>,
+    ) -> Result<Option<StoredTensor<'_>>> {
+        let e = self.entry(name)?;
+        let dtype = match e.dtype {
+            Dtype::F32 => StoredDtype::F32,
+            Dtype::F16 => StoredDtype::F16,
+            Dtype::BF16 => StoredDtype::Bf16,
+            Dtype::F8_E4M3 => StoredDtype::F8E4M3,
+            _ => return Ok(None),
+        };
+        let (dim, start, len) = slice.unwrap_or((0, 0, e.shape.first().copied().unwrap_or(1)));
+        let (_, bytes, shape) = self.slice_bytes(name, dim, start, len)?;
+        Ok(Some(StoredTensor {
+            dtype,
+            shape,
+            bytes,
+        }))
+    }
+
     fn read_fp8(
         &self,
         name: &str,
@@ -340,6 +369,7 @@ impl WeightReader for SafetensorsReader {
         let scales = self.fp8_scales(name, &e.shape)?;
         let (dim, start, len) = slice.unwrap_or((0, 0, e.shape[0]));
         let (_, data, shape) = self.slice_bytes(name, dim, start, len)?;
+        let data = data.into_owned();
         let scale = match scales {
             StoredScales::Tensor(s) => Fp8Scale::Tensor(s),
             StoredScales::Rows(v) if dim == 0 => Fp8Scale::Rows(v[start..start + len].to_vec()),

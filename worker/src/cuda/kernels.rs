@@ -42,6 +42,14 @@ impl Dtype {
         }
     }
 
+    /// The checkpoint dtype whose bytes are this dtype's.
+    pub fn stored(self) -> tpserve_modelfile::StoredDtype {
+        match self {
+            Self::Bf16 => tpserve_modelfile::StoredDtype::Bf16,
+            Self::F16 => tpserve_modelfile::StoredDtype::F16,
+        }
+    }
+
     /// Rounds an f32 to this dtype's bits.
     pub fn from_f32(self, x: f32) -> u16 {
         match self {

@@ -156,12 +156,23 @@ impl Loader<'_> {
                         high,
                     )?;
                 }
-                WeightSource::Reader(_) => {
-                    let values = read(self.source, part)?;
-                    let bits: Vec<u16> = values.iter().map(|v| self.dtype.from_f32(*v)).collect();
-                    self.gpu.upload_at(&buf, offset, &bits)?;
-                    // `bits` is freed on return: wait for the copy rather than rely on the
-                    // driver staging pageable memory before it returns.
+                WeightSource::Reader(reader) => {
+                    // Stored in the dtype: the bytes as they are (from the file's mapping where
+                    // contiguous); otherwise read as f32 and rounded.
+                    let slice = part.slice.as_ref().map(|(dim, r)| (*dim, r.start, r.len()));
+                    match reader.read_stored(&part.name, slice)? {
+                        Some(t) if t.dtype == self.dtype.stored() && t.shape == part.shape => {
+                            self.gpu.upload_at(&buf, offset, &t.bytes)?;
+                        }
+                        _ => {
+                            let values = read(self.source, part)?;
+                            let bits: Vec<u16> =
+                                values.iter().map(|v| self.dtype.from_f32(*v)).collect();
+                            self.gpu.upload_at(&buf, offset, &bits)?;
+                        }
+                    }
+                    // The host copy is freed (or unmapped) after return: wait for the copy
+                    // rather than rely on the driver staging pageable memory before it returns.
                     self.gpu.sync()?;
                 }
             }

@@ -1,19 +1,20 @@
 #!/usr/bin/env python3
-"""Writes a Llama-3-8B-shaped pre-quantized FP8 checkpoint of random weights, for bench_device
---checkpoint: the speed of an FP8 checkpoint's weights as stored (issue 12).
+"""Writes a Llama-3-8B-shaped checkpoint of random weights, for bench_device --checkpoint: loading
+a checkpoint from disk, and the speed of a pre-quantized FP8 checkpoint's weights as stored
+(issue 12).
 
-What: OUTDIR/config.json is tests/gpu/llama3-8b-config.json with a compressed-tensors
+What: OUTDIR/config.json is tests/gpu/llama3-8b-config.json, with a compressed-tensors
 quantization_config (--layout channel: llm-compressor's FP8_DYNAMIC, per-channel weight scales,
-per-token dynamic activations) or AutoFP8's (--layout tensor: quant_method fp8, per-tensor weight
-scales, dynamic activations); OUTDIR/model.safetensors holds every linear weight in F8_E4M3
-(normal(0, 0.02) rounded with its scales) with its `weight_scale`, and the embedding, lm_head
-and norms in bfloat16. About 9 GB; a minute on an H200 machine.
+per-token dynamic activations), AutoFP8's (--layout tensor: quant_method fp8, per-tensor weight
+scales, dynamic activations), or none (--layout bf16); OUTDIR/model.safetensors holds every linear
+weight (normal(0, 0.02)) in F8_E4M3 with its `weight_scale`, or in bfloat16, and the embedding,
+lm_head and norms in bfloat16. About 9 GB (FP8) or 16 GB (bf16); a minute on an H200 machine.
 
-Why: `--load-format dummy` gives random weights in the dtype (or quantized at load with
-per-tensor scales); a pre-quantized checkpoint's layout (per-row scales, per-token activations)
-runs other kernels, which only a checkpoint on disk exercises.
+Why: `--load-format dummy` gives random weights made on the device (or quantized at load with
+per-tensor scales); reading a checkpoint, and a pre-quantized checkpoint's layout (per-row
+scales, per-token activations), only a checkpoint on disk exercises.
 
-How: python3 make_fp8_bench_checkpoint.py OUTDIR [--layout channel|tensor] [--device cuda]
+How: python3 make_bench_checkpoint.py OUTDIR [--layout channel|tensor|bf16] [--device cuda]
 """
 
 import argparse
@@ -31,7 +32,7 @@ E4M3_MAX = 448.0
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("outdir")
-    ap.add_argument("--layout", choices=["channel", "tensor"], default="channel")
+    ap.add_argument("--layout", choices=["channel", "tensor", "bf16"], default="channel")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     with open(os.path.join(HERE, "llama3-8b-config.json")) as f:
@@ -49,6 +50,9 @@ def main() -> int:
 
     def linear(name, rows, cols):
         w = randn(rows, cols)
+        if args.layout == "bf16":
+            tensors[f"{name}.weight"] = w.bfloat16().cpu()
+            return
         if args.layout == "channel":
             scale = w.abs().amax(dim=1, keepdim=True) / E4M3_MAX
         else:
@@ -87,14 +91,17 @@ def main() -> int:
                                           "input_activations": fp8("token", True)}},
             "ignore": ["lm_head"],
         }
-    else:
+    elif args.layout == "tensor":
         quantization = {"quant_method": "fp8", "activation_scheme": "dynamic"}
-    config["quantization_config"] = quantization
+    else:
+        quantization = None
+    if quantization is not None:
+        config["quantization_config"] = quantization
     config["torch_dtype"] = "bfloat16"
     with open(os.path.join(args.outdir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     size = os.path.getsize(os.path.join(args.outdir, "model.safetensors"))
-    print(f"make_fp8_bench_checkpoint: {args.layout}: {size / 1e9:.2f} GB -> {args.outdir}",
+    print(f"make_bench_checkpoint: {args.layout}: {size / 1e9:.2f} GB -> {args.outdir}",
           file=sys.stderr)
     return 0
 
