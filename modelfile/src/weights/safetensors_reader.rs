@@ -31,6 +31,13 @@ struct Entry {
     start: usize,
 }
 
+/// A slice of a tensor: its entry, its bytes in row-major order, its shape.
+struct Slice<'a> {
+    entry: &'a Entry,
+    bytes: Cow<'a, [u8]>,
+    shape: Vec<usize>,
+}
+
 /// Weights from one or more `.safetensors` files.
 pub struct SafetensorsReader {
     shards: Vec<Shard>,
@@ -237,20 +244,18 @@ impl SafetensorsReader {
 
     /// The bytes of the slice `start..start + len` along `dim`, in row-major order (borrowed from
     /// the mapping when contiguous: a slice along the first dimension), and its shape.
-    fn slice_bytes(
-        &self,
-        name: &str,
-        dim: usize,
-        start: usize,
-        len: usize,
-    ) -> Result<(&Entry, Cow<'_, [u8]>, Vec<usize>)> {
+    fn slice_bytes(&self, name: &str, dim: usize, start: usize, len: usize) -> Result<Slice<'_>> {
         let e = self.entry(name)?;
         let mmap = &self.shards[e.shard].mmap;
         let size = elem_size(e.dtype).unwrap_or(4);
         if e.shape.is_empty() {
             // A scalar: one element, no dimension to slice along.
             let bytes = &mmap[e.start..e.start + size];
-            return Ok((e, Cow::Borrowed(bytes), Vec::new()));
+            return Ok(Slice {
+                entry: e,
+                bytes: Cow::Borrowed(bytes),
+                shape: Vec::new(),
+            });
         }
         check_slice(name, &e.shape, dim, start, len)?;
         // Offsets were checked against the mapping at open, and the slice against the shape.
@@ -262,14 +267,23 @@ impl SafetensorsReader {
         shape[dim] = len;
         if outer == 1 {
             let from = e.start + start * row_bytes;
-            return Ok((e, Cow::Borrowed(&mmap[from..from + len * row_bytes]), shape));
+            let bytes = Cow::Borrowed(&mmap[from..from + len * row_bytes]);
+            return Ok(Slice {
+                entry: e,
+                bytes,
+                shape,
+            });
         }
         let mut out = Vec::with_capacity(outer * len * row_bytes);
         for o in 0..outer {
             let from = e.start + (o * dim_size + start) * row_bytes;
             out.extend_from_slice(&mmap[from..from + len * row_bytes]);
         }
-        Ok((e, Cow::Owned(out), shape))
+        Ok(Slice {
+            entry: e,
+            bytes: Cow::Owned(out),
+            shape,
+        })
     }
 
     /// The whole tensor `name` as f32 values (no FP8 scaling), if it exists.
@@ -278,7 +292,11 @@ impl SafetensorsReader {
             return Ok(None);
         };
         let rows = e.shape.first().copied().unwrap_or(1);
-        let (e, bytes, shape) = self.slice_bytes(name, 0, 0, rows)?;
+        let Slice {
+            entry: e,
+            bytes,
+            shape,
+        } = self.slice_bytes(name, 0, 0, rows)?;
         let mut out = Vec::new();
         extend_f32(&mut out, e.dtype, &bytes);
         Ok(Some((out, shape)))
@@ -325,7 +343,11 @@ impl WeightReader for SafetensorsReader {
     }
 
     fn read_slice(&self, name: &str, dim: usize, start: usize, len: usize) -> Result<Tensor> {
-        let (e, bytes, shape) = self.slice_bytes(name, dim, start, len)?;
+        let Slice {
+            entry: e,
+            bytes,
+            shape,
+        } = self.slice_bytes(name, dim, start, len)?;
         let mut out = Vec::with_capacity(bytes.len());
         extend_f32(&mut out, e.dtype, &bytes);
         if e.dtype == Dtype::F8_E4M3 {
@@ -349,7 +371,7 @@ impl WeightReader for SafetensorsReader {
             _ => return Ok(None),
         };
         let (dim, start, len) = slice.unwrap_or((0, 0, e.shape.first().copied().unwrap_or(1)));
-        let (_, bytes, shape) = self.slice_bytes(name, dim, start, len)?;
+        let Slice { bytes, shape, .. } = self.slice_bytes(name, dim, start, len)?;
         Ok(Some(StoredTensor {
             dtype,
             shape,
@@ -368,8 +390,8 @@ impl WeightReader for SafetensorsReader {
         }
         let scales = self.fp8_scales(name, &e.shape)?;
         let (dim, start, len) = slice.unwrap_or((0, 0, e.shape[0]));
-        let (_, data, shape) = self.slice_bytes(name, dim, start, len)?;
-        let data = data.into_owned();
+        let Slice { bytes, shape, .. } = self.slice_bytes(name, dim, start, len)?;
+        let data = bytes.into_owned();
         let scale = match scales {
             StoredScales::Tensor(s) => Fp8Scale::Tensor(s),
             StoredScales::Rows(v) if dim == 0 => Fp8Scale::Rows(v[start..start + len].to_vec()),
