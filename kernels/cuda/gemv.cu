@@ -225,7 +225,7 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const W* _
     extern "C" __global__ void __launch_bounds__(128) gemv_m##M##_r##R##_##SUFFIX(            \
         T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int rows,        \
         int n_out, int k) {                                                                   \
-        gemv_impl<T, T, M, R, 2>(y, x, w, nullptr, 0, rows, n_out, k);                           \
+        gemv_impl<T, T, M, R, 2>(y, x, w, nullptr, 0, rows, n_out, k);                        \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(128) gemv_fp8_m##M##_r##R##_##SUFFIX(        \
         T* __restrict__ y, const T* __restrict__ x, const E4M3* __restrict__ w,               \
@@ -236,7 +236,7 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const W* _
     extern "C" __global__ void __launch_bounds__(128) gemv_m##M##_r##R##_u##U##_##SUFFIX(     \
         T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int rows,        \
         int n_out, int k) {                                                                   \
-        gemv_impl<T, T, M, R, U>(y, x, w, nullptr, 0, rows, n_out, k);                           \
+        gemv_impl<T, T, M, R, U>(y, x, w, nullptr, 0, rows, n_out, k);                        \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(128) gemv_fp8_m##M##_r##R##_u##U##_##SUFFIX( \
         T* __restrict__ y, const T* __restrict__ x, const E4M3* __restrict__ w,               \

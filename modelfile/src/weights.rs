@@ -66,6 +66,13 @@ pub trait WeightReader: Send + Sync {
         let _ = name;
         Ok(None)
     }
+    /// The dtype `name` is stored in, without reading it; `None` where the reader has no stored
+    /// bytes to give (GGUF) or no such tensor. What [`Self::read_stored`] and
+    /// [`Self::read_fp8`] would hand over, so a caller can choose its read before making it.
+    fn stored_dtype(&self, name: &str) -> Option<StoredDtype> {
+        let _ = name;
+        None
+    }
     /// The tensor `name` (or its slice `(dim, start, len)`) as stored: its bytes (borrowed from
     /// the file's mapping where the slice is contiguous) and dtype, for backends that keep the
     /// stored dtype; `None` where the reader has no stored bytes to give (GGUF).

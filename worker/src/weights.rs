@@ -10,7 +10,8 @@ use std::path::Path;
 
 use rand::{Rng, SeedableRng};
 use tpserve_modelfile::{
-    Format, Fp8Tensor, LlamaConfig, ModelSource, QuantizedTensor, StoredTensor, WeightReader,
+    Format, Fp8Tensor, LlamaConfig, ModelSource, QuantizedTensor, StoredDtype, StoredTensor,
+    WeightReader,
 };
 use tpserve_proto as pb;
 use tpserve_term::progress::{Task, Unit};
@@ -319,6 +320,10 @@ impl WeightReader for Counted<'_> {
             self.task.inc(1);
         }
         t
+    }
+
+    fn stored_dtype(&self, name: &str) -> Option<StoredDtype> {
+        self.inner.stored_dtype(name)
     }
 
     fn read_stored(

@@ -300,6 +300,8 @@ fn read_stored_gives_any_slice_as_stored_borrowing_contiguous_ones() {
         assert_eq!(t.bytes.as_ref(), want.as_slice(), "dim {dim}");
         assert_eq!(t.shape[dim], len);
     }
+    assert_eq!(plain.stored_dtype(name), Some(StoredDtype::F32));
+    assert_eq!(plain.stored_dtype("no.such.weight"), None);
     let fp8 = ModelSource::open(&pair.path().join("fp8"), None)
         .unwrap()
         .weights()
@@ -309,4 +311,5 @@ fn read_stored_gives_any_slice_as_stored_borrowing_contiguous_ones() {
         (t.dtype, t.shape.as_slice()),
         (StoredDtype::F8E4M3, &[64usize, 64][..])
     );
+    assert_eq!(fp8.stored_dtype(name), Some(StoredDtype::F8E4M3));
 }

@@ -357,18 +357,24 @@ impl WeightReader for SafetensorsReader {
         Tensor::from_vec(out, shape, &Device::Cpu).map_err(|err| Error::tensor(name, err))
     }
 
+    fn stored_dtype(&self, name: &str) -> Option<StoredDtype> {
+        match self.tensors.get(name)?.dtype {
+            Dtype::F32 => Some(StoredDtype::F32),
+            Dtype::F16 => Some(StoredDtype::F16),
+            Dtype::BF16 => Some(StoredDtype::Bf16),
+            Dtype::F8_E4M3 => Some(StoredDtype::F8E4M3),
+            _ => None,
+        }
+    }
+
     fn read_stored(
         &self,
         name: &str,
         slice: Option<(usize, usize, usize)>,
     ) -> Result<Option<StoredTensor<'_>>> {
         let e = self.entry(name)?;
-        let dtype = match e.dtype {
-            Dtype::F32 => StoredDtype::F32,
-            Dtype::F16 => StoredDtype::F16,
-            Dtype::BF16 => StoredDtype::Bf16,
-            Dtype::F8_E4M3 => StoredDtype::F8E4M3,
-            _ => return Ok(None),
+        let Some(dtype) = self.stored_dtype(name) else {
+            return Ok(None);
         };
         let (dim, start, len) = slice.unwrap_or((0, 0, e.shape.first().copied().unwrap_or(1)));
         let Slice { bytes, shape, .. } = self.slice_bytes(name, dim, start, len)?;

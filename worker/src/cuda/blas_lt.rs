@@ -114,7 +114,7 @@ impl BlasLt {
     pub fn new(gpu: &Gpu, dtype: Dtype) -> Result<Self> {
         let handle = lt::create_handle().map_err(lt_err("creating the cuBLASLt handle"))?;
         let workspace = gpu.alloc(WORKSPACE_BYTES, "the cuBLASLt workspace")?;
-        let one = gpu.alloc(4, "the cuBLASLt workspace")?;
+        let one = gpu.alloc(4, "cuBLASLt's unit scale")?;
         gpu.upload(&one, &[1.0f32])?;
         gpu.sync()?;
         let out_type = match dtype {

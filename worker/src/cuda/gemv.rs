@@ -80,8 +80,8 @@ impl GemvFamily {
 impl Kernels {
     /// `p.y = p.x p.w^T` for 1 to 8 rows by the GEMV kernel with `r` output columns per warp and
     /// `u` chunks in flight per lane ([`GemvFamily::pick`]): gemv.cu. With `p.fp8`, `p.w` is FP8
-    /// E4M3 and the product is scaled by the weight's scale (or its rows'). `p.k` must be a multiple of 8 (16
-    /// with FP8 weights).
+    /// E4M3 and the product is scaled by the weight's scale (or its rows'). `p.k` must be a
+    /// multiple of 8 (16 with FP8 weights).
     pub fn gemv(&self, p: &Product, r: usize, u: usize) -> Result<()> {
         let family = match p.fp8 {
             None => &self.gemv,
@@ -99,8 +99,8 @@ impl Kernels {
         b.arg(&rw).arg(&nw).arg(&kw);
         // SAFETY: as gemv.cu documents: y holds rows x n_out, x rows x k elements of the dtype,
         // w n_out x k of the dtype (or bytes, with its f32 scale at fp8.w_scale, or n_out of
-        // them with w_scale_per_row), all the
-        // caller's buffers, 16-byte aligned with k a multiple of 8 (16 for FP8).
+        // them with w_scale_per_row), all the caller's buffers, 16-byte aligned with k a
+        // multiple of 8 (16 for FP8).
         unsafe { b.launch(super::kernels::grid_rows(p.n_out.div_ceil(4 * r), 128)) }
             .map(drop)
             .map_err(|e| super::device::device_err(&format!("launching {}", family.name), e))

@@ -158,10 +158,15 @@ impl Loader<'_> {
                 }
                 WeightSource::Reader(reader) => {
                     // Stored in the dtype: the bytes as they are (from the file's mapping where
-                    // contiguous); otherwise read as f32 and rounded.
-                    let slice = part.slice.as_ref().map(|(dim, r)| (*dim, r.start, r.len()));
-                    match reader.read_stored(&part.name, slice)? {
-                        Some(t) if t.dtype == self.dtype.stored() && t.shape == part.shape => {
+                    // contiguous); otherwise read as f32 and rounded. Each part is read once.
+                    let stored = if reader.stored_dtype(&part.name) == Some(self.dtype.stored()) {
+                        let slice = part.slice.as_ref().map(|(dim, r)| (*dim, r.start, r.len()));
+                        reader.read_stored(&part.name, slice)?
+                    } else {
+                        None
+                    };
+                    match stored {
+                        Some(t) if t.shape == part.shape => {
                             self.gpu.upload_at(&buf, offset, &t.bytes)?;
                         }
                         _ => {
@@ -231,6 +236,12 @@ impl Loader<'_> {
         let WeightSource::Reader(reader) = self.source else {
             return Ok(None);
         };
+        // Decided before reading, so that a linear layer of mixed parts is read once, in the
+        // dtype.
+        let fp8 = Some(tpserve_modelfile::StoredDtype::F8E4M3);
+        if parts.iter().any(|p| reader.stored_dtype(&p.name) != fp8) {
+            return Ok(None);
+        }
         let mut tensors = Vec::with_capacity(parts.len());
         for part in parts {
             let slice = part.slice.as_ref().map(|(dim, r)| (*dim, r.start, r.len()));
