@@ -89,8 +89,14 @@ pub async fn launch(
         _ => Checkpoint::of(&source),
     };
     let quantization = crate::quantization::resolve(args.quantization.as_deref(), checkpoint)?;
-    if let Checkpoint::Fp8(Ok(scheme)) = checkpoint {
-        tracing::info!(scheme = %scheme.describe(), "FP8 checkpoint");
+    match checkpoint {
+        Checkpoint::Fp8(Ok(scheme)) => {
+            tracing::info!(scheme = %scheme.describe(), "FP8 checkpoint")
+        }
+        Checkpoint::PackedInt(Ok(scheme)) => {
+            tracing::info!(scheme = %scheme.describe(), "AWQ/GPTQ checkpoint")
+        }
+        _ => {}
     }
     let task = crate::task::resolve(
         args.task,
@@ -286,6 +292,16 @@ pub async fn launch(
             "the FP8 checkpoint runs dequantized to {} on {} ({}): FP8 weights are multiplied as \
              stored on CUDA GPUs of compute capability 8.9 or newer, with per-tensor or \
              per-channel scales",
+            args.dtype,
+            ready.device,
+            scheme.describe()
+        );
+    }
+    if let (Checkpoint::PackedInt(Ok(scheme)), "none") = (checkpoint, ready.quantization.as_str()) {
+        tracing::warn!(
+            "the {} checkpoint runs dequantized to {} on {} ({}): its weights take the dtype's \
+             memory, not their packed size",
+            scheme.method.as_str(),
             args.dtype,
             ready.device,
             scheme.describe()

@@ -8,20 +8,17 @@
 //! (per-tensor scales, vLLM's online FP8) on CUDA GPUs of compute capability 8.9 or newer (the
 //! worker refuses older GPUs); FP8 checkpoints (`quant_method` `fp8` or `compressed-tensors`,
 //! `tpserve_modelfile::quantization`), whose weights run as stored where the workers multiply
-//! FP8 and are dequantized to `--dtype` elsewhere (and when block-scaled); `none`, everything
-//! dequantized to `--dtype`.
+//! FP8 and are dequantized to `--dtype` elsewhere (and when block-scaled); AWQ and GPTQ
+//! checkpoints (`quant_method` `awq` or `gptq`, `tpserve_modelfile::quantization::packed_int`),
+//! dequantized to `--dtype` at load; `none`, everything dequantized to `--dtype`.
 
-use tpserve_modelfile::{Fp8Checkpoint, ModelSource};
+use tpserve_modelfile::{Fp8Checkpoint, ModelSource, PackedIntCheckpoint};
 
 use crate::error::StartError;
 
 /// Methods vLLM accepts for `--quantization` (or checkpoints name in `quant_method`) that this
 /// build does not run: named in the refusal, so a user sees we know of them.
 const NOT_YET: &[&str] = &[
-    "awq",
-    "awq_marlin",
-    "gptq",
-    "gptq_marlin",
     "marlin",
     "bitsandbytes",
     "fbgemm_fp8",
@@ -70,13 +67,23 @@ fn refuse(detail: String) -> StartError {
 
 /// What `--quantization` takes, for the refusals.
 const SUPPORTED: &str = "gguf on the CPU backend; fp8 (and compressed-tensors, for such FP8 \
-                         checkpoints) on CUDA GPUs of compute capability 8.9 or newer; none";
+                         checkpoints) on CUDA GPUs of compute capability 8.9 or newer; awq and \
+                         gptq (or awq_marlin, gptq_marlin) for such checkpoints; none";
+
+/// The `--quantization` names that fit an AWQ or GPTQ checkpoint of `method`.
+fn fits_packed_int(flag: &str, method: &str) -> bool {
+    flag.strip_suffix("_marlin").unwrap_or(flag) == method
+}
 
 /// Checks `--quantization` on its own and against `--dtype` and `--device` (no checkpoint
 /// needed).
 pub fn validate_flag(flag: Option<&str>, dtype: &str, device: &str) -> Result<(), StartError> {
     match flag {
-        None | Some("gguf" | "none" | "fp8" | "compressed-tensors") => {}
+        None
+        | Some(
+            "gguf" | "none" | "fp8" | "compressed-tensors" | "awq" | "awq_marlin" | "gptq"
+            | "gptq_marlin",
+        ) => {}
         Some(m) if NOT_YET.contains(&m) => {
             return Err(refuse(format!(
                 "--quantization {m} is not supported by tpserve yet (supported: {SUPPORTED})"
@@ -122,6 +129,8 @@ pub enum Checkpoint<'a> {
     /// An FP8 checkpoint (`quant_method` fp8 or compressed-tensors): its scheme, or why we do not
     /// read it.
     Fp8(Result<&'a Fp8Checkpoint, &'a str>),
+    /// An AWQ or GPTQ checkpoint: its scheme, or why we do not read it.
+    PackedInt(Result<&'a PackedIntCheckpoint, &'a str>),
     /// Another `quant_method`.
     Other(&'a str),
 }
@@ -129,11 +138,16 @@ pub enum Checkpoint<'a> {
 impl<'a> Checkpoint<'a> {
     /// The checkpoint of `source`.
     pub fn of(source: &'a ModelSource) -> Self {
-        match (source.quantization(), source.fp8_scheme()) {
-            (None, _) => Self::Plain,
-            (Some("gguf"), _) => Self::Gguf,
-            (_, Some(scheme)) => Self::Fp8(scheme),
-            (Some(method), None) => Self::Other(method),
+        match (
+            source.quantization(),
+            source.fp8_scheme(),
+            source.packed_int_scheme(),
+        ) {
+            (None, _, _) => Self::Plain,
+            (Some("gguf"), _, _) => Self::Gguf,
+            (_, Some(scheme), _) => Self::Fp8(scheme),
+            (_, None, Some(scheme)) => Self::PackedInt(scheme),
+            (Some(method), None, None) => Self::Other(method),
         }
     }
 }
@@ -178,10 +192,28 @@ pub fn resolve(flag: Option<&str>, checkpoint: Checkpoint) -> Result<Quantizatio
             s.describe(),
             s.method
         ))),
+        (C::PackedInt(Err(why)), _) => Err(refuse(format!(
+            "the checkpoint's quantization_config is a form tpserve does not read: {why}"
+        ))),
+        // The workers keep the packed weights where they multiply them, and dequantize them to
+        // --dtype elsewhere.
+        (C::PackedInt(Ok(_)), None) => Ok(Quantization::Auto),
+        (C::PackedInt(Ok(_)), Some("none")) => Ok(Quantization::None),
+        (C::PackedInt(Ok(s)), Some(m)) if fits_packed_int(m, s.method.as_str()) => {
+            Ok(Quantization::Auto)
+        }
+        (C::PackedInt(Ok(s)), Some(m)) => Err(refuse(format!(
+            "--quantization {m} does not fit this checkpoint, which is quantized with {:?} \
+             ({}): leave --quantization unset, or pass {:?} or none",
+            s.method.as_str(),
+            s.describe(),
+            s.method.as_str()
+        ))),
         (C::Other(method), _) => Err(refuse(format!(
             "the checkpoint is quantized with {method:?} (config.json quantization_config), which \
              tpserve does not run yet (supported: GGUF files, on the CPU kept quantized; FP8 \
-             checkpoints, quant_method fp8 or compressed-tensors)"
+             checkpoints, quant_method fp8 or compressed-tensors; AWQ and GPTQ checkpoints, \
+             quant_method awq or gptq)"
         ))),
         (C::Plain, Some(m)) => Err(refuse(format!(
             "--quantization {m} needs a checkpoint quantized that way; this one has no quantized \
@@ -211,7 +243,7 @@ mod tests {
 
     #[test]
     fn methods_we_do_not_run_are_refused_by_name() {
-        for m in ["awq", "gptq", "bitsandbytes"] {
+        for m in ["bitsandbytes", "hqq", "marlin"] {
             let msg = message(validate_flag(Some(m), "auto", "auto"));
             assert!(msg.contains(m) && msg.contains("not supported"), "{msg}");
         }
@@ -282,11 +314,36 @@ mod tests {
     }
 
     #[test]
+    fn awq_and_gptq_checkpoints_take_their_own_flags() {
+        use tpserve_modelfile::quantization::PackedIntMethod;
+        use Checkpoint as C;
+        let gptq = PackedIntCheckpoint {
+            method: PackedIntMethod::Gptq,
+            bits: 4,
+            group_size: Some(128),
+            act_order: false,
+            symmetric: true,
+            zero_offset: 1,
+        };
+        let ok = || C::PackedInt(Ok(&gptq));
+        for flag in [None, Some("gptq"), Some("gptq_marlin")] {
+            assert!(validate_flag(flag, "auto", "cpu").is_ok(), "{flag:?}");
+            assert_eq!(resolve(flag, ok()).unwrap(), Quantization::Auto, "{flag:?}");
+        }
+        assert_eq!(resolve(Some("none"), ok()).unwrap(), Quantization::None);
+        let msg = message(resolve(Some("awq"), ok()));
+        assert!(msg.contains("\"gptq\"") && msg.contains("4-bit"), "{msg}");
+        let msg = message(resolve(None, C::PackedInt(Err("awq version \"gemv\""))));
+        assert!(msg.contains("gemv"), "{msg}");
+    }
+
+    #[test]
     fn quantized_hf_checkpoints_and_mismatched_flags_are_refused_by_name() {
         use Checkpoint as C;
         for (flag, checkpoint, needle) in [
-            (None, C::Other("awq"), "\"awq\""),
-            (Some("none"), C::Other("gptq"), "\"gptq\""),
+            (None, C::Other("bitsandbytes"), "\"bitsandbytes\""),
+            (Some("none"), C::Other("hqq"), "\"hqq\""),
+            (Some("awq"), C::Plain, "--quantization awq needs"),
             (Some("compressed-tensors"), C::Gguf, "GGUF file"),
             (Some("gguf"), C::Plain, "--quantization gguf needs"),
         ] {

@@ -21,6 +21,6 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use lora::{LoraAdapter, LoraModule, Projection};
-pub use quantization::Fp8Checkpoint;
+pub use quantization::{Fp8Checkpoint, PackedIntCheckpoint};
 pub use source::{Format, GenerationDefaults, ModelSource};
 pub use weights::{Fp8Scale, Fp8Tensor, QuantizedTensor, StoredDtype, StoredTensor, WeightReader};

@@ -16,7 +16,7 @@ use crate::chat::ChatTemplate;
 use crate::config::{merge_ids, token_ids, LlamaConfig};
 use crate::error::{Error, Result};
 use crate::gguf::{meta_str, GgufFile};
-use crate::quantization::Fp8Checkpoint;
+use crate::quantization::{Fp8Checkpoint, PackedIntCheckpoint};
 use crate::weights::{GgufReader, SafetensorsReader, WeightReader};
 
 /// How a model is stored.
@@ -105,6 +105,7 @@ fn read_json_if_exists(path: &Path) -> Result<Option<Json>> {
 struct CheckpointQuantization {
     method: String,
     fp8: Option<std::result::Result<Fp8Checkpoint, String>>,
+    packed_int: Option<std::result::Result<PackedIntCheckpoint, String>>,
 }
 
 /// The `quantization_config` of a config.json's text (already parsed once as valid).
@@ -118,6 +119,7 @@ fn checkpoint_quantization(config_json: &str) -> Option<CheckpointQuantization> 
             .unwrap_or("unknown (quantization_config without quant_method)")
             .to_string(),
         fp8: crate::quantization::fp8_scheme(q),
+        packed_int: crate::quantization::packed_int_scheme(q),
     })
 }
 
@@ -347,6 +349,23 @@ impl ModelSource {
         }
     }
 
+    /// The scheme of an AWQ or GPTQ checkpoint ([`crate::quantization::packed_int`]): `None`
+    /// for any other checkpoint, `Some(Err(why))` for a form of those methods that tpserve does
+    /// not read.
+    pub fn packed_int_scheme(&self) -> Option<std::result::Result<&PackedIntCheckpoint, &str>> {
+        match &self.inner {
+            Inner::HfDir {
+                quant:
+                    Some(CheckpointQuantization {
+                        packed_int: Some(s),
+                        ..
+                    }),
+                ..
+            } => Some(s.as_ref().map_err(String::as_str)),
+            _ => None,
+        }
+    }
+
     pub fn weights(&self) -> Result<Box<dyn WeightReader>> {
         match &self.inner {
             Inner::HfDir { .. } => {
@@ -354,8 +373,11 @@ impl ModelSource {
                     .fp8_scheme()
                     .and_then(|s| s.ok())
                     .and_then(Fp8Checkpoint::block);
+                let packed = self.packed_int_scheme().and_then(|s| s.ok()).cloned();
                 Ok(Box::new(
-                    SafetensorsReader::open_dir(&self.path)?.with_fp8_block(block),
+                    SafetensorsReader::open_dir(&self.path)?
+                        .with_fp8_block(block)
+                        .with_packed_int(packed)?,
                 ))
             }
             Inner::Gguf(file) => Ok(Box::new(GgufReader::new(file.clone(), &self.config))),

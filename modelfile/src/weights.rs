@@ -4,7 +4,7 @@
 //!
 //! Invariants: every name a reader lists can be read; shapes are in Hugging Face (PyTorch,
 //! row-major) order; every tensor comes back as f32 on `Device::Cpu` (FP8 weights multiplied by
-//! their scales, [`fp8`]); files are mapped once when
+//! their scales, [`fp8`]; AWQ/GPTQ layers, listed as `X.weight`, dequantized, [`packed_int`]); files are mapped once when
 //! the reader is built and never re-parsed. GGUF q/k projections come back un-permuted (see
 //! [`crate::gguf`]), so the worker can use rotate-half RoPE for every format. Costs: safetensors
 //! reads copy and convert only the requested bytes from the mapping; GGUF reads dequantize the
@@ -13,6 +13,7 @@
 
 pub mod fp8;
 mod gguf_reader;
+pub mod packed_int;
 mod quantized;
 mod safetensors_reader;
 

@@ -59,8 +59,8 @@ def test_bad_engine_options_are_refused(model):
         LLM(model, max_model_len=100000)
     with pytest.raises(ValueError, match="unknown --device"):
         LLM(model, device="tpu")
-    with pytest.raises(ValueError, match="quantization='awq' is not supported"):
-        LLM(model, quantization="awq")
+    with pytest.raises(ValueError, match="quantization='bitsandbytes' is not supported"):
+        LLM(model, quantization="bitsandbytes")
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -41,13 +41,24 @@ def engine_argv(model: Union[str, os.PathLike], kwargs: Dict[str, Any], caller: 
     """The flags of ``tpserve generate``'s engine for ``caller(model, **kwargs)``."""
     kwargs = dict(kwargs)
     quantization = kwargs.get("quantization")
-    if quantization not in (None, "gguf", "fp8", "compressed-tensors", "none"):
+    if quantization not in (
+        None,
+        "gguf",
+        "fp8",
+        "compressed-tensors",
+        "awq",
+        "awq_marlin",
+        "gptq",
+        "gptq_marlin",
+        "none",
+    ):
         raise ValueError(
             f"quantization={quantization!r} is not supported: tpserve runs GGUF files (kept "
             "quantized on the CPU, quantization='gguf'; or dequantized, 'none'), unquantized "
             "safetensors checkpoints, those quantized to FP8 at load on CUDA GPUs of compute "
-            "capability 8.9 or newer ('fp8'), and FP8 checkpoints ('fp8' or "
-            "'compressed-tensors' as their quantization_config says)"
+            "capability 8.9 or newer ('fp8'), FP8 checkpoints ('fp8' or "
+            "'compressed-tensors' as their quantization_config says), and AWQ and GPTQ "
+            "checkpoints ('awq' or 'gptq')"
         )
     # tpserve never runs code shipped with a model, so there is nothing to trust.
     kwargs.pop("trust_remote_code", None)

@@ -11,20 +11,11 @@ mod common;
 
 use std::path::Path;
 
-use common::{prefill_logits, repo_root};
+use common::checkpoint::{f32_tensor, is_linear, tiny_llama_tensors, write, Stored};
+use common::prefill_logits;
 use float8::F8E4M3;
 use serde_json::{json, Value};
 use tpserve_modelfile::{Fp8Scale, ModelSource};
-
-const LINEARS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
 
 /// How a layout scales a weight `[rows, cols]`.
 #[derive(Clone, Copy, Debug)]
@@ -82,55 +73,11 @@ impl Layout {
     }
 }
 
-struct Stored {
-    name: String,
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
-}
-
-fn f32_tensor(name: String, shape: Vec<usize>, values: &[f32]) -> Stored {
-    Stored {
-        name,
-        dtype: safetensors::Dtype::F32,
-        shape,
-        bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-    }
-}
-
-fn write(dir: &Path, tensors: &[Stored], quantization: Option<Value>) {
-    std::fs::create_dir_all(dir).unwrap();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|t| {
-            let view =
-                safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap();
-            (t.name.clone(), view)
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
-    let fixture = repo_root().join("tests/fixtures/tiny-llama/config.json");
-    let mut config: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
-    if let Some(q) = quantization {
-        config["quantization_config"] = q;
-    }
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-}
-
 /// Writes the fixture quantized in `layout` to `fp8_dir` and its dequantized weights to `f32_dir`.
 fn write_pair(layout: Layout, fp8_dir: &Path, f32_dir: &Path) {
-    let source = ModelSource::open(&repo_root().join("tests/fixtures/tiny-llama"), None).unwrap();
-    let weights = source.weights().unwrap();
     let (mut fp8, mut plain) = (Vec::new(), Vec::new());
-    for name in weights.names() {
-        let t = weights.read(&name).unwrap();
-        let shape = t.dims().to_vec();
-        let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-        let linear = LINEARS
-            .iter()
-            .any(|l| name.ends_with(&format!("{l}.weight")));
-        if !linear {
+    for (name, shape, values) in tiny_llama_tensors() {
+        if !is_linear(&name) {
             fp8.push(f32_tensor(name.clone(), shape.clone(), &values));
             plain.push(f32_tensor(name, shape, &values));
             continue;

@@ -1,5 +1,6 @@
 //! Safetensors weights: one file or a sharded set, memory-mapped; F32, F16 and BF16 converted to
-//! f32 on read, FP8 E4M3 weights dequantized with their scales (`fp8.rs`) or read as stored.
+//! f32 on read, FP8 E4M3 weights dequantized with their scales (`fp8.rs`) or read as stored, and
+//! AWQ/GPTQ layers (int32 words, `packed_int.rs`) listed under `X.weight` and dequantized.
 //!
 //! Invariants: every listed tensor's byte range was checked against its shard's mapping when the
 //! reader was built, so reads cannot run past a file; a name appears in exactly one shard.
@@ -15,8 +16,10 @@ use candle_core::{Device, Tensor};
 use safetensors::{Dtype, SafeTensors};
 
 use super::fp8::{e4m3_to_f32, scale_names, Fp8Scale, Fp8Tensor, StoredScales};
+use super::packed_int::{packed_names, PackedIntWeight};
 use super::{check_slice, StoredDtype, StoredTensor, WeightReader};
 use crate::error::{Error, Result};
+use crate::quantization::PackedIntCheckpoint;
 
 struct Shard {
     path: PathBuf,
@@ -44,11 +47,14 @@ pub struct SafetensorsReader {
     tensors: HashMap<String, Entry>,
     /// The block size of `weight_scale_inv` scales (`weight_block_size`), when not 128 x 128.
     fp8_block: Option<(usize, usize)>,
+    /// An AWQ/GPTQ checkpoint's scheme, and the shapes `[out, in]` of the layers it stores
+    /// packed, under their `X.weight` names.
+    packed: Option<(PackedIntCheckpoint, HashMap<String, [usize; 2]>)>,
 }
 
 fn elem_size(dtype: Dtype) -> Option<usize> {
     match dtype {
-        Dtype::F32 => Some(4),
+        Dtype::F32 | Dtype::I32 => Some(4),
         Dtype::F16 | Dtype::BF16 => Some(2),
         Dtype::F8_E4M3 => Some(1),
         _ => None,
@@ -74,6 +80,12 @@ fn extend_f32(out: &mut Vec<f32>, dtype: Dtype, bytes: &[u8]) {
                 .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
         ),
         Dtype::F8_E4M3 => out.extend(bytes.iter().map(|&b| e4m3_to_f32(b))),
+        // Packed words and group indices (AWQ, GPTQ): as numbers.
+        Dtype::I32 => out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32),
+        ),
         // `open_*` rejects every other dtype before a read can happen.
         _ => {}
     }
@@ -86,6 +98,7 @@ impl SafetensorsReader {
             shards: Vec::new(),
             tensors: HashMap::new(),
             fp8_block: None,
+            packed: None,
         };
         reader.add_shard(path)?;
         Ok(reader)
@@ -115,6 +128,7 @@ impl SafetensorsReader {
             shards: Vec::new(),
             tensors: HashMap::new(),
             fp8_block: None,
+            packed: None,
         };
         for file in &files {
             reader.add_shard(&dir.join(file))?;
@@ -242,6 +256,88 @@ impl SafetensorsReader {
         self
     }
 
+    /// Reads the AWQ/GPTQ layers of `scheme` (those stored as `X.qweight` beside `X.qzeros` and
+    /// `X.scales`) as `X.weight`.
+    pub fn with_packed_int(mut self, scheme: Option<PackedIntCheckpoint>) -> Result<Self> {
+        let Some(scheme) = scheme else {
+            return Ok(self);
+        };
+        let mut layers = HashMap::new();
+        for (name, entry) in &self.tensors {
+            let Some(base) = name.strip_suffix(".qweight") else {
+                continue;
+            };
+            let weight = format!("{base}.weight");
+            let Some(shape) = PackedIntWeight::shape_of(&scheme, &entry.shape) else {
+                return Err(Error::tensor(
+                    name,
+                    format!(
+                        "{} qweight of shape {:?}: expected two dimensions",
+                        scheme.method.as_str(),
+                        entry.shape
+                    ),
+                ));
+            };
+            if entry.dtype != Dtype::I32 {
+                return Err(Error::tensor(
+                    name,
+                    format!("packed weights in {:?}, expected int32 words", entry.dtype),
+                ));
+            }
+            if self.tensors.contains_key(&weight) {
+                return Err(Error::tensor(
+                    &weight,
+                    "stored both as a weight and packed (qweight)",
+                ));
+            }
+            layers.insert(weight, shape);
+        }
+        self.packed = Some((scheme, layers));
+        Ok(self)
+    }
+
+    /// The shape `[out, in]` of the packed layer `name`, if it is one.
+    fn packed_shape(&self, name: &str) -> Option<[usize; 2]> {
+        self.packed.as_ref()?.1.get(name).copied()
+    }
+
+    /// The packed layer `name` (an `X.weight` of an AWQ/GPTQ checkpoint), if it is one.
+    fn packed_weight(&self, name: &str) -> Result<Option<PackedIntWeight<'_>>> {
+        let Some((scheme, layers)) = &self.packed else {
+            return Ok(None);
+        };
+        if !layers.contains_key(name) {
+            return Ok(None);
+        }
+        let [qweight, qzeros, scales, g_idx] = packed_names(name).expect("a .weight name");
+        let words = |tensor: &str| -> Result<(&[usize], &[u8])> {
+            let e = self.entry(tensor)?;
+            if e.dtype != Dtype::I32 {
+                return Err(Error::tensor(
+                    tensor,
+                    format!("{:?}, expected int32 words", e.dtype),
+                ));
+            }
+            let len = e.shape.iter().product::<usize>() * 4;
+            Ok((&e.shape, &self.shards[e.shard].mmap[e.start..e.start + len]))
+        };
+        let qweight = words(&qweight)?;
+        let qzeros = words(&qzeros)?;
+        let (scale_values, scale_shape) = self
+            .values(&scales)?
+            .ok_or_else(|| Error::tensor(name, format!("packed (qweight) without `{scales}`")))?;
+        let g_idx = self.values(&g_idx)?.map(|(v, _)| v);
+        PackedIntWeight::new(
+            name,
+            scheme,
+            qweight,
+            qzeros,
+            (&scale_shape, scale_values),
+            g_idx,
+        )
+        .map(Some)
+    }
+
     /// The bytes of the slice `start..start + len` along `dim`, in row-major order (borrowed from
     /// the mapping when contiguous: a slice along the first dimension), and its shape.
     fn slice_bytes(&self, name: &str, dim: usize, start: usize, len: usize) -> Result<Slice<'_>> {
@@ -325,24 +421,38 @@ impl SafetensorsReader {
 impl WeightReader for SafetensorsReader {
     fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.tensors.keys().cloned().collect();
+        if let Some((_, layers)) = &self.packed {
+            names.extend(layers.keys().cloned());
+        }
         names.sort();
         names
     }
 
     fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.packed_shape(name).is_some()
     }
 
     fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        if let Some(shape) = self.packed_shape(name) {
+            return Ok(shape.to_vec());
+        }
         Ok(self.entry(name)?.shape.clone())
     }
 
     fn read(&self, name: &str) -> Result<Tensor> {
-        let rows = self.entry(name)?.shape.first().copied().unwrap_or(1);
+        let rows = self.shape(name)?.first().copied().unwrap_or(1);
         self.read_slice(name, 0, 0, rows)
     }
 
     fn read_slice(&self, name: &str, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+        if let Some(w) = self.packed_weight(name)? {
+            let mut shape = vec![w.rows, w.cols];
+            check_slice(name, &shape, dim, start, len)?;
+            shape[dim] = len;
+            let values = w.dequantize(dim, start, len);
+            return Tensor::from_vec(values, shape, &Device::Cpu)
+                .map_err(|err| Error::tensor(name, err));
+        }
         let Slice {
             entry: e,
             bytes,
@@ -359,6 +469,8 @@ impl WeightReader for SafetensorsReader {
 
     fn stored_dtype(&self, name: &str) -> Option<StoredDtype> {
         match self.tensors.get(name)?.dtype {
+            // Packed words are not a weight's elements.
+            Dtype::I32 => None,
             Dtype::F32 => Some(StoredDtype::F32),
             Dtype::F16 => Some(StoredDtype::F16),
             Dtype::BF16 => Some(StoredDtype::Bf16),
@@ -372,6 +484,9 @@ impl WeightReader for SafetensorsReader {
         name: &str,
         slice: Option<(usize, usize, usize)>,
     ) -> Result<Option<StoredTensor<'_>>> {
+        if self.packed_shape(name).is_some() {
+            return Ok(None);
+        }
         let e = self.entry(name)?;
         let Some(dtype) = self.stored_dtype(name) else {
             return Ok(None);
@@ -390,6 +505,9 @@ impl WeightReader for SafetensorsReader {
         name: &str,
         slice: Option<(usize, usize, usize)>,
     ) -> Result<Option<Fp8Tensor>> {
+        if self.packed_shape(name).is_some() {
+            return Ok(None);
+        }
         let e = self.entry(name)?;
         if e.dtype != Dtype::F8_E4M3 || e.shape.len() != 2 {
             return Ok(None);

@@ -6,6 +6,8 @@
 // Each test crate uses only some of these helpers.
 #![allow(dead_code, unused_imports)]
 
+pub mod checkpoint;
+
 use std::path::Path;
 
 use tpserve_proto as pb;

@@ -1,10 +1,8 @@
-//! A Hugging Face checkpoint's `quantization_config`, for the FP8 forms tpserve reads (issue
-//! 12): `quant_method: "fp8"` (AutoFP8 and vLLM's `Fp8Config`: `activation_scheme` static or
-//! dynamic, optional `weight_block_size`) and llm-compressor's `compressed-tensors` in its
-//! float-quantized format (`config_groups` whose weights are 8-bit floats, strategy tensor,
-//! channel or block; activations dynamic per token or per tensor, static per tensor, or none).
-//! Other methods, and compressed-tensors' other formats, are named back to the caller, which
-//! refuses them.
+//! The FP8 forms of `quantization_config`: `quant_method: "fp8"` (AutoFP8 and vLLM's `Fp8Config`:
+//! `activation_scheme` static or dynamic, optional `weight_block_size`) and llm-compressor's
+//! `compressed-tensors` in its float-quantized format (`config_groups` whose weights are 8-bit
+//! floats, strategy tensor, channel or block; activations dynamic per token or per tensor, static
+//! per tensor, or none).
 
 use serde_json::Value as Json;
 
