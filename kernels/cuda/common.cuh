@@ -46,6 +46,16 @@ template <typename T> __device__ __forceinline__ float round_to(float x) {
 __device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
+// 16 bytes of a weight, streamed: read once per step, so kept out of L1 (where the few rows of
+// activations that every warp of a GEMV re-reads stay instead).
+__device__ __forceinline__ uint4 load_streaming(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+}
+
 __device__ __forceinline__ float warp_reduce_sum(float v) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {

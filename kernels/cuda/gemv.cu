@@ -4,15 +4,7 @@
 
 namespace {
 
-// 16 bytes of the weight, streamed: read once per step, so kept out of L1 (where the few rows
-// of x that every warp re-reads stay instead).
-__device__ __forceinline__ uint4 load_streaming(const void* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p));
-    return v;
-}
+using tpserve::load_streaming;
 
 __device__ __forceinline__ uint4 load_cached(const void* p) {
     return __ldg(reinterpret_cast<const uint4*>(p));

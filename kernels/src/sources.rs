@@ -95,6 +95,10 @@ pub const SOURCES: &[KernelSource] = &[
         code: include_str!("../cuda/fp8.cu"),
     },
     KernelSource {
+        name: "int4.cu",
+        code: include_str!("../cuda/int4.cu"),
+    },
+    KernelSource {
         name: "gemm_bi.cu",
         code: include_str!("../cuda/gemm_bi.cu"),
     },
@@ -285,6 +289,15 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "fp8_quantize_rows_f16",
             "fp8_scale_outer_bf16",
             "fp8_scale_outer_f16",
+        ],
+    ),
+    (
+        "int4.cu",
+        &[
+            "gemv_w4_bf16",
+            "gemv_w4_f16",
+            "dequantize_w4_bf16",
+            "dequantize_w4_f16",
         ],
     ),
     ("gemm_bi.cu", &["gemm_bi_bf16", "gemm_bi_f16"]),

@@ -23,4 +23,6 @@ pub use error::{Error, Result};
 pub use lora::{LoraAdapter, LoraModule, Projection};
 pub use quantization::{Fp8Checkpoint, PackedIntCheckpoint};
 pub use source::{Format, GenerationDefaults, ModelSource};
-pub use weights::{Fp8Scale, Fp8Tensor, QuantizedTensor, StoredDtype, StoredTensor, WeightReader};
+pub use weights::{
+    Fp8Scale, Fp8Tensor, Int4Tensor, QuantizedTensor, StoredDtype, StoredTensor, WeightReader,
+};

@@ -19,6 +19,7 @@ mod safetensors_reader;
 
 pub use fp8::{Fp8Scale, Fp8Tensor};
 pub use gguf_reader::GgufReader;
+pub use packed_int::Int4Tensor;
 pub use quantized::QuantizedTensor;
 pub use safetensors_reader::SafetensorsReader;
 
@@ -93,6 +94,17 @@ pub trait WeightReader: Send + Sync {
         name: &str,
         slice: Option<(usize, usize, usize)>,
     ) -> Result<Option<Fp8Tensor>> {
+        let _ = (name, slice);
+        Ok(None)
+    }
+    /// The 2-D weight `name` (or its slice `(dim, start, len)`) of an AWQ/GPTQ checkpoint in
+    /// the 4-bit layout backends multiply ([`packed_int::Int4Tensor`]), or `None` when it is not
+    /// stored packed or that layout cannot hold it ([`packed_int::PackedIntWeight::int4`]).
+    fn read_int4(
+        &self,
+        name: &str,
+        slice: Option<(usize, usize, usize)>,
+    ) -> Result<Option<Int4Tensor>> {
         let _ = (name, slice);
         Ok(None)
     }

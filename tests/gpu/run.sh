@@ -20,7 +20,8 @@
 # (extras_check.py); checks structured outputs beside plain requests (structured_check.py);
 # checks --quantization fp8 against transformers emulating it (step_fp8), and pre-quantized FP8
 # checkpoints (compressed-tensors per-channel, AutoFP8 static; make_fp8_checkpoint.py) against
-# transformers on their dequantized weights (step_fp8_checkpoint); runs
+# transformers on their dequantized weights (step_fp8_checkpoint), and AWQ and GPTQ 4-bit
+# checkpoints alike (step_int4_checkpoint); runs
 # three random PEFT LoRA adapters against transformers + PEFT, prefill and decode, and mixed with
 # the base in one batch against each alone (step_lora); compares /v1/embeddings (--task embed,
 # last-token pooling) with transformers' AutoModel hidden states at TP=1 and TP=2 (embed_check.py);
@@ -176,7 +177,7 @@ ours_logits() {
   # A pre-quantized FP8 checkpoint runs in FP8 (as stored, no flag needed): the checks of
   # --quantization fp8 below.
   local fp8=""
-  if grep -q quantization_config "$model/config.json" 2>/dev/null; then
+  if grep -Eq '"quant_method": "(fp8|compressed-tensors)"' "$model/config.json" 2>/dev/null; then
     fp8=" --quantization fp8 "
   fi
   rm -f "$OURS/$tag.f32" "$OURS/$tag.json"
@@ -288,6 +289,48 @@ step_fp8_checkpoint() {
   run_compare "greedy $tag" --greedy "$OURS/$tag.json" \
     --greedy-ref "$ref/hf_greedy_bfloat16.json" \
     --greedy-truth "$ref/hf_greedy_float32.json" --ref-label "fp8 $layout bfloat16" --near-tie 0.1
+}
+
+# step_int4_checkpoint FORMAT: a 4-bit checkpoint (issue 12) made from the random checkpoint by
+# make_int4_checkpoint.py (awq: AutoAWQ's GEMM packing, groups of 128 with zero points; gptq:
+# AutoGPTQ's format, groups of 128, symmetric), its packed weights run as stored (the 4-bit GEMV
+# for decoding, dequantized for cuBLAS above 8 rows). Against transformers on its dequantized
+# twin (the same weights in float32; its bfloat16 run, which rounds them as our prefill does, is
+# the peer): prefill logits (one chunk per prompt), greedy decoding and every position as a
+# decode step (through the GEMV).
+step_int4_checkpoint() {
+  local format=$1 dir="$WORK/int4-$1" ref="$WORK/ref_int4_$1" tag="tp1-int4-$1"
+  rm -rf "$dir" "$ref"
+  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/make_int4_checkpoint.py" "$CKPT" "$dir" \
+    --format "$format" --device "$REF_DEVICE"
+  if [ "$RC" -ne 0 ] || [ ! -f "$dir/dequantized/model.safetensors" ]; then
+    record "int4 checkpoint $format" "FAIL" "make_int4_checkpoint.py: $(why_failed)"
+    return
+  fi
+  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/hf_reference.py" "$dir/dequantized" "$ref" \
+    --new-tokens "$NEW_TOKENS" --device "$REF_DEVICE" --dtypes bfloat16,float32
+  if [ "$RC" -ne 0 ] || [ ! -f "$ref/hf_float32.f32" ]; then
+    record "hf int4 $format reference" "FAIL" "hf_reference.py: $(why_failed)"
+    return
+  fi
+  record "int4 checkpoint $format" "PASS" "made, and transformers on its dequantized twin (${SECS}s)"
+  OURS_MODEL="$dir" ours_logits "$tag" 1 bfloat16 --chunk 2048
+  if [ ! -s "$OURS/$tag.f32" ]; then
+    return
+  fi
+  run_compare "$tag vs hf (dequantized)" --truth "$ref/hf_float32.f32" \
+    --peer "$ref/hf_bfloat16.f32" --ours "$OURS/$tag.f32" --vocab "$VOCAB" \
+    --prompts "$CKPT/prompts.json"
+  run_compare "greedy $tag" --greedy "$OURS/$tag.json" \
+    --greedy-ref "$ref/hf_greedy_bfloat16.json" \
+    --greedy-truth "$ref/hf_greedy_float32.json" --ref-label "int4 $format bfloat16" --near-tie 0.1
+  # Every position as a one-row decode step: the 4-bit GEMV's logits against the same truth.
+  OURS_MODEL="$dir" ours_logits "$tag-decode" 1 bfloat16 --chunk 1
+  if [ -s "$OURS/$tag-decode.f32" ]; then
+    run_compare "$tag-decode vs hf (dequantized)" --truth "$ref/hf_float32.f32" \
+      --peer "$ref/hf_bfloat16.f32" --ours "$OURS/$tag-decode.f32" --vocab "$VOCAB" \
+      --prompts "$CKPT/prompts.json"
+  fi
 }
 
 # fp8_capable: whether this GPU runs FP8 (compute capability 8.9 or newer).
@@ -671,6 +714,8 @@ main() {
   step_fp8
   step_fp8_checkpoint channel
   step_fp8_checkpoint static
+  step_int4_checkpoint awq
+  step_int4_checkpoint gptq
   # TP=2 sums its partial products with the one-shot all-reduce over peer memory (the two
   # ranks are threads of one process here, so by peer access; `tpserve serve` below maps them
   # by CUDA IPC): prefill chunks, and every position as a graph-replayed decode step. With two

@@ -264,14 +264,24 @@ fn main() -> anyhow::Result<()> {
     } else {
         elem
     };
-    let layer_params = (weight_bytes
-        - embed_bytes
-        - if config.tie_word_embeddings {
-            0
-        } else {
-            lm_head_params * elem
-        })
-        / layer_elem;
+    let layer_params = if loaded.quantization == "int4" {
+        // 4-bit words and their groups' params: count the layers' linear parameters instead.
+        let (q, kv) = (
+            config.num_attention_heads * config.head_dim,
+            config.num_key_value_heads * config.head_dim,
+        );
+        let inter = config.intermediate_size;
+        config.num_hidden_layers * (h * (q + 2 * kv) + q * h + 3 * h * inter)
+    } else {
+        (weight_bytes
+            - embed_bytes
+            - if config.tie_word_embeddings {
+                0
+            } else {
+                lm_head_params * elem
+            })
+            / layer_elem
+    };
     let flops = 2.0 * layer_params as f64 * p as f64 + 2.0 * lm_head_params as f64;
     let matrix_floor_s = flops / (floors.gemm_tflops * 1e12);
 

@@ -10,8 +10,8 @@ use std::path::Path;
 
 use rand::{Rng, SeedableRng};
 use tpserve_modelfile::{
-    Format, Fp8Tensor, LlamaConfig, ModelSource, QuantizedTensor, StoredDtype, StoredTensor,
-    WeightReader,
+    Format, Fp8Tensor, Int4Tensor, LlamaConfig, ModelSource, QuantizedTensor, StoredDtype,
+    StoredTensor, WeightReader,
 };
 use tpserve_proto as pb;
 use tpserve_term::progress::{Task, Unit};
@@ -344,6 +344,18 @@ impl WeightReader for Counted<'_> {
         slice: Option<(usize, usize, usize)>,
     ) -> tpserve_modelfile::Result<Option<Fp8Tensor>> {
         let t = self.inner.read_fp8(name, slice);
+        if matches!(t, Ok(Some(_))) {
+            self.task.inc(1);
+        }
+        t
+    }
+
+    fn read_int4(
+        &self,
+        name: &str,
+        slice: Option<(usize, usize, usize)>,
+    ) -> tpserve_modelfile::Result<Option<Int4Tensor>> {
+        let t = self.inner.read_int4(name, slice);
         if matches!(t, Ok(Some(_))) {
             self.task.inc(1);
         }

@@ -313,3 +313,49 @@ fn packed_layers_are_listed_as_weights_and_any_slice_reads_as_the_twins() {
         assert!(e.to_string().contains("slice"), "{e}");
     }
 }
+
+#[test]
+fn read_int4_gives_4_bit_layers_in_the_gpu_layout_where_their_groups_allow() {
+    for (variant, pair) in pairs() {
+        let packed = ModelSource::open(&pair.path().join("packed"), None)
+            .unwrap()
+            .weights()
+            .unwrap();
+        let plain = ModelSource::open(&pair.path().join("f32"), None)
+            .unwrap()
+            .weights()
+            .unwrap();
+        // (name, slice, whether the layout holds it): the tensor-parallel slices of TP=2.
+        for (name, dim, start, len, holds) in [
+            ("model.layers.0.self_attn.q_proj.weight", 0, 32, 32, true),
+            ("model.layers.1.mlp.gate_proj.weight", 0, 0, 80, true),
+            ("model.layers.1.self_attn.o_proj.weight", 1, 32, 32, true),
+            // 80 inputs: groups of 32 cut in the middle.
+            ("model.layers.0.mlp.down_proj.weight", 1, 80, 80, false),
+            ("model.layers.0.mlp.down_proj.weight", 1, 0, 160, true),
+        ] {
+            let got = packed.read_int4(name, Some((dim, start, len))).unwrap();
+            // Act-order groups and 8-bit weights are not in the layout.
+            let holds = holds && matches!(variant, Variant::Awq | Variant::GptqSymmetric);
+            let Some(t) = got else {
+                assert!(
+                    !holds,
+                    "{variant:?} {name} {dim} {start} {len}: not read as int4"
+                );
+                continue;
+            };
+            assert!(holds, "{variant:?} {name}: read as int4 where it cannot be");
+            let want: Vec<f32> = plain
+                .read_slice(name, dim, start, len)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let values: Vec<f32> = (0..t.rows * t.cols)
+                .map(|i| t.value(i / t.cols, i % t.cols))
+                .collect();
+            assert_eq!(values, want, "{variant:?} {name} {dim} {start} {len}");
+        }
+    }
+}

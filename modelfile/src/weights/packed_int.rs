@@ -198,6 +198,122 @@ impl<'a> PackedIntWeight<'a> {
     pub fn groups(&self) -> usize {
         self.groups
     }
+
+    /// The slice `start..start + len` along `dim` in [`Int4Tensor`]'s layout, or `None` where
+    /// that layout cannot hold it: weights of other than 4 bits, groups out of input order
+    /// (act-order `g_idx`), or a slice whose groups are not whole runs of a multiple of 32
+    /// inputs.
+    pub fn int4(&self, dim: usize, start: usize, len: usize) -> Option<Int4Tensor> {
+        if self.scheme.bits != 4 {
+            return None;
+        }
+        let (n_range, k_range) = if dim == 0 {
+            (start..start + len, 0..self.cols)
+        } else {
+            (0..self.rows, start..start + len)
+        };
+        let group = self.scheme.group_size.unwrap_or(self.cols).min(self.cols);
+        if self
+            .group_of
+            .iter()
+            .enumerate()
+            .any(|(k, &g)| g as usize != k / group)
+        {
+            return None;
+        }
+        // One group over all inputs: any run of them is one group.
+        let group = if group == self.cols {
+            k_range.len()
+        } else {
+            group
+        };
+        let aligned = k_range.start.is_multiple_of(group) && k_range.len().is_multiple_of(group);
+        if !aligned || !group.is_multiple_of(32) || k_range.is_empty() {
+            return None;
+        }
+        let (rows, cols) = (n_range.len(), k_range.len());
+        let per_row = cols / 8;
+        let mut words = vec![0u32; rows * per_row];
+        match self.scheme.method {
+            // GPTQ's word (r, n) holds inputs 8r .. 8r + 8 in order: this layout's word
+            // (n, r), transposed.
+            PackedIntMethod::Gptq => {
+                let first = k_range.start / 8;
+                for (i, n) in n_range.clone().enumerate() {
+                    for w in 0..per_row {
+                        words[i * per_row + w] = word(self.qweight, (first + w) * self.rows + n);
+                    }
+                }
+            }
+            // AWQ's words hold 8 outputs of one input: transpose 8 x 8 blocks of values.
+            PackedIntMethod::Awq => {
+                let awq_cols = self.rows / 8;
+                for c in n_range.start / 8..n_range.end.div_ceil(8) {
+                    for b in 0..per_row {
+                        let k0 = k_range.start + 8 * b;
+                        let block: [u32; 8] =
+                            std::array::from_fn(|i| word(self.qweight, (k0 + i) * awq_cols + c));
+                        for (t, value) in AWQ_VALUE_OF_COLUMN.iter().enumerate() {
+                            let n = 8 * c + t;
+                            if !n_range.contains(&n) {
+                                continue;
+                            }
+                            let shift = 4 * value;
+                            let packed = block
+                                .iter()
+                                .enumerate()
+                                .fold(0u32, |acc, (i, v)| acc | ((v >> shift) & 0xf) << (4 * i));
+                            words[(n - n_range.start) * per_row + b] = packed;
+                        }
+                    }
+                }
+            }
+        }
+        let groups = cols / group;
+        let mut scales = Vec::with_capacity(rows * groups);
+        let mut zeros = Vec::with_capacity(rows * groups);
+        for n in n_range {
+            for g in 0..groups {
+                let k = k_range.start + g * group;
+                let (_, zero, stored_group) = self.quantized(n, k);
+                scales.push(self.scales[stored_group * self.rows + n]);
+                zeros.push(zero as f32);
+            }
+        }
+        Some(Int4Tensor {
+            rows,
+            cols,
+            group_size: group,
+            words,
+            scales,
+            zeros,
+        })
+    }
+}
+
+/// A 4-bit layer (or slice) `[rows, cols]` in the layout the CUDA W4A16 kernels read: row `n`'s
+/// inputs packed 8 a word in order, with a scale and a zero point per run of `group_size`
+/// inputs. Element `(n, k)` is `(q - zeros[n, g]) * scales[n, g]`, `g = k / group_size`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Int4Tensor {
+    pub rows: usize,
+    pub cols: usize,
+    /// A multiple of 32 that divides `cols`.
+    pub group_size: usize,
+    /// `[rows, cols / 8]`: value `j` (bits `4 j .. 4 j + 4`) of word `w` is input `8 w + j`.
+    pub words: Vec<u32>,
+    /// `[rows, cols / group_size]`.
+    pub scales: Vec<f32>,
+    pub zeros: Vec<f32>,
+}
+
+impl Int4Tensor {
+    /// Element `(n, k)`'s value.
+    pub fn value(&self, n: usize, k: usize) -> f32 {
+        let q = (self.words[n * self.cols / 8 + k / 8] >> (4 * (k % 8))) & 0xf;
+        let g = n * (self.cols / self.group_size) + k / self.group_size;
+        (q as f32 - self.zeros[g]) * self.scales[g]
+    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use candle_core::{Device, Tensor};
 use safetensors::{Dtype, SafeTensors};
 
 use super::fp8::{e4m3_to_f32, scale_names, Fp8Scale, Fp8Tensor, StoredScales};
-use super::packed_int::{packed_names, PackedIntWeight};
+use super::packed_int::{packed_names, Int4Tensor, PackedIntWeight};
 use super::{check_slice, StoredDtype, StoredTensor, WeightReader};
 use crate::error::{Error, Result};
 use crate::quantization::PackedIntCheckpoint;
@@ -498,6 +498,19 @@ impl WeightReader for SafetensorsReader {
             shape,
             bytes,
         }))
+    }
+
+    fn read_int4(
+        &self,
+        name: &str,
+        slice: Option<(usize, usize, usize)>,
+    ) -> Result<Option<Int4Tensor>> {
+        let Some(w) = self.packed_weight(name)? else {
+            return Ok(None);
+        };
+        let (dim, start, len) = slice.unwrap_or((0, 0, w.rows));
+        check_slice(name, &[w.rows, w.cols], dim, start, len)?;
+        Ok(w.int4(dim, start, len))
     }
 
     fn read_fp8(

@@ -288,6 +288,7 @@ impl Pass<'_> {
             x: ws.normed.ptr,
             w: layer.qkv.data.ptr,
             fp8: layer.qkv.fp8(ws),
+            int4: layer.qkv.int4(self.model),
             rows: n,
             n_out: d.qkv,
             k: d.hidden,
@@ -323,6 +324,7 @@ impl Pass<'_> {
             x: ws.attn.ptr,
             w: layer.o.data.ptr,
             fp8: layer.o.fp8(ws),
+            int4: layer.o.int4(self.model),
             rows: n,
             n_out: d.hidden,
             k: d.q_heads * d.head_dim,
@@ -419,6 +421,7 @@ impl Pass<'_> {
             x: ws.normed.ptr,
             w: layer.gate_up.data.ptr,
             fp8: layer.gate_up.fp8(ws),
+            int4: layer.gate_up.int4(self.model),
             rows: n,
             n_out: 2 * d.inter,
             k: d.hidden,
@@ -432,6 +435,7 @@ impl Pass<'_> {
             x: ws.act.ptr,
             w: layer.down.data.ptr,
             fp8: layer.down.fp8(ws),
+            int4: layer.down.int4(self.model),
             rows: n,
             n_out: d.hidden,
             k: d.inter,
@@ -464,6 +468,7 @@ impl Pass<'_> {
             n_out: d.vocab_per_rank,
             k: d.hidden,
             fp8: None,
+            int4: None,
         })?;
         let logits = match dev.nccl {
             Some(comm) if comm.world_size() > 1 => {

@@ -11,6 +11,7 @@ use tpserve_term::progress::{Task, Unit};
 use super::device::{device_err, Gpu};
 use super::fp8::Fp8Operands;
 use super::gemv::GemvFamily;
+use super::int4::Int4Operands;
 use super::launch::{programmatic_launches, KernelLaunch};
 use crate::error::{Result, WorkerError};
 use crate::sampler::logprobs::MAX_TOP_LOGPROBS;
@@ -261,6 +262,9 @@ pub struct Kernels {
     /// The GEMV variants for weights in the dtype and in FP8 E4M3 (`gemv.rs`).
     pub(super) gemv: GemvFamily,
     pub(super) gemv_fp8: GemvFamily,
+    /// 4-bit weights (`int4.rs`).
+    pub(super) gemv_w4: CudaFunction,
+    pub(super) dequantize_w4: CudaFunction,
     /// FP8 quantization (`fp8.rs`).
     pub(super) fp8_amax_partial: CudaFunction,
     pub(super) fp8_quantize: CudaFunction,
@@ -415,6 +419,8 @@ impl Kernels {
             set_entries: take("set_entries")?,
             gemv: GemvFamily::load(&mut take, "gemv")?,
             gemv_fp8: GemvFamily::load(&mut take, "gemv_fp8")?,
+            gemv_w4: take("gemv_w4")?,
+            dequantize_w4: take("dequantize_w4")?,
             fp8_amax_partial: take("fp8_amax_partial")?,
             fp8_quantize: take("fp8_quantize")?,
             fp8_quantize_rows: take("fp8_quantize_rows")?,
@@ -1156,6 +1162,8 @@ pub struct Product {
     pub k: usize,
     /// `w` is FP8 E4M3 (`--quantization fp8`): its scale and the activations' scratch.
     pub fp8: Option<Fp8Operands>,
+    /// `w` is 4-bit words (an AWQ/GPTQ checkpoint, `int4.rs`): its groups and scratch.
+    pub int4: Option<Int4Operands>,
 }
 
 /// The arguments of [`Kernels::paged_attention_decode`]: device addresses and sizes.

@@ -24,6 +24,7 @@ use super::blas::Blas;
 use super::blas_lt::{BlasLt, Scale};
 use super::device::{device_err, Gpu};
 use super::fp8::Fp8Operands;
+use super::int4::Int4Operands;
 use super::kernels::{Kernels, Product};
 use crate::error::{Result, WorkerError};
 
@@ -34,7 +35,11 @@ pub const ROW_BUCKETS: [usize; 4] = [1, 2, 4, 8];
 /// The GEMV variants (output columns per warp, chunks in flight per lane) measured for a row
 /// bucket: 1, 2 or 4 columns with 2 chunks for every bucket, and the deeper variants (4 or 8
 /// chunks, 1 or 2 columns) for buckets of 1 and 2 rows, which the kernel is built for.
-fn gemv_variants(rows: usize) -> Vec<LinearKernel> {
+fn gemv_variants(rows: usize, shape: Shape) -> Vec<LinearKernel> {
+    if shape.int4 {
+        // int4.cu has one GEMV (its shape set by K, not by a choice).
+        return vec![PLAIN_GEMV];
+    }
     let mut out: Vec<LinearKernel> = [1, 2, 4]
         .map(|columns| LinearKernel::Gemv { columns, unroll: 2 })
         .to_vec();
@@ -88,12 +93,13 @@ enum Pin {
     BatchInvariant,
 }
 
-/// A weight shape: `n_out` rows of `k`, in the dtype or in FP8.
+/// A weight shape: `n_out` rows of `k`, in the dtype, in FP8 or in 4-bit words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Shape {
     pub n_out: usize,
     pub k: usize,
     pub fp8: bool,
+    pub int4: bool,
 }
 
 impl Shape {
@@ -103,21 +109,29 @@ impl Shape {
             n_out: p.n_out,
             k: p.k,
             fp8: p.fp8.is_some(),
+            int4: p.int4.is_some(),
         }
     }
 
     /// The multiple of K the GEMV kernel needs: one 16-byte weight load per lane.
     fn gemv_k_multiple(&self) -> usize {
-        if self.fp8 {
-            16
-        } else {
-            8
+        match (self.fp8, self.int4) {
+            (_, true) => 32,
+            (true, _) => 16,
+            _ => 8,
         }
+    }
+
+    /// Weight-only quantized: products of up to 8 rows always run a GEMV of the weight's type
+    /// (whatever the timing), so their numerics do not depend on it.
+    fn gemv_only(&self) -> bool {
+        self.fp8 || self.int4
     }
 }
 
-/// A weight `tune` times a shape on: its address and, for FP8 weights, the product's operands.
-pub type TuneWeight = (u64, Option<Fp8Operands>);
+/// A weight `tune` times a shape on: its address and, for FP8 or 4-bit weights, the product's
+/// operands.
+pub type TuneWeight = (u64, Option<Fp8Operands>, Option<Int4Operands>);
 
 /// One shape's measurement: microseconds per product for each candidate and row bucket.
 #[derive(Debug, Clone)]
@@ -172,24 +186,25 @@ impl Linear {
         };
         match self.pin {
             Pin::BatchInvariant => LinearKernel::BatchInvariant,
-            // FP8 products of up to 8 rows are always the GEMV's (weight-only FP8), so their
-            // numerics do not depend on what the timing chose.
-            Pin::Cublas if !shape.fp8 => LinearKernel::Cublas,
+            // FP8 and 4-bit products of up to 8 rows are always the GEMV's (weight-only), so
+            // their numerics do not depend on what the timing chose.
+            Pin::Cublas if !shape.gemv_only() => LinearKernel::Cublas,
             Pin::Cublas | Pin::Gemv => PLAIN_GEMV,
-            Pin::GemvDeep if b <= 2 => LinearKernel::Gemv {
+            Pin::GemvDeep if b <= 2 && !shape.int4 => LinearKernel::Gemv {
                 columns: 1,
                 unroll: 8,
             },
             Pin::GemvDeep => PLAIN_GEMV,
-            Pin::Measured => self
-                .choices
-                .get(&(shape, b))
-                .copied()
-                .unwrap_or(if shape.fp8 {
-                    PLAIN_GEMV
-                } else {
-                    LinearKernel::Cublas
-                }),
+            Pin::Measured => {
+                self.choices
+                    .get(&(shape, b))
+                    .copied()
+                    .unwrap_or(if shape.gemv_only() {
+                        PLAIN_GEMV
+                    } else {
+                        LinearKernel::Cublas
+                    })
+            }
         }
     }
 
@@ -200,6 +215,16 @@ impl Linear {
 
     /// The product `p` on `kernel`.
     fn launch(&self, kernels: &Kernels, kernel: LinearKernel, p: &Product) -> Result<()> {
+        if p.int4.is_some() {
+            return match kernel {
+                LinearKernel::Gemv { .. } => kernels.gemv_w4(p),
+                _ => {
+                    let scratch = p.int4.map(|q| q.scratch).unwrap_or_default();
+                    kernels.dequantize_w4(p)?;
+                    self.blas.linear(p.y, p.x, scratch, p.rows, p.n_out, p.k)
+                }
+            };
+        }
         match (kernel, &p.fp8) {
             (LinearKernel::Cublas, None) => self.blas.linear(p.y, p.x, p.w, p.rows, p.n_out, p.k),
             (LinearKernel::Cublas, Some(fp8)) => {
@@ -272,15 +297,15 @@ impl Linear {
                 continue;
             }
             for rows in ROW_BUCKETS {
-                let mut candidates = if shape.fp8 {
+                let mut candidates = if shape.gemv_only() {
                     Vec::new()
                 } else {
                     vec![(LinearKernel::Cublas, 0.0)]
                 };
-                candidates.extend(gemv_variants(rows).into_iter().map(|k| (k, 0.0)));
+                candidates.extend(gemv_variants(rows, *shape).into_iter().map(|k| (k, 0.0)));
                 for (kernel, micros) in &mut candidates {
                     let launch = |i: usize| -> Result<()> {
-                        let (w, fp8) = weights[i % weights.len()];
+                        let (w, fp8, int4) = weights[i % weights.len()];
                         let p = Product {
                             y,
                             x,
@@ -289,6 +314,7 @@ impl Linear {
                             n_out: shape.n_out,
                             k: shape.k,
                             fp8,
+                            int4,
                         };
                         self.launch(kernels, *kernel, &p)
                     };
@@ -341,7 +367,17 @@ mod tests {
         let gemv = |columns, unroll| LinearKernel::Gemv { columns, unroll };
         assert_eq!(gemv(4, 2).to_string(), "GEMV r4");
         assert_eq!(gemv(1, 8).to_string(), "GEMV r1 u8");
-        assert_eq!(gemv_variants(2).len(), 7);
-        assert_eq!(gemv_variants(4), vec![gemv(1, 2), gemv(2, 2), gemv(4, 2)]);
+        let shape = |fp8, int4| Shape {
+            n_out: 64,
+            k: 64,
+            fp8,
+            int4,
+        };
+        assert_eq!(gemv_variants(2, shape(false, false)).len(), 7);
+        assert_eq!(
+            gemv_variants(4, shape(true, false)),
+            vec![gemv(1, 2), gemv(2, 2), gemv(4, 2)]
+        );
+        assert_eq!(gemv_variants(1, shape(false, true)), vec![PLAIN_GEMV]);
     }
 }

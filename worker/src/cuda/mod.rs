@@ -20,6 +20,7 @@ mod forward;
 mod fp8;
 mod gemv;
 mod graphs;
+mod int4;
 mod kernels;
 mod launch;
 mod linear;
@@ -54,7 +55,7 @@ use self::graphs::{table_shape, DecodeGraphs};
 use self::kernels::Kernels;
 use self::linear::{Linear, Shape, TuneWeight};
 use self::lora::LoraSlots;
-use self::model::{CudaModel, Dims, Fp8Load, GpuKvCache, Layer, LinearWeight};
+use self::model::{CudaModel, Dims, Fp8Load, GpuKvCache, Layer, LinearWeight, QuantizedLoad};
 use self::nccl::Nccl;
 use self::peer_all_reduce::PeerAllReduce;
 use self::step_inputs::{is_decode_only, pack};
@@ -370,12 +371,22 @@ fn tune_linears(gpu: &Gpu, loaded: &mut Loaded) -> Result<()> {
     // Each linear layer's shape, in FP8 or not as the first layer holds it (a checkpoint may
     // leave some layers unquantized: theirs keep the defaults).
     let entry = |n_out, k, w: &dyn Fn(&Layer) -> &LinearWeight| {
-        let fp8 = model.layers.first().is_some_and(|l| w(l).fp8.is_some());
+        let first = model.layers.first().map(w);
+        let fp8 = first.is_some_and(|w| w.fp8.is_some());
+        let int4 = first.is_some_and(|w| w.int4.is_some());
         let weights: Vec<TuneWeight> = layers()
-            .filter(|l| w(l).fp8.is_some() == fp8)
-            .map(|l| (w(l).data.ptr, w(l).fp8(ws)))
+            .filter(|l| w(l).fp8.is_some() == fp8 && w(l).int4.is_some() == int4)
+            .map(|l| (w(l).data.ptr, w(l).fp8(ws), w(l).int4(model)))
             .collect();
-        (Shape { n_out, k, fp8 }, weights)
+        (
+            Shape {
+                n_out,
+                k,
+                fp8,
+                int4,
+            },
+            weights,
+        )
     };
     let head = model.lm_head.as_ref().unwrap_or(&model.embed).ptr;
     let shapes = vec![
@@ -388,8 +399,9 @@ fn tune_linears(gpu: &Gpu, loaded: &mut Loaded) -> Result<()> {
                 n_out: d.vocab_per_rank,
                 k: d.hidden,
                 fp8: false,
+                int4: false,
             },
-            vec![(head, None)],
+            vec![(head, None, None)],
         ),
     ];
     let timings = loaded
@@ -486,10 +498,14 @@ impl Backend for CudaBackend {
             }
             _ => Fp8Load::Off,
         };
+        // An AWQ/GPTQ checkpoint's 4-bit weights stay packed unless asked otherwise (or in
+        // batch-invariant mode, whose one kernel multiplies weights in the dtype).
+        let int4 = quantization == QuantizationRequest::Auto && !req.batch_invariant;
         let (rank, world) = (self.rank, self.world_size);
         let kernels = Kernels::load(&self.gpu, dtype)?;
         let mut model = load_shard(req, rank, world, |config, shard, source| {
-            CudaModel::load(&self.gpu, &kernels, config, shard, source, dtype, fp8)
+            let quantized = QuantizedLoad { fp8, int4 };
+            CudaModel::load(&self.gpu, &kernels, config, shard, source, dtype, quantized)
         })?;
         let blas_lt = model
             .fp8()
@@ -526,6 +542,9 @@ impl Backend for CudaBackend {
         if model.fp8() {
             response.quantization = "fp8".into();
             response.weight_types = model.fp8_weight_types();
+        } else if let Some(types) = model.int4_weight_types() {
+            response.quantization = "int4".into();
+            response.weight_types = types;
         } else {
             response.quantization = "none".into();
         }

@@ -15,6 +15,7 @@ use tpserve_modelfile::LlamaConfig;
 
 use super::device::{DeviceBuffer, Gpu};
 use super::fp8::{Fp8Operands, Fp8Weight, E4M3_MAX, SCALE_OFFSET, STATS_BYTES};
+use super::int4::{mma_layout, pack_params, Int4Operands, Int4Weight};
 use super::kernels::{attention_max_items, Dtype, Kernels, ELEM};
 use super::lora::LoraSlots;
 use super::workspace::Workspace;
@@ -43,11 +44,12 @@ pub struct Dims {
     pub world_size: usize,
 }
 
-/// A linear layer's weight in PyTorch's Linear layout `[out, in]`: in the activation dtype, or
-/// in FP8 E4M3 with its scales (`fp8.rs`).
+/// A linear layer's weight in PyTorch's Linear layout `[out, in]`: in the activation dtype, in
+/// FP8 E4M3 with its scales (`fp8.rs`), or in 4-bit words with their groups (`int4.rs`).
 pub struct LinearWeight {
     pub data: DeviceBuffer,
     pub fp8: Option<Fp8Weight>,
+    pub int4: Option<Int4Weight>,
 }
 
 impl LinearWeight {
@@ -62,6 +64,16 @@ impl LinearWeight {
             x_stats: ws.fp8_stats.ptr,
         })
     }
+
+    /// What a product with this weight needs beyond its address when it is 4-bit, with
+    /// `model`'s scratch for the weight dequantized.
+    pub fn int4(&self, model: &CudaModel) -> Option<Int4Operands> {
+        self.int4.as_ref().map(|w| Int4Operands {
+            params: w.params.ptr,
+            group_size: w.group_size,
+            scratch: model.int4_scratch.as_ref().map_or(0, |b| b.ptr),
+        })
+    }
 }
 
 /// Where linear weights are held in FP8.
@@ -74,6 +86,14 @@ pub enum Fp8Load {
     /// Everywhere: the checkpoint's FP8 weights as stored, the others quantized at load
     /// (`--quantization fp8`).
     Always,
+}
+
+/// How the loader holds quantized linear weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantizedLoad {
+    pub fp8: Fp8Load,
+    /// Keep an AWQ/GPTQ checkpoint's 4-bit weights packed where the layout holds them.
+    pub int4: bool,
 }
 
 /// One decoder layer's weights.
@@ -120,6 +140,10 @@ pub struct CudaModel {
     weight_bytes: usize,
     /// Some linear layers' weights are FP8.
     fp8: bool,
+    /// Some linear layers' weights are 4-bit: their group sizes, and room for the largest
+    /// dequantized (products above 8 rows).
+    int4_groups: std::collections::BTreeSet<usize>,
+    int4_scratch: Option<DeviceBuffer>,
     workspace: Option<Workspace>,
     /// The adapter slots, with `--enable-lora`.
     lora: Option<LoraSlots>,
@@ -136,6 +160,11 @@ struct Loader<'a> {
     fp8: Fp8Load,
     /// Whether any is.
     any_fp8: bool,
+    /// Whether to keep a checkpoint's 4-bit weights packed (else they are dequantized).
+    int4: bool,
+    /// The group sizes of those kept, and the largest one's elements.
+    int4_groups: std::collections::BTreeSet<usize>,
+    int4_largest: usize,
 }
 
 impl Loader<'_> {
@@ -200,6 +229,11 @@ impl Loader<'_> {
     /// (when every part is, and the loader keeps FP8), quantized to FP8 here (`Fp8Load::Always`;
     /// the dtype copy is freed, stream-ordered, after the quantization), or in the dtype.
     fn linear(&mut self, parts: &[Part]) -> Result<LinearWeight> {
+        if self.int4 {
+            if let Some(w) = self.stored_int4(parts)? {
+                return Ok(w);
+            }
+        }
         if self.fp8 != Fp8Load::Off {
             if let Some(w) = self.stored_fp8(parts)? {
                 self.any_fp8 = true;
@@ -208,7 +242,11 @@ impl Loader<'_> {
         }
         let data = self.fused(parts)?;
         if self.fp8 != Fp8Load::Always {
-            return Ok(LinearWeight { data, fp8: None });
+            return Ok(LinearWeight {
+                data,
+                fp8: None,
+                int4: None,
+            });
         }
         let n = total_len(parts);
         let q = self.gpu.alloc(n, "FP8 weights")?;
@@ -224,7 +262,69 @@ impl Loader<'_> {
                 per_row: false,
                 static_input: None,
             }),
+            int4: None,
         })
+    }
+
+    /// `parts` as an AWQ/GPTQ checkpoint stores them, in the 4-bit layout (`int4.rs`), or
+    /// `None` when one of them is not stored so or the layout cannot hold it (8-bit weights,
+    /// act-order groups, groups that a tensor-parallel slice cuts or that differ between parts,
+    /// rows not a multiple of 16 or inputs of 64): those are dequantized to the dtype.
+    fn stored_int4(&mut self, parts: &[Part]) -> Result<Option<LinearWeight>> {
+        let WeightSource::Reader(reader) = self.source else {
+            return Ok(None);
+        };
+        let mut tensors = Vec::with_capacity(parts.len());
+        for part in parts {
+            let slice = part.slice.as_ref().map(|(dim, r)| (*dim, r.start, r.len()));
+            let Some(t) = reader.read_int4(&part.name, slice)? else {
+                return Ok(None);
+            };
+            if [t.rows, t.cols] != part.shape[..] {
+                return Err(crate::weights::tensor_err(
+                    &part.name,
+                    format!(
+                        "4-bit shape [{}, {}], expected {:?}",
+                        t.rows, t.cols, part.shape
+                    ),
+                ));
+            }
+            tensors.push(t);
+        }
+        let group_size = tensors[0].group_size;
+        if tensors.iter().any(|t| t.group_size != group_size) {
+            return Ok(None);
+        }
+        let mut words = Vec::with_capacity(tensors.len());
+        for t in &tensors {
+            let Some(w) = mma_layout(t) else {
+                return Ok(None);
+            };
+            words.push(w);
+        }
+        let (n, k) = (total_len(parts) / tensors[0].cols, tensors[0].cols);
+        let data = self.gpu.alloc(n * k / 2, "4-bit weights")?;
+        let params = self
+            .gpu
+            .alloc(n * (k / group_size) * 4, "4-bit weight groups")?;
+        let (mut words_at, mut params_at) = (0, 0);
+        for (t, w) in tensors.iter().zip(&words) {
+            self.gpu.upload_at(&data, words_at, w)?;
+            words_at += w.len() * 4;
+            let packed = pack_params(&t.scales, &t.zeros);
+            self.gpu.upload_at(&params, params_at, &packed)?;
+            params_at += packed.len() * 4;
+            // The host copies are freed on return: wait for the uploads.
+            self.gpu.sync()?;
+        }
+        self.bytes += data.bytes + params.bytes;
+        self.int4_groups.insert(group_size);
+        self.int4_largest = self.int4_largest.max(n * k);
+        Ok(Some(LinearWeight {
+            data,
+            fp8: None,
+            int4: Some(Int4Weight { params, group_size }),
+        }))
     }
 
     /// `parts` as the checkpoint stores them in FP8, or `None` when one of them is not
@@ -301,13 +401,14 @@ impl Loader<'_> {
                 per_row: one_scale.is_none(),
                 static_input: input.map(|_| scale_count * 4),
             }),
+            int4: None,
         }))
     }
 }
 
 impl CudaModel {
-    /// Loads this rank's shard onto `gpu`, the linear layers' weights in FP8 where `fp8` says
-    /// (the caller checks the GPU runs FP8).
+    /// Loads this rank's shard onto `gpu`, the linear layers' weights in FP8 or kept 4-bit
+    /// where `quantized` says (the caller checks the GPU runs FP8).
     pub fn load(
         gpu: &Gpu,
         kernels: &Kernels,
@@ -315,8 +416,9 @@ impl CudaModel {
         shard: ShardPlan,
         source: &WeightSource,
         dtype: Dtype,
-        fp8: Fp8Load,
+        quantized: QuantizedLoad,
     ) -> Result<Self> {
+        let QuantizedLoad { fp8, int4 } = quantized;
         let c = config;
         ensure_supported(c)?;
         if !Kernels::supports_head_dim(c.head_dim) {
@@ -380,6 +482,9 @@ impl CudaModel {
             bytes: 0,
             fp8,
             any_fp8: false,
+            int4,
+            int4_groups: Default::default(),
+            int4_largest: 0,
         };
         let parts = model_parts(c, &shard, source);
         let mut layers = Vec::with_capacity(parts.layers.len());
@@ -402,6 +507,9 @@ impl CudaModel {
             .map(|p| ld.padded(std::slice::from_ref(p), vocab_per_rank * h))
             .transpose()?;
         let final_norm = ld.one(&parts.final_norm)?;
+        let int4_scratch = (ld.int4_largest > 0)
+            .then(|| gpu.alloc(ld.int4_largest * ELEM, "4-bit weights dequantized"))
+            .transpose()?;
         let max_pos = c.max_position_embeddings;
         let rope = Rope::new(c, max_pos);
         let (cos, sin) = rope.tables();
@@ -424,6 +532,8 @@ impl CudaModel {
             max_pos,
             weight_bytes: ld.bytes,
             fp8: ld.any_fp8,
+            int4_groups: ld.int4_groups,
+            int4_scratch,
             workspace: None,
             lora: None,
         })
@@ -448,6 +558,29 @@ impl CudaModel {
     /// Whether some linear layers' weights are FP8.
     pub fn fp8(&self) -> bool {
         self.fp8
+    }
+
+    /// How the 4-bit weights are held and multiplied (`/v1/models`' `quantization` shows it
+    /// after `int4`), or `None` when no weight is.
+    pub fn int4_weight_types(&self) -> Option<String> {
+        if self.int4_groups.is_empty() {
+            return None;
+        }
+        let in_dtype = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
+            .filter(|w| w.int4.is_none())
+            .count();
+        let groups: Vec<String> = self.int4_groups.iter().map(|g| g.to_string()).collect();
+        let unpacked = match in_dtype {
+            0 => String::new(),
+            n => format!(" ({n} linear layers dequantized to the dtype)"),
+        };
+        Some(format!(
+            "4-bit integer linear weights in groups of {} inputs{unpacked}; up to 8 rows a GEMV              unpacks them, above they are dequantized for cuBLAS; embedding and lm_head in the              dtype",
+            groups.join(" and ")
+        ))
     }
 
     /// How the FP8 weights are held and multiplied (`/v1/models`' `quantization` shows it

@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Writes an AWQ or GPTQ checkpoint of the test checkpoint, packed as AutoAWQ and AutoGPTQ pack
+them, and its dequantized twin: the inputs of issue 12's checks of 4-bit checkpoints.
+
+What: from CKPT_DIR (make_checkpoint.py's bfloat16 Llama), OUTDIR/ holds
+  config.json        with the format's `quantization_config`
+  model.safetensors  every linear layer (q, k, v, o, gate, up, down) as `qweight`, `qzeros`,
+                     `scales` (float16) and, for GPTQ, `g_idx`; embeddings, norms and the lm_head
+                     as they were (bfloat16)
+  tokenizer.json, prompts.json  copied
+and OUTDIR/dequantized/ the same model with every packed weight dequantized ((q - zero) * scale,
+in float32) and no quantization_config: the weights both implementations multiply, for
+hf_reference.py.
+
+Formats (--format):
+  awq   AutoAWQ's GEMM packing: 4-bit, groups of --group inputs with zero points (min/max per
+        group and output); qweight [in, out / 8] int32 holding 8 outputs in the order
+        0, 2, 4, 6, 1, 3, 5, 7; qzeros [in / group, out / 8] alike; scales [in / group, out].
+  gptq  AutoGPTQ's original format: 4-bit, symmetric (zero 8), groups of --group inputs in order
+        (desc_act false); qweight [in / 8, out] holding 8 inputs in order; qzeros
+        [in / group, out / 8] holding zero - 1; scales [in / group, out]; g_idx [in].
+The functions are shared with make_bench_checkpoint.py (--layout awq|gptq).
+
+Why: the GPU machine has no network (and no AutoAWQ or GPTQModel), so the checkpoints are made
+there from the test weights, in the formats' own tensor names, dtypes and config keys.
+
+How: python3 make_int4_checkpoint.py CKPT_DIR OUTDIR --format awq|gptq [--group 128]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's pack: value i of a word is column AWQ_ORDER[i]
+
+
+def is_linear(name: str) -> bool:
+    return name.endswith(".weight") and name.split(".")[-2] in LINEARS
+
+
+def quantization_config(fmt: str, group: int) -> dict:
+    if fmt == "awq":
+        return {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
+                "version": "gemm", "modules_to_not_convert": None}
+    return {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False,
+            "sym": True, "damp_percent": 0.01, "true_sequential": True}
+
+
+@torch.no_grad()
+def quantize(w: torch.Tensor, group: int, symmetric: bool):
+    """w [out, in] -> (q [in, out] int, zeros [in / group, out] int, scales [in / group, out]
+    float16): per group of inputs and output, min/max (or symmetric around 8) to 0..15."""
+    out_f, in_f = w.shape
+    g = w.float().t().reshape(in_f // group, group, out_f)  # [groups, group, out]
+    if symmetric:
+        scale = 2 * g.abs().amax(dim=1) / 15
+        zero = torch.full_like(scale, 8.0)
+    else:
+        lo = g.amin(dim=1).clamp(max=0)
+        hi = g.amax(dim=1).clamp(min=0)
+        scale = (hi - lo) / 15
+        zero = (-lo / scale.clamp(min=1e-10)).round().clamp(1, 15)  # >= 1: GPTQ v1 stores z - 1
+    scale = scale.clamp(min=1e-6).half()
+    q = (g / scale.float()[:, None, :]).round() + zero[:, None, :]
+    q = q.clamp(0, 15).reshape(in_f, out_f)
+    return q.to(torch.int64), zero.to(torch.int64), scale
+
+
+def dequantize(q, zeros, scales, group: int) -> torch.Tensor:
+    """The weight [out, in] in float32."""
+    in_f = q.shape[0]
+    z = zeros.repeat_interleave(group, dim=0).float()
+    s = scales.repeat_interleave(group, dim=0).float()
+    assert z.shape[0] == in_f
+    return ((q.float() - z) * s).t().contiguous()
+
+
+def as_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 words of 32 bits as the int32 tensor safetensors stores (the same bits)."""
+    return torch.from_numpy(words.cpu().numpy().astype(np.uint32).view(np.int32))
+
+
+def pack_awq(q, zeros, scales) -> dict:
+    qweight = torch.zeros(q.shape[0], q.shape[1] // 8, dtype=torch.int64, device=q.device)
+    qzeros = torch.zeros(zeros.shape[0], zeros.shape[1] // 8, dtype=torch.int64, device=q.device)
+    for i, col in enumerate(AWQ_ORDER):
+        qweight |= q[:, col::8] << (4 * i)
+        qzeros |= zeros[:, col::8] << (4 * i)
+    return {"qweight": as_int32(qweight), "qzeros": as_int32(qzeros),
+            "scales": scales.cpu().contiguous()}
+
+
+def pack_gptq(q, zeros, scales, group: int) -> dict:
+    qweight = torch.zeros(q.shape[0] // 8, q.shape[1], dtype=torch.int64, device=q.device)
+    for j in range(8):
+        qweight |= q[j::8, :] << (4 * j)
+    qzeros = torch.zeros(zeros.shape[0], zeros.shape[1] // 8, dtype=torch.int64, device=q.device)
+    for j in range(8):
+        qzeros |= (zeros[:, j::8] - 1) << (4 * j)
+    g_idx = torch.arange(q.shape[0], dtype=torch.int32) // group
+    return {"qweight": as_int32(qweight), "qzeros": as_int32(qzeros),
+            "scales": scales.cpu().contiguous(), "g_idx": g_idx}
+
+
+def pack(fmt: str, w: torch.Tensor, group: int):
+    """The tensors of one linear layer (by suffix) and its dequantized weight."""
+    q, zeros, scales = quantize(w, group, symmetric=fmt == "gptq")
+    tensors = pack_awq(q, zeros, scales) if fmt == "awq" else pack_gptq(q, zeros, scales, group)
+    return tensors, dequantize(q, zeros, scales, group)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("ckpt")
+    ap.add_argument("outdir")
+    ap.add_argument("--format", choices=["awq", "gptq"], required=True)
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+
+    tensors = load_file(os.path.join(args.ckpt, "model.safetensors"), device=args.device)
+    deq_dir = os.path.join(args.outdir, "dequantized")
+    os.makedirs(deq_dir, exist_ok=True)
+    packed, deq = {}, {}
+    for name, t in tensors.items():
+        if not is_linear(name):
+            packed[name] = t.cpu().contiguous()
+            deq[name] = t.float().cpu().contiguous()
+            continue
+        layer, w = pack(args.format, t, args.group)
+        base = name[: -len(".weight")]
+        for suffix, v in layer.items():
+            packed[f"{base}.{suffix}"] = v
+        deq[name] = w.cpu()
+    save_file(packed, os.path.join(args.outdir, "model.safetensors"))
+    save_file(deq, os.path.join(deq_dir, "model.safetensors"))
+
+    with open(os.path.join(args.ckpt, "config.json")) as f:
+        config = json.load(f)
+    config.pop("quantization_config", None)
+    with open(os.path.join(deq_dir, "config.json"), "w") as f:
+        json.dump(dict(config, torch_dtype="float32"), f, indent=2)
+    with open(os.path.join(args.outdir, "config.json"), "w") as f:
+        json.dump(dict(config, quantization_config=quantization_config(args.format, args.group)),
+                  f, indent=2)
+    for extra in ("tokenizer.json", "prompts.json"):
+        for out in (args.outdir, deq_dir):
+            shutil.copy(os.path.join(args.ckpt, extra), os.path.join(out, extra))
+    print(
+        f"make_int4_checkpoint: {args.format}, groups of {args.group}: "
+        f"{sum(is_linear(n) for n in tensors)} packed weights -> {args.outdir} "
+        f"(dequantized twin in {deq_dir})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
