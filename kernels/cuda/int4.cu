@@ -52,13 +52,13 @@ template <> struct W4Pair<__half> {
 };
 
 constexpr int kWarps = 4;   // warps per block
-constexpr int kUnroll = 2;  // 16-byte loads in flight per lane
+constexpr int kUnroll = 4;  // 16-byte loads in flight per lane
 
 }  // namespace
 
 // gemv_w4_{bf16,f16}: y[m, n] = sum_k x[m, k] * W[n, k] for m < rows (1 to 8) and n < n_out,
 // W the 4-bit weight above: the products of decoding steps. Each warp owns 16 rows of W and one
-// of k_split equal parts of K, and walks it 64 inputs (one 16-byte load a lane) at a time, two
+// of k_split equal parts of K, and walks it 64 inputs (one 16-byte load a lane) at a time, four
 // loads in flight; each k16 step turns a word into the A fragment ((q - zero) in the dtype,
 // exact: the value placed in the mantissa of 128 (bf16) or 1024 (f16) minus 128 + zero) and
 // multiplies it with x's rows (the B fragment, read through L1) by mma.sync with f32
@@ -111,11 +111,17 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
         const long long n_b = n_a + 8;
         const bool has_x = g < rows;
         const T* xr = x + (long long)(has_x ? g : 0) * k;
-        const int k_end = (kt0 + part_tiles) * 64;
+        // Groups by steps of 16 inputs, counted down (no division in the loop); the next
+        // group's parameters load one group ahead.
+        const int steps_per_group = group_size / 16;
+        const int part_steps = part_tiles * 4;
+        int group = kt0 * 4 / steps_per_group;
+        int left = steps_per_group - (kt0 * 4 - group * steps_per_group);
+        unsigned int cur_a = __ldg(params + n_a * groups + group);
+        unsigned int cur_b = __ldg(params + n_b * groups + group);
+        unsigned int next_a = group + 1 < groups ? __ldg(params + n_a * groups + group + 1) : 0u;
+        unsigned int next_b = group + 1 < groups ? __ldg(params + n_b * groups + group + 1) : 0u;
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        int group = -1;
-        float scale_a = 0.0f, scale_b = 0.0f;
-        unsigned int zero_a = 0u, zero_b = 0u;
         for (int it = 0; it < part_tiles; it += kUnroll) {
             uint4 wv[kUnroll];
 #pragma unroll
@@ -131,16 +137,12 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
                 const unsigned int words[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
 #pragma unroll
                 for (int s = 0; s < 4; ++s) {
-                    const int k0 = (kt0 + it + u) * 64 + 16 * s;
-                    if (k0 / group_size != group) {
-                        group = k0 / group_size;
-                        const float2 pa = group_params(__ldg(params + n_a * groups + group));
-                        const float2 pb = group_params(__ldg(params + n_b * groups + group));
-                        scale_a = pa.x;
-                        scale_b = pb.x;
-                        zero_a = Pair::offset(pa.y);
-                        zero_b = Pair::offset(pb.y);
-                    }
+                    const int step = (it + u) * 4 + s;
+                    const int k0 = kt0 * 64 + 16 * step;
+                    const float2 pa = group_params(cur_a);
+                    const float2 pb = group_params(cur_b);
+                    const unsigned int zero_a = Pair::offset(pa.y);
+                    const unsigned int zero_b = Pair::offset(pb.y);
                     const unsigned int v = words[s];
                     const unsigned int a[4] = {
                         Pair::sub(((v >> 0) & 0x000f000fu) | Pair::kMagic, zero_a),
@@ -154,13 +156,24 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
                         has_x ? __ldg(reinterpret_cast<const unsigned int*>(xr + k0 + 2 * t + 8))
                               : 0u;
                     tpserve::Mma<T>::run(acc, a, b0, b1);
-                    const int next = k0 + 16;
-                    if (next == k_end || next / group_size != group) {
-                        total[0] = fmaf(scale_a, acc[0], total[0]);
-                        total[1] = fmaf(scale_a, acc[1], total[1]);
-                        total[2] = fmaf(scale_b, acc[2], total[2]);
-                        total[3] = fmaf(scale_b, acc[3], total[3]);
+                    --left;
+                    const bool last = step == part_steps - 1;
+                    if (left == 0 || last) {
+                        total[0] = fmaf(pa.x, acc[0], total[0]);
+                        total[1] = fmaf(pa.x, acc[1], total[1]);
+                        total[2] = fmaf(pb.x, acc[2], total[2]);
+                        total[3] = fmaf(pb.x, acc[3], total[3]);
                         acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+                    }
+                    if (left == 0 && !last) {
+                        ++group;
+                        left = steps_per_group;
+                        cur_a = next_a;
+                        cur_b = next_b;
+                        if (group + 1 < groups) {
+                            next_a = __ldg(params + n_a * groups + group + 1);
+                            next_b = __ldg(params + n_b * groups + group + 1);
+                        }
                     }
                 }
             }
@@ -221,12 +234,14 @@ __device__ void dequantize_w4_impl(T* __restrict__ out, const unsigned int* __re
         const int g = lane >> 2;
         const int t = lane & 3;
         const unsigned int v = w[i];
+        // The word's 16 inputs lie in one group (groups are multiples of 16 inputs).
+        const int group = (kt * 64 + 16 * s) / group_size;
         // Pair p: A elements 2 p, 2 p + 1 (values p and p + 4), at (row, input) below.
 #pragma unroll
         for (int p = 0; p < 4; ++p) {
             const long long n = rb * 16 + g + 8 * (p & 1);
             const int kk = kt * 64 + 16 * s + 2 * t + 8 * (p >> 1);
-            const float2 sz = group_params(params[n * groups + kk / group_size]);
+            const float2 sz = group_params(params[n * groups + group]);
             const float lo = (float)((v >> (4 * p)) & 0xfu);
             const float hi = (float)((v >> (4 * p + 16)) & 0xfu);
             T pair[2] = {tpserve::from_float<T>((lo - sz.y) * sz.x),
