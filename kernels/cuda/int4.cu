@@ -51,21 +51,21 @@ template <> struct W4Pair<__half> {
     }
 };
 
-constexpr int kWarps = 4;   // warps per block
-constexpr int kUnroll = 4;  // 16-byte loads in flight per lane
+constexpr int kMaxSplit = 16;  // warps per block (one per part of K), at most
+constexpr int kUnroll = 4;     // 16-byte loads a lane issues at a time
 
 }  // namespace
 
 // gemv_w4_{bf16,f16}: y[m, n] = sum_k x[m, k] * W[n, k] for m < rows (1 to 8) and n < n_out,
-// W the 4-bit weight above: the products of decoding steps. Each warp owns 16 rows of W and one
-// of k_split equal parts of K, and walks it 64 inputs (one 16-byte load a lane) at a time, four
-// loads in flight; each k16 step turns a word into the A fragment ((q - zero) in the dtype,
-// exact: the value placed in the mantissa of 128 (bf16) or 1024 (f16) minus 128 + zero) and
-// multiplies it with x's rows (the B fragment, read through L1) by mma.sync with f32
-// accumulation; at each group's end the step sums are scaled into the warp's totals. The k_split
-// parts of a row block sum in shared memory, in part order. The reduction order depends on K,
-// group_size and k_split alone, not on the rows. Before waiting for the previous kernel each warp
-// prefetches its first loads into L2, as gemv.cu does.
+// W the 4-bit weight above: the products of decoding steps. A block owns 16 rows of W and has
+// one warp for each of k_split equal parts of K; a warp walks its part 64 inputs (one 16-byte
+// load a lane) at a time, loading the next kUnroll tiles while it computes the current ones.
+// Each k16 step turns a word into the A fragment ((q - zero) in the dtype, exact: the value
+// placed in the mantissa of 128 (bf16) or 1024 (f16) minus 128 + zero) and multiplies it with
+// x's rows (the B fragment, read through L1) by mma.sync with f32 accumulation; at each group's
+// end the step sums are scaled into the warp's totals. The parts sum in shared memory, in part
+// order. The reduction order depends on K, group_size and k_split alone, not on the rows. Before
+// waiting for the previous kernel each warp prefetches its first loads into L2, as gemv.cu does.
 //
 // Arguments:
 //   y           T   [rows, n_out]  written
@@ -76,20 +76,20 @@ constexpr int kUnroll = 4;  // 16-byte loads in flight per lane
 //   n_out       i32 a multiple of 16
 //   k           i32 a multiple of 64 * k_split
 //   group_size  i32 a multiple of 16 dividing k
-//   k_split     i32 1, 2 or 4: warps of a row block
-// Launch: grid (ceil(n_out / 16 / (4 / k_split)), 1, 1); block (128, 1, 1).
+//   k_split     i32 1, 2, 4, 8 or 16: warps of a block
+// Launch: grid (n_out / 16, 1, 1); block (32 * k_split, 1, 1).
 template <typename T>
 __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
                              const uint4* __restrict__ w, const unsigned int* __restrict__ params,
                              int rows, int n_out, int k, int group_size, int k_split) {
     using Pair = W4Pair<T>;
-    __shared__ float partial[kWarps][16][8];
+    __shared__ float partial[kMaxSplit][16][8];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int g = lane >> 2;
     const int t = lane & 3;
-    const int rb = blockIdx.x * (kWarps / k_split) + warp / k_split;
-    const int part = warp % k_split;
+    const int rb = blockIdx.x;
+    const int part = warp;
     const int k_tiles = k / 64;
     const int part_tiles = k_tiles / k_split;
     const int kt0 = part * part_tiles;
@@ -122,12 +122,19 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
         unsigned int next_a = group + 1 < groups ? __ldg(params + n_a * groups + group + 1) : 0u;
         unsigned int next_b = group + 1 < groups ? __ldg(params + n_b * groups + group + 1) : 0u;
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        uint4 next[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            next[u] = u < part_tiles ? load_streaming(wp + u * 32) : make_uint4(0u, 0u, 0u, 0u);
+        }
         for (int it = 0; it < part_tiles; it += kUnroll) {
             uint4 wv[kUnroll];
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u) {
-                wv[u] = it + u < part_tiles ? load_streaming(wp + (it + u) * 32)
-                                            : make_uint4(0u, 0u, 0u, 0u);
+                wv[u] = next[u];
+                const int ahead = it + kUnroll + u;
+                next[u] = ahead < part_tiles ? load_streaming(wp + ahead * 32)
+                                             : make_uint4(0u, 0u, 0u, 0u);
             }
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u) {
@@ -189,7 +196,7 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
     if (!active || part != 0) {
         return;
     }
-    // The row block's first warp sums the parts: lane l writes (row l / 2, columns 4 (l % 2) ..).
+    // The first warp sums the parts: lane l writes (row l / 2, columns 4 (l % 2) ..).
     const int row = lane >> 1;
     const long long n = rb * 16 + row;
 #pragma unroll
@@ -197,7 +204,7 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
         const int m = 4 * (lane & 1) + c;
         float sum = 0.0f;
         for (int p = 0; p < k_split; ++p) {
-            sum += partial[warp + p][row][m];
+            sum += partial[p][row][m];
         }
         if (m < rows) {
             y[(long long)m * n_out + n] = tpserve::from_float<T>(sum);
@@ -253,7 +260,7 @@ __device__ void dequantize_w4_impl(T* __restrict__ out, const unsigned int* __re
 }
 
 #define TPSERVE_INT4(SUFFIX, T)                                                                \
-    extern "C" __global__ void __launch_bounds__(128) gemv_w4_##SUFFIX(                        \
+    extern "C" __global__ void __launch_bounds__(512) gemv_w4_##SUFFIX(                        \
         T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ w,               \
         const unsigned int* __restrict__ params, int rows, int n_out, int k, int group_size,   \
         int k_split) {                                                                         \

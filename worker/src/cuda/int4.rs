@@ -86,11 +86,13 @@ pub fn mma_layout(t: &Int4Tensor) -> Option<Vec<u32>> {
     Some(out)
 }
 
-/// Warps that share a row block's inputs in int4.cu's GEMV: 4, 2 or 1, as `k` allows.
+/// Warps that share a row block's inputs in int4.cu's GEMV: the most of 16, 8, 4 and 2 that
+/// divides `k`'s tiles and leaves each warp at least 8 of them (two rounds of loads), else 1.
 fn k_split(k: usize) -> usize {
-    [4, 2, 1]
+    let tiles = k / TILE.1;
+    [16, 8, 4, 2]
         .into_iter()
-        .find(|s| k.is_multiple_of(TILE.1 * s))
+        .find(|s| tiles.is_multiple_of(*s) && tiles / s >= 8)
         .unwrap_or(1)
 }
 
@@ -127,12 +129,12 @@ impl Kernels {
             .arg(&kw)
             .arg(&gw)
             .arg(&sw);
-        let blocks = (p.n_out / TILE.0).div_ceil(4 / split);
+        let blocks = p.n_out / TILE.0;
         // SAFETY: as int4.cu documents: y holds rows x n_out and x rows x k elements of the
         // dtype, w the weight in [`mma_layout`] and params n_out x k / group_size, the caller's
         // buffers; n_out, k and group_size fit the tiles (the loader's checks) and k_split
         // divides k's tiles.
-        unsafe { b.launch(super::kernels::grid_rows(blocks, 128)) }
+        unsafe { b.launch(super::kernels::grid_rows(blocks, 32 * split as u32)) }
             .map(drop)
             .map_err(|e| device_err("launching gemv_w4", e))
     }
@@ -207,9 +209,11 @@ mod tests {
                 }
             }
         }
-        assert_eq!(k_split(4096), 4);
-        assert_eq!(k_split(128), 2);
-        assert_eq!(k_split(704), 1);
+        assert_eq!(k_split(4096), 8);
+        assert_eq!(k_split(14336), 16);
+        assert_eq!(k_split(2816), 4);
+        assert_eq!(k_split(1024), 2);
+        assert_eq!(k_split(128), 1);
         let odd = Int4Tensor { rows: 24, ..t };
         assert!(mma_layout(&odd).is_none());
     }
