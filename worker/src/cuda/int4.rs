@@ -86,13 +86,19 @@ pub fn mma_layout(t: &Int4Tensor) -> Option<Vec<u32>> {
     Some(out)
 }
 
-/// Warps that share a row block's inputs in int4.cu's GEMV: the most of 16, 8, 4 and 2 that
-/// divides `k`'s tiles and leaves each warp at least 8 of them (two rounds of loads), else 1.
-fn k_split(k: usize) -> usize {
-    let tiles = k / TILE.1;
+/// Warps a launch should have in all: enough to keep every SM's loads in flight (about 16 warps
+/// on each of an H200's 132 SMs, at int4.cu's register use), no more: beyond it the parts' sums
+/// cost more than the extra loads bring.
+const WARP_BUDGET: usize = 4096;
+
+/// Warps that share a row block's inputs in int4.cu's GEMV for `n_out` rows of `k`: the most of
+/// 16, 8, 4 and 2 that divides `k`'s tiles, leaves each warp at least 8 of them (two rounds of
+/// loads) and keeps the launch within [`WARP_BUDGET`], else 1.
+fn k_split(n_out: usize, k: usize) -> usize {
+    let (tiles, blocks) = (k / TILE.1, n_out / TILE.0);
     [16, 8, 4, 2]
         .into_iter()
-        .find(|s| tiles.is_multiple_of(*s) && tiles / s >= 8)
+        .find(|s| tiles.is_multiple_of(*s) && tiles / s >= 8 && blocks * s <= WARP_BUDGET)
         .unwrap_or(1)
 }
 
@@ -111,7 +117,7 @@ impl Kernels {
                 detail: format!("{} rows on the 4-bit GEMV kernel (1 to 8)", p.rows),
             });
         }
-        let split = k_split(p.k);
+        let split = k_split(p.n_out, p.k);
         let (rw, nw, kw, gw, sw) = (
             p.rows as i32,
             p.n_out as i32,
@@ -209,11 +215,14 @@ mod tests {
                 }
             }
         }
-        assert_eq!(k_split(4096), 8);
-        assert_eq!(k_split(14336), 16);
-        assert_eq!(k_split(2816), 4);
-        assert_eq!(k_split(1024), 2);
-        assert_eq!(k_split(128), 1);
+        // Llama-3-8B's o, qkv, down and gate_up; the GPU test model's down; short inputs.
+        assert_eq!(k_split(4096, 4096), 8);
+        assert_eq!(k_split(6144, 4096), 8);
+        assert_eq!(k_split(4096, 14336), 16);
+        assert_eq!(k_split(28672, 4096), 2);
+        assert_eq!(k_split(1024, 2816), 4);
+        assert_eq!(k_split(1024, 1024), 2);
+        assert_eq!(k_split(1024, 128), 1);
         let odd = Int4Tensor { rows: 24, ..t };
         assert!(mma_layout(&odd).is_none());
     }
