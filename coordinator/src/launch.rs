@@ -94,7 +94,10 @@ pub async fn launch(
             tracing::info!(scheme = %scheme.describe(), "FP8 checkpoint")
         }
         Checkpoint::PackedInt(Ok(scheme)) => {
-            tracing::info!(scheme = %scheme.describe(), "AWQ/GPTQ checkpoint")
+            tracing::info!(scheme = %scheme.describe(), "AWQ/GPTQ checkpoint");
+            // Maps the files (no tensor is read): a config that says AWQ/GPTQ over weights that
+            // are not packed is refused here rather than by every worker.
+            source.weights()?;
         }
         _ => {}
     }

@@ -268,14 +268,20 @@ fn serve_refused(args: &[&str]) -> String {
 #[test]
 fn quantization_methods_we_do_not_run_are_refused_at_start_by_name() {
     let model = default_model().display().to_string();
+    let err = serve_refused(&["--model", &model, "--quantization", "bitsandbytes"]);
+    assert!(
+        err.contains("--quantization bitsandbytes is not supported"),
+        "{err}"
+    );
     let err = serve_refused(&["--model", &model, "--quantization", "awq"]);
-    assert!(err.contains("--quantization awq is not supported"), "{err}");
+    assert!(err.contains("does not fit a GGUF file"), "{err}");
     let err = serve_refused(&["--model", &model, "-q", "gguf", "--dtype", "float32"]);
     assert!(
         err.contains("--quantization gguf") && err.contains("--dtype float32"),
         "{err}"
     );
-    // A Hugging Face checkpoint whose config.json says it is GPTQ-quantized.
+    // A Hugging Face checkpoint whose config.json says it is GPTQ-quantized, though its weights
+    // are not packed.
     let fixture = tpserve_e2e::repo_root().join("tests/fixtures/tiny-llama");
     let dir = std::env::temp_dir().join(format!("tpserve-gptq-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -289,7 +295,10 @@ fn quantization_methods_we_do_not_run_are_refused_at_start_by_name() {
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let err = serve_refused(&["--model", &dir.display().to_string()]);
     std::fs::remove_dir_all(&dir).unwrap();
-    assert!(err.contains("quantized with \"gptq\""), "{err}");
+    assert!(
+        err.contains("says gptq, but no layer is stored packed"),
+        "{err}"
+    );
     let err = serve_refused(&["--model", &fixture.display().to_string(), "-q", "gguf"]);
     assert!(err.contains("--quantization gguf needs"), "{err}");
     // FP8 runs on CUDA GPUs of compute capability 8.9 or newer, in bf16/f16 activations, on an

@@ -11,8 +11,9 @@ mod common;
 
 use std::path::Path;
 
-use common::checkpoint::{f32_tensor, is_linear, tiny_llama_tensors, write, Stored};
-use common::prefill_logits;
+use common::checkpoint::{
+    f32_tensor, is_linear, tiny_llama_tensors, twin_pairs, write, Stored, TwinPair,
+};
 use float8::F8E4M3;
 use serde_json::{json, Value};
 use tpserve_modelfile::{Fp8Scale, ModelSource};
@@ -120,54 +121,33 @@ fn write_pair(layout: Layout, fp8_dir: &Path, f32_dir: &Path) {
     write(f32_dir, &plain, None);
 }
 
-/// Every layout's checkpoint pair, in a temporary directory each (`fp8/` and `f32/`).
-fn pairs() -> Vec<(Layout, tempfile::TempDir)> {
-    [
-        Layout::AutoFp8,
-        Layout::Tensor,
-        Layout::Channel,
-        Layout::Block,
-    ]
-    .into_iter()
-    .map(|layout| {
-        let dir = tempfile::tempdir().unwrap();
-        write_pair(layout, &dir.path().join("fp8"), &dir.path().join("f32"));
-        (layout, dir)
-    })
-    .collect()
+/// Every layout's checkpoint pair.
+fn pairs() -> Vec<(Layout, TwinPair)> {
+    twin_pairs(
+        &[
+            Layout::AutoFp8,
+            Layout::Tensor,
+            Layout::Channel,
+            Layout::Block,
+        ],
+        write_pair,
+    )
 }
 
 #[test]
 fn fp8_checkpoints_dequantize_on_the_cpu_exactly_as_their_f32_twins() {
-    let ids: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 256).collect();
     for (layout, pair) in pairs() {
-        let (fp8_dir, f32_dir) = (pair.path().join("fp8"), pair.path().join("f32"));
-        let source = ModelSource::open(&fp8_dir, None).unwrap();
+        let source = ModelSource::open(&pair.quantized(), None).unwrap();
         let scheme = source.fp8_scheme().expect("an FP8 checkpoint").unwrap();
         eprintln!("{layout:?}: {}", scheme.describe());
-        for tp in [1, 2] {
-            let want = prefill_logits(&f32_dir, tp, &ids, 13);
-            let got = prefill_logits(&fp8_dir, tp, &ids, 13);
-            assert!(
-                got == want,
-                "{layout:?} tp={tp}: the FP8 checkpoint's logits differ from its dequantized twin's"
-            );
-        }
+        pair.assert_same_logits(&format!("FP8 {layout:?}"));
     }
 }
 
 #[test]
 fn read_fp8_hands_over_bytes_and_scales_whose_products_are_the_weights() {
     for (layout, pair) in pairs() {
-        let (fp8_dir, f32_dir) = (pair.path().join("fp8"), pair.path().join("f32"));
-        let fp8 = ModelSource::open(&fp8_dir, None)
-            .unwrap()
-            .weights()
-            .unwrap();
-        let plain = ModelSource::open(&f32_dir, None)
-            .unwrap()
-            .weights()
-            .unwrap();
+        let (fp8, plain) = pair.readers();
         for (name, dim, start, len) in [
             ("model.layers.0.self_attn.k_proj.weight", 0, 16, 16),
             ("model.layers.1.self_attn.o_proj.weight", 1, 32, 32),
@@ -222,10 +202,7 @@ fn read_stored_gives_any_slice_as_stored_borrowing_contiguous_ones() {
     use std::borrow::Cow;
     use tpserve_modelfile::StoredDtype;
     let (_, pair) = pairs().swap_remove(2);
-    let plain = ModelSource::open(&pair.path().join("f32"), None)
-        .unwrap()
-        .weights()
-        .unwrap();
+    let (fp8, plain) = pair.readers();
     let name = "model.layers.1.self_attn.o_proj.weight";
     for (dim, start, len, borrowed) in [(0, 16, 16, true), (1, 32, 32, false)] {
         let t = plain
@@ -249,10 +226,6 @@ fn read_stored_gives_any_slice_as_stored_borrowing_contiguous_ones() {
     }
     assert_eq!(plain.stored_dtype(name), Some(StoredDtype::F32));
     assert_eq!(plain.stored_dtype("no.such.weight"), None);
-    let fp8 = ModelSource::open(&pair.path().join("fp8"), None)
-        .unwrap()
-        .weights()
-        .unwrap();
     let t = fp8.read_stored(name, None).unwrap().unwrap();
     assert_eq!(
         (t.dtype, t.shape.as_slice()),

@@ -11,8 +11,9 @@ mod common;
 
 use std::path::Path;
 
-use common::checkpoint::{f32_tensor, is_linear, tiny_llama_tensors, write, Stored};
-use common::prefill_logits;
+use common::checkpoint::{
+    f32_tensor, is_linear, tiny_llama_tensors, twin_pairs, write, Stored, TwinPair,
+};
 use half::f16;
 use serde_json::{json, Value};
 use tpserve_modelfile::weights::packed_int::AWQ_VALUE_OF_COLUMN;
@@ -235,55 +236,35 @@ fn write_pair(variant: Variant, packed_dir: &Path, f32_dir: &Path) {
     write(f32_dir, &plain, None);
 }
 
-fn pairs() -> Vec<(Variant, tempfile::TempDir)> {
-    [
-        Variant::Awq,
-        Variant::GptqSymmetric,
-        Variant::GptqActOrder,
-        Variant::GptqV2Int8Channel,
-    ]
-    .into_iter()
-    .map(|variant| {
-        let dir = tempfile::tempdir().unwrap();
-        write_pair(variant, &dir.path().join("packed"), &dir.path().join("f32"));
-        (variant, dir)
-    })
-    .collect()
+fn pairs() -> Vec<(Variant, TwinPair)> {
+    twin_pairs(
+        &[
+            Variant::Awq,
+            Variant::GptqSymmetric,
+            Variant::GptqActOrder,
+            Variant::GptqV2Int8Channel,
+        ],
+        write_pair,
+    )
 }
 
 #[test]
 fn awq_and_gptq_checkpoints_run_on_the_cpu_exactly_as_their_dequantized_twins() {
-    let ids: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 256).collect();
     for (variant, pair) in pairs() {
-        let (packed_dir, f32_dir) = (pair.path().join("packed"), pair.path().join("f32"));
-        let source = ModelSource::open(&packed_dir, None).unwrap();
+        let source = ModelSource::open(&pair.quantized(), None).unwrap();
         let scheme = source
             .packed_int_scheme()
             .expect("a packed checkpoint")
             .unwrap();
         eprintln!("{variant:?}: {}", scheme.describe());
-        for tp in [1, 2] {
-            let want = prefill_logits(&f32_dir, tp, &ids, 13);
-            let got = prefill_logits(&packed_dir, tp, &ids, 13);
-            assert!(
-                got == want,
-                "{variant:?} tp={tp}: the packed checkpoint's logits differ from its twin's"
-            );
-        }
+        pair.assert_same_logits(&format!("{variant:?}"));
     }
 }
 
 #[test]
 fn packed_layers_are_listed_as_weights_and_any_slice_reads_as_the_twins() {
     for (variant, pair) in pairs() {
-        let packed = ModelSource::open(&pair.path().join("packed"), None)
-            .unwrap()
-            .weights()
-            .unwrap();
-        let plain = ModelSource::open(&pair.path().join("f32"), None)
-            .unwrap()
-            .weights()
-            .unwrap();
+        let (packed, plain) = pair.readers();
         let name = "model.layers.1.mlp.down_proj.weight";
         assert!(packed.contains(name) && packed.names().iter().any(|n| n == name));
         assert_eq!(packed.shape(name).unwrap(), vec![64, 160], "{variant:?}");
@@ -317,14 +298,7 @@ fn packed_layers_are_listed_as_weights_and_any_slice_reads_as_the_twins() {
 #[test]
 fn read_int4_gives_4_bit_layers_in_the_gpu_layout_where_their_groups_allow() {
     for (variant, pair) in pairs() {
-        let packed = ModelSource::open(&pair.path().join("packed"), None)
-            .unwrap()
-            .weights()
-            .unwrap();
-        let plain = ModelSource::open(&pair.path().join("f32"), None)
-            .unwrap()
-            .weights()
-            .unwrap();
+        let (packed, plain) = pair.readers();
         // (name, slice, whether the layout holds it): the tensor-parallel slices of TP=2.
         for (name, dim, start, len, holds) in [
             ("model.layers.0.self_attn.q_proj.weight", 0, 32, 32, true),

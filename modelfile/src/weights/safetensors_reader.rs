@@ -292,6 +292,20 @@ impl SafetensorsReader {
             }
             layers.insert(weight, shape);
         }
+        if layers.is_empty() {
+            let path = self
+                .shards
+                .first()
+                .map_or(Path::new(""), |s| s.path.as_path());
+            return Err(Error::parse(
+                path,
+                format!(
+                    "the checkpoint's quantization_config says {}, but no layer is stored packed \
+                     (no `*.qweight` tensor)",
+                    scheme.method.as_str()
+                ),
+            ));
+        }
         self.packed = Some((scheme, layers));
         Ok(self)
     }

@@ -81,3 +81,66 @@ pub fn is_linear(name: &str) -> bool {
         .iter()
         .any(|l| name.ends_with(&format!("{l}.weight")))
 }
+
+/// A quantized checkpoint (`quantized/`) beside its weights dequantized to float32 (`f32/`), in
+/// one temporary directory.
+pub struct TwinPair {
+    dir: tempfile::TempDir,
+}
+
+impl TwinPair {
+    pub fn quantized(&self) -> std::path::PathBuf {
+        self.dir.path().join("quantized")
+    }
+
+    pub fn f32(&self) -> std::path::PathBuf {
+        self.dir.path().join("f32")
+    }
+
+    /// The weights of both: (quantized, f32).
+    pub fn readers(
+        &self,
+    ) -> (
+        Box<dyn tpserve_modelfile::WeightReader>,
+        Box<dyn tpserve_modelfile::WeightReader>,
+    ) {
+        let open = |dir: &Path| {
+            tpserve_modelfile::ModelSource::open(dir, None)
+                .unwrap()
+                .weights()
+                .unwrap()
+        };
+        (open(&self.quantized()), open(&self.f32()))
+    }
+
+    /// Asserts that the quantized checkpoint's prefill logits (40 tokens, chunks of 13) equal
+    /// its twin's bit for bit at TP=1 and TP=2.
+    pub fn assert_same_logits(&self, what: &str) {
+        let ids: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 256).collect();
+        for tp in [1, 2] {
+            let want = super::prefill_logits(&self.f32(), tp, &ids, 13);
+            let got = super::prefill_logits(&self.quantized(), tp, &ids, 13);
+            assert!(
+                got == want,
+                "{what} tp={tp}: the quantized checkpoint's logits differ from its twin's"
+            );
+        }
+    }
+}
+
+/// One pair per variant, written by `write_pair(variant, quantized_dir, f32_dir)`.
+pub fn twin_pairs<V: Copy>(
+    variants: &[V],
+    write_pair: impl Fn(V, &Path, &Path),
+) -> Vec<(V, TwinPair)> {
+    variants
+        .iter()
+        .map(|&variant| {
+            let pair = TwinPair {
+                dir: tempfile::tempdir().unwrap(),
+            };
+            write_pair(variant, &pair.quantized(), &pair.f32());
+            (variant, pair)
+        })
+        .collect()
+}
