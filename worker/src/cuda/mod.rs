@@ -53,7 +53,7 @@ use self::forward::{
 };
 use self::graphs::{table_shape, DecodeGraphs};
 use self::kernels::Kernels;
-use self::linear::{Linear, Shape, TuneWeight};
+use self::linear::{Linear, LinearKernel, Shape, TuneWeight};
 use self::lora::LoraSlots;
 use self::model::{CudaModel, Dims, Fp8Load, GpuKvCache, Layer, LinearWeight, QuantizedLoad};
 use self::nccl::Nccl;
@@ -408,16 +408,21 @@ fn tune_linears(gpu: &Gpu, loaded: &mut Loaded) -> Result<()> {
         .linear
         .tune(gpu, &loaded.kernels, &shapes, ws.act.ptr, ws.gate_up.ptr)?;
     for t in &timings {
+        // The 4-bit products have one GEMV, whatever the variant's label says.
+        let label = |k: &LinearKernel| match (t.shape.int4, k) {
+            (true, LinearKernel::Gemv { .. }) => "4-bit GEMV".to_string(),
+            _ => k.to_string(),
+        };
         let list: Vec<String> = t
             .candidates
             .iter()
-            .map(|(k, us)| format!("{k} {us:.1}"))
+            .map(|(k, us)| format!("{} {us:.1}", label(k)))
             .collect();
         tracing::info!(
             n_out = t.shape.n_out,
             k = t.shape.k,
             rows = t.rows,
-            chosen = %t.chosen,
+            chosen = %label(&t.chosen),
             "linear kernel (us: {})",
             list.join(", ")
         );
