@@ -46,7 +46,6 @@ pub struct PackedIntWeight<'a> {
     qzeros: &'a [u8],
     /// `[groups, rows]`.
     scales: Vec<f32>,
-    groups: usize,
     /// Each input's group.
     group_of: Vec<u32>,
 }
@@ -73,7 +72,6 @@ impl<'a> PackedIntWeight<'a> {
     /// Checks the tensors of the layer `name` against each other: `qweight` (its shape and
     /// int32 bytes), `qzeros` (shape and bytes), `scales` (shape and values) and `g_idx` (its
     /// values, when stored).
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: &str,
         scheme: &'a PackedIntCheckpoint,
@@ -140,7 +138,6 @@ impl<'a> PackedIntWeight<'a> {
             qweight: qweight.1,
             qzeros: qzeros.1,
             scales: scales.1,
-            groups,
             group_of,
         })
     }
@@ -192,11 +189,6 @@ impl<'a> PackedIntWeight<'a> {
             }
         }
         out
-    }
-
-    /// Groups of scales the layer has.
-    pub fn groups(&self) -> usize {
-        self.groups
     }
 
     /// The slice `start..start + len` along `dim` in [`Int4Tensor`]'s layout, or `None` where

@@ -13,7 +13,8 @@ use super::device::{device_err, DeviceBuffer};
 use super::kernels::{Kernels, Product};
 use crate::error::{Result, WorkerError};
 
-/// A linear layer's 4-bit weight beyond its words (`LinearWeight::data`, u32 `[n_out, k / 8]`).
+/// A linear layer's 4-bit weight beyond its words (`LinearWeight::data`, u32 in
+/// [`mma_layout`]).
 pub struct Int4Weight {
     /// u32 `[n_out, k / group_size]`: (scale, zero point) f16 pairs, [`pack_params`].
     pub params: DeviceBuffer,

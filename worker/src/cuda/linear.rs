@@ -24,7 +24,7 @@ use super::blas::Blas;
 use super::blas_lt::{BlasLt, Scale};
 use super::device::{device_err, Gpu};
 use super::fp8::Fp8Operands;
-use super::int4::Int4Operands;
+use super::int4::{Int4Operands, TILE as INT4_TILE};
 use super::kernels::{Kernels, Product};
 use crate::error::{Result, WorkerError};
 
@@ -113,10 +113,11 @@ impl Shape {
         }
     }
 
-    /// The multiple of K the GEMV kernel needs: one 16-byte weight load per lane.
+    /// The multiple of K the GEMV kernel needs: one 16-byte weight load per lane (for 4-bit
+    /// weights, one tile of inputs).
     fn gemv_k_multiple(&self) -> usize {
         match (self.fp8, self.int4) {
-            (_, true) => 32,
+            (_, true) => INT4_TILE.1,
             (true, _) => 16,
             _ => 8,
         }
@@ -215,13 +216,12 @@ impl Linear {
 
     /// The product `p` on `kernel`.
     fn launch(&self, kernels: &Kernels, kernel: LinearKernel, p: &Product) -> Result<()> {
-        if p.int4.is_some() {
+        if let Some(q) = p.int4 {
             return match kernel {
                 LinearKernel::Gemv { .. } => kernels.gemv_w4(p),
                 _ => {
-                    let scratch = p.int4.map(|q| q.scratch).unwrap_or_default();
                     kernels.dequantize_w4(p)?;
-                    self.blas.linear(p.y, p.x, scratch, p.rows, p.n_out, p.k)
+                    self.blas.linear(p.y, p.x, q.scratch, p.rows, p.n_out, p.k)
                 }
             };
         }

@@ -88,6 +88,13 @@ pub enum Fp8Load {
     Always,
 }
 
+/// Every layer's linear weights: qkv, o, gate_up and down.
+fn linear_weights(layers: &[Layer]) -> impl Iterator<Item = &LinearWeight> {
+    layers
+        .iter()
+        .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
+}
+
 /// How the loader holds quantized linear weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuantizedLoad {
@@ -140,9 +147,8 @@ pub struct CudaModel {
     weight_bytes: usize,
     /// Some linear layers' weights are FP8.
     fp8: bool,
-    /// Some linear layers' weights are 4-bit: their group sizes, and room for the largest
-    /// dequantized (products above 8 rows).
-    int4_groups: std::collections::BTreeSet<usize>,
+    /// Room for the largest 4-bit weight dequantized (products above 8 rows), when some linear
+    /// layers' weights are 4-bit.
     int4_scratch: Option<DeviceBuffer>,
     workspace: Option<Workspace>,
     /// The adapter slots, with `--enable-lora`.
@@ -162,9 +168,6 @@ struct Loader<'a> {
     any_fp8: bool,
     /// Whether to keep a checkpoint's 4-bit weights packed (else they are dequantized).
     int4: bool,
-    /// The group sizes of those kept, and the largest one's elements.
-    int4_groups: std::collections::BTreeSet<usize>,
-    int4_largest: usize,
 }
 
 impl Loader<'_> {
@@ -318,8 +321,6 @@ impl Loader<'_> {
             self.gpu.sync()?;
         }
         self.bytes += data.bytes + params.bytes;
-        self.int4_groups.insert(group_size);
-        self.int4_largest = self.int4_largest.max(n * k);
         Ok(Some(LinearWeight {
             data,
             fp8: None,
@@ -483,8 +484,6 @@ impl CudaModel {
             fp8,
             any_fp8: false,
             int4,
-            int4_groups: Default::default(),
-            int4_largest: 0,
         };
         let parts = model_parts(c, &shard, source);
         let mut layers = Vec::with_capacity(parts.layers.len());
@@ -507,8 +506,13 @@ impl CudaModel {
             .map(|p| ld.padded(std::slice::from_ref(p), vocab_per_rank * h))
             .transpose()?;
         let final_norm = ld.one(&parts.final_norm)?;
-        let int4_scratch = (ld.int4_largest > 0)
-            .then(|| gpu.alloc(ld.int4_largest * ELEM, "4-bit weights dequantized"))
+        // The largest 4-bit weight's elements: two a byte of its words.
+        let int4_largest = linear_weights(&layers)
+            .filter(|w| w.int4.is_some())
+            .map(|w| w.data.bytes * 2)
+            .max();
+        let int4_scratch = int4_largest
+            .map(|n| gpu.alloc(n * ELEM, "4-bit weights dequantized"))
             .transpose()?;
         let max_pos = c.max_position_embeddings;
         let rope = Rope::new(c, max_pos);
@@ -532,7 +536,6 @@ impl CudaModel {
             max_pos,
             weight_bytes: ld.bytes,
             fp8: ld.any_fp8,
-            int4_groups: ld.int4_groups,
             int4_scratch,
             workspace: None,
             lora: None,
@@ -563,16 +566,16 @@ impl CudaModel {
     /// How the 4-bit weights are held and multiplied (`/v1/models`' `quantization` shows it
     /// after `int4`), or `None` when no weight is.
     pub fn int4_weight_types(&self) -> Option<String> {
-        if self.int4_groups.is_empty() {
+        let groups: std::collections::BTreeSet<usize> = linear_weights(&self.layers)
+            .filter_map(|w| w.int4.as_ref().map(|q| q.group_size))
+            .collect();
+        if groups.is_empty() {
             return None;
         }
-        let in_dtype = self
-            .layers
-            .iter()
-            .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
+        let in_dtype = linear_weights(&self.layers)
             .filter(|w| w.int4.is_none())
             .count();
-        let groups: Vec<String> = self.int4_groups.iter().map(|g| g.to_string()).collect();
+        let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
         let unpacked = match in_dtype {
             0 => String::new(),
             n => format!(" ({n} linear layers dequantized to the dtype)"),
@@ -589,11 +592,7 @@ impl CudaModel {
         let mut scales = std::collections::BTreeSet::new();
         let mut activations = std::collections::BTreeSet::new();
         let mut in_dtype = 0;
-        for w in self
-            .layers
-            .iter()
-            .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
-        {
+        for w in linear_weights(&self.layers) {
             let Some(f) = &w.fp8 else {
                 in_dtype += 1;
                 continue;
