@@ -1,16 +1,26 @@
 // Linear layers with 4-bit integer weights in groups (W4A16: AWQ and GPTQ checkpoints, issue 12),
-// repacked at load (worker/src/cuda/int4.rs) into the layout of an m16n8k16 mma's A fragments:
-//   w       u32 [n_out / 16, k / 64, 32, 4]: for rows 16 rb .. 16 rb + 16 and inputs 64 kt ..
-//           64 kt + 64, lane l = 4 g + t holds word s for the k16 step s (inputs 64 kt + 16 s ..):
-//           value p (bits 4 p .. 4 p + 4, p = 0..3) is A element 2 p and value p + 4 element
-//           2 p + 1, where A elements 0, 1 are (row g, input 2 t + 0, 1), 2, 3 (row g + 8, the
-//           same inputs), 4, 5 (row g, input 2 t + 8 + 0, 1), 6, 7 (row g + 8, those): the 4-bit
-//           values, 0..15, so that each lane's one 16-byte load is its A fragments of 4 steps
-//   params  u32 [n_out, k / group_size]: an f16 pair, the low half the group's scale, the high
-//           half its zero point (an integer, exact in f16)
+// repacked at load (worker/src/cuda/int4.rs) into the layout of an m16n8k16 mma's A fragments,
+// with the inputs of a 64-input tile ordered so that each lane's B fragments (x) are two
+// 16-byte loads:
+//   w       u32 [n_out / 16, k / 64, 32, 4]: for rows 16 rb .. 16 rb + 16 and tile kt (inputs
+//           64 kt .. 64 kt + 64), lane l = 4 g + t holds word s for the k16 step s: value p
+//           (bits 4 p .. 4 p + 4, p = 0..3) is A element 2 p and value p + 4 element 2 p + 1,
+//           where A elements 0, 1 are (row g, mma inputs 2 t + 0, 1), 2, 3 (row g + 8, the
+//           same), 4, 5 (row g, mma inputs 2 t + 8 + 0, 1), 6, 7 (row g + 8, those): the 4-bit
+//           values, 0..15. The mma inputs 2 t + {0, 1, 8, 9} of step s are the weight's inputs
+//           c + {0, 1, 2, 3}, c = 64 kt + 16 S (s / S) + 4 S t + 4 (s % S), where S (steps a
+//           chunk: 4 when group_size is a multiple of 64, else 2) keeps every chunk of 16 S
+//           inputs inside one group. So lane (g, t) reads x[g] at 64 kt + 4 S t (8 inputs) and
+//           at 64 kt + 4 S t + (S == 4 ? 8 : 32), and step s's B fragment is words 2 s, 2 s + 1
+//           of those 16 inputs (input_of below).
+//   params  u32 [n_out / 16, k / group_size, 8, 2]: an f16 pair for row 16 rb + r of group j
+//           at (rb, j, r % 8, r / 8), the low half the group's scale, the high half its zero
+//           point (an integer, exact in f16): lane (g, t) loads rows g and g + 8 of a group as
+//           one 8-byte word, and a warp's parameters of one group are 64 contiguous bytes
 // Element (n, k) of the weight is (q - zero) * scale of its row n and group k / group_size.
-// Requires n_out a multiple of 16, k a multiple of 64 (of 64 * k_split), group_size a multiple
-// of 16.
+// Requires n_out a multiple of 16, k a multiple of 64 (of 64 * k_split), group_size a power of
+// two from 32 (or k itself: one group a row), given as group_shift = log2(group_size) (31 for
+// one group: every input lies in group 0).
 #include "common.cuh"
 
 namespace {
@@ -25,6 +35,13 @@ __device__ __forceinline__ float2 group_params(unsigned int p) {
 // Pairs of 4-bit values as T: `(v & 0x000f000f) | kMagic` is the pair (M + q_lo, M + q_hi),
 // exactly, with M = 128 (bf16, 7 mantissa bits) or 1024 (f16); subtracting the pair (M + zero)
 // leaves q - zero, exactly.
+// (v >> shift) & 0x000f000f | magic in one instruction (lop3's (a & b) | c).
+__device__ __forceinline__ unsigned int nibble_pair(unsigned int v, unsigned int magic) {
+    unsigned int r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(v), "r"(0x000f000fu), "r"(magic));
+    return r;
+}
+
 template <typename T> struct W4Pair;
 template <> struct W4Pair<__nv_bfloat16> {
     static constexpr unsigned int kMagic = 0x43004300u;
@@ -52,136 +69,147 @@ template <> struct W4Pair<__half> {
 };
 
 constexpr int kMaxSplit = 16;  // warps per block (one per part of K), at most
-constexpr int kUnroll = 4;     // 16-byte loads a lane issues at a time
+// Tiles a lane has loading while it computes one: the most that 128 registers hold (16 warps an
+// SM, k_split up to 16); tests/gpu/int4_gemv_bench.cu measured 2, 3, 4 and deeper rings.
+constexpr int kInFlight = 4;
+
+// The first weight input of step s's chunk for lane t (see the layout above): the step's mma
+// inputs 2 t + {0, 1, 8, 9} are this + {0, 1, 2, 3}.
+__device__ __forceinline__ int input_of(int kt, int s, int t, int steps_per_chunk) {
+    return 64 * kt + 16 * steps_per_chunk * (s / steps_per_chunk) + 4 * steps_per_chunk * t +
+           4 * (s % steps_per_chunk);
+}
+
+// One tile of a lane's loads: its A words, x's 16 inputs (B fragments of the 4 steps, zero for
+// lanes past the rows), and the parameters of rows g and g + 8 for the tile's first and second
+// halves (the second loaded only when groups are 32 inputs).
+struct Tile {
+    uint4 w;
+    uint4 x0, x1;
+    uint2 p0, p1;
+};
 
 }  // namespace
 
 // gemv_w4_{bf16,f16}: y[m, n] = sum_k x[m, k] * W[n, k] for m < rows (1 to 8) and n < n_out,
 // W the 4-bit weight above: the products of decoding steps. A block owns 16 rows of W and has
-// one warp for each of k_split equal parts of K; a warp walks its part 64 inputs (one 16-byte
-// load a lane) at a time, loading the next kUnroll tiles while it computes the current ones.
-// Each k16 step turns a word into the A fragment ((q - zero) in the dtype, exact: the value
-// placed in the mantissa of 128 (bf16) or 1024 (f16) minus 128 + zero) and multiplies it with
-// x's rows (the B fragment, read through L1) by mma.sync with f32 accumulation; at each group's
-// end the step sums are scaled into the warp's totals. The parts sum in shared memory, in part
-// order. The reduction order depends on K, group_size and k_split alone, not on the rows. Before
-// waiting for the previous kernel each warp prefetches its first loads into L2, as gemv.cu does.
+// one warp for each of k_split equal parts of K; a warp walks its part one 64-input tile (a
+// 16-byte load of weights and two of x a lane) at a time, with the next kInFlight tiles loading
+// while it computes one. Each k16 step turns a word into the A fragment ((q - zero) in the
+// dtype, exact: the value placed in the mantissa of 128 (bf16) or 1024 (f16) minus 128 + zero)
+// and multiplies it with x's rows (the B fragment) by mma.sync with f32 accumulation; each
+// group-aligned chunk's sums are scaled into the warp's totals. The parts sum in shared memory,
+// in part order. The reduction order depends on K, group_size and k_split alone, not on the
+// rows. The weights and parameters do not depend on earlier kernels: a warp's first tiles of
+// them load before it waits for the previous kernel; x's after.
 //
 // Arguments:
-//   y           T   [rows, n_out]  written
-//   x           T   [rows, k]      read only (4-byte aligned)
-//   w           u32 the layout above
-//   params      u32 [n_out, k / group_size]
-//   rows        i32 1..=8
-//   n_out       i32 a multiple of 16
-//   k           i32 a multiple of 64 * k_split
-//   group_size  i32 a multiple of 16 dividing k
-//   k_split     i32 1, 2, 4, 8 or 16: warps of a block
+//   y            T   [rows, n_out]  written
+//   x            T   [rows, k]      read only (16-byte aligned)
+//   w            u32 the layout above
+//   params       u32 [n_out / 16, k / group_size, 8, 2]
+//   rows         i32 1..=8
+//   n_out        i32 a multiple of 16
+//   k            i32 a multiple of 64 * k_split
+//   group_shift  i32 log2(group_size), 5 or more; 31 for one group over all of k
+//   k_split      i32 1, 2, 4, 8 or 16: warps of a block
 // Launch: grid (n_out / 16, 1, 1); block (32 * k_split, 1, 1).
-template <typename T>
+template <typename T, int kAhead>
 __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
                              const uint4* __restrict__ w, const unsigned int* __restrict__ params,
-                             int rows, int n_out, int k, int group_size, int k_split) {
+                             int rows, int n_out, int k, int group_shift, int k_split) {
     using Pair = W4Pair<T>;
+    constexpr int kSlots = kAhead + 1;
     __shared__ float partial[kMaxSplit][16][8];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int g = lane >> 2;
     const int t = lane & 3;
     const int rb = blockIdx.x;
-    const int part = warp;
     const int k_tiles = k / 64;
     const int part_tiles = k_tiles / k_split;
-    const int kt0 = part * part_tiles;
-    const bool active = rb * 16 < n_out;
+    const int kt0 = warp * part_tiles;
+    // Chunks of 4 steps (64 inputs) unless groups are 32 inputs.
+    const bool two_groups = group_shift < 6;
+    const int x_second = two_groups ? 32 : 8;
+    const int groups = group_shift >= 31 ? 1 : k >> group_shift;
     const uint4* wp = w + ((long long)rb * k_tiles + kt0) * 32 + lane;
-    if (active) {
+    const uint2* pp = reinterpret_cast<const uint2*>(params) + (long long)rb * groups * 8 + g;
+    const T* xr = x + (long long)(g < rows ? g : 0) * k + 64 * kt0 + (two_groups ? 8 : 16) * t;
+
+    // Tile i of the part (weights and parameters; x).
+    auto load_weights = [&](Tile& tile, int i) {
+        tile.w = load_streaming(wp + i * 32);
+        const int first = 64 * (kt0 + i);
+        tile.p0 = __ldg(pp + (first >> group_shift) * 8);
+        if (two_groups) {
+            tile.p1 = __ldg(pp + ((first + 32) >> group_shift) * 8);
+        }
+    };
+    // Lanes past the rows read row 0 again: their columns of the product are not written.
+    auto load_x = [&](Tile& tile, int i) {
+        tile.x0 = __ldg(reinterpret_cast<const uint4*>(xr + 64 * i));
+        tile.x1 = __ldg(reinterpret_cast<const uint4*>(xr + 64 * i + x_second));
+    };
+
+    // Tile i lives in slot i % kSlots: it loads kAhead tiles before it is computed, into the
+    // slot of tile i - 1.
+    Tile slot[kSlots];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            if (u < part_tiles) {
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(wp + u * 32));
-            }
+    for (int u = 0; u < kAhead; ++u) {
+        if (u < part_tiles) {
+            load_weights(slot[u], u);
         }
     }
     tpserve::wait_for_inputs();
-    float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (active) {
-        const int groups = k / group_size;
-        const long long n_a = rb * 16 + g;
-        const long long n_b = n_a + 8;
-        const bool has_x = g < rows;
-        const T* xr = x + (long long)(has_x ? g : 0) * k;
-        // Groups by steps of 16 inputs, counted down (no division in the loop); the next
-        // group's parameters load one group ahead.
-        const int steps_per_group = group_size / 16;
-        const int part_steps = part_tiles * 4;
-        int group = kt0 * 4 / steps_per_group;
-        int left = steps_per_group - (kt0 * 4 - group * steps_per_group);
-        unsigned int cur_a = __ldg(params + n_a * groups + group);
-        unsigned int cur_b = __ldg(params + n_b * groups + group);
-        unsigned int next_a = group + 1 < groups ? __ldg(params + n_a * groups + group + 1) : 0u;
-        unsigned int next_b = group + 1 < groups ? __ldg(params + n_b * groups + group + 1) : 0u;
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        uint4 next[kUnroll];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            next[u] = u < part_tiles ? load_streaming(wp + u * 32) : make_uint4(0u, 0u, 0u, 0u);
+    for (int u = 0; u < kAhead; ++u) {
+        if (u < part_tiles) {
+            load_x(slot[u], u);
         }
-        for (int it = 0; it < part_tiles; it += kUnroll) {
-            uint4 wv[kUnroll];
+    }
+    float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int i = 0; i < part_tiles; i += kSlots) {
 #pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
-                wv[u] = next[u];
-                const int ahead = it + kUnroll + u;
-                next[u] = ahead < part_tiles ? load_streaming(wp + ahead * 32)
-                                             : make_uint4(0u, 0u, 0u, 0u);
+        for (int u = 0; u < kSlots; ++u) {
+            if (i + u >= part_tiles) {
+                break;
             }
+            if (i + u + kAhead < part_tiles) {
+                load_weights(slot[(u + kAhead) % kSlots], i + u + kAhead);
+                load_x(slot[(u + kAhead) % kSlots], i + u + kAhead);
+            }
+            const Tile& cur = slot[u];
+            const unsigned int words[4] = {cur.w.x, cur.w.y, cur.w.z, cur.w.w};
+            const unsigned int xw[8] = {cur.x0.x, cur.x0.y, cur.x0.z, cur.x0.w,
+                                        cur.x1.x, cur.x1.y, cur.x1.z, cur.x1.w};
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
-                if (it + u >= part_tiles) {
-                    break;
-                }
-                const unsigned int words[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
+            for (int half = 0; half < 2; ++half) {
+                const uint2 p = half == 1 && two_groups ? cur.p1 : cur.p0;
+                const float2 pa = group_params(p.x);
+                const float2 pb = group_params(p.y);
+                const unsigned int zero_a = Pair::offset(pa.y);
+                const unsigned int zero_b = Pair::offset(pb.y);
 #pragma unroll
-                for (int s = 0; s < 4; ++s) {
-                    const int step = (it + u) * 4 + s;
-                    const int k0 = kt0 * 64 + 16 * step;
-                    const float2 pa = group_params(cur_a);
-                    const float2 pb = group_params(cur_b);
-                    const unsigned int zero_a = Pair::offset(pa.y);
-                    const unsigned int zero_b = Pair::offset(pb.y);
+                for (int s = 2 * half; s < 2 * half + 2; ++s) {
                     const unsigned int v = words[s];
                     const unsigned int a[4] = {
-                        Pair::sub(((v >> 0) & 0x000f000fu) | Pair::kMagic, zero_a),
-                        Pair::sub(((v >> 4) & 0x000f000fu) | Pair::kMagic, zero_b),
-                        Pair::sub(((v >> 8) & 0x000f000fu) | Pair::kMagic, zero_a),
-                        Pair::sub(((v >> 12) & 0x000f000fu) | Pair::kMagic, zero_b),
+                        Pair::sub(nibble_pair(v, Pair::kMagic), zero_a),
+                        Pair::sub(nibble_pair(v >> 4, Pair::kMagic), zero_b),
+                        Pair::sub(nibble_pair(v >> 8, Pair::kMagic), zero_a),
+                        Pair::sub(nibble_pair(v >> 12, Pair::kMagic), zero_b),
                     };
-                    const unsigned int b0 =
-                        has_x ? __ldg(reinterpret_cast<const unsigned int*>(xr + k0 + 2 * t)) : 0u;
-                    const unsigned int b1 =
-                        has_x ? __ldg(reinterpret_cast<const unsigned int*>(xr + k0 + 2 * t + 8))
-                              : 0u;
-                    tpserve::Mma<T>::run(acc, a, b0, b1);
-                    --left;
-                    const bool last = step == part_steps - 1;
-                    if (left == 0 || last) {
-                        total[0] = fmaf(pa.x, acc[0], total[0]);
-                        total[1] = fmaf(pa.x, acc[1], total[1]);
-                        total[2] = fmaf(pb.x, acc[2], total[2]);
-                        total[3] = fmaf(pb.x, acc[3], total[3]);
-                        acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
-                    }
-                    if (left == 0 && !last) {
-                        ++group;
-                        left = steps_per_group;
-                        cur_a = next_a;
-                        cur_b = next_b;
-                        if (group + 1 < groups) {
-                            next_a = __ldg(params + n_a * groups + group + 1);
-                            next_b = __ldg(params + n_b * groups + group + 1);
-                        }
-                    }
+                    tpserve::Mma<T>::run(acc, a, xw[2 * s], xw[2 * s + 1]);
+                }
+                // A chunk of 2 steps ends here when groups are 32 inputs; else the tile's
+                // 4 steps share one group and scale once, after the second half.
+                if (half == 1 || two_groups) {
+                    total[0] = fmaf(pa.x, acc[0], total[0]);
+                    total[1] = fmaf(pa.x, acc[1], total[1]);
+                    total[2] = fmaf(pb.x, acc[2], total[2]);
+                    total[3] = fmaf(pb.x, acc[3], total[3]);
+                    acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
                 }
             }
         }
@@ -193,7 +221,7 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
     partial[warp][g + 8][2 * t] = total[2];
     partial[warp][g + 8][2 * t + 1] = total[3];
     __syncthreads();
-    if (!active || part != 0) {
+    if (warp != 0) {
         return;
     }
     // The first warp sums the parts: lane l writes (row l / 2, columns 4 (l % 2) ..).
@@ -217,20 +245,21 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
 // (8 values: 4 pairs of adjacent inputs, 4-byte stores), grid-stride.
 //
 // Arguments:
-//   out         T   [n_out, k]  written
-//   w           u32 the layout above
-//   params      u32 [n_out, k / group_size]
-//   n_out, k, group_size  i32 (as gemv_w4's)
+//   out          T   [n_out, k]  written
+//   w            u32 the layout above
+//   params       u32 [n_out / 16, k / group_size, 8, 2]
+//   n_out, k, group_shift  i32 (as gemv_w4's)
 // Launch: any grid of blocks of 256 threads (the host uses min(words / 256, 132 * 8) blocks).
 template <typename T>
 __device__ void dequantize_w4_impl(T* __restrict__ out, const unsigned int* __restrict__ w,
                                    const unsigned int* __restrict__ params, int n_out, int k,
-                                   int group_size) {
+                                   int group_shift) {
     // `out` may be what the product before read.
     tpserve::wait_for_inputs();
     const int k_tiles = k / 64;
     const long long total = (long long)n_out / 16 * k_tiles * 128;
-    const int groups = k / group_size;
+    const int steps_per_chunk = group_shift >= 6 ? 4 : 2;
+    const int groups = group_shift >= 31 ? 1 : k >> group_shift;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
         const int s = (int)(i & 3);
@@ -241,14 +270,17 @@ __device__ void dequantize_w4_impl(T* __restrict__ out, const unsigned int* __re
         const int g = lane >> 2;
         const int t = lane & 3;
         const unsigned int v = w[i];
-        // The word's 16 inputs lie in one group (groups are multiples of 16 inputs).
-        const int group = (kt * 64 + 16 * s) / group_size;
-        // Pair p: A elements 2 p, 2 p + 1 (values p and p + 4), at (row, input) below.
+        const int first = input_of(kt, s, t, steps_per_chunk);
+        // The word's inputs lie in one group (chunks lie in groups).
+        const int group = first >> group_shift;
+        // Pair p: A elements 2 p, 2 p + 1 (values p and p + 4): row g + 8 (p % 2), inputs
+        // first + 2 (p / 2) + {0, 1}.
 #pragma unroll
         for (int p = 0; p < 4; ++p) {
-            const long long n = rb * 16 + g + 8 * (p & 1);
-            const int kk = kt * 64 + 16 * s + 2 * t + 8 * (p >> 1);
-            const float2 sz = group_params(params[n * groups + group]);
+            const int r = g + 8 * (p & 1);
+            const long long n = rb * 16 + r;
+            const int kk = first + 2 * (p >> 1);
+            const float2 sz = group_params(params[((rb * groups + group) * 8 + g) * 2 + (p & 1)]);
             const float lo = (float)((v >> (4 * p)) & 0xfu);
             const float hi = (float)((v >> (4 * p + 16)) & 0xfu);
             T pair[2] = {tpserve::from_float<T>((lo - sz.y) * sz.x),
@@ -262,13 +294,13 @@ __device__ void dequantize_w4_impl(T* __restrict__ out, const unsigned int* __re
 #define TPSERVE_INT4(SUFFIX, T)                                                                \
     extern "C" __global__ void __launch_bounds__(512) gemv_w4_##SUFFIX(                        \
         T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ w,               \
-        const unsigned int* __restrict__ params, int rows, int n_out, int k, int group_size,   \
+        const unsigned int* __restrict__ params, int rows, int n_out, int k, int group_shift,  \
         int k_split) {                                                                         \
-        gemv_w4_impl<T>(y, x, w, params, rows, n_out, k, group_size, k_split);                 \
+        gemv_w4_impl<T, kInFlight>(y, x, w, params, rows, n_out, k, group_shift, k_split);     \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(256) dequantize_w4_##SUFFIX(                  \
         T* __restrict__ out, const unsigned int* __restrict__ w,                               \
-        const unsigned int* __restrict__ params, int n_out, int k, int group_size) {           \
-        dequantize_w4_impl<T>(out, w, params, n_out, k, group_size);                           \
+        const unsigned int* __restrict__ params, int n_out, int k, int group_shift) {          \
+        dequantize_w4_impl<T>(out, w, params, n_out, k, group_shift);                          \
     }
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_INT4)

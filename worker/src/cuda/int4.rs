@@ -30,33 +30,60 @@ pub struct Int4Operands {
     pub scratch: u64,
 }
 
-/// Packs each group's scale and zero point as int4.cu reads them: an f16 pair, the scale in the
-/// low half.
-pub fn pack_params(scales: &[f32], zeros: &[f32]) -> Vec<u32> {
-    scales
-        .iter()
-        .zip(zeros)
-        .map(|(s, z)| {
-            u32::from(half::f16::from_f32(*s).to_bits())
-                | u32::from(half::f16::from_f32(*z).to_bits()) << 16
-        })
-        .collect()
+/// `t`'s groups' scales and zero points as int4.cu reads them: an f16 pair (the scale in the low
+/// half) for row `16 rb + r` of group `j` at `[rb, j, r % 8, r / 8]`, so that a lane's rows `g`
+/// and `g + 8` are one 8-byte load.
+pub fn pack_params(t: &Int4Tensor) -> Vec<u32> {
+    let groups = t.cols / t.group_size;
+    let mut out = vec![0u32; t.rows * groups];
+    for n in 0..t.rows {
+        for j in 0..groups {
+            let (s, z) = (t.scales[n * groups + j], t.zeros[n * groups + j]);
+            out[((n / 16 * groups + j) * 8 + n % 8) * 2 + n % 16 / 8] =
+                u32::from(half::f16::from_f32(s).to_bits())
+                    | u32::from(half::f16::from_f32(z).to_bits()) << 16;
+        }
+    }
+    out
 }
 
 /// Rows and inputs of one int4.cu tile: a weight's rows must be a multiple of the first and its
-/// inputs of the second (and its groups of 16 inputs).
+/// inputs of the second.
 pub const TILE: (usize, usize) = (16, 64);
+
+/// int4.cu's `group_shift` for groups of `group_size` over `k` inputs: log2 of a power of two
+/// from 32, or 31 for one group over all inputs; `None` for groups the kernels cannot hold (16
+/// inputs, or not a power of two).
+pub fn group_shift(group_size: usize, k: usize) -> Option<i32> {
+    if group_size == k {
+        Some(31)
+    } else if group_size >= 32 && group_size.is_power_of_two() {
+        Some(group_size.trailing_zeros() as i32)
+    } else {
+        None
+    }
+}
+
+/// The first input of step `s` of tile `kt` for lane `4 g + t` (int4.cu's `input_of`): the
+/// step's mma inputs `2 t + {0, 1, 8, 9}` are this `+ {0, 1, 2, 3}`; chunks of
+/// `steps_per_chunk` steps (4, or 2 for groups of 32 inputs) each lie in one group.
+fn input_of(kt: usize, s: usize, t: usize, steps_per_chunk: usize) -> usize {
+    64 * kt
+        + 16 * steps_per_chunk * (s / steps_per_chunk)
+        + 4 * steps_per_chunk * t
+        + 4 * (s % steps_per_chunk)
+}
 
 /// `t`'s 4-bit values in int4.cu's layout (u32 `[rows / 16, cols / 64, 32, 4]`: lane `4 g + t`'s
 /// word `s` holds the A fragment of step `s` of its tile, element `2 p` in value `p`, `2 p + 1` in
-/// value `p + 4`), or `None` when `t`'s shape or groups do not fit the tiles.
+/// value `p + 4`, over the inputs [`input_of`] names), or `None` when `t`'s shape or groups do
+/// not fit the tiles.
 pub fn mma_layout(t: &Int4Tensor) -> Option<Vec<u32>> {
-    if !t.rows.is_multiple_of(TILE.0)
-        || !t.cols.is_multiple_of(TILE.1)
-        || !t.group_size.is_multiple_of(16)
-    {
+    let shift = group_shift(t.group_size, t.cols)?;
+    if !t.rows.is_multiple_of(TILE.0) || !t.cols.is_multiple_of(TILE.1) {
         return None;
     }
+    let steps_per_chunk = if shift >= 6 { 4 } else { 2 };
     let per_row = t.cols / 8;
     let q = |n: usize, k: usize| (t.words[n * per_row + k / 8] >> (4 * (k % 8))) & 0xf;
     let k_tiles = t.cols / TILE.1;
@@ -74,9 +101,10 @@ pub fn mma_layout(t: &Int4Tensor) -> Option<Vec<u32>> {
                     let (s, lane, tile) = (i % 4, (i / 4) % 32, i / 128);
                     let (rb, kt) = (tile / k_tiles, tile % k_tiles);
                     let (g, tt) = (lane / 4, lane % 4);
+                    let base = input_of(kt, s, tt, steps_per_chunk);
                     for e in 0..8 {
                         let n = rb * 16 + g + 8 * ((e / 2) % 2);
-                        let k = kt * 64 + 16 * s + 2 * tt + e % 2 + 8 * (e / 4);
+                        let k = base + e % 2 + 2 * (e / 4);
                         let value = if e % 2 == 0 { e / 2 } else { e / 2 + 4 };
                         *word |= q(n, k) << (4 * value);
                     }
@@ -87,14 +115,15 @@ pub fn mma_layout(t: &Int4Tensor) -> Option<Vec<u32>> {
     Some(out)
 }
 
-/// Warps a launch should have in all: enough to keep every SM's loads in flight (about 16 warps
-/// on each of an H200's 132 SMs, at int4.cu's register use), no more: beyond it the parts' sums
-/// cost more than the extra loads bring.
-const WARP_BUDGET: usize = 4096;
+/// Warps a launch should have in all: about 16 on each SM of an H200 (132) at int4.cu's
+/// register use (128, so 16 warps an SM), no more: beyond it the parts' sums and the shorter
+/// streams cost more than the extra loads bring. Measured per shape with
+/// tests/gpu/int4_gemv_bench.cu (docs/PERFORMANCE.md, issue 12, session 13).
+const WARP_BUDGET: usize = 2048;
 
 /// Warps that share a row block's inputs in int4.cu's GEMV for `n_out` rows of `k`: the most of
-/// 16, 8, 4 and 2 that divides `k`'s tiles, leaves each warp at least 8 of them (two rounds of
-/// loads) and keeps the launch within [`WARP_BUDGET`], else 1.
+/// 16, 8, 4 and 2 that divides `k`'s tiles, leaves each warp at least 8 of them and keeps the
+/// launch within [`WARP_BUDGET`], else 1.
 fn k_split(n_out: usize, k: usize) -> usize {
     let (tiles, blocks) = (k / TILE.1, n_out / TILE.0);
     [16, 8, 4, 2]
@@ -103,29 +132,28 @@ fn k_split(n_out: usize, k: usize) -> usize {
         .unwrap_or(1)
 }
 
-fn operands(p: &Product) -> Result<Int4Operands> {
-    p.int4.ok_or_else(|| WorkerError::Device {
+/// `p`'s 4-bit operands and its groups' `group_shift`.
+fn operands(p: &Product) -> Result<(Int4Operands, i32)> {
+    let q = p.int4.ok_or_else(|| WorkerError::Device {
         detail: "a 4-bit product without its weight's groups".into(),
-    })
+    })?;
+    let shift = group_shift(q.group_size, p.k).ok_or_else(|| WorkerError::Device {
+        detail: format!("4-bit groups of {} inputs on the GPU kernels", q.group_size),
+    })?;
+    Ok((q, shift))
 }
 
 impl Kernels {
     /// `p.y = p.x W^T` for 1 to 8 rows, `W` `p`'s 4-bit weight: int4.cu's GEMV.
     pub fn gemv_w4(&self, p: &Product) -> Result<()> {
-        let q = operands(p)?;
+        let (q, shift) = operands(p)?;
         if !(1..=8).contains(&p.rows) {
             return Err(WorkerError::Unsupported {
                 detail: format!("{} rows on the 4-bit GEMV kernel (1 to 8)", p.rows),
             });
         }
         let split = k_split(p.n_out, p.k);
-        let (rw, nw, kw, gw, sw) = (
-            p.rows as i32,
-            p.n_out as i32,
-            p.k as i32,
-            q.group_size as i32,
-            split as i32,
-        );
+        let (rw, nw, kw, sw) = (p.rows as i32, p.n_out as i32, p.k as i32, split as i32);
         let mut b = self.launch(&self.gemv_w4);
         b.arg(&p.y)
             .arg(&p.x)
@@ -134,13 +162,13 @@ impl Kernels {
             .arg(&rw)
             .arg(&nw)
             .arg(&kw)
-            .arg(&gw)
+            .arg(&shift)
             .arg(&sw);
         let blocks = p.n_out / TILE.0;
         // SAFETY: as int4.cu documents: y holds rows x n_out and x rows x k elements of the
-        // dtype, w the weight in [`mma_layout`] and params n_out x k / group_size, the caller's
-        // buffers; n_out, k and group_size fit the tiles (the loader's checks) and k_split
-        // divides k's tiles.
+        // dtype (x 16-byte aligned, as every activation buffer), w the weight in [`mma_layout`]
+        // and params n_out x k / group_size, the caller's buffers; n_out, k and the groups fit
+        // the tiles (the loader's checks, `group_shift`) and k_split divides k's tiles.
         unsafe { b.launch(super::kernels::grid_rows(blocks, 32 * split as u32)) }
             .map(drop)
             .map_err(|e| device_err("launching gemv_w4", e))
@@ -148,17 +176,17 @@ impl Kernels {
 
     /// `p`'s 4-bit weight in the dtype, into its operands' scratch (`[n_out, k]`).
     pub fn dequantize_w4(&self, p: &Product) -> Result<()> {
-        let q = operands(p)?;
+        let (q, shift) = operands(p)?;
         let words = p.n_out * p.k / 8;
         let blocks = words.div_ceil(256).clamp(1, 132 * 8);
-        let (nw, kw, gw) = (p.n_out as i32, p.k as i32, q.group_size as i32);
+        let (nw, kw) = (p.n_out as i32, p.k as i32);
         let mut b = self.launch(&self.dequantize_w4);
         b.arg(&q.scratch)
             .arg(&p.w)
             .arg(&q.params)
             .arg(&nw)
             .arg(&kw)
-            .arg(&gw);
+            .arg(&shift);
         let config = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (256, 1, 1),
@@ -176,63 +204,107 @@ impl Kernels {
 mod tests {
     use super::*;
 
-    /// What lane `4 g + t` of an m16n8k16 mma holds as A elements 0..8 of a 16 x 16 tile.
-    fn fragment(g: usize, t: usize) -> [(usize, usize); 8] {
-        std::array::from_fn(|e| (g + 8 * ((e / 2) % 2), 2 * t + e % 2 + 8 * (e / 4)))
+    /// The (row, input) of A element `e` of lane `4 g + t` at step `s` of tile `kt`, derived from
+    /// the B side: lane `t` loads x at `64 kt + 4 S t` and `second` inputs on (8 each), and step
+    /// `s` multiplies words `2 s` (mma inputs `2 t`, `2 t + 1`) and `2 s + 1` (`2 t + 8`, `+ 9`)
+    /// of those 16 inputs.
+    fn element(kt: usize, g: usize, t: usize, s: usize, e: usize, spc: usize) -> (usize, usize) {
+        let second = if spc == 4 { 8 } else { 32 };
+        let x: Vec<usize> = (0..16)
+            .map(|j| 64 * kt + 4 * spc * t + if j < 8 { j } else { second + j - 8 })
+            .collect();
+        (g + 8 * ((e / 2) % 2), x[4 * s + e % 2 + 2 * (e / 4)])
     }
 
-    #[test]
-    fn each_lane_word_is_its_mma_fragment_of_one_step() {
-        let (rows, cols) = (32, 128);
-        let value = |n: usize, k: usize| ((n * 7 + k * 3) % 16) as u32;
+    fn tensor(rows: usize, cols: usize, group_size: usize) -> Int4Tensor {
+        let value = |n: usize, k: usize| ((n * 7 + k * 3 + k / 5) % 16) as u32;
         let mut words = vec![0u32; rows * cols / 8];
         for n in 0..rows {
             for k in 0..cols {
                 words[n * cols / 8 + k / 8] |= value(n, k) << (4 * (k % 8));
             }
         }
-        let t = Int4Tensor {
+        let groups = rows * cols / group_size;
+        Int4Tensor {
             rows,
             cols,
-            group_size: 64,
+            group_size,
             words,
-            scales: vec![1.0; rows * 2],
-            zeros: vec![0.0; rows * 2],
-        };
-        let packed = mma_layout(&t).unwrap();
-        assert_eq!(packed.len(), rows * cols / 8);
-        for rb in 0..rows / 16 {
-            for kt in 0..cols / 64 {
-                for lane in 0..32 {
-                    for s in 0..4 {
-                        let w = packed[((rb * (cols / 64) + kt) * 32 + lane) * 4 + s];
-                        for (e, (r, c)) in fragment(lane / 4, lane % 4).into_iter().enumerate() {
-                            // Value p holds element 2 p, value p + 4 element 2 p + 1.
-                            let v = if e % 2 == 0 { e / 2 } else { e / 2 + 4 };
-                            let got = (w >> (4 * v)) & 0xf;
-                            assert_eq!(got, value(16 * rb + r, 64 * kt + 16 * s + c));
+            scales: (0..groups).map(|i| i as f32 / 64.0).collect(),
+            zeros: (0..groups).map(|i| (i % 16) as f32).collect(),
+        }
+    }
+
+    #[test]
+    fn each_lane_word_is_its_mma_fragment_over_its_x_loads() {
+        let (rows, cols) = (32, 128);
+        for (group_size, spc) in [(64, 4), (128, 4), (32, 2)] {
+            let t = tensor(rows, cols, group_size);
+            let packed = mma_layout(&t).unwrap();
+            assert_eq!(packed.len(), rows * cols / 8);
+            let mut seen = vec![0u8; rows * cols];
+            for rb in 0..rows / 16 {
+                for kt in 0..cols / 64 {
+                    for lane in 0..32 {
+                        let (g, tt) = (lane / 4, lane % 4);
+                        for s in 0..4 {
+                            let w = packed[((rb * (cols / 64) + kt) * 32 + lane) * 4 + s];
+                            let mut group = None;
+                            for e in 0..8 {
+                                let (r, c) = element(kt, g, tt, s, e, spc);
+                                // Value p holds element 2 p, value p + 4 element 2 p + 1.
+                                let v = if e % 2 == 0 { e / 2 } else { e / 2 + 4 };
+                                let want = (t.words[(16 * rb + r) * cols / 8 + c / 8]
+                                    >> (4 * (c % 8)))
+                                    & 0xf;
+                                assert_eq!((w >> (4 * v)) & 0xf, want, "g{group_size} s{s} e{e}");
+                                seen[(16 * rb + r) * cols + c] += 1;
+                                // A step's inputs lie in one group.
+                                assert_eq!(*group.get_or_insert(c / group_size), c / group_size);
+                            }
                         }
                     }
                 }
             }
+            assert!(seen.iter().all(|&n| n == 1), "every element once");
         }
-        // Llama-3-8B's o, qkv, down and gate_up; the GPU test model's down; short inputs.
+        // Groups of 16 inputs, groups not a power of two, and shapes off the tiles do not fit.
+        assert!(mma_layout(&tensor(32, 128, 16)).is_none());
+        assert!(mma_layout(&tensor(32, 192, 96)).is_none());
+        assert!(mma_layout(&tensor(24, 128, 64)).is_none());
+        // One group over all inputs, whatever its size.
+        assert!(mma_layout(&tensor(16, 192, 192)).is_some());
+        assert_eq!(group_shift(192, 192), Some(31));
+        assert_eq!(group_shift(128, 4096), Some(7));
+        // Llama-3-8B's o, qkv, down and gate_up (as tests/gpu/int4_gemv_bench.cu measured
+        // best); the GPU test model's down; short inputs.
         assert_eq!(k_split(4096, 4096), 8);
-        assert_eq!(k_split(6144, 4096), 8);
-        assert_eq!(k_split(4096, 14336), 16);
-        assert_eq!(k_split(28672, 4096), 2);
+        assert_eq!(k_split(6144, 4096), 4);
+        assert_eq!(k_split(4096, 14336), 8);
+        assert_eq!(k_split(28672, 4096), 1);
         assert_eq!(k_split(1024, 2816), 4);
         assert_eq!(k_split(1024, 1024), 2);
         assert_eq!(k_split(1024, 128), 1);
-        let odd = Int4Tensor { rows: 24, ..t };
-        assert!(mma_layout(&odd).is_none());
     }
 
     #[test]
-    fn params_are_f16_pairs_scale_low() {
-        let p = pack_params(&[0.5, 0.25], &[8.0, 1.0]);
-        assert_eq!(p[0] & 0xffff, u32::from(half::f16::from_f32(0.5).to_bits()));
-        assert_eq!(p[0] >> 16, u32::from(half::f16::from_f32(8.0).to_bits()));
-        assert_eq!(p[1] >> 16, u32::from(half::f16::ONE.to_bits()));
+    fn params_are_f16_pairs_scale_low_rows_g_and_g_plus_8_adjacent() {
+        let t = tensor(32, 128, 64);
+        let p = pack_params(&t);
+        assert_eq!(p.len(), 32 * 2);
+        let at = |n: usize, j: usize| p[((n / 16 * 2 + j) * 8 + n % 8) * 2 + n % 16 / 8];
+        for n in 0..32 {
+            for j in 0..2 {
+                let (s, z) = (t.scales[n * 2 + j], t.zeros[n * 2 + j]);
+                assert_eq!(
+                    at(n, j) & 0xffff,
+                    u32::from(half::f16::from_f32(s).to_bits())
+                );
+                assert_eq!(at(n, j) >> 16, u32::from(half::f16::from_f32(z).to_bits()));
+            }
+        }
+        // Rows 3 and 11 of group 1 in row block 1: one 8-byte word.
+        assert_eq!(at(16 + 3, 1), p[((2 + 1) * 8 + 3) * 2]);
+        assert_eq!(at(16 + 11, 1), p[((2 + 1) * 8 + 3) * 2 + 1]);
     }
 }

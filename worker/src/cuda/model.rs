@@ -272,7 +272,8 @@ impl Loader<'_> {
     /// `parts` as an AWQ/GPTQ checkpoint stores them, in the 4-bit layout (`int4.rs`), or
     /// `None` when one of them is not stored so or the layout cannot hold it (8-bit weights,
     /// act-order groups, groups that a tensor-parallel slice cuts or that differ between parts,
-    /// rows not a multiple of 16 or inputs of 64): those are dequantized to the dtype.
+    /// groups not a power of two from 32 inputs, rows not a multiple of 16 or inputs of 64):
+    /// those are dequantized to the dtype.
     fn stored_int4(&mut self, parts: &[Part]) -> Result<Option<LinearWeight>> {
         let WeightSource::Reader(reader) = self.source else {
             return Ok(None);
@@ -314,7 +315,7 @@ impl Loader<'_> {
         for (t, w) in tensors.iter().zip(&words) {
             self.gpu.upload_at(&data, words_at, w)?;
             words_at += w.len() * 4;
-            let packed = pack_params(&t.scales, &t.zeros);
+            let packed = pack_params(t);
             self.gpu.upload_at(&params, params_at, &packed)?;
             params_at += packed.len() * 4;
             // The host copies are freed on return: wait for the uploads.

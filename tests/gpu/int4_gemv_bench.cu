@@ -1,0 +1,447 @@
+// The 4-bit GEMV of int4.cu alone, outside tpserve (issue 12): Llama-3-8B's four products (q|k|v,
+// o, gate|up, down) with AWQ-style weights (groups of 128, zero points), checked against a
+// double-precision CPU reference and timed for every variant (tiles in flight, register limit)
+// and every k_split, at 1, 4 and 8 rows. Each measurement is a CUDA graph of 64 launches with programmatic dependent launches (as the decode
+// graphs run them), over enough copies of the weight that it comes from HBM, not L2; the copy
+// bandwidth is measured in the same run, so each figure is also a fraction of it.
+// dequantize_w4 (the path of larger products) is checked bit for bit against the CPU, and group
+// sizes 32 and one group a row (GPTQ's -1) and f16 activations are checked for correctness.
+//
+// Why: the GEMV decides 4-bit single-stream decode speed, and the GPU machine has no profiler.
+//
+// How (on the GPU machine, from the repository root):
+//   nvcc -O3 -arch=sm_90 -std=c++17 -I kernels/cuda tests/gpu/int4_gemv_bench.cu -o /tmp/ib
+//   /tmp/ib
+// Environment: ROWS (a comma list, default 1,4,8). With -DTPSERVE_OLD_INT4='"int4_old.cu"' -I /tmp
+// the harness also times an earlier int4.cu in its own layout, for a before/after in one run:
+//   git show 14faf2e:kernels/cuda/int4.cu | sed 's/gemv_w4_/old_gemv_w4_/g;
+//     s/dequantize_w4_/old_dequantize_w4_/g; s/TPSERVE_INT4/TPSERVE_OLD_INT4_KERNELS/g' \
+//     > /tmp/int4_old.cu
+// (the layout before: a step's 16 inputs in order, params [n_out, groups]; pack_old below).
+#include "int4.cu"
+#ifdef TPSERVE_OLD_INT4
+namespace k_old {
+#include TPSERVE_OLD_INT4
+}
+#endif
+
+#include "harness.cuh"
+
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+template <int kAhead, typename T>
+__global__ void __launch_bounds__(512)
+    variant(T* y, const T* x, const uint4* w, const unsigned* params, int rows, int n_out, int k,
+            int group_shift, int k_split) {
+    gemv_w4_impl<T, kAhead>(y, x, w, params, rows, n_out, k, group_shift, k_split);
+}
+
+// The same with at most 256 threads (k_split 8), so up to 255 registers.
+template <int kAhead, typename T>
+__global__ void __launch_bounds__(256)
+    variant256(T* y, const T* x, const uint4* w, const unsigned* params, int rows, int n_out,
+               int k, int group_shift, int k_split) {
+    gemv_w4_impl<T, kAhead>(y, x, w, params, rows, n_out, k, group_shift, k_split);
+}
+
+typedef void (*Kernel)(bf*, const bf*, const uint4*, const unsigned*, int, int, int, int, int);
+struct Variant {
+    const char* name;
+    Kernel kernel;
+    bool old_layout;
+    int max_split;
+};
+
+static unsigned rng(unsigned& s) {
+    s = s * 1664525u + 1013904223u;
+    return s >> 8;
+}
+
+// A 4-bit weight [n, k] in groups, and what the layouts make of it.
+struct Weight {
+    int n, k, group;  // group: inputs per group
+    std::vector<unsigned char> q;
+    std::vector<float> scale, zero;  // [n, k / group]
+    float at(int r, int c) const {
+        const int j = r * (k / group) + c / group;
+        return (q[(size_t)r * k + c] - zero[j]) * scale[j];
+    }
+    unsigned param(int r, int j) const {
+        const int i = r * (k / group) + j;
+        const unsigned short s = __half_as_ushort(__float2half(scale[i]));
+        const unsigned short z = __half_as_ushort(__float2half(zero[i]));
+        return s | ((unsigned)z << 16);
+    }
+};
+
+static Weight make_weight(int n, int k, int group, unsigned seed) {
+    Weight w{n, k, group, {}, {}, {}};
+    w.q.resize((size_t)n * k);
+    for (auto& v : w.q) v = rng(seed) & 15;
+    const int groups = n * (k / group);
+    w.scale.resize(groups);
+    w.zero.resize(groups);
+    for (int i = 0; i < groups; ++i) {
+        // f16-exact scales around 0.01, integer zero points.
+        w.scale[i] = __half2float(__float2half(0.004f + (rng(seed) % 1000) * 0.00001f));
+        w.zero[i] = (float)(rng(seed) % 16);
+    }
+    return w;
+}
+
+static int group_shift_of(const Weight& w) {
+    if (w.group == w.k) return 31;
+    int s = 0;
+    while ((1 << s) < w.group) ++s;
+    return s;
+}
+
+// int4.cu's layout (input_of) and its params.
+static void pack_new(const Weight& w, std::vector<unsigned>& words, std::vector<unsigned>& params) {
+    const int k_tiles = w.k / 64, spc = group_shift_of(w) >= 6 ? 4 : 2;
+    words.assign((size_t)w.n * w.k / 8, 0);
+    for (size_t i = 0; i < words.size(); ++i) {
+        const int s = i % 4, lane = (i / 4) % 32;
+        const size_t tile = i / 128;
+        const int rb = tile / k_tiles, kt = tile % k_tiles, g = lane / 4, t = lane % 4;
+        const int first = 64 * kt + 16 * spc * (s / spc) + 4 * spc * t + 4 * (s % spc);
+        for (int e = 0; e < 8; ++e) {
+            const int r = rb * 16 + g + 8 * ((e / 2) % 2);
+            const int c = first + e % 2 + 2 * (e / 4);
+            const int value = e % 2 == 0 ? e / 2 : e / 2 + 4;
+            words[i] |= (unsigned)w.q[(size_t)r * w.k + c] << (4 * value);
+        }
+    }
+    const int groups = w.k / w.group;
+    params.assign((size_t)w.n * groups, 0);
+    for (int r = 0; r < w.n; ++r)
+        for (int j = 0; j < groups; ++j)
+            params[(((size_t)(r / 16) * groups + j) * 8 + r % 8) * 2 + (r % 16) / 8] =
+                w.param(r, j);
+}
+
+// The layout before (inputs of a step in order; params [n, groups]).
+static void pack_old(const Weight& w, std::vector<unsigned>& words, std::vector<unsigned>& params) {
+    const int k_tiles = w.k / 64;
+    words.assign((size_t)w.n * w.k / 8, 0);
+    for (size_t i = 0; i < words.size(); ++i) {
+        const int s = i % 4, lane = (i / 4) % 32;
+        const size_t tile = i / 128;
+        const int rb = tile / k_tiles, kt = tile % k_tiles, g = lane / 4, t = lane % 4;
+        for (int e = 0; e < 8; ++e) {
+            const int r = rb * 16 + g + 8 * ((e / 2) % 2);
+            const int c = kt * 64 + 16 * s + 2 * t + e % 2 + 8 * (e / 4);
+            const int value = e % 2 == 0 ? e / 2 : e / 2 + 4;
+            words[i] |= (unsigned)w.q[(size_t)r * w.k + c] << (4 * value);
+        }
+    }
+    const int groups = w.k / w.group;
+    params.resize((size_t)w.n * groups);
+    for (int r = 0; r < w.n; ++r)
+        for (int j = 0; j < groups; ++j) params[(size_t)r * groups + j] = w.param(r, j);
+}
+
+template <typename T> static T to_t(float v);
+template <> bf to_t<bf>(float v) { return __float2bfloat16(v); }
+template <> __half to_t<__half>(float v) { return __float2half(v); }
+static float from_t(bf v) { return __bfloat162float(v); }
+static float from_t(__half v) { return __half2float(v); }
+
+template <typename T> static T* upload(const std::vector<T>& v) {
+    T* d;
+    CK(cudaMalloc(&d, v.size() * sizeof(T)));
+    CK(cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+    return d;
+}
+
+static cudaLaunchAttribute g_pdl;
+template <typename... KArgs, typename... Args>
+static void launch(cudaStream_t st, void (*kernel)(KArgs...), dim3 grid, dim3 block,
+                   Args... args) {
+    cudaLaunchConfig_t c = {};
+    g_pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    g_pdl.val.programmaticStreamSerializationAllowed = 1;
+    c.attrs = &g_pdl;
+    c.numAttrs = 1;
+    c.stream = st;
+    c.gridDim = grid;
+    c.blockDim = block;
+    CK(cudaLaunchKernelEx(&c, kernel, args...));
+}
+
+// max |y - reference| / max |reference| over rows x n.
+template <typename T>
+static double error_of(const std::vector<T>& y, const std::vector<double>& ref) {
+    double e = 0, m = 0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+        e = std::max(e, std::fabs(from_t(y[i]) - ref[i]));
+        m = std::max(m, std::fabs(ref[i]));
+    }
+    return e / m;
+}
+
+template <typename T>
+static std::vector<double> reference(const Weight& w, const std::vector<T>& x, int rows) {
+    std::vector<float> dense((size_t)w.n * w.k);
+    for (int r = 0; r < w.n; ++r)
+        for (int c = 0; c < w.k; ++c) dense[(size_t)r * w.k + c] = w.at(r, c);
+    std::vector<double> ref((size_t)rows * w.n, 0.0);
+    for (int m = 0; m < rows; ++m) {
+        std::vector<double> xm(w.k);
+        for (int c = 0; c < w.k; ++c) xm[c] = from_t(x[(size_t)m * w.k + c]);
+        for (int r = 0; r < w.n; ++r) {
+            const float* row = &dense[(size_t)r * w.k];
+            double s = 0;
+            for (int c = 0; c < w.k; ++c) s += xm[c] * row[c];
+            ref[(size_t)m * w.n + r] = s;
+        }
+    }
+    return ref;
+}
+
+template <typename T>
+__global__ void dequantize_kernel(T* out, const unsigned* w, const unsigned* params, int n,
+                                  int k, int shift) {
+    dequantize_w4_impl<T>(out, w, params, n, k, shift);
+}
+template <typename T>
+void dequantize_w4_impl_launch(T* out, const unsigned* w, const unsigned* p, int n, int k,
+                               int shift) {
+    dequantize_kernel<T><<<132 * 8, 256>>>(out, w, p, n, k, shift);
+}
+
+static const double kTolerance = 0.01;  // bf16 output: one rounding of ~0.004 at most
+static int g_failures = 0;
+
+// Correctness of the new kernels on one weight with T activations; and of dequantize_w4.
+template <typename T, int kAhead>
+static void check(const char* what, const Weight& w, int rows) {
+    std::vector<unsigned> words, params;
+    pack_new(w, words, params);
+    std::vector<T> x((size_t)rows * w.k);
+    unsigned seed = 7;
+    for (auto& v : x) v = to_t<T>((rng(seed) % 2001) / 1000.0f - 1.0f);
+    const auto ref = reference(w, x, rows);
+    unsigned* dw = upload(words);
+    unsigned* dp = upload(params);
+    T* dx = upload(x);
+    T* dy;
+    CK(cudaMalloc(&dy, (size_t)rows * w.n * sizeof(T)));
+    double worst = 0;
+    for (int split = 1; split <= 16; split *= 2) {
+        if ((w.k / 64) % split) continue;
+        CK(cudaMemset(dy, 0xff, (size_t)rows * w.n * sizeof(T)));
+        variant<kAhead, T><<<w.n / 16, 32 * split>>>(
+            dy, dx, reinterpret_cast<const uint4*>(dw), dp, rows, w.n, w.k, group_shift_of(w),
+            split);
+        CK(cudaDeviceSynchronize());
+        std::vector<T> y((size_t)rows * w.n);
+        CK(cudaMemcpy(y.data(), dy, y.size() * sizeof(T), cudaMemcpyDeviceToHost));
+        worst = std::max(worst, error_of(y, ref));
+    }
+    // dequantize_w4: bit for bit (q - zero) * scale rounded to T.
+    T* dq;
+    CK(cudaMalloc(&dq, (size_t)w.n * w.k * sizeof(T)));
+    dequantize_w4_impl_launch<T>(dq, dw, dp, w.n, w.k, group_shift_of(w));
+    CK(cudaDeviceSynchronize());
+    std::vector<T> q((size_t)w.n * w.k);
+    CK(cudaMemcpy(q.data(), dq, q.size() * sizeof(T), cudaMemcpyDeviceToHost));
+    size_t mismatches = 0;
+    for (int r = 0; r < w.n; ++r)
+        for (int c = 0; c < w.k; ++c)
+            if (from_t(q[(size_t)r * w.k + c]) != from_t(to_t<T>(w.at(r, c)))) ++mismatches;
+    const bool ok = worst < kTolerance && mismatches == 0;
+    g_failures += !ok;
+    printf("check %-34s %d rows: max error %.5f (limit %.3f), dequantize mismatches %zu: %s\n",
+           what, rows, worst, kTolerance, mismatches, ok ? "PASS" : "FAIL");
+    CK(cudaFree(dw));
+    CK(cudaFree(dp));
+    CK(cudaFree(dx));
+    CK(cudaFree(dy));
+    CK(cudaFree(dq));
+}
+
+struct Shape {
+    const char* name;
+    int n, k;
+};
+
+int main() {
+    std::vector<int> row_list = {1, 4, 8};
+    if (const char* r = getenv("ROWS")) {
+        row_list.clear();
+        for (const char* p = r; *p;) {
+            row_list.push_back(atoi(p));
+            while (*p && *p != ',') ++p;
+            if (*p == ',') ++p;
+        }
+    }
+    cudaStream_t st;
+    CK(cudaStreamCreate(&st));
+
+    // Correctness: every variant on a small weight; group sizes 32, 128 and one group a row;
+    // bf16 and f16.
+    {
+        const Weight g128 = make_weight(256, 1024, 128, 11);
+        const Weight g32 = make_weight(128, 512, 32, 12);
+        const Weight g64 = make_weight(64, 768, 64, 14);
+        const Weight whole = make_weight(64, 1024, 1024, 13);
+        for (int rows : {1, 3, 8}) {
+            check<bf, 4>("bf16 g128", g128, rows);
+            check<bf, 2>("bf16 g128 ahead 2", g128, rows);
+            check<bf, 6>("bf16 g128 ahead 6", g128, rows);
+            check<bf, 4>("bf16 g32", g32, rows);
+            check<bf, 4>("bf16 g64", g64, rows);
+            check<bf, 4>("bf16 one group a row", whole, rows);
+            check<__half, 4>("f16 g128", g128, rows);
+            check<__half, 4>("f16 g32", g32, rows);
+        }
+    }
+
+    // The copy rate, for the ratios.
+    double copy_gbs;
+    {
+        const size_t bytes = 1ull << 30;
+        void *a, *b;
+        CK(cudaMalloc(&a, bytes));
+        CK(cudaMalloc(&b, bytes));
+        cudaEvent_t e0, e1;
+        CK(cudaEventCreate(&e0));
+        CK(cudaEventCreate(&e1));
+        CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, st));
+        CK(cudaEventRecord(e0, st));
+        for (int i = 0; i < 10; ++i) CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, st));
+        CK(cudaEventRecord(e1, st));
+        CK(cudaEventSynchronize(e1));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        copy_gbs = 2.0 * bytes * 10 / (ms * 1e-3) / 1e9;
+        printf("copy bandwidth: %.0f GB/s (read + write, as bench_device counts it: the floors' rate)\n", copy_gbs);
+        CK(cudaFree(a));
+        CK(cudaFree(b));
+    }
+
+    std::vector<Variant> variants = {
+        {"ahead 4 (gemv_w4)", variant<4, bf>, false, 16},
+        {"ahead 2", variant<2, bf>, false, 16},
+        {"ahead 3", variant<3, bf>, false, 16},
+        {"at most 256 threads, ahead 4", variant256<4, bf>, false, 8},
+        {"at most 256 threads, ahead 6", variant256<6, bf>, false, 8},
+        {"at most 256 threads, ahead 8", variant256<8, bf>, false, 8},
+    };
+#ifdef TPSERVE_OLD_INT4
+    variants.push_back({"before (v5)", k_old::old_gemv_w4_bf16, true, 16});
+#endif
+    const Shape shapes[4] = {
+        {"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}};
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    printf("\n| product | rows | variant | k_split | us | GB/s | of copy | max error |\n"
+           "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n");
+    // best[rows][shape]
+    std::vector<std::vector<double>> best(row_list.size(), std::vector<double>(4, 1e9));
+    std::vector<std::vector<double>> before(row_list.size(), std::vector<double>(4, 0));
+    for (int si = 0; si < 4; ++si) {
+        const Shape& s = shapes[si];
+        const Weight w = make_weight(s.n, s.k, 128, 100 + si);
+        std::vector<unsigned> wn, pn, wo, po;
+        pack_new(w, wn, pn);
+        pack_old(w, wo, po);
+        const double bytes = wn.size() * 4.0 + pn.size() * 4.0;
+        const int copies = std::max(2, (int)std::ceil(256e6 / bytes));
+        std::vector<unsigned*> dwn(copies), dpn(copies), dwo(copies), dpo(copies);
+        for (int c = 0; c < copies; ++c) {
+            dwn[c] = upload(wn);
+            dpn[c] = upload(pn);
+            dwo[c] = upload(wo);
+            dpo[c] = upload(po);
+        }
+        for (size_t ri = 0; ri < row_list.size(); ++ri) {
+            const int rows = row_list[ri];
+            std::vector<bf> x((size_t)rows * s.k);
+            unsigned seed = 5;
+            for (auto& v : x) v = to_t<bf>((rng(seed) % 2001) / 1000.0f - 1.0f);
+            const auto ref = reference(w, x, rows);
+            bf* dx = upload(x);
+            bf* dy;
+            CK(cudaMalloc(&dy, (size_t)rows * s.n * sizeof(bf)));
+            for (const Variant& v : variants) {
+                for (int split = 1; split <= v.max_split; split *= 2) {
+                    if ((s.k / 64) % split) continue;
+                    auto run = [&](int c) {
+                        const uint4* wp = reinterpret_cast<const uint4*>(v.old_layout ? dwo[c]
+                                                                                       : dwn[c]);
+                        const unsigned* pp = v.old_layout ? dpo[c] : dpn[c];
+                        // The old kernel takes group_size, the new one its log2.
+                        const int g = v.old_layout ? 128 : 7;
+                        launch(st, v.kernel, dim3(s.n / 16), dim3(32 * split), dy, (const bf*)dx,
+                               wp, pp, rows, s.n, s.k, g, split);
+                    };
+                    run(0);
+                    CK(cudaStreamSynchronize(st));
+                    std::vector<bf> y((size_t)rows * s.n);
+                    CK(cudaMemcpy(y.data(), dy, y.size() * sizeof(bf), cudaMemcpyDeviceToHost));
+                    const double err = error_of(y, ref);
+                    if (err >= kTolerance) ++g_failures;
+                    const int launches = 64;
+                    cudaGraph_t graph;
+                    cudaGraphExec_t exec;
+                    CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+                    for (int i = 0; i < launches; ++i) run(i % copies);
+                    CK(cudaStreamEndCapture(st, &graph));
+                    CK(cudaGraphInstantiate(&exec, graph, 0));
+                    CK(cudaGraphLaunch(exec, st));
+                    CK(cudaEventRecord(e0, st));
+                    const int reps = 5;
+                    for (int i = 0; i < reps; ++i) CK(cudaGraphLaunch(exec, st));
+                    CK(cudaEventRecord(e1, st));
+                    CK(cudaEventSynchronize(e1));
+                    float ms;
+                    CK(cudaEventElapsedTime(&ms, e0, e1));
+                    const double us = ms * 1e3 / (reps * launches);
+                    const double gbs = bytes / (us * 1e-6) / 1e9;
+                    printf("| %s | %d | %s | %d | %.2f | %.0f | %.3f | %.5f%s |\n", s.name, rows,
+                           v.name, split, us, gbs, gbs / copy_gbs, err,
+                           err >= kTolerance ? " FAIL" : "");
+                    if (v.old_layout) {
+                        if (before[ri][si] == 0 || us < before[ri][si]) before[ri][si] = us;
+                    } else {
+                        best[ri][si] = std::min(best[ri][si], us);
+                    }
+                    CK(cudaGraphExecDestroy(exec));
+                    CK(cudaGraphDestroy(graph));
+                }
+            }
+            CK(cudaFree(dx));
+            CK(cudaFree(dy));
+        }
+        for (int c = 0; c < copies; ++c) {
+            CK(cudaFree(dwn[c]));
+            CK(cudaFree(dpn[c]));
+            CK(cudaFree(dwo[c]));
+            CK(cudaFree(dpo[c]));
+        }
+    }
+    printf("\nbest new variant per product (us), and a layer's four (x 32 layers, ms):\n");
+    for (size_t ri = 0; ri < row_list.size(); ++ri) {
+        double layer = 0, layer_before = 0;
+        printf("rows %d:", row_list[ri]);
+        for (int si = 0; si < 4; ++si) {
+            printf(" %s %.2f (before %.2f)", shapes[si].name, best[ri][si], before[ri][si]);
+            layer += best[ri][si];
+            layer_before += before[ri][si];
+        }
+        printf("; 32 layers %.3f ms (before %.3f)\n", layer * 32e-3, layer_before * 32e-3);
+    }
+    printf("%s: %d failures\n", g_failures ? "FAIL" : "PASS", g_failures);
+    return g_failures ? 1 : 0;
+}
