@@ -101,6 +101,13 @@ pub struct EngineArgs {
     /// Fraction of GPU memory a worker may use (GPU backend).
     #[arg(long, env = "TPSERVE_GPU_MEMORY_UTILIZATION", default_value_t = 0.9)]
     pub gpu_memory_utilization: f32,
+    /// What the KV cache stores (vLLM's `--kv-cache-dtype`): `auto`, the compute dtype; or
+    /// `fp8` (`fp8_e4m3`), FP8 E4M3 with one scale per layer for keys and one for values (the
+    /// checkpoint's `k_scale` / `v_scale`, else 1): half the bytes, so twice the tokens in the
+    /// same memory and half the bytes a decode step's attention reads, for three mantissa bits.
+    /// CUDA GPUs of compute capability 8.9 or newer.
+    #[arg(long, env = "TPSERVE_KV_CACHE_DTYPE", default_value = "auto")]
+    pub kv_cache_dtype: String,
     /// Reuse the KV cache of repeated prompt prefixes (the default).
     #[arg(long, overrides_with = "no_enable_prefix_caching")]
     pub enable_prefix_caching: bool,
@@ -265,6 +272,7 @@ impl EngineArgs {
             &self.dtype,
             &self.device,
         )?;
+        self.validate_kv_cache_dtype()?;
         if !(self.engine_stall_timeout.is_finite() && self.engine_stall_timeout > 0.0) {
             return bad(format!(
                 "--engine-stall-timeout must be a positive number of seconds, not {}",
@@ -275,6 +283,31 @@ impl EngineArgs {
             return bad("--max-waiting-requests must be at least 1".into());
         }
         self.lora.validate()
+    }
+
+    /// Checks `--kv-cache-dtype` on its own and against `--device` (the GPU's FP8 support is the
+    /// workers' to check).
+    fn validate_kv_cache_dtype(&self) -> Result<(), StartError> {
+        let bad = |detail: String| Err(StartError::Config { detail });
+        match self.kv_cache_dtype.as_str() {
+            "auto" => Ok(()),
+            "fp8" | "fp8_e4m3" if self.device == "cpu" => bad(format!(
+                "--kv-cache-dtype {} runs on CUDA GPUs of compute capability 8.9 or newer, not on \
+                 --device cpu (the CPU backend keeps the KV cache in float32: leave \
+                 --kv-cache-dtype auto)",
+                self.kv_cache_dtype
+            )),
+            "fp8" | "fp8_e4m3" => Ok(()),
+            d @ ("fp8_e5m2" | "fp8_inc" | "fp8_ds_mla" | "bfloat16" | "float16" | "half") => {
+                bad(format!(
+                    "--kv-cache-dtype {d} is not supported by tpserve (supported: auto, the \
+                     compute dtype; fp8 or fp8_e4m3)"
+                ))
+            }
+            d => bad(format!(
+                "unknown --kv-cache-dtype {d:?} (supported: auto, fp8, fp8_e4m3)"
+            )),
+        }
     }
 
     /// Decode batch sizes to capture as CUDA graphs: vLLM's 1, 2, 4, 8, then multiples of 8,
@@ -336,6 +369,23 @@ mod tests {
         let mut argv = vec!["tpserve", "--model", "m"];
         argv.extend_from_slice(extra);
         Cli::parse_from(argv).engine
+    }
+
+    #[test]
+    fn kv_cache_dtype_takes_vllms_fp8_names_and_refuses_the_rest_by_name() {
+        for ok in ["auto", "fp8", "fp8_e4m3"] {
+            assert!(args(&["--kv-cache-dtype", ok]).validate().is_ok(), "{ok}");
+        }
+        let msg = |a: &[&str]| args(a).validate().unwrap_err().to_string();
+        let e = msg(&["--kv-cache-dtype", "fp8_e5m2"]);
+        assert!(
+            e.contains("--kv-cache-dtype fp8_e5m2 is not supported"),
+            "{e}"
+        );
+        let e = msg(&["--kv-cache-dtype", "int4"]);
+        assert!(e.contains("unknown --kv-cache-dtype \"int4\""), "{e}");
+        let e = msg(&["--kv-cache-dtype", "fp8", "--device", "cpu"]);
+        assert!(e.contains("not on --device cpu"), "{e}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::adapters::{AdapterRegistry, LoraError};
 use crate::config::{EngineArgs, LoadFormat};
 use crate::engine::{start_engine, EngineConfig, EngineHandle, EngineStatus, GroupLink};
 use crate::error::StartError;
-use crate::metrics::Metrics;
+use crate::metrics::{CacheConfigInfo, Metrics};
 use crate::quantization::Checkpoint;
 use crate::scheduler::SchedulerConfig;
 use crate::served_model::ServedModel;
@@ -169,6 +169,7 @@ pub async fn launch(
         },
         dtype: args.dtype.clone(),
         quantization,
+        kv_cache_dtype: args.kv_cache_dtype.clone(),
         block_size: args.block_size as u32,
         // 0 lets each worker decide (2 GiB on the CPU, the memory profile on a GPU).
         kv_cache_bytes: args
@@ -267,6 +268,13 @@ pub async fn launch(
         });
     }
     let metrics = Arc::new(Metrics::new(&name));
+    metrics.set_cache_config(CacheConfigInfo {
+        block_size: args.block_size,
+        cache_dtype: ready.kv_cache_dtype.clone(),
+        num_gpu_blocks: ready.num_blocks,
+        gpu_memory_utilization: args.gpu_memory_utilization,
+        enable_prefix_caching: args.prefix_caching(),
+    });
     if let Some(registry) = &adapters {
         metrics.lora.enable(lora.max_loras, registry.clone());
     }
@@ -319,13 +327,14 @@ pub async fn launch(
         None => "task generate".into(),
     };
     tracing::info!(
-        "engine ready in {}: {task_line}, {}, tensor-parallel size {}, quantization {}, {} of {} tokens, max-model-len {max_model_len}, {scheduling}{graphs}",
+        "engine ready in {}: {task_line}, {}, tensor-parallel size {}, quantization {}, {} of {} tokens ({}), max-model-len {max_model_len}, {scheduling}{graphs}",
         human::duration(started.elapsed()),
         ready.device,
         args.tensor_parallel_size,
         ready.quantization,
         human::count(ready.num_blocks, "KV block"),
         args.block_size,
+        ready.kv_cache_dtype,
     );
     let model = ServedModel {
         name,

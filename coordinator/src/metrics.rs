@@ -87,10 +87,25 @@ const REQUEST: &[f64] = &[
     480.0, 960.0, 1920.0, 7680.0,
 ];
 
+/// The KV cache's configuration, exported as vLLM's `vllm:cache_config_info` (an info gauge:
+/// value 1, the facts in its labels).
+#[derive(Debug, Clone)]
+pub struct CacheConfigInfo {
+    pub block_size: usize,
+    /// What the cache stores: the compute dtype's name or `fp8_e4m3` (vLLM gives the flag's
+    /// value, `auto` included; this is what `auto` resolved to).
+    pub cache_dtype: String,
+    pub num_gpu_blocks: u64,
+    pub gpu_memory_utilization: f32,
+    pub enable_prefix_caching: bool,
+}
+
 /// Every metric the server exports.
 #[derive(Debug)]
 pub struct Metrics {
     model_name: String,
+    /// Set once at start.
+    cache_config: std::sync::OnceLock<CacheConfigInfo>,
     /// Sequences in the running batch.
     pub num_requests_running: AtomicU64,
     /// Sequences waiting for their first step.
@@ -129,6 +144,7 @@ impl Metrics {
     pub fn new(model_name: &str) -> Self {
         Self {
             model_name: model_name.replace('\\', "\\\\").replace('"', "\\\""),
+            cache_config: std::sync::OnceLock::new(),
             num_requests_running: AtomicU64::new(0),
             num_requests_waiting: AtomicU64::new(0),
             kv_cache_usage: AtomicF64::default(),
@@ -147,6 +163,11 @@ impl Metrics {
             structured_output_mask_time: Histogram::new(MASK),
             lora: LoraMetrics::default(),
         }
+    }
+
+    /// Records the KV cache's configuration (the first call wins).
+    pub fn set_cache_config(&self, info: CacheConfigInfo) {
+        let _ = self.cache_config.set(info);
     }
 
     /// Sets the KV cache usage (0..=1).
@@ -193,6 +214,25 @@ impl Metrics {
             "KV-cache usage. 1 means 100 percent usage.",
             self.kv_cache_usage.get(),
         );
+        if let Some(c) = self.cache_config.get() {
+            let _ = writeln!(
+                out,
+                "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n\
+                 # TYPE vllm:cache_config_info gauge\n\
+                 vllm:cache_config_info{{block_size=\"{}\",cache_dtype=\"{}\",\
+                 enable_prefix_caching=\"{}\",gpu_memory_utilization=\"{}\",\
+                 model_name=\"{m}\",num_gpu_blocks=\"{}\"}} 1",
+                c.block_size,
+                c.cache_dtype,
+                if c.enable_prefix_caching {
+                    "True"
+                } else {
+                    "False"
+                },
+                c.gpu_memory_utilization,
+                c.num_gpu_blocks
+            );
+        }
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(out, "# HELP {name}_total {help}\n# TYPE {name}_total counter\n{name}_total{{model_name=\"{m}\"}} {v}");
         };
@@ -316,5 +356,27 @@ mod tests {
         assert!(text.contains(
             "vllm:request_success_total{finished_reason=\"length\",model_name=\"smol\\\"lm\"} 1"
         ));
+    }
+
+    #[test]
+    fn cache_config_info_is_rendered_once_set() {
+        let m = Metrics::new("m");
+        assert!(!m.render().contains("vllm:cache_config_info"));
+        m.set_cache_config(CacheConfigInfo {
+            block_size: 16,
+            cache_dtype: "fp8_e4m3".into(),
+            num_gpu_blocks: 1234,
+            gpu_memory_utilization: 0.9,
+            enable_prefix_caching: true,
+        });
+        let text = m.render();
+        assert!(
+            text.contains(
+                "vllm:cache_config_info{block_size=\"16\",cache_dtype=\"fp8_e4m3\",\
+                 enable_prefix_caching=\"True\",gpu_memory_utilization=\"0.9\",\
+                 model_name=\"m\",num_gpu_blocks=\"1234\"} 1"
+            ),
+            "{text}"
+        );
     }
 }

@@ -43,8 +43,8 @@ __device__ __forceinline__ float warp_reduce_max(float v) {
 //   partial_out   f32 [num_tokens, num_q_heads, num_splits, HD]      written when num_splits > 1
 //   partial_ml    f32 [num_tokens, num_q_heads, num_splits, 2]       (running max, sum of exp)
 //   q             T   [num_tokens, q_stride]: token t's heads at q + t * q_stride, [num_q_heads, HD]
-//   key_cache     T   [num_blocks, block_size, num_kv_heads, HD]   (this layer)
-//   value_cache   T   [num_blocks, block_size, num_kv_heads, HD]
+//   key_cache     C   [num_blocks, block_size, num_kv_heads, HD]   (this layer; C: T, or E4M3
+//   value_cache   C   [num_blocks, block_size, num_kv_heads, HD]    bytes for `_fp8kv` entries)
 //   block_tables  i32 [table_rows, max_blocks_per_seq]: one row per request (the worker's
 //                     persistent block tables, updated in place each step)
 //   tiles         i32 [num_tiles, 4]: the sequence's row of block_tables, first row (token
@@ -53,20 +53,25 @@ __device__ __forceinline__ float warp_reduce_max(float v) {
 //   num_splits    i32  >= 1
 //   split_len     i32  keys per split, a multiple of 32 (ignored when num_splits == 1)
 //   scale         f32  usually 1 / sqrt(HD)
+//   k_scale, v_scale  f32  the cache's scales (common.cuh's KvCache: an FP8 cache holds
+//                     E4M3(K / k_scale) and E4M3(V / v_scale); 1 for a cache in T)
 // Launch: grid (num_tiles, num_kv_heads, num_splits); block (128, 1, 1);
 // dynamic shared memory: attention_smem_bytes(HD, rows * group) =
 //   rows * group * HD * 4 + 32 * (HD + 2) * sizeof(T) + 32 * HD * sizeof(T).
 // Requires rows * group <= 32, and the caches 16-byte aligned (HD is a multiple of 8).
-template <typename T, int HD>
+template <typename T, typename C, int HD>
 __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ partial_out,
                                      float* __restrict__ partial_ml, const T* __restrict__ q,
-                                     const T* __restrict__ key_cache,
-                                     const T* __restrict__ value_cache,
+                                     const C* __restrict__ key_cache,
+                                     const C* __restrict__ value_cache,
                                      const int* __restrict__ block_tables,
                                      const int* __restrict__ tiles, int num_q_heads,
                                      int num_kv_heads, int block_size, int max_blocks_per_seq,
-                                     int q_stride, int num_splits, int split_len, float scale) {
+                                     int q_stride, int num_splits, int split_len, float scale,
+                                     float k_scale, float v_scale) {
+    using Kv = tpserve::KvCache<T, C>;
     tpserve::wait_for_inputs();
+    scale *= k_scale;  // scores of the cache's K / k_scale
     constexpr int kPerLane = HD / 32;
     constexpr int kKStride = HD + 2;  // odd number of 32-bit words per row: no bank conflicts
     extern __shared__ float smem[];
@@ -127,8 +132,9 @@ __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ pa
                               : -1;
         }
         __syncthreads();
-        // 16-byte loads: a tile is 32 x HD / 8 vectors of keys and as many of values, so each
-        // thread has a few independent loads in flight rather than many dependent ones.
+        // Loads of 8 elements (16 bytes, 8 for an FP8 cache, converted to T): a tile is
+        // 32 x HD / 8 pieces of keys and as many of values, so each thread has a few
+        // independent loads in flight rather than many dependent ones.
         for (int idx = threadIdx.x; idx < kKeysPerTile * kVecs; idx += blockDim.x) {
             const int j = idx / kVecs;
             const int c = idx - j * kVecs;
@@ -137,8 +143,8 @@ __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ pa
             uint4 vv = kv;
             if (slot >= 0) {
                 const long long at = (slot * num_kv_heads + kv_head) * HD + c * 8;
-                kv = *reinterpret_cast<const uint4*>(key_cache + at);
-                vv = *reinterpret_cast<const uint4*>(value_cache + at);
+                kv = Kv::to_act(Kv::load(key_cache + at));
+                vv = Kv::to_act(Kv::load(value_cache + at));
             }
             // k_s rows are HD + 2 elements (4-byte aligned, not 16): four 32-bit stores.
             unsigned int* kd = reinterpret_cast<unsigned int*>(k_s + j * kKStride + c * 8);
@@ -203,7 +209,7 @@ __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ pa
         const long long row = row0 + item / group;
         const int head = kv_head * group + item % group;
         if (num_splits == 1) {
-            const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+            const float inv = (l[i] > 0.0f ? 1.0f / l[i] : 0.0f) * v_scale;
             T* o = out + (row * num_q_heads + head) * HD;
 #pragma unroll
             for (int c = 0; c < kPerLane; ++c) {
@@ -214,7 +220,7 @@ __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ pa
             float* po = partial_out + at * HD;
 #pragma unroll
             for (int c = 0; c < kPerLane; ++c) {
-                po[lane + 32 * c] = acc[i][c];
+                po[lane + 32 * c] = acc[i][c] * v_scale;
             }
             if (lane == 0) {
                 partial_ml[at * 2] = m[i];
@@ -227,8 +233,8 @@ __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ pa
 // paged_attention_decode_hd{64,128,256}_g{4,8}_{bf16,f16}: the same attention as
 // paged_attention, for tiles of ONE query row each (decode), with at most G query heads per KV
 // head, built to read the KV cache at bandwidth: no shared-memory staging and no barrier per
-// key tile. Lanes split a key's head vector into 16-byte pieces (HD / 8 lanes per key, so a
-// warp reads 32 / (HD / 8) keys per load), each piece of K and V read straight from the cache;
+// key tile. Lanes split a key's head vector into pieces of 8 elements (16 bytes, 8 for an FP8
+// cache; HD / 8 lanes per key, so a warp reads 32 / (HD / 8) keys per load), each piece of K and V read straight from the cache;
 // every lane group keeps its own online softmax (running max, sum and output piece) over the
 // keys it saw, merged across the warp by shuffles and across the block's warps in shared
 // memory. Tiles with zero rows are padding (CUDA-graph batches): they write nothing.
@@ -246,6 +252,9 @@ __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ pa
 // the contexts); splits past a row's context write only max -inf and sum 0, which
 // attention_combine skips, and leave without waiting for the kernel before.
 //
+// With an FP8 cache (the `_fp8kv` entry points) the row's own key and value are rounded to
+// E4M3 (over their scales) before it attends to them, as every other key it reads.
+//
 // Arguments: paged_attention's, with q replaced by
 //   qkv           T   [num_tokens, qkv_stride]: per token, [num_q_heads, HD] queries, then
 //                     [num_kv_heads, HD] keys, then as many values, before RoPE; read only
@@ -256,18 +265,26 @@ __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ pa
 // (tiles must have rows 0 or 1, the row's position in tile[3]; G >= num_q_heads /
 // num_kv_heads; no dynamic shared memory).
 // Launch: grid (num_tiles, num_kv_heads, num_splits); block (128, 1, 1).
-template <typename T, int HD, int G>
+template <typename T, typename C, int HD, int G>
 __device__ void paged_attention_decode_impl(
     T* __restrict__ out, float* __restrict__ partial_out, float* __restrict__ partial_ml,
-    const T* __restrict__ qkv, T* __restrict__ key_cache, T* __restrict__ value_cache,
+    const T* __restrict__ qkv, C* __restrict__ key_cache, C* __restrict__ value_cache,
     const int* __restrict__ block_tables, const int* __restrict__ tiles,
     const long long* __restrict__ slot_mapping, const float* __restrict__ cos_table,
     const float* __restrict__ sin_table, int num_q_heads, int num_kv_heads, int block_size,
-    int max_blocks_per_seq, int qkv_stride, int num_splits, int split_len, float scale) {
+    int max_blocks_per_seq, int qkv_stride, int num_splits, int split_len, float scale,
+    float k_scale, float v_scale) {
+    using Kv = tpserve::KvCache<T, C>;
+    using Raw = typename Kv::Raw;
+    scale *= k_scale;  // scores of the cache's K / k_scale
     constexpr int kLanesPerKey = HD / 8;
     constexpr int kHalfPieces = kLanesPerKey / 2;  // pieces in the first half of a head vector
-    constexpr int kKeysPerStep = 32 / kLanesPerKey;  // keys one warp reads per 16-byte load
-    constexpr int kUnroll = 2;
+    constexpr int kKeysPerStep = 32 / kLanesPerKey;  // keys one warp reads per piece load
+    // Keys per lane per loop step: 64 bytes of keys and values in flight per lane (2 pieces of
+    // 16 bytes each for a cache in the dtype, 4 of 8 for FP8), which keeps the chain of dependent
+    // loads short at long contexts (tests/gpu/decode_step_bench.cu, 8B step at 8,000 keys:
+    // 5.38 ms against 5.58 with 32 bytes; docs/PERFORMANCE.md).
+    constexpr int kUnroll = 64 / sizeof(Raw);
     __shared__ float m_s[kWarps][G];
     __shared__ float l_s[kWarps][G];
     __shared__ float acc_s[kWarps][G][HD];
@@ -322,19 +339,19 @@ __device__ void paged_attention_decode_impl(
     constexpr int kStride = kWarps * kKeysPerStep;  // keys between a warp's consecutive steps
     const int first = key_begin + warp * kKeysPerStep;
     // The key and value pieces of this lane's key at `key`, or zeros past the split's end.
-    auto load_key = [&](int key, uint4& k_piece, uint4& v_piece) {
-        k_piece = make_uint4(0u, 0u, 0u, 0u);
+    auto load_key = [&](int key, Raw& k_piece, Raw& v_piece) {
+        k_piece = Kv::zero();
         v_piece = k_piece;
         if (key < key_end) {
             const long long slot =
                 (long long)table[key / block_size] * block_size + key % block_size;
             const long long at = (slot * num_kv_heads + kv_head) * HD + piece * 8;
-            k_piece = *reinterpret_cast<const uint4*>(key_cache + at);
-            v_piece = *reinterpret_cast<const uint4*>(value_cache + at);
+            k_piece = Kv::load(key_cache + at);
+            v_piece = Kv::load(value_cache + at);
         }
     };
-    uint4 k_first[kUnroll];
-    uint4 v_first[kUnroll];
+    Raw k_first[kUnroll];
+    Raw v_first[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
         const int key = first + u * kStride + sub;
@@ -374,18 +391,18 @@ __device__ void paged_attention_decode_impl(
     // The row's own key (rotated) and value, from the qkv projection, into the cache, by the
     // one split that attends to it.
     const bool has_own_key = own_key >= key_begin && own_key < key_end;
-    uint4 own_k = make_uint4(0u, 0u, 0u, 0u);
-    uint4 own_v = own_k;
+    Raw own_k = Kv::zero();
+    Raw own_v = own_k;
     if (has_own_key) {
         const T* k_row = qkv + row * qkv_stride + (num_q_heads + kv_head) * HD + piece * 8;
         const T* v_row =
             qkv + row * qkv_stride + (num_q_heads + num_kv_heads + kv_head) * HD + piece * 8;
-        own_k = rotate(*reinterpret_cast<const uint4*>(k_row));
-        own_v = *reinterpret_cast<const uint4*>(v_row);
+        own_k = Kv::from_act(rotate(*reinterpret_cast<const uint4*>(k_row)), k_scale);
+        own_v = Kv::from_act(*reinterpret_cast<const uint4*>(v_row), v_scale);
         if (warp == 0 && sub == 0 && own_slot >= 0) {
             const long long at = (own_slot * num_kv_heads + kv_head) * HD + piece * 8;
-            *reinterpret_cast<uint4*>(key_cache + at) = own_k;
-            *reinterpret_cast<uint4*>(value_cache + at) = own_v;
+            Kv::store(key_cache + at, own_k);
+            Kv::store(value_cache + at, own_v);
         }
         // Past the first loop step, the lanes read the own key from the cache (registers held
         // through the loop would cost the kernel a block per SM).
@@ -424,19 +441,14 @@ __device__ void paged_attention_decode_impl(
     }
 
     // One loop step: the online softmax over the kUnroll keys (one per lane group) of each lane.
-    auto attend = [&](int base, const uint4* kv, const uint4* vv) {
+    auto attend = [&](int base, const Raw* kv, const Raw* vv) {
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
             const bool valid = base + u * kStride + sub < key_end;
-            const T* ke = reinterpret_cast<const T*>(&kv[u]);
-            const T* ve = reinterpret_cast<const T*>(&vv[u]);
             float kf[8];
             float vf[8];
-#pragma unroll
-            for (int c = 0; c < 8; ++c) {
-                kf[c] = tpserve::to_float(ke[c]);
-                vf[c] = tpserve::to_float(ve[c]);
-            }
+            Kv::to_floats(kv[u], kf);
+            Kv::to_floats(vv[u], vf);
 #pragma unroll
             for (int h = 0; h < G; ++h) {
                 float s = 0.0f;
@@ -467,8 +479,8 @@ __device__ void paged_attention_decode_impl(
     // lane's own key may lie past the end. The first step's keys were loaded before the wait
     // (the row's own key comes from registers); the rest, the own key included, from the cache.
     if (first < key_end) {
-        uint4 kv[kUnroll];
-        uint4 vv[kUnroll];
+        Raw kv[kUnroll];
+        Raw vv[kUnroll];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
             const bool own = first + u * kStride + sub == own_key;
@@ -478,8 +490,8 @@ __device__ void paged_attention_decode_impl(
         attend(first, kv, vv);
     }
     for (int base = first + kStride * kUnroll; base < key_end; base += kStride * kUnroll) {
-        uint4 kv[kUnroll];
-        uint4 vv[kUnroll];
+        Raw kv[kUnroll];
+        Raw vv[kUnroll];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
             load_key(base + u * kStride + sub, kv[u], vv[u]);
@@ -542,10 +554,10 @@ __device__ void paged_attention_decode_impl(
         const long long head = kv_head * group + h;
         if (num_splits == 1) {
             out[(row * num_q_heads + head) * HD + d] =
-                tpserve::from_float<T>(den > 0.0f ? num / den : 0.0f);
+                tpserve::from_float<T>(den > 0.0f ? num / den * v_scale : 0.0f);
         } else {
             const long long at = (row * num_q_heads + head) * num_splits + split;
-            partial_out[at * HD + d] = num;
+            partial_out[at * HD + d] = num * v_scale;
             if (d == 0) {
                 partial_ml[at * 2] = m_max;
                 partial_ml[at * 2 + 1] = den;
@@ -599,40 +611,25 @@ __device__ void attention_combine_impl(T* __restrict__ out, const float* __restr
     out[base * head_dim + d] = tpserve::from_float<T>(den > 0.0f ? num / den : 0.0f);
 }
 
+#define TPSERVE_PAGED_ATTENTION_HD(SUFFIX, T, KV, C, HD)                                      \
+    extern "C" __global__ void paged_attention_hd##HD##KV##_##SUFFIX(                          \
+        T* __restrict__ out, float* __restrict__ partial_out, float* __restrict__ partial_ml,  \
+        const T* __restrict__ q, const C* __restrict__ key_cache,                              \
+        const C* __restrict__ value_cache, const int* __restrict__ block_tables,               \
+        const int* __restrict__ tiles, int num_q_heads, int num_kv_heads, int block_size,      \
+        int max_blocks_per_seq, int q_stride, int num_splits, int split_len, float scale,      \
+        float k_scale, float v_scale) {                                                        \
+        paged_attention_impl<T, C, HD>(out, partial_out, partial_ml, q, key_cache,             \
+                                       value_cache, block_tables, tiles, num_q_heads,          \
+                                       num_kv_heads, block_size, max_blocks_per_seq, q_stride, \
+                                       num_splits, split_len, scale, k_scale, v_scale);        \
+    }
+#define TPSERVE_PAGED_ATTENTION_CACHE(SUFFIX, T, KV, C)     \
+    TPSERVE_PAGED_ATTENTION_HD(SUFFIX, T, KV, C, 64)        \
+    TPSERVE_PAGED_ATTENTION_HD(SUFFIX, T, KV, C, 128)       \
+    TPSERVE_PAGED_ATTENTION_HD(SUFFIX, T, KV, C, 256)
 #define TPSERVE_PAGED_ATTENTION(SUFFIX, T)                                                    \
-    extern "C" __global__ void paged_attention_hd64_##SUFFIX(                                \
-        T* __restrict__ out, float* __restrict__ partial_out, float* __restrict__ partial_ml,  \
-        const T* __restrict__ q, const T* __restrict__ key_cache,                              \
-        const T* __restrict__ value_cache, const int* __restrict__ block_tables,               \
-        const int* __restrict__ tiles, int num_q_heads, int num_kv_heads, int block_size,      \
-        int max_blocks_per_seq, int q_stride, int num_splits, int split_len, float scale) {    \
-        paged_attention_impl<T, 64>(out, partial_out, partial_ml, q, key_cache, value_cache, \
-                                    block_tables, tiles, num_q_heads, num_kv_heads,            \
-                                    block_size, max_blocks_per_seq, q_stride, num_splits,      \
-                                    split_len, scale);                                         \
-    }                                                                                         \
-    extern "C" __global__ void paged_attention_hd128_##SUFFIX(                                \
-        T* __restrict__ out, float* __restrict__ partial_out, float* __restrict__ partial_ml,  \
-        const T* __restrict__ q, const T* __restrict__ key_cache,                              \
-        const T* __restrict__ value_cache, const int* __restrict__ block_tables,               \
-        const int* __restrict__ tiles, int num_q_heads, int num_kv_heads, int block_size,      \
-        int max_blocks_per_seq, int q_stride, int num_splits, int split_len, float scale) {    \
-        paged_attention_impl<T, 128>(out, partial_out, partial_ml, q, key_cache, value_cache, \
-                                    block_tables, tiles, num_q_heads, num_kv_heads,            \
-                                    block_size, max_blocks_per_seq, q_stride, num_splits,      \
-                                    split_len, scale);                                         \
-    }                                                                                         \
-    extern "C" __global__ void paged_attention_hd256_##SUFFIX(                                \
-        T* __restrict__ out, float* __restrict__ partial_out, float* __restrict__ partial_ml,  \
-        const T* __restrict__ q, const T* __restrict__ key_cache,                              \
-        const T* __restrict__ value_cache, const int* __restrict__ block_tables,               \
-        const int* __restrict__ tiles, int num_q_heads, int num_kv_heads, int block_size,      \
-        int max_blocks_per_seq, int q_stride, int num_splits, int split_len, float scale) {    \
-        paged_attention_impl<T, 256>(out, partial_out, partial_ml, q, key_cache, value_cache, \
-                                    block_tables, tiles, num_q_heads, num_kv_heads,            \
-                                    block_size, max_blocks_per_seq, q_stride, num_splits,      \
-                                    split_len, scale);                                         \
-    }                                                                                         \
+    TPSERVE_FOR_EACH_KV_CACHE(TPSERVE_PAGED_ATTENTION_CACHE, SUFFIX, T)                       \
     extern "C" __global__ void attention_combine_##SUFFIX(                                    \
         T* __restrict__ out, const float* __restrict__ partial_out,                           \
         const float* __restrict__ partial_ml, int num_q_heads, int head_dim,                  \
@@ -642,25 +639,27 @@ __device__ void attention_combine_impl(T* __restrict__ out, const float* __restr
     }
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_PAGED_ATTENTION)
 
-#define TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, HD, G)                                        \
-    extern "C" __global__ void __launch_bounds__(128) paged_attention_decode_hd##HD##_g##G##_##SUFFIX( \
+#define TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, KV, C, HD, G)                                 \
+    extern "C" __global__ void __launch_bounds__(128) paged_attention_decode_hd##HD##_g##G##KV##_##SUFFIX( \
         T* __restrict__ out, float* __restrict__ partial_out, float* __restrict__ partial_ml,  \
-        const T* __restrict__ qkv, T* __restrict__ key_cache, T* __restrict__ value_cache,     \
+        const T* __restrict__ qkv, C* __restrict__ key_cache, C* __restrict__ value_cache,     \
         const int* __restrict__ block_tables, const int* __restrict__ tiles,                   \
         const long long* __restrict__ slot_mapping, const float* __restrict__ cos_table,       \
         const float* __restrict__ sin_table, int num_q_heads, int num_kv_heads,                \
         int block_size, int max_blocks_per_seq, int qkv_stride, int num_splits, int split_len, \
-        float scale) {                                                                        \
-        paged_attention_decode_impl<T, HD, G>(                                                \
+        float scale, float k_scale, float v_scale) {                                          \
+        paged_attention_decode_impl<T, C, HD, G>(                                             \
             out, partial_out, partial_ml, qkv, key_cache, value_cache, block_tables, tiles,   \
             slot_mapping, cos_table, sin_table, num_q_heads, num_kv_heads, block_size,        \
-            max_blocks_per_seq, qkv_stride, num_splits, split_len, scale);                    \
+            max_blocks_per_seq, qkv_stride, num_splits, split_len, scale, k_scale, v_scale);  \
     }
-#define TPSERVE_DECODE_ATTENTION(SUFFIX, T)                 \
-    TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, 64, 4)          \
-    TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, 64, 8)          \
-    TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, 128, 4)         \
-    TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, 128, 8)         \
-    TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, 256, 4)         \
-    TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, 256, 8)
+#define TPSERVE_DECODE_ATTENTION_CACHE(SUFFIX, T, KV, C)          \
+    TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, KV, C, 64, 4)         \
+    TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, KV, C, 64, 8)         \
+    TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, KV, C, 128, 4)        \
+    TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, KV, C, 128, 8)        \
+    TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, KV, C, 256, 4)        \
+    TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, KV, C, 256, 8)
+#define TPSERVE_DECODE_ATTENTION(SUFFIX, T) \
+    TPSERVE_FOR_EACH_KV_CACHE(TPSERVE_DECODE_ATTENTION_CACHE, SUFFIX, T)
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_DECODE_ATTENTION)

@@ -50,6 +50,12 @@ __host__ __device__ constexpr int paged_attention_mma_smem_bytes() {
 // fused with the max subtraction (exp2(S * scale log2(e) - max * scale log2(e))). Only key
 // tiles that reach past a warp's first position are masked.
 //
+// An FP8 cache (the `_fp8kv` entry points, common.cuh's KvCache) cannot be copied by cp.async:
+// each thread loads its share of a K or V tile into registers where cp.async would start the
+// copy, and converts it to T into shared memory where the copy would be waited for, so the
+// loads still overlap the products before that point. The key scale is folded into `scale`,
+// the value scale into the final division by the softmax sum.
+//
 // Only num_splits == 1 is supported (prefill never splits): the block owns all keys of its
 // tile and writes `out`; partial_out, partial_ml and split_len are ignored (accepted only so
 // the argument list matches paged_attention's) and num_splits must be 1.
@@ -60,8 +66,8 @@ __host__ __device__ constexpr int paged_attention_mma_smem_bytes() {
 //   partial_ml    f32 ignored
 //   q             T   [num_tokens, q_stride]: token t's heads at q + t * q_stride, [num_q_heads, HD]
 //                     (16-byte aligned, q_stride a multiple of 8)
-//   key_cache     T   [num_blocks, block_size, num_kv_heads, HD]   (this layer, 16-byte aligned)
-//   value_cache   T   [num_blocks, block_size, num_kv_heads, HD]   (16-byte aligned)
+//   key_cache     C   [num_blocks, block_size, num_kv_heads, HD]   (this layer, 16-byte aligned;
+//   value_cache   C   [num_blocks, block_size, num_kv_heads, HD]    C: T, or E4M3 bytes)
 //   block_tables  i32 [table_rows, max_blocks_per_seq]: one row per request
 //   tiles         i32 [num_tiles, 4]: the sequence's row of block_tables, first row (token
 //                     index), number of rows, position of the first row; rows * group <= ITEMS
@@ -69,19 +75,22 @@ __host__ __device__ constexpr int paged_attention_mma_smem_bytes() {
 //   num_splits    i32  must be 1
 //   split_len     i32  ignored
 //   scale         f32  usually 1 / sqrt(HD)
+//   k_scale, v_scale  f32  the cache's scales (1 for a cache in T)
 // Launch: grid (num_kv_heads, num_tiles, 1), so that blocks start in the tiles' order (the host
 // puts the tiles with the most keys first, and the grid's tail is short tiles); block
 // (32 * WARPS, 1, 1); dynamic shared memory paged_attention_mma_smem_bytes<T, HD, WARPS, MT,
 // KEYS>() (the entry points below: 37,888, 70,656 and 105,472 bytes; above 48 KiB the host
 // raises the kernel's dynamic shared memory limit).
 // Needs sm_80 or newer (mma bf16, ldmatrix, cp.async).
-template <typename T, int HD, int WARPS, int MT, int KEYS>
+template <typename T, typename C, int HD, int WARPS, int MT, int KEYS>
 __device__ __forceinline__ void paged_attention_mma_impl(
-    T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ key_cache,
-    const T* __restrict__ value_cache, const int* __restrict__ block_tables,
+    T* __restrict__ out, const T* __restrict__ q, const C* __restrict__ key_cache,
+    const C* __restrict__ value_cache, const int* __restrict__ block_tables,
     const int* __restrict__ tiles, int num_q_heads, int num_kv_heads, int block_size,
-    int max_blocks_per_seq, int q_stride, float scale) {
+    int max_blocks_per_seq, int q_stride, float scale, float k_scale, float v_scale) {
+    using Kv = tpserve::KvCache<T, C>;
     tpserve::wait_for_inputs();
+    scale *= k_scale;  // scores of the cache's K / k_scale
     static_assert(HD % 16 == 0, "HD must be a multiple of 16");
     static_assert(KEYS % 16 == 0, "KEYS must be a multiple of 16");
     constexpr int kThreads = 32 * WARPS;
@@ -173,18 +182,40 @@ __device__ __forceinline__ void paged_attention_mma_impl(
                               : -1;
         }
     };
-    // 16-byte copies of one K or V tile (keys of slot_s[buf]) into `dst`, as one cp.async group.
-    auto load_tile = [&](T* dst, const T* cache, int buf) {
+    // One K or V tile (keys of slot_s[buf]) into `dst`, 8 elements per copy: started here
+    // (16-byte cp.async copies as one group; for an FP8 cache, loads into `staged`) and
+    // finished by land_tile before the barrier that publishes the tile.
+    constexpr int kPieces = KEYS * kVecs / kThreads;
+    typename Kv::Raw staged[kPieces];
+    auto load_tile = [&](T* dst, const C* cache, int buf) {
 #pragma unroll
-        for (int it = 0; it < KEYS * kVecs / kThreads; ++it) {
+        for (int it = 0; it < kPieces; ++it) {
             const int idx = tid + it * kThreads;
             const int j = idx / kVecs;
             const int c = idx - j * kVecs;
             const long long slot = slot_s[buf][j];
             const long long at = slot >= 0 ? (slot * num_kv_heads + kv_head) * HD + c * 8 : 0;
-            cp_async_16(dst + j * kStride + c * 8, cache + at, slot >= 0);
+            if constexpr (Kv::kAsyncCopy) {
+                cp_async_16(dst + j * kStride + c * 8, cache + at, slot >= 0);
+            } else {
+                staged[it] = slot >= 0 ? Kv::load(cache + at) : Kv::zero();
+            }
         }
         cp_async_commit();
+    };
+    // Waits for this thread's copies (Q's too, the first time), or converts its staged FP8
+    // pieces into `dst`.
+    auto land_tile = [&](T* dst) {
+        cp_async_wait<0>();
+        if constexpr (!Kv::kAsyncCopy) {
+#pragma unroll
+            for (int it = 0; it < kPieces; ++it) {
+                const int idx = tid + it * kThreads;
+                const int j = idx / kVecs;
+                const int c = idx - j * kVecs;
+                *reinterpret_cast<uint4*>(dst + j * kStride + c * 8) = Kv::to_act(staged[it]);
+            }
+        }
     };
     // ldmatrix row addresses. A = Q (16 items x 16 dims, row-major): matrices (items +0, dims
     // +0), (+8, +0), (+0, +8), (+8, +8) = a0..a3. B = K^T (k = dim, n = key) from K stored
@@ -205,8 +236,8 @@ __device__ __forceinline__ void paged_attention_mma_impl(
     load_tile(k_s, key_cache, 0);
     int buf = 0;
     for (int chunk = 0; chunk < ctx_end; chunk += KEYS, buf ^= 1) {
-        cp_async_wait<0>();  // this thread's Q (first tile) and K copies have landed
-        __syncthreads();     // everyone's, and the previous tile's P V is done (v_s is free)
+        land_tile(k_s);   // this thread's Q (first tile) and K copies have landed
+        __syncthreads();  // everyone's, and the previous tile's P V is done (v_s is free)
         load_tile(v_s, value_cache, buf);
         const int next = chunk + KEYS;
         if (next < ctx_end) {
@@ -308,8 +339,8 @@ __device__ __forceinline__ void paged_attention_mma_impl(
                 }
             }
         }
-        cp_async_wait<0>();  // this thread's V copies have landed
-        __syncthreads();     // everyone's; S is done (k_s is free); slot_s[buf ^ 1] is written
+        land_tile(v_s);   // this thread's V copies have landed
+        __syncthreads();  // everyone's; S is done (k_s is free); slot_s[buf ^ 1] is written
         if (next < ctx_end) {
             load_tile(k_s, key_cache, buf ^ 1);
         }
@@ -354,7 +385,7 @@ __device__ __forceinline__ void paged_attention_mma_impl(
             l += __shfl_xor_sync(0xffffffffu, l, 2);
             const int item = warp_item0 + mt * 16 + (lane >> 2) + 8 * h;
             if (item < items) {
-                const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+                const float inv = (l > 0.0f ? 1.0f / l : 0.0f) * v_scale;
                 const long long row = row0 + item / group;
                 const int head = kv_head * group + item % group;
                 T* dst = out + (row * num_q_heads + head) * HD + 2 * tig;
@@ -375,27 +406,30 @@ __device__ __forceinline__ void paged_attention_mma_impl(
 constexpr int kMmaMTiles = 2;
 constexpr int kMmaKeys = 64;
 
-// One entry point per shape, head size and dtype, with paged_attention's argument list: WIDTH
-// is `_` for 4 warps and `_wide_` for 8 (paged_attention_mma_hd128_bf16,
-// paged_attention_mma_wide_hd128_bf16, ...).
-#define TPSERVE_PAGED_ATTENTION_MMA_ENTRY(WIDTH, HD, WARPS, SUFFIX, T)                        \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS) paged_attention_mma##WIDTH##hd##HD##_##SUFFIX( \
+// One entry point per shape, head size, dtype and cache element, with paged_attention's
+// argument list: WIDTH is `_` for 4 warps and `_wide_` for 8 (paged_attention_mma_hd128_bf16,
+// paged_attention_mma_wide_hd128_bf16, paged_attention_mma_hd128_fp8kv_bf16, ...).
+#define TPSERVE_PAGED_ATTENTION_MMA_ENTRY(WIDTH, HD, WARPS, SUFFIX, T, KV, C)                 \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS) paged_attention_mma##WIDTH##hd##HD##KV##_##SUFFIX( \
             T* __restrict__ out, float* __restrict__ partial_out,                            \
             float* __restrict__ partial_ml, const T* __restrict__ q,                         \
-            const T* __restrict__ key_cache, const T* __restrict__ value_cache,              \
+            const C* __restrict__ key_cache, const C* __restrict__ value_cache,              \
             const int* __restrict__ block_tables, const int* __restrict__ tiles,             \
             int num_q_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,       \
-            int q_stride, int num_splits, int split_len, float scale) {                      \
+            int q_stride, int num_splits, int split_len, float scale, float k_scale,         \
+            float v_scale) {                                                                 \
         (void)partial_out;                                                                   \
         (void)partial_ml;                                                                    \
         (void)num_splits;                                                                    \
         (void)split_len;                                                                     \
-        paged_attention_mma_impl<T, HD, WARPS, kMmaMTiles, kMmaKeys>(                        \
+        paged_attention_mma_impl<T, C, HD, WARPS, kMmaMTiles, kMmaKeys>(                     \
             out, q, key_cache, value_cache, block_tables, tiles, num_q_heads, num_kv_heads,   \
-            block_size, max_blocks_per_seq, q_stride, scale);                                \
+            block_size, max_blocks_per_seq, q_stride, scale, k_scale, v_scale);              \
     }
-#define TPSERVE_PAGED_ATTENTION_MMA(SUFFIX, T)                      \
-    TPSERVE_PAGED_ATTENTION_MMA_ENTRY(_, 64, 4, SUFFIX, T)          \
-    TPSERVE_PAGED_ATTENTION_MMA_ENTRY(_, 128, 4, SUFFIX, T)         \
-    TPSERVE_PAGED_ATTENTION_MMA_ENTRY(_wide_, 128, 8, SUFFIX, T)
+#define TPSERVE_PAGED_ATTENTION_MMA_CACHE(SUFFIX, T, KV, C)              \
+    TPSERVE_PAGED_ATTENTION_MMA_ENTRY(_, 64, 4, SUFFIX, T, KV, C)        \
+    TPSERVE_PAGED_ATTENTION_MMA_ENTRY(_, 128, 4, SUFFIX, T, KV, C)       \
+    TPSERVE_PAGED_ATTENTION_MMA_ENTRY(_wide_, 128, 8, SUFFIX, T, KV, C)
+#define TPSERVE_PAGED_ATTENTION_MMA(SUFFIX, T) \
+    TPSERVE_FOR_EACH_KV_CACHE(TPSERVE_PAGED_ATTENTION_MMA_CACHE, SUFFIX, T)
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_PAGED_ATTENTION_MMA)

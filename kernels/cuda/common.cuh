@@ -185,6 +185,118 @@ __device__ __forceinline__ void wait_for_inputs() {
 #endif
 }
 
+// FP8 E4M3 (issue 12: FP8 weights, activations and the KV cache). Two E4M3 values (the low
+// byte is the lower-indexed element) as f32; exact.
+__device__ __forceinline__ float2 e4m3x2_to_float2(unsigned int bits) {
+#if __CUDA_ARCH__ >= 890
+    unsigned int h;
+    const unsigned short pair = static_cast<unsigned short>(bits);
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"(pair));
+    return __half22float2(*reinterpret_cast<__half2*>(&h));
+#else
+    // E4M3's sign, exponent and mantissa placed in f16's fields: the same value times 2^-8 (the
+    // exponent biases differ by 8, and E4M3's subnormals land on f16's), hence the 256. Exact;
+    // the FP8 kernels run only where the instruction above exists, this keeps them compiling.
+    unsigned int h = ((bits & 0x80u) << 8) | ((bits & 0x7fu) << 7) | ((bits & 0x8000u) << 16) |
+                     ((bits & 0x7f00u) << 15);
+    const float2 f = __half22float2(*reinterpret_cast<__half2*>(&h));
+    return make_float2(f.x * 256.0f, f.y * 256.0f);
+#endif
+}
+
+// Two f32 values as E4M3 (rounded to nearest even, saturated at +-448), `lo` in the low byte.
+__device__ __forceinline__ unsigned short float2_to_e4m3x2(float lo, float hi) {
+#if __CUDA_ARCH__ >= 890
+    unsigned short r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    // FP8 runs only where the conversion instruction exists (sm_89 and newer); the worker refuses
+    // `--quantization fp8` and `--kv-cache-dtype fp8` elsewhere, so this is never reached.
+    __trap();
+    return 0;
+#endif
+}
+
+// An element of an FP8 KV cache (`--kv-cache-dtype fp8`): E4M3 bits of x / scale, with one f32
+// scale per layer for keys and one for values.
+struct E4M3Kv {
+    unsigned char bits;
+};
+
+// How the attention kernels read and write a KV cache of element C for activations T, 8
+// consecutive elements of a head vector (a "piece", 8-element aligned) at a time:
+// - C = T: the cache holds the keys and values as they are (unscaled: the host passes scales
+//   of 1, which the kernels then fold in exactly); a piece is 16 bytes.
+// - C = E4M3Kv: the cache holds E4M3(x / scale); a piece is 8 bytes. Reading converts exactly
+//   (every E4M3 value is a bf16 and an f16 value); the kernels fold the key scale into the
+//   softmax scale and multiply their outputs by the value scale.
+template <typename T, typename C> struct KvCache;
+
+template <typename T> struct KvCache<T, T> {
+    using Raw = uint4;
+    static constexpr bool kAsyncCopy = true;  // a piece is what cp.async copies: 16 bytes
+    __device__ static Raw zero() { return make_uint4(0u, 0u, 0u, 0u); }
+    __device__ static Raw load(const T* p) { return *reinterpret_cast<const uint4*>(p); }
+    __device__ static void store(T* p, Raw r) { *reinterpret_cast<uint4*>(p) = r; }
+    // The piece as 8 elements of T.
+    __device__ static uint4 to_act(Raw r) { return r; }
+    // 8 elements of T as a piece (scale ignored: a T cache is unscaled).
+    __device__ static Raw from_act(uint4 v, float) { return v; }
+    __device__ static void to_floats(Raw r, float (&f)[8]) {
+        const T* e = reinterpret_cast<const T*>(&r);
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+            f[c] = to_float(e[c]);
+        }
+    }
+    // One element of T into the cache.
+    __device__ static void store1(T* p, T v, float) { *p = v; }
+};
+
+template <typename T> struct KvCache<T, E4M3Kv> {
+    using Raw = uint2;
+    static constexpr bool kAsyncCopy = false;  // converted on the way into shared memory
+    __device__ static Raw zero() { return make_uint2(0u, 0u); }
+    __device__ static Raw load(const E4M3Kv* p) { return *reinterpret_cast<const uint2*>(p); }
+    __device__ static void store(E4M3Kv* p, Raw r) { *reinterpret_cast<uint2*>(p) = r; }
+    __device__ static void to_floats(Raw r, float (&f)[8]) {
+#pragma unroll
+        for (int w = 0; w < 2; ++w) {
+            const unsigned int word = w == 0 ? r.x : r.y;
+            const float2 lo = e4m3x2_to_float2(word & 0xffffu);
+            const float2 hi = e4m3x2_to_float2(word >> 16);
+            f[4 * w] = lo.x;
+            f[4 * w + 1] = lo.y;
+            f[4 * w + 2] = hi.x;
+            f[4 * w + 3] = hi.y;
+        }
+    }
+    __device__ static uint4 to_act(Raw r) {
+        float f[8];
+        to_floats(r, f);
+        uint4 v;
+        T* e = reinterpret_cast<T*>(&v);
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+            e[c] = from_float<T>(f[c]);  // exact
+        }
+        return v;
+    }
+    __device__ static Raw from_act(uint4 v, float scale) {
+        const T* e = reinterpret_cast<const T*>(&v);
+        unsigned int q[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            q[j] = float2_to_e4m3x2(to_float(e[2 * j]) / scale, to_float(e[2 * j + 1]) / scale);
+        }
+        return make_uint2(q[0] | (q[1] << 16), q[2] | (q[3] << 16));
+    }
+    __device__ static void store1(E4M3Kv* p, T v, float scale) {
+        p->bits = static_cast<unsigned char>(float2_to_e4m3x2(to_float(v) / scale, 0.0f));
+    }
+};
+
 }  // namespace tpserve
 
 // Calls M(suffix, type) once per activation dtype: the single list of dtypes every kernel
@@ -192,3 +304,11 @@ __device__ __forceinline__ void wait_for_inputs() {
 #define TPSERVE_FOR_EACH_DTYPE(M) \
     M(bf16, __nv_bfloat16)        \
     M(f16, __half)
+
+// Calls M(suffix, type, kv, cache) for each KV cache element of activation dtype `type`: the
+// dtype itself (kv empty) and FP8 E4M3 (kv `_fp8kv`, `--kv-cache-dtype fp8`). Kernels that read
+// or write the KV cache instantiate through it (entry points `<name>_bf16` and
+// `<name>_fp8kv_bf16`, ...).
+#define TPSERVE_FOR_EACH_KV_CACHE(M, SUFFIX, T) \
+    M(SUFFIX, T, , T)                           \
+    M(SUFFIX, T, _fp8kv, tpserve::E4M3Kv)

@@ -37,19 +37,6 @@ __device__ __forceinline__ float block_reduce_max(float v) {
     return warp_reduce_max(total);
 }
 
-// Two f32 values as E4M3 (rounded to nearest even, saturated), `lo` in the low byte.
-__device__ __forceinline__ unsigned short float2_to_e4m3x2(float lo, float hi) {
-#if __CUDA_ARCH__ >= 890
-    unsigned short r;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
-    return r;
-#else
-    // FP8 runs only where the conversion instruction exists (sm_89 and newer); the worker refuses
-    // `--quantization fp8` elsewhere, so this is never reached.
-    __trap();
-#endif
-}
-
 // The largest |x[j]| of 8 elements (one 16-byte load, 16-byte aligned).
 template <typename T>
 __device__ __forceinline__ float abs_max8(const T* __restrict__ x) {
@@ -72,7 +59,7 @@ __device__ __forceinline__ void quantize8(unsigned char* __restrict__ out,
     unsigned short q[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-        q[j] = float2_to_e4m3x2(tpserve::to_float(e[2 * j]) / scale,
+        q[j] = tpserve::float2_to_e4m3x2(tpserve::to_float(e[2 * j]) / scale,
                                 tpserve::to_float(e[2 * j + 1]) / scale);
     }
     *reinterpret_cast<uint2*>(out) =

@@ -36,24 +36,6 @@ __device__ __forceinline__ float dot8(uint4 w, uint4 x, float acc) {
     return acc;
 }
 
-// Two FP8 E4M3 values (the low byte is the lower-indexed element) as f32.
-__device__ __forceinline__ float2 e4m3x2_to_float2(unsigned int bits) {
-#if __CUDA_ARCH__ >= 890
-    unsigned int h;
-    const unsigned short pair = static_cast<unsigned short>(bits);
-    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"(pair));
-    return __half22float2(*reinterpret_cast<__half2*>(&h));
-#else
-    // E4M3's sign, exponent and mantissa placed in f16's fields: the same value times 2^-8 (the
-    // exponent biases differ by 8, and E4M3's subnormals land on f16's), hence the 256. Exact;
-    // the FP8 kernels run only where the instruction above exists, this keeps them compiling.
-    unsigned int h = ((bits & 0x80u) << 8) | ((bits & 0x7fu) << 7) | ((bits & 0x8000u) << 16) |
-                     ((bits & 0x7f00u) << 15);
-    const float2 f = __half22float2(*reinterpret_cast<__half2*>(&h));
-    return make_float2(f.x * 256.0f, f.y * 256.0f);
-#endif
-}
-
 // The dot product of 16 FP8 E4M3 weights (one 16-byte load) and 16 elements of x (two 16-byte
 // loads), added to acc in element order.
 template <typename T>
@@ -63,8 +45,8 @@ __device__ __forceinline__ float dot16_e4m3(uint4 w, uint4 x0, uint4 x1, float a
     const unsigned int xb[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        const float2 lo = e4m3x2_to_float2(wb[i] & 0xffffu);
-        const float2 hi = e4m3x2_to_float2(wb[i] >> 16);
+        const float2 lo = tpserve::e4m3x2_to_float2(wb[i] & 0xffffu);
+        const float2 hi = tpserve::e4m3x2_to_float2(wb[i] >> 16);
         const float2 a = pair_to_float2(xb[2 * i], tag);
         const float2 b = pair_to_float2(xb[2 * i + 1], tag);
         acc = fmaf(lo.x, a.x, acc);

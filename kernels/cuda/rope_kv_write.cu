@@ -12,6 +12,8 @@
 // - when slot = slot_mapping[t] >= 0: key_cache[slot] = rot(k heads of t) and
 //   value_cache[slot] = v heads of t (a negative slot skips the write: padding rows of a
 //   CUDA-graph batch). The keys in qkv are left unrotated: attention reads keys from the cache.
+//   An FP8 cache (the `_fp8kv` entry points, common.cuh's KvCache) gets E4M3(rot(k) / k_scale)
+//   and E4M3(v / v_scale) of the values rounded to T; a cache in T ignores the scales.
 // The rotation is computed in f32 and rounded to T once (Hugging Face rounds cos and sin to T
 // first; the difference is within bf16 rounding). The tables hold cos and sin of
 // position * inv_freq[i] for every position up to the model's maximum, with the model's
@@ -23,23 +25,27 @@
 // Arguments:
 //   qkv          T   [num_tokens, stride]: per token, [num_q_heads, head_dim] queries, then
 //                    [num_kv_heads, head_dim] keys, then as many values; queries rewritten
-//   key_cache    T   [num_blocks, block_size, num_kv_heads, head_dim]   written at the slots
-//   value_cache  T   [num_blocks, block_size, num_kv_heads, head_dim]   written at the slots
+//   key_cache    C   [num_blocks, block_size, num_kv_heads, head_dim]   written at the slots
+//   value_cache  C   [num_blocks, block_size, num_kv_heads, head_dim]   written at the slots
+//                    (C: T, or E4M3 bytes for the `_fp8kv` entry points)
 //   slot_mapping i64 [num_tokens]   < num_blocks * block_size, or negative to skip
 //   positions    i32 [num_tokens]   < the tables' rows
 //   cos_table    f32 [max_pos, head_dim / 2]
 //   sin_table    f32 [max_pos, head_dim / 2]
 //   num_q_heads, num_kv_heads, head_dim (even), stride: i32
+//   k_scale, v_scale f32  the cache's scales (an FP8 cache's; 1 for a cache in T)
 // Launch: grid (num_tokens, Y, 1); block (B, 1, 1): the Y blocks of a token stride together
 // over its (num_q_heads + num_kv_heads) * half rotation pairs and num_kv_heads * head_dim values.
-template <typename T>
-__device__ void rope_kv_write_impl(T* __restrict__ qkv, T* __restrict__ key_cache,
-                                   T* __restrict__ value_cache,
+template <typename T, typename C>
+__device__ void rope_kv_write_impl(T* __restrict__ qkv, C* __restrict__ key_cache,
+                                   C* __restrict__ value_cache,
                                    const long long* __restrict__ slot_mapping,
                                    const int* __restrict__ positions,
                                    const float* __restrict__ cos_table,
                                    const float* __restrict__ sin_table, int num_q_heads,
-                                   int num_kv_heads, int head_dim, int stride) {
+                                   int num_kv_heads, int head_dim, int stride, float k_scale,
+                                   float v_scale) {
+    using Kv = tpserve::KvCache<T, C>;
     tpserve::wait_for_inputs();
     const long long token = blockIdx.x;
     const int half = head_dim / 2;
@@ -53,13 +59,13 @@ __device__ void rope_kv_write_impl(T* __restrict__ qkv, T* __restrict__ key_cach
     const int kv_elems = num_kv_heads * head_dim;
     const int items = slot >= 0 ? pairs + kv_elems : q_pairs;
     const long long at = slot >= 0 ? slot * kv_elems : 0;  // not written when negative
-    T* key_dst = key_cache + at;
-    T* value_dst = value_cache + at;
+    C* key_dst = key_cache + at;
+    C* value_dst = value_cache + at;
     const T* values = row + (num_q_heads + num_kv_heads) * head_dim;
     for (int p = blockIdx.y * blockDim.x + threadIdx.x; p < items; p += blockDim.x * gridDim.y) {
         if (p >= pairs) {
             const int e = p - pairs;
-            value_dst[e] = values[e];
+            Kv::store1(value_dst + e, values[e], v_scale);
             continue;
         }
         const int head = p / half;  // over queries then keys
@@ -76,21 +82,24 @@ __device__ void rope_kv_write_impl(T* __restrict__ qkv, T* __restrict__ key_cach
             hq[i] = r1;
             hq[i + half] = r2;
         } else {
-            T* hk = key_dst + (head - num_q_heads) * head_dim;
-            hk[i] = r1;
-            hk[i + half] = r2;
+            C* hk = key_dst + (head - num_q_heads) * head_dim;
+            Kv::store1(hk + i, r1, k_scale);
+            Kv::store1(hk + i + half, r2, k_scale);
         }
     }
 }
 
-#define TPSERVE_ROPE_KV_WRITE(SUFFIX, T)                                                      \
-    extern "C" __global__ void rope_kv_write_##SUFFIX(                                        \
-        T* __restrict__ qkv, T* __restrict__ key_cache, T* __restrict__ value_cache,          \
-        const long long* __restrict__ slot_mapping, const int* __restrict__ positions,        \
-        const float* __restrict__ cos_table, const float* __restrict__ sin_table,             \
-        int num_q_heads, int num_kv_heads, int head_dim, int stride) {                        \
-        rope_kv_write_impl<T>(qkv, key_cache, value_cache, slot_mapping, positions,           \
-                              cos_table, sin_table, num_q_heads, num_kv_heads, head_dim,      \
-                              stride);                                                        \
+#define TPSERVE_ROPE_KV_WRITE_ENTRY(SUFFIX, T, KV, C)                                          \
+    extern "C" __global__ void rope_kv_write##KV##_##SUFFIX(                                   \
+        T* __restrict__ qkv, C* __restrict__ key_cache, C* __restrict__ value_cache,           \
+        const long long* __restrict__ slot_mapping, const int* __restrict__ positions,         \
+        const float* __restrict__ cos_table, const float* __restrict__ sin_table,              \
+        int num_q_heads, int num_kv_heads, int head_dim, int stride, float k_scale,            \
+        float v_scale) {                                                                       \
+        rope_kv_write_impl<T, C>(qkv, key_cache, value_cache, slot_mapping, positions,         \
+                                 cos_table, sin_table, num_q_heads, num_kv_heads, head_dim,    \
+                                 stride, k_scale, v_scale);                                    \
     }
+#define TPSERVE_ROPE_KV_WRITE(SUFFIX, T) \
+    TPSERVE_FOR_EACH_KV_CACHE(TPSERVE_ROPE_KV_WRITE_ENTRY, SUFFIX, T)
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_ROPE_KV_WRITE)

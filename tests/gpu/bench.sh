@@ -42,6 +42,8 @@
 #   QUANTIZATION=fp8  every server and bench_device with `--quantization fp8` (issue 12), NAME
 #             suffixed with -fp8, no LoRA sections; the floors' weight bytes are the FP8 model's
 #             (its memory floor), the GEMM rate stays bf16's
+#   KV_CACHE_DTYPE=fp8  every server and bench_device with `--kv-cache-dtype fp8` (issue 12),
+#             NAME suffixed with -kvfp8 (after QUANTIZATION's), no LoRA sections
 # Exit status: 0 when every step produced its figures.
 set -euo pipefail
 
@@ -76,9 +78,11 @@ if [ -z "${NAME:-}" ]; then
     *) NAME=$(awk '{ print tolower($NF) }' <<<"$GPU_NAME") ;;
   esac
   [ -z "${QUANTIZATION:-}" ] || NAME="$NAME-$QUANTIZATION"
+  [ -z "${KV_CACHE_DTYPE:-}" ] || NAME="$NAME-kv$KV_CACHE_DTYPE"
 fi
-# Servers read --quantization from the environment.
+# Servers read --quantization and --kv-cache-dtype from the environment.
 [ -z "${QUANTIZATION:-}" ] || export TPSERVE_QUANTIZATION="$QUANTIZATION"
+[ -z "${KV_CACHE_DTYPE:-}" ] || export TPSERVE_KV_CACHE_DTYPE="$KV_CACHE_DTYPE"
 export BENCH_DATE
 BENCH_DATE=$(date -u +%FT%TZ)
 export BENCH_COMMIT="${BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
@@ -223,6 +227,7 @@ main() {
   echo "== in-process: bench_device (floors, decode eager and with graphs, prefill, phases)"
   if ! timeout -k 10 600 "$BIN_DIR/examples/bench_device" --config "$MODEL/config.json" \
     --dtype bfloat16 ${QUANTIZATION:+--quantization "$QUANTIZATION"} \
+    ${KV_CACHE_DTYPE:+--kv-cache-dtype "$KV_CACHE_DTYPE"} \
     --json "$WORK/tp1/bench_device.json" 2>&1 | tee "$WORK/bench_device.txt"; then
     echo "bench: bench_device failed" >&2
     return 1
@@ -249,7 +254,7 @@ main() {
   workloads "$WORK/tp1" 1
   stop_server
 
-  [ -n "${QUANTIZATION:-}" ] || lora_sections
+  [ -n "${QUANTIZATION:-}${KV_CACHE_DTYPE:-}" ] || lora_sections
   local tp2_args=()
   if [ "$NGPU" -ge 2 ]; then
     echo "== TP=2 over HTTP"

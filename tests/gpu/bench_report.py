@@ -71,6 +71,8 @@ def main() -> int:
         "date": os.environ.get("BENCH_DATE", ""),
         "commit": os.environ.get("BENCH_COMMIT", ""),
         "tensor_parallel_size": 1,
+        "quantization": dev.get("quantization", ""),
+        "kv_cache_dtype": dev.get("kv_cache_dtype", ""),
         "floors": {
             "copy_gb_per_s": dev["copy_gb_per_s"],
             "gemm_tflops": dev["gemm_tflops"],

@@ -148,13 +148,13 @@ static void step(const Model& m, const Options& o) {
             const int pairs = (Q_HEADS + KV_HEADS) * HD / 2 + KV_HEADS * HD;
             launch(rope_kv_write_bf16, dim3(1, std::max(1, (pairs + 1023) / 1024)), dim3(256),
                    m.qkv, l.kc, l.vc, m.slots, m.positions, m.cos_t, m.sin_t, Q_HEADS, KV_HEADS,
-                   HD, QKV);
+                   HD, QKV, 1.0f, 1.0f);
         }
         if (o.attention) {
             launch(paged_attention_decode_hd128_g4_bf16, dim3(1, KV_HEADS, o.splits), dim3(128),
                    m.attn, m.partial_out, m.partial_ml, m.qkv, l.kc, l.vc, m.block_tables,
                    m.tiles, m.slots, m.cos_t, m.sin_t, Q_HEADS, KV_HEADS, BLOCK, m.max_blocks,
-                   QKV, o.splits, 0, scale);
+                   QKV, o.splits, 0, scale, 1.0f, 1.0f);
             if (o.splits > 1) {
                 launch(attention_combine_bf16, dim3(1, Q_HEADS), dim3(HD), m.attn,
                        m.partial_out, m.partial_ml, Q_HEADS, HD, o.splits);

@@ -36,8 +36,15 @@ CKPT_DIR/input_scales.json gives the layer (x / scale rounded to E4M3, saturatin
 one dynamic scale per row (per token) when CKPT_DIR/fp8_inputs.json says {"dynamic": "token"}
 (per-channel weights); else with one dynamic scale over all their rows.
 
+With --fp8-kv, the model emulates tpserve's `--kv-cache-dtype fp8` (scales of 1, as for a
+checkpoint without `k_scale` / `v_scale`): the keys (after RoPE) and values every attention
+reads are rounded to E4M3 (nearest even, saturating at +-448) and back to the dtype; queries are
+not. tpserve rounds the keys and values once, as it writes them to the cache; this rounds them
+at every read, which gives the same values (E4M3 values are exact in every dtype here).
+
 How: python3 hf_reference.py CKPT_DIR OUTDIR [--device cuda|cpu] [--new-tokens 32]
           [--dtypes bfloat16,float16,float32] [--lora ADAPTER_DIR] [--fp8 | --fp8-inputs]
+          [--fp8-kv]
 Each prompt runs as one sequence in one forward pass (positions from 0, no BOS added: the ids are
 used exactly as given).
 """
@@ -175,6 +182,27 @@ def emulate_fp8_inputs(model, ckpt: str) -> str:
     return "static" if static is not None else "per-token" if per_token else "dynamic"
 
 
+def e4m3(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to E4M3 (scale 1, saturating) and back to its dtype."""
+    return t.float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float().to(t.dtype)
+
+
+def emulate_fp8_kv() -> list:
+    """Rounds the keys and values of every eager attention to E4M3 (see the module's
+    docstring); returns a one-element list counting the calls, to check the patch is used."""
+    import transformers.models.llama.modeling_llama as llama
+
+    original = llama.eager_attention_forward
+    calls = [0]
+
+    def fp8_kv_attention(module, query, key, value, *args, **kwargs):
+        calls[0] += 1
+        return original(module, query, e4m3(key), e4m3(value), *args, **kwargs)
+
+    llama.eager_attention_forward = fp8_kv_attention
+    return calls
+
+
 @torch.no_grad()
 def write_logits(model, prompts, device: str, path: str) -> dict:
     """Writes all positions' logits; returns a few figures for the log."""
@@ -240,7 +268,13 @@ def main() -> int:
         action="store_true",
         help="round the linear layers' inputs as tpserve's FP8 products do (weights as loaded)",
     )
+    ap.add_argument(
+        "--fp8-kv",
+        action="store_true",
+        help="round the keys and values attention reads to E4M3 (--kv-cache-dtype fp8)",
+    )
     args = ap.parse_args()
+    kv_calls = emulate_fp8_kv() if args.fp8_kv else None
 
     # The truth is plain float32 (no TF32); the other dtypes run at torch's defaults.
     torch.set_float32_matmul_precision("highest")
@@ -265,8 +299,12 @@ def main() -> int:
             implementation += "+fp8-emulated"
         if args.fp8_inputs:
             implementation += f"+fp8-{emulate_fp8_inputs(model, args.ckpt)}-inputs"
+        if kv_calls is not None:
+            implementation += "+fp8-kv-cache"
         out = os.path.join(args.outdir, f"hf_{name}.f32")
         figs = write_logits(model, prompts, args.device, out)
+        if kv_calls is not None and kv_calls[0] == 0:
+            raise SystemExit("--fp8-kv: the model never called eager_attention_forward")
         g = greedy(model, prompts[0], args.device, args.new_tokens)
         g.update({"dtype": name, "prompt_index": 0, "implementation": implementation})
         with open(os.path.join(args.outdir, f"hf_greedy_{name}.json"), "w") as f:

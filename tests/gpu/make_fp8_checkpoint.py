@@ -32,21 +32,17 @@ How: python3 make_fp8_checkpoint.py CKPT_DIR OUTDIR --layout channel|static [--d
 import argparse
 import json
 import os
-import shutil
 import sys
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
+from quantized_twin import LINEARS, is_linear, twin_dir, write_pair
+
 E4M3_MAX = 448.0
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Layers that share their input in tpserve (one quantized activation, one static scale).
 FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
-
-
-def is_linear(name: str) -> bool:
-    return name.endswith(".weight") and name.split(".")[-2] in LINEARS
 
 
 def quantization_config(layout: str) -> dict:
@@ -104,8 +100,7 @@ def main() -> int:
     args = ap.parse_args()
 
     tensors = load_file(os.path.join(args.ckpt, "model.safetensors"), device=args.device)
-    deq_dir = os.path.join(args.outdir, "dequantized")
-    os.makedirs(deq_dir, exist_ok=True)
+    deq_dir = twin_dir(args.outdir)
     amax_in = calibrate(args.ckpt, args.device) if args.layout == "static" else {}
     fp8, deq = {}, {}
     for name, t in tensors.items():
@@ -129,19 +124,7 @@ def main() -> int:
                 dtype=torch.float32,
                 device=args.device,
             )
-    save_file({k: v.cpu() for k, v in fp8.items()}, os.path.join(args.outdir, "model.safetensors"))
-    save_file({k: v.cpu() for k, v in deq.items()}, os.path.join(deq_dir, "model.safetensors"))
-
-    with open(os.path.join(args.ckpt, "config.json")) as f:
-        config = json.load(f)
-    config.pop("quantization_config", None)
-    with open(os.path.join(deq_dir, "config.json"), "w") as f:
-        json.dump(dict(config, torch_dtype="float32"), f, indent=2)
-    with open(os.path.join(args.outdir, "config.json"), "w") as f:
-        json.dump(dict(config, quantization_config=quantization_config(args.layout)), f, indent=2)
-    for extra in ("tokenizer.json", "prompts.json"):
-        for out in (args.outdir, deq_dir):
-            shutil.copy(os.path.join(args.ckpt, extra), os.path.join(out, extra))
+    write_pair(args.ckpt, args.outdir, fp8, deq, quantization_config(args.layout))
 
     if args.layout == "channel":
         with open(os.path.join(deq_dir, "fp8_inputs.json"), "w") as f:

@@ -28,21 +28,16 @@ How: python3 make_int4_checkpoint.py CKPT_DIR OUTDIR --format awq|gptq [--group 
 """
 
 import argparse
-import json
 import os
-import shutil
 import sys
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from quantized_twin import is_linear, write_pair
+
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's pack: value i of a word is column AWQ_ORDER[i]
-
-
-def is_linear(name: str) -> bool:
-    return name.endswith(".weight") and name.split(".")[-2] in LINEARS
 
 
 def quantization_config(fmt: str, group: int) -> dict:
@@ -126,8 +121,6 @@ def main() -> int:
     args = ap.parse_args()
 
     tensors = load_file(os.path.join(args.ckpt, "model.safetensors"), device=args.device)
-    deq_dir = os.path.join(args.outdir, "dequantized")
-    os.makedirs(deq_dir, exist_ok=True)
     packed, deq = {}, {}
     for name, t in tensors.items():
         if not is_linear(name):
@@ -139,24 +132,12 @@ def main() -> int:
         for suffix, v in layer.items():
             packed[f"{base}.{suffix}"] = v
         deq[name] = w.cpu()
-    save_file(packed, os.path.join(args.outdir, "model.safetensors"))
-    save_file(deq, os.path.join(deq_dir, "model.safetensors"))
-
-    with open(os.path.join(args.ckpt, "config.json")) as f:
-        config = json.load(f)
-    config.pop("quantization_config", None)
-    with open(os.path.join(deq_dir, "config.json"), "w") as f:
-        json.dump(dict(config, torch_dtype="float32"), f, indent=2)
-    with open(os.path.join(args.outdir, "config.json"), "w") as f:
-        json.dump(dict(config, quantization_config=quantization_config(args.format, args.group)),
-                  f, indent=2)
-    for extra in ("tokenizer.json", "prompts.json"):
-        for out in (args.outdir, deq_dir):
-            shutil.copy(os.path.join(args.ckpt, extra), os.path.join(out, extra))
+    write_pair(args.ckpt, args.outdir, packed, deq,
+               quantization_config(args.format, args.group))
     print(
         f"make_int4_checkpoint: {args.format}, groups of {args.group}: "
         f"{sum(is_linear(n) for n in tensors)} packed weights -> {args.outdir} "
-        f"(dequantized twin in {deq_dir})",
+        f"(dequantized twin in {args.outdir}/dequantized)",
         file=sys.stderr,
     )
     return 0

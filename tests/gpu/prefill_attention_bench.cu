@@ -2,7 +2,11 @@
 // it against a double-precision CPU reference on batches that mix sequences, cached prefixes
 // (chunk offsets), tile sizes, head sizes 64 and 128, GQA groups 1, 3, 4 and 8, bf16 and f16, and
 // times it on one long prompt (2,048 and 8,192 tokens from position 0, Llama-3-8B heads) in the
-// launch shapes given below, with tiles in the host's order and longest first.
+// launch shapes given below, with tiles in the host's order and longest first. The FP8 KV cache
+// entry points (`--kv-cache-dtype fp8`, issue 12) run on caches whose values are E4M3 values
+// times power-of-two scales (keys 1/2, values 1/4), given to them as E4M3 bytes and scales and to
+// the same shape in the dtype as those values: their outputs must be bit-identical (the
+// conversion is exact and the scales fold in exactly), and are timed beside it.
 //
 // How (on the GPU machine, from the repository root):
 //   nvcc -O3 -arch=sm_90 -std=c++17 -Xcompiler -fopenmp -I kernels/cuda \
@@ -26,6 +30,8 @@ namespace k_old {
 
 #include "harness.cuh"
 
+#include <cuda_fp8.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -39,14 +45,29 @@ typedef __half hf;
 
 static const int BLOCK = 16;
 
-// One launch shape of the kernel: warps per block, m-tiles per warp, keys per tile.
-template <typename T, int HD, int W, int MT, int KEYS>
-__global__ void __launch_bounds__(32 * W) variant(T* out, const T* q, const T* kc, const T* vc,
+// One launch shape of the kernel: warps per block, m-tiles per warp, keys per tile; caches of
+// element C (T, or E4M3 bytes with scales).
+template <typename T, typename C, int HD, int W, int MT, int KEYS>
+__global__ void __launch_bounds__(32 * W) variant(T* out, const T* q, const C* kc, const C* vc,
                                                   const int* tables, const int* tiles, int qh,
                                                   int kvh, int block, int width, int q_stride,
-                                                  float scale) {
-    k_new::paged_attention_mma_impl<T, HD, W, MT, KEYS>(out, q, kc, vc, tables, tiles, qh, kvh,
-                                                         block, width, q_stride, scale);
+                                                  float scale, float k_scale, float v_scale) {
+    k_new::paged_attention_mma_impl<T, C, HD, W, MT, KEYS>(out, q, kc, vc, tables, tiles, qh, kvh,
+                                                            block, width, q_stride, scale,
+                                                            k_scale, v_scale);
+}
+
+// The FP8 caches' scales: powers of two, so that folding them in is exact.
+static const float K_SCALE = 0.5f, V_SCALE = 0.25f;
+
+// x / scale rounded to E4M3 (saturating), as the cache holds it.
+static unsigned char to_e4m3(float x, float scale) {
+    return __nv_fp8_e4m3(x / scale).__x;
+}
+static float from_e4m3(unsigned char b, float scale) {
+    __nv_fp8_e4m3 v;
+    v.__x = b;
+    return (float)v * scale;
 }
 
 struct Seq {
@@ -61,7 +82,8 @@ template <typename T> static T from_f(float x);
 template <> bf from_f<bf>(float x) { return __float2bfloat16(x); }
 template <> hf from_f<hf>(float x) { return __float2half(x); }
 
-// A batch on the device: Q rows, paged caches with shuffled blocks, block tables.
+// A batch on the device: Q rows, paged caches with shuffled blocks, block tables. With `fp8`,
+// the caches' values are E4M3 values times K_SCALE / V_SCALE, also held as E4M3 bytes.
 template <typename T> struct Batch {
     int hd, qh, kvh, q_stride, tokens = 0, width = 0;
     std::vector<Seq> seqs;
@@ -69,9 +91,10 @@ template <typename T> struct Batch {
     std::vector<T> q, kc, vc;
     std::vector<int> tables;
     T *d_q = nullptr, *d_kc = nullptr, *d_vc = nullptr, *d_out = nullptr;
+    unsigned char *d_kc8 = nullptr, *d_vc8 = nullptr;
     int* d_tables = nullptr;
 
-    Batch(int hd_, int qh_, int kvh_, std::vector<Seq> s, unsigned seed)
+    Batch(int hd_, int qh_, int kvh_, std::vector<Seq> s, unsigned seed, bool fp8 = false)
         : hd(hd_), qh(qh_), kvh(kvh_), seqs(std::move(s)) {
         q_stride = (qh + 2 * kvh) * hd;
         int blocks = 0;
@@ -92,6 +115,19 @@ template <typename T> struct Batch {
         vc.resize(cache);
         for (auto& v : kc) v = from_f<T>(u(rng));
         for (auto& v : vc) v = from_f<T>(u(rng));
+        if (fp8) {
+            std::vector<unsigned char> kc8(cache), vc8(cache);
+            for (size_t i = 0; i < cache; ++i) {
+                kc8[i] = to_e4m3(to_f(kc[i]), K_SCALE);
+                vc8[i] = to_e4m3(to_f(vc[i]), V_SCALE);
+                kc[i] = from_f<T>(from_e4m3(kc8[i], K_SCALE));  // exact
+                vc[i] = from_f<T>(from_e4m3(vc8[i], V_SCALE));
+            }
+            CK(cudaMalloc(&d_kc8, cache));
+            CK(cudaMalloc(&d_vc8, cache));
+            CK(cudaMemcpy(d_kc8, kc8.data(), cache, cudaMemcpyHostToDevice));
+            CK(cudaMemcpy(d_vc8, vc8.data(), cache, cudaMemcpyHostToDevice));
+        }
         std::vector<int> ids(blocks);
         for (int i = 0; i < blocks; ++i) ids[i] = i;
         std::shuffle(ids.begin(), ids.end(), rng);
@@ -118,6 +154,8 @@ template <typename T> struct Batch {
         cudaFree(d_vc);
         cudaFree(d_out);
         cudaFree(d_tables);
+        cudaFree(d_kc8);
+        cudaFree(d_vc8);
     }
 
     // Tiles of at most `items / group` rows, as worker/src/cuda/attention_plan.rs cuts them;
@@ -183,23 +221,33 @@ struct Shape {
     std::string name;
     int items, threads, smem;
     const void* fn;
+    bool fp8kv;  // reads the batch's E4M3 caches
 };
 
-template <typename T, int HD, int W, int MT, int KEYS> static Shape shape() {
-    const void* fn = (const void*)variant<T, HD, W, MT, KEYS>;
+template <typename T, int HD, int W, int MT, int KEYS, typename C = T> static Shape shape() {
+    const void* fn = (const void*)variant<T, C, HD, W, MT, KEYS>;
     const int smem = k_new::paged_attention_mma_smem_bytes<T, HD, W, MT, KEYS>();
     CK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    const bool fp8kv = sizeof(C) == 1;
     char name[64];
-    snprintf(name, sizeof name, "%d warps x %d m-tiles, %d keys", W, MT, KEYS);
-    return {name, 16 * W * MT, 32 * W, smem, fn};
+    snprintf(name, sizeof name, "%d warps x %d m-tiles, %d keys%s", W, MT, KEYS,
+             fp8kv ? ", FP8 KV" : "");
+    return {name, 16 * W * MT, 32 * W, smem, fn, fp8kv};
 }
 
 // Launches `sh` on `b` with `tiles` (on the device); returns nothing, checks the launch.
 template <typename T>
 static void launch(const Shape& sh, Batch<T>& b, const int* d_tiles, int num_tiles) {
     float scale = 1.0f / std::sqrt((float)b.hd);
-    void* args[] = {&b.d_out, &b.d_q,  &b.d_kc,  &b.d_vc,     &b.d_tables, &d_tiles,
-                    &b.qh,    &b.kvh, (void*)&BLOCK, &b.width, &b.q_stride, &scale};
+    float ks = sh.fp8kv ? K_SCALE : 1.0f, vs = sh.fp8kv ? V_SCALE : 1.0f;
+    void* kc = sh.fp8kv ? (void*)b.d_kc8 : (void*)b.d_kc;
+    void* vc = sh.fp8kv ? (void*)b.d_vc8 : (void*)b.d_vc;
+    if (kc == nullptr) {
+        fprintf(stderr, "an FP8 KV shape on a batch without FP8 caches\n");
+        exit(2);
+    }
+    void* args[] = {&b.d_out,    &b.d_q,     &kc,    &vc, &b.d_tables, &d_tiles, &b.qh, &b.kvh,
+                    (void*)&BLOCK, &b.width, &b.q_stride, &scale, &ks,  &vs};
     CK(cudaLaunchKernel(sh.fn, dim3(b.kvh, num_tiles), dim3(sh.threads), args, sh.smem, 0));
 }
 
@@ -244,6 +292,22 @@ static void launch_shape(const Shape& sh, Batch<T>& b, const int* d_tiles, int n
 }
 
 static int failures = 0;
+
+template <typename T>
+static double max_diff(const std::vector<T>& a, const std::vector<T>& b, bool* finite);
+
+// Checks that an FP8 KV shape's output equals, bit for bit, the dtype's on the same values.
+template <typename T>
+static void identical(const char* what, const Shape& sh, const std::vector<T>& out,
+                      const std::vector<T>& same) {
+    const bool ok = out.size() == same.size() &&
+                    std::memcmp(out.data(), same.data(), out.size() * sizeof(T)) == 0;
+    if (!ok) ++failures;
+    bool finite = true;
+    const double d = out.size() == same.size() ? max_diff(out, same, &finite) : -1.0;
+    printf("%-4s %-44s %-34s bit-identical to the dtype's cache (max |diff| %.5f)\n",
+           ok ? "PASS" : "FAIL", what, sh.name.c_str(), d);
+}
 
 // Runs `sh` on `b` and returns the output rows.
 template <typename T>
@@ -340,9 +404,23 @@ template <typename T> static double time_ms(const Shape& sh, Batch<T>& b, bool r
     return ms[ms.size() / 2];
 }
 
-// Every check of one head size and dtype, for the shapes given.
+// The shape in the dtype of an FP8 KV shape: the same launch shape.
+static const Shape& twin(const std::vector<Shape>& shapes, const Shape& fp8) {
+    for (const Shape& sh : shapes) {
+        if (!sh.fp8kv && sh.fn != fp8.fn && sh.items == fp8.items && sh.threads == fp8.threads &&
+            fp8.name.rfind(sh.name, 0) == 0) {
+            return sh;
+        }
+    }
+    fprintf(stderr, "no shape in the dtype for %s\n", fp8.name.c_str());
+    exit(2);
+}
+
+// Every check of one head size and dtype, for the shapes given (FP8 KV shapes: on FP8 caches,
+// checked against the reference and bit-identical to their twins on the same values).
 template <typename T, int HD>
-static void checks(const char* dtype, const std::vector<Shape>& shapes) {
+static void checks(const char* dtype, const std::vector<Shape>& shapes,
+                   const std::vector<Shape>& fp8 = {}) {
     struct Layout {
         int qh, kvh;
     };
@@ -362,6 +440,16 @@ static void checks(const char* dtype, const std::vector<Shape>& shapes) {
                 check(what, sh, b, run(sh, b, reverse), ref, 0.03);
             }
         }
+        if (fp8.empty()) continue;
+        Batch<T> b8(HD, l.qh, l.kvh,
+                    {{0, 1}, {0, 77}, {37, 100}, {500, 333}, {63, 2}, {64, 65}, {129, 31}, {5, 0}},
+                    4321u + l.qh, true);
+        const Reference ref8 = reference(b8, {});
+        for (const Shape& sh : fp8) {
+            const std::vector<T> out = run(sh, b8, true);
+            check(what, sh, b8, out, ref8, 0.03);
+            identical(what, sh, out, run(twin(shapes, sh), b8, true));
+        }
     }
 }
 
@@ -375,15 +463,21 @@ int main() {
     const std::vector<Shape> bf64 = {shape<bf, 64, 4, 2, 64>(), shape<bf, 64, 4, 1, 64>()};
     const std::vector<Shape> hf128 = {shape<hf, 128, 4, 2, 64>(), shape<hf, 128, 8, 2, 64>()};
     const std::vector<Shape> hf64 = {shape<hf, 64, 4, 2, 64>()};
-    checks<bf, 128>("bf16", bf128);
-    checks<bf, 64>("bf16", bf64);
-    checks<hf, 128>("f16", hf128);
+    using E4M3 = tpserve::E4M3Kv;
+    // The worker's entry points (kMmaMTiles 2, kMmaKeys 64) on FP8 caches.
+    const std::vector<Shape> bf128_fp8 = {shape<bf, 128, 4, 2, 64, E4M3>(),
+                                          shape<bf, 128, 8, 2, 64, E4M3>()};
+    const std::vector<Shape> bf64_fp8 = {shape<bf, 64, 4, 2, 64, E4M3>()};
+    const std::vector<Shape> hf128_fp8 = {shape<hf, 128, 8, 2, 64, E4M3>()};
+    checks<bf, 128>("bf16", bf128, bf128_fp8);
+    checks<bf, 64>("bf16", bf64, bf64_fp8);
+    checks<hf, 128>("f16", hf128, hf128_fp8);
     checks<hf, 64>("f16", hf64);
 
     // One long prompt, Llama-3-8B heads: timed, checked on sampled rows, and compared with the
     // old kernel on every row.
     for (int n : {2048, 8192}) {
-        Batch<bf> b(128, 32, 8, {{0, n}}, 99u);
+        Batch<bf> b(128, 32, 8, {{0, n}}, 99u, true);
         std::vector<int> sample;
         for (int t : {0, 1, 15, 16, 31, 32, 63, 64, 127, 128, 1000, n / 2 + 7, n - 33, n - 2, n - 1})
             if (t < n) sample.push_back(t);
@@ -395,6 +489,11 @@ int main() {
         const std::vector<bf> before = run(old, b, false, true);
         check(what, old, b, before, ref, 0.03);
 #endif
+        for (const Shape& sh : bf128_fp8) {
+            const std::vector<bf> out = run(sh, b, true);
+            check(what, sh, b, out, ref, 0.03);
+            identical(what, sh, out, run(twin(bf128, sh), b, true));
+        }
         for (const Shape& sh : bf128) {
             const std::vector<bf> out = run(sh, b, true);
             check(what, sh, b, out, ref, 0.03);
@@ -415,7 +514,9 @@ int main() {
             printf("  %-34s %-14s %9.3f %9.1f\n", old.name.c_str(), "host", ms, gf / ms / 1e9);
         }
 #endif
-        for (const Shape& sh : bf128) {
+        std::vector<Shape> timed = bf128;
+        timed.insert(timed.end(), bf128_fp8.begin(), bf128_fp8.end());
+        for (const Shape& sh : timed) {
             for (bool reverse : {false, true}) {
                 const double ms = time_ms(sh, b, reverse, false);
                 printf("  %-34s %-14s %9.3f %9.1f\n", sh.name.c_str(),

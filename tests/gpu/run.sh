@@ -18,7 +18,8 @@
 # requests together and alone with --batch-invariant (all must match) and without
 # (invariance_check.py); compares log probabilities and sampling controls with the CPU backend
 # (extras_check.py); checks structured outputs beside plain requests (structured_check.py);
-# checks --quantization fp8 against transformers emulating it (step_fp8), and pre-quantized FP8
+# checks --quantization fp8 and --kv-cache-dtype fp8 against transformers emulating them (step_fp8,
+# step_fp8_kv), and pre-quantized FP8
 # checkpoints (compressed-tensors per-channel, AutoFP8 static; make_fp8_checkpoint.py) against
 # transformers on their dequantized weights (step_fp8_checkpoint), and AWQ and GPTQ 4-bit
 # checkpoints alike (step_int4_checkpoint); runs
@@ -76,6 +77,7 @@ fi
 CKPT="$WORK/ckpt"          # the random checkpoint and prompts.json
 REF="$WORK/ref"            # transformers' logits and greedy ids
 REF_FP8="$WORK/ref_fp8"    # the same, emulating --quantization fp8 (hf_reference.py --fp8)
+REF_FP8KV="$WORK/ref_fp8kv" # the same, emulating --kv-cache-dtype fp8 (--fp8-kv)
 OURS="$WORK/ours"          # tpserve's logits and greedy ids
 TSV="$WORK/results.tsv"    # the table: step<TAB>result<TAB>figures
 JSONL="$WORK/compare.jsonl" # compare.py's detailed records
@@ -252,6 +254,51 @@ step_fp8() {
     --greedy-truth "$REF_FP8/hf_greedy_float32.json" --ref-label "fp8 bfloat16" --near-tie 0.1
 }
 
+# step_fp8_kv: `--kv-cache-dtype fp8` (issue 12): keys and values stored in FP8 E4M3 (scales of
+# 1: the random checkpoint has no k_scale / v_scale). Against transformers with the keys and
+# values its attention reads rounded the same way (hf_reference.py --fp8-kv; its bfloat16 run is
+# the peer): prefill logits (tensor-core attention, and the CUDA-core kernel), every position as
+# a graph-replayed decode step (the decode kernel rounds its own key and value too), greedy
+# decoding; TP=2 where there are two GPUs. Skipped before compute capability 8.9.
+step_fp8_kv() {
+  if ! fp8_capable; then
+    record "fp8 kv cache" "SKIP" "needs compute capability 8.9 or newer"
+    return
+  fi
+  rm -rf "$REF_FP8KV"
+  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/hf_reference.py" "$CKPT" "$REF_FP8KV" \
+    --new-tokens "$NEW_TOKENS" --device "$REF_DEVICE" --dtypes bfloat16,float32 --fp8-kv
+  if [ "$RC" -eq 0 ] && [ -f "$REF_FP8KV/hf_float32.f32" ]; then
+    record "hf fp8 kv reference" "PASS" "transformers eager, keys and values rounded to E4M3 (${SECS}s)"
+  else
+    record "hf fp8 kv reference" "FAIL" "hf_reference.py --fp8-kv: $(why_failed)"
+    return
+  fi
+  local tag
+  ours_logits tp1-fp8kv 1 bfloat16 --kv-cache-dtype fp8 --chunk 2048
+  export TPSERVE_CUDA_ATTENTION=simt
+  ours_logits tp1-fp8kv-simt 1 bfloat16 --kv-cache-dtype fp8
+  unset TPSERVE_CUDA_ATTENTION
+  ours_logits tp1-fp8kv-decode 1 bfloat16 --kv-cache-dtype fp8 --chunk 1
+  ours_logits tp2-fp8kv 2 bfloat16 --kv-cache-dtype fp8
+  for tag in tp1-fp8kv tp1-fp8kv-simt tp1-fp8kv-decode tp2-fp8kv; do
+    [ -s "$OURS/$tag.f32" ] || continue
+    run_compare "$tag vs hf-fp8kv" --truth "$REF_FP8KV/hf_float32.f32" \
+      --peer "$REF_FP8KV/hf_bfloat16.f32" --ours "$OURS/$tag.f32" --vocab "$VOCAB" \
+      --prompts "$CKPT/prompts.json"
+  done
+  if [ -s "$OURS/tp1-fp8kv.f32" ] && [ -f "$REF/hf_float32.f32" ]; then
+    run_compare "tp1-fp8kv vs hf (FP8 KV rounding as the peer)" --truth "$REF/hf_float32.f32" \
+      --peer "$REF_FP8KV/hf_float32.f32" --ours "$OURS/tp1-fp8kv.f32" --vocab "$VOCAB" \
+      --prompts "$CKPT/prompts.json"
+  fi
+  if [ -s "$OURS/tp1-fp8kv.json" ]; then
+    run_compare "greedy tp1-fp8kv" --greedy "$OURS/tp1-fp8kv.json" \
+      --greedy-ref "$REF_FP8KV/hf_greedy_bfloat16.json" \
+      --greedy-truth "$REF_FP8KV/hf_greedy_float32.json" --ref-label "fp8 kv bfloat16" --near-tie 0.1
+  fi
+}
+
 # step_fp8_checkpoint LAYOUT: a pre-quantized FP8 checkpoint (issue 12) made from the random
 # checkpoint by make_fp8_checkpoint.py (channel: compressed-tensors FP8_DYNAMIC, per-channel
 # weight scales; static: AutoFP8's per-tensor weight and static activation scales), its FP8 weights
@@ -260,35 +307,11 @@ step_fp8() {
 # --fp8-inputs; its bfloat16 run is the peer): prefill logits (one chunk per prompt) and greedy
 # decoding (through the FP8 GEMV with per-row scales). Skipped before compute capability 8.9.
 step_fp8_checkpoint() {
-  local layout=$1 dir="$WORK/fp8-$1" ref="$WORK/ref_fp8_$1" tag="tp1-fp8-$1"
   if ! fp8_capable; then
-    record "fp8 checkpoint $layout" "SKIP" "needs compute capability 8.9 or newer"
+    record "fp8 checkpoint $1" "SKIP" "needs compute capability 8.9 or newer"
     return
   fi
-  rm -rf "$dir" "$ref"
-  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/make_fp8_checkpoint.py" "$CKPT" "$dir" \
-    --layout "$layout" --device "$REF_DEVICE"
-  if [ "$RC" -ne 0 ] || [ ! -f "$dir/dequantized/model.safetensors" ]; then
-    record "fp8 checkpoint $layout" "FAIL" "make_fp8_checkpoint.py: $(why_failed)"
-    return
-  fi
-  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/hf_reference.py" "$dir/dequantized" "$ref" \
-    --new-tokens "$NEW_TOKENS" --device "$REF_DEVICE" --dtypes bfloat16,float32 --fp8-inputs
-  if [ "$RC" -ne 0 ] || [ ! -f "$ref/hf_float32.f32" ]; then
-    record "hf fp8 $layout reference" "FAIL" "hf_reference.py --fp8-inputs: $(why_failed)"
-    return
-  fi
-  record "fp8 checkpoint $layout" "PASS" "made, and transformers on its dequantized twin (${SECS}s)"
-  OURS_MODEL="$dir" ours_logits "$tag" 1 bfloat16 --chunk 2048
-  if [ ! -s "$OURS/$tag.f32" ]; then
-    return
-  fi
-  run_compare "$tag vs hf (dequantized, FP8 inputs)" --truth "$ref/hf_float32.f32" \
-    --peer "$ref/hf_bfloat16.f32" --ours "$OURS/$tag.f32" --vocab "$VOCAB" \
-    --prompts "$CKPT/prompts.json"
-  run_compare "greedy $tag" --greedy "$OURS/$tag.json" \
-    --greedy-ref "$ref/hf_greedy_bfloat16.json" \
-    --greedy-truth "$ref/hf_greedy_float32.json" --ref-label "fp8 $layout bfloat16" --near-tie 0.1
+  quantized_checkpoint fp8 "$1" --layout "dequantized, FP8 inputs" --fp8-inputs
 }
 
 # step_int4_checkpoint FORMAT: a 4-bit checkpoint (issue 12) made from the random checkpoint by
@@ -299,38 +322,52 @@ step_fp8_checkpoint() {
 # the peer): prefill logits (one chunk per prompt), greedy decoding and every position as a
 # decode step (through the GEMV).
 step_int4_checkpoint() {
-  local format=$1 dir="$WORK/int4-$1" ref="$WORK/ref_int4_$1" tag="tp1-int4-$1"
-  rm -rf "$dir" "$ref"
-  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/make_int4_checkpoint.py" "$CKPT" "$dir" \
-    --format "$format" --device "$REF_DEVICE"
-  if [ "$RC" -ne 0 ] || [ ! -f "$dir/dequantized/model.safetensors" ]; then
-    record "int4 checkpoint $format" "FAIL" "make_int4_checkpoint.py: $(why_failed)"
-    return
-  fi
-  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/hf_reference.py" "$dir/dequantized" "$ref" \
-    --new-tokens "$NEW_TOKENS" --device "$REF_DEVICE" --dtypes bfloat16,float32
-  if [ "$RC" -ne 0 ] || [ ! -f "$ref/hf_float32.f32" ]; then
-    record "hf int4 $format reference" "FAIL" "hf_reference.py: $(why_failed)"
-    return
-  fi
-  record "int4 checkpoint $format" "PASS" "made, and transformers on its dequantized twin (${SECS}s)"
-  OURS_MODEL="$dir" ours_logits "$tag" 1 bfloat16 --chunk 2048
-  if [ ! -s "$OURS/$tag.f32" ]; then
-    return
-  fi
-  run_compare "$tag vs hf (dequantized)" --truth "$ref/hf_float32.f32" \
-    --peer "$ref/hf_bfloat16.f32" --ours "$OURS/$tag.f32" --vocab "$VOCAB" \
-    --prompts "$CKPT/prompts.json"
-  run_compare "greedy $tag" --greedy "$OURS/$tag.json" \
-    --greedy-ref "$ref/hf_greedy_bfloat16.json" \
-    --greedy-truth "$ref/hf_greedy_float32.json" --ref-label "int4 $format bfloat16" --near-tie 0.1
+  quantized_checkpoint int4 "$1" --format "dequantized" || return 0
   # Every position as a one-row decode step: the 4-bit GEMV's logits against the same truth.
-  OURS_MODEL="$dir" ours_logits "$tag-decode" 1 bfloat16 --chunk 1
-  if [ -s "$OURS/$tag-decode.f32" ]; then
-    run_compare "$tag-decode vs hf (dequantized)" --truth "$ref/hf_float32.f32" \
-      --peer "$ref/hf_bfloat16.f32" --ours "$OURS/$tag-decode.f32" --vocab "$VOCAB" \
+  OURS_MODEL="$QDIR" ours_logits "$QTAG-decode" 1 bfloat16 --chunk 1
+  if [ -s "$OURS/$QTAG-decode.f32" ]; then
+    run_compare "$QTAG-decode vs hf (dequantized)" --truth "$QREF/hf_float32.f32" \
+      --peer "$QREF/hf_bfloat16.f32" --ours "$OURS/$QTAG-decode.f32" --vocab "$VOCAB" \
       --prompts "$CKPT/prompts.json"
   fi
+}
+
+# quantized_checkpoint KIND VARIANT MAKER_FLAG VS [REFERENCE_ARGS...]: what the FP8 and 4-bit
+# checkpoint steps share. make_KIND_checkpoint.py writes the checkpoint (MAKER_FLAG VARIANT)
+# and its dequantized float32 twin; hf_reference.py runs transformers on the twin in bfloat16
+# and float32 (with REFERENCE_ARGS); our prefill logits (one chunk per prompt) are compared
+# with the twin's float32 run, its bfloat16 run as the peer (row "tp1-KIND-VARIANT vs hf (VS)"),
+# and our greedy decoding with its. Leaves QDIR, QREF and QTAG for the caller's further checks;
+# returns 1 when a stage before the comparisons failed (its FAIL row recorded).
+quantized_checkpoint() {
+  local kind=$1 variant=$2 flag=$3 vs=$4
+  shift 4
+  QDIR="$WORK/$kind-$variant" QREF="$WORK/ref_${kind}_$variant" QTAG="tp1-$kind-$variant"
+  rm -rf "$QDIR" "$QREF"
+  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/make_${kind}_checkpoint.py" "$CKPT" "$QDIR" \
+    "$flag" "$variant" --device "$REF_DEVICE"
+  if [ "$RC" -ne 0 ] || [ ! -f "$QDIR/dequantized/model.safetensors" ]; then
+    record "$kind checkpoint $variant" "FAIL" "make_${kind}_checkpoint.py: $(why_failed)"
+    return 1
+  fi
+  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/hf_reference.py" "$QDIR/dequantized" "$QREF" \
+    --new-tokens "$NEW_TOKENS" --device "$REF_DEVICE" --dtypes bfloat16,float32 "$@"
+  if [ "$RC" -ne 0 ] || [ ! -f "$QREF/hf_float32.f32" ]; then
+    record "hf $kind $variant reference" "FAIL" "hf_reference.py $*: $(why_failed)"
+    return 1
+  fi
+  record "$kind checkpoint $variant" "PASS" "made, and transformers on its dequantized twin (${SECS}s)"
+  OURS_MODEL="$QDIR" ours_logits "$QTAG" 1 bfloat16 --chunk 2048
+  if [ ! -s "$OURS/$QTAG.f32" ]; then
+    return 1
+  fi
+  run_compare "$QTAG vs hf ($vs)" --truth "$QREF/hf_float32.f32" \
+    --peer "$QREF/hf_bfloat16.f32" --ours "$OURS/$QTAG.f32" --vocab "$VOCAB" \
+    --prompts "$CKPT/prompts.json"
+  run_compare "greedy $QTAG" --greedy "$OURS/$QTAG.json" \
+    --greedy-ref "$QREF/hf_greedy_bfloat16.json" \
+    --greedy-truth "$QREF/hf_greedy_float32.json" --ref-label "$kind $variant bfloat16" \
+    --near-tie 0.1
 }
 
 # fp8_capable: whether this GPU runs FP8 (compute capability 8.9 or newer).
@@ -712,6 +749,7 @@ main() {
   check_logits tp1-f16 float16
   check_greedy tp1-f16 float16 0.03
   step_fp8
+  step_fp8_kv
   step_fp8_checkpoint channel
   step_fp8_checkpoint static
   step_int4_checkpoint awq

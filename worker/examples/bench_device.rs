@@ -39,6 +39,9 @@ struct Args {
     /// As `tpserve serve --quantization` (`fp8`); empty: none.
     #[arg(long, default_value = "")]
     quantization: String,
+    /// As `tpserve serve --kv-cache-dtype` (`fp8`); empty: the compute dtype.
+    #[arg(long, default_value = "")]
+    kv_cache_dtype: String,
     /// GPU to run on.
     #[arg(long, default_value_t = 0)]
     gpu: usize,
@@ -84,6 +87,7 @@ fn main() -> anyhow::Result<()> {
         load_format: load_format as i32,
         dtype: args.dtype.clone(),
         quantization: args.quantization.clone(),
+        kv_cache_dtype: args.kv_cache_dtype.clone(),
         dummy_seed: 1,
         batch_invariant: false,
         ..Default::default()
@@ -332,7 +336,8 @@ fn main() -> anyhow::Result<()> {
         100.0 * matrix_floor_s / prefill_simt_s
     );
     println!(
-        "(load {load_seconds:.1} s, warm-up {warmup:.2} s, {num_blocks} KV blocks of {BLOCK_SIZE}, {:.2} GB weights)",
+        "(load {load_seconds:.1} s, warm-up {warmup:.2} s, {num_blocks} KV blocks of {BLOCK_SIZE} ({}), {:.2} GB weights)",
+        loaded.kv_cache_dtype,
         weight_bytes as f64 / 1e9
     );
     println!();
@@ -366,6 +371,7 @@ fn main() -> anyhow::Result<()> {
         "config": config_path.display().to_string(),
         "checkpoint": args.checkpoint.as_ref().map(|d| d.display().to_string()),
         "quantization": loaded.quantization,
+        "kv_cache_dtype": loaded.kv_cache_dtype,
         "dtype": dtype.name(),
         "copy_gb_per_s": floors.copy_gb_per_s,
         "gemm_tflops": floors.gemm_tflops,

@@ -11,6 +11,7 @@ pub mod cuda;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod kv_cache_dtype;
 pub mod logging;
 pub mod lora;
 pub mod pooling;

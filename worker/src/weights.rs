@@ -464,5 +464,6 @@ pub fn load_response(
         // Set by the backend, which knows how it holds the weights.
         quantization: String::new(),
         weight_types: String::new(),
+        kv_cache_dtype: String::new(),
     }
 }

@@ -38,6 +38,8 @@ pub struct GroupInit {
     pub dtype: String,
     /// How the workers hold quantized weights.
     pub quantization: crate::quantization::Quantization,
+    /// What the KV cache stores (`--kv-cache-dtype`).
+    pub kv_cache_dtype: String,
     /// Tokens per KV block.
     pub block_size: u32,
     /// KV cache bytes per rank (CPU); 0 lets GPU workers size it from memory utilisation.
@@ -81,6 +83,8 @@ pub struct GroupReady {
     pub device_kind: String,
     /// The quantization rank 0 runs: `gguf (Q4_1, Q8_0)` with the block types, or `none`.
     pub quantization: String,
+    /// What rank 0's KV cache stores: the compute dtype's name or `fp8_e4m3`.
+    pub kv_cache_dtype: String,
     /// CUDA graphs rank 0 captured, and the seconds capture (with kernel tuning) took.
     pub cuda_graphs: u32,
     pub graph_capture_seconds: f64,
@@ -254,6 +258,7 @@ impl WorkerGroup {
                 max_lora_rank: init.max_lora_rank,
                 max_cpu_loras: init.max_cpu_loras,
                 quantization: init.quantization.as_str().into(),
+                kv_cache_dtype: init.kv_cache_dtype.clone(),
             };
             async move {
                 c.load_model(req)
@@ -334,6 +339,9 @@ impl WorkerGroup {
                     format!("{} ({})", l.quantization, l.weight_types)
                 }
             }),
+            kv_cache_dtype: loaded
+                .first()
+                .map_or_else(String::new, |l| l.kv_cache_dtype.clone()),
             cuda_graphs: warmups.first().map_or(0, |w| w.cuda_graphs),
             graph_capture_seconds: warmups.first().map_or(0.0, |w| w.graph_capture_seconds),
         })

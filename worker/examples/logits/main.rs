@@ -36,6 +36,9 @@ struct Args {
     /// As `tpserve serve --quantization` (e.g. `fp8`); empty: what the checkpoint holds.
     #[arg(long, default_value = "")]
     quantization: String,
+    /// As `tpserve serve --kv-cache-dtype` (`fp8`); empty: the compute dtype.
+    #[arg(long, default_value = "")]
+    kv_cache_dtype: String,
     #[arg(long, short = 't', default_value_t = 1)]
     tensor_parallel_size: usize,
     #[arg(long)]
@@ -102,6 +105,7 @@ fn main() -> anyhow::Result<()> {
         max_loras: u32::from(args.lora_adapter.is_some()),
         max_lora_rank: args.max_lora_rank,
         max_cpu_loras: 1,
+        kv_cache_dtype: args.kv_cache_dtype.clone(),
     };
     let loaded = group.on_all(move |_, r| r.load_model(&load))?;
     let fp8 = loaded.first().is_some_and(|l| l.quantization == "fp8");

@@ -14,6 +14,7 @@ use crate::batch::Batch;
 use crate::comm::tcp::Rendezvous;
 use crate::comm::{Communicator, SingleRank, TcpCommunicator};
 use crate::error::{Result, WorkerError};
+use crate::kv_cache_dtype::KvCacheDtype;
 use crate::lora::shard::AdapterShard;
 use crate::sampler::{sample_gathered, RowExtras, SampleSpec, Sampled};
 use crate::shard::ShardPlan;
@@ -116,6 +117,14 @@ impl Backend for CpuBackend {
                 ),
             });
         }
+        if KvCacheDtype::parse(&req.kv_cache_dtype)? != KvCacheDtype::Compute {
+            return Err(WorkerError::Unsupported {
+                detail: "kv cache dtype fp8 runs on CUDA GPUs of compute capability 8.9 or \
+                         newer; the CPU backend keeps the KV cache in float32 (leave \
+                         --kv-cache-dtype auto)"
+                    .into(),
+            });
+        }
         let mode = weight_mode(req)?;
         self.model = None;
         self.cache = None;
@@ -151,6 +160,7 @@ impl Backend for CpuBackend {
             "gguf"
         }
         .into();
+        response.kv_cache_dtype = "float32".into();
         response.weight_types = weight_types
             .iter()
             .map(|t| format!("{t:?}"))
@@ -354,5 +364,26 @@ mod tests {
         assert!(matches!(mode("", "float32"), Ok(WeightMode::Float32)));
         assert!(matches!(mode("none", "auto"), Ok(WeightMode::Float32)));
         assert!(matches!(mode("gguf", "auto"), Ok(WeightMode::Quantized(_))));
+    }
+
+    #[test]
+    fn an_fp8_kv_cache_is_refused_before_anything_loads() {
+        let mut backend = CpuBackend::new("127.0.0.1".into(), 1);
+        for kv in ["fp8", "fp8_e4m3", "fp8_e5m2"] {
+            let err = backend
+                .load_model(&pb::LoadModelRequest {
+                    model_path: "/nonexistent".into(),
+                    kv_cache_dtype: kv.into(),
+                    ..Default::default()
+                })
+                .expect_err("no FP8 cache on the CPU")
+                .to_string();
+            let why = if kv == "fp8_e5m2" {
+                "\"fp8_e5m2\""
+            } else {
+                "keeps the KV cache in float32"
+            };
+            assert!(err.contains(why), "{kv}: {err}");
+        }
     }
 }

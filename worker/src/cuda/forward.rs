@@ -298,13 +298,11 @@ impl Pass<'_> {
         }
         self.lora(li, FusedProduct::Qkv, ws.qkv.ptr, ws.normed.ptr)?;
         timer.mark(gpu, "gemm qkv");
-        let (kc, vc) = &self.cache.layers[li];
         // The decode attention rotates the queries and writes the new keys and values itself.
         if !matches!(self.v.attention, AttentionPlan::Decode { .. }) {
             k.rope_kv_write(&RopeKvWrite {
                 qkv: ws.qkv.ptr,
-                key_cache: kc.ptr,
-                value_cache: vc.ptr,
+                cache: self.cache.layers[li].args(),
                 slots: self.v.inputs.slots,
                 positions: self.v.inputs.positions,
                 cos: self.model.rope_cos.ptr,
@@ -337,7 +335,7 @@ impl Pass<'_> {
     /// Paged attention of every row over its sequence's cached keys, by the view's plan.
     fn attention(&self, li: usize) -> Result<()> {
         let (d, ws, v, k) = (&self.d, self.ws, self.v, self.dev.kernels);
-        let (kc, vc) = &self.cache.layers[li];
+        let cache = self.cache.layers[li].args();
         let shape = AttentionShape {
             q_heads: d.q_heads,
             kv_heads: d.kv_heads,
@@ -352,8 +350,7 @@ impl Pass<'_> {
             AttentionPlan::Mma => k.paged_attention_mma(
                 ws.attn.ptr,
                 ws.qkv.ptr,
-                kc.ptr,
-                vc.ptr,
+                &cache,
                 tables,
                 v.inputs.tiles,
                 v.num_tiles,
@@ -368,8 +365,7 @@ impl Pass<'_> {
                 ws.partial_out.ptr,
                 ws.partial_ml.ptr,
                 ws.qkv.ptr,
-                kc.ptr,
-                vc.ptr,
+                &cache,
                 tables,
                 v.inputs.tiles,
                 v.num_tiles,
@@ -384,8 +380,7 @@ impl Pass<'_> {
                     partial_out: ws.partial_out.ptr,
                     partial_ml: ws.partial_ml.ptr,
                     qkv: ws.qkv.ptr,
-                    key_cache: kc.ptr,
-                    value_cache: vc.ptr,
+                    cache,
                     block_tables: tables,
                     tiles: v.inputs.tiles,
                     slots: v.inputs.slots,

@@ -14,6 +14,7 @@ use super::gemv::GemvFamily;
 use super::int4::Int4Operands;
 use super::launch::{programmatic_launches, KernelLaunch};
 use crate::error::{Result, WorkerError};
+use crate::kv_cache_dtype::KvCacheDtype;
 use crate::sampler::logprobs::MAX_TOP_LOGPROBS;
 
 /// The activation dtype on the GPU.
@@ -204,10 +205,11 @@ impl MmaShape {
         (self.items() + 2 * ATTENTION_MMA_KEYS) * (head_dim + 8) * ELEM + 2 * ATTENTION_MMA_KEYS * 8
     }
 
-    /// The entry point's base name at `head_dim` (attention_mma.cu's WIDTH: `_` or `_wide_`).
-    fn entry(self, head_dim: usize) -> String {
+    /// The entry point's base name at `head_dim` (attention_mma.cu's WIDTH: `_` or `_wide_`)
+    /// for a cache whose entry points carry `kv` (`kv_entry`).
+    fn entry(self, head_dim: usize, kv: &str) -> String {
         let width = if self == Self::WIDE { "_wide_" } else { "_" };
-        format!("paged_attention_mma{width}hd{head_dim}")
+        format!("paged_attention_mma{width}hd{head_dim}{kv}")
     }
 
     /// The shape for head size 128 on a GPU that gives a block at most `smem_optin` bytes of
@@ -292,8 +294,9 @@ fn take_mma(
     take: &mut impl FnMut(&str) -> Result<CudaFunction>,
     head_dim: usize,
     shape: MmaShape,
+    kv: &str,
 ) -> Result<MmaKernel> {
-    let base = shape.entry(head_dim);
+    let base = shape.entry(head_dim, kv);
     let f = take(&base)?;
     f.set_attribute(
         CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -303,13 +306,23 @@ fn take_mma(
     Ok(MmaKernel { f, shape })
 }
 
+/// The infix of the entry points that read or write a cache of `kv` (common.cuh's
+/// TPSERVE_FOR_EACH_KV_CACHE): none for the compute dtype, `_fp8kv` for FP8.
+fn kv_entry(kv: KvCacheDtype) -> &'static str {
+    match kv {
+        KvCacheDtype::Compute => "",
+        KvCacheDtype::Fp8E4M3 => "_fp8kv",
+    }
+}
+
 fn launch_err(name: &str) -> impl Fn(cudarc::driver::DriverError) -> WorkerError + '_ {
     move |e| device_err(&format!("launching {name}"), e)
 }
 
 impl Kernels {
-    /// Compiles (or takes from the cache) every source for `gpu` and loads `dtype`'s entry points.
-    pub fn load(gpu: &Gpu, dtype: Dtype) -> Result<Self> {
+    /// Compiles (or takes from the cache) every source for `gpu` and loads `dtype`'s entry points,
+    /// those that touch the KV cache for a cache of `kv`.
+    pub fn load(gpu: &Gpu, dtype: Dtype, kv: KvCacheDtype) -> Result<Self> {
         let cache = match PtxCache::from_env() {
             Ok(c) => Some(c),
             Err(e) => {
@@ -377,38 +390,46 @@ impl Kernels {
                 detail: format!("kernel {name} is missing from the compiled modules"),
             })
         };
+        let kv = kv_entry(kv);
+        let mut take_kv = |base: &str| take(&format!("{base}{kv}"));
+        let rope_kv_write = take_kv("rope_kv_write")?;
+        let attention_hd64 = take_kv("paged_attention_hd64")?;
+        let attention_hd128 = take_kv("paged_attention_hd128")?;
+        let attention_hd256 = take_kv("paged_attention_hd256")?;
+        let attention_decode = [
+            [
+                take_kv("paged_attention_decode_hd64_g4")?,
+                take_kv("paged_attention_decode_hd64_g8")?,
+            ],
+            [
+                take_kv("paged_attention_decode_hd128_g4")?,
+                take_kv("paged_attention_decode_hd128_g8")?,
+            ],
+            [
+                take_kv("paged_attention_decode_hd256_g4")?,
+                take_kv("paged_attention_decode_hd256_g8")?,
+            ],
+        ];
         Ok(Self {
             stream: gpu.stream.clone(),
             programmatic: programmatic_launches(gpu.compute_capability.0),
             embedding: take("embedding")?,
             rms_norm: take("rms_norm")?,
             rms_norm_residual: take("rms_norm_residual")?,
-            rope_kv_write: take("rope_kv_write")?,
+            rope_kv_write,
             silu_mul: take("silu_mul")?,
-            attention_hd64: take("paged_attention_hd64")?,
-            attention_hd128: take("paged_attention_hd128")?,
-            attention_hd256: take("paged_attention_hd256")?,
-            attention_mma_hd64: take_mma(&mut take, 64, MmaShape::NARROW)?,
+            attention_hd64,
+            attention_hd128,
+            attention_hd256,
+            attention_mma_hd64: take_mma(&mut take, 64, MmaShape::NARROW, kv)?,
             attention_mma_hd128: take_mma(
                 &mut take,
                 128,
                 MmaShape::for_hd128(gpu.smem_per_block_optin),
+                kv,
             )?,
             attention_combine: take("attention_combine")?,
-            attention_decode: [
-                [
-                    take("paged_attention_decode_hd64_g4")?,
-                    take("paged_attention_decode_hd64_g8")?,
-                ],
-                [
-                    take("paged_attention_decode_hd128_g4")?,
-                    take("paged_attention_decode_hd128_g8")?,
-                ],
-                [
-                    take("paged_attention_decode_hd256_g4")?,
-                    take("paged_attention_decode_hd256_g8")?,
-                ],
-            ],
+            attention_decode,
             sample: take("sample")?,
             process_logits: take("process_logits")?,
             sample_processed: take("sample_processed")?,
@@ -527,8 +548,8 @@ impl Kernels {
         );
         let mut b = self.launch(&self.rope_kv_write);
         b.arg(&a.qkv)
-            .arg(&a.key_cache)
-            .arg(&a.value_cache)
+            .arg(&a.cache.key)
+            .arg(&a.cache.value)
             .arg(&a.slots)
             .arg(&a.positions)
             .arg(&a.cos)
@@ -536,7 +557,9 @@ impl Kernels {
             .arg(&qh)
             .arg(&kh)
             .arg(&hd)
-            .arg(&st);
+            .arg(&st)
+            .arg(&a.cache.k_scale)
+            .arg(&a.cache.v_scale);
         // SAFETY: as rope_kv_write.cu documents; the caller sizes the buffers.
         unsafe { b.launch(cfg) }
             .map(drop)
@@ -724,8 +747,7 @@ impl Kernels {
         &self,
         out: u64,
         q: u64,
-        key_cache: u64,
-        value_cache: u64,
+        cache: &CacheLayer,
         block_tables: u64,
         tiles: u64,
         num_tiles: usize,
@@ -743,16 +765,9 @@ impl Kernels {
         self.launch_attention(
             &k.f,
             cfg,
-            [
-                out,
-                unused,
-                unused,
-                q,
-                key_cache,
-                value_cache,
-                block_tables,
-                tiles,
-            ],
+            [out, unused, unused, q],
+            cache,
+            [block_tables, tiles],
             shape,
             (1, 0),
         )
@@ -760,11 +775,14 @@ impl Kernels {
     }
 
     /// Launches either attention kernel: their arguments are the same.
+    #[allow(clippy::too_many_arguments)]
     fn launch_attention(
         &self,
         f: &CudaFunction,
         cfg: LaunchConfig,
-        pointers: [u64; 8],
+        outputs_and_q: [u64; 4],
+        cache: &CacheLayer,
+        tables_and_tiles: [u64; 2],
         shape: &AttentionShape,
         (num_splits, split_len): (usize, usize),
     ) -> std::result::Result<(), cudarc::driver::DriverError> {
@@ -779,7 +797,11 @@ impl Kernels {
         );
         let scale = shape.scale;
         let mut b = self.launch(f);
-        for p in &pointers {
+        for p in &outputs_and_q {
+            b.arg(p);
+        }
+        b.arg(&cache.key).arg(&cache.value);
+        for p in &tables_and_tiles {
             b.arg(p);
         }
         b.arg(&nq)
@@ -789,10 +811,13 @@ impl Kernels {
             .arg(&qs)
             .arg(&ns)
             .arg(&sl)
-            .arg(&scale);
+            .arg(&scale)
+            .arg(&cache.k_scale)
+            .arg(&cache.v_scale);
         // SAFETY: both attention kernels take (out, partial_out, partial_ml, q, key_cache,
         // value_cache, block_tables, tiles, num_q_heads, num_kv_heads, block_size,
-        // max_blocks_per_seq, q_stride, num_splits, split_len, scale) as attention.cu documents;
+        // max_blocks_per_seq, q_stride, num_splits, split_len, scale, k_scale, v_scale) as
+        // attention.cu documents, the caches of the element the entry points were loaded for;
         // the callers size the buffers, keep the tiles within the kernel's item limit and the
         // shared memory under the default limit.
         unsafe { b.launch(cfg) }.map(drop)
@@ -806,8 +831,7 @@ impl Kernels {
         partial_out: u64,
         partial_ml: u64,
         q: u64,
-        key_cache: u64,
-        value_cache: u64,
+        cache: &CacheLayer,
         block_tables: u64,
         tiles: u64,
         num_tiles: usize,
@@ -834,16 +858,9 @@ impl Kernels {
         self.launch_attention(
             f,
             cfg,
-            [
-                out,
-                partial_out,
-                partial_ml,
-                q,
-                key_cache,
-                value_cache,
-                block_tables,
-                tiles,
-            ],
+            [out, partial_out, partial_ml, q],
+            cache,
+            [block_tables, tiles],
             shape,
             (num_splits, split_len),
         )
@@ -909,8 +926,8 @@ impl Kernels {
             .arg(&a.partial_out)
             .arg(&a.partial_ml)
             .arg(&a.qkv)
-            .arg(&a.key_cache)
-            .arg(&a.value_cache)
+            .arg(&a.cache.key)
+            .arg(&a.cache.value)
             .arg(&a.block_tables)
             .arg(&a.tiles)
             .arg(&a.slots)
@@ -923,7 +940,9 @@ impl Kernels {
             .arg(&qs)
             .arg(&ns)
             .arg(&split_len)
-            .arg(&shape.scale);
+            .arg(&shape.scale)
+            .arg(&a.cache.k_scale)
+            .arg(&a.cache.v_scale);
         // SAFETY: as attention.cu documents for paged_attention_decode; the caller sizes the
         // buffers (partials for num_tiles x q_heads x splits, at most ATTENTION_MAX_SPLITS).
         unsafe { b.launch(cfg) }
@@ -1166,6 +1185,18 @@ pub struct Product {
     pub int4: Option<Int4Operands>,
 }
 
+/// One layer's KV cache as the kernels that read or write it take it: keys and values (device
+/// addresses of `[num_blocks, block_size, kv_heads, head_dim]` elements of the cache's dtype,
+/// the one the kernels were loaded for) and the scales an FP8 cache divides them by (1 for a
+/// cache in the compute dtype).
+#[derive(Debug, Clone, Copy)]
+pub struct CacheLayer {
+    pub key: u64,
+    pub value: u64,
+    pub k_scale: f32,
+    pub v_scale: f32,
+}
+
 /// The arguments of [`Kernels::paged_attention_decode`]: device addresses and sizes.
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeAttention {
@@ -1176,9 +1207,8 @@ pub struct DecodeAttention {
     pub partial_ml: u64,
     /// `[rows, stride]`: the qkv projection's output before RoPE (the kernel rotates).
     pub qkv: u64,
-    /// Written at the rows' slots (the rotated new keys and the values).
-    pub key_cache: u64,
-    pub value_cache: u64,
+    /// This layer's cache, written at the rows' slots (the rotated new keys and the values).
+    pub cache: CacheLayer,
     pub block_tables: u64,
     pub tiles: u64,
     /// i64 `[rows]`: the rows' cache slots, negative for padding rows.
@@ -1195,8 +1225,8 @@ pub struct DecodeAttention {
 pub struct RopeKvWrite {
     /// `[n, stride]`: queries, then keys, then values of each token.
     pub qkv: u64,
-    pub key_cache: u64,
-    pub value_cache: u64,
+    /// This layer's cache, written at the slots.
+    pub cache: CacheLayer,
     /// i64 `[n]`, negative to skip.
     pub slots: u64,
     /// i32 `[n]`.
@@ -1300,9 +1330,40 @@ mod tests {
         assert_eq!(MmaShape::for_hd128(101_376), MmaShape::NARROW);
         assert!(MmaShape::NARROW.smem_bytes(128) <= 101_376);
         // The names kernels/src/sources.rs lists for attention_mma.cu.
-        assert_eq!(MmaShape::NARROW.entry(64), "paged_attention_mma_hd64");
-        assert_eq!(MmaShape::NARROW.entry(128), "paged_attention_mma_hd128");
-        assert_eq!(MmaShape::WIDE.entry(128), "paged_attention_mma_wide_hd128");
+        let kv = kv_entry(KvCacheDtype::Compute);
+        assert_eq!(MmaShape::NARROW.entry(64, kv), "paged_attention_mma_hd64");
+        assert_eq!(MmaShape::NARROW.entry(128, kv), "paged_attention_mma_hd128");
+        assert_eq!(MmaShape::WIDE.entry(128, kv), "paged_attention_mma_wide_hd128");
+    }
+
+    #[test]
+    fn every_kernel_of_an_fp8_kv_cache_is_listed_for_both_dtypes() {
+        let fp8 = kv_entry(KvCacheDtype::Fp8E4M3);
+        let mut bases = vec![
+            MmaShape::NARROW.entry(64, fp8),
+            MmaShape::NARROW.entry(128, fp8),
+            MmaShape::WIDE.entry(128, fp8),
+        ];
+        for base in ["rope_kv_write", "paged_attention_hd64", "paged_attention_hd128"] {
+            bases.push(format!("{base}{fp8}"));
+        }
+        for hd in [64, 128, 256] {
+            bases.push(format!("paged_attention_hd{hd}{fp8}"));
+            for g in [4, 8] {
+                bases.push(format!("paged_attention_decode_hd{hd}_g{g}{fp8}"));
+            }
+        }
+        for base in bases {
+            for dtype in [Dtype::Bf16, Dtype::F16] {
+                let name = entry_point(&base, dtype.kernel_dtype());
+                assert!(
+                    tpserve_kernels::KERNELS
+                        .iter()
+                        .any(|(_, entries)| entries.contains(&name.as_str())),
+                    "{name} is not listed"
+                );
+            }
+        }
     }
 
     #[test]

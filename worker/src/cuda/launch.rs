@@ -16,7 +16,7 @@ use cudarc::driver::sys::{
 use cudarc::driver::{CudaFunction, CudaStream, DriverError, LaunchConfig};
 
 /// Most arguments any of our kernels takes.
-const MAX_ARGS: usize = 20;
+const MAX_ARGS: usize = 24;
 
 /// One launch being built.
 pub struct KernelLaunch<'a> {

@@ -63,6 +63,7 @@ use self::workspace::Workspace;
 use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo};
 use crate::batch::Batch;
 use crate::error::{Result, WorkerError};
+use crate::kv_cache_dtype::KvCacheDtype;
 use crate::lora::shard::AdapterShard;
 use crate::sampler::{RowExtras, SampleSpec, Sampled};
 use crate::step_trace::{phase, Phase};
@@ -141,6 +142,22 @@ fn check_fp8(gpu: &Gpu, batch_invariant: bool) -> Result<()> {
             detail: "quantization fp8 with --batch-invariant (the batch-invariant GEMM \
                      multiplies weights in the dtype)"
                 .into(),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses `--kv-cache-dtype fp8` on GPUs without FP8 conversions (before compute capability
+/// 8.9).
+fn check_fp8_kv_cache(gpu: &Gpu) -> Result<()> {
+    let (major, minor) = gpu.compute_capability;
+    if (major, minor) < fp8::MIN_COMPUTE_CAPABILITY {
+        return Err(WorkerError::Unsupported {
+            detail: format!(
+                "kv cache dtype fp8 needs a GPU of compute capability 8.9 or newer (Ada, \
+                 Hopper, Blackwell); {} is {major}.{minor} (leave --kv-cache-dtype auto)",
+                gpu.name
+            ),
         });
     }
     Ok(())
@@ -482,6 +499,10 @@ impl Backend for CudaBackend {
         let started = Instant::now();
         let dtype = Dtype::parse(&req.dtype)?;
         let quantization = QuantizationRequest::parse(&req.quantization)?;
+        let kv_cache = KvCacheDtype::parse(&req.kv_cache_dtype)?;
+        if kv_cache == KvCacheDtype::Fp8E4M3 {
+            check_fp8_kv_cache(&self.gpu)?;
+        }
         if quantization == QuantizationRequest::Gguf {
             return Err(WorkerError::Unsupported {
                 detail: "quantization gguf runs on the CPU backend only; on a GPU a GGUF is \
@@ -507,9 +528,13 @@ impl Backend for CudaBackend {
         // batch-invariant mode, whose one kernel multiplies weights in the dtype).
         let int4 = quantization == QuantizationRequest::Auto && !req.batch_invariant;
         let (rank, world) = (self.rank, self.world_size);
-        let kernels = Kernels::load(&self.gpu, dtype)?;
+        let kernels = Kernels::load(&self.gpu, dtype, kv_cache)?;
         let mut model = load_shard(req, rank, world, |config, shard, source| {
-            let quantized = QuantizedLoad { fp8, int4 };
+            let quantized = QuantizedLoad {
+                fp8,
+                int4,
+                kv_cache,
+            };
             CudaModel::load(&self.gpu, &kernels, config, shard, source, dtype, quantized)
         })?;
         let blas_lt = model
@@ -553,8 +578,10 @@ impl Backend for CudaBackend {
         } else {
             response.quantization = "none".into();
         }
+        response.kv_cache_dtype = model.kv_cache_dtype().name(dtype.name());
         tracing::info!(
             dtype = dtype.name(),
+            kv_cache_dtype = %response.kv_cache_dtype,
             weight_gib = model.weight_bytes() as f64 / (1u64 << 30) as f64,
             seconds = response.load_seconds,
             "model loaded"

@@ -16,11 +16,12 @@ use tpserve_modelfile::LlamaConfig;
 use super::device::{DeviceBuffer, Gpu};
 use super::fp8::{Fp8Operands, Fp8Weight, E4M3_MAX, SCALE_OFFSET, STATS_BYTES};
 use super::int4::{mma_layout, pack_params, Int4Operands, Int4Weight};
-use super::kernels::{attention_max_items, Dtype, Kernels, ELEM};
+use super::kernels::{attention_max_items, CacheLayer, Dtype, Kernels, ELEM};
 use super::lora::LoraSlots;
 use super::workspace::Workspace;
 use crate::cpu::ops::Rope;
 use crate::error::{Result, WorkerError};
+use crate::kv_cache_dtype::{layer_kv_scales, KvCacheDtype};
 use crate::shard::ShardPlan;
 use crate::weights::{
     dummy_range, ensure_supported, model_parts, read, tensor_seed, total_len, Part, WeightSource,
@@ -95,12 +96,14 @@ fn linear_weights(layers: &[Layer]) -> impl Iterator<Item = &LinearWeight> {
         .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
 }
 
-/// How the loader holds quantized linear weights.
+/// How the loader holds quantized linear weights, and what the KV cache will store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuantizedLoad {
     pub fp8: Fp8Load,
     /// Keep an AWQ/GPTQ checkpoint's 4-bit weights packed where the layout holds them.
     pub int4: bool,
+    /// The KV cache's element (FP8 takes each layer's scales from the checkpoint).
+    pub kv_cache: KvCacheDtype,
 }
 
 /// One decoder layer's weights.
@@ -116,16 +119,38 @@ pub struct Layer {
     pub down: LinearWeight,
 }
 
-/// The paged KV cache: per layer, keys and values `[num_blocks, block_size, kv_heads, head_dim]`;
-/// and the block tables of the requests it serves, `[table_rows, table_width]` i32, one row per
-/// request slot (`SeqSlice::slot`), kept on the device and updated in place each step.
+/// The paged KV cache: per layer, keys and values `[num_blocks, block_size, kv_heads, head_dim]`
+/// in the compute dtype or FP8 E4M3 (`--kv-cache-dtype fp8`); and the block tables of the
+/// requests it serves, `[table_rows, table_width]` i32, one row per request slot
+/// (`SeqSlice::slot`), kept on the device and updated in place each step.
 pub struct GpuKvCache {
-    pub layers: Vec<(DeviceBuffer, DeviceBuffer)>,
+    pub layers: Vec<KvLayer>,
     pub num_blocks: usize,
     pub block_size: usize,
     pub tables: DeviceBuffer,
     pub table_rows: usize,
     pub table_width: usize,
+}
+
+/// One layer's keys and values in the cache, with the scales an FP8 cache divides them by
+/// (1 for a cache in the compute dtype).
+pub struct KvLayer {
+    pub key: DeviceBuffer,
+    pub value: DeviceBuffer,
+    pub k_scale: f32,
+    pub v_scale: f32,
+}
+
+impl KvLayer {
+    /// The layer as the attention kernels take it.
+    pub fn args(&self) -> CacheLayer {
+        CacheLayer {
+            key: self.key.ptr,
+            value: self.value.ptr,
+            k_scale: self.k_scale,
+            v_scale: self.v_scale,
+        }
+    }
 }
 
 /// The model's weights on this GPU.
@@ -153,6 +178,9 @@ pub struct CudaModel {
     workspace: Option<Workspace>,
     /// The adapter slots, with `--enable-lora`.
     lora: Option<LoraSlots>,
+    /// What the KV cache stores, and each layer's (key, value) scales for an FP8 cache.
+    kv_cache: KvCacheDtype,
+    kv_scales: Vec<(f32, f32)>,
 }
 
 /// Stores weights on the GPU: read as f32 and rounded to the dtype, or filled on the device.
@@ -420,7 +448,11 @@ impl CudaModel {
         dtype: Dtype,
         quantized: QuantizedLoad,
     ) -> Result<Self> {
-        let QuantizedLoad { fp8, int4 } = quantized;
+        let QuantizedLoad {
+            fp8,
+            int4,
+            kv_cache,
+        } = quantized;
         let c = config;
         ensure_supported(c)?;
         if !Kernels::supports_head_dim(c.head_dim) {
@@ -507,6 +539,12 @@ impl CudaModel {
             .map(|p| ld.padded(std::slice::from_ref(p), vocab_per_rank * h))
             .transpose()?;
         let final_norm = ld.one(&parts.final_norm)?;
+        let kv_scales = match kv_cache {
+            KvCacheDtype::Compute => vec![(1.0, 1.0); layers.len()],
+            KvCacheDtype::Fp8E4M3 => (0..layers.len())
+                .map(|l| layer_kv_scales(source, l))
+                .collect::<Result<_>>()?,
+        };
         // The largest 4-bit weight's elements: two a byte of its words.
         let int4_largest = linear_weights(&layers)
             .filter(|w| w.int4.is_some())
@@ -540,6 +578,8 @@ impl CudaModel {
             int4_scratch,
             workspace: None,
             lora: None,
+            kv_cache,
+            kv_scales,
         })
     }
 
@@ -653,9 +693,26 @@ impl CudaModel {
         self.max_pos
     }
 
+    /// What the KV cache stores.
+    pub fn kv_cache_dtype(&self) -> KvCacheDtype {
+        self.kv_cache
+    }
+
+    /// Bytes of one cache element.
+    fn kv_elem_bytes(&self) -> usize {
+        match self.kv_cache {
+            KvCacheDtype::Compute => ELEM,
+            KvCacheDtype::Fp8E4M3 => 1,
+        }
+    }
+
     /// Bytes of one cache block on this rank (all layers, keys and values).
     pub fn cache_bytes_per_block(&self, block_size: usize) -> usize {
-        2 * self.layers.len() * block_size * self.dims.kv_heads * self.dims.head_dim * ELEM
+        2 * self.layers.len()
+            * block_size
+            * self.dims.kv_heads
+            * self.dims.head_dim
+            * self.kv_elem_bytes()
     }
 
     /// Allocates the cache and block tables for `max_requests` requests.
@@ -666,13 +723,21 @@ impl CudaModel {
         block_size: usize,
         max_requests: usize,
     ) -> Result<GpuKvCache> {
-        let per_layer = num_blocks * block_size * self.dims.kv_heads * self.dims.head_dim * ELEM;
-        let layers = (0..self.layers.len())
-            .map(|_| {
-                Ok((
-                    gpu.alloc(per_layer, "the KV cache")?,
-                    gpu.alloc(per_layer, "the KV cache")?,
-                ))
+        let per_layer = num_blocks
+            * block_size
+            * self.dims.kv_heads
+            * self.dims.head_dim
+            * self.kv_elem_bytes();
+        let layers = self
+            .kv_scales
+            .iter()
+            .map(|&(k_scale, v_scale)| {
+                Ok(KvLayer {
+                    key: gpu.alloc(per_layer, "the KV cache")?,
+                    value: gpu.alloc(per_layer, "the KV cache")?,
+                    k_scale,
+                    v_scale,
+                })
             })
             .collect::<Result<_>>()?;
         // A sequence never has more blocks than the cache or than its positions need.
