@@ -393,86 +393,153 @@ pub fn source(name: &str) -> Result<&'static KernelSource> {
 mod tests {
     use super::*;
 
-    /// The base names of every entry point `code` defines, from its instantiation macros: a
-    /// macro `M(SUFFIX, T)` whose body declares `extern "C" __global__ void
-    /// [__launch_bounds__(..)] NAME_##SUFFIX(` gives `NAME`; a macro with more parameters,
-    /// `M(SUFFIX, T, A, B)` declaring e.g. `gemv_m##A##_r##B##_##SUFFIX(`, gives one name per
-    /// invocation `M(SUFFIX, T, 1, 2)` in the file (`gemv_m1_r2`).
-    fn macro_entry_bases(code: &str) -> Vec<String> {
-        let marker = "extern \"C\" __global__ void ";
-        let mut bases = Vec::new();
-        let mut rest = code;
-        while let Some(at) = rest.find("#define ") {
-            rest = &rest[at + "#define ".len()..];
-            let macro_name: String = rest
+    /// A function-like macro: its parameters and its body (continuation lines joined).
+    struct Macro {
+        params: Vec<String>,
+        body: String,
+    }
+
+    /// `text` without its `//` comments.
+    fn without_comments(text: &str) -> String {
+        text.lines()
+            .map(|l| l.split_once("//").map_or(l, |(code, _)| code))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The function-like macros `text` defines, and the text outside their definitions.
+    fn split_macros(text: &str) -> (std::collections::HashMap<String, Macro>, String) {
+        let mut macros = std::collections::HashMap::new();
+        let mut top = String::new();
+        let mut lines = text.lines();
+        while let Some(line) = lines.next() {
+            let Some(def) = line.trim_start().strip_prefix("#define ") else {
+                top.push_str(line);
+                top.push('\n');
+                continue;
+            };
+            let mut whole = line.trim_end().to_string();
+            while whole.ends_with('\\') {
+                whole.pop();
+                whole.push(' ');
+                whole.push_str(lines.next().unwrap_or("").trim_end());
+            }
+            let name: String = def
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect();
-            let Some(params) = rest[macro_name.len()..]
-                .strip_prefix('(')
-                .and_then(|p| p.split_once(')'))
-                .map(|(p, _)| p.split(',').map(str::trim).collect::<Vec<_>>())
-            else {
-                continue;
-            };
-            // The macro's body: up to the first line that does not continue with a backslash.
-            let body_end = rest
-                .lines()
-                .scan(0usize, |len, line| {
-                    *len += line.len() + 1;
-                    Some((*len, line.trim_end().ends_with('\\')))
-                })
-                .find(|(_, continues)| !continues)
-                .map_or(rest.len(), |(len, _)| len.min(rest.len()));
-            let body = &rest[..body_end];
-            let mut patterns = Vec::new();
-            let mut decls = body;
-            while let Some(decl) = decls.find(marker) {
-                decls = &decls[decl + marker.len()..];
-                let mut after = decls.trim_start();
-                if let Some(bounds) = after.strip_prefix("__launch_bounds__(") {
-                    after = bounds.split_once(')').expect("closed").1.trim_start();
-                }
-                patterns.push(
-                    after
-                        .chars()
-                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '#')
-                        .collect::<String>(),
-                );
-            }
-            let expand = |pattern: &str, values: &[&str]| -> String {
-                let name: String = pattern
-                    .split("##")
-                    .map(|token| {
-                        params
-                            .iter()
-                            .position(|p| *p == token && *p != "SUFFIX")
-                            .map_or(token, |i| values[i])
-                    })
-                    .collect();
-                name.strip_suffix("_SUFFIX")
-                    .unwrap_or_else(|| {
-                        panic!("entry point {pattern} is not instantiated per dtype")
-                    })
-                    .to_string()
-            };
-            if params.len() == 2 {
-                bases.extend(patterns.iter().map(|p| expand(p, &params)));
-                continue;
-            }
-            let call = format!("{macro_name}(");
-            for line in code.lines().filter(|l| !l.contains("#define")) {
-                if let Some(args) = line
-                    .split_once(&call)
-                    .and_then(|(_, a)| a.split_once(')'))
-                    .map(|(a, _)| a.split(',').map(str::trim).collect::<Vec<_>>())
-                {
-                    assert_eq!(args.len(), params.len(), "{line}");
-                    bases.extend(patterns.iter().map(|p| expand(p, &args)));
-                }
+            let after = &whole[whole.find(&name).expect("the name") + name.len()..];
+            if let Some((params, body)) = after.strip_prefix('(').and_then(|a| a.split_once(')')) {
+                let params = params.split(',').map(|p| p.trim().to_string()).collect();
+                let body = body.to_string();
+                macros.insert(name, Macro { params, body });
             }
         }
-        bases
+        (macros, top)
+    }
+
+    /// The arguments of a call whose text starts after its `(`, split at top-level commas, and
+    /// the text after its `)`.
+    fn call_args(text: &str) -> (Vec<String>, &str) {
+        let (mut depth, mut args, mut start) = (0usize, Vec::new(), 0);
+        for (i, c) in text.char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' if depth == 0 => {
+                    args.push(text[start..i].trim().to_string());
+                    return (args, &text[i + 1..]);
+                }
+                ')' => depth -= 1,
+                ',' if depth == 0 => {
+                    args.push(text[start..i].trim().to_string());
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        panic!("an unclosed call: {text}")
+    }
+
+    /// `body` with `params` replaced by `args` (whole identifiers outside string literals: the
+    /// `"C"` of `extern "C"` stays) and `##` pasted.
+    fn substitute(body: &str, params: &[String], args: &[String]) -> String {
+        let mut out = String::new();
+        let mut ident = String::new();
+        let mut in_string = false;
+        let flush = |ident: &mut String, out: &mut String| {
+            match params.iter().position(|p| p == ident) {
+                Some(i) => out.push_str(&args[i]),
+                None => out.push_str(ident),
+            }
+            ident.clear();
+        };
+        for c in body.chars() {
+            if c == '"' {
+                in_string = !in_string;
+            }
+            if in_string || c == '"' {
+                flush(&mut ident, &mut out);
+                out.push(c);
+            } else if c.is_ascii_alphanumeric() || c == '_' {
+                ident.push(c);
+            } else {
+                flush(&mut ident, &mut out);
+                out.push(c);
+            }
+        }
+        flush(&mut ident, &mut out);
+        let mut pasted = String::new();
+        for (i, part) in out.split("##").enumerate() {
+            pasted.push_str(if i == 0 { part.trim_end() } else { part.trim() });
+        }
+        pasted
+    }
+
+    /// The entry points `text` declares (`extern "C" __global__ void [__launch_bounds__(..)]
+    /// NAME(`), expanding the calls of `macros` in it as the preprocessor would.
+    fn declared_in(text: &str, macros: &std::collections::HashMap<String, Macro>) -> Vec<String> {
+        let marker = "extern \"C\" __global__ void ";
+        let mut names = Vec::new();
+        let mut rest = text;
+        while let Some(at) = rest.find(marker) {
+            rest = &rest[at + marker.len()..];
+            let mut after = rest.trim_start();
+            if let Some(bounds) = after.strip_prefix("__launch_bounds__(") {
+                after = call_args(bounds).1.trim_start();
+            }
+            names.push(
+                after
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect(),
+            );
+        }
+        let mut ident = String::new();
+        let mut chars = text.char_indices().peekable();
+        while let Some((i, c)) = chars.next() {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                ident.push(c);
+                continue;
+            }
+            if c == '(' {
+                if let Some(m) = macros.get(&ident) {
+                    let (args, after) = call_args(&text[i + 1..]);
+                    names.extend(declared_in(&substitute(&m.body, &m.params, &args), macros));
+                    let skip = text.len() - after.len();
+                    while chars.peek().is_some_and(|(j, _)| *j < skip) {
+                        chars.next();
+                    }
+                }
+            }
+            ident.clear();
+        }
+        names
+    }
+
+    /// Every entry point the source `code` declares, its macros and common.cuh's expanded.
+    fn declared_entry_points(code: &str) -> Vec<String> {
+        let (macros, top) = split_macros(&without_comments(&format!("{COMMON_HEADER}\n{code}")));
+        declared_in(&top, &macros)
     }
 
     #[test]
@@ -495,10 +562,7 @@ mod tests {
         assert_eq!(table_files, source_files);
         for (file, entries) in KERNELS {
             let code = source(file).unwrap().code;
-            let mut declared: Vec<String> = macro_entry_bases(code)
-                .iter()
-                .flat_map(|base| KernelDtype::ALL.map(|d| entry_point(base, d)))
-                .collect();
+            let mut declared = declared_entry_points(code);
             declared.sort();
             let mut listed: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
             listed.sort();

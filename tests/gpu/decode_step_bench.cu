@@ -385,32 +385,8 @@ int main(int argc, char** argv) {
     }
     CK(cudaDeviceSynchronize());
 
-    // Copy bandwidth, the floor's denominator (as worker/src/cuda/floors.rs: device to device).
-    double copy_gbs;
-    {
-        const size_t bytes = 2ull << 30;
-        void *a, *b;
-        CK(cudaMalloc(&a, bytes));
-        CK(cudaMalloc(&b, bytes));
-        // Outside a graph: a captured copy runs as a slower copy node.
-        cudaEvent_t e0, e1;
-        CK(cudaEventCreate(&e0));
-        CK(cudaEventCreate(&e1));
-        std::vector<double> ms;
-        for (int i = 0; i < 10; ++i) {
-            CK(cudaEventRecord(e0, g_stream));
-            CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, g_stream));
-            CK(cudaEventRecord(e1, g_stream));
-            CK(cudaEventSynchronize(e1));
-            float t;
-            CK(cudaEventElapsedTime(&t, e0, e1));
-            ms.push_back(t);
-        }
-        std::sort(ms.begin(), ms.end());
-        copy_gbs = 2.0 * bytes / (ms[ms.size() / 2] * 1e6);
-        CK(cudaFree(a));
-        CK(cudaFree(b));
-    }
+    // Copy bandwidth, the floor's denominator.
+    const double copy_gbs = copy_bandwidth_gbs(g_stream);
     printf("%s, %d SMs; copy %.0f GB/s; weights %.2f GB; floor %.3f ms; context %d\n",
            prop.name, prop.multiProcessorCount, copy_gbs, weight_bytes / 1e9,
            weight_bytes / (copy_gbs * 1e6), context);

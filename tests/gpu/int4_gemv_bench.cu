@@ -307,27 +307,9 @@ int main() {
     }
 
     // The copy rate, for the ratios.
-    double copy_gbs;
-    {
-        const size_t bytes = 1ull << 30;
-        void *a, *b;
-        CK(cudaMalloc(&a, bytes));
-        CK(cudaMalloc(&b, bytes));
-        cudaEvent_t e0, e1;
-        CK(cudaEventCreate(&e0));
-        CK(cudaEventCreate(&e1));
-        CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, st));
-        CK(cudaEventRecord(e0, st));
-        for (int i = 0; i < 10; ++i) CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, st));
-        CK(cudaEventRecord(e1, st));
-        CK(cudaEventSynchronize(e1));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        copy_gbs = 2.0 * bytes * 10 / (ms * 1e-3) / 1e9;
-        printf("copy bandwidth: %.0f GB/s (read + write, as bench_device counts it: the floors' rate)\n", copy_gbs);
-        CK(cudaFree(a));
-        CK(cudaFree(b));
-    }
+    const double copy_gbs = copy_bandwidth_gbs(st);
+    printf("copy bandwidth: %.0f GB/s (read + write, as bench_device counts it: the floors' rate)\n",
+           copy_gbs);
 
     std::vector<Variant> variants = {
         {"ahead 4 (gemv_w4)", variant<4, bf>, false, 16},

@@ -224,19 +224,7 @@ ours_logits() {
 # the FP8 GEMV). Against the unquantized float32 truth with the float32 emulation as the peer:
 # no further from it than FP8 rounding explains. Skipped before compute capability 8.9.
 step_fp8() {
-  if ! fp8_capable; then
-    record "fp8" "SKIP" "needs compute capability 8.9 or newer"
-    return
-  fi
-  rm -rf "$REF_FP8"
-  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/hf_reference.py" "$CKPT" "$REF_FP8" \
-    --new-tokens "$NEW_TOKENS" --device "$REF_DEVICE" --dtypes bfloat16,float32 --fp8
-  if [ "$RC" -eq 0 ] && [ -f "$REF_FP8/hf_float32.f32" ]; then
-    record "hf fp8 reference" "PASS" "transformers eager, FP8 emulated, bf16/f32 (${SECS}s)"
-  else
-    record "hf fp8 reference" "FAIL" "hf_reference.py --fp8: $(why_failed)"
-    return
-  fi
+  fp8_reference fp8 "$REF_FP8" "FP8 emulated, bf16/f32" --fp8 || return 0
   ours_logits tp1-fp8 1 bfloat16 --quantization fp8 --chunk 2048
   if [ ! -s "$OURS/tp1-fp8.f32" ]; then
     return
@@ -261,19 +249,7 @@ step_fp8() {
 # a graph-replayed decode step (the decode kernel rounds its own key and value too), greedy
 # decoding; TP=2 where there are two GPUs. Skipped before compute capability 8.9.
 step_fp8_kv() {
-  if ! fp8_capable; then
-    record "fp8 kv cache" "SKIP" "needs compute capability 8.9 or newer"
-    return
-  fi
-  rm -rf "$REF_FP8KV"
-  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/hf_reference.py" "$CKPT" "$REF_FP8KV" \
-    --new-tokens "$NEW_TOKENS" --device "$REF_DEVICE" --dtypes bfloat16,float32 --fp8-kv
-  if [ "$RC" -eq 0 ] && [ -f "$REF_FP8KV/hf_float32.f32" ]; then
-    record "hf fp8 kv reference" "PASS" "transformers eager, keys and values rounded to E4M3 (${SECS}s)"
-  else
-    record "hf fp8 kv reference" "FAIL" "hf_reference.py --fp8-kv: $(why_failed)"
-    return
-  fi
+  fp8_reference "fp8 kv" "$REF_FP8KV" "keys and values rounded to E4M3" --fp8-kv || return 0
   local tag
   ours_logits tp1-fp8kv 1 bfloat16 --kv-cache-dtype fp8 --chunk 2048
   export TPSERVE_CUDA_ATTENTION=simt
@@ -368,6 +344,27 @@ quantized_checkpoint() {
     --greedy-ref "$QREF/hf_greedy_bfloat16.json" \
     --greedy-truth "$QREF/hf_greedy_float32.json" --ref-label "$kind $variant bfloat16" \
     --near-tie 0.1
+}
+
+# fp8_reference LABEL DIR WHAT FLAG: what the FP8 steps start with: a SKIP row LABEL before
+# compute capability 8.9; else transformers emulating it (hf_reference.py FLAG, bfloat16 and
+# float32) into DIR, row "hf LABEL reference" (WHAT: what is emulated). Returns 1 unless the
+# reference is there.
+fp8_reference() {
+  local label=$1 dir=$2 what=$3 flag=$4
+  if ! fp8_capable; then
+    record "$label" "SKIP" "needs compute capability 8.9 or newer"
+    return 1
+  fi
+  rm -rf "$dir"
+  timed "$STEP_TIMEOUT" "$PYTHON" "$HERE/hf_reference.py" "$CKPT" "$dir" \
+    --new-tokens "$NEW_TOKENS" --device "$REF_DEVICE" --dtypes bfloat16,float32 "$flag"
+  if [ "$RC" -eq 0 ] && [ -f "$dir/hf_float32.f32" ]; then
+    record "hf $label reference" "PASS" "transformers eager, $what (${SECS}s)"
+    return 0
+  fi
+  record "hf $label reference" "FAIL" "hf_reference.py $flag: $(why_failed)"
+  return 1
 }
 
 # fp8_capable: whether this GPU runs FP8 (compute capability 8.9 or newer).

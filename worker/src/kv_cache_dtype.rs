@@ -99,4 +99,56 @@ mod tests {
         assert_eq!(KvCacheDtype::Fp8E4M3.name("bfloat16"), "fp8_e4m3");
         assert_eq!(KvCacheDtype::Compute.name("bfloat16"), "bfloat16");
     }
+
+    /// A checkpoint of scalar f32 tensors only (all `layer_kv_scales` reads).
+    fn scales_file(dir: &std::path::Path, tensors: &[(&str, Vec<f32>)]) -> std::path::PathBuf {
+        let bytes: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .zip(&bytes)
+            .map(|((name, v), b)| {
+                let shape = if v.len() == 1 { vec![] } else { vec![v.len()] };
+                let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, b)
+                    .unwrap();
+                (name.to_string(), view)
+            })
+            .collect();
+        let path = dir.join("model.safetensors");
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        path
+    }
+
+    #[test]
+    fn scales_come_from_the_names_vllm_reads_else_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = scales_file(
+            dir.path(),
+            &[
+                ("model.layers.0.self_attn.k_scale", vec![0.5]),
+                ("model.layers.0.self_attn.v_scale", vec![0.25]),
+                ("model.layers.1.self_attn.kv_scale", vec![2.0]),
+                ("model.layers.2.self_attn.k_proj.output_scale", vec![3.0]),
+                ("model.layers.2.self_attn.v_proj.output_scale", vec![4.0]),
+                ("model.layers.4.self_attn.k_scale", vec![-1.0]),
+                ("model.layers.5.self_attn.v_scale", vec![1.0, 2.0]),
+            ],
+        );
+        let reader = tpserve_modelfile::weights::SafetensorsReader::open_file(&path).unwrap();
+        let source = WeightSource::Reader(&reader);
+        assert_eq!(layer_kv_scales(&source, 0).unwrap(), (0.5, 0.25));
+        assert_eq!(layer_kv_scales(&source, 1).unwrap(), (2.0, 2.0));
+        assert_eq!(layer_kv_scales(&source, 2).unwrap(), (3.0, 4.0));
+        assert_eq!(layer_kv_scales(&source, 3).unwrap(), (1.0, 1.0));
+        for layer in [4, 5] {
+            let err = layer_kv_scales(&source, layer).unwrap_err().to_string();
+            assert!(err.contains("one finite positive number"), "{err}");
+        }
+        assert_eq!(
+            layer_kv_scales(&WeightSource::Dummy(7), 0).unwrap(),
+            (1.0, 1.0)
+        );
+    }
 }

@@ -1333,7 +1333,10 @@ mod tests {
         let kv = kv_entry(KvCacheDtype::Compute);
         assert_eq!(MmaShape::NARROW.entry(64, kv), "paged_attention_mma_hd64");
         assert_eq!(MmaShape::NARROW.entry(128, kv), "paged_attention_mma_hd128");
-        assert_eq!(MmaShape::WIDE.entry(128, kv), "paged_attention_mma_wide_hd128");
+        assert_eq!(
+            MmaShape::WIDE.entry(128, kv),
+            "paged_attention_mma_wide_hd128"
+        );
     }
 
     #[test]
@@ -1344,7 +1347,11 @@ mod tests {
             MmaShape::NARROW.entry(128, fp8),
             MmaShape::WIDE.entry(128, fp8),
         ];
-        for base in ["rope_kv_write", "paged_attention_hd64", "paged_attention_hd128"] {
+        for base in [
+            "rope_kv_write",
+            "paged_attention_hd64",
+            "paged_attention_hd128",
+        ] {
             bases.push(format!("{base}{fp8}"));
         }
         for hd in [64, 128, 256] {
