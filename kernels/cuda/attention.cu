@@ -280,11 +280,11 @@ __device__ void paged_attention_decode_impl(
     constexpr int kLanesPerKey = HD / 8;
     constexpr int kHalfPieces = kLanesPerKey / 2;  // pieces in the first half of a head vector
     constexpr int kKeysPerStep = 32 / kLanesPerKey;  // keys one warp reads per piece load
-    // Keys per lane per loop step: 64 bytes of keys and values in flight per lane (2 pieces of
-    // 16 bytes each for a cache in the dtype, 4 of 8 for FP8), which keeps the chain of dependent
-    // loads short at long contexts (tests/gpu/decode_step_bench.cu, 8B step at 8,000 keys:
-    // 5.38 ms against 5.58 with 32 bytes; docs/PERFORMANCE.md).
-    constexpr int kUnroll = 64 / sizeof(Raw);
+    // Keys per lane per loop step, 4 for either cache: short chains of dependent loads at long
+    // contexts (an 8B step at 8,000 keys in one graph: bf16 5.38 ms against 5.58 with 2 keys;
+    // FP8 5.63 ms against 5.75 with 2 and 5.64 with 8, its attention slower with 8;
+    // docs/PERFORMANCE.md).
+    constexpr int kUnroll = 4;
     __shared__ float m_s[kWarps][G];
     __shared__ float l_s[kWarps][G];
     __shared__ float acc_s[kWarps][G][HD];
