@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Compiles every CUDA kernel of kernels/cuda/ to PTX, without a GPU, so a broken kernel fails CI:
 #   1. `nvcc -ptx` (warnings are errors) for every kernels/cuda/*.cu, for each architecture in
-#      KERNEL_ARCHS, and `nvcc -c` of the standalone kernel harnesses tests/gpu/*.cu (sm_90);
+#      KERNEL_ARCHS, and `nvcc -c` of the standalone kernel harnesses tests/gpu/*.cu (sm_90a);
 #   2. unless CHECK_KERNELS_NVRTC=0: tpserve-kernels' tests with the real NVRTC 13.0 library on
 #      LD_LIBRARY_PATH, which compile the embedded sources exactly as a worker does at start-up
 #      (common.cuh inlined, the include paths of CUDA_INCLUDE_DIR) and check every entry point
 #      the Rust side lists is in the PTX, that a second compile comes from the disk cache, and
 #      that a prebuilt CUBIN holds every entry point of its source;
-#   3. unless CHECK_KERNELS_NVRTC=0: scripts/prebuild-kernels.sh for sm_90 into a temporary
+#   3. unless CHECK_KERNELS_NVRTC=0: scripts/prebuild-kernels.sh for sm_90a into a temporary
 #      directory, a check that its manifest lists every source, then tpserve-kernels' tests built
 #      with that bundle embedded and WITHOUT NVRTC on LD_LIBRARY_PATH, which check every source
-#      for sm_90 comes from the bundle (so a worker there needs no NVRTC).
+#      for sm_90a comes from the bundle (so a worker there needs no NVRTC).
 # Every step runs; a summary comes last; the exit status is 1 if any step failed.
 #
 # The CUDA 13.0 compiler, headers and NVRTC come from PyPI wheels (no system CUDA, no GPU needed),
@@ -18,14 +18,15 @@
 # Needs python3 with pip, unzip, a host C++ compiler for nvcc (g++), and cargo for steps 2 and 3.
 #
 # Environment:
-#   KERNEL_ARCHS         architectures to compile for with nvcc (default "sm_90")
+#   KERNEL_ARCHS         architectures to compile for with nvcc (default "sm_90a sm_80": Hopper's
+#                        wgmma kernel, and the same sources where it compiles to a stub)
 #   CHECK_KERNELS_NVRTC  0 skips steps 2 and 3 (default 1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib/cuda-wheels.sh
 source scripts/lib/cuda-wheels.sh
 
-KERNEL_ARCHS="${KERNEL_ARCHS:-sm_90}"
+KERNEL_ARCHS="${KERNEL_ARCHS:-sm_90a sm_80}"
 CHECK_KERNELS_NVRTC="${CHECK_KERNELS_NVRTC:-1}"
 NVCC="$CUDA_ROOT/bin/nvcc"
 
@@ -69,7 +70,7 @@ done
 # the kernels they include.
 for src in tests/gpu/*.cu; do
   status=0
-  "$NVCC" -c -O3 -arch=sm_90 -std=c++17 -I kernels/cuda -I "$CUDA_ROOT/include" \
+  "$NVCC" -c -O3 -arch=sm_90a -std=c++17 -I kernels/cuda -I "$CUDA_ROOT/include" \
     -I "$CUDA_ROOT/include/cccl" "$src" -o "$OUT_DIR/$(basename "$src" .cu).o" || status=$?
   if [[ $status -eq 0 ]]; then echo "ok    nvcc harness $src"; else echo "FAIL  nvcc harness $src"; fi
   record "nvcc harness $src" "$status"
@@ -85,20 +86,20 @@ if [[ "$CHECK_KERNELS_NVRTC" != 0 ]]; then
 
   bundle="$OUT_DIR/prebuilt"
   status=0
-  PREBUILT_ARCHS=sm_90 PREBUILT_DIR="$bundle" scripts/prebuild-kernels.sh || status=$?
+  PREBUILT_ARCHS=sm_90a PREBUILT_DIR="$bundle" scripts/prebuild-kernels.sh || status=$?
   if [[ $status -eq 0 ]]; then
-    entries="$(grep -c '^sm_90 ' "$bundle/manifest" || true)"
+    entries="$(grep -c '^sm_90a ' "$bundle/manifest" || true)"
     if [[ "$entries" -ne ${#sources[@]} ]]; then
-      echo "FAIL  the bundle's manifest lists $entries sm_90 kernels, not ${#sources[@]}" >&2
+      echo "FAIL  the bundle's manifest lists $entries sm_90a kernels, not ${#sources[@]}" >&2
       status=1
     fi
   fi
-  record "prebuild sm_90 (scripts/prebuild-kernels.sh)" "$status"
+  record "prebuild sm_90a (scripts/prebuild-kernels.sh)" "$status"
   if [[ $status -eq 0 ]]; then
-    # The default LD_LIBRARY_PATH, without the wheels' NVRTC: the bundle alone must serve sm_90.
-    TPSERVE_PREBUILT_KERNELS="$bundle" TPSERVE_REQUIRE_PREBUILT=sm_90 \
+    # The default LD_LIBRARY_PATH, without the wheels' NVRTC: the bundle alone must serve sm_90a.
+    TPSERVE_PREBUILT_KERNELS="$bundle" TPSERVE_REQUIRE_PREBUILT=sm_90a \
       cargo test --release -p tpserve-kernels --quiet || status=$?
-    record "embedded bundle serves sm_90 without NVRTC: cargo test -p tpserve-kernels" "$status"
+    record "embedded bundle serves sm_90a without NVRTC: cargo test -p tpserve-kernels" "$status"
   fi
 fi
 

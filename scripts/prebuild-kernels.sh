@@ -11,8 +11,9 @@
 # architecture.
 #
 # Environment:
-#   PREBUILT_ARCHS  architectures, e.g. "sm_80 sm_86 sm_89 sm_90" (default: the tool's, sm_80,
-#                   sm_89 and sm_90; a worker runs the sm_80 code on sm_86 GPUs too)
+#   PREBUILT_ARCHS  architectures, e.g. "sm_80 sm_86 sm_89 sm_90a" (default: the tool's, sm_80,
+#                   sm_89 and sm_90a; a worker runs the sm_80 code on sm_86 GPUs too, and
+#                   Hopper GPUs always sm_90a, not sm_90)
 #   PREBUILT_DIR    where the bundle goes (default kernels/prebuilt, which git ignores); an older
 #                   bundle there is replaced
 set -euo pipefail

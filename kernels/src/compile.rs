@@ -60,10 +60,15 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
     Ok((major, minor))
 }
 
-/// The NVRTC target architecture of a GPU of compute capability `major.minor`: `sm_90` for an
-/// H100.
+/// The NVRTC target architecture of a GPU of compute capability `major.minor`: `sm_86` for an
+/// A10; for Hopper (9.0) the architecture-specific `sm_90a`, whose warpgroup instructions
+/// (wgmma) the prefill attention kernel uses (attention_wgmma.cu).
 pub fn arch_for_compute_capability(major: i32, minor: i32) -> String {
-    format!("sm_{major}{minor}")
+    if (major, minor) == (9, 0) {
+        "sm_90a".to_string()
+    } else {
+        format!("sm_{major}{minor}")
+    }
 }
 
 /// What NVRTC is asked to do, apart from the source.
@@ -518,7 +523,7 @@ pub(crate) mod tests {
 
     #[test]
     fn arch_comes_from_the_compute_capability() {
-        assert_eq!(arch_for_compute_capability(9, 0), "sm_90");
+        assert_eq!(arch_for_compute_capability(9, 0), "sm_90a");
         assert_eq!(arch_for_compute_capability(8, 6), "sm_86");
     }
 }

@@ -79,6 +79,10 @@ pub const SOURCES: &[KernelSource] = &[
         code: include_str!("../cuda/attention_mma.cu"),
     },
     KernelSource {
+        name: "attention_wgmma.cu",
+        code: include_str!("../cuda/attention_wgmma.cu"),
+    },
+    KernelSource {
         name: "sampling.cu",
         code: include_str!("../cuda/sampling.cu"),
     },
@@ -194,6 +198,13 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "paged_attention_mma_wide_hd128_f16",
             "paged_attention_mma_wide_hd128_fp8kv_bf16",
             "paged_attention_mma_wide_hd128_fp8kv_f16",
+        ],
+    ),
+    (
+        "attention_wgmma.cu",
+        &[
+            "paged_attention_wgmma_hd128_bf16",
+            "paged_attention_wgmma_hd128_f16",
         ],
     ),
     (

@@ -1,4 +1,5 @@
-// The prefill attention kernel (kernels/cuda/attention_mma.cu) outside tpserve (issue 9): checks
+// The prefill attention kernels (kernels/cuda/attention_mma.cu, and attention_wgmma.cu's Hopper
+// kernel: build for sm_90a) outside tpserve (issue 9): checks
 // it against a double-precision CPU reference on batches that mix sequences, cached prefixes
 // (chunk offsets), tile sizes, head sizes 64 and 128, GQA groups 1, 3, 4 and 8, bf16 and f16, and
 // times it on one long prompt (2,048 and 8,192 tokens from position 0, Llama-3-8B heads) in the
@@ -9,7 +10,7 @@
 // conversion is exact and the scales fold in exactly), and are timed beside it.
 //
 // How (on the GPU machine, from the repository root):
-//   nvcc -O3 -arch=sm_90 -std=c++17 -Xcompiler -fopenmp -I kernels/cuda \
+//   nvcc -O3 -arch=sm_90a -std=c++17 -Xcompiler -fopenmp -I kernels/cuda \
 //       tests/gpu/prefill_attention_bench.cu -o /tmp/pa -lgomp
 //   /tmp/pa
 // With -DOLD_MMA='"path"' it also times, and compares every output row with, an earlier version
@@ -22,6 +23,10 @@ namespace k_new {
 #include "attention_mma.cu"
 }
 #undef TPSERVE_PAGED_ATTENTION_MMA
+namespace k_wgmma {
+#include "attention_wgmma.cu"
+}
+#undef TPSERVE_PAGED_ATTENTION_WGMMA
 #ifdef OLD_MMA
 namespace k_old {
 #include OLD_MMA
@@ -55,6 +60,17 @@ __global__ void __launch_bounds__(32 * W) variant(T* out, const T* q, const C* k
     k_new::paged_attention_mma_impl<T, C, HD, W, MT, KEYS>(out, q, kc, vc, tables, tiles, qh, kvh,
                                                             block, width, q_stride, scale,
                                                             k_scale, v_scale);
+}
+
+// A launch shape of the Hopper kernel (attention_wgmma.cu): warpgroups per block, keys per tile,
+// blocks an SM should hold (the register budget).
+template <typename T, int WG, int KEYS, int MIN_BLOCKS>
+__global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
+    wgmma_variant(T* out, const T* q, const T* kc, const T* vc, const int* tables,
+                  const int* tiles, int qh, int kvh, int block, int width, int q_stride,
+                  float scale, float k_scale, float v_scale) {
+    k_wgmma::paged_attention_wgmma_impl<T, WG, KEYS>(out, q, kc, vc, tables, tiles, qh, kvh, block,
+                                                     width, q_stride, scale, k_scale, v_scale);
 }
 
 // The FP8 caches' scales: powers of two, so that folding them in is exact.
@@ -233,6 +249,15 @@ template <typename T, int HD, int W, int MT, int KEYS, typename C = T> static Sh
     snprintf(name, sizeof name, "%d warps x %d m-tiles, %d keys%s", W, MT, KEYS,
              fp8kv ? ", FP8 KV" : "");
     return {name, 16 * W * MT, 32 * W, smem, fn, fp8kv};
+}
+
+template <typename T, int WG, int KEYS, int MIN_BLOCKS> static Shape wgmma_shape() {
+    const void* fn = (const void*)wgmma_variant<T, WG, KEYS, MIN_BLOCKS>;
+    const int smem = k_wgmma::paged_attention_wgmma_smem_bytes<T, WG, KEYS>();
+    CK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    char name[64];
+    snprintf(name, sizeof name, "wgmma %d warpgroups, %d keys, %d/SM", WG, KEYS, MIN_BLOCKS);
+    return {name, 64 * WG, 128 * WG, smem, fn, false};
 }
 
 // Launches `sh` on `b` with `tiles` (on the device); returns nothing, checks the launch.
@@ -458,10 +483,15 @@ int main() {
     CK(cudaGetDeviceProperties(&prop, 0));
     printf("GPU: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
 
-    const std::vector<Shape> bf128 = {shape<bf, 128, 4, 2, 64>(), shape<bf, 128, 4, 2, 32>(),
-                                      shape<bf, 128, 4, 1, 64>(), shape<bf, 128, 8, 2, 64>()};
+    const std::vector<Shape> bf128 = {
+        shape<bf, 128, 4, 2, 64>(),         shape<bf, 128, 4, 2, 32>(),
+        shape<bf, 128, 4, 1, 64>(),         shape<bf, 128, 8, 2, 64>(),
+        wgmma_shape<bf, 2, 64, 2>(),        wgmma_shape<bf, 2, 128, 1>(),
+        wgmma_shape<bf, 3, 64, 1>(),        wgmma_shape<bf, 1, 64, 3>(),
+        wgmma_shape<bf, 4, 64, 1>()};
     const std::vector<Shape> bf64 = {shape<bf, 64, 4, 2, 64>(), shape<bf, 64, 4, 1, 64>()};
-    const std::vector<Shape> hf128 = {shape<hf, 128, 4, 2, 64>(), shape<hf, 128, 8, 2, 64>()};
+    const std::vector<Shape> hf128 = {shape<hf, 128, 4, 2, 64>(), shape<hf, 128, 8, 2, 64>(),
+                                      wgmma_shape<hf, 2, 64, 2>()};
     const std::vector<Shape> hf64 = {shape<hf, 64, 4, 2, 64>()};
     using E4M3 = tpserve::E4M3Kv;
     // The worker's entry points (kMmaMTiles 2, kMmaKeys 64) on FP8 caches.

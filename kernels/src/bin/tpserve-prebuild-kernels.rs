@@ -4,7 +4,8 @@
 //! comes from LD_LIBRARY_PATH and the CUDA headers from `CUDA_INCLUDE_DIR`, exactly as for a
 //! worker; `scripts/prebuild-kernels.sh` provides both.
 //!
-//! The default architectures are `sm_80`, `sm_89` and `sm_90` (A100, L4/L40S/RTX 4090, H100/H200;
+//! The default architectures are `sm_80`, `sm_89` and `sm_90a` (A100, L4/L40S/RTX 4090,
+//! H100/H200: Hopper runs the architecture-specific `sm_90a`, for its warpgroup instructions;
 //! ~2 MB each). A worker also runs `sm_80` code on `sm_86` GPUs (A10/A40: CUDA's binary
 //! compatibility within a major version); name `sm_86` as well for code tuned for those.
 //!
@@ -16,7 +17,7 @@ use std::process::ExitCode;
 
 use tpserve_kernels::{write_bundle, CompileConfig, SOURCES};
 
-const DEFAULT_ARCHS: &[&str] = &["sm_80", "sm_89", "sm_90"];
+const DEFAULT_ARCHS: &[&str] = &["sm_80", "sm_89", "sm_90a"];
 const USAGE: &str = "usage: tpserve-prebuild-kernels [--out DIR] [--threads N] [ARCH...]";
 
 struct Args {

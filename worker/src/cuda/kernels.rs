@@ -179,43 +179,76 @@ pub fn attention_max_items(head_dim: usize) -> usize {
 /// attention kernel (attention_mma.cu's kMmaMTiles, kMmaKeys).
 const ATTENTION_MMA_M_TILES: usize = 2;
 const ATTENTION_MMA_KEYS: usize = 64;
+/// Keys per shared-memory tile of the Hopper kernel (attention_wgmma.cu's kWgmmaKeys).
+const ATTENTION_WGMMA_KEYS: usize = 64;
 
-/// Launch shape of a tensor-core attention entry point (attention_mma.cu): its warps per block.
+/// Launch shape of a tensor-core attention entry point: its warps per block, and whether it is
+/// attention_wgmma.cu's Hopper kernel (warpgroup products, sm_90a) or attention_mma.cu's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmaShape {
     pub warps: usize,
+    pub wgmma: bool,
 }
 
 impl MmaShape {
     /// 4 warps: every head size, every GPU.
-    pub const NARROW: Self = Self { warps: 4 };
+    pub const NARROW: Self = Self {
+        warps: 4,
+        wgmma: false,
+    };
     /// 8 warps (`paged_attention_mma_wide_hd128`): head size 128 where a block may take its
     /// shared memory.
-    pub const WIDE: Self = Self { warps: 8 };
+    pub const WIDE: Self = Self {
+        warps: 8,
+        wgmma: false,
+    };
+    /// 2 warpgroups (`paged_attention_wgmma_hd128`): head size 128 on sm_90a, a cache in the
+    /// compute dtype.
+    pub const HOPPER: Self = Self {
+        warps: 8,
+        wgmma: true,
+    };
 
-    /// (row, head) items of one block: 16 per m-tile.
+    /// (row, head) items of one block: 16 per m-tile, or 64 per warpgroup.
     pub fn items(self) -> usize {
-        16 * ATTENTION_MMA_M_TILES * self.warps
+        if self.wgmma {
+            16 * self.warps
+        } else {
+            16 * ATTENTION_MMA_M_TILES * self.warps
+        }
     }
 
-    /// Dynamic shared memory of one block (attention_mma.cu's paged_attention_mma_smem_bytes):
+    /// Dynamic shared memory of one block. attention_mma.cu's paged_attention_mma_smem_bytes:
     /// Q of its items and one K and one V tile, rows padded by 8 elements, and the cache slots
-    /// of two key tiles.
+    /// of two key tiles; attention_wgmma.cu's paged_attention_wgmma_smem_bytes: Q and two K and
+    /// two V tiles, unpadded, and 1 KiB to align them.
     pub fn smem_bytes(self, head_dim: usize) -> usize {
-        (self.items() + 2 * ATTENTION_MMA_KEYS) * (head_dim + 8) * ELEM + 2 * ATTENTION_MMA_KEYS * 8
+        if self.wgmma {
+            (self.items() + 4 * ATTENTION_WGMMA_KEYS) * head_dim * ELEM + 1024
+        } else {
+            (self.items() + 2 * ATTENTION_MMA_KEYS) * (head_dim + 8) * ELEM
+                + 2 * ATTENTION_MMA_KEYS * 8
+        }
     }
 
     /// The entry point's base name at `head_dim` (attention_mma.cu's WIDTH: `_` or `_wide_`)
     /// for a cache whose entry points carry `kv` (`kv_entry`).
     fn entry(self, head_dim: usize, kv: &str) -> String {
+        if self.wgmma {
+            return format!("paged_attention_wgmma_hd{head_dim}{kv}");
+        }
         let width = if self == Self::WIDE { "_wide_" } else { "_" };
         format!("paged_attention_mma{width}hd{head_dim}{kv}")
     }
 
-    /// The shape for head size 128 on a GPU that gives a block at most `smem_optin` bytes of
-    /// shared memory (sm_80 and sm_90 take the wide one; sm_86, sm_89 and sm_120 do not).
-    pub fn for_hd128(smem_optin: usize) -> Self {
-        if Self::WIDE.smem_bytes(128) <= smem_optin {
+    /// The shape for head size 128 on a GPU of NVRTC architecture `arch` that gives a block at
+    /// most `smem_optin` bytes of shared memory, for a cache of `kv`: the Hopper kernel on
+    /// sm_90a with a cache in the compute dtype; else the wide one where it fits (sm_80, sm_90),
+    /// the narrow one elsewhere (sm_86, sm_89 and sm_120).
+    pub fn for_hd128(arch: &str, smem_optin: usize, kv: KvCacheDtype) -> Self {
+        if arch == "sm_90a" && kv == KvCacheDtype::Compute {
+            Self::HOPPER
+        } else if Self::WIDE.smem_bytes(128) <= smem_optin {
             Self::WIDE
         } else {
             Self::NARROW
@@ -390,6 +423,7 @@ impl Kernels {
                 detail: format!("kernel {name} is missing from the compiled modules"),
             })
         };
+        let kv_dtype = kv;
         let kv = kv_entry(kv);
         let mut take_kv = |base: &str| take(&format!("{base}{kv}"));
         let rope_kv_write = take_kv("rope_kv_write")?;
@@ -425,7 +459,7 @@ impl Kernels {
             attention_mma_hd128: take_mma(
                 &mut take,
                 128,
-                MmaShape::for_hd128(gpu.smem_per_block_optin),
+                MmaShape::for_hd128(&gpu.arch, gpu.smem_per_block_optin, kv_dtype),
                 kv,
             )?,
             attention_combine: take("attention_combine")?,
@@ -1324,11 +1358,23 @@ mod tests {
         assert_eq!(MmaShape::NARROW.smem_bytes(64), 37_888);
         assert_eq!(MmaShape::NARROW.smem_bytes(128), 70_656);
         assert_eq!(MmaShape::WIDE.smem_bytes(128), 105_472);
+        // attention_wgmma.cu's: 2 warpgroups, two K and two V tiles of 64 keys.
+        assert_eq!(MmaShape::HOPPER.items(), 128);
+        assert_eq!(MmaShape::HOPPER.smem_bytes(128), 99_328);
         // Opt-in shared memory per block: sm_90 227 KiB, sm_80 163 KiB, sm_86/sm_89 99 KiB.
-        assert_eq!(MmaShape::for_hd128(232_448), MmaShape::WIDE);
-        assert_eq!(MmaShape::for_hd128(166_912), MmaShape::WIDE);
-        assert_eq!(MmaShape::for_hd128(101_376), MmaShape::NARROW);
+        let (bf16, fp8) = (KvCacheDtype::Compute, KvCacheDtype::Fp8E4M3);
+        assert_eq!(
+            MmaShape::for_hd128("sm_90a", 232_448, bf16),
+            MmaShape::HOPPER
+        );
+        assert_eq!(MmaShape::for_hd128("sm_90a", 232_448, fp8), MmaShape::WIDE);
+        assert_eq!(MmaShape::for_hd128("sm_80", 166_912, bf16), MmaShape::WIDE);
+        assert_eq!(
+            MmaShape::for_hd128("sm_89", 101_376, bf16),
+            MmaShape::NARROW
+        );
         assert!(MmaShape::NARROW.smem_bytes(128) <= 101_376);
+        assert!(MmaShape::HOPPER.smem_bytes(128) <= 232_448);
         // The names kernels/src/sources.rs lists for attention_mma.cu.
         let kv = kv_entry(KvCacheDtype::Compute);
         assert_eq!(MmaShape::NARROW.entry(64, kv), "paged_attention_mma_hd64");
@@ -1336,6 +1382,10 @@ mod tests {
         assert_eq!(
             MmaShape::WIDE.entry(128, kv),
             "paged_attention_mma_wide_hd128"
+        );
+        assert_eq!(
+            MmaShape::HOPPER.entry(128, kv),
+            "paged_attention_wgmma_hd128"
         );
     }
 

@@ -1,0 +1,506 @@
+// Paged attention for prefill on Hopper's warpgroup tensor cores: paged_attention_mma's
+// computation, tiles and argument list (attention_mma.cu), with Q K^T and P V done by wgmma
+// (sm_90a) instead of mma.sync. A warpgroup (4 warps) owns 64 (row, head) items; S = Q K^T is
+// one m64nKEYSk16 product per 16 head dimensions with Q and K read by the tensor cores straight
+// from shared memory, and O += P V one m64n128k16 product per 16 keys with P in registers (the
+// S accumulators, rounded to T, are exactly wgmma's A register fragments) and V from shared
+// memory, transposed by the instruction. The tensor cores read shared memory through 128-byte
+// swizzled tiles, which no ldmatrix and no register copy of K or V touch, and K and V of the next
+// tile load (cp.async) while the current one computes, in two buffers each.
+//
+// Shared memory holds every tile as two panels of 64 head dimensions (128 bytes a row); in each
+// panel the 16-byte chunk c of row r sits at r * 128 + ((c ^ (r % 8)) * 16), the layout wgmma's
+// 128-byte swizzle reads (8-row atoms of 1,024 bytes, 1,024-byte aligned). The matrix
+// descriptors: Q and K (K-major: a row's dimensions contiguous) step 1,024 bytes per 8 rows and
+// 32 bytes per 16 dimensions inside a panel; V (MN-major for the P V product: a key's dimensions,
+// the N of the product, contiguous) steps 1,024 bytes per 8 keys and a panel (KEYS * 128 bytes)
+// per 64 dimensions.
+//
+// Only a cache in T (not FP8: those use attention_mma.cu's _fp8kv entry points) and head size
+// 128. Built for every architecture so that the kernel table is the same everywhere; the body
+// exists only for sm_90a (NVRTC's `--gpu-architecture=sm_90a`, which the worker uses on
+// compute capability 9.0), elsewhere it traps and the worker never launches it.
+#include "common.cuh"
+
+namespace {
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// log2(e): the softmax runs in base 2 (exp2f), with scale * log2(e) applied to S in f32.
+constexpr float kWgmmaLog2e = 1.4426950408889634f;
+
+// The wgmma products: ss_nN (A and B from shared memory, both K-major; D (+)= A B for
+// accumulate != 0), rs_n128_tb (A from registers, B MN-major (transposed); D (+)= A B). D is
+// the m64nN f32 accumulator fragment: element 4 j + c of warp w's lane is row 16 w + lane / 4
+// (+ 8 for c >= 2), column 8 j + 2 (lane % 4) + (c & 1), the mma.sync C layout of n-tile j.
+template <typename T> struct Wgmma;
+template <> struct Wgmma<__nv_bfloat16> {
+    static __device__ __forceinline__ void ss_n64(float (&d)[32], unsigned long long a,
+                                                  unsigned long long b, int accumulate) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+            "%32, %33, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+              "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+              "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+              "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+              "+f"(d[30]), "+f"(d[31])
+            : "l"(a), "l"(b), "r"(accumulate));
+    }
+    static __device__ __forceinline__ void ss_n128(float (&d)[64], unsigned long long a,
+                                                  unsigned long long b, int accumulate) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+            "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+            "%64, %65, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+              "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+              "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+              "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+              "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+              "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+              "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+              "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+              "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+              "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "l"(a), "l"(b), "r"(accumulate));
+    }
+    static __device__ __forceinline__ void rs_n128_tb(float (&d)[64], const unsigned (&a)[4],
+                                                      unsigned long long b, int accumulate) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+            "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+            "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+              "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+              "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+              "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+              "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+              "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+              "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+              "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+              "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+              "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+    }
+};
+template <> struct Wgmma<__half> {
+    static __device__ __forceinline__ void ss_n64(float (&d)[32], unsigned long long a,
+                                                  unsigned long long b, int accumulate) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+            "%32, %33, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+              "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+              "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+              "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+              "+f"(d[30]), "+f"(d[31])
+            : "l"(a), "l"(b), "r"(accumulate));
+    }
+    static __device__ __forceinline__ void ss_n128(float (&d)[64], unsigned long long a,
+                                                  unsigned long long b, int accumulate) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+            "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+            "%64, %65, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+              "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+              "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+              "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+              "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+              "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+              "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+              "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+              "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+              "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "l"(a), "l"(b), "r"(accumulate));
+    }
+    static __device__ __forceinline__ void rs_n128_tb(float (&d)[64], const unsigned (&a)[4],
+                                                      unsigned long long b, int accumulate) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+            "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+            "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+              "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+              "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+              "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+              "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+              "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+              "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+              "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+              "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+              "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+    }
+};
+
+__device__ __forceinline__ void wgmma_fence() {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_wait_all() {
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+// After wgmma_wait_all: keeps the compiler from reading an accumulator, or reusing an A
+// fragment's registers, before the asynchronous products are done.
+template <int N> __device__ __forceinline__ void hold_registers(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        asm volatile("" : "+f"(d[i])::"memory");
+    }
+}
+template <int N> __device__ __forceinline__ void hold_registers(unsigned (&a)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            asm volatile("" : "+r"(a[i][j])::"memory");
+        }
+    }
+}
+// Shared-memory writes made by this thread's cp.async copies (the generic proxy) become visible
+// to the tensor cores' reads (the async proxy); a barrier after it publishes everyone's.
+__device__ __forceinline__ void fence_async_proxy() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// A wgmma shared-memory matrix descriptor with the 128-byte swizzle: start address, leading and
+// stride byte offsets (each stored >> 4).
+__device__ __forceinline__ unsigned long long smem_desc(unsigned addr, unsigned leading,
+                                                        unsigned stride) {
+    return (unsigned long long)((addr & 0x3ffffu) >> 4) |
+           ((unsigned long long)((leading & 0x3ffffu) >> 4) << 16) |
+           ((unsigned long long)((stride & 0x3ffffu) >> 4) << 32) | (1ull << 62);
+}
+
+// Byte offset of 16-byte chunk c (8 elements of T; 0 <= c < 16 at head size 128) of row r in a
+// tile of `rows` rows: panel c / 8, swizzled chunk within the row's 128 bytes.
+__device__ __forceinline__ constexpr int swizzled_offset(int r, int c, int rows) {
+    return (c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+}  // namespace
+
+// Dynamic shared memory of one block: Q of its 64 WG items, two K and two V tiles of KEYS keys
+// (head size 128), and 1,024 bytes to align the first tile to the swizzle's atom.
+template <typename T, int WG, int KEYS>
+__host__ __device__ constexpr int paged_attention_wgmma_smem_bytes() {
+    return (64 * WG + 4 * KEYS) * 128 * (int)sizeof(T) + 1024;
+}
+
+// paged_attention_wgmma_hd128_{bf16,f16}: out[r, h] = softmax_j(scale * q[r, h] . K[j, g]) V[j,
+// g] over keys j <= position(r), exactly paged_attention_mma's definition, tiles (rows * group
+// <= 64 WG items, item i = (row row0 + i / group, head kv_head * group + i % group)), causal mask
+// and rounding (P rounded to T for P V, O divided by the softmax sum and rounded once). Warpgroup
+// g owns items [64 g, 64 g + 64); key tiles past its last position are skipped, and only tiles
+// reaching past its first position are masked.
+//
+// Arguments: paged_attention_mma's (attention_mma.cu), with a cache in T (k_scale and v_scale
+// are applied as there; 1 for such a cache).
+// Launch: grid (num_kv_heads, num_tiles, 1); block (128 * WG, 1, 1); dynamic shared memory
+// paged_attention_wgmma_smem_bytes<T, WG, KEYS>() (the host raises the kernel's limit).
+// Needs sm_90a.
+template <typename T, int WG, int KEYS>
+__device__ __forceinline__ void paged_attention_wgmma_impl(
+    T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ key_cache,
+    const T* __restrict__ value_cache, const int* __restrict__ block_tables,
+    const int* __restrict__ tiles, int num_q_heads, int num_kv_heads, int block_size,
+    int max_blocks_per_seq, int q_stride, float scale, float k_scale, float v_scale) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int HD = 128;
+    static_assert(KEYS == 64 || KEYS == 128, "S is one m64n64 or m64n128 accumulator");
+    constexpr int kThreads = 128 * WG;
+    constexpr int kItems = 64 * WG;
+    constexpr int kChunks = HD / 8;  // 16-byte chunks per row
+    constexpr int kQBytes = kItems * HD * (int)sizeof(T);
+    constexpr int kTileBytes = KEYS * HD * (int)sizeof(T);
+    constexpr int kSTiles = KEYS / 8;  // n-tiles of 8 keys in S
+    constexpr int kOTiles = HD / 8;    // n-tiles of 8 dimensions in O
+    static_assert(kThreads % kChunks == 0, "a thread copies one chunk column");
+    constexpr int kKeyStride = kThreads / kChunks;  // between a thread's keys in a tile
+    constexpr int kPieces = (KEYS + kKeyStride - 1) / kKeyStride;  // keys a thread copies, at most
+
+    tpserve::wait_for_inputs();
+    scale *= k_scale;
+
+    extern __shared__ unsigned char wgmma_smem[];
+    const unsigned raw = tpserve::smem_addr(wgmma_smem);
+    const unsigned base = (raw + 1023u) & ~1023u;
+    unsigned char* const smem = wgmma_smem + (base - raw);
+    // Q at 0, K tile b at kQBytes + b kTileBytes, V tile b after both K tiles.
+    auto k_at = [&](int b) { return kQBytes + b * kTileBytes; };
+    auto v_at = [&](int b) { return kQBytes + (2 + b) * kTileBytes; };
+
+    const int* tile = tiles + blockIdx.y * 4;
+    const int seq = tile[0];
+    const int row0 = tile[1];
+    const int rows = tile[2];
+    const int pos0 = tile[3];
+    const int kv_head = blockIdx.x;
+    const int group = num_q_heads / num_kv_heads;
+    const int items = rows * group;
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int wg = tid >> 7;
+    const int warp = (tid >> 5) & 3;  // within the warpgroup
+    const int tig = lane & 3;
+
+    // Q of the block's items (zero past `items`); waited for with the first K and V tiles.
+    for (int idx = tid; idx < kItems * kChunks; idx += kThreads) {
+        const int item = idx / kChunks;
+        const int c = idx - item * kChunks;
+        const bool valid = item < items;
+        const long long row = row0 + (valid ? item / group : 0);
+        const int head = kv_head * group + (valid ? item % group : 0);
+        tpserve::cp_async_16(smem + swizzled_offset(item, c, kItems),
+                             q + row * q_stride + head * HD + c * 8, valid);
+    }
+
+    // This thread's rows of S and O: items a and b; an item past `items` gets position -1.
+    const int wg_item0 = 64 * wg;
+    const int item_a = wg_item0 + 16 * warp + (lane >> 2);
+    const int item_b = item_a + 8;
+    const int pos_a = item_a < items ? pos0 + item_a / group : -1;
+    const int pos_b = item_b < items ? pos0 + item_b / group : -1;
+    const int wg_items = min(items - wg_item0, 64);
+    const int wg_last_pos = wg_items > 0 ? pos0 + (wg_item0 + wg_items - 1) / group : -1;
+    const int wg_first_pos = pos0 + wg_item0 / group;
+
+    const int* table = block_tables + (long long)seq * max_blocks_per_seq;
+    const int ctx_end = pos0 + rows;  // keys the last row sees
+    // K and V of the KEYS keys from `first` into buffer b, as one cp.async group: this thread
+    // copies chunk tid % 16 of keys tid / 16 + kKeyStride i (zeros past the context).
+    const int my_chunk = tid % kChunks;
+    auto load_kv = [&](int first, int b) {
+#pragma unroll
+        for (int i = 0; i < kPieces; ++i) {
+            const int j = tid / kChunks + i * kKeyStride;
+            if (KEYS % kKeyStride != 0 && j >= KEYS) {
+                break;
+            }
+            const int key = first + j;
+            const long long slot =
+                key < ctx_end ? (long long)table[key / block_size] * block_size + key % block_size
+                              : -1;
+            const long long at =
+                slot >= 0 ? (slot * num_kv_heads + kv_head) * HD + my_chunk * 8 : 0;
+            const int offset = swizzled_offset(j, my_chunk, KEYS);
+            tpserve::cp_async_16(smem + k_at(b) + offset, key_cache + at, slot >= 0);
+            tpserve::cp_async_16(smem + v_at(b) + offset, value_cache + at, slot >= 0);
+        }
+        tpserve::cp_async_commit();
+    };
+
+    const float scale_log2 = scale * kWgmmaLog2e;
+    float m_a = tpserve::neg_inf(), m_b = tpserve::neg_inf();  // running max of raw scores
+    float l_a = 0.0f, l_b = 0.0f;  // this thread's share of the running sums
+    float o[HD / 2];               // O: element 4 n + c as D's layout above, n-tile n
+#pragma unroll
+    for (int i = 0; i < HD / 2; ++i) {
+        o[i] = 0.0f;
+    }
+
+    const int num_key_tiles = (ctx_end + KEYS - 1) / KEYS;
+    load_kv(0, 0);
+    for (int t = 0; t < num_key_tiles; ++t) {
+        const int b = t & 1;
+        const int chunk = t * KEYS;
+        if (t + 1 < num_key_tiles) {
+            load_kv(chunk + KEYS, b ^ 1);  // buffer b ^ 1 was freed by the last barrier
+            tpserve::cp_async_wait<1>();
+        } else {
+            tpserve::cp_async_wait<0>();
+        }
+        fence_async_proxy();
+        __syncthreads();  // tile t (and Q) in shared memory, for the tensor cores
+
+        if (chunk <= wg_last_pos) {  // warpgroup-uniform
+            float s[KEYS / 2];
+#pragma unroll
+            for (int i = 0; i < KEYS / 2; ++i) {
+                s[i] = 0.0f;
+            }
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; ++kk) {
+                const unsigned inner = (kk & 3) * 32;  // 16 dimensions inside the panel
+                const unsigned long long a = smem_desc(
+                    base + (kk >> 2) * kItems * 128 + wg_item0 * 128 + inner, 16, 1024);
+                const unsigned long long bk =
+                    smem_desc(base + k_at(b) + (kk >> 2) * KEYS * 128 + inner, 16, 1024);
+                if constexpr (KEYS == 64) {
+                    Wgmma<T>::ss_n64(s, a, bk, kk > 0);
+                } else {
+                    Wgmma<T>::ss_n128(s, a, bk, kk > 0);
+                }
+            }
+            wgmma_commit();
+            wgmma_wait_all();
+            hold_registers(s);
+
+            // Mask keys past a row's position: element 4 j + c is row (c < 2 ? a : b), key
+            // chunk + 8 j + 2 tig + (c & 1).
+            if (chunk + KEYS - 1 > wg_first_pos) {
+#pragma unroll
+                for (int j = 0; j < kSTiles; ++j) {
+                    const int key = chunk + 8 * j + 2 * tig;
+                    if (key > pos_a) s[4 * j] = tpserve::neg_inf();
+                    if (key + 1 > pos_a) s[4 * j + 1] = tpserve::neg_inf();
+                    if (key > pos_b) s[4 * j + 2] = tpserve::neg_inf();
+                    if (key + 1 > pos_b) s[4 * j + 3] = tpserve::neg_inf();
+                }
+            }
+            float max_a = tpserve::neg_inf();
+            float max_b = tpserve::neg_inf();
+#pragma unroll
+            for (int j = 0; j < kSTiles; ++j) {
+                max_a = fmaxf(max_a, fmaxf(s[4 * j], s[4 * j + 1]));
+                max_b = fmaxf(max_b, fmaxf(s[4 * j + 2], s[4 * j + 3]));
+            }
+            // A row's keys are spread over the 4 lanes of its quad.
+            max_a = fmaxf(max_a, __shfl_xor_sync(0xffffffffu, max_a, 1));
+            max_a = fmaxf(max_a, __shfl_xor_sync(0xffffffffu, max_a, 2));
+            max_b = fmaxf(max_b, __shfl_xor_sync(0xffffffffu, max_b, 1));
+            max_b = fmaxf(max_b, __shfl_xor_sync(0xffffffffu, max_b, 2));
+            const float new_a = fmaxf(m_a, max_a);
+            const float new_b = fmaxf(m_b, max_b);
+            // A row that has seen no key keeps max -inf: subtract 0 so that exp2(-inf) = 0.
+            const float sub_a = (new_a == tpserve::neg_inf() ? 0.0f : new_a) * scale_log2;
+            const float sub_b = (new_b == tpserve::neg_inf() ? 0.0f : new_b) * scale_log2;
+            const float corr_a = exp2f(fmaf(m_a, scale_log2, -sub_a));  // 0 while -inf
+            const float corr_b = exp2f(fmaf(m_b, scale_log2, -sub_b));
+            m_a = new_a;
+            m_b = new_b;
+            float sum_a = 0.0f;
+            float sum_b = 0.0f;
+#pragma unroll
+            for (int j = 0; j < kSTiles; ++j) {
+                s[4 * j] = exp2f(fmaf(s[4 * j], scale_log2, -sub_a));
+                s[4 * j + 1] = exp2f(fmaf(s[4 * j + 1], scale_log2, -sub_a));
+                s[4 * j + 2] = exp2f(fmaf(s[4 * j + 2], scale_log2, -sub_b));
+                s[4 * j + 3] = exp2f(fmaf(s[4 * j + 3], scale_log2, -sub_b));
+                sum_a += s[4 * j] + s[4 * j + 1];
+                sum_b += s[4 * j + 2] + s[4 * j + 3];
+            }
+            l_a = l_a * corr_a + sum_a;
+            l_b = l_b * corr_b + sum_b;
+#pragma unroll
+            for (int n = 0; n < kOTiles; ++n) {
+                o[4 * n] *= corr_a;
+                o[4 * n + 1] *= corr_a;
+                o[4 * n + 2] *= corr_b;
+                o[4 * n + 3] *= corr_b;
+            }
+            // P as A fragments of k-steps of 16 keys: n-tiles 2 kk and 2 kk + 1 of S are the
+            // A fragment of k-step kk (a0 = row a, keys 2 tig + {0, 1}; a1 = row b; a2, a3 the
+            // same 8 keys on).
+            unsigned p[KEYS / 16][4];
+#pragma unroll
+            for (int kk = 0; kk < KEYS / 16; ++kk) {
+                p[kk][0] = tpserve::Mma<T>::pack(s[8 * kk], s[8 * kk + 1]);
+                p[kk][1] = tpserve::Mma<T>::pack(s[8 * kk + 2], s[8 * kk + 3]);
+                p[kk][2] = tpserve::Mma<T>::pack(s[8 * kk + 4], s[8 * kk + 5]);
+                p[kk][3] = tpserve::Mma<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
+            }
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < KEYS / 16; ++kk) {
+                const unsigned long long bv =
+                    smem_desc(base + v_at(b) + kk * 16 * 128, KEYS * 128, 1024);
+                Wgmma<T>::rs_n128_tb(o, p[kk], bv, 1);
+            }
+            wgmma_commit();
+            wgmma_wait_all();
+            hold_registers(o);
+            hold_registers(p);
+        }
+        __syncthreads();  // every warpgroup is done with buffer b before it is refilled
+    }
+
+    // Totals of the row sums over the quad; O divided by them, rounded to T once.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float l = h == 0 ? l_a : l_b;
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int item = h == 0 ? item_a : item_b;
+        if (item < items) {
+            const float inv = (l > 0.0f ? 1.0f / l : 0.0f) * v_scale;
+            const long long row = row0 + item / group;
+            const int head = kv_head * group + item % group;
+            T* dst = out + (row * num_q_heads + head) * HD + 2 * tig;
+#pragma unroll
+            for (int n = 0; n < kOTiles; ++n) {
+                *reinterpret_cast<unsigned*>(dst + 8 * n) = tpserve::Mma<T>::pack(
+                    o[4 * n + 2 * h] * inv, o[4 * n + 2 * h + 1] * inv);
+            }
+        }
+    }
+#else
+    (void)out, (void)q, (void)key_cache, (void)value_cache, (void)block_tables, (void)tiles;
+    (void)num_q_heads, (void)num_kv_heads, (void)block_size, (void)max_blocks_per_seq;
+    (void)q_stride, (void)scale, (void)k_scale, (void)v_scale;
+#if defined(__CUDA_ARCH__)
+    __trap();
+#endif
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+// The shape the worker launches (worker/src/cuda/kernels.rs): 2 warpgroups (128 items) and key
+// tiles of 64.
+constexpr int kWgmmaGroups = 2;
+constexpr int kWgmmaKeys = 64;
+
+// One entry point per dtype, with paged_attention's argument list.
+#define TPSERVE_PAGED_ATTENTION_WGMMA(SUFFIX, T)                                              \
+    extern "C" __global__ void __launch_bounds__(128 * kWgmmaGroups, 2)                        \
+        paged_attention_wgmma_hd128_##SUFFIX(                                                 \
+            T* __restrict__ out, float* __restrict__ partial_out,                             \
+            float* __restrict__ partial_ml, const T* __restrict__ q,                          \
+            const T* __restrict__ key_cache, const T* __restrict__ value_cache,               \
+            const int* __restrict__ block_tables, const int* __restrict__ tiles,              \
+            int num_q_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,        \
+            int q_stride, int num_splits, int split_len, float scale, float k_scale,          \
+            float v_scale) {                                                                  \
+        (void)partial_out;                                                                    \
+        (void)partial_ml;                                                                     \
+        (void)num_splits;                                                                     \
+        (void)split_len;                                                                      \
+        paged_attention_wgmma_impl<T, kWgmmaGroups, kWgmmaKeys>(                              \
+            out, q, key_cache, value_cache, block_tables, tiles, num_q_heads, num_kv_heads,    \
+            block_size, max_blocks_per_seq, q_stride, scale, k_scale, v_scale);               \
+    }
+TPSERVE_FOR_EACH_DTYPE(TPSERVE_PAGED_ATTENTION_WGMMA)
