@@ -479,14 +479,17 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
-// The shape the worker launches (worker/src/cuda/kernels.rs): 2 warpgroups (128 items) and key
-// tiles of 64.
-constexpr int kWgmmaGroups = 2;
+// The shape the worker launches (worker/src/cuda/kernels.rs): 4 warpgroups (256 items: each K
+// and V tile serves twice the items of 2 warpgroups), one block an SM (128 registers a thread,
+// 132,096 bytes of shared memory), key tiles of 64. On an H200 (prefill_attention_bench.cu, one
+// layer from position 0): 1.452 ms at 8,192 tokens against 1.598 with 2 warpgroups at 2 blocks
+// an SM and 1.783 for attention_mma.cu's widest shape.
+constexpr int kWgmmaGroups = 4;
 constexpr int kWgmmaKeys = 64;
 
 // One entry point per dtype, with paged_attention's argument list.
 #define TPSERVE_PAGED_ATTENTION_WGMMA(SUFFIX, T)                                              \
-    extern "C" __global__ void __launch_bounds__(128 * kWgmmaGroups, 2)                        \
+    extern "C" __global__ void __launch_bounds__(128 * kWgmmaGroups, 1)                        \
         paged_attention_wgmma_hd128_##SUFFIX(                                                 \
             T* __restrict__ out, float* __restrict__ partial_out,                             \
             float* __restrict__ partial_ml, const T* __restrict__ q,                          \

@@ -202,10 +202,10 @@ impl MmaShape {
         warps: 8,
         wgmma: false,
     };
-    /// 2 warpgroups (`paged_attention_wgmma_hd128`): head size 128 on sm_90a, a cache in the
+    /// 4 warpgroups (`paged_attention_wgmma_hd128`): head size 128 on sm_90a, a cache in the
     /// compute dtype.
     pub const HOPPER: Self = Self {
-        warps: 8,
+        warps: 16,
         wgmma: true,
     };
 
@@ -1358,9 +1358,9 @@ mod tests {
         assert_eq!(MmaShape::NARROW.smem_bytes(64), 37_888);
         assert_eq!(MmaShape::NARROW.smem_bytes(128), 70_656);
         assert_eq!(MmaShape::WIDE.smem_bytes(128), 105_472);
-        // attention_wgmma.cu's: 2 warpgroups, two K and two V tiles of 64 keys.
-        assert_eq!(MmaShape::HOPPER.items(), 128);
-        assert_eq!(MmaShape::HOPPER.smem_bytes(128), 99_328);
+        // attention_wgmma.cu's: 4 warpgroups, two K and two V tiles of 64 keys.
+        assert_eq!(MmaShape::HOPPER.items(), 256);
+        assert_eq!(MmaShape::HOPPER.smem_bytes(128), 132_096);
         // Opt-in shared memory per block: sm_90 227 KiB, sm_80 163 KiB, sm_86/sm_89 99 KiB.
         let (bf16, fp8) = (KvCacheDtype::Compute, KvCacheDtype::Fp8E4M3);
         assert_eq!(
