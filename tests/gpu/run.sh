@@ -217,6 +217,14 @@ ours_logits() {
   fi
 }
 
+# step_bf16: the default path in bf16 (tensor-core prefill attention, graphs for decode) against
+# transformers: prefill logits and greedy decoding. Needs step_reference first.
+step_bf16() {
+  ours_logits tp1-bf16 1 bfloat16
+  check_logits tp1-bf16 bfloat16
+  check_greedy tp1-bf16 bfloat16 0.1
+}
+
 # step_fp8: `--quantization fp8` (issue 12) on the random checkpoint. Against transformers
 # emulating it (hf_reference.py --fp8: the same FP8 weights; the inputs of products above 8 rows
 # rounded to FP8 the same way; its bfloat16 run is the peer): prefill logits (one chunk per
@@ -706,9 +714,7 @@ main() {
     return
   fi
   step_reference
-  ours_logits tp1-bf16 1 bfloat16
-  check_logits tp1-bf16 bfloat16
-  check_greedy tp1-bf16 bfloat16 0.1
+  step_bf16
   # The same with the CUDA-core attention kernel for prefill too (the default takes tensor cores
   # for prefill chunks and CUDA cores for decode).
   export TPSERVE_CUDA_ATTENTION=simt
