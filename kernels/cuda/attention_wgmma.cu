@@ -420,22 +420,18 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
-// The shapes the worker launches (worker/src/cuda/kernels.rs), both with key tiles of 64:
-// - `paged_attention_wgmma_hd128`: 2 warpgroups (128 items), two blocks an SM (99,328 bytes of
-//   shared memory each), for steps that mix prefill chunks with decode rows, whose one-row tiles
-//   keep only one warpgroup busy (a bigger block would hold an SM for them alone);
-// - `paged_attention_wgmma_wide_hd128`: 4 warpgroups (256 items: each K and V tile serves twice
-//   the items), one block an SM (132,096 bytes), for steps of prefill chunks only.
-// 128 registers a thread either way. On an H200 (prefill_attention_bench.cu, one layer from
-// position 0, 8,192 tokens): 1.598 ms with 2 warpgroups, 1.452 with 4, 1.783 for
-// attention_mma.cu's widest shape.
+// The shape the worker launches (worker/src/cuda/kernels.rs): 4 warpgroups (256 items: each K
+// and V tile serves twice the items of 2 warpgroups), one block an SM (128 registers a thread,
+// 132,096 bytes of shared memory), key tiles of 64. On an H200 (prefill_attention_bench.cu, one
+// layer from position 0): 1.452 ms at 8,192 tokens against 1.598 with 2 warpgroups at 2 blocks
+// an SM and 1.783 for attention_mma.cu's widest shape.
+constexpr int kWgmmaGroups = 4;
 constexpr int kWgmmaKeys = 64;
 
-// One entry point per shape and dtype, with paged_attention's argument list: WIDTH `_` (2
-// warpgroups, 2 blocks an SM) or `_wide_` (4, 1).
-#define TPSERVE_PAGED_ATTENTION_WGMMA_ENTRY(WIDTH, GROUPS, BLOCKS, SUFFIX, T)                  \
-    extern "C" __global__ void __launch_bounds__(128 * GROUPS, BLOCKS)                         \
-        paged_attention_wgmma##WIDTH##hd128_##SUFFIX(                                         \
+// One entry point per dtype, with paged_attention's argument list.
+#define TPSERVE_PAGED_ATTENTION_WGMMA(SUFFIX, T)                                              \
+    extern "C" __global__ void __launch_bounds__(128 * kWgmmaGroups, 1)                        \
+        paged_attention_wgmma_hd128_##SUFFIX(                                                 \
             T* __restrict__ out, float* __restrict__ partial_out,                             \
             float* __restrict__ partial_ml, const T* __restrict__ q,                          \
             const T* __restrict__ key_cache, const T* __restrict__ value_cache,               \
@@ -447,11 +443,8 @@ constexpr int kWgmmaKeys = 64;
         (void)partial_ml;                                                                     \
         (void)num_splits;                                                                     \
         (void)split_len;                                                                      \
-        paged_attention_wgmma_impl<T, GROUPS, kWgmmaKeys>(                                    \
+        paged_attention_wgmma_impl<T, kWgmmaGroups, kWgmmaKeys>(                              \
             out, q, key_cache, value_cache, block_tables, tiles, num_q_heads, num_kv_heads,    \
             block_size, max_blocks_per_seq, q_stride, scale, k_scale, v_scale);               \
     }
-#define TPSERVE_PAGED_ATTENTION_WGMMA(SUFFIX, T)                    \
-    TPSERVE_PAGED_ATTENTION_WGMMA_ENTRY(_, 2, 2, SUFFIX, T)         \
-    TPSERVE_PAGED_ATTENTION_WGMMA_ENTRY(_wide_, 4, 1, SUFFIX, T)
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_PAGED_ATTENTION_WGMMA)

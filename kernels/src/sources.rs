@@ -205,8 +205,6 @@ pub const KERNELS: &[(&str, &[&str])] = &[
         &[
             "paged_attention_wgmma_hd128_bf16",
             "paged_attention_wgmma_hd128_f16",
-            "paged_attention_wgmma_wide_hd128_bf16",
-            "paged_attention_wgmma_wide_hd128_f16",
         ],
     ),
     (

@@ -34,8 +34,8 @@ use crate::error::Result;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionPlan {
     /// Tensor-core kernel (prefill chunks): tiles of up to `Kernels::attention_mma_items` (row, head)
-    /// items, no key splits; `chunks_only`: every sequence of the step is a prefill chunk.
-    Mma { chunks_only: bool },
+    /// items, no key splits.
+    Mma,
     /// CUDA-core kernel: tiles of up to `items` (row, head) items, `splits` key splits of
     /// `split_len` keys.
     Simt {
@@ -57,7 +57,7 @@ impl AttentionPlan {
         mma_items: usize,
     ) -> usize {
         let items = match kind {
-            AttentionKind::Mma { .. } => mma_items,
+            AttentionKind::Mma => mma_items,
             AttentionKind::Simt => attention_max_items(head_dim),
             AttentionKind::Decode => return 1,
         };
@@ -66,7 +66,7 @@ impl AttentionPlan {
 
     fn splits(&self) -> usize {
         match *self {
-            Self::Mma { .. } => 1,
+            Self::Mma => 1,
             Self::Simt { splits, .. } | Self::Decode { splits } => splits,
         }
     }
@@ -75,10 +75,7 @@ impl AttentionPlan {
 /// The kernel family of a step, decided before its inputs are packed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionKind {
-    /// `chunks_only`: no sequence of the step is a decode row or a short chunk.
-    Mma {
-        chunks_only: bool,
-    },
+    Mma,
     Simt,
     Decode,
 }
@@ -350,7 +347,7 @@ impl Pass<'_> {
         };
         let tables = self.cache.tables.ptr;
         match v.attention {
-            AttentionPlan::Mma { chunks_only } => k.paged_attention_mma(
+            AttentionPlan::Mma => k.paged_attention_mma(
                 ws.attn.ptr,
                 ws.qkv.ptr,
                 &cache,
@@ -358,7 +355,6 @@ impl Pass<'_> {
                 v.inputs.tiles,
                 v.num_tiles,
                 &shape,
-                chunks_only,
             )?,
             AttentionPlan::Simt {
                 items,

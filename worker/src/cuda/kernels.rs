@@ -202,15 +202,9 @@ impl MmaShape {
         warps: 8,
         wgmma: false,
     };
-    /// 2 warpgroups (`paged_attention_wgmma_hd128`), two blocks an SM: head size 128 on sm_90a,
-    /// a cache in the compute dtype.
+    /// 4 warpgroups (`paged_attention_wgmma_hd128`): head size 128 on sm_90a, a cache in the
+    /// compute dtype.
     pub const HOPPER: Self = Self {
-        warps: 8,
-        wgmma: true,
-    };
-    /// 4 warpgroups (`paged_attention_wgmma_wide_hd128`), one block an SM: the same, for steps
-    /// of prefill chunks only.
-    pub const HOPPER_WIDE: Self = Self {
         warps: 16,
         wgmma: true,
     };
@@ -240,13 +234,11 @@ impl MmaShape {
     /// The entry point's base name at `head_dim` (attention_mma.cu's WIDTH: `_` or `_wide_`)
     /// for a cache whose entry points carry `kv` (`kv_entry`).
     fn entry(self, head_dim: usize, kv: &str) -> String {
-        let width = if self == Self::WIDE || self == Self::HOPPER_WIDE {
-            "_wide_"
-        } else {
-            "_"
-        };
-        let family = if self.wgmma { "wgmma" } else { "mma" };
-        format!("paged_attention_{family}{width}hd{head_dim}{kv}")
+        if self.wgmma {
+            return format!("paged_attention_wgmma_hd{head_dim}{kv}");
+        }
+        let width = if self == Self::WIDE { "_wide_" } else { "_" };
+        format!("paged_attention_mma{width}hd{head_dim}{kv}")
     }
 
     /// The shape for head size 128 on a GPU of NVRTC architecture `arch` that gives a block at
@@ -261,13 +253,6 @@ impl MmaShape {
         } else {
             Self::NARROW
         }
-    }
-
-    /// The shape for head size 128 in steps whose every sequence is a prefill chunk (no decode
-    /// rows, whose one-row tiles would hold a wide block's SM), where one differs from
-    /// `for_hd128`'s: the Hopper kernel's 4 warpgroups.
-    pub fn for_hd128_chunks(arch: &str, kv: KvCacheDtype) -> Option<Self> {
-        (Self::for_hd128(arch, 0, kv) == Self::HOPPER).then_some(Self::HOPPER_WIDE)
     }
 }
 
@@ -298,8 +283,6 @@ pub struct Kernels {
     attention_hd256: CudaFunction,
     attention_mma_hd64: MmaKernel,
     attention_mma_hd128: MmaKernel,
-    /// For steps of prefill chunks only, where it differs (`MmaShape::for_hd128_chunks`).
-    attention_mma_hd128_chunks: Option<MmaKernel>,
     attention_combine: CudaFunction,
     /// `[head size 64, 128, 256][group <= 4, <= 8]`.
     attention_decode: [[CudaFunction; 2]; 3],
@@ -479,9 +462,6 @@ impl Kernels {
                 MmaShape::for_hd128(&gpu.arch, gpu.smem_per_block_optin, kv_dtype),
                 kv,
             )?,
-            attention_mma_hd128_chunks: MmaShape::for_hd128_chunks(&gpu.arch, kv_dtype)
-                .map(|shape| take_mma(&mut take, 128, shape, kv))
-                .transpose()?,
             attention_combine: take("attention_combine")?,
             attention_decode,
             sample: take("sample")?,
@@ -777,31 +757,25 @@ impl Kernels {
         matches!(head_dim, 64 | 128)
     }
 
-    /// The tensor-core attention entry point for a head size, in a step of prefill chunks only
-    /// (`chunks_only`) or not.
-    fn mma_attention(&self, head_dim: usize, chunks_only: bool) -> Result<&MmaKernel> {
+    /// The tensor-core attention entry point for a head size.
+    fn mma_attention(&self, head_dim: usize) -> Result<&MmaKernel> {
         match head_dim {
             64 => Ok(&self.attention_mma_hd64),
-            128 => Ok(self
-                .attention_mma_hd128_chunks
-                .as_ref()
-                .filter(|_| chunks_only)
-                .unwrap_or(&self.attention_mma_hd128)),
+            128 => Ok(&self.attention_mma_hd128),
             hd => Err(WorkerError::Unsupported {
                 detail: format!("head size {hd} on tensor-core attention (64 and 128)"),
             }),
         }
     }
 
-    /// (row, head) items of one tensor-core attention block at this head size, in a step of
-    /// prefill chunks only or not (0 where the kernel does not exist).
-    pub fn attention_mma_items(&self, head_dim: usize, chunks_only: bool) -> usize {
-        self.mma_attention(head_dim, chunks_only)
-            .map_or(0, |k| k.shape.items())
+    /// (row, head) items of one tensor-core attention block at this head size (0 where the
+    /// kernel does not exist).
+    pub fn attention_mma_items(&self, head_dim: usize) -> usize {
+        self.mma_attention(head_dim).map_or(0, |k| k.shape.items())
     }
 
     /// Tensor-core paged attention (prefill): tiles of at most `attention_mma_items` (row, head)
-    /// items (of the same `chunks_only`), no key splits; the entry point's shared memory per block, dynamic.
+    /// items, no key splits; the entry point's shared memory per block, dynamic.
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention_mma(
         &self,
@@ -812,9 +786,8 @@ impl Kernels {
         tiles: u64,
         num_tiles: usize,
         shape: &AttentionShape,
-        chunks_only: bool,
     ) -> Result<()> {
-        let k = self.mma_attention(shape.head_dim, chunks_only)?;
+        let k = self.mma_attention(shape.head_dim)?;
         let cfg = LaunchConfig {
             // Heads fastest: blocks start in the tiles' order (most keys first).
             grid_dim: (shape.kv_heads as u32, num_tiles as u32, 1),
@@ -1385,11 +1358,9 @@ mod tests {
         assert_eq!(MmaShape::NARROW.smem_bytes(64), 37_888);
         assert_eq!(MmaShape::NARROW.smem_bytes(128), 70_656);
         assert_eq!(MmaShape::WIDE.smem_bytes(128), 105_472);
-        // attention_wgmma.cu's: 2 or 4 warpgroups, two K and two V tiles of 64 keys.
-        assert_eq!(MmaShape::HOPPER.items(), 128);
-        assert_eq!(MmaShape::HOPPER.smem_bytes(128), 99_328);
-        assert_eq!(MmaShape::HOPPER_WIDE.items(), 256);
-        assert_eq!(MmaShape::HOPPER_WIDE.smem_bytes(128), 132_096);
+        // attention_wgmma.cu's: 4 warpgroups, two K and two V tiles of 64 keys.
+        assert_eq!(MmaShape::HOPPER.items(), 256);
+        assert_eq!(MmaShape::HOPPER.smem_bytes(128), 132_096);
         // Opt-in shared memory per block: sm_90 227 KiB, sm_80 163 KiB, sm_86/sm_89 99 KiB.
         let (bf16, fp8) = (KvCacheDtype::Compute, KvCacheDtype::Fp8E4M3);
         assert_eq!(
@@ -1403,15 +1374,7 @@ mod tests {
             MmaShape::NARROW
         );
         assert!(MmaShape::NARROW.smem_bytes(128) <= 101_376);
-        assert!(2 * MmaShape::HOPPER.smem_bytes(128) <= 232_448);
-        assert!(MmaShape::HOPPER_WIDE.smem_bytes(128) <= 232_448);
-        // Steps of prefill chunks only take the wide Hopper kernel; elsewhere nothing differs.
-        assert_eq!(
-            MmaShape::for_hd128_chunks("sm_90a", bf16),
-            Some(MmaShape::HOPPER_WIDE)
-        );
-        assert_eq!(MmaShape::for_hd128_chunks("sm_90a", fp8), None);
-        assert_eq!(MmaShape::for_hd128_chunks("sm_80", bf16), None);
+        assert!(MmaShape::HOPPER.smem_bytes(128) <= 232_448);
         // The names kernels/src/sources.rs lists for attention_mma.cu.
         let kv = kv_entry(KvCacheDtype::Compute);
         assert_eq!(MmaShape::NARROW.entry(64, kv), "paged_attention_mma_hd64");
@@ -1423,10 +1386,6 @@ mod tests {
         assert_eq!(
             MmaShape::HOPPER.entry(128, kv),
             "paged_attention_wgmma_hd128"
-        );
-        assert_eq!(
-            MmaShape::HOPPER_WIDE.entry(128, kv),
-            "paged_attention_wgmma_wide_hd128"
         );
     }
 

@@ -254,8 +254,7 @@ impl CudaBackend {
         }
         let group = d.q_heads / d.kv_heads.max(1);
         let kind = attention_kind(&d, batch, loaded.linear.batch_invariant());
-        let chunks_only = matches!(kind, AttentionKind::Mma { chunks_only: true });
-        let mma_items = loaded.kernels.attention_mma_items(d.head_dim, chunks_only);
+        let mma_items = loaded.kernels.attention_mma_items(d.head_dim);
         let tile_rows = AttentionPlan::tile_rows(kind, d.head_dim, group, mma_items);
         let ranks = loaded.model.lora().map_or(&[][..], LoraSlots::ranks);
         let step = pack(batch, sampling, tile_rows, None, tables, ranks).map_err(plan_err)?;
@@ -279,7 +278,7 @@ impl CudaBackend {
             )
         };
         let attention = match kind {
-            AttentionKind::Mma { chunks_only } => AttentionPlan::Mma { chunks_only },
+            AttentionKind::Mma => AttentionPlan::Mma,
             AttentionKind::Simt => AttentionPlan::Simt {
                 items: step.max_tile_rows * group,
                 splits,
@@ -340,9 +339,7 @@ fn attention_kind(d: &Dims, batch: &Batch, batch_invariant: bool) -> AttentionKi
     } else if Kernels::has_mma_attention(d.head_dim)
         && batch.seqs.iter().any(|s| s.rows.len() >= MMA_MIN_ROWS)
     {
-        AttentionKind::Mma {
-            chunks_only: batch.seqs.iter().all(|s| s.rows.len() >= MMA_MIN_ROWS),
-        }
+        AttentionKind::Mma
     } else {
         AttentionKind::Simt
     }
