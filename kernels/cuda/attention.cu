@@ -280,11 +280,14 @@ __device__ void paged_attention_decode_impl(
     constexpr int kLanesPerKey = HD / 8;
     constexpr int kHalfPieces = kLanesPerKey / 2;  // pieces in the first half of a head vector
     constexpr int kKeysPerStep = 32 / kLanesPerKey;  // keys one warp reads per piece load
-    // Keys per lane per loop step, 4 for either cache: short chains of dependent loads at long
-    // contexts (an 8B step at 8,000 keys in one graph: bf16 5.38 ms against 5.58 with 2 keys;
-    // FP8 5.63 ms against 5.75 with 2 and 5.64 with 8, its attention slower with 8;
-    // docs/PERFORMANCE.md).
-    constexpr int kUnroll = 4;
+    // Keys per lane per loop step: 32 bytes of keys in flight per lane, 2 for a cache in the
+    // dtype, 4 for FP8. More keys shorten the chain of dependent loads at long contexts (an 8B
+    // step at 8,000 keys: bf16 5.38 ms with 4 against 5.58 with 2; FP8 5.63 with 4 against 5.75
+    // with 2) but must leave the kernel at most 128 registers, 4 blocks of 128 threads an SM: bf16
+    // with 4 keys takes 135 (head size 128, group 4) and 3 blocks, and a batch of 64 decodes then
+    // needs a second wave (64 streams: 7,710 against 9,113 tok/s; docs/PERFORMANCE.md). bf16 with
+    // 2 takes 120 registers, FP8 with 4 125.
+    constexpr int kUnroll = 32 / sizeof(Raw);
     __shared__ float m_s[kWarps][G];
     __shared__ float l_s[kWarps][G];
     __shared__ float acc_s[kWarps][G][HD];
