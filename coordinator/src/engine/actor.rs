@@ -113,6 +113,9 @@ struct Sequence {
 struct InFlight {
     step_id: u64,
     sent: Instant,
+    /// Tokens and sequences computed in the step (for the per-step trace line).
+    tokens: usize,
+    seqs: usize,
     /// The step's span, with detailed traces; it ends when the result is applied.
     _span: Option<tracing::Span>,
 }
@@ -644,6 +647,8 @@ impl Engine {
                 self.in_flight.push_back(InFlight {
                     step_id: plan.step_id,
                     sent,
+                    tokens: plan.num_scheduled_tokens(),
+                    seqs: plan.num_seqs(),
                     _span: span,
                 });
                 true
@@ -778,7 +783,13 @@ impl Engine {
         for p in result.pooled {
             self.deliver_embedding(p.request_id, p.values);
         }
-        tracing::trace!(step = step.step_id, elapsed = ?step.sent.elapsed(), "step");
+        tracing::trace!(
+            step = step.step_id,
+            tokens = step.tokens,
+            seqs = step.seqs,
+            elapsed = ?step.sent.elapsed(),
+            "step"
+        );
     }
 
     /// A step failed, or its result contradicts the scheduler: the workers' state is no use
