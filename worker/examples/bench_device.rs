@@ -54,6 +54,22 @@ struct Args {
     /// Decode steps timed.
     #[arg(long, default_value_t = 128)]
     decode_steps: usize,
+    /// Sequences of the serving-shaped steps measured after the rest (0: none): a decode step
+    /// of this many rows at `--batch-context`, eager (with phases) and from its CUDA graph; a
+    /// step of `--mixed-prompts` prompts of `--mixed-prompt-len` tokens next to the other rows'
+    /// decodes (a chunked-prefill step of `tpserve bench serve`'s 1,024/128 workload); and the
+    /// same prompts alone.
+    #[arg(long, default_value_t = 0)]
+    batch: usize,
+    /// Context of each sequence of the serving-shaped decode steps.
+    #[arg(long, default_value_t = 1024)]
+    batch_context: usize,
+    /// Prompts of the mixed and prompt-only serving-shaped steps.
+    #[arg(long, default_value_t = 8)]
+    mixed_prompts: usize,
+    /// Tokens of each of those prompts.
+    #[arg(long, default_value_t = 1024)]
+    mixed_prompt_len: usize,
     /// Where to write the JSON result.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -95,7 +111,12 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let loaded = group.on_rank(0, move |r| r.load_model(&load))?;
     let load_seconds = started.elapsed().as_secs_f64();
-    let max_tokens = args.prefill_tokens.max(256);
+    let mixed_tokens = if args.batch > 0 {
+        args.mixed_prompts * args.mixed_prompt_len + args.batch
+    } else {
+        0
+    };
+    let max_tokens = args.prefill_tokens.max(256).max(mixed_tokens);
     let profile = pb::ProfileMemoryRequest {
         block_size: BLOCK_SIZE as u32,
         kv_cache_bytes: 0,
@@ -243,6 +264,141 @@ fn main() -> anyhow::Result<()> {
     }
     let decode_graph_s = median(decode_graph);
 
+    // Serving-shaped steps: `batch` sequences at `batch_context` decoding together, then a
+    // chunked-prefill step (prompts next to the others' decodes), then the prompts alone.
+    let batch_steps = if args.batch > 0 {
+        let (b, c) = (args.batch, args.batch_context);
+        let (mp, ml) = (args.mixed_prompts, args.mixed_prompt_len);
+        let per_seq = (c + 64).div_ceil(BLOCK_SIZE);
+        let first_block = 2 * blocks + p.div_ceil(BLOCK_SIZE);
+        let seq_blocks = |i: usize| first_block + i * per_seq..first_block + (i + 1) * per_seq;
+        let prompt_blocks = |i: usize| {
+            let base = first_block + b * per_seq + i * ml.div_ceil(BLOCK_SIZE);
+            base..base + ml.div_ceil(BLOCK_SIZE)
+        };
+        let id = |i: usize| 1000 + i as u64;
+        // The contexts, 8 sequences a step.
+        let mut freed = vec![2u64];
+        for chunk in (0..b).collect::<Vec<_>>().chunks(8) {
+            step_id += 1;
+            run(pb::StepPlan {
+                step_id,
+                new_requests: chunk
+                    .iter()
+                    .map(|&i| new_request(id(i), prompt(c), seq_blocks(i)))
+                    .collect(),
+                freed_request_ids: std::mem::take(&mut freed),
+                ..Default::default()
+            })?;
+        }
+        let decode_rows = |step_id: u64, rows: usize| pb::StepPlan {
+            step_id,
+            running: (0..rows)
+                .map(|i| pb::RunningRequest {
+                    request_id: id(i),
+                    num_scheduled_tokens: 1,
+                    new_block_ids: vec![],
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let mut graph_ms = Vec::new();
+        for _ in 0..16 {
+            step_id += 1;
+            graph_ms.push(run(decode_rows(step_id, b))? * 1e3);
+        }
+        std::env::set_var("TPSERVE_CUDA_PHASES", "1");
+        let mut eager_ms = Vec::new();
+        for _ in 0..8 {
+            step_id += 1;
+            eager_ms.push(run(decode_rows(step_id, b))? * 1e3);
+        }
+        let decode_phases = group.on_rank(0, |_| Ok(take_phase_totals()))?;
+        std::env::remove_var("TPSERVE_CUDA_PHASES");
+        // The prompts take the place of the last `mp` sequences; each step's prompts are new
+        // requests on the same blocks, the step before's freed.
+        let rows_mixed = b.saturating_sub(mp);
+        let mut round = 0u64;
+        let mut prompts_step = |step_id: u64, rows: usize| {
+            let mut plan = decode_rows(step_id, rows);
+            plan.new_requests = (0..mp)
+                .map(|i| new_request(5000 + 100 * round + i as u64, prompt(ml), prompt_blocks(i)))
+                .collect();
+            plan.freed_request_ids = if round == 0 {
+                (rows_mixed..b).map(id).collect()
+            } else {
+                (0..mp as u64)
+                    .map(|i| 5000 + 100 * (round - 1) + i)
+                    .collect()
+            };
+            round += 1;
+            plan
+        };
+        let mut mixed_ms = Vec::new();
+        let mut prompts_ms = Vec::new();
+        for _ in 0..4 {
+            step_id += 1;
+            mixed_ms.push(run(prompts_step(step_id, rows_mixed))? * 1e3);
+            step_id += 1;
+            prompts_ms.push(run(prompts_step(step_id, 0))? * 1e3);
+        }
+        std::env::set_var("TPSERVE_CUDA_PHASES", "1");
+        for _ in 0..2 {
+            step_id += 1;
+            run(prompts_step(step_id, rows_mixed))?;
+        }
+        let mixed_phases = group.on_rank(0, |_| Ok(take_phase_totals()))?;
+        for _ in 0..2 {
+            step_id += 1;
+            run(prompts_step(step_id, 0))?;
+        }
+        let prompts_phases = group.on_rank(0, |_| Ok(take_phase_totals()))?;
+        std::env::remove_var("TPSERVE_CUDA_PHASES");
+        println!();
+        println!(
+            "| serving-shaped step | ms (median) | decode {b} rows at {c} (eager), ms | {mp} x {ml}-token prompts + {rows_mixed} decodes, ms | the prompts alone, ms |"
+        );
+        println!("| --- | --- | --- | --- | --- |");
+        println!(
+            "| whole step: decode from graphs / mixed / prompts alone | {:.2} / {:.2} / {:.2} | {:.2} | | |",
+            median(graph_ms.clone()),
+            median(mixed_ms.clone()),
+            median(prompts_ms.clone()),
+            median(eager_ms.clone()),
+        );
+        let per = |phases: &[(&str, f64, u64)], name: &str, steps: f64| {
+            phases
+                .iter()
+                .find(|(n, _, _)| *n == name)
+                .map_or(0.0, |(_, ms, _)| ms / steps)
+        };
+        let mut rows_json = Vec::new();
+        for (name, _, _) in &mixed_phases {
+            let (d, m, q) = (
+                per(&decode_phases, name, 8.0),
+                per(&mixed_phases, name, 2.0),
+                per(&prompts_phases, name, 2.0),
+            );
+            println!("| {name} | | {d:.2} | {m:.2} | {q:.2} |");
+            rows_json.push(serde_json::json!({
+                "phase": name, "decode_ms": d, "mixed_ms": m, "prompts_ms": q,
+            }));
+        }
+        serde_json::json!({
+            "batch": b,
+            "context": c,
+            "prompts": mp,
+            "prompt_len": ml,
+            "decode_graph_ms_median": median(graph_ms),
+            "decode_eager_ms_median": median(eager_ms),
+            "mixed_ms_median": median(mixed_ms),
+            "prompts_ms_median": median(prompts_ms),
+            "phases": rows_json,
+        })
+    } else {
+        serde_json::Value::Null
+    };
+
     // Floors. Weight bytes a decode step reads: all weights but the embedding table (one row of
     // it is read); the lm_head is read in full. The KV cache it reads is left out (at context
     // 512 of an 8B-shaped model, 0.4% of the weights). The rate is the copy's total traffic
@@ -368,6 +524,7 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let result = serde_json::json!({
         "phases": phases_json,
+        "batch_steps": batch_steps,
         "config": config_path.display().to_string(),
         "checkpoint": args.checkpoint.as_ref().map(|d| d.display().to_string()),
         "quantization": loaded.quantization,

@@ -192,7 +192,8 @@ impl CudaBackend {
 
     /// Runs the forward pass and samples one token per sample row (`sampling`, one spec each);
     /// returns where the logits and tokens are. Decode-only steps of a captured size replay a
-    /// graph; the rest run eagerly.
+    /// graph; the rest run eagerly, as does every step while the phase table is on
+    /// (`TPSERVE_CUDA_PHASES=1`: its events need the kernels issued one by one).
     fn forward(&mut self, batch: &Batch, sampling: &[SampleSpec]) -> Result<ForwardOutput> {
         let gpu = &self.gpu;
         let loaded = loaded_model(&mut self.loaded, "Step")?;
@@ -204,7 +205,7 @@ impl CudaBackend {
         let graph_size = loaded
             .graphs
             .as_ref()
-            .filter(|_| is_decode_only(batch))
+            .filter(|_| is_decode_only(batch) && !phases::enabled())
             .and_then(|g| g.size_for(n));
         if let (Some(size), Some(graphs), Some(ws)) =
             (graph_size, &loaded.graphs, loaded.model.workspace())
