@@ -225,6 +225,32 @@ step_bf16() {
   check_greedy tp1-bf16 bfloat16 0.1
 }
 
+# step_decode: every position as a one-token decode step (chunks of 1), against the prefill
+# logits of step_bf16 (needs step_reference and step_bf16 first): replayed by the CUDA graph of
+# batch size 1 (the decode kernel with its key splits sized on the device and their combine, at
+# contexts up to 1,500), through a graph of 8 rows (7 of them padding) with the GEMV pinned,
+# eagerly, and with the GEMV's two depths (bit-identical).
+step_decode() {
+  ours_logits tp1-bf16-decode 1 bfloat16 --chunk 1
+  check_logits tp1-bf16-decode bfloat16 tp1-bf16
+  # The same through a graph of 8 rows (7 of them padding), with the GEMV kernel pinned for
+  # every few-row product; and eagerly (no graphs).
+  export TPSERVE_CUDA_LINEAR=gemv
+  ours_logits tp1-bf16-decode-pad 1 bfloat16 --chunk 1 --graph-sizes 8
+  unset TPSERVE_CUDA_LINEAR
+  check_logits tp1-bf16-decode-pad bfloat16 tp1-bf16-decode
+  ours_logits tp1-bf16-decode-eager 1 bfloat16 --chunk 1 --enforce-eager
+  check_logits tp1-bf16-decode-eager bfloat16 tp1-bf16-decode
+  # Every one-row product on the GEMV pinned to 2 chunks in flight per lane, then to its deep
+  # variant (8 chunks): the same reduction order, so bit-identical.
+  export TPSERVE_CUDA_LINEAR=gemv
+  ours_logits tp1-bf16-decode-gemv 1 bfloat16 --chunk 1
+  export TPSERVE_CUDA_LINEAR=gemv-deep
+  ours_logits tp1-bf16-decode-deep 1 bfloat16 --chunk 1
+  unset TPSERVE_CUDA_LINEAR
+  check_logits tp1-bf16-decode-deep bfloat16 tp1-bf16-decode-gemv exact
+}
+
 # step_fp8: `--quantization fp8` (issue 12) on the random checkpoint. Against transformers
 # emulating it (hf_reference.py --fp8: the same FP8 weights; the inputs of products above 8 rows
 # rounded to FP8 the same way; its bfloat16 run is the peer): prefill logits (one chunk per
@@ -721,27 +747,7 @@ main() {
   ours_logits tp1-bf16-simt 1 bfloat16
   unset TPSERVE_CUDA_ATTENTION
   check_logits tp1-bf16-simt bfloat16 tp1-bf16
-  # Every position as a one-token decode step (chunks of 1), replayed by the CUDA graph of
-  # batch size 1: the decode kernel with its key splits sized on the device and their
-  # combine, at contexts up to 1,500.
-  ours_logits tp1-bf16-decode 1 bfloat16 --chunk 1
-  check_logits tp1-bf16-decode bfloat16 tp1-bf16
-  # The same through a graph of 8 rows (7 of them padding), with the GEMV kernel pinned for
-  # every few-row product; and eagerly (no graphs).
-  export TPSERVE_CUDA_LINEAR=gemv
-  ours_logits tp1-bf16-decode-pad 1 bfloat16 --chunk 1 --graph-sizes 8
-  unset TPSERVE_CUDA_LINEAR
-  check_logits tp1-bf16-decode-pad bfloat16 tp1-bf16-decode
-  ours_logits tp1-bf16-decode-eager 1 bfloat16 --chunk 1 --enforce-eager
-  check_logits tp1-bf16-decode-eager bfloat16 tp1-bf16-decode
-  # Every one-row product on the GEMV pinned to 2 chunks in flight per lane, then to its deep
-  # variant (8 chunks): the same reduction order, so bit-identical.
-  export TPSERVE_CUDA_LINEAR=gemv
-  ours_logits tp1-bf16-decode-gemv 1 bfloat16 --chunk 1
-  export TPSERVE_CUDA_LINEAR=gemv-deep
-  ours_logits tp1-bf16-decode-deep 1 bfloat16 --chunk 1
-  unset TPSERVE_CUDA_LINEAR
-  check_logits tp1-bf16-decode-deep bfloat16 tp1-bf16-decode-gemv exact
+  step_decode
   # Batch-invariant kernels (one tensor-core GEMM for every row count, unsplit CUDA-core
   # attention): prefill chunks and every position as a decode step.
   ours_logits tp1-bf16-invariant 1 bfloat16 --batch-invariant
