@@ -21,6 +21,15 @@ __device__ __forceinline__ float warp_reduce_max(float v) {
     return v;
 }
 
+// One piece of a KV cache, global -> shared, by the size of its raw bytes (common.cuh's
+// KvCache::Raw: 16 for a cache in the dtype, 8 for FP8).
+__device__ __forceinline__ void cp_async_piece(uint4* dst, const void* src) {
+    tpserve::cp_async_16(dst, src, true);
+}
+__device__ __forceinline__ void cp_async_piece(uint2* dst, const void* src) {
+    tpserve::cp_async_8(dst, src);
+}
+
 }  // namespace
 
 // paged_attention_hd{64,128,256}_{bf16,f16}: for each query row r of a tile and each query
@@ -239,13 +248,22 @@ __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ pa
 // keys it saw, merged across the warp by shuffles and across the block's warps in shared
 // memory. Tiles with zero rows are padding (CUDA-graph batches): they write nothing.
 //
+// Each lane's pieces of K and V travel by cp.async into slots of shared memory that only that
+// lane reads, kStages loop steps deep (a per-lane prefetch queue that costs no registers and no
+// barrier): kStages - 1 steps of keys are in flight while a step computes, 24 KiB a block. An 8B
+// decode of 256 sequences at 1,024 keys read the cache at 0.43 of the copy rate with keys loaded
+// into registers one step ahead and reads it at 0.50 with the queue (docs/PERFORMANCE.md, run
+// 14): bytes in flight were not the main limit; the instructions per key are the next suspect.
+//
 // It also does rope_kv_write's work for its rows (decode steps launch no rope_kv_write): it
 // reads the qkv projection's output as it is, rotates the query heads and the row's own key
 // with the same arithmetic as rope_kv_write.cu, and the split that attends to the row's own
 // key writes it (rotated) and its value to the cache at the row's slot (a negative slot writes
 // nothing). The keys and values of each warp's first loop step, which earlier steps wrote, are
 // loaded before waiting for the kernel before: at decode's short splits that takes most of
-// the kernel's chain of dependent loads off its critical path.
+// the kernel's chain of dependent loads off its critical path. The row's own key is not in the
+// cache before this kernel writes it: the prefetched steps skip it and the lane that attends to
+// it puts it (rotated) into its slot itself.
 //
 // Key splits as paged_attention, except that split_len 0 means: each row splits its own keys
 // evenly, ceil(context / num_splits) rounded up to 32 (a CUDA graph is captured without knowing
@@ -263,7 +281,7 @@ __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ pa
 //   cos_table     f32 [max_pos, HD / 2]   as rope_kv_write's
 //   sin_table     f32 [max_pos, HD / 2]
 // (tiles must have rows 0 or 1, the row's position in tile[3]; G >= num_q_heads /
-// num_kv_heads; no dynamic shared memory).
+// num_kv_heads; no dynamic shared memory: 32 KiB static, 4 blocks an SM).
 // Launch: grid (num_tiles, num_kv_heads, num_splits); block (128, 1, 1).
 template <typename T, typename C, int HD, int G>
 __device__ void paged_attention_decode_impl(
@@ -280,17 +298,25 @@ __device__ void paged_attention_decode_impl(
     constexpr int kLanesPerKey = HD / 8;
     constexpr int kHalfPieces = kLanesPerKey / 2;  // pieces in the first half of a head vector
     constexpr int kKeysPerStep = 32 / kLanesPerKey;  // keys one warp reads per piece load
-    // Keys per lane per loop step: 32 bytes of keys in flight per lane, 2 for a cache in the
-    // dtype, 4 for FP8. More keys shorten the chain of dependent loads at long contexts (an 8B
-    // step at 8,000 keys: bf16 5.38 ms with 4 against 5.58 with 2; FP8 5.63 with 4 against 5.75
-    // with 2) but must leave the kernel at most 128 registers, 4 blocks of 128 threads an SM: bf16
-    // with 4 keys takes 135 (head size 128, group 4) and 3 blocks, and a batch of 64 decodes then
-    // needs a second wave (64 streams: 7,710 against 9,113 tok/s; docs/PERFORMANCE.md). bf16 with
-    // 2 takes 120 registers, FP8 with 4 125.
+    // Keys per lane per loop step: 32 bytes of keys per lane, 2 for a cache in the dtype, 4 for
+    // FP8 (the kernel must stay within 128 registers, 4 blocks of 128 threads an SM: with 3, a
+    // batch of 64 decodes needs a second wave; docs/PERFORMANCE.md, run 13).
     constexpr int kUnroll = 32 / sizeof(Raw);
+    constexpr int kThreads = kWarps * 32;
+    constexpr int kStages = 4;  // loop steps in shared memory, kStages - 1 in flight
+    constexpr int kStageBytes = kThreads * kUnroll * 2 * (int)sizeof(Raw);
+    constexpr int kAccBytes = kWarps * G * HD * (int)sizeof(float);
+    constexpr int kSharedBytes =
+        kStages * kStageBytes > kAccBytes ? kStages * kStageBytes : kAccBytes;
     __shared__ float m_s[kWarps][G];
     __shared__ float l_s[kWarps][G];
-    __shared__ float acc_s[kWarps][G][HD];
+    // The lanes' prefetched pieces, [stage][key u][K, V][thread]; after the loop the warps'
+    // partial outputs, [warp][head][element], in the same bytes.
+    __shared__ __align__(16) unsigned char shared[kSharedBytes];
+    Raw* staged = reinterpret_cast<Raw*>(shared);
+    auto slot_of = [&](int stage, int u, int kv) {
+        return staged + ((stage * kUnroll + u) * 2 + kv) * kThreads + threadIdx.x;
+    };
 
     // The tiles and slots (copied in before the step), the block tables (updated at its
     // start), the RoPE tables and the keys and values of the first loop step (earlier steps
@@ -341,24 +367,30 @@ __device__ void paged_attention_decode_impl(
     const int* table = block_tables + (long long)seq * max_blocks_per_seq;
     constexpr int kStride = kWarps * kKeysPerStep;  // keys between a warp's consecutive steps
     const int first = key_begin + warp * kKeysPerStep;
-    // The key and value pieces of this lane's key at `key`, or zeros past the split's end.
-    auto load_key = [&](int key, Raw& k_piece, Raw& v_piece) {
-        k_piece = Kv::zero();
-        v_piece = k_piece;
-        if (key < key_end) {
-            const long long slot =
-                (long long)table[key / block_size] * block_size + key % block_size;
-            const long long at = (slot * num_kv_heads + kv_head) * HD + piece * 8;
-            k_piece = Kv::load(key_cache + at);
-            v_piece = Kv::load(value_cache + at);
-        }
-    };
-    Raw k_first[kUnroll];
-    Raw v_first[kUnroll];
+    constexpr int kStepKeys = kStride * kUnroll;  // keys between a warp's loop steps
+    const int steps = first < key_end ? (key_end - first + kStepKeys - 1) / kStepKeys : 0;
+    // Starts copying loop step `step`'s pieces of this lane (keys past the split's end, and
+    // `skip`, are left out: their slots hold stale bytes that attend() masks) into its stage,
+    // as one cp.async group (empty past the last step).
+    auto prefetch = [&](int step, int skip) {
+        const int stage = step % kStages;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-        const int key = first + u * kStride + sub;
-        load_key(key == own_key ? key_end : key, k_first[u], v_first[u]);
+        for (int u = 0; u < kUnroll; ++u) {
+            const int key = first + step * kStepKeys + u * kStride + sub;
+            if (step < steps && key < key_end && key != skip) {
+                const long long slot =
+                    (long long)table[key / block_size] * block_size + key % block_size;
+                const long long at = (slot * num_kv_heads + kv_head) * HD + piece * 8;
+                cp_async_piece(slot_of(stage, u, 0), key_cache + at);
+                cp_async_piece(slot_of(stage, u, 1), value_cache + at);
+            }
+        }
+        tpserve::cp_async_commit();
+    };
+    // The first kStages - 1 steps (earlier steps wrote their keys; not the row's own key).
+#pragma unroll
+    for (int step = 0; step < kStages - 1; ++step) {
+        prefetch(step, own_key);
     }
     // RoPE at the row's position for this lane's 8 elements: rotation index i of element c is
     // (piece mod half) * 8 + c; the lane with the other half of each pair is `piece ^ half`.
@@ -407,8 +439,15 @@ __device__ void paged_attention_decode_impl(
             Kv::store(key_cache + at, own_k);
             Kv::store(value_cache + at, own_v);
         }
-        // Past the first loop step, the lanes read the own key from the cache (registers held
-        // through the loop would cost the kernel a block per SM).
+        // The lane whose prefetched steps skipped the own key puts it into its slot; later
+        // steps read it from the cache, written before this barrier.
+        const int own_index = own_key - first - sub;
+        if (own_index >= 0 && own_index % kStride == 0 &&
+            own_index / kStride < (kStages - 1) * kUnroll) {
+            const int j = own_index / kStride;
+            *slot_of(j / kUnroll, j % kUnroll, 0) = own_k;
+            *slot_of(j / kUnroll, j % kUnroll, 1) = own_v;
+        }
         __syncthreads();
     }
 
@@ -444,14 +483,15 @@ __device__ void paged_attention_decode_impl(
     }
 
     // One loop step: the online softmax over the kUnroll keys (one per lane group) of each lane.
-    auto attend = [&](int base, const Raw* kv, const Raw* vv) {
+    auto attend = [&](int step) {
+        const int base = first + step * kStepKeys;
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
             const bool valid = base + u * kStride + sub < key_end;
             float kf[8];
             float vf[8];
-            Kv::to_floats(kv[u], kf);
-            Kv::to_floats(vv[u], vf);
+            Kv::to_floats(*slot_of(step % kStages, u, 0), kf);
+            Kv::to_floats(*slot_of(step % kStages, u, 1), vf);
 #pragma unroll
             for (int h = 0; h < G; ++h) {
                 float s = 0.0f;
@@ -479,28 +519,16 @@ __device__ void paged_attention_decode_impl(
         }
     };
     // The loop bound is the same for every lane of a warp (the shuffles need all of them); a
-    // lane's own key may lie past the end. The first step's keys were loaded before the wait
-    // (the row's own key comes from registers); the rest, the own key included, from the cache.
-    if (first < key_end) {
-        Raw kv[kUnroll];
-        Raw vv[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const bool own = first + u * kStride + sub == own_key;
-            kv[u] = own ? own_k : k_first[u];
-            vv[u] = own ? own_v : v_first[u];
-        }
-        attend(first, kv, vv);
+    // lane's own key may lie past the end. Each step first starts the copy of the step
+    // kStages - 1 ahead, into the stage the step before read, then waits for its own.
+    for (int step = 0; step < steps; ++step) {
+        prefetch(step + kStages - 1, -1);
+        tpserve::cp_async_wait<kStages - 1>();
+        attend(step);
     }
-    for (int base = first + kStride * kUnroll; base < key_end; base += kStride * kUnroll) {
-        Raw kv[kUnroll];
-        Raw vv[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            load_key(base + u * kStride + sub, kv[u], vv[u]);
-        }
-        attend(base, kv, vv);
-    }
+    tpserve::cp_async_wait<0>();
+    __syncthreads();  // every warp is done with its stages: their bytes become acc_s
+    float(*acc_s)[G][HD] = reinterpret_cast<float(*)[G][HD]>(shared);
 
     // Merge the lane groups of the warp (they saw different keys, the same head pieces).
 #pragma unroll

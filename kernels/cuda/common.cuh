@@ -157,6 +157,14 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool val
                  : "memory");
 }
 
+// 8 bytes global -> shared (through L1: the .cg form copies 16 bytes only).
+__device__ __forceinline__ void cp_async_8(void* dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n"
+                 :
+                 : "r"(smem_addr(dst)), "l"(src)
+                 : "memory");
+}
+
 __device__ __forceinline__ void cp_async_commit() {
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
