@@ -82,6 +82,14 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// Milliseconds a step of the phase `name` in totals gathered over `steps` steps (0 when absent).
+fn per_step(phases: &[(&str, f64, u64)], name: &str, steps: usize) -> f64 {
+    phases
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .map_or(0.0, |(_, ms, _)| ms / steps as f64)
+}
+
 fn main() -> anyhow::Result<()> {
     tpserve_worker::logging::init_logging("warn,tpserve_worker::cuda=info", Default::default());
     let args = Args::parse();
@@ -308,8 +316,11 @@ fn main() -> anyhow::Result<()> {
             graph_ms.push(run(decode_rows(step_id, b))? * 1e3);
         }
         std::env::set_var("TPSERVE_CUDA_PHASES", "1");
+        // Steps of each kind run with the phase events on.
+        const EAGER_DECODES: usize = 8;
+        const PHASE_PROMPTS: usize = 2;
         let mut eager_ms = Vec::new();
-        for _ in 0..8 {
+        for _ in 0..EAGER_DECODES {
             step_id += 1;
             eager_ms.push(run(decode_rows(step_id, b))? * 1e3);
         }
@@ -343,12 +354,12 @@ fn main() -> anyhow::Result<()> {
             prompts_ms.push(run(prompts_step(step_id, 0))? * 1e3);
         }
         std::env::set_var("TPSERVE_CUDA_PHASES", "1");
-        for _ in 0..2 {
+        for _ in 0..PHASE_PROMPTS {
             step_id += 1;
             run(prompts_step(step_id, rows_mixed))?;
         }
         let mixed_phases = group.on_rank(0, |_| Ok(take_phase_totals()))?;
-        for _ in 0..2 {
+        for _ in 0..PHASE_PROMPTS {
             step_id += 1;
             run(prompts_step(step_id, 0))?;
         }
@@ -359,25 +370,17 @@ fn main() -> anyhow::Result<()> {
             "| serving-shaped step | ms (median) | decode {b} rows at {c} (eager), ms | {mp} x {ml}-token prompts + {rows_mixed} decodes, ms | the prompts alone, ms |"
         );
         println!("| --- | --- | --- | --- | --- |");
+        let (graph, eager) = (median(graph_ms), median(eager_ms));
+        let (mixed, prompts) = (median(mixed_ms), median(prompts_ms));
         println!(
-            "| whole step: decode from graphs / mixed / prompts alone | {:.2} / {:.2} / {:.2} | {:.2} | | |",
-            median(graph_ms.clone()),
-            median(mixed_ms.clone()),
-            median(prompts_ms.clone()),
-            median(eager_ms.clone()),
+            "| whole step: decode from graphs / mixed / prompts alone | {graph:.2} / {mixed:.2} / {prompts:.2} | {eager:.2} | | |"
         );
-        let per = |phases: &[(&str, f64, u64)], name: &str, steps: f64| {
-            phases
-                .iter()
-                .find(|(n, _, _)| *n == name)
-                .map_or(0.0, |(_, ms, _)| ms / steps)
-        };
         let mut rows_json = Vec::new();
         for (name, _, _) in &mixed_phases {
             let (d, m, q) = (
-                per(&decode_phases, name, 8.0),
-                per(&mixed_phases, name, 2.0),
-                per(&prompts_phases, name, 2.0),
+                per_step(&decode_phases, name, EAGER_DECODES),
+                per_step(&mixed_phases, name, PHASE_PROMPTS),
+                per_step(&prompts_phases, name, PHASE_PROMPTS),
             );
             println!("| {name} | | {d:.2} | {m:.2} | {q:.2} |");
             rows_json.push(serde_json::json!({
@@ -389,10 +392,10 @@ fn main() -> anyhow::Result<()> {
             "context": c,
             "prompts": mp,
             "prompt_len": ml,
-            "decode_graph_ms_median": median(graph_ms),
-            "decode_eager_ms_median": median(eager_ms),
-            "mixed_ms_median": median(mixed_ms),
-            "prompts_ms_median": median(prompts_ms),
+            "decode_graph_ms_median": graph,
+            "decode_eager_ms_median": eager,
+            "mixed_ms_median": mixed,
+            "prompts_ms_median": prompts,
             "phases": rows_json,
         })
     } else {
@@ -499,17 +502,11 @@ fn main() -> anyhow::Result<()> {
     println!();
     println!("| phase (GPU time, CUDA events) | prefill {p} tokens, ms/step | decode, ms/step |");
     println!("| --- | --- | --- |");
-    let per_step = |phases: &[(&str, f64, u64)], name: &str, steps: f64| {
-        phases
-            .iter()
-            .find(|(n, _, _)| *n == name)
-            .map_or(0.0, |(_, ms, _)| ms / steps)
-    };
     for (name, _, _) in &prefill_phases {
         println!(
             "| {name} | {:.2} | {:.3} |",
-            per_step(&prefill_phases, name, 3.0),
-            per_step(&decode_phases, name, 32.0)
+            per_step(&prefill_phases, name, 3),
+            per_step(&decode_phases, name, 32)
         );
     }
     let phases_json: Vec<_> = prefill_phases
@@ -517,8 +514,8 @@ fn main() -> anyhow::Result<()> {
         .map(|(name, _, _)| {
             serde_json::json!({
                 "phase": name,
-                "prefill_ms": per_step(&prefill_phases, name, 3.0),
-                "decode_ms": per_step(&decode_phases, name, 32.0),
+                "prefill_ms": per_step(&prefill_phases, name, 3),
+                "decode_ms": per_step(&decode_phases, name, 32),
             })
         })
         .collect();
