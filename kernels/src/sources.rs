@@ -83,6 +83,10 @@ pub const SOURCES: &[KernelSource] = &[
         code: include_str!("../cuda/attention_wgmma.cu"),
     },
     KernelSource {
+        name: "attention_decode_mma.cu",
+        code: include_str!("../cuda/attention_decode_mma.cu"),
+    },
+    KernelSource {
         name: "sampling.cu",
         code: include_str!("../cuda/sampling.cu"),
     },
@@ -205,6 +209,19 @@ pub const KERNELS: &[(&str, &[&str])] = &[
         &[
             "paged_attention_wgmma_hd128_bf16",
             "paged_attention_wgmma_hd128_f16",
+        ],
+    ),
+    (
+        "attention_decode_mma.cu",
+        &[
+            "paged_attention_decode_mma_hd64_bf16",
+            "paged_attention_decode_mma_hd64_f16",
+            "paged_attention_decode_mma_hd64_fp8kv_bf16",
+            "paged_attention_decode_mma_hd64_fp8kv_f16",
+            "paged_attention_decode_mma_hd128_bf16",
+            "paged_attention_decode_mma_hd128_f16",
+            "paged_attention_decode_mma_hd128_fp8kv_bf16",
+            "paged_attention_decode_mma_hd128_fp8kv_f16",
         ],
     ),
     (
