@@ -16,12 +16,16 @@ pub struct AttentionTiles {
     pub max_rows: usize,
     /// Keys the longest sequence's last row sees.
     pub max_context: usize,
+    /// Tiles of one row at the end of `tiles` (with `one_row_apart`; else 0).
+    pub one_row_tiles: usize,
 }
 
 impl AttentionTiles {
     /// Cuts every sequence's rows into tiles of at most `tile_rows` rows, ordered by the keys
-    /// their last row sees, most first (stable).
-    pub fn new(batch: &Batch, tile_rows: usize) -> Self {
+    /// their last row sees, most first (stable); with `one_row_apart`, tiles of one row (decode
+    /// rows, for the decode kernel) come after all the others, in the same order among
+    /// themselves.
+    pub fn new(batch: &Batch, tile_rows: usize, one_row_apart: bool) -> Self {
         let tile_rows = tile_rows.max(1);
         let mut tiles: Vec<[i32; 4]> = Vec::new();
         let (mut max_rows, mut max_context) = (0usize, 0usize);
@@ -38,8 +42,10 @@ impl AttentionTiles {
         }
         // The tiles that see the most keys first: the attention kernels start blocks in this
         // order, so the grid's tail is short tiles instead of a causal prompt's last, longest one.
-        tiles.sort_by_key(|t| std::cmp::Reverse(t[2] + t[3]));
+        let apart = |t: &[i32; 4]| one_row_apart && t[2] == 1;
+        tiles.sort_by_key(|t| (apart(t), std::cmp::Reverse(t[2] + t[3])));
         Self {
+            one_row_tiles: tiles.iter().filter(|t| apart(t)).count(),
             tiles: tiles.concat(),
             max_rows,
             max_context,
@@ -135,7 +141,8 @@ mod tests {
     fn tiles_cover_every_row_once_with_its_sequence_and_position() {
         let b = batch(&[(37, 0), (1, 500), (16, 64), (5, 3)]);
         for tile_rows in [1, 4, 8, 16, 64] {
-            let t = AttentionTiles::new(&b, tile_rows);
+            let t = AttentionTiles::new(&b, tile_rows, false);
+            assert_eq!(t.one_row_tiles, 0);
             let mut seen = vec![0; b.num_tokens()];
             for tile in t.tiles.chunks_exact(4) {
                 let (seq, row0, rows, pos0) = (
@@ -168,6 +175,22 @@ mod tests {
             assert_eq!(t.max_context, 501);
             assert_eq!(t.max_rows, tile_rows.min(37));
         }
+    }
+
+    #[test]
+    fn one_row_tiles_apart_come_last_each_part_most_keys_first() {
+        // Two prompts, three decode rows; a 37-row prompt cut by 8 leaves a 5-row tile.
+        let b = batch(&[(37, 0), (1, 500), (16, 64), (1, 7), (1, 900)]);
+        let t = AttentionTiles::new(&b, 8, true);
+        assert_eq!(t.one_row_tiles, 3);
+        let tiles: Vec<&[i32]> = t.tiles.chunks_exact(4).collect();
+        let (prompt, decode) = tiles.split_at(tiles.len() - 3);
+        assert!(prompt.iter().all(|t| t[2] > 1));
+        let keys: Vec<i32> = decode.iter().map(|t| t[2] + t[3]).collect();
+        assert_eq!(keys, vec![901, 501, 8]);
+        let keys: Vec<i32> = prompt.iter().map(|t| t[2] + t[3]).collect();
+        assert!(keys.windows(2).all(|w| w[0] >= w[1]), "{keys:?}");
+        assert_eq!(AttentionTiles::new(&b, 8, false).tiles.len(), t.tiles.len());
     }
 
     #[test]

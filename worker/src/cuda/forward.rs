@@ -2,7 +2,7 @@
 //!
 //! embedding (vocab-parallel, all-reduce) -> per layer the attention block (RMSNorm fused with
 //! the previous sublayer's residual add, QKV projection (+bias), RoPE with the KV-cache write,
-//! paged attention (decode steps: one kernel for RoPE, the cache write and attention), o
+//! paged attention (small decode steps: one kernel for RoPE, the cache write and attention), o
 //! projection, all-reduce) and the MLP block (residual + RMSNorm, gate/up
 //! projection, SiLU-mul, down projection, all-reduce), each projection followed by its LoRA
 //! delta when the step has rows with adapters -> residual + final RMSNorm, the rows that
@@ -34,8 +34,9 @@ use crate::error::Result;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionPlan {
     /// Tensor-core kernel (prefill chunks): tiles of up to `Kernels::attention_mma_items` (row, head)
-    /// items, no key splits.
-    Mma,
+    /// items, no key splits; the last `decode_tiles` tiles (one row each) on the tensor-core
+    /// decode kernel, unsplit.
+    Mma { decode_tiles: usize },
     /// CUDA-core kernel: tiles of up to `items` (row, head) items, `splits` key splits of
     /// `split_len` keys.
     Simt {
@@ -43,8 +44,12 @@ pub enum AttentionPlan {
         splits: usize,
         split_len: usize,
     },
-    /// Decode kernel: one row per tile, `splits` key splits sized per row on the device.
+    /// Decode kernel: one row per tile, `splits` key splits sized per row on the device, RoPE
+    /// and the cache write folded in.
     Decode { splits: usize },
+    /// Tensor-core decode kernel: one row per tile, `splits` key splits sized per row on the
+    /// device, after `rope_kv_write`.
+    DecodeMma { splits: usize },
 }
 
 impl AttentionPlan {
@@ -59,15 +64,17 @@ impl AttentionPlan {
         let items = match kind {
             AttentionKind::Mma => mma_items,
             AttentionKind::Simt => attention_max_items(head_dim),
-            AttentionKind::Decode => return 1,
+            AttentionKind::Decode | AttentionKind::DecodeMma => return 1,
         };
         (items / group.max(1)).max(1)
     }
 
     fn splits(&self) -> usize {
         match *self {
-            Self::Mma => 1,
-            Self::Simt { splits, .. } | Self::Decode { splits } => splits,
+            Self::Mma { .. } => 1,
+            Self::Simt { splits, .. } | Self::Decode { splits } | Self::DecodeMma { splits } => {
+                splits
+            }
         }
     }
 }
@@ -78,6 +85,37 @@ pub enum AttentionKind {
     Mma,
     Simt,
     Decode,
+    DecodeMma,
+}
+
+/// Decode steps of at least this many rows run the tensor-core decode attention (plus a
+/// `rope_kv_write` launch); smaller ones the CUDA-core kernel with RoPE and the cache write
+/// folded in. On an H200 the tensor-core kernel reads 16 rows of 1,024 keys in 37 us a layer
+/// against 52, 256 rows in 274 against 511; at 1 row both take about a launch
+/// (tests/gpu/decode_attention_bench.cu, docs/PERFORMANCE.md run 15), so the small steps keep
+/// the one launch.
+pub const DECODE_MMA_MIN_ROWS: usize = 8;
+
+impl AttentionKind {
+    /// The decode kernel for a step of `rows` one-row sequences of a model with `group` query
+    /// heads per KV head, on a cache of `block_size`-slot blocks; `None` when neither decode
+    /// kernel runs the model.
+    pub fn for_decode(
+        rows: usize,
+        head_dim: usize,
+        group: usize,
+        block_size: usize,
+    ) -> Option<Self> {
+        if rows >= DECODE_MMA_MIN_ROWS
+            && Kernels::has_decode_mma_attention(head_dim, group, block_size)
+        {
+            Some(Self::DecodeMma)
+        } else if Kernels::has_decode_attention(head_dim, group) {
+            Some(Self::Decode)
+        } else {
+            None
+        }
+    }
 }
 
 /// A step's inputs on the device and the launch shapes they imply.
@@ -347,15 +385,36 @@ impl Pass<'_> {
         };
         let tables = self.cache.tables.ptr;
         match v.attention {
-            AttentionPlan::Mma => k.paged_attention_mma(
-                ws.attn.ptr,
-                ws.qkv.ptr,
-                &cache,
-                tables,
-                v.inputs.tiles,
-                v.num_tiles,
-                &shape,
-            )?,
+            AttentionPlan::Mma { decode_tiles } => {
+                let prompt_tiles = v.num_tiles - decode_tiles;
+                if prompt_tiles > 0 {
+                    k.paged_attention_mma(
+                        ws.attn.ptr,
+                        ws.qkv.ptr,
+                        &cache,
+                        tables,
+                        v.inputs.tiles,
+                        prompt_tiles,
+                        &shape,
+                    )?;
+                }
+                if decode_tiles > 0 {
+                    // A tile is 4 i32.
+                    let tiles = v.inputs.tiles + (prompt_tiles * 16) as u64;
+                    k.paged_attention_decode_mma(
+                        ws.attn.ptr,
+                        ws.partial_out.ptr,
+                        ws.partial_ml.ptr,
+                        ws.qkv.ptr,
+                        &cache,
+                        tables,
+                        tiles,
+                        decode_tiles,
+                        &shape,
+                        1,
+                    )?;
+                }
+            }
             AttentionPlan::Simt {
                 items,
                 splits,
@@ -373,6 +432,18 @@ impl Pass<'_> {
                 &shape,
                 splits,
                 split_len,
+            )?,
+            AttentionPlan::DecodeMma { splits } => k.paged_attention_decode_mma(
+                ws.attn.ptr,
+                ws.partial_out.ptr,
+                ws.partial_ml.ptr,
+                ws.qkv.ptr,
+                &cache,
+                tables,
+                v.inputs.tiles,
+                v.num_tiles,
+                &shape,
+                splits,
             )?,
             AttentionPlan::Decode { splits } => k.paged_attention_decode(
                 &DecodeAttention {

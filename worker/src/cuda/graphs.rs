@@ -24,7 +24,7 @@ use cudarc::driver::CudaGraph;
 use tpserve_term::progress::{Task, Unit};
 
 use super::device::{device_err, DeviceBuffer, Gpu};
-use super::forward::{forward, AttentionPlan, Device, StepView};
+use super::forward::{forward, AttentionKind, AttentionPlan, Device, StepView};
 use super::kernels::ATTENTION_MAX_SPLITS;
 use super::model::{CudaModel, GpuKvCache};
 use super::step_inputs::{pack, Packed, PackedStep, TableShape};
@@ -62,7 +62,7 @@ pub fn decode_splits(rows: usize, kv_heads: usize, sm_count: usize, room: usize)
 /// Packs an empty batch padded to `rows`: the layout every step of that size uses, all of it
 /// padding (no cache write, no attention, greedy).
 fn padding_step(rows: usize, tables: TableShape) -> Result<PackedStep> {
-    pack(&Batch::default(), &[], 1, Some(rows), tables, &[])
+    pack(&Batch::default(), &[], 1, false, Some(rows), tables, &[])
         .map_err(|detail| WorkerError::Plan { detail })
 }
 
@@ -102,8 +102,11 @@ impl DecodeGraphs {
                 }
             } else {
                 let room = ws.split_room(&d, size);
-                AttentionPlan::Decode {
-                    splits: decode_splits(size, d.kv_heads, gpu.sm_count, room),
+                let splits = decode_splits(size, d.kv_heads, gpu.sm_count, room);
+                let group = d.q_heads / d.kv_heads.max(1);
+                match AttentionKind::for_decode(size, d.head_dim, group, cache.block_size) {
+                    Some(AttentionKind::DecodeMma) => AttentionPlan::DecodeMma { splits },
+                    _ => AttentionPlan::Decode { splits },
                 }
             };
             let view = StepView {

@@ -256,6 +256,54 @@ impl MmaShape {
     }
 }
 
+/// The tensor-core decode attention (attention_decode_mma.cu): warps per block, keys per chunk,
+/// chunks in flight per warp (kDecodeMmaStages) and (row, head) items per block (the products'
+/// M: a tile's rows times the query heads per KV head).
+const DECODE_MMA_WARPS: usize = 4;
+const DECODE_MMA_KEYS: usize = 16;
+const DECODE_MMA_STAGES: usize = 2;
+const DECODE_MMA_ITEMS: usize = 16;
+
+/// Dynamic shared memory of one tensor-core decode attention block for a cache of `kv`
+/// (attention_decode_mma.cu's DecodeMmaSmem): Q of 16 items, then per warp its stages of K and
+/// V chunks (rows padded by 8 elements, or unpadded E4M3 bytes plus one converted chunk of each),
+/// or after the loop the warps' f32 partial outputs, whichever is larger.
+pub fn decode_mma_smem_bytes(head_dim: usize, kv: KvCacheDtype) -> usize {
+    let t_chunk = DECODE_MMA_KEYS * (head_dim + 8) * ELEM;
+    let (raw_chunk, converted) = match kv {
+        KvCacheDtype::Compute => (t_chunk, 0),
+        KvCacheDtype::Fp8E4M3 => (DECODE_MMA_KEYS * head_dim, 2 * t_chunk),
+    };
+    let per_warp = DECODE_MMA_STAGES * 2 * raw_chunk + converted;
+    let q = DECODE_MMA_ITEMS * (head_dim + 8) * ELEM;
+    let merge = DECODE_MMA_WARPS * DECODE_MMA_ITEMS * (head_dim + 2) * 4;
+    (q + DECODE_MMA_WARPS * per_warp).max(merge)
+}
+
+/// A tensor-core decode attention entry point and its dynamic shared memory.
+struct DecodeMmaKernel {
+    f: CudaFunction,
+    smem: usize,
+}
+
+/// Takes the tensor-core decode attention entry point at `head_dim` for a cache of `kv` and
+/// raises its dynamic shared memory limit to what one block uses.
+fn take_decode_mma(
+    take: &mut impl FnMut(&str) -> Result<CudaFunction>,
+    head_dim: usize,
+    kv: KvCacheDtype,
+) -> Result<DecodeMmaKernel> {
+    let base = format!("paged_attention_decode_mma_hd{head_dim}{}", kv_entry(kv));
+    let f = take(&base)?;
+    let smem = decode_mma_smem_bytes(head_dim, kv);
+    f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .map_err(|e| device_err(&format!("raising {base}'s shared memory limit"), e))?;
+    Ok(DecodeMmaKernel { f, smem })
+}
+
 /// A tensor-core attention entry point and its launch shape.
 #[derive(Debug)]
 struct MmaKernel {
@@ -286,6 +334,8 @@ pub struct Kernels {
     attention_combine: CudaFunction,
     /// `[head size 64, 128, 256][group <= 4, <= 8]`.
     attention_decode: [[CudaFunction; 2]; 3],
+    /// `[head size 64, 128]`.
+    attention_decode_mma: [DecodeMmaKernel; 2],
     sample: CudaFunction,
     process_logits: CudaFunction,
     sample_processed: CudaFunction,
@@ -444,6 +494,10 @@ impl Kernels {
                 take_kv("paged_attention_decode_hd256_g8")?,
             ],
         ];
+        let attention_decode_mma = [
+            take_decode_mma(&mut take, 64, kv_dtype)?,
+            take_decode_mma(&mut take, 128, kv_dtype)?,
+        ];
         Ok(Self {
             stream: gpu.stream.clone(),
             programmatic: programmatic_launches(gpu.compute_capability.0),
@@ -464,6 +518,7 @@ impl Kernels {
             )?,
             attention_combine: take("attention_combine")?,
             attention_decode,
+            attention_decode_mma,
             sample: take("sample")?,
             process_logits: take("process_logits")?,
             sample_processed: take("sample_processed")?,
@@ -848,12 +903,13 @@ impl Kernels {
             .arg(&scale)
             .arg(&cache.k_scale)
             .arg(&cache.v_scale);
-        // SAFETY: both attention kernels take (out, partial_out, partial_ml, q, key_cache,
-        // value_cache, block_tables, tiles, num_q_heads, num_kv_heads, block_size,
-        // max_blocks_per_seq, q_stride, num_splits, split_len, scale, k_scale, v_scale) as
-        // attention.cu documents, the caches of the element the entry points were loaded for;
-        // the callers size the buffers, keep the tiles within the kernel's item limit and the
-        // shared memory under the default limit.
+        // SAFETY: the attention kernels launched here (paged_attention, paged_attention_mma,
+        // paged_attention_wgmma, paged_attention_decode_mma) take (out, partial_out,
+        // partial_ml, q, key_cache, value_cache, block_tables, tiles, num_q_heads,
+        // num_kv_heads, block_size, max_blocks_per_seq, q_stride, num_splits, split_len, scale,
+        // k_scale, v_scale) as attention.cu documents, the caches of the element the entry
+        // points were loaded for; the callers size the buffers, keep the tiles within the
+        // kernel's item limit and the shared memory under the limit the entry point was given.
         unsafe { b.launch(cfg) }.map(drop)
     }
 
@@ -982,6 +1038,60 @@ impl Kernels {
         unsafe { b.launch(cfg) }
             .map(drop)
             .map_err(launch_err("paged_attention_decode"))
+    }
+
+    /// Whether the tensor-core decode attention runs this model: head size 64 or 128, at most
+    /// 16 query heads per KV head, and cache blocks of a multiple of 16 slots (a chunk of 16
+    /// keys lies in one block).
+    pub fn has_decode_mma_attention(head_dim: usize, group: usize, block_size: usize) -> bool {
+        matches!(head_dim, 64 | 128)
+            && (1..=DECODE_MMA_ITEMS).contains(&group)
+            && block_size.is_multiple_of(DECODE_MMA_KEYS)
+    }
+
+    /// Tensor-core decode attention (attention_decode_mma.cu): tiles of one row each (zero
+    /// rows: padding) whose queries `rope_kv_write` has rotated and whose keys and values it has
+    /// written, `num_splits` key splits sized per row on the device (merged afterwards by
+    /// `attention_combine`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention_decode_mma(
+        &self,
+        out: u64,
+        partial_out: u64,
+        partial_ml: u64,
+        q: u64,
+        cache: &CacheLayer,
+        block_tables: u64,
+        tiles: u64,
+        num_tiles: usize,
+        shape: &AttentionShape,
+        num_splits: usize,
+    ) -> Result<()> {
+        let k = match shape.head_dim {
+            64 => &self.attention_decode_mma[0],
+            128 => &self.attention_decode_mma[1],
+            hd => {
+                return Err(WorkerError::Unsupported {
+                    detail: format!("head size {hd} on the tensor-core decode attention"),
+                })
+            }
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (num_tiles as u32, shape.kv_heads as u32, num_splits as u32),
+            block_dim: ((32 * DECODE_MMA_WARPS) as u32, 1, 1),
+            shared_mem_bytes: k.smem as u32,
+        };
+        // Split lengths come from each row's context, on the device.
+        self.launch_attention(
+            &k.f,
+            cfg,
+            [out, partial_out, partial_ml, q],
+            cache,
+            [block_tables, tiles],
+            shape,
+            (num_splits, 0),
+        )
+        .map_err(launch_err("paged_attention_decode_mma"))
     }
 
     /// `table[index] = value` for each `(index, value)` pair of `updates` (`count` pairs of
@@ -1390,6 +1500,22 @@ mod tests {
     }
 
     #[test]
+    fn decode_mma_shared_memory_matches_the_kernel_files_figures() {
+        // attention_decode_mma.cu's comment on paged_attention_decode_mma_smem_bytes.
+        assert_eq!(decode_mma_smem_bytes(128, KvCacheDtype::Compute), 73_984);
+        assert_eq!(decode_mma_smem_bytes(64, KvCacheDtype::Compute), 39_168);
+        assert_eq!(decode_mma_smem_bytes(128, KvCacheDtype::Fp8E4M3), 71_936);
+        assert_eq!(decode_mma_smem_bytes(64, KvCacheDtype::Fp8E4M3), 37_120);
+        assert!(Kernels::has_decode_mma_attention(128, 4, 16));
+        assert!(
+            !Kernels::has_decode_mma_attention(128, 4, 8),
+            "a chunk spans blocks"
+        );
+        assert!(!Kernels::has_decode_mma_attention(256, 4, 16));
+        assert!(!Kernels::has_decode_mma_attention(128, 32, 16));
+    }
+
+    #[test]
     fn every_kernel_of_an_fp8_kv_cache_is_listed_for_both_dtypes() {
         let fp8 = kv_entry(KvCacheDtype::Fp8E4M3);
         let mut bases = vec![
@@ -1401,6 +1527,8 @@ mod tests {
             "rope_kv_write",
             "paged_attention_hd64",
             "paged_attention_hd128",
+            "paged_attention_decode_mma_hd64",
+            "paged_attention_decode_mma_hd128",
         ] {
             bases.push(format!("{base}{fp8}"));
         }

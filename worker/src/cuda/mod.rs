@@ -211,7 +211,8 @@ impl CudaBackend {
             (graph_size, &loaded.graphs, loaded.model.workspace())
         {
             let ranks = loaded.model.lora().map_or(&[][..], LoraSlots::ranks);
-            let step = pack(batch, sampling, 1, Some(size), tables, ranks).map_err(plan_err)?;
+            let step =
+                pack(batch, sampling, 1, false, Some(size), tables, ranks).map_err(plan_err)?;
             let dev = loaded.device(gpu, self.nccl.as_ref(), self.peer.as_ref(), self.rank);
             graphs.replay(&dev, cache, size, &step)?;
             let logits = if d.world_size > 1 {
@@ -254,11 +255,27 @@ impl CudaBackend {
             );
         }
         let group = d.q_heads / d.kv_heads.max(1);
-        let kind = attention_kind(&d, batch, loaded.linear.batch_invariant());
+        let kind = attention_kind(&d, batch, cache.block_size, loaded.linear.batch_invariant());
         let mma_items = loaded.kernels.attention_mma_items(d.head_dim);
         let tile_rows = AttentionPlan::tile_rows(kind, d.head_dim, group, mma_items);
         let ranks = loaded.model.lora().map_or(&[][..], LoraSlots::ranks);
-        let step = pack(batch, sampling, tile_rows, None, tables, ranks).map_err(plan_err)?;
+        // A prompt step's decode rows run on the tensor-core decode kernel when they are enough
+        // to fill the GPU on their own (they get no key splits there: attention_combine would
+        // merge every row of the step); else they stay in the prompt kernel's launch.
+        let decode_rows = batch.seqs.iter().filter(|s| s.rows.len() == 1).count();
+        let decode_apart = kind == AttentionKind::Mma
+            && decode_rows * d.kv_heads >= 2 * gpu.sm_count
+            && Kernels::has_decode_mma_attention(d.head_dim, group, cache.block_size);
+        let step = pack(
+            batch,
+            sampling,
+            tile_rows,
+            decode_apart,
+            None,
+            tables,
+            ranks,
+        )
+        .map_err(plan_err)?;
         let ws = loaded.model.workspace().expect("reserved above");
         let (base, _spill) = upload_inputs(gpu, &ws.inputs, &step.packed.bytes)?;
         loaded.kernels.set_entries(
@@ -279,13 +296,16 @@ impl CudaBackend {
             )
         };
         let attention = match kind {
-            AttentionKind::Mma => AttentionPlan::Mma,
+            AttentionKind::Mma => AttentionPlan::Mma {
+                decode_tiles: step.one_row_tiles,
+            },
             AttentionKind::Simt => AttentionPlan::Simt {
                 items: step.max_tile_rows * group,
                 splits,
                 split_len,
             },
             AttentionKind::Decode => AttentionPlan::Decode { splits },
+            AttentionKind::DecodeMma => AttentionPlan::DecodeMma { splits },
         };
         let view = StepView {
             rows: n,
@@ -326,17 +346,26 @@ impl CudaBackend {
 /// row, the tensor-core kernel when a sequence has a prefill chunk of 16 rows or more, the
 /// CUDA-core kernel otherwise, and always in batch-invariant mode (each row's result then does
 /// not depend on its tile) or with `TPSERVE_CUDA_ATTENTION=simt` (comparisons).
-fn attention_kind(d: &Dims, batch: &Batch, batch_invariant: bool) -> AttentionKind {
+fn attention_kind(
+    d: &Dims,
+    batch: &Batch,
+    block_size: usize,
+    batch_invariant: bool,
+) -> AttentionKind {
     const MMA_MIN_ROWS: usize = 16;
     let simt_only =
         batch_invariant || std::env::var("TPSERVE_CUDA_ATTENTION").is_ok_and(|v| v == "simt");
     let group = d.q_heads / d.kv_heads.max(1);
+    let decode = batch
+        .seqs
+        .iter()
+        .all(|s| s.rows.len() == 1)
+        .then(|| AttentionKind::for_decode(batch.seqs.len(), d.head_dim, group, block_size))
+        .flatten();
     if simt_only {
         AttentionKind::Simt
-    } else if batch.seqs.iter().all(|s| s.rows.len() == 1)
-        && Kernels::has_decode_attention(d.head_dim, group)
-    {
-        AttentionKind::Decode
+    } else if let Some(kind) = decode {
+        kind
     } else if Kernels::has_mma_attention(d.head_dim)
         && batch.seqs.iter().any(|s| s.rows.len() >= MMA_MIN_ROWS)
     {

@@ -149,6 +149,9 @@ pub struct PackedStep {
     pub packed: Packed,
     pub offsets: Offsets,
     pub num_tiles: usize,
+    /// One-row tiles at the end of the tiles, kept apart for the decode kernel (`pack`'s
+    /// `one_row_apart`; else 0).
+    pub one_row_tiles: usize,
     /// Rows of the largest attention tile.
     pub max_tile_rows: usize,
     /// Keys the longest sequence's last row sees.
@@ -167,14 +170,15 @@ pub struct TableShape {
     pub width: usize,
 }
 
-/// Packs `batch` with one sampling spec per sample row; tiles of at most `tile_rows` rows;
-/// LoRA tiles with the ranks of the adapter slots (`lora_ranks`). With `pad_to`, the batch must
+/// Packs `batch` with one sampling spec per sample row; tiles of at most `tile_rows` rows (with
+/// `one_row_apart`, the one-row tiles last: `AttentionTiles::new`); LoRA tiles with the ranks of the adapter slots (`lora_ranks`). With `pad_to`, the batch must
 /// be decode rows only (one row per sequence, every row sampled) and is padded to `pad_to` rows.
 /// Fails when a block table does not fit `tables`.
 pub fn pack(
     batch: &Batch,
     sampling: &[SampleSpec],
     tile_rows: usize,
+    one_row_apart: bool,
     pad_to: Option<usize>,
     tables: TableShape,
     lora_ranks: &[i32],
@@ -191,7 +195,7 @@ pub fn pack(
     let positions = p.push(&padded(positions, 0, rows));
     let slots: Vec<i64> = batch.slots.iter().map(|x| *x as i64).collect();
     let slots = p.push(&padded(slots, -1, rows));
-    let plan = AttentionTiles::new(batch, tile_rows);
+    let plan = AttentionTiles::new(batch, tile_rows, one_row_apart);
     let mut tiles = plan.tiles.clone();
     // Padding rows: one empty tile each, at their own row.
     for row in n..rows {
@@ -222,6 +226,7 @@ pub fn pack(
             updates: updates_at,
         },
         num_tiles,
+        one_row_tiles: plan.one_row_tiles,
         max_tile_rows: plan.max_rows,
         max_context: plan.max_context,
         num_updates: updates.len() / 2,
@@ -292,9 +297,18 @@ mod tests {
     #[test]
     fn padded_offsets_depend_only_on_the_padded_size() {
         let greedy = SampleSpec::greedy();
-        let one = pack(&decode_batch(&[5]), &[greedy], 1, Some(8), TABLES, &[]).unwrap();
+        let one = pack(
+            &decode_batch(&[5]),
+            &[greedy],
+            1,
+            false,
+            Some(8),
+            TABLES,
+            &[],
+        )
+        .unwrap();
         let three = decode_batch(&[5, 40, 300]);
-        let three = pack(&three, &[greedy; 3], 1, Some(8), TABLES, &[]).unwrap();
+        let three = pack(&three, &[greedy; 3], 1, false, Some(8), TABLES, &[]).unwrap();
         let mut a = one.offsets;
         let mut b = three.offsets;
         // Only the updates (after the fixed part) may move... and here they do not either.
@@ -308,7 +322,16 @@ mod tests {
     #[test]
     fn padding_rows_write_no_cache_slot_and_compute_no_attention() {
         let b = decode_batch(&[5, 40]);
-        let step = pack(&b, &[SampleSpec::greedy(); 2], 1, Some(4), TABLES, &[]).unwrap();
+        let step = pack(
+            &b,
+            &[SampleSpec::greedy(); 2],
+            1,
+            false,
+            Some(4),
+            TABLES,
+            &[],
+        )
+        .unwrap();
         let p = &step.packed;
         assert_eq!(read::<u32>(p, step.offsets.ids, 4), vec![7, 8, 0, 0]);
         assert_eq!(
