@@ -35,7 +35,13 @@
 //   num_q_heads, num_kv_heads, head_dim (even), stride: i32
 //   k_scale, v_scale f32  the cache's scales (an FP8 cache's; 1 for a cache in T)
 // Launch: grid (num_tokens, Y, 1); block (B, 1, 1): the Y blocks of a token stride together
-// over its (num_q_heads + num_kv_heads) * half rotation pairs and num_kv_heads * head_dim values.
+// over its work items. With head_dim a multiple of 16 (every head size the attention kernels
+// take) an item is 8 rotation pairs of a head (two 16-byte loads of T, 8 cos and 8 sin) or 8
+// values, (num_q_heads + num_kv_heads) * head_dim / 16 + num_kv_heads * head_dim / 8 items; else
+// one pair or one value, (num_q_heads + num_kv_heads) * half + num_kv_heads * head_dim items.
+// Both compute every element with the same f32 expressions, so their outputs are the same bits
+// (one pair a thread read at 0.37 of the copy rate in an 8B prompt step: 2-byte loads;
+// docs/PERFORMANCE.md, run 14).
 template <typename T, typename C>
 __device__ void rope_kv_write_impl(T* __restrict__ qkv, C* __restrict__ key_cache,
                                    C* __restrict__ value_cache,
@@ -54,15 +60,65 @@ __device__ void rope_kv_write_impl(T* __restrict__ qkv, C* __restrict__ key_cach
     const float* cos_row = cos_table + pos * half;
     const float* sin_row = sin_table + pos * half;
     T* row = qkv + token * stride;
-    const int q_pairs = num_q_heads * half;
-    const int pairs = (num_q_heads + num_kv_heads) * half;
     const int kv_elems = num_kv_heads * head_dim;
-    const int items = slot >= 0 ? pairs + kv_elems : q_pairs;
     const long long at = slot >= 0 ? slot * kv_elems : 0;  // not written when negative
     C* key_dst = key_cache + at;
     C* value_dst = value_cache + at;
     const T* values = row + (num_q_heads + num_kv_heads) * head_dim;
-    for (int p = blockIdx.y * blockDim.x + threadIdx.x; p < items; p += blockDim.x * gridDim.y) {
+    const int first = blockIdx.y * blockDim.x + threadIdx.x;
+    const int step = blockDim.x * gridDim.y;
+    if (head_dim % 16 == 0) {
+        // Items of 8: pairs i .. i + 7 of a head (i a multiple of 8), or values e .. e + 7.
+        const int vecs_per_head = half / 8;
+        const int q_vecs = num_q_heads * vecs_per_head;
+        const int vecs = (num_q_heads + num_kv_heads) * vecs_per_head;
+        const int items = slot >= 0 ? vecs + kv_elems / 8 : q_vecs;
+        for (int p = first; p < items; p += step) {
+            if (p >= vecs) {
+                const int e = (p - vecs) * 8;
+                Kv::store(value_dst + e,
+                          Kv::from_act(*reinterpret_cast<const uint4*>(values + e), v_scale));
+                continue;
+            }
+            const int head = p / vecs_per_head;  // over queries then keys
+            const int i = (p - head * vecs_per_head) * 8;
+            const T* h = row + head * head_dim;
+            const uint4 lo = *reinterpret_cast<const uint4*>(h + i);
+            const uint4 hi = *reinterpret_cast<const uint4*>(h + i + half);
+            const float4 c0 = *reinterpret_cast<const float4*>(cos_row + i);
+            const float4 c1 = *reinterpret_cast<const float4*>(cos_row + i + 4);
+            const float4 s0 = *reinterpret_cast<const float4*>(sin_row + i);
+            const float4 s1 = *reinterpret_cast<const float4*>(sin_row + i + 4);
+            const float c[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+            const float s[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+            const T* x1 = reinterpret_cast<const T*>(&lo);
+            const T* x2 = reinterpret_cast<const T*>(&hi);
+            uint4 r1v, r2v;
+            T* r1 = reinterpret_cast<T*>(&r1v);
+            T* r2 = reinterpret_cast<T*>(&r2v);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float a = tpserve::to_float(x1[j]);
+                const float b = tpserve::to_float(x2[j]);
+                r1[j] = tpserve::from_float<T>(a * c[j] - b * s[j]);
+                r2[j] = tpserve::from_float<T>(b * c[j] + a * s[j]);
+            }
+            if (p < q_vecs) {
+                T* hq = row + head * head_dim;
+                *reinterpret_cast<uint4*>(hq + i) = r1v;
+                *reinterpret_cast<uint4*>(hq + i + half) = r2v;
+            } else {
+                C* hk = key_dst + (head - num_q_heads) * head_dim;
+                Kv::store(hk + i, Kv::from_act(r1v, k_scale));
+                Kv::store(hk + i + half, Kv::from_act(r2v, k_scale));
+            }
+        }
+        return;
+    }
+    const int q_pairs = num_q_heads * half;
+    const int pairs = (num_q_heads + num_kv_heads) * half;
+    const int items = slot >= 0 ? pairs + kv_elems : q_pairs;
+    for (int p = first; p < items; p += step) {
         if (p >= pairs) {
             const int e = p - pairs;
             Kv::store1(value_dst + e, values[e], v_scale);

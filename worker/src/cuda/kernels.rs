@@ -623,9 +623,13 @@ impl Kernels {
     /// Rotates the queries in place and writes the rotated keys and the values to the cache at
     /// the slots (rope_kv_write.cu). `qkv` is `[n, stride]`: queries, keys, values per token.
     pub fn rope_kv_write(&self, a: &RopeKvWrite) -> Result<()> {
-        let pairs = (a.q_heads + a.kv_heads) * a.head_dim / 2 + a.kv_heads * a.head_dim;
+        // Work items of a token: 8 rotation pairs or 8 values each where the head size is a
+        // multiple of 16, else one.
+        let per_item = if a.head_dim.is_multiple_of(16) { 8 } else { 1 };
+        let items =
+            ((a.q_heads + a.kv_heads) * a.head_dim / 2 + a.kv_heads * a.head_dim) / per_item;
         let cfg = LaunchConfig {
-            grid_dim: (a.n as u32, pairs.div_ceil(256 * 4).max(1) as u32, 1),
+            grid_dim: (a.n as u32, items.div_ceil(256 * 4).max(1) as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
