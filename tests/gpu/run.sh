@@ -11,7 +11,8 @@
 # with two GPUs); checks device sampling (seeded repeats, top-k/top-p/min-p sets), the device's
 # logit processing and log probabilities against the reference row (the logits example's
 # --extras-check: logprobs, logit_bias, bad_words, min_tokens, repetition_penalty, masks under every
-# filter) and greedy decoding (32 tokens through the serving step path) against transformers
+# filter), a prompt step's decode rows against the same rows decoded alone (--mixed-check: 240
+# rows, run on the tensor-core decode kernel in a launch of their own) and greedy decoding (32 tokens through the serving step path) against transformers
 # (compare.py holds tpserve to "no worse than transformers in the same dtype", both measured against
 # float32); serves the checkpoint over HTTP with `tpserve serve` at TP=1 (--device auto) and TP=2
 # (serve_check.py), each with CUDA graphs and with --enforce-eager; sends the same 32 greedy
@@ -195,8 +196,8 @@ ours_logits() {
     record "logits $tag" "FAIL" "no binary $bin"
     return
   fi
-  local checks=(--sampling-check --extras-check)
-  local sampled="device sampling and logit processing checks passed"
+  local checks=(--sampling-check --extras-check --mixed-check)
+  local sampled="device sampling, logit processing and mixed-step checks passed"
   case " ${extra[*]} $fp8" in
     *" --lora-adapter "*) sampled="the base model's sampling checks are not run with an adapter" ;;
     # The sampling check draws from 288 rows in one step and checks the draws against the sets

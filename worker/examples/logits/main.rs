@@ -15,6 +15,7 @@
 //! `[total prompt tokens, vocab]`, prompts concatenated in order.
 
 mod extras_check;
+mod mixed_check;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -62,6 +63,10 @@ struct Args {
     /// prompt's first token. Exits non-zero on a violation.
     #[arg(long)]
     extras_check: bool,
+    /// Also check a prompt step's decode rows against the same rows decoded alone
+    /// (`mixed_check.rs`), on the second prompt and the longest. Exits non-zero on a violation.
+    #[arg(long)]
+    mixed_check: bool,
     /// Decode batch sizes captured as CUDA graphs at warm-up (a one-token step pads to the
     /// smallest that holds it, so `--graph-sizes 8` checks padding).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
@@ -173,6 +178,16 @@ fn main() -> anyhow::Result<()> {
     }
     if args.extras_check && adapter.is_none() {
         extras_check::extras_check(&group, prompts[0][0], num_blocks, fp8)?;
+    }
+    // FP8 products scale a step's activations together: the two steps' rows would differ by
+    // more than rounding.
+    if args.mixed_check && adapter.is_none() && !fp8 {
+        let longest = prompts
+            .iter()
+            .max_by_key(|p| p.len())
+            .unwrap_or(&prompts[0]);
+        let base = prompts.get(1).unwrap_or(&prompts[0]);
+        mixed_check::mixed_check(&group, base, longest, first_last_row.len(), num_blocks)?;
     }
     if args.greedy > 0 {
         let ids = greedy(
