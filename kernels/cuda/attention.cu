@@ -101,12 +101,9 @@ __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ pa
     T* v_s = k_s + kKeysPerTile * kKStride;                     // [32][HD]
 
     const int ctx_end = pos0 + rows;  // keys the last row sees
-    int key_begin = 0;
-    int key_end = ctx_end;
-    if (num_splits > 1) {
-        key_begin = split * split_len;
-        key_end = min(ctx_end, key_begin + split_len);
-    }
+    const int2 keys = tpserve::split_keys(ctx_end, split, num_splits, split_len);
+    const int key_begin = keys.x;
+    const int key_end = keys.y;
 
     for (int idx = threadIdx.x; idx < items * HD; idx += blockDim.x) {
         const int item = idx / HD;
@@ -339,17 +336,9 @@ __device__ void paged_attention_decode_impl(
     const int sub = lane / kLanesPerKey;    // which key of a step this lane reads
     const int piece = lane % kLanesPerKey;  // which 8 elements of the head vector
 
-    int key_begin = 0;
-    int key_end = ctx;
-    if (num_splits > 1) {
-        int len = split_len;
-        if (len <= 0) {
-            len = (ctx + num_splits - 1) / num_splits;
-            len = (len + 31) / 32 * 32;
-        }
-        key_begin = split * len;
-        key_end = min(ctx, key_begin + len);
-    }
+    const int2 keys = tpserve::split_keys(ctx, split, num_splits, split_len);
+    const int key_begin = keys.x;
+    const int key_end = keys.y;
 
     if (key_begin >= key_end) {
         // A split past the row's context (graphs are captured for the longest): it says so to

@@ -116,17 +116,9 @@ __device__ __forceinline__ void paged_attention_decode_mma_impl(
     const int tig = lane & 3;   // mma threadID_in_group: fragment columns 2 tig, 2 tig + 1
 
     const int ctx = pos0 + rows;  // keys the last row sees
-    int key_begin = 0;
-    int key_end = ctx;
-    if (num_splits > 1) {
-        int len = split_len;
-        if (len <= 0) {
-            len = (ctx + num_splits - 1) / num_splits;
-            len = (len + 31) / 32 * 32;
-        }
-        key_begin = split * len;
-        key_end = min(ctx, key_begin + len);
-    }
+    const int2 keys = tpserve::split_keys(ctx, split, num_splits, split_len);
+    const int key_begin = keys.x;
+    const int key_end = keys.y;
     if (key_begin >= key_end) {
         // A split past this tile's context (graphs are captured for the longest).
         for (int i = tid; i < items; i += blockDim.x) {

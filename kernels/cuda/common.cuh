@@ -174,6 +174,24 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// The keys [x, y) of key split `split` of `num_splits` for a tile whose last row sees `ctx`
+// keys: all of them with one split; else `split_len` keys a split, or when split_len <= 0,
+// ceil(ctx / num_splits) rounded up to 32, each tile splitting its own keys (the decode kernels:
+// a CUDA graph is captured without knowing the contexts). Empty (x >= y) for a split past the
+// tile's context.
+__device__ __forceinline__ int2 split_keys(int ctx, int split, int num_splits, int split_len) {
+    if (num_splits <= 1) {
+        return make_int2(0, ctx);
+    }
+    int len = split_len;
+    if (len <= 0) {
+        len = (ctx + num_splits - 1) / num_splits;
+        len = (len + 31) / 32 * 32;
+    }
+    const int begin = split * len;
+    return make_int2(begin, min(ctx, begin + len));
+}
+
 // Programmatic dependent launch (Hopper and later). The host launches our kernels with the
 // "programmatic stream serialization" attribute, so a kernel's blocks may start while the kernel
 // before it on the stream is still running. A kernel must therefore neither read what earlier

@@ -33,17 +33,8 @@ namespace k_decode_mma {
 #include <string>
 #include <vector>
 
-typedef __half hf;
-
 static const int BLOCK = 16;
 static const float K_SCALE = 0.5f, V_SCALE = 0.25f;  // powers of two: exact
-
-template <typename T> static float to_f(T x);
-template <> float to_f<bf>(bf x) { return __bfloat162float(x); }
-template <> float to_f<hf>(hf x) { return __half2float(x); }
-template <typename T> static T from_f(float x);
-template <> bf from_f<bf>(float x) { return __float2bfloat16(x); }
-template <> hf from_f<hf>(float x) { return __float2half(x); }
 
 template <typename T, typename C, int HD, int STAGES>
 __global__ void __launch_bounds__(128)
@@ -294,28 +285,6 @@ static void checks(const char* dtype, int qh, int kvh, std::vector<Seq> seqs, in
 static int graph_splits(int rows, int kvh, int sms) {
     const int s = (2 * sms + rows * kvh - 1) / (rows * kvh);
     return std::min(std::max(s, 1), 64);
-}
-
-// Median of `iters` timed launches of `f` (after warm-up), in microseconds.
-template <typename F> static double time_us(F f, int iters = 50) {
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    for (int i = 0; i < 5; ++i) f();
-    std::vector<double> t;
-    for (int i = 0; i < iters; ++i) {
-        CK(cudaEventRecord(e0));
-        f();
-        CK(cudaEventRecord(e1));
-        CK(cudaEventSynchronize(e1));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        t.push_back(ms * 1000.0);
-    }
-    std::sort(t.begin(), t.end());
-    CK(cudaEventDestroy(e0));
-    CK(cudaEventDestroy(e1));
-    return t[t.size() / 2];
 }
 
 int main() {

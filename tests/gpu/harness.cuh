@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -21,6 +22,38 @@
     } while (0)
 
 typedef __nv_bfloat16 bf;
+typedef __half hf;
+
+// Host conversions between f32 and the activation types.
+template <typename T> inline float to_f(T x);
+template <> inline float to_f<bf>(bf x) { return __bfloat162float(x); }
+template <> inline float to_f<hf>(hf x) { return __half2float(x); }
+template <typename T> inline T from_f(float x);
+template <> inline bf from_f<bf>(float x) { return __float2bfloat16(x); }
+template <> inline hf from_f<hf>(float x) { return __float2half(x); }
+
+// The median of `iters` runs of `f` (after 3 untimed ones), each timed alone by events on the
+// default stream, in microseconds.
+template <typename F> inline double time_us(F f, int iters = 20) {
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    for (int i = 0; i < 3; ++i) f();
+    std::vector<double> t;
+    for (int i = 0; i < iters; ++i) {
+        CK(cudaEventRecord(e0));
+        f();
+        CK(cudaEventRecord(e1));
+        CK(cudaEventSynchronize(e1));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        t.push_back(ms * 1000.0);
+    }
+    std::sort(t.begin(), t.end());
+    CK(cudaEventDestroy(e0));
+    CK(cudaEventDestroy(e1));
+    return t[t.size() / 2];
+}
 
 // Device-to-device copy bandwidth on `stream`, read + write (as worker/src/cuda/floors.rs counts
 // it: the floors' rate), in GB/s: the median of 10 copies of 2 GiB, each timed alone outside any

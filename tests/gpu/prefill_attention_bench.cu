@@ -46,8 +46,6 @@ namespace k_old {
 #include <string>
 #include <vector>
 
-typedef __half hf;
-
 static const int BLOCK = 16;
 
 // One launch shape of the kernel: warps per block, m-tiles per warp, keys per tile; caches of
@@ -90,13 +88,6 @@ struct Seq {
     int prior;  // keys already in the cache before this chunk
     int rows;   // query rows of this chunk
 };
-
-template <typename T> static float to_f(T x);
-template <> float to_f<bf>(bf x) { return __bfloat162float(x); }
-template <> float to_f<hf>(hf x) { return __half2float(x); }
-template <typename T> static T from_f(float x);
-template <> bf from_f<bf>(float x) { return __float2bfloat16(x); }
-template <> hf from_f<hf>(float x) { return __float2half(x); }
 
 // A batch on the device: Q rows, paged caches with shuffled blocks, block tables. With `fp8`,
 // the caches' values are E4M3 values times K_SCALE / V_SCALE, also held as E4M3 bytes.

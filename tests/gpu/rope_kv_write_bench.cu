@@ -36,16 +36,7 @@ namespace k_old {
 #include <type_traits>
 #include <vector>
 
-typedef __half hf;
-
 static int failures = 0;
-
-template <typename T> static float to_f(T x);
-template <> float to_f<bf>(bf x) { return __bfloat162float(x); }
-template <> float to_f<hf>(hf x) { return __half2float(x); }
-template <typename T> static T from_f(float x);
-template <> bf from_f<bf>(float x) { return __float2bfloat16(x); }
-template <> hf from_f<hf>(float x) { return __float2half(x); }
 
 template <typename T, typename C>
 __global__ void rope_new(T* qkv, C* kc, C* vc, const long long* slots, const int* pos,
@@ -244,25 +235,6 @@ static void check(const char* what, int qh, int kvh, int hd) {
     printf("%-4s %-40s heads %d/%d of %d: the earlier file's outputs are the same bits\n",
            same ? "PASS" : "FAIL", what, qh, kvh, hd);
 #endif
-}
-
-template <typename F> static double time_us(F f) {
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    for (int i = 0; i < 3; ++i) f();
-    std::vector<double> t;
-    for (int i = 0; i < 20; ++i) {
-        CK(cudaEventRecord(e0));
-        f();
-        CK(cudaEventRecord(e1));
-        CK(cudaEventSynchronize(e1));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        t.push_back(ms * 1000.0);
-    }
-    std::sort(t.begin(), t.end());
-    return t[t.size() / 2];
 }
 
 int main() {

@@ -384,6 +384,21 @@ impl Pass<'_> {
             scale: 1.0 / (d.head_dim as f32).sqrt(),
         };
         let tables = self.cache.tables.ptr;
+        // The tensor-core decode kernel on `num_tiles` tiles from the address `tiles`.
+        let decode_mma = |tiles: u64, num_tiles: usize, splits: usize| {
+            k.paged_attention_decode_mma(
+                ws.attn.ptr,
+                ws.partial_out.ptr,
+                ws.partial_ml.ptr,
+                ws.qkv.ptr,
+                &cache,
+                tables,
+                tiles,
+                num_tiles,
+                &shape,
+                splits,
+            )
+        };
         match v.attention {
             AttentionPlan::Mma { decode_tiles } => {
                 let prompt_tiles = v.num_tiles - decode_tiles;
@@ -400,19 +415,7 @@ impl Pass<'_> {
                 }
                 if decode_tiles > 0 {
                     // A tile is 4 i32.
-                    let tiles = v.inputs.tiles + (prompt_tiles * 16) as u64;
-                    k.paged_attention_decode_mma(
-                        ws.attn.ptr,
-                        ws.partial_out.ptr,
-                        ws.partial_ml.ptr,
-                        ws.qkv.ptr,
-                        &cache,
-                        tables,
-                        tiles,
-                        decode_tiles,
-                        &shape,
-                        1,
-                    )?;
+                    decode_mma(v.inputs.tiles + (prompt_tiles * 16) as u64, decode_tiles, 1)?;
                 }
             }
             AttentionPlan::Simt {
@@ -433,18 +436,7 @@ impl Pass<'_> {
                 splits,
                 split_len,
             )?,
-            AttentionPlan::DecodeMma { splits } => k.paged_attention_decode_mma(
-                ws.attn.ptr,
-                ws.partial_out.ptr,
-                ws.partial_ml.ptr,
-                ws.qkv.ptr,
-                &cache,
-                tables,
-                v.inputs.tiles,
-                v.num_tiles,
-                &shape,
-                splits,
-            )?,
+            AttentionPlan::DecodeMma { splits } => decode_mma(v.inputs.tiles, v.num_tiles, splits)?,
             AttentionPlan::Decode { splits } => k.paged_attention_decode(
                 &DecodeAttention {
                     out: ws.attn.ptr,
