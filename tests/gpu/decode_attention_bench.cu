@@ -147,29 +147,7 @@ template <typename T> struct Batch {
 
     // Double-precision reference of token t, head h.
     void reference(int t, int h, std::vector<double>& o) const {
-        size_t s = 0;
-        while (s + 1 < seqs.size() && row0[s + 1] <= t) ++s;
-        const int pos = seqs[s].prior + (t - row0[s]);
-        const int g = h / (qh / kvh);
-        const double scale = 1.0 / std::sqrt((double)hd);
-        std::vector<double> p(pos + 1);
-        double mx = -1e300;
-        for (int j = 0; j <= pos; ++j) {
-            const size_t slot = (size_t)tables[s * width + j / BLOCK] * BLOCK + j % BLOCK;
-            double d = 0;
-            for (int e = 0; e < hd; ++e)
-                d += (double)to_f(q[(size_t)t * q_stride + h * hd + e]) *
-                     to_f(kc[(slot * kvh + g) * hd + e]);
-            p[j] = d * scale;
-            mx = std::max(mx, p[j]);
-        }
-        double sum = 0;
-        for (int j = 0; j <= pos; ++j) sum += (p[j] = std::exp(p[j] - mx));
-        o.assign(hd, 0.0);
-        for (int j = 0; j <= pos; ++j) {
-            const size_t slot = (size_t)tables[s * width + j / BLOCK] * BLOCK + j % BLOCK;
-            for (int e = 0; e < hd; ++e) o[e] += p[j] / sum * to_f(vc[(slot * kvh + g) * hd + e]);
-        }
+        reference_attention(*this, BLOCK, t, h, o);
     }
 };
 

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -82,4 +83,37 @@ inline double copy_bandwidth_gbs(cudaStream_t stream) {
     CK(cudaFree(a));
     CK(cudaFree(b));
     return 2.0 * bytes / (ms[ms.size() / 2] * 1e6);
+}
+
+// Double-precision causal paged attention of token `t`'s query head `h` (scale 1/sqrt(hd)) in
+// the attention harnesses' batch `b`: sequences s of `prior` cached keys and `rows` query rows
+// from row row0[s], queries at q[t * q_stride + h * hd], caches [blocks][block][kvh][hd] through
+// `tables` (`width` blocks a sequence), query head h on KV head h / (qh / kvh).
+template <typename B>
+inline void reference_attention(const B& b, int block, int t, int h, std::vector<double>& o) {
+    size_t s = 0;
+    while (s + 1 < b.seqs.size() && b.row0[s + 1] <= t) ++s;
+    const int pos = b.seqs[s].prior + (t - b.row0[s]);
+    const int g = h / (b.qh / b.kvh);
+    const double scale = 1.0 / std::sqrt((double)b.hd);
+    auto slot = [&](int j) {
+        return (size_t)b.tables[s * b.width + j / block] * block + j % block;
+    };
+    std::vector<double> p(pos + 1);
+    double mx = -1e300;
+    for (int j = 0; j <= pos; ++j) {
+        double d = 0;
+        for (int e = 0; e < b.hd; ++e)
+            d += (double)to_f(b.q[(size_t)t * b.q_stride + h * b.hd + e]) *
+                 to_f(b.kc[(slot(j) * b.kvh + g) * b.hd + e]);
+        p[j] = d * scale;
+        mx = std::max(mx, p[j]);
+    }
+    double sum = 0;
+    for (int j = 0; j <= pos; ++j) sum += (p[j] = std::exp(p[j] - mx));
+    o.assign(b.hd, 0.0);
+    for (int j = 0; j <= pos; ++j) {
+        for (int e = 0; e < b.hd; ++e)
+            o[e] += p[j] / sum * to_f(b.vc[(slot(j) * b.kvh + g) * b.hd + e]);
+    }
 }
