@@ -44,6 +44,8 @@
 #             (its memory floor), the GEMM rate stays bf16's
 #   KV_CACHE_DTYPE=fp8  every server and bench_device with `--kv-cache-dtype fp8` (issue 12),
 #             NAME suffixed with -kvfp8 (after QUANTIZATION's), no LoRA sections
+#   BENCH_COMMIT  the commit the JSON names (default: HEAD's short hash, with `-dirty` when tracked
+#             files differ from it, so a tree with uncommitted changes does not pass for its HEAD)
 # Exit status: 0 when every step produced its figures.
 set -euo pipefail
 
@@ -85,7 +87,13 @@ fi
 [ -z "${KV_CACHE_DTYPE:-}" ] || export TPSERVE_KV_CACHE_DTYPE="$KV_CACHE_DTYPE"
 export BENCH_DATE
 BENCH_DATE=$(date -u +%FT%TZ)
-export BENCH_COMMIT="${BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+if [ -z "${BENCH_COMMIT:-}" ]; then
+  BENCH_COMMIT=$(git rev-parse --short=7 HEAD 2>/dev/null || echo unknown)
+  if [ "$BENCH_COMMIT" != unknown ] && ! git diff --quiet HEAD 2>/dev/null; then
+    BENCH_COMMIT="$BENCH_COMMIT-dirty"
+  fi
+fi
+export BENCH_COMMIT
 
 # prompts N: N, or fewer with QUICK=1.
 prompts() {
