@@ -342,10 +342,11 @@ impl CudaBackend {
     }
 }
 
-/// Which attention kernel an eager step runs: the decode kernel when every sequence has one
-/// row, the tensor-core kernel when a sequence has a prefill chunk of 16 rows or more, the
-/// CUDA-core kernel otherwise, and always in batch-invariant mode (each row's result then does
-/// not depend on its tile) or with `TPSERVE_CUDA_ATTENTION=simt` (comparisons).
+/// Which attention kernel an eager step runs: a decode kernel when every sequence has one row
+/// (`AttentionKind::for_decode`: tensor cores from `DECODE_MMA_MIN_ROWS` rows), the tensor-core
+/// kernel when a sequence has a prefill chunk of 16 rows or more, the CUDA-core kernel
+/// otherwise, and always in batch-invariant mode (each row's result then does not depend on its
+/// tile) or with `TPSERVE_CUDA_ATTENTION=simt` (comparisons).
 fn attention_kind(
     d: &Dims,
     batch: &Batch,

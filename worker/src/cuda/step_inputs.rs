@@ -171,9 +171,10 @@ pub struct TableShape {
 }
 
 /// Packs `batch` with one sampling spec per sample row; tiles of at most `tile_rows` rows (with
-/// `one_row_apart`, the one-row tiles last: `AttentionTiles::new`); LoRA tiles with the ranks of the adapter slots (`lora_ranks`). With `pad_to`, the batch must
-/// be decode rows only (one row per sequence, every row sampled) and is padded to `pad_to` rows.
-/// Fails when a block table does not fit `tables`.
+/// `one_row_apart`, the one-row tiles last: `AttentionTiles::new`); LoRA tiles with the ranks of
+/// the adapter slots (`lora_ranks`). With `pad_to`, the batch must be decode rows only (one row
+/// per sequence, every row sampled) and is padded to `pad_to` rows. Fails when a block table
+/// does not fit `tables`.
 pub fn pack(
     batch: &Batch,
     sampling: &[SampleSpec],
