@@ -291,6 +291,29 @@ __device__ void dequantize_w4_impl(T* __restrict__ out, const unsigned int* __re
     }
 }
 
+// gather_inputs_{bf16,f16}: out[m, i] = x[m, perm[i]]: GPTQ act-order's inputs in the order of a
+// weight's layout (inputs sorted by group), for gemv_w4 or for cuBLAS on dequantize_w4's output
+// (which keeps that order). One element a thread; the permutation, which no kernel writes, is
+// read before waiting for the kernel that writes x.
+//
+// Arguments:
+//   out   T   [rows, k]  written
+//   x     T   [rows, k]
+//   perm  i32 [k]        a permutation of 0..k
+//   k     i32
+// Launch: grid (ceil(k / 256), rows, 1); block (256, 1, 1).
+template <typename T>
+__device__ void gather_inputs_impl(T* __restrict__ out, const T* __restrict__ x,
+                                   const int* __restrict__ perm, int k) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const int from = i < k ? perm[i] : 0;
+    tpserve::wait_for_inputs();
+    if (i < k) {
+        const long long row = (long long)blockIdx.y * k;
+        out[row + i] = x[row + from];
+    }
+}
+
 #define TPSERVE_INT4(SUFFIX, T)                                                                \
     extern "C" __global__ void __launch_bounds__(512) gemv_w4_##SUFFIX(                        \
         T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ w,               \
@@ -302,5 +325,9 @@ __device__ void dequantize_w4_impl(T* __restrict__ out, const unsigned int* __re
         T* __restrict__ out, const unsigned int* __restrict__ w,                               \
         const unsigned int* __restrict__ params, int n_out, int k, int group_shift) {          \
         dequantize_w4_impl<T>(out, w, params, n_out, k, group_shift);                          \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) gather_inputs_##SUFFIX(                  \
+        T* __restrict__ out, const T* __restrict__ x, const int* __restrict__ perm, int k) {   \
+        gather_inputs_impl<T>(out, x, perm, k);                                                \
     }
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_INT4)

@@ -355,6 +355,8 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "gemv_w4_f16",
             "dequantize_w4_bf16",
             "dequantize_w4_f16",
+            "gather_inputs_bf16",
+            "gather_inputs_f16",
         ],
     ),
     ("gemm_bi.cu", &["gemm_bi_bf16", "gemm_bi_f16"]),

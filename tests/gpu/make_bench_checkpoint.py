@@ -6,17 +6,18 @@ a checkpoint from disk, and the speed of a pre-quantized FP8 checkpoint's weight
 What: OUTDIR/config.json is tests/gpu/llama3-8b-config.json, with a compressed-tensors
 quantization_config (--layout channel: llm-compressor's FP8_DYNAMIC, per-channel weight scales,
 per-token dynamic activations), AutoFP8's (--layout tensor: quant_method fp8, per-tensor weight
-scales, dynamic activations), AutoAWQ's or AutoGPTQ's (--layout awq|gptq: 4-bit, groups of 128,
-packed by make_int4_checkpoint.py's functions), or none (--layout bf16); OUTDIR/model.safetensors
-holds every linear weight (normal(0, 0.02)) in F8_E4M3 with its `weight_scale`, packed 4-bit, or
-in bfloat16, and the embedding, lm_head and norms in bfloat16. About 9 GB (FP8), 5 GB (4-bit) or
-16 GB (bf16); a minute on an H200 machine.
+scales, dynamic activations), AutoAWQ's or AutoGPTQ's (--layout awq|gptq|gptq-act: 4-bit, groups
+of 128, gptq-act in act-order, packed by make_int4_checkpoint.py's functions), or none (--layout
+bf16); OUTDIR/model.safetensors holds every linear weight (normal(0, 0.02)) in F8_E4M3 with its
+`weight_scale`, packed 4-bit, or in bfloat16, and the embedding, lm_head and norms in bfloat16.
+About 9 GB (FP8), 5 GB (4-bit) or 16 GB (bf16); a minute on an H200 machine.
 
 Why: `--load-format dummy` gives random weights made on the device (or quantized at load with
 per-tensor scales); reading a checkpoint, and a pre-quantized checkpoint's layout (per-row
 scales, per-token activations), only a checkpoint on disk exercises.
 
-How: python3 make_bench_checkpoint.py OUTDIR [--layout channel|tensor|awq|gptq|bf16] [--device cuda]
+How: python3 make_bench_checkpoint.py OUTDIR [--layout channel|tensor|awq|gptq|gptq-act|bf16]
+     [--device cuda]
 """
 
 import argparse
@@ -38,7 +39,7 @@ INT4_GROUP = 128
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("outdir")
-    ap.add_argument("--layout", choices=["channel", "tensor", "awq", "gptq", "bf16"],
+    ap.add_argument("--layout", choices=["channel", "tensor", "awq", "gptq", "gptq-act", "bf16"],
                     default="channel")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
@@ -60,8 +61,8 @@ def main() -> int:
         if args.layout == "bf16":
             tensors[f"{name}.weight"] = w.bfloat16().cpu()
             return
-        if args.layout in ("awq", "gptq"):
-            layer, _ = make_int4_checkpoint.pack(args.layout, w, INT4_GROUP)
+        if args.layout in ("awq", "gptq", "gptq-act"):
+            layer, _ = make_int4_checkpoint.pack(args.layout, f"{name}.weight", w, INT4_GROUP)
             for suffix, v in layer.items():
                 tensors[f"{name}.{suffix}"] = v
             return
@@ -105,7 +106,7 @@ def main() -> int:
         }
     elif args.layout == "tensor":
         quantization = {"quant_method": "fp8", "activation_scheme": "dynamic"}
-    elif args.layout in ("awq", "gptq"):
+    elif args.layout in ("awq", "gptq", "gptq-act"):
         quantization = make_int4_checkpoint.quantization_config(args.layout, INT4_GROUP)
     else:
         quantization = None

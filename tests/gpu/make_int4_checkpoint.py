@@ -19,12 +19,17 @@ Formats (--format):
   gptq  AutoGPTQ's original format: 4-bit, symmetric (zero 8), groups of --group inputs in order
         (desc_act false); qweight [in / 8, out] holding 8 inputs in order; qzeros
         [in / group, out / 8] holding zero - 1; scales [in / group, out]; g_idx [in].
+  gptq-act  the same with act-order (desc_act true): the inputs are quantized in a shuffled
+        order (GPTQ's order of decreasing activation, here random), each run of --group of them
+        a group, so g_idx [in] (each input's group) is out of order; qweight still holds the
+        inputs in their own order. Products that share their inputs (q, k, v; gate, up) share
+        the order, as GPTQ's (one Hessian per input) do.
 The functions are shared with make_bench_checkpoint.py (--layout awq|gptq).
 
 Why: the GPU machine has no network (and no AutoAWQ or GPTQModel), so the checkpoints are made
 there from the test weights, in the formats' own tensor names, dtypes and config keys.
 
-How: python3 make_int4_checkpoint.py CKPT_DIR OUTDIR --format awq|gptq [--group 128]
+How: python3 make_int4_checkpoint.py CKPT_DIR OUTDIR --format awq|gptq|gptq-act [--group 128]
 """
 
 import argparse
@@ -44,8 +49,9 @@ def quantization_config(fmt: str, group: int) -> dict:
     if fmt == "awq":
         return {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
                 "version": "gemm", "modules_to_not_convert": None}
-    return {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False,
-            "sym": True, "damp_percent": 0.01, "true_sequential": True}
+    return {"quant_method": "gptq", "bits": 4, "group_size": group,
+            "desc_act": fmt == "gptq-act", "sym": True, "damp_percent": 0.01,
+            "true_sequential": True}
 
 
 @torch.no_grad()
@@ -92,22 +98,49 @@ def pack_awq(q, zeros, scales) -> dict:
             "scales": scales.cpu().contiguous()}
 
 
-def pack_gptq(q, zeros, scales, group: int) -> dict:
+def pack_gptq(q, zeros, scales, g_idx) -> dict:
     qweight = torch.zeros(q.shape[0] // 8, q.shape[1], dtype=torch.int64, device=q.device)
     for j in range(8):
         qweight |= q[j::8, :] << (4 * j)
     qzeros = torch.zeros(zeros.shape[0], zeros.shape[1] // 8, dtype=torch.int64, device=q.device)
     for j in range(8):
         qzeros |= (zeros[:, j::8] - 1) << (4 * j)
-    g_idx = torch.arange(q.shape[0], dtype=torch.int32) // group
     return {"qweight": as_int32(qweight), "qzeros": as_int32(qzeros),
-            "scales": scales.cpu().contiguous(), "g_idx": g_idx}
+            "scales": scales.cpu().contiguous(), "g_idx": g_idx.to(torch.int32).cpu()}
 
 
-def pack(fmt: str, w: torch.Tensor, group: int):
+def act_order(name: str, in_f: int) -> torch.Tensor:
+    """The order in which gptq-act quantizes the inputs of weight `name`: a permutation seeded by
+    its layer and its input (q, k and v read one input, gate and up another)."""
+    layer = name.split(".layers.")[1].split(".")[0] if ".layers." in name else "0"
+    shared = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up",
+              "up_proj": "gate_up"}
+    proj = name.split(".")[-2]
+    seed = int(layer) * 10 + ["qkv", "o_proj", "gate_up", "down_proj"].index(
+        shared.get(proj, proj))
+    return torch.randperm(in_f, generator=torch.Generator().manual_seed(seed))
+
+
+def pack(fmt: str, name: str, w: torch.Tensor, group: int):
     """The tensors of one linear layer (by suffix) and its dequantized weight."""
+    if fmt == "gptq-act":
+        # Quantize the inputs in `order` (groups are runs of it), then store them in their own
+        # order, with g_idx naming each input's group.
+        in_f = w.shape[1]
+        order = act_order(name, in_f).to(w.device)
+        q, zeros, scales = quantize(w[:, order], group, symmetric=True)
+        q_own = torch.empty_like(q)
+        q_own[order] = q
+        g_idx = torch.empty(in_f, dtype=torch.int64, device=w.device)
+        g_idx[order] = torch.arange(in_f, device=w.device) // group
+        deq = torch.empty(w.shape, dtype=torch.float32)
+        deq[:, order.cpu()] = dequantize(q, zeros, scales, group).cpu()
+        return pack_gptq(q_own, zeros, scales, g_idx), deq
     q, zeros, scales = quantize(w, group, symmetric=fmt == "gptq")
-    tensors = pack_awq(q, zeros, scales) if fmt == "awq" else pack_gptq(q, zeros, scales, group)
+    if fmt == "awq":
+        tensors = pack_awq(q, zeros, scales)
+    else:
+        tensors = pack_gptq(q, zeros, scales, torch.arange(q.shape[0]) // group)
     return tensors, dequantize(q, zeros, scales, group)
 
 
@@ -115,7 +148,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("ckpt")
     ap.add_argument("outdir")
-    ap.add_argument("--format", choices=["awq", "gptq"], required=True)
+    ap.add_argument("--format", choices=["awq", "gptq", "gptq-act"], required=True)
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
@@ -127,7 +160,7 @@ def main() -> int:
             packed[name] = t.cpu().contiguous()
             deq[name] = t.float().cpu().contiguous()
             continue
-        layer, w = pack(args.format, t, args.group)
+        layer, w = pack(args.format, name, t, args.group)
         base = name[: -len(".weight")]
         for suffix, v in layer.items():
             packed[f"{base}.{suffix}"] = v

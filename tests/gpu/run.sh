@@ -327,15 +327,19 @@ step_fp8_checkpoint() {
 
 # step_int4_checkpoint FORMAT: a 4-bit checkpoint (issue 12) made from the random checkpoint by
 # make_int4_checkpoint.py (awq: AutoAWQ's GEMM packing, groups of 128 with zero points; gptq:
-# AutoGPTQ's format, groups of 128, symmetric), its packed weights run as stored (the 4-bit GEMV
-# for decoding, dequantized for cuBLAS above 8 rows). Against transformers on its dequantized
-# twin (the same weights in float32; its bfloat16 run, which rounds them as our prefill does, is
-# the peer): prefill logits (one chunk per prompt), greedy decoding and every position as a
-# decode step (through the GEMV).
+# AutoGPTQ's format, groups of 128, symmetric; gptq-act: the same in act-order, g_idx out of
+# input order), its packed weights run as stored (the 4-bit GEMV for decoding, after gathering
+# an act-order weight's inputs into its order; dequantized for cuBLAS above 8 rows). Against
+# transformers on its dequantized twin (the same weights in float32; its bfloat16 run, which
+# rounds them as our prefill does, is the peer): prefill logits (one chunk per prompt), greedy
+# decoding and every position as a decode step (through the GEMV). The decode run fails unless
+# every linear weight is held in 4 bits (act-order ones in act-order), none dequantized at load.
 step_int4_checkpoint() {
   quantized_checkpoint int4 "$1" --format "dequantized" || return 0
+  local held="groups of 128 inputs;"
+  [ "$1" != gptq-act ] || held="act-order (inputs gathered by group);"
   # Every position as a one-row decode step: the 4-bit GEMV's logits against the same truth.
-  OURS_MODEL="$QDIR" ours_logits "$QTAG-decode" 1 bfloat16 --chunk 1
+  OURS_MODEL="$QDIR" ours_logits "$QTAG-decode" 1 bfloat16 --chunk 1 --require-weights "$held"
   if [ -s "$OURS/$QTAG-decode.f32" ]; then
     run_compare "$QTAG-decode vs hf (dequantized)" --truth "$QREF/hf_float32.f32" \
       --peer "$QREF/hf_bfloat16.f32" --ours "$OURS/$QTAG-decode.f32" --vocab "$VOCAB" \
@@ -764,6 +768,7 @@ main() {
   step_fp8_checkpoint static
   step_int4_checkpoint awq
   step_int4_checkpoint gptq
+  step_int4_checkpoint gptq-act
   # TP=2 sums its partial products with the one-shot all-reduce over peer memory (the two
   # ranks are threads of one process here, so by peer access; `tpserve serve` below maps them
   # by CUDA IPC): prefill chunks, and every position as a graph-replayed decode step. With two

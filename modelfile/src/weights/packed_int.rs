@@ -192,9 +192,11 @@ impl<'a> PackedIntWeight<'a> {
     }
 
     /// The slice `start..start + len` along `dim` in [`Int4Tensor`]'s layout, or `None` where
-    /// that layout cannot hold it: weights of other than 4 bits, groups out of input order
-    /// (act-order `g_idx`), or a slice whose groups are not whole runs of a multiple of 32
-    /// inputs.
+    /// that layout cannot hold it: weights of other than 4 bits, or a slice whose groups are not
+    /// whole runs of a multiple of 32 inputs. Act-order groups (`g_idx` out of input order) are
+    /// held with the inputs sorted by group ([`Int4Tensor::perm`]) where each group the slice
+    /// touches has exactly `group_size` of its inputs: a whole GPTQ `desc_act` weight, or a
+    /// slice of its outputs (a tensor-parallel slice of its inputs cuts groups).
     pub fn int4(&self, dim: usize, start: usize, len: usize) -> Option<Int4Tensor> {
         if self.scheme.bits != 4 {
             return None;
@@ -205,24 +207,30 @@ impl<'a> PackedIntWeight<'a> {
             (0..self.rows, start..start + len)
         };
         let group = self.scheme.group_size.unwrap_or(self.cols).min(self.cols);
-        if self
+        let in_order = self
             .group_of
             .iter()
             .enumerate()
-            .any(|(k, &g)| g as usize != k / group)
-        {
-            return None;
-        }
+            .all(|(k, &g)| g as usize == k / group);
         // One group over all inputs: any run of them is one group.
         let group = if group == self.cols {
             k_range.len()
         } else {
             group
         };
-        let aligned = k_range.start.is_multiple_of(group) && k_range.len().is_multiple_of(group);
-        if !aligned || !group.is_multiple_of(32) || k_range.is_empty() {
+        if !group.is_multiple_of(32) || k_range.is_empty() || !k_range.start.is_multiple_of(8) {
             return None;
         }
+        let perm = if in_order {
+            let aligned =
+                k_range.start.is_multiple_of(group) && k_range.len().is_multiple_of(group);
+            if !aligned {
+                return None;
+            }
+            None
+        } else {
+            Some(self.group_order(k_range.clone(), group)?)
+        };
         let (rows, cols) = (n_range.len(), k_range.len());
         let per_row = cols / 8;
         let mut words = vec![0u32; rows * per_row];
@@ -261,12 +269,17 @@ impl<'a> PackedIntWeight<'a> {
                 }
             }
         }
+        if let Some(perm) = &perm {
+            permute_rows(&mut words, per_row, perm);
+        }
+        // Input (relative to the slice) at position `i` of a row.
+        let input = |i: usize| perm.as_ref().map_or(i, |p| p[i] as usize);
         let groups = cols / group;
         let mut scales = Vec::with_capacity(rows * groups);
         let mut zeros = Vec::with_capacity(rows * groups);
         for n in n_range {
             for g in 0..groups {
-                let k = k_range.start + g * group;
+                let k = k_range.start + input(g * group);
                 let (_, zero, stored_group) = self.quantized(n, k);
                 scales.push(self.scales[stored_group * self.rows + n]);
                 zeros.push(zero as f32);
@@ -279,8 +292,49 @@ impl<'a> PackedIntWeight<'a> {
             words,
             scales,
             zeros,
+            perm,
         })
     }
+
+    /// The inputs of `k_range` (relative to its start) sorted by group, stably, or `None` unless
+    /// every group among them has exactly `group` inputs there (then each run of `group`
+    /// positions is one group).
+    fn group_order(&self, k_range: std::ops::Range<usize>, group: usize) -> Option<Vec<u32>> {
+        let start = k_range.start;
+        let mut order: Vec<u32> = (0..k_range.len() as u32).collect();
+        order.sort_by_key(|&i| self.group_of[start + i as usize]);
+        let group_at = |i: usize| self.group_of[start + order[i] as usize];
+        let whole_runs = (0..order.len()).all(|i| {
+            let first = i / group * group;
+            group_at(i) == group_at(first) && (first == 0 || group_at(first - 1) != group_at(i))
+        });
+        whole_runs.then_some(order)
+    }
+}
+
+/// Reorders each row of 4-bit `words` (`per_row` words, 8 values each, in input order) so that
+/// position `i` holds the value of input `perm[i]`; the rows in parallel on every core (an
+/// act-order 8B model has ~10^9 words).
+fn permute_rows(words: &mut [u32], per_row: usize, perm: &[u32]) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rows = words.len() / per_row;
+    let rows_per_thread = rows.div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for chunk in words.chunks_mut(rows_per_thread * per_row) {
+            scope.spawn(move || {
+                let mut values = vec![0u8; per_row * 8];
+                for row in chunk.chunks_mut(per_row) {
+                    for (k, v) in values.iter_mut().enumerate() {
+                        *v = ((row[k / 8] >> (4 * (k % 8))) & 0xf) as u8;
+                    }
+                    row.fill(0);
+                    for (i, &k) in perm.iter().enumerate() {
+                        row[i / 8] |= u32::from(values[k as usize]) << (4 * (i % 8));
+                    }
+                }
+            });
+        }
+    });
 }
 
 /// A 4-bit layer (or slice) `[rows, cols]` in the layout the CUDA W4A16 kernels read: row `n`'s
@@ -297,14 +351,27 @@ pub struct Int4Tensor {
     /// `[rows, cols / group_size]`.
     pub scales: Vec<f32>,
     pub zeros: Vec<f32>,
+    /// GPTQ's act-order: position `i` of every row holds input `perm[i]` (of the slice), the
+    /// inputs sorted by group, so that a product multiplies it with `x[perm[i]]`; `None`: inputs
+    /// in order.
+    pub perm: Option<Vec<u32>>,
 }
 
 impl Int4Tensor {
-    /// Element `(n, k)`'s value.
-    pub fn value(&self, n: usize, k: usize) -> f32 {
-        let q = (self.words[n * self.cols / 8 + k / 8] >> (4 * (k % 8))) & 0xf;
-        let g = n * (self.cols / self.group_size) + k / self.group_size;
+    /// The value at position `i` of row `n` (input `i`, or `perm[i]` in act-order).
+    pub fn value(&self, n: usize, i: usize) -> f32 {
+        let q = (self.words[n * self.cols / 8 + i / 8] >> (4 * (i % 8))) & 0xf;
+        let g = n * (self.cols / self.group_size) + i / self.group_size;
         (q as f32 - self.zeros[g]) * self.scales[g]
+    }
+
+    /// Row `n` over its inputs in order.
+    pub fn row(&self, n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; self.cols];
+        for i in 0..self.cols {
+            out[self.perm.as_ref().map_or(i, |p| p[i] as usize)] = self.value(n, i);
+        }
+        out
     }
 }
 

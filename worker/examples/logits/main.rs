@@ -86,6 +86,10 @@ struct Args {
     /// The largest adapter rank the LoRA slots hold (as `tpserve serve --max-lora-rank`).
     #[arg(long, default_value_t = 64)]
     max_lora_rank: u32,
+    /// Exit non-zero unless every rank's description of its weights (`/v1/models`'
+    /// `quantization`, e.g. "act-order") contains this text.
+    #[arg(long)]
+    require_weights: Option<String>,
 }
 
 const BLOCK_SIZE: usize = 16;
@@ -113,6 +117,19 @@ fn main() -> anyhow::Result<()> {
         kv_cache_dtype: args.kv_cache_dtype.clone(),
     };
     let loaded = group.on_all(move |_, r| r.load_model(&load))?;
+    for (rank, l) in loaded.iter().enumerate() {
+        eprintln!(
+            "rank {rank}: weights {} ({})",
+            l.quantization, l.weight_types
+        );
+        if let Some(text) = &args.require_weights {
+            anyhow::ensure!(
+                l.weight_types.contains(text.as_str()),
+                "rank {rank}'s weights are \"{}\", without \"{text}\"",
+                l.weight_types
+            );
+        }
+    }
     let fp8 = loaded.first().is_some_and(|l| l.quantization == "fp8");
     let adapter = args.lora_adapter.as_ref().map(|p| p.display().to_string());
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(1);

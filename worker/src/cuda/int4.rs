@@ -19,6 +19,9 @@ pub struct Int4Weight {
     /// u32 `[n_out, k / group_size]`: (scale, zero point) f16 pairs, [`pack_params`].
     pub params: DeviceBuffer,
     pub group_size: usize,
+    /// i32 `[k]`, GPTQ's act-order: position `i` of the words holds input `perm[i]`
+    /// (`Int4Tensor::perm`).
+    pub perm: Option<DeviceBuffer>,
 }
 
 /// What a product with a 4-bit weight needs beyond its address.
@@ -28,7 +31,15 @@ pub struct Int4Operands {
     pub group_size: usize,
     /// Room for the weight in the dtype, `[n_out, k]`, for products above 8 rows.
     pub scratch: u64,
+    /// The weight's act-order permutation (i32 `[k]`), 0 for inputs in order.
+    pub perm: u64,
+    /// Room for [`GATHERED_ROWS`] rows of inputs in the permutation's order (0 without one).
+    pub gathered: u64,
 }
+
+/// Rows of inputs an act-order gather holds: a GEMV's, or a chunk of a larger product's (which
+/// then runs cuBLAS a chunk at a time).
+pub const GATHERED_ROWS: usize = 1024;
 
 /// `t`'s groups' scales and zero points as int4.cu reads them: an f16 pair (the scale in the low
 /// half) for row `16 rb + r` of group `j` at `[rb, j, r % 8, r / 8]`, so that a lane's rows `g`
@@ -144,7 +155,8 @@ fn operands(p: &Product) -> Result<(Int4Operands, i32)> {
 }
 
 impl Kernels {
-    /// `p.y = p.x W^T` for 1 to 8 rows, `W` `p`'s 4-bit weight: int4.cu's GEMV.
+    /// `p.y = p.x W^T` for 1 to 8 rows, `W` `p`'s 4-bit weight: int4.cu's GEMV, after
+    /// gathering the inputs into the weight's order where it has an act-order permutation.
     pub fn gemv_w4(&self, p: &Product) -> Result<()> {
         let (q, shift) = operands(p)?;
         if !(1..=8).contains(&p.rows) {
@@ -152,11 +164,16 @@ impl Kernels {
                 detail: format!("{} rows on the 4-bit GEMV kernel (1 to 8)", p.rows),
             });
         }
+        let x = if q.perm != 0 {
+            self.gather_inputs(&q, p.x, p.rows, p.k)?
+        } else {
+            p.x
+        };
         let split = k_split(p.n_out, p.k);
         let (rw, nw, kw, sw) = (p.rows as i32, p.n_out as i32, p.k as i32, split as i32);
         let mut b = self.launch(&self.gemv_w4);
         b.arg(&p.y)
-            .arg(&p.x)
+            .arg(&x)
             .arg(&p.w)
             .arg(&q.params)
             .arg(&rw)
@@ -174,7 +191,31 @@ impl Kernels {
             .map_err(|e| device_err("launching gemv_w4", e))
     }
 
-    /// `p`'s 4-bit weight in the dtype, into its operands' scratch (`[n_out, k]`).
+    /// `rows` (at most [`GATHERED_ROWS`]) rows of `k` inputs from `x` in the order of `q`'s
+    /// act-order weight (`gathered[m, i] = x[m, perm[i]]`): the address of the gathered rows.
+    pub fn gather_inputs(&self, q: &Int4Operands, x: u64, rows: usize, k: usize) -> Result<u64> {
+        if rows > GATHERED_ROWS || q.gathered == 0 {
+            return Err(WorkerError::Device {
+                detail: format!("an act-order gather of {rows} rows without room for them"),
+            });
+        }
+        let kw = k as i32;
+        let mut b = self.launch(&self.gather_inputs);
+        b.arg(&q.gathered).arg(&x).arg(&q.perm).arg(&kw);
+        let config = LaunchConfig {
+            grid_dim: (k.div_ceil(256) as u32, rows as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as int4.cu documents: x holds rows x k elements of the dtype, `gathered`
+        // GATHERED_ROWS x k (the model's buffer for its widest act-order weight), perm k i32 (the
+        // weight's permutation of 0..k).
+        unsafe { b.launch(config) }.map_err(|e| device_err("launching gather_inputs", e))?;
+        Ok(q.gathered)
+    }
+
+    /// `p`'s 4-bit weight in the dtype, into its operands' scratch (`[n_out, k]`), its inputs in
+    /// the layout's order (an act-order weight's sorted by group).
     pub fn dequantize_w4(&self, p: &Product) -> Result<()> {
         let (q, shift) = operands(p)?;
         let words = p.n_out * p.k / 8;
@@ -232,6 +273,7 @@ mod tests {
             words,
             scales: (0..groups).map(|i| i as f32 / 64.0).collect(),
             zeros: (0..groups).map(|i| (i % 16) as f32).collect(),
+            perm: None,
         }
     }
 

@@ -350,6 +350,7 @@ pub struct Kernels {
     /// 4-bit weights (`int4.rs`).
     pub(super) gemv_w4: CudaFunction,
     pub(super) dequantize_w4: CudaFunction,
+    pub(super) gather_inputs: CudaFunction,
     /// FP8 quantization (`fp8.rs`).
     pub(super) fp8_amax_partial: CudaFunction,
     pub(super) fp8_quantize: CudaFunction,
@@ -531,6 +532,7 @@ impl Kernels {
             gemv_fp8: GemvFamily::load(&mut take, "gemv_fp8")?,
             gemv_w4: take("gemv_w4")?,
             dequantize_w4: take("dequantize_w4")?,
+            gather_inputs: take("gather_inputs")?,
             fp8_amax_partial: take("fp8_amax_partial")?,
             fp8_quantize: take("fp8_quantize")?,
             fp8_quantize_rows: take("fp8_quantize_rows")?,

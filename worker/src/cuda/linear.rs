@@ -24,8 +24,8 @@ use super::blas::Blas;
 use super::blas_lt::{BlasLt, Scale};
 use super::device::{device_err, Gpu};
 use super::fp8::Fp8Operands;
-use super::int4::{Int4Operands, TILE as INT4_TILE};
-use super::kernels::{Kernels, Product};
+use super::int4::{Int4Operands, GATHERED_ROWS, TILE as INT4_TILE};
+use super::kernels::{Kernels, Product, ELEM};
 use crate::error::{Result, WorkerError};
 
 /// Row counts with a measured choice; a step's rows round up to the next (padded GEMV rows are
@@ -219,9 +219,23 @@ impl Linear {
         if let Some(q) = p.int4 {
             return match kernel {
                 LinearKernel::Gemv { .. } => kernels.gemv_w4(p),
-                _ => {
+                _ if q.perm == 0 => {
                     kernels.dequantize_w4(p)?;
                     self.blas.linear(p.y, p.x, q.scratch, p.rows, p.n_out, p.k)
+                }
+                // Act-order: the dequantized weight keeps its inputs sorted by group, so the
+                // inputs are gathered into that order, a chunk of rows at a time.
+                _ => {
+                    kernels.dequantize_w4(p)?;
+                    for first in (0..p.rows).step_by(GATHERED_ROWS) {
+                        let rows = GATHERED_ROWS.min(p.rows - first);
+                        let x = (p.x as usize + first * p.k * ELEM) as u64;
+                        let y = (p.y as usize + first * p.n_out * ELEM) as u64;
+                        let gathered = kernels.gather_inputs(&q, x, rows, p.k)?;
+                        self.blas
+                            .linear(y, gathered, q.scratch, rows, p.n_out, p.k)?;
+                    }
+                    Ok(())
                 }
             };
         }

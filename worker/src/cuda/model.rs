@@ -15,7 +15,7 @@ use tpserve_modelfile::LlamaConfig;
 
 use super::device::{DeviceBuffer, Gpu};
 use super::fp8::{Fp8Operands, Fp8Weight, E4M3_MAX, SCALE_OFFSET, STATS_BYTES};
-use super::int4::{mma_layout, pack_params, Int4Operands, Int4Weight};
+use super::int4::{mma_layout, pack_params, Int4Operands, Int4Weight, GATHERED_ROWS};
 use super::kernels::{attention_max_items, CacheLayer, Dtype, Kernels, ELEM};
 use super::lora::LoraSlots;
 use super::workspace::Workspace;
@@ -73,6 +73,8 @@ impl LinearWeight {
             params: w.params.ptr,
             group_size: w.group_size,
             scratch: model.int4_scratch.as_ref().map_or(0, |b| b.ptr),
+            perm: w.perm.as_ref().map_or(0, |b| b.ptr),
+            gathered: model.int4_gathered.as_ref().map_or(0, |b| b.ptr),
         })
     }
 }
@@ -175,6 +177,9 @@ pub struct CudaModel {
     /// Room for the largest 4-bit weight dequantized (products above 8 rows), when some linear
     /// layers' weights are 4-bit.
     int4_scratch: Option<DeviceBuffer>,
+    /// Room for the GEMV's rows of inputs in an act-order weight's order, when some 4-bit
+    /// weights have one.
+    int4_gathered: Option<DeviceBuffer>,
     workspace: Option<Workspace>,
     /// The adapter slots, with `--enable-lora`.
     lora: Option<LoraSlots>,
@@ -299,9 +304,9 @@ impl Loader<'_> {
 
     /// `parts` as an AWQ/GPTQ checkpoint stores them, in the 4-bit layout (`int4.rs`), or
     /// `None` when one of them is not stored so or the layout cannot hold it (8-bit weights,
-    /// act-order groups, groups that a tensor-parallel slice cuts or that differ between parts,
-    /// groups not a power of two from 32 inputs, rows not a multiple of 16 or inputs of 64):
-    /// those are dequantized to the dtype.
+    /// groups that a tensor-parallel slice cuts or that differ between parts, act-order
+    /// permutations that differ between parts, groups not a power of two from 32 inputs, rows
+    /// not a multiple of 16 or inputs of 64): those are dequantized to the dtype.
     fn stored_int4(&mut self, parts: &[Part]) -> Result<Option<LinearWeight>> {
         let WeightSource::Reader(reader) = self.source else {
             return Ok(None);
@@ -324,7 +329,11 @@ impl Loader<'_> {
             tensors.push(t);
         }
         let group_size = tensors[0].group_size;
-        if tensors.iter().any(|t| t.group_size != group_size) {
+        // The parts of a fused product share its inputs, so also their order.
+        if tensors
+            .iter()
+            .any(|t| t.group_size != group_size || t.perm != tensors[0].perm)
+        {
             return Ok(None);
         }
         let mut words = Vec::with_capacity(tensors.len());
@@ -349,11 +358,27 @@ impl Loader<'_> {
             // The host copies are freed on return: wait for the uploads.
             self.gpu.sync()?;
         }
+        let perm = match &tensors[0].perm {
+            Some(p) => {
+                let buffer = self
+                    .gpu
+                    .alloc(p.len() * 4, "4-bit act-order permutations")?;
+                self.gpu.upload(&buffer, p)?;
+                self.gpu.sync()?;
+                self.bytes += buffer.bytes;
+                Some(buffer)
+            }
+            None => None,
+        };
         self.bytes += data.bytes + params.bytes;
         Ok(Some(LinearWeight {
             data,
             fp8: None,
-            int4: Some(Int4Weight { params, group_size }),
+            int4: Some(Int4Weight {
+                params,
+                group_size,
+                perm,
+            }),
         }))
     }
 
@@ -553,6 +578,12 @@ impl CudaModel {
         let int4_scratch = int4_largest
             .map(|n| gpu.alloc(n * ELEM, "4-bit weights dequantized"))
             .transpose()?;
+        // The most inputs of an act-order weight: an i32 each in its permutation.
+        let int4_gathered = linear_weights(&layers)
+            .filter_map(|w| w.int4.as_ref()?.perm.as_ref().map(|p| p.bytes / 4))
+            .max()
+            .map(|k| gpu.alloc(GATHERED_ROWS * k * ELEM, "4-bit act-order inputs"))
+            .transpose()?;
         let max_pos = c.max_position_embeddings;
         let rope = Rope::new(c, max_pos);
         let (cos, sin) = rope.tables();
@@ -576,6 +607,7 @@ impl CudaModel {
             weight_bytes: ld.bytes,
             fp8: ld.any_fp8,
             int4_scratch,
+            int4_gathered,
             workspace: None,
             lora: None,
             kv_cache,
@@ -607,22 +639,30 @@ impl CudaModel {
     /// How the 4-bit weights are held and multiplied (`/v1/models`' `quantization` shows it
     /// after `int4`), or `None` when no weight is.
     pub fn int4_weight_types(&self) -> Option<String> {
-        let groups: std::collections::BTreeSet<usize> = linear_weights(&self.layers)
-            .filter_map(|w| w.int4.as_ref().map(|q| q.group_size))
+        let packed: Vec<&Int4Weight> = linear_weights(&self.layers)
+            .filter_map(|w| w.int4.as_ref())
             .collect();
-        if groups.is_empty() {
+        if packed.is_empty() {
             return None;
         }
-        let in_dtype = linear_weights(&self.layers)
-            .filter(|w| w.int4.is_none())
-            .count();
+        let groups: std::collections::BTreeSet<usize> =
+            packed.iter().map(|q| q.group_size).collect();
         let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
-        let unpacked = match in_dtype {
+        let act_order = match packed.iter().filter(|q| q.perm.is_some()).count() {
+            0 => String::new(),
+            n => format!(", {n} of them in act-order (inputs gathered by group)"),
+        };
+        let unpacked = match linear_weights(&self.layers)
+            .filter(|w| w.int4.is_none())
+            .count()
+        {
             0 => String::new(),
             n => format!(" ({n} linear layers dequantized to the dtype)"),
         };
         Some(format!(
-            "4-bit integer linear weights in groups of {} inputs{unpacked}; up to 8 rows a GEMV              unpacks them, above they are dequantized for cuBLAS; embedding and lm_head in the              dtype",
+            "4-bit integer linear weights in groups of {} inputs{act_order}{unpacked}; up to 8 \
+             rows a GEMV unpacks them, above they are dequantized for cuBLAS; embedding and \
+             lm_head in the dtype",
             groups.join(" and ")
         ))
     }
