@@ -53,6 +53,20 @@ impl Blas {
         self.gemm(y, x, w, n, m, k, 0.0)
     }
 
+    /// `y[n, m] += x[n, k] W[m, k]^T`: the product added to `y` before its one rounding (the
+    /// residual add folded into the o and down projections, `forward.rs`).
+    pub fn linear_accumulate(
+        &self,
+        y: u64,
+        x: u64,
+        w: u64,
+        n: usize,
+        m: usize,
+        k: usize,
+    ) -> Result<()> {
+        self.gemm(y, x, w, n, m, k, 1.0)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn gemm(&self, y: u64, x: u64, w: u64, n: usize, m: usize, k: usize, beta: f32) -> Result<()> {
         if n == 0 {

@@ -10,6 +10,10 @@
 //! sampled tokens (rank 0 samples, NCCL broadcasts). Embedding steps stop after the final
 //! RMSNorm (`hidden_states`).
 //!
+//! With one rank, an o or down projection that runs on cuBLAS adds its product to the residual
+//! stream itself (one rounding of the sum, where the separate add rounds the product first), so
+//! the next RMSNorm reads one tensor and writes one instead of reading two and writing two.
+//!
 //! The same code runs eagerly and under CUDA-graph capture: every step-dependent value (tokens,
 //! positions, slots, tiles, sampling parameters, block tables, contexts) is read from device
 //! memory, and the only host-side choices (which attention kernel, how many key splits, grid
@@ -185,6 +189,7 @@ pub fn forward(
         ws,
         v,
         d: *model.dims(),
+        sub_pending: std::cell::Cell::new(false),
     };
     let mut timer = if timed {
         PhaseTimer::start(dev.gpu)
@@ -220,6 +225,7 @@ pub fn hidden_states(
         ws,
         v,
         d: *model.dims(),
+        sub_pending: std::cell::Cell::new(false),
     };
     let mut timer = PhaseTimer::off();
     pass.embed()?;
@@ -238,12 +244,33 @@ struct Pass<'a> {
     ws: &'a Workspace,
     v: &'a StepView,
     d: Dims,
+    /// Whether `ws.sub` holds a sublayer's output not yet added to the residual stream `ws.x`
+    /// (false after the embedding, and after a projection that added its product itself).
+    sub_pending: std::cell::Cell<bool>,
 }
 
 impl Pass<'_> {
     /// `y[rows, n_out] = x[rows, k] w^T` on the kernel chosen for the shape.
     fn linear(&self, p: Product) -> Result<()> {
         self.dev.linear.run(self.dev.kernels, &p)
+    }
+
+    /// A sublayer's last projection `p` (into `ws.sub`) with its LoRA delta. With one rank,
+    /// where `p` runs on cuBLAS, it is added to the residual stream `ws.x` instead (the sum
+    /// rounded once) and nothing is left pending; otherwise `ws.sub` holds it for the next
+    /// `reduce_residual_norm`.
+    fn residual_product(&self, li: usize, fused: FusedProduct, mut p: Product) -> Result<()> {
+        let single_rank =
+            self.dev.peer.is_none() && self.dev.nccl.is_none_or(|comm| comm.world_size() == 1);
+        if single_rank && self.dev.linear.accumulates(&p) {
+            p.y = self.ws.x.ptr;
+            self.dev.linear.run_accumulate(&p)?;
+            self.sub_pending.set(false);
+        } else {
+            self.linear(p)?;
+            self.sub_pending.set(true);
+        }
+        self.lora(li, fused, p.y, p.x)
     }
 
     /// Adds the LoRA delta of `fused` of layer `li` to its output `y` (input `x`) for the rows
@@ -262,9 +289,17 @@ impl Pass<'_> {
 
     /// The sublayer output `sub` summed over ranks, added to the residual stream `x`, and
     /// `x`'s RMSNorm with `weight` into `normed`: one fused kernel where the peer all-reduce
-    /// takes the message, else the all-reduce (NCCL; nothing with one rank) and the norm.
+    /// takes the message, else the all-reduce (NCCL; nothing with one rank) and the norm. With
+    /// nothing pending in `sub` (after the embedding, or a projection that added itself to
+    /// `x`), the norm alone.
     fn reduce_residual_norm(&self, weight: u64, n: usize, timer: &mut PhaseTimer) -> Result<()> {
         let (d, ws, k) = (&self.d, self.ws, self.dev.kernels);
+        let eps = self.model.rms_norm_eps();
+        if !self.sub_pending.replace(false) {
+            k.rms_norm(ws.normed.ptr, ws.x.ptr, weight, n, d.hidden, eps)?;
+            timer.mark(self.dev.gpu, "rms_norm");
+            return Ok(());
+        }
         let norm = ResidualNorm {
             out: ws.normed.ptr,
             x: ws.x.ptr,
@@ -272,7 +307,7 @@ impl Pass<'_> {
             weight,
             n,
             hidden: d.hidden,
-            eps: self.model.rms_norm_eps(),
+            eps,
         };
         if let Some(peer) = self.dev.peer {
             if peer.residual_norm(k, &norm)? {
@@ -307,20 +342,7 @@ impl Pass<'_> {
     fn attention_block(&self, li: usize, layer: &Layer, timer: &mut PhaseTimer) -> Result<()> {
         let (d, ws, n, k) = (&self.d, self.ws, self.v.rows, self.dev.kernels);
         let gpu = self.dev.gpu;
-        let eps = self.model.rms_norm_eps();
-        if li == 0 {
-            k.rms_norm(
-                ws.normed.ptr,
-                ws.x.ptr,
-                layer.input_norm.ptr,
-                n,
-                d.hidden,
-                eps,
-            )?;
-            timer.mark(gpu, "rms_norm");
-        } else {
-            self.reduce_residual_norm(layer.input_norm.ptr, n, timer)?;
-        }
+        self.reduce_residual_norm(layer.input_norm.ptr, n, timer)?;
         self.linear(Product {
             y: ws.qkv.ptr,
             x: ws.normed.ptr,
@@ -355,17 +377,20 @@ impl Pass<'_> {
         }
         self.attention(li)?;
         timer.mark(gpu, "attention");
-        self.linear(Product {
-            y: ws.sub.ptr,
-            x: ws.attn.ptr,
-            w: layer.o.data.ptr,
-            fp8: layer.o.fp8(ws),
-            int4: layer.o.int4(self.model),
-            rows: n,
-            n_out: d.hidden,
-            k: d.q_heads * d.head_dim,
-        })?;
-        self.lora(li, FusedProduct::O, ws.sub.ptr, ws.attn.ptr)?;
+        self.residual_product(
+            li,
+            FusedProduct::O,
+            Product {
+                y: ws.sub.ptr,
+                x: ws.attn.ptr,
+                w: layer.o.data.ptr,
+                fp8: layer.o.fp8(ws),
+                int4: layer.o.int4(self.model),
+                rows: n,
+                n_out: d.hidden,
+                k: d.q_heads * d.head_dim,
+            },
+        )?;
         timer.mark(gpu, "gemm o");
         Ok(())
     }
@@ -488,17 +513,20 @@ impl Pass<'_> {
         timer.mark(gpu, "gemm gate_up");
         k.silu_mul(ws.act.ptr, ws.gate_up.ptr, n, d.inter)?;
         timer.mark(gpu, "silu_mul");
-        self.linear(Product {
-            y: ws.sub.ptr,
-            x: ws.act.ptr,
-            w: layer.down.data.ptr,
-            fp8: layer.down.fp8(ws),
-            int4: layer.down.int4(self.model),
-            rows: n,
-            n_out: d.hidden,
-            k: d.inter,
-        })?;
-        self.lora(li, FusedProduct::Down, ws.sub.ptr, ws.act.ptr)?;
+        self.residual_product(
+            li,
+            FusedProduct::Down,
+            Product {
+                y: ws.sub.ptr,
+                x: ws.act.ptr,
+                w: layer.down.data.ptr,
+                fp8: layer.down.fp8(ws),
+                int4: layer.down.int4(self.model),
+                rows: n,
+                n_out: d.hidden,
+                k: d.inter,
+            },
+        )?;
         timer.mark(gpu, "gemm down");
         Ok(())
     }

@@ -214,6 +214,25 @@ impl Linear {
         self.launch(kernels, self.kernel_for(Shape::of(p), p.rows), p)
     }
 
+    /// Whether `p` can add its product to `p.y` instead of overwriting it
+    /// ([`Linear::run_accumulate`]): a weight in the dtype on cuBLAS.
+    pub fn accumulates(&self, p: &Product) -> bool {
+        p.fp8.is_none()
+            && p.int4.is_none()
+            && self.kernel_for(Shape::of(p), p.rows) == LinearKernel::Cublas
+    }
+
+    /// `p.y += p.x W^T`, one rounding; only where [`Linear::accumulates`].
+    pub fn run_accumulate(&self, p: &Product) -> Result<()> {
+        if !self.accumulates(p) {
+            return Err(WorkerError::Device {
+                detail: format!("an accumulating product of {} rows off cuBLAS", p.rows),
+            });
+        }
+        self.blas
+            .linear_accumulate(p.y, p.x, p.w, p.rows, p.n_out, p.k)
+    }
+
     /// The product `p` on `kernel`.
     fn launch(&self, kernels: &Kernels, kernel: LinearKernel, p: &Product) -> Result<()> {
         if let Some(q) = p.int4 {
