@@ -119,18 +119,7 @@ static bf* random_buffer(size_t elems, uint64_t seed) {
 template <typename F> static double time_once_us(F f) {
     f();
     f();
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    CK(cudaEventRecord(e0));
-    f();
-    CK(cudaEventRecord(e1));
-    CK(cudaEventSynchronize(e1));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    CK(cudaEventDestroy(e0));
-    CK(cudaEventDestroy(e1));
-    return ms * 1000.0;
+    return event_us(f);
 }
 
 struct Product {

@@ -33,26 +33,29 @@ template <typename T> inline T from_f(float x);
 template <> inline bf from_f<bf>(float x) { return __float2bfloat16(x); }
 template <> inline hf from_f<hf>(float x) { return __float2half(x); }
 
-// The median of `iters` runs of `f` (after 3 untimed ones), each timed alone by events on the
-// default stream, in microseconds.
-template <typename F> inline double time_us(F f, int iters = 20) {
+// One run of `f` timed by events on the default stream, in microseconds.
+template <typename F> inline double event_us(F f) {
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
-    for (int i = 0; i < 3; ++i) f();
-    std::vector<double> t;
-    for (int i = 0; i < iters; ++i) {
-        CK(cudaEventRecord(e0));
-        f();
-        CK(cudaEventRecord(e1));
-        CK(cudaEventSynchronize(e1));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        t.push_back(ms * 1000.0);
-    }
-    std::sort(t.begin(), t.end());
+    CK(cudaEventRecord(e0));
+    f();
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
     CK(cudaEventDestroy(e0));
     CK(cudaEventDestroy(e1));
+    return ms * 1000.0;
+}
+
+// The median of `iters` runs of `f` (after 3 untimed ones), each timed alone by events on the
+// default stream, in microseconds.
+template <typename F> inline double time_us(F f, int iters = 20) {
+    for (int i = 0; i < 3; ++i) f();
+    std::vector<double> t;
+    for (int i = 0; i < iters; ++i) t.push_back(event_us(f));
+    std::sort(t.begin(), t.end());
     return t[t.size() / 2];
 }
 

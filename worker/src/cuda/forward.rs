@@ -259,17 +259,19 @@ impl Pass<'_> {
     /// where `p` runs on cuBLAS, it is added to the residual stream `ws.x` instead (the sum
     /// rounded once) and nothing is left pending; otherwise `ws.sub` holds it for the next
     /// `reduce_residual_norm`.
-    fn residual_product(&self, li: usize, fused: FusedProduct, mut p: Product) -> Result<()> {
+    fn residual_product(&self, li: usize, fused: FusedProduct, p: Product) -> Result<()> {
         let single_rank =
             self.dev.peer.is_none() && self.dev.nccl.is_none_or(|comm| comm.world_size() == 1);
-        if single_rank && self.dev.linear.accumulates(&p) {
-            p.y = self.ws.x.ptr;
-            self.dev.linear.run_accumulate(&p)?;
+        let into_x = Product {
+            y: self.ws.x.ptr,
+            ..p
+        };
+        if single_rank && self.dev.linear.try_accumulate(&into_x)? {
             self.sub_pending.set(false);
-        } else {
-            self.linear(p)?;
-            self.sub_pending.set(true);
+            return self.lora(li, fused, into_x.y, p.x);
         }
+        self.linear(p)?;
+        self.sub_pending.set(true);
         self.lora(li, fused, p.y, p.x)
     }
 

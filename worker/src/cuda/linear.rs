@@ -214,23 +214,18 @@ impl Linear {
         self.launch(kernels, self.kernel_for(Shape::of(p), p.rows), p)
     }
 
-    /// Whether `p` can add its product to `p.y` instead of overwriting it
-    /// ([`Linear::run_accumulate`]): a weight in the dtype on cuBLAS.
-    pub fn accumulates(&self, p: &Product) -> bool {
-        p.fp8.is_none()
+    /// `p.y += p.x W^T` with one rounding, where `p` runs on cuBLAS with a weight in the dtype:
+    /// true. Elsewhere (GEMV, FP8 or 4-bit weights, the batch-invariant kernel) nothing runs:
+    /// false.
+    pub fn try_accumulate(&self, p: &Product) -> Result<bool> {
+        let on_cublas = p.fp8.is_none()
             && p.int4.is_none()
-            && self.kernel_for(Shape::of(p), p.rows) == LinearKernel::Cublas
-    }
-
-    /// `p.y += p.x W^T`, one rounding; only where [`Linear::accumulates`].
-    pub fn run_accumulate(&self, p: &Product) -> Result<()> {
-        if !self.accumulates(p) {
-            return Err(WorkerError::Device {
-                detail: format!("an accumulating product of {} rows off cuBLAS", p.rows),
-            });
+            && self.kernel_for(Shape::of(p), p.rows) == LinearKernel::Cublas;
+        if on_cublas {
+            self.blas
+                .linear_accumulate(p.y, p.x, p.w, p.rows, p.n_out, p.k)?;
         }
-        self.blas
-            .linear_accumulate(p.y, p.x, p.w, p.rows, p.n_out, p.k)
+        Ok(on_cublas)
     }
 
     /// The product `p` on `kernel`.
@@ -238,14 +233,13 @@ impl Linear {
         if let Some(q) = p.int4 {
             return match kernel {
                 LinearKernel::Gemv { .. } => kernels.gemv_w4(p),
-                _ if q.perm == 0 => {
-                    kernels.dequantize_w4(p)?;
-                    self.blas.linear(p.y, p.x, q.scratch, p.rows, p.n_out, p.k)
-                }
-                // Act-order: the dequantized weight keeps its inputs sorted by group, so the
-                // inputs are gathered into that order, a chunk of rows at a time.
                 _ => {
                     kernels.dequantize_w4(p)?;
+                    if q.perm == 0 {
+                        return self.blas.linear(p.y, p.x, q.scratch, p.rows, p.n_out, p.k);
+                    }
+                    // Act-order: the dequantized weight keeps its inputs sorted by group, so the
+                    // inputs are gathered into that order, a chunk of rows at a time.
                     for first in (0..p.rows).step_by(GATHERED_ROWS) {
                         let rows = GATHERED_ROWS.min(p.rows - first);
                         let x = (p.x as usize + first * p.k * ELEM) as u64;

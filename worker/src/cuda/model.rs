@@ -177,8 +177,8 @@ pub struct CudaModel {
     /// Room for the largest 4-bit weight dequantized (products above 8 rows), when some linear
     /// layers' weights are 4-bit.
     int4_scratch: Option<DeviceBuffer>,
-    /// Room for the GEMV's rows of inputs in an act-order weight's order, when some 4-bit
-    /// weights have one.
+    /// Room for `GATHERED_ROWS` rows of inputs in an act-order weight's order (a GEMV's rows,
+    /// or a chunk of a larger product's), when some 4-bit weights have one.
     int4_gathered: Option<DeviceBuffer>,
     workspace: Option<Workspace>,
     /// The adapter slots, with `--enable-lora`.
