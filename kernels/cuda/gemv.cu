@@ -122,9 +122,14 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const W* _
     const int warp = threadIdx.x >> 5;
     const int n0 = (blockIdx.x * kWarps + warp) * R;
     // The weights do not depend on earlier kernels: start pulling this warp's first chunks into
-    // L2 while the kernel before (which writes x) may still be running.
-#pragma unroll
-    for (int u = 0; u < 2 * kUnroll; ++u) {
+    // L2 while the kernel before (which writes x) may still be running. The count is known only
+    // at run time and the loop unrolled by 4, not in full: so built, the one-column, two-chunk
+    // variant of Llama-3-8B's o and down products ran 11-14% faster on an H200 (the 2- and
+    // 4-column ones slower; the warm-up's timing picks per shape), and its batch-1 step 0.15 ms
+    // (3.5%) faster, with the same bits out (docs/PERFORMANCE.md, issue 9, run 19).
+    const int prefetch_chunks = min(2 * kUnroll, (k + kChunk - 1) / kChunk);
+#pragma unroll 4
+    for (int u = 0; u < prefetch_chunks; ++u) {
         const int kk = lane * kPerLane + u * kChunk;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
