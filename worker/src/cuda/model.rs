@@ -348,6 +348,18 @@ impl Loader<'_> {
         let params = self
             .gpu
             .alloc(n * (k / group_size) * 4, "4-bit weight groups")?;
+        // Uploaded before the parts', whose last wait covers it.
+        let perm = match &tensors[0].perm {
+            Some(p) => {
+                let buffer = self
+                    .gpu
+                    .alloc(p.len() * 4, "4-bit act-order permutations")?;
+                self.gpu.upload(&buffer, p)?;
+                self.bytes += buffer.bytes;
+                Some(buffer)
+            }
+            None => None,
+        };
         let (mut words_at, mut params_at) = (0, 0);
         for (t, w) in tensors.iter().zip(&words) {
             self.gpu.upload_at(&data, words_at, w)?;
@@ -358,18 +370,6 @@ impl Loader<'_> {
             // The host copies are freed on return: wait for the uploads.
             self.gpu.sync()?;
         }
-        let perm = match &tensors[0].perm {
-            Some(p) => {
-                let buffer = self
-                    .gpu
-                    .alloc(p.len() * 4, "4-bit act-order permutations")?;
-                self.gpu.upload(&buffer, p)?;
-                self.gpu.sync()?;
-                self.bytes += buffer.bytes;
-                Some(buffer)
-            }
-            None => None,
-        };
         self.bytes += data.bytes + params.bytes;
         Ok(Some(LinearWeight {
             data,
