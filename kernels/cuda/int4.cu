@@ -240,6 +240,236 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
     }
 }
 
+// gemm_w4_n{16,32,64}_{bf16,f16}: the same product for 9 to 64 rows of x (decoding batches;
+// more rows run in chunks of 64, grid.z), with the same reduction order as gemv_w4 at the same
+// k_split, so a row's result is the same bits as in a batch of 1 to 8 rows. A block has
+// kGemmWarps warps, each owning one row block (16 rows of W); they walk the same part of K
+// (k_split parts, grid.y) one 64-input tile at a time and share x's tile, which the block copies
+// into shared memory (cp.async, kGemmStages tiles ahead); each warp's weights load kInFlight
+// tiles ahead into registers, as gemv_w4's. Each k16 step's A fragment is dequantized once and
+// multiplied with every 8-row n-tile of x (NT of them: 8 NT rows a launch chunk). With k_split
+// > 1 each block writes its part's sums (f32) to `partials`, and the last block of a column
+// block to finish (a counter per column block and chunk, which it resets) sums the parts in part
+// order and writes y.
+//
+// Arguments:
+//   y            T   [rows, n_out]  written
+//   x            T   [rows, k]      read only (16-byte aligned)
+//   w, params    as gemv_w4's
+//   partials     f32 [chunks, k_split, 64, n_out] (k_split > 1; any address otherwise)
+//   counters     u32 [chunks, ceil(n_out / (16 kGemmWarps))], zero before the first launch;
+//                every launch leaves them zero
+//   rows         i32 at least 1
+//   n_out, k, group_shift, k_split  as gemv_w4's
+// Launch: grid (ceil(n_out / (16 kGemmWarps)), k_split, ceil(rows / 64)); block (32 kGemmWarps).
+constexpr int kGemmWarps = 8;
+constexpr int kGemmStages = 4;
+constexpr int kGemmChunk = 64;  // rows of x a launch chunk: the largest NT is 8
+constexpr int kGemmPitch = 72;  // elements a row of a staged x tile (64, padded: no conflicts)
+
+template <typename T, int NT>
+__device__ void gemm_w4_impl(T* __restrict__ y, const T* __restrict__ x,
+                             const uint4* __restrict__ w, const unsigned int* __restrict__ params,
+                             float* __restrict__ partials, unsigned int* __restrict__ counters,
+                             int rows, int n_out, int k, int group_shift, int k_split) {
+    using Pair = W4Pair<T>;
+    constexpr int kAhead = kInFlight;
+    constexpr int kSlots = kAhead + 1;
+    constexpr int kRows = 8 * NT;
+    __shared__ __align__(16) T xs[kGemmStages][kRows][kGemmPitch];
+    __shared__ bool last_block;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    const int rb = blockIdx.x * kGemmWarps + warp;
+    const bool active = rb < n_out / 16;
+    const int part = blockIdx.y;
+    const int chunk = blockIdx.z;
+    const int m0 = chunk * kGemmChunk;
+    const int chunk_rows = min(kRows, rows - m0);
+    const int k_tiles = k / 64;
+    const int part_tiles = k_tiles / k_split;
+    const int kt0 = part * part_tiles;
+    const bool two_groups = group_shift < 6;
+    const int groups = group_shift >= 31 ? 1 : k >> group_shift;
+    const uint4* wp = w + ((long long)(active ? rb : 0) * k_tiles + kt0) * 32 + lane;
+    const uint2* pp =
+        reinterpret_cast<const uint2*>(params) + (long long)(active ? rb : 0) * groups * 8 + g;
+
+    auto load_weights = [&](Tile& tile, int i) {
+        tile.w = load_streaming(wp + i * 32);
+        const int first = 64 * (kt0 + i);
+        tile.p0 = __ldg(pp + (first >> group_shift) * 8);
+        if (two_groups) {
+            tile.p1 = __ldg(pp + ((first + 32) >> group_shift) * 8);
+        }
+    };
+    // Tile i of x (rows m0.., inputs of tile kt0 + i) into stage `stage`: 16-byte pieces, rows
+    // past the chunk's zero.
+    auto stage_x = [&](int stage, int i) {
+        for (int piece = threadIdx.x; piece < kRows * 8; piece += 32 * kGemmWarps) {
+            const int r = piece >> 3;
+            const int c = (piece & 7) * 8;
+            const bool valid = r < chunk_rows;
+            const T* src = x + (long long)(m0 + (valid ? r : 0)) * k + 64 * (kt0 + i) + c;
+            tpserve::cp_async_16(&xs[stage][r][c], src, valid);
+        }
+    };
+
+    Tile slot[kSlots];
+    if (active) {
+#pragma unroll
+        for (int u = 0; u < kAhead; ++u) {
+            if (u < part_tiles) {
+                load_weights(slot[u], u);
+            }
+        }
+    }
+    tpserve::wait_for_inputs();
+#pragma unroll
+    for (int u = 0; u < kGemmStages - 1; ++u) {
+        if (u < part_tiles) {
+            stage_x(u, u);
+        }
+        tpserve::cp_async_commit();
+    }
+    float total[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        total[j][0] = total[j][1] = total[j][2] = total[j][3] = 0.0f;
+    }
+    // Lane (g, t)'s 16 inputs of a tile: 4 S t on, and 8 inputs at `x_second` on (gemv_w4's).
+    const int x_first = (two_groups ? 8 : 16) * t;
+    const int x_second = x_first + (two_groups ? 32 : 8);
+    for (int i = 0; i < part_tiles; i += kSlots) {
+#pragma unroll
+        for (int u = 0; u < kSlots; ++u) {
+            const int tile = i + u;
+            if (tile >= part_tiles) {
+                break;
+            }
+            // Tile `tile`'s x is in; every warp is done with the stage the next copy refills.
+            tpserve::cp_async_wait<kGemmStages - 2>();
+            __syncthreads();
+            if (tile + kGemmStages - 1 < part_tiles) {
+                stage_x((tile + kGemmStages - 1) % kGemmStages, tile + kGemmStages - 1);
+            }
+            tpserve::cp_async_commit();
+            if (!active) {
+                continue;
+            }
+            if (tile + kAhead < part_tiles) {
+                load_weights(slot[(u + kAhead) % kSlots], tile + kAhead);
+            }
+            const Tile& cur = slot[u];
+            const unsigned int words[4] = {cur.w.x, cur.w.y, cur.w.z, cur.w.w};
+            // Each step's A fragment, once for every n-tile.
+            unsigned int a[4][4];
+            float2 scale[2];
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const uint2 p = half == 1 && two_groups ? cur.p1 : cur.p0;
+                const float2 pa = group_params(p.x);
+                const float2 pb = group_params(p.y);
+                scale[half] = make_float2(pa.x, pb.x);
+                const unsigned int zero_a = Pair::offset(pa.y);
+                const unsigned int zero_b = Pair::offset(pb.y);
+#pragma unroll
+                for (int s = 2 * half; s < 2 * half + 2; ++s) {
+                    const unsigned int v = words[s];
+                    a[s][0] = Pair::sub(nibble_pair(v, Pair::kMagic), zero_a);
+                    a[s][1] = Pair::sub(nibble_pair(v >> 4, Pair::kMagic), zero_b);
+                    a[s][2] = Pair::sub(nibble_pair(v >> 8, Pair::kMagic), zero_a);
+                    a[s][3] = Pair::sub(nibble_pair(v >> 12, Pair::kMagic), zero_b);
+                }
+            }
+            const int stage = tile % kGemmStages;
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                const T* xrow = &xs[stage][8 * j + g][0];
+                const uint4 x0 = *reinterpret_cast<const uint4*>(xrow + x_first);
+                const uint4 x1 = *reinterpret_cast<const uint4*>(xrow + x_second);
+                const unsigned int xw[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+                float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int s = 0; s < 4; ++s) {
+                    tpserve::Mma<T>::run(acc, a[s], xw[2 * s], xw[2 * s + 1]);
+                    // As gemv_w4: a chunk ends after step 1 with groups of 32, else after 3.
+                    if (s == 3 || (s == 1 && two_groups)) {
+                        const float2 sc = scale[s == 3 ? 1 : 0];
+                        total[j][0] = fmaf(sc.x, acc[0], total[j][0]);
+                        total[j][1] = fmaf(sc.x, acc[1], total[j][1]);
+                        total[j][2] = fmaf(sc.y, acc[2], total[j][2]);
+                        total[j][3] = fmaf(sc.y, acc[3], total[j][3]);
+                        acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+                    }
+                }
+            }
+        }
+    }
+    tpserve::cp_async_wait<0>();
+    // C fragment: elements 0, 1 are (row g, n-tile columns 2 t, 2 t + 1), 2, 3 (row g + 8).
+    const long long n_base = (long long)rb * 16 + g;
+    if (k_split == 1) {
+        if (active) {
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int m = 8 * j + 2 * t + (e & 1);
+                    if (m < chunk_rows) {
+                        // 0 + the part's sum, as gemv_w4's sum over its parts.
+                        y[(long long)(m0 + m) * n_out + n_base + 8 * (e >> 1)] =
+                            tpserve::from_float<T>(0.0f + total[j][e]);
+                    }
+                }
+            }
+        }
+        return;
+    }
+    float* chunk_partials = partials + (long long)chunk * k_split * kGemmChunk * n_out;
+    if (active) {
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int m = 8 * j + 2 * t + (e & 1);
+                if (m < chunk_rows) {
+                    chunk_partials[((long long)part * kGemmChunk + m) * n_out + n_base +
+                                   8 * (e >> 1)] = total[j][e];
+                }
+            }
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    unsigned int* counter = counters + (long long)chunk * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0) {
+        last_block = atomicAdd(counter, 1u) == (unsigned int)k_split - 1;
+    }
+    __syncthreads();
+    if (!last_block) {
+        return;
+    }
+    __threadfence();
+    // The last block: the parts' sums in part order, for its 16 kGemmWarps columns.
+    const int n_first = blockIdx.x * kGemmWarps * 16;
+    const int columns = min(kGemmWarps * 16, n_out - n_first);
+    for (int i = threadIdx.x; i < chunk_rows * columns; i += 32 * kGemmWarps) {
+        const int m = i / columns;
+        const long long n = n_first + i % columns;
+        float sum = 0.0f;
+        for (int p = 0; p < k_split; ++p) {
+            sum += __ldcg(chunk_partials + ((long long)p * kGemmChunk + m) * n_out + n);
+        }
+        y[(long long)(m0 + m) * n_out + n] = tpserve::from_float<T>(sum);
+    }
+    if (threadIdx.x == 0) {
+        *counter = 0u;
+    }
+}
+
 // dequantize_w4_{bf16,f16}: out[n, k] = (q - zero) * scale rounded to T, the whole weight, for
 // the products of more than 8 rows (which then run cuBLAS on `out`). One thread per word of w
 // (8 values: 4 pairs of adjacent inputs, 4-byte stores), grid-stride.
@@ -320,6 +550,30 @@ __device__ void gather_inputs_impl(T* __restrict__ out, const T* __restrict__ x,
         const unsigned int* __restrict__ params, int rows, int n_out, int k, int group_shift,  \
         int k_split) {                                                                         \
         gemv_w4_impl<T, kInFlight>(y, x, w, params, rows, n_out, k, group_shift, k_split);     \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(32 * kGemmWarps, 2) gemm_w4_n16_##SUFFIX(        \
+        T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ w,               \
+        const unsigned int* __restrict__ params, float* __restrict__ partials,                 \
+        unsigned int* __restrict__ counters, int rows, int n_out, int k, int group_shift,      \
+        int k_split) {                                                                         \
+        gemm_w4_impl<T, 2>(y, x, w, params, partials, counters, rows, n_out, k, group_shift,   \
+                           k_split);                                                           \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(32 * kGemmWarps, 2) gemm_w4_n32_##SUFFIX(        \
+        T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ w,               \
+        const unsigned int* __restrict__ params, float* __restrict__ partials,                 \
+        unsigned int* __restrict__ counters, int rows, int n_out, int k, int group_shift,      \
+        int k_split) {                                                                         \
+        gemm_w4_impl<T, 4>(y, x, w, params, partials, counters, rows, n_out, k, group_shift,   \
+                           k_split);                                                           \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(32 * kGemmWarps, 2) gemm_w4_n64_##SUFFIX(        \
+        T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ w,               \
+        const unsigned int* __restrict__ params, float* __restrict__ partials,                 \
+        unsigned int* __restrict__ counters, int rows, int n_out, int k, int group_shift,      \
+        int k_split) {                                                                         \
+        gemm_w4_impl<T, 8>(y, x, w, params, partials, counters, rows, n_out, k, group_shift,   \
+                           k_split);                                                           \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(256) dequantize_w4_##SUFFIX(                  \
         T* __restrict__ out, const unsigned int* __restrict__ w,                               \

@@ -353,6 +353,12 @@ pub const KERNELS: &[(&str, &[&str])] = &[
         &[
             "gemv_w4_bf16",
             "gemv_w4_f16",
+            "gemm_w4_n16_bf16",
+            "gemm_w4_n16_f16",
+            "gemm_w4_n32_bf16",
+            "gemm_w4_n32_f16",
+            "gemm_w4_n64_bf16",
+            "gemm_w4_n64_f16",
             "dequantize_w4_bf16",
             "dequantize_w4_f16",
             "gather_inputs_bf16",

@@ -6,6 +6,10 @@
 // bandwidth is measured in the same run, so each figure is also a fraction of it.
 // dequantize_w4 (the path of larger products) is checked bit for bit against the CPU, and group
 // sizes 32 and one group a row (GPTQ's -1) and f16 activations are checked for correctness.
+// gemm_w4 (9 to 64 rows, more in chunks) is checked against the CPU and bit for bit against the
+// GEMV run 8 rows at a time at the same k_split, and timed at 16 to 256 rows (GEMM_ROWS, a comma
+// list) at every k_split, beside the GEMV 8 rows a launch and dequantize_w4 alone (GEMM_ONLY=1:
+// only that part).
 //
 // Why: the GEMV decides 4-bit single-stream decode speed, and the GPU machine has no profiler.
 //
@@ -35,6 +39,7 @@ namespace k_old {
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 template <int kAhead, typename T>
@@ -51,6 +56,12 @@ __global__ void __launch_bounds__(256)
                int k, int group_shift, int k_split) {
     gemv_w4_impl<T, kAhead>(y, x, w, params, rows, n_out, k, group_shift, k_split);
 }
+
+// gemm_w4 on `rows` rows: the n-tiles of the smallest variant that holds them (64 a chunk).
+template <typename T>
+static void launch_gemm(cudaStream_t st, T* y, const T* x, const uint4* w, const unsigned* p,
+                        float* partials, unsigned* counters, int rows, int n_out, int k,
+                        int shift, int split);
 
 typedef void (*Kernel)(bf*, const bf*, const uint4*, const unsigned*, int, int, int, int, int);
 struct Variant {
@@ -177,6 +188,35 @@ static void launch(cudaStream_t st, void (*kernel)(KArgs...), dim3 grid, dim3 bl
     CK(cudaLaunchKernelEx(&c, kernel, args...));
 }
 
+template <typename T>
+static void launch_gemm(cudaStream_t st, T* y, const T* x, const uint4* w, const unsigned* p,
+                        float* partials, unsigned* counters, int rows, int n_out, int k,
+                        int shift, int split) {
+    const dim3 grid((n_out / 16 + kGemmWarps - 1) / kGemmWarps, split, (rows + 63) / 64);
+    const dim3 block(32 * kGemmWarps);
+    const int most = std::min(rows, 64);
+    // int4.cu's entry points for T, as int4.rs launches them.
+    typedef void (*Gemm)(T*, const T*, const uint4*, const unsigned*, float*, unsigned*, int, int,
+                         int, int, int);
+    Gemm kernels[3];
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+        kernels[0] = gemm_w4_n16_bf16, kernels[1] = gemm_w4_n32_bf16, kernels[2] = gemm_w4_n64_bf16;
+    } else {
+        kernels[0] = gemm_w4_n16_f16, kernels[1] = gemm_w4_n32_f16, kernels[2] = gemm_w4_n64_f16;
+    }
+    launch(st, kernels[most <= 16 ? 0 : most <= 32 ? 1 : 2], grid, block, y, x, w, p, partials,
+           counters, rows, n_out, k, shift, split);
+}
+
+// int4.rs's k_split: the most of 16, 8, 4, 2 that divides k's tiles, leaves each part at least
+// 8 tiles and keeps the GEMV within 2,048 warps.
+static int worker_k_split(int n_out, int k) {
+    for (int s : {16, 8, 4, 2}) {
+        if ((k / 64) % s == 0 && (k / 64) / s >= 8 && (n_out / 16) * s <= 2048) return s;
+    }
+    return 1;
+}
+
 // max |y - reference| / max |reference| over rows x n.
 template <typename T>
 static double error_of(const std::vector<T>& y, const std::vector<double>& ref) {
@@ -269,10 +309,181 @@ static void check(const char* what, const Weight& w, int rows) {
     CK(cudaFree(dq));
 }
 
+// gemm_w4 against the CPU and, bit for bit, against gemv_w4 on 8 rows at a time at the same
+// k_split.
+template <typename T>
+static void check_gemm(const char* what, const Weight& w, int rows) {
+    std::vector<unsigned> words, params;
+    pack_new(w, words, params);
+    std::vector<T> x((size_t)rows * w.k);
+    unsigned seed = 9;
+    for (auto& v : x) v = to_t<T>((rng(seed) % 2001) / 1000.0f - 1.0f);
+    const auto ref = reference(w, x, rows);
+    unsigned* dw = upload(words);
+    unsigned* dp = upload(params);
+    T* dx = upload(x);
+    T *dy, *dg;
+    CK(cudaMalloc(&dy, (size_t)rows * w.n * sizeof(T)));
+    CK(cudaMalloc(&dg, (size_t)rows * w.n * sizeof(T)));
+    const int chunks = (rows + 63) / 64;
+    float* partials;
+    CK(cudaMalloc(&partials, (size_t)chunks * 16 * 64 * w.n * sizeof(float)));
+    unsigned* counters;
+    const size_t n_counters = (size_t)chunks * ((w.n / 16 + kGemmWarps - 1) / kGemmWarps);
+    CK(cudaMalloc(&counters, n_counters * sizeof(unsigned)));
+    CK(cudaMemset(counters, 0, n_counters * sizeof(unsigned)));
+    const uint4* wq = reinterpret_cast<const uint4*>(dw);
+    double worst = 0;
+    size_t differ = 0;
+    for (int split = 1; split <= 16; split *= 2) {
+        if ((w.k / 64) % split) continue;
+        for (int rep = 0; rep < 2; ++rep) {  // twice: the counters must be left at zero
+            CK(cudaMemset(dy, 0xff, (size_t)rows * w.n * sizeof(T)));
+            launch_gemm<T>(0, dy, dx, wq, dp, partials, counters, rows, w.n, w.k,
+                           group_shift_of(w), split);
+            CK(cudaDeviceSynchronize());
+        }
+        for (int m = 0; m < rows; m += 8) {
+            variant<4, T><<<w.n / 16, 32 * split>>>(dg + (size_t)m * w.n, dx + (size_t)m * w.k,
+                                                    wq, dp, std::min(8, rows - m), w.n, w.k,
+                                                    group_shift_of(w), split);
+        }
+        CK(cudaDeviceSynchronize());
+        std::vector<T> y((size_t)rows * w.n), yg((size_t)rows * w.n);
+        CK(cudaMemcpy(y.data(), dy, y.size() * sizeof(T), cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(yg.data(), dg, yg.size() * sizeof(T), cudaMemcpyDeviceToHost));
+        worst = std::max(worst, error_of(y, ref));
+        differ += memcmp(y.data(), yg.data(), y.size() * sizeof(T)) != 0;
+    }
+    std::vector<unsigned> left(n_counters);
+    CK(cudaMemcpy(left.data(), counters, n_counters * sizeof(unsigned), cudaMemcpyDeviceToHost));
+    const bool zeroed = std::all_of(left.begin(), left.end(), [](unsigned c) { return c == 0; });
+    const bool ok = worst < kTolerance && differ == 0 && zeroed;
+    g_failures += !ok;
+    printf("check gemm_w4 %-26s %d rows: max error %.5f (limit %.3f), k_splits unlike the "
+           "GEMV's bits %zu, counters %s: %s\n",
+           what, rows, worst, kTolerance, differ, zeroed ? "zero" : "LEFT", ok ? "PASS" : "FAIL");
+    CK(cudaFree(dw));
+    CK(cudaFree(dp));
+    CK(cudaFree(dx));
+    CK(cudaFree(dy));
+    CK(cudaFree(dg));
+    CK(cudaFree(partials));
+    CK(cudaFree(counters));
+}
+
 struct Shape {
     const char* name;
     int n, k;
 };
+
+// gemm_w4 against gemv_w4 a chunk of 8 rows at a time and dequantize_w4 alone (the first half
+// of the path of more than 8 rows before it, cuBLAS the other), for Llama-3-8B's products.
+static void time_gemm(cudaStream_t st, double copy_gbs) {
+    std::vector<int> row_list = {16, 32, 64, 128, 256};
+    if (const char* r = getenv("GEMM_ROWS")) {
+        row_list.clear();
+        for (const char* p = r; *p;) {
+            row_list.push_back(atoi(p));
+            while (*p && *p != ',') ++p;
+            if (*p == ',') ++p;
+        }
+    }
+    const Shape shapes[4] = {
+        {"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}};
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    printf("\n| product | rows | kernel | k_split | us | weight GB/s | of copy |\n"
+           "| --- | ---: | --- | ---: | ---: | ---: | ---: |\n");
+    for (const Shape& s : shapes) {
+        const Weight w = make_weight(s.n, s.k, 128, 300);
+        std::vector<unsigned> wn, pn;
+        pack_new(w, wn, pn);
+        const double bytes = wn.size() * 4.0 + pn.size() * 4.0;
+        const int copies = std::max(2, (int)std::ceil(256e6 / bytes));
+        std::vector<unsigned*> dwn(copies), dpn(copies);
+        for (int c = 0; c < copies; ++c) {
+            dwn[c] = upload(wn);
+            dpn[c] = upload(pn);
+        }
+        const int max_rows = row_list.empty() ? 0 : *std::max_element(row_list.begin(), row_list.end());
+        const int chunks = (max_rows + 63) / 64;
+        std::vector<bf> x((size_t)max_rows * s.k);
+        unsigned seed = 5;
+        for (auto& v : x) v = to_t<bf>((rng(seed) % 2001) / 1000.0f - 1.0f);
+        bf* dx = upload(x);
+        bf *dy, *dq;
+        CK(cudaMalloc(&dy, (size_t)max_rows * s.n * sizeof(bf)));
+        CK(cudaMalloc(&dq, (size_t)s.n * s.k * sizeof(bf)));
+        float* partials;
+        CK(cudaMalloc(&partials, (size_t)chunks * 16 * 64 * s.n * sizeof(float)));
+        unsigned* counters;
+        const size_t n_counters = (size_t)chunks * ((s.n / 16 + kGemmWarps - 1) / kGemmWarps);
+        CK(cudaMalloc(&counters, n_counters * sizeof(unsigned)));
+        CK(cudaMemset(counters, 0, n_counters * sizeof(unsigned)));
+        auto time_us = [&](auto run) {
+            const int launches = 32;
+            cudaGraph_t graph;
+            cudaGraphExec_t exec;
+            CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+            for (int i = 0; i < launches; ++i) run(i % copies);
+            CK(cudaStreamEndCapture(st, &graph));
+            CK(cudaGraphInstantiate(&exec, graph, 0));
+            CK(cudaGraphLaunch(exec, st));
+            CK(cudaEventRecord(e0, st));
+            const int reps = 5;
+            for (int i = 0; i < reps; ++i) CK(cudaGraphLaunch(exec, st));
+            CK(cudaEventRecord(e1, st));
+            CK(cudaEventSynchronize(e1));
+            float ms;
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            CK(cudaGraphExecDestroy(exec));
+            CK(cudaGraphDestroy(graph));
+            return ms * 1e3 / (reps * launches);
+        };
+        auto row = [&](int rows, const char* kernel, int split, double us) {
+            const double gbs = bytes / (us * 1e-6) / 1e9;
+            printf("| %s | %d | %s | %d | %.2f | %.0f | %.3f |\n", s.name, rows, kernel, split, us,
+                   gbs, gbs / copy_gbs);
+        };
+        const int gemv_split = worker_k_split(s.n, s.k);
+        for (int rows : row_list) {
+            for (int split = 1; split <= 16; split *= 2) {
+                if ((s.k / 64) % split || (s.k / 64) / split < 4) continue;
+                const double us = time_us([&](int c) {
+                    launch_gemm<bf>(st, dy, dx, reinterpret_cast<const uint4*>(dwn[c]), dpn[c],
+                                    partials, counters, rows, s.n, s.k, 7, split);
+                });
+                row(rows, split == gemv_split ? "gemm_w4 (the GEMV's k_split)" : "gemm_w4", split,
+                    us);
+            }
+            const double gemv_us = time_us([&](int c) {
+                for (int m = 0; m < rows; m += 8) {
+                    launch(st, variant<4, bf>, dim3(s.n / 16), dim3(32 * gemv_split),
+                           dy + (size_t)m * s.n, (const bf*)(dx + (size_t)m * s.k),
+                           reinterpret_cast<const uint4*>(dwn[c]), (const unsigned*)dpn[c],
+                           std::min(8, rows - m), s.n, s.k, 7, gemv_split);
+                }
+            });
+            row(rows, "gemv_w4, 8 rows a launch", gemv_split, gemv_us);
+        }
+        const double dq_us = time_us([&](int c) {
+            launch(st, dequantize_kernel<bf>, dim3(132 * 8), dim3(256), dq,
+                   (const unsigned*)dwn[c], (const unsigned*)dpn[c], s.n, s.k, 7);
+        });
+        row(0, "dequantize_w4 alone (any rows; cuBLAS comes after)", 0, dq_us);
+        for (int c = 0; c < copies; ++c) {
+            CK(cudaFree(dwn[c]));
+            CK(cudaFree(dpn[c]));
+        }
+        CK(cudaFree(dx));
+        CK(cudaFree(dy));
+        CK(cudaFree(dq));
+        CK(cudaFree(partials));
+        CK(cudaFree(counters));
+    }
+}
 
 int main() {
     std::vector<int> row_list = {1, 4, 8};
@@ -304,12 +515,24 @@ int main() {
             check<__half, 4>("f16 g128", g128, rows);
             check<__half, 4>("f16 g32", g32, rows);
         }
+        for (int rows : {9, 16, 23, 32, 40, 64, 100, 130}) {
+            check_gemm<bf>("bf16 g128", g128, rows);
+            check_gemm<bf>("bf16 g32", g32, rows);
+            check_gemm<bf>("bf16 one group a row", whole, rows);
+            check_gemm<__half>("f16 g64", g64, rows);
+        }
     }
 
     // The copy rate, for the ratios.
     const double copy_gbs = copy_bandwidth_gbs(st);
     printf("copy bandwidth: %.0f GB/s (read + write, as bench_device counts it: the floors' rate)\n",
            copy_gbs);
+
+    time_gemm(st, copy_gbs);
+    if (getenv("GEMM_ONLY")) {
+        printf("%s: %d failures\n", g_failures ? "FAIL" : "PASS", g_failures);
+        return g_failures ? 1 : 0;
+    }
 
     std::vector<Variant> variants = {
         {"ahead 4 (gemv_w4)", variant<4, bf>, false, 16},

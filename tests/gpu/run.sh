@@ -329,11 +329,12 @@ step_fp8_checkpoint() {
 # make_int4_checkpoint.py (awq: AutoAWQ's GEMM packing, groups of 128 with zero points; gptq:
 # AutoGPTQ's format, groups of 128, symmetric; gptq-act: the same in act-order, g_idx out of
 # input order), its packed weights run as stored (the 4-bit GEMV for decoding, after gathering
-# an act-order weight's inputs into its order; dequantized for cuBLAS above 8 rows). Against
-# transformers on its dequantized twin (the same weights in float32; its bfloat16 run, which
-# rounds them as our prefill does, is the peer): prefill logits (one chunk per prompt), greedy
-# decoding and every position as a decode step (through the GEMV). The decode run fails unless
-# every linear weight is held in 4 bits (act-order ones in act-order), none dequantized at load.
+# an act-order weight's inputs into its order; the 4-bit GEMM for 9 to 64 rows; dequantized for
+# cuBLAS above). Against transformers on its dequantized twin (the same weights in float32; its
+# bfloat16 run, which rounds them as our prefill does, is the peer): prefill logits (one chunk
+# per prompt, and chunks of 24 and 64 rows: the 4-bit GEMM), greedy decoding and every position
+# as a decode step (through the GEMV). The decode run fails unless every linear weight is held
+# in 4 bits (act-order ones in act-order), none dequantized at load.
 step_int4_checkpoint() {
   quantized_checkpoint int4 "$1" --format "dequantized" || return 0
   local held="groups of 128 inputs;"
@@ -345,6 +346,16 @@ step_int4_checkpoint() {
       --peer "$QREF/hf_bfloat16.f32" --ours "$OURS/$QTAG-decode.f32" --vocab "$VOCAB" \
       --prompts "$CKPT/prompts.json"
   fi
+  # Prompts in chunks of 24 and 64 rows: the 4-bit GEMM (n16, n32 and n64 variants).
+  local rows
+  for rows in 24 64; do
+    OURS_MODEL="$QDIR" ours_logits "$QTAG-gemm$rows" 1 bfloat16 --chunk "$rows"
+    if [ -s "$OURS/$QTAG-gemm$rows.f32" ]; then
+      run_compare "$QTAG-gemm$rows vs hf (dequantized)" --truth "$QREF/hf_float32.f32" \
+        --peer "$QREF/hf_bfloat16.f32" --ours "$OURS/$QTAG-gemm$rows.f32" --vocab "$VOCAB" \
+        --prompts "$CKPT/prompts.json"
+    fi
+  done
 }
 
 # quantized_checkpoint KIND VARIANT MAKER_FLAG VS [REFERENCE_ARGS...]: what the FP8 and 4-bit

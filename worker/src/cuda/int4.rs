@@ -2,9 +2,11 @@
 //! `tpserve_modelfile::Int4Tensor` repacked at load into the layout of int4.cu (each lane's
 //! 16-byte load is its mma A fragments of 64 inputs of 16 rows, [`mma_layout`]) with an f16
 //! scale and zero point per group; the products of up to 8 rows on int4.cu's GEMV, which turns
-//! the weights into tensor-core fragments as it streams them, and larger products on cuBLAS
+//! the weights into tensor-core fragments as it streams them, those of 9 to [`GEMM_ROWS`] rows
+//! (decoding batches) on int4.cu's GEMM, which does the same for up to 64 rows of x staged in
+//! shared memory and gives each row the GEMV's bits, and larger products (prompts) on cuBLAS
 //! after int4.cu's dequantization of the whole weight into a scratch buffer in the dtype (vLLM's
-//! AWQ path does the same above its threshold; a fused GEMM, Marlin's, is the step after).
+//! AWQ path does the same above its threshold).
 
 use cudarc::driver::LaunchConfig;
 use tpserve_modelfile::Int4Tensor;
@@ -29,12 +31,30 @@ pub struct Int4Weight {
 pub struct Int4Operands {
     pub params: u64,
     pub group_size: usize,
-    /// Room for the weight in the dtype, `[n_out, k]`, for products above 8 rows.
+    /// Room for the weight in the dtype, `[n_out, k]`, for products above [`GEMM_ROWS`] rows;
+    /// the 4-bit GEMM's parts' sums (f32 `[k_split, 64, n_out]`, which fit) below.
     pub scratch: u64,
+    /// The 4-bit GEMM's counters ([`gemm_counters`] u32, zero between products).
+    pub counters: u64,
     /// The weight's act-order permutation (i32 `[k]`), 0 for inputs in order.
     pub perm: u64,
     /// Room for [`GATHERED_ROWS`] rows of inputs in the permutation's order (0 without one).
     pub gathered: u64,
+}
+
+/// The most rows a product runs on int4.cu's 4-bit GEMM; more run dequantized on cuBLAS. On an
+/// H200, Llama-3-8B's four products at 64 rows take 229 us a layer on the GEMM against ~290 us
+/// dequantized (dequantize_w4 alone 176 us), at 128 rows 414 us against ~300
+/// (tests/gpu/int4_gemv_bench.cu; docs/PERFORMANCE.md, issue 12, session 21).
+pub const GEMM_ROWS: usize = 64;
+
+/// Warps of a 4-bit GEMM block (int4.cu's kGemmWarps), each owning 16 rows of the weight.
+const GEMM_WARPS: usize = 8;
+
+/// The 4-bit GEMM's counters for weights of up to `elements` elements: one for each column
+/// block of `16 GEMM_WARPS` rows of the widest such weight (`k` is at least 64).
+pub fn gemm_counters(elements: usize) -> usize {
+    elements.div_ceil(TILE.1 * TILE.0 * GEMM_WARPS)
 }
 
 /// Rows of inputs an act-order gather holds: a GEMV's, or a chunk of a larger product's (which
@@ -191,6 +211,62 @@ impl Kernels {
             .map_err(|e| device_err("launching gemv_w4", e))
     }
 
+    /// `p.y = p.x W^T` for 9 to [`GEMM_ROWS`] rows: int4.cu's 4-bit GEMM at the GEMV's
+    /// `k_split`, so each row's result is the GEMV's bits, after gathering the inputs where the
+    /// weight has an act-order permutation.
+    pub fn gemm_w4(&self, p: &Product) -> Result<()> {
+        let (q, shift) = operands(p)?;
+        if !(1..=GEMM_ROWS).contains(&p.rows) || q.counters == 0 || q.scratch == 0 {
+            return Err(WorkerError::Unsupported {
+                detail: format!(
+                    "{} rows on the 4-bit GEMM kernel (1 to {GEMM_ROWS}, with its buffers)",
+                    p.rows
+                ),
+            });
+        }
+        let x = if q.perm != 0 {
+            self.gather_inputs(&q, p.x, p.rows, p.k)?
+        } else {
+            p.x
+        };
+        let split = k_split(p.n_out, p.k);
+        let variant = match p.rows {
+            ..=16 => 0,
+            17..=32 => 1,
+            _ => 2,
+        };
+        let (rw, nw, kw, sw) = (p.rows as i32, p.n_out as i32, p.k as i32, split as i32);
+        let mut b = self.launch(&self.gemm_w4[variant]);
+        b.arg(&p.y)
+            .arg(&x)
+            .arg(&p.w)
+            .arg(&q.params)
+            .arg(&q.scratch)
+            .arg(&q.counters)
+            .arg(&rw)
+            .arg(&nw)
+            .arg(&kw)
+            .arg(&shift)
+            .arg(&sw);
+        let config = LaunchConfig {
+            grid_dim: (
+                (p.n_out / TILE.0).div_ceil(GEMM_WARPS) as u32,
+                split as u32,
+                1,
+            ),
+            block_dim: (32 * GEMM_WARPS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as int4.cu documents: y holds rows x n_out and x rows x k elements of the
+        // dtype, w and params the weight's; the scratch holds the largest 4-bit weight in the
+        // dtype, n_out x k x 2 bytes, at least the k_split x 64 x n_out f32 partial sums
+        // (k_split <= k / 512); the counters cover this weight's column blocks (one chunk: rows
+        // <= 64) and are zero, as every launch leaves them.
+        unsafe { b.launch(config) }
+            .map(drop)
+            .map_err(|e| device_err("launching gemm_w4", e))
+    }
+
     /// `rows` (at most [`GATHERED_ROWS`]) rows of `k` inputs from `x` in the order of `q`'s
     /// act-order weight (`gathered[m, i] = x[m, perm[i]]`): the address of the gathered rows.
     pub fn gather_inputs(&self, q: &Int4Operands, x: u64, rows: usize, k: usize) -> Result<u64> {
@@ -327,6 +403,19 @@ mod tests {
         assert_eq!(k_split(1024, 2816), 4);
         assert_eq!(k_split(1024, 1024), 2);
         assert_eq!(k_split(1024, 128), 1);
+        // The 4-bit GEMM's parts' sums fit the dequantization scratch of the weight
+        // (k_split x 64 rows x n_out f32 against n_out x k elements), and its counters cover the
+        // weight's column blocks.
+        for (n_out, k) in [
+            (4096, 4096),
+            (6144, 4096),
+            (4096, 14336),
+            (28672, 4096),
+            (1024, 128),
+        ] {
+            assert!(k_split(n_out, k) * GEMM_ROWS * n_out * 4 <= n_out * k * 2);
+            assert!(gemm_counters(n_out * k) >= (n_out / TILE.0).div_ceil(GEMM_WARPS));
+        }
     }
 
     #[test]

@@ -349,6 +349,8 @@ pub struct Kernels {
     pub(super) gemv_fp8: GemvFamily,
     /// 4-bit weights (`int4.rs`).
     pub(super) gemv_w4: CudaFunction,
+    /// The 4-bit GEMM of up to 16, 32 and 64 rows a chunk.
+    pub(super) gemm_w4: [CudaFunction; 3],
     pub(super) dequantize_w4: CudaFunction,
     pub(super) gather_inputs: CudaFunction,
     /// FP8 quantization (`fp8.rs`).
@@ -531,6 +533,11 @@ impl Kernels {
             gemv: GemvFamily::load(&mut take, "gemv")?,
             gemv_fp8: GemvFamily::load(&mut take, "gemv_fp8")?,
             gemv_w4: take("gemv_w4")?,
+            gemm_w4: [
+                take("gemm_w4_n16")?,
+                take("gemm_w4_n32")?,
+                take("gemm_w4_n64")?,
+            ],
             dequantize_w4: take("dequantize_w4")?,
             gather_inputs: take("gather_inputs")?,
             fp8_amax_partial: take("fp8_amax_partial")?,

@@ -11,7 +11,10 @@
 //! among the FP8 GEMV variants up to 8 rows (always a GEMV: weight-only FP8, whatever the timing),
 //! and run cuBLASLt's FP8 GEMM above, on activations quantized for the product (`fp8.rs`: per
 //! tensor, or per row beside an FP8 checkpoint's per-row weight scales, the vectors applied by
-//! cuBLASLt's outer-vector scaling or after the GEMM where this cuBLASLt has none).
+//! cuBLASLt's outer-vector scaling or after the GEMM where this cuBLASLt has none). Products
+//! with 4-bit weights (AWQ, GPTQ) always run int4.cu's GEMV up to 8 rows and its GEMM from 9 to
+//! 64 (the same bits for a row at any of those counts), and are dequantized for cuBLAS above
+//! (`int4.rs`).
 //!
 //! Costs: `tune` launches each candidate ~13 times per shape and row bucket (a few hundred
 //! milliseconds for an 8B model); `run` is one map lookup and one launch.
@@ -24,7 +27,7 @@ use super::blas::Blas;
 use super::blas_lt::{BlasLt, Scale};
 use super::device::{device_err, Gpu};
 use super::fp8::Fp8Operands;
-use super::int4::{Int4Operands, GATHERED_ROWS, TILE as INT4_TILE};
+use super::int4::{Int4Operands, GATHERED_ROWS, GEMM_ROWS as INT4_GEMM_ROWS, TILE as INT4_TILE};
 use super::kernels::{Kernels, Product, ELEM};
 use crate::error::{Result, WorkerError};
 
@@ -69,6 +72,8 @@ pub enum LinearKernel {
     Gemv { columns: usize, unroll: usize },
     /// The batch-invariant kernel.
     BatchInvariant,
+    /// int4.cu's 4-bit GEMM (9 to 64 rows of a 4-bit weight).
+    Int4Gemm,
 }
 
 impl std::fmt::Display for LinearKernel {
@@ -78,6 +83,7 @@ impl std::fmt::Display for LinearKernel {
             Self::Gemv { columns, unroll: 2 } => write!(f, "GEMV r{columns}"),
             Self::Gemv { columns, unroll } => write!(f, "GEMV r{columns} u{unroll}"),
             Self::BatchInvariant => write!(f, "batch-invariant GEMM"),
+            Self::Int4Gemm => write!(f, "4-bit GEMM"),
         }
     }
 }
@@ -182,6 +188,11 @@ impl Linear {
             return LinearKernel::BatchInvariant;
         }
         let gemv_fits = shape.k.is_multiple_of(shape.gemv_k_multiple()) && rows > 0;
+        // 4-bit products of 9 to 64 rows are always the 4-bit GEMM's, which gives each row the
+        // GEMV's bits.
+        if shape.int4 && gemv_fits && (9..=INT4_GEMM_ROWS).contains(&rows) {
+            return LinearKernel::Int4Gemm;
+        }
         let Some(b) = bucket(rows).filter(|_| gemv_fits) else {
             return LinearKernel::Cublas;
         };
@@ -233,6 +244,7 @@ impl Linear {
         if let Some(q) = p.int4 {
             return match kernel {
                 LinearKernel::Gemv { .. } => kernels.gemv_w4(p),
+                LinearKernel::Int4Gemm => kernels.gemm_w4(p),
                 _ => {
                     kernels.dequantize_w4(p)?;
                     if q.perm == 0 {
@@ -288,6 +300,9 @@ impl Linear {
             }
             (LinearKernel::Gemv { columns, unroll }, _) => kernels.gemv(p, columns, unroll),
             (LinearKernel::BatchInvariant, _) => kernels.gemm_bi(p),
+            (LinearKernel::Int4Gemm, _) => Err(WorkerError::Device {
+                detail: "the 4-bit GEMM on a weight that is not 4-bit".into(),
+            }),
         }
     }
 

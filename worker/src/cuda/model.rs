@@ -15,7 +15,9 @@ use tpserve_modelfile::LlamaConfig;
 
 use super::device::{DeviceBuffer, Gpu};
 use super::fp8::{Fp8Operands, Fp8Weight, E4M3_MAX, SCALE_OFFSET, STATS_BYTES};
-use super::int4::{mma_layout, pack_params, Int4Operands, Int4Weight, GATHERED_ROWS};
+use super::int4::{
+    gemm_counters, mma_layout, pack_params, Int4Operands, Int4Weight, GATHERED_ROWS,
+};
 use super::kernels::{attention_max_items, CacheLayer, Dtype, Kernels, ELEM};
 use super::lora::LoraSlots;
 use super::workspace::Workspace;
@@ -73,6 +75,7 @@ impl LinearWeight {
             params: w.params.ptr,
             group_size: w.group_size,
             scratch: model.int4_scratch.as_ref().map_or(0, |b| b.ptr),
+            counters: model.int4_counters.as_ref().map_or(0, |b| b.ptr),
             perm: w.perm.as_ref().map_or(0, |b| b.ptr),
             gathered: model.int4_gathered.as_ref().map_or(0, |b| b.ptr),
         })
@@ -177,6 +180,9 @@ pub struct CudaModel {
     /// Room for the largest 4-bit weight dequantized (products above 8 rows), when some linear
     /// layers' weights are 4-bit.
     int4_scratch: Option<DeviceBuffer>,
+    /// The 4-bit GEMM's counters (u32, zero between products), one for each of its column
+    /// blocks of the widest 4-bit weight.
+    int4_counters: Option<DeviceBuffer>,
     /// Room for `GATHERED_ROWS` rows of inputs in an act-order weight's order (a GEMV's rows,
     /// or a chunk of a larger product's), when some 4-bit weights have one.
     int4_gathered: Option<DeviceBuffer>,
@@ -578,6 +584,9 @@ impl CudaModel {
         let int4_scratch = int4_largest
             .map(|n| gpu.alloc(n * ELEM, "4-bit weights dequantized"))
             .transpose()?;
+        let int4_counters = int4_largest
+            .map(|n| gpu.alloc(gemm_counters(n) * 4, "4-bit GEMM counters"))
+            .transpose()?;
         // The most inputs of an act-order weight: an i32 each in its permutation.
         let int4_gathered = linear_weights(&layers)
             .filter_map(|w| w.int4.as_ref()?.perm.as_ref().map(|p| p.bytes / 4))
@@ -607,6 +616,7 @@ impl CudaModel {
             weight_bytes: ld.bytes,
             fp8: ld.any_fp8,
             int4_scratch,
+            int4_counters,
             int4_gathered,
             workspace: None,
             lora: None,
