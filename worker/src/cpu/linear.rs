@@ -179,7 +179,7 @@ impl Linear {
 }
 
 /// Dot product in eight independent lanes, so the compiler vectorises it without reassociating.
-#[inline]
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ca, ra) = a.split_at(a.len() / 8 * 8);
