@@ -89,6 +89,17 @@ struct Tile {
     uint2 p0, p1;
 };
 
+// A tile's weights (a lane's 16-byte load at `w`) and its group parameters (`params` at the
+// lane's rows, the tile's first input `first`; the second half's too when groups are 32 inputs).
+__device__ __forceinline__ void load_tile_weights(Tile& tile, const uint4* w, const uint2* params,
+                                                  int first, int group_shift, bool two_groups) {
+    tile.w = load_streaming(w);
+    tile.p0 = __ldg(params + (first >> group_shift) * 8);
+    if (two_groups) {
+        tile.p1 = __ldg(params + ((first + 32) >> group_shift) * 8);
+    }
+}
+
 }  // namespace
 
 // gemv_w4_{bf16,f16}: y[m, n] = sum_k x[m, k] * W[n, k] for m < rows (1 to 8) and n < n_out,
@@ -139,12 +150,7 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
 
     // Tile i of the part (weights and parameters; x).
     auto load_weights = [&](Tile& tile, int i) {
-        tile.w = load_streaming(wp + i * 32);
-        const int first = 64 * (kt0 + i);
-        tile.p0 = __ldg(pp + (first >> group_shift) * 8);
-        if (two_groups) {
-            tile.p1 = __ldg(pp + ((first + 32) >> group_shift) * 8);
-        }
+        load_tile_weights(tile, wp + i * 32, pp, 64 * (kt0 + i), group_shift, two_groups);
     };
     // Lanes past the rows read row 0 again: their columns of the product are not written.
     auto load_x = [&](Tile& tile, int i) {
@@ -300,12 +306,7 @@ __device__ void gemm_w4_impl(T* __restrict__ y, const T* __restrict__ x,
         reinterpret_cast<const uint2*>(params) + (long long)(active ? rb : 0) * groups * 8 + g;
 
     auto load_weights = [&](Tile& tile, int i) {
-        tile.w = load_streaming(wp + i * 32);
-        const int first = 64 * (kt0 + i);
-        tile.p0 = __ldg(pp + (first >> group_shift) * 8);
-        if (two_groups) {
-            tile.p1 = __ldg(pp + ((first + 32) >> group_shift) * 8);
-        }
+        load_tile_weights(tile, wp + i * 32, pp, 64 * (kt0 + i), group_shift, two_groups);
     };
     // Tile i of x (rows m0.., inputs of tile kt0 + i) into stage `stage`: 16-byte pieces, rows
     // past the chunk's zero.
@@ -546,6 +547,16 @@ __device__ void gather_inputs_impl(T* __restrict__ out, const T* __restrict__ x,
     }
 }
 
+// gemm_w4_n{ROWS}: the 4-bit GEMM of up to ROWS rows a chunk (NT = ROWS / 8 n-tiles).
+#define TPSERVE_GEMM_W4(SUFFIX, T, ROWS, NT)                                                   \
+    extern "C" __global__ void __launch_bounds__(32 * kGemmWarps, 2) gemm_w4_n##ROWS##_##SUFFIX( \
+        T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ w,               \
+        const unsigned int* __restrict__ params, float* __restrict__ partials,                 \
+        unsigned int* __restrict__ counters, int rows, int n_out, int k, int group_shift,      \
+        int k_split) {                                                                         \
+        gemm_w4_impl<T, NT>(y, x, w, params, partials, counters, rows, n_out, k, group_shift,  \
+                            k_split);                                                          \
+    }
 #define TPSERVE_INT4(SUFFIX, T)                                                                \
     extern "C" __global__ void __launch_bounds__(512) gemv_w4_##SUFFIX(                        \
         T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ w,               \
@@ -553,30 +564,9 @@ __device__ void gather_inputs_impl(T* __restrict__ out, const T* __restrict__ x,
         int k_split) {                                                                         \
         gemv_w4_impl<T, kInFlight>(y, x, w, params, rows, n_out, k, group_shift, k_split);     \
     }                                                                                          \
-    extern "C" __global__ void __launch_bounds__(32 * kGemmWarps, 2) gemm_w4_n16_##SUFFIX(        \
-        T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ w,               \
-        const unsigned int* __restrict__ params, float* __restrict__ partials,                 \
-        unsigned int* __restrict__ counters, int rows, int n_out, int k, int group_shift,      \
-        int k_split) {                                                                         \
-        gemm_w4_impl<T, 2>(y, x, w, params, partials, counters, rows, n_out, k, group_shift,   \
-                           k_split);                                                           \
-    }                                                                                          \
-    extern "C" __global__ void __launch_bounds__(32 * kGemmWarps, 2) gemm_w4_n32_##SUFFIX(        \
-        T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ w,               \
-        const unsigned int* __restrict__ params, float* __restrict__ partials,                 \
-        unsigned int* __restrict__ counters, int rows, int n_out, int k, int group_shift,      \
-        int k_split) {                                                                         \
-        gemm_w4_impl<T, 4>(y, x, w, params, partials, counters, rows, n_out, k, group_shift,   \
-                           k_split);                                                           \
-    }                                                                                          \
-    extern "C" __global__ void __launch_bounds__(32 * kGemmWarps, 2) gemm_w4_n64_##SUFFIX(        \
-        T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ w,               \
-        const unsigned int* __restrict__ params, float* __restrict__ partials,                 \
-        unsigned int* __restrict__ counters, int rows, int n_out, int k, int group_shift,      \
-        int k_split) {                                                                         \
-        gemm_w4_impl<T, 8>(y, x, w, params, partials, counters, rows, n_out, k, group_shift,   \
-                           k_split);                                                           \
-    }                                                                                          \
+    TPSERVE_GEMM_W4(SUFFIX, T, 16, 2)                                                         \
+    TPSERVE_GEMM_W4(SUFFIX, T, 32, 4)                                                         \
+    TPSERVE_GEMM_W4(SUFFIX, T, 64, 8)                                                         \
     extern "C" __global__ void __launch_bounds__(256) dequantize_w4_##SUFFIX(                  \
         T* __restrict__ out, const unsigned int* __restrict__ w,                               \
         const unsigned int* __restrict__ params, int n_out, int k, int group_shift) {          \

@@ -261,18 +261,36 @@ void dequantize_w4_impl_launch(T* out, const unsigned* w, const unsigned* p, int
 static const double kTolerance = 0.01;  // bf16 output: one rounding of ~0.004 at most
 static int g_failures = 0;
 
+// A weight packed in int4.cu's layout and `rows` rows of x in T (seeded), on the GPU, with the
+// CPU's double-precision product.
+template <typename T> struct Problem {
+    std::vector<double> ref;
+    unsigned *dw, *dp;
+    T* dx;
+    Problem(const Weight& w, int rows, unsigned seed) {
+        std::vector<unsigned> words, params;
+        pack_new(w, words, params);
+        std::vector<T> x((size_t)rows * w.k);
+        for (auto& v : x) v = to_t<T>((rng(seed) % 2001) / 1000.0f - 1.0f);
+        ref = reference(w, x, rows);
+        dw = upload(words);
+        dp = upload(params);
+        dx = upload(x);
+    }
+    ~Problem() {
+        CK(cudaFree(dw));
+        CK(cudaFree(dp));
+        CK(cudaFree(dx));
+    }
+};
+
 // Correctness of the new kernels on one weight with T activations; and of dequantize_w4.
 template <typename T, int kAhead>
 static void check(const char* what, const Weight& w, int rows) {
-    std::vector<unsigned> words, params;
-    pack_new(w, words, params);
-    std::vector<T> x((size_t)rows * w.k);
-    unsigned seed = 7;
-    for (auto& v : x) v = to_t<T>((rng(seed) % 2001) / 1000.0f - 1.0f);
-    const auto ref = reference(w, x, rows);
-    unsigned* dw = upload(words);
-    unsigned* dp = upload(params);
-    T* dx = upload(x);
+    const Problem<T> pr(w, rows, 7);
+    const auto& ref = pr.ref;
+    unsigned *dw = pr.dw, *dp = pr.dp;
+    T* dx = pr.dx;
     T* dy;
     CK(cudaMalloc(&dy, (size_t)rows * w.n * sizeof(T)));
     double worst = 0;
@@ -302,26 +320,46 @@ static void check(const char* what, const Weight& w, int rows) {
     g_failures += !ok;
     printf("check %-34s %d rows: max error %.5f (limit %.3f), dequantize mismatches %zu: %s\n",
            what, rows, worst, kTolerance, mismatches, ok ? "PASS" : "FAIL");
-    CK(cudaFree(dw));
-    CK(cudaFree(dp));
-    CK(cudaFree(dx));
     CK(cudaFree(dy));
     CK(cudaFree(dq));
+}
+
+// Microseconds per launch of `run(copy)` in a CUDA graph of `launches` launches rotating over
+// `copies` weight copies, replayed 5 times after one untimed replay.
+template <typename F>
+static double graph_us(cudaStream_t st, int launches, int copies, F run) {
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+    for (int i = 0; i < launches; ++i) run(i % copies);
+    CK(cudaStreamEndCapture(st, &graph));
+    CK(cudaGraphInstantiate(&exec, graph, 0));
+    CK(cudaGraphLaunch(exec, st));
+    CK(cudaEventRecord(e0, st));
+    const int reps = 5;
+    for (int i = 0; i < reps; ++i) CK(cudaGraphLaunch(exec, st));
+    CK(cudaEventRecord(e1, st));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    CK(cudaGraphExecDestroy(exec));
+    CK(cudaGraphDestroy(graph));
+    CK(cudaEventDestroy(e0));
+    CK(cudaEventDestroy(e1));
+    return ms * 1e3 / (reps * launches);
 }
 
 // gemm_w4 against the CPU and, bit for bit, against gemv_w4 on 8 rows at a time at the same
 // k_split.
 template <typename T>
 static void check_gemm(const char* what, const Weight& w, int rows) {
-    std::vector<unsigned> words, params;
-    pack_new(w, words, params);
-    std::vector<T> x((size_t)rows * w.k);
-    unsigned seed = 9;
-    for (auto& v : x) v = to_t<T>((rng(seed) % 2001) / 1000.0f - 1.0f);
-    const auto ref = reference(w, x, rows);
-    unsigned* dw = upload(words);
-    unsigned* dp = upload(params);
-    T* dx = upload(x);
+    const Problem<T> pr(w, rows, 9);
+    const auto& ref = pr.ref;
+    unsigned *dw = pr.dw, *dp = pr.dp;
+    T* dx = pr.dx;
     T *dy, *dg;
     CK(cudaMalloc(&dy, (size_t)rows * w.n * sizeof(T)));
     CK(cudaMalloc(&dg, (size_t)rows * w.n * sizeof(T)));
@@ -363,9 +401,6 @@ static void check_gemm(const char* what, const Weight& w, int rows) {
     printf("check gemm_w4 %-26s %d rows: max error %.5f (limit %.3f), k_splits unlike the "
            "GEMV's bits %zu, counters %s: %s\n",
            what, rows, worst, kTolerance, differ, zeroed ? "zero" : "LEFT", ok ? "PASS" : "FAIL");
-    CK(cudaFree(dw));
-    CK(cudaFree(dp));
-    CK(cudaFree(dx));
     CK(cudaFree(dy));
     CK(cudaFree(dg));
     CK(cudaFree(partials));
@@ -391,9 +426,6 @@ static void time_gemm(cudaStream_t st, double copy_gbs) {
     }
     const Shape shapes[4] = {
         {"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}};
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
     printf("\n| product | rows | kernel | k_split | us | weight GB/s | of copy |\n"
            "| --- | ---: | --- | ---: | ---: | ---: | ---: |\n");
     for (const Shape& s : shapes) {
@@ -422,26 +454,7 @@ static void time_gemm(cudaStream_t st, double copy_gbs) {
         const size_t n_counters = (size_t)chunks * ((s.n / 16 + kGemmWarps - 1) / kGemmWarps);
         CK(cudaMalloc(&counters, n_counters * sizeof(unsigned)));
         CK(cudaMemset(counters, 0, n_counters * sizeof(unsigned)));
-        auto time_us = [&](auto run) {
-            const int launches = 32;
-            cudaGraph_t graph;
-            cudaGraphExec_t exec;
-            CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-            for (int i = 0; i < launches; ++i) run(i % copies);
-            CK(cudaStreamEndCapture(st, &graph));
-            CK(cudaGraphInstantiate(&exec, graph, 0));
-            CK(cudaGraphLaunch(exec, st));
-            CK(cudaEventRecord(e0, st));
-            const int reps = 5;
-            for (int i = 0; i < reps; ++i) CK(cudaGraphLaunch(exec, st));
-            CK(cudaEventRecord(e1, st));
-            CK(cudaEventSynchronize(e1));
-            float ms;
-            CK(cudaEventElapsedTime(&ms, e0, e1));
-            CK(cudaGraphExecDestroy(exec));
-            CK(cudaGraphDestroy(graph));
-            return ms * 1e3 / (reps * launches);
-        };
+        auto time_us = [&](auto run) { return graph_us(st, 32, copies, run); };
         auto row = [&](int rows, const char* kernel, int split, double us) {
             const double gbs = bytes / (us * 1e-6) / 1e9;
             printf("| %s | %d | %s | %d | %.2f | %.0f | %.3f |\n", s.name, rows, kernel, split, us,
@@ -547,9 +560,6 @@ int main() {
 #endif
     const Shape shapes[4] = {
         {"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}};
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
     printf("\n| product | rows | variant | k_split | us | GB/s | of copy | max error |\n"
            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n");
     // best[rows][shape]
@@ -597,22 +607,7 @@ int main() {
                     CK(cudaMemcpy(y.data(), dy, y.size() * sizeof(bf), cudaMemcpyDeviceToHost));
                     const double err = error_of(y, ref);
                     if (err >= kTolerance) ++g_failures;
-                    const int launches = 64;
-                    cudaGraph_t graph;
-                    cudaGraphExec_t exec;
-                    CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-                    for (int i = 0; i < launches; ++i) run(i % copies);
-                    CK(cudaStreamEndCapture(st, &graph));
-                    CK(cudaGraphInstantiate(&exec, graph, 0));
-                    CK(cudaGraphLaunch(exec, st));
-                    CK(cudaEventRecord(e0, st));
-                    const int reps = 5;
-                    for (int i = 0; i < reps; ++i) CK(cudaGraphLaunch(exec, st));
-                    CK(cudaEventRecord(e1, st));
-                    CK(cudaEventSynchronize(e1));
-                    float ms;
-                    CK(cudaEventElapsedTime(&ms, e0, e1));
-                    const double us = ms * 1e3 / (reps * launches);
+                    const double us = graph_us(st, 64, copies, run);
                     const double gbs = bytes / (us * 1e-6) / 1e9;
                     printf("| %s | %d | %s | %d | %.2f | %.0f | %.3f | %.5f%s |\n", s.name, rows,
                            v.name, split, us, gbs, gbs / copy_gbs, err,
@@ -622,8 +617,6 @@ int main() {
                     } else {
                         best[ri][si] = std::min(best[ri][si], us);
                     }
-                    CK(cudaGraphExecDestroy(exec));
-                    CK(cudaGraphDestroy(graph));
                 }
             }
             CK(cudaFree(dx));

@@ -120,8 +120,8 @@ fn head_runs(kv_head_of: &[usize]) -> Vec<HeadRun> {
     runs
 }
 
-/// What every work item of one layer's attention reads.
-struct ItemShape<'a> {
+/// What every work item of one layer's attention reads: the layer's cache and queries.
+struct LayerAttention<'a> {
     keys: &'a [f32],
     values: &'a [f32],
     q: &'a [f32],
@@ -153,46 +153,46 @@ fn avx2_available() -> bool {
 /// profile fell from 27-29% to 23-24% (docs/PERFORMANCE.md, issue 12, session 21).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn attend_avx2(
-    item: &ItemShape,
-    row: usize,
-    run: &HeadRun,
-    block_ids: &[u32],
-    visible: usize,
-    dst: &mut [f32],
-) {
-    attend(item, row, run, block_ids, visible, dst)
+unsafe fn attend_avx2(layer: &LayerAttention, item: &WorkItem, dst: &mut [f32]) {
+    attend(layer, item, dst)
 }
 
 /// One work item: query heads `run.heads` of `row` against the first `visible` keys and values
-/// of its sequence (blocks `block_ids`), into `dst` (`[heads, head_dim]`, zero on entry).
-#[inline(always)]
-fn attend(
-    item: &ItemShape,
+/// of its sequence (blocks `block_ids`).
+struct WorkItem<'a> {
     row: usize,
-    run: &HeadRun,
-    block_ids: &[u32],
+    run: &'a HeadRun,
+    block_ids: &'a [u32],
     visible: usize,
-    dst: &mut [f32],
-) {
-    let (hd, qh, block_size) = (item.head_dim, item.q_heads, item.block_size);
+}
+
+/// `item` of `layer`'s attention into `dst` (`[heads, head_dim]`, zero on entry).
+#[inline(always)]
+fn attend(layer: &LayerAttention, item: &WorkItem, dst: &mut [f32]) {
+    let WorkItem {
+        row,
+        run,
+        block_ids,
+        visible,
+    } = *item;
+    let (hd, qh, block_size) = (layer.head_dim, layer.q_heads, layer.block_size);
     let kv_offset = run.kv_head * hd;
     let key_at = |j: usize| {
         let slot = block_ids[j / block_size] as usize * block_size + j % block_size;
-        slot * item.kv_width + kv_offset
+        slot * layer.kv_width + kv_offset
     };
     let queries: Vec<&[f32]> = run
         .heads
         .clone()
-        .map(|head| &item.q[(row * qh + head) * hd..(row * qh + head + 1) * hd])
+        .map(|head| &layer.q[(row * qh + head) * hd..(row * qh + head + 1) * hd])
         .collect();
     // scores[g * visible + j]: query head g of the run against key j.
     let mut scores = vec![0.0f32; queries.len() * visible];
     for j in 0..visible {
         let o = key_at(j);
-        let key = &item.keys[o..o + hd];
+        let key = &layer.keys[o..o + hd];
         for (g, q) in queries.iter().enumerate() {
-            scores[g * visible + j] = dot(q, key) * item.scale;
+            scores[g * visible + j] = dot(q, key) * layer.scale;
         }
     }
     let mut weights = Vec::with_capacity(queries.len());
@@ -207,7 +207,7 @@ fn attend(
     }
     for j in 0..visible {
         let o = key_at(j);
-        let value = &item.values[o..o + hd];
+        let value = &layer.values[o..o + hd];
         for (g, dst) in dst.chunks_mut(hd).enumerate() {
             let w = scores[g * visible + j] * weights[g];
             for (d, v) in dst.iter_mut().zip(value) {
@@ -275,7 +275,7 @@ pub fn paged_attention(
             rest = tail;
         }
     }
-    let item = ItemShape {
+    let item = LayerAttention {
         keys: &lc.keys,
         values: &lc.values,
         q: input.q,
@@ -288,15 +288,19 @@ pub fn paged_attention(
     #[cfg(target_arch = "x86_64")]
     let avx2 = avx2_available();
     items.into_par_iter().for_each(|(row, run, dst)| {
-        let seq = &batch.seqs[row_seq[row]];
-        let visible = batch.positions[row] + 1;
+        let work = WorkItem {
+            row,
+            run,
+            block_ids: &batch.seqs[row_seq[row]].block_ids,
+            visible: batch.positions[row] + 1,
+        };
         #[cfg(target_arch = "x86_64")]
         if avx2 {
             // SAFETY: the CPU has AVX2 (checked at run time above).
-            unsafe { attend_avx2(&item, row, run, &seq.block_ids, visible, dst) };
+            unsafe { attend_avx2(&item, &work, dst) };
             return;
         }
-        attend(&item, row, run, &seq.block_ids, visible, dst);
+        attend(&item, &work, dst);
     });
     out
 }
@@ -328,7 +332,7 @@ mod tests {
             random(slots * kv_heads * hd),
             random(q_heads * hd),
         );
-        let item = ItemShape {
+        let item = LayerAttention {
             keys: &keys,
             values: &values,
             q: &q,
@@ -343,9 +347,15 @@ mod tests {
         for run in head_runs(&[0, 0, 0, 1, 1, 1, 2, 2, 2]) {
             let mut portable = vec![0.0f32; run.heads.len() * hd];
             let mut avx2 = portable.clone();
-            attend(&item, 0, &run, &block_ids, visible, &mut portable);
+            let work = WorkItem {
+                row: 0,
+                run: &run,
+                block_ids: &block_ids,
+                visible,
+            };
+            attend(&item, &work, &mut portable);
             // SAFETY: the CPU has AVX2 (checked above).
-            unsafe { attend_avx2(&item, 0, &run, &block_ids, visible, &mut avx2) };
+            unsafe { attend_avx2(&item, &work, &mut avx2) };
             assert!(portable.iter().any(|v| *v != 0.0));
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&portable), bits(&avx2));
