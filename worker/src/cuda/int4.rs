@@ -43,8 +43,8 @@ pub struct Int4Operands {
 }
 
 /// The most rows a product runs on int4.cu's 4-bit GEMM; more run dequantized on cuBLAS. On an
-/// H200, Llama-3-8B's four products at 64 rows take 229 us a layer on the GEMM against ~290 us
-/// dequantized (dequantize_w4 alone 176 us), at 128 rows 414 us against ~300
+/// H200, Llama-3-8B's four products at 64 rows take 210 us a layer on the GEMM against ~290 us
+/// dequantized (dequantize_w4 alone 176 us), at 128 rows 389-414 us against ~300
 /// (tests/gpu/int4_gemv_bench.cu; docs/PERFORMANCE.md, issue 12, session 21).
 pub const GEMM_ROWS: usize = 64;
 
