@@ -68,6 +68,29 @@ template <> struct W4Pair<__half> {
     }
 };
 
+// Step `s`'s A fragment from its word `v` of a tile: each 4-bit pair as (q - zero) in T, rows g
+// (offset zero_a) and g + 8 (zero_b).
+template <typename T>
+__device__ __forceinline__ void step_fragment(unsigned int v, unsigned int zero_a,
+                                              unsigned int zero_b, unsigned int (&a)[4]) {
+    using Pair = W4Pair<T>;
+    a[0] = Pair::sub(nibble_pair(v, Pair::kMagic), zero_a);
+    a[1] = Pair::sub(nibble_pair(v >> 4, Pair::kMagic), zero_b);
+    a[2] = Pair::sub(nibble_pair(v >> 8, Pair::kMagic), zero_a);
+    a[3] = Pair::sub(nibble_pair(v >> 12, Pair::kMagic), zero_b);
+}
+
+// A chunk's sums (an mma C fragment) scaled into the totals: elements 0, 1 by row g's group
+// scale, 2, 3 by row g + 8's; the chunk's sums restart at zero.
+__device__ __forceinline__ void add_scaled(float (&total)[4], float (&acc)[4], float scale_a,
+                                           float scale_b) {
+    total[0] = fmaf(scale_a, acc[0], total[0]);
+    total[1] = fmaf(scale_a, acc[1], total[1]);
+    total[2] = fmaf(scale_b, acc[2], total[2]);
+    total[3] = fmaf(scale_b, acc[3], total[3]);
+    acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+}
+
 constexpr int kMaxSplit = 16;  // warps per block (one per part of K), at most
 // Tiles a lane has loading while it computes one: the most that 128 registers hold (16 warps an
 // SM, k_split up to 16); tests/gpu/int4_gemv_bench.cu measured 2, 3, 4 and deeper rings.
@@ -199,23 +222,14 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
                 const unsigned int zero_b = Pair::offset(pb.y);
 #pragma unroll
                 for (int s = 2 * half; s < 2 * half + 2; ++s) {
-                    const unsigned int v = words[s];
-                    const unsigned int a[4] = {
-                        Pair::sub(nibble_pair(v, Pair::kMagic), zero_a),
-                        Pair::sub(nibble_pair(v >> 4, Pair::kMagic), zero_b),
-                        Pair::sub(nibble_pair(v >> 8, Pair::kMagic), zero_a),
-                        Pair::sub(nibble_pair(v >> 12, Pair::kMagic), zero_b),
-                    };
+                    unsigned int a[4];
+                    step_fragment<T>(words[s], zero_a, zero_b, a);
                     tpserve::Mma<T>::run(acc, a, xw[2 * s], xw[2 * s + 1]);
                 }
                 // A chunk of 2 steps ends here when groups are 32 inputs; else the tile's
                 // 4 steps share one group and scale once, after the second half.
                 if (half == 1 || two_groups) {
-                    total[0] = fmaf(pa.x, acc[0], total[0]);
-                    total[1] = fmaf(pa.x, acc[1], total[1]);
-                    total[2] = fmaf(pb.x, acc[2], total[2]);
-                    total[3] = fmaf(pb.x, acc[3], total[3]);
-                    acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+                    add_scaled(total, acc, pa.x, pb.x);
                 }
             }
         }
@@ -252,7 +266,7 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
 // kGemmWarps warps, each owning one row block (16 rows of W); they walk the same part of K
 // (k_split parts, grid.y) one 64-input tile at a time and share x's tile, which the block copies
 // into shared memory (cp.async, kGemmStages tiles ahead); each warp's weights load kInFlight
-// tiles ahead into registers, as gemv_w4's. Each k16 step's A fragment is dequantized once and
+// tiles ahead into registers, as gemv_w4's (six at 16 rows). Each k16 step's A fragment is dequantized once and
 // multiplied with every 8-row n-tile of x (NT of them: 8 NT rows a launch chunk). With k_split
 // > 1 each block writes its part's sums (f32) to `partials`, and the last block of a column
 // block to finish (a counter per column block and chunk, which it resets) sums the parts in part
@@ -380,11 +394,7 @@ __device__ void gemm_w4_impl(T* __restrict__ y, const T* __restrict__ x,
                 const unsigned int zero_b = Pair::offset(pb.y);
 #pragma unroll
                 for (int s = 2 * half; s < 2 * half + 2; ++s) {
-                    const unsigned int v = words[s];
-                    a[s][0] = Pair::sub(nibble_pair(v, Pair::kMagic), zero_a);
-                    a[s][1] = Pair::sub(nibble_pair(v >> 4, Pair::kMagic), zero_b);
-                    a[s][2] = Pair::sub(nibble_pair(v >> 8, Pair::kMagic), zero_a);
-                    a[s][3] = Pair::sub(nibble_pair(v >> 12, Pair::kMagic), zero_b);
+                    step_fragment<T>(words[s], zero_a, zero_b, a[s]);
                 }
             }
             const int stage = tile % kGemmStages;
@@ -401,11 +411,7 @@ __device__ void gemm_w4_impl(T* __restrict__ y, const T* __restrict__ x,
                     // As gemv_w4: a chunk ends after step 1 with groups of 32, else after 3.
                     if (s == 3 || (s == 1 && two_groups)) {
                         const float2 sc = scale[s == 3 ? 1 : 0];
-                        total[j][0] = fmaf(sc.x, acc[0], total[j][0]);
-                        total[j][1] = fmaf(sc.x, acc[1], total[j][1]);
-                        total[j][2] = fmaf(sc.y, acc[2], total[j][2]);
-                        total[j][3] = fmaf(sc.y, acc[3], total[j][3]);
-                        acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+                        add_scaled(total[j], acc, sc.x, sc.y);
                     }
                 }
             }

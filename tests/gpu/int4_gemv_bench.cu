@@ -57,12 +57,6 @@ __global__ void __launch_bounds__(256)
     gemv_w4_impl<T, kAhead>(y, x, w, params, rows, n_out, k, group_shift, k_split);
 }
 
-// gemm_w4 on `rows` rows: the n-tiles of the smallest variant that holds them (64 a chunk).
-template <typename T>
-static void launch_gemm(cudaStream_t st, T* y, const T* x, const uint4* w, const unsigned* p,
-                        float* partials, unsigned* counters, int rows, int n_out, int k,
-                        int shift, int split);
-
 typedef void (*Kernel)(bf*, const bf*, const uint4*, const unsigned*, int, int, int, int, int);
 struct Variant {
     const char* name;
@@ -188,6 +182,7 @@ static void launch(cudaStream_t st, void (*kernel)(KArgs...), dim3 grid, dim3 bl
     CK(cudaLaunchKernelEx(&c, kernel, args...));
 }
 
+// gemm_w4 on `rows` rows: the n-tiles of the smallest variant that holds them (64 a chunk).
 template <typename T>
 static void launch_gemm(cudaStream_t st, T* y, const T* x, const uint4* w, const unsigned* p,
                         float* partials, unsigned* counters, int rows, int n_out, int k,

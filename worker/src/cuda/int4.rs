@@ -184,11 +184,7 @@ impl Kernels {
                 detail: format!("{} rows on the 4-bit GEMV kernel (1 to 8)", p.rows),
             });
         }
-        let x = if q.perm != 0 {
-            self.gather_inputs(&q, p.x, p.rows, p.k)?
-        } else {
-            p.x
-        };
+        let x = self.inputs_in_weight_order(&q, p)?;
         let split = k_split(p.n_out, p.k);
         let (rw, nw, kw, sw) = (p.rows as i32, p.n_out as i32, p.k as i32, split as i32);
         let mut b = self.launch(&self.gemv_w4);
@@ -224,11 +220,7 @@ impl Kernels {
                 ),
             });
         }
-        let x = if q.perm != 0 {
-            self.gather_inputs(&q, p.x, p.rows, p.k)?
-        } else {
-            p.x
-        };
+        let x = self.inputs_in_weight_order(&q, p)?;
         let split = k_split(p.n_out, p.k);
         let variant = match p.rows {
             ..=16 => 0,
@@ -265,6 +257,16 @@ impl Kernels {
         unsafe { b.launch(config) }
             .map(drop)
             .map_err(|e| device_err("launching gemm_w4", e))
+    }
+
+    /// The address of `p`'s inputs in the order of its weight's inputs: `p.x`, or for an
+    /// act-order weight its rows gathered into that order (at most [`GATHERED_ROWS`]).
+    fn inputs_in_weight_order(&self, q: &Int4Operands, p: &Product) -> Result<u64> {
+        if q.perm != 0 {
+            self.gather_inputs(q, p.x, p.rows, p.k)
+        } else {
+            Ok(p.x)
+        }
     }
 
     /// `rows` (at most [`GATHERED_ROWS`]) rows of `k` inputs from `x` in the order of `q`'s

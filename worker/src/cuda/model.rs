@@ -177,8 +177,8 @@ pub struct CudaModel {
     weight_bytes: usize,
     /// Some linear layers' weights are FP8.
     fp8: bool,
-    /// Room for the largest 4-bit weight dequantized (products above 8 rows), when some linear
-    /// layers' weights are 4-bit.
+    /// Room for the largest 4-bit weight dequantized (products above `int4::GEMM_ROWS` rows),
+    /// and for the 4-bit GEMM's parts' sums below, when some linear layers' weights are 4-bit.
     int4_scratch: Option<DeviceBuffer>,
     /// The 4-bit GEMM's counters (u32, zero between products), one for each of its column
     /// blocks of the widest 4-bit weight.
