@@ -7,13 +7,14 @@
 // rounded to T, then multiplied by the weight and rounded again.
 //
 // Rows whose length is a multiple of 8 (every model we serve) go 16 bytes at a time, each
-// thread keeping its pieces in registers between the two passes; others element by element.
-template <typename T, bool HAS_RESIDUAL>
+// thread keeping its pieces (up to kMaxPieces) in registers between the two passes; others
+// element by element. The reduction order depends on the row's length and the block's size
+// alone, which the host sets from the row's length: never on the number of rows.
+template <typename T, bool HAS_RESIDUAL, int kMaxPieces>
 __device__ void rms_norm_impl(T* __restrict__ out, T* __restrict__ x,
                               const T* __restrict__ residual, const T* __restrict__ weight,
                               int hidden, float eps) {
     tpserve::wait_for_inputs();
-    constexpr int kMaxPieces = 4;  // 16-byte pieces per thread
     const long long row = blockIdx.x;
     T* xr = x + row * hidden;
     T* outr = out + row * hidden;
@@ -83,7 +84,12 @@ __device__ void rms_norm_impl(T* __restrict__ out, T* __restrict__ x,
     }
 }
 
-// rms_norm_{bf16,f16}: out = rmsnorm(x) * weight, row by row.
+// rms_norm_{bf16,f16}: out = rmsnorm(x) * weight, row by row, for rows of at most 8,192
+// elements: one 16-byte piece a thread, and at most 32 registers, so that two blocks of 1,024
+// threads (four of 512: Llama-3-8B's 4,096) fit an SM and a prompt step's rows keep more loads in
+// flight (issue 9, session 22). rms_norm_wide_{bf16,f16}: the same for longer rows (up to four
+// pieces a thread; element by element past 32,768). Both sum a row in the same order for the
+// same block size.
 //
 // Arguments:
 //   out     T   [num_tokens, hidden]   written; must not alias x
@@ -95,7 +101,8 @@ __device__ void rms_norm_impl(T* __restrict__ out, T* __restrict__ x,
 // (e.g. min(1024, round_up(hidden / 8, 32))); one block per row. Rows, x, residual, weight and
 // out 16-byte aligned when hidden is a multiple of 8.
 //
-// rms_norm_residual_{bf16,f16}: x += residual; out = rmsnorm(x) * weight.
+// rms_norm_residual_{bf16,f16}, rms_norm_residual_wide_{bf16,f16}: x += residual;
+// out = rmsnorm(x) * weight (the same split by row length).
 //
 // Arguments:
 //   out       T   [num_tokens, hidden]   written; must not alias x or residual
@@ -106,17 +113,19 @@ __device__ void rms_norm_impl(T* __restrict__ out, T* __restrict__ x,
 //   hidden    i32
 //   eps       f32
 // Launch: as rms_norm.
-#define TPSERVE_RMS_NORM(SUFFIX, T)                                                           \
-    extern "C" __global__ void rms_norm_##SUFFIX(T* __restrict__ out,                        \
-                                                 const T* __restrict__ x,                    \
-                                                 const T* __restrict__ weight, int hidden,   \
-                                                 float eps) {                                 \
+#define TPSERVE_RMS_NORM_KERNELS(NAME, BOUNDS, PIECES, SUFFIX, T)                             \
+    extern "C" __global__ void BOUNDS rms_norm##NAME##_##SUFFIX(                              \
+        T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ weight,           \
+        int hidden, float eps) {                                                              \
         /* x is only written when HAS_RESIDUAL is true. */                                    \
-        rms_norm_impl<T, false>(out, const_cast<T*>(x), nullptr, weight, hidden, eps);        \
+        rms_norm_impl<T, false, PIECES>(out, const_cast<T*>(x), nullptr, weight, hidden, eps); \
     }                                                                                         \
-    extern "C" __global__ void rms_norm_residual_##SUFFIX(                                    \
+    extern "C" __global__ void BOUNDS rms_norm_residual##NAME##_##SUFFIX(                     \
         T* __restrict__ out, T* __restrict__ x, const T* __restrict__ residual,               \
         const T* __restrict__ weight, int hidden, float eps) {                                \
-        rms_norm_impl<T, true>(out, x, residual, weight, hidden, eps);                        \
+        rms_norm_impl<T, true, PIECES>(out, x, residual, weight, hidden, eps);                \
     }
+#define TPSERVE_RMS_NORM(SUFFIX, T)                                                           \
+    TPSERVE_RMS_NORM_KERNELS(, __launch_bounds__(1024, 2), 1, SUFFIX, T)                      \
+    TPSERVE_RMS_NORM_KERNELS(_wide, , 4, SUFFIX, T)
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_RMS_NORM)

@@ -129,9 +129,13 @@ pub const KERNELS: &[(&str, &[&str])] = &[
         "rms_norm.cu",
         &[
             "rms_norm_bf16",
-            "rms_norm_f16",
             "rms_norm_residual_bf16",
+            "rms_norm_wide_bf16",
+            "rms_norm_residual_wide_bf16",
+            "rms_norm_f16",
             "rms_norm_residual_f16",
+            "rms_norm_wide_f16",
+            "rms_norm_residual_wide_f16",
         ],
     ),
     (

@@ -316,14 +316,21 @@ pub fn attention_smem_bytes(head_dim: usize, items: usize) -> usize {
     items * head_dim * 4 + 32 * (head_dim + 2) * ELEM + 32 * head_dim * ELEM
 }
 
+/// The longest row rms_norm.cu's narrow kernels take: 1,024 threads of one 16-byte piece.
+const NARROW_NORM: usize = 8 * 1024;
+
 /// Every kernel, loaded for one dtype.
 pub struct Kernels {
     stream: std::sync::Arc<CudaStream>,
     /// Launches carry the programmatic-dependent-launch attribute (`launch.rs`).
     programmatic: bool,
     embedding: CudaFunction,
+    /// rms_norm.cu's kernels of one 16-byte piece a thread (rows up to [`NARROW_NORM`]) and their
+    /// wide twins.
     rms_norm: CudaFunction,
     rms_norm_residual: CudaFunction,
+    rms_norm_wide: CudaFunction,
+    rms_norm_residual_wide: CudaFunction,
     rope_kv_write: CudaFunction,
     silu_mul: CudaFunction,
     attention_hd64: CudaFunction,
@@ -507,6 +514,8 @@ impl Kernels {
             embedding: take("embedding")?,
             rms_norm: take("rms_norm")?,
             rms_norm_residual: take("rms_norm_residual")?,
+            rms_norm_wide: take("rms_norm_wide")?,
+            rms_norm_residual_wide: take("rms_norm_residual_wide")?,
             rope_kv_write,
             silu_mul: take("silu_mul")?,
             attention_hd64,
@@ -586,6 +595,20 @@ impl Kernels {
         ((hidden / 8).div_ceil(32) * 32).clamp(32, 1024) as u32
     }
 
+    /// rms_norm.cu's narrow kernel where a row is at most one 16-byte piece a thread, else the
+    /// wide one: chosen by the row's length alone, so a row's sums never depend on the batch.
+    fn norm_kernel<'a>(
+        narrow: &'a CudaFunction,
+        wide: &'a CudaFunction,
+        hidden: usize,
+    ) -> &'a CudaFunction {
+        if hidden.is_multiple_of(8) && hidden <= NARROW_NORM {
+            narrow
+        } else {
+            wide
+        }
+    }
+
     pub fn rms_norm(
         &self,
         out: u64,
@@ -596,7 +619,11 @@ impl Kernels {
         eps: f32,
     ) -> Result<()> {
         let h = hidden as i32;
-        let mut b = self.launch(&self.rms_norm);
+        let mut b = self.launch(Self::norm_kernel(
+            &self.rms_norm,
+            &self.rms_norm_wide,
+            hidden,
+        ));
         b.arg(&out).arg(&x).arg(&weight).arg(&h).arg(&eps);
         // SAFETY: as rms_norm.cu documents.
         unsafe { b.launch(grid_rows(n, Self::norm_threads(hidden))) }
@@ -616,7 +643,11 @@ impl Kernels {
         eps: f32,
     ) -> Result<()> {
         let h = hidden as i32;
-        let mut b = self.launch(&self.rms_norm_residual);
+        let mut b = self.launch(Self::norm_kernel(
+            &self.rms_norm_residual,
+            &self.rms_norm_residual_wide,
+            hidden,
+        ));
         b.arg(&out)
             .arg(&x)
             .arg(&residual)
