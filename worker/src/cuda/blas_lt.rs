@@ -24,7 +24,7 @@ use cudarc::cublaslt::sys;
 
 use super::device::{device_err, DeviceBuffer, Gpu};
 use super::kernels::Dtype;
-use crate::error::Result;
+use crate::error::{Result, WorkerError};
 
 /// cuBLASLt's workspace: what NVIDIA recommends for Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
@@ -45,6 +45,20 @@ impl Scale {
             Self::Tensor(_) => None,
         }
     }
+}
+
+/// One FP8 product's operands (device addresses): `y`, the dtype, `[n, m]`; `x` E4M3 `[n, k]`;
+/// `w` E4M3 `[m, k]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fp8Gemm {
+    pub y: u64,
+    pub x: u64,
+    pub x_scale: Scale,
+    pub w: u64,
+    pub w_scale: Scale,
+    /// `y +=` the product (cuBLASLt's beta = 1, one rounding of the sum); needs scales that the
+    /// GEMM applies itself (not vector scales left [`Unapplied`]).
+    pub accumulate: bool,
 }
 
 /// Vector scales a product could not apply: `y[i, j]` must still be multiplied by `x_rows[i]`
@@ -105,7 +119,7 @@ impl Drop for BlasLt {
     }
 }
 
-fn lt_err(what: &'static str) -> impl Fn(lt::CublasError) -> crate::error::WorkerError {
+fn lt_err(what: &'static str) -> impl Fn(lt::CublasError) -> WorkerError {
     move |e| device_err(what, e)
 }
 
@@ -235,22 +249,26 @@ impl BlasLt {
         Ok(plan)
     }
 
-    /// `y[n, m] = (x_scale x[n, k]) (w_scale w[m, k])^T`: `x` and `w` E4M3, `y` the dtype, the
-    /// scales f32 in device memory ([`Scale`]). `k` and `m` must be multiples of 16 (cuBLASLt's
-    /// FP8 alignment). Vector scales come both or neither: a per-row weight with per-row
-    /// activations, or per-tensor ones. Says which vector scales still need applying.
-    #[allow(clippy::too_many_arguments)]
+    /// `y[n, m] (+)= (x_scale x[n, k]) (w_scale w[m, k])^T` ([`Fp8Gemm`]): `x` and `w` E4M3, `y`
+    /// the dtype, the scales f32 in device memory ([`Scale`]). `k` and `m` must be multiples of
+    /// 16 (cuBLASLt's FP8 alignment). Vector scales come both or neither: a per-row weight with
+    /// per-row activations, or per-tensor ones. Says which vector scales still need applying
+    /// (an error with `accumulate`, which must not leave any).
     pub fn fp8_linear(
         &self,
-        y: u64,
-        x: u64,
-        x_scale: Scale,
-        w: u64,
-        w_scale: Scale,
+        g: &Fp8Gemm,
         n: usize,
         m: usize,
         k: usize,
     ) -> Result<Option<Unapplied>> {
+        let Fp8Gemm {
+            y,
+            x,
+            x_scale,
+            w,
+            w_scale,
+            accumulate,
+        } = *g;
         use std::sync::atomic::Ordering;
         use sys::cublasLtMatmulDescAttributes_t as Attr;
         if n == 0 {
@@ -290,6 +308,11 @@ impl BlasLt {
                 x_rows: x_scale.rows(),
                 w_rows: w_scale.rows(),
             });
+        if accumulate && unapplied.is_some() {
+            return Err(WorkerError::Device {
+                detail: "an accumulating FP8 product with scales applied after it".into(),
+            });
+        }
         for (attr, ptr) in [
             (Attr::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, w_ptr),
             (Attr::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, x_ptr),
@@ -305,9 +328,10 @@ impl BlasLt {
             }
             .map_err(lt_err("setting a cuBLASLt scale pointer"))?;
         }
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
         // SAFETY: w holds m x k and x n x k E4M3 bytes, y n x m elements of the dtype (the
-        // caller's buffers); the scales are f32 in device memory; alpha and beta are f32 as the
+        // caller's buffers; C is y, read with beta = 1, in D's layout, as cuBLASLt allows in
+        // place); the scales are f32 in device memory; alpha and beta are f32 as the
         // descriptor's scale type says; the workspace is the handle's own, of WORKSPACE_BYTES.
         unsafe {
             lt::matmul(

@@ -10,9 +10,10 @@
 //! sampled tokens (rank 0 samples, NCCL broadcasts). Embedding steps stop after the final
 //! RMSNorm (`hidden_states`).
 //!
-//! With one rank, an o or down projection that runs on cuBLAS adds its product to the residual
-//! stream itself (one rounding of the sum, where the separate add rounds the product first), so
-//! the next RMSNorm reads one tensor and writes one instead of reading two and writing two.
+//! With one rank, an o or down projection that runs on cuBLAS (or cuBLASLt's FP8 GEMM, with one
+//! weight scale) adds its product to the residual stream itself (one rounding of the sum, where
+//! the separate add rounds the product first), so the next RMSNorm reads one tensor and writes
+//! one instead of reading two and writing two.
 //!
 //! The same code runs eagerly and under CUDA-graph capture: every step-dependent value (tokens,
 //! positions, slots, tiles, sampling parameters, block tables, contexts) is read from device
@@ -266,7 +267,7 @@ impl Pass<'_> {
             y: self.ws.x.ptr,
             ..p
         };
-        if single_rank && self.dev.linear.try_accumulate(&into_x)? {
+        if single_rank && self.dev.linear.try_accumulate(self.dev.kernels, &into_x)? {
             self.sub_pending.set(false);
             return self.lora(li, fused, into_x.y, p.x);
         }

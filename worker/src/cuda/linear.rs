@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use cudarc::driver::sys::CUevent_flags;
 
 use super::blas::Blas;
-use super::blas_lt::{BlasLt, Scale};
+use super::blas_lt::{BlasLt, Fp8Gemm, Scale};
 use super::device::{device_err, Gpu};
 use super::fp8::Fp8Operands;
 use super::int4::{Int4Operands, GATHERED_ROWS, GEMM_ROWS as INT4_GEMM_ROWS, TILE as INT4_TILE};
@@ -225,18 +225,71 @@ impl Linear {
         self.launch(kernels, self.kernel_for(Shape::of(p), p.rows), p)
     }
 
-    /// `p.y += p.x W^T` with one rounding, where `p` runs on cuBLAS with a weight in the dtype:
-    /// true. Elsewhere (GEMV, FP8 or 4-bit weights, the batch-invariant kernel) nothing runs:
+    /// `p.y += p.x W^T` with one rounding, where `p` runs on cuBLAS with a weight in the dtype or
+    /// on cuBLASLt's FP8 GEMM with one weight scale (whose epilogue adds `p.y`): true. Elsewhere
+    /// (GEMV, 4-bit weights, per-row FP8 weight scales, the batch-invariant kernel) nothing runs:
     /// false.
-    pub fn try_accumulate(&self, p: &Product) -> Result<bool> {
-        let on_cublas = p.fp8.is_none()
-            && p.int4.is_none()
-            && self.kernel_for(Shape::of(p), p.rows) == LinearKernel::Cublas;
-        if on_cublas {
-            self.blas
-                .linear_accumulate(p.y, p.x, p.w, p.rows, p.n_out, p.k)?;
+    pub fn try_accumulate(&self, kernels: &Kernels, p: &Product) -> Result<bool> {
+        if p.int4.is_some() || self.kernel_for(Shape::of(p), p.rows) != LinearKernel::Cublas {
+            return Ok(false);
         }
-        Ok(on_cublas)
+        match &p.fp8 {
+            None => self
+                .blas
+                .linear_accumulate(p.y, p.x, p.w, p.rows, p.n_out, p.k)?,
+            // Per-row weight scales may be applied after the GEMM (fp8_scale_outer), which would
+            // scale the sum.
+            Some(fp8) if fp8.w_scale_per_row => return Ok(false),
+            Some(fp8) => self.fp8_product(kernels, p, fp8, true)?,
+        }
+        Ok(true)
+    }
+
+    /// `p` through cuBLASLt's FP8 GEMM after quantizing its activations (`p.y += ...` with
+    /// `accumulate`, which needs per-tensor weight scales).
+    fn fp8_product(
+        &self,
+        kernels: &Kernels,
+        p: &Product,
+        fp8: &Fp8Operands,
+        accumulate: bool,
+    ) -> Result<()> {
+        let lt = self.blas_lt.as_ref().ok_or_else(|| WorkerError::Device {
+            detail: "an FP8 product without a cuBLASLt handle".into(),
+        })?;
+        // Activations: the checkpoint's static scale; per row beside per-row weight scales
+        // (FP8_DYNAMIC); else one dynamic scale for the product.
+        let x_scale = match (fp8.x_static, fp8.w_scale_per_row) {
+            (Some(s), _) => {
+                kernels.fp8_quantize_static(fp8.x_q, fp8.x_stats, s, p.x, p.rows * p.k)?;
+                Scale::Tensor(fp8.x_scale())
+            }
+            (None, true) => {
+                kernels.fp8_quantize_rows(fp8.x_q, fp8.x_stats, p.x, p.rows, p.k)?;
+                Scale::Rows(fp8.x_stats)
+            }
+            (None, false) => {
+                kernels.fp8_quantize(fp8.x_q, fp8.x_stats, p.x, p.rows * p.k)?;
+                Scale::Tensor(fp8.x_scale())
+            }
+        };
+        let w_scale = if fp8.w_scale_per_row {
+            Scale::Rows(fp8.w_scale)
+        } else {
+            Scale::Tensor(fp8.w_scale)
+        };
+        let gemm = Fp8Gemm {
+            y: p.y,
+            x: fp8.x_q,
+            x_scale,
+            w: p.w,
+            w_scale,
+            accumulate,
+        };
+        match lt.fp8_linear(&gemm, p.rows, p.n_out, p.k)? {
+            Some(u) => kernels.fp8_scale_outer(p.y, u.x_rows, u.w_rows, p.rows, p.n_out),
+            None => Ok(()),
+        }
     }
 
     /// The product `p` on `kernel`.
@@ -266,38 +319,7 @@ impl Linear {
         }
         match (kernel, &p.fp8) {
             (LinearKernel::Cublas, None) => self.blas.linear(p.y, p.x, p.w, p.rows, p.n_out, p.k),
-            (LinearKernel::Cublas, Some(fp8)) => {
-                let lt = self.blas_lt.as_ref().ok_or_else(|| WorkerError::Device {
-                    detail: "an FP8 product without a cuBLASLt handle".into(),
-                })?;
-                // Activations: the checkpoint's static scale; per row beside per-row weight
-                // scales (FP8_DYNAMIC); else one dynamic scale for the product.
-                let x_scale = match (fp8.x_static, fp8.w_scale_per_row) {
-                    (Some(s), _) => {
-                        kernels.fp8_quantize_static(fp8.x_q, fp8.x_stats, s, p.x, p.rows * p.k)?;
-                        Scale::Tensor(fp8.x_scale())
-                    }
-                    (None, true) => {
-                        kernels.fp8_quantize_rows(fp8.x_q, fp8.x_stats, p.x, p.rows, p.k)?;
-                        Scale::Rows(fp8.x_stats)
-                    }
-                    (None, false) => {
-                        kernels.fp8_quantize(fp8.x_q, fp8.x_stats, p.x, p.rows * p.k)?;
-                        Scale::Tensor(fp8.x_scale())
-                    }
-                };
-                let w_scale = if fp8.w_scale_per_row {
-                    Scale::Rows(fp8.w_scale)
-                } else {
-                    Scale::Tensor(fp8.w_scale)
-                };
-                let unapplied =
-                    lt.fp8_linear(p.y, fp8.x_q, x_scale, p.w, w_scale, p.rows, p.n_out, p.k)?;
-                match unapplied {
-                    Some(u) => kernels.fp8_scale_outer(p.y, u.x_rows, u.w_rows, p.rows, p.n_out),
-                    None => Ok(()),
-                }
-            }
+            (LinearKernel::Cublas, Some(fp8)) => self.fp8_product(kernels, p, fp8, false),
             (LinearKernel::Gemv { columns, unroll }, _) => kernels.gemv(p, columns, unroll),
             (LinearKernel::BatchInvariant, _) => kernels.gemm_bi(p),
             (LinearKernel::Int4Gemm, _) => Err(WorkerError::Device {
