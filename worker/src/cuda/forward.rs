@@ -10,10 +10,11 @@
 //! sampled tokens (rank 0 samples, NCCL broadcasts). Embedding steps stop after the final
 //! RMSNorm (`hidden_states`).
 //!
-//! With one rank, an o or down projection that runs on cuBLAS (or cuBLASLt's FP8 GEMM, with one
-//! weight scale) adds its product to the residual stream itself (one rounding of the sum, where
-//! the separate add rounds the product first), so the next RMSNorm reads one tensor and writes
-//! one instead of reading two and writing two.
+//! With one rank, an o or down projection that runs on cuBLAS (a weight in the dtype or a 4-bit
+//! one dequantized for it) or on cuBLASLt's FP8 GEMM with one weight scale adds its product to
+//! the residual stream itself (one rounding of the sum, where the separate add rounds the
+//! product first), so the next RMSNorm reads one tensor and writes one instead of reading two
+//! and writing two.
 //!
 //! The same code runs eagerly and under CUDA-graph capture: every step-dependent value (tokens,
 //! positions, slots, tiles, sampling parameters, block tables, contexts) is read from device

@@ -225,13 +225,17 @@ impl Linear {
         self.launch(kernels, self.kernel_for(Shape::of(p), p.rows), p)
     }
 
-    /// `p.y += p.x W^T` with one rounding, where `p` runs on cuBLAS with a weight in the dtype or
-    /// on cuBLASLt's FP8 GEMM with one weight scale (whose epilogue adds `p.y`): true. Elsewhere
-    /// (GEMV, 4-bit weights, per-row FP8 weight scales, the batch-invariant kernel) nothing runs:
-    /// false.
+    /// `p.y += p.x W^T` with one rounding, where `p` runs on cuBLAS (with a weight in the dtype,
+    /// or a 4-bit one dequantized for it) or on cuBLASLt's FP8 GEMM with one weight scale (whose
+    /// epilogue adds `p.y`): true. Elsewhere (the GEMVs, the 4-bit GEMM, per-row FP8 weight
+    /// scales, the batch-invariant kernel) nothing runs: false.
     pub fn try_accumulate(&self, kernels: &Kernels, p: &Product) -> Result<bool> {
-        if p.int4.is_some() || self.kernel_for(Shape::of(p), p.rows) != LinearKernel::Cublas {
+        if self.kernel_for(Shape::of(p), p.rows) != LinearKernel::Cublas {
             return Ok(false);
+        }
+        if let Some(q) = p.int4 {
+            self.int4_on_cublas(kernels, p, &q, true)?;
+            return Ok(true);
         }
         match &p.fp8 {
             None => self
@@ -243,6 +247,38 @@ impl Linear {
             Some(fp8) => self.fp8_product(kernels, p, fp8, true)?,
         }
         Ok(true)
+    }
+
+    /// `p`'s 4-bit weight dequantized into its scratch, then cuBLAS (`p.y += ...` with
+    /// `accumulate`).
+    fn int4_on_cublas(
+        &self,
+        kernels: &Kernels,
+        p: &Product,
+        q: &Int4Operands,
+        accumulate: bool,
+    ) -> Result<()> {
+        let gemm = |y, x, rows| {
+            if accumulate {
+                self.blas
+                    .linear_accumulate(y, x, q.scratch, rows, p.n_out, p.k)
+            } else {
+                self.blas.linear(y, x, q.scratch, rows, p.n_out, p.k)
+            }
+        };
+        kernels.dequantize_w4(p)?;
+        if q.perm == 0 {
+            return gemm(p.y, p.x, p.rows);
+        }
+        // Act-order: the dequantized weight keeps its inputs sorted by group, so the inputs are
+        // gathered into that order, a chunk of rows at a time.
+        for first in (0..p.rows).step_by(GATHERED_ROWS) {
+            let rows = GATHERED_ROWS.min(p.rows - first);
+            let x = (p.x as usize + first * p.k * ELEM) as u64;
+            let y = (p.y as usize + first * p.n_out * ELEM) as u64;
+            gemm(y, kernels.gather_inputs(q, x, rows, p.k)?, rows)?;
+        }
+        Ok(())
     }
 
     /// `p` through cuBLASLt's FP8 GEMM after quantizing its activations (`p.y += ...` with
@@ -298,23 +334,7 @@ impl Linear {
             return match kernel {
                 LinearKernel::Gemv { .. } => kernels.gemv_w4(p),
                 LinearKernel::Int4Gemm => kernels.gemm_w4(p),
-                _ => {
-                    kernels.dequantize_w4(p)?;
-                    if q.perm == 0 {
-                        return self.blas.linear(p.y, p.x, q.scratch, p.rows, p.n_out, p.k);
-                    }
-                    // Act-order: the dequantized weight keeps its inputs sorted by group, so the
-                    // inputs are gathered into that order, a chunk of rows at a time.
-                    for first in (0..p.rows).step_by(GATHERED_ROWS) {
-                        let rows = GATHERED_ROWS.min(p.rows - first);
-                        let x = (p.x as usize + first * p.k * ELEM) as u64;
-                        let y = (p.y as usize + first * p.n_out * ELEM) as u64;
-                        let gathered = kernels.gather_inputs(&q, x, rows, p.k)?;
-                        self.blas
-                            .linear(y, gathered, q.scratch, rows, p.n_out, p.k)?;
-                    }
-                    Ok(())
-                }
+                _ => self.int4_on_cublas(kernels, p, &q, false),
             };
         }
         match (kernel, &p.fp8) {
