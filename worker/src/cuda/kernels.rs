@@ -316,16 +316,13 @@ pub fn attention_smem_bytes(head_dim: usize, items: usize) -> usize {
     items * head_dim * 4 + 32 * (head_dim + 2) * ELEM + 32 * head_dim * ELEM
 }
 
-/// The longest row rms_norm.cu's narrow kernels take: 1,024 threads of one 16-byte piece.
-const NARROW_NORM: usize = 8 * 1024;
-
 /// Every kernel, loaded for one dtype.
 pub struct Kernels {
     stream: std::sync::Arc<CudaStream>,
     /// Launches carry the programmatic-dependent-launch attribute (`launch.rs`).
     programmatic: bool,
     embedding: CudaFunction,
-    /// rms_norm.cu's kernels of one 16-byte piece a thread (rows up to [`NARROW_NORM`]) and their
+    /// rms_norm.cu's kernels of one 16-byte piece a thread ([`Kernels::narrow_norm`]) and their
     /// wide twins.
     rms_norm: CudaFunction,
     rms_norm_residual: CudaFunction,
@@ -595,14 +592,20 @@ impl Kernels {
         ((hidden / 8).div_ceil(32) * 32).clamp(32, 1024) as u32
     }
 
-    /// rms_norm.cu's narrow kernel where a row is at most one 16-byte piece a thread, else the
-    /// wide one: chosen by the row's length alone, so a row's sums never depend on the batch.
+    /// Whether rows of `hidden` elements take rms_norm.cu's narrow kernels: at most one 16-byte
+    /// piece a thread of [`Self::norm_threads`]. Chosen by the row's length alone, so a row's
+    /// sums never depend on the batch.
+    fn narrow_norm(hidden: usize) -> bool {
+        hidden.is_multiple_of(8) && hidden / 8 <= Self::norm_threads(hidden) as usize
+    }
+
+    /// The narrow kernel or its wide twin for rows of `hidden` elements ([`Self::narrow_norm`]).
     fn norm_kernel<'a>(
         narrow: &'a CudaFunction,
         wide: &'a CudaFunction,
         hidden: usize,
     ) -> &'a CudaFunction {
-        if hidden.is_multiple_of(8) && hidden <= NARROW_NORM {
+        if Self::narrow_norm(hidden) {
             narrow
         } else {
             wide
@@ -1492,6 +1495,17 @@ pub struct SamplingPointers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_up_to_8192_elements_take_the_narrow_norm() {
+        for hidden in [576, 2048, 4096, 5120, 8192] {
+            assert!(Kernels::narrow_norm(hidden), "{hidden}");
+        }
+        // Longer rows, and rows the 16-byte path cannot take, run the wide kernels.
+        for hidden in [8200, 16384, 1001] {
+            assert!(!Kernels::narrow_norm(hidden), "{hidden}");
+        }
+    }
 
     #[test]
     fn attention_tiles_fit_the_default_shared_memory() {
