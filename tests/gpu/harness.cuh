@@ -1,5 +1,5 @@
 // What the standalone kernel harnesses of tests/gpu share: the CUDA runtime check, the
-// activation type and the copy bandwidth their ratios divide by.
+// activation type, event and graph timers, and the copy bandwidth their ratios divide by.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -57,6 +57,33 @@ template <typename F> inline double time_us(F f, int iters = 20) {
     for (int i = 0; i < iters; ++i) t.push_back(event_us(f));
     std::sort(t.begin(), t.end());
     return t[t.size() / 2];
+}
+
+// Microseconds per launch of `run(i)` (i = 0 .. launches - 1, captured in that order) in one CUDA
+// graph on `st`, replayed 5 times after one untimed replay.
+template <typename F> inline double graph_us(cudaStream_t st, int launches, F run) {
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+    for (int i = 0; i < launches; ++i) run(i);
+    CK(cudaStreamEndCapture(st, &graph));
+    CK(cudaGraphInstantiate(&exec, graph, 0));
+    CK(cudaGraphLaunch(exec, st));
+    CK(cudaEventRecord(e0, st));
+    const int reps = 5;
+    for (int i = 0; i < reps; ++i) CK(cudaGraphLaunch(exec, st));
+    CK(cudaEventRecord(e1, st));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    CK(cudaGraphExecDestroy(exec));
+    CK(cudaGraphDestroy(graph));
+    CK(cudaEventDestroy(e0));
+    CK(cudaEventDestroy(e1));
+    return ms * 1e3 / (reps * launches);
 }
 
 // Device-to-device copy bandwidth on `stream`, read + write (as worker/src/cuda/floors.rs counts

@@ -320,31 +320,10 @@ static void check(const char* what, const Weight& w, int rows) {
 }
 
 // Microseconds per launch of `run(copy)` in a CUDA graph of `launches` launches rotating over
-// `copies` weight copies, replayed 5 times after one untimed replay.
+// `copies` weight copies (harness.cuh's graph_us).
 template <typename F>
-static double graph_us(cudaStream_t st, int launches, int copies, F run) {
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-    for (int i = 0; i < launches; ++i) run(i % copies);
-    CK(cudaStreamEndCapture(st, &graph));
-    CK(cudaGraphInstantiate(&exec, graph, 0));
-    CK(cudaGraphLaunch(exec, st));
-    CK(cudaEventRecord(e0, st));
-    const int reps = 5;
-    for (int i = 0; i < reps; ++i) CK(cudaGraphLaunch(exec, st));
-    CK(cudaEventRecord(e1, st));
-    CK(cudaEventSynchronize(e1));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    CK(cudaGraphExecDestroy(exec));
-    CK(cudaGraphDestroy(graph));
-    CK(cudaEventDestroy(e0));
-    CK(cudaEventDestroy(e1));
-    return ms * 1e3 / (reps * launches);
+static double copies_us(cudaStream_t st, int launches, int copies, F run) {
+    return graph_us(st, launches, [&](int i) { run(i % copies); });
 }
 
 // gemm_w4 against the CPU and, bit for bit, against gemv_w4 on 8 rows at a time at the same
@@ -449,7 +428,7 @@ static void time_gemm(cudaStream_t st, double copy_gbs) {
         const size_t n_counters = (size_t)chunks * ((s.n / 16 + kGemmWarps - 1) / kGemmWarps);
         CK(cudaMalloc(&counters, n_counters * sizeof(unsigned)));
         CK(cudaMemset(counters, 0, n_counters * sizeof(unsigned)));
-        auto time_us = [&](auto run) { return graph_us(st, 32, copies, run); };
+        auto time_us = [&](auto run) { return copies_us(st, 32, copies, run); };
         auto row = [&](int rows, const char* kernel, int split, double us) {
             const double gbs = bytes / (us * 1e-6) / 1e9;
             printf("| %s | %d | %s | %d | %.2f | %.0f | %.3f |\n", s.name, rows, kernel, split, us,
@@ -602,7 +581,7 @@ int main() {
                     CK(cudaMemcpy(y.data(), dy, y.size() * sizeof(bf), cudaMemcpyDeviceToHost));
                     const double err = error_of(y, ref);
                     if (err >= kTolerance) ++g_failures;
-                    const double us = graph_us(st, 64, copies, run);
+                    const double us = copies_us(st, 64, copies, run);
                     const double gbs = bytes / (us * 1e-6) / 1e9;
                     printf("| %s | %d | %s | %d | %.2f | %.0f | %.3f | %.5f%s |\n", s.name, rows,
                            v.name, split, us, gbs, gbs / copy_gbs, err,

@@ -261,6 +261,8 @@ impl BlasLt {
         m: usize,
         k: usize,
     ) -> Result<Option<Unapplied>> {
+        use std::sync::atomic::Ordering;
+        use sys::cublasLtMatmulDescAttributes_t as Attr;
         let Fp8Gemm {
             y,
             x,
@@ -269,8 +271,6 @@ impl BlasLt {
             w_scale,
             accumulate,
         } = *g;
-        use std::sync::atomic::Ordering;
-        use sys::cublasLtMatmulDescAttributes_t as Attr;
         if n == 0 {
             return Ok(None);
         }
