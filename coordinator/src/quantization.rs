@@ -5,7 +5,7 @@
 //! What runs today: `gguf`, a GGUF file's blocks kept quantized on the CPU backend (on a GPU a
 //! GGUF is dequantized to the dtype at load, and an explicit `--quantization gguf` is refused by
 //! the CUDA worker); `fp8`, a bf16/f16 checkpoint's linear layers quantized to FP8 E4M3 at load
-//! (per-tensor scales, vLLM's online FP8) on CUDA GPUs of compute capability 8.9 or newer (the
+//! (per-tensor weight scales, vLLM's online FP8; per-token activation scales) on CUDA GPUs of compute capability 8.9 or newer (the
 //! worker refuses older GPUs); FP8 checkpoints (`quant_method` `fp8` or `compressed-tensors`,
 //! `tpserve_modelfile::quantization`), whose weights run as stored where the workers multiply
 //! FP8 and are dequantized to `--dtype` elsewhere (and when block-scaled); AWQ and GPTQ

@@ -244,6 +244,60 @@ __device__ __forceinline__ unsigned short float2_to_e4m3x2(float lo, float hi) {
 #endif
 }
 
+// FP8 activations (issue 12): E4M3's largest finite value, and the scale of a tensor or row
+// whose largest |element| is amax (1 for all zeros), as vLLM's `scaled_fp8_quant` computes it.
+constexpr float kE4M3Max = 448.0f;
+
+__device__ __forceinline__ float e4m3_scale(float amax) {
+    return amax > 0.0f ? amax / kE4M3Max : 1.0f;
+}
+
+// The largest |element| of one 16-byte piece of T (8 elements).
+template <typename T> __device__ __forceinline__ float abs_max8(uint4 v) {
+    const T* e = reinterpret_cast<const T*>(&v);
+    float m = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        m = fmaxf(m, fabsf(to_float(e[j])));
+    }
+    return m;
+}
+
+// One 16-byte piece of T (8 elements) as E4M3(x / scale), 8 bytes in element order.
+template <typename T> __device__ __forceinline__ uint2 e4m3_quantize8(uint4 v, float scale) {
+    const T* e = reinterpret_cast<const T*>(&v);
+    unsigned short q[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        q[j] = float2_to_e4m3x2(to_float(e[2 * j]) / scale, to_float(e[2 * j + 1]) / scale);
+    }
+    return make_uint2(q[0] | ((unsigned int)q[1] << 16), q[2] | ((unsigned int)q[3] << 16));
+}
+
+__device__ __forceinline__ float warp_reduce_max(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    }
+    return v;
+}
+
+// The maximum of `v` over the block, returned to every thread (as block_reduce_sum: blockDim.x
+// a multiple of 32, every thread calls it).
+__device__ __forceinline__ float block_reduce_max(float v) {
+    __shared__ float warp_max[32];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    v = warp_reduce_max(v);
+    if (lane == 0) {
+        warp_max[warp] = v;
+    }
+    __syncthreads();
+    const float total = warp_reduce_max(lane < (int)(blockDim.x >> 5) ? warp_max[lane] : 0.0f);
+    __syncthreads();
+    return total;
+}
+
 // An element of an FP8 KV cache (`--kv-cache-dtype fp8`): E4M3 bits of x / scale, with one f32
 // scale per layer for keys and one for values.
 struct E4M3Kv {

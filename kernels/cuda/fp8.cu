@@ -1,69 +1,32 @@
-// FP8 E4M3 quantization with one f32 scale per tensor (issue 12's `--quantization fp8`): each
-// linear weight once at load, and for products of more rows than the GEMV kernel takes, the
-// activations of each product (a dynamic per-tensor scale, or an FP8 checkpoint's static one:
-// the quantizing kernel alone, given one "partial maximum" of 448 times that scale; or, beside
-// an FP8 checkpoint's per-channel weights, one dynamic scale per row) before cuBLASLt's FP8 GEMM.
+// FP8 E4M3 quantization (issue 12's `--quantization fp8`): each linear weight once at load with
+// one f32 scale per tensor, and for products of more rows than the GEMV kernel takes, the
+// activations of each product: with an FP8 checkpoint's static scale (the quantizing kernel
+// alone, given one "partial maximum" of 448 times that scale), or with one dynamic scale per row
+// (per token; the norm and SiLU-mul kernels quantize their outputs this way themselves:
+// rms_norm.cu, silu_mul.cu) before cuBLASLt's FP8 GEMM.
 //
-// A tensor's scale is amax / 448 (448 is E4M3's largest finite value), its elements x / scale
-// rounded to the nearest E4M3 value (ties to even) and saturated at +-448: vLLM's
-// `scaled_fp8_quant` without a given scale. Two kernels, so that the maximum needs no atomics
-// and no zeroed accumulator (both are graph-safe): partial maxima per block, then every block of
-// the quantizing kernel reduces the partials before it converts its share.
+// A tensor's (or row's) scale is amax / 448 (448 is E4M3's largest finite value), its elements
+// x / scale rounded to the nearest E4M3 value (ties to even) and saturated at +-448: vLLM's
+// `scaled_fp8_quant`. A tensor's maximum takes two kernels, so that it needs no atomics and no
+// zeroed accumulator (both are graph-safe): partial maxima per block, then every block of the
+// quantizing kernel reduces the partials before it converts its share.
 #include "common.cuh"
 
 namespace {
 
-constexpr float kE4M3Max = 448.0f;
+using tpserve::block_reduce_max;
 
-__device__ __forceinline__ float warp_reduce_max(float v) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    }
-    return v;
-}
-
-// The maximum of `v` over the block, returned to every thread (blockDim.x a multiple of 32).
-__device__ __forceinline__ float block_reduce_max(float v) {
-    __shared__ float warp_max[32];
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    v = warp_reduce_max(v);
-    if (lane == 0) {
-        warp_max[warp] = v;
-    }
-    __syncthreads();
-    float total = lane < (int)(blockDim.x >> 5) ? warp_max[lane] : 0.0f;
-    return warp_reduce_max(total);
-}
-
-// The largest |x[j]| of 8 elements (one 16-byte load, 16-byte aligned).
-template <typename T>
-__device__ __forceinline__ float abs_max8(const T* __restrict__ x) {
-    const uint4 v = *reinterpret_cast<const uint4*>(x);
-    const T* e = reinterpret_cast<const T*>(&v);
-    float m = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        m = fmaxf(m, fabsf(tpserve::to_float(e[j])));
-    }
-    return m;
+// The largest |x[j]| of 8 elements (16-byte aligned).
+template <typename T> __device__ __forceinline__ float abs_max8(const T* __restrict__ x) {
+    return tpserve::abs_max8<T>(*reinterpret_cast<const uint4*>(x));
 }
 
 // out[j] = E4M3(x[j] / scale) for 8 elements (x 16-byte, out 8-byte aligned).
 template <typename T>
 __device__ __forceinline__ void quantize8(unsigned char* __restrict__ out,
                                           const T* __restrict__ x, float scale) {
-    const uint4 v = *reinterpret_cast<const uint4*>(x);
-    const T* e = reinterpret_cast<const T*>(&v);
-    unsigned short q[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        q[j] = tpserve::float2_to_e4m3x2(tpserve::to_float(e[2 * j]) / scale,
-                                tpserve::to_float(e[2 * j + 1]) / scale);
-    }
     *reinterpret_cast<uint2*>(out) =
-        make_uint2(q[0] | ((unsigned int)q[1] << 16), q[2] | ((unsigned int)q[3] << 16));
+        tpserve::e4m3_quantize8<T>(*reinterpret_cast<const uint4*>(x), scale);
 }
 
 }  // namespace
@@ -111,7 +74,7 @@ __device__ void fp8_quantize_impl(unsigned char* __restrict__ out, float* __rest
         m = fmaxf(m, partial[i]);
     }
     const float amax = block_reduce_max(m);
-    const float scale = amax > 0.0f ? amax / kE4M3Max : 1.0f;
+    const float scale = tpserve::e4m3_scale(amax);
     if (blockIdx.x == 0 && threadIdx.x == 0) {
         *scale_out = scale;
     }
@@ -142,7 +105,7 @@ __device__ void fp8_quantize_rows_impl(unsigned char* __restrict__ out, float* _
         m = fmaxf(m, abs_max8(x + row + i));
     }
     const float amax = block_reduce_max(m);
-    const float scale = amax > 0.0f ? amax / kE4M3Max : 1.0f;
+    const float scale = tpserve::e4m3_scale(amax);
     if (threadIdx.x == 0) {
         scales[blockIdx.x] = scale;
     }

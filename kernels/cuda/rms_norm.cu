@@ -10,10 +10,16 @@
 // thread keeping its pieces (up to kMaxPieces) in registers between the two passes; others
 // element by element. The reduction order depends on the row's length and the block's size
 // alone, which the host sets from the row's length: never on the number of rows.
-template <typename T, bool HAS_RESIDUAL, int kMaxPieces>
+//
+// With QUANT (the 16-byte path only; the host launches it only there), the output row is also
+// quantized to FP8 E4M3 with its own scale, exactly as fp8.cu's fp8_quantize_rows would quantize
+// it (the same maximum, scale and rounding): q_out[row, :] = E4M3(out[row, :] / s) and
+// q_scales[row] = s = amax / 448; `out` itself is then written only when not null.
+template <typename T, bool HAS_RESIDUAL, int kMaxPieces, bool QUANT = false>
 __device__ void rms_norm_impl(T* __restrict__ out, T* __restrict__ x,
                               const T* __restrict__ residual, const T* __restrict__ weight,
-                              int hidden, float eps) {
+                              int hidden, float eps, unsigned char* __restrict__ q_out = nullptr,
+                              float* __restrict__ q_scales = nullptr) {
     tpserve::wait_for_inputs();
     const long long row = blockIdx.x;
     T* xr = x + row * hidden;
@@ -61,7 +67,30 @@ __device__ void rms_norm_impl(T* __restrict__ out, T* __restrict__ x,
                     const float normed = tpserve::round_to<T>(tpserve::to_float(e[i]) * scale);
                     e[i] = tpserve::from_float<T>(normed * tpserve::to_float(w[i]));
                 }
-                *reinterpret_cast<uint4*>(outr + p * 8) = held[j];
+                if (!QUANT || out != nullptr) {
+                    *reinterpret_cast<uint4*>(outr + p * 8) = held[j];
+                }
+            }
+        }
+        if (QUANT) {
+            float amax = 0.0f;
+#pragma unroll
+            for (int j = 0; j < kMaxPieces; ++j) {
+                if (threadIdx.x + j * blockDim.x < pieces) {
+                    amax = fmaxf(amax, tpserve::abs_max8<T>(held[j]));
+                }
+            }
+            const float q_scale = tpserve::e4m3_scale(tpserve::block_reduce_max(amax));
+            if (threadIdx.x == 0) {
+                q_scales[row] = q_scale;
+            }
+#pragma unroll
+            for (int j = 0; j < kMaxPieces; ++j) {
+                const int p = threadIdx.x + j * blockDim.x;
+                if (p < pieces) {
+                    *reinterpret_cast<uint2*>(q_out + row * hidden + p * 8) =
+                        tpserve::e4m3_quantize8<T>(held[j], q_scale);
+                }
             }
         }
         return;
@@ -113,6 +142,16 @@ __device__ void rms_norm_impl(T* __restrict__ out, T* __restrict__ x,
 //   hidden    i32
 //   eps       f32
 // Launch: as rms_norm.
+//
+// rms_norm_fp8_rows_{bf16,f16}, rms_norm_residual_fp8_rows_{bf16,f16}: rms_norm and
+// rms_norm_residual (the narrow kernels: hidden a multiple of 8, at most 8,192) that also
+// quantize each output row to FP8 for the product that reads it (issue 12: the per-token
+// activations of cuBLASLt's FP8 GEMM, without a pass of their own over the norm's output).
+//
+// Extra arguments, after the others:
+//   q_out     u8  [num_tokens, hidden]   written (E4M3 bits)
+//   q_scales  f32 [num_tokens]           written (each row's scale)
+// `out` may be null: the dtype output is then not written.
 #define TPSERVE_RMS_NORM_KERNELS(NAME, BOUNDS, PIECES, SUFFIX, T)                             \
     extern "C" __global__ void BOUNDS rms_norm##NAME##_##SUFFIX(                              \
         T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ weight,           \
@@ -125,7 +164,23 @@ __device__ void rms_norm_impl(T* __restrict__ out, T* __restrict__ x,
         const T* __restrict__ weight, int hidden, float eps) {                                \
         rms_norm_impl<T, true, PIECES>(out, x, residual, weight, hidden, eps);                \
     }
+#define TPSERVE_RMS_NORM_FP8_ROWS(SUFFIX, T)                                                  \
+    extern "C" __global__ void __launch_bounds__(1024, 2) rms_norm_fp8_rows_##SUFFIX(         \
+        T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ weight,           \
+        int hidden, float eps, unsigned char* __restrict__ q_out,                             \
+        float* __restrict__ q_scales) {                                                       \
+        rms_norm_impl<T, false, 1, true>(out, const_cast<T*>(x), nullptr, weight, hidden, eps, \
+                                         q_out, q_scales);                                    \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(1024, 2) rms_norm_residual_fp8_rows_##SUFFIX( \
+        T* __restrict__ out, T* __restrict__ x, const T* __restrict__ residual,               \
+        const T* __restrict__ weight, int hidden, float eps, unsigned char* __restrict__ q_out, \
+        float* __restrict__ q_scales) {                                                       \
+        rms_norm_impl<T, true, 1, true>(out, x, residual, weight, hidden, eps, q_out,         \
+                                        q_scales);                                            \
+    }
 #define TPSERVE_RMS_NORM(SUFFIX, T)                                                           \
     TPSERVE_RMS_NORM_KERNELS(, __launch_bounds__(1024, 2), 1, SUFFIX, T)                      \
-    TPSERVE_RMS_NORM_KERNELS(_wide, , 4, SUFFIX, T)
+    TPSERVE_RMS_NORM_KERNELS(_wide, , 4, SUFFIX, T)                                           \
+    TPSERVE_RMS_NORM_FP8_ROWS(SUFFIX, T)
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_RMS_NORM)

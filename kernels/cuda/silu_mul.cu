@@ -50,9 +50,74 @@ __device__ void silu_mul_impl(T* __restrict__ out, const T* __restrict__ gate_up
     }
 }
 
+// silu_mul_fp8_rows_{bf16,f16}: silu_mul's row (the same values, rounded as it rounds them)
+// quantized to FP8 E4M3 with the row's own scale, as fp8.cu's fp8_quantize_rows would quantize
+// it: q_out[t, :] = E4M3(out[t, :] / s_t), q_scales[t] = s_t = amax_t / 448 (1 for a row of
+// zeros); `out` written too when not null. For the down projection's per-token FP8
+// activations (issue 12) without a pass of their own. The row waits in shared memory between
+// its maximum and its conversion (each thread reads back only what it wrote); rows of Llama-3-8B
+// (14,336 elements, 28 KiB) leave room for seven blocks an SM, whose passes overlap: one block
+// of 1,024 threads holding the row in registers had one an SM and took 337 us for 8,192 rows
+// against 281 for silu_mul and fp8_quantize_rows (tests/gpu/fp8_rows_bench.cu, H200).
+//
+// Arguments:
+//   out       T   [num_tokens, d]       written, or null
+//   q_out     u8  [num_tokens, d]       written (E4M3 bits)
+//   q_scales  f32 [num_tokens]          written
+//   gate_up   T   [num_tokens, 2 * d]   read only
+//   d         i32                       a multiple of 8
+// Launch: grid (num_tokens, 1, 1); block (256, 1, 1); dynamic shared memory d * sizeof(T)
+// bytes. 16-byte aligned rows.
+template <typename T>
+__device__ void silu_mul_fp8_rows_impl(T* __restrict__ out, unsigned char* __restrict__ q_out,
+                                       float* __restrict__ q_scales,
+                                       const T* __restrict__ gate_up, int d) {
+    extern __shared__ uint4 row_pieces[];
+    tpserve::wait_for_inputs();
+    const long long token = blockIdx.x;
+    const T* gate = gate_up + token * 2 * d;
+    const T* up = gate + d;
+    const int pieces = d / 8;
+    float amax = 0.0f;
+#pragma unroll 4
+    for (int p = threadIdx.x; p < pieces; p += blockDim.x) {
+        const uint4 gv = *reinterpret_cast<const uint4*>(gate + p * 8);
+        const uint4 uv = *reinterpret_cast<const uint4*>(up + p * 8);
+        const T* g8 = reinterpret_cast<const T*>(&gv);
+        const T* u8 = reinterpret_cast<const T*>(&uv);
+        uint4 ov;
+        T* o8 = reinterpret_cast<T*>(&ov);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const float g = tpserve::to_float(g8[i]);
+            const float activated = tpserve::round_to<T>(g / (1.0f + __expf(-g)));
+            o8[i] = tpserve::from_float<T>(activated * tpserve::to_float(u8[i]));
+        }
+        amax = fmaxf(amax, tpserve::abs_max8<T>(ov));
+        row_pieces[p] = ov;
+        if (out != nullptr) {
+            *reinterpret_cast<uint4*>(out + token * d + p * 8) = ov;
+        }
+    }
+    const float scale = tpserve::e4m3_scale(tpserve::block_reduce_max(amax));
+    if (threadIdx.x == 0) {
+        q_scales[token] = scale;
+    }
+#pragma unroll 4
+    for (int p = threadIdx.x; p < pieces; p += blockDim.x) {
+        *reinterpret_cast<uint2*>(q_out + token * d + p * 8) =
+            tpserve::e4m3_quantize8<T>(row_pieces[p], scale);
+    }
+}
+
 #define TPSERVE_SILU_MUL(SUFFIX, T)                                                           \
     extern "C" __global__ void silu_mul_##SUFFIX(T* __restrict__ out,                         \
                                                  const T* __restrict__ gate_up, int d) {      \
         silu_mul_impl<T>(out, gate_up, d);                                                    \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256) silu_mul_fp8_rows_##SUFFIX(             \
+        T* __restrict__ out, unsigned char* __restrict__ q_out, float* __restrict__ q_scales, \
+        const T* __restrict__ gate_up, int d) {                                               \
+        silu_mul_fp8_rows_impl<T>(out, q_out, q_scales, gate_up, d);                          \
     }
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_SILU_MUL)

@@ -132,10 +132,14 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "rms_norm_residual_bf16",
             "rms_norm_wide_bf16",
             "rms_norm_residual_wide_bf16",
+            "rms_norm_fp8_rows_bf16",
+            "rms_norm_residual_fp8_rows_bf16",
             "rms_norm_f16",
             "rms_norm_residual_f16",
             "rms_norm_wide_f16",
             "rms_norm_residual_wide_f16",
+            "rms_norm_fp8_rows_f16",
+            "rms_norm_residual_fp8_rows_f16",
         ],
     ),
     (
@@ -147,7 +151,15 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "rope_kv_write_fp8kv_f16",
         ],
     ),
-    ("silu_mul.cu", &["silu_mul_bf16", "silu_mul_f16"]),
+    (
+        "silu_mul.cu",
+        &[
+            "silu_mul_bf16",
+            "silu_mul_f16",
+            "silu_mul_fp8_rows_bf16",
+            "silu_mul_fp8_rows_f16",
+        ],
+    ),
     (
         "attention.cu",
         &[

@@ -25,16 +25,16 @@ With --fp8, the model emulates tpserve's `--quantization fp8` (the reference "co
 same dequantized weights" of issue 12): every linear layer's weight rounded to FP8 E4M3 with one
 scale per fused tensor as tpserve fuses them (q, k and v together; gate and up together; o; down;
 scale = amax / 448, round to nearest even, saturating), dequantized (x scale) to the dtype; and
-the input of every linear layer but the lm_head rounded the same way with one dynamic scale over
-all its rows when it has more than 8 rows (tpserve multiplies up to 8 rows in the GEMV with the
-activations unquantized, more through cuBLASLt's FP8 GEMM on quantized activations).
+the input of every linear layer but the lm_head rounded the same way when it has more than 8
+rows: with one dynamic scale over all its rows below 512 rows, one per row (per token) from 512
+(tpserve multiplies up to 8 rows in the GEMV with the activations unquantized, more through
+cuBLASLt's FP8 GEMM on activations quantized so: linear.rs, FP8_ROW_SCALES_MIN_ROWS).
 
 With --fp8-inputs (for pre-quantized FP8 checkpoints, run on their dequantized twin from
 make_fp8_checkpoint.py), the weights stay as loaded and only the inputs of products above 8 rows
 are rounded to FP8 as tpserve rounds them for that checkpoint: with the static scale
-CKPT_DIR/input_scales.json gives the layer (x / scale rounded to E4M3, saturating at 448); with
-one dynamic scale per row (per token) when CKPT_DIR/fp8_inputs.json says {"dynamic": "token"}
-(per-channel weights); else with one dynamic scale over all their rows.
+CKPT_DIR/input_scales.json gives the layer (x / scale rounded to E4M3, saturating at 448); else
+with dynamic scales as for --fp8, whatever the checkpoint's weight scales.
 
 With --fp8-kv, the model emulates tpserve's `--kv-cache-dtype fp8` (scales of 1, as for a
 checkpoint without `k_scale` / `v_scale`): the keys (after RoPE) and values every attention
@@ -103,6 +103,8 @@ def merge_lora(model, adapter: str):
 E4M3_MAX = 448.0
 # The inputs of tpserve's GEMV, which multiplies FP8 weights into unquantized activations.
 FP8_GEMV_ROWS = 8
+# From this many rows tpserve quantizes dynamic activations per row, below per tensor.
+FP8_ROW_SCALES_MIN_ROWS = 512
 
 
 def fp8_round(t: torch.Tensor) -> torch.Tensor:
@@ -128,14 +130,7 @@ def emulate_fp8(model) -> None:
             fused = fp8_round(torch.cat([m.weight.float() for m in group]))
             for m, w in zip(group, fused.split([m.weight.shape[0] for m in group])):
                 m.weight.copy_(w.to(m.weight.dtype))
-                m.register_forward_pre_hook(quantize_input)
-
-
-def quantize_input(_module, args):
-    (x,) = args
-    if x.numel() // x.shape[-1] <= FP8_GEMV_ROWS:
-        return None
-    return (fp8_round(x).to(x.dtype),)
+                m.register_forward_pre_hook(quantize_input_dynamic)
 
 
 def quantize_input_static(scale: float):
@@ -151,11 +146,15 @@ def quantize_input_static(scale: float):
     return hook
 
 
-def quantize_input_per_token(_module, args):
-    """A pre-hook rounding inputs above 8 rows to E4M3 with one dynamic scale per row."""
+def quantize_input_dynamic(_module, args):
+    """A pre-hook rounding inputs above 8 rows to E4M3 with dynamic scales: one over all rows
+    below FP8_ROW_SCALES_MIN_ROWS rows, one per row from there."""
     (x,) = args
-    if x.numel() // x.shape[-1] <= FP8_GEMV_ROWS:
+    rows = x.numel() // x.shape[-1]
+    if rows <= FP8_GEMV_ROWS:
         return None
+    if rows < FP8_ROW_SCALES_MIN_ROWS:
+        return (fp8_round(x).to(x.dtype),)
     t = x.float()
     amax = t.abs().amax(dim=-1, keepdim=True)
     scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
@@ -168,18 +167,14 @@ def emulate_fp8_inputs(model, ckpt: str) -> str:
     (weights as loaded); returns which scales."""
     path = os.path.join(ckpt, "input_scales.json")
     static = json.load(open(path)) if os.path.exists(path) else None
-    path = os.path.join(ckpt, "fp8_inputs.json")
-    per_token = os.path.exists(path) and json.load(open(path)).get("dynamic") == "token"
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name != "lm_head":
             if static is not None:
                 hook = quantize_input_static(static[name])
-            elif per_token:
-                hook = quantize_input_per_token
             else:
-                hook = quantize_input
+                hook = quantize_input_dynamic
             module.register_forward_pre_hook(hook)
-    return "static" if static is not None else "per-token" if per_token else "dynamic"
+    return "static" if static is not None else "dynamic"
 
 
 def e4m3(t: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,8 @@ and OUTDIR/dequantized/ the same model with every FP8 weight dequantized (E4M3 v
 float32) and no quantization_config: the weights both implementations multiply, for
 hf_reference.py. With static activation scales, OUTDIR/dequantized/input_scales.json maps each
 linear layer to the activation scale tpserve uses for it (the largest of q/k/v's, and of
-gate/up's, as vLLM fuses them); with per-token ones OUTDIR/dequantized/fp8_inputs.json says so:
-both for hf_reference.py --fp8-inputs.
+gate/up's, as vLLM fuses them), for hf_reference.py --fp8-inputs (which otherwise rounds them
+with dynamic scales as tpserve does).
 
 Layouts (--layout):
   channel  llm-compressor's FP8_DYNAMIC: compressed-tensors, format float-quantized, weights
@@ -126,9 +126,6 @@ def main() -> int:
             )
     write_pair(args.ckpt, args.outdir, fp8, deq, quantization_config(args.layout))
 
-    if args.layout == "channel":
-        with open(os.path.join(deq_dir, "fp8_inputs.json"), "w") as f:
-            json.dump({"dynamic": "token"}, f)
     if args.layout == "static":
         # tpserve's static scale for a fused layer is the largest of its parts' (vLLM's rule).
         fused = {}

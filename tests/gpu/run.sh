@@ -201,11 +201,13 @@ ours_logits() {
   case " ${extra[*]} $fp8" in
     *" --lora-adapter "*) sampled="the base model's sampling checks are not run with an adapter" ;;
     # The sampling check draws from 288 rows in one step and checks the draws against the sets
-    # of the prompt's own logits; with FP8 the activations of a step above 8 rows share one
-    # dynamic scale, so its rows' logits differ from the prompt's alone by FP8 rounding.
+    # of a 5-token prompt's logits, and the mixed check compares 240 decode rows alone and beside
+    # a prompt (368 rows). With FP8 weights, steps of up to 8 rows multiply unquantized
+    # activations (the GEMV), larger ones activations rounded to FP8 with one scale per step's
+    # product below 512 rows: so the rows of those steps differ by that rounding.
     *" --quantization fp8 "*)
       checks=(--extras-check)
-      sampled="logit processing checks passed; no sampling check (FP8 logits depend on the step's batch)"
+      sampled="logit processing checks passed; no sampling or mixed-step check (FP8 logits depend on the step's rows)"
       ;;
   esac
   timed "$STEP_TIMEOUT" "$bin" --model "$model" --device cuda --dtype "$dtype" \

@@ -1,7 +1,8 @@
 //! FP8 matrix products through cuBLASLt (`--quantization fp8`, products above the GEMV's 8
 //! rows): `y[n, m] = (sx x_q[n, k]) (sw W_q[m, k])^T` with E4M3 operands, scales read from
 //! device memory at run time, one per tensor or one per row of each operand ([`Scale`]: the
-//! per-row ones through cuBLASLt's outer-vector scaling, CUDA 12.9+ on Hopper), f32
+//! per-row ones through cuBLASLt's outer-vector scaling, CUDA 12.9+ on Hopper: on an H200 with
+//! cuBLASLt 13.1 as fast as per-tensor scales, docs/PERFORMANCE.md issue 12), f32
 //! accumulation, `y` in the activation dtype. Where cuBLASLt has no outer-vector algorithm
 //! (it answers the heuristic with an invalid value, then is not asked again) the product runs
 //! with scales of 1 in place of the vectors and the caller applies them ([`Unapplied`]).
@@ -199,6 +200,23 @@ impl BlasLt {
                 }
                 .map_err(lt_err("setting cuBLASLt's per-row scales"))?;
             }
+            // The heuristic sees scale pointers, as in the configuration checked on an H200
+            // (each call sets its own): cuBLASLt's unit scale.
+            for attr in [
+                Attr::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                Attr::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+            ] {
+                // SAFETY: the descriptor is live; the attribute's value is a device pointer.
+                unsafe {
+                    lt::set_matmul_desc_attribute(
+                        desc,
+                        attr,
+                        &self.one.ptr as *const u64 as *const _,
+                        std::mem::size_of::<u64>(),
+                    )
+                }
+                .map_err(lt_err("setting a cuBLASLt scale pointer"))?;
+            }
         }
         let layout = |t: sys::cudaDataType, rows: usize, cols: usize| {
             lt::create_matrix_layout(t, rows as u64, cols as u64, rows as i64)
@@ -249,34 +267,25 @@ impl BlasLt {
         Ok(plan)
     }
 
-    /// `y[n, m] (+)= (x_scale x[n, k]) (w_scale w[m, k])^T` ([`Fp8Gemm`]): `x` and `w` E4M3, `y`
-    /// the dtype, the scales f32 in device memory ([`Scale`]). `k` and `m` must be multiples of
-    /// 16 (cuBLASLt's FP8 alignment). Vector scales come both or neither: a per-row weight with
-    /// per-row activations, or per-tensor ones. Says which vector scales still need applying
-    /// (an error with `accumulate`, which must not leave any).
-    pub fn fp8_linear(
+    /// Whether a product of `n x k` activations and an `m x k` weight, both scaled per row, has
+    /// its vectors applied by cuBLASLt itself (an outer-vector algorithm; so it may accumulate).
+    pub fn applies_row_scales(&self, n: usize, m: usize, k: usize) -> Result<bool> {
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(self.plan_in(&mut plans, n, m, k, true)?.outer_vec)
+    }
+
+    /// The kept plan of a shape, made on first use: with outer-vector scales where `vectors`
+    /// asks for them and cuBLASLt has them (after its first refusal it is not asked again).
+    fn plan_in<'p>(
         &self,
-        g: &Fp8Gemm,
+        plans: &'p mut HashMap<(usize, usize, usize, bool), Plan>,
         n: usize,
         m: usize,
         k: usize,
-    ) -> Result<Option<Unapplied>> {
+        vectors: bool,
+    ) -> Result<&'p Plan> {
         use std::sync::atomic::Ordering;
-        use sys::cublasLtMatmulDescAttributes_t as Attr;
-        let Fp8Gemm {
-            y,
-            x,
-            x_scale,
-            w,
-            w_scale,
-            accumulate,
-        } = *g;
-        if n == 0 {
-            return Ok(None);
-        }
-        let vectors = x_scale.rows().is_some() && w_scale.rows().is_some();
-        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
-        let plan = match plans.entry((n, m, k, vectors)) {
+        Ok(match plans.entry((n, m, k, vectors)) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
                 let try_vectors = vectors && self.outer_vec.load(Ordering::Relaxed);
@@ -296,7 +305,37 @@ impl BlasLt {
                 };
                 e.insert(plan)
             }
-        };
+        })
+    }
+
+    /// `y[n, m] (+)= (x_scale x[n, k]) (w_scale w[m, k])^T` ([`Fp8Gemm`]): `x` and `w` E4M3, `y`
+    /// the dtype, the scales f32 in device memory ([`Scale`]). `k` and `m` must be multiples of
+    /// 16 (cuBLASLt's FP8 alignment). cuBLASLt applies vector scales when both operands have
+    /// them (and it has an outer-vector algorithm); a vector beside a per-tensor scale is left
+    /// to the caller. Says which vector scales still need applying (an error with
+    /// `accumulate`, which must not leave any).
+    pub fn fp8_linear(
+        &self,
+        g: &Fp8Gemm,
+        n: usize,
+        m: usize,
+        k: usize,
+    ) -> Result<Option<Unapplied>> {
+        use sys::cublasLtMatmulDescAttributes_t as Attr;
+        let Fp8Gemm {
+            y,
+            x,
+            x_scale,
+            w,
+            w_scale,
+            accumulate,
+        } = *g;
+        if n == 0 {
+            return Ok(None);
+        }
+        let vectors = x_scale.rows().is_some() && w_scale.rows().is_some();
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        let plan = self.plan_in(&mut plans, n, m, k, vectors)?;
         let scalar = |s: Scale| match s {
             Scale::Tensor(p) => p,
             Scale::Rows(p) if plan.outer_vec => p,

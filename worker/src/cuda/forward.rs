@@ -11,10 +11,12 @@
 //! RMSNorm (`hidden_states`).
 //!
 //! With one rank, an o or down projection that runs on cuBLAS (a weight in the dtype or a 4-bit
-//! one dequantized for it) or on cuBLASLt's FP8 GEMM with one weight scale adds its product to
-//! the residual stream itself (one rounding of the sum, where the separate add rounds the
-//! product first), so the next RMSNorm reads one tensor and writes one instead of reading two
-//! and writing two.
+//! one dequantized for it) or on cuBLASLt's FP8 GEMM with every scale applied by cuBLASLt adds
+//! its product to the residual stream itself (one rounding of the sum, where the separate add
+//! rounds the product first), so the next RMSNorm reads one tensor and writes one instead of
+//! reading two and writing two. Where a product runs on FP8 activations quantized per row, the
+//! RMSNorm or SiLU-mul before it writes them (`fp8.rs`), and its output in the dtype only when
+//! a LoRA delta reads it.
 //!
 //! The same code runs eagerly and under CUDA-graph capture: every step-dependent value (tokens,
 //! positions, slots, tiles, sampling parameters, block tables, contexts) is read from device
@@ -22,6 +24,7 @@
 //! sizes) come from the `StepView`, which a graph fixes at capture.
 
 use super::device::Gpu;
+use super::fp8::Fp8Operands;
 use super::kernels::{
     attention_max_items, AttentionShape, DecodeAttention, Kernels, Product, ResidualNorm,
     RopeKvWrite,
@@ -297,12 +300,56 @@ impl Pass<'_> {
     /// nothing pending in `sub` (after the embedding, or a projection that added itself to
     /// `x`), the norm alone.
     fn reduce_residual_norm(&self, weight: u64, n: usize, timer: &mut PhaseTimer) -> Result<()> {
+        self.reduce_residual_norm_into(weight, n, None, timer)
+            .map(drop)
+    }
+
+    /// [`Self::reduce_residual_norm`] for the input of `next`, a product reading `ws.normed`:
+    /// where `next` runs on FP8 activations quantized per row and one norm kernel makes them,
+    /// that kernel quantizes its output for it (writing `ws.normed` itself only when a LoRA
+    /// delta reads it). Returns `next` with its operands saying so.
+    fn norm_for(&self, weight: u64, next: Product, timer: &mut PhaseTimer) -> Result<Product> {
+        let fp8 = next
+            .fp8
+            .filter(|_| self.dev.linear.quantizes_rows(&next) && Kernels::fuses_norm_fp8(next.k));
+        let ready = self.reduce_residual_norm_into(weight, next.rows, fp8, timer)?;
+        Ok(Product {
+            fp8: next.fp8.map(|f| Fp8Operands {
+                x_ready: ready,
+                ..f
+            }),
+            ..next
+        })
+    }
+
+    /// Whether this step adds LoRA deltas (which read the products' inputs in the dtype).
+    fn lora_active(&self) -> bool {
+        self.model.lora().is_some() && self.v.lora_tiles > 0
+    }
+
+    /// The norm of [`Self::reduce_residual_norm`], quantizing its rows into `fp8`'s operands
+    /// too when given and one norm kernel runs (true); with the all-reduce fused in, or none
+    /// given, the norm alone (false).
+    fn reduce_residual_norm_into(
+        &self,
+        weight: u64,
+        n: usize,
+        fp8: Option<Fp8Operands>,
+        timer: &mut PhaseTimer,
+    ) -> Result<bool> {
         let (d, ws, k) = (&self.d, self.ws, self.dev.kernels);
         let eps = self.model.rms_norm_eps();
+        let normed = (fp8.is_none() || self.lora_active()).then_some(ws.normed.ptr);
+        let quantized = fp8.map(|f| (f.x_q, f.x_stats));
         if !self.sub_pending.replace(false) {
-            k.rms_norm(ws.normed.ptr, ws.x.ptr, weight, n, d.hidden, eps)?;
+            match quantized {
+                Some(q) => {
+                    k.rms_norm_fp8_rows(normed, q, ws.x.ptr, None, weight, n, d.hidden, eps)?
+                }
+                None => k.rms_norm(ws.normed.ptr, ws.x.ptr, weight, n, d.hidden, eps)?,
+            }
             timer.mark(self.dev.gpu, "rms_norm");
-            return Ok(());
+            return Ok(quantized.is_some());
         }
         let norm = ResidualNorm {
             out: ws.normed.ptr,
@@ -316,14 +363,21 @@ impl Pass<'_> {
         if let Some(peer) = self.dev.peer {
             if peer.residual_norm(k, &norm)? {
                 timer.mark(self.dev.gpu, "all-reduce + rms_norm");
-                return Ok(());
+                return Ok(false);
             }
         }
         self.dev.all_reduce(self.model, ws.sub.ptr, n * d.hidden)?;
         timer.mark(self.dev.gpu, "all-reduce");
-        k.rms_norm_residual(norm.out, norm.x, norm.sub, weight, n, d.hidden, norm.eps)?;
+        match quantized {
+            Some(q) => {
+                k.rms_norm_fp8_rows(normed, q, norm.x, Some(norm.sub), weight, n, d.hidden, eps)?
+            }
+            None => {
+                k.rms_norm_residual(norm.out, norm.x, norm.sub, weight, n, d.hidden, norm.eps)?
+            }
+        }
         timer.mark(self.dev.gpu, "rms_norm");
-        Ok(())
+        Ok(quantized.is_some())
     }
 
     /// The token embeddings into the residual stream (vocab-parallel, summed over ranks).
@@ -346,8 +400,7 @@ impl Pass<'_> {
     fn attention_block(&self, li: usize, layer: &Layer, timer: &mut PhaseTimer) -> Result<()> {
         let (d, ws, n, k) = (&self.d, self.ws, self.v.rows, self.dev.kernels);
         let gpu = self.dev.gpu;
-        self.reduce_residual_norm(layer.input_norm.ptr, n, timer)?;
-        self.linear(Product {
+        let qkv = Product {
             y: ws.qkv.ptr,
             x: ws.normed.ptr,
             w: layer.qkv.data.ptr,
@@ -356,7 +409,9 @@ impl Pass<'_> {
             rows: n,
             n_out: d.qkv,
             k: d.hidden,
-        })?;
+        };
+        let qkv = self.norm_for(layer.input_norm.ptr, qkv, timer)?;
+        self.linear(qkv)?;
         if let Some(bias) = &layer.qkv_bias {
             k.add_bias(ws.qkv.ptr, bias.ptr, n, d.qkv)?;
         }
@@ -502,8 +557,7 @@ impl Pass<'_> {
     fn mlp_block(&self, li: usize, layer: &Layer, timer: &mut PhaseTimer) -> Result<()> {
         let (d, ws, n, k) = (&self.d, self.ws, self.v.rows, self.dev.kernels);
         let gpu = self.dev.gpu;
-        self.reduce_residual_norm(layer.post_norm.ptr, n, timer)?;
-        self.linear(Product {
+        let gate_up = Product {
             y: ws.gate_up.ptr,
             x: ws.normed.ptr,
             w: layer.gate_up.data.ptr,
@@ -512,25 +566,34 @@ impl Pass<'_> {
             rows: n,
             n_out: 2 * d.inter,
             k: d.hidden,
-        })?;
+        };
+        let gate_up = self.norm_for(layer.post_norm.ptr, gate_up, timer)?;
+        self.linear(gate_up)?;
         self.lora(li, FusedProduct::GateUp, ws.gate_up.ptr, ws.normed.ptr)?;
         timer.mark(gpu, "gemm gate_up");
-        k.silu_mul(ws.act.ptr, ws.gate_up.ptr, n, d.inter)?;
+        let mut down = Product {
+            y: ws.sub.ptr,
+            x: ws.act.ptr,
+            w: layer.down.data.ptr,
+            fp8: layer.down.fp8(ws),
+            int4: layer.down.int4(self.model),
+            rows: n,
+            n_out: d.hidden,
+            k: d.inter,
+        };
+        // Where the down projection runs on FP8 activations quantized per row, the SiLU-mul
+        // quantizes its rows for it (writing `ws.act` only when a LoRA delta reads it).
+        let fused = self.dev.linear.quantizes_rows(&down) && Kernels::fuses_silu_fp8(d.inter);
+        match down.fp8.as_mut().filter(|_| fused) {
+            Some(fp8) => {
+                let act = self.lora_active().then_some(ws.act.ptr);
+                k.silu_mul_fp8_rows(act, (fp8.x_q, fp8.x_stats), ws.gate_up.ptr, n, d.inter)?;
+                fp8.x_ready = true;
+            }
+            None => k.silu_mul(ws.act.ptr, ws.gate_up.ptr, n, d.inter)?,
+        }
         timer.mark(gpu, "silu_mul");
-        self.residual_product(
-            li,
-            FusedProduct::Down,
-            Product {
-                y: ws.sub.ptr,
-                x: ws.act.ptr,
-                w: layer.down.data.ptr,
-                fp8: layer.down.fp8(ws),
-                int4: layer.down.int4(self.model),
-                rows: n,
-                n_out: d.hidden,
-                k: d.inter,
-            },
-        )?;
+        self.residual_product(li, FusedProduct::Down, down)?;
         timer.mark(gpu, "gemm down");
         Ok(())
     }

@@ -3,23 +3,34 @@
 //! at load with one f32 scale per tensor; the embedding, the norms and the lm_head stay in the
 //! activation dtype. Products of up to 8 rows (decoding) run the FP8 GEMV (gemv.cu: the weights
 //! converted in registers, the activations left in the dtype: weight-only FP8); larger ones
-//! quantize their activations with a dynamic per-tensor scale (fp8.cu) and run cuBLASLt's FP8
-//! GEMM (`blas_lt.rs`), which accumulates in f32 and writes the dtype. Needs compute capability
-//! 8.9 or newer (the E4M3 conversion instructions and cuBLASLt's FP8 kernels).
+//! quantize their activations with dynamic scales and run cuBLASLt's FP8 GEMM (`blas_lt.rs`),
+//! which accumulates in f32 and writes the dtype: from `linear.rs`'s `FP8_ROW_SCALES_MIN_ROWS`
+//! rows (prompts) one scale per row (per token), applied by cuBLASLt as an outer vector beside
+//! the weight's scale repeated once per output row ([`ROWS_OFFSET`]); below (decoding batches)
+//! one scale for the product. Needs compute capability 8.9 or newer (the E4M3 conversion
+//! instructions and cuBLASLt's FP8 kernels).
 //!
-//! Quantizing a tensor is two launches (fp8.cu): partial maxima over `AMAX_BLOCKS` blocks, then
-//! the conversion, whose every block reduces the partials itself (no atomics, no zeroed
-//! accumulator: graph-safe and deterministic).
+//! Where one kernel makes the input of a product quantized per row, it quantizes it on the way
+//! out, so the activations take no pass of their own: the RMSNorm before qkv and gate_up and the SiLU-mul
+//! before down (`rms_norm_fp8_rows`, `silu_mul_fp8_rows`: the same bytes and scales as the norm or
+//! SiLU-mul followed by `fp8_quantize_rows`, tests/gpu/fp8_rows_bench.cu); the attention's output
+//! (o's input) is quantized by `fp8_quantize_rows` (one launch, one block a row).
+//!
+//! Quantizing a weight at load is two launches (fp8.cu): partial maxima over `AMAX_BLOCKS`
+//! blocks, then the conversion, whose every block reduces the partials itself (no atomics, no
+//! zeroed accumulator: graph-safe and deterministic).
 //!
 //! Pre-quantized FP8 checkpoints (`quant_method` fp8 or compressed-tensors, with per-tensor or
 //! per-channel weight scales) are stored as they come, their scales one per tensor or one per
 //! output row ([`Fp8Weight`]; fused q/k/v or gate/up parts of different per-tensor scales
-//! become per-row, exactly). A checkpoint's static activation scale replaces the dynamic one:
+//! become per-row, exactly). A checkpoint's static activation scale replaces the dynamic ones:
 //! the activations are quantized by the conversion launch alone, given one "partial maximum" of
-//! 448 times that scale. Beside per-row weight scales, dynamic activations are quantized per row
-//! (per token, llm-compressor's FP8_DYNAMIC), and cuBLASLt scales the product by both vectors
-//! (outer-vector scaling) or, where it has no algorithm for that, a kernel does after a product
-//! with scales of 1. Block-scaled checkpoints are dequantized to the dtype at load.
+//! 448 times that scale. Dynamic activations are quantized as above (per token from
+//! `FP8_ROW_SCALES_MIN_ROWS` rows, llm-compressor's FP8_DYNAMIC) whatever the weights' scales.
+//! Vector scales cuBLASLt does not apply (a per-row weight beside a per-tensor activation scale,
+//! or no outer-vector algorithm for a shape) are applied by a kernel after a product with
+//! scales of 1.
+//! Block-scaled checkpoints are dequantized to the dtype at load.
 
 use super::device::device_err;
 use super::kernels::Kernels;
@@ -34,6 +45,10 @@ pub const SCALE_OFFSET: usize = AMAX_BLOCKS * 4;
 
 /// Bytes of one tensor's quantization statistics: the partial maxima, then the f32 scale.
 pub const STATS_BYTES: usize = SCALE_OFFSET + 4;
+
+/// Where a weight quantized at load keeps its scale once per output row (for cuBLASLt's
+/// outer-vector scaling): after its statistics, 16-byte aligned.
+pub const ROWS_OFFSET: usize = STATS_BYTES.next_multiple_of(16);
 
 /// The lowest compute capability that runs FP8.
 pub const MIN_COMPUTE_CAPABILITY: (i32, i32) = (8, 9);
@@ -53,6 +68,9 @@ pub struct Fp8Weight {
     pub per_row: bool,
     /// Byte offset of `E4M3_MAX` times the static activation scale, when the checkpoint has one.
     pub static_input: Option<usize>,
+    /// Byte offset of the weight's scale once per output row (its own rows' scales when
+    /// `per_row`; else the one scale repeated): what cuBLASLt's outer-vector scaling reads.
+    pub rows_offset: usize,
 }
 
 /// What a product with FP8 weights needs beyond [`super::kernels::Product`] (device addresses).
@@ -61,6 +79,8 @@ pub struct Fp8Operands {
     /// The weight's f32 scale, or its rows' scales with `w_scale_per_row`.
     pub w_scale: u64,
     pub w_scale_per_row: bool,
+    /// The weight's scale once per output row, either way (f32 `[n_out]`).
+    pub w_rows: u64,
     /// `E4M3_MAX` times the activations' static scale: quantized with it rather than their
     /// maximum.
     pub x_static: Option<u64>,
@@ -69,6 +89,9 @@ pub struct Fp8Operands {
     /// Room for the activations' statistics, [`STATS_BYTES`], or their per-row scales (f32 per
     /// row).
     pub x_stats: u64,
+    /// `x_q` and `x_stats` already hold the activations quantized per row: the kernel that
+    /// made them (a norm, the SiLU-mul) did it on the way out.
+    pub x_ready: bool,
 }
 
 impl Fp8Operands {

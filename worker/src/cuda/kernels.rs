@@ -328,8 +328,12 @@ pub struct Kernels {
     rms_norm_residual: CudaFunction,
     rms_norm_wide: CudaFunction,
     rms_norm_residual_wide: CudaFunction,
+    /// The narrow norms that also quantize their rows to FP8 (issue 12's per-token activations).
+    rms_norm_fp8_rows: CudaFunction,
+    rms_norm_residual_fp8_rows: CudaFunction,
     rope_kv_write: CudaFunction,
     silu_mul: CudaFunction,
+    silu_mul_fp8_rows: CudaFunction,
     attention_hd64: CudaFunction,
     attention_hd128: CudaFunction,
     attention_hd256: CudaFunction,
@@ -370,6 +374,10 @@ pub struct Kernels {
 }
 
 /// One block of `threads` threads per row, `n` rows.
+/// The longest row (bytes of the dtype) silu_mul_fp8_rows holds in shared memory: Llama-3-70B's
+/// 28,672 intermediate elements on one rank fit.
+const SILU_FP8_MAX_ROW_BYTES: usize = 64 << 10;
+
 pub(super) fn grid_rows(n: usize, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n as u32, 1, 1),
@@ -513,8 +521,19 @@ impl Kernels {
             rms_norm_residual: take("rms_norm_residual")?,
             rms_norm_wide: take("rms_norm_wide")?,
             rms_norm_residual_wide: take("rms_norm_residual_wide")?,
+            rms_norm_fp8_rows: take("rms_norm_fp8_rows")?,
+            rms_norm_residual_fp8_rows: take("rms_norm_residual_fp8_rows")?,
             rope_kv_write,
             silu_mul: take("silu_mul")?,
+            silu_mul_fp8_rows: {
+                let f = take("silu_mul_fp8_rows")?;
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    SILU_FP8_MAX_ROW_BYTES as i32,
+                )
+                .map_err(|e| device_err("raising silu_mul_fp8_rows's shared memory limit", e))?;
+                f
+            },
             attention_hd64,
             attention_hd128,
             attention_hd256,
@@ -661,6 +680,81 @@ impl Kernels {
         unsafe { b.launch(grid_rows(n, Self::norm_threads(hidden))) }
             .map(drop)
             .map_err(launch_err("rms_norm_residual"))
+    }
+
+    /// Whether [`Self::rms_norm_fp8_rows`] takes rows of `hidden` elements (the narrow norm's).
+    pub fn fuses_norm_fp8(hidden: usize) -> bool {
+        Self::narrow_norm(hidden)
+    }
+
+    /// [`Self::rms_norm`] (`residual` `None`) or [`Self::rms_norm_residual`] whose output rows
+    /// are also quantized to FP8 E4M3 bytes at `q`, one f32 scale a row at `q_scales`, as
+    /// [`Self::fp8_quantize_rows`] would quantize them; the dtype output `out` is written only
+    /// when given. Rows of `hidden` elements with [`Self::fuses_norm_fp8`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm_fp8_rows(
+        &self,
+        out: Option<u64>,
+        (q, q_scales): (u64, u64),
+        x: u64,
+        residual: Option<u64>,
+        weight: u64,
+        n: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<()> {
+        debug_assert!(Self::fuses_norm_fp8(hidden));
+        let h = hidden as i32;
+        let out = out.unwrap_or(0);
+        let mut b = match residual {
+            None => self.launch(&self.rms_norm_fp8_rows),
+            Some(_) => self.launch(&self.rms_norm_residual_fp8_rows),
+        };
+        b.arg(&out).arg(&x);
+        if let Some(r) = &residual {
+            b.arg(r);
+        }
+        b.arg(&weight).arg(&h).arg(&eps).arg(&q).arg(&q_scales);
+        // SAFETY: as rms_norm.cu documents: out (or null) and x hold n rows of hidden elements,
+        // q n x hidden bytes, q_scales n f32; hidden a multiple of 8 of at most one piece a
+        // thread of norm_threads.
+        unsafe { b.launch(grid_rows(n, Self::norm_threads(hidden))) }
+            .map(drop)
+            .map_err(launch_err("rms_norm_fp8_rows"))
+    }
+
+    /// Whether [`Self::silu_mul_fp8_rows`] takes rows of `d` elements: a multiple of 8 whose
+    /// row fits the shared memory the kernel is given ([`SILU_FP8_MAX_ROW_BYTES`]).
+    pub fn fuses_silu_fp8(d: usize) -> bool {
+        d.is_multiple_of(8) && d * ELEM <= SILU_FP8_MAX_ROW_BYTES
+    }
+
+    /// [`Self::silu_mul`] with each output row quantized to FP8 E4M3 bytes at `q`, one f32
+    /// scale a row at `q_scales` (as [`Self::fp8_quantize_rows`] would); the dtype output `out`
+    /// written only when given. Rows of `d` elements with [`Self::fuses_silu_fp8`].
+    pub fn silu_mul_fp8_rows(
+        &self,
+        out: Option<u64>,
+        (q, q_scales): (u64, u64),
+        gate_up: u64,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        debug_assert!(Self::fuses_silu_fp8(d));
+        let cfg = LaunchConfig {
+            shared_mem_bytes: (d * ELEM) as u32,
+            ..grid_rows(n, 256)
+        };
+        let out = out.unwrap_or(0);
+        let dw = d as i32;
+        let mut b = self.launch(&self.silu_mul_fp8_rows);
+        b.arg(&out).arg(&q).arg(&q_scales).arg(&gate_up).arg(&dw);
+        // SAFETY: as silu_mul.cu documents: gate_up holds n rows of 2 d elements, out (or null)
+        // n x d elements, q n x d bytes, q_scales n f32; d a multiple of 8 whose row of the
+        // dtype fits the shared memory given (at most the limit set at load).
+        unsafe { b.launch(cfg) }
+            .map(drop)
+            .map_err(launch_err("silu_mul_fp8_rows"))
     }
 
     /// Rotates the queries in place and writes the rotated keys and the values to the cache at
@@ -1495,6 +1589,14 @@ pub struct SamplingPointers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fused_fp8_norm_and_silu_take_the_rows_their_kernels_hold() {
+        assert!(Kernels::fuses_norm_fp8(4096) && Kernels::fuses_norm_fp8(8192));
+        assert!(!Kernels::fuses_norm_fp8(8200) && !Kernels::fuses_norm_fp8(4100));
+        assert!(Kernels::fuses_silu_fp8(14336) && Kernels::fuses_silu_fp8(32768));
+        assert!(!Kernels::fuses_silu_fp8(32776) && !Kernels::fuses_silu_fp8(14340));
+    }
 
     #[test]
     fn rows_up_to_8192_elements_take_the_narrow_norm() {

@@ -9,9 +9,9 @@
 //! batch-invariant mode every product, whatever its rows, runs the one batch-invariant kernel
 //! (gemm_bi.cu), and nothing is tuned. Products with FP8 weights (`--quantization fp8`) choose
 //! among the FP8 GEMV variants up to 8 rows (always a GEMV: weight-only FP8, whatever the timing),
-//! and run cuBLASLt's FP8 GEMM above, on activations quantized for the product (`fp8.rs`: per
-//! tensor, or per row beside an FP8 checkpoint's per-row weight scales, the vectors applied by
-//! cuBLASLt's outer-vector scaling or after the GEMM where this cuBLASLt has none). Products
+//! and run cuBLASLt's FP8 GEMM above, on activations quantized per row (`fp8.rs`: by the kernel
+//! that made them, or here; with a checkpoint's static scale, per tensor), the vectors applied by
+//! cuBLASLt's outer-vector scaling or after the GEMM where this cuBLASLt has none. Products
 //! with 4-bit weights (AWQ, GPTQ) always run int4.cu's GEMV up to 8 rows and its GEMM from 9 to
 //! 64 (the same bits for a row at any of those counts), and are dequantized for cuBLAS above
 //! (`int4.rs`).
@@ -30,6 +30,34 @@ use super::fp8::Fp8Operands;
 use super::int4::{Int4Operands, GATHERED_ROWS, GEMM_ROWS as INT4_GEMM_ROWS, TILE as INT4_TILE};
 use super::kernels::{Kernels, Product, ELEM};
 use crate::error::{Result, WorkerError};
+
+/// FP8 products of at least this many rows quantize their dynamic activations with one scale
+/// per row (per token: a row's rounding does not depend on the rest of its step) and give
+/// cuBLASLt both operands' scales as outer vectors; products of fewer (9 to 511 rows: decoding
+/// batches) one scale for the product. cuBLASLt 13.1 has one outer-vector algorithm (one tile,
+/// no split-K): on an H200 Llama-3-8B's down product of 16 to 256 rows takes 37-38 us with it
+/// against 21-29 us with per-tensor scales, the same from 512 rows on (docs/PERFORMANCE.md,
+/// issue 12, session 23).
+pub const FP8_ROW_SCALES_MIN_ROWS: usize = 512;
+
+/// The scales an FP8 product of `rows` rows runs with: a checkpoint's static activation scale
+/// per tensor, beside the weight's own (per tensor or per row); dynamic activations per row
+/// with the weight's scale once per row from [`FP8_ROW_SCALES_MIN_ROWS`] rows, else per tensor.
+fn fp8_scales(fp8: &Fp8Operands, rows: usize) -> (Scale, Scale) {
+    let weight = || {
+        if fp8.w_scale_per_row {
+            Scale::Rows(fp8.w_scale)
+        } else {
+            Scale::Tensor(fp8.w_scale)
+        }
+    };
+    match fp8.x_static {
+        None if rows >= FP8_ROW_SCALES_MIN_ROWS => {
+            (Scale::Rows(fp8.x_stats), Scale::Rows(fp8.w_rows))
+        }
+        _ => (Scale::Tensor(fp8.x_scale()), weight()),
+    }
+}
 
 /// Row counts with a measured choice; a step's rows round up to the next (padded GEMV rows are
 /// not computed, so 3 rows run the 4-row kernel on 3 rows).
@@ -226,9 +254,9 @@ impl Linear {
     }
 
     /// `p.y += p.x W^T` with one rounding, where `p` runs on cuBLAS (with a weight in the dtype,
-    /// or a 4-bit one dequantized for it) or on cuBLASLt's FP8 GEMM with one weight scale (whose
-    /// epilogue adds `p.y`): true. Elsewhere (the GEMVs, the 4-bit GEMM, per-row FP8 weight
-    /// scales, the batch-invariant kernel) nothing runs: false.
+    /// or a 4-bit one dequantized for it) or on cuBLASLt's FP8 GEMM with every scale applied by
+    /// cuBLASLt (whose epilogue adds `p.y`): true. Elsewhere (the GEMVs, the 4-bit GEMM, FP8
+    /// vector scales applied after the GEMM, the batch-invariant kernel) nothing runs: false.
     pub fn try_accumulate(&self, kernels: &Kernels, p: &Product) -> Result<bool> {
         if self.kernel_for(Shape::of(p), p.rows) != LinearKernel::Cublas {
             return Ok(false);
@@ -241,12 +269,38 @@ impl Linear {
             None => self
                 .blas
                 .linear_accumulate(p.y, p.x, p.w, p.rows, p.n_out, p.k)?,
-            // Per-row weight scales may be applied after the GEMM (fp8_scale_outer), which would
-            // scale the sum.
-            Some(fp8) if fp8.w_scale_per_row => return Ok(false),
-            Some(fp8) => self.fp8_product(kernels, p, fp8, true)?,
+            Some(fp8) => {
+                // Vector scales that cuBLASLt does not apply are applied after the GEMM
+                // (fp8_scale_outer), which would scale the sum too.
+                let applied = match fp8_scales(fp8, p.rows) {
+                    (Scale::Tensor(_), Scale::Tensor(_)) => true,
+                    (Scale::Rows(_), Scale::Rows(_)) => {
+                        self.lt()?.applies_row_scales(p.rows, p.n_out, p.k)?
+                    }
+                    _ => false,
+                };
+                if !applied {
+                    return Ok(false);
+                }
+                self.fp8_product(kernels, p, fp8, true)?;
+            }
         }
         Ok(true)
+    }
+
+    /// Whether `p` runs cuBLASLt's FP8 GEMM on activations quantized per row (dynamic scales,
+    /// [`FP8_ROW_SCALES_MIN_ROWS`] rows or more): then the kernel that makes its input may
+    /// quantize it on the way out ([`Fp8Operands::x_ready`]).
+    pub fn quantizes_rows(&self, p: &Product) -> bool {
+        p.fp8
+            .is_some_and(|f| matches!(fp8_scales(&f, p.rows).0, Scale::Rows(_)))
+            && self.kernel_for(Shape::of(p), p.rows) == LinearKernel::Cublas
+    }
+
+    fn lt(&self) -> Result<&BlasLt> {
+        self.blas_lt.as_ref().ok_or_else(|| WorkerError::Device {
+            detail: "an FP8 product without a cuBLASLt handle".into(),
+        })
     }
 
     /// `p`'s 4-bit weight dequantized into its scratch, then cuBLAS (`p.y += ...` with
@@ -281,8 +335,9 @@ impl Linear {
         Ok(())
     }
 
-    /// `p` through cuBLASLt's FP8 GEMM after quantizing its activations (`p.y += ...` with
-    /// `accumulate`, which needs per-tensor weight scales).
+    /// `p` through cuBLASLt's FP8 GEMM after quantizing its activations where the kernel that
+    /// made them has not (`p.y += ...` with `accumulate`, which needs every scale applied by
+    /// cuBLASLt itself).
     fn fp8_product(
         &self,
         kernels: &Kernels,
@@ -290,30 +345,20 @@ impl Linear {
         fp8: &Fp8Operands,
         accumulate: bool,
     ) -> Result<()> {
-        let lt = self.blas_lt.as_ref().ok_or_else(|| WorkerError::Device {
-            detail: "an FP8 product without a cuBLASLt handle".into(),
-        })?;
-        // Activations: the checkpoint's static scale; per row beside per-row weight scales
-        // (FP8_DYNAMIC); else one dynamic scale for the product.
-        let x_scale = match (fp8.x_static, fp8.w_scale_per_row) {
+        let lt = self.lt()?;
+        let (x_scale, w_scale) = fp8_scales(fp8, p.rows);
+        match (fp8.x_static, x_scale) {
             (Some(s), _) => {
-                kernels.fp8_quantize_static(fp8.x_q, fp8.x_stats, s, p.x, p.rows * p.k)?;
-                Scale::Tensor(fp8.x_scale())
+                kernels.fp8_quantize_static(fp8.x_q, fp8.x_stats, s, p.x, p.rows * p.k)?
             }
-            (None, true) => {
-                kernels.fp8_quantize_rows(fp8.x_q, fp8.x_stats, p.x, p.rows, p.k)?;
-                Scale::Rows(fp8.x_stats)
+            (None, Scale::Rows(_)) if fp8.x_ready => {}
+            (None, Scale::Rows(_)) => {
+                kernels.fp8_quantize_rows(fp8.x_q, fp8.x_stats, p.x, p.rows, p.k)?
             }
-            (None, false) => {
-                kernels.fp8_quantize(fp8.x_q, fp8.x_stats, p.x, p.rows * p.k)?;
-                Scale::Tensor(fp8.x_scale())
+            (None, Scale::Tensor(_)) => {
+                kernels.fp8_quantize(fp8.x_q, fp8.x_stats, p.x, p.rows * p.k)?
             }
-        };
-        let w_scale = if fp8.w_scale_per_row {
-            Scale::Rows(fp8.w_scale)
-        } else {
-            Scale::Tensor(fp8.w_scale)
-        };
+        }
         let gemm = Fp8Gemm {
             y: p.y,
             x: fp8.x_q,
@@ -463,5 +508,37 @@ mod tests {
             vec![gemv(1, 2), gemv(2, 2), gemv(4, 2)]
         );
         assert_eq!(gemv_variants(1, shape(false, true)), vec![PLAIN_GEMV]);
+    }
+
+    #[test]
+    fn fp8_activations_are_scaled_per_row_from_512_rows_unless_static() {
+        let fp8 = |per_row, x_static| Fp8Operands {
+            w_scale: 0x100,
+            w_scale_per_row: per_row,
+            w_rows: 0x200,
+            x_static,
+            x_q: 0x300,
+            x_stats: 0x400,
+            x_ready: false,
+        };
+        let f = fp8(false, None);
+        let tensor = (Scale::Tensor(f.x_scale()), Scale::Tensor(0x100));
+        assert_eq!(fp8_scales(&f, 9), tensor);
+        assert_eq!(fp8_scales(&f, 511), tensor);
+        let rows = (Scale::Rows(0x400), Scale::Rows(0x200));
+        assert_eq!(fp8_scales(&f, 512), rows);
+        assert_eq!(fp8_scales(&fp8(true, None), 8192), rows);
+        // A per-row weight below 512 rows: its vector beside the activations' one scale.
+        let f = fp8(true, None);
+        assert_eq!(
+            fp8_scales(&f, 64),
+            (Scale::Tensor(f.x_scale()), Scale::Rows(0x100))
+        );
+        // Static activation scales stay per tensor at any size.
+        let f = fp8(false, Some(0x500));
+        assert_eq!(
+            fp8_scales(&f, 8192),
+            (Scale::Tensor(f.x_scale()), Scale::Tensor(0x100))
+        );
     }
 }

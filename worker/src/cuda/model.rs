@@ -14,7 +14,7 @@
 use tpserve_modelfile::LlamaConfig;
 
 use super::device::{DeviceBuffer, Gpu};
-use super::fp8::{Fp8Operands, Fp8Weight, E4M3_MAX, SCALE_OFFSET, STATS_BYTES};
+use super::fp8::{Fp8Operands, Fp8Weight, E4M3_MAX, ROWS_OFFSET, SCALE_OFFSET};
 use super::int4::{
     gemm_counters, mma_layout, pack_params, Int4Operands, Int4Weight, GATHERED_ROWS,
 };
@@ -62,9 +62,11 @@ impl LinearWeight {
         self.fp8.as_ref().map(|w| Fp8Operands {
             w_scale: w.scales.at(w.scale_offset),
             w_scale_per_row: w.per_row,
+            w_rows: w.scales.at(w.rows_offset),
             x_static: w.static_input.map(|o| w.scales.at(o)),
             x_q: ws.fp8_x.ptr,
             x_stats: ws.fp8_stats.ptr,
+            x_ready: false,
         })
     }
 
@@ -291,10 +293,17 @@ impl Loader<'_> {
             });
         }
         let n = total_len(parts);
+        let rows: usize = parts.iter().map(|p| p.shape[0]).sum();
         let q = self.gpu.alloc(n, "FP8 weights")?;
-        let stats = self.gpu.alloc(STATS_BYTES, "FP8 weight scales")?;
+        let scale_bytes = ROWS_OFFSET + rows * 4;
+        let stats = self.gpu.alloc(scale_bytes, "FP8 weight scales")?;
         self.kernels.fp8_quantize(q.ptr, stats.ptr, data.ptr, n)?;
-        self.bytes = self.bytes - n * ELEM + n + STATS_BYTES;
+        // The scale once per output row, for cuBLASLt's outer-vector scaling.
+        let mut scale = [0f32];
+        self.gpu.download(stats.at(SCALE_OFFSET), &mut scale)?;
+        self.gpu
+            .upload_at(&stats, ROWS_OFFSET, &vec![scale[0]; rows])?;
+        self.bytes = self.bytes - n * ELEM + n + scale_bytes;
         self.any_fp8 = true;
         Ok(LinearWeight {
             data: q,
@@ -303,6 +312,7 @@ impl Loader<'_> {
                 scale_offset: SCALE_OFFSET,
                 per_row: false,
                 static_input: None,
+                rows_offset: ROWS_OFFSET,
             }),
             int4: None,
         })
@@ -442,6 +452,18 @@ impl Loader<'_> {
         if let Some(s) = input {
             scales.push(s * E4M3_MAX);
         }
+        // One scale: repeated once per output row after the others (16-byte aligned), for
+        // cuBLASLt's outer-vector scaling.
+        let rows_offset = match one_scale {
+            Some(s) => {
+                scales.resize(scales.len().next_multiple_of(4), 0.0);
+                let offset = scales.len() * 4;
+                let rows: usize = tensors.iter().map(|t| t.rows).sum();
+                scales.extend(std::iter::repeat_n(s, rows));
+                offset
+            }
+            None => 0,
+        };
         let n = total_len(parts);
         let data = self.gpu.alloc(n, "FP8 weights")?;
         let mut offset = 0;
@@ -461,6 +483,7 @@ impl Loader<'_> {
                 scale_offset: 0,
                 per_row: one_scale.is_none(),
                 static_input: input.map(|_| scale_count * 4),
+                rows_offset,
             }),
             int4: None,
         }))
@@ -689,10 +712,9 @@ impl CudaModel {
                 continue;
             };
             scales.insert(if f.per_row { "per-row" } else { "per-tensor" });
-            activations.insert(match (f.static_input, f.per_row) {
-                (Some(_), _) => "static per-tensor",
-                (None, true) => "dynamic per-token",
-                (None, false) => "dynamic per-tensor",
+            activations.insert(match f.static_input {
+                Some(_) => "static per-tensor",
+                None => "dynamic per-token",
             });
         }
         let join =
