@@ -1,6 +1,29 @@
 // The gated activation of Llama's MLP: silu(gate) * up.
 #include "common.cuh"
 
+namespace {
+
+// silu(gate[i]) * up[i] for one 16-byte piece of each (8 elements, 16-byte aligned), rounded as
+// silu_mul documents.
+template <typename T>
+__device__ __forceinline__ uint4 silu_mul8(const T* __restrict__ gate, const T* __restrict__ up) {
+    const uint4 gv = *reinterpret_cast<const uint4*>(gate);
+    const uint4 uv = *reinterpret_cast<const uint4*>(up);
+    const T* g8 = reinterpret_cast<const T*>(&gv);
+    const T* u8 = reinterpret_cast<const T*>(&uv);
+    uint4 ov;
+    T* o8 = reinterpret_cast<T*>(&ov);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const float g = tpserve::to_float(g8[i]);
+        const float activated = tpserve::round_to<T>(g / (1.0f + __expf(-g)));
+        o8[i] = tpserve::from_float<T>(activated * tpserve::to_float(u8[i]));
+    }
+    return ov;
+}
+
+}  // namespace
+
 // silu_mul_{bf16,f16}: out[t, i] = silu(gate_up[t, i]) * gate_up[t, d + i] for i in [0, d),
 // where silu(g) = g / (1 + exp(-g)).
 //
@@ -27,19 +50,7 @@ __device__ void silu_mul_impl(T* __restrict__ out, const T* __restrict__ gate_up
         // 16 bytes of gate, of up and of the output per thread and step.
         for (int p = blockIdx.y * blockDim.x + threadIdx.x; p < d / 8;
              p += blockDim.x * gridDim.y) {
-            const uint4 gv = *reinterpret_cast<const uint4*>(gate + p * 8);
-            const uint4 uv = *reinterpret_cast<const uint4*>(up + p * 8);
-            const T* g8 = reinterpret_cast<const T*>(&gv);
-            const T* u8 = reinterpret_cast<const T*>(&uv);
-            uint4 ov;
-            T* o8 = reinterpret_cast<T*>(&ov);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                const float g = tpserve::to_float(g8[i]);
-                const float activated = tpserve::round_to<T>(g / (1.0f + __expf(-g)));
-                o8[i] = tpserve::from_float<T>(activated * tpserve::to_float(u8[i]));
-            }
-            *reinterpret_cast<uint4*>(dst + p * 8) = ov;
+            *reinterpret_cast<uint4*>(dst + p * 8) = silu_mul8<T>(gate + p * 8, up + p * 8);
         }
         return;
     }
@@ -81,18 +92,7 @@ __device__ void silu_mul_fp8_rows_impl(T* __restrict__ out, unsigned char* __res
     float amax = 0.0f;
 #pragma unroll 4
     for (int p = threadIdx.x; p < pieces; p += blockDim.x) {
-        const uint4 gv = *reinterpret_cast<const uint4*>(gate + p * 8);
-        const uint4 uv = *reinterpret_cast<const uint4*>(up + p * 8);
-        const T* g8 = reinterpret_cast<const T*>(&gv);
-        const T* u8 = reinterpret_cast<const T*>(&uv);
-        uint4 ov;
-        T* o8 = reinterpret_cast<T*>(&ov);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const float g = tpserve::to_float(g8[i]);
-            const float activated = tpserve::round_to<T>(g / (1.0f + __expf(-g)));
-            o8[i] = tpserve::from_float<T>(activated * tpserve::to_float(u8[i]));
-        }
+        const uint4 ov = silu_mul8<T>(gate + p * 8, up + p * 8);
         amax = fmaxf(amax, tpserve::abs_max8<T>(ov));
         row_pieces[p] = ov;
         if (out != nullptr) {
