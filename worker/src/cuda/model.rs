@@ -19,6 +19,7 @@ use super::int4::{
     gemm_counters, mma_layout, pack_params, Int4Operands, Int4Weight, GATHERED_ROWS,
 };
 use super::kernels::{attention_max_items, CacheLayer, Dtype, Kernels, ELEM};
+use super::linear::FP8_ROW_SCALES_MIN_ROWS;
 use super::lora::LoraSlots;
 use super::workspace::Workspace;
 use crate::cpu::ops::Rope;
@@ -706,6 +707,8 @@ impl CudaModel {
         let mut scales = std::collections::BTreeSet::new();
         let mut activations = std::collections::BTreeSet::new();
         let mut in_dtype = 0;
+        let dynamic =
+            format!("dynamic (per token from {FP8_ROW_SCALES_MIN_ROWS} rows, per product below)");
         for w in linear_weights(&self.layers) {
             let Some(f) = &w.fp8 else {
                 in_dtype += 1;
@@ -714,7 +717,7 @@ impl CudaModel {
             scales.insert(if f.per_row { "per-row" } else { "per-tensor" });
             activations.insert(match f.static_input {
                 Some(_) => "static per-tensor",
-                None => "dynamic per-token",
+                None => dynamic.as_str(),
             });
         }
         let join =
