@@ -246,6 +246,8 @@ __device__ __forceinline__ unsigned short float2_to_e4m3x2(float lo, float hi) {
 
 // FP8 activations (issue 12): E4M3's largest finite value, and the scale of a tensor or row
 // whose largest |element| is amax (1 for all zeros), as vLLM's `scaled_fp8_quant` computes it.
+// Elements are quantized as vLLM's kernels quantize them: times the scale's reciprocal
+// (1 / scale rounded once), not divided by the scale, which costs a division per element.
 constexpr float kE4M3Max = 448.0f;
 
 __device__ __forceinline__ float e4m3_scale(float amax) {
@@ -263,13 +265,15 @@ template <typename T> __device__ __forceinline__ float abs_max8(uint4 v) {
     return m;
 }
 
-// One 16-byte piece of T (8 elements) as E4M3(x / scale), 8 bytes in element order.
-template <typename T> __device__ __forceinline__ uint2 e4m3_quantize8(uint4 v, float scale) {
+// One 16-byte piece of T (8 elements) as E4M3(x * inv_scale), 8 bytes in element order
+// (inv_scale = 1 / the scale).
+template <typename T> __device__ __forceinline__ uint2 e4m3_quantize8(uint4 v, float inv_scale) {
     const T* e = reinterpret_cast<const T*>(&v);
     unsigned short q[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-        q[j] = float2_to_e4m3x2(to_float(e[2 * j]) / scale, to_float(e[2 * j + 1]) / scale);
+        q[j] = float2_to_e4m3x2(to_float(e[2 * j]) * inv_scale,
+                                to_float(e[2 * j + 1]) * inv_scale);
     }
     return make_uint2(q[0] | ((unsigned int)q[1] << 16), q[2] | ((unsigned int)q[3] << 16));
 }

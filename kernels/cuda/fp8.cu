@@ -1,15 +1,17 @@
 // FP8 E4M3 quantization (issue 12's `--quantization fp8`): each linear weight once at load with
 // one f32 scale per tensor, and for products of more rows than the GEMV kernel takes, the
 // activations of each product: with an FP8 checkpoint's static scale (the quantizing kernel
-// alone, given one "partial maximum" of 448 times that scale), or with one dynamic scale per row
-// (per token; the norm and SiLU-mul kernels quantize their outputs this way themselves:
-// rms_norm.cu, silu_mul.cu) before cuBLASLt's FP8 GEMM.
+// alone, given one "partial maximum" of 448 times that scale), with one dynamic scale for the
+// product (below 512 rows), or with one dynamic scale per row (per token; the norm and SiLU-mul
+// kernels quantize their outputs this way themselves: rms_norm.cu, silu_mul.cu) before
+// cuBLASLt's FP8 GEMM.
 //
 // A tensor's (or row's) scale is amax / 448 (448 is E4M3's largest finite value), its elements
-// x / scale rounded to the nearest E4M3 value (ties to even) and saturated at +-448: vLLM's
-// `scaled_fp8_quant`. A tensor's maximum takes two kernels, so that it needs no atomics and no
-// zeroed accumulator (both are graph-safe): partial maxima per block, then every block of the
-// quantizing kernel reduces the partials before it converts its share.
+// x times 1 / scale rounded to the nearest E4M3 value (ties to even) and saturated at +-448:
+// vLLM's `scaled_fp8_quant`, which multiplies by the reciprocal too. A tensor's maximum takes
+// two kernels, so that it needs no atomics and no zeroed accumulator (both are graph-safe):
+// partial maxima per block, then every block of the quantizing kernel reduces the partials
+// before it converts its share.
 #include "common.cuh"
 
 namespace {
@@ -21,12 +23,12 @@ template <typename T> __device__ __forceinline__ float abs_max8(const T* __restr
     return tpserve::abs_max8<T>(*reinterpret_cast<const uint4*>(x));
 }
 
-// out[j] = E4M3(x[j] / scale) for 8 elements (x 16-byte, out 8-byte aligned).
+// out[j] = E4M3(x[j] * inv_scale) for 8 elements (x 16-byte, out 8-byte aligned).
 template <typename T>
 __device__ __forceinline__ void quantize8(unsigned char* __restrict__ out,
-                                          const T* __restrict__ x, float scale) {
+                                          const T* __restrict__ x, float inv_scale) {
     *reinterpret_cast<uint2*>(out) =
-        tpserve::e4m3_quantize8<T>(*reinterpret_cast<const uint4*>(x), scale);
+        tpserve::e4m3_quantize8<T>(*reinterpret_cast<const uint4*>(x), inv_scale);
 }
 
 }  // namespace
@@ -54,7 +56,7 @@ __device__ void fp8_amax_partial_impl(float* __restrict__ partial, const T* __re
 }
 
 // fp8_quantize_{bf16,f16}: with amax the maximum of partial[0..p) and scale = amax / 448 (1 when
-// amax is 0), out[i] = E4M3(x[i] / scale); block 0 writes scale to *scale_out.
+// amax is 0), out[i] = E4M3(x[i] * (1 / scale)); block 0 writes scale to *scale_out.
 //
 // Arguments:
 //   out        u8  [n]   written (E4M3 bits), 8-byte aligned
@@ -75,19 +77,20 @@ __device__ void fp8_quantize_impl(unsigned char* __restrict__ out, float* __rest
     }
     const float amax = block_reduce_max(m);
     const float scale = tpserve::e4m3_scale(amax);
+    const float inv_scale = 1.0f / scale;
     if (blockIdx.x == 0 && threadIdx.x == 0) {
         *scale_out = scale;
     }
     const long long stride = (long long)gridDim.x * blockDim.x * 8;
     for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8; i < n; i += stride) {
-        quantize8(out + i, x + i, scale);
+        quantize8(out + i, x + i, inv_scale);
     }
 }
 
 // fp8_quantize_rows_{bf16,f16}: per-token quantization (an FP8 checkpoint's per-channel weights
 // multiply activations quantized per row, as llm-compressor's FP8_DYNAMIC scheme says): with
 // amax_r the maximum |x[r, :]| and scale_r = amax_r / 448 (1 when amax_r is 0),
-// out[r, i] = E4M3(x[r, i] / scale_r) and scales[r] = scale_r. One block per row.
+// out[r, i] = E4M3(x[r, i] * (1 / scale_r)) and scales[r] = scale_r. One block per row.
 //
 // Arguments:
 //   out     u8  [rows, k]  written (E4M3 bits), 8-byte aligned
@@ -106,11 +109,12 @@ __device__ void fp8_quantize_rows_impl(unsigned char* __restrict__ out, float* _
     }
     const float amax = block_reduce_max(m);
     const float scale = tpserve::e4m3_scale(amax);
+    const float inv_scale = 1.0f / scale;
     if (threadIdx.x == 0) {
         scales[blockIdx.x] = scale;
     }
     for (int i = threadIdx.x * 8; i < k; i += blockDim.x * 8) {
-        quantize8(out + row + i, x + row + i, scale);
+        quantize8(out + row + i, x + row + i, inv_scale);
     }
 }
 

@@ -13,7 +13,7 @@
 //
 // With QUANT (the 16-byte path only; the host launches it only there), the output row is also
 // quantized to FP8 E4M3 with its own scale, exactly as fp8.cu's fp8_quantize_rows would quantize
-// it (the same maximum, scale and rounding): q_out[row, :] = E4M3(out[row, :] / s) and
+// it (the same maximum, scale and rounding): q_out[row, :] = E4M3(out[row, :] * (1 / s)) and
 // q_scales[row] = s = amax / 448; `out` itself is then written only when not null.
 template <typename T, bool HAS_RESIDUAL, int kMaxPieces, bool QUANT = false>
 __device__ void rms_norm_impl(T* __restrict__ out, T* __restrict__ x,
@@ -81,6 +81,7 @@ __device__ void rms_norm_impl(T* __restrict__ out, T* __restrict__ x,
                 }
             }
             const float q_scale = tpserve::e4m3_scale(tpserve::block_reduce_max(amax));
+            const float q_inv_scale = 1.0f / q_scale;
             if (threadIdx.x == 0) {
                 q_scales[row] = q_scale;
             }
@@ -89,7 +90,7 @@ __device__ void rms_norm_impl(T* __restrict__ out, T* __restrict__ x,
                 const int p = threadIdx.x + j * blockDim.x;
                 if (p < pieces) {
                     *reinterpret_cast<uint2*>(q_out + row * hidden + p * 8) =
-                        tpserve::e4m3_quantize8<T>(held[j], q_scale);
+                        tpserve::e4m3_quantize8<T>(held[j], q_inv_scale);
                 }
             }
         }

@@ -63,7 +63,7 @@ __device__ void silu_mul_impl(T* __restrict__ out, const T* __restrict__ gate_up
 
 // silu_mul_fp8_rows_{bf16,f16}: silu_mul's row (the same values, rounded as it rounds them)
 // quantized to FP8 E4M3 with the row's own scale, as fp8.cu's fp8_quantize_rows would quantize
-// it: q_out[t, :] = E4M3(out[t, :] / s_t), q_scales[t] = s_t = amax_t / 448 (1 for a row of
+// it: q_out[t, :] = E4M3(out[t, :] * (1 / s_t)), q_scales[t] = s_t = amax_t / 448 (1 for a row of
 // zeros); `out` written too when not null. For the down projection's per-token FP8
 // activations (issue 12) without a pass of their own. The row waits in shared memory between
 // its maximum and its conversion (each thread reads back only what it wrote); rows of Llama-3-8B
@@ -100,13 +100,14 @@ __device__ void silu_mul_fp8_rows_impl(T* __restrict__ out, unsigned char* __res
         }
     }
     const float scale = tpserve::e4m3_scale(tpserve::block_reduce_max(amax));
+    const float inv_scale = 1.0f / scale;
     if (threadIdx.x == 0) {
         q_scales[token] = scale;
     }
 #pragma unroll 4
     for (int p = threadIdx.x; p < pieces; p += blockDim.x) {
         *reinterpret_cast<uint2*>(q_out + token * d + p * 8) =
-            tpserve::e4m3_quantize8<T>(row_pieces[p], scale);
+            tpserve::e4m3_quantize8<T>(row_pieces[p], inv_scale);
     }
 }
 

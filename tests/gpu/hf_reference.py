@@ -24,7 +24,8 @@ into the weights here (W + scale B A in float32), which the output records say.
 With --fp8, the model emulates tpserve's `--quantization fp8` (the reference "computed from the
 same dequantized weights" of issue 12): every linear layer's weight rounded to FP8 E4M3 with one
 scale per fused tensor as tpserve fuses them (q, k and v together; gate and up together; o; down;
-scale = amax / 448, round to nearest even, saturating), dequantized (x scale) to the dtype; and
+scale = amax / 448; the elements times its reciprocal, rounded to nearest even, saturating, as
+tpserve and vLLM quantize), dequantized (x scale) to the dtype; and
 the input of every linear layer but the lm_head rounded the same way when it has more than 8
 rows: with one dynamic scale over all its rows below 512 rows, one per row (per token) from 512
 (tpserve multiplies up to 8 rows in the GEMV with the activations unquantized, more through
@@ -112,7 +113,7 @@ def fp8_round(t: torch.Tensor) -> torch.Tensor:
     t = t.float()
     amax = t.abs().max()
     scale = amax / E4M3_MAX if amax > 0 else torch.ones((), device=t.device)
-    q = (t / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    q = (t * torch.reciprocal(scale)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return q.float() * scale
 
 
@@ -134,14 +135,16 @@ def emulate_fp8(model) -> None:
 
 
 def quantize_input_static(scale: float):
-    """A pre-hook rounding inputs above 8 rows to E4M3 with a fixed scale."""
+    """A pre-hook rounding inputs above 8 rows to E4M3 with a fixed scale, in float32 as
+    tpserve's kernel has it: (448 x scale) / 448, its elements multiplied by its reciprocal."""
 
     def hook(_module, args):
         (x,) = args
         if x.numel() // x.shape[-1] <= FP8_GEMV_ROWS:
             return None
-        q = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-        return ((q.float() * scale).to(x.dtype),)
+        s = torch.tensor(scale, dtype=torch.float32, device=x.device) * E4M3_MAX / E4M3_MAX
+        q = (x.float() * torch.reciprocal(s)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        return ((q.float() * s).to(x.dtype),)
 
     return hook
 
@@ -158,7 +161,7 @@ def quantize_input_dynamic(_module, args):
     t = x.float()
     amax = t.abs().amax(dim=-1, keepdim=True)
     scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    q = (t / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    q = (t * torch.reciprocal(scale)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return ((q.float() * scale).to(x.dtype),)
 
 
