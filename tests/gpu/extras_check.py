@@ -15,6 +15,7 @@ Why: issue 13 (items 1 and 2) on the CUDA backend: a step that asks for either r
 through the worker's shared sampler code; this is its only check on a GPU.
 
 How: extras_check.py --bin BIN_DIR --model DIR --out OUT.json [--tolerance 0.15] [--device cuda]
+     [--tp 2] (the GPU server's --tensor-parallel-size; its ranks' sampler reads the summed logits)
 """
 
 import argparse
@@ -34,9 +35,9 @@ def requests() -> list:
     return [("plain", plain), ("penalties", controlled)]
 
 
-def run(bin_dir: str, model: str, device: str, log_path: str) -> dict:
+def run(bin_dir: str, model: str, device: str, log_path: str, tp: int = 1) -> dict:
     args = ["--model", model, "--device", device, "--max-model-len", "1024",
-            "--served-model-name", "m"]
+            "--served-model-name", "m", "--tensor-parallel-size", str(tp)]
     server, base, log = srv.start(bin_dir, args, log_path)
     answers = {}
     try:
@@ -78,9 +79,10 @@ def main() -> int:
     ap.add_argument("--tolerance", type=float, default=0.15)
     ap.add_argument("--device", default="cuda",
                     help="the device checked against the CPU (cpu only to test this script)")
+    ap.add_argument("--tp", type=int, default=1, help="the checked server's tensor parallelism")
     args = ap.parse_args()
     try:
-        gpu = run(args.bin, args.model, args.device, args.out + ".gpu.log")
+        gpu = run(args.bin, args.model, args.device, args.out + ".gpu.log", args.tp)
         cpu = run(args.bin, args.model, "cpu", args.out + ".cpu.log")
     except RuntimeError as e:
         print(f"extras_check: {e}", file=sys.stderr)

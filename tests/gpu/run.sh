@@ -468,6 +468,23 @@ check_greedy() {
 # step_serve TP [eager]: `tpserve serve` with TP worker processes on the random checkpoint, 8
 # concurrent HTTP completions (serve_check.py), decode through CUDA graphs (the default) or, with
 # "eager", --enforce-eager; the texts are compared with TP=1's graph run.
+# TP=2 sums its partial products with the one-shot all-reduce over peer memory (the two ranks
+# are threads of one process here, so by peer access; `tpserve serve` maps them by CUDA IPC):
+# prefill chunks, and every position as a graph-replayed decode step. With two ranks a sum is one
+# rounding, so NCCL (--disable-custom-all-reduce) must agree bit for bit. Needs step_bf16's and
+# step_decode's TP=1 logits.
+step_tp2() {
+  ours_logits tp2-bf16 2 bfloat16
+  ours_logits tp2-bf16-decode 2 bfloat16 --chunk 1
+  ours_logits tp2-bf16-nccl 2 bfloat16 --disable-custom-all-reduce
+  if [ "$NGPU" -ge 2 ]; then
+    check_logits tp2-bf16 bfloat16 tp1-bf16
+    check_greedy tp2-bf16 bfloat16 0.1
+    check_logits tp2-bf16-decode bfloat16 tp1-bf16-decode
+    check_logits tp2-bf16-nccl bfloat16 tp2-bf16 exact
+  fi
+}
+
 step_serve() {
   local tp=$1 mode=${2:-graphs} name out same extra=()
   name="serve tp$tp"
@@ -564,16 +581,17 @@ script_check() {
   fi
 }
 
-# step_extras: log probabilities and sampling controls (issue 13) on the GPU against the CPU
+# step_extras TP: log probabilities and sampling controls (issue 13) on TP GPUs against the CPU
 # backend's f32 on the same checkpoint: prompt and first-token log probabilities within 0.15.
 step_extras() {
-  script_check "logprobs + penalties" extras 1 extras_check
+  script_check "logprobs + penalties tp$1" "extras_tp$1" "$1" extras_check --tp "$1"
 }
 
-# step_structured: structured outputs (issue 13, item 3) on the GPU: constrained requests beside
-# plain ones; finished outputs must parse and validate (structured_check.py).
+# step_structured TP: structured outputs (issue 13, item 3) on TP GPUs: constrained requests
+# beside plain ones; finished outputs must parse and validate (structured_check.py).
 step_structured() {
-  script_check "structured outputs" structured 1 structured_check
+  script_check "structured outputs tp$1" "structured_tp$1" "$1" structured_check \
+    "--serve-arg=--tensor-parallel-size=$1"
 }
 
 # step_lora: issue 10 on CUDA. Three random PEFT adapters on the checkpoint
@@ -782,26 +800,16 @@ main() {
   step_int4_checkpoint awq
   step_int4_checkpoint gptq
   step_int4_checkpoint gptq-act
-  # TP=2 sums its partial products with the one-shot all-reduce over peer memory (the two
-  # ranks are threads of one process here, so by peer access; `tpserve serve` below maps them
-  # by CUDA IPC): prefill chunks, and every position as a graph-replayed decode step. With two
-  # ranks a sum is one rounding, so NCCL (--disable-custom-all-reduce) must agree bit for bit.
-  ours_logits tp2-bf16 2 bfloat16
-  ours_logits tp2-bf16-decode 2 bfloat16 --chunk 1
-  ours_logits tp2-bf16-nccl 2 bfloat16 --disable-custom-all-reduce
-  if [ "$NGPU" -ge 2 ]; then
-    check_logits tp2-bf16 bfloat16 tp1-bf16
-    check_greedy tp2-bf16 bfloat16 0.1
-    check_logits tp2-bf16-decode bfloat16 tp1-bf16-decode
-    check_logits tp2-bf16-nccl bfloat16 tp2-bf16 exact
-  fi
+  step_tp2
   step_serve 1
   step_serve 1 eager
   step_serve 2
   step_serve 2 eager
   step_invariance
-  step_extras
-  step_structured
+  step_extras 1
+  step_extras 2
+  step_structured 1
+  step_structured 2
   step_lora
   step_embed 1
   step_embed 2
@@ -819,7 +827,8 @@ main 2>&1 | tee "$LOG" || status=$?
 if [ -n "$OUT" ]; then
   mkdir -p "$OUT"
   for f in run.log results.tsv compare.jsonl env.txt paris.txt bench_8b.json bench_8b.txt \
-    invariance_on.json invariance_off.json extras.json embed_tp1.json embed_tp2.json; do
+    invariance_on.json invariance_off.json extras_tp1.json extras_tp2.json structured_tp1.json \
+    structured_tp2.json embed_tp1.json embed_tp2.json; do
     if [ -f "$WORK/$f" ]; then
       cp "$WORK/$f" "$OUT/"
     fi

@@ -1,4 +1,4 @@
-//! First figures for a model on one GPU, against the machine's floors measured in the same run:
+//! First figures for a model on one GPU (or on each of `--tensor-parallel-size` GPUs), against the machine's floors measured in the same run:
 //! single-sequence decode tokens/s against the memory floor (weight bytes read per token over the
 //! measured device copy bandwidth), and prefill tokens/s of one long prompt against the matrix
 //! floor (2 x linear-layer parameters FLOPs per token over the measured cuBLAS GEMM rate).
@@ -22,6 +22,7 @@ use tpserve_modelfile::LlamaConfig;
 use tpserve_proto as pb;
 use tpserve_worker::backend::DeviceChoice;
 use tpserve_worker::cuda::{measure_floors, take_phase_totals, Dtype};
+use tpserve_worker::runner::Runner;
 use tpserve_worker::sampler::SampleSpec;
 use tpserve_worker::thread_group::ThreadGroup;
 
@@ -42,9 +43,14 @@ struct Args {
     /// As `tpserve serve --kv-cache-dtype` (`fp8`); empty: the compute dtype.
     #[arg(long, default_value = "")]
     kv_cache_dtype: String,
-    /// GPU to run on.
+    /// GPU to run on (the first rank's, with `--tensor-parallel-size`).
     #[arg(long, default_value_t = 0)]
     gpu: usize,
+    /// Ranks, threads of this process on GPUs `--gpu`, `--gpu` + 1, ... summing their partial
+    /// products as `tpserve serve` does (the one-shot all-reduce over peer memory, NCCL above
+    /// it); the figures and phases are the first rank's, its floors its share of the weights.
+    #[arg(long, default_value_t = 1)]
+    tensor_parallel_size: usize,
     /// Prompt length of the prefill measurement.
     #[arg(long, default_value_t = 2048)]
     prefill_tokens: usize,
@@ -77,6 +83,16 @@ struct Args {
 
 const BLOCK_SIZE: usize = 16;
 
+/// Runs `f` on every rank at once (their collectives meet) and keeps the first rank's answer.
+fn on_first<T: Send + 'static>(
+    group: &ThreadGroup,
+    f: impl Fn(&mut Runner) -> tpserve_worker::error::Result<T> + Send + Sync + 'static,
+) -> tpserve_worker::error::Result<T> {
+    group
+        .on_all(move |_, r| f(r))
+        .map(|mut answers| answers.swap_remove(0))
+}
+
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
@@ -105,7 +121,14 @@ fn main() -> anyhow::Result<()> {
         "floors: copy {:.0} GB/s, GEMM {:.0} TFLOP/s",
         floors.copy_gb_per_s, floors.gemm_tflops
     );
-    let group = ThreadGroup::start(DeviceChoice::Cuda(Some(args.gpu)), 1, 1)?;
+    let tp = args.tensor_parallel_size.max(1);
+    let group = if tp == 1 {
+        ThreadGroup::start(DeviceChoice::Cuda(Some(args.gpu)), 1, 1)?
+    } else {
+        anyhow::ensure!(args.gpu == 0, "--gpu must be 0 with --tensor-parallel-size");
+        ThreadGroup::start(DeviceChoice::Cuda(None), tp, 1)?
+    };
+
     let load = pb::LoadModelRequest {
         model_path: model_path.display().to_string(),
         load_format: load_format as i32,
@@ -117,7 +140,7 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     let started = Instant::now();
-    let loaded = group.on_rank(0, move |r| r.load_model(&load))?;
+    let loaded = on_first(&group, move |r| r.load_model(&load))?;
     let load_seconds = started.elapsed().as_secs_f64();
     let mixed_tokens = if args.batch > 0 {
         args.mixed_prompts * args.mixed_prompt_len + args.batch
@@ -132,19 +155,22 @@ fn main() -> anyhow::Result<()> {
         max_num_batched_tokens: max_tokens as u32,
         max_num_seqs: 256,
     };
-    let blocks = group.on_rank(0, move |r| r.profile_memory(&profile))?;
+    let blocks = on_first(&group, move |r| r.profile_memory(&profile))?;
     let num_blocks = blocks.num_blocks as usize;
-    group.on_rank(0, move |r| r.init_cache(num_blocks, BLOCK_SIZE))?;
+    on_first(&group, move |r| r.init_cache(num_blocks, BLOCK_SIZE))?;
     // Eager first: the phase table needs kernels issued one by one.
-    let warmup = group
-        .on_rank(0, move |r| r.warmup(max_tokens, 256, &[], false))?
-        .seconds;
+    // The one-shot all-reduce over peer memory, as `tpserve serve` sums by default.
+    let custom_all_reduce = tp > 1;
+    let warmup = on_first(&group, move |r| {
+        r.warmup(max_tokens, 256, &[], custom_all_reduce)
+    })?
+    .seconds;
 
     let greedy = SampleSpec::greedy().params;
     let mut step_id = 0u64;
     let run = |plan: pb::StepPlan| -> anyhow::Result<f64> {
         let t = Instant::now();
-        group.on_rank(0, move |r| r.step(&plan))?;
+        on_first(&group, move |r| r.step(&plan))?;
         Ok(t.elapsed().as_secs_f64())
     };
     let prompt =
@@ -239,19 +265,21 @@ fn main() -> anyhow::Result<()> {
             ..Default::default()
         })?;
     }
-    let prefill_phases = group.on_rank(0, |_| Ok(take_phase_totals()))?;
+    let prefill_phases = on_first(&group, |_| Ok(take_phase_totals()))?;
     for _ in 0..32 {
         step_id += 1;
         run(decode_step(step_id))?;
     }
-    let decode_phases = group.on_rank(0, |_| Ok(take_phase_totals()))?;
+    let decode_phases = on_first(&group, |_| Ok(take_phase_totals()))?;
     std::env::remove_var("TPSERVE_CUDA_PHASES");
     let decode_s = median(decode.clone());
     let decode_mean = decode.iter().sum::<f64>() / decode.len() as f64;
 
     // The same decode replaying CUDA graphs (vLLM's sizes up to 256), on a fresh request.
     let sizes: Vec<usize> = [1, 2, 4].into_iter().chain((8..=256).step_by(8)).collect();
-    let graphs = group.on_rank(0, move |r| r.warmup(max_tokens, 256, &sizes, false))?;
+    let graphs = on_first(&group, move |r| {
+        r.warmup(max_tokens, 256, &sizes, custom_all_reduce)
+    })?;
     step_id += 1;
     run(pb::StepPlan {
         step_id,
@@ -324,7 +352,7 @@ fn main() -> anyhow::Result<()> {
             step_id += 1;
             eager_ms.push(run(decode_rows(step_id, b))? * 1e3);
         }
-        let decode_phases = group.on_rank(0, |_| Ok(take_phase_totals()))?;
+        let decode_phases = on_first(&group, |_| Ok(take_phase_totals()))?;
         std::env::remove_var("TPSERVE_CUDA_PHASES");
         // The prompts take the place of the last `mp` sequences; each step's prompts are new
         // requests on the same blocks, the step before's freed.
@@ -358,12 +386,12 @@ fn main() -> anyhow::Result<()> {
             step_id += 1;
             run(prompts_step(step_id, rows_mixed))?;
         }
-        let mixed_phases = group.on_rank(0, |_| Ok(take_phase_totals()))?;
+        let mixed_phases = on_first(&group, |_| Ok(take_phase_totals()))?;
         for _ in 0..PHASE_PROMPTS {
             step_id += 1;
             run(prompts_step(step_id, 0))?;
         }
-        let prompts_phases = group.on_rank(0, |_| Ok(take_phase_totals()))?;
+        let prompts_phases = on_first(&group, |_| Ok(take_phase_totals()))?;
         std::env::remove_var("TPSERVE_CUDA_PHASES");
         println!();
         println!(
@@ -405,8 +433,9 @@ fn main() -> anyhow::Result<()> {
     // Floors. Weight bytes a decode step reads: all weights but the embedding table (one row of
     // it is read); the lm_head is read in full. The KV cache it reads is left out (at context
     // 512 of an 8B-shaped model, 0.4% of the weights). The rate is the copy's total traffic
-    // (read + write), HBM's whole bandwidth, as shared/GPU.md computes the floor.
-    let (h, v) = (config.hidden_size, config.vocab_size);
+    // (read + write), HBM's whole bandwidth, as shared/GPU.md computes the floor. With tensor
+    // parallelism, the first rank's share: its slices of the layers and of the vocabulary.
+    let (h, v) = (config.hidden_size, config.vocab_size.div_ceil(tp));
     let elem = 2usize;
     let embed_bytes = v * h * elem;
     let weight_bytes = loaded.weight_bytes as usize;
@@ -434,7 +463,7 @@ fn main() -> anyhow::Result<()> {
             config.num_key_value_heads * config.head_dim,
         );
         let inter = config.intermediate_size;
-        config.num_hidden_layers * (h * (q + 2 * kv) + q * h + 3 * h * inter)
+        config.num_hidden_layers * (h * (q + 2 * kv) + q * h + 3 * h * inter) / tp
     } else {
         (weight_bytes
             - embed_bytes
@@ -527,6 +556,7 @@ fn main() -> anyhow::Result<()> {
         "quantization": loaded.quantization,
         "kv_cache_dtype": loaded.kv_cache_dtype,
         "dtype": dtype.name(),
+        "tensor_parallel_size": tp,
         "copy_gb_per_s": floors.copy_gb_per_s,
         "gemm_tflops": floors.gemm_tflops,
         "weight_bytes": weight_bytes,
