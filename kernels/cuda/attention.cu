@@ -588,7 +588,11 @@ __device__ void paged_attention_decode_impl(
 
 // attention_combine_{bf16,f16}: merges the splits of paged_attention:
 //   out[t, h] = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s,  M = max_s m_s
-// Splits that saw no key have m = -inf and weigh nothing: their partial output is not read.
+// Splits that saw no key have m = -inf and weigh nothing: their partial output (not written)
+// is loaded with the others but not added. The partial outputs are loaded 8 splits at a time
+// before any is summed, so the loads overlap instead of each waiting for the one before (the
+// 32 merges of 33 splits in a batch-1 8B decode step at 2,048 keys took 0.21 ms with one load in
+// flight, 0.08 ms so); the sum's order and arithmetic are as before, and so are the bits.
 //
 // Arguments:
 //   out          T   [num_tokens, num_q_heads * head_dim]   written
@@ -619,13 +623,23 @@ __device__ void attention_combine_impl(T* __restrict__ out, const float* __restr
     float num = 0.0f;
     float den = 0.0f;
     if (max_m != tpserve::neg_inf()) {
-        for (int s = 0; s < num_splits; ++s) {
-            if (m_s[s] == tpserve::neg_inf()) {
-                continue;  // an empty split; its partial output is not even written
+        const float* part = partial_out + base * num_splits * head_dim + d;
+        constexpr int kInFlight = 8;
+        for (int s0 = 0; s0 < num_splits; s0 += kInFlight) {
+            float p[kInFlight];
+#pragma unroll
+            for (int j = 0; j < kInFlight; ++j) {
+                p[j] = s0 + j < num_splits ? part[(long long)(s0 + j) * head_dim] : 0.0f;
             }
-            const float w = __expf(m_s[s] - max_m);
-            den += w * l_s[s];
-            num += w * partial_out[(base * num_splits + s) * head_dim + d];
+#pragma unroll
+            for (int j = 0; j < kInFlight; ++j) {
+                const int s = s0 + j;
+                if (s < num_splits && m_s[s] != tpserve::neg_inf()) {
+                    const float w = __expf(m_s[s] - max_m);
+                    den += w * l_s[s];
+                    num += w * p[j];
+                }
+            }
         }
     }
     out[base * head_dim + d] = tpserve::from_float<T>(den > 0.0f ? num / den : 0.0f);
