@@ -138,6 +138,15 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const W* _
             }
         }
     }
+    // The weight's scales are constants of the model too: loaded now, they are not a dependent
+    // load after the sums (one scale per FP8 product, or its rows'; 1 for the dtype's weights).
+    float out_scale[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        out_scale[r] = w_scale != nullptr && n0 + r < n_out
+                           ? w_scale[w_scale_per_row ? n0 + r : 0]
+                           : 1.0f;
+    }
     tpserve::wait_for_inputs();
     if (n0 >= n_out) {
         return;
@@ -190,9 +199,7 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const W* _
         for (int m = 0; m < M; ++m) {
             const float total = tpserve::warp_reduce_sum(acc[r][m]);
             if (lane == ((r * M + m) & 31) && m < rows && n0 + r < n_out) {
-                const float scale =
-                    w_scale != nullptr ? w_scale[w_scale_per_row ? n0 + r : 0] : 1.0f;
-                y[(long long)m * n_out + n0 + r] = tpserve::from_float<T>(total * scale);
+                y[(long long)m * n_out + n0 + r] = tpserve::from_float<T>(total * out_scale[r]);
             }
         }
     }
