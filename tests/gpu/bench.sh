@@ -19,9 +19,10 @@
 #      one `tpserve serve --enable-lora`, once for the base model and once spread over the 8
 #      adapters (`bench serve --lora-modules`), same server, same run (lora_over_base), after one
 #      request per adapter, timed (lora_first_load_s: disk -> host -> GPU slot, plus a prefill);
-#   5. with two or more GPUs, the same at TP=2 (NAME-x2.json, with tp2_decode_speedup), and the
-#      single stream again with every all-reduce on NCCL (--disable-custom-all-reduce), for
-#      comparison;
+#   5. with two or more GPUs, the same at TP=2 (NAME-x2.json, with tp2_decode_speedup; its ratios
+#      against one GPU's floors, its in-process figures and phases bench_device's at
+#      --tensor-parallel-size 2), and the single stream again with every all-reduce on NCCL
+#      (--disable-custom-all-reduce), for comparison;
 #   6. bench_report.py: the ratios, the table, the JSON (keys listed in bench_report.py).
 #
 # Why: the issue's targets are client-side figures against same-run floors; one script keeps
@@ -265,9 +266,17 @@ main() {
   [ -n "${QUANTIZATION:-}${KV_CACHE_DTYPE:-}" ] || lora_sections
   local tp2_args=()
   if [ "$NGPU" -ge 2 ]; then
-    echo "== TP=2 over HTTP"
+    echo "== TP=2 in-process: bench_device --tensor-parallel-size 2 (the first rank's figures)"
     mkdir -p "$WORK/tp2"
+    # The TP=2 report's ratios stay against one GPU's floors (TP=1's bench_device.json); the
+    # in-process figures and phases it shows are TP=2's own.
     cp "$WORK/tp1/bench_device.json" "$WORK/tp2/"
+    timeout -k 10 600 "$BIN_DIR/examples/bench_device" --config "$MODEL/config.json" \
+      --dtype bfloat16 --tensor-parallel-size 2 ${QUANTIZATION:+--quantization "$QUANTIZATION"} \
+      ${KV_CACHE_DTYPE:+--kv-cache-dtype "$KV_CACHE_DTYPE"} \
+      --json "$WORK/tp2/bench_device_tp2.json" 2>&1 | tee "$WORK/bench_device_tp2.txt" ||
+      echo "bench: bench_device at TP=2 failed" >&2
+    echo "== TP=2 over HTTP"
     start_server 2 "$WORK/tp2"
     workloads "$WORK/tp2" 1
     stop_server
@@ -278,10 +287,17 @@ main() {
     stop_server
     "$PYTHON" "$HERE/bench_report.py" "$WORK/tp2" "$WORK/$NAME-x2.json"
     "$PYTHON" - "$WORK/$NAME-x2.json" <<'EOF'
-import json, sys
+import json, os, sys
 path = sys.argv[1]
 d = json.load(open(path))
 d["tensor_parallel_size"] = 2
+# The in-process figures and phases of the TP=2 group itself (its first rank), where they ran.
+tp2 = os.path.join(os.path.dirname(path), "tp2", "bench_device_tp2.json")
+if os.path.exists(tp2):
+    dev = json.load(open(tp2))
+    d["in_process"] = {k: dev[k] for k in d["in_process"] if k in dev}
+    d["in_process"]["rank_decode_floor_ms"] = dev["decode_floor_ms"]
+    d["phases"] = dev.get("phases", [])
 json.dump(d, open(path, "w"), indent=2)
 EOF
     tp2_args=(--tp2-work "$WORK/tp2")
@@ -298,7 +314,8 @@ main 2>&1 | tee "$WORK.log" || status=$?
 if [ -n "$OUT" ]; then
   mkdir -p "$OUT"
   cp "$WORK.log" "$OUT/bench.log" 2>/dev/null || true
-  for f in "$WORK/$NAME.json" "$WORK/$NAME-x2.json" "$WORK/tp1/bench_device.json"; do
+  for f in "$WORK/$NAME.json" "$WORK/$NAME-x2.json" "$WORK/tp1/bench_device.json" \
+    "$WORK/tp2/bench_device_tp2.json"; do
     [ -f "$f" ] && cp "$f" "$OUT/"
   done
   tail -c 200000 "$WORK/tp1/server.log" >"$OUT/server_tp1.log" 2>/dev/null || true

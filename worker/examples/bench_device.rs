@@ -155,8 +155,13 @@ fn main() -> anyhow::Result<()> {
         max_num_batched_tokens: max_tokens as u32,
         max_num_seqs: 256,
     };
-    let blocks = on_first(&group, move |r| r.profile_memory(&profile))?;
-    let num_blocks = blocks.num_blocks as usize;
+    // Every rank's cache holds the same blocks: the fewest any rank has room for.
+    let num_blocks = group
+        .on_all(move |_, r| r.profile_memory(&profile))?
+        .iter()
+        .map(|b| b.num_blocks as usize)
+        .min()
+        .unwrap_or(0);
     on_first(&group, move |r| r.init_cache(num_blocks, BLOCK_SIZE))?;
     // Eager first: the phase table needs kernels issued one by one.
     // The one-shot all-reduce over peer memory, as `tpserve serve` sums by default.
