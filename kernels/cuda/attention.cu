@@ -627,18 +627,18 @@ __device__ void attention_combine_impl(T* __restrict__ out, const float* __restr
         const float* part = partial_out + base * num_splits * head_dim + d;
         constexpr int kInFlight = 8;
         for (int s0 = 0; s0 < num_splits; s0 += kInFlight) {
+            bool live[kInFlight];
             float p[kInFlight];
 #pragma unroll
             for (int j = 0; j < kInFlight; ++j) {
                 const int s = s0 + j;
-                p[j] = s < num_splits && m_s[s] != tpserve::neg_inf()
-                           ? part[(long long)s * head_dim]
-                           : 0.0f;
+                live[j] = s < num_splits && m_s[s] != tpserve::neg_inf();
+                p[j] = live[j] ? part[(long long)s * head_dim] : 0.0f;
             }
 #pragma unroll
             for (int j = 0; j < kInFlight; ++j) {
                 const int s = s0 + j;
-                if (s < num_splits && m_s[s] != tpserve::neg_inf()) {
+                if (live[j]) {
                     const float w = __expf(m_s[s] - max_m);
                     den += w * l_s[s];
                     num += w * p[j];

@@ -465,14 +465,11 @@ check_greedy() {
     --greedy-truth "$REF/hf_greedy_float32.json" --ref-label "$dtype" --near-tie "$near"
 }
 
-# step_serve TP [eager]: `tpserve serve` with TP worker processes on the random checkpoint, 8
-# concurrent HTTP completions (serve_check.py), decode through CUDA graphs (the default) or, with
-# "eager", --enforce-eager; the texts are compared with TP=1's graph run.
-# TP=2 sums its partial products with the one-shot all-reduce over peer memory (the two ranks
-# are threads of one process here, so by peer access; `tpserve serve` maps them by CUDA IPC):
-# prefill chunks, and every position as a graph-replayed decode step. With two ranks a sum is one
-# rounding, so NCCL (--disable-custom-all-reduce) must agree bit for bit. Needs step_bf16's and
-# step_decode's TP=1 logits.
+# step_tp2: TP=2 sums its partial products with the one-shot all-reduce over peer memory (the
+# two ranks are threads of one process here, so by peer access; `tpserve serve` maps them by CUDA
+# IPC): prefill chunks, and every position as a graph-replayed decode step. With two ranks a sum
+# is one rounding, so NCCL (--disable-custom-all-reduce) must agree bit for bit. Needs
+# step_bf16's and step_decode's TP=1 logits.
 step_tp2() {
   ours_logits tp2-bf16 2 bfloat16
   ours_logits tp2-bf16-decode 2 bfloat16 --chunk 1
@@ -485,6 +482,9 @@ step_tp2() {
   fi
 }
 
+# step_serve TP [eager]: `tpserve serve` with TP worker processes on the random checkpoint, 8
+# concurrent HTTP completions (serve_check.py), decode through CUDA graphs (the default) or, with
+# "eager", --enforce-eager; the texts are compared with TP=1's graph run.
 step_serve() {
   local tp=$1 mode=${2:-graphs} name out same extra=()
   name="serve tp$tp"

@@ -1,7 +1,8 @@
-//! First figures for a model on one GPU (or on each of `--tensor-parallel-size` GPUs), against the machine's floors measured in the same run:
-//! single-sequence decode tokens/s against the memory floor (weight bytes read per token over the
-//! measured device copy bandwidth), and prefill tokens/s of one long prompt against the matrix
-//! floor (2 x linear-layer parameters FLOPs per token over the measured cuBLAS GEMM rate).
+//! First figures for a model on one GPU (or on each of `--tensor-parallel-size` GPUs), against
+//! the machine's floors measured in the same run: single-sequence decode tokens/s against the
+//! memory floor (weight bytes read per token over the measured device copy bandwidth), and
+//! prefill tokens/s of one long prompt against the matrix floor (2 x linear-layer parameters
+//! FLOPs per token over the measured cuBLAS GEMM rate).
 //! Random weights of a real model's shape (`--load-format dummy`): give a config.json; or a
 //! checkpoint directory (`--checkpoint`, e.g. a pre-quantized FP8 one that
 //! tests/gpu/make_bench_checkpoint.py writes), loaded as `tpserve serve` loads it.
@@ -43,12 +44,12 @@ struct Args {
     /// As `tpserve serve --kv-cache-dtype` (`fp8`); empty: the compute dtype.
     #[arg(long, default_value = "")]
     kv_cache_dtype: String,
-    /// GPU to run on (the first rank's, with `--tensor-parallel-size`).
+    /// GPU to run on (0 with `--tensor-parallel-size`, whose ranks take GPUs 0, 1, ...).
     #[arg(long, default_value_t = 0)]
     gpu: usize,
-    /// Ranks, threads of this process on GPUs `--gpu`, `--gpu` + 1, ... summing their partial
-    /// products as `tpserve serve` does (the one-shot all-reduce over peer memory, NCCL above
-    /// it); the figures and phases are the first rank's, its floors its share of the weights.
+    /// Ranks, threads of this process on GPUs 0, 1, ... summing their partial products as
+    /// `tpserve serve` does (the one-shot all-reduce over peer memory, NCCL above it); the
+    /// figures and phases are the first rank's, its floors its share of the weights.
     #[arg(long, default_value_t = 1)]
     tensor_parallel_size: usize,
     /// Prompt length of the prefill measurement.
