@@ -16,7 +16,12 @@
 //! a replaced workspace). Every rank captures the same sizes in the same order, so replays match
 //! collective for collective.
 //!
-//! Costs: capture and instantiation take a few milliseconds per size; each graph holds only its
+//! Sizes whose attention runs on the CUDA-core decode kernel (below 8 rows) get a graph per count
+//! of key splits (three: short, middle and long contexts), and a step replays the one for its
+//! longest context: a graph's split count is fixed at capture, and no one count suits every
+//! context (too many leave empty blocks at short ones, too few leave SMs idle at long ones).
+//!
+//! Costs: capture and instantiation take a few milliseconds per graph; each graph holds only its
 //! nodes (the buffers are shared).
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -26,7 +31,7 @@ use tpserve_term::progress::{Task, Unit};
 use super::device::{device_err, DeviceBuffer, Gpu};
 use super::forward::{forward, AttentionKind, AttentionPlan, Device, StepView};
 use super::kernels::ATTENTION_MAX_SPLITS;
-use super::model::{CudaModel, GpuKvCache};
+use super::model::{CudaModel, Dims, GpuKvCache};
 use super::step_inputs::{pack, Packed, PackedStep, TableShape};
 use super::workspace::Workspace;
 use crate::batch::Batch;
@@ -35,6 +40,14 @@ use crate::error::{Result, WorkerError};
 /// One captured batch size.
 struct Captured {
     size: usize,
+    /// Ascending by `from_context`, the first from 0.
+    variants: Vec<Variant>,
+}
+
+/// The graphs of one batch size for one count of attention key splits.
+struct Variant {
+    /// Replayed for steps whose longest context exceeds this many keys (and no later variant's).
+    from_context: usize,
     graph: CudaGraph,
     /// The same step with the LoRA kernels, when LoRA is on.
     lora_graph: Option<CudaGraph>,
@@ -57,6 +70,75 @@ pub fn decode_splits(rows: usize, kv_heads: usize, sm_count: usize, room: usize)
         .div_ceil((rows * kv_heads).max(1))
         .clamp(1, ATTENTION_MAX_SPLITS)
         .min(room.max(1))
+}
+
+/// Keys per split the decode attention rounds its even split of a row's keys up to (common.cuh's
+/// split_keys): a graph of S splits gives a row of up to S times this many keys as many splits
+/// with keys as a graph of more splits does, and fewer empty blocks.
+pub const SPLIT_KEY_QUANTUM: usize = 32;
+
+/// The key-split counts of the decode graphs of `rows` rows that the CUDA-core decode attention
+/// runs, ascending: half of [`decode_splits`]'s (short contexts: fewer empty blocks), its own,
+/// and as many as the GPU holds blocks at once (4 an SM, one wave; long contexts, where the
+/// first counts leave SMs idle), each at most [`ATTENTION_MAX_SPLITS`] and the split buffers'
+/// room, and at least 2 unless it is the only one. Measured at batch 1 on an H200 (8B;
+/// docs/PERFORMANCE.md, issue 9, run 28): 16 splits instead of 33 at 500 keys -0.017 ms a step,
+/// 64 instead of 33 at 1,500 keys -0.028 ms, at 3,000 -0.043 ms, at 8,000 -0.33 ms.
+pub fn decode_split_counts(
+    rows: usize,
+    kv_heads: usize,
+    sm_count: usize,
+    room: usize,
+) -> Vec<usize> {
+    let fill = decode_splits(rows, kv_heads, sm_count, room);
+    let wave = ((4 * sm_count) / (rows * kv_heads).max(1))
+        .clamp(1, ATTENTION_MAX_SPLITS)
+        .min(room.max(1));
+    let mut counts = vec![fill / 2, fill, wave];
+    counts.retain(|&s| s >= 2 || s == fill);
+    counts.sort_unstable();
+    counts.dedup();
+    counts
+}
+
+/// The graphs of a decode step of `size` rows, as `(from_context, attention)`, ascending: one,
+/// or for the CUDA-core decode attention one per count of [`decode_split_counts`], each replayed
+/// for steps whose longest context is above [`SPLIT_KEY_QUANTUM`] keys a split of the one
+/// before.
+fn graph_plans(
+    d: &Dims,
+    size: usize,
+    sm_count: usize,
+    room: usize,
+    block_size: usize,
+    batch_invariant: bool,
+) -> Vec<(usize, AttentionPlan)> {
+    if batch_invariant {
+        // The kernel every step of the mode uses, one row per tile, keys unsplit.
+        let attention = AttentionPlan::Simt {
+            items: d.q_heads / d.kv_heads.max(1),
+            splits: 1,
+            split_len: 0,
+        };
+        return vec![(0, attention)];
+    }
+    let group = d.q_heads / d.kv_heads.max(1);
+    if let Some(AttentionKind::DecodeMma) =
+        AttentionKind::for_decode(size, d.head_dim, group, block_size)
+    {
+        let splits = decode_splits(size, d.kv_heads, sm_count, room);
+        return vec![(0, AttentionPlan::DecodeMma { splits })];
+    }
+    let counts = decode_split_counts(size, d.kv_heads, sm_count, room);
+    let mut from_context = 0;
+    counts
+        .iter()
+        .map(|&splits| {
+            let plan = (from_context, AttentionPlan::Decode { splits });
+            from_context = SPLIT_KEY_QUANTUM * splits;
+            plan
+        })
+        .collect()
 }
 
 /// Packs an empty batch padded to `rows`: the layout every step of that size uses, all of it
@@ -86,66 +168,68 @@ impl DecodeGraphs {
         let mut captured = Vec::with_capacity(sizes.len());
         let d = *model.dims();
         let lora = model.lora();
+        let plans: Vec<Vec<(usize, AttentionPlan)>> = sizes
+            .iter()
+            .map(|&size| {
+                let room = ws.split_room(&d, size);
+                graph_plans(
+                    &d,
+                    size,
+                    gpu.sm_count,
+                    room,
+                    cache.block_size,
+                    batch_invariant,
+                )
+            })
+            .collect();
         let progress = Task::new(
             "capturing CUDA graphs",
-            (sizes.len() * if lora.is_some() { 2 } else { 1 }) as u64,
+            (plans.iter().map(Vec::len).sum::<usize>() * if lora.is_some() { 2 } else { 1 }) as u64,
             Unit::items("graphs"),
         );
-        for &size in sizes {
+        for (&size, plans) in sizes.iter().zip(plans) {
             let layout = padding_step(size, tables)?;
-            let attention = if batch_invariant {
-                // The kernel every step of the mode uses, one row per tile, keys unsplit.
-                AttentionPlan::Simt {
-                    items: d.q_heads / d.kv_heads.max(1),
-                    splits: 1,
-                    split_len: 0,
-                }
-            } else {
-                let room = ws.split_room(&d, size);
-                let splits = decode_splits(size, d.kv_heads, gpu.sm_count, room);
-                let group = d.q_heads / d.kv_heads.max(1);
-                match AttentionKind::for_decode(size, d.head_dim, group, cache.block_size) {
-                    Some(AttentionKind::DecodeMma) => AttentionPlan::DecodeMma { splits },
-                    _ => AttentionPlan::Decode { splits },
-                }
-            };
-            let view = StepView {
-                rows: size,
-                samples: size,
-                inputs: layout.offsets.at(inputs.ptr),
-                num_tiles: size,
-                attention,
-                lora_tiles: 0,
-            };
-            let one = |view: &StepView| -> Result<CudaGraph> {
-                // One eager pass first, on padding: every kernel, cuBLAS path and NCCL
-                // connection the step uses is initialised before the capture records it.
-                gpu.upload(&inputs, &layout.packed.bytes)?;
-                forward(dev, model, cache, ws, view, false)?;
-                let graph = capture_one(gpu, || {
-                    forward(dev, model, cache, ws, view, false).map(drop)
-                })?;
-                // A first replay on padding: proves the graph runs, and uploads it.
-                graph
-                    .launch()
-                    .map_err(|e| device_err("replaying a decode graph", e))?;
-                progress.inc(1);
-                Ok(graph)
-            };
-            let graph = one(&view)?;
-            let lora_graph = lora
-                .map(|slots| {
-                    one(&StepView {
-                        lora_tiles: slots.max_tiles(size),
-                        ..view
+            let mut variants = Vec::with_capacity(plans.len());
+            for (from_context, attention) in plans {
+                let view = StepView {
+                    rows: size,
+                    samples: size,
+                    inputs: layout.offsets.at(inputs.ptr),
+                    num_tiles: size,
+                    attention,
+                    lora_tiles: 0,
+                };
+                let one = |view: &StepView| -> Result<CudaGraph> {
+                    // One eager pass first, on padding: every kernel, cuBLAS path and NCCL
+                    // connection the step uses is initialised before the capture records it.
+                    gpu.upload(&inputs, &layout.packed.bytes)?;
+                    forward(dev, model, cache, ws, view, false)?;
+                    let graph = capture_one(gpu, || {
+                        forward(dev, model, cache, ws, view, false).map(drop)
+                    })?;
+                    // A first replay on padding: proves the graph runs, and uploads it.
+                    graph
+                        .launch()
+                        .map_err(|e| device_err("replaying a decode graph", e))?;
+                    progress.inc(1);
+                    Ok(graph)
+                };
+                let graph = one(&view)?;
+                let lora_graph = lora
+                    .map(|slots| {
+                        one(&StepView {
+                            lora_tiles: slots.max_tiles(size),
+                            ..view
+                        })
                     })
-                })
-                .transpose()?;
-            captured.push(Captured {
-                size,
-                graph,
-                lora_graph,
-            });
+                    .transpose()?;
+                variants.push(Variant {
+                    from_context,
+                    graph,
+                    lora_graph,
+                });
+            }
+            captured.push(Captured { size, variants });
         }
         progress.finish();
         gpu.sync()?;
@@ -160,7 +244,7 @@ impl DecodeGraphs {
             .find(|&size| size >= rows)
     }
 
-    /// How many graphs there are.
+    /// How many batch sizes have graphs.
     pub fn len(&self) -> usize {
         self.captured.len()
     }
@@ -183,15 +267,21 @@ impl DecodeGraphs {
             .ok_or_else(|| WorkerError::Device {
                 detail: format!("no decode graph of size {size}"),
             })?;
+        let variant = captured
+            .variants
+            .iter()
+            .rev()
+            .find(|v| step.max_context > v.from_context)
+            .unwrap_or(&captured.variants[0]);
         let graph = if step.num_lora_tiles > 0 {
-            captured
+            variant
                 .lora_graph
                 .as_ref()
                 .ok_or_else(|| WorkerError::Device {
                     detail: "a step with LoRA rows, but no LoRA graph (LoRA is off)".into(),
                 })?
         } else {
-            &captured.graph
+            &variant.graph
         };
         let bytes = &step.packed.bytes;
         // The updates ride behind the fixed part; a step with more than the buffer holds
@@ -254,5 +344,59 @@ mod tests {
         assert_eq!(decode_splits(1, 1, 132, 256), 64);
         assert_eq!(decode_splits(1, 8, 132, 5), 5);
         assert_eq!(decode_splits(1, 8, 132, 0), 1);
+    }
+
+    #[test]
+    fn split_counts_run_from_half_the_fill_to_one_wave() {
+        assert_eq!(decode_split_counts(1, 8, 132, 256), [16, 33, 64]);
+        assert_eq!(decode_split_counts(2, 8, 132, 256), [8, 17, 33]);
+        assert_eq!(decode_split_counts(4, 8, 132, 256), [4, 9, 16]);
+        assert_eq!(decode_split_counts(32, 8, 132, 256), [2]);
+        assert_eq!(decode_split_counts(64, 8, 132, 256), [1]);
+        // The split buffers' room caps every count.
+        assert_eq!(decode_split_counts(1, 8, 132, 40), [16, 33, 40]);
+        assert_eq!(decode_split_counts(1, 8, 132, 3), [3]);
+    }
+
+    /// Llama-3-8B's shape on one GPU.
+    fn dims() -> Dims {
+        Dims {
+            hidden: 4096,
+            head_dim: 128,
+            q_heads: 32,
+            kv_heads: 8,
+            inter: 14336,
+            qkv: 6144,
+            vocab_per_rank: 128256,
+            vocab_start: 0,
+            vocab_local: 128256,
+            vocab: 128256,
+            world_size: 1,
+        }
+    }
+
+    #[test]
+    fn small_batches_on_the_cuda_core_kernel_get_a_graph_per_split_count() {
+        let d = dims();
+        let plans = graph_plans(&d, 1, 132, 256, 16, false);
+        assert!(matches!(
+            plans[..],
+            [
+                (0, AttentionPlan::Decode { splits: 16 }),
+                (512, AttentionPlan::Decode { splits: 33 }),
+                (1056, AttentionPlan::Decode { splits: 64 })
+            ]
+        ));
+        // The tensor-core decode kernel's sizes, and batch-invariant mode, keep one graph.
+        let plans = graph_plans(&d, 8, 132, 256, 16, false);
+        assert!(matches!(
+            plans[..],
+            [(0, AttentionPlan::DecodeMma { splits: 5 })]
+        ));
+        let plans = graph_plans(&d, 1, 132, 256, 16, true);
+        assert!(matches!(
+            plans[..],
+            [(0, AttentionPlan::Simt { splits: 1, .. })]
+        ));
     }
 }
