@@ -83,7 +83,8 @@ pub const SPLIT_KEY_QUANTUM: usize = 32;
 /// first counts leave SMs idle), each at most [`ATTENTION_MAX_SPLITS`] and the split buffers'
 /// room, and at least 2 unless it is the only one. Measured at batch 1 on an H200 (8B;
 /// docs/PERFORMANCE.md, issue 9, run 28): 16 splits instead of 33 at 500 keys -0.017 ms a step,
-/// 64 instead of 33 at 1,500 keys -0.028 ms, at 3,000 -0.043 ms, at 8,000 -0.33 ms.
+/// 64 instead of 33 at 1,500 keys -0.028 ms and at 3,000 -0.043 ms (one step in a graph), at
+/// 8,000 -0.33 ms (the worker's decode).
 pub fn decode_split_counts(
     rows: usize,
     kv_heads: usize,
