@@ -11,11 +11,14 @@ The load average is recorded around every phase: other work on the machine skews
 """
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from datetime import datetime, timezone
@@ -111,7 +114,9 @@ def main():
                                          capture_output=True, text=True).stdout.strip()
     target = os.environ.get("CARGO_TARGET_DIR", f"{repo}/target")
     tpserve = f"{target}/release/tpserve"
-    tmp = os.path.dirname(os.path.abspath(args.result_json)) or "."
+    # The per-phase results of the tools it runs, read back and left behind in no checkout.
+    tmp = tempfile.mkdtemp(prefix="bench-vs-llama-cpp-")
+    atexit.register(shutil.rmtree, tmp, True)
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": model,
               "threads": args.threads, "cpu": cpu_name(), "loadavg": {}}
 
