@@ -190,6 +190,21 @@ impl DecodeGraphs {
         );
         for (&size, plans) in sizes.iter().zip(plans) {
             let layout = padding_step(size, tables)?;
+            let one = |view: &StepView| -> Result<CudaGraph> {
+                // One eager pass first, on padding: every kernel, cuBLAS path and NCCL
+                // connection the step uses is initialised before the capture records it.
+                gpu.upload(&inputs, &layout.packed.bytes)?;
+                forward(dev, model, cache, ws, view, false)?;
+                let graph = capture_one(gpu, || {
+                    forward(dev, model, cache, ws, view, false).map(drop)
+                })?;
+                // A first replay on padding: proves the graph runs, and uploads it.
+                graph
+                    .launch()
+                    .map_err(|e| device_err("replaying a decode graph", e))?;
+                progress.inc(1);
+                Ok(graph)
+            };
             let mut variants = Vec::with_capacity(plans.len());
             for (from_context, attention) in plans {
                 let view = StepView {
@@ -199,21 +214,6 @@ impl DecodeGraphs {
                     num_tiles: size,
                     attention,
                     lora_tiles: 0,
-                };
-                let one = |view: &StepView| -> Result<CudaGraph> {
-                    // One eager pass first, on padding: every kernel, cuBLAS path and NCCL
-                    // connection the step uses is initialised before the capture records it.
-                    gpu.upload(&inputs, &layout.packed.bytes)?;
-                    forward(dev, model, cache, ws, view, false)?;
-                    let graph = capture_one(gpu, || {
-                        forward(dev, model, cache, ws, view, false).map(drop)
-                    })?;
-                    // A first replay on padding: proves the graph runs, and uploads it.
-                    graph
-                        .launch()
-                        .map_err(|e| device_err("replaying a decode graph", e))?;
-                    progress.inc(1);
-                    Ok(graph)
                 };
                 let graph = one(&view)?;
                 let lora_graph = lora
@@ -271,8 +271,7 @@ impl DecodeGraphs {
         let variant = captured
             .variants
             .iter()
-            .rev()
-            .find(|v| step.max_context > v.from_context)
+            .rfind(|v| step.max_context > v.from_context)
             .unwrap_or(&captured.variants[0]);
         let graph = if step.num_lora_tiles > 0 {
             variant
