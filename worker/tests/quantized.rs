@@ -10,7 +10,9 @@
 //! finer: allowed 0.02% (measured 0.002%). SmolLM2 (Q4_1, 16-bit) compounds it over 30 layers:
 //! allowed 0.1% (measured 0.03%). Every position whose f32 top-two margin exceeds twice the
 //! tolerance must pick the same token. Prefill chunks of 8 rows keep these products on the block
-//! dot products; from 16 rows they multiply dequantized tiles (checked separately).
+//! products; from 16 rows, where the CPU has AVX-512 VNNI, the grouped kernel multiplies them the
+//! same way (the same bits as 8-row chunks), and elsewhere they multiply dequantized tiles
+//! (checked separately).
 
 mod common;
 
@@ -20,6 +22,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use common::{argmax_rows, default_model, prefill_logits, prefill_logits_as};
+use tpserve_worker::cpu::quant::packed;
 
 const HIDDEN: usize = 256;
 const FF: usize = 512;
@@ -216,18 +219,30 @@ fn tensor_parallel_quantized_matches_the_f32_path() {
 }
 
 #[test]
-fn prefill_chunks_of_many_rows_multiply_dequantized_tiles() {
-    // From 16 rows a product dequantizes weight tiles for the f32 GEMM: the f32 path's numbers up
-    // to the GEMM's summation order over differently sized tiles.
+fn prefill_chunks_of_many_rows_keep_their_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q4_1.gguf");
     write_gguf(&path, GgmlDType::Q4_1);
     let ids: Vec<u32> = (0..48).map(|i| (i * 5 % VOCAB) as u32).collect();
-    let want = prefill_logits(&path, 1, &ids, 48);
-    let got = prefill_logits_as(&path, 1, &ids, 48, "auto");
-    let err = err_of_scale(&got, &want);
-    eprintln!("Q4_1 prefill of 48 rows: {err:e} of max |logit|");
-    assert!(err <= 1e-5, "{err}");
+    let whole = prefill_logits_as(&path, 1, &ids, 48, "auto");
+    if packed::supported() {
+        // The grouped kernel multiplies any count of rows alike: one 48-row chunk gives the
+        // logits of six 8-row ones (decode-sized products) bit for bit.
+        let by_8 = prefill_logits_as(&path, 1, &ids, 8, "auto");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(
+            bits(&whole) == bits(&by_8),
+            "48-row and 8-row chunks differ"
+        );
+        eprintln!("Q4_1 prefill of 48 rows: the 8-row chunks' bits");
+    } else {
+        // From 16 rows a product dequantizes weight tiles for the f32 GEMM: the f32 path's
+        // numbers up to the GEMM's summation order over differently sized tiles.
+        let want = prefill_logits(&path, 1, &ids, 48);
+        let err = err_of_scale(&whole, &want);
+        eprintln!("Q4_1 prefill of 48 rows: {err:e} of max |logit|");
+        assert!(err <= 1e-5, "{err}");
+    }
 }
 
 #[test]

@@ -48,6 +48,19 @@ pub fn quantize_rows(x: &[f32], cols: usize, out: &mut Vec<ActBlock>) {
     }
 }
 
+/// Reorders each block's values into pairs for [`super::packed`]: value `p` then value `p + 16`,
+/// for `p` in 0..16, so that the i32 at pair `p` holds the two values multiplied by one lane's
+/// weight pair. `d` and `s` are unchanged.
+pub fn pair_halves(blocks: &mut [ActBlock]) {
+    for b in blocks {
+        let q = b.qs;
+        for p in 0..QK / 2 {
+            b.qs[2 * p] = q[p];
+            b.qs[2 * p + 1] = q[p + QK / 2];
+        }
+    }
+}
+
 #[inline]
 fn quantize_block(x: &[f32], dst: &mut ActBlock) {
     let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));

@@ -5,13 +5,16 @@
 //! layout with i16 values; 8 bits changed SmolLM2's answers, see there); for the other types
 //! they are candle's Q8_K (256 values of 8 bits), as llama.cpp's K-quant kernels.
 //!
-//! Kernels: [`own`] for Q4_0, Q4_1 and Q8_0 (AVX2; SmolLM2's GGUF is Q4_1 with a Q8_0 embedding),
-//! [`candle_blocks`] (candle-core's dot products) for every other type. `examples/bench_qmatmul`
-//! measures both on the same weights; ours won on the types we run ourselves (see
-//! docs/PERFORMANCE.md).
+//! Kernels: [`packed`] for Q4_0, Q4_1 and Q8_0 where the CPU has AVX-512 VNNI (the blocks
+//! regrouped at load, 16 rows a group, one row a 32-bit lane: every count of rows on integer
+//! multiply-accumulates, 2-6x the block dots and the dequantized-tile GEMM, see
+//! docs/PERFORMANCE.md); [`own`] for those types elsewhere (AVX2 block dots; SmolLM2's GGUF is
+//! Q4_1 with a Q8_0 embedding); [`candle_blocks`] (candle-core's dot products) for every other
+//! type. `examples/bench_qmatmul` measures them on the same weights.
 //!
-//! Products of 16 rows or more (prefill chunks) instead dequantize 128-row weight tiles and use
-//! the f32 GEMM ([`QuantLinear::matmul`]): the weights are then read once for many rows.
+//! Except through [`packed`], products of 16 rows or more (prefill chunks) dequantize 128-row
+//! weight tiles and use the f32 GEMM ([`QuantLinear::matmul`]): the weights are then read once
+//! for many rows.
 //!
 //! Invariants: a [`QuantLinear`] is one or more row segments (the fused q|k|v or gate|up parts,
 //! merged when they share a block type), each `[rows_i, cols]`; through
@@ -22,6 +25,7 @@
 mod act;
 pub mod candle_blocks;
 pub mod own;
+pub mod packed;
 
 use std::ops::Range;
 
@@ -86,6 +90,11 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
     fn matmul(&self, x: &[f32], n: usize, out: &OutRows);
     /// Row `r` as f32 (`cols` values).
     fn dequantize_row(&self, r: usize, dst: &mut [f32]);
+    /// From how many input rows [`QuantLinear::matmul`] dequantizes weight tiles for the f32
+    /// GEMM instead of calling [`Kernel::matmul`]; `None`: never.
+    fn dense_from(&self) -> Option<usize> {
+        Some(DENSE_MIN_ROWS)
+    }
 }
 
 /// Runs `f` over chunks of `0..rows` on the rayon pool (inline with one thread). A few chunks a
@@ -215,8 +224,12 @@ const DENSE_TILE_ROWS: usize = 128;
 /// Which kernels to use for the types both implement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelChoice {
-    /// Ours for Q4_0/Q4_1/Q8_0, candle's for the rest (the faster of the two where both exist).
+    /// Ours for Q4_0/Q4_1/Q8_0 (the grouped layout of [`packed`] where the CPU has AVX-512
+    /// VNNI, the block dots of [`own`] elsewhere), candle's for the rest (the faster of the two
+    /// where both exist).
     Fastest,
+    /// The block dots of [`own`] in GGUF's layout even where [`packed`] runs (for comparisons).
+    OwnRows,
     /// candle's for every type (for comparisons).
     Candle,
 }
@@ -224,7 +237,10 @@ pub enum KernelChoice {
 /// The kernel for one quantized matrix, or `None` for a block type neither implements.
 pub fn kernel(t: QuantizedTensor, choice: KernelChoice) -> Option<Box<dyn Kernel>> {
     match OwnType::from_ggml(t.dtype) {
-        Some(ty) if choice == KernelChoice::Fastest => Some(Box::new(OwnBlocks {
+        Some(ty) if choice == KernelChoice::Fastest && packed::supported() => Some(Box::new(
+            packed::PackedBlocks::new(ty, &t.data, t.rows, t.cols, packed::Loop::detect()),
+        )),
+        Some(ty) if choice != KernelChoice::Candle => Some(Box::new(OwnBlocks {
             ty,
             data: t.data,
             rows: t.rows,
@@ -293,21 +309,27 @@ impl QuantLinear {
         self.segments.iter().map(|(_, _, k)| k.dtype()).collect()
     }
 
-    /// `out [n, rows] = x [n, cols] · Wᵀ`: block dot products with quantized activations for
-    /// few rows (decode), and from [`DENSE_MIN_ROWS`] rows on (prefill) tiles of the weights
+    /// `out [n, rows] = x [n, cols] · Wᵀ`: each segment's kernel for few rows (decode), and
+    /// from the kernel's [`Kernel::dense_from`] rows on (prefill) tiles of the weights
     /// dequantized to f32 and multiplied by the f32 GEMM, as llama.cpp hands large batches to
-    /// its dequantize-and-GEMM path: the weights are read once for many rows, so the integer
-    /// dot products' saving on bytes no longer pays for their per-block overhead.
+    /// its dequantize-and-GEMM path: the weights are read once for many rows, so the block dot
+    /// products' saving on bytes no longer pays for their per-block overhead. The grouped
+    /// kernel of [`packed`] has no such overhead and never hands over.
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        if n >= DENSE_MIN_ROWS {
-            self.matmul_dense_tiles(x, n, out);
-        } else {
-            self.matmul_rows(x, n, out);
+        assert_eq!(x.len(), n * self.cols);
+        assert_eq!(out.len(), n * self.rows);
+        for (first, rows, k) in &self.segments {
+            let dst = OutRows::new(out, self.rows, *first, *rows, n);
+            if k.dense_from().is_some_and(|from| n >= from) {
+                self.matmul_dense_tiles(x, k.as_ref(), *rows, &dst);
+            } else {
+                k.matmul(x, n, &dst);
+            }
         }
     }
 
-    /// As [`Self::matmul`], always by block dot products: each output row is computed the same
-    /// way whatever `n` (batch invariance).
+    /// As [`Self::matmul`], always by the kernels' block products: each output row is computed
+    /// the same way whatever `n` (batch invariance).
     pub fn matmul_rows(&self, x: &[f32], n: usize, out: &mut [f32]) {
         assert_eq!(x.len(), n * self.cols);
         assert_eq!(out.len(), n * self.rows);
@@ -316,31 +338,31 @@ impl QuantLinear {
         }
     }
 
-    fn matmul_dense_tiles(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        assert_eq!(x.len(), n * self.cols);
-        assert_eq!(out.len(), n * self.rows);
-        let (cols, ld) = (self.cols, self.rows);
-        let tiles = self.rows.div_ceil(DENSE_TILE_ROWS);
-        let dst = OutRows::new(out, ld, 0, ld, n);
+    /// One segment (`rows` rows of `k`, written through `dst`) by dequantized tiles and the f32
+    /// GEMM.
+    fn matmul_dense_tiles(&self, x: &[f32], k: &dyn Kernel, rows: usize, dst: &OutRows) {
+        let (cols, n) = (self.cols, dst.n);
+        let tiles = rows.div_ceil(DENSE_TILE_ROWS);
         (0..tiles).into_par_iter().for_each_init(Vec::new, |w, t| {
             let first = t * DENSE_TILE_ROWS;
-            let rows = DENSE_TILE_ROWS.min(self.rows - first);
-            w.resize(rows * cols, 0.0);
+            let tile = DENSE_TILE_ROWS.min(rows - first);
+            w.resize(tile * cols, 0.0);
             for (r, dst_row) in w.chunks_exact_mut(cols).enumerate() {
-                self.dequantize_row(first + r, dst_row);
+                k.dequantize_row(first + r, dst_row);
             }
-            // SAFETY: `dst` spans `out`, [n, ld] row-major; this task writes columns
-            // first..first+rows of every row, which no other task writes. `x` is [n, cols] and
-            // `w` is [rows, cols], row-major, both live for the call; the strides below describe
-            // exactly those layouts (rhs element (k, j) = w[j * cols + k]).
+            // SAFETY: `dst` spans n rows of `dst.ld` columns from the segment's first column;
+            // this task writes columns first..first+tile of the segment in every row, which no
+            // other task writes. `x` is [n, cols] and `w` is [tile, cols], row-major, both live
+            // for the call; the strides below describe exactly those layouts (rhs element
+            // (k, j) = w[j * cols + k]).
             unsafe {
                 gemm::gemm(
                     n,
-                    rows,
+                    tile,
                     cols,
                     dst.column(first),
                     1,
-                    ld as isize,
+                    dst.ld as isize,
                     false,
                     x.as_ptr(),
                     1,
