@@ -304,7 +304,7 @@ impl Kernel for PackedBlocks {
             })
         };
         if threads <= 1 || groups <= per_task {
-            run(0);
+            (0..groups).step_by(per_task).for_each(run);
         } else {
             (0..groups).into_par_iter().step_by(per_task).for_each(run);
         }
@@ -650,10 +650,19 @@ mod tests {
         out
     }
 
-    fn product(k: &PackedBlocks, x: &[f32], n: usize) -> Vec<f32> {
+    /// The product on a pool of `threads` threads (one runs every group on the caller).
+    fn product_on(k: &PackedBlocks, x: &[f32], n: usize, threads: usize) -> Vec<f32> {
         let mut out = vec![f32::NAN; n * k.rows];
-        k.matmul(x, n, &OutRows::new(&mut out, k.rows, 0, k.rows, n));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| k.matmul(x, n, &OutRows::new(&mut out, k.rows, 0, k.rows, n)));
         out
+    }
+
+    fn product(k: &PackedBlocks, x: &[f32], n: usize) -> Vec<f32> {
+        product_on(k, x, n, 2)
     }
 
     /// 37 rows: two full groups and a part one.
@@ -714,7 +723,8 @@ mod tests {
     }
 
     /// The AVX-512 loop gives the portable loop's bits, and each row's results do not depend on
-    /// the batch (1, 3, 8 and 13 rows: every register tiling).
+    /// the batch (1, 3, 8 and 13 rows: every register tiling) nor on the threads (one thread
+    /// runs every group's task itself).
     #[test]
     fn every_loop_and_batch_gives_the_same_bits() {
         let cols = 5 * QK;
@@ -730,8 +740,8 @@ mod tests {
                 eprintln!("this CPU has no AVX-512 VNNI: the portable loop only");
             }
             for k in &loops {
-                for n in [1, 3, 8, 13] {
-                    let got = product(k, &x[..n * cols], n);
+                for (n, threads) in [(1, 2), (3, 2), (8, 2), (13, 2), (1, 1), (13, 1), (13, 3)] {
+                    let got = product_on(k, &x[..n * cols], n, threads);
                     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     assert_eq!(
                         bits(&got),
