@@ -33,7 +33,7 @@ use candle_core::quantized::GgmlDType;
 use rayon::prelude::*;
 use tpserve_modelfile::QuantizedTensor;
 
-use act::{quantize_rows, ActBlock, QK};
+use act::{quantize_rows, ActBlock, Order, QK};
 use own::{OwnType, Simd};
 
 /// Where a product's results go: element `(j, r)` (input row `j`, output feature `r` of the
@@ -137,7 +137,7 @@ impl Kernel for OwnBlocks {
         let nb = self.cols / QK;
         let rb = nb * self.ty.block_bytes();
         let mut act: Vec<ActBlock> = Vec::new();
-        quantize_rows(x, self.cols, &mut act);
+        quantize_rows(x, self.cols, Order::Natural, &mut act);
         let simd = Simd::detect();
         let (ty, data) = (self.ty, &self.data);
         let w = |r: usize| &data[r * rb..(r + 1) * rb];

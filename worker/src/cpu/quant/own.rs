@@ -336,7 +336,7 @@ mod avx2 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::act::quantize_rows;
+    use super::super::act::{quantize_rows, Order};
     use super::*;
 
     /// Blocks of `ty` from a deterministic byte pattern with small, finite scales.
@@ -381,7 +381,7 @@ mod tests {
             .map(|i| ((i * 7919 % 509) as f32 - 254.0) / 17.0)
             .collect();
         let mut acts = Vec::new();
-        quantize_rows(&x, cols, &mut acts);
+        quantize_rows(&x, cols, Order::Natural, &mut acts);
         let r: Vec<&[ActBlock]> = acts.chunks_exact(cols / QK).collect();
         for ty in [OwnType::Q4_0, OwnType::Q4_1, OwnType::Q8_0] {
             let (w0, w1) = (weights(ty, cols / QK, 3), weights(ty, cols / QK, 11));
@@ -404,7 +404,7 @@ mod tests {
             .map(|i| ((i * 7919 % 257) as f32 - 128.0) / 40.0)
             .collect();
         let mut acts = Vec::new();
-        quantize_rows(&x, cols, &mut acts);
+        quantize_rows(&x, cols, Order::Natural, &mut acts);
         let rows: Vec<&[ActBlock]> = acts.chunks_exact(cols / QK).collect();
         for ty in [OwnType::Q4_0, OwnType::Q4_1, OwnType::Q8_0] {
             let w = weights(ty, cols / QK, 7);

@@ -16,7 +16,7 @@
 //! - Q8_0: the 16 `d`, then for `p` in 0..16 each row's values `p` and `p + 16` (i8 pairs).
 //!
 //! A pair `p` is a block's values `p` and `p + 16` (for the 4-bit types the low and high nibble
-//! of one byte); the activations are reordered into the same pairs ([`super::act::pair_halves`]),
+//! of one byte); the activations are reordered into the same pairs ([`super::act::Order::Paired`]),
 //! so one `vpdpwssd` adds pair `p`'s two products for all 16 rows.
 //!
 //! **Arithmetic** (every path, so the results are the same bits whatever the batch and the CPU):
@@ -30,7 +30,7 @@ use std::ops::Range;
 use half::f16;
 use rayon::prelude::*;
 
-use super::act::{pair_halves, quantize_rows, ActBlock, QK};
+use super::act::{quantize_rows, ActBlock, Order, QK};
 use super::own::OwnType;
 use super::{Kernel, OutRows};
 
@@ -43,6 +43,10 @@ const PAIRS: usize = QK / 2;
 /// Activation rows multiplied together against a group's unpacked blocks (accumulators in
 /// registers: two 512-bit registers a row).
 const ACT_ROWS: usize = 8;
+
+/// Activation rows a task multiplies against its groups at a time: 128 rows of 1,536 columns
+/// are 442 KB of quantized blocks, within a core's L2.
+const ROW_BLOCK: usize = 128;
 
 /// Whether this CPU runs the AVX-512 loop.
 pub fn supported() -> bool {
@@ -284,8 +288,7 @@ impl Kernel for PackedBlocks {
 
     fn matmul(&self, x: &[f32], n: usize, out: &OutRows) {
         let mut act = Vec::new();
-        quantize_rows(x, self.cols, &mut act);
-        pair_halves(&mut act);
+        quantize_rows(x, self.cols, Order::Paired, &mut act);
         let groups = self.rows.div_ceil(GROUP);
         let threads = rayon::current_num_threads();
         let per_task = groups.div_ceil(threads * 4).max(1);
@@ -296,10 +299,14 @@ impl Kernel for PackedBlocks {
                 (first..last).for_each(|g| self.multiply_records(&act, n, g, out));
                 return;
             }
+            // Activation rows a block at a time, so that they stay in the core's cache while
+            // the task's groups pass (each group unpacked again per block: a few percent).
             SCRATCH.with_borrow_mut(|w| {
-                for g in first..last {
-                    self.unpack(g, w);
-                    self.multiply(w, &act, 0..n, g, out);
+                for rows in (0..n).step_by(ROW_BLOCK) {
+                    for g in first..last {
+                        self.unpack(g, w);
+                        self.multiply(w, &act, rows..n.min(rows + ROW_BLOCK), g, out);
+                    }
                 }
             })
         };
@@ -504,6 +511,26 @@ mod avx512 {
         }
     }
 
+    /// `acc + w · a` per i32 lane (pairs of i16 products), `a` one i32 broadcast from memory,
+    /// as one `vpdpwssd`. Written out because LLVM splits the intrinsic into `vpmaddwd` and
+    /// `vpaddd` in this loop (two vector operations instead of one).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and VNNI; `a` is valid for a 4-byte read.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[inline]
+    unsafe fn dpwssd(acc: __m512i, w: __m512i, a: *const i32) -> __m512i {
+        let mut acc = acc;
+        std::arch::asm!(
+            "vpdpwssd {acc}, {w}, dword ptr [{a}]{{1to16}}",
+            acc = inout(zmm_reg) acc,
+            w = in(zmm_reg) w,
+            a = in(reg) a,
+            options(pure, readonly, nostack, preserves_flags),
+        );
+        acc
+    }
+
     /// The multiply loop over `nb` blocks for `R` activation rows: `$scales(b)` gives block
     /// `b`'s `(d, m)`, `$pair(b, q)` its pair `q`, `$prefetch(b)` is called first.
     macro_rules! multiply_loop {
@@ -514,18 +541,16 @@ mod avx512 {
             for b in 0..nb {
                 $prefetch(b);
                 let y: [&ActBlock; R] = std::array::from_fn(|j| act.get_unchecked(j * nb + b));
-                // Pair p of row j's block: its two i16 values as one i32 (ActBlock is 4-aligned
-                // and its values start at byte 8).
-                let pair_of = |j: usize, p: usize| *(y[j].qs.as_ptr() as *const i32).add(p);
+                // Pair p of row j's block is its two i16 values at qs[2p], read as one i32
+                // (ActBlock is 4-aligned and its values start at byte 8).
                 let w0 = $pair(b, 0);
                 let mut sums: [__m512i; R] = std::array::from_fn(|j| {
-                    _mm512_madd_epi16(w0, _mm512_set1_epi32(pair_of(j, 0)))
+                    _mm512_madd_epi16(w0, _mm512_set1_epi32(*(y[j].qs.as_ptr() as *const i32)))
                 });
                 for p in 1..PAIRS {
                     let wp = $pair(b, p);
                     for j in 0..R {
-                        sums[j] =
-                            _mm512_dpwssd_epi32(sums[j], wp, _mm512_set1_epi32(pair_of(j, p)));
+                        sums[j] = dpwssd(sums[j], wp, (y[j].qs.as_ptr() as *const i32).add(p));
                     }
                 }
                 let (d, m) = $scales(b);
@@ -698,7 +723,7 @@ mod tests {
         let n = 3;
         let x = input(n, cols);
         let mut act = Vec::new();
-        quantize_rows(&x, cols, &mut act);
+        quantize_rows(&x, cols, Order::Natural, &mut act);
         for ty in [OwnType::Q4_0, OwnType::Q4_1, OwnType::Q8_0] {
             let data = weights(ty, ROWS, cols / QK, 9);
             let got = product(
