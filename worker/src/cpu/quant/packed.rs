@@ -207,12 +207,7 @@ impl PackedBlocks {
         let has_m = self.ty != OwnType::Q8_0;
         let mut j = rows.start;
         while j < rows.end {
-            let take = match rows.end - j {
-                left if left >= ACT_ROWS => ACT_ROWS,
-                left if left >= 4 => 4,
-                left if left >= 2 => 2,
-                _ => 1,
-            };
+            let take = tile_rows(rows.end - j);
             let a = &act[j * nb..(j + take) * nb];
             let dst = out.column(g * GROUP);
             // SAFETY: `dst` is column 16 g of row 0 of `out`, whose rows are `out.ld` apart;
@@ -243,37 +238,40 @@ impl PackedBlocks {
 
 impl PackedBlocks {
     /// Group `g` against all `n <= ACT_ROWS` activation rows, read from its records.
+    #[cfg(target_arch = "x86_64")]
     fn multiply_records(&self, act: &[ActBlock], n: usize, g: usize, out: &OutRows) {
+        assert_eq!(self.run, Loop::Avx512, "the portable loop unpacks first");
         let lanes = GROUP.min(self.rows - g * GROUP);
         let src = self.group(g);
         let dst = out.column(g * GROUP);
         let (ty, ld) = (self.ty, out.ld);
         let mut j = 0;
         while j < n {
-            let take = match n - j {
-                left if left >= ACT_ROWS => ACT_ROWS,
-                left if left >= 4 => 4,
-                left if left >= 2 => 2,
-                _ => 1,
-            };
+            let take = tile_rows(n - j);
             let a = &act[j * self.blocks()..(j + take) * self.blocks()];
-            match self.run {
-                Loop::Portable => unreachable!("the portable loop unpacks first"),
-                // SAFETY: as in `multiply`; `Loop::Avx512` means the CPU has the features, and
-                // `src` is the group's `nb` records.
-                #[cfg(target_arch = "x86_64")]
-                Loop::Avx512 => unsafe {
-                    let dst = dst.add(j * ld);
-                    match take {
-                        8 => avx512::multiply_records::<8>(ty, src, a, dst, ld, lanes),
-                        4 => avx512::multiply_records::<4>(ty, src, a, dst, ld, lanes),
-                        2 => avx512::multiply_records::<2>(ty, src, a, dst, ld, lanes),
-                        _ => avx512::multiply_records::<1>(ty, src, a, dst, ld, lanes),
-                    }
-                },
+            // SAFETY: as in `multiply`; `Loop::Avx512` (asserted) is only made where the CPU has
+            // the features, and `src` is the group's `nb` records.
+            unsafe {
+                let dst = dst.add(j * ld);
+                match take {
+                    8 => avx512::multiply_records::<8>(ty, src, a, dst, ld, lanes),
+                    4 => avx512::multiply_records::<4>(ty, src, a, dst, ld, lanes),
+                    2 => avx512::multiply_records::<2>(ty, src, a, dst, ld, lanes),
+                    _ => avx512::multiply_records::<1>(ty, src, a, dst, ld, lanes),
+                }
             }
             j += take;
         }
+    }
+}
+
+/// How many of `left` activation rows the next register tile takes.
+fn tile_rows(left: usize) -> usize {
+    match left {
+        left if left >= ACT_ROWS => ACT_ROWS,
+        left if left >= 4 => 4,
+        left if left >= 2 => 2,
+        _ => 1,
     }
 }
 
@@ -294,7 +292,8 @@ impl Kernel for PackedBlocks {
         let per_task = groups.div_ceil(threads * 4).max(1);
         let run = |first: usize| {
             let last = groups.min(first + per_task);
-            if n <= ACT_ROWS && self.run != Loop::Portable {
+            #[cfg(target_arch = "x86_64")]
+            if n <= ACT_ROWS && self.run == Loop::Avx512 {
                 // One tile of activation rows: straight from the records.
                 (first..last).for_each(|g| self.multiply_records(&act, n, g, out));
                 return;
