@@ -7,8 +7,8 @@
 //!
 //! Kernels: [`packed`] for Q4_0, Q4_1 and Q8_0 where the CPU has AVX-512 VNNI (the blocks
 //! regrouped at load, 16 rows a group, one row a 32-bit lane: every count of rows on integer
-//! multiply-accumulates, 2-6x the block dots and the dequantized-tile GEMM, see
-//! docs/PERFORMANCE.md); [`own`] for those types elsewhere (AVX2 block dots; SmolLM2's GGUF is
+//! multiply-accumulates: on two threads 1.9-2.9x the block dots and 1.6-2.1x the
+//! dequantized-tile GEMM, see docs/PERFORMANCE.md); [`own`] for those types elsewhere (AVX2 block dots; SmolLM2's GGUF is
 //! Q4_1 with a Q8_0 embedding); [`candle_blocks`] (candle-core's dot products) for every other
 //! type. `examples/bench_qmatmul` measures them on the same weights.
 //!
