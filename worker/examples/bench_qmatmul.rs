@@ -26,6 +26,10 @@ const SHAPES: &[(&str, usize, usize)] = &[
     ("lm_head", 49152, 576),
 ];
 
+/// Llama-3-8B's products, for the 256-value K-quants (SmolLM2's 576 columns are not a multiple
+/// of 256): (name, rows, cols).
+const SHAPES_8B: &[(&str, usize, usize)] = &[("qkv", 6144, 4096), ("down", 4096, 14336)];
+
 /// Median seconds of `f` over enough runs to take about 0.3 s (at least 5).
 fn time(mut f: impl FnMut()) -> f64 {
     f();
@@ -68,8 +72,31 @@ fn main() -> anyhow::Result<()> {
         "| type | shape | n | ours | our kernel alone | block dots | candle dots, our loop | candle QMatMul | ours vs best candle | kernel vs block dots, max rel. diff |"
     );
     println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4_0] {
-        for &(name, rows, cols) in SHAPES {
+    let dtypes: Vec<GgmlDType> = match flag("--types").as_deref() {
+        None => vec![
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4K,
+        ],
+        Some(list) => list
+            .split(',')
+            .map(|t| match t {
+                "q4_0" => Ok(GgmlDType::Q4_0),
+                "q4_1" => Ok(GgmlDType::Q4_1),
+                "q8_0" => Ok(GgmlDType::Q8_0),
+                "q4_k" => Ok(GgmlDType::Q4K),
+                other => Err(anyhow::anyhow!("--types: unknown block type {other:?}")),
+            })
+            .collect::<anyhow::Result<_>>()?,
+    };
+    for dtype in dtypes {
+        let shapes = if dtype == GgmlDType::Q4K {
+            SHAPES_8B
+        } else {
+            SHAPES
+        };
+        for &(name, rows, cols) in shapes {
             let w: Vec<f32> = (0..rows * cols)
                 .map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 5000.0)
                 .collect();

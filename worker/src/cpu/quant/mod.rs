@@ -236,10 +236,15 @@ pub enum KernelChoice {
 
 /// The kernel for one quantized matrix, or `None` for a block type neither implements.
 pub fn kernel(t: QuantizedTensor, choice: KernelChoice) -> Option<Box<dyn Kernel>> {
+    if choice == KernelChoice::Fastest && packed::supported() {
+        if let Some(ty) = packed::Packing::from_ggml(t.dtype) {
+            let run = packed::Loop::detect();
+            return Some(Box::new(packed::PackedBlocks::new(
+                ty, &t.data, t.rows, t.cols, run,
+            )));
+        }
+    }
     match OwnType::from_ggml(t.dtype) {
-        Some(ty) if choice == KernelChoice::Fastest && packed::supported() => Some(Box::new(
-            packed::PackedBlocks::new(ty, &t.data, t.rows, t.cols, packed::Loop::detect()),
-        )),
         Some(ty) if choice != KernelChoice::Candle => Some(Box::new(OwnBlocks {
             ty,
             data: t.data,

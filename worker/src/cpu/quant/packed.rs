@@ -30,9 +30,73 @@ use std::ops::Range;
 use half::f16;
 use rayon::prelude::*;
 
+use candle_core::quantized::GgmlDType;
+
 use super::act::{quantize_rows, ActBlock, Order, QK};
-use super::own::OwnType;
 use super::{Kernel, OutRows};
+
+/// A block type this kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Packing {
+    Q4_0,
+    Q4_1,
+    Q8_0,
+    /// 256-value super-blocks of eight 32-value sub-blocks, each with a 6-bit scale and min.
+    Q4K,
+}
+
+impl Packing {
+    /// The type of a GGUF block type, when this kernel runs it.
+    pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4_0 => Some(Self::Q4_0),
+            GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            GgmlDType::Q4K => Some(Self::Q4K),
+            _ => None,
+        }
+    }
+
+    pub fn ggml(self) -> GgmlDType {
+        match self {
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4_1 => GgmlDType::Q4_1,
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4K => GgmlDType::Q4K,
+        }
+    }
+
+    /// Bytes of one GGUF block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q8_0 => 34,
+            Self::Q4K => 144,
+        }
+    }
+
+    /// 32-value blocks one GGUF block (and one record) holds.
+    fn subs(self) -> usize {
+        match self {
+            Self::Q4K => 8,
+            _ => 1,
+        }
+    }
+
+    /// Bytes of one record: 16 rows' block, Q4_K's 6-bit scales and mins a byte each.
+    fn record_bytes(self) -> usize {
+        match self {
+            Self::Q4K => GROUP * (self.block_bytes() + 4),
+            _ => GROUP * self.block_bytes(),
+        }
+    }
+
+    /// Whether the values have an offset (`m`).
+    fn has_m(self) -> bool {
+        self != Self::Q8_0
+    }
+}
 
 /// Weight rows a group holds: one per 32-bit lane of a 512-bit register.
 pub const GROUP: usize = 16;
@@ -84,7 +148,7 @@ impl Loop {
 /// A matrix in the grouped layout (see the module's documentation).
 #[derive(Debug)]
 pub struct PackedBlocks {
-    ty: OwnType,
+    ty: Packing,
     rows: usize,
     cols: usize,
     data: Vec<u8>,
@@ -115,33 +179,68 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<Unpacked>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Offset of the values in a record: after the `d` (and Q4_1's `m`) of 16 rows.
-fn values_at(ty: OwnType) -> usize {
+/// Offset of sub-block `sub`'s values in a record: after the `d` (and `m`, or Q4_K's `dmin`,
+/// scales and mins) of 16 rows.
+fn values_at(ty: Packing, sub: usize) -> usize {
     match ty {
-        OwnType::Q4_1 => 4 * GROUP,
-        OwnType::Q4_0 | OwnType::Q8_0 => 2 * GROUP,
+        Packing::Q4_1 => 4 * GROUP,
+        Packing::Q4_0 | Packing::Q8_0 => 2 * GROUP,
+        Packing::Q4K => 20 * GROUP + sub * PAIRS * GROUP,
+    }
+}
+
+/// Q4_K's 6-bit scale and min of sub-block `j` from its 12 packed bytes (llama.cpp's
+/// `get_scale_min_k4`).
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Lane `lane`'s `d` and `m` for sub-block `sub` of a record (Q4_K: `d * scale` and
+/// `-(dmin * min)`, both exact in f32).
+fn scale_of(ty: Packing, rec: &[u8], sub: usize, lane: usize) -> (f32, f32) {
+    let d = f16_at(rec, 2 * lane);
+    match ty {
+        Packing::Q4_0 => (d, -8.0 * d),
+        Packing::Q4_1 => (d, f16_at(rec, 2 * GROUP + 2 * lane)),
+        Packing::Q8_0 => (d, 0.0),
+        Packing::Q4K => {
+            let dmin = f16_at(rec, 2 * GROUP + 2 * lane);
+            let sc = rec[4 * GROUP + sub * GROUP + lane] as f32;
+            let min = rec[12 * GROUP + sub * GROUP + lane] as f32;
+            (d * sc, -(dmin * min))
+        }
     }
 }
 
 impl PackedBlocks {
-    /// Regroups `data`, `rows` rows of `cols / 32` GGUF blocks of `ty`, to run with `run`.
-    pub fn new(ty: OwnType, data: &[u8], rows: usize, cols: usize, run: Loop) -> Self {
-        let (nb, bb) = (cols / QK, ty.block_bytes());
+    /// Regroups `data`, `rows` rows of GGUF blocks of `ty` (`cols` values a row), to run with
+    /// `run`.
+    pub fn new(ty: Packing, data: &[u8], rows: usize, cols: usize, run: Loop) -> Self {
+        let (nb, bb) = (cols / (QK * ty.subs()), ty.block_bytes());
         assert_eq!(data.len(), rows * nb * bb);
-        let rec = GROUP * bb;
+        let rec = ty.record_bytes();
         let mut out = vec![0u8; rows.div_ceil(GROUP) * nb * rec];
-        let vals = values_at(ty);
         for r in 0..rows {
             let (g, lane) = (r / GROUP, r % GROUP);
             for b in 0..nb {
                 let src = &data[(r * nb + b) * bb..][..bb];
                 let dst = &mut out[(g * nb + b) * rec..][..rec];
                 dst[2 * lane..2 * lane + 2].copy_from_slice(&src[..2]);
+                if matches!(ty, Packing::Q4_1 | Packing::Q4K) {
+                    // Q4_1's m, Q4_K's dmin.
+                    dst[2 * GROUP + 2 * lane..2 * GROUP + 2 * lane + 2].copy_from_slice(&src[2..4]);
+                }
                 match ty {
-                    OwnType::Q4_0 | OwnType::Q4_1 => {
-                        let qs = if ty == OwnType::Q4_1 {
-                            dst[2 * GROUP + 2 * lane..2 * GROUP + 2 * lane + 2]
-                                .copy_from_slice(&src[2..4]);
+                    Packing::Q4_0 | Packing::Q4_1 => {
+                        let vals = values_at(ty, 0);
+                        let qs = if ty == Packing::Q4_1 {
                             &src[4..20]
                         } else {
                             &src[2..18]
@@ -150,11 +249,28 @@ impl PackedBlocks {
                             dst[vals + p * GROUP + lane] = q;
                         }
                     }
-                    OwnType::Q8_0 => {
+                    Packing::Q8_0 => {
+                        let vals = values_at(ty, 0);
                         for p in 0..PAIRS {
                             let at = vals + p * 2 * GROUP + 2 * lane;
                             dst[at] = src[2 + p];
                             dst[at + 1] = src[2 + p + PAIRS];
+                        }
+                    }
+                    Packing::Q4K => {
+                        for sub in 0..ty.subs() {
+                            let (sc, min) = scale_min_k4(sub, &src[4..16]);
+                            dst[4 * GROUP + sub * GROUP + lane] = sc;
+                            dst[12 * GROUP + sub * GROUP + lane] = min;
+                            // Sub-blocks 2c and 2c + 1: the low and high nibbles of bytes
+                            // 32c..32c + 32; pair p takes values p and p + 16 of one.
+                            let (chunk, shift) = (&src[16 + 32 * (sub / 2)..][..32], 4 * (sub % 2));
+                            let vals = values_at(ty, sub);
+                            for p in 0..PAIRS {
+                                let lo = (chunk[p] >> shift) & 0x0f;
+                                let hi = (chunk[p + PAIRS] >> shift) & 0x0f;
+                                dst[vals + p * GROUP + lane] = lo | (hi << 4);
+                            }
                         }
                     }
                 }
@@ -175,7 +291,7 @@ impl PackedBlocks {
 
     /// Group `g`'s records, block after block.
     fn group(&self, g: usize) -> &[u8] {
-        let len = self.blocks() * GROUP * self.ty.block_bytes();
+        let len = self.blocks() / self.ty.subs() * self.ty.record_bytes();
         &self.data[g * len..(g + 1) * len]
     }
 
@@ -204,7 +320,7 @@ impl PackedBlocks {
     ) {
         let nb = self.blocks();
         let lanes = GROUP.min(self.rows - g * GROUP);
-        let has_m = self.ty != OwnType::Q8_0;
+        let has_m = self.ty.has_m();
         let mut j = rows.start;
         while j < rows.end {
             let take = tile_rows(rows.end - j);
@@ -325,21 +441,12 @@ impl Kernel for PackedBlocks {
 
     fn dequantize_row(&self, r: usize, dst: &mut [f32]) {
         let (g, lane) = (r / GROUP, r % GROUP);
-        let rec = GROUP * self.ty.block_bytes();
-        let vals = values_at(self.ty);
-        for (rec, out) in self
-            .group(g)
-            .chunks_exact(rec)
-            .zip(dst.chunks_exact_mut(QK))
-        {
-            let d = f16_at(rec, 2 * lane);
-            let m = match self.ty {
-                OwnType::Q4_0 => -8.0 * d,
-                OwnType::Q4_1 => f16_at(rec, 2 * GROUP + 2 * lane),
-                OwnType::Q8_0 => 0.0,
-            };
+        let (group, subs, rec) = (self.group(g), self.ty.subs(), self.ty.record_bytes());
+        for (b, out) in dst.chunks_exact_mut(QK).enumerate() {
+            let (rec, sub) = (&group[b / subs * rec..][..rec], b % subs);
+            let (d, m) = scale_of(self.ty, rec, sub, lane);
             for p in 0..PAIRS {
-                let (lo, hi) = pair(self.ty, rec, vals, p, lane);
+                let (lo, hi) = pair(self.ty, rec, sub, p, lane);
                 out[p] = d * lo as f32 + m;
                 out[p + PAIRS] = d * hi as f32 + m;
             }
@@ -352,36 +459,31 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
 
-/// Pair `p` of lane `lane` in a record: the weight values `p` and `p + 16` (4-bit ones without
-/// their offset).
+/// Pair `p` of lane `lane` in sub-block `sub` of a record: the weight values `p` and `p + 16`
+/// (4-bit ones without their offset).
 #[inline]
-fn pair(ty: OwnType, rec: &[u8], vals: usize, p: usize, lane: usize) -> (i32, i32) {
+fn pair(ty: Packing, rec: &[u8], sub: usize, p: usize, lane: usize) -> (i32, i32) {
+    let vals = values_at(ty, sub);
     match ty {
-        OwnType::Q4_0 | OwnType::Q4_1 => {
+        Packing::Q4_0 | Packing::Q4_1 | Packing::Q4K => {
             let q = rec[vals + p * GROUP + lane];
             ((q & 0x0f) as i32, (q >> 4) as i32)
         }
-        OwnType::Q8_0 => {
+        Packing::Q8_0 => {
             let at = vals + p * 2 * GROUP + 2 * lane;
             (rec[at] as i8 as i32, rec[at + 1] as i8 as i32)
         }
     }
 }
 
-fn unpack_portable(ty: OwnType, src: &[u8], dst: &mut [Unpacked]) {
-    let rec = GROUP * ty.block_bytes();
-    let vals = values_at(ty);
-    for (rec, u) in src.chunks_exact(rec).zip(dst) {
+fn unpack_portable(ty: Packing, src: &[u8], dst: &mut [Unpacked]) {
+    let (subs, rec) = (ty.subs(), ty.record_bytes());
+    for (b, u) in dst.iter_mut().enumerate() {
+        let (rec, sub) = (&src[b / subs * rec..][..rec], b % subs);
         for lane in 0..GROUP {
-            let d = f16_at(rec, 2 * lane);
-            u.d[lane] = d;
-            u.m[lane] = match ty {
-                OwnType::Q4_0 => -8.0 * d,
-                OwnType::Q4_1 => f16_at(rec, 2 * GROUP + 2 * lane),
-                OwnType::Q8_0 => 0.0,
-            };
+            (u.d[lane], u.m[lane]) = scale_of(ty, rec, sub, lane);
             for p in 0..PAIRS {
-                let (lo, hi) = pair(ty, rec, vals, p, lane);
+                let (lo, hi) = pair(ty, rec, sub, p, lane);
                 u.w[p][lane] = (lo as u16 as u32 | ((hi as u16 as u32) << 16)) as i32;
             }
         }
@@ -435,38 +537,70 @@ mod avx512 {
     /// flight for a matrix read from memory (as in [`super::super::own`]).
     const PREFETCH: usize = 2048;
 
-    /// `KIND`: 0 Q4_0, 1 Q4_1, 2 Q8_0.
-    fn kind(ty: OwnType) -> u8 {
+    /// `KIND`: 0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q4_K.
+    fn kind(ty: Packing) -> u8 {
         match ty {
-            OwnType::Q4_0 => 0,
-            OwnType::Q4_1 => 1,
-            OwnType::Q8_0 => 2,
+            Packing::Q4_0 => 0,
+            Packing::Q4_1 => 1,
+            Packing::Q8_0 => 2,
+            Packing::Q4K => 3,
         }
     }
 
-    /// A record's 16 `d` and 16 `m` (Q4_0: `-8 d`; Q8_0: unused, zero).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    #[inline]
-    unsafe fn scales<const KIND: u8>(p: *const u8) -> (__m512, __m512) {
-        let d = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
-        let m = match KIND {
-            0 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
-            1 => _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * GROUP) as *const _)),
-            _ => _mm512_setzero_ps(),
-        };
-        (d, m)
+    /// 32-value blocks a record of `KIND` holds.
+    const fn subs(kind: u8) -> usize {
+        if kind == 3 {
+            8
+        } else {
+            1
+        }
     }
 
-    /// Pair `q` of a record's 16 rows, each lane two i16 (values `q` and `q + 16`).
+    /// Sub-block `sub` of a record: its 16 `d` and 16 `m` (Q4_0: `-8 d`; Q8_0: unused, zero;
+    /// Q4_K: `d * scale` and `-(dmin * min)`, as [`super::scale_of`]).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     #[inline]
-    unsafe fn pair<const KIND: u8>(p: *const u8, q: usize) -> __m512i {
+    unsafe fn scales<const KIND: u8>(p: *const u8, sub: usize) -> (__m512, __m512) {
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
+        let bytes = |at: usize| {
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(at) as *const _)))
+        };
+        match KIND {
+            0 => (d, _mm512_mul_ps(d, _mm512_set1_ps(-8.0))),
+            1 => (
+                d,
+                _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * GROUP) as *const _)),
+            ),
+            3 => {
+                let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * GROUP) as *const _));
+                let sc = bytes(4 * GROUP + sub * GROUP);
+                let min = bytes(12 * GROUP + sub * GROUP);
+                // -(dmin * min) by its sign bit, as the scalar negation (so -0.0 for 0).
+                let neg = _mm512_xor_si512(
+                    _mm512_castps_si512(_mm512_mul_ps(dmin, min)),
+                    _mm512_set1_epi32(i32::MIN),
+                );
+                (_mm512_mul_ps(d, sc), _mm512_castsi512_ps(neg))
+            }
+            _ => (d, _mm512_setzero_ps()),
+        }
+    }
+
+    /// Pair `q` of sub-block `sub` of a record's 16 rows, each lane two i16 (values `q` and
+    /// `q + 16`).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[inline]
+    unsafe fn pair<const KIND: u8>(p: *const u8, sub: usize, q: usize) -> __m512i {
         if KIND == 2 {
             let v = p.add(2 * GROUP + q * 2 * GROUP);
             return _mm512_cvtepi8_epi16(_mm256_loadu_si256(v as *const _));
         }
-        let v = p.add(if KIND == 1 { 4 * GROUP } else { 2 * GROUP } + q * GROUP);
-        let x = _mm512_cvtepu8_epi32(_mm_loadu_si128(v as *const _));
+        let vals = match KIND {
+            0 => 2 * GROUP,
+            1 => 4 * GROUP,
+            _ => 20 * GROUP + sub * PAIRS * GROUP,
+        };
+        let x = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(vals + q * GROUP) as *const _));
         // (x | x << 12) & 0x000f000f: the byte's low nibble in bits 0..4, its high one in
         // 16..20 (ternary logic 0xa8: (A | B) & C).
         _mm512_ternarylogic_epi32::<0xa8>(
@@ -476,37 +610,41 @@ mod avx512 {
         )
     }
 
+    /// Prefetches `len` bytes [`PREFETCH`] ahead of `p`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     #[inline]
-    unsafe fn prefetch(p: *const u8, rec: usize) {
-        for line in (0..rec).step_by(64) {
+    unsafe fn prefetch(p: *const u8, len: usize) {
+        for line in (0..len).step_by(64) {
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line) as *const i8);
         }
     }
 
     /// # Safety
-    /// The CPU has AVX-512 F, BW and VNNI; `src` holds `dst.len()` records of `ty`.
+    /// The CPU has AVX-512 F, BW and VNNI; `src` holds the records of `dst.len()` blocks of
+    /// `ty`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn unpack(ty: OwnType, src: &[u8], dst: &mut [Unpacked]) {
+    pub unsafe fn unpack(ty: Packing, src: &[u8], dst: &mut [Unpacked]) {
         match kind(ty) {
             0 => unpack_kind::<0>(ty, src, dst),
             1 => unpack_kind::<1>(ty, src, dst),
-            _ => unpack_kind::<2>(ty, src, dst),
+            2 => unpack_kind::<2>(ty, src, dst),
+            _ => unpack_kind::<3>(ty, src, dst),
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn unpack_kind<const KIND: u8>(ty: OwnType, src: &[u8], dst: &mut [Unpacked]) {
-        let rec = GROUP * ty.block_bytes();
-        assert!(src.len() >= dst.len() * rec);
+    unsafe fn unpack_kind<const KIND: u8>(ty: Packing, src: &[u8], dst: &mut [Unpacked]) {
+        let rec = ty.record_bytes();
+        let subs = subs(KIND);
+        assert!(src.len() * subs >= dst.len() * rec);
         for (b, u) in dst.iter_mut().enumerate() {
-            let p = src.as_ptr().add(b * rec);
-            prefetch(p, rec);
-            let (d, m) = scales::<KIND>(p);
+            let (p, sub) = (src.as_ptr().add(b / subs * rec), b % subs);
+            prefetch(src.as_ptr().add(b * (rec / subs)), rec / subs);
+            let (d, m) = scales::<KIND>(p, sub);
             _mm512_store_ps(u.d.as_mut_ptr(), d);
             _mm512_store_ps(u.m.as_mut_ptr(), m);
             for (q, w) in u.w.iter_mut().enumerate() {
-                _mm512_store_si512(w.as_mut_ptr() as *mut _, pair::<KIND>(p, q));
+                _mm512_store_si512(w.as_mut_ptr() as *mut _, pair::<KIND>(p, sub, q));
             }
         }
     }
@@ -609,7 +747,7 @@ mod avx512 {
     /// As [`multiply`], with `src` holding `act.len() / R` records of `ty`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub unsafe fn multiply_records<const R: usize>(
-        ty: OwnType,
+        ty: Packing,
         src: &[u8],
         act: &[ActBlock],
         dst: *mut f32,
@@ -619,60 +757,60 @@ mod avx512 {
         match kind(ty) {
             0 => records_kind::<R, true, 0>(ty, src, act, dst, ld, lanes),
             1 => records_kind::<R, true, 1>(ty, src, act, dst, ld, lanes),
-            _ => records_kind::<R, false, 2>(ty, src, act, dst, ld, lanes),
+            2 => records_kind::<R, false, 2>(ty, src, act, dst, ld, lanes),
+            _ => records_kind::<R, true, 3>(ty, src, act, dst, ld, lanes),
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn records_kind<const R: usize, const HAS_M: bool, const KIND: u8>(
-        ty: OwnType,
+        ty: Packing,
         src: &[u8],
         act: &[ActBlock],
         dst: *mut f32,
         ld: usize,
         lanes: usize,
     ) {
-        let rec = GROUP * ty.block_bytes();
+        let (rec, subs) = (ty.record_bytes(), subs(KIND));
         let nb = act.len() / R;
-        assert!(src.len() >= nb * rec);
-        let at = |b: usize| src.as_ptr().add(b * rec);
+        assert!(src.len() * subs >= nb * rec);
+        let at = |b: usize| src.as_ptr().add(b / subs * rec);
         multiply_loop!(
             nb,
             act,
             dst,
             ld,
             lanes,
-            |b: usize| prefetch(at(b), rec),
-            |b: usize| scales::<KIND>(at(b)),
-            |b: usize, p: usize| pair::<KIND>(at(b), p)
+            |b: usize| prefetch(src.as_ptr().add(b * (rec / subs)), rec / subs),
+            |b: usize| scales::<KIND>(at(b), b % subs),
+            |b: usize, p: usize| pair::<KIND>(at(b), b % subs, p)
         )
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::own::{self, Simd};
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    use super::super::own::{self, OwnType};
     use super::*;
 
-    /// Blocks of `ty` from a deterministic byte pattern with small, finite scales.
-    fn weights(ty: OwnType, rows: usize, blocks: usize, seed: u32) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut s = seed;
-        let mut next = || {
-            s = s.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-            (s >> 16) as u8
-        };
-        for _ in 0..rows * blocks {
-            let mut b: Vec<u8> = (0..ty.block_bytes()).map(|_| next()).collect();
-            let d = f16::from_f32(0.01 + (next() as f32) / 5000.0);
-            b[..2].copy_from_slice(&d.to_bits().to_le_bytes());
-            if ty == OwnType::Q4_1 {
-                let m = f16::from_f32(-(next() as f32) / 3000.0);
-                b[2..4].copy_from_slice(&m.to_bits().to_le_bytes());
-            }
-            out.extend(b);
-        }
-        out
+    const TYPES: [Packing; 4] = [Packing::Q4_0, Packing::Q4_1, Packing::Q8_0, Packing::Q4K];
+
+    /// `rows x cols` weights quantized to `ty` by candle: the GGUF blocks' bytes, and candle's
+    /// own dequantization of them.
+    fn weights(ty: Packing, rows: usize, cols: usize, seed: usize) -> (Vec<u8>, Vec<f32>) {
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| (((i + seed) * 7919 % 1009) as f32 - 504.0) / 5000.0)
+            .collect();
+        let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, ty.ggml()).unwrap();
+        let deq = q.dequantize(&Device::Cpu).unwrap();
+        (
+            q.data().unwrap().to_vec(),
+            deq.flatten_all().unwrap().to_vec1().unwrap(),
+        )
     }
 
     /// The product on a pool of `threads` threads (one runs every group on the caller).
@@ -686,12 +824,11 @@ mod tests {
         out
     }
 
-    fn product(k: &PackedBlocks, x: &[f32], n: usize) -> Vec<f32> {
-        product_on(k, x, n, 2)
-    }
-
     /// 37 rows: two full groups and a part one.
     const ROWS: usize = 37;
+
+    /// Columns: two Q4_K super-blocks, sixteen 32-value blocks.
+    const COLS: usize = 512;
 
     fn input(n: usize, cols: usize) -> Vec<f32> {
         (0..n * cols)
@@ -699,47 +836,53 @@ mod tests {
             .collect()
     }
 
+    /// Each row read back from the regrouped layout: for the 32-value types as the block dots'
+    /// dequantization (the same formula), for Q4_K as candle's, bit for bit.
     #[test]
     fn rows_come_back_as_the_gguf_layouts_rows() {
-        let cols = 3 * QK;
-        for ty in [OwnType::Q4_0, OwnType::Q4_1, OwnType::Q8_0] {
-            let data = weights(ty, ROWS, cols / QK, 5);
-            let k = PackedBlocks::new(ty, &data, ROWS, cols, Loop::Portable);
-            let rb = cols / QK * ty.block_bytes();
+        for ty in TYPES {
+            let (data, candle) = weights(ty, ROWS, COLS, 5);
+            let k = PackedBlocks::new(ty, &data, ROWS, COLS, Loop::Portable);
+            let rb = data.len() / ROWS;
             for r in 0..ROWS {
-                let (mut got, mut want) = (vec![0.0; cols], vec![0.0; cols]);
+                let (mut got, mut want) = (vec![0.0; COLS], vec![0.0; COLS]);
                 k.dequantize_row(r, &mut got);
-                own::dequantize_row(ty, &data[r * rb..(r + 1) * rb], &mut want);
+                match OwnType::from_ggml(ty.ggml()) {
+                    Some(own) => own::dequantize_row(own, &data[r * rb..(r + 1) * rb], &mut want),
+                    None => want.copy_from_slice(&candle[r * COLS..(r + 1) * COLS]),
+                }
                 assert_eq!(got, want, "{ty:?} row {r}");
             }
         }
     }
 
-    /// Against the block dots of `own` (same quantized activations, another order of float
-    /// operations): within f32 rounding of the sums.
+    /// Against the dequantized weights times the dequantized 16-bit activations in f64:
+    /// within f32 rounding of the sums.
     #[test]
-    fn products_agree_with_the_block_dots() {
-        let cols = 8 * QK;
+    fn products_agree_with_the_dequantized_product() {
         let n = 3;
-        let x = input(n, cols);
+        let x = input(n, COLS);
         let mut act = Vec::new();
-        quantize_rows(&x, cols, Order::Natural, &mut act);
-        for ty in [OwnType::Q4_0, OwnType::Q4_1, OwnType::Q8_0] {
-            let data = weights(ty, ROWS, cols / QK, 9);
-            let got = product(
-                &PackedBlocks::new(ty, &data, ROWS, cols, Loop::Portable),
-                &x,
-                n,
-            );
-            let rb = cols / QK * ty.block_bytes();
+        quantize_rows(&x, COLS, Order::Natural, &mut act);
+        let nb = COLS / QK;
+        for ty in TYPES {
+            let (data, _) = weights(ty, ROWS, COLS, 9);
+            let k = PackedBlocks::new(ty, &data, ROWS, COLS, Loop::Portable);
+            let got = product_on(&k, &x, n, 2);
+            let mut w = vec![0.0f32; COLS];
             for r in 0..ROWS {
-                let w = &data[r * rb..(r + 1) * rb];
+                k.dequantize_row(r, &mut w);
+                let scale: f64 = w.iter().map(|v| v.abs() as f64).sum::<f64>() * 15.0;
                 for j in 0..n {
-                    let a = &act[j * cols / QK..(j + 1) * cols / QK];
-                    let want = own::dot_tile(Simd::Portable, ty, [w], [a])[0][0];
-                    let g = got[j * ROWS + r];
+                    let want: f64 = (0..COLS)
+                        .map(|i| {
+                            let a = &act[j * nb + i / QK];
+                            w[i] as f64 * (a.d * a.qs[i % QK] as f32) as f64
+                        })
+                        .sum();
+                    let g = got[j * ROWS + r] as f64;
                     assert!(
-                        (g - want).abs() <= 1e-5 * want.abs().max(1.0),
+                        (g - want).abs() <= 1e-6 * scale,
                         "{ty:?} ({j}, {r}): {g} vs {want}"
                     );
                 }
@@ -752,26 +895,25 @@ mod tests {
     /// runs every group's task itself).
     #[test]
     fn every_loop_and_batch_gives_the_same_bits() {
-        let cols = 5 * QK;
-        let x = input(13, cols);
-        for ty in [OwnType::Q4_0, OwnType::Q4_1, OwnType::Q8_0] {
-            let data = weights(ty, ROWS, cols / QK, 21);
-            let portable = PackedBlocks::new(ty, &data, ROWS, cols, Loop::Portable);
-            let want = product(&portable, &x, 13);
+        let x = input(13, COLS);
+        for ty in TYPES {
+            let (data, _) = weights(ty, ROWS, COLS, 21);
+            let portable = PackedBlocks::new(ty, &data, ROWS, COLS, Loop::Portable);
+            let want = product_on(&portable, &x, 13, 2);
             let mut loops = vec![portable];
             if Loop::detect() != Loop::Portable {
-                loops.push(PackedBlocks::new(ty, &data, ROWS, cols, Loop::detect()));
+                loops.push(PackedBlocks::new(ty, &data, ROWS, COLS, Loop::detect()));
             } else {
                 eprintln!("this CPU has no AVX-512 VNNI: the portable loop only");
             }
             for k in &loops {
                 for (n, threads) in [(1, 2), (3, 2), (8, 2), (13, 2), (1, 1), (13, 1), (13, 3)] {
-                    let got = product_on(k, &x[..n * cols], n, threads);
+                    let got = product_on(k, &x[..n * COLS], n, threads);
                     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     assert_eq!(
                         bits(&got),
                         bits(&want[..n * ROWS]),
-                        "{ty:?} {:?} n={n}",
+                        "{ty:?} {:?} n={n} on {threads} threads",
                         k.run
                     );
                 }
