@@ -2,12 +2,13 @@
 //! float32`: the same blocks dequantized at load), per block type, and SmolLM2's greedy choices.
 //!
 //! Tolerance, from the activations' quantization (the weights are the same in both paths): the
-//! K-quants (candle's kernels) round every activation to 8 bits per block of 256, an error of at
+//! K-quants on candle's kernels round every activation to 8 bits per block of 256, an error of at
 //! most `max|x_block| / 254` per value, uniform and independent, so a dot product over K inputs
 //! moves by about `sqrt(K / 3) * |w| * max|x| / 254`, a few tenths of a percent of its scale per
 //! layer; two layers and the lm_head compound it. We allow 2% of the largest |logit| (measured:
-//! 0.73% to 0.82%). Q4_0/Q4_1/Q8_0 (our kernels) round to 16 bits per block of 32, 256 times
-//! finer: allowed 0.02% (measured 0.002%). SmolLM2 (Q4_1, 16-bit) compounds it over 30 layers:
+//! 0.73% to 0.82%). Q4_0/Q4_1/Q8_0 (our kernels), and Q4_K where the CPU has AVX-512 VNNI (the
+//! regrouped kernel), round to 16 bits per block of 32, 256 times finer: allowed 0.02% (measured
+//! 0.002%). SmolLM2 (Q4_1, 16-bit) compounds it over 30 layers:
 //! allowed 0.1% (measured 0.03%). Every position whose f32 top-two margin exceeds twice the
 //! tolerance must pick the same token. Prefill chunks of 8 rows keep these products on the block
 //! products; from 16 rows, where the CPU has AVX-512 VNNI, the grouped kernel multiplies them the

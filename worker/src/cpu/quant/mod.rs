@@ -1,11 +1,12 @@
 //! Weights kept in their GGUF blocks on the CPU (`--quantization gguf`, the default for a GGUF on
 //! the CPU) and multiplied without dequantizing them: activations are quantized per block, as
 //! llama.cpp does, and each output is an integer dot product per block scaled by the two blocks'
-//! scales. For Q4_0/Q4_1/Q8_0 the activation blocks are 32 values of 16 bits ([`act`]: Q8_1's
-//! layout with i16 values; 8 bits changed SmolLM2's answers, see there); for the other types
-//! they are candle's Q8_K (256 values of 8 bits), as llama.cpp's K-quant kernels.
+//! scales. For Q4_0/Q4_1/Q8_0 (and Q4_K on [`packed`]) the activation blocks are 32 values of 16
+//! bits ([`act`]: Q8_1's layout with i16 values; 8 bits changed SmolLM2's answers, see there);
+//! for the other types they are candle's Q8_K (256 values of 8 bits), as llama.cpp's K-quant
+//! kernels.
 //!
-//! Kernels: [`packed`] for Q4_0, Q4_1 and Q8_0 where the CPU has AVX-512 VNNI (the blocks
+//! Kernels: [`packed`] for Q4_0, Q4_1, Q8_0 and Q4_K where the CPU has AVX-512 VNNI (the blocks
 //! regrouped at load, 16 rows a group, one row a 32-bit lane: every count of rows on integer
 //! multiply-accumulates: on two threads 1.9-2.9x the block dots and 1.6-2.1x the
 //! dequantized-tile GEMM, see docs/PERFORMANCE.md); [`own`] for those types elsewhere (AVX2 block dots; SmolLM2's GGUF is
@@ -225,8 +226,8 @@ const DENSE_TILE_ROWS: usize = 128;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelChoice {
     /// Ours for Q4_0/Q4_1/Q8_0 (the grouped layout of [`packed`] where the CPU has AVX-512
-    /// VNNI, the block dots of [`own`] elsewhere), candle's for the rest (the faster of the two
-    /// where both exist).
+    /// VNNI, the block dots of [`own`] elsewhere) and for Q4_K where [`packed`] runs, candle's
+    /// for the rest.
     Fastest,
     /// The block dots of [`own`] in GGUF's layout even where [`packed`] runs (for comparisons).
     OwnRows,

@@ -1,4 +1,4 @@
-//! Q4_0 / Q4_1 / Q8_0 weights regrouped at load so that a block's values for 16 consecutive
+//! Q4_0 / Q4_1 / Q8_0 / Q4_K weights regrouped at load so that a block's values for 16 consecutive
 //! rows fill one 512-bit register, one row a 32-bit lane, and multiplied with AVX-512 VNNI
 //! (`vpdpwssd`) against activations quantized per block to 16 bits ([`super::act`], the same
 //! values the block dots of [`super::own`] use). With the rows in the lanes, every instruction
@@ -10,10 +10,15 @@
 //!
 //! **Layout**: the same bytes as GGUF's, reordered (no memory is added but the padding of the
 //! last group to 16 rows). Group `g` (rows `16 g ..16 g + 16`), block `b` is one record of
-//! `16 * block_bytes`:
+//! `16 * block_bytes` (Q4_K: see below):
 //! - Q4_0: the 16 rows' `d` (f16), then for `p` in 0..16 the 16 rows' nibble byte `p`;
 //! - Q4_1: the 16 `d`, the 16 `m`, then the nibble bytes as Q4_0;
-//! - Q8_0: the 16 `d`, then for `p` in 0..16 each row's values `p` and `p + 16` (i8 pairs).
+//! - Q8_0: the 16 `d`, then for `p` in 0..16 each row's values `p` and `p + 16` (i8 pairs);
+//! - Q4_K (a record is a 256-value super-block, eight 32-value sub-blocks, 64 bytes more than
+//!   GGUF's): the 16 `d`, the 16 `dmin`, for each sub-block the 16 rows' 6-bit scales, then
+//!   their mins (a byte each), then for each sub-block its nibble bytes as Q4_0's, re-paired so
+//!   that byte `p` holds the sub-block's values `p` and `p + 16`. Its `d` and `m` per sub-block
+//!   are `d * scale` and `-(dmin * min)`, exact in f32.
 //!
 //! A pair `p` is a block's values `p` and `p + 16` (for the 4-bit types the low and high nibble
 //! of one byte); the activations are reordered into the same pairs ([`super::act::Order::Paired`]),
