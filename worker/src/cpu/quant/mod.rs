@@ -9,9 +9,10 @@
 //! Kernels: [`packed`] for Q4_0, Q4_1, Q8_0 and Q4_K where the CPU has AVX-512 VNNI (the blocks
 //! regrouped at load, 16 rows a group, one row a 32-bit lane: every count of rows on integer
 //! multiply-accumulates: on two threads 1.9-2.9x the block dots and 1.6-2.1x the
-//! dequantized-tile GEMM, see docs/PERFORMANCE.md); [`own`] for those types elsewhere (AVX2 block dots; SmolLM2's GGUF is
-//! Q4_1 with a Q8_0 embedding); [`candle_blocks`] (candle-core's dot products) for every other
-//! type. `examples/bench_qmatmul` measures them on the same weights.
+//! dequantized-tile GEMM, see docs/PERFORMANCE.md); [`own`] for Q4_0, Q4_1 and Q8_0 elsewhere
+//! (AVX2 block dots; SmolLM2's GGUF is Q4_1 with a Q8_0 embedding); [`candle_blocks`]
+//! (candle-core's dot products) for every other type. `examples/bench_qmatmul` measures them on
+//! the same weights.
 //!
 //! Except through [`packed`], products of 16 rows or more (prefill chunks) dequantize 128-row
 //! weight tiles and use the f32 GEMM ([`QuantLinear::matmul`]): the weights are then read once

@@ -207,6 +207,13 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
+/// The record holding 32-value block `b` of a group's records `src`, and the block's sub-block
+/// in it.
+fn record_of(ty: Packing, src: &[u8], b: usize) -> (&[u8], usize) {
+    let rec = ty.record_bytes();
+    (&src[b / ty.subs() * rec..][..rec], b % ty.subs())
+}
+
 /// Lane `lane`'s `d` and `m` for sub-block `sub` of a record (Q4_K: `d * scale` and
 /// `-(dmin * min)`, both exact in f32).
 fn scale_of(ty: Packing, rec: &[u8], sub: usize, lane: usize) -> (f32, f32) {
@@ -355,9 +362,7 @@ impl PackedBlocks {
             j += take;
         }
     }
-}
 
-impl PackedBlocks {
     /// Group `g` against all `n <= ACT_ROWS` activation rows, read from its records.
     #[cfg(target_arch = "x86_64")]
     fn multiply_records(&self, act: &[ActBlock], n: usize, g: usize, out: &OutRows) {
@@ -446,9 +451,9 @@ impl Kernel for PackedBlocks {
 
     fn dequantize_row(&self, r: usize, dst: &mut [f32]) {
         let (g, lane) = (r / GROUP, r % GROUP);
-        let (group, subs, rec) = (self.group(g), self.ty.subs(), self.ty.record_bytes());
+        let group = self.group(g);
         for (b, out) in dst.chunks_exact_mut(QK).enumerate() {
-            let (rec, sub) = (&group[b / subs * rec..][..rec], b % subs);
+            let (rec, sub) = record_of(self.ty, group, b);
             let (d, m) = scale_of(self.ty, rec, sub, lane);
             for p in 0..PAIRS {
                 let (lo, hi) = pair(self.ty, rec, sub, p, lane);
@@ -482,9 +487,8 @@ fn pair(ty: Packing, rec: &[u8], sub: usize, p: usize, lane: usize) -> (i32, i32
 }
 
 fn unpack_portable(ty: Packing, src: &[u8], dst: &mut [Unpacked]) {
-    let (subs, rec) = (ty.subs(), ty.record_bytes());
     for (b, u) in dst.iter_mut().enumerate() {
-        let (rec, sub) = (&src[b / subs * rec..][..rec], b % subs);
+        let (rec, sub) = record_of(ty, src, b);
         for lane in 0..GROUP {
             (u.d[lane], u.m[lane]) = scale_of(ty, rec, sub, lane);
             for p in 0..PAIRS {
