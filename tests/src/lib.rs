@@ -10,6 +10,9 @@ use std::time::Instant;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+mod ports;
+pub use ports::free_port;
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -120,15 +123,6 @@ pub fn signal(pid: u32, sig: &str) -> bool {
         .args([sig, &pid.to_string()])
         .status()
         .is_ok_and(|s| s.success())
-}
-
-/// A TCP port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A running `tpserve serve`.

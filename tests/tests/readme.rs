@@ -159,13 +159,30 @@ fn scratch() -> PathBuf {
     dir
 }
 
-/// The block with the ports a reader would use replaced by free ones.
+/// The block with the ports a reader would use (8000, 2379, 2380: whole numbers, not digits
+/// inside longer ones) replaced by free ones, each the same port wherever it appears. One pass, so
+/// a free port that happens to contain "2379" is never replaced again.
 fn with_free_ports(body: &str) -> String {
-    ["8000", "2379", "2380"]
-        .iter()
-        .fold(body.to_string(), |text, port| {
-            text.replace(port, &free_port().to_string())
-        })
+    let mut ports = std::collections::HashMap::new();
+    let mut out = String::with_capacity(body.len());
+    let mut rest = body;
+    while let Some(start) = rest.find(|c: char| c.is_ascii_digit()) {
+        out.push_str(&rest[..start]);
+        let digits = &rest[start..];
+        let end = digits
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(digits.len());
+        let number = &digits[..end];
+        let glued = out.ends_with(|c: char| c.is_ascii_alphanumeric() || c == '.');
+        if !glued && ["8000", "2379", "2380"].contains(&number) {
+            out.push_str(&ports.entry(number).or_insert_with(free_port).to_string());
+        } else {
+            out.push_str(number);
+        }
+        rest = &digits[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// What a block did.
@@ -350,4 +367,23 @@ fn fenced_blocks_are_found_with_their_language_and_skip_reason() {
     assert!(found[3].interrupt && !found[0].interrupt);
     assert_eq!(found[0].timeout, BLOCK_TIMEOUT);
     assert_eq!(found[4].timeout, Duration::from_secs(900));
+}
+
+#[test]
+fn ports_are_replaced_once_each_and_only_as_whole_numbers() {
+    let body = "etcd --listen-client-urls http://127.0.0.1:2379 --listen-peer-urls http://127.0.0.1:2380\n\
+                worker --etcd-endpoints http://127.0.0.1:2379\nserve --port 8000 # not 18000 or v2.2380\n";
+    let out = with_free_ports(body);
+    let numbers: Vec<&str> = out
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|n| n.len() >= 4)
+        .collect();
+    // 127.0.0.1 splits into short pieces; what is left: client, peer, client again, serve,
+    // and the two numbers that are not ports.
+    assert_eq!(numbers.len(), 6, "{out}");
+    let (client, peer, again, serve) = (numbers[0], numbers[1], numbers[2], numbers[3]);
+    assert_eq!(client, again, "{out}");
+    assert!(client != peer && peer != serve && client != serve, "{out}");
+    assert!(!["2379", "2380", "8000"].contains(&client), "{out}");
+    assert_eq!(&numbers[4..], ["18000", "2380"], "{out}");
 }

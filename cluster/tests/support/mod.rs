@@ -1,9 +1,12 @@
 //! What the tests against a real etcd share: finding the etcd binary and free loopback ports.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 
 use anyhow::bail;
+
+#[path = "../../../tests/src/ports.rs"]
+mod ports;
+pub use ports::free_port;
 
 /// The etcd binary: `TPSERVE_ETCD_BIN`, else `etcd` on PATH, else the cache dir that
 /// `scripts/install-etcd.sh` fills; an error naming that script when there is none.
@@ -40,11 +43,4 @@ pub fn etcd_binary() -> anyhow::Result<PathBuf> {
         "no etcd binary: not in TPSERVE_ETCD_BIN, on PATH, or at {}; run scripts/install-etcd.sh",
         cached.display()
     )
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
 }
