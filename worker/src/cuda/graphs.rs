@@ -142,6 +142,28 @@ fn graph_plans(
         .collect()
 }
 
+/// The attention of an eager decode step of `rows` one-row sequences whose longest context is
+/// `max_context` (`--enforce-eager`, a size above the largest graph, or a step outside graphs):
+/// the plan the graphs of that size replay for that context ([`graph_plans`]), so an eager step
+/// splits the keys as a replayed one does. Before, eager steps took `key_splits`: no split up to
+/// 256 keys, and 33 at batch 1 where the graphs' 64 splits were 0.3 ms a step faster at 8,000 keys
+/// (docs/PERFORMANCE.md, issue 9, run 29).
+pub fn eager_decode_attention(
+    d: &Dims,
+    rows: usize,
+    sm_count: usize,
+    room: usize,
+    block_size: usize,
+    max_context: usize,
+) -> AttentionPlan {
+    let plans = graph_plans(d, rows, sm_count, room, block_size, false);
+    plans
+        .iter()
+        .rfind(|(from_context, _)| max_context > *from_context)
+        .unwrap_or(&plans[0])
+        .1
+}
+
 /// Packs an empty batch padded to `rows`: the layout every step of that size uses, all of it
 /// padding (no cache write, no attention, greedy).
 fn padding_step(rows: usize, tables: TableShape) -> Result<PackedStep> {
@@ -393,6 +415,25 @@ mod tests {
             plans[..],
             [(0, AttentionPlan::DecodeMma { splits: 5 })]
         ));
+        // An eager step picks the plan the graph of its size replays for its context.
+        for (context, splits) in [
+            (1, 16),
+            (512, 16),
+            (513, 33),
+            (1056, 33),
+            (1057, 64),
+            (8000, 64),
+        ] {
+            assert_eq!(
+                eager_decode_attention(&d, 1, 132, 256, 16, context),
+                AttentionPlan::Decode { splits },
+                "{context} keys"
+            );
+        }
+        assert_eq!(
+            eager_decode_attention(&d, 8, 132, 256, 16, 8000),
+            AttentionPlan::DecodeMma { splits: 5 }
+        );
         let plans = graph_plans(&d, 1, 132, 256, 16, true);
         assert!(matches!(
             plans[..],

@@ -283,29 +283,37 @@ impl CudaBackend {
             base + step.offsets.updates as u64,
             step.num_updates,
         )?;
-        // Batch-invariant mode never splits the keys: a split's partial sums depend on how
-        // many splits the step's shape gives.
-        let (splits, split_len) = if loaded.linear.batch_invariant() {
-            (1, 0)
-        } else {
-            key_splits(
-                step.num_tiles * d.kv_heads,
-                gpu.sm_count,
-                step.max_context,
-                ws.split_room(&d, n),
-            )
-        };
         let attention = match kind {
             AttentionKind::Mma => AttentionPlan::Mma {
                 decode_tiles: step.one_row_tiles,
             },
-            AttentionKind::Simt => AttentionPlan::Simt {
-                items: step.max_tile_rows * group,
-                splits,
-                split_len,
-            },
-            AttentionKind::Decode => AttentionPlan::Decode { splits },
-            AttentionKind::DecodeMma => AttentionPlan::DecodeMma { splits },
+            AttentionKind::Simt => {
+                // Batch-invariant mode never splits the keys: a split's partial sums depend on
+                // how many splits the step's shape gives.
+                let (splits, split_len) = if loaded.linear.batch_invariant() {
+                    (1, 0)
+                } else {
+                    key_splits(
+                        step.num_tiles * d.kv_heads,
+                        gpu.sm_count,
+                        step.max_context,
+                        ws.split_room(&d, n),
+                    )
+                };
+                AttentionPlan::Simt {
+                    items: step.max_tile_rows * group,
+                    splits,
+                    split_len,
+                }
+            }
+            AttentionKind::Decode | AttentionKind::DecodeMma => graphs::eager_decode_attention(
+                &d,
+                batch.seqs.len(),
+                gpu.sm_count,
+                ws.split_room(&d, n),
+                cache.block_size,
+                step.max_context,
+            ),
         };
         let view = StepView {
             rows: n,
