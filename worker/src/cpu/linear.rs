@@ -189,7 +189,9 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[l] += x[l] * y[l];
         }
     }
-    let mut s = acc.iter().sum::<f32>();
+    // The lanes in order, from the first (not from a zero: `Sum`'s start value changed between
+    // Rust releases, and the CPU attention's eight-keys-at-a-time form repeats this order).
+    let mut s = acc[1..].iter().fold(acc[0], |s, x| s + x);
     for (x, y) in ra.iter().zip(rb) {
         s += x * y;
     }
