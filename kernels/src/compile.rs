@@ -342,7 +342,8 @@ impl NvrtcProgram {
             // SAFETY: as above.
             let log = unsafe { nvrtc::result::get_program_log(program.program) }
                 .map(|raw| {
-                    let bytes: Vec<u8> = raw.iter().map(|&c| c as u8).collect();
+                    // `c_char` is i8 on x86_64 and u8 on AArch64: the same bytes either way.
+                    let bytes: Vec<u8> = raw.iter().map(|c| c.to_ne_bytes()[0]).collect();
                     CStr::from_bytes_until_nul(&bytes)
                         .map(|s| s.to_string_lossy().into_owned())
                         .unwrap_or_default()

@@ -18,7 +18,8 @@ fn nccl_err(what: &str, e: impl std::fmt::Debug) -> WorkerError {
 pub fn unique_id() -> Result<Vec<u8>> {
     super::device::check_nccl()?;
     let id = nccl::get_uniqueid().map_err(|e| nccl_err("unique id", e))?;
-    Ok(id.internal.iter().map(|c| *c as u8).collect())
+    // `c_char` is i8 on x86_64 and u8 on AArch64: the same bytes either way.
+    Ok(id.internal.iter().map(|c| c.to_ne_bytes()[0]).collect())
 }
 
 /// This rank's communicator.

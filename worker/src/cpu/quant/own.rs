@@ -5,7 +5,8 @@
 //! activation rows. Where the CPU has AVX-512 VNNI (with VL), the same loop adds a block's second
 //! half with one 256-bit `vpdpwssd` instead of a `madd_epi16` and an add: the integer sums are
 //! exact either way, so the results are the same bits, and an 8-row decode product took 20% less
-//! time on a Zen 4 (docs/PERFORMANCE.md, issue 12, session 25). Without AVX2 (other CPUs) a
+//! time on a Zen 4 (docs/PERFORMANCE.md, issue 12, session 25). On 64-bit Arm a NEON loop does
+//! the same with `smull`/`smlal` (i16 times i16 into i32, four lanes an instruction). Elsewhere a
 //! portable loop computes the same sums.
 //!
 //! Block layouts (GGUF, little-endian, f16 scales):
@@ -69,6 +70,9 @@ pub enum Simd {
     /// [`Simd::Avx2`] with AVX-512 VNNI's 256-bit multiply-accumulate (the same bits).
     #[cfg(target_arch = "x86_64")]
     Avx2Vnni,
+    /// Arm's Advanced SIMD (NEON), part of every AArch64 target.
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+    Neon,
 }
 
 impl Simd {
@@ -84,7 +88,14 @@ impl Simd {
             }
             return Self::Avx2;
         }
-        Self::Portable
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        {
+            Self::Neon
+        }
+        #[cfg(not(all(target_arch = "aarch64", target_feature = "neon")))]
+        {
+            Self::Portable
+        }
     }
 }
 
@@ -111,6 +122,9 @@ pub fn dot_tile<const R: usize, const NR: usize>(
         // SAFETY: as above; `Simd::Avx2Vnni` also means AVX-512 VNNI and VL.
         #[cfg(target_arch = "x86_64")]
         Simd::Avx2Vnni => unsafe { avx2::dot_tile_vnni(ty, ws, acts) },
+        // SAFETY: block counts as above (the target has NEON, or `Simd::Neon` would not exist).
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        Simd::Neon => unsafe { neon::dot_tile(ty, ws, acts) },
     }
 }
 
@@ -334,6 +348,144 @@ mod avx2 {
     }
 }
 
+/// The NEON loop. NEON is part of every AArch64 target Rust builds for (`target_feature =
+/// "neon"` is on by default), so its functions need no feature attribute and inline into each
+/// other.
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+mod neon {
+    use std::arch::aarch64::*;
+    use std::arch::asm;
+
+    use super::*;
+
+    /// # Safety
+    /// Every `acts[j]` has `ws[i].len() / ty.block_bytes()` blocks for every `i`.
+    pub unsafe fn dot_tile<const R: usize, const NR: usize>(
+        ty: OwnType,
+        ws: [&[u8]; R],
+        acts: [&[ActBlock]; NR],
+    ) -> [[f32; NR]; R] {
+        match ty {
+            OwnType::Q4_0 => dot::<R, NR, 0>(ws, acts),
+            OwnType::Q4_1 => dot::<R, NR, 1>(ws, acts),
+            OwnType::Q8_0 => dot::<R, NR, 2>(ws, acts),
+        }
+    }
+
+    /// The f16 at `p` as f32, by the FPU's `fcvt` (every ARMv8-A FPU converts half to single
+    /// precision; the `half` crate asks the CPU for FEAT_FP16 at every call first).
+    #[inline(always)]
+    unsafe fn f16_at(p: *const u8) -> f32 {
+        let bits = std::ptr::read_unaligned(p as *const u16) as u32;
+        let out: f32;
+        asm!(
+            "fmov {t:s}, {bits:w}",
+            "fcvt {out:s}, {t:h}",
+            bits = in(reg) bits,
+            t = out(vreg) _,
+            out = lateout(vreg) out,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+        out
+    }
+
+    /// One weight block as four runs of 8 i16 values (0..8, 8..16, 16..24, 24..32), its scale
+    /// `d` and the factor of the activations' `s` (Q4_1: `m`; Q4_0: `-8 d`; Q8_0: 0).
+    /// `KIND`: 0 Q4_0, 1 Q4_1, 2 Q8_0.
+    #[inline(always)]
+    unsafe fn block<const KIND: u8>(p: *const u8) -> ([int16x8_t; 4], f32, f32) {
+        let d = f16_at(p);
+        if KIND == 2 {
+            let q0 = vld1q_s8(p.add(2) as *const i8);
+            let q1 = vld1q_s8(p.add(18) as *const i8);
+            let q = [
+                vmovl_s8(vget_low_s8(q0)),
+                vmovl_high_s8(q0),
+                vmovl_s8(vget_low_s8(q1)),
+                vmovl_high_s8(q1),
+            ];
+            return (q, d, 0.0);
+        }
+        let (m, off) = if KIND == 1 {
+            (f16_at(p.add(2)), 4)
+        } else {
+            (-8.0 * d, 2)
+        };
+        let raw = vld1q_u8(p.add(off));
+        let lo = vandq_u8(raw, vdupq_n_u8(0x0f));
+        let hi = vshrq_n_u8::<4>(raw);
+        let q = [
+            vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(lo))),
+            vreinterpretq_s16_u16(vmovl_high_u8(lo)),
+            vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(hi))),
+            vreinterpretq_s16_u16(vmovl_high_u8(hi)),
+        ];
+        (q, d, m)
+    }
+
+    /// As the AVX2 loop's: how far ahead of the block being multiplied its row is prefetched.
+    const PREFETCH: usize = 1024;
+
+    #[inline(always)]
+    fn prefetch(p: *const u8) {
+        // SAFETY: a prefetch reads nothing architecturally and never faults, whatever the
+        // address.
+        unsafe {
+            asm!("prfm pldl1keep, [{0}]", in(reg) p, options(nostack, readonly, preserves_flags));
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dot<const R: usize, const NR: usize, const KIND: u8>(
+        ws: [&[u8]; R],
+        acts: [&[ActBlock]; NR],
+    ) -> [[f32; NR]; R] {
+        let bb = [18, 20, 34][KIND as usize];
+        let nb = ws[0].len() / bb;
+        let mut acc = [[vdupq_n_f32(0.0); NR]; R];
+        let mut acc_m = [[0.0f32; NR]; R];
+        for b in 0..nb {
+            for i in 0..R {
+                let p = ws[i].as_ptr().add(b * bb);
+                prefetch(p.wrapping_add(PREFETCH));
+                let (q, d, m) = block::<KIND>(p);
+                for j in 0..NR {
+                    let a = acts[j].get_unchecked(b);
+                    let y = a.qs.as_ptr();
+                    let y = [
+                        vld1q_s16(y),
+                        vld1q_s16(y.add(8)),
+                        vld1q_s16(y.add(16)),
+                        vld1q_s16(y.add(24)),
+                    ];
+                    // |q| <= 128 and |y| <= 32767: 32 products sum to under 2^28, no overflow.
+                    // Two chains of four multiply-adds, each half the block.
+                    let mut s0 = vmull_s16(vget_low_s16(q[0]), vget_low_s16(y[0]));
+                    let mut s1 = vmull_s16(vget_low_s16(q[2]), vget_low_s16(y[2]));
+                    s0 = vmlal_high_s16(s0, q[0], y[0]);
+                    s1 = vmlal_high_s16(s1, q[2], y[2]);
+                    s0 = vmlal_s16(s0, vget_low_s16(q[1]), vget_low_s16(y[1]));
+                    s1 = vmlal_s16(s1, vget_low_s16(q[3]), vget_low_s16(y[3]));
+                    s0 = vmlal_high_s16(s0, q[1], y[1]);
+                    s1 = vmlal_high_s16(s1, q[3], y[3]);
+                    let sums = vcvtq_f32_s32(vaddq_s32(s0, s1));
+                    acc[i][j] = vfmaq_n_f32(acc[i][j], sums, d * a.d);
+                    if KIND != 2 {
+                        acc_m[i][j] += m * a.s;
+                    }
+                }
+            }
+        }
+        let mut out = [[0.0f32; NR]; R];
+        for i in 0..R {
+            for j in 0..NR {
+                out[i][j] = vaddvq_f32(acc[i][j]) + acc_m[i][j];
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::act::{quantize_rows, Order};
@@ -395,6 +547,14 @@ mod tests {
             let one = |simd| dot_tile(simd, ty, [&w1], [r[2]])[0][0].to_bits();
             assert_eq!(one(Simd::Avx2), one(Simd::Avx2Vnni), "{ty:?}");
         }
+    }
+
+    /// Every 64-bit Arm CPU has NEON, so there the test below checks the NEON loop, not the
+    /// portable one twice.
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+    #[test]
+    fn arm_runs_the_neon_loop() {
+        assert_eq!(Simd::detect(), Simd::Neon);
     }
 
     #[test]
