@@ -11,7 +11,8 @@
 // list) at every k_split, beside the GEMV 8 rows a launch and dequantize_w4 alone (GEMM_ONLY=1:
 // only that part).
 //
-// Why: the GEMV decides 4-bit single-stream decode speed, and the GPU machine has no profiler.
+// Why: the GEMV decides 4-bit single-stream decode speed, and no profiler was known on the GPU
+// machine when this was written (ncu is in /usr/local/cuda/bin there: docs/PERFORMANCE.md, run 30).
 //
 // How (on the GPU machine, from the repository root):
 //   nvcc -O3 -arch=sm_90 -std=c++17 -I kernels/cuda tests/gpu/int4_gemv_bench.cu -o /tmp/ib
