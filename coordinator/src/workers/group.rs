@@ -4,6 +4,7 @@
 //! is sent (`send`) and its result received (`receive`) separately, so the engine can keep a
 //! second plan queued on the streams while the first runs; each stream answers in order.
 
+use std::future::Future;
 use std::time::Duration;
 
 use futures::future::try_join_all;
@@ -90,11 +91,35 @@ pub struct GroupReady {
     pub graph_capture_seconds: f64,
 }
 
+/// One rank's client: cheap to clone (the clones share its channel).
+type Client = WorkerClient<InterceptedService<Channel, GroupToken>>;
+
+/// Calls every rank at once, `call(rank, client)` each with its own handle to that rank's
+/// client, and returns the answers in rank order, or the first failure with its rank.
+async fn on_every_rank<R, Fut>(
+    clients: &[Client],
+    call: impl Fn(usize, Client) -> Fut,
+) -> Result<Vec<R>, (usize, tonic::Status)>
+where
+    Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+{
+    try_join_all(clients.iter().enumerate().map(|(rank, c)| {
+        let answer = call(rank, c.clone());
+        async move {
+            answer
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| (rank, s))
+        }
+    }))
+    .await
+}
+
 /// Reads LoRA adapters into every rank's host cache, beside the steps (`PreloadLora`); cheap to
 /// clone, so a preload can run in its own task.
 #[derive(Clone)]
 pub struct LoraPreloader {
-    clients: Vec<WorkerClient<InterceptedService<Channel, GroupToken>>>,
+    clients: Vec<Client>,
 }
 
 impl LoraPreloader {
@@ -108,24 +133,19 @@ impl LoraPreloader {
 
     /// Reads `adapter` on every rank at once; the slowest rank's seconds once all have it.
     pub async fn preload(&self, adapter: pb::LoraAdapter) -> Result<f64, EngineError> {
-        let answers = try_join_all(self.clients.iter().enumerate().map(|(rank, c)| {
-            let mut c = c.clone();
+        let answers = on_every_rank(&self.clients, |_, mut c| {
             let adapter = adapter.clone();
-            async move {
-                c.preload_lora(adapter)
-                    .await
-                    .map(|r| r.into_inner().seconds)
-                    .map_err(|s| rank_failed(rank, s.message().to_string()))
-            }
-        }))
-        .await?;
-        Ok(answers.into_iter().fold(0.0, f64::max))
+            async move { c.preload_lora(adapter).await }
+        })
+        .await
+        .map_err(|(rank, s)| rank_failed(rank, s.message().to_string()))?;
+        Ok(answers.iter().map(|a| a.seconds).fold(0.0, f64::max))
     }
 }
 
 /// A connected group.
 pub struct WorkerGroup {
-    clients: Vec<WorkerClient<InterceptedService<Channel, GroupToken>>>,
+    clients: Vec<Client>,
     streams: Vec<(mpsc::Sender<pb::StepPlan>, Streaming<pb::StepResult>)>,
 }
 
@@ -142,6 +162,11 @@ fn phase_err(rank: usize, phase: &'static str) -> impl Fn(tonic::Status) -> Star
         phase,
         detail: s.message().to_string(),
     }
+}
+
+/// [`phase_err`] for the failures [`on_every_rank`] returns.
+fn phase_failed(phase: &'static str) -> impl Fn((usize, tonic::Status)) -> StartError {
+    move |(rank, s)| phase_err(rank, phase)(s)
 }
 
 impl WorkerGroup {
@@ -206,23 +231,14 @@ impl WorkerGroup {
         let world = self.clients.len() as u32;
         // Every rank must answer before any of them is asked to join: a rank 0 waiting for a
         // peer that is gone would block its runner until the join times out.
-        try_join_all(
-            self.clients
-                .iter_mut()
-                .enumerate()
-                .map(|(rank, c)| async move {
-                    match tokio::time::timeout(PROBE_TIMEOUT, c.health(pb::HealthRequest {})).await
-                    {
-                        Ok(r) => r.map(|_| ()).map_err(phase_err(rank, "Health")),
-                        Err(_) => Err(StartError::Worker {
-                            rank,
-                            phase: "Health",
-                            detail: "no answer".into(),
-                        }),
-                    }
-                }),
-        )
-        .await?;
+        on_every_rank(&self.clients, |_, mut c| async move {
+            match tokio::time::timeout(PROBE_TIMEOUT, c.health(pb::HealthRequest {})).await {
+                Ok(answer) => answer,
+                Err(_) => Err(tonic::Status::deadline_exceeded("no answer")),
+            }
+        })
+        .await
+        .map_err(phase_failed("Health"))?;
         let info = self.clients[0]
             .info(pb::InfoRequest {})
             .await
@@ -234,20 +250,17 @@ impl WorkerGroup {
             .map_err(phase_err(0, "CommunicatorId"))?
             .into_inner()
             .id;
-        try_join_all(self.clients.iter_mut().enumerate().map(|(rank, c)| {
-            let id = id.clone();
-            async move {
-                c.init_communicator(pb::InitCommunicatorRequest {
-                    id,
-                    rank: rank as u32,
-                    world_size: world,
-                })
-                .await
-                .map_err(phase_err(rank, "InitCommunicator"))
-            }
-        }))
-        .await?;
-        let loaded = try_join_all(self.clients.iter_mut().enumerate().map(|(rank, c)| {
+        on_every_rank(&self.clients, |rank, mut c| {
+            let req = pb::InitCommunicatorRequest {
+                id: id.clone(),
+                rank: rank as u32,
+                world_size: world,
+            };
+            async move { c.init_communicator(req).await }
+        })
+        .await
+        .map_err(phase_failed("InitCommunicator"))?;
+        let loaded = on_every_rank(&self.clients, |_, mut c| {
             let req = pb::LoadModelRequest {
                 model_path: init.model_path.clone(),
                 load_format: init.load_format as i32,
@@ -260,15 +273,11 @@ impl WorkerGroup {
                 quantization: init.quantization.as_str().into(),
                 kv_cache_dtype: init.kv_cache_dtype.clone(),
             };
-            async move {
-                c.load_model(req)
-                    .await
-                    .map_err(phase_err(rank, "LoadModel"))
-                    .map(|r| r.into_inner())
-            }
-        }))
-        .await?;
-        let profiles = try_join_all(self.clients.iter_mut().enumerate().map(|(rank, c)| {
+            async move { c.load_model(req).await }
+        })
+        .await
+        .map_err(phase_failed("LoadModel"))?;
+        let profiles = on_every_rank(&self.clients, |_, mut c| {
             let req = pb::ProfileMemoryRequest {
                 block_size: init.block_size,
                 kv_cache_bytes: init.kv_cache_bytes,
@@ -276,47 +285,36 @@ impl WorkerGroup {
                 max_num_batched_tokens: init.max_num_batched_tokens,
                 max_num_seqs: init.max_num_seqs,
             };
-            async move {
-                c.profile_memory(req)
-                    .await
-                    .map_err(phase_err(rank, "ProfileMemory"))
-                    .map(|r| r.into_inner())
-            }
-        }))
-        .await?;
+            async move { c.profile_memory(req).await }
+        })
+        .await
+        .map_err(phase_failed("ProfileMemory"))?;
         let num_blocks = profiles.iter().map(|p| p.num_blocks).min().unwrap_or(0);
         if num_blocks == 0 {
             return Err(StartError::Config {
                 detail: "no KV cache block fits in the memory given; raise --kv-cache-space".into(),
             });
         }
-        try_join_all(self.clients.iter_mut().enumerate().map(|(rank, c)| {
+        on_every_rank(&self.clients, |_, mut c| {
             let req = pb::InitCacheRequest {
                 num_blocks,
                 block_size: init.block_size,
             };
-            async move {
-                c.init_cache(req)
-                    .await
-                    .map_err(phase_err(rank, "InitCache"))
-            }
-        }))
-        .await?;
-        let warmups = try_join_all(self.clients.iter_mut().enumerate().map(|(rank, c)| {
+            async move { c.init_cache(req).await }
+        })
+        .await
+        .map_err(phase_failed("InitCache"))?;
+        let warmups = on_every_rank(&self.clients, |_, mut c| {
             let req = pb::WarmupRequest {
                 max_num_batched_tokens: init.max_num_batched_tokens,
                 max_num_seqs: init.max_num_seqs,
                 cuda_graph_sizes: init.cuda_graph_sizes.clone(),
                 disable_custom_all_reduce: init.disable_custom_all_reduce,
             };
-            async move {
-                c.warmup(req)
-                    .await
-                    .map(tonic::Response::into_inner)
-                    .map_err(phase_err(rank, "Warmup"))
-            }
-        }))
-        .await?;
+            async move { c.warmup(req).await }
+        })
+        .await
+        .map_err(phase_failed("Warmup"))?;
         self.streams.clear();
         for (rank, c) in self.clients.iter_mut().enumerate() {
             let (tx, rx) = mpsc::channel(4);
