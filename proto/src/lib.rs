@@ -12,6 +12,10 @@ pub use v1::*;
 
 pub mod tls;
 
+/// A digest of `worker.proto` as this build compiled it (see build.rs). Workers report it in
+/// `InfoResponse.protocol`; the coordinator starts only with workers that report its own.
+pub const PROTOCOL: &str = env!("TPSERVE_PROTOCOL_DIGEST");
+
 /// The gRPC metadata key that carries a worker group's shared token: every RPC from the
 /// coordinator sends it, and a worker started with a token refuses calls without it.
 pub const WORKER_TOKEN_METADATA: &str = "x-tpserve-worker-token";

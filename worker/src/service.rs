@@ -152,6 +152,7 @@ impl Worker for WorkerService {
             device_name: self.device.name.clone(),
             total_memory_bytes: self.device.total_memory_bytes,
             version: env!("CARGO_PKG_VERSION").into(),
+            protocol: pb::PROTOCOL.into(),
         }))
     }
 

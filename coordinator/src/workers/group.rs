@@ -164,6 +164,30 @@ fn phase_err(rank: usize, phase: &'static str) -> impl Fn(tonic::Status) -> Star
     }
 }
 
+/// Refuses a rank built from another `worker.proto` than this coordinator (another release, or
+/// a build of changed sources): the two would misread each other's messages.
+fn check_protocol(rank: usize, info: &pb::InfoResponse) -> Result<(), StartError> {
+    if info.protocol == pb::PROTOCOL {
+        return Ok(());
+    }
+    let theirs = if info.protocol.is_empty() {
+        "an older protocol (it reports none)".to_string()
+    } else {
+        format!("protocol {}", info.protocol)
+    };
+    Err(StartError::Worker {
+        rank,
+        phase: "Info",
+        detail: format!(
+            "tpserve-worker {} speaks {theirs}, this tpserve {} protocol {}: run tpserve and \
+             tpserve-worker from the same build on every node",
+            info.version,
+            env!("CARGO_PKG_VERSION"),
+            pb::PROTOCOL
+        ),
+    })
+}
+
 /// [`phase_err`] for the failures [`on_every_rank`] returns.
 fn phase_failed(phase: &'static str) -> impl Fn((usize, tonic::Status)) -> StartError {
     move |(rank, s)| phase_err(rank, phase)(s)
@@ -239,11 +263,15 @@ impl WorkerGroup {
         })
         .await
         .map_err(phase_failed("Health"))?;
-        let info = self.clients[0]
-            .info(pb::InfoRequest {})
-            .await
-            .map_err(phase_err(0, "Info"))?
-            .into_inner();
+        let infos = on_every_rank(&self.clients, |_, mut c| async move {
+            c.info(pb::InfoRequest {}).await
+        })
+        .await
+        .map_err(phase_failed("Info"))?;
+        for (rank, info) in infos.iter().enumerate() {
+            check_protocol(rank, info)?;
+        }
+        let info = &infos[0];
         let id = self.clients[0]
             .communicator_id(pb::CommunicatorIdRequest { world_size: world })
             .await
@@ -429,5 +457,33 @@ impl WorkerGroup {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rank_built_from_another_protocol_is_refused_with_both_digests() {
+        let mut info = pb::InfoResponse {
+            version: "0.1.0".into(),
+            protocol: pb::PROTOCOL.into(),
+            ..Default::default()
+        };
+        assert!(check_protocol(1, &info).is_ok());
+        info.protocol = "0123456789abcdef".into();
+        let refused = check_protocol(2, &info).unwrap_err().to_string();
+        for part in [
+            "worker 2 failed during Info",
+            "tpserve-worker 0.1.0 speaks protocol 0123456789abcdef",
+            pb::PROTOCOL,
+            "same build",
+        ] {
+            assert!(refused.contains(part), "{part:?} not in {refused:?}");
+        }
+        info.protocol.clear();
+        let refused = check_protocol(0, &info).unwrap_err().to_string();
+        assert!(refused.contains("reports none"), "{refused}");
     }
 }
