@@ -179,8 +179,8 @@ fn check_protocol(rank: usize, info: &pb::InfoResponse) -> Result<(), StartError
         rank,
         phase: "Info",
         detail: format!(
-            "tpserve-worker {} speaks {theirs}, this tpserve {} protocol {}: run tpserve and \
-             tpserve-worker from the same build on every node",
+            "tpserve-worker {} speaks {theirs}, this tpserve {} speaks protocol {}: run tpserve \
+             and tpserve-worker from the same build on every node",
             info.version,
             env!("CARGO_PKG_VERSION"),
             pb::PROTOCOL
