@@ -20,7 +20,6 @@
 //! integer sums are exact; the only error beyond f32 rounding is the activations' quantization.
 
 use candle_core::quantized::GgmlDType;
-use half::f16;
 
 use super::act::{ActBlock, QK};
 
@@ -156,9 +155,32 @@ pub fn dequantize_row(ty: OwnType, w: &[u8], dst: &mut [f32]) {
     }
 }
 
-#[inline]
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+/// The little-endian f16 at `b[at..at + 2]` as f32 (a block's scales, in every kernel here).
+#[inline(always)]
+pub(super) fn f16_at(b: &[u8], at: usize) -> f32 {
+    let bits = u16::from_le_bytes([b[at], b[at + 1]]);
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+    {
+        // The FPU's `fcvt`: every ARMv8-A FPU converts half to single precision, where the
+        // `half` crate asks the CPU for FEAT_FP16 at every call first.
+        let out: f32;
+        // SAFETY: two register moves and a conversion; no memory is touched.
+        unsafe {
+            std::arch::asm!(
+                "fmov {t:s}, {bits:w}",
+                "fcvt {out:s}, {t:h}",
+                bits = in(reg) u32::from(bits),
+                t = out(vreg) _,
+                out = lateout(vreg) out,
+                options(pure, nomem, nostack, preserves_flags),
+            );
+        }
+        out
+    }
+    #[cfg(not(all(target_arch = "aarch64", target_feature = "neon")))]
+    {
+        half::f16::from_bits(bits).to_f32()
+    }
 }
 
 mod portable {
@@ -372,29 +394,14 @@ mod neon {
         }
     }
 
-    /// The f16 at `p` as f32, by the FPU's `fcvt` (every ARMv8-A FPU converts half to single
-    /// precision; the `half` crate asks the CPU for FEAT_FP16 at every call first).
-    #[inline(always)]
-    unsafe fn f16_at(p: *const u8) -> f32 {
-        let bits = std::ptr::read_unaligned(p as *const u16) as u32;
-        let out: f32;
-        asm!(
-            "fmov {t:s}, {bits:w}",
-            "fcvt {out:s}, {t:h}",
-            bits = in(reg) bits,
-            t = out(vreg) _,
-            out = lateout(vreg) out,
-            options(pure, nomem, nostack, preserves_flags),
-        );
-        out
-    }
-
     /// One weight block as four runs of 8 i16 values (0..8, 8..16, 16..24, 24..32), its scale
     /// `d` and the factor of the activations' `s` (Q4_1: `m`; Q4_0: `-8 d`; Q8_0: 0).
     /// `KIND`: 0 Q4_0, 1 Q4_1, 2 Q8_0.
     #[inline(always)]
     unsafe fn block<const KIND: u8>(p: *const u8) -> ([int16x8_t; 4], f32, f32) {
-        let d = f16_at(p);
+        // Every block type starts with at least four bytes (its scales, or a scale and values).
+        let head = std::slice::from_raw_parts(p, 4);
+        let d = f16_at(head, 0);
         if KIND == 2 {
             let q0 = vld1q_s8(p.add(2) as *const i8);
             let q1 = vld1q_s8(p.add(18) as *const i8);
@@ -407,7 +414,7 @@ mod neon {
             return (q, d, 0.0);
         }
         let (m, off) = if KIND == 1 {
-            (f16_at(p.add(2)), 4)
+            (f16_at(head, 2), 4)
         } else {
             (-8.0 * d, 2)
         };
@@ -488,6 +495,8 @@ mod neon {
 
 #[cfg(test)]
 mod tests {
+    use half::f16;
+
     use super::super::act::{quantize_rows, Order};
     use super::*;
 

@@ -32,12 +32,12 @@
 
 use std::ops::Range;
 
-use half::f16;
 use rayon::prelude::*;
 
 use candle_core::quantized::GgmlDType;
 
 use super::act::{quantize_rows, ActBlock, Order, QK};
+use super::own::f16_at;
 use super::{Kernel, OutRows};
 
 /// A block type this kernel runs.
@@ -462,11 +462,6 @@ impl Kernel for PackedBlocks {
             }
         }
     }
-}
-
-#[inline]
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
 
 /// Pair `p` of lane `lane` in sub-block `sub` of a record: the weight values `p` and `p + 16`
