@@ -12,6 +12,7 @@ pub mod launch;
 pub mod metrics;
 pub mod offline;
 pub mod quantization;
+pub mod sampling;
 pub mod scheduler;
 pub mod serve;
 pub mod served_model;

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use crate::engine::{Sampling, SamplingExtras};
+use crate::sampling::{Sampling, SamplingExtras};
 
 /// A sequence the workers have no state for: everything they need to compute it.
 #[derive(Debug, Clone, PartialEq)]

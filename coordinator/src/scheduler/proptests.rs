@@ -13,7 +13,7 @@ use proptest::prelude::*;
 
 use super::hash::{block_hash, ROOT_HASH};
 use super::*;
-use crate::engine::Sampling;
+use crate::sampling::Sampling;
 
 #[derive(Debug, Clone)]
 enum Op {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use super::hash::{block_hash, ROOT_HASH};
 use super::policy::WaitKey;
-use crate::engine::{Sampling, SamplingExtras};
+use crate::sampling::{Sampling, SamplingExtras};
 
 /// A tenant's share of the engine under `SchedulingPolicy::Fair`: which tenant a sequence
 /// belongs to and the tenant's weight. Tenant 0 is everyone without a tenant.

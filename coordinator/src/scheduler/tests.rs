@@ -2,7 +2,7 @@
 //! admission, preemption, abort/finish, prefix caching, priorities, and the step protocol.
 
 use super::*;
-use crate::engine::Sampling;
+use crate::sampling::Sampling;
 
 pub(super) fn config(block_size: usize, num_blocks: usize) -> SchedulerConfig {
     SchedulerConfig {
