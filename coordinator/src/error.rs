@@ -3,13 +3,20 @@
 
 use thiserror::Error;
 
+use crate::scheduler::SchedulerError;
+
 /// Why the engine could not take or finish a request.
 #[derive(Debug, Clone, PartialEq, Error)]
 pub enum EngineError {
     /// The waiting queue is at `--max-waiting-requests`.
     #[error("the server is overloaded: {waiting} requests are waiting (the limit); retry later")]
     QueueFull { waiting: usize },
-    /// The request can never run here (for example its prompt needs more KV blocks than exist).
+    /// The request's tokens (prompt, plus `max_tokens` for the KV cache) can never fit: longer
+    /// than max-model-len, or more KV blocks than exist. OpenAI's `context_length_exceeded`,
+    /// which clients look for to trim their input.
+    #[error("{message}")]
+    ContextLengthExceeded { message: String },
+    /// The request can never run here for another reason.
     #[error("{message}")]
     InvalidRequest {
         message: String,
@@ -21,6 +28,24 @@ pub enum EngineError {
     /// The engine is not serving (workers down, starting, or shutting down).
     #[error("the engine is unavailable: {detail}")]
     Unavailable { detail: String },
+}
+
+impl From<SchedulerError> for EngineError {
+    /// The scheduler's refusal with its kind kept: too many tokens is `ContextLengthExceeded`,
+    /// anything else an invalid request.
+    fn from(e: SchedulerError) -> Self {
+        match e {
+            SchedulerError::PromptTooLong { .. } | SchedulerError::ExceedsKvCache { .. } => {
+                Self::ContextLengthExceeded {
+                    message: e.to_string(),
+                }
+            }
+            _ => Self::InvalidRequest {
+                message: e.to_string(),
+                param: None,
+            },
+        }
+    }
 }
 
 /// Result alias of the engine.

@@ -149,7 +149,9 @@ impl ApiError {
             Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Engine(e) => match e {
                 EngineError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
-                EngineError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+                EngineError::InvalidRequest { .. } | EngineError::ContextLengthExceeded { .. } => {
+                    StatusCode::BAD_REQUEST
+                }
                 EngineError::WorkerFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
                 EngineError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             },
@@ -207,6 +209,9 @@ impl ApiError {
             Self::Engine(e) => match e {
                 EngineError::QueueFull { .. } => ("rate_limit_error", Some("queue_full")),
                 EngineError::InvalidRequest { .. } => ("invalid_request_error", None),
+                EngineError::ContextLengthExceeded { .. } => {
+                    ("invalid_request_error", Some("context_length_exceeded"))
+                }
                 EngineError::WorkerFailed { .. } => ("server_error", Some("worker_failed")),
                 EngineError::Unavailable { .. } => {
                     ("service_unavailable_error", Some("service_unavailable"))

@@ -19,6 +19,7 @@ use super::{router, ApiState, Health};
 use crate::engine::handle::EngineCommand;
 use crate::engine::{EngineHandle, FinishReason, GenerateEvent, GenerateRequest, Liveness};
 use crate::error::EngineError;
+use crate::scheduler::SchedulerError;
 use crate::served_model::ServedModel;
 use crate::structured::GrammarCompiler;
 
@@ -922,6 +923,35 @@ async fn a_full_queue_is_429_and_an_unavailable_engine_503_both_with_retry_after
             assert!(retry_after.parse::<u32>().unwrap() >= 1);
         }
     }
+}
+
+#[tokio::test]
+async fn a_request_the_kv_cache_cannot_hold_keeps_the_context_length_code() {
+    // The engine's own check (the scheduler: prompt plus max_tokens against the pool), after the
+    // API's max-model-len check passed: the code clients trim their input on must survive it.
+    let refusal = EngineError::from(SchedulerError::ExceedsKvCache {
+        tokens: 300,
+        blocks_needed: 19,
+        block_size: 16,
+        num_blocks: 10,
+    });
+    let h = harness(Arc::new(move |_, _| Reply::Refuse(refusal.clone())));
+    for stream in [false, true] {
+        let answer = post(
+            &h.app,
+            "/v1/completions",
+            json!({"prompt": "hi", "stream": stream}),
+        )
+        .await;
+        let message = answer.assert_error(StatusCode::BAD_REQUEST, "invalid_request_error", None);
+        assert!(message.contains("the pool has 10 blocks"), "{message}");
+        assert_eq!(answer.json()["error"]["code"], "context_length_exceeded");
+    }
+    let other = EngineError::from(SchedulerError::DuplicateId { id: 3 });
+    assert!(
+        matches!(other, EngineError::InvalidRequest { .. }),
+        "{other:?}"
+    );
 }
 
 #[tokio::test]

@@ -497,10 +497,7 @@ impl Engine {
                     _ => self.scheduler.add(spec),
                 };
                 if let Err(e) = taken {
-                    let _ = accepted.send(Err(EngineError::InvalidRequest {
-                        message: e.to_string(),
-                        param: None,
-                    }));
+                    let _ = accepted.send(Err(EngineError::from(e)));
                     return;
                 }
                 self.sequences.insert(
@@ -575,13 +572,7 @@ impl Engine {
                         continue;
                     }
                     if let Err(e) = self.scheduler.add(spec) {
-                        self.fail_sequence(
-                            id,
-                            EngineError::InvalidRequest {
-                                message: e.to_string(),
-                                param: None,
-                            },
-                        );
+                        self.fail_sequence(id, EngineError::from(e));
                     }
                 }
             }
