@@ -9,10 +9,10 @@
 use std::ops::Range;
 
 use tpserve_modelfile::{LlamaConfig, LoraAdapter};
-use tpserve_proto as pb;
 
 use crate::batch::Batch;
 use crate::error::{Result, WorkerError};
+use crate::load::{LoadSpec, LoadedModel, MemoryBudget, MemoryProfile};
 use crate::sampler::{RowExtras, SampleSpec, Sampled};
 
 /// What a worker runs on, for `Info`.
@@ -60,13 +60,10 @@ pub trait Backend {
     fn init_communicator(&mut self, id: &[u8], rank: usize, world_size: usize) -> Result<()>;
 
     /// Loads this rank's shard, dropping any model and cache held before.
-    fn load_model(&mut self, req: &pb::LoadModelRequest) -> Result<pb::LoadModelResponse>;
+    fn load_model(&mut self, spec: &LoadSpec) -> Result<LoadedModel>;
 
     /// How many KV blocks fit on this rank.
-    fn profile_memory(
-        &mut self,
-        req: &pb::ProfileMemoryRequest,
-    ) -> Result<pb::ProfileMemoryResponse>;
+    fn profile_memory(&mut self, budget: &MemoryBudget) -> Result<MemoryProfile>;
 
     /// Allocates the paged KV cache and the per-request state; returns the cache's size in
     /// bytes.

@@ -12,6 +12,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod kv_cache_dtype;
+pub mod load;
 pub mod logging;
 pub mod lora;
 pub mod pooling;

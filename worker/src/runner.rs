@@ -22,6 +22,7 @@ use tpserve_proto as pb;
 use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo};
 use crate::batch::{Batch, SeqSlice};
 use crate::error::{Result, WorkerError};
+use crate::load::{LoadSpec, MemoryBudget};
 use crate::lora::{Adapters, HostCache, LoraLimits, PlaceCounts};
 use crate::pooling::{check_start, PoolKind, PoolState};
 use crate::sampler::logprobs::MAX_TOP_LOGPROBS;
@@ -180,17 +181,18 @@ impl Runner {
         self.clear_requests();
         self.vocab_size = 0;
         self.config = None;
+        let spec = LoadSpec::from(req);
         let limits = LoraLimits {
-            max_loras: req.max_loras as usize,
-            max_rank: req.max_lora_rank as usize,
-            max_cpu_loras: (req.max_cpu_loras.max(req.max_loras)) as usize,
+            max_loras: spec.max_loras,
+            max_rank: spec.max_lora_rank,
+            max_cpu_loras: spec.max_cpu_loras.max(spec.max_loras),
         };
         self.adapters.reset(LoraLimits::default(), None);
-        let response = self.backend.load_model(req)?;
-        self.vocab_size = response.vocab_size as usize;
+        let loaded = self.backend.load_model(&spec)?;
+        self.vocab_size = loaded.vocab_size;
         self.config = self.backend.model_config().cloned();
         self.adapters.reset(limits, self.config.as_ref());
-        Ok(response)
+        Ok(loaded.into())
     }
 
     /// Checks what the plan checks cannot: every position has rotary tables and every token id
@@ -230,7 +232,10 @@ impl Runner {
     ) -> Result<pb::ProfileMemoryResponse> {
         self.requests.clear();
         self.slots = SlotPool::new(req.max_num_seqs.max(1) as usize);
-        self.backend.profile_memory(req)
+        Ok(self
+            .backend
+            .profile_memory(&MemoryBudget::from(req))?
+            .into())
     }
 
     /// Allocates the cache.
@@ -478,7 +483,7 @@ impl Runner {
         };
         let mut logprobs = sampled.logprobs.into_iter();
         for (role, token) in roles.into_iter().zip(sampled.tokens) {
-            let lp = logprobs.next().flatten();
+            let lp = logprobs.next().flatten().map(pb::TokenLogprobs::from);
             if let Some(position) = role.prompt_position {
                 let entry = lp.unwrap_or_default();
                 match out.prompt_logprobs.last_mut() {

@@ -13,10 +13,10 @@ use tpserve_modelfile::{
     Format, Fp8Tensor, Int4Tensor, LlamaConfig, ModelSource, QuantizedTensor, StoredDtype,
     StoredTensor, WeightReader,
 };
-use tpserve_proto as pb;
 use tpserve_term::progress::{Task, Unit};
 
 use crate::error::{Result, WorkerError};
+use crate::load::{LoadFormat, LoadSpec, LoadedModel};
 use crate::shard::ShardPlan;
 
 /// Where the weights come from.
@@ -249,32 +249,36 @@ pub fn read_quantized_fused(
 
 /// Resolves a load request to the model's config and weights as rank `rank` of `world` sees
 /// them, and calls `load` with them: a checkpoint read in the requested format, or random weights
-/// of a config.json's shape (`LOAD_FORMAT_DUMMY`).
+/// of a config.json's shape ([`LoadFormat::Dummy`]).
 pub fn load_shard<T>(
-    req: &pb::LoadModelRequest,
+    spec: &LoadSpec,
     rank: usize,
     world: usize,
     load: impl FnOnce(&LlamaConfig, ShardPlan, &WeightSource) -> Result<T>,
 ) -> Result<T> {
-    let path = Path::new(&req.model_path);
-    if req.load_format == pb::LoadFormat::Dummy as i32 {
-        let config = dummy_config(path)?;
-        let shard = ShardPlan::new(&config, rank, world)?;
-        load(&config, shard, &WeightSource::Dummy(req.dummy_seed))
-    } else {
-        let source = ModelSource::open(path, checkpoint_format(req.load_format))?;
-        let config = source.config().clone();
-        let shard = ShardPlan::new(&config, rank, world)?;
-        let weights = source.weights()?;
-        let tensors = model_parts(&config, &shard, &WeightSource::Reader(weights.as_ref())).count();
-        let counted = Counted {
-            inner: weights.as_ref(),
-            task: Task::new("loading weights", tensors as u64, Unit::items("tensors")),
-        };
-        let loaded = load(&config, shard, &WeightSource::Reader(&counted));
-        counted.task.finish();
-        loaded
-    }
+    let path = Path::new(&spec.model_path);
+    let format = match spec.format {
+        LoadFormat::Dummy { seed } => {
+            let config = dummy_config(path)?;
+            let shard = ShardPlan::new(&config, rank, world)?;
+            return load(&config, shard, &WeightSource::Dummy(seed));
+        }
+        LoadFormat::Safetensors => Some(Format::Safetensors),
+        LoadFormat::Gguf => Some(Format::Gguf),
+        LoadFormat::Auto => None,
+    };
+    let source = ModelSource::open(path, format)?;
+    let config = source.config().clone();
+    let shard = ShardPlan::new(&config, rank, world)?;
+    let weights = source.weights()?;
+    let tensors = model_parts(&config, &shard, &WeightSource::Reader(weights.as_ref())).count();
+    let counted = Counted {
+        inner: weights.as_ref(),
+        task: Task::new("loading weights", tensors as u64, Unit::items("tensors")),
+    };
+    let loaded = load(&config, shard, &WeightSource::Reader(&counted));
+    counted.task.finish();
+    loaded
 }
 
 /// A reader that counts the tensors read, for the progress of a load.
@@ -383,15 +387,6 @@ pub fn tensor_seed(seed: u64, name: &str) -> u64 {
     })
 }
 
-/// The checkpoint format a load request names (`None`: decide from the path).
-fn checkpoint_format(load_format: i32) -> Option<Format> {
-    match pb::LoadFormat::try_from(load_format).unwrap_or(pb::LoadFormat::Unspecified) {
-        pb::LoadFormat::Safetensors => Some(Format::Safetensors),
-        pb::LoadFormat::Gguf => Some(Format::Gguf),
-        _ => None,
-    }
-}
-
 /// What a load request asks of the weights' quantization (`LoadModelRequest.quantization`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantizationRequest {
@@ -453,13 +448,13 @@ pub fn load_response(
     kv_heads_per_rank: usize,
     weight_bytes: usize,
     started: std::time::Instant,
-) -> pb::LoadModelResponse {
-    pb::LoadModelResponse {
+) -> LoadedModel {
+    LoadedModel {
         weight_bytes: weight_bytes as u64,
-        num_layers: config.num_hidden_layers as u32,
-        num_kv_heads_per_rank: kv_heads_per_rank as u32,
-        head_dim: config.head_dim as u32,
-        vocab_size: config.vocab_size as u32,
+        num_layers: config.num_hidden_layers,
+        num_kv_heads_per_rank: kv_heads_per_rank,
+        head_dim: config.head_dim,
+        vocab_size: config.vocab_size,
         load_seconds: started.elapsed().as_secs_f64(),
         // Set by the backend, which knows how it holds the weights.
         quantization: String::new(),

@@ -5,7 +5,6 @@
 use std::time::Instant;
 
 use tpserve_modelfile::{LlamaConfig, LoraAdapter};
-use tpserve_proto as pb;
 
 use super::quant::KernelChoice;
 use super::{CpuModel, KvCache, WeightMode};
@@ -15,6 +14,7 @@ use crate::comm::tcp::Rendezvous;
 use crate::comm::{Communicator, SingleRank, TcpCommunicator};
 use crate::error::{Result, WorkerError};
 use crate::kv_cache_dtype::KvCacheDtype;
+use crate::load::{LoadSpec, LoadedModel, MemoryBudget, MemoryProfile};
 use crate::lora::shard::AdapterShard;
 use crate::sampler::{sample_gathered, RowExtras, SampleSpec, Sampled};
 use crate::shard::ShardPlan;
@@ -107,7 +107,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn load_model(&mut self, req: &pb::LoadModelRequest) -> Result<pb::LoadModelResponse> {
+    fn load_model(&mut self, req: &LoadSpec) -> Result<LoadedModel> {
         let started = Instant::now();
         if !matches!(req.dtype.as_str(), "" | "auto" | "float32" | "float") {
             return Err(WorkerError::Device {
@@ -176,23 +176,20 @@ impl Backend for CpuBackend {
         Ok(response)
     }
 
-    fn profile_memory(
-        &mut self,
-        req: &pb::ProfileMemoryRequest,
-    ) -> Result<pb::ProfileMemoryResponse> {
+    fn profile_memory(&mut self, req: &MemoryBudget) -> Result<MemoryProfile> {
         let model = self.model("ProfileMemory")?;
         if req.block_size == 0 {
             return Err(WorkerError::Cache {
                 detail: "block size must be positive".into(),
             });
         }
-        let per_block = model.cache_bytes_per_block(req.block_size as usize) as u64;
+        let per_block = model.cache_bytes_per_block(req.block_size) as u64;
         let budget = if req.kv_cache_bytes == 0 {
             DEFAULT_KV_CACHE_BYTES
         } else {
             req.kv_cache_bytes
         };
-        Ok(pb::ProfileMemoryResponse {
+        Ok(MemoryProfile {
             num_blocks: budget / per_block,
             bytes_per_block: per_block,
         })
@@ -281,7 +278,7 @@ impl Backend for CpuBackend {
 /// How the request asks the weights to be held: a GGUF's blocks are kept unless the request
 /// says `quantization: none` or `dtype: float32` (the exact f32 reference path); asking for
 /// both `gguf` and `float32` is a contradiction and refused.
-fn weight_mode(req: &pb::LoadModelRequest) -> Result<WeightMode> {
+fn weight_mode(req: &LoadSpec) -> Result<WeightMode> {
     let float32 = matches!(req.dtype.as_str(), "float32" | "float");
     match (QuantizationRequest::parse(&req.quantization)?, float32) {
         (QuantizationRequest::None, _) | (QuantizationRequest::Auto, true) => {
@@ -344,7 +341,7 @@ mod tests {
     use super::*;
 
     fn mode(quantization: &str, dtype: &str) -> Result<WeightMode> {
-        weight_mode(&pb::LoadModelRequest {
+        weight_mode(&LoadSpec {
             quantization: quantization.into(),
             dtype: dtype.into(),
             ..Default::default()
@@ -371,7 +368,7 @@ mod tests {
         let mut backend = CpuBackend::new("127.0.0.1".into(), 1);
         for kv in ["fp8", "fp8_e4m3", "fp8_e5m2"] {
             let err = backend
-                .load_model(&pb::LoadModelRequest {
+                .load_model(&LoadSpec {
                     model_path: "/nonexistent".into(),
                     kv_cache_dtype: kv.into(),
                     ..Default::default()

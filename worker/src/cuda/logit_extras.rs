@@ -9,14 +9,12 @@
 //! record per row: the vocabulary never crosses PCIe. NCCL then broadcasts processed tokens, as
 //! after a plain step.
 
-use tpserve_proto as pb;
-
 use super::forward::{Device, ForwardOutput};
 use super::kernels::{ProcessLogits, SpreadLogits, TokenLogprobs, LOGPROB_RECORD};
 use super::model::Dims;
 use super::step_inputs::{Packed, SamplingOffsets};
 use crate::error::Result;
-use crate::sampler::logprobs::MAX_TOP_LOGPROBS;
+use crate::sampler::logprobs::{self, MAX_TOP_LOGPROBS};
 use crate::sampler::{RowExtras, SampleSpec, Sampled};
 
 /// A step's extras packed for the device: byte offsets of each array in `packed`.
@@ -93,12 +91,12 @@ fn pack_extras(sampling: &[SampleSpec], extras: &[RowExtras], vocab: usize) -> P
 }
 
 /// Reads one row's record (`token_logprobs`): its token and, when asked, its log probabilities.
-fn read_record(rec: &[u32], extras: &RowExtras) -> (u32, Option<pb::TokenLogprobs>) {
+fn read_record(rec: &[u32], extras: &RowExtras) -> (u32, Option<logprobs::TokenLogprobs>) {
     let token = rec[0];
     let logprobs = extras.logprobs.map(|k| {
         let n = k.min(MAX_TOP_LOGPROBS);
         let top = 4 + MAX_TOP_LOGPROBS;
-        pb::TokenLogprobs {
+        logprobs::TokenLogprobs {
             token_id: rec[1],
             logprob: f32::from_bits(rec[2]),
             rank: rec[3],

@@ -37,7 +37,6 @@ use std::ops::Range;
 use std::time::Instant;
 
 use tpserve_modelfile::{LlamaConfig, LoraAdapter};
-use tpserve_proto as pb;
 
 pub use device::{device_count, gpu_present};
 pub use floors::{measure_floors, Floors};
@@ -64,6 +63,7 @@ use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo};
 use crate::batch::Batch;
 use crate::error::{Result, WorkerError};
 use crate::kv_cache_dtype::KvCacheDtype;
+use crate::load::{LoadSpec, LoadedModel, MemoryBudget, MemoryProfile};
 use crate::lora::shard::AdapterShard;
 use crate::sampler::{RowExtras, SampleSpec, Sampled};
 use crate::step_trace::{phase, Phase};
@@ -534,7 +534,7 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn load_model(&mut self, req: &pb::LoadModelRequest) -> Result<pb::LoadModelResponse> {
+    fn load_model(&mut self, req: &LoadSpec) -> Result<LoadedModel> {
         let started = Instant::now();
         let dtype = Dtype::parse(&req.dtype)?;
         let quantization = QuantizationRequest::parse(&req.quantization)?;
@@ -582,7 +582,7 @@ impl Backend for CudaBackend {
             .transpose()?;
         let linear = Linear::new(Blas::new(&self.gpu, dtype)?, blas_lt, req.batch_invariant);
         if req.max_loras > 0 {
-            let (slots, rank) = (req.max_loras as usize, req.max_lora_rank as usize);
+            let (slots, rank) = (req.max_loras, req.max_lora_rank);
             let bytes = model.enable_lora(&self.gpu, slots, rank)?;
             tracing::info!(
                 slots,
@@ -635,10 +635,7 @@ impl Backend for CudaBackend {
         Ok(response)
     }
 
-    fn profile_memory(
-        &mut self,
-        req: &pb::ProfileMemoryRequest,
-    ) -> Result<pb::ProfileMemoryResponse> {
+    fn profile_memory(&mut self, req: &MemoryBudget) -> Result<MemoryProfile> {
         if req.block_size == 0 {
             return Err(WorkerError::Cache {
                 detail: "block size must be positive".into(),
@@ -648,12 +645,12 @@ impl Backend for CudaBackend {
         let loaded = loaded_model(&mut self.loaded, "ProfileMemory")?;
         loaded.graphs = None;
         loaded.cache = None;
-        let tokens = req.max_num_batched_tokens.max(1) as usize;
-        let seqs = (req.max_num_seqs.max(1) as usize).min(tokens);
+        let tokens = req.max_num_batched_tokens.max(1);
+        let seqs = req.max_num_seqs.max(1).min(tokens);
         let (activations, _) = loaded.model.reserve(gpu, tokens, seqs)?;
         gpu.sync()?;
         let (free, total) = gpu.mem_info()?;
-        let per_block = loaded.model.cache_bytes_per_block(req.block_size as usize);
+        let per_block = loaded.model.cache_bytes_per_block(req.block_size);
         let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
         let util = req.gpu_memory_utilization as f64;
         let budget = if req.kv_cache_bytes > 0 {
@@ -700,7 +697,7 @@ impl Backend for CudaBackend {
             num_blocks,
             "memory profile"
         );
-        Ok(pb::ProfileMemoryResponse {
+        Ok(MemoryProfile {
             num_blocks: num_blocks as u64,
             bytes_per_block: per_block as u64,
         })

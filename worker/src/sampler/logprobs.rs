@@ -10,9 +10,34 @@ use tpserve_proto as pb;
 /// Most top tokens a request may ask for (OpenAI's limit for `top_logprobs`).
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
+/// The log probabilities of one position: a chosen token's, with its rank, and the most likely
+/// tokens' (most likely first). The runner sends it as `pb::TokenLogprobs`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenLogprobs {
+    pub token_id: u32,
+    pub logprob: f32,
+    /// 1 + the number of tokens with a higher logit.
+    pub rank: u32,
+    pub top_token_ids: Vec<u32>,
+    /// Parallel to `top_token_ids`.
+    pub top_logprobs: Vec<f32>,
+}
+
+impl From<TokenLogprobs> for pb::TokenLogprobs {
+    fn from(t: TokenLogprobs) -> Self {
+        Self {
+            token_id: t.token_id,
+            logprob: t.logprob,
+            rank: t.rank,
+            top_token_ids: t.top_token_ids,
+            top_logprobs: t.top_logprobs,
+        }
+    }
+}
+
 /// The log probabilities of `token` and of the `k` most likely tokens of `row` (most likely
 /// first, lowest id first on ties), computed in f64 from f32 logits.
-pub fn row_logprobs(row: &[f32], token: u32, k: usize) -> pb::TokenLogprobs {
+pub fn row_logprobs(row: &[f32], token: u32, k: usize) -> TokenLogprobs {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = row.iter().map(|&x| f64::from(x - max).exp()).sum();
     let lse = f64::from(max) + sum.ln();
@@ -30,7 +55,7 @@ pub fn row_logprobs(row: &[f32], token: u32, k: usize) -> pb::TokenLogprobs {
     }
     order.truncate(k);
     order.sort_unstable_by(by_logit);
-    pb::TokenLogprobs {
+    TokenLogprobs {
         token_id: token,
         logprob: logprob(x),
         rank,

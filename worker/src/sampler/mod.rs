@@ -17,8 +17,9 @@ pub mod processors;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tpserve_proto::{SamplingParams, TokenLogprobs};
+use tpserve_proto::SamplingParams;
 
+use self::logprobs::TokenLogprobs;
 use self::processors::LogitEdit;
 use crate::step_trace::{phase, Phase};
 
