@@ -892,6 +892,16 @@ async fn chat_refuses_non_text_parts_and_models_without_a_template() {
     assert!(message.contains("no chat template"), "{message}");
 }
 
+/// A plain completion, streamed or not, on a harness whose engine refuses every request.
+async fn refused_completion(h: &Harness, stream: bool) -> Answer {
+    post(
+        &h.app,
+        "/v1/completions",
+        json!({"prompt": "hi", "stream": stream}),
+    )
+    .await
+}
+
 #[tokio::test]
 async fn a_full_queue_is_429_and_an_unavailable_engine_503_both_with_retry_after() {
     for (error, status, kind) in [
@@ -911,12 +921,7 @@ async fn a_full_queue_is_429_and_an_unavailable_engine_503_both_with_retry_after
         let refusal = error.clone();
         let h = harness(Arc::new(move |_, _| Reply::Refuse(refusal.clone())));
         for stream in [false, true] {
-            let answer = post(
-                &h.app,
-                "/v1/completions",
-                json!({"prompt": "hi", "stream": stream}),
-            )
-            .await;
+            let answer = refused_completion(&h, stream).await;
             let message = answer.assert_error(status, kind, None);
             assert_eq!(message, error.to_string());
             let retry_after = answer.headers[header::RETRY_AFTER].to_str().unwrap();
@@ -937,12 +942,7 @@ async fn a_request_the_kv_cache_cannot_hold_keeps_the_context_length_code() {
     });
     let h = harness(Arc::new(move |_, _| Reply::Refuse(refusal.clone())));
     for stream in [false, true] {
-        let answer = post(
-            &h.app,
-            "/v1/completions",
-            json!({"prompt": "hi", "stream": stream}),
-        )
-        .await;
+        let answer = refused_completion(&h, stream).await;
         let message = answer.assert_error(StatusCode::BAD_REQUEST, "invalid_request_error", None);
         assert!(message.contains("the pool has 10 blocks"), "{message}");
         assert_eq!(answer.json()["error"]["code"], "context_length_exceeded");
