@@ -16,6 +16,7 @@ pub mod load;
 pub mod logging;
 pub mod lora;
 pub mod pooling;
+pub mod rope;
 pub mod runner;
 pub mod sampler;
 pub mod service;

@@ -13,11 +13,12 @@ use tpserve_modelfile::{LlamaConfig, Projection as P};
 use super::attention::{paged_attention, AttentionInput, KvCache};
 use super::linear::{Linear, Weights};
 use super::lora::LoraSlots;
-use super::ops::{rms_norm, silu_mul, Rope};
+use super::ops::{rms_norm, silu_mul};
 use super::quant::{KernelChoice, QuantLinear};
 use crate::batch::Batch;
 use crate::comm::Communicator;
 use crate::error::Result;
+use crate::rope::Rope;
 use crate::shard::ShardPlan;
 use crate::weights::{
     ensure_supported, model_parts, read, read_fused, read_quantized_fused, Part, WeightSource,

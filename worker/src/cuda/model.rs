@@ -22,9 +22,9 @@ use super::kernels::{attention_max_items, CacheLayer, Dtype, Kernels, ELEM};
 use super::linear::FP8_ROW_SCALES_MIN_ROWS;
 use super::lora::LoraSlots;
 use super::workspace::Workspace;
-use crate::cpu::ops::Rope;
 use crate::error::{Result, WorkerError};
 use crate::kv_cache_dtype::{layer_kv_scales, KvCacheDtype};
+use crate::rope::Rope;
 use crate::shard::ShardPlan;
 use crate::weights::{
     dummy_range, ensure_supported, model_parts, read, tensor_seed, total_len, Part, WeightSource,
