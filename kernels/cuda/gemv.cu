@@ -81,6 +81,14 @@ constexpr int kWarps = 4;  // warps per block
 
 }  // namespace
 
+// Every variant is built with __launch_bounds__(128, 4): at least 4 resident blocks an SM, at
+// most 128 registers a thread. Given the block size alone, ptxas aims at full occupancy (32
+// registers) and schedules each load next to its first use, so a warp kept one or two 16-byte
+// loads in flight whatever U said: the 4- and 8-chunk variants ran as the 2-chunk one, and the
+// 2- and 4-column ones one chunk deep. Bounded at 4 blocks, it issues a whole step's U chunks
+// (of every column and row) before the first sum, with no spills in any variant. The
+// arithmetic is the same.
+
 // gemv_m{1,2,4,8}_r{1,2,4}_{bf16,f16}: y[m, n] = sum_k x[m, k] * w[n, k] for m < rows (at most
 // M, the kernel's row capacity) and n < n_out, accumulated in f32 and rounded to T once.
 // gemv_m{1,2}_r{1,2}_u{4,8}_{bf16,f16}: the same with U (4 or 8) chunks in flight per lane
@@ -208,23 +216,23 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const W* _
 // ONE(M, R): the variant of M rows and R columns a warp with 2 chunks in flight, for weights in T
 // and in FP8 E4M3; DEEP(M, R, U): the same with U chunks in flight.
 #define TPSERVE_GEMV_ONE(SUFFIX, T, M, R)                                                     \
-    extern "C" __global__ void __launch_bounds__(128) gemv_m##M##_r##R##_##SUFFIX(            \
+    extern "C" __global__ void __launch_bounds__(128, 4) gemv_m##M##_r##R##_##SUFFIX(         \
         T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int rows,        \
         int n_out, int k) {                                                                   \
         gemv_impl<T, T, M, R, 2>(y, x, w, nullptr, 0, rows, n_out, k);                        \
     }                                                                                         \
-    extern "C" __global__ void __launch_bounds__(128) gemv_fp8_m##M##_r##R##_##SUFFIX(        \
+    extern "C" __global__ void __launch_bounds__(128, 4) gemv_fp8_m##M##_r##R##_##SUFFIX(     \
         T* __restrict__ y, const T* __restrict__ x, const E4M3* __restrict__ w,               \
         const float* __restrict__ w_scale, int w_scale_per_row, int rows, int n_out, int k) { \
         gemv_impl<T, E4M3, M, R, 2>(y, x, w, w_scale, w_scale_per_row, rows, n_out, k);       \
     }
 #define TPSERVE_GEMV_DEEP(SUFFIX, T, M, R, U)                                                 \
-    extern "C" __global__ void __launch_bounds__(128) gemv_m##M##_r##R##_u##U##_##SUFFIX(     \
+    extern "C" __global__ void __launch_bounds__(128, 4) gemv_m##M##_r##R##_u##U##_##SUFFIX(  \
         T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int rows,        \
         int n_out, int k) {                                                                   \
         gemv_impl<T, T, M, R, U>(y, x, w, nullptr, 0, rows, n_out, k);                        \
     }                                                                                         \
-    extern "C" __global__ void __launch_bounds__(128) gemv_fp8_m##M##_r##R##_u##U##_##SUFFIX( \
+    extern "C" __global__ void __launch_bounds__(128, 4) gemv_fp8_m##M##_r##R##_u##U##_##SUFFIX( \
         T* __restrict__ y, const T* __restrict__ x, const E4M3* __restrict__ w,               \
         const float* __restrict__ w_scale, int w_scale_per_row, int rows, int n_out, int k) { \
         gemv_impl<T, E4M3, M, R, U>(y, x, w, w_scale, w_scale_per_row, rows, n_out, k);       \

@@ -4,7 +4,8 @@
 // then the final norm and the lm_head GEMV), launched as worker/src/cuda/forward.rs launches
 // them, in one CUDA graph with programmatic dependent launches, weights in HBM (one copy per
 // layer). The step is timed whole and with one kind of kernel left out at a time, so the
-// difference is what that kind costs inside the graph (the GPU machine has no profiler).
+// difference is what that kind costs inside the graph, which a profiler of single kernels
+// (ncu, in /usr/local/cuda/bin on the GPU machine) does not show.
 //
 // How (on the GPU machine, from the repository root):
 //   nvcc -O3 -arch=sm_90 -std=c++17 -I kernels/cuda tests/gpu/decode_step_bench.cu -o /tmp/db
