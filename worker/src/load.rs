@@ -2,20 +2,23 @@
 //! the worker's own types. The runner converts `LoadModel` and `ProfileMemory` messages into
 //! these once, so the backends (`cpu`, `cuda`) never see protobuf.
 
+use tpserve_modelfile::Format;
 use tpserve_proto as pb;
 
 /// Where a model's weights come from.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoadFormat {
-    /// Decided from the path (a `.gguf` file, else a safetensors checkpoint directory).
-    #[default]
-    Auto,
-    Safetensors,
-    Gguf,
+    /// A stored checkpoint in this format; `None`: decided from the path (a `.gguf` file, else
+    /// a safetensors checkpoint directory).
+    Checkpoint(Option<Format>),
     /// Random weights of a config.json's shape, from this seed.
-    Dummy {
-        seed: u64,
-    },
+    Dummy { seed: u64 },
+}
+
+impl Default for LoadFormat {
+    fn default() -> Self {
+        Self::Checkpoint(None)
+    }
 }
 
 /// A request to load a model shard (`LoadModel`).
@@ -44,12 +47,12 @@ impl From<&pb::LoadModelRequest> for LoadSpec {
         let format = match pb::LoadFormat::try_from(req.load_format)
             .unwrap_or(pb::LoadFormat::Unspecified)
         {
-            pb::LoadFormat::Safetensors => LoadFormat::Safetensors,
-            pb::LoadFormat::Gguf => LoadFormat::Gguf,
+            pb::LoadFormat::Safetensors => LoadFormat::Checkpoint(Some(Format::Safetensors)),
+            pb::LoadFormat::Gguf => LoadFormat::Checkpoint(Some(Format::Gguf)),
             pb::LoadFormat::Dummy => LoadFormat::Dummy {
                 seed: req.dummy_seed,
             },
-            _ => LoadFormat::Auto,
+            _ => LoadFormat::Checkpoint(None),
         };
         Self {
             model_path: req.model_path.clone(),
@@ -155,14 +158,26 @@ mod tests {
             })
             .format
         };
-        assert_eq!(spec(pb::LoadFormat::Unspecified), LoadFormat::Auto);
-        assert_eq!(spec(pb::LoadFormat::Safetensors), LoadFormat::Safetensors);
-        assert_eq!(spec(pb::LoadFormat::Gguf), LoadFormat::Gguf);
+        assert_eq!(
+            spec(pb::LoadFormat::Unspecified),
+            LoadFormat::Checkpoint(None)
+        );
+        assert_eq!(
+            spec(pb::LoadFormat::Safetensors),
+            LoadFormat::Checkpoint(Some(Format::Safetensors))
+        );
+        assert_eq!(
+            spec(pb::LoadFormat::Gguf),
+            LoadFormat::Checkpoint(Some(Format::Gguf))
+        );
         assert_eq!(spec(pb::LoadFormat::Dummy), LoadFormat::Dummy { seed: 7 });
         let unknown = pb::LoadModelRequest {
             load_format: 99,
             ..Default::default()
         };
-        assert_eq!(LoadSpec::from(&unknown).format, LoadFormat::Auto);
+        assert_eq!(
+            LoadSpec::from(&unknown).format,
+            LoadFormat::Checkpoint(None)
+        );
     }
 }

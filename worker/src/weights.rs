@@ -10,8 +10,8 @@ use std::path::Path;
 
 use rand::{Rng, SeedableRng};
 use tpserve_modelfile::{
-    Format, Fp8Tensor, Int4Tensor, LlamaConfig, ModelSource, QuantizedTensor, StoredDtype,
-    StoredTensor, WeightReader,
+    Fp8Tensor, Int4Tensor, LlamaConfig, ModelSource, QuantizedTensor, StoredDtype, StoredTensor,
+    WeightReader,
 };
 use tpserve_term::progress::{Task, Unit};
 
@@ -263,9 +263,7 @@ pub fn load_shard<T>(
             let shard = ShardPlan::new(&config, rank, world)?;
             return load(&config, shard, &WeightSource::Dummy(seed));
         }
-        LoadFormat::Safetensors => Some(Format::Safetensors),
-        LoadFormat::Gguf => Some(Format::Gguf),
-        LoadFormat::Auto => None,
+        LoadFormat::Checkpoint(format) => format,
     };
     let source = ModelSource::open(path, format)?;
     let config = source.config().clone();
