@@ -184,24 +184,25 @@ fn main() -> anyhow::Result<()> {
     // One more token of request 1 (its blocks were all given at its start).
     let decode_step = |step_id: u64| pb::StepPlan {
         step_id,
-        new_requests: vec![],
-        running: vec![pb::RunningRequest {
-            request_id: 1,
+        new_sequences: vec![],
+        running: vec![pb::RunningSequence {
+            sequence_id: 1,
             num_scheduled_tokens: 1,
             new_block_ids: vec![],
         }],
-        freed_request_ids: vec![],
+        freed_sequence_ids: vec![],
         ..Default::default()
     };
-    let new_request = |id: u64, tokens: Vec<u32>, blocks: std::ops::Range<usize>| pb::NewRequest {
-        request_id: id,
-        num_scheduled_tokens: tokens.len() as u32,
-        token_ids: tokens,
-        sampling: Some(greedy),
-        block_ids: blocks.map(|b| b as u32).collect(),
-        num_computed_tokens: 0,
-        ..Default::default()
-    };
+    let new_sequence =
+        |id: u64, tokens: Vec<u32>, blocks: std::ops::Range<usize>| pb::NewSequence {
+            sequence_id: id,
+            num_scheduled_tokens: tokens.len() as u32,
+            token_ids: tokens,
+            sampling: Some(greedy),
+            block_ids: blocks.map(|b| b as u32).collect(),
+            num_computed_tokens: 0,
+            ..Default::default()
+        };
 
     // Prefill: one prompt of prefill_tokens, five times (the first is a warm-up), each a fresh
     // request on the same blocks.
@@ -211,9 +212,9 @@ fn main() -> anyhow::Result<()> {
         step_id += 1;
         let t = run(pb::StepPlan {
             step_id,
-            new_requests: vec![new_request(100 + i, prompt(p), 0..p.div_ceil(BLOCK_SIZE))],
+            new_sequences: vec![new_sequence(100 + i, prompt(p), 0..p.div_ceil(BLOCK_SIZE))],
             running: vec![],
-            freed_request_ids: if i > 0 { vec![100 + i - 1] } else { vec![] },
+            freed_sequence_ids: if i > 0 { vec![100 + i - 1] } else { vec![] },
             ..Default::default()
         })?;
         if i > 0 {
@@ -228,9 +229,9 @@ fn main() -> anyhow::Result<()> {
         step_id += 1;
         prefill_simt.push(run(pb::StepPlan {
             step_id,
-            new_requests: vec![new_request(150 + i, prompt(p), 0..p.div_ceil(BLOCK_SIZE))],
+            new_sequences: vec![new_sequence(150 + i, prompt(p), 0..p.div_ceil(BLOCK_SIZE))],
             running: vec![],
-            freed_request_ids: vec![if i == 0 { 104 } else { 150 + i - 1 }],
+            freed_sequence_ids: vec![if i == 0 { 104 } else { 150 + i - 1 }],
             ..Default::default()
         })?);
     }
@@ -244,9 +245,9 @@ fn main() -> anyhow::Result<()> {
     step_id += 1;
     run(pb::StepPlan {
         step_id,
-        new_requests: vec![new_request(1, prompt(ctx), 0..blocks)],
+        new_sequences: vec![new_sequence(1, prompt(ctx), 0..blocks)],
         running: vec![],
-        freed_request_ids: vec![152],
+        freed_sequence_ids: vec![152],
         ..Default::default()
     })?;
     let mut decode = Vec::new();
@@ -261,13 +262,13 @@ fn main() -> anyhow::Result<()> {
         step_id += 1;
         run(pb::StepPlan {
             step_id,
-            new_requests: vec![new_request(
+            new_sequences: vec![new_sequence(
                 200 + i,
                 prompt(p),
                 blocks..blocks + p.div_ceil(BLOCK_SIZE),
             )],
             running: vec![],
-            freed_request_ids: if i > 0 { vec![200 + i - 1] } else { vec![] },
+            freed_sequence_ids: if i > 0 { vec![200 + i - 1] } else { vec![] },
             ..Default::default()
         })?;
     }
@@ -289,14 +290,14 @@ fn main() -> anyhow::Result<()> {
     step_id += 1;
     run(pb::StepPlan {
         step_id,
-        new_requests: vec![new_request(2, prompt(ctx), 0..blocks)],
+        new_sequences: vec![new_sequence(2, prompt(ctx), 0..blocks)],
         running: vec![],
-        freed_request_ids: vec![1, 202],
+        freed_sequence_ids: vec![1, 202],
         ..Default::default()
     })?;
     let graph_step = |step_id: u64| {
         let mut plan = decode_step(step_id);
-        plan.running[0].request_id = 2;
+        plan.running[0].sequence_id = 2;
         plan
     };
     let mut decode_graph = Vec::new();
@@ -325,19 +326,19 @@ fn main() -> anyhow::Result<()> {
             step_id += 1;
             run(pb::StepPlan {
                 step_id,
-                new_requests: chunk
+                new_sequences: chunk
                     .iter()
-                    .map(|&i| new_request(id(i), prompt(c), seq_blocks(i)))
+                    .map(|&i| new_sequence(id(i), prompt(c), seq_blocks(i)))
                     .collect(),
-                freed_request_ids: std::mem::take(&mut freed),
+                freed_sequence_ids: std::mem::take(&mut freed),
                 ..Default::default()
             })?;
         }
         let decode_rows = |step_id: u64, rows: usize| pb::StepPlan {
             step_id,
             running: (0..rows)
-                .map(|i| pb::RunningRequest {
-                    request_id: id(i),
+                .map(|i| pb::RunningSequence {
+                    sequence_id: id(i),
                     num_scheduled_tokens: 1,
                     new_block_ids: vec![],
                 })
@@ -366,10 +367,10 @@ fn main() -> anyhow::Result<()> {
         let mut round = 0u64;
         let mut prompts_step = |step_id: u64, rows: usize| {
             let mut plan = decode_rows(step_id, rows);
-            plan.new_requests = (0..mp)
-                .map(|i| new_request(5000 + 100 * round + i as u64, prompt(ml), prompt_blocks(i)))
+            plan.new_sequences = (0..mp)
+                .map(|i| new_sequence(5000 + 100 * round + i as u64, prompt(ml), prompt_blocks(i)))
                 .collect();
-            plan.freed_request_ids = if round == 0 {
+            plan.freed_sequence_ids = if round == 0 {
                 (rows_mixed..b).map(id).collect()
             } else {
                 (0..mp as u64)

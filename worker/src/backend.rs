@@ -1,7 +1,7 @@
 //! What a compute device must do for the runner: join a tensor-parallel group, hold a shard of the
 //! model and its paged KV cache, and turn a batch into sampled tokens. The CPU backend
 //! (`cpu::CpuBackend`) and the CUDA backend (`cuda::CudaBackend`) implement it; the runner keeps
-//! the per-request state and plan validation, which do not depend on the device.
+//! the per-sequence state and plan validation, which do not depend on the device.
 //!
 //! Every rank of a group calls the same methods in the same order with the same batches; the
 //! collectives inside `step` and `logits` rely on that.
@@ -26,14 +26,14 @@ pub struct DeviceInfo {
     pub total_memory_bytes: u64,
 }
 
-/// The paged KV cache `Backend::init_cache` allocates, and the requests it serves at once.
+/// The paged KV cache `Backend::init_cache` allocates, and the sequences it serves at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheShape {
     pub num_blocks: usize,
     /// Tokens per block.
     pub block_size: usize,
-    /// Requests held at once (rows of the per-request state, `SeqSlice::slot` below this).
-    pub max_requests: usize,
+    /// Sequences held at once (rows of the per-sequence state, `SeqSlice::slot` below this).
+    pub max_sequences: usize,
 }
 
 /// What `Backend::prepare_decode` did.
@@ -65,7 +65,7 @@ pub trait Backend {
     /// How many KV blocks fit on this rank.
     fn profile_memory(&mut self, budget: &MemoryBudget) -> Result<MemoryProfile>;
 
-    /// Allocates the paged KV cache and the per-request state; returns the cache's size in
+    /// Allocates the paged KV cache and the per-sequence state; returns the cache's size in
     /// bytes.
     fn init_cache(&mut self, shape: CacheShape) -> Result<u64>;
 
@@ -110,7 +110,7 @@ pub trait Backend {
     /// scoring; serving uses `step`.
     fn logits(&mut self, batch: &Batch) -> Result<Option<Vec<f32>>>;
 
-    /// Runs `batch` (embedding requests: no sample rows) and returns, for each of `spans` (row
+    /// Runs `batch` (embedding sequences: no sample rows) and returns, for each of `spans` (row
     /// ranges of the batch), the sum over its rows of the hidden states after the final RMSNorm,
     /// `[spans, hidden]` as f32, on rank 0 (`None` on the other ranks: the states are the same
     /// on every rank after the last all-reduce). The lm_head and sampling do not run.

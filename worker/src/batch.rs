@@ -1,8 +1,8 @@
 //! One step's work in the shape a backend computes it: the tokens of every scheduled sequence laid
 //! end to end, with their positions and KV slots, and where each sequence's queries sit. Built by
-//! the runner from its per-request state; backends only read it.
+//! the runner from its per-sequence state; backends only read it.
 //!
-//! Each sequence also names its row in the backend's persistent per-request state (`slot`) and
+//! Each sequence also names its row in the backend's persistent per-sequence state (`slot`) and
 //! which of its blocks the backend has not seen in that row yet (`new_blocks_from`), so a device
 //! backend keeps block tables on the device and updates them in place instead of uploading
 //! every table every step.
@@ -16,11 +16,11 @@ pub struct SeqSlice {
     pub start_pos: usize,
     /// The sequence's block table.
     pub block_ids: Vec<u32>,
-    /// The request's row in the backend's persistent per-request state, below the runner's
-    /// request capacity; one request holds one row from its first step until it is freed.
+    /// The sequence's row in the backend's persistent per-sequence state, below the runner's
+    /// sequence capacity; one sequence holds one row from its first step until it is freed.
     pub slot: usize,
-    /// `block_ids[new_blocks_from..]` are new to the backend in this row (0 on a request's
-    /// first step, when the row may hold an earlier request's table).
+    /// `block_ids[new_blocks_from..]` are new to the backend in this row (0 on a sequence's
+    /// first step, when the row may hold an earlier sequence's table).
     pub new_blocks_from: usize,
     /// The backend's LoRA slot of the sequence's adapter; `None`: the base model.
     pub lora_slot: Option<usize>,

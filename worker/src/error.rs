@@ -24,7 +24,7 @@ pub enum WorkerError {
         operation: &'static str,
         needs: &'static str,
     },
-    /// A step plan that contradicts the worker's state (unknown request, missing blocks).
+    /// A step plan that contradicts the worker's state (unknown sequence, missing blocks).
     #[error("invalid step plan: {detail}")]
     Plan { detail: String },
     /// The requested KV cache does not fit.

@@ -4,7 +4,7 @@
 //! of the crate's API (hidden from its docs); nothing outside those harnesses calls it.
 //!
 //! Property ([`check_step_plans`]): the worker's step-plan decoder (`Runner::step`: admission
-//! of new and running requests, frees, block tables, token ids, trace contexts, adapters, token
+//! of new and running sequences, frees, block tables, token ids, trace contexts, adapters, token
 //! masks) answers any sequence of plans with results or errors, never a panic, and still runs a
 //! valid plan afterwards. Costs: [`tiny_llama`] loads the 0.5 MB fixture and a 16-block cache
 //! (milliseconds); a check is one CPU step per plan.
@@ -19,7 +19,7 @@ use crate::sampler::SampleSpec;
 use crate::thread_group::ThreadGroup;
 
 /// One CPU rank with `model_dir` (the repository's `tests/fixtures/tiny-llama`) loaded and a
-/// cache of 16 blocks of 16 tokens, at most 4 requests and 64 tokens a step.
+/// cache of 16 blocks of 16 tokens, at most 4 sequences and 64 tokens a step.
 pub fn tiny_llama(model_dir: &Path) -> ThreadGroup {
     let group = ThreadGroup::start(DeviceChoice::Cpu, 1, 1).expect("a CPU rank starts");
     let load = pb::LoadModelRequest {
@@ -50,16 +50,16 @@ pub fn tiny_llama(model_dir: &Path) -> ThreadGroup {
 }
 
 /// Steps `group` through `plans` (any result is fine), then through a valid plan that frees
-/// every request id the plans named and admits one fresh request of 5 tokens on block 0, which
-/// must succeed; then frees that request too, so that `group` holds no request afterwards and can
+/// every sequence id the plans named and admits one fresh sequence of 5 tokens on block 0, which
+/// must succeed; then frees that sequence too, so that `group` holds no sequence afterwards and can
 /// be reused. Panics when the valid plan fails (or when a step panics: on its rank's thread,
 /// which then answers the valid plan with an error).
 pub fn check_step_plans(group: &ThreadGroup, plans: Vec<pb::StepPlan>) {
     let mut named = BTreeSet::new();
     for plan in &plans {
-        named.extend(plan.new_requests.iter().map(|n| n.request_id));
-        named.extend(plan.running.iter().map(|r| r.request_id));
-        named.extend(plan.freed_request_ids.iter().copied());
+        named.extend(plan.new_sequences.iter().map(|n| n.sequence_id));
+        named.extend(plan.running.iter().map(|r| r.sequence_id));
+        named.extend(plan.freed_sequence_ids.iter().copied());
     }
     let last_step = plans.iter().map(|p| p.step_id).max().unwrap_or(0);
     for plan in plans {
@@ -70,8 +70,8 @@ pub fn check_step_plans(group: &ThreadGroup, plans: Vec<pb::StepPlan>) {
         .expect("fewer ids than u64s");
     let valid = pb::StepPlan {
         step_id: last_step.wrapping_add(1),
-        new_requests: vec![pb::NewRequest {
-            request_id: fresh,
+        new_sequences: vec![pb::NewSequence {
+            sequence_id: fresh,
             token_ids: vec![1, 2, 3, 4, 5],
             sampling: Some(SampleSpec::greedy().params),
             block_ids: vec![0],
@@ -80,7 +80,7 @@ pub fn check_step_plans(group: &ThreadGroup, plans: Vec<pb::StepPlan>) {
             num_prompt_tokens: 5,
             ..Default::default()
         }],
-        freed_request_ids: named.into_iter().collect(),
+        freed_sequence_ids: named.into_iter().collect(),
         ..Default::default()
     };
     let ran = group.on_all(move |_, r| r.step(&valid));
@@ -91,13 +91,13 @@ pub fn check_step_plans(group: &ThreadGroup, plans: Vec<pb::StepPlan>) {
     );
     let free = pb::StepPlan {
         step_id: last_step.wrapping_add(2),
-        freed_request_ids: vec![fresh],
+        freed_sequence_ids: vec![fresh],
         ..Default::default()
     };
     let freed = group.on_all(move |_, r| r.step(&free));
     assert!(
         freed.is_ok(),
-        "freeing the valid request: {:?}",
+        "freeing the valid sequence: {:?}",
         freed.err()
     );
 }

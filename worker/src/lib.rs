@@ -1,5 +1,5 @@
 //! The tpserve worker: holds one tensor-parallel shard of a model and its paged KV cache, keeps
-//! the state of every request it has been sent, and turns step plans from the coordinator into
+//! the state of every sequence it has been sent, and turns step plans from the coordinator into
 //! sampled tokens. `main.rs` only parses flags and serves `service::WorkerService` over gRPC.
 
 pub mod auth;

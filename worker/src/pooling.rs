@@ -1,5 +1,5 @@
-//! Embedding requests (`--task embed`): which rows of a step an embedding request's vector is
-//! pooled from, and the running state of a request whose prompt is computed over several steps
+//! Embedding sequences (`--task embed`): which rows of a step an embedding sequence's vector is
+//! pooled from, and the running state of a sequence whose prompt is computed over several steps
 //! (chunked prefill).
 //!
 //! The backend returns, per span of rows, the sum of the hidden states after the final RMSNorm
@@ -7,9 +7,9 @@
 //! takes the span of the prompt's last row in the step that computes it; mean pooling adds one
 //! span per step (the chunk's rows) and divides by the prompt's length at the end; CLS pooling
 //! takes position 0's row. Mean and CLS pooling need every position computed by this worker, so
-//! the runner refuses such a request with a prefix-cache hit (the coordinator never gives one).
+//! the runner refuses such a sequence with a prefix-cache hit (the coordinator never gives one).
 //!
-//! Costs: one `hidden_size` vector per embedding request; nothing for generate requests.
+//! Costs: one `hidden_size` vector per embedding sequence; nothing for generate sequences.
 
 use std::ops::Range;
 
@@ -17,7 +17,7 @@ use tpserve_proto as pb;
 
 use crate::error::{Result, WorkerError};
 
-/// How an embedding request's vector is pooled.
+/// How an embedding sequence's vector is pooled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolKind {
     Last,
@@ -43,7 +43,7 @@ impl PoolKind {
     }
 }
 
-/// An embedding request's pooling state between steps.
+/// An embedding sequence's pooling state between steps.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolState {
     pub kind: PoolKind,
@@ -60,7 +60,7 @@ impl PoolState {
     }
 
     /// The rows of a step that computes positions `start..end` of a `len`-token prompt, laid
-    /// at batch rows `rows`, that this request pools from (`None`: none in this step).
+    /// at batch rows `rows`, that this sequence pools from (`None`: none in this step).
     pub fn span(
         &self,
         start: usize,
@@ -97,13 +97,13 @@ impl PoolState {
     }
 }
 
-/// Refuses an embedding request that starts with `num_computed` tokens already cached when its
+/// Refuses an embedding sequence that starts with `num_computed` tokens already cached when its
 /// pooling needs every position.
-pub fn check_start(request_id: u64, kind: PoolKind, num_computed: usize) -> Result<()> {
+pub fn check_start(sequence_id: u64, kind: PoolKind, num_computed: usize) -> Result<()> {
     if kind.needs_every_position() && num_computed > 0 {
         return Err(WorkerError::Plan {
             detail: format!(
-                "request {request_id} pools {kind:?} but starts at token {num_computed}: mean and \
+                "sequence {sequence_id} pools {kind:?} but starts at token {num_computed}: mean and \
                  CLS pooling need every position computed (no prefix-cache hit)"
             ),
         });

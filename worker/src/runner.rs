@@ -1,5 +1,5 @@
 //! The worker's engine room: owns the backend (the model shard, the KV cache and the
-//! communicator on one device) and the state of every request it has been sent, and turns step
+//! communicator on one device) and the state of every sequence it has been sent, and turns step
 //! plans into sampled tokens. Lives on one dedicated thread (the communicator and the model are
 //! not shared, and a CUDA context is bound to it), fed by the gRPC service.
 //!
@@ -7,7 +7,7 @@
 //! the plan and on state that every rank shares, so either all ranks fail a bad plan or none
 //! does, and a failure never leaves a peer waiting inside an all-reduce.
 //!
-//! Each request holds a row (`slot`) of the backend's persistent per-request state from its
+//! Each sequence holds a row (`slot`) of the backend's persistent per-sequence state from its
 //! first step until it is freed; rows are handed out lowest first from a pool as large as the
 //! most sequences a step may carry (`ProfileMemory`'s `max_num_seqs`), so the CUDA backend keeps
 //! block tables on the device and sends only the blocks each step appends.
@@ -27,26 +27,26 @@ use crate::lora::{Adapters, HostCache, LoraLimits, PlaceCounts};
 use crate::pooling::{check_start, PoolKind, PoolState};
 use crate::sampler::logprobs::MAX_TOP_LOGPROBS;
 use crate::sampler::processors::History;
-use crate::sampler::{RequestRng, RowExtras, SampleSpec};
+use crate::sampler::{RowExtras, SampleSpec, SequenceRng};
 use crate::step_trace::StepTrace;
 
-/// What the worker keeps about one request between steps.
+/// What the worker keeps about one sequence between steps.
 #[derive(Debug)]
-struct RequestState {
+struct SequenceState {
     /// Every known token: prompt, then sampled ones.
     tokens: Vec<u32>,
     /// Tokens whose keys and values are in the cache.
     num_computed: usize,
     block_ids: Vec<u32>,
     sampling: pb::SamplingParams,
-    rng: RequestRng,
-    /// The request's row of the backend's persistent state.
+    rng: SequenceRng,
+    /// The sequence's row of the backend's persistent state.
     slot: usize,
     /// Leading blocks of `block_ids` the backend has in that row.
     blocks_seen: usize,
     /// Leading tokens of `tokens` that are the prompt.
     num_prompt: usize,
-    /// Logit processors and the token history they need; `None` for plain requests.
+    /// Logit processors and the token history they need; `None` for plain sequences.
     history: Option<History>,
     /// Top tokens wanted with each sampled token's log probability.
     sample_logprobs: Option<usize>,
@@ -56,12 +56,12 @@ struct RequestState {
     adapter: u32,
     /// The slot the adapter has in the current step.
     lora_slot: Option<usize>,
-    /// Set for an embedding request: it pools instead of sampling.
+    /// Set for an embedding sequence: it pools instead of sampling.
     pooling: Option<PoolState>,
 }
 
-impl RequestState {
-    /// True when a step that samples or scores this request needs [`RowExtras`].
+impl SequenceState {
+    /// True when a step that samples or scores this sequence needs [`RowExtras`].
     fn needs_extras(&self) -> bool {
         self.history.is_some() || self.sample_logprobs.is_some() || self.prompt_logprobs.is_some()
     }
@@ -72,24 +72,24 @@ impl RequestState {
 struct RowRole {
     id: u64,
     /// `Some(p)`: the row scores prompt token `p` (it is the row of position `p - 1`) and its
-    /// sampled token is dropped; `None`: the row samples the request's next token.
+    /// sampled token is dropped; `None`: the row samples the sequence's next token.
     prompt_position: Option<usize>,
 }
 
 /// What one step produced on this worker (rank 0; other ranks return it empty).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepOutcome {
-    /// One token per request whose computed tokens reached its known tokens.
+    /// One token per sequence whose computed tokens reached its known tokens.
     pub tokens: Vec<pb::SampledToken>,
-    /// Prompt log probabilities of the requests that asked for them.
+    /// Prompt log probabilities of the sequences that asked for them.
     pub prompt_logprobs: Vec<pb::PromptLogprobs>,
     /// What placing the step's LoRA adapters did.
     pub lora: PlaceCounts,
-    /// The pooled vectors of the embedding requests whose prompt this step finished.
+    /// The pooled vectors of the embedding sequences whose prompt this step finished.
     pub pooled: Vec<pb::PooledOutput>,
 }
 
-/// Rows of the backend's persistent per-request state not held by a request, lowest first.
+/// Rows of the backend's persistent per-sequence state not held by a sequence, lowest first.
 #[derive(Debug)]
 struct SlotPool {
     capacity: usize,
@@ -116,7 +116,7 @@ impl SlotPool {
     }
 }
 
-/// Requests a runner holds before `ProfileMemory` names the step limit.
+/// Sequences a runner holds before `ProfileMemory` names the step limit.
 const DEFAULT_MAX_REQUESTS: usize = 256;
 
 /// What `Runner::warmup` did.
@@ -128,7 +128,7 @@ pub struct WarmupReport {
     pub decode: DecodePrep,
 }
 
-/// A validated slice of a plan: which request, and how many tokens.
+/// A validated slice of a plan: which sequence, and how many tokens.
 struct Scheduled {
     id: u64,
     count: usize,
@@ -137,7 +137,7 @@ struct Scheduled {
 /// The worker's state machine: communicator -> model -> cache -> steps, on one backend.
 pub struct Runner {
     backend: Box<dyn Backend>,
-    requests: HashMap<u64, RequestState>,
+    sequences: HashMap<u64, SequenceState>,
     slots: SlotPool,
     /// Vocabulary of the loaded model (0 before LoadModel).
     vocab_size: usize,
@@ -152,7 +152,7 @@ impl Runner {
     pub fn new(backend: Box<dyn Backend>) -> Self {
         Self {
             backend,
-            requests: HashMap::new(),
+            sequences: HashMap::new(),
             slots: SlotPool::new(DEFAULT_MAX_REQUESTS),
             vocab_size: 0,
             config: None,
@@ -172,13 +172,13 @@ impl Runner {
 
     /// Joins the group. Rank 0 must have created the id first.
     pub fn init_communicator(&mut self, id: &[u8], rank: usize, world_size: usize) -> Result<()> {
-        self.clear_requests();
+        self.clear_sequences();
         self.backend.init_communicator(id, rank, world_size)
     }
 
     /// Loads this rank's shard.
     pub fn load_model(&mut self, req: &pb::LoadModelRequest) -> Result<pb::LoadModelResponse> {
-        self.clear_requests();
+        self.clear_sequences();
         self.vocab_size = 0;
         self.config = None;
         let spec = LoadSpec::from(req);
@@ -219,18 +219,18 @@ impl Runner {
         Ok(())
     }
 
-    /// Forgets every request and frees every row of the persistent state.
-    fn clear_requests(&mut self) {
-        self.requests.clear();
+    /// Forgets every sequence and frees every row of the persistent state.
+    fn clear_sequences(&mut self) {
+        self.sequences.clear();
         self.slots = SlotPool::new(self.slots.capacity);
     }
 
-    /// How many blocks fit. The step limits it is given also size the per-request state.
+    /// How many blocks fit. The step limits it is given also size the per-sequence state.
     pub fn profile_memory(
         &mut self,
         req: &pb::ProfileMemoryRequest,
     ) -> Result<pb::ProfileMemoryResponse> {
-        self.requests.clear();
+        self.sequences.clear();
         self.slots = SlotPool::new(req.max_num_seqs.max(1) as usize);
         Ok(self
             .backend
@@ -247,11 +247,11 @@ impl Runner {
                 ),
             });
         }
-        self.clear_requests();
+        self.clear_sequences();
         self.backend.init_cache(CacheShape {
             num_blocks,
             block_size,
-            max_requests: self.slots.capacity,
+            max_sequences: self.slots.capacity,
         })
     }
 
@@ -267,7 +267,7 @@ impl Runner {
         })
     }
 
-    /// Runs the largest step the limits allow on scratch blocks (forgetting every request),
+    /// Runs the largest step the limits allow on scratch blocks (forgetting every sequence),
     /// then prepares decode steps: kernel choices measured per shape and, on a GPU, CUDA
     /// graphs captured for the batch sizes in `graph_sizes` (none: every step runs eagerly).
     pub fn warmup(
@@ -279,8 +279,8 @@ impl Runner {
     ) -> Result<WarmupReport> {
         let started = Instant::now();
         let (num_blocks, block_size) = self.cache_shape("Warmup")?;
-        // It overwrites cache blocks and per-request rows: no request survives it.
-        self.clear_requests();
+        // It overwrites cache blocks and per-sequence rows: no sequence survives it.
+        self.clear_sequences();
         let max_pos = self.backend.max_positions()?;
         let seqs = max_seqs
             .clamp(1, max_tokens.max(1))
@@ -329,7 +329,7 @@ impl Runner {
     /// Logits of every position of `tokens`, `[tokens.len(), vocab]` on rank 0 (`None` on
     /// the others), prefilled in chunks of `chunk` tokens through the paged cache (blocks from
     /// the end of the cache, in reverse order, so paging is exercised). For numerical checks;
-    /// the cache must hold no running request (it uses the first row of the per-request state).
+    /// the cache must hold no running sequence (it uses the first row of the per-sequence state).
     pub fn prompt_logits(&mut self, tokens: &[u32], chunk: usize) -> Result<Option<Vec<f32>>> {
         self.prompt_logits_with_adapter(tokens, chunk, None)
     }
@@ -411,7 +411,7 @@ impl Runner {
         let scheduled = self.admit(plan)?;
         let lora = self.place_adapters(&scheduled)?;
         let (num_blocks, block_size) = self.cache_shape("Step")?;
-        let (batch, roles) = build_batch(&self.requests, &scheduled, block_size, num_blocks)?;
+        let (batch, roles) = build_batch(&self.sequences, &scheduled, block_size, num_blocks)?;
         if batch.num_tokens() == 0 {
             return Ok(StepOutcome::default());
         }
@@ -430,9 +430,9 @@ impl Runner {
         let sampling: Vec<SampleSpec> = roles
             .iter()
             .map(|role| {
-                let state = self.requests.get_mut(&role.id).expect("validated");
+                let state = self.sequences.get_mut(&role.id).expect("validated");
                 match role.prompt_position {
-                    // Scoring rows draw nothing: the request's random stream is untouched.
+                    // Scoring rows draw nothing: the sequence's random stream is untouched.
                     Some(_) => SampleSpec::greedy(),
                     None => SampleSpec {
                         params: state.sampling,
@@ -446,17 +446,17 @@ impl Runner {
         let masks: HashMap<u64, &[u32]> = plan
             .token_masks
             .iter()
-            .map(|m| (m.request_id, m.allowed.as_slice()))
+            .map(|m| (m.sequence_id, m.allowed.as_slice()))
             .collect();
         let needs_extras = |r: &RowRole| {
-            self.requests[&r.id].needs_extras()
+            self.sequences[&r.id].needs_extras()
                 || (r.prompt_position.is_none() && masks.contains_key(&r.id))
         };
         let extras = if roles.iter().any(needs_extras) {
             roles
                 .iter()
                 .map(|r| {
-                    let mut extras = row_extras(&self.requests[&r.id], r);
+                    let mut extras = row_extras(&self.sequences[&r.id], r);
                     if r.prompt_position.is_none() {
                         extras.allowed = masks.get(&r.id).map(|m| m.to_vec());
                     }
@@ -471,7 +471,7 @@ impl Runner {
             trace.end(self.backend.rank(), batch.num_tokens());
         }
         for s in &scheduled {
-            let state = self.requests.get_mut(&s.id).expect("validated");
+            let state = self.sequences.get_mut(&s.id).expect("validated");
             state.num_computed += s.count;
             if s.count > 0 {
                 state.blocks_seen = state.block_ids.len();
@@ -487,22 +487,22 @@ impl Runner {
             if let Some(position) = role.prompt_position {
                 let entry = lp.unwrap_or_default();
                 match out.prompt_logprobs.last_mut() {
-                    Some(p) if p.request_id == role.id => p.entries.push(entry),
+                    Some(p) if p.sequence_id == role.id => p.entries.push(entry),
                     _ => out.prompt_logprobs.push(pb::PromptLogprobs {
-                        request_id: role.id,
+                        sequence_id: role.id,
                         first_position: position as u32,
                         entries: vec![entry],
                     }),
                 }
                 continue;
             }
-            let state = self.requests.get_mut(&role.id).expect("validated");
+            let state = self.sequences.get_mut(&role.id).expect("validated");
             state.tokens.push(token);
             if let Some(history) = state.history.as_mut() {
                 history.push(token);
             }
             out.tokens.push(pb::SampledToken {
-                request_id: role.id,
+                sequence_id: role.id,
                 token_id: token,
                 logprobs: lp,
             });
@@ -513,16 +513,16 @@ impl Runner {
         Ok(out)
     }
 
-    /// Whether the step's requests are embedding requests (`admit` checked that they all are
+    /// Whether the step's sequences are embedding sequences (`admit` checked that they all are
     /// or none is).
     fn pools(&self, scheduled: &[Scheduled]) -> bool {
         scheduled
             .iter()
-            .any(|s| s.count > 0 && self.requests[&s.id].pooling.is_some())
+            .any(|s| s.count > 0 && self.sequences[&s.id].pooling.is_some())
     }
 
-    /// Runs a step of embedding requests: the backend sums the final hidden states of each
-    /// request's pooled rows, and the requests whose prompt is complete get their vector
+    /// Runs a step of embedding sequences: the backend sums the final hidden states of each
+    /// sequence's pooled rows, and the sequences whose prompt is complete get their vector
     /// (rank 0; the others return none).
     fn pool_step(
         &mut self,
@@ -533,7 +533,7 @@ impl Runner {
         let mut spans = Vec::new();
         let mut owners = Vec::new();
         for (s, seq) in computed.iter().zip(&batch.seqs) {
-            let state = &self.requests[&s.id];
+            let state = &self.sequences[&s.id];
             let pool = state.pooling.as_ref().expect("admit keeps steps uniform");
             let start = state.num_computed;
             if let Some(span) = pool.span(start, start + s.count, state.tokens.len(), &seq.rows) {
@@ -547,20 +547,20 @@ impl Runner {
             .map_or(0, |v| v.len().checked_div(spans.len()).unwrap_or(0));
         if let Some(sums) = &sums {
             for (id, values) in owners.iter().zip(sums.chunks_exact(hidden.max(1))) {
-                let state = self.requests.get_mut(id).expect("validated");
+                let state = self.sequences.get_mut(id).expect("validated");
                 state.pooling.as_mut().expect("checked").add(values);
             }
         }
         let mut pooled = Vec::new();
         for s in computed {
-            let state = self.requests.get_mut(&s.id).expect("validated");
+            let state = self.sequences.get_mut(&s.id).expect("validated");
             state.num_computed += s.count;
             state.blocks_seen = state.block_ids.len();
             if state.num_computed == state.tokens.len() && sums.is_some() {
                 let len = state.tokens.len();
                 let values = state.pooling.as_mut().expect("checked").finish(len);
                 pooled.push(pb::PooledOutput {
-                    request_id: s.id,
+                    sequence_id: s.id,
                     values,
                 });
             }
@@ -568,13 +568,13 @@ impl Runner {
         Ok(pooled)
     }
 
-    /// Gives the adapters of the scheduled requests a LoRA slot each (they are at most
+    /// Gives the adapters of the scheduled sequences a LoRA slot each (they are at most
     /// `max_loras`: the coordinator's scheduler keeps to it, and `admit` checked it) and records
-    /// each request's slot for the batch.
+    /// each sequence's slot for the batch.
     fn place_adapters(&mut self, scheduled: &[Scheduled]) -> Result<PlaceCounts> {
         let mut ids: Vec<u32> = Vec::new();
         for s in scheduled.iter().filter(|s| s.count > 0) {
-            let id = self.requests[&s.id].adapter;
+            let id = self.sequences[&s.id].adapter;
             if id != 0 && !ids.contains(&id) {
                 ids.push(id);
             }
@@ -588,7 +588,7 @@ impl Runner {
         })?;
         let (slots, counts) = self.adapters.place(&ids, config, self.backend.as_mut())?;
         for s in scheduled {
-            let state = self.requests.get_mut(&s.id).expect("validated");
+            let state = self.sequences.get_mut(&s.id).expect("validated");
             state.lora_slot = ids
                 .iter()
                 .position(|&id| id == state.adapter)
@@ -597,8 +597,8 @@ impl Runner {
         Ok(counts)
     }
 
-    /// Checks the plan's LoRA adapters: LoRA on, every new request's adapter named by this
-    /// plan or an earlier one, and at most `max_loras` adapters among the requests the plan
+    /// Checks the plan's LoRA adapters: LoRA on, every new sequence's adapter named by this
+    /// plan or an earlier one, and at most `max_loras` adapters among the sequences the plan
     /// computes.
     fn check_adapters(&mut self, plan: &pb::StepPlan) -> Result<()> {
         let bad = |detail: String| Err(WorkerError::Plan { detail });
@@ -612,11 +612,11 @@ impl Runner {
             self.adapters.register(a.adapter_id, &a.path);
         }
         let mut ids: Vec<u32> = Vec::new();
-        for new in plan.new_requests.iter().filter(|n| n.adapter_id != 0) {
+        for new in plan.new_sequences.iter().filter(|n| n.adapter_id != 0) {
             if !self.adapters.knows(new.adapter_id) {
                 return bad(format!(
-                    "request {} names adapter {}, which no plan has sent",
-                    new.request_id, new.adapter_id
+                    "sequence {} names adapter {}, which no plan has sent",
+                    new.sequence_id, new.adapter_id
                 ));
             }
             if new.num_scheduled_tokens > 0 && !ids.contains(&new.adapter_id) {
@@ -624,7 +624,10 @@ impl Runner {
             }
         }
         for run in plan.running.iter().filter(|r| r.num_scheduled_tokens > 0) {
-            let id = self.requests.get(&run.request_id).map_or(0, |s| s.adapter);
+            let id = self
+                .sequences
+                .get(&run.sequence_id)
+                .map_or(0, |s| s.adapter);
             if id != 0 && !ids.contains(&id) {
                 ids.push(id);
             }
@@ -639,31 +642,31 @@ impl Runner {
         Ok(())
     }
 
-    /// Applies the plan's frees and additions and checks every scheduled request, changing no
+    /// Applies the plan's frees and additions and checks every scheduled sequence, changing no
     /// state when the plan is invalid.
     fn admit(&mut self, plan: &pb::StepPlan) -> Result<Vec<Scheduled>> {
         self.check_adapters(plan)?;
         let bad = |detail: String| Err(WorkerError::Plan { detail });
-        for new in &plan.new_requests {
-            if self.requests.contains_key(&new.request_id)
-                && !plan.freed_request_ids.contains(&new.request_id)
+        for new in &plan.new_sequences {
+            if self.sequences.contains_key(&new.sequence_id)
+                && !plan.freed_sequence_ids.contains(&new.sequence_id)
             {
-                return bad(format!("request {} is already running", new.request_id));
+                return bad(format!("sequence {} is already running", new.sequence_id));
             }
             if new.num_computed_tokens as usize + new.num_scheduled_tokens as usize
                 > new.token_ids.len()
             {
                 return bad(format!(
-                    "request {} schedules past its known tokens",
-                    new.request_id
+                    "sequence {} schedules past its known tokens",
+                    new.sequence_id
                 ));
             }
         }
         let mut kinds = (false, false); // (a step pools, a step samples)
-        for new in &plan.new_requests {
+        for new in &plan.new_sequences {
             if let Some(p) = &new.pooling {
                 check_start(
-                    new.request_id,
+                    new.sequence_id,
                     PoolKind::from_proto(p),
                     new.num_computed_tokens as usize,
                 )?;
@@ -674,44 +677,44 @@ impl Runner {
             }
         }
         for run in &plan.running {
-            let known = self.requests.contains_key(&run.request_id)
-                && !plan.freed_request_ids.contains(&run.request_id);
+            let known = self.sequences.contains_key(&run.sequence_id)
+                && !plan.freed_sequence_ids.contains(&run.sequence_id);
             if !known {
                 return bad(format!(
-                    "request {} is not running on this worker",
-                    run.request_id
+                    "sequence {} is not running on this worker",
+                    run.sequence_id
                 ));
             }
             if run.num_scheduled_tokens > 0 {
-                let pools = self.requests[&run.request_id].pooling.is_some();
+                let pools = self.sequences[&run.sequence_id].pooling.is_some();
                 kinds = (kinds.0 || pools, kinds.1 || !pools);
             }
         }
         if kinds.0 && kinds.1 {
-            return bad("the plan mixes embedding and generate requests in one step".into());
+            return bad("the plan mixes embedding and generate sequences in one step".into());
         }
-        let mut freed: Vec<u64> = plan.freed_request_ids.clone();
+        let mut freed: Vec<u64> = plan.freed_sequence_ids.clone();
         freed.sort_unstable();
         freed.dedup();
         let rows_freed = freed
             .iter()
-            .filter(|id| self.requests.contains_key(id))
+            .filter(|id| self.sequences.contains_key(id))
             .count();
-        if plan.new_requests.len() > self.slots.free.len() + rows_freed {
+        if plan.new_sequences.len() > self.slots.free.len() + rows_freed {
             return bad(format!(
-                "the plan would hold {} requests on this worker, more than the {} a step may \
+                "the plan would hold {} sequences on this worker, more than the {} a step may \
                  carry",
-                self.requests.len() - rows_freed + plan.new_requests.len(),
+                self.sequences.len() - rows_freed + plan.new_sequences.len(),
                 self.slots.capacity
             ));
         }
-        for id in &plan.freed_request_ids {
-            if let Some(state) = self.requests.remove(id) {
+        for id in &plan.freed_sequence_ids {
+            if let Some(state) = self.sequences.remove(id) {
                 self.slots.give_back(state.slot);
             }
         }
-        let mut scheduled = Vec::with_capacity(plan.new_requests.len() + plan.running.len());
-        for new in &plan.new_requests {
+        let mut scheduled = Vec::with_capacity(plan.new_sequences.len() + plan.running.len());
+        for new in &plan.new_sequences {
             let sampling = new.sampling.unwrap_or_default();
             // An older coordinator that does not send it: all known tokens.
             let num_prompt = match new.num_prompt_tokens as usize {
@@ -720,13 +723,13 @@ impl Runner {
             };
             let logprobs = new.logprobs.unwrap_or_default();
             let top = |k: Option<u32>| k.map(|k| (k as usize).min(MAX_TOP_LOGPROBS));
-            self.requests.insert(
-                new.request_id,
-                RequestState {
+            self.sequences.insert(
+                new.sequence_id,
+                SequenceState {
                     tokens: new.token_ids.clone(),
                     num_computed: new.num_computed_tokens as usize,
                     block_ids: new.block_ids.clone(),
-                    rng: RequestRng::new(sampling.seed),
+                    rng: SequenceRng::new(sampling.seed),
                     sampling,
                     slot: self.slots.take().expect("counted above"),
                     blocks_seen: 0,
@@ -746,18 +749,18 @@ impl Runner {
                 },
             );
             scheduled.push(Scheduled {
-                id: new.request_id,
+                id: new.sequence_id,
                 count: new.num_scheduled_tokens as usize,
             });
         }
         for run in &plan.running {
             let state = self
-                .requests
-                .get_mut(&run.request_id)
+                .sequences
+                .get_mut(&run.sequence_id)
                 .expect("checked above");
             state.block_ids.extend_from_slice(&run.new_block_ids);
             scheduled.push(Scheduled {
-                id: run.request_id,
+                id: run.sequence_id,
                 count: run.num_scheduled_tokens as usize,
             });
         }
@@ -765,8 +768,8 @@ impl Runner {
     }
 }
 
-/// The extras of one sample row of `state`'s request.
-fn row_extras(state: &RequestState, role: &RowRole) -> RowExtras {
+/// The extras of one sample row of `state`'s sequence.
+fn row_extras(state: &SequenceState, role: &RowRole) -> RowExtras {
     match role.prompt_position {
         Some(p) => RowExtras {
             edits: Vec::new(),
@@ -785,10 +788,10 @@ fn row_extras(state: &RequestState, role: &RowRole) -> RowExtras {
     }
 }
 
-/// Lays the scheduled requests end to end. Fails on a request that schedules past its tokens or
+/// Lays the scheduled sequences end to end. Fails on a sequence that schedules past its tokens or
 /// its blocks.
 fn build_batch(
-    requests: &HashMap<u64, RequestState>,
+    sequences: &HashMap<u64, SequenceState>,
     scheduled: &[Scheduled],
     block_size: usize,
     num_blocks: usize,
@@ -799,13 +802,13 @@ fn build_batch(
         if s.count == 0 {
             continue;
         }
-        let state = &requests[&s.id];
+        let state = &sequences[&s.id];
         let start = state.num_computed;
         let end = start + s.count;
         if end > state.tokens.len() {
             return Err(WorkerError::Plan {
                 detail: format!(
-                    "request {} schedules {} tokens but knows only {}",
+                    "sequence {} schedules {} tokens but knows only {}",
                     s.id,
                     end,
                     state.tokens.len()
@@ -815,7 +818,7 @@ fn build_batch(
         if end > state.block_ids.len() * block_size {
             return Err(WorkerError::Plan {
                 detail: format!(
-                    "request {} needs {} tokens of KV but has {} blocks",
+                    "sequence {} needs {} tokens of KV but has {} blocks",
                     s.id,
                     end,
                     state.block_ids.len()
@@ -853,7 +856,7 @@ fn build_batch(
                 });
             }
         }
-        // Embedding requests pool instead of sampling (`Runner::pool_step`).
+        // Embedding sequences pool instead of sampling (`Runner::pool_step`).
         if end == state.tokens.len() && state.pooling.is_none() {
             batch.sample_rows.push(first + s.count - 1);
             roles.push(RowRole {

@@ -1,10 +1,10 @@
-//! A worker's spans of one step, in the traces of the requests the step computes. The
-//! coordinator names, per traced request, the span the request's work in this step belongs to
+//! A worker's spans of one step, in the traces of the sequences the step computes. The
+//! coordinator names, per traced sequence, the span the sequence's work in this step belongs to
 //! (`StepPlan.traceparents`); each rank then emits under each of them a `worker_step` span
 //! (rank, step id, batch size) with children for the phases it timed: `model_step` (the forward
 //! pass and the logits' gather), `sampling`, and with `--collect-detailed-traces model` or `all`
 //! each `all_reduce`. The phases are timed once per step and the spans are written afterwards
-//! with those timestamps, so a batch of N traced requests times its work once and reports it N
+//! with those timestamps, so a batch of N traced sequences times its work once and reports it N
 //! times, each in its own trace.
 //!
 //! Costs: none when the plan names no trace (the recorder is never armed; [`phase`] then only
@@ -101,20 +101,20 @@ impl StepTrace {
         })
     }
 
-    /// Disarms the recorder and writes the spans: under each traced request's span, this
+    /// Disarms the recorder and writes the spans: under each traced sequence's span, this
     /// rank's `worker_step` and its phases.
     pub fn end(self, rank: usize, batch_tokens: usize) {
         let end = SystemTime::now();
         let phases = RECORDER.with(|r| r.borrow_mut().take()).unwrap_or_default();
         let tracer = opentelemetry::global::tracer("tpserve-worker");
-        for (request_id, parent) in &self.parents {
+        for (sequence_id, parent) in &self.parents {
             let step = tracer
                 .span_builder("worker_step")
                 .with_start_time(self.start)
                 .with_attributes(vec![
                     KeyValue::new("tpserve.rank", rank as i64),
                     KeyValue::new("tpserve.step_id", self.step_id as i64),
-                    KeyValue::new("tpserve.request_id", *request_id as i64),
+                    KeyValue::new("tpserve.sequence_id", *sequence_id as i64),
                     KeyValue::new("tpserve.batch_tokens", batch_tokens as i64),
                 ])
                 .start_with_context(&tracer, parent);

@@ -15,7 +15,7 @@ fn small() -> impl Strategy<Value = u32> {
     prop_oneof![4 => 0u32..20, 1 => any::<u32>()]
 }
 
-fn new_request() -> impl Strategy<Value = pb::NewRequest> {
+fn new_sequence() -> impl Strategy<Value = pb::NewSequence> {
     (
         0u64..6,
         prop::collection::vec(prop_oneof![4 => 0u32..256, 1 => any::<u32>()], 0..40),
@@ -26,8 +26,8 @@ fn new_request() -> impl Strategy<Value = pb::NewRequest> {
         (any::<bool>(), -2.0f32..3.0, any::<i32>()),
     )
         .prop_map(
-            |(id, token_ids, block_ids, computed, scheduled, prompt, sampling)| pb::NewRequest {
-                request_id: id,
+            |(id, token_ids, block_ids, computed, scheduled, prompt, sampling)| pb::NewSequence {
+                sequence_id: id,
                 token_ids,
                 sampling: sampling.0.then_some(pb::SamplingParams {
                     temperature: sampling.1,
@@ -47,11 +47,11 @@ fn new_request() -> impl Strategy<Value = pb::NewRequest> {
 
 fn plan() -> impl Strategy<Value = pb::StepPlan> {
     (
-        prop::collection::vec(new_request(), 0..3),
+        prop::collection::vec(new_sequence(), 0..3),
         prop::collection::vec(
             (0u64..6, small(), prop::collection::vec(small(), 0..3)).prop_map(
-                |(request_id, num_scheduled_tokens, new_block_ids)| pb::RunningRequest {
-                    request_id,
+                |(sequence_id, num_scheduled_tokens, new_block_ids)| pb::RunningSequence {
+                    sequence_id,
                     num_scheduled_tokens,
                     new_block_ids,
                 },
@@ -62,11 +62,11 @@ fn plan() -> impl Strategy<Value = pb::StepPlan> {
         prop::collection::hash_map(0u64..6, ".{0,60}", 0..2),
     )
         .prop_map(
-            |(new_requests, running, freed_request_ids, traceparents)| pb::StepPlan {
+            |(new_sequences, running, freed_sequence_ids, traceparents)| pb::StepPlan {
                 step_id: 0,
-                new_requests,
+                new_sequences,
                 running,
-                freed_request_ids,
+                freed_sequence_ids,
                 traceparents,
                 ..Default::default()
             },

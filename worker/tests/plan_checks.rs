@@ -51,9 +51,9 @@ fn token_ids_outside_the_vocabulary_and_positions_past_the_tables_are_refused() 
 }
 
 /// A new request of `tokens` prompt tokens on the blocks from `first_block` on.
-fn new_request(id: u64, tokens: usize, first_block: u32) -> pb::NewRequest {
-    pb::NewRequest {
-        request_id: id,
+fn new_sequence(id: u64, tokens: usize, first_block: u32) -> pb::NewSequence {
+    pb::NewSequence {
+        sequence_id: id,
         token_ids: (1..=tokens as u32).collect(),
         sampling: Some(tpserve_worker::sampler::SampleSpec::greedy().params),
         block_ids: (first_block..first_block + tokens.div_ceil(16) as u32).collect(),
@@ -64,7 +64,7 @@ fn new_request(id: u64, tokens: usize, first_block: u32) -> pb::NewRequest {
 }
 
 #[test]
-fn a_plan_holding_more_requests_than_a_step_may_carry_is_refused_and_freed_rows_are_reused() {
+fn a_plan_holding_more_sequences_than_a_step_may_carry_is_refused_and_freed_rows_are_reused() {
     let group = tiny_llama_group(1);
     let profile = pb::ProfileMemoryRequest {
         block_size: 16,
@@ -77,19 +77,19 @@ fn a_plan_holding_more_requests_than_a_step_may_carry_is_refused_and_freed_rows_
         .on_all(move |_, r| r.profile_memory(&profile))
         .unwrap();
     group.on_all(|_, r| r.init_cache(64, 16)).unwrap();
-    let plan = |step_id, new: Vec<pb::NewRequest>, freed: Vec<u64>| pb::StepPlan {
+    let plan = |step_id, new: Vec<pb::NewSequence>, freed: Vec<u64>| pb::StepPlan {
         step_id,
-        new_requests: new,
+        new_sequences: new,
         running: vec![],
-        freed_request_ids: freed,
+        freed_sequence_ids: freed,
         ..Default::default()
     };
     let three = plan(
         1,
         vec![
-            new_request(1, 5, 0),
-            new_request(2, 5, 1),
-            new_request(3, 5, 2),
+            new_sequence(1, 5, 0),
+            new_sequence(2, 5, 1),
+            new_sequence(3, 5, 2),
         ],
         vec![],
     );
@@ -97,17 +97,21 @@ fn a_plan_holding_more_requests_than_a_step_may_carry_is_refused_and_freed_rows_
         .on_all(move |_, r| Ok(r.step(&three).unwrap_err().to_string()))
         .unwrap();
     assert!(
-        err[0].contains("3 requests on this worker, more than the 2 a step may carry"),
+        err[0].contains("3 sequences on this worker, more than the 2 a step may carry"),
         "{}",
         err[0]
     );
     // Two fit; freeing one makes room for a third in the same plan, and its answer is the
     // same as the same prompt's answer before.
-    let two = plan(2, vec![new_request(1, 5, 0), new_request(2, 7, 1)], vec![]);
+    let two = plan(
+        2,
+        vec![new_sequence(1, 5, 0), new_sequence(2, 7, 1)],
+        vec![],
+    );
     let first = group
         .on_all(move |_, r| r.step(&two).map(|o| o.tokens))
         .unwrap();
-    let swap = plan(3, vec![new_request(3, 5, 2)], vec![1]);
+    let swap = plan(3, vec![new_sequence(3, 5, 2)], vec![1]);
     let second = group
         .on_all(move |_, r| r.step(&swap).map(|o| o.tokens))
         .unwrap();

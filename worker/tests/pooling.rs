@@ -62,8 +62,8 @@ fn pooled(model: &Path, tp: usize, ids: &[u32], chunk: usize, kind: pb::PoolingT
         let plan = if start == 0 {
             pb::StepPlan {
                 step_id,
-                new_requests: vec![pb::NewRequest {
-                    request_id: 1,
+                new_sequences: vec![pb::NewSequence {
+                    sequence_id: 1,
                     token_ids: ids.to_vec(),
                     sampling: Some(pb::SamplingParams::default()),
                     block_ids: (0..blocks as u32).collect(),
@@ -79,8 +79,8 @@ fn pooled(model: &Path, tp: usize, ids: &[u32], chunk: usize, kind: pb::PoolingT
         } else {
             pb::StepPlan {
                 step_id,
-                running: vec![pb::RunningRequest {
-                    request_id: 1,
+                running: vec![pb::RunningSequence {
+                    sequence_id: 1,
                     num_scheduled_tokens: n as u32,
                     new_block_ids: Vec::new(),
                 }],

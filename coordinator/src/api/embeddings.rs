@@ -24,7 +24,7 @@ use super::gateway::{place_request, Ask, Caller, Tokens};
 use super::protocol::{
     EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, EmbeddingVector,
 };
-use super::sequences::{submit_all, Sequence};
+use super::sequences::{submit_all, ChoiceStream};
 use super::tokenize::encode;
 use super::validate::check_token_ids;
 use super::{new_id, unix_now, ApiState, RequestId};
@@ -267,8 +267,8 @@ struct Pooled {
     cached_tokens: u64,
 }
 
-async fn collect_one(sequence: Sequence) -> Result<Pooled, ApiError> {
-    let Sequence { index, mut stream } = sequence;
+async fn collect_one(sequence: ChoiceStream) -> Result<Pooled, ApiError> {
+    let ChoiceStream { index, mut stream } = sequence;
     while let Some(event) = stream.next().await {
         match event {
             GenerateEvent::Finished {

@@ -14,7 +14,7 @@ use crate::engine::{
 
 /// One submitted sequence and the choice index it answers.
 #[derive(Debug)]
-pub struct Sequence {
+pub struct ChoiceStream {
     pub index: u32,
     pub stream: GenerationStream,
 }
@@ -24,11 +24,11 @@ pub struct Sequence {
 pub async fn submit_all(
     engine: &EngineHandle,
     requests: Vec<(u32, GenerateRequest)>,
-) -> Result<Vec<Sequence>, ApiError> {
+) -> Result<Vec<ChoiceStream>, ApiError> {
     let mut sequences = Vec::with_capacity(requests.len());
     for (index, request) in requests {
         let stream = engine.generate(request).await?;
-        sequences.push(Sequence { index, stream });
+        sequences.push(ChoiceStream { index, stream });
     }
     Ok(sequences)
 }
@@ -49,15 +49,15 @@ pub struct Collected {
 
 /// Runs every sequence to its end, concurrently; sorted by choice index. The first error wins
 /// and drops (aborts) the others.
-pub async fn collect_all(sequences: Vec<Sequence>) -> Result<Vec<Collected>, ApiError> {
+pub async fn collect_all(sequences: Vec<ChoiceStream>) -> Result<Vec<Collected>, ApiError> {
     let mut collected =
         futures::future::try_join_all(sequences.into_iter().map(collect_one)).await?;
     collected.sort_by_key(|c| c.index);
     Ok(collected)
 }
 
-async fn collect_one(sequence: Sequence) -> Result<Collected, ApiError> {
-    let Sequence { index, mut stream } = sequence;
+async fn collect_one(sequence: ChoiceStream) -> Result<Collected, ApiError> {
+    let ChoiceStream { index, mut stream } = sequence;
     let mut text = String::new();
     let mut logprobs = Vec::new();
     let mut prompt_logprobs = None;
@@ -102,10 +102,12 @@ async fn collect_one(sequence: Sequence) -> Result<Collected, ApiError> {
 
 /// The events of all sequences, each tagged with its choice index, interleaved as they arrive.
 /// Ends when every sequence has sent its last event.
-pub fn merged(sequences: Vec<Sequence>) -> impl Stream<Item = (u32, GenerateEvent)> + Send + Unpin {
+pub fn merged(
+    sequences: Vec<ChoiceStream>,
+) -> impl Stream<Item = (u32, GenerateEvent)> + Send + Unpin {
     stream::select_all(
         sequences
             .into_iter()
-            .map(|Sequence { index, stream }| stream.map(move |event| (index, event))),
+            .map(|ChoiceStream { index, stream }| stream.map(move |event| (index, event))),
     )
 }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use super::error::ApiError;
 use super::gateway::{Ticket, Tokens};
 use super::protocol::Usage;
-use super::sequences::{merged, Sequence};
+use super::sequences::{merged, ChoiceStream};
 use crate::engine::{FinishReason, GenerateEvent, TokenLogprobs};
 
 /// Comment lines sent while nothing else is, so proxies keep idle streams (long prefills) open.
@@ -66,7 +66,7 @@ pub struct Delta {
 /// Streams `sequences` as SSE.
 pub fn stream_response<W: ChunkWriter>(
     mut writer: W,
-    sequences: Vec<Sequence>,
+    sequences: Vec<ChoiceStream>,
     usage: StreamUsage,
 ) -> Response {
     let StreamUsage {

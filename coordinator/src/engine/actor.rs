@@ -85,7 +85,9 @@ pub struct EngineStatus {
     pub kv_cache_usage: f64,
 }
 
-struct Sequence {
+/// What the engine keeps about a sequence it runs: where its events go, its output so far, its
+/// timings, and what it asked for beyond plain sampling.
+struct LiveSequence {
     events: mpsc::UnboundedSender<GenerateEvent>,
     output: OutputState,
     prompt_tokens: u32,
@@ -132,7 +134,7 @@ struct Engine {
     /// Ticks when a step fails, so the supervisor re-forms the group.
     broken: watch::Sender<u64>,
     tokenizer: Arc<Tokenizer>,
-    sequences: HashMap<u64, Sequence>,
+    sequences: HashMap<u64, LiveSequence>,
     commands: mpsc::UnboundedReceiver<EngineCommand>,
     status: watch::Sender<EngineStatus>,
     failure: Option<String>,
@@ -297,13 +299,13 @@ fn plan_to_proto<'a>(
     pb::StepPlan {
         adapters,
         step_id: plan.step_id,
-        new_requests: plan
+        new_sequences: plan
             .new
             .iter()
             .map(|n| {
                 let (controls, logprobs) = extras_to_proto(&n.extras);
-                pb::NewRequest {
-                    request_id: n.id,
+                pb::NewSequence {
+                    sequence_id: n.id,
                     token_ids: n.token_ids.clone(),
                     sampling: Some(sampling(&n.sampling)),
                     block_ids: n.block_ids.clone(),
@@ -320,13 +322,13 @@ fn plan_to_proto<'a>(
         running: plan
             .running
             .iter()
-            .map(|r| pb::RunningRequest {
-                request_id: r.id,
+            .map(|r| pb::RunningSequence {
+                sequence_id: r.id,
                 num_scheduled_tokens: r.num_scheduled_tokens as u32,
                 new_block_ids: r.new_block_ids.clone(),
             })
             .collect(),
-        freed_request_ids: plan.freed.clone(),
+        freed_sequence_ids: plan.freed.clone(),
         traceparents: HashMap::new(),
         token_masks: Vec::new(),
     }
@@ -502,7 +504,7 @@ impl Engine {
                 }
                 self.sequences.insert(
                     id,
-                    Sequence {
+                    LiveSequence {
                         events,
                         output: OutputState::new(&request),
                         prompt_tokens: request.prompt_token_ids.len() as u32,
@@ -665,7 +667,7 @@ impl Engine {
             let started = Instant::now();
             match guide.mask() {
                 Ok(allowed) => masks.push(pb::TokenMask {
-                    request_id: id,
+                    sequence_id: id,
                     allowed,
                 }),
                 Err(e) => failed.push((id, e)),
@@ -746,8 +748,8 @@ impl Engine {
         let sampled: Vec<(u64, u32)> = result
             .tokens
             .iter()
-            .map(|t| (t.request_id, t.token_id))
-            .chain(result.pooled.iter().map(|p| (p.request_id, 0)))
+            .map(|t| (t.sequence_id, t.token_id))
+            .chain(result.pooled.iter().map(|p| (p.sequence_id, 0)))
             .collect();
         if let Err(e) = self.scheduler.apply(step.step_id, &sampled) {
             return self.step_failed(step.step_id, format!("scheduler: {e}"));
@@ -769,10 +771,10 @@ impl Engine {
         }
         for t in result.tokens {
             let logprobs = t.logprobs.map(logprobs_from_proto);
-            self.deliver(t.request_id, t.token_id, logprobs);
+            self.deliver(t.sequence_id, t.token_id, logprobs);
         }
         for p in result.pooled {
-            self.deliver_embedding(p.request_id, p.values);
+            self.deliver_embedding(p.sequence_id, p.values);
         }
         tracing::trace!(
             step = step.step_id,
@@ -804,7 +806,7 @@ impl Engine {
     fn record_prompt_logprobs(&mut self, chunk: pb::PromptLogprobs) {
         let Some(all) = self
             .sequences
-            .get_mut(&chunk.request_id)
+            .get_mut(&chunk.sequence_id)
             .and_then(|s| s.prompt_logprobs.as_mut())
         else {
             return; // aborted, or not asked for

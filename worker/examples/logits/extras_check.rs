@@ -122,12 +122,12 @@ fn run_step(
     let ids: Vec<u64> = (0..asks.len() as u64).map(|i| 5000 + i).collect();
     let plan = pb::StepPlan {
         step_id: 1,
-        new_requests: asks
+        new_sequences: asks
             .iter()
             .zip(&ids)
             .enumerate()
-            .map(|(i, (a, &id))| pb::NewRequest {
-                request_id: id,
+            .map(|(i, (a, &id))| pb::NewSequence {
+                sequence_id: id,
                 token_ids: vec![token],
                 sampling: Some(a.sampling),
                 block_ids: vec![i as u32],
@@ -147,7 +147,7 @@ fn run_step(
             .zip(&ids)
             .filter_map(|(a, &id)| {
                 a.allowed.clone().map(|allowed| pb::TokenMask {
-                    request_id: id,
+                    sequence_id: id,
                     allowed,
                 })
             })
@@ -157,7 +157,7 @@ fn run_step(
     let answers = group.on_all(move |_, r| r.step(&plan).map(|o| o.tokens))?;
     let free = pb::StepPlan {
         step_id: 2,
-        freed_request_ids: ids,
+        freed_sequence_ids: ids,
         ..Default::default()
     };
     group.on_all(move |_, r| r.step(&free))?;

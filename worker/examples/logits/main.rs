@@ -249,8 +249,8 @@ fn greedy(
     let mut held = blocks_for(prompt.len());
     let plan = pb::StepPlan {
         step_id: 1,
-        new_requests: vec![pb::NewRequest {
-            request_id: 7,
+        new_sequences: vec![pb::NewSequence {
+            sequence_id: 7,
             token_ids: prompt.to_vec(),
             sampling: Some(greedy),
             block_ids: (first_block..first_block + held)
@@ -262,7 +262,7 @@ fn greedy(
             ..Default::default()
         }],
         running: vec![],
-        freed_request_ids: vec![],
+        freed_sequence_ids: vec![],
         adapters,
         ..Default::default()
     };
@@ -284,13 +284,13 @@ fn greedy(
         held = needed;
         out.push(step(pb::StepPlan {
             step_id: 1 + i as u64,
-            new_requests: vec![],
-            running: vec![pb::RunningRequest {
-                request_id: 7,
+            new_sequences: vec![],
+            running: vec![pb::RunningSequence {
+                sequence_id: 7,
                 num_scheduled_tokens: 1,
                 new_block_ids,
             }],
-            freed_request_ids: vec![],
+            freed_sequence_ids: vec![],
             ..Default::default()
         })?);
     }
@@ -328,15 +328,15 @@ fn sampling_check(
     ];
     let blocks = prompt.len().div_ceil(BLOCK_SIZE);
     let draw = |seed_base: u64| -> anyhow::Result<Vec<u32>> {
-        let mut new_requests = Vec::new();
+        let mut new_sequences = Vec::new();
         for (s, (_, p)) in sets.iter().enumerate() {
             for i in 0..per_set {
                 let id = 1000 + s as u64 * per_set + i;
                 // Disjoint blocks: the requests run in the same step.
                 let first = (id - 1000) as usize * blocks;
                 anyhow::ensure!(first + blocks <= num_blocks, "the cache is too small");
-                new_requests.push(pb::NewRequest {
-                    request_id: id,
+                new_sequences.push(pb::NewSequence {
+                    sequence_id: id,
                     token_ids: prompt.to_vec(),
                     sampling: Some(pb::SamplingParams {
                         seed: Some(seed_base + i),
@@ -352,17 +352,17 @@ fn sampling_check(
         let freed: Vec<u64> = (1000..1000 + sets.len() as u64 * per_set).collect();
         let plan = pb::StepPlan {
             step_id: 1,
-            new_requests,
+            new_sequences,
             running: vec![],
-            freed_request_ids: vec![],
+            freed_sequence_ids: vec![],
             ..Default::default()
         };
         let answers = group.on_all(move |_, r| r.step(&plan).map(|o| o.tokens))?;
         let free = pb::StepPlan {
             step_id: 2,
-            new_requests: vec![],
+            new_sequences: vec![],
             running: vec![],
-            freed_request_ids: freed,
+            freed_sequence_ids: freed,
             ..Default::default()
         };
         group.on_all(move |_, r| r.step(&free))?;

@@ -58,7 +58,7 @@ fn step(
         .next()
         .unwrap_or_default()
         .into_iter()
-        .map(|t| (t.request_id, t))
+        .map(|t| (t.sequence_id, t))
         .collect())
 }
 
@@ -75,9 +75,9 @@ pub fn mixed_check(
         "the mixed check needs a prompt of {NEW_PROMPT} tokens"
     );
     let len = base.len();
-    let per_request = blocks_for(len + 1);
+    let per_sequence = blocks_for(len + 1);
     anyhow::ensure!(
-        2 * ROWS * per_request + blocks_for(NEW_PROMPT) <= num_blocks,
+        2 * ROWS * per_sequence + blocks_for(NEW_PROMPT) <= num_blocks,
         "the cache is too small for the mixed check"
     );
     let greedy = pb::SamplingParams {
@@ -90,7 +90,7 @@ pub fn mixed_check(
     let blocks = |first: usize, count: usize| (first..first + count).map(|b| b as u32).collect();
     // Set s's request i: its id and its first block.
     let id = |s: usize, i: usize| 30_000 + 10_000 * s as u64 + i as u64;
-    let first_block = |s: usize, i: usize| (s * ROWS + i) * per_request;
+    let first_block = |s: usize, i: usize| (s * ROWS + i) * per_sequence;
     let mut step_id = 100;
     let mut first_tokens = [Vec::new(), Vec::new()];
     for (s, firsts) in first_tokens.iter_mut().enumerate() {
@@ -100,10 +100,10 @@ pub fn mixed_check(
                 group,
                 pb::StepPlan {
                     step_id,
-                    new_requests: chunk
+                    new_sequences: chunk
                         .iter()
-                        .map(|&i| pb::NewRequest {
-                            request_id: id(s, i),
+                        .map(|&i| pb::NewSequence {
+                            sequence_id: id(s, i),
                             token_ids: prompt(base, i, vocab),
                             sampling: Some(greedy),
                             block_ids: blocks(first_block(s, i), blocks_for(len)),
@@ -133,14 +133,14 @@ pub fn mixed_check(
         "identical prefill steps sampled different first tokens"
     );
     // One decode row per request: the second token, with the block for it where needed.
-    let decodes = |s: usize| -> Vec<pb::RunningRequest> {
+    let decodes = |s: usize| -> Vec<pb::RunningSequence> {
         (0..ROWS)
-            .map(|i| pb::RunningRequest {
-                request_id: id(s, i),
+            .map(|i| pb::RunningSequence {
+                sequence_id: id(s, i),
                 num_scheduled_tokens: 1,
                 new_block_ids: blocks(
                     first_block(s, i) + blocks_for(len),
-                    per_request - blocks_for(len),
+                    per_sequence - blocks_for(len),
                 ),
             })
             .collect()
@@ -161,11 +161,11 @@ pub fn mixed_check(
         pb::StepPlan {
             step_id,
             running: decodes(1),
-            new_requests: vec![pb::NewRequest {
-                request_id: new_id,
+            new_sequences: vec![pb::NewSequence {
+                sequence_id: new_id,
                 token_ids: new_prompt[..NEW_PROMPT].to_vec(),
                 sampling: Some(greedy),
-                block_ids: blocks(2 * ROWS * per_request, blocks_for(NEW_PROMPT)),
+                block_ids: blocks(2 * ROWS * per_sequence, blocks_for(NEW_PROMPT)),
                 num_computed_tokens: 0,
                 num_scheduled_tokens: NEW_PROMPT as u32,
                 num_prompt_tokens: NEW_PROMPT as u32,
@@ -183,7 +183,7 @@ pub fn mixed_check(
         group,
         pb::StepPlan {
             step_id,
-            freed_request_ids: freed,
+            freed_sequence_ids: freed,
             ..Default::default()
         },
     )?;

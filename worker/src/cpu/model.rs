@@ -2,9 +2,10 @@
 //! embedding, per layer RMSNorm -> fused QKV (column-parallel) -> RoPE -> paged attention -> o_proj
 //! (row-parallel, all-reduce) -> residual -> RMSNorm -> fused gate/up (column-parallel) -> SiLU-mul
 //! -> down (row-parallel, all-reduce) -> residual, then the final norm and the vocab-parallel
-//! lm_head on the rows that sample only (or, for embedding requests, the final norm of the
-//! pooled rows, summed per request, and no lm_head). Activations are f32; matrix weights are f32 or, for a
-//! GGUF with [`WeightMode::Quantized`], kept in their quantized blocks (norms stay f32).
+//! lm_head on the rows that sample only (or, for embedding sequences, the final norm of the
+//! pooled rows, summed per sequence, and no lm_head). Activations are f32; matrix weights
+//! are f32 or, for a GGUF with [`WeightMode::Quantized`], kept in their quantized blocks (norms
+//! stay f32).
 
 use std::time::Instant;
 
@@ -260,7 +261,7 @@ impl CpuModel {
 
     /// Runs the batch and returns, for each of `spans` (row ranges), the sum over its rows of the
     /// hidden states after the final norm, `[spans, hidden]` (the same on every rank). For
-    /// embedding requests: no lm_head.
+    /// embedding sequences: no lm_head.
     pub fn pool(
         &self,
         batch: &Batch,

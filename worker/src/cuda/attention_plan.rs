@@ -55,14 +55,14 @@ impl AttentionTiles {
 
 /// The `(index, block)` pairs that bring the persistent block tables (`[rows, width]`, i32)
 /// up to date for this batch: each sequence's blocks from `new_blocks_from` on, at its slot's
-/// row. Fails, naming the request's row, when a table is wider than `width` or a slot is
+/// row. Fails, naming the sequence's row, when a table is wider than `width` or a slot is
 /// outside `rows`.
 pub fn table_updates(batch: &Batch, rows: usize, width: usize) -> Result<Vec<i32>, String> {
     let mut updates = Vec::new();
     for seq in &batch.seqs {
         if seq.slot >= rows {
             return Err(format!(
-                "request row {} is outside the {rows} rows of the block tables",
+                "sequence row {} is outside the {rows} rows of the block tables",
                 seq.slot
             ));
         }

@@ -1,6 +1,6 @@
 //! Steps whose rows ask for more than a draw (issue 13), on the device: the penalties,
 //! `logit_bias`, `min_tokens` and `bad_words` (each row's sparse edits, built on the host from
-//! the request's history the worker keeps), structured outputs' allowed-token masks, and log
+//! the sequence's history the worker keeps), structured outputs' allowed-token masks, and log
 //! probabilities of the raw logits with their top tokens. After the forward pass (a graph
 //! replay for decode steps, as without extras), rank 0 uploads the rows' edits, masks and
 //! sampling parameters in one copy, runs `process_logits` (f32 logits with the edits and masks

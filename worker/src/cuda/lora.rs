@@ -2,7 +2,7 @@
 //! gate|up, down) in GPU memory, and the batched delta `y += (x A^T) (scale B)^T` of a step's
 //! rows, each with its own slot, as one shrink and one expand kernel per product (lora.cu) over
 //! LoRA tiles: up to [`LORA_TILE_ROWS`] rows of one adapter wherever they are in the batch (a
-//! prefill chunk's rows, or the decode rows of the requests that use it), so each tile reads its
+//! prefill chunk's rows, or the decode rows of the sequences that use it), so each tile reads its
 //! adapter's weights once (S-LoRA's SGMV and Punica's BGMV in one form). The shrink splits the
 //! input dimension into `LORA_SPLIT_LEN` ranges computed side by side (decode steps have few
 //! tiles), the expand sums the ranges in order.

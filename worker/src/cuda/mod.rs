@@ -9,7 +9,7 @@
 //! A step runs one of two ways: decode-only steps of a captured size replay a CUDA graph
 //! (`graphs`), every other step (prefill chunks, mixed steps, `--enforce-eager`) issues its
 //! kernels one by one (`forward`); both read the step's inputs from one upload and keep the
-//! requests' block tables on the device (`step_inputs`).
+//! sequences' block tables on the device (`step_inputs`).
 
 mod attention_plan;
 mod blas;
@@ -711,7 +711,7 @@ impl Backend for CudaBackend {
         let cache =
             loaded
                 .model
-                .new_cache(gpu, shape.num_blocks, shape.block_size, shape.max_requests)?;
+                .new_cache(gpu, shape.num_blocks, shape.block_size, shape.max_sequences)?;
         gpu.sync()?;
         loaded.cache = Some(cache);
         Ok((loaded.model.cache_bytes_per_block(shape.block_size) * shape.num_blocks) as u64)

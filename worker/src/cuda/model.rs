@@ -129,7 +129,7 @@ pub struct Layer {
 
 /// The paged KV cache: per layer, keys and values `[num_blocks, block_size, kv_heads, head_dim]`
 /// in the compute dtype or FP8 E4M3 (`--kv-cache-dtype fp8`); and the block tables of the
-/// requests it serves, `[table_rows, table_width]` i32, one row per request slot
+/// sequences it serves, `[table_rows, table_width]` i32, one row per sequence slot
 /// (`SeqSlice::slot`), kept on the device and updated in place each step.
 pub struct GpuKvCache {
     pub layers: Vec<KvLayer>,
@@ -790,13 +790,13 @@ impl CudaModel {
             * self.kv_elem_bytes()
     }
 
-    /// Allocates the cache and block tables for `max_requests` requests.
+    /// Allocates the cache and block tables for `max_sequences` sequences.
     pub fn new_cache(
         &self,
         gpu: &Gpu,
         num_blocks: usize,
         block_size: usize,
-        max_requests: usize,
+        max_sequences: usize,
     ) -> Result<GpuKvCache> {
         let per_layer = num_blocks
             * block_size
@@ -817,7 +817,7 @@ impl CudaModel {
             .collect::<Result<_>>()?;
         // A sequence never has more blocks than the cache or than its positions need.
         let table_width = num_blocks.min(self.max_pos.div_ceil(block_size)).max(1);
-        let table_rows = max_requests.max(1);
+        let table_rows = max_sequences.max(1);
         let tables = gpu.alloc(table_rows * table_width * 4, "the block tables")?;
         Ok(GpuKvCache {
             layers,

@@ -163,7 +163,7 @@ pub struct PackedStep {
     pub num_lora_tiles: usize,
 }
 
-/// The persistent block tables a step's updates go into: `rows` requests of `width` blocks.
+/// The persistent block tables a step's updates go into: `rows` sequences of `width` blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TableShape {
     pub rows: usize,

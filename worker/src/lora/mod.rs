@@ -8,7 +8,7 @@
 //!
 //! The host cache is shared with the gRPC service ([`HostCache`]): the coordinator preloads an
 //! adapter (`PreloadLora`, read on a blocking thread beside the steps) before it schedules the
-//! adapter's first request, so steps only copy. Recency is the runner's step count, so slot
+//! adapter's first sequence, so steps only copy. Recency is the runner's step count, so slot
 //! choices agree across a tensor-parallel group; the host caches of the ranks may differ (a rank
 //! that lacks an adapter reads it on the runner thread, which is correct, only slower).
 //!
@@ -84,7 +84,7 @@ impl HostCache {
 
     /// `adapter` under `id` (`used`: by the step reading it, else preloaded), dropping entries
     /// past `max_cpu_loras`: the least recently used of those a step has used, and only when
-    /// there are none, the oldest preloaded one (its requests are about to run).
+    /// there are none, the oldest preloaded one (its sequences are about to run).
     fn insert(&mut self, id: u32, adapter: Arc<LoraAdapter>, used: bool) {
         let max = self
             .model

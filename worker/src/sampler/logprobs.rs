@@ -7,7 +7,7 @@
 
 use tpserve_proto as pb;
 
-/// Most top tokens a request may ask for (OpenAI's limit for `top_logprobs`).
+/// Most top tokens a sequence may ask for (OpenAI's limit for `top_logprobs`).
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// The log probabilities of one position: a chosen token's, with its rank, and the most likely

@@ -1,12 +1,12 @@
 //! Picks the next token from a row of logits: greedy (temperature 0, lowest id on ties), or
 //! temperature sampling filtered by top-k, min-p and top-p (in that order, as vLLM). Randomness:
-//! each request has its own stream ([`RequestRng`], seeded by the request's seed when it has
+//! each sequence has its own stream ([`SequenceRng`], seeded by the sequence's seed when it has
 //! one), which yields one 64-bit seed per sampled token; the draw itself is a pure function of
 //! that seed and the logits ([`sample_row`] on the CPU, the `sample` kernel on a GPU), so a seeded
-//! request repeats exactly on a given backend. Cost on the CPU: O(vocab) per sampled token, plus
+//! sequence repeats exactly on a given backend. Cost on the CPU: O(vocab) per sampled token, plus
 //! a sort of the survivors when top-k or top-p is active.
 //!
-//! Requests may also ask for logit processing before the draw ([`processors`]: penalties,
+//! Sequences may also ask for logit processing before the draw ([`processors`]: penalties,
 //! `logit_bias`, `min_tokens`, `bad_words`, and structured outputs' allowed-token masks) and for
 //! log probabilities ([`logprobs`]); a step
 //! passes them per row as [`RowExtras`], and passes none at all when no row of the step uses
@@ -112,12 +112,12 @@ pub fn sample_host_rows(
     Sampled { tokens, logprobs }
 }
 
-/// A request's random stream: one seed per sampled token.
+/// A sequence's random stream: one seed per sampled token.
 #[derive(Debug, Clone)]
-pub struct RequestRng(StdRng);
+pub struct SequenceRng(StdRng);
 
-impl RequestRng {
-    /// The stream of a request; an absent seed draws one from the OS.
+impl SequenceRng {
+    /// The stream of a sequence; an absent seed draws one from the OS.
     pub fn new(seed: Option<u64>) -> Self {
         Self(match seed {
             Some(seed) => StdRng::seed_from_u64(seed),
@@ -131,10 +131,10 @@ impl RequestRng {
     }
 }
 
-/// How to pick one token: the request's parameters and this draw's seed.
+/// How to pick one token: the sequence's parameters and this draw's seed.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SampleSpec {
-    /// The request's sampling parameters.
+    /// The sequence's sampling parameters.
     pub params: SamplingParams,
     /// Seed of this draw.
     pub seed: u64,
@@ -234,9 +234,9 @@ mod tests {
         }
     }
 
-    /// Draws `n` tokens as a request would: one seed per draw from its stream.
+    /// Draws `n` tokens as a sequence would: one seed per draw from its stream.
     fn draws(params: SamplingParams, logits: &[f32], n: usize) -> Vec<u32> {
-        let mut rng = RequestRng::new(params.seed);
+        let mut rng = SequenceRng::new(params.seed);
         (0..n)
             .map(|_| {
                 let spec = SampleSpec {

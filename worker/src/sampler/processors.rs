@@ -9,12 +9,12 @@
 //! - `frequency_penalty` f and `presence_penalty` p, for output tokens generated `c` times:
 //!   `x -= f * c + p`.
 //!
-//! Each touches single vocabulary entries, so a request's processing is a sparse list of
+//! Each touches single vocabulary entries, so a sequence's processing is a sparse list of
 //! per-token edits ([`LogitEdit`]) built from its persistent history ([`History`]: output
 //! token counts and the prompt's distinct tokens, kept in the worker across steps and updated
 //! as tokens are sampled), applied by the CPU here and by the `process_logits` kernel on a
 //! GPU (`worker/src/cuda/logit_extras.rs`). Cost per sampled row: O(distinct prompt and output tokens) to build, the same to apply;
-//! nothing for requests without controls.
+//! nothing for sequences without controls.
 //!
 //! Structured outputs add a dense edit: the coordinator's allowed-token bitmask for the row
 //! ([`apply_mask`], O(vocab)), applied after the sparse edits.
@@ -67,7 +67,7 @@ impl LogitEdit {
     }
 }
 
-/// A request's controls and the history they depend on, kept by the worker for the request's
+/// A sequence's controls and the history they depend on, kept by the worker for the sequence's
 /// lifetime.
 #[derive(Debug, Clone)]
 pub struct History {
@@ -81,9 +81,9 @@ pub struct History {
 }
 
 impl History {
-    /// The history of a request whose known tokens are `tokens`, the first `num_prompt` of them
-    /// its prompt (a preempted request resumes with its generated tokens after them). `None`
-    /// when the controls change nothing, so plain requests cost nothing.
+    /// The history of a sequence whose known tokens are `tokens`, the first `num_prompt` of them
+    /// its prompt (a preempted sequence resumes with its generated tokens after them). `None`
+    /// when the controls change nothing, so plain sequences cost nothing.
     pub fn new(controls: pb::LogitsControls, tokens: &[u32], num_prompt: usize) -> Option<Self> {
         let repetition = repetition(&controls);
         let active = controls.presence_penalty != 0.0
