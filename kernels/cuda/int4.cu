@@ -112,14 +112,19 @@ struct Tile {
     uint2 p0, p1;
 };
 
-// A tile's weights (a lane's 16-byte load at `w`) and its group parameters (`params` at the
-// lane's rows, the tile's first input `first`; the second half's too when groups are 32 inputs).
-__device__ __forceinline__ void load_tile_weights(Tile& tile, const uint4* w, const uint2* params,
-                                                  int first, int group_shift, bool two_groups) {
-    tile.w = load_streaming(w);
-    tile.p0 = __ldg(params + (first >> group_shift) * 8);
-    if (two_groups) {
-        tile.p1 = __ldg(params + ((first + 32) >> group_shift) * 8);
+// Tile `tile`'s weights (a lane's 16-byte load at `w`, the tile's own) and its group parameters
+// (`params` at the lane's rows): the parameters' index comes from the tile's number in 32 bits,
+// a group's 8 words a row block; two groups a tile when groups are 32 inputs (kTwoGroups), else
+// 2^(group_shift - 6) tiles a group (one group a row: group_shift 31, every tile in group 0).
+template <bool kTwoGroups>
+__device__ __forceinline__ void load_tile_weights(Tile& t, const uint4* w, const uint2* params,
+                                                  int tile, int group_shift) {
+    t.w = load_streaming(w);
+    if (kTwoGroups) {
+        t.p0 = __ldg(params + 16 * tile);
+        t.p1 = __ldg(params + 16 * tile + 8);
+    } else {
+        t.p0 = __ldg(params + 8 * (tile >> (group_shift - 6)));
     }
 }
 
@@ -148,13 +153,16 @@ __device__ __forceinline__ void load_tile_weights(Tile& tile, const uint4* w, co
 //   group_shift  i32 log2(group_size), 5 or more; 31 for one group over all of k
 //   k_split      i32 1, 2, 4, 8 or 16: warps of a block
 // Launch: grid (n_out / 16, 1, 1); block (32 * k_split, 1, 1).
-template <typename T, int kAhead>
+template <typename T, int kAhead, bool kTwoGroups>
 __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
                              const uint4* __restrict__ w, const unsigned int* __restrict__ params,
-                             int rows, int n_out, int k, int group_shift, int k_split) {
+                             int rows, int n_out, int k, int group_shift, int k_split,
+                             float (&partial)[kMaxSplit][16][8]) {
     using Pair = W4Pair<T>;
     constexpr int kSlots = kAhead + 1;
-    __shared__ float partial[kMaxSplit][16][8];
+    // Chunks of 4 steps (a tile, one group) unless groups are 32 inputs: then 2 (half a tile).
+    constexpr int kChunks = kTwoGroups ? 2 : 1;
+    constexpr int kChunkSteps = 4 / kChunks;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int g = lane >> 2;
@@ -163,17 +171,14 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
     const int k_tiles = k / 64;
     const int part_tiles = k_tiles / k_split;
     const int kt0 = warp * part_tiles;
-    // Chunks of 4 steps (64 inputs) unless groups are 32 inputs.
-    const bool two_groups = group_shift < 6;
-    const int x_second = two_groups ? 32 : 8;
+    constexpr int x_second = kTwoGroups ? 32 : 8;
     const int groups = group_shift >= 31 ? 1 : k >> group_shift;
     const uint4* wp = w + ((long long)rb * k_tiles + kt0) * 32 + lane;
     const uint2* pp = reinterpret_cast<const uint2*>(params) + (long long)rb * groups * 8 + g;
-    const T* xr = x + (long long)(g < rows ? g : 0) * k + 64 * kt0 + (two_groups ? 8 : 16) * t;
+    const T* xr = x + (long long)(g < rows ? g : 0) * k + 64 * kt0 + (kTwoGroups ? 8 : 16) * t;
 
-    // Tile i of the part (weights and parameters; x).
     auto load_weights = [&](Tile& tile, int i) {
-        load_tile_weights(tile, wp + i * 32, pp, 64 * (kt0 + i), group_shift, two_groups);
+        load_tile_weights<kTwoGroups>(tile, wp + i * 32, pp, kt0 + i, group_shift);
     };
     // Lanes past the rows read row 0 again: their columns of the product are not written.
     auto load_x = [&](Tile& tile, int i) {
@@ -214,23 +219,19 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
                                         cur.x1.x, cur.x1.y, cur.x1.z, cur.x1.w};
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const uint2 p = half == 1 && two_groups ? cur.p1 : cur.p0;
+            for (int c = 0; c < kChunks; ++c) {
+                const uint2 p = c == 1 ? cur.p1 : cur.p0;
                 const float2 pa = group_params(p.x);
                 const float2 pb = group_params(p.y);
                 const unsigned int zero_a = Pair::offset(pa.y);
                 const unsigned int zero_b = Pair::offset(pb.y);
 #pragma unroll
-                for (int s = 2 * half; s < 2 * half + 2; ++s) {
+                for (int s = kChunkSteps * c; s < kChunkSteps * (c + 1); ++s) {
                     unsigned int a[4];
                     step_fragment<T>(words[s], zero_a, zero_b, a);
                     tpserve::Mma<T>::run(acc, a, xw[2 * s], xw[2 * s + 1]);
                 }
-                // A chunk of 2 steps ends here when groups are 32 inputs; else the tile's
-                // 4 steps share one group and scale once, after the second half.
-                if (half == 1 || two_groups) {
-                    add_scaled(total, acc, pa.x, pb.x);
-                }
+                add_scaled(total, acc, pa.x, pb.x);
             }
         }
     }
@@ -257,6 +258,24 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
         if (m < rows) {
             y[(long long)m * n_out + n] = tpserve::from_float<T>(sum);
         }
+    }
+}
+
+// gemv_w4_impl for the group size: two groups a tile (32 inputs), or one group over one or more
+// tiles. The arithmetic is the same; a kernel that took either at run time spent ~25 of its
+// ~100 instructions a tile on the other's parameters (their addresses, a second conversion and
+// a second scaled add, sm_90 code): built for its size, a 64-input tile takes ~76 (session 31).
+template <typename T, int kAhead>
+__device__ void gemv_w4(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ w,
+                        const unsigned int* __restrict__ params, int rows, int n_out, int k,
+                        int group_shift, int k_split) {
+    __shared__ float partial[kMaxSplit][16][8];  // each warp's sums, for the first to add up
+    if (group_shift < 6) {
+        gemv_w4_impl<T, kAhead, true>(y, x, w, params, rows, n_out, k, group_shift, k_split,
+                                      partial);
+    } else {
+        gemv_w4_impl<T, kAhead, false>(y, x, w, params, rows, n_out, k, group_shift, k_split,
+                                       partial);
     }
 }
 
@@ -287,19 +306,22 @@ constexpr int kGemmStages = 4;
 constexpr int kGemmChunk = 64;  // rows of x a launch chunk: the largest NT is 8
 constexpr int kGemmPitch = 72;  // elements a row of a staged x tile (64, padded: no conflicts)
 
-template <typename T, int NT>
+template <typename T, int NT, bool kTwoGroups>
 __device__ void gemm_w4_impl(T* __restrict__ y, const T* __restrict__ x,
                              const uint4* __restrict__ w, const unsigned int* __restrict__ params,
                              float* __restrict__ partials, unsigned int* __restrict__ counters,
-                             int rows, int n_out, int k, int group_shift, int k_split) {
+                             int rows, int n_out, int k, int group_shift, int k_split,
+                             T (&xs)[kGemmStages][8 * NT][kGemmPitch], bool& last_block) {
     using Pair = W4Pair<T>;
     // Tiles of weights in flight: six where the registers allow it (16 rows: 8% faster than
     // four for Llama-3-8B's gate_up on an H200), else gemv_w4's four (six spill at 64 rows).
+    // Built beside the other group size's instance (gemm_w4), the 32- and 64-row kernels spill
+    // a few registers (ptxas -v, sm_90a: 84 bytes at 64 rows; the instance for groups of 64 and
+    // more alone spills none), and that instance still runs 3-15% faster than the kernel that
+    // took the group size at run time (docs/PERFORMANCE.md, session 31).
     constexpr int kAhead = NT <= 2 ? 6 : kInFlight;
     constexpr int kSlots = kAhead + 1;
     constexpr int kRows = 8 * NT;
-    __shared__ __align__(16) T xs[kGemmStages][kRows][kGemmPitch];
-    __shared__ bool last_block;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int g = lane >> 2;
@@ -313,14 +335,13 @@ __device__ void gemm_w4_impl(T* __restrict__ y, const T* __restrict__ x,
     const int k_tiles = k / 64;
     const int part_tiles = k_tiles / k_split;
     const int kt0 = part * part_tiles;
-    const bool two_groups = group_shift < 6;
     const int groups = group_shift >= 31 ? 1 : k >> group_shift;
     const uint4* wp = w + ((long long)(active ? rb : 0) * k_tiles + kt0) * 32 + lane;
     const uint2* pp =
         reinterpret_cast<const uint2*>(params) + (long long)(active ? rb : 0) * groups * 8 + g;
 
     auto load_weights = [&](Tile& tile, int i) {
-        load_tile_weights(tile, wp + i * 32, pp, 64 * (kt0 + i), group_shift, two_groups);
+        load_tile_weights<kTwoGroups>(tile, wp + i * 32, pp, kt0 + i, group_shift);
     };
     // Tile i of x (rows m0.., inputs of tile kt0 + i) into stage `stage`: 16-byte pieces, rows
     // past the chunk's zero.
@@ -357,8 +378,8 @@ __device__ void gemm_w4_impl(T* __restrict__ y, const T* __restrict__ x,
         total[j][0] = total[j][1] = total[j][2] = total[j][3] = 0.0f;
     }
     // Lane (g, t)'s 16 inputs of a tile: 4 S t on, and 8 inputs at `x_second` on (gemv_w4's).
-    const int x_first = (two_groups ? 8 : 16) * t;
-    const int x_second = x_first + (two_groups ? 32 : 8);
+    const int x_first = (kTwoGroups ? 8 : 16) * t;
+    const int x_second = x_first + (kTwoGroups ? 32 : 8);
     for (int i = 0; i < part_tiles; i += kSlots) {
 #pragma unroll
         for (int u = 0; u < kSlots; ++u) {
@@ -381,19 +402,21 @@ __device__ void gemm_w4_impl(T* __restrict__ y, const T* __restrict__ x,
             }
             const Tile& cur = slot[u];
             const unsigned int words[4] = {cur.w.x, cur.w.y, cur.w.z, cur.w.w};
-            // Each step's A fragment, once for every n-tile.
+            // Each step's A fragment, once for every n-tile; a chunk's parameters once (gemv_w4's
+            // chunks: the tile, or each half of it when groups are 32 inputs).
+            constexpr int kChunks = kTwoGroups ? 2 : 1;
             unsigned int a[4][4];
-            float2 scale[2];
+            float2 scale[kChunks];
 #pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const uint2 p = half == 1 && two_groups ? cur.p1 : cur.p0;
+            for (int c = 0; c < kChunks; ++c) {
+                const uint2 p = c == 1 ? cur.p1 : cur.p0;
                 const float2 pa = group_params(p.x);
                 const float2 pb = group_params(p.y);
-                scale[half] = make_float2(pa.x, pb.x);
+                scale[c] = make_float2(pa.x, pb.x);
                 const unsigned int zero_a = Pair::offset(pa.y);
                 const unsigned int zero_b = Pair::offset(pb.y);
 #pragma unroll
-                for (int s = 2 * half; s < 2 * half + 2; ++s) {
+                for (int s = 4 / kChunks * c; s < 4 / kChunks * (c + 1); ++s) {
                     step_fragment<T>(words[s], zero_a, zero_b, a[s]);
                 }
             }
@@ -409,8 +432,8 @@ __device__ void gemm_w4_impl(T* __restrict__ y, const T* __restrict__ x,
                 for (int s = 0; s < 4; ++s) {
                     tpserve::Mma<T>::run(acc, a[s], xw[2 * s], xw[2 * s + 1]);
                     // As gemv_w4: a chunk ends after step 1 with groups of 32, else after 3.
-                    if (s == 3 || (s == 1 && two_groups)) {
-                        const float2 sc = scale[s == 3 ? 1 : 0];
+                    if (s == 3 || (s == 1 && kTwoGroups)) {
+                        const float2 sc = scale[s == 3 ? kChunks - 1 : 0];
                         add_scaled(total[j], acc, sc.x, sc.y);
                     }
                 }
@@ -476,6 +499,23 @@ __device__ void gemm_w4_impl(T* __restrict__ y, const T* __restrict__ x,
     }
     if (threadIdx.x == 0) {
         *counter = 0u;
+    }
+}
+
+// gemm_w4_impl for the group size, as gemv_w4 (the same sums either way).
+template <typename T, int NT>
+__device__ void gemm_w4(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ w,
+                        const unsigned int* __restrict__ params, float* __restrict__ partials,
+                        unsigned int* __restrict__ counters, int rows, int n_out, int k,
+                        int group_shift, int k_split) {
+    __shared__ __align__(16) T xs[kGemmStages][8 * NT][kGemmPitch];  // x's staged tiles
+    __shared__ bool last_block;
+    if (group_shift < 6) {
+        gemm_w4_impl<T, NT, true>(y, x, w, params, partials, counters, rows, n_out, k,
+                                  group_shift, k_split, xs, last_block);
+    } else {
+        gemm_w4_impl<T, NT, false>(y, x, w, params, partials, counters, rows, n_out, k,
+                                   group_shift, k_split, xs, last_block);
     }
 }
 
@@ -560,15 +600,15 @@ __device__ void gather_inputs_impl(T* __restrict__ out, const T* __restrict__ x,
         const unsigned int* __restrict__ params, float* __restrict__ partials,                 \
         unsigned int* __restrict__ counters, int rows, int n_out, int k, int group_shift,      \
         int k_split) {                                                                         \
-        gemm_w4_impl<T, NT>(y, x, w, params, partials, counters, rows, n_out, k, group_shift,  \
-                            k_split);                                                          \
+        gemm_w4<T, NT>(y, x, w, params, partials, counters, rows, n_out, k, group_shift,       \
+                       k_split);                                                               \
     }
 #define TPSERVE_INT4(SUFFIX, T)                                                                \
     extern "C" __global__ void __launch_bounds__(512) gemv_w4_##SUFFIX(                        \
         T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ w,               \
         const unsigned int* __restrict__ params, int rows, int n_out, int k, int group_shift,  \
         int k_split) {                                                                         \
-        gemv_w4_impl<T, kInFlight>(y, x, w, params, rows, n_out, k, group_shift, k_split);     \
+        gemv_w4<T, kInFlight>(y, x, w, params, rows, n_out, k, group_shift, k_split);          \
     }                                                                                          \
     TPSERVE_GEMM_W4(SUFFIX, T, 16, 2)                                                         \
     TPSERVE_GEMM_W4(SUFFIX, T, 32, 4)                                                         \

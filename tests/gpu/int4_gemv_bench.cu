@@ -1,15 +1,17 @@
 // The 4-bit GEMV of int4.cu alone, outside tpserve (issue 12): Llama-3-8B's four products (q|k|v,
 // o, gate|up, down) with AWQ-style weights (groups of 128, zero points), checked against a
 // double-precision CPU reference and timed for every variant (tiles in flight, register limit)
-// and every k_split, at 1, 4 and 8 rows. Each measurement is a CUDA graph of 64 launches with programmatic dependent launches (as the decode
-// graphs run them), over enough copies of the weight that it comes from HBM, not L2; the copy
-// bandwidth is measured in the same run, so each figure is also a fraction of it.
+// and every k_split, at 1, 4 and 8 rows; every variant must give the first one's bits at the same
+// k_split (they do the same arithmetic). Each measurement is a CUDA graph of 64 launches with
+// programmatic dependent launches (as the decode graphs run them), over enough copies of the
+// weight that it comes from HBM, not L2; the copy bandwidth is measured in the same run, so each
+// figure is also a fraction of it. The summary gives each variant at its best k_split a product.
 // dequantize_w4 (the path of larger products) is checked bit for bit against the CPU, and group
 // sizes 32 and one group a row (GPTQ's -1) and f16 activations are checked for correctness.
 // gemm_w4 (9 to 64 rows, more in chunks) is checked against the CPU and bit for bit against the
 // GEMV run 8 rows at a time at the same k_split, and timed at 16 to 256 rows (GEMM_ROWS, a comma
 // list) at every k_split, beside the GEMV 8 rows a launch and dequantize_w4 alone (GEMM_ONLY=1:
-// only that part).
+// only that part; GEMV_ONLY=1: all but that part).
 //
 // Why: the GEMV decides 4-bit single-stream decode speed, and no profiler was known on the GPU
 // machine when this was written (ncu is in /usr/local/cuda/bin there: docs/PERFORMANCE.md, run 30).
@@ -23,7 +25,18 @@
 //     s/dequantize_w4_/old_dequantize_w4_/g; s/TPSERVE_INT4/TPSERVE_OLD_INT4_KERNELS/g' \
 //     > /tmp/int4_old.cu
 // (the layout before: a step's 16 inputs in order, params [n_out, groups]; pack_old below).
+// With -DTPSERVE_HEAD_INT4='"int4_head.cu"' it times an earlier int4.cu in the current layout
+// first, the reference for the others' time and bits:
+//   git show HEAD:kernels/cuda/int4.cu | sed 's/gemv_w4_/head_gemv_w4_/g; s/gemm_w4_/head_gemm_w4_/g;
+//     s/dequantize_w4_/head_dequantize_w4_/g; s/gather_inputs_/head_gather_inputs_/g;
+//     s/TPSERVE_INT4/TPSERVE_HEAD_INT4_KERNELS/g; s/TPSERVE_GEMM_W4/TPSERVE_HEAD_GEMM_W4/g' \
+//     > /tmp/int4_head.cu
 #include "int4.cu"
+#ifdef TPSERVE_HEAD_INT4
+namespace k_head {
+#include TPSERVE_HEAD_INT4
+}
+#endif
 #ifdef TPSERVE_OLD_INT4
 namespace k_old {
 #include TPSERVE_OLD_INT4
@@ -47,7 +60,7 @@ template <int kAhead, typename T>
 __global__ void __launch_bounds__(512)
     variant(T* y, const T* x, const uint4* w, const unsigned* params, int rows, int n_out, int k,
             int group_shift, int k_split) {
-    gemv_w4_impl<T, kAhead>(y, x, w, params, rows, n_out, k, group_shift, k_split);
+    gemv_w4<T, kAhead>(y, x, w, params, rows, n_out, k, group_shift, k_split);
 }
 
 // The same with at most 256 threads (k_split 8), so up to 255 registers.
@@ -55,7 +68,7 @@ template <int kAhead, typename T>
 __global__ void __launch_bounds__(256)
     variant256(T* y, const T* x, const uint4* w, const unsigned* params, int rows, int n_out,
                int k, int group_shift, int k_split) {
-    gemv_w4_impl<T, kAhead>(y, x, w, params, rows, n_out, k, group_shift, k_split);
+    gemv_w4<T, kAhead>(y, x, w, params, rows, n_out, k, group_shift, k_split);
 }
 
 typedef void (*Kernel)(bf*, const bf*, const uint4*, const unsigned*, int, int, int, int, int);
@@ -187,7 +200,7 @@ static void launch(cudaStream_t st, void (*kernel)(KArgs...), dim3 grid, dim3 bl
 template <typename T>
 static void launch_gemm(cudaStream_t st, T* y, const T* x, const uint4* w, const unsigned* p,
                         float* partials, unsigned* counters, int rows, int n_out, int k,
-                        int shift, int split) {
+                        int shift, int split, bool head = false) {
     const dim3 grid((n_out / 16 + kGemmWarps - 1) / kGemmWarps, split, (rows + 63) / 64);
     const dim3 block(32 * kGemmWarps);
     const int most = std::min(rows, 64);
@@ -197,6 +210,12 @@ static void launch_gemm(cudaStream_t st, T* y, const T* x, const uint4* w, const
     Gemm kernels[3];
     if constexpr (std::is_same<T, __nv_bfloat16>::value) {
         kernels[0] = gemm_w4_n16_bf16, kernels[1] = gemm_w4_n32_bf16, kernels[2] = gemm_w4_n64_bf16;
+#ifdef TPSERVE_HEAD_INT4
+        if (head) {
+            kernels[0] = k_head::head_gemm_w4_n16_bf16, kernels[1] = k_head::head_gemm_w4_n32_bf16,
+            kernels[2] = k_head::head_gemm_w4_n64_bf16;
+        }
+#endif
     } else {
         kernels[0] = gemm_w4_n16_f16, kernels[1] = gemm_w4_n32_f16, kernels[2] = gemm_w4_n64_f16;
     }
@@ -446,6 +465,13 @@ static void time_gemm(cudaStream_t st, double copy_gbs) {
                 row(rows, split == gemv_split ? "gemm_w4 (the GEMV's k_split)" : "gemm_w4", split,
                     us);
             }
+#ifdef TPSERVE_HEAD_INT4
+            const double head_us = time_us([&](int c) {
+                launch_gemm<bf>(st, dy, dx, reinterpret_cast<const uint4*>(dwn[c]), dpn[c],
+                                partials, counters, rows, s.n, s.k, 7, gemv_split, true);
+            });
+            row(rows, "HEAD gemm_w4 (the GEMV's k_split)", gemv_split, head_us);
+#endif
             const double gemv_us = time_us([&](int c) {
                 for (int m = 0; m < rows; m += 8) {
                     launch(st, variant<4, bf>, dim3(s.n / 16), dim3(32 * gemv_split),
@@ -516,7 +542,9 @@ int main() {
     printf("copy bandwidth: %.0f GB/s (read + write, as bench_device counts it: the floors' rate)\n",
            copy_gbs);
 
-    time_gemm(st, copy_gbs);
+    if (!getenv("GEMV_ONLY")) {
+        time_gemm(st, copy_gbs);
+    }
     if (getenv("GEMM_ONLY")) {
         printf("%s: %d failures\n", g_failures ? "FAIL" : "PASS", g_failures);
         return g_failures ? 1 : 0;
@@ -530,6 +558,10 @@ int main() {
         {"at most 256 threads, ahead 6", variant256<6, bf>, false, 8},
         {"at most 256 threads, ahead 8", variant256<8, bf>, false, 8},
     };
+#ifdef TPSERVE_HEAD_INT4
+    // The GEMV of an earlier int4.cu in this layout: the reference for time and for bits.
+    variants.insert(variants.begin(), {"HEAD gemv_w4", k_head::head_gemv_w4_bf16, false, 16});
+#endif
 #ifdef TPSERVE_OLD_INT4
     variants.push_back({"before (v5)", k_old::old_gemv_w4_bf16, true, 16});
 #endif
@@ -537,9 +569,10 @@ int main() {
         {"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}};
     printf("\n| product | rows | variant | k_split | us | GB/s | of copy | max error |\n"
            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n");
-    // best[rows][shape]
-    std::vector<std::vector<double>> best(row_list.size(), std::vector<double>(4, 1e9));
-    std::vector<std::vector<double>> before(row_list.size(), std::vector<double>(4, 0));
+    // best[variant][rows][shape]: each variant's fastest k_split
+    std::vector<std::vector<std::vector<double>>> best(
+        variants.size(),
+        std::vector<std::vector<double>>(row_list.size(), std::vector<double>(4, 1e9)));
     for (int si = 0; si < 4; ++si) {
         const Shape& s = shapes[si];
         const Weight w = make_weight(s.n, s.k, 128, 100 + si);
@@ -564,7 +597,10 @@ int main() {
             bf* dx = upload(x);
             bf* dy;
             CK(cudaMalloc(&dy, (size_t)rows * s.n * sizeof(bf)));
-            for (const Variant& v : variants) {
+            // The first variant's output at each k_split, for the bits of the others.
+            std::vector<std::vector<bf>> first_y(17);
+            for (size_t vi = 0; vi < variants.size(); ++vi) {
+                const Variant& v = variants[vi];
                 for (int split = 1; split <= v.max_split; split *= 2) {
                     if ((s.k / 64) % split) continue;
                     auto run = [&](int c) {
@@ -582,16 +618,27 @@ int main() {
                     CK(cudaMemcpy(y.data(), dy, y.size() * sizeof(bf), cudaMemcpyDeviceToHost));
                     const double err = error_of(y, ref);
                     if (err >= kTolerance) ++g_failures;
+                    // Every variant in this layout does the same arithmetic: the same bits as
+                    // the first at the same k_split.
+                    const char* bits = "";
+                    if (!v.old_layout) {
+                        if (first_y[split].empty()) {
+                            first_y[split] = y;
+                            bits = " (bits: reference)";
+                        } else if (memcmp(y.data(), first_y[split].data(),
+                                          y.size() * sizeof(bf)) == 0) {
+                            bits = " (bits: same)";
+                        } else {
+                            bits = " (bits: DIFFER) FAIL";
+                            ++g_failures;
+                        }
+                    }
                     const double us = copies_us(st, 64, copies, run);
                     const double gbs = bytes / (us * 1e-6) / 1e9;
-                    printf("| %s | %d | %s | %d | %.2f | %.0f | %.3f | %.5f%s |\n", s.name, rows,
+                    printf("| %s | %d | %s | %d | %.2f | %.0f | %.3f | %.5f%s%s |\n", s.name, rows,
                            v.name, split, us, gbs, gbs / copy_gbs, err,
-                           err >= kTolerance ? " FAIL" : "");
-                    if (v.old_layout) {
-                        if (before[ri][si] == 0 || us < before[ri][si]) before[ri][si] = us;
-                    } else {
-                        best[ri][si] = std::min(best[ri][si], us);
-                    }
+                           err >= kTolerance ? " FAIL" : "", bits);
+                    best[vi][ri][si] = std::min(best[vi][ri][si], us);
                 }
             }
             CK(cudaFree(dx));
@@ -604,16 +651,18 @@ int main() {
             CK(cudaFree(dpo[c]));
         }
     }
-    printf("\nbest new variant per product (us), and a layer's four (x 32 layers, ms):\n");
+    printf("\neach variant at its best k_split per product (us), and a layer's four x 32 layers "
+           "(ms):\n");
     for (size_t ri = 0; ri < row_list.size(); ++ri) {
-        double layer = 0, layer_before = 0;
-        printf("rows %d:", row_list[ri]);
-        for (int si = 0; si < 4; ++si) {
-            printf(" %s %.2f (before %.2f)", shapes[si].name, best[ri][si], before[ri][si]);
-            layer += best[ri][si];
-            layer_before += before[ri][si];
+        for (size_t vi = 0; vi < variants.size(); ++vi) {
+            double layer = 0;
+            printf("rows %d | %-58s |", row_list[ri], variants[vi].name);
+            for (int si = 0; si < 4; ++si) {
+                printf(" %s %.2f", shapes[si].name, best[vi][ri][si]);
+                layer += best[vi][ri][si];
+            }
+            printf(" | 32 layers %.3f ms\n", layer * 32e-3);
         }
-        printf("; 32 layers %.3f ms (before %.3f)\n", layer * 32e-3, layer_before * 32e-3);
     }
     printf("%s: %d failures\n", g_failures ? "FAIL" : "PASS", g_failures);
     return g_failures ? 1 : 0;
