@@ -73,20 +73,10 @@ static bf* alloc_random(long long n, unsigned seed, float scale) {
 }
 
 static cudaStream_t g_stream;
-static cudaLaunchAttribute g_pdl;
 
 template <typename... KArgs, typename... Args>
 static void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, Args... args) {
-    cudaLaunchConfig_t c = {};
-    g_pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    g_pdl.val.programmaticStreamSerializationAllowed = 1;
-    c.attrs = &g_pdl;
-    c.numAttrs = 1;
-    c.stream = g_stream;
-    c.gridDim = grid;
-    c.blockDim = block;
-    c.dynamicSmemBytes = 0;
-    CK(cudaLaunchKernelEx(&c, kernel, static_cast<KArgs>(args)...));
+    launch_pdl(g_stream, kernel, grid, block, args...);
 }
 
 typedef void (*GemvFn)(bf*, const bf*, const bf*, int, int, int);

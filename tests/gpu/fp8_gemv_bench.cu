@@ -76,18 +76,9 @@ template <typename E> E* upload(const std::vector<E>& v) {
     return d;
 }
 
-cudaLaunchAttribute g_pdl;
 void launch(cudaStream_t st, const Variant& v, dim3 grid, bf* y, const bf* x, const E4M3* w,
             const float* scale, int rows, int n, int k) {
-    cudaLaunchConfig_t c = {};
-    g_pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    g_pdl.val.programmaticStreamSerializationAllowed = 1;
-    c.attrs = &g_pdl;
-    c.numAttrs = 1;
-    c.stream = st;
-    c.gridDim = grid;
-    c.blockDim = dim3(128);
-    CK(cudaLaunchKernelEx(&c, v.kernel, y, x, w, scale, 1, rows, n, k));
+    launch_pdl(st, v.kernel, grid, dim3(128), y, x, w, scale, 1, rows, n, k);
 }
 
 dim3 grid_of(const Variant& v, int n) { return dim3((n + 4 * v.r - 1) / (4 * v.r)); }
@@ -95,15 +86,7 @@ dim3 grid_of(const Variant& v, int n) { return dim3((n + 4 * v.r - 1) / (4 * v.r
 }  // namespace
 
 int main() {
-    std::vector<int> row_list = {1, 4, 8};
-    if (const char* r = getenv("ROWS")) {
-        row_list.clear();
-        for (const char* p = r; *p;) {
-            row_list.push_back(atoi(p));
-            while (*p && *p != ',') ++p;
-            if (*p == ',') ++p;
-        }
-    }
+    const std::vector<int> row_list = env_int_list("ROWS", {1, 4, 8});
     const bool profile = getenv("PROFILE") != nullptr;
     cudaStream_t st;
     CK(cudaStreamCreate(&st));

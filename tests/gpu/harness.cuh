@@ -86,6 +86,38 @@ template <typename F> inline double graph_us(cudaStream_t st, int launches, F ru
     return ms * 1e3 / (reps * launches);
 }
 
+// Launches `kernel` on `stream` with programmatic dependent launch allowed, as the worker's
+// decode graphs launch their kernels (each waits for its inputs in common.cuh's
+// wait_for_inputs, after what it may do before).
+template <typename... KArgs, typename... Args>
+inline void launch_pdl(cudaStream_t stream, void (*kernel)(KArgs...), dim3 grid, dim3 block,
+                       Args... args) {
+    cudaLaunchAttribute pdl = {};
+    pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    pdl.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t c = {};
+    c.attrs = &pdl;
+    c.numAttrs = 1;
+    c.stream = stream;
+    c.gridDim = grid;
+    c.blockDim = block;
+    CK(cudaLaunchKernelEx(&c, kernel, static_cast<KArgs>(args)...));
+}
+
+// A comma list of integers from the environment variable `name` ("1,4,8"), or `fallback` when
+// it is not set.
+inline std::vector<int> env_int_list(const char* name, std::vector<int> fallback) {
+    const char* text = getenv(name);
+    if (text == nullptr) return fallback;
+    std::vector<int> list;
+    for (const char* p = text; *p;) {
+        list.push_back(atoi(p));
+        while (*p && *p != ',') ++p;
+        if (*p == ',') ++p;
+    }
+    return list;
+}
+
 // Device-to-device copy bandwidth on `stream`, read + write (as worker/src/cuda/floors.rs counts
 // it: the floors' rate), in GB/s: the median of 10 copies of 2 GiB, each timed alone outside any
 // graph (a captured copy runs as a slower copy node).

@@ -181,19 +181,10 @@ template <typename T> static T* upload(const std::vector<T>& v) {
     return d;
 }
 
-static cudaLaunchAttribute g_pdl;
 template <typename... KArgs, typename... Args>
 static void launch(cudaStream_t st, void (*kernel)(KArgs...), dim3 grid, dim3 block,
                    Args... args) {
-    cudaLaunchConfig_t c = {};
-    g_pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    g_pdl.val.programmaticStreamSerializationAllowed = 1;
-    c.attrs = &g_pdl;
-    c.numAttrs = 1;
-    c.stream = st;
-    c.gridDim = grid;
-    c.blockDim = block;
-    CK(cudaLaunchKernelEx(&c, kernel, args...));
+    launch_pdl(st, kernel, grid, block, args...);
 }
 
 // gemm_w4 on `rows` rows: the n-tiles of the smallest variant that holds them (64 a chunk).
@@ -409,15 +400,7 @@ struct Shape {
 // gemm_w4 against gemv_w4 a chunk of 8 rows at a time and dequantize_w4 alone (the first half
 // of the path of more than 8 rows before it, cuBLAS the other), for Llama-3-8B's products.
 static void time_gemm(cudaStream_t st, double copy_gbs) {
-    std::vector<int> row_list = {16, 32, 64, 128, 256};
-    if (const char* r = getenv("GEMM_ROWS")) {
-        row_list.clear();
-        for (const char* p = r; *p;) {
-            row_list.push_back(atoi(p));
-            while (*p && *p != ',') ++p;
-            if (*p == ',') ++p;
-        }
-    }
+    const std::vector<int> row_list = env_int_list("GEMM_ROWS", {16, 32, 64, 128, 256});
     const Shape shapes[4] = {
         {"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}};
     printf("\n| product | rows | kernel | k_split | us | weight GB/s | of copy |\n"
@@ -500,15 +483,7 @@ static void time_gemm(cudaStream_t st, double copy_gbs) {
 }
 
 int main() {
-    std::vector<int> row_list = {1, 4, 8};
-    if (const char* r = getenv("ROWS")) {
-        row_list.clear();
-        for (const char* p = r; *p;) {
-            row_list.push_back(atoi(p));
-            while (*p && *p != ',') ++p;
-            if (*p == ',') ++p;
-        }
-    }
+    const std::vector<int> row_list = env_int_list("ROWS", {1, 4, 8});
     cudaStream_t st;
     CK(cudaStreamCreate(&st));
 
