@@ -10,7 +10,8 @@
 // How (on the GPU machine, from the repository root):
 //   nvcc -O3 -arch=sm_90 -std=c++17 -I kernels/cuda tests/gpu/decode_step_bench.cu -o /tmp/db
 //   /tmp/db [CONTEXT=256]
-// Environment: SHORT=1 times only the whole step (33, 16 and 64 attention splits).
+// Environment: SHORT=1 times only the whole step (33, 16 and 64 attention splits) and the step
+// with the MLP as one persistent kernel (fused_mlp_bs1, below).
 // Launch shapes as worker/src/cuda/kernels.rs; GEMV variants chosen per shape by timing them
 // (as the worker's warm-up does); attention splits as worker/src/cuda/graphs.rs's decode_splits
 // (33 at batch 1 on 132 SMs), and the other split counts for comparison.
@@ -107,9 +108,148 @@ struct Options {
     // The split merge left out (its launch and its work); the attention and merge replaced by
     // empty kernels that only wait (what a kernel boundary costs in the chain).
     bool combine = true, empty_attention = false;
+    // The MLP's three kernels (gate|up GEMV, SiLU-mul, down GEMV) as one persistent kernel.
+    bool fused_mlp = false;
 };
 
 extern "C" __global__ void empty_kernel() { tpserve::wait_for_inputs(); }
+
+// An experiment toward a fused decode layer (issue 9; session 31, not yet run on a GPU): the MLP
+// of one row in one persistent kernel. Every warp computes gate and up rows j (a GEMV's dot
+// products, summed in gemv.cu's order, so the same bits) and writes silu(gate) * up rounded as
+// silu_mul.cu rounds it; then each warp loads the first chunks of its down rows, the grid meets
+// at a barrier (a counter and a generation word, reset by the last block to arrive, so graphs
+// replay it), and the warps finish the down rows reading the activations through L2. What it
+// saves against three kernels: the SiLU-mul launch and the down product's ramp, whose first
+// loads are in flight while the slowest gate|up rows finish; what it pays: the barrier. Every
+// block must be resident at once: the grid is at most the SMs' capacity at 4 blocks an SM.
+constexpr int kFusedWarps = 4;  // warps a block
+constexpr int kFusedU = 4;      // 256-element chunks a lane has in flight per row
+
+// A warp's dot products of kRows weight rows (k elements of bf16 each) and x, each summed as
+// gemv.cu sums it (a lane's 8-element pieces in chunk order, then the warp's butterfly: every lane
+// gets the totals); the rows' chunks load together (kRows x kFusedU in flight a lane). `pre`: the
+// rows' first kFusedU chunks, already loaded when `have_pre`. x through L2 when kXFromL2 (written
+// by other blocks of the same kernel), else the read-only path.
+template <int kRows, bool kXFromL2>
+__device__ void fused_dot(const bf* const (&w_rows)[kRows], const bf* __restrict__ x, int k,
+                          int lane, const uint4 (&pre)[kRows][kFusedU], bool have_pre,
+                          float (&total)[kRows]) {
+    float acc[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    for (int base = lane * 8, group = 0; base < k; base += 256 * kFusedU, ++group) {
+        uint4 wv[kRows][kFusedU], xv[kFusedU];
+#pragma unroll
+        for (int u = 0; u < kFusedU; ++u) {
+            const int kk = base + u * 256;
+            const bool in_k = kk < k;
+#pragma unroll
+            for (int r = 0; r < kRows; ++r) {
+                wv[r][u] = group == 0 && have_pre
+                               ? pre[r][u]
+                               : (in_k ? tpserve::load_streaming(w_rows[r] + kk) : zero);
+            }
+            const uint4* xp = reinterpret_cast<const uint4*>(x + kk);
+            xv[u] = in_k ? (kXFromL2 ? __ldcg(xp) : __ldg(xp)) : zero;
+        }
+#pragma unroll
+        for (int u = 0; u < kFusedU; ++u) {
+#pragma unroll
+            for (int r = 0; r < kRows; ++r) acc[r] = dot8<bf>(wv[r][u], xv[u], acc[r]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) total[r] = tpserve::warp_reduce_sum(acc[r]);
+}
+
+// out[n] = sum_j act[j] * w_down[n, j], act[j] = silu(x . w_gate_up[j]) * (x . w_gate_up[inter
+// + j]), for one row x. barrier: 2 u32, zero before the first launch (every launch leaves the
+// count at zero and advances the generation). Launch: grid (G) with G blocks resident at once;
+// block (32 kFusedWarps).
+extern "C" __global__ void __launch_bounds__(32 * kFusedWarps, 4)
+    fused_mlp_bs1(bf* __restrict__ out, bf* __restrict__ act, const bf* __restrict__ x,
+                  const bf* __restrict__ w_gate_up, const bf* __restrict__ w_down,
+                  unsigned* __restrict__ barrier, int hidden, int inter) {
+    const int lane = threadIdx.x & 31;
+    const int warps = gridDim.x * kFusedWarps;
+    const int wid = blockIdx.x * kFusedWarps + (threadIdx.x >> 5);
+    // The first gate and up rows' first chunks into L2 while the kernel before finishes.
+    if (wid < inter) {
+#pragma unroll
+        for (int u = 0; u < kFusedU; ++u) {
+            const long long kk = lane * 8 + u * 256;
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(w_gate_up + (long long)wid * hidden + kk));
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(w_gate_up + (long long)(inter + wid) *
+                                                                          hidden + kk));
+        }
+    }
+    // Read before this block arrives; it changes only after every block has.
+    const unsigned generation = *reinterpret_cast<volatile unsigned*>(&barrier[1]);
+    tpserve::wait_for_inputs();
+    const uint4 none1[1][kFusedU] = {};
+    const uint4 none2[2][kFusedU] = {};
+    for (int j = wid; j < inter; j += warps) {
+        const bf* const pair[2] = {w_gate_up + (long long)j * hidden,
+                                   w_gate_up + (long long)(inter + j) * hidden};
+        float gu[2];
+        fused_dot<2, false>(pair, x, hidden, lane, none2, false, gu);
+        if (lane == 0) {
+            // As the GEMV rounds its outputs and silu_mul.cu its product.
+            const float gate = tpserve::round_to<bf>(gu[0]);
+            const float up = tpserve::round_to<bf>(gu[1]);
+            const float activated = tpserve::round_to<bf>(gate / (1.0f + __expf(-gate)));
+            act[j] = tpserve::from_float<bf>(activated * up);
+        }
+    }
+    // The first chunks of this warp's first two down rows (the second may lie past the rows: it
+    // then loads the first again, and its sum is dropped), before the barrier.
+    const int n0 = wid, n1 = wid + warps < hidden ? wid + warps : wid;
+    const bf* const down_rows[2] = {w_down + (long long)n0 * inter, w_down + (long long)n1 * inter};
+    uint4 pre[2][kFusedU];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int u = 0; u < kFusedU; ++u) {
+            const int kk = lane * 8 + u * 256;
+            pre[r][u] = n0 < hidden && kk < inter ? tpserve::load_streaming(down_rows[r] + kk)
+                                                   : make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+    // The grid barrier: every block's activations written and visible before any reads them.
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        if (atomicAdd(&barrier[0], 1u) + 1 == gridDim.x) {
+            atomicExch(&barrier[0], 0u);
+            __threadfence();
+            atomicAdd(&barrier[1], 1u);
+        } else {
+            while (*reinterpret_cast<volatile unsigned*>(&barrier[1]) == generation) {
+            }
+        }
+        __threadfence();
+    }
+    __syncthreads();
+    if (n0 < hidden) {
+        float t[2];
+        fused_dot<2, true>(down_rows, act, inter, lane, pre, true, t);
+        if (lane == 0) {
+            out[n0] = tpserve::from_float<bf>(t[0]);
+            if (n1 != n0) out[n1] = tpserve::from_float<bf>(t[1]);
+        }
+    }
+    // Any further rows of a smaller grid.
+    for (int n = wid + 2 * warps; n < hidden; n += warps) {
+        const bf* const row[1] = {w_down + (long long)n * inter};
+        float t[1];
+        fused_dot<1, true>(row, act, inter, lane, none1, false, t);
+        if (lane == 0) {
+            out[n] = tpserve::from_float<bf>(t[0]);
+        }
+    }
+}
 
 struct Model {
     std::vector<Layer> layers;
@@ -120,6 +260,8 @@ struct Model {
     int *block_tables, *tiles, *positions;
     long long* slots;
     int context, max_blocks;
+    unsigned* barrier;  // fused_mlp_bs1's
+    int fused_blocks;   // fused_mlp_bs1's grid
     const GemvVariant *v_qkv, *v_o, *v_gate_up, *v_down, *v_head;
 };
 
@@ -163,6 +305,11 @@ static void step(const Model& m, const Options& o) {
         if (o.norms) {
             launch(rms_norm_residual_bf16, dim3(1), dim3(512), m.normed, m.x, m.sub,
                    l.post_norm, HIDDEN, eps);
+        }
+        if (o.fused_mlp) {
+            launch(fused_mlp_bs1, dim3(m.fused_blocks), dim3(32 * kFusedWarps), m.sub, m.act,
+                   m.normed, l.gate_up, l.down, m.barrier, HIDDEN, INTER);
+            continue;
         }
         if (o.gemvs) gemv(*m.v_gate_up, m.gate_up, m.normed, l.gate_up, 2 * INTER, HIDDEN);
         if (o.silu) {
@@ -349,6 +496,15 @@ int main(int argc, char** argv) {
     m.gate_up = alloc_random(2 * INTER, 16, 1.0f);
     m.act = alloc_random(INTER, 17, 1.0f);
     m.logits = alloc_random(VOCAB, 18, 1.0f);
+    CK(cudaMalloc(&m.barrier, 2 * sizeof(unsigned)));
+    CK(cudaMemset(m.barrier, 0, 2 * sizeof(unsigned)));
+    {
+        // 2,048 warps where they fit: 7 gate|up pairs and 2 down rows each.
+        int per_sm = 0;
+        CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused_mlp_bs1,
+                                                         32 * kFusedWarps, 0));
+        m.fused_blocks = std::min(512, per_sm * prop.multiProcessorCount);
+    }
     CK(cudaMalloc(&m.partial_out, (size_t)Q_HEADS * 64 * HD * sizeof(float)));
     CK(cudaMalloc(&m.partial_ml, (size_t)Q_HEADS * 64 * 2 * sizeof(float)));
     {
@@ -407,20 +563,32 @@ int main(int argc, char** argv) {
     // that should not move any number (a load moved, a launch reordered) must leave it as it was.
     {
         bf* x0 = alloc_random(HIDDEN, 11, 1.0f);
-        CK(cudaMemcpy(m.x, x0, HIDDEN * sizeof(bf), cudaMemcpyDeviceToDevice));
-        CK(cudaMemset(m.sub, 0, HIDDEN * sizeof(bf)));
+        // One step from the fixed state: FNV-1a of its logits and of the last attention output.
+        auto checksums = [&](const Options& o) {
+            CK(cudaMemcpy(m.x, x0, HIDDEN * sizeof(bf), cudaMemcpyDeviceToDevice));
+            CK(cudaMemset(m.sub, 0, HIDDEN * sizeof(bf)));
+            step(m, o);
+            CK(cudaStreamSynchronize(g_stream));
+            std::vector<unsigned short> logits(VOCAB), attn(Q_HEADS * HD);
+            CK(cudaMemcpy(logits.data(), m.logits, VOCAB * 2, cudaMemcpyDeviceToHost));
+            CK(cudaMemcpy(attn.data(), m.attn, Q_HEADS * HD * 2, cudaMemcpyDeviceToHost));
+            unsigned long long h = 1469598103934665603ull;
+            for (unsigned short v : logits) h = (h ^ v) * 1099511628211ull;
+            unsigned long long ha = 1469598103934665603ull;
+            for (unsigned short v : attn) ha = (ha ^ v) * 1099511628211ull;
+            return std::make_pair(h, ha);
+        };
+        Options fused;
+        fused.fused_mlp = true;
+        const auto f = checksums(fused);
         Options o;
         o.splits = 33;
-        step(m, o);
-        CK(cudaStreamSynchronize(g_stream));
-        std::vector<unsigned short> logits(VOCAB), attn(Q_HEADS * HD);
-        CK(cudaMemcpy(logits.data(), m.logits, VOCAB * 2, cudaMemcpyDeviceToHost));
-        CK(cudaMemcpy(attn.data(), m.attn, Q_HEADS * HD * 2, cudaMemcpyDeviceToHost));
-        unsigned long long h = 1469598103934665603ull;
-        for (unsigned short v : logits) h = (h ^ v) * 1099511628211ull;
-        unsigned long long ha = 1469598103934665603ull;
-        for (unsigned short v : attn) ha = (ha ^ v) * 1099511628211ull;
+        const auto [h, ha] = checksums(o);
         printf("checksum: logits %016llx, last layer's attention %016llx\n", h, ha);
+        // The fused MLP sums as the GEMVs do and rounds as they and SiLU-mul do: the same bits.
+        printf("the MLP as one persistent kernel (%d blocks): logits %016llx: %s\n",
+               m.fused_blocks, f.first, f.first == h ? "the same bits" : "DIFFERENT BITS");
+        if (f.first != h) exit(1);
         check_last_attention(m);
         // One split: the row's own key then lies past the first loop step of its warp.
         o.splits = 1;
@@ -441,6 +609,7 @@ int main(int argc, char** argv) {
         rows.push_back({name, o});
     };
     rows.push_back({"whole step", Options{}});
+    row("the MLP as one persistent kernel (grid barrier)", [](Options& o) { o.fused_mlp = true; });
     row("without the split merge (its output wrong)", [](Options& o) { o.combine = false; });
     row("attention and merge as empty kernels", [](Options& o) { o.empty_attention = true; });
     row("attention as one empty kernel", [](Options& o) {
