@@ -22,6 +22,8 @@
 
 #include "harness.cuh"
 
+#include <cuda_fp8.h>
+
 #include <cstring>
 #include <string>
 #include <vector>
@@ -109,26 +111,35 @@ extern "C" __global__ void __launch_bounds__(128, 4)
 struct Variant {
     const char* name;
     Fp8Kernel kernel;
-    int m;  // the kernel's row capacity
-    int r;  // columns (weight rows) a warp; the grid is ceil(n_out / (4 r)) blocks of 128
+    int m;        // the kernel's row capacity
+    int columns;  // outputs (weight rows) a block of 128 threads: the grid is n_out / columns
     bool any_rows = false;    // runs every row count up to m (else only the smallest fit)
     bool other_bits = false;  // sums in another order than gemv.cu's (CPU check only)
 };
 
 // Every bf16 FP8 variant of gemv.cu, as gemv.rs lists them.
 const Variant kVariants[] = {
-    {"m1 r1", gemv_fp8_m1_r1_bf16, 1, 1},       {"m1 r2", gemv_fp8_m1_r2_bf16, 1, 2},
-    {"m1 r4", gemv_fp8_m1_r4_bf16, 1, 4},       {"m1 r1 u4", gemv_fp8_m1_r1_u4_bf16, 1, 1},
-    {"m1 r1 u8", gemv_fp8_m1_r1_u8_bf16, 1, 1}, {"m1 r2 u4", gemv_fp8_m1_r2_u4_bf16, 1, 2},
-    {"m1 r2 u8", gemv_fp8_m1_r2_u8_bf16, 1, 2}, {"m2 r1", gemv_fp8_m2_r1_bf16, 2, 1},
-    {"m2 r2", gemv_fp8_m2_r2_bf16, 2, 2},       {"m2 r4", gemv_fp8_m2_r4_bf16, 2, 4},
-    {"m2 r1 u4", gemv_fp8_m2_r1_u4_bf16, 2, 1}, {"m2 r1 u8", gemv_fp8_m2_r1_u8_bf16, 2, 1},
-    {"m2 r2 u4", gemv_fp8_m2_r2_u4_bf16, 2, 2}, {"m2 r2 u8", gemv_fp8_m2_r2_u8_bf16, 2, 2},
-    {"m4 r1", gemv_fp8_m4_r1_bf16, 4, 1},       {"m4 r2", gemv_fp8_m4_r2_bf16, 4, 2},
-    {"m4 r4", gemv_fp8_m4_r4_bf16, 4, 4},       {"m8 r1", gemv_fp8_m8_r1_bf16, 8, 1},
-    {"m8 r2", gemv_fp8_m8_r2_bf16, 8, 2},       {"m8 r4", gemv_fp8_m8_r4_bf16, 8, 4},
-    // grid n_out / 8: "r 2" in grid_of's terms.
-    {"mma candidate", fp8_mma_gemv_bf16, 8, 2, true, true},
+    {"m1 r1", gemv_fp8_m1_r1_bf16, 1, 4},
+    {"m1 r2", gemv_fp8_m1_r2_bf16, 1, 8},
+    {"m1 r4", gemv_fp8_m1_r4_bf16, 1, 16},
+    {"m1 r1 u4", gemv_fp8_m1_r1_u4_bf16, 1, 4},
+    {"m1 r1 u8", gemv_fp8_m1_r1_u8_bf16, 1, 4},
+    {"m1 r2 u4", gemv_fp8_m1_r2_u4_bf16, 1, 8},
+    {"m1 r2 u8", gemv_fp8_m1_r2_u8_bf16, 1, 8},
+    {"m2 r1", gemv_fp8_m2_r1_bf16, 2, 4},
+    {"m2 r2", gemv_fp8_m2_r2_bf16, 2, 8},
+    {"m2 r4", gemv_fp8_m2_r4_bf16, 2, 16},
+    {"m2 r1 u4", gemv_fp8_m2_r1_u4_bf16, 2, 4},
+    {"m2 r1 u8", gemv_fp8_m2_r1_u8_bf16, 2, 4},
+    {"m2 r2 u4", gemv_fp8_m2_r2_u4_bf16, 2, 8},
+    {"m2 r2 u8", gemv_fp8_m2_r2_u8_bf16, 2, 8},
+    {"m4 r1", gemv_fp8_m4_r1_bf16, 4, 4},
+    {"m4 r2", gemv_fp8_m4_r2_bf16, 4, 8},
+    {"m4 r4", gemv_fp8_m4_r4_bf16, 4, 16},
+    {"m8 r1", gemv_fp8_m8_r1_bf16, 8, 4},
+    {"m8 r2", gemv_fp8_m8_r2_bf16, 8, 8},
+    {"m8 r4", gemv_fp8_m8_r4_bf16, 8, 16},
+    {"mma candidate", fp8_mma_gemv_bf16, 8, 8, true, true},
 };
 
 struct Shape {
@@ -138,24 +149,11 @@ struct Shape {
 const Shape kShapes[4] = {
     {"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}};
 
-unsigned rng(unsigned& s) {
-    s = s * 1664525u + 1013904223u;
-    return s >> 8;
-}
-
-// E4M3's value of byte b (no NaN is generated below).
+// E4M3's value of byte b (cuda_fp8.h's conversion; no NaN is generated below).
 float e4m3_value(unsigned char b) {
-    const int sign = b >> 7, exp = (b >> 3) & 15, mant = b & 7;
-    const float v = exp == 0 ? mant / 8.0f * std::ldexp(1.0f, -6)
-                             : (1.0f + mant / 8.0f) * std::ldexp(1.0f, exp - 7);
-    return sign ? -v : v;
-}
-
-template <typename E> E* upload(const std::vector<E>& v) {
-    E* d;
-    CK(cudaMalloc(&d, v.size() * sizeof(E)));
-    CK(cudaMemcpy(d, v.data(), v.size() * sizeof(E), cudaMemcpyHostToDevice));
-    return d;
+    __nv_fp8_e4m3 v;
+    v.__x = b;
+    return static_cast<float>(v);
 }
 
 void launch(cudaStream_t st, const Variant& v, dim3 grid, bf* y, const bf* x, const E4M3* w,
@@ -163,7 +161,7 @@ void launch(cudaStream_t st, const Variant& v, dim3 grid, bf* y, const bf* x, co
     launch_pdl(st, v.kernel, grid, dim3(128), y, x, w, scale, 1, rows, n, k);
 }
 
-dim3 grid_of(const Variant& v, int n) { return dim3((n + 4 * v.r - 1) / (4 * v.r)); }
+dim3 grid_of(const Variant& v, int n) { return dim3((n + v.columns - 1) / v.columns); }
 
 }  // namespace
 
@@ -184,11 +182,11 @@ int main() {
         unsigned seed = 17 + s.n;
         std::vector<unsigned char> wq((size_t)s.n * s.k);
         for (auto& b : wq) {
-            b = rng(seed) & 0xff;
+            b = lcg_next(seed) & 0xff;
             if ((b & 0x7f) == 0x7f) b &= 0xfe;  // 0x7f / 0xff are NaN in E4M3
         }
         std::vector<float> scale(s.n);
-        for (auto& v : scale) v = 0.001f + (rng(seed) % 1000) * 1e-6f;
+        for (auto& v : scale) v = 0.001f + (lcg_next(seed) % 1000) * 1e-6f;
         const double bytes = (double)wq.size() + scale.size() * 4.0;
         const int copies = std::max(2, (int)std::ceil(256e6 / bytes));
         std::vector<E4M3*> dw(copies);
@@ -198,7 +196,7 @@ int main() {
         float* dscale = upload(scale);
         for (int rows : row_list) {
             std::vector<bf> x((size_t)rows * s.k);
-            for (auto& v : x) v = from_f<bf>((rng(seed) % 2001) / 1000.0f - 1.0f);
+            for (auto& v : x) v = from_f<bf>((lcg_next(seed) % 2001) / 1000.0f - 1.0f);
             // The CPU's double-precision product.
             std::vector<double> ref((size_t)rows * s.n, 0.0);
             double ref_max = 0;

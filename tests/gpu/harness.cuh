@@ -86,6 +86,20 @@ template <typename F> inline double graph_us(cudaStream_t st, int launches, F ru
     return ms * 1e3 / (reps * launches);
 }
 
+// A copy of `v` in device memory (cudaMalloc'd; the caller frees it).
+template <typename E> inline E* upload(const std::vector<E>& v) {
+    E* d;
+    CK(cudaMalloc(&d, v.size() * sizeof(E)));
+    CK(cudaMemcpy(d, v.data(), v.size() * sizeof(E), cudaMemcpyHostToDevice));
+    return d;
+}
+
+// The next 24-bit value of a linear congruential sequence seeded by `s` (reproducible test data).
+inline unsigned lcg_next(unsigned& s) {
+    s = s * 1664525u + 1013904223u;
+    return s >> 8;
+}
+
 // Launches `kernel` on `stream` with programmatic dependent launch allowed, as the worker's
 // decode graphs launch their kernels (each waits for its inputs in common.cuh's
 // wait_for_inputs, after what it may do before).

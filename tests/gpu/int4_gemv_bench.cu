@@ -79,11 +79,6 @@ struct Variant {
     int max_split;
 };
 
-static unsigned rng(unsigned& s) {
-    s = s * 1664525u + 1013904223u;
-    return s >> 8;
-}
-
 // A 4-bit weight [n, k] in groups, and what the layouts make of it.
 struct Weight {
     int n, k, group;  // group: inputs per group
@@ -104,14 +99,14 @@ struct Weight {
 static Weight make_weight(int n, int k, int group, unsigned seed) {
     Weight w{n, k, group, {}, {}, {}};
     w.q.resize((size_t)n * k);
-    for (auto& v : w.q) v = rng(seed) & 15;
+    for (auto& v : w.q) v = lcg_next(seed) & 15;
     const int groups = n * (k / group);
     w.scale.resize(groups);
     w.zero.resize(groups);
     for (int i = 0; i < groups; ++i) {
         // f16-exact scales around 0.01, integer zero points.
-        w.scale[i] = __half2float(__float2half(0.004f + (rng(seed) % 1000) * 0.00001f));
-        w.zero[i] = (float)(rng(seed) % 16);
+        w.scale[i] = __half2float(__float2half(0.004f + (lcg_next(seed) % 1000) * 0.00001f));
+        w.zero[i] = (float)(lcg_next(seed) % 16);
     }
     return w;
 }
@@ -168,25 +163,6 @@ static void pack_old(const Weight& w, std::vector<unsigned>& words, std::vector<
         for (int j = 0; j < groups; ++j) params[(size_t)r * groups + j] = w.param(r, j);
 }
 
-template <typename T> static T to_t(float v);
-template <> bf to_t<bf>(float v) { return __float2bfloat16(v); }
-template <> __half to_t<__half>(float v) { return __float2half(v); }
-static float from_t(bf v) { return __bfloat162float(v); }
-static float from_t(__half v) { return __half2float(v); }
-
-template <typename T> static T* upload(const std::vector<T>& v) {
-    T* d;
-    CK(cudaMalloc(&d, v.size() * sizeof(T)));
-    CK(cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-    return d;
-}
-
-template <typename... KArgs, typename... Args>
-static void launch(cudaStream_t st, void (*kernel)(KArgs...), dim3 grid, dim3 block,
-                   Args... args) {
-    launch_pdl(st, kernel, grid, block, args...);
-}
-
 // gemm_w4 on `rows` rows: the n-tiles of the smallest variant that holds them (64 a chunk).
 template <typename T>
 static void launch_gemm(cudaStream_t st, T* y, const T* x, const uint4* w, const unsigned* p,
@@ -210,7 +186,7 @@ static void launch_gemm(cudaStream_t st, T* y, const T* x, const uint4* w, const
     } else {
         kernels[0] = gemm_w4_n16_f16, kernels[1] = gemm_w4_n32_f16, kernels[2] = gemm_w4_n64_f16;
     }
-    launch(st, kernels[most <= 16 ? 0 : most <= 32 ? 1 : 2], grid, block, y, x, w, p, partials,
+    launch_pdl(st, kernels[most <= 16 ? 0 : most <= 32 ? 1 : 2], grid, block, y, x, w, p, partials,
            counters, rows, n_out, k, shift, split);
 }
 
@@ -228,7 +204,7 @@ template <typename T>
 static double error_of(const std::vector<T>& y, const std::vector<double>& ref) {
     double e = 0, m = 0;
     for (size_t i = 0; i < ref.size(); ++i) {
-        e = std::max(e, std::fabs(from_t(y[i]) - ref[i]));
+        e = std::max(e, std::fabs(to_f(y[i]) - ref[i]));
         m = std::max(m, std::fabs(ref[i]));
     }
     return e / m;
@@ -242,7 +218,7 @@ static std::vector<double> reference(const Weight& w, const std::vector<T>& x, i
     std::vector<double> ref((size_t)rows * w.n, 0.0);
     for (int m = 0; m < rows; ++m) {
         std::vector<double> xm(w.k);
-        for (int c = 0; c < w.k; ++c) xm[c] = from_t(x[(size_t)m * w.k + c]);
+        for (int c = 0; c < w.k; ++c) xm[c] = to_f(x[(size_t)m * w.k + c]);
         for (int r = 0; r < w.n; ++r) {
             const float* row = &dense[(size_t)r * w.k];
             double s = 0;
@@ -277,7 +253,7 @@ template <typename T> struct Problem {
         std::vector<unsigned> words, params;
         pack_new(w, words, params);
         std::vector<T> x((size_t)rows * w.k);
-        for (auto& v : x) v = to_t<T>((rng(seed) % 2001) / 1000.0f - 1.0f);
+        for (auto& v : x) v = from_f<T>((lcg_next(seed) % 2001) / 1000.0f - 1.0f);
         ref = reference(w, x, rows);
         dw = upload(words);
         dp = upload(params);
@@ -321,7 +297,7 @@ static void check(const char* what, const Weight& w, int rows) {
     size_t mismatches = 0;
     for (int r = 0; r < w.n; ++r)
         for (int c = 0; c < w.k; ++c)
-            if (from_t(q[(size_t)r * w.k + c]) != from_t(to_t<T>(w.at(r, c)))) ++mismatches;
+            if (to_f(q[(size_t)r * w.k + c]) != to_f(from_f<T>(w.at(r, c)))) ++mismatches;
     const bool ok = worst < kTolerance && mismatches == 0;
     g_failures += !ok;
     printf("check %-34s %d rows: max error %.5f (limit %.3f), dequantize mismatches %zu: %s\n",
@@ -420,7 +396,7 @@ static void time_gemm(cudaStream_t st, double copy_gbs) {
         const int chunks = (max_rows + 63) / 64;
         std::vector<bf> x((size_t)max_rows * s.k);
         unsigned seed = 5;
-        for (auto& v : x) v = to_t<bf>((rng(seed) % 2001) / 1000.0f - 1.0f);
+        for (auto& v : x) v = from_f<bf>((lcg_next(seed) % 2001) / 1000.0f - 1.0f);
         bf* dx = upload(x);
         bf *dy, *dq;
         CK(cudaMalloc(&dy, (size_t)max_rows * s.n * sizeof(bf)));
@@ -457,7 +433,7 @@ static void time_gemm(cudaStream_t st, double copy_gbs) {
 #endif
             const double gemv_us = time_us([&](int c) {
                 for (int m = 0; m < rows; m += 8) {
-                    launch(st, variant<4, bf>, dim3(s.n / 16), dim3(32 * gemv_split),
+                    launch_pdl(st, variant<4, bf>, dim3(s.n / 16), dim3(32 * gemv_split),
                            dy + (size_t)m * s.n, (const bf*)(dx + (size_t)m * s.k),
                            reinterpret_cast<const uint4*>(dwn[c]), (const unsigned*)dpn[c],
                            std::min(8, rows - m), s.n, s.k, 7, gemv_split);
@@ -466,7 +442,7 @@ static void time_gemm(cudaStream_t st, double copy_gbs) {
             row(rows, "gemv_w4, 8 rows a launch", gemv_split, gemv_us);
         }
         const double dq_us = time_us([&](int c) {
-            launch(st, dequantize_kernel<bf>, dim3(132 * 8), dim3(256), dq,
+            launch_pdl(st, dequantize_kernel<bf>, dim3(132 * 8), dim3(256), dq,
                    (const unsigned*)dwn[c], (const unsigned*)dpn[c], s.n, s.k, 7);
         });
         row(0, "dequantize_w4 alone (any rows; cuBLAS comes after)", 0, dq_us);
@@ -567,7 +543,7 @@ int main() {
             const int rows = row_list[ri];
             std::vector<bf> x((size_t)rows * s.k);
             unsigned seed = 5;
-            for (auto& v : x) v = to_t<bf>((rng(seed) % 2001) / 1000.0f - 1.0f);
+            for (auto& v : x) v = from_f<bf>((lcg_next(seed) % 2001) / 1000.0f - 1.0f);
             const auto ref = reference(w, x, rows);
             bf* dx = upload(x);
             bf* dy;
@@ -584,7 +560,7 @@ int main() {
                         const unsigned* pp = v.old_layout ? dpo[c] : dpn[c];
                         // The old kernel takes group_size, the new one its log2.
                         const int g = v.old_layout ? 128 : 7;
-                        launch(st, v.kernel, dim3(s.n / 16), dim3(32 * split), dy, (const bf*)dx,
+                        launch_pdl(st, v.kernel, dim3(s.n / 16), dim3(32 * split), dy, (const bf*)dx,
                                wp, pp, rows, s.n, s.k, g, split);
                     };
                     run(0);
