@@ -277,6 +277,20 @@ step_fp8() {
   run_compare "greedy tp1-fp8" --greedy "$OURS/tp1-fp8.json" \
     --greedy-ref "$REF_FP8/hf_greedy_bfloat16.json" \
     --greedy-truth "$REF_FP8/hf_greedy_float32.json" --ref-label "fp8 bfloat16" --near-tie 0.1
+  # Every position as a one-row decode step, and the greedy batch of 4 rows, with every FP8
+  # product of up to 8 rows on the tensor-core GEMV (weight-only FP8, other sums than the FMA
+  # GEMV's): against the unquantized float32 truth, no further from it than the FP8 emulation.
+  export TPSERVE_CUDA_LINEAR=fp8-mma
+  ours_logits tp1-fp8-mma 1 bfloat16 --quantization fp8 --chunk 1
+  unset TPSERVE_CUDA_LINEAR
+  if [ -s "$OURS/tp1-fp8-mma.f32" ] && [ -f "$REF/hf_float32.f32" ]; then
+    run_compare "tp1-fp8-mma vs hf (FP8 rounding as the peer)" --truth "$REF/hf_float32.f32" \
+      --peer "$REF_FP8/hf_float32.f32" --ours "$OURS/tp1-fp8-mma.f32" --vocab "$VOCAB" \
+      --prompts "$CKPT/prompts.json"
+    run_compare "greedy tp1-fp8-mma" --greedy "$OURS/tp1-fp8-mma.json" \
+      --greedy-ref "$REF_FP8/hf_greedy_bfloat16.json" \
+      --greedy-truth "$REF_FP8/hf_greedy_float32.json" --ref-label "fp8 bfloat16" --near-tie 0.1
+  fi
 }
 
 # step_fp8_kv: `--kv-cache-dtype fp8` (issue 12): keys and values stored in FP8 E4M3 (scales of

@@ -1,6 +1,7 @@
 //! The GEMV kernels of gemv.cu as families: every (rows, columns per warp, chunks in flight)
 //! variant of one weight type, the activation dtype's or FP8 E4M3's (`--quantization fp8`), and
-//! the launch of the variant a product asks for. `linear.rs` chooses the variant per shape.
+//! the launch of the variant a product asks for, and the tensor-core GEMV for FP8 weights.
+//! `linear.rs` chooses the variant per shape.
 
 use cudarc::driver::CudaFunction;
 
@@ -105,4 +106,45 @@ impl Kernels {
             .map(drop)
             .map_err(|e| super::device::device_err(&format!("launching {}", family.name), e))
     }
+
+    /// `p.y = p.x p.w^T` for 1 to 8 rows of FP8 E4M3 weights on tensor cores (gemv.cu's
+    /// gemv_fp8_mma: other sums than [`Self::gemv`]'s). `p.k` must be a multiple of
+    /// [`FP8_MMA_K_MULTIPLE`].
+    pub fn gemv_fp8_mma(&self, p: &Product) -> Result<()> {
+        let Some(fp8) = &p.fp8 else {
+            return Err(WorkerError::Device {
+                detail: "the FP8 tensor-core GEMV on a weight that is not FP8".into(),
+            });
+        };
+        if !(1..=8).contains(&p.rows) || !p.k.is_multiple_of(FP8_MMA_K_MULTIPLE) {
+            return Err(WorkerError::Unsupported {
+                detail: format!(
+                    "{} rows of {} inputs on the FP8 tensor-core GEMV (1 to 8 rows, a multiple \
+                     of {FP8_MMA_K_MULTIPLE} inputs)",
+                    p.rows, p.k
+                ),
+            });
+        }
+        let (rw, nw, kw) = (p.rows as i32, p.n_out as i32, p.k as i32);
+        let per_row = i32::from(fp8.w_scale_per_row);
+        let mut b = self.launch(&self.gemv_fp8_mma);
+        b.arg(&p.y)
+            .arg(&p.x)
+            .arg(&p.w)
+            .arg(&fp8.w_scale)
+            .arg(&per_row)
+            .arg(&rw)
+            .arg(&nw)
+            .arg(&kw);
+        // SAFETY: as gemv.cu documents: y holds rows x n_out and x rows x k elements of the
+        // dtype, w n_out x k bytes with its f32 scale (or n_out of them) at fp8.w_scale, all the
+        // caller's buffers, 16-byte aligned, with k a multiple of 256 and 1 to 8 rows.
+        unsafe { b.launch(super::kernels::grid_rows(p.n_out.div_ceil(8), 128)) }
+            .map(drop)
+            .map_err(|e| super::device::device_err("launching gemv_fp8_mma", e))
+    }
 }
+
+/// The multiple of K the FP8 tensor-core GEMV needs: 64 inputs a tile for each of a block's 4
+/// warps.
+pub const FP8_MMA_K_MULTIPLE: usize = 256;

@@ -355,6 +355,8 @@ pub struct Kernels {
     /// The GEMV variants for weights in the dtype and in FP8 E4M3 (`gemv.rs`).
     pub(super) gemv: GemvFamily,
     pub(super) gemv_fp8: GemvFamily,
+    /// The tensor-core FP8 GEMV for 1 to 8 rows (`gemv.rs`).
+    pub(super) gemv_fp8_mma: CudaFunction,
     /// 4-bit weights (`int4.rs`).
     pub(super) gemv_w4: CudaFunction,
     /// The 4-bit GEMM of up to 16, 32 and 64 rows a chunk.
@@ -373,11 +375,11 @@ pub struct Kernels {
     lora_expand: CudaFunction,
 }
 
-/// One block of `threads` threads per row, `n` rows.
 /// The longest row (bytes of the dtype) silu_mul_fp8_rows holds in shared memory: Llama-3-70B's
 /// 28,672 intermediate elements on one rank fit.
 const SILU_FP8_MAX_ROW_BYTES: usize = 64 << 10;
 
+/// One block of `threads` threads per row, `n` rows.
 pub(super) fn grid_rows(n: usize, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n as u32, 1, 1),
@@ -557,6 +559,7 @@ impl Kernels {
             set_entries: take("set_entries")?,
             gemv: GemvFamily::load(&mut take, "gemv")?,
             gemv_fp8: GemvFamily::load(&mut take, "gemv_fp8")?,
+            gemv_fp8_mma: take("gemv_fp8_mma")?,
             gemv_w4: take("gemv_w4")?,
             gemm_w4: [
                 take("gemm_w4_n16")?,
