@@ -237,27 +237,53 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const W* _
         const float* __restrict__ w_scale, int w_scale_per_row, int rows, int n_out, int k) { \
         gemv_impl<T, E4M3, M, R, U>(y, x, w, w_scale, w_scale_per_row, rows, n_out, k);       \
     }
-// gemv_fp8_mma_{bf16,f16}: the FP8 product for 1 to 8 rows on tensor cores (issue 12), for the
-// decoding batches of 2 to 8 rows, where the FMA variants above convert every weight once per
-// row and fall to a quarter to a half of the copy rate on an H100 at 4 and 8 rows, while this
-// kernel streams at 0.6-0.93 of it at any row count up to 8 (docs/PERFORMANCE.md, issue 12,
-// session 32). mma.m16n8k16 with x as A (its rows 0-7; rows 8-15 zero) and the weight as B (8
-// outputs; "col" layout = the weight's own row-major rows, so nothing is repacked): lane (g, t)
-// loads the 16 bytes of weight row n0 + g at inputs 64 i + 16 t of tile i, and its B fragment of
-// step s is bytes 4 s .. 4 s + 3 of them (E4M3 -> T exactly), so the step's k-slots 2t, 2t+1,
-// 2t+8, 2t+9 are those inputs; its A fragment is x row g at the same inputs (two 16-byte loads a
-// tile, no conversion). A block of 4 warps owns 8 outputs and splits K four ways; the warps' sums
-// are added in warp order. Its sums differ from the FMA variants' (the tensor cores' order):
-// linear.rs's warm-up chooses it per shape and row bucket by timing, as it chooses cuBLAS for
-// the dtype's weights.
+// gemv_mma_{bf16,f16} and gemv_fp8_mma_{bf16,f16}: the product for 1 to 8 rows on tensor cores,
+// for weights in T and in FP8 E4M3, for the decoding batches of 2 to 8 rows, where the FMA
+// variants above convert every weight once per row and fall to a quarter to a half of the copy
+// rate on an H100 at 4 and 8 rows (FP8 weights), while this kernel's instructions a weight byte
+// do not grow with the rows (docs/PERFORMANCE.md, issue 12, session 32). mma.m16n8k16 with x as
+// A (its rows 0-7; rows 8-15 zero) and the weight as B (8 outputs; "col" layout = the weight's
+// own row-major rows, so nothing is repacked): lane (g, t) loads the 16 bytes of weight row
+// n0 + g at inputs I (i + t / 4) of tile i (I = 8 elements of T or 16 of E4M3 a load), and its B
+// fragment of step s is elements 4 s .. 4 s + 3 of them (E4M3 -> T exactly), so the step's
+// k-slots 2t, 2t+1, 2t+8, 2t+9 are those inputs; its A fragment is x row g at the same inputs
+// (one or two 16-byte loads, no conversion). A block of 4 warps owns 8 outputs and splits K four
+// ways; the warps' sums are added in warp order. Its sums differ from the FMA variants' (the
+// tensor cores' order): linear.rs's warm-up chooses it per shape and row bucket by timing, as it
+// chooses between the GEMV and cuBLAS.
 //
-// Arguments as the FP8 GEMVs above, with k a multiple of 256.
+// kAhead tiles are in flight per lane. Arguments as the GEMVs above (w_scale null for weights in
+// T), with k a multiple of 4 warps x 4 lanes x I (128 for T, 256 for E4M3).
 // Launch: grid (ceil(n_out / 8), 1, 1); block (128, 1, 1).
-template <typename T>
-__device__ void gemv_fp8_mma_impl(T* __restrict__ y, const T* __restrict__ x,
-                                  const E4M3* __restrict__ w, const float* __restrict__ w_scale,
-                                  int w_scale_per_row, int rows, int n_out, int k) {
-    constexpr int kAhead = 4;  // tiles in flight per lane
+template <typename T, typename W> struct MmaWeight {
+    static constexpr int kInputs = 8;  // inputs of one 16-byte load
+    // Step st's B fragment: the load's elements 4 st .. 4 st + 3 as two pairs of T.
+    static __device__ __forceinline__ void fragment(const unsigned (&ws)[4], int st,
+                                                    unsigned& b0, unsigned& b1) {
+        b0 = ws[2 * st];
+        b1 = ws[2 * st + 1];
+    }
+};
+template <typename T> struct MmaWeight<T, E4M3> {
+    static constexpr int kInputs = 16;
+    static __device__ __forceinline__ void fragment(const unsigned (&ws)[4], int st,
+                                                    unsigned& b0, unsigned& b1) {
+        const float2 lo = tpserve::e4m3x2_to_float2(ws[st] & 0xffffu);
+        const float2 hi = tpserve::e4m3x2_to_float2(ws[st] >> 16);
+        b0 = tpserve::Mma<T>::pack(lo.x, lo.y);
+        b1 = tpserve::Mma<T>::pack(hi.x, hi.y);
+    }
+};
+
+template <typename T, typename W, int kAhead = 4>
+__device__ void gemv_mma_impl(T* __restrict__ y, const T* __restrict__ x, const W* __restrict__ w,
+                              const float* __restrict__ w_scale, int w_scale_per_row, int rows,
+                              int n_out, int k) {
+    using Weight = MmaWeight<T, W>;
+    constexpr int kInputs = Weight::kInputs;
+    constexpr int kXLoads = kInputs / 8;      // 16-byte loads of x a weight load
+    constexpr int kTile = 4 * kInputs;        // inputs of a row a tile (4 lanes)
+    constexpr int kTileBytes = 4 * 16;        // bytes of a row a tile
     __shared__ float partial[kWarps][8][8];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -267,46 +293,55 @@ __device__ void gemv_fp8_mma_impl(T* __restrict__ y, const T* __restrict__ x,
     const bool w_live = n0 + g < n_out;
     const bool x_live = g < rows;
     const int part = k / kWarps;  // inputs a warp
-    const int tiles = part / 64;
+    const int tiles = part / kTile;
     const unsigned char* w_row = reinterpret_cast<const unsigned char*>(w) +
-                                 (long long)(w_live ? n0 + g : 0) * k + warp * part;
-    const T* xr = x + (long long)(x_live ? g : 0) * k + warp * part + 16 * t;
+                                 ((long long)(w_live ? n0 + g : 0) * k + warp * part) * sizeof(W);
+    const T* xr = x + (long long)(x_live ? g : 0) * k + warp * part + kInputs * t;
     // As the FMA variants: the weights are constants of the model, so the first tiles are pulled
     // into L2 (lane t: tile t) and the scales loaded while the kernel before may still run.
     if (w_live && t < min(kAhead, tiles)) {
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(w_row + 64 * t));
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(w_row + kTileBytes * t));
     }
     float out_scale[2];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-        const int n = n0 + 2 * (lane & 3) + j;
-        out_scale[j] = warp == 0 && n < n_out ? w_scale[w_scale_per_row ? n : 0] : 0.0f;
+        const int n = n0 + 2 * t + j;
+        out_scale[j] = w_scale != nullptr && warp == 0 && n < n_out
+                           ? w_scale[w_scale_per_row ? n : 0]
+                           : 1.0f;
     }
     tpserve::wait_for_inputs();
     const unsigned char* wr = w_row + 16 * t;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int base = 0; base < tiles; base += kAhead) {
-        uint4 wv[kAhead], x0[kAhead], x1[kAhead];
+        uint4 wv[kAhead], xv[kAhead][kXLoads];
 #pragma unroll
         for (int u = 0; u < kAhead; ++u) {
             const bool in = base + u < tiles;
-            const long long off = 64LL * (base + u);
-            wv[u] = in && w_live ? load_streaming(wr + off) : make_uint4(0u, 0u, 0u, 0u);
-            x0[u] = in && x_live ? load_cached(xr + off) : make_uint4(0u, 0u, 0u, 0u);
-            x1[u] = in && x_live ? load_cached(xr + off + 8) : make_uint4(0u, 0u, 0u, 0u);
+            wv[u] = in && w_live ? load_streaming(wr + (long long)kTileBytes * (base + u))
+                                 : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+            for (int j = 0; j < kXLoads; ++j) {
+                xv[u][j] = in && x_live ? load_cached(xr + (long long)kTile * (base + u) + 8 * j)
+                                        : make_uint4(0u, 0u, 0u, 0u);
+            }
         }
 #pragma unroll
         for (int u = 0; u < kAhead; ++u) {
-            const unsigned int ws[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
-            const unsigned int xs[8] = {x0[u].x, x0[u].y, x0[u].z, x0[u].w,
-                                        x1[u].x, x1[u].y, x1[u].z, x1[u].w};
+            const unsigned ws[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
+            unsigned xs[4 * kXLoads];
 #pragma unroll
-            for (int st = 0; st < 4; ++st) {
-                const float2 lo = tpserve::e4m3x2_to_float2(ws[st] & 0xffffu);
-                const float2 hi = tpserve::e4m3x2_to_float2(ws[st] >> 16);
-                const unsigned int b0 = tpserve::Mma<T>::pack(lo.x, lo.y);
-                const unsigned int b1 = tpserve::Mma<T>::pack(hi.x, hi.y);
-                const unsigned int a[4] = {xs[2 * st], 0u, xs[2 * st + 1], 0u};
+            for (int j = 0; j < kXLoads; ++j) {
+                xs[4 * j] = xv[u][j].x;
+                xs[4 * j + 1] = xv[u][j].y;
+                xs[4 * j + 2] = xv[u][j].z;
+                xs[4 * j + 3] = xv[u][j].w;
+            }
+#pragma unroll
+            for (int st = 0; st < kInputs / 4; ++st) {
+                unsigned b0, b1;
+                Weight::fragment(ws, st, b0, b1);
+                const unsigned a[4] = {xs[2 * st], 0u, xs[2 * st + 1], 0u};
                 tpserve::Mma<T>::run(acc, a, b0, b1);
             }
         }
@@ -355,10 +390,15 @@ __device__ void gemv_fp8_mma_impl(T* __restrict__ y, const T* __restrict__ x,
     TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 2, 4) \
     TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 2, 8)
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_GEMV)
-#define TPSERVE_GEMV_FP8_MMA(SUFFIX, T)                                                       \
+#define TPSERVE_GEMV_MMA(SUFFIX, T)                                                           \
+    extern "C" __global__ void __launch_bounds__(128, 4) gemv_mma_##SUFFIX(                   \
+        T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int rows,        \
+        int n_out, int k) {                                                                   \
+        gemv_mma_impl<T, T>(y, x, w, nullptr, 0, rows, n_out, k);                             \
+    }                                                                                         \
     extern "C" __global__ void __launch_bounds__(128, 4) gemv_fp8_mma_##SUFFIX(               \
         T* __restrict__ y, const T* __restrict__ x, const E4M3* __restrict__ w,               \
         const float* __restrict__ w_scale, int w_scale_per_row, int rows, int n_out, int k) { \
-        gemv_fp8_mma_impl<T>(y, x, w, w_scale, w_scale_per_row, rows, n_out, k);              \
+        gemv_mma_impl<T, E4M3>(y, x, w, w_scale, w_scale_per_row, rows, n_out, k);            \
     }
-TPSERVE_FOR_EACH_DTYPE(TPSERVE_GEMV_FP8_MMA)
+TPSERVE_FOR_EACH_DTYPE(TPSERVE_GEMV_MMA)

@@ -232,7 +232,7 @@ step_bf16() {
 # logits of step_bf16 (needs step_reference and step_bf16 first): replayed by the CUDA graph of
 # batch size 1 (the decode kernel with its key splits sized on the device and their combine, at
 # contexts up to 1,500), through a graph of 8 rows (7 of them padding) with the GEMV pinned,
-# eagerly, and with the GEMV's two depths (bit-identical).
+# eagerly, with the GEMV's two depths (bit-identical), and on the tensor-core GEMV.
 step_decode() {
   ours_logits tp1-bf16-decode 1 bfloat16 --chunk 1
   check_logits tp1-bf16-decode bfloat16 tp1-bf16
@@ -252,6 +252,13 @@ step_decode() {
   ours_logits tp1-bf16-decode-deep 1 bfloat16 --chunk 1
   unset TPSERVE_CUDA_LINEAR
   check_logits tp1-bf16-decode-deep bfloat16 tp1-bf16-decode-gemv exact
+  # Every few-row product on the tensor-core GEMV (other sums than the FMA GEMV's), and the
+  # greedy batch of 4 rows through it, against transformers.
+  export TPSERVE_CUDA_LINEAR=mma
+  ours_logits tp1-bf16-decode-mma 1 bfloat16 --chunk 1
+  unset TPSERVE_CUDA_LINEAR
+  check_logits tp1-bf16-decode-mma bfloat16 tp1-bf16-decode
+  check_greedy tp1-bf16-decode-mma bfloat16 0.1
 }
 
 # step_fp8: `--quantization fp8` (issue 12) on the random checkpoint. Against transformers
@@ -280,7 +287,7 @@ step_fp8() {
   # Every position as a one-row decode step, and the greedy batch of 4 rows, with every FP8
   # product of up to 8 rows on the tensor-core GEMV (weight-only FP8, other sums than the FMA
   # GEMV's): against the unquantized float32 truth, no further from it than the FP8 emulation.
-  export TPSERVE_CUDA_LINEAR=fp8-mma
+  export TPSERVE_CUDA_LINEAR=mma
   ours_logits tp1-fp8-mma 1 bfloat16 --quantization fp8 --chunk 1
   unset TPSERVE_CUDA_LINEAR
   if [ -s "$OURS/tp1-fp8-mma.f32" ] && [ -f "$REF/hf_float32.f32" ]; then

@@ -1,6 +1,6 @@
 //! The GEMV kernels of gemv.cu as families: every (rows, columns per warp, chunks in flight)
 //! variant of one weight type, the activation dtype's or FP8 E4M3's (`--quantization fp8`), and
-//! the launch of the variant a product asks for, and the tensor-core GEMV for FP8 weights.
+//! the launch of the variant a product asks for, and the tensor-core GEMV for either weight type.
 //! `linear.rs` chooses the variant per shape.
 
 use cudarc::driver::CudaFunction;
@@ -107,44 +107,48 @@ impl Kernels {
             .map_err(|e| super::device::device_err(&format!("launching {}", family.name), e))
     }
 
-    /// `p.y = p.x p.w^T` for 1 to 8 rows of FP8 E4M3 weights on tensor cores (gemv.cu's
-    /// gemv_fp8_mma: other sums than [`Self::gemv`]'s). `p.k` must be a multiple of
-    /// [`FP8_MMA_K_MULTIPLE`].
-    pub fn gemv_fp8_mma(&self, p: &Product) -> Result<()> {
-        let Some(fp8) = &p.fp8 else {
-            return Err(WorkerError::Device {
-                detail: "the FP8 tensor-core GEMV on a weight that is not FP8".into(),
-            });
-        };
-        if !(1..=8).contains(&p.rows) || !p.k.is_multiple_of(FP8_MMA_K_MULTIPLE) {
+    /// `p.y = p.x p.w^T` for 1 to 8 rows on tensor cores (gemv.cu's gemv_mma, or gemv_fp8_mma
+    /// with `p.fp8`: other sums than [`Self::gemv`]'s). `p.k` must be a multiple of
+    /// [`mma_k_multiple`].
+    pub fn gemv_mma(&self, p: &Product) -> Result<()> {
+        let multiple = mma_k_multiple(p.fp8.is_some());
+        if !(1..=8).contains(&p.rows) || !p.k.is_multiple_of(multiple) || p.int4.is_some() {
             return Err(WorkerError::Unsupported {
                 detail: format!(
-                    "{} rows of {} inputs on the FP8 tensor-core GEMV (1 to 8 rows, a multiple \
-                     of {FP8_MMA_K_MULTIPLE} inputs)",
+                    "{} rows of {} inputs on the tensor-core GEMV (1 to 8 rows, a multiple of \
+                     {multiple} inputs, weights in the dtype or FP8)",
                     p.rows, p.k
                 ),
             });
         }
         let (rw, nw, kw) = (p.rows as i32, p.n_out as i32, p.k as i32);
-        let per_row = i32::from(fp8.w_scale_per_row);
-        let mut b = self.launch(&self.gemv_fp8_mma);
-        b.arg(&p.y)
-            .arg(&p.x)
-            .arg(&p.w)
-            .arg(&fp8.w_scale)
-            .arg(&per_row)
-            .arg(&rw)
-            .arg(&nw)
-            .arg(&kw);
+        let (function, name) = match p.fp8 {
+            None => (&self.gemv_mma, "gemv_mma"),
+            Some(_) => (&self.gemv_fp8_mma, "gemv_fp8_mma"),
+        };
+        let mut b = self.launch(function);
+        b.arg(&p.y).arg(&p.x).arg(&p.w);
+        let per_row = p.fp8.map_or(0i32, |f| i32::from(f.w_scale_per_row));
+        if let Some(fp8) = &p.fp8 {
+            b.arg(&fp8.w_scale).arg(&per_row);
+        }
+        b.arg(&rw).arg(&nw).arg(&kw);
         // SAFETY: as gemv.cu documents: y holds rows x n_out and x rows x k elements of the
-        // dtype, w n_out x k bytes with its f32 scale (or n_out of them) at fp8.w_scale, all the
-        // caller's buffers, 16-byte aligned, with k a multiple of 256 and 1 to 8 rows.
+        // dtype, w n_out x k of the dtype (or bytes, with its f32 scale or n_out of them at
+        // fp8.w_scale), all the caller's buffers, 16-byte aligned, with k the multiple checked
+        // above and 1 to 8 rows.
         unsafe { b.launch(super::kernels::grid_rows(p.n_out.div_ceil(8), 128)) }
             .map(drop)
-            .map_err(|e| super::device::device_err("launching gemv_fp8_mma", e))
+            .map_err(|e| super::device::device_err(&format!("launching {name}"), e))
     }
 }
 
-/// The multiple of K the FP8 tensor-core GEMV needs: 64 inputs a tile for each of a block's 4
-/// warps.
-pub const FP8_MMA_K_MULTIPLE: usize = 256;
+/// The multiple of K the tensor-core GEMV needs: a block's 4 warps of 4 lanes, each lane 16 bytes
+/// a tile (8 inputs of the dtype, 16 of FP8).
+pub const fn mma_k_multiple(fp8: bool) -> usize {
+    if fp8 {
+        256
+    } else {
+        128
+    }
+}

@@ -355,7 +355,8 @@ pub struct Kernels {
     /// The GEMV variants for weights in the dtype and in FP8 E4M3 (`gemv.rs`).
     pub(super) gemv: GemvFamily,
     pub(super) gemv_fp8: GemvFamily,
-    /// The tensor-core FP8 GEMV for 1 to 8 rows (`gemv.rs`).
+    /// The tensor-core GEMVs for 1 to 8 rows, weights in the dtype and in FP8 (`gemv.rs`).
+    pub(super) gemv_mma: CudaFunction,
     pub(super) gemv_fp8_mma: CudaFunction,
     /// 4-bit weights (`int4.rs`).
     pub(super) gemv_w4: CudaFunction,
@@ -559,6 +560,7 @@ impl Kernels {
             set_entries: take("set_entries")?,
             gemv: GemvFamily::load(&mut take, "gemv")?,
             gemv_fp8: GemvFamily::load(&mut take, "gemv_fp8")?,
+            gemv_mma: take("gemv_mma")?,
             gemv_fp8_mma: take("gemv_fp8_mma")?,
             gemv_w4: take("gemv_w4")?,
             gemm_w4: [

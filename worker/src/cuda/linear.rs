@@ -1,12 +1,13 @@
 //! The linear layers' products, `y = x W^T`, routed per weight shape and row count to the kernel
 //! measured fastest on this GPU: cuBLAS, or for steps of 1 to 8 rows (decoding) our GEMV kernel
 //! with 1, 2 or 4 output columns per warp (and, for 1 or 2 rows, deeper variants with more
-//! loads in flight per lane, for the smaller matrices). `tune` times every candidate once at start on the
+//! loads in flight per lane, for the smaller matrices), or our tensor-core GEMV (whose cost
+//! barely grows with the rows). `tune` times every candidate once at start on the
 //! model's own weights (rotating over layers, so the weights do not sit in L2); until then, and
-//! for shapes it did not see, cuBLAS runs. `TPSERVE_CUDA_LINEAR=cublas|gemv|gemv-deep|fp8-mma`
-//! pins one family (comparisons and numerical checks; `gemv-deep` takes the 8-chunk variant for 1
-//! or 2 rows, `fp8-mma` the tensor-core GEMV for FP8 weights, measured choices elsewhere); the
-//! GEMV pins still take cuBLAS beyond 8 rows. In
+//! for shapes it did not see, cuBLAS runs. `TPSERVE_CUDA_LINEAR=cublas|gemv|gemv-deep|mma` pins
+//! one family (comparisons and numerical checks; `gemv-deep` takes the 8-chunk variant for 1 or 2
+//! rows, `mma` the tensor-core GEMV where it applies, measured choices elsewhere); the GEMV pins
+//! still take cuBLAS beyond 8 rows. In
 //! batch-invariant mode every product, whatever its rows, runs the one batch-invariant kernel
 //! (gemm_bi.cu), and nothing is tuned. Products with FP8 weights (`--quantization fp8`) choose
 //! among the FP8 GEMV variants and the tensor-core FP8 GEMV up to 8 rows (always weight-only
@@ -28,7 +29,7 @@ use super::blas::Blas;
 use super::blas_lt::{BlasLt, Fp8Gemm, Scale};
 use super::device::{device_err, Gpu};
 use super::fp8::Fp8Operands;
-use super::gemv::FP8_MMA_K_MULTIPLE;
+use super::gemv::mma_k_multiple;
 use super::int4::{Int4Operands, GATHERED_ROWS, GEMM_ROWS as INT4_GEMM_ROWS, TILE as INT4_TILE};
 use super::kernels::{Kernels, Product, ELEM};
 use crate::error::{Result, WorkerError};
@@ -67,8 +68,8 @@ pub const ROW_BUCKETS: [usize; 4] = [1, 2, 4, 8];
 
 /// The GEMV variants (output columns per warp, chunks in flight per lane) measured for a row
 /// bucket: 1, 2 or 4 columns with 2 chunks for every bucket, and the deeper variants (4 or 8
-/// chunks, 1 or 2 columns) for buckets of 1 and 2 rows, which the kernel is built for; for FP8
-/// weights whose K it takes, the tensor-core GEMV too.
+/// chunks, 1 or 2 columns) for buckets of 1 and 2 rows, which the kernel is built for; and the
+/// tensor-core GEMV where it takes the weight's K.
 fn gemv_variants(rows: usize, shape: Shape) -> Vec<LinearKernel> {
     if shape.int4 {
         // int4.cu has one GEMV (its shape set by K, not by a choice).
@@ -84,8 +85,8 @@ fn gemv_variants(rows: usize, shape: Shape) -> Vec<LinearKernel> {
             }
         }
     }
-    if shape.takes_fp8_mma() {
-        out.push(LinearKernel::Fp8Mma);
+    if shape.takes_mma() {
+        out.push(LinearKernel::Mma);
     }
     out
 }
@@ -108,8 +109,8 @@ pub enum LinearKernel {
     BatchInvariant,
     /// int4.cu's 4-bit GEMM (9 to 64 rows of a 4-bit weight).
     Int4Gemm,
-    /// gemv.cu's tensor-core GEMV for FP8 weights (1 to 8 rows).
-    Fp8Mma,
+    /// gemv.cu's tensor-core GEMV (1 to 8 rows of a weight in the dtype or in FP8).
+    Mma,
 }
 
 impl std::fmt::Display for LinearKernel {
@@ -120,7 +121,7 @@ impl std::fmt::Display for LinearKernel {
             Self::Gemv { columns, unroll } => write!(f, "GEMV r{columns} u{unroll}"),
             Self::BatchInvariant => write!(f, "batch-invariant GEMM"),
             Self::Int4Gemm => write!(f, "4-bit GEMM"),
-            Self::Fp8Mma => write!(f, "FP8 tensor-core GEMV"),
+            Self::Mma => write!(f, "tensor-core GEMV"),
         }
     }
 }
@@ -133,8 +134,8 @@ enum Pin {
     Gemv,
     /// The deepest GEMV variant (1 column, 8 chunks in flight) where it exists.
     GemvDeep,
-    /// The tensor-core GEMV for FP8 weights where it applies, measured choices elsewhere.
-    Fp8Mma,
+    /// The tensor-core GEMV where it applies, measured choices elsewhere.
+    Mma,
     BatchInvariant,
 }
 
@@ -174,9 +175,9 @@ impl Shape {
         self.fp8 || self.int4
     }
 
-    /// An FP8 weight whose K the tensor-core GEMV takes.
-    fn takes_fp8_mma(&self) -> bool {
-        self.fp8 && self.k.is_multiple_of(FP8_MMA_K_MULTIPLE)
+    /// A weight in the dtype or in FP8 whose K the tensor-core GEMV takes.
+    fn takes_mma(&self) -> bool {
+        !self.int4 && self.k.is_multiple_of(mma_k_multiple(self.fp8))
     }
 }
 
@@ -216,7 +217,7 @@ impl Linear {
             Ok("cublas") => Pin::Cublas,
             Ok("gemv") => Pin::Gemv,
             Ok("gemv-deep") => Pin::GemvDeep,
-            Ok("fp8-mma") => Pin::Fp8Mma,
+            Ok("mma") => Pin::Mma,
             _ => Pin::Measured,
         };
         Self {
@@ -252,8 +253,8 @@ impl Linear {
                 unroll: 8,
             },
             Pin::GemvDeep => PLAIN_GEMV,
-            Pin::Fp8Mma if shape.takes_fp8_mma() => LinearKernel::Fp8Mma,
-            Pin::Measured | Pin::Fp8Mma => {
+            Pin::Mma if shape.takes_mma() => LinearKernel::Mma,
+            Pin::Measured | Pin::Mma => {
                 self.choices
                     .get(&(shape, b))
                     .copied()
@@ -405,7 +406,7 @@ impl Linear {
             (LinearKernel::Cublas, Some(fp8)) => self.fp8_product(kernels, p, fp8, false),
             (LinearKernel::Gemv { columns, unroll }, _) => kernels.gemv(p, columns, unroll),
             (LinearKernel::BatchInvariant, _) => kernels.gemm_bi(p),
-            (LinearKernel::Fp8Mma, _) => kernels.gemv_fp8_mma(p),
+            (LinearKernel::Mma, _) => kernels.gemv_mma(p),
             (LinearKernel::Int4Gemm, _) => Err(WorkerError::Device {
                 detail: "the 4-bit GEMM on a weight that is not 4-bit".into(),
             }),
@@ -527,17 +528,23 @@ mod tests {
             vec![gemv(1, 2), gemv(2, 2), gemv(4, 2)]
         );
         assert_eq!(gemv_variants(1, shape(false, true)), vec![PLAIN_GEMV]);
-        // FP8 weights whose K is a multiple of 256 add the tensor-core GEMV at every bucket.
-        let wide = Shape {
-            k: 4096,
-            ..shape(true, false)
+        // The tensor-core GEMV joins at every bucket where it takes K: a multiple of 256 for FP8
+        // weights, of 128 for the dtype's, never for 4-bit ones.
+        let with_k = |k, fp8, int4| Shape {
+            k,
+            ..shape(fp8, int4)
         };
         assert_eq!(
-            gemv_variants(8, wide),
-            vec![gemv(1, 2), gemv(2, 2), gemv(4, 2), LinearKernel::Fp8Mma]
+            gemv_variants(8, with_k(4096, true, false)),
+            vec![gemv(1, 2), gemv(2, 2), gemv(4, 2), LinearKernel::Mma]
         );
-        assert_eq!(gemv_variants(1, wide).last(), Some(&LinearKernel::Fp8Mma));
-        assert!(!gemv_variants(2, shape(false, false)).contains(&LinearKernel::Fp8Mma));
+        assert_eq!(
+            gemv_variants(1, with_k(128, false, false)).last(),
+            Some(&LinearKernel::Mma)
+        );
+        assert!(!gemv_variants(2, with_k(128, true, false)).contains(&LinearKernel::Mma));
+        assert!(!gemv_variants(2, with_k(4096, false, true)).contains(&LinearKernel::Mma));
+        assert_eq!(LinearKernel::Mma.to_string(), "tensor-core GEMV");
     }
 
     #[test]
