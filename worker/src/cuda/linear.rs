@@ -2,15 +2,17 @@
 //! measured fastest on this GPU: cuBLAS, or for steps of 1 to 8 rows (decoding) our GEMV kernel
 //! with 1, 2 or 4 output columns per warp (and, for 1 or 2 rows, deeper variants with more
 //! loads in flight per lane, for the smaller matrices), or our tensor-core GEMV (whose cost
-//! barely grows with the rows). `tune` times every candidate once at start on the
+//! barely grows with the rows; below). `tune` times every candidate once at start on the
 //! model's own weights (rotating over layers, so the weights do not sit in L2); until then, and
 //! for shapes it did not see, cuBLAS runs. `TPSERVE_CUDA_LINEAR=cublas|gemv|gemv-deep|mma` pins
 //! one family (comparisons and numerical checks; `gemv-deep` takes the 8-chunk variant for 1 or 2
 //! rows, `mma` the tensor-core GEMV where it applies, measured choices elsewhere); the GEMV pins
-//! still take cuBLAS beyond 8 rows. In
+//! still take cuBLAS beyond 8 rows. The tensor-core GEMV joins the measured candidates only with
+//! `TPSERVE_CUDA_LINEAR=measured-mma` until `tests/gpu/run.sh` has checked it on a GPU (issue 12,
+//! session 32: its kernel was timed in a harness, not yet through the worker). In
 //! batch-invariant mode every product, whatever its rows, runs the one batch-invariant kernel
 //! (gemm_bi.cu), and nothing is tuned. Products with FP8 weights (`--quantization fp8`) choose
-//! among the FP8 GEMV variants and the tensor-core FP8 GEMV up to 8 rows (always weight-only
+//! among the FP8 GEMV variants (and the tensor-core FP8 GEMV) up to 8 rows (always weight-only
 //! FP8, whatever the timing; the tensor cores sum in another order), and run cuBLASLt's FP8 GEMM above, on activations quantized per row (`fp8.rs`: by the kernel
 //! that made them, or here; with a checkpoint's static scale, per tensor), the vectors applied by
 //! cuBLASLt's outer-vector scaling or after the GEMM where this cuBLASLt has none. Products
@@ -68,9 +70,9 @@ pub const ROW_BUCKETS: [usize; 4] = [1, 2, 4, 8];
 
 /// The GEMV variants (output columns per warp, chunks in flight per lane) measured for a row
 /// bucket: 1, 2 or 4 columns with 2 chunks for every bucket, and the deeper variants (4 or 8
-/// chunks, 1 or 2 columns) for buckets of 1 and 2 rows, which the kernel is built for; and the
-/// tensor-core GEMV where it takes the weight's K.
-fn gemv_variants(rows: usize, shape: Shape) -> Vec<LinearKernel> {
+/// chunks, 1 or 2 columns) for buckets of 1 and 2 rows, which the kernel is built for; and, with
+/// `with_mma`, the tensor-core GEMV where it takes the weight's K.
+fn gemv_variants(rows: usize, shape: Shape, with_mma: bool) -> Vec<LinearKernel> {
     if shape.int4 {
         // int4.cu has one GEMV (its shape set by K, not by a choice).
         return vec![PLAIN_GEMV];
@@ -85,7 +87,7 @@ fn gemv_variants(rows: usize, shape: Shape) -> Vec<LinearKernel> {
             }
         }
     }
-    if shape.takes_mma() {
+    if with_mma && shape.takes_mma() {
         out.push(LinearKernel::Mma);
     }
     out
@@ -136,6 +138,8 @@ enum Pin {
     GemvDeep,
     /// The tensor-core GEMV where it applies, measured choices elsewhere.
     Mma,
+    /// Measured choices with the tensor-core GEMV among the candidates.
+    MeasuredWithMma,
     BatchInvariant,
 }
 
@@ -218,6 +222,7 @@ impl Linear {
             Ok("gemv") => Pin::Gemv,
             Ok("gemv-deep") => Pin::GemvDeep,
             Ok("mma") => Pin::Mma,
+            Ok("measured-mma") => Pin::MeasuredWithMma,
             _ => Pin::Measured,
         };
         Self {
@@ -254,16 +259,15 @@ impl Linear {
             },
             Pin::GemvDeep => PLAIN_GEMV,
             Pin::Mma if shape.takes_mma() => LinearKernel::Mma,
-            Pin::Measured | Pin::Mma => {
-                self.choices
-                    .get(&(shape, b))
-                    .copied()
-                    .unwrap_or(if shape.gemv_only() {
-                        PLAIN_GEMV
-                    } else {
-                        LinearKernel::Cublas
-                    })
-            }
+            Pin::Measured | Pin::Mma | Pin::MeasuredWithMma => self
+                .choices
+                .get(&(shape, b))
+                .copied()
+                .unwrap_or(if shape.gemv_only() {
+                    PLAIN_GEMV
+                } else {
+                    LinearKernel::Cublas
+                }),
         }
     }
 
@@ -451,7 +455,12 @@ impl Linear {
                 } else {
                     vec![(LinearKernel::Cublas, 0.0)]
                 };
-                candidates.extend(gemv_variants(rows, *shape).into_iter().map(|k| (k, 0.0)));
+                let with_mma = self.pin == Pin::MeasuredWithMma;
+                candidates.extend(
+                    gemv_variants(rows, *shape, with_mma)
+                        .into_iter()
+                        .map(|k| (k, 0.0)),
+                );
                 for (kernel, micros) in &mut candidates {
                     let launch = |i: usize| -> Result<()> {
                         let (w, fp8, int4) = weights[i % weights.len()];
@@ -522,12 +531,12 @@ mod tests {
             fp8,
             int4,
         };
-        assert_eq!(gemv_variants(2, shape(false, false)).len(), 7);
+        assert_eq!(gemv_variants(2, shape(false, false), true).len(), 7);
         assert_eq!(
-            gemv_variants(4, shape(true, false)),
+            gemv_variants(4, shape(true, false), true),
             vec![gemv(1, 2), gemv(2, 2), gemv(4, 2)]
         );
-        assert_eq!(gemv_variants(1, shape(false, true)), vec![PLAIN_GEMV]);
+        assert_eq!(gemv_variants(1, shape(false, true), true), vec![PLAIN_GEMV]);
         // The tensor-core GEMV joins at every bucket where it takes K: a multiple of 256 for FP8
         // weights, of 128 for the dtype's, never for 4-bit ones.
         let with_k = |k, fp8, int4| Shape {
@@ -535,15 +544,17 @@ mod tests {
             ..shape(fp8, int4)
         };
         assert_eq!(
-            gemv_variants(8, with_k(4096, true, false)),
+            gemv_variants(8, with_k(4096, true, false), true),
             vec![gemv(1, 2), gemv(2, 2), gemv(4, 2), LinearKernel::Mma]
         );
         assert_eq!(
-            gemv_variants(1, with_k(128, false, false)).last(),
+            gemv_variants(1, with_k(128, false, false), true).last(),
             Some(&LinearKernel::Mma)
         );
-        assert!(!gemv_variants(2, with_k(128, true, false)).contains(&LinearKernel::Mma));
-        assert!(!gemv_variants(2, with_k(4096, false, true)).contains(&LinearKernel::Mma));
+        assert!(!gemv_variants(2, with_k(128, true, false), true).contains(&LinearKernel::Mma));
+        assert!(!gemv_variants(2, with_k(4096, false, true), true).contains(&LinearKernel::Mma));
+        // Not among the warm-up's candidates unless asked for (TPSERVE_CUDA_LINEAR=measured-mma).
+        assert!(!gemv_variants(8, with_k(4096, true, false), false).contains(&LinearKernel::Mma));
         assert_eq!(LinearKernel::Mma.to_string(), "tensor-core GEMV");
     }
 
