@@ -252,7 +252,8 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const W* _
 // tensor cores' order): linear.rs's warm-up chooses it per shape and row bucket by timing, as it
 // chooses between the GEMV and cuBLAS.
 //
-// kAhead tiles are in flight per lane. Arguments as the GEMVs above (w_scale null for weights in
+// kAhead tiles are in flight per lane; kRows 16 fills A's rows 8-15 with x rows 8-15 (the entry
+// points take 8; the harness times 16). Arguments as the GEMVs above (w_scale null for weights in
 // T), with k a multiple of 4 warps x 4 lanes x I (128 for T, 256 for E4M3).
 // Launch: grid (ceil(n_out / 8), 1, 1); block (128, 1, 1).
 template <typename T, typename W> struct MmaWeight {
@@ -275,28 +276,35 @@ template <typename T> struct MmaWeight<T, E4M3> {
     }
 };
 
-template <typename T, typename W, int kAhead = 4>
+template <typename T, typename W, int kAhead = 4, int kRows = 8>
 __device__ void gemv_mma_impl(T* __restrict__ y, const T* __restrict__ x, const W* __restrict__ w,
                               const float* __restrict__ w_scale, int w_scale_per_row, int rows,
                               int n_out, int k) {
+    static_assert(kRows == 8 || kRows == 16, "A has 16 rows: 8 of x (the rest zero) or 16");
     using Weight = MmaWeight<T, W>;
     constexpr int kInputs = Weight::kInputs;
-    constexpr int kXLoads = kInputs / 8;      // 16-byte loads of x a weight load
+    constexpr int kXLoads = kInputs / 8;      // 16-byte loads of x a weight load, for a row
+    constexpr int kHalves = kRows / 8;        // A's row halves that hold x: g, and g + 8
     constexpr int kTile = 4 * kInputs;        // inputs of a row a tile (4 lanes)
     constexpr int kTileBytes = 4 * 16;        // bytes of a row a tile
-    __shared__ float partial[kWarps][8][8];
+    __shared__ float partial[kWarps][kRows][8];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int g = lane >> 2;
     const int t = lane & 3;
     const int n0 = blockIdx.x * 8;
     const bool w_live = n0 + g < n_out;
-    const bool x_live = g < rows;
     const int part = k / kWarps;  // inputs a warp
     const int tiles = part / kTile;
     const unsigned char* w_row = reinterpret_cast<const unsigned char*>(w) +
                                  ((long long)(w_live ? n0 + g : 0) * k + warp * part) * sizeof(W);
-    const T* xr = x + (long long)(x_live ? g : 0) * k + warp * part + kInputs * t;
+    bool x_live[kHalves];
+    const T* xr[kHalves];
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h) {
+        x_live[h] = g + 8 * h < rows;
+        xr[h] = x + (long long)(x_live[h] ? g + 8 * h : 0) * k + warp * part + kInputs * t;
+    }
     // As the FMA variants: the weights are constants of the model, so the first tiles are pulled
     // into L2 (lane t: tile t) and the scales loaded while the kernel before may still run.
     if (w_live && t < min(kAhead, tiles)) {
@@ -314,54 +322,70 @@ __device__ void gemv_mma_impl(T* __restrict__ y, const T* __restrict__ x, const 
     const unsigned char* wr = w_row + 16 * t;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int base = 0; base < tiles; base += kAhead) {
-        uint4 wv[kAhead], xv[kAhead][kXLoads];
+        uint4 wv[kAhead], xv[kAhead][kHalves][kXLoads];
 #pragma unroll
         for (int u = 0; u < kAhead; ++u) {
             const bool in = base + u < tiles;
             wv[u] = in && w_live ? load_streaming(wr + (long long)kTileBytes * (base + u))
                                  : make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
-            for (int j = 0; j < kXLoads; ++j) {
-                xv[u][j] = in && x_live ? load_cached(xr + (long long)kTile * (base + u) + 8 * j)
-                                        : make_uint4(0u, 0u, 0u, 0u);
+            for (int h = 0; h < kHalves; ++h) {
+#pragma unroll
+                for (int j = 0; j < kXLoads; ++j) {
+                    xv[u][h][j] = in && x_live[h]
+                                      ? load_cached(xr[h] + (long long)kTile * (base + u) + 8 * j)
+                                      : make_uint4(0u, 0u, 0u, 0u);
+                }
             }
         }
 #pragma unroll
         for (int u = 0; u < kAhead; ++u) {
             const unsigned ws[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
-            unsigned xs[4 * kXLoads];
+            // xs[h][i]: elements 2i and 2i + 1 of x row g + 8 h at this lane's inputs.
+            unsigned xs[2][4 * kXLoads] = {};
 #pragma unroll
-            for (int j = 0; j < kXLoads; ++j) {
-                xs[4 * j] = xv[u][j].x;
-                xs[4 * j + 1] = xv[u][j].y;
-                xs[4 * j + 2] = xv[u][j].z;
-                xs[4 * j + 3] = xv[u][j].w;
+            for (int h = 0; h < kHalves; ++h) {
+#pragma unroll
+                for (int j = 0; j < kXLoads; ++j) {
+                    xs[h][4 * j] = xv[u][h][j].x;
+                    xs[h][4 * j + 1] = xv[u][h][j].y;
+                    xs[h][4 * j + 2] = xv[u][h][j].z;
+                    xs[h][4 * j + 3] = xv[u][h][j].w;
+                }
             }
 #pragma unroll
             for (int st = 0; st < kInputs / 4; ++st) {
                 unsigned b0, b1;
                 Weight::fragment(ws, st, b0, b1);
-                const unsigned a[4] = {xs[2 * st], 0u, xs[2 * st + 1], 0u};
+                const unsigned a[4] = {xs[0][2 * st], xs[1][2 * st], xs[0][2 * st + 1],
+                                       xs[1][2 * st + 1]};
                 tpserve::Mma<T>::run(acc, a, b0, b1);
             }
         }
     }
-    // The C fragment: acc[0], acc[1] are x row g's outputs n0 + 2t and n0 + 2t + 1 (acc[2],
-    // acc[3] belong to the zero rows 8-15).
-    partial[warp][g][2 * t] = acc[0];
-    partial[warp][g][2 * t + 1] = acc[1];
+    // The C fragment: acc[0], acc[1] are x row g's outputs n0 + 2t and n0 + 2t + 1, acc[2],
+    // acc[3] row g + 8's (zero rows unless kRows is 16).
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h) {
+        partial[warp][g + 8 * h][2 * t] = acc[2 * h];
+        partial[warp][g + 8 * h][2 * t + 1] = acc[2 * h + 1];
+    }
     __syncthreads();
     if (warp == 0) {
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            const int n = 2 * t + j;
-            float total = partial[0][g][n];
+        for (int h = 0; h < kHalves; ++h) {
+            const int m = g + 8 * h;
 #pragma unroll
-            for (int v = 1; v < kWarps; ++v) {
-                total += partial[v][g][n];
-            }
-            if (g < rows && n0 + n < n_out) {
-                y[(long long)g * n_out + n0 + n] = tpserve::from_float<T>(total * out_scale[j]);
+            for (int j = 0; j < 2; ++j) {
+                const int n = 2 * t + j;
+                float total = partial[0][m][n];
+#pragma unroll
+                for (int v = 1; v < kWarps; ++v) {
+                    total += partial[v][m][n];
+                }
+                if (m < rows && n0 + n < n_out) {
+                    y[(long long)m * n_out + n0 + n] = tpserve::from_float<T>(total * out_scale[j]);
+                }
             }
         }
     }

@@ -15,8 +15,12 @@
 // variants with the tensor-core GEMV at 2 to 8 rows (session 32).
 //
 // How (on the GPU machine, from the repository root):
-//   nvcc -O3 -arch=sm_90a -std=c++17 -I kernels/cuda -I tests/gpu tests/gpu/gemv_bench.cu -o /tmp/gb
+//   nvcc -O3 -arch=sm_90a -std=c++17 -I kernels/cuda -I tests/gpu tests/gpu/gemv_bench.cu \
+//     -o /tmp/gb -lcublas
 //   /tmp/gb
+// With the GPU machine's toolkit, link cuBLAS (`-lcublas`): bf16 weights are also timed on
+// cublasGemmEx, what the worker's warm-up compares the GEMVs with. Rows above 8 (up to 16) run only
+// the 16-row tensor-core instance and cuBLAS: would a bucket of 9 to 16 rows pay?
 // Environment: ROWS (a comma list, default 1,4,8); WEIGHTS (fp8, default, or bf16); PROFILE=1:
 // after the checks, only one launch of the down product's m1 r1 u4 variant and of the qkv
 // product's, for `ncu --launch-count`.
@@ -25,6 +29,15 @@
 #include "harness.cuh"
 
 #include <cuda_fp8.h>
+
+// cuBLAS beside the GEMVs for bf16 weights, where its headers are (the GPU machine's toolkit;
+// scripts/check-kernels.sh builds the harnesses with the CUDA wheels' headers, which have none).
+#if __has_include(<cublas_v2.h>)
+#include <cublas_v2.h>
+#define GEMV_BENCH_CUBLAS 1
+#else
+#define GEMV_BENCH_CUBLAS 0
+#endif
 
 #include <cstring>
 #include <string>
@@ -35,7 +48,8 @@ namespace {
 typedef void (*Fp8Kernel)(bf*, const bf*, const E4M3*, const float*, int, int, int, int);
 typedef void (*DtypeKernel)(bf*, const bf*, const bf*, int, int, int);
 
-// The tensor-core GEMV with 8 tiles in flight (gemv.cu's entry points take 4).
+// The tensor-core GEMV with 8 tiles in flight (gemv.cu's entry points take 4), and with 16 rows
+// of x in A (the entry points take 8).
 extern "C" __global__ void __launch_bounds__(128, 4)
     gemv_fp8_mma_a8_bf16(bf* __restrict__ y, const bf* __restrict__ x, const E4M3* __restrict__ w,
                          const float* __restrict__ w_scale, int w_scale_per_row, int rows,
@@ -47,6 +61,17 @@ extern "C" __global__ void __launch_bounds__(128, 4)
                      int rows, int n_out, int k) {
     gemv_mma_impl<bf, bf, 8>(y, x, w, nullptr, 0, rows, n_out, k);
 }
+extern "C" __global__ void __launch_bounds__(128, 4)
+    gemv_fp8_mma_m16_bf16(bf* __restrict__ y, const bf* __restrict__ x, const E4M3* __restrict__ w,
+                          const float* __restrict__ w_scale, int w_scale_per_row, int rows,
+                          int n_out, int k) {
+    gemv_mma_impl<bf, E4M3, 4, 16>(y, x, w, w_scale, w_scale_per_row, rows, n_out, k);
+}
+extern "C" __global__ void __launch_bounds__(128, 4)
+    gemv_mma_m16_bf16(bf* __restrict__ y, const bf* __restrict__ x, const bf* __restrict__ w,
+                      int rows, int n_out, int k) {
+    gemv_mma_impl<bf, bf, 4, 16>(y, x, w, nullptr, 0, rows, n_out, k);
+}
 
 struct Variant {
     const char* name;
@@ -56,6 +81,7 @@ struct Variant {
     int columns;        // outputs (weight rows) a block of 128 threads: the grid is n_out / columns
     bool any_rows = false;    // runs every row count up to m (else only the smallest fit)
     bool other_bits = false;  // sums in another order than gemv.cu's FMA variants (CPU check only)
+    bool cublas = false;      // cublasGemmEx (bf16 weights; kernels null)
 };
 
 #define FMA_VARIANT(NAME, M, R, COLUMNS) \
@@ -85,7 +111,27 @@ const Variant kVariants[] = {
     FMA_VARIANT("m8 r4", m8, r4, 16),
     {"mma", gemv_fp8_mma_bf16, gemv_mma_bf16, 8, 8, true, true},
     {"mma a8", gemv_fp8_mma_a8_bf16, gemv_mma_a8_bf16, 8, 8, true, true},
+    {"mma m16", gemv_fp8_mma_m16_bf16, gemv_mma_m16_bf16, 16, 8, true, true},
+    {"cuBLAS", nullptr, nullptr, 16, 1, true, true, true},
 };
+
+#if GEMV_BENCH_CUBLAS
+cublasHandle_t cublas_handle(cudaStream_t st) {
+    static cublasHandle_t handle = nullptr;
+    static void* workspace = nullptr;
+    if (handle == nullptr) {
+        if (cublasCreate(&handle) != CUBLAS_STATUS_SUCCESS) {
+            fprintf(stderr, "cublasCreate failed\n");
+            exit(1);
+        }
+        // A workspace of its own, so that graph capture allocates nothing.
+        CK(cudaMalloc(&workspace, 32 << 20));
+        cublasSetWorkspace(handle, workspace, 32 << 20);
+    }
+    cublasSetStream(handle, st);
+    return handle;
+}
+#endif
 
 struct Shape {
     const char* name;
@@ -104,7 +150,18 @@ float e4m3_value(unsigned char b) {
 // w: E4M3 bytes with per-row scales (fp8), or bf16 elements.
 void launch(cudaStream_t st, const Variant& v, bool fp8, dim3 grid, bf* y, const bf* x,
             const void* w, const float* scale, int rows, int n, int k) {
-    if (fp8) {
+    if (v.cublas) {
+#if GEMV_BENCH_CUBLAS
+        // y^T (n x rows, column-major) = w (k x n column-major, transposed) x^T (k x rows).
+        const float one = 1.0f, zero = 0.0f;
+        if (cublasGemmEx(cublas_handle(st), CUBLAS_OP_T, CUBLAS_OP_N, n, rows, k, &one, w,
+                         CUDA_R_16BF, k, x, CUDA_R_16BF, k, &zero, y, CUDA_R_16BF, n,
+                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS) {
+            fprintf(stderr, "cublasGemmEx failed\n");
+            exit(1);
+        }
+#endif
+    } else if (fp8) {
         launch_pdl(st, v.fp8, grid, dim3(128), y, x, static_cast<const E4M3*>(w), scale, 1, rows,
                    n, k);
     } else {
@@ -193,6 +250,7 @@ int main() {
             for (const Variant& v : kVariants) {
                 // The smallest row capacity that holds the rows, as gemv.rs picks it.
                 if (v.m < rows || (!v.any_rows && v.m > 1 && v.m / 2 >= rows)) continue;
+                if (v.cublas && (fp8 || !GEMV_BENCH_CUBLAS)) continue;
                 if (profile && !(rows == 1 && std::string(v.name) == "m1 r1 u4" &&
                                  (std::string(s.name) == "down" || std::string(s.name) == "qkv"))) {
                     continue;
