@@ -86,23 +86,25 @@ struct Variant {
 
 #define FMA_VARIANT(NAME, M, R, COLUMNS) \
     {NAME, gemv_fp8_##M##_##R##_bf16, gemv_##M##_##R##_bf16, M##_rows, COLUMNS}
+#define DEEP_VARIANT(NAME, M, R, U, COLUMNS) \
+    {NAME, gemv_fp8_##M##_##R##_##U##_bf16, gemv_##M##_##R##_##U##_bf16, M##_rows, COLUMNS}
 // Every bf16-activation variant of gemv.cu, as gemv.rs lists them.
 constexpr int m1_rows = 1, m2_rows = 2, m4_rows = 4, m8_rows = 8;
 const Variant kVariants[] = {
     FMA_VARIANT("m1 r1", m1, r1, 4),
     FMA_VARIANT("m1 r2", m1, r2, 8),
     FMA_VARIANT("m1 r4", m1, r4, 16),
-    {"m1 r1 u4", gemv_fp8_m1_r1_u4_bf16, gemv_m1_r1_u4_bf16, 1, 4},
-    {"m1 r1 u8", gemv_fp8_m1_r1_u8_bf16, gemv_m1_r1_u8_bf16, 1, 4},
-    {"m1 r2 u4", gemv_fp8_m1_r2_u4_bf16, gemv_m1_r2_u4_bf16, 1, 8},
-    {"m1 r2 u8", gemv_fp8_m1_r2_u8_bf16, gemv_m1_r2_u8_bf16, 1, 8},
+    DEEP_VARIANT("m1 r1 u4", m1, r1, u4, 4),
+    DEEP_VARIANT("m1 r1 u8", m1, r1, u8, 4),
+    DEEP_VARIANT("m1 r2 u4", m1, r2, u4, 8),
+    DEEP_VARIANT("m1 r2 u8", m1, r2, u8, 8),
     FMA_VARIANT("m2 r1", m2, r1, 4),
     FMA_VARIANT("m2 r2", m2, r2, 8),
     FMA_VARIANT("m2 r4", m2, r4, 16),
-    {"m2 r1 u4", gemv_fp8_m2_r1_u4_bf16, gemv_m2_r1_u4_bf16, 2, 4},
-    {"m2 r1 u8", gemv_fp8_m2_r1_u8_bf16, gemv_m2_r1_u8_bf16, 2, 4},
-    {"m2 r2 u4", gemv_fp8_m2_r2_u4_bf16, gemv_m2_r2_u4_bf16, 2, 8},
-    {"m2 r2 u8", gemv_fp8_m2_r2_u8_bf16, gemv_m2_r2_u8_bf16, 2, 8},
+    DEEP_VARIANT("m2 r1 u4", m2, r1, u4, 4),
+    DEEP_VARIANT("m2 r1 u8", m2, r1, u8, 4),
+    DEEP_VARIANT("m2 r2 u4", m2, r2, u4, 8),
+    DEEP_VARIANT("m2 r2 u8", m2, r2, u8, 8),
     FMA_VARIANT("m4 r1", m4, r1, 4),
     FMA_VARIANT("m4 r2", m4, r2, 8),
     FMA_VARIANT("m4 r4", m4, r4, 16),

@@ -276,28 +276,29 @@ step_fp8() {
   run_compare "tp1-fp8 vs hf-fp8" --truth "$REF_FP8/hf_float32.f32" \
     --peer "$REF_FP8/hf_bfloat16.f32" --ours "$OURS/tp1-fp8.f32" --vocab "$VOCAB" \
     --prompts "$CKPT/prompts.json"
-  if [ -f "$REF/hf_float32.f32" ]; then
-    run_compare "tp1-fp8 vs hf (FP8 rounding as the peer)" --truth "$REF/hf_float32.f32" \
-      --peer "$REF_FP8/hf_float32.f32" --ours "$OURS/tp1-fp8.f32" --vocab "$VOCAB" \
-      --prompts "$CKPT/prompts.json"
-  fi
-  run_compare "greedy tp1-fp8" --greedy "$OURS/tp1-fp8.json" \
-    --greedy-ref "$REF_FP8/hf_greedy_bfloat16.json" \
-    --greedy-truth "$REF_FP8/hf_greedy_float32.json" --ref-label "fp8 bfloat16" --near-tie 0.1
+  check_fp8_truth tp1-fp8
   # Every position as a one-row decode step, and the greedy batch of 4 rows, with every FP8
   # product of up to 8 rows on the tensor-core GEMV (weight-only FP8, other sums than the FMA
   # GEMV's): against the unquantized float32 truth, no further from it than the FP8 emulation.
   export TPSERVE_CUDA_LINEAR=mma
   ours_logits tp1-fp8-mma 1 bfloat16 --quantization fp8 --chunk 1
   unset TPSERVE_CUDA_LINEAR
-  if [ -s "$OURS/tp1-fp8-mma.f32" ] && [ -f "$REF/hf_float32.f32" ]; then
-    run_compare "tp1-fp8-mma vs hf (FP8 rounding as the peer)" --truth "$REF/hf_float32.f32" \
-      --peer "$REF_FP8/hf_float32.f32" --ours "$OURS/tp1-fp8-mma.f32" --vocab "$VOCAB" \
+  [ -s "$OURS/tp1-fp8-mma.f32" ] && check_fp8_truth tp1-fp8-mma
+}
+
+# check_fp8_truth TAG: an --quantization fp8 run's logits against the unquantized float32 truth
+# (step_reference's) with the FP8 emulation's float32 as the peer, and its greedy ids against the
+# emulation's.
+check_fp8_truth() {
+  local tag=$1
+  if [ -f "$REF/hf_float32.f32" ]; then
+    run_compare "$tag vs hf (FP8 rounding as the peer)" --truth "$REF/hf_float32.f32" \
+      --peer "$REF_FP8/hf_float32.f32" --ours "$OURS/$tag.f32" --vocab "$VOCAB" \
       --prompts "$CKPT/prompts.json"
-    run_compare "greedy tp1-fp8-mma" --greedy "$OURS/tp1-fp8-mma.json" \
-      --greedy-ref "$REF_FP8/hf_greedy_bfloat16.json" \
-      --greedy-truth "$REF_FP8/hf_greedy_float32.json" --ref-label "fp8 bfloat16" --near-tie 0.1
   fi
+  run_compare "greedy $tag" --greedy "$OURS/$tag.json" \
+    --greedy-ref "$REF_FP8/hf_greedy_bfloat16.json" \
+    --greedy-truth "$REF_FP8/hf_greedy_float32.json" --ref-label "fp8 bfloat16" --near-tie 0.1
 }
 
 # step_fp8_kv: `--kv-cache-dtype fp8` (issue 12): keys and values stored in FP8 E4M3 (scales of

@@ -90,21 +90,7 @@ impl Kernels {
         };
         let function = family.pick(p.rows, r, u)?;
         debug_assert!(p.k.is_multiple_of(if p.fp8.is_some() { 16 } else { 8 }));
-        let (rw, nw, kw) = (p.rows as i32, p.n_out as i32, p.k as i32);
-        let mut b = self.launch(function);
-        b.arg(&p.y).arg(&p.x).arg(&p.w);
-        let per_row = p.fp8.map_or(0i32, |f| i32::from(f.w_scale_per_row));
-        if let Some(fp8) = &p.fp8 {
-            b.arg(&fp8.w_scale).arg(&per_row);
-        }
-        b.arg(&rw).arg(&nw).arg(&kw);
-        // SAFETY: as gemv.cu documents: y holds rows x n_out, x rows x k elements of the dtype,
-        // w n_out x k of the dtype (or bytes, with its f32 scale at fp8.w_scale, or n_out of
-        // them with w_scale_per_row), all the caller's buffers, 16-byte aligned with k a
-        // multiple of 8 (16 for FP8).
-        unsafe { b.launch(super::kernels::grid_rows(p.n_out.div_ceil(4 * r), 128)) }
-            .map(drop)
-            .map_err(|e| super::device::device_err(&format!("launching {}", family.name), e))
+        self.launch_gemv(function, p, p.n_out.div_ceil(4 * r), family.name)
     }
 
     /// `p.y = p.x p.w^T` for 1 to 8 rows on tensor cores (gemv.cu's gemv_mma, or gemv_fp8_mma
@@ -121,11 +107,24 @@ impl Kernels {
                 ),
             });
         }
-        let (rw, nw, kw) = (p.rows as i32, p.n_out as i32, p.k as i32);
         let (function, name) = match p.fp8 {
             None => (&self.gemv_mma, "gemv_mma"),
             Some(_) => (&self.gemv_fp8_mma, "gemv_fp8_mma"),
         };
+        self.launch_gemv(function, p, p.n_out.div_ceil(8), name)
+    }
+
+    /// Launches a gemv.cu entry point on `p` with its arguments (y, x, w, for FP8 weights their
+    /// scale and whether it is per row, then rows, n_out, k): `blocks` blocks of 128 threads.
+    /// The caller has checked `p` against the entry point's K multiple and row count.
+    fn launch_gemv(
+        &self,
+        function: &CudaFunction,
+        p: &Product,
+        blocks: usize,
+        name: &str,
+    ) -> Result<()> {
+        let (rw, nw, kw) = (p.rows as i32, p.n_out as i32, p.k as i32);
         let mut b = self.launch(function);
         b.arg(&p.y).arg(&p.x).arg(&p.w);
         let per_row = p.fp8.map_or(0i32, |f| i32::from(f.w_scale_per_row));
@@ -134,10 +133,11 @@ impl Kernels {
         }
         b.arg(&rw).arg(&nw).arg(&kw);
         // SAFETY: as gemv.cu documents: y holds rows x n_out and x rows x k elements of the
-        // dtype, w n_out x k of the dtype (or bytes, with its f32 scale or n_out of them at
-        // fp8.w_scale), all the caller's buffers, 16-byte aligned, with k the multiple checked
-        // above and 1 to 8 rows.
-        unsafe { b.launch(super::kernels::grid_rows(p.n_out.div_ceil(8), 128)) }
+        // dtype, w n_out x k of the dtype (or bytes, with its f32 scale, or n_out of them with
+        // w_scale_per_row, at fp8.w_scale), all the caller's buffers, 16-byte aligned; k is the
+        // multiple and rows the count the entry point takes (checked by the caller), and
+        // `blocks` covers n_out as its launch line says.
+        unsafe { b.launch(super::kernels::grid_rows(blocks, 128)) }
             .map(drop)
             .map_err(|e| super::device::device_err(&format!("launching {name}"), e))
     }
