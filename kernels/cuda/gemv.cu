@@ -237,20 +237,22 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const W* _
         const float* __restrict__ w_scale, int w_scale_per_row, int rows, int n_out, int k) { \
         gemv_impl<T, E4M3, M, R, U>(y, x, w, w_scale, w_scale_per_row, rows, n_out, k);       \
     }
+
 // gemv_mma_{bf16,f16} and gemv_fp8_mma_{bf16,f16}: the product for 1 to 8 rows on tensor cores,
 // for weights in T and in FP8 E4M3, for the decoding batches of 2 to 8 rows, where the FMA
 // variants above convert every weight once per row and fall to a quarter to a half of the copy
 // rate on an H100 at 4 and 8 rows (FP8 weights), while this kernel's instructions a weight byte
 // do not grow with the rows (docs/PERFORMANCE.md, issue 12, session 32). mma.m16n8k16 with x as
 // A (its rows 0-7; rows 8-15 zero) and the weight as B (8 outputs; "col" layout = the weight's
-// own row-major rows, so nothing is repacked): lane (g, t) loads the 16 bytes of weight row
-// n0 + g at inputs I (i + t / 4) of tile i (I = 8 elements of T or 16 of E4M3 a load), and its B
-// fragment of step s is elements 4 s .. 4 s + 3 of them (E4M3 -> T exactly), so the step's
-// k-slots 2t, 2t+1, 2t+8, 2t+9 are those inputs; its A fragment is x row g at the same inputs
-// (one or two 16-byte loads, no conversion). A block of 4 warps owns 8 outputs and splits K four
-// ways; the warps' sums are added in warp order. Its sums differ from the FMA variants' (the
-// tensor cores' order): linear.rs's warm-up chooses it per shape and row bucket by timing, as it
-// chooses between the GEMV and cuBLAS.
+// own row-major rows, so nothing is repacked): in tile i of its warp's part of K, lane (g, t)
+// loads the 16 bytes of weight row n0 + g that hold inputs 4 I i + I t .. 4 I i + I t + I - 1
+// (I = 8 elements of T or 16 of E4M3 a load), and its B fragment of step s is elements 4 s ..
+// 4 s + 3 of them (E4M3 -> T exactly), so the step's k-slots 2t, 2t+1, 2t+8, 2t+9 are those
+// inputs; its A fragment is x row g at the same inputs (one or two 16-byte loads, no
+// conversion). A block of 4 warps owns 8 outputs and splits K four ways; the warps' sums are
+// added in warp order. Its sums differ from the FMA variants' (the tensor cores' order):
+// linear.rs's warm-up may choose it per shape and row bucket by timing, as it chooses between
+// the GEMV and cuBLAS (for now only with TPSERVE_CUDA_LINEAR=measured-mma).
 //
 // kAhead tiles are in flight per lane; kRows 16 fills A's rows 8-15 with x rows 8-15 (the entry
 // points take 8; the harness times 16). Arguments as the GEMVs above (w_scale null for weights in
