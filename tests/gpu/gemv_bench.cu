@@ -31,8 +31,9 @@
 #include <cuda_fp8.h>
 
 // cuBLAS beside the GEMVs for bf16 weights, where its headers are (the GPU machine's toolkit;
-// scripts/check-kernels.sh builds the harnesses with the CUDA wheels' headers, which have none).
-#if __has_include(<cublas_v2.h>)
+// scripts/check-kernels.sh builds the harnesses with the CUDA wheels' headers, which have none)
+// and -DGEMV_BENCH_NO_CUBLAS does not leave it out.
+#if !defined(GEMV_BENCH_NO_CUBLAS) && __has_include(<cublas_v2.h>)
 #include <cublas_v2.h>
 #define GEMV_BENCH_CUBLAS 1
 #else
