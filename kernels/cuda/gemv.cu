@@ -254,8 +254,9 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const W* _
 // linear.rs's warm-up may choose it per shape and row bucket by timing, as it chooses between
 // the GEMV and cuBLAS (for now only with TPSERVE_CUDA_LINEAR=measured-mma).
 //
-// kAhead tiles are in flight per lane; kRows 16 fills A's rows 8-15 with x rows 8-15 (the entry
-// points take 8; the harness times 16). Arguments as the GEMVs above (w_scale null for weights in
+// kAhead tiles are in flight per lane; kRows 16 fills A's rows 8-15 with x rows 8-15
+// (gemv_mma_m16_{bf16,f16}: 9 to 16 rows of a weight in T, where cuBLAS is the alternative; the
+// other entry points take up to 8). Arguments as the GEMVs above (w_scale null for weights in
 // T), with k a multiple of 4 warps x 4 lanes x I (128 for T, 256 for E4M3).
 // Launch: grid (ceil(n_out / 8), 1, 1); block (128, 1, 1).
 template <typename T, typename W> struct MmaWeight {
@@ -421,6 +422,11 @@ TPSERVE_FOR_EACH_DTYPE(TPSERVE_GEMV)
         T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int rows,        \
         int n_out, int k) {                                                                   \
         gemv_mma_impl<T, T>(y, x, w, nullptr, 0, rows, n_out, k);                             \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(128, 4) gemv_mma_m16_##SUFFIX(               \
+        T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int rows,        \
+        int n_out, int k) {                                                                   \
+        gemv_mma_impl<T, T, 4, 16>(y, x, w, nullptr, 0, rows, n_out, k);                      \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(128, 4) gemv_fp8_mma_##SUFFIX(               \
         T* __restrict__ y, const T* __restrict__ x, const E4M3* __restrict__ w,               \

@@ -351,6 +351,8 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "gemv_fp8_m2_r2_u8_f16",
             "gemv_mma_bf16",
             "gemv_mma_f16",
+            "gemv_mma_m16_bf16",
+            "gemv_mma_m16_f16",
             "gemv_fp8_mma_bf16",
             "gemv_fp8_mma_f16",
         ],

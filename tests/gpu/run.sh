@@ -232,7 +232,8 @@ step_bf16() {
 # logits of step_bf16 (needs step_reference and step_bf16 first): replayed by the CUDA graph of
 # batch size 1 (the decode kernel with its key splits sized on the device and their combine, at
 # contexts up to 1,500), through a graph of 8 rows (7 of them padding) with the GEMV pinned,
-# eagerly, with the GEMV's two depths (bit-identical), and on the tensor-core GEMV.
+# eagerly, with the GEMV's two depths (bit-identical), and on the tensor-core GEMV (also its
+# 16-row instance, on prompts in chunks of 16).
 step_decode() {
   ours_logits tp1-bf16-decode 1 bfloat16 --chunk 1
   check_logits tp1-bf16-decode bfloat16 tp1-bf16
@@ -254,11 +255,14 @@ step_decode() {
   check_logits tp1-bf16-decode-deep bfloat16 tp1-bf16-decode-gemv exact
   # Every few-row product on the tensor-core GEMV (other sums than the FMA GEMV's), and the
   # greedy batch of 4 rows through it, against transformers.
+  # Then the prompts in chunks of 16 rows: products of 9 to 16 rows on its 16-row instance.
   export TPSERVE_CUDA_LINEAR=mma
   ours_logits tp1-bf16-decode-mma 1 bfloat16 --chunk 1
+  ours_logits tp1-bf16-chunk16-mma 1 bfloat16 --chunk 16
   unset TPSERVE_CUDA_LINEAR
   check_logits tp1-bf16-decode-mma bfloat16 tp1-bf16-decode
   check_greedy tp1-bf16-decode-mma bfloat16 0.1
+  check_logits tp1-bf16-chunk16-mma bfloat16 tp1-bf16
 }
 
 # step_fp8: `--quantization fp8` (issue 12) on the random checkpoint. Against transformers

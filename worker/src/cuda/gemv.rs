@@ -93,23 +93,26 @@ impl Kernels {
         self.launch_gemv(function, p, p.n_out.div_ceil(4 * r), family.name)
     }
 
-    /// `p.y = p.x p.w^T` for 1 to 8 rows on tensor cores (gemv.cu's gemv_mma, or gemv_fp8_mma
-    /// with `p.fp8`: other sums than [`Self::gemv`]'s). `p.k` must be a multiple of
-    /// [`mma_k_multiple`].
+    /// `p.y = p.x p.w^T` on tensor cores (gemv.cu's gemv_mma for 1 to 8 rows and gemv_mma_m16 for
+    /// 9 to [`MMA_WIDE_ROWS`] of a weight in the dtype, gemv_fp8_mma for 1 to 8 of an FP8 one:
+    /// other sums than [`Self::gemv`]'s). `p.k` must be a multiple of [`mma_k_multiple`].
     pub fn gemv_mma(&self, p: &Product) -> Result<()> {
         let multiple = mma_k_multiple(p.fp8.is_some());
-        if !(1..=8).contains(&p.rows) || !p.k.is_multiple_of(multiple) || p.int4.is_some() {
+        let entry = match (p.fp8.is_some(), p.rows) {
+            _ if !p.k.is_multiple_of(multiple) || p.int4.is_some() => None,
+            (false, 1..=8) => Some((&self.gemv_mma, "gemv_mma")),
+            (false, 9..=MMA_WIDE_ROWS) => Some((&self.gemv_mma_m16, "gemv_mma_m16")),
+            (true, 1..=8) => Some((&self.gemv_fp8_mma, "gemv_fp8_mma")),
+            _ => None,
+        };
+        let Some((function, name)) = entry else {
             return Err(WorkerError::Unsupported {
                 detail: format!(
-                    "{} rows of {} inputs on the tensor-core GEMV (1 to 8 rows, a multiple of \
-                     {multiple} inputs, weights in the dtype or FP8)",
+                    "{} rows of {} inputs on the tensor-core GEMV (1 to {MMA_WIDE_ROWS} rows of a \
+                     weight in the dtype, 1 to 8 of an FP8 one, a multiple of {multiple} inputs)",
                     p.rows, p.k
                 ),
             });
-        }
-        let (function, name) = match p.fp8 {
-            None => (&self.gemv_mma, "gemv_mma"),
-            Some(_) => (&self.gemv_fp8_mma, "gemv_fp8_mma"),
         };
         self.launch_gemv(function, p, p.n_out.div_ceil(8), name)
     }
@@ -142,6 +145,9 @@ impl Kernels {
             .map_err(|e| super::device::device_err(&format!("launching {name}"), e))
     }
 }
+
+/// The most rows the tensor-core GEMV takes (of a weight in the dtype; 8 of an FP8 one).
+pub const MMA_WIDE_ROWS: usize = 16;
 
 /// The multiple of K the tensor-core GEMV needs: a block's 4 warps of 4 lanes, each lane 16 bytes
 /// a tile (8 inputs of the dtype, 16 of FP8).

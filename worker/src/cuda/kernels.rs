@@ -355,9 +355,11 @@ pub struct Kernels {
     /// The GEMV variants for weights in the dtype and in FP8 E4M3 (`gemv.rs`).
     pub(super) gemv: GemvFamily,
     pub(super) gemv_fp8: GemvFamily,
-    /// The tensor-core GEMVs for 1 to 8 rows, weights in the dtype and in FP8 (`gemv.rs`).
+    /// The tensor-core GEMVs for 1 to 8 rows, weights in the dtype and in FP8, and for 9 to 16
+    /// rows of weights in the dtype (`gemv.rs`).
     pub(super) gemv_mma: CudaFunction,
     pub(super) gemv_fp8_mma: CudaFunction,
+    pub(super) gemv_mma_m16: CudaFunction,
     /// 4-bit weights (`int4.rs`).
     pub(super) gemv_w4: CudaFunction,
     /// The 4-bit GEMM of up to 16, 32 and 64 rows a chunk.
@@ -562,6 +564,7 @@ impl Kernels {
             gemv_fp8: GemvFamily::load(&mut take, "gemv_fp8")?,
             gemv_mma: take("gemv_mma")?,
             gemv_fp8_mma: take("gemv_fp8_mma")?,
+            gemv_mma_m16: take("gemv_mma_m16")?,
             gemv_w4: take("gemv_w4")?,
             gemm_w4: [
                 take("gemm_w4_n16")?,

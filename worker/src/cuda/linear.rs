@@ -9,7 +9,9 @@
 //! rows, `mma` the tensor-core GEMV where it applies, measured choices elsewhere); the GEMV pins
 //! still take cuBLAS beyond 8 rows. The tensor-core GEMV joins the measured candidates only with
 //! `TPSERVE_CUDA_LINEAR=measured-mma` until `tests/gpu/run.sh` has checked it on a GPU (issue 12,
-//! session 32: its kernel was timed in a harness, not yet through the worker). In
+//! session 32: its kernel was timed in a harness, not yet through the worker); with it (and
+//! with `mma`) products of 9 to 16 rows of a weight in the dtype may run its 16-row instance,
+//! measured against cuBLAS. In
 //! batch-invariant mode every product, whatever its rows, runs the one batch-invariant kernel
 //! (gemm_bi.cu), and nothing is tuned. Products with FP8 weights (`--quantization fp8`) choose
 //! among the FP8 GEMV variants (and the tensor-core FP8 GEMV) up to 8 rows (always weight-only
@@ -31,7 +33,7 @@ use super::blas::Blas;
 use super::blas_lt::{BlasLt, Fp8Gemm, Scale};
 use super::device::{device_err, Gpu};
 use super::fp8::Fp8Operands;
-use super::gemv::mma_k_multiple;
+use super::gemv::{mma_k_multiple, MMA_WIDE_ROWS};
 use super::int4::{Int4Operands, GATHERED_ROWS, GEMM_ROWS as INT4_GEMM_ROWS, TILE as INT4_TILE};
 use super::kernels::{Kernels, Product, ELEM};
 use crate::error::{Result, WorkerError};
@@ -71,8 +73,17 @@ pub const ROW_BUCKETS: [usize; 4] = [1, 2, 4, 8];
 /// The GEMV variants (output columns per warp, chunks in flight per lane) measured for a row
 /// bucket: 1, 2 or 4 columns with 2 chunks for every bucket, and the deeper variants (4 or 8
 /// chunks, 1 or 2 columns) for buckets of 1 and 2 rows, which the kernel is built for; and, with
-/// `with_mma`, the tensor-core GEMV where it takes the weight's K.
+/// `with_mma`, the tensor-core GEMV where it takes the weight's K, which alone covers the bucket
+/// of 9 to 16 rows ([`MMA_WIDE_ROWS`], weights in the dtype).
 fn gemv_variants(rows: usize, shape: Shape, with_mma: bool) -> Vec<LinearKernel> {
+    if rows > ROW_BUCKETS[ROW_BUCKETS.len() - 1] {
+        // Past the FMA GEMV's rows: the 16-row tensor-core GEMV (weights in the dtype) alone.
+        return if with_mma && shape.takes_wide_mma() {
+            vec![LinearKernel::Mma]
+        } else {
+            Vec::new()
+        };
+    }
     if shape.int4 {
         // int4.cu has one GEMV (its shape set by K, not by a choice).
         return vec![PLAIN_GEMV];
@@ -183,6 +194,13 @@ impl Shape {
     fn takes_mma(&self) -> bool {
         !self.int4 && self.k.is_multiple_of(mma_k_multiple(self.fp8))
     }
+
+    /// A weight in the dtype whose products of 9 to [`MMA_WIDE_ROWS`] rows the 16-row
+    /// tensor-core GEMV takes (FP8 products of more than 8 rows stay on cuBLASLt's W8A8 GEMM,
+    /// whose numerics the FP8 checks expect; 4-bit ones on int4.cu's GEMM).
+    fn takes_wide_mma(&self) -> bool {
+        !self.fp8 && self.takes_mma()
+    }
 }
 
 /// A weight `tune` times a shape on: its address and, for FP8 or 4-bit weights, the product's
@@ -243,6 +261,21 @@ impl Linear {
         // GEMV's bits.
         if shape.int4 && gemv_fits && (9..=INT4_GEMM_ROWS).contains(&rows) {
             return LinearKernel::Int4Gemm;
+        }
+        // 9 to 16 rows of a weight in the dtype: the 16-row tensor-core GEMV when asked for
+        // (pinned, or measured against cuBLAS), else cuBLAS.
+        if (9..=MMA_WIDE_ROWS).contains(&rows) && shape.takes_wide_mma() {
+            match self.pin {
+                Pin::Mma => return LinearKernel::Mma,
+                Pin::MeasuredWithMma => {
+                    return self
+                        .choices
+                        .get(&(shape, MMA_WIDE_ROWS))
+                        .copied()
+                        .unwrap_or(LinearKernel::Cublas)
+                }
+                _ => {}
+            }
         }
         let Some(b) = bucket(rows).filter(|_| gemv_fits) else {
             return LinearKernel::Cublas;
@@ -424,14 +457,15 @@ impl Linear {
 
     /// Measures every candidate for each shape (given with the weights of several layers, at
     /// least one, and for FP8 weights their operands) and row bucket, and keeps the fastest.
-    /// `x` and `y` must hold 8 rows of the largest `k` and `n_out`. Returns the measurements.
+    /// `x` and `y` must hold `max_rows` rows (8, or [`MMA_WIDE_ROWS`] for the tensor-core GEMV's
+    /// wide bucket) of the largest `k` and `n_out`. Returns the measurements.
     pub fn tune(
         &mut self,
         gpu: &Gpu,
         kernels: &Kernels,
         shapes: &[(Shape, Vec<TuneWeight>)],
-        x: u64,
-        y: u64,
+        (x, y): (u64, u64),
+        max_rows: usize,
     ) -> Result<Vec<Timing>> {
         if self.batch_invariant() {
             return Ok(Vec::new());
@@ -449,13 +483,18 @@ impl Linear {
             if !shape.k.is_multiple_of(shape.gemv_k_multiple()) || weights.is_empty() {
                 continue;
             }
-            for rows in ROW_BUCKETS {
+            let with_mma = self.pin == Pin::MeasuredWithMma;
+            let wide = with_mma && shape.takes_wide_mma() && max_rows >= MMA_WIDE_ROWS;
+            let buckets = ROW_BUCKETS
+                .iter()
+                .copied()
+                .chain(wide.then_some(MMA_WIDE_ROWS));
+            for rows in buckets.filter(|&r| r <= max_rows) {
                 let mut candidates = if shape.gemv_only() {
                     Vec::new()
                 } else {
                     vec![(LinearKernel::Cublas, 0.0)]
                 };
-                let with_mma = self.pin == Pin::MeasuredWithMma;
                 candidates.extend(
                     gemv_variants(rows, *shape, with_mma)
                         .into_iter()
@@ -555,6 +594,13 @@ mod tests {
         assert!(!gemv_variants(2, with_k(4096, false, true), true).contains(&LinearKernel::Mma));
         // Not among the warm-up's candidates unless asked for (TPSERVE_CUDA_LINEAR=measured-mma).
         assert!(!gemv_variants(8, with_k(4096, true, false), false).contains(&LinearKernel::Mma));
+        // 9 to 16 rows: the tensor-core GEMV alone, for weights in the dtype only.
+        assert_eq!(
+            gemv_variants(16, with_k(4096, false, false), true),
+            vec![LinearKernel::Mma]
+        );
+        assert!(gemv_variants(16, with_k(4096, true, false), true).is_empty());
+        assert!(gemv_variants(16, with_k(4096, false, false), false).is_empty());
         assert_eq!(LinearKernel::Mma.to_string(), "tensor-core GEMV");
     }
 

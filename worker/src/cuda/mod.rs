@@ -50,6 +50,7 @@ use self::device::{DeviceBuffer, Gpu};
 use self::forward::{
     forward, hidden_states, AttentionKind, AttentionPlan, Device, ForwardOutput, StepView,
 };
+use self::gemv::MMA_WIDE_ROWS;
 use self::graphs::{table_shape, DecodeGraphs};
 use self::kernels::Kernels;
 use self::linear::{Linear, LinearKernel, Shape, TuneWeight};
@@ -402,7 +403,8 @@ fn upload_inputs(
 }
 
 /// Chooses each linear layer's kernel by timing the candidates on the model's weights (one row
-/// bucket at a time, up to 8 rows); skipped when the workspace holds fewer than 8 rows.
+/// bucket at a time, up to 8 rows, or 16 where the workspace holds them and the tensor-core
+/// GEMV's wide bucket is asked for); skipped when the workspace holds fewer than 8 rows.
 fn tune_linears(gpu: &Gpu, loaded: &mut Loaded) -> Result<()> {
     let model = &loaded.model;
     let d = *model.dims();
@@ -412,13 +414,14 @@ fn tune_linears(gpu: &Gpu, loaded: &mut Loaded) -> Result<()> {
     let q_w = d.q_heads * d.head_dim;
     let max_k = d.hidden.max(d.inter).max(q_w);
     let max_n = d.qkv.max(2 * d.inter).max(d.vocab_per_rank).max(d.hidden);
-    let rows = 8;
-    if ws.act.bytes < rows * max_k * kernels::ELEM
-        || ws.gate_up.bytes < rows * max_n * kernels::ELEM
-    {
+    let holds = |rows: usize| {
+        ws.act.bytes >= rows * max_k * kernels::ELEM
+            && ws.gate_up.bytes >= rows * max_n * kernels::ELEM
+    };
+    let Some(rows) = [MMA_WIDE_ROWS, 8].into_iter().find(|&r| holds(r)) else {
         tracing::debug!("workspace under 8 rows: linear kernels not tuned (cuBLAS)");
         return Ok(());
-    }
+    };
     // Random inputs (never time on zeros), from a fixed seed.
     loaded
         .kernels
@@ -460,9 +463,13 @@ fn tune_linears(gpu: &Gpu, loaded: &mut Loaded) -> Result<()> {
             vec![(head, None, None)],
         ),
     ];
-    let timings = loaded
-        .linear
-        .tune(gpu, &loaded.kernels, &shapes, ws.act.ptr, ws.gate_up.ptr)?;
+    let timings = loaded.linear.tune(
+        gpu,
+        &loaded.kernels,
+        &shapes,
+        (ws.act.ptr, ws.gate_up.ptr),
+        rows,
+    )?;
     for t in &timings {
         // The 4-bit products have one GEMV, whatever the variant's label says.
         let label = |k: &LinearKernel| match (t.shape.int4, k) {
