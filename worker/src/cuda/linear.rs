@@ -11,11 +11,11 @@
 //! `TPSERVE_CUDA_LINEAR=measured-mma` until `tests/gpu/run.sh` has checked it on a GPU (issue 12,
 //! session 32: its kernel was timed in a harness, not yet through the worker); with it (and
 //! with `mma`) products of 9 to 16 rows of a weight in the dtype may run its 16-row instance,
-//! measured against cuBLAS. In
-//! batch-invariant mode every product, whatever its rows, runs the one batch-invariant kernel
-//! (gemm_bi.cu), and nothing is tuned. Products with FP8 weights (`--quantization fp8`) choose
-//! among the FP8 GEMV variants (and the tensor-core FP8 GEMV) up to 8 rows (always weight-only
-//! FP8, whatever the timing; the tensor cores sum in another order), and run cuBLASLt's FP8 GEMM above, on activations quantized per row (`fp8.rs`: by the kernel
+//! measured against cuBLAS. In batch-invariant mode every product, whatever its rows, runs the
+//! one batch-invariant kernel (gemm_bi.cu), and nothing is tuned. Products with FP8 weights
+//! (`--quantization fp8`) choose among the FP8 GEMV variants (and the tensor-core FP8 GEMV) up to
+//! 8 rows (always weight-only FP8, whatever the timing; the tensor cores sum in another order),
+//! and run cuBLASLt's FP8 GEMM above, on activations quantized per row (`fp8.rs`: by the kernel
 //! that made them, or here; with a checkpoint's static scale, per tensor), the vectors applied by
 //! cuBLASLt's outer-vector scaling or after the GEMM where this cuBLASLt has none. Products
 //! with 4-bit weights (AWQ, GPTQ) always run int4.cu's GEMV up to 8 rows and its GEMM from 9 to
@@ -122,7 +122,8 @@ pub enum LinearKernel {
     BatchInvariant,
     /// int4.cu's 4-bit GEMM (9 to 64 rows of a 4-bit weight).
     Int4Gemm,
-    /// gemv.cu's tensor-core GEMV (1 to 8 rows of a weight in the dtype or in FP8).
+    /// gemv.cu's tensor-core GEMV (1 to 8 rows of a weight in the dtype or in FP8, 9 to 16 of
+    /// one in the dtype).
     Mma,
 }
 
