@@ -251,8 +251,8 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const W* _
 // inputs; its A fragment is x row g at the same inputs (one or two 16-byte loads, no
 // conversion). A block of 4 warps owns 8 outputs and splits K four ways; the warps' sums are
 // added in warp order. Its sums differ from the FMA variants' (the tensor cores' order):
-// linear.rs's warm-up may choose it per shape and row bucket by timing, as it chooses between
-// the GEMV and cuBLAS (for now only with TPSERVE_CUDA_LINEAR=measured-mma).
+// linear.rs's warm-up chooses it per shape and row bucket by timing, as it chooses between the
+// GEMV and cuBLAS (its 16-row instance only with TPSERVE_CUDA_LINEAR=measured-wide).
 //
 // kAhead tiles are in flight per lane; kRows 16 fills A's rows 8-15 with x rows 8-15
 // (gemv_mma_m16_{bf16,f16}: 9 to 16 rows of a weight in T, where cuBLAS is the alternative; the

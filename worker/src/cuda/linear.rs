@@ -7,11 +7,11 @@
 //! for shapes it did not see, cuBLAS runs. `TPSERVE_CUDA_LINEAR=cublas|gemv|gemv-deep|mma` pins
 //! one family (comparisons and numerical checks; `gemv-deep` takes the 8-chunk variant for 1 or 2
 //! rows, `mma` the tensor-core GEMV where it applies, measured choices elsewhere); the GEMV pins
-//! still take cuBLAS beyond 8 rows. The tensor-core GEMV joins the measured candidates only with
-//! `TPSERVE_CUDA_LINEAR=measured-mma` until `tests/gpu/run.sh` has checked it on a GPU (issue 12,
-//! session 32: its kernel was timed in a harness, not yet through the worker); with it (and
-//! with `mma`) products of 9 to 16 rows of a weight in the dtype may run its 16-row instance,
-//! measured against cuBLAS. In batch-invariant mode every product, whatever its rows, runs the
+//! still take cuBLAS beyond 8 rows. `TPSERVE_CUDA_LINEAR=measured-wide` measures as by default
+//! and times the tensor-core GEMV's 16-row instance against cuBLAS for 9 to 16 rows of a weight in
+//! the dtype too (with `mma` those run it): not by default, because in the decode graphs it was
+//! 1-2% slower than cuBLAS at 16 rows on an H100 while the warm-up's eager timing favoured it
+//! (docs/PERFORMANCE.md, issue 12, session 32). In batch-invariant mode every product, whatever its rows, runs the
 //! one batch-invariant kernel (gemm_bi.cu), and nothing is tuned. Products with FP8 weights
 //! (`--quantization fp8`) choose among the FP8 GEMV variants (and the tensor-core FP8 GEMV) up to
 //! 8 rows (always weight-only FP8, whatever the timing; the tensor cores sum in another order),
@@ -72,13 +72,13 @@ pub const ROW_BUCKETS: [usize; 4] = [1, 2, 4, 8];
 
 /// The GEMV variants (output columns per warp, chunks in flight per lane) measured for a row
 /// bucket: 1, 2 or 4 columns with 2 chunks for every bucket, and the deeper variants (4 or 8
-/// chunks, 1 or 2 columns) for buckets of 1 and 2 rows, which the kernel is built for; and, with
-/// `with_mma`, the tensor-core GEMV where it takes the weight's K, which alone covers the bucket
-/// of 9 to 16 rows ([`MMA_WIDE_ROWS`], weights in the dtype).
-fn gemv_variants(rows: usize, shape: Shape, with_mma: bool) -> Vec<LinearKernel> {
+/// chunks, 1 or 2 columns) for buckets of 1 and 2 rows, which the kernel is built for; and the
+/// tensor-core GEMV where it takes the weight's K, which alone covers the bucket of 9 to 16 rows
+/// ([`MMA_WIDE_ROWS`], weights in the dtype).
+fn gemv_variants(rows: usize, shape: Shape) -> Vec<LinearKernel> {
     if rows > ROW_BUCKETS[ROW_BUCKETS.len() - 1] {
         // Past the FMA GEMV's rows: the 16-row tensor-core GEMV (weights in the dtype) alone.
-        return if with_mma && shape.takes_wide_mma() {
+        return if shape.takes_wide_mma() {
             vec![LinearKernel::Mma]
         } else {
             Vec::new()
@@ -98,7 +98,7 @@ fn gemv_variants(rows: usize, shape: Shape, with_mma: bool) -> Vec<LinearKernel>
             }
         }
     }
-    if with_mma && shape.takes_mma() {
+    if shape.takes_mma() {
         out.push(LinearKernel::Mma);
     }
     out
@@ -150,8 +150,8 @@ enum Pin {
     GemvDeep,
     /// The tensor-core GEMV where it applies, measured choices elsewhere.
     Mma,
-    /// Measured choices with the tensor-core GEMV among the candidates.
-    MeasuredWithMma,
+    /// Measured choices, with the tensor-core GEMV's 16-row bucket timed against cuBLAS too.
+    MeasuredWide,
     BatchInvariant,
 }
 
@@ -241,7 +241,7 @@ impl Linear {
             Ok("gemv") => Pin::Gemv,
             Ok("gemv-deep") => Pin::GemvDeep,
             Ok("mma") => Pin::Mma,
-            Ok("measured-mma") => Pin::MeasuredWithMma,
+            Ok("measured-wide") => Pin::MeasuredWide,
             _ => Pin::Measured,
         };
         Self {
@@ -268,7 +268,7 @@ impl Linear {
         if (9..=MMA_WIDE_ROWS).contains(&rows) && shape.takes_wide_mma() {
             match self.pin {
                 Pin::Mma => return LinearKernel::Mma,
-                Pin::MeasuredWithMma => {
+                Pin::MeasuredWide => {
                     return self
                         .choices
                         .get(&(shape, MMA_WIDE_ROWS))
@@ -293,7 +293,7 @@ impl Linear {
             },
             Pin::GemvDeep => PLAIN_GEMV,
             Pin::Mma if shape.takes_mma() => LinearKernel::Mma,
-            Pin::Measured | Pin::Mma | Pin::MeasuredWithMma => self
+            Pin::Measured | Pin::Mma | Pin::MeasuredWide => self
                 .choices
                 .get(&(shape, b))
                 .copied()
@@ -484,8 +484,9 @@ impl Linear {
             if !shape.k.is_multiple_of(shape.gemv_k_multiple()) || weights.is_empty() {
                 continue;
             }
-            let with_mma = self.pin == Pin::MeasuredWithMma;
-            let wide = with_mma && shape.takes_wide_mma() && max_rows >= MMA_WIDE_ROWS;
+            let wide = self.pin == Pin::MeasuredWide
+                && shape.takes_wide_mma()
+                && max_rows >= MMA_WIDE_ROWS;
             let buckets = ROW_BUCKETS
                 .iter()
                 .copied()
@@ -496,11 +497,7 @@ impl Linear {
                 } else {
                     vec![(LinearKernel::Cublas, 0.0)]
                 };
-                candidates.extend(
-                    gemv_variants(rows, *shape, with_mma)
-                        .into_iter()
-                        .map(|k| (k, 0.0)),
-                );
+                candidates.extend(gemv_variants(rows, *shape).into_iter().map(|k| (k, 0.0)));
                 for (kernel, micros) in &mut candidates {
                     let launch = |i: usize| -> Result<()> {
                         let (w, fp8, int4) = weights[i % weights.len()];
@@ -571,12 +568,12 @@ mod tests {
             fp8,
             int4,
         };
-        assert_eq!(gemv_variants(2, shape(false, false), true).len(), 7);
+        assert_eq!(gemv_variants(2, shape(false, false)).len(), 7);
         assert_eq!(
-            gemv_variants(4, shape(true, false), true),
+            gemv_variants(4, shape(true, false)),
             vec![gemv(1, 2), gemv(2, 2), gemv(4, 2)]
         );
-        assert_eq!(gemv_variants(1, shape(false, true), true), vec![PLAIN_GEMV]);
+        assert_eq!(gemv_variants(1, shape(false, true)), vec![PLAIN_GEMV]);
         // The tensor-core GEMV joins at every bucket where it takes K: a multiple of 256 for FP8
         // weights, of 128 for the dtype's, never for 4-bit ones.
         let with_k = |k, fp8, int4| Shape {
@@ -584,24 +581,21 @@ mod tests {
             ..shape(fp8, int4)
         };
         assert_eq!(
-            gemv_variants(8, with_k(4096, true, false), true),
+            gemv_variants(8, with_k(4096, true, false)),
             vec![gemv(1, 2), gemv(2, 2), gemv(4, 2), LinearKernel::Mma]
         );
         assert_eq!(
-            gemv_variants(1, with_k(128, false, false), true).last(),
+            gemv_variants(1, with_k(128, false, false)).last(),
             Some(&LinearKernel::Mma)
         );
-        assert!(!gemv_variants(2, with_k(128, true, false), true).contains(&LinearKernel::Mma));
-        assert!(!gemv_variants(2, with_k(4096, false, true), true).contains(&LinearKernel::Mma));
-        // Not among the warm-up's candidates unless asked for (TPSERVE_CUDA_LINEAR=measured-mma).
-        assert!(!gemv_variants(8, with_k(4096, true, false), false).contains(&LinearKernel::Mma));
+        assert!(!gemv_variants(2, with_k(128, true, false)).contains(&LinearKernel::Mma));
+        assert!(!gemv_variants(2, with_k(4096, false, true)).contains(&LinearKernel::Mma));
         // 9 to 16 rows: the tensor-core GEMV alone, for weights in the dtype only.
         assert_eq!(
-            gemv_variants(16, with_k(4096, false, false), true),
+            gemv_variants(16, with_k(4096, false, false)),
             vec![LinearKernel::Mma]
         );
-        assert!(gemv_variants(16, with_k(4096, true, false), true).is_empty());
-        assert!(gemv_variants(16, with_k(4096, false, false), false).is_empty());
+        assert!(gemv_variants(16, with_k(4096, true, false)).is_empty());
         assert_eq!(LinearKernel::Mma.to_string(), "tensor-core GEMV");
     }
 
