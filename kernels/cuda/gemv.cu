@@ -254,7 +254,8 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const W* _
 // linear.rs's warm-up chooses it per shape and row bucket by timing, as it chooses between the
 // GEMV and cuBLAS (its 16-row instance only with TPSERVE_CUDA_LINEAR=measured-wide).
 //
-// kAhead tiles are in flight per lane; kRows 16 fills A's rows 8-15 with x rows 8-15
+// kAhead tiles are in flight per lane (4, or 8 in the _a8 entry points, which the warm-up times
+// beside them: 8 suit qkv, 4 the o product, on an H100); kRows 16 fills A's rows 8-15 with x rows 8-15
 // (gemv_mma_m16_{bf16,f16}: 9 to 16 rows of a weight in T, where cuBLAS is the alternative; the
 // other entry points take up to 8). Arguments as the GEMVs above (w_scale null for weights in
 // T), with k a multiple of 4 warps x 4 lanes x I (128 for T, 256 for E4M3).
@@ -423,6 +424,11 @@ TPSERVE_FOR_EACH_DTYPE(TPSERVE_GEMV)
         int n_out, int k) {                                                                   \
         gemv_mma_impl<T, T>(y, x, w, nullptr, 0, rows, n_out, k);                             \
     }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(128, 4) gemv_mma_a8_##SUFFIX(                \
+        T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int rows,        \
+        int n_out, int k) {                                                                   \
+        gemv_mma_impl<T, T, 8>(y, x, w, nullptr, 0, rows, n_out, k);                          \
+    }                                                                                         \
     extern "C" __global__ void __launch_bounds__(128, 4) gemv_mma_m16_##SUFFIX(               \
         T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int rows,        \
         int n_out, int k) {                                                                   \
@@ -432,5 +438,10 @@ TPSERVE_FOR_EACH_DTYPE(TPSERVE_GEMV)
         T* __restrict__ y, const T* __restrict__ x, const E4M3* __restrict__ w,               \
         const float* __restrict__ w_scale, int w_scale_per_row, int rows, int n_out, int k) { \
         gemv_mma_impl<T, E4M3>(y, x, w, w_scale, w_scale_per_row, rows, n_out, k);            \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(128, 4) gemv_fp8_mma_a8_##SUFFIX(            \
+        T* __restrict__ y, const T* __restrict__ x, const E4M3* __restrict__ w,               \
+        const float* __restrict__ w_scale, int w_scale_per_row, int rows, int n_out, int k) { \
+        gemv_mma_impl<T, E4M3, 8>(y, x, w, w_scale, w_scale_per_row, rows, n_out, k);         \
     }
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_GEMV_MMA)

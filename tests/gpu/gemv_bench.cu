@@ -49,19 +49,8 @@ namespace {
 typedef void (*Fp8Kernel)(bf*, const bf*, const E4M3*, const float*, int, int, int, int);
 typedef void (*DtypeKernel)(bf*, const bf*, const bf*, int, int, int);
 
-// The tensor-core GEMV with 8 tiles in flight (gemv.cu's entry points take 4), and for FP8
-// weights with 16 rows of x in A (gemv.cu has that entry point for weights in T only).
-extern "C" __global__ void __launch_bounds__(128, 4)
-    gemv_fp8_mma_a8_bf16(bf* __restrict__ y, const bf* __restrict__ x, const E4M3* __restrict__ w,
-                         const float* __restrict__ w_scale, int w_scale_per_row, int rows,
-                         int n_out, int k) {
-    gemv_mma_impl<bf, E4M3, 8>(y, x, w, w_scale, w_scale_per_row, rows, n_out, k);
-}
-extern "C" __global__ void __launch_bounds__(128, 4)
-    gemv_mma_a8_bf16(bf* __restrict__ y, const bf* __restrict__ x, const bf* __restrict__ w,
-                     int rows, int n_out, int k) {
-    gemv_mma_impl<bf, bf, 8>(y, x, w, nullptr, 0, rows, n_out, k);
-}
+// The FP8 tensor-core GEMV with 16 rows of x in A (gemv.cu has that entry point for weights in T
+// only).
 extern "C" __global__ void __launch_bounds__(128, 4)
     gemv_fp8_mma_m16_bf16(bf* __restrict__ y, const bf* __restrict__ x, const E4M3* __restrict__ w,
                           const float* __restrict__ w_scale, int w_scale_per_row, int rows,

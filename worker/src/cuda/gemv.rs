@@ -93,23 +93,26 @@ impl Kernels {
         self.launch_gemv(function, p, p.n_out.div_ceil(4 * r), family.name)
     }
 
-    /// `p.y = p.x p.w^T` on tensor cores (gemv.cu's gemv_mma for 1 to 8 rows and gemv_mma_m16 for
-    /// 9 to [`MMA_WIDE_ROWS`] of a weight in the dtype, gemv_fp8_mma for 1 to 8 of an FP8 one:
-    /// other sums than [`Self::gemv`]'s). `p.k` must be a multiple of [`mma_k_multiple`].
-    pub fn gemv_mma(&self, p: &Product) -> Result<()> {
+    /// `p.y = p.x p.w^T` on tensor cores with `ahead` (4 or 8) tiles in flight per lane
+    /// (gemv.cu's gemv_mma for 1 to 8 rows and gemv_mma_m16 for 9 to [`MMA_WIDE_ROWS`] of a
+    /// weight in the dtype, 4 ahead, gemv_fp8_mma for 1 to 8 of an FP8 one: other sums than
+    /// [`Self::gemv`]'s). `p.k` must be a multiple of [`mma_k_multiple`].
+    pub fn gemv_mma(&self, p: &Product, ahead: usize) -> Result<()> {
         let multiple = mma_k_multiple(p.fp8.is_some());
-        let entry = match (p.fp8.is_some(), p.rows) {
+        let deep = usize::from(ahead == 8);
+        let entry = match (p.fp8.is_some(), p.rows, ahead) {
             _ if !p.k.is_multiple_of(multiple) || p.int4.is_some() => None,
-            (false, 1..=8) => Some((&self.gemv_mma, "gemv_mma")),
-            (false, 9..=MMA_WIDE_ROWS) => Some((&self.gemv_mma_m16, "gemv_mma_m16")),
-            (true, 1..=8) => Some((&self.gemv_fp8_mma, "gemv_fp8_mma")),
+            (false, 1..=8, 4 | 8) => Some((&self.gemv_mma[deep], "gemv_mma")),
+            (false, 9..=MMA_WIDE_ROWS, 4) => Some((&self.gemv_mma_m16, "gemv_mma_m16")),
+            (true, 1..=8, 4 | 8) => Some((&self.gemv_fp8_mma[deep], "gemv_fp8_mma")),
             _ => None,
         };
         let Some((function, name)) = entry else {
             return Err(WorkerError::Unsupported {
                 detail: format!(
-                    "{} rows of {} inputs on the tensor-core GEMV (1 to {MMA_WIDE_ROWS} rows of a \
-                     weight in the dtype, 1 to 8 of an FP8 one, a multiple of {multiple} inputs)",
+                    "{} rows of {} inputs on the tensor-core GEMV with {ahead} tiles ahead (1 to \
+                     8 rows, 4 or 8 ahead; 9 to {MMA_WIDE_ROWS} rows of a weight in the dtype, 4 \
+                     ahead; a multiple of {multiple} inputs)",
                     p.rows, p.k
                 ),
             });

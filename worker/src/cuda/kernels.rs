@@ -355,10 +355,10 @@ pub struct Kernels {
     /// The GEMV variants for weights in the dtype and in FP8 E4M3 (`gemv.rs`).
     pub(super) gemv: GemvFamily,
     pub(super) gemv_fp8: GemvFamily,
-    /// The tensor-core GEMVs for 1 to 8 rows, weights in the dtype and in FP8, and for 9 to 16
-    /// rows of weights in the dtype (`gemv.rs`).
-    pub(super) gemv_mma: CudaFunction,
-    pub(super) gemv_fp8_mma: CudaFunction,
+    /// The tensor-core GEMVs for 1 to 8 rows, weights in the dtype and in FP8, with 4 and 8
+    /// tiles in flight, and for 9 to 16 rows of weights in the dtype (`gemv.rs`).
+    pub(super) gemv_mma: [CudaFunction; 2],
+    pub(super) gemv_fp8_mma: [CudaFunction; 2],
     pub(super) gemv_mma_m16: CudaFunction,
     /// 4-bit weights (`int4.rs`).
     pub(super) gemv_w4: CudaFunction,
@@ -562,8 +562,8 @@ impl Kernels {
             set_entries: take("set_entries")?,
             gemv: GemvFamily::load(&mut take, "gemv")?,
             gemv_fp8: GemvFamily::load(&mut take, "gemv_fp8")?,
-            gemv_mma: take("gemv_mma")?,
-            gemv_fp8_mma: take("gemv_fp8_mma")?,
+            gemv_mma: [take("gemv_mma")?, take("gemv_mma_a8")?],
+            gemv_fp8_mma: [take("gemv_fp8_mma")?, take("gemv_fp8_mma_a8")?],
             gemv_mma_m16: take("gemv_mma_m16")?,
             gemv_w4: take("gemv_w4")?,
             gemm_w4: [

@@ -79,7 +79,7 @@ fn gemv_variants(rows: usize, shape: Shape) -> Vec<LinearKernel> {
     if rows > ROW_BUCKETS[ROW_BUCKETS.len() - 1] {
         // Past the FMA GEMV's rows: the 16-row tensor-core GEMV (weights in the dtype) alone.
         return if shape.takes_wide_mma() {
-            vec![LinearKernel::Mma]
+            vec![MMA]
         } else {
             Vec::new()
         };
@@ -99,10 +99,14 @@ fn gemv_variants(rows: usize, shape: Shape) -> Vec<LinearKernel> {
         }
     }
     if shape.takes_mma() {
-        out.push(LinearKernel::Mma);
+        out.extend([MMA, LinearKernel::Mma { ahead: 8 }]);
     }
     out
 }
+
+/// The tensor-core GEMV with 4 tiles in flight: what `TPSERVE_CUDA_LINEAR=mma` pins, and the one
+/// instance of 9 to 16 rows.
+const MMA: LinearKernel = LinearKernel::Mma { ahead: 4 };
 
 /// The GEMV variant used where no timing chose one: 2 columns a warp, 2 chunks in flight.
 const PLAIN_GEMV: LinearKernel = LinearKernel::Gemv {
@@ -122,9 +126,9 @@ pub enum LinearKernel {
     BatchInvariant,
     /// int4.cu's 4-bit GEMM (9 to 64 rows of a 4-bit weight).
     Int4Gemm,
-    /// gemv.cu's tensor-core GEMV (1 to 8 rows of a weight in the dtype or in FP8, 9 to 16 of
-    /// one in the dtype).
-    Mma,
+    /// gemv.cu's tensor-core GEMV with `ahead` (4 or 8) tiles in flight per lane (1 to 8 rows
+    /// of a weight in the dtype or in FP8; 9 to 16 of one in the dtype, 4 ahead).
+    Mma { ahead: usize },
 }
 
 impl std::fmt::Display for LinearKernel {
@@ -135,7 +139,8 @@ impl std::fmt::Display for LinearKernel {
             Self::Gemv { columns, unroll } => write!(f, "GEMV r{columns} u{unroll}"),
             Self::BatchInvariant => write!(f, "batch-invariant GEMM"),
             Self::Int4Gemm => write!(f, "4-bit GEMM"),
-            Self::Mma => write!(f, "tensor-core GEMV"),
+            Self::Mma { ahead: 4 } => write!(f, "tensor-core GEMV"),
+            Self::Mma { ahead } => write!(f, "tensor-core GEMV a{ahead}"),
         }
     }
 }
@@ -267,7 +272,7 @@ impl Linear {
         // (pinned, or measured against cuBLAS), else cuBLAS.
         if (9..=MMA_WIDE_ROWS).contains(&rows) && shape.takes_wide_mma() {
             match self.pin {
-                Pin::Mma => return LinearKernel::Mma,
+                Pin::Mma => return MMA,
                 Pin::MeasuredWide => {
                     return self
                         .choices
@@ -292,7 +297,7 @@ impl Linear {
                 unroll: 8,
             },
             Pin::GemvDeep => PLAIN_GEMV,
-            Pin::Mma if shape.takes_mma() => LinearKernel::Mma,
+            Pin::Mma if shape.takes_mma() => MMA,
             Pin::Measured | Pin::Mma | Pin::MeasuredWide => self
                 .choices
                 .get(&(shape, b))
@@ -444,7 +449,7 @@ impl Linear {
             (LinearKernel::Cublas, Some(fp8)) => self.fp8_product(kernels, p, fp8, false),
             (LinearKernel::Gemv { columns, unroll }, _) => kernels.gemv(p, columns, unroll),
             (LinearKernel::BatchInvariant, _) => kernels.gemm_bi(p),
-            (LinearKernel::Mma, _) => kernels.gemv_mma(p),
+            (LinearKernel::Mma { ahead }, _) => kernels.gemv_mma(p, ahead),
             (LinearKernel::Int4Gemm, _) => Err(WorkerError::Device {
                 detail: "the 4-bit GEMM on a weight that is not 4-bit".into(),
             }),
@@ -582,21 +587,28 @@ mod tests {
         };
         assert_eq!(
             gemv_variants(8, with_k(4096, true, false)),
-            vec![gemv(1, 2), gemv(2, 2), gemv(4, 2), LinearKernel::Mma]
+            vec![
+                gemv(1, 2),
+                gemv(2, 2),
+                gemv(4, 2),
+                MMA,
+                LinearKernel::Mma { ahead: 8 }
+            ]
         );
         assert_eq!(
             gemv_variants(1, with_k(128, false, false)).last(),
-            Some(&LinearKernel::Mma)
+            Some(&LinearKernel::Mma { ahead: 8 })
         );
-        assert!(!gemv_variants(2, with_k(128, true, false)).contains(&LinearKernel::Mma));
-        assert!(!gemv_variants(2, with_k(4096, false, true)).contains(&LinearKernel::Mma));
+        assert!(!gemv_variants(2, with_k(128, true, false)).contains(&MMA));
+        assert!(!gemv_variants(2, with_k(4096, false, true)).contains(&MMA));
         // 9 to 16 rows: the tensor-core GEMV alone, for weights in the dtype only.
-        assert_eq!(
-            gemv_variants(16, with_k(4096, false, false)),
-            vec![LinearKernel::Mma]
-        );
+        assert_eq!(gemv_variants(16, with_k(4096, false, false)), vec![MMA]);
         assert!(gemv_variants(16, with_k(4096, true, false)).is_empty());
-        assert_eq!(LinearKernel::Mma.to_string(), "tensor-core GEMV");
+        assert_eq!(MMA.to_string(), "tensor-core GEMV");
+        assert_eq!(
+            LinearKernel::Mma { ahead: 8 }.to_string(),
+            "tensor-core GEMV a8"
+        );
     }
 
     #[test]
