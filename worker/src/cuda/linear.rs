@@ -72,9 +72,9 @@ pub const ROW_BUCKETS: [usize; 4] = [1, 2, 4, 8];
 
 /// The GEMV variants (output columns per warp, chunks in flight per lane) measured for a row
 /// bucket: 1, 2 or 4 columns with 2 chunks for every bucket, and the deeper variants (4 or 8
-/// chunks, 1 or 2 columns) for buckets of 1 and 2 rows, which the kernel is built for; and the
-/// tensor-core GEMV where it takes the weight's K, which alone covers the bucket of 9 to 16 rows
-/// ([`MMA_WIDE_ROWS`], weights in the dtype).
+/// chunks, 1 or 2 columns) for buckets of 1 and 2 rows, which the kernel is built for; and from
+/// 2 rows the tensor-core GEMV (4 or 8 tiles ahead) where it takes the weight's K, which alone
+/// covers the bucket of 9 to 16 rows ([`MMA_WIDE_ROWS`], weights in the dtype).
 fn gemv_variants(rows: usize, shape: Shape) -> Vec<LinearKernel> {
     if rows > ROW_BUCKETS[ROW_BUCKETS.len() - 1] {
         // Past the FMA GEMV's rows: the 16-row tensor-core GEMV (weights in the dtype) alone.
@@ -98,7 +98,10 @@ fn gemv_variants(rows: usize, shape: Shape) -> Vec<LinearKernel> {
             }
         }
     }
-    if shape.takes_mma() {
+    // Not at one row: there the FMA variants stream at 0.87-1.0 of the copy rate, and where the
+    // warm-up's timing picked the tensor-core GEMV (bf16 qkv, 8 ahead) the batch-1 step through
+    // the graphs was ~1% slower on an H100 (session 32).
+    if rows > 1 && shape.takes_mma() {
         out.extend([MMA, LinearKernel::Mma { ahead: 8 }]);
     }
     out
@@ -579,8 +582,8 @@ mod tests {
             vec![gemv(1, 2), gemv(2, 2), gemv(4, 2)]
         );
         assert_eq!(gemv_variants(1, shape(false, true)), vec![PLAIN_GEMV]);
-        // The tensor-core GEMV joins at every bucket where it takes K: a multiple of 256 for FP8
-        // weights, of 128 for the dtype's, never for 4-bit ones.
+        // The tensor-core GEMV joins at every bucket from 2 rows where it takes K: a multiple of
+        // 256 for FP8 weights, of 128 for the dtype's, never for 4-bit ones.
         let with_k = |k, fp8, int4| Shape {
             k,
             ..shape(fp8, int4)
@@ -596,9 +599,11 @@ mod tests {
             ]
         );
         assert_eq!(
-            gemv_variants(1, with_k(128, false, false)).last(),
+            gemv_variants(2, with_k(128, false, false)).last(),
             Some(&LinearKernel::Mma { ahead: 8 })
         );
+        // Not at one row.
+        assert!(!gemv_variants(1, with_k(4096, true, false)).contains(&MMA));
         assert!(!gemv_variants(2, with_k(128, true, false)).contains(&MMA));
         assert!(!gemv_variants(2, with_k(4096, false, true)).contains(&MMA));
         // 9 to 16 rows: the tensor-core GEMV alone, for weights in the dtype only.
