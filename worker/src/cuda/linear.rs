@@ -11,16 +11,16 @@
 //! and times the tensor-core GEMV's 16-row instance against cuBLAS for 9 to 16 rows of a weight in
 //! the dtype too (with `mma` those run it): not by default, because in the decode graphs it was
 //! 1-2% slower than cuBLAS at 16 rows on an H100 while the warm-up's eager timing favoured it
-//! (docs/PERFORMANCE.md, issue 12, session 32). In batch-invariant mode every product, whatever its rows, runs the
-//! one batch-invariant kernel (gemm_bi.cu), and nothing is tuned. Products with FP8 weights
-//! (`--quantization fp8`) choose among the FP8 GEMV variants (and the tensor-core FP8 GEMV) up to
-//! 8 rows (always weight-only FP8, whatever the timing; the tensor cores sum in another order),
-//! and run cuBLASLt's FP8 GEMM above, on activations quantized per row (`fp8.rs`: by the kernel
-//! that made them, or here; with a checkpoint's static scale, per tensor), the vectors applied by
-//! cuBLASLt's outer-vector scaling or after the GEMM where this cuBLASLt has none. Products
-//! with 4-bit weights (AWQ, GPTQ) always run int4.cu's GEMV up to 8 rows and its GEMM from 9 to
-//! 64 (the same bits for a row at any of those counts), and are dequantized for cuBLAS above
-//! (`int4.rs`).
+//! (docs/PERFORMANCE.md, issue 12, session 32). In batch-invariant mode every product, whatever
+//! its rows, runs the one batch-invariant kernel (gemm_bi.cu), and nothing is tuned. Products
+//! with FP8 weights (`--quantization fp8`) choose among the FP8 GEMV variants (and, from 2 rows,
+//! the tensor-core FP8 GEMV) up to 8 rows (always weight-only FP8, whatever the timing; the
+//! tensor cores sum in another order), and run cuBLASLt's FP8 GEMM above, on activations
+//! quantized per row (`fp8.rs`: by the kernel that made them, or here; with a checkpoint's
+//! static scale, per tensor), the vectors applied by cuBLASLt's outer-vector scaling or after the
+//! GEMM where this cuBLASLt has none. Products with 4-bit weights (AWQ, GPTQ) always run int4.cu's
+//! GEMV up to 8 rows and its GEMM from 9 to 64 (the same bits for a row at any of those counts),
+//! and are dequantized for cuBLAS above (`int4.rs`).
 //!
 //! Costs: `tune` launches each candidate ~13 times per shape and row bucket (a few hundred
 //! milliseconds for an 8B model); `run` is one map lookup and one launch.
@@ -499,7 +499,7 @@ impl Linear {
                 .iter()
                 .copied()
                 .chain(wide.then_some(MMA_WIDE_ROWS));
-            for rows in buckets.filter(|&r| r <= max_rows) {
+            for rows in buckets {
                 let mut candidates = if shape.gemv_only() {
                     Vec::new()
                 } else {
