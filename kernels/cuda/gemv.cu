@@ -255,9 +255,7 @@ __device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const W* _
 // GEMV and cuBLAS (its 16-row instance only with TPSERVE_CUDA_LINEAR=measured-wide).
 //
 // kAhead tiles are in flight per lane (4, or 8 in the _a8 entry points, which the warm-up times
-// beside them: 8 suit qkv, 4 the o product, on an H100); kPrefetch tiles of each warp's part of
-// a row are pulled into L2 before the wait (4: lane t tile t; more: every fourth tile after it);
-// kRows 16 fills A's rows 8-15 with x rows 8-15
+// beside them: 8 suit qkv, 4 the o product, on an H100); kRows 16 fills A's rows 8-15 with x rows 8-15
 // (gemv_mma_m16_{bf16,f16}: 9 to 16 rows of a weight in T, where cuBLAS is the alternative; the
 // other entry points take up to 8). Arguments as the GEMVs above (w_scale null for weights in
 // T), with k a multiple of 4 warps x 4 lanes x I (128 for T, 256 for E4M3).
@@ -282,7 +280,7 @@ template <typename T> struct MmaWeight<T, E4M3> {
     }
 };
 
-template <typename T, typename W, int kAhead = 4, int kRows = 8, int kPrefetch = 4>
+template <typename T, typename W, int kAhead = 4, int kRows = 8>
 __device__ void gemv_mma_impl(T* __restrict__ y, const T* __restrict__ x, const W* __restrict__ w,
                               const float* __restrict__ w_scale, int w_scale_per_row, int rows,
                               int n_out, int k) {
@@ -313,13 +311,8 @@ __device__ void gemv_mma_impl(T* __restrict__ y, const T* __restrict__ x, const 
     }
     // As the FMA variants: the weights are constants of the model, so the first tiles are pulled
     // into L2 (lane t: tile t) and the scales loaded while the kernel before may still run.
-    if (w_live) {
-#pragma unroll
-        for (int p = t; p < kPrefetch; p += 4) {
-            if (p < tiles) {
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(w_row + kTileBytes * p));
-            }
-        }
+    if (w_live && t < min(kAhead, tiles)) {
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(w_row + kTileBytes * t));
     }
     float out_scale[2];
 #pragma unroll

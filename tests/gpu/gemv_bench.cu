@@ -58,26 +58,6 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     gemv_mma_impl<bf, E4M3, 4, 16>(y, x, w, w_scale, w_scale_per_row, rows, n_out, k);
 }
 
-// The tensor-core GEMV with a deeper L2 prefetch before the wait (kPrefetch tiles of each warp's
-// part of a row instead of 4: does the prefetch explain why the FMA GEMV, 2 KB of a row ahead,
-// ran faster through the decode graphs at one and 16 rows? docs/PERFORMANCE.md, session 33).
-#define MMA_PREFETCH_VARIANT(NAME, AHEAD, ROWS, PREFETCH)                                          \
-    extern "C" __global__ void __launch_bounds__(128, 4) gemv_fp8_##NAME##_bf16(                  \
-        bf* __restrict__ y, const bf* __restrict__ x, const E4M3* __restrict__ w,                 \
-        const float* __restrict__ w_scale, int w_scale_per_row, int rows, int n_out, int k) {     \
-        gemv_mma_impl<bf, E4M3, AHEAD, ROWS, PREFETCH>(y, x, w, w_scale, w_scale_per_row, rows,   \
-                                                        n_out, k);                                \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(128, 4) gemv_##NAME##_bf16(                      \
-        bf* __restrict__ y, const bf* __restrict__ x, const bf* __restrict__ w, int rows,         \
-        int n_out, int k) {                                                                       \
-        gemv_mma_impl<bf, bf, AHEAD, ROWS, PREFETCH>(y, x, w, nullptr, 0, rows, n_out, k);        \
-    }
-MMA_PREFETCH_VARIANT(mma_p16, 4, 8, 16)
-MMA_PREFETCH_VARIANT(mma_a8_p16, 8, 8, 16)
-MMA_PREFETCH_VARIANT(mma_a8_p32, 8, 8, 32)
-MMA_PREFETCH_VARIANT(mma_m16_p16, 4, 16, 16)
-
 struct Variant {
     const char* name;
     Fp8Kernel fp8;      // with FP8 weights
@@ -119,10 +99,6 @@ const Variant kVariants[] = {
     {"mma", gemv_fp8_mma_bf16, gemv_mma_bf16, 8, 8, true, true},
     {"mma a8", gemv_fp8_mma_a8_bf16, gemv_mma_a8_bf16, 8, 8, true, true},
     {"mma m16", gemv_fp8_mma_m16_bf16, gemv_mma_m16_bf16, 16, 8, true, true},
-    {"mma p16", gemv_fp8_mma_p16_bf16, gemv_mma_p16_bf16, 8, 8, true, true},
-    {"mma a8 p16", gemv_fp8_mma_a8_p16_bf16, gemv_mma_a8_p16_bf16, 8, 8, true, true},
-    {"mma a8 p32", gemv_fp8_mma_a8_p32_bf16, gemv_mma_a8_p32_bf16, 8, 8, true, true},
-    {"mma m16 p16", gemv_fp8_mma_m16_p16_bf16, gemv_mma_m16_p16_bf16, 16, 8, true, true},
     {"cuBLAS", nullptr, nullptr, 16, 1, true, true, true},
 };
 
