@@ -11,7 +11,11 @@
 //! and times the tensor-core GEMV's 16-row instance against cuBLAS for 9 to 16 rows of a weight in
 //! the dtype too (with `mma` those run it): not by default, because in the decode graphs it was
 //! 1-2% slower than cuBLAS at 16 rows on an H100 while the warm-up's eager timing favoured it
-//! (docs/PERFORMANCE.md, issue 12, session 32). In batch-invariant mode every product, whatever
+//! (docs/PERFORMANCE.md, issue 12, session 32). `TPSERVE_CUDA_LINEAR_CHOICES` replaces measured
+//! choices shape by shape (a list of `N_OUTxK@ROWS=KERNEL`, [`parse_choices`]), for comparing
+//! whole decode steps through the graphs with one product on another kernel, which the warm-up's
+//! timing of products alone does not predict (docs/PERFORMANCE.md, issue 12, runs 35-36). In
+//! batch-invariant mode every product, whatever
 //! its rows, runs the one batch-invariant kernel (gemm_bi.cu), and nothing is tuned. Products
 //! with FP8 weights (`--quantization fp8`) choose among the FP8 GEMV variants (and, from 2 rows,
 //! the tensor-core FP8 GEMV) up to 8 rows (always weight-only FP8, whatever the timing; the
@@ -216,6 +220,9 @@ impl Shape {
 /// operands.
 pub type TuneWeight = (u64, Option<Fp8Operands>, Option<Int4Operands>);
 
+/// A weight shape and a row bucket: what a kernel is chosen for.
+type Bucket = (Shape, usize);
+
 /// One shape's measurement: microseconds per product for each candidate and row bucket.
 #[derive(Debug, Clone)]
 pub struct Timing {
@@ -223,6 +230,118 @@ pub struct Timing {
     pub rows: usize,
     pub candidates: Vec<(LinearKernel, f64)>,
     pub chosen: LinearKernel,
+    /// Whether `chosen` is `TPSERVE_CUDA_LINEAR_CHOICES`'s, not the fastest candidate.
+    pub overridden: bool,
+}
+
+/// One entry of `TPSERVE_CUDA_LINEAR_CHOICES`: products of a weight of `n_out` rows of `k`
+/// inputs (in whatever type the model holds it) in row bucket `rows` run `kernel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choice {
+    pub n_out: usize,
+    pub k: usize,
+    pub rows: usize,
+    pub kernel: LinearKernel,
+}
+
+/// Parses `TPSERVE_CUDA_LINEAR_CHOICES`: comma-separated `N_OUTxK@ROWS=KERNEL`, ROWS a row
+/// bucket (1, 2, 4 or 8) and KERNEL one of `cublas`, `gemv-rC` (C output columns a warp: 1, 2
+/// or 4), `gemv-rC-uU` (U chunks in flight: 4 or 8; C 1 or 2), `mma`, `mma-a8` (the tensor-core
+/// GEMV, 4 or 8 tiles ahead); e.g. `28672x4096@1=mma,4096x4096@8=gemv-r2`. Whether a kernel can
+/// run a shape is checked against the warm-up's candidates ([`Linear::tune`]).
+pub fn parse_choices(spec: &str) -> std::result::Result<Vec<Choice>, String> {
+    let entry = |item: &str| -> Option<Choice> {
+        let (shape, rest) = item.split_once('@')?;
+        let (rows, kernel) = rest.split_once('=')?;
+        let (n_out, k) = shape.split_once('x')?;
+        let kernel = match kernel.split('-').collect::<Vec<_>>().as_slice() {
+            ["cublas"] => LinearKernel::Cublas,
+            ["mma"] => MMA,
+            ["mma", "a8"] => LinearKernel::Mma { ahead: 8 },
+            ["gemv", c] => LinearKernel::Gemv {
+                columns: c.strip_prefix('r')?.parse().ok()?,
+                unroll: 2,
+            },
+            ["gemv", c, u] => LinearKernel::Gemv {
+                columns: c.strip_prefix('r')?.parse().ok()?,
+                unroll: u.strip_prefix('u')?.parse().ok()?,
+            },
+            _ => return None,
+        };
+        Some(Choice {
+            n_out: n_out.trim().parse().ok()?,
+            k: k.parse().ok()?,
+            rows: rows.parse().ok().filter(|r| ROW_BUCKETS.contains(r))?,
+            kernel,
+        })
+    };
+    spec.split(',')
+        .filter(|item| !item.trim().is_empty())
+        .map(|item| {
+            entry(item.trim()).ok_or_else(|| {
+                format!(
+                    "TPSERVE_CUDA_LINEAR_CHOICES: cannot read {item:?} (N_OUTxK@ROWS=KERNEL, ROWS \
+                     1, 2, 4 or 8, KERNEL cublas, gemv-rC, gemv-rC-uU, mma or mma-a8)"
+                )
+            })
+        })
+        .collect()
+}
+
+/// Whether `kernel` runs products of `rows` rows of `shape`: the warm-up's candidates, plus the
+/// tensor-core GEMV at one row (where it takes K) and cuBLAS for weights in the dtype.
+fn can_run(shape: Shape, rows: usize, kernel: LinearKernel) -> bool {
+    match kernel {
+        LinearKernel::Cublas => !shape.gemv_only(),
+        LinearKernel::Mma { ahead } => shape.takes_mma() && matches!(ahead, 4 | 8),
+        _ => gemv_variants(rows, shape).contains(&kernel),
+    }
+}
+
+/// Puts `choices` in place of the measured ones in `timings` (and returns the updated choice
+/// map entries): each must name a shape and bucket that was timed, and a kernel that runs it
+/// ([`can_run`]).
+fn apply_choices(
+    timings: &mut [Timing],
+    choices: &[Choice],
+) -> std::result::Result<Vec<(Bucket, LinearKernel)>, String> {
+    let mut applied = Vec::new();
+    for c in choices {
+        let Some(t) = timings
+            .iter_mut()
+            .find(|t| (t.shape.n_out, t.shape.k, t.rows) == (c.n_out, c.k, c.rows))
+        else {
+            let timed: Vec<String> = timings
+                .iter()
+                .filter(|t| t.rows == c.rows)
+                .map(|t| format!("{}x{}", t.shape.n_out, t.shape.k))
+                .collect();
+            return Err(format!(
+                "TPSERVE_CUDA_LINEAR_CHOICES: no product of {}x{} was timed at {} rows (this \
+                 model's: {})",
+                c.n_out,
+                c.k,
+                c.rows,
+                timed.join(", ")
+            ));
+        };
+        if !can_run(t.shape, c.rows, c.kernel) {
+            let names: Vec<String> = t.candidates.iter().map(|(k, _)| k.to_string()).collect();
+            return Err(format!(
+                "TPSERVE_CUDA_LINEAR_CHOICES: {} cannot run {}x{} at {} rows (the warm-up's \
+                 candidates there: {})",
+                c.kernel,
+                c.n_out,
+                c.k,
+                c.rows,
+                names.join(", ")
+            ));
+        }
+        t.chosen = c.kernel;
+        t.overridden = true;
+        applied.push(((t.shape, t.rows), c.kernel));
+    }
+    Ok(applied)
 }
 
 /// The products of one worker, on its stream.
@@ -230,8 +349,10 @@ pub struct Linear {
     blas: Blas,
     /// cuBLASLt for FP8 products, when the weights are FP8.
     blas_lt: Option<BlasLt>,
-    choices: HashMap<(Shape, usize), LinearKernel>,
+    choices: HashMap<Bucket, LinearKernel>,
     pin: Pin,
+    /// `TPSERVE_CUDA_LINEAR_CHOICES`, applied after the warm-up's timing.
+    overrides: Vec<Choice>,
 }
 
 /// The bucket of `rows`, if the GEMV kernel can take it.
@@ -241,8 +362,9 @@ fn bucket(rows: usize) -> Option<usize> {
 
 impl Linear {
     /// Products on `blas`'s stream (and `blas_lt`'s, for FP8 weights); `batch_invariant` pins
-    /// every one to the batch-invariant kernel.
-    pub fn new(blas: Blas, blas_lt: Option<BlasLt>, batch_invariant: bool) -> Self {
+    /// every one to the batch-invariant kernel. Fails on a `TPSERVE_CUDA_LINEAR_CHOICES` it
+    /// cannot read, or one beside a pinned family.
+    pub fn new(blas: Blas, blas_lt: Option<BlasLt>, batch_invariant: bool) -> Result<Self> {
         let pin = match std::env::var("TPSERVE_CUDA_LINEAR").as_deref() {
             _ if batch_invariant => Pin::BatchInvariant,
             Ok("cublas") => Pin::Cublas,
@@ -252,12 +374,26 @@ impl Linear {
             Ok("measured-wide") => Pin::MeasuredWide,
             _ => Pin::Measured,
         };
-        Self {
+        let overrides = match std::env::var("TPSERVE_CUDA_LINEAR_CHOICES") {
+            Ok(spec) => {
+                parse_choices(&spec).map_err(|detail| WorkerError::Unsupported { detail })?
+            }
+            Err(_) => Vec::new(),
+        };
+        if !overrides.is_empty() && !matches!(pin, Pin::Measured | Pin::MeasuredWide) {
+            return Err(WorkerError::Unsupported {
+                detail: "TPSERVE_CUDA_LINEAR_CHOICES replaces measured choices; it cannot go \
+                         with batch-invariant mode or a TPSERVE_CUDA_LINEAR family pin"
+                    .into(),
+            });
+        }
+        Ok(Self {
             blas,
             blas_lt,
             choices: HashMap::new(),
             pin,
-        }
+            overrides,
+        })
     }
 
     /// The kernel a product of `rows` rows of `shape` runs on.
@@ -467,7 +603,9 @@ impl Linear {
     /// Measures every candidate for each shape (given with the weights of several layers, at
     /// least one, and for FP8 weights their operands) and row bucket, and keeps the fastest.
     /// `x` and `y` must hold `max_rows` rows (8, or [`MMA_WIDE_ROWS`] for the tensor-core GEMV's
-    /// wide bucket) of the largest `k` and `n_out`. Returns the measurements.
+    /// wide bucket) of the largest `k` and `n_out`. Returns the measurements, with
+    /// `TPSERVE_CUDA_LINEAR_CHOICES` in place of the fastest where it names one (an error where it
+    /// names a shape, bucket or kernel that was not timed).
     pub fn tune(
         &mut self,
         gpu: &Gpu,
@@ -549,9 +687,13 @@ impl Linear {
                     rows,
                     candidates,
                     chosen,
+                    overridden: false,
                 });
             }
         }
+        let applied = apply_choices(&mut timings, &self.overrides)
+            .map_err(|detail| WorkerError::Unsupported { detail })?;
+        self.choices.extend(applied);
         Ok(timings)
     }
 }
@@ -614,6 +756,95 @@ mod tests {
             LinearKernel::Mma { ahead: 8 }.to_string(),
             "tensor-core GEMV a8"
         );
+    }
+
+    #[test]
+    fn linear_choices_parse_and_replace_measured_ones_where_the_kernel_runs() {
+        let gemv = |columns, unroll| LinearKernel::Gemv { columns, unroll };
+        let choices =
+            parse_choices(" 28672x4096@1=mma, 4096x4096@8=gemv-r2,4096x14336@2=gemv-r1-u8,")
+                .unwrap();
+        assert_eq!(
+            choices,
+            vec![
+                Choice {
+                    n_out: 28672,
+                    k: 4096,
+                    rows: 1,
+                    kernel: MMA
+                },
+                Choice {
+                    n_out: 4096,
+                    k: 4096,
+                    rows: 8,
+                    kernel: gemv(2, 2)
+                },
+                Choice {
+                    n_out: 4096,
+                    k: 14336,
+                    rows: 2,
+                    kernel: gemv(1, 8)
+                },
+            ]
+        );
+        assert_eq!(parse_choices("").unwrap(), vec![]);
+        assert_eq!(
+            parse_choices("8x8@4=cublas,8x8@4=mma-a8").unwrap()[1].kernel,
+            LinearKernel::Mma { ahead: 8 }
+        );
+        for bad in [
+            "28672x4096@3=mma",
+            "28672x4096=mma",
+            "28672@1=mma",
+            "8x8@1=gemv",
+            "8x8@1=tc",
+        ] {
+            let err = parse_choices(bad).unwrap_err();
+            assert!(
+                err.contains(bad) && err.contains("N_OUTxK@ROWS=KERNEL"),
+                "{err}"
+            );
+        }
+
+        // FP8 gate_up timed at 1 row: the tensor-core GEMV is no candidate there, but runs it.
+        let fp8 = Shape {
+            n_out: 28672,
+            k: 4096,
+            fp8: true,
+            int4: false,
+        };
+        let timed = |shape, rows| Timing {
+            shape,
+            rows,
+            candidates: gemv_variants(rows, shape)
+                .into_iter()
+                .map(|k| (k, 1.0))
+                .collect(),
+            chosen: gemv(1, 2),
+            overridden: false,
+        };
+        let mut timings = vec![timed(fp8, 1), timed(fp8, 8)];
+        let applied = apply_choices(&mut timings, &choices[..1]).unwrap();
+        assert_eq!(applied, vec![((fp8, 1), MMA)]);
+        assert!(timings[0].overridden && timings[0].chosen == MMA);
+        assert!(!timings[1].overridden);
+        // A shape or bucket that was not timed, and a kernel that cannot run the shape (cuBLAS
+        // on FP8 weights at 8 rows, a deep GEMV at 8 rows), are errors naming them.
+        let err = apply_choices(&mut timings, &choices[1..2]).unwrap_err();
+        assert!(
+            err.contains("4096x4096") && err.contains("28672x4096"),
+            "{err}"
+        );
+        for kernel in [LinearKernel::Cublas, gemv(1, 8)] {
+            let c = Choice {
+                n_out: 28672,
+                k: 4096,
+                rows: 8,
+                kernel,
+            };
+            let err = apply_choices(&mut timings, &[c]).unwrap_err();
+            assert!(err.contains("cannot run 28672x4096 at 8 rows"), "{err}");
+        }
     }
 
     #[test]

@@ -419,7 +419,10 @@ fn tune_linears(gpu: &Gpu, loaded: &mut Loaded) -> Result<()> {
             && ws.gate_up.bytes >= rows * max_n * kernels::ELEM
     };
     let Some(rows) = [MMA_WIDE_ROWS, 8].into_iter().find(|&r| holds(r)) else {
-        tracing::debug!("workspace under 8 rows: linear kernels not tuned (cuBLAS)");
+        tracing::debug!(
+            "workspace under 8 rows: linear kernels not tuned (cuBLAS; \
+             TPSERVE_CUDA_LINEAR_CHOICES unused)"
+        );
         return Ok(());
     };
     // Random inputs (never time on zeros), from a fixed seed.
@@ -486,6 +489,7 @@ fn tune_linears(gpu: &Gpu, loaded: &mut Loaded) -> Result<()> {
             k = t.shape.k,
             rows = t.rows,
             chosen = %label(&t.chosen),
+            overridden = t.overridden,
             "linear kernel (us: {})",
             list.join(", ")
         );
@@ -587,7 +591,7 @@ impl Backend for CudaBackend {
             .fp8()
             .then(|| BlasLt::new(&self.gpu, dtype))
             .transpose()?;
-        let linear = Linear::new(Blas::new(&self.gpu, dtype)?, blas_lt, req.batch_invariant);
+        let linear = Linear::new(Blas::new(&self.gpu, dtype)?, blas_lt, req.batch_invariant)?;
         if req.max_loras > 0 {
             let (slots, rank) = (req.max_loras, req.max_lora_rank);
             let bytes = model.enable_lora(&self.gpu, slots, rank)?;
