@@ -15,14 +15,13 @@
 //! choices shape by shape (a list of `N_OUTxK@ROWS=KERNEL`, [`parse_choices`]), for comparing
 //! whole decode steps through the graphs with one product on another kernel, which the warm-up's
 //! timing of products alone does not predict (docs/PERFORMANCE.md, issue 12, runs 35-36). In
-//! batch-invariant mode every product, whatever
-//! its rows, runs the one batch-invariant kernel (gemm_bi.cu), and nothing is tuned. Products
-//! with FP8 weights (`--quantization fp8`) choose among the FP8 GEMV variants (and, from 2 rows,
-//! the tensor-core FP8 GEMV) up to 8 rows (always weight-only FP8, whatever the timing; the
-//! tensor cores sum in another order), and run cuBLASLt's FP8 GEMM above, on activations
-//! quantized per row (`fp8.rs`: by the kernel that made them, or here; with a checkpoint's
-//! static scale, per tensor), the vectors applied by cuBLASLt's outer-vector scaling or after the
-//! GEMM where this cuBLASLt has none. Products with 4-bit weights (AWQ, GPTQ) always run int4.cu's
+//! batch-invariant mode every product, whatever its rows, runs the one batch-invariant kernel
+//! (gemm_bi.cu), and nothing is tuned. Products with FP8 weights (`--quantization fp8`) choose
+//! among the FP8 GEMV variants (and, from 2 rows, the tensor-core FP8 GEMV) up to 8 rows (always
+//! weight-only FP8, whatever the timing; the tensor cores sum in another order), and run
+//! cuBLASLt's FP8 GEMM above, on activations quantized per row (`fp8.rs`: by the kernel that made
+//! them, or here; with a checkpoint's static scale, per tensor), the vectors applied by
+//! cuBLASLt's outer-vector scaling or after the GEMM where this cuBLASLt has none. Products with 4-bit weights (AWQ, GPTQ) always run int4.cu's
 //! GEMV up to 8 rows and its GEMM from 9 to 64 (the same bits for a row at any of those counts),
 //! and are dequantized for cuBLAS above (`int4.rs`).
 //!
@@ -247,8 +246,8 @@ pub struct Choice {
 /// Parses `TPSERVE_CUDA_LINEAR_CHOICES`: comma-separated `N_OUTxK@ROWS=KERNEL`, ROWS a row
 /// bucket (1, 2, 4 or 8) and KERNEL one of `cublas`, `gemv-rC` (C output columns a warp: 1, 2
 /// or 4), `gemv-rC-uU` (U chunks in flight: 4 or 8; C 1 or 2), `mma`, `mma-a8` (the tensor-core
-/// GEMV, 4 or 8 tiles ahead); e.g. `28672x4096@1=mma,4096x4096@8=gemv-r2`. Whether a kernel can
-/// run a shape is checked against the warm-up's candidates ([`Linear::tune`]).
+/// GEMV, 4 or 8 tiles ahead); e.g. `28672x4096@1=mma,4096x4096@8=gemv-r2`. Whether the kernel
+/// runs the shape is checked once the shapes are known ([`Linear::tune`], [`can_run`]).
 pub fn parse_choices(spec: &str) -> std::result::Result<Vec<Choice>, String> {
     let entry = |item: &str| -> Option<Choice> {
         let (shape, rest) = item.split_once('@')?;
