@@ -21,9 +21,9 @@
 //! weight-only FP8, whatever the timing; the tensor cores sum in another order), and run
 //! cuBLASLt's FP8 GEMM above, on activations quantized per row (`fp8.rs`: by the kernel that made
 //! them, or here; with a checkpoint's static scale, per tensor), the vectors applied by
-//! cuBLASLt's outer-vector scaling or after the GEMM where this cuBLASLt has none. Products with 4-bit weights (AWQ, GPTQ) always run int4.cu's
-//! GEMV up to 8 rows and its GEMM from 9 to 64 (the same bits for a row at any of those counts),
-//! and are dequantized for cuBLAS above (`int4.rs`).
+//! cuBLASLt's outer-vector scaling or after the GEMM where this cuBLASLt has none. Products with
+//! 4-bit weights (AWQ, GPTQ) always run int4.cu's GEMV up to 8 rows and its GEMM from 9 to 64 (the
+//! same bits for a row at any of those counts), and are dequantized for cuBLAS above (`int4.rs`).
 //!
 //! Costs: `tune` launches each candidate ~13 times per shape and row bucket (a few hundred
 //! milliseconds for an 8B model); `run` is one map lookup and one launch.
