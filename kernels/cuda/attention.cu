@@ -236,118 +236,6 @@ __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ pa
     }
 }
 
-// attention_combine's merge of an output element over its key splits, one split at a time:
-//   sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s,  M = max_s m_s
-// summed in split order by add_split over the splits that saw a key (m_s > -inf), which is all
-// the arithmetic there is: attention_combine and the decode kernel's own merge (below) both use
-// it, however they load the partials, and so give the same bits.
-struct SplitSum {
-    float num = 0.0f;
-    float den = 0.0f;
-    __device__ __forceinline__ void add_split(float m, float l, float part, float max_m) {
-        const float w = __expf(m - max_m);
-        den += w * l;
-        num += w * part;
-    }
-    __device__ __forceinline__ float result() const { return den > 0.0f ? num / den : 0.0f; }
-};
-
-// The end of the decode kernel's block with num_splits > 1, after it wrote its split's partials
-// (or, past the row's context, its (-inf, 0)): every block of a (row, KV head) counts itself in
-// `counter`, and the one that counts last (its partials and every other block's written and
-// fenced) merges the group's heads into `out` with attention_combine's arithmetic (SplitSum,
-// the same bits) and sets the counter back to 0 for the next layer, whose attention kernel
-// starts only after this one has finished (common.cuh, wait_for_inputs). Then a decode step
-// launches no attention_combine: one kernel fewer a layer. (Session 24's run 25 merged in the
-// last block with one element's chain of loads at a time, +0.35 ms a step; here each thread's
-// elements load together.) The merge stages the
-// (max, sum) pairs in `scratch` (G * kMaxSplits * 2 floats; the caller's shared memory, free by
-// then). Every thread of the block calls it; the block has 128 threads.
-template <typename T, int HD, int G>
-__device__ __forceinline__ void merge_splits_if_last(T* __restrict__ out,
-                                                     const float* __restrict__ partial_out,
-                                                     const float* __restrict__ partial_ml,
-                                                     int* __restrict__ counter, float* scratch,
-                                                     long long row, int kv_head, int group,
-                                                     int num_q_heads, int num_splits) {
-    __shared__ int is_last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        is_last = atomicAdd(counter, 1) == num_splits - 1;
-    }
-    __syncthreads();
-    if (!is_last) {
-        return;
-    }
-    __threadfence();
-    float(*m_s)[kMaxSplits] = reinterpret_cast<float(*)[kMaxSplits]>(scratch);
-    float(*l_s)[kMaxSplits] = reinterpret_cast<float(*)[kMaxSplits]>(scratch + G * kMaxSplits);
-    const long long first_head = row * num_q_heads + kv_head * group;
-    for (int i = threadIdx.x; i < group * num_splits; i += blockDim.x) {
-        const int h = i / num_splits;
-        const int s = i - h * num_splits;
-        const float* ml = partial_ml + ((first_head + h) * num_splits + s) * 2;
-        m_s[h][s] = __ldcg(ml);
-        l_s[h][s] = __ldcg(ml + 1);
-    }
-    __syncthreads();
-    // Each thread's elements (h, d) = divmod(threadIdx.x + e * 128, HD), merged together so
-    // that the partial loads of all of them are in flight at once.
-    constexpr int kThreads = 128;
-    constexpr int kElements = (G * HD + kThreads - 1) / kThreads;
-    constexpr int kLoads = kElements >= 32 ? 1 : 32 / kElements;  // splits loaded at a time
-    int h_of[kElements];
-    const float* part[kElements];
-    float max_m[kElements];
-    SplitSum sum[kElements];
-#pragma unroll
-    for (int e = 0; e < kElements; ++e) {
-        const int idx = threadIdx.x + e * kThreads;
-        h_of[e] = idx / HD < group ? idx / HD : -1;
-        const int h = h_of[e] < 0 ? 0 : h_of[e];
-        part[e] = partial_out + (first_head + h) * num_splits * HD + (idx - (idx / HD) * HD);
-        max_m[e] = tpserve::neg_inf();
-        for (int s = 0; s < num_splits; ++s) {
-            max_m[e] = fmaxf(max_m[e], m_s[h][s]);
-        }
-    }
-    for (int s0 = 0; s0 < num_splits; s0 += kLoads) {
-        bool live[kElements][kLoads];
-        float p[kElements][kLoads];
-#pragma unroll
-        for (int e = 0; e < kElements; ++e) {
-#pragma unroll
-            for (int j = 0; j < kLoads; ++j) {
-                const int s = s0 + j;
-                live[e][j] = h_of[e] >= 0 && s < num_splits &&
-                             m_s[h_of[e]][s] != tpserve::neg_inf();
-                p[e][j] = live[e][j] ? __ldcg(part[e] + (long long)s * HD) : 0.0f;
-            }
-        }
-#pragma unroll
-        for (int e = 0; e < kElements; ++e) {
-#pragma unroll
-            for (int j = 0; j < kLoads; ++j) {
-                if (live[e][j]) {
-                    const int s = s0 + j;
-                    sum[e].add_split(m_s[h_of[e]][s], l_s[h_of[e]][s], p[e][j], max_m[e]);
-                }
-            }
-        }
-    }
-#pragma unroll
-    for (int e = 0; e < kElements; ++e) {
-        if (h_of[e] >= 0) {
-            const int idx = threadIdx.x + e * kThreads;
-            out[(first_head + h_of[e]) * HD + idx % HD] = tpserve::from_float<T>(sum[e].result());
-        }
-    }
-    if (threadIdx.x == 0) {
-        *counter = 0;
-    }
-}
-
 // paged_attention_decode_hd{64,128,256}_g{4,8}_{bf16,f16}: the same attention as
 // paged_attention, for tiles of ONE query row each (decode), with at most G query heads per KV
 // head, built to read the KV cache at bandwidth: no shared-memory staging and no barrier per
@@ -377,9 +265,7 @@ __device__ __forceinline__ void merge_splits_if_last(T* __restrict__ out,
 // Key splits as paged_attention, except that split_len 0 means: each row splits its own keys
 // evenly, ceil(context / num_splits) rounded up to 32 (a CUDA graph is captured without knowing
 // the contexts); splits past a row's context write only max -inf and sum 0, which
-// attention_combine skips, and leave without waiting for the kernel before. With
-// split_counters (i32 [num_tokens, num_kv_heads], zero between launches) the kernel merges its
-// own splits (merge_splits_if_last) and no attention_combine follows; null, it does not.
+// attention_combine skips, and leave without waiting for the kernel before.
 //
 // With an FP8 cache (the `_fp8kv` entry points) the row's own key and value are rounded to
 // E4M3 (over their scales) before it attends to them, as every other key it reads.
@@ -388,7 +274,6 @@ __device__ __forceinline__ void merge_splits_if_last(T* __restrict__ out,
 //   qkv           T   [num_tokens, qkv_stride]: per token, [num_q_heads, HD] queries, then
 //                     [num_kv_heads, HD] keys, then as many values, before RoPE; read only
 // and key_cache and value_cache written at the rows' slots, plus
-//   split_counters i32 [num_tokens, num_kv_heads] or null (after partial_ml; see above)
 //   slot_mapping  i64 [num_tokens]   the rows' cache slots (negative: padding, not written)
 //   cos_table     f32 [max_pos, HD / 2]   as rope_kv_write's
 //   sin_table     f32 [max_pos, HD / 2]
@@ -398,8 +283,7 @@ __device__ __forceinline__ void merge_splits_if_last(T* __restrict__ out,
 template <typename T, typename C, int HD, int G>
 __device__ void paged_attention_decode_impl(
     T* __restrict__ out, float* __restrict__ partial_out, float* __restrict__ partial_ml,
-    int* __restrict__ split_counters, const T* __restrict__ qkv, C* __restrict__ key_cache,
-    C* __restrict__ value_cache,
+    const T* __restrict__ qkv, C* __restrict__ key_cache, C* __restrict__ value_cache,
     const int* __restrict__ block_tables, const int* __restrict__ tiles,
     const long long* __restrict__ slot_mapping, const float* __restrict__ cos_table,
     const float* __restrict__ sin_table, int num_q_heads, int num_kv_heads, int block_size,
@@ -466,12 +350,6 @@ __device__ void paged_attention_decode_impl(
                 (row * num_q_heads + kv_head * group + threadIdx.x) * num_splits + split;
             partial_ml[at * 2] = tpserve::neg_inf();
             partial_ml[at * 2 + 1] = 0.0f;
-        }
-        if (split_counters != nullptr) {
-            merge_splits_if_last<T, HD, G>(out, partial_out, partial_ml,
-                                           split_counters + row * num_kv_heads + kv_head,
-                                           reinterpret_cast<float*>(shared), row, kv_head,
-                                           group, num_q_heads, num_splits);
         }
         return;
     }
@@ -714,12 +592,6 @@ __device__ void paged_attention_decode_impl(
             }
         }
     }
-    if (num_splits > 1 && split_counters != nullptr) {
-        merge_splits_if_last<T, HD, G>(out, partial_out, partial_ml,
-                                       split_counters + row * num_kv_heads + kv_head,
-                                       reinterpret_cast<float*>(shared), row, kv_head, group,
-                                       num_q_heads, num_splits);
-    }
 }
 
 // attention_combine_{bf16,f16}: merges the splits of paged_attention:
@@ -757,7 +629,8 @@ __device__ void attention_combine_impl(T* __restrict__ out, const float* __restr
         max_m = fmaxf(max_m, m_s[s]);
     }
     const int d = threadIdx.x;
-    SplitSum sum;
+    float num = 0.0f;
+    float den = 0.0f;
     if (max_m != tpserve::neg_inf()) {
         const float* part = partial_out + base * num_splits * head_dim + d;
         constexpr int kInFlight = 8;
@@ -772,13 +645,16 @@ __device__ void attention_combine_impl(T* __restrict__ out, const float* __restr
             }
 #pragma unroll
             for (int j = 0; j < kInFlight; ++j) {
+                const int s = s0 + j;
                 if (live[j]) {
-                    sum.add_split(m_s[s0 + j], l_s[s0 + j], p[j], max_m);
+                    const float w = __expf(m_s[s] - max_m);
+                    den += w * l_s[s];
+                    num += w * p[j];
                 }
             }
         }
     }
-    out[base * head_dim + d] = tpserve::from_float<T>(sum.result());
+    out[base * head_dim + d] = tpserve::from_float<T>(den > 0.0f ? num / den : 0.0f);
 }
 
 #define TPSERVE_PAGED_ATTENTION_HD(SUFFIX, T, KV, C, HD)                                      \
@@ -812,16 +688,14 @@ TPSERVE_FOR_EACH_DTYPE(TPSERVE_PAGED_ATTENTION)
 #define TPSERVE_DECODE_ATTENTION_ONE(SUFFIX, T, KV, C, HD, G)                                 \
     extern "C" __global__ void __launch_bounds__(128) paged_attention_decode_hd##HD##_g##G##KV##_##SUFFIX( \
         T* __restrict__ out, float* __restrict__ partial_out, float* __restrict__ partial_ml,  \
-        int* __restrict__ split_counters, const T* __restrict__ qkv, C* __restrict__ key_cache, \
-        C* __restrict__ value_cache,                                                           \
+        const T* __restrict__ qkv, C* __restrict__ key_cache, C* __restrict__ value_cache,     \
         const int* __restrict__ block_tables, const int* __restrict__ tiles,                   \
         const long long* __restrict__ slot_mapping, const float* __restrict__ cos_table,       \
         const float* __restrict__ sin_table, int num_q_heads, int num_kv_heads,                \
         int block_size, int max_blocks_per_seq, int qkv_stride, int num_splits, int split_len, \
         float scale, float k_scale, float v_scale) {                                          \
         paged_attention_decode_impl<T, C, HD, G>(                                             \
-            out, partial_out, partial_ml, split_counters, qkv, key_cache, value_cache,        \
-            block_tables, tiles,                                                              \
+            out, partial_out, partial_ml, qkv, key_cache, value_cache, block_tables, tiles,   \
             slot_mapping, cos_table, sin_table, num_q_heads, num_kv_heads, block_size,        \
             max_blocks_per_seq, qkv_stride, num_splits, split_len, scale, k_scale, v_scale);  \
     }

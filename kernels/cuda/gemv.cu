@@ -118,56 +118,47 @@ constexpr int kWarps = 4;  // warps per block
 //   n_out    i32
 //   k        i32                a multiple of 8 (of 16 for FP8 weights); x, w 16-byte aligned
 // Launch: grid (ceil(n_out / (4 * R)), 1, 1); block (128, 1, 1).
-// The first half of one warp's part of a GEMV, before wait_for_inputs: the warp's weight rows
-// row0 .. row0 + R - 1 (those below row_end) warmed into L2 (their first 2 U chunks) and their
-// scales loaded. The weights do not depend on earlier kernels: they are pulled into L2 while the
-// kernel before (which writes x) may still be running. The count is known only at run time and
-// the loop unrolled by 4, not in full: so built, the one-column, two-chunk variant of
-// Llama-3-8B's o and down products ran 11-14% faster on an H200 (the 2- and 4-column ones
-// slower; the warm-up's timing picks per shape), and its batch-1 step 0.15 ms (3.5%) faster,
-// with the same bits out (docs/PERFORMANCE.md, issue 9, run 19). The scales are constants of the
-// model too: loaded now, they are not a dependent load after the sums (one scale per FP8
-// product, or its rows'; 1 for the dtype's weights).
-template <typename T, typename W, int R, int kUnroll>
-__device__ __forceinline__ void gemv_warp_prologue(float (&out_scale)[R], const W* __restrict__ w,
-                                                   const float* __restrict__ w_scale,
-                                                   int w_scale_per_row, int row0, int row_end,
-                                                   int k) {
-    constexpr int kPerLane = WeightLoad<T, W>::kElements;
-    constexpr int kChunk = 32 * kPerLane;
+template <typename T, typename W, int M, int R, int kUnroll>
+__device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const W* __restrict__ w,
+                          const float* __restrict__ w_scale, int w_scale_per_row, int rows,
+                          int n_out, int k) {
+    using Load = WeightLoad<T, W>;
+    constexpr int kPerLane = Load::kElements;   // elements of K per 16-byte weight load
+    constexpr int kXLoads = kPerLane / 8;       // 16-byte loads of x per weight load
+    constexpr int kChunk = 32 * kPerLane;       // elements of K one warp covers per load
     const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int n0 = (blockIdx.x * kWarps + warp) * R;
+    // The weights do not depend on earlier kernels: start pulling this warp's first chunks into
+    // L2 while the kernel before (which writes x) may still be running. The count is known only
+    // at run time and the loop unrolled by 4, not in full: so built, the one-column, two-chunk
+    // variant of Llama-3-8B's o and down products ran 11-14% faster on an H200 (the 2- and
+    // 4-column ones slower; the warm-up's timing picks per shape), and its batch-1 step 0.15 ms
+    // (3.5%) faster, with the same bits out (docs/PERFORMANCE.md, issue 9, run 19).
     const int prefetch_chunks = min(2 * kUnroll, (k + kChunk - 1) / kChunk);
 #pragma unroll 4
     for (int u = 0; u < prefetch_chunks; ++u) {
         const int kk = lane * kPerLane + u * kChunk;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-            if (kk < k && row0 + r < row_end) {
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(w + (long long)(row0 + r) * k + kk));
+            if (kk < k && n0 + r < n_out) {
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(w + (long long)(n0 + r) * k + kk));
             }
         }
     }
+    // The weight's scales are constants of the model too: loaded now, they are not a dependent
+    // load after the sums (one scale per FP8 product, or its rows'; 1 for the dtype's weights).
+    float out_scale[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-        out_scale[r] = w_scale != nullptr && row0 + r < row_end
-                           ? w_scale[w_scale_per_row ? row0 + r : 0]
+        out_scale[r] = w_scale != nullptr && n0 + r < n_out
+                           ? w_scale[w_scale_per_row ? n0 + r : 0]
                            : 1.0f;
     }
-}
-
-// The second half, after wait_for_inputs: the warp's sums of its weight rows row0 .. row0 + R - 1
-// (those below row_end; 0 for the others) with rows 0 .. M - 1 of x (those below `rows`; 0 for
-// the others), every lane holding every sum, scaled by out_scale.
-template <typename T, typename W, int M, int R, int kUnroll>
-__device__ __forceinline__ void gemv_warp_sums(float (&total)[R][M], const float (&out_scale)[R],
-                                               const T* __restrict__ x,
-                                               const W* __restrict__ w, int row0, int row_end,
-                                               int rows, int k) {
-    using Load = WeightLoad<T, W>;
-    constexpr int kPerLane = Load::kElements;   // elements of K per 16-byte weight load
-    constexpr int kXLoads = kPerLane / 8;       // 16-byte loads of x per weight load
-    constexpr int kChunk = 32 * kPerLane;       // elements of K one warp covers per load
-    const int lane = threadIdx.x & 31;
+    tpserve::wait_for_inputs();
+    if (n0 >= n_out) {
+        return;
+    }
     float acc[R][M];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -185,8 +176,8 @@ __device__ __forceinline__ void gemv_warp_sums(float (&total)[R][M], const float
             const bool in_k = kk < k;
 #pragma unroll
             for (int r = 0; r < R; ++r) {
-                wv[u][r] = in_k && row0 + r < row_end
-                               ? load_streaming(w + (long long)(row0 + r) * k + kk)
+                wv[u][r] = in_k && n0 + r < n_out
+                               ? load_streaming(w + (long long)(n0 + r) * k + kk)
                                : make_uint4(0u, 0u, 0u, 0u);
             }
 #pragma unroll
@@ -214,90 +205,9 @@ __device__ __forceinline__ void gemv_warp_sums(float (&total)[R][M], const float
     for (int r = 0; r < R; ++r) {
 #pragma unroll
         for (int m = 0; m < M; ++m) {
-            total[r][m] = tpserve::warp_reduce_sum(acc[r][m]) * out_scale[r];
-        }
-    }
-}
-
-template <typename T, typename W, int M, int R, int kUnroll>
-__device__ void gemv_impl(T* __restrict__ y, const T* __restrict__ x, const W* __restrict__ w,
-                          const float* __restrict__ w_scale, int w_scale_per_row, int rows,
-                          int n_out, int k) {
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int n0 = (blockIdx.x * kWarps + warp) * R;
-    float out_scale[R];
-    gemv_warp_prologue<T, W, R, kUnroll>(out_scale, w, w_scale, w_scale_per_row, n0, n_out, k);
-    tpserve::wait_for_inputs();
-    if (n0 >= n_out) {
-        return;
-    }
-    float total[R][M];
-    gemv_warp_sums<T, W, M, R, kUnroll>(total, out_scale, x, w, n0, n_out, rows, k);
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
+            const float total = tpserve::warp_reduce_sum(acc[r][m]);
             if (lane == ((r * M + m) & 31) && m < rows && n0 + r < n_out) {
-                y[(long long)m * n_out + n0 + r] = tpserve::from_float<T>(total[r][m]);
-            }
-        }
-    }
-}
-
-// gemv_gated_m1_r{1,2,4}[_u{4,8}]_{bf16,f16} and gemv_fp8_gated_*: the one-row GEMV of a fused
-// gate and up projection with Llama's gated activation applied on the way out, in place of the
-// GEMV and silu_mul.cu's kernel after it: y[m, n] = silu(g) * u for n < d, where g and u are the
-// sums of weight rows n and d + n (the gate and up halves, as silu_mul reads them), each rounded
-// to T as the GEMV stores them, then rounded as silu_mul rounds (common.cuh's silu_mul_rounded):
-// bit for bit what the two kernels give, with one launch fewer and d elements written per row
-// instead of 2 d. Warps 0-1 of a block own gate rows n0 .. n0 + R - 1 (n0 = (2 block + warp) R),
-// warps 2-3 the up rows d + n0 ..; each warp walks K as gemv_impl's, the gate warps leave their
-// sums in shared memory, and the up warps write. Arguments as gemv_impl's with d, the outputs a
-// row, for n_out (w has 2 d rows).
-// Launch: grid (ceil(d / (2 * R)), 1, 1); block (128, 1, 1).
-template <typename T, typename W, int M, int R, int kUnroll>
-__device__ void gemv_gated_impl(T* __restrict__ y, const T* __restrict__ x,
-                                const W* __restrict__ w, const float* __restrict__ w_scale,
-                                int w_scale_per_row, int rows, int d, int k) {
-    __shared__ float gate_sums[2][R][M];
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int up = warp >> 1;  // 0: the gate rows, 1: the up rows
-    const int pair = warp & 1;
-    const int n0 = (blockIdx.x * 2 + pair) * R;
-    const int row0 = up * d + n0;
-    const int row_end = up * d + d;
-    float out_scale[R];
-    gemv_warp_prologue<T, W, R, kUnroll>(out_scale, w, w_scale, w_scale_per_row, row0, row_end,
-                                         k);
-    tpserve::wait_for_inputs();
-    float total[R][M];
-    if (n0 < d) {
-        gemv_warp_sums<T, W, M, R, kUnroll>(total, out_scale, x, w, row0, row_end, rows, k);
-        if (!up) {
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-#pragma unroll
-                for (int m = 0; m < M; ++m) {
-                    if (lane == ((r * M + m) & 31)) {
-                        gate_sums[pair][r][m] = tpserve::round_to<T>(total[r][m]);
-                    }
-                }
-            }
-        }
-    }
-    __syncthreads();
-    if (!up || n0 >= d) {
-        return;
-    }
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-            if (lane == ((r * M + m) & 31) && m < rows && n0 + r < d) {
-                y[(long long)m * d + n0 + r] = tpserve::silu_mul_rounded<T>(
-                    gate_sums[pair][r][m], tpserve::round_to<T>(total[r][m]));
+                y[(long long)m * n_out + n0 + r] = tpserve::from_float<T>(total * out_scale[r]);
             }
         }
     }
@@ -508,30 +418,6 @@ __device__ void gemv_mma_impl(T* __restrict__ y, const T* __restrict__ x, const 
     TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 2, 4) \
     TPSERVE_GEMV_DEEP(SUFFIX, T, 2, 2, 8)
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_GEMV)
-
-// GATED(R, U, NAME): the gated one-row variant of R columns a warp and U chunks in flight, for
-// weights in T and in FP8 E4M3, named gemv_gated_m1_NAME and gemv_fp8_gated_m1_NAME.
-#define TPSERVE_GEMV_GATED(SUFFIX, T, R, U, NAME)                                             \
-    extern "C" __global__ void __launch_bounds__(128, 4) gemv_gated_m1_##NAME##_##SUFFIX(     \
-        T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int rows, int d, \
-        int k) {                                                                              \
-        gemv_gated_impl<T, T, 1, R, U>(y, x, w, nullptr, 0, rows, d, k);                       \
-    }                                                                                         \
-    extern "C" __global__ void __launch_bounds__(128, 4) gemv_fp8_gated_m1_##NAME##_##SUFFIX( \
-        T* __restrict__ y, const T* __restrict__ x, const E4M3* __restrict__ w,               \
-        const float* __restrict__ w_scale, int w_scale_per_row, int rows, int d, int k) {     \
-        gemv_gated_impl<T, E4M3, 1, R, U>(y, x, w, w_scale, w_scale_per_row, rows, d, k);      \
-    }
-// Every gated variant (the one-row ones of the plain GEMV), for activations T.
-#define TPSERVE_GEMV_GATED_ALL(SUFFIX, T)             \
-    TPSERVE_GEMV_GATED(SUFFIX, T, 1, 2, r1)           \
-    TPSERVE_GEMV_GATED(SUFFIX, T, 2, 2, r2)           \
-    TPSERVE_GEMV_GATED(SUFFIX, T, 4, 2, r4)           \
-    TPSERVE_GEMV_GATED(SUFFIX, T, 1, 4, r1_u4)        \
-    TPSERVE_GEMV_GATED(SUFFIX, T, 1, 8, r1_u8)        \
-    TPSERVE_GEMV_GATED(SUFFIX, T, 2, 4, r2_u4)        \
-    TPSERVE_GEMV_GATED(SUFFIX, T, 2, 8, r2_u8)
-TPSERVE_FOR_EACH_DTYPE(TPSERVE_GEMV_GATED_ALL)
 #define TPSERVE_GEMV_MMA(SUFFIX, T)                                                           \
     extern "C" __global__ void __launch_bounds__(128, 4) gemv_mma_##SUFFIX(                   \
         T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int rows,        \

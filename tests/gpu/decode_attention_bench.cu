@@ -303,9 +303,6 @@ int main() {
             CK(cudaMemcpy(d_slots, slots.data(), rows * sizeof(long long), cudaMemcpyHostToDevice));
             CK(cudaMalloc(&d_rope, (size_t)ctx * 64 * sizeof(float)));
             CK(cudaMemset(d_rope, 0, (size_t)ctx * 64 * sizeof(float)));
-            int* d_counters;
-            CK(cudaMalloc(&d_counters, rows * 8 * sizeof(int)));
-            CK(cudaMemset(d_counters, 0, rows * 8 * sizeof(int)));
             for (int fp8 = 0; fp8 < 2; ++fp8) {
                 const double bytes = b.kv_bytes(fp8);
                 auto row = [&](const char* name, int s, double us) {
@@ -315,20 +312,24 @@ int main() {
                 };
                 const void* old = fp8 ? (const void*)k_attention::paged_attention_decode_hd128_g4_fp8kv_bf16
                                       : (const void*)k_attention::paged_attention_decode_hd128_g4_bf16;
-                // The CUDA-core kernel merges its own splits (its last block of each row and
-                // KV head, counted in d_counters, which it leaves at zero).
                 auto launch_old = [&]() {
                     int block = BLOCK, sl = 0, s = splits;
                     float scale = 1.0f / std::sqrt(128.0f);
                     float ks = fp8 ? K_SCALE : 1.0f, vs = fp8 ? V_SCALE : 1.0f;
                     void* kc = fp8 ? (void*)b.d_kc8 : (void*)b.d_kc;
                     void* vc = fp8 ? (void*)b.d_vc8 : (void*)b.d_vc;
-                    void* args[] = {&b.d_out,    &b.d_po,   &b.d_pml,    &d_counters, &b.d_q,
-                                    &kc,         &vc,       &b.d_tables, &b.d_tiles,  &d_slots,
-                                    &d_rope,     &d_rope,   &b.qh,       &b.kvh,      &block,
-                                    &b.width,    &b.q_stride, &s,        &sl,         &scale,
-                                    &ks,         &vs};
+                    void* args[] = {&b.d_out,   &b.d_po,   &b.d_pml,  &b.d_q,    &kc,
+                                    &vc,        &b.d_tables, &b.d_tiles, &d_slots, &d_rope,
+                                    &d_rope,    &b.qh,     &b.kvh,    &block,   &b.width,
+                                    &b.q_stride, &s,       &sl,       &scale,   &ks,
+                                    &vs};
                     CK(cudaLaunchKernel(old, dim3(rows, 8, s), dim3(128), args, 0, 0));
+                    if (s > 1) {
+                        int hd = 128, qh = 32;
+                        void* cargs[] = {&b.d_out, &b.d_po, &b.d_pml, &qh, &hd, &s};
+                        CK(cudaLaunchKernel(combine_fn<bf>(), dim3(rows, 32), dim3(128), cargs, 0,
+                                            0));
+                    }
                 };
                 const char* tag = fp8 ? " (FP8 KV)" : "";
                 std::string n = std::string("cuda-core decode") + tag;
@@ -345,7 +346,6 @@ int main() {
             }
             CK(cudaFree(d_slots));
             CK(cudaFree(d_rope));
-            CK(cudaFree(d_counters));
         }
     }
     printf("\n%s: %d check(s) failed\n", failures ? "FAIL" : "PASS", failures);

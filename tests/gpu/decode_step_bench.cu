@@ -105,9 +105,9 @@ struct Layer {
 struct Options {
     bool norms = true, rope = true, attention = true, silu = true, gemvs = true;
     int splits = 33;
-    // The attention (which merges its own key splits) replaced by an empty kernel that only
-    // waits (what the attention costs beyond a kernel boundary in the chain).
-    bool empty_attention = false;
+    // The split merge left out (its launch and its work); the attention and merge replaced by
+    // empty kernels that only wait (what a kernel boundary costs in the chain).
+    bool combine = true, empty_attention = false;
     // The MLP's three kernels (gate|up GEMV, SiLU-mul, down GEMV) as one persistent kernel,
     // with or without the down rows' first loads before its grid barrier.
     bool fused_mlp = false, fused_preload = true;
@@ -260,7 +260,6 @@ struct Model {
     // Activations.
     bf *x, *normed, *qkv, *attn, *sub, *gate_up, *act, *logits;
     float *partial_out, *partial_ml, *cos_t, *sin_t;
-    int* split_counters;  // the decode attention's, [KV_HEADS], zero between launches
     int *block_tables, *tiles, *positions;
     long long* slots;
     int context, max_blocks;
@@ -294,11 +293,16 @@ static void step(const Model& m, const Options& o) {
         }
         if (o.empty_attention) {
             launch(empty_kernel, dim3(1, KV_HEADS, o.splits), dim3(128));
+            if (o.combine) launch(empty_kernel, dim3(1, Q_HEADS), dim3(HD));
         } else if (o.attention) {
             launch(paged_attention_decode_hd128_g4_bf16, dim3(1, KV_HEADS, o.splits), dim3(128),
-                   m.attn, m.partial_out, m.partial_ml, m.split_counters, m.qkv, l.kc, l.vc,
-                   m.block_tables, m.tiles, m.slots, m.cos_t, m.sin_t, Q_HEADS, KV_HEADS, BLOCK,
-                   m.max_blocks, QKV, o.splits, 0, scale, 1.0f, 1.0f);
+                   m.attn, m.partial_out, m.partial_ml, m.qkv, l.kc, l.vc, m.block_tables,
+                   m.tiles, m.slots, m.cos_t, m.sin_t, Q_HEADS, KV_HEADS, BLOCK, m.max_blocks,
+                   QKV, o.splits, 0, scale, 1.0f, 1.0f);
+            if (o.splits > 1 && o.combine) {
+                launch(attention_combine_bf16, dim3(1, Q_HEADS), dim3(HD), m.attn,
+                       m.partial_out, m.partial_ml, Q_HEADS, HD, o.splits);
+            }
         }
         if (o.gemvs) gemv(*m.v_o, m.sub, m.attn, l.o, HIDDEN, Q_HEADS * HD);
         if (o.norms) {
@@ -507,8 +511,6 @@ int main(int argc, char** argv) {
     }
     CK(cudaMalloc(&m.partial_out, (size_t)Q_HEADS * 64 * HD * sizeof(float)));
     CK(cudaMalloc(&m.partial_ml, (size_t)Q_HEADS * 64 * 2 * sizeof(float)));
-    CK(cudaMalloc(&m.split_counters, KV_HEADS * sizeof(int)));
-    CK(cudaMemset(m.split_counters, 0, KV_HEADS * sizeof(int)));
     {
         const int max_pos = context + 2;
         std::vector<float> c((size_t)max_pos * HD / 2), s(c.size());
@@ -616,7 +618,12 @@ int main(int argc, char** argv) {
         o.fused_mlp = true;
         o.fused_preload = false;
     });
-    row("attention as one empty kernel", [](Options& o) { o.empty_attention = true; });
+    row("without the split merge (its output wrong)", [](Options& o) { o.combine = false; });
+    row("attention and merge as empty kernels", [](Options& o) { o.empty_attention = true; });
+    row("attention as one empty kernel", [](Options& o) {
+        o.empty_attention = true;
+        o.combine = false;
+    });
     for (int s : {16, 64}) {
         Options o;
         o.splits = s;

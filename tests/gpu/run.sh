@@ -232,9 +232,8 @@ step_bf16() {
 # logits of step_bf16 (needs step_reference and step_bf16 first): replayed by the CUDA graph of
 # batch size 1 (the decode kernel with its key splits sized on the device and their combine, at
 # contexts up to 1,500), through a graph of 8 rows (7 of them padding) with the GEMV pinned,
-# eagerly, with the GEMV's two depths (bit-identical), with the gated gate/up GEMV and with the
-# decode attention merging its own splits (each bit-identical), and on the tensor-core GEMV
-# (also its 16-row instance, on prompts in chunks of 16).
+# eagerly, with the GEMV's two depths (bit-identical), and on the tensor-core GEMV (also its
+# 16-row instance, on prompts in chunks of 16).
 step_decode() {
   ours_logits tp1-bf16-decode 1 bfloat16 --chunk 1
   check_logits tp1-bf16-decode bfloat16 tp1-bf16
@@ -254,18 +253,6 @@ step_decode() {
   ours_logits tp1-bf16-decode-deep 1 bfloat16 --chunk 1
   unset TPSERVE_CUDA_LINEAR
   check_logits tp1-bf16-decode-deep bfloat16 tp1-bf16-decode-gemv exact
-  # The gate and up GEMV with the SiLU-mul on its way out (TPSERVE_CUDA_GATED_GEMV=1) instead of
-  # in a kernel of its own after it: the same bits.
-  export TPSERVE_CUDA_LINEAR=gemv TPSERVE_CUDA_GATED_GEMV=1
-  ours_logits tp1-bf16-decode-gated 1 bfloat16 --chunk 1
-  unset TPSERVE_CUDA_LINEAR TPSERVE_CUDA_GATED_GEMV
-  check_logits tp1-bf16-decode-gated bfloat16 tp1-bf16-decode-gemv exact
-  # The decode attention merging its own key splits (TPSERVE_CUDA_DECODE_MERGE=kernel) instead of
-  # attention_combine after it: the same bits.
-  export TPSERVE_CUDA_DECODE_MERGE=kernel
-  ours_logits tp1-bf16-decode-merge 1 bfloat16 --chunk 1
-  unset TPSERVE_CUDA_DECODE_MERGE
-  check_logits tp1-bf16-decode-merge bfloat16 tp1-bf16-decode exact
   # Every few-row product on the tensor-core GEMV (other sums than the FMA GEMV's), and the
   # greedy batch of 4 rows through it, against transformers.
   # Then the prompts in chunks of 16 rows: products of 9 to 16 rows on its 16-row instance.
@@ -301,21 +288,6 @@ step_fp8() {
   ours_logits tp1-fp8-mma 1 bfloat16 --quantization fp8 --chunk 1
   unset TPSERVE_CUDA_LINEAR
   [ -s "$OURS/tp1-fp8-mma.f32" ] && check_fp8_truth tp1-fp8-mma
-  # Every position as a one-row decode step on the FP8 GEMV, its gate and up product with the
-  # SiLU-mul in a kernel of its own (by default) and on the way out (TPSERVE_CUDA_GATED_GEMV=1):
-  # the same bits.
-  export TPSERVE_CUDA_LINEAR=gemv
-  ours_logits tp1-fp8-decode-gemv 1 bfloat16 --quantization fp8 --chunk 1
-  export TPSERVE_CUDA_GATED_GEMV=1
-  ours_logits tp1-fp8-decode-gated 1 bfloat16 --quantization fp8 --chunk 1
-  unset TPSERVE_CUDA_LINEAR TPSERVE_CUDA_GATED_GEMV
-  if [ -s "$OURS/tp1-fp8-decode-gemv.f32" ] && [ -s "$OURS/tp1-fp8-decode-gated.f32" ] &&
-    [ -f "$REF/hf_float32.f32" ]; then
-    run_compare "tp1-fp8-decode-gated vs hf (FP8 rounding as the peer)" \
-      --truth "$REF/hf_float32.f32" --peer "$REF_FP8/hf_float32.f32" \
-      --ours "$OURS/tp1-fp8-decode-gated.f32" --vocab "$VOCAB" --prompts "$CKPT/prompts.json" \
-      --vs "$OURS/tp1-fp8-decode-gemv.f32" --vs-label tp1-fp8-decode-gemv --vs-exact
-  fi
 }
 
 # check_fp8_truth TAG: an --quantization fp8 run's logits against the unquantized float32 truth

@@ -127,16 +127,6 @@ impl AttentionKind {
     }
 }
 
-/// Whether the CUDA-core decode attention merges its own key splits (its last block of each row
-/// and KV head; attention.cu's merge_splits_if_last) instead of `attention_combine` after it:
-/// with `TPSERVE_CUDA_DECODE_MERGE=kernel`, the same bits either way. Not by default until a GPU
-/// run has measured it (docs/PERFORMANCE.md, issue 9, session 34).
-fn decode_merges_in_kernel() -> bool {
-    static IN_KERNEL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *IN_KERNEL
-        .get_or_init(|| std::env::var("TPSERVE_CUDA_DECODE_MERGE").is_ok_and(|v| v == "kernel"))
-}
-
 /// A step's inputs on the device and the launch shapes they imply.
 #[derive(Debug, Clone, Copy)]
 pub struct StepView {
@@ -536,11 +526,6 @@ impl Pass<'_> {
                     out: ws.attn.ptr,
                     partial_out: ws.partial_out.ptr,
                     partial_ml: ws.partial_ml.ptr,
-                    split_counters: if decode_merges_in_kernel() {
-                        ws.split_counters.ptr
-                    } else {
-                        0
-                    },
                     qkv: ws.qkv.ptr,
                     cache,
                     block_tables: tables,
@@ -554,11 +539,8 @@ impl Pass<'_> {
                 &shape,
             )?,
         }
-        // The decode kernel merges its own splits where asked to.
-        let merged =
-            decode_merges_in_kernel() && matches!(v.attention, AttentionPlan::Decode { .. });
         let splits = v.attention.splits();
-        if splits > 1 && !merged {
+        if splits > 1 {
             k.attention_combine(
                 ws.attn.ptr,
                 ws.partial_out.ptr,
@@ -571,8 +553,7 @@ impl Pass<'_> {
         Ok(())
     }
 
-    /// Residual + RMSNorm, gate/up projection, SiLU-mul (in the gate/up GEMV where it is one),
-    /// down projection, all-reduce.
+    /// Residual + RMSNorm, gate/up projection, SiLU-mul, down projection, all-reduce.
     fn mlp_block(&self, li: usize, layer: &Layer, timer: &mut PhaseTimer) -> Result<()> {
         let (d, ws, n, k) = (&self.d, self.ws, self.v.rows, self.dev.kernels);
         let gpu = self.dev.gpu;
@@ -587,17 +568,8 @@ impl Pass<'_> {
             k: d.hidden,
         };
         let gate_up = self.norm_for(layer.post_norm.ptr, gate_up, timer)?;
-        // One row on a GEMV variant and no LoRA delta to add before the activation: the gated
-        // GEMV writes the activation itself, and no SiLU-mul runs.
-        let into_act = Product {
-            y: ws.act.ptr,
-            ..gate_up
-        };
-        let gated = !self.lora_active() && self.dev.linear.run_gated(k, &into_act)?;
-        if !gated {
-            self.linear(gate_up)?;
-            self.lora(li, FusedProduct::GateUp, ws.gate_up.ptr, ws.normed.ptr)?;
-        }
+        self.linear(gate_up)?;
+        self.lora(li, FusedProduct::GateUp, ws.gate_up.ptr, ws.normed.ptr)?;
         timer.mark(gpu, "gemm gate_up");
         let mut down = Product {
             y: ws.sub.ptr,
@@ -613,7 +585,6 @@ impl Pass<'_> {
         // quantizes its rows for it (writing `ws.act` only when a LoRA delta reads it).
         let fused = self.dev.linear.quantizes_rows(&down) && Kernels::fuses_silu_fp8(d.inter);
         match down.fp8.as_mut().filter(|_| fused) {
-            _ if gated => {}
             Some(fp8) => {
                 let act = self.lora_active().then_some(ws.act.ptr);
                 k.silu_mul_fp8_rows(act, (fp8.x_q, fp8.x_stats), ws.gate_up.ptr, n, d.inter)?;

@@ -14,10 +14,6 @@ pub struct GemvFamily {
     one: [[CudaFunction; 3]; 4],
     /// `[M 1, 2][R 1, 2][U 4, 8]`: the deeper variants.
     deep: [[[CudaFunction; 2]; 2]; 2],
-    /// The one-row variants with the gated activation applied on the way out (gemv.cu's
-    /// gemv_gated_impl): `[R 1, 2, 4]` with two chunks in flight, then `[R 1, 2][U 4, 8]`.
-    gated_one: [CudaFunction; 3],
-    gated_deep: [[CudaFunction; 2]; 2],
     /// The entry points' prefix, for errors.
     name: &'static str,
 }
@@ -46,31 +42,11 @@ impl GemvFamily {
                 [deep(2, 2, 4)?, deep(2, 2, 8)?],
             ],
         ];
-        let mut gated = |v: &str| take(&format!("{prefix}_gated_m1_{v}"));
-        let gated_one = [gated("r1")?, gated("r2")?, gated("r4")?];
-        let gated_deep = [
-            [gated("r1_u4")?, gated("r1_u8")?],
-            [gated("r2_u4")?, gated("r2_u8")?],
-        ];
         Ok(Self {
             one,
             deep,
-            gated_one,
-            gated_deep,
             name: prefix,
         })
-    }
-
-    /// The gated one-row variant of `r` columns per warp and `u` chunks in flight (the pairs
-    /// [`Self::pick`] takes for one row), or None for another pair.
-    fn pick_gated(&self, r: usize, u: usize) -> Option<&CudaFunction> {
-        match (r, u) {
-            (1, 2) => Some(&self.gated_one[0]),
-            (2, 2) => Some(&self.gated_one[1]),
-            (4, 2) => Some(&self.gated_one[2]),
-            (1 | 2, 4 | 8) => Some(&self.gated_deep[r / 2][u / 8]),
-            _ => None,
-        }
     }
 
     /// The variant for `rows` rows (1 to 8), `r` output columns per warp (1, 2 or 4) and `u`
@@ -115,32 +91,6 @@ impl Kernels {
         let function = family.pick(p.rows, r, u)?;
         debug_assert!(p.k.is_multiple_of(if p.fp8.is_some() { 16 } else { 8 }));
         self.launch_gemv(function, p, p.n_out.div_ceil(4 * r), family.name)
-    }
-
-    /// `p.y = silu(g) * u` for the one row of a fused gate and up product `p` (`p.w`'s first
-    /// `p.n_out / 2` rows the gate, the rest the up projection; `p.y` holds `p.n_out / 2`
-    /// elements), by the gated GEMV with `r` columns per warp and `u` chunks in flight: the
-    /// bits of [`Self::gemv`] with the same `r` and `u` followed by [`Self::silu_mul`], in one
-    /// launch (gemv.cu's gemv_gated_impl).
-    pub fn gemv_gated(&self, p: &Product, r: usize, u: usize) -> Result<()> {
-        let family = match p.fp8 {
-            None => &self.gemv,
-            Some(_) => &self.gemv_fp8,
-        };
-        let function = family
-            .pick_gated(r, u)
-            .filter(|_| p.rows == 1 && p.n_out.is_multiple_of(2) && p.int4.is_none())
-            .ok_or_else(|| WorkerError::Unsupported {
-                detail: format!(
-                    "the gated GEMV with {r} columns per warp and {u} chunks in flight for {} \
-                     rows of {} outputs (one row, an even count)",
-                    p.rows, p.n_out
-                ),
-            })?;
-        debug_assert!(p.k.is_multiple_of(if p.fp8.is_some() { 16 } else { 8 }));
-        let d = p.n_out / 2;
-        let gated = Product { n_out: d, ..*p };
-        self.launch_gemv(function, &gated, d.div_ceil(2 * r), family.name)
     }
 
     /// `p.y = p.x p.w^T` on tensor cores with `ahead` (4 or 8) tiles in flight per lane

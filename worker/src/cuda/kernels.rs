@@ -1113,10 +1113,9 @@ impl Kernels {
     }
 
     /// Decode attention (attention.cu's paged_attention_decode): tiles of one row each (zero
-    /// rows: padding), `num_splits` key splits sized per row on the device (merged by the last
-    /// of each row's and KV head's blocks to finish with `a.split_counters`, else by
-    /// `attention_combine` after it), with RoPE and the new keys' and values' cache write folded
-    /// in (no `rope_kv_write` before it).
+    /// rows: padding), `num_splits` key splits sized per row on the device (merged afterwards
+    /// by `attention_combine`), with RoPE and the new keys' and values' cache write folded in
+    /// (no `rope_kv_write` before it).
     pub fn paged_attention_decode(
         &self,
         a: &DecodeAttention,
@@ -1165,7 +1164,6 @@ impl Kernels {
         b.arg(&a.out)
             .arg(&a.partial_out)
             .arg(&a.partial_ml)
-            .arg(&a.split_counters)
             .arg(&a.qkv)
             .arg(&a.cache.key)
             .arg(&a.cache.value)
@@ -1185,8 +1183,7 @@ impl Kernels {
             .arg(&a.cache.k_scale)
             .arg(&a.cache.v_scale);
         // SAFETY: as attention.cu documents for paged_attention_decode; the caller sizes the
-        // buffers (partials for num_tiles x q_heads x splits, at most ATTENTION_MAX_SPLITS;
-        // counters, when given, for the rows x kv_heads, zero).
+        // buffers (partials for num_tiles x q_heads x splits, at most ATTENTION_MAX_SPLITS).
         unsafe { b.launch(cfg) }
             .map(drop)
             .map_err(launch_err("paged_attention_decode"))
@@ -1498,14 +1495,9 @@ pub struct CacheLayer {
 pub struct DecodeAttention {
     /// `[rows, q_heads * head_dim]`.
     pub out: u64,
-    /// f32 partial outputs and (max, sum) pairs of the splits, merged by the kernel's last
-    /// block of each row and KV head.
+    /// f32 partial outputs and (max, sum) pairs of the splits, merged by `attention_combine`.
     pub partial_out: u64,
     pub partial_ml: u64,
-    /// i32 `[rows, kv_heads]`, zero between launches: the blocks of each row and KV head that
-    /// have finished (the workspace's `split_counters`), for the kernel to merge its own
-    /// splits; 0 (null): `attention_combine` merges them after it.
-    pub split_counters: u64,
     /// `[rows, stride]`: the qkv projection's output before RoPE (the kernel rotates).
     pub qkv: u64,
     /// This layer's cache, written at the rows' slots (the rotated new keys and the values).

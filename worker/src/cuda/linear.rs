@@ -14,10 +14,7 @@
 //! (docs/PERFORMANCE.md, issue 12, session 32). `TPSERVE_CUDA_LINEAR_CHOICES` replaces measured
 //! choices shape by shape (a list of `N_OUTxK@ROWS=KERNEL`, [`parse_choices`]), for comparing
 //! whole decode steps through the graphs with one product on another kernel, which the warm-up's
-//! timing of products alone does not predict (docs/PERFORMANCE.md, issue 12, runs 35-36). With
-//! `TPSERVE_CUDA_GATED_GEMV=1` a one-row gate and up product whose choice is a GEMV variant runs
-//! that variant's gated form ([`Linear::run_gated`]: the GEMV and the SiLU-mul in one launch,
-//! the same bits; not by default until a GPU run has measured it, session 34). In
+//! timing of products alone does not predict (docs/PERFORMANCE.md, issue 12, runs 35-36). In
 //! batch-invariant mode every product, whatever its rows, runs the one batch-invariant kernel
 //! (gemm_bi.cu), and nothing is tuned. Products with FP8 weights (`--quantization fp8`) choose
 //! among the FP8 GEMV variants (and, from 2 rows, the tensor-core FP8 GEMV) up to 8 rows (always
@@ -355,8 +352,6 @@ pub struct Linear {
     pin: Pin,
     /// `TPSERVE_CUDA_LINEAR_CHOICES`, applied after the warm-up's timing.
     overrides: Vec<Choice>,
-    /// Whether [`Self::run_gated`] may run the gated GEMV (`TPSERVE_CUDA_GATED_GEMV=1`).
-    gated: bool,
 }
 
 /// The bucket of `rows`, if the GEMV kernel can take it.
@@ -397,7 +392,6 @@ impl Linear {
             choices: HashMap::new(),
             pin,
             overrides,
-            gated: std::env::var("TPSERVE_CUDA_GATED_GEMV").as_deref() == Ok("1"),
         })
     }
 
@@ -457,24 +451,6 @@ impl Linear {
     /// The product `p`, on the kernel chosen for its shape and rows.
     pub fn run(&self, kernels: &Kernels, p: &Product) -> Result<()> {
         self.launch(kernels, self.kernel_for(Shape::of(p), p.rows), p)
-    }
-
-    /// For a fused gate and up product `p` (`p.w`'s first half of rows the gate, the second the
-    /// up projection): where it is one row on a GEMV variant, `p.y` = silu(gate) * up (half
-    /// `p.n_out` wide) by that variant's gated form, as the product followed by
-    /// `Kernels::silu_mul` would give it, and true; elsewhere nothing runs: false (the caller runs
-    /// the product and the SiLU-mul).
-    pub fn run_gated(&self, kernels: &Kernels, p: &Product) -> Result<bool> {
-        if !self.gated || p.rows != 1 || p.int4.is_some() {
-            return Ok(false);
-        }
-        match self.kernel_for(Shape::of(p), p.rows) {
-            LinearKernel::Gemv { columns, unroll } => {
-                kernels.gemv_gated(p, columns, unroll)?;
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
     }
 
     /// `p.y += p.x W^T` with one rounding, where `p` runs on cuBLAS (with a weight in the dtype,

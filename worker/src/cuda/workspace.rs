@@ -51,9 +51,6 @@ pub struct Workspace {
     /// their statistics or per-row scales (`fp8.rs`); a byte each otherwise.
     pub fp8_x: DeviceBuffer,
     pub fp8_stats: DeviceBuffer,
-    /// The decode attention's count of finished blocks per row and KV head, i32 `[tokens,
-    /// kv_heads]`: zero at allocation, set back to zero by the block that merges the splits.
-    pub split_counters: DeviceBuffer,
 }
 
 impl Workspace {
@@ -64,7 +61,7 @@ impl Workspace {
         samples: usize,
         lora_width: usize,
         fp8: bool,
-    ) -> [usize; 18] {
+    ) -> [usize; 17] {
         let partial = Self::partial_capacity(d, tokens);
         let widest_k = d.hidden.max(d.inter).max(d.q_heads * d.head_dim);
         [
@@ -86,7 +83,6 @@ impl Workspace {
             if fp8 { tokens * widest_k } else { 0 },
             // One tensor's statistics, or one scale per row (activations quantized per row).
             if fp8 { STATS_BYTES.max(tokens * 4) } else { 0 },
-            tokens * d.kv_heads * 4,
         ]
     }
 
@@ -132,7 +128,6 @@ impl Workspace {
             lora_scratch: a(14, "LoRA scratch")?,
             fp8_x: a(15, "FP8 activations")?,
             fp8_stats: a(16, "FP8 activation scales")?,
-            split_counters: a(17, "attention split counters")?,
             fp8,
         })
     }
@@ -167,9 +162,9 @@ mod tests {
         let plain = Workspace::bytes_for(&d, 10, 2, 0, false);
         let fp8 = Workspace::bytes_for(&d, 10, 2, 0, true);
         assert_eq!(plain[..15], fp8[..15]);
-        assert_eq!(plain[15..17], [0, 0]);
+        assert_eq!(plain[15..], [0, 0]);
         // The widest K is the intermediate size (the down projection's input), one byte each.
-        assert_eq!(fp8[15..17], [10 * 176, STATS_BYTES]);
+        assert_eq!(fp8[15..], [10 * 176, STATS_BYTES]);
         // Per-row activation scales take 4 bytes a row once they outgrow the statistics.
         let many = Workspace::bytes_for(&d, 4096, 2, 0, true);
         assert_eq!(many[16], 4096 * 4);
