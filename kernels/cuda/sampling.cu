@@ -80,11 +80,364 @@ __device__ __forceinline__ unsigned long long mix64(unsigned long long x) {
     return x ^ (x >> 31);
 }
 
-// Standard Gumbel noise for token v under `seed`: -log(-log(u)), u uniform in (0, 1).
+// Standard Gumbel noise, -log(-log(u)), for u uniform in (0, 1) on a grid of 2^-24: u = (m + 1/2)
+// 2^-24, m the top 24 bits of a hash of the seed and token v (gumbel). Near u = 1, -log(u) is
+// below __logf's absolute error (~2^-22), and -__logf(-__logf(u)) was infinite at one point of
+// the grid (tests/gpu/sampling_bench.cu), which made that token win any draw over the whole
+// vocabulary; there -log(u) comes from its series in w = 1 - u (exact on the grid), and the
+// noise is at most -log(2^-25) = 17.33 < kGumbelMax.
+__device__ __forceinline__ float gumbel_of(unsigned int m) {
+    const float u = ((float)m + 0.5f) * (1.0f / 16777216.0f);
+    const float w = ((float)(16777215u - m) + 0.5f) * (1.0f / 16777216.0f);
+    const float e = w < 1.0f / 64.0f ? w * (1.0f + w * (0.5f + w * (1.0f / 3.0f))) : -__logf(u);
+    return -__logf(e);
+}
 __device__ __forceinline__ float gumbel(unsigned long long seed, int v) {
-    const unsigned long long h = mix64(seed ^ mix64((unsigned long long)v));
-    const float u = ((float)(h >> 40) + 0.5f) * (1.0f / 16777216.0f);
-    return -__logf(-__logf(u));
+    return gumbel_of((unsigned int)(mix64(seed ^ mix64((unsigned long long)v)) >> 40));
+}
+constexpr float kGumbelMax = 17.5f;
+
+// The better of `best` and token v with value x plus its noise; the noise is not computed where
+// it cannot make x the better (x + kGumbelMax below best).
+__device__ __forceinline__ ArgMax draw_step(ArgMax best, float x, unsigned long long seed, int v) {
+    if (x + kGumbelMax < best.value) {
+        return best;
+    }
+    return better(best, ArgMax{x + gumbel(seed, v), v});
+}
+
+// A filtered draw's candidates (sample_impl): the tokens of a few bins of a histogram of the
+// row, sorted in shared memory.
+constexpr int kCandidates = 4096;
+// Bins of that histogram: equal bins of x over [lo, x_max], one pair a thread of 1,024.
+constexpr int kBins = 2048;
+
+// Inclusive prefix sums over the block's threads in threadIdx order, returned to each thread
+// (blockDim.x a multiple of 32; every thread calls it).
+template <typename V> __device__ V block_prefix_sum(V v) {
+    __shared__ V warp_totals[32];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+        const V other = __shfl_up_sync(0xffffffffu, v, offset);
+        if (lane >= offset) {
+            v += other;
+        }
+    }
+    if (lane == 31) {
+        warp_totals[warp] = v;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        V w = lane < (int)(blockDim.x >> 5) ? warp_totals[lane] : V(0);
+#pragma unroll
+        for (int offset = 1; offset < 32; offset <<= 1) {
+            const V other = __shfl_up_sync(0xffffffffu, w, offset);
+            if (lane >= offset) {
+                w += other;
+            }
+        }
+        warp_totals[lane] = w;
+    }
+    __syncthreads();
+    const V before = warp == 0 ? V(0) : warp_totals[warp - 1];
+    __syncthreads();
+    return v + before;
+}
+
+// The sum of v over the block, to every thread (every thread calls it). Integer sums are the
+// same in any order.
+__device__ unsigned long long block_sum(unsigned long long v) {
+    __shared__ unsigned long long sum;
+    const unsigned long long through = block_prefix_sum(v);
+    if (threadIdx.x == blockDim.x - 1) {
+        sum = through;
+    }
+    __syncthreads();
+    const unsigned long long result = sum;
+    __syncthreads();
+    return result;
+}
+
+// Calls f(v, logit(v)) for every entry v < vocab of a row laid out as sample_*'s logits (rank
+// slices), 16 bytes a thread at a time where the slices allow it.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_logit(const T* __restrict__ logits, int row,
+                                               int num_rows, int vocab_per_rank, int vocab,
+                                               F&& f) {
+    constexpr int kVec = 16 / (int)sizeof(T);
+    const long long rank_stride = (long long)num_rows * vocab_per_rank;
+    if (vocab_per_rank % kVec == 0) {
+        const int pieces = vocab_per_rank / kVec;
+        for (int r = 0; r * vocab_per_rank < vocab; ++r) {
+            const T* slice = logits + r * rank_stride + (long long)row * vocab_per_rank;
+#pragma unroll 4
+            for (int p = threadIdx.x; p < pieces; p += blockDim.x) {
+                const uint4 raw = *reinterpret_cast<const uint4*>(slice + p * kVec);
+                const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+                for (int i = 0; i < kVec; ++i) {
+                    const int v = r * vocab_per_rank + p * kVec + i;
+                    if (v < vocab) {
+                        f(v, tpserve::to_float(e[i]));
+                    }
+                }
+            }
+        }
+    } else {
+        for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
+            const int rank = v / vocab_per_rank;
+            f(v, tpserve::to_float(logits[rank * rank_stride + (long long)row * vocab_per_rank +
+                                          (v - rank * vocab_per_rank)]));
+        }
+    }
+}
+
+// A token's probability relative to the top one, exp(x - x_max), in units of 2^-32: integer
+// sums are exact in any order, so the thresholds read off them (and the row's draw) do not
+// depend on the order in which threads add.
+__device__ __forceinline__ unsigned long long mass_units(float x, float x_max) {
+    return __float2ull_rz(__expf(__fsub_rn(x, x_max)) * 4294967296.0f);
+}
+
+// The bin of x among kBins equal bins from lo (inv_width = kBins / (x_max - lo), 0 for an empty
+// range), clamped: the same float arithmetic in every pass, so a token's bin is the same each
+// time it is computed, and never falls as x rises.
+__device__ __forceinline__ int bin_of(float x, float lo, float inv_width) {
+    return min(kBins - 1, max(0, __float2int_rd(__fmul_rn(__fsub_rn(x, lo), inv_width))));
+}
+
+// Turns a histogram into the sums from each bin up, in place (S: the type the sums are taken
+// in). blockDim.x must be kBins / 2: thread t owns bins kBins - 1 - 2 t and kBins - 2 - 2 t.
+template <typename S, typename V> __device__ void to_sums_from(V* hist) {
+    const int hi = kBins - 1 - 2 * (int)threadIdx.x;
+    const S a = hist[hi];
+    const S b = hist[hi - 1];
+    const S through = block_prefix_sum<S>(a + b);  // every read is done when it returns
+    hist[hi] = (V)(through - b);
+    hist[hi - 1] = (V)through;
+    __syncthreads();
+}
+
+// The largest bin whose sum from it up (to_sums_from) reaches goal, or -1, to every thread.
+template <typename V> __device__ int last_reaching(const V* sums_from, V goal) {
+    const int hi = kBins - 1 - 2 * (int)threadIdx.x;
+    // The sums fall as the bin rises, so the bins that reach the goal are 0 ..= j.
+    const int mine = sums_from[hi] >= goal ? hi : sums_from[hi - 1] >= goal ? hi - 1 : -1;
+    return (int)block_reduce_max((float)mine);
+}
+
+// Adds a token (when `take`) to bin `bin` of the counts, and when kMass its mass (relative to the
+// top token) to the float masses. Where every taker of the warp adds to one bin (a tie, or a
+// clump of close values, which would queue on one address) the warp adds once, its mass summed
+// in units of 2^-24 (the masses only locate boundaries; see sample_impl). (__match_any_sync,
+// which would group any lanes of a bin, costs more than it saves on rows without ties.)
+template <bool kMass>
+__device__ __forceinline__ void add_to_bin(bool take, int bin, float mass, unsigned int* counts,
+                                           float* masses) {
+    const unsigned int mask = __activemask();
+    const unsigned int takers = __ballot_sync(mask, take);
+    if (takers == 0u) {
+        return;
+    }
+    const int first = __ffs(takers) - 1;
+    const int first_bin = __shfl_sync(mask, bin, first);
+    if (__all_sync(mask, !take || bin == first_bin)) {
+        const unsigned int units =
+            kMass ? __reduce_add_sync(mask, take ? __float2uint_rn(mass * 16777216.0f) : 0u) : 0u;
+        if ((int)(threadIdx.x & 31) == first) {
+            atomicAdd(&counts[bin], (unsigned int)__popc(takers));
+            if (kMass) {
+                atomicAdd(&masses[bin], (float)units * (1.0f / 16777216.0f));
+            }
+        }
+    } else if (take) {
+        atomicAdd(&counts[bin], 1u);
+        if (kMass) {
+            atomicAdd(&masses[bin], mass);
+        }
+    }
+}
+
+// Appends (x, v) to the candidates where `take` (one atomic a warp), past kCandidates only
+// counting.
+__device__ __forceinline__ void append(bool take, float x, int v, float* xs, int* ids,
+                                       int* count) {
+    const unsigned int mask = __activemask();
+    const unsigned int want = __ballot_sync(mask, take);
+    if (want == 0u) {
+        return;
+    }
+    const int lane = threadIdx.x & 31;
+    const int leader = __ffs(want) - 1;
+    int base = 0;
+    if (lane == leader) {
+        base = atomicAdd(count, __popc(want));
+    }
+    base = __shfl_sync(mask, base, leader);
+    if (take) {
+        const int at = base + __popc(want & ((1u << lane) - 1u));
+        if (at < kCandidates) {
+            xs[at] = x;
+            ids[at] = v;
+        }
+    }
+}
+
+// Sorts the n candidates (xs, ids) by x descending, lowest id first on ties (bitonic, padded
+// to a power of two with (-inf, INT_MAX); n at most kCandidates).
+__device__ void sort_candidates(float* xs, int* ids, int n) {
+    int size = 2;
+    while (size < n) {
+        size <<= 1;
+    }
+    for (int i = n + threadIdx.x; i < size; i += blockDim.x) {
+        xs[i] = tpserve::neg_inf();
+        ids[i] = 0x7fffffff;
+    }
+    __syncthreads();
+    for (int span = 2; span <= size; span <<= 1) {
+        for (int stride = span >> 1; stride > 0; stride >>= 1) {
+            for (int i = threadIdx.x; i < size / 2; i += blockDim.x) {
+                const int a = 2 * stride * (i / stride) + (i % stride);
+                const int b = a + stride;
+                // Whether b goes before a in this span's direction (descending where a & span
+                // is 0, so the whole ends descending).
+                const bool b_first = xs[b] > xs[a] || (xs[b] == xs[a] && ids[b] < ids[a]);
+                if (b_first == ((a & span) == 0)) {
+                    const float x = xs[a];
+                    const int id = ids[a];
+                    xs[a] = xs[b];
+                    ids[a] = ids[b];
+                    xs[b] = x;
+                    ids[b] = id;
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
+// The number of leading sorted candidates with x >= threshold, to every thread.
+__device__ int count_at_least(const float* xs, int n, float threshold) {
+    int kept = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        if (xs[i] >= threshold) {
+            kept = i + 1;
+        }
+    }
+    return (int)block_reduce_max((float)kept);
+}
+
+// The first of the n sorted candidates at which `above` plus their running mass (mass_units)
+// reaches goal (n if none does), to every thread.
+__device__ int first_reaching(const float* xs, int n, float x_max, unsigned long long above,
+                              unsigned long long goal) {
+    __shared__ int first;
+    // Each thread sums a run of consecutive candidates.
+    const int per = (n + blockDim.x - 1) / blockDim.x;
+    const int begin = min(n, (int)threadIdx.x * per);
+    const int end = min(n, begin + per);
+    unsigned long long mine = 0ull;
+    for (int i = begin; i < end; ++i) {
+        mine += mass_units(xs[i], x_max);
+    }
+    unsigned long long running = above + block_prefix_sum(mine) - mine;
+    if (threadIdx.x == 0) {
+        first = n;
+    }
+    __syncthreads();
+    for (int i = begin; i < end; ++i) {
+        running += mass_units(xs[i], x_max);
+        if (running >= goal) {
+            atomicMin(&first, i);
+            break;
+        }
+    }
+    __syncthreads();
+    const int result = first;
+    __syncthreads();
+    return result;
+}
+
+// A row of logits as the sampling kernels read it (see sample_*): rank slices of `stride` rows,
+// entry v's x = logit * inv_t, never contracted with what follows, so every pass sees the same
+// value.
+template <typename T> struct LogitRow {
+    const T* logits;
+    int row, stride, vocab_per_rank, vocab;
+    float inv_t;
+
+    // Calls f(v, x) for every entry.
+    template <typename F> __device__ __forceinline__ void each(F&& f) const {
+        for_each_logit(logits, row, stride, vocab_per_rank, vocab,
+                       [&](int v, float l) { f(v, __fmul_rn(l, inv_t)); });
+    }
+};
+
+// Counts the row's finite x in kBins equal bins from lo (bin_of) and turns the counts into sums
+// from each bin up (to_sums_from); blockDim.x must be kBins / 2.
+template <typename T>
+__device__ void count_bins(const LogitRow<T>& r, float lo, float inv_width, unsigned int* counts) {
+    for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
+        counts[i] = 0u;
+    }
+    __syncthreads();
+    r.each([&](int, float x) {
+        add_to_bin<false>(x > tpserve::neg_inf(), bin_of(x, lo, inv_width), 0.0f, counts,
+                          nullptr);
+    });
+    __syncthreads();
+    to_sums_from<unsigned int>(counts);
+}
+
+// What gather_bins gathered: n tokens (sorted in the candidates where n <= kCandidates), their
+// exact mass, their least and greatest x, and the exact mass of the kept tokens past them.
+struct Gathered {
+    int n;
+    unsigned long long mass, above;
+    float low, high;
+};
+
+// Gathers the row's finite tokens with x >= floor whose bin (bin_of from lo) lies in
+// [first_bin, last_bin] into the candidates (xs, ids), sorted where they fit; masses in
+// mass_units against x_max.
+template <typename T>
+__device__ Gathered gather_bins(const LogitRow<T>& r, float floor, float lo, float inv_width,
+                                int first_bin, int last_bin, float x_max, float* xs, int* ids) {
+    __shared__ int gathered;
+    if (threadIdx.x == 0) {
+        gathered = 0;
+    }
+    __syncthreads();
+    unsigned long long in_range = 0ull;
+    unsigned long long past = 0ull;
+    float low = tpserve::pos_inf();
+    float high = tpserve::neg_inf();
+    r.each([&](int v, float x) {
+        const bool kept = x >= floor && x > tpserve::neg_inf();
+        const int bin = bin_of(x, lo, inv_width);
+        const bool take = kept && bin >= first_bin && bin <= last_bin;
+        if (take) {
+            in_range += mass_units(x, x_max);
+            low = fminf(low, x);
+            high = fmaxf(high, x);
+        } else if (kept && bin > last_bin) {
+            past += mass_units(x, x_max);
+        }
+        append(take, x, v, xs, ids, &gathered);
+    });
+    Gathered g;
+    g.mass = block_sum(in_range);
+    g.above = block_sum(past);
+    g.low = -block_reduce_max(-low);
+    g.high = block_reduce_max(high);
+    g.n = gathered;
+    if (g.n <= kCandidates) {
+        sort_candidates(xs, ids, g.n);
+    }
+    return g;
 }
 
 }  // namespace
@@ -99,12 +452,25 @@ __device__ __forceinline__ float gumbel(unsigned long long seed, int v) {
 // Per row, with x_v = logit / temperature:
 // - temperature <= 0 or top_k == 1: the largest logit, lowest id on ties (greedy);
 // - else keep v with x_v >= threshold, where the threshold is the largest of: the k-th largest x
-//   (top_k > 0; found by bisection on the value, so ties at the boundary may keep a few more);
-//   max x + log(min_p) (min_p > 0: probability at least min_p times the top one); then, over
-//   what survives, the largest t whose kept tokens (x >= t) carry at least top_p of the
-//   renormalised probability (top_p < 1, bisection). The kept token with the largest
-//   x_v + Gumbel(seed, v) is returned: an exact draw from softmax(x) restricted to the kept set.
-// Same seed, same logits: same token.
+//   (top_k > 0; ties with it are kept too); max x + log(min_p) (min_p > 0: probability at least
+//   min_p times the top one); then, over what survives, the largest t whose kept tokens (x >= t)
+//   carry at least top_p of the renormalised probability (top_p < 1). The kept token with the
+//   largest x_v + Gumbel(seed, v) is returned: an exact draw from softmax(x) restricted to the
+//   kept set. Same seed, same logits: same token.
+//
+// How the thresholds are found, in a few passes over the row whatever the parameters (the
+// bisection this replaced took 28 passes per threshold: ~1 ms for top-p at one row of a 128k
+// vocabulary on an H100, docs/PERFORMANCE.md run 40): one pass finds the row's largest and
+// smallest x; for top-k, one pass counts the tokens in kBins equal bins of x, which gives the
+// bin of the k-th value and how many lie above it, and one gathers the tokens of that bin (and
+// those above, when they fit) into shared memory, sorted, where the k-th value is read off
+// exactly. Top-p does the same with the mass of the tokens still kept, unless top-k's gathered
+// tokens already hold all it may keep: the bins' float sums locate the boundary to within a bin,
+// the gathered tokens (one bin either side) and the exact integer masses (mass_units) of those
+// and of all above decide it. The draw then runs over the gathered tokens where they hold every
+// kept one, else over the row. A boundary bin of more than kCandidates tokens is read off
+// without sorting when they are all one value (a tie); otherwise that threshold falls back to
+// the bisection on the value (ties at the boundary may keep a few more there).
 //
 // Arguments:
 //   out             u32 [num_rows]   written
@@ -117,127 +483,230 @@ __device__ __forceinline__ float gumbel(unsigned long long seed, int v) {
 //   top_p           f32 [num_rows]   >= 1: off
 //   min_p           f32 [num_rows]   <= 0: off
 //   seeds           u64 [num_rows]
-// Launch: grid (num_rows, 1, 1); block (1024, 1, 1). With 2-byte T and vocab_per_rank a multiple
-// of 8 the logits must be 16-byte aligned (greedy rows read them 16 bytes at a time).
+// Launch: grid (num_rows, 1, 1); block (kBins / 2 = 1024, 1, 1). Where vocab_per_rank is a
+// multiple of 16 / sizeof(T) the logits must be 16-byte aligned (read 16 bytes at a time).
 template <typename T>
 __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict__ logits,
                             int num_rows, int vocab_per_rank, int vocab,
                             const float* __restrict__ temperature, const int* __restrict__ top_k,
                             const float* __restrict__ top_p, const float* __restrict__ min_p,
                             const unsigned long long* __restrict__ seeds) {
+    // The histogram (counts, then float masses), later the candidates (values, then ids).
+    __shared__ __align__(16) unsigned char scratch[kCandidates * 8];
+    unsigned int* counts = reinterpret_cast<unsigned int*>(scratch);
+    float* masses = reinterpret_cast<float*>(scratch + kBins * 4);
+    float* xs = reinterpret_cast<float*>(scratch);
+    int* ids = reinterpret_cast<int*>(scratch + kCandidates * 4);
     tpserve::wait_for_inputs();
     const int row = blockIdx.x;
+    auto finish = [&](ArgMax best) {
+        best = block_argmax(best);
+        if (threadIdx.x == 0) {
+            out[row] = best.index == 0x7fffffff ? 0u : (unsigned int)best.index;
+        }
+    };
+    const float t = temperature[row];
+    const int k = top_k[row];
+    if (t <= 0.0f || k == 1) {
+        ArgMax best{tpserve::neg_inf(), 0x7fffffff};
+        for_each_logit(logits, row, num_rows, vocab_per_rank, vocab,
+                       [&](int v, float x) { best = better(best, ArgMax{x, v}); });
+        finish(best);
+        return;
+    }
+    const float inv_t = 1.0f / t;
+    const unsigned long long seed = seeds[row];
+    const bool use_k = k > 0 && k < vocab;
+    const float mp = min_p[row];
+    const float p = top_p[row];
+    const LogitRow<T> r{logits, row, num_rows, vocab_per_rank, vocab, inv_t};
+    // The draw over every finite token of the row with x >= threshold.
+    auto draw_all = [&](float threshold) {
+        ArgMax best{tpserve::neg_inf(), 0x7fffffff};
+        r.each([&](int v, float x) {
+            if (x >= threshold && x > tpserve::neg_inf()) {
+                best = draw_step(best, x, seed, v);
+            }
+        });
+        finish(best);
+    };
+    if (!use_k && mp <= 0.0f && p >= 1.0f) {
+        draw_all(tpserve::neg_inf());  // temperature alone: every token is kept
+        return;
+    }
+    float local_max = tpserve::neg_inf();
+    float local_min = tpserve::pos_inf();
+    r.each([&](int, float x) {
+        local_max = fmaxf(local_max, x);
+        // Banned and masked entries (-inf, sample_processed_*) do not bound the thresholds.
+        if (x > tpserve::neg_inf()) {
+            local_min = fminf(local_min, x);
+        }
+    });
+    const float x_max = block_reduce_max(local_max);
+    const float x_min = -block_reduce_max(-local_min);
+    const float min_p_threshold = mp > 0.0f ? x_max + __logf(mp) : tpserve::neg_inf();
+
+    auto gather = [&](float floor, float lo, float inv_width, int first_bin, int last_bin) {
+        return gather_bins(r, floor, lo, inv_width, first_bin, last_bin, x_max, xs, ids);
+    };
+
+    // `threshold` is what every later stage keeps at least; `listed`: the sorted candidates hold
+    // every finite token with x >= threshold.
+    float threshold = tpserve::neg_inf();
+    bool listed = false;
+    int n = 0;
+    bool bisect_k = false;
+    if (use_k) {
+        const float lo = x_min;
+        const float inv_width = x_max > lo ? (float)kBins / (x_max - lo) : 0.0f;
+        count_bins(r, lo, inv_width, counts);
+        // -1: fewer than k finite tokens, all of them kept.
+        const int bin = max(0, last_reaching(counts, (unsigned int)k));
+        const unsigned int from_bin = counts[bin];
+        const unsigned int past_bin = bin + 1 < kBins ? counts[bin + 1] : 0u;
+        __syncthreads();  // the counts' bytes become the candidates'
+        if (from_bin <= (unsigned int)kCandidates) {
+            n = gather(tpserve::neg_inf(), lo, inv_width, bin, kBins - 1).n;
+            threshold = k <= n ? xs[k - 1] : x_min;
+            listed = true;
+        } else {
+            // The k-th value's bin alone; past_bin < k tokens lie above it.
+            const Gathered g = gather(tpserve::neg_inf(), lo, inv_width, bin, bin);
+            if (g.n <= kCandidates) {
+                threshold = xs[k - (int)past_bin - 1];
+            } else if (g.low == g.high) {
+                threshold = g.low;  // a bin of one value (a tie): the k-th
+            } else {
+                bisect_k = true;
+            }
+        }
+    }
     const long long rank_stride = (long long)num_rows * vocab_per_rank;
     auto logit = [&](int v) -> float {
         const int rank = v / vocab_per_rank;
         return tpserve::to_float(
             logits[rank * rank_stride + (long long)row * vocab_per_rank + (v - rank * vocab_per_rank)]);
     };
-    const float t = temperature[row];
-    const int k = top_k[row];
-    if (t <= 0.0f || k == 1) {
-        ArgMax best{tpserve::neg_inf(), 0x7fffffff};
-        if (sizeof(T) == 2 && vocab_per_rank % 8 == 0) {
-            // 16 bytes (8 logits) per thread and step, rank slice by rank slice.
-            const int pieces = vocab_per_rank / 8;
-            for (int r = 0; r * vocab_per_rank < vocab; ++r) {
-                const T* slice = logits + r * rank_stride + (long long)row * vocab_per_rank;
-                for (int p = threadIdx.x; p < pieces; p += blockDim.x) {
-                    const uint4 raw = *reinterpret_cast<const uint4*>(slice + p * 8);
-                    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) {
-                        const int v = r * vocab_per_rank + p * 8 + i;
-                        if (v < vocab) {
-                            best = better(best, ArgMax{tpserve::to_float(e[i]), v});
-                        }
-                    }
-                }
-            }
-        } else {
-            for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
-                best = better(best, ArgMax{logit(v), v});
-            }
-        }
-        best = block_argmax(best);
-        if (threadIdx.x == 0) {
-            out[row] = best.index == 0x7fffffff ? 0u : (unsigned int)best.index;
-        }
-        return;
-    }
-    const float inv_t = 1.0f / t;
-    float local_max = tpserve::neg_inf();
-    float local_min = tpserve::pos_inf();
-    for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
-        const float x = logit(v) * inv_t;
-        local_max = fmaxf(local_max, x);
-        // Banned and masked entries (-inf, sample_processed_*) do not bound the bisections.
-        if (x > tpserve::neg_inf()) {
-            local_min = fminf(local_min, x);
-        }
-    }
-    const float x_max = block_reduce_max(local_max);
-    const float x_min = -block_reduce_max(-local_min);
-    float threshold = tpserve::neg_inf();
-    if (k > 0 && k < vocab) {
+    if (bisect_k) {
         // Largest t with at least k values >= t.
-        float lo = x_min;
-        float hi = x_max;
+        float lo_k = x_min;
+        float hi_k = x_max;
         for (int step = 0; step < kBisectionSteps; ++step) {
-            const float mid = 0.5f * (lo + hi);
+            const float mid = 0.5f * (lo_k + hi_k);
             float count = 0.0f;
             for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
                 count += logit(v) * inv_t >= mid ? 1.0f : 0.0f;
             }
             if (tpserve::block_reduce_sum(count) >= (float)k) {
-                lo = mid;
+                lo_k = mid;
             } else {
-                hi = mid;
+                hi_k = mid;
             }
         }
-        threshold = lo;
+        threshold = lo_k;
     }
-    const float mp = min_p[row];
-    if (mp > 0.0f) {
-        threshold = fmaxf(threshold, x_max + __logf(mp));
-    }
-    const float p = top_p[row];
-    if (p < 1.0f) {
-        float mass = 0.0f;
-        for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
-            const float x = logit(v) * inv_t;
-            mass += x >= threshold ? __expf(x - x_max) : 0.0f;
+    threshold = fmaxf(threshold, min_p_threshold);
+    if (p < 1.0f && listed) {
+        // The candidates at or above the threshold are a prefix of them, and hold all top-p
+        // may keep.
+        const int kept = count_at_least(xs, n, threshold);
+        unsigned long long mine = 0ull;
+        for (int i = threadIdx.x; i < kept; i += blockDim.x) {
+            mine += mass_units(xs[i], x_max);
         }
-        const float target = p * tpserve::block_reduce_sum(mass);
-        // Largest t >= threshold whose kept mass is still at least the target.
-        float lo = fmaxf(threshold, x_min);
-        float hi = x_max;
-        for (int step = 0; step < kBisectionSteps; ++step) {
-            const float mid = 0.5f * (lo + hi);
-            float kept = 0.0f;
+        const unsigned long long goal =
+            (unsigned long long)((double)p * (double)block_sum(mine));
+        const int first = first_reaching(xs, kept, x_max, 0ull, goal);
+        if (kept > 0) {
+            threshold = fmaxf(threshold, xs[min(first, kept - 1)]);
+        }
+    } else if (p < 1.0f) {
+        // The mass of the tokens kept so far, in bins over [threshold, x_max].
+        const float lo = fmaxf(threshold, x_min);
+        const float inv_width = x_max > lo ? (float)kBins / (x_max - lo) : 0.0f;
+        for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
+            counts[i] = 0u;
+            masses[i] = 0.0f;
+        }
+        __syncthreads();
+        unsigned long long mine = 0ull;
+        r.each([&](int, float x) {
+            const bool kept = x >= threshold && x > tpserve::neg_inf();
+            add_to_bin<true>(kept, bin_of(x, lo, inv_width), __expf(__fsub_rn(x, x_max)), counts,
+                             masses);
+            if (kept) {
+                mine += mass_units(x, x_max);
+            }
+        });
+        const unsigned long long goal =
+            (unsigned long long)((double)p * (double)block_sum(mine));
+        to_sums_from<unsigned int>(counts);
+        to_sums_from<float>(masses);
+        // The float sums locate the boundary to within a bin: gather one bin either side.
+        const int bin = max(0, last_reaching(masses, (float)goal * (1.0f / 4294967296.0f)));
+        const int first_bin = max(0, bin - 1);
+        const int last_bin = min(kBins - 1, bin + 1);
+        const unsigned int from_first = counts[first_bin];
+        __syncthreads();  // the histogram's bytes become the candidates'
+        bool found = false;
+        Gathered g;
+        if (from_first <= (unsigned int)kCandidates) {
+            g = gather(threshold, lo, inv_width, first_bin, kBins - 1);
+            listed = true;
+        } else {
+            g = gather(threshold, lo, inv_width, first_bin, last_bin);
+        }
+        n = g.n;
+        // The exact sums must put the boundary inside the gathered bins.
+        if (g.above < goal && g.above + g.mass >= goal) {
+            if (g.n <= kCandidates) {
+                const int first = first_reaching(xs, g.n, x_max, g.above, goal);
+                if (first < g.n) {
+                    threshold = fmaxf(threshold, xs[first]);
+                    found = true;
+                }
+            } else if (g.low == g.high) {
+                threshold = fmaxf(threshold, g.low);  // bins of one value (a tie)
+                found = true;
+            }
+        }
+        if (!found) {
+            // A boundary bin of nearly equal values, or the float sums off by more than a bin.
+            listed = false;
+            float mass = 0.0f;
             for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
                 const float x = logit(v) * inv_t;
-                kept += x >= mid ? __expf(x - x_max) : 0.0f;
+                mass += x >= threshold ? __expf(x - x_max) : 0.0f;
             }
-            if (tpserve::block_reduce_sum(kept) >= target) {
-                lo = mid;
-            } else {
-                hi = mid;
+            const float target = p * tpserve::block_reduce_sum(mass);
+            // Largest t >= threshold whose kept mass is still at least the target.
+            float lo_p = fmaxf(threshold, x_min);
+            float hi_p = x_max;
+            for (int step = 0; step < kBisectionSteps; ++step) {
+                const float mid = 0.5f * (lo_p + hi_p);
+                float kept = 0.0f;
+                for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
+                    const float x = logit(v) * inv_t;
+                    kept += x >= mid ? __expf(x - x_max) : 0.0f;
+                }
+                if (tpserve::block_reduce_sum(kept) >= target) {
+                    lo_p = mid;
+                } else {
+                    hi_p = mid;
+                }
             }
-        }
-        threshold = fmaxf(threshold, lo);
-    }
-    const unsigned long long seed = seeds[row];
-    ArgMax best{tpserve::neg_inf(), 0x7fffffff};
-    for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
-        const float x = logit(v) * inv_t;
-        if (x >= threshold) {
-            best = better(best, ArgMax{x + gumbel(seed, v), v});
+            threshold = fmaxf(threshold, lo_p);
         }
     }
-    best = block_argmax(best);
-    if (threadIdx.x == 0) {
-        out[row] = best.index == 0x7fffffff ? 0u : (unsigned int)best.index;
+    if (listed) {
+        ArgMax best{tpserve::neg_inf(), 0x7fffffff};
+        for (int i = threadIdx.x; i < n && xs[i] >= threshold; i += blockDim.x) {
+            best = draw_step(best, xs[i], seed, ids[i]);
+        }
+        finish(best);
+    } else {
+        draw_all(threshold);
     }
 }
 
@@ -359,7 +828,10 @@ __device__ void process_logits_impl(float* __restrict__ edited, const T* __restr
 //   targets    i32 [num_rows]   -1: the sampled token
 //   sampled    u32 [num_rows]   sample_processed_*'s output
 //   top_n      i32 [num_rows]   -1: no log probabilities; else 0..=kMaxTopLogprobs
-// Launch: grid (num_rows, 1, 1); block (1024, 1, 1).
+// Launch: grid (num_rows, 1, 1); block (kBins / 2 = 1024, 1, 1). Where vocab_per_rank is a
+// multiple of 16 / sizeof(T) the logits must be 16-byte aligned (read 16 bytes at a time).
+// Four passes over a row whatever top_n (two for top_n 0), where one a top token was taken
+// before (docs/PERFORMANCE.md run 40).
 constexpr int kMaxTopLogprobs = 20;
 constexpr int kLogprobRecord = 4 + 2 * kMaxTopLogprobs;
 
@@ -369,6 +841,8 @@ __device__ void token_logprobs_impl(unsigned int* __restrict__ records,
                                     int vocab_per_rank, int vocab, const int* __restrict__ targets,
                                     const unsigned int* __restrict__ sampled,
                                     const int* __restrict__ top_n) {
+    // The histogram, later the candidates (values, then ids).
+    __shared__ __align__(16) unsigned char scratch[kCandidates * 8];
     tpserve::wait_for_inputs();
     const int row = blockIdx.x;
     unsigned int* rec = records + (long long)row * kLogprobRecord;
@@ -379,32 +853,61 @@ __device__ void token_logprobs_impl(unsigned int* __restrict__ records,
     if (n < 0) {
         return;
     }
+    const LogitRow<T> r{logits, row, row_stride, vocab_per_rank, vocab, 1.0f};
     auto logit = [&](int v) { return spread_logit(logits, row, row_stride, vocab_per_rank, v); };
-    float local_max = tpserve::neg_inf();
-    for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
-        local_max = fmaxf(local_max, logit(v));
-    }
-    const float x_max = block_reduce_max(local_max);
-    float local_sum = 0.0f;
-    for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
-        local_sum += expf(logit(v) - x_max);
-    }
-    const float lse = x_max + logf(tpserve::block_reduce_sum(local_sum));
     const int target = targets[row] >= 0 ? targets[row] : (int)sampled[row];
     const float x_target =
         target >= 0 && target < vocab ? logit(target) : tpserve::neg_inf();
+    float local_max = tpserve::neg_inf();
+    float local_min = tpserve::pos_inf();
+    r.each([&](int, float x) {
+        local_max = fmaxf(local_max, x);
+        if (x > tpserve::neg_inf()) {
+            local_min = fminf(local_min, x);
+        }
+    });
+    const float x_max = block_reduce_max(local_max);
+    const float x_min = -block_reduce_max(-local_min);
+    float local_sum = 0.0f;
     float above = 0.0f;
-    for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
-        above += logit(v) > x_target ? 1.0f : 0.0f;
-    }
+    r.each([&](int, float x) {
+        local_sum += expf(x - x_max);
+        above += x > x_target ? 1.0f : 0.0f;
+    });
+    const float lse = x_max + logf(tpserve::block_reduce_sum(local_sum));
     const float rank = tpserve::block_reduce_sum(above);
     if (threadIdx.x == 0) {
         rec[1] = (unsigned int)target;
         rec[2] = __float_as_uint(x_target - lse);
         rec[3] = 1u + (unsigned int)rank;
     }
-    // The top tokens one at a time: each pick is the best entry strictly after the previous one
-    // in the order (logit descending, id ascending).
+    if (n == 0) {
+        return;
+    }
+    // The top tokens: the n-th largest logit's bin and those above, gathered and sorted (two
+    // passes, as sample_* finds top-k's threshold).
+    unsigned int* counts = reinterpret_cast<unsigned int*>(scratch);
+    float* xs = reinterpret_cast<float*>(scratch);
+    int* ids = reinterpret_cast<int*>(scratch + kCandidates * 4);
+    const float inv_width = x_max > x_min ? (float)kBins / (x_max - x_min) : 0.0f;
+    count_bins(r, x_min, inv_width, counts);
+    const int bin = max(0, last_reaching(counts, (unsigned int)n));
+    const unsigned int from_bin = counts[bin];
+    __syncthreads();  // the counts' bytes become the candidates'
+    if (from_bin <= (unsigned int)kCandidates) {
+        const Gathered g =
+            gather_bins(r, tpserve::neg_inf(), x_min, inv_width, bin, kBins - 1, x_max, xs, ids);
+        if (g.n >= n) {
+            if ((int)threadIdx.x < n) {
+                rec[4 + threadIdx.x] = (unsigned int)ids[threadIdx.x];
+                rec[4 + kMaxTopLogprobs + threadIdx.x] = __float_as_uint(xs[threadIdx.x] - lse);
+            }
+            return;
+        }
+    }
+    // A boundary bin of more than kCandidates tokens (ties), or fewer than n finite logits: one
+    // token a pass, each pick the best entry strictly after the previous one in the order (logit
+    // descending, id ascending).
     ArgMax prev{tpserve::pos_inf(), -1};
     for (int i = 0; i < n && i < vocab; ++i) {
         ArgMax best{tpserve::neg_inf(), 0x7fffffff};
