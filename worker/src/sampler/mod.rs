@@ -4,7 +4,8 @@
 //! one), which yields one 64-bit seed per sampled token; the draw itself is a pure function of
 //! that seed and the logits ([`sample_row`] on the CPU, the `sample` kernel on a GPU), so a seeded
 //! sequence repeats exactly on a given backend. Cost on the CPU: O(vocab) per sampled token, plus
-//! a sort of the survivors when top-k or top-p is active.
+//! a sort of the top k, or of the tokens that can be in top-p's nucleus (docs/PERFORMANCE.md,
+//! "Sampling on the CPU").
 //!
 //! Sequences may also ask for logit processing before the draw ([`processors`]: penalties,
 //! `logit_bias`, `min_tokens`, `bad_words`, and structured outputs' allowed-token masks) and for
@@ -168,18 +169,42 @@ pub fn sample_row(spec: &SampleSpec, logits: &[f32]) -> u32 {
         .enumerate()
         .map(|(i, l)| (i as u32, l * inv_t))
         .collect();
-    let sorted = p.top_k > 0 || p.top_p < 1.0;
-    if sorted {
-        cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if p.top_k > 0 {
-            cands.truncate(p.top_k as usize);
-        }
-    }
     let max = cands.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+    let sorted = p.top_k > 0 || p.top_p < 1.0;
+    // Top-p's share is of the mass min-p keeps, else of every token's.
+    let mut total_before_sort = None;
+    if sorted {
+        // Largest x first, the lowest id on ties.
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let k = p.top_k.max(0) as usize;
+        if k > 0 && k < cands.len() {
+            // The k first in that order (linear on average), then only they are sorted.
+            cands.select_nth_unstable_by(k - 1, order);
+            cands.truncate(k);
+        } else if k == 0 {
+            // Top-p alone sorts only the tokens that can be in its nucleus: those weighing at
+            // least eps = (1 - top_p) / (2 vocab) of the top one. The others weigh less than
+            // (1 - top_p) / 2 together, the top token 1, so the tokens kept reach top_p of the
+            // whole before them (all tokens of a flat row are kept). Min-p's floor, when lower,
+            // keeps what min-p keeps.
+            let eps = (1.0 - p.top_p as f64) / (2.0 * cands.len() as f64);
+            let mut floor = max + eps.ln() as f32;
+            if p.min_p > 0.0 {
+                floor = floor.min(max + p.min_p.ln());
+            } else {
+                total_before_sort = Some(cands.iter().map(|c| (c.1 - max).exp() as f64).sum());
+            }
+            cands.retain(|c| c.1 >= floor);
+        }
+        cands.sort_unstable_by(order);
+    }
     let mut total = 0.0f64;
     for c in cands.iter_mut() {
         c.1 = (c.1 - max).exp();
         total += c.1 as f64;
+    }
+    if let Some(all) = total_before_sort {
+        total = all;
     }
     if p.min_p > 0.0 {
         // The most likely token has weight exp(0) = 1 after the shift above.
@@ -279,5 +304,108 @@ mod tests {
         assert!(draws(k, &logits, 200).iter().all(|t| *t < 2));
         assert!(draws(p, &logits, 200).iter().all(|t| *t == 0));
         assert!(draws(m, &logits, 200).iter().all(|t| *t < 2));
+    }
+
+    /// The draw as sample_row made it before it sorted only the top k or top-p's possible
+    /// nucleus: every token sorted, then the same filters and the same inverse-CDF draw.
+    fn draw_sorting_everything(spec: &SampleSpec, logits: &[f32]) -> u32 {
+        let p = &spec.params;
+        let inv_t = 1.0 / p.temperature;
+        let mut cands: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i as u32, l * inv_t))
+            .collect();
+        cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if p.top_k > 0 {
+            cands.truncate(p.top_k as usize);
+        }
+        let max = cands[0].1;
+        let mut total = 0.0f64;
+        for c in cands.iter_mut() {
+            c.1 = (c.1 - max).exp();
+            total += c.1 as f64;
+        }
+        if p.min_p > 0.0 {
+            cands.retain(|c| c.1 >= p.min_p);
+            total = cands.iter().map(|c| c.1 as f64).sum();
+        }
+        if p.top_p < 1.0 {
+            let mut acc = 0.0f64;
+            let keep = cands
+                .iter()
+                .position(|c| {
+                    acc += c.1 as f64 / total;
+                    acc >= p.top_p as f64
+                })
+                .map_or(cands.len(), |i| i + 1);
+            cands.truncate(keep.max(1));
+            total = cands.iter().map(|c| c.1 as f64).sum();
+        }
+        let mut target = StdRng::seed_from_u64(spec.seed).gen::<f64>() * total;
+        for c in &cands {
+            target -= c.1 as f64;
+            if target <= 0.0 {
+                return c.0;
+            }
+        }
+        cands.last().map_or(0, |c| c.0)
+    }
+
+    #[test]
+    fn sorting_only_the_head_draws_what_sorting_the_whole_row_draws() {
+        // Rows of 5,000 logits: peaked (a few lifted above a normal-ish body), flat, and with
+        // ties and masked entries; each filter alone and mixed, 200 seeds each.
+        let mut rng = StdRng::seed_from_u64(11);
+        let rows: Vec<Vec<f32>> = (0..4)
+            .map(|shape| {
+                (0..5000)
+                    .map(|i| {
+                        let body: f32 = (0..4).map(|_| rng.gen::<f32>()).sum::<f32>() - 2.0;
+                        match shape {
+                            0 => body * 3.0 + if i % 613 == 0 { 9.0 } else { 0.0 },
+                            1 => body * 0.2,
+                            2 => (body * 4.0).round() / 4.0,
+                            _ => {
+                                if i % 3 == 0 {
+                                    f32::NEG_INFINITY
+                                } else {
+                                    body * 2.0
+                                }
+                            }
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let sets = [
+            (0.7, 0, 0.9, 0.0),
+            (1.0, 0, 0.95, 0.0),
+            (1.5, 0, 0.5, 0.0),
+            (1.0, 50, 1.0, 0.0),
+            (0.7, 20, 0.9, 0.0),
+            (1.0, 4999, 0.8, 0.0),
+            (1.0, 0, 0.9, 0.05),
+            (0.8, 40, 0.8, 0.1),
+        ];
+        for (r, row) in rows.iter().enumerate() {
+            for (temperature, top_k, top_p, min_p) in sets {
+                let params = SamplingParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                    min_p,
+                    seed: None,
+                };
+                for seed in 0..200u64 {
+                    let spec = SampleSpec { params, seed };
+                    assert_eq!(
+                        sample_row(&spec, row),
+                        draw_sorting_everything(&spec, row),
+                        "row {r}, {params:?}, seed {seed}"
+                    );
+                }
+            }
+        }
     }
 }
