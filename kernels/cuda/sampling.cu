@@ -374,6 +374,20 @@ template <typename T> struct LogitRow {
         for_each_logit(logits, row, stride, vocab_per_rank, vocab,
                        [&](int v, float l) { f(v, __fmul_rn(l, inv_t)); });
     }
+
+    // The smallest finite x (banned and masked entries are -inf and bound nothing) and the
+    // largest x, to every thread.
+    __device__ float2 range() const {
+        float low = tpserve::pos_inf();
+        float high = tpserve::neg_inf();
+        each([&](int, float x) {
+            high = fmaxf(high, x);
+            if (x > tpserve::neg_inf()) {
+                low = fminf(low, x);
+            }
+        });
+        return make_float2(-block_reduce_max(-low), block_reduce_max(high));
+    }
 };
 
 // Counts the row's finite x in kBins equal bins from lo (bin_of) and turns the counts into sums
@@ -534,17 +548,9 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
         draw_all(tpserve::neg_inf());  // temperature alone: every token is kept
         return;
     }
-    float local_max = tpserve::neg_inf();
-    float local_min = tpserve::pos_inf();
-    r.each([&](int, float x) {
-        local_max = fmaxf(local_max, x);
-        // Banned and masked entries (-inf, sample_processed_*) do not bound the thresholds.
-        if (x > tpserve::neg_inf()) {
-            local_min = fminf(local_min, x);
-        }
-    });
-    const float x_max = block_reduce_max(local_max);
-    const float x_min = -block_reduce_max(-local_min);
+    const float2 range = r.range();
+    const float x_min = range.x;
+    const float x_max = range.y;
     const float min_p_threshold = mp > 0.0f ? x_max + __logf(mp) : tpserve::neg_inf();
 
     auto gather = [&](float floor, float lo, float inv_width, int first_bin, int last_bin) {
@@ -858,16 +864,9 @@ __device__ void token_logprobs_impl(unsigned int* __restrict__ records,
     const int target = targets[row] >= 0 ? targets[row] : (int)sampled[row];
     const float x_target =
         target >= 0 && target < vocab ? logit(target) : tpserve::neg_inf();
-    float local_max = tpserve::neg_inf();
-    float local_min = tpserve::pos_inf();
-    r.each([&](int, float x) {
-        local_max = fmaxf(local_max, x);
-        if (x > tpserve::neg_inf()) {
-            local_min = fminf(local_min, x);
-        }
-    });
-    const float x_max = block_reduce_max(local_max);
-    const float x_min = -block_reduce_max(-local_min);
+    const float2 range = r.range();
+    const float x_min = range.x;
+    const float x_max = range.y;
     float local_sum = 0.0f;
     float above = 0.0f;
     r.each([&](int, float x) {

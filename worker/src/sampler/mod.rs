@@ -213,19 +213,31 @@ pub fn sample_row(spec: &SampleSpec, logits: &[f32]) -> u32 {
         total = cands.iter().map(|c| c.1 as f64).sum();
     }
     if sorted && p.top_p < 1.0 {
-        let mut acc = 0.0f64;
-        let keep = cands
-            .iter()
-            .position(|c| {
-                acc += c.1 as f64 / total;
-                acc >= p.top_p as f64
-            })
-            .map_or(cands.len(), |i| i + 1);
-        cands.truncate(keep.max(1));
-        total = cands.iter().map(|c| c.1 as f64).sum();
+        total = top_p_cut(&mut cands, total, p.top_p);
     }
-    let mut target = StdRng::seed_from_u64(spec.seed).gen::<f64>() * total;
-    for c in &cands {
+    draw(&cands, total, spec.seed)
+}
+
+/// Keeps the shortest head of `cands` (sorted, weighted) that holds `top_p` of `total`, at least
+/// one; returns the head's mass.
+fn top_p_cut(cands: &mut Vec<(u32, f32)>, total: f64, top_p: f32) -> f64 {
+    let mut acc = 0.0f64;
+    let keep = cands
+        .iter()
+        .position(|c| {
+            acc += c.1 as f64 / total;
+            acc >= top_p as f64
+        })
+        .map_or(cands.len(), |i| i + 1);
+    cands.truncate(keep.max(1));
+    cands.iter().map(|c| c.1 as f64).sum()
+}
+
+/// The inverse-CDF draw over the weighted candidates in their order (`total` their mass) with
+/// the uniform number of `seed`.
+fn draw(cands: &[(u32, f32)], total: f64, seed: u64) -> u32 {
+    let mut target = StdRng::seed_from_u64(seed).gen::<f64>() * total;
+    for c in cands {
         target -= c.1 as f64;
         if target <= 0.0 {
             return c.0;
@@ -307,7 +319,7 @@ mod tests {
     }
 
     /// The draw as sample_row made it before it sorted only the top k or top-p's possible
-    /// nucleus: every token sorted, then the same filters and the same inverse-CDF draw.
+    /// nucleus: every token sorted, then the same filters, top_p_cut and draw.
     fn draw_sorting_everything(spec: &SampleSpec, logits: &[f32]) -> u32 {
         let p = &spec.params;
         let inv_t = 1.0 / p.temperature;
@@ -331,25 +343,9 @@ mod tests {
             total = cands.iter().map(|c| c.1 as f64).sum();
         }
         if p.top_p < 1.0 {
-            let mut acc = 0.0f64;
-            let keep = cands
-                .iter()
-                .position(|c| {
-                    acc += c.1 as f64 / total;
-                    acc >= p.top_p as f64
-                })
-                .map_or(cands.len(), |i| i + 1);
-            cands.truncate(keep.max(1));
-            total = cands.iter().map(|c| c.1 as f64).sum();
+            total = top_p_cut(&mut cands, total, p.top_p);
         }
-        let mut target = StdRng::seed_from_u64(spec.seed).gen::<f64>() * total;
-        for c in &cands {
-            target -= c.1 as f64;
-            if target <= 0.0 {
-                return c.0;
-            }
-        }
-        cands.last().map_or(0, |c| c.0)
+        draw(&cands, total, spec.seed)
     }
 
     #[test]
