@@ -163,12 +163,7 @@ pub fn sample_row(spec: &SampleSpec, logits: &[f32]) -> u32 {
     if p.temperature <= 0.0 || p.top_k == 1 {
         return argmax(logits);
     }
-    let inv_t = 1.0 / p.temperature;
-    let mut cands: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (i as u32, l * inv_t))
-        .collect();
+    let mut cands = scaled(logits, p.temperature);
     let max = cands.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
     let sorted = p.top_k > 0 || p.top_p < 1.0;
     // Top-p's share is of the mass min-p keeps, else of every token's.
@@ -216,6 +211,16 @@ pub fn sample_row(spec: &SampleSpec, logits: &[f32]) -> u32 {
         total = top_p_cut(&mut cands, total, p.top_p);
     }
     draw(&cands, total, spec.seed)
+}
+
+/// Every entry of the row as (token, logit / temperature).
+fn scaled(logits: &[f32], temperature: f32) -> Vec<(u32, f32)> {
+    let inv_t = 1.0 / temperature;
+    logits
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i as u32, l * inv_t))
+        .collect()
 }
 
 /// Keeps the shortest head of `cands` (sorted, weighted) that holds `top_p` of `total`, at least
@@ -322,12 +327,7 @@ mod tests {
     /// nucleus: every token sorted, then the same filters, top_p_cut and draw.
     fn draw_sorting_everything(spec: &SampleSpec, logits: &[f32]) -> u32 {
         let p = &spec.params;
-        let inv_t = 1.0 / p.temperature;
-        let mut cands: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, l)| (i as u32, l * inv_t))
-            .collect();
+        let mut cands = scaled(logits, p.temperature);
         cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if p.top_k > 0 {
             cands.truncate(p.top_k as usize);
