@@ -82,6 +82,18 @@ pub struct ServeArgs {
     /// Write the results here as JSON, with vLLM's key names.
     #[arg(long)]
     pub result_json: Option<PathBuf>,
+    /// Sampling temperature of every request (vLLM's flag); 0, the default, is greedy.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub temperature: f64,
+    /// `top_p` of every request (vLLM's flag); unset: not sent.
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_p: Option<f64>,
+    /// `top_k` of every request (vLLM's flag; -1 turns it off); unset: not sent.
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_k: Option<i64>,
+    /// `min_p` of every request (vLLM's flag); unset: not sent.
+    #[arg(long, allow_negative_numbers = true)]
+    pub min_p: Option<f64>,
     /// A JSON object merged into every request's body (vLLM's `--extra-body`): for servers that
     /// ignore `ignore_eos`, e.g. `{"logit_bias": {"2": -100}}` keeps llama.cpp's from ending early.
     #[arg(long)]
@@ -139,6 +151,21 @@ impl ServeArgs {
                 self.cancel_fraction
             );
         }
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            bail!(
+                "--temperature must be a finite number >= 0, not {}",
+                self.temperature
+            );
+        }
+        if let Some(p) = self.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+            bail!("--top-p must be in (0, 1], not {p}");
+        }
+        if let Some(k) = self.top_k.filter(|k| *k < -1) {
+            bail!("--top-k must be -1 (off) or at least 0, not {k}");
+        }
+        if let Some(p) = self.min_p.filter(|p| !(0.0..=1.0).contains(p)) {
+            bail!("--min-p must be in [0, 1], not {p}");
+        }
         if !(self.request_timeout.is_finite() && self.request_timeout > 0.0) {
             bail!(
                 "--request-timeout must be positive seconds, not {}",
@@ -146,6 +173,22 @@ impl ServeArgs {
             );
         }
         Ok(endpoint)
+    }
+
+    /// The sampling fields every request carries: `temperature`, and the others that were given.
+    fn sampling(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut fields = serde_json::Map::new();
+        fields.insert("temperature".into(), self.temperature.into());
+        if let Some(p) = self.top_p {
+            fields.insert("top_p".into(), p.into());
+        }
+        if let Some(k) = self.top_k {
+            fields.insert("top_k".into(), k.into());
+        }
+        if let Some(p) = self.min_p {
+            fields.insert("min_p".into(), p.into());
+        }
+        fields
     }
 }
 
@@ -381,6 +424,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ServeReport> {
         Some(text) => serde_json::from_str(text).context("--extra-body must be a JSON object")?,
         None => serde_json::Map::new(),
     };
+    let sampling = args.sampling();
     let mut plans = plan(&args);
     let counted = count_prompt_tokens(&client, &base, &args.model, endpoint, &mut plans).await;
     let url = format!("{base}{}", args.endpoint);
@@ -418,10 +462,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ServeReport> {
             0 => &args.model,
             n => &args.lora_modules[index % n],
         };
-        let mut body = request_body(endpoint, model, &planned);
-        for (key, value) in &extra {
-            body[key] = value.clone();
-        }
+        let body = request_body(endpoint, model, &planned, &sampling, &extra);
         let (client, url, progress) = (client.clone(), url.clone(), Arc::clone(&progress));
         progress.in_flight.fetch_add(1, Ordering::Relaxed);
         progress.show();
@@ -527,6 +568,38 @@ mod tests {
     }
 
     #[test]
+    fn sampling_flags_reach_every_body_and_extra_body_wins() {
+        let planned = plan(&args(&["--num-prompts", "1"])).remove(0);
+        let greedy = request_body(
+            Endpoint::Completions,
+            "m",
+            &planned,
+            &args(&[]).sampling(),
+            &serde_json::Map::new(),
+        );
+        assert_eq!(greedy["temperature"], 0.0);
+        assert!(greedy.get("top_p").is_none() && greedy.get("top_k").is_none());
+        let flags = args(&[
+            "--temperature",
+            "0.7",
+            "--top-p",
+            "0.9",
+            "--top-k",
+            "-1",
+            "--min-p",
+            "0.05",
+        ]);
+        let extra = serde_json::from_str(r#"{"top_p": 0.5, "seed": 3}"#).unwrap();
+        let body = request_body(Endpoint::Chat, "m", &planned, &flags.sampling(), &extra);
+        assert_eq!(body["temperature"], 0.7);
+        assert_eq!(body["top_k"], -1);
+        assert_eq!(body["min_p"], 0.05);
+        assert_eq!(body["top_p"], 0.5);
+        assert_eq!(body["seed"], 3);
+        assert!(body.get("messages").is_some());
+    }
+
+    #[test]
     fn bad_flags_are_refused() {
         assert!(args(&[]).validate().is_ok());
         assert_eq!(
@@ -544,6 +617,11 @@ mod tests {
             &["--cancel-fraction", "1.5"],
             &["--num-prompts", "0"],
             &["--request-timeout", "0"],
+            &["--temperature", "-0.1"],
+            &["--top-p", "0"],
+            &["--top-p", "1.5"],
+            &["--top-k", "-2"],
+            &["--min-p", "2"],
         ] {
             assert!(args(bad).validate().is_err(), "{bad:?} was accepted");
         }

@@ -77,11 +77,17 @@ pub(super) fn error_text(error: &Value) -> String {
         .unwrap_or_else(|| error.to_string())
 }
 
-/// The body of one request.
-pub(super) fn request_body(endpoint: Endpoint, model: &str, planned: &Planned) -> Value {
+/// The body of one request: its prompt and length, the sampling fields (`ServeArgs::sampling`),
+/// then `extra` (`--extra-body`) over all of them.
+pub(super) fn request_body(
+    endpoint: Endpoint,
+    model: &str,
+    planned: &Planned,
+    sampling: &serde_json::Map<String, Value>,
+    extra: &serde_json::Map<String, Value>,
+) -> Value {
     let mut body = json!({
         "model": model,
-        "temperature": 0.0,
         "ignore_eos": true,
         "stream": true,
         "stream_options": {"include_usage": true},
@@ -95,6 +101,9 @@ pub(super) fn request_body(endpoint: Endpoint, model: &str, planned: &Planned) -
             body["messages"] = json!([{"role": "user", "content": planned.prompt}]);
             body["max_completion_tokens"] = json!(planned.output_len);
         }
+    }
+    for (key, value) in sampling.iter().chain(extra) {
+        body[key] = value.clone();
     }
     body
 }
