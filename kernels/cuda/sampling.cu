@@ -160,6 +160,15 @@ __device__ unsigned long long block_sum(unsigned long long v) {
     return result;
 }
 
+// The logit of vocabulary entry v of a row spread over tensor-parallel ranks (see sample_*).
+template <typename T>
+__device__ __forceinline__ float spread_logit(const T* __restrict__ logits, int row,
+                                              int row_stride, int vocab_per_rank, int v) {
+    const int rank = v / vocab_per_rank;
+    return tpserve::to_float(logits[(long long)rank * row_stride * vocab_per_rank +
+                                    (long long)row * vocab_per_rank + (v - rank * vocab_per_rank)]);
+}
+
 // Calls f(v, logit(v)) for every entry v < vocab of a row laid out as sample_*'s logits (rank
 // slices), 16 bytes a thread at a time where the slices allow it.
 template <typename T, typename F>
@@ -187,9 +196,7 @@ __device__ __forceinline__ void for_each_logit(const T* __restrict__ logits, int
         }
     } else {
         for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
-            const int rank = v / vocab_per_rank;
-            f(v, tpserve::to_float(logits[rank * rank_stride + (long long)row * vocab_per_rank +
-                                          (v - rank * vocab_per_rank)]));
+            f(v, spread_logit(logits, row, num_rows, vocab_per_rank, v));
         }
     }
 }
@@ -197,8 +204,14 @@ __device__ __forceinline__ void for_each_logit(const T* __restrict__ logits, int
 // A token's probability relative to the top one, exp(x - x_max), in units of 2^-32: integer
 // sums are exact in any order, so the thresholds read off them (and the row's draw) do not
 // depend on the order in which threads add.
+__device__ __forceinline__ float relative_mass(float x, float x_max) {
+    return __expf(__fsub_rn(x, x_max));
+}
+__device__ __forceinline__ unsigned long long mass_units_of(float relative) {
+    return __float2ull_rz(relative * 4294967296.0f);
+}
 __device__ __forceinline__ unsigned long long mass_units(float x, float x_max) {
-    return __float2ull_rz(__expf(__fsub_rn(x, x_max)) * 4294967296.0f);
+    return mass_units_of(relative_mass(x, x_max));
 }
 
 // The bin of x among kBins equal bins from lo (inv_width = kBins / (x_max - lo), 0 for an empty
@@ -588,12 +601,7 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
             }
         }
     }
-    const long long rank_stride = (long long)num_rows * vocab_per_rank;
-    auto logit = [&](int v) -> float {
-        const int rank = v / vocab_per_rank;
-        return tpserve::to_float(
-            logits[rank * rank_stride + (long long)row * vocab_per_rank + (v - rank * vocab_per_rank)]);
-    };
+    auto logit = [&](int v) { return spread_logit(logits, row, num_rows, vocab_per_rank, v); };
     if (bisect_k) {
         // Largest t with at least k values >= t.
         float lo_k = x_min;
@@ -639,11 +647,9 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
         unsigned long long mine = 0ull;
         r.each([&](int, float x) {
             const bool kept = x >= threshold && x > tpserve::neg_inf();
-            add_to_bin<true>(kept, bin_of(x, lo, inv_width), __expf(__fsub_rn(x, x_max)), counts,
-                             masses);
-            if (kept) {
-                mine += mass_units(x, x_max);
-            }
+            const float relative = kept ? relative_mass(x, x_max) : 0.0f;
+            add_to_bin<true>(kept, bin_of(x, lo, inv_width), relative, counts, masses);
+            mine += mass_units_of(relative);
         });
         const unsigned long long goal =
             (unsigned long long)((double)p * (double)block_sum(mine));
@@ -757,14 +763,6 @@ __device__ __forceinline__ float apply_edit(const LogitEdit& e, float x) {
     return x - e.sub;
 }
 
-// The logit of vocabulary entry v of a row spread over tensor-parallel ranks (see sample_*).
-template <typename T>
-__device__ __forceinline__ float spread_logit(const T* __restrict__ logits, int row,
-                                              int row_stride, int vocab_per_rank, int v) {
-    const int rank = v / vocab_per_rank;
-    return tpserve::to_float(logits[(long long)rank * row_stride * vocab_per_rank +
-                                    (long long)row * vocab_per_rank + (v - rank * vocab_per_rank)]);
-}
 
 }  // namespace
 

@@ -139,8 +139,7 @@ template <typename T> std::vector<T> make_logits(int rows, int vocab, bool maske
     return out;
 }
 
-inline float as_float(float x) { return x; }
-inline float as_float(bf x) { return __bfloat162float(x); }
+template <> inline float to_f<float>(float x) { return x; }
 
 // Per row, the lowest x the parameters keep (CPU, double sums), as the kernel defines it.
 template <typename T>
@@ -150,7 +149,7 @@ std::vector<float> kept_bounds(const std::vector<T>& logits, int rows, int vocab
     for (int r = 0; r < rows; ++r) {
         std::vector<float> xs;
         for (int v = 0; v < vocab; ++v) {
-            const float x = as_float(logits[(size_t)r * vocab + v]) * (1.0f / p.temperature);
+            const float x = to_f(logits[(size_t)r * vocab + v]) * (1.0f / p.temperature);
             if (x > -INFINITY) xs.push_back(x);
         }
         std::sort(xs.begin(), xs.end(), std::greater<float>());
@@ -224,12 +223,12 @@ int outside(const Run<T>& run, const Params& q, const std::vector<unsigned int>&
             const std::vector<float>& bounds) {
     int bad = 0;
     for (int r = 0; r < run.rows; ++r) {
-        const float x = as_float(run.host[(size_t)r * run.vocab + tokens[r]]) * (1.0f / q.temperature);
+        const float x = to_f(run.host[(size_t)r * run.vocab + tokens[r]]) * (1.0f / q.temperature);
         if (q.temperature <= 0.0f || q.top_k == 1) {
             float best = -INFINITY;
             for (int v = 0; v < run.vocab; ++v)
-                best = std::max(best, as_float(run.host[(size_t)r * run.vocab + v]));
-            bad += as_float(run.host[(size_t)r * run.vocab + tokens[r]]) != best;
+                best = std::max(best, to_f(run.host[(size_t)r * run.vocab + v]));
+            bad += to_f(run.host[(size_t)r * run.vocab + tokens[r]]) != best;
             continue;
         }
         const float b = bounds[r];
@@ -336,7 +335,7 @@ template <typename T> void check_logprobs(const char* what, bool masked) {
                 std::vector<std::pair<float, int>> order;
                 double x_max = -INFINITY;
                 for (int v = 0; v < vocab; ++v) {
-                    const float x = as_float(host[(size_t)r * vocab + v]);
+                    const float x = to_f(host[(size_t)r * vocab + v]);
                     order.push_back({x, v});
                     x_max = std::max(x_max, (double)x);
                 }
@@ -348,7 +347,7 @@ template <typename T> void check_logprobs(const char* what, bool masked) {
                 });
                 const unsigned int* q = &h[(size_t)r * words];
                 const int target = targets[r] >= 0 ? targets[r] : (int)sampled[r];
-                const float xt = as_float(host[(size_t)r * vocab + target]);
+                const float xt = to_f(host[(size_t)r * vocab + target]);
                 unsigned int rank = 1;
                 for (auto& e : order) rank += e.first > xt;
                 auto close = [&](unsigned int bits, double want) {
