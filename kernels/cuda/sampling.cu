@@ -111,6 +111,8 @@ __device__ __forceinline__ ArgMax draw_step(ArgMax best, float x, unsigned long 
 constexpr int kCandidates = 4096;
 // Bins of that histogram: equal bins of x over [lo, x_max], one pair a thread of 1,024.
 constexpr int kBins = 2048;
+// Blocks that may share a greedy or temperature-only row (sample_impl; one warp merges them).
+constexpr int kMaxSampleSplits = 32;
 
 // Inclusive prefix sums over the block's threads in threadIdx order, returned to each thread
 // (blockDim.x a multiple of 32; every thread calls it).
@@ -170,19 +172,22 @@ __device__ __forceinline__ float spread_logit(const T* __restrict__ logits, int 
 }
 
 // Calls f(v, logit(v)) for every entry v < vocab of a row laid out as sample_*'s logits (rank
-// slices), 16 bytes a thread at a time where the slices allow it.
+// slices), 16 bytes a thread at a time where the slices allow it; of a row's pieces (16 bytes,
+// or entries), block `part` of `parts` blocks sharing the row takes every parts-th blockDim.x.
 template <typename T, typename F>
 __device__ __forceinline__ void for_each_logit(const T* __restrict__ logits, int row,
                                                int num_rows, int vocab_per_rank, int vocab,
-                                               F&& f) {
+                                               int part, int parts, F&& f) {
     constexpr int kVec = 16 / (int)sizeof(T);
     const long long rank_stride = (long long)num_rows * vocab_per_rank;
+    const int first = part * blockDim.x + threadIdx.x;
+    const int stride = parts * blockDim.x;
     if (vocab_per_rank % kVec == 0) {
         const int pieces = vocab_per_rank / kVec;
         for (int r = 0; r * vocab_per_rank < vocab; ++r) {
             const T* slice = logits + r * rank_stride + (long long)row * vocab_per_rank;
 #pragma unroll 4
-            for (int p = threadIdx.x; p < pieces; p += blockDim.x) {
+            for (int p = first; p < pieces; p += stride) {
                 const uint4 raw = *reinterpret_cast<const uint4*>(slice + p * kVec);
                 const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
@@ -195,7 +200,7 @@ __device__ __forceinline__ void for_each_logit(const T* __restrict__ logits, int
             }
         }
     } else {
-        for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
+        for (int v = first; v < vocab; v += stride) {
             f(v, spread_logit(logits, row, num_rows, vocab_per_rank, v));
         }
     }
@@ -384,7 +389,14 @@ template <typename T> struct LogitRow {
 
     // Calls f(v, x) for every entry.
     template <typename F> __device__ __forceinline__ void each(F&& f) const {
-        for_each_logit(logits, row, stride, vocab_per_rank, vocab,
+        each_share(0, 1, f);
+    }
+
+    // Calls f(v, x) for block `part`'s share of the entries when `parts` blocks share the row
+    // (for_each_logit).
+    template <typename F>
+    __device__ __forceinline__ void each_share(int part, int parts, F&& f) const {
+        for_each_logit(logits, row, stride, vocab_per_rank, vocab, part, parts,
                        [&](int v, float l) { f(v, __fmul_rn(l, inv_t)); });
     }
 
@@ -510,14 +522,26 @@ __device__ Gathered gather_bins(const LogitRow<T>& r, float floor, float lo, flo
 //   top_p           f32 [num_rows]   >= 1: off
 //   min_p           f32 [num_rows]   <= 0: off
 //   seeds           u64 [num_rows]
-// Launch: grid (num_rows, 1, 1); block (kBins / 2 = 1024, 1, 1). Where vocab_per_rank is a
-// multiple of 16 / sizeof(T) the logits must be 16-byte aligned (read 16 bytes at a time).
+//   partials        i32 [num_rows * splits, 2]   scratch of the split rows (below)
+//   arrivals        u32 [num_rows]               zero before the launch, left zero
+// Launch: grid (num_rows, splits, 1), splits <= kMaxSampleSplits; block (kBins / 2 = 1024, 1, 1).
+// Where vocab_per_rank is a multiple of 16 / sizeof(T) the logits must be 16-byte aligned (read
+// 16 bytes at a time).
+//
+// A greedy row, and one with temperature alone (every token kept), is one argmax over the row,
+// which one block of an SM takes ~10 and ~55 us for at 128k entries (the second computes each
+// token's noise): with splits > 1 each of the row's blocks takes every splits-th share of the
+// row, writes its best to `partials`, and the last to arrive (counted on `arrivals`) merges them.
+// The argmax (lowest id on ties) is the same whatever the split, so the token is too. Other rows
+// run in their first block alone, the others leaving at once. (The worker's rule for splits:
+// worker/src/cuda/kernels.rs, sample_splits.)
 template <typename T>
 __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict__ logits,
                             int num_rows, int vocab_per_rank, int vocab,
                             const float* __restrict__ temperature, const int* __restrict__ top_k,
                             const float* __restrict__ top_p, const float* __restrict__ min_p,
-                            const unsigned long long* __restrict__ seeds) {
+                            const unsigned long long* __restrict__ seeds,
+                            int2* __restrict__ partials, unsigned int* __restrict__ arrivals) {
     // The histogram (counts, then float masses), later the candidates (values, then ids).
     __shared__ __align__(16) unsigned char scratch[kCandidates * 8];
     unsigned int* counts = reinterpret_cast<unsigned int*>(scratch);
@@ -534,33 +558,66 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
     };
     const float t = temperature[row];
     const int k = top_k[row];
-    if (t <= 0.0f || k == 1) {
-        ArgMax best{tpserve::neg_inf(), 0x7fffffff};
-        for_each_logit(logits, row, num_rows, vocab_per_rank, vocab,
-                       [&](int v, float x) { best = better(best, ArgMax{x, v}); });
-        finish(best);
-        return;
-    }
-    const float inv_t = 1.0f / t;
+    const bool greedy = t <= 0.0f || k == 1;
+    const float inv_t = greedy ? 1.0f : 1.0f / t;
     const unsigned long long seed = seeds[row];
     const bool use_k = k > 0 && k < vocab;
     const float mp = min_p[row];
     const float p = top_p[row];
     const LogitRow<T> r{logits, row, num_rows, vocab_per_rank, vocab, inv_t};
+    // The better of `best` and token v (value x) for a draw over tokens with x >= threshold.
+    auto draw = [&](ArgMax best, float threshold, int v, float x) {
+        return x >= threshold && x > tpserve::neg_inf() ? draw_step(best, x, seed, v) : best;
+    };
+    if (greedy || (!use_k && mp <= 0.0f && p >= 1.0f)) {
+        // Greedy, or temperature alone (every token kept): this block's share of the argmax.
+        ArgMax best{tpserve::neg_inf(), 0x7fffffff};
+        r.each_share(blockIdx.y, gridDim.y, [&](int v, float x) {
+            best = greedy ? better(best, ArgMax{x, v}) : draw(best, tpserve::neg_inf(), v, x);
+        });
+        if (gridDim.y == 1) {
+            finish(best);
+            return;
+        }
+        best = block_argmax(best);
+        __shared__ bool last;
+        if (threadIdx.x == 0) {
+            partials[row * gridDim.y + blockIdx.y] =
+                make_int2(__float_as_int(best.value), best.index);
+            __threadfence();
+            last = atomicAdd(&arrivals[row], 1u) == gridDim.y - 1;
+        }
+        __syncthreads();
+        if (last && threadIdx.x < 32) {
+            __threadfence();
+            ArgMax merged{tpserve::neg_inf(), 0x7fffffff};
+            if (threadIdx.x < gridDim.y) {
+                const int2 mine = __ldcg(&partials[row * gridDim.y + threadIdx.x]);
+                merged = ArgMax{__int_as_float(mine.x), mine.y};
+            }
+#pragma unroll
+            for (int offset = 16; offset > 0; offset >>= 1) {
+                ArgMax other;
+                other.value = __shfl_xor_sync(0xffffffffu, merged.value, offset);
+                other.index = __shfl_xor_sync(0xffffffffu, merged.index, offset);
+                merged = better(merged, other);
+            }
+            if (threadIdx.x == 0) {
+                out[row] = merged.index == 0x7fffffff ? 0u : (unsigned int)merged.index;
+                arrivals[row] = 0u;
+            }
+        }
+        return;
+    }
+    if (blockIdx.y != 0) {
+        return;
+    }
     // The draw over every finite token of the row with x >= threshold.
     auto draw_all = [&](float threshold) {
         ArgMax best{tpserve::neg_inf(), 0x7fffffff};
-        r.each([&](int v, float x) {
-            if (x >= threshold && x > tpserve::neg_inf()) {
-                best = draw_step(best, x, seed, v);
-            }
-        });
+        r.each([&](int v, float x) { best = draw(best, threshold, v, x); });
         finish(best);
     };
-    if (!use_k && mp <= 0.0f && p >= 1.0f) {
-        draw_all(tpserve::neg_inf());  // temperature alone: every token is kept
-        return;
-    }
     const float2 range = r.range();
     const float x_min = range.x;
     const float x_max = range.y;
@@ -727,9 +784,10 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
         unsigned int* __restrict__ out, const T* __restrict__ logits, int num_rows,           \
         int vocab_per_rank, int vocab, const float* __restrict__ temperature,                 \
         const int* __restrict__ top_k, const float* __restrict__ top_p,                       \
-        const float* __restrict__ min_p, const unsigned long long* __restrict__ seeds) {      \
+        const float* __restrict__ min_p, const unsigned long long* __restrict__ seeds,        \
+        int2* __restrict__ partials, unsigned int* __restrict__ arrivals) {                   \
         sample_impl<T>(out, logits, num_rows, vocab_per_rank, vocab, temperature, top_k,      \
-                       top_p, min_p, seeds);                                                  \
+                       top_p, min_p, seeds, partials, arrivals);                              \
     }
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_SAMPLE)
 
@@ -935,9 +993,10 @@ __device__ void token_logprobs_impl(unsigned int* __restrict__ records,
         unsigned int* __restrict__ out, const float* __restrict__ logits, int num_rows,       \
         int vocab_per_rank, int vocab, const float* __restrict__ temperature,                 \
         const int* __restrict__ top_k, const float* __restrict__ top_p,                       \
-        const float* __restrict__ min_p, const unsigned long long* __restrict__ seeds) {      \
+        const float* __restrict__ min_p, const unsigned long long* __restrict__ seeds,        \
+        int2* __restrict__ partials, unsigned int* __restrict__ arrivals) {                   \
         sample_impl<float>(out, logits, num_rows, vocab_per_rank, vocab, temperature, top_k,  \
-                           top_p, min_p, seeds);                                              \
+                           top_p, min_p, seeds, partials, arrivals);                          \
     }                                                                                         \
     extern "C" __global__ void token_logprobs_##SUFFIX(                                       \
         unsigned int* __restrict__ records, const T* __restrict__ logits, int row_stride,     \

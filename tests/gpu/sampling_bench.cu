@@ -6,7 +6,10 @@
 // a Llama-3 vocabulary (128,256 entries) at 1 to 256 rows for greedy, temperature, top-k, top-p,
 // min-p and their mixes, on bf16 logits (sample_*) and on f32 ones with structured-output masks
 // (sample_processed_*). The rows mix a model's peaked shape, flat rows (wide nuclei) and rows of
-// 128,000 tied values; a launch takes as long as its slowest row.
+// 128,000 tied values; a launch takes as long as its slowest row. Greedy and temperature-only
+// rows are shared by several blocks at small row counts (sample_impl): the draws must be the
+// same tokens at 1, 3, 16 and 32 blocks a row; SPLITS=N times every launch at N blocks a row
+// instead of the worker's rule, and SETS=N runs the first N parameter sets on bf16 logits only.
 //
 // With -DOLD_SAMPLING='"path"' it also runs an earlier version of the file whose entry points and
 // sample_impl were renamed old_* (git show REV:kernels/cuda/sampling.cu | sed
@@ -34,8 +37,10 @@ namespace k_old {
 
 #include "harness.cuh"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -45,8 +50,18 @@ static int failures = 0;
 template <typename T>
 __global__ void sample_new(unsigned int* out, const T* logits, int rows, int vpr, int vocab,
                            const float* t, const int* k, const float* p, const float* mp,
-                           const unsigned long long* seeds) {
-    k_new::sample_impl<T>(out, logits, rows, vpr, vocab, t, k, p, mp, seeds);
+                           const unsigned long long* seeds, int2* partials,
+                           unsigned int* arrivals) {
+    k_new::sample_impl<T>(out, logits, rows, vpr, vocab, t, k, p, mp, seeds, partials, arrivals);
+}
+
+// Blocks sharing a greedy or temperature-only row at `rows` rows: the worker's rule
+// (worker/src/cuda/kernels.rs, sample_splits), or SPLITS when set (the timing of other counts).
+static int sm_count = 0;
+static int forced_splits = 0;
+int splits_for(int rows) {
+    if (forced_splits > 0) return forced_splits;
+    return std::max(1, std::min(k_new::kMaxSampleSplits, sm_count / std::max(rows, 1)));
 }
 #ifdef OLD_SAMPLING
 template <typename T>
@@ -183,9 +198,14 @@ template <typename T> struct Run {
     float *t, *p, *mp;
     int* k;
     unsigned long long* seeds;
+    int2* partials;
+    unsigned int* arrivals;
     Run(int rows_, int vocab_, bool masked, unsigned seed) : rows(rows_), vocab(vocab_) {
         host = make_logits<T>(rows, vocab, masked, seed);
         logits = upload(host);
+        CK(cudaMalloc(&partials, (size_t)rows * k_new::kMaxSampleSplits * 8));
+        CK(cudaMalloc(&arrivals, rows * 4));
+        CK(cudaMemset(arrivals, 0, rows * 4));
         CK(cudaMalloc(&out, rows * 4));
         CK(cudaMalloc(&t, rows * 4));
         CK(cudaMalloc(&p, rows * 4));
@@ -204,7 +224,17 @@ template <typename T> struct Run {
         CK(cudaMemcpy(k, kv.data(), rows * 4, cudaMemcpyHostToDevice));
         CK(cudaMemcpy(seeds, sv.data(), rows * 8, cudaMemcpyHostToDevice));
     }
-    template <typename K> void launch(K kernel, cudaStream_t st, int n) {
+    // sample_new's launch (grid (n, splits_for(n))), and the old file's (grid n).
+    void launch(void (*kernel)(unsigned int*, const T*, int, int, int, const float*, const int*,
+                               const float*, const float*, const unsigned long long*, int2*,
+                               unsigned int*),
+                cudaStream_t st, int n) {
+        kernel<<<dim3(n, splits_for(n)), 1024, 0, st>>>(out, logits, n, vocab, vocab, t, k, p, mp,
+                                                         seeds, partials, arrivals);
+    }
+    void launch(void (*kernel)(unsigned int*, const T*, int, int, int, const float*, const int*,
+                               const float*, const float*, const unsigned long long*),
+                cudaStream_t st, int n) {
         kernel<<<n, 1024, 0, st>>>(out, logits, n, vocab, vocab, t, k, p, mp, seeds);
     }
     template <typename K> std::vector<unsigned int> draw(K kernel) {
@@ -262,6 +292,16 @@ void check_and_time(const char* what, bool masked, const std::vector<Params>& se
             printf("  %s: the same seeds drew other tokens\n", q.name);
             ++bad;
         }
+        // Every split of the rows draws the same tokens (the arrivals left at zero between).
+        const int forced = forced_splits;
+        for (int splits : {1, 3, 16, k_new::kMaxSampleSplits}) {
+            forced_splits = splits;
+            if (run.draw(sample_new<T>) != fresh) {
+                printf("  %s: %d blocks a row drew other tokens\n", q.name, splits);
+                ++bad;
+            }
+        }
+        forced_splits = forced;
         int differ = 0;
 #ifdef OLD_SAMPLING
         const std::vector<unsigned int> old = run.draw(sample_old<T>);
@@ -399,10 +439,21 @@ int main() {
         {"top-k 8000", 1.0f, 8000, 1.0f, 0.0f},
         {"top-p 0.99 (wide nuclei)", 1.5f, 0, 0.99f, 0.0f},
     };
+    CK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, 0));
+    if (const char* env = getenv("SPLITS")) forced_splits = atoi(env);
+    printf("== %d SMs; blocks a greedy or temperature-only row: %s\n", sm_count,
+           forced_splits > 0 ? "SPLITS" : "min(32, SMs / rows)");
     check_gumbel();
-    check_and_time<bf>("bf16 logits (sample_*)", false, sets);
-    check_and_time<float>("f32 logits, every 3rd row masked (sample_processed_*)", true, sets);
-    check_logprobs<bf>("bf16 logits", false);
+    // SETS=N: the first N parameter sets only, on bf16 logits (a quicker timing run).
+    if (const char* env = getenv("SETS")) {
+        const size_t n = std::min<size_t>(atoi(env), sets.size());
+        const std::vector<Params> first(sets.begin(), sets.begin() + n);
+        check_and_time<bf>("bf16 logits (sample_*)", false, first);
+    } else {
+        check_and_time<bf>("bf16 logits (sample_*)", false, sets);
+        check_and_time<float>("f32 logits, every 3rd row masked (sample_processed_*)", true, sets);
+        check_logprobs<bf>("bf16 logits", false);
+    }
     printf("\n%s: %d check(s) failed\n", failures ? "FAIL" : "PASS", failures);
     return failures ? 1 : 0;
 }

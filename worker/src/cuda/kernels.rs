@@ -8,7 +8,7 @@ use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 use tpserve_kernels::{entry_point, CompileConfig, Compiler, KernelDtype, PtxCache, SOURCES};
 use tpserve_term::progress::{Task, Unit};
 
-use super::device::{device_err, Gpu};
+use super::device::{device_err, DeviceBuffer, Gpu};
 use super::fp8::Fp8Operands;
 use super::gemv::GemvFamily;
 use super::int4::Int4Operands;
@@ -345,6 +345,8 @@ pub struct Kernels {
     /// `[head size 64, 128]`.
     attention_decode_mma: [DecodeMmaKernel; 2],
     sample: CudaFunction,
+    /// sample_*'s scratch for rows that several blocks share ([`sample_splits`]).
+    sample_scratch: SampleScratch,
     process_logits: CudaFunction,
     sample_processed: CudaFunction,
     token_logprobs: CudaFunction,
@@ -553,6 +555,7 @@ impl Kernels {
             attention_decode,
             attention_decode_mma,
             sample: take("sample")?,
+            sample_scratch: SampleScratch::new(gpu)?,
             process_logits: take("process_logits")?,
             sample_processed: take("sample_processed")?,
             token_logprobs: take("token_logprobs")?,
@@ -1387,6 +1390,8 @@ impl Kernels {
         params: &SamplingPointers,
     ) -> Result<()> {
         let (nr, vpr, v) = (num_rows as i32, vocab_per_rank as i32, vocab as i32);
+        let splits = sample_splits(num_rows, self.sample_scratch.sm_count);
+        let (partials, arrivals) = self.sample_scratch.pointers();
         let mut b = self.launch(function);
         b.arg(&out)
             .arg(&logits)
@@ -1397,11 +1402,17 @@ impl Kernels {
             .arg(&params.top_k)
             .arg(&params.top_p)
             .arg(&params.min_p)
-            .arg(&params.seeds);
-        // SAFETY: as sampling.cu documents.
-        unsafe { b.launch(grid_rows(num_rows, 1024)) }
-            .map(drop)
-            .map_err(launch_err(name))
+            .arg(&params.seeds)
+            .arg(&partials)
+            .arg(&arrivals);
+        let cfg = LaunchConfig {
+            grid_dim: (num_rows as u32, splits as u32, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as sampling.cu documents; the scratch holds `num_rows * splits` partials and
+        // `num_rows` arrivals whenever splits > 1 (`sample_splits`).
+        unsafe { b.launch(cfg) }.map(drop).map_err(launch_err(name))
     }
 
     /// Each row's [`LOGPROB_RECORD`] words: its sampled token and the asked-for log
@@ -1584,6 +1595,39 @@ pub struct TokenLogprobs {
     pub top_n: u64,
 }
 
+/// Blocks that may share one greedy or temperature-only row (sampling.cu's kMaxSampleSplits).
+const MAX_SAMPLE_SPLITS: usize = 32;
+
+/// Blocks sharing each greedy or temperature-only row of a `rows`-row sample launch: the SMs a
+/// row would otherwise leave idle (one block of 1,024 threads an SM), at most
+/// [`MAX_SAMPLE_SPLITS`]. Where it is above 1, `rows * splits <= sm_count`.
+pub(super) fn sample_splits(rows: usize, sm_count: usize) -> usize {
+    (sm_count / rows.max(1)).clamp(1, MAX_SAMPLE_SPLITS)
+}
+
+/// sample_*'s partials (an `(f32 value, i32 id)` pair per row and block, `sm_count` of them) and
+/// arrival counters (a u32 per row, `sm_count` of them, zero between launches), allocated zeroed
+/// once. One stream runs every launch, so launches never share them at once.
+struct SampleScratch {
+    buffer: DeviceBuffer,
+    sm_count: usize,
+}
+
+impl SampleScratch {
+    fn new(gpu: &Gpu) -> Result<Self> {
+        let sm_count = gpu.sm_count.max(1);
+        Ok(Self {
+            buffer: gpu.alloc(sm_count * (8 + 4), "sampling scratch")?,
+            sm_count,
+        })
+    }
+
+    /// `(partials, arrivals)`.
+    fn pointers(&self) -> (u64, u64) {
+        (self.buffer.ptr, self.buffer.ptr + 8 * self.sm_count as u64)
+    }
+}
+
 /// Device addresses of the per-row sampling parameters.
 #[derive(Debug, Clone, Copy)]
 pub struct SamplingPointers {
@@ -1597,6 +1641,24 @@ pub struct SamplingPointers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_shared_by_several_sample_blocks_fit_the_scratch() {
+        for sm_count in [1, 2, 46, 78, 108, 132, 144] {
+            for rows in 0..=300 {
+                let splits = sample_splits(rows, sm_count);
+                assert!((1..=MAX_SAMPLE_SPLITS).contains(&splits));
+                assert!(
+                    splits == 1 || rows * splits <= sm_count,
+                    "{rows} rows, {sm_count} SMs"
+                );
+            }
+        }
+        assert_eq!(sample_splits(1, 132), 32);
+        assert_eq!(sample_splits(8, 132), 16);
+        assert_eq!(sample_splits(64, 132), 2);
+        assert_eq!(sample_splits(256, 132), 1);
+    }
 
     #[test]
     fn fused_fp8_norm_and_silu_take_the_rows_their_kernels_hold() {
