@@ -588,7 +588,8 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
             last = atomicAdd(&arrivals[row], 1u) == gridDim.y - 1;
         }
         __syncthreads();
-        if (last && threadIdx.x < 32) {
+        static_assert(kMaxSampleSplits == 32, "one whole warp merges the splits");
+        if (last && threadIdx.x < kMaxSampleSplits) {
             __threadfence();
             ArgMax merged{tpserve::neg_inf(), 0x7fffffff};
             if (threadIdx.x < gridDim.y) {
