@@ -297,7 +297,8 @@ __device__ __forceinline__ float block_reduce_max(float v) {
         warp_max[warp] = v;
     }
     __syncthreads();
-    const float total = warp_reduce_max(lane < (int)(blockDim.x >> 5) ? warp_max[lane] : 0.0f);
+    const float total =
+        warp_reduce_max(lane < (int)(blockDim.x >> 5) ? warp_max[lane] : neg_inf());
     __syncthreads();
     return total;
 }

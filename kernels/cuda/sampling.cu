@@ -4,6 +4,8 @@
 
 namespace {
 
+using tpserve::block_reduce_max;
+
 constexpr int kBisectionSteps = 28;
 
 // A (value, index) pair reduced by max value, lowest index on ties.
@@ -19,11 +21,8 @@ __device__ __forceinline__ ArgMax better(ArgMax a, ArgMax b) {
     return a;
 }
 
-__device__ ArgMax block_argmax(ArgMax v) {
-    __shared__ float values[32];
-    __shared__ int indices[32];
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
+// The best of the warp's 32 pairs, to every lane (every lane calls it).
+__device__ __forceinline__ ArgMax warp_argmax(ArgMax v) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
         ArgMax other;
@@ -31,6 +30,15 @@ __device__ ArgMax block_argmax(ArgMax v) {
         other.index = __shfl_xor_sync(0xffffffffu, v.index, offset);
         v = better(v, other);
     }
+    return v;
+}
+
+__device__ ArgMax block_argmax(ArgMax v) {
+    __shared__ float values[32];
+    __shared__ int indices[32];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    v = warp_argmax(v);
     if (lane == 0) {
         values[warp] = v.value;
         indices[warp] = v.index;
@@ -40,34 +48,7 @@ __device__ ArgMax block_argmax(ArgMax v) {
     ArgMax w;
     w.value = lane < warps ? values[lane] : tpserve::neg_inf();
     w.index = lane < warps ? indices[lane] : 0x7fffffff;
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        ArgMax other;
-        other.value = __shfl_xor_sync(0xffffffffu, w.value, offset);
-        other.index = __shfl_xor_sync(0xffffffffu, w.index, offset);
-        w = better(w, other);
-    }
-    __syncthreads();
-    return w;
-}
-
-__device__ float block_reduce_max(float v) {
-    __shared__ float maxima[32];
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    }
-    if (lane == 0) {
-        maxima[warp] = v;
-    }
-    __syncthreads();
-    float w = lane < (int)(blockDim.x >> 5) ? maxima[lane] : tpserve::neg_inf();
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        w = fmaxf(w, __shfl_xor_sync(0xffffffffu, w, offset));
-    }
+    w = warp_argmax(w);
     __syncthreads();
     return w;
 }
@@ -596,13 +577,7 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
                 const int2 mine = __ldcg(&partials[row * gridDim.y + threadIdx.x]);
                 merged = ArgMax{__int_as_float(mine.x), mine.y};
             }
-#pragma unroll
-            for (int offset = 16; offset > 0; offset >>= 1) {
-                ArgMax other;
-                other.value = __shfl_xor_sync(0xffffffffu, merged.value, offset);
-                other.index = __shfl_xor_sync(0xffffffffu, merged.index, offset);
-                merged = better(merged, other);
-            }
+            merged = warp_argmax(merged);
             if (threadIdx.x == 0) {
                 out[row] = merged.index == 0x7fffffff ? 0u : (unsigned int)merged.index;
                 arrivals[row] = 0u;
