@@ -3,9 +3,10 @@
 //! each sequence has its own stream ([`SequenceRng`], seeded by the sequence's seed when it has
 //! one), which yields one 64-bit seed per sampled token; the draw itself is a pure function of
 //! that seed and the logits ([`sample_row`] on the CPU, the `sample` kernel on a GPU), so a seeded
-//! sequence repeats exactly on a given backend. Cost on the CPU: O(vocab) per sampled token, plus
-//! a sort of the top k, or of the tokens that can be in top-p's nucleus (docs/PERFORMANCE.md,
-//! "Sampling on the CPU").
+//! sequence repeats exactly on a given backend. Cost on the CPU: O(vocab) per sampled token
+//! (`row_math`'s vectorised passes: the argmax, the draw over the whole row, top-p's total),
+//! plus a sort of the top k, or of the tokens that can be in top-p's nucleus
+//! (docs/PERFORMANCE.md, "Sampling on the CPU" and "Sampling on the CPU, again").
 //!
 //! Sequences may also ask for logit processing before the draw ([`processors`]: penalties,
 //! `logit_bias`, `min_tokens`, `bad_words`, and structured outputs' allowed-token masks) and for
@@ -15,6 +16,7 @@
 
 pub mod logprobs;
 pub mod processors;
+mod row_math;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -22,6 +24,8 @@ use tpserve_proto::SamplingParams;
 
 use self::logprobs::TokenLogprobs;
 use self::processors::LogitEdit;
+pub use self::row_math::argmax;
+use self::row_math::{draw_whole_row, relative_mass};
 use crate::step_trace::{phase, Phase};
 
 /// What one sample row needs beyond its [`SampleSpec`].
@@ -163,36 +167,37 @@ pub fn sample_row(spec: &SampleSpec, logits: &[f32]) -> u32 {
     if p.temperature <= 0.0 || p.top_k == 1 {
         return argmax(logits);
     }
+    let k = p.top_k.max(0) as usize;
+    if (k == 0 || k >= logits.len()) && p.top_p >= 1.0 {
+        // Temperature alone, or with min-p: a draw in vocabulary order, nothing sorted.
+        return draw_whole_row(logits, p.temperature, p.min_p, spec.seed);
+    }
     let mut cands = scaled(logits, p.temperature);
     let max = cands.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
-    let sorted = p.top_k > 0 || p.top_p < 1.0;
     // Top-p's share is of the mass min-p keeps, else of every token's.
     let mut total_before_sort = None;
-    if sorted {
-        // Largest x first, the lowest id on ties.
-        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        let k = p.top_k.max(0) as usize;
-        if k > 0 && k < cands.len() {
-            // The k first in that order (linear on average), then only they are sorted.
-            cands.select_nth_unstable_by(k - 1, order);
-            cands.truncate(k);
-        } else if k == 0 {
-            // Top-p alone sorts only the tokens that can be in its nucleus: those weighing at
-            // least eps = (1 - top_p) / (2 vocab) of the top one. The others weigh less than
-            // (1 - top_p) / 2 together, the top token 1, so the tokens kept reach top_p of the
-            // whole before them (all tokens of a flat row are kept). Min-p's floor, when lower,
-            // keeps what min-p keeps.
-            let eps = (1.0 - p.top_p as f64) / (2.0 * cands.len() as f64);
-            let mut floor = max + eps.ln() as f32;
-            if p.min_p > 0.0 {
-                floor = floor.min(max + p.min_p.ln());
-            } else {
-                total_before_sort = Some(cands.iter().map(|c| (c.1 - max).exp() as f64).sum());
-            }
-            cands.retain(|c| c.1 >= floor);
+    // Largest x first, the lowest id on ties.
+    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if k > 0 && k < cands.len() {
+        // The k first in that order (linear on average), then only they are sorted.
+        cands.select_nth_unstable_by(k - 1, order);
+        cands.truncate(k);
+    } else if k == 0 {
+        // Top-p alone sorts only the tokens that can be in its nucleus: those weighing at least
+        // eps = (1 - top_p) / (2 vocab) of the top one. The others weigh less than
+        // (1 - top_p) / 2 together, the top token 1, so the tokens kept reach top_p of the whole
+        // before them (all tokens of a flat row are kept). Min-p's floor, when lower, keeps what
+        // min-p keeps.
+        let eps = (1.0 - p.top_p as f64) / (2.0 * cands.len() as f64);
+        let mut floor = max + eps.ln() as f32;
+        if p.min_p > 0.0 {
+            floor = floor.min(max + p.min_p.ln());
+        } else {
+            total_before_sort = Some(relative_mass(logits, 1.0 / p.temperature, max));
         }
-        cands.sort_unstable_by(order);
+        cands.retain(|c| c.1 >= floor);
     }
+    cands.sort_unstable_by(order);
     let mut total = 0.0f64;
     for c in cands.iter_mut() {
         c.1 = (c.1 - max).exp();
@@ -207,7 +212,7 @@ pub fn sample_row(spec: &SampleSpec, logits: &[f32]) -> u32 {
         cands.retain(|c| c.1 >= floor);
         total = cands.iter().map(|c| c.1 as f64).sum();
     }
-    if sorted && p.top_p < 1.0 {
+    if p.top_p < 1.0 {
         total = top_p_cut(&mut cands, total, p.top_p);
     }
     draw(&cands, total, spec.seed)
@@ -249,17 +254,6 @@ fn draw(cands: &[(u32, f32)], total: f64, seed: u64) -> u32 {
         }
     }
     cands.last().map_or(0, |c| c.0)
-}
-
-/// Index of the largest logit; the lowest index wins ties. NaN never wins.
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    for (i, l) in logits.iter().enumerate() {
-        if *l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 #[cfg(test)]
@@ -341,6 +335,9 @@ mod tests {
         if p.min_p > 0.0 {
             cands.retain(|c| c.1 >= p.min_p);
             total = cands.iter().map(|c| c.1 as f64).sum();
+        } else if p.top_k == 0 && p.top_p < 1.0 {
+            // Top-p's share of every token's mass, summed as sample_row sums it.
+            total = relative_mass(logits, 1.0 / p.temperature, max);
         }
         if p.top_p < 1.0 {
             total = top_p_cut(&mut cands, total, p.top_p);
