@@ -9,10 +9,25 @@
 //! `cargo run --release -p tpserve-worker --example bench_sampling -- [--logits rows.f32
 //! --vocab 49152] [--json out.json]`
 
+use std::path::PathBuf;
 use std::time::Instant;
 
+use clap::Parser;
 use tpserve_proto::SamplingParams;
 use tpserve_worker::sampler::{sample_row, SampleSpec};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// A model's logits: raw little-endian f32 rows of `--vocab` entries.
+    #[arg(long)]
+    logits: Option<PathBuf>,
+    /// Entries of a row of `--logits`.
+    #[arg(long, default_value_t = 49_152)]
+    vocab: usize,
+    /// Where to write the figures as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
 
 /// (name, temperature, top_p, top_k, min_p).
 const SETS: &[(&str, f32, f32, i32, f32)] = &[
@@ -66,24 +81,19 @@ fn micros(params: SamplingParams, logits: &[f32], vocab: usize) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1).cloned())
-    };
-    let json_path = flag("--json");
-    let model_vocab: usize = flag("--vocab").map_or(Ok(49_152), |v| v.parse())?;
-    let model_rows: Option<Vec<f32>> = match flag("--logits") {
+    let args = Args::parse();
+    let model_vocab = args.vocab;
+    let model_rows: Option<Vec<f32>> = match &args.logits {
         Some(path) => {
-            let bytes = std::fs::read(&path)?;
+            let bytes = std::fs::read(path)?;
             let rows: Vec<f32> = bytes
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect();
             anyhow::ensure!(
                 !rows.is_empty() && rows.len().is_multiple_of(model_vocab),
-                "{path}: not whole rows of {model_vocab} f32"
+                "{}: not whole rows of {model_vocab} f32",
+                path.display()
             );
             Some(rows)
         }
@@ -117,9 +127,9 @@ fn main() -> anyhow::Result<()> {
             }));
         }
     }
-    if let Some(path) = json_path {
-        std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
-        println!("wrote {path}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?)?;
+        println!("wrote {}", path.display());
     }
     Ok(())
 }
