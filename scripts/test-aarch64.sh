@@ -2,12 +2,13 @@
 # The worker's CPU kernels built for 64-bit Arm and tested under QEMU's user-mode emulation on an
 # x86_64 machine: the NEON block dots (cpu/quant/own.rs) against the portable loop and the
 # dequantized product, and every other CPU unit test of the worker (attention, the activations'
-# quantization, the grouped layout's portable loop), plus the quantized GGUF models' logits
-# against the f32 path (worker/tests/quantized.rs). Emulation says the code is right, not how
+# quantization, the grouped layout's portable loop) and of its host sampler (sampler::, whose
+# whole-row passes the compiler vectorises for each target), plus the quantized GGUF models'
+# logits against the f32 path (worker/tests/quantized.rs). Emulation says the code is right, not how
 # fast it is. Lints the worker for AArch64 with clippy first. Installs what it needs: the Rust target (rustup), Debian's cross gcc (the linker)
 # and qemu-user (apt-get, as root).
 #
-#   scripts/test-aarch64.sh [TEST FILTER...]     # default: the CPU unit tests and quantized.rs
+#   scripts/test-aarch64.sh [TEST FILTER...]     # default: the CPU and sampler unit tests and quantized.rs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=aarch64-unknown-linux-gnu
@@ -41,6 +42,6 @@ run() {
 if [ $# -gt 0 ]; then
   run --lib -- "$@"
 else
-  run --lib -- cpu::
+  run --lib -- cpu:: sampler::
   run --test quantized
 fi
