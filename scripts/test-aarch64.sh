@@ -4,8 +4,8 @@
 # dequantized product, and every other CPU unit test of the worker (attention, the activations'
 # quantization, the grouped layout's portable loop) and of its host sampler (sampler::, whose
 # whole-row passes the compiler vectorises for each target), plus the quantized GGUF models'
-# logits against the f32 path (worker/tests/quantized.rs). Emulation says the code is right, not how
-# fast it is. Lints the worker for AArch64 with clippy first. Installs what it needs: the Rust target (rustup), Debian's cross gcc (the linker)
+# logits against the f32 path (worker/tests/quantized.rs). Emulation says the code is right, not
+# how fast it is. Lints the worker for AArch64 with clippy first. Installs what it needs: the Rust target (rustup), Debian's cross gcc (the linker)
 # and qemu-user (apt-get, as root).
 #
 #   scripts/test-aarch64.sh [TEST FILTER...]     # default: the CPU and sampler unit tests and quantized.rs

@@ -33,6 +33,11 @@ __device__ __forceinline__ ArgMax warp_argmax(ArgMax v) {
     return v;
 }
 
+// The token an argmax names: 0 where nothing could win (every entry -inf or NaN).
+__device__ __forceinline__ unsigned int token_of(ArgMax best) {
+    return best.index == 0x7fffffff ? 0u : (unsigned int)best.index;
+}
+
 __device__ ArgMax block_argmax(ArgMax v) {
     __shared__ float values[32];
     __shared__ int indices[32];
@@ -534,7 +539,7 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
     auto finish = [&](ArgMax best) {
         best = block_argmax(best);
         if (threadIdx.x == 0) {
-            out[row] = best.index == 0x7fffffff ? 0u : (unsigned int)best.index;
+            out[row] = token_of(best);
         }
     };
     const float t = temperature[row];
@@ -579,7 +584,7 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
             }
             merged = warp_argmax(merged);
             if (threadIdx.x == 0) {
-                out[row] = merged.index == 0x7fffffff ? 0u : (unsigned int)merged.index;
+                out[row] = token_of(merged);
                 arrivals[row] = 0u;
             }
         }
@@ -796,7 +801,6 @@ __device__ __forceinline__ float apply_edit(const LogitEdit& e, float x) {
     }
     return x - e.sub;
 }
-
 
 }  // namespace
 

@@ -25,7 +25,7 @@ use tpserve_proto::SamplingParams;
 use self::logprobs::TokenLogprobs;
 use self::processors::LogitEdit;
 pub use self::row_math::argmax;
-use self::row_math::{draw_whole_row, relative_mass};
+use self::row_math::{draw_whole_row, relative_mass, row_max};
 use crate::step_trace::{phase, Phase};
 
 /// What one sample row needs beyond its [`SampleSpec`].
@@ -172,8 +172,10 @@ pub fn sample_row(spec: &SampleSpec, logits: &[f32]) -> u32 {
         // Temperature alone, or with min-p: a draw in vocabulary order, nothing sorted.
         return draw_whole_row(logits, p.temperature, p.min_p, spec.seed);
     }
-    let mut cands = scaled(logits, p.temperature);
-    let max = cands.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+    let inv_t = 1.0 / p.temperature;
+    let mut cands = scaled(logits, inv_t);
+    // The largest x: scaling by a positive constant keeps the order.
+    let max = row_max(logits) * inv_t;
     // Top-p's share is of the mass min-p keeps, else of every token's.
     let mut total_before_sort = None;
     // Largest x first, the lowest id on ties.
@@ -193,7 +195,7 @@ pub fn sample_row(spec: &SampleSpec, logits: &[f32]) -> u32 {
         if p.min_p > 0.0 {
             floor = floor.min(max + p.min_p.ln());
         } else {
-            total_before_sort = Some(relative_mass(logits, 1.0 / p.temperature, max));
+            total_before_sort = Some(relative_mass(logits, inv_t, max));
         }
         cands.retain(|c| c.1 >= floor);
     }
@@ -218,9 +220,8 @@ pub fn sample_row(spec: &SampleSpec, logits: &[f32]) -> u32 {
     draw(&cands, total, spec.seed)
 }
 
-/// Every entry of the row as (token, logit / temperature).
-fn scaled(logits: &[f32], temperature: f32) -> Vec<(u32, f32)> {
-    let inv_t = 1.0 / temperature;
+/// Every entry of the row as (token, logit * inv_t), inv_t = 1 / temperature.
+fn scaled(logits: &[f32], inv_t: f32) -> Vec<(u32, f32)> {
     logits
         .iter()
         .enumerate()
@@ -321,7 +322,8 @@ mod tests {
     /// nucleus: every token sorted, then the same filters, top_p_cut and draw.
     fn draw_sorting_everything(spec: &SampleSpec, logits: &[f32]) -> u32 {
         let p = &spec.params;
-        let mut cands = scaled(logits, p.temperature);
+        let inv_t = 1.0 / p.temperature;
+        let mut cands = scaled(logits, inv_t);
         cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if p.top_k > 0 {
             cands.truncate(p.top_k as usize);
@@ -337,7 +339,7 @@ mod tests {
             total = cands.iter().map(|c| c.1 as f64).sum();
         } else if p.top_k == 0 && p.top_p < 1.0 {
             // Top-p's share of every token's mass, summed as sample_row sums it.
-            total = relative_mass(logits, 1.0 / p.temperature, max);
+            total = relative_mass(logits, inv_t, max);
         }
         if p.top_p < 1.0 {
             total = top_p_cut(&mut cands, total, p.top_p);
