@@ -97,7 +97,7 @@ __device__ __forceinline__ ArgMax draw_step(ArgMax best, float x, unsigned long 
 constexpr int kCandidates = 4096;
 // Bins of that histogram: equal bins of x over [lo, x_max], one pair a thread of 1,024.
 constexpr int kBins = 2048;
-// Blocks that may share a greedy or temperature-only row (sample_impl; one warp merges them).
+// Blocks that may share one row of sample_* (Team; one warp merges their draws).
 constexpr int kMaxSampleSplits = 32;
 
 // Inclusive prefix sums over the block's threads in threadIdx order, returned to each thread
@@ -365,6 +365,239 @@ __device__ int first_reaching(const float* xs, int n, float x_max, unsigned long
     return result;
 }
 
+}  // namespace
+
+// What one block of a shared row (Team) hands the others at an exchange: integer sums, a least
+// and a greatest value, and a count (or, for the draw, a token).
+struct TeamSlot {
+    unsigned long long a, b;
+    float low, high;
+    int n, unused;
+};
+
+// The exchanges a shared row makes at most: its range, top-k's counts and gathered tokens,
+// top-p's masses and gathered tokens, and the draw. Each has its own slots: a block may write
+// the next one's while another still reads this one's.
+constexpr int kTeamExchanges = 6;
+
+// The device scratch of one row that several blocks of a sample_* launch share (Team), zero
+// between launches: the last of the row's blocks to finish zeroes what the launch used.
+struct TeamRow {
+    unsigned int arrived;      // the row's blocks' arrivals, at each exchange and at the end
+    unsigned int appended[2];  // tokens each of the two gathers appended (top-k's, top-p's)
+    unsigned int unused;
+    unsigned int counts[2][kBins];  // the row's histograms: top-k's counts, top-p's
+    float masses[kBins];            // top-p's masses
+    TeamSlot slots[kTeamExchanges][kMaxSampleSplits];
+    float xs[kCandidates];  // a gather's tokens, in the order the blocks appended them
+    int ids[kCandidates];
+};
+// The worker allocates this much a row (worker/src/cuda/kernels.rs, TEAM_ROW_BYTES).
+constexpr int kTeamRowBytes =
+    16 + 3 * kBins * 4 + kTeamExchanges * kMaxSampleSplits * 32 + kCandidates * 8;
+static_assert(sizeof(TeamRow) == kTeamRowBytes, "kernels.rs allocates kTeamRowBytes a row");
+
+namespace {
+
+// A wait at an exchange longer than this traps (an error instead of a hang, should a launch
+// break the residency rule below).
+constexpr unsigned long long kTeamTimeoutNs = 2000000000ull;
+
+__device__ __forceinline__ unsigned long long global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+// The blocks sharing one row of a sample_* launch (grid y). Each reads its share of the row
+// (every parts-th piece: LogitRow::each_of) and at each exchange they combine what they found,
+// after which every block holds the same result. So every block takes the same branches, and
+// the row's thresholds, and so its token, are what one block reading the whole row finds:
+// integer sums, least and greatest values, and the merged histograms' counts are exact in any
+// order (the float masses only locate a boundary that the exact sums then decide; sample_impl).
+// A block alone (parts 1) exchanges nothing.
+//
+// An exchange waits for every block of the row, so a launch that shares rows must have all its
+// blocks resident at once: rows * splits at most the SMs, one block of 1,024 threads each (the
+// worker's sample_splits). A finished row's blocks wait for nothing.
+struct Team {
+    TeamRow* row;  // nullptr when alone
+    int part, parts;
+    unsigned int arrivals = 0;  // the arrivals of all the row's blocks so far
+    int exchange = 0;
+
+    __device__ static Team alone() { return Team{nullptr, 0, 1}; }
+
+    __device__ bool shared() const { return parts > 1; }
+
+    __device__ static TeamSlot nothing() {
+        return TeamSlot{0ull, 0ull, tpserve::pos_inf(), tpserve::neg_inf(), 0, 0};
+    }
+
+    // Waits until every block of the row has arrived here; what they wrote before is then
+    // visible (read it with __ldcg: L1 may hold an earlier exchange's bytes).
+    __device__ void wait_for_all() {
+        __syncthreads();
+        arrivals += parts;
+        if (threadIdx.x == 0) {
+            __threadfence();
+            atomicAdd(&row->arrived, 1u);
+            const volatile unsigned int* arrived = &row->arrived;
+            const unsigned long long start = global_ns();
+            for (unsigned int spins = 1; *arrived < arrivals; ++spins) {
+                if (spins % 1024u == 0u && global_ns() - start > kTeamTimeoutNs) {
+                    __trap();
+                }
+            }
+            __threadfence();
+        }
+        __syncthreads();
+    }
+
+    // The row's combination of every block's `mine` (a and b and n summed, the least low, the
+    // greatest high), to every thread of every block; `publish` (the whole block) first writes
+    // what else the others will read.
+    template <typename F> __device__ TeamSlot combine(TeamSlot mine, F&& publish) {
+        if (!shared()) {
+            return mine;
+        }
+        TeamSlot* slots = row->slots[exchange++];
+        publish();
+        if (threadIdx.x == 0) {
+            slots[part] = mine;
+        }
+        wait_for_all();
+        __shared__ TeamSlot combined;
+        if (threadIdx.x < 32) {
+            const int lane = threadIdx.x;
+            TeamSlot s = nothing();
+            if (lane < parts) {
+                s.a = __ldcg(&slots[lane].a);
+                s.b = __ldcg(&slots[lane].b);
+                s.low = __ldcg(&slots[lane].low);
+                s.high = __ldcg(&slots[lane].high);
+                s.n = __ldcg(&slots[lane].n);
+            }
+#pragma unroll
+            for (int offset = 16; offset > 0; offset >>= 1) {
+                s.a += __shfl_xor_sync(0xffffffffu, s.a, offset);
+                s.b += __shfl_xor_sync(0xffffffffu, s.b, offset);
+                s.low = fminf(s.low, __shfl_xor_sync(0xffffffffu, s.low, offset));
+                s.high = fmaxf(s.high, __shfl_xor_sync(0xffffffffu, s.high, offset));
+                s.n += __shfl_xor_sync(0xffffffffu, s.n, offset);
+            }
+            if (lane == 0) {
+                combined = s;
+            }
+        }
+        __syncthreads();
+        const TeamSlot result = combined;
+        __syncthreads();
+        return result;
+    }
+    __device__ TeamSlot combine(TeamSlot mine) {
+        return combine(mine, [] {});
+    }
+
+    // combine, and the row's histogram `which` (0: top-k's counts; 1: top-p's counts and
+    // masses) from every block's into each block's `counts` (and `masses`).
+    __device__ TeamSlot merge_histogram(int which, unsigned int* counts, float* masses,
+                                        TeamSlot mine) {
+        const TeamSlot result = combine(mine, [&] {
+            for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
+                if (counts[i] != 0u) {
+                    atomicAdd(&row->counts[which][i], counts[i]);
+                }
+                if (masses != nullptr && masses[i] != 0.0f) {
+                    atomicAdd(&row->masses[i], masses[i]);
+                }
+            }
+        });
+        if (shared()) {
+            for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
+                counts[i] = __ldcg(&row->counts[which][i]);
+                if (masses != nullptr) {
+                    masses[i] = __ldcg(&row->masses[i]);
+                }
+            }
+            __syncthreads();
+        }
+        return result;
+    }
+
+    // combine (mine.n: the block's gathered tokens, those past kCandidates only counted), and
+    // the row's gathered tokens (gather `which`) into each block's candidates where they all fit.
+    __device__ TeamSlot merge_candidates(int which, float* xs, int* ids, TeamSlot mine) {
+        __shared__ unsigned int base;
+        const TeamSlot result = combine(mine, [&] {
+            if (threadIdx.x == 0) {
+                base = atomicAdd(&row->appended[which], (unsigned int)mine.n);
+            }
+            __syncthreads();
+            const int room = max(0, kCandidates - (int)min(base, (unsigned int)kCandidates));
+            for (int i = threadIdx.x; i < min(mine.n, room); i += blockDim.x) {
+                row->xs[base + i] = xs[i];
+                row->ids[base + i] = ids[i];
+            }
+        });
+        if (shared() && result.n <= kCandidates) {
+            for (int i = threadIdx.x; i < result.n; i += blockDim.x) {
+                xs[i] = __ldcg(&row->xs[i]);
+                ids[i] = __ldcg(&row->ids[i]);
+            }
+            __syncthreads();
+        }
+        return result;
+    }
+
+    // The row's token, the best of every block's `best` (lowest id on ties): written by the last
+    // of the row's blocks to get here, which then zeroes what the launch used of the scratch.
+    __device__ void finish(ArgMax best, unsigned int* out) {
+        best = block_argmax(best);
+        if (!shared()) {
+            if (threadIdx.x == 0) {
+                *out = token_of(best);
+            }
+            return;
+        }
+        TeamSlot* slots = row->slots[exchange];
+        __shared__ bool last;
+        if (threadIdx.x == 0) {
+            slots[part].low = best.value;
+            slots[part].n = best.index;
+            __threadfence();
+            last = atomicAdd(&row->arrived, 1u) == arrivals + parts - 1;
+        }
+        __syncthreads();
+        if (!last) {
+            return;
+        }
+        __threadfence();
+        static_assert(kMaxSampleSplits == 32, "one whole warp merges the splits");
+        if (threadIdx.x < 32) {
+            ArgMax merged{tpserve::neg_inf(), 0x7fffffff};
+            if ((int)threadIdx.x < parts) {
+                merged = ArgMax{__ldcg(&slots[threadIdx.x].low), __ldcg(&slots[threadIdx.x].n)};
+            }
+            merged = warp_argmax(merged);
+            if (threadIdx.x == 0) {
+                *out = token_of(merged);
+                row->arrived = 0u;
+            }
+        }
+        if (arrivals > 0u) {
+            // The histograms' counts and masses, and the gathers' appends.
+            unsigned int* words = &row->counts[0][0];
+            for (int i = threadIdx.x; i < 3 * kBins; i += blockDim.x) {
+                words[i] = 0u;
+            }
+            if (threadIdx.x < 2) {
+                row->appended[threadIdx.x] = 0u;
+            }
+        }
+    }
+};
+
 // A row of logits as the sampling kernels read it (see sample_*): rank slices of `stride` rows,
 // entry v's x = logit * inv_t, never contracted with what follows, so every pass sees the same
 // value.
@@ -378,6 +611,11 @@ template <typename T> struct LogitRow {
         each_share(0, 1, f);
     }
 
+    // Calls f(v, x) for the team's block's share of the entries.
+    template <typename F> __device__ __forceinline__ void each_of(const Team& team, F&& f) const {
+        each_share(team.part, team.parts, f);
+    }
+
     // Calls f(v, x) for block `part`'s share of the entries when `parts` blocks share the row
     // (for_each_logit).
     template <typename F>
@@ -387,33 +625,39 @@ template <typename T> struct LogitRow {
     }
 
     // The smallest finite x (banned and masked entries are -inf and bound nothing) and the
-    // largest x, to every thread.
-    __device__ float2 range() const {
+    // largest x, to every thread of the team.
+    __device__ float2 range(Team& team) const {
         float low = tpserve::pos_inf();
         float high = tpserve::neg_inf();
-        each([&](int, float x) {
+        each_of(team, [&](int, float x) {
             high = fmaxf(high, x);
             if (x > tpserve::neg_inf()) {
                 low = fminf(low, x);
             }
         });
-        return make_float2(-block_reduce_max(-low), block_reduce_max(high));
+        TeamSlot mine = Team::nothing();
+        mine.low = -block_reduce_max(-low);
+        mine.high = block_reduce_max(high);
+        const TeamSlot row = team.combine(mine);
+        return make_float2(row.low, row.high);
     }
 };
 
 // Counts the row's finite x in kBins equal bins from lo (bin_of) and turns the counts into sums
 // from each bin up (to_sums_from); blockDim.x must be kBins / 2.
 template <typename T>
-__device__ void count_bins(const LogitRow<T>& r, float lo, float inv_width, unsigned int* counts) {
+__device__ void count_bins(const LogitRow<T>& r, Team& team, float lo, float inv_width,
+                           unsigned int* counts) {
     for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
         counts[i] = 0u;
     }
     __syncthreads();
-    r.each([&](int, float x) {
+    r.each_of(team, [&](int, float x) {
         add_to_bin<false>(x > tpserve::neg_inf(), bin_of(x, lo, inv_width), 0.0f, counts,
                           nullptr);
     });
     __syncthreads();
+    team.merge_histogram(0, counts, nullptr, Team::nothing());
     to_sums_from<unsigned int>(counts);
 }
 
@@ -427,10 +671,11 @@ struct Gathered {
 
 // Gathers the row's finite tokens with x >= floor whose bin (bin_of from lo) lies in
 // [first_bin, last_bin] into the candidates (xs, ids), sorted where they fit; masses in
-// mass_units against x_max.
+// mass_units against x_max. `which` names the gather among a shared row's two (Team).
 template <typename T>
-__device__ Gathered gather_bins(const LogitRow<T>& r, float floor, float lo, float inv_width,
-                                int first_bin, int last_bin, float x_max, float* xs, int* ids) {
+__device__ Gathered gather_bins(const LogitRow<T>& r, Team& team, int which, float floor,
+                                float lo, float inv_width, int first_bin, int last_bin,
+                                float x_max, float* xs, int* ids) {
     __shared__ int gathered;
     if (threadIdx.x == 0) {
         gathered = 0;
@@ -440,7 +685,7 @@ __device__ Gathered gather_bins(const LogitRow<T>& r, float floor, float lo, flo
     unsigned long long past = 0ull;
     float low = tpserve::pos_inf();
     float high = tpserve::neg_inf();
-    r.each([&](int v, float x) {
+    r.each_of(team, [&](int v, float x) {
         const bool kept = x >= floor && x > tpserve::neg_inf();
         const int bin = bin_of(x, lo, inv_width);
         const bool take = kept && bin >= first_bin && bin <= last_bin;
@@ -453,12 +698,19 @@ __device__ Gathered gather_bins(const LogitRow<T>& r, float floor, float lo, flo
         }
         append(take, x, v, xs, ids, &gathered);
     });
+    TeamSlot mine;
+    mine.a = block_sum(in_range);
+    mine.b = block_sum(past);
+    mine.low = -block_reduce_max(-low);
+    mine.high = block_reduce_max(high);
+    mine.n = gathered;
+    const TeamSlot row = team.merge_candidates(which, xs, ids, mine);
     Gathered g;
-    g.mass = block_sum(in_range);
-    g.above = block_sum(past);
-    g.low = -block_reduce_max(-low);
-    g.high = block_reduce_max(high);
-    g.n = gathered;
+    g.mass = row.a;
+    g.above = row.b;
+    g.low = row.low;
+    g.high = row.high;
+    g.n = row.n;
     if (g.n <= kCandidates) {
         sort_candidates(xs, ids, g.n);
     }
@@ -508,18 +760,20 @@ __device__ Gathered gather_bins(const LogitRow<T>& r, float floor, float lo, flo
 //   top_p           f32 [num_rows]   >= 1: off
 //   min_p           f32 [num_rows]   <= 0: off
 //   seeds           u64 [num_rows]
-//   partials        i32 [num_rows * splits, 2]   scratch of the split rows (below)
-//   arrivals        u32 [num_rows]               zero before the launch, left zero
-// Launch: grid (num_rows, splits, 1), splits <= kMaxSampleSplits; block (kBins / 2 = 1024, 1, 1).
-// Where vocab_per_rank is a multiple of 16 / sizeof(T) the logits must be 16-byte aligned (read
-// 16 bytes at a time).
+//   teams           TeamRow [num_rows] where splits > 1 (else unused): zero before the launch,
+//                   left zero
+// Launch: grid (num_rows, splits, 1), splits <= kMaxSampleSplits and, where splits > 1,
+// num_rows * splits at most the SMs (Team); block (kBins / 2 = 1024, 1, 1). Where
+// vocab_per_rank is a multiple of 16 / sizeof(T) the logits must be 16-byte aligned (read 16
+// bytes at a time).
 //
-// A greedy row, and one with temperature alone (every token kept), is one argmax over the row,
-// which one block of an SM takes ~10 and ~55 us for at 128k entries (the second computes each
-// token's noise): with splits > 1 each of the row's blocks takes every splits-th share of the
-// row, writes its best to `partials`, and the last to arrive (counted on `arrivals`) merges them.
-// The argmax (lowest id on ties) is the same whatever the split, so the token is too. Other rows
-// run in their first block alone, the others leaving at once. (The worker's rule for splits:
+// One block of an SM takes ~10 us for a greedy row of 128k entries, ~55 us with temperature
+// alone (it computes each token's noise) and ~100 us for top-p (five passes with their
+// histograms; docs/PERFORMANCE.md runs 40 and 42). With splits > 1 the row's blocks share it as
+// a Team: each reads every splits-th share of the row, their histograms, gathered tokens and
+// draws are combined, and the last block to finish writes the token. Whatever the split, the
+// thresholds are the same (Team), and so is the token; a threshold that falls back to the
+// bisection is found by every block over the whole row. (The worker's rule for splits:
 // worker/src/cuda/kernels.rs, sample_splits.)
 template <typename T>
 __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict__ logits,
@@ -527,7 +781,7 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
                             const float* __restrict__ temperature, const int* __restrict__ top_k,
                             const float* __restrict__ top_p, const float* __restrict__ min_p,
                             const unsigned long long* __restrict__ seeds,
-                            int2* __restrict__ partials, unsigned int* __restrict__ arrivals) {
+                            TeamRow* __restrict__ teams) {
     // The histogram (counts, then float masses), later the candidates (values, then ids).
     __shared__ __align__(16) unsigned char scratch[kCandidates * 8];
     unsigned int* counts = reinterpret_cast<unsigned int*>(scratch);
@@ -536,12 +790,8 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
     int* ids = reinterpret_cast<int*>(scratch + kCandidates * 4);
     tpserve::wait_for_inputs();
     const int row = blockIdx.x;
-    auto finish = [&](ArgMax best) {
-        best = block_argmax(best);
-        if (threadIdx.x == 0) {
-            out[row] = token_of(best);
-        }
-    };
+    Team team{gridDim.y > 1 ? teams + row : nullptr, (int)blockIdx.y, (int)gridDim.y};
+    auto finish = [&](ArgMax best) { team.finish(best, out + row); };
     const float t = temperature[row];
     const int k = top_k[row];
     const bool greedy = t <= 0.0f || k == 1;
@@ -556,56 +806,29 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
         return x >= threshold && x > tpserve::neg_inf() ? draw_step(best, x, seed, v) : best;
     };
     if (greedy || (!use_k && mp <= 0.0f && p >= 1.0f)) {
-        // Greedy, or temperature alone (every token kept): this block's share of the argmax.
+        // Greedy, or temperature alone (every token kept): one argmax.
         ArgMax best{tpserve::neg_inf(), 0x7fffffff};
-        r.each_share(blockIdx.y, gridDim.y, [&](int v, float x) {
+        r.each_of(team, [&](int v, float x) {
             best = greedy ? better(best, ArgMax{x, v}) : draw(best, tpserve::neg_inf(), v, x);
         });
-        if (gridDim.y == 1) {
-            finish(best);
-            return;
-        }
-        best = block_argmax(best);
-        __shared__ bool last;
-        if (threadIdx.x == 0) {
-            partials[row * gridDim.y + blockIdx.y] =
-                make_int2(__float_as_int(best.value), best.index);
-            __threadfence();
-            last = atomicAdd(&arrivals[row], 1u) == gridDim.y - 1;
-        }
-        __syncthreads();
-        static_assert(kMaxSampleSplits == 32, "one whole warp merges the splits");
-        if (last && threadIdx.x < kMaxSampleSplits) {
-            __threadfence();
-            ArgMax merged{tpserve::neg_inf(), 0x7fffffff};
-            if (threadIdx.x < gridDim.y) {
-                const int2 mine = __ldcg(&partials[row * gridDim.y + threadIdx.x]);
-                merged = ArgMax{__int_as_float(mine.x), mine.y};
-            }
-            merged = warp_argmax(merged);
-            if (threadIdx.x == 0) {
-                out[row] = token_of(merged);
-                arrivals[row] = 0u;
-            }
-        }
-        return;
-    }
-    if (blockIdx.y != 0) {
+        finish(best);
         return;
     }
     // The draw over every finite token of the row with x >= threshold.
     auto draw_all = [&](float threshold) {
         ArgMax best{tpserve::neg_inf(), 0x7fffffff};
-        r.each([&](int v, float x) { best = draw(best, threshold, v, x); });
+        r.each_of(team, [&](int v, float x) { best = draw(best, threshold, v, x); });
         finish(best);
     };
-    const float2 range = r.range();
+    const float2 range = r.range(team);
     const float x_min = range.x;
     const float x_max = range.y;
     const float min_p_threshold = mp > 0.0f ? x_max + __logf(mp) : tpserve::neg_inf();
 
-    auto gather = [&](float floor, float lo, float inv_width, int first_bin, int last_bin) {
-        return gather_bins(r, floor, lo, inv_width, first_bin, last_bin, x_max, xs, ids);
+    auto gather = [&](int which, float floor, float lo, float inv_width, int first_bin,
+                      int last_bin) {
+        return gather_bins(r, team, which, floor, lo, inv_width, first_bin, last_bin, x_max, xs,
+                           ids);
     };
 
     // `threshold` is what every later stage keeps at least; `listed`: the sorted candidates hold
@@ -617,19 +840,19 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
     if (use_k) {
         const float lo = x_min;
         const float inv_width = x_max > lo ? (float)kBins / (x_max - lo) : 0.0f;
-        count_bins(r, lo, inv_width, counts);
+        count_bins(r, team, lo, inv_width, counts);
         // -1: fewer than k finite tokens, all of them kept.
         const int bin = max(0, last_reaching(counts, (unsigned int)k));
         const unsigned int from_bin = counts[bin];
         const unsigned int past_bin = bin + 1 < kBins ? counts[bin + 1] : 0u;
         __syncthreads();  // the counts' bytes become the candidates'
         if (from_bin <= (unsigned int)kCandidates) {
-            n = gather(tpserve::neg_inf(), lo, inv_width, bin, kBins - 1).n;
+            n = gather(0, tpserve::neg_inf(), lo, inv_width, bin, kBins - 1).n;
             threshold = k <= n ? xs[k - 1] : x_min;
             listed = true;
         } else {
             // The k-th value's bin alone; past_bin < k tokens lie above it.
-            const Gathered g = gather(tpserve::neg_inf(), lo, inv_width, bin, bin);
+            const Gathered g = gather(0, tpserve::neg_inf(), lo, inv_width, bin, bin);
             if (g.n <= kCandidates) {
                 threshold = xs[k - (int)past_bin - 1];
             } else if (g.low == g.high) {
@@ -683,14 +906,16 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
         }
         __syncthreads();
         unsigned long long mine = 0ull;
-        r.each([&](int, float x) {
+        r.each_of(team, [&](int, float x) {
             const bool kept = x >= threshold && x > tpserve::neg_inf();
             const float relative = kept ? relative_mass(x, x_max) : 0.0f;
             add_to_bin<true>(kept, bin_of(x, lo, inv_width), relative, counts, masses);
             mine += mass_units_of(relative);
         });
-        const unsigned long long goal =
-            (unsigned long long)((double)p * (double)block_sum(mine));
+        TeamSlot total = Team::nothing();
+        total.a = block_sum(mine);  // its syncs also end the histogram's adds
+        total = team.merge_histogram(1, counts, masses, total);
+        const unsigned long long goal = (unsigned long long)((double)p * (double)total.a);
         to_sums_from<unsigned int>(counts);
         to_sums_from<float>(masses);
         // The float sums locate the boundary to within a bin: gather one bin either side.
@@ -702,10 +927,10 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
         bool found = false;
         Gathered g;
         if (from_first <= (unsigned int)kCandidates) {
-            g = gather(threshold, lo, inv_width, first_bin, kBins - 1);
+            g = gather(1, threshold, lo, inv_width, first_bin, kBins - 1);
             listed = true;
         } else {
-            g = gather(threshold, lo, inv_width, first_bin, last_bin);
+            g = gather(1, threshold, lo, inv_width, first_bin, last_bin);
         }
         n = g.n;
         // The exact sums must put the boundary inside the gathered bins.
@@ -751,7 +976,10 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
     }
     if (listed) {
         ArgMax best{tpserve::neg_inf(), 0x7fffffff};
-        for (int i = threadIdx.x; i < n && xs[i] >= threshold; i += blockDim.x) {
+        // Every block holds the candidates; each draws over its share of them.
+        const int stride = team.parts * blockDim.x;
+        for (int i = team.part * blockDim.x + threadIdx.x; i < n && xs[i] >= threshold;
+             i += stride) {
             best = draw_step(best, xs[i], seed, ids[i]);
         }
         finish(best);
@@ -761,14 +989,14 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
 }
 
 #define TPSERVE_SAMPLE(SUFFIX, T)                                                             \
-    extern "C" __global__ void sample_##SUFFIX(                                               \
+    extern "C" __global__ void __launch_bounds__(1024) sample_##SUFFIX(                       \
         unsigned int* __restrict__ out, const T* __restrict__ logits, int num_rows,           \
         int vocab_per_rank, int vocab, const float* __restrict__ temperature,                 \
         const int* __restrict__ top_k, const float* __restrict__ top_p,                       \
         const float* __restrict__ min_p, const unsigned long long* __restrict__ seeds,        \
-        int2* __restrict__ partials, unsigned int* __restrict__ arrivals) {                   \
+        TeamRow* __restrict__ teams) {                                                        \
         sample_impl<T>(out, logits, num_rows, vocab_per_rank, vocab, temperature, top_k,      \
-                       top_p, min_p, seeds, partials, arrivals);                              \
+                       top_p, min_p, seeds, teams);                                           \
     }
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_SAMPLE)
 
@@ -900,7 +1128,8 @@ __device__ void token_logprobs_impl(unsigned int* __restrict__ records,
     const int target = targets[row] >= 0 ? targets[row] : (int)sampled[row];
     const float x_target =
         target >= 0 && target < vocab ? logit(target) : tpserve::neg_inf();
-    const float2 range = r.range();
+    Team alone = Team::alone();
+    const float2 range = r.range(alone);
     const float x_min = range.x;
     const float x_max = range.y;
     float local_sum = 0.0f;
@@ -925,13 +1154,14 @@ __device__ void token_logprobs_impl(unsigned int* __restrict__ records,
     float* xs = reinterpret_cast<float*>(scratch);
     int* ids = reinterpret_cast<int*>(scratch + kCandidates * 4);
     const float inv_width = x_max > x_min ? (float)kBins / (x_max - x_min) : 0.0f;
-    count_bins(r, x_min, inv_width, counts);
+    count_bins(r, alone, x_min, inv_width, counts);
     const int bin = max(0, last_reaching(counts, (unsigned int)n));
     const unsigned int from_bin = counts[bin];
     __syncthreads();  // the counts' bytes become the candidates'
     if (from_bin <= (unsigned int)kCandidates) {
         const Gathered g =
-            gather_bins(r, tpserve::neg_inf(), x_min, inv_width, bin, kBins - 1, x_max, xs, ids);
+            gather_bins(r, alone, 0, tpserve::neg_inf(), x_min, inv_width, bin, kBins - 1, x_max,
+                        xs, ids);
         if (g.n >= n) {
             if ((int)threadIdx.x < n) {
                 rec[4 + threadIdx.x] = (unsigned int)ids[threadIdx.x];
@@ -969,16 +1199,16 @@ __device__ void token_logprobs_impl(unsigned int* __restrict__ records,
         process_logits_impl<T>(edited, logits, row_stride, vocab_per_rank, vocab,             \
                                edit_offsets, edits, mask_index, masks, words);                \
     }                                                                                         \
-    extern "C" __global__ void sample_processed_##SUFFIX(                                     \
+    extern "C" __global__ void __launch_bounds__(1024) sample_processed_##SUFFIX(             \
         unsigned int* __restrict__ out, const float* __restrict__ logits, int num_rows,       \
         int vocab_per_rank, int vocab, const float* __restrict__ temperature,                 \
         const int* __restrict__ top_k, const float* __restrict__ top_p,                       \
         const float* __restrict__ min_p, const unsigned long long* __restrict__ seeds,        \
-        int2* __restrict__ partials, unsigned int* __restrict__ arrivals) {                   \
+        TeamRow* __restrict__ teams) {                                                        \
         sample_impl<float>(out, logits, num_rows, vocab_per_rank, vocab, temperature, top_k,  \
-                           top_p, min_p, seeds, partials, arrivals);                          \
+                           top_p, min_p, seeds, teams);                                       \
     }                                                                                         \
-    extern "C" __global__ void token_logprobs_##SUFFIX(                                       \
+    extern "C" __global__ void __launch_bounds__(1024) token_logprobs_##SUFFIX(               \
         unsigned int* __restrict__ records, const T* __restrict__ logits, int row_stride,     \
         int vocab_per_rank, int vocab, const int* __restrict__ targets,                       \
         const unsigned int* __restrict__ sampled, const int* __restrict__ top_n) {            \

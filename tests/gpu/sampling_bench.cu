@@ -6,10 +6,11 @@
 // a Llama-3 vocabulary (128,256 entries) at 1 to 256 rows for greedy, temperature, top-k, top-p,
 // min-p and their mixes, on bf16 logits (sample_*) and on f32 ones with structured-output masks
 // (sample_processed_*). The rows mix a model's peaked shape, flat rows (wide nuclei) and rows of
-// 128,000 tied values; a launch takes as long as its slowest row. Greedy and temperature-only
-// rows are shared by several blocks at small row counts (sample_impl): the draws must be the
-// same tokens at 1, 3, 16 and 32 blocks a row; SPLITS=N times every launch at N blocks a row
-// instead of the worker's rule, and SETS=N runs the first N parameter sets on bf16 logits only.
+// 128,000 tied values; a launch takes as long as its slowest row. Rows are shared by several
+// blocks at small row counts (sample_impl's Team): the draws must be the same tokens at 1, 3, 16
+// and 32 blocks a row (at as many rows as fit the SMs); SPLITS=N times every launch at N blocks
+// a row instead of the worker's rule where they fit, and SETS=N runs the first N parameter sets
+// on bf16 logits only.
 //
 // With -DOLD_SAMPLING='"path"' it also runs an earlier version of the file whose entry points and
 // sample_impl were renamed old_* (git show REV:kernels/cuda/sampling.cu | sed
@@ -17,7 +18,8 @@
 // s/token_logprobs_/old_token_logprobs_/g' > path), checks it the same way, counts the rows
 // where the two draw different tokens with the same seeds ("differ": since session 35 the noise
 // near u = 1 differs from the earlier formula's on purpose, so draws over the whole vocabulary
-// may), and times it beside.
+// may), and times it beside. The earlier file's sample_* must take session 36's arguments (the
+// split rows' partials and arrival counters, as of c62505e).
 //
 // How (on the GPU machine, from the repository root):
 //   nvcc -O3 -arch=sm_90a -std=c++17 -I kernels/cuda tests/gpu/sampling_bench.cu -o /tmp/sb
@@ -50,25 +52,29 @@ static int failures = 0;
 template <typename T>
 __global__ void sample_new(unsigned int* out, const T* logits, int rows, int vpr, int vocab,
                            const float* t, const int* k, const float* p, const float* mp,
-                           const unsigned long long* seeds, int2* partials,
-                           unsigned int* arrivals) {
-    k_new::sample_impl<T>(out, logits, rows, vpr, vocab, t, k, p, mp, seeds, partials, arrivals);
+                           const unsigned long long* seeds, k_new::TeamRow* teams) {
+    k_new::sample_impl<T>(out, logits, rows, vpr, vocab, t, k, p, mp, seeds, teams);
 }
 
-// Blocks sharing a greedy or temperature-only row at `rows` rows: the worker's rule
-// (worker/src/cuda/kernels.rs, sample_splits), or SPLITS when set (the timing of other counts).
+// Blocks sharing a row at `rows` rows: the worker's rule (worker/src/cuda/kernels.rs,
+// sample_splits), or SPLITS when set (the timing of other counts) where the launch's blocks all
+// fit the SMs at once (which a shared row needs; else one block a row).
 static int sm_count = 0;
 static int forced_splits = 0;
 int splits_for(int rows) {
-    if (forced_splits > 0) return forced_splits;
+    if (forced_splits > 0) return rows * forced_splits <= sm_count ? forced_splits : 1;
     return std::max(1, std::min(k_new::kMaxSampleSplits, sm_count / std::max(rows, 1)));
 }
 #ifdef OLD_SAMPLING
+// The old file's entry point: sampling.cu as of session 36 (splits for greedy and
+// temperature-only rows only, through partials and arrival counters).
 template <typename T>
 __global__ void sample_old(unsigned int* out, const T* logits, int rows, int vpr, int vocab,
                            const float* t, const int* k, const float* p, const float* mp,
-                           const unsigned long long* seeds) {
-    k_old::old_sample_impl<T>(out, logits, rows, vpr, vocab, t, k, p, mp, seeds);
+                           const unsigned long long* seeds, int2* partials,
+                           unsigned int* arrivals) {
+    k_old::old_sample_impl<T>(out, logits, rows, vpr, vocab, t, k, p, mp, seeds, partials,
+                              arrivals);
 }
 #endif
 
@@ -198,11 +204,14 @@ template <typename T> struct Run {
     float *t, *p, *mp;
     int* k;
     unsigned long long* seeds;
+    k_new::TeamRow* teams;
     int2* partials;
     unsigned int* arrivals;
     Run(int rows_, int vocab_, bool masked, unsigned seed) : rows(rows_), vocab(vocab_) {
         host = make_logits<T>(rows, vocab, masked, seed);
         logits = upload(host);
+        CK(cudaMalloc(&teams, (size_t)rows * k_new::kTeamRowBytes));
+        CK(cudaMemset(teams, 0, (size_t)rows * k_new::kTeamRowBytes));
         CK(cudaMalloc(&partials, (size_t)rows * k_new::kMaxSampleSplits * 8));
         CK(cudaMalloc(&arrivals, rows * 4));
         CK(cudaMemset(arrivals, 0, rows * 4));
@@ -224,7 +233,14 @@ template <typename T> struct Run {
         CK(cudaMemcpy(k, kv.data(), rows * 4, cudaMemcpyHostToDevice));
         CK(cudaMemcpy(seeds, sv.data(), rows * 8, cudaMemcpyHostToDevice));
     }
-    // sample_new's launch (grid (n, splits_for(n))), and the old file's (grid n).
+    // sample_new's launch and the old file's, grid (n, splits_for(n)) both.
+    void launch(void (*kernel)(unsigned int*, const T*, int, int, int, const float*, const int*,
+                               const float*, const float*, const unsigned long long*,
+                               k_new::TeamRow*),
+                cudaStream_t st, int n) {
+        kernel<<<dim3(n, splits_for(n)), 1024, 0, st>>>(out, logits, n, vocab, vocab, t, k, p, mp,
+                                                         seeds, teams);
+    }
     void launch(void (*kernel)(unsigned int*, const T*, int, int, int, const float*, const int*,
                                const float*, const float*, const unsigned long long*, int2*,
                                unsigned int*),
@@ -232,16 +248,13 @@ template <typename T> struct Run {
         kernel<<<dim3(n, splits_for(n)), 1024, 0, st>>>(out, logits, n, vocab, vocab, t, k, p, mp,
                                                          seeds, partials, arrivals);
     }
-    void launch(void (*kernel)(unsigned int*, const T*, int, int, int, const float*, const int*,
-                               const float*, const float*, const unsigned long long*),
-                cudaStream_t st, int n) {
-        kernel<<<n, 1024, 0, st>>>(out, logits, n, vocab, vocab, t, k, p, mp, seeds);
-    }
-    template <typename K> std::vector<unsigned int> draw(K kernel) {
-        launch(kernel, 0, rows);
+    // The tokens of the first n rows (all by default).
+    template <typename K> std::vector<unsigned int> draw(K kernel, int n = 0) {
+        n = n > 0 ? n : rows;
+        launch(kernel, 0, n);
         CK(cudaGetLastError());
-        std::vector<unsigned int> h(rows);
-        CK(cudaMemcpy(h.data(), out, rows * 4, cudaMemcpyDeviceToHost));
+        std::vector<unsigned int> h(n);
+        CK(cudaMemcpy(h.data(), out, n * 4, cudaMemcpyDeviceToHost));
         return h;
     }
 };
@@ -292,11 +305,14 @@ void check_and_time(const char* what, bool masked, const std::vector<Params>& se
             printf("  %s: the same seeds drew other tokens\n", q.name);
             ++bad;
         }
-        // Every split of the rows draws the same tokens (the arrivals left at zero between).
+        // Every split of the rows draws the same tokens (the scratch left at zero between), at
+        // as many rows as fit the SMs at that split.
         const int forced = forced_splits;
         for (int splits : {1, 3, 16, k_new::kMaxSampleSplits}) {
             forced_splits = splits;
-            if (run.draw(sample_new<T>) != fresh) {
+            const int n = splits == 1 ? rows : std::max(1, sm_count / splits);
+            const std::vector<unsigned int> split = run.draw(sample_new<T>, n);
+            if (!std::equal(split.begin(), split.end(), fresh.begin())) {
                 printf("  %s: %d blocks a row drew other tokens\n", q.name, splits);
                 ++bad;
             }
@@ -441,7 +457,7 @@ int main() {
     };
     CK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, 0));
     if (const char* env = getenv("SPLITS")) forced_splits = atoi(env);
-    printf("== %d SMs; blocks a greedy or temperature-only row: %s\n", sm_count,
+    printf("== %d SMs; blocks a row: %s\n", sm_count,
            forced_splits > 0 ? "SPLITS" : "min(32, SMs / rows)");
     check_gumbel();
     // SETS=N: the first N parameter sets only, on bf16 logits (a quicker timing run).

@@ -1391,7 +1391,7 @@ impl Kernels {
     ) -> Result<()> {
         let (nr, vpr, v) = (num_rows as i32, vocab_per_rank as i32, vocab as i32);
         let splits = sample_splits(num_rows, self.sample_scratch.sm_count);
-        let (partials, arrivals) = self.sample_scratch.pointers();
+        let teams = self.sample_scratch.buffer.ptr;
         let mut b = self.launch(function);
         b.arg(&out)
             .arg(&logits)
@@ -1403,15 +1403,14 @@ impl Kernels {
             .arg(&params.top_p)
             .arg(&params.min_p)
             .arg(&params.seeds)
-            .arg(&partials)
-            .arg(&arrivals);
+            .arg(&teams);
         let cfg = LaunchConfig {
             grid_dim: (num_rows as u32, splits as u32, 1),
             block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: as sampling.cu documents; the scratch holds `num_rows * splits` partials and
-        // `num_rows` arrivals whenever splits > 1 (`sample_splits`).
+        // SAFETY: as sampling.cu documents; whenever splits > 1, `num_rows * splits` blocks fit
+        // the SMs at once and the scratch holds `num_rows` team rows (`sample_splits`).
         unsafe { b.launch(cfg) }.map(drop).map_err(launch_err(name))
     }
 
@@ -1595,19 +1594,25 @@ pub struct TokenLogprobs {
     pub top_n: u64,
 }
 
-/// Blocks that may share one greedy or temperature-only row (sampling.cu's kMaxSampleSplits).
+/// Blocks that may share one row (sampling.cu's kMaxSampleSplits).
 const MAX_SAMPLE_SPLITS: usize = 32;
 
-/// Blocks sharing each greedy or temperature-only row of a `rows`-row sample launch: the SMs a
-/// row would otherwise leave idle (one block of 1,024 threads an SM), at most
-/// [`MAX_SAMPLE_SPLITS`]. Where it is above 1, `rows * splits <= sm_count`.
+/// Bytes of one shared row's scratch (sampling.cu's kTeamRowBytes, which it checks against its
+/// `TeamRow`): a header of 16, three histograms of 2,048 words, 6 exchanges of 32 slots of 32
+/// bytes, and 4,096 candidates of 8 bytes.
+const TEAM_ROW_BYTES: usize = 16 + 3 * 2048 * 4 + 6 * MAX_SAMPLE_SPLITS * 32 + 4096 * 8;
+
+/// Blocks sharing each row of a `rows`-row sample launch: the SMs a row would otherwise leave
+/// idle (one block of 1,024 threads an SM), at most [`MAX_SAMPLE_SPLITS`]. Where it is above 1,
+/// `rows * splits <= sm_count`: the blocks of a shared row wait for each other (sampling.cu's
+/// Team), so they must all be resident at once.
 pub(super) fn sample_splits(rows: usize, sm_count: usize) -> usize {
     (sm_count / rows.max(1)).clamp(1, MAX_SAMPLE_SPLITS)
 }
 
-/// sample_*'s partials (an `(f32 value, i32 id)` pair per row and block, `sm_count` of them) and
-/// arrival counters (a u32 per row, `sm_count` of them, zero between launches), allocated zeroed
-/// once. One stream runs every launch, so launches never share them at once.
+/// sample_*'s team rows ([`TEAM_ROW_BYTES`] each, for the `sm_count / 2` rows at most that
+/// [`sample_splits`] shares), allocated zeroed once and left zero by every launch. One stream
+/// runs every launch, so launches never share them at once.
 struct SampleScratch {
     buffer: DeviceBuffer,
     sm_count: usize,
@@ -1616,15 +1621,11 @@ struct SampleScratch {
 impl SampleScratch {
     fn new(gpu: &Gpu) -> Result<Self> {
         let sm_count = gpu.sm_count.max(1);
+        let rows = (sm_count / 2).max(1);
         Ok(Self {
-            buffer: gpu.alloc(sm_count * (8 + 4), "sampling scratch")?,
+            buffer: gpu.alloc(rows * TEAM_ROW_BYTES, "sampling scratch")?,
             sm_count,
         })
-    }
-
-    /// `(partials, arrivals)`.
-    fn pointers(&self) -> (u64, u64) {
-        (self.buffer.ptr, self.buffer.ptr + 8 * self.sm_count as u64)
     }
 }
 
@@ -1649,7 +1650,7 @@ mod tests {
                 let splits = sample_splits(rows, sm_count);
                 assert!((1..=MAX_SAMPLE_SPLITS).contains(&splits));
                 assert!(
-                    splits == 1 || rows * splits <= sm_count,
+                    splits == 1 || (rows * splits <= sm_count && rows <= (sm_count / 2).max(1)),
                     "{rows} rows, {sm_count} SMs"
                 );
             }
