@@ -426,8 +426,6 @@ struct Team {
     unsigned int arrivals = 0;  // the arrivals of all the row's blocks so far
     int exchange = 0;
 
-    __device__ static Team alone() { return Team{nullptr, 0, 1}; }
-
     __device__ bool shared() const { return parts > 1; }
 
     __device__ static TeamSlot nothing() {
@@ -551,7 +549,7 @@ struct Team {
     }
 
     // The row's token, the best of every block's `best` (lowest id on ties): written by the last
-    // of the row's blocks to get here, which then zeroes what the launch used of the scratch.
+    // of the row's blocks to get here (leave).
     __device__ void finish(ArgMax best, unsigned int* out) {
         best = block_argmax(best);
         if (!shared()) {
@@ -561,18 +559,13 @@ struct Team {
             return;
         }
         TeamSlot* slots = row->slots[exchange];
-        __shared__ bool last;
         if (threadIdx.x == 0) {
             slots[part].low = best.value;
             slots[part].n = best.index;
-            __threadfence();
-            last = atomicAdd(&row->arrived, 1u) == arrivals + parts - 1;
         }
-        __syncthreads();
-        if (!last) {
+        if (!leave()) {
             return;
         }
-        __threadfence();
         static_assert(kMaxSampleSplits == 32, "one whole warp merges the splits");
         if (threadIdx.x < 32) {
             ArgMax merged{tpserve::neg_inf(), 0x7fffffff};
@@ -582,11 +575,30 @@ struct Team {
             merged = warp_argmax(merged);
             if (threadIdx.x == 0) {
                 *out = token_of(merged);
-                row->arrived = 0u;
             }
         }
+    }
+
+    // The block's end of the row, after its last read of the scratch (every block of a row that
+    // made an exchange calls it): whether it is the last to get here, to every thread. The last
+    // sees what the others wrote before (read it with __ldcg) and zeroes what the launch used.
+    __device__ bool leave() {
+        if (!shared()) {
+            return true;
+        }
+        __shared__ bool last;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            __threadfence();
+            last = atomicAdd(&row->arrived, 1u) == arrivals + parts - 1;
+        }
+        __syncthreads();
+        if (!last) {
+            return false;
+        }
+        __threadfence();
         if (arrivals > 0u) {
-            // The histograms' counts and masses, and the gathers' appends.
+            // The histograms' counts and masses (adjacent in TeamRow), and the gathers' appends.
             unsigned int* words = &row->counts[0][0];
             for (int i = threadIdx.x; i < 3 * kBins; i += blockDim.x) {
                 words[i] = 0u;
@@ -595,6 +607,10 @@ struct Team {
                 row->appended[threadIdx.x] = 0u;
             }
         }
+        if (threadIdx.x == 0) {
+            row->arrived = 0u;
+        }
+        return true;
     }
 };
 
@@ -989,7 +1005,7 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
 }
 
 #define TPSERVE_SAMPLE(SUFFIX, T)                                                             \
-    extern "C" __global__ void __launch_bounds__(1024) sample_##SUFFIX(                       \
+    extern "C" __global__ void __launch_bounds__(1024, 1) sample_##SUFFIX(                    \
         unsigned int* __restrict__ out, const T* __restrict__ logits, int num_rows,           \
         int vocab_per_rank, int vocab, const float* __restrict__ temperature,                 \
         const int* __restrict__ top_k, const float* __restrict__ top_p,                       \
@@ -1098,26 +1114,44 @@ __device__ void process_logits_impl(float* __restrict__ edited, const T* __restr
 //   targets    i32 [num_rows]   -1: the sampled token
 //   sampled    u32 [num_rows]   sample_processed_*'s output
 //   top_n      i32 [num_rows]   -1: no log probabilities; else 0..=kMaxTopLogprobs
-// Launch: grid (num_rows, 1, 1); block (kBins / 2 = 1024, 1, 1). Where vocab_per_rank is a
-// multiple of 16 / sizeof(T) the logits must be 16-byte aligned (read 16 bytes at a time).
-// Four passes over a row whatever top_n (two for top_n 0), where one a top token was taken
-// before (docs/PERFORMANCE.md run 40).
+//   teams      TeamRow [num_rows] where splits > 1 (else unused): zero before the launch, left
+//              zero
+// Launch: grid (num_rows, splits, 1), as sample_*'s (where splits > 1 the row's blocks share it as
+// a Team and num_rows * splits must be at most the SMs); block (kBins / 2 = 1024, 1, 1). Where
+// vocab_per_rank is a multiple of 16 / sizeof(T) the logits must be 16-byte aligned (read 16
+// bytes at a time). Four passes over a row whatever top_n (two for top_n 0), where one a top
+// token was taken before (docs/PERFORMANCE.md run 40). The softmax's sum is taken in units of
+// 2^-40 of the top token's probability (lse_units): exact in any order, so a record's bits are
+// the same at any split (and so in any batch), within 128k x 2^-40 of the true sum.
 constexpr int kMaxTopLogprobs = 20;
 constexpr int kLogprobRecord = 4 + 2 * kMaxTopLogprobs;
+
+namespace {
+
+// exp(x - x_max) in units of 2^-40 (rounded down): at most 2^40 an entry, so a row's sum fits 64
+// bits for vocabularies up to 2^24.
+__device__ __forceinline__ unsigned long long lse_units(float x, float x_max) {
+    return __float2ull_rz(expf(x - x_max) * 1099511627776.0f);
+}
+
+}  // namespace
 
 template <typename T>
 __device__ void token_logprobs_impl(unsigned int* __restrict__ records,
                                     const T* __restrict__ logits, int row_stride,
                                     int vocab_per_rank, int vocab, const int* __restrict__ targets,
                                     const unsigned int* __restrict__ sampled,
-                                    const int* __restrict__ top_n) {
+                                    const int* __restrict__ top_n, TeamRow* __restrict__ teams) {
     // The histogram, later the candidates (values, then ids).
     __shared__ __align__(16) unsigned char scratch[kCandidates * 8];
     tpserve::wait_for_inputs();
     const int row = blockIdx.x;
+    Team team{gridDim.y > 1 ? teams + row : nullptr, (int)blockIdx.y, (int)gridDim.y};
+    // The row's first block writes the record (every block holds the same numbers).
+    const bool writer = team.part == 0;
     unsigned int* rec = records + (long long)row * kLogprobRecord;
     const int n = min(top_n[row], kMaxTopLogprobs);
-    if (threadIdx.x == 0) {
+    if (writer && threadIdx.x == 0) {
         rec[0] = sampled[row];
     }
     if (n < 0) {
@@ -1128,24 +1162,27 @@ __device__ void token_logprobs_impl(unsigned int* __restrict__ records,
     const int target = targets[row] >= 0 ? targets[row] : (int)sampled[row];
     const float x_target =
         target >= 0 && target < vocab ? logit(target) : tpserve::neg_inf();
-    Team alone = Team::alone();
-    const float2 range = r.range(alone);
+    const float2 range = r.range(team);
     const float x_min = range.x;
     const float x_max = range.y;
-    float local_sum = 0.0f;
-    float above = 0.0f;
-    r.each([&](int, float x) {
-        local_sum += expf(x - x_max);
-        above += x > x_target ? 1.0f : 0.0f;
+    unsigned long long units = 0ull;
+    unsigned long long above = 0ull;
+    r.each_of(team, [&](int, float x) {
+        units += lse_units(x, x_max);
+        above += x > x_target ? 1ull : 0ull;
     });
-    const float lse = x_max + logf(tpserve::block_reduce_sum(local_sum));
-    const float rank = tpserve::block_reduce_sum(above);
-    if (threadIdx.x == 0) {
+    TeamSlot sums = Team::nothing();
+    sums.a = block_sum(units);
+    sums.b = block_sum(above);
+    sums = team.combine(sums);
+    const float lse = (float)((double)x_max + log((double)sums.a) - 40.0 * 0.6931471805599453);
+    if (writer && threadIdx.x == 0) {
         rec[1] = (unsigned int)target;
         rec[2] = __float_as_uint(x_target - lse);
-        rec[3] = 1u + (unsigned int)rank;
+        rec[3] = 1u + (unsigned int)sums.b;
     }
     if (n == 0) {
+        team.leave();
         return;
     }
     // The top tokens: the n-th largest logit's bin and those above, gathered and sorted (two
@@ -1154,25 +1191,25 @@ __device__ void token_logprobs_impl(unsigned int* __restrict__ records,
     float* xs = reinterpret_cast<float*>(scratch);
     int* ids = reinterpret_cast<int*>(scratch + kCandidates * 4);
     const float inv_width = x_max > x_min ? (float)kBins / (x_max - x_min) : 0.0f;
-    count_bins(r, alone, x_min, inv_width, counts);
+    count_bins(r, team, x_min, inv_width, counts);
     const int bin = max(0, last_reaching(counts, (unsigned int)n));
     const unsigned int from_bin = counts[bin];
     __syncthreads();  // the counts' bytes become the candidates'
     if (from_bin <= (unsigned int)kCandidates) {
-        const Gathered g =
-            gather_bins(r, alone, 0, tpserve::neg_inf(), x_min, inv_width, bin, kBins - 1, x_max,
-                        xs, ids);
+        const Gathered g = gather_bins(r, team, 0, tpserve::neg_inf(), x_min, inv_width, bin,
+                                       kBins - 1, x_max, xs, ids);
         if (g.n >= n) {
-            if ((int)threadIdx.x < n) {
+            if (writer && (int)threadIdx.x < n) {
                 rec[4 + threadIdx.x] = (unsigned int)ids[threadIdx.x];
                 rec[4 + kMaxTopLogprobs + threadIdx.x] = __float_as_uint(xs[threadIdx.x] - lse);
             }
+            team.leave();
             return;
         }
     }
     // A boundary bin of more than kCandidates tokens (ties), or fewer than n finite logits: one
-    // token a pass, each pick the best entry strictly after the previous one in the order (logit
-    // descending, id ascending).
+    // token a pass (every block over the whole row), each pick the best entry strictly after the
+    // previous one in the order (logit descending, id ascending).
     ArgMax prev{tpserve::pos_inf(), -1};
     for (int i = 0; i < n && i < vocab; ++i) {
         ArgMax best{tpserve::neg_inf(), 0x7fffffff};
@@ -1183,11 +1220,12 @@ __device__ void token_logprobs_impl(unsigned int* __restrict__ records,
             }
         }
         prev = block_argmax(best);
-        if (threadIdx.x == 0) {
+        if (writer && threadIdx.x == 0) {
             rec[4 + i] = (unsigned int)prev.index;
             rec[4 + kMaxTopLogprobs + i] = __float_as_uint(prev.value - lse);
         }
     }
+    team.leave();
 }
 
 #define TPSERVE_LOGIT_EXTRAS(SUFFIX, T)                                                       \
@@ -1199,7 +1237,7 @@ __device__ void token_logprobs_impl(unsigned int* __restrict__ records,
         process_logits_impl<T>(edited, logits, row_stride, vocab_per_rank, vocab,             \
                                edit_offsets, edits, mask_index, masks, words);                \
     }                                                                                         \
-    extern "C" __global__ void __launch_bounds__(1024) sample_processed_##SUFFIX(             \
+    extern "C" __global__ void __launch_bounds__(1024, 1) sample_processed_##SUFFIX(          \
         unsigned int* __restrict__ out, const float* __restrict__ logits, int num_rows,       \
         int vocab_per_rank, int vocab, const float* __restrict__ temperature,                 \
         const int* __restrict__ top_k, const float* __restrict__ top_p,                       \
@@ -1208,11 +1246,12 @@ __device__ void token_logprobs_impl(unsigned int* __restrict__ records,
         sample_impl<float>(out, logits, num_rows, vocab_per_rank, vocab, temperature, top_k,  \
                            top_p, min_p, seeds, teams);                                       \
     }                                                                                         \
-    extern "C" __global__ void __launch_bounds__(1024) token_logprobs_##SUFFIX(               \
+    extern "C" __global__ void __launch_bounds__(1024, 1) token_logprobs_##SUFFIX(            \
         unsigned int* __restrict__ records, const T* __restrict__ logits, int row_stride,     \
         int vocab_per_rank, int vocab, const int* __restrict__ targets,                       \
-        const unsigned int* __restrict__ sampled, const int* __restrict__ top_n) {            \
+        const unsigned int* __restrict__ sampled, const int* __restrict__ top_n,              \
+        TeamRow* __restrict__ teams) {                                                        \
         token_logprobs_impl<T>(records, logits, row_stride, vocab_per_rank, vocab, targets,   \
-                               sampled, top_n);                                               \
+                               sampled, top_n, teams);                                        \
     }
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_LOGIT_EXTRAS)

@@ -50,7 +50,7 @@ namespace k_old {
 static int failures = 0;
 
 template <typename T>
-__global__ void sample_new(unsigned int* out, const T* logits, int rows, int vpr, int vocab,
+__global__ void __launch_bounds__(1024, 1) sample_new(unsigned int* out, const T* logits, int rows, int vpr, int vocab,
                            const float* t, const int* k, const float* p, const float* mp,
                            const unsigned long long* seeds, k_new::TeamRow* teams) {
     k_new::sample_impl<T>(out, logits, rows, vpr, vocab, t, k, p, mp, seeds, teams);
@@ -113,9 +113,11 @@ void check_gumbel() {
 }
 
 template <typename T>
-__global__ void logprobs_new(unsigned int* rec, const T* logits, int rows, int vpr, int vocab,
-                             const int* targets, const unsigned int* sampled, const int* top_n) {
-    k_new::token_logprobs_impl<T>(rec, logits, rows, vpr, vocab, targets, sampled, top_n);
+__global__ void __launch_bounds__(1024, 1)
+    logprobs_new(unsigned int* rec, const T* logits, int rows, int vpr, int vocab,
+                 const int* targets, const unsigned int* sampled, const int* top_n,
+                 k_new::TeamRow* teams) {
+    k_new::token_logprobs_impl<T>(rec, logits, rows, vpr, vocab, targets, sampled, top_n, teams);
 }
 #ifdef OLD_SAMPLING
 template <typename T>
@@ -348,7 +350,8 @@ void check_and_time(const char* what, bool masked, const std::vector<Params>& se
 
 // token_logprobs_* on the same rows: each record's top tokens (value descending, id ascending),
 // the scored token's rank and every log probability against the CPU's log_softmax in double
-// (within 1e-4), at 0, 5 and 20 top tokens; and the time of a launch at 1 / 8 / 64 / 256 rows.
+// (within 1e-4), at 0, 5 and 20 top tokens; the same bits at 1, 3, 16 and 32 blocks a row; and
+// the time of a launch at 1 / 8 / 64 / 256 rows.
 template <typename T> void check_logprobs(const char* what, bool masked) {
     const int vocab = 128256;
     const int rows = 256;
@@ -371,17 +374,27 @@ template <typename T> void check_logprobs(const char* what, bool masked) {
     CK(cudaStreamCreate(&st));
     printf("\n== token_logprobs, %s: records of %d rows checked; us a launch at 1 / 8 / 64 / 256 rows\n",
            what, rows);
+    k_new::TeamRow* teams;
+    CK(cudaMalloc(&teams, (size_t)rows * k_new::kTeamRowBytes));
+    CK(cudaMemset(teams, 0, (size_t)rows * k_new::kTeamRowBytes));
     for (int n : {0, 5, 20}) {
         CK(cudaMemcpy(d_top, std::vector<int>(rows, n).data(), rows * 4, cudaMemcpyHostToDevice));
-        auto launch = [&](auto kernel, int count) {
-            kernel<<<count, 1024, 0, st>>>(rec, logits, count, vocab, vocab, d_targets, d_sampled,
-                                           d_top);
+        auto launch_new = [&](int count) {
+            logprobs_new<T><<<dim3(count, splits_for(count)), 1024, 0, st>>>(
+                rec, logits, count, vocab, vocab, d_targets, d_sampled, d_top, teams);
         };
-        auto records = [&](auto kernel) {
-            launch(kernel, rows);
+#ifdef OLD_SAMPLING
+        auto launch_old = [&](int count) {
+            logprobs_old<T><<<count, 1024, 0, st>>>(rec, logits, count, vocab, vocab, d_targets,
+                                                     d_sampled, d_top);
+        };
+#endif
+        // The records of the first `count` rows.
+        auto records = [&](auto launch, int count) {
+            launch(count);
             CK(cudaStreamSynchronize(st));
             CK(cudaGetLastError());
-            std::vector<unsigned int> h((size_t)rows * words);
+            std::vector<unsigned int> h((size_t)count * words);
             CK(cudaMemcpy(h.data(), rec, h.size() * 4, cudaMemcpyDeviceToHost));
             return h;
         };
@@ -421,18 +434,31 @@ template <typename T> void check_logprobs(const char* what, bool masked) {
             }
             return bad;
         };
-        const int bad = wrong(records(logprobs_new<T>));
+        const std::vector<unsigned int> full = records(launch_new, rows);
+        int bad = wrong(full);
+        // The same bits at every split of the rows (as many rows as fit the SMs at each).
+        const int forced = forced_splits;
+        for (int splits : {1, 3, 16, k_new::kMaxSampleSplits}) {
+            forced_splits = splits;
+            const int m = splits == 1 ? rows : std::max(1, sm_count / splits);
+            const std::vector<unsigned int> split = records(launch_new, m);
+            if (!std::equal(split.begin(), split.end(), full.begin())) {
+                printf("  top %d: %d blocks a row wrote other records\n", n, splits);
+                ++bad;
+            }
+        }
+        forced_splits = forced;
         if (bad) ++failures;
         double us[4];
         const int counts[4] = {1, 8, 64, 256};
         for (int i = 0; i < 4; ++i)
-            us[i] = graph_us(st, 20, [&](int) { launch(logprobs_new<T>, counts[i]); });
+            us[i] = graph_us(st, 20, [&](int) { launch_new(counts[i]); });
         printf("top %-2d  rows wrong %d   new %.1f / %.1f / %.1f / %.1f", n, bad, us[0], us[1], us[2],
                us[3]);
 #ifdef OLD_SAMPLING
-        const int old_bad = wrong(records(logprobs_old<T>));
+        const int old_bad = wrong(records(launch_old, rows));
         for (int i = 0; i < 4; ++i)
-            us[i] = graph_us(st, 20, [&](int) { launch(logprobs_old<T>, counts[i]); });
+            us[i] = graph_us(st, 20, [&](int) { launch_old(counts[i]); });
         printf("   old (rows wrong %d) %.1f / %.1f / %.1f / %.1f", old_bad, us[0], us[1], us[2],
                us[3]);
 #endif
@@ -440,6 +466,7 @@ template <typename T> void check_logprobs(const char* what, bool masked) {
         fflush(stdout);
     }
     CK(cudaStreamDestroy(st));
+    CK(cudaFree(teams));
 }
 
 int main() {

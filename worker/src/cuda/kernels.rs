@@ -1418,12 +1418,19 @@ impl Kernels {
     /// probabilities of its raw logits (sampling.cu's token_logprobs).
     pub fn token_logprobs(&self, a: &TokenLogprobs) -> Result<()> {
         let [stride, vpr, v] = a.logits.shape();
+        let splits = sample_splits(a.rows, self.sample_scratch.sm_count);
+        let teams = self.sample_scratch.buffer.ptr;
         let mut b = self.launch(&self.token_logprobs);
         b.arg(&a.records).arg(&a.logits.ptr);
         b.arg(&stride).arg(&vpr).arg(&v);
-        b.arg(&a.targets).arg(&a.sampled).arg(&a.top_n);
-        // SAFETY: as sampling.cu documents.
-        unsafe { b.launch(grid_rows(a.rows, 1024)) }
+        b.arg(&a.targets).arg(&a.sampled).arg(&a.top_n).arg(&teams);
+        let cfg = LaunchConfig {
+            grid_dim: (a.rows as u32, splits as u32, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as sampling.cu documents; the team rows as in `launch_sample`.
+        unsafe { b.launch(cfg) }
             .map(drop)
             .map_err(launch_err("token_logprobs"))
     }
