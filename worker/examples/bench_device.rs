@@ -22,7 +22,7 @@ use clap::Parser;
 use tpserve_modelfile::LlamaConfig;
 use tpserve_proto as pb;
 use tpserve_worker::backend::DeviceChoice;
-use tpserve_worker::cuda::{measure_floors, take_phase_totals, Dtype};
+use tpserve_worker::cuda::{measure_floors, take_phase_totals, take_step_gaps, Dtype};
 use tpserve_worker::runner::Runner;
 use tpserve_worker::sampler::SampleSpec;
 use tpserve_worker::thread_group::ThreadGroup;
@@ -306,6 +306,16 @@ fn main() -> anyhow::Result<()> {
         decode_graph.push(run(graph_step(step_id))?);
     }
     let decode_graph_s = median(decode_graph);
+    // Where a graph step's wall time goes (separately: its events cost a little): the GPU's idle
+    // time between consecutive steps (the host's turnaround) and its time within a step.
+    std::env::set_var("TPSERVE_CUDA_STEP_GAPS", "1");
+    for _ in 0..32 {
+        step_id += 1;
+        run(graph_step(step_id))?;
+    }
+    std::env::remove_var("TPSERVE_CUDA_STEP_GAPS");
+    let (gap_ms, graph_gpu_ms) = on_first(&group, |_| Ok(take_step_gaps()))?
+        .map_or((f64::NAN, f64::NAN), |(idle, busy, _)| (idle, busy));
 
     // Serving-shaped steps: `batch` sequences at `batch_context` decoding together, then a
     // chunked-prefill step (prompts next to the others' decodes), then the prompts alone.
@@ -517,6 +527,11 @@ fn main() -> anyhow::Result<()> {
         100.0 * memory_floor_s / decode_graph_s
     );
     println!(
+        "| decode, same: the GPU idle between two steps / its time within one | {:.1} us / {:.3} ms | | |",
+        gap_ms * 1e3,
+        graph_gpu_ms
+    );
+    println!(
         "| prefill, 1 prompt of {p} tokens | {prefill_tps:.0} tok/s ({:.1} ms) | {:.0} tok/s ({:.1} ms: {:.2} TFLOP) | {:.0}% |",
         prefill_s * 1e3,
         p as f64 / matrix_floor_s,
@@ -575,6 +590,8 @@ fn main() -> anyhow::Result<()> {
         "decode_ratio_to_floor": memory_floor_s / decode_s,
         "decode_graph_ms_median": decode_graph_s * 1e3,
         "decode_graph_ratio_to_floor": memory_floor_s / decode_graph_s,
+        "decode_graph_gpu_idle_between_steps_us": gap_ms * 1e3,
+        "decode_graph_step_on_gpu_ms": graph_gpu_ms,
         "cuda_graphs": graphs.decode.graphs,
         "graph_capture_seconds": graphs.decode.seconds,
         "prefill_tokens": p,

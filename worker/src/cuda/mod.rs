@@ -41,7 +41,7 @@ use tpserve_modelfile::{LlamaConfig, LoraAdapter};
 pub use device::{device_count, gpu_present};
 pub use floors::{measure_floors, Floors};
 pub use kernels::Dtype;
-pub use phases::take_phase_totals;
+pub use phases::{take_phase_totals, take_step_gaps};
 
 use self::attention_plan::key_splits;
 use self::blas::Blas;
@@ -215,6 +215,7 @@ impl CudaBackend {
             let step =
                 pack(batch, sampling, 1, false, Some(size), tables, ranks).map_err(plan_err)?;
             let dev = loaded.device(gpu, self.nccl.as_ref(), self.peer.as_ref(), self.rank);
+            phases::step_begins(gpu);
             graphs.replay(&dev, cache, size, &step)?;
             let logits = if d.world_size > 1 {
                 ws.gathered.ptr
@@ -825,9 +826,11 @@ impl Backend for CudaBackend {
             return self.step_with_extras(batch, sampling, extras);
         }
         let out = phase(Phase::ModelStep, || self.forward(batch, sampling))?;
+        phases::step_ends(&self.gpu);
         // The step's one synchronisation: its tokens (padding rows, if any, come after them).
         let mut tokens = vec![0u32; sampling.len()];
         self.gpu.download(out.sampled, &mut tokens)?;
+        phases::log_step_gaps();
         Ok(Sampled {
             tokens,
             logprobs: Vec::new(),

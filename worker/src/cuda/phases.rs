@@ -79,3 +79,85 @@ pub fn take_phase_totals() -> Vec<(&'static str, f64, u64)> {
             .collect()
     })
 }
+
+/// Whether the GPU's idle time between graph-replayed steps is timed
+/// (`TPSERVE_CUDA_STEP_GAPS=1`; graphs stay on). For performance work: `bench_device` prints it
+/// ([`take_step_gaps`]).
+pub fn step_gaps_enabled() -> bool {
+    std::env::var("TPSERVE_CUDA_STEP_GAPS").is_ok_and(|v| v == "1")
+}
+
+/// The events of the steps timed for [`step_gaps_enabled`], in order: a graph step's begin is
+/// recorded on the stream just before its graph is replayed (its inputs packed on the host), so
+/// the GPU reaches it as soon as the host does, and its end after its last kernel; `None` for a
+/// step that was not graph-replayed.
+#[derive(Default)]
+struct StepGaps {
+    begin: Option<CudaEvent>,
+    steps: Vec<Option<(CudaEvent, CudaEvent)>>,
+}
+
+thread_local! {
+    static STEP_GAPS: RefCell<StepGaps> = RefCell::new(StepGaps::default());
+}
+
+fn record(gpu: &Gpu) -> Option<CudaEvent> {
+    let event = gpu
+        .ctx
+        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        .ok()?;
+    event.record(&gpu.stream).ok().map(|()| event)
+}
+
+/// Marks the begin of a graph-replayed step (when timing step gaps).
+pub fn step_begins(gpu: &Gpu) {
+    if step_gaps_enabled() {
+        STEP_GAPS.with(|g| g.borrow_mut().begin = record(gpu));
+    }
+}
+
+/// Marks the end of a step's kernels (when timing step gaps).
+pub fn step_ends(gpu: &Gpu) {
+    if step_gaps_enabled() {
+        STEP_GAPS.with(|g| {
+            let mut g = g.borrow_mut();
+            let pair = g.begin.take().and_then(|b| record(gpu).map(|e| (b, e)));
+            g.steps.push(pair);
+        });
+    }
+}
+
+/// Every 256 steps timed on this thread (a worker's runner thread, when serving with
+/// `TPSERVE_CUDA_STEP_GAPS=1`), logs [`take_step_gaps`]'s figures.
+pub fn log_step_gaps() {
+    if !step_gaps_enabled() || STEP_GAPS.with(|g| g.borrow().steps.len()) < 256 {
+        return;
+    }
+    if let Some((idle, busy, n)) = take_step_gaps() {
+        tracing::info!(
+            gaps = n,
+            idle_us = idle * 1e3,
+            step_ms = busy,
+            "GPU idle between graph steps (TPSERVE_CUDA_STEP_GAPS)"
+        );
+    }
+}
+
+/// Over the steps timed on this thread since the last call, for consecutive graph steps: the
+/// mean GPU time from one step's end to the next one's begin (the host's turnaround between
+/// them, the GPU idle) and the mean from a step's begin to its end, in milliseconds, with the
+/// number of gaps; `None` when there were none.
+pub fn take_step_gaps() -> Option<(f64, f64, usize)> {
+    let steps = STEP_GAPS.with(|g| std::mem::take(&mut g.borrow_mut().steps));
+    let (mut idle, mut busy, mut n) = (0.0, 0.0, 0usize);
+    for pair in steps.windows(2) {
+        let (Some((_, end)), Some((begin, next_end))) = (&pair[0], &pair[1]) else {
+            continue;
+        };
+        next_end.synchronize().ok()?;
+        idle += f64::from(end.elapsed_ms(begin).ok()?);
+        busy += f64::from(begin.elapsed_ms(next_end).ok()?);
+        n += 1;
+    }
+    (n > 0).then(|| (idle / n as f64, busy / n as f64, n))
+}
