@@ -426,6 +426,11 @@ struct Team {
     unsigned int arrivals = 0;  // the arrivals of all the row's blocks so far
     int exchange = 0;
 
+    // This block's team: the blocks of grid y sharing row `row` (alone when there is one).
+    __device__ static Team of_row(TeamRow* teams, int row) {
+        return Team{gridDim.y > 1 ? teams + row : nullptr, (int)blockIdx.y, (int)gridDim.y};
+    }
+
     __device__ bool shared() const { return parts > 1; }
 
     __device__ static TeamSlot nothing() {
@@ -622,21 +627,10 @@ template <typename T> struct LogitRow {
     int row, stride, vocab_per_rank, vocab;
     float inv_t;
 
-    // Calls f(v, x) for every entry.
-    template <typename F> __device__ __forceinline__ void each(F&& f) const {
-        each_share(0, 1, f);
-    }
-
-    // Calls f(v, x) for the team's block's share of the entries.
+    // Calls f(v, x) for the team's block's share of the entries (for_each_logit; every entry for
+    // a block alone).
     template <typename F> __device__ __forceinline__ void each_of(const Team& team, F&& f) const {
-        each_share(team.part, team.parts, f);
-    }
-
-    // Calls f(v, x) for block `part`'s share of the entries when `parts` blocks share the row
-    // (for_each_logit).
-    template <typename F>
-    __device__ __forceinline__ void each_share(int part, int parts, F&& f) const {
-        for_each_logit(logits, row, stride, vocab_per_rank, vocab, part, parts,
+        for_each_logit(logits, row, stride, vocab_per_rank, vocab, team.part, team.parts,
                        [&](int v, float l) { f(v, __fmul_rn(l, inv_t)); });
     }
 
@@ -806,7 +800,7 @@ __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict_
     int* ids = reinterpret_cast<int*>(scratch + kCandidates * 4);
     tpserve::wait_for_inputs();
     const int row = blockIdx.x;
-    Team team{gridDim.y > 1 ? teams + row : nullptr, (int)blockIdx.y, (int)gridDim.y};
+    Team team = Team::of_row(teams, row);
     auto finish = [&](ArgMax best) { team.finish(best, out + row); };
     const float t = temperature[row];
     const int k = top_k[row];
@@ -1146,7 +1140,7 @@ __device__ void token_logprobs_impl(unsigned int* __restrict__ records,
     __shared__ __align__(16) unsigned char scratch[kCandidates * 8];
     tpserve::wait_for_inputs();
     const int row = blockIdx.x;
-    Team team{gridDim.y > 1 ? teams + row : nullptr, (int)blockIdx.y, (int)gridDim.y};
+    Team team = Team::of_row(teams, row);
     // The row's first block writes the record (every block holds the same numbers).
     const bool writer = team.part == 0;
     unsigned int* rec = records + (long long)row * kLogprobRecord;

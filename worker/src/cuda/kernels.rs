@@ -1390,7 +1390,6 @@ impl Kernels {
         params: &SamplingPointers,
     ) -> Result<()> {
         let (nr, vpr, v) = (num_rows as i32, vocab_per_rank as i32, vocab as i32);
-        let splits = sample_splits(num_rows, self.sample_scratch.sm_count);
         let teams = self.sample_scratch.buffer.ptr;
         let mut b = self.launch(function);
         b.arg(&out)
@@ -1404,33 +1403,23 @@ impl Kernels {
             .arg(&params.min_p)
             .arg(&params.seeds)
             .arg(&teams);
-        let cfg = LaunchConfig {
-            grid_dim: (num_rows as u32, splits as u32, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: as sampling.cu documents; whenever splits > 1, `num_rows * splits` blocks fit
-        // the SMs at once and the scratch holds `num_rows` team rows (`sample_splits`).
-        unsafe { b.launch(cfg) }.map(drop).map_err(launch_err(name))
+        // SAFETY: as sampling.cu documents; the team rows as `SampleScratch::launch_config` says.
+        unsafe { b.launch(self.sample_scratch.launch_config(num_rows)) }
+            .map(drop)
+            .map_err(launch_err(name))
     }
 
     /// Each row's [`LOGPROB_RECORD`] words: its sampled token and the asked-for log
     /// probabilities of its raw logits (sampling.cu's token_logprobs).
     pub fn token_logprobs(&self, a: &TokenLogprobs) -> Result<()> {
         let [stride, vpr, v] = a.logits.shape();
-        let splits = sample_splits(a.rows, self.sample_scratch.sm_count);
         let teams = self.sample_scratch.buffer.ptr;
         let mut b = self.launch(&self.token_logprobs);
         b.arg(&a.records).arg(&a.logits.ptr);
         b.arg(&stride).arg(&vpr).arg(&v);
         b.arg(&a.targets).arg(&a.sampled).arg(&a.top_n).arg(&teams);
-        let cfg = LaunchConfig {
-            grid_dim: (a.rows as u32, splits as u32, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: as sampling.cu documents; the team rows as in `launch_sample`.
-        unsafe { b.launch(cfg) }
+        // SAFETY: as sampling.cu documents; the team rows as `SampleScratch::launch_config` says.
+        unsafe { b.launch(self.sample_scratch.launch_config(a.rows)) }
             .map(drop)
             .map_err(launch_err("token_logprobs"))
     }
@@ -1633,6 +1622,17 @@ impl SampleScratch {
             buffer: gpu.alloc(rows * TEAM_ROW_BYTES, "sampling scratch")?,
             sm_count,
         })
+    }
+
+    /// The launch of a `rows`-row sample_* or token_logprobs_*: [`sample_splits`] blocks of
+    /// 1,024 threads a row. Where that is above 1, `rows * splits` blocks fit the SMs at once
+    /// and the buffer holds `rows` team rows.
+    fn launch_config(&self, rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows as u32, sample_splits(rows, self.sm_count) as u32, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 }
 

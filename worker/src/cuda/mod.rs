@@ -215,8 +215,7 @@ impl CudaBackend {
             let step =
                 pack(batch, sampling, 1, false, Some(size), tables, ranks).map_err(plan_err)?;
             let dev = loaded.device(gpu, self.nccl.as_ref(), self.peer.as_ref(), self.rank);
-            phases::step_begins(gpu);
-            graphs.replay(&dev, cache, size, &step)?;
+            phases::time_graph_step(gpu, || graphs.replay(&dev, cache, size, &step))?;
             let logits = if d.world_size > 1 {
                 ws.gathered.ptr
             } else {
@@ -228,6 +227,7 @@ impl CudaBackend {
                 sampled: ws.sampled.ptr,
             });
         }
+        phases::break_step_gaps();
         self.eager(batch, sampling, |dev, model, cache, ws, view| {
             forward(dev, model, cache, ws, view, true)
         })
@@ -346,6 +346,7 @@ impl CudaBackend {
         let loaded = loaded_model(&mut self.loaded, "Step")?;
         let dims = *loaded.model.dims();
         let dev = loaded.device(&self.gpu, self.nccl.as_ref(), self.peer.as_ref(), self.rank);
+        phases::break_step_gaps();
         phase(Phase::Sampling, || {
             logit_extras::sample_with_extras(&dev, &dims, &out, sampling, extras)
         })
@@ -826,7 +827,6 @@ impl Backend for CudaBackend {
             return self.step_with_extras(batch, sampling, extras);
         }
         let out = phase(Phase::ModelStep, || self.forward(batch, sampling))?;
-        phases::step_ends(&self.gpu);
         // The step's one synchronisation: its tokens (padding rows, if any, come after them).
         let mut tokens = vec![0u32; sampling.len()];
         self.gpu.download(out.sampled, &mut tokens)?;

@@ -45,10 +45,8 @@ impl PhaseTimer {
         let Some(marks) = &mut self.marks else {
             return;
         };
-        if let Ok(event) = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)) {
-            if event.record(&gpu.stream).is_ok() {
-                marks.push((name, event));
-            }
+        if let Some(event) = record(gpu) {
+            marks.push((name, event));
         }
     }
 
@@ -87,13 +85,12 @@ pub fn step_gaps_enabled() -> bool {
     std::env::var("TPSERVE_CUDA_STEP_GAPS").is_ok_and(|v| v == "1")
 }
 
-/// The events of the steps timed for [`step_gaps_enabled`], in order: a graph step's begin is
+/// The events of the steps timed for [`step_gaps_enabled`], in order: a graph step's begin,
 /// recorded on the stream just before its graph is replayed (its inputs packed on the host), so
-/// the GPU reaches it as soon as the host does, and its end after its last kernel; `None` for a
-/// step that was not graph-replayed.
+/// the GPU reaches it as soon as the host does, and its end after the replay's last kernel;
+/// `None` for a step that was not timed so (its work breaks the chain).
 #[derive(Default)]
 struct StepGaps {
-    begin: Option<CudaEvent>,
     steps: Vec<Option<(CudaEvent, CudaEvent)>>,
 }
 
@@ -101,6 +98,7 @@ thread_local! {
     static STEP_GAPS: RefCell<StepGaps> = RefCell::new(StepGaps::default());
 }
 
+/// A new event recorded on the worker's stream.
 fn record(gpu: &Gpu) -> Option<CudaEvent> {
     let event = gpu
         .ctx
@@ -109,21 +107,23 @@ fn record(gpu: &Gpu) -> Option<CudaEvent> {
     event.record(&gpu.stream).ok().map(|()| event)
 }
 
-/// Marks the begin of a graph-replayed step (when timing step gaps).
-pub fn step_begins(gpu: &Gpu) {
-    if step_gaps_enabled() {
-        STEP_GAPS.with(|g| g.borrow_mut().begin = record(gpu));
+/// Runs `replay` (a graph step's launch) between a begin and an end event, when timing step gaps.
+pub fn time_graph_step<T>(gpu: &Gpu, replay: impl FnOnce() -> T) -> T {
+    if !step_gaps_enabled() {
+        return replay();
     }
+    let begin = record(gpu);
+    let out = replay();
+    let pair = begin.zip(record(gpu));
+    STEP_GAPS.with(|g| g.borrow_mut().steps.push(pair));
+    out
 }
 
-/// Marks the end of a step's kernels (when timing step gaps).
-pub fn step_ends(gpu: &Gpu) {
+/// Marks GPU work outside a timed graph step (an eager step, the extras after a graph step), so
+/// no gap is measured across it.
+pub fn break_step_gaps() {
     if step_gaps_enabled() {
-        STEP_GAPS.with(|g| {
-            let mut g = g.borrow_mut();
-            let pair = g.begin.take().and_then(|b| record(gpu).map(|e| (b, e)));
-            g.steps.push(pair);
-        });
+        STEP_GAPS.with(|g| g.borrow_mut().steps.push(None));
     }
 }
 
