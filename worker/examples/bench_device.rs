@@ -7,10 +7,12 @@
 //! checkpoint directory (`--checkpoint`, e.g. a pre-quantized FP8 one that
 //! tests/gpu/make_bench_checkpoint.py writes), loaded as `tpserve serve` loads it.
 //!
-//! Steps go through `Runner::step` (the worker's serving path: plan validation, batch building,
-//! the forward pass, sampling on the device, tokens back to the host) without gRPC. Decode is
-//! measured twice in the same run: eagerly (with the per-phase table), then replaying CUDA
-//! graphs as serving does by default. The linear-kernel choices measured at warm-up are logged.
+//! Steps go through the runner (the worker's serving path: plan validation, batch building, the
+//! forward pass, sampling on the device, tokens back to the host) without gRPC. Decode is
+//! measured three times in the same run: eagerly (with the per-phase table), replaying CUDA
+//! graphs with each step waited for (`Runner::step`), and replaying them with each step sent
+//! ahead as the server's worker runs them (`Runner::submit`: step N+1 is launched, its token fed
+//! on the device, before step N is answered); the last gives the interval between answers. The linear-kernel choices measured at warm-up are logged.
 //!
 //!   cargo run --release -p tpserve-worker --example bench_device -- \
 //!       --config tests/gpu/llama3-8b-config.json --dtype bfloat16 --json bench.json
@@ -24,6 +26,7 @@ use tpserve_proto as pb;
 use tpserve_worker::backend::DeviceChoice;
 use tpserve_worker::cuda::{measure_floors, take_phase_totals, take_step_gaps, Dtype};
 use tpserve_worker::runner::Runner;
+use tpserve_worker::runner::StepReply;
 use tpserve_worker::sampler::SampleSpec;
 use tpserve_worker::thread_group::ThreadGroup;
 
@@ -238,9 +241,10 @@ fn main() -> anyhow::Result<()> {
     std::env::remove_var("TPSERVE_CUDA_ATTENTION");
     let prefill_simt_s = median(prefill_simt);
 
-    // Decode: one sequence, context decode_context, then decode_steps single-token steps.
+    // Decode: one sequence, context decode_context, then decode_steps single-token steps (the
+    // graph runs take three times as many: waited for, sent ahead, sent ahead with events).
     let ctx = args.decode_context;
-    let total = ctx + args.decode_steps + 32 + 1;
+    let total = ctx + 3 * args.decode_steps + 32 + 1;
     let blocks = total.div_ceil(BLOCK_SIZE);
     step_id += 1;
     run(pb::StepPlan {
@@ -306,13 +310,41 @@ fn main() -> anyhow::Result<()> {
         decode_graph.push(run(graph_step(step_id))?);
     }
     let decode_graph_s = median(decode_graph);
-    // Where a graph step's wall time goes (separately: its events cost a little): the GPU's idle
-    // time between consecutive steps (the host's turnaround) and its time within a step.
+    // Sent ahead: every rank submits the plans back to back; rank 0's answer times.
+    let run_ahead = |plans: Vec<pb::StepPlan>| -> anyhow::Result<Vec<f64>> {
+        let mut answers = group.on_all(move |_, r| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            for plan in &plans {
+                let tx = tx.clone();
+                let reply: StepReply = Box::new(move |_, outcome| {
+                    let _ = tx.send(outcome.map(|_| Instant::now()));
+                });
+                r.submit(plan, reply);
+            }
+            r.finish_in_flight();
+            drop(tx);
+            rx.into_iter()
+                .collect::<tpserve_worker::error::Result<Vec<Instant>>>()
+        })?;
+        let times = answers.swap_remove(0);
+        Ok(times
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_secs_f64())
+            .collect())
+    };
+    let mut ahead_plans = || -> Vec<pb::StepPlan> {
+        (0..args.decode_steps)
+            .map(|_| {
+                step_id += 1;
+                graph_step(step_id)
+            })
+            .collect()
+    };
+    let decode_ahead_s = median(run_ahead(ahead_plans())?);
+    // Where a graph step's wall time goes, sent ahead (separately: its events cost a little):
+    // the GPU's idle time between consecutive steps and its time within a step.
     std::env::set_var("TPSERVE_CUDA_STEP_GAPS", "1");
-    for _ in 0..32 {
-        step_id += 1;
-        run(graph_step(step_id))?;
-    }
+    run_ahead(ahead_plans())?;
     std::env::remove_var("TPSERVE_CUDA_STEP_GAPS");
     let (gap_ms, graph_gpu_ms) = on_first(&group, |_| Ok(take_step_gaps()))?
         .map_or((f64::NAN, f64::NAN), |(idle, busy, _)| (idle, busy));
@@ -527,7 +559,13 @@ fn main() -> anyhow::Result<()> {
         100.0 * memory_floor_s / decode_graph_s
     );
     println!(
-        "| decode, same: the GPU idle between two steps / its time within one | {:.1} us / {:.3} ms | | |",
+        "| decode, same, CUDA graphs, each step sent ahead (interval between answers) | {:.1} tok/s ({:.2} ms/step median) | | {:.0}% |",
+        1.0 / decode_ahead_s,
+        decode_ahead_s * 1e3,
+        100.0 * memory_floor_s / decode_ahead_s
+    );
+    println!(
+        "| decode, sent ahead: the GPU idle between two steps / its time within one | {:.1} us / {:.3} ms | | |",
         gap_ms * 1e3,
         graph_gpu_ms
     );
@@ -590,6 +628,8 @@ fn main() -> anyhow::Result<()> {
         "decode_ratio_to_floor": memory_floor_s / decode_s,
         "decode_graph_ms_median": decode_graph_s * 1e3,
         "decode_graph_ratio_to_floor": memory_floor_s / decode_graph_s,
+        "decode_graph_ahead_ms_median": decode_ahead_s * 1e3,
+        "decode_graph_ahead_ratio_to_floor": memory_floor_s / decode_ahead_s,
         "decode_graph_gpu_idle_between_steps_us": gap_ms * 1e3,
         "decode_graph_step_on_gpu_ms": graph_gpu_ms,
         "cuda_graphs": graphs.decode.graphs,

@@ -4,7 +4,12 @@
 //! the per-sequence state and plan validation, which do not depend on the device.
 //!
 //! Every rank of a group calls the same methods in the same order with the same batches; the
-//! collectives inside `step` and `logits` rely on that.
+//! collectives inside `step`, `launch` and `logits` rely on that.
+//!
+//! A step without extras is launched (`launch`) and its tokens collected later (`collect`), so
+//! the runner can launch the next step first: that step's rows in `Batch::fed` take their token
+//! from the launched step's samples on the device (`feeds` says where a backend can), and the
+//! device never waits for the host between two decode steps (issue 9, async scheduling).
 
 use std::ops::Range;
 
@@ -43,6 +48,20 @@ pub struct DecodePrep {
     pub graphs: usize,
     /// Seconds spent choosing kernels and capturing graphs.
     pub seconds: f64,
+}
+
+/// A launched step's sampled tokens.
+#[derive(Debug)]
+pub enum Launched {
+    /// Known already: the step ran to its end on the host's time (the CPU).
+    Done(Sampled),
+    /// On their way from the device; `Backend::collect` waits for them.
+    InFlight {
+        /// Sampled rows.
+        count: usize,
+        /// The backend's staging slot the tokens land in.
+        slot: usize,
+    },
 }
 
 /// One device's side of a worker.
@@ -96,6 +115,40 @@ pub trait Backend {
         sampling: &[SampleSpec],
         extras: &[RowExtras],
     ) -> Result<Sampled>;
+
+    /// Launches `batch` as [`Self::step`] does without extras, taking the token of each row in
+    /// `batch.fed` from the samples of the step launched just before (whose tokens may not be
+    /// collected yet); the tokens come from [`Self::collect`]. Only a batch [`Self::feeds`]
+    /// accepts may have fed rows.
+    fn launch(&mut self, batch: &Batch, sampling: &[SampleSpec]) -> Result<Launched> {
+        if !batch.fed.is_empty() {
+            return Err(WorkerError::Plan {
+                detail: "this backend cannot feed sampled tokens to the next step".into(),
+            });
+        }
+        self.step(batch, sampling, &[]).map(Launched::Done)
+    }
+
+    /// Whether [`Self::launch`] can run `batch` with rows fed from the step launched before it.
+    fn feeds(&self, _batch: &Batch) -> bool {
+        false
+    }
+
+    /// Whether a launched step's tokens are back (never waits; an error counts as back, for
+    /// [`Self::collect`] to report).
+    fn tokens_ready(&self, _launched: &Launched) -> bool {
+        true
+    }
+
+    /// Waits for a launched step's tokens.
+    fn collect(&mut self, launched: Launched) -> Result<Sampled> {
+        match launched {
+            Launched::Done(sampled) => Ok(sampled),
+            Launched::InFlight { .. } => Err(WorkerError::Device {
+                detail: "tokens in flight on a backend that launches none".into(),
+            }),
+        }
+    }
 
     /// The loaded model's config (`None` before `load_model`).
     fn model_config(&self) -> Option<&LlamaConfig>;

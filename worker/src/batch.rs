@@ -46,6 +46,9 @@ pub struct Batch {
     pub seqs: Vec<SeqSlice>,
     /// Rows whose logits are wanted (the last row of each sequence that samples), in order.
     pub sample_rows: Vec<usize>,
+    /// `(row, sample)`: the row's token is the previous launched step's token of sample row
+    /// `sample`, not yet back on the host (its `token_ids` entry is a placeholder 0).
+    pub fed: Vec<(usize, usize)>,
 }
 
 impl Batch {

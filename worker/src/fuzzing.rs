@@ -3,10 +3,11 @@
 //! `fuzz/fuzz_targets/step_plans.rs` (`cargo +nightly fuzz run`; docs/RELIABILITY.md). Not part
 //! of the crate's API (hidden from its docs); nothing outside those harnesses calls it.
 //!
-//! Property ([`check_step_plans`]): the worker's step-plan decoder (`Runner::step`: admission
-//! of new and running sequences, frees, block tables, token ids, trace contexts, adapters, token
-//! masks) answers any sequence of plans with results or errors, never a panic, and still runs a
-//! valid plan afterwards. Costs: [`tiny_llama`] loads the 0.5 MB fixture and a 16-block cache
+//! Property ([`check_step_plans`]): the worker's step-plan decoder (`Runner::submit`, plans sent
+//! ahead as the server's worker runs them: admission of new and running sequences, frees, block
+//! tables, token ids fed from the step before, trace contexts, adapters, token masks) answers
+//! any sequence of plans with results or errors, one answer each and in order, never a panic,
+//! and still runs a valid plan afterwards. Costs: [`tiny_llama`] loads the 0.5 MB fixture and a 16-block cache
 //! (milliseconds); a check is one CPU step per plan.
 
 use std::collections::BTreeSet;
@@ -62,8 +63,24 @@ pub fn check_step_plans(group: &ThreadGroup, plans: Vec<pb::StepPlan>) {
         named.extend(plan.freed_sequence_ids.iter().copied());
     }
     let last_step = plans.iter().map(|p| p.step_id).max().unwrap_or(0);
-    for plan in plans {
-        let _ = group.on_all(move |_, r| r.step(&plan));
+    let count = plans.len();
+    let answered = group.on_all(move |_, r| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for plan in &plans {
+            let (tx, id) = (tx.clone(), plan.step_id);
+            r.submit(
+                plan,
+                Box::new(move |_, _| {
+                    let _ = tx.send(id);
+                }),
+            );
+        }
+        r.finish_in_flight();
+        drop(tx);
+        Ok(rx.into_iter().collect::<Vec<u64>>())
+    });
+    if let Ok(answered) = answered {
+        assert_eq!(answered[0].len(), count, "one answer a plan");
     }
     let fresh = (0..)
         .find(|id| !named.contains(id))

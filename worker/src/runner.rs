@@ -7,19 +7,25 @@
 //! the plan and on state that every rank shares, so either all ranks fail a bad plan or none
 //! does, and a failure never leaves a peer waiting inside an all-reduce.
 //!
+//! Steps can be sent ahead (`Runner::submit`): step N+1 is launched before step N is answered.
+//! A sequence's token sampled by a step not answered yet is pending; a row of the next step that
+//! decodes it is fed on the device (`Batch::fed`) when the backend can and the step needs no
+//! extras, else step N is answered first. Tokens go back to the sequence that asked only (a later
+//! plan may free the id or reuse it: each admitted sequence has its own generation).
+//!
 //! Each sequence holds a row (`slot`) of the backend's persistent per-sequence state from its
 //! first step until it is freed; rows are handed out lowest first from a pool as large as the
 //! most sequences a step may carry (`ProfileMemory`'s `max_num_seqs`), so the CUDA backend keeps
 //! block tables on the device and sends only the blocks each step appends.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tpserve_modelfile::LlamaConfig;
 use tpserve_proto as pb;
 
-use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo};
+use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo, Launched};
 use crate::batch::{Batch, SeqSlice};
 use crate::error::{Result, WorkerError};
 use crate::load::{LoadSpec, MemoryBudget};
@@ -58,9 +64,19 @@ struct SequenceState {
     lora_slot: Option<usize>,
     /// Set for an embedding sequence: it pools instead of sampling.
     pooling: Option<PoolState>,
+    /// Tells this sequence from an earlier one of the same id.
+    generation: u64,
+    /// Its tokens sampled by launched steps and not back yet (their sample rows, oldest
+    /// first); they follow `tokens`.
+    pending: VecDeque<usize>,
 }
 
 impl SequenceState {
+    /// Tokens known or being sampled.
+    fn known(&self) -> usize {
+        self.tokens.len() + self.pending.len()
+    }
+
     /// True when a step that samples or scores this sequence needs [`RowExtras`].
     fn needs_extras(&self) -> bool {
         self.history.is_some() || self.sample_logprobs.is_some() || self.prompt_logprobs.is_some()
@@ -116,6 +132,39 @@ impl SlotPool {
     }
 }
 
+/// Where a submitted step's outcome goes; it runs on the runner thread.
+pub type StepReply = Box<dyn FnOnce(&mut Runner, Result<StepOutcome>) + Send>;
+
+/// A begun step: its outcome, or what completing it needs.
+enum Begun {
+    /// Nothing sampled (an empty or embedding step): the outcome is known.
+    Ready(StepOutcome),
+    Sampling(Launch),
+}
+
+/// A launched step's sample rows and tokens.
+struct Launch {
+    /// Each sample row's role and the generation of the sequence it belongs to.
+    rows: Vec<(RowRole, u64)>,
+    lora: PlaceCounts,
+    tokens: Launched,
+    /// Whether the backend launched it (no extras), so the next step's rows can take its
+    /// tokens on the device.
+    feeds: bool,
+}
+
+/// A submitted step not answered yet.
+struct InFlight {
+    step: Begun,
+    reply: StepReply,
+}
+
+impl InFlight {
+    fn feeds(&self) -> bool {
+        matches!(&self.step, Begun::Sampling(l) if l.feeds)
+    }
+}
+
 /// Sequences a runner holds before `ProfileMemory` names the step limit.
 const DEFAULT_MAX_REQUESTS: usize = 256;
 
@@ -145,6 +194,10 @@ pub struct Runner {
     config: Option<LlamaConfig>,
     /// LoRA adapters: host cache and slots.
     adapters: Adapters,
+    /// The step submitted last, until answered.
+    in_flight: Option<InFlight>,
+    /// The generation the next admitted sequence gets.
+    next_generation: u64,
 }
 
 impl Runner {
@@ -157,6 +210,8 @@ impl Runner {
             vocab_size: 0,
             config: None,
             adapters: Adapters::default(),
+            in_flight: None,
+            next_generation: 0,
         }
     }
 
@@ -221,6 +276,7 @@ impl Runner {
 
     /// Forgets every sequence and frees every row of the persistent state.
     fn clear_sequences(&mut self) {
+        self.finish_in_flight();
         self.sequences.clear();
         self.slots = SlotPool::new(self.slots.capacity);
     }
@@ -230,7 +286,7 @@ impl Runner {
         &mut self,
         req: &pb::ProfileMemoryRequest,
     ) -> Result<pb::ProfileMemoryResponse> {
-        self.sequences.clear();
+        self.clear_sequences();
         self.slots = SlotPool::new(req.max_num_seqs.max(1) as usize);
         Ok(self
             .backend
@@ -342,6 +398,7 @@ impl Runner {
         chunk: usize,
         adapter: Option<&str>,
     ) -> Result<Option<Vec<f32>>> {
+        self.finish_in_flight();
         let (num_blocks, block_size) = self.cache_shape("prompt_logits")?;
         let lora_slot = match adapter {
             Some(path) => {
@@ -385,6 +442,7 @@ impl Runner {
                     lora_slot,
                 }],
                 sample_rows: (0..end - start).collect(),
+                fed: Vec::new(),
             };
             self.check_batch(&batch)?;
             if let Some(rows) = self.backend.logits(&batch)? {
@@ -404,16 +462,73 @@ impl Runner {
         self.adapters.take_dropped()
     }
 
-    /// Executes one plan; rank 0 returns the sampled tokens (and the log probabilities asked
-    /// for), other ranks an empty outcome.
+    /// Executes one plan and waits for it; rank 0 returns the sampled tokens (and the log
+    /// probabilities asked for), other ranks an empty outcome. A step submitted before is
+    /// answered first.
     pub fn step(&mut self, plan: &pb::StepPlan) -> Result<StepOutcome> {
+        self.finish_in_flight();
+        let begun = self.begin(plan, &mut None)?;
+        self.complete(begun)
+    }
+
+    /// Launches `plan` and leaves it in flight; `reply` gets its outcome once its tokens are
+    /// back ([`Runner::finish_in_flight`], or the next `submit`). A step already in flight is
+    /// answered after `plan` is launched, so a decode step whose tokens the device feeds into
+    /// `plan` starts with no wait for the host: the GPU runs step N+1 while the host answers
+    /// step N.
+    pub fn submit(&mut self, plan: &pb::StepPlan, reply: StepReply) {
+        let mut previous = self.in_flight.take();
+        let begun = self.begin(plan, &mut previous);
+        if let Some(previous) = previous {
+            self.answer(previous);
+        }
+        match begun {
+            Ok(step) => self.in_flight = Some(InFlight { step, reply }),
+            Err(e) => reply(self, Err(e)),
+        }
+    }
+
+    /// Whether a submitted step has not been answered.
+    pub fn has_in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// Whether the step in flight (if any) can be answered without waiting.
+    pub fn in_flight_ready(&self) -> bool {
+        match &self.in_flight {
+            Some(InFlight {
+                step: Begun::Sampling(launch),
+                ..
+            }) => self.backend.tokens_ready(&launch.tokens),
+            _ => true,
+        }
+    }
+
+    /// Waits for the step in flight, if any, and answers it.
+    pub fn finish_in_flight(&mut self) {
+        if let Some(previous) = self.in_flight.take() {
+            self.answer(previous);
+        }
+    }
+
+    /// Completes `in_flight` and hands its outcome to its reply.
+    fn answer(&mut self, in_flight: InFlight) {
+        let outcome = self.complete(in_flight.step);
+        (in_flight.reply)(self, outcome);
+    }
+
+    /// Admits `plan` and launches it. Rows whose token is the sample of the step in flight
+    /// (`previous`) take it on the device when the backend can feed this batch and the step has
+    /// no extras; otherwise `previous` is answered first and the rows read its tokens.
+    fn begin(&mut self, plan: &pb::StepPlan, previous: &mut Option<InFlight>) -> Result<Begun> {
         let trace = StepTrace::begin(plan);
         let scheduled = self.admit(plan)?;
         let lora = self.place_adapters(&scheduled)?;
         let (num_blocks, block_size) = self.cache_shape("Step")?;
-        let (batch, roles) = build_batch(&self.sequences, &scheduled, block_size, num_blocks)?;
+        let (mut batch, mut roles) =
+            build_batch(&self.sequences, &scheduled, block_size, num_blocks)?;
         if batch.num_tokens() == 0 {
-            return Ok(StepOutcome::default());
+            return Ok(Begun::Ready(StepOutcome::default()));
         }
         self.check_batch(&batch)?;
         if self.pools(&scheduled) {
@@ -421,11 +536,40 @@ impl Runner {
             if let Some(trace) = trace {
                 trace.end(self.backend.rank(), batch.num_tokens());
             }
-            return Ok(StepOutcome {
+            return Ok(Begun::Ready(StepOutcome {
                 lora,
                 pooled,
                 ..StepOutcome::default()
-            });
+            }));
+        }
+        // Every rank takes the same decision from the same plan (the CUDA backend's host path
+        // has collectives); only rank 0's sampling reads the masks.
+        let masks: HashMap<u64, &[u32]> = plan
+            .token_masks
+            .iter()
+            .map(|m| (m.sequence_id, m.allowed.as_slice()))
+            .collect();
+        let needs_extras = |r: &RowRole| {
+            self.sequences[&r.id].needs_extras()
+                || (r.prompt_position.is_none() && masks.contains_key(&r.id))
+        };
+        let with_extras = roles.iter().any(needs_extras);
+        if !batch.fed.is_empty() {
+            let feeds = !with_extras
+                && self.backend.feeds(&batch)
+                && previous.as_ref().is_some_and(InFlight::feeds);
+            if !feeds {
+                // The rows need the tokens on the host first.
+                if let Some(previous) = previous.take() {
+                    self.answer(previous);
+                }
+                (batch, roles) = build_batch(&self.sequences, &scheduled, block_size, num_blocks)?;
+                if !batch.fed.is_empty() {
+                    return Err(WorkerError::Plan {
+                        detail: "a step schedules a token that no step has sampled".into(),
+                    });
+                }
+            }
         }
         let sampling: Vec<SampleSpec> = roles
             .iter()
@@ -441,19 +585,8 @@ impl Runner {
                 }
             })
             .collect();
-        // Every rank takes the same decision from the same plan (the CUDA backend's host path
-        // has collectives); only rank 0's sampling reads the masks.
-        let masks: HashMap<u64, &[u32]> = plan
-            .token_masks
-            .iter()
-            .map(|m| (m.sequence_id, m.allowed.as_slice()))
-            .collect();
-        let needs_extras = |r: &RowRole| {
-            self.sequences[&r.id].needs_extras()
-                || (r.prompt_position.is_none() && masks.contains_key(&r.id))
-        };
-        let extras = if roles.iter().any(needs_extras) {
-            roles
+        let tokens = if with_extras {
+            let extras: Vec<RowExtras> = roles
                 .iter()
                 .map(|r| {
                     let mut extras = row_extras(&self.sequences[&r.id], r);
@@ -462,11 +595,11 @@ impl Runner {
                     }
                     extras
                 })
-                .collect()
+                .collect();
+            Launched::Done(self.backend.step(&batch, &sampling, &extras)?)
         } else {
-            Vec::new()
+            self.backend.launch(&batch, &sampling)?
         };
-        let sampled = self.backend.step(&batch, &sampling, &extras)?;
         if let Some(trace) = trace {
             trace.end(self.backend.rank(), batch.num_tokens());
         }
@@ -477,12 +610,62 @@ impl Runner {
                 state.blocks_seen = state.block_ids.len();
             }
         }
-        let mut out = StepOutcome {
+        let mut rows = Vec::with_capacity(roles.len());
+        for (sample, role) in roles.into_iter().enumerate() {
+            let state = self.sequences.get_mut(&role.id).expect("validated");
+            if role.prompt_position.is_none() {
+                state.pending.push_back(sample);
+            }
+            rows.push((role, state.generation));
+        }
+        Ok(Begun::Sampling(Launch {
+            rows,
             lora,
+            tokens,
+            feeds: !with_extras,
+        }))
+    }
+
+    /// Waits for a begun step's tokens and gives them to their sequences (those still held by
+    /// the sequence that asked: a later plan may have freed the id or reused it).
+    fn complete(&mut self, begun: Begun) -> Result<StepOutcome> {
+        let launch = match begun {
+            Begun::Ready(outcome) => return Ok(outcome),
+            Begun::Sampling(launch) => launch,
+        };
+        let sampled = self.backend.collect(launch.tokens).and_then(|s| {
+            if s.tokens.len() == launch.rows.len() {
+                Ok(s)
+            } else {
+                Err(WorkerError::Device {
+                    detail: format!(
+                        "a step of {} sampled rows returned {} tokens",
+                        launch.rows.len(),
+                        s.tokens.len()
+                    ),
+                })
+            }
+        });
+        let sampled = match sampled {
+            Ok(sampled) => sampled,
+            Err(e) => {
+                // The sequences no longer wait for these tokens (the step failed).
+                for (role, generation) in &launch.rows {
+                    if let Some(state) = self.sequences.get_mut(&role.id) {
+                        if state.generation == *generation && role.prompt_position.is_none() {
+                            state.pending.pop_front();
+                        }
+                    }
+                }
+                return Err(e);
+            }
+        };
+        let mut out = StepOutcome {
+            lora: launch.lora,
             ..StepOutcome::default()
         };
         let mut logprobs = sampled.logprobs.into_iter();
-        for (role, token) in roles.into_iter().zip(sampled.tokens) {
+        for ((role, generation), token) in launch.rows.into_iter().zip(sampled.tokens) {
             let lp = logprobs.next().flatten().map(pb::TokenLogprobs::from);
             if let Some(position) = role.prompt_position {
                 let entry = lp.unwrap_or_default();
@@ -496,10 +679,16 @@ impl Runner {
                 }
                 continue;
             }
-            let state = self.sequences.get_mut(&role.id).expect("validated");
-            state.tokens.push(token);
-            if let Some(history) = state.history.as_mut() {
-                history.push(token);
+            if let Some(state) = self
+                .sequences
+                .get_mut(&role.id)
+                .filter(|s| s.generation == generation)
+            {
+                state.pending.pop_front();
+                state.tokens.push(token);
+                if let Some(history) = state.history.as_mut() {
+                    history.push(token);
+                }
             }
             out.tokens.push(pb::SampledToken {
                 sequence_id: role.id,
@@ -746,8 +935,11 @@ impl Runner {
                         .pooling
                         .as_ref()
                         .map(|p| PoolState::new(PoolKind::from_proto(p))),
+                    generation: self.next_generation,
+                    pending: VecDeque::new(),
                 },
             );
+            self.next_generation += 1;
             scheduled.push(Scheduled {
                 id: new.sequence_id,
                 count: new.num_scheduled_tokens as usize,
@@ -805,13 +997,13 @@ fn build_batch(
         let state = &sequences[&s.id];
         let start = state.num_computed;
         let end = start + s.count;
-        if end > state.tokens.len() {
+        if end > state.known() {
             return Err(WorkerError::Plan {
                 detail: format!(
                     "sequence {} schedules {} tokens but knows only {}",
                     s.id,
                     end,
-                    state.tokens.len()
+                    state.known()
                 ),
             });
         }
@@ -832,7 +1024,16 @@ fn build_batch(
         }
         let first = batch.token_ids.len();
         for p in start..end {
-            batch.token_ids.push(state.tokens[p]);
+            match state.tokens.get(p) {
+                Some(token) => batch.token_ids.push(*token),
+                None => {
+                    // Sampled by the step in flight: the backend feeds it (or the runner
+                    // answers that step and builds the batch again).
+                    let sample = state.pending[p - state.tokens.len()];
+                    batch.fed.push((batch.token_ids.len(), sample));
+                    batch.token_ids.push(0);
+                }
+            }
             batch.positions.push(p);
             batch
                 .slots
@@ -857,7 +1058,7 @@ fn build_batch(
             }
         }
         // Embedding sequences pool instead of sampling (`Runner::pool_step`).
-        if end == state.tokens.len() && state.pooling.is_none() {
+        if end == state.known() && state.pooling.is_none() {
             batch.sample_rows.push(first + s.count - 1);
             roles.push(RowRole {
                 id: s.id,

@@ -1,6 +1,12 @@
 //! The gRPC face of a worker: each RPC becomes a job for the runner thread, which owns all
 //! mutable state. `Step` is a bidirectional stream: plans are executed strictly in order and
 //! each produces one result. Errors become `tonic::Status` here and nowhere else.
+//!
+//! A step is submitted to the runner and answered when its tokens are back. While one is in
+//! flight the runner thread polls for the next job and for those tokens: a plan the coordinator
+//! sent ahead is launched before the step in flight is answered (the device feeds it the
+//! tokens), so the GPU does not wait for the host between two decode steps; tokens that come
+//! back first are answered at once. Any other job waits for the step in flight to be answered.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,9 +23,15 @@ use tpserve_term::human;
 use crate::backend::{create_backend, DeviceChoice, DeviceInfo};
 use crate::error::WorkerError;
 use crate::lora::HostCache;
-use crate::runner::Runner;
+use crate::runner::{Runner, StepOutcome, StepReply};
 
-type Job = Box<dyn FnOnce(&mut Runner) + Send>;
+/// Work for the runner thread.
+enum Job {
+    /// Runs once any step in flight is answered.
+    Run(Box<dyn FnOnce(&mut Runner) + Send>),
+    /// A step plan, answered through its reply.
+    Step(Box<pb::StepPlan>, StepReply),
+}
 
 /// The service; cheap to clone, all clones share one runner thread.
 #[derive(Clone)]
@@ -86,9 +98,16 @@ impl WorkerService {
                 let info = backend.info();
                 let mut runner = Runner::new(backend);
                 let _ = built_tx.send(Ok((info, runner.lora_host_cache())));
-                while let Some(job) = rx.blocking_recv() {
-                    job(&mut runner);
+                while let Some(job) = next_job(&mut rx, &mut runner) {
+                    match job {
+                        Job::Run(f) => {
+                            runner.finish_in_flight();
+                            f(&mut runner);
+                        }
+                        Job::Step(plan, reply) => runner.submit(&plan, reply),
+                    }
                 }
+                runner.finish_in_flight();
             })
             .map_err(|e| format!("spawning the runner thread: {e}"))?;
         let (device, lora_host) = built_rx
@@ -114,9 +133,24 @@ impl WorkerService {
     ) -> Result<oneshot::Receiver<crate::error::Result<T>>, Status> {
         let (tx, rx) = oneshot::channel();
         self.jobs
-            .send(Box::new(move |r: &mut Runner| {
+            .send(Job::Run(Box::new(move |r: &mut Runner| {
                 let _ = tx.send(f(r));
-            }))
+            })))
+            .map_err(|_| Status::unavailable("the runner thread has stopped"))?;
+        Ok(rx)
+    }
+
+    /// Submits a step plan to the runner thread; the receiver gets its outcome, the LoRA
+    /// adapters the host cache dropped meanwhile, and the seconds from submission to answer.
+    fn submit_step(&self, plan: pb::StepPlan) -> Result<oneshot::Receiver<StepAnswer>, Status> {
+        let (tx, rx) = oneshot::channel();
+        let started = Instant::now();
+        let reply: StepReply = Box::new(move |r: &mut Runner, outcome| {
+            let dropped = r.take_lora_dropped();
+            let _ = tx.send(outcome.map(|o| (o, dropped, started.elapsed())));
+        });
+        self.jobs
+            .send(Job::Step(Box::new(plan), reply))
             .map_err(|_| Status::unavailable("the runner thread has stopped"))?;
         Ok(rx)
     }
@@ -128,6 +162,27 @@ impl WorkerService {
     ) -> Result<T, Status> {
         answer(self.submit(f)?).await
     }
+}
+
+/// A step's outcome, the LoRA adapters dropped from the host cache, and its time in the worker.
+type StepAnswer = crate::error::Result<(StepOutcome, Vec<u32>, std::time::Duration)>;
+
+/// The runner thread's next job; `None` once the service is gone. While a step is in flight it
+/// polls: the step's tokens, when back first, are answered at once; a job that comes first is
+/// returned (a step plan is then launched behind the one in flight).
+fn next_job(rx: &mut mpsc::UnboundedReceiver<Job>, runner: &mut Runner) -> Option<Job> {
+    while runner.has_in_flight() {
+        if runner.in_flight_ready() {
+            runner.finish_in_flight();
+            break;
+        }
+        match rx.try_recv() {
+            Ok(job) => return Some(job),
+            Err(mpsc::error::TryRecvError::Empty) => std::thread::yield_now(),
+            Err(mpsc::error::TryRecvError::Disconnected) => return None,
+        }
+    }
+    rx.blocking_recv()
 }
 
 /// The answer of a submitted job.
@@ -308,12 +363,7 @@ impl Worker for WorkerService {
                     }
                 };
                 let step_id = plan.step_id;
-                let job = this.submit(move |r| {
-                    let started = Instant::now();
-                    let outcome = r.step(&plan);
-                    let dropped = r.take_lora_dropped();
-                    outcome.map(|o| (o, dropped, started.elapsed()))
-                });
+                let job = this.submit_step(plan);
                 if queued_tx.send((step_id, job)).await.is_err() {
                     return;
                 }

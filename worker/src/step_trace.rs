@@ -11,7 +11,8 @@
 //! reads a thread-local flag); otherwise two clock reads per phase and per all-reduce.
 //! The phases are recorded on the thread that runs the step (the runner thread); the CUDA
 //! backend's forward pass samples on the device, so it reports one `model_step` and no
-//! separate sampling or all-reduce spans.
+//! separate sampling or all-reduce spans; its steps are launched without waiting for the device
+//! (the tokens are collected later), so its `model_step` is the time to issue the pass.
 
 use std::cell::RefCell;
 use std::time::SystemTime;

@@ -8,7 +8,7 @@ use tpserve_modelfile::{LlamaConfig, LoraAdapter};
 
 use super::quant::KernelChoice;
 use super::{CpuModel, KvCache, WeightMode};
-use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo};
+use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo, Launched};
 use crate::batch::Batch;
 use crate::comm::tcp::Rendezvous;
 use crate::comm::{Communicator, SingleRank, TcpCommunicator};
@@ -35,6 +35,8 @@ pub struct CpuBackend {
     /// Host name other ranks reach this worker's rendezvous socket at.
     host: String,
     threads: usize,
+    /// The tokens of the last launched step, which the next step's fed rows take.
+    last_sampled: Vec<u32>,
 }
 
 impl CpuBackend {
@@ -48,6 +50,7 @@ impl CpuBackend {
             vocab_per_rank: Vec::new(),
             host,
             threads,
+            last_sampled: Vec::new(),
         }
     }
 
@@ -234,6 +237,34 @@ impl Backend for CpuBackend {
         } = sample_gathered(logits, sampling, extras);
         self.comm.broadcast_from_root(&mut tokens)?;
         Ok(Sampled { tokens, logprobs })
+    }
+
+    /// Runs the step at once (the host is the device): fed rows take their token from the
+    /// last launched step's, which the runner may not have collected yet.
+    fn launch(&mut self, batch: &Batch, sampling: &[SampleSpec]) -> Result<Launched> {
+        let with_fed;
+        let batch = if batch.fed.is_empty() {
+            batch
+        } else {
+            let mut b = batch.clone();
+            for &(row, sample) in &batch.fed {
+                let bad = || WorkerError::Plan {
+                    detail: format!("row {row} fed from sample {sample}, outside the steps"),
+                };
+                let token = self.last_sampled.get(sample).ok_or_else(bad)?;
+                *b.token_ids.get_mut(row).ok_or_else(bad)? = *token;
+            }
+            b.fed.clear();
+            with_fed = b;
+            &with_fed
+        };
+        let sampled = self.step(batch, sampling, &[])?;
+        self.last_sampled.clone_from(&sampled.tokens);
+        Ok(Launched::Done(sampled))
+    }
+
+    fn feeds(&self, _batch: &Batch) -> bool {
+        true
     }
 
     fn model_config(&self) -> Option<&LlamaConfig> {

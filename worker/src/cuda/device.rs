@@ -244,6 +244,109 @@ impl Gpu {
     }
 }
 
+/// Page-locked host memory, which copies on the stream read or write without the host waiting
+/// for them; freed on drop. Whoever fills or reads it must know the copies that use it are
+/// done (an event, a synchronisation).
+pub struct PinnedHost {
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+// SAFETY: the memory is owned by this value alone; the runner thread that allocates it is the
+// only one that uses it (the CUDA backend never leaves that thread).
+unsafe impl Send for PinnedHost {}
+
+impl PinnedHost {
+    /// `bytes` of page-locked memory (the context must be current on this thread).
+    pub fn new(bytes: usize) -> Result<Self> {
+        // SAFETY: the context is current on the runner thread; flags 0: portable to nothing,
+        // cached (the host reads tokens back from it).
+        let ptr = unsafe { cudarc::driver::result::malloc_host(bytes.max(1), 0) }
+            .map_err(|e| device_err("allocating page-locked host memory", e))?;
+        Ok(Self {
+            ptr: ptr as *mut u8,
+            bytes,
+        })
+    }
+
+    /// Its size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Its bytes (no copy may be writing them).
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr holds `bytes` bytes for self's lifetime.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.bytes) }
+    }
+
+    /// Its bytes, to fill (no copy may be reading them).
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr holds `bytes` bytes for self's lifetime, borrowed mutably once.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) }
+    }
+}
+
+impl Drop for PinnedHost {
+    fn drop(&mut self) {
+        // SAFETY: allocated by malloc_host; nothing uses it after drop. A failure (a broken
+        // context) leaks it, which is all that can be done here.
+        let _ = unsafe { cudarc::driver::result::free_host(self.ptr as *mut std::ffi::c_void) };
+    }
+}
+
+impl Gpu {
+    /// Queues a copy of `bytes` bytes from device pointer `src` into `dst` on the stream and
+    /// returns at once; `dst` holds them once the stream has passed this point.
+    pub fn download_to_pinned(&self, src: u64, dst: &mut PinnedHost, bytes: usize) -> Result<()> {
+        if bytes > dst.bytes() {
+            return Err(WorkerError::Device {
+                detail: format!("download of {bytes} bytes into {} pinned", dst.bytes()),
+            });
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: src points at `bytes` readable device bytes (the caller's contract); dst is
+        // page-locked and outlives the copy (its owner waits for the stream before reuse).
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(
+                &mut dst.as_mut_slice()[..bytes],
+                src,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| device_err("copying from the device", e))
+    }
+
+    /// Queues a copy of the first `bytes` bytes of `src` into `dst` on the stream and returns at
+    /// once (the driver never stages page-locked memory, so it never waits for the stream).
+    pub fn upload_pinned(&self, dst: &DeviceBuffer, src: &PinnedHost, bytes: usize) -> Result<()> {
+        if bytes > dst.bytes || bytes > src.bytes() {
+            return Err(WorkerError::Device {
+                detail: format!(
+                    "upload of {bytes} bytes from {} pinned into a buffer of {}",
+                    src.bytes(),
+                    dst.bytes
+                ),
+            });
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: dst holds at least `bytes` bytes; src is page-locked and is not rewritten
+        // before the copy has run (its owner's contract).
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(
+                dst.ptr,
+                &src.as_slice()[..bytes],
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| device_err("copying to the device", e))
+    }
+}
+
 /// Device memory addressed by raw pointer; freed (stream-ordered) on drop.
 pub struct DeviceBuffer {
     /// Device address of the first byte.

@@ -26,7 +26,7 @@
 use super::device::Gpu;
 use super::fp8::Fp8Operands;
 use super::kernels::{
-    attention_max_items, AttentionShape, DecodeAttention, Kernels, Product, ResidualNorm,
+    attention_max_items, AttentionShape, DecodeAttention, Fed, Kernels, Product, ResidualNorm,
     RopeKvWrite,
 };
 use super::linear::Linear;
@@ -383,10 +383,15 @@ impl Pass<'_> {
     /// The token embeddings into the residual stream (vocab-parallel, summed over ranks).
     fn embed(&self) -> Result<()> {
         let (d, ws, n) = (&self.d, self.ws, self.v.rows);
+        let ids = Fed {
+            ids: self.v.inputs.ids,
+            feed: self.v.inputs.feed,
+            fed: ws.sampled.ptr,
+        };
         self.dev.kernels.embedding(
             ws.x.ptr,
             self.model.embed.ptr,
-            self.v.inputs.ids,
+            ids,
             n,
             d.hidden,
             d.vocab_start,

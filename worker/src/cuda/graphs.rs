@@ -28,11 +28,14 @@ use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::CudaGraph;
 use tpserve_term::progress::{Task, Unit};
 
-use super::device::{device_err, DeviceBuffer, Gpu};
+use std::cell::RefCell;
+
+use super::device::{device_err, DeviceBuffer, Gpu, PinnedHost};
 use super::forward::{forward, AttentionKind, AttentionPlan, Device, StepView};
 use super::kernels::ATTENTION_MAX_SPLITS;
 use super::model::{CudaModel, Dims, GpuKvCache};
 use super::step_inputs::{pack, Packed, PackedStep, TableShape};
+use super::token_slots::SLOTS;
 use super::workspace::Workspace;
 use crate::batch::Batch;
 use crate::error::{Result, WorkerError};
@@ -60,6 +63,9 @@ pub struct DecodeGraphs {
     /// The inputs every graph reads (the fixed part of a step padded to the graph's size, at
     /// offset 0) and room for the block-table updates behind it.
     inputs: DeviceBuffer,
+    /// Page-locked staging of `inputs`, one per token slot (`token_slots`): a replay's upload
+    /// never waits for the stream, so a step is launched while the one before it runs.
+    staging: RefCell<[PinnedHost; SLOTS]>,
 }
 
 /// Key splits of a decode graph of `rows` rows: enough blocks to fill the GPU twice over, at
@@ -256,7 +262,15 @@ impl DecodeGraphs {
         }
         progress.finish();
         gpu.sync()?;
-        Ok(Self { captured, inputs })
+        let staging = RefCell::new([
+            PinnedHost::new(inputs.bytes)?,
+            PinnedHost::new(inputs.bytes)?,
+        ]);
+        Ok(Self {
+            captured,
+            inputs,
+            staging,
+        })
     }
 
     /// The smallest captured size that holds `rows` rows.
@@ -272,15 +286,17 @@ impl DecodeGraphs {
         self.captured.len()
     }
 
-    /// Runs a step packed for `size` (a captured size): copies its inputs, applies its
-    /// block-table updates and replays the graph (the LoRA one when a row has an adapter). The
-    /// outputs land where the graph's view points: the workspace's logits and sampled buffers.
+    /// Runs a step packed for `size` (a captured size): copies its inputs (through token slot
+    /// `slot`'s staging), applies its block-table updates and replays the graph (the LoRA one
+    /// when a row has an adapter); returns without waiting for the stream. The outputs land
+    /// where the graph's view points: the workspace's logits and sampled buffers.
     pub fn replay(
         &self,
         dev: &Device,
         cache: &GpuKvCache,
         size: usize,
         step: &PackedStep,
+        slot: usize,
     ) -> Result<()> {
         let gpu = dev.gpu;
         let captured = self
@@ -309,7 +325,12 @@ impl DecodeGraphs {
         // The updates ride behind the fixed part; a step with more than the buffer holds
         // sends them separately.
         let _spill = if bytes.len() <= self.inputs.bytes {
-            gpu.upload(&self.inputs, bytes)?;
+            let mut staging = self.staging.borrow_mut();
+            let staged = staging.get_mut(slot).ok_or_else(|| WorkerError::Device {
+                detail: format!("no input staging slot {slot}"),
+            })?;
+            staged.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+            gpu.upload_pinned(&self.inputs, staged, bytes.len())?;
             dev.kernels.set_entries(
                 cache.tables.ptr,
                 self.inputs.at(step.offsets.updates),

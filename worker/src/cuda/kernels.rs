@@ -598,12 +598,14 @@ impl Kernels {
         matches!(head_dim, 64 | 128 | 256)
     }
 
+    /// Token embeddings of `n` rows into `out` (`[n, hidden]`); each row's token is `ids`'
+    /// ([`Fed`]).
     #[allow(clippy::too_many_arguments)]
     pub fn embedding(
         &self,
         out: u64,
         table: u64,
-        ids: u64,
+        ids: Fed,
         n: usize,
         hidden: usize,
         vocab_start: usize,
@@ -611,7 +613,12 @@ impl Kernels {
     ) -> Result<()> {
         let (h, vs, vl) = (hidden as i32, vocab_start as i32, vocab_len as i32);
         let mut b = self.launch(&self.embedding);
-        b.arg(&out).arg(&table).arg(&ids).arg(&h).arg(&vs).arg(&vl);
+        b.arg(&out)
+            .arg(&table)
+            .arg(&ids.ids)
+            .arg(&ids.feed)
+            .arg(&ids.fed);
+        b.arg(&h).arg(&vs).arg(&vl);
         // SAFETY: arguments match embedding.cu's signature; the caller sizes the buffers.
         unsafe { b.launch(grid_rows(n, 256)) }
             .map(drop)
@@ -1634,6 +1641,16 @@ impl SampleScratch {
             shared_mem_bytes: 0,
         }
     }
+}
+
+/// Where an embedding's token ids come from: `ids` (u32 a row), except rows whose `feed` entry
+/// (i32 a row; 0: no feed array) names a row of `fed`, the previous step's sampled tokens
+/// still on the device.
+#[derive(Debug, Clone, Copy)]
+pub struct Fed {
+    pub ids: u64,
+    pub feed: u64,
+    pub fed: u64,
 }
 
 /// Device addresses of the per-row sampling parameters.

@@ -9,7 +9,10 @@
 //! A step runs one of two ways: decode-only steps of a captured size replay a CUDA graph
 //! (`graphs`), every other step (prefill chunks, mixed steps, `--enforce-eager`) issues its
 //! kernels one by one (`forward`); both read the step's inputs from one upload and keep the
-//! sequences' block tables on the device (`step_inputs`).
+//! sequences' block tables on the device (`step_inputs`). A step's tokens come back through a
+//! page-locked slot and an event (`token_slots`), so the runner launches the next step before
+//! it waits for them; a graph step's rows decoding the previous step's tokens read them from
+//! the workspace's sampled buffer (the embedding's feed), never from the host.
 
 mod attention_plan;
 mod blas;
@@ -31,6 +34,7 @@ mod nccl;
 mod peer_all_reduce;
 mod phases;
 mod step_inputs;
+mod token_slots;
 mod workspace;
 
 use std::ops::Range;
@@ -59,8 +63,9 @@ use self::model::{CudaModel, Dims, Fp8Load, GpuKvCache, Layer, LinearWeight, Qua
 use self::nccl::Nccl;
 use self::peer_all_reduce::PeerAllReduce;
 use self::step_inputs::{is_decode_only, pack};
+use self::token_slots::TokenSlots;
 use self::workspace::Workspace;
-use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo};
+use crate::backend::{Backend, CacheShape, DecodePrep, DeviceInfo, Launched};
 use crate::batch::Batch;
 use crate::error::{Result, WorkerError};
 use crate::kv_cache_dtype::KvCacheDtype;
@@ -174,6 +179,8 @@ pub struct CudaBackend {
     rank: usize,
     world_size: usize,
     loaded: Option<Loaded>,
+    /// Launched steps' tokens on their way back.
+    tokens: TokenSlots,
 }
 
 impl CudaBackend {
@@ -188,26 +195,28 @@ impl CudaBackend {
             rank: 0,
             world_size: 1,
             loaded: None,
+            tokens: TokenSlots::default(),
         })
     }
 
-    /// Runs the forward pass and samples one token per sample row (`sampling`, one spec each);
-    /// returns where the logits and tokens are. Decode-only steps of a captured size replay a
-    /// graph; the rest run eagerly, as does every step while the phase table is on
+    /// Issues the forward pass and the sampling of one token per sample row (`sampling`, one
+    /// spec each) and returns where the logits and tokens will be, without waiting. Decode-only
+    /// steps of a captured size replay a graph (staging their inputs in token slot `slot`); the
+    /// rest run eagerly, as does every step while the phase table is on
     /// (`TPSERVE_CUDA_PHASES=1`: its events need the kernels issued one by one).
-    fn forward(&mut self, batch: &Batch, sampling: &[SampleSpec]) -> Result<ForwardOutput> {
+    fn forward(
+        &mut self,
+        batch: &Batch,
+        sampling: &[SampleSpec],
+        slot: usize,
+    ) -> Result<ForwardOutput> {
         let gpu = &self.gpu;
         let loaded = loaded_model(&mut self.loaded, "Step")?;
         let cache = step_cache(loaded.cache.as_ref())?;
         let plan_err = |detail: String| WorkerError::Plan { detail };
-        let n = batch.num_tokens();
         let d = *loaded.model.dims();
         let tables = table_shape(cache);
-        let graph_size = loaded
-            .graphs
-            .as_ref()
-            .filter(|_| is_decode_only(batch) && !phases::enabled())
-            .and_then(|g| g.size_for(n));
+        let graph_size = graph_size(loaded, batch);
         if let (Some(size), Some(graphs), Some(ws)) =
             (graph_size, &loaded.graphs, loaded.model.workspace())
         {
@@ -215,7 +224,7 @@ impl CudaBackend {
             let step =
                 pack(batch, sampling, 1, false, Some(size), tables, ranks).map_err(plan_err)?;
             let dev = loaded.device(gpu, self.nccl.as_ref(), self.peer.as_ref(), self.rank);
-            phases::time_graph_step(gpu, || graphs.replay(&dev, cache, size, &step))?;
+            phases::time_graph_step(gpu, || graphs.replay(&dev, cache, size, &step, slot))?;
             let logits = if d.world_size > 1 {
                 ws.gathered.ptr
             } else {
@@ -342,7 +351,8 @@ impl CudaBackend {
         sampling: &[SampleSpec],
         extras: &[RowExtras],
     ) -> Result<Sampled> {
-        let out = phase(Phase::ModelStep, || self.forward(batch, sampling))?;
+        let slot = self.tokens.take();
+        let out = phase(Phase::ModelStep, || self.forward(batch, sampling, slot))?;
         let loaded = loaded_model(&mut self.loaded, "Step")?;
         let dims = *loaded.model.dims();
         let dev = loaded.device(&self.gpu, self.nccl.as_ref(), self.peer.as_ref(), self.rank);
@@ -351,6 +361,16 @@ impl CudaBackend {
             logit_extras::sample_with_extras(&dev, &dims, &out, sampling, extras)
         })
     }
+}
+
+/// The captured size a step of `batch` replays, if it replays a graph: decode-only steps of at
+/// most the largest size, while the phase table is off.
+fn graph_size(loaded: &Loaded, batch: &Batch) -> Option<usize> {
+    loaded
+        .graphs
+        .as_ref()
+        .filter(|_| is_decode_only(batch) && !phases::enabled())
+        .and_then(|g| g.size_for(batch.num_tokens()))
 }
 
 /// Which attention kernel an eager step runs: a decode kernel when every sequence has one row
@@ -826,10 +846,49 @@ impl Backend for CudaBackend {
         if !extras.is_empty() {
             return self.step_with_extras(batch, sampling, extras);
         }
-        let out = phase(Phase::ModelStep, || self.forward(batch, sampling))?;
-        // The step's one synchronisation: its tokens (padding rows, if any, come after them).
-        let mut tokens = vec![0u32; sampling.len()];
-        self.gpu.download(out.sampled, &mut tokens)?;
+        let launched = self.launch(batch, sampling)?;
+        self.collect(launched)
+    }
+
+    /// Issues the step and queues its tokens' copy to the host (padding rows, if any, come
+    /// after them; they are not copied): nothing waits for the device.
+    fn launch(&mut self, batch: &Batch, sampling: &[SampleSpec]) -> Result<Launched> {
+        if sampling.len() != batch.sample_rows.len() {
+            return Err(WorkerError::Plan {
+                detail: "one sampling spec per sampled row".into(),
+            });
+        }
+        let slot = self.tokens.take();
+        let out = phase(Phase::ModelStep, || self.forward(batch, sampling, slot))?;
+        self.tokens
+            .send_back(&self.gpu, slot, out.sampled, sampling.len())?;
+        Ok(Launched::InFlight {
+            count: sampling.len(),
+            slot,
+        })
+    }
+
+    /// Decode steps that replay a graph: their fed rows read the workspace's sampled tokens,
+    /// which the step before wrote (graphs exist only while the workspace stays).
+    fn feeds(&self, batch: &Batch) -> bool {
+        self.loaded
+            .as_ref()
+            .is_some_and(|l| graph_size(l, batch).is_some())
+    }
+
+    fn tokens_ready(&self, launched: &Launched) -> bool {
+        match launched {
+            Launched::Done(_) => true,
+            Launched::InFlight { slot, .. } => self.tokens.ready(*slot),
+        }
+    }
+
+    /// The step's one synchronisation: its tokens.
+    fn collect(&mut self, launched: Launched) -> Result<Sampled> {
+        let tokens = match launched {
+            Launched::Done(sampled) => return Ok(sampled),
+            Launched::InFlight { count, slot } => self.tokens.collect(slot, count)?,
+        };
         phases::log_step_gaps();
         Ok(Sampled {
             tokens,
@@ -889,7 +948,8 @@ impl Backend for CudaBackend {
     fn logits(&mut self, batch: &Batch) -> Result<Option<Vec<f32>>> {
         // Every rank runs the forward pass (it has collectives); only rank 0 reads the result.
         let greedy = vec![SampleSpec::greedy(); batch.sample_rows.len()];
-        let out = self.forward(batch, &greedy)?;
+        let slot = self.tokens.take();
+        let out = self.forward(batch, &greedy, slot)?;
         if self.rank != 0 {
             return Ok(None);
         }

@@ -7,7 +7,8 @@
 //! (the offsets depend only on the padded size); padding rows are token 0 at position 0 with no
 //! KV slot (nothing is written to the cache), an empty attention tile (nothing is computed) and
 //! greedy sampling; the LoRA tiles are padded with empty ones. The block-table updates come last,
-//! outside the fixed part.
+//! outside the fixed part. A padded step also carries each row's feed: the sample row of the
+//! step before whose token the row takes on the device (`Batch::fed`), or -1.
 
 use super::attention_plan::{table_updates, AttentionTiles};
 use super::kernels::SamplingPointers;
@@ -26,9 +27,9 @@ impl Packed {
     /// Bytes for `tokens` rows and `samples` sampled rows, plus 1 MiB of block-table updates
     /// (131,072 blocks); a step that needs more gets a buffer of its own.
     pub fn capacity(tokens: usize, samples: usize) -> usize {
-        // ids + positions + slots + tiles + LoRA tiles + sample rows + sampling parameters, plus
-        // alignment.
-        tokens * (4 + 4 + 8 + 16 + 64) + samples * (4 + 4 + 4 + 4 + 4 + 8) + 16 * 16 + (1 << 20)
+        // ids + positions + slots + tiles + LoRA tiles + feed + sample rows + sampling
+        // parameters, plus alignment.
+        tokens * (4 + 4 + 8 + 16 + 64 + 4) + samples * (4 + 4 + 4 + 4 + 4 + 8) + 16 * 16 + (1 << 20)
     }
 
     pub(super) fn with_capacity(bytes: usize) -> Self {
@@ -112,6 +113,8 @@ pub struct Offsets {
     pub sampling: SamplingOffsets,
     /// LoRA tiles (`lora.cu`), room for one per row.
     pub lora_tiles: usize,
+    /// Each row's feed (i32, -1: none); padded steps only.
+    pub feed: Option<usize>,
     /// The `(index, block)` pairs of the block-table updates.
     pub updates: usize,
 }
@@ -126,6 +129,8 @@ pub struct InputPointers {
     pub sample_rows: Option<u64>,
     pub sampling: SamplingPointers,
     pub lora_tiles: u64,
+    /// 0: no row is fed.
+    pub feed: u64,
 }
 
 impl Offsets {
@@ -140,6 +145,7 @@ impl Offsets {
             sample_rows: self.sample_rows.map(at),
             sampling: self.sampling.at(base),
             lora_tiles: at(self.lora_tiles),
+            feed: self.feed.map_or(0, at),
         }
     }
 }
@@ -174,7 +180,7 @@ pub struct TableShape {
 /// `one_row_apart`, the one-row tiles last: `AttentionTiles::new`); LoRA tiles with the ranks of
 /// the adapter slots (`lora_ranks`). With `pad_to`, the batch must be decode rows only (one row
 /// per sequence, every row sampled) and is padded to `pad_to` rows. Fails when a block table
-/// does not fit `tables`.
+/// does not fit `tables`, or when a row is fed (`Batch::fed`) in a step not padded.
 pub fn pack(
     batch: &Batch,
     sampling: &[SampleSpec],
@@ -213,6 +219,17 @@ pub fn pack(
     let lora = lora_tiles(batch, lora_ranks);
     let num_lora_tiles = lora.len();
     let lora_tiles = p.push(&padded(lora, [0; 16], rows));
+    let feed = match pad_to {
+        Some(_) => {
+            let mut feed = vec![-1i32; rows];
+            for &(row, sample) in &batch.fed {
+                *feed.get_mut(row).ok_or("a fed row outside the step")? = sample as i32;
+            }
+            Some(p.push(&feed))
+        }
+        None if batch.fed.is_empty() => None,
+        None => return Err("a step with fed rows must replay a decode graph".into()),
+    };
     let updates_at = p.push(&updates);
     Ok(PackedStep {
         packed: p,
@@ -224,6 +241,7 @@ pub fn pack(
             sample_rows,
             sampling,
             lora_tiles,
+            feed,
             updates: updates_at,
         },
         num_tiles,
@@ -348,6 +366,29 @@ mod tests {
         assert_eq!(step.num_updates, 2);
         let updates = read::<i32>(p, step.offsets.updates, 4);
         assert_eq!(updates, vec![3 * 64, 0, 4 * 64 + 2, 2]);
+    }
+
+    #[test]
+    fn fed_rows_name_their_sample_and_need_a_padded_step() {
+        let mut b = decode_batch(&[5, 40, 9]);
+        b.fed = vec![(0, 2), (2, 0)];
+        let step = pack(
+            &b,
+            &[SampleSpec::greedy(); 3],
+            1,
+            false,
+            Some(4),
+            TABLES,
+            &[],
+        )
+        .unwrap();
+        let feed = read::<i32>(&step.packed, step.offsets.feed.unwrap(), 4);
+        assert_eq!(feed, vec![2, -1, 0, -1]);
+        let eager = pack(&b, &[SampleSpec::greedy(); 3], 1, false, None, TABLES, &[]);
+        assert!(eager.is_err());
+        b.fed.clear();
+        let eager = pack(&b, &[SampleSpec::greedy(); 3], 1, false, None, TABLES, &[]).unwrap();
+        assert_eq!(eager.offsets.feed, None);
     }
 
     #[test]
