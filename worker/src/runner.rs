@@ -139,6 +139,7 @@ pub type StepReply = Box<dyn FnOnce(&mut Runner, Result<StepOutcome>) + Send>;
 enum Begun {
     /// Nothing sampled (an empty or embedding step): the outcome is known.
     Ready(StepOutcome),
+    /// Launched; its tokens are collected when it is answered.
     Sampling(Launch),
 }
 

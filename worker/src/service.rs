@@ -192,8 +192,6 @@ async fn answer<T>(rx: oneshot::Receiver<crate::error::Result<T>>) -> Result<T, 
         .map_err(status)
 }
 
-impl WorkerService {}
-
 type StepStream = Pin<Box<dyn Stream<Item = Result<pb::StepResult, Status>> + Send>>;
 
 #[tonic::async_trait]
