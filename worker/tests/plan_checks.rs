@@ -2,25 +2,10 @@
 //! outside the vocabulary or whose positions have no rotary table (tiny Llama: vocabulary 256,
 //! 512 positions), and keeps working afterwards.
 
-use tpserve_proto as pb;
-use tpserve_worker::backend::DeviceChoice;
-use tpserve_worker::thread_group::ThreadGroup;
+mod common;
 
-fn tiny_llama_group(tp: usize) -> ThreadGroup {
-    let group = ThreadGroup::start(DeviceChoice::Cpu, tp, 1).unwrap();
-    let model = tpserve_e2e::repo_root().join("tests/fixtures/tiny-llama");
-    let load = pb::LoadModelRequest {
-        model_path: model.display().to_string(),
-        load_format: pb::LoadFormat::Auto as i32,
-        dtype: "auto".into(),
-        dummy_seed: 0,
-        batch_invariant: false,
-        ..Default::default()
-    };
-    group.on_all(move |_, r| r.load_model(&load)).unwrap();
-    group.on_all(|_, r| r.init_cache(64, 16)).unwrap();
-    group
-}
+use common::tiny_llama_group;
+use tpserve_proto as pb;
 
 #[test]
 fn token_ids_outside_the_vocabulary_and_positions_past_the_tables_are_refused() {

@@ -8,24 +8,11 @@
 
 use std::sync::mpsc;
 
-use tpserve_proto as pb;
-use tpserve_worker::backend::DeviceChoice;
-use tpserve_worker::runner::StepReply;
-use tpserve_worker::thread_group::ThreadGroup;
+mod common;
 
-fn tiny_llama_group(tp: usize) -> ThreadGroup {
-    let group = ThreadGroup::start(DeviceChoice::Cpu, tp, 1).unwrap();
-    let model = tpserve_e2e::repo_root().join("tests/fixtures/tiny-llama");
-    let load = pb::LoadModelRequest {
-        model_path: model.display().to_string(),
-        load_format: pb::LoadFormat::Auto as i32,
-        dtype: "auto".into(),
-        ..Default::default()
-    };
-    group.on_all(move |_, r| r.load_model(&load)).unwrap();
-    group.on_all(|_, r| r.init_cache(64, 16)).unwrap();
-    group
-}
+use common::tiny_llama_group;
+use tpserve_proto as pb;
+use tpserve_worker::runner::StepReply;
 
 /// A request of `tokens` prompt tokens (starting at `first`) on 4 blocks from `first_block` on,
 /// sampled at temperature 1 with seed `id`.
