@@ -11,8 +11,9 @@
 //! forward pass, sampling on the device, tokens back to the host) without gRPC. Decode is
 //! measured three times in the same run: eagerly (with the per-phase table), replaying CUDA
 //! graphs with each step waited for (`Runner::step`), and replaying them with each step sent
-//! ahead as the server's worker runs them (`Runner::submit`: step N+1 is launched, its token fed
-//! on the device, before step N is answered); the last gives the interval between answers. The linear-kernel choices measured at warm-up are logged.
+//! ahead as the server's worker runs them (`Runner::submit_all`: step N+1 is launched, its token
+//! fed on the device, before step N is answered); the last gives the interval between answers.
+//! The linear-kernel choices measured at warm-up are logged.
 //!
 //!   cargo run --release -p tpserve-worker --example bench_device -- \
 //!       --config tests/gpu/llama3-8b-config.json --dtype bfloat16 --json bench.json
@@ -26,7 +27,6 @@ use tpserve_proto as pb;
 use tpserve_worker::backend::DeviceChoice;
 use tpserve_worker::cuda::{measure_floors, take_phase_totals, take_step_gaps, Dtype};
 use tpserve_worker::runner::Runner;
-use tpserve_worker::runner::StepReply;
 use tpserve_worker::sampler::SampleSpec;
 use tpserve_worker::thread_group::ThreadGroup;
 
@@ -313,17 +313,9 @@ fn main() -> anyhow::Result<()> {
     // Sent ahead: every rank submits the plans back to back; rank 0's answer times.
     let run_ahead = |plans: Vec<pb::StepPlan>| -> anyhow::Result<Vec<f64>> {
         let mut answers = group.on_all(move |_, r| {
-            let (tx, rx) = std::sync::mpsc::channel();
-            for plan in &plans {
-                let tx = tx.clone();
-                let reply: StepReply = Box::new(move |_, outcome| {
-                    let _ = tx.send(outcome.map(|_| Instant::now()));
-                });
-                r.submit(plan, reply);
-            }
-            r.finish_in_flight();
-            drop(tx);
-            rx.into_iter()
+            r.submit_all(&plans)
+                .into_iter()
+                .map(|a| a.outcome.map(|_| a.at))
                 .collect::<tpserve_worker::error::Result<Vec<Instant>>>()
         })?;
         let times = answers.swap_remove(0);

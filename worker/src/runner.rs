@@ -135,6 +135,15 @@ impl SlotPool {
 /// Where a submitted step's outcome goes; it runs on the runner thread.
 pub type StepReply = Box<dyn FnOnce(&mut Runner, Result<StepOutcome>) + Send>;
 
+/// One plan's answer from [`Runner::submit_all`].
+#[derive(Debug)]
+pub struct Answered {
+    pub step_id: u64,
+    pub outcome: Result<StepOutcome>,
+    /// When its reply ran.
+    pub at: Instant,
+}
+
 /// A begun step: its outcome, or what completing it needs.
 enum Begun {
     /// Nothing sampled (an empty or embedding step): the outcome is known.
@@ -487,6 +496,29 @@ impl Runner {
             Ok(step) => self.in_flight = Some(InFlight { step, reply }),
             Err(e) => reply(self, Err(e)),
         }
+    }
+
+    /// Submits `plans` back to back, as the server's worker runs plans sent ahead, then answers
+    /// the last; returns every answer in the order the replies ran (plan order).
+    pub fn submit_all(&mut self, plans: &[pb::StepPlan]) -> Vec<Answered> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for plan in plans {
+            let (tx, step_id) = (tx.clone(), plan.step_id);
+            self.submit(
+                plan,
+                Box::new(move |_, outcome| {
+                    let at = Instant::now();
+                    let _ = tx.send(Answered {
+                        step_id,
+                        outcome,
+                        at,
+                    });
+                }),
+            );
+        }
+        self.finish_in_flight();
+        drop(tx);
+        rx.into_iter().collect()
     }
 
     /// Whether a submitted step has not been answered.

@@ -6,15 +6,12 @@
 //! with log probabilities (which needs the tokens on the host first). Tiny Llama on the CPU,
 //! sampled at temperature 1 with seeds, so a token fed to the wrong row shows.
 
-use std::sync::mpsc;
-
 mod common;
 
 use common::tiny_llama_group;
 use tpserve_proto as pb;
-use tpserve_worker::runner::StepReply;
 
-/// A request of `tokens` prompt tokens (starting at `first`) on 4 blocks from `first_block` on,
+/// A request of `tokens` prompt tokens (`id`, `id + 1`, ...) on 4 blocks from `first_block` on,
 /// sampled at temperature 1 with seed `id`.
 fn new_sequence(id: u64, tokens: u32, first_block: u32) -> pb::NewSequence {
     pb::NewSequence {
@@ -122,21 +119,10 @@ fn sent_ahead(tp: usize) -> Vec<Answer> {
     let plans = plans();
     let mut answers = group
         .on_all(move |_, r| {
-            let (tx, rx) = mpsc::channel();
-            for plan in &plans {
-                let tx = tx.clone();
-                let id = plan.step_id;
-                let reply: StepReply = Box::new(move |_, outcome| {
-                    let _ = tx.send((id, summary(outcome)));
-                });
-                r.submit(plan, reply);
-            }
-            r.finish_in_flight();
-            drop(tx);
-            let answers: Vec<(u64, Answer)> = rx.into_iter().collect();
-            let order: Vec<u64> = answers.iter().map(|a| a.0).collect();
+            let answers = r.submit_all(&plans);
+            let order: Vec<u64> = answers.iter().map(|a| a.step_id).collect();
             assert_eq!(order, (1..=plans.len() as u64).collect::<Vec<_>>());
-            Ok(answers.into_iter().map(|a| a.1).collect())
+            Ok(answers.into_iter().map(|a| summary(a.outcome)).collect())
         })
         .unwrap();
     answers.swap_remove(0)

@@ -21,7 +21,7 @@ struct Slot {
 /// The two slots and which one the next launch takes.
 #[derive(Default)]
 pub struct TokenSlots {
-    slots: [Option<Slot>; 2],
+    slots: [Option<Slot>; SLOTS],
     next: usize,
 }
 
