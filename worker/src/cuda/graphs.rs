@@ -112,7 +112,7 @@ pub fn decode_split_counts(
 /// or for the CUDA-core decode attention one per count of [`decode_split_counts`], each replayed
 /// for steps whose longest context is above [`SPLIT_KEY_QUANTUM`] keys a split of the one
 /// before.
-fn graph_plans(
+pub(super) fn graph_plans(
     d: &Dims,
     size: usize,
     sm_count: usize,
@@ -361,7 +361,7 @@ pub fn table_shape(cache: &GpuKvCache) -> TableShape {
 
 /// Records what `issue` puts on the stream into a graph. The capture is ended (and the partial
 /// graph dropped) when `issue` fails, so the stream is usable again.
-fn capture_one(gpu: &Gpu, issue: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
+pub(super) fn capture_one(gpu: &Gpu, issue: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
     gpu.stream
         .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .map_err(|e| device_err("starting a graph capture", e))?;

@@ -448,6 +448,12 @@ impl Linear {
         }
     }
 
+    /// Puts `kernel` in place of the choice for products of `shape` in row bucket `rows` (the
+    /// step tuning's, `step_tuning.rs`).
+    pub fn set_choice(&mut self, shape: Shape, rows: usize, kernel: LinearKernel) {
+        self.choices.insert((shape, rows), kernel);
+    }
+
     /// The product `p`, on the kernel chosen for its shape and rows.
     pub fn run(&self, kernels: &Kernels, p: &Product) -> Result<()> {
         self.launch(kernels, self.kernel_for(Shape::of(p), p.rows), p)
@@ -597,6 +603,12 @@ impl Linear {
     /// Whether every product runs the batch-invariant kernel.
     pub fn batch_invariant(&self) -> bool {
         self.pin == Pin::BatchInvariant
+    }
+
+    /// Whether the one-row products run what the timing chose (no `TPSERVE_CUDA_LINEAR` family
+    /// pin, no batch-invariant mode).
+    pub fn measured(&self) -> bool {
+        matches!(self.pin, Pin::Measured | Pin::MeasuredWide)
     }
 
     /// Measures every candidate for each shape (given with the weights of several layers, at

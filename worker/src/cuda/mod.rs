@@ -34,6 +34,7 @@ mod nccl;
 mod peer_all_reduce;
 mod phases;
 mod step_inputs;
+mod step_tuning;
 mod token_slots;
 mod workspace;
 
@@ -57,7 +58,7 @@ use self::forward::{
 use self::gemv::MMA_WIDE_ROWS;
 use self::graphs::{table_shape, DecodeGraphs};
 use self::kernels::Kernels;
-use self::linear::{Linear, LinearKernel, Shape, TuneWeight};
+use self::linear::{Linear, LinearKernel, Shape, Timing, TuneWeight};
 use self::lora::LoraSlots;
 use self::model::{CudaModel, Dims, Fp8Load, GpuKvCache, Layer, LinearWeight, QuantizedLoad};
 use self::nccl::Nccl;
@@ -424,14 +425,26 @@ fn upload_inputs(
     }
 }
 
+/// The cache and workspace a warm-up captures graphs on (InitCache made them).
+fn warm_up_state(loaded: &Loaded) -> Result<(&GpuKvCache, &Workspace)> {
+    match (loaded.cache.as_ref(), loaded.model.workspace()) {
+        (Some(cache), Some(ws)) => Ok((cache, ws)),
+        _ => Err(WorkerError::Lifecycle {
+            operation: "Warmup",
+            needs: "InitCache",
+        }),
+    }
+}
+
 /// Chooses each linear layer's kernel by timing the candidates on the model's weights (one row
 /// bucket at a time, up to 8 rows, or 16 where the workspace holds them and the tensor-core
-/// GEMV's wide bucket is asked for); skipped when the workspace holds fewer than 8 rows.
-fn tune_linears(gpu: &Gpu, loaded: &mut Loaded) -> Result<()> {
+/// GEMV's wide bucket is asked for); skipped when the workspace holds fewer than 8 rows. Returns
+/// the timings.
+fn tune_linears(gpu: &Gpu, loaded: &mut Loaded) -> Result<Vec<Timing>> {
     let model = &loaded.model;
     let d = *model.dims();
     let Some(ws) = model.workspace() else {
-        return Ok(());
+        return Ok(Vec::new());
     };
     let q_w = d.q_heads * d.head_dim;
     let max_k = d.hidden.max(d.inter).max(q_w);
@@ -445,7 +458,7 @@ fn tune_linears(gpu: &Gpu, loaded: &mut Loaded) -> Result<()> {
             "workspace under 8 rows: linear kernels not tuned (cuBLAS; \
              TPSERVE_CUDA_LINEAR_CHOICES unused)"
         );
-        return Ok(());
+        return Ok(Vec::new());
     };
     // Random inputs (never time on zeros), from a fixed seed.
     loaded
@@ -516,7 +529,7 @@ fn tune_linears(gpu: &Gpu, loaded: &mut Loaded) -> Result<()> {
             list.join(", ")
         );
     }
-    Ok(())
+    Ok(timings)
 }
 
 impl Backend for CudaBackend {
@@ -762,15 +775,11 @@ impl Backend for CudaBackend {
             self.peer = PeerAllReduce::new(&self.gpu, nccl, self.rank)?;
         }
         let gpu = &self.gpu;
+        let one_rank = self.world_size <= 1;
         let loaded = loaded_model(&mut self.loaded, "Warmup")?;
         loaded.graphs = None;
-        tune_linears(gpu, loaded)?;
-        let (Some(cache), Some(ws)) = (loaded.cache.as_ref(), loaded.model.workspace()) else {
-            return Err(WorkerError::Lifecycle {
-                operation: "Warmup",
-                needs: "InitCache",
-            });
-        };
+        let timings = tune_linears(gpu, loaded)?;
+        let (cache, ws) = warm_up_state(loaded)?;
         let d = *loaded.model.dims();
         let group = d.q_heads / d.kv_heads.max(1);
         let mut sizes: Vec<usize> = graph_sizes
@@ -797,6 +806,19 @@ impl Backend for CudaBackend {
             );
             sizes.clear();
         }
+        if sizes.first() == Some(&1)
+            && loaded.linear.measured()
+            && one_rank
+            && step_tuning::enabled()
+        {
+            let tuning = Instant::now();
+            step_tuning::tune(gpu, loaded, &timings)?;
+            tracing::info!(
+                seconds = tuning.elapsed().as_secs_f64(),
+                "one-row products chosen by whole decode steps"
+            );
+        }
+        let (cache, ws) = warm_up_state(loaded)?;
         if !sizes.is_empty() {
             let dev = loaded.device(gpu, self.nccl.as_ref(), self.peer.as_ref(), self.rank);
             let graphs = DecodeGraphs::capture(&dev, &loaded.model, cache, ws, &sizes, invariant)?;
