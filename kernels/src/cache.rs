@@ -4,7 +4,8 @@
 //! `$XDG_CACHE_HOME/tpserve`, else `$HOME/.cache/tpserve`, and `<key>` is a [`CacheKey`]: a
 //! 128-bit hash of everything that determines the PTX (source text, target architecture, NVRTC
 //! options, NVRTC version). A changed input therefore means a new file, never a stale hit; old
-//! files are simply left behind (a few hundred KB each).
+//! files are simply left behind (a few hundred KB each). The worker keeps its step tuning's
+//! choices beside the kernels, in `<root>/step-tuning`.
 //!
 //! Writes are atomic (a temporary file in the same directory, then a rename), so concurrent
 //! workers on one node, or a crash mid-write, never leave a partial file under a key: a reader
@@ -104,6 +105,33 @@ impl Fnv1a128 {
     }
 }
 
+/// tpserve's cache directory for the given values of `TPSERVE_CACHE_DIR`, `XDG_CACHE_HOME` and
+/// `HOME` (see the module docs; the kernels live in its `kernels` directory). Empty values count
+/// as unset; a relative `XDG_CACHE_HOME` is ignored, as the XDG specification says.
+pub fn cache_root_from(
+    tpserve_cache_dir: Option<OsString>,
+    xdg_cache_home: Option<OsString>,
+    home: Option<OsString>,
+) -> Option<PathBuf> {
+    let set = |v: Option<OsString>| v.filter(|v| !v.is_empty()).map(PathBuf::from);
+    set(tpserve_cache_dir)
+        .or_else(|| {
+            set(xdg_cache_home)
+                .filter(|p| p.is_absolute())
+                .map(|p| p.join("tpserve"))
+        })
+        .or_else(|| set(home).map(|p| p.join(".cache").join("tpserve")))
+}
+
+/// tpserve's cache directory in this process's environment, if one can be named.
+pub fn cache_root() -> Option<PathBuf> {
+    cache_root_from(
+        std::env::var_os("TPSERVE_CACHE_DIR"),
+        std::env::var_os("XDG_CACHE_HOME"),
+        std::env::var_os("HOME"),
+    )
+}
+
 /// A directory of compiled PTX files named by [`CacheKey`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PtxCache {
@@ -118,32 +146,18 @@ impl PtxCache {
 
     /// The cache in the default place for this process's environment (see the module docs).
     pub fn from_env() -> Result<Self> {
-        let dir = Self::default_dir_from(
-            std::env::var_os("TPSERVE_CACHE_DIR"),
-            std::env::var_os("XDG_CACHE_HOME"),
-            std::env::var_os("HOME"),
-        )
-        .ok_or(Error::NoCacheDir)?;
-        Ok(Self::new(dir))
+        let root = cache_root().ok_or(Error::NoCacheDir)?;
+        Ok(Self::new(root.join("kernels")))
     }
 
     /// The kernels directory for the given values of `TPSERVE_CACHE_DIR`, `XDG_CACHE_HOME` and
-    /// `HOME`. Empty values count as unset; a relative `XDG_CACHE_HOME` is ignored, as the XDG
-    /// specification says.
+    /// `HOME` ([`cache_root_from`]'s `kernels`).
     pub fn default_dir_from(
         tpserve_cache_dir: Option<OsString>,
         xdg_cache_home: Option<OsString>,
         home: Option<OsString>,
     ) -> Option<PathBuf> {
-        let set = |v: Option<OsString>| v.filter(|v| !v.is_empty()).map(PathBuf::from);
-        let root = set(tpserve_cache_dir)
-            .or_else(|| {
-                set(xdg_cache_home)
-                    .filter(|p| p.is_absolute())
-                    .map(|p| p.join("tpserve"))
-            })
-            .or_else(|| set(home).map(|p| p.join(".cache").join("tpserve")))?;
-        Some(root.join("kernels"))
+        Some(cache_root_from(tpserve_cache_dir, xdg_cache_home, home)?.join("kernels"))
     }
 
     /// The directory the PTX files are in.

@@ -243,6 +243,22 @@ pub struct Choice {
     pub kernel: LinearKernel,
 }
 
+impl Choice {
+    /// The `TPSERVE_CUDA_LINEAR_CHOICES` entry [`parse_choices`] reads back as this choice
+    /// (`None` for a kernel the list cannot name).
+    pub fn spec(&self) -> Option<String> {
+        let kernel = match self.kernel {
+            LinearKernel::Cublas => "cublas".to_string(),
+            LinearKernel::Gemv { columns, unroll: 2 } => format!("gemv-r{columns}"),
+            LinearKernel::Gemv { columns, unroll } => format!("gemv-r{columns}-u{unroll}"),
+            LinearKernel::Mma { ahead: 4 } => "mma".to_string(),
+            LinearKernel::Mma { ahead: 8 } => "mma-a8".to_string(),
+            _ => return None,
+        };
+        Some(format!("{}x{}@{}={kernel}", self.n_out, self.k, self.rows))
+    }
+}
+
 /// Parses `TPSERVE_CUDA_LINEAR_CHOICES`: comma-separated `N_OUTxK@ROWS=KERNEL`, ROWS a row
 /// bucket (1, 2, 4 or 8) and KERNEL one of `cublas`, `gemv-rC` (C output columns a warp: 1, 2
 /// or 4), `gemv-rC-uU` (U chunks in flight: 4 or 8; C 1 or 2), `mma`, `mma-a8` (the tensor-core
@@ -452,6 +468,18 @@ impl Linear {
     /// step tuning's, `step_tuning.rs`).
     pub fn set_choice(&mut self, shape: Shape, rows: usize, kernel: LinearKernel) {
         self.choices.insert((shape, rows), kernel);
+    }
+
+    /// Puts `choices` (an earlier start's, for the shapes `timings` timed) in place of the
+    /// measured ones, or none of them: an error names the first that does not fit.
+    pub fn adopt(
+        &mut self,
+        timings: &[Timing],
+        choices: &[Choice],
+    ) -> std::result::Result<(), String> {
+        let applied = apply_choices(&mut timings.to_vec(), choices)?;
+        self.choices.extend(applied);
+        Ok(())
     }
 
     /// The product `p`, on the kernel chosen for its shape and rows.
@@ -712,6 +740,40 @@ impl Linear {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_choice_written_as_a_spec_reads_back_as_itself() {
+        let kernels = [
+            LinearKernel::Cublas,
+            LinearKernel::Gemv {
+                columns: 2,
+                unroll: 2,
+            },
+            LinearKernel::Gemv {
+                columns: 1,
+                unroll: 8,
+            },
+            MMA,
+            LinearKernel::Mma { ahead: 8 },
+        ];
+        let choices: Vec<Choice> = kernels
+            .iter()
+            .map(|&kernel| Choice {
+                n_out: 6144,
+                k: 4096,
+                rows: 1,
+                kernel,
+            })
+            .collect();
+        let spec: Vec<String> = choices.iter().filter_map(Choice::spec).collect();
+        assert_eq!(spec[1], "6144x4096@1=gemv-r2");
+        assert_eq!(parse_choices(&spec.join(",")).unwrap(), choices);
+        let bi = Choice {
+            kernel: LinearKernel::BatchInvariant,
+            ..choices[0]
+        };
+        assert_eq!(bi.spec(), None);
+    }
 
     #[test]
     fn rows_round_up_to_the_measured_buckets_and_large_steps_have_none() {

@@ -812,11 +812,18 @@ impl Backend for CudaBackend {
             && step_tuning::enabled()
         {
             let tuning = Instant::now();
-            step_tuning::tune(gpu, loaded, &timings)?;
-            tracing::info!(
-                seconds = tuning.elapsed().as_secs_f64(),
-                "one-row products chosen by whole decode steps"
-            );
+            let seconds = || tuning.elapsed().as_secs_f64();
+            match step_tuning::tune(gpu, loaded, &timings)? {
+                step_tuning::Outcome::Timed => tracing::info!(
+                    seconds = seconds(),
+                    "one-row products chosen by whole decode steps"
+                ),
+                step_tuning::Outcome::Kept(file) => tracing::info!(
+                    file = %file.display(),
+                    "one-row products as whole decode steps chose them at an earlier start"
+                ),
+                step_tuning::Outcome::NothingToChoose => {}
+            }
         }
         let (cache, ws) = warm_up_state(loaded)?;
         if !sizes.is_empty() {

@@ -19,8 +19,20 @@
 //! batch-invariant mode (one kernel, nothing tuned) and under a `TPSERVE_CUDA_LINEAR` family pin;
 //! products named in `TPSERVE_CUDA_LINEAR_CHOICES` keep their kernel.
 //!
+//! The choices are kept between starts in `<cache root>/step-tuning/<key>.txt` (the kernel
+//! cache's root: `$TPSERVE_CACHE_DIR`, else `$XDG_CACHE_HOME/tpserve`, else
+//! `~/.cache/tpserve`), as a `TPSERVE_CUDA_LINEAR_CHOICES` list. The key hashes what the
+//! choice is about: this build, the GPU's name, architecture and SM count, the dtype, the
+//! products' shapes and their candidates. A later start with the same key takes the file's
+//! choices instead of timing again (a start on another GPU of the same name reuses them: they
+//! are the same kernels with the same bits, at worst a little slower); delete the directory to
+//! time again.
+//!
 //! The probe step writes its own key into the cache (a block that holds nothing yet at warm-up)
 //! and fills row 0 of the block tables, which a sequence's first step rewrites.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaGraph;
@@ -28,7 +40,7 @@ use cudarc::driver::CudaGraph;
 use super::device::{device_err, DeviceBuffer, Gpu};
 use super::forward::{forward, Device, StepView};
 use super::graphs::{capture_one, graph_plans, table_shape};
-use super::linear::{LinearKernel, Timing};
+use super::linear::{parse_choices, Choice, LinearKernel, Timing};
 use super::model::{CudaModel, GpuKvCache};
 use super::step_inputs::{pack, Packed};
 use super::workspace::Workspace;
@@ -197,23 +209,37 @@ pub fn enabled() -> bool {
 
 /// Re-chooses, by whole decode steps, the kernel of each one-row product among `timings` (the
 /// lone timing's, of one rank) that is a layer's (not the lm_head, whose product is the same
-/// whatever runs before it) and not pinned by `TPSERVE_CUDA_LINEAR_CHOICES`. Nothing else may
-/// use the stream meanwhile.
-pub fn tune(gpu: &Gpu, loaded: &mut Loaded, timings: &[Timing]) -> Result<()> {
-    let (Some(cache), Some(ws)) = (loaded.cache.as_ref(), loaded.model.workspace()) else {
-        return Ok(());
-    };
+/// whatever runs before it) and not pinned by `TPSERVE_CUDA_LINEAR_CHOICES`; or takes an
+/// earlier start's choices for the same key from the cache directory. Nothing else may use the
+/// stream meanwhile.
+pub fn tune(gpu: &Gpu, loaded: &mut Loaded, timings: &[Timing]) -> Result<Outcome> {
     let vocab = loaded.model.dims().vocab_per_rank;
-    let probe = Probe::new(&one_rank(gpu, loaded), &loaded.model, cache, ws)?;
     // The 4-bit products have one GEMV whatever the variant (nothing to choose).
-    for t in timings
+    let tuned: Vec<&Timing> = timings
         .iter()
         .filter(|t| t.rows == 1 && !t.overridden && !t.shape.int4 && t.shape.n_out != vocab)
-    {
-        let tried = worth_trying(&t.candidates);
-        if tried.len() < 2 {
-            continue;
+        .filter(|t| worth_trying(&t.candidates).len() >= 2)
+        .collect();
+    if tuned.is_empty() {
+        return Ok(Outcome::NothingToChoose);
+    }
+    let file = cache_file(gpu, loaded, &tuned);
+    if let Some(file) = &file {
+        match read_choices(file).map(|choices| loaded.linear.adopt(timings, &choices)) {
+            Some(Ok(())) => return Ok(Outcome::Kept(file.clone())),
+            Some(Err(problem)) => {
+                tracing::warn!(file = %file.display(), %problem, "step tuning's kept choices not used")
+            }
+            None => {}
         }
+    }
+    let (Some(cache), Some(ws)) = (loaded.cache.as_ref(), loaded.model.workspace()) else {
+        return Ok(Outcome::NothingToChoose);
+    };
+    let probe = Probe::new(&one_rank(gpu, loaded), &loaded.model, cache, ws)?;
+    let mut chosen = Vec::with_capacity(tuned.len());
+    for t in tuned {
+        let tried = worth_trying(&t.candidates);
         let mut graphs = Vec::with_capacity(tried.len());
         for &kernel in &tried {
             loaded.linear.set_choice(t.shape, 1, kernel);
@@ -225,10 +251,16 @@ pub fn tune(gpu: &Gpu, loaded: &mut Loaded, timings: &[Timing]) -> Result<()> {
                 *ms = ms.min(time_replays(gpu, graph)?);
             }
         }
-        let best = (0..tried.len())
-            .min_by(|&a, &b| step_ms[a].total_cmp(&step_ms[b]))
-            .expect("two candidates or more");
+        let Some(best) = (0..tried.len()).min_by(|&a, &b| step_ms[a].total_cmp(&step_ms[b])) else {
+            continue;
+        };
         loaded.linear.set_choice(t.shape, 1, tried[best]);
+        chosen.push(Choice {
+            n_out: t.shape.n_out,
+            k: t.shape.k,
+            rows: 1,
+            kernel: tried[best],
+        });
         let list: Vec<String> = tried
             .iter()
             .zip(&step_ms)
@@ -243,7 +275,79 @@ pub fn tune(gpu: &Gpu, loaded: &mut Loaded, timings: &[Timing]) -> Result<()> {
             list.join(", ")
         );
     }
-    gpu.sync()
+    gpu.sync()?;
+    if let Some(file) = &file {
+        if let Err(e) = write_choices(file, &chosen) {
+            tracing::warn!(file = %file.display(), error = %e, "step tuning's choices not kept");
+        }
+    }
+    Ok(Outcome::Timed)
+}
+
+/// What [`tune`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// No one-row product had two candidates worth a step.
+    NothingToChoose,
+    /// Timed the steps (and kept the choices, where a cache directory exists).
+    Timed,
+    /// Took an earlier start's choices from this file.
+    Kept(PathBuf),
+}
+
+/// The file of the choices for `tuned` on this GPU in this build (`None` without a cache
+/// directory).
+fn cache_file(gpu: &Gpu, loaded: &Loaded, tuned: &[&Timing]) -> Option<PathBuf> {
+    let mut what = format!(
+        "step-tuning-v1|{}|{}|{}|{}|{:?}|{CONTEXT}|{SLACK}",
+        env!("CARGO_PKG_VERSION"),
+        gpu.name,
+        gpu.arch,
+        gpu.sm_count,
+        loaded.model.dtype(),
+    );
+    for t in tuned {
+        what.push_str(&format!("|{:?}", t.shape));
+        for (kernel, _) in &t.candidates {
+            what.push_str(&format!(",{kernel}"));
+        }
+    }
+    let root = tpserve_kernels::cache_root()?;
+    Some(
+        root.join("step-tuning")
+            .join(format!("{:016x}.txt", fnv1a64(what.as_bytes()))),
+    )
+}
+
+/// The 64-bit FNV-1a hash of `bytes` (a file name; stable across builds and platforms).
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The choices kept in `file` (`None` when it is missing or unreadable).
+fn read_choices(file: &Path) -> Option<Vec<Choice>> {
+    let text = std::fs::read_to_string(file).ok()?;
+    match parse_choices(text.trim()) {
+        Ok(choices) => Some(choices),
+        Err(problem) => {
+            tracing::warn!(file = %file.display(), %problem, "step tuning's kept choices unreadable");
+            None
+        }
+    }
+}
+
+/// Keeps `choices` in `file`, atomically (a temporary file in its directory, then a rename).
+fn write_choices(file: &Path, choices: &[Choice]) -> std::io::Result<()> {
+    let specs: Vec<String> = choices.iter().filter_map(Choice::spec).collect();
+    let dir = file.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{}.tmp", std::process::id()));
+    let mut out = std::fs::File::create(&tmp)?;
+    writeln!(out, "{}", specs.join(","))?;
+    out.sync_all()?;
+    std::fs::rename(&tmp, file)
 }
 
 #[cfg(test)]
@@ -268,5 +372,38 @@ mod tests {
         );
         assert_eq!(worth_trying(&alone[5..]), [LinearKernel::Cublas]);
         assert!(worth_trying(&[]).is_empty());
+    }
+
+    #[test]
+    fn kept_choices_read_back_and_a_broken_file_reads_as_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("step-tuning").join("k.txt");
+        let choices = [
+            Choice {
+                n_out: 6144,
+                k: 4096,
+                rows: 1,
+                kernel: LinearKernel::Gemv {
+                    columns: 2,
+                    unroll: 2,
+                },
+            },
+            Choice {
+                n_out: 4096,
+                k: 14336,
+                rows: 1,
+                kernel: LinearKernel::Gemv {
+                    columns: 1,
+                    unroll: 4,
+                },
+            },
+        ];
+        assert_eq!(read_choices(&file), None);
+        write_choices(&file, &choices).unwrap();
+        assert_eq!(read_choices(&file).unwrap(), choices);
+        std::fs::write(&file, "6144x4096@1=warp-drive").unwrap();
+        assert_eq!(read_choices(&file), None);
+        assert_ne!(fnv1a64(b"a"), fnv1a64(b"b"));
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
     }
 }
