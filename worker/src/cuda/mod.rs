@@ -813,16 +813,23 @@ impl Backend for CudaBackend {
         {
             let tuning = Instant::now();
             let seconds = || tuning.elapsed().as_secs_f64();
-            match step_tuning::tune(gpu, loaded, &timings)? {
-                step_tuning::Outcome::Timed => tracing::info!(
+            // Only speed rides on it (every candidate runs the product right): a failure keeps
+            // the choices as they stand, and a broken device fails the capture below.
+            match step_tuning::tune(gpu, loaded, &timings) {
+                Ok(step_tuning::Outcome::Timed) => tracing::info!(
                     seconds = seconds(),
                     "one-row products chosen by whole decode steps"
                 ),
-                step_tuning::Outcome::Kept(file) => tracing::info!(
+                Ok(step_tuning::Outcome::Kept(file)) => tracing::info!(
                     file = %file.display(),
                     "one-row products as whole decode steps chose them at an earlier start"
                 ),
-                step_tuning::Outcome::NothingToChoose => {}
+                Ok(step_tuning::Outcome::NothingToChoose) => {}
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "timing whole decode steps failed; the one-row products keep the choices \
+                     made so far"
+                ),
             }
         }
         let (cache, ws) = warm_up_state(loaded)?;
