@@ -28,6 +28,9 @@
 //! are the same kernels with the same bits, at worst a little slower); delete the directory to
 //! time again.
 //!
+//! Only speed rides on it: the warm-up logs a failure here and goes on with the choices made so
+//! far (each a kernel that runs its product right).
+//!
 //! The probe step writes its own key into the cache (a block that holds nothing yet at warm-up)
 //! and fills row 0 of the block tables, which a sequence's first step rewrites.
 
