@@ -68,6 +68,17 @@ impl CacheKey {
         hash
     }
 
+    /// The key of anything else kept under the cache root: the hash of `format` (a tag naming
+    /// the recipe and its version) and `fields`, each length-prefixed.
+    pub fn of(format: &str, fields: &[&[u8]]) -> Self {
+        let mut hash = Fnv1a128::new();
+        hash.field(format.as_bytes());
+        for field in fields {
+            hash.field(field);
+        }
+        CacheKey(format!("{:032x}", hash.finish()))
+    }
+
     /// The key as the file stem.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -184,32 +195,43 @@ impl PtxCache {
     /// Stores `ptx` under `key` atomically and returns the file's path. Replaces any existing
     /// entry (which, having the same key, holds the same PTX).
     pub fn store(&self, key: &CacheKey, ptx: &str) -> Result<PathBuf> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| Error::Cache { path, source }
-        };
-        std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        std::fs::create_dir_all(&self.dir).map_err(|source| Error::Cache {
+            path: self.dir.clone(),
+            source,
+        })?;
         let path = self.path_for(key);
-        let tmp = self.dir.join(format!(
-            ".{}.{}.{}.tmp",
-            key.as_str(),
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let written = std::fs::File::create(&tmp)
-            .and_then(|mut file| {
-                file.write_all(ptx.as_bytes())?;
-                file.sync_all()
-            })
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(source) = written {
-            // Best effort: the temporary file may not exist, and the original error matters more.
-            let _ = std::fs::remove_file(&tmp);
-            return Err(Error::Cache { path, source });
-        }
+        write_atomically(&path, ptx.as_bytes()).map_err(|source| Error::Cache {
+            path: path.clone(),
+            source,
+        })?;
         Ok(path)
     }
+}
+
+/// Writes `bytes` to `path` atomically: into a temporary file in its directory (created if
+/// missing), then renamed over `path`, so a reader sees the whole file or the one before; on a
+/// failure the temporary file is removed (best effort).
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut file| {
+            file.write_all(bytes)?;
+            file.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        // Best effort: the temporary file may not exist, and the original error matters more.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 #[cfg(test)]
@@ -282,6 +304,29 @@ mod tests {
         h.bytes(b"a");
         // The published FNV-1a 128 test vector for "a".
         assert_eq!(h.finish(), 0xd228cb696f1a8caf78912b704e4a8964);
+    }
+
+    #[test]
+    fn other_keys_hash_their_format_and_framed_fields() {
+        let key = CacheKey::of("tag-v1", &[b"ab", b"c"]);
+        assert_eq!(key, CacheKey::of("tag-v1", &[b"ab", b"c"]));
+        assert_ne!(key, CacheKey::of("tag-v1", &[b"a", b"bc"]));
+        assert_ne!(key, CacheKey::of("tag-v2", &[b"ab", b"c"]));
+        assert_eq!(key.as_str().len(), 32);
+    }
+
+    #[test]
+    fn a_file_written_atomically_replaces_the_old_one_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sub").join("f.txt");
+        write_atomically(&file, b"one").unwrap();
+        write_atomically(&file, b"two").unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"two");
+        let names: Vec<_> = std::fs::read_dir(file.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["f.txt"]);
     }
 
     #[test]

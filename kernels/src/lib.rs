@@ -25,7 +25,7 @@ pub mod manifest;
 pub mod prebuilt;
 pub mod sources;
 
-pub use cache::{cache_root, CacheKey, PtxCache};
+pub use cache::{cache_root, write_atomically, CacheKey, PtxCache};
 pub use compile::{
     arch_for_compute_capability, compile_cubin, compile_uncached, nvrtc_available, nvrtc_version,
     CompileConfig, CompiledKernel, Compiler, KernelCode,

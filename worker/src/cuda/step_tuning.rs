@@ -12,12 +12,12 @@
 //! kernel is kept. Every candidate gives the same bits (gemv.cu: the sum's order depends on K
 //! alone), so only speed moves.
 //!
-//! Costs: per candidate a capture and 1 + [`ROUNDS`] x [`REPLAYS`] replays; on an H100, 0.8 s
-//! of warm-up for an 8B model in FP8 and 1.7 s in bf16 with 8 replays a candidate and an eager
-//! pass each (run 48), less as built now. Off with `TPSERVE_CUDA_STEP_TUNING=0`, at tensor-parallel sizes
-//! above 1 (each rank would time alone while its collectives wait on the others), in
-//! batch-invariant mode (one kernel, nothing tuned) and under a `TPSERVE_CUDA_LINEAR` family pin;
-//! products named in `TPSERVE_CUDA_LINEAR_CHOICES` keep their kernel.
+//! Costs: per candidate a capture and 1 + [`ROUNDS`] x [`REPLAYS`] replays; on an H100, 0.58 s
+//! of warm-up for an 8B model in FP8 and 1.21 s in bf16 (run 49). Off with
+//! `TPSERVE_CUDA_STEP_TUNING=0`, at tensor-parallel sizes above 1 (each rank would time alone
+//! while its collectives wait on the others), in batch-invariant mode (one kernel, nothing
+//! tuned) and under a `TPSERVE_CUDA_LINEAR` family pin; products named in
+//! `TPSERVE_CUDA_LINEAR_CHOICES` keep their kernel.
 //!
 //! The choices are kept between starts in `<cache root>/step-tuning/<key>.txt` (the kernel
 //! cache's root: `$TPSERVE_CACHE_DIR`, else `$XDG_CACHE_HOME/tpserve`, else
@@ -34,11 +34,11 @@
 //! The probe step writes its own key into the cache (a block that holds nothing yet at warm-up)
 //! and fills row 0 of the block tables, which a sequence's first step rewrites.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::CudaGraph;
+use cudarc::driver::{CudaEvent, CudaGraph};
+use tpserve_kernels::{write_atomically, CacheKey};
 
 use super::device::{device_err, DeviceBuffer, Gpu};
 use super::forward::{forward, Device, StepView};
@@ -158,28 +158,47 @@ impl Probe {
     }
 }
 
-/// Milliseconds a replay of `graph`, [`REPLAYS`] of them back to back.
-fn time_replays(gpu: &Gpu, graph: &CudaGraph) -> Result<f64> {
-    let event = || {
-        gpu.ctx
-            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(|e| device_err("creating an event", e))
-    };
-    let (start, end) = (event()?, event()?);
-    start
-        .record(&gpu.stream)
-        .map_err(|e| device_err("recording an event", e))?;
-    for _ in 0..REPLAYS {
-        graph
-            .launch()
-            .map_err(|e| device_err("replaying a probe graph", e))?;
+/// A product's timing candidates worth a step (at least two), beside its lone timing.
+type Tuned<'a> = (&'a Timing, Vec<LinearKernel>);
+
+/// The two events that time the probe's replays.
+struct StepEvents {
+    start: CudaEvent,
+    end: CudaEvent,
+}
+
+impl StepEvents {
+    fn new(gpu: &Gpu) -> Result<Self> {
+        let event = || {
+            gpu.ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| device_err("creating an event", e))
+        };
+        Ok(Self {
+            start: event()?,
+            end: event()?,
+        })
     }
-    end.record(&gpu.stream)
-        .map_err(|e| device_err("recording an event", e))?;
-    let ms = start
-        .elapsed_ms(&end)
-        .map_err(|e| device_err("timing a probe graph", e))?;
-    Ok(ms as f64 / REPLAYS as f64)
+
+    /// Milliseconds a replay of `graph`, [`REPLAYS`] of them back to back.
+    fn time_replays(&self, gpu: &Gpu, graph: &CudaGraph) -> Result<f64> {
+        self.start
+            .record(&gpu.stream)
+            .map_err(|e| device_err("recording an event", e))?;
+        for _ in 0..REPLAYS {
+            graph
+                .launch()
+                .map_err(|e| device_err("replaying a probe graph", e))?;
+        }
+        self.end
+            .record(&gpu.stream)
+            .map_err(|e| device_err("recording an event", e))?;
+        let ms = self
+            .start
+            .elapsed_ms(&self.end)
+            .map_err(|e| device_err("timing a probe graph", e))?;
+        Ok(ms as f64 / REPLAYS as f64)
+    }
 }
 
 /// The candidates (kernel, microseconds alone) within [`SLACK`] of the fastest alone, in their
@@ -218,10 +237,11 @@ pub fn enabled() -> bool {
 pub fn tune(gpu: &Gpu, loaded: &mut Loaded, timings: &[Timing]) -> Result<Outcome> {
     let vocab = loaded.model.dims().vocab_per_rank;
     // The 4-bit products have one GEMV whatever the variant (nothing to choose).
-    let tuned: Vec<&Timing> = timings
+    let tuned: Vec<Tuned> = timings
         .iter()
         .filter(|t| t.rows == 1 && !t.overridden && !t.shape.int4 && t.shape.n_out != vocab)
-        .filter(|t| worth_trying(&t.candidates).len() >= 2)
+        .map(|t| (t, worth_trying(&t.candidates)))
+        .filter(|(_, tried)| tried.len() >= 2)
         .collect();
     if tuned.is_empty() {
         return Ok(Outcome::NothingToChoose);
@@ -231,7 +251,11 @@ pub fn tune(gpu: &Gpu, loaded: &mut Loaded, timings: &[Timing]) -> Result<Outcom
         match read_choices(file).map(|choices| loaded.linear.adopt(timings, &choices)) {
             Some(Ok(())) => return Ok(Outcome::Kept(file.clone())),
             Some(Err(problem)) => {
-                tracing::warn!(file = %file.display(), %problem, "step tuning's kept choices not used")
+                tracing::warn!(
+                    file = %file.display(),
+                    %problem,
+                    "step tuning's kept choices not used"
+                )
             }
             None => {}
         }
@@ -240,9 +264,9 @@ pub fn tune(gpu: &Gpu, loaded: &mut Loaded, timings: &[Timing]) -> Result<Outcom
         return Ok(Outcome::NothingToChoose);
     };
     let probe = Probe::new(&one_rank(gpu, loaded), &loaded.model, cache, ws)?;
+    let events = StepEvents::new(gpu)?;
     let mut chosen = Vec::with_capacity(tuned.len());
-    for t in tuned {
-        let tried = worth_trying(&t.candidates);
+    for (t, tried) in tuned {
         let mut graphs = Vec::with_capacity(tried.len());
         for &kernel in &tried {
             loaded.linear.set_choice(t.shape, 1, kernel);
@@ -251,7 +275,7 @@ pub fn tune(gpu: &Gpu, loaded: &mut Loaded, timings: &[Timing]) -> Result<Outcom
         let mut step_ms = vec![f64::INFINITY; tried.len()];
         for _ in 0..ROUNDS {
             for (ms, graph) in step_ms.iter_mut().zip(&graphs) {
-                *ms = ms.min(time_replays(gpu, graph)?);
+                *ms = ms.min(events.time_replays(gpu, graph)?);
             }
         }
         let Some(best) = (0..tried.len()).min_by(|&a, &b| step_ms[a].total_cmp(&step_ms[b])) else {
@@ -300,33 +324,30 @@ pub enum Outcome {
 
 /// The file of the choices for `tuned` on this GPU in this build (`None` without a cache
 /// directory).
-fn cache_file(gpu: &Gpu, loaded: &Loaded, tuned: &[&Timing]) -> Option<PathBuf> {
-    let mut what = format!(
-        "step-tuning-v1|{}|{}|{}|{}|{:?}|{CONTEXT}|{SLACK}",
+fn cache_file(gpu: &Gpu, loaded: &Loaded, tuned: &[Tuned]) -> Option<PathBuf> {
+    let about = format!(
+        "{}|{}|{}|{}|{:?}|{CONTEXT}|{SLACK}",
         env!("CARGO_PKG_VERSION"),
         gpu.name,
         gpu.arch,
         gpu.sm_count,
         loaded.model.dtype(),
     );
-    for t in tuned {
-        what.push_str(&format!("|{:?}", t.shape));
-        for (kernel, _) in &t.candidates {
-            what.push_str(&format!(",{kernel}"));
-        }
-    }
-    let root = tpserve_kernels::cache_root()?;
+    let products: Vec<String> = tuned
+        .iter()
+        .map(|(t, _)| {
+            let names: Vec<String> = t.candidates.iter().map(|(k, _)| k.to_string()).collect();
+            format!("{:?} {}", t.shape, names.join(","))
+        })
+        .collect();
+    let mut fields = vec![about.as_bytes()];
+    fields.extend(products.iter().map(|p| p.as_bytes()));
+    let key = CacheKey::of("tpserve-step-tuning-v1", &fields);
     Some(
-        root.join("step-tuning")
-            .join(format!("{:016x}.txt", fnv1a64(what.as_bytes()))),
+        tpserve_kernels::cache_root()?
+            .join("step-tuning")
+            .join(format!("{}.txt", key.as_str())),
     )
-}
-
-/// The 64-bit FNV-1a hash of `bytes` (a file name; stable across builds and platforms).
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 /// The choices kept in `file` (`None` when it is missing or unreadable).
@@ -335,22 +356,20 @@ fn read_choices(file: &Path) -> Option<Vec<Choice>> {
     match parse_choices(text.trim()) {
         Ok(choices) => Some(choices),
         Err(problem) => {
-            tracing::warn!(file = %file.display(), %problem, "step tuning's kept choices unreadable");
+            tracing::warn!(
+                file = %file.display(),
+                %problem,
+                "step tuning's kept choices unreadable"
+            );
             None
         }
     }
 }
 
-/// Keeps `choices` in `file`, atomically (a temporary file in its directory, then a rename).
+/// Keeps `choices` in `file` (atomically: a reader sees the old file or the new one).
 fn write_choices(file: &Path, choices: &[Choice]) -> std::io::Result<()> {
     let specs: Vec<String> = choices.iter().filter_map(Choice::spec).collect();
-    let dir = file.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{}.tmp", std::process::id()));
-    let mut out = std::fs::File::create(&tmp)?;
-    writeln!(out, "{}", specs.join(","))?;
-    out.sync_all()?;
-    std::fs::rename(&tmp, file)
+    write_atomically(file, format!("{}\n", specs.join(",")).as_bytes())
 }
 
 #[cfg(test)]
@@ -406,7 +425,5 @@ mod tests {
         assert_eq!(read_choices(&file).unwrap(), choices);
         std::fs::write(&file, "6144x4096@1=warp-drive").unwrap();
         assert_eq!(read_choices(&file), None);
-        assert_ne!(fnv1a64(b"a"), fnv1a64(b"b"));
-        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
     }
 }
