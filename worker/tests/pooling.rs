@@ -11,11 +11,9 @@ mod common;
 
 use std::path::Path;
 
-use common::{max_rel_err, repo_root};
+use common::{cpu_group, max_rel_err, repo_root};
 use serde_json::Value;
 use tpserve_proto as pb;
-use tpserve_worker::backend::DeviceChoice;
-use tpserve_worker::thread_group::ThreadGroup;
 
 const BLOCK: usize = 16;
 
@@ -42,18 +40,8 @@ fn embedding_matrix(dir: &Path) -> Vec<f32> {
 /// The pooled vector of `ids` (one request, prefilled in steps of `chunk` tokens) on `tp`
 /// ranks, as rank 0 reports it.
 fn pooled(model: &Path, tp: usize, ids: &[u32], chunk: usize, kind: pb::PoolingType) -> Vec<f32> {
-    let group = ThreadGroup::start(DeviceChoice::Cpu, tp, 1).unwrap();
-    let load = pb::LoadModelRequest {
-        model_path: model.display().to_string(),
-        load_format: pb::LoadFormat::Auto as i32,
-        dtype: "float32".into(),
-        ..Default::default()
-    };
-    group.on_all(move |_, r| r.load_model(&load)).unwrap();
     let blocks = ids.len().div_ceil(BLOCK);
-    group
-        .on_all(move |_, r| r.init_cache(blocks + 1, BLOCK))
-        .unwrap();
+    let group = cpu_group(model, tp, "float32", blocks + 1, BLOCK);
     let mut out = Vec::new();
     let mut start = 0;
     let mut step_id = 0;

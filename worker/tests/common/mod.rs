@@ -74,15 +74,34 @@ pub fn argmax_rows(logits: &[f32], width: usize) -> Vec<u32> {
 
 /// The tiny Llama fixture loaded on `tp` CPU ranks with a cache of 64 blocks of 16 tokens.
 pub fn tiny_llama_group(tp: usize) -> ThreadGroup {
+    cpu_group(
+        &repo_root().join("tests/fixtures/tiny-llama"),
+        tp,
+        "auto",
+        64,
+        16,
+    )
+}
+
+/// The model at `model` loaded in `dtype` on `tp` CPU ranks, with a cache of `blocks` blocks of
+/// `block_size` tokens.
+pub fn cpu_group(
+    model: &Path,
+    tp: usize,
+    dtype: &str,
+    blocks: usize,
+    block_size: usize,
+) -> ThreadGroup {
     let group = ThreadGroup::start(DeviceChoice::Cpu, tp, 1).unwrap();
-    let model = repo_root().join("tests/fixtures/tiny-llama");
     let load = pb::LoadModelRequest {
         model_path: model.display().to_string(),
         load_format: pb::LoadFormat::Auto as i32,
-        dtype: "auto".into(),
+        dtype: dtype.into(),
         ..Default::default()
     };
     group.on_all(move |_, r| r.load_model(&load)).unwrap();
-    group.on_all(|_, r| r.init_cache(64, 16)).unwrap();
+    group
+        .on_all(move |_, r| r.init_cache(blocks, block_size))
+        .unwrap();
     group
 }
