@@ -13,6 +13,12 @@
 //   nvcc -O3 -arch=sm_90a -std=c++17 -Xcompiler -fopenmp -I kernels/cuda \
 //       tests/gpu/prefill_attention_bench.cu -o /tmp/pa -lgomp
 //   /tmp/pa
+// With -DOLD_WGMMA='"path"' it also checks and times an earlier attention_wgmma.cu whose names
+// were prefixed old_ (git show REV:kernels/cuda/attention_wgmma.cu | sed
+// 's/paged_attention_wgmma_/old_paged_attention_wgmma_/g;
+// s/TPSERVE_PAGED_ATTENTION_WGMMA/TPSERVE_OLD_PAGED_ATTENTION_WGMMA/g' > path; an absolute path),
+// in the worker's shape then (4 warpgroups, 64-key tiles; edit old_wgmma_variant for another),
+// and requires every Hopper shape of 64-key tiles to give its bits on the long prompts.
 // With -DOLD_MMA='"path"' it also times, and compares every output row with, an earlier version
 // of the kernel file whose entry points were renamed old_paged_attention_mma_* (for a
 // before/after in one run: git show REV:kernels/cuda/attention_mma.cu | sed
@@ -27,6 +33,12 @@ namespace k_wgmma {
 #include "attention_wgmma.cu"
 }
 #undef TPSERVE_PAGED_ATTENTION_WGMMA
+#ifdef OLD_WGMMA
+namespace k_old_wgmma {
+#include OLD_WGMMA
+}
+#undef TPSERVE_OLD_PAGED_ATTENTION_WGMMA
+#endif
 #ifdef OLD_MMA
 namespace k_old {
 #include OLD_MMA
@@ -70,6 +82,19 @@ __global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
     k_wgmma::paged_attention_wgmma_impl<T, WG, KEYS>(out, q, kc, vc, tables, tiles, qh, kvh, block,
                                                      width, q_stride, scale, k_scale, v_scale);
 }
+
+#ifdef OLD_WGMMA
+// The earlier Hopper kernel in the worker's shape then: 4 warpgroups, key tiles of 64.
+template <typename T>
+__global__ void __launch_bounds__(512, 1)
+    old_wgmma_variant(T* out, const T* q, const T* kc, const T* vc, const int* tables,
+                      const int* tiles, int qh, int kvh, int block, int width, int q_stride,
+                      float scale, float k_scale, float v_scale) {
+    k_old_wgmma::old_paged_attention_wgmma_impl<T, 4, 64>(out, q, kc, vc, tables, tiles, qh, kvh,
+                                                          block, width, q_stride, scale, k_scale,
+                                                          v_scale);
+}
+#endif
 
 // The FP8 caches' scales: powers of two, so that folding them in is exact.
 static const float K_SCALE = 0.5f, V_SCALE = 0.25f;
@@ -229,6 +254,15 @@ template <typename T, int WG, int KEYS, int MIN_BLOCKS> static Shape wgmma_shape
     return {name, 64 * WG, 128 * WG, smem, fn, false};
 }
 
+#ifdef OLD_WGMMA
+template <typename T> static Shape old_wgmma_shape() {
+    const void* fn = (const void*)old_wgmma_variant<T>;
+    const int smem = k_old_wgmma::old_paged_attention_wgmma_smem_bytes<T, 4, 64>();
+    CK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    return {"before: wgmma 4 warpgroups, 64 keys", 256, 512, smem, fn, false};
+}
+#endif
+
 // Launches `sh` on `b` with `tiles` (on the device); returns nothing, checks the launch.
 template <typename T>
 static void launch(const Shape& sh, Batch<T>& b, const int* d_tiles, int num_tiles) {
@@ -290,17 +324,18 @@ static int failures = 0;
 template <typename T>
 static double max_diff(const std::vector<T>& a, const std::vector<T>& b, bool* finite);
 
-// Checks that an FP8 KV shape's output equals, bit for bit, the dtype's on the same values.
+// Checks that a shape's output equals another's bit for bit (by default: an FP8 KV shape's, the
+// dtype's on the same values).
 template <typename T>
 static void identical(const char* what, const Shape& sh, const std::vector<T>& out,
-                      const std::vector<T>& same) {
+                      const std::vector<T>& same, const char* to = "the dtype's cache") {
     const bool ok = out.size() == same.size() &&
                     std::memcmp(out.data(), same.data(), out.size() * sizeof(T)) == 0;
     if (!ok) ++failures;
     bool finite = true;
     const double d = out.size() == same.size() ? max_diff(out, same, &finite) : -1.0;
-    printf("%-4s %-44s %-34s bit-identical to the dtype's cache (max |diff| %.5f)\n",
-           ok ? "PASS" : "FAIL", what, sh.name.c_str(), d);
+    printf("%-4s %-44s %-34s bit-identical to %s (max |diff| %.5f)\n", ok ? "PASS" : "FAIL",
+           what, sh.name.c_str(), to, d);
 }
 
 // Runs `sh` on `b` and returns the output rows.
@@ -455,6 +490,9 @@ int main() {
     const std::vector<Shape> bf128 = {
         shape<bf, 128, 4, 2, 64>(),         shape<bf, 128, 4, 2, 32>(),
         shape<bf, 128, 4, 1, 64>(),         shape<bf, 128, 8, 2, 64>(),
+#ifdef OLD_WGMMA
+        old_wgmma_shape<bf>(),
+#endif
         wgmma_shape<bf, 2, 64, 2>(),        wgmma_shape<bf, 2, 128, 1>(),
         wgmma_shape<bf, 3, 64, 1>(),        wgmma_shape<bf, 1, 64, 3>(),
         wgmma_shape<bf, 4, 64, 1>()};
@@ -493,9 +531,18 @@ int main() {
             check(what, sh, b, out, ref, 0.03);
             identical(what, sh, out, run(twin(bf128, sh), b, true));
         }
+        // A Hopper shape of 64-key tiles makes a row's products in the earlier kernel's order:
+        // the same bits, whatever its tiles.
+        std::vector<bf> before_wgmma;
         for (const Shape& sh : bf128) {
             const std::vector<bf> out = run(sh, b, true);
             check(what, sh, b, out, ref, 0.03);
+            if (sh.name.rfind("before: wgmma", 0) == 0) {
+                before_wgmma = out;
+            } else if (!before_wgmma.empty() && sh.name.rfind("wgmma", 0) == 0 &&
+                       sh.name.find(", 64 keys") != std::string::npos) {
+                identical(what, sh, out, before_wgmma, "the earlier Hopper kernel");
+            }
 #ifdef OLD_MMA
             bool finite = true;
             const double d = max_diff(out, before, &finite);
