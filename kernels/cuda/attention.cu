@@ -602,6 +602,11 @@ __device__ void paged_attention_decode_impl(
 // any is summed, so the loads overlap instead of each waiting for the one before (the 32 merges
 // of 33 splits in a batch-1 8B decode step at 2,048 keys took 0.21 ms with one load in flight,
 // 0.08 ms so); the sum's order and arithmetic are as before, and so are the bits.
+// It lets the next kernel launch before it waits for the attention (common.cuh's
+// let_next_kernel_launch): the o projection's blocks are then resident while the attention, which
+// reads little and is bound by its latency, still runs, and load their first weights meanwhile
+// (an H100's one-row decode step 0.6-1.3% faster in bf16, FP8 and 4-bit; docs/PERFORMANCE.md,
+// issue 9, run 52).
 //
 // Arguments:
 //   out          T   [num_tokens, num_q_heads * head_dim]   written
@@ -614,6 +619,7 @@ template <typename T>
 __device__ void attention_combine_impl(T* __restrict__ out, const float* __restrict__ partial_out,
                                        const float* __restrict__ partial_ml, int num_q_heads,
                                        int head_dim, int num_splits) {
+    tpserve::let_next_kernel_launch();
     tpserve::wait_for_inputs();
     __shared__ float m_s[kMaxSplits];
     __shared__ float l_s[kMaxSplits];

@@ -203,10 +203,43 @@ __device__ __forceinline__ int2 split_keys(int ctx, int split, int num_splits, i
 // kernel launch at once, so that kernel's blocks are resident and waiting when this one ends,
 // instead of paying a launch after it. (Letting it launch before waiting, so that a GEMV after
 // a norm warms its weights during the previous GEMV's tail, was measured: 0.17 ms slower per
-// 8B decode step; docs/PERFORMANCE.md, issue 9, session 6.) Without the attribute, or before sm_90, both instructions are no-ops.
+// 8B decode step; docs/PERFORMANCE.md, issue 9, session 6. After a kernel bound by latency it
+// pays: let_next_kernel_launch below.) Loads placed before it stay there only behind a branch
+// (wait_for_inputs_after_loads below). Without the attribute, or before sm_90, both
+// instructions are no-ops.
 __device__ __forceinline__ void wait_for_inputs() {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// wait_for_inputs for kernels that load constants before it (weights, adapter slots) and must
+// keep those loads there. ptxas moves griddepcontrol.wait above loads of read-only memory in the
+// same basic block, the PTX order notwithstanding: built so, int4.cu's GEMV issued its first
+// weight tiles after the wait, not while the kernel before ran (its sm_90a SASS: ACQBULK before
+// the LDGs). A branch ends the block, and ptxas keeps the wait behind it: one on a value the
+// compiler cannot know is never zero (a lane's bit in %lanemask_eq), around a trap. With the
+// loads before the wait, an H100's 4-bit one-row decode step took 2.7% less time (docs/
+// PERFORMANCE.md, issue 9, run 52); scripts/check-kernels.sh checks the order in the SASS.
+__device__ __forceinline__ void wait_for_inputs_after_loads() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+    unsigned int lane_bit;
+    asm volatile("mov.u32 %0, %%lanemask_eq;" : "=r"(lane_bit));
+    if (lane_bit == 0) {
+        __trap();
+    }
+#endif
+    wait_for_inputs();
+}
+
+// Lets the next kernel launch now, before this one waits for the kernel before it: called first,
+// where the next kernel's early work (its weights' first loads) should overlap a kernel before
+// this one that is bound by latency, not bytes (attention_combine, after the attention). Safe
+// for every kernel after: each waits in wait_for_inputs for this kernel to finish, and this one
+// finishes only after its own wait.
+__device__ __forceinline__ void let_next_kernel_launch() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }

@@ -195,7 +195,7 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
             load_weights(slot[u], u);
         }
     }
-    tpserve::wait_for_inputs();
+    tpserve::wait_for_inputs_after_loads();
 #pragma unroll
     for (int u = 0; u < kAhead; ++u) {
         if (u < part_tiles) {

@@ -223,7 +223,7 @@ __device__ void lora_expand_impl(T* __restrict__ y, const float* __restrict__ t,
                               : make_uint4(0, 0, 0, 0);
         }
     }
-    tpserve::wait_for_inputs();
+    tpserve::wait_for_inputs_after_loads();
     // The base product's outputs of this thread's columns (pairs: j is even), loaded now so
     // that their latency overlaps the partial sums' below.
     unsigned y_pair[ROWS][COLS / 2];
