@@ -10,7 +10,9 @@
 #   3. unless CHECK_KERNELS_NVRTC=0: scripts/prebuild-kernels.sh for sm_90a into a temporary
 #      directory, a check that its manifest lists every source, then tpserve-kernels' tests built
 #      with that bundle embedded and WITHOUT NVRTC on LD_LIBRARY_PATH, which check every source
-#      for sm_90a comes from the bundle (so a worker there needs no NVRTC).
+#      for sm_90a comes from the bundle (so a worker there needs no NVRTC), and
+#      scripts/lib/check_prewait_loads.py on the bundle's SASS: the loads kernels issue before
+#      waiting for the kernel before them are still before the wait (ptxas moves the wait).
 # Every step runs; a summary comes last; the exit status is 1 if any step failed.
 #
 # The CUDA 13.0 compiler, headers and NVRTC come from PyPI wheels (no system CUDA, no GPU needed),
@@ -95,6 +97,14 @@ if [[ "$CHECK_KERNELS_NVRTC" != 0 ]]; then
     fi
   fi
   record "prebuild sm_90a (scripts/prebuild-kernels.sh)" "$status"
+  if [[ $status -eq 0 ]]; then
+    # The loads our kernels issue before waiting for the kernel before: still there in the SASS.
+    install_cuda_wheels "${CUDA_SASS_WHEELS[@]}"
+    status=0
+    python3 scripts/lib/check_prewait_loads.py "$CUDA_ROOT/bin/cuobjdump" "$bundle"/sm_90a/*.cubin ||
+      status=$?
+    record "loads before the wait in the sm_90a SASS (scripts/lib/check_prewait_loads.py)" "$status"
+  fi
   if [[ $status -eq 0 ]]; then
     # The default LD_LIBRARY_PATH, without the wheels' NVRTC: the bundle alone must serve sm_90a.
     TPSERVE_PREBUILT_KERNELS="$bundle" TPSERVE_REQUIRE_PREBUILT=sm_90a \

@@ -8,6 +8,8 @@
 #   nvidia-cuda-runtime  cuda_runtime.h, cuda_bf16.h, cuda_fp16.h
 #   nvidia-cuda-cccl     libcu++ (include/cccl: <nv/target>, which cuda_fp16.h includes)
 #   nvidia-cuda-nvrtc    libnvrtc.so.13
+#   nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm  SASS listings of CUBINs (13.5: PyPI has no 13.0
+#                        build; they read 13.0's CUBINs)
 # All unpack into one tree, nvidia/cu13/ ($CUDA_ROOT), the layout PyTorch's CUDA wheels use on the
 # GPU machine. Needs python3 with pip and unzip. Defines the variables below and
 # install_cuda_wheels; changes no shell option of the script that sources it.
@@ -26,6 +28,8 @@ CUDA_ROOT="$CUDA_WHEELS_DIR/nvidia/cu13"
   )
   # NVRTC itself (lib/libnvrtc.so.13).
   CUDA_NVRTC_WHEELS=(nvidia-cuda-nvrtc==13.0.88)
+  # cuobjdump and the nvdisasm it runs (bin/).
+  CUDA_SASS_WHEELS=(nvidia-cuda-cuobjdump==13.5.37 nvidia-cuda-nvdisasm==13.5.37)
 }
 
 # Installs the wheels named in "$@" into CUDA_WHEELS_DIR unless already there (a marker file per
