@@ -21,6 +21,7 @@ import sys
 RULES = [
     (r"gemv_w4_(bf16|f16)$", r"\bLDG\.E\.NA\.128\b", 4, "its first 4 weight tiles"),
     (r"gemm_w4_n\d+_(bf16|f16)$", r"\bLDG\.E\.NA\.128\b", 4, "each warp's first weight tiles"),
+    (r"gather_inputs_(bf16|f16)$", r"\bLDG\.E\.CONSTANT\b", 1, "its element of the permutation"),
     (r"lora_shrink_(bf16|f16)$", r"\bLDG\.E\.128\b", 1, "its rows of A"),
     (r"lora_expand_(bf16|f16)$", r"\bLDG\.E\.128\b", 2, "its columns of B"),
     (r"gemv_(fp8_)?m\d+_r\d+(_u\d+)?_(bf16|f16)$", r"\bCCTL\b", 1, "the L2 prefetch of its first chunks"),
