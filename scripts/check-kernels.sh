@@ -100,10 +100,10 @@ if [[ "$CHECK_KERNELS_NVRTC" != 0 ]]; then
   if [[ $status -eq 0 ]]; then
     # The loads our kernels issue before waiting for the kernel before: still there in the SASS.
     install_cuda_wheels "${CUDA_SASS_WHEELS[@]}"
-    status=0
+    order=0
     python3 scripts/lib/check_prewait_loads.py "$CUDA_ROOT/bin/cuobjdump" "$bundle"/sm_90a/*.cubin ||
-      status=$?
-    record "loads before the wait in the sm_90a SASS (scripts/lib/check_prewait_loads.py)" "$status"
+      order=$?
+    record "loads before the wait in the sm_90a SASS (scripts/lib/check_prewait_loads.py)" "$order"
   fi
   if [[ $status -eq 0 ]]; then
     # The default LD_LIBRARY_PATH, without the wheels' NVRTC: the bundle alone must serve sm_90a.
