@@ -20,12 +20,24 @@ __device__ void rms_norm_impl(T* __restrict__ out, T* __restrict__ x,
                               const T* __restrict__ residual, const T* __restrict__ weight,
                               int hidden, float eps, unsigned char* __restrict__ q_out = nullptr,
                               float* __restrict__ q_scales = nullptr) {
-    tpserve::wait_for_inputs();
     const long long row = blockIdx.x;
     T* xr = x + row * hidden;
     T* outr = out + row * hidden;
     const int pieces = hidden / 8;
-    if (hidden % 8 == 0 && pieces <= kMaxPieces * (int)blockDim.x) {
+    const bool in_registers = hidden % 8 == 0 && pieces <= kMaxPieces * (int)blockDim.x;
+    // The narrow kernels' weight piece is a constant of the model: it loads while the kernel
+    // before may still run, instead of after the sum's reduction, where its latency was on the
+    // path of every norm (two a layer of a decode step); 32 registers still (the wide kernels
+    // would take 25 more, and load theirs after the reduction).
+    constexpr bool kWeightFirst = kMaxPieces == 1;
+    uint4 weight_held[kMaxPieces];
+    if (kWeightFirst) {
+        weight_held[0] = in_registers && (int)threadIdx.x < pieces
+                             ? *reinterpret_cast<const uint4*>(weight + threadIdx.x * 8)
+                             : make_uint4(0, 0, 0, 0);
+    }
+    tpserve::wait_for_inputs_after_loads();
+    if (in_registers) {
         uint4 held[kMaxPieces];
         float sum_sq = 0.0f;
 #pragma unroll
@@ -59,8 +71,10 @@ __device__ void rms_norm_impl(T* __restrict__ out, T* __restrict__ x,
         for (int j = 0; j < kMaxPieces; ++j) {
             const int p = threadIdx.x + j * blockDim.x;
             if (p < pieces) {
-                const uint4 wv = *reinterpret_cast<const uint4*>(weight + p * 8);
-                const T* w = reinterpret_cast<const T*>(&wv);
+                if (!kWeightFirst) {
+                    weight_held[j] = *reinterpret_cast<const uint4*>(weight + p * 8);
+                }
+                const T* w = reinterpret_cast<const T*>(&weight_held[j]);
                 T* e = reinterpret_cast<T*>(&held[j]);
 #pragma unroll
                 for (int i = 0; i < 8; ++i) {
