@@ -31,12 +31,14 @@ __device__ void rms_norm_impl(T* __restrict__ out, T* __restrict__ x,
     // would take 25 more, and load theirs after the reduction).
     constexpr bool kWeightFirst = kMaxPieces == 1;
     uint4 weight_held[kMaxPieces];
-    if (kWeightFirst) {
+    if constexpr (kWeightFirst) {
         weight_held[0] = in_registers && (int)threadIdx.x < pieces
                              ? *reinterpret_cast<const uint4*>(weight + threadIdx.x * 8)
                              : make_uint4(0, 0, 0, 0);
+        tpserve::wait_for_inputs_after_loads();
+    } else {
+        tpserve::wait_for_inputs();
     }
-    tpserve::wait_for_inputs_after_loads();
     if (in_registers) {
         uint4 held[kMaxPieces];
         float sum_sq = 0.0f;
@@ -71,7 +73,7 @@ __device__ void rms_norm_impl(T* __restrict__ out, T* __restrict__ x,
         for (int j = 0; j < kMaxPieces; ++j) {
             const int p = threadIdx.x + j * blockDim.x;
             if (p < pieces) {
-                if (!kWeightFirst) {
+                if constexpr (!kWeightFirst) {
                     weight_held[j] = *reinterpret_cast<const uint4*>(weight + p * 8);
                 }
                 const T* w = reinterpret_cast<const T*>(&weight_held[j]);

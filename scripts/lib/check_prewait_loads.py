@@ -51,11 +51,11 @@ def main() -> int:
     failures = 0
     for cubin in cubins:
         for name, code in functions(cuobjdump, cubin):
+            wait = next((j for j, line in enumerate(code) if "ACQBULK" in line), None)
             for i, (kernel, instruction, least, what) in enumerate(RULES):
                 if not re.search(kernel, name):
                     continue
                 matched[i] += 1
-                wait = next((j for j, line in enumerate(code) if "ACQBULK" in line), None)
                 if wait is None:
                     print(f"FAIL  {name}: no griddepcontrol.wait (ACQBULK) in its SASS")
                     failures += 1
