@@ -10,8 +10,8 @@ namespace {
 constexpr int kWarps = 4;            // warps per block
 constexpr int kMaxItemsPerWarp = 8;  // (query row, head) pairs one warp carries
 constexpr int kKeysPerTile = 32;     // keys per shared-memory tile: one per lane
-constexpr int kMaxSplits = 64;       // key splits attention_combine merges (kernels.rs:
-                                     // ATTENTION_MAX_SPLITS, which the host's plans respect)
+constexpr int kMaxSplits = 64;       // key splits attention_combine merges (the
+                                     // worker's ATTENTION_MAX_SPLITS, which its plans respect)
 
 __device__ __forceinline__ float warp_reduce_max(float v) {
 #pragma unroll

@@ -35,8 +35,8 @@ template <typename T, typename C, int HD, int STAGES> struct DecodeMmaSmem {
     static constexpr int kBytes = kLoopBytes > kMergeBytes ? kLoopBytes : kMergeBytes;
 };
 
-// Dynamic shared memory of one block of paged_attention_decode_mma (worker/src/cuda/kernels.rs's
-// decode_mma_smem_bytes computes the same: at the entry points' 2 stages, 73,984 bytes at HD 128
+// Dynamic shared memory of one block of paged_attention_decode_mma (decode_mma_smem_bytes in
+// worker/src/cuda/kernels/attention.rs computes the same: at the entry points' 2 stages, 73,984 bytes at HD 128
 // and 39,168 at HD 64 for a cache in the dtype, 71,936 and 37,120 for FP8).
 template <typename T, typename C, int HD, int STAGES>
 __host__ __device__ constexpr int paged_attention_decode_mma_smem_bytes() {

@@ -399,9 +399,9 @@ __device__ __forceinline__ void paged_attention_mma_impl(
     }
 }
 
-// The shapes the worker launches (worker/src/cuda/kernels.rs: MmaShape): 2 m-tiles a warp and
-// key tiles of 64; 4 warps (128 items, 70,656 bytes of shared memory at HD 128), or at HD 128
-// on GPUs that give a block 105,472 bytes, the "wide" entry point's 8 warps (256 items: each K
+// The shapes the worker launches (MmaShape in worker/src/cuda/kernels/attention.rs): 2 m-tiles a
+// warp and key tiles of 64; 4 warps (128 items, 70,656 bytes of shared memory at HD 128), or at
+// HD 128 on GPUs that give a block 105,472 bytes, the "wide" entry point's 8 warps (256 items: each K
 // and V tile serves twice the items; 13-20% faster on an H200 at 2,048-8,192 tokens).
 constexpr int kMmaMTiles = 2;
 constexpr int kMmaKeys = 64;

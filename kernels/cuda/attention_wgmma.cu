@@ -420,9 +420,9 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
-// The shape the worker launches (worker/src/cuda/kernels.rs): 4 warpgroups (256 items: each K
-// and V tile serves twice the items of 2 warpgroups), one block an SM (128 registers a thread,
-// 132,096 bytes of shared memory), key tiles of 64. On an H200 (prefill_attention_bench.cu, one
+// The shape the worker launches (worker/src/cuda/kernels/attention.rs): 4 warpgroups (256
+// items: each K and V tile serves twice the items of 2 warpgroups), one block an SM (128
+// registers a thread, 132,096 bytes of shared memory), key tiles of 64. On an H200 (prefill_attention_bench.cu, one
 // layer from position 0): 1.452 ms at 8,192 tokens against 1.598 with 2 warpgroups at 2 blocks
 // an SM and 1.783 for attention_mma.cu's widest shape.
 constexpr int kWgmmaGroups = 4;

@@ -392,10 +392,11 @@ struct TeamRow {
     float xs[kCandidates];  // a gather's tokens, in the order the blocks appended them
     int ids[kCandidates];
 };
-// The worker allocates this much a row (worker/src/cuda/kernels.rs, TEAM_ROW_BYTES).
+// The worker allocates this much a row (worker/src/cuda/kernels/sampling.rs, TEAM_ROW_BYTES).
 constexpr int kTeamRowBytes =
     16 + 3 * kBins * 4 + kTeamExchanges * kMaxSampleSplits * 32 + kCandidates * 8;
-static_assert(sizeof(TeamRow) == kTeamRowBytes, "kernels.rs allocates kTeamRowBytes a row");
+static_assert(sizeof(TeamRow) == kTeamRowBytes,
+              "worker/src/cuda/kernels/sampling.rs allocates kTeamRowBytes a row");
 
 namespace {
 
@@ -784,7 +785,7 @@ __device__ Gathered gather_bins(const LogitRow<T>& r, Team& team, int which, flo
 // draws are combined, and the last block to finish writes the token. Whatever the split, the
 // thresholds are the same (Team), and so is the token; a threshold that falls back to the
 // bisection is found by every block over the whole row. (The worker's rule for splits:
-// worker/src/cuda/kernels.rs, sample_splits.)
+// worker/src/cuda/kernels/sampling.rs, sample_splits.)
 template <typename T>
 __device__ void sample_impl(unsigned int* __restrict__ out, const T* __restrict__ logits,
                             int num_rows, int vocab_per_rank, int vocab,

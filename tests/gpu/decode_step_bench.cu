@@ -12,7 +12,7 @@
 //   /tmp/db [CONTEXT=256]
 // Environment: SHORT=1 times only the whole step (33, 16 and 64 attention splits) and the step
 // with the MLP as one persistent kernel (fused_mlp_bs1, below).
-// Launch shapes as worker/src/cuda/kernels.rs; GEMV variants chosen per shape by timing them
+// Launch shapes as worker/src/cuda/kernels/; GEMV variants chosen per shape by timing them
 // (as the worker's warm-up does); attention splits as worker/src/cuda/graphs.rs's decode_splits
 // (33 at batch 1 on 132 SMs), and the other split counts for comparison.
 // Each kernel file has its own anonymous-namespace helpers: one namespace per file keeps them

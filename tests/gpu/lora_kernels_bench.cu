@@ -13,7 +13,7 @@
 // How (on the GPU machine, from the repository root):
 //   nvcc -O3 -arch=sm_90 -std=c++17 -I kernels/cuda tests/gpu/lora_kernels_bench.cu -o /tmp/lb
 //   /tmp/lb [ROWS=64] [ADAPTERS=8] [R=16] [RANK=R]
-// Environment: LAYERS (default 32). Launch shapes as worker/src/cuda/kernels.rs's lora_delta.
+// Environment: LAYERS (default 32). Launch shapes as worker/src/cuda/kernels/lora.rs's lora_delta.
 #include "lora.cu"
 
 #include "harness.cuh"
@@ -24,7 +24,7 @@
 #include <vector>
 
 
-// kernels.rs: threads of the expand.
+// kernels/lora.rs: threads of the expand.
 static const int EXPAND_THREADS = 256;
 
 // The base product before a delta: streams `n` 16-byte words once.

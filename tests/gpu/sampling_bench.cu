@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(1024, 1) sample_new(unsigned int* out, const T
     k_new::sample_impl<T>(out, logits, rows, vpr, vocab, t, k, p, mp, seeds, teams);
 }
 
-// Blocks sharing a row at `rows` rows: the worker's rule (worker/src/cuda/kernels.rs,
+// Blocks sharing a row at `rows` rows: the worker's rule (worker/src/cuda/kernels/sampling.rs,
 // sample_splits), or SPLITS when set (the timing of other counts) where the launch's blocks all
 // fit the SMs at once (which a shared row needs; else one block a row).
 static int sm_count = 0;
