@@ -17,8 +17,11 @@
 //! first step until it is freed; rows are handed out lowest first from a pool as large as the
 //! most sequences a step may carry (`ProfileMemory`'s `max_num_seqs`), so the CUDA backend keeps
 //! block tables on the device and sends only the blocks each step appends.
+//!
+//! `admit.rs` applies a plan's diff to the sequences (`sequence.rs`); `rows.rs` lays a step's
+//! rows out as the backend's batch.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -30,67 +33,15 @@ use crate::batch::{Batch, SeqSlice};
 use crate::error::{Result, WorkerError};
 use crate::load::{LoadSpec, MemoryBudget};
 use crate::lora::{Adapters, HostCache, LoraLimits, PlaceCounts};
-use crate::pooling::{check_start, PoolKind, PoolState};
-use crate::sampler::logprobs::MAX_TOP_LOGPROBS;
-use crate::sampler::processors::History;
-use crate::sampler::{RowExtras, SampleSpec, SequenceRng};
+use crate::sampler::{RowExtras, SampleSpec};
 use crate::step_trace::StepTrace;
 
-/// What the worker keeps about one sequence between steps.
-#[derive(Debug)]
-struct SequenceState {
-    /// Every known token: prompt, then sampled ones.
-    tokens: Vec<u32>,
-    /// Tokens whose keys and values are in the cache.
-    num_computed: usize,
-    block_ids: Vec<u32>,
-    sampling: pb::SamplingParams,
-    rng: SequenceRng,
-    /// The sequence's row of the backend's persistent state.
-    slot: usize,
-    /// Leading blocks of `block_ids` the backend has in that row.
-    blocks_seen: usize,
-    /// Leading tokens of `tokens` that are the prompt.
-    num_prompt: usize,
-    /// Logit processors and the token history they need; `None` for plain sequences.
-    history: Option<History>,
-    /// Top tokens wanted with each sampled token's log probability.
-    sample_logprobs: Option<usize>,
-    /// Top tokens wanted with each prompt token's log probability.
-    prompt_logprobs: Option<usize>,
-    /// Its LoRA adapter's id; 0: the base model.
-    adapter: u32,
-    /// The slot the adapter has in the current step.
-    lora_slot: Option<usize>,
-    /// Set for an embedding sequence: it pools instead of sampling.
-    pooling: Option<PoolState>,
-    /// Tells this sequence from an earlier one of the same id.
-    generation: u64,
-    /// Its tokens sampled by launched steps and not back yet (their sample rows, oldest
-    /// first); they follow `tokens`.
-    pending: VecDeque<usize>,
-}
+mod admit;
+mod rows;
+mod sequence;
 
-impl SequenceState {
-    /// Tokens known or being sampled.
-    fn known(&self) -> usize {
-        self.tokens.len() + self.pending.len()
-    }
-
-    /// True when a step that samples or scores this sequence needs [`RowExtras`].
-    fn needs_extras(&self) -> bool {
-        self.history.is_some() || self.sample_logprobs.is_some() || self.prompt_logprobs.is_some()
-    }
-}
-
-/// What a sample row of a step is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct RowRole {
-    id: u64,
-    /// `Some(p)`: the row scores prompt token `p` (it is the row of position `p - 1`) and its
-    /// sampled token is dropped; `None`: the row samples the sequence's next token.
-    prompt_position: Option<usize>,
-}
+use self::rows::{build_batch, row_extras};
+use self::sequence::{RowRole, Scheduled, SequenceState, SlotPool};
 
 /// What one step produced on this worker (rank 0; other ranks return it empty).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -103,33 +54,6 @@ pub struct StepOutcome {
     pub lora: PlaceCounts,
     /// The pooled vectors of the embedding sequences whose prompt this step finished.
     pub pooled: Vec<pb::PooledOutput>,
-}
-
-/// Rows of the backend's persistent per-sequence state not held by a sequence, lowest first.
-#[derive(Debug)]
-struct SlotPool {
-    capacity: usize,
-    /// Free rows, highest first (popped from the end).
-    free: Vec<usize>,
-}
-
-impl SlotPool {
-    fn new(capacity: usize) -> Self {
-        Self {
-            capacity,
-            free: (0..capacity).rev().collect(),
-        }
-    }
-
-    fn take(&mut self) -> Option<usize> {
-        self.free.pop()
-    }
-
-    fn give_back(&mut self, slot: usize) {
-        self.free.push(slot);
-        // Keep handing out the lowest rows first (a few dozen entries at most per step).
-        self.free.sort_unstable_by(|a, b| b.cmp(a));
-    }
 }
 
 /// Where a submitted step's outcome goes; it runs on the runner thread.
@@ -185,12 +109,6 @@ pub struct WarmupReport {
     pub seconds: f64,
     /// What preparing the decode steps did (tuning, CUDA graphs).
     pub decode: DecodePrep,
-}
-
-/// A validated slice of a plan: which sequence, and how many tokens.
-struct Scheduled {
-    id: u64,
-    count: usize,
 }
 
 /// The worker's state machine: communicator -> model -> cache -> steps, on one backend.
@@ -818,286 +736,4 @@ impl Runner {
         }
         Ok(counts)
     }
-
-    /// Checks the plan's LoRA adapters: LoRA on, every new sequence's adapter named by this
-    /// plan or an earlier one, and at most `max_loras` adapters among the sequences the plan
-    /// computes.
-    fn check_adapters(&mut self, plan: &pb::StepPlan) -> Result<()> {
-        let bad = |detail: String| Err(WorkerError::Plan { detail });
-        if !plan.adapters.is_empty() && !self.adapters.enabled() {
-            return bad("the plan names LoRA adapters but LoRA is off (max_loras 0)".into());
-        }
-        for a in &plan.adapters {
-            if a.adapter_id == 0 {
-                return bad(format!("adapter {:?} has id 0", a.name));
-            }
-            self.adapters.register(a.adapter_id, &a.path);
-        }
-        let mut ids: Vec<u32> = Vec::new();
-        for new in plan.new_sequences.iter().filter(|n| n.adapter_id != 0) {
-            if !self.adapters.knows(new.adapter_id) {
-                return bad(format!(
-                    "sequence {} names adapter {}, which no plan has sent",
-                    new.sequence_id, new.adapter_id
-                ));
-            }
-            if new.num_scheduled_tokens > 0 && !ids.contains(&new.adapter_id) {
-                ids.push(new.adapter_id);
-            }
-        }
-        for run in plan.running.iter().filter(|r| r.num_scheduled_tokens > 0) {
-            let id = self
-                .sequences
-                .get(&run.sequence_id)
-                .map_or(0, |s| s.adapter);
-            if id != 0 && !ids.contains(&id) {
-                ids.push(id);
-            }
-        }
-        if ids.len() > self.adapters.max_loras() && !ids.is_empty() {
-            return bad(format!(
-                "the step uses {} LoRA adapters, more than max_loras {}",
-                ids.len(),
-                self.adapters.max_loras()
-            ));
-        }
-        Ok(())
-    }
-
-    /// Applies the plan's frees and additions and checks every scheduled sequence, changing no
-    /// state when the plan is invalid.
-    fn admit(&mut self, plan: &pb::StepPlan) -> Result<Vec<Scheduled>> {
-        self.check_adapters(plan)?;
-        let bad = |detail: String| Err(WorkerError::Plan { detail });
-        for new in &plan.new_sequences {
-            if self.sequences.contains_key(&new.sequence_id)
-                && !plan.freed_sequence_ids.contains(&new.sequence_id)
-            {
-                return bad(format!("sequence {} is already running", new.sequence_id));
-            }
-            if new.num_computed_tokens as usize + new.num_scheduled_tokens as usize
-                > new.token_ids.len()
-            {
-                return bad(format!(
-                    "sequence {} schedules past its known tokens",
-                    new.sequence_id
-                ));
-            }
-        }
-        let mut kinds = (false, false); // (a step pools, a step samples)
-        for new in &plan.new_sequences {
-            if let Some(p) = &new.pooling {
-                check_start(
-                    new.sequence_id,
-                    PoolKind::from_proto(p),
-                    new.num_computed_tokens as usize,
-                )?;
-            }
-            if new.num_scheduled_tokens > 0 {
-                let pools = new.pooling.is_some();
-                kinds = (kinds.0 || pools, kinds.1 || !pools);
-            }
-        }
-        for run in &plan.running {
-            let known = self.sequences.contains_key(&run.sequence_id)
-                && !plan.freed_sequence_ids.contains(&run.sequence_id);
-            if !known {
-                return bad(format!(
-                    "sequence {} is not running on this worker",
-                    run.sequence_id
-                ));
-            }
-            if run.num_scheduled_tokens > 0 {
-                let pools = self.sequences[&run.sequence_id].pooling.is_some();
-                kinds = (kinds.0 || pools, kinds.1 || !pools);
-            }
-        }
-        if kinds.0 && kinds.1 {
-            return bad("the plan mixes embedding and generate sequences in one step".into());
-        }
-        let mut freed: Vec<u64> = plan.freed_sequence_ids.clone();
-        freed.sort_unstable();
-        freed.dedup();
-        let rows_freed = freed
-            .iter()
-            .filter(|id| self.sequences.contains_key(id))
-            .count();
-        if plan.new_sequences.len() > self.slots.free.len() + rows_freed {
-            return bad(format!(
-                "the plan would hold {} sequences on this worker, more than the {} a step may \
-                 carry",
-                self.sequences.len() - rows_freed + plan.new_sequences.len(),
-                self.slots.capacity
-            ));
-        }
-        for id in &plan.freed_sequence_ids {
-            if let Some(state) = self.sequences.remove(id) {
-                self.slots.give_back(state.slot);
-            }
-        }
-        let mut scheduled = Vec::with_capacity(plan.new_sequences.len() + plan.running.len());
-        for new in &plan.new_sequences {
-            let sampling = new.sampling.unwrap_or_default();
-            // An older coordinator that does not send it: all known tokens.
-            let num_prompt = match new.num_prompt_tokens as usize {
-                0 => new.token_ids.len(),
-                n => n,
-            };
-            let logprobs = new.logprobs.unwrap_or_default();
-            let top = |k: Option<u32>| k.map(|k| (k as usize).min(MAX_TOP_LOGPROBS));
-            self.sequences.insert(
-                new.sequence_id,
-                SequenceState {
-                    tokens: new.token_ids.clone(),
-                    num_computed: new.num_computed_tokens as usize,
-                    block_ids: new.block_ids.clone(),
-                    rng: SequenceRng::new(sampling.seed),
-                    sampling,
-                    slot: self.slots.take().expect("counted above"),
-                    blocks_seen: 0,
-                    num_prompt,
-                    history: new
-                        .controls
-                        .clone()
-                        .and_then(|c| History::new(c, &new.token_ids, num_prompt)),
-                    sample_logprobs: top(logprobs.sample),
-                    prompt_logprobs: top(logprobs.prompt),
-                    adapter: new.adapter_id,
-                    lora_slot: None,
-                    pooling: new
-                        .pooling
-                        .as_ref()
-                        .map(|p| PoolState::new(PoolKind::from_proto(p))),
-                    generation: self.next_generation,
-                    pending: VecDeque::new(),
-                },
-            );
-            self.next_generation += 1;
-            scheduled.push(Scheduled {
-                id: new.sequence_id,
-                count: new.num_scheduled_tokens as usize,
-            });
-        }
-        for run in &plan.running {
-            let state = self
-                .sequences
-                .get_mut(&run.sequence_id)
-                .expect("checked above");
-            state.block_ids.extend_from_slice(&run.new_block_ids);
-            scheduled.push(Scheduled {
-                id: run.sequence_id,
-                count: run.num_scheduled_tokens as usize,
-            });
-        }
-        Ok(scheduled)
-    }
-}
-
-/// The extras of one sample row of `state`'s sequence.
-fn row_extras(state: &SequenceState, role: &RowRole) -> RowExtras {
-    match role.prompt_position {
-        Some(p) => RowExtras {
-            edits: Vec::new(),
-            logprobs: state.prompt_logprobs,
-            target: Some(state.tokens[p]),
-            allowed: None,
-        },
-        None => RowExtras {
-            edits: state.history.as_ref().map_or_else(Vec::new, |h| {
-                h.edits(&state.tokens[state.num_prompt.min(state.tokens.len())..])
-            }),
-            logprobs: state.sample_logprobs,
-            target: None,
-            allowed: None,
-        },
-    }
-}
-
-/// Lays the scheduled sequences end to end. Fails on a sequence that schedules past its tokens or
-/// its blocks.
-fn build_batch(
-    sequences: &HashMap<u64, SequenceState>,
-    scheduled: &[Scheduled],
-    block_size: usize,
-    num_blocks: usize,
-) -> Result<(Batch, Vec<RowRole>)> {
-    let mut batch = Batch::default();
-    let mut roles = Vec::new();
-    for s in scheduled {
-        if s.count == 0 {
-            continue;
-        }
-        let state = &sequences[&s.id];
-        let start = state.num_computed;
-        let end = start + s.count;
-        if end > state.known() {
-            return Err(WorkerError::Plan {
-                detail: format!(
-                    "sequence {} schedules {} tokens but knows only {}",
-                    s.id,
-                    end,
-                    state.known()
-                ),
-            });
-        }
-        if end > state.block_ids.len() * block_size {
-            return Err(WorkerError::Plan {
-                detail: format!(
-                    "sequence {} needs {} tokens of KV but has {} blocks",
-                    s.id,
-                    end,
-                    state.block_ids.len()
-                ),
-            });
-        }
-        if let Some(b) = state.block_ids.iter().find(|b| **b as usize >= num_blocks) {
-            return Err(WorkerError::Plan {
-                detail: format!("block {b} is outside the cache of {num_blocks}"),
-            });
-        }
-        let first = batch.token_ids.len();
-        for p in start..end {
-            match state.tokens.get(p) {
-                Some(token) => batch.token_ids.push(*token),
-                None => {
-                    // Sampled by the step in flight: the backend feeds it (or the runner
-                    // answers that step and builds the batch again).
-                    let sample = state.pending[p - state.tokens.len()];
-                    batch.fed.push((batch.token_ids.len(), sample));
-                    batch.token_ids.push(0);
-                }
-            }
-            batch.positions.push(p);
-            batch
-                .slots
-                .push(state.block_ids[p / block_size] as usize * block_size + p % block_size);
-        }
-        batch.seqs.push(SeqSlice {
-            rows: first..first + s.count,
-            start_pos: start,
-            block_ids: state.block_ids.clone(),
-            slot: state.slot,
-            new_blocks_from: state.blocks_seen,
-            lora_slot: state.lora_slot,
-        });
-        if state.prompt_logprobs.is_some() {
-            // Rows whose next token is a prompt token score it (before the sample row).
-            for p in start..end.min(state.num_prompt.saturating_sub(1)) {
-                batch.sample_rows.push(first + p - start);
-                roles.push(RowRole {
-                    id: s.id,
-                    prompt_position: Some(p + 1),
-                });
-            }
-        }
-        // Embedding sequences pool instead of sampling (`Runner::pool_step`).
-        if end == state.known() && state.pooling.is_none() {
-            batch.sample_rows.push(first + s.count - 1);
-            roles.push(RowRole {
-                id: s.id,
-                prompt_position: None,
-            });
-        }
-    }
-    Ok((batch, roles))
 }
