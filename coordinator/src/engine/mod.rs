@@ -8,6 +8,7 @@ pub mod lora_preload;
 pub mod output;
 pub mod trace;
 pub mod types;
+mod wire;
 
 pub use actor::{start_engine, EngineConfig, EngineStatus, GroupLink};
 pub use handle::{EngineHandle, GenerationStream};
