@@ -168,8 +168,17 @@ __device__ void all_reduce_residual_norm_impl(T* __restrict__ out, T* __restrict
                                               const T* __restrict__ weight, int hidden, float eps,
                                               int rows, const unsigned long long* peers,
                                               long long cap, int rank, int world) {
-    tpserve::wait_for_inputs();
     constexpr int kMaxPieces = 4;
+    const int pieces = hidden / 8;
+    // Rows of at most one 16-byte piece a thread (hidden <= 8,192: every model we serve) hold
+    // the thread's piece of the weight, a constant of the model, from before the wait for the
+    // kernel before: its latency is then off the path of every norm, as rms_norm.cu's narrow
+    // kernels have it (docs/PERFORMANCE.md, run 53). Longer rows load theirs after the sums.
+    const bool weight_first = pieces <= (int)blockDim.x;
+    const uint4 weight_piece = weight_first && (int)threadIdx.x < pieces
+                                   ? *reinterpret_cast<const uint4*>(weight + threadIdx.x * 8)
+                                   : make_uint4(0, 0, 0, 0);
+    tpserve::wait_for_inputs_after_loads();
     ArSignals* own = reinterpret_cast<ArSignals*>(peers[rank]);
     __shared__ unsigned int epoch_shared;
     if (threadIdx.x == 0) {
@@ -177,7 +186,6 @@ __device__ void all_reduce_residual_norm_impl(T* __restrict__ out, T* __restrict
     }
     __syncthreads();
     const unsigned int epoch = epoch_shared;
-    const int pieces = hidden / 8;
     const long long slot_vec = cap / 16;
 
     // 1. Push this block's rows into slot `rank` of every rank's buffer.
@@ -242,7 +250,9 @@ __device__ void all_reduce_residual_norm_impl(T* __restrict__ out, T* __restrict
         for (int j = 0; j < kMaxPieces; ++j) {
             const int p = threadIdx.x + j * blockDim.x;
             if (p < pieces) {
-                const uint4 wv = *reinterpret_cast<const uint4*>(weight + p * 8);
+                const uint4 wv = weight_first
+                                     ? weight_piece
+                                     : *reinterpret_cast<const uint4*>(weight + p * 8);
                 const T* w = reinterpret_cast<const T*>(&wv);
                 T* e = reinterpret_cast<T*>(&held[j]);
 #pragma unroll

@@ -28,6 +28,7 @@ RULES = [
     (r"gemv_(fp8_)?mma\w*_(bf16|f16)$", r"\bCCTL\b", 1, "the L2 prefetch of its first tiles"),
     (r"paged_attention_decode_hd\d+\w*_(bf16|f16)$", r"\bLDGSTS\b", 1, "earlier steps' keys and values"),
     (r"rms_norm(_residual)?(_fp8_rows)?_(bf16|f16)$", r"\bLDG\.E\.128\b", 1, "its piece of the weight"),
+    (r"all_reduce_residual_norm_(bf16|f16)$", r"\bLDG\.E\.128\b", 1, "its piece of the weight"),
     (r"attention_combine_(bf16|f16)$", r"\bPREEXIT\b", 1, "the next kernel's launch"),
 ]
 
