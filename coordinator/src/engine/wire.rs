@@ -1,6 +1,7 @@
 //! The engine's messages as the worker protocol carries them: a step plan and its sequences'
-//! sampling, extras and pooling going out, log probabilities coming back. The one place the
-//! engine converts to and from protobuf.
+//! sampling, extras and pooling going out, a token's log probabilities coming back. (The actor
+//! itself builds a plan's structured-output masks and takes prompt log probabilities as they
+//! come.)
 
 use std::collections::HashMap;
 
