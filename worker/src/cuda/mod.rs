@@ -28,6 +28,7 @@ mod kernels;
 mod launch;
 mod linear;
 mod linear_tuning;
+mod loader;
 mod logit_extras;
 mod lora;
 mod model;
