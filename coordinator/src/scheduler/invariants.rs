@@ -1,6 +1,6 @@
 //! The scheduler's invariant checker: every structure against the others (the block pool, the
-//! block tables, the queues, the outstanding plans, the prefix cache). The unit tests and the
-//! property tests run it after every operation.
+//! block tables, the queues, the outstanding plans, the prefix cache). The property tests run
+//! it after their operations, the unit tests where they check a state.
 
 use super::sequence::{SeqStatus, Sequence};
 use super::{Scheduler, MAX_OUTSTANDING};
