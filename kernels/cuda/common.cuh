@@ -199,14 +199,14 @@ __device__ __forceinline__ int2 split_keys(int ctx, int split, int num_splits, i
 // every earlier kernel has finished and its writes are visible: every kernel calls it first,
 // except for reads of what no kernel of the step writes or what finished before the kernel
 // before it started (the GEMV warms its weights into L2, the LoRA kernels load their adapter
-// slots, the narrow RMSNorms their weight, the decode attention earlier steps' keys and
-// values). It then lets the next kernel launch at once, so that kernel's blocks are resident and
-// waiting when this one ends, instead of paying a launch after it. (Letting it launch before waiting, so that a GEMV after
-// a norm warms its weights during the previous GEMV's tail, was measured: 0.17 ms slower per
-// 8B decode step; docs/PERFORMANCE.md, issue 9, session 6. After a kernel bound by latency it
-// pays: let_next_kernel_launch below.) Loads placed before it stay there only behind a branch
-// (wait_for_inputs_after_loads below). Without the attribute, or before sm_90, both
-// instructions are no-ops.
+// slots, the narrow RMSNorms and the fused all-reduce norm their weight, the decode attention
+// earlier steps' keys and values). It then lets the next kernel launch at once, so that kernel's
+// blocks are resident and waiting when this one ends, instead of paying a launch after it.
+// (Letting it launch before waiting, so that a GEMV after a norm warms its weights during the
+// previous GEMV's tail, was measured: 0.17 ms slower per 8B decode step; docs/PERFORMANCE.md,
+// issue 9, session 6. After a kernel bound by latency it pays: let_next_kernel_launch below.)
+// Loads placed before it stay there only behind a branch (wait_for_inputs_after_loads below).
+// Without the attribute, or before sm_90, both instructions are no-ops.
 __device__ __forceinline__ void wait_for_inputs() {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
