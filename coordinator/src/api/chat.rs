@@ -20,14 +20,14 @@ use axum::Extension;
 use serde_json::{json, Map, Value};
 
 use super::error::{ApiError, ApiJson};
-use super::gateway::{place_request, Ask, Caller, Tokens};
+use super::gateway::{place_request, Ask, Caller};
 use super::logprobs::TokenTexts;
 use super::protocol::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, ChatFinishReason, ChatMessageIn, ChatMessageOut,
     FunctionCallDelta, FunctionCallOut, ToolCallDelta, ToolCallOut, Usage,
 };
-use super::sequences::{collect_all, submit_all};
+use super::sequences::{answer_tokens, collect_all, submit_all};
 use super::sse::{json_event, stream_response, ChunkWriter, Delta, StreamUsage};
 use super::structured::{compile_constraint, compile_tool_call_schema};
 use super::tokenize::encode;
@@ -143,21 +143,12 @@ pub async fn chat_completions(
     }
 
     let collected = collect_all(sequences).await?;
-    let completion_tokens = collected
-        .iter()
-        .map(|c| u64::from(c.completion_tokens))
-        .sum();
-    let cached_tokens = collected
-        .iter()
-        .find(|c| c.index == 0)
-        .map_or(0, |c| u64::from(c.cached_tokens));
-    if let Some(ticket) = &placement.ticket {
-        ticket.complete(Tokens {
-            prompt: prompt_tokens,
-            cached: cached_tokens,
-            completion: completion_tokens,
-        });
-    }
+    let tokens = answer_tokens(
+        &collected,
+        params.n,
+        prompt_tokens,
+        placement.ticket.as_deref(),
+    );
     let texts = TokenTexts::new(&tokenizer);
     // Every choice has the same prompt: the first one's prompt log probabilities serve.
     let prompt_logprobs = collected
@@ -196,7 +187,7 @@ pub async fn chat_completions(
         created,
         model,
         choices,
-        usage: Usage::new(prompt_tokens, completion_tokens, cached_tokens),
+        usage: Usage::new(tokens.prompt, tokens.completion, tokens.cached),
         prompt_logprobs,
     })
     .into_response())

@@ -16,10 +16,10 @@ use axum::Extension;
 use serde_json::Value;
 
 use super::error::{ApiError, ApiJson};
-use super::gateway::{place_request, Ask, Caller, Tokens};
+use super::gateway::{place_request, Ask, Caller};
 use super::logprobs::{CompletionLogprobs, TokenTexts};
 use super::protocol::{CompletionChoice, CompletionRequest, CompletionResponse, Usage};
-use super::sequences::{collect_all, submit_all};
+use super::sequences::{answer_tokens, collect_all, submit_all};
 use super::sse::{json_event, stream_response, ChunkWriter, Delta, StreamUsage};
 use super::structured::compile_constraint;
 use super::tokenize::{decode, encode};
@@ -157,23 +157,12 @@ pub async fn completions(
     }
 
     let collected = collect_all(sequences).await?;
-    let completion_tokens = collected
-        .iter()
-        .map(|c| u64::from(c.completion_tokens))
-        .sum();
-    // Each prompt's first choice says how much of that prompt the prefix cache held.
-    let cached_tokens = collected
-        .iter()
-        .filter(|c| c.index % params.n == 0)
-        .map(|c| u64::from(c.cached_tokens))
-        .sum();
-    if let Some(ticket) = &placement.ticket {
-        ticket.complete(Tokens {
-            prompt: prompt_tokens,
-            cached: cached_tokens,
-            completion: completion_tokens,
-        });
-    }
+    let tokens = answer_tokens(
+        &collected,
+        params.n,
+        prompt_tokens,
+        placement.ticket.as_deref(),
+    );
     let texts = TokenTexts::new(&model.tokenizer);
     let choices = collected
         .into_iter()
@@ -212,9 +201,9 @@ pub async fn completions(
         model: name,
         choices,
         usage: Some(Some(Usage::new(
-            prompt_tokens,
-            completion_tokens,
-            cached_tokens,
+            tokens.prompt,
+            tokens.completion,
+            tokens.cached,
         ))),
     })
     .into_response())

@@ -8,6 +8,7 @@
 use futures::stream::{self, Stream, StreamExt};
 
 use super::error::ApiError;
+use super::gateway::{Ticket, Tokens};
 use crate::engine::{
     EngineHandle, FinishReason, GenerateEvent, GenerateRequest, GenerationStream, TokenLogprobs,
 };
@@ -45,6 +46,33 @@ pub struct Collected {
     pub logprobs: Vec<TokenLogprobs>,
     /// The prompt's, when asked for (one per prompt token, `None` for the first).
     pub prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
+}
+
+/// A whole (not streamed) answer's tokens: every choice's completion tokens, and the prompt
+/// tokens the prefix cache held as each prompt's first choice reports them (choices `p n ..
+/// (p + 1) n` answer prompt `p`). Reported to the gateway's ticket when the request has one.
+pub fn answer_tokens(
+    collected: &[Collected],
+    n: u32,
+    prompt_tokens: u64,
+    ticket: Option<&Ticket>,
+) -> Tokens {
+    let tokens = Tokens {
+        prompt: prompt_tokens,
+        cached: collected
+            .iter()
+            .filter(|c| c.index % n.max(1) == 0)
+            .map(|c| u64::from(c.cached_tokens))
+            .sum(),
+        completion: collected
+            .iter()
+            .map(|c| u64::from(c.completion_tokens))
+            .sum(),
+    };
+    if let Some(ticket) = ticket {
+        ticket.complete(tokens);
+    }
+    tokens
 }
 
 /// Runs every sequence to its end, concurrently; sorted by choice index. The first error wins
