@@ -125,6 +125,18 @@ pub fn signal(pid: u32, sig: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// `--model MODEL --served-model-name smollm2`, then `args`.
+fn smollm2_args<'a>(model: &'a std::path::Path, args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = vec![
+        "--model",
+        model.to_str().expect("the default model's path is UTF-8"),
+        "--served-model-name",
+        "smollm2",
+    ];
+    all.extend_from_slice(args);
+    all
+}
+
 /// A running `tpserve serve`.
 pub struct Server {
     /// `http://127.0.0.1:PORT`.
@@ -145,6 +157,19 @@ impl Server {
         let logs = Logs::default();
         let server = Self::start_with(args, rust_log, Some(logs.clone())).await;
         (server, logs)
+    }
+
+    /// [`Server::start`] on the default model (SmolLM2), served as `smollm2` (the name the tests'
+    /// requests give), with `args` after.
+    pub async fn smollm2(args: &[&str]) -> Server {
+        let model = default_model();
+        Self::start(&smollm2_args(&model, args)).await
+    }
+
+    /// [`Server::start_logged`] as [`Server::smollm2`] starts.
+    pub async fn smollm2_logged(args: &[&str], rust_log: &str) -> (Server, Logs) {
+        let model = default_model();
+        Self::start_logged(&smollm2_args(&model, args), rust_log).await
     }
 
     async fn start_with(args: &[&str], rust_log: &str, logs: Option<Logs>) -> Server {

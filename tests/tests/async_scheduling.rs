@@ -6,22 +6,12 @@
 //! end-of-sequence token ends is not charged the token async scheduling computes after it.
 
 use serde_json::{json, Value};
-use tpserve_e2e::{chat_stream_text, default_model, metric, post_json, read_sse, Server};
+use tpserve_e2e::{chat_stream_text, metric, post_json, read_sse, Server};
 
 async fn server(extra: &[&str]) -> Server {
-    let model = default_model();
-    let mut args = vec![
-        "--model",
-        model.to_str().unwrap(),
-        "--served-model-name",
-        "smollm2",
-        "--max-model-len",
-        "1024",
-        "--max-num-batched-tokens",
-        "64",
-    ];
+    let mut args = vec!["--max-model-len", "1024", "--max-num-batched-tokens", "64"];
     args.extend_from_slice(extra);
-    Server::start(&args).await
+    Server::smollm2(&args).await
 }
 
 /// How a request is expected to end.

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tpserve_e2e::{binary, default_model, post_json, read_sse, signal, start_etcd, Proc, Server};
+use tpserve_e2e::{binary, post_json, read_sse, signal, start_etcd, Proc, Server};
 
 fn start_worker(etcd: &str, cluster: &str, rank: usize) -> Proc {
     let child = Command::new(binary("tpserve-worker"))
@@ -42,12 +42,7 @@ async fn three_workers_from_etcd_serve_and_a_killed_one_rejoins() {
     let (_etcd, etcd) = start_etcd(&dir);
     let cluster = format!("e2e-{}", std::process::id());
     let mut workers: Vec<Proc> = (0..3).map(|r| start_worker(&etcd, &cluster, r)).collect();
-    let model = default_model();
-    let s = Server::start(&[
-        "--model",
-        model.to_str().unwrap(),
-        "--served-model-name",
-        "smollm2",
+    let s = Server::smollm2(&[
         "--max-model-len",
         "1024",
         "-t",

@@ -6,22 +6,11 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tpserve_e2e::{default_model, post_json, read_sse, signal, Server};
+use tpserve_e2e::{post_json, read_sse, signal, Server};
 
 #[tokio::test]
 async fn a_killed_worker_fails_its_requests_fast_and_the_group_re_forms() {
-    let model = default_model();
-    let s = Server::start(&[
-        "--model",
-        model.to_str().unwrap(),
-        "--served-model-name",
-        "smollm2",
-        "--max-model-len",
-        "1024",
-        "-t",
-        "3",
-    ])
-    .await;
+    let s = Server::smollm2(&["--max-model-len", "1024", "-t", "3"]).await;
     let http = reqwest::Client::new();
     let greedy = json!({"model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0});
     let before: Value = post_json(&http, s.url("/v1/chat/completions"), &greedy).await;

@@ -9,24 +9,16 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tpserve_e2e::{default_model, read_sse, Server};
+use tpserve_e2e::{read_sse, Server};
 
 /// An upper bound on waits, so a broken server fails the test instead of hanging it; never a
 /// timing assertion.
 const HANG: Duration = Duration::from_secs(60);
 
 async fn server(extra: &[&str]) -> Server {
-    let model = default_model();
-    let mut args = vec![
-        "--model",
-        model.to_str().unwrap(),
-        "--served-model-name",
-        "smollm2",
-        "--max-model-len",
-        "64",
-    ];
+    let mut args = vec!["--max-model-len", "64"];
     args.extend_from_slice(extra);
-    Server::start(&args).await
+    Server::smollm2(&args).await
 }
 
 /// Asserts OpenAI's error shape with `status`, `code` and `param`, and an `X-Request-Id`.
@@ -250,12 +242,7 @@ const SECRET_PROMPT: &str = "The password is swordfish-7731";
 const API_KEY: &str = "sk-test-key-9f8e7d";
 
 async fn logged_server(extra: &[&str]) -> (Server, tpserve_e2e::Logs) {
-    let model = default_model();
     let mut args = vec![
-        "--model",
-        model.to_str().unwrap(),
-        "--served-model-name",
-        "smollm2",
         "--max-model-len",
         "256",
         "--log-format",
@@ -264,7 +251,7 @@ async fn logged_server(extra: &[&str]) -> (Server, tpserve_e2e::Logs) {
         API_KEY,
     ];
     args.extend_from_slice(extra);
-    Server::start_logged(&args, "debug,h2=warn,hyper=warn,tower=warn,tonic=warn").await
+    Server::smollm2_logged(&args, "debug,h2=warn,hyper=warn,tower=warn,tonic=warn").await
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tpserve_e2e::{chat_stream_text, default_model, read_sse, signal, Server};
+use tpserve_e2e::{chat_stream_text, read_sse, signal, Server};
 
 /// The engine loop may stand still this long before `/live` says so.
 const STALL_TIMEOUT_S: &str = "3";
@@ -62,12 +62,7 @@ async fn until_status(
 
 #[tokio::test]
 async fn live_turns_unhealthy_when_a_step_hangs_and_stays_healthy_while_workers_reload() {
-    let model = default_model();
-    let s = Server::start(&[
-        "--model",
-        model.to_str().unwrap(),
-        "--served-model-name",
-        "smollm2",
+    let s = Server::smollm2(&[
         "--max-model-len",
         "1024",
         "-t",

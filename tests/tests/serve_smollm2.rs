@@ -8,19 +8,9 @@ const FRANCE: &str = "What is the capital of France?";
 const PARIS: &str = "The capital of France is Paris.";
 
 async fn server(extra: &[&str]) -> Server {
-    let model = default_model();
-    let mut args = vec![
-        "--model",
-        model.to_str().unwrap(),
-        "--served-model-name",
-        "smollm2",
-        "--max-model-len",
-        "2048",
-        "--max-num-batched-tokens",
-        "128",
-    ];
+    let mut args = vec!["--max-model-len", "2048", "--max-num-batched-tokens", "128"];
     args.extend_from_slice(extra);
-    Server::start(&args).await
+    Server::smollm2(&args).await
 }
 
 fn chat(messages: Value, stream: bool) -> Value {

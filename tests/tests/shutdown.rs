@@ -5,21 +5,10 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tpserve_e2e::{chat_stream_text, default_model, read_sse, Server};
+use tpserve_e2e::{chat_stream_text, read_sse, Server};
 
 async fn server(timeout: &str) -> Server {
-    let model = default_model();
-    Server::start(&[
-        "--model",
-        model.to_str().unwrap(),
-        "--served-model-name",
-        "smollm2",
-        "--max-model-len",
-        "1024",
-        "--shutdown-timeout",
-        timeout,
-    ])
-    .await
+    Server::smollm2(&["--max-model-len", "1024", "--shutdown-timeout", timeout]).await
 }
 
 fn request(max_tokens: u32) -> serde_json::Value {

@@ -7,27 +7,22 @@
 use std::path::PathBuf;
 
 use serde_json::{json, Value};
-use tpserve_e2e::{chat_template, default_model, post_json, read_sse, repo_root, Server};
+use tpserve_e2e::{chat_template, post_json, read_sse, repo_root, Server};
 
 fn qwen_template() -> PathBuf {
     chat_template("Qwen-Qwen2.5-7B-Instruct.jinja")
 }
 
 async fn server(extra: &[&str]) -> Server {
-    let model = default_model();
     let template = qwen_template();
     let mut args = vec![
-        "--model",
-        model.to_str().unwrap(),
-        "--served-model-name",
-        "smollm2",
         "--max-model-len",
         "2048",
         "--chat-template",
         template.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    Server::start(&args).await
+    Server::smollm2(&args).await
 }
 
 fn weather_tool() -> Value {

@@ -17,7 +17,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use serde_json::json;
-use tpserve_e2e::{default_model, Server};
+use tpserve_e2e::Server;
 
 /// A span as received, with the `service.name` of the process that sent it.
 #[derive(Debug, Clone)]
@@ -142,12 +142,7 @@ fn hex(bytes: &[u8]) -> String {
 async fn traced_server(endpoint: &str, extra: &[&str]) -> Server {
     // The exporters' batches go out every 100 ms rather than every 5 s (workers inherit it).
     std::env::set_var("OTEL_BSP_SCHEDULE_DELAY", "100");
-    let model = default_model();
     let mut args = vec![
-        "--model",
-        model.to_str().unwrap(),
-        "--served-model-name",
-        "smollm2",
         "--max-model-len",
         "512",
         "--max-num-batched-tokens",
@@ -156,7 +151,7 @@ async fn traced_server(endpoint: &str, extra: &[&str]) -> Server {
         endpoint,
     ];
     args.extend_from_slice(extra);
-    Server::start(&args).await
+    Server::smollm2(&args).await
 }
 
 /// A chat request of about 60 prompt tokens (two prefill chunks of at most 32), continuing the

@@ -4,22 +4,12 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tpserve_e2e::{
-    chat_stream_text, default_model, metric, post_json, read_sse, wait_until_idle, Server,
-};
+use tpserve_e2e::{chat_stream_text, metric, post_json, read_sse, wait_until_idle, Server};
 
 async fn server(extra: &[&str]) -> Server {
-    let model = default_model();
-    let mut args = vec![
-        "--model",
-        model.to_str().unwrap(),
-        "--served-model-name",
-        "smollm2",
-        "--max-num-batched-tokens",
-        "128",
-    ];
+    let mut args = vec!["--max-num-batched-tokens", "128"];
     args.extend_from_slice(extra);
-    Server::start(&args).await
+    Server::smollm2(&args).await
 }
 
 fn chat(prompt: &str, max_tokens: u32, stream: bool) -> Value {

@@ -140,12 +140,7 @@ async fn a_worker_with_tls_answers_only_callers_its_ca_signed_and_serves_through
 
     // The coordinator's side: spawned workers serve with the same files, the coordinator
     // presents them, and a completion goes through.
-    let model = default_model();
-    let s = Server::start(&[
-        "--model",
-        model.to_str().unwrap(),
-        "--served-model-name",
-        "smollm2",
+    let s = Server::smollm2(&[
         "--max-model-len",
         "256",
         "-t",
