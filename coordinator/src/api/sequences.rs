@@ -139,3 +139,44 @@ pub fn merged(
             .map(|ChoiceStream { index, stream }| stream.map(move |event| (index, event))),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn choice(index: u32, completion_tokens: u32, cached_tokens: u32) -> Collected {
+        Collected {
+            index,
+            text: String::new(),
+            finish_reason: FinishReason::Length,
+            completion_tokens,
+            cached_tokens,
+            logprobs: Vec::new(),
+            prompt_logprobs: None,
+        }
+    }
+
+    #[test]
+    fn answer_tokens_sum_every_choice_and_each_prompts_cached_tokens_once() {
+        // Two prompts, two choices each: choices 0 and 1 answer prompt 0 (16 tokens cached),
+        // choices 2 and 3 prompt 1 (32 cached).
+        let collected = [
+            choice(0, 3, 16),
+            choice(1, 5, 16),
+            choice(2, 7, 32),
+            choice(3, 9, 32),
+        ];
+        let tokens = answer_tokens(&collected, 2, 100, None);
+        assert_eq!(
+            tokens,
+            Tokens {
+                prompt: 100,
+                cached: 48,
+                completion: 24
+            }
+        );
+        // One prompt (a chat) with three choices: its cached tokens count once.
+        let chat = [choice(0, 1, 8), choice(1, 2, 8), choice(2, 3, 8)];
+        assert_eq!(answer_tokens(&chat, 3, 10, None).cached, 8);
+    }
+}
