@@ -104,8 +104,8 @@ inline unsigned lcg_next(unsigned& s) {
 // decode graphs launch their kernels (each waits for its inputs in common.cuh's
 // wait_for_inputs, after what it may do before).
 template <typename... KArgs, typename... Args>
-inline void launch_pdl(cudaStream_t stream, void (*kernel)(KArgs...), dim3 grid, dim3 block,
-                       Args... args) {
+inline void launch_pdl_smem(cudaStream_t stream, void (*kernel)(KArgs...), dim3 grid, dim3 block,
+                            size_t shared_bytes, Args... args) {
     cudaLaunchAttribute pdl = {};
     pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     pdl.val.programmaticStreamSerializationAllowed = 1;
@@ -115,7 +115,15 @@ inline void launch_pdl(cudaStream_t stream, void (*kernel)(KArgs...), dim3 grid,
     c.stream = stream;
     c.gridDim = grid;
     c.blockDim = block;
+    c.dynamicSmemBytes = shared_bytes;
     CK(cudaLaunchKernelEx(&c, kernel, static_cast<KArgs>(args)...));
+}
+
+// launch_pdl without dynamic shared memory.
+template <typename... KArgs, typename... Args>
+inline void launch_pdl(cudaStream_t stream, void (*kernel)(KArgs...), dim3 grid, dim3 block,
+                       Args... args) {
+    launch_pdl_smem(stream, kernel, grid, block, 0, args...);
 }
 
 // A comma list of integers from the environment variable `name` ("1,4,8"), or `fallback` when

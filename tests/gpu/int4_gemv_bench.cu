@@ -8,6 +8,9 @@
 // figure is also a fraction of it. The summary gives each variant at its best k_split a product.
 // dequantize_w4 (the path of larger products) is checked bit for bit against the CPU, and group
 // sizes 32 and one group a row (GPTQ's -1) and f16 activations are checked for correctness.
+// The variants include an experiment, gemv_w4_xs (x staged in shared memory after the wait, a
+// ring of weights and parameters only: deeper rings or more warps an SM in the same registers),
+// at up to 200 KiB of dynamic shared memory (rows x k x 2 bytes; skipped above).
 // gemm_w4 (9 to 64 rows, more in chunks) is checked against the CPU and bit for bit against the
 // GEMV run 8 rows at a time at the same k_split, and timed at 16 to 256 rows (GEMM_ROWS, a comma
 // list) at every k_split, beside the GEMV 8 rows a launch and dequantize_w4 alone (GEMM_ONLY=1:
@@ -71,12 +74,142 @@ __global__ void __launch_bounds__(256)
     gemv_w4<T, kAhead>(y, x, w, params, rows, n_out, k, group_shift, k_split);
 }
 
+// An experiment (issue 12): gemv_w4 with x staged in shared memory. After the wait each warp
+// copies x's rows over its part of K into shared memory at once (one L2 round trip), so the
+// register ring holds only weights and group parameters (6 registers a tile instead of 14) and
+// can run deeper, or leave room for more warps. Groups of 64 inputs or more only; the same
+// arithmetic in the same order as gemv_w4 (so the same bits at the same k_split). Dynamic shared
+// memory: rows x k x 2 bytes.
+struct WTile {
+    uint4 w;
+    uint2 p;
+};
+
+template <typename T, int kAhead>
+__device__ void gemv_w4_xs(T* __restrict__ y, const T* __restrict__ x,
+                           const uint4* __restrict__ w, const unsigned int* __restrict__ params,
+                           int rows, int n_out, int k, int group_shift, int k_split) {
+    using Pair = W4Pair<T>;
+    extern __shared__ uint4 x_shared[];
+    __shared__ float partial[kMaxSplit][16][8];
+    constexpr int kSlots = kAhead + 1;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    const int rb = blockIdx.x;
+    const int k_tiles = k / 64;
+    const int part_tiles = k_tiles / k_split;
+    const int kt0 = warp * part_tiles;
+    const int groups = group_shift >= 31 ? 1 : k >> group_shift;
+    const uint4* wp = w + ((long long)rb * k_tiles + kt0) * 32 + lane;
+    const uint2* pp = reinterpret_cast<const uint2*>(params) + (long long)rb * groups * 8 + g;
+    auto load = [&](WTile& tile, int i) {
+        tile.w = load_streaming(wp + 32 * i);
+        tile.p = __ldg(pp + 8 * (static_cast<unsigned int>(kt0 + i) >> (group_shift - 6)));
+    };
+    WTile slot[kSlots];
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) {
+        if (u < part_tiles) {
+            load(slot[u], u);
+        }
+    }
+    tpserve::wait_for_inputs_after_loads();
+    // This warp's part of x, every row: 8 pieces of 16 bytes a tile and row.
+    T* xs = reinterpret_cast<T*>(x_shared);
+    const int pieces = part_tiles * 8;
+    for (int m = 0; m < rows; ++m) {
+        const uint4* src = reinterpret_cast<const uint4*>(x + (long long)m * k + 64 * kt0);
+        uint4* dst = reinterpret_cast<uint4*>(xs + m * k + 64 * kt0);
+        for (int q = lane; q < pieces; q += 32) {
+            dst[q] = __ldg(src + q);
+        }
+    }
+    __syncwarp();
+    const T* xr = xs + (g < rows ? g : 0) * k + 64 * kt0 + 16 * t;
+    float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int i = 0; i < part_tiles; i += kSlots) {
+#pragma unroll
+        for (int u = 0; u < kSlots; ++u) {
+            if (i + u >= part_tiles) {
+                break;
+            }
+            if (i + u + kAhead < part_tiles) {
+                load(slot[(u + kAhead) % kSlots], i + u + kAhead);
+            }
+            const WTile& cur = slot[u];
+            const uint4 x0 = *reinterpret_cast<const uint4*>(xr + 64 * (i + u));
+            const uint4 x1 = *reinterpret_cast<const uint4*>(xr + 64 * (i + u) + 8);
+            const unsigned int words[4] = {cur.w.x, cur.w.y, cur.w.z, cur.w.w};
+            const unsigned int xw[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            const float2 pa = group_params(cur.p.x);
+            const float2 pb = group_params(cur.p.y);
+            const unsigned int zero_a = Pair::offset(pa.y);
+            const unsigned int zero_b = Pair::offset(pb.y);
+#pragma unroll
+            for (int s = 0; s < 4; ++s) {
+                unsigned int a[4];
+                step_fragment<T>(words[s], zero_a, zero_b, a);
+                tpserve::Mma<T>::run(acc, a, xw[2 * s], xw[2 * s + 1]);
+            }
+            add_scaled(total, acc, pa.x, pb.x);
+        }
+    }
+    partial[warp][g][2 * t] = total[0];
+    partial[warp][g][2 * t + 1] = total[1];
+    partial[warp][g + 8][2 * t] = total[2];
+    partial[warp][g + 8][2 * t + 1] = total[3];
+    __syncthreads();
+    if (warp != 0) {
+        return;
+    }
+    const int row = lane >> 1;
+    const long long n = rb * 16 + row;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        const int m = 4 * (lane & 1) + c;
+        float sum = 0.0f;
+        for (int p = 0; p < k_split; ++p) {
+            sum += partial[p][row][m];
+        }
+        if (m < rows) {
+            y[(long long)m * n_out + n] = tpserve::from_float<T>(sum);
+        }
+    }
+}
+
+template <int kAhead, typename T>
+__global__ void __launch_bounds__(512)
+    variant_xs(T* y, const T* x, const uint4* w, const unsigned* params, int rows, int n_out,
+               int k, int group_shift, int k_split) {
+    gemv_w4_xs<T, kAhead>(y, x, w, params, rows, n_out, k, group_shift, k_split);
+}
+
+// The same at most 64 registers a thread: up to 32 warps an SM instead of 16.
+template <int kAhead, typename T>
+__global__ void __maxnreg__(64)
+    variant_xs64(T* y, const T* x, const uint4* w, const unsigned* params, int rows, int n_out,
+                 int k, int group_shift, int k_split) {
+    gemv_w4_xs<T, kAhead>(y, x, w, params, rows, n_out, k, group_shift, k_split);
+}
+
+// The same at most 80 registers a thread: up to 24 warps an SM instead of 16.
+template <int kAhead, typename T>
+__global__ void __maxnreg__(80)
+    variant_xs80(T* y, const T* x, const uint4* w, const unsigned* params, int rows, int n_out,
+                 int k, int group_shift, int k_split) {
+    gemv_w4_xs<T, kAhead>(y, x, w, params, rows, n_out, k, group_shift, k_split);
+}
+
 typedef void (*Kernel)(bf*, const bf*, const uint4*, const unsigned*, int, int, int, int, int);
 struct Variant {
     const char* name;
     Kernel kernel;
     bool old_layout;
     int max_split;
+    bool x_shared = false;  // takes rows x k x 2 bytes of dynamic shared memory (variant_xs)
 };
 
 // A 4-bit weight [n, k] in groups, and what the layouts make of it.
@@ -508,7 +641,19 @@ int main() {
         {"at most 256 threads, ahead 4", variant256<4, bf>, false, 8},
         {"at most 256 threads, ahead 6", variant256<6, bf>, false, 8},
         {"at most 256 threads, ahead 8", variant256<8, bf>, false, 8},
+        {"x in shared memory, ahead 4", variant_xs<4, bf>, false, 16, true},
+        {"x in shared memory, ahead 8", variant_xs<8, bf>, false, 16, true},
+        {"x in shared memory, ahead 12", variant_xs<12, bf>, false, 16, true},
+        {"x in shared memory, ahead 3, 64 registers", variant_xs64<3, bf>, false, 16, true},
+        {"x in shared memory, ahead 6, 80 registers", variant_xs80<6, bf>, false, 16, true},
+        {"x in shared memory, ahead 8, 80 registers", variant_xs80<8, bf>, false, 16, true},
     };
+    for (const Variant& v : variants) {
+        if (v.x_shared) {
+            CK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    200 * 1024));
+        }
+    }
 #ifdef TPSERVE_HEAD_INT4
     // The GEMV of an earlier int4.cu in this layout: the reference for time and for bits.
     variants.insert(variants.begin(), {"HEAD gemv_w4", k_head::head_gemv_w4_bf16, false, 16});
@@ -554,14 +699,16 @@ int main() {
                 const Variant& v = variants[vi];
                 for (int split = 1; split <= v.max_split; split *= 2) {
                     if ((s.k / 64) % split) continue;
+                    const size_t smem = v.x_shared ? (size_t)rows * s.k * sizeof(bf) : 0;
+                    if (smem > 200 * 1024) continue;
                     auto run = [&](int c) {
                         const uint4* wp = reinterpret_cast<const uint4*>(v.old_layout ? dwo[c]
                                                                                        : dwn[c]);
                         const unsigned* pp = v.old_layout ? dpo[c] : dpn[c];
                         // The old kernel takes group_size, the new one its log2.
                         const int g = v.old_layout ? 128 : 7;
-                        launch_pdl(st, v.kernel, dim3(s.n / 16), dim3(32 * split), dy, (const bf*)dx,
-                               wp, pp, rows, s.n, s.k, g, split);
+                        launch_pdl_smem(st, v.kernel, dim3(s.n / 16), dim3(32 * split), smem, dy,
+                                        (const bf*)dx, wp, pp, rows, s.n, s.k, g, split);
                     };
                     run(0);
                     CK(cudaStreamSynchronize(st));
