@@ -141,23 +141,13 @@ impl Loader<'_> {
         let WeightSource::Reader(reader) = self.source else {
             return Ok(None);
         };
-        let mut tensors = Vec::with_capacity(parts.len());
-        for part in parts {
-            let slice = part.slice.as_ref().map(|(dim, r)| (*dim, r.start, r.len()));
-            let Some(t) = reader.read_int4(&part.name, slice)? else {
-                return Ok(None);
-            };
-            if [t.rows, t.cols] != part.shape[..] {
-                return Err(crate::weights::tensor_err(
-                    &part.name,
-                    format!(
-                        "4-bit shape [{}, {}], expected {:?}",
-                        t.rows, t.cols, part.shape
-                    ),
-                ));
-            }
-            tensors.push(t);
-        }
+        let Some(tensors) = read_stored_parts(parts, "4-bit", |name, slice| {
+            let t = reader.read_int4(name, slice)?;
+            Ok(t.map(|t| ([t.rows, t.cols], t)))
+        })?
+        else {
+            return Ok(None);
+        };
         let group_size = tensors[0].group_size;
         // The parts of a fused product share its inputs, so also their order.
         if tensors
@@ -227,23 +217,13 @@ impl Loader<'_> {
         if parts.iter().any(|p| reader.stored_dtype(&p.name) != fp8) {
             return Ok(None);
         }
-        let mut tensors = Vec::with_capacity(parts.len());
-        for part in parts {
-            let slice = part.slice.as_ref().map(|(dim, r)| (*dim, r.start, r.len()));
-            let Some(t) = reader.read_fp8(&part.name, slice)? else {
-                return Ok(None);
-            };
-            if [t.rows, t.cols] != part.shape[..] {
-                return Err(crate::weights::tensor_err(
-                    &part.name,
-                    format!(
-                        "FP8 shape [{}, {}], expected {:?}",
-                        t.rows, t.cols, part.shape
-                    ),
-                ));
-            }
-            tensors.push(t);
-        }
+        let Some(tensors) = read_stored_parts(parts, "FP8", |name, slice| {
+            let t = reader.read_fp8(name, slice)?;
+            Ok(t.map(|t| ([t.rows, t.cols], t)))
+        })?
+        else {
+            return Ok(None);
+        };
         let one_scale = match tensors.first().map(|t| &t.scale) {
             Some(tpserve_modelfile::Fp8Scale::Tensor(s))
                 if tensors
@@ -302,4 +282,33 @@ impl Loader<'_> {
             int4: None,
         }))
     }
+}
+
+/// A fused product's parts as the checkpoint stores them (4-bit or FP8: `kind` names it in
+/// errors), each read by `read` from its tensor's name and slice (dimension, start, length) with
+/// its [rows, cols]; None where a part is not stored so (the caller loads the product another
+/// way), an error where a part's shape is not the one expected.
+fn read_stored_parts<T>(
+    parts: &[Part],
+    kind: &str,
+    read: impl Fn(&str, Option<(usize, usize, usize)>) -> Result<Option<([usize; 2], T)>>,
+) -> Result<Option<Vec<T>>> {
+    let mut tensors = Vec::with_capacity(parts.len());
+    for part in parts {
+        let slice = part.slice.as_ref().map(|(dim, r)| (*dim, r.start, r.len()));
+        let Some((shape, t)) = read(&part.name, slice)? else {
+            return Ok(None);
+        };
+        if shape[..] != part.shape[..] {
+            return Err(crate::weights::tensor_err(
+                &part.name,
+                format!(
+                    "{kind} shape [{}, {}], expected {:?}",
+                    shape[0], shape[1], part.shape
+                ),
+            ));
+        }
+        tensors.push(t);
+    }
+    Ok(Some(tensors))
 }
