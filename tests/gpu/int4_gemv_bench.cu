@@ -22,7 +22,8 @@
 // How (on the GPU machine, from the repository root):
 //   nvcc -O3 -arch=sm_90 -std=c++17 -I kernels/cuda tests/gpu/int4_gemv_bench.cu -o /tmp/ib
 //   /tmp/ib
-// Environment: ROWS (a comma list, default 1,4,8). With -DTPSERVE_OLD_INT4='"int4_old.cu"' -I /tmp
+// Environment: ROWS (a comma list, default 1,4,8); VARIANTS ("a|b": only the GEMV variants whose
+// names contain a or b, beside the first). With -DTPSERVE_OLD_INT4='"int4_old.cu"' -I /tmp
 // the harness also times an earlier int4.cu in its own layout, for a before/after in one run:
 //   git show 14faf2e:kernels/cuda/int4.cu | sed 's/gemv_w4_/old_gemv_w4_/g;
 //     s/dequantize_w4_/old_dequantize_w4_/g; s/TPSERVE_INT4/TPSERVE_OLD_INT4_KERNELS/g' \
@@ -661,6 +662,25 @@ int main() {
 #ifdef TPSERVE_OLD_INT4
     variants.push_back({"before (v5)", k_old::old_gemv_w4_bf16, true, 16});
 #endif
+    // VARIANTS="a|b": only the variants whose names contain one of these (the first one kept
+    // always: the others' bits are compared with it).
+    if (const char* only = getenv("VARIANTS")) {
+        std::vector<Variant> kept = {variants[0]};
+        for (size_t i = 1; i < variants.size(); ++i) {
+            std::string list = only;
+            size_t at = 0;
+            while (at <= list.size()) {
+                const size_t end = std::min(list.find('|', at), list.size());
+                const std::string word = list.substr(at, end - at);
+                if (!word.empty() && std::string(variants[i].name).find(word) != std::string::npos) {
+                    kept.push_back(variants[i]);
+                    break;
+                }
+                at = end + 1;
+            }
+        }
+        variants = kept;
+    }
     const Shape shapes[4] = {
         {"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}};
     printf("\n| product | rows | variant | k_split | us | GB/s | of copy | max error |\n"
