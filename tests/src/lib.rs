@@ -366,13 +366,20 @@ impl Drop for Proc {
     }
 }
 
-/// Starts a one-member etcd with its data in `dir`; returns it and its client URL.
+/// Starts a one-member etcd in `dir` (its data in `dir/data`, its log in `dir/etcd.log`, which a
+/// failed start prints; removing `dir` removes both); returns it and its client URL once it
+/// answers `/health` as healthy (an open client port alone was not enough: CI once saw the port
+/// open and the first request refused).
 pub fn start_etcd(dir: &Path) -> (Proc, String) {
     let (client, peer) = (free_port(), free_port());
     let url = format!("http://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
+    std::fs::create_dir_all(dir).expect("etcd's directory");
+    let log_path = dir.join("etcd.log");
+    let log = std::fs::File::create(&log_path).expect("etcd's log file");
+    let data = dir.join("data");
     let child = std::process::Command::new(etcd_binary())
-        .args(["--name", "test", "--data-dir", dir.to_str().unwrap()])
+        .args(["--name", "test", "--data-dir", data.to_str().unwrap()])
         .args([
             "--listen-client-urls",
             &url,
@@ -383,13 +390,44 @@ pub fn start_etcd(dir: &Path) -> (Proc, String) {
         .args(["--initial-advertise-peer-urls", &peer_url])
         .args(["--initial-cluster", &format!("test={peer_url}")])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("starting etcd");
+    let mut etcd = Proc(child);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
-        assert!(Instant::now() < deadline, "etcd did not start");
+    while !etcd_is_healthy(client) {
+        let exited = etcd.0.try_wait().ok().flatten();
+        if exited.is_some() || Instant::now() >= deadline {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "etcd on port {client} did not become healthy ({}); its log's end:\n{}",
+                exited.map_or("still running after 30 s".to_string(), |s| format!(
+                    "exited: {s}"
+                )),
+                tail.join("\n")
+            );
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
-    (Proc(child), url)
+    (etcd, url)
+}
+
+/// Whether the etcd at loopback `port` answers `GET /health` with `"health":"true"`.
+fn etcd_is_healthy(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream
+        .write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer.contains("\"health\":\"true\"")
 }
