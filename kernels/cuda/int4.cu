@@ -92,6 +92,62 @@ __device__ __forceinline__ void add_scaled(float (&total)[4], float (&acc)[4], f
 }
 
 constexpr int kMaxSplit = 16;  // warps per block (one per part of K), at most
+
+// A chunk's products: steps s0 .. s0 + kSteps - 1 of a tile (its A words, x's B fragments `xw`)
+// with the group parameters `p` of rows g and g + 8, scaled into `total`.
+template <typename T, int kSteps>
+__device__ __forceinline__ void chunk_products(float (&total)[4], const unsigned int (&words)[4],
+                                               const unsigned int (&xw)[8], uint2 p, int s0) {
+    using Pair = W4Pair<T>;
+    const float2 pa = group_params(p.x);
+    const float2 pb = group_params(p.y);
+    const unsigned int zero_a = Pair::offset(pa.y);
+    const unsigned int zero_b = Pair::offset(pb.y);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int s = s0; s < s0 + kSteps; ++s) {
+        unsigned int a[4];
+        step_fragment<T>(words[s], zero_a, zero_b, a);
+        tpserve::Mma<T>::run(acc, a, xw[2 * s], xw[2 * s + 1]);
+    }
+    add_scaled(total, acc, pa.x, pb.x);
+}
+
+// The end of a GEMV block: each warp's totals (a C fragment: elements 0, 1 are row g, columns
+// 2 t, 2 t + 1; 2, 3 row g + 8; a column is a row m of x) into `partial`, then the first warp
+// adds the parts in part order and writes y (lane l: row l / 2 of row block rb, columns
+// 4 (l % 2) ..).
+template <typename T>
+__device__ __forceinline__ void sum_parts(T* __restrict__ y, float (&partial)[kMaxSplit][16][8],
+                                          const float (&total)[4], int rb, int rows,
+                                          int n_out, int k_split) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    partial[warp][g][2 * t] = total[0];
+    partial[warp][g][2 * t + 1] = total[1];
+    partial[warp][g + 8][2 * t] = total[2];
+    partial[warp][g + 8][2 * t + 1] = total[3];
+    __syncthreads();
+    if (warp != 0) {
+        return;
+    }
+    const int row = lane >> 1;
+    const long long n = rb * 16 + row;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        const int m = 4 * (lane & 1) + c;
+        float sum = 0.0f;
+        for (int p = 0; p < k_split; ++p) {
+            sum += partial[p][row][m];
+        }
+        if (m < rows) {
+            y[(long long)m * n_out + n] = tpserve::from_float<T>(sum);
+        }
+    }
+}
+
 // Tiles a lane has loading while it computes one: the most that 128 registers hold (16 warps an
 // SM, k_split up to 16); tests/gpu/int4_gemv_bench.cu measured 2, 3, 4 and deeper rings.
 constexpr int kInFlight = 4;
@@ -158,7 +214,6 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
                              const uint4* __restrict__ w, const unsigned int* __restrict__ params,
                              int rows, int n_out, int k, int group_shift, int k_split,
                              float (&partial)[kMaxSplit][16][8]) {
-    using Pair = W4Pair<T>;
     constexpr int kSlots = kAhead + 1;
     // Chunks of 4 steps (a tile, one group) unless groups are 32 inputs: then 2 (half a tile).
     constexpr int kChunks = kTwoGroups ? 2 : 1;
@@ -217,48 +272,14 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
             const unsigned int words[4] = {cur.w.x, cur.w.y, cur.w.z, cur.w.w};
             const unsigned int xw[8] = {cur.x0.x, cur.x0.y, cur.x0.z, cur.x0.w,
                                         cur.x1.x, cur.x1.y, cur.x1.z, cur.x1.w};
-            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
             for (int c = 0; c < kChunks; ++c) {
-                const uint2 p = c == 1 ? cur.p1 : cur.p0;
-                const float2 pa = group_params(p.x);
-                const float2 pb = group_params(p.y);
-                const unsigned int zero_a = Pair::offset(pa.y);
-                const unsigned int zero_b = Pair::offset(pb.y);
-#pragma unroll
-                for (int s = kChunkSteps * c; s < kChunkSteps * (c + 1); ++s) {
-                    unsigned int a[4];
-                    step_fragment<T>(words[s], zero_a, zero_b, a);
-                    tpserve::Mma<T>::run(acc, a, xw[2 * s], xw[2 * s + 1]);
-                }
-                add_scaled(total, acc, pa.x, pb.x);
+                chunk_products<T, kChunkSteps>(total, words, xw, c == 1 ? cur.p1 : cur.p0,
+                                               kChunkSteps * c);
             }
         }
     }
-    // C fragment: elements 0, 1 are (row g, columns 2 t, 2 t + 1), 2, 3 (row g + 8, the same);
-    // a column is a row m of x.
-    partial[warp][g][2 * t] = total[0];
-    partial[warp][g][2 * t + 1] = total[1];
-    partial[warp][g + 8][2 * t] = total[2];
-    partial[warp][g + 8][2 * t + 1] = total[3];
-    __syncthreads();
-    if (warp != 0) {
-        return;
-    }
-    // The first warp sums the parts: lane l writes (row l / 2, columns 4 (l % 2) ..).
-    const int row = lane >> 1;
-    const long long n = rb * 16 + row;
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-        const int m = 4 * (lane & 1) + c;
-        float sum = 0.0f;
-        for (int p = 0; p < k_split; ++p) {
-            sum += partial[p][row][m];
-        }
-        if (m < rows) {
-            y[(long long)m * n_out + n] = tpserve::from_float<T>(sum);
-        }
-    }
+    sum_parts(y, partial, total, rb, rows, n_out, k_split);
 }
 
 // gemv_w4_impl for the group size: two groups a tile (32 inputs), or one group over one or more

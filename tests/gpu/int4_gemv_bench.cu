@@ -90,7 +90,6 @@ template <typename T, int kAhead>
 __device__ void gemv_w4_xs(T* __restrict__ y, const T* __restrict__ x,
                            const uint4* __restrict__ w, const unsigned int* __restrict__ params,
                            int rows, int n_out, int k, int group_shift, int k_split) {
-    using Pair = W4Pair<T>;
     extern __shared__ uint4 x_shared[];
     __shared__ float partial[kMaxSplit][16][8];
     constexpr int kSlots = kAhead + 1;
@@ -144,41 +143,10 @@ __device__ void gemv_w4_xs(T* __restrict__ y, const T* __restrict__ x,
             const uint4 x1 = *reinterpret_cast<const uint4*>(xr + 64 * (i + u) + 8);
             const unsigned int words[4] = {cur.w.x, cur.w.y, cur.w.z, cur.w.w};
             const unsigned int xw[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
-            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            const float2 pa = group_params(cur.p.x);
-            const float2 pb = group_params(cur.p.y);
-            const unsigned int zero_a = Pair::offset(pa.y);
-            const unsigned int zero_b = Pair::offset(pb.y);
-#pragma unroll
-            for (int s = 0; s < 4; ++s) {
-                unsigned int a[4];
-                step_fragment<T>(words[s], zero_a, zero_b, a);
-                tpserve::Mma<T>::run(acc, a, xw[2 * s], xw[2 * s + 1]);
-            }
-            add_scaled(total, acc, pa.x, pb.x);
+            chunk_products<T, 4>(total, words, xw, cur.p, 0);
         }
     }
-    partial[warp][g][2 * t] = total[0];
-    partial[warp][g][2 * t + 1] = total[1];
-    partial[warp][g + 8][2 * t] = total[2];
-    partial[warp][g + 8][2 * t + 1] = total[3];
-    __syncthreads();
-    if (warp != 0) {
-        return;
-    }
-    const int row = lane >> 1;
-    const long long n = rb * 16 + row;
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-        const int m = 4 * (lane & 1) + c;
-        float sum = 0.0f;
-        for (int p = 0; p < k_split; ++p) {
-            sum += partial[p][row][m];
-        }
-        if (m < rows) {
-            y[(long long)m * n_out + n] = tpserve::from_float<T>(sum);
-        }
-    }
+    sum_parts(y, partial, total, rb, rows, n_out, k_split);
 }
 
 template <int kAhead, typename T>
