@@ -399,8 +399,8 @@ pub fn start_etcd(dir: &Path) -> (Proc, String) {
         let exited = etcd.0.try_wait().ok().flatten();
         if exited.is_some() || Instant::now() >= deadline {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(20)..];
             panic!(
                 "etcd on port {client} did not become healthy ({}); its log's end:\n{}",
                 exited.map_or("still running after 30 s".to_string(), |s| format!(

@@ -47,6 +47,11 @@ impl Part {
         Self { name, slice, shape }
     }
 
+    /// The slice as a reader takes it: (dimension, start, length); None for the whole tensor.
+    pub fn slice_bounds(&self) -> Option<(usize, usize, usize)> {
+        self.slice.as_ref().map(|(dim, r)| (*dim, r.start, r.len()))
+    }
+
     /// Elements of the slice.
     pub fn elements(&self) -> usize {
         self.shape.iter().product()

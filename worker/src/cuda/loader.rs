@@ -47,8 +47,7 @@ impl Loader<'_> {
                     // Stored in the dtype: the bytes as they are (from the file's mapping where
                     // contiguous); otherwise read as f32 and rounded. Each part is read once.
                     let stored = if reader.stored_dtype(&part.name) == Some(self.dtype.stored()) {
-                        let slice = part.slice.as_ref().map(|(dim, r)| (*dim, r.start, r.len()));
-                        reader.read_stored(&part.name, slice)?
+                        reader.read_stored(&part.name, part.slice_bounds())?
                     } else {
                         None
                     };
@@ -295,8 +294,7 @@ fn read_stored_parts<T>(
 ) -> Result<Option<Vec<T>>> {
     let mut tensors = Vec::with_capacity(parts.len());
     for part in parts {
-        let slice = part.slice.as_ref().map(|(dim, r)| (*dim, r.start, r.len()));
-        let Some((shape, t)) = read(&part.name, slice)? else {
+        let Some((shape, t)) = read(&part.name, part.slice_bounds())? else {
             return Ok(None);
         };
         if shape[..] != part.shape[..] {
