@@ -89,7 +89,9 @@ __device__ void set_entries_impl(int* __restrict__ table, const int* __restrict_
 // the step reads (the gate/up projection's, issued after the QKV projection), then waits for
 // the kernel before it like any other kernel, so the chain of dependences is unchanged. The
 // requests go out before the wait: with programmatic dependent launches they overlap the
-// kernel before, and the memory fetches them while the one-row attention leaves it idle. On
+// kernel before, and the memory fetches them while the one-row attention leaves it idle. It
+// lets the next kernel launch first, so that kernel's early loads (the attention's keys and
+// values) still overlap the kernel before this one, as without it. On
 // sm_90 each thread asks for 64 KiB pieces at once (cp.async.bulk.prefetch.L2), before it one
 // 128-byte line at a time. (Independent of the activation dtype; instantiated per dtype like
 // every kernel.) An experiment (issue 12, docs/PERFORMANCE.md session 45), off unless
@@ -100,6 +102,7 @@ __device__ void set_entries_impl(int* __restrict__ table, const int* __restrict_
 //   bytes  i64         a multiple of 16
 // Launch: grid (G, 1, 1); block (256, 1, 1), G covering the pieces (sm_90) or the lines.
 __device__ void prefetch_l2_impl(const unsigned char* p, long long bytes) {
+    tpserve::let_next_kernel_launch();
     const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long threads = (long long)gridDim.x * blockDim.x;
 #if __CUDA_ARCH__ >= 900
