@@ -91,11 +91,11 @@ __device__ void set_entries_impl(int* __restrict__ table, const int* __restrict_
 // requests go out before the wait: with programmatic dependent launches they overlap the
 // kernel before, and the memory fetches them while the one-row attention leaves it idle. It
 // lets the next kernel launch first, so that kernel's early loads (the attention's keys and
-// values) still overlap the kernel before this one, as without it. On
-// sm_90 each thread asks for 64 KiB pieces at once (cp.async.bulk.prefetch.L2), before it one
-// 128-byte line at a time. (Independent of the activation dtype; instantiated per dtype like
-// every kernel.) An experiment (issue 12, docs/PERFORMANCE.md session 45), off unless
-// TPSERVE_CUDA_L2_PREFETCH_MB asks for it.
+// values) still overlap the kernel before this one, as without it. On sm_90 each thread asks
+// for 64 KiB pieces at once (cp.async.bulk.prefetch.L2), before it one 128-byte line at a time.
+// (Independent of the activation dtype; instantiated per dtype like every kernel.) An
+// experiment (issue 12, docs/PERFORMANCE.md session 45), off unless TPSERVE_CUDA_L2_PREFETCH_MB
+// asks for it.
 //
 // Arguments:
 //   p      u8 [bytes]  read by the memory system only (16-byte aligned)
