@@ -42,6 +42,14 @@ template <typename T> __device__ __forceinline__ float round_to(float x) {
     return to_float(from_float<T>(x));
 }
 
+// Llama's gated activation of one element as Hugging Face rounds it in T: silu(g) = g / (1 +
+// exp(-g)) rounded to T, times u, rounded again (g and u already values of T). silu_mul.cu's
+// kernels and int4.cu's gated GEMV share it, so that they give the same bits.
+template <typename T> __device__ __forceinline__ T silu_mul_rounded(float g, float u) {
+    const float activated = round_to<T>(g / (1.0f + __expf(-g)));
+    return from_float<T>(activated * u);
+}
+
 // Infinities without <math.h> (NVRTC has no INFINITY).
 __device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }

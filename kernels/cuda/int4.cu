@@ -148,6 +148,45 @@ __device__ __forceinline__ void sum_parts(T* __restrict__ y, float (&partial)[kM
     }
 }
 
+// The end of a gated GEMV block (gemv_w4_gated): warps 0 .. k_split - 1 hold the gate rows'
+// parts, warps k_split .. 2 k_split - 1 the matching up rows' (the same order of parts); the first
+// warp adds each side in part order, rounds both to T as sum_parts would store them, and writes
+// silu(gate) * up as silu_mul rounds it (common.cuh's silu_mul_rounded): act[m, n], n < d.
+template <typename T>
+__device__ __forceinline__ void sum_parts_gated(T* __restrict__ act,
+                                                float (&partial)[kMaxSplit][16][8],
+                                                const float (&total)[4], int rb, int rows, int d,
+                                                int k_split) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    partial[warp][g][2 * t] = total[0];
+    partial[warp][g][2 * t + 1] = total[1];
+    partial[warp][g + 8][2 * t] = total[2];
+    partial[warp][g + 8][2 * t + 1] = total[3];
+    __syncthreads();
+    if (warp != 0) {
+        return;
+    }
+    const int row = lane >> 1;
+    const long long n = rb * 16 + row;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        const int m = 4 * (lane & 1) + c;
+        float gate = 0.0f;
+        float up = 0.0f;
+        for (int p = 0; p < k_split; ++p) {
+            gate += partial[p][row][m];
+            up += partial[k_split + p][row][m];
+        }
+        if (m < rows) {
+            act[(long long)m * d + n] = tpserve::silu_mul_rounded<T>(tpserve::round_to<T>(gate),
+                                                                     tpserve::round_to<T>(up));
+        }
+    }
+}
+
 // Tiles a lane has loading while it computes one: the most that 128 registers hold (16 warps an
 // SM, k_split up to 16); tests/gpu/int4_gemv_bench.cu measured 2, 3, 4 and deeper rings.
 constexpr int kInFlight = 4;
@@ -209,23 +248,26 @@ __device__ __forceinline__ void load_tile_weights(Tile& t, const uint4* w, const
 //   group_shift  i32 log2(group_size), 5 or more; 31 for one group over all of k
 //   k_split      i32 1, 2, 4, 8 or 16: warps of a block
 // Launch: grid (n_out / 16, 1, 1); block (32 * k_split, 1, 1).
+//
+// warp_totals_w4 is one warp's share: part `part` of K for row block `rb`, into `total` (a C
+// fragment); gemv_w4_impl gives warp w part w of block rb = blockIdx.x, and gemv_w4_gated's
+// blocks hold a gate row block's warps and its up row block's.
 template <typename T, int kAhead, bool kTwoGroups>
-__device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
-                             const uint4* __restrict__ w, const unsigned int* __restrict__ params,
-                             int rows, int n_out, int k, int group_shift, int k_split,
-                             float (&partial)[kMaxSplit][16][8]) {
+__device__ __forceinline__ void warp_totals_w4(float (&total)[4], const T* __restrict__ x,
+                                               const uint4* __restrict__ w,
+                                               const unsigned int* __restrict__ params, int rows,
+                                               int k, int group_shift, int k_split, int rb,
+                                               int part) {
     constexpr int kSlots = kAhead + 1;
     // Chunks of 4 steps (a tile, one group) unless groups are 32 inputs: then 2 (half a tile).
     constexpr int kChunks = kTwoGroups ? 2 : 1;
     constexpr int kChunkSteps = 4 / kChunks;
     const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
     const int g = lane >> 2;
     const int t = lane & 3;
-    const int rb = blockIdx.x;
     const int k_tiles = k / 64;
     const int part_tiles = k_tiles / k_split;
-    const int kt0 = warp * part_tiles;
+    const int kt0 = part * part_tiles;
     constexpr int x_second = kTwoGroups ? 32 : 8;
     const int groups = group_shift >= 31 ? 1 : k >> group_shift;
     const uint4* wp = w + ((long long)rb * k_tiles + kt0) * 32 + lane;
@@ -257,7 +299,6 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
             load_x(slot[u], u);
         }
     }
-    float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int i = 0; i < part_tiles; i += kSlots) {
 #pragma unroll
         for (int u = 0; u < kSlots; ++u) {
@@ -279,7 +320,40 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
             }
         }
     }
-    sum_parts(y, partial, total, rb, rows, n_out, k_split);
+}
+
+template <typename T, int kAhead, bool kTwoGroups>
+__device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
+                             const uint4* __restrict__ w, const unsigned int* __restrict__ params,
+                             int rows, int n_out, int k, int group_shift, int k_split,
+                             float (&partial)[kMaxSplit][16][8]) {
+    float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    warp_totals_w4<T, kAhead, kTwoGroups>(total, x, w, params, rows, k, group_shift, k_split,
+                                          blockIdx.x, threadIdx.x >> 5);
+    sum_parts(y, partial, total, blockIdx.x, rows, n_out, k_split);
+}
+
+// gemv_w4_gated_{bf16,f16}: act[m, n] = silu(gate[m, n]) * up[m, n] for n < d, where gate and
+// up are gemv_w4's product of a fused gate and up weight (rows 0 .. d the gate, d .. 2 d the
+// up projection; n_out = 2 d), each rounded to T: the bits of gemv_w4 at the same k_split
+// followed by silu_mul, in one launch, for 1 to 8 rows. Block rb's first k_split warps walk
+// gate row block rb, the other k_split its up row block d / 16 + rb.
+// Arguments as gemv_w4's, with act T [rows, d] for y, d (a multiple of 16) for n_out, and
+// k_split at most kMaxSplit / 2.
+// Launch: grid (d / 16, 1, 1); block (64 * k_split, 1, 1).
+template <typename T, int kAhead, bool kTwoGroups>
+__device__ void gemv_w4_gated_impl(T* __restrict__ act, const T* __restrict__ x,
+                                   const uint4* __restrict__ w,
+                                   const unsigned int* __restrict__ params, int rows, int d,
+                                   int k, int group_shift, int k_split,
+                                   float (&partial)[kMaxSplit][16][8]) {
+    const int warp = threadIdx.x >> 5;
+    const bool up = warp >= k_split;
+    float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    warp_totals_w4<T, kAhead, kTwoGroups>(total, x, w, params, rows, k, group_shift, k_split,
+                                          blockIdx.x + (up ? d / 16 : 0),
+                                          up ? warp - k_split : warp);
+    sum_parts_gated(act, partial, total, blockIdx.x, rows, d, k_split);
 }
 
 // gemv_w4_impl for the group size: two groups a tile (32 inputs), or one group over one or more
@@ -297,6 +371,20 @@ __device__ void gemv_w4(T* __restrict__ y, const T* __restrict__ x, const uint4*
     } else {
         gemv_w4_impl<T, kAhead, false>(y, x, w, params, rows, n_out, k, group_shift, k_split,
                                        partial);
+    }
+}
+
+template <typename T, int kAhead>
+__device__ void gemv_w4_gated(T* __restrict__ act, const T* __restrict__ x,
+                              const uint4* __restrict__ w, const unsigned int* __restrict__ params,
+                              int rows, int d, int k, int group_shift, int k_split) {
+    __shared__ float partial[kMaxSplit][16][8];  // each warp's sums, for the first to add up
+    if (group_shift < 6) {
+        gemv_w4_gated_impl<T, kAhead, true>(act, x, w, params, rows, d, k, group_shift, k_split,
+                                            partial);
+    } else {
+        gemv_w4_gated_impl<T, kAhead, false>(act, x, w, params, rows, d, k, group_shift,
+                                             k_split, partial);
     }
 }
 
@@ -630,6 +718,12 @@ __device__ void gather_inputs_impl(T* __restrict__ out, const T* __restrict__ x,
         const unsigned int* __restrict__ params, int rows, int n_out, int k, int group_shift,  \
         int k_split) {                                                                         \
         gemv_w4<T, kInFlight>(y, x, w, params, rows, n_out, k, group_shift, k_split);          \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(512) gemv_w4_gated_##SUFFIX(                  \
+        T* __restrict__ act, const T* __restrict__ x, const uint4* __restrict__ w,             \
+        const unsigned int* __restrict__ params, int rows, int d, int k, int group_shift,      \
+        int k_split) {                                                                         \
+        gemv_w4_gated<T, kInFlight>(act, x, w, params, rows, d, k, group_shift, k_split);      \
     }                                                                                          \
     TPSERVE_GEMM_W4(SUFFIX, T, 16, 2)                                                         \
     TPSERVE_GEMM_W4(SUFFIX, T, 32, 4)                                                         \

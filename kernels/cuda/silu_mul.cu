@@ -4,7 +4,7 @@
 namespace {
 
 // silu(gate[i]) * up[i] for one 16-byte piece of each (8 elements, 16-byte aligned), rounded as
-// silu_mul documents.
+// silu_mul documents (common.cuh's silu_mul_rounded).
 template <typename T>
 __device__ __forceinline__ uint4 silu_mul8(const T* __restrict__ gate, const T* __restrict__ up) {
     const uint4 gv = *reinterpret_cast<const uint4*>(gate);
@@ -15,9 +15,7 @@ __device__ __forceinline__ uint4 silu_mul8(const T* __restrict__ gate, const T* 
     T* o8 = reinterpret_cast<T*>(&ov);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-        const float g = tpserve::to_float(g8[i]);
-        const float activated = tpserve::round_to<T>(g / (1.0f + __expf(-g)));
-        o8[i] = tpserve::from_float<T>(activated * tpserve::to_float(u8[i]));
+        o8[i] = tpserve::silu_mul_rounded<T>(tpserve::to_float(g8[i]), tpserve::to_float(u8[i]));
     }
     return ov;
 }
@@ -55,9 +53,7 @@ __device__ void silu_mul_impl(T* __restrict__ out, const T* __restrict__ gate_up
         return;
     }
     for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < d; i += blockDim.x * gridDim.y) {
-        const float g = tpserve::to_float(gate[i]);
-        const float activated = tpserve::round_to<T>(g / (1.0f + __expf(-g)));
-        dst[i] = tpserve::from_float<T>(activated * tpserve::to_float(up[i]));
+        dst[i] = tpserve::silu_mul_rounded<T>(tpserve::to_float(gate[i]), tpserve::to_float(up[i]));
     }
 }
 

@@ -381,6 +381,8 @@ pub const KERNELS: &[(&str, &[&str])] = &[
         &[
             "gemv_w4_bf16",
             "gemv_w4_f16",
+            "gemv_w4_gated_bf16",
+            "gemv_w4_gated_f16",
             "gemm_w4_n16_bf16",
             "gemm_w4_n16_f16",
             "gemm_w4_n32_bf16",

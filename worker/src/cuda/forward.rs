@@ -567,7 +567,8 @@ impl Pass<'_> {
         Ok(())
     }
 
-    /// Residual + RMSNorm, gate/up projection, SiLU-mul, down projection, all-reduce.
+    /// Residual + RMSNorm, gate/up projection, SiLU-mul (in the gate/up GEMV where it is a
+    /// gated one), down projection, all-reduce.
     fn mlp_block(&self, li: usize, layer: &Layer, timer: &mut PhaseTimer) -> Result<()> {
         let (d, ws, n, k) = (&self.d, self.ws, self.v.rows, self.dev.kernels);
         let gpu = self.dev.gpu;
@@ -582,8 +583,17 @@ impl Pass<'_> {
             k: d.hidden,
         };
         let gate_up = self.norm_for(layer.post_norm.ptr, gate_up, timer)?;
-        self.linear(gate_up)?;
-        self.lora(li, FusedProduct::GateUp, ws.gate_up.ptr, ws.normed.ptr)?;
+        // No LoRA delta to add before the activation: a gated GEMV may write the activation
+        // itself, and then no SiLU-mul runs.
+        let into_act = Product {
+            y: ws.act.ptr,
+            ..gate_up
+        };
+        let gated = !self.lora_active() && self.dev.linear.run_gated(k, &into_act)?;
+        if !gated {
+            self.linear(gate_up)?;
+            self.lora(li, FusedProduct::GateUp, ws.gate_up.ptr, ws.normed.ptr)?;
+        }
         timer.mark(gpu, "gemm gate_up");
         let mut down = Product {
             y: ws.sub.ptr,
@@ -599,6 +609,7 @@ impl Pass<'_> {
         // quantizes its rows for it (writing `ws.act` only when a LoRA delta reads it).
         let fused = self.dev.linear.quantizes_rows(&down) && Kernels::fuses_silu_fp8(d.inter);
         match down.fp8.as_mut().filter(|_| fused) {
+            _ if gated => {}
             Some(fp8) => {
                 let act = self.lora_active().then_some(ws.act.ptr);
                 k.silu_mul_fp8_rows(act, (fp8.x_q, fp8.x_stats), ws.gate_up.ptr, n, d.inter)?;

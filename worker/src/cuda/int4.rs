@@ -152,15 +152,27 @@ pub fn mma_layout(t: &Int4Tensor) -> Option<Vec<u32>> {
 /// tests/gpu/int4_gemv_bench.cu (docs/PERFORMANCE.md, issue 12, session 13).
 const WARP_BUDGET: usize = 2048;
 
+/// Warps a block of int4.cu's GEMV may have (its kMaxSplit): parts of K, and the gated form's
+/// gate and up parts together.
+const MAX_SPLIT: usize = 16;
+
 /// Warps that share a row block's inputs in int4.cu's GEMV for `n_out` rows of `k`: the most of
 /// 16, 8, 4 and 2 that divides `k`'s tiles, leaves each warp at least 8 of them and keeps the
 /// launch within [`WARP_BUDGET`], else 1.
 fn k_split(n_out: usize, k: usize) -> usize {
     let (tiles, blocks) = (k / TILE.1, n_out / TILE.0);
-    [16, 8, 4, 2]
+    [MAX_SPLIT, 8, 4, 2]
         .into_iter()
         .find(|s| tiles.is_multiple_of(*s) && tiles / s >= 8 && blocks * s <= WARP_BUDGET)
         .unwrap_or(1)
+}
+
+/// Whether int4.cu's gated GEMV can run the fused gate and up product `p`: 1 to 8 rows, gate and
+/// up halves of whole row blocks, and their warps together within a block.
+pub fn gated_gemv_fits(p: &Product) -> bool {
+    (1..=8).contains(&p.rows)
+        && p.n_out.is_multiple_of(2 * TILE.0)
+        && 2 * k_split(p.n_out, p.k) <= MAX_SPLIT
 }
 
 /// `p`'s 4-bit operands and its groups' `group_shift`.
@@ -178,16 +190,37 @@ impl Kernels {
     /// `p.y = p.x W^T` for 1 to 8 rows, `W` `p`'s 4-bit weight: int4.cu's GEMV, after
     /// gathering the inputs into the weight's order where it has an act-order permutation.
     pub fn gemv_w4(&self, p: &Product) -> Result<()> {
+        self.launch_gemv_w4(p, false)
+    }
+
+    /// `p.y = silu(gate) * up` for 1 to 8 rows of a fused gate and up product `p` with a 4-bit
+    /// weight (its first `p.n_out / 2` rows the gate, the rest the up projection; `p.y` holds
+    /// `p.n_out / 2` elements a row): the bits of [`Self::gemv_w4`] followed by
+    /// [`Self::silu_mul`], in one launch (int4.cu's gemv_w4_gated).
+    pub fn gemv_w4_gated(&self, p: &Product) -> Result<()> {
+        self.launch_gemv_w4(p, true)
+    }
+
+    /// int4.cu's GEMV (`gated`: its gated form) at `p`'s `k_split`.
+    fn launch_gemv_w4(&self, p: &Product, gated: bool) -> Result<()> {
         let (q, shift) = operands(p)?;
-        if !(1..=8).contains(&p.rows) {
+        let split = k_split(p.n_out, p.k);
+        if !(1..=8).contains(&p.rows) || (gated && !gated_gemv_fits(p)) {
+            let kernel = match gated {
+                false => "the 4-bit GEMV kernel (1 to 8 rows)",
+                true => "the 4-bit GEMV's gated form (1 to 8 rows, halves of whole row blocks)",
+            };
             return Err(WorkerError::Unsupported {
-                detail: format!("{} rows on the 4-bit GEMV kernel (1 to 8)", p.rows),
+                detail: format!("{} rows of {} outputs on {kernel}", p.rows, p.n_out),
             });
         }
         let x = self.inputs_in_weight_order(&q, p)?;
-        let split = k_split(p.n_out, p.k);
-        let (rw, nw, kw, sw) = (p.rows as i32, p.n_out as i32, p.k as i32, split as i32);
-        let mut b = self.launch(&self.gemv_w4);
+        let (outputs, function, name) = match gated {
+            false => (p.n_out, &self.gemv_w4, "gemv_w4"),
+            true => (p.n_out / 2, &self.gemv_w4_gated, "gemv_w4_gated"),
+        };
+        let (rw, nw, kw, sw) = (p.rows as i32, outputs as i32, p.k as i32, split as i32);
+        let mut b = self.launch(function);
         b.arg(&p.y)
             .arg(&x)
             .arg(&p.w)
@@ -197,14 +230,20 @@ impl Kernels {
             .arg(&kw)
             .arg(&shift)
             .arg(&sw);
-        let blocks = p.n_out / TILE.0;
-        // SAFETY: as int4.cu documents: y holds rows x n_out and x rows x k elements of the
-        // dtype (x 16-byte aligned, as every activation buffer), w the weight in [`mma_layout`]
-        // and params n_out x k / group_size, the caller's buffers; n_out, k and the groups fit
-        // the tiles (the loader's checks, `group_shift`) and k_split divides k's tiles.
-        unsafe { b.launch(super::kernels::grid_rows(blocks, 32 * split as u32)) }
-            .map(drop)
-            .map_err(|e| device_err("launching gemv_w4", e))
+        let warps = if gated { 2 * split } else { split };
+        // SAFETY: as int4.cu documents: y holds rows x n_out (gated: n_out / 2) and x rows x k
+        // elements of the dtype (x 16-byte aligned, as every activation buffer), w the weight in
+        // [`mma_layout`] and params n_out x k / group_size, the caller's buffers; n_out, k and
+        // the groups fit the tiles (the loader's checks, `group_shift`, and the gated halves'
+        // whole row blocks above) and k_split divides k's tiles.
+        unsafe {
+            b.launch(super::kernels::grid_rows(
+                outputs / TILE.0,
+                32 * warps as u32,
+            ))
+        }
+        .map(drop)
+        .map_err(|e| device_err(&format!("launching {name}"), e))
     }
 
     /// `p.y = p.x W^T` for 9 to [`GEMM_ROWS`] rows: int4.cu's 4-bit GEMM at the GEMV's

@@ -24,6 +24,9 @@
 //! cuBLASLt's outer-vector scaling or after the GEMM where this cuBLASLt has none. Products with
 //! 4-bit weights (AWQ, GPTQ) always run int4.cu's GEMV up to 8 rows and its GEMM from 9 to 64 (the
 //! same bits for a row at any of those counts), and are dequantized for cuBLAS above (`int4.rs`).
+//! With `TPSERVE_CUDA_GATED_W4=1` a 4-bit gate and up product on the GEMV writes the SiLU-mul's
+//! output itself ([`Linear::run_gated`]: the same bits, one launch fewer a layer; not by default
+//! until a GPU run has measured it, issue 12, session 46).
 //!
 //! Costs: `tune` launches each candidate ~13 times per shape and row bucket (a few hundred
 //! milliseconds for an 8B model); `run` is one map lookup and one launch.
@@ -37,7 +40,9 @@ use super::blas_lt::{BlasLt, Fp8Gemm, Scale};
 use super::device::{device_err, Gpu};
 use super::fp8::Fp8Operands;
 use super::gemv::{mma_k_multiple, MMA_WIDE_ROWS};
-use super::int4::{Int4Operands, GATHERED_ROWS, GEMM_ROWS as INT4_GEMM_ROWS, TILE as INT4_TILE};
+use super::int4::{
+    gated_gemv_fits, Int4Operands, GATHERED_ROWS, GEMM_ROWS as INT4_GEMM_ROWS, TILE as INT4_TILE,
+};
 use super::kernels::{Kernels, Product, ELEM};
 use crate::error::{Result, WorkerError};
 
@@ -368,6 +373,9 @@ pub struct Linear {
     pin: Pin,
     /// `TPSERVE_CUDA_LINEAR_CHOICES`, applied after the warm-up's timing.
     overrides: Vec<Choice>,
+    /// Whether [`Self::run_gated`] may run the 4-bit GEMV's gated form
+    /// (`TPSERVE_CUDA_GATED_W4=1`).
+    gated_w4: bool,
 }
 
 /// The bucket of `rows`, if the GEMV kernel can take it.
@@ -408,6 +416,7 @@ impl Linear {
             choices: HashMap::new(),
             pin,
             overrides,
+            gated_w4: std::env::var("TPSERVE_CUDA_GATED_W4").as_deref() == Ok("1"),
         })
     }
 
@@ -605,6 +614,23 @@ impl Linear {
             Some(u) => kernels.fp8_scale_outer(p.y, u.x_rows, u.w_rows, p.rows, p.n_out),
             None => Ok(()),
         }
+    }
+
+    /// For a fused gate and up product `p` (`p.w`'s first half of rows the gate, the second the
+    /// up projection): where its weight is 4-bit and it runs on the GEMV, `p.y` = silu(gate) *
+    /// up (half `p.n_out` wide) by the GEMV's gated form, as the product followed by
+    /// `Kernels::silu_mul` would give it, and true; elsewhere nothing runs: false (the caller
+    /// runs the product and the SiLU-mul).
+    pub fn run_gated(&self, kernels: &Kernels, p: &Product) -> Result<bool> {
+        let on_gemv = matches!(
+            self.kernel_for(Shape::of(p), p.rows),
+            LinearKernel::Gemv { .. }
+        );
+        if !self.gated_w4 || p.int4.is_none() || !on_gemv || !gated_gemv_fits(p) {
+            return Ok(false);
+        }
+        kernels.gemv_w4_gated(p)?;
+        Ok(true)
     }
 
     /// The product `p` on `kernel`.

@@ -98,6 +98,8 @@ pub struct Kernels {
     pub(super) gemv_mma_m16: CudaFunction,
     /// 4-bit weights (`int4.rs`).
     pub(super) gemv_w4: CudaFunction,
+    /// Its gated form: the gate and up product with the SiLU-mul on the way out.
+    pub(super) gemv_w4_gated: CudaFunction,
     /// The 4-bit GEMM of up to 16, 32 and 64 rows a chunk.
     pub(super) gemm_w4: [CudaFunction; 3],
     pub(super) dequantize_w4: CudaFunction,
@@ -317,6 +319,7 @@ impl Kernels {
             gemv_fp8_mma: [take("gemv_fp8_mma")?, take("gemv_fp8_mma_a8")?],
             gemv_mma_m16: take("gemv_mma_m16")?,
             gemv_w4: take("gemv_w4")?,
+            gemv_w4_gated: take("gemv_w4_gated")?,
             gemm_w4: [
                 take("gemm_w4_n16")?,
                 take("gemm_w4_n32")?,
