@@ -85,42 +85,6 @@ __device__ void set_entries_impl(int* __restrict__ table, const int* __restrict_
     }
 }
 
-// prefetch_l2_{bf16,f16}: asks L2 for `bytes` bytes from `p`, a weight that a later kernel of
-// the step reads (the gate/up projection's, issued after the QKV projection), then waits for
-// the kernel before it like any other kernel, so the chain of dependences is unchanged. The
-// requests go out before the wait: with programmatic dependent launches they overlap the
-// kernel before, and the memory fetches them while the one-row attention leaves it idle. It
-// lets the next kernel launch first, so that kernel's early loads (the attention's keys and
-// values) still overlap the kernel before this one, as without it. On sm_90 each thread asks
-// for 64 KiB pieces at once (cp.async.bulk.prefetch.L2), before it one 128-byte line at a time.
-// (Independent of the activation dtype; instantiated per dtype like every kernel.) An
-// experiment (issue 12, docs/PERFORMANCE.md session 45), off unless TPSERVE_CUDA_L2_PREFETCH_MB
-// asks for it.
-//
-// Arguments:
-//   p      u8 [bytes]  read by the memory system only (16-byte aligned)
-//   bytes  i64         a multiple of 16
-// Launch: grid (G, 1, 1); block (256, 1, 1), G covering the pieces (sm_90) or the lines.
-__device__ void prefetch_l2_impl(const unsigned char* p, long long bytes) {
-    tpserve::let_next_kernel_launch();
-    const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long threads = (long long)gridDim.x * blockDim.x;
-#if __CUDA_ARCH__ >= 900
-    constexpr long long kPrefetchPiece = 64 << 10;
-    for (long long at = thread * kPrefetchPiece; at < bytes; at += threads * kPrefetchPiece) {
-        const unsigned int size =
-            (unsigned int)(bytes - at < kPrefetchPiece ? bytes - at : kPrefetchPiece);
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + at), "r"(size)
-                     : "memory");
-    }
-#else
-    for (long long at = thread * 128; at < bytes; at += threads * 128) {
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(p + at));
-    }
-#endif
-    tpserve::wait_for_inputs();
-}
-
 #define TPSERVE_ELEMENTWISE(SUFFIX, T)                                                        \
     extern "C" __global__ void add_bias_##SUFFIX(T* __restrict__ x,                           \
                                                  const T* __restrict__ bias, int d) {         \
@@ -140,9 +104,5 @@ __device__ void prefetch_l2_impl(const unsigned char* p, long long bytes) {
                                                     const int* __restrict__ updates,          \
                                                     int count) {                              \
         set_entries_impl(table, updates, count);                                              \
-    }                                                                                         \
-    extern "C" __global__ void prefetch_l2_##SUFFIX(const unsigned char* __restrict__ p,      \
-                                                    long long bytes) {                        \
-        prefetch_l2_impl(p, bytes);                                                           \
     }
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_ELEMENTWISE)

@@ -264,8 +264,6 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "fill_uniform_f16",
             "set_entries_bf16",
             "set_entries_f16",
-            "prefetch_l2_bf16",
-            "prefetch_l2_f16",
         ],
     ),
     (

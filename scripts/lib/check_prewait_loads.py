@@ -30,7 +30,6 @@ RULES = [
     (r"rms_norm(_residual)?(_fp8_rows)?_(bf16|f16)$", r"\bLDG\.E\.128\b", 1, "its piece of the weight"),
     (r"all_reduce_residual_norm_(bf16|f16)$", r"\bLDG\.E\.128\b", 1, "its piece of the weight"),
     (r"attention_combine_(bf16|f16)$", r"\bPREEXIT\b", 1, "the next kernel's launch"),
-    (r"prefetch_l2_(bf16|f16)$", r"\bUBLKPF\b", 1, "its bulk L2 prefetches"),
 ]
 
 

@@ -600,7 +600,7 @@ fn main() -> anyhow::Result<()> {
             })
         })
         .collect();
-    let mut result = serde_json::json!({
+    let result = serde_json::json!({
         "phases": phases_json,
         "batch_steps": batch_steps,
         "config": config_path.display().to_string(),
@@ -644,8 +644,6 @@ fn main() -> anyhow::Result<()> {
             "head_dim": config.head_dim,
         },
     });
-    // The L2 prefetch of the gate/up weights (an experiment, off unless set).
-    result["l2_prefetch_mb"] = std::env::var("TPSERVE_CUDA_L2_PREFETCH_MB").ok().into();
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&result)?)?;
     }

@@ -39,11 +39,6 @@ use super::step_inputs::InputPointers;
 use super::workspace::Workspace;
 use crate::error::Result;
 
-/// The most rows of a step whose layers prefetch their gate/up weight into L2 during the
-/// attention ([`Kernels::prefetch_l2`], when asked for): decoding batches, whose products stream
-/// their weights.
-const L2_PREFETCH_MAX_ROWS: usize = 64;
-
 /// Which attention kernel a step runs, with its launch shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionPlan {
@@ -422,10 +417,6 @@ impl Pass<'_> {
         };
         let qkv = self.norm_for(layer.input_norm.ptr, qkv, timer)?;
         self.linear(qkv)?;
-        if n <= L2_PREFETCH_MAX_ROWS {
-            // The gate/up weight's start into L2 while the attention leaves the memory idle.
-            k.prefetch_l2(&layer.gate_up.data)?;
-        }
         if let Some(bias) = &layer.qkv_bias {
             k.add_bias(ws.qkv.ptr, bias.ptr, n, d.qkv)?;
         }

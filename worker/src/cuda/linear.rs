@@ -24,9 +24,10 @@
 //! cuBLASLt's outer-vector scaling or after the GEMM where this cuBLASLt has none. Products with
 //! 4-bit weights (AWQ, GPTQ) always run int4.cu's GEMV up to 8 rows and its GEMM from 9 to 64 (the
 //! same bits for a row at any of those counts), and are dequantized for cuBLAS above (`int4.rs`).
-//! With `TPSERVE_CUDA_GATED_W4=1` a 4-bit gate and up product on the GEMV writes the SiLU-mul's
-//! output itself ([`Linear::run_gated`]: the same bits, one launch fewer a layer; not by default
-//! until a GPU run has measured it, issue 12, session 46).
+//! A 4-bit gate and up product on the GEMV writes the SiLU-mul's output itself
+//! ([`Linear::run_gated`]: the same bits, one launch fewer a layer, -0.08 ms an 8B one-row step
+//! on an H100: docs/PERFORMANCE.md, issue 12, run 58); `TPSERVE_CUDA_GATED_W4=0` runs the two
+//! kernels instead (comparisons and numerical checks).
 //!
 //! Costs: `tune` launches each candidate ~13 times per shape and row bucket (a few hundred
 //! milliseconds for an 8B model); `run` is one map lookup and one launch.
@@ -373,8 +374,8 @@ pub struct Linear {
     pin: Pin,
     /// `TPSERVE_CUDA_LINEAR_CHOICES`, applied after the warm-up's timing.
     overrides: Vec<Choice>,
-    /// Whether [`Self::run_gated`] may run the 4-bit GEMV's gated form
-    /// (`TPSERVE_CUDA_GATED_W4=1`).
+    /// Whether [`Self::run_gated`] may run the 4-bit GEMV's gated form (unless
+    /// `TPSERVE_CUDA_GATED_W4=0`).
     gated_w4: bool,
 }
 
@@ -416,7 +417,7 @@ impl Linear {
             choices: HashMap::new(),
             pin,
             overrides,
-            gated_w4: std::env::var("TPSERVE_CUDA_GATED_W4").as_deref() == Ok("1"),
+            gated_w4: std::env::var("TPSERVE_CUDA_GATED_W4").as_deref() != Ok("0"),
         })
     }
 

@@ -23,7 +23,7 @@ pub use self::dtype::Dtype;
 pub use self::lora::*;
 use self::sampling::SampleScratch;
 pub use self::sampling::*;
-use super::device::{device_err, DeviceBuffer, Gpu};
+use super::device::{device_err, Gpu};
 use super::fp8::Fp8Operands;
 use super::gemv::GemvFamily;
 use super::int4::Int4Operands;
@@ -84,10 +84,6 @@ pub struct Kernels {
     gather_rows: CudaFunction,
     fill_uniform: CudaFunction,
     set_entries: CudaFunction,
-    /// elementwise.cu's L2 prefetch of a weight ahead of its product, and how much of each weight
-    /// it asks for ([`Kernels::prefetch_l2`]).
-    prefetch_l2: CudaFunction,
-    l2_prefetch: L2Prefetch,
     /// The GEMV variants for weights in the dtype and in FP8 E4M3 (`gemv.rs`).
     pub(super) gemv: GemvFamily,
     pub(super) gemv_fp8: GemvFamily,
@@ -119,36 +115,6 @@ pub struct Kernels {
 /// The longest row (bytes of the dtype) silu_mul_fp8_rows holds in shared memory: Llama-3-70B's
 /// 28,672 intermediate elements on one rank fit.
 const SILU_FP8_MAX_ROW_BYTES: usize = 64 << 10;
-
-/// What [`Kernels::prefetch_l2`] asks L2 for: the first `bytes` of a weight (0: nothing), in
-/// bulk pieces on sm_90 and later, else in lines.
-#[derive(Debug, Clone, Copy)]
-struct L2Prefetch {
-    bytes: usize,
-    bulk: bool,
-}
-
-impl L2Prefetch {
-    /// From `TPSERVE_CUDA_L2_PREFETCH_MB` (MiB of the gate/up weight a decode step's layer asks
-    /// L2 for while its attention runs; unset or 0: none), for a GPU of compute capability
-    /// `major`. An experiment (issue 12, docs/PERFORMANCE.md session 45): off by default until
-    /// measured.
-    fn from_env(major: i32) -> Result<Self> {
-        let bytes = match std::env::var("TPSERVE_CUDA_L2_PREFETCH_MB") {
-            Err(_) => 0,
-            Ok(v) => {
-                let mib: usize = v.trim().parse().map_err(|_| WorkerError::Device {
-                    detail: format!("TPSERVE_CUDA_L2_PREFETCH_MB={v:?}: expected whole MiB"),
-                })?;
-                mib << 20
-            }
-        };
-        Ok(Self {
-            bytes,
-            bulk: major >= 9,
-        })
-    }
-}
 
 /// One block of `threads` threads per row, `n` rows.
 pub(super) fn grid_rows(n: usize, threads: u32) -> LaunchConfig {
@@ -311,8 +277,6 @@ impl Kernels {
             gather_rows: take("gather_rows")?,
             fill_uniform: take("fill_uniform")?,
             set_entries: take("set_entries")?,
-            prefetch_l2: take("prefetch_l2")?,
-            l2_prefetch: L2Prefetch::from_env(gpu.compute_capability.0)?,
             gemv: GemvFamily::load(&mut take, "gemv")?,
             gemv_fp8: GemvFamily::load(&mut take, "gemv_fp8")?,
             gemv_mma: [take("gemv_mma")?, take("gemv_mma_a8")?],
@@ -594,29 +558,6 @@ impl Kernels {
         unsafe { b.launch(grid_rows(count.div_ceil(256), 256)) }
             .map(drop)
             .map_err(launch_err("set_entries"))
-    }
-
-    /// Asks L2 for the first `TPSERVE_CUDA_L2_PREFETCH_MB` of `weight` (elementwise.cu's
-    /// prefetch_l2), for the product that reads it a few kernels later; nothing when none was
-    /// asked for.
-    pub fn prefetch_l2(&self, weight: &DeviceBuffer) -> Result<()> {
-        let bytes = self.l2_prefetch.bytes.min(weight.bytes) / 16 * 16;
-        if bytes == 0 {
-            return Ok(());
-        }
-        let blocks = if self.l2_prefetch.bulk {
-            bytes.div_ceil(64 << 10).div_ceil(256)
-        } else {
-            bytes.div_ceil(128).div_ceil(256 * 8).min(512)
-        };
-        let n = bytes as i64;
-        let mut b = self.launch(&self.prefetch_l2);
-        b.arg(&weight.ptr).arg(&n);
-        // SAFETY: as elementwise.cu documents: `bytes` (a multiple of 16) of the weight's own
-        // buffer from its start, which is 256-byte aligned (cuMemAlloc); nothing is written.
-        unsafe { b.launch(grid_rows(blocks, 256)) }
-            .map(drop)
-            .map_err(launch_err("prefetch_l2"))
     }
 
     /// `p.y = p.x p.w^T` by the batch-invariant tensor-core kernel (gemm_bi.cu): the same
