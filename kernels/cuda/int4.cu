@@ -113,14 +113,10 @@ __device__ __forceinline__ void chunk_products(float (&total)[4], const unsigned
     add_scaled(total, acc, pa.x, pb.x);
 }
 
-// The end of a GEMV block: each warp's totals (a C fragment: elements 0, 1 are row g, columns
-// 2 t, 2 t + 1; 2, 3 row g + 8; a column is a row m of x) into `partial`, then the first warp
-// adds the parts in part order and writes y (lane l: row l / 2 of row block rb, columns
-// 4 (l % 2) ..).
-template <typename T>
-__device__ __forceinline__ void sum_parts(T* __restrict__ y, float (&partial)[kMaxSplit][16][8],
-                                          const float (&total)[4], int rb, int rows,
-                                          int n_out, int k_split) {
+// Each warp's totals (a C fragment: elements 0, 1 are row g, columns 2 t, 2 t + 1; 2, 3 row
+// g + 8) into its `partial`, then the block's barrier: true for the first warp, which adds them.
+__device__ __forceinline__ bool stage_parts(float (&partial)[kMaxSplit][16][8],
+                                            const float (&total)[4]) {
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int g = lane >> 2;
@@ -130,9 +126,20 @@ __device__ __forceinline__ void sum_parts(T* __restrict__ y, float (&partial)[kM
     partial[warp][g + 8][2 * t] = total[2];
     partial[warp][g + 8][2 * t + 1] = total[3];
     __syncthreads();
-    if (warp != 0) {
+    return warp == 0;
+}
+
+// The end of a GEMV block: the warps' totals staged (a column is a row m of x), then the first
+// warp adds the parts in part order and writes y (lane l: row l / 2 of row block rb, columns
+// 4 (l % 2) ..).
+template <typename T>
+__device__ __forceinline__ void sum_parts(T* __restrict__ y, float (&partial)[kMaxSplit][16][8],
+                                          const float (&total)[4], int rb, int rows,
+                                          int n_out, int k_split) {
+    if (!stage_parts(partial, total)) {
         return;
     }
+    const int lane = threadIdx.x & 31;
     const int row = lane >> 1;
     const long long n = rb * 16 + row;
 #pragma unroll
@@ -157,18 +164,10 @@ __device__ __forceinline__ void sum_parts_gated(T* __restrict__ act,
                                                 float (&partial)[kMaxSplit][16][8],
                                                 const float (&total)[4], int rb, int rows, int d,
                                                 int k_split) {
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int g = lane >> 2;
-    const int t = lane & 3;
-    partial[warp][g][2 * t] = total[0];
-    partial[warp][g][2 * t + 1] = total[1];
-    partial[warp][g + 8][2 * t] = total[2];
-    partial[warp][g + 8][2 * t + 1] = total[3];
-    __syncthreads();
-    if (warp != 0) {
+    if (!stage_parts(partial, total)) {
         return;
     }
+    const int lane = threadIdx.x & 31;
     const int row = lane >> 1;
     const long long n = rb * 16 + row;
 #pragma unroll
