@@ -130,9 +130,12 @@ __device__ __forceinline__ bool stage_parts(float (&partial)[kMaxSplit][16][8],
 }
 
 // The end of a GEMV block: the warps' totals staged (a column is a row m of x), then the first
-// warp adds the parts in part order and writes y (lane l: row l / 2 of row block rb, columns
-// 4 (l % 2) ..).
-template <typename T>
+// warp adds the parts in part order and writes y[m, n] (lane l: row l / 2 of row block rb,
+// columns 4 (l % 2) ..), n < n_out. Gated (gemv_w4_gated): warps 0 .. k_split - 1 hold the gate
+// rows' parts and warps k_split .. 2 k_split - 1 the matching up rows' (the same order of parts);
+// both sides are added, rounded to T as the plain end would store them, and y gets silu(gate) *
+// up as silu_mul rounds it (common.cuh's silu_mul_rounded), n_out being the halves' width.
+template <typename T, bool kGated>
 __device__ __forceinline__ void sum_parts(T* __restrict__ y, float (&partial)[kMaxSplit][16][8],
                                           const float (&total)[4], int rb, int rows,
                                           int n_out, int k_split) {
@@ -146,42 +149,18 @@ __device__ __forceinline__ void sum_parts(T* __restrict__ y, float (&partial)[kM
     for (int c = 0; c < 4; ++c) {
         const int m = 4 * (lane & 1) + c;
         float sum = 0.0f;
-        for (int p = 0; p < k_split; ++p) {
-            sum += partial[p][row][m];
-        }
-        if (m < rows) {
-            y[(long long)m * n_out + n] = tpserve::from_float<T>(sum);
-        }
-    }
-}
-
-// The end of a gated GEMV block (gemv_w4_gated): warps 0 .. k_split - 1 hold the gate rows'
-// parts, warps k_split .. 2 k_split - 1 the matching up rows' (the same order of parts); the first
-// warp adds each side in part order, rounds both to T as sum_parts would store them, and writes
-// silu(gate) * up as silu_mul rounds it (common.cuh's silu_mul_rounded): act[m, n], n < d.
-template <typename T>
-__device__ __forceinline__ void sum_parts_gated(T* __restrict__ act,
-                                                float (&partial)[kMaxSplit][16][8],
-                                                const float (&total)[4], int rb, int rows, int d,
-                                                int k_split) {
-    if (!stage_parts(partial, total)) {
-        return;
-    }
-    const int lane = threadIdx.x & 31;
-    const int row = lane >> 1;
-    const long long n = rb * 16 + row;
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-        const int m = 4 * (lane & 1) + c;
-        float gate = 0.0f;
         float up = 0.0f;
         for (int p = 0; p < k_split; ++p) {
-            gate += partial[p][row][m];
-            up += partial[k_split + p][row][m];
+            sum += partial[p][row][m];
+            if (kGated) {
+                up += partial[k_split + p][row][m];
+            }
         }
         if (m < rows) {
-            act[(long long)m * d + n] = tpserve::silu_mul_rounded<T>(tpserve::round_to<T>(gate),
-                                                                     tpserve::round_to<T>(up));
+            y[(long long)m * n_out + n] =
+                kGated ? tpserve::silu_mul_rounded<T>(tpserve::round_to<T>(sum),
+                                                      tpserve::round_to<T>(up))
+                       : tpserve::from_float<T>(sum);
         }
     }
 }
@@ -329,7 +308,7 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
     float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     warp_totals_w4<T, kAhead, kTwoGroups>(total, x, w, params, rows, k, group_shift, k_split,
                                           blockIdx.x, threadIdx.x >> 5);
-    sum_parts(y, partial, total, blockIdx.x, rows, n_out, k_split);
+    sum_parts<T, false>(y, partial, total, blockIdx.x, rows, n_out, k_split);
 }
 
 // gemv_w4_gated_{bf16,f16}: act[m, n] = silu(gate[m, n]) * up[m, n] for n < d, where gate and
@@ -352,7 +331,7 @@ __device__ void gemv_w4_gated_impl(T* __restrict__ act, const T* __restrict__ x,
     warp_totals_w4<T, kAhead, kTwoGroups>(total, x, w, params, rows, k, group_shift, k_split,
                                           blockIdx.x + (up ? d / 16 : 0),
                                           up ? warp - k_split : warp);
-    sum_parts_gated(act, partial, total, blockIdx.x, rows, d, k_split);
+    sum_parts<T, true>(act, partial, total, blockIdx.x, rows, d, k_split);
 }
 
 // gemv_w4_impl for the group size: two groups a tile (32 inputs), or one group over one or more

@@ -146,7 +146,7 @@ __device__ void gemv_w4_xs(T* __restrict__ y, const T* __restrict__ x,
             chunk_products<T, 4>(total, words, xw, cur.p, 0);
         }
     }
-    sum_parts(y, partial, total, rb, rows, n_out, k_split);
+    sum_parts<T, false>(y, partial, total, rb, rows, n_out, k_split);
 }
 
 template <int kAhead, typename T>
