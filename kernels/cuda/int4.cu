@@ -300,69 +300,45 @@ __device__ __forceinline__ void warp_totals_w4(float (&total)[4], const T* __res
     }
 }
 
-template <typename T, int kAhead, bool kTwoGroups>
+// gemv_w4_impl's block: warp w walks part w of K for row block rb = blockIdx.x. Gated
+// (gemv_w4_gated below): the first k_split warps walk gate row block rb, the others the up row
+// block n_out / 16 + rb (n_out the halves' width), and the block's end writes silu(gate) * up.
+template <typename T, int kAhead, bool kTwoGroups, bool kGated>
 __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
                              const uint4* __restrict__ w, const unsigned int* __restrict__ params,
                              int rows, int n_out, int k, int group_shift, int k_split,
                              float (&partial)[kMaxSplit][16][8]) {
-    float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    warp_totals_w4<T, kAhead, kTwoGroups>(total, x, w, params, rows, k, group_shift, k_split,
-                                          blockIdx.x, threadIdx.x >> 5);
-    sum_parts<T, false>(y, partial, total, blockIdx.x, rows, n_out, k_split);
-}
-
-// gemv_w4_gated_{bf16,f16}: act[m, n] = silu(gate[m, n]) * up[m, n] for n < d, where gate and
-// up are gemv_w4's product of a fused gate and up weight (rows 0 .. d the gate, d .. 2 d the
-// up projection; n_out = 2 d), each rounded to T: the bits of gemv_w4 at the same k_split
-// followed by silu_mul, in one launch, for 1 to 8 rows. Block rb's first k_split warps walk
-// gate row block rb, the other k_split its up row block d / 16 + rb.
-// Arguments as gemv_w4's, with act T [rows, d] for y, d (a multiple of 16) for n_out, and
-// k_split at most kMaxSplit / 2.
-// Launch: grid (d / 16, 1, 1); block (64 * k_split, 1, 1).
-template <typename T, int kAhead, bool kTwoGroups>
-__device__ void gemv_w4_gated_impl(T* __restrict__ act, const T* __restrict__ x,
-                                   const uint4* __restrict__ w,
-                                   const unsigned int* __restrict__ params, int rows, int d,
-                                   int k, int group_shift, int k_split,
-                                   float (&partial)[kMaxSplit][16][8]) {
     const int warp = threadIdx.x >> 5;
-    const bool up = warp >= k_split;
+    const bool up = kGated && warp >= k_split;
     float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     warp_totals_w4<T, kAhead, kTwoGroups>(total, x, w, params, rows, k, group_shift, k_split,
-                                          blockIdx.x + (up ? d / 16 : 0),
+                                          blockIdx.x + (up ? n_out / 16 : 0),
                                           up ? warp - k_split : warp);
-    sum_parts<T, true>(act, partial, total, blockIdx.x, rows, d, k_split);
+    sum_parts<T, kGated>(y, partial, total, blockIdx.x, rows, n_out, k_split);
 }
 
 // gemv_w4_impl for the group size: two groups a tile (32 inputs), or one group over one or more
 // tiles. The arithmetic is the same; a kernel that took either at run time spent ~25 of its
 // ~100 instructions a tile on the other's parameters (their addresses, a second conversion and
 // a second scaled add, sm_90 code): built for its size, a 64-input tile takes ~76 (session 31).
-template <typename T, int kAhead>
+//
+// gemv_w4_gated_{bf16,f16} (kGated): act[m, n] = silu(gate[m, n]) * up[m, n] for n < d, where
+// gate and up are gemv_w4's product of a fused gate and up weight (rows 0 .. d the gate, d ..
+// 2 d the up projection), each rounded to T: the bits of gemv_w4 at the same k_split followed
+// by silu_mul, in one launch, for 1 to 8 rows. Arguments as gemv_w4's, with act T [rows, d] for
+// y, d (a multiple of 16) for n_out, and k_split at most kMaxSplit / 2.
+// Launch: grid (d / 16, 1, 1); block (64 * k_split, 1, 1).
+template <typename T, int kAhead, bool kGated>
 __device__ void gemv_w4(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ w,
                         const unsigned int* __restrict__ params, int rows, int n_out, int k,
                         int group_shift, int k_split) {
     __shared__ float partial[kMaxSplit][16][8];  // each warp's sums, for the first to add up
     if (group_shift < 6) {
-        gemv_w4_impl<T, kAhead, true>(y, x, w, params, rows, n_out, k, group_shift, k_split,
-                                      partial);
+        gemv_w4_impl<T, kAhead, true, kGated>(y, x, w, params, rows, n_out, k, group_shift,
+                                              k_split, partial);
     } else {
-        gemv_w4_impl<T, kAhead, false>(y, x, w, params, rows, n_out, k, group_shift, k_split,
-                                       partial);
-    }
-}
-
-template <typename T, int kAhead>
-__device__ void gemv_w4_gated(T* __restrict__ act, const T* __restrict__ x,
-                              const uint4* __restrict__ w, const unsigned int* __restrict__ params,
-                              int rows, int d, int k, int group_shift, int k_split) {
-    __shared__ float partial[kMaxSplit][16][8];  // each warp's sums, for the first to add up
-    if (group_shift < 6) {
-        gemv_w4_gated_impl<T, kAhead, true>(act, x, w, params, rows, d, k, group_shift, k_split,
-                                            partial);
-    } else {
-        gemv_w4_gated_impl<T, kAhead, false>(act, x, w, params, rows, d, k, group_shift,
-                                             k_split, partial);
+        gemv_w4_impl<T, kAhead, false, kGated>(y, x, w, params, rows, n_out, k, group_shift,
+                                               k_split, partial);
     }
 }
 
@@ -690,19 +666,17 @@ __device__ void gather_inputs_impl(T* __restrict__ out, const T* __restrict__ x,
         gemm_w4<T, NT>(y, x, w, params, partials, counters, rows, n_out, k, group_shift,       \
                        k_split);                                                               \
     }
-#define TPSERVE_INT4(SUFFIX, T)                                                                \
-    extern "C" __global__ void __launch_bounds__(512) gemv_w4_##SUFFIX(                        \
+// gemv_w4 (GATED false) and gemv_w4_gated (true).
+#define TPSERVE_GEMV_W4(NAME, SUFFIX, T, GATED)                                                \
+    extern "C" __global__ void __launch_bounds__(512) NAME##_##SUFFIX(                         \
         T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ w,               \
         const unsigned int* __restrict__ params, int rows, int n_out, int k, int group_shift,  \
         int k_split) {                                                                         \
-        gemv_w4<T, kInFlight>(y, x, w, params, rows, n_out, k, group_shift, k_split);          \
-    }                                                                                          \
-    extern "C" __global__ void __launch_bounds__(512) gemv_w4_gated_##SUFFIX(                  \
-        T* __restrict__ act, const T* __restrict__ x, const uint4* __restrict__ w,             \
-        const unsigned int* __restrict__ params, int rows, int d, int k, int group_shift,      \
-        int k_split) {                                                                         \
-        gemv_w4_gated<T, kInFlight>(act, x, w, params, rows, d, k, group_shift, k_split);      \
-    }                                                                                          \
+        gemv_w4<T, kInFlight, GATED>(y, x, w, params, rows, n_out, k, group_shift, k_split);   \
+    }
+#define TPSERVE_INT4(SUFFIX, T)                                                                \
+    TPSERVE_GEMV_W4(gemv_w4, SUFFIX, T, false)                                                 \
+    TPSERVE_GEMV_W4(gemv_w4_gated, SUFFIX, T, true)                                            \
     TPSERVE_GEMM_W4(SUFFIX, T, 16, 2)                                                         \
     TPSERVE_GEMM_W4(SUFFIX, T, 32, 4)                                                         \
     TPSERVE_GEMM_W4(SUFFIX, T, 64, 8)                                                         \
