@@ -328,7 +328,7 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
 // by silu_mul, in one launch, for 1 to 8 rows. Arguments as gemv_w4's, with act T [rows, d] for
 // y, d (a multiple of 16) for n_out, and k_split at most kMaxSplit / 2.
 // Launch: grid (d / 16, 1, 1); block (64 * k_split, 1, 1).
-template <typename T, int kAhead, bool kGated>
+template <typename T, int kAhead, bool kGated = false>
 __device__ void gemv_w4(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ w,
                         const unsigned int* __restrict__ params, int rows, int n_out, int k,
                         int group_shift, int k_split) {
