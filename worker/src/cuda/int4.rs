@@ -205,7 +205,11 @@ impl Kernels {
     fn launch_gemv_w4(&self, p: &Product, gated: bool) -> Result<()> {
         let (q, shift) = operands(p)?;
         let split = k_split(p.n_out, p.k);
-        if !(1..=8).contains(&p.rows) || (gated && !gated_gemv_fits(p)) {
+        let fits = match gated {
+            false => (1..=8).contains(&p.rows),
+            true => gated_gemv_fits(p),
+        };
+        if !fits {
             let kernel = match gated {
                 false => "the 4-bit GEMV kernel (1 to 8 rows)",
                 true => "the 4-bit GEMV's gated form (1 to 8 rows, halves of whole row blocks)",

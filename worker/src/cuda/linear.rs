@@ -623,11 +623,14 @@ impl Linear {
     /// `Kernels::silu_mul` would give it, and true; elsewhere nothing runs: false (the caller
     /// runs the product and the SiLU-mul).
     pub fn run_gated(&self, kernels: &Kernels, p: &Product) -> Result<bool> {
-        let on_gemv = matches!(
+        // The cheap tests first: most products are not 4-bit, and the choice is a map lookup.
+        if !self.gated_w4 || p.int4.is_none() || !gated_gemv_fits(p) {
+            return Ok(false);
+        }
+        if !matches!(
             self.kernel_for(Shape::of(p), p.rows),
             LinearKernel::Gemv { .. }
-        );
-        if !self.gated_w4 || p.int4.is_none() || !on_gemv || !gated_gemv_fits(p) {
+        ) {
             return Ok(false);
         }
         kernels.gemv_w4_gated(p)?;
