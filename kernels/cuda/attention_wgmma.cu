@@ -6,7 +6,8 @@
 // S accumulators, rounded to T, are exactly wgmma's A register fragments) and V from shared
 // memory, transposed by the instruction. The tensor cores read shared memory through 128-byte
 // swizzled tiles, which no ldmatrix and no register copy of K or V touch, and K and V of the next
-// tile load (cp.async) while the current one computes, in two buffers each.
+// tile load (cp.async) while the current one computes, in a ring of stages whose barriers
+// (mbarrier) let each warpgroup go on as soon as its own next tile has landed.
 //
 // Shared memory holds every tile as two panels of 64 head dimensions (128 bytes a row); in each
 // panel the 16-byte chunk c of row r sits at r * 128 + ((c ^ (r % 8)) * 16), the layout wgmma's
@@ -130,8 +131,8 @@ template <int N> __device__ __forceinline__ void hold_registers(unsigned (&a)[N]
         }
     }
 }
-// Shared-memory writes made by this thread's cp.async copies (the generic proxy) become visible
-// to the tensor cores' reads (the async proxy); a barrier after it publishes everyone's.
+// Shared-memory writes made by cp.async copies (the generic proxy), seen by this thread through a
+// stage's full barrier, become visible to its tensor cores' reads (the async proxy).
 __device__ __forceinline__ void fence_async_proxy() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
@@ -145,21 +146,61 @@ __device__ __forceinline__ unsigned long long smem_desc(unsigned addr, unsigned 
            ((unsigned long long)((stride & 0x3ffffu) >> 4) << 32) | (1ull << 62);
 }
 
+// The descriptor of `desc`'s matrix moved `bytes` on in shared memory (a multiple of 16): only
+// the start address field changes, which stays below 2^18 bytes.
+__device__ __forceinline__ unsigned long long desc_plus(unsigned long long desc, unsigned bytes) {
+    return desc + (bytes >> 4);
+}
+
 // Byte offset of 16-byte chunk c (8 elements of T; 0 <= c < 16 at head size 128) of row r in a
 // tile of `rows` rows: panel c / 8, swizzled chunk within the row's 128 bytes.
 __device__ __forceinline__ constexpr int swizzled_offset(int r, int c, int rows) {
     return (c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4);
 }
 
+// The stages' barriers (mbarrier objects in shared memory, 8 bytes each). A stage's "full"
+// barrier completes a phase when every thread's copies into it have landed (each thread's
+// cp.async.mbarrier.arrive.noinc counts once, when its earlier copies are done); its "empty"
+// barrier when every thread has finished the products that read it (a plain arrival each).
+__device__ __forceinline__ void mbarrier_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive_on_copies(unsigned bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits until the barrier's phase of parity `parity` has completed.
+__device__ __forceinline__ void mbarrier_wait(unsigned bar, unsigned parity) {
+    asm volatile(
+        "{\n.reg .pred done;\n"
+        "wait_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra wait_%=;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+
+// 2^x by the SFU alone (ex2.approx.ftz): exp2f's extra steps keep results below 2^-126
+// (denormal) from flushing to zero, which a softmax weight that small cannot need: the row's
+// largest weight is 1, and the products' f32 sums cannot see 2^-126 beside it.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 }  // namespace
 
-// Dynamic shared memory of one block: Q of its 64 WG items, two K and two V tiles of KEYS keys
-// (head size 128), and 1,024 bytes to align the first tile to the swizzle's atom.
-template <typename T, int WG, int KEYS>
+// Dynamic shared memory of one block: Q of its 64 WG items, STAGES K and STAGES V tiles of KEYS
+// keys (head size 128), 1,024 bytes to align the first tile to the swizzle's atom, and each
+// stage's two barriers.
+template <typename T, int WG, int KEYS, int STAGES>
 __host__ __device__ constexpr int paged_attention_wgmma_smem_bytes() {
-    return (64 * WG + 4 * KEYS) * 128 * (int)sizeof(T) + 1024;
+    return (64 * WG + 2 * STAGES * KEYS) * 128 * (int)sizeof(T) + 1024 + 16 * STAGES;
 }
 
 // paged_attention_wgmma_hd128_{bf16,f16}: out[r, h] = softmax_j(scale * q[r, h] . K[j, g]) V[j,
@@ -172,9 +213,9 @@ __host__ __device__ constexpr int paged_attention_wgmma_smem_bytes() {
 // Arguments: paged_attention_mma's (attention_mma.cu), with a cache in T (k_scale and v_scale
 // are applied as there; 1 for such a cache).
 // Launch: grid (num_kv_heads, num_tiles, 1); block (128 * WG, 1, 1); dynamic shared memory
-// paged_attention_wgmma_smem_bytes<T, WG, KEYS>() (the host raises the kernel's limit).
+// paged_attention_wgmma_smem_bytes<T, WG, KEYS, STAGES>() (the host raises the kernel's limit).
 // Needs sm_90a.
-template <typename T, int WG, int KEYS>
+template <typename T, int WG, int KEYS, int STAGES>
 __device__ __forceinline__ void paged_attention_wgmma_impl(
     T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ key_cache,
     const T* __restrict__ value_cache, const int* __restrict__ block_tables,
@@ -201,9 +242,20 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
     const unsigned raw = tpserve::smem_addr(wgmma_smem);
     const unsigned base = (raw + 1023u) & ~1023u;
     unsigned char* const smem = wgmma_smem + (base - raw);
-    // Q at 0, K tile b at kQBytes + b kTileBytes, V tile b after both K tiles.
+    // Q at 0, K tile of stage b at kQBytes + b kTileBytes, V tiles after the K tiles, then the
+    // stages' full and empty barriers.
     auto k_at = [&](int b) { return kQBytes + b * kTileBytes; };
-    auto v_at = [&](int b) { return kQBytes + (2 + b) * kTileBytes; };
+    auto v_at = [&](int b) { return kQBytes + (STAGES + b) * kTileBytes; };
+    const unsigned full_bar = base + kQBytes + 2 * STAGES * kTileBytes;
+    const unsigned empty_bar = full_bar + 8 * STAGES;
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int b = 0; b < STAGES; ++b) {
+            mbarrier_init(full_bar + 8 * b, kThreads);
+            mbarrier_init(empty_bar + 8 * b, kThreads);
+        }
+    }
+    __syncthreads();
 
     const int* tile = tiles + blockIdx.y * 4;
     const int seq = tile[0];
@@ -242,8 +294,13 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
 
     const int* table = block_tables + (long long)seq * max_blocks_per_seq;
     const int ctx_end = pos0 + rows;  // keys the last row sees
-    // K and V of the KEYS keys from `first` into buffer b, as one cp.async group: this thread
-    // copies chunk tid % 16 of keys tid / 16 + kKeyStride i (zeros past the context).
+    // A key's cache block and slot in it: by shift and mask when the block size is a power of
+    // two (as the worker's are), else by division.
+    const bool pow2_blocks = (block_size & (block_size - 1)) == 0;
+    const int block_shift = __ffs(block_size) - 1;
+    // K and V of the KEYS keys from `first` into stage b, then this thread's arrival on the
+    // stage's full barrier once they have landed: this thread copies chunk tid % 16 of keys
+    // tid / 16 + kKeyStride i (zeros past the context).
     const int my_chunk = tid % kChunks;
     auto load_kv = [&](int first, int b) {
 #pragma unroll
@@ -253,16 +310,17 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
                 break;
             }
             const int key = first + j;
+            const int block = pow2_blocks ? key >> block_shift : key / block_size;
+            const int in_block = pow2_blocks ? key & (block_size - 1) : key % block_size;
             const long long slot =
-                key < ctx_end ? (long long)table[key / block_size] * block_size + key % block_size
-                              : -1;
+                key < ctx_end ? (long long)table[block] * block_size + in_block : -1;
             const long long at =
                 slot >= 0 ? (slot * num_kv_heads + kv_head) * HD + my_chunk * 8 : 0;
             const int offset = swizzled_offset(j, my_chunk, KEYS);
             tpserve::cp_async_16(smem + k_at(b) + offset, key_cache + at, slot >= 0);
             tpserve::cp_async_16(smem + v_at(b) + offset, value_cache + at, slot >= 0);
         }
-        tpserve::cp_async_commit();
+        mbarrier_arrive_on_copies(full_bar + 8 * b);
     };
 
     const float scale_log2 = scale * kWgmmaLog2e;
@@ -274,19 +332,33 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
         o[i] = 0.0f;
     }
 
+    // Key tile t lives in stage t % STAGES, its (t / STAGES)-th filling: its full barrier's
+    // phase of that parity completes when it has landed, and its empty barrier's when every
+    // thread is done with it. Each thread copies its share of tile t + 1 before it computes tile
+    // t, once every thread is done with tile t + 1 - STAGES: so no warpgroup waits for the others
+    // at every tile, as one block-wide barrier a tile would make it, but it may run at most
+    // STAGES - 2 tiles ahead of the slowest.
+    static_assert(STAGES >= 2, "a stage computed while the next one loads");
     const int num_key_tiles = (ctx_end + KEYS - 1) / KEYS;
-    load_kv(0, 0);
+    // The warpgroup's Q and each stage's K and V at their first 16 dimensions (or keys): the
+    // products' descriptors are these moved by constants.
+    const unsigned long long q_desc = smem_desc(base + wg_item0 * 128, 16, 1024);
+    load_kv(0, 0);  // with Q: tile 0's barrier covers both
     for (int t = 0; t < num_key_tiles; ++t) {
-        const int b = t & 1;
+        const int b = t % STAGES;
         const int chunk = t * KEYS;
-        if (t + 1 < num_key_tiles) {
-            load_kv(chunk + KEYS, b ^ 1);  // buffer b ^ 1 was freed by the last barrier
-            tpserve::cp_async_wait<1>();
-        } else {
-            tpserve::cp_async_wait<0>();
+        const int next = t + 1;
+        if (next < num_key_tiles) {
+            const int nb = next % STAGES;
+            if (next >= STAGES) {
+                mbarrier_wait(empty_bar + 8 * nb, ((next - STAGES) / STAGES) & 1);
+            }
+            load_kv(chunk + KEYS, nb);
         }
-        fence_async_proxy();
-        __syncthreads();  // tile t (and Q) in shared memory, for the tensor cores
+        mbarrier_wait(full_bar + 8 * b, (t / STAGES) & 1);
+        fence_async_proxy();  // the copies' writes, seen through the barrier, for the tensor cores
+        const unsigned long long k_desc = smem_desc(base + k_at(b), 16, 1024);
+        const unsigned long long v_desc = smem_desc(base + v_at(b), KEYS * 128, 1024);
 
         if (chunk <= wg_last_pos) {  // warpgroup-uniform
             float s[KEYS / 2];
@@ -298,10 +370,8 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
 #pragma unroll
             for (int kk = 0; kk < HD / 16; ++kk) {
                 const unsigned inner = (kk & 3) * 32;  // 16 dimensions inside the panel
-                const unsigned long long a = smem_desc(
-                    base + (kk >> 2) * kItems * 128 + wg_item0 * 128 + inner, 16, 1024);
-                const unsigned long long bk =
-                    smem_desc(base + k_at(b) + (kk >> 2) * KEYS * 128 + inner, 16, 1024);
+                const unsigned long long a = desc_plus(q_desc, (kk >> 2) * kItems * 128 + inner);
+                const unsigned long long bk = desc_plus(k_desc, (kk >> 2) * KEYS * 128 + inner);
                 if constexpr (KEYS == 64) {
                     Wgmma<T>::ss_n64(s, a, bk, kk > 0);
                 } else {
@@ -341,18 +411,18 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
             // A row that has seen no key keeps max -inf: subtract 0 so that exp2(-inf) = 0.
             const float sub_a = (new_a == tpserve::neg_inf() ? 0.0f : new_a) * scale_log2;
             const float sub_b = (new_b == tpserve::neg_inf() ? 0.0f : new_b) * scale_log2;
-            const float corr_a = exp2f(fmaf(m_a, scale_log2, -sub_a));  // 0 while -inf
-            const float corr_b = exp2f(fmaf(m_b, scale_log2, -sub_b));
+            const float corr_a = fast_exp2(fmaf(m_a, scale_log2, -sub_a));  // 0 while -inf
+            const float corr_b = fast_exp2(fmaf(m_b, scale_log2, -sub_b));
             m_a = new_a;
             m_b = new_b;
             float sum_a = 0.0f;
             float sum_b = 0.0f;
 #pragma unroll
             for (int j = 0; j < kSTiles; ++j) {
-                s[4 * j] = exp2f(fmaf(s[4 * j], scale_log2, -sub_a));
-                s[4 * j + 1] = exp2f(fmaf(s[4 * j + 1], scale_log2, -sub_a));
-                s[4 * j + 2] = exp2f(fmaf(s[4 * j + 2], scale_log2, -sub_b));
-                s[4 * j + 3] = exp2f(fmaf(s[4 * j + 3], scale_log2, -sub_b));
+                s[4 * j] = fast_exp2(fmaf(s[4 * j], scale_log2, -sub_a));
+                s[4 * j + 1] = fast_exp2(fmaf(s[4 * j + 1], scale_log2, -sub_a));
+                s[4 * j + 2] = fast_exp2(fmaf(s[4 * j + 2], scale_log2, -sub_b));
+                s[4 * j + 3] = fast_exp2(fmaf(s[4 * j + 3], scale_log2, -sub_b));
                 sum_a += s[4 * j] + s[4 * j + 1];
                 sum_b += s[4 * j + 2] + s[4 * j + 3];
             }
@@ -379,8 +449,7 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < KEYS / 16; ++kk) {
-                const unsigned long long bv =
-                    smem_desc(base + v_at(b) + kk * 16 * 128, KEYS * 128, 1024);
+                const unsigned long long bv = desc_plus(v_desc, kk * 16 * 128);
                 Wgmma<T>::rs_n128_tb(o, p[kk], bv, 1);
             }
             wgmma_commit();
@@ -388,7 +457,7 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
             hold_registers(o);
             hold_registers(p);
         }
-        __syncthreads();  // every warpgroup is done with buffer b before it is refilled
+        mbarrier_arrive(empty_bar + 8 * b);
     }
 
     // Totals of the row sums over the quad; O divided by them, rounded to T once.
@@ -422,11 +491,13 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
 
 // The shape the worker launches (worker/src/cuda/kernels/attention.rs): 4 warpgroups (256
 // items: each K and V tile serves twice the items of 2 warpgroups), one block an SM (128
-// registers a thread, 132,096 bytes of shared memory), key tiles of 64. On an H200 (prefill_attention_bench.cu, one
-// layer from position 0): 1.452 ms at 8,192 tokens against 1.598 with 2 warpgroups at 2 blocks
-// an SM and 1.783 for attention_mma.cu's widest shape.
+// registers a thread), key tiles of 64 in 4 stages (197,696 bytes of shared memory). On an H200
+// (prefill_attention_bench.cu, one layer from position 0, 2 stages then): 1.452 ms at 8,192
+// tokens against 1.598 with 2 warpgroups at 2 blocks an SM and 1.783 for attention_mma.cu's
+// widest shape.
 constexpr int kWgmmaGroups = 4;
 constexpr int kWgmmaKeys = 64;
+constexpr int kWgmmaStages = 4;
 
 // One entry point per dtype, with paged_attention's argument list.
 #define TPSERVE_PAGED_ATTENTION_WGMMA(SUFFIX, T)                                              \
@@ -443,7 +514,7 @@ constexpr int kWgmmaKeys = 64;
         (void)partial_ml;                                                                     \
         (void)num_splits;                                                                     \
         (void)split_len;                                                                      \
-        paged_attention_wgmma_impl<T, kWgmmaGroups, kWgmmaKeys>(                              \
+        paged_attention_wgmma_impl<T, kWgmmaGroups, kWgmmaKeys, kWgmmaStages>(                              \
             out, q, key_cache, value_cache, block_tables, tiles, num_q_heads, num_kv_heads,    \
             block_size, max_blocks_per_seq, q_stride, scale, k_scale, v_scale);               \
     }

@@ -74,12 +74,12 @@ __global__ void __launch_bounds__(32 * W) variant(T* out, const T* q, const C* k
 
 // A launch shape of the Hopper kernel (attention_wgmma.cu): warpgroups per block, keys per tile,
 // blocks an SM should hold (the register budget).
-template <typename T, int WG, int KEYS, int MIN_BLOCKS>
+template <typename T, int WG, int KEYS, int MIN_BLOCKS, int STAGES>
 __global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
     wgmma_variant(T* out, const T* q, const T* kc, const T* vc, const int* tables,
                   const int* tiles, int qh, int kvh, int block, int width, int q_stride,
                   float scale, float k_scale, float v_scale) {
-    k_wgmma::paged_attention_wgmma_impl<T, WG, KEYS>(out, q, kc, vc, tables, tiles, qh, kvh, block,
+    k_wgmma::paged_attention_wgmma_impl<T, WG, KEYS, STAGES>(out, q, kc, vc, tables, tiles, qh, kvh, block,
                                                      width, q_stride, scale, k_scale, v_scale);
 }
 
@@ -245,12 +245,13 @@ template <typename T, int HD, int W, int MT, int KEYS, typename C = T> static Sh
     return {name, 16 * W * MT, 32 * W, smem, fn, fp8kv};
 }
 
-template <typename T, int WG, int KEYS, int MIN_BLOCKS> static Shape wgmma_shape() {
-    const void* fn = (const void*)wgmma_variant<T, WG, KEYS, MIN_BLOCKS>;
-    const int smem = k_wgmma::paged_attention_wgmma_smem_bytes<T, WG, KEYS>();
+template <typename T, int WG, int KEYS, int MIN_BLOCKS, int STAGES> static Shape wgmma_shape() {
+    const void* fn = (const void*)wgmma_variant<T, WG, KEYS, MIN_BLOCKS, STAGES>;
+    const int smem = k_wgmma::paged_attention_wgmma_smem_bytes<T, WG, KEYS, STAGES>();
     CK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     char name[64];
-    snprintf(name, sizeof name, "wgmma %d warpgroups, %d keys, %d/SM", WG, KEYS, MIN_BLOCKS);
+    snprintf(name, sizeof name, "wgmma %d warpgroups, %d keys, %d/SM, %d stages", WG, KEYS,
+             MIN_BLOCKS, STAGES);
     return {name, 64 * WG, 128 * WG, smem, fn, false};
 }
 
@@ -493,12 +494,13 @@ int main() {
 #ifdef OLD_WGMMA
         old_wgmma_shape<bf>(),
 #endif
-        wgmma_shape<bf, 2, 64, 2>(),        wgmma_shape<bf, 2, 128, 1>(),
-        wgmma_shape<bf, 3, 64, 1>(),        wgmma_shape<bf, 1, 64, 3>(),
-        wgmma_shape<bf, 4, 64, 1>()};
+        wgmma_shape<bf, 2, 64, 2, 2>(),     wgmma_shape<bf, 2, 128, 1, 2>(),
+        wgmma_shape<bf, 3, 64, 1, 3>(),     wgmma_shape<bf, 1, 64, 3, 2>(),
+        wgmma_shape<bf, 4, 64, 1, 2>(),     wgmma_shape<bf, 4, 64, 1, 3>(),
+        wgmma_shape<bf, 4, 64, 1, 4>()};
     const std::vector<Shape> bf64 = {shape<bf, 64, 4, 2, 64>(), shape<bf, 64, 4, 1, 64>()};
     const std::vector<Shape> hf128 = {shape<hf, 128, 4, 2, 64>(), shape<hf, 128, 8, 2, 64>(),
-                                      wgmma_shape<hf, 2, 64, 2>()};
+                                      wgmma_shape<hf, 4, 64, 1, 4>()};
     const std::vector<Shape> hf64 = {shape<hf, 64, 4, 2, 64>()};
     using E4M3 = tpserve::E4M3Kv;
     // The worker's entry points (kMmaMTiles 2, kMmaKeys 64) on FP8 caches.

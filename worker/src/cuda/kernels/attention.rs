@@ -31,8 +31,10 @@ pub fn attention_max_items(head_dim: usize) -> usize {
 /// attention kernel (attention_mma.cu's kMmaMTiles, kMmaKeys).
 const ATTENTION_MMA_M_TILES: usize = 2;
 const ATTENTION_MMA_KEYS: usize = 64;
-/// Keys per shared-memory tile of the Hopper kernel (attention_wgmma.cu's kWgmmaKeys).
+/// Keys per shared-memory tile of the Hopper kernel and the stages of its ring of K and V tiles
+/// (attention_wgmma.cu's kWgmmaKeys, kWgmmaStages).
 const ATTENTION_WGMMA_KEYS: usize = 64;
+const ATTENTION_WGMMA_STAGES: usize = 4;
 
 /// Launch shape of a tensor-core attention entry point: its warps per block, and whether it is
 /// attention_wgmma.cu's Hopper kernel (warpgroup products, sm_90a) or attention_mma.cu's.
@@ -72,11 +74,13 @@ impl MmaShape {
 
     /// Dynamic shared memory of one block. attention_mma.cu's paged_attention_mma_smem_bytes:
     /// Q of its items and one K and one V tile, rows padded by 8 elements, and the cache slots
-    /// of two key tiles; attention_wgmma.cu's paged_attention_wgmma_smem_bytes: Q and two K and
-    /// two V tiles, unpadded, and 1 KiB to align them.
+    /// of two key tiles; attention_wgmma.cu's paged_attention_wgmma_smem_bytes: Q and a K and a V
+    /// tile a stage, unpadded, 1 KiB to align them, and each stage's two 8-byte barriers.
     pub fn smem_bytes(self, head_dim: usize) -> usize {
         if self.wgmma {
-            (self.items() + 4 * ATTENTION_WGMMA_KEYS) * head_dim * ELEM + 1024
+            (self.items() + 2 * ATTENTION_WGMMA_STAGES * ATTENTION_WGMMA_KEYS) * head_dim * ELEM
+                + 1024
+                + 16 * ATTENTION_WGMMA_STAGES
         } else {
             (self.items() + 2 * ATTENTION_MMA_KEYS) * (head_dim + 8) * ELEM
                 + 2 * ATTENTION_MMA_KEYS * 8
@@ -585,9 +589,9 @@ mod tests {
         assert_eq!(MmaShape::NARROW.smem_bytes(64), 37_888);
         assert_eq!(MmaShape::NARROW.smem_bytes(128), 70_656);
         assert_eq!(MmaShape::WIDE.smem_bytes(128), 105_472);
-        // attention_wgmma.cu's: 4 warpgroups, two K and two V tiles of 64 keys.
+        // attention_wgmma.cu's: 4 warpgroups, 4 stages of a K and a V tile of 64 keys.
         assert_eq!(MmaShape::HOPPER.items(), 256);
-        assert_eq!(MmaShape::HOPPER.smem_bytes(128), 132_096);
+        assert_eq!(MmaShape::HOPPER.smem_bytes(128), 197_696);
         // Opt-in shared memory per block: sm_90 227 KiB, sm_80 163 KiB, sm_86/sm_89 99 KiB.
         let (bf16, fp8) = (KvCacheDtype::Compute, KvCacheDtype::Fp8E4M3);
         assert_eq!(
