@@ -17,8 +17,8 @@
 // the N of the product, contiguous) steps 1,024 bytes per 8 keys and a panel (KEYS * 128 bytes)
 // per 64 dimensions.
 //
-// Only a cache in T (not FP8: those use attention_mma.cu's _fp8kv entry points) and head size
-// 128. Built for every architecture so that the kernel table is the same everywhere; the body
+// Head size 128, a cache in T or in FP8 (the `_fp8kv` entry points: E4M3 tiles converted to T
+// in shared memory, below). Built for every architecture so that the kernel table is the same everywhere; the body
 // exists only for sm_90a (NVRTC's `--gpu-architecture=sm_90a`, which the worker uses on
 // compute capability 9.0), elsewhere it traps and the worker never launches it.
 #include "common.cuh"
@@ -197,10 +197,12 @@ __device__ __forceinline__ float fast_exp2(float x) {
 
 // Dynamic shared memory of one block: Q of its 64 WG items, STAGES K and STAGES V tiles of KEYS
 // keys (head size 128), 1,024 bytes to align the first tile to the swizzle's atom, and each
-// stage's two barriers.
-template <typename T, int WG, int KEYS, int STAGES>
+// stage's two barriers; for an FP8 cache (C = E4M3Kv), then two tiles' worth of each thread's
+// E4M3 pieces as copied, before they are converted into a stage.
+template <typename T, int WG, int KEYS, int STAGES, typename C = T>
 __host__ __device__ constexpr int paged_attention_wgmma_smem_bytes() {
-    return (64 * WG + 2 * STAGES * KEYS) * 128 * (int)sizeof(T) + 1024 + 16 * STAGES;
+    return (64 * WG + 2 * STAGES * KEYS) * 128 * (int)sizeof(T) + 1024 + 16 * STAGES +
+           (sizeof(C) == 1 ? 2 * 128 * WG * ((KEYS + 8 * WG - 1) / (8 * WG)) * 16 : 0);
 }
 
 // paged_attention_wgmma_hd128_{bf16,f16}: out[r, h] = softmax_j(scale * q[r, h] . K[j, g]) V[j,
@@ -210,15 +212,20 @@ __host__ __device__ constexpr int paged_attention_wgmma_smem_bytes() {
 // g owns items [64 g, 64 g + 64); key tiles past its last position are skipped, and only tiles
 // reaching past its first position are masked.
 //
-// Arguments: paged_attention_mma's (attention_mma.cu), with a cache in T (k_scale and v_scale
-// are applied as there; 1 for such a cache).
+// Arguments: paged_attention_mma's (attention_mma.cu), with a cache of C: T, or E4M3 bytes
+// (k_scale and v_scale are applied as there; 1 for a cache in T).
+// An FP8 cache cannot go into the tensor cores' tiles by cp.async: each thread copies its E4M3
+// pieces of a tile into its own slots of a staging area two tiles ahead, and converts them into
+// the tile's stage (exactly: every E4M3 value is a T value) one tile ahead, then arrives on the
+// stage's full barrier itself. So an FP8 cache gives the bits of a cache in T holding the same
+// values.
 // Launch: grid (num_kv_heads, num_tiles, 1); block (128 * WG, 1, 1); dynamic shared memory
-// paged_attention_wgmma_smem_bytes<T, WG, KEYS, STAGES>() (the host raises the kernel's limit).
-// Needs sm_90a.
-template <typename T, int WG, int KEYS, int STAGES>
+// paged_attention_wgmma_smem_bytes<T, WG, KEYS, STAGES, C>() (the host raises the kernel's
+// limit). Needs sm_90a.
+template <typename T, int WG, int KEYS, int STAGES, typename C>
 __device__ __forceinline__ void paged_attention_wgmma_impl(
-    T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ key_cache,
-    const T* __restrict__ value_cache, const int* __restrict__ block_tables,
+    T* __restrict__ out, const T* __restrict__ q, const C* __restrict__ key_cache,
+    const C* __restrict__ value_cache, const int* __restrict__ block_tables,
     const int* __restrict__ tiles, int num_q_heads, int num_kv_heads, int block_size,
     int max_blocks_per_seq, int q_stride, float scale, float k_scale, float v_scale) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -234,6 +241,8 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
     static_assert(kThreads % kChunks == 0, "a thread copies one chunk column");
     constexpr int kKeyStride = kThreads / kChunks;  // between a thread's keys in a tile
     constexpr int kPieces = (KEYS + kKeyStride - 1) / kKeyStride;  // keys a thread copies, at most
+    constexpr bool kFp8 = sizeof(C) == 1;
+    static_assert(!kFp8 || STAGES >= 3, "an FP8 tile is converted one tile ahead of its use");
 
     tpserve::wait_for_inputs();
     scale *= k_scale;
@@ -298,10 +307,27 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
     // two (as the worker's are), else by division.
     const bool pow2_blocks = (block_size & (block_size - 1)) == 0;
     const int block_shift = __ffs(block_size) - 1;
-    // K and V of the KEYS keys from `first` into stage b, then this thread's arrival on the
-    // stage's full barrier once they have landed: this thread copies chunk tid % 16 of keys
-    // tid / 16 + kKeyStride i (zeros past the context).
+    // This thread copies chunk tid % 16 of keys tid / 16 + kKeyStride i of each tile (its
+    // pieces i).
     const int my_chunk = tid % kChunks;
+    // FP8: the element offset of piece i of the tile from `first` in the cache, or -1 past the
+    // context.
+    auto piece_at = [&](int first, int i) -> long long {
+        const int key = first + tid / kChunks + i * kKeyStride;
+        if (key >= ctx_end) {
+            return -1;
+        }
+        const int block = pow2_blocks ? key >> block_shift : key / block_size;
+        const int in_block = pow2_blocks ? key & (block_size - 1) : key % block_size;
+        const long long slot = (long long)table[block] * block_size + in_block;
+        return (slot * num_kv_heads + kv_head) * HD + my_chunk * 8;
+    };
+    // FP8: whether piece i exists in a tile (the last one may reach past KEYS).
+    auto has_piece = [&](int i) {
+        return KEYS % kKeyStride == 0 || tid / kChunks + i * kKeyStride < KEYS;
+    };
+    // A cache in T: K and V of the KEYS keys from `first` into stage b, then this thread's
+    // arrival on the stage's full barrier once they have landed (zeros past the context).
     auto load_kv = [&](int first, int b) {
 #pragma unroll
         for (int i = 0; i < kPieces; ++i) {
@@ -321,6 +347,48 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
             tpserve::cp_async_16(smem + v_at(b) + offset, value_cache + at, slot >= 0);
         }
         mbarrier_arrive_on_copies(full_bar + 8 * b);
+    };
+    // FP8: this thread's E4M3 pieces of the tile from `first` into staging buffer sb (8 bytes
+    // each, K then V per piece; nothing past the context), as one cp.async group.
+    unsigned char* const staging = smem + kQBytes + 2 * STAGES * kTileBytes + 16 * STAGES;
+    auto staged = [&](int sb, int i, int kv) {
+        return staging + (((sb * kThreads + tid) * kPieces + i) * 2 + kv) * 8;
+    };
+    auto stage_kv = [&](int first, int sb) {
+#pragma unroll
+        for (int i = 0; i < kPieces; ++i) {
+            if (!has_piece(i)) {
+                break;
+            }
+            const long long at = piece_at(first, i);
+            if (at >= 0) {
+                tpserve::cp_async_8(staged(sb, i, 0), key_cache + at);
+                tpserve::cp_async_8(staged(sb, i, 1), value_cache + at);
+            }
+        }
+        tpserve::cp_async_commit();
+    };
+    // FP8: the staged pieces of the tile from `first` converted into stage b (zeros past the
+    // context), made visible to the tensor cores, and this thread's arrival on its full barrier.
+    auto convert_kv = [&](int first, int sb, int b) {
+        using Kv = tpserve::KvCache<T, C>;
+#pragma unroll
+        for (int i = 0; i < kPieces; ++i) {
+            if (!has_piece(i)) {
+                break;
+            }
+            const bool valid = first + tid / kChunks + i * kKeyStride < ctx_end;
+            const int offset = swizzled_offset(tid / kChunks + i * kKeyStride, my_chunk, KEYS);
+#pragma unroll
+            for (int kv = 0; kv < 2; ++kv) {
+                const uint4 v =
+                    valid ? Kv::to_act(*reinterpret_cast<const typename Kv::Raw*>(staged(sb, i, kv)))
+                          : make_uint4(0u, 0u, 0u, 0u);
+                *reinterpret_cast<uint4*>(smem + (kv == 0 ? k_at(b) : v_at(b)) + offset) = v;
+            }
+        }
+        fence_async_proxy();
+        mbarrier_arrive(full_bar + 8 * b);
     };
 
     const float scale_log2 = scale * kWgmmaLog2e;
@@ -343,12 +411,40 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
     // The warpgroup's Q and each stage's K and V at their first 16 dimensions (or keys): the
     // products' descriptors are these moved by constants.
     const unsigned long long q_desc = smem_desc(base + wg_item0 * 128, 16, 1024);
-    load_kv(0, 0);  // with Q: tile 0's barrier covers both
+    if constexpr (kFp8) {
+        // Tile 0 (with Q: one group) and tile 1 staged; tile 0 converted.
+        stage_kv(0, 0);
+        if (num_key_tiles > 1) {
+            stage_kv(KEYS, 1);
+        } else {
+            tpserve::cp_async_commit();
+        }
+        tpserve::cp_async_wait<1>();
+        convert_kv(0, 0, 0);
+    } else {
+        load_kv(0, 0);  // with Q: tile 0's barrier covers both
+    }
     for (int t = 0; t < num_key_tiles; ++t) {
         const int b = t % STAGES;
         const int chunk = t * KEYS;
         const int next = t + 1;
-        if (next < num_key_tiles) {
+        if constexpr (kFp8) {
+            // Tile t + 2 staged (into the buffer tile t was converted from); tile t + 1, staged
+            // a tile ago, converted into its stage once every thread is done with that stage.
+            if (next + 1 < num_key_tiles) {
+                stage_kv(chunk + 2 * KEYS, (next + 1) & 1);
+            } else {
+                tpserve::cp_async_commit();
+            }
+            if (next < num_key_tiles) {
+                tpserve::cp_async_wait<1>();
+                const int nb = next % STAGES;
+                if (next >= STAGES) {
+                    mbarrier_wait(empty_bar + 8 * nb, ((next - STAGES) / STAGES) & 1);
+                }
+                convert_kv(chunk + KEYS, next & 1, nb);
+            }
+        } else if (next < num_key_tiles) {
             const int nb = next % STAGES;
             if (next >= STAGES) {
                 mbarrier_wait(empty_bar + 8 * nb, ((next - STAGES) / STAGES) & 1);
@@ -491,21 +587,24 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
 
 // The shape the worker launches (worker/src/cuda/kernels/attention.rs): 4 warpgroups (256
 // items: each K and V tile serves twice the items of 2 warpgroups), one block an SM (128
-// registers a thread), key tiles of 64 in 4 stages (197,696 bytes of shared memory). On an H200
+// registers a thread), key tiles of 64 in 4 stages (197,696 bytes of shared memory); for an FP8
+// cache 3 stages and the staging area (197,680 bytes). On an H200
 // (prefill_attention_bench.cu, one layer from position 0, 2 stages then): 1.452 ms at 8,192
 // tokens against 1.598 with 2 warpgroups at 2 blocks an SM and 1.783 for attention_mma.cu's
 // widest shape.
 constexpr int kWgmmaGroups = 4;
 constexpr int kWgmmaKeys = 64;
 constexpr int kWgmmaStages = 4;
+constexpr int kWgmmaFp8Stages = 3;
 
-// One entry point per dtype, with paged_attention's argument list.
-#define TPSERVE_PAGED_ATTENTION_WGMMA(SUFFIX, T)                                              \
+// One entry point per dtype and cache element, with paged_attention's argument list
+// (paged_attention_wgmma_hd128_bf16, paged_attention_wgmma_hd128_fp8kv_bf16, ...).
+#define TPSERVE_PAGED_ATTENTION_WGMMA_CACHE(SUFFIX, T, KV, C)                                 \
     extern "C" __global__ void __launch_bounds__(128 * kWgmmaGroups, 1)                        \
-        paged_attention_wgmma_hd128_##SUFFIX(                                                 \
+        paged_attention_wgmma_hd128##KV##_##SUFFIX(                                           \
             T* __restrict__ out, float* __restrict__ partial_out,                             \
             float* __restrict__ partial_ml, const T* __restrict__ q,                          \
-            const T* __restrict__ key_cache, const T* __restrict__ value_cache,               \
+            const C* __restrict__ key_cache, const C* __restrict__ value_cache,               \
             const int* __restrict__ block_tables, const int* __restrict__ tiles,              \
             int num_q_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,        \
             int q_stride, int num_splits, int split_len, float scale, float k_scale,          \
@@ -514,8 +613,11 @@ constexpr int kWgmmaStages = 4;
         (void)partial_ml;                                                                     \
         (void)num_splits;                                                                     \
         (void)split_len;                                                                      \
-        paged_attention_wgmma_impl<T, kWgmmaGroups, kWgmmaKeys, kWgmmaStages>(                              \
+        paged_attention_wgmma_impl<T, kWgmmaGroups, kWgmmaKeys,                               \
+                                   sizeof(C) == 1 ? kWgmmaFp8Stages : kWgmmaStages, C>(       \
             out, q, key_cache, value_cache, block_tables, tiles, num_q_heads, num_kv_heads,    \
             block_size, max_blocks_per_seq, q_stride, scale, k_scale, v_scale);               \
     }
+#define TPSERVE_PAGED_ATTENTION_WGMMA(SUFFIX, T) \
+    TPSERVE_FOR_EACH_KV_CACHE(TPSERVE_PAGED_ATTENTION_WGMMA_CACHE, SUFFIX, T)
 TPSERVE_FOR_EACH_DTYPE(TPSERVE_PAGED_ATTENTION_WGMMA)

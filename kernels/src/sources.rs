@@ -225,6 +225,8 @@ pub const KERNELS: &[(&str, &[&str])] = &[
         &[
             "paged_attention_wgmma_hd128_bf16",
             "paged_attention_wgmma_hd128_f16",
+            "paged_attention_wgmma_hd128_fp8kv_bf16",
+            "paged_attention_wgmma_hd128_fp8kv_f16",
         ],
     ),
     (

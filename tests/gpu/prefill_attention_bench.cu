@@ -73,13 +73,14 @@ __global__ void __launch_bounds__(32 * W) variant(T* out, const T* q, const C* k
 }
 
 // A launch shape of the Hopper kernel (attention_wgmma.cu): warpgroups per block, keys per tile,
-// blocks an SM should hold (the register budget).
-template <typename T, int WG, int KEYS, int MIN_BLOCKS, int STAGES>
+// blocks an SM should hold (the register budget), stages of the K and V ring; caches of element
+// C (T, or E4M3 bytes with scales).
+template <typename T, int WG, int KEYS, int MIN_BLOCKS, int STAGES, typename C>
 __global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
-    wgmma_variant(T* out, const T* q, const T* kc, const T* vc, const int* tables,
+    wgmma_variant(T* out, const T* q, const C* kc, const C* vc, const int* tables,
                   const int* tiles, int qh, int kvh, int block, int width, int q_stride,
                   float scale, float k_scale, float v_scale) {
-    k_wgmma::paged_attention_wgmma_impl<T, WG, KEYS, STAGES>(out, q, kc, vc, tables, tiles, qh, kvh, block,
+    k_wgmma::paged_attention_wgmma_impl<T, WG, KEYS, STAGES, C>(out, q, kc, vc, tables, tiles, qh, kvh, block,
                                                      width, q_stride, scale, k_scale, v_scale);
 }
 
@@ -245,14 +246,16 @@ template <typename T, int HD, int W, int MT, int KEYS, typename C = T> static Sh
     return {name, 16 * W * MT, 32 * W, smem, fn, fp8kv};
 }
 
-template <typename T, int WG, int KEYS, int MIN_BLOCKS, int STAGES> static Shape wgmma_shape() {
-    const void* fn = (const void*)wgmma_variant<T, WG, KEYS, MIN_BLOCKS, STAGES>;
-    const int smem = k_wgmma::paged_attention_wgmma_smem_bytes<T, WG, KEYS, STAGES>();
+template <typename T, int WG, int KEYS, int MIN_BLOCKS, int STAGES, typename C = T>
+static Shape wgmma_shape() {
+    const void* fn = (const void*)wgmma_variant<T, WG, KEYS, MIN_BLOCKS, STAGES, C>;
+    const int smem = k_wgmma::paged_attention_wgmma_smem_bytes<T, WG, KEYS, STAGES, C>();
     CK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    char name[64];
-    snprintf(name, sizeof name, "wgmma %d warpgroups, %d keys, %d/SM, %d stages", WG, KEYS,
-             MIN_BLOCKS, STAGES);
-    return {name, 64 * WG, 128 * WG, smem, fn, false};
+    const bool fp8kv = sizeof(C) == 1;
+    char name[80];
+    snprintf(name, sizeof name, "wgmma %d warpgroups, %d keys, %d/SM, %d stages%s", WG, KEYS,
+             MIN_BLOCKS, STAGES, fp8kv ? ", FP8 KV" : "");
+    return {name, 64 * WG, 128 * WG, smem, fn, fp8kv};
 }
 
 #ifdef OLD_WGMMA
@@ -500,14 +503,18 @@ int main() {
         wgmma_shape<bf, 4, 64, 1, 4>()};
     const std::vector<Shape> bf64 = {shape<bf, 64, 4, 2, 64>(), shape<bf, 64, 4, 1, 64>()};
     const std::vector<Shape> hf128 = {shape<hf, 128, 4, 2, 64>(), shape<hf, 128, 8, 2, 64>(),
-                                      wgmma_shape<hf, 4, 64, 1, 4>()};
+                                      wgmma_shape<hf, 4, 64, 1, 4>(),
+                                      wgmma_shape<hf, 4, 64, 1, 3>()};
     const std::vector<Shape> hf64 = {shape<hf, 64, 4, 2, 64>()};
     using E4M3 = tpserve::E4M3Kv;
-    // The worker's entry points (kMmaMTiles 2, kMmaKeys 64) on FP8 caches.
+    // The worker's entry points (kMmaMTiles 2, kMmaKeys 64) on FP8 caches, and the Hopper kernel
+    // converting FP8 tiles in shared memory (3 stages: its twin in the dtype is in bf128).
     const std::vector<Shape> bf128_fp8 = {shape<bf, 128, 4, 2, 64, E4M3>(),
-                                          shape<bf, 128, 8, 2, 64, E4M3>()};
+                                          shape<bf, 128, 8, 2, 64, E4M3>(),
+                                          wgmma_shape<bf, 4, 64, 1, 3, E4M3>()};
     const std::vector<Shape> bf64_fp8 = {shape<bf, 64, 4, 2, 64, E4M3>()};
-    const std::vector<Shape> hf128_fp8 = {shape<hf, 128, 8, 2, 64, E4M3>()};
+    const std::vector<Shape> hf128_fp8 = {shape<hf, 128, 8, 2, 64, E4M3>(),
+                                          wgmma_shape<hf, 4, 64, 1, 3, E4M3>()};
     checks<bf, 128>("bf16", bf128, bf128_fp8);
     checks<bf, 64>("bf16", bf64, bf64_fp8);
     checks<hf, 128>("f16", hf128, hf128_fp8);

@@ -308,7 +308,8 @@ check_fp8_truth() {
 # step_fp8_kv: `--kv-cache-dtype fp8` (issue 12): keys and values stored in FP8 E4M3 (scales of
 # 1: the random checkpoint has no k_scale / v_scale). Against transformers with the keys and
 # values its attention reads rounded the same way (hf_reference.py --fp8-kv; its bfloat16 run is
-# the peer): prefill logits (tensor-core attention, and the CUDA-core kernel), every position as
+# the peer): prefill logits (tensor-core attention, the CUDA-core kernel, and on sm_90a the Hopper
+# kernel with TPSERVE_CUDA_FP8KV_WGMMA=1), every position as
 # a graph-replayed decode step (the decode kernel rounds its own key and value too), greedy
 # decoding; TP=2 where there are two GPUs. Skipped before compute capability 8.9.
 step_fp8_kv() {
@@ -318,9 +319,14 @@ step_fp8_kv() {
   export TPSERVE_CUDA_ATTENTION=simt
   ours_logits tp1-fp8kv-simt 1 bfloat16 --kv-cache-dtype fp8
   unset TPSERVE_CUDA_ATTENTION
+  # The prompts on the Hopper kernel converting FP8 tiles in shared memory (sm_90a; elsewhere the
+  # variable changes nothing).
+  export TPSERVE_CUDA_FP8KV_WGMMA=1
+  ours_logits tp1-fp8kv-wgmma 1 bfloat16 --kv-cache-dtype fp8 --chunk 2048
+  unset TPSERVE_CUDA_FP8KV_WGMMA
   ours_logits tp1-fp8kv-decode 1 bfloat16 --kv-cache-dtype fp8 --chunk 1
   ours_logits tp2-fp8kv 2 bfloat16 --kv-cache-dtype fp8
-  for tag in tp1-fp8kv tp1-fp8kv-simt tp1-fp8kv-decode tp2-fp8kv; do
+  for tag in tp1-fp8kv tp1-fp8kv-simt tp1-fp8kv-wgmma tp1-fp8kv-decode tp2-fp8kv; do
     [ -s "$OURS/$tag.f32" ] || continue
     run_compare "$tag vs hf-fp8kv" --truth "$REF_FP8KV/hf_float32.f32" \
       --peer "$REF_FP8KV/hf_bfloat16.f32" --ours "$OURS/$tag.f32" --vocab "$VOCAB" \

@@ -31,17 +31,21 @@ pub fn attention_max_items(head_dim: usize) -> usize {
 /// attention kernel (attention_mma.cu's kMmaMTiles, kMmaKeys).
 const ATTENTION_MMA_M_TILES: usize = 2;
 const ATTENTION_MMA_KEYS: usize = 64;
-/// Keys per shared-memory tile of the Hopper kernel and the stages of its ring of K and V tiles
-/// (attention_wgmma.cu's kWgmmaKeys, kWgmmaStages).
+/// Keys per shared-memory tile of the Hopper kernel and the stages of its ring of K and V tiles,
+/// for a cache in the dtype and in FP8 (attention_wgmma.cu's kWgmmaKeys, kWgmmaStages,
+/// kWgmmaFp8Stages).
 const ATTENTION_WGMMA_KEYS: usize = 64;
 const ATTENTION_WGMMA_STAGES: usize = 4;
+const ATTENTION_WGMMA_FP8_STAGES: usize = 3;
 
-/// Launch shape of a tensor-core attention entry point: its warps per block, and whether it is
-/// attention_wgmma.cu's Hopper kernel (warpgroup products, sm_90a) or attention_mma.cu's.
+/// Launch shape of a tensor-core attention entry point: its warps per block, whether it is
+/// attention_wgmma.cu's Hopper kernel (warpgroup products, sm_90a) or attention_mma.cu's, and
+/// for the Hopper kernel whether it is the instance for an FP8 cache (its shared memory differs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmaShape {
     pub warps: usize,
     pub wgmma: bool,
+    pub fp8_cache: bool,
 }
 
 impl MmaShape {
@@ -49,18 +53,29 @@ impl MmaShape {
     pub const NARROW: Self = Self {
         warps: 4,
         wgmma: false,
+        fp8_cache: false,
     };
     /// 8 warps (`paged_attention_mma_wide_hd128`): head size 128 where a block may take its
     /// shared memory.
     pub const WIDE: Self = Self {
         warps: 8,
         wgmma: false,
+        fp8_cache: false,
     };
     /// 4 warpgroups (`paged_attention_wgmma_hd128`): head size 128 on sm_90a, a cache in the
     /// compute dtype.
     pub const HOPPER: Self = Self {
         warps: 16,
         wgmma: true,
+        fp8_cache: false,
+    };
+    /// The same for an FP8 cache (`paged_attention_wgmma_hd128_fp8kv`: its tiles converted in
+    /// shared memory), chosen with `TPSERVE_CUDA_FP8KV_WGMMA=1` until measured (docs/
+    /// PERFORMANCE.md, issue 12, session 47); otherwise an FP8 cache runs attention_mma.cu.
+    pub const HOPPER_FP8: Self = Self {
+        warps: 16,
+        wgmma: true,
+        fp8_cache: true,
     };
 
     /// (row, head) items of one block: 16 per m-tile, or 64 per warpgroup.
@@ -75,12 +90,26 @@ impl MmaShape {
     /// Dynamic shared memory of one block. attention_mma.cu's paged_attention_mma_smem_bytes:
     /// Q of its items and one K and one V tile, rows padded by 8 elements, and the cache slots
     /// of two key tiles; attention_wgmma.cu's paged_attention_wgmma_smem_bytes: Q and a K and a V
-    /// tile a stage, unpadded, 1 KiB to align them, and each stage's two 8-byte barriers.
+    /// tile a stage, unpadded, 1 KiB to align them, and each stage's two 8-byte barriers; for an
+    /// FP8 cache, two tiles of each thread's 8-byte E4M3 pieces (2 keys of K and V a thread).
     pub fn smem_bytes(self, head_dim: usize) -> usize {
         if self.wgmma {
-            (self.items() + 2 * ATTENTION_WGMMA_STAGES * ATTENTION_WGMMA_KEYS) * head_dim * ELEM
+            let stages = if self.fp8_cache {
+                ATTENTION_WGMMA_FP8_STAGES
+            } else {
+                ATTENTION_WGMMA_STAGES
+            };
+            let threads = 32 * self.warps;
+            let pieces = ATTENTION_WGMMA_KEYS.div_ceil(threads / (head_dim / 8));
+            let staging = if self.fp8_cache {
+                2 * threads * pieces * 2 * 8
+            } else {
+                0
+            };
+            (self.items() + 2 * stages * ATTENTION_WGMMA_KEYS) * head_dim * ELEM
                 + 1024
-                + 16 * ATTENTION_WGMMA_STAGES
+                + 16 * stages
+                + staging
         } else {
             (self.items() + 2 * ATTENTION_MMA_KEYS) * (head_dim + 8) * ELEM
                 + 2 * ATTENTION_MMA_KEYS * 8
@@ -592,6 +621,9 @@ mod tests {
         // attention_wgmma.cu's: 4 warpgroups, 4 stages of a K and a V tile of 64 keys.
         assert_eq!(MmaShape::HOPPER.items(), 256);
         assert_eq!(MmaShape::HOPPER.smem_bytes(128), 197_696);
+        assert_eq!(MmaShape::HOPPER_FP8.items(), 256);
+        assert_eq!(MmaShape::HOPPER_FP8.smem_bytes(128), 197_680);
+        assert!(MmaShape::HOPPER_FP8.smem_bytes(128) <= 232_448);
         // Opt-in shared memory per block: sm_90 227 KiB, sm_80 163 KiB, sm_86/sm_89 99 KiB.
         let (bf16, fp8) = (KvCacheDtype::Compute, KvCacheDtype::Fp8E4M3);
         assert_eq!(
@@ -617,6 +649,10 @@ mod tests {
         assert_eq!(
             MmaShape::HOPPER.entry(128, kv),
             "paged_attention_wgmma_hd128"
+        );
+        assert_eq!(
+            MmaShape::HOPPER_FP8.entry(128, kv_entry(fp8)),
+            "paged_attention_wgmma_hd128_fp8kv"
         );
     }
 

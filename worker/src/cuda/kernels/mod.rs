@@ -211,6 +211,16 @@ impl Kernels {
         };
         let kv_dtype = kv;
         let kv = kv_entry(kv);
+        // Prefill attention at head size 128: the Hopper kernel reads an FP8 cache only when
+        // asked (TPSERVE_CUDA_FP8KV_WGMMA=1) until it has been measured on the GPU.
+        let mma_hd128 = if gpu.arch == "sm_90a"
+            && kv_dtype == KvCacheDtype::Fp8E4M3
+            && std::env::var("TPSERVE_CUDA_FP8KV_WGMMA").as_deref() == Ok("1")
+        {
+            MmaShape::HOPPER_FP8
+        } else {
+            MmaShape::for_hd128(&gpu.arch, gpu.smem_per_block_optin, kv_dtype)
+        };
         let mut take_kv = |base: &str| take(&format!("{base}{kv}"));
         let rope_kv_write = take_kv("rope_kv_write")?;
         let attention_hd64 = take_kv("paged_attention_hd64")?;
@@ -259,12 +269,7 @@ impl Kernels {
             attention_hd128,
             attention_hd256,
             attention_mma_hd64: take_mma(&mut take, 64, MmaShape::NARROW, kv)?,
-            attention_mma_hd128: take_mma(
-                &mut take,
-                128,
-                MmaShape::for_hd128(&gpu.arch, gpu.smem_per_block_optin, kv_dtype),
-                kv,
-            )?,
+            attention_mma_hd128: take_mma(&mut take, 128, mma_hd128, kv)?,
             attention_combine: take("attention_combine")?,
             attention_decode,
             attention_decode_mma,
@@ -700,6 +705,7 @@ mod tests {
             MmaShape::NARROW.entry(64, fp8),
             MmaShape::NARROW.entry(128, fp8),
             MmaShape::WIDE.entry(128, fp8),
+            MmaShape::HOPPER_FP8.entry(128, fp8),
         ];
         for base in [
             "rope_kv_write",
