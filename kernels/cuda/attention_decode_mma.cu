@@ -9,7 +9,8 @@
 
 namespace {
 
-// log2(e): the softmax runs in base 2 (exp2f), with scale * log2(e) applied to S in f32.
+// log2(e): the softmax runs in base 2 (tpserve::fast_exp2), with scale * log2(e) applied to S in
+// f32.
 constexpr float kDecodeLog2e = 1.4426950408889634f;
 constexpr int kDecodeWarps = 4;   // warps per block; each owns every 4th key chunk
 constexpr int kDecodeKeys = 16;   // keys per chunk: one k-step of the P V product
@@ -303,16 +304,17 @@ __device__ __forceinline__ void paged_attention_decode_mma_impl(
         // entries give exp2(-inf) = 0 rather than NaN.
         const float sub_a = (new_a == tpserve::neg_inf() ? 0.0f : new_a) * scale_log2;
         const float sub_b = (new_b == tpserve::neg_inf() ? 0.0f : new_b) * scale_log2;
-        const float corr_a = exp2f(fmaf(m_a, scale_log2, -sub_a));  // 0 while m_a is -inf
-        const float corr_b = exp2f(fmaf(m_b, scale_log2, -sub_b));
+        // 0 while m_a is -inf:
+        const float corr_a = tpserve::fast_exp2(fmaf(m_a, scale_log2, -sub_a));
+        const float corr_b = tpserve::fast_exp2(fmaf(m_b, scale_log2, -sub_b));
         m_a = new_a;
         m_b = new_b;
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-            s[j][0] = exp2f(fmaf(s[j][0], scale_log2, -sub_a));
-            s[j][1] = exp2f(fmaf(s[j][1], scale_log2, -sub_a));
-            s[j][2] = exp2f(fmaf(s[j][2], scale_log2, -sub_b));
-            s[j][3] = exp2f(fmaf(s[j][3], scale_log2, -sub_b));
+            s[j][0] = tpserve::fast_exp2(fmaf(s[j][0], scale_log2, -sub_a));
+            s[j][1] = tpserve::fast_exp2(fmaf(s[j][1], scale_log2, -sub_a));
+            s[j][2] = tpserve::fast_exp2(fmaf(s[j][2], scale_log2, -sub_b));
+            s[j][3] = tpserve::fast_exp2(fmaf(s[j][3], scale_log2, -sub_b));
         }
         l_a = l_a * corr_a + (s[0][0] + s[0][1] + s[1][0] + s[1][1]);
         l_b = l_b * corr_b + (s[0][2] + s[0][3] + s[1][2] + s[1][3]);
@@ -383,7 +385,7 @@ __device__ __forceinline__ void paged_attention_decode_mma_impl(
             for (int w = 0; w < kDecodeWarps; ++w) {
                 const float* ml = ml_s + (w * kDecodeItems + item) * 2;
                 // A warp that saw no key has max -inf and sum 0: weight 0.
-                const float weight = exp2f((ml[0] - m_max) * scale_log2);
+                const float weight = tpserve::fast_exp2((ml[0] - m_max) * scale_log2);
                 num += weight * acc_s[(w * kDecodeItems + item) * HD + d];
                 den += weight * ml[1];
             }

@@ -11,7 +11,8 @@
 
 namespace {
 
-// log2(e): the softmax runs in base 2 (exp2f), with scale * log2(e) applied to S in f32.
+// log2(e): the softmax runs in base 2 (tpserve::fast_exp2), with scale * log2(e) applied to S in
+// f32.
 constexpr float kLog2e = 1.4426950408889634f;
 
 using tpserve::cp_async_16;
@@ -313,18 +314,19 @@ __device__ __forceinline__ void paged_attention_mma_impl(
                 // its masked entries give exp2(-inf) = 0 rather than NaN.
                 const float sub_a = (new_a == tpserve::neg_inf() ? 0.0f : new_a) * scale_log2;
                 const float sub_b = (new_b == tpserve::neg_inf() ? 0.0f : new_b) * scale_log2;
-                const float corr_a = exp2f(fmaf(m_a[mt], scale_log2, -sub_a));  // 0 while -inf
-                const float corr_b = exp2f(fmaf(m_b[mt], scale_log2, -sub_b));
+                // 0 while -inf:
+                const float corr_a = tpserve::fast_exp2(fmaf(m_a[mt], scale_log2, -sub_a));
+                const float corr_b = tpserve::fast_exp2(fmaf(m_b[mt], scale_log2, -sub_b));
                 m_a[mt] = new_a;
                 m_b[mt] = new_b;
                 float sum_a = 0.0f;
                 float sum_b = 0.0f;
 #pragma unroll
                 for (int j = 0; j < kSTiles; ++j) {
-                    s[mt][j][0] = exp2f(fmaf(s[mt][j][0], scale_log2, -sub_a));
-                    s[mt][j][1] = exp2f(fmaf(s[mt][j][1], scale_log2, -sub_a));
-                    s[mt][j][2] = exp2f(fmaf(s[mt][j][2], scale_log2, -sub_b));
-                    s[mt][j][3] = exp2f(fmaf(s[mt][j][3], scale_log2, -sub_b));
+                    s[mt][j][0] = tpserve::fast_exp2(fmaf(s[mt][j][0], scale_log2, -sub_a));
+                    s[mt][j][1] = tpserve::fast_exp2(fmaf(s[mt][j][1], scale_log2, -sub_a));
+                    s[mt][j][2] = tpserve::fast_exp2(fmaf(s[mt][j][2], scale_log2, -sub_b));
+                    s[mt][j][3] = tpserve::fast_exp2(fmaf(s[mt][j][3], scale_log2, -sub_b));
                     sum_a += s[mt][j][0] + s[mt][j][1];
                     sum_b += s[mt][j][2] + s[mt][j][3];
                 }

@@ -18,16 +18,17 @@
 // per 64 dimensions.
 //
 // Head size 128, a cache in T or in FP8 (the `_fp8kv` entry points: E4M3 tiles converted to T
-// in shared memory, below). Built for every architecture so that the kernel table is the same everywhere; the body
-// exists only for sm_90a (NVRTC's `--gpu-architecture=sm_90a`, which the worker uses on
-// compute capability 9.0), elsewhere it traps and the worker never launches it.
+// in shared memory, below). Built for every architecture so that the kernel table is the same
+// everywhere; the body exists only for sm_90a (NVRTC's `--gpu-architecture=sm_90a`, which the
+// worker uses on compute capability 9.0), elsewhere it traps and the worker never launches it.
 #include "common.cuh"
 
 namespace {
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-// log2(e): the softmax runs in base 2 (exp2f), with scale * log2(e) applied to S in f32.
+// log2(e): the softmax runs in base 2 (tpserve::fast_exp2), with scale * log2(e) applied to S in
+// f32.
 constexpr float kWgmmaLog2e = 1.4426950408889634f;
 
 // The wgmma products: ss_nN (A and B from shared memory, both K-major; D (+)= A B for
@@ -180,15 +181,6 @@ __device__ __forceinline__ void mbarrier_wait(unsigned bar, unsigned parity) {
         "@!done bra wait_%=;\n}\n" ::"r"(bar),
         "r"(parity)
         : "memory");
-}
-
-// 2^x by the SFU alone (ex2.approx.ftz): exp2f's extra steps keep results below 2^-126
-// (denormal) from flushing to zero, which a softmax weight that small cannot need: the row's
-// largest weight is 1, and the products' f32 sums cannot see 2^-126 beside it.
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
@@ -381,9 +373,8 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
             const int offset = swizzled_offset(tid / kChunks + i * kKeyStride, my_chunk, KEYS);
 #pragma unroll
             for (int kv = 0; kv < 2; ++kv) {
-                const uint4 v =
-                    valid ? Kv::to_act(*reinterpret_cast<const typename Kv::Raw*>(staged(sb, i, kv)))
-                          : make_uint4(0u, 0u, 0u, 0u);
+                const auto* raw = reinterpret_cast<const typename Kv::Raw*>(staged(sb, i, kv));
+                const uint4 v = valid ? Kv::to_act(*raw) : make_uint4(0u, 0u, 0u, 0u);
                 *reinterpret_cast<uint4*>(smem + (kv == 0 ? k_at(b) : v_at(b)) + offset) = v;
             }
         }
@@ -507,18 +498,18 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
             // A row that has seen no key keeps max -inf: subtract 0 so that exp2(-inf) = 0.
             const float sub_a = (new_a == tpserve::neg_inf() ? 0.0f : new_a) * scale_log2;
             const float sub_b = (new_b == tpserve::neg_inf() ? 0.0f : new_b) * scale_log2;
-            const float corr_a = fast_exp2(fmaf(m_a, scale_log2, -sub_a));  // 0 while -inf
-            const float corr_b = fast_exp2(fmaf(m_b, scale_log2, -sub_b));
+            const float corr_a = tpserve::fast_exp2(fmaf(m_a, scale_log2, -sub_a));  // 0 while -inf
+            const float corr_b = tpserve::fast_exp2(fmaf(m_b, scale_log2, -sub_b));
             m_a = new_a;
             m_b = new_b;
             float sum_a = 0.0f;
             float sum_b = 0.0f;
 #pragma unroll
             for (int j = 0; j < kSTiles; ++j) {
-                s[4 * j] = fast_exp2(fmaf(s[4 * j], scale_log2, -sub_a));
-                s[4 * j + 1] = fast_exp2(fmaf(s[4 * j + 1], scale_log2, -sub_a));
-                s[4 * j + 2] = fast_exp2(fmaf(s[4 * j + 2], scale_log2, -sub_b));
-                s[4 * j + 3] = fast_exp2(fmaf(s[4 * j + 3], scale_log2, -sub_b));
+                s[4 * j] = tpserve::fast_exp2(fmaf(s[4 * j], scale_log2, -sub_a));
+                s[4 * j + 1] = tpserve::fast_exp2(fmaf(s[4 * j + 1], scale_log2, -sub_a));
+                s[4 * j + 2] = tpserve::fast_exp2(fmaf(s[4 * j + 2], scale_log2, -sub_b));
+                s[4 * j + 3] = tpserve::fast_exp2(fmaf(s[4 * j + 3], scale_log2, -sub_b));
                 sum_a += s[4 * j] + s[4 * j + 1];
                 sum_b += s[4 * j + 2] + s[4 * j + 3];
             }
