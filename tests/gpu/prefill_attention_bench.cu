@@ -18,11 +18,14 @@
 // 's/paged_attention_wgmma_/old_paged_attention_wgmma_/g;
 // s/TPSERVE_PAGED_ATTENTION_WGMMA/TPSERVE_OLD_PAGED_ATTENTION_WGMMA/g' > path; an absolute path),
 // in the worker's shape then (4 warpgroups, 64-key tiles; edit old_wgmma_variant for another),
-// and requires every Hopper shape of 64-key tiles to give its bits on the long prompts.
+// and requires every Hopper shape of 64-key tiles to give its bits on the long prompts. Files
+// from e65d409 on take their stages as a template argument: -DOLD_WGMMA_STAGES=4 (and from
+// 73a102f on their cache element too: -DOLD_WGMMA_CACHE).
 // With -DOLD_MMA='"path"' it also times, and compares every output row with, an earlier version
-// of the kernel file whose entry points were renamed old_paged_attention_mma_* (for a
-// before/after in one run: git show REV:kernels/cuda/attention_mma.cu | sed
-// 's/paged_attention_mma_/old_paged_attention_mma_/g' > path).
+// of the kernel file whose names were renamed old_paged_attention_mma* (for a before/after in
+// one run: git show REV:kernels/cuda/attention_mma.cu | sed
+// 's/paged_attention_mma/old_paged_attention_mma/g;
+// s/TPSERVE_PAGED_ATTENTION_MMA/TPSERVE_OLD_PAGED_ATTENTION_MMA/g' > path).
 // Exit status 1 if any check fails (an error above the limit, or a non-finite output).
 #include "common.cuh"
 namespace k_new {
@@ -85,15 +88,22 @@ __global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
 }
 
 #ifdef OLD_WGMMA
+#if defined(OLD_WGMMA_STAGES) && defined(OLD_WGMMA_CACHE)
+#define OLD_WGMMA_ARGS T, 4, 64, OLD_WGMMA_STAGES, T
+#elif defined(OLD_WGMMA_STAGES)
+#define OLD_WGMMA_ARGS T, 4, 64, OLD_WGMMA_STAGES
+#else
+#define OLD_WGMMA_ARGS T, 4, 64
+#endif
 // The earlier Hopper kernel in the worker's shape then: 4 warpgroups, key tiles of 64.
 template <typename T>
 __global__ void __launch_bounds__(512, 1)
     old_wgmma_variant(T* out, const T* q, const T* kc, const T* vc, const int* tables,
                       const int* tiles, int qh, int kvh, int block, int width, int q_stride,
                       float scale, float k_scale, float v_scale) {
-    k_old_wgmma::old_paged_attention_wgmma_impl<T, 4, 64>(out, q, kc, vc, tables, tiles, qh, kvh,
-                                                          block, width, q_stride, scale, k_scale,
-                                                          v_scale);
+    k_old_wgmma::old_paged_attention_wgmma_impl<OLD_WGMMA_ARGS>(out, q, kc, vc, tables, tiles, qh,
+                                                               kvh, block, width, q_stride, scale,
+                                                               k_scale, v_scale);
 }
 #endif
 
@@ -261,7 +271,7 @@ static Shape wgmma_shape() {
 #ifdef OLD_WGMMA
 template <typename T> static Shape old_wgmma_shape() {
     const void* fn = (const void*)old_wgmma_variant<T>;
-    const int smem = k_old_wgmma::old_paged_attention_wgmma_smem_bytes<T, 4, 64>();
+    const int smem = k_old_wgmma::old_paged_attention_wgmma_smem_bytes<OLD_WGMMA_ARGS>();
     CK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     return {"before: wgmma 4 warpgroups, 64 keys", 256, 512, smem, fn, false};
 }
