@@ -302,38 +302,31 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
     // This thread copies chunk tid % 16 of keys tid / 16 + kKeyStride i of each tile (its
     // pieces i).
     const int my_chunk = tid % kChunks;
-    // FP8: the element offset of piece i of the tile from `first` in the cache, or -1 past the
-    // context.
-    auto piece_at = [&](int first, int i) -> long long {
-        const int key = first + tid / kChunks + i * kKeyStride;
-        if (key >= ctx_end) {
-            return -1;
-        }
+    // The row in a tile of this thread's piece i, and whether it exists (the last piece may
+    // reach past KEYS).
+    auto piece_row = [&](int i) { return tid / kChunks + i * kKeyStride; };
+    auto has_piece = [&](int i) { return KEYS % kKeyStride == 0 || piece_row(i) < KEYS; };
+    // The cache slot of a key, or -1 past the context.
+    auto slot_of = [&](int key) -> long long {
         const int block = pow2_blocks ? key >> block_shift : key / block_size;
         const int in_block = pow2_blocks ? key & (block_size - 1) : key % block_size;
-        const long long slot = (long long)table[block] * block_size + in_block;
-        return (slot * num_kv_heads + kv_head) * HD + my_chunk * 8;
+        return key < ctx_end ? (long long)table[block] * block_size + in_block : -1;
     };
-    // FP8: whether piece i exists in a tile (the last one may reach past KEYS).
-    auto has_piece = [&](int i) {
-        return KEYS % kKeyStride == 0 || tid / kChunks + i * kKeyStride < KEYS;
+    // The element offset of this thread's chunk of a slot's head vector in the cache.
+    auto slot_at = [&](long long slot) {
+        return (slot * num_kv_heads + kv_head) * HD + my_chunk * 8;
     };
     // A cache in T: K and V of the KEYS keys from `first` into stage b, then this thread's
     // arrival on the stage's full barrier once they have landed (zeros past the context).
     auto load_kv = [&](int first, int b) {
 #pragma unroll
         for (int i = 0; i < kPieces; ++i) {
-            const int j = tid / kChunks + i * kKeyStride;
-            if (KEYS % kKeyStride != 0 && j >= KEYS) {
+            if (!has_piece(i)) {
                 break;
             }
-            const int key = first + j;
-            const int block = pow2_blocks ? key >> block_shift : key / block_size;
-            const int in_block = pow2_blocks ? key & (block_size - 1) : key % block_size;
-            const long long slot =
-                key < ctx_end ? (long long)table[block] * block_size + in_block : -1;
-            const long long at =
-                slot >= 0 ? (slot * num_kv_heads + kv_head) * HD + my_chunk * 8 : 0;
+            const int j = piece_row(i);
+            const long long slot = slot_of(first + j);
+            const long long at = slot >= 0 ? slot_at(slot) : 0;
             const int offset = swizzled_offset(j, my_chunk, KEYS);
             tpserve::cp_async_16(smem + k_at(b) + offset, key_cache + at, slot >= 0);
             tpserve::cp_async_16(smem + v_at(b) + offset, value_cache + at, slot >= 0);
@@ -352,10 +345,10 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
             if (!has_piece(i)) {
                 break;
             }
-            const long long at = piece_at(first, i);
-            if (at >= 0) {
-                tpserve::cp_async_8(staged(sb, i, 0), key_cache + at);
-                tpserve::cp_async_8(staged(sb, i, 1), value_cache + at);
+            const long long slot = slot_of(first + piece_row(i));
+            if (slot >= 0) {
+                tpserve::cp_async_8(staged(sb, i, 0), key_cache + slot_at(slot));
+                tpserve::cp_async_8(staged(sb, i, 1), value_cache + slot_at(slot));
             }
         }
         tpserve::cp_async_commit();
@@ -369,8 +362,8 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
             if (!has_piece(i)) {
                 break;
             }
-            const bool valid = first + tid / kChunks + i * kKeyStride < ctx_end;
-            const int offset = swizzled_offset(tid / kChunks + i * kKeyStride, my_chunk, KEYS);
+            const bool valid = first + piece_row(i) < ctx_end;
+            const int offset = swizzled_offset(piece_row(i), my_chunk, KEYS);
 #pragma unroll
             for (int kv = 0; kv < 2; ++kv) {
                 const auto* raw = reinterpret_cast<const typename Kv::Raw*>(staged(sb, i, kv));
@@ -398,6 +391,14 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
     // at every tile, as one block-wide barrier a tile would make it, but it may run at most
     // STAGES - 2 tiles ahead of the slowest.
     static_assert(STAGES >= 2, "a stage computed while the next one loads");
+    // Tile u's stage, once every thread is done with the tile it held before (u - STAGES).
+    auto free_stage = [&](int u) {
+        const int ub = u % STAGES;
+        if (u >= STAGES) {
+            mbarrier_wait(empty_bar + 8 * ub, ((u - STAGES) / STAGES) & 1);
+        }
+        return ub;
+    };
     const int num_key_tiles = (ctx_end + KEYS - 1) / KEYS;
     // The warpgroup's Q and each stage's K and V at their first 16 dimensions (or keys): the
     // products' descriptors are these moved by constants.
@@ -429,18 +430,10 @@ __device__ __forceinline__ void paged_attention_wgmma_impl(
             }
             if (next < num_key_tiles) {
                 tpserve::cp_async_wait<1>();
-                const int nb = next % STAGES;
-                if (next >= STAGES) {
-                    mbarrier_wait(empty_bar + 8 * nb, ((next - STAGES) / STAGES) & 1);
-                }
-                convert_kv(chunk + KEYS, next & 1, nb);
+                convert_kv(chunk + KEYS, next & 1, free_stage(next));
             }
         } else if (next < num_key_tiles) {
-            const int nb = next % STAGES;
-            if (next >= STAGES) {
-                mbarrier_wait(empty_bar + 8 * nb, ((next - STAGES) / STAGES) & 1);
-            }
-            load_kv(chunk + KEYS, nb);
+            load_kv(chunk + KEYS, free_stage(next));
         }
         mbarrier_wait(full_bar + 8 * b, (t / STAGES) & 1);
         fence_async_proxy();  // the copies' writes, seen through the barrier, for the tensor cores

@@ -83,8 +83,9 @@ __global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
     wgmma_variant(T* out, const T* q, const C* kc, const C* vc, const int* tables,
                   const int* tiles, int qh, int kvh, int block, int width, int q_stride,
                   float scale, float k_scale, float v_scale) {
-    k_wgmma::paged_attention_wgmma_impl<T, WG, KEYS, STAGES, C>(out, q, kc, vc, tables, tiles, qh, kvh, block,
-                                                     width, q_stride, scale, k_scale, v_scale);
+    k_wgmma::paged_attention_wgmma_impl<T, WG, KEYS, STAGES, C>(out, q, kc, vc, tables, tiles, qh,
+                                                                kvh, block, width, q_stride, scale,
+                                                                k_scale, v_scale);
 }
 
 #ifdef OLD_WGMMA

@@ -128,11 +128,14 @@ impl MmaShape {
 
     /// The shape for head size 128 on a GPU of NVRTC architecture `arch` that gives a block at
     /// most `smem_optin` bytes of shared memory, for a cache of `kv`: the Hopper kernel on
-    /// sm_90a with a cache in the compute dtype; else the wide one where it fits (sm_80, sm_90),
-    /// the narrow one elsewhere (sm_86, sm_89 and sm_120).
-    pub fn for_hd128(arch: &str, smem_optin: usize, kv: KvCacheDtype) -> Self {
+    /// sm_90a with a cache in the compute dtype, or with an FP8 cache when `fp8_hopper`
+    /// (`TPSERVE_CUDA_FP8KV_WGMMA=1`, until measured); else the wide one where it fits (sm_80,
+    /// sm_90), the narrow one elsewhere (sm_86, sm_89 and sm_120).
+    pub fn for_hd128(arch: &str, smem_optin: usize, kv: KvCacheDtype, fp8_hopper: bool) -> Self {
         if arch == "sm_90a" && kv == KvCacheDtype::Compute {
             Self::HOPPER
+        } else if arch == "sm_90a" && fp8_hopper {
+            Self::HOPPER_FP8
         } else if Self::WIDE.smem_bytes(128) <= smem_optin {
             Self::WIDE
         } else {
@@ -627,13 +630,27 @@ mod tests {
         // Opt-in shared memory per block: sm_90 227 KiB, sm_80 163 KiB, sm_86/sm_89 99 KiB.
         let (bf16, fp8) = (KvCacheDtype::Compute, KvCacheDtype::Fp8E4M3);
         assert_eq!(
-            MmaShape::for_hd128("sm_90a", 232_448, bf16),
+            MmaShape::for_hd128("sm_90a", 232_448, bf16, false),
             MmaShape::HOPPER
         );
-        assert_eq!(MmaShape::for_hd128("sm_90a", 232_448, fp8), MmaShape::WIDE);
-        assert_eq!(MmaShape::for_hd128("sm_80", 166_912, bf16), MmaShape::WIDE);
         assert_eq!(
-            MmaShape::for_hd128("sm_89", 101_376, bf16),
+            MmaShape::for_hd128("sm_90a", 232_448, fp8, false),
+            MmaShape::WIDE
+        );
+        assert_eq!(
+            MmaShape::for_hd128("sm_90a", 232_448, fp8, true),
+            MmaShape::HOPPER_FP8
+        );
+        assert_eq!(
+            MmaShape::for_hd128("sm_80", 166_912, fp8, true),
+            MmaShape::WIDE
+        );
+        assert_eq!(
+            MmaShape::for_hd128("sm_80", 166_912, bf16, false),
+            MmaShape::WIDE
+        );
+        assert_eq!(
+            MmaShape::for_hd128("sm_89", 101_376, bf16, false),
             MmaShape::NARROW
         );
         assert!(MmaShape::NARROW.smem_bytes(128) <= 101_376);

@@ -211,16 +211,10 @@ impl Kernels {
         };
         let kv_dtype = kv;
         let kv = kv_entry(kv);
-        // Prefill attention at head size 128: the Hopper kernel reads an FP8 cache only when
-        // asked (TPSERVE_CUDA_FP8KV_WGMMA=1) until it has been measured on the GPU.
-        let mma_hd128 = if gpu.arch == "sm_90a"
-            && kv_dtype == KvCacheDtype::Fp8E4M3
-            && std::env::var("TPSERVE_CUDA_FP8KV_WGMMA").as_deref() == Ok("1")
-        {
-            MmaShape::HOPPER_FP8
-        } else {
-            MmaShape::for_hd128(&gpu.arch, gpu.smem_per_block_optin, kv_dtype)
-        };
+        // The Hopper kernel reads an FP8 cache only when asked, until it has been measured.
+        let fp8_hopper = std::env::var("TPSERVE_CUDA_FP8KV_WGMMA").as_deref() == Ok("1");
+        let mma_hd128 =
+            MmaShape::for_hd128(&gpu.arch, gpu.smem_per_block_optin, kv_dtype, fp8_hopper);
         let mut take_kv = |base: &str| take(&format!("{base}{kv}"));
         let rope_kv_write = take_kv("rope_kv_write")?;
         let attention_hd64 = take_kv("paged_attention_hd64")?;
