@@ -629,30 +629,20 @@ mod tests {
         assert!(MmaShape::HOPPER_FP8.smem_bytes(128) <= 232_448);
         // Opt-in shared memory per block: sm_90 227 KiB, sm_80 163 KiB, sm_86/sm_89 99 KiB.
         let (bf16, fp8) = (KvCacheDtype::Compute, KvCacheDtype::Fp8E4M3);
-        assert_eq!(
-            MmaShape::for_hd128("sm_90a", 232_448, bf16, false),
-            MmaShape::HOPPER
-        );
-        assert_eq!(
-            MmaShape::for_hd128("sm_90a", 232_448, fp8, false),
-            MmaShape::WIDE
-        );
-        assert_eq!(
-            MmaShape::for_hd128("sm_90a", 232_448, fp8, true),
-            MmaShape::HOPPER_FP8
-        );
-        assert_eq!(
-            MmaShape::for_hd128("sm_80", 166_912, fp8, true),
-            MmaShape::WIDE
-        );
-        assert_eq!(
-            MmaShape::for_hd128("sm_80", 166_912, bf16, false),
-            MmaShape::WIDE
-        );
-        assert_eq!(
-            MmaShape::for_hd128("sm_89", 101_376, bf16, false),
-            MmaShape::NARROW
-        );
+        for (arch, optin, kv, fp8_hopper, shape) in [
+            ("sm_90a", 232_448, bf16, false, MmaShape::HOPPER),
+            ("sm_90a", 232_448, fp8, false, MmaShape::WIDE),
+            ("sm_90a", 232_448, fp8, true, MmaShape::HOPPER_FP8),
+            ("sm_80", 166_912, fp8, true, MmaShape::WIDE),
+            ("sm_80", 166_912, bf16, false, MmaShape::WIDE),
+            ("sm_89", 101_376, bf16, false, MmaShape::NARROW),
+        ] {
+            assert_eq!(
+                MmaShape::for_hd128(arch, optin, kv, fp8_hopper),
+                shape,
+                "{arch} {kv:?} fp8_hopper={fp8_hopper}"
+            );
+        }
         assert!(MmaShape::NARROW.smem_bytes(128) <= 101_376);
         assert!(MmaShape::HOPPER.smem_bytes(128) <= 232_448);
         // The names kernels/src/sources.rs lists for attention_mma.cu.
