@@ -295,26 +295,25 @@ static void launch(const Shape& sh, Batch<T>& b, const int* d_tiles, int num_til
 }
 
 #ifdef OLD_MMA
-// The earlier kernel file's entry point for this head size and dtype (4 warps, 64 items).
+// The earlier kernel file's bf16 entry point for this head size (4 warps, 64 items): the long
+// prompts' "before".
 template <typename T> static Shape old_shape(int hd);
 template <> Shape old_shape<bf>(int hd) {
     return {"before (old file)", 64, 128, 0,
             hd == 64 ? (const void*)k_old::old_paged_attention_mma_hd64_bf16
                      : (const void*)k_old::old_paged_attention_mma_hd128_bf16};
 }
-template <> Shape old_shape<hf>(int hd) {
-    return {"before (old file)", 64, 128, 0,
-            hd == 64 ? (const void*)k_old::old_paged_attention_mma_hd64_f16
-                     : (const void*)k_old::old_paged_attention_mma_hd128_f16};
-}
 template <typename T>
 static void launch_old(const Shape& sh, Batch<T>& b, const int* d_tiles, int num_tiles) {
     float scale = 1.0f / std::sqrt((float)b.hd);
     void* unused = nullptr;
     int one = 1, zero = 0;
-    void* args[] = {&b.d_out,  &unused, &unused, &b.d_q,    &b.d_kc,     &b.d_vc,
-                    &b.d_tables, &d_tiles, &b.qh, &b.kvh, (void*)&BLOCK, &b.width,
-                    &b.q_stride, &one,     &zero,  &scale};
+    float ks = 1.0f, vs = 1.0f;
+    // Every parameter of the entry point, the cache's scales last (an array shorter than the
+    // parameter list is read past its end).
+    void* args[] = {&b.d_out,    &unused, &unused, &b.d_q, &b.d_kc, &b.d_vc,
+                    &b.d_tables, &d_tiles, &b.qh,  &b.kvh, (void*)&BLOCK, &b.width,
+                    &b.q_stride, &one,    &zero,   &scale, &ks,     &vs};
     CK(cudaLaunchKernel(sh.fn, dim3(num_tiles, b.kvh), dim3(sh.threads), args, 0, 0));
 }
 #endif

@@ -228,6 +228,33 @@ step_bf16() {
   check_greedy tp1-bf16 bfloat16 0.1
 }
 
+# step_kernels: step_bf16's prompts on the other prefill kernels (needs step_bf16 first): the
+# CUDA-core attention kernel (the default takes tensor cores for prefill chunks and CUDA cores for
+# decode), attention_mma.cu instead of sm_90a's Hopper kernel, and the batch-invariant kernels
+# (one tensor-core GEMM for every row count, unsplit CUDA-core attention) for prefill chunks and
+# for every position as a decode step (bit-identical to their prefill).
+step_kernels() {
+  export TPSERVE_CUDA_ATTENTION=simt
+  ours_logits tp1-bf16-simt 1 bfloat16
+  unset TPSERVE_CUDA_ATTENTION
+  check_logits tp1-bf16-simt bfloat16 tp1-bf16
+  export TPSERVE_CUDA_ATTENTION=mma
+  ours_logits tp1-bf16-mma 1 bfloat16
+  unset TPSERVE_CUDA_ATTENTION
+  check_logits tp1-bf16-mma bfloat16 tp1-bf16
+  ours_logits tp1-bf16-invariant 1 bfloat16 --batch-invariant
+  check_logits tp1-bf16-invariant bfloat16 tp1-bf16
+  ours_logits tp1-bf16-invariant-decode 1 bfloat16 --batch-invariant --chunk 1
+  check_logits tp1-bf16-invariant-decode bfloat16 tp1-bf16-invariant exact
+}
+
+# step_f16: the default path in f16 against transformers' f16 run.
+step_f16() {
+  ours_logits tp1-f16 1 float16
+  check_logits tp1-f16 float16
+  check_greedy tp1-f16 float16 0.03
+}
+
 # step_decode: every position as a one-token decode step (chunks of 1), against the prefill
 # logits of step_bf16 (needs step_reference and step_bf16 first): replayed by the CUDA graph of
 # batch size 1 (the decode kernel with its key splits sized on the device and their combine, at
@@ -308,10 +335,11 @@ check_fp8_truth() {
 # step_fp8_kv: `--kv-cache-dtype fp8` (issue 12): keys and values stored in FP8 E4M3 (scales of
 # 1: the random checkpoint has no k_scale / v_scale). Against transformers with the keys and
 # values its attention reads rounded the same way (hf_reference.py --fp8-kv; its bfloat16 run is
-# the peer): prefill logits (tensor-core attention, the CUDA-core kernel, and on sm_90a the Hopper
-# kernel with TPSERVE_CUDA_FP8KV_WGMMA=1), every position as
-# a graph-replayed decode step (the decode kernel rounds its own key and value too), greedy
-# decoding; TP=2 where there are two GPUs. Skipped before compute capability 8.9.
+# the peer): prefill logits (tensor-core attention: on sm_90a the Hopper kernel converting FP8
+# tiles in shared memory, and with TPSERVE_CUDA_ATTENTION=mma attention_mma.cu's; the CUDA-core
+# kernel), every position as a graph-replayed decode step (the decode kernel rounds its own key
+# and value too), greedy decoding; TP=2 where there are two GPUs. Skipped before compute
+# capability 8.9.
 step_fp8_kv() {
   fp8_reference "fp8 kv" "$REF_FP8KV" "keys and values rounded to E4M3" --fp8-kv || return 0
   local tag
@@ -319,14 +347,14 @@ step_fp8_kv() {
   export TPSERVE_CUDA_ATTENTION=simt
   ours_logits tp1-fp8kv-simt 1 bfloat16 --kv-cache-dtype fp8
   unset TPSERVE_CUDA_ATTENTION
-  # The prompts on the Hopper kernel converting FP8 tiles in shared memory (sm_90a; elsewhere the
-  # variable changes nothing).
-  export TPSERVE_CUDA_FP8KV_WGMMA=1
-  ours_logits tp1-fp8kv-wgmma 1 bfloat16 --kv-cache-dtype fp8 --chunk 2048
-  unset TPSERVE_CUDA_FP8KV_WGMMA
+  # The prompts on attention_mma.cu instead of sm_90a's Hopper kernel (elsewhere the same
+  # kernel as tp1-fp8kv).
+  export TPSERVE_CUDA_ATTENTION=mma
+  ours_logits tp1-fp8kv-mma 1 bfloat16 --kv-cache-dtype fp8 --chunk 2048
+  unset TPSERVE_CUDA_ATTENTION
   ours_logits tp1-fp8kv-decode 1 bfloat16 --kv-cache-dtype fp8 --chunk 1
   ours_logits tp2-fp8kv 2 bfloat16 --kv-cache-dtype fp8
-  for tag in tp1-fp8kv tp1-fp8kv-simt tp1-fp8kv-wgmma tp1-fp8kv-decode tp2-fp8kv; do
+  for tag in tp1-fp8kv tp1-fp8kv-simt tp1-fp8kv-mma tp1-fp8kv-decode tp2-fp8kv; do
     [ -s "$OURS/$tag.f32" ] || continue
     run_compare "$tag vs hf-fp8kv" --truth "$REF_FP8KV/hf_float32.f32" \
       --peer "$REF_FP8KV/hf_bfloat16.f32" --ours "$OURS/$tag.f32" --vocab "$VOCAB" \
@@ -819,22 +847,9 @@ main() {
   fi
   step_reference
   step_bf16
-  # The same with the CUDA-core attention kernel for prefill too (the default takes tensor cores
-  # for prefill chunks and CUDA cores for decode).
-  export TPSERVE_CUDA_ATTENTION=simt
-  ours_logits tp1-bf16-simt 1 bfloat16
-  unset TPSERVE_CUDA_ATTENTION
-  check_logits tp1-bf16-simt bfloat16 tp1-bf16
+  step_kernels
   step_decode
-  # Batch-invariant kernels (one tensor-core GEMM for every row count, unsplit CUDA-core
-  # attention): prefill chunks and every position as a decode step.
-  ours_logits tp1-bf16-invariant 1 bfloat16 --batch-invariant
-  check_logits tp1-bf16-invariant bfloat16 tp1-bf16
-  ours_logits tp1-bf16-invariant-decode 1 bfloat16 --batch-invariant --chunk 1
-  check_logits tp1-bf16-invariant-decode bfloat16 tp1-bf16-invariant exact
-  ours_logits tp1-f16 1 float16
-  check_logits tp1-f16 float16
-  check_greedy tp1-f16 float16 0.03
+  step_f16
   step_fp8
   step_fp8_kv
   step_fp8_checkpoint channel

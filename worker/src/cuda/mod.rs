@@ -334,7 +334,8 @@ fn graph_size(loaded: &Loaded, batch: &Batch) -> Option<usize> {
 /// (`AttentionKind::for_decode`: tensor cores from `DECODE_MMA_MIN_ROWS` rows), the tensor-core
 /// kernel when a sequence has a prefill chunk of 16 rows or more, the CUDA-core kernel
 /// otherwise, and always in batch-invariant mode (each row's result then does not depend on its
-/// tile) or with `TPSERVE_CUDA_ATTENTION=simt` (comparisons).
+/// tile) or with `TPSERVE_CUDA_ATTENTION=simt` (comparisons; `=mma` instead keeps sm_90a's
+/// prompts on attention_mma.cu, chosen in `Kernels::new`).
 fn attention_kind(
     d: &Dims,
     batch: &Batch,

@@ -70,8 +70,7 @@ impl MmaShape {
         fp8_cache: false,
     };
     /// The same for an FP8 cache (`paged_attention_wgmma_hd128_fp8kv`: its tiles converted in
-    /// shared memory), chosen with `TPSERVE_CUDA_FP8KV_WGMMA=1` until measured (docs/
-    /// PERFORMANCE.md, issue 12, session 47); otherwise an FP8 cache runs attention_mma.cu.
+    /// shared memory).
     pub const HOPPER_FP8: Self = Self {
         warps: 16,
         wgmma: true,
@@ -128,14 +127,14 @@ impl MmaShape {
 
     /// The shape for head size 128 on a GPU of NVRTC architecture `arch` that gives a block at
     /// most `smem_optin` bytes of shared memory, for a cache of `kv`: the Hopper kernel on
-    /// sm_90a with a cache in the compute dtype, or with an FP8 cache when `fp8_hopper`
-    /// (`TPSERVE_CUDA_FP8KV_WGMMA=1`, until measured); else the wide one where it fits (sm_80,
-    /// sm_90), the narrow one elsewhere (sm_86, sm_89 and sm_120).
-    pub fn for_hd128(arch: &str, smem_optin: usize, kv: KvCacheDtype, fp8_hopper: bool) -> Self {
-        if arch == "sm_90a" && kv == KvCacheDtype::Compute {
-            Self::HOPPER
-        } else if arch == "sm_90a" && fp8_hopper {
-            Self::HOPPER_FP8
+    /// sm_90a unless `hopper` is false (`TPSERVE_CUDA_ATTENTION=mma`, for comparisons); else the
+    /// wide one where it fits (sm_80, sm_90), the narrow one elsewhere (sm_86, sm_89 and sm_120).
+    pub fn for_hd128(arch: &str, smem_optin: usize, kv: KvCacheDtype, hopper: bool) -> Self {
+        if arch == "sm_90a" && hopper {
+            match kv {
+                KvCacheDtype::Compute => Self::HOPPER,
+                KvCacheDtype::Fp8E4M3 => Self::HOPPER_FP8,
+            }
         } else if Self::WIDE.smem_bytes(128) <= smem_optin {
             Self::WIDE
         } else {
@@ -629,18 +628,19 @@ mod tests {
         assert!(MmaShape::HOPPER_FP8.smem_bytes(128) <= 232_448);
         // Opt-in shared memory per block: sm_90 227 KiB, sm_80 163 KiB, sm_86/sm_89 99 KiB.
         let (bf16, fp8) = (KvCacheDtype::Compute, KvCacheDtype::Fp8E4M3);
-        for (arch, optin, kv, fp8_hopper, shape) in [
-            ("sm_90a", 232_448, bf16, false, MmaShape::HOPPER),
-            ("sm_90a", 232_448, fp8, false, MmaShape::WIDE),
+        for (arch, optin, kv, hopper, shape) in [
+            ("sm_90a", 232_448, bf16, true, MmaShape::HOPPER),
             ("sm_90a", 232_448, fp8, true, MmaShape::HOPPER_FP8),
+            ("sm_90a", 232_448, bf16, false, MmaShape::WIDE),
+            ("sm_90a", 232_448, fp8, false, MmaShape::WIDE),
             ("sm_80", 166_912, fp8, true, MmaShape::WIDE),
-            ("sm_80", 166_912, bf16, false, MmaShape::WIDE),
-            ("sm_89", 101_376, bf16, false, MmaShape::NARROW),
+            ("sm_80", 166_912, bf16, true, MmaShape::WIDE),
+            ("sm_89", 101_376, bf16, true, MmaShape::NARROW),
         ] {
             assert_eq!(
-                MmaShape::for_hd128(arch, optin, kv, fp8_hopper),
+                MmaShape::for_hd128(arch, optin, kv, hopper),
                 shape,
-                "{arch} {kv:?} fp8_hopper={fp8_hopper}"
+                "{arch} {kv:?} hopper={hopper}"
             );
         }
         assert!(MmaShape::NARROW.smem_bytes(128) <= 101_376);

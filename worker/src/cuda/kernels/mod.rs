@@ -211,10 +211,9 @@ impl Kernels {
         };
         let kv_dtype = kv;
         let kv = kv_entry(kv);
-        // The Hopper kernel reads an FP8 cache only when asked, until it has been measured.
-        let fp8_hopper = std::env::var("TPSERVE_CUDA_FP8KV_WGMMA").as_deref() == Ok("1");
-        let mma_hd128 =
-            MmaShape::for_hd128(&gpu.arch, gpu.smem_per_block_optin, kv_dtype, fp8_hopper);
+        // `TPSERVE_CUDA_ATTENTION=mma` keeps sm_90a's prompts off the Hopper kernel (comparisons).
+        let hopper = std::env::var("TPSERVE_CUDA_ATTENTION").as_deref() != Ok("mma");
+        let mma_hd128 = MmaShape::for_hd128(&gpu.arch, gpu.smem_per_block_optin, kv_dtype, hopper);
         let mut take_kv = |base: &str| take(&format!("{base}{kv}"));
         let rope_kv_write = take_kv("rope_kv_write")?;
         let attention_hd64 = take_kv("paged_attention_hd64")?;
