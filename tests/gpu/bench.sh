@@ -40,6 +40,7 @@
 #   PYTHON    interpreter with `tokenizers` (default python3)
 #   QUICK=1   fewer prompts per run (a smoke test of the script, not figures to report)
 #   LORA_ONLY=1  only the LoRA sections (their JSON under OUT/tp1; no report)
+#   SKIP_LORA=1  leaves the LoRA sections out (~70 s; the report then has no LoRA keys)
 #   QUANTIZATION=fp8  every server and bench_device with `--quantization fp8` (issue 12), NAME
 #             suffixed with -fp8, no LoRA sections; the floors' weight bytes are the FP8 model's
 #             (its memory floor), the GEMM rate stays bf16's
@@ -263,7 +264,7 @@ main() {
   workloads "$WORK/tp1" 1
   stop_server
 
-  [ -n "${QUANTIZATION:-}${KV_CACHE_DTYPE:-}" ] || lora_sections
+  [ -n "${QUANTIZATION:-}${KV_CACHE_DTYPE:-}" ] || [ "${SKIP_LORA:-0}" = 1 ] || lora_sections
   local tp2_args=()
   if [ "$NGPU" -ge 2 ]; then
     echo "== TP=2 in-process: bench_device --tensor-parallel-size 2 (the first rank's figures)"
