@@ -26,8 +26,8 @@
 use super::device::Gpu;
 use super::fp8::Fp8Operands;
 use super::kernels::{
-    attention_max_items, AttentionShape, DecodeAttention, Fed, Kernels, Product, ResidualNorm,
-    RopeKvWrite,
+    attention_max_items, AttentionShape, DecodeAttention, Fed, Kernels, Lane, Product,
+    ResidualNorm, RopeKvWrite,
 };
 use super::linear::Linear;
 use super::lora::FusedProduct;
@@ -474,8 +474,9 @@ impl Pass<'_> {
         };
         let tables = self.cache.tables.ptr;
         // The tensor-core decode kernel on `num_tiles` tiles from the address `tiles`.
-        let decode_mma = |tiles: u64, num_tiles: usize, splits: usize| {
+        let decode_mma = |lane: Lane, tiles: u64, num_tiles: usize, splits: usize| {
             k.paged_attention_decode_mma(
+                lane,
                 ws.attn.ptr,
                 ws.partial_out.ptr,
                 ws.partial_ml.ptr,
@@ -491,6 +492,14 @@ impl Pass<'_> {
         match v.attention {
             AttentionPlan::Mma { decode_tiles } => {
                 let prompt_tiles = v.num_tiles - decode_tiles;
+                // A tile is 4 i32.
+                let decode_at = v.inputs.tiles + (prompt_tiles * 16) as u64;
+                // With a side stream the decode rows' attention runs beside the prompt rows'
+                // (they write different rows of `attn`); else after it.
+                let beside = prompt_tiles > 0 && decode_tiles > 0 && k.has_side_stream();
+                if beside {
+                    k.fork_side()?;
+                }
                 if prompt_tiles > 0 {
                     k.paged_attention_mma(
                         ws.attn.ptr,
@@ -503,8 +512,11 @@ impl Pass<'_> {
                     )?;
                 }
                 if decode_tiles > 0 {
-                    // A tile is 4 i32.
-                    decode_mma(v.inputs.tiles + (prompt_tiles * 16) as u64, decode_tiles, 1)?;
+                    let lane = if beside { Lane::Side } else { Lane::Main };
+                    decode_mma(lane, decode_at, decode_tiles, 1)?;
+                }
+                if beside {
+                    k.join_side()?;
                 }
             }
             AttentionPlan::Simt {
@@ -525,7 +537,9 @@ impl Pass<'_> {
                 splits,
                 split_len,
             )?,
-            AttentionPlan::DecodeMma { splits } => decode_mma(v.inputs.tiles, v.num_tiles, splits)?,
+            AttentionPlan::DecodeMma { splits } => {
+                decode_mma(Lane::Main, v.inputs.tiles, v.num_tiles, splits)?
+            }
             AttentionPlan::Decode { splits } => k.paged_attention_decode(
                 &DecodeAttention {
                     out: ws.attn.ptr,

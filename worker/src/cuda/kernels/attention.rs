@@ -4,7 +4,7 @@
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, LaunchConfig};
 
-use super::{kv_entry, launch_err, Kernels, ELEM};
+use super::{kv_entry, launch_err, Kernels, Lane, ELEM};
 use crate::cuda::device::device_err;
 use crate::error::{Result, WorkerError};
 use crate::kv_cache_dtype::KvCacheDtype;
@@ -267,6 +267,7 @@ impl Kernels {
         // The split buffers are not read with one split.
         let unused = 0u64;
         self.launch_attention(
+            Lane::Main,
             &k.f,
             cfg,
             [out, unused, unused, q],
@@ -282,6 +283,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     fn launch_attention(
         &self,
+        lane: Lane,
         f: &CudaFunction,
         cfg: LaunchConfig,
         outputs_and_q: [u64; 4],
@@ -300,7 +302,7 @@ impl Kernels {
             split_len as i32,
         );
         let scale = shape.scale;
-        let mut b = self.launch(f);
+        let mut b = self.launch_on(lane, f);
         for p in &outputs_and_q {
             b.arg(p);
         }
@@ -361,6 +363,7 @@ impl Kernels {
             shared_mem_bytes: attention_smem_bytes(shape.head_dim, items) as u32,
         };
         self.launch_attention(
+            Lane::Main,
             f,
             cfg,
             [out, partial_out, partial_ml, q],
@@ -471,6 +474,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention_decode_mma(
         &self,
+        lane: Lane,
         out: u64,
         partial_out: u64,
         partial_ml: u64,
@@ -498,6 +502,7 @@ impl Kernels {
         };
         // Split lengths come from each row's context, on the device.
         self.launch_attention(
+            lane,
             &k.f,
             cfg,
             [out, partial_out, partial_ml, q],

@@ -3,13 +3,14 @@
 //! method's arguments follow the kernel's comment block in `kernels/cuda/*.cu`; pointers are raw
 //! device addresses. This file loads them and launches the small ones (embedding, norms, RoPE,
 //! SiLU-mul, element-wise); the attention, sampling, all-reduce and LoRA kernels' launches and
-//! geometry have a file each.
+//! geometry have a file each, and the optional second stream (`side_stream.rs`) another.
 
 mod all_reduce;
 mod attention;
 mod dtype;
 mod lora;
 mod sampling;
+mod side_stream;
 
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
@@ -23,6 +24,8 @@ pub use self::dtype::Dtype;
 pub use self::lora::*;
 use self::sampling::SampleScratch;
 pub use self::sampling::*;
+pub use self::side_stream::Lane;
+use self::side_stream::SideStream;
 use super::device::{device_err, Gpu};
 use super::fp8::Fp8Operands;
 use super::gemv::GemvFamily;
@@ -49,6 +52,8 @@ pub const ELEM: usize = 2;
 /// Every kernel, loaded for one dtype.
 pub struct Kernels {
     stream: std::sync::Arc<CudaStream>,
+    /// A second stream for a prompt step's decode rows' attention, when asked for.
+    side: Option<SideStream>,
     /// Launches carry the programmatic-dependent-launch attribute (`launch.rs`).
     programmatic: bool,
     embedding: CudaFunction,
@@ -239,6 +244,7 @@ impl Kernels {
         ];
         Ok(Self {
             stream: gpu.stream.clone(),
+            side: SideStream::from_env(&gpu.stream)?,
             programmatic: programmatic_launches(gpu.compute_capability.0),
             embedding: take("embedding")?,
             rms_norm: take("rms_norm")?,
@@ -303,7 +309,36 @@ impl Kernels {
 
     /// A launch of `function` on the worker's stream.
     pub(super) fn launch<'a>(&'a self, function: &'a CudaFunction) -> KernelLaunch<'a> {
-        KernelLaunch::new(&self.stream, function, self.programmatic)
+        self.launch_on(Lane::Main, function)
+    }
+
+    /// A launch of `function` on `lane`'s stream (the worker's when there is no side stream).
+    pub(super) fn launch_on<'a>(
+        &'a self,
+        lane: Lane,
+        function: &'a CudaFunction,
+    ) -> KernelLaunch<'a> {
+        let stream = match (lane, &self.side) {
+            (Lane::Side, Some(side)) => side.stream(),
+            _ => &self.stream,
+        };
+        KernelLaunch::new(stream, function, self.programmatic)
+    }
+
+    /// Whether a prompt step's decode rows' attention runs on a side stream
+    /// (`TPSERVE_CUDA_OVERLAP_ATTENTION=1`): between `fork_side` and `join_side`.
+    pub fn has_side_stream(&self) -> bool {
+        self.side.is_some()
+    }
+
+    /// The side stream waits for everything issued so far (nothing without one).
+    pub fn fork_side(&self) -> Result<()> {
+        self.side.as_ref().map_or(Ok(()), |s| s.fork(&self.stream))
+    }
+
+    /// The worker's stream waits for everything issued on the side stream (nothing without one).
+    pub fn join_side(&self) -> Result<()> {
+        self.side.as_ref().map_or(Ok(()), |s| s.join(&self.stream))
     }
 
     /// Head sizes the attention kernel is built for.
