@@ -127,10 +127,15 @@ impl MmaShape {
 
     /// The shape for head size 128 on a GPU of NVRTC architecture `arch` that gives a block at
     /// most `smem_optin` bytes of shared memory, for a cache of `kv`: the Hopper kernel on
-    /// sm_90a unless `hopper` is false (`TPSERVE_CUDA_ATTENTION=mma`, for comparisons); else the
-    /// wide one where it fits (sm_80, sm_90), the narrow one elsewhere (sm_86, sm_89 and sm_120).
-    pub fn for_hd128(arch: &str, smem_optin: usize, kv: KvCacheDtype, hopper: bool) -> Self {
-        if arch == "sm_90a" && hopper {
+    /// sm_90a where `hopper` allows it; else the wide one where it fits (sm_80, sm_90), the
+    /// narrow one elsewhere (sm_86, sm_89 and sm_120).
+    pub fn for_hd128(
+        arch: &str,
+        smem_optin: usize,
+        kv: KvCacheDtype,
+        hopper: HopperPrompts,
+    ) -> Self {
+        if arch == "sm_90a" && hopper == HopperPrompts::Allowed {
             match kv {
                 KvCacheDtype::Compute => Self::HOPPER,
                 KvCacheDtype::Fp8E4M3 => Self::HOPPER_FP8,
@@ -139,6 +144,26 @@ impl MmaShape {
             Self::WIDE
         } else {
             Self::NARROW
+        }
+    }
+}
+
+/// Whether sm_90a's prompts may take the Hopper kernel ([`MmaShape::for_hd128`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HopperPrompts {
+    /// The default.
+    Allowed,
+    /// attention_mma.cu instead, for comparisons (`TPSERVE_CUDA_ATTENTION=mma`).
+    Off,
+}
+
+impl HopperPrompts {
+    /// `Off` with `TPSERVE_CUDA_ATTENTION=mma`, else `Allowed`.
+    pub fn from_env() -> Self {
+        if std::env::var("TPSERVE_CUDA_ATTENTION").as_deref() == Ok("mma") {
+            Self::Off
+        } else {
+            Self::Allowed
         }
     }
 }
@@ -633,19 +658,20 @@ mod tests {
         assert!(MmaShape::HOPPER_FP8.smem_bytes(128) <= 232_448);
         // Opt-in shared memory per block: sm_90 227 KiB, sm_80 163 KiB, sm_86/sm_89 99 KiB.
         let (bf16, fp8) = (KvCacheDtype::Compute, KvCacheDtype::Fp8E4M3);
+        let (allowed, off) = (HopperPrompts::Allowed, HopperPrompts::Off);
         for (arch, optin, kv, hopper, shape) in [
-            ("sm_90a", 232_448, bf16, true, MmaShape::HOPPER),
-            ("sm_90a", 232_448, fp8, true, MmaShape::HOPPER_FP8),
-            ("sm_90a", 232_448, bf16, false, MmaShape::WIDE),
-            ("sm_90a", 232_448, fp8, false, MmaShape::WIDE),
-            ("sm_80", 166_912, fp8, true, MmaShape::WIDE),
-            ("sm_80", 166_912, bf16, true, MmaShape::WIDE),
-            ("sm_89", 101_376, bf16, true, MmaShape::NARROW),
+            ("sm_90a", 232_448, bf16, allowed, MmaShape::HOPPER),
+            ("sm_90a", 232_448, fp8, allowed, MmaShape::HOPPER_FP8),
+            ("sm_90a", 232_448, bf16, off, MmaShape::WIDE),
+            ("sm_90a", 232_448, fp8, off, MmaShape::WIDE),
+            ("sm_80", 166_912, fp8, allowed, MmaShape::WIDE),
+            ("sm_80", 166_912, bf16, allowed, MmaShape::WIDE),
+            ("sm_89", 101_376, bf16, allowed, MmaShape::NARROW),
         ] {
             assert_eq!(
                 MmaShape::for_hd128(arch, optin, kv, hopper),
                 shape,
-                "{arch} {kv:?} hopper={hopper}"
+                "{arch} {kv:?} {hopper:?}"
             );
         }
         assert!(MmaShape::NARROW.smem_bytes(128) <= 101_376);

@@ -216,9 +216,12 @@ impl Kernels {
         };
         let kv_dtype = kv;
         let kv = kv_entry(kv);
-        // `TPSERVE_CUDA_ATTENTION=mma` keeps sm_90a's prompts off the Hopper kernel (comparisons).
-        let hopper = std::env::var("TPSERVE_CUDA_ATTENTION").as_deref() != Ok("mma");
-        let mma_hd128 = MmaShape::for_hd128(&gpu.arch, gpu.smem_per_block_optin, kv_dtype, hopper);
+        let mma_hd128 = MmaShape::for_hd128(
+            &gpu.arch,
+            gpu.smem_per_block_optin,
+            kv_dtype,
+            HopperPrompts::from_env(),
+        );
         let mut take_kv = |base: &str| take(&format!("{base}{kv}"));
         let rope_kv_write = take_kv("rope_kv_write")?;
         let attention_hd64 = take_kv("paged_attention_hd64")?;
