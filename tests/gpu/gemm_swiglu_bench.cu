@@ -1,0 +1,499 @@
+// Issue 9's prompt-length lever, measured outside tpserve: a Hopper GEMM (TMA loads into a ring
+// of stages, warpgroup products, one producer warp and two consumer warpgroups) whose epilogue
+// is the MLP's SiLU-mul, against what the worker runs today: cuBLAS's gate_up product (one
+// [rows, 2 I] output) and then silu_mul.cu over it. A 2,048-token Llama-3-8B prefill spends
+// ~1.9 ms of its ~46 ms in SiLU-mul (it reads the 117 MB gate_up output and writes half as
+// much, 32 times); with the activation in the product's epilogue that traffic is gone, if the
+// product itself stays near cuBLAS's rate.
+//
+// The kernel: a block computes a [128, 128] tile of the activated output from a [128, 256]
+// accumulator whose first 128 columns are gate rows n0..n0+127 of W and whose last 128 are the
+// matching up rows I+n0..: two TMA boxes of W a stage, so W keeps the worker's [2 I, K] layout.
+// Each consumer warpgroup owns 64 rows: m64n256k16 products with A and B from shared memory
+// (K-major, 128-byte swizzle, as TMA writes them), 4 a 64-wide K stage. In the accumulator
+// layout (element 4 j + c of a lane: row lane / 4 (+8 for c >= 2) of its warp's 16, column
+// 8 j + 2 (lane % 4) + (c & 1)), gate column j and up column j + 128 sit in one thread, so the
+// epilogue is register-local: both rounded to T as cuBLAS rounds its output, then
+// silu_mul_rounded, as silu_mul.cu computes them. `kSwiglu = false` is the plain product (its
+// 256 columns stored), for the product's own rate against cuBLAS.
+//
+// How (on the GPU machine, from the repository root):
+//   nvcc -O3 -arch=sm_90a -std=c++17 -I kernels/cuda tests/gpu/gemm_swiglu_bench.cu \
+//       -o /tmp/gsb -lcublas -lcuda
+//   /tmp/gsb
+// It checks both kernels against cuBLAS (the plain one within 2 units in the last place of bf16, the SwiGLU one
+// against cuBLAS + silu_mul.cu within 4, or 2^-6 where |value| < 1: the products' summation
+// orders differ), then times
+// rows 1,024 to 8,192 of Llama-3-8B's gate_up (I = 14,336, K = 4,096) and prints a table.
+#include "common.cuh"
+#include "silu_mul.cu"
+
+#include "harness.cuh"
+
+#if !__has_include(<cublas_v2.h>) || !__has_include(<cuda.h>)
+int main() {
+    printf("gemm_swiglu_bench: built without cuBLAS's or the driver's headers; nothing to measure\n");
+    return 2;
+}
+#else
+#include <cublas_v2.h>
+#include <cuda.h>
+
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <string>
+
+namespace {
+
+constexpr int kBM = 128;          // rows of a block tile (two consumer warpgroups of 64)
+constexpr int kBN = 256;          // accumulator columns (128 gate + 128 up, or 256 plain)
+constexpr int kBK = 64;           // K of a stage: 64 bf16 = one 128-byte swizzled row
+constexpr int kStages = 4;
+constexpr int kStageBytes = (kBM + kBN) * kBK * 2;  // 48 KiB
+constexpr int kSmemBytes = kStages * kStageBytes + 1024 + 2 * 8 * kStages;
+constexpr int kThreads = 384;     // warpgroup 0: producer; 1 and 2: consumers
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ unsigned long long smem_desc(unsigned addr) {
+    // K-major, 128-byte swizzle: stride 1,024 bytes per 8 rows; the leading offset unused (1).
+    return (unsigned long long)((addr & 0x3ffffu) >> 4) | (1ull << 16) |
+           ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    asm volatile(
+        "{\n.reg .pred done;\n"
+        "wait_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra wait_%=;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+// A box of a 2-D tensor map (inner coordinate c0, outer c1) into shared memory at `dst`,
+// counted on `bar`'s transaction bytes.
+__device__ __forceinline__ void tma_load_2d(unsigned dst, const CUtensorMap* map, int c0, int c1,
+                                            unsigned bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+        "l"(map), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+}
+
+// The same box written into shared memory at `dst` of every block of the cluster in `mask`,
+// counted on each one's barrier at `bar`.
+__device__ __forceinline__ void tma_load_2d_multicast(unsigned dst, const CUtensorMap* map, int c0,
+                                                      int c1, unsigned bar, unsigned short mask) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+        ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+        "l"(map), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
+        : "memory");
+}
+// An arrival on the barrier at `bar` of the cluster's block `rank`.
+__device__ __forceinline__ void mbar_arrive_cluster(unsigned bar, unsigned rank) {
+    asm volatile(
+        "{\n.reg .b32 remote;\n"
+        "mapa.shared::cluster.u32 remote, %0, %1;\n"
+        "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+        "r"(rank)
+        : "memory");
+}
+__device__ __forceinline__ unsigned cluster_rank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+
+#define GSB_R8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), \
+                  "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+// d (+)= A B, m64n256k16, bf16 in, f32 out, A and B K-major in shared memory.
+__device__ __forceinline__ void wgmma_n256(float (&d)[128], unsigned long long a,
+                                           unsigned long long b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, "
+        "%111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, "
+        "%125, %126, %127}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+        : GSB_R8(0), GSB_R8(8), GSB_R8(16), GSB_R8(24), GSB_R8(32), GSB_R8(40), GSB_R8(48),
+          GSB_R8(56), GSB_R8(64), GSB_R8(72), GSB_R8(80), GSB_R8(88), GSB_R8(96), GSB_R8(104),
+          GSB_R8(112), GSB_R8(120)
+        : "l"(a), "l"(b), "r"(accumulate));
+}
+#undef GSB_R8
+
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+// out = silu(x W_gate^T) * (x W_up^T) (kSwiglu), or out = x W^T (plain), for x [rows, k] and
+// W [2 i, k] (both row-major bf16, by their tensor maps: boxes of 64 x 128), out [rows, i]
+// (kSwiglu) or [rows, 2 i]. Output tiles of 128 rows by 128 activated (or 256 plain) columns,
+// numbered with the row tile fastest (blocks running together share W's tile; x stays in L2);
+// cluster c (of kCluster blocks, 1 or 2) takes tile groups c, c + clusters, ...: a group is
+// kCluster row tiles next to each other with the same W tile, one a block, whose W boxes each
+// block loads one of and multicasts to both (half the W traffic from L2). One group a cluster
+// when the grid covers them; persistent when the grid is the SM count (the producer then loads
+// the next tile's first stages during the consumers' epilogue). 384 threads; kSmemBytes of
+// dynamic shared memory. rows % (128 kCluster) == 0, k % 64 == 0.
+template <bool kSwiglu, int kCluster>
+__global__ void __launch_bounds__(kThreads, 1)
+    gemm_swiglu(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
+                __nv_bfloat16* __restrict__ out, int rows, int i_size, int k) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const unsigned raw = (unsigned)__cvta_generic_to_shared(smem_raw);
+    const unsigned base = (raw + 1023) & ~1023u;
+    const unsigned bars = base + kStages * kStageBytes;  // full[s] at 8 s, empty[s] after
+    const int wg = threadIdx.x / 128;
+    const int k_tiles = k / kBK;
+    const int groups_m = rows / kBM / kCluster;
+    const int tn = kSwiglu ? 128 : kBN;  // output columns of a tile
+    const int groups = groups_m * (kSwiglu ? i_size : 2 * i_size) / tn;
+    const int rank = kCluster > 1 ? (int)cluster_rank() : 0;
+    const int cluster = blockIdx.x / kCluster, clusters = gridDim.x / kCluster;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < kStages; ++s) {
+            mbar_init(bars + 8 * s, 1);
+            mbar_init(bars + 8 * (kStages + s), 2 * kCluster);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    if constexpr (kCluster > 1) {
+        cluster_sync();
+    } else {
+        __syncthreads();
+    }
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        if (threadIdx.x == 0) {
+            int u = 0;  // stage uses so far, over every tile of this block
+            for (int g = cluster; g < groups; g += clusters) {
+                const int m0 = ((g % groups_m) * kCluster + rank) * kBM, n0 = (g / groups_m) * tn;
+                for (int t = 0; t < k_tiles; ++t, ++u) {
+                    const int s = u % kStages;
+                    if (u >= kStages) mbar_wait(bars + 8 * (kStages + s), ((u / kStages) - 1) & 1);
+                    const unsigned full = bars + 8 * s;
+                    const unsigned a = base + s * kStageBytes;
+                    const unsigned b = a + kBM * kBK * 2;
+                    const int second = kSwiglu ? i_size + n0 : n0 + 128;
+                    mbar_expect_tx(full, kStageBytes);
+                    tma_load_2d(a, &x_map, t * kBK, m0, full);
+                    if constexpr (kCluster > 1) {
+                        tma_load_2d_multicast(b + rank * 128 * kBK * 2, &w_map, t * kBK,
+                                              rank == 0 ? n0 : second, full, 0x3);
+                    } else {
+                        tma_load_2d(b, &w_map, t * kBK, n0, full);
+                        tma_load_2d(b + 128 * kBK * 2, &w_map, t * kBK, second, full);
+                    }
+                }
+            }
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+        const int c = wg - 1;  // this consumer's 64 rows of a tile
+        const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
+        // This warpgroup is done reading stage s: on every block of the cluster, whose
+        // producers all write into it.
+        auto release = [&](int s) {
+            if (threadIdx.x % 128 != 0) return;
+            const unsigned empty = bars + 8 * (kStages + s);
+            if constexpr (kCluster > 1) {
+                mbar_arrive_cluster(empty, 0);
+                mbar_arrive_cluster(empty, 1);
+            } else {
+                mbar_arrive(empty);
+            }
+        };
+        int u = 0;
+        for (int g = cluster; g < groups; g += clusters) {
+            const int m0 = ((g % groups_m) * kCluster + rank) * kBM, n0 = (g / groups_m) * tn;
+            float d[128];
+            for (int t = 0; t < k_tiles; ++t, ++u) {
+                const int s = u % kStages;
+                mbar_wait(bars + 8 * s, (u / kStages) & 1);
+                const unsigned a = base + s * kStageBytes + c * 64 * 128;
+                const unsigned b = base + s * kStageBytes + kBM * kBK * 2;
+                asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+                for (int kk = 0; kk < kBK / 16; ++kk) {
+                    wgmma_n256(d, smem_desc(a + 32 * kk), smem_desc(b + 32 * kk), t > 0 || kk > 0);
+                }
+                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+                // The previous stage's products are done once at most this one is in flight.
+                wgmma_wait<1>();
+                if (t > 0) release((u - 1) % kStages);
+            }
+            wgmma_wait<0>();
+            release((u - 1) % kStages);
+#pragma unroll
+            for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+            const int row = m0 + c * 64 + warp * 16 + lane / 4;
+            const int col = 2 * (lane % 4);
+            if constexpr (kSwiglu) {
+#pragma unroll
+                for (int j = 0; j < 16; ++j) {
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        __nv_bfloat162 v;
+                        v.x = tpserve::silu_mul_rounded<__nv_bfloat16>(
+                            tpserve::round_to<__nv_bfloat16>(d[4 * j + 2 * h]),
+                            tpserve::round_to<__nv_bfloat16>(d[4 * (j + 16) + 2 * h]));
+                        v.y = tpserve::silu_mul_rounded<__nv_bfloat16>(
+                            tpserve::round_to<__nv_bfloat16>(d[4 * j + 2 * h + 1]),
+                            tpserve::round_to<__nv_bfloat16>(d[4 * (j + 16) + 2 * h + 1]));
+                        *reinterpret_cast<__nv_bfloat162*>(out + (size_t)(row + 8 * h) * i_size +
+                                                           n0 + 8 * j + col) = v;
+                    }
+                }
+            } else {
+                const size_t width = 2 * (size_t)i_size;
+#pragma unroll
+                for (int j = 0; j < 32; ++j) {
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        *reinterpret_cast<__nv_bfloat162*>(out + (size_t)(row + 8 * h) * width +
+                                                           n0 + 8 * j + col) =
+                            __floats2bfloat162_rn(d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+                    }
+                }
+            }
+        }
+    }
+    // No block of a cluster leaves while another may still arrive on its barriers.
+    if constexpr (kCluster > 1) cluster_sync();
+#endif
+}
+
+// Launches gemm_swiglu<kSwiglu, kCluster> on `grid` blocks (a multiple of kCluster).
+template <bool kSwiglu, int kCluster>
+void launch(int grid, const CUtensorMap& x_map, const CUtensorMap& w_map, __nv_bfloat16* out,
+            int rows, int i_size, int k) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(grid);
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = kSmemBytes;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = kCluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+    CK(cudaLaunchKernelEx(&config, gemm_swiglu<kSwiglu, kCluster>, x_map, w_map, out, rows, i_size,
+                          k));
+}
+
+#define CU(x)                                                           \
+    do {                                                                \
+        CUresult r_ = (x);                                              \
+        if (r_ != CUDA_SUCCESS) {                                       \
+            printf("driver error %d at line %d: %s\n", (int)r_, __LINE__, #x); \
+            exit(1);                                                    \
+        }                                                               \
+    } while (0)
+#define CB(x)                                                           \
+    do {                                                                \
+        cublasStatus_t s_ = (x);                                        \
+        if (s_ != CUBLAS_STATUS_SUCCESS) {                              \
+            printf("cuBLAS error %d at line %d: %s\n", (int)s_, __LINE__, #x); \
+            exit(1);                                                    \
+        }                                                               \
+    } while (0)
+
+// A row-major [rows, cols] bf16 matrix's tensor map with 64 x 128 boxes, 128-byte swizzle.
+CUtensorMap tensor_map(const void* p, int rows, int cols) {
+    CUtensorMap map;
+    cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
+    cuuint64_t strides[1] = {(cuuint64_t)cols * 2};
+    cuuint32_t box[2] = {64, 128};
+    cuuint32_t elem[2] = {1, 1};
+    CU(cuTensorMapEncodeTiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(p),
+                              dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE));
+    return map;
+}
+
+__global__ void fill_uniform(__nv_bfloat16* p, size_t n, unsigned seed) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        unsigned h = (unsigned)i * 2654435761u ^ seed;
+        h ^= h >> 16;
+        h *= 0x7feb352du;
+        h ^= h >> 15;
+        p[i] = __float2bfloat16((h & 0xffffff) / 8388608.0f - 1.0f);
+    }
+}
+
+// units in the last place of bf16 between a and b (their bit patterns as ordered integers)
+int ulps(__nv_bfloat16 a, __nv_bfloat16 b) {
+    auto key = [](__nv_bfloat16 v) {
+        unsigned short u;
+        memcpy(&u, &v, 2);
+        return (u & 0x8000) ? -(int)(u & 0x7fff) : (int)u;
+    };
+    return abs(key(a) - key(b));
+}
+
+}  // namespace
+
+int main() {
+    const int I = 14336, K = 4096, max_rows = 8192;
+    cublasHandle_t blas;
+    CB(cublasCreate(&blas));
+    void* ws;
+    CK(cudaMalloc(&ws, 32u << 20));
+    CB(cublasSetWorkspace(blas, ws, 32u << 20));
+    __nv_bfloat16 *x, *w, *gu, *ref, *out;
+    CK(cudaMalloc(&x, (size_t)max_rows * K * 2));
+    CK(cudaMalloc(&w, (size_t)2 * I * K * 2));
+    CK(cudaMalloc(&gu, (size_t)max_rows * 2 * I * 2));
+    CK(cudaMalloc(&ref, (size_t)max_rows * 2 * I * 2));
+    CK(cudaMalloc(&out, (size_t)max_rows * 2 * I * 2));
+    fill_uniform<<<1024, 256>>>(x, (size_t)max_rows * K, 1);
+    fill_uniform<<<1024, 256>>>(w, (size_t)2 * I * K, 2);
+    CK(cudaDeviceSynchronize());
+    CK(cudaFuncSetAttribute(gemm_swiglu<true, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                            kSmemBytes));
+    CK(cudaFuncSetAttribute(gemm_swiglu<false, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                            kSmemBytes));
+    CK(cudaFuncSetAttribute(gemm_swiglu<true, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                            kSmemBytes));
+    const CUtensorMap w_map = tensor_map(w, 2 * I, K);
+    const float one = 1.0f, zero = 0.0f;
+    // cuBLAS as blas.rs calls it: y[n, m] = x[n, k] W[m, k]^T (column-major: W^T x).
+    auto cublas_gate_up = [&](int rows, __nv_bfloat16* y) {
+        CB(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, 2 * I, rows, K, &one, w, CUDA_R_16BF, K, x,
+                        CUDA_R_16BF, K, &zero, y, CUDA_R_16BF, 2 * I, CUBLAS_COMPUTE_32F,
+                        CUBLAS_GEMM_DEFAULT));
+    };
+    auto silu = [&](int rows, __nv_bfloat16* o) {
+        silu_mul_bf16<<<dim3(rows, 7), 256>>>(o, gu, I);
+    };
+    int sms;
+    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    // How many 2-block clusters of the kernel fit on the GPU at once (its persistent grid).
+    int pairs = 0;
+    {
+        cudaLaunchConfig_t config = {};
+        config.gridDim = dim3(2 * sms);
+        config.blockDim = dim3(kThreads);
+        config.dynamicSmemBytes = kSmemBytes;
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeClusterDimension;
+        attr[0].val.clusterDim.x = 2;
+        attr[0].val.clusterDim.y = 1;
+        attr[0].val.clusterDim.z = 1;
+        config.attrs = attr;
+        config.numAttrs = 1;
+        CK(cudaOccupancyMaxActiveClusters(&pairs, gemm_swiglu<true, 2>, &config));
+    }
+    printf("%d SMs; %d clusters of 2 blocks at once\n", sms, pairs);
+    bool ok = true;
+    for (int rows : {1024, 2048, 4096, 8192}) {
+        const CUtensorMap x_map = tensor_map(x, rows, K);
+        const int plain_tiles = rows / kBM * (2 * I / kBN), fused_tiles = rows / kBM * (I / 128);
+        struct Variant {
+            const char* name;
+            std::function<void()> run;
+        };
+        const std::vector<Variant> fused = {
+            {"SwiGLU, a tile a block",
+             [&] { launch<true, 1>(fused_tiles, x_map, w_map, out, rows, I, K); }},
+            {"SwiGLU, persistent",
+             [&] { launch<true, 1>(std::min(fused_tiles, sms), x_map, w_map, out, rows, I, K); }},
+            {"SwiGLU, 2-block clusters sharing W, a tile a block",
+             [&] { launch<true, 2>(fused_tiles, x_map, w_map, out, rows, I, K); }},
+            {"SwiGLU, 2-block clusters sharing W, persistent",
+             [&] { launch<true, 2>(std::min(fused_tiles, 2 * pairs), x_map, w_map, out, rows, I, K); }},
+        };
+        auto plain = [&] { launch<false, 1>(plain_tiles, x_map, w_map, out, rows, I, K); };
+        const size_t n_plain = (size_t)rows * 2 * I, n_fused = (size_t)rows * I;
+        const double flop = 2.0 * rows * 2.0 * I * K;
+        // cuBLAS and cuBLAS + silu_mul.cu: the references and the times to beat.
+        cublas_gate_up(rows, gu);
+        silu(rows, ref);
+        CK(cudaDeviceSynchronize());
+        std::vector<__nv_bfloat16> h_gu(n_plain), h_ref(n_fused), h_out(n_plain), h_first;
+        CK(cudaMemcpy(h_gu.data(), gu, n_plain * 2, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(h_ref.data(), ref, n_fused * 2, cudaMemcpyDeviceToHost));
+        const double t_cublas = time_us([&] { cublas_gate_up(rows, gu); });
+        const double t_both = time_us([&] {
+            cublas_gate_up(rows, gu);
+            silu(rows, ref);
+        });
+        printf("rows %d: cuBLAS gate_up %.1f us (%.0f TFLOP/s); + silu_mul.cu %.1f us\n", rows,
+               t_cublas, flop / t_cublas / 1e6, t_both);
+        fflush(stdout);
+        // The plain product against cuBLAS's, within 2 units in the last place.
+        CK(cudaMemset(out, 0, n_plain * 2));
+        plain();
+        CK(cudaDeviceSynchronize());
+        CK(cudaMemcpy(h_out.data(), out, n_plain * 2, cudaMemcpyDeviceToHost));
+        int worst = 0;
+        for (size_t i = 0; i < n_plain; i += 7) worst = std::max(worst, ulps(h_gu[i], h_out[i]));
+        const double t_plain = time_us(plain);
+        ok = ok && worst <= 2;
+        printf("  ours, plain product: %d ulp from cuBLAS %s; %.1f us (%.0f TFLOP/s)\n", worst,
+               worst <= 2 ? "PASS" : "FAIL", t_plain, flop / t_plain / 1e6);
+        fflush(stdout);
+        // Each SwiGLU variant: the first against cuBLAS + silu_mul.cu (within 4 units in the
+        // last place, or 2^-6 where |value| < 1); the others bit-identical to the first (the same
+        // products in the same order).
+        for (size_t v = 0; v < fused.size(); ++v) {
+            CK(cudaMemset(out, 0, n_fused * 2));
+            fused[v].run();
+            CK(cudaDeviceSynchronize());
+            CK(cudaMemcpy(h_out.data(), out, n_fused * 2, cudaMemcpyDeviceToHost));
+            bool pass;
+            char what[64];
+            if (v == 0) {
+                int worst_f = 0;
+                for (size_t i = 0; i < n_fused; i += 7) {
+                    const float r = __bfloat162float(h_ref[i]), o = __bfloat162float(h_out[i]);
+                    if (fabsf(r) < 1.0f) {
+                        if (fabsf(r - o) > 2.0f * 0.0078125f) worst_f = std::max(worst_f, 99);
+                    } else {
+                        worst_f = std::max(worst_f, ulps(h_ref[i], h_out[i]));
+                    }
+                }
+                pass = worst_f <= 4;
+                snprintf(what, sizeof what, "%d ulp from cuBLAS + silu_mul", worst_f);
+                h_first.assign(h_out.begin(), h_out.begin() + n_fused);
+            } else {
+                pass = memcmp(h_first.data(), h_out.data(), n_fused * 2) == 0;
+                snprintf(what, sizeof what, "%s", pass ? "bit-identical" : "DIFFERENT");
+            }
+            const double t = time_us(fused[v].run);
+            ok = ok && pass;
+            printf("  ours, %s: %s %s; %.1f us (%.0f TFLOP/s), %.3fx cuBLAS + silu_mul\n",
+                   fused[v].name, what, pass ? "PASS" : "FAIL", t, flop / t / 1e6, t_both / t);
+            fflush(stdout);
+        }
+    }
+    printf("%s\n", ok ? "PASS" : "FAIL");
+    return ok ? 0 : 1;
+}
+#endif
