@@ -1,8 +1,10 @@
 //! A second stream for work that may run beside the worker's own within one step: a prompt
 //! step's decode rows' attention (bound by reading their KV cache) beside its prompt rows'
 //! attention (bound by the tensor cores), so that neither waits for the other's kind of
-//! resource. On only with `TPSERVE_CUDA_OVERLAP_ATTENTION=1`, an experiment until measured
-//! (docs/PERFORMANCE.md, session 48).
+//! resource. On only with `TPSERVE_CUDA_OVERLAP_ATTENTION=1`: measured in run 61
+//! (docs/PERFORMANCE.md), it takes ~0.65 ms off a serving-shaped prompt step's attention and the
+//! step stays within its noise, so it is off by default; it is the first piece of running the
+//! decode rows' attention beside the prompt rows' products.
 //!
 //! `fork` makes the side stream wait for everything issued so far on the worker's stream, `join`
 //! makes the worker's stream wait for everything issued on the side stream since; the kernels in
