@@ -25,6 +25,7 @@
 // against cuBLAS + silu_mul.cu within 4, or 2^-6 where |value| < 1: the products' summation
 // orders differ), then times
 // rows 1,024 to 8,192 of Llama-3-8B's gate_up (I = 14,336, K = 4,096) and prints a table.
+#include "attention_wgmma.cu"  // its mbarrier helpers
 #include "common.cuh"
 #include "silu_mul.cu"
 
@@ -60,24 +61,9 @@ __device__ __forceinline__ unsigned long long smem_desc(unsigned addr) {
     return (unsigned long long)((addr & 0x3ffffu) >> 4) | (1ull << 16) |
            ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
 }
-__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
 __device__ __forceinline__ void mbar_expect_tx(unsigned bar, unsigned bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
                  : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(unsigned bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
-    asm volatile(
-        "{\n.reg .pred done;\n"
-        "wait_%=:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra wait_%=;\n}\n" ::"r"(bar),
-        "r"(parity)
-        : "memory");
 }
 // A box of a 2-D tensor map (inner coordinate c0, outer c1) into shared memory at `dst`,
 // counted on `bar`'s transaction bytes.
@@ -175,8 +161,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int cluster = blockIdx.x / kCluster, clusters = gridDim.x / kCluster;
     if (threadIdx.x == 0) {
         for (int s = 0; s < kStages; ++s) {
-            mbar_init(bars + 8 * s, 1);
-            mbar_init(bars + 8 * (kStages + s), 2 * kCluster);
+            mbarrier_init(bars + 8 * s, 1);
+            mbarrier_init(bars + 8 * (kStages + s), 2 * kCluster);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
@@ -193,7 +179,9 @@ __global__ void __launch_bounds__(kThreads, 1)
                 const int m0 = ((g % groups_m) * kCluster + rank) * kBM, n0 = (g / groups_m) * tn;
                 for (int t = 0; t < k_tiles; ++t, ++u) {
                     const int s = u % kStages;
-                    if (u >= kStages) mbar_wait(bars + 8 * (kStages + s), ((u / kStages) - 1) & 1);
+                    if (u >= kStages) {
+                        mbarrier_wait(bars + 8 * (kStages + s), ((u / kStages) - 1) & 1);
+                    }
                     const unsigned full = bars + 8 * s;
                     const unsigned a = base + s * kStageBytes;
                     const unsigned b = a + kBM * kBK * 2;
@@ -223,7 +211,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                 mbar_arrive_cluster(empty, 0);
                 mbar_arrive_cluster(empty, 1);
             } else {
-                mbar_arrive(empty);
+                mbarrier_arrive(empty);
             }
         };
         int u = 0;
@@ -232,7 +220,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             float d[128];
             for (int t = 0; t < k_tiles; ++t, ++u) {
                 const int s = u % kStages;
-                mbar_wait(bars + 8 * s, (u / kStages) & 1);
+                mbarrier_wait(bars + 8 * s, (u / kStages) & 1);
                 const unsigned a = base + s * kStageBytes + c * 64 * 128;
                 const unsigned b = base + s * kStageBytes + kBM * kBK * 2;
                 asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
