@@ -21,11 +21,11 @@
 //   nvcc -O3 -arch=sm_90a -std=c++17 -I kernels/cuda tests/gpu/gemm_swiglu_bench.cu \
 //       -o /tmp/gsb -lcublas -lcuda
 //   /tmp/gsb
-// It checks both kernels against cuBLAS (the plain one within 2 units in the last place of bf16, the SwiGLU one
-// against cuBLAS + silu_mul.cu within 4, or 2^-6 where |value| < 1: the products' summation
-// orders differ), then times
-// rows 1,024 to 8,192 of Llama-3-8B's gate_up (I = 14,336, K = 4,096) and prints a table.
-#include "attention_wgmma.cu"  // its mbarrier helpers
+// For rows 1,024 to 8,192 of Llama-3-8B's gate_up (I = 14,336, K = 4,096) it checks the plain
+// product against cuBLAS (within 2 units in the last place of bf16), the first SwiGLU variant
+// against cuBLAS + silu_mul.cu (within 4, or 2^-6 where |value| < 1: the products' summation
+// orders differ) and the other variants bit for bit against it, and prints each one's time.
+#include "attention_wgmma.cu"  // its mbarrier, descriptor and wgmma helpers
 #include "common.cuh"
 #include "silu_mul.cu"
 
@@ -56,10 +56,10 @@ constexpr int kSmemBytes = kStages * kStageBytes + 1024 + 2 * 8 * kStages;
 constexpr int kThreads = 384;     // warpgroup 0: producer; 1 and 2: consumers
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-__device__ __forceinline__ unsigned long long smem_desc(unsigned addr) {
-    // K-major, 128-byte swizzle: stride 1,024 bytes per 8 rows; the leading offset unused (1).
-    return (unsigned long long)((addr & 0x3ffffu) >> 4) | (1ull << 16) |
-           ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
+// A K-major operand's descriptor: 128-byte swizzle, 1,024 bytes per 8 rows (the leading offset
+// unused by this layout).
+__device__ __forceinline__ unsigned long long kmajor_desc(unsigned addr) {
+    return smem_desc(addr, 16, 1024);
 }
 __device__ __forceinline__ void mbar_expect_tx(unsigned bar, unsigned bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
@@ -128,8 +128,9 @@ __device__ __forceinline__ void wgmma_n256(float (&d)[128], unsigned long long a
 }
 #undef GSB_R8
 
-template <int N> __device__ __forceinline__ void wgmma_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+// Waits until at most the last committed group of products is in flight.
+__device__ __forceinline__ void wgmma_wait_but_one() {
+    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
@@ -223,20 +224,19 @@ __global__ void __launch_bounds__(kThreads, 1)
                 mbarrier_wait(bars + 8 * s, (u / kStages) & 1);
                 const unsigned a = base + s * kStageBytes + c * 64 * 128;
                 const unsigned b = base + s * kStageBytes + kBM * kBK * 2;
-                asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+                wgmma_fence();
 #pragma unroll
                 for (int kk = 0; kk < kBK / 16; ++kk) {
-                    wgmma_n256(d, smem_desc(a + 32 * kk), smem_desc(b + 32 * kk), t > 0 || kk > 0);
+                    wgmma_n256(d, kmajor_desc(a + 32 * kk), kmajor_desc(b + 32 * kk), t > 0 || kk > 0);
                 }
-                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+                wgmma_commit();
                 // The previous stage's products are done once at most this one is in flight.
-                wgmma_wait<1>();
+                wgmma_wait_but_one();
                 if (t > 0) release((u - 1) % kStages);
             }
-            wgmma_wait<0>();
+            wgmma_wait_all();
             release((u - 1) % kStages);
-#pragma unroll
-            for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+            hold_registers(d);
             const int row = m0 + c * 64 + warp * 16 + lane / 4;
             const int col = 2 * (lane % 4);
             if constexpr (kSwiglu) {
@@ -274,23 +274,32 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+// The launch configuration of gemm_swiglu on `grid` blocks in clusters of `cluster` (grid a
+// multiple of it), with the attribute it points to.
+struct ClusterLaunch {
+    cudaLaunchAttribute attr;
+    cudaLaunchConfig_t config;
+    ClusterLaunch(int grid, int cluster) : attr{}, config{} {
+        attr.id = cudaLaunchAttributeClusterDimension;
+        attr.val.clusterDim.x = cluster;
+        attr.val.clusterDim.y = 1;
+        attr.val.clusterDim.z = 1;
+        config.gridDim = dim3(grid);
+        config.blockDim = dim3(kThreads);
+        config.dynamicSmemBytes = kSmemBytes;
+        config.attrs = &attr;
+        config.numAttrs = 1;
+    }
+    ClusterLaunch(const ClusterLaunch&) = delete;
+};
+
 // Launches gemm_swiglu<kSwiglu, kCluster> on `grid` blocks (a multiple of kCluster).
 template <bool kSwiglu, int kCluster>
 void launch(int grid, const CUtensorMap& x_map, const CUtensorMap& w_map, __nv_bfloat16* out,
             int rows, int i_size, int k) {
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(grid);
-    config.blockDim = dim3(kThreads);
-    config.dynamicSmemBytes = kSmemBytes;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = kCluster;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    config.attrs = attr;
-    config.numAttrs = 1;
-    CK(cudaLaunchKernelEx(&config, gemm_swiglu<kSwiglu, kCluster>, x_map, w_map, out, rows, i_size,
-                          k));
+    const ClusterLaunch l(grid, kCluster);
+    CK(cudaLaunchKernelEx(&l.config, gemm_swiglu<kSwiglu, kCluster>, x_map, w_map, out, rows,
+                          i_size, k));
 }
 
 #define CU(x)                                                           \
@@ -384,20 +393,8 @@ int main() {
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     // How many 2-block clusters of the kernel fit on the GPU at once (its persistent grid).
     int pairs = 0;
-    {
-        cudaLaunchConfig_t config = {};
-        config.gridDim = dim3(2 * sms);
-        config.blockDim = dim3(kThreads);
-        config.dynamicSmemBytes = kSmemBytes;
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeClusterDimension;
-        attr[0].val.clusterDim.x = 2;
-        attr[0].val.clusterDim.y = 1;
-        attr[0].val.clusterDim.z = 1;
-        config.attrs = attr;
-        config.numAttrs = 1;
-        CK(cudaOccupancyMaxActiveClusters(&pairs, gemm_swiglu<true, 2>, &config));
-    }
+    const ClusterLaunch pair_launch(2 * sms, 2);
+    CK(cudaOccupancyMaxActiveClusters(&pairs, gemm_swiglu<true, 2>, &pair_launch.config));
     printf("%d SMs; %d clusters of 2 blocks at once\n", sms, pairs);
     bool ok = true;
     for (int rows : {1024, 2048, 4096, 8192}) {
