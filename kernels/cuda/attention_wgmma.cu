@@ -163,13 +163,24 @@ __device__ __forceinline__ constexpr int swizzled_offset(int r, int c, int rows)
 // barrier completes a phase when every thread's copies into it have landed (each thread's
 // cp.async.mbarrier.arrive.noinc counts once, when its earlier copies are done); its "empty"
 // barrier when every thread has finished the products that read it (a plain arrival each).
-using tpserve::mbarrier_init;
-using tpserve::mbarrier_wait;
+__device__ __forceinline__ void mbarrier_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
 __device__ __forceinline__ void mbarrier_arrive(unsigned bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 __device__ __forceinline__ void mbarrier_arrive_on_copies(unsigned bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits until the barrier's phase of parity `parity` has completed.
+__device__ __forceinline__ void mbarrier_wait(unsigned bar, unsigned parity) {
+    asm volatile(
+        "{\n.reg .pred done;\n"
+        "wait_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra wait_%=;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

@@ -182,43 +182,6 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// Barriers in shared memory (mbarrier objects, 8 bytes each, sm_80 and later), by their
-// shared-memory address: a phase completes when `count` arrivals have been made and, where
-// bytes were announced (mbarrier_expect_bytes), that many bytes of asynchronous copies into
-// shared memory have landed (bulk_copy_to_shared).
-__device__ __forceinline__ void mbarrier_init(unsigned bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-// Waits until the barrier's phase of parity `parity` has completed.
-__device__ __forceinline__ void mbarrier_wait(unsigned bar, unsigned parity) {
-    asm volatile(
-        "{\n.reg .pred done;\n"
-        "wait_%=:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra wait_%=;\n}\n" ::"r"(bar),
-        "r"(parity)
-        : "memory");
-}
-
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
-// One arrival on `bar` that also announces `bytes` of copies to land before its phase completes.
-__device__ __forceinline__ void mbarrier_expect_bytes(unsigned bar, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-                 : "memory");
-}
-
-// `bytes` (a multiple of 16; both addresses 16-byte aligned) global -> shared by the copy
-// engine (sm_90: one thread issues it, no registers hold the data), counted on `bar`.
-__device__ __forceinline__ void bulk_copy_to_shared(unsigned dst, const void* src, unsigned bytes,
-                                                    unsigned bar) {
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-        :
-        : "r"(dst), "l"(src), "r"(bytes), "r"(bar)
-        : "memory");
-}
-#endif
-
 // The keys [x, y) of key split `split` of `num_splits` for a tile whose last row sees `ctx`
 // keys: all of them with one split; else `split_len` keys a split, or when split_len <= 0,
 // ceil(ctx / num_splits) rounded up to 32, each tile splitting its own keys (the decode kernels:

@@ -169,14 +169,6 @@ __device__ __forceinline__ void sum_parts(T* __restrict__ y, float (&partial)[kM
 // SM, k_split up to 16); tests/gpu/int4_gemv_bench.cu measured 2, 3, 4 and deeper rings.
 constexpr int kInFlight = 4;
 
-// Tiles of its part that a warp of the staged GEMV (gemv_w4_staged) copies into shared memory
-// before it waits for the kernel before it: its last ones, with their groups' parameters.
-constexpr int kStagedTiles = 16;
-
-// Shared memory of one warp's stage of `staged` tiles: 512 bytes a tile and at most two groups'
-// parameters a tile (64 bytes a group). The host sizes the launch as warps x this.
-__host__ __device__ constexpr int w4_stage_bytes(int staged) { return staged * (512 + 2 * 64); }
-
 // The first weight input of step s's chunk for lane t (see the layout above): the step's mma
 // inputs 2 t + {0, 1, 8, 9} are this + {0, 1, 2, 3}.
 __device__ __forceinline__ int input_of(int kt, int s, int t, int steps_per_chunk) {
@@ -238,12 +230,12 @@ __device__ __forceinline__ void load_tile_weights(Tile& t, const uint4* w, const
 // warp_totals_w4 is one warp's share: part `part` of K for row block `rb`, into `total` (a C
 // fragment); gemv_w4_impl gives warp w part w of block rb = blockIdx.x, and gemv_w4_gated's
 // blocks hold a gate row block's warps and its up row block's.
-template <typename T, int kAhead, bool kTwoGroups, int kStaged>
+template <typename T, int kAhead, bool kTwoGroups>
 __device__ __forceinline__ void warp_totals_w4(float (&total)[4], const T* __restrict__ x,
                                                const uint4* __restrict__ w,
                                                const unsigned int* __restrict__ params, int rows,
                                                int k, int group_shift, int k_split, int rb,
-                                               int part, unsigned char* stage, unsigned bar) {
+                                               int part) {
     constexpr int kSlots = kAhead + 1;
     // Chunks of 4 steps (a tile, one group) unless groups are 32 inputs: then 2 (half a tile).
     constexpr int kChunks = kTwoGroups ? 2 : 1;
@@ -260,51 +252,8 @@ __device__ __forceinline__ void warp_totals_w4(float (&total)[4], const T* __res
     const uint2* pp = reinterpret_cast<const uint2*>(params) + (long long)rb * groups * 8 + g;
     const T* xr = x + (long long)(g < rows ? g : 0) * k + 64 * kt0 + (kTwoGroups ? 8 : 16) * t;
 
-    // The part's last `staged` tiles (from tile `first_staged` on) and their groups' parameters
-    // come into this warp's stage in shared memory by two bulk copies, issued before the wait.
-    const int staged = min(kStaged, part_tiles);
-    const int first_staged = part_tiles - staged;
-    auto group_of = [&](int tile) {
-        return kTwoGroups ? 2 * tile : (group_shift >= 31 ? 0 : tile >> (group_shift - 6));
-    };
-    const int first_group = group_of(kt0 + first_staged);
-    const uint4* staged_w = reinterpret_cast<const uint4*>(stage);
-    const uint2* staged_p = reinterpret_cast<const uint2*>(stage + staged * 512) + g;
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
-    if (kStaged > 0 && lane == 0) {
-        // The barrier, then the copies that count on it; the other lanes see it after the
-        // warp's barrier below.
-        const int groups_staged = group_of(kt0 + part_tiles - 1) + (kTwoGroups ? 1 : 0) -
-                                  first_group + 1;
-        const unsigned weight_bytes = staged * 512;
-        const unsigned param_bytes = groups_staged * 64;
-        tpserve::mbarrier_init(bar, 1);
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        tpserve::mbarrier_expect_bytes(bar, weight_bytes + param_bytes);
-        tpserve::bulk_copy_to_shared(tpserve::smem_addr(stage), wp - lane + first_staged * 32,
-                                     weight_bytes, bar);
-        tpserve::bulk_copy_to_shared(
-            tpserve::smem_addr(stage) + weight_bytes,
-            reinterpret_cast<const uint2*>(params) + ((long long)rb * groups + first_group) * 8,
-            param_bytes, bar);
-    }
-    if (kStaged > 0) {
-        __syncwarp();
-    }
-#endif
-
     auto load_weights = [&](Tile& tile, int i) {
-        if (kStaged > 0 && i >= first_staged) {
-            tpserve::mbarrier_wait(bar, 0);
-            tile.w = staged_w[(i - first_staged) * 32 + lane];
-            const int j = group_of(kt0 + i) - first_group;
-            tile.p0 = staged_p[8 * j];
-            if (kTwoGroups) {
-                tile.p1 = staged_p[8 * j + 8];
-            }
-        } else {
-            load_tile_weights<kTwoGroups>(tile, wp + i * 32, pp, kt0 + i, group_shift);
-        }
+        load_tile_weights<kTwoGroups>(tile, wp + i * 32, pp, kt0 + i, group_shift);
     };
     // Lanes past the rows read row 0 again: their columns of the product are not written.
     auto load_x = [&](Tile& tile, int i) {
@@ -313,12 +262,11 @@ __device__ __forceinline__ void warp_totals_w4(float (&total)[4], const T* __res
     };
 
     // Tile i lives in slot i % kSlots: it loads kAhead tiles before it is computed, into the
-    // slot of tile i - 1. Staged tiles among the first kAhead load after the wait (from the
-    // stage, once its copies have landed).
+    // slot of tile i - 1.
     Tile slot[kSlots];
 #pragma unroll
     for (int u = 0; u < kAhead; ++u) {
-        if (u < part_tiles && (kStaged == 0 || u < first_staged)) {
+        if (u < part_tiles) {
             load_weights(slot[u], u);
         }
     }
@@ -326,9 +274,6 @@ __device__ __forceinline__ void warp_totals_w4(float (&total)[4], const T* __res
 #pragma unroll
     for (int u = 0; u < kAhead; ++u) {
         if (u < part_tiles) {
-            if (kStaged > 0 && u >= first_staged) {
-                load_weights(slot[u], u);
-            }
             load_x(slot[u], u);
         }
     }
@@ -358,20 +303,17 @@ __device__ __forceinline__ void warp_totals_w4(float (&total)[4], const T* __res
 // gemv_w4_impl's block: warp w walks part w of K for row block rb = blockIdx.x. Gated
 // (gemv_w4_gated below): the first k_split warps walk gate row block rb, the others the up row
 // block n_out / 16 + rb (n_out the halves' width), and the block's end writes silu(gate) * up.
-template <typename T, int kAhead, bool kTwoGroups, bool kGated, int kStaged>
+template <typename T, int kAhead, bool kTwoGroups, bool kGated>
 __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
                              const uint4* __restrict__ w, const unsigned int* __restrict__ params,
                              int rows, int n_out, int k, int group_shift, int k_split,
-                             float (&partial)[kMaxSplit][16][8], unsigned char* stages,
-                             unsigned long long (&bars)[kMaxSplit]) {
+                             float (&partial)[kMaxSplit][16][8]) {
     const int warp = threadIdx.x >> 5;
     const bool up = kGated && warp >= k_split;
     float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    const int staged = min(kStaged, k / 64 / k_split);
-    warp_totals_w4<T, kAhead, kTwoGroups, kStaged>(
-        total, x, w, params, rows, k, group_shift, k_split, blockIdx.x + (up ? n_out / 16 : 0),
-        up ? warp - k_split : warp, stages + warp * w4_stage_bytes(staged),
-        tpserve::smem_addr(&bars[warp]));
+    warp_totals_w4<T, kAhead, kTwoGroups>(total, x, w, params, rows, k, group_shift, k_split,
+                                          blockIdx.x + (up ? n_out / 16 : 0),
+                                          up ? warp - k_split : warp);
     sum_parts<T, kGated>(y, partial, total, blockIdx.x, rows, n_out, k_split);
 }
 
@@ -386,36 +328,17 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
 // by silu_mul, in one launch, for 1 to 8 rows. Arguments as gemv_w4's, with act T [rows, d] for
 // y, d (a multiple of 16) for n_out, and k_split at most kMaxSplit / 2.
 // Launch: grid (d / 16, 1, 1); block (64 * k_split, 1, 1).
-//
-// gemv_w4_staged_{bf16,f16} and gemv_w4_gated_staged_{bf16,f16} (kStaged = kStagedTiles, sm_90
-// and later; elsewhere the plain kernels): the same sums in the same order, so the same bits,
-// with each warp's last kStagedTiles tiles of its part (all of them when the part is shorter)
-// and their groups' parameters copied into the warp's stage in shared memory by two bulk copies
-// (cp.async.bulk, counted on the stage's barrier) that its first lane issues before the wait.
-// They land while the kernel before runs (the attention before the o projection: the whole
-// weight, at Llama-3-8B's shapes) and while the warp streams its first tiles through the register
-// ring; the ring then reads the staged tiles from shared memory. Dynamic shared memory: warps x
-// w4_stage_bytes(min(kStagedTiles, k / 64 / k_split)).
-template <typename T, int kAhead, bool kGated = false, int kStaged = 0>
+template <typename T, int kAhead, bool kGated = false>
 __device__ void gemv_w4(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ w,
                         const unsigned int* __restrict__ params, int rows, int n_out, int k,
                         int group_shift, int k_split) {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
-    constexpr int kStages = kStaged;
-#else
-    constexpr int kStages = 0;  // no bulk copies before sm_90: the plain kernel
-#endif
     __shared__ float partial[kMaxSplit][16][8];  // each warp's sums, for the first to add up
-    __shared__ unsigned long long bars[kMaxSplit];  // each warp's stage's barrier
-    extern __shared__ __align__(16) unsigned char stages[];  // each warp's staged tiles
     if (group_shift < 6) {
-        gemv_w4_impl<T, kAhead, true, kGated, kStages>(y, x, w, params, rows, n_out, k,
-                                                       group_shift, k_split, partial, stages,
-                                                       bars);
+        gemv_w4_impl<T, kAhead, true, kGated>(y, x, w, params, rows, n_out, k, group_shift,
+                                              k_split, partial);
     } else {
-        gemv_w4_impl<T, kAhead, false, kGated, kStages>(y, x, w, params, rows, n_out, k,
-                                                        group_shift, k_split, partial, stages,
-                                                        bars);
+        gemv_w4_impl<T, kAhead, false, kGated>(y, x, w, params, rows, n_out, k, group_shift,
+                                               k_split, partial);
     }
 }
 
@@ -744,19 +667,16 @@ __device__ void gather_inputs_impl(T* __restrict__ out, const T* __restrict__ x,
                        k_split);                                                               \
     }
 // gemv_w4 (GATED false) and gemv_w4_gated (true).
-#define TPSERVE_GEMV_W4(NAME, SUFFIX, T, GATED, STAGED)                                        \
+#define TPSERVE_GEMV_W4(NAME, SUFFIX, T, GATED)                                                \
     extern "C" __global__ void __launch_bounds__(512) NAME##_##SUFFIX(                         \
         T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ w,               \
         const unsigned int* __restrict__ params, int rows, int n_out, int k, int group_shift,  \
         int k_split) {                                                                         \
-        gemv_w4<T, kInFlight, GATED, STAGED>(y, x, w, params, rows, n_out, k, group_shift,     \
-                                             k_split);                                         \
+        gemv_w4<T, kInFlight, GATED>(y, x, w, params, rows, n_out, k, group_shift, k_split);   \
     }
 #define TPSERVE_INT4(SUFFIX, T)                                                                \
-    TPSERVE_GEMV_W4(gemv_w4, SUFFIX, T, false, 0)                                              \
-    TPSERVE_GEMV_W4(gemv_w4_gated, SUFFIX, T, true, 0)                                         \
-    TPSERVE_GEMV_W4(gemv_w4_staged, SUFFIX, T, false, kStagedTiles)                            \
-    TPSERVE_GEMV_W4(gemv_w4_gated_staged, SUFFIX, T, true, kStagedTiles)                       \
+    TPSERVE_GEMV_W4(gemv_w4, SUFFIX, T, false)                                                 \
+    TPSERVE_GEMV_W4(gemv_w4_gated, SUFFIX, T, true)                                            \
     TPSERVE_GEMM_W4(SUFFIX, T, 16, 2)                                                         \
     TPSERVE_GEMM_W4(SUFFIX, T, 32, 4)                                                         \
     TPSERVE_GEMM_W4(SUFFIX, T, 64, 8)                                                         \

@@ -10,9 +10,7 @@
 // sizes 32 and one group a row (GPTQ's -1) and f16 activations are checked for correctness.
 // The variants include an experiment, gemv_w4_xs (x staged in shared memory after the wait, a
 // ring of weights and parameters only: deeper rings or more warps an SM in the same registers),
-// at up to 200 KiB of dynamic shared memory (rows x k x 2 bytes; skipped above), and gemv_w4 with
-// a warp's last 8 to 32 tiles copied into shared memory before its wait (`staged N`; int4.cu's
-// gemv_w4_staged stages 16), whose bits the correctness checks also compare with gemv_w4's.
+// at up to 200 KiB of dynamic shared memory (rows x k x 2 bytes; skipped above).
 // gemm_w4 (9 to 64 rows, more in chunks) is checked against the CPU and bit for bit against the
 // GEMV run 8 rows at a time at the same k_split, and timed at 16 to 256 rows (GEMM_ROWS, a comma
 // list) at every k_split, beside the GEMV 8 rows a launch and dequantize_w4 alone (GEMM_ONLY=1:
@@ -75,20 +73,6 @@ __global__ void __launch_bounds__(256)
     variant256(T* y, const T* x, const uint4* w, const unsigned* params, int rows, int n_out,
                int k, int group_shift, int k_split) {
     gemv_w4<T, kAhead>(y, x, w, params, rows, n_out, k, group_shift, k_split);
-}
-
-// gemv_w4 with the last kStaged tiles of each warp's part (and their groups' parameters) copied
-// into shared memory before the wait (int4.cu's gemv_w4_staged is kStagedTiles). Dynamic shared
-// memory: k_split x w4_stage_bytes(min(kStaged, k / 64 / k_split)).
-template <int kStaged, typename T>
-__global__ void __launch_bounds__(512)
-    variant_staged(T* y, const T* x, const uint4* w, const unsigned* params, int rows, int n_out,
-                   int k, int group_shift, int k_split) {
-    gemv_w4<T, kInFlight, false, kStaged>(y, x, w, params, rows, n_out, k, group_shift, k_split);
-}
-
-static size_t staged_smem(int staged, int k, int k_split) {
-    return (size_t)k_split * w4_stage_bytes(std::min(staged, k / 64 / k_split));
 }
 
 // An experiment (issue 12): gemv_w4 with x staged in shared memory. After the wait each warp
@@ -195,7 +179,6 @@ struct Variant {
     bool old_layout;
     int max_split;
     bool x_shared = false;  // takes rows x k x 2 bytes of dynamic shared memory (variant_xs)
-    int staged = 0;         // tiles a warp stages (variant_staged): staged_smem's bytes
 };
 
 // A 4-bit weight [n, k] in groups, and what the layouts make of it.
@@ -405,26 +388,6 @@ static void check(const char* what, const Weight& w, int rows) {
         std::vector<T> y((size_t)rows * w.n);
         CK(cudaMemcpy(y.data(), dy, y.size() * sizeof(T), cudaMemcpyDeviceToHost));
         worst = std::max(worst, error_of(y, ref));
-        // The staged kernel (all of a part's tiles staged, or its last 3: a first staged tile
-        // inside a group) gives these bits.
-        auto staged_bits = [&](auto kernel, int staged) {
-            CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    200 * 1024));
-            CK(cudaMemset(dy, 0xff, (size_t)rows * w.n * sizeof(T)));
-            kernel<<<w.n / 16, 32 * split, staged_smem(staged, w.k, split)>>>(
-                dy, dx, reinterpret_cast<const uint4*>(dw), dp, rows, w.n, w.k,
-                group_shift_of(w), split);
-            CK(cudaDeviceSynchronize());
-            std::vector<T> ys(y.size());
-            CK(cudaMemcpy(ys.data(), dy, ys.size() * sizeof(T), cudaMemcpyDeviceToHost));
-            if (memcmp(ys.data(), y.data(), y.size() * sizeof(T)) != 0) {
-                printf("check %-34s %d rows, k_split %d: staged %d tiles: bits DIFFER: FAIL\n",
-                       what, rows, split, staged);
-                ++g_failures;
-            }
-        };
-        staged_bits(variant_staged<kStagedTiles, T>, kStagedTiles);
-        staged_bits(variant_staged<3, T>, 3);
     }
     // dequantize_w4: bit for bit (q - zero) * scale rounded to T.
     T* dq;
@@ -653,13 +616,9 @@ int main() {
         {"x in shared memory, ahead 3, 64 registers", variant_xs64<3, bf>, false, 16, true},
         {"x in shared memory, ahead 6, 80 registers", variant_xs80<6, bf>, false, 16, true},
         {"x in shared memory, ahead 8, 80 registers", variant_xs80<8, bf>, false, 16, true},
-        {"staged 8", variant_staged<8, bf>, false, 16, false, 8},
-        {"staged 16 (gemv_w4_staged)", variant_staged<16, bf>, false, 16, false, 16},
-        {"staged 24", variant_staged<24, bf>, false, 16, false, 24},
-        {"staged 32", variant_staged<32, bf>, false, 16, false, 32},
     };
     for (const Variant& v : variants) {
-        if (v.x_shared || v.staged) {
+        if (v.x_shared) {
             CK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     200 * 1024));
         }
@@ -728,9 +687,7 @@ int main() {
                 const Variant& v = variants[vi];
                 for (int split = 1; split <= v.max_split; split *= 2) {
                     if ((s.k / 64) % split) continue;
-                    const size_t smem = v.x_shared ? (size_t)rows * s.k * sizeof(bf)
-                                        : v.staged ? staged_smem(v.staged, s.k, split)
-                                                   : 0;
+                    const size_t smem = v.x_shared ? (size_t)rows * s.k * sizeof(bf) : 0;
                     if (smem > 200 * 1024) continue;
                     auto run = [&](int c) {
                         const uint4* wp = reinterpret_cast<const uint4*>(v.old_layout ? dwo[c]

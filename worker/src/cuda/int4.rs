@@ -8,8 +8,7 @@
 //! after int4.cu's dequantization of the whole weight into a scratch buffer in the dtype (vLLM's
 //! AWQ path does the same above its threshold).
 
-use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaFunction, LaunchConfig};
+use cudarc::driver::LaunchConfig;
 use tpserve_modelfile::Int4Tensor;
 
 use super::device::{device_err, DeviceBuffer};
@@ -157,41 +156,6 @@ const WARP_BUDGET: usize = 2048;
 /// gate and up parts together.
 const MAX_SPLIT: usize = 16;
 
-/// Tiles of its part that a warp of int4.cu's staged GEMV copies into shared memory before it
-/// waits for the kernel before it (its kStagedTiles): its last ones, so that they land while
-/// the kernel before (the attention before the o projection, the norms before the others) runs
-/// and while the warp streams its first tiles through its register ring.
-const STAGED_TILES: usize = 16;
-
-/// Shared memory of one warp's stage of `staged` tiles (int4.cu's w4_stage_bytes): 512 bytes a
-/// tile and up to two groups' parameters (64 bytes each) a tile.
-fn stage_bytes(staged: usize) -> usize {
-    staged * (512 + 2 * 64)
-}
-
-/// Dynamic shared memory of a launch of the staged GEMV with `warps` warps a block at
-/// `k_split` for `k` inputs.
-fn staged_shared_bytes(warps: usize, k: usize, k_split: usize) -> usize {
-    warps * stage_bytes(STAGED_TILES.min(k / TILE.1 / k_split))
-}
-
-/// Whether 4-bit GEMVs run int4.cu's staged form: on compute capability 9.0 and later (bulk
-/// copies), unless `TPSERVE_CUDA_W4_STAGED=0`.
-pub(super) fn staged_gemv_enabled(major: i32) -> bool {
-    major >= 9 && std::env::var("TPSERVE_CUDA_W4_STAGED").as_deref() != Ok("0")
-}
-
-/// A staged GEMV entry point, allowed the shared memory of its largest block
-/// ([`MAX_SPLIT`] warps).
-pub(super) fn staged_gemv_function(f: CudaFunction) -> Result<CudaFunction> {
-    f.set_attribute(
-        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        (MAX_SPLIT * stage_bytes(STAGED_TILES)) as i32,
-    )
-    .map_err(|e| device_err("raising the staged 4-bit GEMV's shared memory limit", e))?;
-    Ok(f)
-}
-
 /// Warps that share a row block's inputs in int4.cu's GEMV for `n_out` rows of `k`: the most of
 /// 16, 8, 4 and 2 that divides `k`'s tiles, leaves each warp at least 8 of them and keeps the
 /// launch within [`WARP_BUDGET`], else 1.
@@ -255,22 +219,9 @@ impl Kernels {
             });
         }
         let x = self.inputs_in_weight_order(&q, p)?;
-        let warps = if gated { 2 * split } else { split };
-        let (outputs, function, name, shared) = match (gated, &self.gemv_w4_staged) {
-            (false, None) => (p.n_out, &self.gemv_w4, "gemv_w4", 0),
-            (true, None) => (p.n_out / 2, &self.gemv_w4_gated, "gemv_w4_gated", 0),
-            (false, Some([plain, _])) => (
-                p.n_out,
-                plain,
-                "gemv_w4_staged",
-                staged_shared_bytes(warps, p.k, split),
-            ),
-            (true, Some([_, gated])) => (
-                p.n_out / 2,
-                gated,
-                "gemv_w4_gated_staged",
-                staged_shared_bytes(warps, p.k, split),
-            ),
+        let (outputs, function, name) = match gated {
+            false => (p.n_out, &self.gemv_w4, "gemv_w4"),
+            true => (p.n_out / 2, &self.gemv_w4_gated, "gemv_w4_gated"),
         };
         let (rw, nw, kw, sw) = (p.rows as i32, outputs as i32, p.k as i32, split as i32);
         let mut b = self.launch(function);
@@ -283,16 +234,17 @@ impl Kernels {
             .arg(&kw)
             .arg(&shift)
             .arg(&sw);
+        let warps = if gated { 2 * split } else { split };
         // SAFETY: as int4.cu documents: y holds rows x n_out (gated: n_out / 2) and x rows x k
         // elements of the dtype (x 16-byte aligned, as every activation buffer), w the weight in
         // [`mma_layout`] and params n_out x k / group_size, the caller's buffers; n_out, k and
         // the groups fit the tiles (the loader's checks, `group_shift`, and the gated halves'
         // whole row blocks above) and k_split divides k's tiles.
         unsafe {
-            b.launch(LaunchConfig {
-                shared_mem_bytes: shared as u32,
-                ..super::kernels::grid_rows(outputs / TILE.0, 32 * warps as u32)
-            })
+            b.launch(super::kernels::grid_rows(
+                outputs / TILE.0,
+                32 * warps as u32,
+            ))
         }
         .map(drop)
         .map_err(|e| device_err(&format!("launching {name}"), e))

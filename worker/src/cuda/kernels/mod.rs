@@ -101,9 +101,6 @@ pub struct Kernels {
     pub(super) gemv_w4: CudaFunction,
     /// Its gated form: the gate and up product with the SiLU-mul on the way out.
     pub(super) gemv_w4_gated: CudaFunction,
-    /// Both with each warp's last tiles staged in shared memory before the wait (sm_90 and
-    /// later, unless `TPSERVE_CUDA_W4_STAGED=0`): `[plain, gated]`.
-    pub(super) gemv_w4_staged: Option<[CudaFunction; 2]>,
     /// The 4-bit GEMM of up to 16, 32 and 64 rows a chunk.
     pub(super) gemm_w4: [CudaFunction; 3],
     pub(super) dequantize_w4: CudaFunction,
@@ -294,13 +291,6 @@ impl Kernels {
             gemv_mma_m16: take("gemv_mma_m16")?,
             gemv_w4: take("gemv_w4")?,
             gemv_w4_gated: take("gemv_w4_gated")?,
-            gemv_w4_staged: match super::int4::staged_gemv_enabled(gpu.compute_capability.0) {
-                true => Some([
-                    super::int4::staged_gemv_function(take("gemv_w4_staged")?)?,
-                    super::int4::staged_gemv_function(take("gemv_w4_gated_staged")?)?,
-                ]),
-                false => None,
-            },
             gemm_w4: [
                 take("gemm_w4_n16")?,
                 take("gemm_w4_n32")?,
