@@ -37,15 +37,6 @@ int main() {
 #include <cstring>
 #include <string>
 
-#define CB(x)                                                                       \
-    do {                                                                            \
-        cublasStatus_t status_ = (x);                                               \
-        if (status_ != CUBLAS_STATUS_SUCCESS) {                                     \
-            printf("cuBLAS error %d at line %d: %s\n", (int)status_, __LINE__, #x); \
-            exit(1);                                                                \
-        }                                                                           \
-    } while (0)
-
 static const size_t WORKSPACE = 32u << 20;
 static cublasHandle_t blas;
 static cublasLtHandle_t lt;

@@ -310,14 +310,6 @@ void launch(int grid, const CUtensorMap& x_map, const CUtensorMap& w_map, __nv_b
             exit(1);                                                    \
         }                                                               \
     } while (0)
-#define CB(x)                                                           \
-    do {                                                                \
-        cublasStatus_t s_ = (x);                                        \
-        if (s_ != CUBLAS_STATUS_SUCCESS) {                              \
-            printf("cuBLAS error %d at line %d: %s\n", (int)s_, __LINE__, #x); \
-            exit(1);                                                    \
-        }                                                               \
-    } while (0)
 
 // A row-major [rows, cols] bf16 matrix's tensor map with 64 x 128 boxes, 128-byte swizzle.
 CUtensorMap tensor_map(const void* p, int rows, int cols) {

@@ -1,10 +1,14 @@
-// What the standalone kernel harnesses of tests/gpu share: the CUDA runtime check, the
-// activation type, event and graph timers, and the copy bandwidth their ratios divide by.
+// What the standalone kernel harnesses of tests/gpu share: the CUDA runtime check (and cuBLAS's,
+// where its header is there), the activation type, event and graph timers, and the copy bandwidth
+// their ratios divide by.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#if __has_include(<cublas_v2.h>)
+#include <cublas_v2.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -21,6 +25,18 @@
             exit(1);                                                                        \
         }                                                                                   \
     } while (0)
+
+#if __has_include(<cublas_v2.h>)
+// The same for a cuBLAS call.
+#define CB(x)                                                                       \
+    do {                                                                            \
+        cublasStatus_t status_ = (x);                                               \
+        if (status_ != CUBLAS_STATUS_SUCCESS) {                                     \
+            printf("cuBLAS error %d at line %d: %s\n", (int)status_, __LINE__, #x); \
+            exit(1);                                                                \
+        }                                                                           \
+    } while (0)
+#endif
 
 typedef __nv_bfloat16 bf;
 typedef __half hf;
