@@ -87,25 +87,6 @@ static void gemm_lt(const LtShape& s, int algo, bf* y, const bf* x, const bf* w)
                       &s.algos[algo].algo, workspace, WORKSPACE, 0));
 }
 
-// Device buffers of uniform [-1, 1] bf16 values.
-__global__ void fill_uniform(bf* p, size_t n, uint64_t seed) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
-        uint64_t z = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-        z ^= z >> 31;
-        p[i] = __float2bfloat16((float)(z >> 40) / (float)(1u << 24) * 2.f - 1.f);
-    }
-}
-static bf* random_buffer(size_t elems, uint64_t seed) {
-    bf* p;
-    CK(cudaMalloc(&p, elems * sizeof(bf)));
-    fill_uniform<<<1024, 256>>>(p, elems, seed);
-    CK(cudaGetLastError());
-    return p;
-}
-
 // One timed region: `f` run once after 2 untimed runs, by events, in microseconds.
 template <typename F> static double time_once_us(F f) {
     f();

@@ -325,17 +325,6 @@ CUtensorMap tensor_map(const void* p, int rows, int cols) {
     return map;
 }
 
-__global__ void fill_uniform(__nv_bfloat16* p, size_t n, unsigned seed) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
-        unsigned h = (unsigned)i * 2654435761u ^ seed;
-        h ^= h >> 16;
-        h *= 0x7feb352du;
-        h ^= h >> 15;
-        p[i] = __float2bfloat16((h & 0xffffff) / 8388608.0f - 1.0f);
-    }
-}
-
 // units in the last place of bf16 between a and b (their bit patterns as ordered integers)
 int ulps(__nv_bfloat16 a, __nv_bfloat16 b) {
     auto key = [](__nv_bfloat16 v) {

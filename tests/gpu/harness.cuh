@@ -1,6 +1,6 @@
 // What the standalone kernel harnesses of tests/gpu share: the CUDA runtime check (and cuBLAS's,
-// where its header is there), the activation type, event and graph timers, and the copy bandwidth
-// their ratios divide by.
+// where its header is there), the activation type, random device buffers, event and graph timers,
+// and the copy bandwidth their ratios divide by.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -108,6 +109,26 @@ template <typename E> inline E* upload(const std::vector<E>& v) {
     CK(cudaMalloc(&d, v.size() * sizeof(E)));
     CK(cudaMemcpy(d, v.data(), v.size() * sizeof(E), cudaMemcpyHostToDevice));
     return d;
+}
+
+// Device buffers of uniform [-1, 1] bf16 values (the GEMM floor's operands: products near the
+// power limit run at a rate that depends on their data), made on the device.
+__global__ void fill_uniform(bf* p, size_t n, uint64_t seed) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        uint64_t z = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        p[i] = __float2bfloat16((float)(z >> 40) / (float)(1u << 24) * 2.f - 1.f);
+    }
+}
+inline bf* random_buffer(size_t elems, uint64_t seed) {
+    bf* p;
+    CK(cudaMalloc(&p, elems * sizeof(bf)));
+    fill_uniform<<<1024, 256>>>(p, elems, seed);
+    CK(cudaGetLastError());
+    return p;
 }
 
 // The next 24-bit value of a linear congruential sequence seeded by `s` (reproducible test data).
