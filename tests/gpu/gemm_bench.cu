@@ -94,12 +94,6 @@ template <typename F> static double time_once_us(F f) {
     return event_us(f);
 }
 
-struct Product {
-    const char* name;
-    int m, k;
-};
-static const Product PRODUCTS[] = {
-    {"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}};
 
 static void silu_mul(bf* out, const bf* gate_up, int rows, int d) {
     const int block = 256;
@@ -119,7 +113,9 @@ int main() {
 
     const int MAX_ROWS = 8192;
     bf* w[4];
-    for (int p = 0; p < 4; ++p) w[p] = random_buffer((size_t)PRODUCTS[p].m * PRODUCTS[p].k, p + 1);
+    for (int p = 0; p < 4; ++p) {
+        w[p] = random_buffer((size_t)LLAMA3_8B_PRODUCTS[p].n * LLAMA3_8B_PRODUCTS[p].k, p + 1);
+    }
     bf* x = random_buffer((size_t)MAX_ROWS * 14336, 11);
     bf* y = random_buffer((size_t)MAX_ROWS * 28672, 12);
     bf* act = random_buffer((size_t)MAX_ROWS * 14336, 13);
@@ -146,10 +142,10 @@ int main() {
     for (int r = 0; r < 5; ++r) {
         const int n = ROWS[r];
         for (int p = 0; p < 4; ++p) {
-            const Product& pr = PRODUCTS[p];
-            const double flop = 2.0 * n * pr.m * pr.k;
-            const double d = time_us([&] { gemm_default(y, x, w[p], n, pr.m, pr.k); }, 10);
-            LtShape s = lt_shape(n, pr.m, pr.k, 24);
+            const ProductShape& pr = LLAMA3_8B_PRODUCTS[p];
+            const double flop = 2.0 * n * pr.n * pr.k;
+            const double d = time_us([&] { gemm_default(y, x, w[p], n, pr.n, pr.k); }, 10);
+            LtShape s = lt_shape(n, pr.n, pr.k, 24);
             double h0 = 0, best = 1e30;
             int bi = -1;
             for (int a = 0; a < (int)s.algos.size(); ++a) {
@@ -173,11 +169,11 @@ int main() {
     for (int r = 1; r < 5; ++r) {
         const int n = ROWS[r];
         double flop = 0;
-        for (int p = 0; p < 4; ++p) flop += 2.0 * n * PRODUCTS[p].m * PRODUCTS[p].k * 32;
+        for (const ProductShape& pr : LLAMA3_8B_PRODUCTS) flop += 2.0 * n * pr.n * pr.k * 32;
         const double d = time_once_us([&] {
             for (int l = 0; l < 32; ++l)
                 for (int p = 0; p < 4; ++p)
-                    gemm_default(y, x, w[p], n, PRODUCTS[p].m, PRODUCTS[p].k);
+                    gemm_default(y, x, w[p], n, LLAMA3_8B_PRODUCTS[p].n, LLAMA3_8B_PRODUCTS[p].k);
         });
         const double b = time_once_us([&] {
             for (int l = 0; l < 32; ++l)

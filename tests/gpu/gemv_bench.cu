@@ -120,12 +120,6 @@ cublasHandle_t cublas_handle(cudaStream_t st) {
 }
 #endif
 
-struct Shape {
-    const char* name;
-    int n, k;
-};
-const Shape kShapes[4] = {
-    {"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}};
 
 // E4M3's value of byte b (cuda_fp8.h's conversion; no NaN is generated below).
 float e4m3_value(unsigned char b) {
@@ -180,7 +174,7 @@ int main() {
     }
     int failures = 0;
     std::vector<std::string> best_lines;
-    for (const Shape& s : kShapes) {
+    for (const ProductShape& s : LLAMA3_8B_PRODUCTS) {
         unsigned seed = 17 + s.n;
         // The weight as the CPU sees it (E4M3 values, or bf16 ones) and as the GPU gets it.
         std::vector<float> wv((size_t)s.n * s.k);

@@ -1,6 +1,6 @@
 // What the standalone kernel harnesses of tests/gpu share: the CUDA runtime check (and cuBLAS's,
-// where its header is there), the activation type, random device buffers, event and graph timers,
-// and the copy bandwidth their ratios divide by.
+// where its header is there), the activation type, Llama-3-8B's product shapes, random device
+// buffers, event and graph timers, and the copy bandwidth their ratios divide by.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -41,6 +41,15 @@
 
 typedef __nv_bfloat16 bf;
 typedef __half hf;
+
+// A linear product of a layer: `n` outputs of `k` inputs (a weight [n, k]).
+struct ProductShape {
+    const char* name;
+    int n, k;
+};
+// Llama-3-8B's four products a layer, fused as the worker runs them (q|k|v, gate|up).
+static const ProductShape LLAMA3_8B_PRODUCTS[4] = {
+    {"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}};
 
 // Host conversions between f32 and the activation types.
 template <typename T> inline float to_f(T x);

@@ -470,20 +470,13 @@ static void check_gemm(const char* what, const Weight& w, int rows) {
     CK(cudaFree(counters));
 }
 
-struct Shape {
-    const char* name;
-    int n, k;
-};
-
 // gemm_w4 against gemv_w4 a chunk of 8 rows at a time and dequantize_w4 alone (the first half
 // of the path of more than 8 rows before it, cuBLAS the other), for Llama-3-8B's products.
 static void time_gemm(cudaStream_t st, double copy_gbs) {
     const std::vector<int> row_list = env_int_list("GEMM_ROWS", {16, 32, 64, 128, 256});
-    const Shape shapes[4] = {
-        {"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}};
     printf("\n| product | rows | kernel | k_split | us | weight GB/s | of copy |\n"
            "| --- | ---: | --- | ---: | ---: | ---: | ---: |\n");
-    for (const Shape& s : shapes) {
+    for (const ProductShape& s : LLAMA3_8B_PRODUCTS) {
         const Weight w = make_weight(s.n, s.k, 128, 300);
         std::vector<unsigned> wn, pn;
         pack_new(w, wn, pn);
@@ -649,8 +642,6 @@ int main() {
         }
         variants = kept;
     }
-    const Shape shapes[4] = {
-        {"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}};
     printf("\n| product | rows | variant | k_split | us | GB/s | of copy | max error |\n"
            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n");
     // best[variant][rows][shape]: each variant's fastest k_split
@@ -658,7 +649,7 @@ int main() {
         variants.size(),
         std::vector<std::vector<double>>(row_list.size(), std::vector<double>(4, 1e9)));
     for (int si = 0; si < 4; ++si) {
-        const Shape& s = shapes[si];
+        const ProductShape& s = LLAMA3_8B_PRODUCTS[si];
         const Weight w = make_weight(s.n, s.k, 128, 100 + si);
         std::vector<unsigned> wn, pn, wo, po;
         pack_new(w, wn, pn);
@@ -744,7 +735,7 @@ int main() {
             double layer = 0;
             printf("rows %d | %-58s |", row_list[ri], variants[vi].name);
             for (int si = 0; si < 4; ++si) {
-                printf(" %s %.2f", shapes[si].name, best[vi][ri][si]);
+                printf(" %s %.2f", LLAMA3_8B_PRODUCTS[si].name, best[vi][ri][si]);
                 layer += best[vi][ri][si];
             }
             printf(" | 32 layers %.3f ms\n", layer * 32e-3);

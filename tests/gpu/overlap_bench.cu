@@ -41,12 +41,6 @@ int main() {
 static const size_t WORKSPACE = 32u << 20;
 static const int LAYERS = 32;
 
-struct Product {
-    const char* name;
-    int m, k;
-};
-static const Product PRODUCTS[] = {
-    {"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}};
 
 // One product's cuBLASLt descriptors (y[n, m] = x[n, k] W[m, k]^T, bf16, f32 accumulation) and
 // the heuristic's first algorithm, with the products' SM count target (0: every SM).
@@ -122,9 +116,10 @@ int main() {
     bf* w[4];
     size_t max_in = 0, max_out = 0;
     for (int p = 0; p < 4; ++p) {
-        w[p] = random_buffer((size_t)PRODUCTS[p].m * PRODUCTS[p].k, 11 + p);
-        max_in = std::max(max_in, (size_t)rows * PRODUCTS[p].k);
-        max_out = std::max(max_out, (size_t)rows * PRODUCTS[p].m);
+        const ProductShape& s = LLAMA3_8B_PRODUCTS[p];
+        w[p] = random_buffer((size_t)s.n * s.k, 11 + p);
+        max_in = std::max(max_in, (size_t)rows * s.k);
+        max_out = std::max(max_out, (size_t)rows * s.n);
     }
     bf* x = random_buffer(max_in, 7);
     bf* y;
@@ -149,7 +144,7 @@ int main() {
     CK(cudaEventCreate(&end));
 
     double flops = 0;
-    for (const Product& p : PRODUCTS) flops += 2.0 * rows * p.m * p.k * LAYERS;
+    for (const ProductShape& p : LLAMA3_8B_PRODUCTS) flops += 2.0 * rows * p.n * p.k * LAYERS;
 
     // A layer's products on `sa` with the SM target, 32 times.
     auto products = [&](const Lt (&plan)[4]) {
@@ -192,7 +187,9 @@ int main() {
     };
 
     Lt full[4];
-    for (int p = 0; p < 4; ++p) full[p] = lt_product(lt, rows, PRODUCTS[p].m, PRODUCTS[p].k, 0);
+    for (int p = 0; p < 4; ++p) {
+        full[p] = lt_product(lt, rows, LLAMA3_8B_PRODUCTS[p].n, LLAMA3_8B_PRODUCTS[p].k, 0);
+    }
     const double gemm_ms = run_ms(&full, -1);
     const double read_ms = run_ms(nullptr, 0);
     printf("%d SMs; %d prompt rows, 32 layers' products %.2f ms (%.0f TFLOP/s); reads of %.0f MB "
@@ -207,8 +204,8 @@ int main() {
         for (int target : {0, sms - blocks}) {
             Lt plan[4];
             for (int p = 0; p < 4; ++p) {
-                plan[p] = target ? lt_product(lt, rows, PRODUCTS[p].m, PRODUCTS[p].k, target)
-                                 : full[p];
+                const ProductShape& s = LLAMA3_8B_PRODUCTS[p];
+                plan[p] = target ? lt_product(lt, rows, s.n, s.k, target) : full[p];
             }
             const double alone_gemm = target ? run_ms(&plan, -1) : gemm_ms;
             const double both = run_ms(&plan, blocks);
