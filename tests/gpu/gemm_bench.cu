@@ -37,7 +37,6 @@ int main() {
 #include <cstring>
 #include <string>
 
-static const size_t WORKSPACE = 32u << 20;
 static cublasHandle_t blas;
 static cublasLtHandle_t lt;
 static void* workspace;
@@ -50,50 +49,12 @@ static void gemm_default(bf* y, const bf* x, const bf* w, int n, int m, int k) {
                     CUBLAS_GEMM_DEFAULT));
 }
 
-// One shape's cuBLASLt descriptors and the heuristic's algorithms for it.
-struct LtShape {
-    cublasLtMatmulDesc_t desc;
-    cublasLtMatrixLayout_t a, b, c;
-    std::vector<cublasLtMatmulHeuristicResult_t> algos;
-    int n, m, k;
-};
-
-static LtShape lt_shape(int n, int m, int k, int requested) {
-    LtShape s;
-    s.n = n, s.m = m, s.k = k;
-    CB(cublasLtMatmulDescCreate(&s.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    const cublasOperation_t t = CUBLAS_OP_T, nn = CUBLAS_OP_N;
-    CB(cublasLtMatmulDescSetAttribute(s.desc, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof(t)));
-    CB(cublasLtMatmulDescSetAttribute(s.desc, CUBLASLT_MATMUL_DESC_TRANSB, &nn, sizeof(nn)));
-    CB(cublasLtMatrixLayoutCreate(&s.a, CUDA_R_16BF, k, m, k));
-    CB(cublasLtMatrixLayoutCreate(&s.b, CUDA_R_16BF, k, n, k));
-    CB(cublasLtMatrixLayoutCreate(&s.c, CUDA_R_16BF, m, n, m));
-    cublasLtMatmulPreference_t pref;
-    CB(cublasLtMatmulPreferenceCreate(&pref));
-    CB(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                            &WORKSPACE, sizeof(WORKSPACE)));
-    s.algos.resize(requested);
-    int found = 0;
-    CB(cublasLtMatmulAlgoGetHeuristic(lt, s.desc, s.a, s.b, s.c, s.c, pref, requested,
-                                      s.algos.data(), &found));
-    s.algos.resize(found);
-    CB(cublasLtMatmulPreferenceDestroy(pref));
-    return s;
-}
-
-static void gemm_lt(const LtShape& s, int algo, bf* y, const bf* x, const bf* w) {
-    const float alpha = 1.f, beta = 0.f;
-    CB(cublasLtMatmul(lt, s.desc, &alpha, w, s.a, x, s.b, &beta, y, s.c, y, s.c,
-                      &s.algos[algo].algo, workspace, WORKSPACE, 0));
-}
-
 // One timed region: `f` run once after 2 untimed runs, by events, in microseconds.
 template <typename F> static double time_once_us(F f) {
     f();
     f();
     return event_us(f);
 }
-
 
 static void silu_mul(bf* out, const bf* gate_up, int rows, int d) {
     const int block = 256;
@@ -104,8 +65,8 @@ static void silu_mul(bf* out, const bf* gate_up, int rows, int d) {
 int main() {
     CB(cublasCreate(&blas));
     CB(cublasLtCreate(&lt));
-    CK(cudaMalloc(&workspace, WORKSPACE));
-    CB(cublasSetWorkspace(blas, workspace, WORKSPACE));
+    CK(cudaMalloc(&workspace, LT_WORKSPACE));
+    CB(cublasSetWorkspace(blas, workspace, LT_WORKSPACE));
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
     printf("%s, %d SMs; copy %.0f GB/s\n", prop.name, prop.multiProcessorCount,
@@ -145,11 +106,11 @@ int main() {
             const ProductShape& pr = LLAMA3_8B_PRODUCTS[p];
             const double flop = 2.0 * n * pr.n * pr.k;
             const double d = time_us([&] { gemm_default(y, x, w[p], n, pr.n, pr.k); }, 10);
-            LtShape s = lt_shape(n, pr.n, pr.k, 24);
+            LtShape s = lt_shape(lt, n, pr.n, pr.k, 24);
             double h0 = 0, best = 1e30;
             int bi = -1;
             for (int a = 0; a < (int)s.algos.size(); ++a) {
-                const double t = time_us([&] { gemm_lt(s, a, y, x, w[p]); }, 10);
+                const double t = time_us([&] { gemm_lt(lt, s, a, y, x, w[p], workspace, 0); }, 10);
                 if (a == 0) h0 = t;
                 if (t < best) best = t, bi = a;
             }
@@ -178,7 +139,7 @@ int main() {
         const double b = time_once_us([&] {
             for (int l = 0; l < 32; ++l)
                 for (int p = 0; p < 4; ++p)
-                    gemm_lt(shapes[r * 4 + p], best_algo[r][p], y, x, w[p]);
+                    gemm_lt(lt, shapes[r * 4 + p], best_algo[r][p], y, x, w[p], workspace, 0);
         });
         const int reps = std::max(1, (int)(flop / sq_flop + 0.5));
         const double f = time_once_us([&] {

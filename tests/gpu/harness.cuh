@@ -1,6 +1,7 @@
 // What the standalone kernel harnesses of tests/gpu share: the CUDA runtime check (and cuBLAS's,
-// where its header is there), the activation type, Llama-3-8B's product shapes, random device
-// buffers, event and graph timers, and the copy bandwidth their ratios divide by.
+// where its header is there), the activation type, Llama-3-8B's product shapes and their
+// cuBLASLt descriptors, random device buffers, event and graph timers, and the copy bandwidth
+// their ratios divide by.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,6 +9,9 @@
 #include <cuda_runtime.h>
 #if __has_include(<cublas_v2.h>)
 #include <cublas_v2.h>
+#endif
+#if __has_include(<cublasLt.h>)
+#include <cublasLt.h>
 #endif
 
 #include <algorithm>
@@ -139,6 +143,62 @@ inline bf* random_buffer(size_t elems, uint64_t seed) {
     CK(cudaGetLastError());
     return p;
 }
+
+#if __has_include(<cublasLt.h>)
+// cuBLASLt's workspace for the harnesses' products (what the worker gives it on Hopper).
+static const size_t LT_WORKSPACE = 32u << 20;
+
+// One product's cuBLASLt descriptors, y[n, m] = x[n, k] W[m, k]^T as worker/src/cuda/blas.rs
+// runs it (bf16 in and out, f32 accumulation), and up to `requested` of the heuristic's
+// algorithms for it; with `sm_target` > 0, the products held to that many SMs
+// (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET).
+struct LtShape {
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t a, b, c;
+    std::vector<cublasLtMatmulHeuristicResult_t> algos;
+    int n, m, k;
+};
+
+inline LtShape lt_shape(cublasLtHandle_t lt, int n, int m, int k, int requested,
+                        int sm_target = 0) {
+    LtShape s;
+    s.n = n, s.m = m, s.k = k;
+    CB(cublasLtMatmulDescCreate(&s.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t t = CUBLAS_OP_T, nn = CUBLAS_OP_N;
+    CB(cublasLtMatmulDescSetAttribute(s.desc, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof(t)));
+    CB(cublasLtMatmulDescSetAttribute(s.desc, CUBLASLT_MATMUL_DESC_TRANSB, &nn, sizeof(nn)));
+    if (sm_target > 0) {
+        CB(cublasLtMatmulDescSetAttribute(s.desc, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET,
+                                          &sm_target, sizeof(sm_target)));
+    }
+    CB(cublasLtMatrixLayoutCreate(&s.a, CUDA_R_16BF, k, m, k));
+    CB(cublasLtMatrixLayoutCreate(&s.b, CUDA_R_16BF, k, n, k));
+    CB(cublasLtMatrixLayoutCreate(&s.c, CUDA_R_16BF, m, n, m));
+    cublasLtMatmulPreference_t pref;
+    CB(cublasLtMatmulPreferenceCreate(&pref));
+    CB(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                            &LT_WORKSPACE, sizeof(LT_WORKSPACE)));
+    s.algos.resize(requested);
+    int found = 0;
+    CB(cublasLtMatmulAlgoGetHeuristic(lt, s.desc, s.a, s.b, s.c, s.c, pref, requested,
+                                      s.algos.data(), &found));
+    s.algos.resize(found);
+    CB(cublasLtMatmulPreferenceDestroy(pref));
+    if (found < 1) {
+        printf("no cuBLASLt algorithm for %d x %d x %d (SM target %d)\n", n, m, k, sm_target);
+        exit(1);
+    }
+    return s;
+}
+
+// `s`'s product with its algorithm `algo` on `stream` (`workspace`: LT_WORKSPACE bytes).
+inline void gemm_lt(cublasLtHandle_t lt, const LtShape& s, int algo, bf* y, const bf* x,
+                    const bf* w, void* workspace, cudaStream_t stream) {
+    const float alpha = 1.f, beta = 0.f;
+    CB(cublasLtMatmul(lt, s.desc, &alpha, w, s.a, x, s.b, &beta, y, s.c, y, s.c,
+                      &s.algos[algo].algo, workspace, LT_WORKSPACE, stream));
+}
+#endif
 
 // The next 24-bit value of a linear congruential sequence seeded by `s` (reproducible test data).
 inline unsigned lcg_next(unsigned& s) {

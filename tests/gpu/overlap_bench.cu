@@ -22,7 +22,7 @@
 //   nvcc -O3 -arch=sm_90a -std=c++17 -I kernels/cuda tests/gpu/overlap_bench.cu -o /tmp/ob \
 //       -lcublasLt
 //   /tmp/ob
-// Environment: ROWS (prompt rows, default 8192), READ_MB (bytes a layer read, default 1100).
+// Environment: ROWS (prompt rows, default 8192), READ_MB (MB read a layer, default 1100).
 // scripts/check-kernels.sh compiles every harness with the CUDA wheels' headers, which have no
 // cuBLAS: there the file builds to a main that says so.
 #include "harness.cuh"
@@ -33,51 +33,7 @@ int main() {
     return 2;
 }
 #else
-#include <cublasLt.h>
-
-#include <cstdint>
-#include <cstring>
-
-static const size_t WORKSPACE = 32u << 20;
 static const int LAYERS = 32;
-
-
-// One product's cuBLASLt descriptors (y[n, m] = x[n, k] W[m, k]^T, bf16, f32 accumulation) and
-// the heuristic's first algorithm, with the products' SM count target (0: every SM).
-struct Lt {
-    cublasLtMatmulDesc_t desc;
-    cublasLtMatrixLayout_t a, b, c;
-    cublasLtMatmulAlgo_t algo;
-};
-
-static Lt lt_product(cublasLtHandle_t lt, int n, int m, int k, int sm_target) {
-    Lt s;
-    CB(cublasLtMatmulDescCreate(&s.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    const cublasOperation_t t = CUBLAS_OP_T, nn = CUBLAS_OP_N;
-    CB(cublasLtMatmulDescSetAttribute(s.desc, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof(t)));
-    CB(cublasLtMatmulDescSetAttribute(s.desc, CUBLASLT_MATMUL_DESC_TRANSB, &nn, sizeof(nn)));
-    if (sm_target > 0) {
-        CB(cublasLtMatmulDescSetAttribute(s.desc, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET,
-                                          &sm_target, sizeof(sm_target)));
-    }
-    CB(cublasLtMatrixLayoutCreate(&s.a, CUDA_R_16BF, k, m, k));
-    CB(cublasLtMatrixLayoutCreate(&s.b, CUDA_R_16BF, k, n, k));
-    CB(cublasLtMatrixLayoutCreate(&s.c, CUDA_R_16BF, m, n, m));
-    cublasLtMatmulPreference_t pref;
-    CB(cublasLtMatmulPreferenceCreate(&pref));
-    CB(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                            &WORKSPACE, sizeof(WORKSPACE)));
-    cublasLtMatmulHeuristicResult_t result;
-    int found = 0;
-    CB(cublasLtMatmulAlgoGetHeuristic(lt, s.desc, s.a, s.b, s.c, s.c, pref, 1, &result, &found));
-    CB(cublasLtMatmulPreferenceDestroy(pref));
-    if (found < 1) {
-        printf("no cuBLASLt algorithm for %d x %d x %d (SM target %d)\n", n, m, k, sm_target);
-        exit(1);
-    }
-    s.algo = result.algo;
-    return s;
-}
 
 // The decode rows' KV reads stand-in: `blocks` persistent blocks stream `n16` 16-byte words,
 // four loads in flight a thread, and fold them so the loads are not removed.
@@ -102,13 +58,14 @@ __global__ void __launch_bounds__(512) stream_read(const uint4* __restrict__ p, 
 
 int main() {
     const int rows = getenv("ROWS") ? atoi(getenv("ROWS")) : 8192;
-    const size_t read_bytes = (size_t)(getenv("READ_MB") ? atoi(getenv("READ_MB")) : 1100) << 20;
+    const size_t read_mb = getenv("READ_MB") ? atoi(getenv("READ_MB")) : 1100;
+    const size_t read_bytes = read_mb * 1000000;
     int sms = 0;
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     cublasLtHandle_t lt;
     CB(cublasLtCreate(&lt));
     void* workspace;
-    CK(cudaMalloc(&workspace, WORKSPACE));
+    CK(cudaMalloc(&workspace, LT_WORKSPACE));
 
     // Weights and activations uniform in [-1, 1] as the floor's are (the products run near the
     // power limit, so their values matter: zeros would run cooler and faster), and two read
@@ -137,24 +94,18 @@ int main() {
     cudaStream_t sa, sb;
     CK(cudaStreamCreateWithPriority(&sa, cudaStreamNonBlocking, lo));
     CK(cudaStreamCreateWithPriority(&sb, cudaStreamNonBlocking, hi));
-    cudaEvent_t start, a_done, b_done, end;
+    cudaEvent_t start, b_done, end;
     CK(cudaEventCreate(&start));
-    CK(cudaEventCreate(&a_done));
     CK(cudaEventCreate(&b_done));
     CK(cudaEventCreate(&end));
 
     double flops = 0;
     for (const ProductShape& p : LLAMA3_8B_PRODUCTS) flops += 2.0 * rows * p.n * p.k * LAYERS;
 
-    // A layer's products on `sa` with the SM target, 32 times.
-    auto products = [&](const Lt (&plan)[4]) {
-        const float alpha = 1.f, beta = 0.f;
+    // A layer's products on `sa` (the heuristic's first algorithm of each plan), 32 times.
+    auto products = [&](const LtShape (&plan)[4]) {
         for (int l = 0; l < LAYERS; ++l) {
-            for (int p = 0; p < 4; ++p) {
-                CB(cublasLtMatmul(lt, plan[p].desc, &alpha, w[p], plan[p].a, x, plan[p].b, &beta,
-                                  y, plan[p].c, y, plan[p].c, &plan[p].algo, workspace, WORKSPACE,
-                                  sa));
-            }
+            for (int p = 0; p < 4; ++p) gemm_lt(lt, plan[p], 0, y, x, w[p], workspace, sa);
         }
     };
     // A layer's read on `sb` on `blocks` blocks (0: a full grid, 4 blocks an SM), 32 times.
@@ -167,7 +118,7 @@ int main() {
     };
     // Milliseconds of the products and/or the reads, side by side when both, from a common start
     // (median of 3 after one untimed run).
-    auto run_ms = [&](const Lt(*plan)[4], int blocks) {
+    auto run_ms = [&](const LtShape(*plan)[4], int blocks) {
         std::vector<double> t;
         for (int rep = 0; rep < 4; ++rep) {
             CK(cudaEventRecord(start, sa));
@@ -186,9 +137,9 @@ int main() {
         return t[t.size() / 2];
     };
 
-    Lt full[4];
+    LtShape full[4];
     for (int p = 0; p < 4; ++p) {
-        full[p] = lt_product(lt, rows, LLAMA3_8B_PRODUCTS[p].n, LLAMA3_8B_PRODUCTS[p].k, 0);
+        full[p] = lt_shape(lt, rows, LLAMA3_8B_PRODUCTS[p].n, LLAMA3_8B_PRODUCTS[p].k, 1);
     }
     const double gemm_ms = run_ms(&full, -1);
     const double read_ms = run_ms(nullptr, 0);
@@ -202,10 +153,10 @@ int main() {
     for (int blocks : {8, 16, 24, 32, 48, 66}) {
         const double alone_read = run_ms(nullptr, blocks);
         for (int target : {0, sms - blocks}) {
-            Lt plan[4];
+            LtShape plan[4];
             for (int p = 0; p < 4; ++p) {
                 const ProductShape& s = LLAMA3_8B_PRODUCTS[p];
-                plan[p] = target ? lt_product(lt, rows, s.n, s.k, target) : full[p];
+                plan[p] = target ? lt_shape(lt, rows, s.n, s.k, 1, target) : full[p];
             }
             const double alone_gemm = target ? run_ms(&plan, -1) : gemm_ms;
             const double both = run_ms(&plan, blocks);
