@@ -22,9 +22,15 @@
 //       -o /tmp/gsb -lcublas -lcuda
 //   /tmp/gsb
 // For rows 1,024 to 8,192 of Llama-3-8B's gate_up (I = 14,336, K = 4,096) it checks the plain
-// product against cuBLAS (within 2 units in the last place of bf16), the first SwiGLU variant
+// products against cuBLAS (within 2 units in the last place of bf16), the first SwiGLU variant
 // against cuBLAS + silu_mul.cu (within 4, or 2^-6 where |value| < 1: the products' summation
 // orders differ) and the other variants bit for bit against it, and prints each one's time.
+//
+// Run 62 measured the first four variants (a tile a block, persistent, 2-block clusters both
+// ways): the product at 83-92% of cuBLAS's rate, the clusters at half of it. The variants added
+// after it (docs/PERFORMANCE.md, session 51): the clusters' release at CTA scope (run 62's
+// cluster-scope arrival compiles to MEMBAR.ALL.GPU twice a stage in the consumers' loop), the
+// epilogue stored by TMA, and the epilogue deferred under the next tile's first products.
 #include "attention_wgmma.cu"  // its mbarrier, descriptor and wgmma helpers
 #include "common.cuh"
 #include "silu_mul.cu"
@@ -44,6 +50,7 @@ int main() {
 #include <cstring>
 #include <functional>
 #include <string>
+#include <type_traits>
 
 namespace {
 
@@ -52,7 +59,15 @@ constexpr int kBN = 256;          // accumulator columns (128 gate + 128 up, or 
 constexpr int kBK = 64;           // K of a stage: 64 bf16 = one 128-byte swizzled row
 constexpr int kStages = 4;
 constexpr int kStageBytes = (kBM + kBN) * kBK * 2;  // 48 KiB
-constexpr int kSmemBytes = kStages * kStageBytes + 1024 + 2 * 8 * kStages;
+// A consumer warpgroup's staged output tile for the TMA store: 64 rows of 128 activated columns,
+// as two 128-byte-swizzled boxes of 64 columns.
+constexpr int kOutBoxBytes = 64 * 128;
+constexpr int kOutStageBytes = 2 * kOutBoxBytes;
+// Dynamic shared memory: the stages, both consumers' output stages when the epilogue stores by
+// TMA, 1,024 bytes to align the first stage to the swizzle's atom, and the stages' barriers.
+constexpr int smem_bytes(bool tma_store) {
+    return kStages * kStageBytes + (tma_store ? 2 * kOutStageBytes : 0) + 1024 + 2 * 8 * kStages;
+}
 constexpr int kThreads = 384;     // warpgroup 0: producer; 1 and 2: consumers
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -86,14 +101,51 @@ __device__ __forceinline__ void tma_load_2d_multicast(unsigned dst, const CUtens
         "l"(map), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
         : "memory");
 }
-// An arrival on the barrier at `bar` of the cluster's block `rank`.
+// An arrival on the barrier at `bar` of the cluster's block `rank`, a release at cluster scope
+// (kClusterScope: this thread's earlier writes visible to the whole cluster first) or at the
+// default CTA scope, as CUTLASS's ClusterBarrier::arrive releases a stage to a peer's producer:
+// a consumer's only accesses to a stage are its tensor cores' reads, which wgmma.wait_group has
+// already completed, so nothing of this thread's needs to be visible to the peer's TMA writes.
+template <bool kClusterScope>
 __device__ __forceinline__ void mbar_arrive_cluster(unsigned bar, unsigned rank) {
+    if constexpr (kClusterScope) {
+        asm volatile(
+            "{\n.reg .b32 remote;\n"
+            "mapa.shared::cluster.u32 remote, %0, %1;\n"
+            "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+            "r"(rank)
+            : "memory");
+    } else {
+        asm volatile(
+            "{\n.reg .b32 remote;\n"
+            "mapa.shared::cluster.u32 remote, %0, %1;\n"
+            "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+            "r"(rank)
+            : "memory");
+    }
+}
+// A box of shared memory at `src` (the tensor map's box, swizzled as the map says) stored to the
+// 2-D tensor at inner coordinate c0, outer c1, as part of this thread's open bulk group.
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, unsigned src, int c0, int c1) {
     asm volatile(
-        "{\n.reg .b32 remote;\n"
-        "mapa.shared::cluster.u32 remote, %0, %1;\n"
-        "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
-        "r"(rank)
+        "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(map),
+        "r"(c0), "r"(c1), "r"(src)
         : "memory");
+}
+__device__ __forceinline__ void bulk_commit() {
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+// Waits until this thread's committed bulk stores have read their shared memory.
+__device__ __forceinline__ void bulk_wait_read() {
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+// Waits until this thread's committed bulk stores are done (their writes performed).
+__device__ __forceinline__ void bulk_wait_all() {
+    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+}
+// A barrier for the 128 threads of one warpgroup (named barrier `id`, 1 or more).
+__device__ __forceinline__ void warpgroup_sync(int id) {
+    asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory");
 }
 __device__ __forceinline__ unsigned cluster_rank() {
     unsigned r;
@@ -142,17 +194,36 @@ __device__ __forceinline__ void wgmma_wait_but_one() {
 // kCluster row tiles next to each other with the same W tile, one a block, whose W boxes each
 // block loads one of and multicasts to both (half the W traffic from L2). One group a cluster
 // when the grid covers them; persistent when the grid is the SM count (the producer then loads
-// the next tile's first stages during the consumers' epilogue). 384 threads; kSmemBytes of
-// dynamic shared memory. rows % (128 kCluster) == 0, k % 64 == 0.
-template <bool kSwiglu, int kCluster>
+// the next tile's first stages during the consumers' epilogue). A consumer releases a stage to
+// a peer block's producer with an arrival released at cluster scope (kClusterScope, run 62's
+// kernel) or at CTA scope (CUTLASS's). kTmaStore (kSwiglu only): each consumer warpgroup writes
+// its 64 x 128 activated tile into its output stage in shared memory (128-byte swizzle, two
+// boxes of 64 columns, conflict-free from the accumulator layout) and one thread stores it with
+// two TMA stores (out_map: boxes of 64 x 64), which run while the warpgroup goes on to its next
+// tile; the stage is reused once those stores have read it. Otherwise each thread stores its
+// 4-byte pairs. kDeferred (kSwiglu, persistent): the epilogue's arithmetic (~2,000 instructions
+// a thread, the exact division of silu_mul_rounded above all), during which the tensor cores
+// idle, moves under the next tile's first products: after its products the warpgroup keeps only
+// its gate and up values rounded to bf16, in pairs (64 registers), which frees the accumulator,
+// and activates and stores a quarter of them after issuing each of the next tile's first four
+// stages; the last tile's after the loop. The same values, so the same bits. 384 threads;
+// smem_bytes(kTmaStore) of dynamic shared memory. rows % (128 kCluster) == 0, k % 256 == 0.
+template <bool kSwiglu, int kCluster, bool kClusterScope = true, bool kTmaStore = false,
+          bool kDeferred = false>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_swiglu(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
-                __nv_bfloat16* __restrict__ out, int rows, int i_size, int k) {
+                const __grid_constant__ CUtensorMap out_map, __nv_bfloat16* __restrict__ out,
+                int rows, int i_size, int k) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    static_assert(kSwiglu || !kTmaStore, "the TMA-store epilogue is the SwiGLU one's");
+    static_assert(kSwiglu || !kDeferred, "the deferred epilogue is the SwiGLU one's");
+    static_assert(!(kTmaStore && kDeferred), "the deferred epilogue stores from registers");
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const unsigned raw = (unsigned)__cvta_generic_to_shared(smem_raw);
     const unsigned base = (raw + 1023) & ~1023u;
-    const unsigned bars = base + kStages * kStageBytes;  // full[s] at 8 s, empty[s] after
+    const unsigned out_stages = base + kStages * kStageBytes;
+    // full[s] at 8 s, empty[s] after
+    const unsigned bars = out_stages + (kTmaStore ? 2 * kOutStageBytes : 0);
     const int wg = threadIdx.x / 128;
     const int k_tiles = k / kBK;
     const int groups_m = rows / kBM / kCluster;
@@ -203,18 +274,49 @@ __global__ void __launch_bounds__(kThreads, 1)
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
         const int c = wg - 1;  // this consumer's 64 rows of a tile
         const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
+        const bool leader = threadIdx.x % 128 == 0;
         // This warpgroup is done reading stage s: on every block of the cluster, whose
         // producers all write into it.
         auto release = [&](int s) {
-            if (threadIdx.x % 128 != 0) return;
+            if (!leader) return;
             const unsigned empty = bars + 8 * (kStages + s);
             if constexpr (kCluster > 1) {
-                mbar_arrive_cluster(empty, 0);
-                mbar_arrive_cluster(empty, 1);
+                mbar_arrive_cluster<kClusterScope>(empty, 0);
+                mbar_arrive_cluster<kClusterScope>(empty, 1);
             } else {
                 mbarrier_arrive(empty);
             }
         };
+        const unsigned out_stage = out_stages + c * kOutStageBytes;
+        // kDeferred: the tile before's gate (low half) and up (high half) values rounded to
+        // bf16, pair 4 j + 2 h + e for accumulator columns 8 j + col + e (j < 16) and their up
+        // columns, rows + 8 h; and where that tile's rows and columns start (pending_m < 0: none).
+        unsigned packed[kDeferred ? 64 : 1];
+        int pending_m = -1, pending_n = 0;
+        // Activates and stores quarter P (j = 4 P .. 4 P + 3) of the pending tile.
+        auto store_quarter = [&](auto quarter) {
+            constexpr int p = decltype(quarter)::value;
+            const int row = pending_m + c * 64 + warp * 16 + lane / 4;
+            const int col = 2 * (lane % 4);
+#pragma unroll
+            for (int j = 4 * p; j < 4 * p + 4; ++j) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const unsigned lo = packed[4 * j + 2 * h], hi = packed[4 * j + 2 * h + 1];
+                    __nv_bfloat162 v;
+                    v.x = tpserve::silu_mul_rounded<__nv_bfloat16>(__uint_as_float(lo << 16),
+                                                                   __uint_as_float(lo & 0xffff0000u));
+                    v.y = tpserve::silu_mul_rounded<__nv_bfloat16>(__uint_as_float(hi << 16),
+                                                                   __uint_as_float(hi & 0xffff0000u));
+                    *reinterpret_cast<__nv_bfloat162*>(
+                        out + (size_t)(row + 8 * h) * i_size + pending_n + 8 * j + col) = v;
+                }
+            }
+        };
+        using Q0 = std::integral_constant<int, 0>;
+        using Q1 = std::integral_constant<int, 1>;
+        using Q2 = std::integral_constant<int, 2>;
+        using Q3 = std::integral_constant<int, 3>;
         int u = 0;
         for (int g = cluster; g < groups; g += clusters) {
             const int m0 = ((g % groups_m) * kCluster + rank) * kBM, n0 = (g / groups_m) * tn;
@@ -230,6 +332,18 @@ __global__ void __launch_bounds__(kThreads, 1)
                     wgmma_n256(d, kmajor_desc(a + 32 * kk), kmajor_desc(b + 32 * kk), t > 0 || kk > 0);
                 }
                 wgmma_commit();
+                if constexpr (kDeferred) {
+                    // The tile before's epilogue, a quarter under each of this one's first four
+                    // stages of products.
+                    if (t < 4 && pending_m >= 0) {
+                        switch (t) {
+                            case 0: store_quarter(Q0{}); break;
+                            case 1: store_quarter(Q1{}); break;
+                            case 2: store_quarter(Q2{}); break;
+                            default: store_quarter(Q3{}); pending_m = -1; break;
+                        }
+                    }
+                }
                 // The previous stage's products are done once at most this one is in flight.
                 wgmma_wait_but_one();
                 if (t > 0) release((u - 1) % kStages);
@@ -239,20 +353,69 @@ __global__ void __launch_bounds__(kThreads, 1)
             hold_registers(d);
             const int row = m0 + c * 64 + warp * 16 + lane / 4;
             const int col = 2 * (lane % 4);
-            if constexpr (kSwiglu) {
+            if constexpr (kDeferred) {
+                // Rounded as the epilogue below rounds them; the accumulator is then free for
+                // the next tile's products (its first wgmma_fence orders these reads before them).
 #pragma unroll
-                for (int j = 0; j < 16; ++j) {
+                for (int q = 0; q < 64; ++q) {
+                    const int j = q / 4, e = q % 4;  // e: 2 h + (0 or 1)
+                    const __nv_bfloat16 gate = __float2bfloat16_rn(d[4 * j + e]);
+                    const __nv_bfloat16 up = __float2bfloat16_rn(d[4 * (j + 16) + e]);
+                    packed[q] = (unsigned)__bfloat16_as_ushort(gate) |
+                                ((unsigned)__bfloat16_as_ushort(up) << 16);
+                }
+                pending_m = m0;
+                pending_n = n0;
+            } else if constexpr (kSwiglu) {
+                // Gate column 8 j + col (+1) and up column 8 (j + 16) + col (+1) of the
+                // accumulator, activated, as output column n0 + 8 j + col (+1).
+                auto activated = [&](int j, int h) {
+                    __nv_bfloat162 v;
+                    v.x = tpserve::silu_mul_rounded<__nv_bfloat16>(
+                        tpserve::round_to<__nv_bfloat16>(d[4 * j + 2 * h]),
+                        tpserve::round_to<__nv_bfloat16>(d[4 * (j + 16) + 2 * h]));
+                    v.y = tpserve::silu_mul_rounded<__nv_bfloat16>(
+                        tpserve::round_to<__nv_bfloat16>(d[4 * j + 2 * h + 1]),
+                        tpserve::round_to<__nv_bfloat16>(d[4 * (j + 16) + 2 * h + 1]));
+                    return v;
+                };
+                if constexpr (kTmaStore) {
+                    // The output stage is free once this warpgroup's stores of the tile before
+                    // have read it.
+                    if (leader) bulk_wait_read();
+                    warpgroup_sync(1 + c);
 #pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        __nv_bfloat162 v;
-                        v.x = tpserve::silu_mul_rounded<__nv_bfloat16>(
-                            tpserve::round_to<__nv_bfloat16>(d[4 * j + 2 * h]),
-                            tpserve::round_to<__nv_bfloat16>(d[4 * (j + 16) + 2 * h]));
-                        v.y = tpserve::silu_mul_rounded<__nv_bfloat16>(
-                            tpserve::round_to<__nv_bfloat16>(d[4 * j + 2 * h + 1]),
-                            tpserve::round_to<__nv_bfloat16>(d[4 * (j + 16) + 2 * h + 1]));
-                        *reinterpret_cast<__nv_bfloat162*>(out + (size_t)(row + 8 * h) * i_size +
-                                                           n0 + 8 * j + col) = v;
+                    for (int j = 0; j < 16; ++j) {
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            // Row r of the warpgroup's 64, 16-byte chunk j % 8 of box j / 8,
+                            // swizzled by the row within its 8-row atom.
+                            const int r = warp * 16 + lane / 4 + 8 * h;
+                            const unsigned at = out_stage + (j / 8) * kOutBoxBytes + r * 128 +
+                                                (((j % 8) ^ (r % 8)) << 4) + 4 * (lane % 4);
+                            const __nv_bfloat162 v = activated(j, h);
+                            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at),
+                                         "r"(*reinterpret_cast<const unsigned*>(&v))
+                                         : "memory");
+                        }
+                    }
+                    // The writes, seen by the TMA unit's reads (the async proxy).
+                    fence_async_proxy();
+                    warpgroup_sync(1 + c);
+                    if (leader) {
+                        tma_store_2d(&out_map, out_stage, n0, m0 + c * 64);
+                        tma_store_2d(&out_map, out_stage + kOutBoxBytes, n0 + 64, m0 + c * 64);
+                        bulk_commit();
+                    }
+                } else {
+#pragma unroll
+                    for (int j = 0; j < 16; ++j) {
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            *reinterpret_cast<__nv_bfloat162*>(
+                                out + (size_t)(row + 8 * h) * i_size + n0 + 8 * j + col) =
+                                activated(j, h);
+                        }
                     }
                 }
             } else {
@@ -268,6 +431,16 @@ __global__ void __launch_bounds__(kThreads, 1)
                 }
             }
         }
+        if constexpr (kDeferred) {
+            if (pending_m >= 0) {
+                store_quarter(Q0{});
+                store_quarter(Q1{});
+                store_quarter(Q2{});
+                store_quarter(Q3{});
+            }
+        }
+        // The last tile's stores done before the block's shared memory goes.
+        if (kTmaStore && leader) bulk_wait_all();
     }
     // No block of a cluster leaves while another may still arrive on its barriers.
     if constexpr (kCluster > 1) cluster_sync();
@@ -275,32 +448,42 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // The launch configuration of gemm_swiglu on `grid` blocks in clusters of `cluster` (grid a
-// multiple of it), with the attribute it points to.
+// multiple of it) with `smem` bytes of dynamic shared memory, with the attribute it points to.
 struct ClusterLaunch {
     cudaLaunchAttribute attr;
     cudaLaunchConfig_t config;
-    ClusterLaunch(int grid, int cluster) : attr{}, config{} {
+    ClusterLaunch(int grid, int cluster, int smem) : attr{}, config{} {
         attr.id = cudaLaunchAttributeClusterDimension;
         attr.val.clusterDim.x = cluster;
         attr.val.clusterDim.y = 1;
         attr.val.clusterDim.z = 1;
         config.gridDim = dim3(grid);
         config.blockDim = dim3(kThreads);
-        config.dynamicSmemBytes = kSmemBytes;
+        config.dynamicSmemBytes = smem;
         config.attrs = &attr;
         config.numAttrs = 1;
     }
     ClusterLaunch(const ClusterLaunch&) = delete;
 };
 
-// Launches gemm_swiglu<kSwiglu, kCluster> on `grid` blocks (a multiple of kCluster).
-template <bool kSwiglu, int kCluster>
-void launch(int grid, const CUtensorMap& x_map, const CUtensorMap& w_map, __nv_bfloat16* out,
-            int rows, int i_size, int k) {
-    const ClusterLaunch l(grid, kCluster);
-    CK(cudaLaunchKernelEx(&l.config, gemm_swiglu<kSwiglu, kCluster>, x_map, w_map, out, rows,
-                          i_size, k));
-}
+// gemm_swiglu<kSwiglu, kCluster, kClusterScope, kTmaStore, kDeferred>, allowed its shared
+// memory.
+template <bool kSwiglu, int kCluster, bool kClusterScope = true, bool kTmaStore = false,
+          bool kDeferred = false>
+struct Kernel {
+    static constexpr auto fn = gemm_swiglu<kSwiglu, kCluster, kClusterScope, kTmaStore, kDeferred>;
+    static constexpr int smem = smem_bytes(kTmaStore);
+    static void allow() {
+        CK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    }
+    // Launches it on `grid` blocks (a multiple of kCluster).
+    static void launch(int grid, const CUtensorMap& x_map, const CUtensorMap& w_map,
+                       const CUtensorMap& out_map, __nv_bfloat16* out, int rows, int i_size,
+                       int k) {
+        const ClusterLaunch l(grid, kCluster, smem);
+        CK(cudaLaunchKernelEx(&l.config, fn, x_map, w_map, out_map, out, rows, i_size, k));
+    }
+};
 
 #define CU(x)                                                           \
     do {                                                                \
@@ -311,12 +494,13 @@ void launch(int grid, const CUtensorMap& x_map, const CUtensorMap& w_map, __nv_b
         }                                                               \
     } while (0)
 
-// A row-major [rows, cols] bf16 matrix's tensor map with 64 x 128 boxes, 128-byte swizzle.
-CUtensorMap tensor_map(const void* p, int rows, int cols) {
+// A row-major [rows, cols] bf16 matrix's tensor map with boxes of 64 columns by `box_rows`
+// rows (128 for the operands, 64 for the TMA-stored output), 128-byte swizzle.
+CUtensorMap tensor_map(const void* p, int rows, int cols, unsigned box_rows = 128) {
     CUtensorMap map;
     cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
     cuuint64_t strides[1] = {(cuuint64_t)cols * 2};
-    cuuint32_t box[2] = {64, 128};
+    cuuint32_t box[2] = {64, box_rows};
     cuuint32_t elem[2] = {1, 1};
     CU(cuTensorMapEncodeTiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(p),
                               dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
@@ -353,13 +537,30 @@ int main() {
     fill_uniform<<<1024, 256>>>(x, (size_t)max_rows * K, 1);
     fill_uniform<<<1024, 256>>>(w, (size_t)2 * I * K, 2);
     CK(cudaDeviceSynchronize());
-    CK(cudaFuncSetAttribute(gemm_swiglu<true, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                            kSmemBytes));
-    CK(cudaFuncSetAttribute(gemm_swiglu<false, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                            kSmemBytes));
-    CK(cudaFuncSetAttribute(gemm_swiglu<true, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                            kSmemBytes));
+    // The kernels measured: SwiGLU a tile a block, persistent, and persistent with the TMA-store
+    // or the deferred epilogue; in 2-block clusters sharing W with the release at cluster scope
+    // (run 62's) and at CTA scope, a tile a block and persistent with each epilogue; the plain
+    // product alone and in clusters.
+    using Fused = Kernel<true, 1>;
+    using FusedTma = Kernel<true, 1, true, true>;
+    using FusedDeferred = Kernel<true, 1, true, false, true>;
+    using PairWide = Kernel<true, 2, true>;
+    using Pair = Kernel<true, 2, false>;
+    using PairTma = Kernel<true, 2, false, true>;
+    using PairDeferred = Kernel<true, 2, false, false, true>;
+    using Plain = Kernel<false, 1>;
+    using PlainPair = Kernel<false, 2, false>;
+    Fused::allow();
+    FusedTma::allow();
+    FusedDeferred::allow();
+    PairDeferred::allow();
+    PairWide::allow();
+    Pair::allow();
+    PairTma::allow();
+    Plain::allow();
+    PlainPair::allow();
     const CUtensorMap w_map = tensor_map(w, 2 * I, K);
+    const CUtensorMap out_map = tensor_map(out, max_rows, I, 64);
     const float one = 1.0f, zero = 0.0f;
     // cuBLAS as blas.rs calls it: y[n, m] = x[n, k] W[m, k]^T (column-major: W^T x).
     auto cublas_gate_up = [&](int rows, __nv_bfloat16* y) {
@@ -372,11 +573,15 @@ int main() {
     };
     int sms;
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-    // How many 2-block clusters of the kernel fit on the GPU at once (its persistent grid).
-    int pairs = 0;
-    const ClusterLaunch pair_launch(2 * sms, 2);
-    CK(cudaOccupancyMaxActiveClusters(&pairs, gemm_swiglu<true, 2>, &pair_launch.config));
-    printf("%d SMs; %d clusters of 2 blocks at once\n", sms, pairs);
+    // How many 2-block clusters of the kernel fit on the GPU at once (its persistent grid), with
+    // and without the output stages.
+    int pairs = 0, pairs_tma = 0;
+    const ClusterLaunch pair_launch(2 * sms, 2, Pair::smem);
+    CK(cudaOccupancyMaxActiveClusters(&pairs, Pair::fn, &pair_launch.config));
+    const ClusterLaunch pair_tma_launch(2 * sms, 2, PairTma::smem);
+    CK(cudaOccupancyMaxActiveClusters(&pairs_tma, PairTma::fn, &pair_tma_launch.config));
+    printf("%d SMs; %d clusters of 2 blocks at once (%d with the output stages)\n", sms, pairs,
+           pairs_tma);
     bool ok = true;
     for (int rows : {1024, 2048, 4096, 8192}) {
         const CUtensorMap x_map = tensor_map(x, rows, K);
@@ -385,17 +590,34 @@ int main() {
             const char* name;
             std::function<void()> run;
         };
+        const int persistent = std::min(fused_tiles, sms);
+        const int pair_grid = std::min(fused_tiles, 2 * pairs);
+        const int pair_tma_grid = std::min(fused_tiles, 2 * pairs_tma);
         const std::vector<Variant> fused = {
             {"SwiGLU, a tile a block",
-             [&] { launch<true, 1>(fused_tiles, x_map, w_map, out, rows, I, K); }},
+             [&] { Fused::launch(fused_tiles, x_map, w_map, out_map, out, rows, I, K); }},
             {"SwiGLU, persistent",
-             [&] { launch<true, 1>(std::min(fused_tiles, sms), x_map, w_map, out, rows, I, K); }},
-            {"SwiGLU, 2-block clusters sharing W, a tile a block",
-             [&] { launch<true, 2>(fused_tiles, x_map, w_map, out, rows, I, K); }},
-            {"SwiGLU, 2-block clusters sharing W, persistent",
-             [&] { launch<true, 2>(std::min(fused_tiles, 2 * pairs), x_map, w_map, out, rows, I, K); }},
+             [&] { Fused::launch(persistent, x_map, w_map, out_map, out, rows, I, K); }},
+            {"SwiGLU, persistent, TMA-store epilogue",
+             [&] { FusedTma::launch(persistent, x_map, w_map, out_map, out, rows, I, K); }},
+            {"SwiGLU, persistent, deferred epilogue",
+             [&] { FusedDeferred::launch(persistent, x_map, w_map, out_map, out, rows, I, K); }},
+            {"SwiGLU, 2-block clusters, cluster-scope release (run 62), a tile a block",
+             [&] { PairWide::launch(fused_tiles, x_map, w_map, out_map, out, rows, I, K); }},
+            {"SwiGLU, 2-block clusters, CTA-scope release, a tile a block",
+             [&] { Pair::launch(fused_tiles, x_map, w_map, out_map, out, rows, I, K); }},
+            {"SwiGLU, 2-block clusters, CTA-scope release, persistent",
+             [&] { Pair::launch(pair_grid, x_map, w_map, out_map, out, rows, I, K); }},
+            {"SwiGLU, 2-block clusters, CTA-scope release, persistent, TMA-store epilogue",
+             [&] { PairTma::launch(pair_tma_grid, x_map, w_map, out_map, out, rows, I, K); }},
+            {"SwiGLU, 2-block clusters, CTA-scope release, persistent, deferred epilogue",
+             [&] { PairDeferred::launch(pair_grid, x_map, w_map, out_map, out, rows, I, K); }},
         };
-        auto plain = [&] { launch<false, 1>(plain_tiles, x_map, w_map, out, rows, I, K); };
+        auto plain = [&] { Plain::launch(plain_tiles, x_map, w_map, out_map, out, rows, I, K); };
+        auto plain_pair = [&] {
+            PlainPair::launch(std::min(plain_tiles, 2 * pairs), x_map, w_map, out_map, out, rows,
+                              I, K);
+        };
         const size_t n_plain = (size_t)rows * 2 * I, n_fused = (size_t)rows * I;
         const double flop = 2.0 * rows * 2.0 * I * K;
         // cuBLAS and cuBLAS + silu_mul.cu: the references and the times to beat.
@@ -413,18 +635,25 @@ int main() {
         printf("rows %d: cuBLAS gate_up %.1f us (%.0f TFLOP/s); + silu_mul.cu %.1f us\n", rows,
                t_cublas, flop / t_cublas / 1e6, t_both);
         fflush(stdout);
-        // The plain product against cuBLAS's, within 2 units in the last place.
-        CK(cudaMemset(out, 0, n_plain * 2));
-        plain();
-        CK(cudaDeviceSynchronize());
-        CK(cudaMemcpy(h_out.data(), out, n_plain * 2, cudaMemcpyDeviceToHost));
-        int worst = 0;
-        for (size_t i = 0; i < n_plain; i += 7) worst = std::max(worst, ulps(h_gu[i], h_out[i]));
-        const double t_plain = time_us(plain);
-        ok = ok && worst <= 2;
-        printf("  ours, plain product: %d ulp from cuBLAS %s; %.1f us (%.0f TFLOP/s)\n", worst,
-               worst <= 2 ? "PASS" : "FAIL", t_plain, flop / t_plain / 1e6);
-        fflush(stdout);
+        // The plain products against cuBLAS's, within 2 units in the last place.
+        for (const Variant& p : {Variant{"plain product, a tile a block", plain},
+                                 Variant{"plain product, 2-block clusters, CTA-scope release, "
+                                         "persistent",
+                                         plain_pair}}) {
+            CK(cudaMemset(out, 0, n_plain * 2));
+            p.run();
+            CK(cudaDeviceSynchronize());
+            CK(cudaMemcpy(h_out.data(), out, n_plain * 2, cudaMemcpyDeviceToHost));
+            int worst = 0;
+            for (size_t i = 0; i < n_plain; i += 7) {
+                worst = std::max(worst, ulps(h_gu[i], h_out[i]));
+            }
+            const double t_plain = time_us(p.run);
+            ok = ok && worst <= 2;
+            printf("  ours, %s: %d ulp from cuBLAS %s; %.1f us (%.0f TFLOP/s)\n", p.name, worst,
+                   worst <= 2 ? "PASS" : "FAIL", t_plain, flop / t_plain / 1e6);
+            fflush(stdout);
+        }
         // Each SwiGLU variant: the first against cuBLAS + silu_mul.cu (within 4 units in the
         // last place, or 2^-6 where |value| < 1); the others bit-identical to the first (the same
         // products in the same order).
