@@ -201,6 +201,38 @@ __device__ __forceinline__ void load_tile_weights(Tile& t, const uint4* w, const
     }
 }
 
+// Two tiles' products (one chunk each: groups of 64 inputs or more, parameters p0): their steps
+// interleaved on two accumulators, then each scaled into `total` in tile order, first `ta`'s.
+// Each chunk's sum starts from zero, so these are chunk_products' operations on each tile in the
+// same order, and the same bits; what changes is that the two tiles' mma chains are independent
+// (in one chain a tile's first step waits for the tile before's last, as its accumulator).
+template <typename T>
+__device__ __forceinline__ void pair_products(float (&total)[4], const Tile& ta, const Tile& tb) {
+    using Pair = W4Pair<T>;
+    const float2 pa_a = group_params(ta.p0.x), pb_a = group_params(ta.p0.y);
+    const float2 pa_b = group_params(tb.p0.x), pb_b = group_params(tb.p0.y);
+    const unsigned int za_a = Pair::offset(pa_a.y), zb_a = Pair::offset(pb_a.y);
+    const unsigned int za_b = Pair::offset(pa_b.y), zb_b = Pair::offset(pb_b.y);
+    const unsigned int wa[4] = {ta.w.x, ta.w.y, ta.w.z, ta.w.w};
+    const unsigned int wb[4] = {tb.w.x, tb.w.y, tb.w.z, tb.w.w};
+    const unsigned int xa[8] = {ta.x0.x, ta.x0.y, ta.x0.z, ta.x0.w,
+                                ta.x1.x, ta.x1.y, ta.x1.z, ta.x1.w};
+    const unsigned int xb[8] = {tb.x0.x, tb.x0.y, tb.x0.z, tb.x0.w,
+                                tb.x1.x, tb.x1.y, tb.x1.z, tb.x1.w};
+    float acc_a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float acc_b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+        unsigned int a[4], b[4];
+        step_fragment<T>(wa[s], za_a, zb_a, a);
+        step_fragment<T>(wb[s], za_b, zb_b, b);
+        tpserve::Mma<T>::run(acc_a, a, xa[2 * s], xa[2 * s + 1]);
+        tpserve::Mma<T>::run(acc_b, b, xb[2 * s], xb[2 * s + 1]);
+    }
+    add_scaled(total, acc_a, pa_a.x, pb_a.x);
+    add_scaled(total, acc_b, pa_b.x, pb_b.x);
+}
+
 }  // namespace
 
 // gemv_w4_{bf16,f16}: y[m, n] = sum_k x[m, k] * W[n, k] for m < rows (1 to 8) and n < n_out,
@@ -229,14 +261,18 @@ __device__ __forceinline__ void load_tile_weights(Tile& t, const uint4* w, const
 //
 // warp_totals_w4 is one warp's share: part `part` of K for row block `rb`, into `total` (a C
 // fragment); gemv_w4_impl gives warp w part w of block rb = blockIdx.x, and gemv_w4_gated's
-// blocks hold a gate row block's warps and its up row block's.
-template <typename T, int kAhead, bool kTwoGroups>
+// blocks hold a gate row block's warps and its up row block's. kPairs (gemv_w4_pairs and
+// gemv_w4_gated_pairs; groups of 64 inputs or more): the tiles are computed two at a time by
+// pair_products, the same sums in the same order (so the same bits), with two independent mma
+// chains instead of one; the ring then holds kAhead + 2 tiles.
+template <typename T, int kAhead, bool kTwoGroups, bool kPairs>
 __device__ __forceinline__ void warp_totals_w4(float (&total)[4], const T* __restrict__ x,
                                                const uint4* __restrict__ w,
                                                const unsigned int* __restrict__ params, int rows,
                                                int k, int group_shift, int k_split, int rb,
                                                int part) {
-    constexpr int kSlots = kAhead + 1;
+    static_assert(!(kPairs && kTwoGroups), "pairs of tiles are for one chunk a tile");
+    constexpr int kSlots = kAhead + (kPairs ? 2 : 1);
     // Chunks of 4 steps (a tile, one group) unless groups are 32 inputs: then 2 (half a tile).
     constexpr int kChunks = kTwoGroups ? 2 : 1;
     constexpr int kChunkSteps = 4 / kChunks;
@@ -262,7 +298,7 @@ __device__ __forceinline__ void warp_totals_w4(float (&total)[4], const T* __res
     };
 
     // Tile i lives in slot i % kSlots: it loads kAhead tiles before it is computed, into the
-    // slot of tile i - 1.
+    // slot of tile i - 1 (kPairs: of the pair computed last).
     Tile slot[kSlots];
 #pragma unroll
     for (int u = 0; u < kAhead; ++u) {
@@ -277,24 +313,51 @@ __device__ __forceinline__ void warp_totals_w4(float (&total)[4], const T* __res
             load_x(slot[u], u);
         }
     }
-    for (int i = 0; i < part_tiles; i += kSlots) {
+    if constexpr (kPairs) {
+        for (int i = 0; i < part_tiles; i += kSlots) {
 #pragma unroll
-        for (int u = 0; u < kSlots; ++u) {
-            if (i + u >= part_tiles) {
-                break;
-            }
-            if (i + u + kAhead < part_tiles) {
-                load_weights(slot[(u + kAhead) % kSlots], i + u + kAhead);
-                load_x(slot[(u + kAhead) % kSlots], i + u + kAhead);
-            }
-            const Tile& cur = slot[u];
-            const unsigned int words[4] = {cur.w.x, cur.w.y, cur.w.z, cur.w.w};
-            const unsigned int xw[8] = {cur.x0.x, cur.x0.y, cur.x0.z, cur.x0.w,
-                                        cur.x1.x, cur.x1.y, cur.x1.z, cur.x1.w};
+            for (int u = 0; u < kSlots; u += 2) {
+                if (i + u >= part_tiles) {
+                    break;
+                }
 #pragma unroll
-            for (int c = 0; c < kChunks; ++c) {
-                chunk_products<T, kChunkSteps>(total, words, xw, c == 1 ? cur.p1 : cur.p0,
-                                               kChunkSteps * c);
+                for (int v = 0; v < 2; ++v) {
+                    if (i + u + v + kAhead < part_tiles) {
+                        load_weights(slot[(u + v + kAhead) % kSlots], i + u + v + kAhead);
+                        load_x(slot[(u + v + kAhead) % kSlots], i + u + v + kAhead);
+                    }
+                }
+                if (i + u + 1 < part_tiles) {
+                    pair_products<T>(total, slot[u], slot[u + 1]);
+                } else {
+                    const Tile& cur = slot[u];
+                    const unsigned int words[4] = {cur.w.x, cur.w.y, cur.w.z, cur.w.w};
+                    const unsigned int xw[8] = {cur.x0.x, cur.x0.y, cur.x0.z, cur.x0.w,
+                                                cur.x1.x, cur.x1.y, cur.x1.z, cur.x1.w};
+                    chunk_products<T, 4>(total, words, xw, cur.p0, 0);
+                }
+            }
+        }
+    } else {
+        for (int i = 0; i < part_tiles; i += kSlots) {
+#pragma unroll
+            for (int u = 0; u < kSlots; ++u) {
+                if (i + u >= part_tiles) {
+                    break;
+                }
+                if (i + u + kAhead < part_tiles) {
+                    load_weights(slot[(u + kAhead) % kSlots], i + u + kAhead);
+                    load_x(slot[(u + kAhead) % kSlots], i + u + kAhead);
+                }
+                const Tile& cur = slot[u];
+                const unsigned int words[4] = {cur.w.x, cur.w.y, cur.w.z, cur.w.w};
+                const unsigned int xw[8] = {cur.x0.x, cur.x0.y, cur.x0.z, cur.x0.w,
+                                            cur.x1.x, cur.x1.y, cur.x1.z, cur.x1.w};
+#pragma unroll
+                for (int c = 0; c < kChunks; ++c) {
+                    chunk_products<T, kChunkSteps>(total, words, xw, c == 1 ? cur.p1 : cur.p0,
+                                                   kChunkSteps * c);
+                }
             }
         }
     }
@@ -303,7 +366,7 @@ __device__ __forceinline__ void warp_totals_w4(float (&total)[4], const T* __res
 // gemv_w4_impl's block: warp w walks part w of K for row block rb = blockIdx.x. Gated
 // (gemv_w4_gated below): the first k_split warps walk gate row block rb, the others the up row
 // block n_out / 16 + rb (n_out the halves' width), and the block's end writes silu(gate) * up.
-template <typename T, int kAhead, bool kTwoGroups, bool kGated>
+template <typename T, int kAhead, bool kTwoGroups, bool kGated, bool kPairs>
 __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
                              const uint4* __restrict__ w, const unsigned int* __restrict__ params,
                              int rows, int n_out, int k, int group_shift, int k_split,
@@ -311,9 +374,9 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
     const int warp = threadIdx.x >> 5;
     const bool up = kGated && warp >= k_split;
     float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    warp_totals_w4<T, kAhead, kTwoGroups>(total, x, w, params, rows, k, group_shift, k_split,
-                                          blockIdx.x + (up ? n_out / 16 : 0),
-                                          up ? warp - k_split : warp);
+    warp_totals_w4<T, kAhead, kTwoGroups, kPairs>(total, x, w, params, rows, k, group_shift,
+                                                  k_split, blockIdx.x + (up ? n_out / 16 : 0),
+                                                  up ? warp - k_split : warp);
     sum_parts<T, kGated>(y, partial, total, blockIdx.x, rows, n_out, k_split);
 }
 
@@ -328,17 +391,22 @@ __device__ void gemv_w4_impl(T* __restrict__ y, const T* __restrict__ x,
 // by silu_mul, in one launch, for 1 to 8 rows. Arguments as gemv_w4's, with act T [rows, d] for
 // y, d (a multiple of 16) for n_out, and k_split at most kMaxSplit / 2.
 // Launch: grid (d / 16, 1, 1); block (64 * k_split, 1, 1).
-template <typename T, int kAhead, bool kGated = false>
+//
+// gemv_w4_pairs_{bf16,f16} and gemv_w4_gated_pairs_{bf16,f16} (kPairs): the same, with a
+// warp's tiles computed two at a time (warp_totals_w4's kPairs) where groups are 64 inputs or
+// more; the same bits. The worker runs them with TPSERVE_CUDA_W4_PAIRS=1 (prepared in session
+// 51 without a GPU; docs/PERFORMANCE.md).
+template <typename T, int kAhead, bool kGated = false, bool kPairs = false>
 __device__ void gemv_w4(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ w,
                         const unsigned int* __restrict__ params, int rows, int n_out, int k,
                         int group_shift, int k_split) {
     __shared__ float partial[kMaxSplit][16][8];  // each warp's sums, for the first to add up
     if (group_shift < 6) {
-        gemv_w4_impl<T, kAhead, true, kGated>(y, x, w, params, rows, n_out, k, group_shift,
-                                              k_split, partial);
+        gemv_w4_impl<T, kAhead, true, kGated, false>(y, x, w, params, rows, n_out, k,
+                                                     group_shift, k_split, partial);
     } else {
-        gemv_w4_impl<T, kAhead, false, kGated>(y, x, w, params, rows, n_out, k, group_shift,
-                                               k_split, partial);
+        gemv_w4_impl<T, kAhead, false, kGated, kPairs>(y, x, w, params, rows, n_out, k,
+                                                       group_shift, k_split, partial);
     }
 }
 
@@ -666,17 +734,20 @@ __device__ void gather_inputs_impl(T* __restrict__ out, const T* __restrict__ x,
         gemm_w4<T, NT>(y, x, w, params, partials, counters, rows, n_out, k, group_shift,       \
                        k_split);                                                               \
     }
-// gemv_w4 (GATED false) and gemv_w4_gated (true).
-#define TPSERVE_GEMV_W4(NAME, SUFFIX, T, GATED)                                                \
+// gemv_w4 (GATED false) and gemv_w4_gated (true), each plain and with its tiles in pairs.
+#define TPSERVE_GEMV_W4(NAME, SUFFIX, T, GATED, PAIRS)                                         \
     extern "C" __global__ void __launch_bounds__(512) NAME##_##SUFFIX(                         \
         T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ w,               \
         const unsigned int* __restrict__ params, int rows, int n_out, int k, int group_shift,  \
         int k_split) {                                                                         \
-        gemv_w4<T, kInFlight, GATED>(y, x, w, params, rows, n_out, k, group_shift, k_split);   \
+        gemv_w4<T, kInFlight, GATED, PAIRS>(y, x, w, params, rows, n_out, k, group_shift,      \
+                                            k_split);                                          \
     }
 #define TPSERVE_INT4(SUFFIX, T)                                                                \
-    TPSERVE_GEMV_W4(gemv_w4, SUFFIX, T, false)                                                 \
-    TPSERVE_GEMV_W4(gemv_w4_gated, SUFFIX, T, true)                                            \
+    TPSERVE_GEMV_W4(gemv_w4, SUFFIX, T, false, false)                                          \
+    TPSERVE_GEMV_W4(gemv_w4_gated, SUFFIX, T, true, false)                                     \
+    TPSERVE_GEMV_W4(gemv_w4_pairs, SUFFIX, T, false, true)                                     \
+    TPSERVE_GEMV_W4(gemv_w4_gated_pairs, SUFFIX, T, true, true)                                \
     TPSERVE_GEMM_W4(SUFFIX, T, 16, 2)                                                         \
     TPSERVE_GEMM_W4(SUFFIX, T, 32, 4)                                                         \
     TPSERVE_GEMM_W4(SUFFIX, T, 64, 8)                                                         \

@@ -19,7 +19,7 @@ import sys
 
 # (kernel name pattern, instruction pattern, at least, what the source loads before the wait)
 RULES = [
-    (r"gemv_w4_(gated_)?(bf16|f16)$", r"\bLDG\.E\.NA\.128\b", 4, "its first 4 weight tiles"),
+    (r"gemv_w4_(gated_)?(pairs_)?(bf16|f16)$", r"\bLDG\.E\.NA\.128\b", 4, "its first 4 weight tiles"),
     (r"gemm_w4_n\d+_(bf16|f16)$", r"\bLDG\.E\.NA\.128\b", 4, "each warp's first weight tiles"),
     (r"gather_inputs_(bf16|f16)$", r"\bLDG\.E\.CONSTANT\b", 1, "its element of the permutation"),
     (r"lora_shrink_(bf16|f16)$", r"\bLDG\.E\.128\b", 1, "its rows of A"),

@@ -10,8 +10,8 @@
 // sizes 32 and one group a row (GPTQ's -1) and f16 activations are checked for correctness.
 // The variants include an experiment, gemv_w4_xs (x staged in shared memory after the wait, a
 // ring of weights and parameters only: deeper rings or more warps an SM in the same registers),
-// at up to 200 KiB of dynamic shared memory (rows x k x 2 bytes; skipped above), and
-// gemv_w4_pairs (two tiles' mma chains interleaved on two accumulators; session 51).
+// at up to 200 KiB of dynamic shared memory (rows x k x 2 bytes; skipped above), and int4.cu's
+// gemv_w4_pairs at several depths (two tiles' mma chains interleaved; session 51).
 // gemm_w4 (9 to 64 rows, more in chunks) is checked against the CPU and bit for bit against the
 // GEMV run 8 rows at a time at the same k_split, and timed at 16 to 256 rows (GEMM_ROWS, a comma
 // list) at every k_split, beside the GEMV 8 rows a launch and dequantize_w4 alone (GEMM_ONLY=1:
@@ -173,124 +173,22 @@ __global__ void __maxnreg__(80)
     gemv_w4_xs<T, kAhead>(y, x, w, params, rows, n_out, k, group_shift, k_split);
 }
 
-// An experiment (issue 12, session 51): gemv_w4 computing its tiles two at a time. In gemv_w4's
-// code (sm_90a SASS) every tile's four mma.sync steps accumulate into the same registers and
-// the next tile's first step writes them again, so a warp's whole part of K is one chain of
-// dependent HMMAs, four a tile, each waiting for the one before (run 65: 6.7-8.5 cycles between
-// a warp's instructions, only 2.5 of them waiting for loads). A tile's chunk sum starts from zero
-// and only its scaled add into the totals depends on the tile before, so two tiles' steps can
-// interleave on two accumulators (two chains half as long) and be added into the totals in tile
-// order: the same operations in the same order for every sum, so gemv_w4's bits. The ring holds
-// kSlots tiles and loads the next pair into the pair just computed: kSlots - 2 tiles ahead of a
-// pair. Groups of 64 inputs or more (one chunk a tile), as AWQ's and GPTQ's 128.
-template <typename T>
-__device__ __forceinline__ void pair_products(float (&total)[4], const Tile& ta, const Tile& tb) {
-    using Pair = W4Pair<T>;
-    const float2 pa_a = group_params(ta.p0.x), pb_a = group_params(ta.p0.y);
-    const float2 pa_b = group_params(tb.p0.x), pb_b = group_params(tb.p0.y);
-    const unsigned za_a = Pair::offset(pa_a.y), zb_a = Pair::offset(pb_a.y);
-    const unsigned za_b = Pair::offset(pa_b.y), zb_b = Pair::offset(pb_b.y);
-    const unsigned wa[4] = {ta.w.x, ta.w.y, ta.w.z, ta.w.w};
-    const unsigned wb[4] = {tb.w.x, tb.w.y, tb.w.z, tb.w.w};
-    const unsigned xa[8] = {ta.x0.x, ta.x0.y, ta.x0.z, ta.x0.w, ta.x1.x, ta.x1.y, ta.x1.z, ta.x1.w};
-    const unsigned xb[8] = {tb.x0.x, tb.x0.y, tb.x0.z, tb.x0.w, tb.x1.x, tb.x1.y, tb.x1.z, tb.x1.w};
-    float acc_a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    float acc_b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-        unsigned a[4], b[4];
-        step_fragment<T>(wa[s], za_a, zb_a, a);
-        step_fragment<T>(wb[s], za_b, zb_b, b);
-        tpserve::Mma<T>::run(acc_a, a, xa[2 * s], xa[2 * s + 1]);
-        tpserve::Mma<T>::run(acc_b, b, xb[2 * s], xb[2 * s + 1]);
-    }
-    add_scaled(total, acc_a, pa_a.x, pb_a.x);
-    add_scaled(total, acc_b, pa_b.x, pb_b.x);
-}
-
-template <typename T, int kSlots>
-__device__ void gemv_w4_pairs(T* __restrict__ y, const T* __restrict__ x,
-                              const uint4* __restrict__ w, const unsigned int* __restrict__ params,
-                              int rows, int n_out, int k, int group_shift, int k_split) {
-    static_assert(kSlots >= 4 && kSlots % 2 == 0, "a ring of pairs, one pair ahead at least");
-    constexpr int kAhead = kSlots - 2;
-    __shared__ float partial[kMaxSplit][16][8];
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int g = lane >> 2;
-    const int t = lane & 3;
-    const int rb = blockIdx.x;
-    const int k_tiles = k / 64;
-    const int part_tiles = k_tiles / k_split;
-    const int kt0 = warp * part_tiles;
-    const int groups = group_shift >= 31 ? 1 : k >> group_shift;
-    const uint4* wp = w + ((long long)rb * k_tiles + kt0) * 32 + lane;
-    const uint2* pp = reinterpret_cast<const uint2*>(params) + (long long)rb * groups * 8 + g;
-    const T* xr = x + (long long)(g < rows ? g : 0) * k + 64 * kt0 + 16 * t;
-    auto load_weights = [&](Tile& tile, int i) {
-        load_tile_weights<false>(tile, wp + i * 32, pp, kt0 + i, group_shift);
-    };
-    auto load_x = [&](Tile& tile, int i) {
-        tile.x0 = __ldg(reinterpret_cast<const uint4*>(xr + 64 * i));
-        tile.x1 = __ldg(reinterpret_cast<const uint4*>(xr + 64 * i + 8));
-    };
-    Tile slot[kSlots];
-#pragma unroll
-    for (int u = 0; u < kAhead; ++u) {
-        if (u < part_tiles) {
-            load_weights(slot[u], u);
-        }
-    }
-    tpserve::wait_for_inputs_after_loads();
-#pragma unroll
-    for (int u = 0; u < kAhead; ++u) {
-        if (u < part_tiles) {
-            load_x(slot[u], u);
-        }
-    }
-    float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int i = 0; i < part_tiles; i += kSlots) {
-#pragma unroll
-        for (int u = 0; u < kSlots; u += 2) {
-            if (i + u >= part_tiles) {
-                break;
-            }
-            // Tiles i + u + kAhead and the one after it go into the pair computed last.
-#pragma unroll
-            for (int v = 0; v < 2; ++v) {
-                if (i + u + v + kAhead < part_tiles) {
-                    Tile& next = slot[(u + v + kAhead) % kSlots];
-                    load_weights(next, i + u + v + kAhead);
-                    load_x(next, i + u + v + kAhead);
-                }
-            }
-            if (i + u + 1 < part_tiles) {
-                pair_products<T>(total, slot[u], slot[u + 1]);
-            } else {
-                const Tile& cur = slot[u];
-                const unsigned words[4] = {cur.w.x, cur.w.y, cur.w.z, cur.w.w};
-                const unsigned xw[8] = {cur.x0.x, cur.x0.y, cur.x0.z, cur.x0.w,
-                                        cur.x1.x, cur.x1.y, cur.x1.z, cur.x1.w};
-                chunk_products<T, 4>(total, words, xw, cur.p0, 0);
-            }
-        }
-    }
-    sum_parts<T, false>(y, partial, total, rb, rows, n_out, k_split);
-}
-
-template <int kSlots, typename T>
+// int4.cu's gemv_w4 with its tiles computed two at a time (kPairs: two independent mma chains,
+// the same bits; session 51), kAhead tiles ahead of a pair; the worker's gemv_w4_pairs is
+// kInFlight (4) ahead.
+template <int kAhead, typename T>
 __global__ void __launch_bounds__(512)
     variant_pairs(T* y, const T* x, const uint4* w, const unsigned* params, int rows, int n_out,
                   int k, int group_shift, int k_split) {
-    gemv_w4_pairs<T, kSlots>(y, x, w, params, rows, n_out, k, group_shift, k_split);
+    gemv_w4<T, kAhead, false, true>(y, x, w, params, rows, n_out, k, group_shift, k_split);
 }
 
 // The same with at most 256 threads (k_split 8), so up to 255 registers: deeper rings.
-template <int kSlots, typename T>
+template <int kAhead, typename T>
 __global__ void __launch_bounds__(256)
     variant_pairs256(T* y, const T* x, const uint4* w, const unsigned* params, int rows,
                      int n_out, int k, int group_shift, int k_split) {
-    gemv_w4_pairs<T, kSlots>(y, x, w, params, rows, n_out, k, group_shift, k_split);
+    gemv_w4<T, kAhead, false, true>(y, x, w, params, rows, n_out, k, group_shift, k_split);
 }
 
 typedef void (*Kernel)(bf*, const bf*, const uint4*, const unsigned*, int, int, int, int, int);
@@ -499,16 +397,23 @@ static void check(const char* what, const Weight& w, int rows) {
     T* dy;
     CK(cudaMalloc(&dy, (size_t)rows * w.n * sizeof(T)));
     double worst = 0;
+    size_t pair_mismatches = 0;  // gemv_w4_pairs against gemv_w4: the same bits
     for (int split = 1; split <= 16; split *= 2) {
         if ((w.k / 64) % split) continue;
-        CK(cudaMemset(dy, 0xff, (size_t)rows * w.n * sizeof(T)));
-        variant<kAhead, T><<<w.n / 16, 32 * split>>>(
-            dy, dx, reinterpret_cast<const uint4*>(dw), dp, rows, w.n, w.k, group_shift_of(w),
-            split);
-        CK(cudaDeviceSynchronize());
-        std::vector<T> y((size_t)rows * w.n);
-        CK(cudaMemcpy(y.data(), dy, y.size() * sizeof(T), cudaMemcpyDeviceToHost));
+        std::vector<T> y((size_t)rows * w.n), y_pairs(y.size());
+        for (const bool pairs : {false, true}) {
+            CK(cudaMemset(dy, 0xff, (size_t)rows * w.n * sizeof(T)));
+            auto kernel = pairs ? variant_pairs<kAhead, T> : variant<kAhead, T>;
+            kernel<<<w.n / 16, 32 * split>>>(dy, dx, reinterpret_cast<const uint4*>(dw), dp,
+                                             rows, w.n, w.k, group_shift_of(w), split);
+            CK(cudaDeviceSynchronize());
+            std::vector<T>& out = pairs ? y_pairs : y;
+            CK(cudaMemcpy(out.data(), dy, out.size() * sizeof(T), cudaMemcpyDeviceToHost));
+        }
         worst = std::max(worst, error_of(y, ref));
+        for (size_t i = 0; i < y.size(); ++i) {
+            pair_mismatches += memcmp(&y[i], &y_pairs[i], sizeof(T)) != 0;
+        }
     }
     // dequantize_w4: bit for bit (q - zero) * scale rounded to T.
     T* dq;
@@ -521,10 +426,11 @@ static void check(const char* what, const Weight& w, int rows) {
     for (int r = 0; r < w.n; ++r)
         for (int c = 0; c < w.k; ++c)
             if (to_f(q[(size_t)r * w.k + c]) != to_f(from_f<T>(w.at(r, c)))) ++mismatches;
-    const bool ok = worst < kTolerance && mismatches == 0;
+    const bool ok = worst < kTolerance && mismatches == 0 && pair_mismatches == 0;
     g_failures += !ok;
-    printf("check %-34s %d rows: max error %.5f (limit %.3f), dequantize mismatches %zu: %s\n",
-           what, rows, worst, kTolerance, mismatches, ok ? "PASS" : "FAIL");
+    printf("check %-34s %d rows: max error %.5f (limit %.3f), dequantize mismatches %zu, pairs "
+           "differing from gemv_w4 %zu: %s\n",
+           what, rows, worst, kTolerance, mismatches, pair_mismatches, ok ? "PASS" : "FAIL");
     CK(cudaFree(dy));
     CK(cudaFree(dq));
 }
@@ -730,10 +636,10 @@ int main() {
         {"x in shared memory, ahead 3, 64 registers", variant_xs64<3, bf>, false, 16, true},
         {"x in shared memory, ahead 6, 80 registers", variant_xs80<6, bf>, false, 16, true},
         {"x in shared memory, ahead 8, 80 registers", variant_xs80<8, bf>, false, 16, true},
-        {"tiles in pairs, ring of 4 (2 ahead)", variant_pairs<4, bf>, false, 16},
-        {"tiles in pairs, ring of 6 (4 ahead)", variant_pairs<6, bf>, false, 16},
-        {"tiles in pairs, at most 256 threads, ring of 6", variant_pairs256<6, bf>, false, 8},
-        {"tiles in pairs, at most 256 threads, ring of 8", variant_pairs256<8, bf>, false, 8},
+        {"tiles in pairs, ahead 4 (gemv_w4_pairs)", variant_pairs<4, bf>, false, 16},
+        {"tiles in pairs, ahead 2", variant_pairs<2, bf>, false, 16},
+        {"tiles in pairs, at most 256 threads, ahead 4", variant_pairs256<4, bf>, false, 8},
+        {"tiles in pairs, at most 256 threads, ahead 6", variant_pairs256<6, bf>, false, 8},
     };
     for (const Variant& v : variants) {
         if (v.x_shared) {

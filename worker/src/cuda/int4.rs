@@ -156,6 +156,18 @@ const WARP_BUDGET: usize = 2048;
 /// gate and up parts together.
 const MAX_SPLIT: usize = 16;
 
+/// int4.cu's GEMV entry points, plain and gated: those that compute a warp's tiles two at a time
+/// (two independent mma chains, the same bits) with `TPSERVE_CUDA_W4_PAIRS=1`, else the
+/// one-tile-at-a-time forms (the default until a GPU has measured the pairs: docs/PERFORMANCE.md,
+/// issue 12, session 51).
+pub(super) fn gemv_w4_entry_points() -> [&'static str; 2] {
+    if std::env::var("TPSERVE_CUDA_W4_PAIRS").as_deref() == Ok("1") {
+        ["gemv_w4_pairs", "gemv_w4_gated_pairs"]
+    } else {
+        ["gemv_w4", "gemv_w4_gated"]
+    }
+}
+
 /// Warps that share a row block's inputs in int4.cu's GEMV for `n_out` rows of `k`: the most of
 /// 16, 8, 4 and 2 that divides `k`'s tiles, leaves each warp at least 8 of them and keeps the
 /// launch within [`WARP_BUDGET`], else 1.

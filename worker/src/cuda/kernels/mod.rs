@@ -97,7 +97,8 @@ pub struct Kernels {
     pub(super) gemv_mma: [CudaFunction; 2],
     pub(super) gemv_fp8_mma: [CudaFunction; 2],
     pub(super) gemv_mma_m16: CudaFunction,
-    /// 4-bit weights (`int4.rs`).
+    /// 4-bit weights (`int4.rs`; `TPSERVE_CUDA_W4_PAIRS=1` loads the forms that compute a
+    /// warp's tiles two at a time, int4.cu's gemv_w4_pairs: the same bits).
     pub(super) gemv_w4: CudaFunction,
     /// Its gated form: the gate and up product with the SiLU-mul on the way out.
     pub(super) gemv_w4_gated: CudaFunction,
@@ -289,8 +290,8 @@ impl Kernels {
             gemv_mma: [take("gemv_mma")?, take("gemv_mma_a8")?],
             gemv_fp8_mma: [take("gemv_fp8_mma")?, take("gemv_fp8_mma_a8")?],
             gemv_mma_m16: take("gemv_mma_m16")?,
-            gemv_w4: take("gemv_w4")?,
-            gemv_w4_gated: take("gemv_w4_gated")?,
+            gemv_w4: take(super::int4::gemv_w4_entry_points()[0])?,
+            gemv_w4_gated: take(super::int4::gemv_w4_entry_points()[1])?,
             gemm_w4: [
                 take("gemm_w4_n16")?,
                 take("gemm_w4_n32")?,
