@@ -402,11 +402,13 @@ step_int4_checkpoint() {
   local held="groups of 128 inputs;"
   [ "$1" != gptq-act ] || held="act-order (inputs gathered by group);"
   # Every position as a one-row decode step: the 4-bit GEMV's logits against the same truth,
-  # with the SiLU-mul in a kernel of its own and in the gate and up GEMV (TPSERVE_CUDA_GATED_W4):
-  # the same bits.
+  # with the SiLU-mul in a kernel of its own and in the gate and up GEMV (TPSERVE_CUDA_GATED_W4),
+  # and with the GEMVs computing their tiles in pairs (TPSERVE_CUDA_W4_PAIRS): the same bits.
   TPSERVE_CUDA_GATED_W4=0 OURS_MODEL="$QDIR" ours_logits "$QTAG-decode" 1 bfloat16 --chunk 1 \
     --require-weights "$held"
   TPSERVE_CUDA_GATED_W4=1 OURS_MODEL="$QDIR" ours_logits "$QTAG-decode-gated" 1 bfloat16 \
+    --chunk 1
+  TPSERVE_CUDA_W4_PAIRS=1 OURS_MODEL="$QDIR" ours_logits "$QTAG-decode-pairs" 1 bfloat16 \
     --chunk 1
   if [ -s "$OURS/$QTAG-decode.f32" ]; then
     run_compare "$QTAG-decode vs hf (dequantized)" --truth "$QREF/hf_float32.f32" \
@@ -415,6 +417,11 @@ step_int4_checkpoint() {
     [ -s "$OURS/$QTAG-decode-gated.f32" ] &&
       run_compare "$QTAG-decode-gated vs hf (dequantized)" --truth "$QREF/hf_float32.f32" \
         --peer "$QREF/hf_bfloat16.f32" --ours "$OURS/$QTAG-decode-gated.f32" --vocab "$VOCAB" \
+        --prompts "$CKPT/prompts.json" --vs "$OURS/$QTAG-decode.f32" --vs-label "$QTAG-decode" \
+        --vs-exact
+    [ -s "$OURS/$QTAG-decode-pairs.f32" ] &&
+      run_compare "$QTAG-decode-pairs vs hf (dequantized)" --truth "$QREF/hf_float32.f32" \
+        --peer "$QREF/hf_bfloat16.f32" --ours "$OURS/$QTAG-decode-pairs.f32" --vocab "$VOCAB" \
         --prompts "$CKPT/prompts.json" --vs "$OURS/$QTAG-decode.f32" --vs-label "$QTAG-decode" \
         --vs-exact
   fi
