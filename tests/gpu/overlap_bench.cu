@@ -35,19 +35,24 @@ int main() {
 #else
 static const int LAYERS = 32;
 
-// The decode rows' KV reads stand-in: `blocks` persistent blocks stream `n16` 16-byte words,
-// four loads in flight a thread, and fold them so the loads are not removed.
-__global__ void __launch_bounds__(512) stream_read(const uint4* __restrict__ p, size_t n16,
-                                                   unsigned* __restrict__ sink) {
+// The decode rows' KV reads stand-in: `blocks` persistent blocks of kReadThreads threads stream
+// `n16` 16-byte words, kReadUnroll loads in flight a thread (128 KiB a block: a few SMs must
+// be able to pull a large share of the bandwidth, as a decode kernel built to run beside the
+// products would), and fold them so the loads are not removed.
+constexpr int kReadThreads = 1024;
+constexpr int kReadUnroll = 8;
+__global__ void __launch_bounds__(kReadThreads) stream_read(const uint4* __restrict__ p,
+                                                            size_t n16,
+                                                            unsigned* __restrict__ sink) {
     unsigned acc = 0;
     const size_t stride = (size_t)gridDim.x * blockDim.x;
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    for (; i + 3 * stride < n16; i += 4 * stride) {
-        uint4 v[4];
+    for (; i + (kReadUnroll - 1) * stride < n16; i += kReadUnroll * stride) {
+        uint4 v[kReadUnroll];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) v[u] = __ldcs(p + i + u * stride);
+        for (int u = 0; u < kReadUnroll; ++u) v[u] = __ldcs(p + i + u * stride);
 #pragma unroll
-        for (int u = 0; u < 4; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+        for (int u = 0; u < kReadUnroll; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
     }
     for (; i < n16; i += stride) {
         const uint4 v = __ldcs(p + i);
@@ -108,11 +113,11 @@ int main() {
             for (int p = 0; p < 4; ++p) gemm_lt(lt, plan[p], 0, y, x, w[p], workspace, sa);
         }
     };
-    // A layer's read on `sb` on `blocks` blocks (0: a full grid, 4 blocks an SM), 32 times.
+    // A layer's read on `sb` on `blocks` blocks (0: one on every SM), 32 times.
     auto reads = [&](int blocks) {
-        const int grid = blocks > 0 ? blocks : 4 * sms;
+        const int grid = blocks > 0 ? blocks : sms;
         for (int l = 0; l < LAYERS; ++l) {
-            stream_read<<<grid, 512, 0, sb>>>(kv[l % 2], read_bytes / 16, sink);
+            stream_read<<<grid, kReadThreads, 0, sb>>>(kv[l % 2], read_bytes / 16, sink);
         }
         CK(cudaGetLastError());
     };
@@ -150,7 +155,7 @@ int main() {
     printf("| read blocks (one an SM) | products' SMs | products alone, ms (TFLOP/s) | reads "
            "alone, ms | side by side, ms | saved against one after the other, ms (of the reads) "
            "|\n| ---: | ---: | ---: | ---: | ---: | ---: |\n");
-    for (int blocks : {8, 16, 24, 32, 48, 66}) {
+    for (int blocks : {4, 8, 16, 24, 32, 48, 66}) {
         const double alone_read = run_ms(nullptr, blocks);
         for (int target : {0, sms - blocks}) {
             LtShape plan[4];
