@@ -201,6 +201,21 @@ __device__ __forceinline__ void load_tile_weights(Tile& t, const uint4* w, const
     }
 }
 
+// One tile's products: its kChunks chunks (two when groups are 32 inputs, else one), each
+// scaled into `total` in order.
+template <typename T, int kChunks>
+__device__ __forceinline__ void tile_products(float (&total)[4], const Tile& cur) {
+    constexpr int kChunkSteps = 4 / kChunks;
+    const unsigned int words[4] = {cur.w.x, cur.w.y, cur.w.z, cur.w.w};
+    const unsigned int xw[8] = {cur.x0.x, cur.x0.y, cur.x0.z, cur.x0.w,
+                                cur.x1.x, cur.x1.y, cur.x1.z, cur.x1.w};
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+        chunk_products<T, kChunkSteps>(total, words, xw, c == 1 ? cur.p1 : cur.p0,
+                                       kChunkSteps * c);
+    }
+}
+
 // Two tiles' products (one chunk each: groups of 64 inputs or more, parameters p0): their steps
 // interleaved on two accumulators, then each scaled into `total` in tile order, first `ta`'s.
 // Each chunk's sum starts from zero, so these are chunk_products' operations on each tile in the
@@ -275,7 +290,6 @@ __device__ __forceinline__ void warp_totals_w4(float (&total)[4], const T* __res
     constexpr int kSlots = kAhead + (kPairs ? 2 : 1);
     // Chunks of 4 steps (a tile, one group) unless groups are 32 inputs: then 2 (half a tile).
     constexpr int kChunks = kTwoGroups ? 2 : 1;
-    constexpr int kChunkSteps = 4 / kChunks;
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2;
     const int t = lane & 3;
@@ -330,11 +344,7 @@ __device__ __forceinline__ void warp_totals_w4(float (&total)[4], const T* __res
                 if (i + u + 1 < part_tiles) {
                     pair_products<T>(total, slot[u], slot[u + 1]);
                 } else {
-                    const Tile& cur = slot[u];
-                    const unsigned int words[4] = {cur.w.x, cur.w.y, cur.w.z, cur.w.w};
-                    const unsigned int xw[8] = {cur.x0.x, cur.x0.y, cur.x0.z, cur.x0.w,
-                                                cur.x1.x, cur.x1.y, cur.x1.z, cur.x1.w};
-                    chunk_products<T, 4>(total, words, xw, cur.p0, 0);
+                    tile_products<T, 1>(total, slot[u]);
                 }
             }
         }
@@ -349,15 +359,7 @@ __device__ __forceinline__ void warp_totals_w4(float (&total)[4], const T* __res
                     load_weights(slot[(u + kAhead) % kSlots], i + u + kAhead);
                     load_x(slot[(u + kAhead) % kSlots], i + u + kAhead);
                 }
-                const Tile& cur = slot[u];
-                const unsigned int words[4] = {cur.w.x, cur.w.y, cur.w.z, cur.w.w};
-                const unsigned int xw[8] = {cur.x0.x, cur.x0.y, cur.x0.z, cur.x0.w,
-                                            cur.x1.x, cur.x1.y, cur.x1.z, cur.x1.w};
-#pragma unroll
-                for (int c = 0; c < kChunks; ++c) {
-                    chunk_products<T, kChunkSteps>(total, words, xw, c == 1 ? cur.p1 : cur.p0,
-                                                   kChunkSteps * c);
-                }
+                tile_products<T, kChunks>(total, slot[u]);
             }
         }
     }

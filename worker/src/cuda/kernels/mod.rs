@@ -223,6 +223,7 @@ impl Kernels {
             kv_dtype,
             HopperPrompts::from_env(),
         );
+        let [gemv_w4, gemv_w4_gated] = super::int4::gemv_w4_entry_points();
         let mut take_kv = |base: &str| take(&format!("{base}{kv}"));
         let rope_kv_write = take_kv("rope_kv_write")?;
         let attention_hd64 = take_kv("paged_attention_hd64")?;
@@ -290,8 +291,8 @@ impl Kernels {
             gemv_mma: [take("gemv_mma")?, take("gemv_mma_a8")?],
             gemv_fp8_mma: [take("gemv_fp8_mma")?, take("gemv_fp8_mma_a8")?],
             gemv_mma_m16: take("gemv_mma_m16")?,
-            gemv_w4: take(super::int4::gemv_w4_entry_points()[0])?,
-            gemv_w4_gated: take(super::int4::gemv_w4_entry_points()[1])?,
+            gemv_w4: take(gemv_w4)?,
+            gemv_w4_gated: take(gemv_w4_gated)?,
             gemm_w4: [
                 take("gemm_w4_n16")?,
                 take("gemm_w4_n32")?,
